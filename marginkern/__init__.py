@@ -1,0 +1,20 @@
+"""marginkern: fused streaming kernels for losses over very many classes.
+
+    import marginkern as mk
+    loss = mk.margin_cross_entropy(embeddings, class_centres, labels)      # ArcFace by default
+    loss = mk.ArcFaceLoss(512, 1_000_000).cuda()(embeddings, labels)
+
+See DESIGN.md for the math; `marginkern.reference` holds the plain-PyTorch oracles and
+`marginkern.dispatch.explain()` says which backend serves which device.
+"""
+from . import reference
+from .dispatch import BackendUnavailable
+from .functional import margin_cross_entropy
+from .modules import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, LargeMarginSoftmaxLoss, SphereFaceLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "margin_cross_entropy", "ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "CombinedMarginLoss",
+    "LargeMarginSoftmaxLoss", "BackendUnavailable", "reference",
+]

@@ -1,0 +1,66 @@
+"""Argument validation. Every error names the argument and what was expected (DESIGN.md §6)."""
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_classification_inputs(input, weight, target):
+    """Shapes, dtypes and devices of (input (N, D), weight (C, D), target (N,)); works on fake tensors."""
+    for name, t in (("input", input), ("weight", weight), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if input.dim() != 2:
+        raise ValueError(f"input must have shape (N, D), got shape {tuple(input.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (C, D), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != input.shape[1]:
+        raise ValueError(f"weight must have shape (C, D={input.shape[1]}) to match input, "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one class (C ≥ 1), got C = 0")
+    if target.dim() != 1 or target.shape[0] != input.shape[0]:
+        raise ValueError(f"target must have shape (N={input.shape[0]},), got shape {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight must have the dtype of input ({input.dtype}), got {weight.dtype}")
+    if not (input.device == weight.device == target.device):
+        raise ValueError(f"input, weight and target must be on one device, got {input.device}, "
+                         f"{weight.device} and {target.device}")
+
+
+def check_target_values(target, num_classes, ignore_index):
+    """Targets in [0, C) or == ignore_index. Data-dependent (one host sync), so real tensors only."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        first = int(target[bad][0])
+        raise ValueError(f"target holds class {first}, outside [0, {num_classes}) and not "
+                         f"ignore_index={ignore_index}")
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_finite(name, value, low=-math.inf, high=math.inf, low_open=False):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ValueError(f"{name} must lie in {bound}, got {value!r}")
+
+
+def check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing):
+    check_finite("scale", scale, 0.0, low_open=True)
+    check_finite("m1", m1, 1.0)  # the monotone extension ψ of DESIGN.md §4 needs m1 ≥ 1, m2 ≥ 0
+    check_finite("m2", m2, 0.0)
+    check_finite("m3", m3)
+    check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
+    if margin_grad not in ("exact", "straight_through"):
+        raise ValueError(f"margin_grad must be 'exact' or 'straight_through', got {margin_grad!r}")

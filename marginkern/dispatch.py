@@ -1,0 +1,91 @@
+"""Which backend runs an op, and why (DESIGN.md §5).
+
+    triton     marginkern.triton_kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+    cuda       hand-written CUDA of csrc/cuda (not built yet for these ops)
+    cpp        the C++ CPU kernels of csrc/cpu (not built yet for these ops)
+    reference  the engine with plain-PyTorch tiles (marginkern.engine.TorchTiles): any device
+
+MARGINKERN_BACKEND forces one; a forced backend that cannot serve the call raises BackendUnavailable
+with the reason instead of silently falling back.
+"""
+import functools
+import os
+import warnings
+
+import torch
+
+from .engine import TorchTiles
+
+BACKENDS = ("triton", "cuda", "cpp", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_tiles():
+    """TritonTiles, or the reason it cannot be loaded (str)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e}); pip install triton"
+    from .triton_kernels import TritonTiles
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+    return TritonTiles(sm_count=sm_count)
+
+
+def _why_not(backend, device, dtype=torch.float32):
+    """None when `backend` can serve `dtype` tensors on `device`, else the reason."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        tiles = _triton_tiles()
+        if isinstance(tiles, str):
+            return tiles
+        if dtype == torch.float64:
+            return "the Triton kernels compute in fp32 and take fp32/fp16/bf16 inputs, got float64"
+        if device.type == "cuda":
+            return None
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (f"the Triton kernels need CUDA tensors, got {device.type} tensors; set TRITON_INTERPRET=1 "
+                "before triton is first imported to run them on the CPU through Triton's interpreter")
+    if backend in ("cuda", "cpp"):
+        return f"marginkern has no {backend} implementation of these ops yet (csrc/ is not built)"
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def forced_backend():
+    name = os.environ.get("MARGINKERN_BACKEND", "").strip().lower()
+    if name and name not in BACKENDS:
+        raise BackendUnavailable(f"MARGINKERN_BACKEND={name!r} is not a backend; expected one of {BACKENDS}")
+    return name or None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason):
+    warnings.warn(f"marginkern: using the plain-PyTorch reference backend because {reason}", stacklevel=3)
+
+
+def select_tiles(device: torch.device, dtype: torch.dtype):
+    """The tile backend for `dtype` tensors on `device` (see the module docstring)."""
+    forced = forced_backend()
+    if forced:
+        reason = _why_not(forced, device, dtype)
+        if reason:
+            raise BackendUnavailable(f"MARGINKERN_BACKEND={forced} cannot run this call: {reason}")
+        return _triton_tiles() if forced == "triton" else TorchTiles()
+    if device.type == "cuda":
+        reason = _why_not("triton", device, dtype)
+        if reason is None:
+            return _triton_tiles()
+        if dtype != torch.float64:  # float64 on the GPU is a deliberate choice, not a fallback
+            _warn_fallback(reason)
+    return TorchTiles()
+
+
+def explain(device="cpu"):
+    """One line per backend: whether it can serve `device` and why not."""
+    device = torch.device(device)
+    return "\n".join(f"{b:10s} {'ok' if _why_not(b, device) is None else _why_not(b, device)}" for b in BACKENDS)

@@ -1,0 +1,157 @@
+"""The streaming engine shared by every classification loss (DESIGN.md §2).
+
+For row n and class j the logit is
+
+    z_nj = softcap(row_scale_n · col_scale_j · (x_n · w_j) + bias_j)     for j ≠ target_n
+    z_nj = target_logit_n                                                 for j = target_n
+
+The loss computes `target_logit` per row (margins, ...). The forward pass streams over classes and keeps
+per-row statistics only: log-sum-exp and, when asked, Σ_j z_nj. The backward pass re-derives
+
+    dL/dz_nj = coef_p_n · p_nj − coef_u_n            (j ≠ target_n)
+    dL/da_ny = target_grad_n                          (the loss supplies the target column, already chained)
+
+with a = x·w the raw dot product, turns it into dL/da per class chunk and feeds it to the two GEMMs
+dX = G·W and dW = Gᵀ·X. Only a bounded N × chunk buffer exists at any time, never N × C.
+
+Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
+the kernels' oracle) and `marginkern.triton_kernels.TritonTiles`. They share this contract exactly.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+NORM_EPS = 1e-12  # as torch.nn.functional.normalize
+
+
+def accumulation_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class LogitSpec:
+    row_scale: Tensor               # (N,) accumulation dtype
+    col_scale: Optional[Tensor]     # (C,) or None (= 1)
+    bias: Optional[Tensor]          # (C,) or None
+    softcap: Optional[float]
+    target: Tensor                  # (N,) int64; −1 = this row has no target column
+    target_logit: Tensor            # (N,) accumulation dtype
+
+
+def row_norms(t: Tensor, rows_per_chunk: int = 1 << 16) -> Tensor:
+    """‖t_i‖ in the accumulation dtype, without an fp32 copy of a large (C, D) weight."""
+    acc = accumulation_dtype(t.dtype)
+    if t.shape[0] == 0:
+        return torch.zeros(0, dtype=acc, device=t.device)
+    return torch.cat([torch.linalg.vector_norm(p.to(acc), dim=1) for p in t.split(rows_per_chunk)])
+
+
+def mm_accumulate(a: Tensor, b: Tensor, acc) -> Tensor:
+    """a @ b with an fp32 (or fp64) result. fp16/bf16 GEMMs on CUDA keep their inputs and write fp32."""
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (RuntimeError, TypeError):
+            pass
+    return a.to(acc) @ b.to(acc)
+
+
+def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
+    """(lse, Σ_j z_nj or None), each (N,) in the accumulation dtype."""
+    return tiles.row_stats(x, w, spec, need_sum_logits)
+
+
+def streaming_grads(
+    x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, tiles,
+    finalize_weight_chunk: Optional[Callable[[int, int, Tensor], Tensor]] = None,
+    need_bias_grad: bool = False,
+):
+    """dL/dX (raw, accumulation dtype), dL/dW (weight dtype) and dL/dbias (or None).
+
+    `finalize_weight_chunk(c0, c1, dw_chunk)` lets the loss chain a class chunk of dW (accumulation
+    dtype) through what the engine does not know about (row normalisation of W) before it is stored.
+    """
+    acc = accumulation_dtype(x.dtype)
+    N, D = x.shape
+    C = w.shape[0]
+    grad_x = torch.zeros(N, D, dtype=acc, device=x.device)
+    grad_w = torch.empty_like(w)
+    grad_bias = torch.zeros(C, dtype=acc, device=x.device) if need_bias_grad else None
+    if N == 0 or C == 0:
+        grad_w.zero_()
+        return grad_x, grad_w, grad_bias
+    # G is stored in a 16-bit dtype on the GPU: rescale it so that its largest entry is ~1, which keeps
+    # fp16 from underflowing small probabilities (mean over 8k rows gives coef_p ≈ 1e-4) or overflowing.
+    bound = (coef_p.abs() + coef_u.abs()) * spec.row_scale.abs()
+    if spec.col_scale is not None:
+        bound = bound * spec.col_scale.abs().max()
+    bound = torch.maximum(bound.max(), target_grad.abs().max())
+    grad_scale = torch.where(bound > 0, 1.0 / bound, torch.ones_like(bound)).to(acc)
+    unscale = 1.0 / grad_scale
+    for c0, c1 in tiles.class_chunks(N, C, x):
+        g = tiles.grad_logits(x, w, spec, lse, coef_p * grad_scale, coef_u * grad_scale,
+                              target_grad * grad_scale, c0, c1)
+        grad_x += mm_accumulate(g, w[c0:c1], acc) * unscale
+        grad_w_chunk = mm_accumulate(g.t(), x, acc) * unscale
+        if grad_bias is not None:
+            grad_bias[c0:c1] = g.to(acc).sum(0) * unscale
+        if finalize_weight_chunk is not None:
+            grad_w_chunk = finalize_weight_chunk(c0, c1, grad_w_chunk)
+        grad_w[c0:c1] = grad_w_chunk
+    return grad_x, grad_w, grad_bias
+
+
+class TorchTiles:
+    """The engine's class-streaming steps in plain PyTorch (ATen GEMM per class chunk).
+
+    The CPU fallback until the C++ kernels exist, and the tile-level oracle of the Triton kernels.
+    """
+
+    name = "reference"
+
+    def __init__(self, buffer_bytes: int = 64 << 20):
+        self.buffer_bytes = buffer_bytes
+
+    def class_chunks(self, N, C, x):
+        acc_bytes = 8 if x.dtype == torch.float64 else 4
+        chunk = max(256, self.buffer_bytes // max(1, N * acc_bytes))
+        return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
+
+    @staticmethod
+    def logits(x, w, spec: LogitSpec, c0, c1):
+        """(z, dz/da) for classes [c0, c1) as (N, c1−c0) tensors in the accumulation dtype."""
+        acc = accumulation_dtype(x.dtype)
+        scale = spec.row_scale[:, None]
+        if spec.col_scale is not None:
+            scale = scale * spec.col_scale[None, c0:c1]
+        z = (x.to(acc) @ w[c0:c1].to(acc).t()) * scale
+        if spec.bias is not None:
+            z = z + spec.bias[c0:c1].to(acc)
+        chain = scale.expand_as(z)
+        if spec.softcap is not None:
+            t = torch.tanh(z / spec.softcap)
+            z = spec.softcap * t
+            chain = chain * (1.0 - t * t)
+        is_target = spec.target[:, None] == torch.arange(c0, c1, device=x.device)[None, :]
+        z = torch.where(is_target, spec.target_logit[:, None], z)
+        return z, chain, is_target
+
+    def row_stats(self, x, w, spec: LogitSpec, need_sum_logits):
+        acc = accumulation_dtype(x.dtype)
+        N, C = x.shape[0], w.shape[0]
+        lse = torch.full((N,), -float("inf"), dtype=acc, device=x.device)
+        total = torch.zeros(N, dtype=acc, device=x.device) if need_sum_logits else None
+        for c0, c1 in self.class_chunks(N, C, x):
+            z, _, _ = self.logits(x, w, spec, c0, c1)
+            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+            if total is not None:
+                total += z.sum(1)
+        return lse, total
+
+    def grad_logits(self, x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, c0, c1):
+        z, chain, is_target = self.logits(x, w, spec, c0, c1)
+        p = torch.exp(z - lse[:, None])
+        g = (coef_p[:, None] * p - coef_u[:, None]) * chain
+        return torch.where(is_target, target_grad[:, None], g)

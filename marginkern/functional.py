@@ -1,0 +1,27 @@
+"""The public loss functions (DESIGN.md §3). They validate, call a torch.ops.marginkern op and reduce."""
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.marginkern.*)
+from .checks import check_classification_inputs, check_margin_options, check_reduction
+from .reference import reduce_rows
+
+
+def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
+                         margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean"):
+    """Margin-softmax cross-entropy over C classes without materialising the N × C logits.
+
+    Target logit s·ψ(cos θ_y) with ψ the monotone combined margin (m1·θ + m2, then − m3; DESIGN.md §4),
+    other logits s·cos θ_j. ArcFace is (m1, m2, m3) = (1, m, 0), CosFace (1, 0, m), SphereFace (m, 0, 0).
+    normalize=False keeps the norms (L-Softmax): logits ‖x‖‖w_j‖·s·(same).
+    margin_grad="exact" differentiates ψ (bounded near cos θ = ±1); "straight_through" uses dψ/dc = 1.
+
+    input (N, D) and weight (C, D) of one float dtype, target (N,) integer. Returns fp32 (fp64 for fp64
+    inputs). "mean" divides by the number of non-ignored rows, and is 0 when there are none.
+    """
+    check_classification_inputs(input, weight, target)
+    check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
+    check_reduction(reduction)
+    loss_rows, _ = torch.ops.marginkern.margin_cross_entropy(
+        input, weight, target, float(scale), float(m1), float(m2), float(m3), bool(normalize),
+        margin_grad == "exact", float(label_smoothing), int(ignore_index))
+    return reduce_rows(loss_rows, target != ignore_index, reduction)

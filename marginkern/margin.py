@@ -1,0 +1,61 @@
+"""The combined angular margin ψ of DESIGN.md §4 and its derivative, per row (O(N) work).
+
+ψ(c) = (−1)^k cos φ − 2k − m3 with θ = arccos c, φ = m1·θ + m2, k = ⌊φ/π⌋.
+This is continuous and strictly decreasing in θ for m1 ≥ 1, m2 ≥ 0 (L-Softmax's monotone extension);
+ArcFace (1, m, 0), CosFace (1, 0, m) and SphereFace/L-Softmax (m, 0, 0) are special cases.
+
+Only the target column carries a margin, so every kernel receives ψ already evaluated per row and
+substitutes it for the target logit: the streaming kernels never need acos.
+"""
+import math
+
+import torch
+
+# dψ/dc = (−1)^k·m1·sin φ / sin θ diverges as θ → 0 or π when sin φ ≠ 0 (ArcFace at c → ±1).
+# The exact slope is evaluated at θ clamped to [θ_min, π − θ_min]. Below 1e-3 rad an fp32 cosine
+# cannot resolve θ anyway (the fp32 spacing 6e-8 of c near 1 is a 6% error in θ at 1e-3), so this
+# changes nothing resolvable and bounds |dψ/dc| by m1 / sin(1e-3) ≈ 1000·m1.
+EXACT_SLOPE_MIN_ANGLE = 1e-3
+
+
+def _angles(cosine, m1, m2):
+    theta = torch.acos(cosine.clamp(-1.0, 1.0))
+    phi = m1 * theta + m2
+    k = torch.floor(phi / math.pi)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (−1)^k
+    return theta, phi, k, sign
+
+
+def margin_psi(cosine, m1, m2, m3):
+    """ψ(c) for a tensor of target cosines (any float dtype; computed in that dtype)."""
+    _, phi, k, sign = _angles(cosine, m1, m2)
+    return sign * torch.cos(phi) - 2.0 * k - m3
+
+
+def margin_slope(cosine, m1, m2, exact):
+    """dψ/dc: exact (bounded, see EXACT_SLOPE_MIN_ANGLE) or 1 for the straight-through estimator."""
+    if not exact:
+        return torch.ones_like(cosine)
+    theta, _, _, _ = _angles(cosine, m1, m2)
+    theta = theta.clamp(EXACT_SLOPE_MIN_ANGLE, math.pi - EXACT_SLOPE_MIN_ANGLE)
+    phi = m1 * theta + m2
+    k = torch.floor(phi / math.pi)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    # (−1)^k sin φ ≥ 0 on [kπ, (k+1)π]: the slope is never negative (ψ is monotone).
+    return (sign * m1 * torch.sin(phi) / torch.sin(theta)).clamp_min(0.0)
+
+
+class MarginPsi(torch.autograd.Function):
+    """ψ(c) with the bounded exact slope as its derivative (autograd through acos would give ±inf at |c| = 1)."""
+
+    @staticmethod
+    def forward(ctx, cosine, m1, m2, m3):
+        ctx.save_for_backward(cosine)
+        ctx.margins = (m1, m2)
+        return margin_psi(cosine, m1, m2, m3)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (cosine,) = ctx.saved_tensors
+        m1, m2 = ctx.margins
+        return grad * margin_slope(cosine, m1, m2, exact=True), None, None, None

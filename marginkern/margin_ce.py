@@ -1,0 +1,109 @@
+"""Margin-softmax cross-entropy (ArcFace, CosFace, SphereFace, L-Softmax, combined m1/m2/m3) on the engine.
+
+Per row the loss is  lse − (1−ε)·T − (ε/C)·Σ_j z_j  with T the margin target logit (DESIGN.md §4):
+    normalize=True:   z_j = s·x̂·ŵ_j,          T = s·ψ(c_y)
+    normalize=False:  z_j = s·x·w_j,           T = s·‖x‖‖w_y‖·ψ(c_y)        (L-Softmax)
+Everything here is O(N·D) per-row work; the O(N·C·D) work is the engine's.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, row_norms, streaming_grads,
+                     streaming_row_stats)
+from .margin import margin_psi, margin_slope
+
+
+@dataclass(frozen=True)
+class MarginOptions:
+    scale: float
+    m1: float
+    m2: float
+    m3: float
+    normalize: bool
+    exact_margin_grad: bool
+    label_smoothing: float
+    ignore_index: int
+
+
+class _TargetGeometry:
+    """Per-row quantities of the target column, recomputed in the backward pass instead of saved."""
+
+    def __init__(self, x, w, target, opts: MarginOptions):
+        acc = accumulation_dtype(x.dtype)
+        self.valid = target != opts.ignore_index
+        self.column = torch.where(self.valid, target, -1)
+        self.xf = x.to(acc)
+        self.w_target = w[self.column.clamp_min(0)].to(acc)
+        self.x_norm = torch.linalg.vector_norm(self.xf, dim=1).clamp_min(NORM_EPS)
+        self.w_target_norm = torch.linalg.vector_norm(self.w_target, dim=1).clamp_min(NORM_EPS)
+        dot = (self.xf * self.w_target).sum(1)
+        self.cosine = (dot / (self.x_norm * self.w_target_norm)).clamp(-1.0, 1.0)
+        self.psi = margin_psi(self.cosine, opts.m1, opts.m2, opts.m3)
+        if opts.normalize:
+            self.col_norm = row_norms(w).clamp_min(NORM_EPS)
+            self.row_scale = opts.scale / self.x_norm
+            self.target_logit = opts.scale * self.psi
+        else:
+            self.col_norm = None
+            self.row_scale = torch.full_like(self.x_norm, opts.scale)
+            self.target_logit = opts.scale * self.x_norm * self.w_target_norm * self.psi
+
+    def spec(self):
+        col_scale = None if self.col_norm is None else 1.0 / self.col_norm
+        return LogitSpec(self.row_scale, col_scale, None, None, self.column, self.target_logit)
+
+
+def margin_ce_forward(x, w, target, opts: MarginOptions, tiles):
+    """Per-row loss (0 on ignored rows) and per-row log-sum-exp, both in the accumulation dtype."""
+    geo = _TargetGeometry(x, w, target, opts)
+    eps = opts.label_smoothing
+    lse, sum_logits = streaming_row_stats(x, w, geo.spec(), eps > 0, tiles)
+    loss = lse - (1.0 - eps) * geo.target_logit
+    if eps > 0:
+        loss = loss - (eps / w.shape[0]) * sum_logits
+    return torch.where(geo.valid, loss, torch.zeros_like(loss)), lse
+
+
+def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles):
+    geo = _TargetGeometry(x, w, target, opts)
+    C = w.shape[0]
+    eps = opts.label_smoothing
+    g = torch.where(geo.valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
+    p_target = torch.exp(geo.target_logit - lse)
+    grad_target_logit = g * (p_target - (1.0 - eps) - eps / C)
+    slope = margin_slope(geo.cosine, opts.m1, opts.m2, opts.exact_margin_grad)
+    s = opts.scale
+
+    if opts.normalize:
+        # dT/da_y with the norms held fixed; the projections below chain through x̂ and ŵ.
+        target_grad = grad_target_logit * s * slope / (geo.x_norm * geo.w_target_norm)
+
+        def finalize_weight_chunk(c0, c1, grad_w_raw):
+            # dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖, and grad_w_raw already holds (dL/dŵ)/‖w‖.
+            wc = w[c0:c1].to(grad_w_raw.dtype)
+            radial = (wc * grad_w_raw).sum(1) / geo.col_norm[c0:c1] ** 2
+            return grad_w_raw - radial[:, None] * wc
+    else:
+        # T = s·‖x‖‖w_y‖·ψ(c) also depends on the norms: the cross term s·ψ'·w_y (resp. x) goes
+        # through the target column, the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x (resp. w_y) are added here.
+        target_grad = grad_target_logit * s * slope
+        radial_slope = (geo.psi - geo.cosine * slope) if opts.exact_margin_grad else torch.zeros_like(slope)
+        radial = grad_target_logit * s * radial_slope
+        w_radial = radial * geo.x_norm / geo.w_target_norm
+
+        def finalize_weight_chunk(c0, c1, grad_w_raw):
+            rows = torch.nonzero((geo.column >= c0) & (geo.column < c1)).squeeze(1)
+            if rows.numel():
+                grad_w_raw.index_add_(0, geo.column[rows] - c0, w_radial[rows, None] * geo.w_target[rows])
+            return grad_w_raw
+
+    grad_x_raw, grad_w, _ = streaming_grads(
+        x, w, geo.spec(), lse, g, g * (eps / C), target_grad, tiles, finalize_weight_chunk)
+
+    if opts.normalize:
+        x_hat = geo.xf / geo.x_norm[:, None]
+        grad_x = grad_x_raw - (x_hat * grad_x_raw).sum(1, keepdim=True) * x_hat
+    else:
+        grad_x = grad_x_raw + (radial * geo.w_target_norm / geo.x_norm)[:, None] * geo.xf
+    return grad_x.to(x.dtype), grad_w

@@ -1,0 +1,74 @@
+"""nn.Module losses that own their class centres, shape (C, D) like insightface's PartialFC."""
+import torch
+from torch import nn
+
+from .checks import check_margin_options, check_reduction
+from .functional import margin_cross_entropy
+
+
+class CombinedMarginLoss(nn.Module):
+    """Margin-softmax CE with target logit s·((−1)^k cos(m1·θ + m2) − 2k − m3) (DESIGN.md §4).
+
+    The class centres are initialised N(0, 0.01) as in insightface's arcface_torch (partial_fc_v2.py).
+    """
+
+    def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, scale=64.0, normalize=True,
+                 margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
+                 device=None, dtype=None):
+        super().__init__()
+        if int(embedding_dim) < 1 or int(num_classes) < 1:
+            raise ValueError(f"embedding_dim and num_classes must be ≥ 1, got {embedding_dim} and {num_classes}")
+        self.embedding_dim, self.num_classes = int(embedding_dim), int(num_classes)
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim, device=device, dtype=dtype))
+        self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=normalize, margin_grad=margin_grad,
+                            label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+        check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
+        check_reduction(reduction)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, embeddings, target):
+        weight = self.weight
+        if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
+            weight = weight.to(embeddings.dtype)
+        return margin_cross_entropy(embeddings, weight, target, **self.options)
+
+    def extra_repr(self):
+        o = self.options
+        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, scale={o['scale']}, "
+                f"m1={o['m1']}, m2={o['m2']}, m3={o['m3']}, normalize={o['normalize']}, "
+                f"margin_grad={o['margin_grad']!r}")
+
+
+class ArcFaceLoss(CombinedMarginLoss):
+    """ArcFace: cos(θ_y + margin), made monotone past θ = π − margin."""
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, **kwargs):
+        super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
+
+
+class CosFaceLoss(CombinedMarginLoss):
+    """CosFace / AM-Softmax: cos θ_y − margin."""
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, **kwargs):
+        super().__init__(embedding_dim, num_classes, 1.0, 0.0, margin, scale=scale, **kwargs)
+
+
+class SphereFaceLoss(CombinedMarginLoss):
+    """SphereFace (A-Softmax) on normalised features: ψ(θ_y) with the angle multiplied by `margin`.
+
+    The default scale 30 is opensphere's; no λ annealing (wrap it yourself if you need it).
+    """
+
+    def __init__(self, embedding_dim, num_classes, scale=30.0, margin=4, **kwargs):
+        super().__init__(embedding_dim, num_classes, float(margin), 0.0, 0.0, scale=scale, **kwargs)
+
+
+class LargeMarginSoftmaxLoss(CombinedMarginLoss):
+    """L-Softmax: unnormalised logits ‖x‖‖w_j‖·cos θ_j, target ‖x‖‖w_y‖·ψ(θ_y) with ψ of multiplier `margin`."""
+
+    def __init__(self, embedding_dim, num_classes, scale=1.0, margin=4, **kwargs):
+        super().__init__(embedding_dim, num_classes, float(margin), 0.0, 0.0, scale=scale, normalize=False,
+                         **kwargs)

@@ -1,0 +1,69 @@
+"""Every torch.library op of marginkern: schema, fake kernel and autograd, in one place.
+
+The ops return per-row losses; the public functions in functional.py apply the reduction with plain
+torch ops, so one backward op serves "mean", "sum" and "none". Each op picks its backend at run time
+(dispatch.select_tiles), which is why the real kernels are registered for every device.
+"""
+import torch
+from torch import Tensor
+
+from .checks import check_target_values
+from .dispatch import select_tiles
+from .engine import accumulation_dtype
+from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
+
+
+def _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
+    return MarginOptions(float(scale), float(m1), float(m2), float(m3), bool(normalize),
+                         bool(exact_margin_grad), float(label_smoothing), int(ignore_index))
+
+
+@torch.library.custom_op("marginkern::margin_cross_entropy", mutates_args=())
+def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: float, m1: float, m2: float,
+                         m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
+                         ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(per-row loss, per-row log-sum-exp); ignored rows have loss 0."""
+    check_target_values(target, weight.shape[0], ignore_index)
+    opts = _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
+    return margin_ce_forward(input, weight, target, opts, select_tiles(input.device, input.dtype))
+
+
+@margin_cross_entropy.register_fake
+def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
+    # The fake kernel lets torch.compile trace through the op without running it.
+    acc = accumulation_dtype(input.dtype)
+    n = input.shape[0]
+    return input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc)
+
+
+@torch.library.custom_op("marginkern::margin_cross_entropy_backward", mutates_args=())
+def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
+                                  scale: float, m1: float, m2: float, m3: float, normalize: bool,
+                                  exact_margin_grad: bool, label_smoothing: float,
+                                  ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(dL/dinput, dL/dweight) for the per-row loss gradient `grad_loss`."""
+    opts = _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
+    return margin_ce_backward(grad_loss, input, weight, target, lse, opts,
+                              select_tiles(input.device, input.dtype))
+
+
+@margin_cross_entropy_backward.register_fake
+def _(grad_loss, input, weight, target, lse, *options):
+    return torch.empty_like(input), torch.empty_like(weight)
+
+
+def _margin_setup_context(ctx, inputs, output):
+    input, weight, target, *options = inputs
+    ctx.save_for_backward(input, weight, target, output[1])
+    ctx.options = options
+
+
+def _margin_backward(ctx, grad_loss, grad_lse):
+    # lse is a by-product for the backward pass, not a differentiable output: its gradient is ignored.
+    input, weight, target, lse = ctx.saved_tensors
+    grad_input, grad_weight = torch.ops.marginkern.margin_cross_entropy_backward(
+        grad_loss.contiguous(), input, weight, target, lse, *ctx.options)
+    return grad_input, grad_weight, None, None, None, None, None, None, None, None, None
+
+
+margin_cross_entropy.register_autograd(_margin_backward, setup_context=_margin_setup_context)

@@ -1,0 +1,117 @@
+"""Triton kernels of the streaming engine (marginkern/engine.py states the contract they implement).
+
+    streaming_ce_fwd_kernel          per-row max / Σexp / Σz over one class split (flash-decoding style:
+                                     grid = row blocks × class splits, merged on the host)
+    streaming_ce_grad_logits_kernel  dL/da for one class chunk, written to a bounded N × chunk buffer
+                                     that the engine feeds to the dX and dW GEMMs
+
+Both recompute logits tile by tile with tl.dot over D in fp32 accumulators; no N × C tensor exists.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
+                rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Logits z and dz/da for a BLOCK_N × BLOCK_C tile (target column not yet substituted)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    # int64 row offsets: N·D and C·D exceed 2³¹ at the sizes this library exists for.
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        x_tile = tl.load(x_rows + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w_tile = tl.load(w_rows + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=DOT_PRECISION)
+    scale = row_scale[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    if HAS_COL_SCALE:
+        scale = scale * tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    z = acc * scale
+    if HAS_BIAS:
+        z = z + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    chain = scale
+    if HAS_SOFTCAP:
+        # tanh(u) = 1 − 2/(e^{2u} + 1): saturates cleanly to ±1 for large |u|.
+        t = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
+        z = softcap * t
+        chain = chain * (1.0 - t * t)
+    return z, chain
+
+
+@triton.jit
+def streaming_ce_fwd_kernel(
+    x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr, target_logit_ptr,
+    part_max_ptr, part_sumexp_ptr, part_sumlogit_ptr,
+    N, C, D, stride_x, stride_w, classes_per_split, softcap,
+    HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+    target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+    target_logit = tl.load(target_logit_ptr + rows, mask=row_mask, other=0.0)
+
+    c_begin = split * classes_per_split
+    c_end = tl.minimum(c_begin + classes_per_split, C)
+    run_max = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
+    run_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_sumlogit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_mask = cols < c_end
+        z, _ = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
+                           rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                           HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+        z = tl.where(cols[None, :] == target[:, None], target_logit[:, None], z)
+        z = tl.where(col_mask[None, :], z, -float("inf"))
+        # Every split holds ≥ 1 valid class, so new_max is finite from the first tile on.
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+        if NEED_SUM_LOGITS:
+            run_sumlogit += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+
+    out = split.to(tl.int64) * N + rows
+    tl.store(part_max_ptr + out, run_max, mask=row_mask)
+    tl.store(part_sumexp_ptr + out, run_sumexp, mask=row_mask)
+    if NEED_SUM_LOGITS:
+        tl.store(part_sumlogit_ptr + out, run_sumlogit, mask=row_mask)
+
+
+@triton.jit
+def streaming_ce_grad_logits_kernel(
+    x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr,
+    lse_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, grad_ptr,
+    N, D, stride_x, stride_w, stride_g, c_begin, c_end, softcap,
+    HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    cols = c_begin + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < c_end
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+    z, chain = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
+                           rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                           HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    coef_p = tl.load(coef_p_ptr + rows, mask=row_mask, other=0.0)
+    coef_u = tl.load(coef_u_ptr + rows, mask=row_mask, other=0.0)
+    target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+    target_grad = tl.load(target_grad_ptr + rows, mask=row_mask, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    g = (coef_p[:, None] * p - coef_u[:, None]) * chain
+    g = tl.where(cols[None, :] == target[:, None], target_grad[:, None], g)
+    out = grad_ptr + rows.to(tl.int64)[:, None] * stride_g + (cols - c_begin)[None, :]
+    tl.store(out, g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -1,0 +1,91 @@
+"""Host side of the Triton engine: launch configuration and the tile-backend contract of
+marginkern/engine.py (`row_stats`, `grad_logits`, `class_chunks`)."""
+import os
+
+import torch
+import triton
+
+from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(x):
+    """Block sizes. The interpreter gets small blocks so that tests on small, odd shapes still cross
+    every tile boundary; the GPU values are a starting point (see bench/NOTES.md)."""
+    if INTERPRETED or not x.is_cuda:
+        return dict(BLOCK_N=16, BLOCK_C=32, BLOCK_D=16), {}
+    return dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64), dict(num_warps=8, num_stages=3)
+
+
+def _dot_precision(x):
+    # tf32 would cost fp32 users three decimal digits; 16-bit inputs ignore this setting.
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _flags(spec):
+    return dict(HAS_COL_SCALE=spec.col_scale is not None, HAS_BIAS=spec.bias is not None,
+                HAS_SOFTCAP=spec.softcap is not None)
+
+
+def _pointer_args(x, spec):
+    # Unused optional pointers still need a tensor argument; the constexpr flags keep them unread.
+    col_scale = spec.col_scale if spec.col_scale is not None else spec.row_scale
+    bias = spec.bias if spec.bias is not None else spec.row_scale
+    softcap = float(spec.softcap) if spec.softcap is not None else 1.0
+    return col_scale, bias, softcap
+
+
+class TritonTiles:
+    name = "triton"
+
+    def __init__(self, buffer_bytes: int = 64 << 20, sm_count: int = 132):
+        self.buffer_bytes = buffer_bytes
+        self.sm_count = sm_count
+
+    def class_chunks(self, N, C, x):
+        blocks, _ = _config(x)
+        elt = x.element_size() if x.dtype in (torch.float16, torch.bfloat16) else 4
+        chunk = max(blocks["BLOCK_C"], self.buffer_bytes // max(1, N * elt))
+        chunk = chunk // blocks["BLOCK_C"] * blocks["BLOCK_C"]
+        return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
+
+    def row_stats(self, x, w, spec, need_sum_logits):
+        x, w = x.contiguous(), w.contiguous()
+        N, D = x.shape
+        C = w.shape[0]
+        blocks, launch = _config(x)
+        row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
+        # Split classes across programs so that few row blocks still fill the GPU (flash-decoding).
+        class_blocks = triton.cdiv(C, blocks["BLOCK_C"])
+        wanted_splits = max(1, (2 * self.sm_count) // max(1, row_blocks))
+        per_split = triton.cdiv(class_blocks, min(class_blocks, wanted_splits)) * blocks["BLOCK_C"]
+        splits = triton.cdiv(C, per_split)
+        part = torch.empty(3 if need_sum_logits else 2, splits, N, dtype=torch.float32, device=x.device)
+        col_scale, bias, softcap = _pointer_args(x, spec)
+        if N > 0:
+            streaming_ce_fwd_kernel[(row_blocks, splits)](
+                x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target, spec.target_logit.float(),
+                part[0], part[1], part[-1],
+                N, C, D, x.stride(0), w.stride(0), per_split, softcap,
+                NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x),
+                **_flags(spec), **blocks, **launch)
+        run_max = part[0].max(0).values
+        lse = run_max + torch.log((part[1] * torch.exp(part[0] - run_max)).sum(0))
+        return lse, (part[2].sum(0) if need_sum_logits else None)
+
+    def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1):
+        x, w = x.contiguous(), w.contiguous()
+        N, D = x.shape
+        blocks, launch = _config(x)
+        grad_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        grad = torch.empty(N, c1 - c0, dtype=grad_dtype, device=x.device)
+        col_scale, bias, softcap = _pointer_args(x, spec)
+        grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(c1 - c0, blocks["BLOCK_C"]))
+        if N > 0:
+            streaming_ce_grad_logits_kernel[grid](
+                x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target,
+                lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad,
+                N, D, x.stride(0), w.stride(0), grad.stride(0), c0, c1, softcap,
+                DOT_PRECISION=_dot_precision(x), **_flags(spec), **blocks, **launch)
+        return grad
