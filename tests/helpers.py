@@ -1,0 +1,41 @@
+"""Shared test helpers: random cases, gradients, dtype-justified tolerances."""
+import torch
+
+
+def make_case(N, C, D, dtype=torch.float32, device="cpu", ignore=(), ignore_index=-100, requires_grad=True):
+    """Random embeddings, class centres and targets (rows listed in `ignore` get ignore_index)."""
+    x = torch.randn(N, D, dtype=torch.float64).to(dtype).to(device)
+    w = torch.randn(C, D, dtype=torch.float64).to(dtype).to(device)
+    t = torch.randint(0, C, (N,), device=device)
+    for i in ignore:
+        t[i] = ignore_index
+    return x.requires_grad_(requires_grad), w.requires_grad_(requires_grad), t
+
+
+def loss_and_grads(fn, x, w, t, **kw):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    loss = fn(x, w, t, **kw)
+    gx, gw = torch.autograd.grad(loss.sum(), (x, w), allow_unused=True)
+    return loss.detach(), gx, gw
+
+
+# Tolerances of a kernel against the float64 oracle evaluated on the same (rounded) inputs, relative to
+# the largest magnitude of the compared tensor. fp32: accumulation-order error only. fp16/bf16: the
+# N × chunk gradient buffer is stored in the input dtype (2^-11 resp. 2^-8 relative), and the outputs
+# are rounded to it too.
+REL_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close_rel(actual, expected, dtype, what="", floor=1e-3):
+    """|actual − expected| ≤ tol(dtype) · max(max |expected|, floor); the floor covers exact zeros
+    (a loss over one class is 0 up to rounding of terms of size ~scale)."""
+    assert actual is not None and expected is not None, what
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().clamp_min(floor)
+    err = (actual - expected).abs().max() / scale
+    assert err <= REL_TOL[dtype], f"{what}: max error {err:.3e} relative to max |expected|, tolerance {REL_TOL[dtype]:.0e}"

@@ -1,0 +1,118 @@
+"""The Triton kernels against the plain-PyTorch tiles and the float64 oracle.
+
+Run in its own process with TRITON_INTERPRET=1 (set before triton is imported) to execute the kernels on
+the CPU, or on a CUDA machine as is. bf16 tl.dot is wrong in the interpreter (triton 3.9): bf16 runs in
+tests/test_gpu.py only.
+"""
+import os
+
+import pytest
+import torch
+
+import marginkern as mk
+from marginkern import reference
+from marginkern.engine import LogitSpec, TorchTiles
+from tests.helpers import assert_close_rel, loss_and_grads, make_case
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                reason="needs TRITON_INTERPRET=1 in its own pytest process, or a GPU")
+DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _force_triton(monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+
+
+def triton_tiles():
+    from marginkern.dispatch import select_tiles
+    return select_tiles(torch.device(DEVICE), torch.float32)
+
+
+def random_spec(N, C, *, col_scale, bias, softcap, dtype=torch.float32):
+    target = torch.randint(-1, C, (N,), device=DEVICE)
+    return LogitSpec(
+        row_scale=torch.rand(N, device=DEVICE) + 0.5,
+        col_scale=(torch.rand(C, device=DEVICE) + 0.5) if col_scale else None,
+        bias=torch.randn(C, device=DEVICE) if bias else None,
+        softcap=softcap, target=target, target_logit=torch.randn(N, device=DEVICE) * 3)
+
+
+EPILOGUES = [dict(col_scale=True, bias=False, softcap=None), dict(col_scale=False, bias=True, softcap=None),
+             dict(col_scale=False, bias=True, softcap=5.0), dict(col_scale=True, bias=False, softcap=2.0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("shape", [(37, 301, 45), (1, 1, 1), (17, 33, 16), (70, 129, 3)])
+def test_tiles_match_torch_tiles(dtype, epilogue, shape):
+    N, C, D = shape
+    x = torch.randn(N, D, device=DEVICE).to(dtype)
+    w = torch.randn(C, D, device=DEVICE).to(dtype)
+    spec = random_spec(N, C, **epilogue)
+    tt, ref = triton_tiles(), TorchTiles()
+    lse, total = tt.row_stats(x, w, spec, True)
+    lse_ref, total_ref = ref.row_stats(x, w, spec, True)
+    assert_close_rel(lse, lse_ref, torch.float32, "lse", floor=1.0)
+    assert_close_rel(total, total_ref, torch.float32, "sum of logits", floor=float(C))
+    coef_p, coef_u, target_grad = torch.rand(N, device=DEVICE), torch.rand(N, device=DEVICE) * 0.1, torch.randn(N, device=DEVICE)
+    for c0, c1 in [(0, C), (C // 3, C)]:
+        got = tt.grad_logits(x, w, spec, lse_ref, coef_p, coef_u, target_grad, c0, c1)
+        want = ref.grad_logits(x, w, spec, lse_ref, coef_p, coef_u, target_grad, c0, c1)
+        assert got.shape == (N, c1 - c0)
+        assert_close_rel(got, want, dtype, f"dL/da[{c0}:{c1}]", floor=1.0)
+
+
+OPTIONS = [
+    dict(), dict(m2=0.0, m3=0.35), dict(m1=4.0, m2=0.0, scale=30.0),
+    dict(m1=1.2, m2=0.3, m3=0.15, scale=32.0, label_smoothing=0.1), dict(margin_grad="straight_through"),
+    dict(m1=3.0, m2=0.0, scale=1.0, normalize=False),
+    dict(m1=1.5, m2=0.2, m3=0.1, scale=0.5, normalize=False, label_smoothing=0.2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("shape", [(37, 301, 45), (3, 2, 2), (19, 65, 33)])
+def test_margin_ce_matches_oracle(dtype, opts, shape):
+    N, C, D = shape
+    x, w, t = make_case(N, C, D, dtype, device=DEVICE, ignore=(0,) if N > 2 else ())
+    loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, **opts)
+    ref, rx, rw = loss_and_grads(reference.margin_cross_entropy, x.double(), w.double(), t, **opts)
+    assert_close_rel(loss, ref, dtype, "loss", floor=64.0)
+    assert_close_rel(gx, rx, dtype, "grad input")
+    assert_close_rel(gw, rw, dtype, "grad weight")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_single_class_and_all_ignored(reduction):
+    for (N, C, D), ignore in [((0, 5, 3), ()), ((4, 1, 5), ()), ((6, 40, 7), range(6))]:
+        x, w, t = make_case(N, C, D, device=DEVICE, ignore=ignore)
+        loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, reduction=reduction)
+        ref, rx, rw = loss_and_grads(reference.margin_cross_entropy, x.double(), w.double(), t, reduction=reduction)
+        assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+        assert_close_rel(loss, ref, torch.float32, "loss", floor=64.0)
+        assert_close_rel(gw, rw, torch.float32, "grad weight", floor=1.0)
+
+
+def test_opcheck_through_triton():
+    x, w, t = make_case(7, 40, 5, device=DEVICE, ignore=(1,))
+    args = (x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100)
+    torch.library.opcheck(torch.ops.marginkern.margin_cross_entropy.default, args)
+
+
+def test_small_gradient_buffer_streams_many_chunks():
+    from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
+    from marginkern.triton_kernels import TritonTiles
+    x, w, t = make_case(9, 300, 20, device=DEVICE)
+    opts = MarginOptions(64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100)
+    small = TritonTiles(buffer_bytes=9 * 4 * 64)
+    assert len(small.class_chunks(9, 300, x)) > 3
+    outputs = []
+    for tiles in (small, TorchTiles()):
+        loss, lse = margin_ce_forward(x.detach(), w.detach(), t, opts, tiles)
+        outputs.append((loss,) + margin_ce_backward(torch.ones_like(loss), x.detach(), w.detach(), t, lse, opts, tiles))
+    for got, want in zip(*outputs):
+        assert_close_rel(got, want, torch.float32, floor=1.0)

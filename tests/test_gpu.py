@@ -1,0 +1,57 @@
+"""GPU tier: the Triton kernels on CUDA in fp32/fp16/bf16, index-overflow sizes and memory bounds.
+Skips cleanly without CUDA; bench/gpu_session.sh runs it on the GPU machine and records the result."""
+import pytest
+import torch
+
+import marginkern as mk
+from marginkern import reference
+from tests.helpers import assert_close_rel, loss_and_grads, make_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+OPTIONS = [dict(), dict(m2=0.0, m3=0.35), dict(m1=4.0, m2=0.0, scale=30.0, label_smoothing=0.1),
+           dict(margin_grad="straight_through"), dict(m1=3.0, m2=0.0, scale=1.0, normalize=False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("shape", [(300, 5003, 131), (1024, 20000, 512), (7, 3, 5)])
+def test_cuda_matches_oracle(dtype, opts, shape):
+    x, w, t = make_case(*shape, dtype, device="cuda", ignore=(0,))
+    loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, **opts)
+    ref, rx, rw = loss_and_grads(reference.margin_cross_entropy, x.double(), w.double(), t, **opts)
+    assert_close_rel(loss, ref, dtype, "loss", floor=64.0)
+    assert_close_rel(gx, rx, dtype, "grad input")
+    assert_close_rel(gw, rw, dtype, "grad weight")
+
+
+def test_rows_times_classes_beyond_int32():
+    # N·C = 16384 · 140000 ≈ 2.3e9 > 2³¹: every flat index of a logits-sized quantity overflows int32
+    x, w, t = make_case(16384, 140_000, 64, torch.bfloat16, device="cuda", ignore=(5,))
+    loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t)
+    ref, rx, rw = loss_and_grads(reference.margin_cross_entropy, x.float(), w.float(), t)
+    assert_close_rel(loss, ref, torch.bfloat16, "loss", floor=64.0)
+    assert_close_rel(gx, rx, torch.bfloat16, "grad input")
+    assert_close_rel(gw, rw, torch.bfloat16, "grad weight")
+
+
+def test_extra_memory_is_bounded():
+    N, C, D = 1024, 400_000, 512
+    x, w, t = make_case(N, C, D, torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() + (x.numel() + w.numel()) * 2  # inputs + their gradients
+    torch.cuda.reset_peak_memory_stats()
+    mk.margin_cross_entropy(x, w, t).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - held
+    logits_fp32 = N * C * 4
+    assert extra < 96 << 20, f"{extra / 2**20:.0f} MB extra (one fp32 logits matrix is {logits_fp32 / 2**20:.0f} MB)"
+
+
+def test_compile_on_cuda():
+    x, w, t = make_case(64, 1000, 128, torch.bfloat16, device="cuda")
+    step = torch.compile(lambda a, b, c: mk.margin_cross_entropy(a, b, c) * 3, fullgraph=True)
+    got, gx, gw = loss_and_grads(step, x, w, t)
+    want, ex, ew = loss_and_grads(lambda a, b, c: mk.margin_cross_entropy(a, b, c) * 3, x, w, t)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gw.float(), ew.float())

@@ -1,0 +1,240 @@
+"""margin_cross_entropy through torch.ops.marginkern on the CPU (engine + plain-PyTorch tiles) against
+the float64 oracle; autograd, opcheck, torch.compile, modules, errors and numerical edge cases."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import marginkern as mk
+from marginkern import reference
+from marginkern.engine import TorchTiles
+from marginkern.margin_ce import MarginOptions, margin_ce_forward
+from tests.helpers import assert_close_rel, loss_and_grads, make_case
+
+OPTIONS = [
+    dict(),                                                        # ArcFace s=64 m=0.5
+    dict(m2=0.0, m3=0.35),                                         # CosFace
+    dict(m1=4.0, m2=0.0, scale=30.0),                              # SphereFace
+    dict(m1=1.2, m2=0.3, m3=0.15, scale=32.0, label_smoothing=0.1),
+    dict(margin_grad="straight_through"),
+    dict(m1=3.0, m2=0.0, scale=1.0, normalize=False),              # L-Softmax
+    dict(m1=1.5, m2=0.2, m3=0.1, scale=0.5, normalize=False, label_smoothing=0.2),
+    dict(m1=2.0, scale=0.3, normalize=False, margin_grad="straight_through"),
+]
+SHAPES = [(37, 301, 45), (3, 2, 2), (5, 7, 8), (64, 1029, 17)]
+
+
+def check_against_oracle(x, w, t, dtype, reduction="mean", **opts):
+    loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, reduction=reduction, **opts)
+    ref, rx, rw = loss_and_grads(reference.margin_cross_entropy, x.double(), w.double(), t,
+                                 reduction=reduction, **opts)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert gx.dtype == dtype and gw.dtype == dtype
+    assert_close_rel(loss, ref, dtype, "loss", floor=64.0)
+    assert_close_rel(gx, rx, dtype, "grad input")
+    assert_close_rel(gw, rw, dtype, "grad weight")
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_oracle_fp32(opts, shape):
+    N, C, D = shape
+    x, w, t = make_case(N, C, D, torch.float32, ignore=(0,) if N > 2 else ())
+    check_against_oracle(x, w, t, torch.float32, **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("opts", OPTIONS[:2] + OPTIONS[5:6])
+def test_matches_oracle_other_dtypes(dtype, opts):
+    x, w, t = make_case(33, 211, 19, dtype, ignore=(3, 4))
+    check_against_oracle(x, w, t, dtype, **opts)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_ignore_index(reduction):
+    x, w, t = make_case(29, 53, 11, torch.float32, ignore=(1, 7, 8), ignore_index=7)
+    check_against_oracle(x, w, t, torch.float32, reduction=reduction, ignore_index=7)
+    rows = mk.margin_cross_entropy(x, w, t, reduction="none", ignore_index=7)
+    assert rows.shape == (29,) and (rows[[1, 7, 8]] == 0).all()
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 1, 8)])
+def test_single_class_has_zero_loss_and_gradient(opts, shape):
+    # one class: p = 1 and every term cancels, so only rounding noise of size eps·scale may remain
+    x, w, t = make_case(*shape, torch.float32)
+    loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, reduction="none", **opts)
+    noise = 1e-5 * max(opts.get("scale", 64.0), 1.0)
+    assert loss.abs().max() <= noise and gx.abs().max() <= noise and gw.abs().max() <= noise
+
+
+def test_plain_cross_entropy_parity():
+    # m1=1, m2=m3=0, normalize=False, scale=1: exactly F.cross_entropy on x·wᵀ
+    x, w, t = make_case(41, 97, 13, torch.float32, ignore=(5,))
+    for kw in (dict(), dict(label_smoothing=0.1), dict(reduction="sum"), dict(reduction="none")):
+        got, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, scale=1.0, m2=0.0, normalize=False, **kw)
+        want, ex, ew = loss_and_grads(lambda a, b, c, **k: F.cross_entropy(a @ b.t(), c, **k), x, w, t, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gw, ew, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_batch_and_all_ignored():
+    x, w, t = make_case(0, 10, 4)
+    loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t)
+    assert float(loss) == 0.0 and gx.shape == (0, 4) and not gw.any()
+    x, w, t = make_case(6, 10, 4, ignore=range(6))
+    for reduction in ("mean", "sum"):
+        loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, reduction=reduction)
+        assert float(loss) == 0.0 and not gx.any() and not gw.any()
+
+
+def test_streaming_chunk_size_does_not_change_the_result():
+    x, w, t = make_case(17, 777, 9, torch.float64)
+    opts = MarginOptions(64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100)
+    one_chunk, _ = margin_ce_forward(x, w, t, opts, TorchTiles())
+    many_chunks, _ = margin_ce_forward(x, w, t, opts, TorchTiles(buffer_bytes=17 * 8 * 300))
+    assert len(TorchTiles(buffer_bytes=17 * 8 * 300).class_chunks(17, 777, x)) == 3
+    torch.testing.assert_close(one_chunk, many_chunks, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[3], OPTIONS[5]])
+def test_gradcheck_float64(opts):
+    x, w, t = make_case(6, 9, 5, torch.float64, ignore=(2,))
+    kw = dict(opts, scale=min(opts.get("scale", 64.0), 4.0))
+    assert torch.autograd.gradcheck(lambda a, b: mk.margin_cross_entropy(a, b, t, **kw), (x, w))
+
+
+def test_opcheck():
+    x, w, t = make_case(7, 13, 5, torch.float32, ignore=(1,))
+    args = (x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100)
+    torch.library.opcheck(torch.ops.marginkern.margin_cross_entropy.default, args)
+    loss, lse = torch.ops.marginkern.margin_cross_entropy(*args)
+    bwd_args = (torch.rand(7), x.detach(), w.detach(), t, lse.detach()) + args[3:]
+    torch.library.opcheck(torch.ops.marginkern.margin_cross_entropy_backward.default, bwd_args)
+
+
+def test_torch_compile_fullgraph():
+    x, w, t = make_case(12, 40, 8, torch.float32, ignore=(3,))
+
+    def step(a, b, c):
+        return mk.margin_cross_entropy(a, b, c, m2=0.3, label_smoothing=0.1) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    got, gx, gw = loss_and_grads(compiled, x, w, t)
+    want, ex, ew = loss_and_grads(step, x, w, t)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gw, ew)
+
+
+# ---- numerical edge cases: finite loss and gradients for every valid input --------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+def test_embedding_parallel_and_antiparallel_to_its_centre(dtype, margin_grad):
+    x, w, t = make_case(8, 16, 32, dtype)
+    x = x.detach().clone()
+    x[:4] = w.detach()[t[:4]] * 3.0      # cos θ_y = 1: ArcFace's exact slope diverges here
+    x[4:] = -w.detach()[t[4:]]           # θ_y = π
+    loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, margin_grad=margin_grad)
+    assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    ref, rx, rw = loss_and_grads(reference.margin_cross_entropy, x.double(), w.double(), t, margin_grad=margin_grad)
+    assert_close_rel(loss, ref, dtype, "loss", floor=64.0)
+    # The exact slope at cos θ = 1 is ill-conditioned: the fp32 rounding of the cosine (6e-8) moves θ by
+    # up to 3.5e-4 rad against the 1e-3 rad clamp, so fp32 gets a 16-bit-sized tolerance there.
+    tol_dtype = torch.float16 if (dtype == torch.float32 and margin_grad == "exact") else dtype
+    assert_close_rel(gw, rw, tol_dtype, "grad weight")
+
+
+def test_scale_64_fp16_with_large_norms_stays_finite():
+    x, w, t = make_case(16, 50, 64, torch.float16)
+    x = (x.detach() * 40).requires_grad_()   # ‖x‖ ≈ 320, far outside unit scale
+    for normalize in (True, False):
+        loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, normalize=normalize,
+                                      scale=64.0 if normalize else 1e-2)
+        assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+
+
+def test_exact_gradient_is_bounded_at_cos_one():
+    # x = w_y exactly: the exact ArcFace slope is clamped at EXACT_SLOPE_MIN_ANGLE, so the gradient is finite
+    w = torch.randn(5, 8, dtype=torch.float64)
+    t = torch.arange(5)
+    x = w.clone()
+    _, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t)
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert gx.abs().max() < 64 * 1000 * 10
+
+
+# ---- modules ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,kw,expected", [
+    (mk.ArcFaceLoss, dict(margin=0.4), dict(m1=1.0, m2=0.4, m3=0.0, scale=64.0)),
+    (mk.CosFaceLoss, dict(), dict(m1=1.0, m2=0.0, m3=0.35, scale=64.0)),
+    (mk.SphereFaceLoss, dict(margin=3), dict(m1=3.0, m2=0.0, m3=0.0, scale=30.0)),
+    (mk.CombinedMarginLoss, dict(m1=1.1, m2=0.2, m3=0.1), dict(m1=1.1, m2=0.2, m3=0.1, scale=64.0)),
+    (mk.LargeMarginSoftmaxLoss, dict(), dict(m1=4.0, m2=0.0, m3=0.0, scale=1.0, normalize=False)),
+])
+def test_modules(cls, kw, expected):
+    module = cls(16, 100, **kw)
+    assert module.weight.shape == (100, 16)
+    assert 0.005 < float(module.weight.detach().std()) < 0.015  # insightface's N(0, 0.01)
+    x = torch.randn(10, 16, requires_grad=True)
+    t = torch.randint(0, 100, (10,))
+    loss = module(x, t)
+    loss.backward()
+    assert module.weight.grad is not None and x.grad is not None
+    want = mk.margin_cross_entropy(x.detach(), module.weight.detach(), t, **expected)
+    torch.testing.assert_close(loss.detach(), want)
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda x, w, t: (x, w, t + 1000), ValueError, "target"),
+    (lambda x, w, t: (x, w, t - 1000), ValueError, "target"),
+    (lambda x, w, t: (x, w, t.float()), TypeError, "target"),
+    (lambda x, w, t: (x, w, t.bool()), TypeError, "target"),
+    (lambda x, w, t: (x, w, t[:-1]), ValueError, "target"),
+    (lambda x, w, t: (x, w[:, :-1], t), ValueError, "weight"),
+    (lambda x, w, t: (x[0], w, t), ValueError, "input"),
+    (lambda x, w, t: (x, w.double(), t), TypeError, "weight"),
+    (lambda x, w, t: (x.int(), w.int(), t), TypeError, "input"),
+    (lambda x, w, t: (x, w.to("meta"), t), ValueError, "device"),
+    (lambda x, w, t: (x, w[:0], t[:0] * 0), ValueError, "weight"),
+])
+def test_bad_tensors_raise_naming_the_argument(mutate, exc, match):
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    x, w, t = mutate(x, w, t)
+    with pytest.raises(exc, match=match):
+        mk.margin_cross_entropy(x, w, t)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(m1=0.5), "m1"), (dict(m2=-0.1), "m2"), (dict(scale=0.0), "scale"), (dict(scale=math.inf), "scale"),
+    (dict(m3=math.nan), "m3"), (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(margin_grad="approx"), "margin_grad"), (dict(reduction="avg"), "reduction"),
+])
+def test_bad_options_raise_naming_the_argument(kw, match):
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(ValueError, match=match):
+        mk.margin_cross_entropy(x, w, t, **kw)
+    with pytest.raises(ValueError, match=match):
+        mk.CombinedMarginLoss(3, 6, **{("m1" if k == "m1" else k): v for k, v in kw.items()})
+
+
+@pytest.mark.parametrize("backend,match", [("cuda", "cuda"), ("cpp", "cpp"), ("tpu", "not a backend"),
+                                           ("triton", "TRITON_INTERPRET")])
+def test_forced_backend_that_cannot_serve_says_why(monkeypatch, backend, match):
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(mk.BackendUnavailable, match=match):
+        mk.margin_cross_entropy(x, w, t)
+
+
+def test_forced_reference_backend_runs(monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", "reference")
+    x, w, t = make_case(4, 6, 3)
+    check_against_oracle(x, w, t, torch.float32)
