@@ -64,3 +64,30 @@ def check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing):
     check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
     if margin_grad not in ("exact", "straight_through"):
         raise ValueError(f"margin_grad must be 'exact' or 'straight_through', got {margin_grad!r}")
+
+
+def check_bias(bias, weight):
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must have shape (C={weight.shape[0]},), got shape {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
+    if bias.device != weight.device:
+        raise ValueError(f"bias must be on the device of weight ({weight.device}), got {bias.device}")
+
+
+def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):
+    check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
+    check_finite("z_loss", z_loss, 0.0)
+    if softcap is not None:
+        check_finite("softcap", softcap, 0.0, low_open=True)
+    check_finite("focal_gamma", focal_gamma, 0.0)
+    check_finite("gamma_ce", gamma_ce, 0.0)
+    if gamma_ce >= 1.0:
+        raise ValueError(f"gamma_ce must lie in [0, 1), got {gamma_ce!r}")
+    if focal_gamma > 0 and gamma_ce > 0:
+        raise ValueError(f"focal_gamma={focal_gamma} and gamma_ce={gamma_ce} cannot be combined: both reweight "
+                         "the target term; set one of them to 0")

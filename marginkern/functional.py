@@ -2,7 +2,8 @@
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.marginkern.*)
-from .checks import check_classification_inputs, check_margin_options, check_reduction
+from .checks import (check_bias, check_classification_inputs, check_linear_ce_options, check_margin_options,
+                     check_reduction)
 from .reference import reduce_rows
 
 
@@ -24,4 +25,23 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     loss_rows, _ = torch.ops.marginkern.margin_cross_entropy(
         input, weight, target, float(scale), float(m1), float(m2), float(m3), bool(normalize),
         margin_grad == "exact", float(label_smoothing), int(ignore_index))
+    return reduce_rows(loss_rows, target != ignore_index, reduction)
+
+
+def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean"):
+    """Cross-entropy of z = softcap(input·weightᵀ + bias) without materialising the N × C logits.
+
+    label_smoothing as torch; z_loss adds z_loss·lse² (PaLM); softcap: z ← softcap·tanh(z/softcap)
+    (Gemma 2); focal_gamma γ: −(1−p_t)^γ·log p_t; gamma_ce γ ∈ [0, 1): −log(γ + (1−γ)p_t)/(1−γ).
+    Gradients for input, weight and bias. Returns fp32 (fp64 for fp64 inputs); "mean" divides by the
+    number of non-ignored rows and is 0 when there are none.
+    """
+    check_classification_inputs(input, weight, target)
+    check_bias(bias, weight)
+    check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    check_reduction(reduction)
+    loss_rows, _ = torch.ops.marginkern.linear_cross_entropy(
+        input, weight, target, bias, int(ignore_index), float(label_smoothing), float(z_loss),
+        None if softcap is None else float(softcap), float(focal_gamma), float(gamma_ce))
     return reduce_rows(loss_rows, target != ignore_index, reduction)

@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from .checks import check_margin_options, check_reduction
-from .functional import margin_cross_entropy
+from .checks import check_linear_ce_options, check_margin_options, check_reduction
+from .functional import linear_cross_entropy, margin_cross_entropy
 
 
 class CombinedMarginLoss(nn.Module):
@@ -72,3 +72,25 @@ class LargeMarginSoftmaxLoss(CombinedMarginLoss):
     def __init__(self, embedding_dim, num_classes, scale=1.0, margin=4, **kwargs):
         super().__init__(embedding_dim, num_classes, float(margin), 0.0, 0.0, scale=scale, normalize=False,
                          **kwargs)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Fused LM-head cross-entropy: forward(hidden (N, D), lm_head_weight (V, D), target (N,), bias=None).
+
+    It does not own the projection (LLMs tie or shard it); pass the model's weight. Options as
+    `marginkern.linear_cross_entropy`. Flatten (batch, seq) to N and shift targets yourself.
+    """
+
+    def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
+                 gamma_ce=0.0, reduction="mean"):
+        super().__init__()
+        check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+        check_reduction(reduction)
+        self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                            softcap=softcap, focal_gamma=focal_gamma, gamma_ce=gamma_ce, reduction=reduction)
+
+    def forward(self, input, weight, target, bias=None):
+        return linear_cross_entropy(input, weight, target, bias, **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

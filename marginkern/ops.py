@@ -4,12 +4,15 @@ The ops return per-row losses; the public functions in functional.py apply the r
 torch ops, so one backward op serves "mean", "sum" and "none". Each op picks its backend at run time
 (dispatch.select_tiles), which is why the real kernels are registered for every device.
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from .checks import check_target_values
 from .dispatch import select_tiles
 from .engine import accumulation_dtype
+from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 
 
@@ -67,3 +70,59 @@ def _margin_backward(ctx, grad_loss, grad_lse):
 
 
 margin_cross_entropy.register_autograd(_margin_backward, setup_context=_margin_setup_context)
+
+
+def _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):
+    return LinearCEOptions(int(ignore_index), float(label_smoothing), float(z_loss),
+                           None if softcap is None else float(softcap), float(focal_gamma), float(gamma_ce))
+
+
+@torch.library.custom_op("marginkern::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
+                         label_smoothing: float, z_loss: float, softcap: Optional[float], focal_gamma: float,
+                         gamma_ce: float) -> tuple[Tensor, Tensor]:
+    """(per-row loss, per-row log-sum-exp) of softcap(x·wᵀ + b); ignored rows have loss 0."""
+    check_target_values(target, weight.shape[0], ignore_index)
+    opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    return linear_ce_forward(input, weight, target, bias, opts, select_tiles(input.device, input.dtype))
+
+
+@linear_cross_entropy.register_fake
+def _(input, weight, target, bias, *options):
+    acc = accumulation_dtype(input.dtype)
+    n = input.shape[0]
+    return input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc)
+
+
+@torch.library.custom_op("marginkern::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor,
+                                  bias: Optional[Tensor], lse: Tensor, ignore_index: int, label_smoothing: float,
+                                  z_loss: float, softcap: Optional[float], focal_gamma: float,
+                                  gamma_ce: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dinput, dL/dweight, dL/dbias); dL/dbias is empty (0,) when there is no bias."""
+    opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    grad_x, grad_w, grad_b = linear_ce_backward(grad_loss, input, weight, target, bias, lse, opts,
+                                                select_tiles(input.device, input.dtype))
+    return grad_x, grad_w, (grad_b if grad_b is not None else weight.new_empty((0,)))
+
+
+@linear_cross_entropy_backward.register_fake
+def _(grad_loss, input, weight, target, bias, lse, *options):
+    grad_b = torch.empty_like(bias) if bias is not None else weight.new_empty((0,))
+    return torch.empty_like(input), torch.empty_like(weight), grad_b
+
+
+def _linear_setup_context(ctx, inputs, output):
+    input, weight, target, bias, *options = inputs
+    ctx.save_for_backward(input, weight, target, bias, output[1])
+    ctx.options = options
+
+
+def _linear_backward(ctx, grad_loss, grad_lse):
+    input, weight, target, bias, lse = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = torch.ops.marginkern.linear_cross_entropy_backward(
+        grad_loss.contiguous(), input, weight, target, bias, lse, *ctx.options)
+    return grad_input, grad_weight, None, (grad_bias if bias is not None else None), None, None, None, None, None, None
+
+
+linear_cross_entropy.register_autograd(_linear_backward, setup_context=_linear_setup_context)

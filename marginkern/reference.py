@@ -24,10 +24,31 @@ def reduce_rows(loss_rows, valid, reduction):
     return total / valid.sum().clamp_min(1).to(total.dtype)
 
 
-def _chunk_stats(x, w_chunk, target_logit, is_target_chunk):
+def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk):
     """(logsumexp, sum) over one class chunk of logits whose target column is replaced."""
-    z = torch.where(is_target_chunk, target_logit[:, None], x @ w_chunk.t())
+    z = x @ w_chunk.t()
+    if bias_chunk is not None:
+        z = z + bias_chunk
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = torch.where(is_target_chunk, target_logit[:, None], z)
     return torch.logsumexp(z, dim=1), z.sum(1)
+
+
+def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, class_chunk=CLASS_CHUNK):
+    """Per-row logsumexp and Σ_j z_j of z = softcap(x·wᵀ + b) with the target column replaced by
+    target_logit (column −1: none), chunk by chunk; each chunk is recomputed in the backward pass."""
+    lse_parts, sum_parts = [], []
+    for c0 in range(0, w.shape[0], class_chunk):
+        w_chunk = w[c0:c0 + class_chunk]
+        bias_chunk = None if bias is None else bias[c0:c0 + class_chunk]
+        classes = torch.arange(c0, c0 + w_chunk.shape[0], device=x.device)
+        is_target = column[:, None] == classes[None, :]
+        lse_c, sum_c = checkpoint(_chunk_stats, x, w_chunk, bias_chunk, softcap, target_logit, is_target,
+                                  use_reentrant=False)
+        lse_parts.append(lse_c)
+        sum_parts.append(sum_c)
+    return torch.logsumexp(torch.stack(lse_parts), dim=0), torch.stack(sum_parts).sum(0)
 
 
 def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
@@ -53,17 +74,37 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
         target_logit = plain_target + margin_offset.detach()
     x, target_logit = scale * x, scale * target_logit
 
-    lse_parts, sum_parts = [], []
-    for c0 in range(0, w.shape[0], class_chunk):
-        w_chunk = w[c0:c0 + class_chunk]
-        classes = torch.arange(c0, c0 + w_chunk.shape[0], device=x.device)
-        is_target = column[:, None] == classes[None, :]
-        lse_c, sum_c = checkpoint(_chunk_stats, x, w_chunk, target_logit, is_target, use_reentrant=False)
-        lse_parts.append(lse_c)
-        sum_parts.append(sum_c)
-    lse = torch.logsumexp(torch.stack(lse_parts), dim=0)
+    lse, sum_logits = streamed_lse_and_sum(x, w, column, target_logit, class_chunk=class_chunk)
     loss = lse - (1.0 - label_smoothing) * target_logit
     if label_smoothing > 0:
-        loss = loss - label_smoothing / w.shape[0] * torch.stack(sum_parts).sum(0)
+        loss = loss - label_smoothing / w.shape[0] * sum_logits
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return reduce_rows(loss, valid, reduction)
+
+
+def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", class_chunk=CLASS_CHUNK):
+    acc = accumulation_dtype(input.dtype)
+    x, w = input.to(acc), weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    valid = target != ignore_index
+    column = torch.where(valid, target, torch.full_like(target, -1))
+    safe = column.clamp_min(0)
+    z_target = (x * w[safe]).sum(1) + (0.0 if b is None else b[safe])
+    if softcap is not None:
+        z_target = softcap * torch.tanh(z_target / softcap)
+    lse, sum_logits = streamed_lse_and_sum(x, w, column, z_target, b, softcap, class_chunk)
+    log_pt = z_target - lse
+    if focal_gamma > 0:
+        q = -torch.expm1(log_pt)  # 1 − p_t; at q = 0 the slope of q^γ (γ < 1) is infinite, times log p_t = 0
+        q_safe = torch.where(q > 0, q, torch.ones_like(q))
+        nll = torch.where(q > 0, -(q_safe ** focal_gamma) * log_pt, torch.zeros_like(q))
+    elif gamma_ce > 0:
+        nll = -torch.log(gamma_ce + (1.0 - gamma_ce) * torch.exp(log_pt)) / (1.0 - gamma_ce)
+    else:
+        nll = -log_pt
+    # torch's label smoothing: (1−ε)·NLL + (ε/C)·Σ_j −log p_j, and Σ_j −log p_j = C·lse − Σ_j z_j
+    smooth = lse - sum_logits / w.shape[0]
+    loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse ** 2
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     return reduce_rows(loss, valid, reduction)

@@ -1,0 +1,38 @@
+"""linear_cross_entropy through the Triton kernels (interpreter on the CPU, or a GPU) against the oracle."""
+import pytest
+import torch
+
+import marginkern as mk
+from marginkern import reference
+from tests.helpers import assert_close_rel, make_case
+from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
+from tests.test_linear_ce import OPTIONS, grads
+
+
+@pytest.fixture(autouse=True)
+def _force_triton(monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", [(37, 301, 45), (3, 2, 3)])
+def test_linear_ce_matches_oracle(dtype, opts, with_bias, shape):
+    N, C, D = shape
+    x, w, t = make_case(N, C, D, dtype, device=DEVICE, ignore=(0,))
+    w = (w.detach() * 0.3).to(dtype)
+    b = torch.randn(C, device=DEVICE).to(dtype) if with_bias else None
+    got = grads(mk.linear_cross_entropy, x, w, t, b, **opts)
+    want = grads(reference.linear_cross_entropy, x.double(), w.double(), t,
+                 None if b is None else b.double(), **opts)
+    assert_close_rel(got[0], want[0], dtype, "loss", floor=1.0)
+    for name, g, e in zip(("grad input", "grad weight", "grad bias"), got[1:], want[1:]):
+        assert_close_rel(g, e, dtype, name)
+
+
+def test_all_ignored_and_empty():
+    for (N, C, D), ignore in [((0, 5, 3), ()), ((6, 40, 7), range(6))]:
+        x, w, t = make_case(N, C, D, device=DEVICE, ignore=ignore)
+        loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, t, torch.randn(C, device=DEVICE), z_loss=1e-3)
+        assert not loss.any() and not gx.any() and not gw.any() and not gb.any()

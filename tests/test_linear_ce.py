@@ -1,0 +1,175 @@
+"""linear_cross_entropy: the oracle against materialised float64 math and F.cross_entropy, and the op
+(engine + plain-PyTorch tiles) against the oracle; autograd, opcheck, compile, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import marginkern as mk
+from marginkern import reference
+from tests.helpers import assert_close_rel, make_case
+
+
+def naive_linear_ce(x, w, t, b=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                    focal_gamma=0.0, gamma_ce=0.0, reduction="mean"):
+    """Materialised float64 logits and the §4 definitions, written independently of marginkern."""
+    logits = x.double() @ w.double().t()
+    if b is not None:
+        logits = logits + b.double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = t != ignore_index
+    logp = torch.log_softmax(logits, dim=1)
+    logp_t = logp.gather(1, t.clamp_min(0)[:, None]).squeeze(1)
+    p_t = logp_t.exp()
+    if focal_gamma > 0:
+        term = -((1 - p_t) ** focal_gamma) * logp_t
+    elif gamma_ce > 0:
+        term = -torch.log(gamma_ce + (1 - gamma_ce) * p_t) / (1 - gamma_ce)
+    else:
+        term = -logp_t
+    loss = (1 - label_smoothing) * term + label_smoothing * (-logp).mean(1)
+    loss = loss + z_loss * torch.logsumexp(logits, 1) ** 2
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / valid.sum().clamp_min(1)
+
+
+OPTIONS = [
+    dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=5.0), dict(focal_gamma=2.0),
+    dict(focal_gamma=0.5, label_smoothing=0.05), dict(gamma_ce=0.3), dict(gamma_ce=0.5, z_loss=1e-2, softcap=3.0),
+    dict(label_smoothing=0.2, z_loss=1e-3, softcap=10.0, focal_gamma=1.0),
+]
+
+
+def grads(fn, x, w, t, b, **kw):
+    leaves = [v.detach().requires_grad_() for v in (x, w) + ((b,) if b is not None else ())]
+    loss = fn(leaves[0], leaves[1], t, leaves[2] if b is not None else None, **kw)
+    return (loss.detach(),) + torch.autograd.grad(loss.sum(), leaves)
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_oracle_matches_materialised_float64(opts, with_bias):
+    x, w, t = make_case(21, 47, 9, torch.float64, ignore=(3,))
+    b = torch.randn(47, dtype=torch.float64) if with_bias else None
+    got = grads(lambda *a, **k: reference.linear_cross_entropy(*a, class_chunk=10, **k), x, w, t, b, **opts)
+    want = grads(naive_linear_ce, x, w, t, b, **opts)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.1), dict(reduction="sum"), dict(reduction="none"),
+                                dict(ignore_index=4)])
+def test_parity_with_f_cross_entropy(kw):
+    x, w, t = make_case(33, 77, 16, torch.float32, ignore=(2, 9), ignore_index=kw.get("ignore_index", -100))
+    b = torch.randn(77)
+    got = grads(mk.linear_cross_entropy, x, w, t, b, **kw)
+    want = grads(lambda a, c, tt, bb, **k: F.cross_entropy(F.linear(a, c, bb), tt, **k), x, w, t, b, **kw)
+    for g, e in zip(got, want):  # both fp32: the two accumulation orders differ by a few ulps of the sums
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("shape", [(37, 301, 45), (3, 2, 3), (64, 1029, 17)])
+def test_op_matches_oracle(dtype, opts, shape):
+    N, C, D = shape
+    x, w, t = make_case(N, C, D, dtype, ignore=(0,))
+    w = (w.detach() * 0.3).to(dtype)  # logits of a few units, as in a trained LM head
+    b = torch.randn(C).to(dtype)
+    got = grads(mk.linear_cross_entropy, x, w, t, b, **opts)
+    want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, b.double(), **opts)
+    assert got[1].dtype == dtype and got[2].dtype == dtype and got[3].dtype == dtype
+    assert_close_rel(got[0], want[0], dtype, "loss", floor=1.0)
+    for name, g, e in zip(("grad input", "grad weight", "grad bias"), got[1:], want[1:]):
+        assert_close_rel(g, e, dtype, name)
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_single_class_is_finite(opts):
+    # one class: p_t = 1 exactly, where (1 − p_t)^γ with γ < 1 has an infinite slope times log p_t = 0
+    x, w, t = make_case(4, 1, 5)
+    for fn in (mk.linear_cross_entropy, reference.linear_cross_entropy):
+        loss, gx, gw, gb = grads(fn, x, w, t, torch.randn(1), **opts)
+        assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+        assert torch.isfinite(gb).all()
+
+
+def test_empty_and_all_ignored():
+    for (N, C, D), ignore in [((0, 5, 3), ()), ((6, 40, 7), range(6))]:
+        x, w, t = make_case(N, C, D, ignore=ignore)
+        for reduction in ("mean", "sum", "none"):
+            loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, t, torch.randn(C), reduction=reduction,
+                                     z_loss=1e-3, label_smoothing=0.1)
+            assert torch.isfinite(loss).all() and not loss.any() and not gx.any() and not gw.any() and not gb.any()
+
+
+def test_non_contiguous_inputs_and_upstream_gradient():
+    # peers' bugs: transposed inputs (TransformerEngine#2734), strided/stride-0 grad_output (verl#6960, quack#126)
+    x, w, t = make_case(24, 50, 12)
+    xt = x.detach().t().contiguous().t()          # same values, column-major
+    wt = w.detach().t().contiguous().t()
+    assert not xt.is_contiguous() and not wt.is_contiguous()
+    upstream = torch.randn(48)[::2]                # strided grad_output for reduction="none"
+    a = [v.clone().requires_grad_() for v in (xt, wt)]
+    b = [v.detach().clone().requires_grad_() for v in (x, w)]
+    la = mk.linear_cross_entropy(a[0], a[1], t, reduction="none")
+    lb = F.cross_entropy(b[0] @ b[1].t(), t, reduction="none")
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    for p, q in zip(torch.autograd.grad(la, a, upstream), torch.autograd.grad(lb, b, upstream)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_float64():
+    x, w, t = make_case(5, 8, 4, torch.float64, ignore=(1,))
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, c, bb: mk.linear_cross_entropy(a, c, t, bb, label_smoothing=0.1, z_loss=0.01, softcap=2.0,
+                                                  focal_gamma=1.5)
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_opcheck():
+    x, w, t = make_case(7, 13, 5, ignore=(1,))
+    b = torch.randn(13, requires_grad=True)
+    for bias in (b, None):
+        args = (x, w, t, bias, -100, 0.1, 1e-3, 4.0, 0.0, 0.2)
+        torch.library.opcheck(torch.ops.marginkern.linear_cross_entropy.default, args)
+        _, lse = torch.ops.marginkern.linear_cross_entropy(*args)
+        bwd = (torch.rand(7), x.detach(), w.detach(), t, None if bias is None else bias.detach(), lse.detach()) + args[4:]
+        torch.library.opcheck(torch.ops.marginkern.linear_cross_entropy_backward.default, bwd)
+
+
+def test_torch_compile_fullgraph():
+    x, w, t = make_case(12, 40, 8, ignore=(3,))
+    b = torch.randn(40)
+    step = lambda a, c, tt, bb: mk.linear_cross_entropy(a, c, tt, bb, z_loss=1e-3, softcap=5.0) + 1.0
+    got = grads(torch.compile(step, fullgraph=True), x, w, t, b)
+    want = grads(step, x, w, t, b)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+
+
+def test_module():
+    loss_fn = mk.LinearCrossEntropyLoss(z_loss=1e-3, label_smoothing=0.1)
+    x, w, t = make_case(9, 30, 6)
+    torch.testing.assert_close(loss_fn(x, w, t), mk.linear_cross_entropy(x, w, t, z_loss=1e-3, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(z_loss=-1.0), ValueError, "z_loss"), (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(focal_gamma=-1.0), ValueError, "focal_gamma"), (dict(gamma_ce=1.0), ValueError, "gamma_ce"),
+    (dict(focal_gamma=2.0, gamma_ce=0.5), ValueError, "cannot be combined"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"), (dict(reduction="batchmean"), ValueError, "reduction"),
+    (dict(bias=torch.zeros(7)), ValueError, "bias"), (dict(bias=torch.zeros(6, dtype=torch.float64)), TypeError, "bias"),
+])
+def test_bad_options_raise_naming_the_argument(kw, exc, match):
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(exc, match=match):
+        mk.linear_cross_entropy(x, w, t, **kw)
+
+
+def test_bad_target_raises():
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(ValueError, match="target"):
+        mk.linear_cross_entropy(x, w, t + 6)
