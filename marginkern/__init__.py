@@ -9,13 +9,14 @@ See DESIGN.md for the math; `marginkern.reference` holds the plain-PyTorch oracl
 """
 from . import reference
 from .dispatch import BackendUnavailable
-from .functional import linear_cross_entropy, margin_cross_entropy
-from .modules import (ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, LargeMarginSoftmaxLoss, LinearCrossEntropyLoss,
-                      SphereFaceLoss)
+from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy, margin_cross_entropy
+from .modules import (ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, EMOLoss, LargeMarginSoftmaxLoss,
+                      LinearCrossEntropyLoss, SphereFaceLoss)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "margin_cross_entropy", "linear_cross_entropy", "LinearCrossEntropyLoss", "ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "CombinedMarginLoss",
+    "margin_cross_entropy", "linear_cross_entropy", "LinearCrossEntropyLoss", "emo_loss",
+    "emo_cross_entropy", "EMOLoss", "ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "CombinedMarginLoss",
     "LargeMarginSoftmaxLoss", "BackendUnavailable", "reference",
 ]

@@ -91,3 +91,16 @@ def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma
     if focal_gamma > 0 and gamma_ce > 0:
         raise ValueError(f"focal_gamma={focal_gamma} and gamma_ce={gamma_ce} cannot be combined: both reweight "
                          "the target term; set one of them to 0")
+
+
+def check_cost_embedding(cost_embedding, weight):
+    if not isinstance(cost_embedding, torch.Tensor):
+        raise TypeError(f"cost_embedding must be a torch.Tensor or None, got {type(cost_embedding).__name__}")
+    if cost_embedding.dim() != 2 or cost_embedding.shape[0] != weight.shape[0]:
+        raise ValueError(f"cost_embedding must have shape (C={weight.shape[0]}, E) (one row per class; E may "
+                         f"differ from the hidden size), got shape {tuple(cost_embedding.shape)}")
+    if cost_embedding.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"cost_embedding must be a float tensor, got {cost_embedding.dtype}")
+    if cost_embedding.device != weight.device:
+        raise ValueError(f"cost_embedding must be on the device of weight ({weight.device}), "
+                         f"got {cost_embedding.device}")

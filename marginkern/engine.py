@@ -14,6 +14,10 @@ per-row statistics only: log-sum-exp and, when asked, Σ_j z_nj. The backward pa
 with a = x·w the raw dot product, turns it into dL/da per class chunk and feeds it to the two GEMMs
 dX = G·W and dW = Gᵀ·X. Only a bounded N × chunk buffer exists at any time, never N × C.
 
+EMO adds a cost term: with A_nj = (q_n·k_j)·query_scale_n·key_scale_j (a second, small dot product per
+tile: cosines of cost embeddings), dL/dz_nj = (coef_p_n − coef_cost_n·A_nj)·p_nj − coef_u_n; and its
+forward needs the streamed expectation Σ_j p_nj·value_scale_j·v_j (`streaming_expectation`).
+
 Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
 the kernels' oracle) and `marginkern.triton_kernels.TritonTiles`. They share this contract exactly.
 """
@@ -38,6 +42,16 @@ class LogitSpec:
     softcap: Optional[float]
     target: Tensor                  # (N,) int64; −1 = this row has no target column
     target_logit: Tensor            # (N,) accumulation dtype
+
+
+@dataclass(frozen=True)
+class CostSpec:
+    """The EMO cost term of dL/dz (module docstring); all per-row/per-class scales in the accumulation dtype."""
+    query: Tensor          # (N, E) rows q_n, in the dtype of `keys`
+    query_scale: Tensor    # (N,)
+    keys: Tensor           # (C, E)
+    key_scale: Tensor      # (C,)
+    coef: Tensor           # (N,) coef_cost
 
 
 def row_norms(t: Tensor, rows_per_chunk: int = 1 << 16) -> Tensor:
@@ -66,7 +80,7 @@ def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
 def streaming_grads(
     x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, tiles,
     finalize_weight_chunk: Optional[Callable[[int, int, Tensor], Tensor]] = None,
-    need_bias_grad: bool = False,
+    need_bias_grad: bool = False, cost: Optional[CostSpec] = None,
 ):
     """dL/dX (raw, accumulation dtype), dL/dW (weight dtype) and dL/dbias (or None).
 
@@ -84,15 +98,20 @@ def streaming_grads(
         return grad_x, grad_w, grad_bias
     # G is stored in a 16-bit dtype on the GPU: rescale it so that its largest entry is ~1, which keeps
     # fp16 from underflowing small probabilities (mean over 8k rows gives coef_p ≈ 1e-4) or overflowing.
-    bound = (coef_p.abs() + coef_u.abs()) * spec.row_scale.abs()
+    coef_total = coef_p.abs() + coef_u.abs()
+    if cost is not None:  # |A| ≤ 1: cosines
+        coef_total = coef_total + cost.coef.abs()
+    bound = coef_total * spec.row_scale.abs()
     if spec.col_scale is not None:
         bound = bound * spec.col_scale.abs().max()
     bound = torch.maximum(bound.max(), target_grad.abs().max())
     grad_scale = torch.where(bound > 0, 1.0 / bound, torch.ones_like(bound)).to(acc)
     unscale = 1.0 / grad_scale
+    if cost is not None:
+        cost = CostSpec(cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
     for c0, c1 in tiles.class_chunks(N, C, x):
         g = tiles.grad_logits(x, w, spec, lse, coef_p * grad_scale, coef_u * grad_scale,
-                              target_grad * grad_scale, c0, c1)
+                              target_grad * grad_scale, c0, c1, cost)
         grad_x += mm_accumulate(g, w[c0:c1], acc) * unscale
         grad_w_chunk = mm_accumulate(g.t(), x, acc) * unscale
         if grad_bias is not None:
@@ -101,6 +120,25 @@ def streaming_grads(
             grad_w_chunk = finalize_weight_chunk(c0, c1, grad_w_chunk)
         grad_w[c0:c1] = grad_w_chunk
     return grad_x, grad_w, grad_bias
+
+
+def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles):
+    """Σ_j p_nj·value_scale_j·values_j, (N, E) in the accumulation dtype: attention with Q = x, K = w,
+    V = values, streamed over class chunks (p is rebuilt per chunk by `grad_logits` with coef_p = 1).
+
+    Only for specs whose dz/da is 1 (no row/column scale, no softcap), as in EMO.
+    """
+    acc = accumulation_dtype(x.dtype)
+    N, C = x.shape[0], w.shape[0]
+    out = torch.zeros(N, values.shape[1], dtype=acc, device=x.device)
+    if N == 0:
+        return out
+    ones, zeros = torch.ones_like(lse), torch.zeros_like(lse)
+    target_prob = torch.exp(spec.target_logit - lse)
+    for c0, c1 in tiles.class_chunks(N, C, x):
+        p = tiles.grad_logits(x, w, spec, lse, ones, zeros, target_prob, c0, c1)
+        out += mm_accumulate((p.to(acc) * value_scale[c0:c1]).to(values.dtype), values[c0:c1], acc)
+    return out
 
 
 class TorchTiles:
@@ -150,8 +188,13 @@ class TorchTiles:
                 total += z.sum(1)
         return lse, total
 
-    def grad_logits(self, x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, c0, c1):
+    def grad_logits(self, x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
         z, chain, is_target = self.logits(x, w, spec, c0, c1)
         p = torch.exp(z - lse[:, None])
-        g = (coef_p[:, None] * p - coef_u[:, None]) * chain
+        weight_p = coef_p[:, None]
+        if cost is not None:
+            acc = z.dtype
+            cosines = (cost.query.to(acc) @ cost.keys[c0:c1].to(acc).t()) * cost.query_scale[:, None]
+            weight_p = weight_p - cost.coef[:, None] * cosines * cost.key_scale[None, c0:c1]
+        g = (weight_p * p - coef_u[:, None]) * chain
         return torch.where(is_target, target_grad[:, None], g)

@@ -2,8 +2,8 @@
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.marginkern.*)
-from .checks import (check_bias, check_classification_inputs, check_linear_ce_options, check_margin_options,
-                     check_reduction)
+from .checks import (check_bias, check_classification_inputs, check_cost_embedding, check_linear_ce_options,
+                     check_margin_options, check_reduction)
 from .reference import reduce_rows
 
 
@@ -45,3 +45,40 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         input, weight, target, bias, int(ignore_index), float(label_smoothing), float(z_loss),
         None if softcap is None else float(softcap), float(focal_gamma), float(gamma_ce))
     return reduce_rows(loss_rows, target != ignore_index, reduction)
+
+
+EMO_RATIO_EPS = 1e-10  # as the reference code: sg(ce / (emo + 1e-10))
+
+
+def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction):
+    check_classification_inputs(input, weight, target)
+    if cost_embedding is not None:
+        check_cost_embedding(cost_embedding, weight)
+    cost = (weight if cost_embedding is None else cost_embedding).detach()
+    check_reduction(reduction)
+    ce, emo, _ = torch.ops.marginkern.emo_cross_entropy(input, weight, target, cost, int(ignore_index))
+    return ce, emo
+
+
+def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean"):
+    """EMO: Σ_j p_j·(1 − ê_j·ê_t) with p = softmax(input·weightᵀ), never materialising the N × C logits.
+
+    Ê is the row-normalised `cost_embedding` (C, E), default `weight` detached (E may differ from D); it
+    never receives a gradient. Returns fp32; "mean" is over non-ignored rows (0 when there are none).
+    """
+    ce, emo = _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction)
+    return reduce_rows(emo, target != ignore_index, reduction)
+
+
+def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean"):
+    """The MLE-anchored EMO recipe of the official code (emo1/`gpt2.py`), per token, in one fused pass:
+
+        0.5 · (ce + sg(ce / (emo + 1e-10)) · emo)
+
+    Its value equals the cross-entropy; its gradient is 0.5·(∇ce + (ce/emo)·∇emo). `emo` here is the
+    true EMO value (the repository's `emo_patch.py` adds p_t to it through a detach trick, which changes
+    the weight but not ∇emo). No clamp of the ratio (the PyPI package clamps it at 3).
+    """
+    ce, emo = _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction)
+    rows = 0.5 * (ce + (ce / (emo + EMO_RATIO_EPS)).detach() * emo)
+    return reduce_rows(rows, target != ignore_index, reduction)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from .checks import check_linear_ce_options, check_margin_options, check_reduction
-from .functional import linear_cross_entropy, margin_cross_entropy
+from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy, margin_cross_entropy
 
 
 class CombinedMarginLoss(nn.Module):
@@ -94,3 +94,31 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class EMOLoss(nn.Module):
+    """EMO for LM training: forward(hidden (N, D), lm_head_weight (V, D), target (N,)).
+
+    `cost_embedding` (V, E), if given, is stored as a fixed buffer (the paper takes it from a pre-trained
+    LM head); otherwise the live `lm_head_weight`, detached, is the cost ("adaptive" variant).
+    mode="mle_anchored" (default, the official recipe): 0.5·(ce + sg(ce/emo)·emo); mode="emo": EMO alone.
+    """
+
+    MODES = ("mle_anchored", "emo")
+
+    def __init__(self, cost_embedding=None, *, mode="mle_anchored", ignore_index=-100, reduction="mean"):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        check_reduction(reduction)
+        self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
+        self.mode, self.ignore_index, self.reduction = mode, ignore_index, reduction
+
+    def forward(self, input, weight, target):
+        fn = emo_cross_entropy if self.mode == "mle_anchored" else emo_loss
+        return fn(input, weight, target, cost_embedding=self.cost_embedding, ignore_index=self.ignore_index,
+                  reduction=self.reduction)
+
+    def extra_repr(self):
+        cost = "live weight" if self.cost_embedding is None else f"buffer {tuple(self.cost_embedding.shape)}"
+        return f"mode={self.mode!r}, cost={cost}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"

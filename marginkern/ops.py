@@ -12,6 +12,7 @@ from torch import Tensor
 from .checks import check_target_values
 from .dispatch import select_tiles
 from .engine import accumulation_dtype
+from .emo import emo_backward, emo_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 
@@ -126,3 +127,50 @@ def _linear_backward(ctx, grad_loss, grad_lse):
 
 
 linear_cross_entropy.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+@torch.library.custom_op("marginkern::emo_cross_entropy", mutates_args=())
+def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedding: Tensor,
+                      ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-row CE, per-row EMO, per-row log-sum-exp) of z = x·wᵀ; cost_embedding gets no gradient."""
+    check_target_values(target, weight.shape[0], ignore_index)
+    return emo_forward(input, weight, target, cost_embedding, int(ignore_index),
+                       select_tiles(input.device, input.dtype))
+
+
+@emo_cross_entropy.register_fake
+def _(input, weight, target, cost_embedding, ignore_index):
+    acc = accumulation_dtype(input.dtype)
+    n = input.shape[0]
+    return tuple(input.new_empty((n,), dtype=acc) for _ in range(3))
+
+
+@torch.library.custom_op("marginkern::emo_cross_entropy_backward", mutates_args=())
+def emo_cross_entropy_backward(grad_ce: Tensor, grad_emo: Tensor, input: Tensor, weight: Tensor, target: Tensor,
+                               cost_embedding: Tensor, lse: Tensor, emo: Tensor,
+                               ignore_index: int) -> tuple[Tensor, Tensor]:
+    return emo_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, int(ignore_index),
+                        select_tiles(input.device, input.dtype))
+
+
+@emo_cross_entropy_backward.register_fake
+def _(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ignore_index):
+    return torch.empty_like(input), torch.empty_like(weight)
+
+
+def _emo_setup_context(ctx, inputs, output):
+    input, weight, target, cost_embedding, ignore_index = inputs
+    ctx.save_for_backward(input, weight, target, cost_embedding, output[2], output[1])
+    ctx.ignore_index = ignore_index
+
+
+def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
+    input, weight, target, cost_embedding, lse, emo = ctx.saved_tensors
+    grad_ce = torch.zeros_like(lse) if grad_ce is None else grad_ce.contiguous()
+    grad_emo = torch.zeros_like(lse) if grad_emo is None else grad_emo.contiguous()
+    grad_input, grad_weight = torch.ops.marginkern.emo_cross_entropy_backward(
+        grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ctx.ignore_index)
+    return grad_input, grad_weight, None, None, None
+
+
+emo_cross_entropy.register_autograd(_emo_backward, setup_context=_emo_setup_context)

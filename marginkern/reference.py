@@ -108,3 +108,40 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse ** 2
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     return reduce_rows(loss, valid, reduction)
+
+
+def _chunk_expectation(x, w_chunk, cost_chunk, lse):
+    """Σ_j p_j·ê_j over one class chunk."""
+    p = torch.exp(x @ w_chunk.t() - lse[:, None])
+    return p @ F.normalize(cost_chunk, dim=1, eps=NORM_EPS)
+
+
+def emo_rows(input, weight, target, cost_embedding=None, ignore_index=-100, class_chunk=CLASS_CHUNK):
+    """Per-row (ce, emo) of DESIGN.md §4, 0 on ignored rows; the cost embedding is detached."""
+    acc = accumulation_dtype(input.dtype)
+    x, w = input.to(acc), weight.to(acc)
+    cost = (weight if cost_embedding is None else cost_embedding).detach().to(acc)
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    z_target = (x * w[safe]).sum(1)
+    no_substitution = torch.full_like(target, -1)
+    lse, _ = streamed_lse_and_sum(x, w, no_substitution, z_target, class_chunk=class_chunk)
+    expected = sum(checkpoint(_chunk_expectation, x, w[c0:c0 + class_chunk], cost[c0:c0 + class_chunk], lse,
+                              use_reentrant=False) for c0 in range(0, w.shape[0], class_chunk))
+    emo = 1.0 - (expected * F.normalize(cost[safe], dim=1, eps=NORM_EPS)).sum(1)
+    ce = lse - z_target
+    zero = torch.zeros_like(ce)
+    return torch.where(valid, ce, zero), torch.where(valid, emo, zero)
+
+
+def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean",
+             class_chunk=CLASS_CHUNK):
+    _, emo = emo_rows(input, weight, target, cost_embedding, ignore_index, class_chunk)
+    return reduce_rows(emo, target != ignore_index, reduction)
+
+
+def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean",
+                      class_chunk=CLASS_CHUNK):
+    """MLE-anchored EMO, per token: 0.5·(ce + sg(ce/(emo + 1e-10))·emo)."""
+    ce, emo = emo_rows(input, weight, target, cost_embedding, ignore_index, class_chunk)
+    return reduce_rows(0.5 * (ce + (ce / (emo + 1e-10)).detach() * emo), target != ignore_index, reduction)

@@ -83,3 +83,17 @@ def test_linear_ce_rows_times_vocab_beyond_int32():
     assert_close_rel(loss, ref, torch.bfloat16, "loss", floor=1.0)
     assert_close_rel(gx, rx, torch.bfloat16, "grad input")
     assert_close_rel(gw, rw, torch.bfloat16, "grad weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("anchored", [False, True])
+def test_emo_cuda_matches_oracle(dtype, anchored):
+    x, w, t = make_case(513, 20011, 256, dtype, device="cuda", ignore=(0,))
+    w = (w.detach() * 0.1).to(dtype)
+    cost = torch.randn(20011, 192, device="cuda").to(dtype)
+    fn, ref = (mk.emo_cross_entropy, reference.emo_cross_entropy) if anchored else (mk.emo_loss, reference.emo_loss)
+    loss, gx, gw = loss_and_grads(fn, x, w, t, cost_embedding=cost)
+    r, rx, rw = loss_and_grads(ref, x.double(), w.double(), t, cost_embedding=cost.double())
+    assert_close_rel(loss, r, dtype, "loss", floor=1.0)
+    assert_close_rel(gx, rx, dtype, "grad input")
+    assert_close_rel(gw, rw, dtype, "grad weight")

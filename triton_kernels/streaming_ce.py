@@ -3,7 +3,8 @@
     streaming_ce_fwd_kernel          per-row max / Σexp / Σz over one class split (flash-decoding style:
                                      grid = row blocks × class splits, merged on the host)
     streaming_ce_grad_logits_kernel  dL/da for one class chunk, written to a bounded N × chunk buffer
-                                     that the engine feeds to the dX and dW GEMMs
+                                     that the engine feeds to the dX and dW GEMMs; with HAS_COST it also
+                                     computes EMO's cost cosines A = q·k per tile (a second tl.dot loop)
 
 Both recompute logits tile by tile with tl.dot over D in fp32 accumulators; no N × C tensor exists.
 """
@@ -88,12 +89,32 @@ def streaming_ce_fwd_kernel(
 
 
 @triton.jit
+def _cost_cosine_tile(query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask, col_mask,
+                      E, stride_q, stride_k, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A_nj = (q_n·k_j)·query_scale_n·key_scale_j: cosines of cost embeddings (EMO)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    q_rows = query_ptr + rows.to(tl.int64)[:, None] * stride_q
+    k_rows = keys_ptr + cols.to(tl.int64)[:, None] * stride_k
+    for e0 in range(0, E, BLOCK_D):
+        offs = e0 + tl.arange(0, BLOCK_D)
+        e_mask = offs < E
+        q_tile = tl.load(q_rows + offs[None, :], mask=row_mask[:, None] & e_mask[None, :], other=0.0)
+        k_tile = tl.load(k_rows + offs[None, :], mask=col_mask[:, None] & e_mask[None, :], other=0.0)
+        acc = tl.dot(q_tile, tl.trans(k_tile), acc, input_precision=DOT_PRECISION)
+    query_scale = tl.load(query_scale_ptr + rows, mask=row_mask, other=0.0)
+    key_scale = tl.load(key_scale_ptr + cols, mask=col_mask, other=0.0)
+    return acc * query_scale[:, None] * key_scale[None, :]
+
+
+@triton.jit
 def streaming_ce_grad_logits_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr,
     lse_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, grad_ptr,
-    N, D, stride_x, stride_w, stride_g, c_begin, c_end, softcap,
-    HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr,
+    N, D, E, stride_x, stride_w, stride_g, stride_q, stride_k, c_begin, c_end, softcap,
+    HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -111,7 +132,13 @@ def streaming_ce_grad_logits_kernel(
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     target_grad = tl.load(target_grad_ptr + rows, mask=row_mask, other=0.0)
     p = tl.exp(z - lse[:, None])
-    g = (coef_p[:, None] * p - coef_u[:, None]) * chain
+    weight_p = coef_p[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    if HAS_COST:
+        cosines = _cost_cosine_tile(query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask,
+                                    col_mask, E, stride_q, stride_k, COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+        coef_cost = tl.load(coef_cost_ptr + rows, mask=row_mask, other=0.0)
+        weight_p = weight_p - coef_cost[:, None] * cosines
+    g = (weight_p * p - coef_u[:, None]) * chain
     g = tl.where(cols[None, :] == target[:, None], target_grad[:, None], g)
     out = grad_ptr + rows.to(tl.int64)[:, None] * stride_g + (cols - c_begin)[None, :]
     tl.store(out, g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -74,7 +74,7 @@ class TritonTiles:
         lse = run_max + torch.log((part[1] * torch.exp(part[0] - run_max)).sum(0))
         return lse, (part[2].sum(0) if need_sum_logits else None)
 
-    def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1):
+    def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
         x, w = x.contiguous(), w.contiguous()
         N, D = x.shape
         blocks, launch = _config(x)
@@ -82,10 +82,17 @@ class TritonTiles:
         grad = torch.empty(N, c1 - c0, dtype=grad_dtype, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
         grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(c1 - c0, blocks["BLOCK_C"]))
+        if cost is not None:
+            query, keys = cost.query.contiguous(), cost.keys.contiguous()
+            cost_args = (query, keys, cost.query_scale.float(), cost.key_scale.float(), cost.coef.float())
+            E, stride_q, stride_k = keys.shape[1], query.stride(0), keys.stride(0)
+        else:  # unread placeholders (HAS_COST=False)
+            cost_args, E, stride_q, stride_k = (x, w, lse, lse, lse), 0, 0, 0
         if N > 0:
             streaming_ce_grad_logits_kernel[grid](
                 x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target,
-                lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad,
-                N, D, x.stride(0), w.stride(0), grad.stride(0), c0, c1, softcap,
-                DOT_PRECISION=_dot_precision(x), **_flags(spec), **blocks, **launch)
+                lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad, *cost_args,
+                N, D, E, x.stride(0), w.stride(0), grad.stride(0), stride_q, stride_k, c0, c1, softcap,
+                HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x),
+                COST_DOT_PRECISION=_dot_precision(cost_args[1]), **_flags(spec), **blocks, **launch)
         return grad

@@ -1,0 +1,56 @@
+"""EMO (Earth Mover Distance Optimization, Ren et al., ICLR 2024) on the engine, with CE in the same pass.
+
+With Ê the row-normalised cost embedding (fixed: it never receives a gradient) and z = x·wᵀ:
+
+    L_emo = Σ_j p_j·(1 − ê_j·ê_t) = 1 − ê_t·ȳ,      ȳ = Σ_j p_j·ê_j   (attention with Q = x, K = w, V = Ê)
+    dL_emo/dz_j = p_j·(c_jt − L_emo),                 c_jt = 1 − ê_j·ê_t
+
+Per row the forward pass costs the lse pass plus one streamed expectation; the backward pass adds the
+cosines ê_t·ê_j per tile (the engine's cost term) to the usual dX/dW GEMMs. Only lse and L_emo are saved.
+"""
+import torch
+
+from .engine import (NORM_EPS, CostSpec, LogitSpec, accumulation_dtype, row_norms, streaming_expectation,
+                     streaming_grads, streaming_row_stats)
+
+
+class _EMOGeometry:
+    def __init__(self, x, w, target, cost, ignore_index):
+        acc = accumulation_dtype(x.dtype)
+        self.valid = target != ignore_index
+        self.column = torch.where(self.valid, target, -1)
+        safe = self.column.clamp_min(0)
+        self.target_logit = (x.to(acc) * w[safe].to(acc)).sum(1)
+        self.spec = LogitSpec(torch.ones_like(self.target_logit), None, None, None, self.column, self.target_logit)
+        # ê_j = e_j / ‖e_j‖ without a normalised (C, E) copy: the norms ride along as scales, in fp32
+        # (an fp16 cost embedding's norms would overflow in fp16).
+        self.key_scale = 1.0 / row_norms(cost).to(acc).clamp_min(NORM_EPS)
+        self.query = cost[safe]
+        self.query_scale = self.key_scale[safe]
+        self.self_cosine = (self.query.to(acc) ** 2).sum(1) * self.query_scale ** 2  # ê_t·ê_t: 1, or 0 for e_t = 0
+
+
+def emo_forward(x, w, target, cost, ignore_index, tiles):
+    """(ce, emo, lse) per row; ce and emo are 0 on ignored rows."""
+    geo = _EMOGeometry(x, w, target, cost, ignore_index)
+    lse, _ = streaming_row_stats(x, w, geo.spec, False, tiles)
+    expected = streaming_expectation(x, w, geo.spec, lse, cost, geo.key_scale, tiles)
+    emo = 1.0 - geo.query_scale * (expected * geo.query.to(expected.dtype)).sum(1)
+    ce = lse - geo.target_logit
+    zero = torch.zeros_like(lse)
+    return torch.where(geo.valid, ce, zero), torch.where(geo.valid, emo, zero), lse
+
+
+def emo_backward(grad_ce, grad_emo, x, w, target, cost, lse, emo, ignore_index, tiles):
+    """(dL/dx, dL/dw) for per-row upstream gradients of ce and emo."""
+    geo = _EMOGeometry(x, w, target, cost, ignore_index)
+    zero = torch.zeros_like(lse)
+    g_ce = torch.where(geo.valid, grad_ce.to(lse.dtype), zero)
+    g_emo = torch.where(geo.valid, grad_emo.to(lse.dtype), zero)
+    # dL/dz_j = g_ce·(p_j − δ_jt) + g_emo·p_j·(1 − L_emo − ê_j·ê_t)
+    coef_p = g_ce + g_emo * (1.0 - emo)
+    p_target = torch.exp(geo.target_logit - lse)
+    target_grad = p_target * (coef_p - g_emo * geo.self_cosine) - g_ce
+    cost_term = CostSpec(geo.query, geo.query_scale, cost, geo.key_scale, g_emo)
+    grad_x, grad_w, _ = streaming_grads(x, w, geo.spec, lse, coef_p, zero, target_grad, tiles, cost=cost_term)
+    return grad_x.to(x.dtype), grad_w
