@@ -104,3 +104,43 @@ def check_cost_embedding(cost_embedding, weight):
     if cost_embedding.device != weight.device:
         raise ValueError(f"cost_embedding must be on the device of weight ({weight.device}), "
                          f"got {cost_embedding.device}")
+
+
+def check_float_tensor(name, t, dim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def check_labels(labels, n, device):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must have shape ({n},), got shape {tuple(labels.shape)}")
+    if labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise TypeError(f"labels must be integer or float, got {labels.dtype}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on {device}, got {labels.device}")
+
+
+def check_embedding_pair(a, b):
+    check_float_tensor("embeddings_a", a, dim=2)
+    check_float_tensor("embeddings_b", b, dim=2)
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"embeddings_b must match embeddings_a in shape, dtype and device: got "
+                         f"{tuple(b.shape)} {b.dtype} {b.device} vs {tuple(a.shape)} {a.dtype} {a.device}")
+
+
+def check_binary_targets(targets, logits):
+    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape:
+        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets must have the shape of logits {tuple(logits.shape)}, got {shape}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets must be on {logits.device}, got {targets.device}")
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension (the labels)")
+    if not torch.compiler.is_compiling() and bool(((targets != 0) & (targets != 1)).any()):
+        raise ValueError("targets must hold 0/1 labels (soft labels are not supported)")

@@ -2,7 +2,9 @@
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.marginkern.*)
-from .checks import (check_bias, check_classification_inputs, check_cost_embedding, check_linear_ce_options,
+from . import pairwise
+from .checks import (check_binary_targets, check_bias, check_classification_inputs, check_cost_embedding,
+                     check_embedding_pair, check_finite, check_float_tensor, check_labels, check_linear_ce_options,
                      check_margin_options, check_reduction)
 from .reference import reduce_rows
 
@@ -82,3 +84,46 @@ def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_inde
     ce, emo = _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction)
     rows = 0.5 * (ce + (ce / (emo + EMO_RATIO_EPS)).detach() * emo)
     return reduce_rows(rows, target != ignore_index, reduction)
+
+
+def cosent_loss(scores, labels, *, scale=20.0):
+    """CoSENT: log(1 + Σ_{labels_a < labels_b} exp(scale·(s_a − s_b))) over the pair scores `scores` (B,)
+    (e.g. cosines), as sentence-transformers' CoSENTLoss: one scalar, not normalised by the pair count.
+    O(B log B) time and O(B) memory (sorted prefix log-sum-exp); ties add nothing."""
+    check_float_tensor("scores", scores, dim=1)
+    check_labels(labels, scores.shape[0], scores.device)
+    check_finite("scale", scale, 0.0, low_open=True)
+    return pairwise.cosent_from_scores(scores, labels, float(scale))
+
+
+def cosent_embedding_loss(embeddings_a, embeddings_b, labels, *, scale=20.0):
+    """CoSENT of the cosines of the pairs (embeddings_a[i], embeddings_b[i]); the cosine runs fused in one
+    read of each batch (Triton on CUDA) and is differentiated without autograd's intermediates."""
+    check_embedding_pair(embeddings_a, embeddings_b)
+    check_labels(labels, embeddings_a.shape[0], embeddings_a.device)
+    check_finite("scale", scale, 0.0, low_open=True)
+    cos, _, _ = torch.ops.marginkern.pairwise_cosine(embeddings_a, embeddings_b)
+    return pairwise.cosent_from_scores(cos, labels, float(scale))
+
+
+def multilabel_categorical_crossentropy(logits, targets, *, reduction="mean"):
+    """ZLPR / GlobalPointer: log(1 + Σ_neg e^s) + log(1 + Σ_pos e^−s) over the last dimension, targets in
+    {0, 1} of the same shape; −inf logits (masked spans) are left out. "none" keeps the leading shape."""
+    check_float_tensor("logits", logits)
+    check_binary_targets(targets, logits)
+    check_reduction(reduction)
+    return pairwise.multilabel_categorical_crossentropy(logits, targets, reduction)
+
+
+def circle_loss(embeddings, labels, *, m=0.25, gamma=256.0, reduction="mean", anchor_block=1024):
+    """In-batch Circle loss (Sun et al. 2020; PML's weighting, α detached) on cosine similarities, per
+    anchor softplus(LSE_n γα_n(s_n − m) + LSE_p −γα_p(s_p − 1 + m)); anchors without a positive or a
+    negative contribute 0 and are left out of the mean. Memory: anchor_block × B similarities at a time."""
+    check_float_tensor("embeddings", embeddings, dim=2)
+    check_labels(labels, embeddings.shape[0], embeddings.device)
+    check_finite("m", m, 0.0, 1.0)
+    check_finite("gamma", gamma, 0.0, low_open=True)
+    check_reduction(reduction)
+    if int(anchor_block) < 1:
+        raise ValueError(f"anchor_block must be ≥ 1, got {anchor_block}")
+    return pairwise.circle_loss(embeddings, labels, float(m), float(gamma), reduction, int(anchor_block))

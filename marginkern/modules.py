@@ -3,7 +3,9 @@ import torch
 from torch import nn
 
 from .checks import check_linear_ce_options, check_margin_options, check_reduction
-from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy, margin_cross_entropy
+from .checks import check_finite
+from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
+                         margin_cross_entropy)
 
 
 class CombinedMarginLoss(nn.Module):
@@ -122,3 +124,27 @@ class EMOLoss(nn.Module):
     def extra_repr(self):
         cost = "live weight" if self.cost_embedding is None else f"buffer {tuple(self.cost_embedding.shape)}"
         return f"mode={self.mode!r}, cost={cost}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+class CoSENTLoss(nn.Module):
+    """CoSENT (Su 2022), as sentence-transformers' CoSENTLoss but O(B log B) and O(B) memory.
+
+    forward(scores, labels) on precomputed pair scores, or forward(embeddings_a, embeddings_b, labels), which
+    fuses the pair cosines.
+    """
+
+    def __init__(self, scale=20.0):
+        super().__init__()
+        check_finite("scale", scale, 0.0, low_open=True)
+        self.scale = float(scale)
+
+    def forward(self, *args):
+        if len(args) == 2:
+            return cosent_loss(*args, scale=self.scale)
+        if len(args) == 3:
+            return cosent_embedding_loss(*args, scale=self.scale)
+        raise TypeError(f"CoSENTLoss takes (scores, labels) or (embeddings_a, embeddings_b, labels), got {len(args)} "
+                        "arguments")
+
+    def extra_repr(self):
+        return f"scale={self.scale}"

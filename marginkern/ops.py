@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .checks import check_target_values
 from .dispatch import select_tiles
-from .engine import accumulation_dtype
+from .engine import NORM_EPS, accumulation_dtype
 from .emo import emo_backward, emo_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
@@ -174,3 +174,58 @@ def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
 
 
 emo_cross_entropy.register_autograd(_emo_backward, setup_context=_emo_setup_context)
+
+
+def _pairwise_cosine_uses_triton(a):
+    return select_tiles(a.device, a.dtype).name == "triton"
+
+
+@torch.library.custom_op("marginkern::pairwise_cosine", mutates_args=())
+def pairwise_cosine(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(cos_i, 1/‖a_i‖, 1/‖b_i‖) in fp32 (fp64 for fp64 inputs), norms clamped at 1e-12 as F.normalize."""
+    if _pairwise_cosine_uses_triton(a):
+        from .triton_kernels.pairwise_cosine import pairwise_cosine_forward
+        return pairwise_cosine_forward(a, b)
+    acc = accumulation_dtype(a.dtype)
+    af, bf = a.to(acc), b.to(acc)
+    inv_a = 1.0 / torch.linalg.vector_norm(af, dim=1).clamp_min(NORM_EPS)
+    inv_b = 1.0 / torch.linalg.vector_norm(bf, dim=1).clamp_min(NORM_EPS)
+    return (af * bf).sum(1) * inv_a * inv_b, inv_a, inv_b
+
+
+@pairwise_cosine.register_fake
+def _(a, b):
+    acc = accumulation_dtype(a.dtype)
+    return tuple(a.new_empty((a.shape[0],), dtype=acc) for _ in range(3))
+
+
+@torch.library.custom_op("marginkern::pairwise_cosine_backward", mutates_args=())
+def pairwise_cosine_backward(grad_cos: Tensor, a: Tensor, b: Tensor, cos: Tensor, inv_a: Tensor,
+                             inv_b: Tensor) -> tuple[Tensor, Tensor]:
+    if _pairwise_cosine_uses_triton(a):
+        from .triton_kernels.pairwise_cosine import pairwise_cosine_backward as triton_backward
+        return triton_backward(grad_cos, a, b, cos, inv_a, inv_b)
+    acc = cos.dtype
+    a_hat, b_hat = a.to(acc) * inv_a[:, None], b.to(acc) * inv_b[:, None]
+    g, c = grad_cos.to(acc)[:, None], cos[:, None]
+    grad_a = g * inv_a[:, None] * (b_hat - c * a_hat)
+    grad_b = g * inv_b[:, None] * (a_hat - c * b_hat)
+    return grad_a.to(a.dtype), grad_b.to(b.dtype)
+
+
+@pairwise_cosine_backward.register_fake
+def _(grad_cos, a, b, cos, inv_a, inv_b):
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+def _pairwise_cosine_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _pairwise_cosine_autograd(ctx, grad_cos, grad_inv_a, grad_inv_b):
+    # the inverse norms are by-products for the backward pass, not differentiable outputs
+    a, b, cos, inv_a, inv_b = ctx.saved_tensors
+    return torch.ops.marginkern.pairwise_cosine_backward(grad_cos.contiguous(), a, b, cos, inv_a, inv_b)
+
+
+pairwise_cosine.register_autograd(_pairwise_cosine_autograd, setup_context=_pairwise_cosine_setup_context)

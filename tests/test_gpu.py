@@ -97,3 +97,18 @@ def test_emo_cuda_matches_oracle(dtype, anchored):
     assert_close_rel(loss, r, dtype, "loss", floor=1.0)
     assert_close_rel(gx, rx, dtype, "grad input")
     assert_close_rel(gw, rw, dtype, "grad weight")
+
+
+def test_cosent_million_pairs_on_gpu():
+    B, D = 1_000_000, 64
+    a = torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 6, (B,), device="cuda").float()
+    loss = mk.cosent_embedding_loss(a, b, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(a.grad.float()).all()
+    idx = torch.randperm(B, device="cuda")[:3000]
+    from tests.test_pairwise import naive_cosent
+    sub = mk.cosent_embedding_loss(a.detach()[idx], b.detach()[idx], y[idx])
+    ref = naive_cosent(torch.nn.functional.cosine_similarity(a.detach()[idx].double(), b.detach()[idx].double()), y[idx])
+    torch.testing.assert_close(sub.double(), ref, rtol=1e-3, atol=1e-3)

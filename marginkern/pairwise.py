@@ -1,0 +1,83 @@
+"""Pairwise log-sum-exp losses in linear memory: CoSENT, multilabel categorical CE (ZLPR), Circle loss.
+
+CoSENT (DESIGN.md §4): L = log(1 + Σ_{y_a < y_b} exp(s_a − s_b)), s = scale·cos. Sorting by label turns the
+double sum into a prefix log-cum-sum-exp: for each b, LSE over all a with a strictly smaller label is the
+prefix up to the first index of b's label (ties excluded). O(B log B) time, O(B) memory, never B × B.
+"""
+import torch
+
+from .reference import reduce_rows
+
+
+def cosent_from_scores(scores, labels, scale):
+    """The O(B log B) CoSENT of already-computed pair scores (any float dtype, computed in fp32)."""
+    s = scale * scores.float() if scores.dtype != torch.float64 else scale * scores
+    if s.numel() < 2:
+        return s.sum() * 0.0
+    labels_sorted, order = torch.sort(labels, stable=True)
+    s_sorted = s[order]
+    prefix = torch.logcumsumexp(s_sorted, dim=0)
+    first_of_label = torch.searchsorted(labels_sorted, labels_sorted, right=False)
+    has_smaller = first_of_label > 0
+    below = torch.where(has_smaller, prefix[(first_of_label - 1).clamp_min(0)],
+                        torch.full_like(s_sorted, -float("inf")))
+    # log(1 + Σ_b exp(LSE_{a: y_a < y_b} s_a − s_b)); rows without a smaller label contribute exp(−inf) = 0
+    terms = torch.where(has_smaller, below - s_sorted, torch.full_like(s_sorted, -float("inf")))
+    return torch.logsumexp(torch.cat([terms.new_zeros(1), terms]), dim=0)
+
+
+def multilabel_categorical_crossentropy(logits, targets, reduction):
+    """ZLPR per row of the last dimension: log(1 + Σ_neg e^s) + log(1 + Σ_pos e^−s).
+
+    Logits equal to −inf (GlobalPointer's masked spans) are left out of both sums, as bert4keras's
+    current form does, instead of turning into inf − inf.
+    """
+    s = logits.float() if logits.dtype != torch.float64 else logits
+    y = targets.to(torch.bool)
+    kept = s != -float("inf")
+    none = torch.full_like(s, -float("inf"))
+    neg = torch.where(kept & ~y, s, none)
+    pos = torch.where(kept & y, -s, none)
+    zero = s.new_zeros(s.shape[:-1] + (1,))
+    rows = torch.logsumexp(torch.cat([zero, neg], -1), -1) + torch.logsumexp(torch.cat([zero, pos], -1), -1)
+    rows = rows.reshape(-1) if rows.dim() else rows.reshape(1)
+    out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
+    return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+
+
+def _circle_block(anchors, embeddings, anchor_labels, labels, anchor_index, m, gamma):
+    """Circle loss of a block of anchors against the whole batch (the anchor itself excluded)."""
+    sim = anchors @ embeddings.t()
+    same = anchor_labels[:, None] == labels[None, :]
+    self_pair = anchor_index[:, None] == torch.arange(embeddings.shape[0], device=sim.device)[None, :]
+    none = torch.full_like(sim, -float("inf"))
+    alpha_p = torch.relu(1.0 + m - sim.detach())
+    alpha_n = torch.relu(sim.detach() + m)
+    positive, negative = same & ~self_pair, ~same
+    has_pairs = positive.any(1) & negative.any(1)
+    # anchors without a positive or a negative rank nothing (loss 0); give them finite logits so that the
+    # logsumexp backward of an all −inf row cannot produce NaN
+    positive, negative = positive | ~has_pairs[:, None], negative | ~has_pairs[:, None]
+    logit_p = torch.where(positive, -gamma * alpha_p * (sim - (1.0 - m)), none)
+    logit_n = torch.where(negative, gamma * alpha_n * (sim - m), none)
+    loss = torch.nn.functional.softplus(torch.logsumexp(logit_p, 1) + torch.logsumexp(logit_n, 1))
+    return torch.where(has_pairs, loss, torch.zeros_like(loss)), has_pairs
+
+
+def circle_loss(embeddings, labels, m, gamma, reduction, anchor_block):
+    """In-batch Circle loss (Sun et al. 2020) on cosine similarities, streamed over blocks of anchors so
+    that only anchor_block × B similarities exist at a time (recomputed in the backward pass)."""
+    from torch.utils.checkpoint import checkpoint
+    x = embeddings.float() if embeddings.dtype != torch.float64 else embeddings
+    x = torch.nn.functional.normalize(x, dim=1)
+    B = x.shape[0]
+    losses, valid = [], []
+    for i0 in range(0, B, anchor_block):
+        idx = torch.arange(i0, min(B, i0 + anchor_block), device=x.device)
+        loss_b, valid_b = checkpoint(_circle_block, x[i0:i0 + anchor_block], x, labels[i0:i0 + anchor_block],
+                                     labels, idx, m, gamma, use_reentrant=False)
+        losses.append(loss_b)
+        valid.append(valid_b)
+    if not losses:
+        return reduce_rows(x.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=x.device), reduction)
+    return reduce_rows(torch.cat(losses), torch.cat(valid), reduction)

@@ -1,0 +1,183 @@
+"""CoSENT, multilabel categorical CE and Circle loss against their O(B²) / dense definitions."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import marginkern as mk
+
+
+def naive_cosent(scores, labels, scale=20.0):
+    """sentence-transformers' CoSENTLoss: the B × B matrix of s_low − s_high, masked, a 0 prepended."""
+    s = scores.double() * scale
+    diff = s[:, None] - s[None, :]
+    mask = labels[:, None] < labels[None, :]
+    diff = torch.where(mask, diff, torch.full_like(diff, -float("inf")))
+    return torch.logsumexp(torch.cat([diff.new_zeros(1), diff.flatten()]), 0)
+
+
+@pytest.mark.parametrize("B,num_labels", [(1, 1), (2, 2), (7, 1), (50, 5), (300, 300), (513, 3)])
+@pytest.mark.parametrize("float_labels", [False, True])
+def test_cosent_matches_quadratic_definition(B, num_labels, float_labels):
+    s = torch.rand(B, dtype=torch.float64) * 2 - 1
+    y = torch.randint(0, num_labels, (B,))
+    if float_labels:
+        y = y.double() / 4
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    got, want = mk.cosent_loss(s1, y), naive_cosent(s2, y)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, s1)[0], torch.autograd.grad(want, s2)[0],
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_cosent_all_labels_equal_is_zero():
+    s = torch.randn(20, requires_grad=True)
+    loss = mk.cosent_loss(s, torch.full((20,), 3))
+    assert float(loss.detach()) == 0.0
+    (g,) = torch.autograd.grad(loss, s)
+    assert not g.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cosent_half_precision_scores(dtype):
+    s = (torch.rand(400) * 2 - 1).to(dtype)
+    y = torch.randint(0, 6, (400,))
+    loss = mk.cosent_loss(s, y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), naive_cosent(s.double(), y), rtol=1e-6, atol=1e-5)
+
+
+def test_cosent_200k_pairs_on_cpu():
+    s = (torch.rand(200_000) * 2 - 1).requires_grad_()
+    y = torch.randint(0, 6, (200_000,)).float()
+    loss = mk.cosent_loss(s, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    # a subsample checks the values against the quadratic form
+    idx = torch.randperm(200_000)[:2000]
+    sub = mk.cosent_loss(s.detach()[idx], y[idx])
+    torch.testing.assert_close(sub.double(), naive_cosent(s.detach()[idx], y[idx]), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cosent_from_embeddings_matches_sentence_transformers(dtype):
+    a, b = torch.randn(64, 33).to(dtype), torch.randn(64, 33).to(dtype)
+    y = torch.rand(64)
+    got_a, got_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ref_a, ref_b = a.double().requires_grad_(), b.double().requires_grad_()
+    got = mk.cosent_embedding_loss(got_a, got_b, y)
+    want = naive_cosent(F.cosine_similarity(ref_a, ref_b), y)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got_a.grad.double(), ref_a.grad, **tol)
+    torch.testing.assert_close(got_b.grad.double(), ref_b.grad, **tol)
+
+
+def test_pairwise_cosine_opcheck_and_compile():
+    a, b = torch.randn(9, 6, requires_grad=True), torch.randn(9, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.marginkern.pairwise_cosine.default, (a, b))
+    cos, ia, ib = torch.ops.marginkern.pairwise_cosine(a, b)
+    torch.library.opcheck(torch.ops.marginkern.pairwise_cosine_backward.default,
+                          (torch.rand(9), a.detach(), b.detach(), cos.detach(), ia.detach(), ib.detach()))
+    y = torch.randint(0, 3, (9,))
+    step = lambda p, q: mk.cosent_embedding_loss(p, q, y)
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(a, b), step(a, b))
+
+
+def test_cosent_module():
+    loss = mk.CoSENTLoss(scale=10.0)
+    a, b, y = torch.randn(8, 4), torch.randn(8, 4), torch.rand(8)
+    torch.testing.assert_close(loss(a, b, y), mk.cosent_embedding_loss(a, b, y, scale=10.0))
+    torch.testing.assert_close(loss(F.cosine_similarity(a, b), y), mk.cosent_loss(F.cosine_similarity(a, b), y,
+                                                                                 scale=10.0))
+    with pytest.raises(TypeError, match="CoSENTLoss takes"):
+        loss(a)
+
+
+# ---- multilabel categorical cross-entropy (ZLPR) -----------------------------------------------------
+
+def naive_zlpr(s, y):
+    """bert4keras's original form: s' = (1−2y)s; −1e12 masks; a 0 appended to each side."""
+    s, y = s.double(), y.double()
+    s = (1 - 2 * y) * s
+    neg = s - y * 1e12
+    pos = s - (1 - y) * 1e12
+    zeros = torch.zeros_like(s[..., :1])
+    return torch.logsumexp(torch.cat([neg, zeros], -1), -1) + torch.logsumexp(torch.cat([pos, zeros], -1), -1)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 10), (1, 1)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zlpr_matches_dense_definition(shape, reduction):
+    s = torch.randn(*shape, dtype=torch.float64) * 3
+    y = torch.rand(*shape) < 0.3
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    got = mk.multilabel_categorical_crossentropy(s1, y, reduction=reduction)
+    rows = naive_zlpr(s2, y)
+    want = rows if reduction == "none" else (rows.sum() if reduction == "sum" else rows.mean())
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), s1)[0], torch.autograd.grad(want.sum(), s2)[0])
+
+
+def test_zlpr_masked_logits_are_left_out():
+    s = torch.randn(4, 6, requires_grad=True)
+    y = torch.zeros(4, 6)
+    y[:, 0] = 1
+    masked = s.detach().clone()
+    masked[:, 3:] = -float("inf")
+    masked.requires_grad_()
+    loss = mk.multilabel_categorical_crossentropy(masked, y, reduction="sum")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(masked.grad).all() and not masked.grad[:, 3:].any()
+    torch.testing.assert_close(loss.double(), naive_zlpr(s.detach()[:, :3], y[:, :3]).sum(), rtol=1e-6, atol=1e-6)
+
+
+def test_zlpr_rejects_soft_labels_and_shape_mismatch():
+    with pytest.raises(ValueError, match="targets"):
+        mk.multilabel_categorical_crossentropy(torch.randn(3, 4), torch.full((3, 4), 0.5))
+    with pytest.raises(ValueError, match="targets"):
+        mk.multilabel_categorical_crossentropy(torch.randn(3, 4), torch.ones(3, 5))
+
+
+# ---- Circle loss --------------------------------------------------------------------------------------
+
+def naive_circle(x, labels, m=0.25, gamma=256.0):
+    """PML's CircleLoss on the B × B cosine matrix, per anchor, mean over anchors with pairs."""
+    x = F.normalize(x.double(), dim=1)
+    sim = x @ x.t()
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool)
+    pos, neg = same & ~eye, ~same
+    ap, an = torch.relu(1 + m - sim.detach()), torch.relu(sim.detach() + m)
+    lp = torch.where(pos, -gamma * ap * (sim - (1 - m)), torch.full_like(sim, -float("inf")))
+    ln = torch.where(neg, gamma * an * (sim - m), torch.full_like(sim, -float("inf")))
+    keep = pos.any(1) & neg.any(1)
+    per_anchor = F.softplus(torch.logsumexp(lp[keep], 1) + torch.logsumexp(ln[keep], 1))
+    return per_anchor.mean() if keep.any() else sim.sum() * 0
+
+
+@pytest.mark.parametrize("B,classes,block", [(40, 5, 7), (40, 5, 1000), (9, 9, 4), (12, 1, 5)])
+def test_circle_matches_quadratic_definition(B, classes, block):
+    x = torch.randn(B, 16, dtype=torch.float64)
+    y = torch.randint(0, classes, (B,))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = mk.circle_loss(x1, y, anchor_block=block)
+    want = naive_circle(x2, y)
+    torch.testing.assert_close(got, want)
+    g1, g2 = torch.autograd.grad(got, x1)[0], torch.autograd.grad(want, x2)[0]
+    assert torch.isfinite(g1).all()
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: mk.cosent_loss(torch.randn(3, 2), torch.zeros(3)), "scores"),
+    (lambda: mk.cosent_loss(torch.randn(3), torch.zeros(4)), "labels"),
+    (lambda: mk.cosent_loss(torch.randn(3), torch.zeros(3), scale=-1.0), "scale"),
+    (lambda: mk.cosent_embedding_loss(torch.randn(3, 2), torch.randn(3, 4), torch.zeros(3)), "embeddings_b"),
+    (lambda: mk.circle_loss(torch.randn(3, 2), torch.zeros(3), gamma=0.0), "gamma"),
+    (lambda: mk.circle_loss(torch.randn(3, 2), torch.zeros(3), anchor_block=0), "anchor_block"),
+])
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
