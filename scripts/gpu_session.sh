@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One visit to the GPU machine (no network; torch/triton/pytest already there, DESIGN.md §8), in stages
+# that each fit the device tool's 10-minute limit:
+#   bash scripts/gpu_session.sh tests   # editable install (offline) + GPU test tier + Triton tier on CUDA
+#   bash scripts/gpu_session.sh face    # face-recognition benchmarks
+#   bash scripts/gpu_session.sh llm     # LLM linear-CE benchmarks (peers from ./wheels when carried there)
+# Logs and results go to $OUT (the device tool brings that folder back); commit bench/results/<device>/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/marginkern-gpu}"
+mkdir -p "$OUT"
+stage="${1:-tests}"
+
+python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2>&1 \
+  || { echo "editable install failed, see install-$stage.log"; tail -20 "$OUT/install-$stage.log"; }
+if [ -d wheels ]; then  # optional peers, carried as pure-Python wheels
+  python -m pip install -q --no-deps --no-index wheels/*.whl >> "$OUT/install-$stage.log" 2>&1 || true
+fi
+{ nvidia-smi; python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
+  > "$OUT/device.txt" 2>&1
+
+case "$stage" in
+  tests)
+    python -m pytest tests/test_gpu.py tests/interpreter -q -rs 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
+    ;;
+  face|llm)
+    python bench/run.py --cases "$stage" --tag "$stage" 2>&1 | tee "$OUT/bench-$stage.log" | tail -40
+    cp -r bench/results "$OUT/"
+    ;;
+  *)
+    echo "unknown stage $stage (tests|face|llm)"; exit 2 ;;
+esac
