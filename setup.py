@@ -2,10 +2,79 @@
 
 The Triton kernels live in ./triton_kernels and are installed as the subpackage
 ``marginkern.triton_kernels`` (a bare top-level ``triton_kernels`` would clash with the PyPI package of
-that name). The C++ extension ``marginkern._C`` (csrc/) is optional: it is built when the sources are
-present and a compiler works; importing marginkern never requires it.
+that name).
+
+The C++ extension ``marginkern._C`` (csrc/cpu/*.cpp plus the Python module init csrc/python/module.cpp)
+is optional: it is built with torch's cpp_extension when torch is importable at build time (install
+with ``--no-build-isolation``), and a failed compile only warns, so installing never fails because of a
+compiler problem and importing marginkern never requires the extension (it falls back to plain PyTorch
+and says so). MARGINKERN_BUILD_EXTENSION=0 skips it.
 """
+import glob
+import os
+import sys
+
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _warn(message):
+    # setuptools hides warnings.warn output of a build; stderr reaches pip's log (and the user with -v).
+    print(f"WARNING (marginkern): {message}", file=sys.stderr)
+
+
+def cpp_extension_build():
+    """(ext_modules, cmdclass) that build marginkern._C, or nothing when it cannot or should not be built."""
+    if os.environ.get("MARGINKERN_BUILD_EXTENSION", "1") == "0":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as e:
+        _warn(f"torch is not importable at build time ({e}): building without the C++ extension; "
+              "install torch first and use pip install --no-build-isolation to get it")
+        return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """BuildExtension whose failures leave the package installable without the extension."""
+
+        def run(self):
+            self.failed = set()
+            try:
+                super().run()
+            except Exception as e:  # a compiler problem must never break the install
+                _warn(f"building the C++ extension failed, installing without it ({type(e).__name__}: {e})")
+                self.failed.update(ext.name for ext in self.extensions)
+            # What was not built is not an output (an editable install links the outputs).
+            self.extensions = [ext for ext in self.extensions if ext.name not in self.failed]
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:
+                _warn(f"building {ext.name} failed, installing without it ({type(e).__name__}: {e})")
+                self.failed.add(ext.name)
+
+    if sys.platform == "win32":
+        compile_args, link_args = ["/O2", "/openmp"], []
+    elif sys.platform == "darwin":  # Apple clang has no -fopenmp: the row loops run on one thread
+        compile_args, link_args = ["-O3", "-fno-trapping-math"], []
+    else:
+        # -fno-trapping-math (as torch's own build): without it GCC will not if-convert, hence not
+        # vectorize, the clamps of the epilogue's exp.
+        compile_args, link_args = ["-O3", "-fno-trapping-math", "-fopenmp"], ["-fopenmp"]
+    extension = CppExtension(
+        "marginkern._C",
+        sources=sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/python/module.cpp"],
+        include_dirs=[os.path.join(HERE, "csrc", "cpu")],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        optional=True,  # an in-place (editable) build then skips copying it when it failed
+    )
+    return [extension], {"build_ext": OptionalBuildExtension}
+
+
+ext_modules, cmdclass = cpp_extension_build()
 
 setup(
     name="marginkern",
@@ -13,11 +82,13 @@ setup(
     description="Fused streaming kernels for losses over very many classes (ArcFace/CosFace, LLM CE, ...)",
     packages=["marginkern", "marginkern.triton_kernels"],
     package_dir={"marginkern": "marginkern", "marginkern.triton_kernels": "triton_kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "numpy", "triton>=3.2"],
+        "test": ["pytest", "numpy", "triton>=3.2", "scikit-learn"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "peers": ["liger-kernel", "cut-cross-entropy"],
     },

@@ -2,7 +2,8 @@
 
     triton     marginkern.triton_kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
     cuda       hand-written CUDA of csrc/cuda (not built yet for these ops)
-    cpp        the C++ CPU kernels of csrc/cpu (not built yet for these ops)
+    cpp        the C++ CPU kernels of csrc/cpu (marginkern.cpp_tiles.CppTiles): CPU tensors, when the
+               extension marginkern._C is built; the default on the CPU then
     reference  the engine with plain-PyTorch tiles (marginkern.engine.TorchTiles): any device
 
 MARGINKERN_BACKEND forces one; a forced backend that cannot serve the call raises BackendUnavailable
@@ -14,6 +15,7 @@ import warnings
 
 import torch
 
+from . import cpp_tiles
 from .engine import TorchTiles
 
 BACKENDS = ("triton", "cuda", "cpp", "reference")
@@ -51,8 +53,14 @@ def _why_not(backend, device, dtype=torch.float32):
             return None
         return (f"the Triton kernels need CUDA tensors, got {device.type} tensors; set TRITON_INTERPRET=1 "
                 "before triton is first imported to run them on the CPU through Triton's interpreter")
-    if backend in ("cuda", "cpp"):
-        return f"marginkern has no {backend} implementation of these ops yet (csrc/ is not built)"
+    if backend == "cpp":
+        if cpp_tiles.LOAD_ERROR is not None:
+            return cpp_tiles.LOAD_ERROR
+        if device.type != "cpu":
+            return f"the C++ kernels of csrc/cpu take CPU tensors, got {device.type} tensors"
+        return None
+    if backend == "cuda":
+        return "marginkern has no cuda implementation of these ops yet (csrc/cuda is not built)"
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
@@ -75,7 +83,14 @@ def select_tiles(device: torch.device, dtype: torch.dtype):
         reason = _why_not(forced, device, dtype)
         if reason:
             raise BackendUnavailable(f"MARGINKERN_BACKEND={forced} cannot run this call: {reason}")
-        return _triton_tiles() if forced == "triton" else TorchTiles()
+        if forced == "triton":
+            return _triton_tiles()
+        return cpp_tiles.CppTiles() if forced == "cpp" else TorchTiles()
+    if device.type == "cpu":
+        reason = _why_not("cpp", device, dtype)
+        if reason is None:
+            return cpp_tiles.CppTiles()
+        _warn_fallback(reason)
     if device.type == "cuda":
         reason = _why_not("triton", device, dtype)
         if reason is None:

@@ -19,7 +19,9 @@ tile: cosines of cost embeddings), dL/dz_nj = (coef_p_n − coef_cost_n·A_nj)·
 forward needs the streamed expectation Σ_j p_nj·value_scale_j·v_j (`streaming_expectation`).
 
 Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
-the kernels' oracle) and `marginkern.triton_kernels.TritonTiles`. They share this contract exactly.
+the kernels' oracle), `marginkern.triton_kernels.TritonTiles` and `marginkern.cpp_tiles.CppTiles`. They
+share this contract exactly. A backend may also run the whole backward chunk loop itself
+(`tiles.streaming_grads`, same arguments and results as `streaming_grads` below; CppTiles does).
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -87,6 +89,9 @@ def streaming_grads(
     `finalize_weight_chunk(c0, c1, dw_chunk)` lets the loss chain a class chunk of dW (accumulation
     dtype) through what the engine does not know about (row normalisation of W) before it is stored.
     """
+    if hasattr(tiles, "streaming_grads"):  # the backend runs the chunk loop below in one call
+        return tiles.streaming_grads(x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk,
+                                     need_bias_grad, cost)
     acc = accumulation_dtype(x.dtype)
     N, D = x.shape
     C = w.shape[0]
@@ -144,7 +149,8 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
 class TorchTiles:
     """The engine's class-streaming steps in plain PyTorch (ATen GEMM per class chunk).
 
-    The CPU fallback until the C++ kernels exist, and the tile-level oracle of the Triton kernels.
+    The CPU fallback when the C++ kernels (cpp_tiles) are not built, and the tile-level oracle of the
+    Triton and C++ kernels.
     """
 
     name = "reference"

@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
+python -c "import marginkern.dispatch as d; print(d.explain())"  # which backends this build has, and why not
 python -m pytest tests --ignore=tests/interpreter -q "$@"
 TRITON_INTERPRET=1 python -m pytest tests/interpreter -q "$@"

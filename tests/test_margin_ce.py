@@ -1,5 +1,6 @@
-"""margin_cross_entropy through torch.ops.marginkern on the CPU (engine + plain-PyTorch tiles) against
-the float64 oracle; autograd, opcheck, torch.compile, modules, errors and numerical edge cases."""
+"""margin_cross_entropy through torch.ops.marginkern on the CPU (engine + the C++ tiles when marginkern._C is built,
+else plain-PyTorch tiles) against the float64 oracle; autograd, opcheck, torch.compile, modules, errors and
+numerical edge cases."""
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import marginkern as mk
-from marginkern import reference
+from marginkern import cpp_tiles, reference
 from marginkern.engine import TorchTiles
 from marginkern.margin_ce import MarginOptions, margin_ce_forward
 from tests.helpers import assert_close_rel, loss_and_grads, make_case
@@ -224,8 +225,11 @@ def test_bad_options_raise_naming_the_argument(kw, match):
         mk.CombinedMarginLoss(3, 6, **{("m1" if k == "m1" else k): v for k, v in kw.items()})
 
 
-@pytest.mark.parametrize("backend,match", [("cuda", "cuda"), ("cpp", "cpp"), ("tpu", "not a backend"),
-                                           ("triton", "TRITON_INTERPRET")])
+@pytest.mark.parametrize("backend,match", [
+    ("cuda", "cuda"),
+    pytest.param("cpp", "marginkern._C", marks=pytest.mark.skipif(
+        cpp_tiles.LOAD_ERROR is None, reason="the C++ extension is built, so cpp serves CPU tensors (test_cpp.py)")),
+    ("tpu", "not a backend"), ("triton", "TRITON_INTERPRET")])
 def test_forced_backend_that_cannot_serve_says_why(monkeypatch, backend, match):
     monkeypatch.setenv("MARGINKERN_BACKEND", backend)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -1,0 +1,142 @@
+// Row functions of the epilogue (row_epilogue.h). Each is one or two `omp simd` loops over the row; the
+// branches on softcap / cost select a loop once per row, never per element.
+#include "row_epilogue.h"
+
+namespace marginkern::epilogue {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+// The float row functions are compiled for AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) and baseline
+// x86-64, and the dynamic loader picks one for the running CPU (an ifunc, hence glibc): the build stays
+// portable (no -march) and the epilogue, about as much work as the chunk's GEMM without it, still gets
+// wide vectors.
+#define MARGINKERN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MARGINKERN_ISA_CLONES
+#endif
+
+#if defined(__GNUC__)
+// Forced, so that the loops are compiled inside each ISA clone instead of called at baseline ISA.
+#define MARGINKERN_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define MARGINKERN_ALWAYS_INLINE inline
+#endif
+
+template <typename T>
+struct LogitAndChain {
+  T z, chain;  // the logit and dz/da
+};
+
+// z and dz/da for the raw dot product a, the combined row·column scale s and the column bias b.
+// (Returned by value: a reference out-parameter keeps GCC from vectorizing the loops.)
+template <typename T, bool kSoftcap>
+MARGINKERN_ALWAYS_INLINE LogitAndChain<T> logit(T a, T s, T b, T cap, T inv_cap) {
+  const T z = a * s + b;
+  if constexpr (kSoftcap) {
+    const T t = tanh_simd(z * inv_cap);
+    return {cap * t, s * (T(1) - t * t)};
+  } else {
+    return {z, s};
+  }
+}
+
+template <typename T, bool kSoftcap>
+MARGINKERN_ALWAYS_INLINE void logits_loop(T* row, const ChunkColumns<T>& cols, T row_scale, int target,
+                                          T target_logit, T& max_z, T& sum_z) {
+  const int cc = cols.cc;
+  const T* scale = cols.scale;
+  const T* bias = cols.bias;
+  const T cap = cols.softcap, inv_cap = T(1) / cols.softcap;
+  T m = -std::numeric_limits<T>::infinity();
+  T s = 0;
+#pragma omp simd reduction(max : m) reduction(+ : s)
+  for (int j = 0; j < cc; ++j) {
+    T z = logit<T, kSoftcap>(row[j], row_scale * scale[j], bias[j], cap, inv_cap).z;
+    z = j == target ? target_logit : z;
+    row[j] = z;
+    m = z > m ? z : m;
+    s += z;
+  }
+  max_z = m;
+  sum_z = s;
+}
+
+template <typename T>
+MARGINKERN_ALWAYS_INLINE void logits_row_impl(T* row, const ChunkColumns<T>& cols, T row_scale, int target,
+                                              T target_logit, T& max_z, T& sum_z) {
+  if (cols.has_softcap) {
+    logits_loop<T, true>(row, cols, row_scale, target, target_logit, max_z, sum_z);
+  } else {
+    logits_loop<T, false>(row, cols, row_scale, target, target_logit, max_z, sum_z);
+  }
+}
+
+template <typename T>
+MARGINKERN_ALWAYS_INLINE T sum_exp_row_impl(const T* row, int cc, T shift) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int j = 0; j < cc; ++j) s += exp_simd(row[j] - shift);
+  return s;
+}
+
+template <typename T, bool kSoftcap, bool kCost>
+MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
+                                        const RowGradCoefs<T>& k, int target) {
+  const int cc = cols.cc;
+  const T* scale = cols.scale;
+  const T* bias = cols.bias;
+  const T* cost_scale = cols.cost_scale;
+  const T cap = cols.softcap, inv_cap = T(1) / cols.softcap;
+  const T r = k.row_scale, lse = k.lse, cp = k.coef_p, cu = k.coef_u, tg = k.target_grad, cq = k.cost_coef;
+#pragma omp simd
+  for (int j = 0; j < cc; ++j) {
+    const LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
+    T weight_p = cp;
+    if constexpr (kCost) weight_p = cp - cq * cost_scale[j] * cost_dots[j];
+    const T g = (weight_p * exp_simd(zc.z - lse) - cu) * zc.chain;
+    row[j] = j == target ? tg : g;
+  }
+}
+
+template <typename T>
+MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
+                                            const RowGradCoefs<T>& coefs, int target) {
+  const bool cost = cost_dots != nullptr;
+  if (cols.has_softcap) {
+    cost ? grad_loop<T, true, true>(row, cost_dots, cols, coefs, target)
+         : grad_loop<T, true, false>(row, cost_dots, cols, coefs, target);
+  } else {
+    cost ? grad_loop<T, false, true>(row, cost_dots, cols, coefs, target)
+         : grad_loop<T, false, false>(row, cost_dots, cols, coefs, target);
+  }
+}
+
+}  // namespace
+
+MARGINKERN_ISA_CLONES void logits_row(float* row, const ChunkColumns<float>& cols, float row_scale,
+                                      int target, float target_logit, float& max_z, float& sum_z) {
+  logits_row_impl(row, cols, row_scale, target, target_logit, max_z, sum_z);
+}
+
+void logits_row(double* row, const ChunkColumns<double>& cols, double row_scale, int target,
+                double target_logit, double& max_z, double& sum_z) {
+  logits_row_impl(row, cols, row_scale, target, target_logit, max_z, sum_z);
+}
+
+MARGINKERN_ISA_CLONES float sum_exp_row(const float* row, int cc, float shift) {
+  return sum_exp_row_impl(row, cc, shift);
+}
+
+double sum_exp_row(const double* row, int cc, double shift) { return sum_exp_row_impl(row, cc, shift); }
+
+MARGINKERN_ISA_CLONES void grad_row(float* row, const float* cost_dots, const ChunkColumns<float>& cols,
+                                    const RowGradCoefs<float>& coefs, int target) {
+  grad_row_impl(row, cost_dots, cols, coefs, target);
+}
+
+void grad_row(double* row, const double* cost_dots, const ChunkColumns<double>& cols,
+              const RowGradCoefs<double>& coefs, int target) {
+  grad_row_impl(row, cost_dots, cols, coefs, target);
+}
+
+}  // namespace marginkern::epilogue

@@ -1,0 +1,88 @@
+// The per-row work after each class chunk's GEMM (the "epilogue"), shared by the CPU ops of
+// streaming_ce.cpp. A row here is one row of the N × chunk buffer: the raw dot products a_j = x_n · w_j
+// of classes c0 + j, j < cc, overwritten in place. See streaming_ce.h for the math.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace marginkern::epilogue {
+
+// exp(x) = 2^n · e^r, n = round(x·log2 e), |r| ≤ ln2/2 (Cody–Waite), e^r by Cephes' expf polynomial:
+// about 1 ulp. Plain arithmetic and bit operations, so that `omp simd` loops vectorize it (libm's expf
+// only vectorizes under -ffast-math, which would also break the ±inf handling of the row statistics).
+// Results below e^-86.6 (≈ 2^-125) flush to 0: far below the fp32 resolution of a sum of exponentials
+// that contains its own maximum (≥ 1).
+inline float exp_simd(float x) {
+  constexpr float kMin = -86.6f;         // keeps 2^(n−1) a normal number
+  constexpr float kMax = 88.72f;         // e^88.72 ≈ FLT_MAX
+  constexpr float kRound = 12582912.0f;  // 1.5·2^23: adding then subtracting it rounds to an integer
+  float xc = x < kMin ? kMin : x;        // NaN passes through both clamps
+  xc = xc > kMax ? kMax : xc;
+  const float n = (xc * 1.44269504088896341f + kRound) - kRound;
+  float r = xc - n * 0.693359375f;  // ln 2 in two parts, so that n·ln 2 loses nothing
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.0f;
+  // 2^(n−1) from its exponent bits, times 2 afterwards: near kMax n is 128, and 2^128 is not a float.
+  const int32_t bits = (static_cast<int32_t>(n) + 126) << 23;
+  float half_scale;
+  std::memcpy(&half_scale, &bits, sizeof half_scale);
+  float y = er * half_scale * 2.0f;
+  y = x < kMin ? 0.0f : y;
+  y = x > kMax ? std::numeric_limits<float>::infinity() : y;
+  return y;
+}
+
+// tanh(x) = 1 − 2/(e^{2x} + 1): exact limits ±1, absolute error ~1e-7 near 0 (the softcapped logit
+// softcap·tanh(z/softcap) needs absolute, not relative, accuracy).
+inline float tanh_simd(float x) { return 1.0f - 2.0f / (exp_simd(2.0f * x) + 1.0f); }
+
+// float64 stays on libm: exactness over speed.
+inline double exp_simd(double x) { return std::exp(x); }
+inline double tanh_simd(double x) { return std::tanh(x); }
+
+// What a row's logits need from the class chunk: length-cc column vectors (ones / zeros when the spec
+// has no col_scale / bias, so that one branch-free loop serves every case) and the softcap.
+template <typename T>
+struct ChunkColumns {
+  int cc;                  // classes in the chunk
+  const T* scale;          // col_scale[c0:c1]
+  const T* bias;           // bias[c0:c1]
+  const T* cost_scale;     // key_scale[c0:c1] of the EMO cost term, or nullptr without it
+  bool has_softcap;
+  T softcap;
+};
+
+// What the backward epilogue needs from row n.
+template <typename T>
+struct RowGradCoefs {
+  T row_scale, lse, coef_p, coef_u, target_grad;
+  T cost_coef;  // coef_cost_n · query_scale_n (EMO), 0 without a cost term
+};
+
+// Forward: z_j in place of a_j (the target column, if 0 ≤ target < cc, becomes target_logit);
+// returns max_j z_j in `max_z` and Σ_j z_j in `sum_z`.
+void logits_row(float* row, const ChunkColumns<float>& cols, float row_scale, int target,
+                float target_logit, float& max_z, float& sum_z);
+void logits_row(double* row, const ChunkColumns<double>& cols, double row_scale, int target,
+                double target_logit, double& max_z, double& sum_z);
+
+// Σ_j exp(z_j − shift).
+float sum_exp_row(const float* row, int cc, float shift);
+double sum_exp_row(const double* row, int cc, double shift);
+
+// Backward: dL/da_j in place of a_j; `cost_dots` is the row of q_n · k_j (EMO) or nullptr.
+void grad_row(float* row, const float* cost_dots, const ChunkColumns<float>& cols,
+              const RowGradCoefs<float>& coefs, int target);
+void grad_row(double* row, const double* cost_dots, const ChunkColumns<double>& cols,
+              const RowGradCoefs<double>& coefs, int target);
+
+}  // namespace marginkern::epilogue

@@ -1,0 +1,372 @@
+// CPU kernels of the engine's class-streaming ops (math in streaming_ce.h; TorchTiles in
+// marginkern/engine.py is the oracle they match).
+//
+// Per class chunk: one ATen GEMM writes the raw dot products into a reused N × chunk buffer, then the
+// epilogue (row_epilogue.h) passes once over each row of it, rows in parallel, in place: scales, bias,
+// softcap, target column, and either the running max / sum-exp / sum (forward) or dL/da (backward).
+// The backward op then feeds that buffer straight into the dX and dW GEMMs of the same chunk.
+#include "streaming_ce.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "row_epilogue.h"
+
+namespace marginkern {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Arguments: checked once, converted to contiguous accumulation-dtype vectors.
+
+// The logit definition shared by the three ops.
+struct Spec {
+  at::Tensor x;          // (N, D), accumulation dtype: a float16/bfloat16 x is upcast once (N·D is small)
+  at::Tensor w;          // (C, D), input dtype: upcast per chunk, never as a whole
+  at::Tensor row_scale;  // (N,)
+  at::Tensor col_scale;  // (C,), undefined when absent
+  at::Tensor bias;       // (C,), undefined when absent
+  at::Tensor target;     // (N,) int64, −1 = no target column in this row
+  std::optional<double> softcap;
+  at::ScalarType acc;
+  int64_t N, C;
+};
+
+// The EMO cost term of the backward ops; every tensor undefined when absent.
+struct Cost {
+  at::Tensor query;      // (N, E), accumulation dtype
+  at::Tensor keys;       // (C, E), its own dtype: upcast per chunk
+  at::Tensor key_scale;  // (C,)
+  at::Tensor row_coef;   // (N,) cost_coef · cost_query_scale
+  bool present() const { return query.defined(); }
+};
+
+// The per-row vectors of the backward ops.
+struct RowGrads {
+  at::Tensor lse, coef_p, coef_u, target_grad;  // (N,)
+};
+
+void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape (", n, ",), got shape ",
+              t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+}
+
+// `t` as a contiguous (n,) vector in the accumulation dtype.
+at::Tensor float_vector(const char* op, const char* name, const at::Tensor& t, int64_t n,
+                        at::ScalarType acc) {
+  check_vector(op, name, t, n);
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, got dtype ", t.scalar_type());
+  return t.to(acc).contiguous();
+}
+
+Spec make_spec(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+               const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+               std::optional<double> softcap, const at::Tensor& target) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must have shape (N, D), got shape ", x.sizes());
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), op, ": w must have shape (C, D=", x.size(1),
+              ") to match x, got shape ", w.sizes());
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": x and w must be CPU tensors, got ",
+              x.device(), " and ", w.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor, got dtype ",
+              x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": w must have the dtype of x (", x.scalar_type(),
+              "), got ", w.scalar_type());
+  TORCH_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0), op,
+              ": softcap must be None or a positive finite number, got ", softcap.value_or(0.0));
+  Spec s;
+  s.N = x.size(0);
+  s.C = w.size(0);
+  s.acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  s.x = x.to(s.acc);
+  s.w = w;
+  s.row_scale = float_vector(op, "row_scale", row_scale, s.N, s.acc);
+  if (col_scale) s.col_scale = float_vector(op, "col_scale", *col_scale, s.C, s.acc);
+  if (bias) s.bias = float_vector(op, "bias", *bias, s.C, s.acc);
+  s.softcap = softcap;
+  check_vector(op, "target", target, s.N);
+  TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), op,
+              ": target must be an integer tensor, got dtype ", target.scalar_type());
+  s.target = target.to(at::kLong).contiguous();
+  if (s.N > 0) {
+    const auto [lo, hi] = at::aminmax(s.target);
+    TORCH_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < s.C, op,
+                ": target must hold class indices in [0, C=", s.C, ") or -1 (no target column), got values in [",
+                lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+  }
+  return s;
+}
+
+Cost make_cost(const char* op, const Spec& s, const std::optional<at::Tensor>& query,
+               const std::optional<at::Tensor>& query_scale, const std::optional<at::Tensor>& keys,
+               const std::optional<at::Tensor>& key_scale, const std::optional<at::Tensor>& coef) {
+  const int given = query.has_value() + query_scale.has_value() + keys.has_value() + key_scale.has_value() +
+                    coef.has_value();
+  TORCH_CHECK(given == 0 || given == 5, op,
+              ": the cost term needs all of cost_query, cost_query_scale, cost_keys, cost_key_scale and "
+              "cost_coef, or none of them; got ", given, " of 5");
+  Cost c;
+  if (given == 0) return c;
+  TORCH_CHECK(query->dim() == 2 && query->size(0) == s.N, op, ": cost_query must have shape (N=", s.N,
+              ", E), got shape ", query->sizes());
+  TORCH_CHECK(keys->dim() == 2 && keys->size(0) == s.C && keys->size(1) == query->size(1), op,
+              ": cost_keys must have shape (C=", s.C, ", E=", query->size(1), "), got shape ", keys->sizes());
+  TORCH_CHECK(query->device().is_cpu() && keys->device().is_cpu(), op,
+              ": cost_query and cost_keys must be CPU tensors");
+  TORCH_CHECK(at::isFloatingType(query->scalar_type()) && at::isFloatingType(keys->scalar_type()), op,
+              ": cost_query and cost_keys must be floating-point tensors, got ", query->scalar_type(), " and ",
+              keys->scalar_type());
+  c.query = query->to(s.acc);
+  c.keys = *keys;
+  c.key_scale = float_vector(op, "cost_key_scale", *key_scale, s.C, s.acc);
+  c.row_coef = float_vector(op, "cost_coef", *coef, s.N, s.acc)
+                   .mul(float_vector(op, "cost_query_scale", *query_scale, s.N, s.acc));
+  return c;
+}
+
+RowGrads make_row_grads(const char* op, const Spec& s, const at::Tensor& lse, const at::Tensor& coef_p,
+                        const at::Tensor& coef_u, const at::Tensor& target_grad) {
+  return {float_vector(op, "lse", lse, s.N, s.acc), float_vector(op, "coef_p", coef_p, s.N, s.acc),
+          float_vector(op, "coef_u", coef_u, s.N, s.acc),
+          float_vector(op, "target_grad", target_grad, s.N, s.acc)};
+}
+
+void check_class_chunk(const char* op, int64_t class_chunk) {
+  // The row loops index a chunk with int: 32-bit lanes vectorize twice as wide as 64-bit ones.
+  TORCH_CHECK(class_chunk >= 1 && class_chunk <= std::numeric_limits<int>::max(), op,
+              ": class_chunk must be in [1, 2^31), got ", class_chunk);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One class chunk.
+
+// a · bᵀ for the rows [c0, c1) of b, as a contiguous (N, c1 − c0) matrix at the start of `buffer`.
+// Returns it and that chunk of b in the accumulation dtype (the dX GEMM needs it again).
+std::pair<at::Tensor, at::Tensor> chunk_dots(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc,
+                                             const at::Tensor& buffer, int64_t c0, int64_t c1) {
+  at::Tensor b_chunk = b.narrow(0, c0, c1 - c0).to(acc);
+  at::Tensor dots = buffer.narrow(0, 0, a.size(0) * (c1 - c0)).view({a.size(0), c1 - c0});
+  at::mm_out(dots, a, b_chunk.t());
+  return {dots, b_chunk};
+}
+
+// The chunk's column vectors; ones / zeros stand in for an absent col_scale / bias.
+struct ChunkColumnTensors {
+  at::Tensor scale, bias, cost_scale;
+
+  ChunkColumnTensors(const Spec& s, const Cost& cost, int64_t c0, int64_t c1) {
+    const auto opts = s.x.options().dtype(s.acc);
+    scale = s.col_scale.defined() ? s.col_scale.narrow(0, c0, c1 - c0) : at::ones({c1 - c0}, opts);
+    bias = s.bias.defined() ? s.bias.narrow(0, c0, c1 - c0) : at::zeros({c1 - c0}, opts);
+    if (cost.present()) cost_scale = cost.key_scale.narrow(0, c0, c1 - c0);
+  }
+
+  template <typename T>
+  epilogue::ChunkColumns<T> view(const Spec& s) const {
+    return {static_cast<int>(scale.size(0)), scale.data_ptr<T>(), bias.data_ptr<T>(),
+            cost_scale.defined() ? cost_scale.data_ptr<T>() : nullptr, s.softcap.has_value(),
+            static_cast<T>(s.softcap.value_or(1.0))};
+  }
+};
+
+// The target column of row n relative to the chunk, or −1 when it lies in another chunk.
+inline int target_in_chunk(int64_t target, int64_t c0, int cc) {
+  const int64_t t = target - c0;
+  return (t >= 0 && t < cc) ? static_cast<int>(t) : -1;
+}
+
+// Forward epilogue: folds the chunk's logits into the running max / sum-exp (and Σz) of every row.
+template <typename T>
+void accumulate_row_stats(const Spec& s, const epilogue::ChunkColumns<T>& cols, int64_t c0, T* dots,
+                          const T* target_logit, T* run_max, T* run_sum, T* total) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const T* row_scale = s.row_scale.data_ptr<T>();
+  const int64_t* target = s.target.data_ptr<int64_t>();
+  // at::parallel_for is OpenMP in torch's builds, and respects torch.set_num_threads.
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      T* row = dots + n * cols.cc;
+      T max_z, sum_z;
+      epilogue::logits_row(row, cols, row_scale[n], target_in_chunk(target[n], c0, cols.cc), target_logit[n],
+                           max_z, sum_z);
+      if (total != nullptr) total[n] += sum_z;
+      const T new_max = std::max(run_max[n], max_z);
+      if (new_max == -kInf) continue;  // every logit so far is −inf: the sum stays 0, lse −inf
+      if (new_max == kInf) {           // lse = +inf, as torch.logsumexp
+        run_max[n] = kInf;
+        run_sum[n] = 1;
+        continue;
+      }
+      run_sum[n] = run_sum[n] * epilogue::exp_simd(run_max[n] - new_max) +
+                   epilogue::sum_exp_row(row, cols.cc, new_max);
+      run_max[n] = new_max;
+    }
+  });
+}
+
+// Backward epilogue: dots ← dL/da for the chunk [c0, c0 + cc); cost_dots holds q·kᵀ of the chunk.
+void grads_into(const Spec& s, const Cost& cost, const RowGrads& rg, int64_t c0, const at::Tensor& dots,
+                const at::Tensor& cost_dots) {
+  const ChunkColumnTensors columns(s, cost, c0, c0 + dots.size(1));
+  AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_grads", [&] {
+    using T = scalar_t;
+    const epilogue::ChunkColumns<T> cols = columns.view<T>(s);
+    const T* row_scale = s.row_scale.data_ptr<T>();
+    const int64_t* target = s.target.data_ptr<int64_t>();
+    const T *lse = rg.lse.data_ptr<T>(), *coef_p = rg.coef_p.data_ptr<T>(), *coef_u = rg.coef_u.data_ptr<T>(),
+            *target_grad = rg.target_grad.data_ptr<T>();
+    const T* row_coef = cost.present() ? cost.row_coef.data_ptr<T>() : nullptr;
+    const T* cost_base = cost.present() ? cost_dots.data_ptr<T>() : nullptr;
+    T* g = dots.data_ptr<T>();
+    at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const epilogue::RowGradCoefs<T> coefs{row_scale[n], lse[n], coef_p[n], coef_u[n], target_grad[n],
+                                              row_coef != nullptr ? row_coef[n] : T(0)};
+        epilogue::grad_row(g + n * cols.cc, cost_base != nullptr ? cost_base + n * cols.cc : nullptr, cols,
+                           coefs, target_in_chunk(target[n], c0, cols.cc));
+      }
+    });
+  });
+}
+
+// dL/da of the chunk [c0, c1) in `buffer` (and q·kᵀ in `cost_buffer` with a cost term). Returns
+// (dL/da as an (N, c1 − c0) view of `buffer`, the chunk of w in the accumulation dtype).
+std::pair<at::Tensor, at::Tensor> chunk_grads(const Spec& s, const Cost& cost, const RowGrads& rg,
+                                              const at::Tensor& buffer, const at::Tensor& cost_buffer,
+                                              int64_t c0, int64_t c1) {
+  auto [g, w_chunk] = chunk_dots(s.x, s.w, s.acc, buffer, c0, c1);
+  at::Tensor cost_dots;
+  if (cost.present()) cost_dots = chunk_dots(cost.query, cost.keys, s.acc, cost_buffer, c0, c1).first;
+  grads_into(s, cost, rg, c0, g, cost_dots);
+  return {g, w_chunk};
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+
+std::tuple<at::Tensor, at::Tensor> streaming_row_stats(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& target_logit,
+    bool need_sum_logits, int64_t class_chunk) {
+  constexpr const char* op = "marginkern::streaming_row_stats";
+  const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target);
+  const at::Tensor target_logit_acc = float_vector(op, "target_logit", target_logit, s.N, s.acc);
+  check_class_chunk(op, class_chunk);
+  const auto opts = s.x.options().dtype(s.acc);
+  at::Tensor run_max = at::full({s.N}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor run_sum = at::zeros({s.N}, opts);
+  at::Tensor total = need_sum_logits ? at::zeros({s.N}, opts) : at::empty({0}, opts);
+  const at::Tensor buffer = at::empty({s.N * std::min(class_chunk, s.C)}, opts);
+  const Cost no_cost;
+  for (int64_t c0 = 0; c0 < s.C; c0 += class_chunk) {
+    const int64_t c1 = std::min(s.C, c0 + class_chunk);
+    const at::Tensor dots = chunk_dots(s.x, s.w, s.acc, buffer, c0, c1).first;
+    const ChunkColumnTensors columns(s, no_cost, c0, c1);
+    AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_row_stats", [&] {
+      accumulate_row_stats<scalar_t>(s, columns.view<scalar_t>(s), c0, dots.data_ptr<scalar_t>(),
+                                     target_logit_acc.data_ptr<scalar_t>(), run_max.data_ptr<scalar_t>(),
+                                     run_sum.data_ptr<scalar_t>(),
+                                     need_sum_logits ? total.data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  // max + log(sum); a row of −inf logits gives −inf + log 0 = −inf, as torch.logsumexp.
+  at::Tensor lse = at::log(run_sum).add_(run_max);
+  return {lse, total};
+}
+
+at::Tensor streaming_grad_logits(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
+    const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad, int64_t c0,
+    int64_t c1, const std::optional<at::Tensor>& cost_query,
+    const std::optional<at::Tensor>& cost_query_scale, const std::optional<at::Tensor>& cost_keys,
+    const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef) {
+  constexpr const char* op = "marginkern::streaming_grad_logits";
+  const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target);
+  const Cost cost = make_cost(op, s, cost_query, cost_query_scale, cost_keys, cost_key_scale, cost_coef);
+  const RowGrads rg = make_row_grads(op, s, lse, coef_p, coef_u, target_grad);
+  TORCH_CHECK(0 <= c0 && c0 <= c1 && c1 <= s.C, op, ": the class range [c0, c1) must lie in [0, C=", s.C,
+              "], got [", c0, ", ", c1, ")");
+  check_class_chunk(op, std::max<int64_t>(1, c1 - c0));
+  const auto opts = s.x.options().dtype(s.acc);
+  const at::Tensor buffer = at::empty({s.N * (c1 - c0)}, opts);
+  const at::Tensor cost_buffer = cost.present() ? at::empty({s.N * (c1 - c0)}, opts) : at::Tensor();
+  return chunk_grads(s, cost, rg, buffer, cost_buffer, c0, c1).first;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
+    const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad,
+    bool need_bias_grad, int64_t class_chunk, const std::optional<at::Tensor>& cost_query,
+    const std::optional<at::Tensor>& cost_query_scale, const std::optional<at::Tensor>& cost_keys,
+    const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef) {
+  constexpr const char* op = "marginkern::streaming_grads";
+  const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target);
+  const Cost cost = make_cost(op, s, cost_query, cost_query_scale, cost_keys, cost_key_scale, cost_coef);
+  const RowGrads rg = make_row_grads(op, s, lse, coef_p, coef_u, target_grad);
+  check_class_chunk(op, class_chunk);
+  const auto opts = s.x.options().dtype(s.acc);
+  at::Tensor grad_x = at::zeros({s.N, x.size(1)}, opts);
+  at::Tensor grad_w = at::empty({s.C, x.size(1)}, opts);
+  at::Tensor grad_bias = need_bias_grad ? at::empty({s.C}, opts) : at::empty({0}, opts);
+  if (s.N == 0) {
+    grad_w.zero_();
+    grad_bias.zero_();
+    return {grad_x, grad_w, grad_bias};
+  }
+  const int64_t buffer_size = s.N * std::min(class_chunk, s.C);
+  const at::Tensor buffer = at::empty({buffer_size}, opts);
+  const at::Tensor cost_buffer = cost.present() ? at::empty({buffer_size}, opts) : at::Tensor();
+  for (int64_t c0 = 0; c0 < s.C; c0 += class_chunk) {
+    const int64_t c1 = std::min(s.C, c0 + class_chunk);
+    const auto [g, w_chunk] = chunk_grads(s, cost, rg, buffer, cost_buffer, c0, c1);
+    grad_x.addmm_(g, w_chunk);                                 // dX += G · W[c0:c1]
+    at::Tensor grad_w_chunk = grad_w.narrow(0, c0, c1 - c0);  // dW[c0:c1] = Gᵀ · X, written in place
+    at::mm_out(grad_w_chunk, g.t(), s.x);
+    if (need_bias_grad) {
+      at::Tensor grad_bias_chunk = grad_bias.narrow(0, c0, c1 - c0);
+      at::sum_out(grad_bias_chunk, g, {0});
+    }
+  }
+  return {grad_x, grad_w, grad_bias};
+}
+
+}  // namespace marginkern
+
+// Schemas and CPU kernels. marginkern/cpp_tiles.py adds the fake kernels; the loss ops of
+// marginkern/ops.py share the namespace, hence FRAGMENT.
+TORCH_LIBRARY_FRAGMENT(marginkern, m) {
+  m.def(
+      "streaming_row_stats(Tensor x, Tensor w, Tensor row_scale, Tensor? col_scale, Tensor? bias, "
+      "float? softcap, Tensor target, Tensor target_logit, bool need_sum_logits, int class_chunk) "
+      "-> (Tensor lse, Tensor sum_logits)");
+  m.def(
+      "streaming_grad_logits(Tensor x, Tensor w, Tensor row_scale, Tensor? col_scale, Tensor? bias, "
+      "float? softcap, Tensor target, Tensor lse, Tensor coef_p, Tensor coef_u, Tensor target_grad, "
+      "int c0, int c1, Tensor? cost_query=None, Tensor? cost_query_scale=None, Tensor? cost_keys=None, "
+      "Tensor? cost_key_scale=None, Tensor? cost_coef=None) -> Tensor");
+  m.def(
+      "streaming_grads(Tensor x, Tensor w, Tensor row_scale, Tensor? col_scale, Tensor? bias, "
+      "float? softcap, Tensor target, Tensor lse, Tensor coef_p, Tensor coef_u, Tensor target_grad, "
+      "bool need_bias_grad, int class_chunk, Tensor? cost_query=None, Tensor? cost_query_scale=None, "
+      "Tensor? cost_keys=None, Tensor? cost_key_scale=None, Tensor? cost_coef=None) "
+      "-> (Tensor grad_x, Tensor grad_w, Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
+  m.impl("streaming_row_stats", TORCH_FN(marginkern::streaming_row_stats));
+  m.impl("streaming_grad_logits", TORCH_FN(marginkern::streaming_grad_logits));
+  m.impl("streaming_grads", TORCH_FN(marginkern::streaming_grads));
+}

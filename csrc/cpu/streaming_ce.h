@@ -1,0 +1,63 @@
+// The class-streaming steps of marginkern's engine (marginkern/engine.py) on the CPU.
+//
+// For row n and class j the logit is
+//     z_nj = softcap(row_scale_n · col_scale_j · (x_n · w_j) + bias_j)     for j ≠ target_n
+//     z_nj = target_logit_n                                                 for j = target_n
+// (col_scale = 1, bias = 0 and no softcap when absent; target_n = −1 means no target column), and the
+// gradient with respect to the raw dot product a_nj = x_n · w_j is
+//     dL/da_nj = (coef_p_n · p_nj − coef_u_n) · dz_nj/da_nj    with p_nj = exp(z_nj − lse_n)
+//     dL/da_nj = target_grad_n                                  for j = target_n.
+// The optional EMO cost term (all five cost_* tensors, or none) replaces coef_p_n by
+//     coef_p_n − cost_coef_n · cost_query_scale_n · cost_key_scale_j · (cost_query_n · cost_keys_j),
+// a second, narrow GEMM per chunk (cost_query (N, E), cost_keys (C, E)).
+// Every function streams over chunks of `class_chunk` classes with one GEMM per chunk into a reused
+// N × chunk buffer: N × C never exists. Inputs are float32/float64, or float16/bfloat16 upcast to float32
+// per chunk; results are in that accumulation dtype. These are the CPU kernels of the ops
+// torch.ops.marginkern.streaming_{row_stats,grad_logits,grads}.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace marginkern {
+
+// (lse, Σ_j z_nj), each (N,). The sum is computed only when need_sum_logits; otherwise it is empty (0,).
+std::tuple<at::Tensor, at::Tensor> streaming_row_stats(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& target_logit,
+    bool need_sum_logits, int64_t class_chunk);
+
+// dL/da for the classes [c0, c1), shape (N, c1 − c0).
+at::Tensor streaming_grad_logits(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
+    const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad, int64_t c0,
+    int64_t c1,
+    const std::optional<at::Tensor>& cost_query = std::nullopt,
+    const std::optional<at::Tensor>& cost_query_scale = std::nullopt,
+    const std::optional<at::Tensor>& cost_keys = std::nullopt,
+    const std::optional<at::Tensor>& cost_key_scale = std::nullopt,
+    const std::optional<at::Tensor>& cost_coef = std::nullopt);
+
+// The engine's backward chunk loop: (dL/dx (N, D), dL/dw (C, D), dL/dbias (C,), or (0,) unless
+// need_bias_grad), with dL/dx = G·W, dL/dw = Gᵀ·X, dL/dbias = Σ_n G for G = dL/da. dL/dw is the raw
+// gradient in the accumulation dtype: the caller chains it through what the engine does not know about
+// (row normalisation of w) and casts it to w's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
+    const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad,
+    bool need_bias_grad, int64_t class_chunk,
+    const std::optional<at::Tensor>& cost_query = std::nullopt,
+    const std::optional<at::Tensor>& cost_query_scale = std::nullopt,
+    const std::optional<at::Tensor>& cost_keys = std::nullopt,
+    const std::optional<at::Tensor>& cost_key_scale = std::nullopt,
+    const std::optional<at::Tensor>& cost_coef = std::nullopt);
+
+}  // namespace marginkern
