@@ -4,21 +4,10 @@
 #include <cstdio>
 #include <limits>
 
+#include "expect.h"
 #include "row_epilogue.h"
 
 namespace {
-
-int failures = 0;
-
-#define EXPECT(cond, ...)                                                             \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      ++failures;                                                                    \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                             \
-      std::fprintf(stderr, "\n");                                                    \
-    }                                                                                \
-  } while (0)
 
 using marginkern::epilogue::exp_simd;
 using marginkern::epilogue::tanh_simd;
@@ -64,8 +53,8 @@ void test_tanh() {
 int main() {
   test_exp();
   test_tanh();
-  if (failures > 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
+  if (expect_failures() > 0) {
+    std::fprintf(stderr, "%d check(s) failed\n", expect_failures());
     return 1;
   }
   std::printf("exp_simd and tanh_simd match libm\n");

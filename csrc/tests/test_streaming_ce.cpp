@@ -11,21 +11,10 @@
 #include <string>
 #include <vector>
 
+#include "expect.h"
 #include "streaming_ce.h"
 
 namespace {
-
-int failures = 0;
-
-#define EXPECT(cond, ...)                                                                   \
-  do {                                                                                     \
-    if (!(cond)) {                                                                         \
-      ++failures;                                                                          \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: ", __FILE__, __LINE__, #cond);       \
-      std::fprintf(stderr, __VA_ARGS__);                                                   \
-      std::fprintf(stderr, "\n");                                                          \
-    }                                                                                      \
-  } while (0)
 
 // max |actual − expected| ≤ tol · max(max |expected|, floor), and actual finite.
 void check_close(const at::Tensor& actual, const at::Tensor& expected, double tol, const std::string& what,
@@ -212,8 +201,8 @@ int main() {
   for (const Case& c : cases) test_case(c);
   test_dispatcher();
   test_errors();
-  if (failures > 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
+  if (expect_failures() > 0) {
+    std::fprintf(stderr, "%d check(s) failed\n", expect_failures());
     return 1;
   }
   std::printf("all %zu cases passed\n", cases.size());
