@@ -100,6 +100,11 @@ def select_tiles(device: torch.device, dtype: torch.dtype):
     return TorchTiles()
 
 
+def selected_backend(device="cpu", dtype=torch.float32):
+    """The name of the backend a call with `dtype` tensors on `device` runs on now (env included)."""
+    return select_tiles(torch.device(device), dtype).name
+
+
 def explain(device="cpu"):
     """One line per backend: whether it can serve `device` and why not."""
     device = torch.device(device)

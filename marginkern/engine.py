@@ -155,7 +155,9 @@ class TorchTiles:
 
     name = "reference"
 
-    def __init__(self, buffer_bytes: int = 64 << 20):
+    # Size of ONE N × chunk tensor; a chunk's epilogue keeps about five of them alive (z, dz/da, the
+    # target mask, p, G), so 16 MB here is ≈ 80 MB at peak.
+    def __init__(self, buffer_bytes: int = 16 << 20):
         self.buffer_bytes = buffer_bytes
 
     def class_chunks(self, N, C, x):

@@ -3,7 +3,8 @@
 # that each fit the device tool's 10-minute limit:
 #   bash scripts/gpu_session.sh tests   # editable install (offline) + GPU test tier + Triton tier on CUDA
 #   bash scripts/gpu_session.sh face    # face-recognition benchmarks
-#   bash scripts/gpu_session.sh llm     # LLM linear-CE benchmarks (peers from ./wheels when carried there)
+#   bash scripts/gpu_session.sh llm     # LLM linear-CE benchmarks: marginkern, naive, torch.compile, floor
+#   bash scripts/gpu_session.sh peers   # the same cases for liger-kernel and cut-cross-entropy (./wheels)
 # Logs and results go to $OUT (the device tool brings that folder back); commit bench/results/<device>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +24,16 @@ case "$stage" in
   tests)
     python -m pytest tests/test_gpu.py tests/interpreter -q -rs 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
     ;;
-  face|llm)
-    python bench/run.py --cases "$stage" --tag "$stage" 2>&1 | tee "$OUT/bench-$stage.log" | tail -40
+  face|llm|peers)
+    # each measurement gets 240 s so that one stage fits the device tool's 600 s per command
+    case "$stage" in
+      face) args=(--cases face) ;;
+      llm) args=(--cases llm --providers "marginkern,naive,torch.compile,3-GEMM floor") ;;
+      peers) args=(--cases llm --providers "liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor") ;;
+    esac
+    python bench/run.py "${args[@]}" --tag "$stage" --timeout 240 2>&1 | tee "$OUT/bench-$stage.log" | tail -40
     cp -r bench/results "$OUT/"
     ;;
   *)
-    echo "unknown stage $stage (tests|face|llm)"; exit 2 ;;
+    echo "unknown stage $stage (tests|face|llm|peers)"; exit 2 ;;
 esac

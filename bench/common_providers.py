@@ -1,0 +1,62 @@
+"""Providers every (N, D, C) classification case shares: inputs, the 3-GEMM floor, torch.compile."""
+import os
+import shutil
+
+import torch
+
+from harness import Skip, Step
+
+
+def make_inputs(case, device):
+    """x (N, D), w (C, D) with gradients, integer targets (N,); same values for every provider of a case
+    because the worker seeds the generator before building. w is scaled by 1/√D like a Linear layer's
+    init, so unnormalized logits are O(1) and the loss values of providers are comparable in bf16."""
+    x = torch.randn(case.N, case.D, device=device, dtype=case.torch_dtype).requires_grad_()
+    w = (torch.randn(case.C, case.D, device=device, dtype=case.torch_dtype) / case.D ** 0.5).requires_grad_()
+    target = torch.randint(0, case.C, (case.N,), device=device)
+    return x, w, target
+
+
+def loss_step(loss_fn, case, device):
+    """Step that runs loss_fn(x, w, target) forward and backward into x.grad and w.grad."""
+    x, w, target = make_inputs(case, device)
+
+    def fn():
+        loss = loss_fn(x, w, target)
+        loss.backward()
+        return loss.detach()
+
+    return Step(fn, [x, w])
+
+
+def gemm_floor(case, device):
+    """The three plain GEMMs an exact fwd+bwd cannot avoid, same shapes and dtype, timed together:
+    logits X·Wᵀ (N×C), dX = G·W (N×D), dW = Gᵀ·X (C×D), with G an N×C tensor made beforehand.
+    dX and dW are written into buffers made here (they stand for the gradients a user holds anyway);
+    the N×C logits are allocated per call, so the floor's extra memory is what materializing them costs."""
+    x, w, _ = make_inputs(case, device)
+    x, w = x.detach(), w.detach()
+    g = torch.randn(case.N, case.C, device=device, dtype=case.torch_dtype)
+    dx = torch.empty_like(x)
+    dw = torch.empty_like(w)
+
+    def fn():
+        x @ w.t()  # the logits: computed and dropped, the floor has no softmax and no loss
+        torch.mm(g, w, out=dx)
+        torch.mm(g.t(), x, out=dw)
+
+    return Step(fn, [])
+
+
+def compiled(loss_fn, device):
+    """torch.compile(loss_fn), or Skip with the reason when this machine has no compiler for inductor."""
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401  (inductor's GPU code generator)
+        except ImportError:
+            raise Skip("torch.compile needs triton on CUDA, and triton is not importable")
+    else:
+        cxx = os.environ.get("CXX") or "g++"
+        if not any(shutil.which(c) for c in (cxx, "c++", "clang++")):
+            raise Skip("torch.compile on CPU needs a C++ compiler; none found on PATH")
+    return torch.compile(loss_fn, dynamic=False)

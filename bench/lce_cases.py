@@ -1,0 +1,78 @@
+"""LLM linear cross-entropy cases: hidden states (N, D) times a vocabulary head (C, D), then CE.
+
+Providers: marginkern.linear_cross_entropy (skipped with "not implemented" while it is absent), naive
+PyTorch, torch.compile of it, and the peers liger-kernel and cut-cross-entropy when importable
+(optional extras, never required: a missing one is skipped with the reason recorded), plus the floor.
+"""
+import torch.nn.functional as F
+
+import marginkern
+from common_providers import compiled, gemm_floor, loss_step
+from harness import Case, Skip
+
+FLOOR = "3-GEMM floor"
+
+
+def cases(device_type, quick):
+    if device_type == "cuda":
+        all_cases = [Case("llm-small-32k", 2048, 1024, 32_000, "bfloat16"),
+                     Case("llama3-8b", 8192, 4096, 128_256, "bfloat16"),
+                     Case("gemma2-2b", 8192, 2304, 256_000, "bfloat16")]
+    else:
+        all_cases = [Case("cpu-llm-4k", 64, 64, 4_096, "float32"),
+                     Case("cpu-llm-16k", 512, 256, 16_384, "float32")]
+    return all_cases[:1] if quick else all_cases
+
+
+def naive_lce(x, w, target):
+    return F.cross_entropy(F.linear(x, w).float(), target)
+
+
+def _marginkern(case, device):
+    fn = getattr(marginkern, "linear_cross_entropy", None)
+    if fn is None:
+        raise Skip("not implemented")
+    return loss_step(fn, case, device)
+
+
+def _needs_cuda(device, peer):
+    if device.type != "cuda":
+        raise Skip(f"{peer} runs on CUDA only")
+
+
+def _liger(case, device):
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as exc:
+        raise Skip(f"liger-kernel not importable ({exc})")
+    _needs_cuda(device, "liger-kernel")
+    loss_module = LigerFusedLinearCrossEntropyLoss()
+
+    def liger(x, w, target):
+        out = loss_module(w, x, target)  # liger's argument order: weight first
+        return out[0] if isinstance(out, tuple) else out
+
+    return loss_step(liger, case, device)
+
+
+def _cce(filter_eps):
+    def build(case, device):
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except ImportError as exc:
+            raise Skip(f"cut-cross-entropy not importable ({exc})")
+        _needs_cuda(device, "cut-cross-entropy")
+        kwargs = {} if filter_eps == "default" else {"filter_eps": filter_eps}
+        return loss_step(lambda x, w, target: linear_cross_entropy(x, w, target, **kwargs), case, device)
+    return build
+
+
+PROVIDERS = {
+    "marginkern": _marginkern,
+    "naive": lambda case, device: loss_step(naive_lce, case, device),
+    "torch.compile": lambda case, device: loss_step(compiled(naive_lce, device), case, device),
+    "liger-kernel": _liger,
+    "cut-cross-entropy": _cce("default"),         # its defaults: gradient filtering on (not exact)
+    "cut-cross-entropy exact": _cce(None),        # filter_eps=None: every gradient tile computed
+    FLOOR: gemm_floor,
+}

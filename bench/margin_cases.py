@@ -1,0 +1,50 @@
+"""Face-recognition cases: ArcFace margin softmax over very many identities (DESIGN.md §7).
+
+Providers, all measured in one run on the same inputs:
+  marginkern      marginkern.margin_cross_entropy with ArcFace settings (its defaults)
+  naive           insightface-style PyTorch: normalize, F.linear, fp32 logits, arccos/cos margin on the
+                  target column, scale, F.cross_entropy (materializes several N×C tensors)
+  torch.compile   torch.compile of that naive function
+  3-GEMM floor    the three plain matmuls of the same shapes (common_providers.gemm_floor)
+"""
+import torch
+import torch.nn.functional as F
+
+import marginkern  # never guarded: the bench exists to measure it, so a broken import must fail loudly
+from common_providers import compiled, gemm_floor, loss_step
+from harness import Case
+
+ARCFACE = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
+FLOOR = "3-GEMM floor"
+
+
+def cases(device_type, quick):
+    if device_type == "cuda":
+        all_cases = [Case("face-small-100k", 256, 512, 100_000, "bfloat16"),
+                     Case("face-b1024-100k", 1024, 512, 100_000, "bfloat16"),
+                     Case("arcface-1M", 1024, 512, 1_000_000, "bfloat16")]
+    else:  # small enough for a couple of minutes on 2 cores
+        all_cases = [Case("cpu-face-5k", 64, 64, 5_000, "float32"),
+                     Case("cpu-face-20k", 256, 128, 20_000, "float32")]
+    return all_cases[:1] if quick else all_cases
+
+
+def naive_arcface(x, w, target, scale=ARCFACE["scale"], m2=ARCFACE["m2"]):
+    """What insightface's ArcFace head does, differentiated by autograd (exact margin gradient)."""
+    cosine = F.linear(F.normalize(x), F.normalize(w)).float().clamp(-1, 1)
+    rows = torch.arange(x.shape[0], device=x.device)
+    theta = torch.arccos(cosine[rows, target])
+    cosine[rows, target] = torch.cos(theta + m2)  # margin on the target column only, in place
+    return F.cross_entropy(cosine * scale, target)
+
+
+def _marginkern(x, w, target):
+    return marginkern.margin_cross_entropy(x, w, target, **ARCFACE)
+
+
+PROVIDERS = {
+    "marginkern": lambda case, device: loss_step(_marginkern, case, device),
+    "naive": lambda case, device: loss_step(naive_arcface, case, device),
+    "torch.compile": lambda case, device: loss_step(compiled(naive_arcface, device), case, device),
+    FLOOR: gemm_floor,
+}

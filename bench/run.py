@@ -1,0 +1,103 @@
+"""Benchmark entry point: every case module, every provider, on whatever device is here.
+
+    python bench/run.py                    # all case modules, full case list
+    python bench/run.py --quick            # one small case per module, short timing (CPU: under a minute)
+    python bench/run.py --cases face       # only the face-recognition cases
+    python bench/run.py --device cpu       # force the CPU even where CUDA is present
+
+Writes bench/results/<device>/<date>.{json,md,png} and prints the table. Exits 1 when the marginkern
+provider itself failed (an error, not a skip or an OOM), so a script running it notices.
+"""
+import argparse
+import importlib
+import os
+import sys
+import time
+
+import torch
+
+import harness
+
+# Adding a family of cases = one module with cases(), PROVIDERS and FLOOR, plus one line here.
+CASE_MODULES = {"face": "margin_cases", "llm": "lce_cases"}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="first case of each module, short timing")
+    parser.add_argument("--cases", default="all", choices=["all", *CASE_MODULES],
+                        help="which case module(s) to run (default: all)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated subset of providers to run (default: all of them)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per (case, provider)")
+    parser.add_argument("--tag", default=None, help="suffix for the result files: <date>-<tag>.*")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per measurement (OMP_NUM_THREADS); default: torch's own choice")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    device_type = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda asked for, but torch.cuda.is_available() is False")
+    if args.threads:  # inherited by every worker process; torch reads it when it starts
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    harness.put_repo_on_path()
+    env = {**harness.environment(device_type), **harness.marginkern_info(device_type)}
+    chosen = list(CASE_MODULES) if args.cases == "all" else [args.cases]
+    wanted = None if args.providers is None else set(args.providers.split(","))
+
+    records = []
+    start = time.perf_counter()
+    load_before = _load_average()
+    for family in chosen:
+        module_name = CASE_MODULES[family]
+        module = importlib.import_module(module_name)
+        for case in module.cases(device_type, args.quick):
+            case_records = []
+            for provider in module.PROVIDERS:
+                if wanted is not None and provider not in wanted:
+                    continue
+                result = harness.run_isolated(module_name, case, provider, device_type, args.quick, args.timeout)
+                record = {"family": family, "case": case.name, "N": case.N, "D": case.D, "C": case.C,
+                          "dtype": case.dtype, "provider": provider, **result}
+                print(f"[{time.perf_counter() - start:6.1f}s] {case.name:>18} {provider:<24} "
+                      f"{_summary(record)}", flush=True)
+                case_records.append(record)
+            harness.add_floor_ratios(case_records, module.FLOOR)
+            records += case_records
+
+    meta = {"command": " ".join(["python", "bench/run.py", *sys.argv[1:]]), "quick": args.quick,
+            "wall_s": time.perf_counter() - start,
+            # other processes on the machine skew CPU timings; these show whether there were any
+            "load_average_1min_before": load_before, "load_average_1min_after": _load_average()}
+    table, paths = harness.write_results(records, env, meta, device_type, args.tag)
+    print()
+    print(table)
+    print()
+    print("wrote " + ", ".join(str(p.relative_to(harness.REPO_ROOT)) for p in paths))
+    failed = [r for r in records if r["provider"] == "marginkern" and r["status"] == "error"]
+    sys.exit(1 if failed else 0)
+
+
+def _load_average():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _summary(record):
+    if record["status"] != "ok":
+        return f"{record['status']}: {record.get('reason', '')}"[:200]
+    mem = "n/a" if record.get("extra_mb") is None else f"{record['extra_mb']:.1f} MB"
+    busy = record.get("other_load_cores")
+    busy = f", contended: other processes kept {busy:.2f} cores busy" if record.get("contended") else ""
+    return f"{record['ms']:.3f} ms, extra {mem}, first call {record['first_call_s']:.1f} s{busy}"
+
+
+if __name__ == "__main__":
+    main()
