@@ -19,7 +19,7 @@ import torch
 import harness
 
 # Adding a family of cases = one module with cases(), PROVIDERS and FLOOR, plus one line here.
-CASE_MODULES = {"face": "margin_cases", "llm": "lce_cases"}
+CASE_MODULES = {"face": "margin_cases", "llm": "lce_cases", "emo": "emo_cases", "cosent": "cosent_cases"}
 
 
 def parse_args():

@@ -5,6 +5,8 @@
 #   bash scripts/gpu_session.sh face    # face-recognition benchmarks
 #   bash scripts/gpu_session.sh llm     # LLM linear-CE benchmarks: marginkern, naive, torch.compile, floor
 #   bash scripts/gpu_session.sh peers   # the same cases for liger-kernel and cut-cross-entropy (./wheels)
+#   bash scripts/gpu_session.sh emo     # EMO + CE: marginkern, naive, torch.compile, floor
+#   bash scripts/gpu_session.sh cosent  # CoSENT from embeddings: marginkern, sentence-transformers, read floor
 # Logs and results go to $OUT (the device tool brings that folder back); commit bench/results/<device>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +26,10 @@ case "$stage" in
   tests)
     python -m pytest tests/test_gpu.py tests/interpreter -q -rs 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
     ;;
-  face|llm|peers)
+  face|llm|peers|emo|cosent)
     # each measurement gets 240 s so that one stage fits the device tool's 600 s per command
     case "$stage" in
-      face) args=(--cases face) ;;
+      face|emo|cosent) args=(--cases "$stage") ;;
       llm) args=(--cases llm --providers "marginkern,naive,torch.compile,3-GEMM floor") ;;
       peers) args=(--cases llm --providers "liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor") ;;
     esac
@@ -35,5 +37,5 @@ case "$stage" in
     cp -r bench/results "$OUT/"
     ;;
   *)
-    echo "unknown stage $stage (tests|face|llm|peers)"; exit 2 ;;
+    echo "unknown stage $stage (tests|face|llm|peers|emo|cosent)"; exit 2 ;;
 esac
