@@ -79,6 +79,14 @@ def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
     return tiles.row_stats(x, w, spec, need_sum_logits)
 
 
+def _robust_max(values, outlier_factor=64.0):
+    """max(values), but at most outlier_factor × the median of the non-zero values."""
+    nonzero = values[values > 0]
+    if nonzero.numel() == 0:
+        return values.new_zeros(())
+    return torch.minimum(nonzero.max(), outlier_factor * nonzero.median())
+
+
 def streaming_grads(
     x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, tiles,
     finalize_weight_chunk: Optional[Callable[[int, int, Tensor], Tensor]] = None,
@@ -96,20 +104,23 @@ def streaming_grads(
     N, D = x.shape
     C = w.shape[0]
     grad_x = torch.zeros(N, D, dtype=acc, device=x.device)
-    grad_w = torch.empty_like(w)
+    grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)  # contiguous, as the fake kernels say
     grad_bias = torch.zeros(C, dtype=acc, device=x.device) if need_bias_grad else None
     if N == 0 or C == 0:
         grad_w.zero_()
         return grad_x, grad_w, grad_bias
-    # G is stored in a 16-bit dtype on the GPU: rescale it so that its largest entry is ~1, which keeps
-    # fp16 from underflowing small probabilities (mean over 8k rows gives coef_p ≈ 1e-4) or overflowing.
+    # G is stored in a 16-bit dtype on the GPU: rescale it so that its typical largest entry is ~1, which
+    # keeps fp16 from underflowing small probabilities (mean over 8k rows gives coef_p ≈ 1e-4). The bound
+    # ignores outliers (a zero embedding or class centre has a 1e12 norm scale): one degenerate row or
+    # column must not push every other entry below fp16's range; its own entries saturate instead (the
+    # Triton kernel clamps fp16 G to ±65504), which keeps every gradient finite.
     coef_total = coef_p.abs() + coef_u.abs()
     if cost is not None:  # |A| ≤ 1: cosines
         coef_total = coef_total + cost.coef.abs()
-    bound = coef_total * spec.row_scale.abs()
+    bound = _robust_max(coef_total * spec.row_scale.abs())
     if spec.col_scale is not None:
-        bound = bound * spec.col_scale.abs().max()
-    bound = torch.maximum(bound.max(), target_grad.abs().max())
+        bound = bound * _robust_max(spec.col_scale.abs())
+    bound = torch.maximum(bound, _robust_max(target_grad.abs()))
     grad_scale = torch.where(bound > 0, 1.0 / bound, torch.ones_like(bound)).to(acc)
     unscale = 1.0 / grad_scale
     if cost is not None:

@@ -24,6 +24,7 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     check_classification_inputs(input, weight, target)
     check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
     check_reduction(reduction)
+    target = target.long()  # uint8 indices would index as a mask
     loss_rows, _ = torch.ops.marginkern.margin_cross_entropy(
         input, weight, target, float(scale), float(m1), float(m2), float(m3), bool(normalize),
         margin_grad == "exact", float(label_smoothing), int(ignore_index))
@@ -43,6 +44,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     check_bias(bias, weight)
     check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     check_reduction(reduction)
+    target = target.long()  # uint8 indices would index as a mask
     loss_rows, _ = torch.ops.marginkern.linear_cross_entropy(
         input, weight, target, bias, int(ignore_index), float(label_smoothing), float(z_loss),
         None if softcap is None else float(softcap), float(focal_gamma), float(gamma_ce))
@@ -56,9 +58,11 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction):
     check_classification_inputs(input, weight, target)
     if cost_embedding is not None:
         check_cost_embedding(cost_embedding, weight)
-    cost = (weight if cost_embedding is None else cost_embedding).detach()
+    # The cost cosines run as a second tl.dot next to the logits: same dtype as the input, so they use
+    # the tensor cores (an fp32 cost with bf16 inputs would run on FMA units; fp64 does not compile).
+    cost = (weight if cost_embedding is None else cost_embedding).detach().to(input.dtype)
     check_reduction(reduction)
-    ce, emo, _ = torch.ops.marginkern.emo_cross_entropy(input, weight, target, cost, int(ignore_index))
+    ce, emo, _ = torch.ops.marginkern.emo_cross_entropy(input, weight, target.long(), cost, int(ignore_index))
     return ce, emo
 
 

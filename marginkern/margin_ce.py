@@ -86,17 +86,18 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles)
             return grad_w_raw - radial[:, None] * wc
     else:
         # T = s·‖x‖‖w_y‖·ψ(c) also depends on the norms: the cross term s·ψ'·w_y (resp. x) goes
-        # through the target column, the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x (resp. w_y) are added here.
+        # through the target column, the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x (resp. w_y) are added here
+        # (straight-through: ψ' := 1 in both, as DESIGN.md §4 says).
         target_grad = grad_target_logit * s * slope
-        radial_slope = (geo.psi - geo.cosine * slope) if opts.exact_margin_grad else torch.zeros_like(slope)
-        radial = grad_target_logit * s * radial_slope
+        radial = grad_target_logit * s * (geo.psi - geo.cosine * slope)
         w_radial = radial * geo.x_norm / geo.w_target_norm
 
         def finalize_weight_chunk(c0, c1, grad_w_raw):
-            rows = torch.nonzero((geo.column >= c0) & (geo.column < c1)).squeeze(1)
-            if rows.numel():
-                grad_w_raw.index_add_(0, geo.column[rows] - c0, w_radial[rows, None] * geo.w_target[rows])
-            return grad_w_raw
+            # masked instead of nonzero(): no host sync per chunk
+            in_chunk = (geo.column >= c0) & (geo.column < c1)
+            rows_in_chunk = (geo.column - c0).clamp(0, c1 - c0 - 1)
+            contribution = torch.where(in_chunk, w_radial, torch.zeros_like(w_radial))[:, None] * geo.w_target
+            return grad_w_raw.index_add_(0, rows_in_chunk, contribution.to(grad_w_raw.dtype))
 
     grad_x_raw, grad_w, _ = streaming_grads(
         x, w, geo.spec(), lse, g, g * (eps / C), target_grad, tiles, finalize_weight_chunk)

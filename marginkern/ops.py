@@ -17,6 +17,11 @@ from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 
 
+def _contiguous_like(t):
+    # The real kernels return contiguous gradients whatever the inputs' strides: the fakes must say so.
+    return t.new_empty(t.shape)
+
+
 def _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
     return MarginOptions(float(scale), float(m1), float(m2), float(m3), bool(normalize),
                          bool(exact_margin_grad), float(label_smoothing), int(ignore_index))
@@ -29,6 +34,7 @@ def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: f
     """(per-row loss, per-row log-sum-exp); ignored rows have loss 0."""
     check_target_values(target, weight.shape[0], ignore_index)
     opts = _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
+    input, weight = input.contiguous(), weight.contiguous()
     return margin_ce_forward(input, weight, target, opts, select_tiles(input.device, input.dtype))
 
 
@@ -47,18 +53,20 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
                                   ignore_index: int) -> tuple[Tensor, Tensor]:
     """(dL/dinput, dL/dweight) for the per-row loss gradient `grad_loss`."""
     opts = _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
+    input, weight = input.contiguous(), weight.contiguous()
     return margin_ce_backward(grad_loss, input, weight, target, lse, opts,
                               select_tiles(input.device, input.dtype))
 
 
 @margin_cross_entropy_backward.register_fake
 def _(grad_loss, input, weight, target, lse, *options):
-    return torch.empty_like(input), torch.empty_like(weight)
+    return _contiguous_like(input), _contiguous_like(weight)
 
 
 def _margin_setup_context(ctx, inputs, output):
     input, weight, target, *options = inputs
     ctx.save_for_backward(input, weight, target, output[1])
+    ctx.mark_non_differentiable(output[1])  # lse: a by-product for the backward pass
     ctx.options = options
 
 
@@ -85,6 +93,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     """(per-row loss, per-row log-sum-exp) of softcap(x·wᵀ + b); ignored rows have loss 0."""
     check_target_values(target, weight.shape[0], ignore_index)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    input, weight = input.contiguous(), weight.contiguous()
     return linear_ce_forward(input, weight, target, bias, opts, select_tiles(input.device, input.dtype))
 
 
@@ -102,6 +111,7 @@ def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
                                   gamma_ce: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dinput, dL/dweight, dL/dbias); dL/dbias is empty (0,) when there is no bias."""
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    input, weight = input.contiguous(), weight.contiguous()
     grad_x, grad_w, grad_b = linear_ce_backward(grad_loss, input, weight, target, bias, lse, opts,
                                                 select_tiles(input.device, input.dtype))
     return grad_x, grad_w, (grad_b if grad_b is not None else weight.new_empty((0,)))
@@ -109,13 +119,14 @@ def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
 
 @linear_cross_entropy_backward.register_fake
 def _(grad_loss, input, weight, target, bias, lse, *options):
-    grad_b = torch.empty_like(bias) if bias is not None else weight.new_empty((0,))
-    return torch.empty_like(input), torch.empty_like(weight), grad_b
+    grad_b = _contiguous_like(bias) if bias is not None else weight.new_empty((0,))
+    return _contiguous_like(input), _contiguous_like(weight), grad_b
 
 
 def _linear_setup_context(ctx, inputs, output):
     input, weight, target, bias, *options = inputs
     ctx.save_for_backward(input, weight, target, bias, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.options = options
 
 
@@ -134,6 +145,7 @@ def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedd
                       ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """(per-row CE, per-row EMO, per-row log-sum-exp) of z = x·wᵀ; cost_embedding gets no gradient."""
     check_target_values(target, weight.shape[0], ignore_index)
+    input, weight, cost_embedding = input.contiguous(), weight.contiguous(), cost_embedding.contiguous()
     return emo_forward(input, weight, target, cost_embedding, int(ignore_index),
                        select_tiles(input.device, input.dtype))
 
@@ -149,18 +161,20 @@ def _(input, weight, target, cost_embedding, ignore_index):
 def emo_cross_entropy_backward(grad_ce: Tensor, grad_emo: Tensor, input: Tensor, weight: Tensor, target: Tensor,
                                cost_embedding: Tensor, lse: Tensor, emo: Tensor,
                                ignore_index: int) -> tuple[Tensor, Tensor]:
+    input, weight, cost_embedding = input.contiguous(), weight.contiguous(), cost_embedding.contiguous()
     return emo_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, int(ignore_index),
                         select_tiles(input.device, input.dtype))
 
 
 @emo_cross_entropy_backward.register_fake
 def _(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ignore_index):
-    return torch.empty_like(input), torch.empty_like(weight)
+    return _contiguous_like(input), _contiguous_like(weight)
 
 
 def _emo_setup_context(ctx, inputs, output):
     input, weight, target, cost_embedding, ignore_index = inputs
     ctx.save_for_backward(input, weight, target, cost_embedding, output[2], output[1])
+    ctx.mark_non_differentiable(output[2])
     ctx.ignore_index = ignore_index
 
 
@@ -215,11 +229,12 @@ def pairwise_cosine_backward(grad_cos: Tensor, a: Tensor, b: Tensor, cos: Tensor
 
 @pairwise_cosine_backward.register_fake
 def _(grad_cos, a, b, cos, inv_a, inv_b):
-    return torch.empty_like(a), torch.empty_like(b)
+    return _contiguous_like(a), _contiguous_like(b)
 
 
 def _pairwise_cosine_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs, *output)
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _pairwise_cosine_autograd(ctx, grad_cos, grad_inv_a, grad_inv_b):

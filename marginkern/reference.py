@@ -69,9 +69,8 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     radius = 1.0 if normalize else norms  # L-Softmax keeps ‖x‖‖w_y‖ on the target logit
     if margin_grad == "exact":
         target_logit = radius * MarginPsi.apply(cosine, m1, m2, m3)
-    else:  # straight-through: the margin is an offset that carries no gradient of its own
-        margin_offset = radius * margin_psi(cosine.clamp(-1, 1), m1, m2, m3) - plain_target
-        target_logit = plain_target + margin_offset.detach()
+    else:  # straight-through: dψ/dc := 1, i.e. ψ(c) = c + a constant offset (the norms stay differentiable)
+        target_logit = radius * (cosine + (margin_psi(cosine.clamp(-1, 1), m1, m2, m3) - cosine).detach())
     x, target_logit = scale * x, scale * target_logit
 
     lse, sum_logits = streamed_lse_and_sum(x, w, column, target_logit, class_chunk=class_chunk)

@@ -242,3 +242,57 @@ def test_forced_reference_backend_runs(monkeypatch):
     monkeypatch.setenv("MARGINKERN_BACKEND", "reference")
     x, w, t = make_case(4, 6, 3)
     check_against_oracle(x, w, t, torch.float32)
+
+
+# ---- regressions from the first code review -------------------------------------------------------------
+
+def test_straight_through_unnormalized_follows_dpsi_dc_one():
+    # DESIGN.md §4: straight-through means dψ/dc := 1, so T = s‖x‖‖w_y‖·(c + sg(ψ(c) − c)) keeps the norms'
+    # gradient (written out here independently of marginkern.reference)
+    from marginkern.margin import margin_psi
+    x, w, t = make_case(9, 13, 6, torch.float64)
+    kw = dict(m1=2.0, m2=0.1, m3=0.05, scale=0.7, normalize=False)
+    got, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, margin_grad="straight_through", **kw)
+
+    def literal(a, b, tt, **_):
+        logits = 0.7 * (a @ b.t())
+        r, q = a.norm(dim=1), b[tt].norm(dim=1)
+        c = (a * b[tt]).sum(1) / (r * q)
+        target = 0.7 * r * q * (c + (margin_psi(c.detach(), 2.0, 0.1, 0.05) - c).detach())
+        logits = torch.where(F.one_hot(tt, 13).bool(), target[:, None], logits)
+        return F.cross_entropy(logits, tt)
+
+    want, ex, ew = loss_and_grads(literal, x, w, t)
+    for a, b in ((got, want), (gx, ex), (gw, ew)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_small_integer_target_dtypes(dtype):
+    # a uint8 index tensor indexes as a boolean mask unless converted (review finding)
+    x, w, t = make_case(6, 100, 5)
+    t[2] = 7
+    want = mk.margin_cross_entropy(x, w, t, ignore_index=7)
+    torch.testing.assert_close(mk.margin_cross_entropy(x, w, t.to(dtype), ignore_index=7), want)
+    torch.testing.assert_close(mk.linear_cross_entropy(x, w, t.to(dtype), ignore_index=7),
+                               mk.linear_cross_entropy(x, w, t, ignore_index=7))
+
+
+def test_compile_with_non_contiguous_inputs():
+    # the fake kernels must promise the real kernels' (contiguous) gradient strides (review finding)
+    x, w, t = make_case(8, 20, 6)
+    xt = x.detach().t().contiguous().t().requires_grad_()
+    wt = w.detach().t().contiguous().t().requires_grad_()
+    for fn in (mk.margin_cross_entropy, mk.linear_cross_entropy, mk.emo_cross_entropy):
+        step = torch.compile(lambda a, b, c: fn(a, b, c), fullgraph=True)
+        got = loss_and_grads(step, xt, wt, t)
+        want = loss_and_grads(fn, x, w, t)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e)
+
+
+def test_log_sum_exp_output_is_not_differentiable():
+    x, w, t = make_case(5, 9, 4)
+    _, lse = torch.ops.marginkern.margin_cross_entropy(x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100)
+    _, lse_linear = torch.ops.marginkern.linear_cross_entropy(x, w, t, None, -100, 0.0, 0.0, None, 0.0, 0.0)
+    assert not lse.requires_grad and not lse_linear.requires_grad

@@ -114,7 +114,7 @@ def streaming_ce_grad_logits_kernel(
     query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr,
     N, D, E, stride_x, stride_w, stride_g, stride_q, stride_k, c_begin, c_end, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -140,5 +140,7 @@ def streaming_ce_grad_logits_kernel(
         weight_p = weight_p - coef_cost[:, None] * cosines
     g = (weight_p * p - coef_u[:, None]) * chain
     g = tl.where(cols[None, :] == target[:, None], target_grad[:, None], g)
+    if SATURATE_FP16:  # degenerate rows/columns saturate instead of turning into inf (see engine.py)
+        g = tl.minimum(tl.maximum(g, -65504.0), 65504.0)
     out = grad_ptr + rows.to(tl.int64)[:, None] * stride_g + (cols - c_begin)[None, :]
     tl.store(out, g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

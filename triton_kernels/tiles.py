@@ -1,5 +1,6 @@
 """Host side of the Triton engine: launch configuration and the tile-backend contract of
 marginkern/engine.py (`row_stats`, `grad_logits`, `class_chunks`)."""
+import contextlib
 import os
 
 import torch
@@ -8,6 +9,12 @@ import triton
 from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_GRID_Y = 65535  # CUDA's limit on grid dimensions 1 and 2
+
+
+def _on_device(x):
+    """Launch on x's GPU, not the current one (multi-GPU processes)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _config(x):
@@ -31,7 +38,7 @@ def _flags(spec):
 def _pointer_args(x, spec):
     # Unused optional pointers still need a tensor argument; the constexpr flags keep them unread.
     col_scale = spec.col_scale if spec.col_scale is not None else spec.row_scale
-    bias = spec.bias if spec.bias is not None else spec.row_scale
+    bias = spec.bias.contiguous() if spec.bias is not None else spec.row_scale  # read with stride 1
     softcap = float(spec.softcap) if spec.softcap is not None else 1.0
     return col_scale, bias, softcap
 
@@ -47,6 +54,7 @@ class TritonTiles:
         blocks, _ = _config(x)
         elt = x.element_size() if x.dtype in (torch.float16, torch.bfloat16) else 4
         chunk = max(blocks["BLOCK_C"], self.buffer_bytes // max(1, N * elt))
+        chunk = min(chunk, MAX_GRID_Y * blocks["BLOCK_C"])  # the chunk's class blocks are grid axis 1
         chunk = chunk // blocks["BLOCK_C"] * blocks["BLOCK_C"]
         return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
 
@@ -64,12 +72,13 @@ class TritonTiles:
         part = torch.empty(3 if need_sum_logits else 2, splits, N, dtype=torch.float32, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
         if N > 0:
-            streaming_ce_fwd_kernel[(row_blocks, splits)](
-                x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target, spec.target_logit.float(),
-                part[0], part[1], part[-1],
-                N, C, D, x.stride(0), w.stride(0), per_split, softcap,
-                NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x),
-                **_flags(spec), **blocks, **launch)
+            with _on_device(x):
+                streaming_ce_fwd_kernel[(row_blocks, splits)](
+                    x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target, spec.target_logit.float(),
+                    part[0], part[1], part[-1],
+                    N, C, D, x.stride(0), w.stride(0), per_split, softcap,
+                    NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x),
+                    **_flags(spec), **blocks, **launch)
         run_max = part[0].max(0).values
         lse = run_max + torch.log((part[1] * torch.exp(part[0] - run_max)).sum(0))
         return lse, (part[2].sum(0) if need_sum_logits else None)
@@ -89,10 +98,12 @@ class TritonTiles:
         else:  # unread placeholders (HAS_COST=False)
             cost_args, E, stride_q, stride_k = (x, w, lse, lse, lse), 0, 0, 0
         if N > 0:
-            streaming_ce_grad_logits_kernel[grid](
-                x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target,
-                lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad, *cost_args,
-                N, D, E, x.stride(0), w.stride(0), grad.stride(0), stride_q, stride_k, c0, c1, softcap,
-                HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x),
-                COST_DOT_PRECISION=_dot_precision(cost_args[1]), **_flags(spec), **blocks, **launch)
+            with _on_device(x):
+                streaming_ce_grad_logits_kernel[grid](
+                    x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target,
+                    lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad, *cost_args,
+                    N, D, E, x.stride(0), w.stride(0), grad.stride(0), stride_q, stride_k, c0, c1, softcap,
+                    HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x),
+                    SATURATE_FP16=grad_dtype == torch.float16,
+                    COST_DOT_PRECISION=_dot_precision(cost_args[1]), **_flags(spec), **blocks, **launch)
         return grad
