@@ -128,14 +128,14 @@ def streaming_grads(
     for c0, c1 in tiles.class_chunks(N, C, x):
         g = tiles.grad_logits(x, w, spec, lse, coef_p * grad_scale, coef_u * grad_scale,
                               target_grad * grad_scale, c0, c1, cost)
-        grad_x += mm_accumulate(g, w[c0:c1], acc) * unscale
-        grad_w_chunk = mm_accumulate(g.t(), x, acc) * unscale
+        grad_x += mm_accumulate(g, w[c0:c1], acc)  # still scaled: unscaled once after the loop
+        grad_w_chunk = mm_accumulate(g.t(), x, acc).mul_(unscale)
         if grad_bias is not None:
             grad_bias[c0:c1] = g.to(acc).sum(0) * unscale
         if finalize_weight_chunk is not None:
             grad_w_chunk = finalize_weight_chunk(c0, c1, grad_w_chunk)
         grad_w[c0:c1] = grad_w_chunk
-    return grad_x, grad_w, grad_bias
+    return grad_x.mul_(unscale), grad_w, grad_bias
 
 
 def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles):
