@@ -69,10 +69,15 @@ def test_anchored_value_equals_cross_entropy():
 @pytest.mark.parametrize("anchored", [False, True])
 @pytest.mark.parametrize("shape", [(37, 301, 45, 20), (3, 2, 4, 4), (64, 1029, 17, 33)])
 def test_op_matches_oracle(dtype, anchored, shape):
+    check_emo_against_oracle(dtype, anchored, shape, "cpu")
+
+
+def check_emo_against_oracle(dtype, anchored, shape, device):
+    """The op (whatever backend serves `device`) against the float64 oracle, value and both gradients."""
     N, C, D, E = shape
-    x, w, t = make_case(N, C, D, dtype, ignore=(0,))
+    x, w, t = make_case(N, C, D, dtype, device=device, ignore=(0,))
     w = (w.detach() * 0.3).to(dtype)
-    cost = torch.randn(C, E).to(dtype)
+    cost = torch.randn(C, E, device=device).to(dtype)
     fn, ref = (mk.emo_cross_entropy, reference.emo_cross_entropy) if anchored else (mk.emo_loss, reference.emo_loss)
     got = grads(fn, x, w, t, cost_embedding=cost)
     want = grads(ref, x.double(), w.double(), t, cost_embedding=cost.double())

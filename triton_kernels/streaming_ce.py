@@ -13,22 +13,31 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot_tile(a_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_a, stride_b, DOT_PRECISION: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """a[rows] · b[cols]ᵀ over K in fp32: the BLOCK_N × BLOCK_C tile of a GEMM with both operands row-major."""
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    # int64 row offsets: N·D and C·D exceed 2³¹ at the sizes this library exists for.
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_a
+    b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_b
+    for k0 in range(0, K, BLOCK_D):
+        offs = k0 + tl.arange(0, BLOCK_D)
+        k_mask = offs < K
+        a_tile = tl.load(a_rows + offs[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b_tile = tl.load(b_rows + offs[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(a_tile, tl.trans(b_tile), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
                 rows, cols, row_mask, col_mask, D, stride_x, stride_w,
                 HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     """Logits z and dz/da for a BLOCK_N × BLOCK_C tile (target column not yet substituted)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    # int64 row offsets: N·D and C·D exceed 2³¹ at the sizes this library exists for.
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
-    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        x_tile = tl.load(x_rows + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w_tile = tl.load(w_rows + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=DOT_PRECISION)
+    acc = _dot_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w, DOT_PRECISION,
+                    BLOCK_N, BLOCK_C, BLOCK_D)
     scale = row_scale[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     if HAS_COL_SCALE:
         scale = scale * tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
@@ -93,15 +102,8 @@ def _cost_cosine_tile(query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows,
                       E, stride_q, stride_k, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """A_nj = (q_n·k_j)·query_scale_n·key_scale_j: cosines of cost embeddings (EMO)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    q_rows = query_ptr + rows.to(tl.int64)[:, None] * stride_q
-    k_rows = keys_ptr + cols.to(tl.int64)[:, None] * stride_k
-    for e0 in range(0, E, BLOCK_D):
-        offs = e0 + tl.arange(0, BLOCK_D)
-        e_mask = offs < E
-        q_tile = tl.load(q_rows + offs[None, :], mask=row_mask[:, None] & e_mask[None, :], other=0.0)
-        k_tile = tl.load(k_rows + offs[None, :], mask=col_mask[:, None] & e_mask[None, :], other=0.0)
-        acc = tl.dot(q_tile, tl.trans(k_tile), acc, input_precision=DOT_PRECISION)
+    acc = _dot_tile(query_ptr, keys_ptr, rows, cols, row_mask, col_mask, E, stride_q, stride_k, DOT_PRECISION,
+                    BLOCK_N, BLOCK_C, BLOCK_D)
     query_scale = tl.load(query_scale_ptr + rows, mask=row_mask, other=0.0)
     key_scale = tl.load(key_scale_ptr + cols, mask=col_mask, other=0.0)
     return acc * query_scale[:, None] * key_scale[None, :]
