@@ -64,6 +64,13 @@ def row_norms(t: Tensor, rows_per_chunk: int = 1 << 16) -> Tensor:
     return torch.cat([torch.linalg.vector_norm(p.to(acc), dim=1) for p in t.split(rows_per_chunk)])
 
 
+def project_out_rows(grad: Tensor, weight: Tensor, inv_norm_sq: Tensor) -> Tensor:
+    """In place: grad_j ← grad_j − weight_j·(weight_j·grad_j)·inv_norm_sq_j (the tangent projection that
+    chains a row-normalised weight). Tile backends may provide a fused `project_out_rows` of their own."""
+    wf = weight.to(grad.dtype)
+    return grad.sub_(wf * ((wf * grad).sum(1) * inv_norm_sq)[:, None])
+
+
 def mm_accumulate(a: Tensor, b: Tensor, acc) -> Tensor:
     """a @ b with an fp32 (or fp64) result. fp16/bf16 GEMMs on CUDA keep their inputs and write fp32."""
     if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, row_norms, streaming_grads,
+from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, project_out_rows, row_norms, streaming_grads,
                      streaming_row_stats)
 from .margin import margin_psi, margin_slope
 
@@ -79,11 +79,12 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles)
         # dT/da_y with the norms held fixed; the projections below chain through x̂ and ŵ.
         target_grad = grad_target_logit * s * slope / (geo.x_norm * geo.w_target_norm)
 
+        project = getattr(tiles, "project_out_rows", project_out_rows)
+        inv_norm_sq = geo.col_norm ** -2
+
         def finalize_weight_chunk(c0, c1, grad_w_raw):
             # dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖, and grad_w_raw already holds (dL/dŵ)/‖w‖.
-            wc = w[c0:c1].to(grad_w_raw.dtype)
-            radial = (wc * grad_w_raw).sum(1) / geo.col_norm[c0:c1] ** 2
-            return grad_w_raw - radial[:, None] * wc
+            return project(grad_w_raw, w[c0:c1], inv_norm_sq[c0:c1])
     else:
         # T = s·‖x‖‖w_y‖·ψ(c) also depends on the norms: the cross term s·ψ'·w_y (resp. x) goes
         # through the target column, the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x (resp. w_y) are added here

@@ -6,6 +6,7 @@ import os
 import torch
 import triton
 
+from .row_projection import project_out_rows as _project_out_rows
 from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -82,6 +83,13 @@ class TritonTiles:
         run_max = part[0].max(0).values
         lse = run_max + torch.log((part[1] * torch.exp(part[0] - run_max)).sum(0))
         return lse, (part[2].sum(0) if need_sum_logits else None)
+
+    def project_out_rows(self, grad, weight, inv_norm_sq):
+        """engine.project_out_rows, fused (fp32 gradient rows; float64 stays on the PyTorch version)."""
+        if grad.dtype != torch.float32:
+            from marginkern.engine import project_out_rows
+            return project_out_rows(grad, weight, inv_norm_sq)
+        return _project_out_rows(grad, weight.contiguous(), inv_norm_sq)
 
     def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
         x, w = x.contiguous(), w.contiguous()

@@ -148,3 +148,17 @@ def test_strided_and_broadcast_bias():
         got = mk.linear_cross_entropy(x, w, t, bias)
         want = reference.linear_cross_entropy(x.double(), w.double(), t, bias.double())
         assert_close_rel(got, want, torch.float32, "loss", floor=1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 300), (1, 5), (9, 16)])
+def test_row_projection_kernel(dtype, shape):
+    from marginkern.engine import project_out_rows
+    grad = torch.randn(*shape, device=DEVICE)
+    weight = torch.randn(*shape, device=DEVICE).to(dtype)
+    inv_norm_sq = weight.float().norm(dim=1) ** -2
+    want = project_out_rows(grad.double().clone(), weight.double(), inv_norm_sq.double())
+    got = triton_tiles().project_out_rows(grad.clone(), weight, inv_norm_sq)
+    assert_close_rel(got, want, torch.float32, "projected rows", floor=1.0)
+    # the result is orthogonal to each weight row
+    assert (got.double() * weight.double()).sum(1).abs().max() < 1e-4 * weight.double().norm(dim=1).max() * got.abs().max()
