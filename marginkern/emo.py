@@ -41,7 +41,7 @@ def emo_forward(x, w, target, cost, ignore_index, tiles):
     return torch.where(geo.valid, ce, zero), torch.where(geo.valid, emo, zero), lse
 
 
-def emo_backward(grad_ce, grad_emo, x, w, target, cost, lse, emo, ignore_index, tiles):
+def emo_backward(grad_ce, grad_emo, x, w, target, cost, lse, emo, ignore_index, tiles, need_weight_grad=True):
     """(dL/dx, dL/dw) for per-row upstream gradients of ce and emo."""
     geo = _EMOGeometry(x, w, target, cost, ignore_index)
     zero = torch.zeros_like(lse)
@@ -52,5 +52,6 @@ def emo_backward(grad_ce, grad_emo, x, w, target, cost, lse, emo, ignore_index, 
     p_target = torch.exp(geo.target_logit - lse)
     target_grad = p_target * (coef_p - g_emo * geo.self_cosine) - g_ce
     cost_term = CostSpec(geo.query, geo.query_scale, cost, geo.key_scale, g_emo)
-    grad_x, grad_w, _ = streaming_grads(x, w, geo.spec, lse, coef_p, zero, target_grad, tiles, cost=cost_term)
+    grad_x, grad_w, _ = streaming_grads(x, w, geo.spec, lse, coef_p, zero, target_grad, tiles, cost=cost_term,
+                                        need_weight_grad=need_weight_grad)
     return grad_x.to(x.dtype), grad_w

@@ -97,24 +97,28 @@ def _robust_max(values, outlier_factor=64.0):
 def streaming_grads(
     x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, tiles,
     finalize_weight_chunk: Optional[Callable[[int, int, Tensor], Tensor]] = None,
-    need_bias_grad: bool = False, cost: Optional[CostSpec] = None,
+    need_bias_grad: bool = False, cost: Optional[CostSpec] = None, need_weight_grad: bool = True,
 ):
-    """dL/dX (raw, accumulation dtype), dL/dW (weight dtype) and dL/dbias (or None).
+    """dL/dX (raw, accumulation dtype), dL/dW (weight dtype, or None when not `need_weight_grad`: a frozen
+    head skips the dW GEMM) and dL/dbias (or None).
 
     `finalize_weight_chunk(c0, c1, dw_chunk)` lets the loss chain a class chunk of dW (accumulation
     dtype) through what the engine does not know about (row normalisation of W) before it is stored.
     """
     if hasattr(tiles, "streaming_grads"):  # the backend runs the chunk loop below in one call
-        return tiles.streaming_grads(x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk,
-                                     need_bias_grad, cost)
+        grad_x, grad_w, grad_bias = tiles.streaming_grads(
+            x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk, need_bias_grad, cost)
+        return grad_x, (grad_w if need_weight_grad else None), grad_bias
     acc = accumulation_dtype(x.dtype)
     N, D = x.shape
     C = w.shape[0]
     grad_x = torch.zeros(N, D, dtype=acc, device=x.device)
-    grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)  # contiguous, as the fake kernels say
+    # contiguous, as the fake kernels say
+    grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_weight_grad else None
     grad_bias = torch.zeros(C, dtype=acc, device=x.device) if need_bias_grad else None
     if N == 0 or C == 0:
-        grad_w.zero_()
+        if grad_w is not None:
+            grad_w.zero_()
         return grad_x, grad_w, grad_bias
     # G is stored in a 16-bit dtype on the GPU: rescale it so that its typical largest entry is ~1, which
     # keeps fp16 from underflowing small probabilities (mean over 8k rows gives coef_p ≈ 1e-4). The bound
@@ -136,9 +140,11 @@ def streaming_grads(
         g = tiles.grad_logits(x, w, spec, lse, coef_p * grad_scale, coef_u * grad_scale,
                               target_grad * grad_scale, c0, c1, cost)
         grad_x += mm_accumulate(g, w[c0:c1], acc)  # still scaled: unscaled once after the loop
-        grad_w_chunk = mm_accumulate(g.t(), x, acc).mul_(unscale)
         if grad_bias is not None:
             grad_bias[c0:c1] = g.to(acc).sum(0) * unscale
+        if grad_w is None:
+            continue
+        grad_w_chunk = mm_accumulate(g.t(), x, acc).mul_(unscale)
         if finalize_weight_chunk is not None:
             grad_w_chunk = finalize_weight_chunk(c0, c1, grad_w_chunk)
         grad_w[c0:c1] = grad_w_chunk

@@ -79,8 +79,9 @@ def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles):
     return torch.where(tgt.valid, loss, torch.zeros_like(loss)), lse
 
 
-def linear_ce_backward(grad_loss, x, w, target, bias, lse, opts: LinearCEOptions, tiles):
-    """(dL/dx, dL/dw, dL/dbias or None)."""
+def linear_ce_backward(grad_loss, x, w, target, bias, lse, opts: LinearCEOptions, tiles, need_weight_grad=True,
+                       need_bias_grad=True):
+    """(dL/dx, dL/dw or None, dL/dbias or None)."""
     tgt = _TargetLogits(x, w, target, bias, opts)
     C = w.shape[0]
     eps = opts.label_smoothing
@@ -92,5 +93,5 @@ def linear_ce_backward(grad_loss, x, w, target, bias, lse, opts: LinearCEOptions
     grad_target_logit = coef_p * torch.exp(log_pt) - coef_u + g * (1.0 - eps) * df
     grad_x, grad_w, grad_bias = streaming_grads(
         x, w, tgt.spec, lse, coef_p, coef_u, grad_target_logit * tgt.slope, tiles,
-        need_bias_grad=bias is not None)
-    return grad_x.to(x.dtype), grad_w, (grad_bias.to(bias.dtype) if bias is not None else None)
+        need_bias_grad=bias is not None and need_bias_grad, need_weight_grad=need_weight_grad)
+    return grad_x.to(x.dtype), grad_w, (grad_bias.to(bias.dtype) if grad_bias is not None else None)

@@ -65,7 +65,7 @@ def margin_ce_forward(x, w, target, opts: MarginOptions, tiles):
     return torch.where(geo.valid, loss, torch.zeros_like(loss)), lse
 
 
-def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles):
+def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles, need_weight_grad=True):
     geo = _TargetGeometry(x, w, target, opts)
     C = w.shape[0]
     eps = opts.label_smoothing
@@ -101,7 +101,8 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles)
             return grad_w_raw.index_add_(0, rows_in_chunk, contribution.to(grad_w_raw.dtype))
 
     grad_x_raw, grad_w, _ = streaming_grads(
-        x, w, geo.spec(), lse, g, g * (eps / C), target_grad, tiles, finalize_weight_chunk)
+        x, w, geo.spec(), lse, g, g * (eps / C), target_grad, tiles, finalize_weight_chunk,
+        need_weight_grad=need_weight_grad)
 
     if opts.normalize:
         x_hat = geo.xf / geo.x_norm[:, None]

@@ -22,6 +22,11 @@ def _contiguous_like(t):
     return t.new_empty(t.shape)
 
 
+def _or_empty(grad, like):
+    # custom ops return tensors: a gradient that was not computed is an empty (0,) tensor
+    return grad if grad is not None else like.new_empty((0,))
+
+
 def _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
     return MarginOptions(float(scale), float(m1), float(m2), float(m3), bool(normalize),
                          bool(exact_margin_grad), float(label_smoothing), int(ignore_index))
@@ -49,18 +54,21 @@ def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, la
 @torch.library.custom_op("marginkern::margin_cross_entropy_backward", mutates_args=())
 def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
                                   scale: float, m1: float, m2: float, m3: float, normalize: bool,
-                                  exact_margin_grad: bool, label_smoothing: float,
-                                  ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(dL/dinput, dL/dweight) for the per-row loss gradient `grad_loss`."""
+                                  exact_margin_grad: bool, label_smoothing: float, ignore_index: int,
+                                  need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """(dL/dinput, dL/dweight) for the per-row loss gradient `grad_loss`; dL/dweight is empty (0,) when
+    not `need_weight_grad` (a frozen head skips the dW GEMM)."""
     opts = _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
-    return margin_ce_backward(grad_loss, input, weight, target, lse, opts,
-                              select_tiles(input.device, input.dtype))
+    grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts,
+                                        select_tiles(input.device, input.dtype), need_weight_grad)
+    return grad_x, _or_empty(grad_w, weight)
 
 
 @margin_cross_entropy_backward.register_fake
-def _(grad_loss, input, weight, target, lse, *options):
-    return _contiguous_like(input), _contiguous_like(weight)
+def _(grad_loss, input, weight, target, lse, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing,
+      ignore_index, need_weight_grad=True):
+    return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
 def _margin_setup_context(ctx, inputs, output):
@@ -73,9 +81,10 @@ def _margin_setup_context(ctx, inputs, output):
 def _margin_backward(ctx, grad_loss, grad_lse):
     # lse is a by-product for the backward pass, not a differentiable output: its gradient is ignored.
     input, weight, target, lse = ctx.saved_tensors
+    need_weight_grad = ctx.needs_input_grad[1]
     grad_input, grad_weight = torch.ops.marginkern.margin_cross_entropy_backward(
-        grad_loss.contiguous(), input, weight, target, lse, *ctx.options)
-    return grad_input, grad_weight, None, None, None, None, None, None, None, None, None
+        grad_loss.contiguous(), input, weight, target, lse, *ctx.options, need_weight_grad)
+    return (grad_input, grad_weight if need_weight_grad else None) + (None,) * 9
 
 
 margin_cross_entropy.register_autograd(_margin_backward, setup_context=_margin_setup_context)
@@ -108,19 +117,23 @@ def _(input, weight, target, bias, *options):
 def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor,
                                   bias: Optional[Tensor], lse: Tensor, ignore_index: int, label_smoothing: float,
                                   z_loss: float, softcap: Optional[float], focal_gamma: float,
-                                  gamma_ce: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dL/dinput, dL/dweight, dL/dbias); dL/dbias is empty (0,) when there is no bias."""
+                                  gamma_ce: float, need_weight_grad: bool = True,
+                                  need_bias_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dinput, dL/dweight, dL/dbias); a gradient not needed (or of an absent bias) is empty (0,)."""
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     input, weight = input.contiguous(), weight.contiguous()
     grad_x, grad_w, grad_b = linear_ce_backward(grad_loss, input, weight, target, bias, lse, opts,
-                                                select_tiles(input.device, input.dtype))
-    return grad_x, grad_w, (grad_b if grad_b is not None else weight.new_empty((0,)))
+                                                select_tiles(input.device, input.dtype), need_weight_grad,
+                                                need_bias_grad)
+    return grad_x, _or_empty(grad_w, weight), _or_empty(grad_b, weight)
 
 
 @linear_cross_entropy_backward.register_fake
-def _(grad_loss, input, weight, target, bias, lse, *options):
-    grad_b = _contiguous_like(bias) if bias is not None else weight.new_empty((0,))
-    return _contiguous_like(input), _contiguous_like(weight), grad_b
+def _(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
+      gamma_ce, need_weight_grad=True, need_bias_grad=True):
+    grad_b = _contiguous_like(bias) if bias is not None and need_bias_grad else weight.new_empty((0,))
+    grad_w = _contiguous_like(weight) if need_weight_grad else weight.new_empty((0,))
+    return _contiguous_like(input), grad_w, grad_b
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -132,9 +145,11 @@ def _linear_setup_context(ctx, inputs, output):
 
 def _linear_backward(ctx, grad_loss, grad_lse):
     input, weight, target, bias, lse = ctx.saved_tensors
+    need_weight_grad, need_bias_grad = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
     grad_input, grad_weight, grad_bias = torch.ops.marginkern.linear_cross_entropy_backward(
-        grad_loss.contiguous(), input, weight, target, bias, lse, *ctx.options)
-    return grad_input, grad_weight, None, (grad_bias if bias is not None else None), None, None, None, None, None, None
+        grad_loss.contiguous(), input, weight, target, bias, lse, *ctx.options, need_weight_grad, need_bias_grad)
+    return ((grad_input, grad_weight if need_weight_grad else None, None, grad_bias if need_bias_grad else None)
+            + (None,) * 6)
 
 
 linear_cross_entropy.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -159,16 +174,17 @@ def _(input, weight, target, cost_embedding, ignore_index):
 
 @torch.library.custom_op("marginkern::emo_cross_entropy_backward", mutates_args=())
 def emo_cross_entropy_backward(grad_ce: Tensor, grad_emo: Tensor, input: Tensor, weight: Tensor, target: Tensor,
-                               cost_embedding: Tensor, lse: Tensor, emo: Tensor,
-                               ignore_index: int) -> tuple[Tensor, Tensor]:
+                               cost_embedding: Tensor, lse: Tensor, emo: Tensor, ignore_index: int,
+                               need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
     input, weight, cost_embedding = input.contiguous(), weight.contiguous(), cost_embedding.contiguous()
-    return emo_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, int(ignore_index),
-                        select_tiles(input.device, input.dtype))
+    grad_x, grad_w = emo_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo,
+                                  int(ignore_index), select_tiles(input.device, input.dtype), need_weight_grad)
+    return grad_x, _or_empty(grad_w, weight)
 
 
 @emo_cross_entropy_backward.register_fake
-def _(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ignore_index):
-    return _contiguous_like(input), _contiguous_like(weight)
+def _(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ignore_index, need_weight_grad=True):
+    return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
 def _emo_setup_context(ctx, inputs, output):
@@ -182,9 +198,10 @@ def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
     input, weight, target, cost_embedding, lse, emo = ctx.saved_tensors
     grad_ce = torch.zeros_like(lse) if grad_ce is None else grad_ce.contiguous()
     grad_emo = torch.zeros_like(lse) if grad_emo is None else grad_emo.contiguous()
+    need_weight_grad = ctx.needs_input_grad[1]
     grad_input, grad_weight = torch.ops.marginkern.emo_cross_entropy_backward(
-        grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ctx.ignore_index)
-    return grad_input, grad_weight, None, None, None
+        grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ctx.ignore_index, need_weight_grad)
+    return grad_input, (grad_weight if need_weight_grad else None), None, None, None
 
 
 emo_cross_entropy.register_autograd(_emo_backward, setup_context=_emo_setup_context)

@@ -296,3 +296,35 @@ def test_log_sum_exp_output_is_not_differentiable():
     _, lse = torch.ops.marginkern.margin_cross_entropy(x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100)
     _, lse_linear = torch.ops.marginkern.linear_cross_entropy(x, w, t, None, -100, 0.0, 0.0, None, 0.0, 0.0)
     assert not lse.requires_grad and not lse_linear.requires_grad
+
+
+@pytest.mark.parametrize("loss", ["margin", "linear", "emo"])
+def test_frozen_weight_skips_its_gradient(loss):
+    # a frozen head (LoRA, linear probing) must not pay for dW; x's gradient is unchanged
+    fn = {"margin": mk.margin_cross_entropy, "linear": mk.linear_cross_entropy, "emo": mk.emo_cross_entropy}[loss]
+    x, w, t = make_case(10, 40, 6)
+    _, want_x, _ = loss_and_grads(fn, x, w, t)
+    xf = x.detach().requires_grad_()
+    fn(xf, w.detach(), t).backward()
+    torch.testing.assert_close(xf.grad, want_x)
+    op = {"margin": "margin_cross_entropy_backward", "linear": "linear_cross_entropy_backward",
+          "emo": "emo_cross_entropy_backward"}[loss]
+    args = {"margin": (torch.rand(10), x.detach(), w.detach(), t, torch.rand(10), 64.0, 1.0, 0.5, 0.0, True, True,
+                       0.0, -100, False),
+            "linear": (torch.rand(10), x.detach(), w.detach(), t, None, torch.rand(10), -100, 0.0, 0.0, None, 0.0,
+                       0.0, False, False),
+            "emo": (torch.rand(10), torch.rand(10), x.detach(), w.detach(), t, w.detach(), torch.rand(10),
+                    torch.rand(10), -100, False)}[loss]
+    grads = getattr(torch.ops.marginkern, op)(*args)
+    assert grads[1].numel() == 0
+    torch.library.opcheck(getattr(torch.ops.marginkern, op).default, args)
+
+
+def test_frozen_bias_and_weight_of_linear_ce():
+    x, w, t = make_case(10, 40, 6)
+    b = torch.randn(40, requires_grad=True)
+    loss = mk.linear_cross_entropy(x, w.detach(), t, b)
+    gx, gb = torch.autograd.grad(loss, (x, b))
+    want = torch.autograd.grad(mk.linear_cross_entropy(x, w, t, b), (x, b))
+    torch.testing.assert_close(gx, want[0])
+    torch.testing.assert_close(gb, want[1])
