@@ -33,8 +33,7 @@ def _triton_tiles():
     except ImportError as e:
         return f"triton is not installed ({e}); pip install triton"
     from .triton_kernels import TritonTiles
-    sm_count = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
-    return TritonTiles(sm_count=sm_count)
+    return TritonTiles()
 
 
 def _why_not(backend, device, dtype=torch.float32):

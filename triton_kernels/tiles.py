@@ -1,6 +1,7 @@
 """Host side of the Triton engine: launch configuration and the tile-backend contract of
 marginkern/engine.py (`row_stats`, `grad_logits`, `class_chunks`)."""
 import contextlib
+import functools
 import os
 
 import torch
@@ -26,6 +27,12 @@ def _config(x):
     return dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64), dict(num_warps=8, num_stages=3)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    """SMs of x's GPU (132 on an H100 SXM; the interpreter pretends the same)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def _dot_precision(x):
     # tf32 would cost fp32 users three decimal digits; 16-bit inputs ignore this setting.
     return "ieee" if x.dtype == torch.float32 else "tf32"
@@ -47,9 +54,8 @@ def _pointer_args(x, spec):
 class TritonTiles:
     name = "triton"
 
-    def __init__(self, buffer_bytes: int = 64 << 20, sm_count: int = 132):
+    def __init__(self, buffer_bytes: int = 64 << 20):
         self.buffer_bytes = buffer_bytes
-        self.sm_count = sm_count
 
     def class_chunks(self, N, C, x):
         blocks, _ = _config(x)
@@ -67,7 +73,7 @@ class TritonTiles:
         row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
         # Split classes across programs so that few row blocks still fill the GPU (flash-decoding).
         class_blocks = triton.cdiv(C, blocks["BLOCK_C"])
-        wanted_splits = max(1, (2 * self.sm_count) // max(1, row_blocks))
+        wanted_splits = max(1, (2 * _sm_count(x.device)) // max(1, row_blocks))
         per_split = triton.cdiv(class_blocks, min(class_blocks, wanted_splits)) * blocks["BLOCK_C"]
         splits = triton.cdiv(C, per_split)
         part = torch.empty(3 if need_sum_logits else 2, splits, N, dtype=torch.float32, device=x.device)
