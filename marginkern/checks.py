@@ -35,7 +35,10 @@ def check_classification_inputs(input, weight, target):
 
 
 def check_target_values(target, num_classes, ignore_index):
-    """Targets in [0, C) or == ignore_index. Data-dependent (one host sync), so real tensors only."""
+    """Targets in [0, C) or == ignore_index. Data-dependent (one host sync), so real tensors only, and
+    skipped while a CUDA graph is being captured (a sync would break the capture)."""
+    if target.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
         first = int(target[bad][0])

@@ -56,12 +56,9 @@ class CostSpec:
     coef: Tensor           # (N,) coef_cost
 
 
-def row_norms(t: Tensor, rows_per_chunk: int = 1 << 16) -> Tensor:
-    """‖t_i‖ in the accumulation dtype, without an fp32 copy of a large (C, D) weight."""
-    acc = accumulation_dtype(t.dtype)
-    if t.shape[0] == 0:
-        return torch.zeros(0, dtype=acc, device=t.device)
-    return torch.cat([torch.linalg.vector_norm(p.to(acc), dim=1) for p in t.split(rows_per_chunk)])
+def row_norms(t: Tensor) -> Tensor:
+    """‖t_i‖ in the accumulation dtype; the reduction upcasts as it loads (no fp32 copy of a (C, D) weight)."""
+    return torch.linalg.vector_norm(t, dim=1, dtype=accumulation_dtype(t.dtype))
 
 
 def project_out_rows(grad: Tensor, weight: Tensor, inv_norm_sq: Tensor) -> Tensor:
