@@ -163,7 +163,9 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
     target_prob = torch.exp(spec.target_logit - lse)
     for c0, c1 in tiles.class_chunks(N, C, x):
         p = tiles.grad_logits(x, w, spec, lse, ones, zeros, target_prob, c0, c1)
-        out += mm_accumulate((p.to(acc) * value_scale[c0:c1]).to(values.dtype), values[c0:c1], acc)
+        # scale the (chunk, E) values rather than the (N, chunk) probabilities: the smaller temporary
+        scaled_values = (values[c0:c1] * value_scale[c0:c1, None]).to(p.dtype)
+        out += mm_accumulate(p, scaled_values, acc)
     return out
 
 
