@@ -19,12 +19,28 @@ def _on_device(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+GPU_CONFIG = dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)  # untuned starting point
+
+
+def parse_config(text):
+    """'BLOCK_N=128,BLOCK_C=128,BLOCK_D=64,num_warps=8,num_stages=3' → dict (bench/sweep_triton_configs.py)."""
+    config = dict(GPU_CONFIG)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in GPU_CONFIG:
+            raise ValueError(f"MARGINKERN_TRITON_CONFIG: unknown key {key!r}; expected keys of {sorted(GPU_CONFIG)}")
+        config[key] = int(value)
+    return config
+
+
 def _config(x):
-    """Block sizes. The interpreter gets small blocks so that tests on small, odd shapes still cross
-    every tile boundary; the GPU values are a starting point (see bench/NOTES.md)."""
+    """Block sizes and launch options. The interpreter gets small blocks so that tests on small, odd shapes
+    still cross every tile boundary; on the GPU, MARGINKERN_TRITON_CONFIG overrides GPU_CONFIG (tuning)."""
     if INTERPRETED or not x.is_cuda:
         return dict(BLOCK_N=16, BLOCK_C=32, BLOCK_D=16), {}
-    return dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64), dict(num_warps=8, num_stages=3)
+    config = parse_config(os.environ.get("MARGINKERN_TRITON_CONFIG", ""))
+    return ({k: config[k] for k in ("BLOCK_N", "BLOCK_C", "BLOCK_D")},
+            {k: config[k] for k in ("num_warps", "num_stages")})
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,94 @@
+"""Tune the Triton kernels' block sizes on the GPU: time one forward (row statistics over all classes) and
+one backward chunk (dL/da, the kernel part only) per configuration, for the face and LLM standard shapes.
+
+    python bench/sweep_triton_configs.py [--case arcface-1M|llama3-8b|gemma2-2b|all] [--quick]
+
+Each configuration runs in this process through MARGINKERN_TRITON_CONFIG; one that does not compile (e.g.
+out of shared memory) is recorded with its error. Writes bench/results/<device>/<date>-sweep.json and
+prints the fastest configurations. Put the winner into triton_kernels/tiles.py GPU_CONFIG and rerun the
+benchmarks. CUDA only.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+
+import harness
+
+CASES = {"arcface-1M": (1024, 512, 1_000_000, True), "llama3-8b": (8192, 4096, 128_256, False),
+         "gemma2-2b": (8192, 2304, 256_000, False)}  # (N, D, C, normalized)
+
+
+def grid(quick):
+    if quick:
+        return [dict(BLOCK_N=n, BLOCK_C=c, BLOCK_D=d, num_warps=w, num_stages=s)
+                for n, c, d, w, s in [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]]
+    return [dict(BLOCK_N=n, BLOCK_C=c, BLOCK_D=d, num_warps=w, num_stages=s)
+            for n, c, d, w, s in itertools.product((64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (3, 4))]
+
+
+def measure(name, config):
+    from triton.testing import do_bench
+
+    from marginkern.dispatch import select_tiles
+    from marginkern.engine import LogitSpec
+    N, D, C, normalized = CASES[name]
+    os.environ["MARGINKERN_TRITON_CONFIG"] = ",".join(f"{k}={v}" for k, v in config.items())
+    torch.manual_seed(0)
+    x = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(C, D, device="cuda", dtype=torch.bfloat16) / D ** 0.5
+    target = torch.randint(0, C, (N,), device="cuda")
+    ones = torch.ones(N, device="cuda")
+    col_scale = (1.0 / w.float().norm(dim=1)) if normalized else None
+    spec = LogitSpec(ones * (64.0 if normalized else 1.0), col_scale, None, None, target, torch.zeros(N, device="cuda"))
+    tiles = select_tiles(x.device, x.dtype)
+    lse, _ = tiles.row_stats(x, w, spec, False)
+    c0, c1 = tiles.class_chunks(N, C, x)[0]
+    fwd_ms = do_bench(lambda: tiles.row_stats(x, w, spec, False), warmup=5, rep=50)
+    chunk_ms = do_bench(lambda: tiles.grad_logits(x, w, spec, lse, ones / N, ones * 0, ones * 0, c0, c1),
+                        warmup=5, rep=50)
+    # the forward is 1 GEMM-equivalent over all classes; the chunk kernel is 1 over c1 − c0 classes
+    flop = 2 * N * D
+    return {"fwd_ms": fwd_ms, "fwd_tflops": flop * C / fwd_ms / 1e9,
+            "chunk_ms": chunk_ms, "chunk_classes": c1 - c0, "chunk_tflops": flop * (c1 - c0) / chunk_ms / 1e9}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="all", choices=["all", *CASES])
+    parser.add_argument("--quick", action="store_true", help="three configurations instead of the full grid")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("sweep_triton_configs.py needs a CUDA GPU")
+    harness.put_repo_on_path()
+    names = list(CASES) if args.case == "all" else [args.case]
+    rows = []
+    for name in names:
+        for config in grid(args.quick):
+            start = time.perf_counter()
+            try:
+                row = {"case": name, **config, **measure(name, config), "status": "ok"}
+            except Exception as e:  # e.g. out of shared memory for this block shape
+                row = {"case": name, **config, "status": f"error: {type(e).__name__}: {str(e)[:200]}"}
+            row["wall_s"] = time.perf_counter() - start
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    device = harness.device_slug("cuda")
+    out = harness.REPO_ROOT / "bench" / "results" / device / f"{time.strftime('%Y-%m-%d')}-sweep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+    for name in names:
+        ok = sorted((r for r in rows if r["case"] == name and r["status"] == "ok"), key=lambda r: r["fwd_ms"])
+        for r in ok[:3]:
+            print(f"{name}: fwd {r['fwd_ms']:.3f} ms ({r['fwd_tflops']:.0f} TFLOP/s), chunk {r['chunk_ms']:.3f} ms "
+                  f"({r['chunk_tflops']:.0f} TFLOP/s) with " + ",".join(f"{k}={r[k]}" for k in
+                  ("BLOCK_N", "BLOCK_C", "BLOCK_D", "num_warps", "num_stages")))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
