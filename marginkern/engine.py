@@ -84,11 +84,10 @@ def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
 
 
 def _robust_max(values, outlier_factor=64.0):
-    """max(values), but at most outlier_factor × the median of the non-zero values."""
-    nonzero = values[values > 0]
-    if nonzero.numel() == 0:
-        return values.new_zeros(())
-    return torch.minimum(nonzero.max(), outlier_factor * nonzero.median())
+    """max(values ≥ 0), but at most outlier_factor × the median of the non-zero values (0 if all are 0).
+    Written without boolean indexing, which would sync with the GPU on every backward pass."""
+    median = torch.where(values > 0, values, torch.nan).nanmedian()  # NaN when every value is 0
+    return torch.fmin(values.max(), outlier_factor * median)  # fmin ignores that NaN
 
 
 def streaming_grads(
