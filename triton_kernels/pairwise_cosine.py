@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_device
+
 NORM_EPS = 1e-12
 
 
@@ -68,8 +70,9 @@ def pairwise_cosine_forward(a, b):
     cos, inv_a, inv_b = (torch.empty(B, dtype=torch.float32, device=a.device) for _ in range(3))
     if B:
         blocks = _blocks(D)
-        pairwise_cosine_fwd_kernel[(triton.cdiv(B, blocks["BLOCK_R"]),)](
-            a, b, cos, inv_a, inv_b, B, D, a.stride(0), b.stride(0), NORM_EPS, **blocks)
+        with on_device(a):
+            pairwise_cosine_fwd_kernel[(triton.cdiv(B, blocks["BLOCK_R"]),)](
+                a, b, cos, inv_a, inv_b, B, D, a.stride(0), b.stride(0), NORM_EPS, **blocks)
     return cos, inv_a, inv_b
 
 
@@ -79,6 +82,8 @@ def pairwise_cosine_backward(grad, a, b, cos, inv_a, inv_b):
     da, db = torch.empty_like(a), torch.empty_like(b)
     if B:
         blocks = _blocks(D)
-        pairwise_cosine_bwd_kernel[(triton.cdiv(B, blocks["BLOCK_R"]),)](
-            grad.float().contiguous(), a, b, cos, inv_a, inv_b, da, db, B, D, a.stride(0), b.stride(0), **blocks)
+        with on_device(a):
+            pairwise_cosine_bwd_kernel[(triton.cdiv(B, blocks["BLOCK_R"]),)](
+                grad.float().contiguous(), a, b, cos, inv_a, inv_b, da, db, B, D, a.stride(0), b.stride(0),
+                **blocks)
     return da, db

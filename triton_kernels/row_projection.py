@@ -4,11 +4,11 @@ The normalised margin losses chain dW through ŵ = w/‖w‖ once per class chun
 an fp32 copy of the W chunk, a product, a row sum, a scaled copy and a subtraction (≈ 30 bytes of
 traffic per element); this kernel reads g (fp32) and w once per pass and writes g back.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .device import on_device
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def project_out_rows(grad, weight, inv_norm_sq):
         return grad
     assert grad.dtype == torch.float32 and grad.stride(1) == 1 and weight.stride(1) == 1
     block_d = min(256, triton.next_power_of_2(max(D, 16)))
-    with torch.cuda.device(grad.device) if grad.is_cuda else contextlib.nullcontext():
+    with on_device(grad):
         project_out_rows_kernel[(triton.cdiv(R, 8),)](
             grad, weight, inv_norm_sq.float().contiguous(), R, D, grad.stride(0), weight.stride(0),
             BLOCK_R=8, BLOCK_D=block_d)

@@ -1,22 +1,18 @@
 """Host side of the Triton engine: launch configuration and the tile-backend contract of
 marginkern/engine.py (`row_stats`, `grad_logits`, `class_chunks`)."""
-import contextlib
 import functools
 import os
 
 import torch
 import triton
 
+from .device import on_device
 from .row_projection import project_out_rows as _project_out_rows
 from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_GRID_Y = 65535  # CUDA's limit on grid dimensions 1 and 2
 
-
-def _on_device(x):
-    """Launch on x's GPU, not the current one (multi-GPU processes)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 GPU_CONFIG = dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)  # untuned starting point
@@ -95,7 +91,7 @@ class TritonTiles:
         part = torch.empty(3 if need_sum_logits else 2, splits, N, dtype=torch.float32, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
         if N > 0:
-            with _on_device(x):
+            with on_device(x):
                 streaming_ce_fwd_kernel[(row_blocks, splits)](
                     x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target, spec.target_logit.float(),
                     part[0], part[1], part[-1],
@@ -107,10 +103,7 @@ class TritonTiles:
         return lse, (part[2].sum(0) if need_sum_logits else None)
 
     def project_out_rows(self, grad, weight, inv_norm_sq):
-        """engine.project_out_rows, fused (fp32 gradient rows; float64 stays on the PyTorch version)."""
-        if grad.dtype != torch.float32:
-            from marginkern.engine import project_out_rows
-            return project_out_rows(grad, weight, inv_norm_sq)
+        """engine.project_out_rows, fused (the Triton path accumulates in fp32: it never serves float64)."""
         return _project_out_rows(grad, weight.contiguous(), inv_norm_sq)
 
     def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
@@ -128,7 +121,7 @@ class TritonTiles:
         else:  # unread placeholders (HAS_COST=False)
             cost_args, E, stride_q, stride_k = (x, w, lse, lse, lse), 0, 0, 0
         if N > 0:
-            with _on_device(x):
+            with on_device(x):
                 streaming_ce_grad_logits_kernel[grid](
                     x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target,
                     lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad, *cost_args,
