@@ -11,16 +11,15 @@ cosines ê_t·ê_j per tile (the engine's cost term) to the usual dX/dW GEMMs. O
 import torch
 
 from .engine import (NORM_EPS, CostSpec, LogitSpec, accumulation_dtype, row_norms, streaming_expectation,
-                     streaming_grads, streaming_row_stats)
+                     streaming_grads, streaming_row_stats, target_columns, target_dot)
 
 
 class _EMOGeometry:
     def __init__(self, x, w, target, cost, ignore_index):
         acc = accumulation_dtype(x.dtype)
-        self.valid = target != ignore_index
-        self.column = torch.where(self.valid, target, -1)
+        self.valid, self.column = target_columns(target, ignore_index)
         safe = self.column.clamp_min(0)
-        self.target_logit = (x.to(acc) * w[safe].to(acc)).sum(1)
+        self.target_logit = target_dot(x, w, self.column)
         self.spec = LogitSpec(torch.ones_like(self.target_logit), None, None, None, self.column, self.target_logit)
         # ê_j = e_j / ‖e_j‖ without a normalised (C, E) copy: the norms ride along as scales, in fp32
         # (an fp16 cost embedding's norms would overflow in fp16).

@@ -56,6 +56,19 @@ class CostSpec:
     coef: Tensor           # (N,) coef_cost
 
 
+def target_columns(target: Tensor, ignore_index: int):
+    """(valid, column): the rows that count, and each row's target class with −1 for ignored rows (the
+    LogitSpec convention for "no target column"). Index with column.clamp_min(0) to gather safely."""
+    valid = target != ignore_index
+    return valid, torch.where(valid, target, -1)
+
+
+def target_dot(x: Tensor, w: Tensor, column: Tensor) -> Tensor:
+    """x_n · w_{column_n} in the accumulation dtype (row 0 of w for ignored rows): the raw target logit."""
+    acc = accumulation_dtype(x.dtype)
+    return (x.to(acc) * w[column.clamp_min(0)].to(acc)).sum(1)
+
+
 def row_norms(t: Tensor) -> Tensor:
     """‖t_i‖ in the accumulation dtype; the reduction upcasts as it loads (no fp32 copy of a (C, D) weight)."""
     return torch.linalg.vector_norm(t, dim=1, dtype=accumulation_dtype(t.dtype))

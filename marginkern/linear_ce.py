@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import LogitSpec, accumulation_dtype, streaming_grads, streaming_row_stats
+from .engine import LogitSpec, streaming_grads, streaming_row_stats, target_columns, target_dot
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,10 @@ class _TargetLogits:
     """z_t per row: the gathered dot product plus bias, soft-capped (and its softcap slope)."""
 
     def __init__(self, x, w, target, bias, opts: LinearCEOptions):
-        acc = accumulation_dtype(x.dtype)
-        self.valid = target != opts.ignore_index
-        self.column = torch.where(self.valid, target, -1)
-        safe = self.column.clamp_min(0)
-        raw = (x.to(acc) * w[safe].to(acc)).sum(1)
+        self.valid, self.column = target_columns(target, opts.ignore_index)
+        raw = target_dot(x, w, self.column)
         if bias is not None:
-            raw = raw + bias[safe].to(acc)
+            raw = raw + bias[self.column.clamp_min(0)].to(raw.dtype)
         self.slope = torch.ones_like(raw)
         if opts.softcap is not None:
             t = torch.tanh(raw / opts.softcap)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, project_out_rows, row_norms, streaming_grads,
-                     streaming_row_stats)
+                     streaming_row_stats, target_columns)
 from .margin import margin_psi, margin_slope
 
 
@@ -31,8 +31,7 @@ class _TargetGeometry:
 
     def __init__(self, x, w, target, opts: MarginOptions):
         acc = accumulation_dtype(x.dtype)
-        self.valid = target != opts.ignore_index
-        self.column = torch.where(self.valid, target, -1)
+        self.valid, self.column = target_columns(target, opts.ignore_index)
         self.xf = x.to(acc)
         self.w_target = w[self.column.clamp_min(0)].to(acc)
         self.x_norm = torch.linalg.vector_norm(self.xf, dim=1).clamp_min(NORM_EPS)
