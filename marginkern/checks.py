@@ -1,5 +1,6 @@
 """Argument validation. Every error names the argument and what was expected (DESIGN.md §6)."""
 import math
+import operator
 
 import torch
 
@@ -7,20 +8,21 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_classification_inputs(input, weight, target):
-    """Shapes, dtypes and devices of (input (N, D), weight (C, D), target (N,)); works on fake tensors."""
-    for name, t in (("input", input), ("weight", weight), ("target", target)):
+def check_classification_inputs(input, weight, target, weight_name="weight"):
+    """Shapes, dtypes and devices of (input (N, D), weight (C, D), target (N,)); works on fake tensors.
+    `weight_name` is what errors call the weight (a class-sharded loss takes "weight_shard")."""
+    for name, t in (("input", input), (weight_name, weight), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if input.dim() != 2:
         raise ValueError(f"input must have shape (N, D), got shape {tuple(input.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (C, D), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{weight_name} must have shape (C, D), got shape {tuple(weight.shape)}")
     if weight.shape[1] != input.shape[1]:
-        raise ValueError(f"weight must have shape (C, D={input.shape[1]}) to match input, "
+        raise ValueError(f"{weight_name} must have shape (C, D={input.shape[1]}) to match input, "
                          f"got shape {tuple(weight.shape)}")
     if weight.shape[0] < 1:
-        raise ValueError("weight must have at least one class (C ≥ 1), got C = 0")
+        raise ValueError(f"{weight_name} must have at least one class (C ≥ 1), got C = 0")
     if target.dim() != 1 or target.shape[0] != input.shape[0]:
         raise ValueError(f"target must have shape (N={input.shape[0]},), got shape {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -28,9 +30,9 @@ def check_classification_inputs(input, weight, target):
     if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
     if weight.dtype != input.dtype:
-        raise TypeError(f"weight must have the dtype of input ({input.dtype}), got {weight.dtype}")
+        raise TypeError(f"{weight_name} must have the dtype of input ({input.dtype}), got {weight.dtype}")
     if not (input.device == weight.device == target.device):
-        raise ValueError(f"input, weight and target must be on one device, got {input.device}, "
+        raise ValueError(f"input, {weight_name} and target must be on one device, got {input.device}, "
                          f"{weight.device} and {target.device}")
 
 
@@ -44,6 +46,31 @@ def check_target_values(target, num_classes, ignore_index):
         first = int(target[bad][0])
         raise ValueError(f"target holds class {first}, outside [0, {num_classes}) and not "
                          f"ignore_index={ignore_index}")
+
+
+def check_int(name, value):
+    """value as a Python int (from an int, a NumPy integer or a one-element integer tensor), else a TypeError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def check_class_shard(weight_shard, class_start, num_classes, rank, world_size, expected_range):
+    """weight_shard holds the classes `expected_range` = [start, stop) that the sharding rule gives `rank` of
+    `world_size` processes, and class_start says so too (a wrong slice would be a silent wrong answer)."""
+    if num_classes < world_size:
+        raise ValueError(f"num_classes must be ≥ the process group's size ({world_size}) so that every rank holds "
+                         f"at least one class, got {num_classes}")
+    start, stop = expected_range
+    if class_start != start:
+        raise ValueError(f"class_start must be {start} on rank {rank} of {world_size} for num_classes={num_classes} "
+                         f"(marginkern.distributed.shard_range), got {class_start}")
+    if weight_shard.shape[0] != stop - start:
+        raise ValueError(f"weight_shard must hold classes [{start}, {stop}) on rank {rank} of {world_size}, i.e. have "
+                         f"shape ({stop - start}, D), got shape {tuple(weight_shard.shape)}")
 
 
 def check_reduction(reduction):
@@ -147,3 +174,28 @@ def check_binary_targets(targets, logits):
         raise ValueError("logits must have at least one dimension (the labels)")
     if not torch.compiler.is_compiling() and bool(((targets != 0) & (targets != 1)).any()):
         raise ValueError("targets must hold 0/1 labels (soft labels are not supported)")
+
+
+def resolve_grad_filter_eps(grad_filter_eps, dtype):
+    """None (exact), "auto" (Cut Cross-Entropy's default: the dtype's machine epsilon / 32) or a float in
+    (0, 1) → None or float."""
+    if grad_filter_eps is None:
+        return None
+    if isinstance(grad_filter_eps, str):
+        if grad_filter_eps != "auto":
+            raise ValueError(f"grad_filter_eps must be None, 'auto' or a float in (0, 1), got {grad_filter_eps!r}")
+        return torch.finfo(dtype).eps / 32
+    check_finite("grad_filter_eps", grad_filter_eps, 0.0, 1.0, low_open=True)
+    return float(grad_filter_eps)
+
+
+def check_logits_buffer(logits_buffer_mb, reduction, grad_filter_eps):
+    if logits_buffer_mb is None:
+        return
+    check_finite("logits_buffer_mb", logits_buffer_mb, 0.0, low_open=True)
+    if reduction == "none":
+        raise ValueError("logits_buffer_mb needs reduction 'mean' or 'sum': the buffered path computes the "
+                         "gradients of the reduced loss in the forward pass; use logits_buffer_mb=None with 'none'")
+    if grad_filter_eps is not None:
+        raise ValueError("grad_filter_eps filters the recomputing backward pass (logits_buffer_mb=None); it "
+                         f"cannot be combined with logits_buffer_mb={logits_buffer_mb}")

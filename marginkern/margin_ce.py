@@ -4,10 +4,18 @@ Per row the loss is  lse − (1−ε)·T − (ε/C)·Σ_j z_j  with T the margin
     normalize=True:   z_j = s·x̂·ŵ_j,          T = s·ψ(c_y)
     normalize=False:  z_j = s·x·w_j,           T = s·‖x‖‖w_y‖·ψ(c_y)        (L-Softmax)
 Everything here is O(N·D) per-row work; the O(N·C·D) work is the engine's.
+
+Class sharding (marginkern.distributed): `w` may be one contiguous slice [start, start + len(w)) of the C
+classes, described by a `ClassShard`. Each row's target geometry (c_y, ψ, T, the radial terms) is then
+computed only where its target class lives ("owned" rows; every non-ignored row without sharding); the
+shard merges the per-row statistics (lse, Σ_j z_j, T) across slices after the forward pass and sums the
+partial dL/dx before the chain through x's normalisation. Every other step is the same code.
 """
 from dataclasses import dataclass
+from typing import Optional, Protocol
 
 import torch
+from torch import Tensor
 
 from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, project_out_rows, row_norms, streaming_grads,
                      streaming_row_stats, target_columns)
@@ -26,14 +34,39 @@ class MarginOptions:
     ignore_index: int
 
 
-class _TargetGeometry:
-    """Per-row quantities of the target column, recomputed in the backward pass instead of saved."""
+class ClassShard(Protocol):
+    """`w` holds classes [start, start + len(w)) of num_classes; the other slices live elsewhere."""
 
-    def __init__(self, x, w, target, opts: MarginOptions):
+    start: int
+    num_classes: int
+
+    def merge_row_stats(self, lse: Tensor, sum_logits: Optional[Tensor], target_logit: Tensor):
+        """Per-row (lse, Σ_j z_j or None, T) over this slice (T = 0 on rows not owned here) → over all C."""
+
+    def sum_input_grad(self, grad_x: Tensor) -> Tensor:
+        """This slice's part of dL/dx (before the chain through x's normalisation) → the sum over slices."""
+
+
+def local_columns(column: Tensor, start: int, num_local: int) -> Tensor:
+    """Global target column → column within the slice [start, start + num_local), −1 when elsewhere."""
+    here = (column >= start) & (column < start + num_local)
+    return torch.where(here, column - start, -1)
+
+
+class _TargetGeometry:
+    """Per-row quantities of the target column, recomputed in the backward pass instead of saved.
+
+    Rows whose target is not in `w` (ignored rows, or held by another shard) get w_y = 0 and T = 0:
+    finite placeholders that the callers mask out.
+    """
+
+    def __init__(self, x, w, target, opts: MarginOptions, class_start: int = 0):
         acc = accumulation_dtype(x.dtype)
-        self.valid, self.column = target_columns(target, opts.ignore_index)
+        self.valid, global_column = target_columns(target, opts.ignore_index)
+        self.column = local_columns(global_column, class_start, w.shape[0])
+        self.owned = self.column >= 0
         self.xf = x.to(acc)
-        self.w_target = w[self.column.clamp_min(0)].to(acc)
+        self.w_target = w[self.column.clamp_min(0)].to(acc) * self.owned[:, None]
         self.x_norm = torch.linalg.vector_norm(self.xf, dim=1).clamp_min(NORM_EPS)
         self.w_target_norm = torch.linalg.vector_norm(self.w_target, dim=1).clamp_min(NORM_EPS)
         dot = (self.xf * self.w_target).sum(1)
@@ -42,35 +75,50 @@ class _TargetGeometry:
         if opts.normalize:
             self.col_norm = row_norms(w).clamp_min(NORM_EPS)
             self.row_scale = opts.scale / self.x_norm
-            self.target_logit = opts.scale * self.psi
+            target_logit = opts.scale * self.psi
         else:
             self.col_norm = None
             self.row_scale = torch.full_like(self.x_norm, opts.scale)
-            self.target_logit = opts.scale * self.x_norm * self.w_target_norm * self.psi
+            target_logit = opts.scale * self.x_norm * self.w_target_norm * self.psi
+        self.target_logit = torch.where(self.owned, target_logit, torch.zeros_like(target_logit))
 
     def spec(self):
         col_scale = None if self.col_norm is None else 1.0 / self.col_norm
         return LogitSpec(self.row_scale, col_scale, None, None, self.column, self.target_logit)
 
 
-def margin_ce_forward(x, w, target, opts: MarginOptions, tiles):
-    """Per-row loss (0 on ignored rows) and per-row log-sum-exp, both in the accumulation dtype."""
-    geo = _TargetGeometry(x, w, target, opts)
+def _class_layout(w, shard: Optional[ClassShard]):
+    """(first class held in w, total number of classes C)."""
+    return (0, w.shape[0]) if shard is None else (shard.start, shard.num_classes)
+
+
+def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[ClassShard] = None):
+    """Per-row loss (0 on ignored rows) and per-row log-sum-exp over all C classes, both in the
+    accumulation dtype."""
+    class_start, num_classes = _class_layout(w, shard)
+    geo = _TargetGeometry(x, w, target, opts, class_start)
     eps = opts.label_smoothing
     lse, sum_logits = streaming_row_stats(x, w, geo.spec(), eps > 0, tiles)
-    loss = lse - (1.0 - eps) * geo.target_logit
+    target_logit = geo.target_logit
+    if shard is not None:
+        lse, sum_logits, target_logit = shard.merge_row_stats(lse, sum_logits, target_logit)
+    loss = lse - (1.0 - eps) * target_logit
     if eps > 0:
-        loss = loss - (eps / w.shape[0]) * sum_logits
+        loss = loss - (eps / num_classes) * sum_logits
     return torch.where(geo.valid, loss, torch.zeros_like(loss)), lse
 
 
-def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles, need_weight_grad=True):
-    geo = _TargetGeometry(x, w, target, opts)
-    C = w.shape[0]
+def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles, need_weight_grad=True,
+                       shard: Optional[ClassShard] = None):
+    """(dL/dx, dL/dw) for the per-row loss gradient `grad_loss`; with a shard, `lse` is the merged one
+    and dL/dw is the gradient of this slice."""
+    class_start, C = _class_layout(w, shard)
+    geo = _TargetGeometry(x, w, target, opts, class_start)
     eps = opts.label_smoothing
     g = torch.where(geo.valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
     p_target = torch.exp(geo.target_logit - lse)
-    grad_target_logit = g * (p_target - (1.0 - eps) - eps / C)
+    # The target column's terms belong to the slice that holds it (only there is T known).
+    grad_target_logit = torch.where(geo.owned, g * (p_target - (1.0 - eps) - eps / C), torch.zeros_like(g))
     slope = margin_slope(geo.cosine, opts.m1, opts.m2, opts.exact_margin_grad)
     s = opts.scale
 
@@ -103,9 +151,13 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
         x, w, geo.spec(), lse, g, g * (eps / C), target_grad, tiles, finalize_weight_chunk,
         need_weight_grad=need_weight_grad)
 
+    if not opts.normalize:  # the radial x term, before the sum over slices: it is counted once, by the owner
+        grad_x_raw = grad_x_raw + (radial * geo.w_target_norm / geo.x_norm)[:, None] * geo.xf
+    if shard is not None:
+        grad_x_raw = shard.sum_input_grad(grad_x_raw)
     if opts.normalize:
         x_hat = geo.xf / geo.x_norm[:, None]
         grad_x = grad_x_raw - (x_hat * grad_x_raw).sum(1, keepdim=True) * x_hat
     else:
-        grad_x = grad_x_raw + (radial * geo.w_target_norm / geo.x_norm)[:, None] * geo.xf
+        grad_x = grad_x_raw
     return grad_x.to(x.dtype), grad_w

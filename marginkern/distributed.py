@@ -1,0 +1,236 @@
+"""Class-sharded (model-parallel) margin-softmax cross-entropy, as insightface's PartialFC_V2 at sample_rate 1.
+
+W processes of a torch.distributed group each hold one contiguous slice of the C class centres (insightface's
+rule, `shard_range`) and see the same N rows (the embeddings all-gathered by the caller). Each rank streams
+over its own slice with the engine, so no rank ever holds an N × C_local logits matrix, and only per-row
+statistics cross ranks:
+
+    forward    m_n = max_r lse_n^(r)                               all-reduce MAX, (N,)
+               lse_n = m_n + log Σ_r exp(lse_n^(r) − m_n)          ┐
+               T_n = Σ_r T_n^(r)      (0 except on y_n's owner)    ├ one all-reduce SUM, (2 or 3, N)
+               Σ_j z_nj = Σ_r Σ_{j in r} z_nj   (label smoothing)   ┘
+               loss_n = lse_n − (1−ε)·T_n − (ε/C)·Σ_j z_nj          identical on every rank
+    backward   dL/dx = Σ_r (dL/dx)^(r)                             all-reduce SUM, (N, D) in fp32/fp64
+
+The target geometry (c_y, ψ, T, ‖w_y‖ and the L-Softmax radial terms) is computed by the rank that holds
+y_n only; dL/dw of each slice is local. Communication per step: two all-reduces of O(N) and one of N × D,
+never logits or weights. The per-row math is margin_ce.py's, through its `ClassShard` hooks.
+"""
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checks import (check_class_shard, check_classification_inputs, check_int, check_margin_options,
+                     check_reduction, check_target_values)
+from .dispatch import select_tiles
+from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
+from .reference import reduce_rows
+
+
+def shard_range(num_classes: int, rank: int, world_size: int):
+    """(start, stop): the classes rank `rank` of `world_size` holds, by insightface's rule
+
+        num_local = C // W + (rank < C % W),   start = C // W · rank + min(rank, C % W)
+
+    (the first C % W ranks hold one class more)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be ≥ 0, got {num_classes}")
+    base, extra = divmod(num_classes, world_size)
+    start = base * rank + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def _rank_and_world_size(group):
+    """This process's rank in `group` (None: the default group) and the group's size."""
+    if not dist.is_available():
+        raise RuntimeError("group: torch.distributed is not available in this build of torch")
+    if not dist.is_initialized():
+        raise RuntimeError("group: torch.distributed is not initialised; call torch.distributed.init_process_group "
+                           "first (a group of world_size=1 works for a single process)")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("group: this process is not a member of the given process group")
+    return rank, dist.get_world_size(group)
+
+
+class ProcessGroupShard:
+    """margin_ce.ClassShard over a torch.distributed group: this rank holds classes [start, start + C_local)."""
+
+    def __init__(self, start: int, num_classes: int, group=None):
+        self.start, self.num_classes, self.group = start, num_classes, group
+
+    def _all_reduce(self, t, op):
+        dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def merge_row_stats(self, lse, sum_logits, target_logit):
+        """(lse, Σ_j z or None, T) of this slice → of all C classes; a stable log-sum-exp across ranks."""
+        row_max = self._all_reduce(lse.clone(), dist.ReduceOp.MAX)
+        shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # as torch.logsumexp
+        parts = [torch.exp(lse - shift), target_logit] + ([] if sum_logits is None else [sum_logits])
+        sums = self._all_reduce(torch.stack(parts), dist.ReduceOp.SUM)
+        return shift + torch.log(sums[0]), (None if sum_logits is None else sums[2]), sums[1]
+
+    def sum_input_grad(self, grad_x):
+        return self._all_reduce(grad_x.contiguous(), dist.ReduceOp.SUM)
+
+
+def _all_gather_cat(local, group):
+    _, world_size = _rank_and_world_size(group)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local.contiguous(), group=group)
+    return torch.cat(gathered)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local, group):
+        ctx.rows = local.shape[0]
+        ctx.rank, ctx.world_size = _rank_and_world_size(group)
+        return _all_gather_cat(local, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        r0 = ctx.rank * ctx.rows
+        return grad[r0:r0 + ctx.rows] * ctx.world_size, None
+
+
+def gather_embeddings(local, group=None):
+    """All-gather of the rows of `local` (b, D) over `group` → (W·b, D), rank order; every rank passes the same
+    b (as PartialFC asserts). Labels: call it on them too (integer tensors get no gradient).
+
+    Made for `sharded_margin_cross_entropy`, whose dL/dinput is already summed over ranks: the backward pass
+    needs no communication and returns W × this rank's rows of the gradient, so that DDP's averaging of the
+    backbone's gradients gives the gradient of the one global loss (insightface's AllGatherFunc does the same
+    after a reduce-scatter). Only for a gradient that is identical on every rank.
+    """
+    if not local.dtype.is_floating_point:
+        return _all_gather_cat(local, group)
+    return _GatherRows.apply(local, group)
+
+
+class _ShardedMarginCrossEntropy(torch.autograd.Function):
+    """Per-row loss over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard local."""
+
+    @staticmethod
+    def forward(ctx, input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions):
+        input, weight_shard = input.contiguous(), weight_shard.contiguous()
+        tiles = select_tiles(input.device, input.dtype)
+        with torch.autocast(input.device.type, enabled=False):  # the engine picks its GEMM precision itself
+            loss_rows, lse = margin_ce_forward(input, weight_shard, target, opts, tiles, shard)
+        ctx.save_for_backward(input, weight_shard, target, lse)
+        ctx.shard, ctx.opts = shard, opts
+        return loss_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        input, weight_shard, target, lse = ctx.saved_tensors
+        need_weight_grad = ctx.needs_input_grad[1]
+        # dL/dinput is computed (and all-reduced) even when only the weight needs it: every rank must join
+        # the same collectives, whatever its own requires_grad flags say.
+        with torch.autocast(input.device.type, enabled=False):
+            grad_input, grad_weight = margin_ce_backward(
+                grad_loss.contiguous(), input, weight_shard, target, lse, ctx.opts,
+                select_tiles(input.device, input.dtype), need_weight_grad, ctx.shard)
+        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None
+
+
+def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, num_classes, group=None, scale=64.0,
+                                 m1=1.0, m2=0.5, m3=0.0, normalize=True, margin_grad="exact", label_smoothing=0.0,
+                                 ignore_index=-100, reduction="mean"):
+    """marginkern.margin_cross_entropy with the class centres sharded across the ranks of `group`.
+
+    Every rank of `group` (None: the default group) calls this with the SAME `input` (N, D) and `target` (N,)
+    (global class ids in [0, num_classes) or ignore_index): the caller all-gathers its embeddings and labels,
+    as PartialFC does. `weight_shard` (C_local, D) holds classes [class_start, class_start + C_local), which
+    must be `shard_range(num_classes, rank, world_size)`. Options and the result are those of
+    `marginkern.margin_cross_entropy(input, cat(all shards), target, ...)`, identical on every rank.
+
+    Gradients: dL/dinput is the full gradient (the sum over the shards), identical on every rank; gather the
+    embeddings with `gather_embeddings`, whose backward pass takes this rank's rows without communicating
+    (an all-gather whose backward sums over ranks, e.g. torch.distributed.nn.functional.all_gather, gives
+    the same result through one more N × D reduction). dL/dweight_shard is this rank's slice of dL/dweight;
+    keep `weight_shard` out of DDP. Every rank must run the backward pass with the same gradient of the loss.
+    """
+    check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
+    check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
+    check_reduction(reduction)
+    class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
+    rank, world_size = _rank_and_world_size(group)
+    check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
+                      shard_range(num_classes, rank, world_size))
+    target = target.long()  # uint8 indices would index as a mask
+    check_target_values(target, num_classes, ignore_index)
+    opts = MarginOptions(float(scale), float(m1), float(m2), float(m3), bool(normalize), margin_grad == "exact",
+                         float(label_smoothing), int(ignore_index))
+    shard = ProcessGroupShard(class_start, num_classes, group)
+    loss_rows = _ShardedMarginCrossEntropy.apply(input, weight_shard, target, shard, opts)
+    return reduce_rows(loss_rows, target != ignore_index, reduction)
+
+
+class ShardedCombinedMarginLoss(nn.Module):
+    """CombinedMarginLoss whose (C, D) class centres are sharded over `group`: this rank owns the rows
+    `shard_range(num_classes, rank, world_size)` as `weight`, initialised N(0, 0.01) like PartialFC_V2.
+
+    forward(embeddings, target) takes the all-gathered embeddings and labels (see
+    `sharded_margin_cross_entropy`). Do not wrap this module in DistributedDataParallel: its weight differs
+    per rank.
+    """
+
+    def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, group=None, scale=64.0,
+                 normalize=True, margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
+                 device=None, dtype=None):
+        super().__init__()
+        if int(embedding_dim) < 1 or int(num_classes) < 1:
+            raise ValueError(f"embedding_dim and num_classes must be ≥ 1, got {embedding_dim} and {num_classes}")
+        check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
+        check_reduction(reduction)
+        rank, world_size = _rank_and_world_size(group)
+        self.embedding_dim, self.num_classes, self.group = int(embedding_dim), int(num_classes), group
+        if self.num_classes < world_size:
+            raise ValueError(f"num_classes must be ≥ the process group's size ({world_size}), got {num_classes}")
+        self.class_start, class_stop = shard_range(self.num_classes, rank, world_size)
+        self.weight = nn.Parameter(torch.empty(class_stop - self.class_start, self.embedding_dim, device=device,
+                                               dtype=dtype))
+        self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=normalize, margin_grad=margin_grad,
+                            label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.weight.is_meta:  # deferred initialisation
+            return
+        # One seed per shard: ranks seeded alike would otherwise draw identical shards (PartialFC_V2 does).
+        seed = int(torch.randint(2**62, ())) + self.class_start
+        generator = torch.Generator(device=self.weight.device).manual_seed(seed)
+        with torch.no_grad():
+            self.weight.normal_(0.0, 0.01, generator=generator)
+
+    def forward(self, embeddings, target):
+        weight = self.weight
+        if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
+            weight = weight.to(embeddings.dtype)
+        return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
+                                            num_classes=self.num_classes, group=self.group, **self.options)
+
+    def extra_repr(self):
+        o = self.options
+        stop = self.class_start + self.weight.shape[0]
+        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
+                f"classes=[{self.class_start}, {stop}), scale={o['scale']}, m1={o['m1']}, m2={o['m2']}, "
+                f"m3={o['m3']}, normalize={o['normalize']}, margin_grad={o['margin_grad']!r}")
+
+
+class ShardedArcFaceLoss(ShardedCombinedMarginLoss):
+    """ArcFace (cos(θ_y + margin), monotone past θ = π − margin) over class centres sharded across `group`."""
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, **kwargs):
+        super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
+
+
+class ShardedCosFaceLoss(ShardedCombinedMarginLoss):
+    """CosFace (cos θ_y − margin) over class centres sharded across `group`."""
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, **kwargs):
+        super().__init__(embedding_dim, num_classes, 1.0, 0.0, margin, scale=scale, **kwargs)

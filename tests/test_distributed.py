@@ -1,0 +1,356 @@
+"""Class-sharded margin cross-entropy (marginkern.distributed) on 2 and 3 CPU processes over gloo, against the
+single-process marginkern.margin_cross_entropy with the concatenated weight: loss, dL/dinput (identical on
+every rank) and each rank's slice of dL/dweight; uneven shards, ranks without targets, ignored rows,
+reductions, the modules, the gather helper and argument errors.
+
+One pool of worker processes per world size serves every test (spawning costs seconds, a task milliseconds):
+a test sends a module-level task function to every rank and gets one result per rank back.
+"""
+import datetime
+import os
+import queue
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import marginkern as mk
+from marginkern import distributed as mkd
+from marginkern import reference
+from tests.helpers import REL_TOL, assert_close_rel
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+TASK_TIMEOUT_S = 120
+
+
+# ---- the worker pool ---------------------------------------------------------------------------------------
+
+def _worker(rank, world_size, init_file, tasks, results):
+    torch.set_num_threads(1)  # W processes share the CI machine's cores
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=TASK_TIMEOUT_S))
+    while (task := tasks.get()) is not None:
+        fn, args = task
+        try:
+            results.put((rank, True, fn(rank, world_size, *args)))
+        except BaseException:  # noqa: BLE001 — reported to the test, which fails with the traceback
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class World:
+    """W worker processes in one gloo process group; `run(fn, *args)` calls fn(rank, W, *args) on every rank."""
+
+    def __init__(self, size, init_file):
+        ctx = mp.get_context("spawn")
+        self.size = size
+        self.tasks = [ctx.Queue() for _ in range(size)]
+        self.results = ctx.Queue()
+        self.processes = [ctx.Process(target=_worker, args=(r, size, str(init_file), self.tasks[r], self.results),
+                                      daemon=True) for r in range(size)]
+        for p in self.processes:
+            p.start()
+
+    def run(self, fn, *args):
+        for q in self.tasks:
+            q.put((fn, args))
+        values, failures = [None] * self.size, []
+        for _ in range(self.size):
+            try:
+                rank, ok, value = self.results.get(timeout=TASK_TIMEOUT_S)
+            except queue.Empty:
+                pytest.fail(f"{fn.__name__}: no answer from the workers in {TASK_TIMEOUT_S} s (a hang?)")
+            if ok:
+                values[rank] = value
+            else:
+                failures.append(f"rank {rank}:\n{value}")
+        if failures:
+            pytest.fail(f"{fn.__name__} failed\n" + "\n".join(failures))
+        return values
+
+    def close(self):
+        for q in self.tasks:
+            q.put(None)
+        for p in self.processes:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W{w}")
+def world(request, tmp_path_factory):
+    w = World(request.param, tmp_path_factory.mktemp("gloo") / "init")
+    yield w
+    w.close()
+
+
+# ---- tasks (run on every rank) -----------------------------------------------------------------------------
+
+def _sharded_loss_and_grads(rank, world_size, x, w, t, kwargs, backend=None, autocast=False):
+    """(loss, dL/dinput, dL/dweight_shard) of this rank, for a gradient of 1 on every loss entry."""
+    if backend is not None:
+        os.environ["MARGINKERN_BACKEND"] = backend
+    try:
+        start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+        x = x.clone().requires_grad_()
+        shard = w[start:stop].clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = mkd.sharded_margin_cross_entropy(x, shard, t, class_start=start, num_classes=w.shape[0],
+                                                    **kwargs)
+        gx, gw = torch.autograd.grad(loss.sum(), (x, shard))
+        return loss.detach(), gx, gw
+    finally:
+        os.environ.pop("MARGINKERN_BACKEND", None)
+
+
+def _module_shards(rank, world_size, D, C, x, t):
+    torch.manual_seed(0)  # every rank alike, as training scripts do: the shards must still differ
+    module = mkd.ShardedArcFaceLoss(D, C, margin=0.4)
+    assert (module.class_start, module.class_start + module.weight.shape[0]) == mkd.shard_range(C, rank, world_size)
+    loss = module(x, t)
+    loss.backward()
+    cosface = mkd.ShardedCosFaceLoss(D, C, dtype=torch.float64)
+    assert cosface.options["m3"] == 0.35 and cosface.weight.dtype == torch.float64
+    assert f"classes=[{module.class_start}, " in repr(module)
+    return module.weight.detach().clone(), loss.detach(), module.weight.grad
+
+
+def _gathered_training_step(rank, world_size, x_all, w, t_all):
+    """Each rank holds its own rows; gather_embeddings, the sharded loss, backward: this rank's input grad."""
+    b = x_all.shape[0] // world_size
+    local_x = x_all[rank * b:(rank + 1) * b].clone().requires_grad_()
+    local_t = t_all[rank * b:(rank + 1) * b]
+    x, t = mkd.gather_embeddings(local_x), mkd.gather_embeddings(local_t)
+    assert torch.equal(t, t_all)
+    start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+    loss = mkd.sharded_margin_cross_entropy(x, w[start:stop], t, class_start=start, num_classes=w.shape[0])
+    loss.backward()
+    return local_x.grad
+
+
+def _single_member_group(rank, world_size, x, w, t):
+    group = dist.new_group([0])  # every rank must take part in creating it
+    if rank != 0:
+        with pytest.raises(ValueError, match="group: this process is not a member"):
+            mkd.sharded_margin_cross_entropy(x, w, t, class_start=0, num_classes=w.shape[0], group=group)
+        return None
+    x = x.clone().requires_grad_()
+    loss = mkd.sharded_margin_cross_entropy(x, w, t, class_start=0, num_classes=w.shape[0], group=group)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def _argument_errors(rank, world_size):
+    C, D = 10, 4
+    x, w, t = torch.randn(5, D), torch.randn(C, D), torch.randint(0, C, (5,))
+    start, stop = mkd.shard_range(C, rank, world_size)
+    shard = w[start:stop]
+
+    def call(weight_shard=shard, target=t, **kw):
+        kw = dict(dict(class_start=start, num_classes=C), **kw)
+        return mkd.sharded_margin_cross_entropy(x, weight_shard, target, **kw)
+
+    with pytest.raises(ValueError, match=r"weight_shard must hold classes \[\d+, \d+\) on rank"):
+        call(weight_shard=w)
+    with pytest.raises(ValueError, match="class_start must be"):
+        call(class_start=start + 1)
+    with pytest.raises(TypeError, match="class_start must be an int, got float"):
+        call(class_start=float(start))
+    with pytest.raises(TypeError, match="num_classes must be an int, got NoneType"):
+        call(num_classes=None)
+    assert torch.equal(call(class_start=torch.tensor(start), num_classes=torch.tensor(C)), call())
+    with pytest.raises(ValueError, match="num_classes must be ≥ the process group's size"):
+        call(weight_shard=w[:1], class_start=rank, num_classes=world_size - 1)
+    with pytest.raises(ValueError, match=r"target holds class 10, outside \[0, 10\)"):
+        call(target=torch.full((5,), C))
+    with pytest.raises(TypeError, match=r"weight_shard must have the dtype of input"):
+        call(weight_shard=shard.double())
+    with pytest.raises(ValueError, match=r"weight_shard must have shape \(C, D=4\)"):
+        call(weight_shard=shard[:, :3])
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        call(reduction="avg")
+    with pytest.raises(ValueError, match="m2 must lie in"):
+        call(m2=-0.1)
+    with pytest.raises(ValueError, match="num_classes must be ≥ the process group's size"):
+        mkd.ShardedArcFaceLoss(D, world_size - 1)
+    # a valid target held by another rank is fine, and the group still works after the errors above
+    return float(call(target=torch.full((5,), C - 1)))
+
+
+# ---- tests -------------------------------------------------------------------------------------------------
+
+OPTIONS = {
+    "arcface": dict(),
+    "cosface": dict(m2=0.0, m3=0.35),
+    "sphereface": dict(m1=4.0, m2=0.0, scale=30.0),
+    "combined+smoothing": dict(m1=1.2, m2=0.3, m3=0.15, scale=32.0, label_smoothing=0.1),
+    "straight_through": dict(margin_grad="straight_through"),
+    "lsoftmax": dict(m1=3.0, m2=0.0, scale=1.0, normalize=False),
+    "lsoftmax+smoothing": dict(m1=1.5, m2=0.2, m3=0.1, scale=0.5, normalize=False, label_smoothing=0.2),
+}
+
+
+def make_case(N, C, D, dtype, ignore=(), ignore_index=-100, classes=None):
+    x = torch.randn(N, D, dtype=torch.float64).to(dtype)
+    w = torch.randn(C, D, dtype=torch.float64).to(dtype)
+    low, high = classes or (0, C)
+    t = torch.randint(low, high, (N,))
+    t[list(ignore)] = ignore_index
+    return x, w, t
+
+
+def single_process(x, w, t, kwargs, loss_fn=mk.margin_cross_entropy):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = loss_fn(x, w, t, **kwargs)
+    gx, gw = torch.autograd.grad(loss.sum(), (x, w))
+    return loss.detach(), gx, gw
+
+
+def check_sharded(world, x, w, t, dtype=torch.float64, backend=None, autocast=False, **kwargs):
+    """The sharded result equals the single-process one; loss and dL/dinput are identical on every rank."""
+    results = world.run(_sharded_loss_and_grads, x, w, t, kwargs, backend, autocast)
+    loss, gx, _ = results[0]
+    for r, (loss_r, gx_r, gw_r) in enumerate(results):
+        assert torch.equal(loss_r, loss) and torch.equal(gx_r, gx), f"rank {r} differs from rank 0"
+        start, stop = mkd.shard_range(w.shape[0], r, world.size)
+        assert gw_r.shape == (stop - start, w.shape[1]) and gw_r.dtype == dtype
+    want_loss, want_gx, want_gw = single_process(x, w, t, kwargs)
+    assert loss.dtype == want_loss.dtype and gx.dtype == dtype
+    assert_close_rel(loss, want_loss, dtype, "loss", floor=64.0)
+    assert_close_rel(gx, want_gx, dtype, "grad input")
+    assert_close_rel(torch.cat([gw for _, _, gw in results]), want_gw, dtype, "grad weight")
+    if dtype == torch.float64:  # and the plain-PyTorch oracle, which shares no code with margin_ce.py
+        oracle_loss, oracle_gx, oracle_gw = single_process(x, w, t, kwargs, reference.margin_cross_entropy)
+        assert_close_rel(loss, oracle_loss, dtype, "loss vs oracle", floor=64.0)
+        assert_close_rel(gx, oracle_gx, dtype, "grad input vs oracle")
+        assert_close_rel(torch.cat([gw for _, _, gw in results]), oracle_gw, dtype, "grad weight vs oracle")
+    return loss, gx
+
+
+def test_shard_range_is_insightface_rule_and_tiles_the_classes():
+    assert [mkd.shard_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    for C in (1, 5, 29, 1000):
+        for W in (1, 2, 3, 8):
+            ranges = [mkd.shard_range(C, r, W) for r in range(W)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == C
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+    with pytest.raises(ValueError, match="rank must lie in"):
+        mkd.shard_range(10, 3, 3)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_matches_single_process_fp64(world, name):
+    # C = 29 splits unevenly over 2 and 3 ranks; rows 0 and 5 are ignored
+    x, w, t = make_case(13, 29, 7, torch.float64, ignore=(0, 5))
+    check_sharded(world, x, w, t, **OPTIONS[name])
+
+
+@pytest.mark.parametrize("name", ["arcface", "combined+smoothing", "lsoftmax"])
+def test_matches_single_process_fp32(world, name):
+    x, w, t = make_case(40, 301, 16, torch.float32, ignore=(3,))
+    check_sharded(world, x, w, t, torch.float32, **OPTIONS[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matches_single_process_16bit(world, dtype):
+    x, w, t = make_case(24, 67, 16, dtype)
+    check_sharded(world, x, w, t, dtype, m2=0.3)
+
+
+@pytest.mark.parametrize("name", ["arcface", "lsoftmax+smoothing"])
+def test_reference_tiles_backend(world, name):
+    # MARGINKERN_BACKEND=reference: the engine's Python chunk loop calls the dW finalize hook per chunk
+    x, w, t = make_case(11, 31, 5, torch.float64, ignore=(2,))
+    check_sharded(world, x, w, t, backend="reference", **OPTIONS[name])
+
+
+def test_autocast_does_not_lower_the_engine_precision(world):
+    # the reference tiles' GEMMs run as plain torch ops: bf16 autocast would round them to 2^-8
+    x, w, t = make_case(10, 40, 16, torch.float32)
+    check_sharded(world, x, w, t, torch.float32, backend="reference", autocast=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_with_ignore_index(world, reduction):
+    x, w, t = make_case(17, 23, 6, torch.float64, ignore=(1, 7, 8), ignore_index=7)
+    loss, _ = check_sharded(world, x, w, t, reduction=reduction, ignore_index=7, label_smoothing=0.1)
+    if reduction == "none":
+        assert loss.shape == (17,) and (loss[[1, 7, 8]] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_rows_ignored(world, reduction):
+    x, w, t = make_case(6, 11, 4, torch.float64, ignore=range(6))
+    loss, gx = check_sharded(world, x, w, t, reduction=reduction)
+    assert float(loss) == 0.0 and not gx.any()
+
+
+@pytest.mark.parametrize("name", ["arcface", "lsoftmax+smoothing"])
+def test_ranks_without_targets(world, name):
+    # every target lies in rank 0's shard: the other ranks own no row (L-Softmax: no radial dW term there)
+    C = 20
+    _, stop0 = mkd.shard_range(C, 0, world.size)
+    x, w, t = make_case(9, C, 5, torch.float64, ignore=(4,), classes=(0, stop0))
+    check_sharded(world, x, w, t, **OPTIONS[name])
+
+
+@pytest.mark.parametrize("extra_classes", [0, 1])
+def test_one_or_two_classes_per_rank(world, extra_classes):
+    x, w, t = make_case(8, world.size + extra_classes, 3, torch.float64)
+    check_sharded(world, x, w, t, label_smoothing=0.05)
+
+
+def test_empty_batch(world):
+    x, w, t = make_case(0, 10, 4, torch.float64)
+    loss, gx = check_sharded(world, x, w, t)
+    assert float(loss) == 0.0 and gx.shape == (0, 4)
+
+
+def test_module_owns_its_shard_and_matches_the_full_loss(world):
+    D, C = 16, 50
+    x, _, t = make_case(12, C, D, torch.float32)
+    results = world.run(_module_shards, D, C, x, t)
+    shards = [weight for weight, _, _ in results]
+    assert not torch.equal(shards[0][:5], shards[1][:5]), "ranks seeded alike drew identical shards"
+    full = torch.cat(shards)
+    assert 0.008 < float(full.std()) < 0.012  # N(0, 0.01), as PartialFC_V2
+    want_loss, _, want_gw = single_process(x, full, t, dict(m2=0.4))
+    for _, loss, _ in results:
+        assert_close_rel(loss, want_loss, torch.float32, "loss", floor=64.0)
+    assert_close_rel(torch.cat([gw for _, _, gw in results]), want_gw, torch.float32, "grad weight")
+
+
+def test_gather_embeddings_gives_the_ddp_scaled_gradient(world):
+    # W × this rank's rows of the single-process gradient: DDP's average over ranks then gives it exactly
+    x, w, t = make_case(4 * world.size, 19, 6, torch.float64)
+    grads = world.run(_gathered_training_step, x, w, t)
+    _, want_gx, _ = single_process(x, w, t, {})
+    torch.testing.assert_close(torch.cat(grads) / world.size, want_gx, rtol=REL_TOL[torch.float64], atol=1e-14)
+
+
+def test_subgroup_of_one_rank(world):
+    x, w, t = make_case(7, 9, 4, torch.float64, ignore=(2,))
+    results = world.run(_single_member_group, x, w, t)
+    want_loss, want_gx, _ = single_process(x, w, t, {})
+    loss, gx = results[0]
+    assert_close_rel(loss, want_loss, torch.float64, "loss", floor=64.0)
+    assert_close_rel(gx, want_gx, torch.float64, "grad input")
+
+
+def test_argument_errors(world):
+    assert len(set(world.run(_argument_errors))) == 1
+
+
+def test_needs_an_initialised_process_group():
+    if dist.is_initialized():
+        pytest.skip("this process already belongs to a process group")
+    x, w, t = make_case(3, 4, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="group: torch.distributed is not initialised"):
+        mkd.sharded_margin_cross_entropy(x, w, t, class_start=0, num_classes=4)
+    with pytest.raises(RuntimeError, match="group: torch.distributed is not initialised"):
+        mkd.ShardedArcFaceLoss(2, 4)
