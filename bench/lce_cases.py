@@ -1,7 +1,6 @@
 """LLM linear cross-entropy cases: hidden states (N, D) times a vocabulary head (C, D), then CE.
 
-Providers: marginkern.linear_cross_entropy (skipped with "not implemented" while it is absent), naive
-PyTorch, torch.compile of it, and the peers liger-kernel and cut-cross-entropy when importable
+Providers: marginkern.linear_cross_entropy (default, the 3-GEMM knob, gradient filtering), naive PyTorch, torch.compile of it, and the peers liger-kernel and cut-cross-entropy when importable
 (optional extras, never required: a missing one is skipped with the reason recorded), plus the floor.
 """
 import torch.nn.functional as F
@@ -28,11 +27,11 @@ def naive_lce(x, w, target):
     return F.cross_entropy(F.linear(x, w).float(), target)
 
 
-def _marginkern(case, device):
-    fn = getattr(marginkern, "linear_cross_entropy", None)
-    if fn is None:
-        raise Skip("not implemented")
-    return loss_step(fn, case, device)
+def _marginkern(**knobs):
+    """marginkern.linear_cross_entropy with the speed knobs `knobs` (README "Speed and memory knobs")."""
+    def build(case, device):
+        return loss_step(lambda x, w, target: marginkern.linear_cross_entropy(x, w, target, **knobs), case, device)
+    return build
 
 
 def _needs_cuda(device, peer):
@@ -68,7 +67,9 @@ def _cce(filter_eps):
 
 
 PROVIDERS = {
-    "marginkern": _marginkern,
+    "marginkern": _marginkern(),                                         # exact, 4 GEMMs, O(N) memory
+    "marginkern 3-GEMM": _marginkern(logits_buffer_mb=256),               # exact, bounded logits buffer
+    "marginkern filtered": _marginkern(grad_filter_eps="auto"),           # CCE's default filter
     "naive": lambda case, device: loss_step(naive_lce, case, device),
     "torch.compile": lambda case, device: loss_step(compiled(naive_lce, device), case, device),
     "liger-kernel": _liger,

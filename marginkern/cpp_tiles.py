@@ -82,7 +82,7 @@ class CppTiles:
             x, w, *_spec_args(spec), lse, coef_p, coef_u, target_grad, c0, c1, *_cost_args(cost))
 
     def streaming_grads(self, x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk=None,
-                        need_bias_grad=False, cost=None):
+                        need_bias_grad=False, cost=None, need_weight_grad=True):
         """engine.streaming_grads with the chunk loop in C++ (the engine delegates here).
 
         The op returns dW in the accumulation dtype before `finalize_weight_chunk`: the chain through
@@ -92,8 +92,10 @@ class CppTiles:
         """
         N, (C, D) = x.shape[0], w.shape
         grad_x, grad_w, grad_bias = torch.ops.marginkern.streaming_grads(
-            x, w, *_spec_args(spec), lse, coef_p, coef_u, target_grad, need_bias_grad,
+            x, w, *_spec_args(spec), lse, coef_p, coef_u, target_grad, need_bias_grad, need_weight_grad,
             self.class_chunk(N, x, buffers=1 if cost is None else 2), *_cost_args(cost))
+        if not need_weight_grad:
+            return grad_x, None, (grad_bias if need_bias_grad else None)
         if finalize_weight_chunk is not None:
             rows = max(1, self.buffer_bytes // max(1, 4 * D * grad_w.element_size()))
             for c0, c1 in ((c0, min(C, c0 + rows)) for c0 in range(0, C, rows)):
@@ -120,7 +122,7 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("marginkern::streaming_grads")
     def _(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad, need_bias_grad,
-          class_chunk, *cost):
+          need_weight_grad, class_chunk, *cost):
         acc = accumulation_dtype(x.dtype)
-        return (x.new_empty(x.shape, dtype=acc), w.new_empty(w.shape, dtype=acc),
+        return (x.new_empty(x.shape, dtype=acc), w.new_empty(w.shape if need_weight_grad else (0,), dtype=acc),
                 w.new_empty((w.shape[0] if need_bias_grad else 0,), dtype=acc))

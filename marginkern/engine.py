@@ -91,6 +91,17 @@ def mm_accumulate(a: Tensor, b: Tensor, acc) -> Tensor:
     return a.to(acc) @ b.to(acc)
 
 
+def addmm_accumulate(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """out += alpha·(a @ b) in place (out fp32/fp64). 16-bit CUDA operands write into fp32 without an
+    out-sized temporary (a (C, D) fp32 temporary per row block is the memory spike of Liger #1323)."""
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.addmm(out, a, b, alpha=alpha, out_dtype=out.dtype, out=out)
+        except (RuntimeError, TypeError):
+            return out.add_(mm_accumulate(a, b, out.dtype), alpha=alpha)
+    return out.addmm_(a.to(out.dtype), b.to(out.dtype), alpha=alpha)
+
+
 def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
     """(lse, Σ_j z_nj or None), each (N,) in the accumulation dtype."""
     return tiles.row_stats(x, w, spec, need_sum_logits)
@@ -107,17 +118,21 @@ def streaming_grads(
     x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, tiles,
     finalize_weight_chunk: Optional[Callable[[int, int, Tensor], Tensor]] = None,
     need_bias_grad: bool = False, cost: Optional[CostSpec] = None, need_weight_grad: bool = True,
+    grad_filter_eps: Optional[float] = None,
 ):
     """dL/dX (raw, accumulation dtype), dL/dW (weight dtype, or None when not `need_weight_grad`: a frozen
     head skips the dW GEMM) and dL/dbias (or None).
 
     `finalize_weight_chunk(c0, c1, dw_chunk)` lets the loss chain a class chunk of dW (accumulation
     dtype) through what the engine does not know about (row normalisation of W) before it is stored.
+
+    `grad_filter_eps` (None: exact) drops the classes of a chunk whose every |dL/da| is below
+    grad_filter_eps × the largest typical entry (for mean cross-entropy: p_nj < eps in every row): the
+    two GEMMs of the chunk then run over the surviving classes only (`keep_columns`).
     """
-    if hasattr(tiles, "streaming_grads"):  # the backend runs the chunk loop below in one call
-        grad_x, grad_w, grad_bias = tiles.streaming_grads(
-            x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk, need_bias_grad, cost)
-        return grad_x, (grad_w if need_weight_grad else None), grad_bias
+    if hasattr(tiles, "streaming_grads") and grad_filter_eps is None:  # the backend runs the loop below
+        return tiles.streaming_grads(x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk,
+                                     need_bias_grad, cost, need_weight_grad)
     acc = accumulation_dtype(x.dtype)
     N, D = x.shape
     C = w.shape[0]
@@ -148,16 +163,37 @@ def streaming_grads(
     for c0, c1 in tiles.class_chunks(N, C, x):
         g = tiles.grad_logits(x, w, spec, lse, coef_p * grad_scale, coef_u * grad_scale,
                               target_grad * grad_scale, c0, c1, cost)
-        grad_x += mm_accumulate(g, w[c0:c1], acc)  # still scaled: unscaled once after the loop
+        w_chunk, kept = w[c0:c1], None
+        if grad_filter_eps is not None:
+            g, w_chunk, kept = keep_columns(g, w_chunk, grad_filter_eps)
+        addmm_accumulate(grad_x, g, w_chunk)  # still scaled: unscaled once after the loop
         if grad_bias is not None:
-            grad_bias[c0:c1] = g.to(acc).sum(0) * unscale
+            grad_bias[c0:c1] = scatter_rows(g.to(acc).sum(0) * unscale, kept, c1 - c0)
         if grad_w is None:
             continue
-        grad_w_chunk = mm_accumulate(g.t(), x, acc).mul_(unscale)
+        grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc).mul_(unscale), kept, c1 - c0)
         if finalize_weight_chunk is not None:
             grad_w_chunk = finalize_weight_chunk(c0, c1, grad_w_chunk)
         grad_w[c0:c1] = grad_w_chunk
     return grad_x.mul_(unscale), grad_w, grad_bias
+
+
+def keep_columns(g: Tensor, w_chunk: Tensor, eps: float):
+    """(g[:, kept], w_chunk[kept], kept) with kept the columns where some |g| ≥ eps (gradient filtering).
+
+    One host sync per chunk (the GEMM sizes depend on the count): the price of an opt-in speed switch."""
+    kept = (g.abs().amax(0) >= eps).nonzero().squeeze(1)
+    if kept.numel() == g.shape[1]:
+        return g, w_chunk, None
+    return g[:, kept], w_chunk[kept], kept
+
+
+def scatter_rows(values: Tensor, kept: Optional[Tensor], rows: int) -> Tensor:
+    """values (len(kept), ...) placed at rows `kept` of a zero (rows, ...) tensor; values when kept is None."""
+    if kept is None:
+        return values
+    out = values.new_zeros((rows,) + values.shape[1:])
+    return out.index_copy_(0, kept, values)
 
 
 def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles):
@@ -179,6 +215,80 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
         scaled_values = (values[c0:c1] * value_scale[c0:c1, None]).to(p.dtype)
         out += mm_accumulate(p, scaled_values, acc)
     return out
+
+
+def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int, need_sum_logits: bool,
+                            need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool):
+    """The 3-GEMM path (DESIGN.md §2): gradients computed in the forward pass from a bounded logits buffer.
+
+    Rows go in blocks whose N_r × C logits fit `buffer_bytes` (about three N_r × C temporaries are live:
+    the logits, which become dL/da in place, logsumexp's and the softcap slope or the 16-bit copy of
+    dL/da). Per block: the logits GEMM, the row statistics, the loss, dL/da and the GEMMs dX_r = G·W and
+    dW += Gᵀ·X_r; nothing is recomputed, but dW is read and written once per block and lives in the
+    accumulation dtype from the first block to the last.
+
+    `row_terms(r0, r1, lse, sum_logits)` → (loss, coef_p, coef_u, target_grad) of rows [r0, r1) for a
+    gradient of 1 on the (already reduced) loss, as streaming_grads takes them. Returns the per-row loss
+    and lse, and dX (raw), dW, dbias in the accumulation dtype, or None for each gradient not needed.
+    """
+    acc = accumulation_dtype(x.dtype)
+    N, D = x.shape
+    C = w.shape[0]
+    elt = 8 if acc == torch.float64 else 4
+    block = max(1, buffer_bytes // max(1, 3 * C * elt))
+    loss = torch.zeros(N, dtype=acc, device=x.device)
+    lse = torch.zeros(N, dtype=acc, device=x.device)
+    grad_x = torch.zeros(N, D, dtype=acc, device=x.device) if need_input_grad else None
+    grad_w = torch.zeros(C, D, dtype=acc, device=x.device) if need_weight_grad else None
+    grad_bias = torch.zeros(C, dtype=acc, device=x.device) if need_bias_grad else None
+    # 16-bit GEMMs on the GPU (tensor cores, fp32 results); the CPU upcasts anyway, so G stays fp32 there.
+    gemm_dtype = x.dtype if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else acc
+    bias = spec.bias.to(acc) if spec.bias is not None else None
+    for r0 in range(0, N if C > 0 else 0, block):
+        r1 = min(N, r0 + block)
+        xr = x[r0:r1]
+        z = mm_accumulate(xr, w.t(), acc)  # GEMM 1 of 3
+        z.mul_(spec.row_scale[r0:r1, None])
+        if spec.col_scale is not None:
+            z.mul_(spec.col_scale[None, :])
+        if bias is not None:
+            z.add_(bias[None, :])
+        if spec.softcap is not None:
+            z.div_(spec.softcap).tanh_().mul_(spec.softcap)
+        rows = torch.arange(r1 - r0, device=x.device)
+        has_target, column = spec.target[r0:r1] >= 0, spec.target[r0:r1].clamp_min(0)
+        z[rows, column] = torch.where(has_target, spec.target_logit[r0:r1], z[rows, column])
+        block_lse = torch.logsumexp(z, dim=1)
+        block_loss, coef_p, coef_u, target_grad = row_terms(
+            r0, r1, block_lse, z.sum(1) if need_sum_logits else None)
+        loss[r0:r1], lse[r0:r1] = block_loss, block_lse
+        if grad_x is None and grad_w is None and grad_bias is None:
+            continue
+        slope = torch.square(z / spec.softcap).neg_().add_(1.0) if spec.softcap is not None else None
+        g = z.sub_(block_lse[:, None]).exp_().mul_(coef_p[:, None]).sub_(coef_u[:, None])  # z's buffer
+        if slope is not None:
+            g.mul_(slope)
+            del slope
+        g.mul_(spec.row_scale[r0:r1, None])
+        if spec.col_scale is not None:
+            g.mul_(spec.col_scale[None, :])
+        g[rows, column] = torch.where(has_target, target_grad, g[rows, column])
+        if grad_bias is not None:
+            grad_bias += g.sum(0)
+        unscale = 1.0
+        if gemm_dtype == torch.float16:
+            # fp16 would flush small probabilities (coef_p ≈ 1/N) to 0: scale the block so that its typical
+            # largest entry is 1 and saturate outliers, as streaming_grads does. One host sync per block.
+            bound = _robust_max(g.abs().amax(1)).item()
+            if bound > 0:
+                g.mul_(1.0 / bound).clamp_(-65504.0, 65504.0)
+                unscale = bound
+        g_gemm = g.to(gemm_dtype)
+        if grad_x is not None:
+            grad_x[r0:r1] = mm_accumulate(g_gemm, w, acc).mul_(unscale)  # GEMM 2 of 3
+        if grad_w is not None:
+            addmm_accumulate(grad_w, g_gemm.t(), xr, alpha=unscale)  # GEMM 3 of 3
+    return loss, lse, grad_x, grad_w, grad_bias
 
 
 class TorchTiles:

@@ -5,7 +5,7 @@ from . import ops  # noqa: F401  (registers torch.ops.marginkern.*)
 from . import pairwise
 from .checks import (check_binary_targets, check_bias, check_classification_inputs, check_cost_embedding,
                      check_embedding_pair, check_finite, check_float_tensor, check_labels, check_linear_ce_options,
-                     check_margin_options, check_reduction)
+                     check_logits_buffer, check_margin_options, check_reduction, resolve_grad_filter_eps)
 from .reference import reduce_rows
 
 
@@ -32,22 +32,41 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                         softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean"):
+                         softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", grad_filter_eps=None,
+                         logits_buffer_mb=None):
     """Cross-entropy of z = softcap(input·weightᵀ + bias) without materialising the N × C logits.
 
     label_smoothing as torch; z_loss adds z_loss·lse² (PaLM); softcap: z ← softcap·tanh(z/softcap)
     (Gemma 2); focal_gamma γ: −(1−p_t)^γ·log p_t; gamma_ce γ ∈ [0, 1): −log(γ + (1−γ)p_t)/(1−γ).
     Gradients for input, weight and bias. Returns fp32 (fp64 for fp64 inputs); "mean" divides by the
     number of non-ignored rows and is 0 when there are none.
+
+    Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
+    grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
+        (relative to the largest; for mean CE: p < eps in every row of a class chunk) in both GEMMs.
+        "auto" is Cut Cross-Entropy's default, finfo(input.dtype).eps / 32 (2⁻¹² for bf16).
+    logits_buffer_mb (None | float): None recomputes the logits in the backward pass (4 GEMMs, O(N) extra
+        memory). A size in MB keeps row blocks of the full logits in a buffer of about that size and
+        computes the gradients during the forward pass (3 GEMMs), plus one fp32 copy of dW while it runs;
+        needs reduction "mean" or "sum".
     """
     check_classification_inputs(input, weight, target)
     check_bias(bias, weight)
     check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     check_reduction(reduction)
+    filter_eps = resolve_grad_filter_eps(grad_filter_eps, input.dtype)
+    check_logits_buffer(logits_buffer_mb, reduction, filter_eps)
     target = target.long()  # uint8 indices would index as a mask
-    loss_rows, _ = torch.ops.marginkern.linear_cross_entropy(
-        input, weight, target, bias, int(ignore_index), float(label_smoothing), float(z_loss),
-        None if softcap is None else float(softcap), float(focal_gamma), float(gamma_ce))
+    options = (int(ignore_index), float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
+               float(focal_gamma), float(gamma_ce))
+    if logits_buffer_mb is not None:
+        grad_on = torch.is_grad_enabled()
+        loss, _, _, _ = torch.ops.marginkern.linear_cross_entropy_buffered(
+            input, weight, target, bias, *options, reduction, int(logits_buffer_mb * 2**20),
+            grad_on and input.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad)
+        return loss
+    loss_rows, _ = torch.ops.marginkern.linear_cross_entropy(input, weight, target, bias, *options, filter_eps)
     return reduce_rows(loss_rows, target != ignore_index, reduction)
 
 

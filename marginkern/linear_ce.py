@@ -10,12 +10,18 @@ Per row, with u = log p_t = z_t − lse and S = Σ_j z_j (DESIGN.md §4):
 
 ε is torch's label smoothing: (1−ε)·NLL + (ε/C)·Σ_j −log p_j. Everything is a function of u and the
 row statistics, so dL/dz_j = coef_p·p_j − coef_u + [j = t]·(1−ε)·f'(u) with per-row coefficients.
+
+Two paths (DESIGN.md §2, README "Speed and memory knobs"): the default streams classes and recomputes
+the logits in the backward pass (4 GEMMs, O(N) saved state; `grad_filter_eps` may skip classes there);
+`linear_ce_buffered` runs row blocks of full logits in a bounded buffer and computes the gradients in
+the forward pass (3 GEMMs).
 """
 from dataclasses import dataclass
 
 import torch
 
-from .engine import LogitSpec, streaming_grads, streaming_row_stats, target_columns, target_dot
+from .engine import (LogitSpec, buffered_loss_and_grads, streaming_grads, streaming_row_stats, target_columns,
+                     target_dot)
 
 
 @dataclass(frozen=True)
@@ -62,33 +68,73 @@ class _TargetLogits:
         self.spec = LogitSpec(torch.ones_like(raw), None, bias, opts.softcap, self.column, self.logit)
 
 
+def _row_loss(tgt, rows, lse, sum_logits, opts: LinearCEOptions, num_classes):
+    """L of the module docstring for rows `rows` (a slice) from their statistics; 0 on ignored rows."""
+    eps = opts.label_smoothing
+    f, _ = target_term(tgt.logit[rows] - lse, opts)
+    loss = (1.0 - eps) * f
+    if eps > 0:
+        loss = loss + eps * lse - (eps / num_classes) * sum_logits
+    if opts.z_loss > 0:
+        loss = loss + opts.z_loss * lse * lse
+    return torch.where(tgt.valid[rows], loss, torch.zeros_like(loss))
+
+
+def _row_coefficients(tgt, rows, grad_loss, lse, opts: LinearCEOptions, num_classes):
+    """(coef_p, coef_u, dL/da at the target column) of rows `rows` for the per-row loss gradient grad_loss."""
+    eps = opts.label_smoothing
+    g = torch.where(tgt.valid[rows], grad_loss.to(lse.dtype), torch.zeros_like(lse))
+    log_pt = tgt.logit[rows] - lse
+    _, df = target_term(log_pt, opts)
+    coef_p = g * (-(1.0 - eps) * df + eps + 2.0 * opts.z_loss * lse)
+    coef_u = g * (eps / num_classes)
+    grad_target_logit = coef_p * torch.exp(log_pt) - coef_u + g * (1.0 - eps) * df
+    return coef_p, coef_u, grad_target_logit * tgt.slope[rows]
+
+
+ALL_ROWS = slice(None)
+
+
 def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles):
     """Per-row loss (0 on ignored rows) and per-row log-sum-exp, in the accumulation dtype."""
     tgt = _TargetLogits(x, w, target, bias, opts)
-    eps = opts.label_smoothing
-    lse, sum_logits = streaming_row_stats(x, w, tgt.spec, eps > 0, tiles)
-    f, _ = target_term(tgt.logit - lse, opts)
-    loss = (1.0 - eps) * f
-    if eps > 0:
-        loss = loss + eps * lse - (eps / w.shape[0]) * sum_logits
-    if opts.z_loss > 0:
-        loss = loss + opts.z_loss * lse * lse
-    return torch.where(tgt.valid, loss, torch.zeros_like(loss)), lse
+    lse, sum_logits = streaming_row_stats(x, w, tgt.spec, opts.label_smoothing > 0, tiles)
+    return _row_loss(tgt, ALL_ROWS, lse, sum_logits, opts, w.shape[0]), lse
 
 
 def linear_ce_backward(grad_loss, x, w, target, bias, lse, opts: LinearCEOptions, tiles, need_weight_grad=True,
-                       need_bias_grad=True):
-    """(dL/dx, dL/dw or None, dL/dbias or None)."""
+                       need_bias_grad=True, grad_filter_eps=None):
+    """(dL/dx, dL/dw or None, dL/dbias or None): 4 GEMMs, the logits recomputed class chunk by chunk."""
+    tgt = _TargetLogits(x, w, target, bias, opts)
+    coef_p, coef_u, target_grad = _row_coefficients(tgt, ALL_ROWS, grad_loss, lse, opts, w.shape[0])
+    grad_x, grad_w, grad_bias = streaming_grads(
+        x, w, tgt.spec, lse, coef_p, coef_u, target_grad, tiles,
+        need_bias_grad=bias is not None and need_bias_grad, need_weight_grad=need_weight_grad,
+        grad_filter_eps=grad_filter_eps)
+    return grad_x.to(x.dtype), grad_w, (grad_bias.to(bias.dtype) if grad_bias is not None else None)
+
+
+def linear_ce_buffered(x, w, target, bias, opts: LinearCEOptions, reduction, buffer_bytes, need_input_grad,
+                       need_weight_grad, need_bias_grad):
+    """The reduced loss ("mean" or "sum") and its gradients for a loss gradient of 1, computed together in
+    the forward pass with 3 GEMMs over row blocks of a bounded logits buffer (engine.buffered_loss_and_grads).
+
+    Returns (loss (0-dim), dL/dx or None, dL/dw or None, dL/dbias or None), gradients in the input dtypes.
+    """
     tgt = _TargetLogits(x, w, target, bias, opts)
     C = w.shape[0]
-    eps = opts.label_smoothing
-    g = torch.where(tgt.valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
-    log_pt = tgt.logit - lse
-    _, df = target_term(log_pt, opts)
-    coef_p = g * (-(1.0 - eps) * df + eps + 2.0 * opts.z_loss * lse)
-    coef_u = g * (eps / C)
-    grad_target_logit = coef_p * torch.exp(log_pt) - coef_u + g * (1.0 - eps) * df
-    grad_x, grad_w, grad_bias = streaming_grads(
-        x, w, tgt.spec, lse, coef_p, coef_u, grad_target_logit * tgt.slope, tiles,
-        need_bias_grad=bias is not None and need_bias_grad, need_weight_grad=need_weight_grad)
-    return grad_x.to(x.dtype), grad_w, (grad_bias.to(bias.dtype) if grad_bias is not None else None)
+    row_weight = torch.ones_like(tgt.logit)
+    if reduction == "mean":  # torch's ignore_index mean; 0 (not NaN) when every row is ignored
+        row_weight = row_weight / tgt.valid.sum().clamp_min(1).to(row_weight.dtype)
+
+    def row_terms(r0, r1, lse, sum_logits):
+        rows = slice(r0, r1)
+        return (_row_loss(tgt, rows, lse, sum_logits, opts, C),
+                *_row_coefficients(tgt, rows, row_weight[rows], lse, opts, C))
+
+    loss_rows, _, grad_x, grad_w, grad_bias = buffered_loss_and_grads(
+        x, w, tgt.spec, row_terms, buffer_bytes, opts.label_smoothing > 0, need_input_grad, need_weight_grad,
+        bias is not None and need_bias_grad)
+    loss = (loss_rows * row_weight).sum()
+    cast = (lambda grad, like: grad.to(like.dtype) if grad is not None else None)
+    return loss, cast(grad_x, x), cast(grad_w, w), cast(grad_bias, bias)

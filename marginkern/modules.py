@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from .checks import check_linear_ce_options, check_margin_options, check_reduction
-from .checks import check_finite
+from .checks import (check_finite, check_linear_ce_options, check_logits_buffer, check_margin_options,
+                     check_reduction, resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          margin_cross_entropy)
 
@@ -84,12 +84,14 @@ class LinearCrossEntropyLoss(nn.Module):
     """
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
-                 gamma_ce=0.0, reduction="mean"):
+                 gamma_ce=0.0, reduction="mean", grad_filter_eps=None, logits_buffer_mb=None):
         super().__init__()
         check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
         check_reduction(reduction)
+        check_logits_buffer(logits_buffer_mb, reduction, resolve_grad_filter_eps(grad_filter_eps, torch.float32))
         self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                            softcap=softcap, focal_gamma=focal_gamma, gamma_ce=gamma_ce, reduction=reduction)
+                            softcap=softcap, focal_gamma=focal_gamma, gamma_ce=gamma_ce, reduction=reduction,
+                            grad_filter_eps=grad_filter_eps, logits_buffer_mb=logits_buffer_mb)
 
     def forward(self, input, weight, target, bias=None):
         return linear_cross_entropy(input, weight, target, bias, **self.options)

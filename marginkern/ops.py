@@ -13,7 +13,7 @@ from .checks import check_target_values
 from .dispatch import select_tiles
 from .engine import NORM_EPS, accumulation_dtype
 from .emo import emo_backward, emo_forward
-from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward
+from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 
 
@@ -98,8 +98,9 @@ def _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
 @torch.library.custom_op("marginkern::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
                          label_smoothing: float, z_loss: float, softcap: Optional[float], focal_gamma: float,
-                         gamma_ce: float) -> tuple[Tensor, Tensor]:
-    """(per-row loss, per-row log-sum-exp) of softcap(x·wᵀ + b); ignored rows have loss 0."""
+                         gamma_ce: float, grad_filter_eps: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """(per-row loss, per-row log-sum-exp) of softcap(x·wᵀ + b); ignored rows have loss 0. grad_filter_eps
+    is the backward pass's (engine.streaming_grads)."""
     check_target_values(target, weight.shape[0], ignore_index)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     input, weight = input.contiguous(), weight.contiguous()
@@ -117,20 +118,21 @@ def _(input, weight, target, bias, *options):
 def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor,
                                   bias: Optional[Tensor], lse: Tensor, ignore_index: int, label_smoothing: float,
                                   z_loss: float, softcap: Optional[float], focal_gamma: float,
-                                  gamma_ce: float, need_weight_grad: bool = True,
+                                  gamma_ce: float, grad_filter_eps: Optional[float] = None,
+                                  need_weight_grad: bool = True,
                                   need_bias_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dinput, dL/dweight, dL/dbias); a gradient not needed (or of an absent bias) is empty (0,)."""
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     input, weight = input.contiguous(), weight.contiguous()
     grad_x, grad_w, grad_b = linear_ce_backward(grad_loss, input, weight, target, bias, lse, opts,
                                                 select_tiles(input.device, input.dtype), need_weight_grad,
-                                                need_bias_grad)
+                                                need_bias_grad, grad_filter_eps)
     return grad_x, _or_empty(grad_w, weight), _or_empty(grad_b, weight)
 
 
 @linear_cross_entropy_backward.register_fake
 def _(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-      gamma_ce, need_weight_grad=True, need_bias_grad=True):
+      gamma_ce, grad_filter_eps=None, need_weight_grad=True, need_bias_grad=True):
     grad_b = _contiguous_like(bias) if bias is not None and need_bias_grad else weight.new_empty((0,))
     grad_w = _contiguous_like(weight) if need_weight_grad else weight.new_empty((0,))
     return _contiguous_like(input), grad_w, grad_b
@@ -149,10 +151,56 @@ def _linear_backward(ctx, grad_loss, grad_lse):
     grad_input, grad_weight, grad_bias = torch.ops.marginkern.linear_cross_entropy_backward(
         grad_loss.contiguous(), input, weight, target, bias, lse, *ctx.options, need_weight_grad, need_bias_grad)
     return ((grad_input, grad_weight if need_weight_grad else None, None, grad_bias if need_bias_grad else None)
-            + (None,) * 6)
+            + (None,) * 7)
 
 
 linear_cross_entropy.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+@torch.library.custom_op("marginkern::linear_cross_entropy_buffered", mutates_args=())
+def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                                  ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
+                                  focal_gamma: float, gamma_ce: float, reduction: str, buffer_bytes: int,
+                                  need_input_grad: bool, need_weight_grad: bool,
+                                  need_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(reduced loss, dL/dinput, dL/dweight, dL/dbias) with 3 GEMMs: the gradients (for a loss gradient
+    of 1) come out of the forward pass; the autograd backward only scales them. A gradient not asked for
+    (or of an absent bias) is empty (0,)."""
+    check_target_values(target, weight.shape[0], ignore_index)
+    opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    input, weight = input.contiguous(), weight.contiguous()
+    loss, grad_x, grad_w, grad_b = linear_ce_buffered(input, weight, target, bias, opts, reduction,
+                                                      int(buffer_bytes), need_input_grad, need_weight_grad,
+                                                      need_bias_grad)
+    return loss, _or_empty(grad_x, input), _or_empty(grad_w, weight), _or_empty(grad_b, weight)
+
+
+@linear_cross_entropy_buffered.register_fake
+def _(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce, reduction,
+      buffer_bytes, need_input_grad, need_weight_grad, need_bias_grad):
+    acc = accumulation_dtype(input.dtype)
+    grad_b = _contiguous_like(bias) if bias is not None and need_bias_grad else weight.new_empty((0,))
+    return (input.new_empty((), dtype=acc), _contiguous_like(input) if need_input_grad else input.new_empty((0,)),
+            _contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)), grad_b)
+
+
+def _buffered_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.has_bias = inputs[3] is not None
+
+
+def _buffered_backward(ctx, grad_loss, *unused):
+    # The op computed the gradients for a loss gradient of 1; an input that needs a gradient here had
+    # need_*_grad set by the caller (functional.linear_cross_entropy), so its saved gradient is not empty.
+    grad_x, grad_w, grad_b = ctx.saved_tensors
+    scaled = [grad_loss.to(g.dtype) * g if needed else None
+              for g, needed in ((grad_x, ctx.needs_input_grad[0]), (grad_w, ctx.needs_input_grad[1]),
+                                (grad_b, ctx.has_bias and ctx.needs_input_grad[3]))]
+    return (scaled[0], scaled[1], None, scaled[2]) + (None,) * 11
+
+
+linear_cross_entropy_buffered.register_autograd(_buffered_backward, setup_context=_buffered_setup_context)
 
 
 @torch.library.custom_op("marginkern::emo_cross_entropy", mutates_args=())

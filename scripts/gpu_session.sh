@@ -4,6 +4,7 @@
 #   bash scripts/gpu_session.sh tests   # editable install (offline) + GPU test tier + Triton tier on CUDA
 #   bash scripts/gpu_session.sh face    # face-recognition benchmarks
 #   bash scripts/gpu_session.sh llm     # LLM linear-CE benchmarks: marginkern, naive, torch.compile, floor
+#   bash scripts/gpu_session.sh knobs   # linear CE's 3-GEMM mode and gradient filtering (+ filter error)
 #   bash scripts/gpu_session.sh peers   # the same cases for liger-kernel and cut-cross-entropy (./wheels)
 #   bash scripts/gpu_session.sh emo     # EMO + CE: marginkern, naive, torch.compile, floor
 #   bash scripts/gpu_session.sh cosent  # CoSENT from embeddings: marginkern, sentence-transformers, read floor
@@ -27,11 +28,13 @@ case "$stage" in
   tests)
     python -m pytest tests/test_gpu.py tests/interpreter -q -rs 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
     ;;
-  face|llm|peers|emo|cosent)
+  face|llm|knobs|peers|emo|cosent)
     # each measurement gets 240 s so that one stage fits the device tool's 600 s per command
     case "$stage" in
       face|emo|cosent) args=(--cases "$stage") ;;
       llm) args=(--cases llm --providers "marginkern,naive,torch.compile,3-GEMM floor") ;;
+      knobs) args=(--cases llm --providers "marginkern 3-GEMM,marginkern filtered,3-GEMM floor")
+             timeout 200 python bench/grad_filter_error.py 2>&1 | tee "$OUT/grad-filter.log" | tail -12 ;;
       peers) args=(--cases llm --providers "liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor") ;;
     esac
     python bench/run.py "${args[@]}" --tag "$stage" --timeout 240 2>&1 | tee "$OUT/bench-$stage.log" | tail -40
@@ -42,5 +45,5 @@ case "$stage" in
     cp -r bench/results "$OUT/"
     ;;
   *)
-    echo "unknown stage $stage (tests|face|llm|peers|emo|cosent|sweep)"; exit 2 ;;
+    echo "unknown stage $stage (tests|face|llm|knobs|peers|emo|cosent|sweep)"; exit 2 ;;
 esac

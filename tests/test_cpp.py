@@ -119,6 +119,11 @@ def test_streaming_grads_match_the_engine_loop(dtype, with_cost):
         for got, want, what in zip(*outputs, ("grad x", "grad w", "grad bias")):
             assert got.dtype == want.dtype, what
             assert_close_rel(got, want, dtype if dtype == torch.bfloat16 else tol_dtype(dtype), what)
+    # a frozen head: no dW (the C++ loop skips its GEMM), the rest unchanged
+    frozen = streaming_grads(x, w, spec, lse, coef_p, coef_u, target_grad, cpp_tiles.CppTiles(buffer_bytes=N * 4 * 64),
+                             need_bias_grad=True, cost=cost, need_weight_grad=False)
+    assert frozen[1] is None
+    assert_close_rel(frozen[0], outputs[1][0], dtype if dtype == torch.bfloat16 else tol_dtype(dtype), "grad x")
 
 
 MARGIN_OPTIONS = [
@@ -193,8 +198,9 @@ def test_opcheck(softcap):
     torch.library.opcheck(ops.streaming_grad_logits.default, spec_args + rows + (3, 29))
     torch.library.opcheck(ops.streaming_grad_logits.default, spec_args + rows + (0, 40) + cost)
     for need_bias in (True, False):
-        torch.library.opcheck(ops.streaming_grads.default, spec_args + rows + (need_bias, 16))
-    torch.library.opcheck(ops.streaming_grads.default, spec_args + rows + (True, 16) + cost)
+        for need_weight in (True, False):
+            torch.library.opcheck(ops.streaming_grads.default, spec_args + rows + (need_bias, need_weight, 16))
+    torch.library.opcheck(ops.streaming_grads.default, spec_args + rows + (True, True, 16) + cost)
 
 
 @requires_cpp
@@ -233,7 +239,7 @@ def test_errors_name_the_argument(change, match):
 def test_partial_cost_term_and_bad_class_range_raise():
     spec_args, _, rows, cost = op_args()
     with pytest.raises(RuntimeError, match="cost_query, cost_query_scale, cost_keys"):
-        torch.ops.marginkern.streaming_grads(*spec_args, *rows, False, 16, *cost[:3])
+        torch.ops.marginkern.streaming_grads(*spec_args, *rows, False, True, 16, *cost[:3])
     with pytest.raises(RuntimeError, match=r"class range \[c0, c1\)"):
         torch.ops.marginkern.streaming_grad_logits(*spec_args, *rows, 30, 41)
 

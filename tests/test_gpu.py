@@ -86,6 +86,34 @@ def test_linear_ce_rows_times_vocab_beyond_int32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("opts", LINEAR_OPTIONS)
+def test_linear_ce_buffered_cuda_matches_oracle(dtype, opts):
+    # the 3-GEMM path: 16-bit G into cuBLAS with fp32 outputs (mm/addmm out_dtype), several row blocks
+    x, w, t = make_case(777, 32003, 256, dtype, device="cuda", ignore=(0, 5))
+    w = (w.detach() * 0.1).to(dtype)
+    b = torch.randn(32003, device="cuda").to(dtype).requires_grad_()
+    loss, gx, gw = loss_and_grads(lambda a, c, tt, **k: mk.linear_cross_entropy(a, c, tt, b, logits_buffer_mb=64, **k),
+                                  x, w, t, **opts)
+    ref, rx, rw = loss_and_grads(lambda a, c, tt, **k: reference.linear_cross_entropy(a, c, tt, b.double(), **k),
+                                 x.double(), w.double(), t, **opts)
+    assert_close_rel(loss, ref, dtype, "loss", floor=1.0)
+    assert_close_rel(gx, rx, dtype, "grad input")
+    assert_close_rel(gw, rw, dtype, "grad weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_ce_gradient_filtering_cuda(dtype):
+    x, w, t = make_case(2048, 32003, 128, dtype, device="cuda", ignore=(0,))
+    eps = 2.0 ** -12
+    loss, gx, gw = loss_and_grads(mk.linear_cross_entropy, x, w, t, grad_filter_eps=eps)
+    ref, rx, rw = loss_and_grads(reference.linear_cross_entropy, x.double(), w.double(), t)
+    assert_close_rel(loss, ref, dtype, "loss", floor=1.0)
+    n = 2047  # rows that count; each dropped |dL/dz| < eps/n (tests/test_linear_ce_knobs.py)
+    assert (gx.double() - rx).abs().max() <= eps / n * w.double().abs().sum(0).max() + 3e-2 * rx.abs().max()
+    assert (gw.double() - rw).abs().max() <= eps / n * x.double().abs().sum(0).max() + 3e-2 * rw.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("anchored", [False, True])
 def test_emo_cuda_matches_oracle(dtype, anchored):
     x, w, t = make_case(513, 20011, 256, dtype, device="cuda", ignore=(0,))

@@ -309,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
     std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
     const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad,
-    bool need_bias_grad, int64_t class_chunk, const std::optional<at::Tensor>& cost_query,
+    bool need_bias_grad, bool need_weight_grad, int64_t class_chunk, const std::optional<at::Tensor>& cost_query,
     const std::optional<at::Tensor>& cost_query_scale, const std::optional<at::Tensor>& cost_keys,
     const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef) {
   constexpr const char* op = "marginkern::streaming_grads";
@@ -319,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
   at::Tensor grad_x = at::zeros({s.N, x.size(1)}, opts);
-  at::Tensor grad_w = at::empty({s.C, x.size(1)}, opts);
+  at::Tensor grad_w = need_weight_grad ? at::empty({s.C, x.size(1)}, opts) : at::empty({0}, opts);
   at::Tensor grad_bias = need_bias_grad ? at::empty({s.C}, opts) : at::empty({0}, opts);
   if (s.N == 0) {
     grad_w.zero_();
@@ -333,8 +333,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     const int64_t c1 = std::min(s.C, c0 + class_chunk);
     const auto [g, w_chunk] = chunk_grads(s, cost, rg, buffer, cost_buffer, c0, c1);
     grad_x.addmm_(g, w_chunk);                                 // dX += G · W[c0:c1]
-    at::Tensor grad_w_chunk = grad_w.narrow(0, c0, c1 - c0);  // dW[c0:c1] = Gᵀ · X, written in place
-    at::mm_out(grad_w_chunk, g.t(), s.x);
+    if (need_weight_grad) {
+      at::Tensor grad_w_chunk = grad_w.narrow(0, c0, c1 - c0);  // dW[c0:c1] = Gᵀ · X, written in place
+      at::mm_out(grad_w_chunk, g.t(), s.x);
+    }
     if (need_bias_grad) {
       at::Tensor grad_bias_chunk = grad_bias.narrow(0, c0, c1 - c0);
       at::sum_out(grad_bias_chunk, g, {0});
@@ -360,7 +362,7 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
   m.def(
       "streaming_grads(Tensor x, Tensor w, Tensor row_scale, Tensor? col_scale, Tensor? bias, "
       "float? softcap, Tensor target, Tensor lse, Tensor coef_p, Tensor coef_u, Tensor target_grad, "
-      "bool need_bias_grad, int class_chunk, Tensor? cost_query=None, Tensor? cost_query_scale=None, "
+      "bool need_bias_grad, bool need_weight_grad, int class_chunk, Tensor? cost_query=None, Tensor? cost_query_scale=None, "
       "Tensor? cost_keys=None, Tensor? cost_key_scale=None, Tensor? cost_coef=None) "
       "-> (Tensor grad_x, Tensor grad_w, Tensor grad_bias)");
 }

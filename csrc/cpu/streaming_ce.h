@@ -44,8 +44,8 @@ at::Tensor streaming_grad_logits(
     const std::optional<at::Tensor>& cost_key_scale = std::nullopt,
     const std::optional<at::Tensor>& cost_coef = std::nullopt);
 
-// The engine's backward chunk loop: (dL/dx (N, D), dL/dw (C, D), dL/dbias (C,), or (0,) unless
-// need_bias_grad), with dL/dx = G·W, dL/dw = Gᵀ·X, dL/dbias = Σ_n G for G = dL/da. dL/dw is the raw
+// The engine's backward chunk loop: (dL/dx (N, D), dL/dw (C, D), or (0,) unless need_weight_grad (a
+// frozen head skips the dW GEMM), dL/dbias (C,), or (0,) unless need_bias_grad), with dL/dx = G·W, dL/dw = Gᵀ·X, dL/dbias = Σ_n G for G = dL/da. dL/dw is the raw
 // gradient in the accumulation dtype: the caller chains it through what the engine does not know about
 // (row normalisation of w) and casts it to w's dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
     std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
     const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad,
-    bool need_bias_grad, int64_t class_chunk,
+    bool need_bias_grad, bool need_weight_grad, int64_t class_chunk,
     const std::optional<at::Tensor>& cost_query = std::nullopt,
     const std::optional<at::Tensor>& cost_query_scale = std::nullopt,
     const std::optional<at::Tensor>& cost_keys = std::nullopt,

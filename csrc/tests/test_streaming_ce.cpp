@@ -130,7 +130,7 @@ void test_case(const Case& c) {
 
   const auto [grad_x, grad_w, grad_bias] = marginkern::streaming_grads(
       in.x, in.w, in.row_scale, in.col_scale, in.bias, c.softcap, in.target, in.lse, in.coef_p, in.coef_u,
-      in.target_grad, /*need_bias_grad=*/true, c.class_chunk, in.cost_query, in.cost_query_scale, in.cost_keys,
+      in.target_grad, /*need_bias_grad=*/true, /*need_weight_grad=*/true, c.class_chunk, in.cost_query, in.cost_query_scale, in.cost_keys,
       in.cost_key_scale, in.cost_coef);
   check_close(grad_x, at::mm(want.grad, in.w.to(at::kDouble)), tol, name + ": grad x");
   check_close(grad_w, at::mm(want.grad.t(), in.x.to(at::kDouble)), tol, name + ": grad w");
@@ -176,11 +176,11 @@ void test_errors() {
   });
   expect_error("softcap", [&] {
     marginkern::streaming_grads(in.x, in.w, in.row_scale, std::nullopt, std::nullopt, 0.0, in.target, in.lse,
-                                in.coef_p, in.coef_u, in.target_grad, false, 16);
+                                in.coef_p, in.coef_u, in.target_grad, false, true, 16);
   });
   expect_error("cost_query, cost_query_scale", [&] {
     marginkern::streaming_grads(in.x, in.w, in.row_scale, std::nullopt, std::nullopt, std::nullopt, in.target,
-                                in.lse, in.coef_p, in.coef_u, in.target_grad, false, 16, at::randn({4, 2}));
+                                in.lse, in.coef_p, in.coef_u, in.target_grad, false, true, 16, at::randn({4, 2}));
   });
 }
 

@@ -4,7 +4,7 @@ import torch
 
 import marginkern as mk
 from marginkern import reference
-from tests.helpers import assert_close_rel, make_case
+from tests.helpers import REL_TOL, assert_close_rel, make_case
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_linear_ce import OPTIONS, grads
 
@@ -36,3 +36,23 @@ def test_all_ignored_and_empty():
         x, w, t = make_case(N, C, D, device=DEVICE, ignore=ignore)
         loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, t, torch.randn(C, device=DEVICE), z_loss=1e-3)
         assert not loss.any() and not gx.any() and not gw.any() and not gb.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_filtering_through_the_triton_tiles(dtype):
+    # G comes out of the Triton kernel in the input dtype; the filter compares its scaled entries with eps.
+    x, w, t = make_case(40, 300, 16, dtype, device=DEVICE, ignore=(3,))
+    x = (x.detach().float() * 3.0).to(dtype).requires_grad_()
+    b = torch.randn(300, device=DEVICE).to(dtype)
+    eps = 1e-3
+    loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, t, b, grad_filter_eps=eps)
+    want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, b.double())
+    assert_close_rel(loss, want[0], dtype, "loss", floor=1.0)
+    # beyond the dtype's tolerance, each dropped |dL/dz_nj| < eps/n_valid: |ΔdX_nd| ≤ eps/n·Σ_j |w_jd|,
+    # |ΔdW_jd| ≤ eps/n·Σ_n |x_nd|, |Δdb_j| ≤ eps/n·N
+    n_valid = int((t != -100).sum())
+    slack = [eps / n_valid * v for v in (w.detach().double().abs().sum(0).max(),
+                                         x.detach().double().abs().sum(0).max(), 40)]
+    for name, g, e, extra in zip(("grad input", "grad weight", "grad bias"), (gx, gw, gb), want[1:], slack):
+        err = (g.double().cpu() - e.cpu()).abs().max()
+        assert err <= extra + REL_TOL[dtype] * e.abs().max(), name

@@ -1,0 +1,173 @@
+"""linear_cross_entropy's speed knobs: the 3-GEMM buffered path (logits_buffer_mb) and gradient filtering
+(grad_filter_eps), against the float64 oracle; filtering's error against its analytic bound."""
+import pytest
+import torch
+
+import marginkern as mk
+import marginkern.engine as engine
+from marginkern import reference
+from tests.helpers import assert_close_rel, make_case
+from tests.test_linear_ce import OPTIONS, grads
+
+# ≈ 5 rows of 301 classes per block (3 fp32 buffers of N_r × C): every test crosses row-block boundaries
+SMALL_BUFFER_MB = 3 * 301 * 4 * 5 / 2**20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_buffered_matches_oracle(dtype, opts, reduction):
+    x, w, t = make_case(37, 301, 45, dtype, ignore=(0, 11))
+    w = (w.detach() * 0.3).to(dtype)
+    b = torch.randn(301).to(dtype)
+    got = grads(mk.linear_cross_entropy, x, w, t, b, reduction=reduction, logits_buffer_mb=SMALL_BUFFER_MB, **opts)
+    want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, b.double(), reduction=reduction, **opts)
+    assert got[1].dtype == dtype and got[2].dtype == dtype and got[3].dtype == dtype
+    assert_close_rel(got[0], want[0], dtype, "loss", floor=1.0)
+    for name, g, e in zip(("grad input", "grad weight", "grad bias"), got[1:], want[1:]):
+        assert_close_rel(g, e, dtype, name)
+
+
+def test_buffered_scales_with_the_upstream_gradient_and_without_bias():
+    x, w, t = make_case(20, 64, 8, torch.float64, ignore=(5,))
+    for kw in (dict(), dict(label_smoothing=0.1, softcap=3.0)):
+        a = [v.detach().clone().requires_grad_() for v in (x, w)]
+        loss = mk.linear_cross_entropy(*a, t, logits_buffer_mb=0.001, **kw)
+        got = torch.autograd.grad(loss * -2.5, a)
+        want = torch.autograd.grad(mk.linear_cross_entropy(*a, t, **kw) * -2.5, a)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+
+
+def test_buffered_computes_only_the_gradients_needed():
+    x, w, t = make_case(10, 30, 6, ignore=(2,))
+    b = torch.randn(30, requires_grad=True)
+    exact = mk.linear_cross_entropy(x, w, t, b)
+    calls = []
+    original = engine.buffered_loss_and_grads
+
+    def spy(*args):
+        calls.append(args[-3:])
+        return original(*args)
+
+    engine_fn = "marginkern.linear_ce.buffered_loss_and_grads"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_fn, spy)
+        with torch.no_grad():
+            loss = mk.linear_cross_entropy(x, w, t, b, logits_buffer_mb=1)
+        torch.testing.assert_close(loss, exact)
+        frozen = w.detach()
+        loss = mk.linear_cross_entropy(x, frozen, t, b, logits_buffer_mb=1)
+        gx, gb = torch.autograd.grad(loss, (x, b))
+    assert calls == [(False, False, False), (True, False, True)]
+    ex, eb = torch.autograd.grad(mk.linear_cross_entropy(x, frozen, t, b), (x, b))
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gb, eb)
+
+
+def test_buffered_empty_and_all_ignored():
+    for (N, C, D), ignore in [((0, 5, 3), ()), ((6, 40, 7), range(6))]:
+        x, w, t = make_case(N, C, D, ignore=ignore)
+        for reduction in ("mean", "sum"):
+            loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, t, torch.randn(C), reduction=reduction,
+                                     z_loss=1e-3, label_smoothing=0.1, logits_buffer_mb=1)
+            assert torch.isfinite(loss).all() and not loss.any() and not gx.any() and not gw.any() and not gb.any()
+
+
+def test_buffered_opcheck_and_compile():
+    x, w, t = make_case(9, 23, 5, ignore=(1,))
+    b = torch.randn(23, requires_grad=True)
+    for bias in (b, None):
+        args = (x, w, t, bias, -100, 0.1, 1e-3, 4.0, 0.0, 0.0, "mean", 2048, True, True, bias is not None)
+        torch.library.opcheck(torch.ops.marginkern.linear_cross_entropy_buffered.default, args)
+    step = lambda a, c, tt, bb: mk.linear_cross_entropy(a, c, tt, bb, z_loss=1e-3, logits_buffer_mb=0.01) + 1.0
+    got = grads(torch.compile(step, fullgraph=True), x, w, t, b)
+    want = grads(step, x, w, t, b)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+
+
+def test_buffered_module():
+    x, w, t = make_case(9, 30, 6)
+    loss_fn = mk.LinearCrossEntropyLoss(z_loss=1e-3, reduction="sum", logits_buffer_mb=1)
+    torch.testing.assert_close(loss_fn(x, w, t), mk.linear_cross_entropy(x, w, t, z_loss=1e-3, reduction="sum"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(logits_buffer_mb=1, reduction="none"), "reduction 'mean' or 'sum'"),
+    (dict(logits_buffer_mb=0), "logits_buffer_mb"), (dict(logits_buffer_mb=float("nan")), "logits_buffer_mb"),
+    (dict(logits_buffer_mb=1, grad_filter_eps=1e-3), "cannot be combined"),
+    (dict(grad_filter_eps=0.0), "grad_filter_eps"), (dict(grad_filter_eps=1.5), "grad_filter_eps"),
+    (dict(grad_filter_eps="fast"), "grad_filter_eps"),
+])
+def test_bad_knobs_raise_naming_the_argument(kw, match):
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(ValueError, match=match):
+        mk.linear_cross_entropy(x, w, t, **kw)
+    with pytest.raises(ValueError, match=match):
+        mk.LinearCrossEntropyLoss(**kw)
+
+
+def test_filter_auto_is_cut_cross_entropys_default():
+    from marginkern.checks import resolve_grad_filter_eps
+    assert resolve_grad_filter_eps("auto", torch.bfloat16) == 2.0 ** -12
+    assert resolve_grad_filter_eps(None, torch.bfloat16) is None
+
+
+def peaked_case(dtype=torch.float64):
+    """Logits of ±20 over 500 classes: most classes have p ≪ 1e-4 in every row (as in a trained LM)."""
+    x, w, t = make_case(64, 500, 32, dtype, ignore=(7,))
+    x = (x.detach() * 3.0).requires_grad_()
+    return x, w, t
+
+
+def count_kept_columns(monkeypatch):
+    kept = []
+    original = engine.keep_columns
+
+    def spy(g, w_chunk, eps):
+        result = original(g, w_chunk, eps)
+        kept.append((g.shape[1], g.shape[1] if result[2] is None else result[2].numel()))
+        return result
+
+    monkeypatch.setattr(engine, "keep_columns", spy)
+    return kept
+
+
+def test_filter_with_a_tiny_eps_is_exact(monkeypatch):
+    x, w, t = peaked_case()
+    kept = count_kept_columns(monkeypatch)
+    got = grads(mk.linear_cross_entropy, x, w, t, None, grad_filter_eps=1e-300)
+    want = grads(mk.linear_cross_entropy, x, w, t, None)
+    assert kept and all(k == total for total, k in kept)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-4, 1e-2])
+def test_filter_drops_classes_within_its_error_bound(monkeypatch, eps):
+    x, w, t = peaked_case()
+    kept = count_kept_columns(monkeypatch)
+    loss, gx, gw = grads(mk.linear_cross_entropy, x, w, t, None, grad_filter_eps=eps)
+    want_loss, want_gx, want_gw = grads(mk.linear_cross_entropy, x, w, t, None)
+    total, survived = map(sum, zip(*kept))
+    assert survived < total  # something was filtered
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)  # the forward pass is exact
+    # Each dropped dL/dz_nj is below eps·(1/n_valid) (mean CE: dL/dz = (p − onehot)/n_valid), so
+    # |ΔdX_nd| ≤ eps/n·Σ_j |w_jd| and |ΔdW_jd| ≤ eps/n·Σ_n |x_nd|.
+    n_valid = int((t != -100).sum())
+    bound_x = eps / n_valid * w.detach().abs().sum(0)
+    bound_w = eps / n_valid * x.detach().abs().sum(0)
+    assert ((gx - want_gx).abs() <= bound_x[None, :]).all()
+    assert ((gw - want_gw).abs() <= bound_w[None, :]).all()
+    assert (gw - want_gw).abs().max() > 0  # and the bound is not vacuous: filtering did change dW
+
+
+def test_filter_on_frozen_head_and_bias():
+    x, w, t = peaked_case(torch.float32)
+    b = torch.randn(500, requires_grad=True)
+    gx, gb = torch.autograd.grad(mk.linear_cross_entropy(x, w.detach(), t, b, grad_filter_eps=1e-3), (x, b))
+    ex, eb = torch.autograd.grad(mk.linear_cross_entropy(x, w.detach(), t, b), (x, b))
+    # the bounds of the test above, with 63 rows that count; a little slack for fp32 rounding
+    assert (gx - ex).abs().max() <= 1.01e-3 * w.abs().sum(0).max() / 63
+    assert (gb - eb).abs().max() <= 1.01e-3 * 64 / 63
