@@ -4,6 +4,7 @@ The ops return per-row losses; the public functions in functional.py apply the r
 torch ops, so one backward op serves "mean", "sum" and "none". Each op picks its backend at run time
 (dispatch.select_tiles), which is why the real kernels are registered for every device.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -15,6 +16,16 @@ from .engine import NORM_EPS, accumulation_dtype
 from .emo import emo_backward, emo_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
+
+
+def _without_autocast(kernel):
+    """The kernels pick their own precision (16-bit operands, fp32 accumulation): a caller's autocast
+    region must not turn the GEMMs inside an op into 16-bit ones (or break their in-place writes)."""
+    @functools.wraps(kernel)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return kernel(*args, **kwargs)
+    return run
 
 
 def _contiguous_like(t):
@@ -33,6 +44,7 @@ def _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoot
 
 
 @torch.library.custom_op("marginkern::margin_cross_entropy", mutates_args=())
+@_without_autocast
 def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: float, m1: float, m2: float,
                          m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
                          ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -52,6 +64,7 @@ def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, la
 
 
 @torch.library.custom_op("marginkern::margin_cross_entropy_backward", mutates_args=())
+@_without_autocast
 def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
                                   scale: float, m1: float, m2: float, m3: float, normalize: bool,
                                   exact_margin_grad: bool, label_smoothing: float, ignore_index: int,
@@ -96,6 +109,7 @@ def _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
 
 
 @torch.library.custom_op("marginkern::linear_cross_entropy", mutates_args=())
+@_without_autocast
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
                          label_smoothing: float, z_loss: float, softcap: Optional[float], focal_gamma: float,
                          gamma_ce: float, grad_filter_eps: Optional[float] = None) -> tuple[Tensor, Tensor]:
@@ -115,6 +129,7 @@ def _(input, weight, target, bias, *options):
 
 
 @torch.library.custom_op("marginkern::linear_cross_entropy_backward", mutates_args=())
+@_without_autocast
 def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor,
                                   bias: Optional[Tensor], lse: Tensor, ignore_index: int, label_smoothing: float,
                                   z_loss: float, softcap: Optional[float], focal_gamma: float,
@@ -158,6 +173,7 @@ linear_cross_entropy.register_autograd(_linear_backward, setup_context=_linear_s
 
 
 @torch.library.custom_op("marginkern::linear_cross_entropy_buffered", mutates_args=())
+@_without_autocast
 def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                   ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
                                   focal_gamma: float, gamma_ce: float, reduction: str, buffer_bytes: int,
@@ -204,6 +220,7 @@ linear_cross_entropy_buffered.register_autograd(_buffered_backward, setup_contex
 
 
 @torch.library.custom_op("marginkern::emo_cross_entropy", mutates_args=())
+@_without_autocast
 def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedding: Tensor,
                       ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """(per-row CE, per-row EMO, per-row log-sum-exp) of z = x·wᵀ; cost_embedding gets no gradient."""
@@ -221,6 +238,7 @@ def _(input, weight, target, cost_embedding, ignore_index):
 
 
 @torch.library.custom_op("marginkern::emo_cross_entropy_backward", mutates_args=())
+@_without_autocast
 def emo_cross_entropy_backward(grad_ce: Tensor, grad_emo: Tensor, input: Tensor, weight: Tensor, target: Tensor,
                                cost_embedding: Tensor, lse: Tensor, emo: Tensor, ignore_index: int,
                                need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
@@ -260,6 +278,7 @@ def _pairwise_cosine_uses_triton(a):
 
 
 @torch.library.custom_op("marginkern::pairwise_cosine", mutates_args=())
+@_without_autocast
 def pairwise_cosine(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(cos_i, 1/‖a_i‖, 1/‖b_i‖) in fp32 (fp64 for fp64 inputs), norms clamped at 1e-12 as F.normalize."""
     if _pairwise_cosine_uses_triton(a):
@@ -279,6 +298,7 @@ def _(a, b):
 
 
 @torch.library.custom_op("marginkern::pairwise_cosine_backward", mutates_args=())
+@_without_autocast
 def pairwise_cosine_backward(grad_cos: Tensor, a: Tensor, b: Tensor, cos: Tensor, inv_a: Tensor,
                              inv_b: Tensor) -> tuple[Tensor, Tensor]:
     if _pairwise_cosine_uses_triton(a):

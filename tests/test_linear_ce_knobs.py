@@ -171,3 +171,22 @@ def test_filter_on_frozen_head_and_bias():
     # the bounds of the test above, with 63 rows that count; a little slack for fp32 rounding
     assert (gx - ex).abs().max() <= 1.01e-3 * w.abs().sum(0).max() / 63
     assert (gb - eb).abs().max() <= 1.01e-3 * 64 / 63
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_autocast_does_not_lower_the_ops_precision(backend, monkeypatch):
+    # the helper that built distributed.py found the reference tiles' GEMMs running in bf16 under autocast
+    from marginkern import cpp_tiles
+    if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    x, w, t = make_case(40, 300, 32, ignore=(2,))
+    for fn in (lambda: mk.linear_cross_entropy(x, w, t), lambda: mk.linear_cross_entropy(x, w, t, logits_buffer_mb=1),
+               lambda: mk.margin_cross_entropy(x, w, t), lambda: mk.emo_cross_entropy(x, w, t)):
+        want = (fn(),) + torch.autograd.grad(fn(), (x, w))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn()
+            got = (loss,) + torch.autograd.grad(loss, (x, w))
+        for g, e in zip(got, want):
+            assert g.dtype == e.dtype
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
