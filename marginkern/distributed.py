@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import (check_class_shard, check_classification_inputs, check_int, check_margin_options,
-                     check_reduction, check_target_values)
+from .checks import (check_class_shard, check_classification_inputs, check_finite, check_int,
+                     check_margin_options, check_reduction, check_target_values)
 from .dispatch import select_tiles
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .reference import reduce_rows
+from .sampling import num_sampled_classes, sample_classes
 
 
 def shard_range(num_classes: int, rank: int, world_size: int):
@@ -163,11 +164,42 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
                       shard_range(num_classes, rank, world_size))
     target = target.long()  # uint8 indices would index as a mask
     check_target_values(target, num_classes, ignore_index)
-    opts = MarginOptions(float(scale), float(m1), float(m2), float(m3), bool(normalize), margin_grad == "exact",
+    opts = _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index)
+    return _sharded_loss(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
+                         reduction)
+
+
+def _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, **_reduction):
+    return MarginOptions(float(scale), float(m1), float(m2), float(m3), bool(normalize), margin_grad == "exact",
                          float(label_smoothing), int(ignore_index))
-    shard = ProcessGroupShard(class_start, num_classes, group)
+
+
+def _sharded_loss(input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions, reduction):
     loss_rows = _ShardedMarginCrossEntropy.apply(input, weight_shard, target, shard, opts)
-    return reduce_rows(loss_rows, target != ignore_index, reduction)
+    return reduce_rows(loss_rows, target != opts.ignore_index, reduction)
+
+
+def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index, group):
+    """Class sampling across shards (PartialFC_V2): each rank samples its own slice (its target classes plus
+    random others, int(sample_rate·C_local) in all) and the sampled slices, in rank order, form the classes
+    of this step. Returns (sampled weight, targets in that numbering, the shard of it this rank holds, the
+    sampled rows of weight_shard)."""
+    rank, world_size = _rank_and_world_size(group)
+    stop = class_start + weight_shard.shape[0]
+    valid = target != ignore_index
+    here = valid & (target >= class_start) & (target < stop)
+    index, local = sample_classes(torch.where(here, target - class_start, ignore_index), weight_shard.shape[0],
+                                  num_sampled_classes(weight_shard.shape[0], sample_rate), ignore_index)
+    counts = [torch.zeros(1, dtype=torch.long, device=target.device) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([index.numel()], device=target.device), group=group)
+    counts = [int(c) for c in counts]
+    start, total = sum(counts[:rank]), sum(counts)
+    # Rows whose target another rank holds only need a class id outside this rank's sampled range (their
+    # owner knows the real one): the one just before it, or just after it for rank 0.
+    elsewhere = start - 1 if start > 0 else start + counts[rank]
+    step_target = torch.where(here, start + local, torch.full_like(target, elsewhere))
+    step_target = torch.where(valid, step_target, target)
+    return weight_shard[index], step_target, ProcessGroupShard(start, total, group), index
 
 
 class ShardedCombinedMarginLoss(nn.Module):
@@ -176,17 +208,21 @@ class ShardedCombinedMarginLoss(nn.Module):
 
     forward(embeddings, target) takes the all-gathered embeddings and labels (see
     `sharded_margin_cross_entropy`). Do not wrap this module in DistributedDataParallel: its weight differs
-    per rank.
+    per rank. `sample_rate` < 1 samples class centres in training mode as PartialFC_V2 (marginkern.sampling:
+    per rank its target classes plus random others, int(sample_rate·C_local) in all; one all-gather of the
+    counts per step); the gradient of `weight` stays dense, zero on the rows a step did not sample.
     """
 
     def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, group=None, scale=64.0,
                  normalize=True, margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                 device=None, dtype=None):
+                 sample_rate=1.0, device=None, dtype=None):
         super().__init__()
         if int(embedding_dim) < 1 or int(num_classes) < 1:
             raise ValueError(f"embedding_dim and num_classes must be ≥ 1, got {embedding_dim} and {num_classes}")
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
+        check_finite("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
+        self.sample_rate = float(sample_rate)
         rank, world_size = _rank_and_world_size(group)
         self.embedding_dim, self.num_classes, self.group = int(embedding_dim), int(num_classes), group
         if self.num_classes < world_size:
@@ -211,15 +247,24 @@ class ShardedCombinedMarginLoss(nn.Module):
         weight = self.weight
         if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
             weight = weight.to(embeddings.dtype)
-        return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
-                                            num_classes=self.num_classes, group=self.group, **self.options)
+        if not (self.training and self.sample_rate < 1.0):
+            return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
+                                                num_classes=self.num_classes, group=self.group, **self.options)
+        o = self.options
+        check_classification_inputs(embeddings, weight, target, weight_name="weight")
+        target = target.long()
+        check_target_values(target, self.num_classes, o["ignore_index"])
+        weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
+                                                   o["ignore_index"], self.group)
+        return _sharded_loss(embeddings, weight, target, shard, _margin_options(**o), o["reduction"])
 
     def extra_repr(self):
         o = self.options
         stop = self.class_start + self.weight.shape[0]
         return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
                 f"classes=[{self.class_start}, {stop}), scale={o['scale']}, m1={o['m1']}, m2={o['m2']}, "
-                f"m3={o['m3']}, normalize={o['normalize']}, margin_grad={o['margin_grad']!r}")
+                f"m3={o['m3']}, normalize={o['normalize']}, margin_grad={o['margin_grad']!r}"
+                + (f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""))
 
 
 class ShardedArcFaceLoss(ShardedCombinedMarginLoss):

@@ -6,20 +6,26 @@ from .checks import (check_finite, check_linear_ce_options, check_logits_buffer,
                      check_reduction, resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          margin_cross_entropy)
+from .sampling import num_sampled_classes, sample_classes
 
 
 class CombinedMarginLoss(nn.Module):
     """Margin-softmax CE with target logit s·((−1)^k cos(m1·θ + m2) − 2k − m3) (DESIGN.md §4).
 
     The class centres are initialised N(0, 0.01) as in insightface's arcface_torch (partial_fc_v2.py).
+    `sample_rate` < 1 samples the class centres in training mode (marginkern.sampling, PartialFC): the
+    softmax of a step covers the batch's target classes plus random others, int(sample_rate·C) in all.
+    The weight's gradient stays dense (zero on the rows a step did not sample), as in PartialFC_V2.
     """
 
     def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, scale=64.0, normalize=True,
                  margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                 device=None, dtype=None):
+                 sample_rate=1.0, device=None, dtype=None):
         super().__init__()
         if int(embedding_dim) < 1 or int(num_classes) < 1:
             raise ValueError(f"embedding_dim and num_classes must be ≥ 1, got {embedding_dim} and {num_classes}")
+        check_finite("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
+        self.sample_rate = float(sample_rate)
         self.embedding_dim, self.num_classes = int(embedding_dim), int(num_classes)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim, device=device, dtype=dtype))
         self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=normalize, margin_grad=margin_grad,
@@ -33,15 +39,21 @@ class CombinedMarginLoss(nn.Module):
 
     def forward(self, embeddings, target):
         weight = self.weight
+        if self.training and self.sample_rate < 1.0:
+            index, target = sample_classes(target, self.num_classes,
+                                           num_sampled_classes(self.num_classes, self.sample_rate),
+                                           self.options["ignore_index"])
+            weight = weight[index]
         if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
             weight = weight.to(embeddings.dtype)
         return margin_cross_entropy(embeddings, weight, target, **self.options)
 
     def extra_repr(self):
         o = self.options
+        sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
         return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, scale={o['scale']}, "
                 f"m1={o['m1']}, m2={o['m2']}, m3={o['m3']}, normalize={o['normalize']}, "
-                f"margin_grad={o['margin_grad']!r}")
+                f"margin_grad={o['margin_grad']!r}{sampled}")
 
 
 class ArcFaceLoss(CombinedMarginLoss):

@@ -132,6 +132,23 @@ def _gathered_training_step(rank, world_size, x_all, w, t_all):
     return local_x.grad
 
 
+def _sampled_module_step(rank, world_size, D, C, x, t, rate):
+    """The module with class sampling: its loss and weight gradient, and the draw it made (replayed)."""
+    torch.manual_seed(10 + rank)  # ranks draw different negatives
+    module = mkd.ShardedCombinedMarginLoss(D, C, 1.0, 0.3, 0.1, sample_rate=rate, label_smoothing=0.1,
+                                           dtype=torch.float64)
+    state = torch.get_rng_state()
+    loss = module(x, t)
+    loss.backward()
+    torch.set_rng_state(state)
+    sampled, step_target, shard, index = mkd._sampled_shards(module.weight.detach(), t, module.class_start, rate,
+                                                             -100, None)
+    module.eval()
+    full_loss = module(x, t).detach()  # eval mode: every class
+    return (loss.detach(), module.weight.grad, sampled, step_target, shard.start, index, module.class_start,
+            module.weight.detach(), full_loss)
+
+
 def _single_member_group(rank, world_size, x, w, t):
     group = dist.new_group([0])  # every rank must take part in creating it
     if rank != 0:
@@ -323,6 +340,33 @@ def test_module_owns_its_shard_and_matches_the_full_loss(world):
     for _, loss, _ in results:
         assert_close_rel(loss, want_loss, torch.float32, "loss", floor=64.0)
     assert_close_rel(torch.cat([gw for _, _, gw in results]), want_gw, torch.float32, "grad weight")
+
+
+def test_class_sampling_is_the_loss_over_the_sampled_classes(world):
+    D, C, rate = 8, 60, 0.25
+    x, _, t = make_case(14, C, D, torch.float64, ignore=(2,))
+    results = world.run(_sampled_module_step, D, C, x, t, rate)
+    losses, grads, sampled, step_targets, starts, indices, class_starts, shards, full_losses = zip(*results)
+    assert all(torch.equal(loss, losses[0]) for loss in losses)
+    # the step's classes: every rank's sampled rows in rank order; each row's class id is its owner's
+    weight = torch.cat(sampled)
+    owner = torch.tensor([max(r for r in range(world.size) if class_starts[r] <= c) if c >= 0 else 0 for c in t])
+    target = torch.stack(step_targets)[owner, torch.arange(len(t))]
+    assert torch.equal(weight[target[t != -100]], torch.cat(shards)[t[t != -100]])  # targets are always kept
+    for r in range(world.size):
+        assert indices[r].numel() >= int(rate * shards[r].shape[0]) and starts[r] == sum(map(len, sampled[:r]))
+    want_loss, _, want_gw = single_process(x, weight, target, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1))
+    assert_close_rel(losses[0], want_loss, torch.float64, "loss", floor=1.0)
+    for r in range(world.size):
+        grad = grads[r]
+        start = starts[r]
+        assert_close_rel(grad[indices[r]], want_gw[start:start + len(indices[r])], torch.float64, "grad weight")
+        unsampled = torch.ones(len(grad), dtype=torch.bool)
+        unsampled[indices[r]] = False
+        assert not grad[unsampled].any()
+    # evaluation uses every class: the plain sharded loss over the concatenated shards
+    eval_loss, _, _ = single_process(x, torch.cat(shards), t, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1))
+    assert_close_rel(full_losses[0], eval_loss, torch.float64, "eval loss", floor=1.0)
 
 
 def test_gather_embeddings_gives_the_ddp_scaled_gradient(world):

@@ -1,0 +1,33 @@
+"""Class-centre sampling, as insightface's PartialFC (sample_rate < 1).
+
+Per training step the softmax runs over the classes of the batch's targets plus uniformly drawn other
+classes, num_sample = int(sample_rate · C) in all (or every target class when they alone are more). It
+cuts the work per step by about sample_rate at the price of an approximate softmax: the loss is the
+margin CE over the sampled classes only (label smoothing spreads over them). Evaluation uses all classes.
+"""
+import torch
+
+
+def num_sampled_classes(num_classes: int, sample_rate: float) -> int:
+    """int(sample_rate · C) (PartialFC's rule), at least 1."""
+    return max(1, int(sample_rate * num_classes))
+
+
+def sample_classes(target, num_classes, num_sample, ignore_index=-100, generator=None):
+    """(index, local_target): `index` (K,) the sorted class ids the step keeps (every class that is a target
+    in the batch, then random others up to num_sample: K = max(num_sample, number of target classes));
+    `local_target` the position of each row's target in `index` (ignore_index rows keep ignore_index).
+
+    Syncs with the device once (torch.unique), as PartialFC does.
+    """
+    valid = target != ignore_index
+    positive = torch.unique(torch.where(valid, target, target.new_full((), -1)))
+    positive = positive[positive >= 0]
+    if positive.numel() >= num_sample:
+        index = positive
+    else:
+        score = torch.rand(num_classes, device=target.device, generator=generator)
+        score[positive] = 2.0  # the target classes always survive the top-k
+        index = torch.topk(score, num_sample, sorted=False).indices.sort().values
+    local = torch.searchsorted(index, target.clamp_min(0))
+    return index, torch.where(valid, local, target)

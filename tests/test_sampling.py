@@ -1,0 +1,69 @@
+"""Class-centre sampling (PartialFC's sample_rate) of the margin modules."""
+import pytest
+import torch
+
+import marginkern as mk
+from marginkern.sampling import num_sampled_classes, sample_classes
+
+
+def test_sample_keeps_every_target_class_and_remaps_targets():
+    gen = torch.Generator().manual_seed(1)
+    target = torch.tensor([5, 99, 5, -100, 42, 7])
+    index, local = sample_classes(target, 100, 10, generator=gen)
+    assert index.numel() == 10 and torch.equal(index, index.sort().values) and index.unique().numel() == 10
+    valid = target != -100
+    assert torch.equal(index[local[valid]], target[valid])
+    assert local[3] == -100
+
+
+def test_more_target_classes_than_num_sample_keeps_exactly_the_targets():
+    target = torch.arange(20).flip(0)
+    index, local = sample_classes(target, 50, 5)
+    assert torch.equal(index, torch.arange(20))
+    assert torch.equal(index[local], target)
+
+
+def test_all_rows_ignored_samples_random_classes():
+    index, local = sample_classes(torch.full((4,), -1), 30, 6, ignore_index=-1)
+    assert index.numel() == 6 and (local == -1).all()
+
+
+def test_module_loss_and_gradients_are_those_of_the_sampled_classes():
+    torch.manual_seed(0)
+    head = mk.ArcFaceLoss(16, 500, sample_rate=0.1)
+    x = torch.randn(24, 16, requires_grad=True)
+    t = torch.randint(0, 500, (24,))
+    t[3] = -100
+    state = torch.get_rng_state()
+    loss = head(x, t)
+    gx, gw = torch.autograd.grad(loss, (x, head.weight))
+
+    torch.set_rng_state(state)  # the same draw
+    index, local = sample_classes(t, 500, num_sampled_classes(500, 0.1))
+    w = head.weight.detach()[index].requires_grad_()
+    want = mk.margin_cross_entropy(x, w, local, scale=64.0, m2=0.5)
+    ex, ew = torch.autograd.grad(want, (x, w))
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gw[index], ew)
+    unsampled = torch.ones(500, dtype=torch.bool)
+    unsampled[index] = False
+    assert index.numel() == 50 and not gw[unsampled].any()
+
+
+def test_eval_mode_and_rate_one_use_every_class():
+    torch.manual_seed(0)
+    head = mk.CosFaceLoss(8, 64, sample_rate=0.25)
+    full = mk.CosFaceLoss(8, 64)
+    full.weight.data.copy_(head.weight.data)
+    x, t = torch.randn(10, 8), torch.randint(0, 64, (10,))
+    head.eval()
+    torch.testing.assert_close(head(x, t), full(x, t))
+    head.train()
+    assert not torch.allclose(head(x, t), full(x, t))
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.5, -0.1, float("nan")])
+def test_bad_sample_rate_raises(rate):
+    with pytest.raises(ValueError, match="sample_rate"):
+        mk.ArcFaceLoss(8, 10, sample_rate=rate)
