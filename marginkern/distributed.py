@@ -127,6 +127,8 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the engine's backward is not differentiable again
+            raise RuntimeError("sharded_margin_cross_entropy cannot be differentiated twice (create_graph=True)")
         input, weight_shard, target, lse = ctx.saved_tensors
         need_weight_grad = ctx.needs_input_grad[1]
         # dL/dinput is computed (and all-reduced) even when only the weight needs it: every rank must join

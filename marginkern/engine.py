@@ -81,30 +81,81 @@ def project_out_rows(grad: Tensor, weight: Tensor, inv_norm_sq: Tensor) -> Tenso
     return grad.sub_(wf * ((wf * grad).sum(1) * inv_norm_sq)[:, None])
 
 
+# Whether this torch has the 16-bit → fp32 cuBLAS overloads (mm/addmm with out_dtype; addmm with an fp32
+# `self` needs torch ≥ 2.10): probed on first use, then remembered, so a missing one costs one exception.
+_OUT_DTYPE_WORKS = {"mm": None, "addmm": None}
+
+
+def _try_out_dtype(kind, call):
+    """call() if the `kind` overload works on this torch, else None (never swallows an out-of-memory)."""
+    if _OUT_DTYPE_WORKS[kind] is False:
+        return None
+    try:
+        result = call()
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, TypeError):
+        _OUT_DTYPE_WORKS[kind] = False
+        return None
+    _OUT_DTYPE_WORKS[kind] = True
+    return result
+
+
+def _is_16bit_cuda_pair(a, b):
+    return a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
+
+
 def mm_accumulate(a: Tensor, b: Tensor, acc) -> Tensor:
     """a @ b with an fp32 (or fp64) result. fp16/bf16 GEMMs on CUDA keep their inputs and write fp32."""
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.mm(a, b, out_dtype=acc)
-        except (RuntimeError, TypeError):
-            pass
+    if _is_16bit_cuda_pair(a, b):
+        result = _try_out_dtype("mm", lambda: torch.mm(a, b, out_dtype=acc))
+        if result is not None:
+            return result
     return a.to(acc) @ b.to(acc)
 
 
 def addmm_accumulate(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
     """out += alpha·(a @ b) in place (out fp32/fp64). 16-bit CUDA operands write into fp32 without an
     out-sized temporary (a (C, D) fp32 temporary per row block is the memory spike of Liger #1323)."""
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.addmm(out, a, b, alpha=alpha, out_dtype=out.dtype, out=out)
-        except (RuntimeError, TypeError):
-            return out.add_(mm_accumulate(a, b, out.dtype), alpha=alpha)
+    if _is_16bit_cuda_pair(a, b):
+        result = _try_out_dtype("addmm", lambda: torch.addmm(out, a, b, alpha=alpha, out_dtype=out.dtype, out=out))
+        if result is not None:
+            return result
+        return out.add_(mm_accumulate(a, b, out.dtype), alpha=alpha)
     return out.addmm_(a.to(out.dtype), b.to(out.dtype), alpha=alpha)
 
 
 def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
     """(lse, Σ_j z_nj or None), each (N,) in the accumulation dtype."""
     return tiles.row_stats(x, w, spec, need_sum_logits)
+
+
+def _regular(values, outlier_factor=64.0):
+    """values ≤ outlier_factor × the median of the non-zero values (all True when every value is 0);
+    without boolean indexing, which would sync with the GPU."""
+    median = torch.where(values > 0, values, torch.nan).nanmedian()
+    return ~(values > outlier_factor * median)  # a NaN median compares False: regular
+
+
+def gradient_bound(spec: LogitSpec, coef_total, target_grad):
+    """The largest |dL/da| of the rows and columns whose geometric scale is regular, for the 16-bit G scale.
+
+    A degenerate row or column (a zero embedding or class centre: a 1e12 norm scale) must not push every
+    other entry below fp16's range, so it is left out (its own entries saturate instead, the Triton kernel
+    clamps fp16 G to ±65504, which keeps every gradient finite). The loss's per-row coefficients are
+    taken at their true maximum: focal loss makes easy rows' coefficients ~1e-8 and hard rows' ~1, and a
+    robust maximum of those would saturate exactly the rows that matter.
+    """
+    row_scale = spec.row_scale.abs()
+    regular_rows = _regular(row_scale)
+    col_bound, regular_target = 1.0, regular_rows
+    if spec.col_scale is not None:
+        col_scale = spec.col_scale.abs()
+        col_bound = _robust_max(col_scale)
+        regular_target = regular_rows & _regular(col_scale)[spec.target.clamp_min(0)]
+    per_row = torch.maximum(coef_total * row_scale * col_bound,
+                            torch.where(regular_target, target_grad.abs(), torch.zeros_like(target_grad)))
+    return torch.where(regular_rows, per_row, torch.zeros_like(per_row)).max()
 
 
 def _robust_max(values, outlier_factor=64.0):
@@ -144,18 +195,12 @@ def streaming_grads(
         if grad_w is not None:
             grad_w.zero_()
         return grad_x, grad_w, grad_bias
-    # G is stored in a 16-bit dtype on the GPU: rescale it so that its typical largest entry is ~1, which
-    # keeps fp16 from underflowing small probabilities (mean over 8k rows gives coef_p ≈ 1e-4). The bound
-    # ignores outliers (a zero embedding or class centre has a 1e12 norm scale): one degenerate row or
-    # column must not push every other entry below fp16's range; its own entries saturate instead (the
-    # Triton kernel clamps fp16 G to ±65504), which keeps every gradient finite.
+    # G is stored in a 16-bit dtype on the GPU: rescale it so that its largest regular entry is ~1, which
+    # keeps fp16 from underflowing small probabilities (mean over 8k rows gives coef_p ≈ 1e-4).
     coef_total = coef_p.abs() + coef_u.abs()
     if cost is not None:  # |A| ≤ 1: cosines
         coef_total = coef_total + cost.coef.abs()
-    bound = _robust_max(coef_total * spec.row_scale.abs())
-    if spec.col_scale is not None:
-        bound = bound * _robust_max(spec.col_scale.abs())
-    bound = torch.maximum(bound, _robust_max(target_grad.abs()))
+    bound = gradient_bound(spec, coef_total, target_grad)
     grad_scale = torch.where(bound > 0, 1.0 / bound, torch.ones_like(bound)).to(acc)
     unscale = 1.0 / grad_scale
     if cost is not None:
@@ -168,7 +213,7 @@ def streaming_grads(
             g, w_chunk, kept = keep_columns(g, w_chunk, grad_filter_eps)
         addmm_accumulate(grad_x, g, w_chunk)  # still scaled: unscaled once after the loop
         if grad_bias is not None:
-            grad_bias[c0:c1] = scatter_rows(g.to(acc).sum(0) * unscale, kept, c1 - c0)
+            grad_bias[c0:c1] = scatter_rows(g.sum(0, dtype=acc) * unscale, kept, c1 - c0)
         if grad_w is None:
             continue
         grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc).mul_(unscale), kept, c1 - c0)
@@ -183,7 +228,8 @@ def keep_columns(g: Tensor, w_chunk: Tensor, eps: float):
 
     One host sync per chunk (the GEMM sizes depend on the count): the price of an opt-in speed switch."""
     low, high = torch.aminmax(g, dim=0)  # max |g| per column in one pass, without an |g| temporary
-    kept = ((high >= eps) | (low <= -eps)).nonzero().squeeze(1)
+    # a column leaves only when it is provably small: NaN/inf must reach the gradients (GradScaler's check)
+    kept = (~((high < eps) & (low > -eps))).nonzero().squeeze(1)
     if kept.numel() == g.shape[1]:
         return g, w_chunk, None
     return g[:, kept], w_chunk[kept], kept
@@ -244,11 +290,13 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
     grad_bias = torch.zeros(C, dtype=acc, device=x.device) if need_bias_grad else None
     # 16-bit GEMMs on the GPU (tensor cores, fp32 results); the CPU upcasts anyway, so G stays fp32 there.
     gemm_dtype = x.dtype if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else acc
+    # one upcast copy of a 16-bit weight for all blocks (the CPU GEMMs would make two per block)
+    w_gemm = w.to(acc) if gemm_dtype == acc else w
     bias = spec.bias.to(acc) if spec.bias is not None else None
     for r0 in range(0, N if C > 0 else 0, block):
         r1 = min(N, r0 + block)
         xr = x[r0:r1]
-        z = mm_accumulate(xr, w.t(), acc)  # GEMM 1 of 3
+        z = mm_accumulate(xr, w_gemm.t(), acc)  # GEMM 1 of 3
         z.mul_(spec.row_scale[r0:r1, None])
         if spec.col_scale is not None:
             z.mul_(spec.col_scale[None, :])
@@ -275,18 +323,19 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
             g.mul_(spec.col_scale[None, :])
         g[rows, column] = torch.where(has_target, target_grad, g[rows, column])
         if grad_bias is not None:
-            grad_bias += g.sum(0)
+            grad_bias += g.sum(0)  # g is in the accumulation dtype here
         unscale = 1.0
         if gemm_dtype == torch.float16:
-            # fp16 would flush small probabilities (coef_p ≈ 1/N) to 0: scale the block so that its typical
-            # largest entry is 1 and saturate outliers, as streaming_grads does. One host sync per block.
-            bound = _robust_max(g.abs().amax(1)).item()
-            if bound > 0:
-                g.mul_(1.0 / bound).clamp_(-65504.0, 65504.0)
+            # fp16 would flush small probabilities (coef_p ≈ 1/N) to 0: scale the block so that its largest
+            # entry is 1 (no outlier rule: linear CE has no norm-scaled degenerate rows). One sync per block.
+            low, high = torch.aminmax(g)
+            bound = max(float(high), -float(low))
+            if 0 < bound < float("inf"):
+                g.mul_(1.0 / bound)
                 unscale = bound
         g_gemm = g.to(gemm_dtype)
         if grad_x is not None:
-            grad_x[r0:r1] = mm_accumulate(g_gemm, w, acc).mul_(unscale)  # GEMM 2 of 3
+            grad_x[r0:r1] = mm_accumulate(g_gemm, w_gemm, acc).mul_(unscale)  # GEMM 2 of 3
         if grad_w is not None:
             addmm_accumulate(grad_w, g_gemm.t(), xr, alpha=unscale)  # GEMM 3 of 3
     return loss, lse, grad_x, grad_w, grad_bias

@@ -119,7 +119,7 @@ def linear_ce_buffered(x, w, target, bias, opts: LinearCEOptions, reduction, buf
     """The reduced loss ("mean" or "sum") and its gradients for a loss gradient of 1, computed together in
     the forward pass with 3 GEMMs over row blocks of a bounded logits buffer (engine.buffered_loss_and_grads).
 
-    Returns (loss (0-dim), dL/dx or None, dL/dw or None, dL/dbias or None), gradients in the input dtypes.
+    Returns (loss (0-dim), dL/dx or None, dL/dw or None, dL/dbias or None), in the accumulation dtype.
     """
     tgt = _TargetLogits(x, w, target, bias, opts)
     C = w.shape[0]
@@ -135,6 +135,4 @@ def linear_ce_buffered(x, w, target, bias, opts: LinearCEOptions, reduction, buf
     loss_rows, _, grad_x, grad_w, grad_bias = buffered_loss_and_grads(
         x, w, tgt.spec, row_terms, buffer_bytes, opts.label_smoothing > 0, need_input_grad, need_weight_grad,
         bias is not None and need_bias_grad)
-    loss = (loss_rows * row_weight).sum()
-    cast = (lambda grad, like: grad.to(like.dtype) if grad is not None else None)
-    return loss, cast(grad_x, x), cast(grad_w, w), cast(grad_bias, bias)
+    return (loss_rows * row_weight).sum(), grad_x, grad_w, grad_bias

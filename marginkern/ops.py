@@ -180,39 +180,49 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
                                   need_input_grad: bool, need_weight_grad: bool,
                                   need_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(reduced loss, dL/dinput, dL/dweight, dL/dbias) with 3 GEMMs: the gradients (for a loss gradient
-    of 1) come out of the forward pass; the autograd backward only scales them. A gradient not asked for
-    (or of an absent bias) is empty (0,)."""
+    of 1) come out of the forward pass; the autograd backward only scales them. They stay in the
+    accumulation dtype until then (a GradScaler scale of 65536 is inf in fp16, and unit-scale fp16
+    gradients would underflow). A gradient not asked for (or of an absent bias) is empty (0,)."""
     check_target_values(target, weight.shape[0], ignore_index)
+    # The 3-GEMM path runs ATen GEMMs and a PyTorch epilogue on every backend; this only enforces
+    # MARGINKERN_BACKEND's contract (a forced backend that cannot serve the call raises).
+    select_tiles(input.device, input.dtype)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     input, weight = input.contiguous(), weight.contiguous()
     loss, grad_x, grad_w, grad_b = linear_ce_buffered(input, weight, target, bias, opts, reduction,
                                                       int(buffer_bytes), need_input_grad, need_weight_grad,
                                                       need_bias_grad)
-    return loss, _or_empty(grad_x, input), _or_empty(grad_w, weight), _or_empty(grad_b, weight)
+    return loss, _or_empty(grad_x, loss), _or_empty(grad_w, loss), _or_empty(grad_b, loss)  # all in acc dtype
 
 
 @linear_cross_entropy_buffered.register_fake
 def _(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce, reduction,
       buffer_bytes, need_input_grad, need_weight_grad, need_bias_grad):
     acc = accumulation_dtype(input.dtype)
-    grad_b = _contiguous_like(bias) if bias is not None and need_bias_grad else weight.new_empty((0,))
-    return (input.new_empty((), dtype=acc), _contiguous_like(input) if need_input_grad else input.new_empty((0,)),
-            _contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)), grad_b)
+
+    def grad_like(t, needed):
+        return t.new_empty(t.shape, dtype=acc) if needed else t.new_empty((0,), dtype=acc)
+
+    return (input.new_empty((), dtype=acc), grad_like(input, need_input_grad), grad_like(weight, need_weight_grad),
+            grad_like(bias if bias is not None else weight, bias is not None and need_bias_grad))
 
 
 def _buffered_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])
-    ctx.has_bias = inputs[3] is not None
+    input, weight, _, bias = inputs[:4]
+    ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
 
 
 def _buffered_backward(ctx, grad_loss, *unused):
     # The op computed the gradients for a loss gradient of 1; an input that needs a gradient here had
     # need_*_grad set by the caller (functional.linear_cross_entropy), so its saved gradient is not empty.
-    grad_x, grad_w, grad_b = ctx.saved_tensors
-    scaled = [grad_loss.to(g.dtype) * g if needed else None
-              for g, needed in ((grad_x, ctx.needs_input_grad[0]), (grad_w, ctx.needs_input_grad[1]),
-                                (grad_b, ctx.has_bias and ctx.needs_input_grad[3]))]
+    if torch.is_grad_enabled():
+        raise RuntimeError("linear_cross_entropy(logits_buffer_mb=...) computes its gradients in the forward "
+                           "pass and cannot be differentiated twice (create_graph=True); use logits_buffer_mb=None")
+    needed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.dtypes[2] is not None and ctx.needs_input_grad[3])
+    scaled = [(grad_loss * g).to(dtype) if need else None
+              for g, need, dtype in zip(ctx.saved_tensors, needed, ctx.dtypes)]
     return (scaled[0], scaled[1], None, scaled[2]) + (None,) * 11
 
 

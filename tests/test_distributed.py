@@ -149,6 +149,17 @@ def _sampled_module_step(rank, world_size, D, C, x, t, rate):
             module.weight.detach(), full_loss)
 
 
+def _double_backward(rank, world_size, x, w, t):
+    start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+    x, shard = x.clone().requires_grad_(), w[start:stop].clone().requires_grad_()
+    loss = mkd.sharded_margin_cross_entropy(x, shard, t, class_start=start, num_classes=w.shape[0])
+    try:
+        torch.autograd.grad(loss, x, create_graph=True)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
 def _single_member_group(rank, world_size, x, w, t):
     group = dist.new_group([0])  # every rank must take part in creating it
     if rank != 0:
@@ -367,6 +378,13 @@ def test_class_sampling_is_the_loss_over_the_sampled_classes(world):
     # evaluation uses every class: the plain sharded loss over the concatenated shards
     eval_loss, _, _ = single_process(x, torch.cat(shards), t, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1))
     assert_close_rel(full_losses[0], eval_loss, torch.float64, "eval loss", floor=1.0)
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer(world):
+    # review finding: create_graph=True gave a wrong Hessian-vector product without an error
+    x, w, t = make_case(6, 11, 4, torch.float64)
+    messages = world.run(_double_backward, x, w, t)
+    assert all("differentiated twice" in m for m in messages), messages
 
 
 def test_gather_embeddings_gives_the_ddp_scaled_gradient(world):

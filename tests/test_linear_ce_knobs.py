@@ -190,3 +190,45 @@ def test_autocast_does_not_lower_the_ops_precision(backend, monkeypatch):
         for g, e in zip(got, want):
             assert g.dtype == e.dtype
             torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_buffered_fp16_under_a_grad_scaler_scale_stays_finite_and_exact():
+    # review finding: the upstream gradient (GradScaler's 65536) was cast to fp16 (inf) before scaling
+    x, w, t = make_case(256, 700, 32, torch.float16)
+    w = (w.detach().float() * 0.5).half()
+    for knobs in (dict(logits_buffer_mb=0.5), dict()):
+        a = [v.detach().clone().requires_grad_() for v in (x, w)]
+        got = torch.autograd.grad(mk.linear_cross_entropy(*a, t, **knobs) * 65536.0, a)
+        ref = [v.detach().double().requires_grad_() for v in (x, w)]
+        want = torch.autograd.grad(reference.linear_cross_entropy(*ref, t) * 65536.0, ref)
+        for name, g, e in zip(("grad input", "grad weight"), got, want):
+            assert g.dtype == torch.float16
+            assert_close_rel(g, e, torch.float16, f"{name} {knobs}")
+
+
+def test_buffered_refuses_double_backward():
+    x, w, t = make_case(6, 20, 4)
+    loss = mk.linear_cross_entropy(x, w, t, logits_buffer_mb=1)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        torch.autograd.grad(loss, (x, w), create_graph=True)
+
+
+def test_buffered_honours_a_forced_backend(monkeypatch):
+    from marginkern.dispatch import BackendUnavailable
+    monkeypatch.setenv("MARGINKERN_BACKEND", "cuda")  # no csrc/cuda build: it cannot serve any call
+    x, w, t = make_case(6, 20, 4)
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        mk.linear_cross_entropy(x, w, t, logits_buffer_mb=1)
+
+
+@pytest.mark.parametrize("knobs", [dict(grad_filter_eps=1e-3), dict(grad_filter_eps="auto"), dict(logits_buffer_mb=1)])
+def test_non_finite_inputs_give_non_finite_gradients(knobs):
+    # review finding: filtering dropped NaN/inf columns (both comparisons with eps are False for NaN), so an
+    # overflowed step looked finite to GradScaler
+    x, w, t = make_case(8, 50, 4)
+    x = x.detach().clone()
+    x[2, 0] = float("inf")
+    x.requires_grad_()
+    gx, gw = torch.autograd.grad(mk.linear_cross_entropy(x, w, t, **knobs), (x, w))
+    ex, ew = torch.autograd.grad(mk.linear_cross_entropy(x, w, t), (x, w))
+    assert not torch.isfinite(ex).all() and not torch.isfinite(gx).all() and not torch.isfinite(gw).all()

@@ -7,6 +7,7 @@ from marginkern import reference
 from tests.helpers import REL_TOL, assert_close_rel, make_case
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_linear_ce import OPTIONS, grads
+from tests.test_linear_ce_knobs import count_kept_columns
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +40,9 @@ def test_all_ignored_and_empty():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gradient_filtering_through_the_triton_tiles(dtype):
+def test_gradient_filtering_through_the_triton_tiles(dtype, monkeypatch):
     # G comes out of the Triton kernel in the input dtype; the filter compares its scaled entries with eps.
+    kept = count_kept_columns(monkeypatch)
     x, w, t = make_case(40, 300, 16, dtype, device=DEVICE, ignore=(3,))
     x = (x.detach().float() * 3.0).to(dtype).requires_grad_()
     b = torch.randn(300, device=DEVICE).to(dtype)
@@ -56,3 +58,22 @@ def test_gradient_filtering_through_the_triton_tiles(dtype):
     for name, g, e, extra in zip(("grad input", "grad weight", "grad bias"), (gx, gw, gb), want[1:], slack):
         err = (g.double().cpu() - e.cpu()).abs().max()
         assert err <= extra + REL_TOL[dtype] * e.abs().max(), name
+    assert sum(k for _, k in kept) < sum(total for total, _ in kept)  # something was filtered
+
+
+def test_fp16_focal_hard_rows_among_easy_ones_do_not_saturate():
+    # review finding: the fp16 G scale took a robust (64 × median) maximum of the per-row coefficients;
+    # focal γ=2 makes well-fit rows' coefficients ~3q² ≈ 1e-10, so the few hard rows' entries were clamped
+    # at 65504 and their gradients came out wrong. Rows 0..27 are fit (1 − p_t ≈ 1e-5), rows 28..31 not.
+    N, C, D = 32, 90, 128
+    torch.manual_seed(3)
+    w = torch.randn(C, D)
+    t = torch.randint(0, C, (N,))
+    x = torch.randn(N, D) * 0.1
+    x[:28] += 0.12 * w[t[:28]]  # target logit ≈ 15, the others ≈ N(0, 1.8): 1 − p_t ≈ 1e-5
+    x, w = x.half().to(DEVICE).requires_grad_(), w.half().to(DEVICE).requires_grad_()
+    t = t.to(DEVICE)
+    loss, gx, gw = grads(mk.linear_cross_entropy, x, w, t, None, focal_gamma=2.0)
+    want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, None, focal_gamma=2.0)
+    assert_close_rel(gx[28:], want[1][28:], torch.float16, "grad input of the hard rows")
+    assert_close_rel(gw, want[2], torch.float16, "grad weight")
