@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh peers   # the same cases for liger-kernel and cut-cross-entropy (./wheels)
 #   bash scripts/gpu_session.sh emo     # EMO + CE: marginkern, naive, torch.compile, floor
 #   bash scripts/gpu_session.sh cosent  # CoSENT from embeddings: marginkern, sentence-transformers, read floor
+#   bash scripts/gpu_session.sh micro   # pytest-benchmark micro-benchmarks of the engine's steps (bench/test_microbench.py)
 #   bash scripts/gpu_session.sh sweep   # block-size sweep of the Triton kernels (bench/sweep_triton_configs.py)
 # Logs and results go to $OUT (the device tool brings that folder back); commit bench/results/<device>/.
 set -uo pipefail
@@ -40,10 +41,14 @@ case "$stage" in
     python bench/run.py "${args[@]}" --tag "$stage" --timeout 240 2>&1 | tee "$OUT/bench-$stage.log" | tail -40
     cp -r bench/results "$OUT/"
     ;;
+  micro)
+    timeout 560 python -m pytest bench/test_microbench.py --benchmark-only -q \
+      --benchmark-json "$OUT/microbench.json" 2>&1 | tee "$OUT/microbench.log" | tail -15
+    ;;
   sweep)
     timeout 560 python bench/sweep_triton_configs.py --case "${2:-arcface-1M}" 2>&1 | tee "$OUT/sweep.log" | tail -8
     cp -r bench/results "$OUT/"
     ;;
   *)
-    echo "unknown stage $stage (tests|face|llm|knobs|peers|emo|cosent|sweep)"; exit 2 ;;
+    echo "unknown stage $stage (tests|face|llm|knobs|peers|emo|cosent|micro|sweep)"; exit 2 ;;
 esac
