@@ -31,6 +31,21 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     return reduce_rows(loss_rows, target != ignore_index, reduction)
 
 
+def _flatten_tokens(input, target):
+    """(B, ..., D) hidden states with (B, ...) targets, as LM heads see them → (N, D), (N,) and the shape a
+    "none" reduction gives back (None for inputs that are already (N, D))."""
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.dim() > 2):
+        return input, target, None
+    if target.shape != input.shape[:-1]:
+        raise ValueError(f"target must have shape {tuple(input.shape[:-1])} (the leading dimensions of input), "
+                         f"got shape {tuple(target.shape)}")
+    return input.reshape(-1, input.shape[-1]), target.reshape(-1), target.shape
+
+
+def _unflatten(loss, reduction, shape):
+    return loss.reshape(shape) if reduction == "none" and shape is not None else loss
+
+
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", grad_filter_eps=None,
                          logits_buffer_mb=None):
@@ -39,7 +54,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     label_smoothing as torch; z_loss adds z_loss·lse² (PaLM); softcap: z ← softcap·tanh(z/softcap)
     (Gemma 2); focal_gamma γ: −(1−p_t)^γ·log p_t; gamma_ce γ ∈ [0, 1): −log(γ + (1−γ)p_t)/(1−γ).
     Gradients for input, weight and bias. Returns fp32 (fp64 for fp64 inputs); "mean" divides by the
-    number of non-ignored rows and is 0 when there are none.
+    number of non-ignored rows and is 0 when there are none. input may also be (B, T, D) with target
+    (B, T) (any leading dimensions); "none" then returns the target's shape.
 
     Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
     grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
@@ -50,6 +66,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         computes the gradients during the forward pass (3 GEMMs), plus one fp32 copy of dW while it runs;
         needs reduction "mean" or "sum".
     """
+    input, target, token_shape = _flatten_tokens(input, target)
     check_classification_inputs(input, weight, target)
     check_bias(bias, weight)
     check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
@@ -67,13 +84,15 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             grad_on and bias is not None and bias.requires_grad)
         return loss
     loss_rows, _ = torch.ops.marginkern.linear_cross_entropy(input, weight, target, bias, *options, filter_eps)
-    return reduce_rows(loss_rows, target != ignore_index, reduction)
+    return _unflatten(reduce_rows(loss_rows, target != ignore_index, reduction), reduction, token_shape)
 
 
 EMO_RATIO_EPS = 1e-10  # as the reference code: sg(ce / (emo + 1e-10))
 
 
 def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction):
+    """(per-row CE, per-row EMO, the flattened target, the shape "none" gives back)."""
+    input, target, token_shape = _flatten_tokens(input, target)
     check_classification_inputs(input, weight, target)
     if cost_embedding is not None:
         check_cost_embedding(cost_embedding, weight)
@@ -82,7 +101,7 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction):
     cost = (weight if cost_embedding is None else cost_embedding).detach().to(input.dtype)
     check_reduction(reduction)
     ce, emo, _ = torch.ops.marginkern.emo_cross_entropy(input, weight, target.long(), cost, int(ignore_index))
-    return ce, emo
+    return ce, emo, target, token_shape
 
 
 def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean"):
@@ -91,8 +110,8 @@ def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, r
     Ê is the row-normalised `cost_embedding` (C, E), default `weight` detached (E may differ from D); it
     never receives a gradient. Returns fp32; "mean" is over non-ignored rows (0 when there are none).
     """
-    ce, emo = _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction)
-    return reduce_rows(emo, target != ignore_index, reduction)
+    ce, emo, target, token_shape = _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction)
+    return _unflatten(reduce_rows(emo, target != ignore_index, reduction), reduction, token_shape)
 
 
 def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean"):
@@ -104,9 +123,9 @@ def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_inde
     true EMO value (the repository's `emo_patch.py` adds p_t to it through a detach trick, which changes
     the weight but not ∇emo). No clamp of the ratio (the PyPI package clamps it at 3).
     """
-    ce, emo = _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction)
+    ce, emo, target, token_shape = _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction)
     rows = 0.5 * (ce + (ce / (emo + EMO_RATIO_EPS)).detach() * emo)
-    return reduce_rows(rows, target != ignore_index, reduction)
+    return _unflatten(reduce_rows(rows, target != ignore_index, reduction), reduction, token_shape)
 
 
 def cosent_loss(scores, labels, *, scale=20.0):

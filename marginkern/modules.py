@@ -92,7 +92,7 @@ class LinearCrossEntropyLoss(nn.Module):
     """Fused LM-head cross-entropy: forward(hidden (N, D), lm_head_weight (V, D), target (N,), bias=None).
 
     It does not own the projection (LLMs tie or shard it); pass the model's weight. Options as
-    `marginkern.linear_cross_entropy`. Flatten (batch, seq) to N and shift targets yourself.
+    `marginkern.linear_cross_entropy`. hidden may be (B, T, D) with target (B, T); shift targets yourself.
     """
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,

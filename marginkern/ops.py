@@ -23,6 +23,8 @@ def _without_autocast(kernel):
     region must not turn the GEMMs inside an op into 16-bit ones (or break their in-place writes)."""
     @functools.wraps(kernel)
     def run(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return kernel(*args, **kwargs)  # the common case, without two context managers per call
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             return kernel(*args, **kwargs)
     return run

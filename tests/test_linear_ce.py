@@ -173,3 +173,20 @@ def test_bad_target_raises():
     x, w, t = make_case(4, 6, 3, requires_grad=False)
     with pytest.raises(ValueError, match="target"):
         mk.linear_cross_entropy(x, w, t + 6)
+
+
+@pytest.mark.parametrize("fn", [mk.linear_cross_entropy, mk.emo_loss, mk.emo_cross_entropy])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batch_and_sequence_dimensions(fn, reduction):
+    # LM heads see (B, T, D) hidden states and (B, T) labels; the loss is that of the flattened tokens
+    x, w, t = make_case(2 * 5, 40, 8, ignore=(3,))
+    got_x = x.detach().reshape(2, 5, 8).requires_grad_()
+    got = fn(got_x, w, t.reshape(2, 5), reduction=reduction)
+    want = fn(x, w, t, reduction=reduction)
+    assert got.shape == ((2, 5) if reduction == "none" else ())
+    torch.testing.assert_close(got.reshape(-1) if reduction == "none" else got, want)
+    g, = torch.autograd.grad(got.sum(), got_x)
+    e, = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(g.reshape(-1, 8), e)
+    with pytest.raises(ValueError, match=r"target must have shape \(2, 5\)"):
+        fn(got_x, w, t)
