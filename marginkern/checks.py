@@ -58,12 +58,16 @@ def check_int(name, value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
-def check_class_shard(weight_shard, class_start, num_classes, rank, world_size, expected_range):
-    """weight_shard holds the classes `expected_range` = [start, stop) that the sharding rule gives `rank` of
-    `world_size` processes, and class_start says so too (a wrong slice would be a silent wrong answer)."""
+def check_classes_per_rank(num_classes, world_size):
     if num_classes < world_size:
         raise ValueError(f"num_classes must be ≥ the process group's size ({world_size}) so that every rank holds "
                          f"at least one class, got {num_classes}")
+
+
+def check_class_shard(weight_shard, class_start, num_classes, rank, world_size, expected_range):
+    """weight_shard holds the classes `expected_range` = [start, stop) that the sharding rule gives `rank` of
+    `world_size` processes, and class_start says so too (a wrong slice would be a silent wrong answer)."""
+    check_classes_per_rank(num_classes, world_size)
     start, stop = expected_range
     if class_start != start:
         raise ValueError(f"class_start must be {start} on rank {rank} of {world_size} for num_classes={num_classes} "

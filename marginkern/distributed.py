@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import (check_class_shard, check_classification_inputs, check_finite, check_int,
-                     check_margin_options, check_reduction, check_target_values)
+from .checks import (check_class_shard, check_classes_per_rank, check_classification_inputs, check_finite,
+                     check_int, check_margin_options, check_reduction, check_target_values)
 from .dispatch import select_tiles
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .reference import reduce_rows
@@ -227,8 +227,7 @@ class ShardedCombinedMarginLoss(nn.Module):
         self.sample_rate = float(sample_rate)
         rank, world_size = _rank_and_world_size(group)
         self.embedding_dim, self.num_classes, self.group = int(embedding_dim), int(num_classes), group
-        if self.num_classes < world_size:
-            raise ValueError(f"num_classes must be ≥ the process group's size ({world_size}), got {num_classes}")
+        check_classes_per_rank(self.num_classes, world_size)
         self.class_start, class_stop = shard_range(self.num_classes, rank, world_size)
         self.weight = nn.Parameter(torch.empty(class_stop - self.class_start, self.embedding_dim, device=device,
                                                dtype=dtype))

@@ -362,8 +362,8 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
   m.def(
       "streaming_grads(Tensor x, Tensor w, Tensor row_scale, Tensor? col_scale, Tensor? bias, "
       "float? softcap, Tensor target, Tensor lse, Tensor coef_p, Tensor coef_u, Tensor target_grad, "
-      "bool need_bias_grad, bool need_weight_grad, int class_chunk, Tensor? cost_query=None, Tensor? cost_query_scale=None, "
-      "Tensor? cost_keys=None, Tensor? cost_key_scale=None, Tensor? cost_coef=None) "
+      "bool need_bias_grad, bool need_weight_grad, int class_chunk, Tensor? cost_query=None, "
+      "Tensor? cost_query_scale=None, Tensor? cost_keys=None, Tensor? cost_key_scale=None, Tensor? cost_coef=None) "
       "-> (Tensor grad_x, Tensor grad_w, Tensor grad_bias)");
 }
 

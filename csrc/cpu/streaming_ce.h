@@ -45,9 +45,10 @@ at::Tensor streaming_grad_logits(
     const std::optional<at::Tensor>& cost_coef = std::nullopt);
 
 // The engine's backward chunk loop: (dL/dx (N, D), dL/dw (C, D), or (0,) unless need_weight_grad (a
-// frozen head skips the dW GEMM), dL/dbias (C,), or (0,) unless need_bias_grad), with dL/dx = G·W, dL/dw = Gᵀ·X, dL/dbias = Σ_n G for G = dL/da. dL/dw is the raw
-// gradient in the accumulation dtype: the caller chains it through what the engine does not know about
-// (row normalisation of w) and casts it to w's dtype.
+// frozen head skips the dW GEMM), dL/dbias (C,), or (0,) unless need_bias_grad), with dL/dx = G·W,
+// dL/dw = Gᵀ·X, dL/dbias = Σ_n G for G = dL/da. dL/dw is the raw gradient in the accumulation dtype:
+// the caller chains it through what the engine does not know about (row normalisation of w) and casts
+// it to w's dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
     const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,

@@ -130,8 +130,8 @@ void test_case(const Case& c) {
 
   const auto [grad_x, grad_w, grad_bias] = marginkern::streaming_grads(
       in.x, in.w, in.row_scale, in.col_scale, in.bias, c.softcap, in.target, in.lse, in.coef_p, in.coef_u,
-      in.target_grad, /*need_bias_grad=*/true, /*need_weight_grad=*/true, c.class_chunk, in.cost_query, in.cost_query_scale, in.cost_keys,
-      in.cost_key_scale, in.cost_coef);
+      in.target_grad, /*need_bias_grad=*/true, /*need_weight_grad=*/true, c.class_chunk, in.cost_query,
+      in.cost_query_scale, in.cost_keys, in.cost_key_scale, in.cost_coef);
   check_close(grad_x, at::mm(want.grad, in.w.to(at::kDouble)), tol, name + ": grad x");
   check_close(grad_w, at::mm(want.grad.t(), in.x.to(at::kDouble)), tol, name + ": grad w");
   check_close(grad_bias, want.grad.sum(0), tol, name + ": grad bias");
