@@ -25,11 +25,13 @@ SHAPES = {"llm": (8192, 4096, 128_256) if CUDA else (512, 256, 16_384),
 
 
 def synchronized(fn):
+    """fn, waited for on the GPU, and run once before timing (Triton compiles its kernels on first use)."""
     def run():
         out = fn()
         if CUDA:
             torch.cuda.synchronize()
         return out
+    run()
     return run
 
 

@@ -23,10 +23,7 @@ def check_classification_inputs(input, weight, target, weight_name="weight"):
                          f"got shape {tuple(weight.shape)}")
     if weight.shape[0] < 1:
         raise ValueError(f"{weight_name} must have at least one class (C ≥ 1), got C = 0")
-    if target.dim() != 1 or target.shape[0] != input.shape[0]:
-        raise ValueError(f"target must have shape (N={input.shape[0]},), got shape {tuple(target.shape)}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    check_target_tensor(target, input.shape[0])
     if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
     if weight.dtype != input.dtype:
@@ -34,6 +31,16 @@ def check_classification_inputs(input, weight, target, weight_name="weight"):
     if not (input.device == weight.device == target.device):
         raise ValueError(f"input, {weight_name} and target must be on one device, got {input.device}, "
                          f"{weight.device} and {target.device}")
+
+
+def check_target_tensor(target, n):
+    """target is an (n,) tensor of integer class indices."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dim() != 1 or target.shape[0] != n:
+        raise ValueError(f"target must have shape (N={n},), got shape {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
 
 
 def check_target_values(target, num_classes, ignore_index):

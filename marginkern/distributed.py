@@ -21,11 +21,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import (check_class_shard, check_classes_per_rank, check_classification_inputs, check_finite,
-                     check_int, check_margin_options, check_reduction, check_target_values)
+                     check_int, check_margin_options, check_reduction, check_target_tensor, check_target_values)
 from .dispatch import select_tiles
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .reference import reduce_rows
-from .sampling import num_sampled_classes, sample_classes
+from .sampling import IGNORED, num_sampled_classes, sample_classes
 
 
 def shard_range(num_classes: int, rank: int, world_size: int):
@@ -184,14 +184,14 @@ def _sharded_loss(input, weight_shard, target, shard: ProcessGroupShard, opts: M
 def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index, group):
     """Class sampling across shards (PartialFC_V2): each rank samples its own slice (its target classes plus
     random others, int(sample_rate·C_local) in all) and the sampled slices, in rank order, form the classes
-    of this step. Returns (sampled weight, targets in that numbering, the shard of it this rank holds, the
-    sampled rows of weight_shard)."""
+    of this step. Returns (sampled weight, targets in that numbering with sampling.IGNORED (−1) on ignored
+    rows, the shard of it this rank holds, the sampled rows of weight_shard)."""
     rank, world_size = _rank_and_world_size(group)
     stop = class_start + weight_shard.shape[0]
     valid = target != ignore_index
     here = valid & (target >= class_start) & (target < stop)
-    index, local = sample_classes(torch.where(here, target - class_start, ignore_index), weight_shard.shape[0],
-                                  num_sampled_classes(weight_shard.shape[0], sample_rate), ignore_index)
+    index, local = sample_classes(torch.where(here, target - class_start, IGNORED), weight_shard.shape[0],
+                                  num_sampled_classes(weight_shard.shape[0], sample_rate), IGNORED)
     counts = [torch.zeros(1, dtype=torch.long, device=target.device) for _ in range(world_size)]
     dist.all_gather(counts, torch.tensor([index.numel()], device=target.device), group=group)
     counts = [int(c) for c in counts]
@@ -200,7 +200,7 @@ def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index
     # owner knows the real one): the one just before it, or just after it for rank 0.
     elsewhere = start - 1 if start > 0 else start + counts[rank]
     step_target = torch.where(here, start + local, torch.full_like(target, elsewhere))
-    step_target = torch.where(valid, step_target, target)
+    step_target = torch.where(valid, step_target, IGNORED)
     return weight_shard[index], step_target, ProcessGroupShard(start, total, group), index
 
 
@@ -245,19 +245,23 @@ class ShardedCombinedMarginLoss(nn.Module):
             self.weight.normal_(0.0, 0.01, generator=generator)
 
     def forward(self, embeddings, target):
+        """Every rank must be in the same mode (train/eval): the two modes run different collectives."""
         weight = self.weight
-        if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
-            weight = weight.to(embeddings.dtype)
         if not (self.training and self.sample_rate < 1.0):
+            if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
+                weight = weight.to(embeddings.dtype)
             return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
                                                 num_classes=self.num_classes, group=self.group, **self.options)
         o = self.options
-        check_classification_inputs(embeddings, weight, target, weight_name="weight")
+        check_target_tensor(target, embeddings.shape[0])
         target = target.long()
         check_target_values(target, self.num_classes, o["ignore_index"])
         weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
                                                    o["ignore_index"], self.group)
-        return _sharded_loss(embeddings, weight, target, shard, _margin_options(**o), o["reduction"])
+        weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)
+        check_classification_inputs(embeddings, weight, target, weight_name="weight")
+        opts = _margin_options(**{**o, "ignore_index": IGNORED})
+        return _sharded_loss(embeddings, weight, target, shard, opts, o["reduction"])
 
     def extra_repr(self):
         o = self.options

@@ -82,22 +82,24 @@ def project_out_rows(grad: Tensor, weight: Tensor, inv_norm_sq: Tensor) -> Tenso
 
 
 # Whether this torch has the 16-bit → fp32 cuBLAS overloads (mm/addmm with out_dtype; addmm with an fp32
-# `self` needs torch ≥ 2.10): probed on first use, then remembered, so a missing one costs one exception.
-_OUT_DTYPE_WORKS = {"mm": None, "addmm": None}
+# `self` needs torch ≥ 2.10), per (overload, operand dtype): probed on first use, then remembered, so a
+# missing one costs one exception.
+_OUT_DTYPE_WORKS = {}
 
 
-def _try_out_dtype(kind, call):
-    """call() if the `kind` overload works on this torch, else None (never swallows an out-of-memory)."""
-    if _OUT_DTYPE_WORKS[kind] is False:
+def _try_out_dtype(kind, dtype, call):
+    """call() if the `kind` overload works for `dtype` operands on this torch, else None (never swallows an
+    out-of-memory)."""
+    if _OUT_DTYPE_WORKS.get((kind, dtype)) is False:
         return None
     try:
         result = call()
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, TypeError):
-        _OUT_DTYPE_WORKS[kind] = False
+        _OUT_DTYPE_WORKS[(kind, dtype)] = False
         return None
-    _OUT_DTYPE_WORKS[kind] = True
+    _OUT_DTYPE_WORKS[(kind, dtype)] = True
     return result
 
 
@@ -108,7 +110,7 @@ def _is_16bit_cuda_pair(a, b):
 def mm_accumulate(a: Tensor, b: Tensor, acc) -> Tensor:
     """a @ b with an fp32 (or fp64) result. fp16/bf16 GEMMs on CUDA keep their inputs and write fp32."""
     if _is_16bit_cuda_pair(a, b):
-        result = _try_out_dtype("mm", lambda: torch.mm(a, b, out_dtype=acc))
+        result = _try_out_dtype("mm", a.dtype, lambda: torch.mm(a, b, out_dtype=acc))
         if result is not None:
             return result
     return a.to(acc) @ b.to(acc)
@@ -118,7 +120,8 @@ def addmm_accumulate(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> T
     """out += alpha·(a @ b) in place (out fp32/fp64). 16-bit CUDA operands write into fp32 without an
     out-sized temporary (a (C, D) fp32 temporary per row block is the memory spike of Liger #1323)."""
     if _is_16bit_cuda_pair(a, b):
-        result = _try_out_dtype("addmm", lambda: torch.addmm(out, a, b, alpha=alpha, out_dtype=out.dtype, out=out))
+        result = _try_out_dtype("addmm", a.dtype,
+                                lambda: torch.addmm(out, a, b, alpha=alpha, out_dtype=out.dtype, out=out))
         if result is not None:
             return result
         return out.add_(mm_accumulate(a, b, out.dtype), alpha=alpha)
@@ -146,8 +149,11 @@ def gradient_bound(spec: LogitSpec, coef_total, target_grad):
     taken at their true maximum: focal loss makes easy rows' coefficients ~1e-8 and hard rows' ~1, and a
     robust maximum of those would saturate exactly the rows that matter.
     """
+    if coef_total.numel() == 0:
+        return coef_total.new_zeros(())
+    # rows that do not count (ignored: coefficient 0) must not move the median that defines "regular"
     row_scale = spec.row_scale.abs()
-    regular_rows = _regular(row_scale)
+    regular_rows = _regular(torch.where(coef_total > 0, row_scale, torch.zeros_like(row_scale)))
     col_bound, regular_target = 1.0, regular_rows
     if spec.col_scale is not None:
         col_scale = spec.col_scale.abs()
@@ -201,7 +207,8 @@ def streaming_grads(
     if cost is not None:  # |A| ≤ 1: cosines
         coef_total = coef_total + cost.coef.abs()
     bound = gradient_bound(spec, coef_total, target_grad)
-    grad_scale = torch.where(bound > 0, 1.0 / bound, torch.ones_like(bound)).to(acc)
+    # a bound below the smallest normal float would make 1/bound inf (and every gradient NaN)
+    grad_scale = torch.where(bound > torch.finfo(acc).tiny, 1.0 / bound, torch.ones_like(bound)).to(acc)
     unscale = 1.0 / grad_scale
     if cost is not None:
         cost = CostSpec(cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)

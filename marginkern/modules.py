@@ -2,11 +2,11 @@
 import torch
 from torch import nn
 
-from .checks import (check_finite, check_linear_ce_options, check_logits_buffer, check_margin_options,
-                     check_reduction, resolve_grad_filter_eps)
+from .checks import (check_finite, check_linear_ce_options, check_logits_buffer, check_margin_options, check_reduction,
+                     check_target_tensor, check_target_values, resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          margin_cross_entropy)
-from .sampling import num_sampled_classes, sample_classes
+from .sampling import IGNORED, num_sampled_classes, sample_classes
 
 
 class CombinedMarginLoss(nn.Module):
@@ -38,15 +38,18 @@ class CombinedMarginLoss(nn.Module):
         nn.init.normal_(self.weight, std=0.01)
 
     def forward(self, embeddings, target):
-        weight = self.weight
+        weight, options = self.weight, self.options
         if self.training and self.sample_rate < 1.0:
+            check_target_tensor(target, embeddings.shape[0])
+            target = target.long()
+            check_target_values(target, self.num_classes, options["ignore_index"])  # before any indexing
             index, target = sample_classes(target, self.num_classes,
                                            num_sampled_classes(self.num_classes, self.sample_rate),
-                                           self.options["ignore_index"])
-            weight = weight[index]
+                                           options["ignore_index"])
+            weight, options = weight[index], {**options, "ignore_index": IGNORED}
         if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
             weight = weight.to(embeddings.dtype)
-        return margin_cross_entropy(embeddings, weight, target, **self.options)
+        return margin_cross_entropy(embeddings, weight, target, **options)
 
     def extra_repr(self):
         o = self.options

@@ -223,7 +223,8 @@ def _buffered_backward(ctx, grad_loss, *unused):
         raise RuntimeError("linear_cross_entropy(logits_buffer_mb=...) computes its gradients in the forward "
                            "pass and cannot be differentiated twice (create_graph=True); use logits_buffer_mb=None")
     needed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.dtypes[2] is not None and ctx.needs_input_grad[3])
-    scaled = [(grad_loss * g).to(dtype) if need else None
+    # multiplied in fp32, rounded once when stored: no second fp32 copy of a (C, D) gradient
+    scaled = [torch.mul(g, grad_loss, out=torch.empty(g.shape, dtype=dtype, device=g.device)) if need else None
               for g, need, dtype in zip(ctx.saved_tensors, needed, ctx.dtypes)]
     return (scaled[0], scaled[1], None, scaled[2]) + (None,) * 11
 

@@ -13,21 +13,29 @@ def num_sampled_classes(num_classes: int, sample_rate: float) -> int:
     return max(1, int(sample_rate * num_classes))
 
 
+IGNORED = -1  # the ignore_index of the sampled targets (a user's ignore_index may be a valid position)
+
+
 def sample_classes(target, num_classes, num_sample, ignore_index=-100, generator=None):
     """(index, local_target): `index` (K,) the sorted class ids the step keeps (every class that is a target
-    in the batch, then random others up to num_sample: K = max(num_sample, number of target classes));
-    `local_target` the position of each row's target in `index` (ignore_index rows keep ignore_index).
+    in the batch, then random others up to num_sample: K = max(min(num_sample, C), number of target
+    classes)); `local_target` (int64) the position of each row's target in `index`, IGNORED (−1) for the
+    rows with ignore_index: the caller computes the loss with ignore_index=IGNORED. `generator` must be on
+    target's device.
 
-    Syncs with the device once (torch.unique), as PartialFC does.
+    Syncs with the device once (torch.unique), as PartialFC does. Not traceable by torch.compile with
+    fullgraph=True (K depends on the data).
     """
+    target = target.long()  # a uint8 index would act as a mask
     valid = target != ignore_index
-    positive = torch.unique(torch.where(valid, target, target.new_full((), -1)))
+    positive = torch.unique(torch.where(valid, target, IGNORED))
     positive = positive[positive >= 0]
+    num_sample = min(num_sample, num_classes)
     if positive.numel() >= num_sample:
         index = positive
     else:
         score = torch.rand(num_classes, device=target.device, generator=generator)
         score[positive] = 2.0  # the target classes always survive the top-k
         index = torch.topk(score, num_sample, sorted=False).indices.sort().values
-    local = torch.searchsorted(index, target.clamp_min(0))
-    return index, torch.where(valid, local, target)
+    local = torch.searchsorted(index, torch.where(valid, target, 0))
+    return index, torch.where(valid, local, IGNORED)

@@ -132,17 +132,17 @@ def _gathered_training_step(rank, world_size, x_all, w, t_all):
     return local_x.grad
 
 
-def _sampled_module_step(rank, world_size, D, C, x, t, rate):
+def _sampled_module_step(rank, world_size, D, C, x, t, rate, ignore_index):
     """The module with class sampling: its loss and weight gradient, and the draw it made (replayed)."""
     torch.manual_seed(10 + rank)  # ranks draw different negatives
     module = mkd.ShardedCombinedMarginLoss(D, C, 1.0, 0.3, 0.1, sample_rate=rate, label_smoothing=0.1,
-                                           dtype=torch.float64)
+                                           ignore_index=ignore_index, dtype=torch.float64)
     state = torch.get_rng_state()
     loss = module(x, t)
     loss.backward()
     torch.set_rng_state(state)
     sampled, step_target, shard, index = mkd._sampled_shards(module.weight.detach(), t, module.class_start, rate,
-                                                             -100, None)
+                                                             ignore_index, None)
     module.eval()
     full_loss = module(x, t).detach()  # eval mode: every class
     return (loss.detach(), module.weight.grad, sampled, step_target, shard.start, index, module.class_start,
@@ -353,20 +353,25 @@ def test_module_owns_its_shard_and_matches_the_full_loss(world):
     assert_close_rel(torch.cat([gw for _, _, gw in results]), want_gw, torch.float32, "grad weight")
 
 
-def test_class_sampling_is_the_loss_over_the_sampled_classes(world):
+@pytest.mark.parametrize("ignore_index", [-100, 2])  # 2: a valid position in a sample (review finding)
+def test_class_sampling_is_the_loss_over_the_sampled_classes(world, ignore_index):
     D, C, rate = 8, 60, 0.25
-    x, _, t = make_case(14, C, D, torch.float64, ignore=(2,))
-    results = world.run(_sampled_module_step, D, C, x, t, rate)
+    x, _, t = make_case(14, C, D, torch.float64, ignore=(2,), ignore_index=ignore_index)
+    results = world.run(_sampled_module_step, D, C, x, t, rate, ignore_index)
     losses, grads, sampled, step_targets, starts, indices, class_starts, shards, full_losses = zip(*results)
     assert all(torch.equal(loss, losses[0]) for loss in losses)
     # the step's classes: every rank's sampled rows in rank order; each row's class id is its owner's
     weight = torch.cat(sampled)
-    owner = torch.tensor([max(r for r in range(world.size) if class_starts[r] <= c) if c >= 0 else 0 for c in t])
+    valid = t != ignore_index
+    owner = torch.tensor([max(r for r in range(world.size) if class_starts[r] <= c) if v else 0
+                          for c, v in zip(t, valid)])
     target = torch.stack(step_targets)[owner, torch.arange(len(t))]
-    assert torch.equal(weight[target[t != -100]], torch.cat(shards)[t[t != -100]])  # targets are always kept
+    assert (target[~valid] == -1).all()
+    assert torch.equal(weight[target[valid]], torch.cat(shards)[t[valid]])  # targets are always kept
     for r in range(world.size):
         assert indices[r].numel() >= int(rate * shards[r].shape[0]) and starts[r] == sum(map(len, sampled[:r]))
-    want_loss, _, want_gw = single_process(x, weight, target, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1))
+    want_loss, _, want_gw = single_process(x, weight, target, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1,
+                                                                   ignore_index=-1))
     assert_close_rel(losses[0], want_loss, torch.float64, "loss", floor=1.0)
     for r in range(world.size):
         grad = grads[r]
@@ -376,7 +381,8 @@ def test_class_sampling_is_the_loss_over_the_sampled_classes(world):
         unsampled[indices[r]] = False
         assert not grad[unsampled].any()
     # evaluation uses every class: the plain sharded loss over the concatenated shards
-    eval_loss, _, _ = single_process(x, torch.cat(shards), t, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1))
+    eval_loss, _, _ = single_process(x, torch.cat(shards), t, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1,
+                                                                   ignore_index=ignore_index))
     assert_close_rel(full_losses[0], eval_loss, torch.float64, "eval loss", floor=1.0)
 
 

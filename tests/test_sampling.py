@@ -13,7 +13,7 @@ def test_sample_keeps_every_target_class_and_remaps_targets():
     assert index.numel() == 10 and torch.equal(index, index.sort().values) and index.unique().numel() == 10
     valid = target != -100
     assert torch.equal(index[local[valid]], target[valid])
-    assert local[3] == -100
+    assert local[3] == -1  # sampling.IGNORED, whatever the caller's ignore_index
 
 
 def test_more_target_classes_than_num_sample_keeps_exactly_the_targets():
@@ -41,7 +41,7 @@ def test_module_loss_and_gradients_are_those_of_the_sampled_classes():
     torch.set_rng_state(state)  # the same draw
     index, local = sample_classes(t, 500, num_sampled_classes(500, 0.1))
     w = head.weight.detach()[index].requires_grad_()
-    want = mk.margin_cross_entropy(x, w, local, scale=64.0, m2=0.5)
+    want = mk.margin_cross_entropy(x, w, local, scale=64.0, m2=0.5, ignore_index=-1)
     ex, ew = torch.autograd.grad(want, (x, w))
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(gx, ex)
@@ -55,12 +55,43 @@ def test_eval_mode_and_rate_one_use_every_class():
     torch.manual_seed(0)
     head = mk.CosFaceLoss(8, 64, sample_rate=0.25)
     full = mk.CosFaceLoss(8, 64)
+    rate_one = mk.CosFaceLoss(8, 64, sample_rate=1.0)
     full.weight.data.copy_(head.weight.data)
+    rate_one.weight.data.copy_(head.weight.data)
     x, t = torch.randn(10, 8), torch.randint(0, 64, (10,))
+    torch.testing.assert_close(rate_one(x, t), full(x, t))
     head.eval()
     torch.testing.assert_close(head(x, t), full(x, t))
     head.train()
     assert not torch.allclose(head(x, t), full(x, t))
+
+
+@pytest.mark.parametrize("ignore_index", [1, 0, -100])
+def test_a_non_negative_ignore_index_is_not_confused_with_a_sampled_position(ignore_index):
+    # review finding: with ignore_index=1, the row whose class landed at position 1 of the sample was ignored
+    torch.manual_seed(0)
+    head = mk.ArcFaceLoss(8, 50, sample_rate=0.1, ignore_index=ignore_index, reduction="none")
+    t = torch.tensor([ignore_index if ignore_index >= 0 else -100, 3, 7, 11, 20, 45])
+    x = torch.randn(6, 8)
+    loss = head(x, t)
+    assert loss[0] == 0 and (loss[1:] > 0).all()
+    head.eval()
+    assert head(x, t)[0] == 0
+
+
+@pytest.mark.parametrize("target,exc,match", [
+    (torch.tensor([1, -5, 2]), ValueError, "target"), (torch.tensor([1, 50, 2]), ValueError, "target"),
+    (torch.tensor([1.0, 2.0, 3.0]), TypeError, "integer"), (torch.tensor([[1, 2, 3]]), ValueError, "shape"),
+])
+def test_sampling_checks_the_targets_first(target, exc, match):
+    head = mk.ArcFaceLoss(8, 50, sample_rate=0.2)
+    with pytest.raises(exc, match=match):
+        head(torch.randn(3, 8), target)
+
+
+def test_uint8_targets_and_more_samples_than_classes():
+    index, local = sample_classes(torch.tensor([3, 1], dtype=torch.uint8), 5, 99)
+    assert torch.equal(index, torch.arange(5)) and torch.equal(local, torch.tensor([3, 1]))
 
 
 @pytest.mark.parametrize("rate", [0.0, 1.5, -0.1, float("nan")])
