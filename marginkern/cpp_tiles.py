@@ -1,11 +1,13 @@
 """The C++ CPU tile backend: csrc/cpu, loaded as the optional extension marginkern._C.
 
-The extension registers three ops with CPU kernels (schemas in csrc/cpu/streaming_ce.cpp, math in
+The extension registers five ops with CPU kernels (schemas in csrc/cpu/streaming_ce.cpp, math in
 csrc/cpu/streaming_ce.h and marginkern/engine.py):
 
     torch.ops.marginkern.streaming_row_stats     the engine's forward step: (lse, Σ_j z)
     torch.ops.marginkern.streaming_grad_logits   dL/da for one class chunk (the tile contract's step)
     torch.ops.marginkern.streaming_grads         the engine's whole backward chunk loop: dX, raw dW, dbias
+    torch.ops.marginkern.row_stats_of_dots       the 3-GEMM path's epilogue over a block of dot products:
+    torch.ops.marginkern.grads_of_dots_          (lse, Σ_j z), then dL/da in place
 
 This module adds their fake kernels and `CppTiles`, the tile backend that calls them. It never raises at
 import: `LOAD_ERROR` is None when the extension loaded, else why it did not (dispatch.py reports it).
@@ -77,6 +79,17 @@ class CppTiles:
             x, w, *_spec_args(spec), spec.target_logit, need_sum_logits, self.class_chunk(x.shape[0], x))
         return lse, (sum_logits if need_sum_logits else None)
 
+    def block_row_stats(self, z, spec, need_sum_logits):
+        """engine.TorchTiles.block_row_stats in one fused pass per row; z stays the raw dot products."""
+        lse, sum_logits = torch.ops.marginkern.row_stats_of_dots(z, *_spec_args(spec), spec.target_logit,
+                                                                 need_sum_logits)
+        return lse, (sum_logits if need_sum_logits else None)
+
+    def block_grads_(self, z, spec, lse, coef_p, coef_u, target_grad):
+        """engine.TorchTiles.block_grads_ from the raw dot products, one fused pass per row."""
+        torch.ops.marginkern.grads_of_dots_(z, *_spec_args(spec), lse, coef_p, coef_u, target_grad)
+        return z
+
     def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
         return torch.ops.marginkern.streaming_grad_logits(
             x, w, *_spec_args(spec), lse, coef_p, coef_u, target_grad, c0, c1, *_cost_args(cost))
@@ -119,6 +132,15 @@ if LOAD_ERROR is None:
           *cost):
         torch._check(0 <= c0 <= c1 <= w.shape[0], lambda: f"class range [{c0}, {c1}) outside [0, {w.shape[0]}]")
         return x.new_empty((x.shape[0], c1 - c0), dtype=accumulation_dtype(x.dtype))
+
+    @torch.library.register_fake("marginkern::row_stats_of_dots")
+    def _(dots, row_scale, col_scale, bias, softcap, target, target_logit, need_sum_logits):
+        N = dots.shape[0]
+        return dots.new_empty((N,)), dots.new_empty((N if need_sum_logits else 0,))
+
+    @torch.library.register_fake("marginkern::grads_of_dots_")
+    def _(dots, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad):
+        return None
 
     @torch.library.register_fake("marginkern::streaming_grads")
     def _(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad, need_bias_grad,

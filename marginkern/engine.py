@@ -271,8 +271,14 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
     return out
 
 
+def rows_of(spec: LogitSpec, r0: int, r1: int) -> LogitSpec:
+    """The spec of rows [r0, r1)."""
+    return LogitSpec(spec.row_scale[r0:r1], spec.col_scale, spec.bias, spec.softcap, spec.target[r0:r1],
+                     spec.target_logit[r0:r1])
+
+
 def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int, need_sum_logits: bool,
-                            need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool):
+                            need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool, tiles=None):
     """The 3-GEMM path (DESIGN.md §2): gradients computed in the forward pass from a bounded logits buffer.
 
     Rows go in blocks whose N_r × C logits fit `buffer_bytes` (about three N_r × C temporaries are live:
@@ -284,6 +290,7 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
     `row_terms(r0, r1, lse, sum_logits)` → (loss, coef_p, coef_u, target_grad) of rows [r0, r1) for a
     gradient of 1 on the (already reduced) loss, as streaming_grads takes them. Returns the per-row loss
     and lse, and dX (raw), dW, dbias in the accumulation dtype, or None for each gradient not needed.
+    A tile backend may fuse the block's epilogue (`block_row_stats`, `block_grads_`, contract in TorchTiles).
     """
     acc = accumulation_dtype(x.dtype)
     N, D = x.shape
@@ -299,36 +306,20 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
     gemm_dtype = x.dtype if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else acc
     # one upcast copy of a 16-bit weight for all blocks (the CPU GEMMs would make two per block)
     w_gemm = w.to(acc) if gemm_dtype == acc else w
-    bias = spec.bias.to(acc) if spec.bias is not None else None
+    # The epilogue over a block of dot products: a backend's fused one (CppTiles) or PyTorch's passes.
+    block_row_stats = getattr(tiles, "block_row_stats", TorchTiles.block_row_stats)
+    block_grads_ = getattr(tiles, "block_grads_", TorchTiles.block_grads_)
     for r0 in range(0, N if C > 0 else 0, block):
         r1 = min(N, r0 + block)
         xr = x[r0:r1]
+        block_spec = rows_of(spec, r0, r1)
         z = mm_accumulate(xr, w_gemm.t(), acc)  # GEMM 1 of 3
-        z.mul_(spec.row_scale[r0:r1, None])
-        if spec.col_scale is not None:
-            z.mul_(spec.col_scale[None, :])
-        if bias is not None:
-            z.add_(bias[None, :])
-        if spec.softcap is not None:
-            z.div_(spec.softcap).tanh_().mul_(spec.softcap)
-        rows = torch.arange(r1 - r0, device=x.device)
-        has_target, column = spec.target[r0:r1] >= 0, spec.target[r0:r1].clamp_min(0)
-        z[rows, column] = torch.where(has_target, spec.target_logit[r0:r1], z[rows, column])
-        block_lse = torch.logsumexp(z, dim=1)
-        block_loss, coef_p, coef_u, target_grad = row_terms(
-            r0, r1, block_lse, z.sum(1) if need_sum_logits else None)
+        block_lse, sum_logits = block_row_stats(z, block_spec, need_sum_logits)
+        block_loss, coef_p, coef_u, target_grad = row_terms(r0, r1, block_lse, sum_logits)
         loss[r0:r1], lse[r0:r1] = block_loss, block_lse
         if grad_x is None and grad_w is None and grad_bias is None:
             continue
-        slope = torch.square(z / spec.softcap).neg_().add_(1.0) if spec.softcap is not None else None
-        row_scale = spec.row_scale[r0:r1, None]  # folded into the per-row coefficients: one pass fewer
-        g = z.sub_(block_lse[:, None]).exp_().mul_(coef_p[:, None] * row_scale).sub_(coef_u[:, None] * row_scale)
-        if slope is not None:
-            g.mul_(slope)
-            del slope
-        if spec.col_scale is not None:
-            g.mul_(spec.col_scale[None, :])
-        g[rows, column] = torch.where(has_target, target_grad, g[rows, column])
+        g = block_grads_(z, block_spec, block_lse, coef_p, coef_u, target_grad)
         if grad_bias is not None:
             grad_bias += g.sum(0)  # g is in the accumulation dtype here
         unscale = 1.0
@@ -346,6 +337,11 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
         if grad_w is not None:
             addmm_accumulate(grad_w, g_gemm.t(), xr, alpha=unscale)  # GEMM 3 of 3
     return loss, lse, grad_x, grad_w, grad_bias
+
+
+def _target_cells(spec: LogitSpec, z):
+    """(row indices, has a target, target column clamped to 0) for indexing a block's target cells."""
+    return torch.arange(z.shape[0], device=z.device), spec.target >= 0, spec.target.clamp_min(0)
 
 
 class TorchTiles:
@@ -385,6 +381,37 @@ class TorchTiles:
         is_target = spec.target[:, None] == torch.arange(c0, c1, device=x.device)[None, :]
         z = torch.where(is_target, spec.target_logit[:, None], z)
         return z, chain, is_target
+
+    # The 3-GEMM path's epilogue over a block of raw dot products z = x·wᵀ (N_r, C), accumulation dtype
+    # (engine.buffered_loss_and_grads). block_row_stats may rewrite z into whatever block_grads_ of the same
+    # backend reads (here: the logits); block_grads_ then turns z into dL/da in place and returns it.
+    @staticmethod
+    def block_row_stats(z, spec: LogitSpec, need_sum_logits):
+        """(lse, Σ_j z_nj or None) of the block's rows; z becomes the logits."""
+        z.mul_(spec.row_scale[:, None])
+        if spec.col_scale is not None:
+            z.mul_(spec.col_scale[None, :])
+        if spec.bias is not None:
+            z.add_(spec.bias.to(z.dtype)[None, :])
+        if spec.softcap is not None:
+            z.div_(spec.softcap).tanh_().mul_(spec.softcap)
+        rows, has_target, column = _target_cells(spec, z)
+        z[rows, column] = torch.where(has_target, spec.target_logit, z[rows, column])
+        return torch.logsumexp(z, dim=1), (z.sum(1) if need_sum_logits else None)
+
+    @staticmethod
+    def block_grads_(z, spec: LogitSpec, lse, coef_p, coef_u, target_grad):
+        """z (the logits block_row_stats left) ← dL/da = (coef_p·p − coef_u)·dz/da, target column target_grad."""
+        slope = torch.square(z / spec.softcap).neg_().add_(1.0) if spec.softcap is not None else None
+        row_scale = spec.row_scale[:, None]  # folded into the per-row coefficients: one pass fewer
+        g = z.sub_(lse[:, None]).exp_().mul_(coef_p[:, None] * row_scale).sub_(coef_u[:, None] * row_scale)
+        if slope is not None:
+            g.mul_(slope)
+        if spec.col_scale is not None:
+            g.mul_(spec.col_scale[None, :])
+        rows, has_target, column = _target_cells(spec, g)
+        g[rows, column] = torch.where(has_target, target_grad, g[rows, column])
+        return g
 
     def row_stats(self, x, w, spec: LogitSpec, need_sum_logits):
         acc = accumulation_dtype(x.dtype)

@@ -115,7 +115,7 @@ def linear_ce_backward(grad_loss, x, w, target, bias, lse, opts: LinearCEOptions
 
 
 def linear_ce_buffered(x, w, target, bias, opts: LinearCEOptions, reduction, buffer_bytes, need_input_grad,
-                       need_weight_grad, need_bias_grad):
+                       need_weight_grad, need_bias_grad, tiles=None):
     """The reduced loss ("mean" or "sum") and its gradients for a loss gradient of 1, computed together in
     the forward pass with 3 GEMMs over row blocks of a bounded logits buffer (engine.buffered_loss_and_grads).
 
@@ -134,5 +134,5 @@ def linear_ce_buffered(x, w, target, bias, opts: LinearCEOptions, reduction, buf
 
     loss_rows, _, grad_x, grad_w, grad_bias = buffered_loss_and_grads(
         x, w, tgt.spec, row_terms, buffer_bytes, opts.label_smoothing > 0, need_input_grad, need_weight_grad,
-        bias is not None and need_bias_grad)
+        bias is not None and need_bias_grad, tiles)
     return (loss_rows * row_weight).sum(), grad_x, grad_w, grad_bias

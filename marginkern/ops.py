@@ -186,14 +186,15 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     accumulation dtype until then (a GradScaler scale of 65536 is inf in fp16, and unit-scale fp16
     gradients would underflow). A gradient not asked for (or of an absent bias) is empty (0,)."""
     check_target_values(target, weight.shape[0], ignore_index)
-    # The 3-GEMM path runs ATen GEMMs and a PyTorch epilogue on every backend; this only enforces
-    # MARGINKERN_BACKEND's contract (a forced backend that cannot serve the call raises).
-    select_tiles(input.device, input.dtype)
+    # The 3-GEMM path runs ATen GEMMs on every backend, and the backend's fused block epilogue where it has
+    # one (C++), else PyTorch's; select_tiles also enforces MARGINKERN_BACKEND (a forced backend that cannot
+    # serve the call raises).
+    tiles = select_tiles(input.device, input.dtype)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     input, weight = input.contiguous(), weight.contiguous()
     loss, grad_x, grad_w, grad_b = linear_ce_buffered(input, weight, target, bias, opts, reduction,
                                                       int(buffer_bytes), need_input_grad, need_weight_grad,
-                                                      need_bias_grad)
+                                                      need_bias_grad, tiles)
     return loss, _or_empty(grad_x, loss), _or_empty(grad_w, loss), _or_empty(grad_b, loss)  # all in acc dtype
 
 

@@ -350,3 +350,39 @@ def test_peak_memory_stays_below_a_quarter_of_the_logits():
     # The measurement sees what it should: naive PyTorch holds at least the logits.
     assert results["naive"]["extra"] > logits_bytes, report
     assert results["cpp"]["extra"] < logits_bytes / 4 + gradients_bytes, report
+
+
+@requires_cpp
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(37, 301), (1, 1), (0, 5)])
+def test_block_epilogue_matches_the_torch_passes(epilogue, dtype, shape):
+    """The 3-GEMM path's fused block epilogue (row_stats_of_dots, grads_of_dots_) against TorchTiles'."""
+    N, C = shape
+    spec = random_spec(N, C, dtype=dtype, **epilogue)
+    acc = spec.row_scale.dtype
+    dots = torch.randn(N, C, dtype=acc) * 3
+    coef_p, coef_u, target_grad = torch.rand(N, dtype=acc), torch.rand(N, dtype=acc) * 0.1, torch.randn(N, dtype=acc)
+    results = []
+    for tiles in (cpp_tiles.CppTiles(), TorchTiles):
+        z = dots.clone()
+        lse, total = tiles.block_row_stats(z, spec, True)
+        g = tiles.block_grads_(z, spec, lse, coef_p, coef_u, target_grad)
+        results.append((lse, total, g))
+    for got, want, what in zip(*results, ("lse", "sum of logits", "dL/da")):
+        assert_close_rel(got, want, tol_dtype(dtype), what, floor=1.0)
+
+
+@requires_cpp
+def test_block_epilogue_opcheck():
+    spec = random_spec(9, 31, col_scale=True, bias=True, softcap=3.0)
+    args = (spec.row_scale, spec.col_scale, spec.bias, 3.0, spec.target)
+    dots = torch.randn(9, 31)
+    ops = torch.ops.marginkern
+    for need_sum in (True, False):
+        torch.library.opcheck(ops.row_stats_of_dots.default, (dots,) + args + (spec.target_logit, need_sum))
+    rows = tuple(torch.rand(9) for _ in range(4))
+    torch.library.opcheck(ops.grads_of_dots_.default, (dots.clone(),) + args + rows)
+    with pytest.raises(RuntimeError, match="dots must be a contiguous"):
+        ops.row_stats_of_dots(dots.t(), torch.ones(31), None, None, None, torch.zeros(31, dtype=torch.long),
+                              torch.zeros(31), False)

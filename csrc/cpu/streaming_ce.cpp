@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "row_epilogue.h"
 
@@ -66,6 +67,10 @@ at::Tensor float_vector(const char* op, const char* name, const at::Tensor& t, i
   return t.to(acc).contiguous();
 }
 
+void set_spec_vectors(const char* op, Spec& s, const at::Tensor& row_scale,
+                      const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+                      std::optional<double> softcap, const at::Tensor& target);
+
 Spec make_spec(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
                const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
                std::optional<double> softcap, const at::Tensor& target) {
@@ -78,14 +83,22 @@ Spec make_spec(const char* op, const at::Tensor& x, const at::Tensor& w, const a
               x.scalar_type());
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": w must have the dtype of x (", x.scalar_type(),
               "), got ", w.scalar_type());
-  TORCH_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0), op,
-              ": softcap must be None or a positive finite number, got ", softcap.value_or(0.0));
   Spec s;
   s.N = x.size(0);
   s.C = w.size(0);
   s.acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   s.x = x.to(s.acc);
   s.w = w;
+  set_spec_vectors(op, s, row_scale, col_scale, bias, softcap, target);
+  return s;
+}
+
+// The per-row and per-class vectors of a Spec whose N, C and acc are set.
+void set_spec_vectors(const char* op, Spec& s, const at::Tensor& row_scale,
+                      const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+                      std::optional<double> softcap, const at::Tensor& target) {
+  TORCH_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0), op,
+              ": softcap must be None or a positive finite number, got ", softcap.value_or(0.0));
   s.row_scale = float_vector(op, "row_scale", row_scale, s.N, s.acc);
   if (col_scale) s.col_scale = float_vector(op, "col_scale", *col_scale, s.C, s.acc);
   if (bias) s.bias = float_vector(op, "bias", *bias, s.C, s.acc);
@@ -100,6 +113,22 @@ Spec make_spec(const char* op, const at::Tensor& x, const at::Tensor& w, const a
                 ": target must hold class indices in [0, C=", s.C, ") or -1 (no target column), got values in [",
                 lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
   }
+}
+
+// The Spec of an (N, C) matrix of raw dot products computed elsewhere (the 3-GEMM path): no x, no w.
+Spec make_dots_spec(const char* op, const at::Tensor& dots, const at::Tensor& row_scale,
+                    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+                    std::optional<double> softcap, const at::Tensor& target) {
+  TORCH_CHECK(dots.dim() == 2 && dots.is_contiguous() && dots.device().is_cpu(), op,
+              ": dots must be a contiguous (N, C) CPU tensor, got shape ", dots.sizes());
+  TORCH_CHECK(dots.scalar_type() == at::kFloat || dots.scalar_type() == at::kDouble, op,
+              ": dots must be float32 or float64 (the accumulation dtype), got ", dots.scalar_type());
+  TORCH_CHECK(dots.size(1) <= std::numeric_limits<int>::max(), op, ": dots must have fewer than 2^31 columns");
+  Spec s;
+  s.N = dots.size(0);
+  s.C = dots.size(1);
+  s.acc = dots.scalar_type();
+  set_spec_vectors(op, s, row_scale, col_scale, bias, softcap, target);
   return s;
 }
 
@@ -161,7 +190,7 @@ struct ChunkColumnTensors {
   at::Tensor scale, bias, cost_scale;
 
   ChunkColumnTensors(const Spec& s, const Cost& cost, int64_t c0, int64_t c1) {
-    const auto opts = s.x.options().dtype(s.acc);
+    const auto opts = s.row_scale.options();  // accumulation dtype, CPU (s.x is undefined for dots ops)
     scale = s.col_scale.defined() ? s.col_scale.narrow(0, c0, c1 - c0) : at::ones({c1 - c0}, opts);
     bias = s.bias.defined() ? s.bias.narrow(0, c0, c1 - c0) : at::zeros({c1 - c0}, opts);
     if (cost.present()) cost_scale = cost.key_scale.narrow(0, c0, c1 - c0);
@@ -206,6 +235,29 @@ void accumulate_row_stats(const Spec& s, const epilogue::ChunkColumns<T>& cols, 
       run_sum[n] = run_sum[n] * epilogue::exp_simd(run_max[n] - new_max) +
                    epilogue::sum_exp_row(row, cols.cc, new_max);
       run_max[n] = new_max;
+    }
+  });
+}
+
+// The forward epilogue of a whole row of logits that must survive (the 3-GEMM path turns the same dots
+// into dL/da afterwards): each row is copied to a per-thread scratch row first. lse as torch.logsumexp.
+template <typename T>
+void row_stats_of_rows(const Spec& s, const epilogue::ChunkColumns<T>& cols, const T* dots, const T* target_logit,
+                       T* lse, T* total) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const T* row_scale = s.row_scale.data_ptr<T>();
+  const int64_t* target = s.target.data_ptr<int64_t>();
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(cols.cc);
+    for (int64_t n = begin; n < end; ++n) {
+      std::memcpy(scratch.data(), dots + n * cols.cc, cols.cc * sizeof(T));
+      T max_z, sum_z;
+      epilogue::logits_row(scratch.data(), cols, row_scale[n], target_in_chunk(target[n], 0, cols.cc),
+                           target_logit[n], max_z, sum_z);
+      if (total != nullptr) total[n] = sum_z;
+      lse[n] = (max_z == -kInf || max_z == kInf)
+                   ? max_z
+                   : max_z + std::log(epilogue::sum_exp_row(scratch.data(), cols.cc, max_z));
     }
   });
 }
@@ -345,6 +397,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
   return {grad_x, grad_w, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor> row_stats_of_dots(
+    const at::Tensor& dots, const at::Tensor& row_scale, const std::optional<at::Tensor>& col_scale,
+    const std::optional<at::Tensor>& bias, std::optional<double> softcap, const at::Tensor& target,
+    const at::Tensor& target_logit, bool need_sum_logits) {
+  constexpr const char* op = "marginkern::row_stats_of_dots";
+  const Spec s = make_dots_spec(op, dots, row_scale, col_scale, bias, softcap, target);
+  const at::Tensor target_logit_acc = float_vector(op, "target_logit", target_logit, s.N, s.acc);
+  const auto opts = dots.options();
+  at::Tensor lse = at::full({s.N}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor total = need_sum_logits ? at::zeros({s.N}, opts) : at::empty({0}, opts);
+  if (s.N == 0 || s.C == 0) return {lse, total};
+  const Cost no_cost;
+  const ChunkColumnTensors columns(s, no_cost, 0, s.C);
+  AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_row_stats_of_dots", [&] {
+    row_stats_of_rows<scalar_t>(s, columns.view<scalar_t>(s), dots.data_ptr<scalar_t>(),
+                                target_logit_acc.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                                need_sum_logits ? total.data_ptr<scalar_t>() : nullptr);
+  });
+  return {lse, total};
+}
+
+void grads_of_dots_(const at::Tensor& dots, const at::Tensor& row_scale, const std::optional<at::Tensor>& col_scale,
+                    const std::optional<at::Tensor>& bias, std::optional<double> softcap, const at::Tensor& target,
+                    const at::Tensor& lse, const at::Tensor& coef_p, const at::Tensor& coef_u,
+                    const at::Tensor& target_grad) {
+  constexpr const char* op = "marginkern::grads_of_dots_";
+  const Spec s = make_dots_spec(op, dots, row_scale, col_scale, bias, softcap, target);
+  const RowGrads rg = make_row_grads(op, s, lse, coef_p, coef_u, target_grad);
+  if (s.N == 0 || s.C == 0) return;
+  grads_into(s, Cost{}, rg, 0, dots, at::Tensor());
+}
+
 }  // namespace marginkern
 
 // Schemas and CPU kernels. marginkern/cpp_tiles.py adds the fake kernels; the loss ops of
@@ -365,10 +449,19 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
       "bool need_bias_grad, bool need_weight_grad, int class_chunk, Tensor? cost_query=None, "
       "Tensor? cost_query_scale=None, Tensor? cost_keys=None, Tensor? cost_key_scale=None, Tensor? cost_coef=None) "
       "-> (Tensor grad_x, Tensor grad_w, Tensor grad_bias)");
+  // The 3-GEMM path's epilogue over an (N, C) matrix of dot products computed elsewhere.
+  m.def(
+      "row_stats_of_dots(Tensor dots, Tensor row_scale, Tensor? col_scale, Tensor? bias, float? softcap, "
+      "Tensor target, Tensor target_logit, bool need_sum_logits) -> (Tensor lse, Tensor sum_logits)");
+  m.def(
+      "grads_of_dots_(Tensor(a!) dots, Tensor row_scale, Tensor? col_scale, Tensor? bias, float? softcap, "
+      "Tensor target, Tensor lse, Tensor coef_p, Tensor coef_u, Tensor target_grad) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
   m.impl("streaming_row_stats", TORCH_FN(marginkern::streaming_row_stats));
   m.impl("streaming_grad_logits", TORCH_FN(marginkern::streaming_grad_logits));
   m.impl("streaming_grads", TORCH_FN(marginkern::streaming_grads));
+  m.impl("row_stats_of_dots", TORCH_FN(marginkern::row_stats_of_dots));
+  m.impl("grads_of_dots_", TORCH_FN(marginkern::grads_of_dots_));
 }

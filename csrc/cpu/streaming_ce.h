@@ -61,4 +61,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     const std::optional<at::Tensor>& cost_key_scale = std::nullopt,
     const std::optional<at::Tensor>& cost_coef = std::nullopt);
 
+// The 3-GEMM path's epilogue over `dots` (N, C), the raw dot products x·wᵀ computed elsewhere, in the
+// accumulation dtype: (lse, Σ_j z or (0,)) without changing dots, then dots ← dL/da in place.
+std::tuple<at::Tensor, at::Tensor> row_stats_of_dots(
+    const at::Tensor& dots, const at::Tensor& row_scale, const std::optional<at::Tensor>& col_scale,
+    const std::optional<at::Tensor>& bias, std::optional<double> softcap, const at::Tensor& target,
+    const at::Tensor& target_logit, bool need_sum_logits);
+void grads_of_dots_(const at::Tensor& dots, const at::Tensor& row_scale, const std::optional<at::Tensor>& col_scale,
+                    const std::optional<at::Tensor>& bias, std::optional<double> softcap, const at::Tensor& target,
+                    const at::Tensor& lse, const at::Tensor& coef_p, const at::Tensor& coef_u,
+                    const at::Tensor& target_grad);
+
 }  // namespace marginkern
