@@ -135,6 +135,20 @@ void test_case(const Case& c) {
   check_close(grad_x, at::mm(want.grad, in.w.to(at::kDouble)), tol, name + ": grad x");
   check_close(grad_w, at::mm(want.grad.t(), in.x.to(at::kDouble)), tol, name + ": grad w");
   check_close(grad_bias, want.grad.sum(0), tol, name + ": grad bias");
+
+  if (!c.cost) {  // the 3-GEMM path's block epilogue over dot products computed elsewhere
+    const auto acc = c.dtype == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor dots = at::mm(in.x.to(acc), in.w.to(acc).t()).contiguous();
+    const at::Tensor dots_before = dots.clone();
+    const auto [lse, sum_logits] = marginkern::row_stats_of_dots(dots, in.row_scale, in.col_scale, in.bias,
+                                                                 c.softcap, in.target, in.target_logit, true);
+    check_close(lse, at::logsumexp(want.z, {1}), tol, name + ": row_stats_of_dots lse");
+    check_close(sum_logits, want.z.sum(1), tol, name + ": row_stats_of_dots sum", static_cast<double>(c.C));
+    EXPECT(at::equal(dots, dots_before), "%s: row_stats_of_dots changed its input", name.c_str());
+    marginkern::grads_of_dots_(dots, in.row_scale, in.col_scale, in.bias, c.softcap, in.target, in.lse,
+                               in.coef_p, in.coef_u, in.target_grad);
+    check_close(dots, want.grad, tol, name + ": grads_of_dots_");
+  }
 }
 
 // The registration: the same results through c10::Dispatcher, as Python's torch.ops sees them.
