@@ -271,6 +271,14 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
     return out
 
 
+def block_gemm_dtype(x):
+    """The dtype of G in the 3-GEMM path's dX/dW GEMMs: 16-bit on the GPU (tensor cores, fp32 results);
+    the CPU upcasts anyway, so G stays in the accumulation dtype there."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return x.dtype
+    return accumulation_dtype(x.dtype)
+
+
 def rows_of(spec: LogitSpec, r0: int, r1: int) -> LogitSpec:
     """The spec of rows [r0, r1)."""
     return LogitSpec(spec.row_scale[r0:r1], spec.col_scale, spec.bias, spec.softcap, spec.target[r0:r1],
@@ -302,8 +310,7 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
     grad_x = torch.zeros(N, D, dtype=acc, device=x.device) if need_input_grad else None
     grad_w = torch.zeros(C, D, dtype=acc, device=x.device) if need_weight_grad else None
     grad_bias = torch.zeros(C, dtype=acc, device=x.device) if need_bias_grad else None
-    # 16-bit GEMMs on the GPU (tensor cores, fp32 results); the CPU upcasts anyway, so G stays fp32 there.
-    gemm_dtype = x.dtype if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else acc
+    gemm_dtype = block_gemm_dtype(x)
     # one upcast copy of a 16-bit weight for all blocks (the CPU GEMMs would make two per block)
     w_gemm = w.to(acc) if gemm_dtype == acc else w
     # The epilogue over a block of dot products: a backend's fused one (CppTiles) or PyTorch's passes.

@@ -235,3 +235,25 @@ def test_non_finite_inputs_give_non_finite_gradients(knobs):
     gx, gw = torch.autograd.grad(mk.linear_cross_entropy(x, w, t, **knobs), (x, w))
     ex, ew = torch.autograd.grad(mk.linear_cross_entropy(x, w, t), (x, w))
     assert not torch.isfinite(ex).all() and not torch.isfinite(gx).all() and not torch.isfinite(gw).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0), dict(label_smoothing=0.1, softcap=5.0)])
+def test_buffered_16bit_gemm_branch(monkeypatch, dtype, opts):
+    # The GPU runs the 3-GEMM path's dX/dW GEMMs on 16-bit G (fp16: scaled per block by its largest entry).
+    # Forced here on the CPU (the GEMMs upcast), so that the branch is tested without a GPU; rows 0..27 are
+    # well fit and rows 28..31 not, as in the focal saturation finding.
+    monkeypatch.setattr(engine, "block_gemm_dtype", lambda x: x.dtype)
+    torch.manual_seed(3)
+    N, C, D = 32, 90, 128
+    w = torch.randn(C, D)
+    t = torch.randint(0, C, (N,))
+    x = torch.randn(N, D) * 0.1
+    x[:28] += 0.12 * w[t[:28]]
+    x, w = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    got = grads(mk.linear_cross_entropy, x, w, t, None, logits_buffer_mb=3 * C * 4 * 7 / 2**20, **opts)
+    want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, None, **opts)
+    assert_close_rel(got[0], want[0], dtype, "loss", floor=1.0)
+    assert_close_rel(got[1][28:], want[1][28:], dtype, "grad input of the hard rows")
+    assert_close_rel(got[1], want[1], dtype, "grad input")
+    assert_close_rel(got[2], want[2], dtype, "grad weight")
