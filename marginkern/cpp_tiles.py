@@ -85,7 +85,7 @@ class CppTiles:
                                                                  need_sum_logits)
         return lse, (sum_logits if need_sum_logits else None)
 
-    def block_grads_(self, z, spec, lse, coef_p, coef_u, target_grad):
+    def block_grads_(self, z, spec, lse, coef_p, coef_u, target_grad, out_dtype=None):
         """engine.TorchTiles.block_grads_ from the raw dot products, one fused pass per row."""
         torch.ops.marginkern.grads_of_dots_(z, *_spec_args(spec), lse, coef_p, coef_u, target_grad)
         return z

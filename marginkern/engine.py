@@ -326,18 +326,20 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
         loss[r0:r1], lse[r0:r1] = block_loss, block_lse
         if grad_x is None and grad_w is None and grad_bias is None:
             continue
-        g = block_grads_(z, block_spec, block_lse, coef_p, coef_u, target_grad)
-        if grad_bias is not None:
-            grad_bias += g.sum(0)  # g is in the accumulation dtype here
         unscale = 1.0
         if gemm_dtype == torch.float16:
-            # fp16 would flush small probabilities (coef_p ≈ 1/N) to 0: scale the block so that its largest
-            # entry is 1 (no outlier rule: linear CE has no norm-scaled degenerate rows). One sync per block.
-            low, high = torch.aminmax(g)
-            bound = max(float(high), -float(low))
-            if 0 < bound < float("inf"):
-                g.mul_(1.0 / bound)
+            # fp16 would flush small probabilities (coef_p ≈ 1/N) to 0: scale dL/da so that its largest
+            # regular entry is ~1 (as streaming_grads; degenerate entries saturate). One sync per block.
+            bound = float(gradient_bound(block_spec, coef_p.abs() + coef_u.abs(), target_grad))
+            if torch.finfo(acc).tiny < bound < float("inf"):
+                coef_p, coef_u, target_grad = coef_p / bound, coef_u / bound, target_grad / bound
                 unscale = bound
+        # dL/da: in place of z (fused C++, PyTorch passes), or written by the kernel in gemm_dtype (Triton)
+        g = block_grads_(z, block_spec, block_lse, coef_p, coef_u, target_grad, gemm_dtype)
+        if gemm_dtype == torch.float16 and g.dtype != torch.float16:
+            g.clamp_(-65504.0, 65504.0)
+        if grad_bias is not None:
+            grad_bias += g.sum(0, dtype=acc).mul_(unscale)
         g_gemm = g.to(gemm_dtype)
         if grad_x is not None:
             grad_x[r0:r1] = mm_accumulate(g_gemm, w_gemm, acc).mul_(unscale)  # GEMM 2 of 3
@@ -391,7 +393,7 @@ class TorchTiles:
 
     # The 3-GEMM path's epilogue over a block of raw dot products z = x·wᵀ (N_r, C), accumulation dtype
     # (engine.buffered_loss_and_grads). block_row_stats may rewrite z into whatever block_grads_ of the same
-    # backend reads (here: the logits); block_grads_ then turns z into dL/da in place and returns it.
+    # backend reads (here: the logits); block_grads_ then returns dL/da (here: z, in place).
     @staticmethod
     def block_row_stats(z, spec: LogitSpec, need_sum_logits):
         """(lse, Σ_j z_nj or None) of the block's rows; z becomes the logits."""
@@ -407,8 +409,9 @@ class TorchTiles:
         return torch.logsumexp(z, dim=1), (z.sum(1) if need_sum_logits else None)
 
     @staticmethod
-    def block_grads_(z, spec: LogitSpec, lse, coef_p, coef_u, target_grad):
-        """z (the logits block_row_stats left) ← dL/da = (coef_p·p − coef_u)·dz/da, target column target_grad."""
+    def block_grads_(z, spec: LogitSpec, lse, coef_p, coef_u, target_grad, out_dtype=None):
+        """z (the logits block_row_stats left) ← dL/da = (coef_p·p − coef_u)·dz/da, target column target_grad;
+        returns z. A backend may return a new tensor in `out_dtype` (the GEMMs' dtype) instead."""
         slope = torch.square(z / spec.softcap).neg_().add_(1.0) if spec.softcap is not None else None
         row_scale = spec.row_scale[:, None]  # folded into the per-row coefficients: one pass fewer
         g = z.sub_(lse[:, None]).exp_().mul_(coef_p[:, None] * row_scale).sub_(coef_u[:, None] * row_scale)

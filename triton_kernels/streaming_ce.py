@@ -7,6 +7,8 @@
                                      computes EMO's cost cosines A = q·k per tile (a second tl.dot loop)
 
 Both recompute logits tile by tile with tl.dot over D in fp32 accumulators; no N × C tensor exists.
+With FROM_DOTS they read the raw dot products from an (N, C) fp32 buffer instead (x_ptr, stride_x): the
+3-GEMM path's block epilogue over logits that cuBLAS computed (engine.buffered_loss_and_grads).
 """
 import triton
 import triton.language as tl
@@ -34,10 +36,14 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
                 rows, cols, row_mask, col_mask, D, stride_x, stride_w,
                 HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+                BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False):
     """Logits z and dz/da for a BLOCK_N × BLOCK_C tile (target column not yet substituted)."""
-    acc = _dot_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w, DOT_PRECISION,
-                    BLOCK_N, BLOCK_C, BLOCK_D)
+    if FROM_DOTS:  # x_ptr is the (N, C) buffer of dot products, row stride stride_x
+        tile = x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :]
+        acc = tl.load(tile, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        acc = _dot_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w, DOT_PRECISION,
+                        BLOCK_N, BLOCK_C, BLOCK_D)
     scale = row_scale[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     if HAS_COL_SCALE:
         scale = scale * tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
@@ -60,7 +66,7 @@ def streaming_ce_fwd_kernel(
     N, C, D, stride_x, stride_w, classes_per_split, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     NEED_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -80,7 +86,8 @@ def streaming_ce_fwd_kernel(
         col_mask = cols < c_end
         z, _ = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
                            rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                           HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+                           HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
+                           FROM_DOTS)
         z = tl.where(cols[None, :] == target[:, None], target_logit[:, None], z)
         z = tl.where(col_mask[None, :], z, -float("inf"))
         # Every split holds ≥ 1 valid class, so new_max is finite from the first tile on.
@@ -116,7 +123,8 @@ def streaming_ce_grad_logits_kernel(
     query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr,
     N, D, E, stride_x, stride_w, stride_g, stride_q, stride_k, c_begin, c_end, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -127,7 +135,8 @@ def streaming_ce_grad_logits_kernel(
     row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
     z, chain = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
                            rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                           HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+                           HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
+                           FROM_DOTS)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     coef_p = tl.load(coef_p_ptr + rows, mask=row_mask, other=0.0)
     coef_u = tl.load(coef_u_ptr + rows, mask=row_mask, other=0.0)

@@ -79,8 +79,17 @@ class TritonTiles:
 
     def row_stats(self, x, w, spec, need_sum_logits):
         x, w = x.contiguous(), w.contiguous()
-        N, D = x.shape
-        C = w.shape[0]
+        return self._row_stats(x, w, spec, need_sum_logits, x.shape[0], w.shape[0], x.shape[1], x.stride(0),
+                               w.stride(0), from_dots=False)
+
+    def block_row_stats(self, z, spec, need_sum_logits):
+        """engine.TorchTiles.block_row_stats in the forward kernel reading the dot products (FROM_DOTS);
+        z is left unchanged."""
+        z = z.contiguous()
+        return self._row_stats(z, z, spec, need_sum_logits, z.shape[0], z.shape[1], 0, z.stride(0), 0,
+                               from_dots=True)
+
+    def _row_stats(self, x, w, spec, need_sum_logits, N, C, D, stride_x, stride_w, from_dots):
         blocks, launch = _config(x)
         row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
         # Split classes across programs so that few row blocks still fill the GPU (flash-decoding).
@@ -95,8 +104,8 @@ class TritonTiles:
                 streaming_ce_fwd_kernel[(row_blocks, splits)](
                     x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target, spec.target_logit.float(),
                     part[0], part[1], part[-1],
-                    N, C, D, x.stride(0), w.stride(0), per_split, softcap,
-                    NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x),
+                    N, C, D, stride_x, stride_w, per_split, softcap,
+                    NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     **_flags(spec), **blocks, **launch)
         run_max = part[0].max(0).values
         lse = run_max + torch.log((part[1] * torch.exp(part[0] - run_max)).sum(0))
@@ -108,9 +117,21 @@ class TritonTiles:
 
     def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
         x, w = x.contiguous(), w.contiguous()
-        N, D = x.shape
-        blocks, launch = _config(x)
         grad_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        return self._grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, x.shape[1],
+                                 x.stride(0), w.stride(0), grad_dtype, from_dots=False)
+
+    def block_grads_(self, z, spec, lse, coef_p, coef_u, target_grad, out_dtype=torch.float32):
+        """engine.TorchTiles.block_grads_ in the dL/da kernel reading the dot products (FROM_DOTS): writes
+        dL/da straight into a new `out_dtype` buffer (16-bit for the GEMMs; fp16 saturates at ±65504)."""
+        z = z.contiguous()
+        return self._grad_logits(z, z, spec, lse, coef_p, coef_u, target_grad, 0, z.shape[1], None, 0,
+                                 z.stride(0), 0, out_dtype, from_dots=True)
+
+    def _grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, D, stride_x, stride_w,
+                     grad_dtype, from_dots):
+        N = x.shape[0]
+        blocks, launch = _config(x)
         grad = torch.empty(N, c1 - c0, dtype=grad_dtype, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
         grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(c1 - c0, blocks["BLOCK_C"]))
@@ -125,8 +146,8 @@ class TritonTiles:
                 streaming_ce_grad_logits_kernel[grid](
                     x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target,
                     lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad, *cost_args,
-                    N, D, E, x.stride(0), w.stride(0), grad.stride(0), stride_q, stride_k, c0, c1, softcap,
-                    HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x),
+                    N, D, E, stride_x, stride_w, grad.stride(0), stride_q, stride_k, c0, c1, softcap,
+                    HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     SATURATE_FP16=grad_dtype == torch.float16,
                     COST_DOT_PRECISION=_dot_precision(cost_args[1]), **_flags(spec), **blocks, **launch)
         return grad

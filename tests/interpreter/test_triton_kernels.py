@@ -65,6 +65,28 @@ def test_tiles_match_torch_tiles(dtype, epilogue, shape):
         assert_close_rel(got, want, dtype, f"dL/da[{c0}:{c1}]", floor=1.0)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("shape", [(37, 301), (1, 1), (17, 33)])
+def test_block_epilogue_from_dots_matches_torch_tiles(out_dtype, epilogue, shape):
+    """The 3-GEMM path's block epilogue (FROM_DOTS kernels) against TorchTiles' PyTorch passes."""
+    N, C = shape
+    spec = random_spec(N, C, **epilogue)
+    dots = torch.randn(N, C, device=DEVICE) * 3
+    coef_p, coef_u, target_grad = torch.rand(N, device=DEVICE), torch.rand(N, device=DEVICE) * 0.1, torch.randn(N, device=DEVICE)
+    z = dots.clone()
+    lse, total = triton_tiles().block_row_stats(z, spec, True)
+    assert torch.equal(z, dots)  # the dots survive for the gradient kernel
+    g = triton_tiles().block_grads_(z, spec, lse, coef_p, coef_u, target_grad, out_dtype)
+    ref = dots.clone()
+    lse_ref, total_ref = TorchTiles.block_row_stats(ref, spec, True)
+    g_ref = TorchTiles.block_grads_(ref, spec, lse_ref, coef_p, coef_u, target_grad)
+    assert g.dtype == out_dtype and g.shape == (N, C)
+    assert_close_rel(lse, lse_ref, torch.float32, "lse", floor=1.0)
+    assert_close_rel(total, total_ref, torch.float32, "sum of logits", floor=float(C))
+    assert_close_rel(g, g_ref, out_dtype, "dL/da", floor=1.0)
+
+
 OPTIONS = [
     dict(), dict(m2=0.0, m3=0.35), dict(m1=4.0, m2=0.0, scale=30.0),
     dict(m1=1.2, m2=0.3, m3=0.15, scale=32.0, label_smoothing=0.1), dict(margin_grad="straight_through"),

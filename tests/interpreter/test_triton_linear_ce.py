@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import marginkern as mk
+import marginkern.engine as engine
 from marginkern import reference
 from tests.helpers import REL_TOL, assert_close_rel, make_case
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
@@ -77,3 +78,20 @@ def test_fp16_focal_hard_rows_among_easy_ones_do_not_saturate():
     want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, None, focal_gamma=2.0)
     assert_close_rel(gx[28:], want[1][28:], torch.float16, "grad input of the hard rows")
     assert_close_rel(gw, want[2], torch.float16, "grad weight")
+
+
+@pytest.mark.parametrize("gemm_in_input_dtype", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_buffered_path_through_the_triton_block_epilogue(monkeypatch, gemm_in_input_dtype, dtype, opts):
+    # gemm_in_input_dtype forces the GPU's 16-bit G (written by the kernel, fp16 scaled and saturated)
+    if gemm_in_input_dtype:
+        monkeypatch.setattr(engine, "block_gemm_dtype", lambda x: x.dtype)
+    x, w, t = make_case(37, 301, 45, dtype, device=DEVICE, ignore=(0,))
+    w = (w.detach() * 0.3).to(dtype)
+    b = torch.randn(301, device=DEVICE).to(dtype)
+    got = grads(mk.linear_cross_entropy, x, w, t, b, logits_buffer_mb=3 * 301 * 4 * 5 / 2**20, **opts)
+    want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, b.double(), **opts)
+    assert_close_rel(got[0], want[0], dtype, "loss", floor=1.0)
+    for name, g, e in zip(("grad input", "grad weight", "grad bias"), got[1:], want[1:]):
+        assert_close_rel(g, e, dtype, name)
