@@ -34,7 +34,7 @@ case "$stage" in
     case "$stage" in
       face|emo|cosent) args=(--cases "$stage") ;;
       llm) args=(--cases llm --providers "marginkern,naive,torch.compile,3-GEMM floor") ;;
-      knobs) args=(--cases llm --providers "marginkern 3-GEMM,marginkern filtered,3-GEMM floor")
+      knobs) args=(--cases llm --providers "marginkern 3-GEMM,marginkern 3-GEMM 4GB,marginkern filtered,3-GEMM floor")
              timeout 200 python bench/grad_filter_error.py 2>&1 | tee "$OUT/grad-filter.log" | tail -12 ;;
       peers) args=(--cases llm --providers "liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor") ;;
     esac
