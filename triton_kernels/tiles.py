@@ -125,14 +125,22 @@ class TritonTiles:
         """engine.TorchTiles.block_grads_ in the dL/da kernel reading the dot products (FROM_DOTS): writes
         dL/da straight into a new `out_dtype` buffer (16-bit for the GEMMs; fp16 saturates at ±65504)."""
         z = z.contiguous()
-        return self._grad_logits(z, z, spec, lse, coef_p, coef_u, target_grad, 0, z.shape[1], None, 0,
-                                 z.stride(0), 0, out_dtype, from_dots=True)
+        N, C = z.shape
+        grad = torch.empty(N, C, dtype=out_dtype, device=z.device)
+        span = MAX_GRID_Y * _config(z)[0]["BLOCK_C"]  # a launch's class blocks are grid axis 1
+        for c0 in range(0, C, span):
+            c1 = min(C, c0 + span)
+            self._grad_logits(z, z, spec, lse, coef_p, coef_u, target_grad, c0, c1, None, 0, z.stride(0), 0,
+                              out_dtype, from_dots=True, grad=grad[:, c0:c1])
+        return grad
 
     def _grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, D, stride_x, stride_w,
-                     grad_dtype, from_dots):
+                     grad_dtype, from_dots, grad=None):
+        """dL/da of the classes [c0, c1) into `grad` (N, c1 − c0), which may be a column slice of a wider buffer."""
         N = x.shape[0]
         blocks, launch = _config(x)
-        grad = torch.empty(N, c1 - c0, dtype=grad_dtype, device=x.device)
+        if grad is None:
+            grad = torch.empty(N, c1 - c0, dtype=grad_dtype, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
         grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(c1 - c0, blocks["BLOCK_C"]))
         if cost is not None:

@@ -184,3 +184,19 @@ def test_row_projection_kernel(dtype, shape):
     assert_close_rel(got, want, torch.float32, "projected rows", floor=1.0)
     # the result is orthogonal to each weight row
     assert (got.double() * weight.double()).sum(1).abs().max() < 1e-4 * weight.double().norm(dim=1).max() * got.abs().max()
+
+
+def test_block_gradient_launches_split_at_the_grid_limit(monkeypatch):
+    # CUDA caps grid axis 1 at 65535 blocks (8.4M classes at BLOCK_C=128): the dL/da launch of a block is
+    # split into class ranges; a tiny limit makes that happen here.
+    import marginkern.triton_kernels.tiles as tiles_module
+    monkeypatch.setattr(tiles_module, "MAX_GRID_Y", 2)
+    N, C = 5, 200
+    spec = random_spec(N, C, col_scale=True, bias=True, softcap=3.0)
+    dots = torch.randn(N, C, device=DEVICE) * 3
+    coef_p, coef_u, target_grad = torch.rand(N, device=DEVICE), torch.rand(N, device=DEVICE) * 0.1, torch.randn(N, device=DEVICE)
+    logits = dots.clone()
+    lse, _ = TorchTiles.block_row_stats(logits, spec, False)  # logits: the dots, turned into logits
+    got = triton_tiles().block_grads_(dots, spec, lse, coef_p, coef_u, target_grad)
+    want = TorchTiles.block_grads_(logits, spec, lse, coef_p, coef_u, target_grad)
+    assert_close_rel(got, want, torch.float32, "dL/da", floor=1.0)
