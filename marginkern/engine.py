@@ -325,6 +325,7 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
         block_loss, coef_p, coef_u, target_grad = row_terms(r0, r1, block_lse, sum_logits)
         loss[r0:r1], lse[r0:r1] = block_loss, block_lse
         if grad_x is None and grad_w is None and grad_bias is None:
+            del z  # before the next block's GEMM allocates its own
             continue
         unscale = 1.0
         if gemm_dtype == torch.float16:
@@ -345,6 +346,7 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
             grad_x[r0:r1] = mm_accumulate(g_gemm, w_gemm, acc).mul_(unscale)  # GEMM 2 of 3
         if grad_w is not None:
             addmm_accumulate(grad_w, g_gemm.t(), xr, alpha=unscale)  # GEMM 3 of 3
+        del z, g, g_gemm  # before the next block's GEMM allocates its own
     return loss, lse, grad_x, grad_w, grad_bias
 
 
@@ -391,8 +393,8 @@ class TorchTiles:
         z = torch.where(is_target, spec.target_logit[:, None], z)
         return z, chain, is_target
 
-    # The 3-GEMM path's epilogue over a block of raw dot products z = x·wᵀ (N_r, C), accumulation dtype
-    # (engine.buffered_loss_and_grads). block_row_stats may rewrite z into whatever block_grads_ of the same
+    # The 3-GEMM path's epilogue over a block of raw dot products z = x·wᵀ (N_r, C), contiguous, in the
+    # accumulation dtype (engine.buffered_loss_and_grads). block_row_stats may rewrite z into whatever block_grads_ of the same
     # backend reads (here: the logits); block_grads_ then returns dL/da (here: z, in place).
     @staticmethod
     def block_row_stats(z, spec: LogitSpec, need_sum_logits):
@@ -412,7 +414,7 @@ class TorchTiles:
     def block_grads_(z, spec: LogitSpec, lse, coef_p, coef_u, target_grad, out_dtype=None):
         """z (the logits block_row_stats left) ← dL/da = (coef_p·p − coef_u)·dz/da, target column target_grad;
         returns z. A backend may return a new tensor in `out_dtype` (the GEMMs' dtype) instead."""
-        slope = torch.square(z / spec.softcap).neg_().add_(1.0) if spec.softcap is not None else None
+        slope = z.div(spec.softcap).square_().neg_().add_(1.0) if spec.softcap is not None else None
         row_scale = spec.row_scale[:, None]  # folded into the per-row coefficients: one pass fewer
         g = z.sub_(lse[:, None]).exp_().mul_(coef_p[:, None] * row_scale).sub_(coef_u[:, None] * row_scale)
         if slope is not None:

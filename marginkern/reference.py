@@ -103,8 +103,10 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     else:
         nll = -log_pt
     # torch's label smoothing: (1−ε)·NLL + (ε/C)·Σ_j −log p_j, and Σ_j −log p_j = C·lse − Σ_j z_j
-    smooth = lse - sum_logits / w.shape[0]
-    loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse ** 2
+    # (only when ε > 0: a −inf logit, e.g. a masked vocabulary tail, makes Σ_j z_j −inf, and 0·inf is NaN)
+    loss = (1.0 - label_smoothing) * nll + z_loss * lse ** 2
+    if label_smoothing > 0:
+        loss = loss + label_smoothing * (lse - sum_logits / w.shape[0])
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     return reduce_rows(loss, valid, reduction)
 

@@ -90,9 +90,11 @@ def streaming_ce_fwd_kernel(
                            FROM_DOTS)
         z = tl.where(cols[None, :] == target[:, None], target_logit[:, None], z)
         z = tl.where(col_mask[None, :], z, -float("inf"))
-        # Every split holds ≥ 1 valid class, so new_max is finite from the first tile on.
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        # A tile (or a whole split) can be all −inf (a −inf bias masking a padded vocabulary tail): shift by 0
+        # then, as torch.logsumexp does, instead of computing exp(−inf − (−inf)) = NaN.
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        run_sumexp = run_sumexp * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         run_max = new_max
         if NEED_SUM_LOGITS:
             run_sumlogit += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)

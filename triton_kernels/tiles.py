@@ -108,7 +108,9 @@ class TritonTiles:
                     NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     **_flags(spec), **blocks, **launch)
         run_max = part[0].max(0).values
-        lse = run_max + torch.log((part[1] * torch.exp(part[0] - run_max)).sum(0))
+        # splits whose logits are all −inf hold max −inf and Σexp 0; a row with only those gets lse −inf
+        shift = torch.where(run_max == -float("inf"), torch.zeros_like(run_max), run_max)
+        lse = shift + torch.log((part[1] * torch.exp(part[0] - shift)).sum(0))
         return lse, (part[2].sum(0) if need_sum_logits else None)
 
     def project_out_rows(self, grad, weight, inv_norm_sq):
