@@ -1,7 +1,8 @@
 """LLM linear cross-entropy cases: hidden states (N, D) times a vocabulary head (C, D), then CE.
 
-Providers: marginkern.linear_cross_entropy (default, the 3-GEMM knob, gradient filtering), naive PyTorch, torch.compile of it, and the peers liger-kernel and cut-cross-entropy when importable
-(optional extras, never required: a missing one is skipped with the reason recorded), plus the floor.
+Providers: marginkern.linear_cross_entropy (default, the 3-GEMM knob, gradient filtering), naive PyTorch,
+torch.compile of it, and the peers liger-kernel and cut-cross-entropy when importable (optional extras,
+never required: a missing one is skipped with the reason recorded), plus the floor.
 """
 import torch.nn.functional as F
 

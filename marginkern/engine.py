@@ -394,8 +394,9 @@ class TorchTiles:
         return z, chain, is_target
 
     # The 3-GEMM path's epilogue over a block of raw dot products z = x·wᵀ (N_r, C), contiguous, in the
-    # accumulation dtype (engine.buffered_loss_and_grads). block_row_stats may rewrite z into whatever block_grads_ of the same
-    # backend reads (here: the logits); block_grads_ then returns dL/da (here: z, in place).
+    # accumulation dtype (engine.buffered_loss_and_grads). block_row_stats may rewrite z into whatever
+    # block_grads_ of the same backend reads (here: the logits); block_grads_ then returns dL/da (here: z,
+    # in place).
     @staticmethod
     def block_row_stats(z, spec: LogitSpec, need_sum_logits):
         """(lse, Σ_j z_nj or None) of the block's rows; z becomes the logits."""

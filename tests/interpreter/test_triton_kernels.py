@@ -57,7 +57,8 @@ def test_tiles_match_torch_tiles(dtype, epilogue, shape):
     lse_ref, total_ref = ref.row_stats(x, w, spec, True)
     assert_close_rel(lse, lse_ref, torch.float32, "lse", floor=1.0)
     assert_close_rel(total, total_ref, torch.float32, "sum of logits", floor=float(C))
-    coef_p, coef_u, target_grad = torch.rand(N, device=DEVICE), torch.rand(N, device=DEVICE) * 0.1, torch.randn(N, device=DEVICE)
+    coef_p, coef_u, target_grad = (torch.rand(N, device=DEVICE), torch.rand(N, device=DEVICE) * 0.1,
+                                   torch.randn(N, device=DEVICE))
     for c0, c1 in [(0, C), (C // 3, C)]:
         got = tt.grad_logits(x, w, spec, lse_ref, coef_p, coef_u, target_grad, c0, c1)
         want = ref.grad_logits(x, w, spec, lse_ref, coef_p, coef_u, target_grad, c0, c1)
@@ -73,7 +74,8 @@ def test_block_epilogue_from_dots_matches_torch_tiles(out_dtype, epilogue, shape
     N, C = shape
     spec = random_spec(N, C, **epilogue)
     dots = torch.randn(N, C, device=DEVICE) * 3
-    coef_p, coef_u, target_grad = torch.rand(N, device=DEVICE), torch.rand(N, device=DEVICE) * 0.1, torch.randn(N, device=DEVICE)
+    coef_p, coef_u, target_grad = (torch.rand(N, device=DEVICE), torch.rand(N, device=DEVICE) * 0.1,
+                                   torch.randn(N, device=DEVICE))
     z = dots.clone()
     lse, total = triton_tiles().block_row_stats(z, spec, True)
     assert torch.equal(z, dots)  # the dots survive for the gradient kernel
@@ -194,7 +196,8 @@ def test_block_gradient_launches_split_at_the_grid_limit(monkeypatch):
     N, C = 5, 200
     spec = random_spec(N, C, col_scale=True, bias=True, softcap=3.0)
     dots = torch.randn(N, C, device=DEVICE) * 3
-    coef_p, coef_u, target_grad = torch.rand(N, device=DEVICE), torch.rand(N, device=DEVICE) * 0.1, torch.randn(N, device=DEVICE)
+    coef_p, coef_u, target_grad = (torch.rand(N, device=DEVICE), torch.rand(N, device=DEVICE) * 0.1,
+                                   torch.randn(N, device=DEVICE))
     logits = dots.clone()
     lse, _ = TorchTiles.block_row_stats(logits, spec, False)  # logits: the dots, turned into logits
     got = triton_tiles().block_grads_(dots, spec, lse, coef_p, coef_u, target_grad)
