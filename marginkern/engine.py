@@ -133,11 +133,15 @@ def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
     return tiles.row_stats(x, w, spec, need_sum_logits)
 
 
+def _nonzero_median(values):
+    """The median of the values > 0, NaN when there are none; without boolean indexing, which would sync
+    with the GPU on every backward pass."""
+    return torch.where(values > 0, values, torch.nan).nanmedian()
+
+
 def _regular(values, outlier_factor=64.0):
-    """values ≤ outlier_factor × the median of the non-zero values (all True when every value is 0);
-    without boolean indexing, which would sync with the GPU."""
-    median = torch.where(values > 0, values, torch.nan).nanmedian()
-    return ~(values > outlier_factor * median)  # a NaN median compares False: regular
+    """values ≤ outlier_factor × the median of the non-zero values (all True when every value is 0)."""
+    return ~(values > outlier_factor * _nonzero_median(values))  # a NaN median compares False: regular
 
 
 def gradient_bound(spec: LogitSpec, coef_total, target_grad):
@@ -165,10 +169,17 @@ def gradient_bound(spec: LogitSpec, coef_total, target_grad):
 
 
 def _robust_max(values, outlier_factor=64.0):
-    """max(values ≥ 0), but at most outlier_factor × the median of the non-zero values (0 if all are 0).
-    Written without boolean indexing, which would sync with the GPU on every backward pass."""
-    median = torch.where(values > 0, values, torch.nan).nanmedian()  # NaN when every value is 0
-    return torch.fmin(values.max(), outlier_factor * median)  # fmin ignores that NaN
+    """max(values ≥ 0), but at most outlier_factor × the median of the non-zero values (0 if all are 0)."""
+    return torch.fmin(values.max(), outlier_factor * _nonzero_median(values))  # fmin ignores a NaN median
+
+
+def grad_scale_16bit(spec: LogitSpec, coef_total, target_grad):
+    """1 / gradient_bound: the factor that brings dL/da's largest regular entry to ~1 before it is stored in
+    16 bits (fp16 would flush small probabilities, mean over 8k rows gives coef_p ≈ 1e-4, to 0); 1 when the
+    bound is 0, below the smallest normal float (1/bound would be inf) or not finite."""
+    bound = gradient_bound(spec, coef_total, target_grad)
+    usable = (bound > torch.finfo(bound.dtype).tiny) & torch.isfinite(bound)
+    return torch.where(usable, 1.0 / bound, torch.ones_like(bound))
 
 
 def streaming_grads(
@@ -201,14 +212,11 @@ def streaming_grads(
         if grad_w is not None:
             grad_w.zero_()
         return grad_x, grad_w, grad_bias
-    # G is stored in a 16-bit dtype on the GPU: rescale it so that its largest regular entry is ~1, which
-    # keeps fp16 from underflowing small probabilities (mean over 8k rows gives coef_p ≈ 1e-4).
+    # G is stored in a 16-bit dtype on the GPU: scaled, then unscaled once after the loop.
     coef_total = coef_p.abs() + coef_u.abs()
     if cost is not None:  # |A| ≤ 1: cosines
         coef_total = coef_total + cost.coef.abs()
-    bound = gradient_bound(spec, coef_total, target_grad)
-    # a bound below the smallest normal float would make 1/bound inf (and every gradient NaN)
-    grad_scale = torch.where(bound > torch.finfo(acc).tiny, 1.0 / bound, torch.ones_like(bound)).to(acc)
+    grad_scale = grad_scale_16bit(spec, coef_total, target_grad).to(acc)
     unscale = 1.0 / grad_scale
     if cost is not None:
         cost = CostSpec(cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
@@ -328,13 +336,10 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
             del z  # before the next block's GEMM allocates its own
             continue
         unscale = 1.0
-        if gemm_dtype == torch.float16:
-            # fp16 would flush small probabilities (coef_p ≈ 1/N) to 0: scale dL/da so that its largest
-            # regular entry is ~1 (as streaming_grads; degenerate entries saturate). One sync per block.
-            bound = float(gradient_bound(block_spec, coef_p.abs() + coef_u.abs(), target_grad))
-            if torch.finfo(acc).tiny < bound < float("inf"):
-                coef_p, coef_u, target_grad = coef_p / bound, coef_u / bound, target_grad / bound
-                unscale = bound
+        if gemm_dtype == torch.float16:  # as streaming_grads (degenerate entries saturate); one sync per block
+            scale = float(grad_scale_16bit(block_spec, coef_p.abs() + coef_u.abs(), target_grad))
+            coef_p, coef_u, target_grad = coef_p * scale, coef_u * scale, target_grad * scale
+            unscale = 1.0 / scale
         # dL/da: in place of z (fused C++, PyTorch passes), or written by the kernel in gemm_dtype (Triton)
         g = block_grads_(z, block_spec, block_lse, coef_p, coef_u, target_grad, gemm_dtype)
         if gemm_dtype == torch.float16 and g.dtype != torch.float16:
