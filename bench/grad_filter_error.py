@@ -73,20 +73,11 @@ def main():
                args.V or (128_256 if cuda else 16_384))
     x, w, b, t = synthetic_head(N, D, V, dtype, args.device, args.content_std)
 
-    kept = []
-    original = engine.keep_columns
-
-    def counting_keep_columns(g, w_chunk, eps):
-        result = original(g, w_chunk, eps)
-        kept.append((g.shape[1], g.shape[1] if result[2] is None else result[2].numel()))
-        return result
-
-    engine.keep_columns = counting_keep_columns
     exact_loss, (exact_gx, exact_gw) = fwd_bwd(x, w, b, t)
     rows = []
     for eps in (None, "auto", 2.0 ** -12, 1e-3, 1e-2):  # 2⁻¹² is "auto" for bf16
-        kept.clear()
-        loss, (gx, gw) = fwd_bwd(x, w, b, t, grad_filter_eps=eps)
+        with engine.count_kept_columns() as kept:
+            loss, (gx, gw) = fwd_bwd(x, w, b, t, grad_filter_eps=eps)
         total, survived = map(sum, zip(*kept)) if kept else (V, V)
         err = {}
         for name, got, want in (("dX", gx, exact_gx), ("dW", gw, exact_gw)):

@@ -81,24 +81,13 @@ def filter_effect(model, ids, context, batch, eps_list):
         return torch.autograd.grad(mk.linear_cross_entropy(h, w, target, z_loss=1e-4, grad_filter_eps=eps), (h, w))
 
     exact = grads(None)
-    rows, kept = [], []
-    original = engine.keep_columns
-
-    def counting(g, w_chunk, eps):
-        result = original(g, w_chunk, eps)
-        kept.append((g.shape[1], g.shape[1] if result[2] is None else result[2].numel()))
-        return result
-
-    engine.keep_columns = counting
-    try:
-        for eps in eps_list:
-            kept.clear()
+    rows = []
+    for eps in eps_list:
+        with engine.count_kept_columns() as kept:
             got = grads(eps)
-            total, survived = map(sum, zip(*kept))
-            errors = [float((g - e).norm() / e.norm()) for g, e in zip(got, exact)]
-            rows.append((eps, survived / total, *errors))
-    finally:
-        engine.keep_columns = original
+        total, survived = map(sum, zip(*kept))
+        errors = [float((g - e).norm() / e.norm()) for g, e in zip(got, exact)]
+        rows.append((eps, survived / total, *errors))
     return rows
 
 

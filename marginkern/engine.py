@@ -23,6 +23,7 @@ the kernels' oracle), `marginkern.triton_kernels.TritonTiles` and `marginkern.cp
 share this contract exactly. A backend may also run the whole backward chunk loop itself
 (`tiles.streaming_grads`, same arguments and results as `streaming_grads` below; CppTiles does).
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -238,6 +239,21 @@ def streaming_grads(
     return grad_x.mul_(unscale), grad_w, grad_bias
 
 
+_kept_columns_log: Optional[list] = None  # a list while a count_kept_columns() block runs
+
+
+@contextlib.contextmanager
+def count_kept_columns():
+    """Within the block, gradient filtering appends (classes, kept classes) per class chunk to the list it
+    yields: the work it saved (bench/grad_filter_error.py, examples/word_lm_stdlib.py, the tests)."""
+    global _kept_columns_log
+    outer, _kept_columns_log = _kept_columns_log, []
+    try:
+        yield _kept_columns_log
+    finally:
+        _kept_columns_log = outer
+
+
 def keep_columns(g: Tensor, w_chunk: Tensor, eps: float):
     """(g[:, kept], w_chunk[kept], kept) with kept the columns where some |g| ≥ eps (gradient filtering).
 
@@ -245,6 +261,8 @@ def keep_columns(g: Tensor, w_chunk: Tensor, eps: float):
     low, high = torch.aminmax(g, dim=0)  # max |g| per column in one pass, without an |g| temporary
     # a column leaves only when it is provably small: NaN/inf must reach the gradients (GradScaler's check)
     kept = (~((high < eps) & (low > -eps))).nonzero().squeeze(1)
+    if _kept_columns_log is not None:
+        _kept_columns_log.append((g.shape[1], kept.numel()))
     if kept.numel() == g.shape[1]:
         return g, w_chunk, None
     return g[:, kept], w_chunk[kept], kept

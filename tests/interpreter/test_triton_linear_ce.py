@@ -8,7 +8,6 @@ from marginkern import reference
 from tests.helpers import REL_TOL, assert_close_rel, make_case
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_linear_ce import OPTIONS, grads
-from tests.test_linear_ce_knobs import count_kept_columns
 
 
 @pytest.fixture(autouse=True)
@@ -41,14 +40,14 @@ def test_all_ignored_and_empty():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gradient_filtering_through_the_triton_tiles(dtype, monkeypatch):
+def test_gradient_filtering_through_the_triton_tiles(dtype):
     # G comes out of the Triton kernel in the input dtype; the filter compares its scaled entries with eps.
-    kept = count_kept_columns(monkeypatch)
     x, w, t = make_case(40, 300, 16, dtype, device=DEVICE, ignore=(3,))
     x = (x.detach().float() * 3.0).to(dtype).requires_grad_()
     b = torch.randn(300, device=DEVICE).to(dtype)
     eps = 1e-3
-    loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, t, b, grad_filter_eps=eps)
+    with engine.count_kept_columns() as kept:
+        loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, t, b, grad_filter_eps=eps)
     want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, b.double())
     assert_close_rel(loss, want[0], dtype, "loss", floor=1.0)
     # beyond the dtype's tolerance, each dropped |dL/dz_nj| < eps/n_valid: |ΔdX_nd| ≤ eps/n·Σ_j |w_jd|,
