@@ -172,8 +172,8 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
 
 
 def _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, **_reduction):
-    return MarginOptions(float(scale), float(m1), float(m2), float(m3), bool(normalize), margin_grad == "exact",
-                         float(label_smoothing), int(ignore_index))
+    """The public API's options (margin_grad as a string; a module's reduction ignored) as MarginOptions."""
+    return MarginOptions.of(scale, m1, m2, m3, normalize, margin_grad == "exact", label_smoothing, ignore_index)
 
 
 def _sharded_loss(input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions, reduction):

@@ -33,6 +33,12 @@ class MarginOptions:
     label_smoothing: float
     ignore_index: int
 
+    @classmethod
+    def of(cls, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
+        """From plain arguments of any int/float kind (an op's, or the public API's)."""
+        return cls(float(scale), float(m1), float(m2), float(m3), bool(normalize), bool(exact_margin_grad),
+                   float(label_smoothing), int(ignore_index))
+
 
 class ClassShard(Protocol):
     """`w` holds classes [start, start + len(w)) of num_classes; the other slices live elsewhere."""

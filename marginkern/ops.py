@@ -40,11 +40,6 @@ def _or_empty(grad, like):
     return grad if grad is not None else like.new_empty((0,))
 
 
-def _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
-    return MarginOptions(float(scale), float(m1), float(m2), float(m3), bool(normalize),
-                         bool(exact_margin_grad), float(label_smoothing), int(ignore_index))
-
-
 @torch.library.custom_op("marginkern::margin_cross_entropy", mutates_args=())
 @_without_autocast
 def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: float, m1: float, m2: float,
@@ -52,7 +47,7 @@ def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: f
                          ignore_index: int) -> tuple[Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp); ignored rows have loss 0."""
     check_target_values(target, weight.shape[0], ignore_index)
-    opts = _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
+    opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     return margin_ce_forward(input, weight, target, opts, select_tiles(input.device, input.dtype))
 
@@ -73,7 +68,7 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
                                   need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
     """(dL/dinput, dL/dweight) for the per-row loss gradient `grad_loss`; dL/dweight is empty (0,) when
     not `need_weight_grad` (a frozen head skips the dW GEMM)."""
-    opts = _margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
+    opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts,
                                         select_tiles(input.device, input.dtype), need_weight_grad)
