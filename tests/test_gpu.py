@@ -64,16 +64,18 @@ LINEAR_OPTIONS = [dict(), dict(label_smoothing=0.1, z_loss=1e-4), dict(softcap=3
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("opts", LINEAR_OPTIONS)
-def test_linear_ce_cuda_matches_oracle(dtype, opts):
+# the default (streaming) path, and the 3-GEMM path: 16-bit G into cuBLAS with fp32 outputs (mm/addmm
+# out_dtype), several row blocks
+@pytest.mark.parametrize("knobs", [dict(), dict(logits_buffer_mb=64)], ids=["streaming", "3-GEMM"])
+def test_linear_ce_cuda_matches_oracle(dtype, opts, knobs):
     x, w, t = make_case(777, 32003, 256, dtype, device="cuda", ignore=(0, 5))
     w = (w.detach() * 0.1).to(dtype)
-    b = torch.randn(32003, device="cuda").to(dtype).requires_grad_()
-    loss, gx, gw = loss_and_grads(lambda a, c, tt, **k: mk.linear_cross_entropy(a, c, tt, b, **k), x, w, t, **opts)
-    ref, rx, rw = loss_and_grads(lambda a, c, tt, **k: reference.linear_cross_entropy(a, c, tt, b.double(), **k),
-                                 x.double(), w.double(), t, **opts)
-    assert_close_rel(loss, ref, dtype, "loss", floor=1.0)
-    assert_close_rel(gx, rx, dtype, "grad input")
-    assert_close_rel(gw, rw, dtype, "grad weight")
+    b = torch.randn(32003, device="cuda").to(dtype)
+    got = grads(mk.linear_cross_entropy, x, w, t, b, **knobs, **opts)
+    want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, b.double(), **opts)
+    assert_close_rel(got[0], want[0], dtype, "loss", floor=1.0)
+    for name, g, e in zip(("grad input", "grad weight", "grad bias"), got[1:], want[1:]):
+        assert_close_rel(g, e, dtype, name)
 
 
 def test_linear_ce_rows_times_vocab_beyond_int32():
@@ -84,20 +86,6 @@ def test_linear_ce_rows_times_vocab_beyond_int32():
     assert_close_rel(loss, ref, torch.bfloat16, "loss", floor=1.0)
     assert_close_rel(gx, rx, torch.bfloat16, "grad input")
     assert_close_rel(gw, rw, torch.bfloat16, "grad weight")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("opts", LINEAR_OPTIONS)
-def test_linear_ce_buffered_cuda_matches_oracle(dtype, opts):
-    # the 3-GEMM path: 16-bit G into cuBLAS with fp32 outputs (mm/addmm out_dtype), several row blocks
-    x, w, t = make_case(777, 32003, 256, dtype, device="cuda", ignore=(0, 5))
-    w = (w.detach() * 0.1).to(dtype)
-    b = torch.randn(32003, device="cuda").to(dtype).requires_grad_()
-    got = grads(mk.linear_cross_entropy, x, w, t, b, logits_buffer_mb=64, **opts)
-    want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, b.double(), **opts)
-    assert_close_rel(got[0], want[0], dtype, "loss", floor=1.0)
-    for name, g, e in zip(("grad input", "grad weight", "grad bias"), got[1:], want[1:]):
-        assert_close_rel(g, e, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

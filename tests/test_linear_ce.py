@@ -140,10 +140,11 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.marginkern.linear_cross_entropy_backward.default, bwd)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("knobs", [dict(softcap=5.0), dict(logits_buffer_mb=0.01)], ids=["streaming", "3-GEMM"])
+def test_torch_compile_fullgraph(knobs):
     x, w, t = make_case(12, 40, 8, ignore=(3,))
     b = torch.randn(40)
-    step = lambda a, c, tt, bb: mk.linear_cross_entropy(a, c, tt, bb, z_loss=1e-3, softcap=5.0) + 1.0
+    step = lambda a, c, tt, bb: mk.linear_cross_entropy(a, c, tt, bb, z_loss=1e-3, **knobs) + 1.0
     got = grads(torch.compile(step, fullgraph=True), x, w, t, b)
     want = grads(step, x, w, t, b)
     for g, e in zip(got, want):

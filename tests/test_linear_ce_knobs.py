@@ -77,17 +77,12 @@ def test_buffered_empty_and_all_ignored():
             assert torch.isfinite(loss).all() and not loss.any() and not gx.any() and not gw.any() and not gb.any()
 
 
-def test_buffered_opcheck_and_compile():
+def test_buffered_opcheck():  # torch.compile: tests/test_linear_ce.py::test_torch_compile_fullgraph
     x, w, t = make_case(9, 23, 5, ignore=(1,))
     b = torch.randn(23, requires_grad=True)
     for bias in (b, None):
         args = (x, w, t, bias, -100, 0.1, 1e-3, 4.0, 0.0, 0.0, "mean", 2048, True, True, bias is not None)
         torch.library.opcheck(torch.ops.marginkern.linear_cross_entropy_buffered.default, args)
-    step = lambda a, c, tt, bb: mk.linear_cross_entropy(a, c, tt, bb, z_loss=1e-3, logits_buffer_mb=0.01) + 1.0
-    got = grads(torch.compile(step, fullgraph=True), x, w, t, b)
-    want = grads(step, x, w, t, b)
-    for g, e in zip(got, want):
-        torch.testing.assert_close(g, e)
 
 
 def test_buffered_module():
