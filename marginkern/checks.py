@@ -55,6 +55,15 @@ def check_target_values(target, num_classes, ignore_index):
                          f"ignore_index={ignore_index}")
 
 
+def checked_class_targets(target, n, num_classes, ignore_index):
+    """target as int64 after check_target_tensor and check_target_values: for code that indexes with the
+    targets before an op checks them (class sampling)."""
+    check_target_tensor(target, n)
+    target = target.long()  # a uint8 index would act as a mask
+    check_target_values(target, num_classes, ignore_index)
+    return target
+
+
 def check_int(name, value):
     """value as a Python int (from an int, a NumPy integer or a one-element integer tensor), else a TypeError."""
     try:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import (check_class_shard, check_classes_per_rank, check_classification_inputs, check_finite,
-                     check_int, check_margin_options, check_reduction, check_target_tensor, check_target_values)
+                     check_int, check_margin_options, check_reduction, check_target_values, checked_class_targets)
 from .dispatch import select_tiles
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .reference import reduce_rows
@@ -253,9 +253,7 @@ class ShardedCombinedMarginLoss(nn.Module):
             return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
                                                 num_classes=self.num_classes, group=self.group, **self.options)
         o = self.options
-        check_target_tensor(target, embeddings.shape[0])
-        target = target.long()
-        check_target_values(target, self.num_classes, o["ignore_index"])
+        target = checked_class_targets(target, embeddings.shape[0], self.num_classes, o["ignore_index"])
         weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
                                                    o["ignore_index"], self.group)
         weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)

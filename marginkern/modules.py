@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from .checks import (check_finite, check_linear_ce_options, check_logits_buffer, check_margin_options, check_reduction,
-                     check_target_tensor, check_target_values, resolve_grad_filter_eps)
+                     checked_class_targets, resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          margin_cross_entropy)
 from .sampling import IGNORED, num_sampled_classes, sample_classes
@@ -40,9 +40,7 @@ class CombinedMarginLoss(nn.Module):
     def forward(self, embeddings, target):
         weight, options = self.weight, self.options
         if self.training and self.sample_rate < 1.0:
-            check_target_tensor(target, embeddings.shape[0])
-            target = target.long()
-            check_target_values(target, self.num_classes, options["ignore_index"])  # before any indexing
+            target = checked_class_targets(target, embeddings.shape[0], self.num_classes, options["ignore_index"])
             index, target = sample_classes(target, self.num_classes,
                                            num_sampled_classes(self.num_classes, self.sample_rate),
                                            options["ignore_index"])
