@@ -39,3 +39,21 @@ def assert_close_rel(actual, expected, dtype, what="", floor=1e-3):
     scale = expected.abs().max().clamp_min(floor)
     err = (actual - expected).abs().max() / scale
     assert err <= REL_TOL[dtype], f"{what}: max error {err:.3e} relative to max |expected|, tolerance {REL_TOL[dtype]:.0e}"
+
+
+def check_fp16_grad_saturates_and_keeps_nan(tiles, device):
+    """A tile backend's float16 dL/da: entries beyond fp16's range saturate at ±65504 instead of becoming
+    inf (the engine's scale keeps regular entries far below), and a NaN row stays NaN (GradScaler must see
+    it: clamping NaN to a number would hide a broken step)."""
+    from marginkern.engine import LogitSpec
+    N, C, D = 4, 300, 8
+    x, w = torch.randn(N, D, device=device).half(), torch.randn(C, D, device=device).half()
+    ones, zeros = torch.ones(N, device=device), torch.zeros(N, device=device)
+    spec = LogitSpec(ones, None, None, None, torch.full((N,), -1, device=device), zeros)
+    lse = torch.full((N,), -30.0, device=device)  # p = exp(z + 30): far beyond 65504
+    lse[1] = float("nan")
+    g = tiles.grad_logits(x, w, spec, lse, ones, zeros, zeros, 0, C)
+    assert g.dtype == torch.float16
+    others = g[[0, 2, 3]].float()
+    assert torch.isfinite(others).all() and others.abs().max() == 65504.0
+    assert torch.isnan(g[1]).all(), "a NaN row of dL/da was clamped to numbers"

@@ -153,7 +153,8 @@ def streaming_ce_grad_logits_kernel(
         weight_p = weight_p - coef_cost[:, None] * cosines
     g = (weight_p * p - coef_u[:, None]) * chain
     g = tl.where(cols[None, :] == target[:, None], target_grad[:, None], g)
-    if SATURATE_FP16:  # degenerate rows/columns saturate instead of turning into inf (see engine.py)
-        g = tl.minimum(tl.maximum(g, -65504.0), 65504.0)
+    if SATURATE_FP16:  # degenerate rows/columns saturate instead of turning into inf (see engine.py);
+        # NaN stays NaN (tl.minimum/tl.maximum return the other operand), so that GradScaler sees it
+        g = tl.where(g != g, g, tl.minimum(tl.maximum(g, -65504.0), 65504.0))
     out = grad_ptr + rows.to(tl.int64)[:, None] * stride_g + (cols - c_begin)[None, :]
     tl.store(out, g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -5,7 +5,7 @@ import torch
 import marginkern as mk
 import marginkern.engine as engine
 from marginkern import reference
-from tests.helpers import REL_TOL, assert_close_rel, make_case
+from tests.helpers import REL_TOL, assert_close_rel, check_fp16_grad_saturates_and_keeps_nan, make_case
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_linear_ce import OPTIONS, grads
 
@@ -111,3 +111,9 @@ def test_minus_inf_bias_tail_through_the_triton_kernels(knobs):
     assert_close_rel(got[1], want[1], torch.float32, "grad input")
     assert_close_rel(got[2][:100], want[2], torch.float32, "grad weight")
     assert not got[2][100:].any()
+
+
+def test_fp16_grad_saturates_and_keeps_nan():
+    # review finding: tl.minimum/tl.maximum drop NaN, so the saturation turned a NaN row of G into ±65504
+    from marginkern.dispatch import select_tiles
+    check_fp16_grad_saturates_and_keeps_nan(select_tiles(torch.device(DEVICE), torch.float16), DEVICE)
