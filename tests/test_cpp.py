@@ -2,6 +2,7 @@
 through MARGINKERN_BACKEND=cpp against the float64 oracles, opcheck, errors, dispatch, the fallback when
 the extension is missing, and the memory bound of DESIGN.md §5 (no N × C logits on the CPU either)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -179,6 +180,40 @@ def test_emo_matches_oracle(force_cpp, own_cost):
     assert_close_rel(gw, rw, torch.float32, "grad weight")
 
 
+SPECIAL_ROWS = {  # logits of one row each (C = 9), as torch.logsumexp must see them
+    "normal": [0.5, -1.0, 3.0, 2.0, -4.0, 0.0, 1.0, 7.0, -2.0],
+    "all -inf": [-math.inf] * 9,
+    "-inf tail": [1.0, 2.0, 0.5, -math.inf, -math.inf, -math.inf, -math.inf, -math.inf, -math.inf],
+    "one +inf": [1.0, 2.0, 0.5, 3.0, math.inf, 0.0, 1.0, 2.0, 3.0],
+    "+inf and -inf": [-math.inf, 2.0, math.inf, 3.0, -math.inf, 0.0, 1.0, math.inf, 3.0],
+    "NaN": [1.0, 2.0, 0.5, 3.0, math.nan, 0.0, 1.0, 2.0, 3.0],
+    "NaN and +inf": [1.0, math.inf, math.nan, 2.0, 0.0, 1.0, -1.0, 2.0, 3.0],
+    "NaN, then +inf": [math.nan, 1.0, 2.0, 0.5, 0.0, 1.0, -1.0, 2.0, math.inf],
+    "NaN among -inf": [-math.inf, -math.inf, -math.inf, -math.inf, -math.inf, math.nan, -math.inf, -math.inf,
+                       -math.inf],
+}
+
+
+def check_special_rows_lse(device):
+    """The ops' lse of rows with ±inf and NaN logits is torch.logsumexp's, whichever class chunk holds them:
+    streaming_row_stats with chunks of 2 classes (x = 1, w = the logits) and row_stats_of_dots."""
+    for name, logits in SPECIAL_ROWS.items():
+        z = torch.tensor(logits, device=device)
+        want = torch.logsumexp(z.double(), 0).float()
+        ones, no_target = torch.ones(1, device=device), torch.full((1,), -1, device=device)
+        lse, _ = torch.ops.marginkern.streaming_row_stats(torch.ones(1, 1, device=device), z[:, None], ones, None,
+                                                          None, None, no_target, ones, False, 2)
+        lse_dots, _ = torch.ops.marginkern.row_stats_of_dots(z[None].clone(), ones, None, None, None, no_target,
+                                                             ones, False)
+        for got, how in ((lse, "streaming_row_stats"), (lse_dots, "row_stats_of_dots")):
+            torch.testing.assert_close(got.cpu(), want.reshape(1).cpu(), equal_nan=True, msg=f"{how}, {name} row")
+
+
+@requires_cpp
+def test_special_values_give_torch_logsumexp():
+    check_special_rows_lse("cpu")
+
+
 def op_args(N=7, C=40, D=5, softcap=2.0, dtype=torch.float32):
     x, w = torch.randn(N, D, dtype=dtype), torch.randn(C, D, dtype=dtype)
     spec = random_spec(N, C, col_scale=True, bias=True, softcap=softcap, dtype=dtype)
@@ -251,7 +286,12 @@ def test_dispatch_prefers_cpp_on_the_cpu(monkeypatch):
         assert select_tiles(torch.device("cpu"), dtype).name == "cpp"
     assert _why_not("cpp", torch.device("cpu")) is None
     assert "CPU tensors" in _why_not("cpp", torch.device("cuda"))
-    assert "marginkern has no cuda" in _why_not("cuda", torch.device("cuda"))
+    # the CUDA backend: either built (marginkern._C_cuda, a CUDA torch and nvcc) or it says which part is missing
+    cuda_reason = _why_not("cuda", torch.device("cuda"))
+    if cpp_tiles.CUDA_LOAD_ERROR is None:
+        assert cuda_reason is None and "CUDA tensors" in _why_not("cuda", torch.device("cpu"))
+    else:
+        assert "marginkern._C_cuda" in cuda_reason and cuda_reason == _why_not("cuda", torch.device("cpu"))
 
 
 def run_python(code, timeout=600):

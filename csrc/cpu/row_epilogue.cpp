@@ -15,59 +15,44 @@ namespace {
 #define MARGINKERN_ISA_CLONES
 #endif
 
-#if defined(__GNUC__)
 // Forced, so that the loops are compiled inside each ISA clone instead of called at baseline ISA.
-#define MARGINKERN_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define MARGINKERN_ALWAYS_INLINE inline
-#endif
+#define MARGINKERN_ALWAYS_INLINE MARGINKERN_HD
 
-template <typename T>
-struct LogitAndChain {
-  T z, chain;  // the logit and dz/da
-};
-
-// z and dz/da for the raw dot product a, the combined row·column scale s and the column bias b.
-// (Returned by value: a reference out-parameter keeps GCC from vectorizing the loops.)
 template <typename T, bool kSoftcap>
-MARGINKERN_ALWAYS_INLINE LogitAndChain<T> logit(T a, T s, T b, T cap, T inv_cap) {
-  const T z = a * s + b;
-  if constexpr (kSoftcap) {
-    const T t = tanh_simd(z * inv_cap);
-    return {cap * t, s * (T(1) - t * t)};
-  } else {
-    return {z, s};
-  }
+MARGINKERN_ALWAYS_INLINE logit_math::LogitAndChain<T> logit(T a, T s, T b, T cap, T inv_cap) {
+  return logit_math::logit<SimdMath, T, kSoftcap>(a, s, b, cap, inv_cap);
 }
 
 template <typename T, bool kSoftcap>
 MARGINKERN_ALWAYS_INLINE void logits_loop(T* row, const ChunkColumns<T>& cols, T row_scale, int target,
-                                          T target_logit, T& max_z, T& sum_z) {
+                                          T target_logit, T& max_z, T& sum_z, bool& has_nan) {
   const int cc = cols.cc;
   const T* scale = cols.scale;
   const T* bias = cols.bias;
   const T cap = cols.softcap, inv_cap = T(1) / cols.softcap;
   T m = -std::numeric_limits<T>::infinity();
-  T s = 0;
-#pragma omp simd reduction(max : m) reduction(+ : s)
+  T s = 0, nans = 0;
+#pragma omp simd reduction(max : m) reduction(+ : s, nans)
   for (int j = 0; j < cc; ++j) {
     T z = logit<T, kSoftcap>(row[j], row_scale * scale[j], bias[j], cap, inv_cap).z;
     z = j == target ? target_logit : z;
     row[j] = z;
     m = z > m ? z : m;
     s += z;
+    nans += z != z ? T(1) : T(0);  // the max skips NaN
   }
   max_z = m;
   sum_z = s;
+  has_nan = nans > 0;
 }
 
 template <typename T>
 MARGINKERN_ALWAYS_INLINE void logits_row_impl(T* row, const ChunkColumns<T>& cols, T row_scale, int target,
-                                              T target_logit, T& max_z, T& sum_z) {
+                                              T target_logit, T& max_z, T& sum_z, bool& has_nan) {
   if (cols.has_softcap) {
-    logits_loop<T, true>(row, cols, row_scale, target, target_logit, max_z, sum_z);
+    logits_loop<T, true>(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan);
   } else {
-    logits_loop<T, false>(row, cols, row_scale, target, target_logit, max_z, sum_z);
+    logits_loop<T, false>(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan);
   }
 }
 
@@ -90,10 +75,10 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
   const T r = k.row_scale, lse = k.lse, cp = k.coef_p, cu = k.coef_u, tg = k.target_grad, cq = k.cost_coef;
 #pragma omp simd
   for (int j = 0; j < cc; ++j) {
-    const LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
+    const logit_math::LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
     T weight_p = cp;
     if constexpr (kCost) weight_p = cp - cq * cost_scale[j] * cost_dots[j];
-    const T g = (weight_p * exp_simd(zc.z - lse) - cu) * zc.chain;
+    const T g = logit_math::grad_of_logit<SimdMath>(zc.z, zc.chain, weight_p, cu, lse);
     row[j] = j == target ? tg : g;
   }
 }
@@ -114,13 +99,14 @@ MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const Ch
 }  // namespace
 
 MARGINKERN_ISA_CLONES void logits_row(float* row, const ChunkColumns<float>& cols, float row_scale,
-                                      int target, float target_logit, float& max_z, float& sum_z) {
-  logits_row_impl(row, cols, row_scale, target, target_logit, max_z, sum_z);
+                                      int target, float target_logit, float& max_z, float& sum_z,
+                                      bool& has_nan) {
+  logits_row_impl(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan);
 }
 
 void logits_row(double* row, const ChunkColumns<double>& cols, double row_scale, int target,
-                double target_logit, double& max_z, double& sum_z) {
-  logits_row_impl(row, cols, row_scale, target, target_logit, max_z, sum_z);
+                double target_logit, double& max_z, double& sum_z, bool& has_nan) {
+  logits_row_impl(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan);
 }
 
 MARGINKERN_ISA_CLONES float sum_exp_row(const float* row, int cc, float shift) {

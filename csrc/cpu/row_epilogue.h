@@ -8,6 +8,8 @@
 #include <cstring>
 #include <limits>
 
+#include "../common/logit_math.h"
+
 namespace marginkern::epilogue {
 
 // exp(x) = 2^n · e^r, n = round(x·log2 e), |r| ≤ ln2/2 (Cody–Waite), e^r by Cephes' expf polynomial:
@@ -49,6 +51,16 @@ inline float tanh_simd(float x) { return 1.0f - 2.0f / (exp_simd(2.0f * x) + 1.0
 inline double exp_simd(double x) { return std::exp(x); }
 inline double tanh_simd(double x) { return std::tanh(x); }
 
+// The `Math` of logit_math.h on the CPU.
+struct SimdMath {
+  template <typename T>
+  MARGINKERN_HD static T exp(T x) { return exp_simd(x); }
+  template <typename T>
+  MARGINKERN_HD static T tanh(T x) { return tanh_simd(x); }
+  template <typename T>
+  MARGINKERN_HD static T log(T x) { return std::log(x); }
+};
+
 // What a row's logits need from the class chunk: length-cc column vectors (ones / zeros when the spec
 // has no col_scale / bias, so that one branch-free loop serves every case) and the softcap.
 template <typename T>
@@ -69,11 +81,11 @@ struct RowGradCoefs {
 };
 
 // Forward: z_j in place of a_j (the target column, if 0 ≤ target < cc, becomes target_logit);
-// returns max_j z_j in `max_z` and Σ_j z_j in `sum_z`.
+// returns max_j z_j over the non-NaN z in `max_z`, Σ_j z_j in `sum_z` and whether any z is NaN.
 void logits_row(float* row, const ChunkColumns<float>& cols, float row_scale, int target,
-                float target_logit, float& max_z, float& sum_z);
+                float target_logit, float& max_z, float& sum_z, bool& has_nan);
 void logits_row(double* row, const ChunkColumns<double>& cols, double row_scale, int target,
-                double target_logit, double& max_z, double& sum_z);
+                double target_logit, double& max_z, double& sum_z, bool& has_nan);
 
 // Σ_j exp(z_j − shift).
 float sum_exp_row(const float* row, int cc, float shift);

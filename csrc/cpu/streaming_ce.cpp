@@ -17,160 +17,11 @@
 #include <limits>
 #include <vector>
 
+#include "../common/op_args.h"
 #include "row_epilogue.h"
 
 namespace marginkern {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Arguments: checked once, converted to contiguous accumulation-dtype vectors.
-
-// The logit definition shared by the three ops.
-struct Spec {
-  at::Tensor x;          // (N, D), accumulation dtype: a float16/bfloat16 x is upcast once (N·D is small)
-  at::Tensor w;          // (C, D), input dtype: upcast per chunk, never as a whole
-  at::Tensor row_scale;  // (N,)
-  at::Tensor col_scale;  // (C,), undefined when absent
-  at::Tensor bias;       // (C,), undefined when absent
-  at::Tensor target;     // (N,) int64, −1 = no target column in this row
-  std::optional<double> softcap;
-  at::ScalarType acc;
-  int64_t N, C;
-};
-
-// The EMO cost term of the backward ops; every tensor undefined when absent.
-struct Cost {
-  at::Tensor query;      // (N, E), accumulation dtype
-  at::Tensor keys;       // (C, E), its own dtype: upcast per chunk
-  at::Tensor key_scale;  // (C,)
-  at::Tensor row_coef;   // (N,) cost_coef · cost_query_scale
-  bool present() const { return query.defined(); }
-};
-
-// The per-row vectors of the backward ops.
-struct RowGrads {
-  at::Tensor lse, coef_p, coef_u, target_grad;  // (N,)
-};
-
-void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape (", n, ",), got shape ",
-              t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-}
-
-// `t` as a contiguous (n,) vector in the accumulation dtype.
-at::Tensor float_vector(const char* op, const char* name, const at::Tensor& t, int64_t n,
-                        at::ScalarType acc) {
-  check_vector(op, name, t, n);
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating-point tensor, got dtype ", t.scalar_type());
-  return t.to(acc).contiguous();
-}
-
-void set_spec_vectors(const char* op, Spec& s, const at::Tensor& row_scale,
-                      const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
-                      std::optional<double> softcap, const at::Tensor& target);
-
-Spec make_spec(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
-               const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
-               std::optional<double> softcap, const at::Tensor& target) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must have shape (N, D), got shape ", x.sizes());
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), op, ": w must have shape (C, D=", x.size(1),
-              ") to match x, got shape ", w.sizes());
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": x and w must be CPU tensors, got ",
-              x.device(), " and ", w.device());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor, got dtype ",
-              x.scalar_type());
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": w must have the dtype of x (", x.scalar_type(),
-              "), got ", w.scalar_type());
-  Spec s;
-  s.N = x.size(0);
-  s.C = w.size(0);
-  s.acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  s.x = x.to(s.acc);
-  s.w = w;
-  set_spec_vectors(op, s, row_scale, col_scale, bias, softcap, target);
-  return s;
-}
-
-// The per-row and per-class vectors of a Spec whose N, C and acc are set.
-void set_spec_vectors(const char* op, Spec& s, const at::Tensor& row_scale,
-                      const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
-                      std::optional<double> softcap, const at::Tensor& target) {
-  TORCH_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0), op,
-              ": softcap must be None or a positive finite number, got ", softcap.value_or(0.0));
-  s.row_scale = float_vector(op, "row_scale", row_scale, s.N, s.acc);
-  if (col_scale) s.col_scale = float_vector(op, "col_scale", *col_scale, s.C, s.acc);
-  if (bias) s.bias = float_vector(op, "bias", *bias, s.C, s.acc);
-  s.softcap = softcap;
-  check_vector(op, "target", target, s.N);
-  TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), op,
-              ": target must be an integer tensor, got dtype ", target.scalar_type());
-  s.target = target.to(at::kLong).contiguous();
-  if (s.N > 0) {
-    const auto [lo, hi] = at::aminmax(s.target);
-    TORCH_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < s.C, op,
-                ": target must hold class indices in [0, C=", s.C, ") or -1 (no target column), got values in [",
-                lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
-  }
-}
-
-// The Spec of an (N, C) matrix of raw dot products computed elsewhere (the 3-GEMM path): no x, no w.
-Spec make_dots_spec(const char* op, const at::Tensor& dots, const at::Tensor& row_scale,
-                    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
-                    std::optional<double> softcap, const at::Tensor& target) {
-  TORCH_CHECK(dots.dim() == 2 && dots.is_contiguous() && dots.device().is_cpu(), op,
-              ": dots must be a contiguous (N, C) CPU tensor, got shape ", dots.sizes());
-  TORCH_CHECK(dots.scalar_type() == at::kFloat || dots.scalar_type() == at::kDouble, op,
-              ": dots must be float32 or float64 (the accumulation dtype), got ", dots.scalar_type());
-  TORCH_CHECK(dots.size(1) <= std::numeric_limits<int>::max(), op, ": dots must have fewer than 2^31 columns");
-  Spec s;
-  s.N = dots.size(0);
-  s.C = dots.size(1);
-  s.acc = dots.scalar_type();
-  set_spec_vectors(op, s, row_scale, col_scale, bias, softcap, target);
-  return s;
-}
-
-Cost make_cost(const char* op, const Spec& s, const std::optional<at::Tensor>& query,
-               const std::optional<at::Tensor>& query_scale, const std::optional<at::Tensor>& keys,
-               const std::optional<at::Tensor>& key_scale, const std::optional<at::Tensor>& coef) {
-  const int given = query.has_value() + query_scale.has_value() + keys.has_value() + key_scale.has_value() +
-                    coef.has_value();
-  TORCH_CHECK(given == 0 || given == 5, op,
-              ": the cost term needs all of cost_query, cost_query_scale, cost_keys, cost_key_scale and "
-              "cost_coef, or none of them; got ", given, " of 5");
-  Cost c;
-  if (given == 0) return c;
-  TORCH_CHECK(query->dim() == 2 && query->size(0) == s.N, op, ": cost_query must have shape (N=", s.N,
-              ", E), got shape ", query->sizes());
-  TORCH_CHECK(keys->dim() == 2 && keys->size(0) == s.C && keys->size(1) == query->size(1), op,
-              ": cost_keys must have shape (C=", s.C, ", E=", query->size(1), "), got shape ", keys->sizes());
-  TORCH_CHECK(query->device().is_cpu() && keys->device().is_cpu(), op,
-              ": cost_query and cost_keys must be CPU tensors");
-  TORCH_CHECK(at::isFloatingType(query->scalar_type()) && at::isFloatingType(keys->scalar_type()), op,
-              ": cost_query and cost_keys must be floating-point tensors, got ", query->scalar_type(), " and ",
-              keys->scalar_type());
-  c.query = query->to(s.acc);
-  c.keys = *keys;
-  c.key_scale = float_vector(op, "cost_key_scale", *key_scale, s.C, s.acc);
-  c.row_coef = float_vector(op, "cost_coef", *coef, s.N, s.acc)
-                   .mul(float_vector(op, "cost_query_scale", *query_scale, s.N, s.acc));
-  return c;
-}
-
-RowGrads make_row_grads(const char* op, const Spec& s, const at::Tensor& lse, const at::Tensor& coef_p,
-                        const at::Tensor& coef_u, const at::Tensor& target_grad) {
-  return {float_vector(op, "lse", lse, s.N, s.acc), float_vector(op, "coef_p", coef_p, s.N, s.acc),
-          float_vector(op, "coef_u", coef_u, s.N, s.acc),
-          float_vector(op, "target_grad", target_grad, s.N, s.acc)};
-}
-
-void check_class_chunk(const char* op, int64_t class_chunk) {
-  // The row loops index a chunk with int: 32-bit lanes vectorize twice as wide as 64-bit ones.
-  TORCH_CHECK(class_chunk >= 1 && class_chunk <= std::numeric_limits<int>::max(), op,
-              ": class_chunk must be in [1, 2^31), got ", class_chunk);
-}
 
 // ---------------------------------------------------------------------------------------------
 // One class chunk.
@@ -185,24 +36,13 @@ std::pair<at::Tensor, at::Tensor> chunk_dots(const at::Tensor& a, const at::Tens
   return {dots, b_chunk};
 }
 
-// The chunk's column vectors; ones / zeros stand in for an absent col_scale / bias.
-struct ChunkColumnTensors {
-  at::Tensor scale, bias, cost_scale;
-
-  ChunkColumnTensors(const Spec& s, const Cost& cost, int64_t c0, int64_t c1) {
-    const auto opts = s.row_scale.options();  // accumulation dtype, CPU (s.x is undefined for dots ops)
-    scale = s.col_scale.defined() ? s.col_scale.narrow(0, c0, c1 - c0) : at::ones({c1 - c0}, opts);
-    bias = s.bias.defined() ? s.bias.narrow(0, c0, c1 - c0) : at::zeros({c1 - c0}, opts);
-    if (cost.present()) cost_scale = cost.key_scale.narrow(0, c0, c1 - c0);
-  }
-
-  template <typename T>
-  epilogue::ChunkColumns<T> view(const Spec& s) const {
-    return {static_cast<int>(scale.size(0)), scale.data_ptr<T>(), bias.data_ptr<T>(),
-            cost_scale.defined() ? cost_scale.data_ptr<T>() : nullptr, s.softcap.has_value(),
-            static_cast<T>(s.softcap.value_or(1.0))};
-  }
-};
+// The chunk's column vectors as the row loops take them.
+template <typename T>
+epilogue::ChunkColumns<T> columns_view(const ChunkColumnTensors& c, const Spec& s) {
+  return {static_cast<int>(c.scale.size(0)), c.scale.data_ptr<T>(), c.bias.data_ptr<T>(),
+          c.cost_scale.defined() ? c.cost_scale.data_ptr<T>() : nullptr, s.softcap.has_value(),
+          static_cast<T>(s.softcap.value_or(1.0))};
+}
 
 // The target column of row n relative to the chunk, or −1 when it lies in another chunk.
 inline int target_in_chunk(int64_t target, int64_t c0, int cc) {
@@ -210,11 +50,20 @@ inline int target_in_chunk(int64_t target, int64_t c0, int cc) {
   return (t >= 0 && t < cc) ? static_cast<int>(t) : -1;
 }
 
+// The log-sum-exp part of a row of cc logits whose max over the non-NaN ones is max_z: Σ exp relative to
+// a finite max; logit_math's (NaN, NaN) when a logit is NaN, whatever else the row holds.
+template <typename T>
+logit_math::MaxSumExp<T> row_part(const T* row, int cc, T max_z, bool has_nan) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  if (has_nan) return {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::quiet_NaN()};
+  if (max_z == -kInf || max_z == kInf) return {max_z, T(max_z == kInf ? 1 : 0)};
+  return {max_z, epilogue::sum_exp_row(row, cc, max_z)};
+}
+
 // Forward epilogue: folds the chunk's logits into the running max / sum-exp (and Σz) of every row.
 template <typename T>
 void accumulate_row_stats(const Spec& s, const epilogue::ChunkColumns<T>& cols, int64_t c0, T* dots,
                           const T* target_logit, T* run_max, T* run_sum, T* total) {
-  constexpr T kInf = std::numeric_limits<T>::infinity();
   const T* row_scale = s.row_scale.data_ptr<T>();
   const int64_t* target = s.target.data_ptr<int64_t>();
   // at::parallel_for is OpenMP in torch's builds, and respects torch.set_num_threads.
@@ -222,19 +71,14 @@ void accumulate_row_stats(const Spec& s, const epilogue::ChunkColumns<T>& cols, 
     for (int64_t n = begin; n < end; ++n) {
       T* row = dots + n * cols.cc;
       T max_z, sum_z;
+      bool has_nan;
       epilogue::logits_row(row, cols, row_scale[n], target_in_chunk(target[n], c0, cols.cc), target_logit[n],
-                           max_z, sum_z);
+                           max_z, sum_z, has_nan);
       if (total != nullptr) total[n] += sum_z;
-      const T new_max = std::max(run_max[n], max_z);
-      if (new_max == -kInf) continue;  // every logit so far is −inf: the sum stays 0, lse −inf
-      if (new_max == kInf) {           // lse = +inf, as torch.logsumexp
-        run_max[n] = kInf;
-        run_sum[n] = 1;
-        continue;
-      }
-      run_sum[n] = run_sum[n] * epilogue::exp_simd(run_max[n] - new_max) +
-                   epilogue::sum_exp_row(row, cols.cc, new_max);
-      run_max[n] = new_max;
+      const auto merged = logit_math::merge<epilogue::SimdMath>(logit_math::MaxSumExp<T>{run_max[n], run_sum[n]},
+                                                                row_part(row, cols.cc, max_z, has_nan));
+      run_max[n] = merged.max;
+      run_sum[n] = merged.sum;
     }
   });
 }
@@ -244,7 +88,6 @@ void accumulate_row_stats(const Spec& s, const epilogue::ChunkColumns<T>& cols, 
 template <typename T>
 void row_stats_of_rows(const Spec& s, const epilogue::ChunkColumns<T>& cols, const T* dots, const T* target_logit,
                        T* lse, T* total) {
-  constexpr T kInf = std::numeric_limits<T>::infinity();
   const T* row_scale = s.row_scale.data_ptr<T>();
   const int64_t* target = s.target.data_ptr<int64_t>();
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
@@ -252,12 +95,11 @@ void row_stats_of_rows(const Spec& s, const epilogue::ChunkColumns<T>& cols, con
     for (int64_t n = begin; n < end; ++n) {
       std::memcpy(scratch.data(), dots + n * cols.cc, cols.cc * sizeof(T));
       T max_z, sum_z;
+      bool has_nan;
       epilogue::logits_row(scratch.data(), cols, row_scale[n], target_in_chunk(target[n], 0, cols.cc),
-                           target_logit[n], max_z, sum_z);
+                           target_logit[n], max_z, sum_z, has_nan);
       if (total != nullptr) total[n] = sum_z;
-      lse[n] = (max_z == -kInf || max_z == kInf)
-                   ? max_z
-                   : max_z + std::log(epilogue::sum_exp_row(scratch.data(), cols.cc, max_z));
+      lse[n] = logit_math::log_sum_exp<epilogue::SimdMath>(row_part(scratch.data(), cols.cc, max_z, has_nan));
     }
   });
 }
@@ -268,7 +110,7 @@ void grads_into(const Spec& s, const Cost& cost, const RowGrads& rg, int64_t c0,
   const ChunkColumnTensors columns(s, cost, c0, c0 + dots.size(1));
   AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_grads", [&] {
     using T = scalar_t;
-    const epilogue::ChunkColumns<T> cols = columns.view<T>(s);
+    const epilogue::ChunkColumns<T> cols = columns_view<T>(columns, s);
     const T* row_scale = s.row_scale.data_ptr<T>();
     const int64_t* target = s.target.data_ptr<int64_t>();
     const T *lse = rg.lse.data_ptr<T>(), *coef_p = rg.coef_p.data_ptr<T>(), *coef_u = rg.coef_u.data_ptr<T>(),
@@ -311,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> streaming_row_stats(
     bool need_sum_logits, int64_t class_chunk) {
   constexpr const char* op = "marginkern::streaming_row_stats";
   const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target);
-  const at::Tensor target_logit_acc = float_vector(op, "target_logit", target_logit, s.N, s.acc);
+  const at::Tensor target_logit_acc = float_vector(op, "target_logit", target_logit, s.N, s.acc, s.device);
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
   at::Tensor run_max = at::full({s.N}, -std::numeric_limits<double>::infinity(), opts);
@@ -324,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> streaming_row_stats(
     const at::Tensor dots = chunk_dots(s.x, s.w, s.acc, buffer, c0, c1).first;
     const ChunkColumnTensors columns(s, no_cost, c0, c1);
     AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_row_stats", [&] {
-      accumulate_row_stats<scalar_t>(s, columns.view<scalar_t>(s), c0, dots.data_ptr<scalar_t>(),
+      accumulate_row_stats<scalar_t>(s, columns_view<scalar_t>(columns, s), c0, dots.data_ptr<scalar_t>(),
                                      target_logit_acc.data_ptr<scalar_t>(), run_max.data_ptr<scalar_t>(),
                                      run_sum.data_ptr<scalar_t>(),
                                      need_sum_logits ? total.data_ptr<scalar_t>() : nullptr);
@@ -403,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> row_stats_of_dots(
     const at::Tensor& target_logit, bool need_sum_logits) {
   constexpr const char* op = "marginkern::row_stats_of_dots";
   const Spec s = make_dots_spec(op, dots, row_scale, col_scale, bias, softcap, target);
-  const at::Tensor target_logit_acc = float_vector(op, "target_logit", target_logit, s.N, s.acc);
+  const at::Tensor target_logit_acc = float_vector(op, "target_logit", target_logit, s.N, s.acc, s.device);
   const auto opts = dots.options();
   at::Tensor lse = at::full({s.N}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor total = need_sum_logits ? at::zeros({s.N}, opts) : at::empty({0}, opts);
@@ -411,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> row_stats_of_dots(
   const Cost no_cost;
   const ChunkColumnTensors columns(s, no_cost, 0, s.C);
   AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_row_stats_of_dots", [&] {
-    row_stats_of_rows<scalar_t>(s, columns.view<scalar_t>(s), dots.data_ptr<scalar_t>(),
+    row_stats_of_rows<scalar_t>(s, columns_view<scalar_t>(columns, s), dots.data_ptr<scalar_t>(),
                                 target_logit_acc.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
                                 need_sum_logits ? total.data_ptr<scalar_t>() : nullptr);
   });
