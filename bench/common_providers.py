@@ -29,6 +29,31 @@ def loss_step(loss_fn, case, device):
     return Step(fn, [x, w])
 
 
+def on_backend(backend, build):
+    """The provider `build` with marginkern's backend forced to `backend` (MARGINKERN_BACKEND) during its
+    calls; Skip with the reason when that backend cannot serve the case here (dispatch.py)."""
+    def build_on_backend(case, device):
+        from marginkern.dispatch import _why_not
+        reason = _why_not(backend, device, case.torch_dtype)
+        if reason:
+            raise Skip(f"backend {backend}: {reason}")
+        step = build(case, device)
+
+        def fn():
+            previous = os.environ.get("MARGINKERN_BACKEND")
+            os.environ["MARGINKERN_BACKEND"] = backend
+            try:
+                return step.fn()
+            finally:
+                if previous is None:
+                    del os.environ["MARGINKERN_BACKEND"]
+                else:
+                    os.environ["MARGINKERN_BACKEND"] = previous
+
+        return Step(fn, step.grads_of)
+    return build_on_backend
+
+
 def gemm_floor(case, device):
     """The three plain GEMMs an exact fwd+bwd cannot avoid, same shapes and dtype, timed together:
     logits X·Wᵀ (N×C), dX = G·W (N×D), dW = Gᵀ·X (C×D), with G an N×C tensor made beforehand.

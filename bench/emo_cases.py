@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import marginkern
-from common_providers import compiled, gemm_floor, loss_step
+from common_providers import compiled, gemm_floor, loss_step, on_backend
 from harness import Case
 
 FLOOR = "3-GEMM floor"
@@ -40,6 +40,7 @@ def naive_emo_ce(x, w, target):
 
 PROVIDERS = {
     "marginkern": lambda case, device: loss_step(marginkern.emo_cross_entropy, case, device),
+    "marginkern cuda": on_backend("cuda", lambda case, device: loss_step(marginkern.emo_cross_entropy, case, device)),
     "naive": lambda case, device: loss_step(naive_emo_ce, case, device),
     "torch.compile": lambda case, device: loss_step(compiled(naive_emo_ce, device), case, device),
     FLOOR: gemm_floor,

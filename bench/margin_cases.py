@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import marginkern  # never guarded: the bench exists to measure it, so a broken import must fail loudly
-from common_providers import compiled, gemm_floor, loss_step
+from common_providers import compiled, gemm_floor, loss_step, on_backend
 from harness import Case
 
 ARCFACE = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
@@ -46,6 +46,8 @@ def _marginkern(x, w, target):
 
 PROVIDERS = {
     "marginkern": lambda case, device: loss_step(_marginkern, case, device),
+    # the hand-written CUDA backend (csrc/cuda): cuBLAS GEMMs + CUDA epilogue, opt-in
+    "marginkern cuda": on_backend("cuda", lambda case, device: loss_step(_marginkern, case, device)),
     "naive": lambda case, device: loss_step(naive_arcface, case, device),
     "torch.compile": lambda case, device: loss_step(compiled(naive_arcface, device), case, device),
     FLOOR: gemm_floor,

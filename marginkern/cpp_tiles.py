@@ -1,6 +1,7 @@
-"""The C++ CPU tile backend: csrc/cpu, loaded as the optional extension marginkern._C.
+"""The tile backends of the compiled extensions: C++ on the CPU (csrc/cpu, the optional extension
+marginkern._C) and hand-written CUDA on the GPU (csrc/cuda, the optional extension marginkern._C_cuda).
 
-The extension registers five ops with CPU kernels (schemas in csrc/cpu/streaming_ce.cpp, math in
+marginkern._C registers five ops with CPU kernels (schemas in csrc/cpu/streaming_ce.cpp, math in
 csrc/cpu/streaming_ce.h and marginkern/engine.py):
 
     torch.ops.marginkern.streaming_row_stats     the engine's forward step: (lse, Σ_j z)
@@ -9,8 +10,11 @@ csrc/cpu/streaming_ce.h and marginkern/engine.py):
     torch.ops.marginkern.row_stats_of_dots       the 3-GEMM path's epilogue over a block of dot products:
     torch.ops.marginkern.grads_of_dots_          (lse, Σ_j z), then dL/da in place
 
-This module adds their fake kernels and `CppTiles`, the tile backend that calls them. It never raises at
-import: `LOAD_ERROR` is None when the extension loaded, else why it did not (dispatch.py reports it).
+marginkern._C_cuda adds CUDA kernels for the first, second and last two (cuBLAS GEMMs per chunk, the
+epilogue in csrc/cuda/epilogue_kernels.cu); on the GPU the engine's own loop runs the backward GEMMs.
+
+This module adds the fake kernels, `CppTiles` and `CudaTiles`. It never raises at import: `LOAD_ERROR`
+and `CUDA_LOAD_ERROR` are None when the extension loaded, else why it did not (dispatch.py reports it).
 """
 import importlib.util
 
@@ -19,19 +23,21 @@ import torch
 from .engine import accumulation_dtype
 
 
-def _load_extension():
-    """None when marginkern._C is loaded (which registers the ops), else why it is not."""
-    rebuild = "pip install --no-build-isolation -e . (needs torch importable at build time and a C++ compiler)"
+def _load_extension(name, what):
+    """None when marginkern.<name> is loaded (which registers its kernels), else why it is not."""
+    rebuild = f"pip install --no-build-isolation -e . (needs torch importable at build time and {what})"
     try:
-        if importlib.util.find_spec(f"{__package__}._C") is None:
-            return f"the C++ extension marginkern._C is not built; build it with {rebuild}"
-        from . import _C  # noqa: F401
+        if importlib.util.find_spec(f"{__package__}.{name}") is None:
+            return f"the extension marginkern.{name} is not built; build it with {rebuild}"
+        importlib.import_module(f"{__package__}.{name}")
     except (ImportError, OSError, ValueError) as e:  # e.g. built against another torch: undefined symbols
-        return f"the C++ extension marginkern._C does not load ({e}); rebuild it with {rebuild}"
+        return f"the extension marginkern.{name} does not load ({e}); rebuild it with {rebuild}"
     return None
 
 
-LOAD_ERROR = _load_extension()
+LOAD_ERROR = _load_extension("_C", "a C++ compiler")
+# The CUDA kernels register into the schemas of marginkern._C: without it they cannot serve anything.
+CUDA_LOAD_ERROR = LOAD_ERROR or _load_extension("_C_cuda", "a CUDA build of torch and nvcc")
 
 
 def _spec_args(spec):
@@ -47,7 +53,55 @@ def _cost_args(cost):
     return (cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef)
 
 
-class CppTiles:
+class _ExtensionTiles:
+    """The tile steps both extensions implement (the dispatcher picks the kernel by device)."""
+
+    def row_stats(self, x, w, spec, need_sum_logits):
+        lse, sum_logits = torch.ops.marginkern.streaming_row_stats(
+            x, w, *_spec_args(spec), spec.target_logit, need_sum_logits, self.class_chunk(x.shape[0], x))
+        return lse, (sum_logits if need_sum_logits else None)
+
+    def block_row_stats(self, z, spec, need_sum_logits):
+        """engine.TorchTiles.block_row_stats in one fused pass per row; z stays the raw dot products."""
+        lse, sum_logits = torch.ops.marginkern.row_stats_of_dots(z, *_spec_args(spec), spec.target_logit,
+                                                                 need_sum_logits)
+        return lse, (sum_logits if need_sum_logits else None)
+
+    def block_grads_(self, z, spec, lse, coef_p, coef_u, target_grad, out_dtype=None):
+        """engine.TorchTiles.block_grads_ from the raw dot products, one fused pass per row, in place
+        (the engine casts the accumulation-dtype result to its GEMM dtype)."""
+        torch.ops.marginkern.grads_of_dots_(z, *_spec_args(spec), lse, coef_p, coef_u, target_grad)
+        return z
+
+    def class_chunks(self, N, C, x):
+        chunk = self.class_chunk(N, x)
+        return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
+
+    def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
+        return torch.ops.marginkern.streaming_grad_logits(
+            x, w, *_spec_args(spec), lse, coef_p, coef_u, target_grad, c0, c1, *_cost_args(cost))
+
+
+class CudaTiles(_ExtensionTiles):
+    """The engine's class-streaming steps on the GPU as cuBLAS GEMMs (16-bit operands as they are, fp32
+    dot products) into a reused N × chunk buffer plus the hand-written CUDA epilogue of csrc/cuda.
+    grad_logits returns dL/da in x's dtype when that is 16-bit, ready for the engine's backward GEMMs."""
+
+    name = "cuda"
+
+    # 32 MB of fp32 dot products per chunk (plus the chunk's 16-bit dL/da in the backward pass): at
+    # N = 8192 a chunk of 1024 classes, GEMMs large enough for cuBLAS to run near its peak.
+    def __init__(self, buffer_bytes: int = 32 << 20):
+        if CUDA_LOAD_ERROR is not None:
+            from .dispatch import BackendUnavailable
+            raise BackendUnavailable(CUDA_LOAD_ERROR)
+        self.buffer_bytes = buffer_bytes
+
+    def class_chunk(self, N, x, buffers=1):
+        return max(256, self.buffer_bytes // max(1, buffers * N * 4))
+
+
+class CppTiles(_ExtensionTiles):
     """The engine's class-streaming steps in C++ (one GEMM per class chunk into a reused N × chunk
     buffer, the epilogue in one parallel pass over its rows), plus the whole backward chunk loop.
 
@@ -69,30 +123,6 @@ class CppTiles:
         (the backward pass of the EMO cost term needs a second one)."""
         acc_bytes = 8 if x.dtype == torch.float64 else 4
         return max(256, self.buffer_bytes // max(1, buffers * N * acc_bytes))
-
-    def class_chunks(self, N, C, x):
-        chunk = self.class_chunk(N, x)
-        return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
-
-    def row_stats(self, x, w, spec, need_sum_logits):
-        lse, sum_logits = torch.ops.marginkern.streaming_row_stats(
-            x, w, *_spec_args(spec), spec.target_logit, need_sum_logits, self.class_chunk(x.shape[0], x))
-        return lse, (sum_logits if need_sum_logits else None)
-
-    def block_row_stats(self, z, spec, need_sum_logits):
-        """engine.TorchTiles.block_row_stats in one fused pass per row; z stays the raw dot products."""
-        lse, sum_logits = torch.ops.marginkern.row_stats_of_dots(z, *_spec_args(spec), spec.target_logit,
-                                                                 need_sum_logits)
-        return lse, (sum_logits if need_sum_logits else None)
-
-    def block_grads_(self, z, spec, lse, coef_p, coef_u, target_grad, out_dtype=None):
-        """engine.TorchTiles.block_grads_ from the raw dot products, one fused pass per row."""
-        torch.ops.marginkern.grads_of_dots_(z, *_spec_args(spec), lse, coef_p, coef_u, target_grad)
-        return z
-
-    def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
-        return torch.ops.marginkern.streaming_grad_logits(
-            x, w, *_spec_args(spec), lse, coef_p, coef_u, target_grad, c0, c1, *_cost_args(cost))
 
     def streaming_grads(self, x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk=None,
                         need_bias_grad=False, cost=None, need_weight_grad=True):
@@ -131,7 +161,8 @@ if LOAD_ERROR is None:
     def _(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad, c0, c1,
           *cost):
         torch._check(0 <= c0 <= c1 <= w.shape[0], lambda: f"class range [{c0}, {c1}) outside [0, {w.shape[0]}]")
-        return x.new_empty((x.shape[0], c1 - c0), dtype=accumulation_dtype(x.dtype))
+        sixteen_bit_cuda = x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+        return x.new_empty((x.shape[0], c1 - c0), dtype=x.dtype if sixteen_bit_cuda else accumulation_dtype(x.dtype))
 
     @torch.library.register_fake("marginkern::row_stats_of_dots")
     def _(dots, row_scale, col_scale, bias, softcap, target, target_logit, need_sum_logits):

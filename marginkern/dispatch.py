@@ -1,7 +1,10 @@
 """Which backend runs an op, and why (DESIGN.md §5).
 
     triton     marginkern.triton_kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
-    cuda       hand-written CUDA of csrc/cuda (not built yet for these ops)
+    cuda       hand-written CUDA of csrc/cuda (marginkern.cpp_tiles.CudaTiles: cuBLAS GEMMs per class chunk
+               plus CUDA epilogue kernels): CUDA tensors, when the extension marginkern._C_cuda is built.
+               Opt-in only (MARGINKERN_BACKEND=cuda), never picked by itself, until it has run on a GPU and a
+               measurement shows it beating Triton
     cpp        the C++ CPU kernels of csrc/cpu (marginkern.cpp_tiles.CppTiles): CPU tensors, when the
                extension marginkern._C is built; the default on the CPU then
     reference  the engine with plain-PyTorch tiles (marginkern.engine.TorchTiles): any device
@@ -59,7 +62,13 @@ def _why_not(backend, device, dtype=torch.float32):
             return f"the C++ kernels of csrc/cpu take CPU tensors, got {device.type} tensors"
         return None
     if backend == "cuda":
-        return "marginkern has no cuda implementation of these ops yet (csrc/cuda is not built)"
+        if cpp_tiles.CUDA_LOAD_ERROR is not None:
+            return cpp_tiles.CUDA_LOAD_ERROR
+        if device.type != "cuda":
+            return f"the CUDA kernels of csrc/cuda take CUDA tensors, got {device.type} tensors"
+        if dtype == torch.float64:
+            return "the CUDA kernels take fp32/fp16/bf16 inputs, got float64"
+        return None
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
@@ -84,6 +93,8 @@ def select_tiles(device: torch.device, dtype: torch.dtype):
             raise BackendUnavailable(f"MARGINKERN_BACKEND={forced} cannot run this call: {reason}")
         if forced == "triton":
             return _triton_tiles()
+        if forced == "cuda":
+            return cpp_tiles.CudaTiles()
         return cpp_tiles.CppTiles() if forced == "cpp" else TorchTiles()
     if device.type == "cpu":
         reason = _why_not("cpp", device, dtype)

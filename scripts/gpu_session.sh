@@ -2,6 +2,7 @@
 # One visit to the GPU machine (no network; torch/triton/pytest already there, DESIGN.md §8), in stages
 # that each fit the device tool's 10-minute limit:
 #   bash scripts/gpu_session.sh tests   # editable install (offline) + GPU test tier + Triton tier on CUDA
+#   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck/racecheck over the CUDA ops' tests (csrc/cuda)
 #   bash scripts/gpu_session.sh face    # face-recognition benchmarks
 #   bash scripts/gpu_session.sh llm     # LLM linear-CE benchmarks: marginkern, naive, torch.compile, floor
 #   bash scripts/gpu_session.sh knobs   # linear CE's 3-GEMM mode and gradient filtering (+ filter error)
@@ -27,13 +28,23 @@ fi
 
 case "$stage" in
   tests)
+    python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
     python -m pytest tests/test_gpu.py tests/interpreter -q -rs 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
+    ;;
+  sanitize)
+    # the small-shape op tests of the CUDA kernels under memcheck (out-of-bounds / misaligned accesses)
+    # and racecheck (the forward kernel's shared-memory reduction)
+    for tool in memcheck racecheck; do
+      timeout 270 compute-sanitizer --tool "$tool" --error-exitcode 1 python -m pytest tests/test_gpu.py -q -x \
+        -k "cuda_ops_match and (float32 or bfloat16) or special_values or saturates and cuda" 2>&1 \
+        | tee "$OUT/sanitize-$tool.log" | tail -8
+    done
     ;;
   face|llm|knobs|peers|emo|cosent)
     # each measurement gets 240 s so that one stage fits the device tool's 600 s per command
     case "$stage" in
       face|emo|cosent) args=(--cases "$stage") ;;
-      llm) args=(--cases llm --providers "marginkern,naive,torch.compile,3-GEMM floor") ;;
+      llm) args=(--cases llm --providers "marginkern,marginkern cuda,naive,torch.compile,3-GEMM floor") ;;
       knobs) args=(--cases llm --providers "marginkern 3-GEMM,marginkern 3-GEMM 4GB,marginkern filtered,3-GEMM floor")
              timeout 200 python bench/grad_filter_error.py 2>&1 | tee "$OUT/grad-filter.log" | tail -12 ;;
       peers) args=(--cases llm --providers "liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor") ;;
@@ -50,5 +61,5 @@ case "$stage" in
     cp -r bench/results "$OUT/"
     ;;
   *)
-    echo "unknown stage $stage (tests|face|llm|knobs|peers|emo|cosent|micro|sweep)"; exit 2 ;;
+    echo "unknown stage $stage (tests|sanitize|face|llm|knobs|peers|emo|cosent|micro|sweep)"; exit 2 ;;
 esac

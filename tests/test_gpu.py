@@ -1,14 +1,98 @@
-"""GPU tier: the Triton kernels on CUDA in fp32/fp16/bf16, index-overflow sizes and memory bounds.
-Skips cleanly without CUDA; bench/gpu_session.sh runs it on the GPU machine and records the result."""
+"""GPU tier: both GPU backends, the Triton kernels and the hand-written CUDA ones (csrc/cuda), on CUDA in
+fp32/fp16/bf16, index-overflow sizes and memory bounds. Skips cleanly without CUDA;
+scripts/gpu_session.sh runs it on the GPU machine and records the result."""
 import pytest
 import torch
 
 import marginkern as mk
-from marginkern import reference
-from tests.helpers import assert_close_rel, loss_and_grads, make_case
+from marginkern import cpp_tiles, reference
+from marginkern.dispatch import _why_not
+from marginkern.engine import CostSpec, LogitSpec, TorchTiles
+from tests.helpers import assert_close_rel, check_fp16_grad_saturates_and_keeps_nan, loss_and_grads, make_case
+from tests.test_cpp import EPILOGUES, SHAPES, check_special_rows_lse, random_cost, random_spec
 from tests.test_linear_ce import grads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def backend(request, monkeypatch):
+    """Runs a test once per GPU backend (MARGINKERN_BACKEND); one that is not built here is skipped, and
+    test_cuda_extension_is_built fails where the CUDA one should have been."""
+    reason = _why_not(request.param, torch.device("cuda"))
+    if reason:
+        pytest.skip(f"backend {request.param}: {reason}")
+    monkeypatch.setenv("MARGINKERN_BACKEND", request.param)
+    return request.param
+
+
+def test_cuda_extension_is_built():
+    from torch.utils.cpp_extension import CUDA_HOME
+    if torch.version.cuda is None or CUDA_HOME is None:
+        pytest.skip("torch without CUDA or no nvcc (CUDA_HOME): the CUDA extension is not expected")
+    assert cpp_tiles.CUDA_LOAD_ERROR is None, cpp_tiles.CUDA_LOAD_ERROR
+
+
+def to_cuda(spec):
+    return LogitSpec(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in
+                       (spec.row_scale, spec.col_scale, spec.bias, spec.softcap, spec.target, spec.target_logit)))
+
+
+cuda_only = pytest.mark.skipif(cpp_tiles.CUDA_LOAD_ERROR is not None,
+                               reason=f"marginkern._C_cuda: {cpp_tiles.CUDA_LOAD_ERROR}")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("shape", SHAPES + [(300, 5003, 131)])
+@pytest.mark.parametrize("with_cost", [False, True])
+def test_cuda_ops_match_torch_tiles(dtype, epilogue, shape, with_cost):
+    """Every CUDA op (csrc/cuda) against the plain-PyTorch tiles on the same CUDA tensors: several class
+    chunks, targets in different ones, the cost term, softcap; also the target = −1 rows of random_spec.
+    Small shapes: compute-sanitizer runs this test (scripts/gpu_session.sh sanitize)."""
+    N, C, D = shape
+    x, w = torch.randn(N, D, device="cuda").to(dtype), torch.randn(C, D, device="cuda").to(dtype)
+    spec = to_cuda(random_spec(N, C, **epilogue))
+    cuda, ref = cpp_tiles.CudaTiles(buffer_bytes=max(1, N) * 4 * 100), TorchTiles()
+    lse, total = cuda.row_stats(x, w, spec, True)
+    lse_ref, total_ref = ref.row_stats(x, w, spec, True)
+    # both multiply the same 16-bit operands exactly and accumulate in fp32: fp32 agreement
+    assert_close_rel(lse, lse_ref, torch.float32, "lse", floor=1.0)
+    assert_close_rel(total, total_ref, torch.float32, "sum of logits", floor=float(C))
+    coef_p, coef_u, target_grad = (torch.rand(N, device="cuda"), torch.rand(N, device="cuda") * 0.1,
+                                   torch.randn(N, device="cuda"))
+    cost = None
+    if with_cost:
+        c = random_cost(N, C, 7, dtype)
+        cost = CostSpec(*(t.cuda() for t in (c.query, c.query_scale, c.keys, c.key_scale, c.coef)))
+    for c0, c1 in [(0, C), (C // 3, C), (C // 2, C // 2)]:
+        got = cuda.grad_logits(x, w, spec, lse_ref, coef_p, coef_u, target_grad, c0, c1, cost)
+        want = ref.grad_logits(x, w, spec, lse_ref, coef_p, coef_u, target_grad, c0, c1, cost)
+        # dL/da comes back in x's dtype when that is 16-bit (the backward GEMMs read it)
+        assert got.shape == (N, c1 - c0) and got.dtype == (dtype if dtype != torch.float32 else torch.float32)
+        assert_close_rel(got, want, dtype, f"dL/da[{c0}:{c1}]", floor=1.0)
+    if with_cost or N == 0:
+        return
+    # the 3-GEMM path's epilogue over fp32 dot products: stats, then dL/da in place
+    z = x.float() @ w.float().t()
+    lse_b, total_b = cuda.block_row_stats(z.clone(), spec, True)
+    assert_close_rel(lse_b, lse_ref, torch.float32, "block lse", floor=1.0)
+    assert_close_rel(total_b, total_ref, torch.float32, "block sum of logits", floor=float(C))
+    g = cuda.block_grads_(z.clone(), spec, lse_ref, coef_p, coef_u, target_grad)
+    g_ref = ref.grad_logits(x.float(), w.float(), spec, lse_ref, coef_p, coef_u, target_grad, 0, C)
+    assert_close_rel(g, g_ref, torch.float32, "block dL/da", floor=1.0)
+
+
+@cuda_only
+def test_cuda_special_values_give_torch_logsumexp():
+    check_special_rows_lse("cuda")
+
+
+def test_fp16_grad_saturates_and_keeps_nan(backend):
+    from marginkern.dispatch import select_tiles
+    check_fp16_grad_saturates_and_keeps_nan(select_tiles(torch.device("cuda"), torch.float16), "cuda")
+
 
 OPTIONS = [dict(), dict(m2=0.0, m3=0.35), dict(m1=4.0, m2=0.0, scale=30.0, label_smoothing=0.1),
            dict(margin_grad="straight_through"), dict(m1=3.0, m2=0.0, scale=1.0, normalize=False)]
@@ -17,7 +101,7 @@ OPTIONS = [dict(), dict(m2=0.0, m3=0.35), dict(m1=4.0, m2=0.0, scale=30.0, label
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("opts", OPTIONS)
 @pytest.mark.parametrize("shape", [(300, 5003, 131), (1024, 20000, 512), (7, 3, 5)])
-def test_cuda_matches_oracle(dtype, opts, shape):
+def test_cuda_matches_oracle(dtype, opts, shape, backend):
     x, w, t = make_case(*shape, dtype, device="cuda", ignore=(0,))
     loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, **opts)
     ref, rx, rw = loss_and_grads(reference.margin_cross_entropy, x.double(), w.double(), t, **opts)
@@ -26,7 +110,7 @@ def test_cuda_matches_oracle(dtype, opts, shape):
     assert_close_rel(gw, rw, dtype, "grad weight")
 
 
-def test_rows_times_classes_beyond_int32():
+def test_rows_times_classes_beyond_int32(backend):
     # N·C = 16384 · 140000 ≈ 2.3e9 > 2³¹: every flat index of a logits-sized quantity overflows int32
     x, w, t = make_case(16384, 140_000, 64, torch.bfloat16, device="cuda", ignore=(5,))
     loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t)
@@ -36,7 +120,7 @@ def test_rows_times_classes_beyond_int32():
     assert_close_rel(gw, rw, torch.bfloat16, "grad weight")
 
 
-def test_extra_memory_is_bounded():
+def test_extra_memory_is_bounded(backend):
     N, C, D = 1024, 400_000, 512
     x, w, t = make_case(N, C, D, torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
@@ -49,7 +133,7 @@ def test_extra_memory_is_bounded():
     assert extra < 96 << 20, f"{extra / 2**20:.0f} MB extra (one fp32 logits matrix is {logits_fp32 / 2**20:.0f} MB)"
 
 
-def test_compile_on_cuda():
+def test_compile_on_cuda(backend):
     x, w, t = make_case(64, 1000, 128, torch.bfloat16, device="cuda")
     step = torch.compile(lambda a, b, c: mk.margin_cross_entropy(a, b, c) * 3, fullgraph=True)
     got, gx, gw = loss_and_grads(step, x, w, t)
@@ -67,7 +151,7 @@ LINEAR_OPTIONS = [dict(), dict(label_smoothing=0.1, z_loss=1e-4), dict(softcap=3
 # the default (streaming) path, and the 3-GEMM path: 16-bit G into cuBLAS with fp32 outputs (mm/addmm
 # out_dtype), several row blocks
 @pytest.mark.parametrize("knobs", [dict(), dict(logits_buffer_mb=64)], ids=["streaming", "3-GEMM"])
-def test_linear_ce_cuda_matches_oracle(dtype, opts, knobs):
+def test_linear_ce_cuda_matches_oracle(dtype, opts, knobs, backend):
     x, w, t = make_case(777, 32003, 256, dtype, device="cuda", ignore=(0, 5))
     w = (w.detach() * 0.1).to(dtype)
     b = torch.randn(32003, device="cuda").to(dtype)
@@ -78,7 +162,7 @@ def test_linear_ce_cuda_matches_oracle(dtype, opts, knobs):
         assert_close_rel(g, e, dtype, name)
 
 
-def test_linear_ce_rows_times_vocab_beyond_int32():
+def test_linear_ce_rows_times_vocab_beyond_int32(backend):
     # N·V = 16384 · 262144 = 2³²: the issue's overflow case, with a narrow D to keep the test short
     x, w, t = make_case(16384, 262_144, 64, torch.bfloat16, device="cuda", ignore=(7,))
     loss, gx, gw = loss_and_grads(mk.linear_cross_entropy, x, w, t, z_loss=1e-4)
@@ -89,7 +173,7 @@ def test_linear_ce_rows_times_vocab_beyond_int32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_linear_ce_gradient_filtering_cuda(dtype):
+def test_linear_ce_gradient_filtering_cuda(dtype, backend):
     x, w, t = make_case(2048, 32003, 128, dtype, device="cuda", ignore=(0,))
     eps = 2.0 ** -12
     loss, gx, gw = loss_and_grads(mk.linear_cross_entropy, x, w, t, grad_filter_eps=eps)
@@ -102,7 +186,7 @@ def test_linear_ce_gradient_filtering_cuda(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("anchored", [False, True])
-def test_emo_cuda_matches_oracle(dtype, anchored):
+def test_emo_cuda_matches_oracle(dtype, anchored, backend):
     x, w, t = make_case(513, 20011, 256, dtype, device="cuda", ignore=(0,))
     w = (w.detach() * 0.1).to(dtype)
     cost = torch.randn(20011, 192, device="cuda").to(dtype)
