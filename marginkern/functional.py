@@ -25,9 +25,9 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
     check_reduction(reduction)
     target = target.long()  # uint8 indices would index as a mask
-    loss_rows, _ = torch.ops.marginkern.margin_cross_entropy(
+    loss_rows = torch.ops.marginkern.margin_cross_entropy(
         input, weight, target, float(scale), float(m1), float(m2), float(m3), bool(normalize),
-        margin_grad == "exact", float(label_smoothing), int(ignore_index))
+        margin_grad == "exact", float(label_smoothing), int(ignore_index))[0]
     return reduce_rows(loss_rows, target != ignore_index, reduction)
 
 

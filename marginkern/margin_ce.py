@@ -60,33 +60,53 @@ def local_columns(column: Tensor, start: int, num_local: int) -> Tensor:
 
 
 class _TargetGeometry:
-    """Per-row quantities of the target column, recomputed in the backward pass instead of saved.
+    """Per-row quantities of the target column. The forward pass computes them and hands `saved()` (an
+    (N, 4) row state and the (C,) class-centre norms, O(N + C)) to the backward pass, which would otherwise
+    read all of W again for the norms and launch the same ~20 small per-row ops twice.
 
     Rows whose target is not in `w` (ignored rows, or held by another shard) get w_y = 0 and T = 0:
     finite placeholders that the callers mask out.
     """
 
-    def __init__(self, x, w, target, opts: MarginOptions, class_start: int = 0):
+    def __init__(self, x, w, target, opts: MarginOptions, class_start: int = 0, saved=None):
         acc = accumulation_dtype(x.dtype)
+        self._w = w
         self.valid, global_column = target_columns(target, opts.ignore_index)
         self.column = local_columns(global_column, class_start, w.shape[0])
         self.owned = self.column >= 0
         self.xf = x.to(acc)
-        self.w_target = w[self.column.clamp_min(0)].to(acc) * self.owned[:, None]
-        self.x_norm = torch.linalg.vector_norm(self.xf, dim=1).clamp_min(NORM_EPS)
-        self.w_target_norm = torch.linalg.vector_norm(self.w_target, dim=1).clamp_min(NORM_EPS)
-        dot = (self.xf * self.w_target).sum(1)
-        self.cosine = (dot / (self.x_norm * self.w_target_norm)).clamp(-1.0, 1.0)
-        self.psi = margin_psi(self.cosine, opts.m1, opts.m2, opts.m3)
+        self._w_target = None
+        if saved is None:
+            self.x_norm = torch.linalg.vector_norm(self.xf, dim=1).clamp_min(NORM_EPS)
+            self.w_target_norm = torch.linalg.vector_norm(self.w_target, dim=1).clamp_min(NORM_EPS)
+            dot = (self.xf * self.w_target).sum(1)
+            self.cosine = (dot / (self.x_norm * self.w_target_norm)).clamp(-1.0, 1.0)
+            self.psi = margin_psi(self.cosine, opts.m1, opts.m2, opts.m3)
+            self.col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
+        else:
+            row_state, col_norm = saved
+            self.x_norm, self.w_target_norm, self.cosine, self.psi = row_state.unbind(1)
+            self.col_norm = col_norm if opts.normalize else None
         if opts.normalize:
-            self.col_norm = row_norms(w).clamp_min(NORM_EPS)
             self.row_scale = opts.scale / self.x_norm
             target_logit = opts.scale * self.psi
         else:
-            self.col_norm = None
             self.row_scale = torch.full_like(self.x_norm, opts.scale)
             target_logit = opts.scale * self.x_norm * self.w_target_norm * self.psi
         self.target_logit = torch.where(self.owned, target_logit, torch.zeros_like(target_logit))
+
+    @property
+    def w_target(self):
+        """w_{y_n} in the accumulation dtype (zeros where this slice holds no target), gathered on first use."""
+        if self._w_target is None:
+            self._w_target = self._w[self.column.clamp_min(0)].to(self.xf.dtype) * self.owned[:, None]
+        return self._w_target
+
+    def saved(self):
+        """What the backward pass needs from this forward geometry: ((N, 4) row state, (C,) norms or (0,))."""
+        row_state = torch.stack([self.x_norm, self.w_target_norm, self.cosine, self.psi], 1)
+        col_norm = self.col_norm if self.col_norm is not None else self.x_norm.new_empty((0,))
+        return row_state, col_norm
 
     def spec(self):
         col_scale = None if self.col_norm is None else 1.0 / self.col_norm
@@ -98,9 +118,11 @@ def _class_layout(w, shard: Optional[ClassShard]):
     return (0, w.shape[0]) if shard is None else (shard.start, shard.num_classes)
 
 
-def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[ClassShard] = None):
+def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[ClassShard] = None,
+                      keep_geometry: bool = False):
     """Per-row loss (0 on ignored rows) and per-row log-sum-exp over all C classes, both in the
-    accumulation dtype."""
+    accumulation dtype; with keep_geometry also the (row state, class norms) pair that margin_ce_backward
+    takes as `saved` (_TargetGeometry.saved)."""
     class_start, num_classes = _class_layout(w, shard)
     geo = _TargetGeometry(x, w, target, opts, class_start)
     eps = opts.label_smoothing
@@ -111,15 +133,17 @@ def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[
     loss = lse - (1.0 - eps) * target_logit
     if eps > 0:
         loss = loss - (eps / num_classes) * sum_logits
-    return torch.where(geo.valid, loss, torch.zeros_like(loss)), lse
+    loss = torch.where(geo.valid, loss, torch.zeros_like(loss))
+    return (loss, lse) + (geo.saved() if keep_geometry else ())
 
 
 def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles, need_weight_grad=True,
-                       shard: Optional[ClassShard] = None):
+                       shard: Optional[ClassShard] = None, saved=None):
     """(dL/dx, dL/dw) for the per-row loss gradient `grad_loss`; with a shard, `lse` is the merged one
-    and dL/dw is the gradient of this slice."""
+    and dL/dw is the gradient of this slice. `saved`: the forward's geometry (margin_ce_forward's
+    keep_geometry), recomputed when None."""
     class_start, C = _class_layout(w, shard)
-    geo = _TargetGeometry(x, w, target, opts, class_start)
+    geo = _TargetGeometry(x, w, target, opts, class_start, saved)
     eps = opts.label_smoothing
     g = torch.where(geo.valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
     p_target = torch.exp(geo.target_logit - lse)

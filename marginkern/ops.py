@@ -44,12 +44,14 @@ def _or_empty(grad, like):
 @_without_autocast
 def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: float, m1: float, m2: float,
                          m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
-                         ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(per-row loss, per-row log-sum-exp); ignored rows have loss 0."""
+                         ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-row loss, per-row log-sum-exp, (N, 4) target geometry, (C,) class-centre norms or (0,) without
+    normalize); ignored rows have loss 0. The last three are by-products the backward op takes."""
     check_target_values(target, weight.shape[0], ignore_index)
     opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
-    return margin_ce_forward(input, weight, target, opts, select_tiles(input.device, input.dtype))
+    return margin_ce_forward(input, weight, target, opts, select_tiles(input.device, input.dtype),
+                             keep_geometry=True)
 
 
 @margin_cross_entropy.register_fake
@@ -57,43 +59,46 @@ def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, la
     # The fake kernel lets torch.compile trace through the op without running it.
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
-    return input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc)
+    return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc), input.new_empty((n, 4), dtype=acc),
+            input.new_empty((weight.shape[0] if normalize else 0,), dtype=acc))
 
 
 @torch.library.custom_op("marginkern::margin_cross_entropy_backward", mutates_args=())
 @_without_autocast
 def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
-                                  scale: float, m1: float, m2: float, m3: float, normalize: bool,
-                                  exact_margin_grad: bool, label_smoothing: float, ignore_index: int,
-                                  need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
+                                  row_state: Tensor, col_norm: Tensor, scale: float, m1: float, m2: float,
+                                  m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
+                                  ignore_index: int, need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
     """(dL/dinput, dL/dweight) for the per-row loss gradient `grad_loss`; dL/dweight is empty (0,) when
-    not `need_weight_grad` (a frozen head skips the dW GEMM)."""
+    not `need_weight_grad` (a frozen head skips the dW GEMM). row_state and col_norm are the forward op's."""
     opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts,
-                                        select_tiles(input.device, input.dtype), need_weight_grad)
+                                        select_tiles(input.device, input.dtype), need_weight_grad,
+                                        saved=(row_state, col_norm))
     return grad_x, _or_empty(grad_w, weight)
 
 
 @margin_cross_entropy_backward.register_fake
-def _(grad_loss, input, weight, target, lse, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing,
-      ignore_index, need_weight_grad=True):
+def _(grad_loss, input, weight, target, lse, row_state, col_norm, scale, m1, m2, m3, normalize, exact_margin_grad,
+      label_smoothing, ignore_index, need_weight_grad=True):
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
 def _margin_setup_context(ctx, inputs, output):
     input, weight, target, *options = inputs
-    ctx.save_for_backward(input, weight, target, output[1])
-    ctx.mark_non_differentiable(output[1])  # lse: a by-product for the backward pass
+    _, lse, row_state, col_norm = output
+    ctx.save_for_backward(input, weight, target, lse, row_state, col_norm)
+    ctx.mark_non_differentiable(lse, row_state, col_norm)  # by-products for the backward pass
     ctx.options = options
 
 
-def _margin_backward(ctx, grad_loss, grad_lse):
-    # lse is a by-product for the backward pass, not a differentiable output: its gradient is ignored.
-    input, weight, target, lse = ctx.saved_tensors
+def _margin_backward(ctx, grad_loss, *grad_by_products):
+    # lse and the geometry are by-products for the backward pass, not differentiable outputs.
+    input, weight, target, lse, row_state, col_norm = ctx.saved_tensors
     need_weight_grad = ctx.needs_input_grad[1]
     grad_input, grad_weight = torch.ops.marginkern.margin_cross_entropy_backward(
-        grad_loss.contiguous(), input, weight, target, lse, *ctx.options, need_weight_grad)
+        grad_loss.contiguous(), input, weight, target, lse, row_state, col_norm, *ctx.options, need_weight_grad)
     return (grad_input, grad_weight if need_weight_grad else None) + (None,) * 9
 
 

@@ -111,8 +111,8 @@ def test_opcheck():
     x, w, t = make_case(7, 13, 5, torch.float32, ignore=(1,))
     args = (x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100)
     torch.library.opcheck(torch.ops.marginkern.margin_cross_entropy.default, args)
-    loss, lse = torch.ops.marginkern.margin_cross_entropy(*args)
-    bwd_args = (torch.rand(7), x.detach(), w.detach(), t, lse.detach()) + args[3:]
+    loss, lse, row_state, col_norm = torch.ops.marginkern.margin_cross_entropy(*args)
+    bwd_args = (torch.rand(7), x.detach(), w.detach(), t, lse.detach(), row_state, col_norm) + args[3:]
     torch.library.opcheck(torch.ops.marginkern.margin_cross_entropy_backward.default, bwd_args)
 
 
@@ -293,9 +293,10 @@ def test_compile_with_non_contiguous_inputs():
 
 def test_log_sum_exp_output_is_not_differentiable():
     x, w, t = make_case(5, 9, 4)
-    _, lse = torch.ops.marginkern.margin_cross_entropy(x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100)
+    _, lse, row_state, col_norm = torch.ops.marginkern.margin_cross_entropy(x, w, t, 64.0, 1.0, 0.5, 0.0, True,
+                                                                             True, 0.0, -100)
     _, lse_linear = torch.ops.marginkern.linear_cross_entropy(x, w, t, None, -100, 0.0, 0.0, None, 0.0, 0.0)
-    assert not lse.requires_grad and not lse_linear.requires_grad
+    assert not any(o.requires_grad for o in (lse, row_state, col_norm, lse_linear))
 
 
 @pytest.mark.parametrize("loss", ["margin", "linear", "emo"])
@@ -309,8 +310,10 @@ def test_frozen_weight_skips_its_gradient(loss):
     torch.testing.assert_close(xf.grad, want_x)
     op = {"margin": "margin_cross_entropy_backward", "linear": "linear_cross_entropy_backward",
           "emo": "emo_cross_entropy_backward"}[loss]
-    args = {"margin": (torch.rand(10), x.detach(), w.detach(), t, torch.rand(10), 64.0, 1.0, 0.5, 0.0, True, True,
-                       0.0, -100, False),
+    geometry = torch.ops.marginkern.margin_cross_entropy(x.detach(), w.detach(), t, 64.0, 1.0, 0.5, 0.0, True, True,
+                                                         0.0, -100)[2:]
+    args = {"margin": (torch.rand(10), x.detach(), w.detach(), t, torch.rand(10), *geometry, 64.0, 1.0, 0.5, 0.0,
+                       True, True, 0.0, -100, False),
             "linear": (torch.rand(10), x.detach(), w.detach(), t, None, torch.rand(10), -100, 0.0, 0.0, None, 0.0,
                        0.0, False, False),
             "emo": (torch.rand(10), torch.rand(10), x.detach(), w.detach(), t, w.detach(), torch.rand(10),
@@ -328,3 +331,18 @@ def test_frozen_bias_and_weight_of_linear_ce():
     want = torch.autograd.grad(mk.linear_cross_entropy(x, w, t, b), (x, b))
     torch.testing.assert_close(gx, want[0])
     torch.testing.assert_close(gb, want[1])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_backward_from_the_forwards_geometry_equals_recomputing_it(normalize):
+    # the op hands the forward's target geometry and class norms to the backward instead of recomputing them
+    from marginkern.margin_ce import margin_ce_backward
+    x, w, t = make_case(11, 37, 6, torch.float64, ignore=(2,))
+    opts = MarginOptions(8.0 if normalize else 1.0, 1.0, 0.3, 0.1, normalize, True, 0.1, -100)
+    loss, lse, row_state, col_norm = margin_ce_forward(x, w, t, opts, TorchTiles(), keep_geometry=True)
+    assert row_state.shape == (11, 4) and col_norm.shape == ((37,) if normalize else (0,))
+    g = torch.rand(11, dtype=torch.float64)
+    saved = margin_ce_backward(g, x, w, t, lse, opts, TorchTiles(), saved=(row_state, col_norm))
+    recomputed = margin_ce_backward(g, x, w, t, lse, opts, TorchTiles())
+    for a, b in zip(saved, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
