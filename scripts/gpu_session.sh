@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One visit to the GPU machine (no network; torch/triton/pytest already there, DESIGN.md §8), in stages
 # that each fit the device tool's 10-minute limit:
-#   bash scripts/gpu_session.sh tests   # editable install (offline) + GPU test tier + Triton tier on CUDA
+#   bash scripts/gpu_session.sh tests   # editable install (offline, builds marginkern._C_cuda too) + GPU test tier
+#   bash scripts/gpu_session.sh triton-tier  # the interpreter tier's Triton tests, compiled for the GPU
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck/racecheck over the CUDA ops' tests (csrc/cuda)
 #   bash scripts/gpu_session.sh face    # face-recognition benchmarks
 #   bash scripts/gpu_session.sh llm     # LLM linear-CE benchmarks: marginkern, naive, torch.compile, floor
@@ -29,7 +30,10 @@ fi
 case "$stage" in
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
-    python -m pytest tests/test_gpu.py tests/interpreter -q -rs 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
+    timeout 560 python -m pytest tests/test_gpu.py -q -rs 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
+    ;;
+  triton-tier)
+    timeout 560 python -m pytest tests/interpreter -q -rs 2>&1 | tee "$OUT/triton-tier.log" | tail -30
     ;;
   sanitize)
     # the small-shape op tests of the CUDA kernels under memcheck (out-of-bounds / misaligned accesses)
@@ -61,5 +65,5 @@ case "$stage" in
     cp -r bench/results "$OUT/"
     ;;
   *)
-    echo "unknown stage $stage (tests|sanitize|face|llm|knobs|peers|emo|cosent|micro|sweep)"; exit 2 ;;
+    echo "unknown stage $stage (tests|triton-tier|sanitize|face|llm|knobs|peers|emo|cosent|micro|sweep)"; exit 2 ;;
 esac
