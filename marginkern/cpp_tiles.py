@@ -56,6 +56,19 @@ def _cost_args(cost):
 class _ExtensionTiles:
     """The tile steps both extensions implement (the dispatcher picks the kernel by device)."""
 
+    def __init__(self, buffer_bytes: int):
+        error = self.load_error()
+        if error is not None:
+            from .dispatch import BackendUnavailable
+            raise BackendUnavailable(error)
+        self.buffer_bytes = buffer_bytes
+
+    def class_chunk(self, N, x, buffers=1):
+        """Classes per chunk: `buffers` N × chunk buffers in the accumulation dtype fill `buffer_bytes`
+        (the backward pass of the EMO cost term needs a second one)."""
+        acc_bytes = 8 if x.dtype == torch.float64 else 4
+        return max(256, self.buffer_bytes // max(1, buffers * N * acc_bytes))
+
     def row_stats(self, x, w, spec, need_sum_logits):
         lse, sum_logits = torch.ops.marginkern.streaming_row_stats(
             x, w, *_spec_args(spec), spec.target_logit, need_sum_logits, self.class_chunk(x.shape[0], x))
@@ -92,13 +105,11 @@ class CudaTiles(_ExtensionTiles):
     # 32 MB of fp32 dot products per chunk (plus the chunk's 16-bit dL/da in the backward pass): at
     # N = 8192 a chunk of 1024 classes, GEMMs large enough for cuBLAS to run near its peak.
     def __init__(self, buffer_bytes: int = 32 << 20):
-        if CUDA_LOAD_ERROR is not None:
-            from .dispatch import BackendUnavailable
-            raise BackendUnavailable(CUDA_LOAD_ERROR)
-        self.buffer_bytes = buffer_bytes
+        super().__init__(buffer_bytes)
 
-    def class_chunk(self, N, x, buffers=1):
-        return max(256, self.buffer_bytes // max(1, buffers * N * 4))
+    @staticmethod
+    def load_error():
+        return CUDA_LOAD_ERROR
 
 
 class CppTiles(_ExtensionTiles):
@@ -113,16 +124,11 @@ class CppTiles(_ExtensionTiles):
     # 16 MB: the fastest measured on a 2-core Xeon (ArcFace fwd+bwd, N=512, C=200k, D=128: 0.45 s;
     # 4 MB the same, 64 MB 0.53 s): smaller chunks keep the epilogue's rows and dW's chunk in cache.
     def __init__(self, buffer_bytes: int = 16 << 20):
-        if LOAD_ERROR is not None:
-            from .dispatch import BackendUnavailable
-            raise BackendUnavailable(LOAD_ERROR)
-        self.buffer_bytes = buffer_bytes
+        super().__init__(buffer_bytes)
 
-    def class_chunk(self, N, x, buffers=1):
-        """Classes per chunk: `buffers` N × chunk buffers in the accumulation dtype fill `buffer_bytes`
-        (the backward pass of the EMO cost term needs a second one)."""
-        acc_bytes = 8 if x.dtype == torch.float64 else 4
-        return max(256, self.buffer_bytes // max(1, buffers * N * acc_bytes))
+    @staticmethod
+    def load_error():
+        return LOAD_ERROR
 
     def streaming_grads(self, x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk=None,
                         need_bias_grad=False, cost=None, need_weight_grad=True):
