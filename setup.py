@@ -133,7 +133,7 @@ setup(
     install_requires=["torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "numpy", "triton>=3.2", "scikit-learn"],
+        "test": ["pytest", "numpy", "triton>=3.2", "scikit-learn", "cmake", "ninja"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "peers": ["liger-kernel", "cut-cross-entropy"],
     },

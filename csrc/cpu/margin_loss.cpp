@@ -1,0 +1,204 @@
+// margin_loss.h: the forward and backward of marginkern/margin_ce.py in C++, over the streaming ops of
+// streaming_ce.cpp, wrapped in a LibTorch autograd Function.
+#include "margin_loss.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "streaming_ce.h"
+
+namespace marginkern {
+namespace {
+
+constexpr double kPi = 3.14159265358979323846;
+constexpr double kNormEps = 1e-12;          // as torch.nn.functional.normalize (engine.NORM_EPS)
+constexpr double kExactSlopeMinAngle = 1e-3;  // margin.py EXACT_SLOPE_MIN_ANGLE: bounds dψ/dc near θ = 0, π
+
+// (−1)^k for k = ⌊φ/π⌋, and k, of φ = m1·θ + m2.
+std::pair<at::Tensor, at::Tensor> branch(const at::Tensor& phi) {
+  const at::Tensor k = at::floor(phi / kPi);
+  return {1.0 - 2.0 * at::remainder(k, 2.0), k};
+}
+
+// ψ(c) (margin.py margin_psi).
+at::Tensor margin_psi(const at::Tensor& cosine, const MarginLossOptions& o) {
+  const at::Tensor phi = o.m1 * at::acos(cosine.clamp(-1.0, 1.0)) + o.m2;
+  const auto [sign, k] = branch(phi);
+  return sign * at::cos(phi) - 2.0 * k - o.m3;
+}
+
+// dψ/dc, exact with θ clamped away from 0 and π, or 1 (margin.py margin_slope).
+at::Tensor margin_slope(const at::Tensor& cosine, const MarginLossOptions& o) {
+  if (!o.exact_margin_grad) return at::ones_like(cosine);
+  const at::Tensor theta = at::acos(cosine.clamp(-1.0, 1.0)).clamp(kExactSlopeMinAngle, kPi - kExactSlopeMinAngle);
+  const at::Tensor phi = o.m1 * theta + o.m2;
+  const at::Tensor sign = branch(phi).first;
+  return (sign * o.m1 * at::sin(phi) / at::sin(theta)).clamp_min(0.0);
+}
+
+// The per-row quantities of the target column (margin_ce.py _TargetGeometry), in the accumulation dtype.
+struct TargetGeometry {
+  at::Tensor valid, column, xf, w_target, x_norm, w_target_norm, cosine, psi, col_norm, row_scale, target_logit;
+
+  TargetGeometry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o) {
+    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    valid = target.ne(o.ignore_index);
+    column = at::where(valid, target, -1);
+    xf = x.to(acc);
+    w_target = w.index_select(0, column.clamp_min(0)).to(acc) * valid.unsqueeze(1);
+    x_norm = at::linalg_vector_norm(xf, 2, {1}).clamp_min(kNormEps);
+    w_target_norm = at::linalg_vector_norm(w_target, 2, {1}).clamp_min(kNormEps);
+    cosine = ((xf * w_target).sum(1) / (x_norm * w_target_norm)).clamp(-1.0, 1.0);
+    psi = margin_psi(cosine, o);
+    at::Tensor logit;
+    if (o.normalize) {
+      col_norm = at::linalg_vector_norm(w, 2, {1}, false, acc).clamp_min(kNormEps);
+      row_scale = o.scale / x_norm;
+      logit = o.scale * psi;
+    } else {
+      row_scale = at::full_like(x_norm, o.scale);
+      logit = o.scale * x_norm * w_target_norm * psi;
+    }
+    target_logit = at::where(valid, logit, at::zeros_like(logit));
+  }
+
+  std::optional<at::Tensor> col_scale() const {
+    return col_norm.defined() ? std::optional<at::Tensor>(col_norm.reciprocal()) : std::nullopt;
+  }
+};
+
+int64_t class_chunk_of(const MarginLossOptions& o, int64_t N, at::ScalarType acc) {
+  if (o.class_chunk > 0) return o.class_chunk;
+  const int64_t bytes = acc == at::kDouble ? 8 : 4;
+  return std::max<int64_t>(256, (int64_t{16} << 20) / std::max<int64_t>(1, N * bytes));
+}
+
+at::Tensor reduce(const at::Tensor& loss_rows, const at::Tensor& valid, const std::string& reduction) {
+  if (reduction == "none") return loss_rows;
+  if (reduction == "sum") return loss_rows.sum();
+  return loss_rows.sum() / valid.sum().clamp_min(1).to(loss_rows.scalar_type());
+}
+
+// The per-row loss gradient dL/dloss_n from the gradient of the reduced loss (0 on ignored rows).
+at::Tensor row_grads(const at::Tensor& grad, const at::Tensor& valid, const std::string& reduction,
+                     at::ScalarType acc) {
+  at::Tensor g = grad.to(acc);
+  if (reduction == "mean") g = g / valid.sum().clamp_min(1).to(acc);
+  g = reduction == "none" ? g : g.expand(valid.sizes());
+  return at::where(valid, g, at::zeros_like(g));
+}
+
+// The options travel in the autograd context as plain IValues.
+void save_options(torch::autograd::AutogradContext* ctx, const MarginLossOptions& o) {
+  auto& d = ctx->saved_data;
+  d["scale"] = o.scale, d["m1"] = o.m1, d["m2"] = o.m2, d["m3"] = o.m3, d["normalize"] = o.normalize;
+  d["exact_margin_grad"] = o.exact_margin_grad, d["label_smoothing"] = o.label_smoothing;
+  d["ignore_index"] = o.ignore_index, d["reduction"] = o.reduction, d["class_chunk"] = o.class_chunk;
+}
+
+MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
+  auto& d = ctx->saved_data;
+  MarginLossOptions o;
+  o.scale = d["scale"].toDouble(), o.m1 = d["m1"].toDouble(), o.m2 = d["m2"].toDouble(), o.m3 = d["m3"].toDouble();
+  o.normalize = d["normalize"].toBool(), o.exact_margin_grad = d["exact_margin_grad"].toBool();
+  o.label_smoothing = d["label_smoothing"].toDouble(), o.ignore_index = d["ignore_index"].toInt();
+  o.reduction = d["reduction"].toStringRef(), o.class_chunk = d["class_chunk"].toInt();
+  return o;
+}
+
+struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& target, const MarginLossOptions& o) {
+    const TargetGeometry geo(x, w, target, o);
+    const int64_t C = w.size(0);
+    const double eps = o.label_smoothing;
+    const auto [lse, sum_logits] =
+        streaming_row_stats(x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column,
+                            geo.target_logit, eps > 0, class_chunk_of(o, x.size(0), geo.xf.scalar_type()));
+    at::Tensor loss = lse - (1.0 - eps) * geo.target_logit;
+    if (eps > 0) loss = loss - (eps / static_cast<double>(C)) * sum_logits;
+    loss = at::where(geo.valid, loss, at::zeros_like(loss));
+    ctx->save_for_backward({x, w, target, lse});
+    save_options(ctx, o);
+    return reduce(loss, geo.valid, o.reduction);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &target = saved[2], &lse = saved[3];
+    const MarginLossOptions o = saved_options(ctx);
+    const TargetGeometry geo(x, w, target, o);  // recomputed: O(N·D), instead of saved
+    const at::ScalarType acc = geo.xf.scalar_type();
+    const double eps = o.label_smoothing, s = o.scale, C = static_cast<double>(w.size(0));
+    const at::Tensor g = row_grads(grad_outputs[0], geo.valid, o.reduction, acc);
+    const at::Tensor p_target = at::exp(geo.target_logit - lse);
+    const at::Tensor grad_target_logit = g * (p_target - (1.0 - eps) - eps / C);
+    const at::Tensor slope = margin_slope(geo.cosine, o);
+    // dT/da_y with the norms held fixed (normalize: the projections below chain through x̂ and ŵ); without
+    // normalize, T also depends on the norms: the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x and ·w_y.
+    const at::Tensor target_grad =
+        o.normalize ? grad_target_logit * s * slope / (geo.x_norm * geo.w_target_norm) : grad_target_logit * s * slope;
+    const bool need_w = ctx->needs_input_grad(1);
+    auto [grad_x, grad_w, unused_bias] =
+        streaming_grads(x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column, lse, g,
+                        g * (eps / C), target_grad, /*need_bias_grad=*/false, need_w,
+                        class_chunk_of(o, x.size(0), acc));
+    if (o.normalize) {
+      const at::Tensor x_hat = geo.xf / geo.x_norm.unsqueeze(1);
+      grad_x = grad_x - (x_hat * grad_x).sum(1, true) * x_hat;
+      if (need_w) {  // dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖; the raw gradient already holds (dL/dŵ)/‖w‖
+        const at::Tensor wf = w.to(acc);
+        grad_w = grad_w - wf * ((wf * grad_w).sum(1) * geo.col_norm.pow(-2)).unsqueeze(1);
+      }
+    } else {
+      const at::Tensor radial = grad_target_logit * s * (geo.psi - geo.cosine * slope);
+      grad_x = grad_x + (radial * geo.w_target_norm / geo.x_norm).unsqueeze(1) * geo.xf;
+      if (need_w) {
+        const at::Tensor w_radial = radial * geo.x_norm / geo.w_target_norm;
+        grad_w = grad_w.index_add(0, geo.column.clamp_min(0), w_radial.unsqueeze(1) * geo.w_target);
+      }
+    }
+    return {grad_x.to(x.scalar_type()), need_w ? grad_w.to(w.scalar_type()) : at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o) {
+  constexpr const char* op = "marginkern::margin_cross_entropy";
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), op,
+              ": input must be (N, D) and weight (C, D) with the same D, got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), op, ": target must have shape (N=", x.size(0),
+              ",), got ", target.sizes());
+  TORCH_CHECK(!at::isFloatingType(target.scalar_type()) && target.scalar_type() != at::kBool, op,
+              ": target must be an integer tensor, got ", target.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && target.device().is_cpu(), op,
+              ": this C++ entry point takes CPU tensors (the GPU kernels run from the Python package)");
+  TORCH_CHECK(o.reduction == "mean" || o.reduction == "sum" || o.reduction == "none", op,
+              ": reduction must be \"mean\", \"sum\" or \"none\", got \"", o.reduction, "\"");
+  TORCH_CHECK(std::isfinite(o.m1) && std::isfinite(o.m2) && std::isfinite(o.m3) && std::isfinite(o.scale) &&
+                  o.m1 >= 1.0 && o.m2 >= 0.0 && o.scale > 0, op,
+              ": the margins need m1 >= 1, m2 >= 0, finite m3 and a positive finite scale, got m1=", o.m1,
+              " m2=", o.m2, " m3=", o.m3, " scale=", o.scale);
+  TORCH_CHECK(o.label_smoothing >= 0.0 && o.label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
+              o.label_smoothing);
+  if (target.numel() > 0) {
+    const at::Tensor t = target.to(at::kLong);
+    const at::Tensor bad = t.ne(o.ignore_index) & (t.lt(0) | t.ge(w.size(0)));
+    TORCH_CHECK(!bad.any().item<bool>(), op, ": target must hold class indices in [0, C=", w.size(0),
+                ") or ignore_index=", o.ignore_index, ", got ", t.masked_select(bad)[0].item<int64_t>());
+  }
+}
+
+}  // namespace
+
+at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                                const MarginLossOptions& options) {
+  check_inputs(x, w, target, options);
+  return MarginCrossEntropy::apply(x, w, target.to(at::kLong), options);
+}
+
+}  // namespace marginkern

@@ -1,0 +1,37 @@
+// The margin-softmax cross-entropy family (ArcFace, CosFace, SphereFace / L-Softmax, the combined
+// m1/m2/m3 margin) for C++ (LibTorch) callers, differentiable with LibTorch's autograd, on CPU tensors.
+//
+// The same math as marginkern/margin_ce.py + margin.py (DESIGN.md §4): with c = cos θ between x_n and its
+// class centre w_y, the target logit is T = s·ψ(c), ψ(c) = (−1)^k cos(m1·θ + m2) − 2k − m3,
+// k = ⌊(m1·θ + m2)/π⌋, every other logit s·cos; without `normalize`, logits are s·x·wᵀ and
+// T = s·‖x‖‖w_y‖·ψ(c). It streams over class chunks through the CPU ops of streaming_ce.h, so the N × C
+// logits never exist. The Python package does not use this file (its ops run the same steps from
+// Python, on every backend); tests: csrc/tests/test_margin_loss.cpp against a naive LibTorch computation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+
+namespace marginkern {
+
+struct MarginLossOptions {
+  double scale = 64.0;
+  double m1 = 1.0;  // multiplicative angular margin (SphereFace, L-Softmax)
+  double m2 = 0.5;  // additive angular margin (ArcFace)
+  double m3 = 0.0;  // additive cosine margin (CosFace)
+  bool normalize = true;          // cosine logits; false: raw x·wᵀ logits
+  bool exact_margin_grad = true;  // false: dψ/dc := 1 (straight-through)
+  double label_smoothing = 0.0;
+  int64_t ignore_index = -100;
+  std::string reduction = "mean";  // "mean" (over non-ignored rows; 0 when there are none), "sum", "none"
+  int64_t class_chunk = 0;         // classes per streamed chunk; 0: a 16 MB chunk of fp32 logits
+};
+
+// x (N, D) and w (C, D) of one float dtype on the CPU, target (N,) integer. The result is fp32 (fp64 for
+// fp64 inputs): a scalar, or (N,) per-row losses for reduction "none"; gradients flow to x and w.
+at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                                const MarginLossOptions& options = {});
+
+}  // namespace marginkern
