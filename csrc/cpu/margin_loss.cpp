@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "loss_reduction.h"
 #include "streaming_ce.h"
 
 namespace marginkern {
@@ -70,27 +71,6 @@ struct TargetGeometry {
   }
 };
 
-int64_t class_chunk_of(const MarginLossOptions& o, int64_t N, at::ScalarType acc) {
-  if (o.class_chunk > 0) return o.class_chunk;
-  const int64_t bytes = acc == at::kDouble ? 8 : 4;
-  return std::max<int64_t>(256, (int64_t{16} << 20) / std::max<int64_t>(1, N * bytes));
-}
-
-at::Tensor reduce(const at::Tensor& loss_rows, const at::Tensor& valid, const std::string& reduction) {
-  if (reduction == "none") return loss_rows;
-  if (reduction == "sum") return loss_rows.sum();
-  return loss_rows.sum() / valid.sum().clamp_min(1).to(loss_rows.scalar_type());
-}
-
-// The per-row loss gradient dL/dloss_n from the gradient of the reduced loss (0 on ignored rows).
-at::Tensor row_grads(const at::Tensor& grad, const at::Tensor& valid, const std::string& reduction,
-                     at::ScalarType acc) {
-  at::Tensor g = grad.to(acc);
-  if (reduction == "mean") g = g / valid.sum().clamp_min(1).to(acc);
-  g = reduction == "none" ? g : g.expand(valid.sizes());
-  return at::where(valid, g, at::zeros_like(g));
-}
-
 // The options travel in the autograd context as plain IValues.
 void save_options(torch::autograd::AutogradContext* ctx, const MarginLossOptions& o) {
   auto& d = ctx->saved_data;
@@ -117,13 +97,13 @@ struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy>
     const double eps = o.label_smoothing;
     const auto [lse, sum_logits] =
         streaming_row_stats(x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column,
-                            geo.target_logit, eps > 0, class_chunk_of(o, x.size(0), geo.xf.scalar_type()));
-    at::Tensor loss = lse - (1.0 - eps) * geo.target_logit;
-    if (eps > 0) loss = loss - (eps / static_cast<double>(C)) * sum_logits;
-    loss = at::where(geo.valid, loss, at::zeros_like(loss));
+                            geo.target_logit, eps > 0, loss::class_chunk(o.class_chunk, x.size(0), geo.xf.scalar_type()));
+    at::Tensor rows = lse - (1.0 - eps) * geo.target_logit;
+    if (eps > 0) rows = rows - (eps / static_cast<double>(C)) * sum_logits;
+    rows = at::where(geo.valid, rows, at::zeros_like(rows));
     ctx->save_for_backward({x, w, target, lse});
     save_options(ctx, o);
-    return reduce(loss, geo.valid, o.reduction);
+    return loss::reduce(rows, geo.valid, o.reduction);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -134,7 +114,7 @@ struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy>
     const TargetGeometry geo(x, w, target, o);  // recomputed: O(N·D), instead of saved
     const at::ScalarType acc = geo.xf.scalar_type();
     const double eps = o.label_smoothing, s = o.scale, C = static_cast<double>(w.size(0));
-    const at::Tensor g = row_grads(grad_outputs[0], geo.valid, o.reduction, acc);
+    const at::Tensor g = loss::row_grads(grad_outputs[0], geo.valid, o.reduction, acc);
     const at::Tensor p_target = at::exp(geo.target_logit - lse);
     const at::Tensor grad_target_logit = g * (p_target - (1.0 - eps) - eps / C);
     const at::Tensor slope = margin_slope(geo.cosine, o);
@@ -146,7 +126,7 @@ struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy>
     auto [grad_x, grad_w, unused_bias] =
         streaming_grads(x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column, lse, g,
                         g * (eps / C), target_grad, /*need_bias_grad=*/false, need_w,
-                        class_chunk_of(o, x.size(0), acc));
+                        loss::class_chunk(o.class_chunk, x.size(0), acc));
     if (o.normalize) {
       const at::Tensor x_hat = geo.xf / geo.x_norm.unsqueeze(1);
       grad_x = grad_x - (x_hat * grad_x).sum(1, true) * x_hat;
@@ -169,28 +149,13 @@ struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy>
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o) {
   constexpr const char* op = "marginkern::margin_cross_entropy";
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), op,
-              ": input must be (N, D) and weight (C, D) with the same D, got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), op, ": target must have shape (N=", x.size(0),
-              ",), got ", target.sizes());
-  TORCH_CHECK(!at::isFloatingType(target.scalar_type()) && target.scalar_type() != at::kBool, op,
-              ": target must be an integer tensor, got ", target.scalar_type());
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && target.device().is_cpu(), op,
-              ": this C++ entry point takes CPU tensors (the GPU kernels run from the Python package)");
-  TORCH_CHECK(o.reduction == "mean" || o.reduction == "sum" || o.reduction == "none", op,
-              ": reduction must be \"mean\", \"sum\" or \"none\", got \"", o.reduction, "\"");
+  loss::check_classification_inputs(op, x, w, target, o.ignore_index, o.reduction);
   TORCH_CHECK(std::isfinite(o.m1) && std::isfinite(o.m2) && std::isfinite(o.m3) && std::isfinite(o.scale) &&
                   o.m1 >= 1.0 && o.m2 >= 0.0 && o.scale > 0, op,
               ": the margins need m1 >= 1, m2 >= 0, finite m3 and a positive finite scale, got m1=", o.m1,
               " m2=", o.m2, " m3=", o.m3, " scale=", o.scale);
   TORCH_CHECK(o.label_smoothing >= 0.0 && o.label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
               o.label_smoothing);
-  if (target.numel() > 0) {
-    const at::Tensor t = target.to(at::kLong);
-    const at::Tensor bad = t.ne(o.ignore_index) & (t.lt(0) | t.ge(w.size(0)));
-    TORCH_CHECK(!bad.any().item<bool>(), op, ": target must hold class indices in [0, C=", w.size(0),
-                ") or ignore_index=", o.ignore_index, ", got ", t.masked_select(bad)[0].item<int64_t>());
-  }
 }
 
 }  // namespace

@@ -1,0 +1,59 @@
+// What the C++ losses (margin_loss.cpp, linear_ce_loss.cpp) share around the streaming ops: the class
+// chunk, the reduction of per-row losses and its inverse for the backward pass, and the check of the
+// reduction / targets. Same semantics as marginkern/reference.py reduce_rows.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+namespace marginkern::loss {
+
+// Classes per streamed chunk: `requested`, or a 16 MB chunk of N rows of accumulation-dtype logits.
+inline int64_t class_chunk(int64_t requested, int64_t N, at::ScalarType acc) {
+  if (requested > 0) return requested;
+  const int64_t bytes = acc == at::kDouble ? 8 : 4;
+  return std::max<int64_t>(256, (int64_t{16} << 20) / std::max<int64_t>(1, N * bytes));
+}
+
+// "mean" over the non-ignored rows (0 when there are none, not NaN), "sum", or "none" (per row).
+inline at::Tensor reduce(const at::Tensor& loss_rows, const at::Tensor& valid, const std::string& reduction) {
+  if (reduction == "none") return loss_rows;
+  if (reduction == "sum") return loss_rows.sum();
+  return loss_rows.sum() / valid.sum().clamp_min(1).to(loss_rows.scalar_type());
+}
+
+// dL/dloss_n from the gradient of the reduced loss: 0 on ignored rows.
+inline at::Tensor row_grads(const at::Tensor& grad, const at::Tensor& valid, const std::string& reduction,
+                            at::ScalarType acc) {
+  at::Tensor g = grad.to(acc);
+  if (reduction == "mean") g = g / valid.sum().clamp_min(1).to(acc);
+  g = reduction == "none" ? g : g.expand(valid.sizes());
+  return at::where(valid, g, at::zeros_like(g));
+}
+
+// The arguments every C++ loss checks the same way: shapes, CPU tensors, integer targets in [0, C) or
+// ignore_index, a known reduction.
+inline void check_classification_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                        const at::Tensor& target, int64_t ignore_index, const std::string& reduction) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), op,
+              ": input must be (N, D) and weight (C, D) with the same D, got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), op, ": target must have shape (N=", x.size(0),
+              ",), got ", target.sizes());
+  TORCH_CHECK(!at::isFloatingType(target.scalar_type()) && target.scalar_type() != at::kBool, op,
+              ": target must be an integer tensor, got ", target.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && target.device().is_cpu(), op,
+              ": this C++ entry point takes CPU tensors (the GPU kernels run from the Python package)");
+  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", op,
+              ": reduction must be \"mean\", \"sum\" or \"none\", got \"", reduction, "\"");
+  if (target.numel() > 0) {
+    const at::Tensor t = target.to(at::kLong);
+    const at::Tensor bad = t.ne(ignore_index) & (t.lt(0) | t.ge(w.size(0)));
+    TORCH_CHECK(!bad.any().item<bool>(), op, ": target must hold class indices in [0, C=", w.size(0),
+                ") or ignore_index=", ignore_index, ", got ", t.masked_select(bad)[0].item<int64_t>());
+  }
+}
+
+}  // namespace marginkern::loss
