@@ -1,0 +1,132 @@
+// emo_loss.h: the forward and backward of marginkern/emo.py in C++, over the streaming ops of
+// streaming_ce.cpp (the expectation Σ_j p_j·ê_j from streaming_grad_logits chunks, the backward through
+// streaming_grads' cost term), wrapped in a LibTorch autograd Function with two outputs (ce, emo per row).
+#include "emo_loss.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+
+#include "loss_reduction.h"
+#include "streaming_ce.h"
+
+namespace marginkern {
+namespace {
+
+constexpr double kNormEps = 1e-12;       // as torch.nn.functional.normalize (engine.NORM_EPS)
+constexpr double kEmoRatioEps = 1e-10;  // the official recipe's ce / (emo + 1e-10)
+
+// Per-row quantities of the target (emo.py _EMOGeometry); ê_j = e_j·key_scale_j without a normalised copy.
+struct EMOGeometry {
+  at::Tensor valid, column, target_logit, row_scale, key_scale, query, query_scale, self_cosine;
+
+  EMOGeometry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const at::Tensor& cost,
+              int64_t ignore_index) {
+    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    valid = target.ne(ignore_index);
+    column = at::where(valid, target, -1);
+    const at::Tensor safe = column.clamp_min(0);
+    target_logit = (x.to(acc) * w.index_select(0, safe).to(acc)).sum(1);
+    row_scale = at::ones_like(target_logit);
+    key_scale = at::linalg_vector_norm(cost, 2, {1}, false, acc).clamp_min(kNormEps).reciprocal();
+    query = cost.index_select(0, safe);
+    query_scale = key_scale.index_select(0, safe);
+    self_cosine = query.to(acc).pow(2).sum(1) * query_scale.pow(2);  // ê_t·ê_t: 1, or 0 for e_t = 0
+  }
+};
+
+// Σ_j p_nj·key_scale_j·cost_j, (N, E): p rebuilt per class chunk by streaming_grad_logits with
+// coef_p = 1, coef_u = 0 (engine.streaming_expectation).
+at::Tensor expectation(const at::Tensor& x, const at::Tensor& w, const EMOGeometry& geo, const at::Tensor& lse,
+                       const at::Tensor& cost, int64_t chunk) {
+  const int64_t N = x.size(0), C = w.size(0);
+  at::Tensor out = at::zeros({N, cost.size(1)}, lse.options());
+  if (N == 0) return out;
+  const at::Tensor ones = at::ones_like(lse), zeros = at::zeros_like(lse);
+  const at::Tensor target_prob = at::exp(geo.target_logit - lse);
+  for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+    const int64_t c1 = std::min(C, c0 + chunk);
+    const at::Tensor p = streaming_grad_logits(x, w, geo.row_scale, std::nullopt, std::nullopt, std::nullopt,
+                                               geo.column, lse, ones, zeros, target_prob, c0, c1);
+    const at::Tensor values = cost.narrow(0, c0, c1 - c0).to(lse.scalar_type()) *
+                              geo.key_scale.narrow(0, c0, c1 - c0).unsqueeze(1);
+    out.addmm_(p, values);
+  }
+  return out;
+}
+
+struct EMORows : public torch::autograd::Function<EMORows> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& w, const at::Tensor& target, const at::Tensor& cost,
+                                                int64_t ignore_index, int64_t class_chunk) {
+    const EMOGeometry geo(x, w, target, cost, ignore_index);
+    const int64_t chunk = loss::class_chunk(class_chunk, x.size(0), geo.target_logit.scalar_type());
+    const at::Tensor lse = std::get<0>(streaming_row_stats(x, w, geo.row_scale, std::nullopt, std::nullopt,
+                                                           std::nullopt, geo.column, geo.target_logit, false, chunk));
+    const at::Tensor expected = expectation(x, w, geo, lse, cost, chunk);
+    at::Tensor emo = 1.0 - geo.query_scale * (expected * geo.query.to(expected.scalar_type())).sum(1);
+    at::Tensor ce = lse - geo.target_logit;
+    ce = at::where(geo.valid, ce, at::zeros_like(ce));
+    emo = at::where(geo.valid, emo, at::zeros_like(emo));
+    ctx->save_for_backward({x, w, target, cost, lse, emo});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["class_chunk"] = chunk;
+    return {ce, emo};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &target = saved[2], &cost = saved[3], &lse = saved[4],
+                     &emo = saved[5];
+    const EMOGeometry geo(x, w, target, cost, ctx->saved_data["ignore_index"].toInt());
+    const at::Tensor zero = at::zeros_like(lse);
+    const auto per_row = [&](const at::Tensor& g) {
+      return g.defined() ? at::where(geo.valid, g.to(lse.scalar_type()), zero) : zero;
+    };
+    const at::Tensor g_ce = per_row(grad_outputs[0]), g_emo = per_row(grad_outputs[1]);
+    // dL/dz_j = g_ce·(p_j − δ_jt) + g_emo·p_j·(1 − L_emo − ê_j·ê_t)
+    const at::Tensor coef_p = g_ce + g_emo * (1.0 - emo);
+    const at::Tensor p_target = at::exp(geo.target_logit - lse);
+    const at::Tensor target_grad = p_target * (coef_p - g_emo * geo.self_cosine) - g_ce;
+    const bool need_w = ctx->needs_input_grad(1);
+    const auto [grad_x, grad_w, unused_bias] =
+        streaming_grads(x, w, geo.row_scale, std::nullopt, std::nullopt, std::nullopt, geo.column, lse, coef_p,
+                        zero, target_grad, /*need_bias_grad=*/false, need_w, ctx->saved_data["class_chunk"].toInt(),
+                        geo.query, geo.query_scale, cost, geo.key_scale, g_emo);
+    return {grad_x.to(x.scalar_type()), need_w ? grad_w.to(w.scalar_type()) : at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// (ce, emo, valid) per row.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emo_rows(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                                        const at::Tensor& target, const at::Tensor& cost_embedding,
+                                                        const EMOOptions& o) {
+  loss::check_classification_inputs(op, x, w, target, o.ignore_index, o.reduction);
+  const at::Tensor cost = cost_embedding.defined() ? cost_embedding : w.detach();
+  TORCH_CHECK(cost.dim() == 2 && cost.size(0) == w.size(0) && cost.device().is_cpu() &&
+                  at::isFloatingType(cost.scalar_type()),
+              op, ": cost_embedding must be a floating-point (C=", w.size(0), ", E) CPU tensor, got ", cost.sizes());
+  const at::Tensor t = target.to(at::kLong);
+  const auto rows = EMORows::apply(x, w, t, cost.detach(), o.ignore_index, o.class_chunk);
+  return {rows[0], rows[1], t.ne(o.ignore_index)};
+}
+
+}  // namespace
+
+at::Tensor emo_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                    const at::Tensor& cost_embedding, const EMOOptions& o) {
+  const auto [ce, emo, valid] = emo_rows("marginkern::emo_loss", x, w, target, cost_embedding, o);
+  return loss::reduce(emo, valid, o.reduction);
+}
+
+at::Tensor emo_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                             const at::Tensor& cost_embedding, const EMOOptions& o) {
+  const auto [ce, emo, valid] = emo_rows("marginkern::emo_cross_entropy", x, w, target, cost_embedding, o);
+  const at::Tensor rows = 0.5 * (ce + (ce / (emo + kEmoRatioEps)).detach() * emo);
+  return loss::reduce(rows, valid, o.reduction);
+}
+
+}  // namespace marginkern
