@@ -1,14 +1,17 @@
 """The tile backends of the compiled extensions: C++ on the CPU (csrc/cpu, the optional extension
 marginkern._C) and hand-written CUDA on the GPU (csrc/cuda, the optional extension marginkern._C_cuda).
 
-marginkern._C registers five ops with CPU kernels (schemas in csrc/cpu/streaming_ce.cpp, math in
-csrc/cpu/streaming_ce.h and marginkern/engine.py):
+marginkern._C registers the engine's five class-streaming ops with CPU kernels (schemas in
+csrc/cpu/streaming_ce.cpp, math in csrc/cpu/streaming_ce.h and marginkern/engine.py):
 
     torch.ops.marginkern.streaming_row_stats     the engine's forward step: (lse, Σ_j z)
     torch.ops.marginkern.streaming_grad_logits   dL/da for one class chunk (the tile contract's step)
     torch.ops.marginkern.streaming_grads         the engine's whole backward chunk loop: dX, raw dW, dbias
     torch.ops.marginkern.row_stats_of_dots       the 3-GEMM path's epilogue over a block of dot products:
     torch.ops.marginkern.grads_of_dots_          (lse, Σ_j z), then dL/da in place
+
+and the C++ losses' per-row halves (csrc/cpu/loss_ops.cpp: margin_ce_rows, margin_ce_rows_backward), which
+the loss ops of marginkern/ops.py run on the cpp backend.
 
 marginkern._C_cuda adds CUDA kernels for the first, second and last two (cuBLAS GEMMs per chunk, the
 epilogue in csrc/cuda/epilogue_kernels.cu); on the GPU the engine's own loop runs the backward GEMMs.
@@ -178,6 +181,17 @@ if LOAD_ERROR is None:
     @torch.library.register_fake("marginkern::grads_of_dots_")
     def _(dots, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad):
         return None
+
+    @torch.library.register_fake("marginkern::margin_ce_rows")
+    def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
+        acc, n = accumulation_dtype(input.dtype), input.shape[0]
+        return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc), input.new_empty((n, 4), dtype=acc),
+                input.new_empty((weight.shape[0] if normalize else 0,), dtype=acc))
+
+    @torch.library.register_fake("marginkern::margin_ce_rows_backward")
+    def _(grad_rows, input, weight, target, lse, row_state, col_norm, scale, m1, m2, m3, normalize, exact_margin_grad,
+          label_smoothing, ignore_index, need_weight_grad):
+        return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
 
     @torch.library.register_fake("marginkern::streaming_grads")
     def _(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad, need_bias_grad,

@@ -40,6 +40,12 @@ def _or_empty(grad, like):
     return grad if grad is not None else like.new_empty((0,))
 
 
+def _margin_scalars(opts: MarginOptions):
+    """MarginOptions as the scalar arguments of the C++ ops (csrc/cpu/loss_ops.cpp), in schema order."""
+    return (opts.scale, opts.m1, opts.m2, opts.m3, opts.normalize, opts.exact_margin_grad, opts.label_smoothing,
+            opts.ignore_index)
+
+
 @torch.library.custom_op("marginkern::margin_cross_entropy", mutates_args=())
 @_without_autocast
 def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: float, m1: float, m2: float,
@@ -50,8 +56,10 @@ def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: f
     check_target_values(target, weight.shape[0], ignore_index)
     opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
-    return margin_ce_forward(input, weight, target, opts, select_tiles(input.device, input.dtype),
-                             keep_geometry=True)
+    tiles = select_tiles(input.device, input.dtype)
+    if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/margin_loss.cpp), the same math
+        return torch.ops.marginkern.margin_ce_rows(input, weight, target, *_margin_scalars(opts))
+    return margin_ce_forward(input, weight, target, opts, tiles, keep_geometry=True)
 
 
 @margin_cross_entropy.register_fake
@@ -73,8 +81,11 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
     not `need_weight_grad` (a frozen head skips the dW GEMM). row_state and col_norm are the forward op's."""
     opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
-    grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts,
-                                        select_tiles(input.device, input.dtype), need_weight_grad,
+    tiles = select_tiles(input.device, input.dtype)
+    if tiles.name == "cpp":
+        return torch.ops.marginkern.margin_ce_rows_backward(grad_loss, input, weight, target, lse, row_state, col_norm,
+                                                            *_margin_scalars(opts), need_weight_grad)
+    grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts, tiles, need_weight_grad,
                                         saved=(row_state, col_norm))
     return grad_x, _or_empty(grad_w, weight)
 

@@ -41,22 +41,31 @@ at::Tensor margin_slope(const at::Tensor& cosine, const MarginLossOptions& o) {
 }
 
 // The per-row quantities of the target column (margin_ce.py _TargetGeometry), in the accumulation dtype.
+// From scratch in the forward pass; in the backward pass from the forward's saved (N, 4) row state
+// [‖x‖, ‖w_y‖, cos, ψ] and (C,) class-centre norms, the same layout as the Python op's.
 struct TargetGeometry {
-  at::Tensor valid, column, xf, w_target, x_norm, w_target_norm, cosine, psi, col_norm, row_scale, target_logit;
+  at::Tensor valid, column, xf, x_norm, w_target_norm, cosine, psi, col_norm, row_scale, target_logit;
 
-  TargetGeometry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o) {
+  TargetGeometry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o,
+                 const at::Tensor& row_state = at::Tensor(), const at::Tensor& saved_col_norm = at::Tensor()) {
     const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     valid = target.ne(o.ignore_index);
     column = at::where(valid, target, -1);
     xf = x.to(acc);
-    w_target = w.index_select(0, column.clamp_min(0)).to(acc) * valid.unsqueeze(1);
-    x_norm = at::linalg_vector_norm(xf, 2, {1}).clamp_min(kNormEps);
-    w_target_norm = at::linalg_vector_norm(w_target, 2, {1}).clamp_min(kNormEps);
-    cosine = ((xf * w_target).sum(1) / (x_norm * w_target_norm)).clamp(-1.0, 1.0);
-    psi = margin_psi(cosine, o);
+    if (row_state.defined()) {
+      const auto parts = row_state.to(acc).unbind(1);
+      x_norm = parts[0], w_target_norm = parts[1], cosine = parts[2], psi = parts[3];
+      if (o.normalize) col_norm = saved_col_norm.to(acc);
+    } else {
+      const at::Tensor w_target = target_rows(w, acc);
+      x_norm = at::linalg_vector_norm(xf, 2, {1}).clamp_min(kNormEps);
+      w_target_norm = at::linalg_vector_norm(w_target, 2, {1}).clamp_min(kNormEps);
+      cosine = ((xf * w_target).sum(1) / (x_norm * w_target_norm)).clamp(-1.0, 1.0);
+      psi = margin_psi(cosine, o);
+      if (o.normalize) col_norm = at::linalg_vector_norm(w, 2, {1}, false, acc).clamp_min(kNormEps);
+    }
     at::Tensor logit;
     if (o.normalize) {
-      col_norm = at::linalg_vector_norm(w, 2, {1}, false, acc).clamp_min(kNormEps);
       row_scale = o.scale / x_norm;
       logit = o.scale * psi;
     } else {
@@ -66,10 +75,30 @@ struct TargetGeometry {
     target_logit = at::where(valid, logit, at::zeros_like(logit));
   }
 
+  // w_{y_n} in the accumulation dtype, zeros on ignored rows.
+  at::Tensor target_rows(const at::Tensor& w, at::ScalarType acc) const {
+    return w.index_select(0, column.clamp_min(0)).to(acc) * valid.unsqueeze(1);
+  }
+
   std::optional<at::Tensor> col_scale() const {
     return col_norm.defined() ? std::optional<at::Tensor>(col_norm.reciprocal()) : std::nullopt;
   }
+
+  at::Tensor row_state() const { return at::stack({x_norm, w_target_norm, cosine, psi}, 1); }
 };
+
+// dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖ in place of the raw gradient (which holds (dL/dŵ)/‖w‖), over blocks of
+// rows: a (C, D) temporary would double the backward pass's memory (engine.project_out_rows).
+void project_out_rows_(const at::Tensor& grad_w, const at::Tensor& w, const at::Tensor& col_norm) {
+  const int64_t C = w.size(0), D = std::max<int64_t>(1, w.size(1));
+  const int64_t rows = std::max<int64_t>(1, (int64_t{4} << 20) / (D * grad_w.element_size()));
+  for (int64_t c0 = 0; c0 < C; c0 += rows) {
+    const int64_t n = std::min(rows, C - c0);
+    at::Tensor g = grad_w.narrow(0, c0, n);
+    const at::Tensor wf = w.narrow(0, c0, n).to(grad_w.scalar_type());
+    g.sub_(wf * ((wf * g).sum(1) * col_norm.narrow(0, c0, n).pow(-2)).unsqueeze(1));
+  }
+}
 
 // The options travel in the autograd context as plain IValues.
 void save_options(torch::autograd::AutogradContext* ctx, const MarginLossOptions& o) {
@@ -92,58 +121,22 @@ MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
 struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& target, const MarginLossOptions& o) {
-    const TargetGeometry geo(x, w, target, o);
-    const int64_t C = w.size(0);
-    const double eps = o.label_smoothing;
-    const auto [lse, sum_logits] =
-        streaming_row_stats(x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column,
-                            geo.target_logit, eps > 0, loss::class_chunk(o.class_chunk, x.size(0), geo.xf.scalar_type()));
-    at::Tensor rows = lse - (1.0 - eps) * geo.target_logit;
-    if (eps > 0) rows = rows - (eps / static_cast<double>(C)) * sum_logits;
-    rows = at::where(geo.valid, rows, at::zeros_like(rows));
-    ctx->save_for_backward({x, w, target, lse});
+    const auto [rows, lse, row_state, col_norm] = margin_ce_rows(x, w, target, o);
+    ctx->save_for_backward({x, w, target, lse, row_state, col_norm});
     save_options(ctx, o);
-    return loss::reduce(rows, geo.valid, o.reduction);
+    return loss::reduce(rows, target.ne(o.ignore_index), o.reduction);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &target = saved[2], &lse = saved[3];
+    const at::Tensor &x = saved[0], &w = saved[1], &target = saved[2];
     const MarginLossOptions o = saved_options(ctx);
-    const TargetGeometry geo(x, w, target, o);  // recomputed: O(N·D), instead of saved
-    const at::ScalarType acc = geo.xf.scalar_type();
-    const double eps = o.label_smoothing, s = o.scale, C = static_cast<double>(w.size(0));
-    const at::Tensor g = loss::row_grads(grad_outputs[0], geo.valid, o.reduction, acc);
-    const at::Tensor p_target = at::exp(geo.target_logit - lse);
-    const at::Tensor grad_target_logit = g * (p_target - (1.0 - eps) - eps / C);
-    const at::Tensor slope = margin_slope(geo.cosine, o);
-    // dT/da_y with the norms held fixed (normalize: the projections below chain through x̂ and ŵ); without
-    // normalize, T also depends on the norms: the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x and ·w_y.
-    const at::Tensor target_grad =
-        o.normalize ? grad_target_logit * s * slope / (geo.x_norm * geo.w_target_norm) : grad_target_logit * s * slope;
+    const at::ScalarType acc = saved[3].scalar_type();
+    const at::Tensor g = loss::row_grads(grad_outputs[0], target.ne(o.ignore_index), o.reduction, acc);
     const bool need_w = ctx->needs_input_grad(1);
-    auto [grad_x, grad_w, unused_bias] =
-        streaming_grads(x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column, lse, g,
-                        g * (eps / C), target_grad, /*need_bias_grad=*/false, need_w,
-                        loss::class_chunk(o.class_chunk, x.size(0), acc));
-    if (o.normalize) {
-      const at::Tensor x_hat = geo.xf / geo.x_norm.unsqueeze(1);
-      grad_x = grad_x - (x_hat * grad_x).sum(1, true) * x_hat;
-      if (need_w) {  // dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖; the raw gradient already holds (dL/dŵ)/‖w‖
-        const at::Tensor wf = w.to(acc);
-        grad_w = grad_w - wf * ((wf * grad_w).sum(1) * geo.col_norm.pow(-2)).unsqueeze(1);
-      }
-    } else {
-      const at::Tensor radial = grad_target_logit * s * (geo.psi - geo.cosine * slope);
-      grad_x = grad_x + (radial * geo.w_target_norm / geo.x_norm).unsqueeze(1) * geo.xf;
-      if (need_w) {
-        const at::Tensor w_radial = radial * geo.x_norm / geo.w_target_norm;
-        grad_w = grad_w.index_add(0, geo.column.clamp_min(0), w_radial.unsqueeze(1) * geo.w_target);
-      }
-    }
-    return {grad_x.to(x.scalar_type()), need_w ? grad_w.to(w.scalar_type()) : at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    const auto [grad_x, grad_w] = margin_ce_rows_backward(g, x, w, target, saved[3], saved[4], saved[5], o, need_w);
+    return {grad_x, need_w ? grad_w : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -159,6 +152,56 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ta
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows(const at::Tensor& x, const at::Tensor& w,
+                                                                          const at::Tensor& target,
+                                                                          const MarginLossOptions& o) {
+  const TargetGeometry geo(x, w, target, o);
+  const double eps = o.label_smoothing, C = static_cast<double>(w.size(0));
+  const auto [lse, sum_logits] =
+      streaming_row_stats(x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column,
+                          geo.target_logit, eps > 0, loss::class_chunk(o.class_chunk, x.size(0), geo.xf.scalar_type()));
+  at::Tensor rows = lse - (1.0 - eps) * geo.target_logit;
+  if (eps > 0) rows = rows - (eps / C) * sum_logits;
+  rows = at::where(geo.valid, rows, at::zeros_like(rows));
+  const at::Tensor col_norm = geo.col_norm.defined() ? geo.col_norm : geo.x_norm.new_empty({0});
+  return {rows, lse, geo.row_state(), col_norm};
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& grad_rows, const at::Tensor& x,
+                                                           const at::Tensor& w, const at::Tensor& target,
+                                                           const at::Tensor& lse, const at::Tensor& row_state,
+                                                           const at::Tensor& col_norm, const MarginLossOptions& o,
+                                                           bool need_weight_grad) {
+  const TargetGeometry geo(x, w, target, o, row_state, col_norm);
+  const at::ScalarType acc = geo.xf.scalar_type();
+  const double eps = o.label_smoothing, s = o.scale, C = static_cast<double>(w.size(0));
+  const at::Tensor g = at::where(geo.valid, grad_rows.to(acc), at::zeros_like(geo.x_norm));
+  const at::Tensor p_target = at::exp(geo.target_logit - lse.to(acc));
+  const at::Tensor grad_target_logit = g * (p_target - (1.0 - eps) - eps / C);
+  const at::Tensor slope = margin_slope(geo.cosine, o);
+  // dT/da_y with the norms held fixed (normalize: the projections below chain through x̂ and ŵ); without
+  // normalize, T also depends on the norms: the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x and ·w_y.
+  const at::Tensor target_grad =
+      o.normalize ? grad_target_logit * s * slope / (geo.x_norm * geo.w_target_norm) : grad_target_logit * s * slope;
+  auto [grad_x, grad_w, unused_bias] =
+      streaming_grads(x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column, lse, g,
+                      g * (eps / C), target_grad, /*need_bias_grad=*/false, need_weight_grad,
+                      loss::class_chunk(o.class_chunk, x.size(0), acc));
+  if (o.normalize) {
+    const at::Tensor x_hat = geo.xf / geo.x_norm.unsqueeze(1);
+    grad_x = grad_x - (x_hat * grad_x).sum(1, true) * x_hat;
+    if (need_weight_grad) project_out_rows_(grad_w, w, geo.col_norm);
+  } else {
+    const at::Tensor radial = grad_target_logit * s * (geo.psi - geo.cosine * slope);
+    grad_x = grad_x + (radial * geo.w_target_norm / geo.x_norm).unsqueeze(1) * geo.xf;
+    if (need_weight_grad) {
+      const at::Tensor w_radial = radial * geo.x_norm / geo.w_target_norm;
+      grad_w.index_add_(0, geo.column.clamp_min(0), w_radial.unsqueeze(1) * geo.target_rows(w, acc));
+    }
+  }
+  return {grad_x.to(x.scalar_type()), need_weight_grad ? grad_w.to(w.scalar_type()) : w.new_empty({0})};
+}
 
 at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
                                 const MarginLossOptions& options) {

@@ -5,14 +5,16 @@
 // class centre w_y, the target logit is T = s·ψ(c), ψ(c) = (−1)^k cos(m1·θ + m2) − 2k − m3,
 // k = ⌊(m1·θ + m2)/π⌋, every other logit s·cos; without `normalize`, logits are s·x·wᵀ and
 // T = s·‖x‖‖w_y‖·ψ(c). It streams over class chunks through the CPU ops of streaming_ce.h, so the N × C
-// logits never exist. The Python package does not use this file (its ops run the same steps from
-// Python, on every backend); tests: csrc/tests/test_margin_loss.cpp against a naive LibTorch computation.
+// logits never exist. The Python package runs the per-row halves below on the CPU (csrc/cpu/loss_ops.cpp
+// registers them); tests: csrc/tests/test_margin_loss.cpp against a naive LibTorch computation, and the
+// Python suite through the package's ops.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 
 namespace marginkern {
 
@@ -33,5 +35,18 @@ struct MarginLossOptions {
 // fp64 inputs): a scalar, or (N,) per-row losses for reduction "none"; gradients flow to x and w.
 at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
                                 const MarginLossOptions& options = {});
+
+// The two halves, per row and without autograd (the ops torch.ops.marginkern.margin_ce_rows{,_backward}
+// that the Python package runs on the CPU; options.reduction and the argument checks are the caller's):
+// (per-row loss, lse, (N, 4) target geometry [‖x‖, ‖w_y‖, cos θ, ψ], (C,) class-centre norms or (0,)),
+// then (dL/dx, dL/dw or (0,)) for the per-row loss gradient grad_rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows(const at::Tensor& x, const at::Tensor& w,
+                                                                          const at::Tensor& target,
+                                                                          const MarginLossOptions& options);
+std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& grad_rows, const at::Tensor& x,
+                                                           const at::Tensor& w, const at::Tensor& target,
+                                                           const at::Tensor& lse, const at::Tensor& row_state,
+                                                           const at::Tensor& col_norm, const MarginLossOptions& options,
+                                                           bool need_weight_grad);
 
 }  // namespace marginkern
