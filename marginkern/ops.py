@@ -121,6 +121,11 @@ def _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
                            None if softcap is None else float(softcap), float(focal_gamma), float(gamma_ce))
 
 
+def _linear_scalars(opts: LinearCEOptions):
+    """LinearCEOptions as the scalar arguments of the C++ ops (csrc/cpu/loss_ops.cpp), in schema order."""
+    return (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, opts.focal_gamma, opts.gamma_ce)
+
+
 @torch.library.custom_op("marginkern::linear_cross_entropy", mutates_args=())
 @_without_autocast
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
@@ -131,7 +136,10 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     check_target_values(target, weight.shape[0], ignore_index)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     input, weight = input.contiguous(), weight.contiguous()
-    return linear_ce_forward(input, weight, target, bias, opts, select_tiles(input.device, input.dtype))
+    tiles = select_tiles(input.device, input.dtype)
+    if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/linear_ce_loss.cpp), the same math
+        return torch.ops.marginkern.linear_ce_rows(input, weight, target, bias, *_linear_scalars(opts))
+    return linear_ce_forward(input, weight, target, bias, opts, tiles)
 
 
 @linear_cross_entropy.register_fake
@@ -152,9 +160,13 @@ def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
     """(dL/dinput, dL/dweight, dL/dbias); a gradient not needed (or of an absent bias) is empty (0,)."""
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     input, weight = input.contiguous(), weight.contiguous()
-    grad_x, grad_w, grad_b = linear_ce_backward(grad_loss, input, weight, target, bias, lse, opts,
-                                                select_tiles(input.device, input.dtype), need_weight_grad,
-                                                need_bias_grad, grad_filter_eps)
+    tiles = select_tiles(input.device, input.dtype)
+    if tiles.name == "cpp" and grad_filter_eps is None:  # filtering runs in the engine's Python loop
+        return torch.ops.marginkern.linear_ce_rows_backward(grad_loss, input, weight, target, bias, lse,
+                                                            *_linear_scalars(opts), need_weight_grad,
+                                                            need_bias_grad)
+    grad_x, grad_w, grad_b = linear_ce_backward(grad_loss, input, weight, target, bias, lse, opts, tiles,
+                                                need_weight_grad, need_bias_grad, grad_filter_eps)
     return grad_x, _or_empty(grad_w, weight), _or_empty(grad_b, weight)
 
 

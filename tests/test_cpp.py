@@ -180,6 +180,36 @@ def test_emo_matches_oracle(force_cpp, own_cost):
     assert_close_rel(gw, rw, torch.float32, "grad weight")
 
 
+LINEAR_OPTIONS = [dict(), dict(softcap=3.0, label_smoothing=0.1, z_loss=1e-3), dict(focal_gamma=2.0),
+                  dict(gamma_ce=0.3, softcap=5.0)]
+
+
+@requires_cpp
+@pytest.mark.parametrize("case", [("margin", o) for o in MARGIN_OPTIONS] + [("linear", o) for o in LINEAR_OPTIONS]
+                         + [("linear+bias", o) for o in LINEAR_OPTIONS[:2]])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpp_loss_ops_equal_the_python_engine(monkeypatch, case, reduction):
+    """On the cpp backend the loss ops run in C++ (margin_ce_rows, linear_ce_rows); on the reference backend
+    the same steps run from Python (margin_ce.py, linear_ce.py over TorchTiles): both must agree to float64
+    rounding, forward and every gradient, so that the Python path the GPU backends use stays checked on the CPU."""
+    loss_name, opts = case
+    x, w, t = make_case(23, 97, 11, torch.float64, ignore=(3, 4))
+    bias = torch.randn(97, dtype=torch.float64) if loss_name == "linear+bias" else None
+    results = []
+    for backend in ("cpp", "reference"):
+        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+        leaves = [v.detach().requires_grad_() for v in (x, w) + ((bias,) if bias is not None else ())]
+        if loss_name == "margin":
+            loss = mk.margin_cross_entropy(leaves[0], leaves[1], t, reduction=reduction, **opts)
+        else:
+            loss = mk.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2] if bias is not None else None,
+                                           reduction=reduction, **opts)
+        seed = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        results.append((loss.detach(),) + torch.autograd.grad(loss, leaves, seed))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
 SPECIAL_ROWS = {  # logits of one row each (C = 9), as torch.logsumexp must see them
     "normal": [0.5, -1.0, 3.0, 2.0, -4.0, 0.0, 1.0, 7.0, -2.0],
     "all -inf": [-math.inf] * 9,

@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
+#include <tuple>
 #include <utility>
 
 #include "loss_reduction.h"
@@ -85,47 +86,64 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& target, const at::Tensor& bias_or_empty, bool has_bias, const Options& o) {
     const at::Tensor bias = has_bias ? bias_or_empty : at::Tensor();
-    const TargetLogits tgt(x, w, target, bias, o);
-    const double eps = o.label_smoothing, C = static_cast<double>(w.size(0));
-    const auto [lse, sum_logits] = streaming_row_stats(
-        x, w, tgt.row_scale, std::nullopt, tgt.bias_arg(bias), o.softcap, tgt.column, tgt.logit, eps > 0,
-        loss::class_chunk(o.class_chunk, x.size(0), tgt.logit.scalar_type()));
-    at::Tensor rows = (1.0 - eps) * target_term(tgt.logit - lse, o).first;
-    if (eps > 0) rows = rows + eps * lse - (eps / C) * sum_logits;
-    if (o.z_loss > 0) rows = rows + o.z_loss * lse * lse;
-    rows = at::where(tgt.valid, rows, at::zeros_like(rows));
+    const auto [rows, lse] = linear_ce_rows(x, w, target, bias, o);
     ctx->save_for_backward({x, w, target, bias_or_empty, lse});
     ctx->saved_data["has_bias"] = has_bias;
     save_options(ctx, o);
-    return loss::reduce(rows, tgt.valid, o.reduction);
+    return loss::reduce(rows, target.ne(o.ignore_index), o.reduction);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &target = saved[2], &lse = saved[4];
-    const at::Tensor bias = ctx->saved_data["has_bias"].toBool() ? saved[3] : at::Tensor();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const at::Tensor bias = has_bias ? saved[3] : at::Tensor();
     const Options o = saved_options(ctx);
-    const TargetLogits tgt(x, w, target, bias, o);  // recomputed: O(N·D), instead of saved
-    const at::ScalarType acc = tgt.logit.scalar_type();
-    const double eps = o.label_smoothing, C = static_cast<double>(w.size(0));
-    // dL/dz_j = coef_p·p_j − coef_u + [j = t]·(1−ε)·f'(u)
-    const at::Tensor g = loss::row_grads(grad_outputs[0], tgt.valid, o.reduction, acc);
-    const at::Tensor u = tgt.logit - lse;
-    const at::Tensor df = target_term(u, o).second;
-    const at::Tensor coef_p = g * (-(1.0 - eps) * df + eps + 2.0 * o.z_loss * lse);
-    const at::Tensor coef_u = g * (eps / C);
-    const at::Tensor target_grad = (coef_p * at::exp(u) - coef_u + g * (1.0 - eps) * df) * tgt.slope;
-    const bool need_w = ctx->needs_input_grad(1), need_bias = bias.defined() && ctx->needs_input_grad(3);
-    const auto [grad_x, grad_w, grad_bias] = streaming_grads(
-        x, w, tgt.row_scale, std::nullopt, tgt.bias_arg(bias), o.softcap, tgt.column, lse, coef_p, coef_u,
-        target_grad, need_bias, need_w, loss::class_chunk(o.class_chunk, x.size(0), acc));
-    return {grad_x.to(x.scalar_type()), need_w ? grad_w.to(w.scalar_type()) : at::Tensor(), at::Tensor(),
-            need_bias ? grad_bias.to(bias.scalar_type()) : at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor g = loss::row_grads(grad_outputs[0], target.ne(o.ignore_index), o.reduction, lse.scalar_type());
+    const bool need_w = ctx->needs_input_grad(1), need_bias = has_bias && ctx->needs_input_grad(3);
+    const auto [grad_x, grad_w, grad_bias] = linear_ce_rows_backward(g, x, w, target, bias, lse, o, need_w, need_bias);
+    return {grad_x, need_w ? grad_w : at::Tensor(), at::Tensor(), need_bias ? grad_bias : at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_ce_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                                                  const at::Tensor& bias, const Options& o) {
+  const TargetLogits tgt(x, w, target, bias, o);
+  const double eps = o.label_smoothing, C = static_cast<double>(w.size(0));
+  const auto [lse, sum_logits] =
+      streaming_row_stats(x, w, tgt.row_scale, std::nullopt, tgt.bias_arg(bias), o.softcap, tgt.column, tgt.logit,
+                          eps > 0, loss::class_chunk(o.class_chunk, x.size(0), tgt.logit.scalar_type()));
+  at::Tensor rows = (1.0 - eps) * target_term(tgt.logit - lse, o).first;
+  if (eps > 0) rows = rows + eps * lse - (eps / C) * sum_logits;
+  if (o.z_loss > 0) rows = rows + o.z_loss * lse * lse;
+  return {at::where(tgt.valid, rows, at::zeros_like(rows)), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_rows_backward(
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+    const at::Tensor& bias, const at::Tensor& lse, const Options& o, bool need_weight_grad, bool need_bias_grad) {
+  const TargetLogits tgt(x, w, target, bias, o);  // recomputed: O(N·D), instead of saved
+  const at::ScalarType acc = tgt.logit.scalar_type();
+  const double eps = o.label_smoothing, C = static_cast<double>(w.size(0));
+  // dL/dz_j = coef_p·p_j − coef_u + [j = t]·(1−ε)·f'(u)
+  const at::Tensor lse_acc = lse.to(acc);
+  const at::Tensor g = at::where(tgt.valid, grad_rows.to(acc), at::zeros_like(lse_acc));
+  const at::Tensor u = tgt.logit - lse_acc;
+  const at::Tensor df = target_term(u, o).second;
+  const at::Tensor coef_p = g * (-(1.0 - eps) * df + eps + 2.0 * o.z_loss * lse_acc);
+  const at::Tensor coef_u = g * (eps / C);
+  const at::Tensor target_grad = (coef_p * at::exp(u) - coef_u + g * (1.0 - eps) * df) * tgt.slope;
+  need_bias_grad = need_bias_grad && bias.defined();
+  const auto [grad_x, grad_w, grad_bias] = streaming_grads(
+      x, w, tgt.row_scale, std::nullopt, tgt.bias_arg(bias), o.softcap, tgt.column, lse_acc, coef_p, coef_u,
+      target_grad, need_bias_grad, need_weight_grad, loss::class_chunk(o.class_chunk, x.size(0), acc));
+  return {grad_x.to(x.scalar_type()), need_weight_grad ? grad_w.to(w.scalar_type()) : w.new_empty({0}),
+          need_bias_grad ? grad_bias.to(bias.scalar_type()) : w.new_empty({0})};
+}
 
 at::Tensor linear_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
                                 const at::Tensor& bias, const LinearCrossEntropyOptions& o) {

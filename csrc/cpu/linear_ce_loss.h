@@ -4,7 +4,8 @@
 //     L = (1−ε)·f(u) + ε·lse − (ε/C)·Σ_j z_j + z_loss·lse²,
 //     f(u) = −u (CE), −(1 − e^u)^γ·u (focal_gamma = γ), −log(γ + (1−γ)e^u)/(1−γ) (gamma_ce = γ).
 // Streams over class chunks through the CPU ops of streaming_ce.h: the N × V logits never exist (the
-// backward pass recomputes them: 4 GEMMs). Tests: csrc/tests/test_linear_ce_loss.cpp.
+// backward pass recomputes them: 4 GEMMs). The Python package runs the per-row halves below on the CPU
+// (csrc/cpu/loss_ops.cpp). Tests: csrc/tests/test_linear_ce_loss.cpp, and the Python suite.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace marginkern {
 
@@ -30,5 +32,15 @@ struct LinearCrossEntropyOptions {
 // undefined. fp32 result (fp64 for fp64 inputs); gradients flow to x, w and bias.
 at::Tensor linear_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
                                 const at::Tensor& bias = at::Tensor(), const LinearCrossEntropyOptions& options = {});
+
+// The two halves, per row and without autograd (the ops torch.ops.marginkern.linear_ce_rows{,_backward}
+// that the Python package runs on the CPU; options.reduction and the argument checks are the caller's):
+// (per-row loss, lse), then (dL/dx, dL/dw or (0,), dL/dbias or (0,)) for the per-row loss gradient.
+std::tuple<at::Tensor, at::Tensor> linear_ce_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                                                  const at::Tensor& bias, const LinearCrossEntropyOptions& options);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_rows_backward(
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+    const at::Tensor& bias, const at::Tensor& lse, const LinearCrossEntropyOptions& options, bool need_weight_grad,
+    bool need_bias_grad);
 
 }  // namespace marginkern

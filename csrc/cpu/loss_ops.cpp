@@ -3,6 +3,7 @@
 // the gradients. Options arrive as the Python ops' scalars; the Python side has checked them.
 #include <torch/library.h>
 
+#include "linear_ce_loss.h"
 #include "margin_loss.h"
 
 namespace marginkern {
@@ -33,6 +34,33 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward_op(
       margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index), need_weight_grad);
 }
 
+LinearCrossEntropyOptions linear_options(int64_t ignore_index, double label_smoothing, double z_loss,
+                                         std::optional<double> softcap, double focal_gamma, double gamma_ce) {
+  LinearCrossEntropyOptions o;
+  o.ignore_index = ignore_index, o.label_smoothing = label_smoothing, o.z_loss = z_loss, o.softcap = softcap;
+  o.focal_gamma = focal_gamma, o.gamma_ce = gamma_ce;
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_ce_rows_op(const at::Tensor& input, const at::Tensor& weight,
+                                                     const at::Tensor& target, const std::optional<at::Tensor>& bias,
+                                                     int64_t ignore_index, double label_smoothing, double z_loss,
+                                                     std::optional<double> softcap, double focal_gamma,
+                                                     double gamma_ce) {
+  return linear_ce_rows(input, weight, target.to(at::kLong), bias.value_or(at::Tensor()),
+                        linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_rows_backward_op(
+    const at::Tensor& grad_rows, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index, double label_smoothing,
+    double z_loss, std::optional<double> softcap, double focal_gamma, double gamma_ce, bool need_weight_grad,
+    bool need_bias_grad) {
+  return linear_ce_rows_backward(grad_rows, input, weight, target.to(at::kLong), bias.value_or(at::Tensor()), lse,
+                                 linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce),
+                                 need_weight_grad, need_bias_grad);
+}
+
 }  // namespace
 }  // namespace marginkern
 
@@ -46,9 +74,20 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
       "Tensor row_state, Tensor col_norm, float scale, float m1, float m2, float m3, bool normalize, "
       "bool exact_margin_grad, float label_smoothing, int ignore_index, bool need_weight_grad) "
       "-> (Tensor grad_input, Tensor grad_weight)");
+  m.def(
+      "linear_ce_rows(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
+      "float label_smoothing, float z_loss, float? softcap, float focal_gamma, float gamma_ce) "
+      "-> (Tensor loss_rows, Tensor lse)");
+  m.def(
+      "linear_ce_rows_backward(Tensor grad_rows, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
+      "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float? softcap, float focal_gamma, "
+      "float gamma_ce, bool need_weight_grad, bool need_bias_grad) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
   m.impl("margin_ce_rows", TORCH_FN(marginkern::margin_ce_rows_op));
   m.impl("margin_ce_rows_backward", TORCH_FN(marginkern::margin_ce_rows_backward_op));
+  m.impl("linear_ce_rows", TORCH_FN(marginkern::linear_ce_rows_op));
+  m.impl("linear_ce_rows_backward", TORCH_FN(marginkern::linear_ce_rows_backward_op));
 }
