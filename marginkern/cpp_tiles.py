@@ -10,8 +10,8 @@ csrc/cpu/streaming_ce.cpp, math in csrc/cpu/streaming_ce.h and marginkern/engine
     torch.ops.marginkern.row_stats_of_dots       the 3-GEMM path's epilogue over a block of dot products:
     torch.ops.marginkern.grads_of_dots_          (lse, Σ_j z), then dL/da in place
 
-and the C++ losses' per-row halves (csrc/cpu/loss_ops.cpp: margin_ce_rows, linear_ce_rows and their
-backwards), which the loss ops of marginkern/ops.py run on the cpp backend.
+and the C++ losses' per-row halves (csrc/cpu/loss_ops.cpp: margin_ce_rows, linear_ce_rows, emo_rows and
+their backwards), which the loss ops of marginkern/ops.py run on the cpp backend.
 
 marginkern._C_cuda adds CUDA kernels for the first, second and last two (cuBLAS GEMMs per chunk, the
 epilogue in csrc/cuda/epilogue_kernels.cu); on the GPU the engine's own loop runs the backward GEMMs.
@@ -203,6 +203,15 @@ if LOAD_ERROR is None:
           gamma_ce, need_weight_grad, need_bias_grad):
         grad_b = bias.new_empty(bias.shape) if bias is not None and need_bias_grad else weight.new_empty((0,))
         return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,)), grad_b
+
+    @torch.library.register_fake("marginkern::emo_rows")
+    def _(input, weight, target, cost_embedding, ignore_index):
+        acc, n = accumulation_dtype(input.dtype), input.shape[0]
+        return tuple(input.new_empty((n,), dtype=acc) for _ in range(3))
+
+    @torch.library.register_fake("marginkern::emo_rows_backward")
+    def _(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ignore_index, need_weight_grad):
+        return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
 
     @torch.library.register_fake("marginkern::streaming_grads")
     def _(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad, need_bias_grad,

@@ -263,8 +263,10 @@ def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedd
     """(per-row CE, per-row EMO, per-row log-sum-exp) of z = x·wᵀ; cost_embedding gets no gradient."""
     check_target_values(target, weight.shape[0], ignore_index)
     input, weight, cost_embedding = input.contiguous(), weight.contiguous(), cost_embedding.contiguous()
-    return emo_forward(input, weight, target, cost_embedding, int(ignore_index),
-                       select_tiles(input.device, input.dtype))
+    tiles = select_tiles(input.device, input.dtype)
+    if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/emo_loss.cpp), the same math
+        return torch.ops.marginkern.emo_rows(input, weight, target, cost_embedding, int(ignore_index))
+    return emo_forward(input, weight, target, cost_embedding, int(ignore_index), tiles)
 
 
 @emo_cross_entropy.register_fake
@@ -280,8 +282,12 @@ def emo_cross_entropy_backward(grad_ce: Tensor, grad_emo: Tensor, input: Tensor,
                                cost_embedding: Tensor, lse: Tensor, emo: Tensor, ignore_index: int,
                                need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
     input, weight, cost_embedding = input.contiguous(), weight.contiguous(), cost_embedding.contiguous()
+    tiles = select_tiles(input.device, input.dtype)
+    if tiles.name == "cpp":
+        return torch.ops.marginkern.emo_rows_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse,
+                                                      emo, int(ignore_index), need_weight_grad)
     grad_x, grad_w = emo_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo,
-                                  int(ignore_index), select_tiles(input.device, input.dtype), need_weight_grad)
+                                  int(ignore_index), tiles, need_weight_grad)
     return grad_x, _or_empty(grad_w, weight)
 
 

@@ -186,11 +186,12 @@ LINEAR_OPTIONS = [dict(), dict(softcap=3.0, label_smoothing=0.1, z_loss=1e-3), d
 
 @requires_cpp
 @pytest.mark.parametrize("case", [("margin", o) for o in MARGIN_OPTIONS] + [("linear", o) for o in LINEAR_OPTIONS]
-                         + [("linear+bias", o) for o in LINEAR_OPTIONS[:2]])
+                         + [("linear+bias", o) for o in LINEAR_OPTIONS[:2]]
+                         + [("emo", {}), ("emo_cross_entropy", {}), ("emo_cross_entropy", dict(own_cost=True))])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_cpp_loss_ops_equal_the_python_engine(monkeypatch, case, reduction):
-    """On the cpp backend the loss ops run in C++ (margin_ce_rows, linear_ce_rows); on the reference backend
-    the same steps run from Python (margin_ce.py, linear_ce.py over TorchTiles): both must agree to float64
+    """On the cpp backend the loss ops run in C++ (margin_ce_rows, linear_ce_rows, emo_rows); on the reference
+    backend the same steps run from Python (margin_ce.py, linear_ce.py, emo.py over TorchTiles): both agree to float64
     rounding, forward and every gradient, so that the Python path the GPU backends use stays checked on the CPU."""
     loss_name, opts = case
     x, w, t = make_case(23, 97, 11, torch.float64, ignore=(3, 4))
@@ -201,6 +202,10 @@ def test_cpp_loss_ops_equal_the_python_engine(monkeypatch, case, reduction):
         leaves = [v.detach().requires_grad_() for v in (x, w) + ((bias,) if bias is not None else ())]
         if loss_name == "margin":
             loss = mk.margin_cross_entropy(leaves[0], leaves[1], t, reduction=reduction, **opts)
+        elif loss_name.startswith("emo"):
+            cost = torch.randn(97, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            fn = mk.emo_loss if loss_name == "emo" else mk.emo_cross_entropy
+            loss = fn(leaves[0], leaves[1], t, reduction=reduction, cost_embedding=cost if opts else None)
         else:
             loss = mk.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2] if bias is not None else None,
                                            reduction=reduction, **opts)
@@ -456,3 +461,25 @@ def test_block_epilogue_opcheck():
     with pytest.raises(RuntimeError, match="dots must be a contiguous"):
         ops.row_stats_of_dots(dots.t(), torch.ones(31), None, None, None, torch.zeros(31, dtype=torch.long),
                               torch.zeros(31), False)
+
+
+@requires_cpp
+def test_opcheck_of_the_cpp_loss_ops():
+    x, w, t = make_case(9, 31, 6, torch.float64, ignore=(2,), requires_grad=False)
+    bias, cost = torch.randn(31, dtype=torch.float64), torch.randn(31, 4, dtype=torch.float64)
+    ops = torch.ops.marginkern
+    margin = (64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100)
+    loss, lse, row_state, col_norm = ops.margin_ce_rows(x, w, t, *margin)
+    torch.library.opcheck(ops.margin_ce_rows.default, (x, w, t, *margin))
+    torch.library.opcheck(ops.margin_ce_rows_backward.default,
+                          (torch.rand(9, dtype=torch.float64), x, w, t, lse, row_state, col_norm, *margin, True))
+    linear = (-100, 0.1, 1e-3, 5.0, 0.0, 0.0)
+    _, lse = ops.linear_ce_rows(x, w, t, bias, *linear)
+    torch.library.opcheck(ops.linear_ce_rows.default, (x, w, t, bias, *linear))
+    torch.library.opcheck(ops.linear_ce_rows_backward.default,
+                          (torch.rand(9, dtype=torch.float64), x, w, t, bias, lse, *linear, True, True))
+    ce, emo, lse = ops.emo_rows(x, w, t, cost, -100)
+    torch.library.opcheck(ops.emo_rows.default, (x, w, t, cost, -100))
+    torch.library.opcheck(ops.emo_rows_backward.default,
+                          (torch.rand(9, dtype=torch.float64), torch.rand(9, dtype=torch.float64), x, w, t, cost, lse,
+                           emo, -100, False))

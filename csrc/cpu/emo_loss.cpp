@@ -60,43 +60,24 @@ struct EMORows : public torch::autograd::Function<EMORows> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 const at::Tensor& w, const at::Tensor& target, const at::Tensor& cost,
                                                 int64_t ignore_index, int64_t class_chunk) {
-    const EMOGeometry geo(x, w, target, cost, ignore_index);
-    const int64_t chunk = loss::class_chunk(class_chunk, x.size(0), geo.target_logit.scalar_type());
-    const at::Tensor lse = std::get<0>(streaming_row_stats(x, w, geo.row_scale, std::nullopt, std::nullopt,
-                                                           std::nullopt, geo.column, geo.target_logit, false, chunk));
-    const at::Tensor expected = expectation(x, w, geo, lse, cost, chunk);
-    at::Tensor emo = 1.0 - geo.query_scale * (expected * geo.query.to(expected.scalar_type())).sum(1);
-    at::Tensor ce = lse - geo.target_logit;
-    ce = at::where(geo.valid, ce, at::zeros_like(ce));
-    emo = at::where(geo.valid, emo, at::zeros_like(emo));
+    const auto [ce, emo, lse] = emo_rows(x, w, target, cost, ignore_index, class_chunk);
     ctx->save_for_backward({x, w, target, cost, lse, emo});
     ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["class_chunk"] = chunk;
+    ctx->saved_data["class_chunk"] = class_chunk;
     return {ce, emo};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &target = saved[2], &cost = saved[3], &lse = saved[4],
-                     &emo = saved[5];
-    const EMOGeometry geo(x, w, target, cost, ctx->saved_data["ignore_index"].toInt());
-    const at::Tensor zero = at::zeros_like(lse);
-    const auto per_row = [&](const at::Tensor& g) {
-      return g.defined() ? at::where(geo.valid, g.to(lse.scalar_type()), zero) : zero;
-    };
-    const at::Tensor g_ce = per_row(grad_outputs[0]), g_emo = per_row(grad_outputs[1]);
-    // dL/dz_j = g_ce·(p_j − δ_jt) + g_emo·p_j·(1 − L_emo − ê_j·ê_t)
-    const at::Tensor coef_p = g_ce + g_emo * (1.0 - emo);
-    const at::Tensor p_target = at::exp(geo.target_logit - lse);
-    const at::Tensor target_grad = p_target * (coef_p - g_emo * geo.self_cosine) - g_ce;
+    const at::Tensor& lse = saved[4];
+    const auto or_zero = [&](const at::Tensor& g) { return g.defined() ? g : at::zeros_like(lse); };
     const bool need_w = ctx->needs_input_grad(1);
-    const auto [grad_x, grad_w, unused_bias] =
-        streaming_grads(x, w, geo.row_scale, std::nullopt, std::nullopt, std::nullopt, geo.column, lse, coef_p,
-                        zero, target_grad, /*need_bias_grad=*/false, need_w, ctx->saved_data["class_chunk"].toInt(),
-                        geo.query, geo.query_scale, cost, geo.key_scale, g_emo);
-    return {grad_x.to(x.scalar_type()), need_w ? grad_w.to(w.scalar_type()) : at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto [grad_x, grad_w] = emo_rows_backward(or_zero(grad_outputs[0]), or_zero(grad_outputs[1]), saved[0],
+                                                    saved[1], saved[2], saved[3], lse, saved[5],
+                                                    ctx->saved_data["ignore_index"].toInt(), need_w,
+                                                    ctx->saved_data["class_chunk"].toInt());
+    return {grad_x, need_w ? grad_w : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -110,11 +91,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emo_rows(const char* op, const at
                   at::isFloatingType(cost.scalar_type()),
               op, ": cost_embedding must be a floating-point (C=", w.size(0), ", E) CPU tensor, got ", cost.sizes());
   const at::Tensor t = target.to(at::kLong);
-  const auto rows = EMORows::apply(x, w, t, cost.detach(), o.ignore_index, o.class_chunk);
+  const auto rows = EMORows::apply(x, w, t, cost.detach(), o.ignore_index,
+                                   loss::class_chunk(o.class_chunk, x.size(0), at::kFloat));
   return {rows[0], rows[1], t.ne(o.ignore_index)};
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emo_rows(const at::Tensor& x, const at::Tensor& w,
+                                                        const at::Tensor& target, const at::Tensor& cost,
+                                                        int64_t ignore_index, int64_t class_chunk) {
+  const EMOGeometry geo(x, w, target, cost, ignore_index);
+  const int64_t chunk = loss::class_chunk(class_chunk, x.size(0), geo.target_logit.scalar_type());
+  const at::Tensor lse = std::get<0>(streaming_row_stats(x, w, geo.row_scale, std::nullopt, std::nullopt,
+                                                         std::nullopt, geo.column, geo.target_logit, false, chunk));
+  const at::Tensor expected = expectation(x, w, geo, lse, cost, chunk);
+  const at::Tensor emo = 1.0 - geo.query_scale * (expected * geo.query.to(expected.scalar_type())).sum(1);
+  const at::Tensor ce = lse - geo.target_logit;
+  const at::Tensor zero = at::zeros_like(ce);
+  return {at::where(geo.valid, ce, zero), at::where(geo.valid, emo, zero), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> emo_rows_backward(const at::Tensor& grad_ce, const at::Tensor& grad_emo,
+                                                     const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                                                     const at::Tensor& cost, const at::Tensor& lse,
+                                                     const at::Tensor& emo, int64_t ignore_index,
+                                                     bool need_weight_grad, int64_t class_chunk) {
+  const EMOGeometry geo(x, w, target, cost, ignore_index);
+  const at::ScalarType acc = geo.target_logit.scalar_type();
+  const at::Tensor lse_acc = lse.to(acc), zero = at::zeros_like(lse_acc);
+  const at::Tensor g_ce = at::where(geo.valid, grad_ce.to(acc), zero);
+  const at::Tensor g_emo = at::where(geo.valid, grad_emo.to(acc), zero);
+  // dL/dz_j = g_ce·(p_j − δ_jt) + g_emo·p_j·(1 − L_emo − ê_j·ê_t)
+  const at::Tensor coef_p = g_ce + g_emo * (1.0 - emo.to(acc));
+  const at::Tensor p_target = at::exp(geo.target_logit - lse_acc);
+  const at::Tensor target_grad = p_target * (coef_p - g_emo * geo.self_cosine) - g_ce;
+  const auto [grad_x, grad_w, unused_bias] = streaming_grads(
+      x, w, geo.row_scale, std::nullopt, std::nullopt, std::nullopt, geo.column, lse_acc, coef_p, zero, target_grad,
+      /*need_bias_grad=*/false, need_weight_grad, loss::class_chunk(class_chunk, x.size(0), acc), geo.query,
+      geo.query_scale, cost, geo.key_scale, g_emo);
+  return {grad_x.to(x.scalar_type()), need_weight_grad ? grad_w.to(w.scalar_type()) : w.new_empty({0})};
+}
 
 at::Tensor emo_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
                     const at::Tensor& cost_embedding, const EMOOptions& o) {

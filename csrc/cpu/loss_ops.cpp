@@ -3,6 +3,7 @@
 // the gradients. Options arrive as the Python ops' scalars; the Python side has checked them.
 #include <torch/library.h>
 
+#include "emo_loss.h"
 #include "linear_ce_loss.h"
 #include "margin_loss.h"
 
@@ -61,6 +62,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_rows_backward_op(
                                  need_weight_grad, need_bias_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emo_rows_op(const at::Tensor& input, const at::Tensor& weight,
+                                                           const at::Tensor& target, const at::Tensor& cost_embedding,
+                                                           int64_t ignore_index) {
+  return emo_rows(input, weight, target.to(at::kLong), cost_embedding, ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor> emo_rows_backward_op(const at::Tensor& grad_ce, const at::Tensor& grad_emo,
+                                                        const at::Tensor& input, const at::Tensor& weight,
+                                                        const at::Tensor& target, const at::Tensor& cost_embedding,
+                                                        const at::Tensor& lse, const at::Tensor& emo,
+                                                        int64_t ignore_index, bool need_weight_grad) {
+  return emo_rows_backward(grad_ce, grad_emo, input, weight, target.to(at::kLong), cost_embedding, lse, emo,
+                           ignore_index, need_weight_grad);
+}
+
 }  // namespace
 }  // namespace marginkern
 
@@ -83,6 +99,13 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
       "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float? softcap, float focal_gamma, "
       "float gamma_ce, bool need_weight_grad, bool need_bias_grad) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "emo_rows(Tensor input, Tensor weight, Tensor target, Tensor cost_embedding, int ignore_index) "
+      "-> (Tensor ce, Tensor emo, Tensor lse)");
+  m.def(
+      "emo_rows_backward(Tensor grad_ce, Tensor grad_emo, Tensor input, Tensor weight, Tensor target, "
+      "Tensor cost_embedding, Tensor lse, Tensor emo, int ignore_index, bool need_weight_grad) "
+      "-> (Tensor grad_input, Tensor grad_weight)");
 }
 
 TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
@@ -90,4 +113,6 @@ TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
   m.impl("margin_ce_rows_backward", TORCH_FN(marginkern::margin_ce_rows_backward_op));
   m.impl("linear_ce_rows", TORCH_FN(marginkern::linear_ce_rows_op));
   m.impl("linear_ce_rows_backward", TORCH_FN(marginkern::linear_ce_rows_backward_op));
+  m.impl("emo_rows", TORCH_FN(marginkern::emo_rows_op));
+  m.impl("emo_rows_backward", TORCH_FN(marginkern::emo_rows_backward_op));
 }
