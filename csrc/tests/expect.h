@@ -18,3 +18,13 @@ inline int& expect_failures() {
       std::fprintf(stderr, "\n");                                                    \
     }                                                                                \
   } while (0)
+
+// A test's exit status: 1 with the number of failed checks on stderr, else 0 with `passed` on stdout.
+inline int expect_exit_status(const char* passed) {
+  if (expect_failures() > 0) {
+    std::fprintf(stderr, "%d check(s) failed\n", expect_failures());
+    return 1;
+  }
+  std::printf("%s\n", passed);
+  return 0;
+}

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "expect.h"
+#include "loss_checks.h"
 #include "linear_ce_loss.h"
 
 namespace {
@@ -39,10 +39,6 @@ at::Tensor naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return rows.sum() / valid.sum().clamp_min(1).to(at::kDouble);
 }
 
-double rel_err(const at::Tensor& a, const at::Tensor& b) {
-  return (a.to(at::kDouble) - b).abs().max().item<double>() / std::max(b.abs().max().item<double>(), 1.0);
-}
-
 void check_case(const std::string& name, const Options& o, bool with_bias, at::ScalarType dtype, int N, int C, int D) {
   at::manual_seed(N * 7919 + C);
   const at::Tensor x = (at::randn({N, D}, at::kDouble) * 2.0).to(dtype).requires_grad_();
@@ -62,13 +58,9 @@ void check_case(const std::string& name, const Options& o, bool with_bias, at::S
   const auto want_grads = torch::autograd::grad({want}, ref_inputs, {seed});
   const double tol = dtype == at::kDouble ? 1e-10 : 2e-4;
   const std::string what = name + (with_bias ? " + bias" : "") + (dtype == at::kDouble ? " (float64)" : " (float32)");
-  EXPECT(rel_err(loss.detach(), want.detach()) < tol, "%s: loss error %.2e", what.c_str(),
-         rel_err(loss.detach(), want.detach()));
+  expect_close(what + ": loss", loss.detach(), want.detach(), tol);
   const char* names[] = {"input", "weight", "bias"};
-  for (size_t i = 0; i < grads.size(); ++i) {
-    EXPECT(rel_err(grads[i], want_grads[i]) < tol, "%s: grad %s error %.2e", what.c_str(), names[i],
-           rel_err(grads[i], want_grads[i]));
-  }
+  for (size_t i = 0; i < grads.size(); ++i) expect_close(what + ": grad " + names[i], grads[i], want_grads[i], tol);
 }
 
 void test_against_naive() {
@@ -124,10 +116,5 @@ void test_errors() {
 int main() {
   test_against_naive();
   test_errors();
-  if (expect_failures() > 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", expect_failures());
-    return 1;
-  }
-  std::printf("linear_cross_entropy (C++) matches the naive float64 computation\n");
-  return 0;
+  return expect_exit_status("linear_cross_entropy (C++) matches the naive float64 computation");
 }

@@ -53,10 +53,5 @@ void test_tanh() {
 int main() {
   test_exp();
   test_tanh();
-  if (expect_failures() > 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", expect_failures());
-    return 1;
-  }
-  std::printf("exp_simd and tanh_simd match libm\n");
-  return 0;
+  return expect_exit_status("exp_simd and tanh_simd match libm");
 }

@@ -215,10 +215,5 @@ int main() {
   for (const Case& c : cases) test_case(c);
   test_dispatcher();
   test_errors();
-  if (expect_failures() > 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", expect_failures());
-    return 1;
-  }
-  std::printf("all %zu cases passed\n", cases.size());
-  return 0;
+  return expect_exit_status(("all " + std::to_string(cases.size()) + " cases passed").c_str());
 }
