@@ -483,3 +483,21 @@ def test_opcheck_of_the_cpp_loss_ops():
     torch.library.opcheck(ops.emo_rows_backward.default,
                           (torch.rand(9, dtype=torch.float64), torch.rand(9, dtype=torch.float64), x, w, t, cost, lse,
                            emo, -100, False))
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["margin", "linear", "emo"])
+def test_cpp_loss_ops_take_16bit_inputs(force_cpp, dtype, loss):
+    # the C++ loss ops upcast per chunk, compute in fp32 and return gradients in the inputs' dtype
+    fn, ref, kw = {"margin": (mk.margin_cross_entropy, reference.margin_cross_entropy, dict(scale=16.0)),
+                   "linear": (mk.linear_cross_entropy, reference.linear_cross_entropy, dict(z_loss=1e-3)),
+                   "emo": (mk.emo_cross_entropy, reference.emo_cross_entropy, {})}[loss]
+    x, w, t = make_case(33, 257, 19, dtype, ignore=(1,))
+    w = (w.detach() * 0.3).to(dtype)
+    got, gx, gw = loss_and_grads(fn, x, w, t, **kw)
+    want, rx, rw = loss_and_grads(ref, x.double(), w.double(), t, **kw)
+    assert gx.dtype == dtype and gw.dtype == dtype
+    assert_close_rel(got, want, dtype, "loss", floor=1.0)
+    assert_close_rel(gx, rx, dtype, "grad input")
+    assert_close_rel(gw, rw, dtype, "grad weight")
