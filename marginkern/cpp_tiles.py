@@ -26,7 +26,14 @@ import torch
 from .engine import accumulation_dtype
 
 
-def _load_extension(name, what):
+# The ops marginkern._C must register (an extension built from older sources lacks some: a stale in-place
+# build must fall back with a reason, not fail in the middle of a training step).
+EXTENSION_OPS = ("streaming_row_stats", "streaming_grad_logits", "streaming_grads", "row_stats_of_dots",
+                 "grads_of_dots_", "margin_ce_rows", "margin_ce_rows_backward", "linear_ce_rows",
+                 "linear_ce_rows_backward", "emo_rows", "emo_rows_backward")
+
+
+def _load_extension(name, what, ops=()):
     """None when marginkern.<name> is loaded (which registers its kernels), else why it is not."""
     rebuild = f"pip install --no-build-isolation -e . (needs torch importable at build time and {what})"
     try:
@@ -35,10 +42,14 @@ def _load_extension(name, what):
         importlib.import_module(f"{__package__}.{name}")
     except (ImportError, OSError, ValueError) as e:  # e.g. built against another torch: undefined symbols
         return f"the extension marginkern.{name} does not load ({e}); rebuild it with {rebuild}"
+    missing = [op for op in ops if not hasattr(torch.ops.marginkern, op)]
+    if missing:
+        return (f"the extension marginkern.{name} is older than this package (it lacks {', '.join(missing)}); "
+                f"rebuild it with {rebuild}")
     return None
 
 
-LOAD_ERROR = _load_extension("_C", "a C++ compiler")
+LOAD_ERROR = _load_extension("_C", "a C++ compiler", EXTENSION_OPS)
 # The CUDA kernels register into the schemas of marginkern._C: without it they cannot serve anything.
 CUDA_LOAD_ERROR = LOAD_ERROR or _load_extension("_C_cuda", "a CUDA build of torch and nvcc")
 

@@ -501,3 +501,11 @@ def test_cpp_loss_ops_take_16bit_inputs(force_cpp, dtype, loss):
     assert_close_rel(got, want, dtype, "loss", floor=1.0)
     assert_close_rel(gx, rx, dtype, "grad input")
     assert_close_rel(gw, rw, dtype, "grad weight")
+
+
+@requires_cpp
+def test_a_stale_extension_is_reported_not_used():
+    # an in-place build from older sources lacks ops the package calls: it must fall back with this reason
+    reason = cpp_tiles._load_extension("_C", "a C++ compiler", cpp_tiles.EXTENSION_OPS + ("op_of_a_newer_version",))
+    assert "older than this package" in reason and "op_of_a_newer_version" in reason
+    assert cpp_tiles._load_extension("_C", "a C++ compiler", cpp_tiles.EXTENSION_OPS) is None
