@@ -509,3 +509,29 @@ def test_a_stale_extension_is_reported_not_used():
     reason = cpp_tiles._load_extension("_C", "a C++ compiler", cpp_tiles.EXTENSION_OPS + ("op_of_a_newer_version",))
     assert "older than this package" in reason and "op_of_a_newer_version" in reason
     assert cpp_tiles._load_extension("_C", "a C++ compiler", cpp_tiles.EXTENSION_OPS) is None
+
+
+@requires_cpp
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_garbage_in_an_ignored_row_does_not_reach_the_weight_gradient(monkeypatch, backend):
+    # review finding: on the C++ path an ignored row with an inf norm made 0·inf = NaN in class 0's dW
+    # (unnormalized margin: the radial term was multiplied by g = 0 instead of masked)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    x, w, t = make_case(8, 20, 5, torch.float32, ignore=(5,))
+    x = x.detach().clone()
+    x[5] = 1e20
+    for opts in (dict(m1=3.0, m2=0.0, scale=1.0, normalize=False), dict()):
+        loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, **opts)
+        assert torch.isfinite(loss) and torch.isfinite(gw).all(), opts
+
+
+@requires_cpp
+def test_the_cpp_loss_ops_check_targets_themselves():
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    bad = torch.tensor([0, -1, 2])  # −1 is not ignore_index (−100): not "no target column" either
+    with pytest.raises(RuntimeError, match=r"target must hold class indices in \[0, C=5\)"):
+        torch.ops.marginkern.margin_ce_rows(x, w, bad, 64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100)
+    with pytest.raises(RuntimeError, match=r"target must hold class indices"):
+        torch.ops.marginkern.linear_ce_rows(x, w, bad, None, -100, 0.0, 0.0, None, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"target must hold class indices"):
+        torch.ops.marginkern.emo_rows(x, w, bad, w, -100)

@@ -29,7 +29,9 @@ struct EMOGeometry {
     const at::Tensor safe = column.clamp_min(0);
     target_logit = (x.to(acc) * w.index_select(0, safe).to(acc)).sum(1);
     row_scale = at::ones_like(target_logit);
-    key_scale = at::linalg_vector_norm(cost, 2, {1}, false, acc).clamp_min(kNormEps).reciprocal();
+    // the norms in the cost embedding's own accumulation dtype (an fp64 cost with fp32 inputs), then acc
+    const at::ScalarType cost_acc = cost.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    key_scale = at::linalg_vector_norm(cost, 2, {1}, false, cost_acc).to(acc).clamp_min(kNormEps).reciprocal();
     query = cost.index_select(0, safe);
     query_scale = key_scale.index_select(0, safe);
     self_cosine = query.to(acc).pow(2).sum(1) * query_scale.pow(2);  // ê_t·ê_t: 1, or 0 for e_t = 0
@@ -69,6 +71,7 @@ struct EMORows : public torch::autograd::Function<EMORows> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
+    loss::check_once_differentiable("marginkern::emo_loss");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& lse = saved[4];
     const auto or_zero = [&](const at::Tensor& g) { return g.defined() ? g : at::zeros_like(lse); };
@@ -91,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emo_rows(const char* op, const at
                   at::isFloatingType(cost.scalar_type()),
               op, ": cost_embedding must be a floating-point (C=", w.size(0), ", E) CPU tensor, got ", cost.sizes());
   const at::Tensor t = target.to(at::kLong);
-  const auto rows = EMORows::apply(x, w, t, cost.detach(), o.ignore_index,
-                                   loss::class_chunk(o.class_chunk, x.size(0), at::kFloat));
+  const auto rows = EMORows::apply(x, w, t, cost.detach(), o.ignore_index, o.class_chunk);
   return {rows[0], rows[1], t.ne(o.ignore_index)};
 }
 

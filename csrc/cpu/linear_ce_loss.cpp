@@ -95,6 +95,7 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
+    loss::check_once_differentiable("marginkern::linear_cross_entropy");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &target = saved[2], &lse = saved[4];
     const bool has_bias = ctx->saved_data["has_bias"].toBool();

@@ -1,10 +1,12 @@
 // The C++ losses' per-row halves as torch.ops.marginkern.* ops with CPU kernels: the Python package's loss
 // ops (marginkern/ops.py) run them on the `cpp` backend, so that a CPU step is C++ from the arguments to
-// the gradients. Options arrive as the Python ops' scalars; the Python side has checked them.
+// the gradients. Options arrive as the Python ops' scalars; the Python side has checked them, the forward
+// ops check the targets again (free on the CPU): a stray −1 would silently mean "no target column".
 #include <torch/library.h>
 
 #include "emo_loss.h"
 #include "linear_ce_loss.h"
+#include "loss_reduction.h"
 #include "margin_loss.h"
 
 namespace marginkern {
@@ -21,6 +23,7 @@ MarginLossOptions margin_options(double scale, double m1, double m2, double m3, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows_op(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, double scale, double m1, double m2,
     double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index) {
+  loss::check_targets("marginkern::margin_ce_rows", target, weight.size(0), ignore_index);
   return margin_ce_rows(input, weight, target.to(at::kLong),
                         margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index));
 }
@@ -48,6 +51,7 @@ std::tuple<at::Tensor, at::Tensor> linear_ce_rows_op(const at::Tensor& input, co
                                                      int64_t ignore_index, double label_smoothing, double z_loss,
                                                      std::optional<double> softcap, double focal_gamma,
                                                      double gamma_ce) {
+  loss::check_targets("marginkern::linear_ce_rows", target, weight.size(0), ignore_index);
   return linear_ce_rows(input, weight, target.to(at::kLong), bias.value_or(at::Tensor()),
                         linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce));
 }
@@ -65,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_rows_backward_op(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emo_rows_op(const at::Tensor& input, const at::Tensor& weight,
                                                            const at::Tensor& target, const at::Tensor& cost_embedding,
                                                            int64_t ignore_index) {
+  loss::check_targets("marginkern::emo_rows", target, weight.size(0), ignore_index);
   return emo_rows(input, weight, target.to(at::kLong), cost_embedding, ignore_index);
 }
 

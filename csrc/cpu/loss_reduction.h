@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -34,8 +35,23 @@ inline at::Tensor row_grads(const at::Tensor& grad, const at::Tensor& valid, con
   return at::where(valid, g, at::zeros_like(g));
 }
 
-// The arguments every C++ loss checks the same way: shapes, CPU tensors, integer targets in [0, C) or
-// ignore_index, a known reduction.
+// Targets in [0, C) or ignore_index (−1 that is not ignore_index would silently mean "no target column").
+inline void check_targets(const char* op, const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  if (target.numel() == 0) return;
+  const at::Tensor t = target.to(at::kLong);
+  const at::Tensor bad = t.ne(ignore_index) & (t.lt(0) | t.ge(num_classes));
+  TORCH_CHECK(!bad.any().item<bool>(), op, ": target must hold class indices in [0, C=", num_classes,
+              ") or ignore_index=", ignore_index, ", got ", t.masked_select(bad)[0].item<int64_t>());
+}
+
+// The C++ losses are differentiable once: their backward passes write with out= GEMMs.
+inline void check_once_differentiable(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op,
+              ": the gradient of this loss is not differentiable again (create_graph / double backward)");
+}
+
+// The arguments every C++ loss checks the same way: shapes, dtypes, CPU tensors, integer targets in
+// [0, C) or ignore_index, a known reduction.
 inline void check_classification_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
                                         const at::Tensor& target, int64_t ignore_index, const std::string& reduction) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), op,
@@ -46,14 +62,11 @@ inline void check_classification_inputs(const char* op, const at::Tensor& x, con
               ": target must be an integer tensor, got ", target.scalar_type());
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && target.device().is_cpu(), op,
               ": this C++ entry point takes CPU tensors (the GPU kernels run from the Python package)");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && w.scalar_type() == x.scalar_type(), op,
+              ": input and weight must have one floating-point dtype, got ", x.scalar_type(), " and ", w.scalar_type());
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", op,
               ": reduction must be \"mean\", \"sum\" or \"none\", got \"", reduction, "\"");
-  if (target.numel() > 0) {
-    const at::Tensor t = target.to(at::kLong);
-    const at::Tensor bad = t.ne(ignore_index) & (t.lt(0) | t.ge(w.size(0)));
-    TORCH_CHECK(!bad.any().item<bool>(), op, ": target must hold class indices in [0, C=", w.size(0),
-                ") or ignore_index=", ignore_index, ", got ", t.masked_select(bad)[0].item<int64_t>());
-  }
+  check_targets(op, target, w.size(0), ignore_index);
 }
 
 }  // namespace marginkern::loss

@@ -129,6 +129,7 @@ struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy>
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
+    loss::check_once_differentiable("marginkern::margin_cross_entropy");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &target = saved[2];
     const MarginLossOptions o = saved_options(ctx);
@@ -178,7 +179,10 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
   const double eps = o.label_smoothing, s = o.scale, C = static_cast<double>(w.size(0));
   const at::Tensor g = at::where(geo.valid, grad_rows.to(acc), at::zeros_like(geo.x_norm));
   const at::Tensor p_target = at::exp(geo.target_logit - lse.to(acc));
-  const at::Tensor grad_target_logit = g * (p_target - (1.0 - eps) - eps / C);
+  // masked, not just multiplied by g = 0: an ignored row may hold garbage (an inf norm would make 0·inf = NaN
+  // and index_add it into class 0's gradient below)
+  const at::Tensor zero = at::zeros_like(g);
+  const at::Tensor grad_target_logit = at::where(geo.valid, g * (p_target - (1.0 - eps) - eps / C), zero);
   const at::Tensor slope = margin_slope(geo.cosine, o);
   // dT/da_y with the norms held fixed (normalize: the projections below chain through x̂ and ŵ); without
   // normalize, T also depends on the norms: the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x and ·w_y.
@@ -196,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
     const at::Tensor radial = grad_target_logit * s * (geo.psi - geo.cosine * slope);
     grad_x = grad_x + (radial * geo.w_target_norm / geo.x_norm).unsqueeze(1) * geo.xf;
     if (need_weight_grad) {
-      const at::Tensor w_radial = radial * geo.x_norm / geo.w_target_norm;
+      const at::Tensor w_radial = at::where(geo.valid, radial * geo.x_norm / geo.w_target_norm, zero);
       grad_w.index_add_(0, geo.column.clamp_min(0), w_radial.unsqueeze(1) * geo.target_rows(w, acc));
     }
   }
