@@ -130,9 +130,10 @@ std::tuple<at::Tensor, at::Tensor> emo_rows_backward(const at::Tensor& grad_ce, 
   const at::Tensor target_grad = p_target * (coef_p - g_emo * geo.self_cosine) - g_ce;
   // the cost term needs a second N × chunk buffer (q·kᵀ): half the chunk keeps the same memory
   const int64_t chunk = class_chunk > 0 ? class_chunk : std::max<int64_t>(256, loss::class_chunk(0, x.size(0), acc) / 2);
-  const auto [grad_x, grad_w, unused_bias] = streaming_grads(
+  const auto [grad_x, grad_w, unused_bias] = streaming_grads_finalized(
       x, w, geo.row_scale, std::nullopt, std::nullopt, std::nullopt, geo.column, lse_acc, coef_p, zero, target_grad,
-      /*need_bias_grad=*/false, need_weight_grad, chunk, geo.query, geo.query_scale, cost, geo.key_scale, g_emo);
+      /*need_bias_grad=*/false, need_weight_grad, chunk, WeightChunkFinalizer(), geo.query, geo.query_scale, cost,
+      geo.key_scale, g_emo);
   return {grad_x.to(x.scalar_type()), need_weight_grad ? grad_w.to(w.scalar_type()) : w.new_empty({0})};
 }
 

@@ -139,9 +139,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_rows_backward(
   const at::Tensor coef_u = g * (eps / C);
   const at::Tensor target_grad = (coef_p * at::exp(u) - coef_u + g * (1.0 - eps) * df) * tgt.slope;
   need_bias_grad = need_bias_grad && bias.defined();
-  const auto [grad_x, grad_w, grad_bias] = streaming_grads(
+  const auto [grad_x, grad_w, grad_bias] = streaming_grads_finalized(
       x, w, tgt.row_scale, std::nullopt, tgt.bias_arg(bias), o.softcap, tgt.column, lse_acc, coef_p, coef_u,
-      target_grad, need_bias_grad, need_weight_grad, loss::class_chunk(o.class_chunk, x.size(0), acc));
+      target_grad, need_bias_grad, need_weight_grad, loss::class_chunk(o.class_chunk, x.size(0), acc),
+      WeightChunkFinalizer());
   return {grad_x.to(x.scalar_type()), need_weight_grad ? grad_w.to(w.scalar_type()) : w.new_empty({0}),
           need_bias_grad ? grad_bias.to(bias.scalar_type()) : w.new_empty({0})};
 }

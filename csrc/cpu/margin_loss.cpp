@@ -188,21 +188,34 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
   // normalize, T also depends on the norms: the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x and ·w_y.
   const at::Tensor target_grad =
       o.normalize ? grad_target_logit * s * slope / (geo.x_norm * geo.w_target_norm) : grad_target_logit * s * slope;
-  auto [grad_x, grad_w, unused_bias] =
-      streaming_grads(x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column, lse, g,
-                      g * (eps / C), target_grad, /*need_bias_grad=*/false, need_weight_grad,
-                      loss::class_chunk(o.class_chunk, x.size(0), acc));
+  // What W's chunk of the gradient needs beyond Gᵀ·X, applied chunk by chunk before it is stored in w's dtype.
+  WeightChunkFinalizer finalize;
+  at::Tensor radial;
+  if (o.normalize) {  // dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖; the raw gradient already holds (dL/dŵ)/‖w‖
+    finalize = [&](int64_t c0, int64_t c1, at::Tensor& chunk) {
+      project_out_rows_(chunk, w.narrow(0, c0, c1 - c0), geo.col_norm.narrow(0, c0, c1 - c0));
+    };
+  } else {
+    radial = grad_target_logit * s * (geo.psi - geo.cosine * slope);
+    if (need_weight_grad) {
+      const at::Tensor w_radial = at::where(geo.valid, radial * geo.x_norm / geo.w_target_norm, zero);
+      const at::Tensor contribution = w_radial.unsqueeze(1) * geo.target_rows(w, acc);
+      finalize = [&, contribution](int64_t c0, int64_t c1, at::Tensor& chunk) {
+        // the rows whose target lies in this chunk (masked, not gathered: no data-dependent shapes)
+        const at::Tensor in_chunk = (geo.column >= c0) & (geo.column < c1);
+        chunk.index_add_(0, (geo.column - c0).clamp(0, c1 - c0 - 1),
+                         at::where(in_chunk.unsqueeze(1), contribution, at::zeros_like(contribution)));
+      };
+    }
+  }
+  auto [grad_x, grad_w, unused_bias] = streaming_grads_finalized(
+      x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column, lse, g, g * (eps / C), target_grad,
+      /*need_bias_grad=*/false, need_weight_grad, loss::class_chunk(o.class_chunk, x.size(0), acc), finalize);
   if (o.normalize) {
     const at::Tensor x_hat = geo.xf / geo.x_norm.unsqueeze(1);
     grad_x = grad_x - (x_hat * grad_x).sum(1, true) * x_hat;
-    if (need_weight_grad) project_out_rows_(grad_w, w, geo.col_norm);
   } else {
-    const at::Tensor radial = grad_target_logit * s * (geo.psi - geo.cosine * slope);
     grad_x = grad_x + (radial * geo.w_target_norm / geo.x_norm).unsqueeze(1) * geo.xf;
-    if (need_weight_grad) {
-      const at::Tensor w_radial = at::where(geo.valid, radial * geo.x_norm / geo.w_target_norm, zero);
-      grad_w.index_add_(0, geo.column.clamp_min(0), w_radial.unsqueeze(1) * geo.target_rows(w, acc));
-    }
   }
   return {grad_x.to(x.scalar_type()), need_weight_grad ? grad_w.to(w.scalar_type()) : w.new_empty({0})};
 }

@@ -198,14 +198,19 @@ at::Tensor streaming_grad_logits(
   return chunk_grads(s, cost, rg, buffer, cost_buffer, c0, c1).first;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
+namespace {
+
+// streaming_grads and streaming_grads_finalized: `finalize` (may be empty) chains each chunk of the raw dW;
+// `weight_dtype` stores dW in w's dtype chunk by chunk (else in the accumulation dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
     const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
     std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
     const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad,
     bool need_bias_grad, bool need_weight_grad, int64_t class_chunk, const std::optional<at::Tensor>& cost_query,
     const std::optional<at::Tensor>& cost_query_scale, const std::optional<at::Tensor>& cost_keys,
-    const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef) {
+    const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef,
+    const WeightChunkFinalizer& finalize, bool weight_dtype) {
   constexpr const char* op = "marginkern::streaming_grads";
   const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target);
   const Cost cost = make_cost(op, s, cost_query, cost_query_scale, cost_keys, cost_key_scale, cost_coef);
@@ -213,7 +218,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
   at::Tensor grad_x = at::zeros({s.N, x.size(1)}, opts);
-  at::Tensor grad_w = need_weight_grad ? at::empty({s.C, x.size(1)}, opts) : at::empty({0}, opts);
+  // a 16-bit w's gradient is stored chunk by chunk in its dtype: no (C, D) fp32 copy beside it
+  const bool store_converted = weight_dtype && w.scalar_type() != s.acc;
+  at::Tensor grad_w = need_weight_grad ? at::empty({s.C, x.size(1)}, store_converted ? w.options() : opts)
+                                       : at::empty({0}, opts);
   at::Tensor grad_bias = need_bias_grad ? at::empty({s.C}, opts) : at::empty({0}, opts);
   if (s.N == 0) {
     grad_w.zero_();
@@ -228,8 +236,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     const auto [g, w_chunk] = chunk_grads(s, cost, rg, buffer, cost_buffer, c0, c1);
     grad_x.addmm_(g, w_chunk);                                 // dX += G · W[c0:c1]
     if (need_weight_grad) {
-      at::Tensor grad_w_chunk = grad_w.narrow(0, c0, c1 - c0);  // dW[c0:c1] = Gᵀ · X, written in place
-      at::mm_out(grad_w_chunk, g.t(), s.x);
+      at::Tensor grad_w_chunk = grad_w.narrow(0, c0, c1 - c0);  // dW[c0:c1] = Gᵀ · X
+      at::Tensor raw = store_converted ? at::mm(g.t(), s.x) : at::mm_out(grad_w_chunk, g.t(), s.x);
+      if (finalize) finalize(c0, c1, raw);
+      if (store_converted) grad_w_chunk.copy_(raw);
     }
     if (need_bias_grad) {
       at::Tensor grad_bias_chunk = grad_bias.narrow(0, c0, c1 - c0);
@@ -237,6 +247,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     }
   }
   return {grad_x, grad_w, grad_bias};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
+    const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad,
+    bool need_bias_grad, bool need_weight_grad, int64_t class_chunk, const std::optional<at::Tensor>& cost_query,
+    const std::optional<at::Tensor>& cost_query_scale, const std::optional<at::Tensor>& cost_keys,
+    const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef) {
+  return streaming_grads_impl(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad,
+                              need_bias_grad, need_weight_grad, class_chunk, cost_query, cost_query_scale, cost_keys,
+                              cost_key_scale, cost_coef, WeightChunkFinalizer(), /*weight_dtype=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
+    const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad,
+    bool need_bias_grad, bool need_weight_grad, int64_t class_chunk, const WeightChunkFinalizer& finalize,
+    const std::optional<at::Tensor>& cost_query, const std::optional<at::Tensor>& cost_query_scale,
+    const std::optional<at::Tensor>& cost_keys, const std::optional<at::Tensor>& cost_key_scale,
+    const std::optional<at::Tensor>& cost_coef) {
+  return streaming_grads_impl(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad,
+                              need_bias_grad, need_weight_grad, class_chunk, cost_query, cost_query_scale, cost_keys,
+                              cost_key_scale, cost_coef, finalize, /*weight_dtype=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_stats_of_dots(

@@ -19,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -55,6 +56,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
     const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad,
     bool need_bias_grad, bool need_weight_grad, int64_t class_chunk,
+    const std::optional<at::Tensor>& cost_query = std::nullopt,
+    const std::optional<at::Tensor>& cost_query_scale = std::nullopt,
+    const std::optional<at::Tensor>& cost_keys = std::nullopt,
+    const std::optional<at::Tensor>& cost_key_scale = std::nullopt,
+    const std::optional<at::Tensor>& cost_coef = std::nullopt);
+
+// streaming_grads for callers that chain dW further (the C++ losses): each class chunk of the raw dW, in
+// the accumulation dtype, passes through `finalize(c0, c1, chunk)` (in place; may be empty), then is stored
+// in w's dtype: a 16-bit w gets no (C, D) fp32 gradient beside its own.
+using WeightChunkFinalizer = std::function<void(int64_t c0, int64_t c1, at::Tensor& grad_w_chunk)>;
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& lse,
+    const at::Tensor& coef_p, const at::Tensor& coef_u, const at::Tensor& target_grad,
+    bool need_bias_grad, bool need_weight_grad, int64_t class_chunk, const WeightChunkFinalizer& finalize,
     const std::optional<at::Tensor>& cost_query = std::nullopt,
     const std::optional<at::Tensor>& cost_query_scale = std::nullopt,
     const std::optional<at::Tensor>& cost_keys = std::nullopt,
