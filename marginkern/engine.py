@@ -71,7 +71,8 @@ def target_dot(x: Tensor, w: Tensor, column: Tensor) -> Tensor:
 
 
 def row_norms(t: Tensor) -> Tensor:
-    """‖t_i‖ in the accumulation dtype; the reduction upcasts as it loads (no fp32 copy of a (C, D) weight)."""
+    """‖t_i‖ in the accumulation dtype. On CUDA the reduction upcasts as it loads; on the CPU ATen makes a
+    transient fp32 copy of a 16-bit (C, D) weight (measured by a review; norms by row blocks would avoid it)."""
     return torch.linalg.vector_norm(t, dim=1, dtype=accumulation_dtype(t.dtype))
 
 
