@@ -71,9 +71,13 @@ def target_dot(x: Tensor, w: Tensor, column: Tensor) -> Tensor:
 
 
 def row_norms(t: Tensor) -> Tensor:
-    """‖t_i‖ in the accumulation dtype. On CUDA the reduction upcasts as it loads; on the CPU ATen makes a
-    transient fp32 copy of a 16-bit (C, D) weight (measured by a review; norms by row blocks would avoid it)."""
-    return torch.linalg.vector_norm(t, dim=1, dtype=accumulation_dtype(t.dtype))
+    """‖t_i‖ in the accumulation dtype. On CUDA the reduction upcasts as it loads; on the CPU ATen would make a
+    whole fp32 copy of a 16-bit (C, D) weight first, so it runs there by blocks of rows."""
+    acc = accumulation_dtype(t.dtype)
+    rows = max(1, (4 << 20) // max(1, t.shape[1] * 4))
+    if t.is_cuda or t.dtype == acc or t.shape[0] <= rows:
+        return torch.linalg.vector_norm(t, dim=1, dtype=acc)
+    return torch.cat([torch.linalg.vector_norm(t[r0:r0 + rows], dim=1, dtype=acc) for r0 in range(0, t.shape[0], rows)])
 
 
 def project_out_rows(grad: Tensor, weight: Tensor, inv_norm_sq: Tensor) -> Tensor:

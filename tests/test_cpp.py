@@ -535,3 +535,20 @@ def test_the_cpp_loss_ops_check_targets_themselves():
         torch.ops.marginkern.linear_ce_rows(x, w, bad, None, -100, 0.0, 0.0, None, 0.0, 0.0)
     with pytest.raises(RuntimeError, match=r"target must hold class indices"):
         torch.ops.marginkern.emo_rows(x, w, bad, w, -100)
+
+
+@requires_cpp
+@pytest.mark.parametrize("loss", ["margin", "emo"])
+def test_class_norms_of_a_16bit_weight_by_row_blocks(force_cpp, loss):
+    # more than one 4 MB block of fp32 norms' input rows (65536 at D = 16): the blocked norms must equal the plain ones
+    from marginkern.engine import row_norms
+    w = torch.randn(70_001, 16).to(torch.bfloat16)
+    torch.testing.assert_close(row_norms(w), torch.linalg.vector_norm(w.float(), dim=1), rtol=1e-6, atol=0)
+    fn, ref = {"margin": (mk.margin_cross_entropy, reference.margin_cross_entropy),
+               "emo": (mk.emo_loss, reference.emo_loss)}[loss]
+    x, _, t = make_case(4, 70_001, 16, torch.bfloat16)
+    got, gx, gw = loss_and_grads(fn, x, w, t)
+    want, rx, rw = loss_and_grads(ref, x.double(), w.double(), t)
+    assert_close_rel(got, want, torch.bfloat16, "loss", floor=1.0)
+    assert_close_rel(gx, rx, torch.bfloat16, "grad input")
+    assert_close_rel(gw, rw, torch.bfloat16, "grad weight")

@@ -31,7 +31,7 @@ struct EMOGeometry {
     row_scale = at::ones_like(target_logit);
     // the norms in the cost embedding's own accumulation dtype (an fp64 cost with fp32 inputs), then acc
     const at::ScalarType cost_acc = cost.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    key_scale = at::linalg_vector_norm(cost, 2, {1}, false, cost_acc).to(acc).clamp_min(kNormEps).reciprocal();
+    key_scale = loss::row_norms(cost, cost_acc).to(acc).clamp_min(kNormEps).reciprocal();
     query = cost.index_select(0, safe);
     query_scale = key_scale.index_select(0, safe);
     self_cosine = query.to(acc).pow(2).sum(1) * query_scale.pow(2);  // ê_t·ê_t: 1, or 0 for e_t = 0

@@ -35,6 +35,19 @@ inline at::Tensor row_grads(const at::Tensor& grad, const at::Tensor& valid, con
   return at::where(valid, g, at::zeros_like(g));
 }
 
+// ‖t_i‖ in `acc`, by blocks of rows: on the CPU linalg_vector_norm(dtype=fp32) of a 16-bit (C, D) tensor
+// makes a whole fp32 copy first (engine.row_norms).
+inline at::Tensor row_norms(const at::Tensor& t, at::ScalarType acc) {
+  const int64_t rows = std::max<int64_t>(1, (int64_t{4} << 20) / std::max<int64_t>(1, t.size(1) * 4));
+  if (t.scalar_type() == acc || t.size(0) <= rows) return at::linalg_vector_norm(t, 2, {1}, false, acc);
+  at::Tensor out = at::empty({t.size(0)}, t.options().dtype(acc));
+  for (int64_t r0 = 0; r0 < t.size(0); r0 += rows) {
+    const int64_t n = std::min(rows, t.size(0) - r0);
+    out.narrow(0, r0, n).copy_(at::linalg_vector_norm(t.narrow(0, r0, n), 2, {1}, false, acc));
+  }
+  return out;
+}
+
 // Targets in [0, C) or ignore_index (−1 that is not ignore_index would silently mean "no target column").
 inline void check_targets(const char* op, const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
   if (target.numel() == 0) return;

@@ -62,7 +62,7 @@ struct TargetGeometry {
       w_target_norm = at::linalg_vector_norm(w_target, 2, {1}).clamp_min(kNormEps);
       cosine = ((xf * w_target).sum(1) / (x_norm * w_target_norm)).clamp(-1.0, 1.0);
       psi = margin_psi(cosine, o);
-      if (o.normalize) col_norm = at::linalg_vector_norm(w, 2, {1}, false, acc).clamp_min(kNormEps);
+      if (o.normalize) col_norm = loss::row_norms(w, acc).clamp_min(kNormEps);
     }
     at::Tensor logit;
     if (o.normalize) {
