@@ -66,7 +66,7 @@ Spec make_spec(const char* op, const at::Tensor& x, const at::Tensor& w, const a
   Spec s;
   s.N = x.size(0);
   s.C = w.size(0);
-  s.acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  s.acc = accumulation_dtype(x.scalar_type());
   s.device = x.device();
   s.x = upcast_x ? x.to(s.acc) : x.contiguous();
   s.w = w;

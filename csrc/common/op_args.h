@@ -11,6 +11,11 @@
 
 namespace marginkern {
 
+// What the ops compute in: float64 for float64 inputs, else float32 (engine.accumulation_dtype).
+inline at::ScalarType accumulation_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // The logit definition shared by the ops.
 struct Spec {
   at::Tensor x;          // (N, D): in the accumulation dtype, or as given (see make_spec's upcast_x)

@@ -14,7 +14,6 @@
 namespace marginkern {
 namespace {
 
-constexpr double kNormEps = 1e-12;       // as torch.nn.functional.normalize (engine.NORM_EPS)
 constexpr double kEmoRatioEps = 1e-10;  // the official recipe's ce / (emo + 1e-10)
 
 // Per-row quantities of the target (emo.py _EMOGeometry); ê_j = e_j·key_scale_j without a normalised copy.
@@ -23,15 +22,15 @@ struct EMOGeometry {
 
   EMOGeometry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const at::Tensor& cost,
               int64_t ignore_index) {
-    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::ScalarType acc = accumulation_dtype(x.scalar_type());
     valid = target.ne(ignore_index);
     column = at::where(valid, target, -1);
     const at::Tensor safe = column.clamp_min(0);
     target_logit = (x.to(acc) * w.index_select(0, safe).to(acc)).sum(1);
     row_scale = at::ones_like(target_logit);
     // the norms in the cost embedding's own accumulation dtype (an fp64 cost with fp32 inputs), then acc
-    const at::ScalarType cost_acc = cost.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    key_scale = loss::row_norms(cost, cost_acc).to(acc).clamp_min(kNormEps).reciprocal();
+    const at::Tensor cost_norms = loss::row_norms(cost, accumulation_dtype(cost.scalar_type()));
+    key_scale = cost_norms.to(acc).clamp_min(loss::kNormEps).reciprocal();
     query = cost.index_select(0, safe);
     query_scale = key_scale.index_select(0, safe);
     self_cosine = query.to(acc).pow(2).sum(1) * query_scale.pow(2);  // ê_t·ê_t: 1, or 0 for e_t = 0

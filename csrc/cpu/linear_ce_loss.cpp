@@ -41,7 +41,7 @@ struct TargetLogits {
 
   TargetLogits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const at::Tensor& bias,
                const Options& o) {
-    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::ScalarType acc = accumulation_dtype(x.scalar_type());
     valid = target.ne(o.ignore_index);
     column = at::where(valid, target, -1);
     const at::Tensor safe = column.clamp_min(0);
@@ -153,8 +153,7 @@ at::Tensor linear_cross_entropy(const at::Tensor& x, const at::Tensor& w, const 
   loss::check_classification_inputs(op, x, w, target, o.ignore_index, o.reduction);
   TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == w.size(0) && bias.device().is_cpu()), op,
               ": bias must be a (C=", w.size(0), ",) CPU tensor or undefined, got ", bias.sizes());
-  TORCH_CHECK(o.label_smoothing >= 0.0 && o.label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
-              o.label_smoothing);
+  loss::check_label_smoothing(op, o.label_smoothing);
   TORCH_CHECK(std::isfinite(o.z_loss) && o.z_loss >= 0, op, ": z_loss must be a finite number >= 0, got ", o.z_loss);
   TORCH_CHECK(!o.softcap || (std::isfinite(*o.softcap) && *o.softcap > 0), op,
               ": softcap must be unset or a positive finite number, got ", o.softcap.value_or(0.0));

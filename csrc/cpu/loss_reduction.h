@@ -10,7 +10,11 @@
 #include <cstdint>
 #include <string>
 
+#include "../common/op_args.h"
+
 namespace marginkern::loss {
+
+constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize (engine.NORM_EPS)
 
 // Classes per streamed chunk: `requested`, or a 16 MB chunk of N rows of accumulation-dtype logits.
 inline int64_t class_chunk(int64_t requested, int64_t N, at::ScalarType acc) {
@@ -55,6 +59,11 @@ inline void check_targets(const char* op, const at::Tensor& target, int64_t num_
   const at::Tensor bad = t.ne(ignore_index) & (t.lt(0) | t.ge(num_classes));
   TORCH_CHECK(!bad.any().item<bool>(), op, ": target must hold class indices in [0, C=", num_classes,
               ") or ignore_index=", ignore_index, ", got ", t.masked_select(bad)[0].item<int64_t>());
+}
+
+inline void check_label_smoothing(const char* op, double label_smoothing) {
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
+              label_smoothing);
 }
 
 // The C++ losses are differentiable once: their backward passes write with out= GEMMs.

@@ -15,7 +15,6 @@ namespace marginkern {
 namespace {
 
 constexpr double kPi = 3.14159265358979323846;
-constexpr double kNormEps = 1e-12;          // as torch.nn.functional.normalize (engine.NORM_EPS)
 constexpr double kExactSlopeMinAngle = 1e-3;  // margin.py EXACT_SLOPE_MIN_ANGLE: bounds dψ/dc near θ = 0, π
 
 // (−1)^k for k = ⌊φ/π⌋, and k, of φ = m1·θ + m2.
@@ -48,7 +47,7 @@ struct TargetGeometry {
 
   TargetGeometry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o,
                  const at::Tensor& row_state = at::Tensor(), const at::Tensor& saved_col_norm = at::Tensor()) {
-    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::ScalarType acc = accumulation_dtype(x.scalar_type());
     valid = target.ne(o.ignore_index);
     column = at::where(valid, target, -1);
     xf = x.to(acc);
@@ -58,11 +57,11 @@ struct TargetGeometry {
       if (o.normalize) col_norm = saved_col_norm.to(acc);
     } else {
       const at::Tensor w_target = target_rows(w, acc);
-      x_norm = at::linalg_vector_norm(xf, 2, {1}).clamp_min(kNormEps);
-      w_target_norm = at::linalg_vector_norm(w_target, 2, {1}).clamp_min(kNormEps);
+      x_norm = at::linalg_vector_norm(xf, 2, {1}).clamp_min(loss::kNormEps);
+      w_target_norm = at::linalg_vector_norm(w_target, 2, {1}).clamp_min(loss::kNormEps);
       cosine = ((xf * w_target).sum(1) / (x_norm * w_target_norm)).clamp(-1.0, 1.0);
       psi = margin_psi(cosine, o);
-      if (o.normalize) col_norm = loss::row_norms(w, acc).clamp_min(kNormEps);
+      if (o.normalize) col_norm = loss::row_norms(w, acc).clamp_min(loss::kNormEps);
     }
     at::Tensor logit;
     if (o.normalize) {
@@ -148,8 +147,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ta
                   o.m1 >= 1.0 && o.m2 >= 0.0 && o.scale > 0, op,
               ": the margins need m1 >= 1, m2 >= 0, finite m3 and a positive finite scale, got m1=", o.m1,
               " m2=", o.m2, " m3=", o.m3, " scale=", o.scale);
-  TORCH_CHECK(o.label_smoothing >= 0.0 && o.label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
-              o.label_smoothing);
+  loss::check_label_smoothing(op, o.label_smoothing);
 }
 
 }  // namespace
