@@ -4,6 +4,7 @@
     python bench/run.py --quick            # one small case per module, short timing (CPU: under a minute)
     python bench/run.py --cases face       # only the face-recognition cases
     python bench/run.py --device cpu       # force the CPU even where CUDA is present
+    python bench/run.py --cases llm --only llama3-8b   # one case by name
 
 Writes bench/results/<device>/<date>.{json,md,png} and prints the table. Exits 1 when the marginkern
 provider itself failed (an error, not a skip or an OOM), so a script running it notices.
@@ -27,6 +28,8 @@ def parse_args():
     parser.add_argument("--quick", action="store_true", help="first case of each module, short timing")
     parser.add_argument("--cases", default="all", choices=["all", *CASE_MODULES],
                         help="which case module(s) to run (default: all)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated case names to run (default: every case of the chosen modules)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--providers", default=None,
                         help="comma-separated subset of providers to run (default: all of them)")
@@ -49,6 +52,12 @@ def main():
     env = {**harness.environment(device_type), **harness.marginkern_info(device_type)}
     chosen = list(CASE_MODULES) if args.cases == "all" else [args.cases]
     wanted = None if args.providers is None else set(args.providers.split(","))
+    only = None if args.only is None else set(args.only.split(","))
+    if only is not None:
+        known = {case.name for family in chosen
+                 for case in importlib.import_module(CASE_MODULES[family]).cases(device_type, args.quick)}
+        if only - known:
+            sys.exit(f"--only: no case named {', '.join(sorted(only - known))} among {', '.join(sorted(known))}")
 
     records = []
     start = time.perf_counter()
@@ -57,6 +66,8 @@ def main():
         module_name = CASE_MODULES[family]
         module = importlib.import_module(module_name)
         for case in module.cases(device_type, args.quick):
+            if only is not None and case.name not in only:
+                continue
             case_records = []
             for provider in module.PROVIDERS:
                 if wanted is not None and provider not in wanted:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One visit to the GPU machine (no network; torch/triton/pytest already there, DESIGN.md §8), in stages
 # that each fit the device tool's 10-minute limit:
+#   bash scripts/gpu_session.sh visit   # ONE short visit (~9 min): the GPU tests of both backends, then the headline
+#                                       # benchmarks, each step under a time budget; everything in $OUT/visit.tgz
 #   bash scripts/gpu_session.sh tests   # editable install (offline, builds marginkern._C_cuda too) + GPU test tier
 #   bash scripts/gpu_session.sh triton-tier  # the interpreter tier's Triton tests, compiled for the GPU
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck/racecheck over the CUDA ops' tests (csrc/cuda)
@@ -19,15 +21,63 @@ OUT="${OUT:-/tmp/marginkern-gpu}"
 mkdir -p "$OUT"
 stage="${1:-tests}"
 
-python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2>&1 \
-  || { echo "editable install failed, see install-$stage.log"; tail -20 "$OUT/install-$stage.log"; }
+if [ "$stage" = visit ]; then
+  # the package without its extensions (seconds): the Triton tests start at once; the extensions are built
+  # beside them in a copy of the tree (visit_build_extensions), so no test imports a half-written .so
+  MARGINKERN_BUILD_EXTENSION=0 python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2>&1
+else
+  python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2>&1 \
+    || { echo "editable install failed, see install-$stage.log"; tail -20 "$OUT/install-$stage.log"; }
+fi
 if [ -d wheels ]; then  # optional peers, carried as pure-Python wheels
   python -m pip install -q --no-deps --no-index wheels/*.whl >> "$OUT/install-$stage.log" 2>&1 || true
 fi
 { nvidia-smi; python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
   > "$OUT/device.txt" 2>&1
 
+T0=$(date +%s)
+left() { echo $(( ${VISIT_S:-540} - ($(date +%s) - T0) )); }  # seconds of the visit's budget still left
+log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/visit.log"; }
+# run "$@" with a timeout of min(cap, what is left minus a reserve); skipped when under 20 s would be left
+budgeted() {
+  local cap=$1 reserve=$2; shift 2
+  local t=$(( $(left) - reserve )); [ "$t" -gt "$cap" ] && t=$cap
+  if [ "$t" -lt 20 ]; then log "skipped (no time left): $*"; return 0; fi
+  log "start (timeout ${t}s): $*"; timeout "$t" "$@"; log "rc=$? after: $*"
+}
+visit_build_extensions() {
+  local repo=$PWD
+  rm -rf /tmp/mkext && cp -r . /tmp/mkext && cd /tmp/mkext \
+    && MAX_JOBS=8 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  cp marginkern/_C*.so "$repo/marginkern/" 2>> "$OUT/build.log"
+  touch /tmp/mkext.done
+}
+bench() {  # bench <cases> <case names> <providers> <cap s> <tag>
+  budgeted "$4" 10 python bench/run.py --cases "$1" --only "$2" --providers "$3" --tag "$5" --timeout 120 \
+    2>&1 | tee -a "$OUT/bench.log" | grep -v "^\s*$" | tail -12
+}
+
 case "$stage" in
+  visit)
+    rm -f /tmp/mkext.done; visit_build_extensions &
+    export PYTHONUNBUFFERED=1
+    xdist=(); python -c "import xdist" 2>/dev/null && xdist=(-n 8)  # parallel Triton compiles
+    budgeted 170 300 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=8 \
+      -k "triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-triton.log" | tail -15
+    while [ ! -f /tmp/mkext.done ] && [ "$(left)" -gt 300 ]; do sleep 2; done
+    log "extensions: $(ls marginkern/*.so 2>&1 | tr '\n' ' ')"; tail -5 "$OUT/build.log"
+    python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
+    budgeted 100 260 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=5 \
+      -k "not triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-cuda.log" | tail -15
+    budgeted 70 220 python -m pytest tests/test_gpu.py -q -rs --durations=4 -k "beyond_int32 or memory_is_bounded" \
+      2>&1 | tee "$OUT/tests-big.log" | tail -10
+    bench face arcface-1M,face-small-100k "marginkern,marginkern cuda,3-GEMM floor" 90 face
+    bench llm llama3-8b,gemma2-2b "marginkern,marginkern cuda,3-GEMM floor" 110 llm
+    bench emo emo-llama3-8b "marginkern,3-GEMM floor" 40 emo
+    bench cosent cosent-65k "marginkern,read both once" 30 cosent
+    bench llm llama3-8b "torch.compile,marginkern 3-GEMM" 60 llm-compile
+    bench face arcface-1M "torch.compile,naive" 60 face-compile
+    ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
     timeout 560 python -m pytest tests/test_gpu.py -q -rs 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
@@ -53,6 +103,12 @@ case "$stage" in
              timeout 200 python bench/grad_filter_error.py 2>&1 | tee "$OUT/grad-filter.log" | tail -12 ;;
       peers) args=(--cases llm --providers "liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor") ;;
     esac
+if [ "$stage" = visit ]; then  # the device tool brings back at most 8 files: one archive of everything
+  log "done"; wait  # for the extension build, if the tests outran it
+  find bench/results -type f -newer "$OUT/device.txt" | tar czf /tmp/results.tgz -T -
+  (cd "$OUT" && tar czf /tmp/visit.tgz . /tmp/results.tgz && mv /tmp/visit.tgz "$OUT/visit.tgz" \
+    && find . -mindepth 1 ! -name visit.tgz ! -name visit.log ! -name tests-triton.log -delete)
+fi
     python bench/run.py "${args[@]}" --tag "$stage" --timeout 240 2>&1 | tee "$OUT/bench-$stage.log" | tail -40
     cp -r bench/results "$OUT/"
     ;;
@@ -67,3 +123,9 @@ case "$stage" in
   *)
     echo "unknown stage $stage (tests|triton-tier|sanitize|face|llm|knobs|peers|emo|cosent|micro|sweep)"; exit 2 ;;
 esac
+if [ "$stage" = visit ]; then  # the device tool brings back at most 8 files: one archive of everything
+  log "done"; wait  # for the extension build, if the tests outran it
+  find bench/results -type f -newer "$OUT/device.txt" | tar czf /tmp/results.tgz -T -
+  (cd "$OUT" && tar czf /tmp/visit.tgz . /tmp/results.tgz && mv /tmp/visit.tgz "$OUT/visit.tgz" \
+    && find . -mindepth 1 ! -name visit.tgz ! -name visit.log ! -name tests-triton.log -delete)
+fi
