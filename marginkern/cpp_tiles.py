@@ -77,11 +77,11 @@ class _ExtensionTiles:
             raise BackendUnavailable(error)
         self.buffer_bytes = buffer_bytes
 
-    def class_chunk(self, N, x, buffers=1):
-        """Classes per chunk: `buffers` N × chunk buffers in the accumulation dtype fill `buffer_bytes`
-        (the backward pass of the EMO cost term needs a second one)."""
+    def class_chunk(self, N, x, buffers=1, bytes_per_class=0):
+        """Classes per chunk: `buffers` N × chunk buffers in the accumulation dtype, plus `bytes_per_class`
+        of the caller's per chunk, fill `buffer_bytes` (the EMO cost term's backward needs a second buffer)."""
         acc_bytes = 8 if x.dtype == torch.float64 else 4
-        return max(256, self.buffer_bytes // max(1, buffers * N * acc_bytes))
+        return max(256, self.buffer_bytes // max(1, buffers * N * acc_bytes + bytes_per_class))
 
     def row_stats(self, x, w, spec, need_sum_logits):
         lse, sum_logits = torch.ops.marginkern.streaming_row_stats(
@@ -100,8 +100,8 @@ class _ExtensionTiles:
         torch.ops.marginkern.grads_of_dots_(z, *_spec_args(spec), lse, coef_p, coef_u, target_grad)
         return z
 
-    def class_chunks(self, N, C, x):
-        chunk = self.class_chunk(N, x)
+    def class_chunks(self, N, C, x, bytes_per_class=0):
+        chunk = self.class_chunk(N, x, bytes_per_class=bytes_per_class)
         return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
 
     def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):

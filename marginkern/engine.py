@@ -226,7 +226,9 @@ def streaming_grads(
     unscale = 1.0 / grad_scale
     if cost is not None:
         cost = CostSpec(cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
-    for c0, c1 in tiles.class_chunks(N, C, x):
+    # the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
+    dw_bytes = D * torch.empty((), dtype=acc).element_size() if need_weight_grad else 0
+    for c0, c1 in tiles.class_chunks(N, C, x, bytes_per_class=dw_bytes):
         g = tiles.grad_logits(x, w, spec, lse, coef_p * grad_scale, coef_u * grad_scale,
                               target_grad * grad_scale, c0, c1, cost)
         w_chunk, kept = w[c0:c1], None
@@ -397,9 +399,11 @@ class TorchTiles:
     def __init__(self, buffer_bytes: int = 16 << 20):
         self.buffer_bytes = buffer_bytes
 
-    def class_chunks(self, N, C, x):
+    def class_chunks(self, N, C, x, bytes_per_class=0):
+        """[(c0, c1)] covering C classes; `bytes_per_class`: what the caller keeps per class of a chunk
+        besides the N × chunk tensors (the engine's fp32 dW chunk), counted against the same budget."""
         acc_bytes = 8 if x.dtype == torch.float64 else 4
-        chunk = max(256, self.buffer_bytes // max(1, N * acc_bytes))
+        chunk = max(256, self.buffer_bytes // max(1, N * acc_bytes + bytes_per_class))
         return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
 
     @staticmethod

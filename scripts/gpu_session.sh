@@ -3,7 +3,7 @@
 # that each fit the device tool's 10-minute limit:
 #   bash scripts/gpu_session.sh visit   # ONE short visit (~9 min): the GPU tests of both backends, then the headline
 #                                       # benchmarks, each step under a time budget; everything in $OUT/visit.tgz
-#   bash scripts/gpu_session.sh tests   # editable install (offline, builds marginkern._C_cuda too) + GPU test tier
+#   bash scripts/gpu_session.sh tests   # GPU test tier (extensions, marginkern._C_cuda too, built in place first)
 #   bash scripts/gpu_session.sh triton-tier  # the interpreter tier's Triton tests, compiled for the GPU
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck/racecheck over the CUDA ops' tests (csrc/cuda)
 #   bash scripts/gpu_session.sh face    # face-recognition benchmarks
@@ -21,13 +21,13 @@ OUT="${OUT:-/tmp/marginkern-gpu}"
 mkdir -p "$OUT"
 stage="${1:-tests}"
 
-if [ "$stage" = visit ]; then
-  # the package without its extensions (seconds): the Triton tests start at once; the extensions are built
-  # beside them in a copy of the tree (visit_build_extensions), so no test imports a half-written .so
-  MARGINKERN_BUILD_EXTENSION=0 python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2>&1
-else
-  python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2>&1 \
-    || { echo "editable install failed, see install-$stage.log"; tail -20 "$OUT/install-$stage.log"; }
+# No pip install: the machine is offline and pip's editable install wants setuptools from the network
+# (PEP 517 build isolation). The source tree is used as it is: the Triton package linked where the
+# installed layout has it (setup.py's package_dir), the extensions built in place.
+ln -sfn ../triton_kernels marginkern/triton_kernels
+build_extensions() { MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace; }
+if [ "$stage" != visit ]; then  # (visit builds them in a copy, beside its first tests)
+  build_extensions > "$OUT/build-$stage.log" 2>&1 || { echo "extension build failed"; tail -20 "$OUT/build-$stage.log"; }
 fi
 if [ -d wheels ]; then  # optional peers, carried as pure-Python wheels
   python -m pip install -q --no-deps --no-index wheels/*.whl >> "$OUT/install-$stage.log" 2>&1 || true
@@ -47,8 +47,7 @@ budgeted() {
 }
 visit_build_extensions() {
   local repo=$PWD
-  rm -rf /tmp/mkext && cp -r . /tmp/mkext && cd /tmp/mkext \
-    && MAX_JOBS=8 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  rm -rf /tmp/mkext && cp -r . /tmp/mkext && cd /tmp/mkext && MAX_JOBS=8 build_extensions > "$OUT/build.log" 2>&1
   cp marginkern/_C*.so "$repo/marginkern/" 2>> "$OUT/build.log"
   touch /tmp/mkext.done
 }
@@ -71,12 +70,16 @@ case "$stage" in
       -k "not triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-cuda.log" | tail -15
     budgeted 70 220 python -m pytest tests/test_gpu.py -q -rs --durations=4 -k "beyond_int32 or memory_is_bounded" \
       2>&1 | tee "$OUT/tests-big.log" | tail -10
+    # where a step's time goes (host-bound? which kernel?), then the Triton block sizes, then the benchmarks
+    budgeted 50 200 python bench/profile_step.py face face-small-100k marginkern "marginkern cuda" "3-GEMM floor" \
+      2>&1 | tee -a "$OUT/profile.log" | grep "=="
+    budgeted 50 160 python bench/profile_step.py face arcface-1M marginkern "marginkern cuda" 2>&1 | tee -a "$OUT/profile.log" | grep "=="
+    budgeted 40 130 python bench/profile_step.py llm llama3-8b marginkern 2>&1 | tee -a "$OUT/profile.log" | grep "=="
+    budgeted 150 60 python bench/sweep_triton_configs.py --quick --case arcface-1M,llama3-8b 2>&1 | tee "$OUT/sweep.log" | tail -7
     bench face arcface-1M,face-small-100k "marginkern,marginkern cuda,3-GEMM floor" 90 face
     bench llm llama3-8b,gemma2-2b "marginkern,marginkern cuda,3-GEMM floor" 110 llm
     bench emo emo-llama3-8b "marginkern,3-GEMM floor" 40 emo
     bench cosent cosent-65k "marginkern,read both once" 30 cosent
-    bench llm llama3-8b "torch.compile,marginkern 3-GEMM" 60 llm-compile
-    bench face arcface-1M "torch.compile,naive" 60 face-compile
     ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
@@ -117,7 +120,7 @@ fi
       --benchmark-json "$OUT/microbench.json" 2>&1 | tee "$OUT/microbench.log" | tail -15
     ;;
   sweep)
-    timeout 560 python bench/sweep_triton_configs.py --case "${2:-arcface-1M}" 2>&1 | tee "$OUT/sweep.log" | tail -8
+    timeout 560 python bench/sweep_triton_configs.py --case "${2:-arcface-1M,llama3-8b}" ${3:-} 2>&1 | tee "$OUT/sweep.log" | tail -8
     cp -r bench/results "$OUT/"
     ;;
   *)

@@ -69,10 +69,12 @@ class TritonTiles:
     def __init__(self, buffer_bytes: int = 64 << 20):
         self.buffer_bytes = buffer_bytes
 
-    def class_chunks(self, N, C, x):
+    def class_chunks(self, N, C, x, bytes_per_class=0):
+        """engine.TorchTiles.class_chunks: the chunk's G (N × chunk, x's dtype when 16-bit) and the caller's
+        `bytes_per_class` fill `buffer_bytes`."""
         blocks, _ = _config(x)
         elt = x.element_size() if x.dtype in (torch.float16, torch.bfloat16) else 4
-        chunk = max(blocks["BLOCK_C"], self.buffer_bytes // max(1, N * elt))
+        chunk = max(blocks["BLOCK_C"], self.buffer_bytes // max(1, N * elt + bytes_per_class))
         chunk = min(chunk, MAX_GRID_Y * blocks["BLOCK_C"])  # the chunk's class blocks are grid axis 1
         chunk = chunk // blocks["BLOCK_C"] * blocks["BLOCK_C"]
         return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
