@@ -54,6 +54,36 @@ def on_backend(backend, build):
     return build_on_backend
 
 
+def cuda_graphed(build):
+    """The provider `build` replayed from a CUDA graph: the step's kernels without its host-side cost
+    (Python, dispatch, launches), i.e. how far a user's CUDA-graph capture of the step could take it. The
+    graph's memory pool is allocated at capture, before the timed calls: its "extra MB" is not comparable."""
+    def build_graphed(case, device):
+        if device.type != "cuda":
+            raise Skip("CUDA graphs need CUDA")
+        step = build(case, device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream (Triton compiles, cuBLAS handles)
+            for _ in range(3):
+                for t in step.grads_of:
+                    t.grad = None
+                step.fn()
+        torch.cuda.current_stream().wait_stream(side)
+        for t in step.grads_of:
+            t.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = step.fn()
+
+        def replay():
+            graph.replay()
+            return loss
+
+        return Step(replay, [])
+    return build_graphed
+
+
 def gemm_floor(case, device):
     """The three plain GEMMs an exact fwd+bwd cannot avoid, same shapes and dtype, timed together:
     logits X·Wᵀ (N×C), dX = G·W (N×D), dW = Gᵀ·X (C×D), with G an N×C tensor made beforehand.

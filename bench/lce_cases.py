@@ -7,7 +7,7 @@ never required: a missing one is skipped with the reason recorded), plus the flo
 import torch.nn.functional as F
 
 import marginkern
-from common_providers import compiled, gemm_floor, loss_step, on_backend
+from common_providers import compiled, cuda_graphed, gemm_floor, loss_step, on_backend
 from harness import Case, Skip
 
 FLOOR = "3-GEMM floor"
@@ -74,6 +74,7 @@ def _cce(filter_eps):
 PROVIDERS = {
     "marginkern": _marginkern(),                                         # exact, 4 GEMMs, O(N) memory
     "marginkern cuda": on_backend("cuda", _marginkern()),                 # csrc/cuda: cuBLAS + CUDA epilogue
+    "marginkern graphed": cuda_graphed(_marginkern()),                    # replayed from a CUDA graph
     "marginkern 3-GEMM": _marginkern(logits_buffer_mb=256),               # exact, bounded logits buffer
     "marginkern 3-GEMM 4GB": _marginkern(cuda_only=True, logits_buffer_mb=4096),  # few row blocks (NOTES)
     "marginkern filtered": _marginkern(grad_filter_eps="auto"),           # CCE's default filter

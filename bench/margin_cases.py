@@ -4,6 +4,8 @@ Providers, all measured in one run on the same inputs:
   marginkern      marginkern.margin_cross_entropy with ArcFace settings (its defaults)
   naive           insightface-style PyTorch: normalize, F.linear, fp32 logits, arccos/cos margin on the
                   target column, scale, F.cross_entropy (materializes several N×C tensors)
+  marginkern cuda     the same on the hand-written CUDA backend (csrc/cuda)
+  marginkern graphed  the marginkern step replayed from a CUDA graph (its GPU time without host overhead)
   torch.compile   torch.compile of that naive function
   3-GEMM floor    the three plain matmuls of the same shapes (common_providers.gemm_floor)
 """
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import marginkern  # never guarded: the bench exists to measure it, so a broken import must fail loudly
-from common_providers import compiled, gemm_floor, loss_step, on_backend
+from common_providers import compiled, cuda_graphed, gemm_floor, loss_step, on_backend
 from harness import Case
 
 ARCFACE = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
@@ -48,6 +50,8 @@ PROVIDERS = {
     "marginkern": lambda case, device: loss_step(_marginkern, case, device),
     # the hand-written CUDA backend (csrc/cuda): cuBLAS GEMMs + CUDA epilogue, opt-in
     "marginkern cuda": on_backend("cuda", lambda case, device: loss_step(_marginkern, case, device)),
+    # the same step replayed from a CUDA graph: its GPU time without the host's share
+    "marginkern graphed": cuda_graphed(lambda case, device: loss_step(_marginkern, case, device)),
     "naive": lambda case, device: loss_step(naive_arcface, case, device),
     "torch.compile": lambda case, device: loss_step(compiled(naive_arcface, device), case, device),
     FLOOR: gemm_floor,

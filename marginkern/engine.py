@@ -25,7 +25,7 @@ share this contract exactly. A backend may also run the whole backward chunk loo
 """
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -85,6 +85,17 @@ def project_out_rows(grad: Tensor, weight: Tensor, inv_norm_sq: Tensor) -> Tenso
     chains a row-normalised weight). Tile backends may provide a fused `project_out_rows` of their own."""
     wf = weight.to(grad.dtype)
     return grad.sub_(wf * ((wf * grad).sum(1) * inv_norm_sq)[:, None])
+
+
+def finish_weight_grad(grad: Tensor, scale: Tensor, out: Tensor, weight: Optional[Tensor] = None,
+                       inv_norm_sq: Optional[Tensor] = None) -> Tensor:
+    """out ← scale·P(grad) in out's dtype, with P the tangent projection by (weight, inv_norm_sq)
+    (project_out_rows) or the identity; `grad` (accumulation dtype) may be overwritten. How the engine
+    stores a class chunk of dW; tile backends may fuse it into one pass (`finish_weight_grad`)."""
+    grad.mul_(scale)
+    if weight is not None:
+        project_out_rows(grad, weight, inv_norm_sq)
+    return out.copy_(grad)
 
 
 # Whether this torch has the 16-bit → fp32 cuBLAS overloads (mm/addmm with out_dtype; addmm with an fp32
@@ -192,18 +203,28 @@ def streaming_grads(
     x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, tiles,
     finalize_weight_chunk: Optional[Callable[[int, int, Tensor], Tensor]] = None,
     need_bias_grad: bool = False, cost: Optional[CostSpec] = None, need_weight_grad: bool = True,
-    grad_filter_eps: Optional[float] = None,
+    grad_filter_eps: Optional[float] = None, tangent_projection: Optional[Tuple[Tensor, Tensor]] = None,
 ):
     """dL/dX (raw, accumulation dtype), dL/dW (weight dtype, or None when not `need_weight_grad`: a frozen
     head skips the dW GEMM) and dL/dbias (or None).
 
     `finalize_weight_chunk(c0, c1, dw_chunk)` lets the loss chain a class chunk of dW (accumulation
-    dtype) through what the engine does not know about (row normalisation of W) before it is stored.
+    dtype) through what the engine does not know about before it is stored. `tangent_projection` =
+    (weight, inv_norm_sq) chains dW through row-normalised classes, ŵ = w/‖w‖ (project_out_rows); unlike a
+    finalizer, a tile backend fuses it with the unscaling and the store (`finish_weight_grad`).
 
     `grad_filter_eps` (None: exact) drops the classes of a chunk whose every |dL/da| is below
     grad_filter_eps × the largest typical entry (for mean cross-entropy: p_nj < eps in every row): the
     two GEMMs of the chunk then run over the surviving classes only (`keep_columns`).
     """
+    if tangent_projection is not None:
+        if finalize_weight_chunk is not None:
+            raise ValueError("streaming_grads takes finalize_weight_chunk or tangent_projection, not both")
+        if hasattr(tiles, "streaming_grads") and grad_filter_eps is None:  # a finalizer for the backend's loop
+            project, (proj_w, inv_norm_sq) = getattr(tiles, "project_out_rows", project_out_rows), tangent_projection
+
+            def finalize_weight_chunk(c0, c1, grad_w_raw):
+                return project(grad_w_raw, proj_w[c0:c1], inv_norm_sq[c0:c1])
     if hasattr(tiles, "streaming_grads") and grad_filter_eps is None:  # the backend runs the loop below
         return tiles.streaming_grads(x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk,
                                      need_bias_grad, cost, need_weight_grad)
@@ -226,6 +247,7 @@ def streaming_grads(
     unscale = 1.0 / grad_scale
     if cost is not None:
         cost = CostSpec(cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
+    finish = getattr(tiles, "finish_weight_grad", finish_weight_grad)
     # the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
     dw_bytes = D * torch.empty((), dtype=acc).element_size() if need_weight_grad else 0
     for c0, c1 in tiles.class_chunks(N, C, x, bytes_per_class=dw_bytes):
@@ -239,10 +261,12 @@ def streaming_grads(
             grad_bias[c0:c1] = scatter_rows(g.sum(0, dtype=acc) * unscale, kept, c1 - c0)
         if grad_w is None:
             continue
-        grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc).mul_(unscale), kept, c1 - c0)
+        grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc), kept, c1 - c0)  # still scaled
         if finalize_weight_chunk is not None:
-            grad_w_chunk = finalize_weight_chunk(c0, c1, grad_w_chunk)
-        grad_w[c0:c1] = grad_w_chunk
+            grad_w[c0:c1] = finalize_weight_chunk(c0, c1, grad_w_chunk.mul_(unscale))
+        else:
+            projection = () if tangent_projection is None else (t[c0:c1] for t in tangent_projection)
+            finish(grad_w_chunk, unscale, grad_w[c0:c1], *projection)
     return grad_x.mul_(unscale), grad_w, grad_bias
 
 
@@ -300,7 +324,7 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
         p = tiles.grad_logits(x, w, spec, lse, ones, zeros, target_prob, c0, c1)
         # scale the (chunk, E) values rather than the (N, chunk) probabilities: the smaller temporary
         scaled_values = (values[c0:c1] * value_scale[c0:c1, None]).to(p.dtype)
-        out += mm_accumulate(p, scaled_values, acc)
+        addmm_accumulate(out, p, scaled_values)  # in place: no (N, E) fp32 temporary per chunk
     return out
 
 

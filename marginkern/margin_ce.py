@@ -17,8 +17,8 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, project_out_rows, row_norms, streaming_grads,
-                     streaming_row_stats, target_columns)
+from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, row_norms, streaming_grads, streaming_row_stats,
+                     target_columns)
 from .margin import margin_psi, margin_slope
 
 
@@ -156,12 +156,8 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
         # dT/da_y with the norms held fixed; the projections below chain through x̂ and ŵ.
         target_grad = grad_target_logit * s * slope / (geo.x_norm * geo.w_target_norm)
 
-        project = getattr(tiles, "project_out_rows", project_out_rows)
-        inv_norm_sq = geo.col_norm ** -2
-
-        def finalize_weight_chunk(c0, c1, grad_w_raw):
-            # dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖, and grad_w_raw already holds (dL/dŵ)/‖w‖.
-            return project(grad_w_raw, w[c0:c1], inv_norm_sq[c0:c1])
+        # dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖, and the engine's raw dW already holds (dL/dŵ)/‖w‖.
+        tangent_projection, finalize_weight_chunk = (w, geo.col_norm ** -2), None
     else:
         # T = s·‖x‖‖w_y‖·ψ(c) also depends on the norms: the cross term s·ψ'·w_y (resp. x) goes
         # through the target column, the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x (resp. w_y) are added here
@@ -169,6 +165,8 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
         target_grad = grad_target_logit * s * slope
         radial = grad_target_logit * s * (geo.psi - geo.cosine * slope)
         w_radial = radial * geo.x_norm / geo.w_target_norm
+
+        tangent_projection = None
 
         def finalize_weight_chunk(c0, c1, grad_w_raw):
             # masked instead of nonzero(): no host sync per chunk
@@ -179,7 +177,7 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
 
     grad_x_raw, grad_w, _ = streaming_grads(
         x, w, geo.spec(), lse, g, g * (eps / C), target_grad, tiles, finalize_weight_chunk,
-        need_weight_grad=need_weight_grad)
+        need_weight_grad=need_weight_grad, tangent_projection=tangent_projection)
 
     if not opts.normalize:  # the radial x term, before the sum over slices: it is counted once, by the owner
         grad_x_raw = grad_x_raw + (radial * geo.w_target_norm / geo.x_norm)[:, None] * geo.xf

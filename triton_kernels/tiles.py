@@ -7,6 +7,7 @@ import torch
 import triton
 
 from .device import on_device
+from .row_projection import finish_weight_grad as _finish_weight_grad
 from .row_projection import project_out_rows as _project_out_rows
 from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
 
@@ -118,6 +119,10 @@ class TritonTiles:
     def project_out_rows(self, grad, weight, inv_norm_sq):
         """engine.project_out_rows, fused (the Triton path accumulates in fp32: it never serves float64)."""
         return _project_out_rows(grad, weight.contiguous(), inv_norm_sq)
+
+    def finish_weight_grad(self, grad, scale, out, weight=None, inv_norm_sq=None):
+        """engine.finish_weight_grad in one pass: unscale, project (when weight is given) and store in out's dtype."""
+        return _finish_weight_grad(grad, scale, out, None if weight is None else weight.contiguous(), inv_norm_sq)
 
     def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
         x, w = x.contiguous(), w.contiguous()
