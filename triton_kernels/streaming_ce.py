@@ -16,18 +16,28 @@ import triton.language as tl
 
 @triton.jit
 def _dot_tile(a_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_a, stride_b, DOT_PRECISION: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """a[rows] · b[cols]ᵀ over K in fp32: the BLOCK_N × BLOCK_C tile of a GEMM with both operands row-major."""
+              BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_K: tl.constexpr):
+    """a[rows] · b[cols]ᵀ over K in fp32: the BLOCK_N × BLOCK_C tile of a GEMM with both operands row-major.
+
+    Rows and columns outside their masks read row 0 instead of being masked (their results are discarded by
+    every caller), and with EVEN_K (K % BLOCK_D == 0) the loop's loads carry no mask at all: the shape of
+    Triton's own matmul loop, which its software pipeliner handles best."""
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    offs = tl.arange(0, BLOCK_D)
     # int64 row offsets: N·D and C·D exceed 2³¹ at the sizes this library exists for.
-    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_a
-    b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_b
+    a_tiles = a_ptr + tl.where(row_mask, rows, 0).to(tl.int64)[:, None] * stride_a + offs[None, :]
+    b_tiles = b_ptr + tl.where(col_mask, cols, 0).to(tl.int64)[:, None] * stride_b + offs[None, :]
     for k0 in range(0, K, BLOCK_D):
-        offs = k0 + tl.arange(0, BLOCK_D)
-        k_mask = offs < K
-        a_tile = tl.load(a_rows + offs[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b_tile = tl.load(b_rows + offs[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if EVEN_K:
+            a_tile = tl.load(a_tiles)
+            b_tile = tl.load(b_tiles)
+        else:
+            k_mask = (k0 + offs) < K
+            a_tile = tl.load(a_tiles, mask=k_mask[None, :], other=0.0)
+            b_tile = tl.load(b_tiles, mask=k_mask[None, :], other=0.0)
         acc = tl.dot(a_tile, tl.trans(b_tile), acc, input_precision=DOT_PRECISION)
+        a_tiles += BLOCK_D
+        b_tiles += BLOCK_D
     return acc
 
 
@@ -36,14 +46,14 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
                 rows, cols, row_mask, col_mask, D, stride_x, stride_w,
                 HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False):
+                BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr, EVEN_D: tl.constexpr):
     """Logits z and dz/da for a BLOCK_N × BLOCK_C tile (target column not yet substituted)."""
     if FROM_DOTS:  # x_ptr is the (N, C) buffer of dot products, row stride stride_x
         tile = x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :]
         acc = tl.load(tile, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
     else:
         acc = _dot_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w, DOT_PRECISION,
-                        BLOCK_N, BLOCK_C, BLOCK_D)
+                        BLOCK_N, BLOCK_C, BLOCK_D, EVEN_D)
     scale = row_scale[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     if HAS_COL_SCALE:
         scale = scale * tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
@@ -67,6 +77,7 @@ def streaming_ce_fwd_kernel(
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     NEED_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
+    EVEN_D: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -87,7 +98,7 @@ def streaming_ce_fwd_kernel(
         z, _ = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
                            rows, cols, row_mask, col_mask, D, stride_x, stride_w,
                            HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
-                           FROM_DOTS)
+                           FROM_DOTS, EVEN_D)
         z = tl.where(cols[None, :] == target[:, None], target_logit[:, None], z)
         z = tl.where(col_mask[None, :], z, -float("inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -109,10 +120,10 @@ def streaming_ce_fwd_kernel(
 @triton.jit
 def _cost_cosine_tile(query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask, col_mask,
                       E, stride_q, stride_k, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_E: tl.constexpr):
     """A_nj = (q_n·k_j)·query_scale_n·key_scale_j: cosines of cost embeddings (EMO)."""
     acc = _dot_tile(query_ptr, keys_ptr, rows, cols, row_mask, col_mask, E, stride_q, stride_k, DOT_PRECISION,
-                    BLOCK_N, BLOCK_C, BLOCK_D)
+                    BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E)
     query_scale = tl.load(query_scale_ptr + rows, mask=row_mask, other=0.0)
     key_scale = tl.load(key_scale_ptr + cols, mask=col_mask, other=0.0)
     return acc * query_scale[:, None] * key_scale[None, :]
@@ -127,6 +138,7 @@ def streaming_ce_grad_logits_kernel(
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
+    EVEN_D: tl.constexpr = False, EVEN_E: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -138,7 +150,7 @@ def streaming_ce_grad_logits_kernel(
     z, chain = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
                            rows, cols, row_mask, col_mask, D, stride_x, stride_w,
                            HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
-                           FROM_DOTS)
+                           FROM_DOTS, EVEN_D)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     coef_p = tl.load(coef_p_ptr + rows, mask=row_mask, other=0.0)
     coef_u = tl.load(coef_u_ptr + rows, mask=row_mask, other=0.0)
@@ -148,7 +160,8 @@ def streaming_ce_grad_logits_kernel(
     weight_p = coef_p[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     if HAS_COST:
         cosines = _cost_cosine_tile(query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask,
-                                    col_mask, E, stride_q, stride_k, COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+                                    col_mask, E, stride_q, stride_k, COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
+                                    EVEN_E)
         coef_cost = tl.load(coef_cost_ptr + rows, mask=row_mask, other=0.0)
         weight_p = weight_p - coef_cost[:, None] * cosines
     g = (weight_p * p - coef_u[:, None]) * chain

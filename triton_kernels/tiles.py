@@ -109,7 +109,7 @@ class TritonTiles:
                     part[0], part[1], part[-1],
                     N, C, D, stride_x, stride_w, per_split, softcap,
                     NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
-                    **_flags(spec), **blocks, **launch)
+                    EVEN_D=D % blocks["BLOCK_D"] == 0, **_flags(spec), **blocks, **launch)
         run_max = part[0].max(0).values
         # splits whose logits are all −inf hold max −inf and Σexp 0; a row with only those gets lse −inf
         shift = torch.where(run_max == -float("inf"), torch.zeros_like(run_max), run_max)
@@ -165,6 +165,7 @@ class TritonTiles:
                     lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad, *cost_args,
                     N, D, E, stride_x, stride_w, grad.stride(0), stride_q, stride_k, c0, c1, softcap,
                     HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
-                    SATURATE_FP16=grad_dtype == torch.float16,
+                    SATURATE_FP16=grad_dtype == torch.float16, EVEN_D=D % blocks["BLOCK_D"] == 0,
+                    EVEN_E=E % blocks["BLOCK_D"] == 0,
                     COST_DOT_PRECISION=_dot_precision(cost_args[1]), **_flags(spec), **blocks, **launch)
         return grad

@@ -99,7 +99,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("opts", OPTIONS)
-@pytest.mark.parametrize("shape", [(37, 301, 45), (3, 2, 2), (19, 65, 33)])
+@pytest.mark.parametrize("shape", [(37, 301, 45), (3, 2, 2), (19, 65, 33), (19, 65, 48)])  # D = 48: EVEN_D
 def test_margin_ce_matches_oracle(dtype, opts, shape):
     N, C, D = shape
     x, w, t = make_case(N, C, D, dtype, device=DEVICE, ignore=(0,) if N > 2 else ())

@@ -18,7 +18,7 @@ def _force_triton(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("opts", OPTIONS)
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("shape", [(37, 301, 45), (3, 2, 3)])
+@pytest.mark.parametrize("shape", [(37, 301, 45), (3, 2, 3), (21, 77, 32)])  # D = 32: EVEN_D
 def test_linear_ce_matches_oracle(dtype, opts, with_bias, shape):
     N, C, D = shape
     x, w, t = make_case(N, C, D, dtype, device=DEVICE, ignore=(0,))
