@@ -121,8 +121,11 @@ def test_rows_times_classes_beyond_int32(backend):
 
 
 def test_extra_memory_is_bounded(backend):
-    N, C, D = 1024, 400_000, 512
-    x, w, t = make_case(N, C, D, torch.bfloat16, device="cuda")
+    # the face issue's goal: ArcFace at (1024, 1M, 512) bf16 within 64 MB beyond inputs and gradients
+    N, C, D = 1024, 1_000_000, 512
+    x = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(C, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, C, (N,), device="cuda")
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() + (x.numel() + w.numel()) * 2  # inputs + their gradients
     torch.cuda.reset_peak_memory_stats()
@@ -130,7 +133,7 @@ def test_extra_memory_is_bounded(backend):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - held
     logits_fp32 = N * C * 4
-    assert extra < 96 << 20, f"{extra / 2**20:.0f} MB extra (one fp32 logits matrix is {logits_fp32 / 2**20:.0f} MB)"
+    assert extra <= 64 << 20, f"{extra / 2**20:.0f} MB extra (one fp32 logits matrix is {logits_fp32 / 2**20:.0f} MB)"
 
 
 def test_compile_on_cuda(backend):

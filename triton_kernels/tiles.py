@@ -2,6 +2,7 @@
 marginkern/engine.py (`row_stats`, `grad_logits`, `class_chunks`)."""
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -67,15 +68,25 @@ def _pointer_args(x, spec):
 class TritonTiles:
     name = "triton"
 
-    def __init__(self, buffer_bytes: int = 64 << 20):
+    def __init__(self, buffer_bytes: Optional[int] = None):
         self.buffer_bytes = buffer_bytes
+
+    @staticmethod
+    def default_buffer_bytes(N, D):
+        """The backward's chunk budget (G and the chunk's fp32 dW): 40 MB plus half of the (N, D) fp32 dX
+        accumulator the engine holds anyway. Small for face shapes, whose goal is ≤ 64 MB of extra memory
+        at a million classes (≈ 12 MB of it are (C,) fp32 vectors: norms, their inverses); larger for LLM
+        shapes (≈ 104 MB at N=8192, D=4096, 232 MB in all with the accumulator, goal ≤ 256 MB), where
+        every chunk's dX GEMM reads and writes the accumulator, so fewer chunks cost less traffic."""
+        return (40 << 20) + N * D * 2
 
     def class_chunks(self, N, C, x, bytes_per_class=0):
         """engine.TorchTiles.class_chunks: the chunk's G (N × chunk, x's dtype when 16-bit) and the caller's
-        `bytes_per_class` fill `buffer_bytes`."""
+        `bytes_per_class` fill `buffer_bytes` (default: default_buffer_bytes)."""
         blocks, _ = _config(x)
         elt = x.element_size() if x.dtype in (torch.float16, torch.bfloat16) else 4
-        chunk = max(blocks["BLOCK_C"], self.buffer_bytes // max(1, N * elt + bytes_per_class))
+        budget = self.buffer_bytes if self.buffer_bytes is not None else self.default_buffer_bytes(N, x.shape[-1])
+        chunk = max(blocks["BLOCK_C"], budget // max(1, N * elt + bytes_per_class))
         chunk = min(chunk, MAX_GRID_Y * blocks["BLOCK_C"])  # the chunk's class blocks are grid axis 1
         chunk = chunk // blocks["BLOCK_C"] * blocks["BLOCK_C"]
         return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
