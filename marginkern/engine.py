@@ -156,9 +156,11 @@ def _nonzero_median(values):
     return torch.where(values > 0, values, torch.nan).nanmedian()
 
 
-def _regular(values, outlier_factor=64.0):
-    """values ≤ outlier_factor × the median of the non-zero values (all True when every value is 0)."""
-    return ~(values > outlier_factor * _nonzero_median(values))  # a NaN median compares False: regular
+def _regular(values, outlier_factor=64.0, median=None):
+    """values ≤ outlier_factor × the median of the non-zero values (all True when every value is 0);
+    `median`: that median when the caller has it (on CUDA it sorts all the values)."""
+    median = _nonzero_median(values) if median is None else median
+    return ~(values > outlier_factor * median)  # a NaN median compares False: regular
 
 
 def gradient_bound(spec: LogitSpec, coef_total, target_grad):
@@ -178,16 +180,18 @@ def gradient_bound(spec: LogitSpec, coef_total, target_grad):
     col_bound, regular_target = 1.0, regular_rows
     if spec.col_scale is not None:
         col_scale = spec.col_scale.abs()
-        col_bound = _robust_max(col_scale)
-        regular_target = regular_rows & _regular(col_scale)[spec.target.clamp_min(0)]
+        col_median = _nonzero_median(col_scale)  # one sort of the (C,) scales for both uses
+        col_bound = _robust_max(col_scale, median=col_median)
+        regular_target = regular_rows & _regular(col_scale, median=col_median)[spec.target.clamp_min(0)]
     per_row = torch.maximum(coef_total * row_scale * col_bound,
                             torch.where(regular_target, target_grad.abs(), torch.zeros_like(target_grad)))
     return torch.where(regular_rows, per_row, torch.zeros_like(per_row)).max()
 
 
-def _robust_max(values, outlier_factor=64.0):
+def _robust_max(values, outlier_factor=64.0, median=None):
     """max(values ≥ 0), but at most outlier_factor × the median of the non-zero values (0 if all are 0)."""
-    return torch.fmin(values.max(), outlier_factor * _nonzero_median(values))  # fmin ignores a NaN median
+    median = _nonzero_median(values) if median is None else median
+    return torch.fmin(values.max(), outlier_factor * median)  # fmin ignores a NaN median
 
 
 def grad_scale_16bit(spec: LogitSpec, coef_total, target_grad):
