@@ -70,7 +70,7 @@ def main():
         try:
             profile_provider(module, cases[args.case], provider, torch.device(device_type))
         except Exception as e:  # one provider's failure (a Skip, an OOM) must not hide the others'
-            print(f"\n== {case.name} · {provider}: {type(e).__name__}: {e}")
+            print(f"\n== {args.case} · {provider}: {type(e).__name__}: {e}")
         if device_type == "cuda":
             torch.cuda.empty_cache()
 

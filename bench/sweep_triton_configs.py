@@ -49,7 +49,7 @@ def measure(name, config):
     spec = LogitSpec(ones * (64.0 if normalized else 1.0), col_scale, None, None, target, torch.zeros(N, device="cuda"))
     tiles = select_tiles(x.device, x.dtype)
     lse, _ = tiles.row_stats(x, w, spec, False)
-    c0, c1 = tiles.class_chunks(N, C, x)[0]
+    c0, c1 = tiles.class_chunks(N, C, x, bytes_per_class=4 * D)[0]  # the backward's chunk (G and fp32 dW)
     fwd_ms = do_bench(lambda: tiles.row_stats(x, w, spec, False), warmup=5, rep=50)
     chunk_ms = do_bench(lambda: tiles.grad_logits(x, w, spec, lse, ones / N, ones * 0, ones * 0, c0, c1),
                         warmup=5, rep=50)

@@ -263,14 +263,16 @@ def streaming_grads(
         addmm_accumulate(grad_x, g, w_chunk)  # still scaled: unscaled once after the loop
         if grad_bias is not None:
             grad_bias[c0:c1] = scatter_rows(g.sum(0, dtype=acc) * unscale, kept, c1 - c0)
-        if grad_w is None:
-            continue
-        grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc), kept, c1 - c0)  # still scaled
-        if finalize_weight_chunk is not None:
-            grad_w[c0:c1] = finalize_weight_chunk(c0, c1, grad_w_chunk.mul_(unscale))
-        else:
-            projection = () if tangent_projection is None else (t[c0:c1] for t in tangent_projection)
-            finish(grad_w_chunk, unscale, grad_w[c0:c1], *projection)
+        if grad_w is not None:
+            grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc), kept, c1 - c0)  # still scaled
+            if finalize_weight_chunk is not None:
+                grad_w[c0:c1] = finalize_weight_chunk(c0, c1, grad_w_chunk.mul_(unscale))
+            else:
+                projection = () if tangent_projection is None else (t[c0:c1] for t in tangent_projection)
+                finish(grad_w_chunk, unscale, grad_w[c0:c1], *projection)
+            del grad_w_chunk
+        # before the next chunk allocates its own: the budget holds one G and one dW chunk, not two
+        del g, w_chunk, kept
     return grad_x.mul_(unscale), grad_w, grad_bias
 
 
@@ -329,6 +331,7 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
         # scale the (chunk, E) values rather than the (N, chunk) probabilities: the smaller temporary
         scaled_values = (values[c0:c1] * value_scale[c0:c1, None]).to(p.dtype)
         addmm_accumulate(out, p, scaled_values)  # in place: no (N, E) fp32 temporary per chunk
+        del p, scaled_values  # before the next chunk allocates its own
     return out
 
 

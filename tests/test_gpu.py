@@ -164,8 +164,8 @@ def test_step_replays_from_a_cuda_graph(loss, backend):
     with torch.cuda.graph(graph):
         static_loss = fn(x, w, t)
         static_loss.backward()
-    with torch.no_grad():  # new inputs in the captured tensors: the replay must follow them
-        x.mul_(0.5)
+    with torch.no_grad():  # new inputs in the captured tensors (new directions: ArcFace normalises x)
+        x.add_(0.5 * torch.randn_like(x))
     graph.replay()
     want, wx, ww = loss_and_grads(fn, x, w, t)
     torch.testing.assert_close(static_loss, want)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import marginkern as mk
 from marginkern import cpp_tiles, reference
-from marginkern.engine import TorchTiles
+from marginkern.engine import TorchTiles, finish_weight_grad
 from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from tests.helpers import assert_close_rel, loss_and_grads, make_case
 
@@ -120,6 +120,33 @@ def test_backward_chunk_counts_its_weight_gradient_against_the_buffer():
     backward = [chunks for per_class, chunks in seen if per_class]
     assert backward and backward[0][0] == (0, 300)
     assert all((c1 - c0) * (N + D) * 8 <= budget for c0, c1 in backward[0])
+
+
+def test_backward_frees_a_chunk_before_the_next_one():
+    # The budget holds one G and one dW chunk: the previous chunk's must be gone when the next G is made
+    # (the first H100 run held two of each, 3 × 64 MB where 64 MB was meant).
+    import gc
+    import weakref
+    x, w, t = make_case(8, 2000, 24, torch.float64, requires_grad=False)  # as in the op: no autograd graph
+    previous, alive = [], []
+
+    class Spy(TorchTiles):
+        def grad_logits(self, *args, **kwargs):
+            gc.collect()  # only reference cycles would survive this; a plain local name is not one
+            alive.append(any(ref() is not None for ref in previous))
+            g = super().grad_logits(*args, **kwargs)
+            previous.append(weakref.ref(g))
+            return g
+
+        def finish_weight_grad(self, grad, *args):
+            previous.append(weakref.ref(grad))
+            return finish_weight_grad(grad, *args)
+
+    opts = MarginOptions(64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100)
+    tiles = Spy(buffer_bytes=8 * (8 + 24) * 300)
+    loss, lse = margin_ce_forward(x, w, t, opts, tiles)
+    margin_ce_backward(torch.ones_like(loss), x, w, t, lse, opts, tiles)
+    assert len(alive) == 7 and not any(alive)
 
 
 @pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[3], OPTIONS[5]])
