@@ -326,7 +326,8 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
         return out
     ones, zeros = torch.ones_like(lse), torch.zeros_like(lse)
     target_prob = torch.exp(spec.target_logit - lse)
-    for c0, c1 in tiles.class_chunks(N, C, x):
+    # the chunk's scaled values (chunk × E, in p's dtype ≤ 4 bytes) share the budget with its N × chunk p
+    for c0, c1 in tiles.class_chunks(N, C, x, bytes_per_class=4 * values.shape[1]):
         p = tiles.grad_logits(x, w, spec, lse, ones, zeros, target_prob, c0, c1)
         # scale the (chunk, E) values rather than the (N, chunk) probabilities: the smaller temporary
         scaled_values = (values[c0:c1] * value_scale[c0:c1, None]).to(p.dtype)
