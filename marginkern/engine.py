@@ -82,7 +82,7 @@ def row_norms(t: Tensor) -> Tensor:
 
 def project_out_rows(grad: Tensor, weight: Tensor, inv_norm_sq: Tensor) -> Tensor:
     """In place: grad_j ← grad_j − weight_j·(weight_j·grad_j)·inv_norm_sq_j (the tangent projection that
-    chains a row-normalised weight). Tile backends may provide a fused `project_out_rows` of their own."""
+    chains a row-normalised weight); tile backends fuse it into `finish_weight_grad`."""
     wf = weight.to(grad.dtype)
     return grad.sub_(wf * ((wf * grad).sum(1) * inv_norm_sq)[:, None])
 
@@ -225,10 +225,10 @@ def streaming_grads(
         if finalize_weight_chunk is not None:
             raise ValueError("streaming_grads takes finalize_weight_chunk or tangent_projection, not both")
         if hasattr(tiles, "streaming_grads") and grad_filter_eps is None:  # a finalizer for the backend's loop
-            project, (proj_w, inv_norm_sq) = getattr(tiles, "project_out_rows", project_out_rows), tangent_projection
+            proj_w, inv_norm_sq = tangent_projection
 
             def finalize_weight_chunk(c0, c1, grad_w_raw):
-                return project(grad_w_raw, proj_w[c0:c1], inv_norm_sq[c0:c1])
+                return project_out_rows(grad_w_raw, proj_w[c0:c1], inv_norm_sq[c0:c1])
     if hasattr(tiles, "streaming_grads") and grad_filter_eps is None:  # the backend runs the loop below
         return tiles.streaming_grads(x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk,
                                      need_bias_grad, cost, need_weight_grad)
@@ -253,7 +253,7 @@ def streaming_grads(
         cost = CostSpec(cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
     finish = getattr(tiles, "finish_weight_grad", finish_weight_grad)
     # the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
-    dw_bytes = D * torch.empty((), dtype=acc).element_size() if need_weight_grad else 0
+    dw_bytes = D * acc.itemsize if need_weight_grad else 0
     for c0, c1 in tiles.class_chunks(N, C, x, bytes_per_class=dw_bytes):
         g = tiles.grad_logits(x, w, spec, lse, coef_p * grad_scale, coef_u * grad_scale,
                               target_grad * grad_scale, c0, c1, cost)

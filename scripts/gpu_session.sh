@@ -120,7 +120,7 @@ case "$stage" in
     cp -r bench/results "$OUT/"
     ;;
   *)
-    echo "unknown stage $stage (tests|triton-tier|sanitize|face|llm|knobs|peers|emo|cosent|micro|sweep)"; exit 2 ;;
+    echo "unknown stage $stage (visit|tests|triton-tier|sanitize|face|llm|knobs|peers|emo|cosent|micro|sweep)"; exit 2 ;;
 esac
 if [ "$stage" = visit ]; then  # the device tool brings back at most 8 files: one archive of everything
   log "done"; wait  # for the extension build, if the tests outran it

@@ -62,8 +62,3 @@ def finish_weight_grad(grad, scale, out, weight=None, inv_norm_sq=None):
             scale.float().reshape(1), out, R, D, grad.stride(0), weight.stride(0) if project else 0, out.stride(0),
             PROJECT=project, BLOCK_R=8, BLOCK_D=block_d)
     return out
-
-
-def project_out_rows(grad, weight, inv_norm_sq):
-    """In place: grad_j ← grad_j − weight_j·(weight_j·grad_j)·inv_norm_sq_j (engine.project_out_rows)."""
-    return finish_weight_grad(grad, torch.ones((), device=grad.device), grad, weight, inv_norm_sq)

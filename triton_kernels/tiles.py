@@ -9,7 +9,6 @@ import triton
 
 from .device import on_device
 from .row_projection import finish_weight_grad as _finish_weight_grad
-from .row_projection import project_out_rows as _project_out_rows
 from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -126,10 +125,6 @@ class TritonTiles:
         shift = torch.where(run_max == -float("inf"), torch.zeros_like(run_max), run_max)
         lse = shift + torch.log((part[1] * torch.exp(part[0] - shift)).sum(0))
         return lse, (part[2].sum(0) if need_sum_logits else None)
-
-    def project_out_rows(self, grad, weight, inv_norm_sq):
-        """engine.project_out_rows, fused (the Triton path accumulates in fp32: it never serves float64)."""
-        return _project_out_rows(grad, weight.contiguous(), inv_norm_sq)
 
     def finish_weight_grad(self, grad, scale, out, weight=None, inv_norm_sq=None):
         """engine.finish_weight_grad in one pass: unscale, project (when weight is given) and store in out's dtype."""

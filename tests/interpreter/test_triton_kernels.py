@@ -182,7 +182,8 @@ def test_row_projection_kernel(dtype, shape):
     weight = torch.randn(*shape, device=DEVICE).to(dtype)
     inv_norm_sq = weight.float().norm(dim=1) ** -2
     want = project_out_rows(grad.double().clone(), weight.double(), inv_norm_sq.double())
-    got = triton_tiles().project_out_rows(grad.clone(), weight, inv_norm_sq)
+    grad = grad.clone()
+    got = triton_tiles().finish_weight_grad(grad, torch.ones((), device=DEVICE), grad, weight, inv_norm_sq)
     assert_close_rel(got, want, torch.float32, "projected rows", floor=1.0)
     # the result is orthogonal to each weight row
     assert (got.double() * weight.double()).sum(1).abs().max() < 1e-4 * weight.double().norm(dim=1).max() * got.abs().max()
@@ -224,7 +225,7 @@ def test_finish_weight_grad_kernel(out_dtype, project, shape):
     # one rounding to out_dtype (fp32 arithmetic before it)
     assert_close_rel(got, want, out_dtype, "finished dW rows", floor=1.0)
     assert (store[:2] == 7).all() and (store[R + 2:] == 7).all()  # rows outside the slice untouched
-    # in place (out is grad itself), as project_out_rows uses it
+    # in place (out is grad itself)
     in_place = grad.clone()
     triton_tiles().finish_weight_grad(in_place, scale, in_place, weight, inv_norm_sq)
     assert_close_rel(in_place, want, torch.float32, "in place", floor=1.0)
