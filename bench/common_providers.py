@@ -29,6 +29,27 @@ def loss_step(loss_fn, case, device):
     return Step(fn, [x, w])
 
 
+def with_env(env, build):
+    """The provider `build` with the environment variables `env` set during its calls (and restored after)."""
+    def build_with_env(case, device):
+        step = build(case, device)
+
+        def fn():
+            previous = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                return step.fn()
+            finally:
+                for k, v in previous.items():
+                    if v is None:
+                        del os.environ[k]
+                    else:
+                        os.environ[k] = v
+
+        return Step(fn, step.grads_of)
+    return build_with_env
+
+
 def on_backend(backend, build):
     """The provider `build` with marginkern's backend forced to `backend` (MARGINKERN_BACKEND) during its
     calls; Skip with the reason when that backend cannot serve the case here (dispatch.py)."""
@@ -37,20 +58,7 @@ def on_backend(backend, build):
         reason = _why_not(backend, device, case.torch_dtype)
         if reason:
             raise Skip(f"backend {backend}: {reason}")
-        step = build(case, device)
-
-        def fn():
-            previous = os.environ.get("MARGINKERN_BACKEND")
-            os.environ["MARGINKERN_BACKEND"] = backend
-            try:
-                return step.fn()
-            finally:
-                if previous is None:
-                    del os.environ["MARGINKERN_BACKEND"]
-                else:
-                    os.environ["MARGINKERN_BACKEND"] = previous
-
-        return Step(fn, step.grads_of)
+        return with_env({"MARGINKERN_BACKEND": backend}, build)(case, device)
     return build_on_backend
 
 

@@ -6,6 +6,8 @@ Providers, all measured in one run on the same inputs:
                   target column, scale, F.cross_entropy (materializes several N×C tensors)
   marginkern cuda     the same on the hand-written CUDA backend (csrc/cuda)
   marginkern graphed  the marginkern step replayed from a CUDA graph (its GPU time without host overhead)
+  marginkern no split-K  marginkern with the dX GEMM in one piece per chunk (MARGINKERN_SPLIT_K=1): what
+                      engine.split_k_slices buys
   torch.compile   torch.compile of that naive function
   3-GEMM floor    the three plain matmuls of the same shapes (common_providers.gemm_floor)
 """
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import marginkern  # never guarded: the bench exists to measure it, so a broken import must fail loudly
-from common_providers import compiled, cuda_graphed, gemm_floor, loss_step, on_backend
+from common_providers import compiled, cuda_graphed, gemm_floor, loss_step, on_backend, with_env
 from harness import Case
 
 ARCFACE = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
@@ -52,6 +54,8 @@ PROVIDERS = {
     "marginkern cuda": on_backend("cuda", lambda case, device: loss_step(_marginkern, case, device)),
     # the same step replayed from a CUDA graph: its GPU time without the host's share
     "marginkern graphed": cuda_graphed(lambda case, device: loss_step(_marginkern, case, device)),
+    "marginkern no split-K": with_env({"MARGINKERN_SPLIT_K": "1"},
+                                      lambda case, device: loss_step(_marginkern, case, device)),
     "naive": lambda case, device: loss_step(naive_arcface, case, device),
     "torch.compile": lambda case, device: loss_step(compiled(naive_arcface, device), case, device),
     FLOOR: gemm_floor,

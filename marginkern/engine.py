@@ -24,6 +24,8 @@ share this contract exactly. A backend may also run the whole backward chunk loo
 (`tiles.streaming_grads`, same arguments and results as `streaming_grads` below; CppTiles does).
 """
 import contextlib
+import functools
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -82,20 +84,26 @@ def row_norms(t: Tensor) -> Tensor:
 
 def project_out_rows(grad: Tensor, weight: Tensor, inv_norm_sq: Tensor) -> Tensor:
     """In place: grad_j ← grad_j − weight_j·(weight_j·grad_j)·inv_norm_sq_j (the tangent projection that
-    chains a row-normalised weight); tile backends fuse it into `finish_weight_grad`."""
+    chains a row-normalised weight); tile backends fuse it into `finish_grad_rows`."""
     wf = weight.to(grad.dtype)
     return grad.sub_(wf * ((wf * grad).sum(1) * inv_norm_sq)[:, None])
 
 
-def finish_weight_grad(grad: Tensor, scale: Tensor, out: Tensor, weight: Optional[Tensor] = None,
-                       inv_norm_sq: Optional[Tensor] = None) -> Tensor:
+def finish_grad_rows(grad: Tensor, scale: Tensor, out: Tensor, weight: Optional[Tensor] = None,
+                     inv_norm_sq: Optional[Tensor] = None) -> Tensor:
     """out ← scale·P(grad) in out's dtype, with P the tangent projection by (weight, inv_norm_sq)
     (project_out_rows) or the identity; `grad` (accumulation dtype) may be overwritten. How the engine
-    stores a class chunk of dW; tile backends may fuse it into one pass (`finish_weight_grad`)."""
+    stores a class chunk of dW, and how a loss chains dX through a row-normalised x (weight = x) into x's
+    dtype; tile backends may fuse it into one pass (`finish_grad_rows`, row_grad_finisher)."""
     grad.mul_(scale)
     if weight is not None:
         project_out_rows(grad, weight, inv_norm_sq)
     return out.copy_(grad)
+
+
+def row_grad_finisher(tiles):
+    """The tiles' fused finish_grad_rows (one pass) when they have one, else the PyTorch one above."""
+    return getattr(tiles, "finish_grad_rows", finish_grad_rows)
 
 
 # Whether this torch has the 16-bit → fp32 cuBLAS overloads (mm/addmm with out_dtype; addmm with an fp32
@@ -143,6 +151,61 @@ def addmm_accumulate(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> T
             return result
         return out.add_(mm_accumulate(a, b, out.dtype), alpha=alpha)
     return out.addmm_(a.to(out.dtype), b.to(out.dtype), alpha=alpha)
+
+
+# The split-K partials of one small-output GEMM (split_k_slices) stay within this many bytes.
+SPLIT_K_PARTIAL_BYTES = 8 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_k_slices(out: Tensor, reduction: int, sm_count: Optional[int] = None) -> int:
+    """Into how many slices to cut the reduction (class) dimension of `out += a @ b` on the GPU.
+
+    dX += G·W_c has a small output (N × D: 256 × 512 is 8 output tiles of 128 × 128) and a long reduction
+    (a chunk of classes): unless cuBLAS picks a split-K kernel itself, a handful of SMs do all the work.
+    Slices make it a batched GEMM with about two output tiles per SM (partials summed after), each slice
+    at least 1024 classes long and all partials within SPLIT_K_PARTIAL_BYTES. 1 on the CPU, whose GEMMs
+    parallelise over the reduction anyway, and for outputs that fill the GPU (LLM shapes).
+    `MARGINKERN_SPLIT_K` = a number forces that many slices, 1 turns splitting off (the bench compares);
+    `sm_count` given: decide as for a GPU with that many SMs, whatever out's device (the tests)."""
+    forced = os.environ.get("MARGINKERN_SPLIT_K")
+    if forced:
+        return max(1, min(int(forced), reduction))
+    if sm_count is None:
+        if not out.is_cuda:
+            return 1
+        sm_count = _sm_count(out.device)
+    output_tiles = -(-out.shape[0] // 128) * -(-out.shape[1] // 128)
+    wanted = -(-2 * sm_count // output_tiles)
+    fits = SPLIT_K_PARTIAL_BYTES // max(1, out.numel() * out.element_size())
+    return max(1, min(wanted, reduction // 1024, fits))
+
+
+def addmm_split_k(out: Tensor, a: Tensor, b: Tensor, slices: int) -> Tensor:
+    """out += a @ b (out fp32/fp64) with the reduction cut into `slices` slices: one batched GEMM over
+    strided views of a and b (no copies), its (slices, M, N) partials summed into out, and the remainder
+    columns of a plain addmm. Falls back to addmm_accumulate when the 16-bit → fp32 batched GEMM is missing."""
+    K = a.shape[1]
+    step = K // max(1, slices)
+    if slices <= 1 or step == 0:
+        return addmm_accumulate(out, a, b)
+    cut = step * slices
+    a_slices = a[:, :cut].unflatten(1, (slices, step)).transpose(0, 1)  # (slices, M, step), a's own storage
+    b_slices = b[:cut].unflatten(0, (slices, step))                      # (slices, step, N)
+    if _is_16bit_cuda_pair(a, b):
+        partial = _try_out_dtype("bmm", a.dtype, lambda: torch.bmm(a_slices, b_slices, out_dtype=out.dtype))
+        if partial is None:
+            return addmm_accumulate(out, a, b)
+    else:
+        partial = torch.bmm(a_slices.to(out.dtype), b_slices.to(out.dtype))
+    out.add_(partial.sum(0))
+    if cut < K:
+        addmm_accumulate(out, a[:, cut:], b[cut:])
+    return out
 
 
 def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
@@ -215,7 +278,7 @@ def streaming_grads(
     `finalize_weight_chunk(c0, c1, dw_chunk)` lets the loss chain a class chunk of dW (accumulation
     dtype) through what the engine does not know about before it is stored. `tangent_projection` =
     (weight, inv_norm_sq) chains dW through row-normalised classes, ŵ = w/‖w‖ (project_out_rows); unlike a
-    finalizer, a tile backend fuses it with the unscaling and the store (`finish_weight_grad`).
+    finalizer, a tile backend fuses it with the unscaling and the store (`finish_grad_rows`).
 
     `grad_filter_eps` (None: exact) drops the classes of a chunk whose every |dL/da| is below
     grad_filter_eps × the largest typical entry (for mean cross-entropy: p_nj < eps in every row): the
@@ -243,37 +306,47 @@ def streaming_grads(
         if grad_w is not None:
             grad_w.zero_()
         return grad_x, grad_w, grad_bias
-    # G is stored in a 16-bit dtype on the GPU: scaled, then unscaled once after the loop.
-    coef_total = coef_p.abs() + coef_u.abs()
-    if cost is not None:  # |A| ≤ 1: cosines
-        coef_total = coef_total + cost.coef.abs()
-    grad_scale = grad_scale_16bit(spec, coef_total, target_grad).to(acc)
-    unscale = 1.0 / grad_scale
-    if cost is not None:
-        cost = CostSpec(cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
-    finish = getattr(tiles, "finish_weight_grad", finish_weight_grad)
+    # fp16 G (the GPU stores G in x's dtype) is scaled so that its largest entry is ~1, then unscaled once
+    # after the loop; gradient filtering's ε is relative to that entry too. bf16 has fp32's exponent range
+    # and fp32/fp64 need nothing: otherwise no scale, and none of the ~30 small ops and two (C,) median
+    # sorts that computing it costs per step.
+    scaled = x.dtype == torch.float16 or grad_filter_eps is not None
+    grad_scale = unscale = torch.ones((), dtype=acc, device=x.device)
+    if scaled:
+        coef_total = coef_p.abs() + coef_u.abs()
+        if cost is not None:  # |A| ≤ 1: cosines
+            coef_total = coef_total + cost.coef.abs()
+        grad_scale = grad_scale_16bit(spec, coef_total, target_grad).to(acc)
+        unscale = 1.0 / grad_scale
+        coef_p, coef_u, target_grad = coef_p * grad_scale, coef_u * grad_scale, target_grad * grad_scale
+        if cost is not None:
+            cost = CostSpec(cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
+    finish = row_grad_finisher(tiles)
     # the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
     dw_bytes = D * acc.itemsize if need_weight_grad else 0
     for c0, c1 in tiles.class_chunks(N, C, x, bytes_per_class=dw_bytes):
-        g = tiles.grad_logits(x, w, spec, lse, coef_p * grad_scale, coef_u * grad_scale,
-                              target_grad * grad_scale, c0, c1, cost)
+        g = tiles.grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost)
         w_chunk, kept = w[c0:c1], None
         if grad_filter_eps is not None:
             g, w_chunk, kept = keep_columns(g, w_chunk, grad_filter_eps)
-        addmm_accumulate(grad_x, g, w_chunk)  # still scaled: unscaled once after the loop
+        addmm_split_k(grad_x, g, w_chunk, split_k_slices(grad_x, g.shape[1]))  # still scaled: unscaled after
         if grad_bias is not None:
-            grad_bias[c0:c1] = scatter_rows(g.sum(0, dtype=acc) * unscale, kept, c1 - c0)
+            grad_bias[c0:c1] = scatter_rows(g.sum(0, dtype=acc).mul_(unscale), kept, c1 - c0)
         if grad_w is not None:
             grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc), kept, c1 - c0)  # still scaled
             if finalize_weight_chunk is not None:
-                grad_w[c0:c1] = finalize_weight_chunk(c0, c1, grad_w_chunk.mul_(unscale))
+                if scaled:
+                    grad_w_chunk.mul_(unscale)
+                grad_w[c0:c1] = finalize_weight_chunk(c0, c1, grad_w_chunk)
             else:
                 projection = () if tangent_projection is None else (t[c0:c1] for t in tangent_projection)
                 finish(grad_w_chunk, unscale, grad_w[c0:c1], *projection)
             del grad_w_chunk
         # before the next chunk allocates its own: the budget holds one G and one dW chunk, not two
         del g, w_chunk, kept
-    return grad_x.mul_(unscale), grad_w, grad_bias
+    if scaled:
+        grad_x.mul_(unscale)
+    return grad_x, grad_w, grad_bias
 
 
 _kept_columns_log: Optional[list] = None  # a list while a count_kept_columns() block runs
@@ -331,7 +404,7 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
         p = tiles.grad_logits(x, w, spec, lse, ones, zeros, target_prob, c0, c1)
         # scale the (chunk, E) values rather than the (N, chunk) probabilities: the smaller temporary
         scaled_values = (values[c0:c1] * value_scale[c0:c1, None]).to(p.dtype)
-        addmm_accumulate(out, p, scaled_values)  # in place: no (N, E) fp32 temporary per chunk
+        addmm_split_k(out, p, scaled_values, split_k_slices(out, p.shape[1]))  # no (N, E) temporary per chunk
         del p, scaled_values  # before the next chunk allocates its own
     return out
 

@@ -17,8 +17,8 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, row_norms, streaming_grads, streaming_row_stats,
-                     target_columns)
+from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, row_grad_finisher, row_norms, streaming_grads,
+                     streaming_row_stats, target_columns)
 from .margin import margin_psi, margin_slope
 
 
@@ -183,9 +183,8 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
         grad_x_raw = grad_x_raw + (radial * geo.w_target_norm / geo.x_norm)[:, None] * geo.xf
     if shard is not None:
         grad_x_raw = shard.sum_input_grad(grad_x_raw)
-    if opts.normalize:
-        x_hat = geo.xf / geo.x_norm[:, None]
-        grad_x = grad_x_raw - (x_hat * grad_x_raw).sum(1, keepdim=True) * x_hat
-    else:
-        grad_x = grad_x_raw
-    return grad_x.to(x.dtype), grad_w
+    # dL/dx = (I − x̂x̂ᵀ)·(dL/dx̂)/‖x‖ (the raw dX holds (dL/dx̂)/‖x‖), stored in x's dtype: one fused pass
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    projection = (x, geo.x_norm ** -2) if opts.normalize else ()
+    row_grad_finisher(tiles)(grad_x_raw, grad_x_raw.new_ones(()), grad_x, *projection)
+    return grad_x, grad_w

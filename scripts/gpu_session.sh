@@ -78,7 +78,7 @@ case "$stage" in
     budgeted 50 160 python bench/profile_step.py face arcface-1M marginkern "marginkern cuda" 2>&1 | tee -a "$OUT/profile.log" | grep "=="
     budgeted 40 130 python bench/profile_step.py llm llama3-8b marginkern 2>&1 | tee -a "$OUT/profile.log" | grep "=="
     budgeted 150 60 python bench/sweep_triton_configs.py --quick --case arcface-1M,llama3-8b 2>&1 | tee "$OUT/sweep.log" | tail -7
-    bench face arcface-1M,face-small-100k "marginkern,marginkern graphed,marginkern cuda,3-GEMM floor" 110 face
+    bench face arcface-1M,face-small-100k "marginkern,marginkern graphed,marginkern no split-K,marginkern cuda,3-GEMM floor" 130 face
     bench llm llama3-8b,gemma2-2b "marginkern,marginkern cuda,3-GEMM floor" 110 llm
     bench emo emo-llama3-8b "marginkern,3-GEMM floor" 40 emo
     bench cosent cosent-65k "marginkern,read both once" 30 cosent

@@ -38,3 +38,74 @@ def test_out_of_memory_is_not_swallowed(cuda_branch, monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         engine.mm_accumulate(torch.randn(2, 2).half(), torch.randn(2, 2).half(), torch.float32)
     assert ("mm", torch.float16) not in cuda_branch
+
+
+@pytest.mark.parametrize("shape, reduction, want", [
+    ((256, 512), 16384, 16),     # face-small's dX: 8 output tiles, partials cap 8 MB / 512 KB = 16
+    ((1024, 512), 20000, 4),     # ArcFace 1M's dX: 32 tiles would want 9, the 8 MB cap allows 4
+    ((256, 512), 3000, 2),       # each slice keeps ≥ 1024 classes
+    ((256, 512), 900, 1),
+    ((8192, 4096), 50000, 1),    # LLM shapes fill the GPU on their own
+])
+def test_split_k_slices_fill_the_gpu_within_the_partials_cap(shape, reduction, want, monkeypatch):
+    monkeypatch.delenv("MARGINKERN_SPLIT_K", raising=False)
+    out = torch.empty(shape)
+    assert engine.split_k_slices(out, reduction, sm_count=132) == want
+    assert engine.split_k_slices(out, reduction) == 1  # a CPU tensor: never split
+
+
+def test_split_k_slices_env_override(monkeypatch):
+    monkeypatch.setenv("MARGINKERN_SPLIT_K", "5")
+    assert engine.split_k_slices(torch.empty(8192, 4096), 50000, sm_count=132) == 5
+    assert engine.split_k_slices(torch.empty(2, 2), 3) == 3  # never more slices than reduction steps
+    monkeypatch.setenv("MARGINKERN_SPLIT_K", "1")
+    assert engine.split_k_slices(torch.empty(256, 512), 16384, sm_count=132) == 1
+
+
+@pytest.mark.parametrize("slices", [1, 2, 3, 7, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_addmm_split_k_matches_one_gemm(slices, dtype):
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 37, dtype=dtype), torch.randn(37, 5, dtype=dtype)  # 37: slices leave a remainder
+    out = torch.randn(6, 5, dtype=dtype)
+    want = out + a @ b
+    engine.addmm_split_k(out, a, b, slices)
+    torch.testing.assert_close(out, want)
+
+
+def test_addmm_split_k_reads_a_column_slice_of_g_without_copies(monkeypatch):
+    """G arrives as an (N, chunk) slice of a wider buffer (3-GEMM path) or whole: the batched views must
+    follow its row stride; here a non-contiguous column slice."""
+    torch.manual_seed(1)
+    wide = torch.randn(4, 50)
+    a, b = wide[:, 10:40], torch.randn(30, 3)
+    out = torch.zeros(4, 3)
+    engine.addmm_split_k(out, a, b, 4)
+    torch.testing.assert_close(out, a @ b)
+
+
+def test_addmm_split_k_falls_back_without_the_16bit_batched_overload(cuda_branch):
+    a, b = torch.randn(5, 3000).bfloat16(), torch.randn(3000, 4).bfloat16()
+    out = torch.zeros(5, 4)
+    engine.addmm_split_k(out, a, b, 3)
+    torch.testing.assert_close(out, a.float() @ b.float(), rtol=1e-5, atol=1e-4)
+    assert cuda_branch[("bmm", torch.bfloat16)] is False  # CPU torch has no bmm.dtype kernel
+
+
+@pytest.mark.parametrize("loss", ["margin", "linear", "emo"])
+def test_losses_with_split_k_match_without(loss, monkeypatch):
+    """The engine's chunk loop (reference backend) with dX cut into 3 slices per chunk gives the same loss
+    and gradients as one GEMM per chunk (fp32: accumulation order only)."""
+    import marginkern as mk
+    from tests.helpers import loss_and_grads, make_case
+    fn = {"margin": lambda x, w, t: mk.margin_cross_entropy(x, w, t, reduction="none"),
+          "linear": lambda x, w, t: mk.linear_cross_entropy(x, w, t, reduction="none"),
+          "emo": lambda x, w, t: mk.emo_cross_entropy(x, w, t, reduction="none")}[loss]
+    monkeypatch.setenv("MARGINKERN_BACKEND", "reference")
+    x, w, t = make_case(9, 5000, 16)
+    monkeypatch.setenv("MARGINKERN_SPLIT_K", "1")
+    want = loss_and_grads(fn, x, w, t)
+    monkeypatch.setenv("MARGINKERN_SPLIT_K", "3")
+    got = loss_and_grads(fn, x, w, t)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

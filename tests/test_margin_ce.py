@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import marginkern as mk
 from marginkern import cpp_tiles, reference
-from marginkern.engine import TorchTiles, finish_weight_grad
+from marginkern.engine import TorchTiles, finish_grad_rows
 from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from tests.helpers import assert_close_rel, loss_and_grads, make_case
 
@@ -138,9 +138,9 @@ def test_backward_frees_a_chunk_before_the_next_one():
             previous.append(weakref.ref(g))
             return g
 
-        def finish_weight_grad(self, grad, *args):
+        def finish_grad_rows(self, grad, *args):
             previous.append(weakref.ref(grad))
-            return finish_weight_grad(grad, *args)
+            return finish_grad_rows(grad, *args)
 
     opts = MarginOptions(64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100)
     tiles = Spy(buffer_bytes=8 * (8 + 24) * 300)

@@ -1,12 +1,12 @@
-"""Finishing a class chunk of the weight gradient in one pass: out_j = s·(g_j − w_j·(w_j·g_j)·inv_norm_sq_j)
-(the tangent projection that chains a row-normalised weight; without PROJECT just out_j = s·g_j), written
-in out's dtype.
+"""Finishing rows of a gradient in one pass: out_j = s·(g_j − w_j·(w_j·g_j)·inv_norm_sq_j) (the tangent
+projection that chains a row-normalised matrix; without PROJECT just out_j = s·g_j), written in out's dtype.
 
-The engine's backward GEMM leaves a chunk of dW in fp32 and multiplied by the 16-bit gradient scale. In
-PyTorch, unscaling (`mul_`), projecting (a product, a row sum, a scaled subtraction) and casting into the
-16-bit dW each read and write the fp32 chunk: ≈ 24 bytes of traffic per element (≈ 12 GB at ArcFace 1M).
-This kernel reads g and w and writes out once per element (≈ 8–10 bytes; the second read of a row comes
-from L2). s is a device scalar, so unscaling needs no host sync.
+Used for each class chunk of dW (w = the class centres) and for dX of the normalised margin losses
+(w = x). The engine's backward GEMM leaves a chunk of dW in fp32 (multiplied by the fp16 gradient scale).
+In PyTorch, unscaling (`mul_`), projecting (a product, a row sum, a scaled subtraction) and casting into
+the 16-bit dW each read and write the fp32 chunk: ≈ 24 bytes of traffic per element (≈ 12 GB at ArcFace
+1M). This kernel reads g and w and writes out once per element (≈ 8–10 bytes; the second read of a row
+comes from L2). s is a device scalar, so unscaling needs no host sync.
 """
 import torch
 import triton
@@ -16,7 +16,7 @@ from .device import on_device
 
 
 @triton.jit
-def finish_weight_grad_kernel(g_ptr, w_ptr, inv_norm_sq_ptr, scale_ptr, out_ptr, R, D, stride_g, stride_w,
+def finish_grad_rows_kernel(g_ptr, w_ptr, inv_norm_sq_ptr, scale_ptr, out_ptr, R, D, stride_g, stride_w,
                               stride_out, PROJECT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
@@ -44,7 +44,7 @@ def finish_weight_grad_kernel(g_ptr, w_ptr, inv_norm_sq_ptr, scale_ptr, out_ptr,
         tl.store(out_rows + offs[None, :], (g * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def finish_weight_grad(grad, scale, out, weight=None, inv_norm_sq=None):
+def finish_grad_rows(grad, scale, out, weight=None, inv_norm_sq=None):
     """out ← scale·P(grad) in out's dtype, P the tangent projection by (weight, inv_norm_sq) or the identity.
     grad (R, D) fp32; scale a 0-dim tensor; out (R, D), may be grad itself or a row slice of a larger tensor;
     weight (R, D) any float dtype; inv_norm_sq (R,)."""
@@ -57,7 +57,7 @@ def finish_weight_grad(grad, scale, out, weight=None, inv_norm_sq=None):
         assert weight.stride(1) == 1 and weight.shape == grad.shape
     block_d = min(256, triton.next_power_of_2(max(D, 16)))
     with on_device(grad):
-        finish_weight_grad_kernel[(triton.cdiv(R, 8),)](
+        finish_grad_rows_kernel[(triton.cdiv(R, 8),)](
             grad, weight if project else grad, inv_norm_sq.float().contiguous() if project else grad,
             scale.float().reshape(1), out, R, D, grad.stride(0), weight.stride(0) if project else 0, out.stride(0),
             PROJECT=project, BLOCK_R=8, BLOCK_D=block_d)

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from .device import on_device
-from .row_projection import finish_weight_grad as _finish_weight_grad
+from .row_projection import finish_grad_rows as _finish_grad_rows
 from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -126,9 +126,9 @@ class TritonTiles:
         lse = shift + torch.log((part[1] * torch.exp(part[0] - shift)).sum(0))
         return lse, (part[2].sum(0) if need_sum_logits else None)
 
-    def finish_weight_grad(self, grad, scale, out, weight=None, inv_norm_sq=None):
-        """engine.finish_weight_grad in one pass: unscale, project (when weight is given) and store in out's dtype."""
-        return _finish_weight_grad(grad, scale, out, None if weight is None else weight.contiguous(), inv_norm_sq)
+    def finish_grad_rows(self, grad, scale, out, weight=None, inv_norm_sq=None):
+        """engine.finish_grad_rows in one pass: unscale, project (when weight is given) and store in out's dtype."""
+        return _finish_grad_rows(grad, scale, out, None if weight is None else weight.contiguous(), inv_norm_sq)
 
     def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
         x, w = x.contiguous(), w.contiguous()
