@@ -23,7 +23,7 @@ import importlib.util
 
 import torch
 
-from .engine import accumulation_dtype
+from .engine import accumulation_dtype, cost_query
 
 
 # The ops marginkern._C must register (an extension built from older sources lacks some: a stale in-place
@@ -64,7 +64,7 @@ def _cost_args(cost):
     """The optional EMO cost term (engine.CostSpec) as the ops' trailing cost_* arguments."""
     if cost is None:
         return ()
-    return (cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef)
+    return (cost_query(cost), cost.query_scale, cost.keys, cost.key_scale, cost.coef)
 
 
 class _ExtensionTiles:

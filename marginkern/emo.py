@@ -23,10 +23,22 @@ class _EMOGeometry:
         self.spec = LogitSpec(torch.ones_like(self.target_logit), None, None, None, self.column, self.target_logit)
         # ê_j = e_j / ‖e_j‖ without a normalised (C, E) copy: the norms ride along as scales, in fp32
         # (an fp16 cost embedding's norms would overflow in fp16).
-        self.key_scale = 1.0 / row_norms(cost).to(acc).clamp_min(NORM_EPS)
-        self.query = cost[safe]
+        norms = row_norms(cost).to(acc)
+        self.key_scale = 1.0 / norms.clamp_min(NORM_EPS)
+        # ê_t: rows of Ê by index (gathered per tile on the GPU, never as an (N, E) copy)
+        self.query_rows = safe
         self.query_scale = self.key_scale[safe]
-        self.self_cosine = (self.query.to(acc) ** 2).sum(1) * self.query_scale ** 2  # ê_t·ê_t: 1, or 0 for e_t = 0
+        self.self_cosine = (norms[safe] * self.query_scale) ** 2  # ê_t·ê_t: 1, or 0 for e_t = 0
+
+    def target_cosine_with(self, values, cost, block_bytes=16 << 20):
+        """ê_t·values_n per row, gathering ê_t by blocks of rows (≤ block_bytes of gathered rows at a time)."""
+        N, E = values.shape
+        out = torch.empty(N, dtype=values.dtype, device=values.device)
+        block = max(1, block_bytes // max(1, E * (cost.element_size() + values.element_size())))
+        for r0 in range(0, N, block):
+            rows = self.query_rows[r0:r0 + block]
+            out[r0:r0 + block] = torch.linalg.vecdot(values[r0:r0 + block], cost[rows].to(values.dtype))
+        return out * self.query_scale
 
 
 def emo_forward(x, w, target, cost, ignore_index, tiles):
@@ -34,7 +46,7 @@ def emo_forward(x, w, target, cost, ignore_index, tiles):
     geo = _EMOGeometry(x, w, target, cost, ignore_index)
     lse, _ = streaming_row_stats(x, w, geo.spec, False, tiles)
     expected = streaming_expectation(x, w, geo.spec, lse, cost, geo.key_scale, tiles)
-    emo = 1.0 - geo.query_scale * (expected * geo.query.to(expected.dtype)).sum(1)
+    emo = 1.0 - geo.target_cosine_with(expected, cost)
     ce = lse - geo.target_logit
     zero = torch.zeros_like(lse)
     return torch.where(geo.valid, ce, zero), torch.where(geo.valid, emo, zero), lse
@@ -50,7 +62,7 @@ def emo_backward(grad_ce, grad_emo, x, w, target, cost, lse, emo, ignore_index, 
     coef_p = g_ce + g_emo * (1.0 - emo)
     p_target = torch.exp(geo.target_logit - lse)
     target_grad = p_target * (coef_p - g_emo * geo.self_cosine) - g_ce
-    cost_term = CostSpec(geo.query, geo.query_scale, cost, geo.key_scale, g_emo)
+    cost_term = CostSpec(geo.query_rows, geo.query_scale, cost, geo.key_scale, g_emo)
     grad_x, grad_w, _ = streaming_grads(x, w, geo.spec, lse, coef_p, zero, target_grad, tiles, cost=cost_term,
                                         need_weight_grad=need_weight_grad)
     return grad_x.to(x.dtype), grad_w

@@ -14,8 +14,8 @@ per-row statistics only: log-sum-exp and, when asked, Σ_j z_nj. The backward pa
 with a = x·w the raw dot product, turns it into dL/da per class chunk and feeds it to the two GEMMs
 dX = G·W and dW = Gᵀ·X. Only a bounded N × chunk buffer exists at any time, never N × C.
 
-EMO adds a cost term: with A_nj = (q_n·k_j)·query_scale_n·key_scale_j (a second, small dot product per
-tile: cosines of cost embeddings), dL/dz_nj = (coef_p_n − coef_cost_n·A_nj)·p_nj − coef_u_n; and its
+EMO adds a cost term: with A_nj = (q_n·k_j)·query_scale_n·key_scale_j, q_n = k_{query_rows_n} (a second,
+small dot product per tile: cosines of cost embeddings), dL/dz_nj = (coef_p_n − coef_cost_n·A_nj)·p_nj − coef_u_n; and its
 forward needs the streamed expectation Σ_j p_nj·value_scale_j·v_j (`streaming_expectation`).
 
 Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
@@ -51,12 +51,19 @@ class LogitSpec:
 
 @dataclass(frozen=True)
 class CostSpec:
-    """The EMO cost term of dL/dz (module docstring); all per-row/per-class scales in the accumulation dtype."""
-    query: Tensor          # (N, E) rows q_n, in the dtype of `keys`
+    """The EMO cost term of dL/dz (module docstring); all per-row/per-class scales in the accumulation dtype.
+    The query rows are rows of `keys` (EMO's targets), given by index: the GPU kernel gathers them per tile,
+    so no (N, E) copy exists (64 MB at Llama-3-8B shapes, a quarter of the memory goal)."""
+    query_rows: Tensor     # (N,) int64 in [0, C): q_n = keys[query_rows_n]
     query_scale: Tensor    # (N,)
     keys: Tensor           # (C, E)
     key_scale: Tensor      # (C,)
     coef: Tensor           # (N,) coef_cost
+
+
+def cost_query(cost: CostSpec) -> Tensor:
+    """The (N, E) query rows q_n of a cost term, gathered (the CPU paths; the Triton kernel indexes keys)."""
+    return cost.keys[cost.query_rows]
 
 
 def target_columns(target: Tensor, ignore_index: int):
@@ -320,7 +327,7 @@ def streaming_grads(
         unscale = 1.0 / grad_scale
         coef_p, coef_u, target_grad = coef_p * grad_scale, coef_u * grad_scale, target_grad * grad_scale
         if cost is not None:
-            cost = CostSpec(cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
+            cost = CostSpec(cost.query_rows, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
     finish = row_grad_finisher(tiles)
     # the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
     dw_bytes = D * acc.itemsize if need_weight_grad else 0
@@ -581,7 +588,7 @@ class TorchTiles:
         weight_p = coef_p[:, None]
         if cost is not None:
             acc = z.dtype
-            cosines = (cost.query.to(acc) @ cost.keys[c0:c1].to(acc).t()) * cost.query_scale[:, None]
+            cosines = (cost_query(cost).to(acc) @ cost.keys[c0:c1].to(acc).t()) * cost.query_scale[:, None]
             weight_p = weight_p - cost.coef[:, None] * cosines * cost.key_scale[None, c0:c1]
         g = (weight_p * p - coef_u[:, None]) * chain
         return torch.where(is_target, target_grad[:, None], g)

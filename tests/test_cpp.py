@@ -14,7 +14,7 @@ import torch
 import marginkern as mk
 from marginkern import cpp_tiles, reference
 from marginkern.dispatch import _why_not, select_tiles
-from marginkern.engine import CostSpec, LogitSpec, TorchTiles, streaming_grads
+from marginkern.engine import CostSpec, LogitSpec, TorchTiles, cost_query, streaming_grads
 from tests.helpers import assert_close_rel, loss_and_grads, make_case
 
 requires_cpp = pytest.mark.skipif(cpp_tiles.LOAD_ERROR is not None,
@@ -38,7 +38,7 @@ def random_spec(N, C, *, col_scale, bias, softcap, dtype=torch.float32):
 
 def random_cost(N, C, E, dtype):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return CostSpec(query=torch.randn(N, E).to(dtype), query_scale=torch.rand(N, dtype=acc) + 0.5,
+    return CostSpec(query_rows=torch.randint(0, max(1, C), (N,)), query_scale=torch.rand(N, dtype=acc) + 0.5,
                     keys=torch.randn(C, E).to(dtype), key_scale=torch.rand(C, dtype=acc) + 0.5,
                     coef=torch.randn(N, dtype=acc))
 
@@ -255,7 +255,7 @@ def op_args(N=7, C=40, D=5, softcap=2.0, dtype=torch.float32):
     spec_args = (x, w, spec.row_scale, spec.col_scale, spec.bias, softcap, spec.target)
     rows = tuple(torch.rand(N, dtype=spec.row_scale.dtype) for _ in range(4))  # lse, coef_p, coef_u, target_grad
     cost = random_cost(N, C, 3, dtype)
-    return spec_args, spec.target_logit, rows, (cost.query, cost.query_scale, cost.keys, cost.key_scale, cost.coef)
+    return spec_args, spec.target_logit, rows, (cost_query(cost), cost.query_scale, cost.keys, cost.key_scale, cost.coef)
 
 
 @requires_cpp

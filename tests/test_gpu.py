@@ -65,7 +65,7 @@ def test_cuda_ops_match_torch_tiles(dtype, epilogue, shape, with_cost):
     cost = None
     if with_cost:
         c = random_cost(N, C, 7, dtype)
-        cost = CostSpec(*(t.cuda() for t in (c.query, c.query_scale, c.keys, c.key_scale, c.coef)))
+        cost = CostSpec(*(t.cuda() for t in (c.query_rows, c.query_scale, c.keys, c.key_scale, c.coef)))
     for c0, c1 in [(0, C), (C // 3, C), (C // 2, C // 2)]:
         got = cuda.grad_logits(x, w, spec, lse_ref, coef_p, coef_u, target_grad, c0, c1, cost)
         want = ref.grad_logits(x, w, spec, lse_ref, coef_p, coef_u, target_grad, c0, c1, cost)

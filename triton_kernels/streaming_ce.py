@@ -118,11 +118,13 @@ def streaming_ce_fwd_kernel(
 
 
 @triton.jit
-def _cost_cosine_tile(query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask, col_mask,
-                      E, stride_q, stride_k, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+def _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask, col_mask,
+                      E, stride_k, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_E: tl.constexpr):
-    """A_nj = (q_n·k_j)·query_scale_n·key_scale_j: cosines of cost embeddings (EMO)."""
-    acc = _dot_tile(query_ptr, keys_ptr, rows, cols, row_mask, col_mask, E, stride_q, stride_k, DOT_PRECISION,
+    """A_nj = (q_n·k_j)·query_scale_n·key_scale_j: cosines of cost embeddings (EMO), with q_n the row
+    query_rows_n of keys, gathered here (no (N, E) copy of the query rows exists)."""
+    query_rows = tl.load(query_rows_ptr + rows, mask=row_mask, other=0)
+    acc = _dot_tile(keys_ptr, keys_ptr, query_rows, cols, row_mask, col_mask, E, stride_k, stride_k, DOT_PRECISION,
                     BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E)
     query_scale = tl.load(query_scale_ptr + rows, mask=row_mask, other=0.0)
     key_scale = tl.load(key_scale_ptr + cols, mask=col_mask, other=0.0)
@@ -133,8 +135,8 @@ def _cost_cosine_tile(query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows,
 def streaming_ce_grad_logits_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr,
     lse_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, grad_ptr,
-    query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr,
-    N, D, E, stride_x, stride_w, stride_g, stride_q, stride_k, c_begin, c_end, softcap,
+    query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr,
+    N, D, E, stride_x, stride_w, stride_g, stride_k, c_begin, c_end, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
@@ -159,9 +161,8 @@ def streaming_ce_grad_logits_kernel(
     p = tl.exp(z - lse[:, None])
     weight_p = coef_p[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     if HAS_COST:
-        cosines = _cost_cosine_tile(query_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask,
-                                    col_mask, E, stride_q, stride_k, COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
-                                    EVEN_E)
+        cosines = _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask,
+                                    col_mask, E, stride_k, COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E)
         coef_cost = tl.load(coef_cost_ptr + rows, mask=row_mask, other=0.0)
         weight_p = weight_p - coef_cost[:, None] * cosines
     g = (weight_p * p - coef_u[:, None]) * chain

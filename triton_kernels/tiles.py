@@ -159,17 +159,18 @@ class TritonTiles:
         col_scale, bias, softcap = _pointer_args(x, spec)
         grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(c1 - c0, blocks["BLOCK_C"]))
         if cost is not None:
-            query, keys = cost.query.contiguous(), cost.keys.contiguous()
-            cost_args = (query, keys, cost.query_scale.float(), cost.key_scale.float(), cost.coef.float())
-            E, stride_q, stride_k = keys.shape[1], query.stride(0), keys.stride(0)
+            keys = cost.keys.contiguous()
+            cost_args = (cost.query_rows.contiguous(), keys, cost.query_scale.float(), cost.key_scale.float(),
+                         cost.coef.float())
+            E, stride_k = keys.shape[1], keys.stride(0)
         else:  # unread placeholders (HAS_COST=False)
-            cost_args, E, stride_q, stride_k = (x, w, lse, lse, lse), 0, 0, 0
+            cost_args, E, stride_k = (spec.target, w, lse, lse, lse), 0, 0
         if N > 0:
             with on_device(x):
                 streaming_ce_grad_logits_kernel[grid](
                     x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target,
                     lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad, *cost_args,
-                    N, D, E, stride_x, stride_w, grad.stride(0), stride_q, stride_k, c0, c1, softcap,
+                    N, D, E, stride_x, stride_w, grad.stride(0), stride_k, c0, c1, softcap,
                     HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     SATURATE_FP16=grad_dtype == torch.float16, EVEN_D=D % blocks["BLOCK_D"] == 0,
                     EVEN_E=E % blocks["BLOCK_D"] == 0,
