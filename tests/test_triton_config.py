@@ -31,3 +31,17 @@ def test_default_chunk_budget_fits_the_issues_memory_goals():
         vectors = 3 * 4 * C if goal == 64 << 20 else 0
         assert chunk_bytes + 4 * N * D + vectors <= goal - (4 << 20), (N, C, D, chunk_bytes >> 20)
         assert c1 - c0 >= 1024  # chunks stay large enough for efficient GEMMs
+
+
+@pytest.mark.parametrize("N, C, D, want", [
+    (8192, 128_256, 4096, 6),    # Llama-3-8B: 128 row blocks fill the GPU, but 264 × 512 KB x blocks need ≥ 6 splits
+    (1024, 1_000_000, 512, 17),  # ArcFace 1M: 16 row blocks, split for occupancy (2 programs per SM)
+    (256, 100, 512, 1),          # a single class tile cannot be split
+    (0, 10, 8, 1),
+])
+def test_class_splits_fill_the_gpu_and_keep_x_in_l2(N, C, D, want):
+    from marginkern.triton_kernels.tiles import class_splits
+    blocks = {k: GPU_CONFIG[k] for k in ("BLOCK_N", "BLOCK_C", "BLOCK_D")}
+    splits, per_split = class_splits(N, C, D, 2, blocks, sm_count=132, l2_bytes=50 << 20)
+    assert splits == want
+    assert per_split % blocks["BLOCK_C"] == 0 and (splits - 1) * per_split < max(C, 1) <= splits * per_split

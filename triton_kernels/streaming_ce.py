@@ -1,12 +1,20 @@
 """Triton kernels of the streaming engine (marginkern/engine.py states the contract they implement).
 
     streaming_ce_fwd_kernel          per-row max / Σexp / Σz over one class split (flash-decoding style:
-                                     grid = row blocks × class splits, merged on the host)
+                                     one program per (row block, class split), merged on the host)
     streaming_ce_grad_logits_kernel  dL/da for one class chunk, written to a bounded N × chunk buffer
                                      that the engine feeds to the dX and dW GEMMs; with HAS_COST it also
                                      computes EMO's cost cosines A = q·k per tile (a second tl.dot loop)
 
 Both recompute logits tile by tile with tl.dot over D in fp32 accumulators; no N × C tensor exists.
+
+Program order decides what L2 holds. A logit tile reads a BLOCK_N × D block of x and a BLOCK_C × D block
+of w over the whole D; at LLM widths (D = 4096) an x block is 512 KB, and 132 SMs each working on another
+row block want 66 MB of x at once, more than the H100's 50 MB L2: x then comes from DRAM again for every
+class tile (≈ 64 GB per pass at Llama-3-8B shapes). So both kernels run a 1-D grid whose consecutive
+programs share blocks: the forward's programs of one row block over its class splits are neighbours
+(the host picks enough splits that the row blocks running at once fit in L2), and the backward's tiles
+go in groups of GROUP_N row blocks × all class tiles of the chunk (Triton's grouped matmul ordering).
 With FROM_DOTS they read the raw dot products from an (N, C) fp32 buffer instead (x_ptr, stride_x): the
 3-GEMM path's block epilogue over logits that cuBLAS computed (engine.buffered_loss_and_grads).
 """
@@ -42,6 +50,18 @@ def _dot_tile(a_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_a, stride_
 
 
 @triton.jit
+def _grouped_tile(pid, num_row_blocks, num_col_tiles, GROUP_N: tl.constexpr):
+    """(row block, column tile) of program pid when tiles go in groups of GROUP_N row blocks, the row
+    block fastest within a group: the programs running at once touch GROUP_N blocks of x and a few
+    column tiles of w, which L2 keeps."""
+    per_group = GROUP_N * num_col_tiles
+    first_row_block = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(num_row_blocks - first_row_block, GROUP_N)
+    in_group = pid % per_group
+    return first_row_block + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
 def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
                 rows, cols, row_mask, col_mask, D, stride_x, stride_w,
                 HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -73,14 +93,16 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
 def streaming_ce_fwd_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr, target_logit_ptr,
     part_max_ptr, part_sumexp_ptr, part_sumlogit_ptr,
-    N, C, D, stride_x, stride_w, classes_per_split, softcap,
+    N, C, D, stride_x, stride_w, classes_per_split, num_splits, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     NEED_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
     EVEN_D: tl.constexpr = False,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    # the splits of one row block are neighbours: they share its x block in L2 (module docstring)
+    pid = tl.program_id(0)
+    pid_n = pid // num_splits
+    split = pid % num_splits
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
@@ -140,10 +162,9 @@ def streaming_ce_grad_logits_kernel(
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
-    EVEN_D: tl.constexpr = False, EVEN_E: tl.constexpr = False,
+    EVEN_D: tl.constexpr = False, EVEN_E: tl.constexpr = False, GROUP_N: tl.constexpr = 8,
 ):
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_n, pid_c = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(c_end - c_begin, BLOCK_C), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     cols = c_begin + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)

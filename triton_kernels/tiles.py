@@ -12,15 +12,16 @@ from .row_projection import finish_grad_rows as _finish_grad_rows
 from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_GRID_Y = 65535  # CUDA's limit on grid dimensions 1 and 2
+MAX_CLASS_TILES_PER_LAUNCH = 65535  # bounds one launch of the dL/da kernel (its grid: row blocks × these)
 
-
-
-GPU_CONFIG = dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)  # untuned starting point
+# Untuned starting point. GROUP_N: row blocks per group of the backward kernel's grouped program order.
+GPU_CONFIG = dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
+# Interpreter blocks: small, so that tests on small odd shapes cross every tile and group boundary.
+INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_C=32, BLOCK_D=16, GROUP_N=2)
 
 
 def parse_config(text):
-    """'BLOCK_N=128,BLOCK_C=128,BLOCK_D=64,num_warps=8,num_stages=3' → dict (bench/sweep_triton_configs.py)."""
+    """'BLOCK_N=128,BLOCK_C=128,BLOCK_D=64,GROUP_N=8,num_warps=8,num_stages=3' → dict (bench/sweep_triton_configs.py)."""
     config = dict(GPU_CONFIG)
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -34,9 +35,9 @@ def _config(x):
     """Block sizes and launch options. The interpreter gets small blocks so that tests on small, odd shapes
     still cross every tile boundary; on the GPU, MARGINKERN_TRITON_CONFIG overrides GPU_CONFIG (tuning)."""
     if INTERPRETED or not x.is_cuda:
-        return dict(BLOCK_N=16, BLOCK_C=32, BLOCK_D=16), {}
+        return dict(INTERPRETER_BLOCKS), {}
     config = parse_config(os.environ.get("MARGINKERN_TRITON_CONFIG", ""))
-    return ({k: config[k] for k in ("BLOCK_N", "BLOCK_C", "BLOCK_D")},
+    return ({k: config[k] for k in ("BLOCK_N", "BLOCK_C", "BLOCK_D", "GROUP_N")},
             {k: config[k] for k in ("num_warps", "num_stages")})
 
 
@@ -44,6 +45,31 @@ def _config(x):
 def _sm_count(device):
     """SMs of x's GPU (132 on an H100 SXM; the interpreter pretends the same)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device):
+    """L2 cache of x's GPU (50 MB on an H100; the interpreter pretends the same)."""
+    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    return getattr(props, "L2_cache_size", 0) or (50 << 20)
+
+
+def class_splits(N, C, D, element_size, blocks, sm_count, l2_bytes):
+    """(splits, classes per split) of the forward kernel. Enough splits that few row blocks still fill the
+    GPU (two programs per SM, flash-decoding), and that the row blocks running at once (≈ 2 programs per
+    SM, each split of a row block a neighbour of the others) keep their x blocks within half of L2."""
+    row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
+    class_blocks = triton.cdiv(C, blocks["BLOCK_C"])
+    for_occupancy = triton.cdiv(2 * sm_count, max(1, row_blocks))
+    x_blocks_at_once = 2 * sm_count * blocks["BLOCK_N"] * D * element_size
+    for_l2 = triton.cdiv(x_blocks_at_once, l2_bytes // 2)
+    wanted = max(1, min(class_blocks, max(for_occupancy, for_l2)))
+    per_split = triton.cdiv(class_blocks, wanted) * blocks["BLOCK_C"]
+    return triton.cdiv(C, per_split), per_split
+
+
+def _without(blocks, key):
+    return {k: v for k, v in blocks.items() if k != key}
 
 
 def _dot_precision(x):
@@ -86,7 +112,7 @@ class TritonTiles:
         elt = x.element_size() if x.dtype in (torch.float16, torch.bfloat16) else 4
         budget = self.buffer_bytes if self.buffer_bytes is not None else self.default_buffer_bytes(N, x.shape[-1])
         chunk = max(blocks["BLOCK_C"], budget // max(1, N * elt + bytes_per_class))
-        chunk = min(chunk, MAX_GRID_Y * blocks["BLOCK_C"])  # the chunk's class blocks are grid axis 1
+        chunk = min(chunk, MAX_CLASS_TILES_PER_LAUNCH * blocks["BLOCK_C"])  # bounded launches (MAX_CLASS_TILES_PER_LAUNCH)
         chunk = chunk // blocks["BLOCK_C"] * blocks["BLOCK_C"]
         return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
 
@@ -105,21 +131,17 @@ class TritonTiles:
     def _row_stats(self, x, w, spec, need_sum_logits, N, C, D, stride_x, stride_w, from_dots):
         blocks, launch = _config(x)
         row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
-        # Split classes across programs so that few row blocks still fill the GPU (flash-decoding).
-        class_blocks = triton.cdiv(C, blocks["BLOCK_C"])
-        wanted_splits = max(1, (2 * _sm_count(x.device)) // max(1, row_blocks))
-        per_split = triton.cdiv(class_blocks, min(class_blocks, wanted_splits)) * blocks["BLOCK_C"]
-        splits = triton.cdiv(C, per_split)
+        splits, per_split = class_splits(N, C, D, x.element_size(), blocks, _sm_count(x.device), _l2_bytes(x.device))
         part = torch.empty(3 if need_sum_logits else 2, splits, N, dtype=torch.float32, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
         if N > 0:
             with on_device(x):
-                streaming_ce_fwd_kernel[(row_blocks, splits)](
+                streaming_ce_fwd_kernel[(row_blocks * splits,)](
                     x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target, spec.target_logit.float(),
                     part[0], part[1], part[-1],
-                    N, C, D, stride_x, stride_w, per_split, softcap,
+                    N, C, D, stride_x, stride_w, per_split, splits, softcap,
                     NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
-                    EVEN_D=D % blocks["BLOCK_D"] == 0, **_flags(spec), **blocks, **launch)
+                    EVEN_D=D % blocks["BLOCK_D"] == 0, **_flags(spec), **_without(blocks, "GROUP_N"), **launch)
         run_max = part[0].max(0).values
         # splits whose logits are all −inf hold max −inf and Σexp 0; a row with only those gets lse −inf
         shift = torch.where(run_max == -float("inf"), torch.zeros_like(run_max), run_max)
@@ -142,7 +164,7 @@ class TritonTiles:
         z = z.contiguous()
         N, C = z.shape
         grad = torch.empty(N, C, dtype=out_dtype, device=z.device)
-        span = MAX_GRID_Y * _config(z)[0]["BLOCK_C"]  # a launch's class blocks are grid axis 1
+        span = MAX_CLASS_TILES_PER_LAUNCH * _config(z)[0]["BLOCK_C"]  # one launch per span
         for c0 in range(0, C, span):
             c1 = min(C, c0 + span)
             self._grad_logits(z, z, spec, lse, coef_p, coef_u, target_grad, c0, c1, None, 0, z.stride(0), 0,
@@ -157,7 +179,7 @@ class TritonTiles:
         if grad is None:
             grad = torch.empty(N, c1 - c0, dtype=grad_dtype, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
-        grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(c1 - c0, blocks["BLOCK_C"]))
+        grid = (triton.cdiv(N, blocks["BLOCK_N"]) * triton.cdiv(c1 - c0, blocks["BLOCK_C"]),)
         if cost is not None:
             keys = cost.keys.contiguous()
             cost_args = (cost.query_rows.contiguous(), keys, cost.query_scale.float(), cost.key_scale.float(),

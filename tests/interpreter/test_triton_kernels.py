@@ -193,7 +193,7 @@ def test_block_gradient_launches_split_at_the_grid_limit(monkeypatch):
     # CUDA caps grid axis 1 at 65535 blocks (8.4M classes at BLOCK_C=128): the dL/da launch of a block is
     # split into class ranges; a tiny limit makes that happen here.
     import marginkern.triton_kernels.tiles as tiles_module
-    monkeypatch.setattr(tiles_module, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(tiles_module, "MAX_CLASS_TILES_PER_LAUNCH", 2)
     N, C = 5, 200
     spec = random_spec(N, C, col_scale=True, bias=True, softcap=3.0)
     dots = torch.randn(N, C, device=DEVICE) * 3
