@@ -23,18 +23,20 @@ CASES = {"arcface-1M": (1024, 512, 1_000_000, True), "llama3-8b": (8192, 4096, 1
          "gemma2-2b": (8192, 2304, 256_000, False)}  # (N, D, C, normalized)
 
 
-KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_D", "GROUP_N", "num_warps", "num_stages")
+KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_D", "GROUP_N", "FLATTEN", "num_warps", "num_stages")
 
 
 def grid(quick):
-    if quick:  # the current default, the tile shapes Triton's Hopper matmuls usually win with, and the
-        # backward's program order: GROUP_N=128 puts all Llama row blocks in one group (the order before
-        # grouping, with x blocks beyond L2), 16 a larger group for 128-row tiles
-        shapes = [(64, 128, 64, 8, 8, 3), (64, 128, 64, 128, 8, 3), (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3),
-                  (128, 128, 64, 8, 4, 4), (64, 256, 64, 8, 4, 4), (128, 128, 64, 16, 8, 3), (128, 64, 64, 8, 4, 4),
-                  (128, 128, 128, 8, 8, 3), (256, 128, 64, 8, 8, 3)]
+    if quick:  # the current default, the tile shapes Triton's Hopper matmuls usually win with, the
+        # backward's program order (GROUP_N=128 puts all Llama row blocks in one group: the order before
+        # grouping, with x blocks beyond L2; 16 a larger group for 128-row tiles) and the forward's
+        # flattened loop nest (FLATTEN=1). bench/sm90_compile.py shows which of these spill registers.
+        shapes = [(64, 128, 64, 8, 0, 8, 3), (64, 128, 64, 128, 0, 8, 3), (128, 128, 64, 8, 0, 8, 3),
+                  (64, 128, 64, 8, 1, 8, 3), (128, 128, 64, 8, 1, 8, 3), (128, 256, 64, 8, 0, 8, 3),
+                  (128, 128, 64, 16, 0, 8, 3), (128, 64, 64, 8, 0, 4, 4), (128, 128, 128, 8, 0, 8, 3),
+                  (256, 128, 64, 8, 0, 8, 3), (128, 128, 64, 8, 0, 4, 4), (64, 256, 64, 8, 0, 4, 4)]
     else:
-        shapes = itertools.product((64, 128), (64, 128, 256), (32, 64, 128), (8,), (4, 8), (3, 4))
+        shapes = itertools.product((64, 128), (64, 128, 256), (32, 64, 128), (8,), (0, 1), (4, 8), (3, 4))
     return [dict(zip(KEYS, shape)) for shape in shapes]
 
 
@@ -67,7 +69,7 @@ def measure(name, config):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default="all", help=f"all, or comma-separated of: {', '.join(CASES)}")
-    parser.add_argument("--quick", action="store_true", help="ten configurations instead of the full grid")
+    parser.add_argument("--quick", action="store_true", help="twelve configurations instead of the full grid")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_triton_configs.py needs a CUDA GPU")

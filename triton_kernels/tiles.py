@@ -14,20 +14,22 @@ from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kern
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_CLASS_TILES_PER_LAUNCH = 65535  # bounds one launch of the dL/da kernel (its grid: row blocks × these)
 
-# Untuned starting point. GROUP_N: row blocks per group of the backward kernel's grouped program order.
-GPU_CONFIG = dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
+# Untuned starting point. GROUP_N: row blocks per group of the backward kernel's grouped program order;
+# FLATTEN: the forward kernel's class and K loops pipelined as one (streaming_ce_fwd_kernel).
+GPU_CONFIG = dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, GROUP_N=8, FLATTEN=False, num_warps=8, num_stages=3)
 # Interpreter blocks: small, so that tests on small odd shapes cross every tile and group boundary.
-INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_C=32, BLOCK_D=16, GROUP_N=2)
+INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_C=32, BLOCK_D=16, GROUP_N=2, FLATTEN=False)
 
 
 def parse_config(text):
-    """'BLOCK_N=128,BLOCK_C=128,BLOCK_D=64,GROUP_N=8,num_warps=8,num_stages=3' → dict (bench/sweep_triton_configs.py)."""
+    """'BLOCK_N=128,GROUP_N=16,FLATTEN=1,num_warps=8' → GPU_CONFIG with those keys changed (bench/sweep_triton_configs.py)."""
     config = dict(GPU_CONFIG)
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
         if key not in GPU_CONFIG:
             raise ValueError(f"MARGINKERN_TRITON_CONFIG: unknown key {key!r}; expected keys of {sorted(GPU_CONFIG)}")
         config[key] = int(value)
+    config["FLATTEN"] = bool(config["FLATTEN"])
     return config
 
 
@@ -37,7 +39,7 @@ def _config(x):
     if INTERPRETED or not x.is_cuda:
         return dict(INTERPRETER_BLOCKS), {}
     config = parse_config(os.environ.get("MARGINKERN_TRITON_CONFIG", ""))
-    return ({k: config[k] for k in ("BLOCK_N", "BLOCK_C", "BLOCK_D", "GROUP_N")},
+    return ({k: config[k] for k in ("BLOCK_N", "BLOCK_C", "BLOCK_D", "GROUP_N", "FLATTEN")},
             {k: config[k] for k in ("num_warps", "num_stages")})
 
 
@@ -69,6 +71,7 @@ def class_splits(N, C, D, element_size, blocks, sm_count, l2_bytes):
 
 
 def _without(blocks, key):
+    """The block options minus the one a kernel does not take (GROUP_N: backward only; FLATTEN: forward only)."""
     return {k: v for k, v in blocks.items() if k != key}
 
 
@@ -196,5 +199,6 @@ class TritonTiles:
                     HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     SATURATE_FP16=grad_dtype == torch.float16, EVEN_D=D % blocks["BLOCK_D"] == 0,
                     EVEN_E=E % blocks["BLOCK_D"] == 0,
-                    COST_DOT_PRECISION=_dot_precision(cost_args[1]), **_flags(spec), **blocks, **launch)
+                    COST_DOT_PRECISION=_dot_precision(cost_args[1]), **_flags(spec), **_without(blocks, "FLATTEN"),
+                    **launch)
         return grad

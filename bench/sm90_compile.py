@@ -1,0 +1,100 @@
+"""Compile the engine's Triton kernels for Hopper (sm_90) on any machine, no GPU needed, and report what the
+compiler made of them: wgmma (Hopper tensor cores) or not, cp.async software pipelining, shared memory,
+registers and spills (cuobjdump of the cubin; Triton's wheel ships ptxas and cuobjdump).
+
+    python bench/sm90_compile.py                  # GPU_CONFIG and the sweep's quick grid
+    python bench/sm90_compile.py 128,128,64,8,0,8,3  # BLOCK_N,BLOCK_C,BLOCK_D,GROUP_N,FLATTEN,num_warps,num_stages
+
+It screens tile configurations before a GPU visit (one that spills or does not pipeline is not worth GPU
+time) and tests/test_sm90_compile.py keeps the default compiling to wgmma + cp.async without spills. The
+arguments are specialised as Triton's launcher would at the benchmark shapes: 16-byte aligned pointers,
+sizes and strides divisible by 16 (without that, no cp.async: the loads could not be vectorised).
+A compile is not a measurement: speed still needs the GPU (bench/NOTES.md).
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+HOPPER = GPUTarget("cuda", 90, 64)
+# Argument types of the engine's kernels by name (anything else: i32).
+POINTER_TYPES = {
+    "x_ptr": "*bf16", "w_ptr": "*bf16", "grad_ptr": "*bf16", "keys_ptr": "*bf16", "target_ptr": "*i64",
+    "query_rows_ptr": "*i64", "g_ptr": "*fp32", "out_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16",
+    "da_ptr": "*bf16", "db_ptr": "*bf16",
+}
+FLOAT_ARGS = ("softcap", "eps")
+DIVISIBLE_BY_16 = ("N", "C", "D", "E", "R", "B", "stride_x", "stride_w", "stride_g", "stride_k", "stride_a", "stride_b",
+                   "stride_out")
+
+
+def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
+    """Compile `kernel` for sm_90; returns a dict of what the compiler produced (see the module docstring)."""
+    types = {**POINTER_TYPES, **(types or {})}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = types.get(name, "*fp32")
+        else:
+            signature[name] = types.get(name, "fp32" if name in FLOAT_ARGS else "i32")
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
+             if t.startswith("*") or n in DIVISIBLE_BY_16}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    regs, stack, _, local = (int(v) for v in resources.groups())
+    return {"wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async"),
+            "shared_bytes": compiled.metadata.shared, "registers": regs, "stack_bytes": stack, "local_bytes": local}
+
+
+def engine_kernels(config, has_cost=False, from_dots=False):
+    """(label, kernel, constexprs) of the streaming engine's two kernels at `config`, bf16 operands, with
+    the margin family's column scale (the epilogue every face case runs)."""
+    from marginkern.triton_kernels.streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
+    flags = dict(HAS_COL_SCALE=True, HAS_BIAS=False, HAS_SOFTCAP=False, DOT_PRECISION="tf32",
+                 BLOCK_N=config["BLOCK_N"], BLOCK_C=config["BLOCK_C"], BLOCK_D=config["BLOCK_D"], FROM_DOTS=from_dots,
+                 EVEN_D=True)
+    return [("forward", streaming_ce_fwd_kernel, dict(flags, NEED_SUM_LOGITS=False, FLATTEN=bool(config["FLATTEN"]))),
+            ("dL/da", streaming_ce_grad_logits_kernel,
+             dict(flags, HAS_COST=has_cost, COST_DOT_PRECISION="tf32", SATURATE_FP16=False, EVEN_E=True,
+                  GROUP_N=config["GROUP_N"]))]
+
+
+def main():
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from marginkern.triton_kernels.tiles import GPU_CONFIG
+    from sweep_triton_configs import KEYS, grid
+    if len(sys.argv) > 1:
+        configs = [dict(zip(KEYS, (int(v) for v in arg.split(",")))) for arg in sys.argv[1:]]
+    else:
+        configs = [GPU_CONFIG] + [c for c in grid(quick=True) if c != GPU_CONFIG]
+    print("config (" + ",".join(KEYS) + ") | kernel | wgmma | cp.async | smem KB | regs | "
+          "stack B | spills")
+    for config in configs:
+        name = ",".join(str(int(config[k])) for k in KEYS)
+        for label, kernel, constexprs in engine_kernels(config):
+            try:
+                r = compile_sm90(kernel, constexprs, config["num_warps"], config["num_stages"])
+            except Exception as e:  # e.g. out of shared memory, or registers
+                print(f"{name} | {label} | failed: {type(e).__name__}: {str(e)[:150]}")
+                continue
+            print(f"{name} | {label} | {r['wgmma']} | {r['cp_async']} | {r['shared_bytes'] / 1024:.0f} | "
+                  f"{r['registers']} | {r['stack_bytes']} | {'yes' if r['local_bytes'] or r['stack_bytes'] else 'no'}")
+
+
+if __name__ == "__main__":
+    main()

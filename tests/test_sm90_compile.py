@@ -1,0 +1,46 @@
+"""The Triton kernels compile for Hopper (sm_90) the way the GPU needs them, checked without a GPU: the GEMM
+tiles run on wgmma with cp.async software pipelining and no register spills at the default config, and the
+row kernels compile. A change that silently drops the pipelining (e.g. unaligned pointer arithmetic) or
+spills would otherwise only show up as a slower benchmark on the next GPU visit (bench/sm90_compile.py)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import sm90_compile  # noqa: E402
+from marginkern.triton_kernels.tiles import GPU_CONFIG  # noqa: E402
+
+HOPPER_SHARED_BYTES = 227 * 1024  # per block, opt-in maximum
+
+
+def _check_gemm_tile(report):
+    assert report["wgmma"] > 0, "the logit tile does not run on Hopper's tensor cores (wgmma)"
+    assert report["cp_async"] > 0, "the K loop is not software-pipelined (no cp.async)"
+    assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, f"register spills: {report}"
+    assert report["shared_bytes"] <= HOPPER_SHARED_BYTES
+
+
+@pytest.mark.parametrize("has_cost", [False, True])
+def test_engine_kernels_pipeline_on_wgmma_without_spills(has_cost):
+    for label, kernel, constexprs in sm90_compile.engine_kernels(GPU_CONFIG, has_cost=has_cost):
+        report = sm90_compile.compile_sm90(kernel, constexprs, GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"])
+        _check_gemm_tile(report)
+
+
+def test_from_dots_epilogue_and_row_kernels_compile():
+    """The 3-GEMM path's epilogue (reads fp32 dot products: no tensor-core work), the dW/dX finisher and the
+    CoSENT cosine kernels."""
+    from marginkern.triton_kernels.pairwise_cosine import pairwise_cosine_bwd_kernel, pairwise_cosine_fwd_kernel
+    from marginkern.triton_kernels.row_projection import finish_grad_rows_kernel
+    for _, kernel, constexprs in sm90_compile.engine_kernels(GPU_CONFIG, from_dots=True):
+        report = sm90_compile.compile_sm90(kernel, constexprs, GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"],
+                                           types={"x_ptr": "*fp32", "w_ptr": "*fp32"})
+        assert report["local_bytes"] == 0 and report["wgmma"] == 0
+    rows = [(finish_grad_rows_kernel, dict(PROJECT=True, BLOCK_R=8, BLOCK_D=256)),
+            (pairwise_cosine_fwd_kernel, dict(BLOCK_R=16, BLOCK_D=128)),
+            (pairwise_cosine_bwd_kernel, dict(BLOCK_R=16, BLOCK_D=128))]
+    for kernel, constexprs in rows:
+        report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2)
+        assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"
