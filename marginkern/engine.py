@@ -89,22 +89,22 @@ def row_norms(t: Tensor) -> Tensor:
     return torch.cat([torch.linalg.vector_norm(t[r0:r0 + rows], dim=1, dtype=acc) for r0 in range(0, t.shape[0], rows)])
 
 
-def project_out_rows(grad: Tensor, weight: Tensor, inv_norm_sq: Tensor) -> Tensor:
-    """In place: grad_j ← grad_j − weight_j·(weight_j·grad_j)·inv_norm_sq_j (the tangent projection that
+def project_out_rows(grad: Tensor, weight: Tensor, inv_norm: Tensor) -> Tensor:
+    """In place: grad_j ← grad_j − weight_j·(weight_j·grad_j)·inv_norm_j² (the tangent projection that
     chains a row-normalised weight); tile backends fuse it into `finish_grad_rows`."""
     wf = weight.to(grad.dtype)
-    return grad.sub_(wf * ((wf * grad).sum(1) * inv_norm_sq)[:, None])
+    return grad.sub_(wf * ((wf * grad).sum(1) * inv_norm * inv_norm)[:, None])
 
 
 def finish_grad_rows(grad: Tensor, scale: Tensor, out: Tensor, weight: Optional[Tensor] = None,
-                     inv_norm_sq: Optional[Tensor] = None) -> Tensor:
-    """out ← scale·P(grad) in out's dtype, with P the tangent projection by (weight, inv_norm_sq)
+                     inv_norm: Optional[Tensor] = None) -> Tensor:
+    """out ← scale·P(grad) in out's dtype, with P the tangent projection by (weight, inv_norm = 1/‖weight_j‖)
     (project_out_rows) or the identity; `grad` (accumulation dtype) may be overwritten. How the engine
     stores a class chunk of dW, and how a loss chains dX through a row-normalised x (weight = x) into x's
     dtype; tile backends may fuse it into one pass (`finish_grad_rows`, row_grad_finisher)."""
     grad.mul_(scale)
     if weight is not None:
-        project_out_rows(grad, weight, inv_norm_sq)
+        project_out_rows(grad, weight, inv_norm)
     return out.copy_(grad)
 
 
@@ -284,7 +284,7 @@ def streaming_grads(
 
     `finalize_weight_chunk(c0, c1, dw_chunk)` lets the loss chain a class chunk of dW (accumulation
     dtype) through what the engine does not know about before it is stored. `tangent_projection` =
-    (weight, inv_norm_sq) chains dW through row-normalised classes, ŵ = w/‖w‖ (project_out_rows); unlike a
+    (weight, 1/‖weight_j‖) chains dW through row-normalised classes, ŵ = w/‖w‖ (project_out_rows); unlike a
     finalizer, a tile backend fuses it with the unscaling and the store (`finish_grad_rows`).
 
     `grad_filter_eps` (None: exact) drops the classes of a chunk whose every |dL/da| is below
@@ -295,10 +295,10 @@ def streaming_grads(
         if finalize_weight_chunk is not None:
             raise ValueError("streaming_grads takes finalize_weight_chunk or tangent_projection, not both")
         if hasattr(tiles, "streaming_grads") and grad_filter_eps is None:  # a finalizer for the backend's loop
-            proj_w, inv_norm_sq = tangent_projection
+            proj_w, inv_norm = tangent_projection
 
             def finalize_weight_chunk(c0, c1, grad_w_raw):
-                return project_out_rows(grad_w_raw, proj_w[c0:c1], inv_norm_sq[c0:c1])
+                return project_out_rows(grad_w_raw, proj_w[c0:c1], inv_norm[c0:c1])
     if hasattr(tiles, "streaming_grads") and grad_filter_eps is None:  # the backend runs the loop below
         return tiles.streaming_grads(x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk,
                                      need_bias_grad, cost, need_weight_grad)
@@ -329,8 +329,14 @@ def streaming_grads(
         if cost is not None:
             cost = CostSpec(cost.query_rows, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
     finish = row_grad_finisher(tiles)
-    # the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
-    dw_bytes = D * acc.itemsize if need_weight_grad else 0
+    # With nothing to apply to a chunk of dW (no unscaling, projection or finalizer), its GEMM writes dW in
+    # the weight's dtype straight away (fp32 accumulation inside the GEMM, one rounding, as a cast of an
+    # fp32 chunk would give) when G comes in that dtype (16-bit on the GPU, fp32/fp64 as they are): no
+    # fp32 chunk round trip (4 GB at Llama-3-8B shapes), and the whole budget goes to G (half the chunks).
+    plain_dw = (grad_w is not None and not scaled and finalize_weight_chunk is None and tangent_projection is None
+                and x.dtype == w.dtype)
+    # otherwise the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
+    dw_bytes = D * acc.itemsize if need_weight_grad and not plain_dw else 0
     for c0, c1 in tiles.class_chunks(N, C, x, bytes_per_class=dw_bytes):
         g = tiles.grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost)
         w_chunk, kept = w[c0:c1], None
@@ -339,7 +345,9 @@ def streaming_grads(
         addmm_split_k(grad_x, g, w_chunk, split_k_slices(grad_x, g.shape[1]))  # still scaled: unscaled after
         if grad_bias is not None:
             grad_bias[c0:c1] = scatter_rows(g.sum(0, dtype=acc).mul_(unscale), kept, c1 - c0)
-        if grad_w is not None:
+        if plain_dw and g.dtype == w.dtype:
+            torch.mm(g.t(), x, out=grad_w[c0:c1])
+        elif grad_w is not None:
             grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc), kept, c1 - c0)  # still scaled
             if finalize_weight_chunk is not None:
                 if scaled:

@@ -74,8 +74,8 @@ class _TargetGeometry:
         self.valid, global_column = target_columns(target, opts.ignore_index)
         self.column = local_columns(global_column, class_start, w.shape[0])
         self.owned = self.column >= 0
-        self.xf = x.to(acc)
-        self._w_target = None
+        self._x, self._acc = x, acc
+        self._xf = self._w_target = None
         if saved is None:
             self.x_norm = torch.linalg.vector_norm(self.xf, dim=1).clamp_min(NORM_EPS)
             self.w_target_norm = torch.linalg.vector_norm(self.w_target, dim=1).clamp_min(NORM_EPS)
@@ -87,6 +87,8 @@ class _TargetGeometry:
             row_state, col_norm = saved
             self.x_norm, self.w_target_norm, self.cosine, self.psi = row_state.unbind(1)
             self.col_norm = col_norm if opts.normalize else None
+        # 1/‖w_j‖: the logits' column scale and the dW projection's inverse norm, one (C,) vector for both
+        self.col_scale = None if self.col_norm is None else 1.0 / self.col_norm
         if opts.normalize:
             self.row_scale = opts.scale / self.x_norm
             target_logit = opts.scale * self.psi
@@ -96,10 +98,17 @@ class _TargetGeometry:
         self.target_logit = torch.where(self.owned, target_logit, torch.zeros_like(target_logit))
 
     @property
+    def xf(self):
+        """x in the accumulation dtype, made on first use (the normalised backward never needs it)."""
+        if self._xf is None:
+            self._xf = self._x.to(self._acc)
+        return self._xf
+
+    @property
     def w_target(self):
         """w_{y_n} in the accumulation dtype (zeros where this slice holds no target), gathered on first use."""
         if self._w_target is None:
-            self._w_target = self._w[self.column.clamp_min(0)].to(self.xf.dtype) * self.owned[:, None]
+            self._w_target = self._w[self.column.clamp_min(0)].to(self._acc) * self.owned[:, None]
         return self._w_target
 
     def saved(self):
@@ -109,8 +118,7 @@ class _TargetGeometry:
         return row_state, col_norm
 
     def spec(self):
-        col_scale = None if self.col_norm is None else 1.0 / self.col_norm
-        return LogitSpec(self.row_scale, col_scale, None, None, self.column, self.target_logit)
+        return LogitSpec(self.row_scale, self.col_scale, None, None, self.column, self.target_logit)
 
 
 def _class_layout(w, shard: Optional[ClassShard]):
@@ -157,7 +165,7 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
         target_grad = grad_target_logit * s * slope / (geo.x_norm * geo.w_target_norm)
 
         # dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖, and the engine's raw dW already holds (dL/dŵ)/‖w‖.
-        tangent_projection, finalize_weight_chunk = (w, geo.col_norm ** -2), None
+        tangent_projection, finalize_weight_chunk = (w, geo.col_scale), None
     else:
         # T = s·‖x‖‖w_y‖·ψ(c) also depends on the norms: the cross term s·ψ'·w_y (resp. x) goes
         # through the target column, the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x (resp. w_y) are added here
@@ -185,6 +193,6 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
         grad_x_raw = shard.sum_input_grad(grad_x_raw)
     # dL/dx = (I − x̂x̂ᵀ)·(dL/dx̂)/‖x‖ (the raw dX holds (dL/dx̂)/‖x‖), stored in x's dtype: one fused pass
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    projection = (x, geo.x_norm ** -2) if opts.normalize else ()
+    projection = (x, 1.0 / geo.x_norm) if opts.normalize else ()
     row_grad_finisher(tiles)(grad_x_raw, grad_x_raw.new_ones(()), grad_x, *projection)
     return grad_x, grad_w

@@ -191,3 +191,38 @@ def test_batch_and_sequence_dimensions(fn, reduction):
     torch.testing.assert_close(g.reshape(-1, 8), e)
     with pytest.raises(ValueError, match=r"target must have shape \(2, 5\)"):
         fn(got_x, w, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_plain_weight_grad_is_written_by_its_gemm(dtype):
+    """Linear CE's dW needs no unscaling or projection: with G in the weight's dtype (as the GPU tiles give
+    it) each chunk's GEMM writes dW directly, no fp32 chunk is finished, and the whole chunk budget goes to
+    G. The result matches the fp32-chunk path to the dtype's rounding."""
+    from marginkern.engine import TorchTiles, streaming_grads
+    from marginkern.linear_ce import LinearCEOptions, _row_coefficients, _TargetLogits, linear_ce_forward
+
+    class GpuLikeTiles(TorchTiles):  # G in x's dtype, as TritonTiles/CudaTiles return it
+        budgets, finished = [], 0
+
+        def grad_logits(self, x, *args, **kwargs):
+            return super().grad_logits(x, *args, **kwargs).to(x.dtype)
+
+        def class_chunks(self, N, C, x, bytes_per_class=0):
+            self.budgets.append(bytes_per_class)
+            return super().class_chunks(N, C, x, bytes_per_class)
+
+        def finish_grad_rows(self, *args):
+            GpuLikeTiles.finished += 1
+            from marginkern.engine import finish_grad_rows
+            return finish_grad_rows(*args)
+
+    x, w, t = make_case(11, 700, 16, dtype, ignore=(4,), requires_grad=False)
+    opts = LinearCEOptions(-100, 0.0, 0.0, None, 0.0, 0.0)
+    tiles = GpuLikeTiles(buffer_bytes=11 * 4 * 200)  # several chunks
+    loss, lse = linear_ce_forward(x, w, t, None, opts, tiles)
+    tgt = _TargetLogits(x, w, t, None, opts)
+    coefs = _row_coefficients(tgt, slice(None), torch.full_like(lse, 0.1), lse, opts, 700)
+    _, grad_w, _ = streaming_grads(x, w, tgt.spec, lse, *coefs, tiles)
+    assert grad_w.dtype == dtype and GpuLikeTiles.finished == 0 and tiles.budgets[-1] == 0
+    _, grad_w_fp32_chunks, _ = streaming_grads(x, w, tgt.spec, lse, *coefs, TorchTiles(buffer_bytes=11 * 4 * 200))
+    assert_close_rel(grad_w, grad_w_fp32_chunks, dtype, "dW", floor=1e-6)

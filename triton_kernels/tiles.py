@@ -151,9 +151,9 @@ class TritonTiles:
         lse = shift + torch.log((part[1] * torch.exp(part[0] - shift)).sum(0))
         return lse, (part[2].sum(0) if need_sum_logits else None)
 
-    def finish_grad_rows(self, grad, scale, out, weight=None, inv_norm_sq=None):
+    def finish_grad_rows(self, grad, scale, out, weight=None, inv_norm=None):
         """engine.finish_grad_rows in one pass: unscale, project (when weight is given) and store in out's dtype."""
-        return _finish_grad_rows(grad, scale, out, None if weight is None else weight.contiguous(), inv_norm_sq)
+        return _finish_grad_rows(grad, scale, out, None if weight is None else weight.contiguous(), inv_norm)
 
     def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
         x, w = x.contiguous(), w.contiguous()

@@ -180,10 +180,10 @@ def test_row_projection_kernel(dtype, shape):
     from marginkern.engine import project_out_rows
     grad = torch.randn(*shape, device=DEVICE)
     weight = torch.randn(*shape, device=DEVICE).to(dtype)
-    inv_norm_sq = weight.float().norm(dim=1) ** -2
-    want = project_out_rows(grad.double().clone(), weight.double(), inv_norm_sq.double())
+    inv_norm = weight.float().norm(dim=1) ** -1
+    want = project_out_rows(grad.double().clone(), weight.double(), inv_norm.double())
     grad = grad.clone()
-    got = triton_tiles().finish_grad_rows(grad, torch.ones((), device=DEVICE), grad, weight, inv_norm_sq)
+    got = triton_tiles().finish_grad_rows(grad, torch.ones((), device=DEVICE), grad, weight, inv_norm)
     assert_close_rel(got, want, torch.float32, "projected rows", floor=1.0)
     # the result is orthogonal to each weight row
     assert (got.double() * weight.double()).sum(1).abs().max() < 1e-4 * weight.double().norm(dim=1).max() * got.abs().max()
@@ -216,16 +216,16 @@ def test_finish_grad_rows_kernel(out_dtype, project, shape):
     grad = torch.randn(R, D, device=DEVICE) * 1e3  # as the engine leaves it: multiplied by the 16-bit scale
     scale = torch.tensor(1e-3 / 3, device=DEVICE)
     weight = torch.randn(R, D, device=DEVICE).to(torch.float16) if project else None
-    inv_norm_sq = weight.float().norm(dim=1) ** -2 if project else None
-    projection = (weight.double(), inv_norm_sq.double()) if project else ()
+    inv_norm = weight.float().norm(dim=1) ** -1 if project else None
+    projection = (weight.double(), inv_norm.double()) if project else ()
     want = finish_grad_rows(grad.double().clone(), scale.double(), torch.empty(R, D, dtype=torch.float64), *projection)
     store = torch.full((R + 4, D), 7.0, device=DEVICE).to(out_dtype)
-    got = triton_tiles().finish_grad_rows(grad.clone(), scale, store[2:R + 2], weight, inv_norm_sq)
+    got = triton_tiles().finish_grad_rows(grad.clone(), scale, store[2:R + 2], weight, inv_norm)
     assert got.dtype == out_dtype and got.data_ptr() == store[2:R + 2].data_ptr()
     # one rounding to out_dtype (fp32 arithmetic before it)
     assert_close_rel(got, want, out_dtype, "finished dW rows", floor=1.0)
     assert (store[:2] == 7).all() and (store[R + 2:] == 7).all()  # rows outside the slice untouched
     # in place (out is grad itself)
     in_place = grad.clone()
-    triton_tiles().finish_grad_rows(in_place, scale, in_place, weight, inv_norm_sq)
+    triton_tiles().finish_grad_rows(in_place, scale, in_place, weight, inv_norm)
     assert_close_rel(in_place, want, torch.float32, "in place", floor=1.0)
