@@ -170,7 +170,8 @@ def _sm_count(device) -> int:
 
 
 def split_k_slices(out: Tensor, reduction: int, sm_count: Optional[int] = None) -> int:
-    """Into how many slices to cut the reduction (class) dimension of `out += a @ b` on the GPU.
+    """Into how many slices to cut the reduction (class) dimension of `out += a @ b` on the GPU
+    (SplitKAccumulator).
 
     dX += G·W_c has a small output (N × D: 256 × 512 is 8 output tiles of 128 × 128) and a long reduction
     (a chunk of classes): unless cuBLAS picks a split-K kernel itself, a handful of SMs do all the work.
@@ -192,27 +193,44 @@ def split_k_slices(out: Tensor, reduction: int, sm_count: Optional[int] = None) 
     return max(1, min(wanted, reduction // 1024, fits))
 
 
-def addmm_split_k(out: Tensor, a: Tensor, b: Tensor, slices: int) -> Tensor:
-    """out += a @ b (out fp32/fp64) with the reduction cut into `slices` slices: one batched GEMM over
-    strided views of a and b (no copies), its (slices, M, N) partials summed into out, and the remainder
-    columns of a plain addmm. Falls back to addmm_accumulate when the 16-bit → fp32 batched GEMM is missing."""
-    K = a.shape[1]
-    step = K // max(1, slices)
-    if slices <= 1 or step == 0:
-        return addmm_accumulate(out, a, b)
-    cut = step * slices
-    a_slices = a[:, :cut].unflatten(1, (slices, step)).transpose(0, 1)  # (slices, M, step), a's own storage
-    b_slices = b[:cut].unflatten(0, (slices, step))                      # (slices, step, N)
-    if _is_16bit_cuda_pair(a, b):
-        partial = _try_out_dtype("bmm", a.dtype, lambda: torch.bmm(a_slices, b_slices, out_dtype=out.dtype))
-        if partial is None:
-            return addmm_accumulate(out, a, b)
-    else:
-        partial = torch.bmm(a_slices.to(out.dtype), b_slices.to(out.dtype))
-    out.add_(partial.sum(0))
-    if cut < K:
-        addmm_accumulate(out, a[:, cut:], b[cut:])
-    return out
+class SplitKAccumulator:
+    """out += Σ_chunks a_c @ b_c (out fp32/fp64, the chunk loop's dX or EMO's expectation).
+
+    With `slices` > 1 (split_k_slices) every chunk's reduction is cut into that many slices of one batched
+    GEMM over strided views of a and b (no copies) that accumulates into (slices, M, N) partials in place
+    (beta = 1); `result()` sums them into out once after the loop. Per chunk that is one GEMM launch, as
+    without splitting; the partials stay within SPLIT_K_PARTIAL_BYTES. A chunk shorter than `slices`
+    columns, and the remainder columns of one, go to out directly. Falls back to plain accumulation when
+    this torch lacks the 16-bit → fp32 batched GEMM."""
+
+    def __init__(self, out: Tensor, slices: int):
+        self.out, self.slices, self.partial = out, max(1, slices), None
+
+    def add(self, a: Tensor, b: Tensor):
+        K = a.shape[1]
+        step = K // self.slices
+        if self.slices == 1 or step == 0 or not self._add_sliced(a[:, :step * self.slices], b[:step * self.slices], step):
+            addmm_accumulate(self.out, a, b)
+        elif step * self.slices < K:
+            addmm_accumulate(self.out, a[:, step * self.slices:], b[step * self.slices:])
+
+    def _add_sliced(self, a, b, step) -> bool:
+        if self.partial is None:
+            self.partial = self.out.new_zeros((self.slices,) + tuple(self.out.shape))
+        a_slices = a.unflatten(1, (self.slices, step)).transpose(0, 1)  # (slices, M, step), a's own storage
+        b_slices = b.unflatten(0, (self.slices, step))                  # (slices, step, N)
+        partial = self.partial
+        if _is_16bit_cuda_pair(a, b):
+            return _try_out_dtype("baddbmm", a.dtype, lambda: torch.baddbmm(
+                partial, a_slices, b_slices, out_dtype=partial.dtype, out=partial)) is not None
+        partial.baddbmm_(a_slices.to(partial.dtype), b_slices.to(partial.dtype))
+        return True
+
+    def result(self) -> Tensor:
+        if self.partial is not None:
+            self.out.add_(self.partial.sum(0))
+            self.partial = None
+        return self.out
 
 
 def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
@@ -337,12 +355,14 @@ def streaming_grads(
                 and x.dtype == w.dtype)
     # otherwise the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
     dw_bytes = D * acc.itemsize if need_weight_grad and not plain_dw else 0
-    for c0, c1 in tiles.class_chunks(N, C, x, bytes_per_class=dw_bytes):
+    chunks = tiles.class_chunks(N, C, x, bytes_per_class=dw_bytes)
+    input_grad = SplitKAccumulator(grad_x, split_k_slices(grad_x, chunks[0][1] - chunks[0][0]))
+    for c0, c1 in chunks:
         g = tiles.grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost)
         w_chunk, kept = w[c0:c1], None
         if grad_filter_eps is not None:
             g, w_chunk, kept = keep_columns(g, w_chunk, grad_filter_eps)
-        addmm_split_k(grad_x, g, w_chunk, split_k_slices(grad_x, g.shape[1]))  # still scaled: unscaled after
+        input_grad.add(g, w_chunk)  # still scaled: unscaled after the loop
         if grad_bias is not None:
             grad_bias[c0:c1] = scatter_rows(g.sum(0, dtype=acc).mul_(unscale), kept, c1 - c0)
         if plain_dw and g.dtype == w.dtype:
@@ -359,6 +379,7 @@ def streaming_grads(
             del grad_w_chunk
         # before the next chunk allocates its own: the budget holds one G and one dW chunk, not two
         del g, w_chunk, kept
+    input_grad.result()
     if scaled:
         grad_x.mul_(unscale)
     return grad_x, grad_w, grad_bias
@@ -415,13 +436,15 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
     ones, zeros = torch.ones_like(lse), torch.zeros_like(lse)
     target_prob = torch.exp(spec.target_logit - lse)
     # the chunk's scaled values (chunk × E, in p's dtype ≤ 4 bytes) share the budget with its N × chunk p
-    for c0, c1 in tiles.class_chunks(N, C, x, bytes_per_class=4 * values.shape[1]):
+    chunks = tiles.class_chunks(N, C, x, bytes_per_class=4 * values.shape[1])
+    expectation = SplitKAccumulator(out, split_k_slices(out, chunks[0][1] - chunks[0][0]))
+    for c0, c1 in chunks:
         p = tiles.grad_logits(x, w, spec, lse, ones, zeros, target_prob, c0, c1)
         # scale the (chunk, E) values rather than the (N, chunk) probabilities: the smaller temporary
         scaled_values = (values[c0:c1] * value_scale[c0:c1, None]).to(p.dtype)
-        addmm_split_k(out, p, scaled_values, split_k_slices(out, p.shape[1]))  # no (N, E) temporary per chunk
+        expectation.add(p, scaled_values)  # in place: no (N, E) temporary per chunk
         del p, scaled_values  # before the next chunk allocates its own
-    return out
+    return expectation.result()
 
 
 def block_gemm_dtype(x):

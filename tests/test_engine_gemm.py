@@ -64,32 +64,41 @@ def test_split_k_slices_env_override(monkeypatch):
 
 @pytest.mark.parametrize("slices", [1, 2, 3, 7, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_addmm_split_k_matches_one_gemm(slices, dtype):
+def test_split_k_accumulator_matches_one_gemm_per_chunk(slices, dtype):
+    """Chunks of 37 (remainder columns), 40 and 2 (shorter than the slices) columns, summed once."""
     torch.manual_seed(0)
-    a, b = torch.randn(6, 37, dtype=dtype), torch.randn(37, 5, dtype=dtype)  # 37: slices leave a remainder
     out = torch.randn(6, 5, dtype=dtype)
-    want = out + a @ b
-    engine.addmm_split_k(out, a, b, slices)
+    want = out.clone()
+    acc = engine.SplitKAccumulator(out, slices)
+    for K in (37, 40, 2):
+        a, b = torch.randn(6, K, dtype=dtype), torch.randn(K, 5, dtype=dtype)
+        acc.add(a, b)
+        want += a @ b
+    assert acc.result() is out
+    torch.testing.assert_close(out, want)
+    assert acc.result() is out  # a second call adds nothing more
     torch.testing.assert_close(out, want)
 
 
-def test_addmm_split_k_reads_a_column_slice_of_g_without_copies(monkeypatch):
-    """G arrives as an (N, chunk) slice of a wider buffer (3-GEMM path) or whole: the batched views must
-    follow its row stride; here a non-contiguous column slice."""
+def test_split_k_accumulator_reads_a_column_slice_of_g_without_copies():
+    """G may be an (N, chunk) column slice of a wider buffer: the batched views follow its row stride."""
     torch.manual_seed(1)
     wide = torch.randn(4, 50)
     a, b = wide[:, 10:40], torch.randn(30, 3)
     out = torch.zeros(4, 3)
-    engine.addmm_split_k(out, a, b, 4)
-    torch.testing.assert_close(out, a @ b)
+    acc = engine.SplitKAccumulator(out, 4)
+    acc.add(a, b)
+    torch.testing.assert_close(acc.result(), a @ b)
 
 
-def test_addmm_split_k_falls_back_without_the_16bit_batched_overload(cuda_branch):
+def test_split_k_accumulator_falls_back_without_the_16bit_batched_overload(cuda_branch):
     a, b = torch.randn(5, 3000).bfloat16(), torch.randn(3000, 4).bfloat16()
     out = torch.zeros(5, 4)
-    engine.addmm_split_k(out, a, b, 3)
-    torch.testing.assert_close(out, a.float() @ b.float(), rtol=1e-5, atol=1e-4)
-    assert cuda_branch[("bmm", torch.bfloat16)] is False  # CPU torch has no bmm.dtype kernel
+    acc = engine.SplitKAccumulator(out, 3)
+    acc.add(a, b)
+    acc.add(a, b)
+    torch.testing.assert_close(acc.result(), 2 * (a.float() @ b.float()), rtol=1e-5, atol=1e-4)
+    assert cuda_branch[("baddbmm", torch.bfloat16)] is False  # CPU torch has no baddbmm.dtype kernel
 
 
 @pytest.mark.parametrize("loss", ["margin", "linear", "emo"])
