@@ -28,7 +28,7 @@ POINTER_TYPES = {
     "query_rows_ptr": "*i64", "g_ptr": "*fp32", "out_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16",
     "da_ptr": "*bf16", "db_ptr": "*bf16",
 }
-FLOAT_ARGS = ("softcap", "eps")
+FLOAT_ARGS = ("softcap", "eps", "scale")
 DIVISIBLE_BY_16 = ("N", "C", "D", "E", "R", "B", "stride_x", "stride_w", "stride_g", "stride_k", "stride_a", "stride_b",
                    "stride_out")
 

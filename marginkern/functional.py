@@ -135,7 +135,7 @@ def cosent_loss(scores, labels, *, scale=20.0):
     check_float_tensor("scores", scores, dim=1)
     check_labels(labels, scores.shape[0], scores.device)
     check_finite("scale", scale, 0.0, low_open=True)
-    return pairwise.cosent_from_scores(scores, labels, float(scale))
+    return torch.ops.marginkern.cosent(scores, labels, float(scale))[0]
 
 
 def cosent_embedding_loss(embeddings_a, embeddings_b, labels, *, scale=20.0):
@@ -145,7 +145,7 @@ def cosent_embedding_loss(embeddings_a, embeddings_b, labels, *, scale=20.0):
     check_labels(labels, embeddings_a.shape[0], embeddings_a.device)
     check_finite("scale", scale, 0.0, low_open=True)
     cos, _, _ = torch.ops.marginkern.pairwise_cosine(embeddings_a, embeddings_b)
-    return pairwise.cosent_from_scores(cos, labels, float(scale))
+    return torch.ops.marginkern.cosent(cos, labels, float(scale))[0]
 
 
 def multilabel_categorical_crossentropy(logits, targets, *, reduction="mean"):

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .checks import check_target_values
 from .dispatch import select_tiles
+from . import pairwise
 from .engine import NORM_EPS, accumulation_dtype
 from .emo import emo_backward, emo_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
@@ -372,3 +373,46 @@ def _pairwise_cosine_autograd(ctx, grad_cos, grad_inv_a, grad_inv_b):
 
 
 pairwise_cosine.register_autograd(_pairwise_cosine_autograd, setup_context=_pairwise_cosine_setup_context)
+
+
+@torch.library.custom_op("marginkern::cosent", mutates_args=())
+@_without_autocast
+def cosent(scores: Tensor, labels: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(CoSENT loss, dL/dscores), both in the accumulation dtype and computed together (the loss is a scalar,
+    so its backward only scales the second output): one Triton program after the label sort on the
+    Triton backend, PyTorch scans otherwise (pairwise.cosent_loss_and_grad)."""
+    if scores.dtype != torch.float64 and _pairwise_cosine_uses_triton(scores):
+        from .triton_kernels.cosent_scan import cosent_loss_and_grad as triton_cosent
+        return triton_cosent(scores, labels, scale)
+    return pairwise.cosent_loss_and_grad(scores, labels, scale)
+
+
+@cosent.register_fake
+def _(scores, labels, scale):
+    acc = accumulation_dtype(scores.dtype)
+    return scores.new_empty((), dtype=acc), scores.new_empty(scores.shape, dtype=acc)
+
+
+@torch.library.custom_op("marginkern::cosent_backward", mutates_args=())
+def cosent_backward(grad_loss: Tensor, grad_scores: Tensor, scores: Tensor) -> Tensor:
+    """dL/dscores scaled by the upstream gradient, in the scores' dtype. An op without autograd of its own:
+    a double backward through CoSENT raises instead of silently treating dL/dscores as constant."""
+    return (grad_loss * grad_scores).to(scores.dtype)
+
+
+@cosent_backward.register_fake
+def _(grad_loss, grad_scores, scores):
+    return torch.empty_like(scores)
+
+
+def _cosent_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], inputs[0])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _cosent_autograd(ctx, grad_loss, _grad_of_grad):
+    grad_scores, scores = ctx.saved_tensors
+    return torch.ops.marginkern.cosent_backward(grad_loss, grad_scores, scores), None, None
+
+
+cosent.register_autograd(_cosent_autograd, setup_context=_cosent_setup_context)

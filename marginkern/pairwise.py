@@ -9,21 +9,27 @@ import torch
 from .reference import reduce_rows
 
 
-def cosent_from_scores(scores, labels, scale):
-    """The O(B log B) CoSENT of already-computed pair scores (any float dtype, computed in fp32)."""
-    s = scale * scores.float() if scores.dtype != torch.float64 else scale * scores
-    if s.numel() < 2:
-        return s.sum() * 0.0
+def cosent_loss_and_grad(scores, labels, scale):
+    """(L, dL/dscores) of CoSENT in the accumulation dtype, both in one pass (the op's PyTorch path; the
+    Triton one, triton_kernels/cosent_scan.py, documents the math). In label order, with P_b the LSE of s
+    over strictly smaller labels and R_a the LSE of −s over strictly larger ones, T_b = P_b − s_b:
+    L = log(1 + Σ e^T), dL/ds_a = e^{s_a + R_a − L} − e^{T_a − L}."""
+    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    s = scale * scores.to(acc)
+    B = s.shape[0]
+    none = torch.full_like(s, -float("inf"))
     labels_sorted, order = torch.sort(labels, stable=True)
     s_sorted = s[order]
-    prefix = torch.logcumsumexp(s_sorted, dim=0)
-    first_of_label = torch.searchsorted(labels_sorted, labels_sorted, right=False)
-    has_smaller = first_of_label > 0
-    below = torch.where(has_smaller, prefix[(first_of_label - 1).clamp_min(0)],
-                        torch.full_like(s_sorted, -float("inf")))
-    # log(1 + Σ_b exp(LSE_{a: y_a < y_b} s_a − s_b)); rows without a smaller label contribute exp(−inf) = 0
-    terms = torch.where(has_smaller, below - s_sorted, torch.full_like(s_sorted, -float("inf")))
-    return torch.logsumexp(torch.cat([terms.new_zeros(1), terms]), dim=0)
+    first = torch.searchsorted(labels_sorted, labels_sorted, right=False)  # first index of the label group
+    after = torch.searchsorted(labels_sorted, labels_sorted, right=True)   # one past its last index
+    prefix = torch.logcumsumexp(s_sorted, 0)
+    terms = torch.where(first > 0, prefix[(first - 1).clamp_min(0)] - s_sorted, none)
+    loss = torch.logsumexp(torch.cat([terms.new_zeros(1), terms]), 0)
+    suffix = torch.logcumsumexp(-s_sorted.flip(0), 0).flip(0)  # LSE of −s over j ≥ i
+    larger = torch.where(after < B, suffix[after.clamp_max(max(B - 1, 0))], none)
+    grad = torch.empty_like(s)
+    grad[order] = (torch.exp(s_sorted + larger - loss) - torch.exp(terms - loss)) * scale
+    return loss, grad
 
 
 def multilabel_categorical_crossentropy(logits, targets, reduction):

@@ -29,6 +29,16 @@ def test_cosent_matches_quadratic_definition(B, num_labels, float_labels):
                                rtol=1e-10, atol=1e-12)
 
 
+def test_cosent_op_opcheck_and_double_backward_raises():
+    s = (torch.rand(40, dtype=torch.float64) * 2 - 1).requires_grad_()
+    y = torch.randint(0, 5, (40,))
+    torch.library.opcheck(torch.ops.marginkern.cosent.default, (s, y, 20.0))
+    loss = mk.cosent_loss(s, y)
+    (g,) = torch.autograd.grad(loss, s, create_graph=True)
+    with pytest.raises(RuntimeError):  # dL/ds comes out of the forward pass: no second derivative
+        torch.autograd.grad(g.sum(), s)
+
+
 def test_cosent_all_labels_equal_is_zero():
     s = torch.randn(20, requires_grad=True)
     loss = mk.cosent_loss(s, torch.full((20,), 3))

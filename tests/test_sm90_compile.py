@@ -44,3 +44,12 @@ def test_from_dots_epilogue_and_row_kernels_compile():
     for kernel, constexprs in rows:
         report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2)
         assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"
+
+
+@pytest.mark.parametrize("labels", ["*i64", "*fp32"])
+def test_cosent_scan_kernel_compiles(labels):
+    from marginkern.triton_kernels.cosent_scan import cosent_scan_kernel
+    types = {"score_ptr": "*fp32", "order_ptr": "*i64", "labels_ptr": labels, "first_ptr": "*i32", "last_ptr": "*i32",
+             "scale": "fp32"}
+    report = sm90_compile.compile_sm90(cosent_scan_kernel, dict(BLOCK=4096), num_warps=16, num_stages=2, types=types)
+    assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, report

@@ -34,4 +34,25 @@ def test_cosent_embedding_loss_through_triton():
     a, b = torch.randn(50, 20, device=DEVICE), torch.randn(50, 20, device=DEVICE)
     y = torch.randint(0, 4, (50,), device=DEVICE)
     got = mk.cosent_embedding_loss(a, b, y)
-    torch.testing.assert_close(got.double(), naive_cosent(F.cosine_similarity(a.double(), b.double()), y))
+    want = naive_cosent(F.cosine_similarity(a.double(), b.double()), y)
+    assert_close_rel(got, want, torch.float32, "loss", floor=1.0)  # an fp32 loss: fp32 rounding
+
+
+@pytest.mark.parametrize("B, num_labels", [(0, 1), (1, 1), (2, 2), (9, 1), (150, 4), (300, 300), (257, 37)])
+@pytest.mark.parametrize("float_labels", [False, True])
+def test_cosent_scan_kernel(B, num_labels, float_labels):
+    """The one-program CoSENT (label groups and scans across several 64-pair blocks in the interpreter)
+    against the O(B²) definition: loss and gradient."""
+    torch.manual_seed(B)
+    s = (torch.rand(B, device=DEVICE) * 2 - 1).requires_grad_()
+    y = torch.randint(0, num_labels, (B,), device=DEVICE)
+    if float_labels:
+        y = y.float() / 7
+    loss = mk.cosent_loss(s, y)
+    (grad,) = torch.autograd.grad(loss, s)
+    s64 = s.detach().double().requires_grad_()
+    want = naive_cosent(s64, y)
+    (want_grad,) = torch.autograd.grad(want, s64)
+    assert loss.dtype == torch.float32
+    assert_close_rel(loss, want, torch.float32, "loss", floor=1.0)
+    assert_close_rel(grad, want_grad, torch.float32, "grad", floor=1.0)
