@@ -135,6 +135,8 @@ def environment(device_type):
         "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "MARGINKERN_BACKEND": os.environ.get("MARGINKERN_BACKEND"),
+        # every marginkern setting in force (tile config, split-K, ...): a number means nothing without them
+        "marginkern_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MARGINKERN_")},
         "git_commit": _git_commit(),
     }
     if device_type == "cuda":
@@ -441,6 +443,7 @@ def write_results(records, env, meta, device_type, tag=None):
     header = [f"# Benchmark {day}: {env['device']}", "",
               f"torch {env['torch']}, triton {env['triton']}, python {env['python']}, "
               f"{env['cpu_threads']} CPU threads, commit {env['git_commit']}, "
+              f"marginkern settings {env.get('marginkern_env') or 'defaults'}, "
               f"command `{meta['command']}`, 1-min load average {_fmt(meta.get('load_average_1min_before'), '.2f')} "
               f"before and {_fmt(meta.get('load_average_1min_after'), '.2f')} after "
               "(it counts this run's own processes too; the per-row 'other procs' cores' is the precise "

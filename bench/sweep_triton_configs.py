@@ -29,12 +29,12 @@ KEYS = ("BLOCK_N", "BLOCK_C", "BLOCK_D", "GROUP_N", "FLATTEN", "num_warps", "num
 def grid(quick):
     if quick:  # the current default, the tile shapes Triton's Hopper matmuls usually win with, the
         # backward's program order (GROUP_N=128 puts all Llama row blocks in one group: the order before
-        # grouping, with x blocks beyond L2; 16 a larger group for 128-row tiles) and the forward's
-        # flattened loop nest (FLATTEN=1). bench/sm90_compile.py shows which of these spill registers.
-        shapes = [(64, 128, 64, 8, 0, 8, 3), (64, 128, 64, 128, 0, 8, 3), (128, 128, 64, 8, 0, 8, 3),
-                  (64, 128, 64, 8, 1, 8, 3), (128, 128, 64, 8, 1, 8, 3), (128, 256, 64, 8, 0, 8, 3),
-                  (128, 128, 64, 16, 0, 8, 3), (128, 64, 64, 8, 0, 4, 4), (128, 128, 128, 8, 0, 8, 3),
-                  (256, 128, 64, 8, 0, 8, 3), (128, 128, 64, 8, 0, 4, 4), (64, 256, 64, 8, 0, 4, 4)]
+        # grouping, with x blocks beyond L2) and the forward's flattened loop nest (FLATTEN=1). Left out:
+        # the shapes bench/sm90_compile.py shows spilling registers (128×256 and 256×128 with 8 warps,
+        # 128×128 and 64×256 with 4), as compiled by Triton 3.6 and 3.9 for sm_90.
+        shapes = [(64, 128, 64, 8, 0, 8, 3), (128, 128, 64, 8, 0, 8, 3), (64, 128, 64, 8, 1, 8, 3),
+                  (128, 128, 64, 8, 1, 8, 3), (64, 128, 64, 128, 0, 8, 3), (128, 64, 64, 8, 0, 4, 4),
+                  (128, 128, 128, 8, 0, 8, 3), (128, 128, 64, 16, 0, 8, 3)]
     else:
         shapes = itertools.product((64, 128), (64, 128, 256), (32, 64, 128), (8,), (0, 1), (4, 8), (3, 4))
     return [dict(zip(KEYS, shape)) for shape in shapes]
@@ -66,10 +66,30 @@ def measure(name, config):
             "chunk_ms": chunk_ms, "chunk_classes": c1 - c0, "chunk_tflops": flop * (c1 - c0) / chunk_ms / 1e9}
 
 
+def step_ms(row):
+    """The kernels' share of one fwd+bwd: the forward plus the dL/da kernel over all C classes."""
+    C = CASES[row["case"]][2]
+    return row["fwd_ms"] + row["chunk_ms"] * C / row["chunk_classes"]
+
+
+def write_best(rows, names, path):
+    """'<case> <MARGINKERN_TRITON_CONFIG value>' per case with a measured configuration, fastest by step_ms."""
+    lines = []
+    for name in names:
+        ok = [r for r in rows if r["case"] == name and r["status"] == "ok"]
+        if ok:
+            best = min(ok, key=step_ms)
+            lines.append(f"{name} " + ",".join(f"{k}={int(best[k])}" for k in KEYS) + "\n")
+    with open(path, "w") as f:
+        f.write("".join(lines))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default="all", help=f"all, or comma-separated of: {', '.join(CASES)}")
-    parser.add_argument("--quick", action="store_true", help="twelve configurations instead of the full grid")
+    parser.add_argument("--quick", action="store_true", help="eight configurations instead of the full grid")
+    parser.add_argument("--best-out", help="write '<case> <MARGINKERN_TRITON_CONFIG value>' of each case's fastest "
+                        "configuration to this file (scripts/gpu_session.sh benchmarks with it)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_triton_configs.py needs a CUDA GPU")
@@ -78,8 +98,8 @@ def main():
     if set(names) - set(CASES):
         sys.exit(f"--case: unknown {', '.join(sorted(set(names) - set(CASES)))}; expected all or of {', '.join(CASES)}")
     rows = []
-    for name in names:
-        for config in grid(args.quick):
+    for config in grid(args.quick):  # config-major: a sweep cut short has measured every case
+        for name in names:
             start = time.perf_counter()
             try:
                 row = {"case": name, **config, **measure(name, config), "status": "ok"}
@@ -88,14 +108,16 @@ def main():
             row["wall_s"] = time.perf_counter() - start
             print(json.dumps(row), flush=True)
             rows.append(row)
+            if args.best_out:  # after every row: a sweep cut short by its time budget still names its best
+                write_best(rows, names, args.best_out)
     device = harness.device_slug("cuda")
     out = harness.REPO_ROOT / "bench" / "results" / device / f"{time.strftime('%Y-%m-%d')}-sweep.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
     for name in names:
-        ok = sorted((r for r in rows if r["case"] == name and r["status"] == "ok"), key=lambda r: r["fwd_ms"])
+        ok = sorted((r for r in rows if r["case"] == name and r["status"] == "ok"), key=step_ms)
         for r in ok[:3]:
-            print(f"{name}: fwd {r['fwd_ms']:.3f} ms ({r['fwd_tflops']:.0f} TFLOP/s), chunk {r['chunk_ms']:.3f} ms "
+            print(f"{name}: kernels {step_ms(r):.3f} ms, fwd {r['fwd_ms']:.3f} ms ({r['fwd_tflops']:.0f} TFLOP/s), chunk {r['chunk_ms']:.3f} ms "
                   f"({r['chunk_tflops']:.0f} TFLOP/s) with " + ",".join(f"{k}={r[k]}" for k in KEYS))
     print(f"wrote {out}")
 

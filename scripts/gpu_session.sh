@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One visit to the GPU machine (no network; torch/triton/pytest already there, DESIGN.md §8), in stages
 # that each fit the device tool's 10-minute limit:
-#   bash scripts/gpu_session.sh visit   # ONE short visit (~9 min): the GPU tests of both backends, then the headline
-#                                       # benchmarks, each step under a time budget; everything in $OUT/visit.tgz
+#   bash scripts/gpu_session.sh visit   # ONE short visit (~9 min): the GPU tests of both backends, the quick tile sweep,
+#                                       # the headline benchmarks with the sweep's fastest configs, a profile; each step
+#                                       # under a time budget; everything in $OUT/visit.tgz
 #   bash scripts/gpu_session.sh tests   # GPU test tier (extensions, marginkern._C_cuda too, built in place first)
 #   bash scripts/gpu_session.sh triton-tier  # the interpreter tier's Triton tests, compiled for the GPU
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck/racecheck over the CUDA ops' tests (csrc/cuda)
@@ -63,25 +64,29 @@ case "$stage" in
     rm -f /tmp/mkext.done; visit_build_extensions &
     export PYTHONUNBUFFERED=1
     xdist=(); python -c "import xdist" 2>/dev/null && xdist=(-n 8)  # parallel Triton compiles
-    budgeted 170 300 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=8 \
+    budgeted 150 360 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=8 \
       -k "triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-triton.log" | tail -15
-    while [ ! -f /tmp/mkext.done ] && [ "$(left)" -gt 300 ]; do sleep 2; done
+    while [ ! -f /tmp/mkext.done ] && [ "$(left)" -gt 330 ]; do sleep 2; done
     log "extensions: $(ls marginkern/*.so 2>&1 | tr '\n' ' ')"; tail -5 "$OUT/build.log"
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
-    budgeted 100 260 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=5 \
+    budgeted 80 280 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=5 \
       -k "not triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-cuda.log" | tail -15
-    budgeted 70 220 python -m pytest tests/test_gpu.py -q -rs --durations=4 -k "beyond_int32 or memory_is_bounded" \
+    budgeted 60 220 python -m pytest tests/test_gpu.py -q -rs --durations=4 -k "beyond_int32 or memory_is_bounded" \
       2>&1 | tee "$OUT/tests-big.log" | tail -10
-    # where a step's time goes (host-bound? which kernel?), then the Triton block sizes, then the benchmarks
-    budgeted 50 200 python bench/profile_step.py face face-small-100k marginkern "marginkern cuda" "3-GEMM floor" \
-      2>&1 | tee -a "$OUT/profile.log" | grep "=="
-    budgeted 50 160 python bench/profile_step.py face arcface-1M marginkern "marginkern cuda" 2>&1 | tee -a "$OUT/profile.log" | grep "=="
-    budgeted 40 130 python bench/profile_step.py llm llama3-8b marginkern 2>&1 | tee -a "$OUT/profile.log" | grep "=="
-    budgeted 150 60 python bench/sweep_triton_configs.py --quick --case arcface-1M,llama3-8b 2>&1 | tee "$OUT/sweep.log" | tail -7
-    bench face arcface-1M,face-small-100k "marginkern,marginkern graphed,marginkern no split-K,marginkern cuda,3-GEMM floor" 130 face
-    bench llm llama3-8b,gemma2-2b "marginkern,marginkern cuda,3-GEMM floor" 110 llm
-    bench emo emo-llama3-8b "marginkern,3-GEMM floor" 40 emo
-    bench cosent cosent-65k "marginkern,read both once" 30 cosent
+    # the Triton tile configs, then the benchmarks with each family's fastest one (the default where the sweep
+    # did not get to a case), then where a step's time goes
+    budgeted 120 100 python bench/sweep_triton_configs.py --quick --case arcface-1M,llama3-8b --best-out "$OUT/best.txt" \
+      2>&1 | tee "$OUT/sweep.log" | tail -7
+    face_cfg=$(awk '$1 == "arcface-1M" {print $2}' "$OUT/best.txt" 2>/dev/null)
+    llm_cfg=$(awk '$1 == "llama3-8b" {print $2}' "$OUT/best.txt" 2>/dev/null)
+    log "configs: face ${face_cfg:-default}, llm ${llm_cfg:-default}"
+    MARGINKERN_TRITON_CONFIG="$face_cfg" \
+      bench face arcface-1M,face-small-100k "marginkern,marginkern graphed,marginkern no split-K,3-GEMM floor" 100 face
+    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench llm llama3-8b,gemma2-2b "marginkern,3-GEMM floor" 70 llm
+    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench emo emo-llama3-8b "marginkern,3-GEMM floor" 35 emo
+    bench cosent cosent-65k "marginkern,read both once" 45 cosent
+    MARGINKERN_TRITON_CONFIG="$face_cfg" budgeted 40 5 python bench/profile_step.py face face-small-100k marginkern \
+      "3-GEMM floor" 2>&1 | tee -a "$OUT/profile.log" | grep -A6 "=="
     ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"

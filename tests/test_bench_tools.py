@@ -22,3 +22,21 @@ def test_profile_step_lists_where_a_step_spends_its_time():
 def test_run_only_names_an_unknown_case():
     done = run(str(BENCH / "run.py"), "--cases", "face", "--device", "cpu", "--only", "cpu-face-5k,nope")
     assert done.returncode != 0 and "no case named nope among" in done.stderr
+
+
+def test_sweep_names_each_cases_fastest_config_for_the_benchmarks(tmp_path):
+    """scripts/gpu_session.sh benchmarks with the config the sweep wrote; a failed row never wins and a
+    case without a measured row is left out (the default config then applies)."""
+    sys.path.insert(0, str(BENCH))
+    import sweep_triton_configs as sweep
+    from marginkern.triton_kernels.tiles import parse_config
+    slow, fast = sweep.grid(quick=True)[:2]
+    rows = [{"case": "arcface-1M", "status": "ok", **slow, "fwd_ms": 2.0, "chunk_ms": 0.1, "chunk_classes": 10_000},
+            {"case": "arcface-1M", "status": "ok", **fast, "fwd_ms": 1.0, "chunk_ms": 0.1, "chunk_classes": 10_000},
+            {"case": "arcface-1M", "status": "error: out of shared memory", **slow},
+            {"case": "llama3-8b", "status": "error: out of shared memory", **fast}]
+    path = tmp_path / "best.txt"
+    sweep.write_best(rows, ["arcface-1M", "llama3-8b"], path)
+    (line,) = path.read_text().splitlines()
+    case, config = line.split()
+    assert case == "arcface-1M" and parse_config(config) == parse_config(",".join(f"{k}={v}" for k, v in fast.items()))
