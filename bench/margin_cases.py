@@ -8,6 +8,8 @@ Providers, all measured in one run on the same inputs:
   marginkern graphed  the marginkern step replayed from a CUDA graph (its GPU time without host overhead)
   marginkern no split-K  marginkern with the dX GEMM in one piece per chunk (MARGINKERN_SPLIT_K=1): what
                       engine.split_k_slices buys
+  marginkern unfused dW  marginkern with each dW chunk as a cuBLAS GEMM into fp32 then the finishing pass
+                      (MARGINKERN_FUSED_DW=0): what the fused Triton dW GEMM + projection buys
   torch.compile   torch.compile of that naive function
   3-GEMM floor    the three plain matmuls of the same shapes (common_providers.gemm_floor)
 """
@@ -55,6 +57,8 @@ PROVIDERS = {
     # the same step replayed from a CUDA graph: its GPU time without the host's share
     "marginkern graphed": cuda_graphed(lambda case, device: loss_step(_marginkern, case, device)),
     "marginkern no split-K": with_env({"MARGINKERN_SPLIT_K": "1"},
+                                      lambda case, device: loss_step(_marginkern, case, device)),
+    "marginkern unfused dW": with_env({"MARGINKERN_FUSED_DW": "0"},
                                       lambda case, device: loss_step(_marginkern, case, device)),
     "naive": lambda case, device: loss_step(naive_arcface, case, device),
     "torch.compile": lambda case, device: loss_step(compiled(naive_arcface, device), case, device),

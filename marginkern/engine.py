@@ -353,8 +353,11 @@ def streaming_grads(
     # fp32 chunk round trip (4 GB at Llama-3-8B shapes), and the whole budget goes to G (half the chunks).
     plain_dw = (grad_w is not None and not scaled and finalize_weight_chunk is None and tangent_projection is None
                 and x.dtype == w.dtype)
+    # A tile backend may fuse the chunk's dW GEMM with the tangent projection (no fp32 chunk either).
+    fused_dw = (grad_w is not None and tangent_projection is not None and grad_filter_eps is None
+                and getattr(tiles, "fuses_projected_weight_grad", lambda x: False)(x))
     # otherwise the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
-    dw_bytes = D * acc.itemsize if need_weight_grad and not plain_dw else 0
+    dw_bytes = D * acc.itemsize if need_weight_grad and not (plain_dw or fused_dw) else 0
     chunks = tiles.class_chunks(N, C, x, bytes_per_class=dw_bytes)
     input_grad = SplitKAccumulator(grad_x, split_k_slices(grad_x, chunks[0][1] - chunks[0][0]))
     for c0, c1 in chunks:
@@ -367,6 +370,8 @@ def streaming_grads(
             grad_bias[c0:c1] = scatter_rows(g.sum(0, dtype=acc).mul_(unscale), kept, c1 - c0)
         if plain_dw and g.dtype == w.dtype:
             torch.mm(g.t(), x, out=grad_w[c0:c1])
+        elif fused_dw:
+            tiles.projected_weight_grad(g, x, w_chunk, tangent_projection[1][c0:c1], unscale, grad_w[c0:c1])
         elif grad_w is not None:
             grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc), kept, c1 - c0)  # still scaled
             if finalize_weight_chunk is not None:

@@ -75,14 +75,15 @@ case "$stage" in
       2>&1 | tee "$OUT/tests-big.log" | tail -10
     # the Triton tile configs, then the benchmarks with each family's fastest one (the default where the sweep
     # did not get to a case), then where a step's time goes
-    budgeted 120 100 python bench/sweep_triton_configs.py --quick --case arcface-1M,llama3-8b --best-out "$OUT/best.txt" \
+    budgeted 120 120 python bench/sweep_triton_configs.py --quick --case arcface-1M,llama3-8b --best-out "$OUT/best.txt" \
       2>&1 | tee "$OUT/sweep.log" | tail -7
     face_cfg=$(awk '$1 == "arcface-1M" {print $2}' "$OUT/best.txt" 2>/dev/null)
     llm_cfg=$(awk '$1 == "llama3-8b" {print $2}' "$OUT/best.txt" 2>/dev/null)
     log "configs: face ${face_cfg:-default}, llm ${llm_cfg:-default}"
     MARGINKERN_TRITON_CONFIG="$face_cfg" \
-      bench face arcface-1M,face-small-100k "marginkern,marginkern graphed,marginkern no split-K,3-GEMM floor" 100 face
-    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench llm llama3-8b,gemma2-2b "marginkern,3-GEMM floor" 70 llm
+      bench face arcface-1M,face-small-100k \
+      "marginkern,marginkern graphed,marginkern no split-K,marginkern unfused dW,3-GEMM floor" 120 face
+    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench llm llama3-8b,gemma2-2b "marginkern,3-GEMM floor" 60 llm
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench emo emo-llama3-8b "marginkern,3-GEMM floor" 35 emo
     bench cosent cosent-65k "marginkern,read both once" 45 cosent
     MARGINKERN_TRITON_CONFIG="$face_cfg" budgeted 40 5 python bench/profile_step.py face face-small-100k marginkern \

@@ -7,6 +7,11 @@ In PyTorch, unscaling (`mul_`), projecting (a product, a row sum, a scaled subtr
 the 16-bit dW each read and write the fp32 chunk: ≈ 24 bytes of traffic per element (≈ 12 GB at ArcFace
 1M). This kernel reads g and w and writes out once per element (≈ 8–10 bytes; the second read of a row
 comes from L2). s is a device scalar, so unscaling needs no host sync.
+
+`projected_weight_grad` goes one step further for embedding widths up to 512 (face recognition): the dW
+GEMM of a chunk (Σ_n G_nj x_n) and the projection in one kernel, a program holding whole rows of D in its
+accumulator, so no fp32 dW chunk exists at all: its 4 bytes per element are neither written nor read back,
+and the backward's chunk budget holds G alone (twice the classes per chunk, half the chunk loop's launches).
 """
 import torch
 import triton
@@ -62,4 +67,73 @@ def finish_grad_rows(grad, scale, out, weight=None, inv_norm=None):
             grad, weight if project else grad, inv_norm.float().contiguous() if project else grad,
             scale.float().reshape(1), out, R, D, grad.stride(0), weight.stride(0) if project else 0, out.stride(0),
             PROJECT=project, BLOCK_R=8, BLOCK_D=block_d)
+    return out
+
+
+# Register-limited: a program holds BLOCK_R × BLOCK_D fp32 accumulators plus a w tile of the same shape
+# (bench/sm90_compile.py: 64 × 512 needs 16 warps, 128 registers each, and spills ~100 bytes).
+PROJECTED_DW_MAX_D = 512
+
+
+@triton.jit
+def projected_weight_grad_kernel(g_ptr, x_ptr, w_ptr, inv_norm_ptr, scale_ptr, out_ptr, N, R, D, stride_g,
+                                 stride_x, stride_w, stride_out, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr):
+    """out_j = s·P_j(Σ_n g[n, j]·x_n) for the R classes of a chunk (g: N × R, row stride stride_g): the
+    chunk's dW GEMM with the tangent projection of finish_grad_rows_kernel as its epilogue."""
+    classes = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    class_mask = classes < R
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    # g tiles (BLOCK_K × BLOCK_R, classes contiguous; clamped classes read class 0, discarded), transposed
+    # for the dot, and x tiles (BLOCK_K × BLOCK_D)
+    g_tiles = g_ptr + k.to(tl.int64)[:, None] * stride_g + tl.where(class_mask, classes, 0)[None, :]
+    x_tiles = x_ptr + k.to(tl.int64)[:, None] * stride_x + d[None, :]
+    for n0 in range(0, N, BLOCK_K):
+        if EVEN_N:
+            g_tile = tl.load(g_tiles)
+            x_tile = tl.load(x_tiles, mask=d_mask[None, :], other=0.0)
+        else:
+            n_mask = (n0 + k) < N
+            g_tile = tl.load(g_tiles, mask=n_mask[:, None], other=0.0)
+            x_tile = tl.load(x_tiles, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(g_tile), x_tile, acc, input_precision=DOT_PRECISION)
+        g_tiles += BLOCK_K * stride_g
+        x_tiles += BLOCK_K * stride_x
+    rows_mask = class_mask[:, None] & d_mask[None, :]
+    w = tl.load(w_ptr + classes.to(tl.int64)[:, None] * stride_w + d[None, :], mask=rows_mask,
+                other=0.0).to(tl.float32)
+    inv_norm = tl.load(inv_norm_ptr + classes, mask=class_mask, other=0.0)
+    radial = tl.sum(acc * w, axis=1) * inv_norm * inv_norm
+    out = (acc - radial[:, None] * w) * tl.load(scale_ptr)
+    tl.store(out_ptr + classes.to(tl.int64)[:, None] * stride_out + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rows_mask)
+
+
+def projected_weight_grad_blocks(D, on_gpu):
+    """Block sizes and launch options of projected_weight_grad_kernel for width D (≤ PROJECTED_DW_MAX_D)."""
+    block_d = triton.next_power_of_2(max(D, 16))
+    if not on_gpu:  # the interpreter: small tiles, so that small test shapes cross every tile boundary
+        return dict(BLOCK_R=16, BLOCK_K=16, BLOCK_D=block_d), {}
+    return dict(BLOCK_R=64, BLOCK_K=32, BLOCK_D=block_d), dict(num_warps=16 if block_d > 256 else 8, num_stages=3)
+
+
+def projected_weight_grad(g, x, weight, inv_norm, scale, out):
+    """out ← scale·P(gᵀ·x) in out's dtype, P the tangent projection by (weight, inv_norm = 1/‖weight_j‖):
+    g (N, R) in x's dtype (row stride free, unit column stride), x (N, D) contiguous, weight and out (R, D)
+    with unit column stride, D ≤ PROJECTED_DW_MAX_D, scale a 0-dim tensor."""
+    N, R = g.shape
+    D = x.shape[1]
+    if R == 0:
+        return out
+    assert D <= PROJECTED_DW_MAX_D and g.stride(1) == 1 and x.stride(1) == 1 and weight.stride(1) == 1
+    assert out.stride(1) == 1 and out.shape == (R, D) and weight.shape == (R, D) and g.dtype == x.dtype
+    blocks, launch = projected_weight_grad_blocks(D, g.is_cuda)
+    with on_device(g):
+        projected_weight_grad_kernel[(triton.cdiv(R, blocks["BLOCK_R"]),)](
+            g, x, weight, inv_norm.float().contiguous(), scale.float().reshape(1), out, N, R, D, g.stride(0),
+            x.stride(0), weight.stride(0), out.stride(0), EVEN_N=N % blocks["BLOCK_K"] == 0,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **blocks, **launch)
     return out

@@ -8,7 +8,9 @@ import torch
 import triton
 
 from .device import on_device
+from .row_projection import PROJECTED_DW_MAX_D
 from .row_projection import finish_grad_rows as _finish_grad_rows
+from .row_projection import projected_weight_grad as _projected_weight_grad
 from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -154,6 +156,15 @@ class TritonTiles:
     def finish_grad_rows(self, grad, scale, out, weight=None, inv_norm=None):
         """engine.finish_grad_rows in one pass: unscale, project (when weight is given) and store in out's dtype."""
         return _finish_grad_rows(grad, scale, out, None if weight is None else weight.contiguous(), inv_norm)
+
+    @staticmethod
+    def fuses_projected_weight_grad(x):
+        """Whether projected_weight_grad serves x's width (≤ 512; MARGINKERN_FUSED_DW=0 turns it off)."""
+        return x.shape[1] <= PROJECTED_DW_MAX_D and os.environ.get("MARGINKERN_FUSED_DW", "1") != "0"
+
+    def projected_weight_grad(self, g, x, weight, inv_norm, scale, out):
+        """out ← scale·P(gᵀ·x): a chunk's dW GEMM with the tangent projection fused, no fp32 chunk."""
+        return _projected_weight_grad(g, x.contiguous(), weight, inv_norm, scale, out)
 
     def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
         x, w = x.contiguous(), w.contiguous()

@@ -229,3 +229,25 @@ def test_finish_grad_rows_kernel(out_dtype, project, shape):
     in_place = grad.clone()
     triton_tiles().finish_grad_rows(in_place, scale, in_place, weight, inv_norm)
     assert_close_rel(in_place, want, torch.float32, "in place", floor=1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 45, 20), (32, 16, 16), (1, 1, 3), (50, 70, 130)])
+def test_projected_weight_grad_kernel(dtype, shape):
+    """A chunk's dW GEMM with the projection fused: G a column slice of a wider buffer (as a chunk of the
+    3-GEMM path's), dW written into a row slice of the whole dW, against float64 math. N, R, D not
+    multiples of the blocks (and 32 = 2 × BLOCK_K: the mask-free K loop). bf16: GPU tests (module doc)."""
+    from marginkern.engine import finish_grad_rows
+    N, R, D = shape
+    wide = torch.randn(N, R + 7, device=DEVICE).to(dtype)
+    g, x = wide[:, 3:R + 3], torch.randn(N, D, device=DEVICE).to(dtype)
+    weight = torch.randn(R, D, device=DEVICE).to(dtype)
+    inv_norm = weight.float().norm(dim=1) ** -1
+    scale = torch.tensor(0.25, device=DEVICE)
+    want = finish_grad_rows(g.double().t() @ x.double(), scale.double(), torch.empty(R, D, dtype=torch.float64),
+                            weight.double(), inv_norm.double())
+    store = torch.full((R + 4, D), 7.0, device=DEVICE).to(dtype)
+    got = triton_tiles().projected_weight_grad(g, x, weight, inv_norm, scale, store[2:R + 2])
+    assert got.dtype == dtype and got.data_ptr() == store[2:R + 2].data_ptr()
+    assert_close_rel(got, want, dtype, "projected dW", floor=1.0)
+    assert (store[:2] == 7).all() and (store[R + 2:] == 7).all()
