@@ -23,7 +23,7 @@ import importlib.util
 
 import torch
 
-from .engine import accumulation_dtype, cost_query
+from .engine import accumulation_dtype, cost_query, gpu_grad_dtype
 
 
 # The ops marginkern._C must register (an extension built from older sources lacks some: a stale in-place
@@ -124,6 +124,8 @@ class CudaTiles(_ExtensionTiles):
     @staticmethod
     def load_error():
         return CUDA_LOAD_ERROR
+
+    grad_dtype = staticmethod(gpu_grad_dtype)
 
 
 class CppTiles(_ExtensionTiles):

@@ -24,6 +24,7 @@ share this contract exactly. A backend may also run the whole backward chunk loo
 (`tiles.streaming_grads`, same arguments and results as `streaming_grads` below; CppTiles does).
 """
 import contextlib
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -59,11 +60,13 @@ class CostSpec:
     keys: Tensor           # (C, E)
     key_scale: Tensor      # (C,)
     coef: Tensor           # (N,) coef_cost
+    query: Optional[Tensor] = None  # the (N, E) rows gathered once, for tiles that do not index keys
 
 
 def cost_query(cost: CostSpec) -> Tensor:
-    """The (N, E) query rows q_n of a cost term, gathered (the CPU paths; the Triton kernel indexes keys)."""
-    return cost.keys[cost.query_rows]
+    """The (N, E) query rows q_n of a cost term: gathered once by the engine's chunk loop for tiles that do
+    not index keys themselves (`indexes_cost_rows`), else here."""
+    return cost.query if cost.query is not None else cost.keys[cost.query_rows]
 
 
 def target_columns(target: Tensor, ignore_index: int):
@@ -175,8 +178,8 @@ def split_k_slices(out: Tensor, reduction: int, sm_count: Optional[int] = None) 
 
     dX += G·W_c has a small output (N × D: 256 × 512 is 8 output tiles of 128 × 128) and a long reduction
     (a chunk of classes): unless cuBLAS picks a split-K kernel itself, a handful of SMs do all the work.
-    Slices make it a batched GEMM with about two output tiles per SM (partials summed after), each slice
-    at least 1024 classes long and all partials within SPLIT_K_PARTIAL_BYTES. 1 on the CPU, whose GEMMs
+    Slices make it a batched GEMM with up to about two output tiles per SM (partials summed after), each
+    slice at least 1024 classes long, all partials within SPLIT_K_PARTIAL_BYTES, a power of two. 1 on the CPU, whose GEMMs
     parallelise over the reduction anyway, and for outputs that fill the GPU (LLM shapes).
     `MARGINKERN_SPLIT_K` = a number forces that many slices, 1 turns splitting off (the bench compares);
     `sm_count` given: decide as for a GPU with that many SMs, whatever out's device (the tests)."""
@@ -190,7 +193,9 @@ def split_k_slices(out: Tensor, reduction: int, sm_count: Optional[int] = None) 
     output_tiles = -(-out.shape[0] // 128) * -(-out.shape[1] // 128)
     wanted = -(-2 * sm_count // output_tiles)
     fits = SPLIT_K_PARTIAL_BYTES // max(1, out.numel() * out.element_size())
-    return max(1, min(wanted, reduction // 1024, fits))
+    slices = max(1, min(wanted, reduction // 1024, fits))
+    # a power of two divides the chunks (multiples of the tile width): no remainder GEMM per chunk
+    return 1 << (slices.bit_length() - 1)
 
 
 class SplitKAccumulator:
@@ -231,6 +236,19 @@ class SplitKAccumulator:
             self.out.add_(self.partial.sum(0))
             self.partial = None
         return self.out
+
+
+def gpu_grad_dtype(x) -> torch.dtype:
+    """How the GPU tiles (Triton, CUDA) store dL/da: in x's dtype when that is 16-bit (the backward GEMMs
+    read it so), else fp32."""
+    return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def grad_dtype(tiles, x) -> torch.dtype:
+    """The dtype of the dL/da chunks `tiles.grad_logits` returns for x (the accumulation dtype unless the
+    tiles say otherwise: the GPU tiles keep 16-bit inputs' dtype)."""
+    own = getattr(tiles, "grad_dtype", None)
+    return own(x) if own is not None else accumulation_dtype(x.dtype)
 
 
 def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
@@ -345,14 +363,17 @@ def streaming_grads(
         unscale = 1.0 / grad_scale
         coef_p, coef_u, target_grad = coef_p * grad_scale, coef_u * grad_scale, target_grad * grad_scale
         if cost is not None:
-            cost = CostSpec(cost.query_rows, cost.query_scale, cost.keys, cost.key_scale, cost.coef * grad_scale)
+            cost = dataclasses.replace(cost, coef=cost.coef * grad_scale)
+    if cost is not None and cost.query is None and not getattr(tiles, "indexes_cost_rows", False):
+        cost = dataclasses.replace(cost, query=cost_query(cost))  # once, not per chunk
     finish = row_grad_finisher(tiles)
     # With nothing to apply to a chunk of dW (no unscaling, projection or finalizer), its GEMM writes dW in
-    # the weight's dtype straight away (fp32 accumulation inside the GEMM, one rounding, as a cast of an
-    # fp32 chunk would give) when G comes in that dtype (16-bit on the GPU, fp32/fp64 as they are): no
-    # fp32 chunk round trip (4 GB at Llama-3-8B shapes), and the whole budget goes to G (half the chunks).
+    # the weight's dtype straight away when G comes in that dtype (16-bit on the GPU, fp32/fp64 as they
+    # are): no fp32 chunk round trip (4 GB at Llama-3-8B shapes), and the whole budget goes to G (half the
+    # chunks). fp32 accumulation inside the GEMM, rounded once — as PyTorch's own bf16 matmuls, including
+    # cuBLAS's split-K reductions when torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction.
     plain_dw = (grad_w is not None and not scaled and finalize_weight_chunk is None and tangent_projection is None
-                and x.dtype == w.dtype)
+                and grad_dtype(tiles, x) == w.dtype == x.dtype)
     # A tile backend may fuse the chunk's dW GEMM with the tangent projection (no fp32 chunk either).
     fused_dw = (grad_w is not None and tangent_projection is not None and grad_filter_eps is None
                 and getattr(tiles, "fuses_projected_weight_grad", lambda x: False)(x))
@@ -368,7 +389,7 @@ def streaming_grads(
         input_grad.add(g, w_chunk)  # still scaled: unscaled after the loop
         if grad_bias is not None:
             grad_bias[c0:c1] = scatter_rows(g.sum(0, dtype=acc).mul_(unscale), kept, c1 - c0)
-        if plain_dw and g.dtype == w.dtype:
+        if plain_dw:
             torch.mm(g.t(), x, out=grad_w[c0:c1])
         elif fused_dw:
             tiles.projected_weight_grad(g, x, w_chunk, tangent_projection[1][c0:c1], unscale, grad_w[c0:c1])
@@ -436,7 +457,7 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
     acc = accumulation_dtype(x.dtype)
     N, C = x.shape[0], w.shape[0]
     out = torch.zeros(N, values.shape[1], dtype=acc, device=x.device)
-    if N == 0:
+    if N == 0 or C == 0:
         return out
     ones, zeros = torch.ones_like(lse), torch.zeros_like(lse)
     target_prob = torch.exp(spec.target_logit - lse)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import marginkern as mk
 from marginkern import reference
+from marginkern.emo import emo_backward, emo_forward
 from tests.helpers import assert_close_rel, make_case
 
 
@@ -144,3 +145,30 @@ def test_bad_cost_embedding(cost, exc, match):
     x, w, t = make_case(4, 6, 3, requires_grad=False)
     with pytest.raises(exc, match=match):
         mk.emo_loss(x, w, t, cost_embedding=cost)
+
+
+@pytest.mark.parametrize("indexes", [False, True])
+def test_cost_rows_are_gathered_once_per_backward(indexes):
+    """Tiles that index the cost keys themselves (Triton) get the row indices only; others get the (N, E)
+    rows gathered once by the chunk loop, not once per chunk (64 MB per chunk at Llama shapes)."""
+    from marginkern.engine import TorchTiles
+    seen = []
+
+    class Spy(TorchTiles):
+        indexes_cost_rows = indexes
+
+        def grad_logits(self, *args, **kwargs):
+            cost = args[-1] if len(args) == 10 else kwargs.get("cost")
+            if cost is not None:
+                seen.append(cost.query)
+            return super().grad_logits(*args, **kwargs)
+
+    x, w, t = make_case(6, 900, 8, torch.float64, requires_grad=False)
+    tiles = Spy(buffer_bytes=6 * 8 * 100)  # several chunks
+    ce, emo, lse = emo_forward(x, w, t, w, -100, tiles)
+    emo_backward(torch.ones_like(ce), torch.ones_like(emo), x, w, t, w, lse, emo, -100, tiles)
+    assert len(seen) > 2
+    if indexes:
+        assert all(q is None for q in seen)
+    else:
+        assert all(q is seen[0] for q in seen) and seen[0].shape == (6, 8)

@@ -45,6 +45,7 @@ def test_out_of_memory_is_not_swallowed(cuda_branch, monkeypatch):
     ((1024, 512), 20000, 4),     # ArcFace 1M's dX: 32 tiles would want 9, the 8 MB cap allows 4
     ((256, 512), 3000, 2),       # each slice keeps ≥ 1024 classes
     ((256, 512), 900, 1),
+    ((384, 512), 20000, 8),      # 10 would fit; a power of two divides every full chunk (no remainder GEMM)
     ((8192, 4096), 50000, 1),    # LLM shapes fill the GPU on their own
 ])
 def test_split_k_slices_fill_the_gpu_within_the_partials_cap(shape, reduction, want, monkeypatch):

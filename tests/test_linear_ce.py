@@ -198,11 +198,12 @@ def test_plain_weight_grad_is_written_by_its_gemm(dtype):
     """Linear CE's dW needs no unscaling or projection: with G in the weight's dtype (as the GPU tiles give
     it) each chunk's GEMM writes dW directly, no fp32 chunk is finished, and the whole chunk budget goes to
     G. The result matches the fp32-chunk path to the dtype's rounding."""
-    from marginkern.engine import TorchTiles, streaming_grads
+    from marginkern.engine import TorchTiles, gpu_grad_dtype, streaming_grads
     from marginkern.linear_ce import LinearCEOptions, _row_coefficients, _TargetLogits, linear_ce_forward
 
     class GpuLikeTiles(TorchTiles):  # G in x's dtype, as TritonTiles/CudaTiles return it
         budgets, finished = [], 0
+        grad_dtype = staticmethod(gpu_grad_dtype)
 
         def grad_logits(self, x, *args, **kwargs):
             return super().grad_logits(x, *args, **kwargs).to(x.dtype)
@@ -224,5 +225,11 @@ def test_plain_weight_grad_is_written_by_its_gemm(dtype):
     coefs = _row_coefficients(tgt, slice(None), torch.full_like(lse, 0.1), lse, opts, 700)
     _, grad_w, _ = streaming_grads(x, w, tgt.spec, lse, *coefs, tiles)
     assert grad_w.dtype == dtype and GpuLikeTiles.finished == 0 and tiles.budgets[-1] == 0
-    _, grad_w_fp32_chunks, _ = streaming_grads(x, w, tgt.spec, lse, *coefs, TorchTiles(buffer_bytes=11 * 4 * 200))
+    reference_tiles = GpuLikeTiles.__bases__[0](buffer_bytes=11 * 4 * 200)
+    budgets = []
+    reference_tiles.class_chunks = lambda N, C, x, bytes_per_class=0: (
+        budgets.append(bytes_per_class) or TorchTiles.class_chunks(reference_tiles, N, C, x, bytes_per_class))
+    _, grad_w_fp32_chunks, _ = streaming_grads(x, w, tgt.spec, lse, *coefs, reference_tiles)
     assert_close_rel(grad_w, grad_w_fp32_chunks, dtype, "dW", floor=1e-6)
+    # TorchTiles' G is fp32: a bf16 weight then takes the fp32 chunk path, and its budget counts that chunk
+    assert budgets == [16 * 4 if dtype == torch.bfloat16 else 0]

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import triton
 
+from ..engine import gpu_grad_dtype
 from .device import on_device
 from .row_projection import PROJECTED_DW_MAX_D
 from .row_projection import finish_grad_rows as _finish_grad_rows
@@ -157,6 +158,10 @@ class TritonTiles:
         """engine.finish_grad_rows in one pass: unscale, project (when weight is given) and store in out's dtype."""
         return _finish_grad_rows(grad, scale, out, None if weight is None else weight.contiguous(), inv_norm)
 
+    indexes_cost_rows = True  # the dL/da kernel gathers the cost term's query rows itself
+
+    grad_dtype = staticmethod(gpu_grad_dtype)
+
     @staticmethod
     def fuses_projected_weight_grad(x):
         """Whether projected_weight_grad serves x's width (≤ 512; MARGINKERN_FUSED_DW=0 turns it off)."""
@@ -168,9 +173,8 @@ class TritonTiles:
 
     def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
         x, w = x.contiguous(), w.contiguous()
-        grad_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
         return self._grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, x.shape[1],
-                                 x.stride(0), w.stride(0), grad_dtype, from_dots=False)
+                                 x.stride(0), w.stride(0), self.grad_dtype(x), from_dots=False)
 
     def block_grads_(self, z, spec, lse, coef_p, coef_u, target_grad, out_dtype=torch.float32):
         """engine.TorchTiles.block_grads_ in the dL/da kernel reading the dot products (FROM_DOTS): writes
