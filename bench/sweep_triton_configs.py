@@ -117,7 +117,8 @@ def main():
     for name in names:
         ok = sorted((r for r in rows if r["case"] == name and r["status"] == "ok"), key=step_ms)
         for r in ok[:3]:
-            print(f"{name}: kernels {step_ms(r):.3f} ms, fwd {r['fwd_ms']:.3f} ms ({r['fwd_tflops']:.0f} TFLOP/s), chunk {r['chunk_ms']:.3f} ms "
+            print(f"{name}: kernels {step_ms(r):.3f} ms, fwd {r['fwd_ms']:.3f} ms ({r['fwd_tflops']:.0f} TFLOP/s), "
+                  f"chunk {r['chunk_ms']:.3f} ms "
                   f"({r['chunk_tflops']:.0f} TFLOP/s) with " + ",".join(f"{k}={r[k]}" for k in KEYS))
     print(f"wrote {out}")
 

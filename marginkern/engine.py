@@ -15,8 +15,8 @@ with a = x·w the raw dot product, turns it into dL/da per class chunk and feeds
 dX = G·W and dW = Gᵀ·X. Only a bounded N × chunk buffer exists at any time, never N × C.
 
 EMO adds a cost term: with A_nj = (q_n·k_j)·query_scale_n·key_scale_j, q_n = k_{query_rows_n} (a second,
-small dot product per tile: cosines of cost embeddings), dL/dz_nj = (coef_p_n − coef_cost_n·A_nj)·p_nj − coef_u_n; and its
-forward needs the streamed expectation Σ_j p_nj·value_scale_j·v_j (`streaming_expectation`).
+small dot product per tile: cosines of cost embeddings), dL/dz_nj = (coef_p_n − coef_cost_n·A_nj)·p_nj − coef_u_n;
+and its forward needs the streamed expectation Σ_j p_nj·value_scale_j·v_j (`streaming_expectation`).
 
 Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
 the kernels' oracle), `marginkern.triton_kernels.TritonTiles` and `marginkern.cpp_tiles.CppTiles`. They
@@ -179,8 +179,8 @@ def split_k_slices(out: Tensor, reduction: int, sm_count: Optional[int] = None) 
     dX += G·W_c has a small output (N × D: 256 × 512 is 8 output tiles of 128 × 128) and a long reduction
     (a chunk of classes): unless cuBLAS picks a split-K kernel itself, a handful of SMs do all the work.
     Slices make it a batched GEMM with up to about two output tiles per SM (partials summed after), each
-    slice at least 1024 classes long, all partials within SPLIT_K_PARTIAL_BYTES, a power of two. 1 on the CPU, whose GEMMs
-    parallelise over the reduction anyway, and for outputs that fill the GPU (LLM shapes).
+    slice at least 1024 classes long, all partials within SPLIT_K_PARTIAL_BYTES, a power of two. 1 on the
+    CPU, whose GEMMs parallelise over the reduction anyway, and for outputs that fill the GPU (LLM shapes).
     `MARGINKERN_SPLIT_K` = a number forces that many slices, 1 turns splitting off (the bench compares);
     `sm_count` given: decide as for a GPU with that many SMs, whatever out's device (the tests)."""
     forced = os.environ.get("MARGINKERN_SPLIT_K")
@@ -214,10 +214,11 @@ class SplitKAccumulator:
     def add(self, a: Tensor, b: Tensor):
         K = a.shape[1]
         step = K // self.slices
-        if self.slices == 1 or step == 0 or not self._add_sliced(a[:, :step * self.slices], b[:step * self.slices], step):
+        cut = step * self.slices
+        if self.slices == 1 or step == 0 or not self._add_sliced(a[:, :cut], b[:cut], step):
             addmm_accumulate(self.out, a, b)
-        elif step * self.slices < K:
-            addmm_accumulate(self.out, a[:, step * self.slices:], b[step * self.slices:])
+        elif cut < K:
+            addmm_accumulate(self.out, a[:, cut:], b[cut:])
 
     def _add_sliced(self, a, b, step) -> bool:
         if self.partial is None:

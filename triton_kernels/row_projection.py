@@ -51,7 +51,8 @@ def finish_grad_rows_kernel(g_ptr, w_ptr, inv_norm_ptr, scale_ptr, out_ptr, R, D
 
 
 def finish_grad_rows(grad, scale, out, weight=None, inv_norm=None):
-    """out ← scale·P(grad) in out's dtype, P the tangent projection by (weight, inv_norm = 1/‖weight_j‖) or the identity.
+    """out ← scale·P(grad) in out's dtype, P the tangent projection by (weight, inv_norm = 1/‖weight_j‖) or
+    the identity.
     grad (R, D) fp32; scale a 0-dim tensor; out (R, D), may be grad itself or a row slice of a larger tensor;
     weight (R, D) any float dtype; inv_norm (R,)."""
     R, D = grad.shape

@@ -25,7 +25,8 @@ INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_C=32, BLOCK_D=16, GROUP_N=2, FLATTEN
 
 
 def parse_config(text):
-    """'BLOCK_N=128,GROUP_N=16,FLATTEN=1,num_warps=8' → GPU_CONFIG with those keys changed (bench/sweep_triton_configs.py)."""
+    """'BLOCK_N=128,GROUP_N=16,FLATTEN=1,num_warps=8' → GPU_CONFIG with those keys changed
+    (MARGINKERN_TRITON_CONFIG, bench/sweep_triton_configs.py)."""
     config = dict(GPU_CONFIG)
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -118,7 +119,7 @@ class TritonTiles:
         elt = x.element_size() if x.dtype in (torch.float16, torch.bfloat16) else 4
         budget = self.buffer_bytes if self.buffer_bytes is not None else self.default_buffer_bytes(N, x.shape[-1])
         chunk = max(blocks["BLOCK_C"], budget // max(1, N * elt + bytes_per_class))
-        chunk = min(chunk, MAX_CLASS_TILES_PER_LAUNCH * blocks["BLOCK_C"])  # bounded launches (MAX_CLASS_TILES_PER_LAUNCH)
+        chunk = min(chunk, MAX_CLASS_TILES_PER_LAUNCH * blocks["BLOCK_C"])  # bounded launches
         chunk = chunk // blocks["BLOCK_C"] * blocks["BLOCK_C"]
         return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
 
