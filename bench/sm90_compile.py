@@ -68,10 +68,11 @@ def engine_kernels(config, has_cost=False, from_dots=False):
     flags = dict(HAS_COL_SCALE=True, HAS_BIAS=False, HAS_SOFTCAP=False, DOT_PRECISION="tf32",
                  BLOCK_N=config["BLOCK_N"], BLOCK_C=config["BLOCK_C"], BLOCK_D=config["BLOCK_D"], FROM_DOTS=from_dots,
                  EVEN_D=True)
-    return [("forward", streaming_ce_fwd_kernel, dict(flags, NEED_SUM_LOGITS=False, FLATTEN=bool(config["FLATTEN"]))),
+    cost = dict(HAS_COST=has_cost, COST_DOT_PRECISION="tf32", EVEN_E=True)
+    return [("forward", streaming_ce_fwd_kernel,
+             dict(flags, **cost, NEED_SUM_LOGITS=False, FLATTEN=bool(config["FLATTEN"]))),
             ("dL/da", streaming_ce_grad_logits_kernel,
-             dict(flags, HAS_COST=has_cost, COST_DOT_PRECISION="tf32", SATURATE_FP16=False, EVEN_E=True,
-                  GROUP_N=config["GROUP_N"]))]
+             dict(flags, **cost, SATURATE_FP16=False, GROUP_N=config["GROUP_N"]))]
 
 
 def main():

@@ -5,13 +5,15 @@ With Ê the row-normalised cost embedding (fixed: it never receives a gradient) 
     L_emo = Σ_j p_j·(1 − ê_j·ê_t) = 1 − ê_t·ȳ,      ȳ = Σ_j p_j·ê_j   (attention with Q = x, K = w, V = Ê)
     dL_emo/dz_j = p_j·(c_jt − L_emo),                 c_jt = 1 − ê_j·ê_t
 
-Per row the forward pass costs the lse pass plus one streamed expectation; the backward pass adds the
-cosines ê_t·ê_j per tile (the engine's cost term) to the usual dX/dW GEMMs. Only lse and L_emo are saved.
+ê_t·ȳ = Σ_j p_j·(ê_t·ê_j) is the softmax-weighted cost term (engine.streaming_row_stats_with_cost): on the
+GPU one forward pass yields it with the log-sum-exp (the cosines ê_t·ê_j of each tile weighted inside the
+kernel, nothing (N, E)); elsewhere the lse pass plus one streamed expectation ȳ. The backward pass adds
+the same cosines per tile (the engine's cost term) to the usual dX/dW GEMMs. Only lse and L_emo are saved.
 """
 import torch
 
-from .engine import (NORM_EPS, CostSpec, LogitSpec, accumulation_dtype, row_norms, streaming_expectation,
-                     streaming_grads, streaming_row_stats, target_columns, target_dot)
+from .engine import (NORM_EPS, CostSpec, LogitSpec, accumulation_dtype, row_norms, streaming_grads,
+                     streaming_row_stats_with_cost, target_columns, target_dot)
 
 
 class _EMOGeometry:
@@ -30,23 +32,13 @@ class _EMOGeometry:
         self.query_scale = self.key_scale[safe]
         self.self_cosine = (norms[safe] * self.query_scale) ** 2  # ê_t·ê_t: 1, or 0 for e_t = 0
 
-    def target_cosine_with(self, values, cost, block_bytes=16 << 20):
-        """ê_t·values_n per row, gathering ê_t by blocks of rows (≤ block_bytes of gathered rows at a time)."""
-        N, E = values.shape
-        out = torch.empty(N, dtype=values.dtype, device=values.device)
-        block = max(1, block_bytes // max(1, E * (cost.element_size() + values.element_size())))
-        for r0 in range(0, N, block):
-            rows = self.query_rows[r0:r0 + block]
-            out[r0:r0 + block] = torch.linalg.vecdot(values[r0:r0 + block], cost[rows].to(values.dtype))
-        return out * self.query_scale
-
 
 def emo_forward(x, w, target, cost, ignore_index, tiles):
     """(ce, emo, lse) per row; ce and emo are 0 on ignored rows."""
     geo = _EMOGeometry(x, w, target, cost, ignore_index)
-    lse, _ = streaming_row_stats(x, w, geo.spec, False, tiles)
-    expected = streaming_expectation(x, w, geo.spec, lse, cost, geo.key_scale, tiles)
-    emo = 1.0 - geo.target_cosine_with(expected, cost)
+    cosines = CostSpec(geo.query_rows, geo.query_scale, cost, geo.key_scale, torch.zeros_like(geo.query_scale))
+    lse, expected_cosine = streaming_row_stats_with_cost(x, w, geo.spec, cosines, tiles)
+    emo = 1.0 - expected_cosine
     ce = lse - geo.target_logit
     zero = torch.zeros_like(lse)
     return torch.where(geo.valid, ce, zero), torch.where(geo.valid, emo, zero), lse

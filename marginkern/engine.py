@@ -449,6 +449,32 @@ def scatter_rows(values: Tensor, kept: Optional[Tensor], rows: int) -> Tensor:
     return out.index_copy_(0, kept, values)
 
 
+def streaming_row_stats_with_cost(x, w, spec: LogitSpec, cost: CostSpec, tiles):
+    """(lse, Σ_j p_nj·A_nj) per row, both in the accumulation dtype: the log-sum-exp and the softmax-weighted
+    cost cosines (EMO's ê_t·ȳ; cost.coef is not used). Tiles may do both in one pass over the classes
+    (`row_stats_with_cost`: one GEMM-equivalent of logits and one of cosines, nothing (N, E)); otherwise
+    the lse pass, then ȳ = Σ_j p_nj·key_scale_j·k_j streamed (streaming_expectation) and dotted with the
+    query rows. Only for specs whose dz/da is 1 (no row/column scale, no softcap), as in EMO."""
+    own = getattr(tiles, "row_stats_with_cost", None)
+    if own is not None:
+        return own(x, w, spec, cost)
+    lse, _ = tiles.row_stats(x, w, spec, False)
+    expected = streaming_expectation(x, w, spec, lse, cost.keys, cost.key_scale, tiles)
+    return lse, query_dot(cost, expected)
+
+
+def query_dot(cost: CostSpec, values: Tensor, block_bytes: int = 16 << 20) -> Tensor:
+    """query_scale_n·(q_n·values_n) per row, gathering the query rows by blocks of rows (at most block_bytes
+    of gathered and upcast rows at a time, never the whole (N, E))."""
+    N, E = values.shape
+    out = torch.empty(N, dtype=values.dtype, device=values.device)
+    block = max(1, block_bytes // max(1, E * (cost.keys.element_size() + values.element_size())))
+    for r0 in range(0, N, block):
+        rows = cost.query_rows[r0:r0 + block]
+        out[r0:r0 + block] = torch.linalg.vecdot(values[r0:r0 + block], cost.keys[rows].to(values.dtype))
+    return out * cost.query_scale
+
+
 def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles):
     """Σ_j p_nj·value_scale_j·values_j, (N, E) in the accumulation dtype: attention with Q = x, K = w,
     V = values, streamed over class chunks (p is rebuilt per chunk by `grad_logits` with coef_p = 1).

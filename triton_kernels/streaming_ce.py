@@ -1,7 +1,9 @@
 """Triton kernels of the streaming engine (marginkern/engine.py states the contract they implement).
 
     streaming_ce_fwd_kernel          per-row max / Σexp / Σz over one class split (flash-decoding style:
-                                     one program per (row block, class split), merged on the host)
+                                     one program per (row block, class split), merged on the host); with
+                                     HAS_COST also Σ_j exp(z_j − max)·A_nj, so EMO's expected cost comes
+                                     out of the same pass as the log-sum-exp
     streaming_ce_grad_logits_kernel  dL/da for one class chunk, written to a bounded N × chunk buffer
                                      that the engine feeds to the dX and dW GEMMs; with HAS_COST it also
                                      computes EMO's cost cosines A = q·k per tile (a second tl.dot loop)
@@ -90,14 +92,30 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
 
 
 @triton.jit
+def _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask, col_mask,
+                      E, stride_k, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_E: tl.constexpr):
+    """A_nj = (q_n·k_j)·query_scale_n·key_scale_j: cosines of cost embeddings (EMO), with q_n the row
+    query_rows_n of keys, gathered here (no (N, E) copy of the query rows exists)."""
+    query_rows = tl.load(query_rows_ptr + rows, mask=row_mask, other=0)
+    acc = _dot_tile(keys_ptr, keys_ptr, query_rows, cols, row_mask, col_mask, E, stride_k, stride_k, DOT_PRECISION,
+                    BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E)
+    query_scale = tl.load(query_scale_ptr + rows, mask=row_mask, other=0.0)
+    key_scale = tl.load(key_scale_ptr + cols, mask=col_mask, other=0.0)
+    return acc * query_scale[:, None] * key_scale[None, :]
+
+
+@triton.jit
 def streaming_ce_fwd_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr, target_logit_ptr,
     part_max_ptr, part_sumexp_ptr, part_sumlogit_ptr,
-    N, C, D, stride_x, stride_w, classes_per_split, num_splits, softcap,
+    query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, part_cost_ptr,
+    N, C, D, E, stride_x, stride_w, stride_k, classes_per_split, num_splits, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     NEED_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
-    EVEN_D: tl.constexpr = False, FLATTEN: tl.constexpr = False,
+    EVEN_D: tl.constexpr = False, FLATTEN: tl.constexpr = False, HAS_COST: tl.constexpr = False,
+    COST_DOT_PRECISION: tl.constexpr = "tf32", EVEN_E: tl.constexpr = False,
 ):
     # the splits of one row block are neighbours: they share its x block in L2 (module docstring)
     pid = tl.program_id(0)
@@ -114,6 +132,7 @@ def streaming_ce_fwd_kernel(
     run_max = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
     run_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     run_sumlogit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_cost = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # FLATTEN: one software-pipelined loop over (class tile, k) instead of a K loop restarted per class
     # tile, whose pipeline drains at every tile (8 K steps per tile at D = 512); a tuning switch
     for c0 in tl.range(c_begin, c_end, BLOCK_C, flatten=FLATTEN):
@@ -129,7 +148,14 @@ def streaming_ce_fwd_kernel(
         # A tile (or a whole split) can be all −inf (a −inf bias masking a padded vocabulary tail): shift by 0
         # then, as torch.logsumexp does, instead of computing exp(−inf − (−inf)) = NaN.
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-        run_sumexp = run_sumexp * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+        rescale = tl.exp(run_max - shift)
+        weights = tl.exp(z - shift[:, None])
+        run_sumexp = run_sumexp * rescale + tl.sum(weights, axis=1)
+        if HAS_COST:  # Σ_j e^{z_j − max}·A_nj, rescaled as Σexp is: the softmax-weighted cost after the merge
+            cosines = _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols,
+                                        row_mask, col_mask, E, stride_k, COST_DOT_PRECISION, BLOCK_N, BLOCK_C,
+                                        BLOCK_D, EVEN_E)
+            run_cost = run_cost * rescale + tl.sum(weights * cosines, axis=1)
         run_max = new_max
         if NEED_SUM_LOGITS:
             run_sumlogit += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
@@ -139,20 +165,8 @@ def streaming_ce_fwd_kernel(
     tl.store(part_sumexp_ptr + out, run_sumexp, mask=row_mask)
     if NEED_SUM_LOGITS:
         tl.store(part_sumlogit_ptr + out, run_sumlogit, mask=row_mask)
-
-
-@triton.jit
-def _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask, col_mask,
-                      E, stride_k, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_E: tl.constexpr):
-    """A_nj = (q_n·k_j)·query_scale_n·key_scale_j: cosines of cost embeddings (EMO), with q_n the row
-    query_rows_n of keys, gathered here (no (N, E) copy of the query rows exists)."""
-    query_rows = tl.load(query_rows_ptr + rows, mask=row_mask, other=0)
-    acc = _dot_tile(keys_ptr, keys_ptr, query_rows, cols, row_mask, col_mask, E, stride_k, stride_k, DOT_PRECISION,
-                    BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E)
-    query_scale = tl.load(query_scale_ptr + rows, mask=row_mask, other=0.0)
-    key_scale = tl.load(key_scale_ptr + cols, mask=col_mask, other=0.0)
-    return acc * query_scale[:, None] * key_scale[None, :]
+    if HAS_COST:
+        tl.store(part_cost_ptr + out, run_cost, mask=row_mask)
 
 
 @triton.jit

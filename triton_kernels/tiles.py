@@ -125,35 +125,58 @@ class TritonTiles:
 
     def row_stats(self, x, w, spec, need_sum_logits):
         x, w = x.contiguous(), w.contiguous()
-        return self._row_stats(x, w, spec, need_sum_logits, x.shape[0], w.shape[0], x.shape[1], x.stride(0),
-                               w.stride(0), from_dots=False)
+        lse, sum_logits, _ = self._row_stats(x, w, spec, need_sum_logits, x.shape[0], w.shape[0], x.shape[1],
+                                             x.stride(0), w.stride(0), from_dots=False)
+        return lse, sum_logits
+
+    def row_stats_with_cost(self, x, w, spec, cost):
+        """(lse, Σ_j p_nj·A_nj) in one pass (engine.streaming_row_stats_with_cost): the cost cosines of
+        each tile weighted by its softmax terms inside the forward kernel."""
+        x, w = x.contiguous(), w.contiguous()
+        lse, _, expected_cost = self._row_stats(x, w, spec, False, x.shape[0], w.shape[0], x.shape[1], x.stride(0),
+                                                w.stride(0), from_dots=False, cost=cost)
+        return lse, expected_cost
 
     def block_row_stats(self, z, spec, need_sum_logits):
         """engine.TorchTiles.block_row_stats in the forward kernel reading the dot products (FROM_DOTS);
         z is left unchanged."""
         z = z.contiguous()
-        return self._row_stats(z, z, spec, need_sum_logits, z.shape[0], z.shape[1], 0, z.stride(0), 0,
-                               from_dots=True)
+        lse, sum_logits, _ = self._row_stats(z, z, spec, need_sum_logits, z.shape[0], z.shape[1], 0, z.stride(0), 0,
+                                             from_dots=True)
+        return lse, sum_logits
 
-    def _row_stats(self, x, w, spec, need_sum_logits, N, C, D, stride_x, stride_w, from_dots):
+    def _row_stats(self, x, w, spec, need_sum_logits, N, C, D, stride_x, stride_w, from_dots, cost=None):
+        """(lse, Σ_j z_nj or None, Σ_j p_nj·A_nj or None): the forward kernel over class splits, merged here."""
         blocks, launch = _config(x)
         row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
         splits, per_split = class_splits(N, C, D, x.element_size(), blocks, _sm_count(x.device), _l2_bytes(x.device))
-        part = torch.empty(3 if need_sum_logits else 2, splits, N, dtype=torch.float32, device=x.device)
+        planes = 2 + need_sum_logits + (cost is not None)  # max, Σexp [, Σz] [, Σ e·A]
+        part = torch.empty(planes, splits, N, dtype=torch.float32, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
+        if cost is not None:
+            keys = cost.keys.contiguous()
+            cost_args = (cost.query_rows.contiguous(), keys, cost.query_scale.float(), cost.key_scale.float(), part[-1])
+            E, stride_k = keys.shape[1], keys.stride(0)
+        else:  # unread placeholders (HAS_COST=False)
+            cost_args, E, stride_k = (spec.target, w, part[0], part[0], part[0]), 0, 0
         if N > 0:
             with on_device(x):
                 streaming_ce_fwd_kernel[(row_blocks * splits,)](
                     x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target, spec.target_logit.float(),
-                    part[0], part[1], part[-1],
-                    N, C, D, stride_x, stride_w, per_split, splits, softcap,
+                    part[0], part[1], part[2 if need_sum_logits else 1], *cost_args,
+                    N, C, D, E, stride_x, stride_w, stride_k, per_split, splits, softcap,
                     NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
-                    EVEN_D=D % blocks["BLOCK_D"] == 0, **_flags(spec), **_without(blocks, "GROUP_N"), **launch)
+                    EVEN_D=D % blocks["BLOCK_D"] == 0, HAS_COST=cost is not None,
+                    COST_DOT_PRECISION=_dot_precision(cost_args[1]), EVEN_E=E % blocks["BLOCK_D"] == 0,
+                    **_flags(spec), **_without(blocks, "GROUP_N"), **launch)
         run_max = part[0].max(0).values
         # splits whose logits are all −inf hold max −inf and Σexp 0; a row with only those gets lse −inf
         shift = torch.where(run_max == -float("inf"), torch.zeros_like(run_max), run_max)
-        lse = shift + torch.log((part[1] * torch.exp(part[0] - shift)).sum(0))
-        return lse, (part[2].sum(0) if need_sum_logits else None)
+        split_weight = torch.exp(part[0] - shift)
+        total = (part[1] * split_weight).sum(0)
+        lse = shift + torch.log(total)
+        expected_cost = (part[-1] * split_weight).sum(0) / total if cost is not None else None
+        return lse, (part[2].sum(0) if need_sum_logits else None), expected_cost
 
     def finish_grad_rows(self, grad, scale, out, weight=None, inv_norm=None):
         """engine.finish_grad_rows in one pass: unscale, project (when weight is given) and store in out's dtype."""

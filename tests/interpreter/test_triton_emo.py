@@ -27,3 +27,13 @@ def test_default_cost_is_the_weight():
     want = grads(reference.emo_cross_entropy, x.double(), w.double(), t)
     for g, e in zip(got, want):
         assert_close_rel(g, e, torch.float32, floor=1.0)
+
+
+@pytest.mark.parametrize("anchored", [False, True])
+def test_emo_with_long_class_splits(anchored, monkeypatch):
+    """With one SM the forward runs few splits of many class tiles each: the online rescaling of Σexp and
+    of the cost-weighted sum across tiles of one program (the small shapes above give each split a single
+    tile, as 132 SMs want 264 programs)."""
+    import marginkern.triton_kernels.tiles as tiles_module
+    monkeypatch.setattr(tiles_module, "_sm_count", lambda device: 1)
+    check_emo_against_oracle(torch.float32, anchored, (5, 300, 16, 12), DEVICE)
