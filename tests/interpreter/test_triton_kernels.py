@@ -66,6 +66,25 @@ def test_tiles_match_torch_tiles(dtype, epilogue, shape):
         assert_close_rel(got, want, dtype, f"dL/da[{c0}:{c1}]", floor=1.0)
 
 
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_row_stats_over_long_class_splits(epilogue, monkeypatch):
+    """With one SM the forward runs one split of 10 class tiles per row block: the online rescaling
+    of Σexp across a program's tiles (132 SMs give the shapes above one tile per split), with the
+    target column and a −inf bias tile in the middle of a split."""
+    import marginkern.triton_kernels.tiles as tiles_module
+    monkeypatch.setattr(tiles_module, "_sm_count", lambda device: 1)
+    N, C, D = 19, 301, 24
+    x, w = torch.randn(N, D, device=DEVICE), torch.randn(C, D, device=DEVICE)
+    spec = random_spec(N, C, **epilogue)
+    if spec.bias is not None:
+        spec.bias[40:80] = -float("inf")  # a masked vocabulary range
+    lse, total = triton_tiles().row_stats(x, w, spec, True)
+    lse_ref, total_ref = TorchTiles().row_stats(x, w, spec, True)
+    assert_close_rel(lse, lse_ref, torch.float32, "lse", floor=1.0)
+    if spec.bias is None:  # Σz is −inf with a −inf bias
+        assert_close_rel(total, total_ref, torch.float32, "sum of logits", floor=float(C))
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("shape", [(37, 301), (1, 1), (17, 33)])
