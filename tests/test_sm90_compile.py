@@ -47,17 +47,23 @@ def test_from_dots_epilogue_and_row_kernels_compile():
 
 
 @pytest.mark.parametrize("D", [128, 256, 512])
-def test_projected_weight_grad_kernel_compiles(D):
-    """The fused dW GEMM + projection on wgmma with cp.async; up to D = 256 without spills, at 512 (16 warps,
-    128 registers each) with a small spill that bench/sm90_compile.py showed: at most 256 bytes of stack."""
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_projected_weight_grad_kernel_compiles(D, dtype):
+    """The fused dW GEMM + projection: 16-bit on wgmma with cp.async, up to D = 256 without spills, at 512
+    (16 warps, 128 registers each) with a small spill that bench/sm90_compile.py showed (≤ 256 bytes of
+    stack); fp32 (exact dot, no tensor cores) fits shared memory too (≤ 512 bytes of stack)."""
     from marginkern.triton_kernels.row_projection import projected_weight_grad_blocks, projected_weight_grad_kernel
     blocks, launch = projected_weight_grad_blocks(D, on_gpu=True)
-    report = sm90_compile.compile_sm90(projected_weight_grad_kernel, dict(blocks, EVEN_N=True, DOT_PRECISION="tf32"),
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    report = sm90_compile.compile_sm90(projected_weight_grad_kernel, dict(blocks, EVEN_N=True, DOT_PRECISION=precision),
                                        launch["num_warps"], launch["num_stages"],
-                                       types={"g_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"})
-    assert report["wgmma"] > 0 and report["cp_async"] > 0 and report["local_bytes"] == 0
-    assert report["stack_bytes"] == 0 if D <= 256 else report["stack_bytes"] <= 256, report
-    assert report["shared_bytes"] <= HOPPER_SHARED_BYTES
+                                       types={name: f"*{dtype}" for name in ("g_ptr", "x_ptr", "w_ptr", "out_ptr")})
+    assert report["cp_async"] > 0 and report["local_bytes"] == 0 and report["shared_bytes"] <= HOPPER_SHARED_BYTES
+    if dtype == "fp32":
+        assert report["stack_bytes"] <= 512, report
+    else:
+        assert report["wgmma"] > 0
+        assert report["stack_bytes"] == 0 if D <= 256 else report["stack_bytes"] <= 256, report
 
 
 @pytest.mark.parametrize("labels", ["*i64", "*fp32"])
