@@ -68,11 +68,16 @@ class _TargetGeometry:
     finite placeholders that the callers mask out.
     """
 
-    def __init__(self, x, w, target, opts: MarginOptions, class_start: int = 0, saved=None):
+    def __init__(self, x, w, target, opts: MarginOptions, class_start: Optional[int] = None, saved=None):
+        """class_start: where w's slice of the classes starts when sharded (None: w holds all classes, and
+        the op has checked every target to be in [0, C) or ignored)."""
         acc = accumulation_dtype(x.dtype)
         self._w = w
         self.valid, global_column = target_columns(target, opts.ignore_index)
-        self.column = local_columns(global_column, class_start, w.shape[0])
+        if class_start is None:
+            self.column = global_column
+        else:
+            self.column = local_columns(global_column, class_start, w.shape[0])
         self.owned = self.column >= 0
         self._x, self._acc = x, acc
         self._xf = self._w_target = None
@@ -132,7 +137,7 @@ def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[
     accumulation dtype; with keep_geometry also the (row state, class norms) pair that margin_ce_backward
     takes as `saved` (_TargetGeometry.saved)."""
     class_start, num_classes = _class_layout(w, shard)
-    geo = _TargetGeometry(x, w, target, opts, class_start)
+    geo = _TargetGeometry(x, w, target, opts, None if shard is None else class_start)
     eps = opts.label_smoothing
     lse, sum_logits = streaming_row_stats(x, w, geo.spec(), eps > 0, tiles)
     target_logit = geo.target_logit
@@ -151,7 +156,7 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
     and dL/dw is the gradient of this slice. `saved`: the forward's geometry (margin_ce_forward's
     keep_geometry), recomputed when None."""
     class_start, C = _class_layout(w, shard)
-    geo = _TargetGeometry(x, w, target, opts, class_start, saved)
+    geo = _TargetGeometry(x, w, target, opts, None if shard is None else class_start, saved)
     eps = opts.label_smoothing
     g = torch.where(geo.valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
     p_target = torch.exp(geo.target_logit - lse)
