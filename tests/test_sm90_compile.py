@@ -38,7 +38,9 @@ def test_from_dots_epilogue_and_row_kernels_compile():
         report = sm90_compile.compile_sm90(kernel, constexprs, GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"],
                                            types={"x_ptr": "*fp32", "w_ptr": "*fp32"})
         assert report["local_bytes"] == 0 and report["wgmma"] == 0
+    from marginkern.triton_kernels.streaming_ce import merge_splits_kernel
     rows = [(finish_grad_rows_kernel, dict(PROJECT=True, BLOCK_R=8, BLOCK_D=256)),
+            (merge_splits_kernel, dict(NEED_SUM_LOGITS=True, HAS_COST=True, BLOCK=1024)),
             (pairwise_cosine_fwd_kernel, dict(BLOCK_R=16, BLOCK_D=128)),
             (pairwise_cosine_bwd_kernel, dict(BLOCK_R=16, BLOCK_D=128))]
     for kernel, constexprs in rows:

@@ -92,6 +92,38 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
 
 
 @triton.jit
+def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, N, num_splits,
+                        NEED_SUM_LOGITS: tl.constexpr, HAS_COST: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward's per-split states (part: planes × splits × N, planes = max, Σexp[, Σz][, Σe·A]) merged
+    per row in one launch: lse = M + log Σ_s Σexp_s·e^{max_s − M}, Σz summed, the cost weighted like Σexp.
+    A row whose splits are all −inf gets lse −inf (shift 0, as torch.logsumexp), NaN stays NaN."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < N
+    plane = tl.full([], 0, tl.int64) + num_splits * N  # int64 (splits or N may arrive as constants)
+    top = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        top = tl.maximum(top, tl.load(part_ptr + s * N + rows, mask=mask, other=-float("inf")))
+    shift = tl.where(top == -float("inf"), 0.0, top)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    sum_logits = tl.zeros((BLOCK,), dtype=tl.float32)
+    cost = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, num_splits):
+        at = s * N + rows
+        weight = tl.exp(tl.load(part_ptr + at, mask=mask, other=0.0) - shift)
+        total += tl.load(part_ptr + plane + at, mask=mask, other=0.0) * weight
+        if NEED_SUM_LOGITS:
+            sum_logits += tl.load(part_ptr + 2 * plane + at, mask=mask, other=0.0)
+        if HAS_COST:
+            cost += tl.load(part_ptr + (2 + NEED_SUM_LOGITS) * plane + at, mask=mask, other=0.0) * weight
+    total = tl.where(mask, total, 1.0)  # rows past N: no log(0)
+    tl.store(lse_ptr + rows, shift + tl.log(total), mask=mask)
+    if NEED_SUM_LOGITS:
+        tl.store(sum_logits_ptr + rows, sum_logits, mask=mask)
+    if HAS_COST:
+        tl.store(expected_cost_ptr + rows, cost / total, mask=mask)
+
+
+@triton.jit
 def _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask, col_mask,
                       E, stride_k, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_E: tl.constexpr):

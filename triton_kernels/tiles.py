@@ -12,7 +12,7 @@ from .device import on_device
 from .row_projection import PROJECTED_DW_MAX_D
 from .row_projection import finish_grad_rows as _finish_grad_rows
 from .row_projection import projected_weight_grad as _projected_weight_grad
-from .streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
+from .streaming_ce import merge_splits_kernel, streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_CLASS_TILES_PER_LAUNCH = 65535  # bounds one launch of the dL/da kernel (its grid: row blocks × these)
@@ -169,14 +169,13 @@ class TritonTiles:
                     EVEN_D=D % blocks["BLOCK_D"] == 0, HAS_COST=cost is not None,
                     COST_DOT_PRECISION=_dot_precision(cost_args[1]), EVEN_E=E % blocks["BLOCK_D"] == 0,
                     **_flags(spec), **_without(blocks, "GROUP_N"), **launch)
-        run_max = part[0].max(0).values
-        # splits whose logits are all −inf hold max −inf and Σexp 0; a row with only those gets lse −inf
-        shift = torch.where(run_max == -float("inf"), torch.zeros_like(run_max), run_max)
-        split_weight = torch.exp(part[0] - shift)
-        total = (part[1] * split_weight).sum(0)
-        lse = shift + torch.log(total)
-        expected_cost = (part[-1] * split_weight).sum(0) / total if cost is not None else None
-        return lse, (part[2].sum(0) if need_sum_logits else None), expected_cost
+        lse, sum_logits, expected_cost = (torch.empty(N, dtype=torch.float32, device=x.device) for _ in range(3))
+        if N > 0:
+            with on_device(x):  # one launch instead of ~10 small ops
+                merge_splits_kernel[(triton.cdiv(N, 1024),)](part, lse, sum_logits, expected_cost, N, splits,
+                                                             NEED_SUM_LOGITS=need_sum_logits, HAS_COST=cost is not None,
+                                                             BLOCK=1024)
+        return lse, (sum_logits if need_sum_logits else None), (expected_cost if cost is not None else None)
 
     def finish_grad_rows(self, grad, scale, out, weight=None, inv_norm=None):
         """engine.finish_grad_rows in one pass: unscale, project (when weight is given) and store in out's dtype."""
