@@ -88,7 +88,7 @@ case "$stage" in
     bench cosent cosent-65k "marginkern,read both once" 45 cosent
     # issue 5's memcheck of the hand-written CUDA kernels, on a small subset, if the visit has time left
     budgeted 70 45 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests/test_gpu.py -q -x \
-      -k "cuda_ops_match and float32 and not with_cost or special_values" 2>&1 | tee "$OUT/sanitize-memcheck.log" | tail -5
+      -k "cuda_ops_match and float32 and plain or special_values" 2>&1 | tee "$OUT/sanitize-memcheck.log" | tail -5
     MARGINKERN_TRITON_CONFIG="$face_cfg" budgeted 40 5 python bench/profile_step.py face face-small-100k marginkern \
       "3-GEMM floor" 2>&1 | tee -a "$OUT/profile.log" | grep -A6 "=="
     ;;

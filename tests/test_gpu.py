@@ -43,10 +43,10 @@ cuda_only = pytest.mark.skipif(cpp_tiles.CUDA_LOAD_ERROR is not None,
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)  # -k float32 selects
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("shape", SHAPES + [(300, 5003, 131)])
-@pytest.mark.parametrize("with_cost", [False, True])
+@pytest.mark.parametrize("with_cost", [False, True], ids=["plain", "cost"])
 def test_cuda_ops_match_torch_tiles(dtype, epilogue, shape, with_cost):
     """Every CUDA op (csrc/cuda) against the plain-PyTorch tiles on the same CUDA tensors: several class
     chunks, targets in different ones, the cost term, softcap; also the target = −1 rows of random_spec.
