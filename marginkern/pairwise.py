@@ -6,6 +6,7 @@ prefix up to the first index of b's label (ties excluded). O(B log B) time, O(B)
 """
 import torch
 
+from .engine import accumulation_dtype
 from .reference import reduce_rows
 
 
@@ -14,8 +15,7 @@ def cosent_loss_and_grad(scores, labels, scale):
     Triton one, triton_kernels/cosent_scan.py, documents the math). In label order, with P_b the LSE of s
     over strictly smaller labels and R_a the LSE of −s over strictly larger ones, T_b = P_b − s_b:
     L = log(1 + Σ e^T), dL/ds_a = e^{s_a + R_a − L} − e^{T_a − L}."""
-    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    s = scale * scores.to(acc)
+    s = scale * scores.to(accumulation_dtype(scores.dtype))
     B = s.shape[0]
     none = torch.full_like(s, -float("inf"))
     labels_sorted, order = torch.sort(labels, stable=True)

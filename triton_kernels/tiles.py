@@ -74,6 +74,16 @@ def class_splits(N, C, D, element_size, blocks, sm_count, l2_bytes):
     return triton.cdiv(C, per_split), per_split
 
 
+def _cost_pointer_args(cost, spec, w, placeholder):
+    """((query rows, keys, query scale, key scale), E, keys' row stride) of the EMO cost term for the
+    kernels; without one, unread placeholders (HAS_COST=False) and E = 0."""
+    if cost is None:
+        return (spec.target, w, placeholder, placeholder), 0, 0
+    keys = cost.keys.contiguous()
+    args = (cost.query_rows.contiguous(), keys, cost.query_scale.float(), cost.key_scale.float())
+    return args, keys.shape[1], keys.stride(0)
+
+
 def _without(blocks, key):
     """The block options minus the one a kernel does not take (GROUP_N: backward only; FLATTEN: forward only)."""
     return {k: v for k, v in blocks.items() if k != key}
@@ -153,17 +163,12 @@ class TritonTiles:
         planes = 2 + need_sum_logits + (cost is not None)  # max, Σexp [, Σz] [, Σ e·A]
         part = torch.empty(planes, splits, N, dtype=torch.float32, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
-        if cost is not None:
-            keys = cost.keys.contiguous()
-            cost_args = (cost.query_rows.contiguous(), keys, cost.query_scale.float(), cost.key_scale.float(), part[-1])
-            E, stride_k = keys.shape[1], keys.stride(0)
-        else:  # unread placeholders (HAS_COST=False)
-            cost_args, E, stride_k = (spec.target, w, part[0], part[0], part[0]), 0, 0
+        cost_args, E, stride_k = _cost_pointer_args(cost, spec, w, part[0])
         if N > 0:
             with on_device(x):
                 streaming_ce_fwd_kernel[(row_blocks * splits,)](
                     x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target, spec.target_logit.float(),
-                    part[0], part[1], part[2 if need_sum_logits else 1], *cost_args,
+                    part[0], part[1], part[2 if need_sum_logits else 1], *cost_args, part[-1],
                     N, C, D, E, stride_x, stride_w, stride_k, per_split, splits, softcap,
                     NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     EVEN_D=D % blocks["BLOCK_D"] == 0, HAS_COST=cost is not None,
@@ -221,18 +226,13 @@ class TritonTiles:
             grad = torch.empty(N, c1 - c0, dtype=grad_dtype, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
         grid = (triton.cdiv(N, blocks["BLOCK_N"]) * triton.cdiv(c1 - c0, blocks["BLOCK_C"]),)
-        if cost is not None:
-            keys = cost.keys.contiguous()
-            cost_args = (cost.query_rows.contiguous(), keys, cost.query_scale.float(), cost.key_scale.float(),
-                         cost.coef.float())
-            E, stride_k = keys.shape[1], keys.stride(0)
-        else:  # unread placeholders (HAS_COST=False)
-            cost_args, E, stride_k = (spec.target, w, lse, lse, lse), 0, 0
+        cost_args, E, stride_k = _cost_pointer_args(cost, spec, w, lse)
+        coef_cost = cost.coef.float() if cost is not None else lse
         if N > 0:
             with on_device(x):
                 streaming_ce_grad_logits_kernel[grid](
                     x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target,
-                    lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad, *cost_args,
+                    lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad, *cost_args, coef_cost,
                     N, D, E, stride_x, stride_w, grad.stride(0), stride_k, c0, c1, softcap,
                     HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     SATURATE_FP16=grad_dtype == torch.float16, EVEN_D=D % blocks["BLOCK_D"] == 0,
