@@ -40,3 +40,13 @@ def test_sweep_names_each_cases_fastest_config_for_the_benchmarks(tmp_path):
     (line,) = path.read_text().splitlines()
     case, config = line.split()
     assert case == "arcface-1M" and parse_config(config) == parse_config(",".join(f"{k}={v}" for k, v in fast.items()))
+
+
+def test_count_host_ops_counts_a_step_without_a_gpu():
+    import os
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MARGINKERN_BACKEND": "triton"}
+    done = subprocess.run([sys.executable, str(BENCH / "count_host_ops.py"), "linear", "--dtype", "float16"],
+                          capture_output=True, text=True, cwd=BENCH.parent, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "outermost ATen ops" in done.stdout and "marginkern::linear_cross_entropy_backward" in done.stdout
+    assert "streaming_ce_grad_logits_kernel" in done.stdout
