@@ -138,10 +138,23 @@ def environment(device_type):
         # every marginkern setting in force (tile config, split-K, ...): a number means nothing without them
         "marginkern_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MARGINKERN_")},
         "git_commit": _git_commit(),
+        "peers": peer_versions(),
     }
     if device_type == "cuda":
         env["cuda"] = torch.version.cuda
     return env
+
+
+def peer_versions():
+    """Installed versions of the optional benchmark peers (None: not installed, so their rows are skipped)."""
+    from importlib import metadata
+    versions = {}
+    for name in ("liger-kernel", "cut-cross-entropy", "sentence-transformers"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _git_commit():

@@ -10,7 +10,8 @@
 #   bash scripts/gpu_session.sh face    # face-recognition benchmarks
 #   bash scripts/gpu_session.sh llm     # LLM linear-CE benchmarks: marginkern, naive, torch.compile, floor
 #   bash scripts/gpu_session.sh knobs   # linear CE's 3-GEMM mode and gradient filtering (+ filter error)
-#   bash scripts/gpu_session.sh peers   # the same cases for liger-kernel and cut-cross-entropy (./wheels)
+#   bash scripts/gpu_session.sh peers   # the same cases for liger-kernel and cut-cross-entropy (./wheels, from
+#                                       # scripts/fetch_peer_wheels.sh; name `wheels` in the device tool's carry)
 #   bash scripts/gpu_session.sh emo     # EMO + CE: marginkern, naive, torch.compile, floor
 #   bash scripts/gpu_session.sh cosent  # CoSENT from embeddings: marginkern, sentence-transformers, read floor
 #   bash scripts/gpu_session.sh micro   # pytest-benchmark micro-benchmarks of the engine's steps (bench/test_microbench.py)
@@ -30,8 +31,9 @@ build_extensions() { MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=9.0 python se
 if [ "$stage" != visit ]; then  # (visit builds them in a copy, beside its first tests)
   build_extensions > "$OUT/build-$stage.log" 2>&1 || { echo "extension build failed"; tail -20 "$OUT/build-$stage.log"; }
 fi
-if [ -d wheels ]; then  # optional peers, carried as pure-Python wheels
-  python -m pip install -q --no-deps --no-index wheels/*.whl >> "$OUT/install-$stage.log" 2>&1 || true
+if compgen -G "wheels/*.whl" > /dev/null; then  # the optional peers (scripts/fetch_peer_wheels.sh, carried)
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers \
+    wheels/*.whl >> "$OUT/install-$stage.log" 2>&1 && export PYTHONPATH="/tmp/peers${PYTHONPATH:+:$PYTHONPATH}"
 fi
 { nvidia-smi; python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
   > "$OUT/device.txt" 2>&1
@@ -83,7 +85,9 @@ case "$stage" in
     MARGINKERN_TRITON_CONFIG="$face_cfg" \
       bench face arcface-1M,face-small-100k \
       "marginkern,marginkern graphed,marginkern no split-K,marginkern unfused dW,3-GEMM floor" 120 face
-    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench llm llama3-8b,gemma2-2b "marginkern,3-GEMM floor" 60 llm
+    # the peers' rows are skipped unless their wheels were carried (scripts/fetch_peer_wheels.sh)
+    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench llm llama3-8b,gemma2-2b \
+      "marginkern,liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor" 100 llm
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench emo emo-llama3-8b "marginkern,3-GEMM floor" 35 emo
     bench cosent cosent-65k "marginkern,read both once" 45 cosent
     # issue 5's memcheck of the hand-written CUDA kernels, on a small subset, if the visit has time left
