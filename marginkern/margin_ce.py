@@ -59,71 +59,85 @@ def local_columns(column: Tensor, start: int, num_local: int) -> Tensor:
     return torch.where(here, column - start, -1)
 
 
-class _TargetGeometry:
-    """Per-row quantities of the target column. The forward pass computes them and hands `saved()` (an
-    (N, 4) row state and the (C,) class-centre norms, O(N + C)) to the backward pass, which would otherwise
-    read all of W again for the norms and launch the same ~20 small per-row ops twice.
+@dataclass(frozen=True)
+class TargetRows:
+    """The forward's per-row target geometry, O(N)."""
+    column: Tensor        # (N,) int64: the target's class within w; −1 where ignored or held by another slice
+    row_state: Tensor     # (N, 4) accumulation dtype: ‖x‖, ‖w_y‖, c_y, ψ(c_y); saved for the backward pass
+    row_scale: Tensor     # (N,) the logits' row scale: s/‖x‖ (normalize) or s
+    target_logit: Tensor  # (N,) T; 0 where column < 0
 
-    Rows whose target is not in `w` (ignored rows, or held by another shard) get w_y = 0 and T = 0:
-    finite placeholders that the callers mask out.
-    """
 
-    def __init__(self, x, w, target, opts: MarginOptions, class_start: Optional[int] = None, saved=None):
-        """class_start: where w's slice of the classes starts when sharded (None: w holds all classes, and
-        the op has checked every target to be in [0, C) or ignored)."""
-        acc = accumulation_dtype(x.dtype)
-        self._w = w
-        self.valid, global_column = target_columns(target, opts.ignore_index)
-        if class_start is None:
-            self.column = global_column
-        else:
-            self.column = local_columns(global_column, class_start, w.shape[0])
-        self.owned = self.column >= 0
-        self._x, self._acc = x, acc
-        self._xf = self._w_target = None
-        if saved is None:
-            self.x_norm = torch.linalg.vector_norm(self.xf, dim=1).clamp_min(NORM_EPS)
-            self.w_target_norm = torch.linalg.vector_norm(self.w_target, dim=1).clamp_min(NORM_EPS)
-            dot = (self.xf * self.w_target).sum(1)
-            self.cosine = (dot / (self.x_norm * self.w_target_norm)).clamp(-1.0, 1.0)
-            self.psi = margin_psi(self.cosine, opts.m1, opts.m2, opts.m3)
-            self.col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
-        else:
-            row_state, col_norm = saved
-            self.x_norm, self.w_target_norm, self.cosine, self.psi = row_state.unbind(1)
-            self.col_norm = col_norm if opts.normalize else None
-        # 1/‖w_j‖: the logits' column scale and the dW projection's inverse norm, one (C,) vector for both
-        self.col_scale = None if self.col_norm is None else 1.0 / self.col_norm
-        if opts.normalize:
-            self.row_scale = opts.scale / self.x_norm
-            target_logit = opts.scale * self.psi
-        else:
-            self.row_scale = torch.full_like(self.x_norm, opts.scale)
-            target_logit = opts.scale * self.x_norm * self.w_target_norm * self.psi
-        self.target_logit = torch.where(self.owned, target_logit, torch.zeros_like(target_logit))
+@dataclass(frozen=True)
+class TargetGradRows:
+    """The backward's per-row coefficients of the engine (streaming_grads), from the saved row state."""
+    column: Tensor
+    row_scale: Tensor
+    target_logit: Tensor
+    coef_p: Tensor        # g: the loss gradient, 0 on ignored rows
+    coef_u: Tensor        # g·ε/C (label smoothing)
+    target_grad: Tensor   # dL/da_y through the margin (chained through the norms when normalize)
+    radial: Tensor        # normalize=False: s·(ψ − c·ψ')·dL/dT, the radial part of the norms' gradient; else 0
 
-    @property
-    def xf(self):
-        """x in the accumulation dtype, made on first use (the normalised backward never needs it)."""
-        if self._xf is None:
-            self._xf = self._x.to(self._acc)
-        return self._xf
 
-    @property
-    def w_target(self):
-        """w_{y_n} in the accumulation dtype (zeros where this slice holds no target), gathered on first use."""
-        if self._w_target is None:
-            self._w_target = self._w[self.column.clamp_min(0)].to(self._acc) * self.owned[:, None]
-        return self._w_target
+def _columns(target, opts: MarginOptions, class_start: Optional[int], num_local: int):
+    """(valid, column) of target_columns, the column local to w's slice when sharded."""
+    valid, column = target_columns(target, opts.ignore_index)
+    if class_start is not None:
+        column = local_columns(column, class_start, num_local)
+    return valid, column
 
-    def saved(self):
-        """What the backward pass needs from this forward geometry: ((N, 4) row state, (C,) norms or (0,))."""
-        row_state = torch.stack([self.x_norm, self.w_target_norm, self.cosine, self.psi], 1)
-        col_norm = self.col_norm if self.col_norm is not None else self.x_norm.new_empty((0,))
-        return row_state, col_norm
 
-    def spec(self):
-        return LogitSpec(self.row_scale, self.col_scale, None, None, self.column, self.target_logit)
+def _logit_terms(x_norm, w_target_norm, psi, owned, opts: MarginOptions):
+    """(row scale, target logit T with 0 where the row's target is not in w)."""
+    if opts.normalize:
+        row_scale, target_logit = opts.scale / x_norm, opts.scale * psi
+    else:
+        row_scale = torch.full_like(x_norm, opts.scale)
+        target_logit = opts.scale * x_norm * w_target_norm * psi
+    return row_scale, torch.where(owned, target_logit, torch.zeros_like(target_logit))
+
+
+def _gathered_target_rows(x, w, column):
+    """(x, w_{column_n}) in the accumulation dtype, zero rows of w where column < 0."""
+    acc = accumulation_dtype(x.dtype)
+    return x.to(acc), w[column.clamp_min(0)].to(acc) * (column >= 0)[:, None]
+
+
+def target_rows(x, w, target, opts: MarginOptions, class_start: Optional[int] = None) -> TargetRows:
+    """The forward's target geometry in PyTorch (~20 small ops; TritonTiles.margin_target_rows is one launch).
+    class_start: where w's slice of the classes starts when sharded (None: w holds all classes, and the op
+    has checked every target to be in [0, C) or ignored)."""
+    _, column = _columns(target, opts, class_start, w.shape[0])
+    xf, w_target = _gathered_target_rows(x, w, column)
+    x_norm = torch.linalg.vector_norm(xf, dim=1).clamp_min(NORM_EPS)
+    w_target_norm = torch.linalg.vector_norm(w_target, dim=1).clamp_min(NORM_EPS)
+    cosine = ((xf * w_target).sum(1) / (x_norm * w_target_norm)).clamp(-1.0, 1.0)
+    psi = margin_psi(cosine, opts.m1, opts.m2, opts.m3)
+    row_scale, target_logit = _logit_terms(x_norm, w_target_norm, psi, column >= 0, opts)
+    return TargetRows(column, torch.stack([x_norm, w_target_norm, cosine, psi], 1), row_scale, target_logit)
+
+
+def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num_classes: int, num_local: int,
+                     class_start: Optional[int] = None) -> TargetGradRows:
+    """The backward's per-row coefficients in PyTorch (TritonTiles.margin_target_grad_rows: one launch)."""
+    valid, column = _columns(target, opts, class_start, num_local)
+    owned = column >= 0
+    x_norm, w_target_norm, cosine, psi = row_state.unbind(1)
+    row_scale, target_logit = _logit_terms(x_norm, w_target_norm, psi, owned, opts)
+    eps, s = opts.label_smoothing, opts.scale
+    g = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
+    # The target column's terms belong to the slice that holds it (only there is T known).
+    p_target = torch.exp(target_logit - lse)
+    grad_target_logit = torch.where(owned, g * (p_target - (1.0 - eps) - eps / num_classes), torch.zeros_like(g))
+    slope = margin_slope(cosine, opts.m1, opts.m2, opts.exact_margin_grad)
+    if opts.normalize:  # dT/da_y with the norms held fixed; the tangent projections chain through x̂ and ŵ
+        target_grad = grad_target_logit * s * slope / (x_norm * w_target_norm)
+        radial = torch.zeros_like(g)
+    else:  # T = s·‖x‖‖w_y‖·ψ(c): the cross term through the target column, the radial terms by the caller
+        target_grad = grad_target_logit * s * slope
+        radial = grad_target_logit * s * (psi - cosine * slope)
+    return TargetGradRows(column, row_scale, target_logit, g, g * (eps / num_classes), target_grad, radial)
 
 
 def _class_layout(w, shard: Optional[ClassShard]):
@@ -135,69 +149,73 @@ def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[
                       keep_geometry: bool = False):
     """Per-row loss (0 on ignored rows) and per-row log-sum-exp over all C classes, both in the
     accumulation dtype; with keep_geometry also the (row state, class norms) pair that margin_ce_backward
-    takes as `saved` (_TargetGeometry.saved)."""
+    takes as `saved`."""
     class_start, num_classes = _class_layout(w, shard)
-    geo = _TargetGeometry(x, w, target, opts, None if shard is None else class_start)
+    rows = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts,
+                                                              None if shard is None else class_start)
+    col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
+    spec = LogitSpec(rows.row_scale, None if col_norm is None else 1.0 / col_norm, None, None, rows.column,
+                     rows.target_logit)
     eps = opts.label_smoothing
-    lse, sum_logits = streaming_row_stats(x, w, geo.spec(), eps > 0, tiles)
-    target_logit = geo.target_logit
+    lse, sum_logits = streaming_row_stats(x, w, spec, eps > 0, tiles)
+    target_logit = rows.target_logit
     if shard is not None:
         lse, sum_logits, target_logit = shard.merge_row_stats(lse, sum_logits, target_logit)
     loss = lse - (1.0 - eps) * target_logit
     if eps > 0:
         loss = loss - (eps / num_classes) * sum_logits
-    loss = torch.where(geo.valid, loss, torch.zeros_like(loss))
-    return (loss, lse) + (geo.saved() if keep_geometry else ())
+    loss = torch.where(target != opts.ignore_index, loss, torch.zeros_like(loss))
+    if not keep_geometry:
+        return loss, lse
+    return loss, lse, rows.row_state, col_norm if col_norm is not None else lse.new_empty((0,))
 
 
 def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles, need_weight_grad=True,
                        shard: Optional[ClassShard] = None, saved=None):
     """(dL/dx, dL/dw) for the per-row loss gradient `grad_loss`; with a shard, `lse` is the merged one
-    and dL/dw is the gradient of this slice. `saved`: the forward's geometry (margin_ce_forward's
-    keep_geometry), recomputed when None."""
+    and dL/dw is the gradient of this slice. `saved`: the forward's (row state, class norms)
+    (margin_ce_forward's keep_geometry), recomputed when None."""
     class_start, C = _class_layout(w, shard)
-    geo = _TargetGeometry(x, w, target, opts, None if shard is None else class_start, saved)
-    eps = opts.label_smoothing
-    g = torch.where(geo.valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
-    p_target = torch.exp(geo.target_logit - lse)
-    # The target column's terms belong to the slice that holds it (only there is T known).
-    grad_target_logit = torch.where(geo.owned, g * (p_target - (1.0 - eps) - eps / C), torch.zeros_like(g))
-    slope = margin_slope(geo.cosine, opts.m1, opts.m2, opts.exact_margin_grad)
-    s = opts.scale
+    local_start = None if shard is None else class_start
+    if saved is None:
+        row_state = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts, local_start).row_state
+        col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
+    else:
+        row_state, col_norm = saved
+    rows = getattr(tiles, "margin_target_grad_rows", target_grad_rows)(
+        row_state, lse, grad_loss, target, opts, C, w.shape[0], local_start)
+    # 1/‖w_j‖: the logits' column scale and the dW projection's inverse norm, one (C,) vector for both
+    col_scale = 1.0 / col_norm if opts.normalize else None
+    spec = LogitSpec(rows.row_scale, col_scale, None, None, rows.column, rows.target_logit)
 
     if opts.normalize:
-        # dT/da_y with the norms held fixed; the projections below chain through x̂ and ŵ.
-        target_grad = grad_target_logit * s * slope / (geo.x_norm * geo.w_target_norm)
-
         # dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖, and the engine's raw dW already holds (dL/dŵ)/‖w‖.
-        tangent_projection, finalize_weight_chunk = (w, geo.col_scale), None
+        tangent_projection, finalize_weight_chunk = (w, col_scale), None
     else:
-        # T = s·‖x‖‖w_y‖·ψ(c) also depends on the norms: the cross term s·ψ'·w_y (resp. x) goes
-        # through the target column, the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x (resp. w_y) are added here
+        # The radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x (resp. w_y) of T = s·‖x‖‖w_y‖·ψ(c) are added here
         # (straight-through: ψ' := 1 in both, as DESIGN.md §4 says).
-        target_grad = grad_target_logit * s * slope
-        radial = grad_target_logit * s * (geo.psi - geo.cosine * slope)
-        w_radial = radial * geo.x_norm / geo.w_target_norm
-
+        x_norm, w_target_norm = row_state[:, 0], row_state[:, 1]
+        xf, w_target = _gathered_target_rows(x, w, rows.column)
+        w_radial = rows.radial * x_norm / w_target_norm
         tangent_projection = None
 
         def finalize_weight_chunk(c0, c1, grad_w_raw):
             # masked instead of nonzero(): no host sync per chunk
-            in_chunk = (geo.column >= c0) & (geo.column < c1)
-            rows_in_chunk = (geo.column - c0).clamp(0, c1 - c0 - 1)
-            contribution = torch.where(in_chunk, w_radial, torch.zeros_like(w_radial))[:, None] * geo.w_target
+            in_chunk = (rows.column >= c0) & (rows.column < c1)
+            rows_in_chunk = (rows.column - c0).clamp(0, c1 - c0 - 1)
+            contribution = torch.where(in_chunk, w_radial, torch.zeros_like(w_radial))[:, None] * w_target
             return grad_w_raw.index_add_(0, rows_in_chunk, contribution.to(grad_w_raw.dtype))
 
     grad_x_raw, grad_w, _ = streaming_grads(
-        x, w, geo.spec(), lse, g, g * (eps / C), target_grad, tiles, finalize_weight_chunk,
+        x, w, spec, lse, rows.coef_p, rows.coef_u, rows.target_grad, tiles, finalize_weight_chunk,
         need_weight_grad=need_weight_grad, tangent_projection=tangent_projection)
 
     if not opts.normalize:  # the radial x term, before the sum over slices: it is counted once, by the owner
-        grad_x_raw = grad_x_raw + (radial * geo.w_target_norm / geo.x_norm)[:, None] * geo.xf
+        grad_x_raw = grad_x_raw + (rows.radial * w_target_norm / x_norm)[:, None] * xf
     if shard is not None:
         grad_x_raw = shard.sum_input_grad(grad_x_raw)
     # dL/dx = (I − x̂x̂ᵀ)·(dL/dx̂)/‖x‖ (the raw dX holds (dL/dx̂)/‖x‖), stored in x's dtype: one fused pass
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    projection = (x, 1.0 / geo.x_norm) if opts.normalize else ()
+    projection = (x, 1.0 / row_state[:, 0]) if opts.normalize else ()
     row_grad_finisher(tiles)(grad_x_raw, grad_x_raw.new_ones(()), grad_x, *projection)
     return grad_x, grad_w

@@ -8,7 +8,10 @@ import torch
 import triton
 
 from ..engine import gpu_grad_dtype
+from ..margin_ce import TargetGradRows, TargetRows
 from .device import on_device
+from .margin_rows import margin_target_grad_rows as _margin_target_grad_rows
+from .margin_rows import margin_target_rows as _margin_target_rows
 from .row_projection import PROJECTED_DW_MAX_D
 from .row_projection import finish_grad_rows as _finish_grad_rows
 from .row_projection import projected_weight_grad as _projected_weight_grad
@@ -185,6 +188,21 @@ class TritonTiles:
     def finish_grad_rows(self, grad, scale, out, weight=None, inv_norm=None):
         """engine.finish_grad_rows in one pass: unscale, project (when weight is given) and store in out's dtype."""
         return _finish_grad_rows(grad, scale, out, None if weight is None else weight.contiguous(), inv_norm)
+
+    @staticmethod
+    def margin_target_rows(x, w, target, opts, class_start=None):
+        """margin_ce.target_rows in one launch (margin_rows.py)."""
+        rows = _margin_target_rows(x, w, target.contiguous(), opts.scale, opts.m1, opts.m2, opts.m3, opts.normalize,
+                                   opts.ignore_index, class_start or 0)
+        return TargetRows(*rows)
+
+    @staticmethod
+    def margin_target_grad_rows(row_state, lse, grad_loss, target, opts, num_classes, num_local, class_start=None):
+        """margin_ce.target_grad_rows in one launch (margin_rows.py)."""
+        column, planes = _margin_target_grad_rows(
+            row_state, lse, grad_loss, target.contiguous(), opts.scale, opts.m1, opts.m2, opts.normalize,
+            opts.exact_margin_grad, opts.label_smoothing, opts.ignore_index, num_classes, num_local, class_start or 0)
+        return TargetGradRows(column, *planes.unbind(0))
 
     indexes_cost_rows = True  # the dL/da kernel gathers the cost term's query rows itself
 

@@ -1,0 +1,146 @@
+"""The margin losses' per-row Triton kernels (triton_kernels/margin_rows.py) against their PyTorch twins
+(margin_ce.target_rows / target_grad_rows) and the float64 margin math.
+
+Run with TRITON_INTERPRET=1 in its own process (see test_triton_kernels.py), or on a GPU.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from marginkern.margin import margin_psi, margin_slope
+from marginkern.margin_ce import MarginOptions, target_grad_rows, target_rows
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                reason="needs TRITON_INTERPRET=1 in its own pytest process, or a GPU")
+DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+
+# (scale, m1, m2, m3, normalize): ArcFace, CosFace, SphereFace, the combined margin with a fractional m1
+# (φ crosses several multiples of π), a large additive margin, L-Softmax (normalize=False)
+MARGINS = [(64.0, 1.0, 0.5, 0.0, True), (64.0, 1.0, 0.0, 0.35, True), (30.0, 4.0, 0.0, 0.0, True),
+           (32.0, 1.35, 0.3, 0.2, True), (64.0, 1.0, 1.2, 0.0, True), (1.0, 3.0, 0.0, 0.0, False),
+           (0.5, 1.5, 0.2, 0.1, False)]
+
+
+def options(margin, exact=True, smoothing=0.0):
+    scale, m1, m2, m3, normalize = margin
+    return MarginOptions.of(scale, m1, m2, m3, normalize, exact, smoothing, -100)
+
+
+def triton_tiles():
+    from marginkern.triton_kernels import TritonTiles
+    return TritonTiles()
+
+
+def hard_case(N, C, D, dtype):
+    """Random rows plus the edge cases of the target geometry: x parallel and antiparallel to its centre
+    (c = ±1), a zero embedding, a zero class centre, an ignored row, and targets spread over all classes."""
+    x = torch.randn(N, D, dtype=torch.float64)
+    w = torch.randn(C, D, dtype=torch.float64)
+    t = torch.randint(0, C, (N,))
+    x[0] = 3.0 * w[t[0]]
+    x[1] = -0.5 * w[t[1]]
+    x[2] = 0.0
+    w[t[3]] = 0.0
+    t[4] = -100
+    return x.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE), t.to(DEVICE)
+
+
+def test_acos_and_margin_math_match_float64():
+    """ψ and dψ/dc of the kernel (through target_grad_rows' row state) over a dense grid of cosines
+    including ±1, against margin.py in float64."""
+    cosine = torch.cat([torch.linspace(-1.0, 1.0, 4001, dtype=torch.float64),
+                        torch.tensor([1 - 1e-7, -1 + 1e-7, 0.5, -0.5, 0.5 + 1e-7], dtype=torch.float64)])
+    N = cosine.numel()
+    for margin in MARGINS:
+        scale, m1, m2, m3, normalize = margin
+        opts = options(margin)
+        # a one-class "w" and x with exactly these cosines: x = c·e0 + √(1−c²)·e1, w = e0
+        x = torch.stack([cosine, (1 - cosine ** 2).clamp_min(0).sqrt()], 1).float().to(DEVICE)
+        w = torch.tensor([[1.0, 0.0]], device=DEVICE)
+        rows = triton_tiles().margin_target_rows(x, w, torch.zeros(N, dtype=torch.int64, device=DEVICE), opts)
+        c = rows.row_state[:, 2].double().cpu()
+        psi = margin_psi(c, m1, m2, m3)
+        assert (rows.row_state[:, 3].double().cpu() - psi).abs().max() < 2e-6 * max(1.0, m1), margin
+        grad = triton_tiles().margin_target_grad_rows(
+            rows.row_state, torch.zeros(N, device=DEVICE), torch.ones(N, device=DEVICE),
+            torch.zeros(N, dtype=torch.int64, device=DEVICE), opts, 1, 1)
+        # with lse = 0 and one class: dL/dT = exp(T) − 1, so target_grad / that / s (/ norms) = dψ/dc
+        dl_dt = torch.exp(rows.target_logit.double().cpu()) - 1.0
+        slope = grad.target_grad.double().cpu() / (dl_dt * scale)
+        if normalize:
+            slope = slope * rows.row_state[:, 0].double().cpu()  # ‖w‖ = 1
+        expected = margin_slope(c, m1, m2, exact=True)
+        usable = dl_dt.abs() > 1e-3
+        err = ((slope - expected).abs() / expected.abs().clamp_min(1.0))[usable].max()
+        assert err < 1e-4, (margin, float(err))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("margin", MARGINS)
+@pytest.mark.parametrize("sharded", [False, True])
+def test_target_rows_match_pytorch(dtype, margin, sharded):
+    N, C, D = 45, 37, 70  # D crosses the kernel's D blocks only on the GPU (256); N crosses row blocks (32)
+    x, w, t = hard_case(N, C, D, dtype)
+    opts = options(margin)
+    start = 10 if sharded else None
+    w_local = w[10:30] if sharded else w
+    got = triton_tiles().margin_target_rows(x, w_local, t, opts, start)
+    ref = target_rows(x, w_local, t, opts, start)
+    assert torch.equal(got.column, ref.column)
+    # ‖x‖, ‖w_y‖, c: summation order only. ψ from the kernel's own cosine: near c = ±1, acos turns a
+    # one-ulp difference of c into a visible one of θ (the test above checks ψ(c) itself)
+    torch.testing.assert_close(got.row_state[:, :3], ref.row_state[:, :3], rtol=1e-5, atol=1e-6)
+    scale, m1, m2, m3, normalize = margin
+    psi = margin_psi(got.row_state[:, 2].double(), m1, m2, m3)
+    torch.testing.assert_close(got.row_state[:, 3].double(), psi, rtol=0, atol=2e-6 * m1)
+    torch.testing.assert_close(got.row_scale, ref.row_scale, rtol=1e-5, atol=0)
+    owned = got.column >= 0
+    assert torch.equal(got.target_logit[~owned], torch.zeros_like(got.target_logit[~owned]))
+    expected_t = scale * psi if normalize else scale * psi * got.row_state[:, 0].double() * got.row_state[:, 1].double()
+    torch.testing.assert_close(got.target_logit[owned].double(), expected_t[owned], rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("margin", MARGINS)
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_target_grad_rows_match_pytorch(margin, exact, sharded):
+    N, C, D = 45, 37, 16
+    x, w, t = hard_case(N, C, D, torch.float32)
+    opts = options(margin, exact=exact, smoothing=0.1)
+    start, num_local = (10, 20) if sharded else (None, C)
+    w_local = w[10:30] if sharded else w
+    row_state = target_rows(x, w_local, t, opts, start).row_state
+    lse = torch.randn(N, device=DEVICE) * 3 + 10
+    grad_loss = torch.rand(N, device=DEVICE)
+    got = triton_tiles().margin_target_grad_rows(row_state, lse, grad_loss, t, opts, C, num_local, start)
+    ref = target_grad_rows(row_state, lse, grad_loss, t, opts, C, num_local, start)
+    assert torch.equal(got.column, ref.column)
+    for name in ("row_scale", "target_logit", "coef_p", "coef_u", "target_grad", "radial"):
+        a, b = getattr(got, name), getattr(ref, name)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max().clamp_min(1.0)), msg=name)
+
+
+def test_empty_batch():
+    opts = options(MARGINS[0])
+    x, w = torch.randn(0, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE)
+    t = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    rows = triton_tiles().margin_target_rows(x, w, t, opts)
+    assert rows.row_state.shape == (0, 4) and rows.column.shape == (0,)
+    grad = triton_tiles().margin_target_grad_rows(rows.row_state, torch.zeros(0, device=DEVICE),
+                                                  torch.zeros(0, device=DEVICE), t, opts, 5, 5)
+    assert grad.target_grad.shape == (0,)
+
+
+def test_parity_sign_beyond_two_pi():
+    """SphereFace m1 = 4 at θ near π: φ ≈ 4π, k up to 3 or 4, the sign must alternate."""
+    c = torch.tensor([math.cos(t) for t in (2.5, 2.9, 3.1, math.pi)], dtype=torch.float64)
+    opts = options((30.0, 4.0, 0.0, 0.0, True))
+    x = torch.stack([c, (1 - c ** 2).clamp_min(0).sqrt()], 1).float().to(DEVICE)
+    w = torch.tensor([[1.0, 0.0]], device=DEVICE)
+    rows = triton_tiles().margin_target_rows(x, w, torch.zeros(4, dtype=torch.int64, device=DEVICE), opts)
+    psi = rows.row_state[:, 3].double().cpu()
+    assert (psi.diff() < 0).all(), "ψ is strictly decreasing in θ"
+    torch.testing.assert_close(psi, margin_psi(rows.row_state[:, 2].double().cpu(), 4.0, 0.0, 0.0), rtol=0, atol=1e-5)

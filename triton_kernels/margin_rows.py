@@ -1,0 +1,198 @@
+"""The margin losses' per-row target math in one launch per pass (marginkern/margin_ce.py has the PyTorch
+twin, `target_rows` and `target_grad_rows`, which defines it and which these kernels are tested against).
+
+Per row the forward needs ‖x‖, ‖w_y‖, the target cosine c_y, the margin ψ(c_y) (marginkern/margin.py),
+the logits' row scale and the target logit; the backward turns the saved (‖x‖, ‖w_y‖, c_y, ψ) and the lse
+into the engine's coefficients. In PyTorch that is ~35 small ops per pass (~20 forward, ~15 backward, each
+a launch and a dispatcher call): at face-small shapes (N = 256) the host side of a step, not the GPU,
+sets its time. Here each pass is one program per block of rows.
+
+acos is not a Triton primitive; `_acos` is Cephes' single-precision arcsine polynomial (≤ 1 ulp-ish, about
+2e-7 rad), with acos(|c|) = 2·asin(√((1−|c|)/2)) above 0.5, which keeps θ accurate near c = ±1 where
+acos is steep.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .device import on_device
+
+from ..engine import NORM_EPS as _NORM_EPS
+from ..margin import EXACT_SLOPE_MIN_ANGLE as _EXACT_SLOPE_MIN_ANGLE
+
+# globals a @triton.jit function reads must be constexpr (the interpreter would not notice)
+NORM_EPS = tl.constexpr(_NORM_EPS)
+EXACT_SLOPE_MIN_ANGLE = tl.constexpr(_EXACT_SLOPE_MIN_ANGLE)
+PI = tl.constexpr(math.pi)
+
+
+@triton.jit
+def _asin_small(x):
+    """asin(x) for |x| ≤ 0.5 (Cephes asinf)."""
+    z = x * x
+    p = (((4.2163199048e-2 * z + 2.4181311049e-2) * z + 4.5470025998e-2) * z + 7.4953002686e-2) * z \
+        + 1.6666752422e-1
+    return x + x * z * p
+
+
+@triton.jit
+def _acos(c):
+    a = tl.abs(c)
+    half_angle = 2.0 * _asin_small(tl.sqrt(tl.maximum((1.0 - a) * 0.5, 0.0)))  # acos(|c|) for |c| > 0.5
+    far = tl.where(c < 0, PI - half_angle, half_angle)
+    return tl.where(a <= 0.5, 0.5 * PI - _asin_small(c), far)
+
+
+@triton.jit
+def _parity_sign(k):
+    """(−1)^k for a float holding an integer."""
+    return 1.0 - 2.0 * (k - 2.0 * tl.floor(0.5 * k))
+
+
+@triton.jit
+def _margin_psi(cosine, m1, m2, m3):
+    """ψ(c) = (−1)^k cos φ − 2k − m3, φ = m1·acos(c) + m2, k = ⌊φ/π⌋ (marginkern.margin.margin_psi)."""
+    phi = m1 * _acos(cosine) + m2
+    k = tl.floor(phi / PI)
+    return _parity_sign(k) * tl.cos(phi) - 2.0 * k - m3
+
+
+@triton.jit
+def _margin_slope(cosine, m1, m2, EXACT: tl.constexpr):
+    """dψ/dc, exact with θ clamped to [θ_min, π − θ_min], or 1 (marginkern.margin.margin_slope)."""
+    if EXACT:
+        theta = tl.minimum(tl.maximum(_acos(cosine), EXACT_SLOPE_MIN_ANGLE), PI - EXACT_SLOPE_MIN_ANGLE)
+        phi = m1 * theta + m2
+        sign = _parity_sign(tl.floor(phi / PI))
+        return tl.maximum(sign * m1 * tl.sin(phi) / tl.sin(theta), 0.0)
+    else:
+        return tl.full(cosine.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _target_columns(target_ptr, rows, row_mask, ignore_index, class_start, num_local):
+    """(valid, owned, column): column = the target's class within w (−1 where ignored or held elsewhere)."""
+    target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = target != ignore_index
+    local = target - class_start
+    owned = valid & (local >= 0) & (local < num_local)
+    return valid, owned, tl.where(owned, local, -1)
+
+
+@triton.jit
+def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_ptr, row_scale_ptr,
+                              target_logit_ptr, N, D, num_local, class_start, ignore_index, stride_x, stride_w,
+                              scale, m1, m2, m3, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < N
+    _, owned, column = _target_columns(target_ptr, rows, row_mask, ignore_index, class_start, num_local)
+    tl.store(column_ptr + rows, column, mask=row_mask)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    w_rows = w_ptr + tl.maximum(column, 0).to(tl.int64)[:, None] * stride_w
+    xx = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    ww = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    xw = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (offs < D)[None, :]
+        x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + offs[None, :], mask=mask & owned[:, None], other=0.0).to(tl.float32)
+        xx += tl.sum(x * x, axis=1)
+        ww += tl.sum(w * w, axis=1)
+        xw += tl.sum(x * w, axis=1)
+    x_norm = tl.maximum(tl.sqrt(xx), NORM_EPS)
+    w_norm = tl.maximum(tl.sqrt(ww), NORM_EPS)
+    cosine = tl.minimum(tl.maximum(xw / (x_norm * w_norm), -1.0), 1.0)
+    psi = _margin_psi(cosine, m1, m2, m3)
+    if NORMALIZE:
+        row_scale = scale / x_norm
+        target_logit = scale * psi
+    else:
+        row_scale = tl.full((BLOCK_R,), 1.0, tl.float32) * scale
+        target_logit = scale * x_norm * w_norm * psi
+    state = row_state_ptr + rows * 4
+    tl.store(state, x_norm, mask=row_mask)
+    tl.store(state + 1, w_norm, mask=row_mask)
+    tl.store(state + 2, cosine, mask=row_mask)
+    tl.store(state + 3, psi, mask=row_mask)
+    tl.store(row_scale_ptr + rows, row_scale, mask=row_mask)
+    tl.store(target_logit_ptr + rows, tl.where(owned, target_logit, 0.0), mask=row_mask)
+
+
+@triton.jit
+def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target_ptr, column_ptr, out_ptr, N,
+                                   num_local, class_start, ignore_index, scale, m1, m2, smoothing, num_classes,
+                                   NORMALIZE: tl.constexpr, EXACT: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out planes (6, N): row scale, target logit, coef_p = g, coef_u = g·ε/C, target_grad, radial term."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < N
+    valid, owned, column = _target_columns(target_ptr, rows, row_mask, ignore_index, class_start, num_local)
+    tl.store(column_ptr + rows, column, mask=row_mask)
+    state = row_state_ptr + rows * 4
+    x_norm = tl.load(state, mask=row_mask, other=1.0)
+    w_norm = tl.load(state + 1, mask=row_mask, other=1.0)
+    cosine = tl.load(state + 2, mask=row_mask, other=0.0)
+    psi = tl.load(state + 3, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.where(valid, tl.load(grad_loss_ptr + rows, mask=row_mask, other=0.0), 0.0)
+    if NORMALIZE:
+        row_scale = scale / x_norm
+        target_logit = tl.where(owned, scale * psi, 0.0)
+    else:
+        row_scale = tl.full((BLOCK_R,), 1.0, tl.float32) * scale
+        target_logit = tl.where(owned, scale * x_norm * w_norm * psi, 0.0)
+    # the target column's terms belong to the slice that holds it (only there is T known)
+    grad_target_logit = tl.where(owned, g * (tl.exp(target_logit - lse) - (1.0 - smoothing) - smoothing / num_classes),
+                                 0.0)
+    slope = _margin_slope(cosine, m1, m2, EXACT)
+    if NORMALIZE:  # dT/da_y with the norms held fixed; the tangent projections chain through x̂ and ŵ
+        target_grad = grad_target_logit * scale * slope / (x_norm * w_norm)
+        radial = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    else:  # T = s·‖x‖‖w_y‖·ψ(c): the cross term through the target column, the radial terms by the caller
+        target_grad = grad_target_logit * scale * slope
+        radial = grad_target_logit * scale * (psi - cosine * slope)
+    tl.store(out_ptr + rows, row_scale, mask=row_mask)
+    tl.store(out_ptr + N + rows, target_logit, mask=row_mask)
+    tl.store(out_ptr + 2 * N + rows, g, mask=row_mask)
+    tl.store(out_ptr + 3 * N + rows, g * (smoothing / num_classes), mask=row_mask)
+    tl.store(out_ptr + 4 * N + rows, target_grad, mask=row_mask)
+    tl.store(out_ptr + 5 * N + rows, radial, mask=row_mask)
+
+
+BLOCK_ROWS = 32
+
+
+def margin_target_rows(x, w, target, scale, m1, m2, m3, normalize, ignore_index, class_start=0):
+    """(column (N,) int64, row state (N, 4) fp32 = ‖x‖, ‖w_y‖, c_y, ψ, row scale (N,), target logit (N,)) for
+    x (N, D) and the classes [class_start, class_start + len(w)) in w (C_local, D); targets elsewhere or
+    ignored get column −1 and target logit 0."""
+    N, D = x.shape
+    column = torch.empty(N, dtype=torch.int64, device=x.device)
+    row_state = torch.empty(N, 4, dtype=torch.float32, device=x.device)
+    row_scale, target_logit = torch.empty(2, N, dtype=torch.float32, device=x.device)
+    if N > 0:
+        with on_device(x):
+            margin_target_rows_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
+                x, w, target, column, row_state, row_scale, target_logit, N, D, w.shape[0], class_start,
+                ignore_index, x.stride(0), w.stride(0), scale, m1, m2, m3, NORMALIZE=normalize,
+                BLOCK_R=BLOCK_ROWS, BLOCK_D=min(256, triton.next_power_of_2(max(D, 16))))
+    return column, row_state, row_scale, target_logit
+
+
+def margin_target_grad_rows(row_state, lse, grad_loss, target, scale, m1, m2, normalize, exact, smoothing,
+                            ignore_index, num_classes, num_local, class_start=0):
+    """(column, (6, N) fp32 planes: row scale, target logit, coef_p, coef_u, target_grad, radial term) from the
+    forward's row state (margin_target_rows), the lse and the per-row loss gradient."""
+    N = row_state.shape[0]
+    column = torch.empty(N, dtype=torch.int64, device=row_state.device)
+    planes = torch.empty(6, N, dtype=torch.float32, device=row_state.device)
+    if N > 0:
+        with on_device(row_state):
+            margin_target_grad_rows_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
+                row_state.float().contiguous(), lse.float().contiguous(), grad_loss.float().contiguous(), target,
+                column, planes, N, num_local, class_start, ignore_index, scale, m1, m2, smoothing, num_classes,
+                NORMALIZE=normalize, EXACT=exact, BLOCK_R=BLOCK_ROWS)
+    return column, planes
