@@ -379,8 +379,8 @@ pairwise_cosine.register_autograd(_pairwise_cosine_autograd, setup_context=_pair
 @_without_autocast
 def cosent(scores: Tensor, labels: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(CoSENT loss, dL/dscores), both in the accumulation dtype and computed together (the loss is a scalar,
-    so its backward only scales the second output): one Triton program after the label sort on the
-    Triton backend, PyTorch scans otherwise (pairwise.cosent_loss_and_grad)."""
+    so its backward only scales the second output): after the label sort, four parallel Triton scan launches
+    on the Triton backend (triton_kernels/cosent_scan.py), PyTorch scans otherwise (pairwise.cosent_loss_and_grad)."""
     if scores.dtype != torch.float64 and _pairwise_cosine_uses_triton(scores):
         from .triton_kernels.cosent_scan import cosent_loss_and_grad as triton_cosent
         return triton_cosent(scores, labels, scale)

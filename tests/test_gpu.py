@@ -267,9 +267,9 @@ def test_margin_speed_paths_match_the_plain_ones(setting, monkeypatch):
         assert engine._OUT_DTYPE_WORKS.get(("baddbmm", torch.bfloat16)) is True
 
 
-def test_cosent_triton_program_matches_the_pytorch_scans(monkeypatch):
-    """The one-program CoSENT on the GPU against the PyTorch scans on the same GPU, loss and gradient, with
-    label groups spanning its 4096-pair blocks."""
+def test_cosent_triton_scans_match_the_pytorch_scans(monkeypatch):
+    """The CoSENT scan kernels on the GPU against the PyTorch scans on the same GPU, loss and gradient, with
+    label groups spanning many of their 1024-pair blocks."""
     s = (torch.rand(20000, device="cuda") * 2 - 1).requires_grad_()
     y = torch.randint(0, 7, (20000,), device="cuda").float() / 3
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")

@@ -69,9 +69,27 @@ def test_projected_weight_grad_kernel_compiles(D, dtype):
 
 
 @pytest.mark.parametrize("labels", ["*i64", "*fp32"])
-def test_cosent_scan_kernel_compiles(labels):
-    from marginkern.triton_kernels.cosent_scan import cosent_scan_kernel
+def test_cosent_scan_kernels_compile(labels):
+    from marginkern.triton_kernels import cosent_scan
     types = {"score_ptr": "*fp32", "order_ptr": "*i64", "labels_ptr": labels, "first_ptr": "*i32", "last_ptr": "*i32",
-             "scale": "fp32"}
-    report = sm90_compile.compile_sm90(cosent_scan_kernel, dict(BLOCK=4096), num_warps=16, num_stages=2, types=types)
-    assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, report
+             "edge_totals_ptr": "*i32", "scale": "fp32"}
+    for kernel, constexprs in [(cosent_scan.cosent_block_totals_kernel, dict(BLOCK=1024)),
+                               (cosent_scan.cosent_block_scans_kernel, dict(BLOCK=1024, G_BLOCK=1024)),
+                               (cosent_scan.cosent_terms_kernel, dict(BLOCK=1024)),
+                               (cosent_scan.cosent_grad_kernel, dict(BLOCK=1024, G_BLOCK=1024))]:
+        report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
+        assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_margin_row_kernels_compile(exact):
+    """The margin losses' per-row kernels: acos (a polynomial), cos, sin and floor lower for sm_90."""
+    from marginkern.triton_kernels.margin_rows import (BLOCK_ROWS, margin_target_grad_rows_kernel,
+                                                       margin_target_rows_kernel)
+    types = {"column_ptr": "*i64", "m1": "fp32", "m2": "fp32", "m3": "fp32", "smoothing": "fp32"}
+    for kernel, constexprs in [
+            (margin_target_rows_kernel, dict(NORMALIZE=exact, BLOCK_R=BLOCK_ROWS, BLOCK_D=256)),
+            (margin_target_grad_rows_kernel, dict(NORMALIZE=not exact, EXACT=exact, BLOCK_R=BLOCK_ROWS))]:
+        report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
+        # no spills; a small stack frame is libdevice's cos/sin (its slow argument reduction for |φ| ≫ π)
+        assert report["local_bytes"] == 0 and report["stack_bytes"] <= 64, f"{kernel.fn.__name__}: {report}"

@@ -1,16 +1,23 @@
-"""CoSENT's loss and its gradient in one program: L = log(1 + Σ_{y_a < y_b} exp(s_a − s_b)), s = scale·score.
+"""CoSENT's loss and its gradient: L = log(1 + Σ_{y_a < y_b} exp(s_a − s_b)), s = scale·score.
 
 In label order (stable), with P_b = LSE of s over the pairs of strictly smaller label (the inclusive prefix
 LSE just before b's label group) and T_b = P_b − s_b (−inf when none):
 
     L = log(1 + Σ_b e^{T_b}),     dL/ds_a = −e^{T_a − L} + e^{s_a + R_a − L}
 
-with R_a the LSE of −s over the pairs of strictly larger label (from the other end). Four sweeps over the
-sorted pairs in one program (prefix scan, the global sum, suffix scan, gradients) through O(B) scratch, so
-the whole loss is the label sort plus this one launch, instead of ~45 small PyTorch ops forward and
-backward (sort, gathers, logcumsumexp and their autograd; the fused-cosine CoSENT took 2.93 ms at 65536
-pairs on an H100, its cause not profiled). The gradient comes out with the loss: the backward pass only
-scales it. marginkern/pairwise.py holds the same math in PyTorch (CPU) and the tests' O(B²) oracle.
+with R_a the LSE of −s over the pairs of strictly larger label (from the other end). After the label sort,
+four launches, each over all blocks of BLOCK sorted pairs in parallel (a three-phase scan, the block
+totals scanned again by every program, so nothing waits on another program):
+  1. block totals: per block the LSE of s and of −s, its last label-group start and first group end
+     (and s gathered into label order once);
+  2. block scans: inclusive prefix LSE of s, suffix LSE of −s and each pair's group bounds, the other
+     blocks' totals as the carries;
+  3. the terms T (a gather of the prefix at the group start, anywhere in the array) and their block LSEs;
+  4. L from those block LSEs, and the gradients, stored at each pair's original index.
+An earlier version ran the four sweeps in ONE program (one SM: at 65536 pairs, 64 dependent block steps
+of a few µs each, predicted 0.2–0.3 ms, against a goal of ≈ 0.3 ms for the whole fused CoSENT step). The
+gradient comes out with the loss: the backward pass only scales it. marginkern/pairwise.py holds the same
+math in PyTorch (CPU) and the tests' O(B²) oracle.
 """
 import torch
 import triton
@@ -27,6 +34,13 @@ def _logaddexp(a, b):
 
 
 @triton.jit
+def _logsumexp(v):
+    top = tl.max(v, 0)
+    shift = tl.where(top == -float("inf"), 0.0, top)
+    return shift + tl.log(tl.sum(tl.exp(v - shift), 0))
+
+
+@triton.jit
 def _maximum(a, b):
     return tl.maximum(a, b)
 
@@ -37,96 +51,119 @@ def _minimum(a, b):
 
 
 @triton.jit
-def _sorted_scores(score_ptr, order_ptr, i, mask, scale):
-    """(s in sorted order, the original index of each sorted pair)."""
+def _group_edges(labels_ptr, i, mask, B):
+    """(starts, ends): whether sorted pair i opens resp. closes its label group."""
+    label = tl.load(labels_ptr + i, mask=mask)
+    previous = tl.load(labels_ptr + i - 1, mask=mask & (i > 0))
+    following = tl.load(labels_ptr + i + 1, mask=mask & (i + 1 < B))
+    return mask & ((i == 0) | (label != previous)), mask & ((i == B - 1) | (label != following))
+
+
+@triton.jit
+def cosent_block_totals_kernel(score_ptr, order_ptr, labels_ptr, s_ptr, lse_totals_ptr, edge_totals_ptr, B, G,
+                               scale, BLOCK: tl.constexpr):
+    """Per block: s in label order (stored), LSE(s), LSE(−s), the last group start and the first group end
+    in the block (−1 resp. B when it has none)."""
+    block = tl.program_id(0)
+    i = block * BLOCK + tl.arange(0, BLOCK)
+    mask = i < B
     original = tl.load(order_ptr + i, mask=mask, other=0)
-    return tl.load(score_ptr + original, mask=mask, other=0.0).to(tl.float32) * scale, original
+    s = tl.load(score_ptr + original, mask=mask, other=0.0).to(tl.float32) * scale
+    tl.store(s_ptr + i, s, mask=mask)
+    starts, ends = _group_edges(labels_ptr, i, mask, B)
+    tl.store(lse_totals_ptr + block, _logsumexp(tl.where(mask, s, -float("inf"))))
+    tl.store(lse_totals_ptr + G + block, _logsumexp(tl.where(mask, -s, -float("inf"))))
+    tl.store(edge_totals_ptr + block, tl.max(tl.where(starts, i, -1), 0))
+    tl.store(edge_totals_ptr + G + block, tl.min(tl.where(ends, i, B), 0))
 
 
 @triton.jit
-def _smaller_label_terms(prefix_ptr, first_ptr, i, mask, s):
-    """T = P − s per sorted pair (−inf without a pair of smaller label), from the prefix sweep's scratch."""
+def cosent_block_scans_kernel(s_ptr, labels_ptr, lse_totals_ptr, edge_totals_ptr, prefix_ptr, suffix_ptr, first_ptr,
+                              last_ptr, B, G, BLOCK: tl.constexpr, G_BLOCK: tl.constexpr):
+    """Per sorted pair: the inclusive prefix LSE of s, the inclusive suffix LSE of −s, and the first and
+    last index of its label group; the carries come from the blocks before resp. after this one."""
+    block = tl.program_id(0)
+    g = tl.arange(0, G_BLOCK)
+    before, after = g < block, (g > block) & (g < G)
+    carry_prefix = _logsumexp(tl.load(lse_totals_ptr + g, mask=before, other=-float("inf")))
+    carry_suffix = _logsumexp(tl.load(lse_totals_ptr + G + g, mask=after, other=-float("inf")))
+    carry_first = tl.max(tl.load(edge_totals_ptr + g, mask=before, other=0), 0)  # pair 0 opens a group
+    carry_last = tl.min(tl.load(edge_totals_ptr + G + g, mask=after, other=B - 1), 0)  # pair B−1 closes one
+    i = block * BLOCK + tl.arange(0, BLOCK)
+    mask = i < B
+    s = tl.load(s_ptr + i, mask=mask, other=0.0)
+    starts, ends = _group_edges(labels_ptr, i, mask, B)
+    prefix = _logaddexp(tl.associative_scan(tl.where(mask, s, -float("inf")), 0, _logaddexp), carry_prefix)
+    suffix = _logaddexp(tl.associative_scan(tl.where(mask, -s, -float("inf")), 0, _logaddexp, reverse=True),
+                        carry_suffix)
+    first = tl.maximum(tl.associative_scan(tl.where(starts, i, 0), 0, _maximum), carry_first)
+    last = tl.minimum(tl.associative_scan(tl.where(ends, i, B), 0, _minimum, reverse=True), carry_last)
+    tl.store(prefix_ptr + i, prefix, mask=mask)
+    tl.store(suffix_ptr + i, suffix, mask=mask)
+    tl.store(first_ptr + i, first, mask=mask)
+    tl.store(last_ptr + i, last, mask=mask)
+
+
+@triton.jit
+def cosent_terms_kernel(s_ptr, prefix_ptr, first_ptr, terms_ptr, term_totals_ptr, B, BLOCK: tl.constexpr):
+    """T = P − s per sorted pair (−inf without a pair of smaller label) and the block's LSE of T."""
+    block = tl.program_id(0)
+    i = block * BLOCK + tl.arange(0, BLOCK)
+    mask = i < B
+    s = tl.load(s_ptr + i, mask=mask, other=0.0)
     first = tl.load(first_ptr + i, mask=mask, other=0)
-    before = tl.load(prefix_ptr + first - 1, mask=mask & (first > 0), other=-float("inf"))
-    return tl.where(mask & (first > 0), before - s, -float("inf"))
+    smaller = mask & (first > 0)
+    terms = tl.where(smaller, tl.load(prefix_ptr + first - 1, mask=smaller, other=0.0) - s, -float("inf"))
+    tl.store(terms_ptr + i, terms, mask=mask)
+    tl.store(term_totals_ptr + block, _logsumexp(terms))
 
 
 @triton.jit
-def cosent_scan_kernel(score_ptr, order_ptr, labels_ptr, prefix_ptr, first_ptr, suffix_ptr, last_ptr, loss_ptr,
-                       grad_ptr, B, scale, BLOCK: tl.constexpr):
-    """One program. labels_ptr: the labels sorted ascending; order_ptr: the original index of each sorted
-    pair. Writes the loss (fp32 scalar) and dL/dscore per pair in the original order."""
-    offs = tl.arange(0, BLOCK)
-    num_blocks = tl.cdiv(B, BLOCK)
-    # 1. inclusive prefix LSE of s, and the first index of each pair's label group
-    carry = tl.full([], -float("inf"), tl.float32)
-    carry_first = tl.full([], 0, tl.int32)
-    for k in range(0, num_blocks):
-        i = k * BLOCK + offs
-        mask = i < B
-        s, _ = _sorted_scores(score_ptr, order_ptr, i, mask, scale)
-        label = tl.load(labels_ptr + i, mask=mask)
-        previous = tl.load(labels_ptr + i - 1, mask=mask & (i > 0))
-        starts = mask & ((i == 0) | (label != previous))
-        prefix = _logaddexp(tl.associative_scan(tl.where(mask, s, -float("inf")), 0, _logaddexp), carry)
-        first = tl.maximum(tl.associative_scan(tl.where(starts, i, 0), 0, _maximum), carry_first)
-        tl.store(prefix_ptr + i, prefix, mask=mask)
-        tl.store(first_ptr + i, first, mask=mask)
-        carry = tl.max(tl.where(mask, prefix, -float("inf")), 0)  # both are non-decreasing along i
-        carry_first = tl.max(tl.where(mask, first, 0), 0)
-    tl.debug_barrier()  # the scratch written above is read at other indices below
-    # 2. L = log(1 + Σ e^T)
-    total = tl.full([], -float("inf"), tl.float32)
-    for k in range(0, num_blocks):
-        i = k * BLOCK + offs
-        mask = i < B
-        s, _ = _sorted_scores(score_ptr, order_ptr, i, mask, scale)
-        terms = _smaller_label_terms(prefix_ptr, first_ptr, i, mask, s)
-        top = tl.max(terms, 0)
-        shift = tl.where(top == -float("inf"), 0.0, top)
-        total = _logaddexp(total, shift + tl.log(tl.sum(tl.exp(terms - shift), 0)))
-    loss = _logaddexp(total, 0.0)
-    tl.store(loss_ptr, loss)
-    # 3. from the end: inclusive suffix LSE of −s, and the last index of each pair's label group
-    carry = tl.full([], -float("inf"), tl.float32)
-    carry_last = tl.full([], 0, tl.int32) + B
-    for k in range(0, num_blocks):
-        i = (num_blocks - 1 - k) * BLOCK + offs
-        mask = i < B
-        s, _ = _sorted_scores(score_ptr, order_ptr, i, mask, scale)
-        label = tl.load(labels_ptr + i, mask=mask)
-        following = tl.load(labels_ptr + i + 1, mask=mask & (i + 1 < B))
-        ends = mask & ((i == B - 1) | (label != following))
-        suffix = _logaddexp(tl.associative_scan(tl.where(mask, -s, -float("inf")), 0, _logaddexp, reverse=True),
-                            carry)
-        last = tl.minimum(tl.associative_scan(tl.where(ends, i, B), 0, _minimum, reverse=True), carry_last)
-        tl.store(suffix_ptr + i, suffix, mask=mask)
-        tl.store(last_ptr + i, last, mask=mask)
-        carry = tl.max(tl.where(mask, suffix, -float("inf")), 0)  # non-increasing along i
-        carry_last = tl.min(tl.where(mask, last, B), 0)
-    tl.debug_barrier()
-    # 4. dL/dscore = scale · (−e^{T − L} + e^{s + R − L}), stored at the original index
-    for k in range(0, num_blocks):
-        i = k * BLOCK + offs
-        mask = i < B
-        s, original = _sorted_scores(score_ptr, order_ptr, i, mask, scale)
-        terms = _smaller_label_terms(prefix_ptr, first_ptr, i, mask, s)
-        last = tl.load(last_ptr + i, mask=mask, other=0)
-        after = tl.load(suffix_ptr + last + 1, mask=mask & (last + 1 < B), other=-float("inf"))
-        grad = tl.exp(s + after - loss) - tl.exp(terms - loss)
-        tl.store(grad_ptr + original, grad * scale, mask=mask)
+def cosent_grad_kernel(s_ptr, order_ptr, terms_ptr, suffix_ptr, last_ptr, term_totals_ptr, loss_ptr, grad_ptr, B, G,
+                       scale, BLOCK: tl.constexpr, G_BLOCK: tl.constexpr):
+    """L = log(1 + Σ e^T) from the block totals (every program), and dL/dscore = scale·(e^{s + R − L} −
+    e^{T − L}) stored at each pair's original index."""
+    block = tl.program_id(0)
+    g = tl.arange(0, G_BLOCK)
+    loss = _logaddexp(_logsumexp(tl.load(term_totals_ptr + g, mask=g < G, other=-float("inf"))), 0.0)
+    if block == 0:
+        tl.store(loss_ptr, loss)
+    i = block * BLOCK + tl.arange(0, BLOCK)
+    mask = i < B
+    s = tl.load(s_ptr + i, mask=mask, other=0.0)
+    terms = tl.load(terms_ptr + i, mask=mask, other=-float("inf"))
+    last = tl.load(last_ptr + i, mask=mask, other=0)
+    larger = mask & (last + 1 < B)
+    after = tl.load(suffix_ptr + last + 1, mask=larger, other=-float("inf"))
+    grad = tl.exp(s + after - loss) - tl.exp(terms - loss)
+    original = tl.load(order_ptr + i, mask=mask, other=0)
+    tl.store(grad_ptr + original, grad * scale, mask=mask)
 
 
 def cosent_loss_and_grad(scores, labels, scale):
     """(loss, dL/dscores) in fp32 for 1-D scores and labels on one device (the op's Triton path)."""
     B = scores.shape[0]
-    labels_sorted, order = torch.sort(labels, stable=True)
-    scratch = torch.empty(4, B, dtype=torch.int32, device=scores.device)  # prefix, first, suffix, last
-    loss = torch.empty((), dtype=torch.float32, device=scores.device)
+    loss = torch.zeros((), dtype=torch.float32, device=scores.device)  # log(1 + 0) without pairs
     grad = torch.empty(B, dtype=torch.float32, device=scores.device)
-    block = 4096 if scores.is_cuda else 64  # the interpreter: several blocks on small test inputs
+    if B == 0:
+        return loss, grad
+    labels_sorted, order = torch.sort(labels, stable=True)
+    # ≥ 1024 pairs a block, and at most ~2048 blocks: programs 2 and 4 read all G block totals each
+    block = max(1024, triton.next_power_of_2(triton.cdiv(B, 2048))) if scores.is_cuda else 64
+    G = triton.cdiv(B, block)
+    g_block = triton.next_power_of_2(G)
+    floats = torch.empty(4, B, dtype=torch.float32, device=scores.device)  # s, prefix, suffix, terms
+    edges = torch.empty(2, B, dtype=torch.int32, device=scores.device)     # first, last
+    lse_totals = torch.empty(3, G, dtype=torch.float32, device=scores.device)  # LSE s, LSE −s, LSE T
+    edge_totals = torch.empty(2, G, dtype=torch.int32, device=scores.device)
+    s, prefix, suffix, terms = floats
+    launch = dict(num_warps=min(16, block // 256)) if scores.is_cuda else {}  # the interpreter: many blocks
     with on_device(scores):
-        cosent_scan_kernel[(1,)](scores.contiguous(), order, labels_sorted, scratch[0].view(torch.float32), scratch[1],
-                                 scratch[2].view(torch.float32), scratch[3], loss, grad, B, float(scale),
-                                 BLOCK=block, num_warps=16 if scores.is_cuda else 1)
+        cosent_block_totals_kernel[(G,)](scores.contiguous(), order, labels_sorted, s, lse_totals, edge_totals, B, G,
+                                         float(scale), BLOCK=block, **launch)
+        cosent_block_scans_kernel[(G,)](s, labels_sorted, lse_totals, edge_totals, prefix, suffix, edges[0], edges[1],
+                                        B, G, BLOCK=block, G_BLOCK=g_block, **launch)
+        cosent_terms_kernel[(G,)](s, prefix, edges[0], terms, lse_totals[2], B, BLOCK=block, **launch)
+        cosent_grad_kernel[(G,)](s, order, terms, suffix, edges[1], lse_totals[2], loss, grad, B, G, float(scale),
+                                 BLOCK=block, G_BLOCK=g_block, **launch)
     return loss, grad

@@ -38,11 +38,12 @@ def test_cosent_embedding_loss_through_triton():
     assert_close_rel(got, want, torch.float32, "loss", floor=1.0)  # an fp32 loss: fp32 rounding
 
 
-@pytest.mark.parametrize("B, num_labels", [(0, 1), (1, 1), (2, 2), (9, 1), (150, 4), (300, 300), (257, 37)])
+@pytest.mark.parametrize("B, num_labels", [(0, 1), (1, 1), (2, 2), (9, 1), (64, 3), (65, 2), (150, 4), (300, 300),
+                                           (257, 37), (1500, 2), (1500, 900)])
 @pytest.mark.parametrize("float_labels", [False, True])
 def test_cosent_scan_kernel(B, num_labels, float_labels):
-    """The one-program CoSENT (label groups and scans across several 64-pair blocks in the interpreter)
-    against the O(B²) definition: loss and gradient."""
+    """The CoSENT scan kernels (label groups spanning many 64-pair blocks in the interpreter, or none
+    shared) against the O(B²) definition: loss and gradient."""
     torch.manual_seed(B)
     s = (torch.rand(B, device=DEVICE) * 2 - 1).requires_grad_()
     y = torch.randint(0, num_labels, (B,), device=DEVICE)
