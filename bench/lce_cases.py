@@ -75,7 +75,7 @@ PROVIDERS = {
     "marginkern": _marginkern(),                                         # exact, 4 GEMMs, O(N) memory
     "marginkern cuda": on_backend("cuda", _marginkern()),                 # csrc/cuda: cuBLAS + CUDA epilogue
     "marginkern graphed": cuda_graphed(_marginkern()),                    # replayed from a CUDA graph
-    "marginkern 3-GEMM": _marginkern(logits_buffer_mb=256),               # exact, bounded logits buffer
+    "marginkern 3-GEMM": _marginkern(logits_buffer_mb=256),               # no recompute; bf16 dW summed per block
     "marginkern 3-GEMM 4GB": _marginkern(cuda_only=True, logits_buffer_mb=4096),  # few row blocks (NOTES)
     "marginkern filtered": _marginkern(grad_filter_eps="auto"),           # CCE's default filter
     "naive": lambda case, device: loss_step(naive_lce, case, device),

@@ -514,30 +514,43 @@ def rows_of(spec: LogitSpec, r0: int, r1: int) -> LogitSpec:
                      spec.target_logit[r0:r1])
 
 
+def buffered_grads_in_input_dtype(x, w) -> bool:
+    """Whether the 3-GEMM path stores dX and dW in the inputs' dtype as it makes them (bf16 on CUDA): dX per
+    row block, complete after its GEMM (rounded once), and dW accumulated across the blocks by the GEMM
+    itself (beta = 1: fp32 inside, rounded to bf16 once per block, as Liger-Kernel does). Otherwise they
+    are accumulated in fp32: a (C, D) fp32 dW is 2.1 GB at Llama-3-8B shapes, eight times a 256 MB
+    buffer. fp16 keeps fp32 gradients (unit-scale fp16 gradients underflow; GradScaler's scale overflows)."""
+    return x.is_cuda and x.dtype == w.dtype == torch.bfloat16
+
+
 def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int, need_sum_logits: bool,
                             need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool, tiles=None):
     """The 3-GEMM path (DESIGN.md §2): gradients computed in the forward pass from a bounded logits buffer.
 
-    Rows go in blocks whose N_r × C logits fit `buffer_bytes` (about three N_r × C temporaries are live:
-    the logits, which become dL/da in place, logsumexp's and the softcap slope or the 16-bit copy of
-    dL/da). Per block: the logits GEMM, the row statistics, the loss, dL/da and the GEMMs dX_r = G·W and
-    dW += Gᵀ·X_r; nothing is recomputed, but dW is read and written once per block and lives in the
-    accumulation dtype from the first block to the last.
+    Rows go in blocks whose N_r × C logits fit `buffer_bytes` (about three N_r × C temporaries in the
+    accumulation dtype are live: the logits, which become dL/da in place, logsumexp's and the softcap slope
+    or the 16-bit copy of dL/da; a tile backend says its own count, `block_bytes_per_logit`). Per block: the
+    logits GEMM, the row statistics, the loss, dL/da and the GEMMs dX_r = G·W and dW += Gᵀ·X_r; nothing is
+    recomputed, but dW is read and written once per block (in fp32, or in bf16 on CUDA:
+    buffered_grads_in_input_dtype).
 
     `row_terms(r0, r1, lse, sum_logits)` → (loss, coef_p, coef_u, target_grad) of rows [r0, r1) for a
     gradient of 1 on the (already reduced) loss, as streaming_grads takes them. Returns the per-row loss
-    and lse, and dX (raw), dW, dbias in the accumulation dtype, or None for each gradient not needed.
+    and lse, and dX (raw), dW (both in the accumulation dtype, or the inputs' when
+    buffered_grads_in_input_dtype), dbias in the accumulation dtype, or None for each gradient not needed.
     A tile backend may fuse the block's epilogue (`block_row_stats`, `block_grads_`, contract in TorchTiles).
     """
     acc = accumulation_dtype(x.dtype)
     N, D = x.shape
     C = w.shape[0]
     elt = 8 if acc == torch.float64 else 4
-    block = max(1, buffer_bytes // max(1, 3 * C * elt))
+    bytes_per_logit = getattr(tiles, "block_bytes_per_logit", lambda x: 3 * elt)(x)
+    block = max(1, buffer_bytes // max(1, bytes_per_logit * C))
+    in_dtype = buffered_grads_in_input_dtype(x, w)
     loss = torch.zeros(N, dtype=acc, device=x.device)
     lse = torch.zeros(N, dtype=acc, device=x.device)
-    grad_x = torch.zeros(N, D, dtype=acc, device=x.device) if need_input_grad else None
-    grad_w = torch.zeros(C, D, dtype=acc, device=x.device) if need_weight_grad else None
+    grad_x = torch.zeros(N, D, dtype=x.dtype if in_dtype else acc, device=x.device) if need_input_grad else None
+    grad_w = torch.zeros(C, D, dtype=w.dtype if in_dtype else acc, device=x.device) if need_weight_grad else None
     grad_bias = torch.zeros(C, dtype=acc, device=x.device) if need_bias_grad else None
     gemm_dtype = block_gemm_dtype(x)
     # one upcast copy of a 16-bit weight for all blocks (the CPU GEMMs would make two per block)
@@ -568,10 +581,13 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
         if grad_bias is not None:
             grad_bias += g.sum(0, dtype=acc).mul_(unscale)
         g_gemm = g.to(gemm_dtype)
-        if grad_x is not None:
-            grad_x[r0:r1] = mm_accumulate(g_gemm, w_gemm, acc).mul_(unscale)  # GEMM 2 of 3
-        if grad_w is not None:
-            addmm_accumulate(grad_w, g_gemm.t(), xr, alpha=unscale)  # GEMM 3 of 3
+        if grad_x is not None:  # GEMM 2 of 3
+            grad_x[r0:r1] = torch.mm(g_gemm, w_gemm) if in_dtype else mm_accumulate(g_gemm, w_gemm, acc).mul_(unscale)
+        if grad_w is not None:  # GEMM 3 of 3
+            if in_dtype:
+                grad_w.addmm_(g_gemm.t(), xr)
+            else:
+                addmm_accumulate(grad_w, g_gemm.t(), xr, alpha=unscale)
         del z, g, g_gemm  # before the next block's GEMM allocates its own
     return loss, lse, grad_x, grad_w, grad_bias
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from .checks import check_target_values
 from .dispatch import select_tiles
 from . import pairwise
-from .engine import NORM_EPS, accumulation_dtype
+from .engine import NORM_EPS, accumulation_dtype, buffered_grads_in_input_dtype
 from .emo import emo_backward, emo_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
@@ -208,7 +208,9 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     """(reduced loss, dL/dinput, dL/dweight, dL/dbias) with 3 GEMMs: the gradients (for a loss gradient
     of 1) come out of the forward pass; the autograd backward only scales them. They stay in the
     accumulation dtype until then (a GradScaler scale of 65536 is inf in fp16, and unit-scale fp16
-    gradients would underflow). A gradient not asked for (or of an absent bias) is empty (0,)."""
+    gradients would underflow), except dL/dinput and dL/dweight of bf16 inputs on CUDA, which are made in
+    bf16 (engine.buffered_grads_in_input_dtype: no (C, D) fp32 accumulator). A gradient not asked for (or
+    of an absent bias) is empty (0,)."""
     check_target_values(target, weight.shape[0], ignore_index)
     # The 3-GEMM path runs ATen GEMMs on every backend, and the backend's fused block epilogue where it has
     # one (C++), else PyTorch's; select_tiles also enforces MARGINKERN_BACKEND (a forced backend that cannot
@@ -219,18 +221,20 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     loss, grad_x, grad_w, grad_b = linear_ce_buffered(input, weight, target, bias, opts, reduction,
                                                       int(buffer_bytes), need_input_grad, need_weight_grad,
                                                       need_bias_grad, tiles)
-    return loss, _or_empty(grad_x, loss), _or_empty(grad_w, loss), _or_empty(grad_b, loss)  # all in acc dtype
+    return loss, _or_empty(grad_x, loss), _or_empty(grad_w, loss), _or_empty(grad_b, loss)
 
 
 @linear_cross_entropy_buffered.register_fake
 def _(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce, reduction,
       buffer_bytes, need_input_grad, need_weight_grad, need_bias_grad):
     acc = accumulation_dtype(input.dtype)
+    in_dtype = buffered_grads_in_input_dtype(input, weight)
 
-    def grad_like(t, needed):
-        return t.new_empty(t.shape, dtype=acc) if needed else t.new_empty((0,), dtype=acc)
+    def grad_like(t, needed, own_dtype=False):
+        return t.new_empty(t.shape, dtype=t.dtype if own_dtype else acc) if needed else t.new_empty((0,), dtype=acc)
 
-    return (input.new_empty((), dtype=acc), grad_like(input, need_input_grad), grad_like(weight, need_weight_grad),
+    return (input.new_empty((), dtype=acc), grad_like(input, need_input_grad, in_dtype),
+            grad_like(weight, need_weight_grad, in_dtype),
             grad_like(bias if bias is not None else weight, bias is not None and need_bias_grad))
 
 

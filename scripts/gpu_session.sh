@@ -87,7 +87,7 @@ case "$stage" in
       "marginkern,marginkern graphed,marginkern no split-K,marginkern unfused dW,3-GEMM floor" 120 face
     # the peers' rows are skipped unless their wheels were carried (scripts/fetch_peer_wheels.sh)
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench llm llama3-8b,gemma2-2b \
-      "marginkern,liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor" 100 llm
+      "marginkern,marginkern 3-GEMM,liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor" 120 llm
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench emo emo-llama3-8b "marginkern,3-GEMM floor" 35 emo
     bench cosent cosent-65k "marginkern,read both once" 45 cosent
     # issue 5's memcheck of the hand-written CUDA kernels, on a small subset, if the visit has time left

@@ -196,6 +196,18 @@ def test_linear_ce_cuda_matches_oracle(dtype, opts, knobs, backend):
         assert_close_rel(g, e, dtype, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_buffered_op_gradient_dtypes_and_opcheck(dtype, backend):
+    # bf16 on CUDA: dX and dW made in bf16 (engine.buffered_grads_in_input_dtype); fp16: fp32 until scaled.
+    # The fake kernel must say the same, or torch.compile would trace wrong dtypes.
+    x, w, t = make_case(300, 2000, 64, dtype, device="cuda", ignore=(1,))
+    args = (x, w, t, None, -100, 0.1, 1e-3, None, 0.0, 0.0, "mean", 1 << 20, True, True, False)
+    _, gx, gw, _ = torch.ops.marginkern.linear_cross_entropy_buffered(*args)
+    want = dtype if dtype == torch.bfloat16 else torch.float32
+    assert gx.dtype == want and gw.dtype == want
+    torch.library.opcheck(torch.ops.marginkern.linear_cross_entropy_buffered.default, args)
+
+
 def test_linear_ce_rows_times_vocab_beyond_int32(backend):
     # N·V = 16384 · 262144 = 2³²: the overflow case, with a narrow D to keep the test short
     x, w, t = make_case(16384, 262_144, 64, torch.bfloat16, device="cuda", ignore=(7,))

@@ -241,6 +241,36 @@ def test_buffered_16bit_gemm_branch(monkeypatch, dtype, opts):
     assert_close_rel(got[2], want[2], dtype, "grad weight")
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-3)])
+def test_buffered_bf16_gradients_made_in_bf16(monkeypatch, opts):
+    # What CUDA runs for bf16 (engine.buffered_grads_in_input_dtype), forced on the CPU: dX rounded once
+    # per row block, dW accumulated in bf16 across 7 blocks (rounded once per block): still within bf16's
+    # tolerance of the float64 oracle, and no fp32 (C, D) gradient exists.
+    monkeypatch.setattr(engine, "block_gemm_dtype", lambda x: x.dtype)
+    monkeypatch.setattr(engine, "buffered_grads_in_input_dtype", lambda x, w: x.dtype == torch.bfloat16)
+    torch.manual_seed(5)
+    N, C, D = 48, 301, 64
+    x, w, t = make_case(N, C, D, torch.bfloat16, ignore=(3,))
+    w = (w.detach() * 0.3).to(torch.bfloat16)
+    made = []
+    original = engine.buffered_loss_and_grads
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        made.append((out[2].dtype, out[3].dtype))
+        return out
+
+    monkeypatch.setattr(engine, "buffered_loss_and_grads", spy)
+    import marginkern.linear_ce as linear_ce
+    monkeypatch.setattr(linear_ce, "buffered_loss_and_grads", spy)
+    got = grads(mk.linear_cross_entropy, x, w, t, None, logits_buffer_mb=3 * C * 4 * 7 / 2**20, **opts)
+    want = grads(reference.linear_cross_entropy, x.double(), w.double(), t, None, **opts)
+    assert made == [(torch.bfloat16, torch.bfloat16)]
+    assert_close_rel(got[0], want[0], torch.bfloat16, "loss", floor=1.0)
+    assert_close_rel(got[1], want[1], torch.bfloat16, "grad input")
+    assert_close_rel(got[2], want[2], torch.bfloat16, "grad weight")
+
+
 def test_buffered_fp16_block_scale_prevents_underflow(monkeypatch):
     # review finding: no test failed without the fp16 block scale. Mean over N = 8192 rows with p ≈ 1/C:
     # |dL/dz| ≈ 1/(N·C) ≈ 1.5e-8 is below fp16's smallest subnormal; x shares a mean direction so the

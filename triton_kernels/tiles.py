@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import triton
 
-from ..engine import gpu_grad_dtype
+from ..engine import block_gemm_dtype, gpu_grad_dtype
 from ..margin_ce import TargetGradRows, TargetRows
 from .device import on_device
 from .margin_rows import margin_target_grad_rows as _margin_target_grad_rows
@@ -149,6 +149,12 @@ class TritonTiles:
         lse, _, expected_cost = self._row_stats(x, w, spec, False, x.shape[0], w.shape[0], x.shape[1], x.stride(0),
                                                 w.stride(0), from_dots=False, cost=cost)
         return lse, expected_cost
+
+    @staticmethod
+    def block_bytes_per_logit(x):
+        """Live bytes per logit of a 3-GEMM row block: the fp32 dot products (read in place by the two
+        epilogue kernels) and dL/da, written in the GEMMs' dtype (engine.block_gemm_dtype)."""
+        return 4 + block_gemm_dtype(x).itemsize
 
     def block_row_stats(self, z, spec, need_sum_logits):
         """engine.TorchTiles.block_row_stats in the forward kernel reading the dot products (FROM_DOTS);
