@@ -99,7 +99,9 @@ def check_reduction(reduction):
 
 
 def check_finite(name, value, low=-math.inf, high=math.inf, low_open=False):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    # comparisons, not math.isfinite: torch.compile(dynamic=True) traces floats as symbols, which
+    # math.isfinite cannot take (and NaN fails both comparisons)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (-math.inf < value < math.inf):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < low or value > high or (low_open and value == low):
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"

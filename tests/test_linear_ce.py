@@ -233,3 +233,26 @@ def test_plain_weight_grad_is_written_by_its_gemm(dtype):
     assert_close_rel(grad_w, grad_w_fp32_chunks, dtype, "dW", floor=1e-6)
     # TorchTiles' G is fp32: a bf16 weight then takes the fp32 chunk path, and its budget counts that chunk
     assert budgets == [16 * 4 if dtype == torch.bfloat16 else 0]
+
+
+DYNAMIC_STEPS = {
+    "linear": lambda x, w, t, eps: mk.linear_cross_entropy(x, w, t, label_smoothing=eps, z_loss=1e-3),
+    "linear 3-GEMM": lambda x, w, t, eps: mk.linear_cross_entropy(x, w, t, label_smoothing=eps, logits_buffer_mb=0.01),
+    "margin": lambda x, w, t, eps: mk.margin_cross_entropy(x, w, t, label_smoothing=eps),
+    "emo": lambda x, w, t, eps: mk.emo_cross_entropy(x, w, t),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(DYNAMIC_STEPS))
+def test_torch_compile_dynamic_shapes(loss):
+    # unsloth's setting (llm_ce_anchors.md: compile fragility): dynamic=True traces the batch size and the
+    # Python float argument as symbols; the option checks must not break the graph (math.isfinite did)
+    step = DYNAMIC_STEPS[loss]
+    compiled = torch.compile(step, dynamic=True, fullgraph=True)
+    for n, eps in ((12, 0.1), (20, 0.2), (7, 0.1)):
+        x, w, t = make_case(n, 40, 8, ignore=(3,))
+        got = grads(lambda a, c, tt, _: compiled(a, c, tt, eps), x, w, t, None)
+        want = grads(lambda a, c, tt, _: step(a, c, tt, eps), x, w, t, None)
+        for g, e in zip(got, want):
+            if e is not None:
+                torch.testing.assert_close(g, e)
