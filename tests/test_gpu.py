@@ -196,6 +196,19 @@ def test_linear_ce_cuda_matches_oracle(dtype, opts, knobs, backend):
         assert_close_rel(g, e, dtype, name)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_margin_non_finite_embedding_stays_non_finite(bad, backend):
+    # the GPU's max/min drop NaN unless told otherwise (margin_rows.py): the row must not become finite
+    x, w, t = make_case(300, 5000, 64, torch.bfloat16, device="cuda")
+    x = x.detach().clone()
+    x[17, 5] = bad
+    x.requires_grad_()
+    loss = mk.margin_cross_entropy(x, w, t, reduction="none")
+    assert not torch.isfinite(loss[17]) and torch.isfinite(torch.cat([loss[:17], loss[18:]])).all()
+    gx, gw = torch.autograd.grad(loss.sum(), (x, w))
+    assert not torch.isfinite(gx[17]).all() and not torch.isfinite(gw).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_buffered_op_gradient_dtypes_and_opcheck(dtype, backend):
     # bf16 on CUDA: dX and dW made in bf16 (engine.buffered_grads_in_input_dtype); fp16: fp32 until scaled.

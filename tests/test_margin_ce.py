@@ -395,3 +395,17 @@ def test_backward_from_the_forwards_geometry_equals_recomputing_it(normalize):
     recomputed = margin_ce_backward(g, x, w, t, lse, opts, TorchTiles())
     for a, b in zip(saved, recomputed):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embedding_gives_a_non_finite_row_and_gradients(bad):
+    # face_margin_anchors.md: a NaN/inf embedding must surface (GradScaler skips the step) instead of being
+    # clamped into a finite loss; the other rows stay finite
+    x, w, t = make_case(6, 40, 8)
+    x = x.detach().clone()
+    x[2, 3] = bad
+    x.requires_grad_()
+    loss = mk.margin_cross_entropy(x, w, t, reduction="none")
+    assert not torch.isfinite(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all()
+    gx, gw = torch.autograd.grad(loss.sum(), (x, w))
+    assert not torch.isfinite(gx[2]).all() and not torch.isfinite(gw).all()

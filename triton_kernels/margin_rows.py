@@ -26,6 +26,9 @@ from ..margin import EXACT_SLOPE_MIN_ANGLE as _EXACT_SLOPE_MIN_ANGLE
 NORM_EPS = tl.constexpr(_NORM_EPS)
 EXACT_SLOPE_MIN_ANGLE = tl.constexpr(_EXACT_SLOPE_MIN_ANGLE)
 PI = tl.constexpr(math.pi)
+# min/max that propagate NaN: Triton's default (and the GPU's max.f32, and the interpreter) return the other
+# operand, which would turn a NaN embedding into a finite loss
+NAN = tl.constexpr(tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -40,7 +43,8 @@ def _asin_small(x):
 @triton.jit
 def _acos(c):
     a = tl.abs(c)
-    half_angle = 2.0 * _asin_small(tl.sqrt(tl.maximum((1.0 - a) * 0.5, 0.0)))  # acos(|c|) for |c| > 0.5
+    # acos(|c|) for |c| > 0.5; NaN stays NaN (every clamp here propagates it, as torch's do)
+    half_angle = 2.0 * _asin_small(tl.sqrt(tl.maximum((1.0 - a) * 0.5, 0.0, propagate_nan=NAN)))
     far = tl.where(c < 0, PI - half_angle, half_angle)
     return tl.where(a <= 0.5, 0.5 * PI - _asin_small(c), far)
 
@@ -63,10 +67,11 @@ def _margin_psi(cosine, m1, m2, m3):
 def _margin_slope(cosine, m1, m2, EXACT: tl.constexpr):
     """dψ/dc, exact with θ clamped to [θ_min, π − θ_min], or 1 (marginkern.margin.margin_slope)."""
     if EXACT:
-        theta = tl.minimum(tl.maximum(_acos(cosine), EXACT_SLOPE_MIN_ANGLE), PI - EXACT_SLOPE_MIN_ANGLE)
+        theta = tl.minimum(tl.maximum(_acos(cosine), EXACT_SLOPE_MIN_ANGLE, propagate_nan=NAN),
+                           PI - EXACT_SLOPE_MIN_ANGLE, propagate_nan=NAN)
         phi = m1 * theta + m2
         sign = _parity_sign(tl.floor(phi / PI))
-        return tl.maximum(sign * m1 * tl.sin(phi) / tl.sin(theta), 0.0)
+        return tl.maximum(sign * m1 * tl.sin(phi) / tl.sin(theta), 0.0, propagate_nan=NAN)
     else:
         return tl.full(cosine.shape, 1.0, tl.float32)
 
@@ -103,9 +108,10 @@ def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_pt
         xx += tl.sum(x * x, axis=1)
         ww += tl.sum(w * w, axis=1)
         xw += tl.sum(x * w, axis=1)
-    x_norm = tl.maximum(tl.sqrt(xx), NORM_EPS)
-    w_norm = tl.maximum(tl.sqrt(ww), NORM_EPS)
-    cosine = tl.minimum(tl.maximum(xw / (x_norm * w_norm), -1.0), 1.0)
+    # NaN-propagating clamps (as torch's clamp): a NaN or inf embedding must give a NaN row, not ‖x‖ = ε
+    x_norm = tl.maximum(tl.sqrt(xx), NORM_EPS, propagate_nan=NAN)
+    w_norm = tl.maximum(tl.sqrt(ww), NORM_EPS, propagate_nan=NAN)
+    cosine = tl.minimum(tl.maximum(xw / (x_norm * w_norm), -1.0, propagate_nan=NAN), 1.0, propagate_nan=NAN)
     psi = _margin_psi(cosine, m1, m2, m3)
     if NORMALIZE:
         row_scale = scale / x_norm

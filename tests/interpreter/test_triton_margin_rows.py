@@ -144,3 +144,15 @@ def test_parity_sign_beyond_two_pi():
     psi = rows.row_state[:, 3].double().cpu()
     assert (psi.diff() < 0).all(), "ψ is strictly decreasing in θ"
     torch.testing.assert_close(psi, margin_psi(rows.row_state[:, 2].double().cpu(), 4.0, 0.0, 0.0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embedding_stays_non_finite(bad):
+    """A NaN/inf embedding's row state is NaN (NaN-propagating clamps), not a finite ‖x‖ = ε."""
+    x, w, t = hard_case(45, 37, 16, torch.float32)
+    x[7, 2] = bad
+    t[7] = 5
+    rows = triton_tiles().margin_target_rows(x, w, t, options(MARGINS[0]))
+    assert torch.isnan(rows.row_state[7, 2]) and torch.isnan(rows.target_logit[7])
+    others = torch.cat([rows.row_state[:7], rows.row_state[8:]])
+    assert torch.isfinite(others).all()
