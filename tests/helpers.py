@@ -57,3 +57,37 @@ def check_fp16_grad_saturates_and_keeps_nan(tiles, device):
     others = g[[0, 2, 3]].float()
     assert torch.isfinite(others).all() and others.abs().max() == 65504.0
     assert torch.isnan(g[1]).all(), "a NaN row of dL/da was clamped to numbers"
+
+
+def check_margin_fp16_under_grad_scaler(device):
+    """ArcFace (s = 64) in fp16 with GradScaler's 65536 on the loss (face_margin_anchors.md: "Fp16 Grad
+    Scale: 0" reports): the gradients stay finite and match the float64 oracle at fp16's tolerance."""
+    import marginkern as mk
+    from marginkern import reference
+    x, w, t = make_case(256, 700, 32, torch.float16, device=device, ignore=(5,))
+    a = [v.detach().clone().requires_grad_() for v in (x, w)]
+    got = torch.autograd.grad(mk.margin_cross_entropy(*a, t) * 65536.0, a)
+    ref = [v.detach().double().requires_grad_() for v in (x, w)]
+    want = torch.autograd.grad(reference.margin_cross_entropy(*ref, t) * 65536.0, ref)
+    for name, g, e in zip(("grad input", "grad weight"), got, want):
+        assert g.dtype == torch.float16
+        assert_close_rel(g, e, torch.float16, name)
+
+
+def check_margin_per_row_upstream_gradient(device, dtype=torch.float32):
+    """reduction="none" with a non-uniform, strided upstream gradient (a weighted sum over rows, zero on
+    some rows; llm_ce_anchors.md: reduction='none' gave wrong gradients in a peer): both gradients match
+    the float64 oracle's, for the margin family's two geometries."""
+    import marginkern as mk
+    from marginkern import reference
+    x, w, t = make_case(37, 301, 45, dtype, device=device, ignore=(0,))
+    upstream = torch.randn(2 * 37, device=device)[::2]
+    upstream[3] = 0.0
+    for opts in (dict(), dict(m1=1.5, m2=0.2, m3=0.1, scale=0.5, normalize=False, label_smoothing=0.2)):
+        a = [v.detach().clone().requires_grad_() for v in (x, w)]
+        got = torch.autograd.grad(mk.margin_cross_entropy(*a, t, reduction="none", **opts), a, upstream)
+        ref = [v.detach().double().requires_grad_() for v in (x, w)]
+        want = torch.autograd.grad(reference.margin_cross_entropy(*ref, t, reduction="none", **opts), ref,
+                                   upstream.double())
+        for name, g, e in zip(("grad input", "grad weight"), got, want):
+            assert_close_rel(g, e, dtype, f"{name} {opts}")

@@ -11,7 +11,8 @@ import marginkern as mk
 from marginkern import cpp_tiles, reference
 from marginkern.engine import TorchTiles, finish_grad_rows
 from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
-from tests.helpers import assert_close_rel, loss_and_grads, make_case
+from tests.helpers import (assert_close_rel, check_margin_fp16_under_grad_scaler, check_margin_per_row_upstream_gradient,
+                           loss_and_grads, make_case)
 
 OPTIONS = [
     dict(),                                                        # ArcFace s=64 m=0.5
@@ -409,3 +410,17 @@ def test_non_finite_embedding_gives_a_non_finite_row_and_gradients(bad):
     assert not torch.isfinite(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all()
     gx, gw = torch.autograd.grad(loss.sum(), (x, w))
     assert not torch.isfinite(gx[2]).all() and not torch.isfinite(gw).all()
+
+
+@pytest.mark.parametrize("backend", ["default", "reference"])
+def test_fp16_under_a_grad_scaler_scale(backend, monkeypatch):
+    if backend != "default":
+        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    check_margin_fp16_under_grad_scaler("cpu")
+
+
+@pytest.mark.parametrize("backend", ["default", "reference"])
+def test_per_row_upstream_gradient(backend, monkeypatch):
+    if backend != "default":
+        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    check_margin_per_row_upstream_gradient("cpu")

@@ -12,7 +12,8 @@ import torch
 import marginkern as mk
 from marginkern import reference
 from marginkern.engine import LogitSpec, TorchTiles
-from tests.helpers import assert_close_rel, loss_and_grads, make_case
+from tests.helpers import (assert_close_rel, check_margin_fp16_under_grad_scaler, check_margin_per_row_upstream_gradient,
+                           loss_and_grads, make_case)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
@@ -270,3 +271,11 @@ def test_projected_weight_grad_kernel(dtype, shape):
     assert got.dtype == dtype and got.data_ptr() == store[2:R + 2].data_ptr()
     assert_close_rel(got, want, dtype, "projected dW", floor=1.0)
     assert (store[:2] == 7).all() and (store[R + 2:] == 7).all()
+
+
+def test_margin_fp16_under_a_grad_scaler_scale():
+    check_margin_fp16_under_grad_scaler(DEVICE)
+
+
+def test_margin_per_row_upstream_gradient():
+    check_margin_per_row_upstream_gradient(DEVICE)
