@@ -78,8 +78,24 @@ class ProcessGroupShard:
         return self._all_reduce(grad_x.contiguous(), dist.ReduceOp.SUM)
 
 
+def _check_same_rows(local, group, world_size):
+    """Every rank must pass the same (b, ...) shape: all_gather with unequal sizes hangs or fails deep
+    inside the backend (PartialFC asserts a constant batch size). One tiny all-gather of the shapes."""
+    shape = torch.tensor([local.dim()] + list(local.shape) + [0] * (8 - local.dim()), dtype=torch.int64,
+                         device=local.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size)]
+    dist.all_gather(shapes, shape, group=group)
+    if any(not torch.equal(other, shape) for other in shapes):
+        seen = [tuple(v[1:1 + int(v[0])].tolist()) for v in shapes]
+        raise ValueError(f"gather_embeddings: every rank must pass the same shape (the same batch size), got "
+                         f"{seen} on ranks 0..{world_size - 1}")
+
+
 def _all_gather_cat(local, group):
     _, world_size = _rank_and_world_size(group)
+    if local.dim() > 7:
+        raise ValueError(f"gather_embeddings takes at most 7 dimensions, got shape {tuple(local.shape)}")
+    _check_same_rows(local, group, world_size)
     gathered = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(gathered, local.contiguous(), group=group)
     return torch.cat(gathered)
@@ -100,7 +116,8 @@ class _GatherRows(torch.autograd.Function):
 
 def gather_embeddings(local, group=None):
     """All-gather of the rows of `local` (b, D) over `group` → (W·b, D), rank order; every rank passes the same
-    b (as PartialFC asserts). Labels: call it on them too (integer tensors get no gradient).
+    b (as PartialFC asserts; checked, unequal shapes raise). Labels: call it on them too (integer tensors get
+    no gradient).
 
     Made for `sharded_margin_cross_entropy`, whose dL/dinput is already summed over ranks: the backward pass
     needs no communication and returns W × this rank's rows of the gradient, so that DDP's averaging of the

@@ -401,6 +401,20 @@ def test_gather_embeddings_gives_the_ddp_scaled_gradient(world):
     torch.testing.assert_close(torch.cat(grads) / world.size, want_gx, rtol=REL_TOL[torch.float64], atol=1e-14)
 
 
+def _unequal_batches(rank, world_size):
+    local = torch.randn(3 + rank, 4)
+    with pytest.raises(ValueError, match=r"every rank must pass the same shape .*\(3, 4\), \(4, 4\)"):
+        mkd.gather_embeddings(local)
+    with pytest.raises(ValueError, match="every rank must pass the same shape"):
+        mkd.gather_embeddings(torch.arange(2 + rank))  # labels too
+    return tuple(mkd.gather_embeddings(torch.ones(2, 4)).shape)  # the group still works
+
+
+def test_gather_embeddings_refuses_unequal_batches(world):
+    # face_margin_anchors.md: PartialFC needs a constant batch size per rank; unequal ones must not hang
+    assert world.run(_unequal_batches) == [(2 * world.size, 4)] * world.size
+
+
 def test_subgroup_of_one_rank(world):
     x, w, t = make_case(7, 9, 4, torch.float64, ignore=(2,))
     results = world.run(_single_member_group, x, w, t)
