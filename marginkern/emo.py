@@ -5,10 +5,14 @@ With Ê the row-normalised cost embedding (fixed: it never receives a gradient) 
     L_emo = Σ_j p_j·(1 − ê_j·ê_t) = 1 − ê_t·ȳ,      ȳ = Σ_j p_j·ê_j   (attention with Q = x, K = w, V = Ê)
     dL_emo/dz_j = p_j·(c_jt − L_emo),                 c_jt = 1 − ê_j·ê_t
 
-ê_t·ȳ = Σ_j p_j·(ê_t·ê_j) is the softmax-weighted cost term (engine.streaming_row_stats_with_cost): on the
-GPU one forward pass yields it with the log-sum-exp (the cosines ê_t·ê_j of each tile weighted inside the
-kernel, nothing (N, E)); elsewhere the lse pass plus one streamed expectation ȳ. The backward pass adds
-the same cosines per tile (the engine's cost term) to the usual dX/dW GEMMs. Only lse and L_emo are saved.
+computed as  L_emo = Σ_{j≠t} p_j·(1 − ê_j·ê_t) + p_t·(1 − ê_t·ê_t): 1 − ê_t·ȳ cancels as p_t → 1 (a
+confident token: 1 − p_t is below fp32's resolution of an lse of ~30, and fp32 gave L_emo ≈ −6e-7 where it
+is ≥ 0; the MLE-anchored ratio ce/emo, whose true value stays bounded there, then flipped sign or blew up).
+The sum over j ≠ t is the softmax-weighted cost without the target column
+(engine.streaming_row_stats_with_cost): on the GPU one forward pass yields it with the log-sum-exp (the
+cosines ê_t·ê_j of each tile weighted inside the kernel, nothing (N, E)); elsewhere the lse pass plus one
+streamed expectation. The backward pass adds the same cosines per tile (the engine's cost term) to the
+usual dX/dW GEMMs. Only lse and L_emo are saved.
 """
 import torch
 
@@ -30,15 +34,19 @@ class _EMOGeometry:
         # ê_t: rows of Ê by index (gathered per tile on the GPU, never as an (N, E) copy)
         self.query_rows = safe
         self.query_scale = self.key_scale[safe]
-        self.self_cosine = (norms[safe] * self.query_scale) ** 2  # ê_t·ê_t: 1, or 0 for e_t = 0
+        # ê_t·ê_t: exactly 1 (not (‖e‖·(1/‖e‖))², one ulp off, which would reintroduce the cancellation),
+        # less for a (near-)zero e_t (normalised by NORM_EPS, as the kernels' cosines are)
+        target_norm = norms[safe]
+        self.self_cosine = torch.where(target_norm >= NORM_EPS, torch.ones_like(target_norm),
+                                       (target_norm / NORM_EPS) ** 2)
 
 
 def emo_forward(x, w, target, cost, ignore_index, tiles):
     """(ce, emo, lse) per row; ce and emo are 0 on ignored rows."""
     geo = _EMOGeometry(x, w, target, cost, ignore_index)
     cosines = CostSpec(geo.query_rows, geo.query_scale, cost, geo.key_scale, torch.zeros_like(geo.query_scale))
-    lse, expected_cosine = streaming_row_stats_with_cost(x, w, geo.spec, cosines, tiles)
-    emo = 1.0 - expected_cosine
+    lse, other_cost = streaming_row_stats_with_cost(x, w, geo.spec, cosines, tiles)
+    emo = other_cost + torch.exp(geo.target_logit - lse) * (1.0 - geo.self_cosine)
     ce = lse - geo.target_logit
     zero = torch.zeros_like(lse)
     return torch.where(geo.valid, ce, zero), torch.where(geo.valid, emo, zero), lse

@@ -16,7 +16,7 @@ dX = G·W and dW = Gᵀ·X. Only a bounded N × chunk buffer exists at any time,
 
 EMO adds a cost term: with A_nj = (q_n·k_j)·query_scale_n·key_scale_j, q_n = k_{query_rows_n} (a second,
 small dot product per tile: cosines of cost embeddings), dL/dz_nj = (coef_p_n − coef_cost_n·A_nj)·p_nj − coef_u_n;
-and its forward needs the streamed expectation Σ_j p_nj·value_scale_j·v_j (`streaming_expectation`).
+and its forward needs the expected cost Σ_{j≠t} p_nj·(1 − A_nj) (`streaming_row_stats_with_cost`).
 
 Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
 the kernels' oracle), `marginkern.triton_kernels.TritonTiles` and `marginkern.cpp_tiles.CppTiles`. They
@@ -450,17 +450,20 @@ def scatter_rows(values: Tensor, kept: Optional[Tensor], rows: int) -> Tensor:
 
 
 def streaming_row_stats_with_cost(x, w, spec: LogitSpec, cost: CostSpec, tiles):
-    """(lse, Σ_j p_nj·A_nj) per row, both in the accumulation dtype: the log-sum-exp and the softmax-weighted
-    cost cosines (EMO's ê_t·ȳ; cost.coef is not used). Tiles may do both in one pass over the classes
-    (`row_stats_with_cost`: one GEMM-equivalent of logits and one of cosines, nothing (N, E)); otherwise
-    the lse pass, then ȳ = Σ_j p_nj·key_scale_j·k_j streamed (streaming_expectation) and dotted with the
-    query rows. Only for specs whose dz/da is 1 (no row/column scale, no softcap), as in EMO."""
+    """(lse, Σ_{j≠t_n} p_nj·(1 − A_nj)) per row, both in the accumulation dtype: the log-sum-exp and the
+    softmax-weighted cost 1 − cosine over the classes other than the row's target column spec.target (EMO's
+    expected cost without its target term, which the loss adds exactly; written as 1 − Σ_j p_j·A_j it
+    cancels as p_t → 1: 1 − p_t is below fp32's resolution of an lse of ~30; cost.coef is not used).
+    Tiles may do it in one pass over the classes (`row_stats_with_cost`: one GEMM-equivalent of logits and
+    one of cosines, a sum of non-negative terms, nothing (N, E)); otherwise the lse pass, then
+    ȳ' = Σ_{j≠t} p_nj·key_scale_j·k_j and Σ_{j≠t} p_nj streamed (streaming_expectation), and
+    Σ_{j≠t} p_nj − q̂_n·ȳ'. Only for specs whose dz/da is 1 (no row/column scale, no softcap), as in EMO."""
     own = getattr(tiles, "row_stats_with_cost", None)
     if own is not None:
         return own(x, w, spec, cost)
     lse, _ = tiles.row_stats(x, w, spec, False)
-    expected = streaming_expectation(x, w, spec, lse, cost.keys, cost.key_scale, tiles)
-    return lse, query_dot(cost, expected)
+    expected, other_mass = streaming_expectation(x, w, spec, lse, cost.keys, cost.key_scale, tiles)
+    return lse, other_mass - query_dot(cost, expected)
 
 
 def query_dot(cost: CostSpec, values: Tensor, block_bytes: int = 16 << 20) -> Tensor:
@@ -476,28 +479,31 @@ def query_dot(cost: CostSpec, values: Tensor, block_bytes: int = 16 << 20) -> Te
 
 
 def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles):
-    """Σ_j p_nj·value_scale_j·values_j, (N, E) in the accumulation dtype: attention with Q = x, K = w,
-    V = values, streamed over class chunks (p is rebuilt per chunk by `grad_logits` with coef_p = 1).
+    """(Σ_{j≠t_n} p_nj·value_scale_j·values_j, (N, E), and Σ_{j≠t_n} p_nj, (N,)) in the accumulation dtype:
+    attention with Q = x, K = w, V = values, streamed over class chunks (p is rebuilt per chunk by
+    `grad_logits` with coef_p = 1), the row's target column spec.target left out (p_nt = 0:
+    streaming_row_stats_with_cost says why).
 
     Only for specs whose dz/da is 1 (no row/column scale, no softcap), as in EMO.
     """
     acc = accumulation_dtype(x.dtype)
     N, C = x.shape[0], w.shape[0]
     out = torch.zeros(N, values.shape[1], dtype=acc, device=x.device)
+    mass = torch.zeros(N, dtype=acc, device=x.device)
     if N == 0 or C == 0:
-        return out
+        return out, mass
     ones, zeros = torch.ones_like(lse), torch.zeros_like(lse)
-    target_prob = torch.exp(spec.target_logit - lse)
     # the chunk's scaled values (chunk × E, in p's dtype ≤ 4 bytes) share the budget with its N × chunk p
     chunks = tiles.class_chunks(N, C, x, bytes_per_class=4 * values.shape[1])
     expectation = SplitKAccumulator(out, split_k_slices(out, chunks[0][1] - chunks[0][0]))
     for c0, c1 in chunks:
-        p = tiles.grad_logits(x, w, spec, lse, ones, zeros, target_prob, c0, c1)
+        p = tiles.grad_logits(x, w, spec, lse, ones, zeros, zeros, c0, c1)  # p_nt = 0: target left out
         # scale the (chunk, E) values rather than the (N, chunk) probabilities: the smaller temporary
         scaled_values = (values[c0:c1] * value_scale[c0:c1, None]).to(p.dtype)
         expectation.add(p, scaled_values)  # in place: no (N, E) temporary per chunk
+        mass += p.sum(1, dtype=acc)
         del p, scaled_values  # before the next chunk allocates its own
-    return expectation.result()
+    return expectation.result(), mass
 
 
 def block_gemm_dtype(x):

@@ -91,3 +91,34 @@ def check_margin_per_row_upstream_gradient(device, dtype=torch.float32):
                                    upstream.double())
         for name, g, e in zip(("grad input", "grad weight"), got, want):
             assert_close_rel(g, e, dtype, f"{name} {opts}")
+
+
+def check_emo_confident_rows(device, dtype=torch.float32):
+    """EMO of confident tokens (seed_losses.md: "if emo ≈ 0 … the weight explodes"): 1 − Σ_j p_j·ê_j·ê_t
+    cancels as p_t → 1 (fp32 gave −5e-7 for an EMO that is ≥ 0), which flips or blows up the MLE-anchored
+    ratio ce/emo. Per row: EMO ≥ 0 and within 1e-3 of its own size of a direct float64 computation, from
+    barely to very confident rows (1 − p_t from ~0.5 down to ~1e-12)."""
+    import marginkern as mk
+    torch.manual_seed(11)
+    N, C, D = 40, 97, 16
+    w = torch.randn(C, D, dtype=torch.float64)
+    t = torch.randint(0, C, (N,))
+    confidence = torch.linspace(0.0, 2.5, N, dtype=torch.float64)[:, None]
+    x = confidence * w[t] + 0.3 * torch.randn(N, D, dtype=torch.float64)
+    x, w = x.to(dtype), w.to(dtype)
+    # the oracle on the rounded inputs, materialised in float64, the target's own cost exactly 0
+    xd, wd = x.double(), w.double()
+    p = torch.softmax(xd @ wd.t(), dim=1)
+    unit = torch.nn.functional.normalize(wd, dim=1)
+    cost = 1.0 - unit @ unit[t].t()             # (C, N): 1 − ê_j·ê_t
+    cost = cost.t().scatter(1, t[:, None], 0.0)
+    want = (p * cost).sum(1)
+    got = mk.emo_loss(x.to(device), w.to(device), t.to(device), reduction="none").double().cpu()
+    assert (got >= 0).all(), f"negative EMO {got.min():.3e}"
+    err = ((got - want).abs() / want.clamp_min(1e-30))[want > 1e-25]
+    assert err.max() < 1e-3, f"EMO relative error {err.max():.3e} (EMO down to {want.min():.1e})"
+    assert want.min() < 1e-9, "the case must reach confident rows"
+    # the MLE-anchored loss's gradient stays finite and close to the oracle's
+    xr, wr = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+    gx, gw = torch.autograd.grad(mk.emo_cross_entropy(xr, wr, t.to(device)), (xr, wr))
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import marginkern as mk
 from marginkern import reference
 from marginkern.emo import emo_backward, emo_forward
-from tests.helpers import assert_close_rel, make_case
+from tests.helpers import assert_close_rel, check_emo_confident_rows, make_case
 
 
 def naive_emo_rows(x, w, t, cost, ignore_index=-100):
@@ -172,3 +172,10 @@ def test_cost_rows_are_gathered_once_per_backward(indexes):
         assert all(q is None for q in seen)
     else:
         assert all(q is seen[0] for q in seen) and seen[0].shape == (6, 8)
+
+
+@pytest.mark.parametrize("backend", ["default", "reference"])
+def test_confident_rows_keep_emo_accurate_and_non_negative(backend, monkeypatch):
+    if backend != "default":
+        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    check_emo_confident_rows("cpu")

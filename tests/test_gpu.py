@@ -8,8 +8,9 @@ import marginkern as mk
 from marginkern import cpp_tiles, reference
 from marginkern.dispatch import _why_not
 from marginkern.engine import CostSpec, LogitSpec, TorchTiles
-from tests.helpers import (assert_close_rel, check_fp16_grad_saturates_and_keeps_nan, check_margin_fp16_under_grad_scaler,
-                           check_margin_per_row_upstream_gradient, loss_and_grads, make_case)
+from tests.helpers import (assert_close_rel, check_emo_confident_rows, check_fp16_grad_saturates_and_keeps_nan,
+                           check_margin_fp16_under_grad_scaler, check_margin_per_row_upstream_gradient, loss_and_grads,
+                           make_case)
 from tests.test_cpp import EPILOGUES, SHAPES, check_special_rows_lse, random_cost, random_spec
 from tests.test_linear_ce import grads
 
@@ -195,6 +196,10 @@ def test_linear_ce_cuda_matches_oracle(dtype, opts, knobs, backend):
     assert_close_rel(got[0], want[0], dtype, "loss", floor=1.0)
     for name, g, e in zip(("grad input", "grad weight", "grad bias"), got[1:], want[1:]):
         assert_close_rel(g, e, dtype, name)
+
+
+def test_emo_confident_rows_cuda(backend):
+    check_emo_confident_rows("cuda")
 
 
 def test_margin_fp16_under_a_grad_scaler_scale_cuda(backend):

@@ -183,11 +183,13 @@ def streaming_ce_fwd_kernel(
         rescale = tl.exp(run_max - shift)
         weights = tl.exp(z - shift[:, None])
         run_sumexp = run_sumexp * rescale + tl.sum(weights, axis=1)
-        if HAS_COST:  # Σ_j e^{z_j − max}·A_nj, rescaled as Σexp is: the softmax-weighted cost after the merge
+        if HAS_COST:  # Σ_{j≠t} e^{z_j − max}·(1 − A_nj), rescaled as Σexp is: EMO's expected cost after the
+            # merge, a sum of non-negative terms (1 − Σ_j p_j·A_j would cancel as p_t → 1), target column left out
             cosines = _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols,
                                         row_mask, col_mask, E, stride_k, COST_DOT_PRECISION, BLOCK_N, BLOCK_C,
                                         BLOCK_D, EVEN_E)
-            run_cost = run_cost * rescale + tl.sum(weights * cosines, axis=1)
+            costs = tl.where(cols[None, :] == target[:, None], 0.0, weights * (1.0 - cosines))
+            run_cost = run_cost * rescale + tl.sum(costs, axis=1)
         run_max = new_max
         if NEED_SUM_LOGITS:
             run_sumlogit += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)

@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "loss_reduction.h"
 #include "streaming_ce.h"
@@ -33,28 +34,33 @@ struct EMOGeometry {
     key_scale = cost_norms.to(acc).clamp_min(loss::kNormEps).reciprocal();
     query = cost.index_select(0, safe);
     query_scale = key_scale.index_select(0, safe);
-    self_cosine = query.to(acc).pow(2).sum(1) * query_scale.pow(2);  // ê_t·ê_t: 1, or 0 for e_t = 0
+    // ê_t·ê_t: exactly 1 (not (‖e‖/‖e‖)², an ulp off, which would bring back the cancellation emo_rows
+    // avoids), less for a (near-)zero e_t (normalised by kNormEps, as the cosines are)
+    const at::Tensor target_norm = cost_norms.to(acc).index_select(0, safe);
+    self_cosine = at::where(target_norm.ge(loss::kNormEps), at::ones_like(target_norm),
+                            (target_norm / loss::kNormEps).pow(2));
   }
 };
 
-// Σ_j p_nj·key_scale_j·cost_j, (N, E): p rebuilt per class chunk by streaming_grad_logits with
-// coef_p = 1, coef_u = 0 (engine.streaming_expectation).
-at::Tensor expectation(const at::Tensor& x, const at::Tensor& w, const EMOGeometry& geo, const at::Tensor& lse,
-                       const at::Tensor& cost, int64_t chunk) {
+// (Σ_{j≠t} p_nj·key_scale_j·cost_j, (N, E), and Σ_{j≠t} p_nj): p rebuilt per class chunk by
+// streaming_grad_logits with coef_p = 1, coef_u = 0 and 0 in the target column (engine.streaming_expectation).
+std::pair<at::Tensor, at::Tensor> expectation(const at::Tensor& x, const at::Tensor& w, const EMOGeometry& geo,
+                                              const at::Tensor& lse, const at::Tensor& cost, int64_t chunk) {
   const int64_t N = x.size(0), C = w.size(0);
   at::Tensor out = at::zeros({N, cost.size(1)}, lse.options());
-  if (N == 0) return out;
+  at::Tensor mass = at::zeros_like(lse);
+  if (N == 0) return {out, mass};
   const at::Tensor ones = at::ones_like(lse), zeros = at::zeros_like(lse);
-  const at::Tensor target_prob = at::exp(geo.target_logit - lse);
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
     const int64_t c1 = std::min(C, c0 + chunk);
     const at::Tensor p = streaming_grad_logits(x, w, geo.row_scale, std::nullopt, std::nullopt, std::nullopt,
-                                               geo.column, lse, ones, zeros, target_prob, c0, c1);
+                                               geo.column, lse, ones, zeros, zeros, c0, c1);
     const at::Tensor values = cost.narrow(0, c0, c1 - c0).to(lse.scalar_type()) *
                               geo.key_scale.narrow(0, c0, c1 - c0).unsqueeze(1);
     out.addmm_(p, values);
+    mass.add_(p.sum(1));
   }
-  return out;
+  return {out, mass};
 }
 
 struct EMORows : public torch::autograd::Function<EMORows> {
@@ -106,8 +112,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emo_rows(const at::Tensor& x, con
   const int64_t chunk = loss::class_chunk(class_chunk, x.size(0), geo.target_logit.scalar_type());
   const at::Tensor lse = std::get<0>(streaming_row_stats(x, w, geo.row_scale, std::nullopt, std::nullopt,
                                                          std::nullopt, geo.column, geo.target_logit, false, chunk));
-  const at::Tensor expected = expectation(x, w, geo, lse, cost, chunk);
-  const at::Tensor emo = 1.0 - geo.query_scale * (expected * geo.query.to(expected.scalar_type())).sum(1);
+  const auto [expected, other_mass] = expectation(x, w, geo, lse, cost, chunk);
+  // Σ_{j≠t} p_j·(1 − ê_j·ê_t) + p_t·(1 − ê_t·ê_t): no cancellation as p_t → 1 (emo.py)
+  const at::Tensor emo = other_mass - geo.query_scale * (expected * geo.query.to(expected.scalar_type())).sum(1) +
+                         at::exp(geo.target_logit - lse) * (1.0 - geo.self_cosine);
   const at::Tensor ce = lse - geo.target_logit;
   const at::Tensor zero = at::zeros_like(ce);
   return {at::where(geo.valid, ce, zero), at::where(geo.valid, emo, zero), lse};

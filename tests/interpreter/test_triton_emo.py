@@ -4,7 +4,7 @@ import torch
 
 import marginkern as mk
 from marginkern import reference
-from tests.helpers import assert_close_rel, make_case
+from tests.helpers import assert_close_rel, check_emo_confident_rows, make_case
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_emo import check_emo_against_oracle, grads
 
@@ -37,3 +37,8 @@ def test_emo_with_long_class_splits(anchored, monkeypatch):
     import marginkern.triton_kernels.tiles as tiles_module
     monkeypatch.setattr(tiles_module, "_sm_count", lambda device: 1)
     check_emo_against_oracle(torch.float32, anchored, (5, 300, 16, 12), DEVICE)
+
+
+def test_confident_rows_keep_emo_accurate_and_non_negative():
+    # the forward kernel sums p_j·(1 − cosine) over j ≠ t: no 1 − Σ p·cosine cancellation
+    check_emo_confident_rows(DEVICE)
