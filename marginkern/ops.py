@@ -239,7 +239,10 @@ def _(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softca
 
 
 def _buffered_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
+    # The gradients are held as a plain attribute, not saved tensors: the backward pass scales them in place
+    # and hands them over, and AccumulateGrad adopts a gradient only when nothing else references it (a saved
+    # tensor would make it copy: a second (C, D) dW at the peak, 1 GB at Llama-3-8B shapes).
+    ctx.grads = list(output[1:])
     ctx.mark_non_differentiable(*output[1:])
     input, weight, _, bias = inputs[:4]
     ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -251,10 +254,21 @@ def _buffered_backward(ctx, grad_loss, *unused):
     if torch.is_grad_enabled():
         raise RuntimeError("linear_cross_entropy(logits_buffer_mb=...) computes its gradients in the forward "
                            "pass and cannot be differentiated twice (create_graph=True); use logits_buffer_mb=None")
+    if ctx.grads is None:
+        raise RuntimeError("linear_cross_entropy(logits_buffer_mb=...) hands its gradients over in the first "
+                           "backward pass: a second one through the same graph (retain_graph=True) is not "
+                           "supported; use logits_buffer_mb=None")
+    grads, ctx.grads = ctx.grads, None
     needed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.dtypes[2] is not None and ctx.needs_input_grad[3])
-    # multiplied in fp32, rounded once when stored: no second fp32 copy of a (C, D) gradient
-    scaled = [torch.mul(g, grad_loss, out=torch.empty(g.shape, dtype=dtype, device=g.device)) if need else None
-              for g, need, dtype in zip(ctx.saved_tensors, needed, ctx.dtypes)]
+    # in place where the dtype already is the parameter's (bf16 on CUDA, fp32 on the CPU), else multiplied in
+    # fp32 and rounded once when stored: never a second copy of a (C, D) gradient beside the first
+    # (real tensors only: a traced backward, whose tensors are fake or functional subclasses, must not mutate
+    # a forward output; the compiler plans that memory itself)
+    in_place = not torch.compiler.is_compiling() and all(type(g) is torch.Tensor for g in grads)
+    scaled = [(g.mul_(grad_loss) if g.dtype == dtype and in_place else
+               torch.mul(g, grad_loss, out=torch.empty(g.shape, dtype=dtype, device=g.device))) if need else None
+              for g, need, dtype in zip(grads, needed, ctx.dtypes)]
+    del grads
     return (scaled[0], scaled[1], None, scaled[2]) + (None,) * 11
 
 

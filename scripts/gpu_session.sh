@@ -73,7 +73,7 @@ case "$stage" in
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
     budgeted 80 280 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=5 \
       -k "not triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-cuda.log" | tail -15
-    budgeted 60 220 python -m pytest tests/test_gpu.py -q -rs --durations=4 -k "beyond_int32 or memory_is_bounded" \
+    budgeted 90 220 python -m pytest tests/test_gpu.py -q -rs --durations=4 -k "beyond_int32 or memory_is_bounded" \
       2>&1 | tee "$OUT/tests-big.log" | tail -10
     # the Triton tile configs, then the benchmarks with each family's fastest one (the default where the sweep
     # did not get to a case), then where a step's time goes

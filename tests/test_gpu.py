@@ -141,6 +141,34 @@ def test_extra_memory_is_bounded(backend):
     assert extra <= budget, f"{extra / 2**20:.0f} MB extra (one fp32 logits matrix is {logits_fp32 / 2**20:.0f} MB)"
 
 
+LLM_MEMORY_STEPS = {
+    "linear": lambda x, w, t: mk.linear_cross_entropy(x, w, t),
+    "linear 3-GEMM": lambda x, w, t: mk.linear_cross_entropy(x, w, t, logits_buffer_mb=200),
+    "emo": lambda x, w, t: mk.emo_cross_entropy(x, w, t),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(LLM_MEMORY_STEPS))
+def test_llm_extra_memory_is_bounded(loss, backend):
+    # the LLM and EMO issues' goal at Llama-3-8B shapes (bf16): ≤ 256 MB beyond inputs and gradients (the
+    # default path's predicted peak: the fp32 dX accumulator + one chunk; the 3-GEMM path: its buffer, its
+    # gradients made in bf16 and handed over without a copy)
+    if backend == "cuda" and loss == "emo":
+        pytest.skip("the EMO goal is the default (Triton) backend's; the CUDA backend streams an (N, E) expectation")
+    N, C, D = 8192, 128_256, 4096
+    x = (torch.randn(N, D, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(C, D, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, C, (N,), device="cuda")
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() + (x.numel() + w.numel()) * 2  # inputs + their gradients
+    torch.cuda.reset_peak_memory_stats()
+    LLM_MEMORY_STEPS[loss](x, w, t).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - held
+    assert torch.isfinite(w.grad.float().sum())
+    assert extra <= 256 << 20, f"{loss}: {extra / 2**20:.0f} MB extra (bf16 logits would be {N * C * 2 / 2**20:.0f} MB)"
+
+
 def test_compile_on_cuda(backend):
     x, w, t = make_case(64, 1000, 128, torch.bfloat16, device="cuda")
     step = torch.compile(lambda a, b, c: mk.margin_cross_entropy(a, b, c) * 3, fullgraph=True)

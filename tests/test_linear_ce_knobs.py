@@ -304,3 +304,32 @@ def test_minus_inf_bias_masks_a_vocabulary_tail(knobs, softcap):
         tail_free = grads(reference.linear_cross_entropy, x, w[:20], t, b[:20])
         torch.testing.assert_close(got[0], tail_free[0])
         assert not got[2][20:].any()
+
+
+def test_buffered_hands_its_gradients_over_without_a_copy(monkeypatch):
+    # the backward pass scales the forward's gradients in place and AccumulateGrad adopts them: at no point
+    # two (C, D) weight gradients (1 GB each in bf16 at Llama-3-8B shapes)
+    import marginkern.ops as ops
+    made = []
+    original = ops.linear_ce_buffered
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        made.append(out[2].data_ptr())
+        return out
+
+    monkeypatch.setattr(ops, "linear_ce_buffered", spy)
+    x, w, t = make_case(20, 64, 8, ignore=(2,))
+    want = torch.autograd.grad(mk.linear_cross_entropy(x, w, t) * 3.0, (x, w))
+    (mk.linear_cross_entropy(x, w, t, logits_buffer_mb=0.01) * 3.0).backward()
+    assert w.grad.data_ptr() == made[0]
+    torch.testing.assert_close(w.grad, want[1])
+    torch.testing.assert_close(x.grad, want[0])
+
+
+def test_buffered_second_backward_through_the_graph_raises():
+    x, w, t = make_case(20, 64, 8)
+    loss = mk.linear_cross_entropy(x, w, t, logits_buffer_mb=0.01)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        loss.backward()
