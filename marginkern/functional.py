@@ -63,8 +63,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         "auto" is Cut Cross-Entropy's default, finfo(input.dtype).eps / 32 (2⁻¹² for bf16).
     logits_buffer_mb (None | float): None recomputes the logits in the backward pass (4 GEMMs, O(N) extra
         memory). A size in MB keeps row blocks of the full logits in a buffer of about that size and
-        computes the gradients during the forward pass (3 GEMMs), plus one fp32 copy of dW while it runs;
-        needs reduction "mean" or "sum".
+        computes the gradients during the forward pass (3 GEMMs), plus one fp32 copy of dW while it runs
+        (none for bf16 on CUDA: made in bf16, summed once per row block); needs reduction "mean" or "sum",
+        and one backward pass per forward (the gradients are handed over, not copied).
     """
     input, target, token_shape = _flatten_tokens(input, target)
     check_classification_inputs(input, weight, target)
