@@ -27,7 +27,12 @@ def check_classification_inputs(input, weight, target, weight_name="weight"):
     if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
     if weight.dtype != input.dtype:
-        raise TypeError(f"{weight_name} must have the dtype of input ({input.dtype}), got {weight.dtype}")
+        hint = ""
+        if torch.is_autocast_enabled(input.device.type):
+            # an fp32 head behind an autocast backbone (insightface's setup): the ops do not cast for the caller
+            hint = (f"; under autocast, pass {weight_name}.to(input.dtype) (as marginkern's modules do) or run the "
+                    "loss on float32 input")
+        raise TypeError(f"{weight_name} must have the dtype of input ({input.dtype}), got {weight.dtype}{hint}")
     if not (input.device == weight.device == target.device):
         raise ValueError(f"input, {weight_name} and target must be on one device, got {input.device}, "
                          f"{weight.device} and {target.device}")

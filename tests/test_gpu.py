@@ -274,6 +274,34 @@ def test_linear_ce_rows_times_vocab_beyond_int32(backend):
     assert_close_rel(gw, rw, torch.bfloat16, "grad weight")
 
 
+def test_emo_rows_times_vocab_beyond_int32(backend):
+    # the LLM issue's overflow case for EMO's cost term too (its cosines are indexed like the logits)
+    if backend == "cuda":
+        pytest.skip("the CUDA backend's EMO streams through the engine's fallback; the size case is Triton's")
+    x, w, t = make_case(16384, 262_144, 64, torch.bfloat16, device="cuda", ignore=(7,))
+    loss, gx, gw = loss_and_grads(mk.emo_cross_entropy, x, w, t)
+    ref, rx, rw = loss_and_grads(reference.emo_cross_entropy, x.float(), w.float(), t)
+    assert_close_rel(loss, ref, torch.bfloat16, "loss", floor=1.0)
+    assert_close_rel(gx, rx, torch.bfloat16, "grad input")
+    assert_close_rel(gw, rw, torch.bfloat16, "grad weight")
+
+
+@pytest.mark.parametrize("loss", ["margin", "linear"])
+def test_fp16_beyond_65504_classes_with_label_smoothing(loss, backend):
+    # face_margin_anchors.md: labels above 65504 overflowed where they went through fp16 (insightface); the
+    # targets here never do, and label smoothing's Σ_j z_j over 100k classes stays fp32
+    fn = {"margin": mk.margin_cross_entropy, "linear": mk.linear_cross_entropy}[loss]
+    oracle = {"margin": reference.margin_cross_entropy, "linear": reference.linear_cross_entropy}[loss]
+    x, w, t = make_case(256, 100_003, 64, torch.float16, device="cuda", ignore=(3,))
+    w = (w.detach().float() * 0.2).half()
+    t[:8] = torch.arange(100_003 - 8, 100_003, device="cuda")  # the classes above 65504
+    got, gx, gw = loss_and_grads(fn, x, w, t, label_smoothing=0.1)
+    want, rx, rw = loss_and_grads(oracle, x.double(), w.double(), t, label_smoothing=0.1)
+    assert_close_rel(got, want, torch.float16, "loss", floor=1.0)
+    assert_close_rel(gx, rx, torch.float16, "grad input")
+    assert_close_rel(gw, rw, torch.float16, "grad weight")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_linear_ce_gradient_filtering_cuda(dtype, backend):
     x, w, t = make_case(2048, 32003, 128, dtype, device="cuda", ignore=(0,))

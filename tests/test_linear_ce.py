@@ -256,3 +256,10 @@ def test_torch_compile_dynamic_shapes(loss):
         for g, e in zip(got, want):
             if e is not None:
                 torch.testing.assert_close(g, e)
+
+
+def test_losses_return_fp32_for_16bit_inputs():
+    x, w, t = make_case(9, 30, 6, torch.bfloat16)
+    for fn in (mk.linear_cross_entropy, mk.emo_cross_entropy, mk.emo_loss):
+        for reduction in ("mean", "none"):
+            assert fn(x, w, t, reduction=reduction).dtype == torch.float32, (fn.__name__, reduction)

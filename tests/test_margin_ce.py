@@ -424,3 +424,20 @@ def test_per_row_upstream_gradient(backend, monkeypatch):
     if backend != "default":
         monkeypatch.setenv("MARGINKERN_BACKEND", backend)
     check_margin_per_row_upstream_gradient("cpu")
+
+
+def test_fp32_head_behind_autocast_is_refused_with_the_fix():
+    # face_margin_anchors.md / llm_ce_anchors.md (Liger #305): a bf16 embedding from an autocast backbone
+    # and an fp32 head; the functional ops do not cast silently, the error says what to do
+    x, w, t = make_case(6, 40, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = torch.nn.functional.linear(x, torch.eye(8))
+        assert emb.dtype == torch.bfloat16
+        for fn in (mk.margin_cross_entropy, mk.linear_cross_entropy, mk.emo_cross_entropy):
+            with pytest.raises(TypeError, match=r"weight must have the dtype of input .*under autocast"):
+                fn(emb, w, t)
+        loss = mk.margin_cross_entropy(emb, w.to(emb.dtype), t)  # the fix the message names
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    head = mk.ArcFaceLoss(8, 40)  # the module casts its fp32 weight itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(head(torch.nn.functional.linear(x, torch.eye(8)), t))
