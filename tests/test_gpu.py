@@ -112,14 +112,19 @@ def test_cuda_matches_oracle(dtype, opts, shape, backend):
     assert_close_rel(gw, rw, dtype, "grad weight")
 
 
+def check_loss_and_grads(fn, oracle, x, w, t, dtype, loss_floor, oracle_dtype=torch.float32, **kw):
+    """fn's loss and both gradients against the oracle's on upcast inputs, at dtype's tolerance."""
+    loss, gx, gw = loss_and_grads(fn, x, w, t, **kw)
+    ref, rx, rw = loss_and_grads(oracle, x.to(oracle_dtype), w.to(oracle_dtype), t, **kw)
+    assert_close_rel(loss, ref, dtype, "loss", floor=loss_floor)
+    assert_close_rel(gx, rx, dtype, "grad input")
+    assert_close_rel(gw, rw, dtype, "grad weight")
+
+
 def test_rows_times_classes_beyond_int32(backend):
     # N·C = 16384 · 140000 ≈ 2.3e9 > 2³¹: every flat index of a logits-sized quantity overflows int32
     x, w, t = make_case(16384, 140_000, 64, torch.bfloat16, device="cuda", ignore=(5,))
-    loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t)
-    ref, rx, rw = loss_and_grads(reference.margin_cross_entropy, x.float(), w.float(), t)
-    assert_close_rel(loss, ref, torch.bfloat16, "loss", floor=64.0)
-    assert_close_rel(gx, rx, torch.bfloat16, "grad input")
-    assert_close_rel(gw, rw, torch.bfloat16, "grad weight")
+    check_loss_and_grads(mk.margin_cross_entropy, reference.margin_cross_entropy, x, w, t, torch.bfloat16, 64.0)
 
 
 def test_extra_memory_is_bounded(backend):
@@ -267,11 +272,8 @@ def test_buffered_op_gradient_dtypes_and_opcheck(dtype, backend):
 def test_linear_ce_rows_times_vocab_beyond_int32(backend):
     # N·V = 16384 · 262144 = 2³²: the issue's overflow case, with a narrow D to keep the test short
     x, w, t = make_case(16384, 262_144, 64, torch.bfloat16, device="cuda", ignore=(7,))
-    loss, gx, gw = loss_and_grads(mk.linear_cross_entropy, x, w, t, z_loss=1e-4)
-    ref, rx, rw = loss_and_grads(reference.linear_cross_entropy, x.float(), w.float(), t, z_loss=1e-4)
-    assert_close_rel(loss, ref, torch.bfloat16, "loss", floor=1.0)
-    assert_close_rel(gx, rx, torch.bfloat16, "grad input")
-    assert_close_rel(gw, rw, torch.bfloat16, "grad weight")
+    check_loss_and_grads(mk.linear_cross_entropy, reference.linear_cross_entropy, x, w, t, torch.bfloat16, 1.0,
+                         z_loss=1e-4)
 
 
 def test_emo_rows_times_vocab_beyond_int32(backend):
@@ -279,11 +281,7 @@ def test_emo_rows_times_vocab_beyond_int32(backend):
     if backend == "cuda":
         pytest.skip("the CUDA backend's EMO streams through the engine's fallback; the size case is Triton's")
     x, w, t = make_case(16384, 262_144, 64, torch.bfloat16, device="cuda", ignore=(7,))
-    loss, gx, gw = loss_and_grads(mk.emo_cross_entropy, x, w, t)
-    ref, rx, rw = loss_and_grads(reference.emo_cross_entropy, x.float(), w.float(), t)
-    assert_close_rel(loss, ref, torch.bfloat16, "loss", floor=1.0)
-    assert_close_rel(gx, rx, torch.bfloat16, "grad input")
-    assert_close_rel(gw, rw, torch.bfloat16, "grad weight")
+    check_loss_and_grads(mk.emo_cross_entropy, reference.emo_cross_entropy, x, w, t, torch.bfloat16, 1.0)
 
 
 @pytest.mark.parametrize("loss", ["margin", "linear"])
@@ -295,11 +293,7 @@ def test_fp16_beyond_65504_classes_with_label_smoothing(loss, backend):
     x, w, t = make_case(256, 100_003, 64, torch.float16, device="cuda", ignore=(3,))
     w = (w.detach().float() * 0.2).half()
     t[:8] = torch.arange(100_003 - 8, 100_003, device="cuda")  # the classes above 65504
-    got, gx, gw = loss_and_grads(fn, x, w, t, label_smoothing=0.1)
-    want, rx, rw = loss_and_grads(oracle, x.double(), w.double(), t, label_smoothing=0.1)
-    assert_close_rel(got, want, torch.float16, "loss", floor=1.0)
-    assert_close_rel(gx, rx, torch.float16, "grad input")
-    assert_close_rel(gw, rw, torch.float16, "grad weight")
+    check_loss_and_grads(fn, oracle, x, w, t, torch.float16, 1.0, oracle_dtype=torch.float64, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
