@@ -78,23 +78,37 @@ class ProcessGroupShard:
         return self._all_reduce(grad_x.contiguous(), dist.ReduceOp.SUM)
 
 
+_MAX_GATHER_DIMS = 7
+_GATHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+                  torch.int8, torch.uint8, torch.bool)
+
+
 def _check_same_rows(local, group, world_size):
-    """Every rank must pass the same (b, ...) shape: all_gather with unequal sizes hangs or fails deep
-    inside the backend (PartialFC asserts a constant batch size). One tiny all-gather of the shapes."""
-    shape = torch.tensor([local.dim()] + list(local.shape) + [0] * (8 - local.dim()), dtype=torch.int64,
-                         device=local.device)
-    shapes = [torch.empty_like(shape) for _ in range(world_size)]
-    dist.all_gather(shapes, shape, group=group)
-    if any(not torch.equal(other, shape) for other in shapes):
-        seen = [tuple(v[1:1 + int(v[0])].tolist()) for v in shapes]
-        raise ValueError(f"gather_embeddings: every rank must pass the same shape (the same batch size), got "
-                         f"{seen} on ranks 0..{world_size - 1}")
+    """Every rank must pass the same shape and dtype: all_gather with unequal sizes hangs or fails deep
+    inside the backend (PartialFC asserts a constant batch size). One tiny all-gather of (dims, dtype,
+    shape) and one host sync; every rank raises the same error, none is left waiting in a collective.
+    Skipped while a CUDA graph is captured (a sync would break the capture)."""
+    if local.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    dims = local.dim() if local.dim() <= _MAX_GATHER_DIMS else -1
+    dtype = _GATHER_DTYPES.index(local.dtype) if local.dtype in _GATHER_DTYPES else -1
+    sizes = list(local.shape) if dims >= 0 else []
+    code = torch.tensor([dims, dtype] + sizes + [0] * (_MAX_GATHER_DIMS - len(sizes)), dtype=torch.int64,
+                        device=local.device)
+    codes = [torch.empty_like(code) for _ in range(world_size)]
+    dist.all_gather(codes, code, group=group)
+    seen = torch.stack(codes).tolist()  # the one host sync
+    if any(c[0] < 0 for c in seen):
+        raise ValueError(f"gather_embeddings takes at most {_MAX_GATHER_DIMS} dimensions, got "
+                         f"{['> 7' if c[0] < 0 else c[0] for c in seen]} on ranks 0..{world_size - 1}")
+    if any(c != seen[0] for c in seen):
+        shapes = [(tuple(c[2:2 + c[0]]), str(_GATHER_DTYPES[c[1]]) if c[1] >= 0 else "other") for c in seen]
+        raise ValueError(f"gather_embeddings: every rank must pass the same shape (the same batch size) and "
+                         f"dtype, got {shapes} on ranks 0..{world_size - 1}")
 
 
 def _all_gather_cat(local, group):
     _, world_size = _rank_and_world_size(group)
-    if local.dim() > 7:
-        raise ValueError(f"gather_embeddings takes at most 7 dimensions, got shape {tuple(local.shape)}")
     _check_same_rows(local, group, world_size)
     gathered = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(gathered, local.contiguous(), group=group)

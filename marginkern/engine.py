@@ -463,7 +463,8 @@ def streaming_row_stats_with_cost(x, w, spec: LogitSpec, cost: CostSpec, tiles):
         return own(x, w, spec, cost)
     lse, _ = tiles.row_stats(x, w, spec, False)
     expected, other_mass = streaming_expectation(x, w, spec, lse, cost.keys, cost.key_scale, tiles)
-    return lse, other_mass - query_dot(cost, expected)
+    # ≥ 0 as the sum it stands for (cosines of near-duplicate rows can round above 1); NaN stays NaN
+    return lse, (other_mass - query_dot(cost, expected)).clamp_min(0.0)
 
 
 def query_dot(cost: CostSpec, values: Tensor, block_bytes: int = 16 << 20) -> Tensor:
@@ -523,9 +524,13 @@ def rows_of(spec: LogitSpec, r0: int, r1: int) -> LogitSpec:
 def buffered_grads_in_input_dtype(x, w) -> bool:
     """Whether the 3-GEMM path stores dX and dW in the inputs' dtype as it makes them (bf16 on CUDA): dX per
     row block, complete after its GEMM (rounded once), and dW accumulated across the blocks by the GEMM
-    itself (beta = 1: fp32 inside, rounded to bf16 once per block, as Liger-Kernel does). Otherwise they
-    are accumulated in fp32: a (C, D) fp32 dW is 2.1 GB at Llama-3-8B shapes, eight times a 256 MB
-    buffer. fp16 keeps fp32 gradients (unit-scale fp16 gradients underflow; GradScaler's scale overflows)."""
+    itself (beta = 1: fp32 inside, unless torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    lets cuBLAS reduce split-K partials in bf16; rounded to bf16 once per block, as Liger-Kernel does).
+    Otherwise they are accumulated in fp32: a (C, D) fp32 dW is 2.1 GB at Llama-3-8B shapes, eight times a
+    256 MB buffer. The price is dW's rounding error, which grows with the number of row blocks (relative,
+    Frobenius, simulated on a CPU at N = C = 8192, D = 256: 0.17% rounded once, 0.26% at 4 blocks, 0.51% at
+    16, 1.1% at 64, 1.8% at 256; tests/test_linear_ce_knobs.py bounds it): larger buffers, fewer blocks.
+    fp16 keeps fp32 gradients (unit-scale fp16 gradients underflow; GradScaler's scale overflows)."""
     return x.is_cuda and x.dtype == w.dtype == torch.bfloat16
 
 
@@ -588,10 +593,15 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
             grad_bias += g.sum(0, dtype=acc).mul_(unscale)
         g_gemm = g.to(gemm_dtype)
         if grad_x is not None:  # GEMM 2 of 3
-            grad_x[r0:r1] = torch.mm(g_gemm, w_gemm) if in_dtype else mm_accumulate(g_gemm, w_gemm, acc).mul_(unscale)
+            if in_dtype:
+                torch.mm(g_gemm, w_gemm, out=grad_x[r0:r1])
+                if unscale != 1.0:
+                    grad_x[r0:r1].mul_(unscale)
+            else:
+                grad_x[r0:r1] = mm_accumulate(g_gemm, w_gemm, acc).mul_(unscale)
         if grad_w is not None:  # GEMM 3 of 3
             if in_dtype:
-                grad_w.addmm_(g_gemm.t(), xr)
+                grad_w.addmm_(g_gemm.t(), xr, alpha=unscale)
             else:
                 addmm_accumulate(grad_w, g_gemm.t(), xr, alpha=unscale)
         del z, g, g_gemm  # before the next block's GEMM allocates its own

@@ -210,7 +210,8 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     accumulation dtype until then (a GradScaler scale of 65536 is inf in fp16, and unit-scale fp16
     gradients would underflow), except dL/dinput and dL/dweight of bf16 inputs on CUDA, which are made in
     bf16 (engine.buffered_grads_in_input_dtype: no (C, D) fp32 accumulator). A gradient not asked for (or
-    of an absent bias) is empty (0,)."""
+    of an absent bias) is empty (0,). Through autograd, the backward pass scales the gradient outputs in
+    place and hands them over as the inputs' .grad (no copy): a caller of this op who keeps them sees that."""
     check_target_values(target, weight.shape[0], ignore_index)
     # The 3-GEMM path runs ATen GEMMs on every backend, and the backend's fused block epilogue where it has
     # one (C++), else PyTorch's; select_tiles also enforces MARGINKERN_BACKEND (a forced backend that cannot

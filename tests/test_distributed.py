@@ -403,10 +403,15 @@ def test_gather_embeddings_gives_the_ddp_scaled_gradient(world):
 
 def _unequal_batches(rank, world_size):
     local = torch.randn(3 + rank, 4)
-    with pytest.raises(ValueError, match=r"every rank must pass the same shape .*\(3, 4\), \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"every rank must pass the same shape .*\(3, 4\), 'torch.float32'\), "
+                                         r"\(\(4, 4\)"):
         mkd.gather_embeddings(local)
     with pytest.raises(ValueError, match="every rank must pass the same shape"):
         mkd.gather_embeddings(torch.arange(2 + rank))  # labels too
+    with pytest.raises(ValueError, match="and dtype"):
+        mkd.gather_embeddings(torch.ones(2, 4, dtype=torch.float64 if rank else torch.float32))
+    with pytest.raises(ValueError, match="at most 7 dimensions"):  # on every rank, though only rank 0 has 8
+        mkd.gather_embeddings(torch.ones((1,) * (8 if rank == 0 else 2)))
     return tuple(mkd.gather_embeddings(torch.ones(2, 4)).shape)  # the group still works
 
 

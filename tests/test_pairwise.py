@@ -191,3 +191,9 @@ def test_circle_matches_quadratic_definition(B, classes, block):
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_cosent_infinite_score_gives_an_infinite_loss():
+    s = torch.tensor([0.1, float("inf"), -0.3, 0.2, 0.5] * 30)
+    y = torch.tensor([1, 0, 2, 1, 2] * 30)
+    assert mk.cosent_loss(s, y) == float("inf")

@@ -74,9 +74,9 @@ def test_cosent_scan_kernels_compile(labels):
     types = {"score_ptr": "*fp32", "order_ptr": "*i64", "labels_ptr": labels, "first_ptr": "*i32", "last_ptr": "*i32",
              "edge_totals_ptr": "*i32", "scale": "fp32"}
     for kernel, constexprs in [(cosent_scan.cosent_block_totals_kernel, dict(BLOCK=1024)),
-                               (cosent_scan.cosent_block_scans_kernel, dict(BLOCK=1024, G_BLOCK=1024)),
+                               (cosent_scan.cosent_block_scans_kernel, dict(BLOCK=2048, CHUNK=1024)),
                                (cosent_scan.cosent_terms_kernel, dict(BLOCK=1024)),
-                               (cosent_scan.cosent_grad_kernel, dict(BLOCK=1024, G_BLOCK=1024))]:
+                               (cosent_scan.cosent_grad_kernel, dict(BLOCK=2048, CHUNK=1024))]:
         report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
         assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"
 
@@ -86,7 +86,8 @@ def test_margin_row_kernels_compile(exact):
     """The margin losses' per-row kernels: acos (a polynomial), cos, sin and floor lower for sm_90."""
     from marginkern.triton_kernels.margin_rows import (BLOCK_ROWS, margin_target_grad_rows_kernel,
                                                        margin_target_rows_kernel)
-    types = {"column_ptr": "*i64", "m1": "fp32", "m2": "fp32", "m3": "fp32", "smoothing": "fp32"}
+    types = {"column_ptr": "*i64", "m1": "fp32", "m2": "fp32", "m3": "fp32", "smoothing": "fp32",
+             "grad_loss_ptr": "*fp32"}
     for kernel, constexprs in [
             (margin_target_rows_kernel, dict(NORMALIZE=exact, BLOCK_R=BLOCK_ROWS, BLOCK_D=256)),
             (margin_target_grad_rows_kernel, dict(NORMALIZE=not exact, EXACT=exact, BLOCK_R=BLOCK_ROWS))]:

@@ -11,7 +11,7 @@ totals scanned again by every program, so nothing waits on another program):
   1. block totals: per block the LSE of s and of −s, its last label-group start and first group end
      (and s gathered into label order once);
   2. block scans: inclusive prefix LSE of s, suffix LSE of −s and each pair's group bounds, the other
-     blocks' totals as the carries;
+     blocks' totals as the carries (every program reduces all G totals, 1024 at a time);
   3. the terms T (a gather of the prefix at the group start, anywhere in the array) and their block LSEs;
   4. L from those block LSEs, and the gradients, stored at each pair's original index.
 An earlier version ran the four sweeps in ONE program (one SM: at 65536 pairs, 64 dependent block steps
@@ -29,15 +29,29 @@ from .device import on_device
 @triton.jit
 def _logaddexp(a, b):
     top = tl.maximum(a, b)
-    shift = tl.where(top == -float("inf"), 0.0, top)  # both −inf: stays −inf instead of NaN
+    # shift by 0 when the top is infinite: both −inf stays −inf, a +inf gives +inf (not inf − inf = NaN)
+    shift = tl.where(tl.abs(top) == float("inf"), 0.0, top)
     return shift + tl.log(tl.exp(a - shift) + tl.exp(b - shift))
 
 
 @triton.jit
 def _logsumexp(v):
     top = tl.max(v, 0)
-    shift = tl.where(top == -float("inf"), 0.0, top)
+    shift = tl.where(tl.abs(top) == float("inf"), 0.0, top)
     return shift + tl.log(tl.sum(tl.exp(v - shift), 0))
+
+
+@triton.jit
+def _block_totals_before_after(totals_ptr, block, G, CHUNK: tl.constexpr):
+    """(LSE of totals[g] over blocks g < block, over blocks g > block), read CHUNK totals at a time."""
+    before = tl.full([], -float("inf"), tl.float32)
+    after = tl.full([], -float("inf"), tl.float32)
+    for g0 in range(0, G, CHUNK):
+        g = g0 + tl.arange(0, CHUNK)
+        v = tl.load(totals_ptr + g, mask=g < G, other=-float("inf"))
+        before = _logaddexp(before, _logsumexp(tl.where(g < block, v, -float("inf"))))
+        after = _logaddexp(after, _logsumexp(tl.where(g > block, v, -float("inf"))))
+    return before, after
 
 
 @triton.jit
@@ -79,16 +93,19 @@ def cosent_block_totals_kernel(score_ptr, order_ptr, labels_ptr, s_ptr, lse_tota
 
 @triton.jit
 def cosent_block_scans_kernel(s_ptr, labels_ptr, lse_totals_ptr, edge_totals_ptr, prefix_ptr, suffix_ptr, first_ptr,
-                              last_ptr, B, G, BLOCK: tl.constexpr, G_BLOCK: tl.constexpr):
+                              last_ptr, B, G, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """Per sorted pair: the inclusive prefix LSE of s, the inclusive suffix LSE of −s, and the first and
     last index of its label group; the carries come from the blocks before resp. after this one."""
     block = tl.program_id(0)
-    g = tl.arange(0, G_BLOCK)
-    before, after = g < block, (g > block) & (g < G)
-    carry_prefix = _logsumexp(tl.load(lse_totals_ptr + g, mask=before, other=-float("inf")))
-    carry_suffix = _logsumexp(tl.load(lse_totals_ptr + G + g, mask=after, other=-float("inf")))
-    carry_first = tl.max(tl.load(edge_totals_ptr + g, mask=before, other=0), 0)  # pair 0 opens a group
-    carry_last = tl.min(tl.load(edge_totals_ptr + G + g, mask=after, other=B - 1), 0)  # pair B−1 closes one
+    carry_prefix, _ = _block_totals_before_after(lse_totals_ptr, block, G, CHUNK)
+    _, carry_suffix = _block_totals_before_after(lse_totals_ptr + G, block, G, CHUNK)
+    carry_first = tl.full([], 0, tl.int32)  # pair 0 opens a group
+    carry_last = tl.full([], 0, tl.int32) + B - 1  # pair B−1 closes one
+    for g0 in range(0, G, CHUNK):
+        g = g0 + tl.arange(0, CHUNK)
+        carry_first = tl.maximum(carry_first, tl.max(tl.load(edge_totals_ptr + g, mask=g < block, other=0), 0))
+        carry_last = tl.minimum(carry_last, tl.min(tl.load(edge_totals_ptr + G + g, mask=(g > block) & (g < G),
+                                                           other=B - 1), 0))
     i = block * BLOCK + tl.arange(0, BLOCK)
     mask = i < B
     s = tl.load(s_ptr + i, mask=mask, other=0.0)
@@ -120,12 +137,13 @@ def cosent_terms_kernel(s_ptr, prefix_ptr, first_ptr, terms_ptr, term_totals_ptr
 
 @triton.jit
 def cosent_grad_kernel(s_ptr, order_ptr, terms_ptr, suffix_ptr, last_ptr, term_totals_ptr, loss_ptr, grad_ptr, B, G,
-                       scale, BLOCK: tl.constexpr, G_BLOCK: tl.constexpr):
+                       scale, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """L = log(1 + Σ e^T) from the block totals (every program), and dL/dscore = scale·(e^{s + R − L} −
     e^{T − L}) stored at each pair's original index."""
     block = tl.program_id(0)
-    g = tl.arange(0, G_BLOCK)
-    loss = _logaddexp(_logsumexp(tl.load(term_totals_ptr + g, mask=g < G, other=-float("inf"))), 0.0)
+    before, after = _block_totals_before_after(term_totals_ptr, block, G, CHUNK)
+    own = tl.load(term_totals_ptr + block)
+    loss = _logaddexp(_logaddexp(_logaddexp(before, own), after), 0.0)
     if block == 0:
         tl.store(loss_ptr, loss)
     i = block * BLOCK + tl.arange(0, BLOCK)
@@ -148,22 +166,23 @@ def cosent_loss_and_grad(scores, labels, scale):
     if B == 0:
         return loss, grad
     labels_sorted, order = torch.sort(labels, stable=True)
-    # ≥ 1024 pairs a block, and at most ~2048 blocks: programs 2 and 4 read all G block totals each
-    block = max(1024, triton.next_power_of_2(triton.cdiv(B, 2048))) if scores.is_cuda else 64
+    # 1024 pairs a block (2048 beyond 2M pairs); programs 2 and 4 read all G block totals each, 1024 at a
+    # time (O(G²) reads in all: ≈ 4·10⁶ at 2M pairs, ≈ 6·10⁷ at 16M)
+    block = (1024 if B <= (1 << 21) else 2048) if scores.is_cuda else 64
     G = triton.cdiv(B, block)
-    g_block = triton.next_power_of_2(G)
+    chunk = 1024 if scores.is_cuda else 4  # the interpreter: several chunks of block totals
     floats = torch.empty(4, B, dtype=torch.float32, device=scores.device)  # s, prefix, suffix, terms
     edges = torch.empty(2, B, dtype=torch.int32, device=scores.device)     # first, last
     lse_totals = torch.empty(3, G, dtype=torch.float32, device=scores.device)  # LSE s, LSE −s, LSE T
     edge_totals = torch.empty(2, G, dtype=torch.int32, device=scores.device)
     s, prefix, suffix, terms = floats
-    launch = dict(num_warps=min(16, block // 256)) if scores.is_cuda else {}  # the interpreter: many blocks
+    launch = dict(num_warps=block // 256) if scores.is_cuda else {}
     with on_device(scores):
         cosent_block_totals_kernel[(G,)](scores.contiguous(), order, labels_sorted, s, lse_totals, edge_totals, B, G,
                                          float(scale), BLOCK=block, **launch)
         cosent_block_scans_kernel[(G,)](s, labels_sorted, lse_totals, edge_totals, prefix, suffix, edges[0], edges[1],
-                                        B, G, BLOCK=block, G_BLOCK=g_block, **launch)
+                                        B, G, BLOCK=block, CHUNK=chunk, **launch)
         cosent_terms_kernel[(G,)](s, prefix, edges[0], terms, lse_totals[2], B, BLOCK=block, **launch)
         cosent_grad_kernel[(G,)](s, order, terms, suffix, edges[1], lse_totals[2], loss, grad, B, G, float(scale),
-                                 BLOCK=block, G_BLOCK=g_block, **launch)
+                                 BLOCK=block, CHUNK=chunk, **launch)
     return loss, grad

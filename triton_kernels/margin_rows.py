@@ -119,7 +119,7 @@ def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_pt
     else:
         row_scale = tl.full((BLOCK_R,), 1.0, tl.float32) * scale
         target_logit = scale * x_norm * w_norm * psi
-    state = row_state_ptr + rows * 4
+    state = row_state_ptr + rows.to(tl.int64) * 4
     tl.store(state, x_norm, mask=row_mask)
     tl.store(state + 1, w_norm, mask=row_mask)
     tl.store(state + 2, cosine, mask=row_mask)
@@ -129,15 +129,16 @@ def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_pt
 
 
 @triton.jit
-def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target_ptr, column_ptr, out_ptr, N,
+def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target_ptr, column_ptr, row_scale_ptr,
+                                   target_logit_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, radial_ptr, N,
                                    num_local, class_start, ignore_index, scale, m1, m2, smoothing, num_classes,
                                    NORMALIZE: tl.constexpr, EXACT: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out planes (6, N): row scale, target logit, coef_p = g, coef_u = g·ε/C, target_grad, radial term."""
+    """Per row: row scale, target logit, coef_p = g, coef_u = g·ε/C, target_grad, radial term."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < N
     valid, owned, column = _target_columns(target_ptr, rows, row_mask, ignore_index, class_start, num_local)
     tl.store(column_ptr + rows, column, mask=row_mask)
-    state = row_state_ptr + rows * 4
+    state = row_state_ptr + rows.to(tl.int64) * 4
     x_norm = tl.load(state, mask=row_mask, other=1.0)
     w_norm = tl.load(state + 1, mask=row_mask, other=1.0)
     cosine = tl.load(state + 2, mask=row_mask, other=0.0)
@@ -160,12 +161,12 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
     else:  # T = s·‖x‖‖w_y‖·ψ(c): the cross term through the target column, the radial terms by the caller
         target_grad = grad_target_logit * scale * slope
         radial = grad_target_logit * scale * (psi - cosine * slope)
-    tl.store(out_ptr + rows, row_scale, mask=row_mask)
-    tl.store(out_ptr + N + rows, target_logit, mask=row_mask)
-    tl.store(out_ptr + 2 * N + rows, g, mask=row_mask)
-    tl.store(out_ptr + 3 * N + rows, g * (smoothing / num_classes), mask=row_mask)
-    tl.store(out_ptr + 4 * N + rows, target_grad, mask=row_mask)
-    tl.store(out_ptr + 5 * N + rows, radial, mask=row_mask)
+    tl.store(row_scale_ptr + rows, row_scale, mask=row_mask)
+    tl.store(target_logit_ptr + rows, target_logit, mask=row_mask)
+    tl.store(coef_p_ptr + rows, g, mask=row_mask)
+    tl.store(coef_u_ptr + rows, g * (smoothing / num_classes), mask=row_mask)
+    tl.store(target_grad_ptr + rows, target_grad, mask=row_mask)
+    tl.store(radial_ptr + rows, radial, mask=row_mask)
 
 
 BLOCK_ROWS = 32
@@ -199,6 +200,6 @@ def margin_target_grad_rows(row_state, lse, grad_loss, target, scale, m1, m2, no
         with on_device(row_state):
             margin_target_grad_rows_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
                 row_state.float().contiguous(), lse.float().contiguous(), grad_loss.float().contiguous(), target,
-                column, planes, N, num_local, class_start, ignore_index, scale, m1, m2, smoothing, num_classes,
+                column, *planes, N, num_local, class_start, ignore_index, scale, m1, m2, smoothing, num_classes,
                 NORMALIZE=normalize, EXACT=exact, BLOCK_R=BLOCK_ROWS)
     return column, planes

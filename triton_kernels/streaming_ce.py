@@ -2,8 +2,8 @@
 
     streaming_ce_fwd_kernel          per-row max / Σexp / Σz over one class split (flash-decoding style:
                                      one program per (row block, class split), merged on the host); with
-                                     HAS_COST also Σ_j exp(z_j − max)·A_nj, so EMO's expected cost comes
-                                     out of the same pass as the log-sum-exp
+                                     HAS_COST also Σ_{j≠t} exp(z_j − max)·(1 − A_nj), so EMO's expected
+                                     cost comes out of the same pass as the log-sum-exp
     streaming_ce_grad_logits_kernel  dL/da for one class chunk, written to a bounded N × chunk buffer
                                      that the engine feeds to the dX and dW GEMMs; with HAS_COST it also
                                      computes EMO's cost cosines A = q·k per tile (a second tl.dot loop)
@@ -94,7 +94,7 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
 @triton.jit
 def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, N, num_splits,
                         NEED_SUM_LOGITS: tl.constexpr, HAS_COST: tl.constexpr, BLOCK: tl.constexpr):
-    """The forward's per-split states (part: planes × splits × N, planes = max, Σexp[, Σz][, Σe·A]) merged
+    """The forward's per-split states (part: planes × splits × N, planes = max, Σexp[, Σz][, Σe·(1 − A)]) merged
     per row in one launch: lse = M + log Σ_s Σexp_s·e^{max_s − M}, Σz summed, the cost weighted like Σexp.
     A row whose splits are all −inf gets lse −inf (shift 0, as torch.logsumexp), NaN stays NaN."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -188,7 +188,9 @@ def streaming_ce_fwd_kernel(
             cosines = _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols,
                                         row_mask, col_mask, E, stride_k, COST_DOT_PRECISION, BLOCK_N, BLOCK_C,
                                         BLOCK_D, EVEN_E)
-            costs = tl.where(cols[None, :] == target[:, None], 0.0, weights * (1.0 - cosines))
+            # 1 − A ≥ 0 (a near-duplicate row's cosine can round above 1), NaN kept
+            cost = tl.maximum(1.0 - cosines, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            costs = tl.where(cols[None, :] == target[:, None], 0.0, weights * cost)
             run_cost = run_cost * rescale + tl.sum(costs, axis=1)
         run_max = new_max
         if NEED_SUM_LOGITS:

@@ -143,8 +143,8 @@ class TritonTiles:
         return lse, sum_logits
 
     def row_stats_with_cost(self, x, w, spec, cost):
-        """(lse, Σ_j p_nj·A_nj) in one pass (engine.streaming_row_stats_with_cost): the cost cosines of
-        each tile weighted by its softmax terms inside the forward kernel."""
+        """(lse, Σ_{j≠t} p_nj·(1 − A_nj)) in one pass (engine.streaming_row_stats_with_cost): the costs of each
+        tile weighted by its softmax terms inside the forward kernel."""
         x, w = x.contiguous(), w.contiguous()
         lse, _, expected_cost = self._row_stats(x, w, spec, False, x.shape[0], w.shape[0], x.shape[1], x.stride(0),
                                                 w.stride(0), from_dots=False, cost=cost)
@@ -165,7 +165,8 @@ class TritonTiles:
         return lse, sum_logits
 
     def _row_stats(self, x, w, spec, need_sum_logits, N, C, D, stride_x, stride_w, from_dots, cost=None):
-        """(lse, Σ_j z_nj or None, Σ_j p_nj·A_nj or None): the forward kernel over class splits, merged here."""
+        """(lse, Σ_j z_nj or None, Σ_{j≠t} p_nj·(1 − A_nj) or None): the forward kernel over class splits,
+        merged here."""
         blocks, launch = _config(x)
         row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
         splits, per_split = class_splits(N, C, D, x.element_size(), blocks, _sm_count(x.device), _l2_bytes(x.device))

@@ -114,8 +114,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emo_rows(const at::Tensor& x, con
                                                          std::nullopt, geo.column, geo.target_logit, false, chunk));
   const auto [expected, other_mass] = expectation(x, w, geo, lse, cost, chunk);
   // Σ_{j≠t} p_j·(1 − ê_j·ê_t) + p_t·(1 − ê_t·ê_t): no cancellation as p_t → 1 (emo.py)
-  const at::Tensor emo = other_mass - geo.query_scale * (expected * geo.query.to(expected.scalar_type())).sum(1) +
-                         at::exp(geo.target_logit - lse) * (1.0 - geo.self_cosine);
+  // the sum over j ≠ t is ≥ 0 as the sum it stands for (near-duplicate cosines can round above 1); NaN kept
+  const at::Tensor others =
+      (other_mass - geo.query_scale * (expected * geo.query.to(expected.scalar_type())).sum(1)).clamp_min(0.0);
+  const at::Tensor emo = others + at::exp(geo.target_logit - lse) * (1.0 - geo.self_cosine);
   const at::Tensor ce = lse - geo.target_logit;
   const at::Tensor zero = at::zeros_like(ce);
   return {at::where(geo.valid, ce, zero), at::where(geo.valid, emo, zero), lse};

@@ -57,3 +57,10 @@ def test_cosent_scan_kernel(B, num_labels, float_labels):
     assert loss.dtype == torch.float32
     assert_close_rel(loss, want, torch.float32, "loss", floor=1.0)
     assert_close_rel(grad, want_grad, torch.float32, "grad", floor=1.0)
+
+
+def test_cosent_infinite_score_gives_an_infinite_loss():
+    # a +inf score of a pair below a larger-label pair makes a term e^{+inf}: the loss is +inf, not NaN
+    s = torch.tensor([0.1, float("inf"), -0.3, 0.2, 0.5] * 30, device=DEVICE)
+    y = torch.tensor([1, 0, 2, 1, 2] * 30, device=DEVICE)
+    assert mk.cosent_loss(s, y) == float("inf")
