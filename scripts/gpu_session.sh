@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One visit to the GPU machine (no network; torch/triton/pytest already there, DESIGN.md §8), in stages
 # that each fit the device tool's 10-minute limit:
-#   bash scripts/gpu_session.sh visit   # ONE short visit (~9 min): the GPU tests of both backends, the quick tile sweep,
-#                                       # the headline benchmarks with the sweep's fastest configs, a profile; each step
-#                                       # under a time budget; everything in $OUT/visit.tgz
+#   bash scripts/gpu_session.sh visit   # ONE short visit (~9 min): the Triton GPU tests, issue 5's memcheck, the size and
+#                                       # memory tests, the quick tile sweep, the headline benchmarks with the sweep's
+#                                       # fastest configs (and the peers, if ./wheels was carried), then the CUDA
+#                                       # backend's tests and a profile; each step under a time budget; everything in
+#                                       # $OUT/visit.tgz
 #   bash scripts/gpu_session.sh tests   # GPU test tier (extensions, marginkern._C_cuda too, built in place first)
 #   bash scripts/gpu_session.sh triton-tier  # the interpreter tier's Triton tests, compiled for the GPU
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck/racecheck over the CUDA ops' tests (csrc/cuda)
@@ -56,44 +58,48 @@ visit_build_extensions() {
   done 2>> "$OUT/build.log"
   touch /tmp/mkext.done
 }
-bench() {  # bench <cases> <case names> <providers> <cap s> <tag>
-  budgeted "$4" 10 python bench/run.py --cases "$1" --only "$2" --providers "$3" --tag "$5" --timeout 120 \
+bench() {  # bench <cases> <case names> <providers> <cap s> <tag> <reserve s: kept for the steps after it>
+  budgeted "$4" "$6" python bench/run.py --cases "$1" --only "$2" --providers "$3" --tag "$5" --timeout 120 \
     2>&1 | tee -a "$OUT/bench.log" | grep -v "^\s*$" | tail -12
 }
 
 case "$stage" in
   visit)
+    # Priorities, each step's cap and the reserve it leaves for the steps after it (seconds of VISIT_S): the
+    # default backend's GPU tests, issue 5's memcheck, the size and memory tests, the tile sweep, the
+    # benchmarks (face, LLM with the peers, EMO, CoSENT), then what time is left: the opt-in CUDA backend's
+    # tests and a profile. A step that ends early gives its time to the next.
     rm -f /tmp/mkext.done; visit_build_extensions &
     export PYTHONUNBUFFERED=1
     xdist=(); python -c "import xdist" 2>/dev/null && xdist=(-n 8)  # parallel Triton compiles
-    budgeted 150 360 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=8 \
+    budgeted 120 420 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=8 \
       -k "triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-triton.log" | tail -15
-    while [ ! -f /tmp/mkext.done ] && [ "$(left)" -gt 330 ]; do sleep 2; done
+    while [ ! -f /tmp/mkext.done ] && [ "$(left)" -gt 400 ]; do sleep 2; done
     log "extensions: $(ls marginkern/*.so 2>&1 | tr '\n' ' ')"; tail -5 "$OUT/build.log"
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
-    budgeted 80 280 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=5 \
-      -k "not triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-cuda.log" | tail -15
-    budgeted 90 220 python -m pytest tests/test_gpu.py -q -rs --durations=4 -k "beyond_int32 or memory_is_bounded" \
+    # issue 5: compute-sanitizer memcheck of the hand-written CUDA kernels, on their plain fp32 op tests
+    budgeted 90 330 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests/test_gpu.py -q -x \
+      -k "cuda_ops_match and float32 and plain or special_values" 2>&1 | tee "$OUT/sanitize-memcheck.log" | tail -5
+    budgeted 60 270 python -m pytest tests/test_gpu.py -q -rs --durations=4 -k "beyond_int32 or memory_is_bounded" \
       2>&1 | tee "$OUT/tests-big.log" | tail -10
     # the Triton tile configs, then the benchmarks with each family's fastest one (the default where the sweep
-    # did not get to a case), then where a step's time goes
-    budgeted 120 120 python bench/sweep_triton_configs.py --quick --case arcface-1M,llama3-8b --best-out "$OUT/best.txt" \
+    # did not get to a case)
+    budgeted 80 190 python bench/sweep_triton_configs.py --quick --case arcface-1M,llama3-8b --best-out "$OUT/best.txt" \
       2>&1 | tee "$OUT/sweep.log" | tail -7
     face_cfg=$(awk '$1 == "arcface-1M" {print $2}' "$OUT/best.txt" 2>/dev/null)
     llm_cfg=$(awk '$1 == "llama3-8b" {print $2}' "$OUT/best.txt" 2>/dev/null)
     log "configs: face ${face_cfg:-default}, llm ${llm_cfg:-default}"
     MARGINKERN_TRITON_CONFIG="$face_cfg" \
       bench face arcface-1M,face-small-100k \
-      "marginkern,marginkern graphed,marginkern no split-K,marginkern unfused dW,3-GEMM floor" 120 face
+      "marginkern,marginkern graphed,marginkern no split-K,marginkern unfused dW,3-GEMM floor" 80 face 110
     # the peers' rows are skipped unless their wheels were carried (scripts/fetch_peer_wheels.sh)
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench llm llama3-8b,gemma2-2b \
-      "marginkern,marginkern 3-GEMM,liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor" 120 llm
-    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench emo emo-llama3-8b "marginkern,3-GEMM floor" 35 emo
-    bench cosent cosent-65k "marginkern,read both once" 45 cosent
-    # issue 5's memcheck of the hand-written CUDA kernels, on a small subset, if the visit has time left
-    budgeted 70 45 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests/test_gpu.py -q -x \
-      -k "cuda_ops_match and float32 and plain or special_values" 2>&1 | tee "$OUT/sanitize-memcheck.log" | tail -5
-    MARGINKERN_TRITON_CONFIG="$face_cfg" budgeted 40 5 python bench/profile_step.py face face-small-100k marginkern \
+      "marginkern,marginkern 3-GEMM,liger-kernel,cut-cross-entropy,cut-cross-entropy exact,3-GEMM floor" 100 llm 55
+    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench emo emo-llama3-8b "marginkern,3-GEMM floor" 30 emo 25
+    bench cosent cosent-65k "marginkern,read both once" 25 cosent 5
+    budgeted 60 5 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=5 \
+      -k "not triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-cuda.log" | tail -15
+    MARGINKERN_TRITON_CONFIG="$face_cfg" budgeted 30 5 python bench/profile_step.py face face-small-100k marginkern \
       "3-GEMM floor" 2>&1 | tee -a "$OUT/profile.log" | grep -A6 "=="
     ;;
   tests)
