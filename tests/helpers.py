@@ -122,3 +122,39 @@ def check_emo_confident_rows(device, dtype=torch.float32):
     xr, wr = x.to(device).requires_grad_(), w.to(device).requires_grad_()
     gx, gw = torch.autograd.grad(mk.emo_cross_entropy(xr, wr, t.to(device)), (xr, wr))
     assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+
+
+def check_confident_rows_per_row_gradient(device, dtype, opts=None):
+    """Linear CE where rows' targets are nearly certain (1 − p_t from 0.99 down to ~3e-5), summed: each row's
+    dX against the float64 oracle relative to ITS OWN size (llm_ce_anchors.md: Liger #1329, up to 100%
+    relative error at p = 0.999 when the target's gradient p_t − 1 was formed in 16 bits; a tolerance
+    relative to the largest row would hide that). The bound is the dtype's tolerance plus what fp32 itself
+    allows: p_t − 1 is formed from T − lse, whose rounding (≈ ulp(lse)) is a relative error of about
+    ulp(lse)/(1 − p_t) in that row (as in torch's own fp32 cross-entropy)."""
+    import marginkern as mk
+    from marginkern import reference
+    opts = opts or {}
+    torch.manual_seed(13)
+    N, C, D = 48, 257, 32
+    w = torch.randn(C, D, dtype=torch.float64)
+    t = torch.randint(0, C, (N,))
+    x = torch.linspace(0.05, 0.45, N, dtype=torch.float64)[:, None] * w[t] + 0.05 * torch.randn(N, D, dtype=torch.float64)
+    x, w = x.to(dtype), w.to(dtype)
+    xd = x.double().requires_grad_()
+    want = torch.autograd.grad(reference.linear_cross_entropy(xd, w.double(), t, reduction="sum", **opts), xd)[0]
+    logits = x.double() @ w.double().t()
+    one_minus_p = 1 - torch.softmax(logits, 1).gather(1, t[:, None]).squeeze(1)
+    assert one_minus_p.max() > 0.5 and one_minus_p.min() < 1e-4, "the case must span confident rows"
+    xg = x.to(device).requires_grad_()
+    got = torch.autograd.grad(mk.linear_cross_entropy(xg, w.to(device), t.to(device), reduction="sum", **opts), xg)[0]
+    err = (got.double().cpu() - want).norm(dim=1) / want.norm(dim=1)
+    fp32_limit = 8 * torch.finfo(torch.float32).eps * torch.logsumexp(logits, 1).abs().clamp_min(1) / one_minus_p
+    bound = 4 * REL_TOL[dtype] + fp32_limit
+    if dtype == torch.float16:
+        # fp16 G is scaled so that its largest entry is ~1: a row whose gradient is below fp16's subnormals
+        # of that (focal loss on confident rows: (1 − p_t)^γ ≈ 1e-7 of the hardest row's) may vanish
+        row_norms = want.norm(dim=1)
+        bound = torch.maximum(bound, 1e-6 * row_norms.max() / row_norms)
+    worst = int((err / bound).argmax())
+    assert (err <= bound).all(), (f"row {worst}: dX error {err[worst]:.2e} relative to its own norm, bound "
+                                  f"{bound[worst]:.2e} (1 − p_t = {one_minus_p[worst]:.1e})")

@@ -8,9 +8,9 @@ import marginkern as mk
 from marginkern import cpp_tiles, reference
 from marginkern.dispatch import _why_not
 from marginkern.engine import CostSpec, LogitSpec, TorchTiles
-from tests.helpers import (assert_close_rel, check_emo_confident_rows, check_fp16_grad_saturates_and_keeps_nan,
-                           check_margin_fp16_under_grad_scaler, check_margin_per_row_upstream_gradient, loss_and_grads,
-                           make_case)
+from tests.helpers import (assert_close_rel, check_confident_rows_per_row_gradient, check_emo_confident_rows,
+                           check_fp16_grad_saturates_and_keeps_nan, check_margin_fp16_under_grad_scaler,
+                           check_margin_per_row_upstream_gradient, loss_and_grads, make_case)
 from tests.test_cpp import EPILOGUES, SHAPES, check_special_rows_lse, random_cost, random_spec
 from tests.test_linear_ce import grads
 
@@ -229,6 +229,12 @@ def test_linear_ce_cuda_matches_oracle(dtype, opts, knobs, backend):
     assert_close_rel(got[0], want[0], dtype, "loss", floor=1.0)
     for name, g, e in zip(("grad input", "grad weight", "grad bias"), got[1:], want[1:]):
         assert_close_rel(g, e, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0)], ids=["ce", "focal"])
+def test_linear_ce_confident_rows_keep_their_gradient_cuda(dtype, opts, backend):
+    check_confident_rows_per_row_gradient("cuda", dtype, opts)
 
 
 def test_emo_confident_rows_cuda(backend):

@@ -263,3 +263,10 @@ def test_losses_return_fp32_for_16bit_inputs():
     for fn in (mk.linear_cross_entropy, mk.emo_cross_entropy, mk.emo_loss):
         for reduction in ("mean", "none"):
             assert fn(x, w, t, reduction=reduction).dtype == torch.float32, (fn.__name__, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0), dict(gamma_ce=0.5)])
+def test_confident_rows_keep_their_gradient(dtype, opts):
+    from tests.helpers import check_confident_rows_per_row_gradient
+    check_confident_rows_per_row_gradient("cpu", dtype, opts)

@@ -5,7 +5,8 @@ import torch
 import marginkern as mk
 import marginkern.engine as engine
 from marginkern import reference
-from tests.helpers import REL_TOL, assert_close_rel, check_fp16_grad_saturates_and_keeps_nan, make_case
+from tests.helpers import (REL_TOL, assert_close_rel, check_confident_rows_per_row_gradient,
+                           check_fp16_grad_saturates_and_keeps_nan, make_case)
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_linear_ce import OPTIONS, grads
 
@@ -117,3 +118,9 @@ def test_fp16_grad_saturates_and_keeps_nan():
     # review finding: tl.minimum/tl.maximum drop NaN, so the saturation turned a NaN row of G into ±65504
     from marginkern.dispatch import select_tiles
     check_fp16_grad_saturates_and_keeps_nan(select_tiles(torch.device(DEVICE), torch.float16), DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0), dict(gamma_ce=0.5)])
+def test_confident_rows_keep_their_gradient(dtype, opts):
+    check_confident_rows_per_row_gradient(DEVICE, dtype, opts)
