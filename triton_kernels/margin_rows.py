@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device
+from .device import fp32, on_device
 
 from ..engine import NORM_EPS as _NORM_EPS
 from ..margin import EXACT_SLOPE_MIN_ANGLE as _EXACT_SLOPE_MIN_ANGLE
@@ -199,7 +199,7 @@ def margin_target_grad_rows(row_state, lse, grad_loss, target, scale, m1, m2, no
     if N > 0:
         with on_device(row_state):
             margin_target_grad_rows_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
-                row_state.float().contiguous(), lse.float().contiguous(), grad_loss.float().contiguous(), target,
+                fp32(row_state).contiguous(), fp32(lse).contiguous(), fp32(grad_loss).contiguous(), target,
                 column, *planes, N, num_local, class_start, ignore_index, scale, m1, m2, smoothing, num_classes,
                 NORMALIZE=normalize, EXACT=exact, BLOCK_R=BLOCK_ROWS)
     return column, planes

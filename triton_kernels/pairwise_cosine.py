@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device
+from .device import fp32, on_device
 
 NORM_EPS = 1e-12
 
@@ -84,6 +84,6 @@ def pairwise_cosine_backward(grad, a, b, cos, inv_a, inv_b):
         blocks = _blocks(D)
         with on_device(a):
             pairwise_cosine_bwd_kernel[(triton.cdiv(B, blocks["BLOCK_R"]),)](
-                grad.float().contiguous(), a, b, cos, inv_a, inv_b, da, db, B, D, a.stride(0), b.stride(0),
+                fp32(grad).contiguous(), a, b, cos, inv_a, inv_b, da, db, B, D, a.stride(0), b.stride(0),
                 **blocks)
     return da, db

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device
+from .device import fp32, on_device
 
 
 @triton.jit
@@ -65,8 +65,8 @@ def finish_grad_rows(grad, scale, out, weight=None, inv_norm=None):
     block_d = min(256, triton.next_power_of_2(max(D, 16)))
     with on_device(grad):
         finish_grad_rows_kernel[(triton.cdiv(R, 8),)](
-            grad, weight if project else grad, inv_norm.float().contiguous() if project else grad,
-            scale.float().reshape(1), out, R, D, grad.stride(0), weight.stride(0) if project else 0, out.stride(0),
+            grad, weight if project else grad, fp32(inv_norm).contiguous() if project else grad,
+            fp32(scale), out, R, D, grad.stride(0), weight.stride(0) if project else 0, out.stride(0),
             PROJECT=project, BLOCK_R=8, BLOCK_D=block_d)
     return out
 
@@ -134,7 +134,7 @@ def projected_weight_grad(g, x, weight, inv_norm, scale, out):
     blocks, launch = projected_weight_grad_blocks(D, g.is_cuda)
     with on_device(g):
         projected_weight_grad_kernel[(triton.cdiv(R, blocks["BLOCK_R"]),)](
-            g, x, weight, inv_norm.float().contiguous(), scale.float().reshape(1), out, N, R, D, g.stride(0),
+            g, x, weight, fp32(inv_norm).contiguous(), fp32(scale), out, N, R, D, g.stride(0),
             x.stride(0), weight.stride(0), out.stride(0), EVEN_N=N % blocks["BLOCK_K"] == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **blocks, **launch)
     return out

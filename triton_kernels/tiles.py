@@ -9,7 +9,7 @@ import triton
 
 from ..engine import block_gemm_dtype, gpu_grad_dtype
 from ..margin_ce import TargetGradRows, TargetRows
-from .device import on_device
+from .device import fp32, on_device
 from .margin_rows import margin_target_grad_rows as _margin_target_grad_rows
 from .margin_rows import margin_target_rows as _margin_target_rows
 from .row_projection import PROJECTED_DW_MAX_D
@@ -83,7 +83,7 @@ def _cost_pointer_args(cost, spec, w, placeholder):
     if cost is None:
         return (spec.target, w, placeholder, placeholder), 0, 0
     keys = cost.keys.contiguous()
-    args = (cost.query_rows.contiguous(), keys, cost.query_scale.float(), cost.key_scale.float())
+    args = (cost.query_rows.contiguous(), keys, fp32(cost.query_scale), fp32(cost.key_scale))
     return args, keys.shape[1], keys.stride(0)
 
 
@@ -177,7 +177,7 @@ class TritonTiles:
         if N > 0:
             with on_device(x):
                 streaming_ce_fwd_kernel[(row_blocks * splits,)](
-                    x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target, spec.target_logit.float(),
+                    x, w, fp32(spec.row_scale), fp32(col_scale), bias, spec.target, fp32(spec.target_logit),
                     part[0], part[1], part[2 if need_sum_logits else 1], *cost_args, part[-1],
                     N, C, D, E, stride_x, stride_w, stride_k, per_split, splits, softcap,
                     NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
@@ -252,12 +252,12 @@ class TritonTiles:
         col_scale, bias, softcap = _pointer_args(x, spec)
         grid = (triton.cdiv(N, blocks["BLOCK_N"]) * triton.cdiv(c1 - c0, blocks["BLOCK_C"]),)
         cost_args, E, stride_k = _cost_pointer_args(cost, spec, w, lse)
-        coef_cost = cost.coef.float() if cost is not None else lse
+        coef_cost = fp32(cost.coef) if cost is not None else lse
         if N > 0:
             with on_device(x):
                 streaming_ce_grad_logits_kernel[grid](
-                    x, w, spec.row_scale.float(), col_scale.float(), bias, spec.target,
-                    lse.float(), coef_p.float(), coef_u.float(), target_grad.float(), grad, *cost_args, coef_cost,
+                    x, w, fp32(spec.row_scale), fp32(col_scale), bias, spec.target,
+                    fp32(lse), fp32(coef_p), fp32(coef_u), fp32(target_grad), grad, *cost_args, coef_cost,
                     N, D, E, stride_x, stride_w, grad.stride(0), stride_k, c0, c1, softcap,
                     HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     SATURATE_FP16=grad_dtype == torch.float16, EVEN_D=D % blocks["BLOCK_D"] == 0,
