@@ -50,3 +50,17 @@ def test_count_host_ops_counts_a_step_without_a_gpu():
     assert done.returncode == 0, done.stderr
     assert "outermost ATen ops" in done.stdout and "marginkern::linear_cross_entropy_backward" in done.stdout
     assert "streaming_ce_grad_logits_kernel" in done.stdout
+
+
+def test_margin_step_host_ops_stay_few():
+    # face-small (N = 256) is host-bound: one ArcFace fwd+bwd was 229 outermost ATen ops, 66 after the
+    # per-row Triton kernels (bench/NOTES.md, "Sixth session"). A bound, so that a regression shows here
+    # before a GPU visit does (torch is pinned in CI; its internals set the exact count)
+    import os
+    import re
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MARGINKERN_BACKEND": "triton"}
+    done = subprocess.run([sys.executable, str(BENCH / "count_host_ops.py"), "margin", "--dtype", "bfloat16"],
+                          capture_output=True, text=True, cwd=BENCH.parent, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    ops, launches = map(int, re.search(r"(\d+) outermost ATen ops, (\d+) Triton launches", done.stdout).groups())
+    assert ops <= 75 and launches <= 8, done.stdout
