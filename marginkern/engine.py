@@ -168,7 +168,8 @@ SPLIT_K_PARTIAL_BYTES = 8 << 20
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device) -> int:
+def device_sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -189,7 +190,7 @@ def split_k_slices(out: Tensor, reduction: int, sm_count: Optional[int] = None) 
     if sm_count is None:
         if not out.is_cuda:
             return 1
-        sm_count = _sm_count(out.device)
+        sm_count = device_sm_count(out.device)
     output_tiles = -(-out.shape[0] // 128) * -(-out.shape[1] // 128)
     wanted = -(-2 * sm_count // output_tiles)
     fits = SPLIT_K_PARTIAL_BYTES // max(1, out.numel() * out.element_size())

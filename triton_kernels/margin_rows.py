@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .device import fp32, on_device
+from .row_dots import row_dots
 
 from ..engine import NORM_EPS as _NORM_EPS
 from ..margin import EXACT_SLOPE_MIN_ANGLE as _EXACT_SLOPE_MIN_ANGLE
@@ -97,17 +98,7 @@ def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_pt
     tl.store(column_ptr + rows, column, mask=row_mask)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
     w_rows = w_ptr + tl.maximum(column, 0).to(tl.int64)[:, None] * stride_w
-    xx = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    ww = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    xw = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (offs < D)[None, :]
-        x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + offs[None, :], mask=mask & owned[:, None], other=0.0).to(tl.float32)
-        xx += tl.sum(x * x, axis=1)
-        ww += tl.sum(w * w, axis=1)
-        xw += tl.sum(x * w, axis=1)
+    xx, ww, xw = row_dots(x_rows, w_rows, row_mask, row_mask & owned, D, BLOCK_R, BLOCK_D)
     # NaN-propagating clamps (as torch's clamp): a NaN or inf embedding must give a NaN row, not ‖x‖ = ε
     x_norm = tl.maximum(tl.sqrt(xx), NORM_EPS, propagate_nan=NAN)
     w_norm = tl.maximum(tl.sqrt(ww), NORM_EPS, propagate_nan=NAN)

@@ -4,9 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..engine import NORM_EPS
 from .device import fp32, on_device
-
-NORM_EPS = 1e-12
+from .row_dots import row_dots
 
 
 @triton.jit
@@ -16,17 +16,7 @@ def pairwise_cosine_fwd_kernel(a_ptr, b_ptr, cos_ptr, inv_a_ptr, inv_b_ptr, B, D
     row_mask = rows < B
     a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_a
     b_rows = b_ptr + rows.to(tl.int64)[:, None] * stride_b
-    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    aa = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    bb = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (offs < D)[None, :]
-        a = tl.load(a_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        dot += tl.sum(a * b, axis=1)
-        aa += tl.sum(a * a, axis=1)
-        bb += tl.sum(b * b, axis=1)
+    aa, bb, dot = row_dots(a_rows, b_rows, row_mask, row_mask, D, BLOCK_R, BLOCK_D)
     inv_a = 1.0 / tl.maximum(tl.sqrt(aa), eps)
     inv_b = 1.0 / tl.maximum(tl.sqrt(bb), eps)
     tl.store(cos_ptr + rows, dot * inv_a * inv_b, mask=row_mask)

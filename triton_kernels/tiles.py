@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import triton
 
-from ..engine import block_gemm_dtype, gpu_grad_dtype
+from ..engine import block_gemm_dtype, device_sm_count, gpu_grad_dtype
 from ..margin_ce import TargetGradRows, TargetRows
 from .device import fp32, on_device
 from .margin_rows import margin_target_grad_rows as _margin_target_grad_rows
@@ -50,10 +50,9 @@ def _config(x):
             {k: config[k] for k in ("num_warps", "num_stages")})
 
 
-@functools.lru_cache(maxsize=None)
 def _sm_count(device):
-    """SMs of x's GPU (132 on an H100 SXM; the interpreter pretends the same)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    """SMs of x's GPU (engine.device_sm_count; the interpreter pretends an H100 SXM's 132)."""
+    return device_sm_count(device) if device.type == "cuda" else 132
 
 
 @functools.lru_cache(maxsize=None)
