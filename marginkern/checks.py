@@ -1,5 +1,6 @@
 """Argument validation. Every error names the argument and what was expected (DESIGN.md §6)."""
 import math
+import numbers
 import operator
 
 import torch
@@ -30,8 +31,8 @@ def check_classification_inputs(input, weight, target, weight_name="weight"):
         hint = ""
         if torch.is_autocast_enabled(input.device.type):
             # an fp32 head behind an autocast backbone (insightface's setup): the ops do not cast for the caller
-            hint = (f"; under autocast, pass {weight_name}.to(input.dtype) (as marginkern's modules do) or run the "
-                    "loss on float32 input")
+            hint = (f"; under autocast, pass {weight_name}.to(input.dtype) (marginkern's modules do this for you) or "
+                    "run the loss on float32 input")
         raise TypeError(f"{weight_name} must have the dtype of input ({input.dtype}), got {weight.dtype}{hint}")
     if not (input.device == weight.device == target.device):
         raise ValueError(f"input, {weight_name} and target must be on one device, got {input.device}, "
@@ -69,6 +70,43 @@ def checked_class_targets(target, n, num_classes, ignore_index):
     return target
 
 
+def check_bool(name, value):
+    """value as a Python bool (a bool or a NumPy bool); anything else (None, a string, an int) is a TypeError
+    rather than a truthiness guess."""
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_ignore_index(ignore_index):
+    """ignore_index as a Python int: a float would be truncated for the op but compared as a float for the
+    mean's denominator (torch's cross_entropy raises TypeError too)."""
+    return check_int("ignore_index", ignore_index)
+
+
+def check_head_size(embedding_dim, num_classes):
+    """A module's (embedding_dim, num_classes) as ints ≥ 1."""
+    sizes = check_int("embedding_dim", embedding_dim), check_int("num_classes", num_classes)
+    for name, size in zip(("embedding_dim", "num_classes"), sizes):
+        if size < 1:
+            raise ValueError(f"{name} must be ≥ 1, got {size}")
+    return sizes
+
+
+def check_module_embeddings(embeddings, embedding_dim):
+    """The input of a module that owns (C, embedding_dim) class centres: errors in the module's terms."""
+    if isinstance(embeddings, torch.Tensor) and (embeddings.dim() != 2 or embeddings.shape[1] != embedding_dim):
+        raise ValueError(f"embeddings must have shape (N, embedding_dim={embedding_dim}), got shape "
+                         f"{tuple(embeddings.shape)}")
+
+
+def margin_module_repr(embedding_dim, num_classes, options, extra=""):
+    """extra_repr of the margin modules (plain and sharded): every option, so a printed model says how
+    its loss was configured."""
+    return f"embedding_dim={embedding_dim}, num_classes={num_classes}{extra}, " + ", ".join(
+        f"{k}={v!r}" for k, v in options.items())
+
+
 def check_int(name, value):
     """value as a Python int (from an int, a NumPy integer or a one-element integer tensor), else a TypeError."""
     try:
@@ -104,21 +142,29 @@ def check_reduction(reduction):
 
 
 def check_finite(name, value, low=-math.inf, high=math.inf, low_open=False):
+    """value is a real number (int, float, a NumPy scalar; not a bool or a tensor) in the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        hint = " (pass a Python number: value.item())" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")
     # comparisons, not math.isfinite: torch.compile(dynamic=True) traces floats as symbols, which
     # math.isfinite cannot take (and NaN fails both comparisons)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (-math.inf < value < math.inf):
+    if not (-math.inf < value < math.inf):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < low or value > high or (low_open and value == low):
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise ValueError(f"{name} must lie in {bound}, got {value!r}")
 
 
-def check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing):
+def check_margin_scalars(scale, m1, m2, m3, label_smoothing):
     check_finite("scale", scale, 0.0, low_open=True)
     check_finite("m1", m1, 1.0)  # the monotone extension ψ of DESIGN.md §4 needs m1 ≥ 1, m2 ≥ 0
     check_finite("m2", m2, 0.0)
     check_finite("m3", m3)
     check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
+
+
+def check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing):
+    check_margin_scalars(scale, m1, m2, m3, label_smoothing)
     if margin_grad not in ("exact", "straight_through"):
         raise ValueError(f"margin_grad must be 'exact' or 'straight_through', got {margin_grad!r}")
 

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import (check_class_shard, check_classes_per_rank, check_classification_inputs, check_finite,
-                     check_int, check_margin_options, check_reduction, check_target_values, checked_class_targets)
+                     check_head_size, check_int, check_margin_options, check_module_embeddings, check_reduction,
+                     check_target_values, checked_class_targets, margin_module_repr)
 from .dispatch import select_tiles
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .reference import reduce_rows
@@ -250,14 +251,13 @@ class ShardedCombinedMarginLoss(nn.Module):
                  normalize=True, margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
                  sample_rate=1.0, device=None, dtype=None):
         super().__init__()
-        if int(embedding_dim) < 1 or int(num_classes) < 1:
-            raise ValueError(f"embedding_dim and num_classes must be ≥ 1, got {embedding_dim} and {num_classes}")
+        embedding_dim, num_classes = check_head_size(embedding_dim, num_classes)
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
         check_finite("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
         self.sample_rate = float(sample_rate)
         rank, world_size = _rank_and_world_size(group)
-        self.embedding_dim, self.num_classes, self.group = int(embedding_dim), int(num_classes), group
+        self.embedding_dim, self.num_classes, self.group = embedding_dim, num_classes, group
         check_classes_per_rank(self.num_classes, world_size)
         self.class_start, class_stop = shard_range(self.num_classes, rank, world_size)
         self.weight = nn.Parameter(torch.empty(class_stop - self.class_start, self.embedding_dim, device=device,
@@ -277,6 +277,7 @@ class ShardedCombinedMarginLoss(nn.Module):
 
     def forward(self, embeddings, target):
         """Every rank must be in the same mode (train/eval): the two modes run different collectives."""
+        check_module_embeddings(embeddings, self.embedding_dim)
         weight = self.weight
         if not (self.training and self.sample_rate < 1.0):
             if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
@@ -293,18 +294,16 @@ class ShardedCombinedMarginLoss(nn.Module):
         return _sharded_loss(embeddings, weight, target, shard, opts, o["reduction"])
 
     def extra_repr(self):
-        o = self.options
-        stop = self.class_start + self.weight.shape[0]
-        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
-                f"classes=[{self.class_start}, {stop}), scale={o['scale']}, m1={o['m1']}, m2={o['m2']}, "
-                f"m3={o['m3']}, normalize={o['normalize']}, margin_grad={o['margin_grad']!r}"
-                + (f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""))
+        extra = f", classes=[{self.class_start}, {self.class_start + self.weight.shape[0]})"
+        extra += f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
+        return margin_module_repr(self.embedding_dim, self.num_classes, self.options, extra)
 
 
 class ShardedArcFaceLoss(ShardedCombinedMarginLoss):
     """ArcFace (cos(θ_y + margin), monotone past θ = π − margin) over class centres sharded across `group`."""
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, **kwargs):
+        check_finite("margin", margin, 0.0)  # named as the caller knows it (it becomes m2)
         super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
 
 
@@ -312,4 +311,5 @@ class ShardedCosFaceLoss(ShardedCombinedMarginLoss):
     """CosFace (cos θ_y − margin) over class centres sharded across `group`."""
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, **kwargs):
+        check_finite("margin", margin)  # it becomes m3
         super().__init__(embedding_dim, num_classes, 1.0, 0.0, margin, scale=scale, **kwargs)

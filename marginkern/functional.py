@@ -3,9 +3,10 @@ import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.marginkern.*)
 from . import pairwise
-from .checks import (check_binary_targets, check_bias, check_classification_inputs, check_cost_embedding,
-                     check_embedding_pair, check_finite, check_float_tensor, check_labels, check_linear_ce_options,
-                     check_logits_buffer, check_margin_options, check_reduction, resolve_grad_filter_eps)
+from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cost_embedding,
+                     check_embedding_pair, check_finite, check_float_tensor, check_ignore_index, check_labels,
+                     check_linear_ce_options, check_logits_buffer, check_margin_options, check_reduction,
+                     resolve_grad_filter_eps)
 from .reference import reduce_rows
 
 
@@ -23,11 +24,12 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     """
     check_classification_inputs(input, weight, target)
     check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
+    normalize, ignore_index = check_bool("normalize", normalize), check_ignore_index(ignore_index)
     check_reduction(reduction)
     target = target.long()  # uint8 indices would index as a mask
     loss_rows = torch.ops.marginkern.margin_cross_entropy(
-        input, weight, target, float(scale), float(m1), float(m2), float(m3), bool(normalize),
-        margin_grad == "exact", float(label_smoothing), int(ignore_index))[0]
+        input, weight, target, float(scale), float(m1), float(m2), float(m3), normalize,
+        margin_grad == "exact", float(label_smoothing), ignore_index)[0]
     return reduce_rows(loss_rows, target != ignore_index, reduction)
 
 
@@ -74,8 +76,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     check_reduction(reduction)
     filter_eps = resolve_grad_filter_eps(grad_filter_eps, input.dtype)
     check_logits_buffer(logits_buffer_mb, reduction, filter_eps)
+    ignore_index = check_ignore_index(ignore_index)
     target = target.long()  # uint8 indices would index as a mask
-    options = (int(ignore_index), float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
+    options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                float(focal_gamma), float(gamma_ce))
     if logits_buffer_mb is not None:
         grad_on = torch.is_grad_enabled()
@@ -92,17 +95,18 @@ EMO_RATIO_EPS = 1e-10  # as the reference code: sg(ce / (emo + 1e-10))
 
 
 def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction):
-    """(per-row CE, per-row EMO, the flattened target, the shape "none" gives back)."""
+    """(per-row CE, per-row EMO, the flattened target, the shape "none" gives back, ignore_index as an int)."""
     input, target, token_shape = _flatten_tokens(input, target)
     check_classification_inputs(input, weight, target)
+    ignore_index = check_ignore_index(ignore_index)
     if cost_embedding is not None:
         check_cost_embedding(cost_embedding, weight)
     # The cost cosines run as a second tl.dot next to the logits: same dtype as the input, so they use
     # the tensor cores (an fp32 cost with bf16 inputs would run on FMA units; fp64 does not compile).
     cost = (weight if cost_embedding is None else cost_embedding).detach().to(input.dtype)
     check_reduction(reduction)
-    ce, emo, _ = torch.ops.marginkern.emo_cross_entropy(input, weight, target.long(), cost, int(ignore_index))
-    return ce, emo, target, token_shape
+    ce, emo, _ = torch.ops.marginkern.emo_cross_entropy(input, weight, target.long(), cost, ignore_index)
+    return ce, emo, target, token_shape, ignore_index
 
 
 def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean"):
@@ -111,7 +115,8 @@ def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, r
     Ê is the row-normalised `cost_embedding` (C, E), default `weight` detached (E may differ from D); it
     never receives a gradient. Returns fp32; "mean" is over non-ignored rows (0 when there are none).
     """
-    ce, emo, target, token_shape = _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction)
+    ce, emo, target, token_shape, ignore_index = _emo_rows(input, weight, target, cost_embedding, ignore_index,
+                                                           reduction)
     return _unflatten(reduce_rows(emo, target != ignore_index, reduction), reduction, token_shape)
 
 
@@ -124,7 +129,8 @@ def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_inde
     true EMO value (the repository's `emo_patch.py` adds p_t to it through a detach trick, which changes
     the weight but not ∇emo). No clamp of the ratio (the PyPI package clamps it at 3).
     """
-    ce, emo, target, token_shape = _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction)
+    ce, emo, target, token_shape, ignore_index = _emo_rows(input, weight, target, cost_embedding, ignore_index,
+                                                           reduction)
     rows = 0.5 * (ce + (ce / (emo + EMO_RATIO_EPS)).detach() * emo)
     return _unflatten(reduce_rows(rows, target != ignore_index, reduction), reduction, token_shape)
 
@@ -132,7 +138,8 @@ def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_inde
 def cosent_loss(scores, labels, *, scale=20.0):
     """CoSENT: log(1 + Σ_{labels_a < labels_b} exp(scale·(s_a − s_b))) over the pair scores `scores` (B,)
     (e.g. cosines), as sentence-transformers' CoSENTLoss: one scalar, not normalised by the pair count.
-    O(B log B) time and O(B) memory (sorted prefix log-sum-exp); ties add nothing."""
+    O(B log B) time and O(B) memory (sorted prefix log-sum-exp); ties add nothing. A NaN label makes the
+    loss and its gradient NaN (it has no place in the label order)."""
     check_float_tensor("scores", scores, dim=1)
     check_labels(labels, scores.shape[0], scores.device)
     check_finite("scale", scale, 0.0, low_open=True)

@@ -17,6 +17,7 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
+from .checks import check_bool, check_ignore_index, check_margin_scalars
 from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, row_grad_finisher, row_norms, streaming_grads,
                      streaming_row_stats, target_columns)
 from .margin import margin_psi, margin_slope
@@ -35,9 +36,12 @@ class MarginOptions:
 
     @classmethod
     def of(cls, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
-        """From plain arguments of any int/float kind (an op's, or the public API's)."""
-        return cls(float(scale), float(m1), float(m2), float(m3), bool(normalize), bool(exact_margin_grad),
-                   float(label_smoothing), int(ignore_index))
+        """From plain arguments of any int/float kind (an op's, or the public API's), checked: the raw ops
+        are public too (torch.ops.marginkern.*)."""
+        check_margin_scalars(scale, m1, m2, m3, label_smoothing)
+        return cls(float(scale), float(m1), float(m2), float(m3), check_bool("normalize", normalize),
+                   check_bool("exact_margin_grad", exact_margin_grad), float(label_smoothing),
+                   check_ignore_index(ignore_index))
 
 
 class ClassShard(Protocol):

@@ -2,8 +2,9 @@
 import torch
 from torch import nn
 
-from .checks import (check_finite, check_linear_ce_options, check_logits_buffer, check_margin_options, check_reduction,
-                     checked_class_targets, resolve_grad_filter_eps)
+from .checks import (check_finite, check_head_size, check_linear_ce_options, check_logits_buffer, check_margin_options,
+                     check_module_embeddings, check_reduction, checked_class_targets, margin_module_repr,
+                     resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          margin_cross_entropy)
 from .sampling import IGNORED, num_sampled_classes, sample_classes
@@ -22,11 +23,9 @@ class CombinedMarginLoss(nn.Module):
                  margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
                  sample_rate=1.0, device=None, dtype=None):
         super().__init__()
-        if int(embedding_dim) < 1 or int(num_classes) < 1:
-            raise ValueError(f"embedding_dim and num_classes must be ≥ 1, got {embedding_dim} and {num_classes}")
+        self.embedding_dim, self.num_classes = check_head_size(embedding_dim, num_classes)
         check_finite("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
         self.sample_rate = float(sample_rate)
-        self.embedding_dim, self.num_classes = int(embedding_dim), int(num_classes)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim, device=device, dtype=dtype))
         self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=normalize, margin_grad=margin_grad,
                             label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
@@ -38,6 +37,7 @@ class CombinedMarginLoss(nn.Module):
         nn.init.normal_(self.weight, std=0.01)
 
     def forward(self, embeddings, target):
+        check_module_embeddings(embeddings, self.embedding_dim)
         weight, options = self.weight, self.options
         if self.training and self.sample_rate < 1.0:
             target = checked_class_targets(target, embeddings.shape[0], self.num_classes, options["ignore_index"])
@@ -50,17 +50,15 @@ class CombinedMarginLoss(nn.Module):
         return margin_cross_entropy(embeddings, weight, target, **options)
 
     def extra_repr(self):
-        o = self.options
         sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
-        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, scale={o['scale']}, "
-                f"m1={o['m1']}, m2={o['m2']}, m3={o['m3']}, normalize={o['normalize']}, "
-                f"margin_grad={o['margin_grad']!r}{sampled}")
+        return margin_module_repr(self.embedding_dim, self.num_classes, self.options, sampled)
 
 
 class ArcFaceLoss(CombinedMarginLoss):
     """ArcFace: cos(θ_y + margin), made monotone past θ = π − margin."""
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, **kwargs):
+        check_finite("margin", margin, 0.0)  # named as the caller knows it (it becomes m2)
         super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
 
 
@@ -68,6 +66,7 @@ class CosFaceLoss(CombinedMarginLoss):
     """CosFace / AM-Softmax: cos θ_y − margin."""
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, **kwargs):
+        check_finite("margin", margin)  # it becomes m3
         super().__init__(embedding_dim, num_classes, 1.0, 0.0, margin, scale=scale, **kwargs)
 
 
@@ -78,6 +77,7 @@ class SphereFaceLoss(CombinedMarginLoss):
     """
 
     def __init__(self, embedding_dim, num_classes, scale=30.0, margin=4, **kwargs):
+        check_finite("margin", margin, 1.0)  # the angle multiplier m1
         super().__init__(embedding_dim, num_classes, float(margin), 0.0, 0.0, scale=scale, **kwargs)
 
 
@@ -85,8 +85,19 @@ class LargeMarginSoftmaxLoss(CombinedMarginLoss):
     """L-Softmax: unnormalised logits ‖x‖‖w_j‖·cos θ_j, target ‖x‖‖w_y‖·ψ(θ_y) with ψ of multiplier `margin`."""
 
     def __init__(self, embedding_dim, num_classes, scale=1.0, margin=4, **kwargs):
+        check_finite("margin", margin, 1.0)  # the angle multiplier m1
         super().__init__(embedding_dim, num_classes, float(margin), 0.0, 0.0, scale=scale, normalize=False,
                          **kwargs)
+
+
+def _autocast_like(t, input):
+    """t (a head's weight or bias) in input's dtype inside an autocast region, as F.linear would see it there:
+    an fp32 head behind a bf16 autocast backbone (Liger-Kernel #305); the cast's backward returns an fp32
+    gradient. Outside autocast a dtype mismatch stays an error (functional's checks)."""
+    if (isinstance(t, torch.Tensor) and isinstance(input, torch.Tensor) and t.dtype != input.dtype
+            and t.is_floating_point() and torch.is_autocast_enabled(input.device.type)):
+        return t.to(input.dtype)
+    return t
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -107,7 +118,8 @@ class LinearCrossEntropyLoss(nn.Module):
                             grad_filter_eps=grad_filter_eps, logits_buffer_mb=logits_buffer_mb)
 
     def forward(self, input, weight, target, bias=None):
-        return linear_cross_entropy(input, weight, target, bias, **self.options)
+        return linear_cross_entropy(input, _autocast_like(weight, input), target, _autocast_like(bias, input),
+                                    **self.options)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -128,12 +140,14 @@ class EMOLoss(nn.Module):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         check_reduction(reduction)
+        if cost_embedding is not None and not isinstance(cost_embedding, torch.Tensor):
+            raise TypeError(f"cost_embedding must be a torch.Tensor or None, got {type(cost_embedding).__name__}")
         self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
         self.mode, self.ignore_index, self.reduction = mode, ignore_index, reduction
 
     def forward(self, input, weight, target):
         fn = emo_cross_entropy if self.mode == "mle_anchored" else emo_loss
-        return fn(input, weight, target, cost_embedding=self.cost_embedding, ignore_index=self.ignore_index,
+        return fn(input, _autocast_like(weight, input), target, cost_embedding=self.cost_embedding, ignore_index=self.ignore_index,
                   reduction=self.reduction)
 
     def extra_repr(self):

@@ -10,7 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import check_target_values
+from .checks import (check_bias, check_classification_inputs, check_cost_embedding, check_embedding_pair, check_finite,
+                     check_float_tensor, check_ignore_index, check_labels, check_linear_ce_options,
+                     check_target_values)
 from .dispatch import select_tiles
 from . import pairwise
 from .engine import NORM_EPS, accumulation_dtype, buffered_grads_in_input_dtype
@@ -41,6 +43,15 @@ def _or_empty(grad, like):
     return grad if grad is not None else like.new_empty((0,))
 
 
+def _check_forward_inputs(input, weight, target, bias=None, cost_embedding=None):
+    """The forward ops are public too (torch.ops.marginkern.*): they name a bad argument as the functions do.
+    Metadata only, so the fake kernels run it as well (a traced call fails at trace time)."""
+    check_classification_inputs(input, weight, target)
+    check_bias(bias, weight)
+    if cost_embedding is not None:
+        check_cost_embedding(cost_embedding, weight)
+
+
 def _margin_scalars(opts: MarginOptions):
     """MarginOptions as the scalar arguments of the C++ ops (csrc/cpu/loss_ops.cpp), in schema order."""
     return (opts.scale, opts.m1, opts.m2, opts.m3, opts.normalize, opts.exact_margin_grad, opts.label_smoothing,
@@ -54,8 +65,9 @@ def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: f
                          ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp, (N, 4) target geometry, (C,) class-centre norms or (0,) without
     normalize); ignored rows have loss 0. The last three are by-products the backward op takes."""
-    check_target_values(target, weight.shape[0], ignore_index)
+    _check_forward_inputs(input, weight, target)
     opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
+    check_target_values(target, weight.shape[0], opts.ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = select_tiles(input.device, input.dtype)
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/margin_loss.cpp), the same math
@@ -66,6 +78,8 @@ def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: f
 @margin_cross_entropy.register_fake
 def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
     # The fake kernel lets torch.compile trace through the op without running it.
+    _check_forward_inputs(input, weight, target)
+    MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
     return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc), input.new_empty((n, 4), dtype=acc),
@@ -118,7 +132,8 @@ margin_cross_entropy.register_autograd(_margin_backward, setup_context=_margin_s
 
 
 def _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):
-    return LinearCEOptions(int(ignore_index), float(label_smoothing), float(z_loss),
+    check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    return LinearCEOptions(check_ignore_index(ignore_index), float(label_smoothing), float(z_loss),
                            None if softcap is None else float(softcap), float(focal_gamma), float(gamma_ce))
 
 
@@ -134,8 +149,9 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
                          gamma_ce: float, grad_filter_eps: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp) of softcap(x·wᵀ + b); ignored rows have loss 0. grad_filter_eps
     is the backward pass's (engine.streaming_grads)."""
-    check_target_values(target, weight.shape[0], ignore_index)
+    _check_forward_inputs(input, weight, target, bias)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    check_target_values(target, weight.shape[0], opts.ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = select_tiles(input.device, input.dtype)
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/linear_ce_loss.cpp), the same math
@@ -145,6 +161,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
 
 @linear_cross_entropy.register_fake
 def _(input, weight, target, bias, *options):
+    _check_forward_inputs(input, weight, target, bias)
+    _linear_options(*options[:6])
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
     return input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc)
@@ -212,6 +230,8 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     bf16 (engine.buffered_grads_in_input_dtype: no (C, D) fp32 accumulator). A gradient not asked for (or
     of an absent bias) is empty (0,). Through autograd, the backward pass scales the gradient outputs in
     place and hands them over as the inputs' .grad (no copy): a caller of this op who keeps them sees that."""
+    _check_buffered_call(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
+                         gamma_ce, reduction, buffer_bytes)
     check_target_values(target, weight.shape[0], ignore_index)
     # The 3-GEMM path runs ATen GEMMs on every backend, and the backend's fused block epilogue where it has
     # one (C++), else PyTorch's; select_tiles also enforces MARGINKERN_BACKEND (a forced backend that cannot
@@ -225,9 +245,20 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     return loss, _or_empty(grad_x, loss), _or_empty(grad_w, loss), _or_empty(grad_b, loss)
 
 
+def _check_buffered_call(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
+                         gamma_ce, reduction, buffer_bytes):
+    _check_forward_inputs(input, weight, target, bias)
+    _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' on the buffered path, got {reduction!r}")
+    check_finite("buffer_bytes", buffer_bytes, 0, low_open=True)
+
+
 @linear_cross_entropy_buffered.register_fake
 def _(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce, reduction,
       buffer_bytes, need_input_grad, need_weight_grad, need_bias_grad):
+    _check_buffered_call(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
+                         gamma_ce, reduction, buffer_bytes)
     acc = accumulation_dtype(input.dtype)
     in_dtype = buffered_grads_in_input_dtype(input, weight)
 
@@ -281,6 +312,8 @@ linear_cross_entropy_buffered.register_autograd(_buffered_backward, setup_contex
 def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedding: Tensor,
                       ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """(per-row CE, per-row EMO, per-row log-sum-exp) of z = x·wᵀ; cost_embedding gets no gradient."""
+    _check_forward_inputs(input, weight, target, cost_embedding=cost_embedding)
+    ignore_index = check_ignore_index(ignore_index)
     check_target_values(target, weight.shape[0], ignore_index)
     input, weight, cost_embedding = input.contiguous(), weight.contiguous(), cost_embedding.contiguous()
     tiles = select_tiles(input.device, input.dtype)
@@ -291,6 +324,8 @@ def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedd
 
 @emo_cross_entropy.register_fake
 def _(input, weight, target, cost_embedding, ignore_index):
+    _check_forward_inputs(input, weight, target, cost_embedding=cost_embedding)
+    check_ignore_index(ignore_index)
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
     return tuple(input.new_empty((n,), dtype=acc) for _ in range(3))
@@ -344,6 +379,7 @@ def _pairwise_cosine_uses_triton(a):
 @_without_autocast
 def pairwise_cosine(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(cos_i, 1/‖a_i‖, 1/‖b_i‖) in fp32 (fp64 for fp64 inputs), norms clamped at 1e-12 as F.normalize."""
+    check_embedding_pair(a, b)
     if _pairwise_cosine_uses_triton(a):
         from .triton_kernels.pairwise_cosine import pairwise_cosine_forward
         return pairwise_cosine_forward(a, b)
@@ -356,6 +392,7 @@ def pairwise_cosine(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 @pairwise_cosine.register_fake
 def _(a, b):
+    check_embedding_pair(a, b)
     acc = accumulation_dtype(a.dtype)
     return tuple(a.new_empty((a.shape[0],), dtype=acc) for _ in range(3))
 
@@ -400,14 +437,30 @@ def cosent(scores: Tensor, labels: Tensor, scale: float) -> tuple[Tensor, Tensor
     """(CoSENT loss, dL/dscores), both in the accumulation dtype and computed together (the loss is a scalar,
     so its backward only scales the second output): after the label sort, four parallel Triton scan launches
     on the Triton backend (triton_kernels/cosent_scan.py), PyTorch scans otherwise (pairwise.cosent_loss_and_grad)."""
+    _check_cosent_call(scores, labels, scale)
     if scores.dtype != torch.float64 and _pairwise_cosine_uses_triton(scores):
         from .triton_kernels.cosent_scan import cosent_loss_and_grad as triton_cosent
-        return triton_cosent(scores, labels, scale)
-    return pairwise.cosent_loss_and_grad(scores, labels, scale)
+        loss, grad = triton_cosent(scores, labels, scale)
+    else:
+        loss, grad = pairwise.cosent_loss_and_grad(scores, labels, scale)
+    if labels.is_floating_point():
+        # A NaN label has no place in the label order (the sort would put it last, as the largest): the
+        # loss and its gradient are NaN then, as torch's losses propagate NaN, rather than a quiet guess
+        # (no host sync: a device-side where).
+        unordered = torch.isnan(labels).any()
+        loss, grad = torch.where(unordered, torch.nan, loss), torch.where(unordered, torch.nan, grad)
+    return loss, grad
+
+
+def _check_cosent_call(scores, labels, scale):
+    check_float_tensor("scores", scores, dim=1)
+    check_labels(labels, scores.shape[0], scores.device)
+    check_finite("scale", scale, 0.0, low_open=True)
 
 
 @cosent.register_fake
 def _(scores, labels, scale):
+    _check_cosent_call(scores, labels, scale)
     acc = accumulation_dtype(scores.dtype)
     return scores.new_empty((), dtype=acc), scores.new_empty(scores.shape, dtype=acc)
 

@@ -1,0 +1,156 @@
+"""Argument handling shared by every loss: the raw torch.ops.marginkern.* ops check what the public functions
+check, hyperparameters take any real number but not a tensor or a bool, ignore_index must be an int (a float
+was truncated for the op but compared as a float for the mean), and modules name their own arguments."""
+import numpy as np
+import pytest
+import torch
+
+import marginkern as mk
+from tests.helpers import make_case
+
+LOSSES = {
+    "margin": lambda x, w, t, **kw: mk.margin_cross_entropy(x, w, t, **kw),
+    "linear": lambda x, w, t, **kw: mk.linear_cross_entropy(x, w, t, **kw),
+    "emo": lambda x, w, t, **kw: mk.emo_loss(x, w, t, **kw),
+    "emo_ce": lambda x, w, t, **kw: mk.emo_cross_entropy(x, w, t, **kw),
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("ignore_index", [1.5, 1.0, None, "1"])
+def test_ignore_index_must_be_an_int(loss, ignore_index):
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        LOSSES[loss](x, w, t, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_integer_like_ignore_index_is_the_int(loss):
+    x, w, t = make_case(6, 6, 3, requires_grad=False)
+    t[:2] = 1
+    want = LOSSES[loss](x, w, t, ignore_index=1)
+    torch.testing.assert_close(LOSSES[loss](x, w, t, ignore_index=np.int64(1)), want)
+    torch.testing.assert_close(LOSSES[loss](x, w, t, ignore_index=torch.tensor(1)), want)
+
+
+def test_numpy_hyperparameters_are_numbers():
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    want = mk.margin_cross_entropy(x, w, t, scale=32.0, m2=0.25)
+    torch.testing.assert_close(mk.margin_cross_entropy(x, w, t, scale=np.float32(32), m2=np.float64(0.25)), want)
+    torch.testing.assert_close(mk.linear_cross_entropy(x, w, t, z_loss=np.float32(1e-3)),
+                               mk.linear_cross_entropy(x, w, t, z_loss=1e-3))
+    torch.testing.assert_close(mk.cosent_loss(x[:, 0], t, scale=np.int64(20)), mk.cosent_loss(x[:, 0], t))
+
+
+@pytest.mark.parametrize("value", [torch.tensor(64.0), True, "64", None])
+def test_hyperparameter_of_another_type_is_a_type_error(value):
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        mk.margin_cross_entropy(x, w, t, scale=value)
+
+
+@pytest.mark.parametrize("normalize", [None, "no", 1])
+def test_normalize_must_be_a_bool(normalize):
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        mk.margin_cross_entropy(x, w, t, normalize=normalize)
+
+
+# ---- the raw ops ------------------------------------------------------------------------------------------
+
+def _margin_op(x, w, t, m1=1.0, label_smoothing=0.0):
+    return torch.ops.marginkern.margin_cross_entropy(x, w, t, 64.0, m1, 0.5, 0.0, True, True, label_smoothing, -100)
+
+
+def _linear_op(x, w, t, bias=None, label_smoothing=0.0, focal_gamma=0.0, gamma_ce=0.0):
+    return torch.ops.marginkern.linear_cross_entropy(x, w, t, bias, -100, label_smoothing, 0.0, None, focal_gamma,
+                                                     gamma_ce)
+
+
+def _buffered_op(x, w, t, reduction="mean"):
+    return torch.ops.marginkern.linear_cross_entropy_buffered(x, w, t, None, -100, 0.0, 0.0, None, 0.0, 0.0,
+                                                              reduction, 1 << 20, False, False, False)
+
+
+def _emo_op(x, w, t, cost=None):
+    return torch.ops.marginkern.emo_cross_entropy(x, w, t, w if cost is None else cost, -100)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x, w, t: _margin_op(x, w, t.float()), TypeError, "target must hold integer"),
+    (lambda x, w, t: _margin_op(x, w, t[:, None]), ValueError, "target must have shape"),
+    (lambda x, w, t: _margin_op(x, w[:, :-1], t), ValueError, "weight must have shape"),
+    (lambda x, w, t: _margin_op(x, w, t, m1=0.5), ValueError, "m1"),
+    (lambda x, w, t: _margin_op(x, w, t, label_smoothing=2.0), ValueError, "label_smoothing"),
+    (lambda x, w, t: _linear_op(x, w[:, :-1], t), ValueError, "weight must have shape"),
+    (lambda x, w, t: _linear_op(x, w, t.float()), TypeError, "target"),
+    (lambda x, w, t: _linear_op(x, w, t, bias=torch.zeros(2)), ValueError, "bias"),
+    (lambda x, w, t: _linear_op(x, w, t, label_smoothing=-1.0), ValueError, "label_smoothing"),
+    (lambda x, w, t: _linear_op(x, w, t, focal_gamma=1.0, gamma_ce=0.5), ValueError, "cannot be combined"),
+    (lambda x, w, t: _buffered_op(x, w, t, reduction="none"), ValueError, "reduction"),
+    (lambda x, w, t: _buffered_op(x.double(), w, t), TypeError, "weight must have the dtype"),
+    (lambda x, w, t: _emo_op(x, w, t, cost=w[:-1]), ValueError, "cost_embedding"),
+    (lambda x, w, t: _emo_op(x[0], w, t), ValueError, "input must have shape"),
+    (lambda x, w, t: torch.ops.marginkern.cosent(x[:, 0], t[:-1], 20.0), ValueError, "labels"),
+    (lambda x, w, t: torch.ops.marginkern.cosent(x[:, 0], t, -1.0), ValueError, "scale"),
+    (lambda x, w, t: torch.ops.marginkern.pairwise_cosine(x, x[:, :-1]), ValueError, "embeddings_b"),
+])
+def test_raw_ops_name_the_bad_argument(call, exc, match):
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(exc, match=match):
+        call(x, w, t)
+
+
+def test_raw_op_checks_also_run_while_tracing():
+    # the fake kernels check too: torch.compile reports the bad argument at trace time
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    compiled = torch.compile(lambda x, w, t: _margin_op(x, w, t, m1=0.5)[0].sum(), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="m1"):
+        compiled(x, w, t)
+
+
+# ---- modules --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: mk.ArcFaceLoss(8, 5, margin=-0.1), ValueError, "margin must lie"),
+    (lambda: mk.CosFaceLoss(8, 5, margin=float("nan")), ValueError, "margin must be a finite"),
+    (lambda: mk.SphereFaceLoss(8, 5, margin=0.5), ValueError, "margin must lie"),
+    (lambda: mk.LargeMarginSoftmaxLoss(8, 5, margin=0), ValueError, "margin must lie"),
+    (lambda: mk.ArcFaceLoss(8.7, 5), TypeError, "embedding_dim must be an int"),
+    (lambda: mk.ArcFaceLoss(8, "5"), TypeError, "num_classes must be an int"),
+    (lambda: mk.ArcFaceLoss(0, 5), ValueError, "embedding_dim must be ≥ 1"),
+    (lambda: mk.EMOLoss(cost_embedding=[[1.0]]), TypeError, "cost_embedding must be a torch.Tensor"),
+])
+def test_module_errors_use_the_modules_own_argument_names(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_module_input_of_the_wrong_width_names_embedding_dim():
+    with pytest.raises(ValueError, match=r"embeddings must have shape \(N, embedding_dim=8\)"):
+        mk.ArcFaceLoss(8, 5)(torch.randn(4, 9), torch.zeros(4, dtype=torch.long))
+
+
+def test_margin_module_repr_lists_every_option():
+    text = repr(mk.CombinedMarginLoss(8, 5, 1.0, 0.3, 0.2, label_smoothing=0.1, ignore_index=3, reduction="sum"))
+    for part in ("embedding_dim=8", "num_classes=5", "scale=64.0", "m1=1.0", "m2=0.3", "m3=0.2", "normalize=True",
+                 "margin_grad='exact'", "label_smoothing=0.1", "ignore_index=3", "reduction='sum'"):
+        assert part in text, (part, text)
+
+
+@pytest.mark.parametrize("module", ["linear", "emo"])
+def test_llm_modules_take_an_fp32_head_under_autocast(module):
+    # an fp32 lm_head behind a bf16 autocast backbone (Liger-Kernel #305): the module casts the head as F.linear
+    # would there, and the fp32 parameter gets an fp32 gradient
+    x, w, t = make_case(6, 10, 8)
+    head = torch.nn.Parameter(w.detach().clone())
+    loss_fn = mk.LinearCrossEntropyLoss() if module == "linear" else mk.EMOLoss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = x.detach().bfloat16().requires_grad_()
+        loss = loss_fn(hidden, head, t)
+    loss.backward()
+    assert head.grad is not None and head.grad.dtype == torch.float32 and torch.isfinite(head.grad).all()
+    want = loss_fn(hidden.detach(), head.detach().bfloat16(), t)
+    torch.testing.assert_close(loss.detach(), want)
+    with pytest.raises(TypeError, match="modules do this for you"), torch.autocast("cpu", dtype=torch.bfloat16):
+        (mk.linear_cross_entropy if module == "linear" else mk.emo_loss)(hidden, head, t)
