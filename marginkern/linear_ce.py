@@ -6,7 +6,8 @@ Per row, with u = log p_t = z_t − lse and S = Σ_j z_j (DESIGN.md §4):
 
     f(u) = −u                                   cross-entropy
          = −(1 − e^u)^γ · u                     focal_gamma = γ   (1 − p_t computed as −expm1(u))
-         = −log(γ + (1−γ)·e^u) / (1−γ)          gamma_ce = γ      (γ-CE, TaiLr weighting integrated)
+         = −log(γ + (1−γ)·e^u) / (1−γ)          gamma_ce = γ      (γ-CE, TaiLr weighting integrated;
+                                                  computed as −log1p(−(1−γ)(1 − e^u))/(1−γ), exact as γ → 1)
 
 ε is torch's label smoothing: (1−ε)·NLL + (ε/C)·Σ_j −log p_j. Everything is a function of u and the
 row statistics, so dL/dz_j = coef_p·p_j − coef_u + [j = t]·(1−ε)·f'(u) with per-row coefficients.
@@ -44,10 +45,11 @@ def target_term(log_pt, opts: LinearCEOptions):
         df = -(q ** gamma) + gamma * (q ** gamma) * torch.exp(log_pt) * u_over_q
         return f, df
     if opts.gamma_ce > 0:
+        # γ + (1−γ)·p_t = 1 − (1−γ)·q with q = 1 − p_t: log1p keeps f exact as γ → 1, where the plain
+        # log's rounding would be divided by 1 − γ (at γ = 1 − 1e-8 the fp32 loss was 0 instead of ≈ q)
         gamma = opts.gamma_ce
-        p = torch.exp(log_pt)
-        mix = gamma + (1.0 - gamma) * p
-        return -torch.log(mix) / (1.0 - gamma), -p / mix
+        damped = (1.0 - gamma) * -torch.expm1(log_pt)
+        return -torch.log1p(-damped) / (1.0 - gamma), -torch.exp(log_pt) / (1.0 - damped)
     return -log_pt, -torch.ones_like(log_pt)
 
 

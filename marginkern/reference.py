@@ -99,7 +99,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         q_safe = torch.where(q > 0, q, torch.ones_like(q))
         nll = torch.where(q > 0, -(q_safe ** focal_gamma) * log_pt, torch.zeros_like(q))
     elif gamma_ce > 0:
-        nll = -torch.log(gamma_ce + (1.0 - gamma_ce) * torch.exp(log_pt)) / (1.0 - gamma_ce)
+        # = −log(γ + (1−γ)p_t)/(1−γ), written so that γ → 1 does not divide a rounding error by 1 − γ
+        nll = -torch.log1p((1.0 - gamma_ce) * torch.expm1(log_pt)) / (1.0 - gamma_ce)
     else:
         nll = -log_pt
     # torch's label smoothing: (1−ε)·NLL + (ε/C)·Σ_j −log p_j, and Σ_j −log p_j = C·lse − Σ_j z_j

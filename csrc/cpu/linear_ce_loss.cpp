@@ -27,10 +27,10 @@ std::pair<at::Tensor, at::Tensor> target_term(const at::Tensor& u, const Options
     return {-q_gamma * u, -q_gamma + gamma * q_gamma * at::exp(u) * u_over_q};
   }
   if (o.gamma_ce > 0) {
+    // γ + (1−γ)·p_t = 1 − (1−γ)·(1 − p_t): log1p keeps f exact as γ → 1 (linear_ce.py target_term)
     const double gamma = o.gamma_ce;
-    const at::Tensor p = at::exp(u);
-    const at::Tensor mix = gamma + (1.0 - gamma) * p;
-    return {-at::log(mix) / (1.0 - gamma), -p / mix};
+    const at::Tensor damped = (1.0 - gamma) * -at::expm1(u);
+    return {-at::log1p(-damped) / (1.0 - gamma), -at::exp(u) / (1.0 - damped)};
   }
   return {-u, -at::ones_like(u)};
 }

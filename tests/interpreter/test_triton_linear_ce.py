@@ -8,7 +8,7 @@ from marginkern import reference
 from tests.helpers import (REL_TOL, assert_close_rel, check_confident_rows_per_row_gradient,
                            check_fp16_grad_saturates_and_keeps_nan, make_case)
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
-from tests.test_linear_ce import OPTIONS, grads
+from tests.test_linear_ce import OPTIONS, check_gamma_ce_near_one, grads
 
 
 @pytest.fixture(autouse=True)
@@ -124,3 +124,7 @@ def test_fp16_grad_saturates_and_keeps_nan():
 @pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0), dict(gamma_ce=0.5)])
 def test_confident_rows_keep_their_gradient(dtype, opts):
     check_confident_rows_per_row_gradient(DEVICE, dtype, opts)
+
+
+def test_gamma_ce_near_one_stays_exact():
+    check_gamma_ce_near_one(DEVICE)
