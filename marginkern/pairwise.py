@@ -28,7 +28,9 @@ def cosent_loss_and_grad(scores, labels, scale):
     suffix = torch.logcumsumexp(-s_sorted.flip(0), 0).flip(0)  # LSE of −s over j ≥ i
     larger = torch.where(after < B, suffix[after.clamp_max(max(B - 1, 0))], none)
     grad = torch.empty_like(s)
-    grad[order] = (torch.exp(s_sorted + larger - loss) - torch.exp(terms - loss)) * scale
+    # without a larger label a pair has no "smaller" term at all: 0, not e^{+inf − inf} for an infinite score
+    as_smaller = torch.where(after < B, torch.exp(s_sorted + larger - loss), torch.zeros_like(s_sorted))
+    grad[order] = (as_smaller - torch.exp(terms - loss)) * scale
     return loss, grad
 
 

@@ -197,3 +197,37 @@ def test_cosent_infinite_score_gives_an_infinite_loss():
     s = torch.tensor([0.1, float("inf"), -0.3, 0.2, 0.5] * 30)
     y = torch.tensor([1, 0, 2, 1, 2] * 30)
     assert mk.cosent_loss(s, y) == float("inf")
+
+
+def check_cosent_infinite_score_of_the_top_label(device):
+    """+inf on pairs of the largest label: no pair has them as the smaller label, so they add nothing; the
+    loss is that of the other pairs and their gradient 0 (e^{+inf − inf} was NaN), as autograd through the
+    masked O(B²) definition gives."""
+    s = torch.tensor([0.0, 0.1, float("inf"), 0.3] * 40, device=device, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 1] * 40, device=device)
+    loss = mk.cosent_loss(s, y)
+    loss.backward()
+    finite = torch.isfinite(s.detach())
+    kept = s.detach()[finite].double().requires_grad_()
+    want = naive_cosent(kept, y[finite])
+    want.backward()
+    torch.testing.assert_close(loss.detach().double(), want.detach(), rtol=1e-5, atol=1e-6)
+    assert (s.grad[~finite] == 0).all()
+    torch.testing.assert_close(s.grad[finite].double(), kept.grad, rtol=1e-4, atol=1e-5)
+
+
+def check_cosent_nan_label_gives_nan(device):
+    """A NaN label has no place in the label order: loss and gradients are NaN, not a quiet answer."""
+    s = torch.tensor([0.1, 0.2, 0.3, 0.4] * 10, device=device, requires_grad=True)
+    y = torch.tensor([0.0, float("nan"), 1.0, 2.0] * 10, device=device)
+    loss = mk.cosent_loss(s, y)
+    loss.backward()
+    assert loss.isnan() and s.grad.isnan().all()
+
+
+def test_cosent_infinite_score_of_the_top_label():
+    check_cosent_infinite_score_of_the_top_label("cpu")
+
+
+def test_cosent_nan_label_gives_nan():
+    check_cosent_nan_label_gives_nan("cpu")

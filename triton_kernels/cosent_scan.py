@@ -153,7 +153,8 @@ def cosent_grad_kernel(s_ptr, order_ptr, terms_ptr, suffix_ptr, last_ptr, term_t
     last = tl.load(last_ptr + i, mask=mask, other=0)
     larger = mask & (last + 1 < B)
     after = tl.load(suffix_ptr + last + 1, mask=larger, other=-float("inf"))
-    grad = tl.exp(s + after - loss) - tl.exp(terms - loss)
+    # a pair without a larger label has no "smaller" term at all: 0, not e^{+inf − inf} for an infinite score
+    grad = tl.where(larger, tl.exp(s + after - loss), 0.0) - tl.exp(terms - loss)
     original = tl.load(order_ptr + i, mask=mask, other=0)
     tl.store(grad_ptr + original, grad * scale, mask=mask)
 

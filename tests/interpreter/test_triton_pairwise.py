@@ -6,7 +6,8 @@ import torch.nn.functional as F
 import marginkern as mk
 from tests.helpers import assert_close_rel
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
-from tests.test_pairwise import naive_cosent
+from tests.test_pairwise import (check_cosent_infinite_score_of_the_top_label, check_cosent_nan_label_gives_nan,
+                                 naive_cosent)
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +65,11 @@ def test_cosent_infinite_score_gives_an_infinite_loss():
     s = torch.tensor([0.1, float("inf"), -0.3, 0.2, 0.5] * 30, device=DEVICE)
     y = torch.tensor([1, 0, 2, 1, 2] * 30, device=DEVICE)
     assert mk.cosent_loss(s, y) == float("inf")
+
+
+def test_cosent_infinite_score_of_the_top_label():
+    check_cosent_infinite_score_of_the_top_label(DEVICE)
+
+
+def test_cosent_nan_label_gives_nan():
+    check_cosent_nan_label_gives_nan(DEVICE)
