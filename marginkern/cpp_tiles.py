@@ -33,9 +33,21 @@ EXTENSION_OPS = ("streaming_row_stats", "streaming_grad_logits", "streaming_grad
                  "linear_ce_rows_backward", "emo_rows", "emo_rows_backward")
 
 
-def _load_extension(name, what, ops=()):
+def _has_kernel(op, dispatch_key):
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"marginkern::{op}", dispatch_key)
+    except RuntimeError:  # no such schema
+        return False
+
+
+def _load_extension(name, what, ops=(), dispatch_key="CPU"):
     """None when marginkern.<name> is loaded (which registers its kernels), else why it is not."""
     rebuild = f"pip install --no-build-isolation -e . (needs torch importable at build time and {what})"
+    if ops and all(_has_kernel(op, dispatch_key) for op in ops):
+        # Registered already: the LibTorch build of the same sources (CMakeLists.txt), loaded by
+        # torch.ops.load_library before this import. Loading ours too would register every schema twice,
+        # which aborts the process from a static initialiser (no Python exception to catch).
+        return None
     try:
         if importlib.util.find_spec(f"{__package__}.{name}") is None:
             return f"the extension marginkern.{name} is not built; build it with {rebuild}"
@@ -51,7 +63,8 @@ def _load_extension(name, what, ops=()):
 
 LOAD_ERROR = _load_extension("_C", "a C++ compiler", EXTENSION_OPS)
 # The CUDA kernels register into the schemas of marginkern._C: without it they cannot serve anything.
-CUDA_LOAD_ERROR = LOAD_ERROR or _load_extension("_C_cuda", "a CUDA build of torch and nvcc")
+CUDA_LOAD_ERROR = LOAD_ERROR or _load_extension("_C_cuda", "a CUDA build of torch and nvcc",
+                                                ("streaming_row_stats",), dispatch_key="CUDA")
 
 
 def _spec_args(spec):

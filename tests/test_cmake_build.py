@@ -3,7 +3,9 @@
     cmake -S . -B build -G Ninja -DCMAKE_PREFIX_PATH=$(python -c 'import torch;print(torch.utils.cmake_prefix_path)')
     cmake --build build && ctest --test-dir build
 
-cmake and ninja come with the test extras (pip); about 30 s on two cores.
+cmake and ninja come with the test extras (pip); one to two minutes on two cores. Then a Python process loads the
+LibTorch library (torch.ops.load_library, as a mixed C++/Python program would) and imports marginkern, which must
+use the ops already registered instead of loading its own extension over them (that aborted the process).
 """
 import os
 import shutil
@@ -35,3 +37,14 @@ def test_cmake_build_and_ctest(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert "100% tests passed" in proc.stdout, proc.stdout[-2000:]
+    library = os.path.join(build, "libmarginkern_cpu.so")
+    script = (f"import torch; torch.ops.load_library({library!r})\n"
+              "import marginkern as mk\n"
+              "x = torch.randn(4, 8, requires_grad=True); w = torch.randn(5, 8)\n"
+              "mk.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3])).backward()\n"
+              "assert x.grad is not None and mk.cpp_tiles.LOAD_ERROR is None\n"
+              "print('ok')")
+    env = {k: v for k, v in os.environ.items() if k not in ("MARGINKERN_BACKEND", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
