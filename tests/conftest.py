@@ -1,5 +1,16 @@
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    # CI sets MARGINKERN_REQUIRE_CPP=1: without it a C++ extension that failed to build (setup.py turns that
+    # into a warning, and the C++ tests skip) would leave a green run that tested no C++ at all.
+    if os.environ.get("MARGINKERN_REQUIRE_CPP") == "1":
+        from marginkern import cpp_tiles
+        if cpp_tiles.LOAD_ERROR is not None:
+            raise pytest.UsageError(f"MARGINKERN_REQUIRE_CPP=1, but {cpp_tiles.LOAD_ERROR}")
 
 
 @pytest.fixture(autouse=True)
