@@ -158,3 +158,12 @@ def check_confident_rows_per_row_gradient(device, dtype, opts=None):
     worst = int((err / bound).argmax())
     assert (err <= bound).all(), (f"row {worst}: dX error {err[worst]:.2e} relative to its own norm, bound "
                                   f"{bound[worst]:.2e} (1 − p_t = {one_minus_p[worst]:.1e})")
+
+
+def check_loss_and_grads(fn, oracle, x, w, t, dtype, loss_floor, oracle_dtype=torch.float32, **kw):
+    """fn's loss and both gradients against the oracle's on upcast inputs, at dtype's tolerance."""
+    loss, gx, gw = loss_and_grads(fn, x, w, t, **kw)
+    ref, rx, rw = loss_and_grads(oracle, x.to(oracle_dtype), w.to(oracle_dtype), t, **kw)
+    assert_close_rel(loss, ref, dtype, "loss", floor=loss_floor)
+    assert_close_rel(gx, rx, dtype, "grad input")
+    assert_close_rel(gw, rw, dtype, "grad weight")

@@ -11,8 +11,8 @@ import marginkern as mk
 from marginkern import cpp_tiles, reference
 from marginkern.engine import TorchTiles, finish_grad_rows
 from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
-from tests.helpers import (assert_close_rel, check_margin_fp16_under_grad_scaler, check_margin_per_row_upstream_gradient,
-                           loss_and_grads, make_case)
+from tests.helpers import (assert_close_rel, check_loss_and_grads, check_margin_fp16_under_grad_scaler,
+                           check_margin_per_row_upstream_gradient, loss_and_grads, make_case)
 
 OPTIONS = [
     dict(),                                                        # ArcFace s=64 m=0.5
@@ -441,3 +441,18 @@ def test_fp32_head_behind_autocast_is_refused_with_the_fix():
     head = mk.ArcFaceLoss(8, 40)  # the module casts its fp32 weight itself
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(head(torch.nn.functional.linear(x, torch.eye(8)), t))
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("loss", ["margin", "linear"])
+def test_fp16_beyond_65504_classes_on_the_cpu(monkeypatch, loss, backend):
+    # the CPU tier of test_gpu.py's case: class ids above fp16's 65504 (insightface's labels overflowed where
+    # they went through fp16) never do here, and label smoothing's Σ_j z_j over 70k classes stays fp32
+    if backend:
+        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    fn = {"margin": mk.margin_cross_entropy, "linear": mk.linear_cross_entropy}[loss]
+    oracle = {"margin": reference.margin_cross_entropy, "linear": reference.linear_cross_entropy}[loss]
+    x, w, t = make_case(16, 70_003, 16, torch.float16, ignore=(3,))
+    w = (w.detach().float() * 0.2).half()
+    t[:8] = torch.arange(70_003 - 8, 70_003)
+    check_loss_and_grads(fn, oracle, x, w, t, torch.float16, 1.0, oracle_dtype=torch.float64, label_smoothing=0.1)
