@@ -42,6 +42,7 @@ class Case:
     D: int
     C: int
     dtype: str  # key of DTYPES, kept as a string so a Case serializes to JSON
+    classifier: bool = True  # an (N, D) × (C, D) classification case; False: no GEMMs (CoSENT's pairs)
 
     @property
     def torch_dtype(self):
@@ -49,16 +50,19 @@ class Case:
 
     @property
     def gemm_flop(self):
-        """FLOP of the three GEMMs any exact fwd+bwd needs: logits, dX, dW (2·N·C·D each)."""
-        return 3 * 2 * self.N * self.C * self.D
+        """FLOP of the three GEMMs any exact fwd+bwd needs: logits, dX, dW (2·N·C·D each); None for a case
+        that has no such GEMMs."""
+        return 3 * 2 * self.N * self.C * self.D if self.classifier else None
 
 
 @dataclass
 class Step:
     """One forward+backward, ready to call. `fn` returns the loss (or None); `grads_of` are the
-    tensors whose .grad the user holds anyway (reset to None before every timed call)."""
+    tensors whose .grad the user holds anyway (reset to None before every timed call).
+    `memory_not_comparable`: why this step's peak memory means something else (then not reported)."""
     fn: Callable[[], Optional[torch.Tensor]]
     grads_of: list = field(default_factory=list)
+    memory_not_comparable: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------- package
@@ -193,6 +197,11 @@ def peak_extra_bytes(step, device):
     (VmHWM, reset through /proc/self/clear_refs) over the call, meaningful when the process runs with
     a fixed glibc mmap threshold (see run_isolated) so freed blocks go back to the OS.
     Returns None where neither can be measured (no /proc).
+
+    The gradients are subtracted as they stand after the call. That is exact when the peak comes once they
+    exist (the backward pass, or a forward pass that makes them, as the 3-GEMM path and Liger do); a
+    provider whose peak came in its forward pass, before any gradient existed, would be credited their
+    bytes (none of today's providers: naive PyTorch and torch.compile peak in the backward pass).
     """
     _reset_grads(step)
     synchronize(device)
@@ -214,15 +223,48 @@ def peak_extra_bytes(step, device):
     return max(peak - base - _grad_bytes(step), 0)
 
 
+# CUDA timing: at least this many timed calls (triton's do_bench takes a time budget instead, which gave 1–2
+# calls of an 80–150 ms step: medians of two samples), more while they fit in the budget.
+CUDA_MIN_CALLS = {False: 10, True: 5}
+CUDA_BUDGET_MS = {False: 200.0, True: 50.0}
+L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 (H100/H200: 50 MB), as do_bench's cache clear
+
+
+def _cuda_time_ms(step, quick):
+    """do_bench's method with a minimum call count: an estimate from 3 calls, warm-up calls worth ~25 ms (≥ 1),
+    then n timed calls, each between its own CUDA events after zeroing a 256 MB buffer (L2 flushed),
+    gradients reset to None before each call."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(3):
+        _reset_grads(step)
+        step.fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(begin.elapsed_time(end) / 3, 1e-3)
+    for _ in range(max(1, int(25.0 / estimate))):
+        _reset_grads(step)
+        step.fn()
+    n = min(1000, max(CUDA_MIN_CALLS[quick], int(CUDA_BUDGET_MS[quick] / estimate)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        _reset_grads(step)
+        flush.zero_()
+        starts[i].record()
+        step.fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return statistics.median(times), min(times), max(times), n
+
+
 def time_ms(step, device, quick):
     """(median, min, max, timed calls) in milliseconds of one fwd+bwd, gradients reset to None before
-    each call as in training. CUDA: triton's do_bench (CUDA events, L2 flushed between calls)."""
+    each call as in training. CUDA: CUDA events, L2 flushed between calls, ≥ 10 calls (_cuda_time_ms)."""
     if device.type == "cuda":
-        from triton.testing import do_bench
-        warmup, rep = (10, 50) if quick else (25, 200)
-        low, median, high = do_bench(step.fn, warmup=warmup, rep=rep, grad_to_none=step.grads_of,
-                                     quantiles=[0.0, 0.5, 1.0])
-        return median, low, high, None  # do_bench picks the call count itself and does not report it
+        return _cuda_time_ms(step, quick)
     # A time budget rather than a fixed count: hundreds of calls of a small case let the median
     # ride out a short burst of another process on the machine; a slow case still gets 3 calls.
     budget_s, max_reps = (0.5, 200) if quick else (2.0, 500)
@@ -288,7 +330,9 @@ def measure(step_builder, case, device, quick, what=("time", "memory")):
         result["loss"] = None if loss is None else float(loss)
         _reset_grads(step)
         step.fn()  # second warm-up call: lazily made workspaces and caches exist before measuring
-        if "memory" in what:
+        if "memory" in what and step.memory_not_comparable:
+            result["extra_mb"], result["memory_status"] = None, f"not comparable: {step.memory_not_comparable}"
+        elif "memory" in what:
             peak = peak_extra_bytes(step, device)
             result["extra_mb"] = None if peak is None else peak / 2**20
         if "time" in what:
@@ -296,7 +340,7 @@ def measure(step_builder, case, device, quick, what=("time", "memory")):
                 result["ms"], result["ms_min"], result["ms_max"], result["reps"] = time_ms(step, device, quick)
             result["other_load_cores"] = other.cores
             result["contended"] = other.cores is not None and other.cores > _spare_cores() + BUSY_CORES
-            result["tflops"] = case.gemm_flop / (result["ms"] * 1e-3) / 1e12
+            result["tflops"] = None if case.gemm_flop is None else case.gemm_flop / (result["ms"] * 1e-3) / 1e12
     except Skip as exc:
         return {"status": "skipped", "reason": str(exc)}
     except Exception as exc:  # noqa: BLE001  (every failure is recorded, never fatal to the run)
@@ -396,6 +440,10 @@ def markdown_table(records):
     return "\n".join(lines)
 
 
+def plot_title(env, day, meta):
+    return f"{env['device']} · {day} · torch {env['torch']}" + (" · quick" if meta.get("quick") else "")
+
+
 def plot(records, title, path):
     """Two log-scale panels: time as a multiple of the 3-GEMM floor (bars labelled with ms), and extra
     memory. Providers that ran nowhere (skipped everywhere) are left out; OOM/error/timeout are labelled."""
@@ -443,15 +491,27 @@ def plot(records, title, path):
     plt.close(fig)
 
 
-def write_results(records, env, meta, device_type, tag=None):
-    """bench/results/<device>/<date>[-tag].{json,md,png}; returns the paths written."""
+def result_stem(folder, day, tag=None):
+    """<folder>/<date>[-tag], with -2, -3, ... appended when files of that name exist: a second run on the
+    same day (or a second GPU visit, whose script uses fixed tags) never overwrites committed results."""
+    base = day + (f"-{tag}" if tag else "")
+    stem, k = folder / base, 1
+    while any(stem.with_suffix(s).exists() for s in (".json", ".md", ".png")):
+        k += 1
+        stem = folder / f"{base}-{k}"
+    return stem
+
+
+def write_results(records, env, meta, device_type, tag=None, out_dir=None):
+    """<out_dir or bench/results/<device>>/<date>[-tag][-k].{json,md,png}; returns (table, paths written).
+    The PNG needs matplotlib; without it the run says so and writes the rest."""
     day = datetime.date.today().isoformat()
-    folder = BENCH_DIR / "results" / device_slug(device_type)
+    folder = Path(out_dir) if out_dir else BENCH_DIR / "results" / device_slug(device_type)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / (day + (f"-{tag}" if tag else ""))
+    stem = result_stem(folder, day, tag)
     payload = {"date": day, "environment": env, "run": meta, "results": records}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    title = f"{env['device']} · {day} · torch {env['torch']}" + (" · quick" if meta.get("quick") else "")
+    title = plot_title(env, day, meta)
     table = markdown_table(records)
     header = [f"# Benchmark {day}: {env['device']}", "",
               f"torch {env['torch']}, triton {env['triton']}, python {env['python']}, "
@@ -470,5 +530,10 @@ def write_results(records, env, meta, device_type, tag=None):
               "measurement left spare (+0.25): such rows were retried, the quietest attempt is shown, "
               "and its time is likely inflated.", "", table, ""]
     stem.with_suffix(".md").write_text("\n".join(header))
-    plot(records, title, stem.with_suffix(".png"))
-    return table, [stem.with_suffix(s) for s in (".json", ".md", ".png")]
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    try:
+        plot(records, title, stem.with_suffix(".png"))
+        written.append(stem.with_suffix(".png"))
+    except ImportError as exc:  # the GPU machine may lack matplotlib: the numbers matter more than the plot
+        print(f"no plot: {exc} (pip install matplotlib; bench/plot_results.py <json> redraws it later)")
+    return table, written

@@ -34,7 +34,10 @@ def parse_args():
     parser.add_argument("--providers", default=None,
                         help="comma-separated subset of providers to run (default: all of them)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per (case, provider)")
-    parser.add_argument("--tag", default=None, help="suffix for the result files: <date>-<tag>.*")
+    parser.add_argument("--tag", default=None, help="suffix for the result files: <date>-<tag>.* (-2, -3, ... "
+                        "appended if those exist: nothing is overwritten)")
+    parser.add_argument("--out-dir", default=None,
+                        help="folder for the result files (default: bench/results/<device>/)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per measurement (OMP_NUM_THREADS); default: torch's own choice")
     return parser.parse_args()
@@ -85,11 +88,11 @@ def main():
             "wall_s": time.perf_counter() - start,
             # other processes on the machine skew CPU timings; these show whether there were any
             "load_average_1min_before": load_before, "load_average_1min_after": _load_average()}
-    table, paths = harness.write_results(records, env, meta, device_type, args.tag)
+    table, paths = harness.write_results(records, env, meta, device_type, args.tag, args.out_dir)
     print()
     print(table)
     print()
-    print("wrote " + ", ".join(str(p.relative_to(harness.REPO_ROOT)) for p in paths))
+    print("wrote " + ", ".join(str(p) for p in paths))
     failed = [r for r in records if r["provider"] == "marginkern" and r["status"] == "error"]
     sys.exit(1 if failed else 0)
 

@@ -64,3 +64,16 @@ def test_margin_step_host_ops_stay_few():
     assert done.returncode == 0, done.stderr
     ops, launches = map(int, re.search(r"(\d+) outermost ATen ops, (\d+) Triton launches", done.stdout).groups())
     assert ops <= 75 and launches <= 8, done.stdout
+
+
+def test_results_never_overwrite_and_survive_a_missing_matplotlib(tmp_path):
+    # a second run of the same day and tag (e.g. a second GPU visit: its script uses fixed tags) writes
+    # <date>-<tag>-2.*; without matplotlib (the GPU machine may lack it) the numbers are still written
+    args = (str(BENCH / "run.py"), "--cases", "face", "--device", "cpu", "--only", "cpu-face-5k", "--quick",
+            "--providers", "3-GEMM floor", "--tag", "t", "--out-dir", str(tmp_path))
+    for _ in range(2):
+        done = run(*args)
+        assert done.returncode == 0, done.stderr
+    stems = sorted(p.stem for p in tmp_path.glob("*.json"))
+    assert len(stems) == 2 and stems[0].endswith("-t") and stems[1].endswith("-t-2"), stems
+    assert all((tmp_path / f"{s}.md").exists() for s in stems)
