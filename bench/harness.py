@@ -401,6 +401,9 @@ def _run_worker(cases_module, case, provider, device_type, quick, timeout_s, wha
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             return {"status": "timeout", "reason": f"no result within {timeout_s} s"}
+        except BaseException:  # the run itself is stopped (SIGTERM from a time cap, Ctrl-C): no orphan worker
+            os.killpg(proc.pid, signal.SIGKILL)  # (its own session: it would keep the GPU busy after us)
+            raise
         if out.exists():
             return json.loads(out.read_text())
         tail = (stderr or stdout or "").strip().splitlines()[-5:]
@@ -502,13 +505,18 @@ def result_stem(folder, day, tag=None):
     return stem
 
 
-def write_results(records, env, meta, device_type, tag=None, out_dir=None):
-    """<out_dir or bench/results/<device>>/<date>[-tag][-k].{json,md,png}; returns (table, paths written).
-    The PNG needs matplotlib; without it the run says so and writes the rest."""
-    day = datetime.date.today().isoformat()
+def new_result_stem(device_type, tag=None, out_dir=None):
+    """Where a run's files go: <out_dir or bench/results/<device>>/<date>[-tag][-k] (see result_stem)."""
     folder = Path(out_dir) if out_dir else BENCH_DIR / "results" / device_slug(device_type)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(folder, day, tag)
+    return result_stem(folder, datetime.date.today().isoformat(), tag)
+
+
+def write_results(records, env, meta, stem, with_plot=True):
+    """<stem>.{json,md,png}; returns (table, paths written). Called after every measurement with
+    with_plot=False (a run stopped by a time cap keeps what it measured), then once at the end. The PNG
+    needs matplotlib; without it the run says so and writes the rest."""
+    day = meta.get("date") or datetime.date.today().isoformat()
     payload = {"date": day, "environment": env, "run": meta, "results": records}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     title = plot_title(env, day, meta)
@@ -531,6 +539,8 @@ def write_results(records, env, meta, device_type, tag=None, out_dir=None):
               "and its time is likely inflated.", "", table, ""]
     stem.with_suffix(".md").write_text("\n".join(header))
     written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    if not with_plot:
+        return table, written
     try:
         plot(records, title, stem.with_suffix(".png"))
         written.append(stem.with_suffix(".png"))

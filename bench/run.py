@@ -6,12 +6,16 @@
     python bench/run.py --device cpu       # force the CPU even where CUDA is present
     python bench/run.py --cases llm --only llama3-8b   # one case by name
 
-Writes bench/results/<device>/<date>.{json,md,png} and prints the table. Exits 1 when the marginkern
-provider itself failed (an error, not a skip or an OOM), so a script running it notices.
+Writes bench/results/<device>/<date>.{json,md,png} (never over existing files) and prints the table; the
+JSON and the table are rewritten after every measurement, so a run stopped by SIGTERM (a time cap) keeps
+what it measured, marked "interrupted". Exits 1 when the marginkern provider itself failed (an error, not a
+skip or an OOM), so a script running it notices.
 """
 import argparse
+import datetime
 import importlib
 import os
+import signal
 import sys
 import time
 
@@ -65,13 +69,41 @@ def main():
     records = []
     start = time.perf_counter()
     load_before = _load_average()
+    meta = {"command": " ".join(["python", "bench/run.py", *sys.argv[1:]]), "quick": args.quick,
+            "date": datetime.date.today().isoformat(), "complete": False,
+            # other processes on the machine skew CPU timings; these show whether there were any
+            "load_average_1min_before": load_before}
+    stem = harness.new_result_stem(device_type, args.tag, args.out_dir)
+    signal.signal(signal.SIGTERM, _stop)  # timeout(1)'s signal: end like Ctrl-C, through the finally below
+    try:
+        _measure_all(args, chosen, wanted, only, device_type, records, start, env, meta, stem)
+        meta["complete"] = True
+    except KeyboardInterrupt:
+        meta["interrupted"] = f"stopped after {time.perf_counter() - start:.0f} s"
+        print(f"\ninterrupted: writing the {len(records)} measurements made", flush=True)
+    finally:
+        meta["wall_s"] = time.perf_counter() - start
+        meta["load_average_1min_after"] = _load_average()
+        table, paths = harness.write_results(records, env, meta, stem, with_plot=meta["complete"])
+    print()
+    print(table)
+    print()
+    print("wrote " + ", ".join(str(p) for p in paths))
+    failed = [r for r in records if r["provider"] == "marginkern" and r["status"] == "error"]
+    sys.exit(1 if failed or not meta["complete"] else 0)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _measure_all(args, chosen, wanted, only, device_type, records, start, env, meta, stem):
     for family in chosen:
         module_name = CASE_MODULES[family]
         module = importlib.import_module(module_name)
         for case in module.cases(device_type, args.quick):
             if only is not None and case.name not in only:
                 continue
-            case_records = []
             for provider in module.PROVIDERS:
                 if wanted is not None and provider not in wanted:
                     continue
@@ -80,21 +112,9 @@ def main():
                           "dtype": case.dtype, "provider": provider, **result}
                 print(f"[{time.perf_counter() - start:6.1f}s] {case.name:>18} {provider:<24} "
                       f"{_summary(record)}", flush=True)
-                case_records.append(record)
-            harness.add_floor_ratios(case_records, module.FLOOR)
-            records += case_records
-
-    meta = {"command": " ".join(["python", "bench/run.py", *sys.argv[1:]]), "quick": args.quick,
-            "wall_s": time.perf_counter() - start,
-            # other processes on the machine skew CPU timings; these show whether there were any
-            "load_average_1min_before": load_before, "load_average_1min_after": _load_average()}
-    table, paths = harness.write_results(records, env, meta, device_type, args.tag, args.out_dir)
-    print()
-    print(table)
-    print()
-    print("wrote " + ", ".join(str(p) for p in paths))
-    failed = [r for r in records if r["provider"] == "marginkern" and r["status"] == "error"]
-    sys.exit(1 if failed else 0)
+                records.append(record)
+                harness.add_floor_ratios([r for r in records if r["case"] == case.name], module.FLOOR)
+                harness.write_results(records, env, meta, stem, with_plot=False)
 
 
 def _load_average():

@@ -77,3 +77,26 @@ def test_results_never_overwrite_and_survive_a_missing_matplotlib(tmp_path):
     stems = sorted(p.stem for p in tmp_path.glob("*.json"))
     assert len(stems) == 2 and stems[0].endswith("-t") and stems[1].endswith("-t-2"), stems
     assert all((tmp_path / f"{s}.md").exists() for s in stems)
+
+
+def test_a_run_stopped_by_sigterm_keeps_its_measurements(tmp_path):
+    # a GPU visit's step is cut by timeout(1): what was measured must survive (the JSON is rewritten after
+    # every measurement) and the worker in progress must not outlive the run (it has its own session)
+    import json
+    import signal
+    import time
+    cmd = [sys.executable, str(BENCH / "run.py"), "--cases", "face", "--device", "cpu", "--only", "cpu-face-5k",
+           "--quick", "--providers", "3-GEMM floor,naive,marginkern", "--out-dir", str(tmp_path), "--tag", "cut"]
+    proc = subprocess.Popen(cmd, cwd=BENCH.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tmp_path.glob("*.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err  # not complete
+    (path,) = tmp_path.glob("*.json")
+    data = json.loads(path.read_text())
+    assert data["run"]["complete"] is False and "interrupted" in data["run"], data["run"]
+    assert len(data["results"]) >= 1 and data["results"][0]["status"] == "ok", data["results"]
+    workers = subprocess.run(["pgrep", "-f", f"worker.py margin_cases cpu-face-5k"], capture_output=True, text=True)
+    assert workers.stdout.strip() == "", "a worker outlived the run"
