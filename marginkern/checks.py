@@ -73,7 +73,8 @@ def checked_class_targets(target, n, num_classes, ignore_index):
 def check_bool(name, value):
     """value as a Python bool (a bool or a NumPy bool); anything else (None, a string, an int) is a TypeError
     rather than a truthiness guess."""
-    if type(value).__name__ not in ("bool", "bool_"):
+    if not (isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ == "bool")
+            or (type(value).__module__ == "numpy" and type(value).__name__ == "bool_")):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
 

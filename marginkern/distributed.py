@@ -21,8 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import (check_class_shard, check_classes_per_rank, check_classification_inputs, check_finite,
-                     check_head_size, check_int, check_margin_options, check_module_embeddings, check_reduction,
-                     check_target_values, checked_class_targets, margin_module_repr)
+                     check_bool, check_head_size, check_ignore_index, check_int, check_margin_options,
+                     check_module_embeddings, check_reduction, check_target_values, checked_class_targets,
+                     margin_module_repr)
 from .dispatch import select_tiles
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .reference import reduce_rows
@@ -262,8 +263,10 @@ class ShardedCombinedMarginLoss(nn.Module):
         self.class_start, class_stop = shard_range(self.num_classes, rank, world_size)
         self.weight = nn.Parameter(torch.empty(class_stop - self.class_start, self.embedding_dim, device=device,
                                                dtype=dtype))
-        self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=normalize, margin_grad=margin_grad,
-                            label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+        # checked here, once: the sampled training path uses ignore_index before any loss function sees it
+        self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=check_bool("normalize", normalize),
+                            margin_grad=margin_grad, label_smoothing=label_smoothing,
+                            ignore_index=check_ignore_index(ignore_index), reduction=reduction)
         self.reset_parameters()
 
     def reset_parameters(self):

@@ -2,9 +2,9 @@
 import torch
 from torch import nn
 
-from .checks import (check_finite, check_head_size, check_linear_ce_options, check_logits_buffer, check_margin_options,
-                     check_module_embeddings, check_reduction, checked_class_targets, margin_module_repr,
-                     resolve_grad_filter_eps)
+from .checks import (check_bool, check_finite, check_head_size, check_ignore_index, check_linear_ce_options,
+                     check_logits_buffer, check_margin_options, check_module_embeddings, check_reduction,
+                     checked_class_targets, margin_module_repr, resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          margin_cross_entropy)
 from .sampling import IGNORED, num_sampled_classes, sample_classes
@@ -27,10 +27,12 @@ class CombinedMarginLoss(nn.Module):
         check_finite("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
         self.sample_rate = float(sample_rate)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim, device=device, dtype=dtype))
-        self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=normalize, margin_grad=margin_grad,
-                            label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
+        # checked here, once: the sampled training path uses ignore_index before any loss function sees it
+        self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=check_bool("normalize", normalize),
+                            margin_grad=margin_grad, label_smoothing=label_smoothing,
+                            ignore_index=check_ignore_index(ignore_index), reduction=reduction)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -91,9 +93,10 @@ class LargeMarginSoftmaxLoss(CombinedMarginLoss):
 
 
 def _autocast_like(t, input):
-    """t (a head's weight or bias) in input's dtype inside an autocast region, as F.linear would see it there:
-    an fp32 head behind a bf16 autocast backbone (Liger-Kernel #305); the cast's backward returns an fp32
-    gradient. Outside autocast a dtype mismatch stays an error (functional's checks)."""
+    """t (a head's weight or bias) in input's dtype inside an autocast region: an fp32 head behind a bf16
+    autocast backbone (Liger-Kernel #305); the cast's backward returns an fp32 gradient. (F.linear would cast
+    both to the autocast dtype; here fp32 hidden states keep the loss in fp32.) Outside autocast a dtype
+    mismatch stays an error (functional's checks)."""
     if (isinstance(t, torch.Tensor) and isinstance(input, torch.Tensor) and t.dtype != input.dtype
             and t.is_floating_point() and torch.is_autocast_enabled(input.device.type)):
         return t.to(input.dtype)
@@ -113,7 +116,7 @@ class LinearCrossEntropyLoss(nn.Module):
         check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
         check_reduction(reduction)
         check_logits_buffer(logits_buffer_mb, reduction, resolve_grad_filter_eps(grad_filter_eps, torch.float32))
-        self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        self.options = dict(ignore_index=check_ignore_index(ignore_index), label_smoothing=label_smoothing, z_loss=z_loss,
                             softcap=softcap, focal_gamma=focal_gamma, gamma_ce=gamma_ce, reduction=reduction,
                             grad_filter_eps=grad_filter_eps, logits_buffer_mb=logits_buffer_mb)
 
@@ -143,7 +146,7 @@ class EMOLoss(nn.Module):
         if cost_embedding is not None and not isinstance(cost_embedding, torch.Tensor):
             raise TypeError(f"cost_embedding must be a torch.Tensor or None, got {type(cost_embedding).__name__}")
         self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
-        self.mode, self.ignore_index, self.reduction = mode, ignore_index, reduction
+        self.mode, self.ignore_index, self.reduction = mode, check_ignore_index(ignore_index), reduction
 
     def forward(self, input, weight, target):
         fn = emo_cross_entropy if self.mode == "mle_anchored" else emo_loss
