@@ -521,7 +521,9 @@ def write_results(records, env, meta, stem, with_plot=True):
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     title = plot_title(env, day, meta)
     table = markdown_table(records)
-    header = [f"# Benchmark {day}: {env['device']}", "",
+    state = ("" if meta.get("complete", True) else
+             f"**Incomplete run** ({meta.get('interrupted', 'still running')}): only the rows below were measured.")
+    header = [f"# Benchmark {day}: {env['device']}", "", *([state, ""] if state else []),
               f"torch {env['torch']}, triton {env['triton']}, python {env['python']}, "
               f"{env['cpu_threads']} CPU threads, commit {env['git_commit']}, "
               f"marginkern settings {env.get('marginkern_env') or 'defaults'}, "

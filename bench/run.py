@@ -82,6 +82,7 @@ def main():
         meta["interrupted"] = f"stopped after {time.perf_counter() - start:.0f} s"
         print(f"\ninterrupted: writing the {len(records)} measurements made", flush=True)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the final write (and plot) is not to be cut short
         meta["wall_s"] = time.perf_counter() - start
         meta["load_average_1min_after"] = _load_average()
         table, paths = harness.write_results(records, env, meta, stem, with_plot=meta["complete"])
@@ -94,6 +95,9 @@ def main():
 
 
 def _stop(signum, frame):
+    # once: timeout(1) may signal the process and its group, and a second signal must not interrupt the
+    # final write of what was measured
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 

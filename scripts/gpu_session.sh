@@ -30,9 +30,12 @@ REAL_OUT="$OUT"
 # already there): a visit stopped at any point still brings back everything up to its last finished step.
 if [ "$stage" = visit ]; then OUT=/tmp/visit-out; rm -rf "$OUT"; fi
 mkdir -p "$OUT" "$REAL_OUT"
-pack() {
+pack() {  # after every step's pipeline (its tee has then written the step's log to the end)
   [ "$stage" = visit ] || return 0
-  tar czf /tmp/visit.tgz.part -C "$OUT" . 2>/dev/null && mv /tmp/visit.tgz.part "$REAL_OUT/visit.tgz"
+  # tar exits 1 when a file changed while it read it (the background build's log): the archive is still
+  # good. The part file sits beside the archive, so the rename is atomic (no half-copied visit.tgz).
+  tar czf "$REAL_OUT/visit.tgz.part" -C "$OUT" . 2>> "$OUT/pack.log"
+  if [ $? -le 1 ]; then mv "$REAL_OUT/visit.tgz.part" "$REAL_OUT/visit.tgz"; else echo "pack failed" >> "$OUT/visit.log"; fi
   cp "$OUT/visit.log" "$REAL_OUT/visit.log" 2>/dev/null; return 0
 }
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
@@ -59,7 +62,7 @@ budgeted() {
   local cap=$1 reserve=$2; shift 2
   local t=$(( $(left) - reserve )); [ "$t" -gt "$cap" ] && t=$cap
   if [ "$t" -lt 20 ]; then log "skipped (no time left): $*"; return 0; fi
-  log "start (timeout ${t}s): $*"; timeout "$t" "$@"; log "rc=$? after: $*"; pack
+  log "start (timeout ${t}s): $*"; timeout "$t" "$@"; log "rc=$? after: $*"
 }
 visit_build_extensions() {
   local repo=$PWD
@@ -73,6 +76,7 @@ bench() {  # bench <cases> <case names> <providers> <cap s> <tag> <reserve s: ke
   # (a step cut by its cap keeps what it measured: run.py rewrites its JSON after every measurement)
   budgeted "$4" "$6" python bench/run.py --cases "$1" --only "$2" --providers "$3" --tag "$5" --timeout 120 \
     --out-dir "$OUT/results" 2>&1 | tee -a "$OUT/bench.log" | grep -v "^\s*$" | tail -12
+  pack
 }
 
 case "$stage" in
@@ -89,18 +93,23 @@ case "$stage" in
     budgeted 110 410 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=8 \
       -k "(triton or speed_paths or cosent_million) and not beyond_int32 and not memory_is_bounded" 2>&1 \
       | tee "$OUT/tests-triton.log" | tail -15
+    pack
     while [ ! -f /tmp/mkext.done ] && [ "$(left)" -gt 400 ]; do sleep 2; done
     log "extensions: $(ls marginkern/*.so 2>&1 | tr '\n' ' ')"; tail -5 "$OUT/build.log"
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
+    pack
     # issue 5: compute-sanitizer memcheck of the hand-written CUDA kernels, on their plain fp32 op tests
     budgeted 70 330 "$SANITIZER" --tool memcheck --error-exitcode 1 python -m pytest tests/test_gpu.py -q -x \
       -k "cuda_ops_match and float32 and plain or special_values" 2>&1 | tee "$OUT/sanitize-memcheck.log" | tail -5
+    pack
     budgeted 60 270 python -m pytest tests/test_gpu.py -q -rs --durations=4 -k "beyond_int32 or memory_is_bounded" \
       2>&1 | tee "$OUT/tests-big.log" | tail -10
+    pack
     # the Triton tile configs, then the benchmarks with each family's fastest one (the default where the sweep
     # did not get to a case)
     budgeted 60 210 python bench/sweep_triton_configs.py --quick --case arcface-1M,llama3-8b --best-out "$OUT/best.txt" \
       2>&1 | tee "$OUT/sweep.log" | tail -7
+    pack
     face_cfg=$(awk '$1 == "arcface-1M" {print $2}' "$OUT/best.txt" 2>/dev/null)
     llm_cfg=$(awk '$1 == "llama3-8b" {print $2}' "$OUT/best.txt" 2>/dev/null)
     log "configs: face ${face_cfg:-default}, llm ${llm_cfg:-default}"
@@ -114,6 +123,7 @@ case "$stage" in
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench llm gemma2-2b "marginkern,3-GEMM floor" 30 llm-gemma 5
     budgeted 60 5 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=5 \
       -k "not triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-cuda.log" | tail -15
+    pack
     MARGINKERN_TRITON_CONFIG="$face_cfg" budgeted 30 5 python bench/profile_step.py face face-small-100k marginkern \
       "3-GEMM floor" 2>&1 | tee -a "$OUT/profile.log" | grep -A6 "=="
     ;;

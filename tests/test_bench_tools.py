@@ -98,5 +98,10 @@ def test_a_run_stopped_by_sigterm_keeps_its_measurements(tmp_path):
     data = json.loads(path.read_text())
     assert data["run"]["complete"] is False and "interrupted" in data["run"], data["run"]
     assert len(data["results"]) >= 1 and data["results"][0]["status"] == "ok", data["results"]
-    workers = subprocess.run(["pgrep", "-f", f"worker.py margin_cases cpu-face-5k"], capture_output=True, text=True)
+    assert "Incomplete run" in path.with_suffix(".md").read_text()
+    for _ in range(50):  # the worker's SIGKILL is delivered asynchronously
+        workers = subprocess.run(["pgrep", "-f", "worker.py margin_cases cpu-face-5k"], capture_output=True, text=True)
+        if not workers.stdout.strip():
+            break
+        time.sleep(0.1)
     assert workers.stdout.strip() == "", "a worker outlived the run"
