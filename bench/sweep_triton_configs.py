@@ -4,7 +4,8 @@ one backward chunk (dL/da, the kernel part only) per configuration, for the face
     python bench/sweep_triton_configs.py [--case all|arcface-1M,llama3-8b,gemma2-2b] [--quick]
 
 Each configuration runs in this process through MARGINKERN_TRITON_CONFIG; one that does not compile (e.g.
-out of shared memory) is recorded with its error. Writes bench/results/<device>/<date>-sweep.json and
+out of shared memory) is recorded with its error. Writes bench/results/<device>/<date>-sweep[-k].json (or
+into --out-dir) and
 prints the fastest configurations. Put the winner into triton_kernels/tiles.py GPU_CONFIG and rerun the
 benchmarks. CUDA only.
 """
@@ -90,6 +91,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="eight configurations instead of the full grid")
     parser.add_argument("--best-out", help="write '<case> <MARGINKERN_TRITON_CONFIG value>' of each case's fastest "
                         "configuration to this file (scripts/gpu_session.sh benchmarks with it)")
+    parser.add_argument("--out-dir", default=None, help="folder of the sweep's JSON (default: bench/results/<device>/)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_triton_configs.py needs a CUDA GPU")
@@ -110,9 +112,7 @@ def main():
             rows.append(row)
             if args.best_out:  # after every row: a sweep cut short by its time budget still names its best
                 write_best(rows, names, args.best_out)
-    device = harness.device_slug("cuda")
-    out = harness.REPO_ROOT / "bench" / "results" / device / f"{time.strftime('%Y-%m-%d')}-sweep.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = harness.new_result_stem("cuda", "sweep", args.out_dir).with_suffix(".json")  # never over an earlier one
     out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
     for name in names:
         ok = sorted((r for r in rows if r["case"] == name and r["status"] == "ok"), key=step_ms)

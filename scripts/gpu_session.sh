@@ -108,6 +108,7 @@ case "$stage" in
     # the Triton tile configs, then the benchmarks with each family's fastest one (the default where the sweep
     # did not get to a case)
     budgeted 60 210 python bench/sweep_triton_configs.py --quick --case arcface-1M,llama3-8b --best-out "$OUT/best.txt" \
+      --out-dir "$OUT/results" \
       2>&1 | tee "$OUT/sweep.log" | tail -7
     pack
     face_cfg=$(awk '$1 == "arcface-1M" {print $2}' "$OUT/best.txt" 2>/dev/null)
