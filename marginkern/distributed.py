@@ -22,8 +22,7 @@ from torch import nn
 
 from .checks import (check_class_shard, check_classes_per_rank, check_classification_inputs, check_finite,
                      check_bool, check_head_size, check_ignore_index, check_int, check_margin_options,
-                     check_module_embeddings, check_reduction, check_target_values, checked_class_targets,
-                     margin_module_repr)
+                     check_module_embeddings, check_reduction, check_target_tensor, margin_module_repr)
 from .dispatch import select_tiles
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .reference import reduce_rows
@@ -140,9 +139,78 @@ def gather_embeddings(local, group=None):
     backbone's gradients gives the gradient of the one global loss (insightface's AllGatherFunc does the same
     after a reduce-scatter). Only for a gradient that is identical on every rank.
     """
+    if not isinstance(local, torch.Tensor) or local.dim() < 1:
+        what = f"shape {tuple(local.shape)}" if isinstance(local, torch.Tensor) else type(local).__name__
+        raise ValueError(f"local must be a tensor of rows (b, ...), got {what}")
     if not local.dtype.is_floating_point:
         return _all_gather_cat(local, group)
     return _GatherRows.apply(local, group)
+
+
+_BITS_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
+def _checksum(t):
+    """An integer checksum of t's bits (int64 on t's device), row sums weighted by the row's position:
+    integer sums do not depend on the order of the reduction, so equal tensors give equal checksums on
+    every rank. O(rows) extra memory (the sums accumulate in int64 without an int64 copy of t)."""
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.view(_BITS_OF[t.element_size()])
+    rows = t.flatten(1).sum(dim=1, dtype=torch.int64) if t.dim() > 1 else t.to(torch.int64)
+    return (rows * torch.arange(1, rows.numel() + 1, device=rows.device, dtype=torch.int64)).sum()
+
+
+_STEP_FIELDS = ("argument error", "input rows", "input width", "num_classes", "class sampling (train mode)",
+                "target checksum", "input checksum", "targets out of range", "smallest target out of range")
+
+
+def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local_error):
+    """Every rank's step must see the same input, targets, num_classes and mode, and the targets must be
+    valid class ids. One all-gather of a few int64 per rank and one host sync (the single-process loss
+    checks its targets with a sync too); every rank raises the same error, so none is left waiting in a
+    collective: an argument error on one rank only, ranks in different train/eval modes (they would run
+    different collectives), different num_classes (a class no rank holds: a silently wrong loss), or rows
+    that differ across ranks (embeddings not all-gathered: rows of different samples mixed silently).
+    Skipped while a CUDA graph is captured (a sync would break the capture), as the local check is."""
+    rank, world_size = _rank_and_world_size(group)
+    device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if local_error is not None:
+            raise local_error
+        return
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    if local_error is None:
+        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        fields = [zero, zero + input.shape[0], zero + input.shape[1], zero + num_classes, zero + int(sampled),
+                  _checksum(target), _checksum(input), bad.sum(),
+                  torch.where(bad, target, torch.iinfo(torch.int64).max).min() if target.numel() else zero]
+    else:
+        fields = [zero + 1] + [zero] * (len(_STEP_FIELDS) - 1)
+    code = torch.stack(fields)
+    codes = [torch.empty_like(code) for _ in range(world_size)]
+    dist.all_gather(codes, code, group=group)
+    seen = torch.stack(codes).tolist()  # the one host sync
+    failed = [r for r, c in enumerate(seen) if c[0]]
+    if local_error is not None:
+        raise local_error
+    if failed:
+        raise ValueError(f"sharded_margin_cross_entropy: rank(s) {failed} of {world_size} got invalid arguments "
+                         "(their own error says which); every rank stops here rather than wait for them")
+    for k, what in enumerate(_STEP_FIELDS[1:5], start=1):
+        if len({c[k] for c in seen}) > 1:
+            values = [c[k] for c in seen]
+            if k == 4:
+                raise ValueError(f"every rank must be in the same mode (train or eval): the ranks differ in {what}, "
+                                 f"{values} on ranks 0..{world_size - 1} (they would run different collectives)")
+            raise ValueError(f"every rank must pass the same {what}, got {values} on ranks 0..{world_size - 1}")
+    if len({(c[5], c[6]) for c in seen}) > 1:
+        raise ValueError("input and target must be the same on every rank (the all-gathered embeddings and labels: "
+                         "marginkern.distributed.gather_embeddings); they differ across ranks 0.."
+                         f"{world_size - 1}, so rows of different samples would be mixed")
+    if seen[rank][7]:
+        raise ValueError(f"target holds class {seen[rank][8]}, outside [0, {num_classes}) and not "
+                         f"ignore_index={ignore_index}")
 
 
 class _ShardedMarginCrossEntropy(torch.autograd.Function):
@@ -190,16 +258,20 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     the same result through one more N × D reduction). dL/dweight_shard is this rank's slice of dL/dweight;
     keep `weight_shard` out of DDP. Every rank must run the backward pass with the same gradient of the loss.
     """
-    check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
-    check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
-    check_reduction(reduction)
-    class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
     rank, world_size = _rank_and_world_size(group)
-    check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
-                      shard_range(num_classes, rank, world_size))
-    target = target.long()  # uint8 indices would index as a mask
-    check_target_values(target, num_classes, ignore_index)
-    opts = _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index)
+    local_error = None
+    try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
+        check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
+        check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
+        check_reduction(reduction)
+        class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
+        check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
+                          shard_range(num_classes, rank, world_size))
+        opts = _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index)
+        target = target.long()  # uint8 indices would index as a mask
+    except (TypeError, ValueError) as e:
+        local_error = e
+    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error)
     return _sharded_loss(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
                          reduction)
 
@@ -242,10 +314,15 @@ class ShardedCombinedMarginLoss(nn.Module):
     `shard_range(num_classes, rank, world_size)` as `weight`, initialised N(0, 0.01) like PartialFC_V2.
 
     forward(embeddings, target) takes the all-gathered embeddings and labels (see
-    `sharded_margin_cross_entropy`). Do not wrap this module in DistributedDataParallel: its weight differs
-    per rank. `sample_rate` < 1 samples class centres in training mode as PartialFC_V2 (marginkern.sampling:
-    per rank its target classes plus random others, int(sample_rate·C_local) in all; one all-gather of the
-    counts per step); the gradient of `weight` stays dense, zero on the rows a step did not sample.
+    `sharded_margin_cross_entropy`). Its weight differs per rank, so DistributedDataParallel must leave it
+    alone (it would broadcast rank 0's shard over the others' and average the gradients, silently when the
+    shards have one shape): the module tells DDP so itself (`_ddp_params_and_buffers_to_ignore`), and for
+    a model that holds it, call `keep_shards_out_of_ddp(model)` before wrapping the model.
+
+    `sample_rate` < 1 samples class centres in training mode as PartialFC_V2 (marginkern.sampling: per rank
+    its target classes plus random others, int(sample_rate·C_local) in all, 0: the targets alone; one
+    all-gather of the counts per step); the gradient of `weight` stays dense, zero on the rows a step did
+    not sample.
     """
 
     def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, group=None, scale=64.0,
@@ -255,7 +332,7 @@ class ShardedCombinedMarginLoss(nn.Module):
         embedding_dim, num_classes = check_head_size(embedding_dim, num_classes)
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
-        check_finite("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
+        check_finite("sample_rate", sample_rate, 0.0, 1.0)  # 0: the batch's classes only
         self.sample_rate = float(sample_rate)
         rank, world_size = _rank_and_world_size(group)
         self.embedding_dim, self.num_classes, self.group = embedding_dim, num_classes, group
@@ -267,6 +344,7 @@ class ShardedCombinedMarginLoss(nn.Module):
         self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=check_bool("normalize", normalize),
                             margin_grad=margin_grad, label_smoothing=label_smoothing,
                             ignore_index=check_ignore_index(ignore_index), reduction=reduction)
+        self._ddp_params_and_buffers_to_ignore = ["weight"]  # DDP(this module): a rank's own shard
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -288,7 +366,14 @@ class ShardedCombinedMarginLoss(nn.Module):
             return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
                                                 num_classes=self.num_classes, group=self.group, **self.options)
         o = self.options
-        target = checked_class_targets(target, embeddings.shape[0], self.num_classes, o["ignore_index"])
+        local_error = None
+        try:
+            check_target_tensor(target, embeddings.shape[0])
+            target = target.long()  # uint8 indices would index as a mask
+        except (TypeError, ValueError) as e:
+            local_error = e
+        # before _sampled_shards' own collective: a rank in eval mode joins this one too, and all raise
+        _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, local_error)
         weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
                                                    o["ignore_index"], self.group)
         weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)
@@ -300,6 +385,19 @@ class ShardedCombinedMarginLoss(nn.Module):
         extra = f", classes=[{self.class_start}, {self.class_start + self.weight.shape[0]})"
         extra += f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
         return margin_module_repr(self.embedding_dim, self.num_classes, self.options, extra)
+
+
+def keep_shards_out_of_ddp(model):
+    """Tells DistributedDataParallel to leave the class-centre shards of every sharded margin module inside
+    `model` alone (call it before `DistributedDataParallel(model)`): DDP would broadcast rank 0's shard over
+    the other ranks' at construction and average the shards' gradients, a silently wrong model whenever
+    the shards have one shape (C divisible by the world size). Returns the parameter names it listed."""
+    names = [f"{prefix}.{name}" if prefix else name
+             for prefix, module in model.named_modules() if isinstance(module, ShardedCombinedMarginLoss)
+             for name, _ in module.named_parameters(recurse=False)]
+    listed = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = listed + [n for n in names if n not in listed]
+    return names
 
 
 class ShardedArcFaceLoss(ShardedCombinedMarginLoss):

@@ -15,7 +15,8 @@ class CombinedMarginLoss(nn.Module):
 
     The class centres are initialised N(0, 0.01) as in insightface's arcface_torch (partial_fc_v2.py).
     `sample_rate` < 1 samples the class centres in training mode (marginkern.sampling, PartialFC): the
-    softmax of a step covers the batch's target classes plus random others, int(sample_rate·C) in all.
+    softmax of a step covers the batch's target classes plus random others, int(sample_rate·C) in all
+    (0: the target classes alone).
     The weight's gradient stays dense (zero on the rows a step did not sample), as in PartialFC_V2.
     """
 
@@ -24,7 +25,7 @@ class CombinedMarginLoss(nn.Module):
                  sample_rate=1.0, device=None, dtype=None):
         super().__init__()
         self.embedding_dim, self.num_classes = check_head_size(embedding_dim, num_classes)
-        check_finite("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
+        check_finite("sample_rate", sample_rate, 0.0, 1.0)  # 0: the batch's classes only
         self.sample_rate = float(sample_rate)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim, device=device, dtype=dtype))
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)

@@ -174,6 +174,7 @@ def _single_member_group(rank, world_size, x, w, t):
 
 def _argument_errors(rank, world_size):
     C, D = 10, 4
+    torch.manual_seed(0)  # every rank passes the same (all-gathered) rows, as the contract says
     x, w, t = torch.randn(5, D), torch.randn(C, D), torch.randint(0, C, (5,))
     start, stop = mkd.shard_range(C, rank, world_size)
     shard = w[start:stop]
@@ -205,8 +206,63 @@ def _argument_errors(rank, world_size):
         call(m2=-0.1)
     with pytest.raises(ValueError, match="num_classes must be ≥ the process group's size"):
         mkd.ShardedArcFaceLoss(D, world_size - 1)
+    with pytest.raises(ValueError, match=r"local must be a tensor of rows \(b, ...\), got shape \(\)"):
+        mkd.gather_embeddings(torch.tensor(1.0))
     # a valid target held by another rank is fine, and the group still works after the errors above
     return float(call(target=torch.full((5,), C - 1)))
+
+
+class _FaceModel(torch.nn.Module):
+    """A backbone and a sharded head in one model, the usual thing to hand to DDP."""
+
+    def __init__(self, world_size):
+        super().__init__()
+        self.backbone = torch.nn.Linear(4, 4)
+        self.head = mkd.ShardedArcFaceLoss(4, 2 * world_size)  # C divisible by W: every shard has one shape
+
+    def forward(self, x, t):
+        return self.head(mkd.gather_embeddings(self.backbone(x)), mkd.gather_embeddings(t))
+
+
+def _ddp_whole_model(rank, world_size):
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)  # the backbones start alike, as DDP expects; the shards still differ (their own seeds)
+    model = _FaceModel(world_size)
+    shard = model.head.weight.detach().clone()
+    names = mkd.keep_shards_out_of_ddp(model)
+    ddp = DistributedDataParallel(model)
+    kept = torch.equal(model.head.weight, shard)  # DDP did not broadcast rank 0's shard over this one
+    torch.manual_seed(100 + rank)  # each rank its own rows
+    ddp(torch.randn(3, 4), torch.randint(0, 2 * world_size, (3,))).backward()
+    return names, kept, model.backbone.weight.grad, shard
+
+
+def _misuse(rank, world_size, what):
+    """One misuse of the sharded loss; returns the error message every rank got (none may hang)."""
+    C, D, N = 10, 4, 6
+    torch.manual_seed(0)
+    x, w, t = torch.randn(N, D), torch.randn(C, D), torch.randint(0, C, (N,))
+    num_classes, class_start = C, mkd.shard_range(C, rank, world_size)[0]
+    if what == "one rank's argument":
+        class_start += rank == 1  # a mistake on rank 1 alone
+    elif what == "rows not gathered":
+        torch.manual_seed(rank)  # each rank its own rows, the same batch size (gather_embeddings forgotten)
+        x = torch.randn(N, D)
+    elif what == "num_classes":
+        num_classes = C + (rank == 1)  # rank 1's shards leave class C // W... to nobody
+        class_start = mkd.shard_range(num_classes, rank, world_size)[0]
+    start, stop = mkd.shard_range(num_classes, rank, world_size)
+    try:
+        if what == "modes":
+            module = mkd.ShardedArcFaceLoss(D, C, sample_rate=0.5)
+            module.train(rank == 0)  # rank 0 samples classes, the others use every class
+            module(x, t)
+        else:
+            mkd.sharded_margin_cross_entropy(x, w[start:stop] if what != "num_classes" else torch.randn(stop - start, D),
+                                             t, class_start=class_start, num_classes=num_classes)
+    except ValueError as e:
+        return str(e)
+    return "no error"
 
 
 # ---- tests -------------------------------------------------------------------------------------------------
@@ -368,8 +424,10 @@ def test_class_sampling_is_the_loss_over_the_sampled_classes(world, ignore_index
     target = torch.stack(step_targets)[owner, torch.arange(len(t))]
     assert (target[~valid] == -1).all()
     assert torch.equal(weight[target[valid]], torch.cat(shards)[t[valid]])  # targets are always kept
-    for r in range(world.size):
-        assert indices[r].numel() >= int(rate * shards[r].shape[0]) and starts[r] == sum(map(len, sampled[:r]))
+    for r in range(world.size):  # K = max(int(rate·C_r), the rank's own target classes), exactly
+        own = torch.unique(t[valid & (t >= class_starts[r]) & (t < class_starts[r] + shards[r].shape[0])])
+        assert indices[r].numel() == max(int(rate * shards[r].shape[0]), own.numel())
+        assert starts[r] == sum(map(len, sampled[:r]))
     want_loss, _, want_gw = single_process(x, weight, target, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1,
                                                                    ignore_index=-1))
     assert_close_rel(losses[0], want_loss, torch.float64, "loss", floor=1.0)
@@ -431,6 +489,25 @@ def test_subgroup_of_one_rank(world):
 
 def test_argument_errors(world):
     assert len(set(world.run(_argument_errors))) == 1
+
+
+def test_ddp_leaves_each_ranks_shard_alone(world):
+    results = world.run(_ddp_whole_model)
+    assert all(names == ["head.weight"] and kept for names, kept, _, _ in results)
+    assert all(torch.equal(grad, results[0][2]) for _, _, grad, _ in results)  # the backbone is averaged
+    assert not torch.equal(results[0][3], results[1][3])  # and the shards are each rank's own
+
+
+@pytest.mark.parametrize("what,match", [
+    ("one rank's argument", r"class_start must be|rank\(s\) \[1\] of \d got invalid arguments"),
+    ("rows not gathered", "input and target must be the same on every rank"),
+    ("num_classes", "every rank must pass the same num_classes"),
+    ("modes", "every rank must be in the same mode"),
+])
+def test_misuse_raises_on_every_rank_instead_of_a_hang_or_a_wrong_loss(world, what, match):
+    import re
+    messages = world.run(_misuse, what)
+    assert all(re.search(match, m) for m in messages), messages
 
 
 def test_needs_an_initialised_process_group():

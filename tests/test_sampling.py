@@ -94,7 +94,16 @@ def test_uint8_targets_and_more_samples_than_classes():
     assert torch.equal(index, torch.arange(5)) and torch.equal(local, torch.tensor([3, 1]))
 
 
-@pytest.mark.parametrize("rate", [0.0, 1.5, -0.1, float("nan")])
+def test_rate_zero_keeps_only_the_target_classes():
+    # insightface's configs use sample_rate=0 for "the batch's classes only" (e.g. wf42m_pfc0008)
+    head = mk.ArcFaceLoss(8, 50, sample_rate=0.0)
+    x, t = torch.randn(6, 8), torch.tensor([7, 3, 7, 41, 3, 0])
+    classes = torch.unique(t)
+    want = mk.margin_cross_entropy(x, head.weight.detach()[classes], torch.searchsorted(classes, t))
+    torch.testing.assert_close(head(x, t).detach(), want)
+
+
+@pytest.mark.parametrize("rate", [1.5, -0.1, float("nan")])
 def test_bad_sample_rate_raises(rate):
     with pytest.raises(ValueError, match="sample_rate"):
         mk.ArcFaceLoss(8, 10, sample_rate=rate)
