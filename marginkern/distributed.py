@@ -295,8 +295,13 @@ def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index
     stop = class_start + weight_shard.shape[0]
     valid = target != ignore_index
     here = valid & (target >= class_start) & (target < stop)
+    # This step's draw from a generator offset by the shard's start: ranks seeded alike (as training scripts
+    # seed them) would otherwise draw the same local positions every step, so that classes k, C_local + k,
+    # ... were always sampled together. One number from the global CPU generator keeps runs reproducible.
+    seed = int(torch.randint(2**62, ())) + class_start
+    generator = torch.Generator(device=target.device).manual_seed(seed)
     index, local = sample_classes(torch.where(here, target - class_start, IGNORED), weight_shard.shape[0],
-                                  num_sampled_classes(weight_shard.shape[0], sample_rate), IGNORED)
+                                  num_sampled_classes(weight_shard.shape[0], sample_rate), IGNORED, generator)
     counts = [torch.zeros(1, dtype=torch.long, device=target.device) for _ in range(world_size)]
     dist.all_gather(counts, torch.tensor([index.numel()], device=target.device), group=group)
     counts = [int(c) for c in counts]

@@ -149,6 +149,14 @@ def _sampled_module_step(rank, world_size, D, C, x, t, rate, ignore_index):
             module.weight.detach(), full_loss)
 
 
+def _draw_with_one_seed(rank, world_size, C):
+    """The local positions each rank samples when every rank was seeded alike."""
+    torch.manual_seed(0)
+    module = mkd.ShardedArcFaceLoss(4, C, sample_rate=0.25)
+    return [mkd._sampled_shards(module.weight.detach(), torch.tensor([-100]), module.class_start, 0.25, -100,
+                                None)[3] for _ in range(3)]
+
+
 def _double_backward(rank, world_size, x, w, t):
     start, stop = mkd.shard_range(w.shape[0], rank, world_size)
     x, shard = x.clone().requires_grad_(), w[start:stop].clone().requires_grad_()
@@ -442,6 +450,13 @@ def test_class_sampling_is_the_loss_over_the_sampled_classes(world, ignore_index
     eval_loss, _, _ = single_process(x, torch.cat(shards), t, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1,
                                                                    ignore_index=ignore_index))
     assert_close_rel(full_losses[0], eval_loss, torch.float64, "eval loss", floor=1.0)
+
+
+def test_ranks_seeded_alike_sample_different_classes(world):
+    # (all rows ignored: every sampled class is a random one) C_local = 40: 10 of 40 positions per draw
+    draws = world.run(_draw_with_one_seed, 40 * world.size)
+    for step in range(3):
+        assert len({tuple(d[step].tolist()) for d in draws}) == world.size, [d[step] for d in draws]
 
 
 def test_double_backward_raises_instead_of_a_wrong_answer(world):
