@@ -73,8 +73,8 @@ def checked_class_targets(target, n, num_classes, ignore_index):
 def check_bool(name, value):
     """value as a Python bool (a bool or a NumPy bool); anything else (None, a string, an int) is a TypeError
     rather than a truthiness guess."""
-    if not (isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ == "bool")
-            or (type(value).__module__ == "numpy" and type(value).__name__ == "bool_")):
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool) or numpy_bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
 
@@ -228,6 +228,13 @@ def check_labels(labels, n, device):
         raise TypeError(f"labels must be integer or float, got {labels.dtype}")
     if labels.device != device:
         raise ValueError(f"labels must be on {device}, got {labels.device}")
+
+
+def check_cosent_arguments(scores, labels, scale):
+    """CoSENT's pair scores (B,), labels (B,) and scale: the function's and the op's one check."""
+    check_float_tensor("scores", scores, dim=1)
+    check_labels(labels, scores.shape[0], scores.device)
+    check_finite("scale", scale, 0.0, low_open=True)
 
 
 def check_embedding_pair(a, b):

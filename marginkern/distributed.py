@@ -79,6 +79,14 @@ class ProcessGroupShard:
         return self._all_reduce(grad_x.contiguous(), dist.ReduceOp.SUM)
 
 
+def _all_gather_ints(code, group, world_size):
+    """Every rank's int64 vector `code` (same length on every rank), as lists of ints in rank order: the
+    small agreement all-gathers of this module, each with its one host sync."""
+    codes = [torch.empty_like(code) for _ in range(world_size)]
+    dist.all_gather(codes, code, group=group)
+    return torch.stack(codes).tolist()
+
+
 _MAX_GATHER_DIMS = 7
 _GATHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
                   torch.int8, torch.uint8, torch.bool)
@@ -96,9 +104,7 @@ def _check_same_rows(local, group, world_size):
     sizes = list(local.shape) if dims >= 0 else []
     code = torch.tensor([dims, dtype] + sizes + [0] * (_MAX_GATHER_DIMS - len(sizes)), dtype=torch.int64,
                         device=local.device)
-    codes = [torch.empty_like(code) for _ in range(world_size)]
-    dist.all_gather(codes, code, group=group)
-    seen = torch.stack(codes).tolist()  # the one host sync
+    seen = _all_gather_ints(code, group, world_size)
     if any(c[0] < 0 for c in seen):
         raise ValueError(f"gather_embeddings takes at most {_MAX_GATHER_DIMS} dimensions, got "
                          f"{['> 7' if c[0] < 0 else c[0] for c in seen]} on ranks 0..{world_size - 1}")
@@ -187,10 +193,7 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
                   torch.where(bad, target, torch.iinfo(torch.int64).max).min() if target.numel() else zero]
     else:
         fields = [zero + 1] + [zero] * (len(_STEP_FIELDS) - 1)
-    code = torch.stack(fields)
-    codes = [torch.empty_like(code) for _ in range(world_size)]
-    dist.all_gather(codes, code, group=group)
-    seen = torch.stack(codes).tolist()  # the one host sync
+    seen = _all_gather_ints(torch.stack(fields), group, world_size)
     failed = [r for r, c in enumerate(seen) if c[0]]
     if local_error is not None:
         raise local_error
@@ -302,9 +305,8 @@ def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index
     generator = torch.Generator(device=target.device).manual_seed(seed)
     index, local = sample_classes(torch.where(here, target - class_start, IGNORED), weight_shard.shape[0],
                                   num_sampled_classes(weight_shard.shape[0], sample_rate), IGNORED, generator)
-    counts = [torch.zeros(1, dtype=torch.long, device=target.device) for _ in range(world_size)]
-    dist.all_gather(counts, torch.tensor([index.numel()], device=target.device), group=group)
-    counts = [int(c) for c in counts]
+    counts = [c for (c,) in _all_gather_ints(torch.tensor([index.numel()], device=target.device), group,
+                                             world_size)]
     start, total = sum(counts[:rank]), sum(counts)
     # Rows whose target another rank holds only need a class id outside this rank's sampled range (their
     # owner knows the real one): the one just before it, or just after it for rank 0.

@@ -3,7 +3,8 @@ import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.marginkern.*)
 from . import pairwise
-from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cost_embedding,
+from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cosent_arguments,
+                     check_cost_embedding,
                      check_embedding_pair, check_finite, check_float_tensor, check_ignore_index, check_labels,
                      check_linear_ce_options, check_logits_buffer, check_margin_options, check_reduction,
                      resolve_grad_filter_eps)
@@ -140,9 +141,7 @@ def cosent_loss(scores, labels, *, scale=20.0):
     (e.g. cosines), as sentence-transformers' CoSENTLoss: one scalar, not normalised by the pair count.
     O(B log B) time and O(B) memory (sorted prefix log-sum-exp); ties add nothing. A NaN label makes the
     loss and its gradient NaN (it has no place in the label order)."""
-    check_float_tensor("scores", scores, dim=1)
-    check_labels(labels, scores.shape[0], scores.device)
-    check_finite("scale", scale, 0.0, low_open=True)
+    check_cosent_arguments(scores, labels, scale)
     return torch.ops.marginkern.cosent(scores, labels, float(scale))[0]
 
 

@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import (check_bias, check_classification_inputs, check_cost_embedding, check_embedding_pair, check_finite,
-                     check_float_tensor, check_ignore_index, check_labels, check_linear_ce_options,
+from .checks import (check_bias, check_classification_inputs, check_cosent_arguments, check_cost_embedding,
+                     check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
                      check_target_values)
 from .dispatch import select_tiles
 from . import pairwise
@@ -437,7 +437,7 @@ def cosent(scores: Tensor, labels: Tensor, scale: float) -> tuple[Tensor, Tensor
     """(CoSENT loss, dL/dscores), both in the accumulation dtype and computed together (the loss is a scalar,
     so its backward only scales the second output): after the label sort, four parallel Triton scan launches
     on the Triton backend (triton_kernels/cosent_scan.py), PyTorch scans otherwise (pairwise.cosent_loss_and_grad)."""
-    _check_cosent_call(scores, labels, scale)
+    check_cosent_arguments(scores, labels, scale)
     if scores.dtype != torch.float64 and _pairwise_cosine_uses_triton(scores):
         from .triton_kernels.cosent_scan import cosent_loss_and_grad as triton_cosent
         loss, grad = triton_cosent(scores, labels, scale)
@@ -452,15 +452,9 @@ def cosent(scores: Tensor, labels: Tensor, scale: float) -> tuple[Tensor, Tensor
     return loss, grad
 
 
-def _check_cosent_call(scores, labels, scale):
-    check_float_tensor("scores", scores, dim=1)
-    check_labels(labels, scores.shape[0], scores.device)
-    check_finite("scale", scale, 0.0, low_open=True)
-
-
 @cosent.register_fake
 def _(scores, labels, scale):
-    _check_cosent_call(scores, labels, scale)
+    check_cosent_arguments(scores, labels, scale)
     acc = accumulation_dtype(scores.dtype)
     return scores.new_empty((), dtype=acc), scores.new_empty(scores.shape, dtype=acc)
 
