@@ -2,6 +2,7 @@
 import math
 import numbers
 import operator
+import sys
 
 import torch
 
@@ -9,12 +10,29 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def check_tensor(name, t, expected="a torch.Tensor"):
+    """t is a plain tensor: a torch.Tensor, and not a DTensor.
+
+    A DTensor (FSDP2's sharded parameter, a tensor-parallel shard) would reach the ops as its global shape
+    while the kernels see only the local shard; torch's own message ("got mixed torch.Tensor and DTensor")
+    points the wrong way, and peers crashed on it (Cut Cross-Entropy #31: an illegal memory access)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be {expected}, got {type(t).__name__}")
+    dtensor_module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
+    if dtensor_module is not None and isinstance(t, dtensor_module.DTensor):
+        raise TypeError(
+            f"{name} is a DTensor (placements {tuple(t.placements)}); marginkern's losses take plain tensors. "
+            f"With FSDP2, call the loss inside the forward of the module that owns {name} (FSDP has gathered it "
+            f"there; torch.distributed.fsdp.register_fsdp_forward_method for another method) or pass "
+            f"{name}.full_tensor(); for a head sharded over classes (Shard(0)), marginkern.distributed's "
+            f"sharded losses take {name}.to_local()")
+
+
 def check_classification_inputs(input, weight, target, weight_name="weight"):
     """Shapes, dtypes and devices of (input (N, D), weight (C, D), target (N,)); works on fake tensors.
     `weight_name` is what errors call the weight (a class-sharded loss takes "weight_shard")."""
     for name, t in (("input", input), (weight_name, weight), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(name, t)
     if input.dim() != 2:
         raise ValueError(f"input must have shape (N, D), got shape {tuple(input.shape)}")
     if weight.dim() != 2:
@@ -41,8 +59,7 @@ def check_classification_inputs(input, weight, target, weight_name="weight"):
 
 def check_target_tensor(target, n):
     """target is an (n,) tensor of integer class indices."""
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    check_tensor("target", target)
     if target.dim() != 1 or target.shape[0] != n:
         raise ValueError(f"target must have shape (N={n},), got shape {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -173,8 +190,7 @@ def check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing):
 def check_bias(bias, weight):
     if bias is None:
         return
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    check_tensor("bias", bias, "a torch.Tensor or None")
     if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias must have shape (C={weight.shape[0]},), got shape {tuple(bias.shape)}")
     if bias.dtype != weight.dtype:
@@ -198,8 +214,7 @@ def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma
 
 
 def check_cost_embedding(cost_embedding, weight):
-    if not isinstance(cost_embedding, torch.Tensor):
-        raise TypeError(f"cost_embedding must be a torch.Tensor or None, got {type(cost_embedding).__name__}")
+    check_tensor("cost_embedding", cost_embedding, "a torch.Tensor or None")
     if cost_embedding.dim() != 2 or cost_embedding.shape[0] != weight.shape[0]:
         raise ValueError(f"cost_embedding must have shape (C={weight.shape[0]}, E) (one row per class; E may "
                          f"differ from the hidden size), got shape {tuple(cost_embedding.shape)}")
@@ -211,8 +226,7 @@ def check_cost_embedding(cost_embedding, weight):
 
 
 def check_float_tensor(name, t, dim=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if dim is not None and t.dim() != dim:
@@ -220,8 +234,7 @@ def check_float_tensor(name, t, dim=None):
 
 
 def check_labels(labels, n, device):
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    check_tensor("labels", labels)
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"labels must have shape ({n},), got shape {tuple(labels.shape)}")
     if labels.dtype == torch.bool or labels.dtype.is_complex:
@@ -246,9 +259,9 @@ def check_embedding_pair(a, b):
 
 
 def check_binary_targets(targets, logits):
-    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape:
-        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise ValueError(f"targets must have the shape of logits {tuple(logits.shape)}, got {shape}")
+    check_tensor("targets", targets)
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets must have the shape of logits {tuple(logits.shape)}, got {tuple(targets.shape)}")
     if targets.device != logits.device:
         raise ValueError(f"targets must be on {logits.device}, got {targets.device}")
     if logits.dim() < 1:

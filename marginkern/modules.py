@@ -4,7 +4,7 @@ from torch import nn
 
 from .checks import (check_bool, check_finite, check_head_size, check_ignore_index, check_linear_ce_options,
                      check_logits_buffer, check_margin_options, check_module_embeddings, check_reduction,
-                     checked_class_targets, margin_module_repr, resolve_grad_filter_eps)
+                     check_tensor, checked_class_targets, margin_module_repr, resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          margin_cross_entropy)
 from .sampling import IGNORED, num_sampled_classes, sample_classes
@@ -144,8 +144,8 @@ class EMOLoss(nn.Module):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         check_reduction(reduction)
-        if cost_embedding is not None and not isinstance(cost_embedding, torch.Tensor):
-            raise TypeError(f"cost_embedding must be a torch.Tensor or None, got {type(cost_embedding).__name__}")
+        if cost_embedding is not None:
+            check_tensor("cost_embedding", cost_embedding, "a torch.Tensor or None")
         self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
         self.mode, self.ignore_index, self.reduction = mode, check_ignore_index(ignore_index), reduction
 

@@ -245,6 +245,58 @@ def _ddp_whole_model(rank, world_size):
     return names, kept, model.backbone.weight.grad, shard
 
 
+def _dtensor_arguments(rank, world_size):
+    """The losses given DTensors (FSDP2's sharded parameters, tensor-parallel shards): the error each raised.
+    Cut Cross-Entropy #31 crashed on them (an illegal memory access); torch's own message asks to convert
+    the other arguments to DTensors too, which cannot work."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world_size,))
+    torch.manual_seed(0)
+    C, D, N = 12, 4, 6
+    x, w, t = torch.randn(N, D), torch.randn(C, D), torch.randint(0, C, (N,))
+    sharded, replicated = (distribute_tensor(w, mesh, [p]) for p in (Shard(0), Replicate()))
+    calls = {
+        "margin weight": lambda: mk.margin_cross_entropy(x, sharded, t),
+        "linear weight": lambda: mk.linear_cross_entropy(x, replicated, t),
+        "linear bias": lambda: mk.linear_cross_entropy(x, w, t, bias=distribute_tensor(torch.zeros(C), mesh, [Shard(0)])),
+        "emo cost": lambda: mk.emo_loss(x, w, t, cost_embedding=sharded),
+        "linear input": lambda: mk.linear_cross_entropy(distribute_tensor(x, mesh, [Replicate()]), w, t),
+        "sharded weight_shard": lambda: mkd.sharded_margin_cross_entropy(x, sharded, t, class_start=0,
+                                                                         num_classes=C),
+        "cosent scores": lambda: mk.cosent_loss(distribute_tensor(torch.randn(N), mesh, [Replicate()]), t.float()),
+    }
+    messages = {}
+    for name, call in calls.items():
+        with pytest.raises(TypeError) as error:
+            call()
+        messages[name] = str(error.value)
+    return messages
+
+
+def _fsdp2_head_step(rank, world_size, x, w, t):
+    """An LM head under FSDP2 with the loss in its forward (where FSDP has gathered the weight): loss, dL/dx
+    and the whole dL/dw; and the error of the same loss called outside, on the sharded DTensor weight."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(w.clone())
+
+        def forward(self, hidden, target):
+            return mk.linear_cross_entropy(hidden, self.weight, target, z_loss=1e-3)
+
+    head = fully_shard(Head(), mesh=init_device_mesh("cpu", (world_size,)))
+    x = x.clone().requires_grad_()
+    loss = head(x, t)
+    loss.backward()
+    with pytest.raises(TypeError) as outside:
+        mk.linear_cross_entropy(x, head.weight, t)
+    return loss.detach(), x.grad, head.weight.grad.full_tensor(), str(outside.value)
+
+
 def _misuse(rank, world_size, what):
     """One misuse of the sharded loss; returns the error message every rank got (none may hang)."""
     C, D, N = 10, 4, 6
@@ -511,6 +563,27 @@ def test_ddp_leaves_each_ranks_shard_alone(world):
     assert all(names == ["head.weight"] and kept for names, kept, _, _ in results)
     assert all(torch.equal(grad, results[0][2]) for _, _, grad, _ in results)  # the backbone is averaged
     assert not torch.equal(results[0][3], results[1][3])  # and the shards are each rank's own
+
+
+def test_fsdp2_head_with_the_loss_in_its_forward(world):
+    torch.manual_seed(0)
+    x, w, t = torch.randn(6, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64), torch.randint(0, 11, (6,))
+    x_ref, w_ref = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = mk.linear_cross_entropy(x_ref, w_ref, t, z_loss=1e-3)
+    want.backward()
+    for loss, gx, gw, outside in world.run(_fsdp2_head_step, x, w, t):
+        assert_close_rel(loss, want.detach(), torch.float64, "loss")
+        assert_close_rel(gx, x_ref.grad, torch.float64, "grad input")
+        assert_close_rel(gw, w_ref.grad, torch.float64, "grad weight")
+        assert outside.startswith("weight is a DTensor"), outside
+
+
+def test_dtensor_arguments_get_a_clear_error(world):
+    for messages in world.run(_dtensor_arguments):
+        for name, message in messages.items():
+            argument = name.split()[1].replace("cost", "cost_embedding")
+            assert message.startswith(f"{argument} is a DTensor (placements ("), (name, message)
+            assert "full_tensor()" in message and "to_local()" in message, (name, message)
 
 
 @pytest.mark.parametrize("what,match", [
