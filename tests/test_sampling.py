@@ -107,3 +107,22 @@ def test_rate_zero_keeps_only_the_target_classes():
 def test_bad_sample_rate_raises(rate):
     with pytest.raises(ValueError, match="sample_rate"):
         mk.ArcFaceLoss(8, 10, sample_rate=rate)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_sample(use_reentrant):
+    """torch.utils.checkpoint reruns the forward pass in the backward; the rerun must draw the classes the
+    first run drew (the sampler takes its seed from the global generator, which checkpoint restores), else
+    the loss and its gradients would belong to two different samples."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    head = mk.ArcFaceLoss(16, 400, sample_rate=0.2)
+    x, t = torch.randn(12, 16, requires_grad=True), torch.randint(0, 400, (12,))
+    torch.manual_seed(7)
+    plain = head(x, t)
+    want = torch.autograd.grad(plain, (x, head.weight))
+    torch.manual_seed(7)
+    checkpointed = checkpoint(lambda a: head(a, t), x, use_reentrant=use_reentrant)
+    checkpointed.backward()
+    assert torch.equal(checkpointed.detach(), plain.detach())
+    assert torch.equal(x.grad, want[0]) and torch.equal(head.weight.grad, want[1])
