@@ -122,6 +122,9 @@ case "$stage" in
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench emo emo-llama3-8b "marginkern,3-GEMM floor" 30 emo 35
     bench cosent cosent-65k "marginkern,read both once" 30 cosent 5
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench llm gemma2-2b "marginkern,3-GEMM floor" 30 llm-gemma 5
+    # the issues' targets against this visit's results (CPU only, about a second)
+    python bench/check_targets.py "$OUT/results" 2>&1 | tee "$OUT/targets.txt"
+    pack
     budgeted 60 5 python -m pytest tests/test_gpu.py -q -rs "${xdist[@]}" --durations=5 \
       -k "not triton and not beyond_int32 and not memory_is_bounded" 2>&1 | tee "$OUT/tests-cuda.log" | tail -15
     pack
