@@ -66,6 +66,17 @@ def test_margin_step_host_ops_stay_few():
     assert ops <= 75 and launches <= 8, done.stdout
 
 
+def test_count_host_ops_times_the_host_side():
+    import os
+    import re
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MARGINKERN_BACKEND": "triton"}
+    done = subprocess.run([sys.executable, str(BENCH / "count_host_ops.py"), "margin", "--time"],
+                          capture_output=True, text=True, cwd=BENCH.parent, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    micros = float(re.search(r"(\d+) µs of host time per fwd\+bwd", done.stdout).group(1))
+    assert 10 < micros < 100_000, done.stdout  # no-op launches: no interpreter time in it
+
+
 def test_results_never_overwrite_and_survive_a_missing_matplotlib(tmp_path):
     # a second run of the same day and tag (e.g. a second GPU visit: its script uses fixed tags) writes
     # <date>-<tag>-2.*; without matplotlib (the GPU machine may lack it) the numbers are still written
