@@ -1,13 +1,14 @@
-"""The public loss functions (DESIGN.md §3). They validate, call a torch.ops.marginkern op and reduce."""
+"""The public loss functions (DESIGN.md §3). They validate, call a torch.ops.marginkern op (ops.call: in plain
+eager mode through its autograd.Function twin) and reduce."""
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.marginkern.*)
 from . import pairwise
 from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cosent_arguments,
                      check_cost_embedding,
                      check_embedding_pair, check_finite, check_float_tensor, check_ignore_index, check_labels,
                      check_linear_ce_options, check_logits_buffer, check_margin_options, check_reduction,
                      resolve_grad_filter_eps)
+from .ops import call as call_op
 from .reference import reduce_rows
 
 
@@ -28,9 +29,8 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     normalize, ignore_index = check_bool("normalize", normalize), check_ignore_index(ignore_index)
     check_reduction(reduction)
     target = target.long()  # uint8 indices would index as a mask
-    loss_rows = torch.ops.marginkern.margin_cross_entropy(
-        input, weight, target, float(scale), float(m1), float(m2), float(m3), normalize,
-        margin_grad == "exact", float(label_smoothing), ignore_index)[0]
+    loss_rows = call_op("margin_cross_entropy", input, weight, target, float(scale), float(m1), float(m2),
+                        float(m3), normalize, margin_grad == "exact", float(label_smoothing), ignore_index)[0]
     return reduce_rows(loss_rows, target != ignore_index, reduction)
 
 
@@ -83,12 +83,11 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
                float(focal_gamma), float(gamma_ce))
     if logits_buffer_mb is not None:
         grad_on = torch.is_grad_enabled()
-        loss, _, _, _ = torch.ops.marginkern.linear_cross_entropy_buffered(
-            input, weight, target, bias, *options, reduction, int(logits_buffer_mb * 2**20),
-            grad_on and input.requires_grad, grad_on and weight.requires_grad,
-            grad_on and bias is not None and bias.requires_grad)
+        loss, _, _, _ = call_op("linear_cross_entropy_buffered", input, weight, target, bias, *options, reduction,
+                                int(logits_buffer_mb * 2**20), grad_on and input.requires_grad,
+                                grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)
         return loss
-    loss_rows, _ = torch.ops.marginkern.linear_cross_entropy(input, weight, target, bias, *options, filter_eps)
+    loss_rows, _ = call_op("linear_cross_entropy", input, weight, target, bias, *options, filter_eps)
     return _unflatten(reduce_rows(loss_rows, target != ignore_index, reduction), reduction, token_shape)
 
 
@@ -106,7 +105,7 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction):
     # the tensor cores (an fp32 cost with bf16 inputs would run on FMA units; fp64 does not compile).
     cost = (weight if cost_embedding is None else cost_embedding).detach().to(input.dtype)
     check_reduction(reduction)
-    ce, emo, _ = torch.ops.marginkern.emo_cross_entropy(input, weight, target.long(), cost, ignore_index)
+    ce, emo, _ = call_op("emo_cross_entropy", input, weight, target.long(), cost, ignore_index)
     return ce, emo, target, token_shape, ignore_index
 
 
@@ -142,7 +141,7 @@ def cosent_loss(scores, labels, *, scale=20.0):
     O(B log B) time and O(B) memory (sorted prefix log-sum-exp); ties add nothing. A NaN label makes the
     loss and its gradient NaN (it has no place in the label order)."""
     check_cosent_arguments(scores, labels, scale)
-    return torch.ops.marginkern.cosent(scores, labels, float(scale))[0]
+    return call_op("cosent", scores, labels, float(scale))[0]
 
 
 def cosent_embedding_loss(embeddings_a, embeddings_b, labels, *, scale=20.0):
@@ -151,8 +150,8 @@ def cosent_embedding_loss(embeddings_a, embeddings_b, labels, *, scale=20.0):
     check_embedding_pair(embeddings_a, embeddings_b)
     check_labels(labels, embeddings_a.shape[0], embeddings_a.device)
     check_finite("scale", scale, 0.0, low_open=True)
-    cos, _, _ = torch.ops.marginkern.pairwise_cosine(embeddings_a, embeddings_b)
-    return torch.ops.marginkern.cosent(cos, labels, float(scale))[0]
+    cos, _, _ = call_op("pairwise_cosine", embeddings_a, embeddings_b)
+    return call_op("cosent", cos, labels, float(scale))[0]
 
 
 def multilabel_categorical_crossentropy(logits, targets, *, reduction="mean"):

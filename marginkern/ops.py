@@ -33,6 +33,78 @@ def _without_autocast(kernel):
     return run
 
 
+_OPS = {}              # name → the torch.library op (torch.ops.marginkern.<name>)
+_IMPLEMENTATIONS = {}  # name → the Python function the op runs
+_EAGER_TWINS = {}      # name → a torch.autograd.Function with the op's implementation, setup_context and backward
+
+
+def _op(name, without_autocast=True):
+    """@torch.library.custom_op("marginkern::<name>"), running the function without autocast; the function is
+    kept for call()."""
+    def register(kernel):
+        implementation = _without_autocast(kernel) if without_autocast else kernel
+        _IMPLEMENTATIONS[name] = implementation
+        _OPS[name] = torch.library.custom_op(f"marginkern::{name}", implementation, mutates_args=())
+        return _OPS[name]
+    return register
+
+
+def _register_autograd(name, backward, setup_context):
+    """The op's autograd, and its eager twin for call(): a torch.autograd.Function with the same forward,
+    setup_context and backward. (A ctx-style one: torch's setup_context-style Functions cost as much per call
+    as the op's own dispatch, measured here.)"""
+    _OPS[name].register_autograd(backward, setup_context=setup_context)
+    def forward(ctx, *args):
+        output = _run_implementation(name, args)
+        setup_context(ctx, args, output)
+        return output
+
+    _EAGER_TWINS[name] = type(f"{name}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    """Whether a call can skip torch.library's dispatch: eager mode (not traced or compiled, no torch function
+    or dispatch mode such as FakeTensorMode or FlopCounterMode, no functorch transform) on plain CPU/CUDA
+    tensors (no subclass: fake, functional or distributed tensors go through the op)."""
+    try:
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_function_stack()
+                or torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None):
+            return False
+    except AttributeError:  # a torch without these internals: always the op
+        return False
+    return all(type(a) in _PLAIN_TENSOR_TYPES and a.device.type in ("cpu", "cuda")
+               for a in args if isinstance(a, torch.Tensor))
+
+
+def _run_implementation(name, args):
+    """The op's Python implementation, in a profiler range named as the op's own (only while a profiler
+    runs: a range costs a dispatcher call), so that profiles read the same on both paths."""
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", True):
+        with torch.profiler.record_function(f"marginkern::{name}"):
+            return _IMPLEMENTATIONS[name](*args)
+    return _IMPLEMENTATIONS[name](*args)
+
+
+def call(name, *args):
+    """torch.ops.marginkern.<name>(*args) as the public functions and the backward passes run it. In plain
+    eager mode the op's Python implementation runs without torch.library's per-call dispatch (about 80 µs of
+    host time less per fwd+bwd, which sets small steps' time on a GPU; bench/count_host_ops.py --time): a
+    differentiable op through its eager twin, a backward op directly when no graph is being recorded (with
+    create_graph=True it goes through the op, which has no autograd: a double backward raises as before).
+    Everywhere else (torch.compile, FakeTensor, functorch, dispatch modes) through the op."""
+    if _plain_eager(args):
+        twin = _EAGER_TWINS.get(name)
+        if twin is not None:
+            return twin.apply(*args)
+        if not torch.is_grad_enabled():
+            return _run_implementation(name, args)
+    return _OPS[name](*args)
+
+
 def _contiguous_like(t):
     # The real kernels return contiguous gradients whatever the inputs' strides: the fakes must say so.
     return t.new_empty(t.shape)
@@ -58,8 +130,7 @@ def _margin_scalars(opts: MarginOptions):
             opts.ignore_index)
 
 
-@torch.library.custom_op("marginkern::margin_cross_entropy", mutates_args=())
-@_without_autocast
+@_op("margin_cross_entropy")
 def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: float, m1: float, m2: float,
                          m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
                          ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -86,8 +157,7 @@ def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, la
             input.new_empty((weight.shape[0] if normalize else 0,), dtype=acc))
 
 
-@torch.library.custom_op("marginkern::margin_cross_entropy_backward", mutates_args=())
-@_without_autocast
+@_op("margin_cross_entropy_backward")
 def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
                                   row_state: Tensor, col_norm: Tensor, scale: float, m1: float, m2: float,
                                   m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
@@ -123,12 +193,12 @@ def _margin_backward(ctx, grad_loss, *grad_by_products):
     # lse and the geometry are by-products for the backward pass, not differentiable outputs.
     input, weight, target, lse, row_state, col_norm = ctx.saved_tensors
     need_weight_grad = ctx.needs_input_grad[1]
-    grad_input, grad_weight = torch.ops.marginkern.margin_cross_entropy_backward(
-        grad_loss.contiguous(), input, weight, target, lse, row_state, col_norm, *ctx.options, need_weight_grad)
+    grad_input, grad_weight = call("margin_cross_entropy_backward", grad_loss.contiguous(), input, weight, target,
+                                   lse, row_state, col_norm, *ctx.options, need_weight_grad)
     return (grad_input, grad_weight if need_weight_grad else None) + (None,) * 9
 
 
-margin_cross_entropy.register_autograd(_margin_backward, setup_context=_margin_setup_context)
+_register_autograd("margin_cross_entropy", _margin_backward, _margin_setup_context)
 
 
 def _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):
@@ -142,8 +212,7 @@ def _linear_scalars(opts: LinearCEOptions):
     return (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, opts.focal_gamma, opts.gamma_ce)
 
 
-@torch.library.custom_op("marginkern::linear_cross_entropy", mutates_args=())
-@_without_autocast
+@_op("linear_cross_entropy")
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
                          label_smoothing: float, z_loss: float, softcap: Optional[float], focal_gamma: float,
                          gamma_ce: float, grad_filter_eps: Optional[float] = None) -> tuple[Tensor, Tensor]:
@@ -168,8 +237,7 @@ def _(input, weight, target, bias, *options):
     return input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc)
 
 
-@torch.library.custom_op("marginkern::linear_cross_entropy_backward", mutates_args=())
-@_without_autocast
+@_op("linear_cross_entropy_backward")
 def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor,
                                   bias: Optional[Tensor], lse: Tensor, ignore_index: int, label_smoothing: float,
                                   z_loss: float, softcap: Optional[float], focal_gamma: float,
@@ -207,17 +275,16 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad_loss, grad_lse):
     input, weight, target, bias, lse = ctx.saved_tensors
     need_weight_grad, need_bias_grad = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
-    grad_input, grad_weight, grad_bias = torch.ops.marginkern.linear_cross_entropy_backward(
-        grad_loss.contiguous(), input, weight, target, bias, lse, *ctx.options, need_weight_grad, need_bias_grad)
+    grad_input, grad_weight, grad_bias = call("linear_cross_entropy_backward", grad_loss.contiguous(), input, weight,
+                                              target, bias, lse, *ctx.options, need_weight_grad, need_bias_grad)
     return ((grad_input, grad_weight if need_weight_grad else None, None, grad_bias if need_bias_grad else None)
             + (None,) * 7)
 
 
-linear_cross_entropy.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+_register_autograd("linear_cross_entropy", _linear_backward, _linear_setup_context)
 
 
-@torch.library.custom_op("marginkern::linear_cross_entropy_buffered", mutates_args=())
-@_without_autocast
+@_op("linear_cross_entropy_buffered")
 def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                   ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
                                   focal_gamma: float, gamma_ce: float, reduction: str, buffer_bytes: int,
@@ -304,11 +371,10 @@ def _buffered_backward(ctx, grad_loss, *unused):
     return (scaled[0], scaled[1], None, scaled[2]) + (None,) * 11
 
 
-linear_cross_entropy_buffered.register_autograd(_buffered_backward, setup_context=_buffered_setup_context)
+_register_autograd("linear_cross_entropy_buffered", _buffered_backward, _buffered_setup_context)
 
 
-@torch.library.custom_op("marginkern::emo_cross_entropy", mutates_args=())
-@_without_autocast
+@_op("emo_cross_entropy")
 def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedding: Tensor,
                       ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """(per-row CE, per-row EMO, per-row log-sum-exp) of z = x·wᵀ; cost_embedding gets no gradient."""
@@ -331,8 +397,7 @@ def _(input, weight, target, cost_embedding, ignore_index):
     return tuple(input.new_empty((n,), dtype=acc) for _ in range(3))
 
 
-@torch.library.custom_op("marginkern::emo_cross_entropy_backward", mutates_args=())
-@_without_autocast
+@_op("emo_cross_entropy_backward")
 def emo_cross_entropy_backward(grad_ce: Tensor, grad_emo: Tensor, input: Tensor, weight: Tensor, target: Tensor,
                                cost_embedding: Tensor, lse: Tensor, emo: Tensor, ignore_index: int,
                                need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
@@ -363,20 +428,19 @@ def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
     grad_ce = torch.zeros_like(lse) if grad_ce is None else grad_ce.contiguous()
     grad_emo = torch.zeros_like(lse) if grad_emo is None else grad_emo.contiguous()
     need_weight_grad = ctx.needs_input_grad[1]
-    grad_input, grad_weight = torch.ops.marginkern.emo_cross_entropy_backward(
-        grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ctx.ignore_index, need_weight_grad)
+    grad_input, grad_weight = call("emo_cross_entropy_backward", grad_ce, grad_emo, input, weight, target,
+                                   cost_embedding, lse, emo, ctx.ignore_index, need_weight_grad)
     return grad_input, (grad_weight if need_weight_grad else None), None, None, None
 
 
-emo_cross_entropy.register_autograd(_emo_backward, setup_context=_emo_setup_context)
+_register_autograd("emo_cross_entropy", _emo_backward, _emo_setup_context)
 
 
 def _pairwise_cosine_uses_triton(a):
     return select_tiles(a.device, a.dtype).name == "triton"
 
 
-@torch.library.custom_op("marginkern::pairwise_cosine", mutates_args=())
-@_without_autocast
+@_op("pairwise_cosine")
 def pairwise_cosine(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(cos_i, 1/‖a_i‖, 1/‖b_i‖) in fp32 (fp64 for fp64 inputs), norms clamped at 1e-12 as F.normalize."""
     check_embedding_pair(a, b)
@@ -397,8 +461,7 @@ def _(a, b):
     return tuple(a.new_empty((a.shape[0],), dtype=acc) for _ in range(3))
 
 
-@torch.library.custom_op("marginkern::pairwise_cosine_backward", mutates_args=())
-@_without_autocast
+@_op("pairwise_cosine_backward")
 def pairwise_cosine_backward(grad_cos: Tensor, a: Tensor, b: Tensor, cos: Tensor, inv_a: Tensor,
                              inv_b: Tensor) -> tuple[Tensor, Tensor]:
     if _pairwise_cosine_uses_triton(a):
@@ -425,14 +488,13 @@ def _pairwise_cosine_setup_context(ctx, inputs, output):
 def _pairwise_cosine_autograd(ctx, grad_cos, grad_inv_a, grad_inv_b):
     # the inverse norms are by-products for the backward pass, not differentiable outputs
     a, b, cos, inv_a, inv_b = ctx.saved_tensors
-    return torch.ops.marginkern.pairwise_cosine_backward(grad_cos.contiguous(), a, b, cos, inv_a, inv_b)
+    return call("pairwise_cosine_backward", grad_cos.contiguous(), a, b, cos, inv_a, inv_b)
 
 
-pairwise_cosine.register_autograd(_pairwise_cosine_autograd, setup_context=_pairwise_cosine_setup_context)
+_register_autograd("pairwise_cosine", _pairwise_cosine_autograd, _pairwise_cosine_setup_context)
 
 
-@torch.library.custom_op("marginkern::cosent", mutates_args=())
-@_without_autocast
+@_op("cosent")
 def cosent(scores: Tensor, labels: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(CoSENT loss, dL/dscores), both in the accumulation dtype and computed together (the loss is a scalar,
     so its backward only scales the second output): after the label sort, four parallel Triton scan launches
@@ -459,7 +521,7 @@ def _(scores, labels, scale):
     return scores.new_empty((), dtype=acc), scores.new_empty(scores.shape, dtype=acc)
 
 
-@torch.library.custom_op("marginkern::cosent_backward", mutates_args=())
+@_op("cosent_backward", without_autocast=False)
 def cosent_backward(grad_loss: Tensor, grad_scores: Tensor, scores: Tensor) -> Tensor:
     """dL/dscores scaled by the upstream gradient, in the scores' dtype. An op without autograd of its own:
     a double backward through CoSENT raises instead of silently treating dL/dscores as constant."""
@@ -478,7 +540,7 @@ def _cosent_setup_context(ctx, inputs, output):
 
 def _cosent_autograd(ctx, grad_loss, _grad_of_grad):
     grad_scores, scores = ctx.saved_tensors
-    return torch.ops.marginkern.cosent_backward(grad_loss, grad_scores, scores), None, None
+    return call("cosent_backward", grad_loss, grad_scores, scores), None, None
 
 
-cosent.register_autograd(_cosent_autograd, setup_context=_cosent_setup_context)
+_register_autograd("cosent", _cosent_autograd, _cosent_setup_context)
