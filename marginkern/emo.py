@@ -30,7 +30,7 @@ class _EMOGeometry:
         # ê_j = e_j / ‖e_j‖ without a normalised (C, E) copy: the norms ride along as scales, in fp32
         # (an fp16 cost embedding's norms would overflow in fp16).
         norms = row_norms(cost).to(acc)
-        self.key_scale = 1.0 / norms.clamp_min(NORM_EPS)
+        self.key_scale = norms.clamp_min(NORM_EPS).reciprocal_()
         # ê_t: rows of Ê by index (gathered per tile on the GPU, never as an (N, E) copy)
         self.query_rows = safe
         self.query_scale = self.key_scale[safe]

@@ -21,7 +21,7 @@ def reduce_rows(loss_rows, valid, reduction):
     total = loss_rows.sum()
     if reduction == "sum":
         return total
-    return total / valid.sum().clamp_min(1).to(total.dtype)
+    return total / valid.sum().clamp_min(1)  # int64 count: true division gives total's dtype
 
 
 def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk):

@@ -45,3 +45,12 @@ def test_class_splits_fill_the_gpu_and_keep_x_in_l2(N, C, D, want):
     splits, per_split = class_splits(N, C, D, 2, blocks, sm_count=132, l2_bytes=50 << 20)
     assert splits == want
     assert per_split % blocks["BLOCK_C"] == 0 and (splits - 1) * per_split < max(C, 1) <= splits * per_split
+
+
+def test_host_grid_arithmetic_matches_triton():
+    # device.cdiv / next_power_of_2 stand in for triton's constexpr functions on the host (~1.3 µs a call)
+    import triton
+    from marginkern.triton_kernels.device import cdiv, next_power_of_2
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in (1, 2, 3, 7, 16, 32, 1024))
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 5000))
+    assert cdiv(2**40 + 1, 1024) == triton.cdiv(2**40 + 1, 1024)

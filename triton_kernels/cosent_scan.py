@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device
+from .device import cdiv, on_device
 
 
 @triton.jit
@@ -170,7 +170,7 @@ def cosent_loss_and_grad(scores, labels, scale):
     # 1024 pairs a block (2048 beyond 2M pairs); programs 2 and 4 read all G block totals each, 1024 at a
     # time (O(G²) reads in all: ≈ 4·10⁶ at 2M pairs, ≈ 6·10⁷ at 16M)
     block = (1024 if B <= (1 << 21) else 2048) if scores.is_cuda else 64
-    G = triton.cdiv(B, block)
+    G = cdiv(B, block)
     chunk = 1024 if scores.is_cuda else 4  # the interpreter: several chunks of block totals
     floats = torch.empty(4, B, dtype=torch.float32, device=scores.device)  # s, prefix, suffix, terms
     edges = torch.empty(2, B, dtype=torch.int32, device=scores.device)     # first, last

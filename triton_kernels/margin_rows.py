@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import fp32, on_device
+from .device import cdiv, fp32, next_power_of_2, on_device
 from .row_dots import row_dots
 
 from ..engine import NORM_EPS as _NORM_EPS
@@ -173,10 +173,10 @@ def margin_target_rows(x, w, target, scale, m1, m2, m3, normalize, ignore_index,
     row_scale, target_logit = torch.empty(2, N, dtype=torch.float32, device=x.device)
     if N > 0:
         with on_device(x):
-            margin_target_rows_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
+            margin_target_rows_kernel[(cdiv(N, BLOCK_ROWS),)](
                 x, w, target, column, row_state, row_scale, target_logit, N, D, w.shape[0], class_start,
                 ignore_index, x.stride(0), w.stride(0), scale, m1, m2, m3, NORMALIZE=normalize,
-                BLOCK_R=BLOCK_ROWS, BLOCK_D=min(256, triton.next_power_of_2(max(D, 16))))
+                BLOCK_R=BLOCK_ROWS, BLOCK_D=min(256, next_power_of_2(max(D, 16))))
     return column, row_state, row_scale, target_logit
 
 
@@ -189,7 +189,7 @@ def margin_target_grad_rows(row_state, lse, grad_loss, target, scale, m1, m2, no
     planes = torch.empty(6, N, dtype=torch.float32, device=row_state.device)
     if N > 0:
         with on_device(row_state):
-            margin_target_grad_rows_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
+            margin_target_grad_rows_kernel[(cdiv(N, BLOCK_ROWS),)](
                 fp32(row_state).contiguous(), fp32(lse).contiguous(), fp32(grad_loss).contiguous(), target,
                 column, *planes, N, num_local, class_start, ignore_index, scale, m1, m2, smoothing, num_classes,
                 NORMALIZE=normalize, EXACT=exact, BLOCK_R=BLOCK_ROWS)

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from ..engine import NORM_EPS
-from .device import fp32, on_device
+from .device import cdiv, fp32, next_power_of_2, on_device
 from .row_dots import row_dots
 
 
@@ -50,7 +50,7 @@ def pairwise_cosine_bwd_kernel(grad_ptr, a_ptr, b_ptr, cos_ptr, inv_a_ptr, inv_b
 
 
 def _blocks(D):
-    return dict(BLOCK_R=16, BLOCK_D=min(128, triton.next_power_of_2(max(D, 16))))
+    return dict(BLOCK_R=16, BLOCK_D=min(128, next_power_of_2(max(D, 16))))
 
 
 def pairwise_cosine_forward(a, b):
@@ -61,7 +61,7 @@ def pairwise_cosine_forward(a, b):
     if B:
         blocks = _blocks(D)
         with on_device(a):
-            pairwise_cosine_fwd_kernel[(triton.cdiv(B, blocks["BLOCK_R"]),)](
+            pairwise_cosine_fwd_kernel[(cdiv(B, blocks["BLOCK_R"]),)](
                 a, b, cos, inv_a, inv_b, B, D, a.stride(0), b.stride(0), NORM_EPS, **blocks)
     return cos, inv_a, inv_b
 
@@ -73,7 +73,7 @@ def pairwise_cosine_backward(grad, a, b, cos, inv_a, inv_b):
     if B:
         blocks = _blocks(D)
         with on_device(a):
-            pairwise_cosine_bwd_kernel[(triton.cdiv(B, blocks["BLOCK_R"]),)](
+            pairwise_cosine_bwd_kernel[(cdiv(B, blocks["BLOCK_R"]),)](
                 fp32(grad).contiguous(), a, b, cos, inv_a, inv_b, da, db, B, D, a.stride(0), b.stride(0),
                 **blocks)
     return da, db

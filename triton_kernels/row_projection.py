@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import fp32, on_device
+from .device import cdiv, fp32, next_power_of_2, on_device
 
 
 @triton.jit
@@ -62,9 +62,9 @@ def finish_grad_rows(grad, scale, out, weight=None, inv_norm=None):
     assert grad.dtype == torch.float32 and grad.stride(1) == 1 and out.stride(1) == 1 and out.shape == grad.shape
     if project:
         assert weight.stride(1) == 1 and weight.shape == grad.shape
-    block_d = min(256, triton.next_power_of_2(max(D, 16)))
+    block_d = min(256, next_power_of_2(max(D, 16)))
     with on_device(grad):
-        finish_grad_rows_kernel[(triton.cdiv(R, 8),)](
+        finish_grad_rows_kernel[(cdiv(R, 8),)](
             grad, weight if project else grad, fp32(inv_norm).contiguous() if project else grad,
             fp32(scale), out, R, D, grad.stride(0), weight.stride(0) if project else 0, out.stride(0),
             PROJECT=project, BLOCK_R=8, BLOCK_D=block_d)
@@ -115,7 +115,7 @@ def projected_weight_grad_kernel(g_ptr, x_ptr, w_ptr, inv_norm_ptr, scale_ptr, o
 
 def projected_weight_grad_blocks(D, on_gpu):
     """Block sizes and launch options of projected_weight_grad_kernel for width D (≤ PROJECTED_DW_MAX_D)."""
-    block_d = triton.next_power_of_2(max(D, 16))
+    block_d = next_power_of_2(max(D, 16))
     if not on_gpu:  # the interpreter: small tiles, so that small test shapes cross every tile boundary
         return dict(BLOCK_R=16, BLOCK_K=16, BLOCK_D=block_d), {}
     return dict(BLOCK_R=64, BLOCK_K=32, BLOCK_D=block_d), dict(num_warps=16 if block_d > 256 else 8, num_stages=3)
@@ -133,7 +133,7 @@ def projected_weight_grad(g, x, weight, inv_norm, scale, out):
     assert out.stride(1) == 1 and out.shape == (R, D) and weight.shape == (R, D) and g.dtype == x.dtype
     blocks, launch = projected_weight_grad_blocks(D, g.is_cuda)
     with on_device(g):
-        projected_weight_grad_kernel[(triton.cdiv(R, blocks["BLOCK_R"]),)](
+        projected_weight_grad_kernel[(cdiv(R, blocks["BLOCK_R"]),)](
             g, x, weight, fp32(inv_norm).contiguous(), fp32(scale), out, N, R, D, g.stride(0),
             x.stride(0), weight.stride(0), out.stride(0), EVEN_N=N % blocks["BLOCK_K"] == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **blocks, **launch)

@@ -5,11 +5,10 @@ import os
 from typing import Optional
 
 import torch
-import triton
 
 from ..engine import block_gemm_dtype, device_sm_count, gpu_grad_dtype
 from ..margin_ce import TargetGradRows, TargetRows
-from .device import fp32, on_device
+from .device import cdiv, fp32, on_device
 from .margin_rows import margin_target_grad_rows as _margin_target_grad_rows
 from .margin_rows import margin_target_rows as _margin_target_rows
 from .row_projection import PROJECTED_DW_MAX_D
@@ -66,14 +65,14 @@ def class_splits(N, C, D, element_size, blocks, sm_count, l2_bytes):
     """(splits, classes per split) of the forward kernel. Enough splits that few row blocks still fill the
     GPU (two programs per SM, flash-decoding), and that the row blocks running at once (≈ 2 programs per
     SM, each split of a row block a neighbour of the others) keep their x blocks within half of L2."""
-    row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
-    class_blocks = triton.cdiv(C, blocks["BLOCK_C"])
-    for_occupancy = triton.cdiv(2 * sm_count, max(1, row_blocks))
+    row_blocks = cdiv(N, blocks["BLOCK_N"])
+    class_blocks = cdiv(C, blocks["BLOCK_C"])
+    for_occupancy = cdiv(2 * sm_count, max(1, row_blocks))
     x_blocks_at_once = 2 * sm_count * blocks["BLOCK_N"] * D * element_size
-    for_l2 = triton.cdiv(x_blocks_at_once, l2_bytes // 2)
+    for_l2 = cdiv(x_blocks_at_once, l2_bytes // 2)
     wanted = max(1, min(class_blocks, max(for_occupancy, for_l2)))
-    per_split = triton.cdiv(class_blocks, wanted) * blocks["BLOCK_C"]
-    return triton.cdiv(C, per_split), per_split
+    per_split = cdiv(class_blocks, wanted) * blocks["BLOCK_C"]
+    return cdiv(C, per_split), per_split
 
 
 def _cost_pointer_args(cost, spec, w, placeholder):
@@ -167,7 +166,7 @@ class TritonTiles:
         """(lse, Σ_j z_nj or None, Σ_{j≠t} p_nj·(1 − A_nj) or None): the forward kernel over class splits,
         merged here."""
         blocks, launch = _config(x)
-        row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
+        row_blocks = cdiv(N, blocks["BLOCK_N"])
         splits, per_split = class_splits(N, C, D, x.element_size(), blocks, _sm_count(x.device), _l2_bytes(x.device))
         planes = 2 + need_sum_logits + (cost is not None)  # max, Σexp [, Σz] [, Σ e·A]
         part = torch.empty(planes, splits, N, dtype=torch.float32, device=x.device)
@@ -186,7 +185,7 @@ class TritonTiles:
         lse, sum_logits, expected_cost = (torch.empty(N, dtype=torch.float32, device=x.device) for _ in range(3))
         if N > 0:
             with on_device(x):  # one launch instead of ~10 small ops
-                merge_splits_kernel[(triton.cdiv(N, 1024),)](part, lse, sum_logits, expected_cost, N, splits,
+                merge_splits_kernel[(cdiv(N, 1024),)](part, lse, sum_logits, expected_cost, N, splits,
                                                              NEED_SUM_LOGITS=need_sum_logits, HAS_COST=cost is not None,
                                                              BLOCK=1024)
         return lse, (sum_logits if need_sum_logits else None), (expected_cost if cost is not None else None)
@@ -249,7 +248,7 @@ class TritonTiles:
         if grad is None:
             grad = torch.empty(N, c1 - c0, dtype=grad_dtype, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
-        grid = (triton.cdiv(N, blocks["BLOCK_N"]) * triton.cdiv(c1 - c0, blocks["BLOCK_C"]),)
+        grid = (cdiv(N, blocks["BLOCK_N"]) * cdiv(c1 - c0, blocks["BLOCK_C"]),)
         cost_args, E, stride_k = _cost_pointer_args(cost, spec, w, lse)
         coef_cost = fp32(cost.coef) if cost is not None else lse
         if N > 0:
