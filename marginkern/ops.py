@@ -54,9 +54,10 @@ def _register_autograd(name, backward, setup_context):
     setup_context and backward. (A ctx-style one: torch's setup_context-style Functions cost as much per call
     as the op's own dispatch, measured here.)"""
     _OPS[name].register_autograd(backward, setup_context=setup_context)
+
     def forward(ctx, *args):
-        # the by-product outputs (lse, norms, ...) get no gradient: no zero tensors made for them (each backward
-        # above takes None there)
+        # the by-product outputs (lse, norms, ...) get no gradient: no zero tensors are made for them (the
+        # backward functions take None for those)
         ctx.set_materialize_grads(False)
         ctx.num_args = len(args)
         output = _run_implementation(name, args)
