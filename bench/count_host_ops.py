@@ -60,7 +60,9 @@ def step_of(loss, dtype, N=64, D=64, C=3000):
     t = torch.randint(0, C, (N,))
     fn = {"margin": lambda: mk.margin_cross_entropy(x, w, t),
           "linear": lambda: mk.linear_cross_entropy(x, w, t),
-          "emo": lambda: mk.emo_cross_entropy(x, w, t)}[loss]
+          "emo": lambda: mk.emo_cross_entropy(x, w, t),
+          # CoSENT from embeddings: N pairs of the rows of x and the first N rows of w, integer labels
+          "cosent": lambda: mk.cosent_embedding_loss(x, w[:N], t % 5)}[loss]
     def step():
         x.grad = w.grad = None
         fn().backward()
@@ -69,7 +71,7 @@ def step_of(loss, dtype, N=64, D=64, C=3000):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("loss", choices=["margin", "linear", "emo"])
+    parser.add_argument("loss", choices=["margin", "linear", "emo", "cosent"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--time", action="store_true", help="time the host side (no-op launches, tiny shapes)")
     args = parser.parse_args()
