@@ -56,6 +56,10 @@ PROVIDERS = {
     "marginkern cuda": on_backend("cuda", lambda case, device: loss_step(_marginkern, case, device)),
     # the same step replayed from a CUDA graph: its GPU time without the host's share
     "marginkern graphed": cuda_graphed(lambda case, device: loss_step(_marginkern, case, device)),
+    # every call through torch.library's op dispatch instead of the eager twins (ops.call): the host cost
+    # that the twins save
+    "marginkern via ops": with_env({"MARGINKERN_EAGER_TWINS": "0"},
+                                   lambda case, device: loss_step(_marginkern, case, device)),
     "marginkern no split-K": with_env({"MARGINKERN_SPLIT_K": "1"},
                                       lambda case, device: loss_step(_marginkern, case, device)),
     "marginkern unfused dW": with_env({"MARGINKERN_FUSED_DW": "0"},

@@ -5,6 +5,7 @@ torch ops, so one backward op serves "mean", "sum" and "none". Each op picks its
 (dispatch.select_tiles), which is why the real kernels are registered for every device.
 """
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -79,7 +80,10 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 def _plain_eager(args) -> bool:
     """Whether a call can skip torch.library's dispatch: eager mode (not traced or compiled, no torch function
     or dispatch mode such as FakeTensorMode or FlopCounterMode, no functorch transform) on plain CPU/CUDA
-    tensors (no subclass: fake, functional or distributed tensors go through the op)."""
+    tensors (no subclass: fake, functional or distributed tensors go through the op).
+    MARGINKERN_EAGER_TWINS=0 sends every call through the ops (to compare, or to rule the twins out)."""
+    if os.environ.get("MARGINKERN_EAGER_TWINS") == "0":
+        return False
     try:
         if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_function_stack()
                 or torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None):

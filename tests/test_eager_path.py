@@ -125,3 +125,10 @@ def test_a_fresh_process_does_not_import_dynamo_for_an_eager_step():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_the_environment_switch_sends_every_call_through_the_ops(op_calls, monkeypatch):
+    monkeypatch.setenv("MARGINKERN_EAGER_TWINS", "0")
+    x, w, b, t = _case()
+    mk.margin_cross_entropy(x, w, t).backward()
+    assert op_calls["margin_cross_entropy"] == 1 and op_calls["margin_cross_entropy_backward"] == 1
