@@ -85,7 +85,10 @@ def _plain_eager(args) -> bool:
     if os.environ.get("MARGINKERN_EAGER_TWINS") == "0":
         return False
     try:
-        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_function_stack()
+        # inference mode: the op skips autograd there, a Function would try to save inference tensors (which
+        # raises under enable_grad)
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_inference_mode_enabled()
+                or torch._C._len_torch_function_stack()
                 or torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None):
             return False
     except AttributeError:  # a torch without these internals: always the op
@@ -110,6 +113,7 @@ def call(name, *args):
     differentiable op through its eager twin, a backward op directly when no graph is being recorded (with
     create_graph=True it goes through the op, which has no autograd: a double backward raises as before).
     Everywhere else (torch.compile, FakeTensor, functorch, dispatch modes) through the op."""
+    _refuse_forward_mode(args)
     if _plain_eager(args):
         twin = _EAGER_TWINS.get(name)
         if twin is not None:
@@ -117,6 +121,23 @@ def call(name, *args):
         if not torch.is_grad_enabled():
             return _run_implementation(name, args)
     return _OPS[name](*args)
+
+
+def _refuse_forward_mode(args):
+    """The losses have no forward-mode derivative: through the op, torch.func.jvp would get a zero tangent
+    and forward_ad's dual tensors none, silently."""
+    try:
+        interpreter = torch._C._functorch.peek_interpreter_stack()
+        in_jvp = interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Jvp
+    except AttributeError:  # a torch without these internals
+        in_jvp = False
+    if not in_jvp and getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        in_jvp = any(isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None
+                     for a in args)
+    if in_jvp:
+        raise NotImplementedError("marginkern's losses have no forward-mode derivative: torch.func.jvp, jacfwd and "
+                                  "torch.autograd.forward_ad are not supported; use reverse mode (backward(), "
+                                  "torch.autograd.grad)")
 
 
 def _contiguous_like(t):

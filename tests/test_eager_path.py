@@ -15,6 +15,12 @@ OP_NAMES = ("margin_cross_entropy", "margin_cross_entropy_backward", "linear_cro
             "emo_cross_entropy_backward", "pairwise_cosine", "pairwise_cosine_backward", "cosent", "cosent_backward")
 
 
+@pytest.fixture(autouse=True)
+def twins_enabled(monkeypatch):
+    """These tests are about the default: a MARGINKERN_EAGER_TWINS=0 in the environment must not change it."""
+    monkeypatch.delenv("MARGINKERN_EAGER_TWINS", raising=False)
+
+
 @pytest.fixture
 def op_calls(monkeypatch):
     """Counts the calls that went through the torch.library ops (not the eager twins)."""
@@ -132,3 +138,44 @@ def test_the_environment_switch_sends_every_call_through_the_ops(op_calls, monke
     x, w, b, t = _case()
     mk.margin_cross_entropy(x, w, t).backward()
     assert op_calls["margin_cross_entropy"] == 1 and op_calls["margin_cross_entropy_backward"] == 1
+
+
+@pytest.mark.parametrize("twins", ["1", "0"])
+def test_inference_mode_even_with_grad_enabled(twins, monkeypatch):
+    # the op skips autograd under inference mode; a Function would try to save inference tensors
+    monkeypatch.setenv("MARGINKERN_EAGER_TWINS", twins)
+    x, w, b, t = _case()
+    for name, loss in LOSSES.items():
+        with torch.inference_mode(), torch.enable_grad():
+            value = loss(x, w, b, t)
+        assert value.grad_fn is None and torch.isfinite(value), name
+
+
+@pytest.mark.parametrize("twins", ["1", "0"])
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent(twins, monkeypatch):
+    monkeypatch.setenv("MARGINKERN_EAGER_TWINS", twins)
+    x, w, b, t = _case()
+    x, w = x.detach(), w.detach()
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jvp(lambda a: mk.margin_cross_entropy(a, w, t), (x,), (torch.ones_like(x),))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        mk.linear_cross_entropy(fwAD.make_dual(x, torch.ones_like(x)), w, t)
+
+
+def test_an_undefined_incoming_gradient_leaves_grads_none_as_native_ops_do():
+    # a node after the loss that returns None for it: native PyTorch ops (F.cross_entropy) then leave their
+    # inputs' .grad None, and so do the twins (torch.library's op path materialises zeros instead)
+    class DropGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return v.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    x, w, b, t = _case()
+    other = torch.ones(2, requires_grad=True)
+    (DropGrad.apply(mk.margin_cross_entropy(x, w, t)) + other.sum()).backward()
+    assert x.grad is None and w.grad is None and other.grad is not None
