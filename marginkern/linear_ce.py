@@ -36,7 +36,7 @@ class LinearCEOptions:
 
 
 def target_term(log_pt, opts: LinearCEOptions):
-    """f(u) and f'(u) of the module docstring, elementwise."""
+    """f(u) and f'(u) of the module docstring, elementwise (f'(u) a number for plain CE)."""
     if opts.focal_gamma > 0:
         gamma = opts.focal_gamma
         q = -torch.expm1(log_pt)                                     # 1 − p_t without cancellation
@@ -50,7 +50,7 @@ def target_term(log_pt, opts: LinearCEOptions):
         gamma = opts.gamma_ce
         damped = (1.0 - gamma) * -torch.expm1(log_pt)
         return -torch.log1p(-damped) / (1.0 - gamma), -torch.exp(log_pt) / (1.0 - damped)
-    return -log_pt, -torch.ones_like(log_pt)
+    return -log_pt, -1.0  # f'(u) = −1: a number, not a tensor of −1 (the callers broadcast it)
 
 
 class _TargetLogits:
@@ -61,7 +61,7 @@ class _TargetLogits:
         raw = target_dot(x, w, self.column)
         if bias is not None:
             raw = raw + bias[self.column.clamp_min(0)].to(raw.dtype)
-        self.slope = torch.ones_like(raw)
+        self.slope = None  # dz_t/d(raw z_t): 1 without a softcap
         if opts.softcap is not None:
             t = torch.tanh(raw / opts.softcap)
             raw = opts.softcap * t
@@ -70,31 +70,44 @@ class _TargetLogits:
         self.spec = LogitSpec(torch.ones_like(raw), None, bias, opts.softcap, self.column, self.logit)
 
 
+ALL_ROWS = slice(None)
+
+
+def _rows(t, rows):
+    # no slice view for the whole batch: these per-row steps are a small step's host time
+    return t if rows is ALL_ROWS else t[rows]
+
+
 def _row_loss(tgt, rows, lse, sum_logits, opts: LinearCEOptions, num_classes):
     """L of the module docstring for rows `rows` (a slice) from their statistics; 0 on ignored rows."""
     eps = opts.label_smoothing
-    f, _ = target_term(tgt.logit[rows] - lse, opts)
-    loss = (1.0 - eps) * f
+    f, _ = target_term(_rows(tgt.logit, rows) - lse, opts)
+    loss = f if eps == 0 else (1.0 - eps) * f
     if eps > 0:
         loss = loss + eps * lse - (eps / num_classes) * sum_logits
     if opts.z_loss > 0:
         loss = loss + opts.z_loss * lse * lse
-    return torch.where(tgt.valid[rows], loss, torch.zeros_like(loss))
+    return torch.where(_rows(tgt.valid, rows), loss, 0.0)
 
 
 def _row_coefficients(tgt, rows, grad_loss, lse, opts: LinearCEOptions, num_classes):
     """(coef_p, coef_u, dL/da at the target column) of rows `rows` for the per-row loss gradient grad_loss."""
     eps = opts.label_smoothing
-    g = torch.where(tgt.valid[rows], grad_loss.to(lse.dtype), torch.zeros_like(lse))
-    log_pt = tgt.logit[rows] - lse
+    g = torch.where(_rows(tgt.valid, rows), grad_loss if grad_loss.dtype == lse.dtype else grad_loss.to(lse.dtype),
+                    0.0)
+    log_pt = _rows(tgt.logit, rows) - lse
     _, df = target_term(log_pt, opts)
-    coef_p = g * (-(1.0 - eps) * df + eps + 2.0 * opts.z_loss * lse)
+    weight_p = -(1.0 - eps) * df + eps  # a number for plain CE (1), else per row
+    if opts.z_loss > 0:
+        weight_p = weight_p + 2.0 * opts.z_loss * lse
+    plain = isinstance(weight_p, float) and weight_p == 1.0 and (1.0 - eps) * df == -1.0
+    coef_p = g if plain else g * weight_p
     coef_u = g * (eps / num_classes)
-    grad_target_logit = coef_p * torch.exp(log_pt) - coef_u + g * (1.0 - eps) * df
-    return coef_p, coef_u, grad_target_logit * tgt.slope[rows]
-
-
-ALL_ROWS = slice(None)
+    if plain:  # g·(p_t − 1) as g·expm1(log p_t): no cancellation as p_t → 1
+        grad_target_logit = g * torch.expm1(log_pt)
+    else:
+        grad_target_logit = coef_p * torch.exp(log_pt) - coef_u + g * ((1.0 - eps) * df)
+    return coef_p, coef_u, (grad_target_logit if tgt.slope is None else grad_target_logit * _rows(tgt.slope, rows))
 
 
 def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles):
