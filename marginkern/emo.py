@@ -37,8 +37,7 @@ class _EMOGeometry:
         # ê_t·ê_t: exactly 1 (not (‖e‖·(1/‖e‖))², one ulp off, which would reintroduce the cancellation),
         # less for a (near-)zero e_t (normalised by NORM_EPS, as the kernels' cosines are)
         target_norm = norms[safe]
-        self.self_cosine = torch.where(target_norm >= NORM_EPS, torch.ones_like(target_norm),
-                                       (target_norm / NORM_EPS) ** 2)
+        self.self_cosine = torch.where(target_norm >= NORM_EPS, 1.0, (target_norm / NORM_EPS) ** 2)
 
 
 def emo_forward(x, w, target, cost, ignore_index, tiles):
@@ -48,16 +47,15 @@ def emo_forward(x, w, target, cost, ignore_index, tiles):
     lse, other_cost = streaming_row_stats_with_cost(x, w, geo.spec, cosines, tiles)
     emo = other_cost + torch.exp(geo.target_logit - lse) * (1.0 - geo.self_cosine)
     ce = lse - geo.target_logit
-    zero = torch.zeros_like(lse)
-    return torch.where(geo.valid, ce, zero), torch.where(geo.valid, emo, zero), lse
+    return torch.where(geo.valid, ce, 0.0), torch.where(geo.valid, emo, 0.0), lse
 
 
 def emo_backward(grad_ce, grad_emo, x, w, target, cost, lse, emo, ignore_index, tiles, need_weight_grad=True):
     """(dL/dx, dL/dw) for per-row upstream gradients of ce and emo."""
     geo = _EMOGeometry(x, w, target, cost, ignore_index)
     zero = torch.zeros_like(lse)
-    g_ce = torch.where(geo.valid, grad_ce.to(lse.dtype), zero)
-    g_emo = torch.where(geo.valid, grad_emo.to(lse.dtype), zero)
+    g_ce = torch.where(geo.valid, grad_ce if grad_ce.dtype == lse.dtype else grad_ce.to(lse.dtype), 0.0)
+    g_emo = torch.where(geo.valid, grad_emo if grad_emo.dtype == lse.dtype else grad_emo.to(lse.dtype), 0.0)
     # dL/dz_j = g_ce·(p_j − δ_jt) + g_emo·p_j·(1 − L_emo − ê_j·ê_t)
     coef_p = g_ce + g_emo * (1.0 - emo)
     p_target = torch.exp(geo.target_logit - lse)
