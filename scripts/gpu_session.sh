@@ -122,6 +122,9 @@ case "$stage" in
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench emo emo-llama3-8b "marginkern,3-GEMM floor" 30 emo 35
     bench cosent cosent-65k "marginkern,read both once" 30 cosent 5
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench llm gemma2-2b "marginkern,3-GEMM floor" 30 llm-gemma 5
+    # face-small through torch.library's op dispatch (MARGINKERN_EAGER_TWINS=0): what the eager twins save on
+    # a GPU host, beside the face step's `marginkern` and `graphed`
+    MARGINKERN_TRITON_CONFIG="$face_cfg" bench face face-small-100k "marginkern via ops" 20 face-ops 5
     # the issues' targets against this visit's results (CPU only, about a second)
     python bench/check_targets.py "$OUT/results" 2>&1 | tee "$OUT/targets.txt"
     pack
