@@ -69,7 +69,7 @@ def check_target_tensor(target, n):
 def check_target_values(target, num_classes, ignore_index):
     """Targets in [0, C) or == ignore_index. Data-dependent (one host sync), so real tensors only, and
     skipped while a CUDA graph is being captured (a sync would break the capture)."""
-    if target.is_cuda and torch.cuda.is_current_stream_capturing() or target.numel() == 0:
+    if (target.is_cuda and torch.cuda.is_current_stream_capturing()) or target.numel() == 0:
         return
     # the smallest and largest class with ignored rows as class 0: four small ops and one sync (seven
     # before; a small GPU step is host-bound)
