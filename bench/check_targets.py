@@ -18,6 +18,7 @@ does not decide a GPU target. Reads JSON, writes nothing; exit status 0 whatever
 import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,9 @@ def load_rows(paths):
     """Every result row of the JSON files named or found in the folders named, with its file and device."""
     files = []
     for p in map(Path, paths):
+        if not p.exists():  # a visit whose benchmarks all failed or were skipped has no results folder
+            print(f"check_targets: no results at {p}", file=sys.stderr)
+            continue
         files.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
     rows = []
     for f in files:

@@ -98,3 +98,10 @@ def test_cpu_target_of_the_csrc_issue(tmp_path):
               environment=cpu, date="2026-12-07")
     (v,) = verdicts([tmp_path], "cpu-llm-200k")
     assert v.state == "NOT met" and "> 97.7 MB" in v.numbers
+
+
+def test_a_missing_results_folder_gives_not_measured(tmp_path, capsys):
+    # a GPU visit whose benchmarks all failed has no results folder: every target "not measured", no traceback
+    rows = check_targets.load_rows([str(tmp_path / "results")])
+    assert rows == [] and "no results at" in capsys.readouterr().err
+    assert [v.state for v in check_targets.check(check_targets.TARGETS[0], rows)] == ["not measured"]
