@@ -4,10 +4,9 @@ import torch
 
 from . import pairwise
 from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cosent_arguments,
-                     check_cost_embedding,
-                     check_embedding_pair, check_finite, check_float_tensor, check_ignore_index, check_labels,
-                     check_linear_ce_options, check_logits_buffer, check_margin_options, check_reduction,
-                     resolve_grad_filter_eps)
+                     check_cost_embedding, check_embedding_pair, check_finite, check_float_tensor, check_ignore_index,
+                     check_labels, check_linear_ce_options, check_logits_buffer, check_margin_options,
+                     check_reduction, resolve_grad_filter_eps)
 from .ops import call as call_op
 from .reference import reduce_rows
 

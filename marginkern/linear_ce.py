@@ -96,16 +96,16 @@ def _row_coefficients(tgt, rows, grad_loss, lse, opts: LinearCEOptions, num_clas
     g = torch.where(_rows(tgt.valid, rows), grad_loss if grad_loss.dtype == lse.dtype else grad_loss.to(lse.dtype),
                     0.0)
     log_pt = _rows(tgt.logit, rows) - lse
-    _, df = target_term(log_pt, opts)
-    weight_p = -(1.0 - eps) * df + eps  # a number for plain CE (1), else per row
-    if opts.z_loss > 0:
-        weight_p = weight_p + 2.0 * opts.z_loss * lse
-    plain = isinstance(weight_p, float) and weight_p == 1.0 and (1.0 - eps) * df == -1.0
-    coef_p = g if plain else g * weight_p
     coef_u = g * (eps / num_classes)
-    if plain:  # g·(p_t − 1) as g·expm1(log p_t): no cancellation as p_t → 1
-        grad_target_logit = g * torch.expm1(log_pt)
+    if eps == 0 and opts.z_loss == 0 and opts.focal_gamma == 0 and opts.gamma_ce == 0:
+        # plain CE: coef_p = g, and g·(p_t − 1) as g·expm1(log p_t), without cancellation as p_t → 1
+        coef_p, grad_target_logit = g, g * torch.expm1(log_pt)
     else:
+        _, df = target_term(log_pt, opts)
+        weight_p = -(1.0 - eps) * df + eps
+        if opts.z_loss > 0:
+            weight_p = weight_p + 2.0 * opts.z_loss * lse
+        coef_p = g * weight_p
         grad_target_logit = coef_p * torch.exp(log_pt) - coef_u + g * ((1.0 - eps) * df)
     return coef_p, coef_u, (grad_target_logit if tgt.slope is None else grad_target_logit * _rows(tgt.slope, rows))
 

@@ -186,8 +186,8 @@ class TritonTiles:
         if N > 0:
             with on_device(x):  # one launch instead of ~10 small ops
                 merge_splits_kernel[(cdiv(N, 1024),)](part, lse, sum_logits, expected_cost, N, splits,
-                                                             NEED_SUM_LOGITS=need_sum_logits, HAS_COST=cost is not None,
-                                                             BLOCK=1024)
+                                                      NEED_SUM_LOGITS=need_sum_logits, HAS_COST=cost is not None,
+                                                      BLOCK=1024)
         return lse, (sum_logits if need_sum_logits else None), (expected_cost if cost is not None else None)
 
     def finish_grad_rows(self, grad, scale, out, weight=None, inv_norm=None):
