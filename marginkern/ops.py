@@ -52,8 +52,8 @@ def _op(name, without_autocast=True):
 
 def _register_autograd(name, backward, setup_context):
     """The op's autograd, and its eager twin for call(): a torch.autograd.Function with the same forward,
-    setup_context and backward. (A ctx-style one: torch's setup_context-style Functions cost as much per call
-    as the op's own dispatch, measured here.)"""
+    setup_context and backward. (A ctx-style one: a setup_context-style Function, tried first, saved nothing
+    over the op's own dispatch.)"""
     _OPS[name].register_autograd(backward, setup_context=setup_context)
 
     def forward(ctx, *args):
@@ -108,8 +108,9 @@ def _run_implementation(name, args):
 
 def call(name, *args):
     """torch.ops.marginkern.<name>(*args) as the public functions and the backward passes run it. In plain
-    eager mode the op's Python implementation runs without torch.library's per-call dispatch (about 80 µs of
-    host time less per fwd+bwd, which sets small steps' time on a GPU; bench/count_host_ops.py --time): a
+    eager mode the op's Python implementation runs without torch.library's per-call dispatch (about 75 µs of
+    host time less per margin fwd+bwd on a CPU, bench/results/cpu-amd-epyc/2026-12-05-host-time-breakdown.txt;
+    small steps on a GPU are host-bound): a
     differentiable op through its eager twin, a backward op directly when no graph is being recorded (with
     create_graph=True it goes through the op, which has no autograd: a double backward raises as before).
     Everywhere else (torch.compile, FakeTensor, functorch, dispatch modes) through the op."""

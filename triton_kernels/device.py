@@ -16,8 +16,8 @@ def fp32(t):
     return t if t.dtype == torch.float32 else t.float()
 
 
-# triton.cdiv and triton.next_power_of_2 are constexpr functions (Triton 3.6 and 3.9): ~1.3 µs per host call,
-# against ~0.1 µs for the integer arithmetic itself, and a small step makes ~17 such calls.
+# triton.cdiv and triton.next_power_of_2 are constexpr functions (Triton 3.6 and 3.9): 1.4 µs per host call
+# on a CPU, against 0.02 µs for the integer arithmetic itself, and a small step makes ~17 such calls.
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
