@@ -188,6 +188,22 @@ def check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing):
         raise ValueError(f"margin_grad must be 'exact' or 'straight_through', got {margin_grad!r}")
 
 
+def check_subcenters(subcenters, normalize, num_weight_rows=None, weight_name="weight"):
+    """subcenters K as an int ≥ 1; with K > 1 the logits must be cosines (normalize=True: the largest of a
+    class's K raw dot products would favour long sub-centres) and the weight's rows a multiple of K
+    (class j's sub-centres are rows jK … jK+K−1). Returns K."""
+    subcenters = check_int("subcenters", subcenters)
+    if subcenters < 1:
+        raise ValueError(f"subcenters must be ≥ 1, got {subcenters}")
+    if subcenters > 1 and not normalize:
+        raise ValueError(f"subcenters={subcenters} needs normalize=True (sub-centres compete by cosine)")
+    if num_weight_rows is not None and num_weight_rows % subcenters != 0:
+        raise ValueError(f"{weight_name} must have C·subcenters rows (class j's sub-centres are rows "
+                         f"j·{subcenters} … j·{subcenters}+{subcenters - 1}), got {num_weight_rows} rows, not a "
+                         f"multiple of subcenters={subcenters}")
+    return subcenters
+
+
 def check_bias(bias, weight):
     if bias is None:
         return

@@ -69,6 +69,8 @@ CUDA_LOAD_ERROR = LOAD_ERROR or _load_extension("_C_cuda", "a CUDA build of torc
 
 def _spec_args(spec):
     """The LogitSpec fields every op takes, in schema order (the target logit is forward-only)."""
+    if spec.subcenters != 1:  # the ops' callers route sub-centres to other tiles (ops._margin_tiles)
+        raise ValueError(f"the C++ and CUDA tiles have no sub-centres (subcenters={spec.subcenters})")
     return (spec.row_scale, spec.col_scale, spec.bias,
             None if spec.softcap is None else float(spec.softcap), spec.target)
 

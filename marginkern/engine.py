@@ -5,7 +5,10 @@ For row n and class j the logit is
     z_nj = softcap(row_scale_n · col_scale_j · (x_n · w_j) + bias_j)     for j ≠ target_n
     z_nj = target_logit_n                                                 for j = target_n
 
-The loss computes `target_logit` per row (margins, ...). The forward pass streams over classes and keeps
+The loss computes `target_logit` per row (margins, ...). With K sub-centres per class (sub-center ArcFace,
+`LogitSpec.subcenters`), w has K·C rows, class j's rows jK … jK+K−1, and the class's logit is the largest of
+its K: z_nj = max_k row_scale_n·col_scale_{jK+k}·(x_n·w_{jK+k}) (dz/da = 1 at that row, 0 at the others).
+The forward pass streams over classes and keeps
 per-row statistics only: log-sum-exp and, when asked, Σ_j z_nj. The backward pass re-derives
 
     dL/dz_nj = coef_p_n · p_nj − coef_u_n            (j ≠ target_n)
@@ -48,6 +51,20 @@ class LogitSpec:
     softcap: Optional[float]
     target: Tensor                  # (N,) int64; −1 = this row has no target column
     target_logit: Tensor            # (N,) accumulation dtype
+    # K sub-centres per class (module docstring): col_scale is then per row of w, (K·C,)
+    subcenters: int = 1
+    # (N,) int64 with subcenters > 1: the target class's sub-centre whose row of w receives target_grad (the
+    # one the loss chose for T, saved by its forward pass: a recomputed argmax could break a near-tie the
+    # other way); only the backward pass reads it
+    target_subcenter: Optional[Tensor] = None
+
+
+def target_weight_rows(spec: LogitSpec) -> Tensor:
+    """The row of w that each row's target column reads, clamped to 0 where there is none (target −1)."""
+    column = spec.target.clamp_min(0)
+    if spec.subcenters == 1:
+        return column
+    return column * spec.subcenters + spec.target_subcenter
 
 
 @dataclass(frozen=True)
@@ -290,7 +307,7 @@ def gradient_bound(spec: LogitSpec, coef_total, target_grad):
         col_scale = spec.col_scale.abs()
         col_median = _nonzero_median(col_scale)  # one sort of the (C,) scales for both uses
         col_bound = _robust_max(col_scale, median=col_median)
-        regular_target = regular_rows & _regular(col_scale, median=col_median)[spec.target.clamp_min(0)]
+        regular_target = regular_rows & _regular(col_scale, median=col_median)[target_weight_rows(spec)]
     per_row = torch.maximum(coef_total * row_scale * col_bound,
                             torch.where(regular_target, target_grad.abs(), torch.zeros_like(target_grad)))
     return torch.where(regular_rows, per_row, torch.zeros_like(per_row)).max()
@@ -320,8 +337,8 @@ def streaming_grads(
     """dL/dX (raw, accumulation dtype), dL/dW (weight dtype, or None when not `need_weight_grad`: a frozen
     head skips the dW GEMM) and dL/dbias (or None).
 
-    `finalize_weight_chunk(c0, c1, dw_chunk)` lets the loss chain a class chunk of dW (accumulation
-    dtype) through what the engine does not know about before it is stored. `tangent_projection` =
+    `finalize_weight_chunk(r0, r1, dw_chunk)` lets the loss chain a chunk of dW, rows [r0, r1) of w (the
+    classes' K sub-centres each; accumulation dtype), through what the engine does not know about before it is stored. `tangent_projection` =
     (weight, 1/‖weight_j‖) chains dW through row-normalised classes, ŵ = w/‖w‖ (project_out_rows); unlike a
     finalizer, a tile backend fuses it with the unscaling and the store (`finish_grad_rows`).
 
@@ -342,7 +359,8 @@ def streaming_grads(
                                      need_bias_grad, cost, need_weight_grad)
     acc = accumulation_dtype(x.dtype)
     N, D = x.shape
-    C = w.shape[0]
+    K = spec.subcenters  # a chunk of classes [c0, c1) is the rows [c0·K, c1·K) of w, of dW and of G's columns
+    C = w.shape[0] // K
     grad_x = torch.zeros(N, D, dtype=acc, device=x.device)
     # contiguous, as the fake kernels say
     grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_weight_grad else None
@@ -381,29 +399,31 @@ def streaming_grads(
                 and getattr(tiles, "fuses_projected_weight_grad", lambda x: False)(x))
     # otherwise the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
     dw_bytes = D * acc.itemsize if need_weight_grad and not (plain_dw or fused_dw) else 0
-    chunks = tiles.class_chunks(N, C, x, bytes_per_class=dw_bytes)
-    input_grad = SplitKAccumulator(grad_x, split_k_slices(grad_x, chunks[0][1] - chunks[0][0]))
+    # G of a chunk is N × (chunk·K), and so is its dW chunk in rows
+    chunks = tiles.class_chunks(N * K, C, x, bytes_per_class=dw_bytes * K)
+    input_grad = SplitKAccumulator(grad_x, split_k_slices(grad_x, (chunks[0][1] - chunks[0][0]) * K))
     for c0, c1 in chunks:
         g = tiles.grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost)
-        w_chunk, kept = w[c0:c1], None
+        r0, r1 = c0 * K, c1 * K
+        w_chunk, kept = w[r0:r1], None
         if grad_filter_eps is not None:
             g, w_chunk, kept = keep_columns(g, w_chunk, grad_filter_eps)
         input_grad.add(g, w_chunk)  # still scaled: unscaled after the loop
         if grad_bias is not None:
             grad_bias[c0:c1] = scatter_rows(g.sum(0, dtype=acc).mul_(unscale), kept, c1 - c0)
         if plain_dw:
-            torch.mm(g.t(), x, out=grad_w[c0:c1])
+            torch.mm(g.t(), x, out=grad_w[r0:r1])
         elif fused_dw:
-            tiles.projected_weight_grad(g, x, w_chunk, tangent_projection[1][c0:c1], unscale, grad_w[c0:c1])
+            tiles.projected_weight_grad(g, x, w_chunk, tangent_projection[1][r0:r1], unscale, grad_w[r0:r1])
         elif grad_w is not None:
-            grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc), kept, c1 - c0)  # still scaled
+            grad_w_chunk = scatter_rows(mm_accumulate(g.t(), x, acc), kept, r1 - r0)  # still scaled
             if finalize_weight_chunk is not None:
                 if scaled:
                     grad_w_chunk.mul_(unscale)
-                grad_w[c0:c1] = finalize_weight_chunk(c0, c1, grad_w_chunk)
+                grad_w[r0:r1] = finalize_weight_chunk(r0, r1, grad_w_chunk)
             else:
-                projection = () if tangent_projection is None else (t[c0:c1] for t in tangent_projection)
-                finish(grad_w_chunk, unscale, grad_w[c0:c1], *projection)
+                projection = () if tangent_projection is None else (t[r0:r1] for t in tangent_projection)
+                finish(grad_w_chunk, unscale, grad_w[r0:r1], *projection)
             del grad_w_chunk
         # before the next chunk allocates its own: the budget holds one G and one dW chunk, not two
         del g, w_chunk, kept
@@ -637,12 +657,18 @@ class TorchTiles:
 
     @staticmethod
     def logits(x, w, spec: LogitSpec, c0, c1):
-        """(z, dz/da) for classes [c0, c1) as (N, c1−c0) tensors in the accumulation dtype."""
+        """(z, dz/da, is the target column) for classes [c0, c1) as (N, c1−c0) tensors, z and dz/da in the
+        accumulation dtype; with sub-centres also the winning sub-centre of each cell (else None)."""
         acc = accumulation_dtype(x.dtype)
+        K = spec.subcenters
         scale = spec.row_scale[:, None]
         if spec.col_scale is not None:
-            scale = scale * spec.col_scale[None, c0:c1]
-        z = (x.to(acc) @ w[c0:c1].to(acc).t()) * scale
+            scale = scale * spec.col_scale[None, c0 * K:c1 * K]
+        z = (x.to(acc) @ w[c0 * K:c1 * K].to(acc).t()) * scale
+        winner = None
+        if K > 1:  # the class's logit is its largest sub-centre's (the first of equal ones, as the kernels)
+            z, winner = z.unflatten(1, (c1 - c0, K)).max(2)
+            scale = scale.expand(-1, (c1 - c0) * K).unflatten(1, (c1 - c0, K)).gather(2, winner[..., None])[..., 0]
         if spec.bias is not None:
             z = z + spec.bias[c0:c1].to(acc)
         chain = scale.expand_as(z)
@@ -652,7 +678,7 @@ class TorchTiles:
             chain = chain * (1.0 - t * t)
         is_target = spec.target[:, None] == torch.arange(c0, c1, device=x.device)[None, :]
         z = torch.where(is_target, spec.target_logit[:, None], z)
-        return z, chain, is_target
+        return z, chain, is_target, winner
 
     # The 3-GEMM path's epilogue over a block of raw dot products z = x·wᵀ (N_r, C), contiguous, in the
     # accumulation dtype (engine.buffered_loss_and_grads). block_row_stats may rewrite z into whatever
@@ -689,18 +715,20 @@ class TorchTiles:
 
     def row_stats(self, x, w, spec: LogitSpec, need_sum_logits):
         acc = accumulation_dtype(x.dtype)
-        N, C = x.shape[0], w.shape[0]
+        N, K = x.shape[0], spec.subcenters
         lse = torch.full((N,), -float("inf"), dtype=acc, device=x.device)
         total = torch.zeros(N, dtype=acc, device=x.device) if need_sum_logits else None
-        for c0, c1 in self.class_chunks(N, C, x):
-            z, _, _ = self.logits(x, w, spec, c0, c1)
+        for c0, c1 in self.class_chunks(N * K, w.shape[0] // K, x):  # a chunk's dot products: N × chunk·K
+            z = self.logits(x, w, spec, c0, c1)[0]
             lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
             if total is not None:
                 total += z.sum(1)
         return lse, total
 
     def grad_logits(self, x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
-        z, chain, is_target = self.logits(x, w, spec, c0, c1)
+        """dL/da of the classes [c0, c1): (N, c1 − c0), or (N, (c1 − c0)·K) over their rows of w with K
+        sub-centres (each class's gradient at its winning sub-centre, the target's at spec.target_subcenter)."""
+        z, chain, is_target, winner = self.logits(x, w, spec, c0, c1)
         p = torch.exp(z - lse[:, None])
         weight_p = coef_p[:, None]
         if cost is not None:
@@ -708,4 +736,11 @@ class TorchTiles:
             cosines = (cost_query(cost).to(acc) @ cost.keys[c0:c1].to(acc).t()) * cost.query_scale[:, None]
             weight_p = weight_p - cost.coef[:, None] * cosines * cost.key_scale[None, c0:c1]
         g = (weight_p * p - coef_u[:, None]) * chain
-        return torch.where(is_target, target_grad[:, None], g)
+        if winner is None:
+            return torch.where(is_target, target_grad[:, None], g)
+        K = spec.subcenters
+        g = torch.zeros(*g.shape, K, dtype=g.dtype, device=g.device).scatter_(
+            2, winner[..., None], torch.where(is_target, 0.0, g)[..., None]).flatten(1)
+        target_row = torch.where(spec.target >= 0, target_weight_rows(spec), -1)
+        is_target_row = target_row[:, None] == torch.arange(c0 * K, c1 * K, device=x.device)[None, :]
+        return torch.where(is_target_row, target_grad[:, None], g)

@@ -6,30 +6,36 @@ from . import pairwise
 from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cosent_arguments,
                      check_cost_embedding, check_embedding_pair, check_finite, check_float_tensor, check_ignore_index,
                      check_labels, check_linear_ce_options, check_logits_buffer, check_margin_options,
-                     check_reduction, resolve_grad_filter_eps)
+                     check_reduction, check_subcenters, resolve_grad_filter_eps)
 from .ops import call as call_op
 from .reference import reduce_rows
 
 
 def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
-                         margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean"):
+                         margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean", subcenters=1):
     """Margin-softmax cross-entropy over C classes without materialising the N × C logits.
 
     Target logit s·ψ(cos θ_y) with ψ the monotone combined margin (m1·θ + m2, then − m3; DESIGN.md §4),
     other logits s·cos θ_j. ArcFace is (m1, m2, m3) = (1, m, 0), CosFace (1, 0, m), SphereFace (m, 0, 0).
     normalize=False keeps the norms (L-Softmax): logits ‖x‖‖w_j‖·s·(same).
     margin_grad="exact" differentiates ψ (bounded near cos θ = ±1); "straight_through" uses dψ/dc = 1.
+    subcenters K > 1 (sub-center ArcFace, Deng et al. 2020): weight holds K sub-centres per class, rows
+    jK … jK+K−1 for class j, and cos θ_j is the largest cosine of class j's sub-centres (the gradient flows
+    into that one); needs normalize=True.
 
-    input (N, D) and weight (C, D) of one float dtype, target (N,) integer. Returns fp32 (fp64 for fp64
-    inputs). "mean" divides by the number of non-ignored rows, and is 0 when there are none.
+    input (N, D) and weight (C, D) ((K·C, D) with sub-centres) of one float dtype, target (N,) integer.
+    Returns fp32 (fp64 for fp64 inputs). "mean" divides by the number of non-ignored rows, and is 0 when
+    there are none.
     """
     check_classification_inputs(input, weight, target)
     check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
     normalize, ignore_index = check_bool("normalize", normalize), check_ignore_index(ignore_index)
+    subcenters = check_subcenters(subcenters, normalize, weight.shape[0])
     check_reduction(reduction)
     target = target.long()  # uint8 indices would index as a mask
     loss_rows = call_op("margin_cross_entropy", input, weight, target, float(scale), float(m1), float(m2),
-                        float(m3), normalize, margin_grad == "exact", float(label_smoothing), ignore_index)[0]
+                        float(m3), normalize, margin_grad == "exact", float(label_smoothing), ignore_index,
+                        subcenters)[0]
     return reduce_rows(loss_rows, target != ignore_index, reduction)
 
 

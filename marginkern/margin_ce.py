@@ -17,7 +17,7 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from .checks import check_bool, check_ignore_index, check_margin_scalars
+from .checks import check_bool, check_ignore_index, check_margin_scalars, check_subcenters
 from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, row_grad_finisher, row_norms, streaming_grads,
                      streaming_row_stats, target_columns)
 from .margin import margin_psi, margin_slope
@@ -33,15 +33,17 @@ class MarginOptions:
     exact_margin_grad: bool
     label_smoothing: float
     ignore_index: int
+    subcenters: int = 1  # K sub-centres per class (sub-center ArcFace): w has K·C rows, class-major
 
     @classmethod
-    def of(cls, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
+    def of(cls, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index, subcenters=1):
         """From plain arguments of any int/float kind (an op's, or the public API's), checked: the raw ops
         are public too (torch.ops.marginkern.*)."""
         check_margin_scalars(scale, m1, m2, m3, label_smoothing)
-        return cls(float(scale), float(m1), float(m2), float(m3), check_bool("normalize", normalize),
+        normalize = check_bool("normalize", normalize)
+        return cls(float(scale), float(m1), float(m2), float(m3), normalize,
                    check_bool("exact_margin_grad", exact_margin_grad), float(label_smoothing),
-                   check_ignore_index(ignore_index))
+                   check_ignore_index(ignore_index), check_subcenters(subcenters, normalize))
 
 
 class ClassShard(Protocol):
@@ -67,7 +69,9 @@ def local_columns(column: Tensor, start: int, num_local: int) -> Tensor:
 class TargetRows:
     """The forward's per-row target geometry, O(N)."""
     column: Tensor        # (N,) int64: the target's class within w; −1 where ignored or held by another slice
-    row_state: Tensor     # (N, 4) accumulation dtype: ‖x‖, ‖w_y‖, c_y, ψ(c_y); saved for the backward pass
+    # (N, 4) accumulation dtype: ‖x‖, ‖w_y‖, c_y, ψ(c_y), saved for the backward pass; with sub-centres
+    # (N, 5): w_y is the target class's sub-centre of largest cosine, whose index k_y is the fifth column
+    row_state: Tensor
     row_scale: Tensor     # (N,) the logits' row scale: s/‖x‖ (normalize) or s
     target_logit: Tensor  # (N,) T; 0 where column < 0
 
@@ -108,18 +112,34 @@ def _gathered_target_rows(x, w, column):
     return x.to(acc), w[column.clamp_min(0)].to(acc) * (column >= 0)[:, None]
 
 
+def _winning_subcenters(xf, w, column, K):
+    """(w's row of the target class's sub-centre with the largest cosine to x_n (the first of equal ones,
+    as the kernels pick), that sub-centre's index k_y as a float) per row; O(N·K·D), never N × C."""
+    candidates = w.unflatten(0, (-1, K))[column.clamp_min(0)].to(xf.dtype)  # (N, K, D)
+    norms = torch.linalg.vector_norm(candidates, dim=2).clamp_min(NORM_EPS)
+    subcenter = (torch.linalg.vecdot(candidates, xf[:, None, :]) / norms).max(1).indices  # NaN wins, as max's
+    return column.clamp_min(0) * K + subcenter, subcenter.to(xf.dtype)
+
+
 def target_rows(x, w, target, opts: MarginOptions, class_start: Optional[int] = None) -> TargetRows:
     """The forward's target geometry in PyTorch (~20 small ops; TritonTiles.margin_target_rows is one launch).
     class_start: where w's slice of the classes starts when sharded (None: w holds all classes, and the op
     has checked every target to be in [0, C) or ignored)."""
-    _, column = _columns(target, opts, class_start, w.shape[0])
-    xf, w_target = _gathered_target_rows(x, w, column)
+    K = opts.subcenters
+    _, column = _columns(target, opts, class_start, w.shape[0] // K)
+    if K == 1:
+        xf, w_target = _gathered_target_rows(x, w, column)
+    else:
+        xf = x.to(accumulation_dtype(x.dtype))
+        weight_row, subcenter = _winning_subcenters(xf, w, column, K)
+        w_target = w[weight_row].to(xf.dtype) * (column >= 0)[:, None]
     x_norm = torch.linalg.vector_norm(xf, dim=1).clamp_min(NORM_EPS)
     w_target_norm = torch.linalg.vector_norm(w_target, dim=1).clamp_min(NORM_EPS)
     cosine = ((xf * w_target).sum(1) / (x_norm * w_target_norm)).clamp(-1.0, 1.0)
     psi = margin_psi(cosine, opts.m1, opts.m2, opts.m3)
     row_scale, target_logit = _logit_terms(x_norm, w_target_norm, psi, column >= 0, opts)
-    return TargetRows(column, torch.stack([x_norm, w_target_norm, cosine, psi], 1), row_scale, target_logit)
+    state = [x_norm, w_target_norm, cosine, psi] + ([] if K == 1 else [subcenter])
+    return TargetRows(column, torch.stack(state, 1), row_scale, target_logit)
 
 
 def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num_classes: int, num_local: int,
@@ -127,7 +147,7 @@ def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num
     """The backward's per-row coefficients in PyTorch (TritonTiles.margin_target_grad_rows: one launch)."""
     valid, column = _columns(target, opts, class_start, num_local)
     owned = column >= 0
-    x_norm, w_target_norm, cosine, psi = row_state.unbind(1)
+    x_norm, w_target_norm, cosine, psi = row_state[:, :4].unbind(1)
     row_scale, target_logit = _logit_terms(x_norm, w_target_norm, psi, owned, opts)
     eps, s = opts.label_smoothing, opts.scale
     g = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
@@ -144,9 +164,14 @@ def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num
     return TargetGradRows(column, row_scale, target_logit, g, g * (eps / num_classes), target_grad, radial)
 
 
-def _class_layout(w, shard: Optional[ClassShard]):
+def _class_layout(w, shard: Optional[ClassShard], subcenters=1):
     """(first class held in w, total number of classes C)."""
-    return (0, w.shape[0]) if shard is None else (shard.start, shard.num_classes)
+    return (0, w.shape[0] // subcenters) if shard is None else (shard.start, shard.num_classes)
+
+
+def _target_rows_fn(tiles, opts: MarginOptions):
+    """The tiles' one-launch target geometry when they have one (without sub-centres), else PyTorch's."""
+    return getattr(tiles, "margin_target_rows", target_rows) if opts.subcenters == 1 else target_rows
 
 
 def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[ClassShard] = None,
@@ -154,13 +179,12 @@ def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[
     """Per-row loss (0 on ignored rows) and per-row log-sum-exp over all C classes, both in the
     accumulation dtype; with keep_geometry also the (row state, class norms) pair that margin_ce_backward
     takes as `saved`."""
-    class_start, num_classes = _class_layout(w, shard)
-    rows = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts,
-                                                              None if shard is None else class_start)
+    class_start, num_classes = _class_layout(w, shard, opts.subcenters)
+    rows = _target_rows_fn(tiles, opts)(x, w, target, opts, None if shard is None else class_start)
     col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
     # torch.reciprocal, not 1.0 / t: one op instead of two (reciprocal, then mul) on a host-bound small step
     spec = LogitSpec(rows.row_scale, None if col_norm is None else torch.reciprocal(col_norm), None, None,
-                     rows.column, rows.target_logit)
+                     rows.column, rows.target_logit, opts.subcenters)
     eps = opts.label_smoothing
     lse, sum_logits = streaming_row_stats(x, w, spec, eps > 0, tiles)
     target_logit = rows.target_logit
@@ -180,18 +204,20 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
     """(dL/dx, dL/dw) for the per-row loss gradient `grad_loss`; with a shard, `lse` is the merged one
     and dL/dw is the gradient of this slice. `saved`: the forward's (row state, class norms)
     (margin_ce_forward's keep_geometry), recomputed when None."""
-    class_start, C = _class_layout(w, shard)
+    K = opts.subcenters
+    class_start, C = _class_layout(w, shard, K)
     local_start = None if shard is None else class_start
     if saved is None:
-        row_state = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts, local_start).row_state
+        row_state = _target_rows_fn(tiles, opts)(x, w, target, opts, local_start).row_state
         col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
     else:
         row_state, col_norm = saved
     rows = getattr(tiles, "margin_target_grad_rows", target_grad_rows)(
-        row_state, lse, grad_loss, target, opts, C, w.shape[0], local_start)
+        row_state[:, :4], lse, grad_loss, target, opts, C, w.shape[0] // K, local_start)
     # 1/‖w_j‖: the logits' column scale and the dW projection's inverse norm, one (C,) vector for both
     col_scale = torch.reciprocal(col_norm) if opts.normalize else None
-    spec = LogitSpec(rows.row_scale, col_scale, None, None, rows.column, rows.target_logit)
+    spec = LogitSpec(rows.row_scale, col_scale, None, None, rows.column, rows.target_logit, K,
+                     None if K == 1 else row_state[:, 4].long())
 
     if opts.normalize:
         # dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖, and the engine's raw dW already holds (dL/dŵ)/‖w‖.

@@ -4,7 +4,8 @@ from torch import nn
 
 from .checks import (check_bool, check_finite, check_head_size, check_ignore_index, check_linear_ce_options,
                      check_logits_buffer, check_margin_options, check_module_embeddings, check_reduction,
-                     check_tensor, checked_class_targets, margin_module_repr, resolve_grad_filter_eps)
+                     check_subcenters, check_tensor, checked_class_targets, margin_module_repr,
+                     resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          margin_cross_entropy)
 from .sampling import IGNORED, num_sampled_classes, sample_classes
@@ -18,22 +19,31 @@ class CombinedMarginLoss(nn.Module):
     softmax of a step covers the batch's target classes plus random others, int(sample_rate·C) in all
     (0: the target classes alone).
     The weight's gradient stays dense (zero on the rows a step did not sample), as in PartialFC_V2.
+    `subcenters` K > 1: sub-center ArcFace (Deng et al. 2020; PML's SubCenterArcFaceLoss): K centres per
+    class, weight (C·K, D) with class j's in rows jK … jK+K−1, a class's cosine its best sub-centre's.
+    `subcenter_counts` and `outliers` do the paper's cleaning step (drop samples far from their class's
+    dominant sub-centre).
     """
 
     def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, scale=64.0, normalize=True,
                  margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                 sample_rate=1.0, device=None, dtype=None):
+                 sample_rate=1.0, subcenters=1, device=None, dtype=None):
         super().__init__()
         self.embedding_dim, self.num_classes = check_head_size(embedding_dim, num_classes)
         check_finite("sample_rate", sample_rate, 0.0, 1.0)  # 0: the batch's classes only
         self.sample_rate = float(sample_rate)
-        self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim, device=device, dtype=dtype))
+        normalize = check_bool("normalize", normalize)
+        self.subcenters = check_subcenters(subcenters, normalize)
+        self.weight = nn.Parameter(torch.empty(self.num_classes * self.subcenters, self.embedding_dim, device=device,
+                                               dtype=dtype))
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
         # checked here, once: the sampled training path uses ignore_index before any loss function sees it
-        self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=check_bool("normalize", normalize),
+        self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=normalize,
                             margin_grad=margin_grad, label_smoothing=label_smoothing,
                             ignore_index=check_ignore_index(ignore_index), reduction=reduction)
+        if self.subcenters > 1:
+            self.options["subcenters"] = self.subcenters
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -47,10 +57,59 @@ class CombinedMarginLoss(nn.Module):
             index, target = sample_classes(target, self.num_classes,
                                            num_sampled_classes(self.num_classes, self.sample_rate),
                                            options["ignore_index"])
-            weight, options = weight[index], {**options, "ignore_index": IGNORED}
+            if self.subcenters > 1:  # all K sub-centres of each sampled class
+                weight = weight.unflatten(0, (self.num_classes, self.subcenters))[index].flatten(0, 1)
+            else:
+                weight = weight[index]
+            options = {**options, "ignore_index": IGNORED}
         if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
             weight = weight.to(embeddings.dtype)
         return margin_cross_entropy(embeddings, weight, target, **options)
+
+    def _checked_labels(self, embeddings, labels):
+        """labels (N,) as int64 classes of this head, all of them (nothing is ignored here: ignore_index=0 is
+        a class anyway), after the embeddings' check."""
+        check_module_embeddings(embeddings, self.embedding_dim)
+        return checked_class_targets(labels, embeddings.shape[0], self.num_classes, 0)
+
+    @torch.no_grad()
+    def subcenter_cosines(self, embeddings, labels, block_rows=4096):
+        """(N, K) cosines between each embedding and its class's K sub-centres (fp32; fp64 for fp64 weights), by
+        blocks of rows: O(block_rows·K·D) memory, never N × C."""
+        labels = self._checked_labels(embeddings, labels)
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        centres = self.weight.detach().unflatten(0, (self.num_classes, self.subcenters))
+        out = torch.empty(embeddings.shape[0], self.subcenters, dtype=acc, device=self.weight.device)
+        for r0 in range(0, embeddings.shape[0], block_rows):
+            x = nn.functional.normalize(embeddings[r0:r0 + block_rows].detach().to(acc), dim=1)
+            w = nn.functional.normalize(centres[labels[r0:r0 + block_rows]].to(acc), dim=2)
+            out[r0:r0 + block_rows] = torch.linalg.vecdot(w, x[:, None, :])
+        return out
+
+    @torch.no_grad()
+    def subcenter_counts(self, embeddings, labels):
+        """(C, K) int64: how many of the embeddings are closest to each sub-centre of their own class. Sum it
+        over a dataset's batches; its argmax over K is each class's dominant sub-centre."""
+        labels = self._checked_labels(embeddings, labels)
+        nearest = self.subcenter_cosines(embeddings, labels).argmax(1)
+        counts = torch.bincount(labels * self.subcenters + nearest, minlength=self.num_classes * self.subcenters)
+        return counts.view(self.num_classes, self.subcenters)
+
+    @torch.no_grad()
+    def outliers(self, embeddings, labels, threshold=75.0, dominant=None):
+        """(N,) bool: the embeddings more than `threshold` degrees from their class's dominant sub-centre
+        (sub-center ArcFace's cleaning: drop them, then retrain; 75° in the paper and PML's get_outliers).
+        `dominant` (C,): each class's dominant sub-centre, e.g. subcenter_counts summed over the dataset
+        then argmax(1); default: from these embeddings alone."""
+        check_finite("threshold", threshold, 0.0, 180.0)
+        labels = self._checked_labels(embeddings, labels)
+        if dominant is None:
+            dominant = self.subcenter_counts(embeddings, labels).argmax(1)
+        elif not (isinstance(dominant, torch.Tensor) and dominant.shape == (self.num_classes,)):
+            raise ValueError(f"dominant must be a ({self.num_classes},) tensor of sub-centre indices, got "
+                             f"{tuple(dominant.shape) if isinstance(dominant, torch.Tensor) else type(dominant)}")
+        cosine = self.subcenter_cosines(embeddings, labels).gather(1, dominant.to(labels.device)[labels][:, None])
+        return (torch.rad2deg(torch.acos(cosine.clamp(-1.0, 1.0))) > threshold)[:, 0]
 
     def extra_repr(self):
         sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
@@ -63,6 +122,14 @@ class ArcFaceLoss(CombinedMarginLoss):
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, **kwargs):
         check_finite("margin", margin, 0.0)  # named as the caller knows it (it becomes m2)
         super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
+
+
+class SubCenterArcFaceLoss(ArcFaceLoss):
+    """Sub-center ArcFace (Deng et al., ECCV 2020): ArcFace over the best of `subcenters` centres per class
+    (weight (C·subcenters, D)); see CombinedMarginLoss for the cleaning helpers."""
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, subcenters=3, **kwargs):
+        super().__init__(embedding_dim, num_classes, scale=scale, margin=margin, subcenters=subcenters, **kwargs)
 
 
 class CosFaceLoss(CombinedMarginLoss):

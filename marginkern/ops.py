@@ -13,10 +13,10 @@ from torch import Tensor
 
 from .checks import (check_bias, check_classification_inputs, check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
-                     check_target_values)
-from .dispatch import select_tiles
+                     check_subcenters, check_target_values)
+from .dispatch import BackendUnavailable, forced_backend, select_tiles
 from . import pairwise
-from .engine import NORM_EPS, accumulation_dtype, buffered_grads_in_input_dtype
+from .engine import NORM_EPS, TorchTiles, accumulation_dtype, buffered_grads_in_input_dtype
 from .emo import emo_backward, emo_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
@@ -166,30 +166,56 @@ def _margin_scalars(opts: MarginOptions):
             opts.ignore_index)
 
 
+def _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
+                    subcenters):
+    """The op's checked MarginOptions, the weight's rows a multiple of subcenters."""
+    opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
+                            subcenters)
+    check_subcenters(opts.subcenters, opts.normalize, weight.shape[0])
+    return opts
+
+
+def _margin_tiles(input, opts: MarginOptions):
+    """select_tiles, except that sub-centres run on the Triton and PyTorch tiles only: where the C++ or CUDA
+    extension would serve, the PyTorch tiles do (an error when MARGINKERN_BACKEND forces the extension)."""
+    tiles = select_tiles(input.device, input.dtype)
+    if opts.subcenters > 1 and tiles.name in ("cpp", "cuda"):
+        if forced_backend():
+            raise BackendUnavailable(f"MARGINKERN_BACKEND={forced_backend()} cannot run this call: sub-centres "
+                                     f"(subcenters={opts.subcenters}) run on the triton and reference backends")
+        tiles = TorchTiles()
+    return tiles
+
+
 @_op("margin_cross_entropy")
 def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: float, m1: float, m2: float,
                          m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
-                         ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(per-row loss, per-row log-sum-exp, (N, 4) target geometry, (C,) class-centre norms or (0,) without
-    normalize); ignored rows have loss 0. The last three are by-products the backward op takes."""
+                         ignore_index: int, subcenters: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-row loss, per-row log-sum-exp, (N, 4) target geometry ((N, 5) with sub-centres), (K·C,) class-centre
+    norms or (0,) without normalize); ignored rows have loss 0. The last three are by-products the backward
+    op takes. weight is (K·C, D) for K = subcenters sub-centres per class."""
     _check_forward_inputs(input, weight, target)
-    opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
-    check_target_values(target, weight.shape[0], opts.ignore_index)
+    opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
+                           subcenters)
+    check_target_values(target, weight.shape[0] // opts.subcenters, opts.ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
-    tiles = select_tiles(input.device, input.dtype)
+    tiles = _margin_tiles(input, opts)
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/margin_loss.cpp), the same math
         return torch.ops.marginkern.margin_ce_rows(input, weight, target, *_margin_scalars(opts))
     return margin_ce_forward(input, weight, target, opts, tiles, keep_geometry=True)
 
 
 @margin_cross_entropy.register_fake
-def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
+def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
+      subcenters=1):
     # The fake kernel lets torch.compile trace through the op without running it.
     _check_forward_inputs(input, weight, target)
-    MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
+    opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
+                           subcenters)
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
-    return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc), input.new_empty((n, 4), dtype=acc),
+    return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
+            input.new_empty((n, 4 if opts.subcenters == 1 else 5), dtype=acc),
             input.new_empty((weight.shape[0] if normalize else 0,), dtype=acc))
 
 
@@ -197,12 +223,14 @@ def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, la
 def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
                                   row_state: Tensor, col_norm: Tensor, scale: float, m1: float, m2: float,
                                   m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
-                                  ignore_index: int, need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
+                                  ignore_index: int, need_weight_grad: bool = True,
+                                  subcenters: int = 1) -> tuple[Tensor, Tensor]:
     """(dL/dinput, dL/dweight) for the per-row loss gradient `grad_loss`; dL/dweight is empty (0,) when
     not `need_weight_grad` (a frozen head skips the dW GEMM). row_state and col_norm are the forward op's."""
-    opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index)
+    opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
+                           subcenters)
     input, weight = input.contiguous(), weight.contiguous()
-    tiles = select_tiles(input.device, input.dtype)
+    tiles = _margin_tiles(input, opts)
     if tiles.name == "cpp":
         return torch.ops.marginkern.margin_ce_rows_backward(grad_loss, input, weight, target, lse, row_state, col_norm,
                                                             *_margin_scalars(opts), need_weight_grad)
@@ -213,7 +241,7 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
 
 @margin_cross_entropy_backward.register_fake
 def _(grad_loss, input, weight, target, lse, row_state, col_norm, scale, m1, m2, m3, normalize, exact_margin_grad,
-      label_smoothing, ignore_index, need_weight_grad=True):
+      label_smoothing, ignore_index, need_weight_grad=True, subcenters=1):
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
@@ -229,9 +257,11 @@ def _margin_backward(ctx, grad_loss, *grad_by_products):
     # lse and the geometry are by-products for the backward pass, not differentiable outputs.
     input, weight, target, lse, row_state, col_norm = ctx.saved_tensors
     need_weight_grad = ctx.needs_input_grad[1]
+    # the forward's scalar options; subcenters last (absent when a caller of the raw op left its default)
+    *options, subcenters = ctx.options if len(ctx.options) == 9 else (*ctx.options, 1)
     grad_input, grad_weight = call("margin_cross_entropy_backward", grad_loss.contiguous(), input, weight, target,
-                                   lse, row_state, col_norm, *ctx.options, need_weight_grad)
-    return (grad_input, grad_weight if need_weight_grad else None) + (None,) * 9
+                                   lse, row_state, col_norm, *options, need_weight_grad, subcenters)
+    return (grad_input, grad_weight if need_weight_grad else None) + (None,) * (1 + len(ctx.options))
 
 
 _register_autograd("margin_cross_entropy", _margin_backward, _margin_setup_context)

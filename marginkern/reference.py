@@ -24,9 +24,12 @@ def reduce_rows(loss_rows, valid, reduction):
     return total / valid.sum().clamp_min(1)  # int64 count: true division gives total's dtype
 
 
-def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk):
-    """(logsumexp, sum) over one class chunk of logits whose target column is replaced."""
+def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk, subcenters=1):
+    """(logsumexp, sum) over one class chunk of logits whose target column is replaced; with K sub-centres
+    w_chunk holds K rows per class and a class's logit is the largest of its K (its gradient goes to that one)."""
     z = x @ w_chunk.t()
+    if subcenters > 1:
+        z = z.unflatten(1, (-1, subcenters)).max(2).values
     if bias_chunk is not None:
         z = z + bias_chunk
     if softcap is not None:
@@ -35,16 +38,19 @@ def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk)
     return torch.logsumexp(z, dim=1), z.sum(1)
 
 
-def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, class_chunk=CLASS_CHUNK):
+def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, class_chunk=CLASS_CHUNK,
+                         subcenters=1):
     """Per-row logsumexp and Σ_j z_j of z = softcap(x·wᵀ + b) with the target column replaced by
-    target_logit (column −1: none), chunk by chunk; each chunk is recomputed in the backward pass."""
+    target_logit (column −1: none), chunk by chunk; each chunk is recomputed in the backward pass.
+    subcenters K: w has K rows per class (_chunk_stats)."""
     lse_parts, sum_parts = [], []
-    for c0 in range(0, w.shape[0], class_chunk):
-        w_chunk = w[c0:c0 + class_chunk]
+    K = subcenters
+    for c0 in range(0, w.shape[0] // K, class_chunk):
+        w_chunk = w[c0 * K:(c0 + class_chunk) * K]
         bias_chunk = None if bias is None else bias[c0:c0 + class_chunk]
-        classes = torch.arange(c0, c0 + w_chunk.shape[0], device=x.device)
+        classes = torch.arange(c0, c0 + w_chunk.shape[0] // K, device=x.device)
         is_target = column[:, None] == classes[None, :]
-        lse_c, sum_c = checkpoint(_chunk_stats, x, w_chunk, bias_chunk, softcap, target_logit, is_target,
+        lse_c, sum_c = checkpoint(_chunk_stats, x, w_chunk, bias_chunk, softcap, target_logit, is_target, K,
                                   use_reentrant=False)
         lse_parts.append(lse_c)
         sum_parts.append(sum_c)
@@ -53,19 +59,23 @@ def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, cl
 
 def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
                          margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                         class_chunk=CLASS_CHUNK):
+                         subcenters=1, class_chunk=CLASS_CHUNK):
     acc = accumulation_dtype(input.dtype)
     x, w = input.to(acc), weight.to(acc)
+    K = subcenters
     valid = target != ignore_index
     column = torch.where(valid, target, torch.full_like(target, -1))
-    w_target = w[column.clamp_min(0)]
     if normalize:
         x = F.normalize(x, dim=1, eps=NORM_EPS)
         w = F.normalize(w, dim=1, eps=NORM_EPS)
-        w_target = F.normalize(w_target, dim=1, eps=NORM_EPS)
-    plain_target = (x * w_target).sum(1)
-    norms = x.norm(dim=1).clamp_min(NORM_EPS) * w_target.norm(dim=1).clamp_min(NORM_EPS)
-    cosine = plain_target / norms
+    if K == 1:
+        w_target = w[column.clamp_min(0)]
+        plain_target = (x * w_target).sum(1)
+        norms = x.norm(dim=1).clamp_min(NORM_EPS) * w_target.norm(dim=1).clamp_min(NORM_EPS)
+        cosine = plain_target / norms
+    else:  # sub-center ArcFace (normalize=True): the target's cosine is its best sub-centre's
+        cosine = torch.linalg.vecdot(w.unflatten(0, (-1, K))[column.clamp_min(0)], x[:, None, :]).max(1).values
+        norms = None
     radius = 1.0 if normalize else norms  # L-Softmax keeps ‖x‖‖w_y‖ on the target logit
     if margin_grad == "exact":
         target_logit = radius * MarginPsi.apply(cosine, m1, m2, m3)
@@ -73,10 +83,10 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
         target_logit = radius * (cosine + (margin_psi(cosine.clamp(-1, 1), m1, m2, m3) - cosine).detach())
     x, target_logit = scale * x, scale * target_logit
 
-    lse, sum_logits = streamed_lse_and_sum(x, w, column, target_logit, class_chunk=class_chunk)
+    lse, sum_logits = streamed_lse_and_sum(x, w, column, target_logit, class_chunk=class_chunk, subcenters=K)
     loss = lse - (1.0 - label_smoothing) * target_logit
     if label_smoothing > 0:
-        loss = loss - label_smoothing / w.shape[0] * sum_logits
+        loss = loss - label_smoothing / (w.shape[0] // K) * sum_logits
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     return reduce_rows(loss, valid, reduction)
 

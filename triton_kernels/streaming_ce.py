@@ -64,22 +64,59 @@ def _grouped_tile(pid, num_row_blocks, num_col_tiles, GROUP_N: tl.constexpr):
 
 
 @triton.jit
+def _best_subcenter_tile(x_ptr, w_ptr, col_scale_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                         HAS_COL_SCALE: tl.constexpr, SUBCENTERS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """(scaled dot, its column scale, winning sub-centre) per cell: class j's sub-centres are rows jK … jK+K−1
+    of w, and the class takes the one with the largest col_scale·(x·w) (the first of equal ones; a NaN wins
+    and stays, so that a NaN embedding gives a NaN loss)."""
+    best = tl.full((BLOCK_N, BLOCK_C), -float("inf"), dtype=tl.float32)
+    best_scale = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    winner = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.int32)
+    for k in tl.static_range(SUBCENTERS):
+        w_rows = cols * SUBCENTERS + k
+        dots = _dot_tile(x_ptr, w_ptr, rows, w_rows, row_mask, col_mask, D, stride_x, stride_w, DOT_PRECISION,
+                         BLOCK_N, BLOCK_C, BLOCK_D, EVEN_D)
+        if HAS_COL_SCALE:
+            col_scale = tl.load(col_scale_ptr + w_rows, mask=col_mask, other=0.0)[None, :] \
+                + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        else:
+            col_scale = tl.full((BLOCK_N, BLOCK_C), 1.0, dtype=tl.float32)
+        candidate = dots * col_scale
+        better = (candidate > best) | ((candidate != candidate) & (best == best))
+        best = tl.where(better, candidate, best)
+        best_scale = tl.where(better, col_scale, best_scale)
+        winner = tl.where(better, k, winner)
+    return best, best_scale, winner
+
+
+@triton.jit
 def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
                 rows, cols, row_mask, col_mask, D, stride_x, stride_w,
                 HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr, EVEN_D: tl.constexpr):
-    """Logits z and dz/da for a BLOCK_N × BLOCK_C tile (target column not yet substituted)."""
-    if FROM_DOTS:  # x_ptr is the (N, C) buffer of dot products, row stride stride_x
-        tile = x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :]
-        acc = tl.load(tile, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+                BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr, EVEN_D: tl.constexpr,
+                SUBCENTERS: tl.constexpr = 1):
+    """Logits z, dz/da and the winning sub-centre (0 without sub-centres) for a BLOCK_N × BLOCK_C tile (target
+    column not yet substituted). With SUBCENTERS = K > 1 a column is a class of K rows of w (engine.py)."""
+    winner = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.int32)
+    if SUBCENTERS > 1:
+        best, col_scale, winner = _best_subcenter_tile(x_ptr, w_ptr, col_scale_ptr, rows, cols, row_mask, col_mask,
+                                                       D, stride_x, stride_w, HAS_COL_SCALE, SUBCENTERS,
+                                                       DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D, EVEN_D)
+        z = best * row_scale[:, None]  # best already carries its column scale
+        scale = row_scale[:, None] * col_scale
     else:
-        acc = _dot_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w, DOT_PRECISION,
-                        BLOCK_N, BLOCK_C, BLOCK_D, EVEN_D)
-    scale = row_scale[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    if HAS_COL_SCALE:
-        scale = scale * tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    z = acc * scale
+        if FROM_DOTS:  # x_ptr is the (N, C) buffer of dot products, row stride stride_x
+            tile = x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :]
+            acc = tl.load(tile, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        else:
+            acc = _dot_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w, DOT_PRECISION,
+                            BLOCK_N, BLOCK_C, BLOCK_D, EVEN_D)
+        scale = row_scale[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        if HAS_COL_SCALE:
+            scale = scale * tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+        z = acc * scale
     if HAS_BIAS:
         z = z + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     chain = scale
@@ -88,7 +125,7 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
         t = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
         z = softcap * t
         chain = chain * (1.0 - t * t)
-    return z, chain
+    return z, chain, winner
 
 
 @triton.jit
@@ -147,7 +184,7 @@ def streaming_ce_fwd_kernel(
     NEED_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
     EVEN_D: tl.constexpr = False, FLATTEN: tl.constexpr = False, HAS_COST: tl.constexpr = False,
-    COST_DOT_PRECISION: tl.constexpr = "tf32", EVEN_E: tl.constexpr = False,
+    COST_DOT_PRECISION: tl.constexpr = "tf32", EVEN_E: tl.constexpr = False, SUBCENTERS: tl.constexpr = 1,
 ):
     # the splits of one row block are neighbours: they share its x block in L2 (module docstring)
     pid = tl.program_id(0)
@@ -170,10 +207,10 @@ def streaming_ce_fwd_kernel(
     for c0 in tl.range(c_begin, c_end, BLOCK_C, flatten=FLATTEN):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_mask = cols < c_end
-        z, _ = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
-                           rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                           HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
-                           FROM_DOTS, EVEN_D)
+        z, _, _ = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
+                              rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                              HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
+                              FROM_DOTS, EVEN_D, SUBCENTERS)
         z = tl.where(cols[None, :] == target[:, None], target_logit[:, None], z)
         z = tl.where(col_mask[None, :], z, -float("inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -209,23 +246,26 @@ def streaming_ce_fwd_kernel(
 def streaming_ce_grad_logits_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr,
     lse_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, grad_ptr,
-    query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr,
+    query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr, target_subcenter_ptr,
     N, D, E, stride_x, stride_w, stride_g, stride_k, c_begin, c_end, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
     EVEN_D: tl.constexpr = False, EVEN_E: tl.constexpr = False, GROUP_N: tl.constexpr = 8,
+    SUBCENTERS: tl.constexpr = 1,
 ):
+    """With SUBCENTERS = K > 1, grad has (c_end − c_begin)·K columns, the rows of w of the chunk's classes:
+    a class's dL/da goes to its winning sub-centre, the target's to target_subcenter, the others get 0."""
     pid_n, pid_c = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(c_end - c_begin, BLOCK_C), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     cols = c_begin + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < c_end
     row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
-    z, chain = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
-                           rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                           HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
-                           FROM_DOTS, EVEN_D)
+    z, chain, winner = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
+                                   rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                                   HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
+                                   FROM_DOTS, EVEN_D, SUBCENTERS)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     coef_p = tl.load(coef_p_ptr + rows, mask=row_mask, other=0.0)
     coef_u = tl.load(coef_u_ptr + rows, mask=row_mask, other=0.0)
@@ -239,9 +279,18 @@ def streaming_ce_grad_logits_kernel(
         coef_cost = tl.load(coef_cost_ptr + rows, mask=row_mask, other=0.0)
         weight_p = weight_p - coef_cost[:, None] * cosines
     g = (weight_p * p - coef_u[:, None]) * chain
-    g = tl.where(cols[None, :] == target[:, None], target_grad[:, None], g)
+    is_target = cols[None, :] == target[:, None]
+    g = tl.where(is_target, target_grad[:, None], g)
     if SATURATE_FP16:  # degenerate rows/columns saturate instead of turning into inf (see engine.py);
         # NaN stays NaN (tl.minimum/tl.maximum return the other operand), so that GradScaler sees it
         g = tl.where(g != g, g, tl.minimum(tl.maximum(g, -65504.0), 65504.0))
-    out = grad_ptr + rows.to(tl.int64)[:, None] * stride_g + (cols - c_begin)[None, :]
-    tl.store(out, g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    out = grad_ptr + rows.to(tl.int64)[:, None] * stride_g
+    store_mask = row_mask[:, None] & col_mask[None, :]
+    if SUBCENTERS > 1:
+        target_subcenter = tl.load(target_subcenter_ptr + rows, mask=row_mask, other=0)
+        winner = tl.where(is_target, target_subcenter[:, None].to(tl.int32), winner)
+        for k in tl.static_range(SUBCENTERS):
+            tl.store(out + ((cols - c_begin) * SUBCENTERS + k)[None, :],
+                     tl.where(winner == k, g, 0.0).to(grad_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        tl.store(out + (cols - c_begin)[None, :], g.to(grad_ptr.dtype.element_ty), mask=store_mask)

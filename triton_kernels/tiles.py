@@ -136,7 +136,8 @@ class TritonTiles:
 
     def row_stats(self, x, w, spec, need_sum_logits):
         x, w = x.contiguous(), w.contiguous()
-        lse, sum_logits, _ = self._row_stats(x, w, spec, need_sum_logits, x.shape[0], w.shape[0], x.shape[1],
+        num_classes = w.shape[0] // spec.subcenters
+        lse, sum_logits, _ = self._row_stats(x, w, spec, need_sum_logits, x.shape[0], num_classes, x.shape[1],
                                              x.stride(0), w.stride(0), from_dots=False)
         return lse, sum_logits
 
@@ -181,7 +182,7 @@ class TritonTiles:
                     NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     EVEN_D=D % blocks["BLOCK_D"] == 0, HAS_COST=cost is not None,
                     COST_DOT_PRECISION=_dot_precision(cost_args[1]), EVEN_E=E % blocks["BLOCK_D"] == 0,
-                    **_flags(spec), **_without(blocks, "GROUP_N"), **launch)
+                    SUBCENTERS=spec.subcenters, **_flags(spec), **_without(blocks, "GROUP_N"), **launch)
         lse, sum_logits, expected_cost = (torch.empty(N, dtype=torch.float32, device=x.device) for _ in range(3))
         if N > 0:
             with on_device(x):  # one launch instead of ~10 small ops
@@ -242,11 +243,12 @@ class TritonTiles:
 
     def _grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, D, stride_x, stride_w,
                      grad_dtype, from_dots, grad=None):
-        """dL/da of the classes [c0, c1) into `grad` (N, c1 − c0), which may be a column slice of a wider buffer."""
+        """dL/da of the classes [c0, c1) into `grad` (N, c1 − c0), which may be a column slice of a wider buffer;
+        (N, (c1 − c0)·K), the classes' rows of w, with K sub-centres per class."""
         N = x.shape[0]
         blocks, launch = _config(x)
         if grad is None:
-            grad = torch.empty(N, c1 - c0, dtype=grad_dtype, device=x.device)
+            grad = torch.empty(N, (c1 - c0) * spec.subcenters, dtype=grad_dtype, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
         grid = (cdiv(N, blocks["BLOCK_N"]) * cdiv(c1 - c0, blocks["BLOCK_C"]),)
         cost_args, E, stride_k = _cost_pointer_args(cost, spec, w, lse)
@@ -256,10 +258,11 @@ class TritonTiles:
                 streaming_ce_grad_logits_kernel[grid](
                     x, w, fp32(spec.row_scale), fp32(col_scale), bias, spec.target,
                     fp32(lse), fp32(coef_p), fp32(coef_u), fp32(target_grad), grad, *cost_args, coef_cost,
+                    spec.target if spec.target_subcenter is None else spec.target_subcenter.contiguous(),
                     N, D, E, stride_x, stride_w, grad.stride(0), stride_k, c0, c1, softcap,
                     HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     SATURATE_FP16=grad_dtype == torch.float16, EVEN_D=D % blocks["BLOCK_D"] == 0,
                     EVEN_E=E % blocks["BLOCK_D"] == 0,
-                    COST_DOT_PRECISION=_dot_precision(cost_args[1]), **_flags(spec), **_without(blocks, "FLATTEN"),
-                    **launch)
+                    COST_DOT_PRECISION=_dot_precision(cost_args[1]), SUBCENTERS=spec.subcenters, **_flags(spec),
+                    **_without(blocks, "FLATTEN"), **launch)
         return grad
