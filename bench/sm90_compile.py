@@ -26,7 +26,7 @@ HOPPER = GPUTarget("cuda", 90, 64)
 POINTER_TYPES = {
     "x_ptr": "*bf16", "w_ptr": "*bf16", "grad_ptr": "*bf16", "keys_ptr": "*bf16", "target_ptr": "*i64",
     "query_rows_ptr": "*i64", "g_ptr": "*fp32", "out_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16",
-    "da_ptr": "*bf16", "db_ptr": "*bf16",
+    "da_ptr": "*bf16", "db_ptr": "*bf16", "target_subcenter_ptr": "*i64",
 }
 FLOAT_ARGS = ("softcap", "eps", "scale")
 DIVISIBLE_BY_16 = ("N", "C", "D", "E", "R", "B", "stride_x", "stride_w", "stride_g", "stride_k", "stride_a", "stride_b",
@@ -61,13 +61,13 @@ def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
             "shared_bytes": compiled.metadata.shared, "registers": regs, "stack_bytes": stack, "local_bytes": local}
 
 
-def engine_kernels(config, has_cost=False, from_dots=False):
+def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1):
     """(label, kernel, constexprs) of the streaming engine's two kernels at `config`, bf16 operands, with
-    the margin family's column scale (the epilogue every face case runs)."""
+    the margin family's column scale (the epilogue every face case runs); `subcenters` K: sub-center ArcFace."""
     from marginkern.triton_kernels.streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
     flags = dict(HAS_COL_SCALE=True, HAS_BIAS=False, HAS_SOFTCAP=False, DOT_PRECISION="tf32",
                  BLOCK_N=config["BLOCK_N"], BLOCK_C=config["BLOCK_C"], BLOCK_D=config["BLOCK_D"], FROM_DOTS=from_dots,
-                 EVEN_D=True)
+                 EVEN_D=True, SUBCENTERS=subcenters)
     cost = dict(HAS_COST=has_cost, COST_DOT_PRECISION="tf32", EVEN_E=True)
     return [("forward", streaming_ce_fwd_kernel,
              dict(flags, **cost, NEED_SUM_LOGITS=False, FLATTEN=bool(config["FLATTEN"]))),

@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "margin_cross_entropy", "linear_cross_entropy", "LinearCrossEntropyLoss", "emo_loss",
     "emo_cross_entropy", "EMOLoss", "cosent_loss", "cosent_embedding_loss", "CoSENTLoss",
-    "multilabel_categorical_crossentropy", "circle_loss", "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "CombinedMarginLoss",
+    "multilabel_categorical_crossentropy", "circle_loss", "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss",
+    "SphereFaceLoss", "CombinedMarginLoss",
     "LargeMarginSoftmaxLoss", "BackendUnavailable", "reference",
 ]

@@ -337,8 +337,9 @@ def streaming_grads(
     """dL/dX (raw, accumulation dtype), dL/dW (weight dtype, or None when not `need_weight_grad`: a frozen
     head skips the dW GEMM) and dL/dbias (or None).
 
-    `finalize_weight_chunk(r0, r1, dw_chunk)` lets the loss chain a chunk of dW, rows [r0, r1) of w (the
-    classes' K sub-centres each; accumulation dtype), through what the engine does not know about before it is stored. `tangent_projection` =
+    `finalize_weight_chunk(r0, r1, dw_chunk)` lets the loss chain a chunk of dW, rows [r0, r1) of w (its
+    classes' K sub-centres each; accumulation dtype), through what the engine does not know about before
+    it is stored. `tangent_projection` =
     (weight, 1/‖weight_j‖) chains dW through row-normalised classes, ŵ = w/‖w‖ (project_out_rows); unlike a
     finalizer, a tile backend fuses it with the unscaling and the store (`finish_grad_rows`).
 

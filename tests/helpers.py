@@ -167,3 +167,53 @@ def check_loss_and_grads(fn, oracle, x, w, t, dtype, loss_floor, oracle_dtype=to
     assert_close_rel(loss, ref, dtype, "loss", floor=loss_floor)
     assert_close_rel(gx, rx, dtype, "grad input")
     assert_close_rel(gw, rw, dtype, "grad weight")
+
+
+def subcenter_case(N, C, K, D, dtype=torch.float32, device="cpu", ignore=()):
+    """make_case with K sub-centres per class: weight (C·K, D), targets in [0, C)."""
+    x, w, t = make_case(N, C * K, D, dtype, device=device, ignore=ignore)
+    return x, w, torch.where(t == -100, t, t % C)
+
+
+def check_subcenters_match_oracle(device, dtype, shape, opts, oracle_dtype=torch.float64):
+    """margin_cross_entropy with sub-centres (whatever backend serves `device`) against the float64 oracle:
+    loss and both gradients, with an ignored row and targets over every class."""
+    import marginkern as mk
+    from marginkern import reference
+    N, C, K, D = shape
+    x, w, t = subcenter_case(N, C, K, D, dtype, device, ignore=(0,) if N > 2 else ())
+    check_loss_and_grads(mk.margin_cross_entropy, reference.margin_cross_entropy, x, w, t, dtype, 64.0,
+                         oracle_dtype=oracle_dtype, subcenters=K, **opts)
+
+
+def check_duplicate_subcenters_are_plain_margin_ce(device, dtype=torch.float32, K=3):
+    """Every class's K sub-centres equal (exact ties): the loss is the plain margin CE's over one copy, and
+    the whole gradient of each class goes to its FIRST sub-centre (the tie-break every backend shares:
+    a near-tie broken differently in the forward and backward passes would split a class's gradient)."""
+    import marginkern as mk
+    x, w1, t = make_case(29, 41, 24, dtype, device=device, ignore=(2,))
+    w = w1.detach().repeat_interleave(K, dim=0)
+    plain, px, pw = loss_and_grads(mk.margin_cross_entropy, x, w1, t, label_smoothing=0.1)
+    loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, label_smoothing=0.1, subcenters=K)
+    assert_close_rel(loss, plain, dtype, "loss", floor=64.0)
+    assert_close_rel(gx, px, dtype, "grad input")
+    gw = gw.unflatten(0, (-1, K))
+    assert_close_rel(gw[:, 0], pw, dtype, "grad of the first sub-centres")
+    assert (gw[:, 1:] == 0).all(), "a tied sub-centre other than the first got a gradient"
+
+
+def check_subcenter_edge_cases(device, K=2):
+    """No rows, one class (loss 0: its gradients are rounding of terms of size ~scale, hence the floors),
+    every row ignored: finite, and the oracle's values, for every reduction."""
+    import marginkern as mk
+    from marginkern import reference
+    for reduction in ("mean", "sum", "none"):
+        for (N, C, D), ignore in [((0, 5, 3), ()), ((4, 1, 5), ()), ((6, 40, 7), range(6))]:
+            x, w, t = subcenter_case(N, C, K, D, device=device, ignore=ignore)
+            loss, gx, gw = loss_and_grads(mk.margin_cross_entropy, x, w, t, subcenters=K, reduction=reduction)
+            ref, rx, rw = loss_and_grads(reference.margin_cross_entropy, x.double(), w.double(), t, subcenters=K,
+                                         reduction=reduction)
+            assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+            assert_close_rel(loss, ref, torch.float32, "loss", floor=64.0)
+            assert_close_rel(gx, rx, torch.float32, "grad input", floor=1.0)
+            assert_close_rel(gw, rw, torch.float32, "grad weight", floor=1.0)

@@ -8,10 +8,11 @@ import marginkern as mk
 from marginkern import cpp_tiles, engine, reference
 from marginkern.dispatch import _why_not
 from marginkern.engine import CostSpec, LogitSpec, TorchTiles
-from tests.helpers import (assert_close_rel, check_confident_rows_per_row_gradient, check_emo_confident_rows,
+from tests.helpers import (assert_close_rel, check_confident_rows_per_row_gradient,
+                           check_duplicate_subcenters_are_plain_margin_ce, check_emo_confident_rows,
                            check_fp16_grad_saturates_and_keeps_nan, check_loss_and_grads,
                            check_margin_fp16_under_grad_scaler, check_margin_per_row_upstream_gradient,
-                           loss_and_grads, make_case)
+                           check_subcenters_match_oracle, loss_and_grads, make_case)
 from tests.test_cpp import EPILOGUES, SHAPES, check_special_rows_lse, random_cost, random_spec
 from tests.test_linear_ce import grads
 
@@ -252,6 +253,21 @@ def test_margin_fp16_under_a_grad_scaler_scale_cuda(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_margin_per_row_upstream_gradient_cuda(dtype, backend):
     check_margin_per_row_upstream_gradient("cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("opts", [dict(), dict(m2=0.0, m3=0.35, label_smoothing=0.1)], ids=["arcface", "cosface"])
+@pytest.mark.parametrize("shape", [(300, 5003, 3, 131), (1024, 20000, 2, 512)])
+def test_subcenters_cuda_match_oracle(dtype, opts, shape, monkeypatch):
+    # sub-centres run on Triton (the CUDA tiles decline them)
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_subcenters_match_oracle("cuda", dtype, shape, opts)
+
+
+def test_duplicate_subcenters_cuda(monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    for dtype in (torch.float32, torch.bfloat16):
+        check_duplicate_subcenters_are_plain_margin_ce("cuda", dtype)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -67,27 +67,22 @@ def _grouped_tile(pid, num_row_blocks, num_col_tiles, GROUP_N: tl.constexpr):
 def _best_subcenter_tile(x_ptr, w_ptr, col_scale_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
                          HAS_COL_SCALE: tl.constexpr, SUBCENTERS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """(scaled dot, its column scale, winning sub-centre) per cell: class j's sub-centres are rows jK … jK+K−1
-    of w, and the class takes the one with the largest col_scale·(x·w) (the first of equal ones; a NaN wins
-    and stays, so that a NaN embedding gives a NaN loss)."""
+    """(col_scale·(x·w) of the winning sub-centre, the winner) per cell: class j's sub-centres are rows
+    jK … jK+K−1 of w, and the class takes the one with the largest col_scale·(x·w) (the first of equal ones;
+    a NaN wins and stays, so that a NaN embedding gives a NaN loss). Only two tiles stay live across the K dot
+    tiles (the caller gathers the winner's column scale): the dL/da kernel spilled at K = 3 with a third."""
     best = tl.full((BLOCK_N, BLOCK_C), -float("inf"), dtype=tl.float32)
-    best_scale = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     winner = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.int32)
     for k in tl.static_range(SUBCENTERS):
         w_rows = cols * SUBCENTERS + k
-        dots = _dot_tile(x_ptr, w_ptr, rows, w_rows, row_mask, col_mask, D, stride_x, stride_w, DOT_PRECISION,
-                         BLOCK_N, BLOCK_C, BLOCK_D, EVEN_D)
+        candidate = _dot_tile(x_ptr, w_ptr, rows, w_rows, row_mask, col_mask, D, stride_x, stride_w, DOT_PRECISION,
+                              BLOCK_N, BLOCK_C, BLOCK_D, EVEN_D)
         if HAS_COL_SCALE:
-            col_scale = tl.load(col_scale_ptr + w_rows, mask=col_mask, other=0.0)[None, :] \
-                + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-        else:
-            col_scale = tl.full((BLOCK_N, BLOCK_C), 1.0, dtype=tl.float32)
-        candidate = dots * col_scale
+            candidate = candidate * tl.load(col_scale_ptr + w_rows, mask=col_mask, other=0.0)[None, :]
         better = (candidate > best) | ((candidate != candidate) & (best == best))
         best = tl.where(better, candidate, best)
-        best_scale = tl.where(better, col_scale, best_scale)
         winner = tl.where(better, k, winner)
-    return best, best_scale, winner
+    return best, winner
 
 
 @triton.jit
@@ -101,11 +96,14 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
     column not yet substituted). With SUBCENTERS = K > 1 a column is a class of K rows of w (engine.py)."""
     winner = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.int32)
     if SUBCENTERS > 1:
-        best, col_scale, winner = _best_subcenter_tile(x_ptr, w_ptr, col_scale_ptr, rows, cols, row_mask, col_mask,
-                                                       D, stride_x, stride_w, HAS_COL_SCALE, SUBCENTERS,
-                                                       DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D, EVEN_D)
+        best, winner = _best_subcenter_tile(x_ptr, w_ptr, col_scale_ptr, rows, cols, row_mask, col_mask, D,
+                                            stride_x, stride_w, HAS_COL_SCALE, SUBCENTERS, DOT_PRECISION, BLOCK_N,
+                                            BLOCK_C, BLOCK_D, EVEN_D)
         z = best * row_scale[:, None]  # best already carries its column scale
-        scale = row_scale[:, None] * col_scale
+        scale = row_scale[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        if HAS_COL_SCALE:  # the winner's (only the dL/da kernel reads dz/da: the forward's compile drops this)
+            scale = scale * tl.load(col_scale_ptr + (cols * SUBCENTERS)[None, :] + winner,
+                                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
     else:
         if FROM_DOTS:  # x_ptr is the (N, C) buffer of dot products, row stride stride_x
             tile = x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :]
@@ -254,8 +252,9 @@ def streaming_ce_grad_logits_kernel(
     EVEN_D: tl.constexpr = False, EVEN_E: tl.constexpr = False, GROUP_N: tl.constexpr = 8,
     SUBCENTERS: tl.constexpr = 1,
 ):
-    """With SUBCENTERS = K > 1, grad has (c_end − c_begin)·K columns, the rows of w of the chunk's classes:
-    a class's dL/da goes to its winning sub-centre, the target's to target_subcenter, the others get 0."""
+    """With SUBCENTERS = K > 1, grad has (c_end − c_begin)·K columns, the rows of w of the chunk's classes,
+    and must come zeroed: a class's dL/da is stored at its winning sub-centre only (the target's at
+    target_subcenter). One scattered store instead of K masked ones: those spilled registers at K = 2, 3."""
     pid_n, pid_c = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(c_end - c_begin, BLOCK_C), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -289,8 +288,7 @@ def streaming_ce_grad_logits_kernel(
     if SUBCENTERS > 1:
         target_subcenter = tl.load(target_subcenter_ptr + rows, mask=row_mask, other=0)
         winner = tl.where(is_target, target_subcenter[:, None].to(tl.int32), winner)
-        for k in tl.static_range(SUBCENTERS):
-            tl.store(out + ((cols - c_begin) * SUBCENTERS + k)[None, :],
-                     tl.where(winner == k, g, 0.0).to(grad_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(out + ((cols - c_begin) * SUBCENTERS)[None, :] + winner, g.to(grad_ptr.dtype.element_ty),
+                 mask=store_mask)
     else:
         tl.store(out + (cols - c_begin)[None, :], g.to(grad_ptr.dtype.element_ty), mask=store_mask)

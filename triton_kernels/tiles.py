@@ -247,8 +247,9 @@ class TritonTiles:
         (N, (c1 − c0)·K), the classes' rows of w, with K sub-centres per class."""
         N = x.shape[0]
         blocks, launch = _config(x)
-        if grad is None:
-            grad = torch.empty(N, (c1 - c0) * spec.subcenters, dtype=grad_dtype, device=x.device)
+        if grad is None:  # the kernel writes each class's winning sub-centre only: the others stay 0
+            grad = (torch.empty if spec.subcenters == 1 else torch.zeros)(N, (c1 - c0) * spec.subcenters,
+                                                                          dtype=grad_dtype, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
         grid = (cdiv(N, blocks["BLOCK_N"]) * cdiv(c1 - c0, blocks["BLOCK_C"]),)
         cost_args, E, stride_k = _cost_pointer_args(cost, spec, w, lse)

@@ -1,0 +1,78 @@
+"""Sub-center ArcFace through the Triton kernels (SUBCENTERS = K: K dot tiles per class tile, dL/da at the
+winning sub-centre's column) against the float64 oracle.
+
+Run in its own process with TRITON_INTERPRET=1, or on a CUDA machine as is (tests/test_gpu.py adds bf16
+and larger shapes there).
+"""
+import os
+
+import pytest
+import torch
+
+import marginkern as mk
+from marginkern.engine import TorchTiles
+from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
+from tests.helpers import (assert_close_rel, check_duplicate_subcenters_are_plain_margin_ce, check_subcenter_edge_cases,
+                           check_subcenters_match_oracle, subcenter_case)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                reason="needs TRITON_INTERPRET=1 in its own pytest process, or a GPU")
+DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+
+OPTIONS = [dict(), dict(m2=0.0, m3=0.35, label_smoothing=0.1), dict(m1=4.0, m2=0.0, scale=30.0),
+           dict(margin_grad="straight_through")]
+
+
+@pytest.fixture(autouse=True)
+def _force_triton(monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("shape", [(37, 53, 3, 19), (3, 2, 2, 2), (19, 65, 2, 48), (5, 40, 5, 16)])  # D=48, 16: EVEN_D
+def test_triton_matches_oracle(dtype, opts, shape):
+    check_subcenters_match_oracle(DEVICE, dtype, shape, opts)
+
+
+def test_duplicate_subcenters_are_plain_margin_ce():
+    check_duplicate_subcenters_are_plain_margin_ce(DEVICE)
+
+
+def test_empty_single_class_and_all_ignored():
+    check_subcenter_edge_cases(DEVICE)
+
+
+def test_small_gradient_buffer_streams_many_chunks():
+    from marginkern.triton_kernels import TritonTiles
+    x, w, t = subcenter_case(9, 300, 3, 20, device=DEVICE, ignore=(1,))
+    opts = MarginOptions.of(64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100, 3)
+    small = TritonTiles(buffer_bytes=9 * 3 * 4 * 64)
+    assert len(small.class_chunks(9 * 3, 300, x)) > 3
+    outputs = []
+    for tiles in (small, TorchTiles()):
+        loss, lse = margin_ce_forward(x.detach(), w.detach(), t, opts, tiles)
+        outputs.append((loss,) + margin_ce_backward(torch.ones_like(loss), x.detach(), w.detach(), t, lse, opts,
+                                                    tiles))
+    for got, want in zip(*outputs):
+        assert_close_rel(got, want, torch.float32, floor=1.0)
+
+
+def test_opcheck_through_triton():
+    x, w, t = subcenter_case(7, 10, 3, 5, device=DEVICE, ignore=(1,))
+    args = (x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100, 3)
+    torch.library.opcheck(torch.ops.marginkern.margin_cross_entropy.default, args)
+
+
+def test_nan_embedding_gives_nan_row():
+    x, w, t = subcenter_case(4, 6, 3, 5, device=DEVICE)
+    x = x.detach().clone()
+    x[2, 1] = float("nan")
+    loss = mk.margin_cross_entropy(x, w.detach(), t, subcenters=3, reduction="none")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+    # a NaN in one sub-centre (not the first) of a class: every row's softmax sees it
+    x[2, 1] = 0.5
+    w = w.detach().clone()
+    w[3 * 3 + 1, 0] = float("nan")
+    assert torch.isnan(mk.margin_cross_entropy(x, w, t, subcenters=3, reduction="none")).all()
