@@ -12,13 +12,17 @@ Providers, all measured in one run on the same inputs:
                       (MARGINKERN_FUSED_DW=0): what the fused Triton dW GEMM + projection buys
   torch.compile   torch.compile of that naive function
   3-GEMM floor    the three plain matmuls of the same shapes (common_providers.gemm_floor)
+  marginkern sub-center, naive sub-center   sub-center ArcFace with K = 3 on the "subcenter3" cases, whose
+                  C counts the weight's rows (C/3 classes; the floor's GEMMs are over all rows): marginkern's
+                  margin_cross_entropy(subcenters=3) and pytorch-metric-learning's formulation (cosines of
+                  all rows, max over each class's 3, then the naive ArcFace); skipped on the other cases
 """
 import torch
 import torch.nn.functional as F
 
 import marginkern  # never guarded: the bench exists to measure it, so a broken import must fail loudly
 from common_providers import compiled, cuda_graphed, gemm_floor, loss_step, on_backend, with_env
-from harness import Case
+from harness import Case, Skip
 
 ARCFACE = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
 FLOOR = "3-GEMM floor"
@@ -28,12 +32,14 @@ def cases(device_type, quick):
     if device_type == "cuda":
         all_cases = [Case("face-small-100k", 256, 512, 100_000, "bfloat16"),
                      Case("face-b1024-100k", 1024, 512, 100_000, "bfloat16"),
-                     Case("arcface-1M", 1024, 512, 1_000_000, "bfloat16")]
+                     Case("arcface-1M", 1024, 512, 1_000_000, "bfloat16"),
+                     Case("face-subcenter3-100k", 1024, 512, 300_000, "bfloat16")]
     else:  # small enough for a couple of minutes on 2 cores
         all_cases = [Case("cpu-face-5k", 64, 64, 5_000, "float32"),
                      Case("cpu-face-20k", 256, 128, 20_000, "float32"),
                      # the csrc issue's CPU case: naive PyTorch grows RSS by ≈ 1.3 GB there
-                     Case("cpu-face-200k", 512, 128, 200_000, "float32")]
+                     Case("cpu-face-200k", 512, 128, 200_000, "float32"),
+                     Case("cpu-subcenter3-20k", 256, 128, 60_000, "float32")]
     return all_cases[:1] if quick else all_cases
 
 
@@ -48,6 +54,33 @@ def naive_arcface(x, w, target, scale=ARCFACE["scale"], m2=ARCFACE["m2"]):
 
 def _marginkern(x, w, target):
     return marginkern.margin_cross_entropy(x, w, target, **ARCFACE)
+
+
+SUBCENTERS = 3
+
+
+def naive_subcenter_arcface(x, w, target):
+    """pytorch-metric-learning's SubCenterArcFaceLoss: cosines of every sub-centre, the max over each class's
+    K, then ArcFace (target // K: the case's targets index rows)."""
+    cosine = F.linear(F.normalize(x), F.normalize(w)).float().unflatten(1, (-1, SUBCENTERS)).max(2).values
+    target = target // SUBCENTERS
+    rows = torch.arange(x.shape[0], device=x.device)
+    theta = torch.arccos(cosine[rows, target].clamp(-1, 1))
+    logits = cosine.clamp(-1, 1).index_put((rows, target), torch.cos(theta + ARCFACE["m2"]))
+    return F.cross_entropy(logits * ARCFACE["scale"], target)
+
+
+def _marginkern_subcenter(x, w, target):
+    return marginkern.margin_cross_entropy(x, w, target // SUBCENTERS, subcenters=SUBCENTERS, **ARCFACE)
+
+
+def subcenter_only(build):
+    """The provider on the "subcenter3" cases only (their C is the weight's rows, a multiple of 3)."""
+    def build_if_subcenter(case, device):
+        if "subcenter3" not in case.name:
+            raise Skip("sub-center providers run on the subcenter3 cases")
+        return build(case, device)
+    return build_if_subcenter
 
 
 PROVIDERS = {
@@ -67,4 +100,6 @@ PROVIDERS = {
     "naive": lambda case, device: loss_step(naive_arcface, case, device),
     "torch.compile": lambda case, device: loss_step(compiled(naive_arcface, device), case, device),
     FLOOR: gemm_floor,
+    "marginkern sub-center": subcenter_only(lambda case, device: loss_step(_marginkern_subcenter, case, device)),
+    "naive sub-center": subcenter_only(lambda case, device: loss_step(naive_subcenter_arcface, case, device)),
 }

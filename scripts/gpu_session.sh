@@ -125,6 +125,9 @@ case "$stage" in
     # face-small through torch.library's op dispatch (MARGINKERN_EAGER_TWINS=0): what the eager twins save on
     # a GPU host, beside the face step's `marginkern` and `graphed`
     MARGINKERN_TRITON_CONFIG="$face_cfg" bench face face-small-100k "marginkern via ops" 20 face-ops 5
+    # sub-center ArcFace (K = 3 over 300k rows) against pytorch-metric-learning's formulation and the floor
+    MARGINKERN_TRITON_CONFIG="$face_cfg" bench face face-subcenter3-100k \
+      "marginkern sub-center,naive sub-center,3-GEMM floor" 25 face-subcenter 5
     # the issues' targets against this visit's results (CPU only, about a second)
     python bench/check_targets.py "$OUT/results" 2>&1 | tee "$OUT/targets.txt"
     pack
