@@ -33,6 +33,10 @@ EXTENSION_OPS = ("streaming_row_stats", "streaming_grad_logits", "streaming_grad
                  "linear_ce_rows_backward", "emo_rows", "emo_rows_backward")
 
 
+# Arguments an extension built from older sources lacks (a changed schema loads fine and fails at the call).
+SCHEMA_ARGUMENTS = {"margin_ce_rows": "subcenters", "margin_ce_rows_backward": "subcenters"}
+
+
 def _has_kernel(op, dispatch_key):
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"marginkern::{op}", dispatch_key)
@@ -55,6 +59,8 @@ def _load_extension(name, what, ops=(), dispatch_key="CPU"):
     except (ImportError, OSError, ValueError) as e:  # e.g. built against another torch: undefined symbols
         return f"the extension marginkern.{name} does not load ({e}); rebuild it with {rebuild}"
     missing = [op for op in ops if not hasattr(torch.ops.marginkern, op)]
+    missing += [f"{op}'s subcenters argument" for op in ops if op in SCHEMA_ARGUMENTS and not missing
+                and SCHEMA_ARGUMENTS[op] not in (a.name for a in getattr(torch.ops.marginkern, op).default._schema.arguments)]
     if missing:
         return (f"the extension marginkern.{name} is older than this package (it lacks {', '.join(missing)}); "
                 f"rebuild it with {rebuild}")
@@ -211,14 +217,16 @@ if LOAD_ERROR is None:
         return None
 
     @torch.library.register_fake("marginkern::margin_ce_rows")
-    def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index):
+    def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
+          subcenters=1):
         acc, n = accumulation_dtype(input.dtype), input.shape[0]
-        return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc), input.new_empty((n, 4), dtype=acc),
+        return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
+                input.new_empty((n, 4 if subcenters == 1 else 5), dtype=acc),
                 input.new_empty((weight.shape[0] if normalize else 0,), dtype=acc))
 
     @torch.library.register_fake("marginkern::margin_ce_rows_backward")
     def _(grad_rows, input, weight, target, lse, row_state, col_norm, scale, m1, m2, m3, normalize, exact_margin_grad,
-          label_smoothing, ignore_index, need_weight_grad):
+          label_smoothing, ignore_index, need_weight_grad, subcenters=1):
         return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
 
     @torch.library.register_fake("marginkern::linear_ce_rows")

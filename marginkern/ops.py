@@ -176,13 +176,13 @@ def _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, lab
 
 
 def _margin_tiles(input, opts: MarginOptions):
-    """select_tiles, except that sub-centres run on the Triton and PyTorch tiles only: where the C++ or CUDA
-    extension would serve, the PyTorch tiles do (an error when MARGINKERN_BACKEND forces the extension)."""
+    """select_tiles, except that the CUDA extension has no sub-centres: where it would serve them the PyTorch
+    tiles do (an error when MARGINKERN_BACKEND forces it). The C++ margin step has them."""
     tiles = select_tiles(input.device, input.dtype)
-    if opts.subcenters > 1 and tiles.name in ("cpp", "cuda"):
+    if opts.subcenters > 1 and tiles.name == "cuda":
         if forced_backend():
             raise BackendUnavailable(f"MARGINKERN_BACKEND={forced_backend()} cannot run this call: sub-centres "
-                                     f"(subcenters={opts.subcenters}) run on the triton and reference backends")
+                                     f"(subcenters={opts.subcenters}) run on the triton, cpp and reference backends")
         tiles = TorchTiles()
     return tiles
 
@@ -201,7 +201,7 @@ def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: f
     input, weight = input.contiguous(), weight.contiguous()
     tiles = _margin_tiles(input, opts)
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/margin_loss.cpp), the same math
-        return torch.ops.marginkern.margin_ce_rows(input, weight, target, *_margin_scalars(opts))
+        return torch.ops.marginkern.margin_ce_rows(input, weight, target, *_margin_scalars(opts), opts.subcenters)
     return margin_ce_forward(input, weight, target, opts, tiles, keep_geometry=True)
 
 
@@ -233,7 +233,7 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
     tiles = _margin_tiles(input, opts)
     if tiles.name == "cpp":
         return torch.ops.marginkern.margin_ce_rows_backward(grad_loss, input, weight, target, lse, row_state, col_norm,
-                                                            *_margin_scalars(opts), need_weight_grad)
+                                                            *_margin_scalars(opts), need_weight_grad, opts.subcenters)
     grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts, tiles, need_weight_grad,
                                         saved=(row_state, col_norm))
     return grad_x, _or_empty(grad_w, weight)

@@ -1,6 +1,6 @@
 """Sub-center ArcFace (margin_cross_entropy(subcenters=K), SubCenterArcFaceLoss) on the CPU: the oracle
-against a materialised float64 definition, the engine (PyTorch tiles: the C++ tiles have no sub-centres)
-against the oracle, the op's contract (opcheck, compile, errors) and the module's cleaning helpers.
+against a materialised float64 definition, both CPU backends (the C++ margin step, the engine on PyTorch
+tiles) against the oracle, the op's contract (opcheck, compile, errors) and the module's cleaning helpers.
 The Triton kernels: tests/interpreter/test_triton_subcenters.py; the GPU: tests/test_gpu.py."""
 import pytest
 import torch
@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import marginkern as mk
 from marginkern import cpp_tiles, reference
-from marginkern.dispatch import BackendUnavailable
 from marginkern.engine import TorchTiles
 from marginkern.margin import margin_psi
 from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
@@ -49,19 +48,44 @@ def test_oracle_matches_the_materialised_definition(opts, K):
         assert_close_rel(a, b, torch.float64, name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.fixture(params=["cpp", "reference"])
+def backend(request, monkeypatch):
+    """Each CPU backend in turn (MARGINKERN_BACKEND); the C++ one is skipped where it is not built."""
+    if request.param == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("opts", OPTIONS)
 @pytest.mark.parametrize("shape", [(37, 53, 3, 19), (3, 2, 2, 2), (19, 65, 4, 33)])
-def test_op_matches_oracle(dtype, opts, shape):
+def test_op_matches_oracle(dtype, opts, shape, backend):
     check_subcenters_match_oracle("cpu", dtype, shape, opts)
 
 
-def test_empty_single_class_and_all_ignored():
+def test_empty_single_class_and_all_ignored(backend):
     check_subcenter_edge_cases("cpu")
 
 
-def test_duplicate_subcenters_are_plain_margin_ce():
+def test_duplicate_subcenters_are_plain_margin_ce(backend):
     check_duplicate_subcenters_are_plain_margin_ce("cpu")
+
+
+@pytest.mark.skipif(cpp_tiles.LOAD_ERROR is not None, reason="the C++ extension is not built")
+def test_cpp_streams_many_chunks_and_frozen_head(monkeypatch):
+    """The C++ step over many class chunks (a chunk is ~16 MB / (N·(K+2)·4 bytes): N = 3000 gives 279 classes)
+    against the PyTorch tiles, and with a frozen head (no dW GEMM)."""
+    x, w, t = subcenter_case(3000, 700, 3, 8, ignore=(1,))
+    outputs = []
+    for backend in ("cpp", "reference"):
+        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+        outputs.append(loss_and_grads(mk.margin_cross_entropy, x, w, t, subcenters=3, label_smoothing=0.1))
+        frozen = x.detach().requires_grad_()
+        gx = torch.autograd.grad(mk.margin_cross_entropy(frozen, w.detach(), t, subcenters=3), frozen)[0]
+        outputs[-1] += (gx,)
+    for got, want in zip(*outputs):
+        assert_close_rel(got, want, torch.float32, floor=1.0)
 
 
 def test_one_subcenter_is_the_plain_loss():
@@ -72,7 +96,7 @@ def test_one_subcenter_is_the_plain_loss():
         assert torch.equal(a, b)
 
 
-def test_gradient_flows_to_winning_subcenters_only():
+def test_gradient_flows_to_winning_subcenters_only(backend):
     """dW is zero on every sub-centre that is no row's winner (nor the target's chosen one)."""
     N, C, K, D = 6, 5, 3, 8
     x, w, t = subcenter_case(N, C, K, D, torch.float64)
@@ -99,13 +123,13 @@ def test_small_buffer_streams_many_chunks():
         assert_close_rel(got, want, torch.float32, floor=1.0)
 
 
-def test_gradcheck():
+def test_gradcheck(backend):
     x, w, t = subcenter_case(5, 4, 2, 3, torch.float64, ignore=(1,))
     assert torch.autograd.gradcheck(
         lambda a, b: mk.margin_cross_entropy(a, b, t, scale=4.0, subcenters=2, label_smoothing=0.1), (x, w))
 
 
-def test_opcheck_and_compile():
+def test_opcheck_and_compile(backend):
     x, w, t = subcenter_case(7, 10, 3, 5, ignore=(1,))
     args = (x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100, 3)
     torch.library.opcheck(torch.ops.marginkern.margin_cross_entropy.default, args)
@@ -122,7 +146,7 @@ def test_opcheck_and_compile():
         assert_close_rel(a, b, torch.float32)
 
 
-def test_nan_embedding_gives_nan_row():
+def test_nan_embedding_gives_nan_row(backend):
     x, w, t = subcenter_case(4, 6, 3, 5)
     x = x.detach().clone()
     x[2, 1] = float("nan")
@@ -156,12 +180,14 @@ def test_target_beyond_the_classes_names_them():
 
 
 @pytest.mark.skipif(cpp_tiles.LOAD_ERROR is not None, reason="the C++ extension is not built")
-def test_forced_cpp_backend_refuses_with_a_reason(monkeypatch):
-    monkeypatch.setenv("MARGINKERN_BACKEND", "cpp")
+def test_cpp_ops_check_subcenter_arguments():
     x, w, t = subcenter_case(4, 5, 3, 6)
-    with pytest.raises(BackendUnavailable, match="sub-centres"):
-        mk.margin_cross_entropy(x, w, t, subcenters=3)
-    mk.margin_cross_entropy(x, w[:5], t, subcenters=1)  # the plain loss still runs there
+    with pytest.raises(RuntimeError, match="C·subcenters rows"):
+        torch.ops.marginkern.margin_ce_rows(x, w[:14], t, 64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100, 3)
+    with pytest.raises(RuntimeError, match="only with normalize"):
+        torch.ops.marginkern.margin_ce_rows(x, w, t, 64.0, 1.0, 0.5, 0.0, False, True, 0.0, -100, 3)
+    with pytest.raises(RuntimeError, match=r"target must hold class indices in \[0, C=5\)"):
+        torch.ops.marginkern.margin_ce_rows(x, w, t.clamp_min(0) + 5, 64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100, 3)
 
 
 def test_module_matches_functional_and_samples_whole_classes():

@@ -23,7 +23,7 @@ void set_spec_vectors(const char* op, Spec& s, const at::Tensor& row_scale,
   TORCH_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0), op,
               ": softcap must be None or a positive finite number, got ", softcap.value_or(0.0));
   s.row_scale = float_vector(op, "row_scale", row_scale, s.N, s.acc, s.device);
-  if (col_scale) s.col_scale = float_vector(op, "col_scale", *col_scale, s.C, s.acc, s.device);
+  if (col_scale) s.col_scale = float_vector(op, "col_scale", *col_scale, s.C * s.K, s.acc, s.device);
   if (bias) s.bias = float_vector(op, "bias", *bias, s.C, s.acc, s.device);
   s.softcap = softcap;
   check_vector(op, "target", target, s.N, s.device);
@@ -53,7 +53,8 @@ at::Tensor float_vector(const char* op, const char* name, const at::Tensor& t, i
 
 Spec make_spec(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
                const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
-               std::optional<double> softcap, const at::Tensor& target, bool upcast_x) {
+               std::optional<double> softcap, const at::Tensor& target, bool upcast_x, int64_t subcenters,
+               const at::Tensor& target_subcenter) {
   TORCH_CHECK(x.dim() == 2, op, ": x must have shape (N, D), got shape ", x.sizes());
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), op, ": w must have shape (C, D=", x.size(1),
               ") to match x, got shape ", w.sizes());
@@ -63,14 +64,29 @@ Spec make_spec(const char* op, const at::Tensor& x, const at::Tensor& w, const a
               x.scalar_type());
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": w must have the dtype of x (", x.scalar_type(),
               "), got ", w.scalar_type());
+  TORCH_CHECK(subcenters >= 1 && w.size(0) % subcenters == 0, op, ": w must have C·subcenters rows, got ",
+              w.size(0), " rows for subcenters=", subcenters);
+  TORCH_CHECK(subcenters == 1 || (!bias && col_scale), op, ": sub-centres take a col_scale (cosine logits) and no bias");
+  TORCH_CHECK(subcenters <= std::numeric_limits<int>::max(), op, ": subcenters must be below 2^31");
   Spec s;
   s.N = x.size(0);
-  s.C = w.size(0);
+  s.K = subcenters;
+  s.C = w.size(0) / subcenters;
   s.acc = accumulation_dtype(x.scalar_type());
   s.device = x.device();
   s.x = upcast_x ? x.to(s.acc) : x.contiguous();
   s.w = w;
   set_spec_vectors(op, s, row_scale, col_scale, bias, softcap, target);
+  if (target_subcenter.defined()) {
+    check_vector(op, "target_subcenter", target_subcenter, s.N, s.device);
+    s.target_subcenter = target_subcenter.to(at::kLong).contiguous();
+    if (s.N > 0 && s.device.is_cpu()) {
+      const auto [lo, hi] = at::aminmax(s.target_subcenter);
+      TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < s.K, op,
+                  ": target_subcenter must hold sub-centre indices in [0, subcenters=", s.K, "), got values in [",
+                  lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+    }
+  }
   return s;
 }
 
@@ -134,7 +150,7 @@ void check_class_chunk(const char* op, int64_t class_chunk) {
 
 ChunkColumnTensors::ChunkColumnTensors(const Spec& s, const Cost& cost, int64_t c0, int64_t c1) {
   const auto opts = s.row_scale.options();  // accumulation dtype on the op's device (dots ops have no x)
-  scale = s.col_scale.defined() ? s.col_scale.narrow(0, c0, c1 - c0) : at::ones({c1 - c0}, opts);
+  scale = s.col_scale.defined() && s.K == 1 ? s.col_scale.narrow(0, c0, c1 - c0) : at::ones({c1 - c0}, opts);
   bias = s.bias.defined() ? s.bias.narrow(0, c0, c1 - c0) : at::zeros({c1 - c0}, opts);
   if (cost.present()) cost_scale = cost.key_scale.narrow(0, c0, c1 - c0);
 }

@@ -27,7 +27,9 @@ struct Spec {
   std::optional<double> softcap;
   at::ScalarType acc;
   at::Device device{at::kCPU};  // of x (or dots): every tensor of the call must be there
-  int64_t N, C;
+  int64_t N, C;          // C counts classes: with K sub-centres w has K·C rows and col_scale K·C entries
+  int64_t K = 1;         // sub-centres per class (streaming_ce.h)
+  at::Tensor target_subcenter;  // (N,) int64 in [0, K): the backward's target sub-centre; undefined unless K > 1
 };
 
 // The EMO cost term of the backward ops; every tensor undefined when absent.
@@ -50,9 +52,11 @@ at::Tensor float_vector(const char* op, const char* name, const at::Tensor& t, i
 
 // upcast_x: x in the accumulation dtype (the CPU GEMMs); false keeps a float16/bfloat16 x as it is (the
 // CUDA GEMMs read 16-bit operands and write fp32).
+// subcenters K > 1: w holds K rows per class (no bias then); target_subcenter is needed by the backward ops.
 Spec make_spec(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
                const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
-               std::optional<double> softcap, const at::Tensor& target, bool upcast_x = true);
+               std::optional<double> softcap, const at::Tensor& target, bool upcast_x = true, int64_t subcenters = 1,
+               const at::Tensor& target_subcenter = at::Tensor());
 
 // The Spec of an (N, C) matrix of raw dot products computed elsewhere (the 3-GEMM path): no x, no w.
 Spec make_dots_spec(const char* op, const at::Tensor& dots, const at::Tensor& row_scale,
@@ -69,7 +73,8 @@ RowGrads make_row_grads(const char* op, const Spec& s, const at::Tensor& lse, co
 void check_class_chunk(const char* op, int64_t class_chunk);
 
 // The chunk's column vectors [c0, c1); ones / zeros stand in for an absent col_scale / bias, so that
-// one branch-free loop serves every case.
+// one branch-free loop serves every case. With sub-centres the scale is ones too: the reduction over each
+// class's K rows has applied the rows' col_scale already (streaming_ce.cpp).
 struct ChunkColumnTensors {
   at::Tensor scale, bias, cost_scale;
   ChunkColumnTensors(const Spec& s, const Cost& cost, int64_t c0, int64_t c1);

@@ -13,29 +13,37 @@ namespace marginkern {
 namespace {
 
 MarginLossOptions margin_options(double scale, double m1, double m2, double m3, bool normalize, bool exact_margin_grad,
-                                 double label_smoothing, int64_t ignore_index) {
+                                 double label_smoothing, int64_t ignore_index, int64_t subcenters) {
   MarginLossOptions o;
   o.scale = scale, o.m1 = m1, o.m2 = m2, o.m3 = m3, o.normalize = normalize;
   o.exact_margin_grad = exact_margin_grad, o.label_smoothing = label_smoothing, o.ignore_index = ignore_index;
+  TORCH_CHECK(subcenters >= 1 && (subcenters == 1 || normalize), "marginkern::margin_ce_rows: subcenters must be ",
+              ">= 1, and > 1 only with normalize; got ", subcenters);
+  o.subcenters = subcenters;
   return o;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows_op(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, double scale, double m1, double m2,
-    double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index) {
-  loss::check_targets("marginkern::margin_ce_rows", target, weight.size(0), ignore_index);
-  return margin_ce_rows(input, weight, target.to(at::kLong),
-                        margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index));
+    double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
+    int64_t subcenters) {
+  const MarginLossOptions o =
+      margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index, subcenters);
+  TORCH_CHECK(weight.size(0) % subcenters == 0, "marginkern::margin_ce_rows: weight must have C·subcenters rows, got ",
+              weight.size(0), " rows for subcenters=", subcenters);
+  loss::check_targets("marginkern::margin_ce_rows", target, weight.size(0) / subcenters, ignore_index);
+  return margin_ce_rows(input, weight, target.to(at::kLong), o);
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward_op(
     const at::Tensor& grad_rows, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
     const at::Tensor& lse, const at::Tensor& row_state, const at::Tensor& col_norm, double scale, double m1, double m2,
     double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
-    bool need_weight_grad) {
+    bool need_weight_grad, int64_t subcenters) {
   return margin_ce_rows_backward(
       grad_rows, input, weight, target.to(at::kLong), lse, row_state, col_norm,
-      margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index), need_weight_grad);
+      margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index, subcenters),
+      need_weight_grad);
 }
 
 LinearCrossEntropyOptions linear_options(int64_t ignore_index, double label_smoothing, double z_loss,
@@ -88,12 +96,12 @@ std::tuple<at::Tensor, at::Tensor> emo_rows_backward_op(const at::Tensor& grad_c
 TORCH_LIBRARY_FRAGMENT(marginkern, m) {
   m.def(
       "margin_ce_rows(Tensor input, Tensor weight, Tensor target, float scale, float m1, float m2, float m3, "
-      "bool normalize, bool exact_margin_grad, float label_smoothing, int ignore_index) "
+      "bool normalize, bool exact_margin_grad, float label_smoothing, int ignore_index, int subcenters=1) "
       "-> (Tensor loss_rows, Tensor lse, Tensor row_state, Tensor col_norm)");
   m.def(
       "margin_ce_rows_backward(Tensor grad_rows, Tensor input, Tensor weight, Tensor target, Tensor lse, "
       "Tensor row_state, Tensor col_norm, float scale, float m1, float m2, float m3, bool normalize, "
-      "bool exact_margin_grad, float label_smoothing, int ignore_index, bool need_weight_grad) "
+      "bool exact_margin_grad, float label_smoothing, int ignore_index, bool need_weight_grad, int subcenters=1) "
       "-> (Tensor grad_input, Tensor grad_weight)");
   m.def(
       "linear_ce_rows(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "

@@ -75,7 +75,8 @@ inline void check_once_differentiable(const char* op) {
 // The arguments every C++ loss checks the same way: shapes, dtypes, CPU tensors, integer targets in
 // [0, C) or ignore_index, a known reduction.
 inline void check_classification_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
-                                        const at::Tensor& target, int64_t ignore_index, const std::string& reduction) {
+                                        const at::Tensor& target, int64_t ignore_index, const std::string& reduction,
+                                        int64_t rows_per_class = 1) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), op,
               ": input must be (N, D) and weight (C, D) with the same D, got ", x.sizes(), " and ", w.sizes());
   TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), op, ": target must have shape (N=", x.size(0),
@@ -88,7 +89,7 @@ inline void check_classification_inputs(const char* op, const at::Tensor& x, con
               ": input and weight must have one floating-point dtype, got ", x.scalar_type(), " and ", w.scalar_type());
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", op,
               ": reduction must be \"mean\", \"sum\" or \"none\", got \"", reduction, "\"");
-  check_targets(op, target, w.size(0), ignore_index);
+  check_targets(op, target, w.size(0) / rows_per_class, ignore_index);
 }
 
 }  // namespace marginkern::loss

@@ -39,23 +39,29 @@ at::Tensor margin_slope(const at::Tensor& cosine, const MarginLossOptions& o) {
   return (sign * o.m1 * at::sin(phi) / at::sin(theta)).clamp_min(0.0);
 }
 
-// The per-row quantities of the target column (margin_ce.py _TargetGeometry), in the accumulation dtype.
+// The per-row quantities of the target column (margin_ce.py target_rows), in the accumulation dtype.
 // From scratch in the forward pass; in the backward pass from the forward's saved (N, 4) row state
-// [‖x‖, ‖w_y‖, cos, ψ] and (C,) class-centre norms, the same layout as the Python op's.
+// [‖x‖, ‖w_y‖, cos, ψ] ((N, 5) with sub-centres: + the target's sub-centre k_y) and (C,) class-centre
+// norms, the same layout as the Python op's.
 struct TargetGeometry {
   at::Tensor valid, column, xf, x_norm, w_target_norm, cosine, psi, col_norm, row_scale, target_logit;
+  at::Tensor subcenter;  // (N,) int64 k_y with sub-centres, else undefined
+  int64_t K = 1;
 
   TargetGeometry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o,
                  const at::Tensor& row_state = at::Tensor(), const at::Tensor& saved_col_norm = at::Tensor()) {
     const at::ScalarType acc = accumulation_dtype(x.scalar_type());
+    K = o.subcenters;
     valid = target.ne(o.ignore_index);
     column = at::where(valid, target, -1);
     xf = x.to(acc);
     if (row_state.defined()) {
       const auto parts = row_state.to(acc).unbind(1);
       x_norm = parts[0], w_target_norm = parts[1], cosine = parts[2], psi = parts[3];
+      if (K > 1) subcenter = parts[4].to(at::kLong);
       if (o.normalize) col_norm = saved_col_norm.to(acc);
     } else {
+      if (K > 1) subcenter = best_subcenters(w, acc);
       const at::Tensor w_target = target_rows(w, acc);
       x_norm = at::linalg_vector_norm(xf, 2, {1}).clamp_min(loss::kNormEps);
       w_target_norm = at::linalg_vector_norm(w_target, 2, {1}).clamp_min(loss::kNormEps);
@@ -74,16 +80,39 @@ struct TargetGeometry {
     target_logit = at::where(valid, logit, at::zeros_like(logit));
   }
 
-  // w_{y_n} in the accumulation dtype, zeros on ignored rows.
+  // w_{y_n} in the accumulation dtype (with sub-centres: row y_n·K + k_y), zeros on ignored rows.
   at::Tensor target_rows(const at::Tensor& w, at::ScalarType acc) const {
-    return w.index_select(0, column.clamp_min(0)).to(acc) * valid.unsqueeze(1);
+    const at::Tensor rows = K == 1 ? column.clamp_min(0) : column.clamp_min(0) * K + subcenter;
+    return w.index_select(0, rows).to(acc) * valid.unsqueeze(1);
+  }
+
+  // k_y: the target class's sub-centre of largest cosine to x_n (the first of equal ones; a NaN wins, as
+  // torch.max), over blocks of rows: O(block·K·D), never N × C.
+  at::Tensor best_subcenters(const at::Tensor& w, at::ScalarType acc) const {
+    const int64_t N = xf.size(0), D = xf.size(1);
+    at::Tensor out = at::empty({N}, column.options());
+    const at::Tensor classes = w.view({-1, K, D});
+    const int64_t block = std::max<int64_t>(1, (int64_t{4} << 20) / std::max<int64_t>(1, K * D * 4));
+    for (int64_t r0 = 0; r0 < N; r0 += block) {
+      const int64_t n = std::min(block, N - r0);
+      const at::Tensor candidates = classes.index_select(0, column.narrow(0, r0, n).clamp_min(0)).to(acc);
+      const at::Tensor cosines = at::linalg_vecdot(candidates, xf.narrow(0, r0, n).unsqueeze(1)) /
+                                 at::linalg_vector_norm(candidates, 2, {2}).clamp_min(loss::kNormEps);
+      out.narrow(0, r0, n).copy_(std::get<1>(cosines.max(1)));
+    }
+    return out;
   }
 
   std::optional<at::Tensor> col_scale() const {
     return col_norm.defined() ? std::optional<at::Tensor>(col_norm.reciprocal()) : std::nullopt;
   }
 
-  at::Tensor row_state() const { return at::stack({x_norm, w_target_norm, cosine, psi}, 1); }
+  at::Tensor row_state() const {
+    if (K == 1) return at::stack({x_norm, w_target_norm, cosine, psi}, 1);
+    return at::stack({x_norm, w_target_norm, cosine, psi, subcenter.to(x_norm.scalar_type())}, 1);
+  }
+
+  Subcenters subcenters() const { return {K, subcenter}; }
 };
 
 // dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖ in place of the raw gradient (which holds (dL/dŵ)/‖w‖), over blocks of
@@ -105,6 +134,7 @@ void save_options(torch::autograd::AutogradContext* ctx, const MarginLossOptions
   d["scale"] = o.scale, d["m1"] = o.m1, d["m2"] = o.m2, d["m3"] = o.m3, d["normalize"] = o.normalize;
   d["exact_margin_grad"] = o.exact_margin_grad, d["label_smoothing"] = o.label_smoothing;
   d["ignore_index"] = o.ignore_index, d["reduction"] = o.reduction, d["class_chunk"] = o.class_chunk;
+  d["subcenters"] = o.subcenters;
 }
 
 MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
@@ -114,6 +144,7 @@ MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
   o.normalize = d["normalize"].toBool(), o.exact_margin_grad = d["exact_margin_grad"].toBool();
   o.label_smoothing = d["label_smoothing"].toDouble(), o.ignore_index = d["ignore_index"].toInt();
   o.reduction = d["reduction"].toStringRef(), o.class_chunk = d["class_chunk"].toInt();
+  o.subcenters = d["subcenters"].toInt();
   return o;
 }
 
@@ -142,7 +173,10 @@ struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy>
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o) {
   constexpr const char* op = "marginkern::margin_cross_entropy";
-  loss::check_classification_inputs(op, x, w, target, o.ignore_index, o.reduction);
+  TORCH_CHECK(o.subcenters >= 1 && w.dim() == 2 && w.size(0) % o.subcenters == 0, op,
+              ": weight must have C·subcenters rows, got ", w.sizes(), " for subcenters=", o.subcenters);
+  TORCH_CHECK(o.subcenters == 1 || o.normalize, op, ": subcenters > 1 needs normalize (sub-centres compete by cosine)");
+  loss::check_classification_inputs(op, x, w, target, o.ignore_index, o.reduction, o.subcenters);
   TORCH_CHECK(std::isfinite(o.m1) && std::isfinite(o.m2) && std::isfinite(o.m3) && std::isfinite(o.scale) &&
                   o.m1 >= 1.0 && o.m2 >= 0.0 && o.scale > 0, op,
               ": the margins need m1 >= 1, m2 >= 0, finite m3 and a positive finite scale, got m1=", o.m1,
@@ -156,10 +190,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows(const 
                                                                           const at::Tensor& target,
                                                                           const MarginLossOptions& o) {
   const TargetGeometry geo(x, w, target, o);
-  const double eps = o.label_smoothing, C = static_cast<double>(w.size(0));
-  const auto [lse, sum_logits] =
-      streaming_row_stats(x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column,
-                          geo.target_logit, eps > 0, loss::class_chunk(o.class_chunk, x.size(0), geo.xf.scalar_type()));
+  const double eps = o.label_smoothing, C = static_cast<double>(w.size(0) / o.subcenters);
+  // with sub-centres a chunk's GEMM writes K dot products per class (and the reduction two more values)
+  const int64_t chunk = loss::class_chunk(o.class_chunk, x.size(0) * (o.subcenters == 1 ? 1 : o.subcenters + 2),
+                                          geo.xf.scalar_type());
+  const auto [lse, sum_logits] = streaming_row_stats_of_subcenters(
+      x, w, geo.row_scale, geo.col_scale(), std::nullopt, geo.column, geo.target_logit, eps > 0, chunk,
+      geo.subcenters());
   at::Tensor rows = lse - (1.0 - eps) * geo.target_logit;
   if (eps > 0) rows = rows - (eps / C) * sum_logits;
   rows = at::where(geo.valid, rows, at::zeros_like(rows));
@@ -174,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
                                                            bool need_weight_grad) {
   const TargetGeometry geo(x, w, target, o, row_state, col_norm);
   const at::ScalarType acc = geo.xf.scalar_type();
-  const double eps = o.label_smoothing, s = o.scale, C = static_cast<double>(w.size(0));
+  const double eps = o.label_smoothing, s = o.scale, C = static_cast<double>(w.size(0) / o.subcenters);
   const at::Tensor g = at::where(geo.valid, grad_rows.to(acc), at::zeros_like(geo.x_norm));
   const at::Tensor p_target = at::exp(geo.target_logit - lse.to(acc));
   // masked, not just multiplied by g = 0: an ignored row may hold garbage (an inf norm would make 0·inf = NaN
@@ -190,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
   WeightChunkFinalizer finalize;
   at::Tensor radial;
   if (o.normalize) {  // dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖; the raw gradient already holds (dL/dŵ)/‖w‖
-    finalize = [&](int64_t c0, int64_t c1, at::Tensor& chunk) {
-      project_out_rows_(chunk, w.narrow(0, c0, c1 - c0), geo.col_norm.narrow(0, c0, c1 - c0));
+    finalize = [&](int64_t r0, int64_t r1, at::Tensor& chunk) {
+      project_out_rows_(chunk, w.narrow(0, r0, r1 - r0), geo.col_norm.narrow(0, r0, r1 - r0));
     };
   } else {
     radial = grad_target_logit * s * (geo.psi - geo.cosine * slope);
@@ -206,9 +243,12 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
       };
     }
   }
+  const int64_t chunk =
+      loss::class_chunk(o.class_chunk, x.size(0) * (o.subcenters == 1 ? 1 : o.subcenters + 2), acc);
   auto [grad_x, grad_w, unused_bias] = streaming_grads_finalized(
       x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column, lse, g, g * (eps / C), target_grad,
-      /*need_bias_grad=*/false, need_weight_grad, loss::class_chunk(o.class_chunk, x.size(0), acc), finalize);
+      /*need_bias_grad=*/false, need_weight_grad, chunk, finalize, std::nullopt, std::nullopt, std::nullopt,
+      std::nullopt, std::nullopt, geo.subcenters());
   if (o.normalize) {
     const at::Tensor x_hat = geo.xf / geo.x_norm.unsqueeze(1);
     grad_x = grad_x - (x_hat * grad_x).sum(1, true) * x_hat;

@@ -29,16 +29,20 @@ struct MarginLossOptions {
   int64_t ignore_index = -100;
   std::string reduction = "mean";  // "mean" (over non-ignored rows; 0 when there are none), "sum", "none"
   int64_t class_chunk = 0;         // classes per streamed chunk; 0: a 16 MB chunk of fp32 logits
+  // K > 1: sub-center ArcFace (needs normalize): w (K·C, D) holds class j's sub-centres in rows jK … jK+K−1
+  // and cos θ_j is the largest of theirs; the gradient flows to that one (streaming_ce.h Subcenters)
+  int64_t subcenters = 1;
 };
 
-// x (N, D) and w (C, D) of one float dtype on the CPU, target (N,) integer. The result is fp32 (fp64 for
+// x (N, D) and w (C, D) ((K·C, D) with K sub-centres) of one float dtype on the CPU, target (N,) integer. The result is fp32 (fp64 for
 // fp64 inputs): a scalar, or (N,) per-row losses for reduction "none"; gradients flow to x and w.
 at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
                                 const MarginLossOptions& options = {});
 
 // The two halves, per row and without autograd (the ops torch.ops.marginkern.margin_ce_rows{,_backward}
 // that the Python package runs on the CPU; options.reduction and the argument checks are the caller's):
-// (per-row loss, lse, (N, 4) target geometry [‖x‖, ‖w_y‖, cos θ, ψ], (C,) class-centre norms or (0,)),
+// (per-row loss, lse, (N, 4) target geometry [‖x‖, ‖w_y‖, cos θ, ψ] (with sub-centres (N, 5): w_y is the
+// target class's best sub-centre, its index k_y the fifth column), (C,) class-centre norms or (0,)),
 // then (dL/dx, dL/dw or (0,)) for the per-row loss gradient grad_rows.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows(const at::Tensor& x, const at::Tensor& w,
                                                                           const at::Tensor& target,

@@ -2,6 +2,8 @@
 // branches on softcap / cost select a loop once per row, never per element.
 #include "row_epilogue.h"
 
+#include <algorithm>
+
 namespace marginkern::epilogue {
 namespace {
 
@@ -96,7 +98,61 @@ MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const Ch
   }
 }
 
+template <typename T>
+MARGINKERN_ALWAYS_INLINE void reduce_subcenters_row_impl(const T* row, const T* scale, int cc, int K, T* best,
+                                                         int32_t* winner) {
+#pragma omp simd
+  for (int j = 0; j < cc; ++j) {
+    best[j] = row[j * K] * scale[j * K];
+    winner[j] = 0;
+  }
+  for (int k = 1; k < K; ++k) {
+#pragma omp simd
+    for (int j = 0; j < cc; ++j) {
+      const T candidate = row[j * K + k] * scale[j * K + k];
+      const T top = best[j];
+      // the first of equal ones stays; a NaN wins and stays
+      const bool better = candidate > top || (candidate != candidate && top == top);
+      best[j] = better ? candidate : top;
+      winner[j] = better ? k : winner[j];
+    }
+  }
+}
+
+template <typename T>
+MARGINKERN_ALWAYS_INLINE void expand_subcenters_row_impl(const T* g, const int32_t* winner, const T* scale, int cc,
+                                                         int K, int target, int64_t target_subcenter, T* out) {
+  std::fill(out, out + static_cast<int64_t>(cc) * K, T(0));
+  for (int j = 0; j < cc; ++j) {
+    const int64_t at = static_cast<int64_t>(j) * K + winner[j];
+    out[at] = g[j] * scale[at];
+  }
+  if (target >= 0) {  // the target's gradient, as it is, at the sub-centre its logit came from
+    out[static_cast<int64_t>(target) * K + winner[target]] = T(0);
+    out[static_cast<int64_t>(target) * K + target_subcenter] = g[target];
+  }
+}
+
 }  // namespace
+
+MARGINKERN_ISA_CLONES void reduce_subcenters_row(const float* row, const float* scale, int cc, int K, float* best,
+                                                 int32_t* winner) {
+  reduce_subcenters_row_impl(row, scale, cc, K, best, winner);
+}
+
+void reduce_subcenters_row(const double* row, const double* scale, int cc, int K, double* best, int32_t* winner) {
+  reduce_subcenters_row_impl(row, scale, cc, K, best, winner);
+}
+
+void expand_subcenters_row(const float* g, const int32_t* winner, const float* scale, int cc, int K, int target,
+                           int64_t target_subcenter, float* out) {
+  expand_subcenters_row_impl(g, winner, scale, cc, K, target, target_subcenter, out);
+}
+
+void expand_subcenters_row(const double* g, const int32_t* winner, const double* scale, int cc, int K, int target,
+                           int64_t target_subcenter, double* out) {
+  expand_subcenters_row_impl(g, winner, scale, cc, K, target, target_subcenter, out);
+}
 
 MARGINKERN_ISA_CLONES void logits_row(float* row, const ChunkColumns<float>& cols, float row_scale,
                                       int target, float target_logit, float& max_z, float& sum_z,

@@ -97,4 +97,15 @@ void grad_row(float* row, const float* cost_dots, const ChunkColumns<float>& col
 void grad_row(double* row, const double* cost_dots, const ChunkColumns<double>& cols,
               const RowGradCoefs<double>& coefs, int target);
 
+// Sub-centres (streaming_ce.h), one row of a chunk of cc classes with K rows of w each: `row` holds the
+// cc·K dot products and `scale` the rows' col_scale. Reduce: best_j = max_k scale_{jK+k}·row_{jK+k} and its k
+// (the first of equal ones; a NaN wins and stays). Expand: `out` (cc·K) ← the compact dL/da g at each
+// class's winner times its scale, the target column's g as it is at target_subcenter, 0 elsewhere.
+void reduce_subcenters_row(const float* row, const float* scale, int cc, int K, float* best, int32_t* winner);
+void reduce_subcenters_row(const double* row, const double* scale, int cc, int K, double* best, int32_t* winner);
+void expand_subcenters_row(const float* g, const int32_t* winner, const float* scale, int cc, int K, int target,
+                           int64_t target_subcenter, float* out);
+void expand_subcenters_row(const double* g, const int32_t* winner, const double* scale, int cc, int K, int target,
+                           int64_t target_subcenter, double* out);
+
 }  // namespace marginkern::epilogue

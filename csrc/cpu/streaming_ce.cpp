@@ -129,16 +129,77 @@ void grads_into(const Spec& s, const Cost& cost, const RowGrads& rg, int64_t c0,
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sub-centres (streaming_ce.h): the chunk's N × cc·K dot products are reduced to N × cc scaled logits
+// before the epilogue (whose column scale is then 1) and its dL/da expanded back after it.
+
+// The reduction's scratch: the N × cc best scaled dots and their winners.
+struct SubcenterBuffers {
+  at::Tensor best, winner;
+  SubcenterBuffers(const Spec& s, int64_t chunk) {
+    if (s.K == 1) return;
+    best = at::empty({s.N * chunk}, s.x.options().dtype(s.acc));
+    winner = at::empty({s.N * chunk}, s.x.options().dtype(at::kInt));
+  }
+};
+
+// The chunk's dots (N, cc·K) → best (N, cc) and winner (N, cc), rows in parallel (row_epilogue.h).
+template <typename T>
+void reduce_subcenters(const Spec& s, int64_t c0, int cc, const T* dots, T* best, int32_t* winner) {
+  const T* col_scale = s.col_scale.data_ptr<T>() + c0 * s.K;
+  const int K = static_cast<int>(s.K);
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      epilogue::reduce_subcenters_row(dots + n * cc * K, col_scale, cc, K, best + n * cc, winner + n * cc);
+    }
+  });
+}
+
+// The compact dL/da g (N, cc) → out (N, cc·K), rows in parallel (row_epilogue.h).
+template <typename T>
+void expand_subcenters(const Spec& s, int64_t c0, int cc, const T* g, const int32_t* winner, T* out) {
+  const T* col_scale = s.col_scale.data_ptr<T>() + c0 * s.K;
+  const int K = static_cast<int>(s.K);
+  const int64_t* target = s.target.data_ptr<int64_t>();
+  const int64_t* target_subcenter = s.target_subcenter.data_ptr<int64_t>();
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      epilogue::expand_subcenters_row(g + n * cc, winner + n * cc, col_scale, cc, K, target_in_chunk(target[n], c0, cc),
+                                      target_subcenter[n], out + n * cc * K);
+    }
+  });
+}
+
+// The chunk's logit inputs for the epilogue: the raw dots (N, cc) as they are, or with sub-centres
+// the reduced (N, cc) view of `sub.best` (the dots (N, cc·K) stay in `dots`).
+at::Tensor epilogue_dots(const Spec& s, const SubcenterBuffers& sub, int64_t c0, const at::Tensor& dots) {
+  if (s.K == 1) return dots;
+  const int64_t cc = dots.size(1) / s.K;
+  at::Tensor best = sub.best.narrow(0, 0, s.N * cc).view({s.N, cc});
+  AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_reduce_subcenters", [&] {
+    reduce_subcenters<scalar_t>(s, c0, static_cast<int>(cc), dots.data_ptr<scalar_t>(), best.data_ptr<scalar_t>(),
+                                sub.winner.data_ptr<int32_t>());
+  });
+  return best;
+}
+
 // dL/da of the chunk [c0, c1) in `buffer` (and q·kᵀ in `cost_buffer` with a cost term). Returns
-// (dL/da as an (N, c1 − c0) view of `buffer`, the chunk of w in the accumulation dtype).
+// (dL/da as an (N, (c1 − c0)·K) view of `buffer`, the chunk's rows of w in the accumulation dtype).
 std::pair<at::Tensor, at::Tensor> chunk_grads(const Spec& s, const Cost& cost, const RowGrads& rg,
                                               const at::Tensor& buffer, const at::Tensor& cost_buffer,
-                                              int64_t c0, int64_t c1) {
-  auto [g, w_chunk] = chunk_dots(s.x, s.w, s.acc, buffer, c0, c1);
+                                              const SubcenterBuffers& sub, int64_t c0, int64_t c1) {
+  auto [dots, w_chunk] = chunk_dots(s.x, s.w, s.acc, buffer, c0 * s.K, c1 * s.K);
   at::Tensor cost_dots;
   if (cost.present()) cost_dots = chunk_dots(cost.query, cost.keys, s.acc, cost_buffer, c0, c1).first;
+  const at::Tensor g = epilogue_dots(s, sub, c0, dots);
   grads_into(s, cost, rg, c0, g, cost_dots);
-  return {g, w_chunk};
+  if (s.K > 1) {
+    AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_expand_subcenters", [&] {
+      expand_subcenters<scalar_t>(s, c0, static_cast<int>(c1 - c0), g.data_ptr<scalar_t>(),
+                                  sub.winner.data_ptr<int32_t>(), dots.data_ptr<scalar_t>());
+    });
+  }
+  return {dots, w_chunk};
 }
 
 }  // namespace
@@ -146,24 +207,22 @@ std::pair<at::Tensor, at::Tensor> chunk_grads(const Spec& s, const Cost& cost, c
 // ---------------------------------------------------------------------------------------------
 // The ops.
 
-std::tuple<at::Tensor, at::Tensor> streaming_row_stats(
-    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
-    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
-    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& target_logit,
-    bool need_sum_logits, int64_t class_chunk) {
-  constexpr const char* op = "marginkern::streaming_row_stats";
-  const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target);
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> row_stats_impl(const char* op, const Spec& s, const at::Tensor& target_logit,
+                                                  bool need_sum_logits, int64_t class_chunk) {
   const at::Tensor target_logit_acc = float_vector(op, "target_logit", target_logit, s.N, s.acc, s.device);
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
   at::Tensor run_max = at::full({s.N}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor run_sum = at::zeros({s.N}, opts);
   at::Tensor total = need_sum_logits ? at::zeros({s.N}, opts) : at::empty({0}, opts);
-  const at::Tensor buffer = at::empty({s.N * std::min(class_chunk, s.C)}, opts);
+  const at::Tensor buffer = at::empty({s.N * std::min(class_chunk, s.C) * s.K}, opts);
+  const SubcenterBuffers sub(s, std::min(class_chunk, s.C));
   const Cost no_cost;
   for (int64_t c0 = 0; c0 < s.C; c0 += class_chunk) {
     const int64_t c1 = std::min(s.C, c0 + class_chunk);
-    const at::Tensor dots = chunk_dots(s.x, s.w, s.acc, buffer, c0, c1).first;
+    const at::Tensor dots = epilogue_dots(s, sub, c0, chunk_dots(s.x, s.w, s.acc, buffer, c0 * s.K, c1 * s.K).first);
     const ChunkColumnTensors columns(s, no_cost, c0, c1);
     AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_row_stats", [&] {
       accumulate_row_stats<scalar_t>(s, columns_view<scalar_t>(columns, s), c0, dots.data_ptr<scalar_t>(),
@@ -175,6 +234,27 @@ std::tuple<at::Tensor, at::Tensor> streaming_row_stats(
   // max + log(sum); a row of −inf logits gives −inf + log 0 = −inf, as torch.logsumexp.
   at::Tensor lse = at::log(run_sum).add_(run_max);
   return {lse, total};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> streaming_row_stats(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& target_logit,
+    bool need_sum_logits, int64_t class_chunk) {
+  constexpr const char* op = "marginkern::streaming_row_stats";
+  return row_stats_impl(op, make_spec(op, x, w, row_scale, col_scale, bias, softcap, target), target_logit,
+                        need_sum_logits, class_chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, std::optional<double> softcap, const at::Tensor& target,
+    const at::Tensor& target_logit, bool need_sum_logits, int64_t class_chunk, const Subcenters& subcenters) {
+  constexpr const char* op = "marginkern::streaming_row_stats";
+  return row_stats_impl(op, make_spec(op, x, w, row_scale, col_scale, std::nullopt, softcap, target, true,
+                                      subcenters.K), target_logit, need_sum_logits, class_chunk);
 }
 
 at::Tensor streaming_grad_logits(
@@ -195,7 +275,7 @@ at::Tensor streaming_grad_logits(
   const auto opts = s.x.options().dtype(s.acc);
   const at::Tensor buffer = at::empty({s.N * (c1 - c0)}, opts);
   const at::Tensor cost_buffer = cost.present() ? at::empty({s.N * (c1 - c0)}, opts) : at::Tensor();
-  return chunk_grads(s, cost, rg, buffer, cost_buffer, c0, c1).first;
+  return chunk_grads(s, cost, rg, buffer, cost_buffer, SubcenterBuffers(s, c1 - c0), c0, c1).first;
 }
 
 namespace {
@@ -210,9 +290,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
     bool need_bias_grad, bool need_weight_grad, int64_t class_chunk, const std::optional<at::Tensor>& cost_query,
     const std::optional<at::Tensor>& cost_query_scale, const std::optional<at::Tensor>& cost_keys,
     const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef,
-    const WeightChunkFinalizer& finalize, bool weight_dtype) {
+    const WeightChunkFinalizer& finalize, bool weight_dtype, const Subcenters& subcenters) {
   constexpr const char* op = "marginkern::streaming_grads";
-  const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target);
+  TORCH_CHECK(subcenters.K == 1 || (subcenters.target_subcenter.defined() && !cost_query), op,
+              ": sub-centres need target_subcenter, and have no cost term");
+  const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target, true, subcenters.K,
+                           subcenters.target_subcenter);
   const Cost cost = make_cost(op, s, cost_query, cost_query_scale, cost_keys, cost_key_scale, cost_coef);
   const RowGrads rg = make_row_grads(op, s, lse, coef_p, coef_u, target_grad);
   check_class_chunk(op, class_chunk);
@@ -220,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
   at::Tensor grad_x = at::zeros({s.N, x.size(1)}, opts);
   // a 16-bit w's gradient is stored chunk by chunk in its dtype: no (C, D) fp32 copy beside it
   const bool store_converted = weight_dtype && w.scalar_type() != s.acc;
-  at::Tensor grad_w = need_weight_grad ? at::empty({s.C, x.size(1)}, store_converted ? w.options() : opts)
+  at::Tensor grad_w = need_weight_grad ? at::empty({w.size(0), x.size(1)}, store_converted ? w.options() : opts)
                                        : at::empty({0}, opts);
   at::Tensor grad_bias = need_bias_grad ? at::empty({s.C}, opts) : at::empty({0}, opts);
   if (s.N == 0) {
@@ -229,16 +312,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
     return {grad_x, grad_w, grad_bias};
   }
   const int64_t buffer_size = s.N * std::min(class_chunk, s.C);
-  const at::Tensor buffer = at::empty({buffer_size}, opts);
+  const at::Tensor buffer = at::empty({buffer_size * s.K}, opts);
   const at::Tensor cost_buffer = cost.present() ? at::empty({buffer_size}, opts) : at::Tensor();
+  const SubcenterBuffers sub(s, std::min(class_chunk, s.C));
   for (int64_t c0 = 0; c0 < s.C; c0 += class_chunk) {
     const int64_t c1 = std::min(s.C, c0 + class_chunk);
-    const auto [g, w_chunk] = chunk_grads(s, cost, rg, buffer, cost_buffer, c0, c1);
-    grad_x.addmm_(g, w_chunk);                                 // dX += G · W[c0:c1]
+    const int64_t r0 = c0 * s.K, r1 = c1 * s.K;  // the chunk's rows of w
+    const auto [g, w_chunk] = chunk_grads(s, cost, rg, buffer, cost_buffer, sub, c0, c1);
+    grad_x.addmm_(g, w_chunk);                                 // dX += G · W[r0:r1]
     if (need_weight_grad) {
-      at::Tensor grad_w_chunk = grad_w.narrow(0, c0, c1 - c0);  // dW[c0:c1] = Gᵀ · X
+      at::Tensor grad_w_chunk = grad_w.narrow(0, r0, r1 - r0);  // dW[r0:r1] = Gᵀ · X
       at::Tensor raw = store_converted ? at::mm(g.t(), s.x) : at::mm_out(grad_w_chunk, g.t(), s.x);
-      if (finalize) finalize(c0, c1, raw);
+      if (finalize) finalize(r0, r1, raw);
       if (store_converted) grad_w_chunk.copy_(raw);
     }
     if (need_bias_grad) {
@@ -261,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef) {
   return streaming_grads_impl(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad,
                               need_bias_grad, need_weight_grad, class_chunk, cost_query, cost_query_scale, cost_keys,
-                              cost_key_scale, cost_coef, WeightChunkFinalizer(), /*weight_dtype=*/false);
+                              cost_key_scale, cost_coef, WeightChunkFinalizer(), /*weight_dtype=*/false, Subcenters{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
@@ -272,10 +357,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     bool need_bias_grad, bool need_weight_grad, int64_t class_chunk, const WeightChunkFinalizer& finalize,
     const std::optional<at::Tensor>& cost_query, const std::optional<at::Tensor>& cost_query_scale,
     const std::optional<at::Tensor>& cost_keys, const std::optional<at::Tensor>& cost_key_scale,
-    const std::optional<at::Tensor>& cost_coef) {
+    const std::optional<at::Tensor>& cost_coef, const Subcenters& subcenters) {
   return streaming_grads_impl(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad,
                               need_bias_grad, need_weight_grad, class_chunk, cost_query, cost_query_scale, cost_keys,
-                              cost_key_scale, cost_coef, finalize, /*weight_dtype=*/true);
+                              cost_key_scale, cost_coef, finalize, /*weight_dtype=*/true, subcenters);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_stats_of_dots(

@@ -62,10 +62,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     const std::optional<at::Tensor>& cost_key_scale = std::nullopt,
     const std::optional<at::Tensor>& cost_coef = std::nullopt);
 
-// streaming_grads for callers that chain dW further (the C++ losses): each class chunk of the raw dW, in
-// the accumulation dtype, passes through `finalize(c0, c1, chunk)` (in place; may be empty), then is stored
-// in w's dtype: a 16-bit w gets no (C, D) fp32 gradient beside its own.
-using WeightChunkFinalizer = std::function<void(int64_t c0, int64_t c1, at::Tensor& grad_w_chunk)>;
+// Sub-centres (sub-center ArcFace): w (K·C, D) holds class j's K sub-centres in rows jK … jK+K−1, col_scale
+// has K·C entries, and class j's logit is built as above from max_k col_scale_{jK+k}·(x_n · w_{jK+k}) (the
+// first of equal ones wins; a NaN wins and stays). dL/da goes to the winning row only (times its col_scale),
+// the target column's to row target_n·K + target_subcenter_n; the class's other rows get 0. Per chunk the
+// GEMM writes N × chunk·K dot products, reduced to N × chunk before the epilogue and expanded after it.
+// K = 1 is the plain logit above.
+struct Subcenters {
+  int64_t K = 1;
+  at::Tensor target_subcenter;  // (N,) int64 in [0, K): needed by the backward pass
+};
+
+// streaming_row_stats over sub-centres (no bias: sub-centres are cosine logits).
+std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, std::optional<double> softcap, const at::Tensor& target,
+    const at::Tensor& target_logit, bool need_sum_logits, int64_t class_chunk, const Subcenters& subcenters);
+
+// streaming_grads for callers that chain dW further (the C++ losses): each chunk of the raw dW, rows
+// [r0, r1) of w (the chunk's classes, K rows each), in the accumulation dtype, passes through
+// `finalize(r0, r1, chunk)` (in place; may be empty), then is stored in w's dtype: a 16-bit w gets no
+// (C, D) fp32 gradient beside its own.
+using WeightChunkFinalizer = std::function<void(int64_t r0, int64_t r1, at::Tensor& grad_w_chunk)>;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
     const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
@@ -76,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     const std::optional<at::Tensor>& cost_query_scale = std::nullopt,
     const std::optional<at::Tensor>& cost_keys = std::nullopt,
     const std::optional<at::Tensor>& cost_key_scale = std::nullopt,
-    const std::optional<at::Tensor>& cost_coef = std::nullopt);
+    const std::optional<at::Tensor>& cost_coef = std::nullopt, const Subcenters& subcenters = {});
 
 // The 3-GEMM path's epilogue over `dots` (N, C), the raw dot products x·wᵀ computed elsewhere, in the
 // accumulation dtype: (lse, Σ_j z or (0,)) without changing dots, then dots ← dL/da in place.

@@ -1,7 +1,8 @@
 // The C++ margin loss (margin_loss.h) against a naive LibTorch computation of the same definition
 // (DESIGN.md §4) in float64 with the whole N × C logits and autograd: loss and both gradients, for
 // ArcFace, CosFace, SphereFace with label smoothing, the straight-through slope, unnormalized logits,
-// ignored rows, every reduction, several class chunks; plus the error for an out-of-range target.
+// ignored rows, every reduction, several class chunks, sub-centres (sub-center ArcFace: the max over each
+// class's K cosines); plus the error for an out-of-range target.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -32,7 +33,8 @@ at::Tensor naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const at::Tensor t = at::where(valid, target, 0).unsqueeze(1);
   const at::Tensor x_norm = x.norm(2, {1}, true), w_norm = w.norm(2, {1}, true);
   const at::Tensor raw = x.matmul(w.t());
-  const at::Tensor cos_all = raw / (x_norm * w_norm.t());
+  at::Tensor cos_all = raw / (x_norm * w_norm.t());
+  if (o.subcenters > 1) cos_all = std::get<0>(cos_all.view({x.size(0), -1, o.subcenters}).max(2));
   const at::Tensor cos_t = cos_all.gather(1, t).squeeze(1).clamp(-1.0, 1.0);
   at::Tensor logits, target_logit;
   if (o.normalize) {
@@ -43,7 +45,7 @@ at::Tensor naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     target_logit = o.scale * x_norm.squeeze(1) * w_norm.squeeze(1).index_select(0, t.squeeze(1)) * naive_psi(cos_t, o);
   }
   logits = logits.scatter(1, t, target_logit.unsqueeze(1));
-  const double eps = o.label_smoothing, C = static_cast<double>(w.size(0));
+  const double eps = o.label_smoothing, C = static_cast<double>(w.size(0) / o.subcenters);
   at::Tensor rows = at::logsumexp(logits, {1}) - (1.0 - eps) * target_logit - (eps / C) * logits.sum(1);
   rows = at::where(valid, rows, at::zeros_like(rows));
   if (o.reduction == "none") return rows;
@@ -53,7 +55,7 @@ at::Tensor naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 
 void check_case(const char* name, MarginLossOptions o, at::ScalarType dtype, int N, int C, int D) {
   at::manual_seed(N * 1000 + C);
-  const at::Tensor x0 = at::randn({N, D}, at::kDouble), w0 = at::randn({C, D}, at::kDouble) * 0.3;
+  const at::Tensor x0 = at::randn({N, D}, at::kDouble), w0 = at::randn({C * o.subcenters, D}, at::kDouble) * 0.3;
   at::Tensor target = at::randint(0, C, {N}, at::kLong);
   target.index_put_({at::indexing::Slice(0, N, 4)}, o.ignore_index);  // every 4th row ignored
   // marginkern on `dtype` inputs
@@ -94,6 +96,12 @@ void test_against_naive() {
   MarginLossOptions raw = arcface;
   raw.normalize = false, raw.m1 = 3.0, raw.m2 = 0.0, raw.scale = 1.0;
   cases.push_back({"L-Softmax (unnormalized)", raw});
+  MarginLossOptions subcenter = arcface;
+  subcenter.subcenters = 3, subcenter.label_smoothing = 0.1;
+  cases.push_back({"sub-center ArcFace (K = 3) + label smoothing", subcenter});
+  MarginLossOptions subcenter_cosface = cosface;
+  subcenter_cosface.subcenters = 2;
+  cases.push_back({"sub-center CosFace (K = 2), sum", subcenter_cosface});
   for (const auto& c : cases) {
     for (at::ScalarType dtype : {at::kDouble, at::kFloat}) {
       MarginLossOptions o = c.o;
