@@ -37,6 +37,10 @@ EXTENSION_OPS = ("streaming_row_stats", "streaming_grad_logits", "streaming_grad
 SCHEMA_ARGUMENTS = {"margin_ce_rows": "subcenters", "margin_ce_rows_backward": "subcenters"}
 
 
+def _argument_names(op):
+    return [a.name for a in getattr(torch.ops.marginkern, op).default._schema.arguments]
+
+
 def _has_kernel(op, dispatch_key):
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"marginkern::{op}", dispatch_key)
@@ -47,20 +51,20 @@ def _has_kernel(op, dispatch_key):
 def _load_extension(name, what, ops=(), dispatch_key="CPU"):
     """None when marginkern.<name> is loaded (which registers its kernels), else why it is not."""
     rebuild = f"pip install --no-build-isolation -e . (needs torch importable at build time and {what})"
-    if ops and all(_has_kernel(op, dispatch_key) for op in ops):
-        # Registered already: the LibTorch build of the same sources (CMakeLists.txt), loaded by
-        # torch.ops.load_library before this import. Loading ours too would register every schema twice,
-        # which aborts the process from a static initialiser (no Python exception to catch).
-        return None
-    try:
-        if importlib.util.find_spec(f"{__package__}.{name}") is None:
-            return f"the extension marginkern.{name} is not built; build it with {rebuild}"
-        importlib.import_module(f"{__package__}.{name}")
-    except (ImportError, OSError, ValueError) as e:  # e.g. built against another torch: undefined symbols
-        return f"the extension marginkern.{name} does not load ({e}); rebuild it with {rebuild}"
+    if not (ops and all(_has_kernel(op, dispatch_key) for op in ops)):
+        # Not registered already (by the LibTorch build of the same sources, CMakeLists.txt, loaded by
+        # torch.ops.load_library before this import: loading ours too would register every schema twice,
+        # which aborts the process from a static initialiser, no Python exception to catch).
+        try:
+            if importlib.util.find_spec(f"{__package__}.{name}") is None:
+                return f"the extension marginkern.{name} is not built; build it with {rebuild}"
+            importlib.import_module(f"{__package__}.{name}")
+        except (ImportError, OSError, ValueError) as e:  # e.g. built against another torch: undefined symbols
+            return f"the extension marginkern.{name} does not load ({e}); rebuild it with {rebuild}"
     missing = [op for op in ops if not hasattr(torch.ops.marginkern, op)]
-    missing += [f"{op}'s subcenters argument" for op in ops if op in SCHEMA_ARGUMENTS and not missing
-                and SCHEMA_ARGUMENTS[op] not in (a.name for a in getattr(torch.ops.marginkern, op).default._schema.arguments)]
+    if not missing:
+        missing = [f"{op}'s {arg} argument" for op, arg in SCHEMA_ARGUMENTS.items()
+                   if op in ops and arg not in _argument_names(op)]
     if missing:
         return (f"the extension marginkern.{name} is older than this package (it lacks {', '.join(missing)}); "
                 f"rebuild it with {rebuild}")

@@ -512,6 +512,14 @@ def test_a_stale_extension_is_reported_not_used():
 
 
 @requires_cpp
+def test_an_extension_with_an_older_schema_is_reported_not_used(monkeypatch):
+    # an op that exists but lacks an argument the package passes (a changed schema) must fall back too
+    monkeypatch.setitem(cpp_tiles.SCHEMA_ARGUMENTS, "margin_ce_rows", "an_argument_of_a_newer_version")
+    reason = cpp_tiles._load_extension("_C", "a C++ compiler", cpp_tiles.EXTENSION_OPS)
+    assert "older than this package" in reason and "an_argument_of_a_newer_version" in reason
+
+
+@requires_cpp
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_garbage_in_an_ignored_row_does_not_reach_the_weight_gradient(monkeypatch, backend):
     # review finding: on the C++ path an ignored row with an inf norm made 0·inf = NaN in class 0's dW

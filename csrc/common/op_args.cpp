@@ -66,7 +66,8 @@ Spec make_spec(const char* op, const at::Tensor& x, const at::Tensor& w, const a
               "), got ", w.scalar_type());
   TORCH_CHECK(subcenters >= 1 && w.size(0) % subcenters == 0, op, ": w must have C·subcenters rows, got ",
               w.size(0), " rows for subcenters=", subcenters);
-  TORCH_CHECK(subcenters == 1 || (!bias && col_scale), op, ": sub-centres take a col_scale (cosine logits) and no bias");
+  TORCH_CHECK(subcenters == 1 || (!bias && col_scale), op,
+              ": sub-centres take a col_scale (cosine logits) and no bias");
   TORCH_CHECK(subcenters <= std::numeric_limits<int>::max(), op, ": subcenters must be below 2^31");
   Spec s;
   s.N = x.size(0);

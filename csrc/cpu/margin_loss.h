@@ -34,8 +34,9 @@ struct MarginLossOptions {
   int64_t subcenters = 1;
 };
 
-// x (N, D) and w (C, D) ((K·C, D) with K sub-centres) of one float dtype on the CPU, target (N,) integer. The result is fp32 (fp64 for
-// fp64 inputs): a scalar, or (N,) per-row losses for reduction "none"; gradients flow to x and w.
+// x (N, D) and w (C, D) ((K·C, D) with K sub-centres) of one float dtype on the CPU, target (N,) integer.
+// The result is fp32 (fp64 for fp64 inputs): a scalar, or (N,) per-row losses for reduction "none";
+// gradients flow to x and w.
 at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
                                 const MarginLossOptions& options = {});
 
