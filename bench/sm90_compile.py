@@ -65,6 +65,8 @@ def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1):
     """(label, kernel, constexprs) of the streaming engine's two kernels at `config`, bf16 operands, with
     the margin family's column scale (the epilogue every face case runs); `subcenters` K: sub-center ArcFace."""
     from marginkern.triton_kernels.streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
+    from marginkern.triton_kernels.tiles import subcenter_blocks
+    config = subcenter_blocks(config, config["num_warps"], subcenters)  # the tile the kernels run with then
     flags = dict(HAS_COL_SCALE=True, HAS_BIAS=False, HAS_SOFTCAP=False, DOT_PRECISION="tf32",
                  BLOCK_N=config["BLOCK_N"], BLOCK_C=config["BLOCK_C"], BLOCK_D=config["BLOCK_D"], FROM_DOTS=from_dots,
                  EVEN_D=True, SUBCENTERS=subcenters)

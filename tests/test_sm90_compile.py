@@ -22,7 +22,7 @@ def _check_gemm_tile(report):
     assert report["shared_bytes"] <= HOPPER_SHARED_BYTES
 
 
-@pytest.mark.parametrize("has_cost, subcenters", [(False, 1), (True, 1), (False, 3)])
+@pytest.mark.parametrize("has_cost, subcenters", [(False, 1), (True, 1), (False, 2), (False, 3), (False, 4)])
 def test_engine_kernels_pipeline_on_wgmma_without_spills(has_cost, subcenters):
     for label, kernel, constexprs in sm90_compile.engine_kernels(GPU_CONFIG, has_cost=has_cost, subcenters=subcenters):
         report = sm90_compile.compile_sm90(kernel, constexprs, GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"])

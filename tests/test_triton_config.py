@@ -54,3 +54,14 @@ def test_host_grid_arithmetic_matches_triton():
     assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in (1, 2, 3, 7, 16, 32, 1024))
     assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 5000))
     assert cdiv(2**40 + 1, 1024) == triton.cdiv(2**40 + 1, 1024)
+
+
+def test_subcenter_tiles_stay_within_16_elements_per_thread():
+    # the sub-centre kernels keep best and winner tiles beside the accumulator: sm_90 compiles of larger
+    # tiles took 210-255 registers or spilled (bench/NOTES.md, ninth session; tests/test_sm90_compile.py)
+    from marginkern.triton_kernels.tiles import INTERPRETER_BLOCKS, subcenter_blocks
+    assert subcenter_blocks(GPU_CONFIG, 8, 1) == GPU_CONFIG
+    assert subcenter_blocks(GPU_CONFIG, 8, 3) == {**GPU_CONFIG, "BLOCK_C": 64}
+    assert subcenter_blocks({**GPU_CONFIG, "BLOCK_N": 128}, 8, 2)["BLOCK_C"] == 32
+    assert subcenter_blocks({**GPU_CONFIG, "BLOCK_N": 128}, 4, 2)["BLOCK_C"] == 16
+    assert subcenter_blocks(INTERPRETER_BLOCKS, 4, 4) == INTERPRETER_BLOCKS

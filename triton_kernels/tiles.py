@@ -49,6 +49,23 @@ def _config(x):
             {k: config[k] for k in ("num_warps", "num_stages")})
 
 
+def subcenter_blocks(blocks, num_warps, subcenters):
+    """The engine kernels' tile with K > 1 sub-centres. Their running best and winner tiles live beside the
+    dot accumulator: at GPU_CONFIG's 64 × 128 that took 210–255 registers on sm_90 (one 8-warp program per
+    SM instead of two) and spilled at 128 × 128 (bench/NOTES.md, ninth session). BLOCK_C halves until a tile
+    holds at most 16 elements per thread: 126–157 registers at 64 × 64 and 128 × 32 with 8 warps, K = 2–4."""
+    block_c = blocks["BLOCK_C"]
+    while subcenters > 1 and block_c > 16 and blocks["BLOCK_N"] * block_c > 16 * 32 * num_warps:
+        block_c //= 2
+    return dict(blocks, BLOCK_C=block_c)
+
+
+def _subcenter_config(x, spec):
+    """_config, with the tile subcenter_blocks gives for spec's sub-centres."""
+    blocks, launch = _config(x)
+    return subcenter_blocks(blocks, launch.get("num_warps", 4), spec.subcenters), launch
+
+
 def _sm_count(device):
     """SMs of x's GPU (engine.device_sm_count; the interpreter pretends an H100 SXM's 132)."""
     return device_sm_count(device) if device.type == "cuda" else 132
@@ -166,7 +183,7 @@ class TritonTiles:
     def _row_stats(self, x, w, spec, need_sum_logits, N, C, D, stride_x, stride_w, from_dots, cost=None):
         """(lse, Σ_j z_nj or None, Σ_{j≠t} p_nj·(1 − A_nj) or None): the forward kernel over class splits,
         merged here."""
-        blocks, launch = _config(x)
+        blocks, launch = _subcenter_config(x, spec)
         row_blocks = cdiv(N, blocks["BLOCK_N"])
         splits, per_split = class_splits(N, C, D, x.element_size(), blocks, _sm_count(x.device), _l2_bytes(x.device))
         planes = 2 + need_sum_logits + (cost is not None)  # max, Σexp [, Σz] [, Σ e·A]
@@ -246,7 +263,7 @@ class TritonTiles:
         """dL/da of the classes [c0, c1) into `grad` (N, c1 − c0), which may be a column slice of a wider buffer;
         (N, (c1 − c0)·K), the classes' rows of w, with K sub-centres per class."""
         N = x.shape[0]
-        blocks, launch = _config(x)
+        blocks, launch = _subcenter_config(x, spec)
         if grad is None:  # the kernel writes each class's winning sub-centre only: the others stay 0
             grad = (torch.empty if spec.subcenters == 1 else torch.zeros)(N, (c1 - c0) * spec.subcenters,
                                                                           dtype=grad_dtype, device=x.device)

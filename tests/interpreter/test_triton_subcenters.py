@@ -59,6 +59,15 @@ def test_small_gradient_buffer_streams_many_chunks():
         assert_close_rel(got, want, torch.float32, floor=1.0)
 
 
+def test_narrower_subcenter_tiles_than_the_class_chunks(monkeypatch):
+    """With sub-centres the kernels run narrower class tiles than the chunking assumes (subcenter_blocks): the
+    interpreter's blocks made GPU-sized, so that BLOCK_C halves twice (4 warps: 2048 elements per tile)."""
+    from marginkern.triton_kernels import tiles
+    monkeypatch.setattr(tiles, "INTERPRETER_BLOCKS", dict(tiles.INTERPRETER_BLOCKS, BLOCK_N=16, BLOCK_C=512))
+    assert tiles.subcenter_blocks(tiles.INTERPRETER_BLOCKS, 4, 3)["BLOCK_C"] == 128
+    check_subcenters_match_oracle(DEVICE, torch.float32, (21, 700, 3, 9), dict(label_smoothing=0.1))
+
+
 def test_opcheck_through_triton():
     x, w, t = subcenter_case(7, 10, 3, 5, device=DEVICE, ignore=(1,))
     args = (x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100, 3)
