@@ -63,6 +63,8 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     acc = accumulation_dtype(input.dtype)
     x, w = input.to(acc), weight.to(acc)
     K = subcenters
+    if K > 1 and not normalize:
+        raise ValueError(f"subcenters={K} needs normalize=True (sub-centres compete by cosine)")
     valid = target != ignore_index
     column = torch.where(valid, target, torch.full_like(target, -1))
     if normalize:

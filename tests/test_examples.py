@@ -8,11 +8,24 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
-@pytest.mark.parametrize("loss", ["arcface", "cosface", "sphereface"])
+@pytest.mark.parametrize("loss", ["arcface", "cosface", "sphereface", "subcenter"])
 def test_margin_heads_learn_digits(monkeypatch, loss):
     import arcface_digits
     monkeypatch.setattr(sys, "argv", ["arcface_digits.py", "--loss", loss, "--epochs", "15"])
     assert arcface_digits.main() > 0.9
+
+
+def test_subcenter_cleaning_finds_flipped_labels(monkeypatch, capsys):
+    # 20% of the training labels flipped: the digits beyond 30° of their class's dominant sub-centre are mostly
+    # the flipped ones (precision 0.98, recall 0.94 at these 15 epochs on a 2-core VM; 0.92 and 0.84 at the
+    # example's default 30), and the retrained head still classifies
+    import arcface_digits
+    monkeypatch.setattr(sys, "argv", ["arcface_digits.py", "--loss", "subcenter", "--epochs", "15",
+                                      "--label-noise", "0.2"])
+    assert arcface_digits.main() > 0.9
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("30°"))
+    flagged, precision, recall = int(row[1]), float(row[2]), float(row[3])
+    assert flagged > 100 and precision > 0.8 and recall > 0.5, row
 
 
 def test_word_lm_learns_and_measures_filtering():
