@@ -217,3 +217,34 @@ def check_subcenter_edge_cases(device, K=2):
             assert_close_rel(loss, ref, torch.float32, "loss", floor=64.0)
             assert_close_rel(gx, rx, torch.float32, "grad input", floor=1.0)
             assert_close_rel(gw, rw, torch.float32, "grad weight", floor=1.0)
+
+
+def check_chunked_margin_matches_one_chunk(small_tiles, N, C, K, D, device="cpu"):
+    """The margin loss's forward and backward on `small_tiles` (a buffer of a few classes per chunk) against the
+    PyTorch tiles in one chunk: the engine's chunk loop over classes of K rows of w each."""
+    from marginkern.engine import TorchTiles
+    from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
+    x, w, t = subcenter_case(N, C, K, D, device=device, ignore=(1,))
+    x, w = x.detach(), w.detach()
+    opts = MarginOptions.of(64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100, K)
+    assert len(small_tiles.class_chunks(N * K, C, x)) > 3
+    outputs = []
+    for tiles in (small_tiles, TorchTiles()):
+        loss, lse = margin_ce_forward(x, w, t, opts, tiles)
+        outputs.append((loss,) + margin_ce_backward(torch.ones_like(loss), x, w, t, lse, opts, tiles))
+    for got, want in zip(*outputs):
+        assert_close_rel(got, want, torch.float32, floor=1.0)
+
+
+def check_subcenter_nan_stays_nan(device):
+    """A NaN embedding gives a NaN loss row (the others stay finite); a NaN in one sub-centre (not the first)
+    of a class makes every row NaN (every row's softmax sees that class): the max over sub-centres keeps NaN."""
+    import marginkern as mk
+    x, w, t = subcenter_case(4, 6, 3, 5, device=device)
+    x, w = x.detach().clone(), w.detach().clone()
+    x[2, 1] = float("nan")
+    loss = mk.margin_cross_entropy(x, w, t, subcenters=3, reduction="none")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+    x[2, 1] = 0.5
+    w[3 * 3 + 1, 0] = float("nan")
+    assert torch.isnan(mk.margin_cross_entropy(x, w, t, subcenters=3, reduction="none")).all()

@@ -10,9 +10,9 @@ import marginkern as mk
 from marginkern import cpp_tiles, reference
 from marginkern.engine import TorchTiles
 from marginkern.margin import margin_psi
-from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
-from tests.helpers import (assert_close_rel, check_duplicate_subcenters_are_plain_margin_ce,
-                           check_subcenter_edge_cases, check_subcenters_match_oracle,
+from tests.helpers import (assert_close_rel, check_chunked_margin_matches_one_chunk,
+                           check_duplicate_subcenters_are_plain_margin_ce,
+                           check_subcenter_edge_cases, check_subcenter_nan_stays_nan, check_subcenters_match_oracle,
                            loss_and_grads, subcenter_case)
 
 # ArcFace, CosFace with label smoothing, SphereFace, the combined margin, straight-through
@@ -109,18 +109,8 @@ def test_gradient_flows_to_winning_subcenters_only(backend):
 
 
 def test_small_buffer_streams_many_chunks():
-    """The engine's chunk loop over classes of K rows each, against one big chunk."""
-    x, w, t = subcenter_case(9, 1030, 3, 20, ignore=(1,))
-    opts = MarginOptions.of(64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100, 3)
-    small = TorchTiles(buffer_bytes=9 * 3 * 4 * 64)  # 256 classes (768 rows of w) per chunk, the least
-    assert len(small.class_chunks(9 * 3, 1030, x)) > 3
-    outputs = []
-    for tiles in (small, TorchTiles()):
-        loss, lse = margin_ce_forward(x.detach(), w.detach(), t, opts, tiles)
-        outputs.append((loss,) + margin_ce_backward(torch.ones_like(loss), x.detach(), w.detach(), t, lse, opts,
-                                                    tiles))
-    for got, want in zip(*outputs):
-        assert_close_rel(got, want, torch.float32, floor=1.0)
+    # 256 classes (768 rows of w) per chunk, the PyTorch tiles' least
+    check_chunked_margin_matches_one_chunk(TorchTiles(buffer_bytes=9 * 3 * 4 * 64), 9, 1030, 3, 20)
 
 
 def test_gradcheck(backend):
@@ -147,16 +137,7 @@ def test_opcheck_and_compile(backend):
 
 
 def test_nan_embedding_gives_nan_row(backend):
-    x, w, t = subcenter_case(4, 6, 3, 5)
-    x = x.detach().clone()
-    x[2, 1] = float("nan")
-    loss = mk.margin_cross_entropy(x, w.detach(), t, subcenters=3, reduction="none")
-    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
-    # a NaN in one sub-centre (not the first) of a class: every row's softmax sees it
-    x[2, 1] = 0.5
-    w = w.detach().clone()
-    w[3 * 3 + 1, 0] = float("nan")
-    assert torch.isnan(mk.margin_cross_entropy(x, w, t, subcenters=3, reduction="none")).all()
+    check_subcenter_nan_stays_nan("cpu")
 
 
 @pytest.mark.parametrize("call, error, match", [

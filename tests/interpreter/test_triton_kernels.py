@@ -12,8 +12,8 @@ import torch
 import marginkern as mk
 from marginkern import reference
 from marginkern.engine import LogitSpec, TorchTiles
-from tests.helpers import (assert_close_rel, check_margin_fp16_under_grad_scaler, check_margin_per_row_upstream_gradient,
-                           loss_and_grads, make_case)
+from tests.helpers import (assert_close_rel, check_chunked_margin_matches_one_chunk, check_margin_fp16_under_grad_scaler,
+                           check_margin_per_row_upstream_gradient, loss_and_grads, make_case)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
@@ -148,18 +148,8 @@ def test_opcheck_through_triton():
 
 
 def test_small_gradient_buffer_streams_many_chunks():
-    from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
     from marginkern.triton_kernels import TritonTiles
-    x, w, t = make_case(9, 300, 20, device=DEVICE)
-    opts = MarginOptions(64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100)
-    small = TritonTiles(buffer_bytes=9 * 4 * 64)
-    assert len(small.class_chunks(9, 300, x)) > 3
-    outputs = []
-    for tiles in (small, TorchTiles()):
-        loss, lse = margin_ce_forward(x.detach(), w.detach(), t, opts, tiles)
-        outputs.append((loss,) + margin_ce_backward(torch.ones_like(loss), x.detach(), w.detach(), t, lse, opts, tiles))
-    for got, want in zip(*outputs):
-        assert_close_rel(got, want, torch.float32, floor=1.0)
+    check_chunked_margin_matches_one_chunk(TritonTiles(buffer_bytes=9 * 4 * 64), 9, 300, 1, 20, DEVICE)
 
 
 @pytest.mark.parametrize("degenerate", ["zero embedding", "tiny embedding", "zero class centre"])

@@ -9,11 +9,9 @@ import os
 import pytest
 import torch
 
-import marginkern as mk
-from marginkern.engine import TorchTiles
-from marginkern.margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
-from tests.helpers import (assert_close_rel, check_duplicate_subcenters_are_plain_margin_ce, check_subcenter_edge_cases,
-                           check_subcenters_match_oracle, subcenter_case)
+from tests.helpers import (check_chunked_margin_matches_one_chunk, check_duplicate_subcenters_are_plain_margin_ce,
+                           check_subcenter_edge_cases, check_subcenter_nan_stays_nan, check_subcenters_match_oracle,
+                           subcenter_case)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
@@ -46,17 +44,7 @@ def test_empty_single_class_and_all_ignored():
 
 def test_small_gradient_buffer_streams_many_chunks():
     from marginkern.triton_kernels import TritonTiles
-    x, w, t = subcenter_case(9, 300, 3, 20, device=DEVICE, ignore=(1,))
-    opts = MarginOptions.of(64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100, 3)
-    small = TritonTiles(buffer_bytes=9 * 3 * 4 * 64)
-    assert len(small.class_chunks(9 * 3, 300, x)) > 3
-    outputs = []
-    for tiles in (small, TorchTiles()):
-        loss, lse = margin_ce_forward(x.detach(), w.detach(), t, opts, tiles)
-        outputs.append((loss,) + margin_ce_backward(torch.ones_like(loss), x.detach(), w.detach(), t, lse, opts,
-                                                    tiles))
-    for got, want in zip(*outputs):
-        assert_close_rel(got, want, torch.float32, floor=1.0)
+    check_chunked_margin_matches_one_chunk(TritonTiles(buffer_bytes=9 * 3 * 4 * 64), 9, 300, 3, 20, DEVICE)
 
 
 def test_narrower_subcenter_tiles_than_the_class_chunks(monkeypatch):
@@ -75,13 +63,4 @@ def test_opcheck_through_triton():
 
 
 def test_nan_embedding_gives_nan_row():
-    x, w, t = subcenter_case(4, 6, 3, 5, device=DEVICE)
-    x = x.detach().clone()
-    x[2, 1] = float("nan")
-    loss = mk.margin_cross_entropy(x, w.detach(), t, subcenters=3, reduction="none")
-    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
-    # a NaN in one sub-centre (not the first) of a class: every row's softmax sees it
-    x[2, 1] = 0.5
-    w = w.detach().clone()
-    w[3 * 3 + 1, 0] = float("nan")
-    assert torch.isnan(mk.margin_cross_entropy(x, w, t, subcenters=3, reduction="none")).all()
+    check_subcenter_nan_stays_nan(DEVICE)
