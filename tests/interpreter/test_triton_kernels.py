@@ -12,8 +12,9 @@ import torch
 import marginkern as mk
 from marginkern import reference
 from marginkern.engine import LogitSpec, TorchTiles
-from tests.helpers import (assert_close_rel, check_chunked_margin_matches_one_chunk, check_margin_fp16_under_grad_scaler,
-                           check_margin_per_row_upstream_gradient, loss_and_grads, make_case)
+from tests.helpers import (assert_close_rel, check_chunked_margin_matches_one_chunk,
+                           check_margin_fp16_under_grad_scaler, check_margin_per_row_upstream_gradient, loss_and_grads,
+                           make_case)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
