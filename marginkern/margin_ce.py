@@ -169,10 +169,6 @@ def _class_layout(w, shard: Optional[ClassShard], subcenters=1):
     return (0, w.shape[0] // subcenters) if shard is None else (shard.start, shard.num_classes)
 
 
-def _target_rows_fn(tiles, opts: MarginOptions):
-    """The tiles' one-launch target geometry when they have one (without sub-centres), else PyTorch's."""
-    return getattr(tiles, "margin_target_rows", target_rows) if opts.subcenters == 1 else target_rows
-
 
 def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[ClassShard] = None,
                       keep_geometry: bool = False):
@@ -180,7 +176,8 @@ def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[
     accumulation dtype; with keep_geometry also the (row state, class norms) pair that margin_ce_backward
     takes as `saved`."""
     class_start, num_classes = _class_layout(w, shard, opts.subcenters)
-    rows = _target_rows_fn(tiles, opts)(x, w, target, opts, None if shard is None else class_start)
+    rows = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts,
+                                                              None if shard is None else class_start)
     col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
     # torch.reciprocal, not 1.0 / t: one op instead of two (reciprocal, then mul) on a host-bound small step
     spec = LogitSpec(rows.row_scale, None if col_norm is None else torch.reciprocal(col_norm), None, None,
@@ -208,7 +205,7 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
     class_start, C = _class_layout(w, shard, K)
     local_start = None if shard is None else class_start
     if saved is None:
-        row_state = _target_rows_fn(tiles, opts)(x, w, target, opts, local_start).row_state
+        row_state = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts, local_start).row_state
         col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
     else:
         row_state, col_norm = saved

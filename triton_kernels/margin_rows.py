@@ -88,21 +88,41 @@ def _target_columns(target_ptr, rows, row_mask, ignore_index, class_start, num_l
 
 
 @triton.jit
+def _target_geometry(x_rows, w_ptr, w_row, row_mask, owned, D, stride_w, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """(‖x‖, ‖w_row‖, their cosine clamped to [−1, 1]) per row; NaN-propagating clamps (as torch's clamp): a
+    NaN or inf embedding must give a NaN row, not ‖x‖ = ε."""
+    w_rows = w_ptr + w_row.to(tl.int64)[:, None] * stride_w
+    xx, ww, xw = row_dots(x_rows, w_rows, row_mask, row_mask & owned, D, BLOCK_R, BLOCK_D)
+    x_norm = tl.maximum(tl.sqrt(xx), NORM_EPS, propagate_nan=NAN)
+    w_norm = tl.maximum(tl.sqrt(ww), NORM_EPS, propagate_nan=NAN)
+    cosine = tl.minimum(tl.maximum(xw / (x_norm * w_norm), -1.0, propagate_nan=NAN), 1.0, propagate_nan=NAN)
+    return x_norm, w_norm, cosine
+
+
+@triton.jit
 def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_ptr, row_scale_ptr,
                               target_logit_ptr, N, D, num_local, class_start, ignore_index, stride_x, stride_w,
                               scale, m1, m2, m3, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
+                              BLOCK_D: tl.constexpr, SUBCENTERS: tl.constexpr = 1):
+    """With SUBCENTERS = K > 1 the target is the class's sub-centre of largest cosine (the first of equal ones,
+    a NaN wins and stays, as torch.max and the engine kernels), its index the row state's fifth column."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < N
     _, owned, column = _target_columns(target_ptr, rows, row_mask, ignore_index, class_start, num_local)
     tl.store(column_ptr + rows, column, mask=row_mask)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
-    w_rows = w_ptr + tl.maximum(column, 0).to(tl.int64)[:, None] * stride_w
-    xx, ww, xw = row_dots(x_rows, w_rows, row_mask, row_mask & owned, D, BLOCK_R, BLOCK_D)
-    # NaN-propagating clamps (as torch's clamp): a NaN or inf embedding must give a NaN row, not ‖x‖ = ε
-    x_norm = tl.maximum(tl.sqrt(xx), NORM_EPS, propagate_nan=NAN)
-    w_norm = tl.maximum(tl.sqrt(ww), NORM_EPS, propagate_nan=NAN)
-    cosine = tl.minimum(tl.maximum(xw / (x_norm * w_norm), -1.0, propagate_nan=NAN), 1.0, propagate_nan=NAN)
+    first_row = tl.maximum(column, 0) * SUBCENTERS
+    x_norm, w_norm, cosine = _target_geometry(x_rows, w_ptr, first_row, row_mask, owned, D, stride_w, BLOCK_R,
+                                              BLOCK_D)
+    subcenter = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k in tl.static_range(1, SUBCENTERS):
+        _, w_norm_k, cosine_k = _target_geometry(x_rows, w_ptr, first_row + k, row_mask, owned, D, stride_w,
+                                                 BLOCK_R, BLOCK_D)
+        better = (cosine_k > cosine) | ((cosine_k != cosine_k) & (cosine == cosine))
+        cosine = tl.where(better, cosine_k, cosine)
+        w_norm = tl.where(better, w_norm_k, w_norm)
+        subcenter = tl.where(better, k * 1.0, subcenter)
     psi = _margin_psi(cosine, m1, m2, m3)
     if NORMALIZE:
         row_scale = scale / x_norm
@@ -110,11 +130,13 @@ def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_pt
     else:
         row_scale = tl.full((BLOCK_R,), 1.0, tl.float32) * scale
         target_logit = scale * x_norm * w_norm * psi
-    state = row_state_ptr + rows.to(tl.int64) * 4
+    state = row_state_ptr + rows.to(tl.int64) * (4 + (SUBCENTERS > 1))
     tl.store(state, x_norm, mask=row_mask)
     tl.store(state + 1, w_norm, mask=row_mask)
     tl.store(state + 2, cosine, mask=row_mask)
     tl.store(state + 3, psi, mask=row_mask)
+    if SUBCENTERS > 1:
+        tl.store(state + 4, subcenter, mask=row_mask)
     tl.store(row_scale_ptr + rows, row_scale, mask=row_mask)
     tl.store(target_logit_ptr + rows, tl.where(owned, target_logit, 0.0), mask=row_mask)
 
@@ -163,20 +185,21 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
 BLOCK_ROWS = 32
 
 
-def margin_target_rows(x, w, target, scale, m1, m2, m3, normalize, ignore_index, class_start=0):
+def margin_target_rows(x, w, target, scale, m1, m2, m3, normalize, ignore_index, class_start=0, subcenters=1):
     """(column (N,) int64, row state (N, 4) fp32 = ‖x‖, ‖w_y‖, c_y, ψ, row scale (N,), target logit (N,)) for
-    x (N, D) and the classes [class_start, class_start + len(w)) in w (C_local, D); targets elsewhere or
-    ignored get column −1 and target logit 0."""
+    x (N, D) and the classes [class_start, class_start + len(w) / K) in w (C_local·K, D) with K = subcenters
+    rows per class; targets elsewhere or ignored get column −1 and target logit 0. With K > 1 w_y is the target
+    class's sub-centre of largest cosine and the row state (N, 5) holds its index last."""
     N, D = x.shape
     column = torch.empty(N, dtype=torch.int64, device=x.device)
-    row_state = torch.empty(N, 4, dtype=torch.float32, device=x.device)
+    row_state = torch.empty(N, 4 + (subcenters > 1), dtype=torch.float32, device=x.device)
     row_scale, target_logit = torch.empty(2, N, dtype=torch.float32, device=x.device)
     if N > 0:
         with on_device(x):
             margin_target_rows_kernel[(cdiv(N, BLOCK_ROWS),)](
-                x, w, target, column, row_state, row_scale, target_logit, N, D, w.shape[0], class_start,
-                ignore_index, x.stride(0), w.stride(0), scale, m1, m2, m3, NORMALIZE=normalize,
-                BLOCK_R=BLOCK_ROWS, BLOCK_D=min(256, next_power_of_2(max(D, 16))))
+                x, w, target, column, row_state, row_scale, target_logit, N, D, w.shape[0] // subcenters,
+                class_start, ignore_index, x.stride(0), w.stride(0), scale, m1, m2, m3, NORMALIZE=normalize,
+                BLOCK_R=BLOCK_ROWS, BLOCK_D=min(256, next_power_of_2(max(D, 16))), SUBCENTERS=subcenters)
     return column, row_state, row_scale, target_logit
 
 

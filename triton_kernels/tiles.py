@@ -216,7 +216,7 @@ class TritonTiles:
     def margin_target_rows(x, w, target, opts, class_start=None):
         """margin_ce.target_rows in one launch (margin_rows.py)."""
         rows = _margin_target_rows(x, w, target.contiguous(), opts.scale, opts.m1, opts.m2, opts.m3, opts.normalize,
-                                   opts.ignore_index, class_start or 0)
+                                   opts.ignore_index, class_start or 0, opts.subcenters)
         return TargetRows(*rows)
 
     @staticmethod

@@ -103,6 +103,28 @@ def test_target_rows_match_pytorch(dtype, margin, sharded):
     torch.testing.assert_close(got.target_logit[owned].double(), expected_t[owned], rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("K", [2, 3])
+def test_subcenter_target_rows_match_pytorch(dtype, K):
+    """The target's best sub-centre (its index, ‖w_y‖, c_y) as PyTorch's target_rows finds it, also when the
+    edge cases of hard_case sit in one sub-centre of the target class and a near-copy (a tie to within
+    rounding: either index is right, the geometry must agree) in another."""
+    N, C, D = 45, 37, 70
+    x, w, t = hard_case(N, C * K, D, dtype)
+    t = torch.where(t == -100, t, t % C)
+    w = w.clone()
+    w[t[5] * K + K - 1] = w[t[5] * K]  # an exact tie: the first sub-centre must win in both
+    opts = options(MARGINS[0])
+    opts = MarginOptions.of(opts.scale, opts.m1, opts.m2, opts.m3, True, True, 0.0, -100, K)
+    got = triton_tiles().margin_target_rows(x, w, t, opts)
+    ref = target_rows(x, w, t, opts)
+    assert got.row_state.shape == ref.row_state.shape == (N, 5)
+    assert torch.equal(got.column, ref.column)
+    assert torch.equal(got.row_state[:, 4], ref.row_state[:, 4]), "another sub-centre chosen"
+    torch.testing.assert_close(got.row_state[:, :3], ref.row_state[:, :3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.target_logit, ref.target_logit, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("margin", MARGINS)
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("sharded", [False, True])
