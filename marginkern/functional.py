@@ -122,6 +122,8 @@ def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, r
     """
     ce, emo, target, token_shape, ignore_index = _emo_rows(input, weight, target, cost_embedding, ignore_index,
                                                            reduction)
+    if reduction == "none":  # the op saves emo for its backward: a caller's in-place edit (loss[pad] = 0) must
+        emo = emo.clone()    # not reach it, as it cannot reach torch's own cross_entropy(reduction="none")
     return _unflatten(reduce_rows(emo, target != ignore_index, reduction), reduction, token_shape)
 
 

@@ -179,3 +179,25 @@ def test_an_undefined_incoming_gradient_leaves_grads_none_as_native_ops_do():
     other = torch.ones(2, requires_grad=True)
     (DropGrad.apply(mk.margin_cross_entropy(x, w, t)) + other.sum()).backward()
     assert x.grad is None and w.grad is None and other.grad is not None
+
+
+@pytest.mark.parametrize("twins", ["1", "0"])
+def test_none_reduction_losses_can_be_edited_in_place(twins, monkeypatch):
+    """loss = f(..., reduction="none"); loss[pad] = 0; loss.sum().backward(), as with torch's cross_entropy:
+    emo_loss returned the tensor its op saves for the backward pass, which then raised (a review finding)."""
+    monkeypatch.setenv("MARGINKERN_EAGER_TWINS", twins)
+    x, w = torch.randn(6, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    t = torch.randint(0, 20, (6,))
+    losses = [lambda: mk.margin_cross_entropy(x, w, t, reduction="none"),
+              lambda: mk.margin_cross_entropy(x, w, t % 10, reduction="none", subcenters=2),
+              lambda: mk.linear_cross_entropy(x, w, t, reduction="none"),
+              lambda: mk.emo_loss(x, w, t, reduction="none"),
+              lambda: mk.emo_cross_entropy(x, w, t, reduction="none")]
+    for loss in losses:
+        rows = loss()
+        want = torch.autograd.grad(rows[1:].sum(), (x, w))
+        rows = loss()
+        rows[0] = 0.0
+        got = torch.autograd.grad(rows.sum(), (x, w))
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e)
