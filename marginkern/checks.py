@@ -142,17 +142,20 @@ def check_classes_per_rank(num_classes, world_size):
                          f"at least one class, got {num_classes}")
 
 
-def check_class_shard(weight_shard, class_start, num_classes, rank, world_size, expected_range):
+def check_class_shard(weight_shard, class_start, num_classes, rank, world_size, expected_range, subcenters=1):
     """weight_shard holds the classes `expected_range` = [start, stop) that the sharding rule gives `rank` of
-    `world_size` processes, and class_start says so too (a wrong slice would be a silent wrong answer)."""
+    `world_size` processes (`subcenters` rows each), and class_start says so too (a wrong slice would be a
+    silent wrong answer)."""
     check_classes_per_rank(num_classes, world_size)
     start, stop = expected_range
     if class_start != start:
         raise ValueError(f"class_start must be {start} on rank {rank} of {world_size} for num_classes={num_classes} "
                          f"(marginkern.distributed.shard_range), got {class_start}")
-    if weight_shard.shape[0] != stop - start:
-        raise ValueError(f"weight_shard must hold classes [{start}, {stop}) on rank {rank} of {world_size}, i.e. have "
-                         f"shape ({stop - start}, D), got shape {tuple(weight_shard.shape)}")
+    rows = (stop - start) * subcenters
+    if weight_shard.shape[0] != rows:
+        per_class = "" if subcenters == 1 else f", {subcenters} sub-centres per class"
+        raise ValueError(f"weight_shard must hold classes [{start}, {stop}) on rank {rank} of {world_size}"
+                         f"{per_class}, i.e. have shape ({rows}, D), got shape {tuple(weight_shard.shape)}")
 
 
 def check_reduction(reduction):

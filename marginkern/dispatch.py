@@ -110,6 +110,17 @@ def select_tiles(device: torch.device, dtype: torch.dtype):
     return TorchTiles()
 
 
+def select_tiles_except(unsupported, what, device: torch.device, dtype: torch.dtype):
+    """select_tiles, with the PyTorch tiles standing in for the backends named in `unsupported`, which cannot
+    serve `what`; BackendUnavailable when MARGINKERN_BACKEND forces one of them."""
+    tiles = select_tiles(device, dtype)
+    if tiles.name in unsupported:
+        if forced_backend():
+            raise BackendUnavailable(f"MARGINKERN_BACKEND={forced_backend()} cannot run this call: it has no {what}")
+        tiles = TorchTiles()
+    return tiles
+
+
 def selected_backend(device="cpu", dtype=torch.float32):
     """The name of the backend a call with `dtype` tensors on `device` runs on now (env included)."""
     return select_tiles(torch.device(device), dtype).name

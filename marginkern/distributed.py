@@ -22,8 +22,9 @@ from torch import nn
 
 from .checks import (check_class_shard, check_classes_per_rank, check_classification_inputs, check_finite,
                      check_bool, check_head_size, check_ignore_index, check_int, check_margin_options,
-                     check_module_embeddings, check_reduction, check_target_tensor, margin_module_repr)
-from .dispatch import select_tiles
+                     check_module_embeddings, check_reduction, check_subcenters, check_target_tensor,
+                     margin_module_repr)
+from .dispatch import select_tiles, select_tiles_except
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .reference import reduce_rows
 from .sampling import IGNORED, num_sampled_classes, sample_classes
@@ -222,7 +223,7 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions):
         input, weight_shard = input.contiguous(), weight_shard.contiguous()
-        tiles = select_tiles(input.device, input.dtype)
+        tiles = _tiles(input, opts)
         with torch.autocast(input.device.type, enabled=False):  # the engine picks its GEMM precision itself
             loss_rows, lse = margin_ce_forward(input, weight_shard, target, opts, tiles, shard)
         ctx.save_for_backward(input, weight_shard, target, lse)
@@ -239,21 +240,31 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         # the same collectives, whatever its own requires_grad flags say.
         with torch.autocast(input.device.type, enabled=False):
             grad_input, grad_weight = margin_ce_backward(
-                grad_loss.contiguous(), input, weight_shard, target, lse, ctx.opts,
-                select_tiles(input.device, input.dtype), need_weight_grad, ctx.shard)
+                grad_loss.contiguous(), input, weight_shard, target, lse, ctx.opts, _tiles(input, ctx.opts),
+                need_weight_grad, ctx.shard)
         return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None
+
+
+def _tiles(input, opts: MarginOptions):
+    """The tile backend of the sharded loss: the engine's loop over tiles, whose C++ and CUDA ones have no
+    sub-centres (the C++ margin step that has them is for a whole, unsharded loss)."""
+    if opts.subcenters == 1:
+        return select_tiles(input.device, input.dtype)
+    return select_tiles_except(("cpp", "cuda"), "sub-centres for the class-sharded loss", input.device, input.dtype)
 
 
 def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, num_classes, group=None, scale=64.0,
                                  m1=1.0, m2=0.5, m3=0.0, normalize=True, margin_grad="exact", label_smoothing=0.0,
-                                 ignore_index=-100, reduction="mean"):
+                                 ignore_index=-100, reduction="mean", subcenters=1):
     """marginkern.margin_cross_entropy with the class centres sharded across the ranks of `group`.
 
     Every rank of `group` (None: the default group) calls this with the SAME `input` (N, D) and `target` (N,)
     (global class ids in [0, num_classes) or ignore_index): the caller all-gathers its embeddings and labels,
     as PartialFC does. `weight_shard` (C_local, D) holds classes [class_start, class_start + C_local), which
-    must be `shard_range(num_classes, rank, world_size)`. Options and the result are those of
-    `marginkern.margin_cross_entropy(input, cat(all shards), target, ...)`, identical on every rank.
+    must be `shard_range(num_classes, rank, world_size)`; with `subcenters` K it is (C_local·K, D), the rows
+    of those classes in margin_cross_entropy's layout (on the CPU the PyTorch tiles serve it then). Options
+    and the result are those of `marginkern.margin_cross_entropy(input, cat(all shards), target, ...)`,
+    identical on every rank.
 
     Gradients: dL/dinput is the full gradient (the sum over the shards), identical on every rank; gather the
     embeddings with `gather_embeddings`, whose backward pass takes this rank's rows without communicating
@@ -268,9 +279,10 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
         class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
+        subcenters = check_subcenters(subcenters, check_bool("normalize", normalize))
         check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
-                          shard_range(num_classes, rank, world_size))
-        opts = _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index)
+                          shard_range(num_classes, rank, world_size), subcenters)
+        opts = _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, subcenters)
         target = target.long()  # uint8 indices would index as a mask
     except (TypeError, ValueError) as e:
         local_error = e
@@ -279,9 +291,11 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
                          reduction)
 
 
-def _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, **_reduction):
+def _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, subcenters=1,
+                    **_reduction):
     """The public API's options (margin_grad as a string; a module's reduction ignored) as MarginOptions."""
-    return MarginOptions.of(scale, m1, m2, m3, normalize, margin_grad == "exact", label_smoothing, ignore_index)
+    return MarginOptions.of(scale, m1, m2, m3, normalize, margin_grad == "exact", label_smoothing, ignore_index,
+                            subcenters)
 
 
 def _sharded_loss(input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions, reduction):
@@ -289,13 +303,15 @@ def _sharded_loss(input, weight_shard, target, shard: ProcessGroupShard, opts: M
     return reduce_rows(loss_rows, target != opts.ignore_index, reduction)
 
 
-def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index, group):
+def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index, group, subcenters=1):
     """Class sampling across shards (PartialFC_V2): each rank samples its own slice (its target classes plus
     random others, int(sample_rate·C_local) in all) and the sampled slices, in rank order, form the classes
-    of this step. Returns (sampled weight, targets in that numbering with sampling.IGNORED (−1) on ignored
-    rows, the shard of it this rank holds, the sampled rows of weight_shard)."""
+    of this step. Returns (sampled weight (all `subcenters` rows of each sampled class), targets in that
+    numbering with sampling.IGNORED (−1) on ignored rows, the shard of it this rank holds, the sampled
+    classes of weight_shard)."""
     rank, world_size = _rank_and_world_size(group)
-    stop = class_start + weight_shard.shape[0]
+    num_local = weight_shard.shape[0] // subcenters
+    stop = class_start + num_local
     valid = target != ignore_index
     here = valid & (target >= class_start) & (target < stop)
     # This step's draw from a generator offset by the shard's start: ranks seeded alike (as training scripts
@@ -303,8 +319,8 @@ def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index
     # ... were always sampled together. One number from the global CPU generator keeps runs reproducible.
     seed = int(torch.randint(2**62, ())) + class_start
     generator = torch.Generator(device=target.device).manual_seed(seed)
-    index, local = sample_classes(torch.where(here, target - class_start, IGNORED), weight_shard.shape[0],
-                                  num_sampled_classes(weight_shard.shape[0], sample_rate), IGNORED, generator)
+    index, local = sample_classes(torch.where(here, target - class_start, IGNORED), num_local,
+                                  num_sampled_classes(num_local, sample_rate), IGNORED, generator)
     counts = [c for (c,) in _all_gather_ints(torch.tensor([index.numel()], device=target.device), group,
                                              world_size)]
     start, total = sum(counts[:rank]), sum(counts)
@@ -313,7 +329,8 @@ def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index
     elsewhere = start - 1 if start > 0 else start + counts[rank]
     step_target = torch.where(here, start + local, torch.full_like(target, elsewhere))
     step_target = torch.where(valid, step_target, IGNORED)
-    return weight_shard[index], step_target, ProcessGroupShard(start, total, group), index
+    sampled = weight_shard.unflatten(0, (-1, subcenters))[index].flatten(0, 1)  # every row of a sampled class
+    return sampled, step_target, ProcessGroupShard(start, total, group), index
 
 
 class ShardedCombinedMarginLoss(nn.Module):
@@ -329,12 +346,12 @@ class ShardedCombinedMarginLoss(nn.Module):
     `sample_rate` < 1 samples class centres in training mode as PartialFC_V2 (marginkern.sampling: per rank
     its target classes plus random others, int(sample_rate·C_local) in all, 0: the targets alone; one
     all-gather of the counts per step); the gradient of `weight` stays dense, zero on the rows a step did
-    not sample.
+    not sample. `subcenters` K > 1: sub-center ArcFace (CombinedMarginLoss), K rows per class in the shard.
     """
 
     def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, group=None, scale=64.0,
                  normalize=True, margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                 sample_rate=1.0, device=None, dtype=None):
+                 sample_rate=1.0, subcenters=1, device=None, dtype=None):
         super().__init__()
         embedding_dim, num_classes = check_head_size(embedding_dim, num_classes)
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
@@ -345,12 +362,16 @@ class ShardedCombinedMarginLoss(nn.Module):
         self.embedding_dim, self.num_classes, self.group = embedding_dim, num_classes, group
         check_classes_per_rank(self.num_classes, world_size)
         self.class_start, class_stop = shard_range(self.num_classes, rank, world_size)
-        self.weight = nn.Parameter(torch.empty(class_stop - self.class_start, self.embedding_dim, device=device,
-                                               dtype=dtype))
+        normalize = check_bool("normalize", normalize)
+        self.subcenters = check_subcenters(subcenters, normalize)
+        self.weight = nn.Parameter(torch.empty((class_stop - self.class_start) * self.subcenters, self.embedding_dim,
+                                               device=device, dtype=dtype))
         # checked here, once: the sampled training path uses ignore_index before any loss function sees it
-        self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=check_bool("normalize", normalize),
+        self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=normalize,
                             margin_grad=margin_grad, label_smoothing=label_smoothing,
                             ignore_index=check_ignore_index(ignore_index), reduction=reduction)
+        if self.subcenters > 1:
+            self.options["subcenters"] = self.subcenters
         self._ddp_params_and_buffers_to_ignore = ["weight"]  # DDP(this module): a rank's own shard
         self.reset_parameters()
 
@@ -382,14 +403,14 @@ class ShardedCombinedMarginLoss(nn.Module):
         # before _sampled_shards' own collective: a rank in eval mode joins this one too, and all raise
         _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, local_error)
         weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
-                                                   o["ignore_index"], self.group)
+                                                   o["ignore_index"], self.group, self.subcenters)
         weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)
         check_classification_inputs(embeddings, weight, target, weight_name="weight")
         opts = _margin_options(**{**o, "ignore_index": IGNORED})
         return _sharded_loss(embeddings, weight, target, shard, opts, o["reduction"])
 
     def extra_repr(self):
-        extra = f", classes=[{self.class_start}, {self.class_start + self.weight.shape[0]})"
+        extra = f", classes=[{self.class_start}, {self.class_start + self.weight.shape[0] // self.subcenters})"
         extra += f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
         return margin_module_repr(self.embedding_dim, self.num_classes, self.options, extra)
 

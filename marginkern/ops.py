@@ -14,9 +14,9 @@ from torch import Tensor
 from .checks import (check_bias, check_classification_inputs, check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
                      check_subcenters, check_target_values)
-from .dispatch import BackendUnavailable, forced_backend, select_tiles
+from .dispatch import select_tiles, select_tiles_except
 from . import pairwise
-from .engine import NORM_EPS, TorchTiles, accumulation_dtype, buffered_grads_in_input_dtype
+from .engine import NORM_EPS, accumulation_dtype, buffered_grads_in_input_dtype
 from .emo import emo_backward, emo_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
@@ -176,15 +176,10 @@ def _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, lab
 
 
 def _margin_tiles(input, opts: MarginOptions):
-    """select_tiles, except that the CUDA extension has no sub-centres: where it would serve them the PyTorch
-    tiles do (an error when MARGINKERN_BACKEND forces it). The C++ margin step has them."""
-    tiles = select_tiles(input.device, input.dtype)
-    if opts.subcenters > 1 and tiles.name == "cuda":
-        if forced_backend():
-            raise BackendUnavailable(f"MARGINKERN_BACKEND={forced_backend()} cannot run this call: sub-centres "
-                                     f"(subcenters={opts.subcenters}) run on the triton, cpp and reference backends")
-        tiles = TorchTiles()
-    return tiles
+    """select_tiles, except that the CUDA extension has no sub-centres (the C++ margin step has them)."""
+    if opts.subcenters == 1:
+        return select_tiles(input.device, input.dtype)
+    return select_tiles_except(("cuda",), "sub-centres", input.device, input.dtype)
 
 
 @_op("margin_cross_entropy")

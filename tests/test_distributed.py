@@ -95,11 +95,12 @@ def _sharded_loss_and_grads(rank, world_size, x, w, t, kwargs, backend=None, aut
     if backend is not None:
         os.environ["MARGINKERN_BACKEND"] = backend
     try:
-        start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+        K = kwargs.get("subcenters", 1)  # rows of w per class
+        start, stop = mkd.shard_range(w.shape[0] // K, rank, world_size)
         x = x.clone().requires_grad_()
-        shard = w[start:stop].clone().requires_grad_()
+        shard = w[start * K:stop * K].clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = mkd.sharded_margin_cross_entropy(x, shard, t, class_start=start, num_classes=w.shape[0],
+            loss = mkd.sharded_margin_cross_entropy(x, shard, t, class_start=start, num_classes=w.shape[0] // K,
                                                     **kwargs)
         gx, gw = torch.autograd.grad(loss.sum(), (x, shard))
         return loss.detach(), gx, gw
@@ -132,17 +133,17 @@ def _gathered_training_step(rank, world_size, x_all, w, t_all):
     return local_x.grad
 
 
-def _sampled_module_step(rank, world_size, D, C, x, t, rate, ignore_index):
+def _sampled_module_step(rank, world_size, D, C, x, t, rate, ignore_index, subcenters=1):
     """The module with class sampling: its loss and weight gradient, and the draw it made (replayed)."""
     torch.manual_seed(10 + rank)  # ranks draw different negatives
     module = mkd.ShardedCombinedMarginLoss(D, C, 1.0, 0.3, 0.1, sample_rate=rate, label_smoothing=0.1,
-                                           ignore_index=ignore_index, dtype=torch.float64)
+                                           ignore_index=ignore_index, subcenters=subcenters, dtype=torch.float64)
     state = torch.get_rng_state()
     loss = module(x, t)
     loss.backward()
     torch.set_rng_state(state)
     sampled, step_target, shard, index = mkd._sampled_shards(module.weight.detach(), t, module.class_start, rate,
-                                                             ignore_index, None)
+                                                             ignore_index, None, subcenters)
     module.eval()
     full_loss = module(x, t).detach()  # eval mode: every class
     return (loss.detach(), module.weight.grad, sampled, step_target, shard.start, index, module.class_start,
@@ -358,10 +359,11 @@ def check_sharded(world, x, w, t, dtype=torch.float64, backend=None, autocast=Fa
     """The sharded result equals the single-process one; loss and dL/dinput are identical on every rank."""
     results = world.run(_sharded_loss_and_grads, x, w, t, kwargs, backend, autocast)
     loss, gx, _ = results[0]
+    K = kwargs.get("subcenters", 1)
     for r, (loss_r, gx_r, gw_r) in enumerate(results):
         assert torch.equal(loss_r, loss) and torch.equal(gx_r, gx), f"rank {r} differs from rank 0"
-        start, stop = mkd.shard_range(w.shape[0], r, world.size)
-        assert gw_r.shape == (stop - start, w.shape[1]) and gw_r.dtype == dtype
+        start, stop = mkd.shard_range(w.shape[0] // K, r, world.size)
+        assert gw_r.shape == ((stop - start) * K, w.shape[1]) and gw_r.dtype == dtype
     want_loss, want_gx, want_gw = single_process(x, w, t, kwargs)
     assert loss.dtype == want_loss.dtype and gx.dtype == dtype
     assert_close_rel(loss, want_loss, dtype, "loss", floor=64.0)
@@ -404,6 +406,14 @@ def test_matches_single_process_fp32(world, name):
 def test_matches_single_process_16bit(world, dtype):
     x, w, t = make_case(24, 67, 16, dtype)
     check_sharded(world, x, w, t, dtype, m2=0.3)
+
+
+@pytest.mark.parametrize("K, dtype", [(2, torch.float64), (3, torch.float32)])
+def test_subcenters_match_single_process(world, K, dtype):
+    # C = 29 classes of K rows each, uneven over 2 and 3 ranks; on the CPU the PyTorch tiles serve the shards
+    x, w, t = make_case(13, 29 * K, 7, dtype, ignore=(0, 5))
+    t = torch.where(t == -100, t, t % 29)
+    check_sharded(world, x, w, t, dtype, subcenters=K, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("name", ["arcface", "lsoftmax+smoothing"])
@@ -469,38 +479,41 @@ def test_module_owns_its_shard_and_matches_the_full_loss(world):
     assert_close_rel(torch.cat([gw for _, _, gw in results]), want_gw, torch.float32, "grad weight")
 
 
-@pytest.mark.parametrize("ignore_index", [-100, 2])  # 2: a valid position in a sample (review finding)
-def test_class_sampling_is_the_loss_over_the_sampled_classes(world, ignore_index):
+# ignore_index 2: a valid position in a sample (review finding); K: sub-centres per class, whose sampled weight
+# keeps all K rows of each sampled class
+@pytest.mark.parametrize("ignore_index, K", [(-100, 1), (2, 1), (-100, 2)])
+def test_class_sampling_is_the_loss_over_the_sampled_classes(world, ignore_index, K):
     D, C, rate = 8, 60, 0.25
     x, _, t = make_case(14, C, D, torch.float64, ignore=(2,), ignore_index=ignore_index)
-    results = world.run(_sampled_module_step, D, C, x, t, rate, ignore_index)
+    results = world.run(_sampled_module_step, D, C, x, t, rate, ignore_index, K)
     losses, grads, sampled, step_targets, starts, indices, class_starts, shards, full_losses = zip(*results)
     assert all(torch.equal(loss, losses[0]) for loss in losses)
     # the step's classes: every rank's sampled rows in rank order; each row's class id is its owner's
     weight = torch.cat(sampled)
+    classes = weight.unflatten(0, (-1, K))  # (classes of the step, K, D)
     valid = t != ignore_index
     owner = torch.tensor([max(r for r in range(world.size) if class_starts[r] <= c) if v else 0
                           for c, v in zip(t, valid)])
     target = torch.stack(step_targets)[owner, torch.arange(len(t))]
     assert (target[~valid] == -1).all()
-    assert torch.equal(weight[target[valid]], torch.cat(shards)[t[valid]])  # targets are always kept
-    for r in range(world.size):  # K = max(int(rate·C_r), the rank's own target classes), exactly
-        own = torch.unique(t[valid & (t >= class_starts[r]) & (t < class_starts[r] + shards[r].shape[0])])
-        assert indices[r].numel() == max(int(rate * shards[r].shape[0]), own.numel())
-        assert starts[r] == sum(map(len, sampled[:r]))
-    want_loss, _, want_gw = single_process(x, weight, target, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1,
-                                                                   ignore_index=-1))
+    assert torch.equal(classes[target[valid]], torch.cat(shards).unflatten(0, (-1, K))[t[valid]])  # targets kept
+    for r in range(world.size):  # max(int(rate·C_r), the rank's own target classes) classes, exactly
+        local_classes = shards[r].shape[0] // K
+        own = torch.unique(t[valid & (t >= class_starts[r]) & (t < class_starts[r] + local_classes)])
+        assert indices[r].numel() == max(int(rate * local_classes), own.numel())
+        assert starts[r] == sum(len(s) // K for s in sampled[:r])
+    options = dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1, subcenters=K)
+    want_loss, _, want_gw = single_process(x, weight, target, dict(options, ignore_index=-1))
     assert_close_rel(losses[0], want_loss, torch.float64, "loss", floor=1.0)
     for r in range(world.size):
-        grad = grads[r]
+        grad, want = grads[r].unflatten(0, (-1, K)), want_gw.unflatten(0, (-1, K))
         start = starts[r]
-        assert_close_rel(grad[indices[r]], want_gw[start:start + len(indices[r])], torch.float64, "grad weight")
+        assert_close_rel(grad[indices[r]], want[start:start + len(indices[r])], torch.float64, "grad weight")
         unsampled = torch.ones(len(grad), dtype=torch.bool)
         unsampled[indices[r]] = False
         assert not grad[unsampled].any()
     # evaluation uses every class: the plain sharded loss over the concatenated shards
-    eval_loss, _, _ = single_process(x, torch.cat(shards), t, dict(m1=1.0, m2=0.3, m3=0.1, label_smoothing=0.1,
-                                                                   ignore_index=ignore_index))
+    eval_loss, _, _ = single_process(x, torch.cat(shards), t, dict(options, ignore_index=ignore_index))
     assert_close_rel(full_losses[0], eval_loss, torch.float64, "eval loss", floor=1.0)
 
 
