@@ -36,6 +36,8 @@ DIVISIBLE_BY_16 = ("N", "C", "D", "E", "R", "B", "stride_x", "stride_w", "stride
 def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
     """Compile `kernel` for sm_90; returns a dict of what the compiler produced (see the module docstring)."""
     types = {**POINTER_TYPES, **(types or {})}
+    # constexpr parameters left out take their defaults, as at a launch
+    constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **constexprs}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:

@@ -90,6 +90,7 @@ def test_margin_row_kernels_compile(exact):
              "grad_loss_ptr": "*fp32"}
     for kernel, constexprs in [
             (margin_target_rows_kernel, dict(NORMALIZE=exact, BLOCK_R=BLOCK_ROWS, BLOCK_D=256)),
+            (margin_target_rows_kernel, dict(NORMALIZE=True, BLOCK_R=BLOCK_ROWS, BLOCK_D=256, SUBCENTERS=3)),
             (margin_target_grad_rows_kernel, dict(NORMALIZE=not exact, EXACT=exact, BLOCK_R=BLOCK_ROWS))]:
         report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
         # no spills; a small stack frame is libdevice's cos/sin (its slow argument reduction for |φ| ≫ π)
