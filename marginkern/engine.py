@@ -7,9 +7,9 @@ For row n and class j the logit is
 
 The loss computes `target_logit` per row (margins, ...). With K sub-centres per class (sub-center ArcFace,
 `LogitSpec.subcenters`), w has K·C rows, class j's rows jK … jK+K−1, and the class's logit is the largest of
-its K: z_nj = max_k row_scale_n·col_scale_{jK+k}·(x_n·w_{jK+k}) (dz/da = 1 at that row, 0 at the others).
-The forward pass streams over classes and keeps
-per-row statistics only: log-sum-exp and, when asked, Σ_j z_nj. The backward pass re-derives
+its K: z_nj = row_scale_n·max_k col_scale_{jK+k}·(x_n·w_{jK+k}), the first of exactly equal ones (dz/da is
+row_scale_n·col_scale at the winning row, 0 at the others; a NaN wins). The forward pass streams over
+classes and keeps per-row statistics only: log-sum-exp and, when asked, Σ_j z_nj. The backward pass re-derives
 
     dL/dz_nj = coef_p_n · p_nj − coef_u_n            (j ≠ target_n)
     dL/da_ny = target_grad_n                          (the loss supplies the target column, already chained)
@@ -23,7 +23,8 @@ and its forward needs the expected cost Σ_{j≠t} p_nj·(1 − A_nj) (`streamin
 
 Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
 the kernels' oracle), `marginkern.triton_kernels.TritonTiles` and `marginkern.cpp_tiles.CppTiles`. They
-share this contract exactly. A backend may also run the whole backward chunk loop itself
+share this contract exactly, except that the C++ and CUDA tiles have no sub-centres (the C++ margin step,
+csrc/cpu/margin_loss.cpp, has them internally). A backend may also run the whole backward chunk loop itself
 (`tiles.streaming_grads`, same arguments and results as `streaming_grads` below; CppTiles does).
 """
 import contextlib
@@ -46,7 +47,7 @@ def accumulation_dtype(dtype):
 @dataclass(frozen=True)
 class LogitSpec:
     row_scale: Tensor               # (N,) accumulation dtype
-    col_scale: Optional[Tensor]     # (C,) or None (= 1)
+    col_scale: Optional[Tensor]     # (C,) ((K·C,) with sub-centres) or None (= 1)
     bias: Optional[Tensor]          # (C,) or None
     softcap: Optional[float]
     target: Tensor                  # (N,) int64; −1 = this row has no target column
@@ -361,6 +362,8 @@ def streaming_grads(
     acc = accumulation_dtype(x.dtype)
     N, D = x.shape
     K = spec.subcenters  # a chunk of classes [c0, c1) is the rows [c0·K, c1·K) of w, of dW and of G's columns
+    if K > 1 and (need_bias_grad or cost is not None or grad_filter_eps is not None):
+        raise ValueError("sub-centres take no bias, cost term or gradient filtering")
     C = w.shape[0] // K
     grad_x = torch.zeros(N, D, dtype=acc, device=x.device)
     # contiguous, as the fake kernels say
@@ -539,8 +542,10 @@ def block_gemm_dtype(x):
 
 def rows_of(spec: LogitSpec, r0: int, r1: int) -> LogitSpec:
     """The spec of rows [r0, r1)."""
-    return LogitSpec(spec.row_scale[r0:r1], spec.col_scale, spec.bias, spec.softcap, spec.target[r0:r1],
-                     spec.target_logit[r0:r1])
+    sub = spec.target_subcenter
+    return dataclasses.replace(spec, row_scale=spec.row_scale[r0:r1], target=spec.target[r0:r1],
+                               target_logit=spec.target_logit[r0:r1],
+                               target_subcenter=sub if sub is None else sub[r0:r1])
 
 
 def buffered_grads_in_input_dtype(x, w) -> bool:
@@ -573,6 +578,8 @@ def buffered_loss_and_grads(x, w, spec: LogitSpec, row_terms, buffer_bytes: int,
     buffered_grads_in_input_dtype), dbias in the accumulation dtype, or None for each gradient not needed.
     A tile backend may fuse the block's epilogue (`block_row_stats`, `block_grads_`, contract in TorchTiles).
     """
+    if spec.subcenters != 1:  # the row blocks' logits are the dot products themselves: one row of w per class
+        raise ValueError("the 3-GEMM path has no sub-centres (LogitSpec.subcenters must be 1)")
     acc = accumulation_dtype(x.dtype)
     N, D = x.shape
     C = w.shape[0]
@@ -645,7 +652,7 @@ class TorchTiles:
     name = "reference"
 
     # Size of ONE N × chunk tensor; a chunk's epilogue keeps about five of them alive (z, dz/da, the
-    # target mask, p, G), so 16 MB here is ≈ 80 MB at peak.
+    # target mask, p, G), so 16 MB here is ≈ 80 MB at peak (with sub-centres a few N × chunk·K ones more).
     def __init__(self, buffer_bytes: int = 16 << 20):
         self.buffer_bytes = buffer_bytes
 
@@ -662,14 +669,19 @@ class TorchTiles:
         accumulation dtype; with sub-centres also the winning sub-centre of each cell (else None)."""
         acc = accumulation_dtype(x.dtype)
         K = spec.subcenters
-        scale = spec.row_scale[:, None]
-        if spec.col_scale is not None:
-            scale = scale * spec.col_scale[None, c0 * K:c1 * K]
-        z = (x.to(acc) @ w[c0 * K:c1 * K].to(acc).t()) * scale
+        z = x.to(acc) @ w[c0 * K:c1 * K].to(acc).t()
         winner = None
-        if K > 1:  # the class's logit is its largest sub-centre's (the first of equal ones, as the kernels)
-            z, winner = z.unflatten(1, (c1 - c0, K)).max(2)
-            scale = scale.expand(-1, (c1 - c0) * K).unflatten(1, (c1 - c0, K)).gather(2, winner[..., None])[..., 0]
+        if K > 1:  # the class's logit is its largest scaled sub-centre's, compared as the kernels compare them
+            col_scale = (spec.col_scale[c0 * K:c1 * K] if spec.col_scale is not None
+                         else z.new_ones((c1 - c0) * K)).unflatten(0, (c1 - c0, K))
+            z, winner = (z.unflatten(1, (c1 - c0, K)) * col_scale).max(2)
+            scale = spec.row_scale[:, None] * col_scale.expand(z.shape[0], -1, -1).gather(2, winner[..., None])[..., 0]
+            z = z * spec.row_scale[:, None]
+        else:
+            scale = spec.row_scale[:, None]
+            if spec.col_scale is not None:
+                scale = scale * spec.col_scale[None, c0:c1]
+            z = z * scale
         if spec.bias is not None:
             z = z + spec.bias[c0:c1].to(acc)
         chain = scale.expand_as(z)

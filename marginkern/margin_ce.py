@@ -112,12 +112,18 @@ def _gathered_target_rows(x, w, column):
     return x.to(acc), w[column.clamp_min(0)].to(acc) * (column >= 0)[:, None]
 
 
-def _winning_subcenters(xf, w, column, K):
-    """(w's row of the target class's sub-centre with the largest cosine to x_n (the first of equal ones,
-    as the kernels pick), that sub-centre's index k_y as a float) per row; O(N·K·D), never N × C."""
-    candidates = w.unflatten(0, (-1, K))[column.clamp_min(0)].to(xf.dtype)  # (N, K, D)
-    norms = torch.linalg.vector_norm(candidates, dim=2).clamp_min(NORM_EPS)
-    subcenter = (torch.linalg.vecdot(candidates, xf[:, None, :]) / norms).max(1).indices  # NaN wins, as max's
+def _winning_subcenters(xf, w, column, K, block_bytes=4 << 20):
+    """(w's row of the target class's sub-centre with the largest cosine to x_n (the first of equal ones),
+    that sub-centre's index k_y as a float) per row; by blocks of rows whose (rows, K, D) candidates fit
+    block_bytes: O(block·K·D) memory, never N × C."""
+    classes = w.unflatten(0, (-1, K))
+    block = max(1, block_bytes // max(1, K * w.shape[1] * xf.element_size()))
+    subcenter = torch.empty_like(column)
+    for r0 in range(0, column.shape[0], block):
+        candidates = classes[column[r0:r0 + block].clamp_min(0)].to(xf.dtype)  # (rows, K, D)
+        norms = torch.linalg.vector_norm(candidates, dim=2).clamp_min(NORM_EPS)
+        # NaN wins, as torch.max's
+        subcenter[r0:r0 + block] = (torch.linalg.vecdot(candidates, xf[r0:r0 + block, None, :]) / norms).max(1).indices
     return column.clamp_min(0) * K + subcenter, subcenter.to(xf.dtype)
 
 
@@ -211,7 +217,7 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
         row_state, col_norm = saved
     rows = getattr(tiles, "margin_target_grad_rows", target_grad_rows)(
         row_state[:, :4], lse, grad_loss, target, opts, C, w.shape[0] // K, local_start)
-    # 1/‖w_j‖: the logits' column scale and the dW projection's inverse norm, one (C,) vector for both
+    # 1/‖w_j‖: the logits' column scale and the dW projection's inverse norm, one (K·C,) vector for both
     col_scale = torch.reciprocal(col_norm) if opts.normalize else None
     spec = LogitSpec(rows.row_scale, col_scale, None, None, rows.column, rows.target_logit, K,
                      None if K == 1 else row_state[:, 4].long())

@@ -214,6 +214,17 @@ def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, la
             input.new_empty((weight.shape[0] if normalize else 0,), dtype=acc))
 
 
+def _check_margin_by_products(input, weight, row_state, col_norm, opts: MarginOptions):
+    """The forward op's row state and class norms, as the backward op reads them (the raw ops are public)."""
+    state = (input.shape[0], 4 if opts.subcenters == 1 else 5)
+    if tuple(row_state.shape) != state:
+        raise ValueError(f"row_state must have shape {state} (the forward op's, for subcenters={opts.subcenters}), "
+                         f"got shape {tuple(row_state.shape)}")
+    norms = (weight.shape[0] if opts.normalize else 0,)
+    if tuple(col_norm.shape) != norms:
+        raise ValueError(f"col_norm must have shape {norms} (the forward op's), got shape {tuple(col_norm.shape)}")
+
+
 @_op("margin_cross_entropy_backward")
 def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
                                   row_state: Tensor, col_norm: Tensor, scale: float, m1: float, m2: float,
@@ -224,6 +235,7 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
     not `need_weight_grad` (a frozen head skips the dW GEMM). row_state and col_norm are the forward op's."""
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
                            subcenters)
+    _check_margin_by_products(input, weight, row_state, col_norm, opts)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = _margin_tiles(input, opts)
     if tiles.name == "cpp":

@@ -208,3 +208,21 @@ def test_cleaning_helpers_match_brute_force():
         head.outliers(x, t, dominant=torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="target holds class"):
         head.subcenter_counts(x, torch.full((200,), 6))
+
+
+def test_backward_ops_check_the_forward_by_products(backend):
+    # a K = 1 row state handed to a sub-centre backward read past the state's columns in C++ (a segfault;
+    # review finding): both raw backward ops name the argument instead
+    x, w, t = subcenter_case(7, 10, 3, 5)
+    x, w = x.detach(), w.detach()
+    args = (x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100, 3)
+    _, lse, row_state, col_norm = torch.ops.marginkern.margin_cross_entropy(*args)
+    backward = torch.ops.marginkern.margin_cross_entropy_backward
+    with pytest.raises(ValueError, match=r"row_state must have shape \(7, 5\)"):
+        backward(torch.rand(7), x, w, t, lse, row_state[:, :4], col_norm, *args[3:11], True, 3)
+    with pytest.raises(ValueError, match=r"col_norm must have shape \(30,\)"):
+        backward(torch.rand(7), x, w, t, lse, row_state, col_norm[:10], *args[3:11], True, 3)
+    if backend == "cpp":
+        with pytest.raises(RuntimeError, match=r"row_state must have shape \(7, 5\)"):
+            torch.ops.marginkern.margin_ce_rows_backward(torch.rand(7), x, w, t, lse, row_state[:, :4], col_norm,
+                                                         *args[3:11], True, 3)

@@ -145,7 +145,8 @@ class TritonTiles:
         `bytes_per_class` fill `buffer_bytes` (default: default_buffer_bytes)."""
         blocks, _ = _config(x)
         elt = x.element_size() if x.dtype in (torch.float16, torch.bfloat16) else 4
-        budget = self.buffer_bytes if self.buffer_bytes is not None else self.default_buffer_bytes(N, x.shape[-1])
+        # from x's own rows: N counts a chunk's columns per class (K·N with sub-centres)
+        budget = self.buffer_bytes if self.buffer_bytes is not None else self.default_buffer_bytes(*x.shape)
         chunk = max(blocks["BLOCK_C"], budget // max(1, N * elt + bytes_per_class))
         chunk = min(chunk, MAX_CLASS_TILES_PER_LAUNCH * blocks["BLOCK_C"])  # bounded launches
         chunk = chunk // blocks["BLOCK_C"] * blocks["BLOCK_C"]

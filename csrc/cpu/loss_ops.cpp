@@ -12,13 +12,14 @@
 namespace marginkern {
 namespace {
 
-MarginLossOptions margin_options(double scale, double m1, double m2, double m3, bool normalize, bool exact_margin_grad,
-                                 double label_smoothing, int64_t ignore_index, int64_t subcenters) {
+MarginLossOptions margin_options(const char* op, double scale, double m1, double m2, double m3, bool normalize,
+                                 bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
+                                 int64_t subcenters) {
   MarginLossOptions o;
   o.scale = scale, o.m1 = m1, o.m2 = m2, o.m3 = m3, o.normalize = normalize;
   o.exact_margin_grad = exact_margin_grad, o.label_smoothing = label_smoothing, o.ignore_index = ignore_index;
-  TORCH_CHECK(subcenters >= 1 && (subcenters == 1 || normalize), "marginkern::margin_ce_rows: subcenters must be ",
-              ">= 1, and > 1 only with normalize; got ", subcenters);
+  TORCH_CHECK(subcenters >= 1 && (subcenters == 1 || normalize), op, ": subcenters must be >= 1, and > 1 only ",
+              "with normalize; got ", subcenters);
   o.subcenters = subcenters;
   return o;
 }
@@ -27,8 +28,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows_op(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, double scale, double m1, double m2,
     double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
     int64_t subcenters) {
-  const MarginLossOptions o =
-      margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index, subcenters);
+  const MarginLossOptions o = margin_options("marginkern::margin_ce_rows", scale, m1, m2, m3, normalize,
+                                             exact_margin_grad, label_smoothing, ignore_index, subcenters);
   TORCH_CHECK(weight.size(0) % subcenters == 0, "marginkern::margin_ce_rows: weight must have C·subcenters rows, got ",
               weight.size(0), " rows for subcenters=", subcenters);
   loss::check_targets("marginkern::margin_ce_rows", target, weight.size(0) / subcenters, ignore_index);
@@ -42,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward_op(
     bool need_weight_grad, int64_t subcenters) {
   return margin_ce_rows_backward(
       grad_rows, input, weight, target.to(at::kLong), lse, row_state, col_norm,
-      margin_options(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index, subcenters),
+      margin_options("marginkern::margin_ce_rows_backward", scale, m1, m2, m3, normalize, exact_margin_grad,
+                     label_smoothing, ignore_index, subcenters),
       need_weight_grad);
 }
 

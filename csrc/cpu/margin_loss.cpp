@@ -209,6 +209,13 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
                                                            const at::Tensor& lse, const at::Tensor& row_state,
                                                            const at::Tensor& col_norm, const MarginLossOptions& o,
                                                            bool need_weight_grad) {
+  const int64_t state_width = o.subcenters == 1 ? 4 : 5;
+  TORCH_CHECK(row_state.dim() == 2 && row_state.size(0) == x.size(0) && row_state.size(1) == state_width,
+              "marginkern::margin_ce_rows_backward: row_state must have shape (", x.size(0), ", ", state_width,
+              ") (the forward's, for subcenters=", o.subcenters, "), got shape ", row_state.sizes());
+  TORCH_CHECK(col_norm.dim() == 1 && col_norm.size(0) == (o.normalize ? w.size(0) : 0),
+              "marginkern::margin_ce_rows_backward: col_norm must have shape (", (o.normalize ? w.size(0) : 0),
+              ",) (the forward's), got shape ", col_norm.sizes());
   const TargetGeometry geo(x, w, target, o, row_state, col_norm);
   const at::ScalarType acc = geo.xf.scalar_type();
   const double eps = o.label_smoothing, s = o.scale, C = static_cast<double>(w.size(0) / o.subcenters);

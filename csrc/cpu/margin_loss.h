@@ -43,7 +43,7 @@ at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const 
 // The two halves, per row and without autograd (the ops torch.ops.marginkern.margin_ce_rows{,_backward}
 // that the Python package runs on the CPU; options.reduction and the argument checks are the caller's):
 // (per-row loss, lse, (N, 4) target geometry [‖x‖, ‖w_y‖, cos θ, ψ] (with sub-centres (N, 5): w_y is the
-// target class's best sub-centre, its index k_y the fifth column), (C,) class-centre norms or (0,)),
+// target class's best sub-centre, its index k_y the fifth column), (K·C,) class-centre norms or (0,)),
 // then (dL/dx, dL/dw or (0,)) for the per-row loss gradient grad_rows.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows(const at::Tensor& x, const at::Tensor& w,
                                                                           const at::Tensor& target,
