@@ -8,7 +8,9 @@
                                      that the engine feeds to the dX and dW GEMMs; with HAS_COST it also
                                      computes EMO's cost cosines A = q·k per tile (a second tl.dot loop)
 
-Both recompute logits tile by tile with tl.dot over D in fp32 accumulators; no N × C tensor exists.
+Both recompute logits tile by tile with tl.dot over D in fp32 accumulators; no N × C tensor exists. With
+SUBCENTERS = K (sub-center ArcFace, engine.py) a class tile runs K dot tiles over the classes' K rows of w
+and keeps the best per class; the dL/da kernel then writes N × chunk·K, one value per class at its winner.
 
 Program order decides what L2 holds. A logit tile reads a BLOCK_N × D block of x and a BLOCK_C × D block
 of w over the whole D; at LLM widths (D = 4096) an x block is 512 KB, and 132 SMs each working on another
