@@ -16,11 +16,15 @@ namespace marginkern::loss {
 
 constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize (engine.NORM_EPS)
 
-// Classes per streamed chunk: `requested`, or a 16 MB chunk of N rows of accumulation-dtype logits.
-inline int64_t class_chunk(int64_t requested, int64_t N, at::ScalarType acc) {
+// Classes per streamed chunk: `requested`, or a 16 MB chunk of N rows of accumulation-dtype logits, at least
+// 256 GEMM columns. With `subcenters` K > 1 a class takes K columns of the chunk's GEMM and two more values of
+// the reduction (streaming_ce.cpp), and the floor counts columns, not classes.
+inline int64_t class_chunk(int64_t requested, int64_t N, at::ScalarType acc, int64_t subcenters = 1) {
   if (requested > 0) return requested;
   const int64_t bytes = acc == at::kDouble ? 8 : 4;
-  return std::max<int64_t>(256, (int64_t{16} << 20) / std::max<int64_t>(1, N * bytes));
+  const int64_t per_class = subcenters == 1 ? 1 : subcenters + 2;
+  return std::max<int64_t>((256 + subcenters - 1) / subcenters,
+                           (int64_t{16} << 20) / std::max<int64_t>(1, N * per_class * bytes));
 }
 
 // "mean" over the non-ignored rows (0 when there are none, not NaN), "sum", or "none" (per row).

@@ -191,9 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows(const 
                                                                           const MarginLossOptions& o) {
   const TargetGeometry geo(x, w, target, o);
   const double eps = o.label_smoothing, C = static_cast<double>(w.size(0) / o.subcenters);
-  // with sub-centres a chunk's GEMM writes K dot products per class (and the reduction two more values)
-  const int64_t chunk = loss::class_chunk(o.class_chunk, x.size(0) * (o.subcenters == 1 ? 1 : o.subcenters + 2),
-                                          geo.xf.scalar_type());
+  const int64_t chunk = loss::class_chunk(o.class_chunk, x.size(0), geo.xf.scalar_type(), o.subcenters);
   const auto [lse, sum_logits] = streaming_row_stats_of_subcenters(
       x, w, geo.row_scale, geo.col_scale(), std::nullopt, geo.column, geo.target_logit, eps > 0, chunk,
       geo.subcenters());
@@ -250,8 +248,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
       };
     }
   }
-  const int64_t chunk =
-      loss::class_chunk(o.class_chunk, x.size(0) * (o.subcenters == 1 ? 1 : o.subcenters + 2), acc);
+  const int64_t chunk = loss::class_chunk(o.class_chunk, x.size(0), acc, o.subcenters);
   auto [grad_x, grad_w, unused_bias] = streaming_grads_finalized(
       x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column, lse, g, g * (eps / C), target_grad,
       /*need_bias_grad=*/false, need_weight_grad, chunk, finalize, std::nullopt, std::nullopt, std::nullopt,
