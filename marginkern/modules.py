@@ -143,7 +143,10 @@ class CosFaceLoss(CombinedMarginLoss):
 class SphereFaceLoss(CombinedMarginLoss):
     """SphereFace (A-Softmax) on normalised features: ψ(θ_y) with the angle multiplied by `margin`.
 
-    The default scale 30 is opensphere's; no λ annealing (wrap it yourself if you need it).
+    The default scale 30 is opensphere's. The original A-Softmax's λ annealing (target logit
+    (λ·cos θ + ψ(θ))/(1 + λ), λ decaying; face_margin_anchors.md: m = 4 rarely converges without it) is not
+    built in; m1 takes any real ≥ 1 (ψ stays monotone), so a schedule that raises the margin from 1 (plain
+    normalised softmax) to its target plays that role: set `loss.options["m1"]` before each step.
     """
 
     def __init__(self, embedding_dim, num_classes, scale=30.0, margin=4, **kwargs):

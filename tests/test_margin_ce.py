@@ -240,6 +240,19 @@ def test_modules(cls, kw, expected):
     torch.testing.assert_close(loss.detach(), want)
 
 
+def test_a_margin_schedule_takes_effect_per_step():
+    # SphereFace's substitute for A-Softmax's λ annealing (the module docstring): raise m1 from 1 step by step
+    head = mk.SphereFaceLoss(16, 50, margin=4)
+    x, t = torch.randn(10, 16), torch.randint(0, 50, (10,))
+    for m1 in (1.0, 2.5, 4.0):
+        head.options["m1"] = m1
+        want = mk.margin_cross_entropy(x, head.weight.detach(), t, scale=30.0, m1=m1, m2=0.0, m3=0.0)
+        torch.testing.assert_close(head(x, t).detach(), want)
+    head.options["m1"] = 0.5
+    with pytest.raises(ValueError, match="m1 must lie"):
+        head(x, t)
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mutate,exc,match", [
