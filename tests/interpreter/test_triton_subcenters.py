@@ -4,19 +4,13 @@ winning sub-centre's column) against the float64 oracle.
 Run in its own process with TRITON_INTERPRET=1, or on a CUDA machine as is (tests/test_gpu.py adds bf16
 and larger shapes there).
 """
-import os
-
 import pytest
 import torch
 
 from tests.helpers import (check_chunked_margin_matches_one_chunk, check_duplicate_subcenters_are_plain_margin_ce,
                            check_subcenter_edge_cases, check_subcenter_nan_stays_nan, check_subcenters_match_oracle,
                            subcenter_case)
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
-                                reason="needs TRITON_INTERPRET=1 in its own pytest process, or a GPU")
-DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+from tests.interpreter.test_triton_kernels import DEVICE, pytestmark  # noqa: F401  (same skip rule)
 
 OPTIONS = [dict(), dict(m2=0.0, m3=0.35, label_smoothing=0.1), dict(m1=4.0, m2=0.0, scale=30.0),
            dict(margin_grad="straight_through")]
