@@ -34,7 +34,7 @@ EXTENSION_OPS = ("streaming_row_stats", "streaming_grad_logits", "streaming_grad
 
 
 # Arguments an extension built from older sources lacks (a changed schema loads fine and fails at the call).
-SCHEMA_ARGUMENTS = {"margin_ce_rows": "subcenters", "margin_ce_rows_backward": "subcenters"}
+SCHEMA_ARGUMENTS = {"margin_ce_rows": ("subcenters", "lambda_"), "margin_ce_rows_backward": ("subcenters", "lambda_")}
 
 
 def _argument_names(op):
@@ -63,8 +63,8 @@ def _load_extension(name, what, ops=(), dispatch_key="CPU"):
             return f"the extension marginkern.{name} does not load ({e}); rebuild it with {rebuild}"
     missing = [op for op in ops if not hasattr(torch.ops.marginkern, op)]
     if not missing:
-        missing = [f"{op}'s {arg} argument" for op, arg in SCHEMA_ARGUMENTS.items()
-                   if op in ops and arg not in _argument_names(op)]
+        missing = [f"{op}'s {arg} argument" for op, args in SCHEMA_ARGUMENTS.items() if op in ops
+                   for arg in args if arg not in _argument_names(op)]
     if missing:
         return (f"the extension marginkern.{name} is older than this package (it lacks {', '.join(missing)}); "
                 f"rebuild it with {rebuild}")
@@ -222,7 +222,7 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("marginkern::margin_ce_rows")
     def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-          subcenters=1):
+          subcenters=1, lambda_=0.0):
         acc, n = accumulation_dtype(input.dtype), input.shape[0]
         return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
                 input.new_empty((n, 4 if subcenters == 1 else 5), dtype=acc),
@@ -230,7 +230,7 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("marginkern::margin_ce_rows_backward")
     def _(grad_rows, input, weight, target, lse, row_state, col_norm, scale, m1, m2, m3, normalize, exact_margin_grad,
-          label_smoothing, ignore_index, need_weight_grad, subcenters=1):
+          label_smoothing, ignore_index, need_weight_grad, subcenters=1, lambda_=0.0):
         return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
 
     @torch.library.register_fake("marginkern::linear_ce_rows")

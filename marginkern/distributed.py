@@ -26,6 +26,7 @@ from .checks import (check_class_shard, check_classes_per_rank, check_classifica
                      margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
+from .modules import LambdaAnnealing
 from .reference import reduce_rows
 from .sampling import IGNORED, num_sampled_classes, sample_classes
 
@@ -255,7 +256,7 @@ def _tiles(input, opts: MarginOptions):
 
 def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, num_classes, group=None, scale=64.0,
                                  m1=1.0, m2=0.5, m3=0.0, normalize=True, margin_grad="exact", label_smoothing=0.0,
-                                 ignore_index=-100, reduction="mean", subcenters=1):
+                                 ignore_index=-100, reduction="mean", subcenters=1, lambda_=0.0):
     """marginkern.margin_cross_entropy with the class centres sharded across the ranks of `group`.
 
     Every rank of `group` (None: the default group) calls this with the SAME `input` (N, D) and `target` (N,)
@@ -282,7 +283,8 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
         subcenters = check_subcenters(subcenters, check_bool("normalize", normalize))
         check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
                           shard_range(num_classes, rank, world_size), subcenters)
-        opts = _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, subcenters)
+        opts = _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, subcenters,
+                               lambda_)
         target = target.long()  # uint8 indices would index as a mask
     except (TypeError, ValueError) as e:
         local_error = e
@@ -292,10 +294,10 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
 
 
 def _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, subcenters=1,
-                    **_reduction):
+                    lambda_=0.0, **_reduction):
     """The public API's options (margin_grad as a string; a module's reduction ignored) as MarginOptions."""
     return MarginOptions.of(scale, m1, m2, m3, normalize, margin_grad == "exact", label_smoothing, ignore_index,
-                            subcenters)
+                            subcenters, lambda_)
 
 
 def _sharded_loss(input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions, reduction):
@@ -333,7 +335,7 @@ def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index
     return sampled, step_target, ProcessGroupShard(start, total, group), index
 
 
-class ShardedCombinedMarginLoss(nn.Module):
+class ShardedCombinedMarginLoss(LambdaAnnealing):
     """CombinedMarginLoss whose (C, D) class centres are sharded over `group`: this rank owns the rows
     `shard_range(num_classes, rank, world_size)` as `weight`, initialised N(0, 0.01) like PartialFC_V2.
 
@@ -347,13 +349,16 @@ class ShardedCombinedMarginLoss(nn.Module):
     its target classes plus random others, int(sample_rate·C_local) in all, 0: the targets alone; one
     all-gather of the counts per step); the gradient of `weight` stays dense, zero on the rows a step did
     not sample. `subcenters` K > 1: sub-center ArcFace (CombinedMarginLoss), K rows per class in the shard.
+    `lambda_min` (None: off) anneals A-Softmax's λ as CombinedMarginLoss does (every rank counts the same steps).
     """
 
     def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, group=None, scale=64.0,
                  normalize=True, margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                 sample_rate=1.0, subcenters=1, device=None, dtype=None):
+                 sample_rate=1.0, subcenters=1, lambda_min=None, lambda_base=1000.0, lambda_gamma=0.12,
+                 lambda_power=1.0, device=None, dtype=None):
         super().__init__()
         embedding_dim, num_classes = check_head_size(embedding_dim, num_classes)
+        self._init_lambda(lambda_min, lambda_base, lambda_gamma, lambda_power)
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
         check_finite("sample_rate", sample_rate, 0.0, 1.0)  # 0: the batch's classes only
@@ -387,13 +392,12 @@ class ShardedCombinedMarginLoss(nn.Module):
     def forward(self, embeddings, target):
         """Every rank must be in the same mode (train/eval): the two modes run different collectives."""
         check_module_embeddings(embeddings, self.embedding_dim)
-        weight = self.weight
+        weight, o = self.weight, self._lambda_options(self.options)
         if not (self.training and self.sample_rate < 1.0):
             if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
                 weight = weight.to(embeddings.dtype)
             return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
-                                                num_classes=self.num_classes, group=self.group, **self.options)
-        o = self.options
+                                                num_classes=self.num_classes, group=self.group, **o)
         local_error = None
         try:
             check_target_tensor(target, embeddings.shape[0])
@@ -412,7 +416,7 @@ class ShardedCombinedMarginLoss(nn.Module):
     def extra_repr(self):
         extra = f", classes=[{self.class_start}, {self.class_start + self.weight.shape[0] // self.subcenters})"
         extra += f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
-        return margin_module_repr(self.embedding_dim, self.num_classes, self.options, extra)
+        return margin_module_repr(self.embedding_dim, self.num_classes, self.options, extra + self._lambda_repr())
 
 
 def keep_shards_out_of_ddp(model):

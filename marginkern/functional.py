@@ -12,7 +12,8 @@ from .reference import reduce_rows
 
 
 def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
-                         margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean", subcenters=1):
+                         margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean", subcenters=1,
+                         lambda_=0.0):
     """Margin-softmax cross-entropy over C classes without materialising the N × C logits.
 
     Target logit s·ψ(cos θ_y) with ψ the monotone combined margin (m1·θ + m2, then − m3; DESIGN.md §4),
@@ -22,6 +23,8 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     subcenters K > 1 (sub-center ArcFace, Deng et al. 2020): weight holds K sub-centres per class, rows
     jK … jK+K−1 for class j, and cos θ_j is the largest cosine of class j's sub-centres (the gradient flows
     into that one); needs normalize=True.
+    lambda_ λ ≥ 0 (SphereFace's A-Softmax and L-Softmax): the target logit's ψ becomes (λ·cos θ_y + ψ)/(1 + λ),
+    easing the margin in; their modules can anneal it (CombinedMarginLoss's lambda_min).
 
     input (N, D) and weight (C, D) ((K·C, D) with sub-centres) of one float dtype, target (N,) integer.
     Returns fp32 (fp64 for fp64 inputs). "mean" divides by the number of non-ignored rows, and is 0 when
@@ -31,11 +34,12 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
     normalize, ignore_index = check_bool("normalize", normalize), check_ignore_index(ignore_index)
     subcenters = check_subcenters(subcenters, normalize, weight.shape[0])
+    check_finite("lambda_", lambda_, 0.0)
     check_reduction(reduction)
     target = target.long()  # uint8 indices would index as a mask
     loss_rows = call_op("margin_cross_entropy", input, weight, target, float(scale), float(m1), float(m2),
                         float(m3), normalize, margin_grad == "exact", float(label_smoothing), ignore_index,
-                        subcenters)[0]
+                        subcenters, float(lambda_))[0]
     return reduce_rows(loss_rows, target != ignore_index, reduction)
 
 

@@ -45,6 +45,17 @@ def margin_slope(cosine, m1, m2, exact):
     return (sign * m1 * torch.sin(phi) / torch.sin(theta)).clamp_min(0.0)
 
 
+def blend_psi(psi, cosine, lambda_):
+    """A-Softmax's and L-Softmax's λ: the target's ψ eased toward the plain cosine, (λ·c + ψ(c))/(1 + λ)
+    (λ = 0: ψ itself, to the last bit)."""
+    return (lambda_ * cosine + psi) / (1.0 + lambda_)
+
+
+def blend_slope(slope, lambda_):
+    """d/dc of blend_psi: (λ + ψ'(c))/(1 + λ) (straight-through, ψ' = 1, stays 1)."""
+    return (lambda_ + slope) / (1.0 + lambda_)
+
+
 class MarginPsi(torch.autograd.Function):
     """ψ(c) with the bounded exact slope as its derivative (autograd through acos would give ±inf at |c| = 1)."""
 

@@ -17,10 +17,10 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from .checks import check_bool, check_ignore_index, check_margin_scalars, check_subcenters
+from .checks import check_bool, check_finite, check_ignore_index, check_margin_scalars, check_subcenters
 from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, row_grad_finisher, row_norms, streaming_grads,
                      streaming_row_stats, target_columns)
-from .margin import margin_psi, margin_slope
+from .margin import blend_psi, blend_slope, margin_psi, margin_slope
 
 
 @dataclass(frozen=True)
@@ -34,16 +34,19 @@ class MarginOptions:
     label_smoothing: float
     ignore_index: int
     subcenters: int = 1  # K sub-centres per class (sub-center ArcFace): w has K·C rows, class-major
+    lambda_: float = 0.0  # A-Softmax's λ: the target's ψ eased toward the plain cosine (margin.blend_psi)
 
     @classmethod
-    def of(cls, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index, subcenters=1):
+    def of(cls, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index, subcenters=1,
+           lambda_=0.0):
         """From plain arguments of any int/float kind (an op's, or the public API's), checked: the raw ops
         are public too (torch.ops.marginkern.*)."""
         check_margin_scalars(scale, m1, m2, m3, label_smoothing)
+        check_finite("lambda_", lambda_, 0.0)
         normalize = check_bool("normalize", normalize)
         return cls(float(scale), float(m1), float(m2), float(m3), normalize,
                    check_bool("exact_margin_grad", exact_margin_grad), float(label_smoothing),
-                   check_ignore_index(ignore_index), check_subcenters(subcenters, normalize))
+                   check_ignore_index(ignore_index), check_subcenters(subcenters, normalize), float(lambda_))
 
 
 class ClassShard(Protocol):
@@ -143,6 +146,8 @@ def target_rows(x, w, target, opts: MarginOptions, class_start: Optional[int] = 
     w_target_norm = torch.linalg.vector_norm(w_target, dim=1).clamp_min(NORM_EPS)
     cosine = ((xf * w_target).sum(1) / (x_norm * w_target_norm)).clamp(-1.0, 1.0)
     psi = margin_psi(cosine, opts.m1, opts.m2, opts.m3)
+    if opts.lambda_:
+        psi = blend_psi(psi, cosine, opts.lambda_)
     row_scale, target_logit = _logit_terms(x_norm, w_target_norm, psi, column >= 0, opts)
     state = [x_norm, w_target_norm, cosine, psi] + ([] if K == 1 else [subcenter])
     return TargetRows(column, torch.stack(state, 1), row_scale, target_logit)
@@ -161,6 +166,8 @@ def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num
     p_target = torch.exp(target_logit - lse)
     grad_target_logit = torch.where(owned, g * (p_target - (1.0 - eps) - eps / num_classes), torch.zeros_like(g))
     slope = margin_slope(cosine, opts.m1, opts.m2, opts.exact_margin_grad)
+    if opts.lambda_:
+        slope = blend_slope(slope, opts.lambda_)
     if opts.normalize:  # dT/da_y with the norms held fixed; the tangent projections chain through x̂ and ŵ
         target_grad = grad_target_logit * s * slope / (x_norm * w_target_norm)
         radial = torch.zeros_like(g)

@@ -11,7 +11,62 @@ from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, 
 from .sampling import IGNORED, num_sampled_classes, sample_classes
 
 
-class CombinedMarginLoss(nn.Module):
+class LambdaAnnealing(nn.Module):
+    """A-Softmax's and L-Softmax's λ annealing (Liu et al.; their caffe MarginInnerProduct layer): the target's
+    ψ eased toward the plain cosine, (λ·cos θ + ψ)/(1 + λ), with λ = max(lambda_min, lambda_base·(1 +
+    lambda_gamma·t)^(−lambda_power)) at training step t (the forward passes in training mode so far; saved in
+    the state dict). SphereFace's published schedule is the default: 1000, 0.12, 1, lambda_min 5.
+    lambda_min None: no annealing (λ = 0, the plain margin)."""
+
+    def _init_lambda(self, lambda_min, lambda_base, lambda_gamma, lambda_power):
+        self.lambda_schedule = None
+        if lambda_min is not None:
+            schedule = dict(lambda_min=lambda_min, lambda_base=lambda_base, lambda_gamma=lambda_gamma,
+                            lambda_power=lambda_power)
+            for name, value in schedule.items():
+                check_finite(name, value, 0.0)
+            self.lambda_schedule = tuple(float(value) for value in schedule.values())
+            # saved as "<prefix>lambda_step" only with a schedule: checkpoints of modules without one keep
+            # their keys (strict loading of older checkpoints still works)
+            self.register_state_dict_post_hook(_save_lambda_step)
+            self.register_load_state_dict_pre_hook(_load_lambda_step)
+        self.lambda_step = 0  # a Python int: reading a device buffer every step would sync with the GPU
+
+    def current_lambda(self):
+        """λ of the next forward pass (0 without a schedule)."""
+        if self.lambda_schedule is None:
+            return 0.0
+        lambda_min, base, gamma, power = self.lambda_schedule
+        return max(lambda_min, base * (1.0 + gamma * self.lambda_step) ** -power)
+
+    def _lambda_repr(self):
+        if self.lambda_schedule is None:
+            return ""
+        return f", lambda (min, base, gamma, power)={self.lambda_schedule}, lambda_step={self.lambda_step}"
+
+    def _lambda_options(self, options):
+        """options with this step's λ, counting the step in training mode."""
+        if self.lambda_schedule is None:
+            return options
+        lambda_ = self.current_lambda()
+        if self.training:
+            self.lambda_step += 1
+        return {**options, "lambda_": lambda_}
+
+
+
+def _save_lambda_step(module, state_dict, prefix, local_metadata):
+    state_dict[prefix + "lambda_step"] = torch.tensor(module.lambda_step)
+
+
+def _load_lambda_step(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs):
+    step = state_dict.pop(prefix + "lambda_step", None)  # absent in a checkpoint from before the schedule
+    if step is not None:
+        module.lambda_step = int(step)
+
+
+class CombinedMarginLoss(LambdaAnnealing):
     """Margin-softmax CE with target logit s·((−1)^k cos(m1·θ + m2) − 2k − m3) (DESIGN.md §4).
 
     The class centres are initialised N(0, 0.01) as in insightface's arcface_torch (partial_fc_v2.py).
@@ -22,14 +77,16 @@ class CombinedMarginLoss(nn.Module):
     `subcenters` K > 1: sub-center ArcFace (Deng et al. 2020; PML's SubCenterArcFaceLoss): K centres per
     class, weight (C·K, D) with class j's in rows jK … jK+K−1, a class's cosine its best sub-centre's.
     `subcenter_counts` and `outliers` do the paper's cleaning step (drop samples far from their class's
-    dominant sub-centre).
+    dominant sub-centre). `lambda_min` (None: off) anneals A-Softmax's λ (LambdaAnnealing).
     """
 
     def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, scale=64.0, normalize=True,
                  margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                 sample_rate=1.0, subcenters=1, device=None, dtype=None):
+                 sample_rate=1.0, subcenters=1, lambda_min=None, lambda_base=1000.0, lambda_gamma=0.12,
+                 lambda_power=1.0, device=None, dtype=None):
         super().__init__()
         self.embedding_dim, self.num_classes = check_head_size(embedding_dim, num_classes)
+        self._init_lambda(lambda_min, lambda_base, lambda_gamma, lambda_power)
         check_finite("sample_rate", sample_rate, 0.0, 1.0)  # 0: the batch's classes only
         self.sample_rate = float(sample_rate)
         normalize = check_bool("normalize", normalize)
@@ -51,7 +108,7 @@ class CombinedMarginLoss(nn.Module):
 
     def forward(self, embeddings, target):
         check_module_embeddings(embeddings, self.embedding_dim)
-        weight, options = self.weight, self.options
+        weight, options = self.weight, self._lambda_options(self.options)
         if self.training and self.sample_rate < 1.0:
             target = checked_class_targets(target, embeddings.shape[0], self.num_classes, options["ignore_index"])
             index, target = sample_classes(target, self.num_classes,
@@ -112,8 +169,8 @@ class CombinedMarginLoss(nn.Module):
         return (torch.rad2deg(torch.acos(cosine.clamp(-1.0, 1.0))) > threshold)[:, 0]
 
     def extra_repr(self):
-        sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
-        return margin_module_repr(self.embedding_dim, self.num_classes, self.options, sampled)
+        extra = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
+        return margin_module_repr(self.embedding_dim, self.num_classes, self.options, extra + self._lambda_repr())
 
 
 class ArcFaceLoss(CombinedMarginLoss):
@@ -144,9 +201,9 @@ class SphereFaceLoss(CombinedMarginLoss):
     """SphereFace (A-Softmax) on normalised features: ψ(θ_y) with the angle multiplied by `margin`.
 
     The default scale 30 is opensphere's. The original A-Softmax's λ annealing (target logit
-    (λ·cos θ + ψ(θ))/(1 + λ), λ decaying; face_margin_anchors.md: m = 4 rarely converges without it) is not
-    built in; m1 takes any real ≥ 1 (ψ stays monotone), so a schedule that raises the margin from 1 (plain
-    normalised softmax) to its target plays that role: set `loss.options["m1"]` before each step.
+    (λ·cos θ + ψ(θ))/(1 + λ), λ decaying; face_margin_anchors.md: m = 4 rarely converges without it) is
+    `lambda_min=5` (SphereFace's schedule, LambdaAnnealing); off by default. m1 also takes any real ≥ 1, so a
+    schedule that raises it from 1 (set `loss.options["m1"]` per step) is another way in.
     """
 
     def __init__(self, embedding_dim, num_classes, scale=30.0, margin=4, **kwargs):

@@ -167,10 +167,10 @@ def _margin_scalars(opts: MarginOptions):
 
 
 def _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-                    subcenters):
+                    subcenters, lambda_):
     """The op's checked MarginOptions, the weight's rows a multiple of subcenters."""
     opts = MarginOptions.of(scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-                            subcenters)
+                            subcenters, lambda_)
     check_subcenters(opts.subcenters, opts.normalize, weight.shape[0])
     return opts
 
@@ -185,28 +185,30 @@ def _margin_tiles(input, opts: MarginOptions):
 @_op("margin_cross_entropy")
 def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: float, m1: float, m2: float,
                          m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
-                         ignore_index: int, subcenters: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         ignore_index: int, subcenters: int = 1,
+                         lambda_: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp, (N, 4) target geometry ((N, 5) with sub-centres), (K·C,) class-centre
     norms or (0,) without normalize); ignored rows have loss 0. The last three are by-products the backward
-    op takes. weight is (K·C, D) for K = subcenters sub-centres per class."""
+    op takes. weight is (K·C, D) for K = subcenters sub-centres per class; lambda_: A-Softmax's λ."""
     _check_forward_inputs(input, weight, target)
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-                           subcenters)
+                           subcenters, lambda_)
     check_target_values(target, weight.shape[0] // opts.subcenters, opts.ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = _margin_tiles(input, opts)
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/margin_loss.cpp), the same math
-        return torch.ops.marginkern.margin_ce_rows(input, weight, target, *_margin_scalars(opts), opts.subcenters)
+        return torch.ops.marginkern.margin_ce_rows(input, weight, target, *_margin_scalars(opts), opts.subcenters,
+                                                   opts.lambda_)
     return margin_ce_forward(input, weight, target, opts, tiles, keep_geometry=True)
 
 
 @margin_cross_entropy.register_fake
 def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-      subcenters=1):
+      subcenters=1, lambda_=0.0):
     # The fake kernel lets torch.compile trace through the op without running it.
     _check_forward_inputs(input, weight, target)
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-                           subcenters)
+                           subcenters, lambda_)
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
     return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
@@ -229,18 +231,19 @@ def _check_margin_by_products(input, weight, row_state, col_norm, opts: MarginOp
 def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
                                   row_state: Tensor, col_norm: Tensor, scale: float, m1: float, m2: float,
                                   m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
-                                  ignore_index: int, need_weight_grad: bool = True,
-                                  subcenters: int = 1) -> tuple[Tensor, Tensor]:
+                                  ignore_index: int, need_weight_grad: bool = True, subcenters: int = 1,
+                                  lambda_: float = 0.0) -> tuple[Tensor, Tensor]:
     """(dL/dinput, dL/dweight) for the per-row loss gradient `grad_loss`; dL/dweight is empty (0,) when
     not `need_weight_grad` (a frozen head skips the dW GEMM). row_state and col_norm are the forward op's."""
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-                           subcenters)
+                           subcenters, lambda_)
     _check_margin_by_products(input, weight, row_state, col_norm, opts)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = _margin_tiles(input, opts)
     if tiles.name == "cpp":
         return torch.ops.marginkern.margin_ce_rows_backward(grad_loss, input, weight, target, lse, row_state, col_norm,
-                                                            *_margin_scalars(opts), need_weight_grad, opts.subcenters)
+                                                            *_margin_scalars(opts), need_weight_grad, opts.subcenters,
+                                                            opts.lambda_)
     grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts, tiles, need_weight_grad,
                                         saved=(row_state, col_norm))
     return grad_x, _or_empty(grad_w, weight)
@@ -248,7 +251,7 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
 
 @margin_cross_entropy_backward.register_fake
 def _(grad_loss, input, weight, target, lse, row_state, col_norm, scale, m1, m2, m3, normalize, exact_margin_grad,
-      label_smoothing, ignore_index, need_weight_grad=True, subcenters=1):
+      label_smoothing, ignore_index, need_weight_grad=True, subcenters=1, lambda_=0.0):
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
@@ -264,10 +267,11 @@ def _margin_backward(ctx, grad_loss, *grad_by_products):
     # lse and the geometry are by-products for the backward pass, not differentiable outputs.
     input, weight, target, lse, row_state, col_norm = ctx.saved_tensors
     need_weight_grad = ctx.needs_input_grad[1]
-    # the forward's scalar options; subcenters last (absent when a caller of the raw op left its default)
-    *options, subcenters = ctx.options if len(ctx.options) == 9 else (*ctx.options, 1)
+    # the forward's scalar options: the eight the backward op takes first, then those after need_weight_grad
+    # (subcenters, lambda_; fewer when a caller of the raw op left their defaults)
+    options = ctx.options
     grad_input, grad_weight = call("margin_cross_entropy_backward", grad_loss.contiguous(), input, weight, target,
-                                   lse, row_state, col_norm, *options, need_weight_grad, subcenters)
+                                   lse, row_state, col_norm, *options[:8], need_weight_grad, *options[8:])
     return (grad_input, grad_weight if need_weight_grad else None) + (None,) * (1 + len(ctx.options))
 
 

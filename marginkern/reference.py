@@ -59,7 +59,7 @@ def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, cl
 
 def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
                          margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                         subcenters=1, class_chunk=CLASS_CHUNK):
+                         subcenters=1, lambda_=0.0, class_chunk=CLASS_CHUNK):
     acc = accumulation_dtype(input.dtype)
     x, w = input.to(acc), weight.to(acc)
     K = subcenters
@@ -80,9 +80,11 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
         norms = None
     radius = 1.0 if normalize else norms  # L-Softmax keeps ‖x‖‖w_y‖ on the target logit
     if margin_grad == "exact":
-        target_logit = radius * MarginPsi.apply(cosine, m1, m2, m3)
+        psi = MarginPsi.apply(cosine, m1, m2, m3)
     else:  # straight-through: dψ/dc := 1, i.e. ψ(c) = c + a constant offset (the norms stay differentiable)
-        target_logit = radius * (cosine + (margin_psi(cosine.clamp(-1, 1), m1, m2, m3) - cosine).detach())
+        psi = cosine + (margin_psi(cosine.clamp(-1, 1), m1, m2, m3) - cosine).detach()
+    # A-Softmax's λ eases the target toward the plain cosine (of the clamped one, as ψ sees it)
+    target_logit = radius * ((lambda_ * cosine.clamp(-1, 1) + psi) / (1.0 + lambda_) if lambda_ else psi)
     x, target_logit = scale * x, scale * target_logit
 
     lse, sum_logits = streamed_lse_and_sum(x, w, column, target_logit, class_chunk=class_chunk, subcenters=K)

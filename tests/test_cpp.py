@@ -514,7 +514,7 @@ def test_a_stale_extension_is_reported_not_used():
 @requires_cpp
 def test_an_extension_with_an_older_schema_is_reported_not_used(monkeypatch):
     # an op that exists but lacks an argument the package passes (a changed schema) must fall back too
-    monkeypatch.setitem(cpp_tiles.SCHEMA_ARGUMENTS, "margin_ce_rows", "an_argument_of_a_newer_version")
+    monkeypatch.setitem(cpp_tiles.SCHEMA_ARGUMENTS, "margin_ce_rows", ("an_argument_of_a_newer_version",))
     reason = cpp_tiles._load_extension("_C", "a C++ compiler", cpp_tiles.EXTENSION_OPS)
     assert "older than this package" in reason and "an_argument_of_a_newer_version" in reason
 

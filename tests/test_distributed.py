@@ -408,6 +408,12 @@ def test_matches_single_process_16bit(world, dtype):
     check_sharded(world, x, w, t, dtype, m2=0.3)
 
 
+def test_lambda_matches_single_process(world):
+    # A-Softmax's λ: target math only, computed where the target's class lives
+    x, w, t = make_case(13, 29, 7, torch.float64, ignore=(0, 5))
+    check_sharded(world, x, w, t, m1=4.0, m2=0.0, scale=8.0, lambda_=3.0)
+
+
 @pytest.mark.parametrize("K, dtype", [(2, torch.float64), (3, torch.float32)])
 def test_subcenters_match_single_process(world, K, dtype):
     # C = 29 classes of K rows each, uneven over 2 and 3 ranks; on the CPU the PyTorch tiles serve the shards

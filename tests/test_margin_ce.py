@@ -23,6 +23,10 @@ OPTIONS = [
     dict(m1=3.0, m2=0.0, scale=1.0, normalize=False),              # L-Softmax
     dict(m1=1.5, m2=0.2, m3=0.1, scale=0.5, normalize=False, label_smoothing=0.2),
     dict(m1=2.0, scale=0.3, normalize=False, margin_grad="straight_through"),
+    # A-Softmax's λ (scale 8: at 30, eased targets make the tiny shapes' rows confident, whose fp32 gradients
+    # carry the lse rounding every fp32 cross-entropy has: bench/NOTES.md, "Precision of confident rows")
+    dict(m1=4.0, m2=0.0, scale=8.0, lambda_=5.0),
+    dict(m1=3.0, m2=0.0, scale=1.0, normalize=False, lambda_=2.0, margin_grad="straight_through"),
 ]
 SHAPES = [(37, 301, 45), (3, 2, 2), (5, 7, 8), (64, 1029, 17)]
 
@@ -238,6 +242,46 @@ def test_modules(cls, kw, expected):
     assert module.weight.grad is not None and x.grad is not None
     want = mk.margin_cross_entropy(x.detach(), module.weight.detach(), t, **expected)
     torch.testing.assert_close(loss.detach(), want)
+
+
+def test_lambda_annealing_follows_the_sphereface_schedule():
+    # A-Softmax's λ = max(λ_min, base·(1 + γ·t)^−power) at training step t (SphereFace's 1000, 0.12, 1, 5)
+    head = mk.SphereFaceLoss(16, 50, lambda_min=5.0)
+    x, t = torch.randn(10, 16), torch.randint(0, 50, (10,))
+    steps = [0, 1, 2, 10000]
+    for step in range(steps[-1] + 1):
+        if step in steps:
+            want_lambda = max(5.0, 1000.0 * (1 + 0.12 * step) ** -1.0)
+            assert head.current_lambda() == pytest.approx(want_lambda)
+            want = mk.margin_cross_entropy(x, head.weight.detach(), t, scale=30.0, m1=4.0, m2=0.0, m3=0.0,
+                                           lambda_=want_lambda)
+            torch.testing.assert_close(head(x, t).detach(), want)
+        else:
+            head.lambda_step += 1
+    assert head.current_lambda() == 5.0 and "lambda_step=10001" in repr(head)
+    head.eval()  # evaluation does not count steps
+    head(x, t)
+    assert head.lambda_step == 10001
+    # the step travels with the state dict, only with a schedule: older checkpoints load strictly
+    fresh = mk.SphereFaceLoss(16, 50, lambda_min=5.0)
+    fresh.load_state_dict(head.state_dict())
+    assert fresh.lambda_step == 10001
+    plain = mk.SphereFaceLoss(16, 50)
+    assert "lambda_step" not in plain.state_dict()
+    fresh.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="lambda_min must lie"):
+        mk.SphereFaceLoss(16, 50, lambda_min=-1.0)
+
+
+def test_lambda_is_checked_and_passes_opcheck():
+    x, w, t = make_case(7, 40, 5, torch.float32, ignore=(1,))
+    with pytest.raises(ValueError, match="lambda_ must lie"):
+        mk.margin_cross_entropy(x, w, t, lambda_=-0.5)
+    args = (x.detach(), w.detach(), t, 30.0, 4.0, 0.0, 0.0, True, True, 0.1, -100, 1, 5.0)
+    torch.library.opcheck(torch.ops.marginkern.margin_cross_entropy.default, args)
+    _, lse, row_state, col_norm = torch.ops.marginkern.margin_cross_entropy(*args)
+    torch.library.opcheck(torch.ops.marginkern.margin_cross_entropy_backward.default,
+                          (torch.rand(7), *args[:3], lse, row_state, col_norm, *args[3:11], True, 1, 5.0))
 
 
 def test_a_margin_schedule_takes_effect_per_step():

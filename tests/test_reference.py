@@ -9,8 +9,9 @@ from marginkern import reference
 from tests.helpers import make_case
 
 
-def naive_margin_ce(x, w, t, scale, m1, m2, m3, normalize, label_smoothing, ignore_index, reduction):
-    """Materialised N × C float64 logits, the target column replaced by the monotone margin."""
+def naive_margin_ce(x, w, t, scale, m1, m2, m3, normalize, label_smoothing, ignore_index, reduction, lambda_=0.0):
+    """Materialised N × C float64 logits, the target column replaced by the monotone margin (eased by
+    A-Softmax's λ: (λ·cos + ψ)/(1 + λ))."""
     x, w = x.double(), w.double()
     if normalize:
         x, w = F.normalize(x, dim=1), F.normalize(w, dim=1)
@@ -20,6 +21,7 @@ def naive_margin_ce(x, w, t, scale, m1, m2, m3, normalize, label_smoothing, igno
     phi = m1 * torch.acos(cos) + m2
     k = torch.floor(phi / math.pi)
     psi = (-1.0) ** k * torch.cos(phi) - 2 * k - m3
+    psi = (lambda_ * cos + psi) / (1 + lambda_)
     logits = torch.where(torch.arange(w.shape[0])[None, :] == t[:, None], psi * norms, dots) * scale
     return F.cross_entropy(logits, t, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
 
@@ -30,6 +32,8 @@ CASES = [
     dict(scale=30.0, m1=4.0, m2=0.0, m3=0.0, normalize=True),
     dict(scale=1.0, m1=3.0, m2=0.0, m3=0.0, normalize=False),
     dict(scale=16.0, m1=1.3, m2=0.2, m3=0.1, normalize=True),
+    dict(scale=30.0, m1=4.0, m2=0.0, m3=0.0, normalize=True, lambda_=5.0),   # A-Softmax with its λ
+    dict(scale=1.0, m1=3.0, m2=0.0, m3=0.0, normalize=False, lambda_=2.0),   # L-Softmax with its λ
 ]
 
 

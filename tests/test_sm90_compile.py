@@ -86,7 +86,7 @@ def test_margin_row_kernels_compile(exact):
     """The margin losses' per-row kernels: acos (a polynomial), cos, sin and floor lower for sm_90."""
     from marginkern.triton_kernels.margin_rows import (BLOCK_ROWS, margin_target_grad_rows_kernel,
                                                        margin_target_rows_kernel)
-    types = {"column_ptr": "*i64", "m1": "fp32", "m2": "fp32", "m3": "fp32", "smoothing": "fp32",
+    types = {"column_ptr": "*i64", "m1": "fp32", "m2": "fp32", "m3": "fp32", "lam": "fp32", "smoothing": "fp32",
              "grad_loss_ptr": "*fp32"}
     for kernel, constexprs in [
             (margin_target_rows_kernel, dict(NORMALIZE=exact, BLOCK_R=BLOCK_ROWS, BLOCK_D=256)),

@@ -169,6 +169,8 @@ def test_cpp_ops_check_subcenter_arguments():
         torch.ops.marginkern.margin_ce_rows(x, w, t, 64.0, 1.0, 0.5, 0.0, False, True, 0.0, -100, 3)
     with pytest.raises(RuntimeError, match=r"target must hold class indices in \[0, C=5\)"):
         torch.ops.marginkern.margin_ce_rows(x, w, t.clamp_min(0) + 5, 64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100, 3)
+    with pytest.raises(RuntimeError, match="lambda_ must be a finite number >= 0"):
+        torch.ops.marginkern.margin_ce_rows(x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100, 3, -1.0)
 
 
 def test_module_matches_functional_and_samples_whole_classes():

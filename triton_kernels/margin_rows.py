@@ -103,7 +103,7 @@ def _target_geometry(x_rows, w_ptr, w_row, row_mask, owned, D, stride_w, BLOCK_R
 @triton.jit
 def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_ptr, row_scale_ptr,
                               target_logit_ptr, N, D, num_local, class_start, ignore_index, stride_x, stride_w,
-                              scale, m1, m2, m3, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+                              scale, m1, m2, m3, lam, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
                               BLOCK_D: tl.constexpr, SUBCENTERS: tl.constexpr = 1):
     """With SUBCENTERS = K > 1 the target is the class's sub-centre of largest cosine (the first of equal ones,
     a NaN wins and stays, as torch.max and the engine kernels), its index the row state's fifth column."""
@@ -123,7 +123,7 @@ def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_pt
         cosine = tl.where(better, cosine_k, cosine)
         w_norm = tl.where(better, w_norm_k, w_norm)
         subcenter = tl.where(better, k * 1.0, subcenter)
-    psi = _margin_psi(cosine, m1, m2, m3)
+    psi = (lam * cosine + _margin_psi(cosine, m1, m2, m3)) / (1.0 + lam)  # λ = 0: ψ itself, to the last bit
     if NORMALIZE:
         row_scale = scale / x_norm
         target_logit = scale * psi
@@ -144,7 +144,7 @@ def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_pt
 @triton.jit
 def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target_ptr, column_ptr, row_scale_ptr,
                                    target_logit_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, radial_ptr, N,
-                                   num_local, class_start, ignore_index, scale, m1, m2, smoothing, num_classes,
+                                   num_local, class_start, ignore_index, scale, m1, m2, lam, smoothing, num_classes,
                                    NORMALIZE: tl.constexpr, EXACT: tl.constexpr, BLOCK_R: tl.constexpr):
     """Per row: row scale, target logit, coef_p = g, coef_u = g·ε/C, target_grad, radial term."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -167,7 +167,7 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
     # the target column's terms belong to the slice that holds it (only there is T known)
     grad_target_logit = tl.where(owned, g * (tl.exp(target_logit - lse) - (1.0 - smoothing) - smoothing / num_classes),
                                  0.0)
-    slope = _margin_slope(cosine, m1, m2, EXACT)
+    slope = (lam + _margin_slope(cosine, m1, m2, EXACT)) / (1.0 + lam)  # of the λ-eased ψ the row state holds
     if NORMALIZE:  # dT/da_y with the norms held fixed; the tangent projections chain through x̂ and ŵ
         target_grad = grad_target_logit * scale * slope / (x_norm * w_norm)
         radial = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -185,7 +185,8 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
 BLOCK_ROWS = 32
 
 
-def margin_target_rows(x, w, target, scale, m1, m2, m3, normalize, ignore_index, class_start=0, subcenters=1):
+def margin_target_rows(x, w, target, scale, m1, m2, m3, normalize, ignore_index, class_start=0, subcenters=1,
+                       lambda_=0.0):
     """(column (N,) int64, row state (N, 4) fp32 = ‖x‖, ‖w_y‖, c_y, ψ, row scale (N,), target logit (N,)) for
     x (N, D) and the classes [class_start, class_start + len(w) / K) in w (C_local·K, D) with K = subcenters
     rows per class; targets elsewhere or ignored get column −1 and target logit 0. With K > 1 w_y is the target
@@ -198,13 +199,13 @@ def margin_target_rows(x, w, target, scale, m1, m2, m3, normalize, ignore_index,
         with on_device(x):
             margin_target_rows_kernel[(cdiv(N, BLOCK_ROWS),)](
                 x, w, target, column, row_state, row_scale, target_logit, N, D, w.shape[0] // subcenters,
-                class_start, ignore_index, x.stride(0), w.stride(0), scale, m1, m2, m3, NORMALIZE=normalize,
+                class_start, ignore_index, x.stride(0), w.stride(0), scale, m1, m2, m3, lambda_, NORMALIZE=normalize,
                 BLOCK_R=BLOCK_ROWS, BLOCK_D=min(256, next_power_of_2(max(D, 16))), SUBCENTERS=subcenters)
     return column, row_state, row_scale, target_logit
 
 
 def margin_target_grad_rows(row_state, lse, grad_loss, target, scale, m1, m2, normalize, exact, smoothing,
-                            ignore_index, num_classes, num_local, class_start=0):
+                            ignore_index, num_classes, num_local, class_start=0, lambda_=0.0):
     """(column, (6, N) fp32 planes: row scale, target logit, coef_p, coef_u, target_grad, radial term) from the
     forward's row state (margin_target_rows), the lse and the per-row loss gradient."""
     N = row_state.shape[0]
@@ -214,6 +215,6 @@ def margin_target_grad_rows(row_state, lse, grad_loss, target, scale, m1, m2, no
         with on_device(row_state):
             margin_target_grad_rows_kernel[(cdiv(N, BLOCK_ROWS),)](
                 fp32(row_state).contiguous(), fp32(lse).contiguous(), fp32(grad_loss).contiguous(), target,
-                column, *planes, N, num_local, class_start, ignore_index, scale, m1, m2, smoothing, num_classes,
-                NORMALIZE=normalize, EXACT=exact, BLOCK_R=BLOCK_ROWS)
+                column, *planes, N, num_local, class_start, ignore_index, scale, m1, m2, lambda_, smoothing,
+                num_classes, NORMALIZE=normalize, EXACT=exact, BLOCK_R=BLOCK_ROWS)
     return column, planes

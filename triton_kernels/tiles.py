@@ -217,7 +217,7 @@ class TritonTiles:
     def margin_target_rows(x, w, target, opts, class_start=None):
         """margin_ce.target_rows in one launch (margin_rows.py)."""
         rows = _margin_target_rows(x, w, target.contiguous(), opts.scale, opts.m1, opts.m2, opts.m3, opts.normalize,
-                                   opts.ignore_index, class_start or 0, opts.subcenters)
+                                   opts.ignore_index, class_start or 0, opts.subcenters, opts.lambda_)
         return TargetRows(*rows)
 
     @staticmethod
@@ -225,7 +225,8 @@ class TritonTiles:
         """margin_ce.target_grad_rows in one launch (margin_rows.py)."""
         column, planes = _margin_target_grad_rows(
             row_state, lse, grad_loss, target.contiguous(), opts.scale, opts.m1, opts.m2, opts.normalize,
-            opts.exact_margin_grad, opts.label_smoothing, opts.ignore_index, num_classes, num_local, class_start or 0)
+            opts.exact_margin_grad, opts.label_smoothing, opts.ignore_index, num_classes, num_local, class_start or 0,
+            opts.lambda_)
         return TargetGradRows(column, *planes.unbind(0))
 
     indexes_cost_rows = True  # the dL/da kernel gathers the cost term's query rows itself

@@ -4,6 +4,8 @@
 // ops check the targets again (free on the CPU): a stray −1 would silently mean "no target column".
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "emo_loss.h"
 #include "linear_ce_loss.h"
 #include "loss_reduction.h"
@@ -14,22 +16,24 @@ namespace {
 
 MarginLossOptions margin_options(const char* op, double scale, double m1, double m2, double m3, bool normalize,
                                  bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
-                                 int64_t subcenters) {
+                                 int64_t subcenters, double lambda) {
   MarginLossOptions o;
   o.scale = scale, o.m1 = m1, o.m2 = m2, o.m3 = m3, o.normalize = normalize;
   o.exact_margin_grad = exact_margin_grad, o.label_smoothing = label_smoothing, o.ignore_index = ignore_index;
   TORCH_CHECK(subcenters >= 1 && (subcenters == 1 || normalize), op, ": subcenters must be >= 1, and > 1 only ",
               "with normalize; got ", subcenters);
   o.subcenters = subcenters;
+  TORCH_CHECK(std::isfinite(lambda) && lambda >= 0.0, op, ": lambda_ must be a finite number >= 0, got ", lambda);
+  o.lambda = lambda;
   return o;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows_op(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, double scale, double m1, double m2,
     double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
-    int64_t subcenters) {
+    int64_t subcenters, double lambda) {
   const MarginLossOptions o = margin_options("marginkern::margin_ce_rows", scale, m1, m2, m3, normalize,
-                                             exact_margin_grad, label_smoothing, ignore_index, subcenters);
+                                             exact_margin_grad, label_smoothing, ignore_index, subcenters, lambda);
   TORCH_CHECK(weight.size(0) % subcenters == 0, "marginkern::margin_ce_rows: weight must have C·subcenters rows, got ",
               weight.size(0), " rows for subcenters=", subcenters);
   loss::check_targets("marginkern::margin_ce_rows", target, weight.size(0) / subcenters, ignore_index);
@@ -40,11 +44,11 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward_op(
     const at::Tensor& grad_rows, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
     const at::Tensor& lse, const at::Tensor& row_state, const at::Tensor& col_norm, double scale, double m1, double m2,
     double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
-    bool need_weight_grad, int64_t subcenters) {
+    bool need_weight_grad, int64_t subcenters, double lambda) {
   return margin_ce_rows_backward(
       grad_rows, input, weight, target.to(at::kLong), lse, row_state, col_norm,
       margin_options("marginkern::margin_ce_rows_backward", scale, m1, m2, m3, normalize, exact_margin_grad,
-                     label_smoothing, ignore_index, subcenters),
+                     label_smoothing, ignore_index, subcenters, lambda),
       need_weight_grad);
 }
 
@@ -98,13 +102,13 @@ std::tuple<at::Tensor, at::Tensor> emo_rows_backward_op(const at::Tensor& grad_c
 TORCH_LIBRARY_FRAGMENT(marginkern, m) {
   m.def(
       "margin_ce_rows(Tensor input, Tensor weight, Tensor target, float scale, float m1, float m2, float m3, "
-      "bool normalize, bool exact_margin_grad, float label_smoothing, int ignore_index, int subcenters=1) "
-      "-> (Tensor loss_rows, Tensor lse, Tensor row_state, Tensor col_norm)");
+      "bool normalize, bool exact_margin_grad, float label_smoothing, int ignore_index, int subcenters=1, "
+      "float lambda_=0.0) -> (Tensor loss_rows, Tensor lse, Tensor row_state, Tensor col_norm)");
   m.def(
       "margin_ce_rows_backward(Tensor grad_rows, Tensor input, Tensor weight, Tensor target, Tensor lse, "
       "Tensor row_state, Tensor col_norm, float scale, float m1, float m2, float m3, bool normalize, "
-      "bool exact_margin_grad, float label_smoothing, int ignore_index, bool need_weight_grad, int subcenters=1) "
-      "-> (Tensor grad_input, Tensor grad_weight)");
+      "bool exact_margin_grad, float label_smoothing, int ignore_index, bool need_weight_grad, int subcenters=1, "
+      "float lambda_=0.0) -> (Tensor grad_input, Tensor grad_weight)");
   m.def(
       "linear_ce_rows(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
       "float label_smoothing, float z_loss, float? softcap, float focal_gamma, float gamma_ce) "

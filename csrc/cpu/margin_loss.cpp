@@ -23,20 +23,22 @@ std::pair<at::Tensor, at::Tensor> branch(const at::Tensor& phi) {
   return {1.0 - 2.0 * at::remainder(k, 2.0), k};
 }
 
-// ψ(c) (margin.py margin_psi).
+// ψ(c) (margin.py margin_psi), eased by λ (margin.py blend_psi).
 at::Tensor margin_psi(const at::Tensor& cosine, const MarginLossOptions& o) {
   const at::Tensor phi = o.m1 * at::acos(cosine.clamp(-1.0, 1.0)) + o.m2;
   const auto [sign, k] = branch(phi);
-  return sign * at::cos(phi) - 2.0 * k - o.m3;
+  const at::Tensor psi = sign * at::cos(phi) - 2.0 * k - o.m3;
+  return o.lambda == 0.0 ? psi : (o.lambda * cosine + psi) / (1.0 + o.lambda);
 }
 
-// dψ/dc, exact with θ clamped away from 0 and π, or 1 (margin.py margin_slope).
+// dψ/dc, exact with θ clamped away from 0 and π, or 1 (margin.py margin_slope), eased by λ (blend_slope).
 at::Tensor margin_slope(const at::Tensor& cosine, const MarginLossOptions& o) {
-  if (!o.exact_margin_grad) return at::ones_like(cosine);
+  if (!o.exact_margin_grad) return at::ones_like(cosine);  // (λ + 1)/(1 + λ) = 1 too
   const at::Tensor theta = at::acos(cosine.clamp(-1.0, 1.0)).clamp(kExactSlopeMinAngle, kPi - kExactSlopeMinAngle);
   const at::Tensor phi = o.m1 * theta + o.m2;
   const at::Tensor sign = branch(phi).first;
-  return (sign * o.m1 * at::sin(phi) / at::sin(theta)).clamp_min(0.0);
+  const at::Tensor slope = (sign * o.m1 * at::sin(phi) / at::sin(theta)).clamp_min(0.0);
+  return o.lambda == 0.0 ? slope : (o.lambda + slope) / (1.0 + o.lambda);
 }
 
 // The per-row quantities of the target column (margin_ce.py target_rows), in the accumulation dtype.
@@ -134,7 +136,7 @@ void save_options(torch::autograd::AutogradContext* ctx, const MarginLossOptions
   d["scale"] = o.scale, d["m1"] = o.m1, d["m2"] = o.m2, d["m3"] = o.m3, d["normalize"] = o.normalize;
   d["exact_margin_grad"] = o.exact_margin_grad, d["label_smoothing"] = o.label_smoothing;
   d["ignore_index"] = o.ignore_index, d["reduction"] = o.reduction, d["class_chunk"] = o.class_chunk;
-  d["subcenters"] = o.subcenters;
+  d["subcenters"] = o.subcenters, d["lambda"] = o.lambda;
 }
 
 MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
@@ -144,7 +146,7 @@ MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
   o.normalize = d["normalize"].toBool(), o.exact_margin_grad = d["exact_margin_grad"].toBool();
   o.label_smoothing = d["label_smoothing"].toDouble(), o.ignore_index = d["ignore_index"].toInt();
   o.reduction = d["reduction"].toStringRef(), o.class_chunk = d["class_chunk"].toInt();
-  o.subcenters = d["subcenters"].toInt();
+  o.subcenters = d["subcenters"].toInt(), o.lambda = d["lambda"].toDouble();
   return o;
 }
 
@@ -182,6 +184,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ta
               ": the margins need m1 >= 1, m2 >= 0, finite m3 and a positive finite scale, got m1=", o.m1,
               " m2=", o.m2, " m3=", o.m3, " scale=", o.scale);
   loss::check_label_smoothing(op, o.label_smoothing);
+  TORCH_CHECK(std::isfinite(o.lambda) && o.lambda >= 0.0, op, ": lambda must be a finite number >= 0, got ",
+              o.lambda);
 }
 
 }  // namespace

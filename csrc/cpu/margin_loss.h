@@ -32,6 +32,8 @@ struct MarginLossOptions {
   // K > 1: sub-center ArcFace (needs normalize): w (K·C, D) holds class j's sub-centres in rows jK … jK+K−1
   // and cos θ_j is the largest of theirs; the gradient flows to that one (streaming_ce.h Subcenters)
   int64_t subcenters = 1;
+  // λ ≥ 0 of A-Softmax / L-Softmax: ψ eased toward the plain cosine, (λ·c + ψ(c))/(1 + λ); 0: ψ itself
+  double lambda = 0.0;
 };
 
 // x (N, D) and w (C, D) ((K·C, D) with K sub-centres) of one float dtype on the CPU, target (N,) integer.

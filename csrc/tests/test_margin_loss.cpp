@@ -2,7 +2,7 @@
 // (DESIGN.md §4) in float64 with the whole N × C logits and autograd: loss and both gradients, for
 // ArcFace, CosFace, SphereFace with label smoothing, the straight-through slope, unnormalized logits,
 // ignored rows, every reduction, several class chunks, sub-centres (sub-center ArcFace: the max over each
-// class's K cosines); plus the error for an out-of-range target.
+// class's K cosines), A-Softmax's λ; plus the error for an out-of-range target.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -24,7 +24,8 @@ at::Tensor naive_psi(const at::Tensor& c, const MarginLossOptions& o) {
   const at::Tensor phi = o.m1 * at::acos(c) + o.m2;
   const at::Tensor k = at::floor(phi / kPi).detach();
   const at::Tensor psi = (1.0 - 2.0 * at::remainder(k, 2.0)) * at::cos(phi) - 2.0 * k - o.m3;
-  return o.exact_margin_grad ? psi : c + (psi - c).detach();  // straight-through: dψ/dc := 1
+  const at::Tensor margin = o.exact_margin_grad ? psi : c + (psi - c).detach();  // straight-through: dψ/dc := 1
+  return (o.lambda * c + margin) / (1.0 + o.lambda);  // A-Softmax's λ (0: the margin itself)
 }
 
 // The definition with every logit materialised: float64, autograd for the gradients.
@@ -96,6 +97,12 @@ void test_against_naive() {
   MarginLossOptions raw = arcface;
   raw.normalize = false, raw.m1 = 3.0, raw.m2 = 0.0, raw.scale = 1.0;
   cases.push_back({"L-Softmax (unnormalized)", raw});
+  MarginLossOptions sphere_lambda = sphere;
+  sphere_lambda.lambda = 5.0, sphere_lambda.scale = 4.0;
+  cases.push_back({"SphereFace with A-Softmax's lambda = 5", sphere_lambda});
+  MarginLossOptions raw_lambda = raw;
+  raw_lambda.lambda = 2.0, raw_lambda.exact_margin_grad = false;
+  cases.push_back({"L-Softmax with lambda = 2, straight-through", raw_lambda});
   MarginLossOptions subcenter = arcface;
   subcenter.subcenters = 3, subcenter.label_smoothing = 0.1;
   cases.push_back({"sub-center ArcFace (K = 3) + label smoothing", subcenter});

@@ -115,6 +115,7 @@ OPTIONS = [
     dict(m1=1.2, m2=0.3, m3=0.15, scale=32.0, label_smoothing=0.1), dict(margin_grad="straight_through"),
     dict(m1=3.0, m2=0.0, scale=1.0, normalize=False),
     dict(m1=1.5, m2=0.2, m3=0.1, scale=0.5, normalize=False, label_smoothing=0.2),
+    dict(m1=4.0, m2=0.0, scale=8.0, lambda_=5.0), dict(m1=3.0, m2=0.0, scale=1.0, normalize=False, lambda_=2.0),
 ]
 
 

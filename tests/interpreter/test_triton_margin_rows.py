@@ -24,9 +24,9 @@ MARGINS = [(64.0, 1.0, 0.5, 0.0, True), (64.0, 1.0, 0.0, 0.35, True), (30.0, 4.0
            (0.5, 1.5, 0.2, 0.1, False)]
 
 
-def options(margin, exact=True, smoothing=0.0):
+def options(margin, exact=True, smoothing=0.0, lambda_=0.0):
     scale, m1, m2, m3, normalize = margin
-    return MarginOptions.of(scale, m1, m2, m3, normalize, exact, smoothing, -100)
+    return MarginOptions.of(scale, m1, m2, m3, normalize, exact, smoothing, -100, 1, lambda_)
 
 
 def triton_tiles():
@@ -101,6 +101,24 @@ def test_target_rows_match_pytorch(dtype, margin, sharded):
     assert torch.equal(got.target_logit[~owned], torch.zeros_like(got.target_logit[~owned]))
     expected_t = scale * psi if normalize else scale * psi * got.row_state[:, 0].double() * got.row_state[:, 1].double()
     torch.testing.assert_close(got.target_logit[owned].double(), expected_t[owned], rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("margin", [MARGINS[2], MARGINS[5]])  # SphereFace, L-Softmax: the margins λ eases
+@pytest.mark.parametrize("exact", [True, False])
+def test_lambda_eased_target_rows_match_pytorch(margin, exact):
+    """A-Softmax's λ: the forward's ψ and the backward's slope of both kernels against PyTorch's."""
+    N, C, D = 45, 37, 16
+    x, w, t = hard_case(N, C, D, torch.float32)
+    opts = options(margin, exact=exact, smoothing=0.1, lambda_=5.0)
+    got, ref = triton_tiles().margin_target_rows(x, w, t, opts), target_rows(x, w, t, opts)
+    torch.testing.assert_close(got.row_state, ref.row_state, rtol=1e-5, atol=2e-6 * margin[1])
+    lse = torch.randn(N, device=DEVICE) * 3 + 10
+    grad_loss = torch.rand(N, device=DEVICE)
+    got = triton_tiles().margin_target_grad_rows(ref.row_state, lse, grad_loss, t, opts, C, C)
+    want = target_grad_rows(ref.row_state, lse, grad_loss, t, opts, C, C)
+    for name in ("target_logit", "target_grad", "radial"):
+        a, b = getattr(got, name), getattr(want, name)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max().clamp_min(1.0)), msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
