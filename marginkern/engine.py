@@ -658,9 +658,13 @@ class TorchTiles:
 
     def class_chunks(self, N, C, x, bytes_per_class=0):
         """[(c0, c1)] covering C classes; `bytes_per_class`: what the caller keeps per class of a chunk
-        besides the N × chunk tensors (the engine's fp32 dW chunk), counted against the same budget."""
+        besides the N × chunk tensors (the engine's fp32 dW chunk), counted against the same budget. N counts
+        a chunk's columns per class (N·K with K sub-centres, x having N rows): the floor of 256 is in GEMM
+        columns, so 256/K classes."""
         acc_bytes = 8 if x.dtype == torch.float64 else 4
-        chunk = max(256, self.buffer_bytes // max(1, N * acc_bytes + bytes_per_class))
+        columns_per_class = max(1, N // max(1, x.shape[0]))
+        floor = max(1, 256 // columns_per_class)
+        chunk = max(floor, self.buffer_bytes // max(1, N * acc_bytes + bytes_per_class))
         return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
 
     @staticmethod

@@ -109,8 +109,11 @@ def test_gradient_flows_to_winning_subcenters_only(backend):
 
 
 def test_small_buffer_streams_many_chunks():
-    # 256 classes (768 rows of w) per chunk, the PyTorch tiles' least
-    check_chunked_margin_matches_one_chunk(TorchTiles(buffer_bytes=9 * 3 * 4 * 64), 9, 1030, 3, 20)
+    # 85 classes (255 rows of w) per chunk: the PyTorch tiles' least, 256 GEMM columns
+    small = TorchTiles(buffer_bytes=9 * 3 * 4 * 64)
+    x = torch.empty(9, 20)
+    assert small.class_chunks(9 * 3, 1030, x)[0] == (0, 85) and small.class_chunks(9, 1030, x)[0] == (0, 256)
+    check_chunked_margin_matches_one_chunk(small, 9, 1030, 3, 20)
 
 
 def test_gradcheck(backend):
