@@ -28,7 +28,7 @@ from .dispatch import select_tiles, select_tiles_except
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .modules import LambdaAnnealing
 from .reference import reduce_rows
-from .sampling import IGNORED, num_sampled_classes, sample_classes
+from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
 
 
 def shard_range(num_classes: int, rank: int, world_size: int):
@@ -331,8 +331,8 @@ def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index
     elsewhere = start - 1 if start > 0 else start + counts[rank]
     step_target = torch.where(here, start + local, torch.full_like(target, elsewhere))
     step_target = torch.where(valid, step_target, IGNORED)
-    sampled = weight_shard.unflatten(0, (-1, subcenters))[index].flatten(0, 1)  # every row of a sampled class
-    return sampled, step_target, ProcessGroupShard(start, total, group), index
+    return (sampled_class_rows(weight_shard, index, subcenters), step_target, ProcessGroupShard(start, total, group),
+            index)
 
 
 class ShardedCombinedMarginLoss(LambdaAnnealing):

@@ -155,10 +155,11 @@ def target_rows(x, w, target, opts: MarginOptions, class_start: Optional[int] = 
 
 def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num_classes: int, num_local: int,
                      class_start: Optional[int] = None) -> TargetGradRows:
-    """The backward's per-row coefficients in PyTorch (TritonTiles.margin_target_grad_rows: one launch)."""
+    """The backward's per-row coefficients in PyTorch (TritonTiles.margin_target_grad_rows: one launch), from
+    the row state's four geometry columns (margin_ce_backward leaves out a sub-centre index)."""
     valid, column = _columns(target, opts, class_start, num_local)
     owned = column >= 0
-    x_norm, w_target_norm, cosine, psi = row_state[:, :4].unbind(1)
+    x_norm, w_target_norm, cosine, psi = row_state.unbind(1)
     row_scale, target_logit = _logit_terms(x_norm, w_target_norm, psi, owned, opts)
     eps, s = opts.label_smoothing, opts.scale
     g = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
@@ -180,7 +181,6 @@ def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num
 def _class_layout(w, shard: Optional[ClassShard], subcenters=1):
     """(first class held in w, total number of classes C)."""
     return (0, w.shape[0] // subcenters) if shard is None else (shard.start, shard.num_classes)
-
 
 
 def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[ClassShard] = None,

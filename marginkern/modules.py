@@ -8,7 +8,7 @@ from .checks import (check_bool, check_finite, check_head_size, check_ignore_ind
                      resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          margin_cross_entropy)
-from .sampling import IGNORED, num_sampled_classes, sample_classes
+from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
 
 
 class LambdaAnnealing(nn.Module):
@@ -52,7 +52,6 @@ class LambdaAnnealing(nn.Module):
         if self.training:
             self.lambda_step += 1
         return {**options, "lambda_": lambda_}
-
 
 
 def _save_lambda_step(module, state_dict, prefix, local_metadata):
@@ -114,11 +113,7 @@ class CombinedMarginLoss(LambdaAnnealing):
             index, target = sample_classes(target, self.num_classes,
                                            num_sampled_classes(self.num_classes, self.sample_rate),
                                            options["ignore_index"])
-            if self.subcenters > 1:  # all K sub-centres of each sampled class
-                weight = weight.unflatten(0, (self.num_classes, self.subcenters))[index].flatten(0, 1)
-            else:
-                weight = weight[index]
-            options = {**options, "ignore_index": IGNORED}
+            weight, options = sampled_class_rows(weight, index, self.subcenters), {**options, "ignore_index": IGNORED}
         if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
             weight = weight.to(embeddings.dtype)
         return margin_cross_entropy(embeddings, weight, target, **options)
@@ -133,24 +128,14 @@ class CombinedMarginLoss(LambdaAnnealing):
     def subcenter_cosines(self, embeddings, labels, block_rows=4096):
         """(N, K) cosines between each embedding and its class's K sub-centres (fp32; fp64 for fp64 weights), by
         blocks of rows: O(block_rows·K·D) memory, never N × C."""
-        labels = self._checked_labels(embeddings, labels)
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        centres = self.weight.detach().unflatten(0, (self.num_classes, self.subcenters))
-        out = torch.empty(embeddings.shape[0], self.subcenters, dtype=acc, device=self.weight.device)
-        for r0 in range(0, embeddings.shape[0], block_rows):
-            x = nn.functional.normalize(embeddings[r0:r0 + block_rows].detach().to(acc), dim=1)
-            w = nn.functional.normalize(centres[labels[r0:r0 + block_rows]].to(acc), dim=2)
-            out[r0:r0 + block_rows] = torch.linalg.vecdot(w, x[:, None, :])
-        return out
+        return self._subcenter_cosines(embeddings, self._checked_labels(embeddings, labels), block_rows)
 
     @torch.no_grad()
     def subcenter_counts(self, embeddings, labels):
         """(C, K) int64: how many of the embeddings are closest to each sub-centre of their own class. Sum it
         over a dataset's batches; its argmax over K is each class's dominant sub-centre."""
         labels = self._checked_labels(embeddings, labels)
-        nearest = self.subcenter_cosines(embeddings, labels).argmax(1)
-        counts = torch.bincount(labels * self.subcenters + nearest, minlength=self.num_classes * self.subcenters)
-        return counts.view(self.num_classes, self.subcenters)
+        return self._subcenter_counts(labels, self._subcenter_cosines(embeddings, labels))
 
     @torch.no_grad()
     def outliers(self, embeddings, labels, threshold=75.0, dominant=None):
@@ -160,13 +145,31 @@ class CombinedMarginLoss(LambdaAnnealing):
         then argmax(1); default: from these embeddings alone."""
         check_finite("threshold", threshold, 0.0, 180.0)
         labels = self._checked_labels(embeddings, labels)
-        if dominant is None:
-            dominant = self.subcenter_counts(embeddings, labels).argmax(1)
-        elif not (isinstance(dominant, torch.Tensor) and dominant.shape == (self.num_classes,)):
+        if dominant is not None and not (isinstance(dominant, torch.Tensor) and dominant.shape == (self.num_classes,)):
             raise ValueError(f"dominant must be a ({self.num_classes},) tensor of sub-centre indices, got "
                              f"{tuple(dominant.shape) if isinstance(dominant, torch.Tensor) else type(dominant)}")
-        cosine = self.subcenter_cosines(embeddings, labels).gather(1, dominant.to(labels.device)[labels][:, None])
+        cosines = self._subcenter_cosines(embeddings, labels)
+        if dominant is None:
+            dominant = self._subcenter_counts(labels, cosines).argmax(1)
+        cosine = cosines.gather(1, dominant.to(labels.device)[labels][:, None])
         return (torch.rad2deg(torch.acos(cosine.clamp(-1.0, 1.0))) > threshold)[:, 0]
+
+    def _subcenter_cosines(self, embeddings, labels, block_rows=4096):
+        """subcenter_cosines for labels already checked."""
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        centres = self.weight.detach().unflatten(0, (self.num_classes, self.subcenters))
+        out = torch.empty(embeddings.shape[0], self.subcenters, dtype=acc, device=self.weight.device)
+        for r0 in range(0, embeddings.shape[0], block_rows):
+            x = nn.functional.normalize(embeddings[r0:r0 + block_rows].detach().to(acc), dim=1)
+            w = nn.functional.normalize(centres[labels[r0:r0 + block_rows]].to(acc), dim=2)
+            out[r0:r0 + block_rows] = torch.linalg.vecdot(w, x[:, None, :])
+        return out
+
+    def _subcenter_counts(self, labels, cosines):
+        """subcenter_counts from the embeddings' cosines to their class's sub-centres."""
+        counts = torch.bincount(labels * self.subcenters + cosines.argmax(1),
+                                minlength=self.num_classes * self.subcenters)
+        return counts.view(self.num_classes, self.subcenters)
 
     def extra_repr(self):
         extra = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""

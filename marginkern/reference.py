@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .engine import NORM_EPS, accumulation_dtype
-from .margin import MarginPsi, margin_psi
+from .margin import MarginPsi, blend_psi, margin_psi
 
 CLASS_CHUNK = 8192
 
@@ -84,7 +84,7 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     else:  # straight-through: dψ/dc := 1, i.e. ψ(c) = c + a constant offset (the norms stay differentiable)
         psi = cosine + (margin_psi(cosine.clamp(-1, 1), m1, m2, m3) - cosine).detach()
     # A-Softmax's λ eases the target toward the plain cosine (of the clamped one, as ψ sees it)
-    target_logit = radius * ((lambda_ * cosine.clamp(-1, 1) + psi) / (1.0 + lambda_) if lambda_ else psi)
+    target_logit = radius * (blend_psi(psi, cosine.clamp(-1, 1), lambda_) if lambda_ else psi)
     x, target_logit = scale * x, scale * target_logit
 
     lse, sum_logits = streamed_lse_and_sum(x, w, column, target_logit, class_chunk=class_chunk, subcenters=K)

@@ -39,3 +39,9 @@ def sample_classes(target, num_classes, num_sample, ignore_index=-100, generator
         index = torch.topk(score, num_sample, sorted=False).indices.sort().values
     local = torch.searchsorted(index, torch.where(valid, target, 0))
     return index, torch.where(valid, local, IGNORED)
+
+
+def sampled_class_rows(weight, index, rows_per_class=1):
+    """The rows of `weight` (C·rows_per_class, D) that belong to the classes `index`, class by class (all K
+    sub-centres of each sampled class)."""
+    return weight.unflatten(0, (-1, rows_per_class))[index].flatten(0, 1)
