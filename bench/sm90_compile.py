@@ -63,15 +63,16 @@ def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
             "shared_bytes": compiled.metadata.shared, "registers": regs, "stack_bytes": stack, "local_bytes": local}
 
 
-def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1):
+def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1, has_entropy=False):
     """(label, kernel, constexprs) of the streaming engine's two kernels at `config`, bf16 operands, with
-    the margin family's column scale (the epilogue every face case runs); `subcenters` K: sub-center ArcFace."""
+    the margin family's column scale (the epilogue every face case runs); `subcenters` K: sub-center ArcFace;
+    `has_entropy`: the token-entropy epilogue (log_probs_and_entropy)."""
     from marginkern.triton_kernels.streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
     from marginkern.triton_kernels.tiles import subcenter_blocks
     config = subcenter_blocks(config, config["num_warps"], subcenters)  # the tile the kernels run with then
     flags = dict(HAS_COL_SCALE=True, HAS_BIAS=False, HAS_SOFTCAP=False, DOT_PRECISION="tf32",
                  BLOCK_N=config["BLOCK_N"], BLOCK_C=config["BLOCK_C"], BLOCK_D=config["BLOCK_D"], FROM_DOTS=from_dots,
-                 EVEN_D=True, SUBCENTERS=subcenters)
+                 EVEN_D=True, SUBCENTERS=subcenters, HAS_ENTROPY=has_entropy)
     cost = dict(HAS_COST=has_cost, COST_DOT_PRECISION="tf32", EVEN_E=True)
     return [("forward", streaming_ce_fwd_kernel,
              dict(flags, **cost, NEED_SUM_LOGITS=False, FLATTEN=bool(config["FLATTEN"]))),

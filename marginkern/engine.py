@@ -21,6 +21,11 @@ EMO adds a cost term: with A_nj = (q_n·k_j)·query_scale_n·key_scale_j, q_n = 
 small dot product per tile: cosines of cost embeddings), dL/dz_nj = (coef_p_n − coef_cost_n·A_nj)·p_nj − coef_u_n;
 and its forward needs the expected cost Σ_{j≠t} p_nj·(1 − A_nj) (`streaming_row_stats_with_cost`).
 
+Token entropy H_n = Σ_j p_nj·(lse_n − z_nj) (RL's per-token entropy, marginkern/log_probs.py) is another
+epilogue: its forward keeps Σ_j e^{z_nj − max}·(max − z_nj) beside Σexp (`streaming_row_stats_with_entropy`,
+a sum of non-negative terms), and dH/dz_nj = −p_nj·(log p_nj + H_n) puts an entropy term into the backward:
+dL/dz_nj = (coef_p_n − coef_entropy_n·log p_nj)·p_nj − coef_u_n (p·log p taken as 0 where p = 0).
+
 Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
 the kernels' oracle), `marginkern.triton_kernels.TritonTiles` and `marginkern.cpp_tiles.CppTiles`. They
 share this contract exactly, except that the C++ and CUDA tiles have no sub-centres (the C++ margin step,
@@ -334,6 +339,7 @@ def streaming_grads(
     finalize_weight_chunk: Optional[Callable[[int, int, Tensor], Tensor]] = None,
     need_bias_grad: bool = False, cost: Optional[CostSpec] = None, need_weight_grad: bool = True,
     grad_filter_eps: Optional[float] = None, tangent_projection: Optional[Tuple[Tensor, Tensor]] = None,
+    entropy_coef: Optional[Tensor] = None,
 ):
     """dL/dX (raw, accumulation dtype), dL/dW (weight dtype, or None when not `need_weight_grad`: a frozen
     head skips the dW GEMM) and dL/dbias (or None).
@@ -347,7 +353,12 @@ def streaming_grads(
     `grad_filter_eps` (None: exact) drops the classes of a chunk whose every |dL/da| is below
     grad_filter_eps × the largest typical entry (for mean cross-entropy: p_nj < eps in every row): the
     two GEMMs of the chunk then run over the surviving classes only (`keep_columns`).
+
+    `entropy_coef` (N,): the entropy term of the module docstring, −entropy_coef_n·p_nj·log p_nj added to every
+    dL/dz_nj (j ≠ target); only tiles with a `row_stats_with_entropy` serve it (not the C++/CUDA loops).
     """
+    if entropy_coef is not None and (hasattr(tiles, "streaming_grads") or spec.subcenters > 1):
+        raise ValueError(f"the {tiles.name} tiles have no entropy term (and sub-centres take none)")
     if tangent_projection is not None:
         if finalize_weight_chunk is not None:
             raise ValueError("streaming_grads takes finalize_weight_chunk or tangent_projection, not both")
@@ -383,11 +394,15 @@ def streaming_grads(
         coef_total = coef_p.abs() + coef_u.abs()
         if cost is not None:  # |A| ≤ 1: cosines
             coef_total = coef_total + cost.coef.abs()
+        if entropy_coef is not None:  # p·|log p| ≤ 1/e < 1
+            coef_total = coef_total + entropy_coef.abs()
         grad_scale = grad_scale_16bit(spec, coef_total, target_grad).to(acc)
         unscale = 1.0 / grad_scale
         coef_p, coef_u, target_grad = coef_p * grad_scale, coef_u * grad_scale, target_grad * grad_scale
         if cost is not None:
             cost = dataclasses.replace(cost, coef=cost.coef * grad_scale)
+        if entropy_coef is not None:
+            entropy_coef = entropy_coef * grad_scale
     if cost is not None and cost.query is None and not getattr(tiles, "indexes_cost_rows", False):
         cost = dataclasses.replace(cost, query=cost_query(cost))  # once, not per chunk
     finish = row_grad_finisher(tiles)
@@ -407,7 +422,8 @@ def streaming_grads(
     chunks = tiles.class_chunks(N * K, C, x, bytes_per_class=dw_bytes * K)
     input_grad = SplitKAccumulator(grad_x, split_k_slices(grad_x, (chunks[0][1] - chunks[0][0]) * K))
     for c0, c1 in chunks:
-        g = tiles.grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost)
+        entropy_term = {} if entropy_coef is None else {"entropy_coef": entropy_coef}
+        g = tiles.grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, **entropy_term)
         r0, r1 = c0 * K, c1 * K
         w_chunk, kept = w[r0:r1], None
         if grad_filter_eps is not None:
@@ -490,6 +506,64 @@ def streaming_row_stats_with_cost(x, w, spec: LogitSpec, cost: CostSpec, tiles):
     expected, other_mass = streaming_expectation(x, w, spec, lse, cost.keys, cost.key_scale, tiles)
     # ≥ 0 as the sum it stands for (cosines of near-duplicate rows can round above 1); NaN stays NaN
     return lse, (other_mass - query_dot(cost, expected)).clamp_min(0.0)
+
+
+def streaming_row_stats_with_entropy(x, w, spec: LogitSpec, tiles):
+    """(row max M, log_sum, H) per row in the accumulation dtype, in one pass over the classes: lse = M + log_sum,
+    and H_n = Σ_j p_nj·(lse_n − z_nj) the entropy of the row's softmax (target column spec.target_logit, as
+    everywhere).
+
+    Exact for confident rows, where lse − M and H are far below ulp(M): log_sum = log1p(S′) with S′ = Σ e^{z_j − M}
+    over every class but one maximal one (the "1" is never added and subtracted), and H = log_sum + T/(1 + S′)
+    with T = Σ_j e^{z_j − M}·(M − z_j); every term of S′ and T is ≥ 0, so nothing cancels (the loss then
+    computes log p_t = (z_t − M) − log_sum, exact where z_t is the max). Tiles that have no
+    `row_stats_with_entropy` (the C++ and CUDA ones) cannot serve it: the caller picks tiles that can."""
+    return tiles.row_stats_with_entropy(x, w, spec)
+
+
+EMPTY_ROW_STATE = (-float("inf"), 0.0, 0.0)  # (M, S′, T) of no classes
+
+
+def chunk_max_sums(z):
+    """(M, S′, T) of streaming_row_stats_with_entropy for a block of logits z (N, c): the maximal cell left out
+    of S′ is the first one; a row of −inf gives (−inf, 0, 0)."""
+    top, where_top = z.max(1)
+    shift = torch.where(top == -float("inf"), 0.0, top)
+    weight = torch.exp(z - shift[:, None])
+    gap = torch.where(weight > 0, weight * (shift[:, None] - z), 0.0)  # e^{z−M}·(M − z), 0 where e^{z−M} = 0
+    others = weight.scatter(1, where_top[:, None], 0.0)
+    others = torch.where((top == -float("inf"))[:, None], weight, others)  # no maximal cell to leave out
+    return top, others.sum(1), gap.sum(1)
+
+
+def merge_max_sums(a, b):
+    """The (M, S′, T) of the union of two class sets (streaming_row_stats_with_entropy), from each one's: the
+    side holding the larger max keeps its S′ and adds the other's 1 + S′ rescaled; T moves to the new max as
+    e^{m − M}·(T + (M − m)·(1 + S′)). Every term stays ≥ 0; an empty side (max −inf) adds nothing."""
+    (max_a, sums_a, gaps_a), (max_b, sums_b, gaps_b) = a, b
+    top = torch.maximum(max_a, max_b)
+    shift = torch.where(top == -float("inf"), 0.0, top)
+
+    def moved(row_max, sums, gaps):
+        """(1 + S′)·e^{m − M} and T moved to M, 0 for an empty side."""
+        present = row_max > -float("inf")
+        rescale = torch.exp(row_max - shift)
+        return (torch.where(present, (1.0 + sums) * rescale, 0.0),
+                torch.where(present, rescale * (gaps + (shift - row_max) * (1.0 + sums)), 0.0))
+
+    total_a, gaps_a = moved(max_a, sums_a, gaps_a)
+    total_b, gaps_b = moved(max_b, sums_b, gaps_b)
+    a_on_top = max_a >= max_b
+    sums = torch.where(a_on_top, sums_a + total_b, sums_b + total_a)
+    sums = torch.where(top == -float("inf"), 0.0, sums)
+    return top, sums, gaps_a + gaps_b
+
+
+def entropy_of_max_sums(state):
+    """(M, log_sum, H) from a row's (M, S′, T) (streaming_row_stats_with_entropy)."""
+    top, sums, gaps = state
+    log_sum = torch.log1p(sums)
+    return top, log_sum, log_sum + gaps / (1.0 + sums)
 
 
 def query_dot(cost: CostSpec, values: Tensor, block_bytes: int = 16 << 20) -> Tensor:
@@ -742,17 +816,30 @@ class TorchTiles:
                 total += z.sum(1)
         return lse, total
 
-    def grad_logits(self, x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None):
+    def row_stats_with_entropy(self, x, w, spec: LogitSpec):
+        """engine.streaming_row_stats_with_entropy: per chunk its (M, S′, T), merged into the running ones."""
+        acc = accumulation_dtype(x.dtype)
+        state = tuple(torch.full((x.shape[0],), v, dtype=acc, device=x.device) for v in EMPTY_ROW_STATE)
+        for c0, c1 in self.class_chunks(x.shape[0], w.shape[0], x):
+            state = merge_max_sums(state, chunk_max_sums(self.logits(x, w, spec, c0, c1)[0]))
+        return entropy_of_max_sums(state)
+
+    def grad_logits(self, x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None,
+                    entropy_coef=None):
         """dL/da of the classes [c0, c1): (N, c1 − c0), or (N, (c1 − c0)·K) over their rows of w with K
         sub-centres (each class's gradient at its winning sub-centre, the target's at spec.target_subcenter)."""
         z, chain, is_target, winner = self.logits(x, w, spec, c0, c1)
-        p = torch.exp(z - lse[:, None])
+        log_p = z - lse[:, None]
+        p = torch.exp(log_p)
         weight_p = coef_p[:, None]
         if cost is not None:
             acc = z.dtype
             cosines = (cost_query(cost).to(acc) @ cost.keys[c0:c1].to(acc).t()) * cost.query_scale[:, None]
             weight_p = weight_p - cost.coef[:, None] * cosines * cost.key_scale[None, c0:c1]
-        g = (weight_p * p - coef_u[:, None]) * chain
+        g = weight_p * p
+        if entropy_coef is not None:
+            g = g - entropy_coef[:, None] * torch.where(p > 0, p * log_p, 0.0)
+        g = (g - coef_u[:, None]) * chain
         if winner is None:
             return torch.where(is_target, target_grad[:, None], g)
         K = spec.subcenters

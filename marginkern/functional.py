@@ -146,6 +146,29 @@ def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_inde
     return _unflatten(reduce_rows(rows, target != ignore_index, reduction), reduction, token_shape)
 
 
+def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_index=-100):
+    """Per-token log p(target) and entropy of softmax(input·weightᵀ / temperature), both differentiable, in one
+    pass over the classes without materialising the N × C logits (what an RL step computes for its policy
+    ratio and entropy bonus; verl's and Transformer Engine's fused "linear cross-entropy with entropy").
+
+    input (N, D) or (B, T, D), weight (C, D), target (N,) or (B, T) integer. Returns (log_probs, entropy), fp32
+    (fp64 for fp64 inputs), shaped like target, both 0 at ignored positions (target == ignore_index), whose
+    gradients are 0. log_probs equals −F.cross_entropy(logits / temperature, target, reduction="none").
+    On the CPU the PyTorch tiles serve it (the C++ kernels have no entropy epilogue yet).
+    """
+    input, target, token_shape = _flatten_tokens(input, target)
+    check_classification_inputs(input, weight, target)
+    ignore_index = check_ignore_index(ignore_index)
+    check_finite("temperature", temperature, 0.0, low_open=True)
+    log_probs, entropy, _ = call_op("log_probs_entropy", input, weight, target.long(), float(temperature),
+                                    ignore_index)
+    # the op saves both for its backward: a caller's in-place edit (masking padding) must not reach them
+    log_probs, entropy = log_probs.clone(), entropy.clone()
+    if token_shape is not None:
+        return log_probs.reshape(token_shape), entropy.reshape(token_shape)
+    return log_probs, entropy
+
+
 def cosent_loss(scores, labels, *, scale=20.0):
     """CoSENT: log(1 + Σ_{labels_a < labels_b} exp(scale·(s_a − s_b))) over the pair scores `scores` (B,)
     (e.g. cosines), as sentence-transformers' CoSENTLoss: one scalar, not normalised by the pair count.

@@ -18,6 +18,7 @@ from .dispatch import select_tiles, select_tiles_except
 from . import pairwise
 from .engine import NORM_EPS, accumulation_dtype, buffered_grads_in_input_dtype
 from .emo import emo_backward, emo_forward
+from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 
@@ -511,6 +512,78 @@ def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
 
 
 _register_autograd("emo_cross_entropy", _emo_backward, _emo_setup_context)
+
+
+def _check_temperature(temperature):
+    check_finite("temperature", temperature, 0.0, low_open=True)
+    return float(temperature)
+
+
+def _entropy_tiles(input):
+    """select_tiles, except the C++ and CUDA tiles, which have no entropy epilogue (the PyTorch tiles serve the CPU)."""
+    return select_tiles_except(("cpp", "cuda"), "token-entropy epilogue", input.device, input.dtype)
+
+
+@_op("log_probs_entropy")
+def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature: float,
+                      ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-row log p_t, per-row entropy, per-row log-sum-exp) of z = x·wᵀ/temperature."""
+    _check_forward_inputs(input, weight, target)
+    temperature, ignore_index = _check_temperature(temperature), check_ignore_index(ignore_index)
+    check_target_values(target, weight.shape[0], ignore_index)
+    input, weight = input.contiguous(), weight.contiguous()
+    return log_probs_forward(input, weight, target, temperature, ignore_index, _entropy_tiles(input))
+
+
+@log_probs_entropy.register_fake
+def _(input, weight, target, temperature, ignore_index):
+    _check_forward_inputs(input, weight, target)
+    _check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    acc = accumulation_dtype(input.dtype)
+    return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(3))
+
+
+@_op("log_probs_entropy_backward")
+def log_probs_entropy_backward(grad_log_probs: Tensor, grad_entropy: Tensor, input: Tensor, weight: Tensor,
+                               target: Tensor, lse: Tensor, log_probs: Tensor, entropy: Tensor, temperature: float,
+                               ignore_index: int, need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, log_probs, entropy."""
+    n = input.shape[0]
+    for name, t in (("grad_log_probs", grad_log_probs), ("grad_entropy", grad_entropy), ("lse", lse),
+                    ("log_probs", log_probs), ("entropy", entropy)):
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},) (one value per row of input), got {tuple(t.shape)}")
+    input, weight = input.contiguous(), weight.contiguous()
+    grad_x, grad_w = log_probs_backward(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy,
+                                        float(temperature), int(ignore_index), _entropy_tiles(input), need_weight_grad)
+    return grad_x, _or_empty(grad_w, weight)
+
+
+@log_probs_entropy_backward.register_fake
+def _(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, temperature, ignore_index,
+      need_weight_grad=True):
+    return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
+
+
+def _log_probs_setup_context(ctx, inputs, output):
+    input, weight, target, temperature, ignore_index = inputs
+    ctx.save_for_backward(input, weight, target, output[2], output[0], output[1])
+    ctx.mark_non_differentiable(output[2])
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+
+
+def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
+    input, weight, target, lse, log_probs, entropy = ctx.saved_tensors
+    grad_log_probs = torch.zeros_like(lse) if grad_log_probs is None else grad_log_probs.contiguous()
+    grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.contiguous()
+    need_weight_grad = ctx.needs_input_grad[1]
+    grad_input, grad_weight = call("log_probs_entropy_backward", grad_log_probs, grad_entropy, input, weight, target,
+                                   lse, log_probs, entropy, ctx.temperature, ctx.ignore_index, need_weight_grad)
+    return grad_input, (grad_weight if need_weight_grad else None), None, None, None
+
+
+_register_autograd("log_probs_entropy", _log_probs_backward, _log_probs_setup_context)
 
 
 def _pairwise_cosine_uses_triton(a):

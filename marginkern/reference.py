@@ -161,3 +161,22 @@ def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_inde
     """MLE-anchored EMO, per token: 0.5·(ce + sg(ce/(emo + 1e-10))·emo)."""
     ce, emo = emo_rows(input, weight, target, cost_embedding, ignore_index, class_chunk)
     return reduce_rows(0.5 * (ce + (ce / (emo + 1e-10)).detach() * emo), target != ignore_index, reduction)
+
+
+def _chunk_entropy(z_scaled_x, w_chunk, lse):
+    """Σ_j −p_j·log p_j over one class chunk (a p that underflows to 0 adds 0)."""
+    log_p = z_scaled_x @ w_chunk.t() - lse[:, None]
+    return -(log_p.exp() * log_p).sum(1)
+
+
+def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_index=-100, class_chunk=CLASS_CHUNK):
+    """Per-row (log p_t, entropy) of p = softmax(input·weightᵀ / temperature), both 0 on ignored rows."""
+    acc = accumulation_dtype(input.dtype)
+    x, w = input.to(acc) / temperature, weight.to(acc)
+    valid = target != ignore_index
+    z_target = (x * w[torch.where(valid, target, torch.zeros_like(target))]).sum(1)
+    lse, _ = streamed_lse_and_sum(x, w, torch.full_like(target, -1), z_target, class_chunk=class_chunk)
+    entropy = sum(checkpoint(_chunk_entropy, x, w[c0:c0 + class_chunk], lse, use_reentrant=False)
+                  for c0 in range(0, w.shape[0], class_chunk))
+    zero = torch.zeros_like(lse)
+    return torch.where(valid, z_target - lse, zero), torch.where(valid, entropy, zero)

@@ -396,3 +396,17 @@ def test_cosent_triton_scans_match_the_pytorch_scans(monkeypatch):
     want_loss, want_grad = cosent_loss_and_grad(s.detach().double(), y, 20.0)
     assert_close_rel(loss, want_loss, torch.float32, "loss", floor=1.0)
     assert_close_rel(grad, want_grad, torch.float32, "grad", floor=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_log_probs_entropy_triton_matches_oracle(dtype, monkeypatch):
+    """log_probs_and_entropy on the Triton kernels (the C++/CUDA tiles have no entropy epilogue)."""
+    from tests.test_log_probs import check_log_probs_against_oracle
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_log_probs_against_oracle(dtype, (300, 5003, 131), 0.8, "cuda")
+
+
+def test_log_probs_entropy_confident_rows_triton(monkeypatch):
+    from tests.test_log_probs import check_confident_and_flat_rows
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_confident_and_flat_rows("cuda")

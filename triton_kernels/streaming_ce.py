@@ -3,10 +3,12 @@
     streaming_ce_fwd_kernel          per-row max / Σexp / Σz over one class split (flash-decoding style:
                                      one program per (row block, class split), merged on the host); with
                                      HAS_COST also Σ_{j≠t} exp(z_j − max)·(1 − A_nj), so EMO's expected
-                                     cost comes out of the same pass as the log-sum-exp
+                                     cost comes out of the same pass as the log-sum-exp; with
+                                     HAS_ENTROPY also Σ exp(z_j − max)·(max − z_j), the softmax's entropy
     streaming_ce_grad_logits_kernel  dL/da for one class chunk, written to a bounded N × chunk buffer
                                      that the engine feeds to the dX and dW GEMMs; with HAS_COST it also
-                                     computes EMO's cost cosines A = q·k per tile (a second tl.dot loop)
+                                     computes EMO's cost cosines A = q·k per tile (a second tl.dot loop);
+                                     with HAS_ENTROPY the entropy term −coef·p·log p
 
 Both recompute logits tile by tile with tl.dot over D in fp32 accumulators; no N × C tensor exists. With
 SUBCENTERS = K (sub-center ArcFace, engine.py) a class tile runs K dot tiles over the classes' K rows of w
@@ -129,11 +131,17 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
 
 
 @triton.jit
-def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, N, num_splits,
-                        NEED_SUM_LOGITS: tl.constexpr, HAS_COST: tl.constexpr, BLOCK: tl.constexpr):
+def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, log_sum_ptr, N, num_splits,
+                        NEED_SUM_LOGITS: tl.constexpr, HAS_COST: tl.constexpr, BLOCK: tl.constexpr,
+                        HAS_ENTROPY: tl.constexpr = False):
     """The forward's per-split states (part: planes × splits × N, planes = max, Σexp[, Σz][, Σe·(1 − A)]) merged
     per row in one launch: lse = M + log Σ_s Σexp_s·e^{max_s − M}, Σz summed, the cost weighted like Σexp.
-    A row whose splits are all −inf gets lse −inf (shift 0, as torch.logsumexp), NaN stays NaN."""
+    A row whose splits are all −inf gets lse −inf (shift 0, as torch.logsumexp), NaN stays NaN.
+
+    With HAS_ENTROPY the planes are max, S′, T (engine.streaming_row_stats_with_entropy) and the outputs the
+    row max M (at lse_ptr), log_sum = log1p(S′) and the entropy log_sum + T/(1 + S′) (at expected_cost_ptr):
+    the first split holding M keeps its S′, the others join with (1 + S′_s)·e^{max_s − M}, and T_s moves to M
+    as e^{max_s − M}·(T_s + (M − max_s)·(1 + S′_s)); every term ≥ 0."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < N
     plane = tl.full([], 0, tl.int64) + num_splits * N  # int64 (splits or N may arrive as constants)
@@ -144,20 +152,41 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, N,
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     sum_logits = tl.zeros((BLOCK,), dtype=tl.float32)
     cost = tl.zeros((BLOCK,), dtype=tl.float32)
+    gap = tl.zeros((BLOCK,), dtype=tl.float32)
+    taken = tl.zeros((BLOCK,), dtype=tl.int1)
     for s in range(0, num_splits):
         at = s * N + rows
-        weight = tl.exp(tl.load(part_ptr + at, mask=mask, other=0.0) - shift)
-        total += tl.load(part_ptr + plane + at, mask=mask, other=0.0) * weight
+        split_max = tl.load(part_ptr + at, mask=mask, other=-float("inf"))
+        weight = tl.exp(split_max - shift)
+        split_sum = tl.load(part_ptr + plane + at, mask=mask, other=0.0)
+        if HAS_ENTROPY:
+            present = split_max > -float("inf")
+            keeps = present & (split_max == top) & (taken == 0)
+            total += tl.where(keeps, split_sum, tl.where(present, (1.0 + split_sum) * weight, 0.0))
+            taken = taken | keeps
+            split_gap = tl.load(part_ptr + 2 * plane + at, mask=mask, other=0.0)
+            gap += tl.where(present, weight * (split_gap + (shift - split_max) * (1.0 + split_sum)), 0.0)
+        else:
+            total += split_sum * weight
         if NEED_SUM_LOGITS:
             sum_logits += tl.load(part_ptr + 2 * plane + at, mask=mask, other=0.0)
         if HAS_COST:
             cost += tl.load(part_ptr + (2 + NEED_SUM_LOGITS) * plane + at, mask=mask, other=0.0) * weight
-    total = tl.where(mask, total, 1.0)  # rows past N: no log(0)
-    tl.store(lse_ptr + rows, shift + tl.log(total), mask=mask)
-    if NEED_SUM_LOGITS:
-        tl.store(sum_logits_ptr + rows, sum_logits, mask=mask)
-    if HAS_COST:
-        tl.store(expected_cost_ptr + rows, cost / total, mask=mask)
+    if HAS_ENTROPY:
+        # log1p(S′) to a few ulps (log(1 + S′) alone loses S′ below 6e-8): log(u)·S′/(u − 1) with u = 1 + S′
+        # rounded, which cancels u's rounding (Goldberg, "What every computer scientist should know", thm 4)
+        one_plus = 1.0 + total
+        log_sum = tl.where(one_plus == 1.0, total, tl.log(one_plus) * (total / (one_plus - 1.0)))
+        tl.store(lse_ptr + rows, top, mask=mask)
+        tl.store(log_sum_ptr + rows, log_sum, mask=mask)
+        tl.store(expected_cost_ptr + rows, log_sum + gap / (1.0 + total), mask=mask)
+    else:
+        total = tl.where(mask, total, 1.0)  # rows past N: no log(0)
+        tl.store(lse_ptr + rows, shift + tl.log(total), mask=mask)
+        if NEED_SUM_LOGITS:
+            tl.store(sum_logits_ptr + rows, sum_logits, mask=mask)
+        if HAS_COST:
+            tl.store(expected_cost_ptr + rows, cost / total, mask=mask)
 
 
 @triton.jit
@@ -178,13 +207,14 @@ def _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, 
 def streaming_ce_fwd_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr, target_logit_ptr,
     part_max_ptr, part_sumexp_ptr, part_sumlogit_ptr,
-    query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, part_cost_ptr,
+    query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, part_cost_ptr, part_gap_ptr,
     N, C, D, E, stride_x, stride_w, stride_k, classes_per_split, num_splits, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     NEED_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
     EVEN_D: tl.constexpr = False, FLATTEN: tl.constexpr = False, HAS_COST: tl.constexpr = False,
     COST_DOT_PRECISION: tl.constexpr = "tf32", EVEN_E: tl.constexpr = False, SUBCENTERS: tl.constexpr = 1,
+    HAS_ENTROPY: tl.constexpr = False,
 ):
     # the splits of one row block are neighbours: they share its x block in L2 (module docstring)
     pid = tl.program_id(0)
@@ -202,6 +232,8 @@ def streaming_ce_fwd_kernel(
     run_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     run_sumlogit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     run_cost = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_others = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # FLATTEN: one software-pipelined loop over (class tile, k) instead of a K loop restarted per class
     # tile, whose pipeline drains at every tile (8 K steps per tile at D = 512); a tuning switch
     for c0 in tl.range(c_begin, c_end, BLOCK_C, flatten=FLATTEN):
@@ -219,7 +251,25 @@ def streaming_ce_fwd_kernel(
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)
         rescale = tl.exp(run_max - shift)
         weights = tl.exp(z - shift[:, None])
-        run_sumexp = run_sumexp * rescale + tl.sum(weights, axis=1)
+        tile_sumexp = tl.sum(weights, axis=1)
+        if HAS_ENTROPY:  # engine.streaming_row_stats_with_entropy: S′ = Σexp without one maximal cell, and
+            # T = Σ e^{z−max}·(max − z), both sums of terms ≥ 0 (exact for confident rows, where Σexp − 1 and
+            # the entropy are far below fp32's resolution of 1 and of max)
+            present = run_max > -float("inf")
+            old_total = tl.where(present, run_others + 1.0, 0.0)  # Σexp of the classes so far
+            # T moves to the new max as T + (new − old)·Σexp; cells with e^{z−max} = 0 add 0, not 0·inf
+            carried = tl.where(present, run_gap + (shift - run_max) * old_total, 0.0)
+            gaps = tl.where(weights > 0, weights * (shift[:, None] - z), 0.0)
+            run_gap = carried * rescale + tl.sum(gaps, axis=1)
+            # a tile that raises the max: the classes so far join with their 1 + S′, and of the tile's cells
+            # at the new max (each e^0 = 1 exactly) one is left out, counted apart from the others (below + count
+            # − 1 would round them away against the 1); a NaN in the tile stays NaN
+            tile_max = tl.max(z, axis=1)
+            at_max = tl.where(z == tile_max[:, None], 1.0, 0.0)
+            below_max = tl.sum(tl.where(z < tile_max[:, None], weights, 0.0), axis=1)
+            tile_others = tl.where(tile_sumexp != tile_sumexp, tile_sumexp, below_max + (tl.sum(at_max, axis=1) - 1.0))
+            run_others = tl.where(tile_max > run_max, old_total * rescale + tile_others, run_others + tile_sumexp)
+        run_sumexp = run_sumexp * rescale + tile_sumexp
         if HAS_COST:  # Σ_{j≠t} e^{z_j − max}·(1 − A_nj), rescaled as Σexp is: EMO's expected cost after the
             # merge, a sum of non-negative terms (1 − Σ_j p_j·A_j would cancel as p_t → 1), target column left out
             cosines = _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols,
@@ -235,24 +285,26 @@ def streaming_ce_fwd_kernel(
 
     out = split.to(tl.int64) * N + rows
     tl.store(part_max_ptr + out, run_max, mask=row_mask)
-    tl.store(part_sumexp_ptr + out, run_sumexp, mask=row_mask)
+    tl.store(part_sumexp_ptr + out, run_others if HAS_ENTROPY else run_sumexp, mask=row_mask)
     if NEED_SUM_LOGITS:
         tl.store(part_sumlogit_ptr + out, run_sumlogit, mask=row_mask)
     if HAS_COST:
         tl.store(part_cost_ptr + out, run_cost, mask=row_mask)
+    if HAS_ENTROPY:
+        tl.store(part_gap_ptr + out, run_gap, mask=row_mask)
 
 
 @triton.jit
 def streaming_ce_grad_logits_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr,
     lse_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, grad_ptr,
-    query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr, target_subcenter_ptr,
+    query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr, target_subcenter_ptr, coef_entropy_ptr,
     N, D, E, stride_x, stride_w, stride_g, stride_k, c_begin, c_end, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
     EVEN_D: tl.constexpr = False, EVEN_E: tl.constexpr = False, GROUP_N: tl.constexpr = 8,
-    SUBCENTERS: tl.constexpr = 1,
+    SUBCENTERS: tl.constexpr = 1, HAS_ENTROPY: tl.constexpr = False,
 ):
     """With SUBCENTERS = K > 1, grad has (c_end − c_begin)·K columns, the rows of w of the chunk's classes,
     and must come zeroed: a class's dL/da is stored at its winning sub-centre only (the target's at
@@ -272,14 +324,19 @@ def streaming_ce_grad_logits_kernel(
     coef_u = tl.load(coef_u_ptr + rows, mask=row_mask, other=0.0)
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     target_grad = tl.load(target_grad_ptr + rows, mask=row_mask, other=0.0)
-    p = tl.exp(z - lse[:, None])
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
     weight_p = coef_p[:, None] + tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     if HAS_COST:
         cosines = _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, rows, cols, row_mask,
                                     col_mask, E, stride_k, COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E)
         coef_cost = tl.load(coef_cost_ptr + rows, mask=row_mask, other=0.0)
         weight_p = weight_p - coef_cost[:, None] * cosines
-    g = (weight_p * p - coef_u[:, None]) * chain
+    g = weight_p * p
+    if HAS_ENTROPY:  # −coef·p·log p, 0 where p = 0 (log p may be −inf there)
+        coef_entropy = tl.load(coef_entropy_ptr + rows, mask=row_mask, other=0.0)
+        g = g - coef_entropy[:, None] * tl.where(p > 0, p * log_p, 0.0)
+    g = (g - coef_u[:, None]) * chain
     is_target = cols[None, :] == target[:, None]
     g = tl.where(is_target, target_grad[:, None], g)
     if SATURATE_FP16:  # degenerate rows/columns saturate instead of turning into inf (see engine.py);

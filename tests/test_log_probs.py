@@ -1,0 +1,239 @@
+"""Per-token log-probabilities and entropy (log_probs_and_entropy): oracle, op, autograd, edge cases, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import marginkern as mk
+from marginkern import reference
+from marginkern.dispatch import BackendUnavailable
+from tests.helpers import assert_close_rel, make_case
+
+
+def materialised(x, w, t, temperature=1.0, ignore_index=-100):
+    """The definition on the full float64 logits."""
+    log_p = torch.log_softmax((x.double() @ w.double().t()) / temperature, dim=1)
+    valid = t != ignore_index
+    log_pt = log_p.gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
+    entropy = -(log_p.exp() * log_p).sum(1)
+    return torch.where(valid, log_pt, 0.0), torch.where(valid, entropy, 0.0)
+
+
+def outputs_and_grads(fn, x, w, t, upstream, **kw):
+    """(log p_t, H, dx, dw) of fn for the loss Σ upstream[0]·log p_t + upstream[1]·H (a None upstream leaves
+    that output out of the loss: its gradient then never reaches the backward)."""
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    log_pt, entropy = fn(x, w, t, **kw)
+    loss = sum((out.double() * g).sum() for out, g in zip((log_pt, entropy), upstream) if g is not None)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    return log_pt.detach(), entropy.detach(), gx, gw
+
+
+def check_log_probs_against_oracle(dtype, shape, temperature, device, upstream_kind="both"):
+    """The op (whatever backend serves `device`) against the float64 oracle on the same rounded inputs: both
+    outputs and both gradients for random per-row upstream gradients, an ignored row included."""
+    N, C, D = shape
+    x, w, t = make_case(N, C, D, dtype, device=device, ignore=(0,) if N > 2 else ())
+    g_lp, g_h = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    upstream = {"both": (g_lp, g_h), "log_probs": (g_lp, None), "entropy": (None, g_h)}[upstream_kind]
+    got = outputs_and_grads(mk.log_probs_and_entropy, x, w, t, [None if g is None else g.to(device) for g in upstream],
+                            temperature=temperature)
+    want = outputs_and_grads(reference.log_probs_and_entropy, x.double().cpu(), w.double().cpu(), t.cpu(), upstream,
+                             temperature=temperature)
+    for name, g, e in zip(("log_probs", "entropy", "grad input", "grad weight"), got, want):
+        assert_close_rel(g, e, dtype, f"{name} {upstream_kind}", floor=1.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_oracle_matches_materialised_definition(temperature):
+    """The streamed oracle (class chunks of 16) against the full float64 logits: outputs and gradients."""
+    x, w, t = make_case(23, 70, 12, torch.float64, ignore=(4,))
+    upstream = (torch.randn(23, dtype=torch.float64), torch.randn(23, dtype=torch.float64))
+    got = outputs_and_grads(reference.log_probs_and_entropy, x, w, t, upstream, temperature=temperature,
+                            class_chunk=16)
+    want = outputs_and_grads(materialised, x, w, t, upstream, temperature=temperature)
+    for g, e in zip(got, want):
+        assert torch.allclose(g, e, atol=1e-10)
+
+
+def test_log_probs_equal_torch_cross_entropy():
+    x, w, t = make_case(31, 90, 16, ignore=(2, 7))
+    log_pt, _ = mk.log_probs_and_entropy(x, w, t, temperature=0.8)
+    want = -F.cross_entropy((x @ w.t()).double() / 0.8, t, reduction="none")
+    assert_close_rel(log_pt, want, torch.float32, floor=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(37, 301, 45), (3, 1, 4), (19, 65, 16), (1, 2, 3)])
+@pytest.mark.parametrize("upstream_kind", ["both", "log_probs", "entropy"])
+def test_op_matches_oracle(dtype, shape, upstream_kind):
+    check_log_probs_against_oracle(dtype, shape, 0.7, "cpu", upstream_kind)
+
+
+def test_token_shaped_inputs_and_ignored_positions():
+    """(B, T, D) hidden states with (B, T) targets, as an RL step has them; padding positions give 0 and get
+    no gradient."""
+    x, w, t = make_case(12, 50, 8, ignore=(1, 5, 11))
+    log_pt, entropy = mk.log_probs_and_entropy(x.view(3, 4, 8), w, t.view(3, 4))
+    assert log_pt.shape == entropy.shape == (3, 4)
+    want = materialised(x, w, t)
+    assert_close_rel(log_pt.reshape(-1), want[0], torch.float32, floor=1.0)
+    assert_close_rel(entropy.reshape(-1), want[1], torch.float32, floor=1.0)
+    gx, = torch.autograd.grad((log_pt + 0.1 * entropy).sum(), x)
+    assert (gx[[1, 5, 11]] == 0).all() and (gx.abs().sum(1)[[0, 2, 3]] > 0).all()
+
+
+def test_empty_all_ignored_and_single_class():
+    x, w, t = make_case(0, 10, 4)
+    log_pt, entropy = mk.log_probs_and_entropy(x, w, t)
+    assert log_pt.shape == entropy.shape == (0,)
+    x, w, t = make_case(5, 10, 4, ignore=range(5))
+    log_pt, entropy = mk.log_probs_and_entropy(x, w, t)
+    gx, gw = torch.autograd.grad((log_pt + entropy).sum(), (x, w))
+    assert (log_pt == 0).all() and (entropy == 0).all() and (gx == 0).all() and (gw == 0).all()
+    x, w, t = make_case(4, 1, 4)  # one class: log p = 0, H = 0, no gradient
+    log_pt, entropy = mk.log_probs_and_entropy(x, w, t)
+    gx, = torch.autograd.grad((log_pt + entropy).sum(), x)
+    assert log_pt.abs().max() < 1e-6 and entropy.abs().max() < 1e-6 and gx.abs().max() < 1e-5
+
+
+def exact_entropy(x, w, temperature=1.0):
+    """Per-row entropy in float64, rearranged so that nothing cancels: with M the row max and d_j = M − z_j,
+    H = log1p(S′) + Σ_j e^{−d_j}·d_j / (1 + S′), S′ = Σ_{j ≠ argmax} e^{−d_j}. (−Σ p·log p over float64
+    log_softmax loses the target's term −p_t·log p_t ≈ 1 − p_t once that is below 1e-16: 2% of H at H ≈ 1e-20.)"""
+    z = (x.double() @ w.double().t()) / temperature
+    top, where_top = z.max(1)
+    d = top[:, None] - z
+    e = torch.exp(-d)
+    others = e.scatter(1, where_top[:, None], 0.0).sum(1)
+    return torch.log1p(others) + (e * d).sum(1) / (1 + others)
+
+
+def check_confident_and_flat_rows(device, dtype=torch.float32):
+    """The entropy and log-probability of confident tokens (the common case in RL: most sampled tokens have
+    p_t ≈ 1) are exact: H per row ≥ 0 (never −1e-7 from a cancelling lse − Σ p·z) and within 1e-3 of its own
+    size of float64 down to H ≈ 1e-27, and log p_t within 1e-3 of its own size where it is below −1e-30 (z_t − lse
+    in fp32 would round to a multiple of ulp(lse) ≈ 8e-6 here); a uniform row's entropy is log C."""
+    torch.manual_seed(3)
+    N, C, D = 40, 97, 16
+    w = torch.randn(C, D, dtype=torch.float64)
+    t = torch.randint(0, C, (N,))
+    x = torch.linspace(0.0, 6.0, N, dtype=torch.float64)[:, None] * w[t] + 0.1 * torch.randn(N, D, dtype=torch.float64)
+    x[0] = 0.0  # every logit 0: uniform
+    x, w = x.to(dtype), w.to(dtype)
+    want = exact_entropy(x, w)
+    log_pt, got = (v.double().cpu() for v in mk.log_probs_and_entropy(x.to(device), w.to(device), t.to(device)))
+    assert (got >= 0).all(), f"negative entropy {got.min():.3e}"
+    assert abs(got[0] - torch.log(torch.tensor(float(C), dtype=torch.float64))) < 1e-5
+    err = ((got - want).abs() / want)[want > 1e-30]
+    assert err.max() < 1e-3, f"entropy relative error {err.max():.3e} (entropy down to {want.min():.1e})"
+    assert want.min() < 1e-20, "the case must reach confident rows"
+    # where the target is the max, log p_t = −log1p(Σ_{j≠t} e^{z_j − z_t})
+    z = x.double() @ w.double().t()
+    on_top = z.argmax(1) == t
+    assert on_top.sum() > N // 2
+    want_log_pt = -torch.log1p(torch.exp(z - z.gather(1, t[:, None])).scatter(1, t[:, None], 0.0).sum(1))
+    err = ((log_pt - want_log_pt).abs() / want_log_pt.abs())[on_top & (want_log_pt < -1e-30)]
+    assert err.max() < 1e-3, f"log p_t relative error {err.max():.3e}"
+
+
+def test_confident_and_flat_rows():
+    check_confident_and_flat_rows("cpu")
+
+
+def test_large_logits_in_fp16_stay_finite():
+    """A low temperature on fp16 inputs: logits of ±500 (beyond nothing in fp32, but p·log p of the
+    tail underflows): both outputs and gradients finite and at fp16's tolerance."""
+    x, w, t = make_case(16, 300, 32, torch.float16)
+    x = (x * 2).detach().requires_grad_()
+    check = outputs_and_grads(mk.log_probs_and_entropy, x, w, t, (torch.ones(16), torch.ones(16)), temperature=0.05)
+    assert all(torch.isfinite(v).all() for v in check)
+    want = outputs_and_grads(reference.log_probs_and_entropy, x.double(), w.double(), t,
+                             (torch.ones(16), torch.ones(16)), temperature=0.05)
+    for g, e in zip(check, want):
+        assert_close_rel(g, e, torch.float16, floor=1.0)
+
+
+def test_nan_input_gives_nan():
+    x, w, t = make_case(6, 40, 8)
+    x = x.detach().clone()
+    x[2, 3] = float("nan")
+    log_pt, entropy = mk.log_probs_and_entropy(x, w, t)
+    assert torch.isnan(log_pt[2]) and torch.isnan(entropy[2])
+    assert torch.isfinite(log_pt[[0, 1, 3]]).all() and torch.isfinite(entropy[[0, 1, 3]]).all()
+
+
+def test_in_place_edit_of_the_outputs_keeps_backward():
+    x, w, t = make_case(6, 40, 8)
+    log_pt, entropy = mk.log_probs_and_entropy(x, w, t)
+    entropy[0] = 0.0  # masking in place, as RL code does
+    log_pt[1] = 0.0
+    torch.autograd.grad((log_pt + entropy).sum(), (x, w))
+
+
+def test_gradcheck_float64():
+    x, w, t = make_case(5, 11, 4, torch.float64, ignore=(1,))
+
+    def fn(x, w):
+        return mk.log_probs_and_entropy(x, w, t, temperature=0.9)
+
+    assert torch.autograd.gradcheck(fn, (x, w))
+
+
+def test_opcheck():
+    x, w, t = make_case(7, 33, 8, ignore=(3,))
+    torch.library.opcheck(torch.ops.marginkern.log_probs_entropy, (x, w, t, 0.7, -100))
+    lse = torch.ops.marginkern.log_probs_entropy(x, w, t, 0.7, -100)[2]
+    g = torch.randn(7)
+    torch.library.opcheck(torch.ops.marginkern.log_probs_entropy_backward,
+                          (g, g, x.detach(), w.detach(), t, lse, -lse.abs(), lse.abs(), 0.7, -100, True))
+
+
+def test_torch_compile_fullgraph():
+    x, w, t = make_case(9, 40, 16, ignore=(2,))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, w):
+        log_pt, entropy = mk.log_probs_and_entropy(x, w, t, temperature=0.5)
+        return (log_pt - 0.01 * entropy).mean()
+
+    got = torch.autograd.grad(step(x, w), (x, w))
+    want = torch.autograd.grad(reference.log_probs_and_entropy(x, w, t, temperature=0.5)[0].mean()
+                               - 0.01 * reference.log_probs_and_entropy(x, w, t, temperature=0.5)[1].mean(), (x, w))
+    for g, e in zip(got, want):
+        assert_close_rel(g, e, torch.float32)
+
+
+@pytest.mark.parametrize("temperature, exc, match", [
+    (0.0, ValueError, "temperature must lie in"), (-1.0, ValueError, "temperature must lie in"),
+    (float("nan"), ValueError, "temperature must be a finite"), (torch.tensor(1.0), TypeError, "temperature must be"),
+])
+def test_bad_temperature(temperature, exc, match):
+    x, w, t = make_case(3, 5, 4)
+    with pytest.raises(exc, match=match):
+        mk.log_probs_and_entropy(x, w, t, temperature=temperature)
+    if not isinstance(temperature, torch.Tensor):  # the op's schema itself turns a tensor into a float
+        with pytest.raises(exc, match=match):
+            torch.ops.marginkern.log_probs_entropy(x, w, t, temperature, -100)
+
+
+def test_bad_targets_and_shapes():
+    x, w, t = make_case(3, 5, 4)
+    with pytest.raises(ValueError, match="target"):
+        mk.log_probs_and_entropy(x, w, torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match="weight"):
+        mk.log_probs_and_entropy(x, w[:, :3], t)
+    with pytest.raises(ValueError, match="target must have shape"):
+        mk.log_probs_and_entropy(x.view(1, 3, 4), w, t)
+
+
+def test_cpu_runs_on_the_pytorch_tiles_and_forced_cpp_refuses(monkeypatch):
+    """The C++ kernels have no entropy epilogue: the default CPU call runs on the PyTorch tiles, a forced
+    MARGINKERN_BACKEND=cpp says why it cannot serve."""
+    x, w, t = make_case(4, 9, 4)
+    monkeypatch.setenv("MARGINKERN_BACKEND", "cpp")
+    from marginkern import cpp_tiles
+    if cpp_tiles.LOAD_ERROR is None:
+        with pytest.raises(BackendUnavailable, match="entropy"):
+            mk.log_probs_and_entropy(x, w, t)
+    monkeypatch.setenv("MARGINKERN_BACKEND", "reference")
+    assert torch.isfinite(mk.log_probs_and_entropy(x, w, t)[1]).all()
