@@ -10,8 +10,8 @@ csrc/cpu/streaming_ce.cpp, math in csrc/cpu/streaming_ce.h and marginkern/engine
     torch.ops.marginkern.row_stats_of_dots       the 3-GEMM path's epilogue over a block of dot products:
     torch.ops.marginkern.grads_of_dots_          (lse, Σ_j z), then dL/da in place
 
-and the C++ losses' per-row halves (csrc/cpu/loss_ops.cpp: margin_ce_rows, linear_ce_rows, emo_rows and
-their backwards), which the loss ops of marginkern/ops.py run on the cpp backend.
+and the C++ losses' per-row halves (csrc/cpu/loss_ops.cpp: margin_ce_rows, linear_ce_rows, emo_rows,
+log_probs_entropy_rows and their backwards), which the loss ops of marginkern/ops.py run on the cpp backend.
 
 marginkern._C_cuda adds CUDA kernels for the first, second and last two (cuBLAS GEMMs per chunk, the
 epilogue in csrc/cuda/epilogue_kernels.cu); on the GPU the engine's own loop runs the backward GEMMs.
@@ -30,7 +30,8 @@ from .engine import accumulation_dtype, cost_query, gpu_grad_dtype
 # build must fall back with a reason, not fail in the middle of a training step).
 EXTENSION_OPS = ("streaming_row_stats", "streaming_grad_logits", "streaming_grads", "row_stats_of_dots",
                  "grads_of_dots_", "margin_ce_rows", "margin_ce_rows_backward", "linear_ce_rows",
-                 "linear_ce_rows_backward", "emo_rows", "emo_rows_backward")
+                 "linear_ce_rows_backward", "emo_rows", "emo_rows_backward", "log_probs_entropy_rows",
+                 "log_probs_entropy_rows_backward")
 
 
 # Arguments an extension built from older sources lacks (a changed schema loads fine and fails at the call).
@@ -251,6 +252,16 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("marginkern::emo_rows_backward")
     def _(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ignore_index, need_weight_grad):
+        return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
+
+    @torch.library.register_fake("marginkern::log_probs_entropy_rows")
+    def _(input, weight, target, temperature, ignore_index):
+        acc, n = accumulation_dtype(input.dtype), input.shape[0]
+        return tuple(input.new_empty((n,), dtype=acc) for _ in range(3))
+
+    @torch.library.register_fake("marginkern::log_probs_entropy_rows_backward")
+    def _(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, temperature, ignore_index,
+          need_weight_grad):
         return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
 
     @torch.library.register_fake("marginkern::streaming_grads")

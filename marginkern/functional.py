@@ -154,7 +154,6 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     input (N, D) or (B, T, D), weight (C, D), target (N,) or (B, T) integer. Returns (log_probs, entropy), fp32
     (fp64 for fp64 inputs), shaped like target, both 0 at ignored positions (target == ignore_index), whose
     gradients are 0. log_probs equals −F.cross_entropy(logits / temperature, target, reduction="none").
-    On the CPU the PyTorch tiles serve it (the C++ kernels have no entropy epilogue yet).
     """
     input, target, token_shape = _flatten_tokens(input, target)
     check_classification_inputs(input, weight, target)

@@ -520,8 +520,8 @@ def _check_temperature(temperature):
 
 
 def _entropy_tiles(input):
-    """select_tiles, except the C++ and CUDA tiles, which have no entropy epilogue (the PyTorch tiles serve the CPU)."""
-    return select_tiles_except(("cpp", "cuda"), "token-entropy epilogue", input.device, input.dtype)
+    """select_tiles, except the CUDA tiles, which have no entropy epilogue (on CUDA Triton serves it)."""
+    return select_tiles_except(("cuda",), "token-entropy epilogue", input.device, input.dtype)
 
 
 @_op("log_probs_entropy")
@@ -532,7 +532,10 @@ def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature
     temperature, ignore_index = _check_temperature(temperature), check_ignore_index(ignore_index)
     check_target_values(target, weight.shape[0], ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
-    return log_probs_forward(input, weight, target, temperature, ignore_index, _entropy_tiles(input))
+    tiles = _entropy_tiles(input)
+    if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/log_probs_loss.cpp), the same math
+        return torch.ops.marginkern.log_probs_entropy_rows(input, weight, target, temperature, ignore_index)
+    return log_probs_forward(input, weight, target, temperature, ignore_index, tiles)
 
 
 @log_probs_entropy.register_fake
@@ -555,8 +558,13 @@ def log_probs_entropy_backward(grad_log_probs: Tensor, grad_entropy: Tensor, inp
         if t.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},) (one value per row of input), got {tuple(t.shape)}")
     input, weight = input.contiguous(), weight.contiguous()
+    tiles = _entropy_tiles(input)
+    if tiles.name == "cpp":
+        return torch.ops.marginkern.log_probs_entropy_rows_backward(
+            grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, float(temperature),
+            int(ignore_index), need_weight_grad)
     grad_x, grad_w = log_probs_backward(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy,
-                                        float(temperature), int(ignore_index), _entropy_tiles(input), need_weight_grad)
+                                        float(temperature), int(ignore_index), tiles, need_weight_grad)
     return grad_x, _or_empty(grad_w, weight)
 
 

@@ -226,14 +226,21 @@ def test_bad_targets_and_shapes():
         mk.log_probs_and_entropy(x.view(1, 3, 4), w, t)
 
 
-def test_cpu_runs_on_the_pytorch_tiles_and_forced_cpp_refuses(monkeypatch):
-    """The C++ kernels have no entropy epilogue: the default CPU call runs on the PyTorch tiles, a forced
-    MARGINKERN_BACKEND=cpp says why it cannot serve."""
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_both_cpu_backends_match_the_oracle(backend, monkeypatch):
+    """The C++ kernels (csrc/cpu/log_probs_loss.cpp, the default on the CPU) and the PyTorch tiles."""
+    if backend == "cpp":
+        from marginkern import cpp_tiles
+        if cpp_tiles.LOAD_ERROR is not None:
+            pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        check_log_probs_against_oracle(dtype, (37, 301, 45), 0.7, "cpu")
+    check_confident_and_flat_rows("cpu")
+
+
+def test_forced_cuda_backend_refuses_with_a_reason(monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", "cuda")
     x, w, t = make_case(4, 9, 4)
-    monkeypatch.setenv("MARGINKERN_BACKEND", "cpp")
-    from marginkern import cpp_tiles
-    if cpp_tiles.LOAD_ERROR is None:
-        with pytest.raises(BackendUnavailable, match="entropy"):
-            mk.log_probs_and_entropy(x, w, t)
-    monkeypatch.setenv("MARGINKERN_BACKEND", "reference")
-    assert torch.isfinite(mk.log_probs_and_entropy(x, w, t)[1]).all()
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        mk.log_probs_and_entropy(x, w, t)

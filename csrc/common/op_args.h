@@ -44,6 +44,7 @@ struct Cost {
 // The per-row vectors of the backward ops.
 struct RowGrads {
   at::Tensor lse, coef_p, coef_u, target_grad;  // (N,)
+  at::Tensor entropy_coef;                      // (N,) the entropy term (CPU only), undefined when absent
 };
 
 // `t` as a contiguous (n,) vector in the accumulation dtype, on `device`.

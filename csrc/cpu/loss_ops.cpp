@@ -8,6 +8,7 @@
 
 #include "emo_loss.h"
 #include "linear_ce_loss.h"
+#include "log_probs_loss.h"
 #include "loss_reduction.h"
 #include "margin_loss.h"
 
@@ -96,6 +97,25 @@ std::tuple<at::Tensor, at::Tensor> emo_rows_backward_op(const at::Tensor& grad_c
                            ignore_index, need_weight_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows_op(const at::Tensor& input,
+                                                                         const at::Tensor& weight,
+                                                                         const at::Tensor& target, double temperature,
+                                                                         int64_t ignore_index) {
+  constexpr const char* op = "marginkern::log_probs_entropy_rows";
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op, ": temperature must be a finite number > 0, got ",
+              temperature);
+  loss::check_targets(op, target, weight.size(0), ignore_index);
+  return log_probs_entropy_rows(input, weight, target.to(at::kLong), temperature, ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor> log_probs_entropy_rows_backward_op(
+    const at::Tensor& grad_log_probs, const at::Tensor& grad_entropy, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& log_probs,
+    const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_weight_grad) {
+  return log_probs_entropy_rows_backward(grad_log_probs, grad_entropy, input, weight, target.to(at::kLong), lse,
+                                         log_probs, entropy, temperature, ignore_index, need_weight_grad);
+}
+
 }  // namespace
 }  // namespace marginkern
 
@@ -125,6 +145,13 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
       "emo_rows_backward(Tensor grad_ce, Tensor grad_emo, Tensor input, Tensor weight, Tensor target, "
       "Tensor cost_embedding, Tensor lse, Tensor emo, int ignore_index, bool need_weight_grad) "
       "-> (Tensor grad_input, Tensor grad_weight)");
+  m.def(
+      "log_probs_entropy_rows(Tensor input, Tensor weight, Tensor target, float temperature, int ignore_index) "
+      "-> (Tensor log_probs, Tensor entropy, Tensor lse)");
+  m.def(
+      "log_probs_entropy_rows_backward(Tensor grad_log_probs, Tensor grad_entropy, Tensor input, Tensor weight, "
+      "Tensor target, Tensor lse, Tensor log_probs, Tensor entropy, float temperature, int ignore_index, "
+      "bool need_weight_grad) -> (Tensor grad_input, Tensor grad_weight)");
 }
 
 TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
@@ -134,4 +161,6 @@ TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
   m.impl("linear_ce_rows_backward", TORCH_FN(marginkern::linear_ce_rows_backward_op));
   m.impl("emo_rows", TORCH_FN(marginkern::emo_rows_op));
   m.impl("emo_rows_backward", TORCH_FN(marginkern::emo_rows_backward_op));
+  m.impl("log_probs_entropy_rows", TORCH_FN(marginkern::log_probs_entropy_rows_op));
+  m.impl("log_probs_entropy_rows_backward", TORCH_FN(marginkern::log_probs_entropy_rows_backward_op));
 }

@@ -66,7 +66,22 @@ MARGINKERN_ALWAYS_INLINE T sum_exp_row_impl(const T* row, int cc, T shift) {
   return s;
 }
 
-template <typename T, bool kSoftcap, bool kCost>
+template <typename T>
+MARGINKERN_ALWAYS_INLINE void entropy_part_row_impl(const T* row, int cc, T max_z, T& others, T& gap) {
+  T below = 0, at_max = 0, t = 0;
+#pragma omp simd reduction(+ : below, at_max, t)
+  for (int j = 0; j < cc; ++j) {
+    const T d = max_z - row[j];
+    const T e = exp_simd(-d);  // 0 for a −inf logit (whose d·e would be inf·0)
+    below += row[j] < max_z ? e : T(0);
+    at_max += row[j] == max_z ? T(1) : T(0);
+    t += e > T(0) ? e * d : T(0);
+  }
+  others = below + (at_max - T(1));
+  gap = t;
+}
+
+template <typename T, bool kSoftcap, bool kCost, bool kEntropy>
 MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
                                         const RowGradCoefs<T>& k, int target) {
   const int cc = cols.cc;
@@ -75,12 +90,20 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
   const T* cost_scale = cols.cost_scale;
   const T cap = cols.softcap, inv_cap = T(1) / cols.softcap;
   const T r = k.row_scale, lse = k.lse, cp = k.coef_p, cu = k.coef_u, tg = k.target_grad, cq = k.cost_coef;
+  const T ce = k.entropy_coef;
 #pragma omp simd
   for (int j = 0; j < cc; ++j) {
     const logit_math::LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
     T weight_p = cp;
     if constexpr (kCost) weight_p = cp - cq * cost_scale[j] * cost_dots[j];
-    const T g = logit_math::grad_of_logit<SimdMath>(zc.z, zc.chain, weight_p, cu, lse);
+    T g;
+    if constexpr (kEntropy) {  // (coef_p − coef_entropy·log p)·p − coef_u, p·log p = 0 where p = 0
+      const T log_p = zc.z - lse;
+      const T p = exp_simd(log_p);
+      g = (weight_p * p - (p > T(0) ? ce * p * log_p : T(0)) - cu) * zc.chain;
+    } else {
+      g = logit_math::grad_of_logit<SimdMath>(zc.z, zc.chain, weight_p, cu, lse);
+    }
     row[j] = j == target ? tg : g;
   }
 }
@@ -89,12 +112,15 @@ template <typename T>
 MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
                                             const RowGradCoefs<T>& coefs, int target) {
   const bool cost = cost_dots != nullptr;
-  if (cols.has_softcap) {
-    cost ? grad_loop<T, true, true>(row, cost_dots, cols, coefs, target)
-         : grad_loop<T, true, false>(row, cost_dots, cols, coefs, target);
+  if (coefs.has_entropy) {  // the entropy term comes without a cost term (streaming_ce.cpp checks)
+    cols.has_softcap ? grad_loop<T, true, false, true>(row, cost_dots, cols, coefs, target)
+                     : grad_loop<T, false, false, true>(row, cost_dots, cols, coefs, target);
+  } else if (cols.has_softcap) {
+    cost ? grad_loop<T, true, true, false>(row, cost_dots, cols, coefs, target)
+         : grad_loop<T, true, false, false>(row, cost_dots, cols, coefs, target);
   } else {
-    cost ? grad_loop<T, false, true>(row, cost_dots, cols, coefs, target)
-         : grad_loop<T, false, false>(row, cost_dots, cols, coefs, target);
+    cost ? grad_loop<T, false, true, false>(row, cost_dots, cols, coefs, target)
+         : grad_loop<T, false, false, false>(row, cost_dots, cols, coefs, target);
   }
 }
 
@@ -170,6 +196,14 @@ MARGINKERN_ISA_CLONES float sum_exp_row(const float* row, int cc, float shift) {
 }
 
 double sum_exp_row(const double* row, int cc, double shift) { return sum_exp_row_impl(row, cc, shift); }
+
+MARGINKERN_ISA_CLONES void entropy_part_row(const float* row, int cc, float max_z, float& others, float& gap) {
+  entropy_part_row_impl(row, cc, max_z, others, gap);
+}
+
+void entropy_part_row(const double* row, int cc, double max_z, double& others, double& gap) {
+  entropy_part_row_impl(row, cc, max_z, others, gap);
+}
 
 MARGINKERN_ISA_CLONES void grad_row(float* row, const float* cost_dots, const ChunkColumns<float>& cols,
                                     const RowGradCoefs<float>& coefs, int target) {

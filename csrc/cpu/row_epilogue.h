@@ -77,7 +77,9 @@ struct ChunkColumns {
 template <typename T>
 struct RowGradCoefs {
   T row_scale, lse, coef_p, coef_u, target_grad;
-  T cost_coef;  // coef_cost_n · query_scale_n (EMO), 0 without a cost term
+  T cost_coef;          // coef_cost_n · query_scale_n (EMO), 0 without a cost term
+  T entropy_coef = 0;   // the entropy term's coefficient (streaming_ce.h), read only when has_entropy
+  bool has_entropy = false;
 };
 
 // Forward: z_j in place of a_j (the target column, if 0 ≤ target < cc, becomes target_logit);
@@ -90,6 +92,12 @@ void logits_row(double* row, const ChunkColumns<double>& cols, double row_scale,
 // Σ_j exp(z_j − shift).
 float sum_exp_row(const float* row, int cc, float shift);
 double sum_exp_row(const double* row, int cc, double shift);
+
+// The entropy statistics (streaming_ce.h) of a row of cc logits already in place, relative to its max
+// max_z (finite): `others` = Σ_j e^{z_j − max_z} without one cell at the max (the cells below it, plus the
+// count at it minus one: never 1 + small − 1), `gap` = Σ_j e^{z_j − max_z}·(max_z − z_j); both ≥ 0.
+void entropy_part_row(const float* row, int cc, float max_z, float& others, float& gap);
+void entropy_part_row(const double* row, int cc, double max_z, double& others, double& gap);
 
 // Backward: dL/da_j in place of a_j; `cost_dots` is the row of q_n · k_j (EMO) or nullptr.
 void grad_row(float* row, const float* cost_dots, const ChunkColumns<float>& cols,

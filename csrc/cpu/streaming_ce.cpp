@@ -83,6 +83,53 @@ void accumulate_row_stats(const Spec& s, const epilogue::ChunkColumns<T>& cols, 
   });
 }
 
+// Folds a chunk's entropy statistics (M_b, S′_b, T_b) into a row's running ones (streaming_ce.h): the side with
+// the larger max keeps its S′ and takes the other's 1 + S′ rescaled; T moves to the new max as
+// e^{m − M}·(T + (M − m)·(1 + S′)). Every term ≥ 0. The running max starts at −inf (no classes yet).
+template <typename T>
+void merge_entropy_state(T& max_a, T& others_a, T& gap_a, T max_b, T others_b, T gap_b) {
+  if (max_a == -std::numeric_limits<T>::infinity()) {
+    max_a = max_b, others_a = others_b, gap_a = gap_b;
+    return;
+  }
+  const T top = std::max(max_a, max_b);
+  const T scale_a = std::exp(max_a - top), scale_b = std::exp(max_b - top);
+  const T moved_a = scale_a * (gap_a + (top - max_a) * (T(1) + others_a));
+  const T moved_b = scale_b * (gap_b + (top - max_b) * (T(1) + others_b));
+  others_a = max_a >= max_b ? others_a + (T(1) + others_b) * scale_b : others_b + (T(1) + others_a) * scale_a;
+  gap_a = moved_a + moved_b;
+  max_a = top;
+}
+
+// The entropy forward epilogue: folds the chunk's logits into each row's running (M, S′, T). A NaN logit, or
+// +inf (p·log p undefined), poisons the row's state with NaN.
+template <typename T>
+void accumulate_entropy_stats(const Spec& s, const epilogue::ChunkColumns<T>& cols, int64_t c0, T* dots,
+                              const T* target_logit, T* run_max, T* run_others, T* run_gap) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+  const T* row_scale = s.row_scale.data_ptr<T>();
+  const int64_t* target = s.target.data_ptr<int64_t>();
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      T* row = dots + n * cols.cc;
+      T max_z, sum_z;
+      bool has_nan;
+      epilogue::logits_row(row, cols, row_scale[n], target_in_chunk(target[n], c0, cols.cc), target_logit[n],
+                           max_z, sum_z, has_nan);
+      if (run_others[n] != run_others[n]) continue;  // already NaN
+      if (has_nan || max_z == kInf) {
+        run_max[n] = has_nan ? kNaN : kInf, run_others[n] = kNaN, run_gap[n] = kNaN;
+        continue;
+      }
+      if (max_z == -kInf) continue;  // only −inf logits: nothing to add
+      T others, gap;
+      epilogue::entropy_part_row(row, cols.cc, max_z, others, gap);
+      merge_entropy_state(run_max[n], run_others[n], run_gap[n], max_z, others, gap);
+    }
+  });
+}
+
 // The forward epilogue of a whole row of logits that must survive (the 3-GEMM path turns the same dots
 // into dL/da afterwards): each row is copied to a per-thread scratch row first. lse as torch.logsumexp.
 template <typename T>
@@ -117,11 +164,14 @@ void grads_into(const Spec& s, const Cost& cost, const RowGrads& rg, int64_t c0,
             *target_grad = rg.target_grad.data_ptr<T>();
     const T* row_coef = cost.present() ? cost.row_coef.data_ptr<T>() : nullptr;
     const T* cost_base = cost.present() ? cost_dots.data_ptr<T>() : nullptr;
+    const T* entropy_coef = rg.entropy_coef.defined() ? rg.entropy_coef.data_ptr<T>() : nullptr;
     T* g = dots.data_ptr<T>();
     at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const epilogue::RowGradCoefs<T> coefs{row_scale[n], lse[n], coef_p[n], coef_u[n], target_grad[n],
-                                              row_coef != nullptr ? row_coef[n] : T(0)};
+                                              row_coef != nullptr ? row_coef[n] : T(0),
+                                              entropy_coef != nullptr ? entropy_coef[n] : T(0),
+                                              entropy_coef != nullptr};
         epilogue::grad_row(g + n * cols.cc, cost_base != nullptr ? cost_base + n * cols.cc : nullptr, cols,
                            coefs, target_in_chunk(target[n], c0, cols.cc));
       }
@@ -248,6 +298,33 @@ std::tuple<at::Tensor, at::Tensor> streaming_row_stats(
                         need_sum_logits, class_chunk);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_entropy(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const at::Tensor& target,
+    const at::Tensor& target_logit, int64_t class_chunk) {
+  constexpr const char* op = "marginkern::streaming_row_stats_with_entropy";
+  const Spec s = make_spec(op, x, w, row_scale, std::nullopt, std::nullopt, std::nullopt, target);
+  const at::Tensor target_logit_acc = float_vector(op, "target_logit", target_logit, s.N, s.acc, s.device);
+  check_class_chunk(op, class_chunk);
+  const auto opts = s.x.options().dtype(s.acc);
+  at::Tensor run_max = at::full({s.N}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor run_others = at::zeros({s.N}, opts), run_gap = at::zeros({s.N}, opts);
+  const at::Tensor buffer = at::empty({s.N * std::min(class_chunk, s.C)}, opts);
+  const Cost no_cost;
+  for (int64_t c0 = 0; c0 < s.C; c0 += class_chunk) {
+    const int64_t c1 = std::min(s.C, c0 + class_chunk);
+    const at::Tensor dots = chunk_dots(s.x, s.w, s.acc, buffer, c0, c1).first;
+    const ChunkColumnTensors columns(s, no_cost, c0, c1);
+    AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_row_stats_with_entropy", [&] {
+      accumulate_entropy_stats<scalar_t>(s, columns_view<scalar_t>(columns, s), c0, dots.data_ptr<scalar_t>(),
+                                         target_logit_acc.data_ptr<scalar_t>(), run_max.data_ptr<scalar_t>(),
+                                         run_others.data_ptr<scalar_t>(), run_gap.data_ptr<scalar_t>());
+    });
+  }
+  at::Tensor log_sum = at::log1p(run_others);
+  at::Tensor entropy = log_sum + run_gap / (run_others + 1.0);
+  return {run_max, log_sum, entropy};
+}
+
 std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
     const std::optional<at::Tensor>& col_scale, std::optional<double> softcap, const at::Tensor& target,
@@ -290,14 +367,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
     bool need_bias_grad, bool need_weight_grad, int64_t class_chunk, const std::optional<at::Tensor>& cost_query,
     const std::optional<at::Tensor>& cost_query_scale, const std::optional<at::Tensor>& cost_keys,
     const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef,
-    const WeightChunkFinalizer& finalize, bool weight_dtype, const Subcenters& subcenters) {
+    const WeightChunkFinalizer& finalize, bool weight_dtype, const Subcenters& subcenters,
+    const at::Tensor& entropy_coef) {
   constexpr const char* op = "marginkern::streaming_grads";
   TORCH_CHECK(subcenters.K == 1 || (subcenters.target_subcenter.defined() && !cost_query), op,
               ": sub-centres need target_subcenter, and have no cost term");
+  TORCH_CHECK(!entropy_coef.defined() || (subcenters.K == 1 && !cost_query), op,
+              ": the entropy term comes without sub-centres and without a cost term");
   const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target, true, subcenters.K,
                            subcenters.target_subcenter);
   const Cost cost = make_cost(op, s, cost_query, cost_query_scale, cost_keys, cost_key_scale, cost_coef);
-  const RowGrads rg = make_row_grads(op, s, lse, coef_p, coef_u, target_grad);
+  RowGrads rg = make_row_grads(op, s, lse, coef_p, coef_u, target_grad);
+  if (entropy_coef.defined()) rg.entropy_coef = float_vector(op, "entropy_coef", entropy_coef, s.N, s.acc, s.device);
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
   at::Tensor grad_x = at::zeros({s.N, x.size(1)}, opts);
@@ -346,7 +427,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
     const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef) {
   return streaming_grads_impl(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad,
                               need_bias_grad, need_weight_grad, class_chunk, cost_query, cost_query_scale, cost_keys,
-                              cost_key_scale, cost_coef, WeightChunkFinalizer(), /*weight_dtype=*/false, Subcenters{});
+                              cost_key_scale, cost_coef, WeightChunkFinalizer(), /*weight_dtype=*/false, Subcenters{},
+                              at::Tensor());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
@@ -357,10 +439,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     bool need_bias_grad, bool need_weight_grad, int64_t class_chunk, const WeightChunkFinalizer& finalize,
     const std::optional<at::Tensor>& cost_query, const std::optional<at::Tensor>& cost_query_scale,
     const std::optional<at::Tensor>& cost_keys, const std::optional<at::Tensor>& cost_key_scale,
-    const std::optional<at::Tensor>& cost_coef, const Subcenters& subcenters) {
+    const std::optional<at::Tensor>& cost_coef, const Subcenters& subcenters, const at::Tensor& entropy_coef) {
   return streaming_grads_impl(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad,
                               need_bias_grad, need_weight_grad, class_chunk, cost_query, cost_query_scale, cost_keys,
-                              cost_key_scale, cost_coef, finalize, /*weight_dtype=*/true, subcenters);
+                              cost_key_scale, cost_coef, finalize, /*weight_dtype=*/true, subcenters, entropy_coef);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_stats_of_dots(

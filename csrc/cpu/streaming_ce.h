@@ -10,6 +10,10 @@
 // The optional EMO cost term (all five cost_* tensors, or none) replaces coef_p_n by
 //     coef_p_n − cost_coef_n · cost_query_scale_n · cost_key_scale_j · (cost_query_n · cost_keys_j),
 // a second, narrow GEMM per chunk (cost_query (N, E), cost_keys (C, E)).
+// The entropy term (per-token entropy, marginkern/log_probs.py) adds −entropy_coef_n · p_nj · log p_nj to every
+// dL/dz_nj off the target (p·log p taken as 0 where p = 0), and its forward keeps, per row, the max M,
+// S′ = Σ_j e^{z_nj − M} without one maximal cell and T = Σ_j e^{z_nj − M}·(M − z_nj), all terms ≥ 0:
+// lse = M + log1p(S′) and the entropy log1p(S′) + T/(1 + S′) are exact where p_t ≈ 1 (no 1 − p_t cancels).
 // Every function streams over chunks of `class_chunk` classes with one GEMM per chunk into a reused
 // N × chunk buffer: N × C never exists. Inputs are float32/float64, or float16/bfloat16 upcast to float32
 // per chunk; results are in that accumulation dtype. These are the CPU kernels of the ops
@@ -73,6 +77,12 @@ struct Subcenters {
   at::Tensor target_subcenter;  // (N,) int64 in [0, K): needed by the backward pass
 };
 
+// (row max M, log_sum = lse − M, entropy), each (N,), of the logits row_scale_n·(x_n·w_j) (target column
+// target_logit; no col_scale, bias or softcap), in one pass over the classes (the entropy term above).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_entropy(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const at::Tensor& target,
+    const at::Tensor& target_logit, int64_t class_chunk);
+
 // streaming_row_stats over sub-centres (no bias: sub-centres are cosine logits).
 std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
@@ -82,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
 // streaming_grads for callers that chain dW further (the C++ losses): each chunk of the raw dW, rows
 // [r0, r1) of w (the chunk's classes, K rows each), in the accumulation dtype, passes through
 // `finalize(r0, r1, chunk)` (in place; may be empty), then is stored in w's dtype: a 16-bit w gets no
-// (C, D) fp32 gradient beside its own.
+// (C, D) fp32 gradient beside its own. `entropy_coef` (N,), when defined, adds the entropy term (no cost
+// term and no sub-centres with it).
 using WeightChunkFinalizer = std::function<void(int64_t r0, int64_t r1, at::Tensor& grad_w_chunk)>;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
@@ -94,7 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     const std::optional<at::Tensor>& cost_query_scale = std::nullopt,
     const std::optional<at::Tensor>& cost_keys = std::nullopt,
     const std::optional<at::Tensor>& cost_key_scale = std::nullopt,
-    const std::optional<at::Tensor>& cost_coef = std::nullopt, const Subcenters& subcenters = {});
+    const std::optional<at::Tensor>& cost_coef = std::nullopt, const Subcenters& subcenters = {},
+    const at::Tensor& entropy_coef = at::Tensor());
 
 // The 3-GEMM path's epilogue over `dots` (N, C), the raw dot products x·wᵀ computed elsewhere, in the
 // accumulation dtype: (lse, Σ_j z or (0,)) without changing dots, then dots ← dL/da in place.

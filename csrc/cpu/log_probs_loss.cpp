@@ -1,0 +1,115 @@
+// log_probs_loss.h: the forward and backward of marginkern/log_probs.py in C++, over the streaming steps of
+// streaming_ce.cpp (the entropy statistics in the forward, the entropy term in streaming_grads_finalized),
+// wrapped in a LibTorch autograd Function with two outputs (log p_t and the entropy per row).
+#include "log_probs_loss.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cmath>
+
+#include "loss_reduction.h"
+#include "streaming_ce.h"
+
+namespace marginkern {
+namespace {
+
+// Per-row quantities of the target (log_probs.py _TemperatureLogits): z_t = (x_n·w_t)·(1/T), rounded as the
+// chunk loop rounds every logit (dot product times the row scale).
+struct TemperatureLogits {
+  at::Tensor valid, column, logit, row_scale;
+
+  TemperatureLogits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, double temperature,
+                    int64_t ignore_index) {
+    const at::ScalarType acc = accumulation_dtype(x.scalar_type());
+    valid = target.ne(ignore_index);
+    column = at::where(valid, target, -1);
+    const at::Tensor raw = (x.to(acc) * w.index_select(0, column.clamp_min(0)).to(acc)).sum(1);
+    row_scale = at::full_like(raw, 1.0 / temperature);
+    logit = raw * row_scale;
+  }
+};
+
+void check_temperature(const char* op, double temperature) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op, ": temperature must be a finite number > 0, got ",
+              temperature);
+}
+
+struct LogProbsRows : public torch::autograd::Function<LogProbsRows> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& w, const at::Tensor& target, double temperature,
+                                                int64_t ignore_index, int64_t class_chunk) {
+    const auto [log_probs, entropy, lse] =
+        log_probs_entropy_rows(x, w, target, temperature, ignore_index, class_chunk);
+    ctx->save_for_backward({x, w, target, lse, log_probs, entropy});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["class_chunk"] = class_chunk;
+    return {log_probs, entropy};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    loss::check_once_differentiable("marginkern::log_probs_and_entropy");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& lse = saved[3];
+    const auto or_zero = [&](const at::Tensor& g) { return g.defined() ? g : at::zeros_like(lse); };
+    const bool need_w = ctx->needs_input_grad(1);
+    const auto [grad_x, grad_w] = log_probs_entropy_rows_backward(
+        or_zero(grad_outputs[0]), or_zero(grad_outputs[1]), saved[0], saved[1], saved[2], lse, saved[4], saved[5],
+        ctx->saved_data["temperature"].toDouble(), ctx->saved_data["ignore_index"].toInt(), need_w,
+        ctx->saved_data["class_chunk"].toInt());
+    return {grad_x, need_w ? grad_w : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows(const at::Tensor& x, const at::Tensor& w,
+                                                                      const at::Tensor& target, double temperature,
+                                                                      int64_t ignore_index, int64_t class_chunk) {
+  const TemperatureLogits rows(x, w, target, temperature, ignore_index);
+  const int64_t chunk = loss::class_chunk(class_chunk, x.size(0), rows.logit.scalar_type());
+  const auto [row_max, log_sum, entropy] =
+      streaming_row_stats_with_entropy(x, w, rows.row_scale, rows.column, rows.logit, chunk);
+  // log p_t = (z_t − M) − log1p(S′): exact where z_t is the max (z_t − lse would round to ulp(lse))
+  const at::Tensor log_probs = (rows.logit - row_max) - log_sum;
+  const at::Tensor zero = at::zeros_like(log_probs);
+  // a NaN input makes the entropy NaN too (the statistics carry it; this keeps the two outputs consistent)
+  const at::Tensor h = at::where(log_probs.isnan(), log_probs, entropy);
+  return {at::where(rows.valid, log_probs, zero), at::where(rows.valid, h, zero), row_max + log_sum};
+}
+
+std::tuple<at::Tensor, at::Tensor> log_probs_entropy_rows_backward(
+    const at::Tensor& grad_log_probs, const at::Tensor& grad_entropy, const at::Tensor& x, const at::Tensor& w,
+    const at::Tensor& target, const at::Tensor& lse, const at::Tensor& log_probs, const at::Tensor& entropy,
+    double temperature, int64_t ignore_index, bool need_weight_grad, int64_t class_chunk) {
+  const TemperatureLogits rows(x, w, target, temperature, ignore_index);
+  const at::ScalarType acc = rows.logit.scalar_type();
+  const at::Tensor zero = at::zeros_like(rows.logit);
+  const at::Tensor g_lp = at::where(rows.valid, grad_log_probs.to(acc), zero);
+  const at::Tensor g_h = at::where(rows.valid, grad_entropy.to(acc), zero);
+  const at::Tensor log_pt = log_probs.to(acc), h = entropy.to(acc);
+  // dL/dz_j = (−g_lp − g_h·H − g_h·log p_j)·p_j off the target; at the target g_lp·(1 − p_t) + g_h·p_t·(−log p_t − H),
+  // chained by dz/da = 1/T (log_probs.py)
+  const at::Tensor coef_p = -g_lp - g_h * h;
+  const at::Tensor target_grad =
+      (-g_lp * at::expm1(log_pt) - g_h * at::exp(log_pt) * (log_pt + h)) * rows.row_scale;
+  const int64_t chunk = loss::class_chunk(class_chunk, x.size(0), acc);
+  const auto [grad_x, grad_w, unused_bias] = streaming_grads_finalized(
+      x, w, rows.row_scale, std::nullopt, std::nullopt, std::nullopt, rows.column, lse.to(acc), coef_p, zero,
+      target_grad, /*need_bias_grad=*/false, need_weight_grad, chunk, WeightChunkFinalizer(), std::nullopt,
+      std::nullopt, std::nullopt, std::nullopt, std::nullopt, Subcenters{}, g_h);
+  return {grad_x.to(x.scalar_type()), need_weight_grad ? grad_w.to(w.scalar_type()) : w.new_empty({0})};
+}
+
+std::tuple<at::Tensor, at::Tensor> log_probs_and_entropy(const at::Tensor& x, const at::Tensor& w,
+                                                         const at::Tensor& target, const LogProbsOptions& o) {
+  constexpr const char* op = "marginkern::log_probs_and_entropy";
+  loss::check_classification_inputs(op, x, w, target, o.ignore_index, "none");
+  check_temperature(op, o.temperature);
+  const auto rows = LogProbsRows::apply(x, w, target.to(at::kLong), o.temperature, o.ignore_index, o.class_chunk);
+  return {rows[0], rows[1]};
+}
+
+}  // namespace marginkern
