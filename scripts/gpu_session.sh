@@ -128,6 +128,8 @@ case "$stage" in
     # sub-center ArcFace (K = 3 over 300k rows) against pytorch-metric-learning's formulation and the floor
     MARGINKERN_TRITON_CONFIG="$face_cfg" bench face face-subcenter3-100k \
       "marginkern sub-center,naive sub-center,3-GEMM floor" 35 face-subcenter 5
+    # per-token log-probs + entropy (RL policy step; log_probs_and_entropy) at Llama-3-8B shapes
+    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench rl rl-llama3-8b "marginkern,3-GEMM floor" 25 rl 5
     # the issues' targets against this visit's results (CPU only, about a second)
     python bench/check_targets.py "$OUT/results" 2>&1 | tee "$OUT/targets.txt"
     pack
