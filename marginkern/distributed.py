@@ -1,4 +1,5 @@
-"""Class-sharded (model-parallel) margin-softmax cross-entropy, as insightface's PartialFC_V2 at sample_rate 1.
+"""Class-sharded (model-parallel) margin-softmax cross-entropy, as insightface's PartialFC_V2 at sample_rate 1,
+and a vocab-parallel head's per-token log-probs and entropy (`sharded_log_probs_and_entropy`).
 
 W processes of a torch.distributed group each hold one contiguous slice of the C class centres (insightface's
 rule, `shard_range`) and see the same N rows (the embeddings all-gathered by the caller). Each rank streams
@@ -25,6 +26,8 @@ from .checks import (check_class_shard, check_classes_per_rank, check_classifica
                      check_module_embeddings, check_reduction, check_subcenters, check_target_tensor,
                      margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
+from .engine import merge_max_sums
+from .log_probs import log_probs_backward, log_probs_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .modules import LambdaAnnealing
 from .reference import reduce_rows
@@ -79,6 +82,19 @@ class ProcessGroupShard:
 
     def sum_input_grad(self, grad_x):
         return self._all_reduce(grad_x.contiguous(), dist.ReduceOp.SUM)
+
+    def merge_entropy_stats(self, state, target_logit):
+        """log_probs.py's hook: the ranks' entropy statistics (M, S′, T) merged exactly, in rank order (so every
+        rank gets the same bits), and the target logit from the rank that holds it (0 elsewhere): one
+        all-gather of (4, N)."""
+        _, world_size = _rank_and_world_size(self.group)
+        local = torch.stack([*state, target_logit]).contiguous()
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local, group=self.group)
+        merged = tuple(gathered[0][:3])
+        for part in gathered[1:]:
+            merged = merge_max_sums(merged, tuple(part[:3]))
+        return merged, torch.stack([part[3] for part in gathered]).sum(0)
 
 
 def _all_gather_ints(code, group, world_size):
@@ -173,7 +189,8 @@ _STEP_FIELDS = ("argument error", "input rows", "input width", "num_classes", "c
                 "target checksum", "input checksum", "targets out of range", "smallest target out of range")
 
 
-def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local_error):
+def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local_error,
+                 op="sharded_margin_cross_entropy"):
     """Every rank's step must see the same input, targets, num_classes and mode, and the targets must be
     valid class ids. One all-gather of a few int64 per rank and one host sync (the single-process loss
     checks its targets with a sync too); every rank raises the same error, so none is left waiting in a
@@ -200,7 +217,7 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
     if local_error is not None:
         raise local_error
     if failed:
-        raise ValueError(f"sharded_margin_cross_entropy: rank(s) {failed} of {world_size} got invalid arguments "
+        raise ValueError(f"{op}: rank(s) {failed} of {world_size} got invalid arguments "
                          "(their own error says which); every rank stops here rather than wait for them")
     for k, what in enumerate(_STEP_FIELDS[1:5], start=1):
         if len({c[k] for c in seen}) > 1:
@@ -291,6 +308,72 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error)
     return _sharded_loss(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
                          reduction)
+
+
+class _ShardedLogProbsEntropy(torch.autograd.Function):
+    """(log p_t, H) per row over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard local."""
+
+    @staticmethod
+    def forward(ctx, input, weight_shard, target, shard: ProcessGroupShard, temperature, ignore_index):
+        input, weight_shard = input.contiguous(), weight_shard.contiguous()
+        with torch.autocast(input.device.type, enabled=False):
+            log_probs, entropy, lse = log_probs_forward(input, weight_shard, target, temperature, ignore_index,
+                                                        _entropy_tiles(input), shard)
+        ctx.save_for_backward(input, weight_shard, target, lse, log_probs, entropy)
+        ctx.shard, ctx.temperature, ctx.ignore_index = shard, temperature, ignore_index
+        return log_probs.clone(), entropy.clone()  # saved above: a caller's in-place edit must not reach them
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy):
+        if torch.is_grad_enabled():
+            raise RuntimeError("sharded_log_probs_and_entropy cannot be differentiated twice (create_graph=True)")
+        input, weight_shard, target, lse, log_probs, entropy = ctx.saved_tensors
+        zero = torch.zeros_like(lse)
+        # every rank joins the same collective, whatever its own requires_grad flags say
+        with torch.autocast(input.device.type, enabled=False):
+            grad_input, grad_weight = log_probs_backward(
+                zero if grad_log_probs is None else grad_log_probs, zero if grad_entropy is None else grad_entropy,
+                input, weight_shard, target, lse, log_probs, entropy, ctx.temperature, ctx.ignore_index,
+                _entropy_tiles(input), ctx.needs_input_grad[1], ctx.shard)
+        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None, None
+
+
+def _entropy_tiles(input):
+    """The engine's tiles with an entropy epilogue: Triton on CUDA, the PyTorch tiles on the CPU (the C++
+    kernels run the whole, unsharded loss only)."""
+    return select_tiles_except(("cpp", "cuda"), "token-entropy epilogue for a vocab-parallel head", input.device,
+                               input.dtype)
+
+
+def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, num_classes, group=None,
+                                  temperature=1.0, ignore_index=-100):
+    """marginkern.log_probs_and_entropy with the LM head's vocabulary sharded across the ranks of `group` (a
+    tensor-parallel head, as RL trainers run with Megatron-style models).
+
+    Every rank of `group` (None: the default group) calls this with the SAME `input` (N, D) and `target` (N,)
+    (global token ids in [0, num_classes) or ignore_index); `weight_shard` (C_local, D) holds the vocabulary rows
+    [class_start, class_start + C_local), which must be `shard_range(num_classes, rank, world_size)`. Returns
+    (log_probs, entropy), each (N,), those of `log_probs_and_entropy(input, cat(all shards), target)` and
+    identical on every rank. Each rank streams over its own rows; only the per-row statistics (M, S′, T) and
+    target logits cross ranks (one all-gather of 4 × N values, merged exactly in rank order), and dL/dinput is
+    all-reduced (N × D) in the backward pass; dL/dweight_shard is local.
+    """
+    rank, world_size = _rank_and_world_size(group)
+    local_error = None
+    try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
+        check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
+        check_finite("temperature", temperature, 0.0, low_open=True)
+        ignore_index = check_ignore_index(ignore_index)
+        class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
+        check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
+                          shard_range(num_classes, rank, world_size))
+        target = target.long()
+    except (TypeError, ValueError) as e:
+        local_error = e
+    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
+                 op="sharded_log_probs_and_entropy")
+    return _ShardedLogProbsEntropy.apply(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group),
+                                         float(temperature), ignore_index)
 
 
 def _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, subcenters=1,

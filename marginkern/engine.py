@@ -22,8 +22,9 @@ small dot product per tile: cosines of cost embeddings), dL/dz_nj = (coef_p_n �
 and its forward needs the expected cost Σ_{j≠t} p_nj·(1 − A_nj) (`streaming_row_stats_with_cost`).
 
 Token entropy H_n = Σ_j p_nj·(lse_n − z_nj) (RL's per-token entropy, marginkern/log_probs.py) is another
-epilogue: its forward keeps Σ_j e^{z_nj − max}·(max − z_nj) beside Σexp (`streaming_row_stats_with_entropy`,
-a sum of non-negative terms), and dH/dz_nj = −p_nj·(log p_nj + H_n) puts an entropy term into the backward:
+epilogue: its forward keeps the row max, Σexp without one maximal term and Σ_j e^{z_nj − max}·(max − z_nj)
+(`streaming_row_stats_with_entropy`: sums of non-negative terms, exact for confident rows), and
+dH/dz_nj = −p_nj·(log p_nj + H_n) puts an entropy term into the backward:
 dL/dz_nj = (coef_p_n − coef_entropy_n·log p_nj)·p_nj − coef_u_n (p·log p taken as 0 where p = 0).
 
 Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
@@ -509,15 +510,16 @@ def streaming_row_stats_with_cost(x, w, spec: LogitSpec, cost: CostSpec, tiles):
 
 
 def streaming_row_stats_with_entropy(x, w, spec: LogitSpec, tiles):
-    """(row max M, log_sum, H) per row in the accumulation dtype, in one pass over the classes: lse = M + log_sum,
-    and H_n = Σ_j p_nj·(lse_n − z_nj) the entropy of the row's softmax (target column spec.target_logit, as
-    everywhere).
+    """The entropy statistics (M, S′, T) per row in the accumulation dtype, in one pass over the classes (target
+    column spec.target_logit, as everywhere): the row max M, S′ = Σ_j e^{z_j − M} over every class but one
+    maximal one, and T = Σ_j e^{z_j − M}·(M − z_j). `entropy_of_max_sums` turns them into lse − M = log1p(S′)
+    and the entropy H = Σ_j p_j·(lse − z_j) = log1p(S′) + T/(1 + S′); `merge_max_sums` merges two class sets'
+    (chunks, class splits, the ranks of a vocab-parallel head).
 
-    Exact for confident rows, where lse − M and H are far below ulp(M): log_sum = log1p(S′) with S′ = Σ e^{z_j − M}
-    over every class but one maximal one (the "1" is never added and subtracted), and H = log_sum + T/(1 + S′)
-    with T = Σ_j e^{z_j − M}·(M − z_j); every term of S′ and T is ≥ 0, so nothing cancels (the loss then
-    computes log p_t = (z_t − M) − log_sum, exact where z_t is the max). Tiles that have no
-    `row_stats_with_entropy` (the C++ and CUDA ones) cannot serve it: the caller picks tiles that can."""
+    Exact for confident rows, where lse − M and H are far below ulp(M): the "1" of the max is never added and
+    subtracted, and every term of S′ and T is ≥ 0, so nothing cancels (the loss then computes
+    log p_t = (z_t − M) − log1p(S′), exact where z_t is the max). Tiles that have no `row_stats_with_entropy`
+    (the C++ tile ops and the CUDA ones) cannot serve it: the caller picks tiles that can."""
     return tiles.row_stats_with_entropy(x, w, spec)
 
 
@@ -822,7 +824,7 @@ class TorchTiles:
         state = tuple(torch.full((x.shape[0],), v, dtype=acc, device=x.device) for v in EMPTY_ROW_STATE)
         for c0, c1 in self.class_chunks(x.shape[0], w.shape[0], x):
             state = merge_max_sums(state, chunk_max_sums(self.logits(x, w, spec, c0, c1)[0]))
-        return entropy_of_max_sums(state)
+        return state
 
     def grad_logits(self, x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None,
                     entropy_coef=None):

@@ -11,43 +11,61 @@ With z = (x·wᵀ)/T (T the sampling temperature), p = softmax(z), per row:
 so for upstream gradients g_lp and g_H of a row, dL/dz_j = (coef_p − g_H·log p_j)·p_j off the target with
 coef_p = −g_lp − g_H·H: the engine's entropy term (engine.py). The target column's dL/dz_t =
 g_lp·(1 − p_t) + g_H·p_t·(−log p_t − H), with 1 − p_t = −expm1(log p_t) (no cancellation for a confident
-token). One forward pass gives the row max M, log_sum = lse − M and H (engine.streaming_row_stats_with_entropy),
-each exact for confident rows, and log p_t = (z_t − M) − log_sum: where z_t is the max, log p_t = −log1p(S′)
-to the last bits, where z_t − lse would round to a multiple of ulp(lse) (2e-6 at lse ≈ 30). lse, log p_t and H
-are saved for the backward pass.
+token). One forward pass gives the row max M, S′ and T (engine.streaming_row_stats_with_entropy), hence
+log_sum = lse − M = log1p(S′) and H, each exact for confident rows, and log p_t = (z_t − M) − log_sum: where
+z_t is the max, log p_t = −log1p(S′) to the last bits, where z_t − lse would round to a multiple of ulp(lse)
+(2e-6 at lse ≈ 30). lse, log p_t and H are saved for the backward pass.
+
+A vocab-parallel head (marginkern.distributed.sharded_log_probs_and_entropy) passes a `shard`: this process
+holds classes [shard.start, shard.start + C_local); `shard.merge_entropy_stats` merges the ranks' (M, S′, T)
+and target logits, `shard.sum_input_grad` sums dL/dx over them.
 """
 import torch
 
-from .engine import LogitSpec, streaming_grads, streaming_row_stats_with_entropy, target_columns, target_dot
+from .engine import (LogitSpec, entropy_of_max_sums, streaming_grads, streaming_row_stats_with_entropy,
+                     target_dot)
 
 
 class _TemperatureLogits:
     """The target logit z_t = (x·w_t)·(1/T) per row and the spec of z = (x·wᵀ)·(1/T) (the kernels multiply the
-    dot product by the row scale: the target logit is rounded the same way)."""
+    dot product by the row scale: the target logit is rounded the same way). w holds classes
+    [class_start, class_start + len(w)): a row whose target lies elsewhere has no target column here and
+    target logit 0."""
 
-    def __init__(self, x, w, target, temperature, ignore_index):
-        self.valid, self.column = target_columns(target, ignore_index)
+    def __init__(self, x, w, target, temperature, ignore_index, class_start=0):
+        self.valid = target != ignore_index
+        local = target - class_start
+        here = self.valid & (local >= 0) & (local < w.shape[0])
+        self.column = torch.where(here, local, -1)
         raw = target_dot(x, w, self.column)
         inv_temperature = torch.full_like(raw, 1.0 / temperature)
-        self.logit = raw * inv_temperature
+        self.logit = torch.where(here, raw * inv_temperature, 0.0)
         self.spec = LogitSpec(inv_temperature, None, None, None, self.column, self.logit)
 
 
-def log_probs_forward(x, w, target, temperature, ignore_index, tiles):
+def _class_start(shard):
+    return 0 if shard is None else shard.start
+
+
+def log_probs_forward(x, w, target, temperature, ignore_index, tiles, shard=None):
     """(log p_t, H, lse) per row in the accumulation dtype; log p_t and H are 0 on ignored rows."""
-    rows = _TemperatureLogits(x, w, target, temperature, ignore_index)
-    row_max, log_sum, entropy = streaming_row_stats_with_entropy(x, w, rows.spec, tiles)
+    rows = _TemperatureLogits(x, w, target, temperature, ignore_index, _class_start(shard))
+    state = streaming_row_stats_with_entropy(x, w, rows.spec, tiles)
+    target_logit = rows.logit
+    if shard is not None:
+        state, target_logit = shard.merge_entropy_stats(state, target_logit)
+    row_max, log_sum, entropy = entropy_of_max_sums(state)
     lse = row_max + log_sum
-    log_pt = (rows.logit - row_max) - log_sum
+    log_pt = (target_logit - row_max) - log_sum
     entropy = torch.where(torch.isnan(log_pt), log_pt, entropy)  # a NaN input makes H NaN too, not a finite sum
     return torch.where(rows.valid, log_pt, 0.0), torch.where(rows.valid, entropy, 0.0), lse
 
 
 def log_probs_backward(grad_log_probs, grad_entropy, x, w, target, lse, log_pt, entropy, temperature, ignore_index,
-                       tiles, need_weight_grad=True):
+                       tiles, need_weight_grad=True, shard=None):
     """(dL/dx, dL/dw or None) for per-row upstream gradients of log p_t and H, from the forward's lse, log p_t
-    and H."""
-    rows = _TemperatureLogits(x, w, target, temperature, ignore_index)
+    and H (with a shard: dL/dx summed over the ranks, dL/dw of this rank's classes)."""
+    rows = _TemperatureLogits(x, w, target, temperature, ignore_index, _class_start(shard))
     g_lp = torch.where(rows.valid, grad_log_probs.to(lse.dtype), 0.0)
     g_h = torch.where(rows.valid, grad_entropy.to(lse.dtype), 0.0)
     p_t = torch.exp(log_pt)
@@ -56,4 +74,6 @@ def log_probs_backward(grad_log_probs, grad_entropy, x, w, target, lse, log_pt, 
     target_grad = (-g_lp * torch.expm1(log_pt) - g_h * p_t * (log_pt + entropy)) * rows.spec.row_scale
     grad_x, grad_w, _ = streaming_grads(x, w, rows.spec, lse, coef_p, torch.zeros_like(lse), target_grad, tiles,
                                         need_weight_grad=need_weight_grad, entropy_coef=g_h)
+    if shard is not None:
+        grad_x = shard.sum_input_grad(grad_x)
     return grad_x.to(x.dtype), grad_w

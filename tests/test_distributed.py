@@ -221,6 +221,42 @@ def _argument_errors(rank, world_size):
     return float(call(target=torch.full((5,), C - 1)))
 
 
+def _sharded_log_probs_and_grads(rank, world_size, x, w, t, kwargs, upstream):
+    """(log p_t, H, dL/dinput, dL/dweight_shard) of this rank for the loss Σ upstream[0]·log p_t + upstream[1]·H."""
+    start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+    x = x.clone().requires_grad_()
+    shard = w[start:stop].clone().requires_grad_()
+    log_pt, entropy = mkd.sharded_log_probs_and_entropy(x, shard, t, class_start=start, num_classes=w.shape[0],
+                                                         **kwargs)
+    loss = (log_pt * upstream[0].to(log_pt.dtype)).sum() + (entropy * upstream[1].to(entropy.dtype)).sum()
+    outputs = log_pt.detach().clone(), entropy.detach().clone()
+    entropy[0] = 0.0  # an in-place edit of an output (masking) must not reach the saved tensors
+    gx, gw = torch.autograd.grad(loss, (x, shard))
+    return (*outputs, gx, gw)
+
+
+def _log_probs_argument_errors(rank, world_size):
+    C, D = 10, 4
+    torch.manual_seed(0)
+    x, w, t = torch.randn(5, D), torch.randn(C, D), torch.randint(0, C, (5,))
+    start, stop = mkd.shard_range(C, rank, world_size)
+
+    def call(weight_shard=w[start:stop], target=t, **kw):
+        kw = dict(dict(class_start=start, num_classes=C), **kw)
+        return mkd.sharded_log_probs_and_entropy(x, weight_shard, target, **kw)
+
+    with pytest.raises(ValueError, match=r"weight_shard must hold classes \[\d+, \d+\) on rank"):
+        call(weight_shard=w)
+    with pytest.raises(ValueError, match="temperature must lie in"):
+        call(temperature=0.0)
+    with pytest.raises(ValueError, match=r"target holds class 10, outside \[0, 10\)"):
+        call(target=torch.full((5,), C))
+    # one rank alone with a bad argument: every rank raises, none waits in a collective
+    with pytest.raises(ValueError, match="temperature must lie in|sharded_log_probs_and_entropy: rank"):
+        call(temperature=-1.0 if rank == 0 else 1.0)
+    return float(call()[0].sum())
+
+
 class _FaceModel(torch.nn.Module):
     """A backbone and a sharded head in one model, the usual thing to hand to DDP."""
 
@@ -625,3 +661,56 @@ def test_needs_an_initialised_process_group():
         mkd.sharded_margin_cross_entropy(x, w, t, class_start=0, num_classes=4)
     with pytest.raises(RuntimeError, match="group: torch.distributed is not initialised"):
         mkd.ShardedArcFaceLoss(2, 4)
+
+
+# ---- vocab-parallel per-token log-probs and entropy ----------------------------------------------------------
+
+def check_sharded_log_probs(world, x, w, t, dtype=torch.float64, **kwargs):
+    """sharded_log_probs_and_entropy equals the single-process log_probs_and_entropy: outputs and dL/dinput
+    identical on every rank, the slices of dL/dweight concatenated."""
+    upstream = (torch.randn(x.shape[0], dtype=torch.float64), torch.randn(x.shape[0], dtype=torch.float64))
+    results = world.run(_sharded_log_probs_and_grads, x, w, t, kwargs, upstream)
+    log_pt, entropy, gx, _ = results[0]
+    for r, (lp_r, h_r, gx_r, _) in enumerate(results):
+        assert torch.equal(lp_r, log_pt) and torch.equal(h_r, entropy) and torch.equal(gx_r, gx), f"rank {r} differs"
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want_lp, want_h = mk.log_probs_and_entropy(xs, ws, t, **kwargs)
+    want_gx, want_gw = torch.autograd.grad((want_lp * upstream[0].to(dtype)).sum() + (want_h * upstream[1].to(dtype)).sum(),
+                                           (xs, ws))
+    assert_close_rel(log_pt, want_lp, dtype, "log p_t", floor=1.0)
+    assert_close_rel(entropy, want_h, dtype, "entropy", floor=1.0)
+    assert_close_rel(gx, want_gx, dtype, "grad input")
+    assert_close_rel(torch.cat([gw for *_, gw in results]), want_gw, dtype, "grad weight")
+    return log_pt, entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sharded_log_probs_match_single_process(world, dtype):
+    x, w, t = make_case(13, 29, 7, dtype, ignore=(0, 5))
+    check_sharded_log_probs(world, x, w, t, dtype, temperature=0.7)
+
+
+def test_sharded_log_probs_with_targets_on_one_rank_and_ignored_rows(world):
+    x, w, t = make_case(9, 31, 5, torch.float64, ignore=(2,), ignore_index=-1, classes=(0, 5))  # targets on rank 0
+    check_sharded_log_probs(world, x, w, t, ignore_index=-1)
+
+
+def test_sharded_log_probs_stay_exact_for_confident_rows(world):
+    """The max on one rank and the rest far below on others: the ranks' (M, S′, T) merge without cancelling,
+    so a confident row's entropy and log p_t keep their digits (as unsharded)."""
+    from tests.test_log_probs import exact_entropy
+    torch.manual_seed(3)
+    N, C, D = 12, 30, 16
+    w = torch.randn(C, D, dtype=torch.float64)
+    t = torch.randint(0, C, (N,))
+    x = torch.linspace(1.0, 6.0, N, dtype=torch.float64)[:, None] * w[t] + 0.1 * torch.randn(N, D, dtype=torch.float64)
+    x, w = x.float(), w.float()
+    _, entropy = check_sharded_log_probs(world, x, w, t, torch.float32)
+    want = exact_entropy(x, w)
+    err = ((entropy.double() - want).abs() / want)[want > 1e-30]
+    assert (entropy >= 0).all() and err.max() < 1e-3 and want.min() < 1e-12, (err.max(), want.min())
+
+
+def test_sharded_log_probs_argument_errors(world):
+    values = world.run(_log_probs_argument_errors)
+    assert all(v == values[0] for v in values)

@@ -131,17 +131,17 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
 
 
 @triton.jit
-def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, log_sum_ptr, N, num_splits,
+def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, others_ptr, N, num_splits,
                         NEED_SUM_LOGITS: tl.constexpr, HAS_COST: tl.constexpr, BLOCK: tl.constexpr,
                         HAS_ENTROPY: tl.constexpr = False):
     """The forward's per-split states (part: planes × splits × N, planes = max, Σexp[, Σz][, Σe·(1 − A)]) merged
     per row in one launch: lse = M + log Σ_s Σexp_s·e^{max_s − M}, Σz summed, the cost weighted like Σexp.
     A row whose splits are all −inf gets lse −inf (shift 0, as torch.logsumexp), NaN stays NaN.
 
-    With HAS_ENTROPY the planes are max, S′, T (engine.streaming_row_stats_with_entropy) and the outputs the
-    row max M (at lse_ptr), log_sum = log1p(S′) and the entropy log_sum + T/(1 + S′) (at expected_cost_ptr):
-    the first split holding M keeps its S′, the others join with (1 + S′_s)·e^{max_s − M}, and T_s moves to M
-    as e^{max_s − M}·(T_s + (M − max_s)·(1 + S′_s)); every term ≥ 0."""
+    With HAS_ENTROPY the planes are max, S′, T (engine.streaming_row_stats_with_entropy) and so are the outputs
+    (M at lse_ptr, S′ at others_ptr, T at expected_cost_ptr): the first split holding
+    M keeps its S′, the others join with (1 + S′_s)·e^{max_s − M}, and T_s moves to M as
+    e^{max_s − M}·(T_s + (M − max_s)·(1 + S′_s)); every term ≥ 0."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < N
     plane = tl.full([], 0, tl.int64) + num_splits * N  # int64 (splits or N may arrive as constants)
@@ -173,13 +173,9 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, lo
         if HAS_COST:
             cost += tl.load(part_ptr + (2 + NEED_SUM_LOGITS) * plane + at, mask=mask, other=0.0) * weight
     if HAS_ENTROPY:
-        # log1p(S′) to a few ulps (log(1 + S′) alone loses S′ below 6e-8): log(u)·S′/(u − 1) with u = 1 + S′
-        # rounded, which cancels u's rounding (Goldberg, "What every computer scientist should know", thm 4)
-        one_plus = 1.0 + total
-        log_sum = tl.where(one_plus == 1.0, total, tl.log(one_plus) * (total / (one_plus - 1.0)))
         tl.store(lse_ptr + rows, top, mask=mask)
-        tl.store(log_sum_ptr + rows, log_sum, mask=mask)
-        tl.store(expected_cost_ptr + rows, log_sum + gap / (1.0 + total), mask=mask)
+        tl.store(others_ptr + rows, total, mask=mask)
+        tl.store(expected_cost_ptr + rows, gap, mask=mask)
     else:
         total = tl.where(mask, total, 1.0)  # rows past N: no log(0)
         tl.store(lse_ptr + rows, shift + tl.log(total), mask=mask)

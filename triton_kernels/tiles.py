@@ -168,8 +168,8 @@ class TritonTiles:
         return lse, expected_cost
 
     def row_stats_with_entropy(self, x, w, spec):
-        """(M, log_sum, H) in one pass (engine.streaming_row_stats_with_entropy): the forward kernel keeps S′ and
-        T per class split, merged by merge_splits_kernel."""
+        """(M, S′, T) in one pass (engine.streaming_row_stats_with_entropy): the forward kernel keeps them per
+        class split, merged by merge_splits_kernel."""
         x, w = x.contiguous(), w.contiguous()
         return self._row_stats(x, w, spec, False, x.shape[0], w.shape[0], x.shape[1], x.stride(0), w.stride(0),
                                from_dots=False, entropy=True)
@@ -191,7 +191,7 @@ class TritonTiles:
     def _row_stats(self, x, w, spec, need_sum_logits, N, C, D, stride_x, stride_w, from_dots, cost=None,
                    entropy=False):
         """(lse, Σ_j z_nj or None, Σ_{j≠t} p_nj·(1 − A_nj) or None): the forward kernel over class splits, merged
-        here; with `entropy` (no Σz, no cost term) (M, log_sum, H) of engine.streaming_row_stats_with_entropy."""
+        here; with `entropy` (no Σz, no cost term) (M, S′, T) of engine.streaming_row_stats_with_entropy."""
         if entropy and (need_sum_logits or cost is not None):
             raise ValueError("the entropy statistics come without Σz and without a cost term")
         blocks, launch = _subcenter_config(x, spec)
@@ -218,7 +218,7 @@ class TritonTiles:
                 merge_splits_kernel[(cdiv(N, 1024),)](part, lse, sum_logits, third, sum_logits, N, splits,
                                                       NEED_SUM_LOGITS=need_sum_logits, HAS_COST=cost is not None,
                                                       BLOCK=1024, HAS_ENTROPY=entropy)
-        if entropy:  # (M, log_sum, H)
+        if entropy:  # (M, S′, T)
             return lse, sum_logits, third
         return lse, (sum_logits if need_sum_logits else None), (third if cost is not None else None)
 
