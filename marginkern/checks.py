@@ -136,6 +136,14 @@ def check_int(name, value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
+def check_shift(shift):
+    """The next-token shift of the LM losses as an int ≥ 0."""
+    shift = check_int("shift", shift)
+    if shift < 0:
+        raise ValueError(f"shift must be ≥ 0, got {shift}")
+    return shift
+
+
 def check_classes_per_rank(num_classes, world_size):
     if num_classes < world_size:
         raise ValueError(f"num_classes must be ≥ the process group's size ({world_size}) so that every rank holds "

@@ -6,7 +6,7 @@ from . import pairwise
 from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cosent_arguments,
                      check_cost_embedding, check_embedding_pair, check_finite, check_float_tensor, check_ignore_index,
                      check_labels, check_linear_ce_options, check_logits_buffer, check_margin_options,
-                     check_reduction, check_subcenters, resolve_grad_filter_eps)
+                     check_reduction, check_shift, check_subcenters, resolve_grad_filter_eps)
 from .ops import call as call_op
 from .reference import reduce_rows
 
@@ -54,20 +54,36 @@ def _flatten_tokens(input, target):
     return input.reshape(-1, input.shape[-1]), target.reshape(-1), target.shape
 
 
+def _shift_targets(target, shift, ignore_index):
+    """Next-token targets without a copy of the hidden states (Cut Cross-Entropy's `shift`): position i of the
+    target's last dimension (the sequence) gets target[..., i + shift], the last `shift` positions
+    ignore_index. A 1-D target is one sequence."""
+    shift = check_shift(shift)
+    if shift == 0 or not isinstance(target, torch.Tensor):
+        return target
+    if target.dim() == 0:
+        raise ValueError("shift needs a target with a sequence dimension, got a 0-dimensional target")
+    target = target.long()  # ignore_index (e.g. −100) must fit
+    length = target.shape[-1]
+    tail = target.new_full(target.shape[:-1] + (min(shift, length),), ignore_index)
+    return torch.cat([target[..., shift:], tail], dim=-1)
+
+
 def _unflatten(loss, reduction, shape):
     return loss.reshape(shape) if reduction == "none" and shape is not None else loss
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", grad_filter_eps=None,
-                         logits_buffer_mb=None):
+                         logits_buffer_mb=None, shift=0):
     """Cross-entropy of z = softcap(input·weightᵀ + bias) without materialising the N × C logits.
 
     label_smoothing as torch; z_loss adds z_loss·lse² (PaLM); softcap: z ← softcap·tanh(z/softcap)
     (Gemma 2); focal_gamma γ: −(1−p_t)^γ·log p_t; gamma_ce γ ∈ [0, 1): −log(γ + (1−γ)p_t)/(1−γ).
     Gradients for input, weight and bias. Returns fp32 (fp64 for fp64 inputs); "mean" divides by the
     number of non-ignored rows and is 0 when there are none. input may also be (B, T, D) with target
-    (B, T) (any leading dimensions); "none" then returns the target's shape.
+    (B, T) (any leading dimensions); "none" then returns the target's shape. shift=1: position i predicts
+    target[..., i + 1] (causal LM labels as they come; the last position is ignored), without copying input.
 
     Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
     grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
@@ -79,14 +95,14 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         (none for bf16 on CUDA: made in bf16, summed once per row block); needs reduction "mean" or "sum",
         and one backward pass per forward (the gradients are handed over, not copied).
     """
-    input, target, token_shape = _flatten_tokens(input, target)
+    ignore_index = check_ignore_index(ignore_index)
+    input, target, token_shape = _flatten_tokens(input, _shift_targets(target, shift, ignore_index))
     check_classification_inputs(input, weight, target)
     check_bias(bias, weight)
     check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     check_reduction(reduction)
     filter_eps = resolve_grad_filter_eps(grad_filter_eps, input.dtype)
     check_logits_buffer(logits_buffer_mb, reduction, filter_eps)
-    ignore_index = check_ignore_index(ignore_index)
     target = target.long()  # uint8 indices would index as a mask
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                float(focal_gamma), float(gamma_ce))
@@ -103,11 +119,11 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
 EMO_RATIO_EPS = 1e-10  # as the reference code: sg(ce / (emo + 1e-10))
 
 
-def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction):
+def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, shift):
     """(per-row CE, per-row EMO, the flattened target, the shape "none" gives back, ignore_index as an int)."""
-    input, target, token_shape = _flatten_tokens(input, target)
-    check_classification_inputs(input, weight, target)
     ignore_index = check_ignore_index(ignore_index)
+    input, target, token_shape = _flatten_tokens(input, _shift_targets(target, shift, ignore_index))
+    check_classification_inputs(input, weight, target)
     if cost_embedding is not None:
         check_cost_embedding(cost_embedding, weight)
     # The cost cosines run as a second tl.dot next to the logits: same dtype as the input, so they use
@@ -118,20 +134,21 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction):
     return ce, emo, target, token_shape, ignore_index
 
 
-def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean"):
+def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean", shift=0):
     """EMO: Σ_j p_j·(1 − ê_j·ê_t) with p = softmax(input·weightᵀ), never materialising the N × C logits.
 
     Ê is the row-normalised `cost_embedding` (C, E), default `weight` detached (E may differ from D); it
-    never receives a gradient. Returns fp32; "mean" is over non-ignored rows (0 when there are none).
+    never receives a gradient. Returns fp32; "mean" is over non-ignored rows (0 when there are none). (B, T, D)
+    inputs and `shift` as in linear_cross_entropy.
     """
     ce, emo, target, token_shape, ignore_index = _emo_rows(input, weight, target, cost_embedding, ignore_index,
-                                                           reduction)
+                                                           reduction, shift)
     if reduction == "none":  # the op saves emo for its backward: a caller's in-place edit (loss[pad] = 0) must
         emo = emo.clone()    # not reach it, as it cannot reach torch's own cross_entropy(reduction="none")
     return _unflatten(reduce_rows(emo, target != ignore_index, reduction), reduction, token_shape)
 
 
-def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean"):
+def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean", shift=0):
     """The MLE-anchored EMO recipe of the official code (emo1/`gpt2.py`), per token, in one fused pass:
 
         0.5 · (ce + sg(ce / (emo + 1e-10)) · emo)
@@ -141,12 +158,12 @@ def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_inde
     the weight but not ∇emo). No clamp of the ratio (the PyPI package clamps it at 3).
     """
     ce, emo, target, token_shape, ignore_index = _emo_rows(input, weight, target, cost_embedding, ignore_index,
-                                                           reduction)
+                                                           reduction, shift)
     rows = 0.5 * (ce + (ce / (emo + EMO_RATIO_EPS)).detach() * emo)
     return _unflatten(reduce_rows(rows, target != ignore_index, reduction), reduction, token_shape)
 
 
-def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_index=-100):
+def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_index=-100, shift=0):
     """Per-token log p(target) and entropy of softmax(input·weightᵀ / temperature), both differentiable, in one
     pass over the classes without materialising the N × C logits (what an RL step computes for its policy
     ratio and entropy bonus; verl's and Transformer Engine's fused "linear cross-entropy with entropy").
@@ -154,10 +171,11 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     input (N, D) or (B, T, D), weight (C, D), target (N,) or (B, T) integer. Returns (log_probs, entropy), fp32
     (fp64 for fp64 inputs), shaped like target, both 0 at ignored positions (target == ignore_index), whose
     gradients are 0. log_probs equals −F.cross_entropy(logits / temperature, target, reduction="none").
+    shift as in linear_cross_entropy (the last `shift` positions then count as ignored).
     """
-    input, target, token_shape = _flatten_tokens(input, target)
-    check_classification_inputs(input, weight, target)
     ignore_index = check_ignore_index(ignore_index)
+    input, target, token_shape = _flatten_tokens(input, _shift_targets(target, shift, ignore_index))
+    check_classification_inputs(input, weight, target)
     check_finite("temperature", temperature, 0.0, low_open=True)
     log_probs, entropy, _ = call_op("log_probs_entropy", input, weight, target.long(), float(temperature),
                                     ignore_index)

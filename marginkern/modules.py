@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from .checks import (check_bool, check_finite, check_head_size, check_ignore_index, check_linear_ce_options,
-                     check_logits_buffer, check_margin_options, check_module_embeddings, check_reduction,
+                     check_logits_buffer, check_margin_options, check_module_embeddings, check_reduction, check_shift,
                      check_subcenters, check_tensor, checked_class_targets, margin_module_repr,
                      resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
@@ -238,18 +238,20 @@ class LinearCrossEntropyLoss(nn.Module):
     """Fused LM-head cross-entropy: forward(hidden (N, D), lm_head_weight (V, D), target (N,), bias=None).
 
     It does not own the projection (LLMs tie or shard it); pass the model's weight. Options as
-    `marginkern.linear_cross_entropy`. hidden may be (B, T, D) with target (B, T); shift targets yourself.
+    `marginkern.linear_cross_entropy`. hidden may be (B, T, D) with target (B, T); shift=1 takes the causal LM's
+    labels as they come (position i predicts label i + 1, no copy of hidden).
     """
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
-                 gamma_ce=0.0, reduction="mean", grad_filter_eps=None, logits_buffer_mb=None):
+                 gamma_ce=0.0, reduction="mean", grad_filter_eps=None, logits_buffer_mb=None, shift=0):
         super().__init__()
         check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
         check_reduction(reduction)
         check_logits_buffer(logits_buffer_mb, reduction, resolve_grad_filter_eps(grad_filter_eps, torch.float32))
         self.options = dict(ignore_index=check_ignore_index(ignore_index), label_smoothing=label_smoothing, z_loss=z_loss,
                             softcap=softcap, focal_gamma=focal_gamma, gamma_ce=gamma_ce, reduction=reduction,
-                            grad_filter_eps=grad_filter_eps, logits_buffer_mb=logits_buffer_mb)
+                            grad_filter_eps=grad_filter_eps, logits_buffer_mb=logits_buffer_mb,
+                            shift=check_shift(shift))
 
     def forward(self, input, weight, target, bias=None):
         return linear_cross_entropy(input, _autocast_like(weight, input), target, _autocast_like(bias, input),
@@ -265,11 +267,12 @@ class EMOLoss(nn.Module):
     `cost_embedding` (V, E), if given, is stored as a fixed buffer (the paper takes it from a pre-trained
     LM head); otherwise the live `lm_head_weight`, detached, is the cost ("adaptive" variant).
     mode="mle_anchored" (default, the official recipe): 0.5·(ce + sg(ce/emo)·emo); mode="emo": EMO alone.
+    shift as in LinearCrossEntropyLoss.
     """
 
     MODES = ("mle_anchored", "emo")
 
-    def __init__(self, cost_embedding=None, *, mode="mle_anchored", ignore_index=-100, reduction="mean"):
+    def __init__(self, cost_embedding=None, *, mode="mle_anchored", ignore_index=-100, reduction="mean", shift=0):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
@@ -278,15 +281,17 @@ class EMOLoss(nn.Module):
             check_tensor("cost_embedding", cost_embedding, "a torch.Tensor or None")
         self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
         self.mode, self.ignore_index, self.reduction = mode, check_ignore_index(ignore_index), reduction
+        self.shift = check_shift(shift)
 
     def forward(self, input, weight, target):
         fn = emo_cross_entropy if self.mode == "mle_anchored" else emo_loss
-        return fn(input, _autocast_like(weight, input), target, cost_embedding=self.cost_embedding, ignore_index=self.ignore_index,
-                  reduction=self.reduction)
+        return fn(input, _autocast_like(weight, input), target, cost_embedding=self.cost_embedding,
+                  ignore_index=self.ignore_index, reduction=self.reduction, shift=self.shift)
 
     def extra_repr(self):
         cost = "live weight" if self.cost_embedding is None else f"buffer {tuple(self.cost_embedding.shape)}"
-        return f"mode={self.mode!r}, cost={cost}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        return (f"mode={self.mode!r}, cost={cost}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"shift={self.shift}")
 
 
 class CoSENTLoss(nn.Module):

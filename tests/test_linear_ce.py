@@ -213,6 +213,58 @@ def test_batch_and_sequence_dimensions(fn, reduction):
         fn(got_x, w, t)
 
 
+def _log_probs_then_entropy(*args, reduction, **kw):
+    """log_probs_and_entropy as one tensor, for the shift test: log p_t then H, stacked on a last dimension."""
+    return torch.stack(mk.log_probs_and_entropy(*args, **kw), dim=-1)
+
+
+@pytest.mark.parametrize("fn", [mk.linear_cross_entropy, mk.emo_loss, mk.emo_cross_entropy, _log_probs_then_entropy])
+@pytest.mark.parametrize("uint8_labels", [False, True])
+def test_shift_is_the_loss_of_the_shifted_tokens(fn, uint8_labels):
+    """shift=1 on (B, T) labels as a causal LM has them: position i predicts label i + 1, the last position is
+    ignored (0 in "none"), and nothing else changes; the same as slicing the hidden states and the labels."""
+    B, T, D, C = 3, 6, 8, 40
+    x, w, t = make_case(B * T, C, D, ignore=(4,))
+    t = t.reshape(B, T)
+    if uint8_labels:
+        t = torch.where(t < 0, 0, t).to(torch.uint8)
+    hidden = x.detach().reshape(B, T, D).requires_grad_()
+    got = fn(hidden, w, t, reduction="none", shift=1)
+    sliced = hidden[:, :-1]
+    want = fn(sliced, w, t[:, 1:].long(), reduction="none")
+    torch.testing.assert_close(got[:, :-1], want)
+    assert (got[:, -1] == 0).all()
+    g, = torch.autograd.grad(got.sum(), hidden)
+    e, = torch.autograd.grad(want.sum(), hidden)
+    torch.testing.assert_close(g, e)
+    assert (g[:, -1] == 0).all()
+    # a 1-D target is one sequence; shift ≥ T ignores everything; shift 0 changes nothing
+    flat = fn(x, w, t[0].long().repeat(B)[:B * T], reduction="none", shift=2)
+    assert (flat[-2:] == 0).all()
+    assert (fn(hidden, w, t, reduction="none", shift=T + 3) == 0).all()
+    torch.testing.assert_close(fn(hidden, w, t.long(), reduction="none", shift=0), fn(hidden, w, t.long(), reduction="none"))
+
+
+@pytest.mark.parametrize("shift, exc, match", [(-1, ValueError, "shift must be ≥ 0"), (1.0, TypeError, "shift must be an int")])
+def test_bad_shift(shift, exc, match):
+    x, w, t = make_case(4, 9, 4)
+    for fn in (mk.linear_cross_entropy, mk.emo_loss, mk.log_probs_and_entropy):
+        with pytest.raises(exc, match=match):
+            fn(x, w, t, shift=shift)
+    with pytest.raises(exc, match=match):
+        mk.LinearCrossEntropyLoss(shift=shift)
+    with pytest.raises(exc, match=match):
+        mk.EMOLoss(shift=shift)
+
+
+def test_modules_take_shift():
+    x, w, t = make_case(2 * 5, 40, 8)
+    hidden, labels = x.detach().reshape(2, 5, 8), t.reshape(2, 5)
+    torch.testing.assert_close(mk.LinearCrossEntropyLoss(shift=1)(hidden, w, labels),
+                               mk.linear_cross_entropy(hidden, w, labels, shift=1))
+    torch.testing.assert_close(mk.EMOLoss(shift=1)(hidden, w, labels), mk.emo_cross_entropy(hidden, w, labels, shift=1))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_plain_weight_grad_is_written_by_its_gemm(dtype):
     """Linear CE's dW needs no unscaling or projection: with G in the weight's dtype (as the GPU tiles give
