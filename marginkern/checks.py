@@ -181,8 +181,21 @@ def check_finite(name, value, low=-math.inf, high=math.inf, low_open=False):
     if not (-math.inf < value < math.inf):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < low or value > high or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        bound = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high == math.inf else "]")
         raise ValueError(f"{name} must lie in {bound}, got {value!r}")
+
+
+# The smallest temperature whose inverse, the logits' row scale, is a finite float32.
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
+def check_temperature(temperature):
+    """A softmax temperature as a float: finite, > 0, and with a finite float32 inverse."""
+    check_finite("temperature", temperature, 0.0, low_open=True)
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be ≥ {MIN_TEMPERATURE:.3e} (its inverse scales the logits in float32), "
+                         f"got {temperature!r}")
+    return float(temperature)
 
 
 def check_margin_scalars(scale, m1, m2, m3, label_smoothing):
@@ -251,6 +264,33 @@ def check_cost_embedding(cost_embedding, weight):
     if cost_embedding.device != weight.device:
         raise ValueError(f"cost_embedding must be on the device of weight ({weight.device}), "
                          f"got {cost_embedding.device}")
+
+
+def check_teacher(teacher_input, teacher_weight, input, weight):
+    """The teacher's hidden states (N, E) and head (C, E) of the distillation losses: the student's rows,
+    classes, dtype (the two GEMMs run in one kernel) and device; E may differ from the student's D."""
+    check_tensor("teacher_input", teacher_input)
+    check_tensor("teacher_weight", teacher_weight)
+    if teacher_input.dim() != 2 or teacher_input.shape[0] != input.shape[0]:
+        raise ValueError(f"teacher_input must have shape (N={input.shape[0]}, E) (the student's rows; E may differ "
+                         f"from D), got shape {tuple(teacher_input.shape)}")
+    if (teacher_weight.dim() != 2 or teacher_weight.shape[0] != weight.shape[0]
+            or teacher_weight.shape[1] != teacher_input.shape[1]):
+        raise ValueError(f"teacher_weight must have shape (C={weight.shape[0]}, E={teacher_input.shape[1]}) (the "
+                         f"student's classes, teacher_input's width), got shape {tuple(teacher_weight.shape)}")
+    for name, t in (("teacher_input", teacher_input), ("teacher_weight", teacher_weight)):
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name} must have the dtype of input ({input.dtype}), got {t.dtype}; pass "
+                            f"{name}.to(input.dtype)")
+        if t.device != input.device:
+            raise ValueError(f"{name} must be on the device of input ({input.device}), got {t.device}")
+
+
+def check_direction(direction):
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be \"forward\" (KL(teacher‖student)) or \"reverse\" "
+                         f"(KL(student‖teacher)), got {direction!r}")
+    return direction == "reverse"
 
 
 def check_float_tensor(name, t, dim=None):

@@ -17,6 +17,8 @@ The target geometry (c_y, ψ, T, ‖w_y‖ and the L-Softmax radial terms) is co
 y_n only; dL/dw of each slice is local. Communication per step: two all-reduces of O(N) and one of N × D,
 never logits or weights. The per-row math is margin_ce.py's, through its `ClassShard` hooks.
 """
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,7 +26,7 @@ from torch import nn
 from .checks import (check_class_shard, check_classes_per_rank, check_classification_inputs, check_finite,
                      check_bool, check_head_size, check_ignore_index, check_int, check_margin_options,
                      check_module_embeddings, check_reduction, check_subcenters, check_target_tensor,
-                     margin_module_repr)
+                     check_temperature, margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
 from .engine import merge_max_sums
 from .log_probs import log_probs_backward, log_probs_forward
@@ -186,17 +188,30 @@ def _checksum(t):
 
 
 _STEP_FIELDS = ("argument error", "input rows", "input width", "num_classes", "class sampling (train mode)",
-                "target checksum", "input checksum", "targets out of range", "smallest target out of range")
+                "target checksum", "input checksum", "targets out of range", "smallest target out of range",
+                "options checksum")
+
+
+def _options_checksum(options, device):
+    """_checksum of a call's options (numbers, bools, strings, None): equal on ranks that pass equal options."""
+    values = []
+    for value in options:
+        if isinstance(value, str):
+            values.extend([float(b) for b in value.encode()] + [-1.0])
+        else:
+            values.append(float("nan") if value is None else float(value))
+    return _checksum(torch.tensor(values, dtype=torch.float64, device=device))
 
 
 def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local_error,
-                 op="sharded_margin_cross_entropy"):
+                 op="sharded_margin_cross_entropy", options=()):
     """Every rank's step must see the same input, targets, num_classes and mode, and the targets must be
     valid class ids. One all-gather of a few int64 per rank and one host sync (the single-process loss
     checks its targets with a sync too); every rank raises the same error, so none is left waiting in a
     collective: an argument error on one rank only, ranks in different train/eval modes (they would run
     different collectives), different num_classes (a class no rank holds: a silently wrong loss), or rows
-    that differ across ranks (embeddings not all-gathered: rows of different samples mixed silently).
+    that differ across ranks (embeddings not all-gathered: rows of different samples mixed silently), or other
+    `options` (margins, scale, temperature, ...: a loss of no one's options, or per-rank losses that differ).
     Skipped while a CUDA graph is captured (a sync would break the capture), as the local check is."""
     rank, world_size = _rank_and_world_size(group)
     device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
@@ -209,7 +224,8 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
         bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
         fields = [zero, zero + input.shape[0], zero + input.shape[1], zero + num_classes, zero + int(sampled),
                   _checksum(target), _checksum(input), bad.sum(),
-                  torch.where(bad, target, torch.iinfo(torch.int64).max).min() if target.numel() else zero]
+                  torch.where(bad, target, torch.iinfo(torch.int64).max).min() if target.numel() else zero,
+                  _options_checksum((ignore_index,) + tuple(options), device)]
     else:
         fields = [zero + 1] + [zero] * (len(_STEP_FIELDS) - 1)
     seen = _all_gather_ints(torch.stack(fields), group, world_size)
@@ -230,6 +246,9 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
         raise ValueError("input and target must be the same on every rank (the all-gathered embeddings and labels: "
                          "marginkern.distributed.gather_embeddings); they differ across ranks 0.."
                          f"{world_size - 1}, so rows of different samples would be mixed")
+    if len({c[9] for c in seen}) > 1:
+        raise ValueError(f"{op}: every rank must pass the same options (ignore_index, and the loss's scale, margins, "
+                         f"temperature, reduction, ...); they differ across ranks 0..{world_size - 1}")
     if seen[rank][7]:
         raise ValueError(f"target holds class {seen[rank][8]}, outside [0, {num_classes}) and not "
                          f"ignore_index={ignore_index}")
@@ -305,7 +324,8 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
         target = target.long()  # uint8 indices would index as a mask
     except (TypeError, ValueError) as e:
         local_error = e
-    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error)
+    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
+                 options=() if local_error else dataclasses.astuple(opts) + (reduction,))
     return _sharded_loss(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
                          reduction)
 
@@ -362,7 +382,7 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
     local_error = None
     try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
-        check_finite("temperature", temperature, 0.0, low_open=True)
+        check_temperature(temperature)
         ignore_index = check_ignore_index(ignore_index)
         class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
         check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
@@ -371,7 +391,7 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
     except (TypeError, ValueError) as e:
         local_error = e
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                 op="sharded_log_probs_and_entropy")
+                 op="sharded_log_probs_and_entropy", options=(temperature,))
     return _ShardedLogProbsEntropy.apply(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group),
                                          float(temperature), ignore_index)
 
@@ -488,7 +508,8 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
         except (TypeError, ValueError) as e:
             local_error = e
         # before _sampled_shards' own collective: a rank in eval mode joins this one too, and all raise
-        _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, local_error)
+        _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, local_error,
+                     options=tuple(o.values()) + (self.sample_rate,))
         weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
                                                    o["ignore_index"], self.group, self.subcenters)
         weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)

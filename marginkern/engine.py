@@ -27,6 +27,11 @@ epilogue: its forward keeps the row max, Σexp without one maximal term and Σ_j
 dH/dz_nj = −p_nj·(log p_nj + H_n) puts an entropy term into the backward:
 dL/dz_nj = (coef_p_n − coef_entropy_n·log p_nj)·p_nj − coef_u_n (p·log p taken as 0 where p = 0).
 
+Distillation adds a teacher's logit plane (`TeacherSpec`: z^T_nj = row_scale_n·(x^T_n·w^T_j), its own hidden
+states and head, no gradient): the forward keeps the teacher's log-sum-exp and the two cross expectations
+E_q[z^T − z] and E_p[z − z^T] beside the student's (`streaming_row_stats_with_teacher`), and with
+q_nj = exp(z^T_nj − lse^T_n) the backward adds −coef_q_n·q_nj + coef_log_q_n·p_nj·log q_nj to dL/dz_nj.
+
 Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
 the kernels' oracle), `marginkern.triton_kernels.TritonTiles` and `marginkern.cpp_tiles.CppTiles`. They
 share this contract exactly, except that the C++ and CUDA tiles have no sub-centres (the C++ margin step,
@@ -85,6 +90,23 @@ class CostSpec:
     key_scale: Tensor      # (C,)
     coef: Tensor           # (N,) coef_cost
     query: Optional[Tensor] = None  # the (N, E) rows gathered once, for tiles that do not index keys
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The teacher's logit plane of the distillation losses (module docstring); the backward's fields are None
+    in the forward pass. Same classes and rows as the student's, its own width E."""
+    x: Tensor                             # (N, E)
+    w: Tensor                             # (C, E)
+    row_scale: Tensor                     # (N,) accumulation dtype (1/temperature)
+    lse: Optional[Tensor] = None          # (N,) the teacher's log-sum-exp
+    coef_q: Optional[Tensor] = None       # (N,)
+    coef_log_q: Optional[Tensor] = None   # (N,)
+
+
+def teacher_logits(teacher: TeacherSpec, c0, c1, acc):
+    """z^T of classes [c0, c1), (N, c1 − c0) in `acc`."""
+    return (teacher.x.to(acc) @ teacher.w[c0:c1].to(acc).t()) * teacher.row_scale[:, None]
 
 
 def cost_query(cost: CostSpec) -> Tensor:
@@ -340,7 +362,7 @@ def streaming_grads(
     finalize_weight_chunk: Optional[Callable[[int, int, Tensor], Tensor]] = None,
     need_bias_grad: bool = False, cost: Optional[CostSpec] = None, need_weight_grad: bool = True,
     grad_filter_eps: Optional[float] = None, tangent_projection: Optional[Tuple[Tensor, Tensor]] = None,
-    entropy_coef: Optional[Tensor] = None,
+    entropy_coef: Optional[Tensor] = None, teacher: Optional[TeacherSpec] = None,
 ):
     """dL/dX (raw, accumulation dtype), dL/dW (weight dtype, or None when not `need_weight_grad`: a frozen
     head skips the dW GEMM) and dL/dbias (or None).
@@ -356,10 +378,14 @@ def streaming_grads(
     two GEMMs of the chunk then run over the surviving classes only (`keep_columns`).
 
     `entropy_coef` (N,): the entropy term of the module docstring, −entropy_coef_n·p_nj·log p_nj added to every
-    dL/dz_nj (j ≠ target); only tiles with a `row_stats_with_entropy` serve it (not the C++/CUDA loops).
+    dL/dz_nj (j ≠ target); only tiles with a `row_stats_with_entropy` serve it (not the CUDA tiles, nor the C++
+    tile ops: the C++ loss behind log_probs_and_entropy has it inside, csrc/cpu/log_probs_loss.cpp).
+    `teacher`: the distillation terms of the module docstring (its lse, coef_q and coef_log_q set); the same
+    tiles serve it.
     """
-    if entropy_coef is not None and (hasattr(tiles, "streaming_grads") or spec.subcenters > 1):
-        raise ValueError(f"the {tiles.name} tiles have no entropy term (and sub-centres take none)")
+    if (entropy_coef is not None or teacher is not None) and (hasattr(tiles, "streaming_grads")
+                                                            or spec.subcenters > 1):
+        raise ValueError(f"the {tiles.name} tiles have no entropy or teacher term (and sub-centres take neither)")
     if tangent_projection is not None:
         if finalize_weight_chunk is not None:
             raise ValueError("streaming_grads takes finalize_weight_chunk or tangent_projection, not both")
@@ -397,6 +423,8 @@ def streaming_grads(
             coef_total = coef_total + cost.coef.abs()
         if entropy_coef is not None:  # p·|log p| ≤ 1/e < 1
             coef_total = coef_total + entropy_coef.abs()
+        if teacher is not None:  # q ≤ 1; p·|log q| is not bounded, but the loss's coefficients keep it moderate
+            coef_total = coef_total + teacher.coef_q.abs() + teacher.coef_log_q.abs()
         grad_scale = grad_scale_16bit(spec, coef_total, target_grad).to(acc)
         unscale = 1.0 / grad_scale
         coef_p, coef_u, target_grad = coef_p * grad_scale, coef_u * grad_scale, target_grad * grad_scale
@@ -404,6 +432,9 @@ def streaming_grads(
             cost = dataclasses.replace(cost, coef=cost.coef * grad_scale)
         if entropy_coef is not None:
             entropy_coef = entropy_coef * grad_scale
+        if teacher is not None:
+            teacher = dataclasses.replace(teacher, coef_q=teacher.coef_q * grad_scale,
+                                          coef_log_q=teacher.coef_log_q * grad_scale)
     if cost is not None and cost.query is None and not getattr(tiles, "indexes_cost_rows", False):
         cost = dataclasses.replace(cost, query=cost_query(cost))  # once, not per chunk
     finish = row_grad_finisher(tiles)
@@ -423,8 +454,8 @@ def streaming_grads(
     chunks = tiles.class_chunks(N * K, C, x, bytes_per_class=dw_bytes * K)
     input_grad = SplitKAccumulator(grad_x, split_k_slices(grad_x, (chunks[0][1] - chunks[0][0]) * K))
     for c0, c1 in chunks:
-        entropy_term = {} if entropy_coef is None else {"entropy_coef": entropy_coef}
-        g = tiles.grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, **entropy_term)
+        extra_terms = {k: v for k, v in (("entropy_coef", entropy_coef), ("teacher", teacher)) if v is not None}
+        g = tiles.grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, **extra_terms)
         r0, r1 = c0 * K, c1 * K
         w_chunk, kept = w[r0:r1], None
         if grad_filter_eps is not None:
@@ -523,6 +554,35 @@ def streaming_row_stats_with_entropy(x, w, spec: LogitSpec, tiles):
     return tiles.row_stats_with_entropy(x, w, spec)
 
 
+def streaming_row_stats_with_teacher(x, w, spec: LogitSpec, teacher: TeacherSpec, tiles):
+    """(lse, lse^T, E_q[z^T − z], E_p[z − z^T]) per row in the accumulation dtype, in one pass over the classes:
+    the student's and the teacher's log-sum-exp and the cross expectations under the teacher's q = softmax(z^T)
+    and the student's p = softmax(z) (module docstring). Forward KL(q‖p) = E_q[z^T − z] − lse^T + lse, reverse
+    KL(p‖q) = E_p[z − z^T] − lse + lse^T. Tiles without a `row_stats_with_teacher` (the C++ and CUDA ones)
+    cannot serve it."""
+    return tiles.row_stats_with_teacher(x, w, spec, teacher)
+
+
+def weighted_sums(logits, values):
+    """(M, Σ_j e^{z_j − M}, Σ_j e^{z_j − M}·v_j) of a block of logits (N, c) and values (N, c): a softmax-weighted
+    mean as two sums with the same weights, X/S, so that it does not carry the rounding of a log-sum-exp
+    (exp(z − lse) sums to 1 ± ulp(lse)·|z|, which times a mean of the logits' size is 1e-3 at |z| ≈ 300); a row of
+    −inf logits gives (−inf, 0, 0)."""
+    top = logits.max(1).values
+    weight = torch.exp(logits - torch.where(top == -float("inf"), 0.0, top)[:, None])
+    return top, weight.sum(1), torch.where(weight > 0, weight * values, 0.0).sum(1)
+
+
+def merge_weighted_sums(a, b):
+    """weighted_sums of the union of two class sets from each one's: both sums move to the larger max."""
+    (max_a, sum_a, values_a), (max_b, sum_b, values_b) = a, b
+    top = torch.maximum(max_a, max_b)
+    shift = torch.where(top == -float("inf"), 0.0, top)
+    scale_a, scale_b = torch.exp(max_a - shift), torch.exp(max_b - shift)
+    return (top, sum_a * scale_a + sum_b * scale_b,
+            torch.where(scale_a > 0, values_a * scale_a, 0.0) + torch.where(scale_b > 0, values_b * scale_b, 0.0))
+
+
 EMPTY_ROW_STATE = (-float("inf"), 0.0, 0.0)  # (M, S′, T) of no classes
 
 
@@ -547,8 +607,8 @@ def merge_max_sums(a, b):
     shift = torch.where(top == -float("inf"), 0.0, top)
 
     def moved(row_max, sums, gaps):
-        """(1 + S′)·e^{m − M} and T moved to M, 0 for an empty side."""
-        present = row_max > -float("inf")
+        """(1 + S′)·e^{m − M} and T moved to M, 0 for an empty side (a NaN S′ is not empty: it must reach the row)."""
+        present = (row_max > -float("inf")) | torch.isnan(sums)
         rescale = torch.exp(row_max - shift)
         return (torch.where(present, (1.0 + sums) * rescale, 0.0),
                 torch.where(present, rescale * (gaps + (shift - row_max) * (1.0 + sums)), 0.0))
@@ -826,8 +886,22 @@ class TorchTiles:
             state = merge_max_sums(state, chunk_max_sums(self.logits(x, w, spec, c0, c1)[0]))
         return state
 
+    def row_stats_with_teacher(self, x, w, spec: LogitSpec, teacher: TeacherSpec):
+        """engine.streaming_row_stats_with_teacher: per chunk the student's and the teacher's weighted sums of
+        z^T − z (engine.weighted_sums), merged into the running ones."""
+        acc = accumulation_dtype(x.dtype)
+        empty = tuple(torch.full((x.shape[0],), v, dtype=acc, device=x.device) for v in EMPTY_ROW_STATE)
+        student, teacher_sums = empty, empty
+        for c0, c1 in self.class_chunks(2 * x.shape[0], w.shape[0], x):  # two N × chunk planes
+            z = self.logits(x, w, spec, c0, c1)[0]
+            z_t = teacher_logits(teacher, c0, c1, acc)
+            teacher_sums = merge_weighted_sums(teacher_sums, weighted_sums(z_t, z_t - z))
+            student = merge_weighted_sums(student, weighted_sums(z, z - z_t))
+        (top, total, cross), (top_t, total_t, cross_t) = student, teacher_sums
+        return top + torch.log(total), top_t + torch.log(total_t), cross_t / total_t, cross / total
+
     def grad_logits(self, x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None,
-                    entropy_coef=None):
+                    entropy_coef=None, teacher=None):
         """dL/da of the classes [c0, c1): (N, c1 − c0), or (N, (c1 − c0)·K) over their rows of w with K
         sub-centres (each class's gradient at its winning sub-centre, the target's at spec.target_subcenter)."""
         z, chain, is_target, winner = self.logits(x, w, spec, c0, c1)
@@ -841,6 +915,10 @@ class TorchTiles:
         g = weight_p * p
         if entropy_coef is not None:
             g = g - entropy_coef[:, None] * torch.where(p > 0, p * log_p, 0.0)
+        if teacher is not None:
+            log_q = teacher_logits(teacher, c0, c1, z.dtype) - teacher.lse[:, None]
+            g = (g - teacher.coef_q[:, None] * torch.exp(log_q)
+                 + teacher.coef_log_q[:, None] * torch.where(p > 0, p * log_q, 0.0))
         g = (g - coef_u[:, None]) * chain
         if winner is None:
             return torch.where(is_target, target_grad[:, None], g)

@@ -5,8 +5,9 @@ import torch
 from . import pairwise
 from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cosent_arguments,
                      check_cost_embedding, check_embedding_pair, check_finite, check_float_tensor, check_ignore_index,
-                     check_labels, check_linear_ce_options, check_logits_buffer, check_margin_options,
-                     check_reduction, check_shift, check_subcenters, resolve_grad_filter_eps)
+                     check_direction, check_labels, check_linear_ce_options, check_logits_buffer,
+                     check_margin_options, check_reduction, check_shift, check_subcenters, check_teacher,
+                     check_temperature, check_tensor, resolve_grad_filter_eps)
 from .ops import call as call_op
 from .reference import reduce_rows
 
@@ -176,7 +177,7 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     ignore_index = check_ignore_index(ignore_index)
     input, target, token_shape = _flatten_tokens(input, _shift_targets(target, shift, ignore_index))
     check_classification_inputs(input, weight, target)
-    check_finite("temperature", temperature, 0.0, low_open=True)
+    check_temperature(temperature)
     log_probs, entropy, _ = call_op("log_probs_entropy", input, weight, target.long(), float(temperature),
                                     ignore_index)
     # the op saves both for its backward: a caller's in-place edit (masking padding) must not reach them
@@ -184,6 +185,43 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     if token_shape is not None:
         return log_probs.reshape(token_shape), entropy.reshape(token_shape)
     return log_probs, entropy
+
+
+def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=None, *, temperature=1.0,
+                         direction="forward", ignore_index=-100, reduction="mean", shift=0):
+    """Knowledge distillation: the KL divergence between the teacher's softmax(teacher_input·teacher_weightᵀ / T)
+    and the student's softmax(input·weightᵀ / T), per token, without materialising either N × C logits.
+
+    direction="forward": KL(teacher‖student) (Hinton's distillation, torchtune's ForwardKLLoss);
+    "reverse": KL(student‖teacher) (MiniLLM). Gradients flow into input and weight only; the teacher's tensors
+    are constants. input (N, D) or (B, T, D), weight (C, D); teacher_input (N, E) or (B, T, E) with the same
+    rows, teacher_weight (C, E), both in input's dtype (E may differ from D). target (N,) or (B, T), optional,
+    only masks: positions equal to ignore_index count for nothing ("mean" is over the others, 0 when there are
+    none); `shift` as in linear_cross_entropy. Returns fp32 (fp64 for fp64 inputs); the KL at temperature T
+    (multiply by T² for Hinton's scaling).
+    """
+    reverse = check_direction(direction)
+    ignore_index = check_ignore_index(ignore_index)
+    check_tensor("input", input)
+    if target is None:
+        target = torch.zeros(input.shape[:-1], dtype=torch.int64, device=input.device)
+    target = _shift_targets(target, shift, ignore_index)
+    rows_shape = input.shape[:-1]
+    input, target, token_shape = _flatten_tokens(input, target)
+    if isinstance(teacher_input, torch.Tensor) and teacher_input.dim() > 2:
+        if teacher_input.shape[:-1] != rows_shape:
+            raise ValueError(f"teacher_input must have shape {tuple(rows_shape)} + (E,) (input's rows), got shape "
+                             f"{tuple(teacher_input.shape)}")
+        teacher_input = teacher_input.reshape(-1, teacher_input.shape[-1])
+    check_classification_inputs(input, weight, target)
+    check_teacher(teacher_input, teacher_weight, input, weight)
+    check_temperature(temperature)
+    check_reduction(reduction)
+    kl, _, _ = call_op("linear_kl_divergence", input, weight, teacher_input.detach(), teacher_weight.detach(),
+                       target.long(), float(temperature), ignore_index, reverse)
+    if reduction == "none":  # the op saves it for its backward: a caller's in-place edit must not reach it
+        kl = kl.clone()
+    return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
 
 
 def cosent_loss(scores, labels, *, scale=20.0):

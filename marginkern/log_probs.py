@@ -71,7 +71,9 @@ def log_probs_backward(grad_log_probs, grad_entropy, x, w, target, lse, log_pt, 
     p_t = torch.exp(log_pt)
     coef_p = -g_lp - g_h * entropy
     # dL/da at the target column, chained by dz/da = 1/T
-    target_grad = (-g_lp * torch.expm1(log_pt) - g_h * p_t * (log_pt + entropy)) * rows.spec.row_scale
+    # p_t·(log p_t + H) is 0 where p_t = 0 (a −inf target logit: 0·(−inf) would be NaN)
+    entropy_part = torch.where(p_t > 0, p_t * (log_pt + entropy), 0.0)
+    target_grad = (-g_lp * torch.expm1(log_pt) - g_h * entropy_part) * rows.spec.row_scale
     grad_x, grad_w, _ = streaming_grads(x, w, rows.spec, lse, coef_p, torch.zeros_like(lse), target_grad, tiles,
                                         need_weight_grad=need_weight_grad, entropy_coef=g_h)
     if shard is not None:

@@ -13,10 +13,11 @@ from torch import Tensor
 
 from .checks import (check_bias, check_classification_inputs, check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
-                     check_subcenters, check_target_values)
+                     check_subcenters, check_target_values, check_teacher, check_temperature)
 from .dispatch import select_tiles, select_tiles_except
 from . import pairwise
 from .engine import NORM_EPS, accumulation_dtype, buffered_grads_in_input_dtype
+from .distill import kl_backward, kl_forward
 from .emo import emo_backward, emo_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
@@ -514,9 +515,77 @@ def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
 _register_autograd("emo_cross_entropy", _emo_backward, _emo_setup_context)
 
 
-def _check_temperature(temperature):
-    check_finite("temperature", temperature, 0.0, low_open=True)
-    return float(temperature)
+def _teacher_tiles(input):
+    """select_tiles, except the C++ and CUDA tiles, which have no teacher plane (the PyTorch tiles serve the CPU)."""
+    return select_tiles_except(("cpp", "cuda"), "teacher logit plane (distillation)", input.device, input.dtype)
+
+
+@_op("linear_kl_divergence")
+def linear_kl_divergence(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor, target: Tensor,
+                         temperature: float, ignore_index: int, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-row KL, student lse, teacher lse) at `temperature`; the teacher gets no gradient."""
+    _check_forward_inputs(input, weight, target)
+    check_teacher(teacher_input, teacher_weight, input, weight)
+    temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
+    input, weight = input.contiguous(), weight.contiguous()
+    teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
+    return kl_forward(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, bool(reverse),
+                      _teacher_tiles(input))
+
+
+@linear_kl_divergence.register_fake
+def _(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, reverse):
+    _check_forward_inputs(input, weight, target)
+    check_teacher(teacher_input, teacher_weight, input, weight)
+    check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    acc = accumulation_dtype(input.dtype)
+    return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(3))
+
+
+@_op("linear_kl_divergence_backward")
+def linear_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: Tensor, teacher_input: Tensor,
+                                  teacher_weight: Tensor, target: Tensor, lse: Tensor, teacher_lse: Tensor, kl: Tensor,
+                                  temperature: float, ignore_index: int, reverse: bool,
+                                  need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, teacher lse and KL."""
+    n = input.shape[0]
+    for name, t in (("grad_kl", grad_kl), ("lse", lse), ("teacher_lse", teacher_lse), ("kl", kl)):
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},) (one value per row of input), got {tuple(t.shape)}")
+    input, weight = input.contiguous(), weight.contiguous()
+    teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
+    grad_x, grad_w = kl_backward(grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl,
+                                 float(temperature), int(ignore_index), bool(reverse), _teacher_tiles(input),
+                                 need_weight_grad)
+    return grad_x, _or_empty(grad_w, weight)
+
+
+@linear_kl_divergence_backward.register_fake
+def _(grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl, temperature, ignore_index,
+      reverse, need_weight_grad=True):
+    return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
+
+
+def _kl_setup_context(ctx, inputs, output):
+    input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, reverse = inputs
+    # the teacher's tensors are saved detached: no gradient flows into them (their views of a graph stay out)
+    ctx.save_for_backward(input, weight, teacher_input.detach(), teacher_weight.detach(), target, output[1], output[2],
+                          output[0])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.temperature, ctx.ignore_index, ctx.reverse = temperature, ignore_index, reverse
+
+
+def _kl_backward(ctx, grad_kl, grad_lse, grad_teacher_lse):
+    input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl = ctx.saved_tensors
+    need_weight_grad = ctx.needs_input_grad[1]
+    grad_input, grad_weight = call("linear_kl_divergence_backward", grad_kl.contiguous(), input, weight, teacher_input,
+                                   teacher_weight, target, lse, teacher_lse, kl, ctx.temperature, ctx.ignore_index,
+                                   ctx.reverse, need_weight_grad)
+    return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * 6
+
+
+_register_autograd("linear_kl_divergence", _kl_backward, _kl_setup_context)
 
 
 def _entropy_tiles(input):
@@ -529,7 +598,7 @@ def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature
                       ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """(per-row log p_t, per-row entropy, per-row log-sum-exp) of z = x·wᵀ/temperature."""
     _check_forward_inputs(input, weight, target)
-    temperature, ignore_index = _check_temperature(temperature), check_ignore_index(ignore_index)
+    temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
     check_target_values(target, weight.shape[0], ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = _entropy_tiles(input)
@@ -541,7 +610,7 @@ def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature
 @log_probs_entropy.register_fake
 def _(input, weight, target, temperature, ignore_index):
     _check_forward_inputs(input, weight, target)
-    _check_temperature(temperature)
+    check_temperature(temperature)
     check_ignore_index(ignore_index)
     acc = accumulation_dtype(input.dtype)
     return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(3))

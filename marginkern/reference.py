@@ -180,3 +180,29 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
                   for c0 in range(0, w.shape[0], class_chunk))
     zero = torch.zeros_like(lse)
     return torch.where(valid, z_target - lse, zero), torch.where(valid, entropy, zero)
+
+
+def _chunk_divergences(x, w_chunk, x_t, w_t_chunk, lse, lse_t):
+    """Σ_j q_j·(log q_j − log p_j) and Σ_j p_j·(log p_j − log q_j) over one class chunk."""
+    log_p = x @ w_chunk.t() - lse[:, None]
+    log_q = x_t @ w_t_chunk.t() - lse_t[:, None]
+    return (log_q.exp() * (log_q - log_p)).sum(1), (log_p.exp() * (log_p - log_q)).sum(1)
+
+
+def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=None, *, temperature=1.0,
+                         direction="forward", ignore_index=-100, reduction="mean", class_chunk=CLASS_CHUNK):
+    """KL(q‖p) ("forward") or KL(p‖q) ("reverse") per row, p = softmax(input·weightᵀ/T), q the teacher's
+    (detached); 0 where target == ignore_index."""
+    acc = accumulation_dtype(input.dtype)
+    x, w = input.to(acc) / temperature, weight.to(acc)
+    x_t, w_t = teacher_input.detach().to(acc) / temperature, teacher_weight.detach().to(acc)
+    if target is None:
+        target = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    no_target = torch.full_like(target, -1)
+    lse, _ = streamed_lse_and_sum(x, w, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
+    lse_t, _ = streamed_lse_and_sum(x_t, w_t, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
+    which = 0 if direction == "forward" else 1
+    kl = sum(checkpoint(_chunk_divergences, x, w[c0:c0 + class_chunk], x_t, w_t[c0:c0 + class_chunk], lse, lse_t,
+                        use_reentrant=False)[which] for c0 in range(0, w.shape[0], class_chunk))
+    valid = target != ignore_index
+    return reduce_rows(torch.where(valid, kl, torch.zeros_like(kl)), valid, reduction)

@@ -254,6 +254,13 @@ def _log_probs_argument_errors(rank, world_size):
     # one rank alone with a bad argument: every rank raises, none waits in a collective
     with pytest.raises(ValueError, match="temperature must lie in|sharded_log_probs_and_entropy: rank"):
         call(temperature=-1.0 if rank == 0 else 1.0)
+    # valid but different options on different ranks: a loss of no one's options (found by a review)
+    with pytest.raises(ValueError, match="every rank must pass the same options"):
+        call(temperature=1.0 + rank)
+    with pytest.raises(ValueError, match="every rank must pass the same options"):
+        call(ignore_index=-100 - rank)
+    with pytest.raises(ValueError, match="every rank must pass the same options"):
+        mkd.sharded_margin_cross_entropy(x, w[start:stop], t, class_start=start, num_classes=C, scale=64.0 + rank)
     return float(call()[0].sum())
 
 

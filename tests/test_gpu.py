@@ -410,3 +410,18 @@ def test_log_probs_entropy_confident_rows_triton(monkeypatch):
     from tests.test_log_probs import check_confident_and_flat_rows
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
     check_confident_and_flat_rows("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_divergence_triton_matches_oracle(dtype, direction, monkeypatch):
+    """linear_kl_divergence on the Triton kernels (the C++/CUDA tiles have no teacher plane)."""
+    from tests.test_distill import check_kl_against_oracle
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_kl_against_oracle(dtype, (300, 5003, 131, 96), direction, "cuda")
+
+
+def test_kl_divergence_confident_teacher_triton(monkeypatch):
+    from tests.test_distill import check_confident_teacher
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_confident_teacher("cuda")

@@ -153,6 +153,23 @@ def test_large_logits_in_fp16_stay_finite():
         assert_close_rel(g, e, torch.float16, floor=1.0)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_nan_class_chunk_gives_nan(backend, monkeypatch):
+    """A whole class chunk of NaN logits: the chunk merge must carry it (engine.merge_max_sums)."""
+    from marginkern import cpp_tiles
+    from marginkern.engine import TorchTiles
+    if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    monkeypatch.setattr(TorchTiles, "class_chunks", lambda self, N, C, x, bytes_per_class=0:
+                        [(c0, min(C, c0 + 32)) for c0 in range(0, C, 32)])
+    x, w, _ = make_case(3, 300, 8)
+    w = w.detach().clone()
+    w[32:64] = float("nan")
+    log_pt, entropy = mk.log_probs_and_entropy(x.detach(), w, torch.tensor([1, 5, 299]))
+    assert torch.isnan(log_pt).all() and torch.isnan(entropy).all()
+
+
 def test_nan_input_gives_nan():
     x, w, t = make_case(6, 40, 8)
     x = x.detach().clone()
@@ -160,6 +177,27 @@ def test_nan_input_gives_nan():
     log_pt, entropy = mk.log_probs_and_entropy(x, w, t)
     assert torch.isnan(log_pt[2]) and torch.isnan(entropy[2])
     assert torch.isfinite(log_pt[[0, 1, 3]]).all() and torch.isfinite(entropy[[0, 1, 3]]).all()
+
+
+def test_minus_inf_target_logit_gives_torchs_gradient():
+    """A −inf target logit (p_t = 0): the target column's entropy part p_t·(log p_t + H) is 0, not 0·(−inf) = NaN;
+    dL/dw equals F.cross_entropy's (found by a review)."""
+    x = torch.tensor([[1.0, 0.5]])
+    w = torch.tensor([[0.0, 0.0], [-float("inf"), 0.0], [1.0, 0.0]], requires_grad=True)
+    log_pt, _ = mk.log_probs_and_entropy(x, w, torch.tensor([1]))
+    grad, = torch.autograd.grad(log_pt.sum(), w)
+    w_torch = w.detach().clone().requires_grad_()
+    want, = torch.autograd.grad(-F.cross_entropy(x @ w_torch.t(), torch.tensor([1]), reduction="sum"), w_torch)
+    assert torch.equal(grad[1], want[1]) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("temperature, match", [(1e-40, "temperature must be ≥"), (float("inf"), "finite"),
+                                                (0.0, r"temperature must lie in \(0.0, inf\)")])
+def test_temperatures_beyond_float32(temperature, match):
+    x, w, t = make_case(3, 5, 4)
+    with pytest.raises(ValueError, match=match):
+        mk.log_probs_and_entropy(x, w, t, temperature=temperature)
+    assert torch.isfinite(mk.log_probs_and_entropy(x, w, t, temperature=1e-30)[0]).all()
 
 
 def test_in_place_edit_of_the_outputs_keeps_backward():
@@ -205,6 +243,7 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.parametrize("temperature, exc, match", [
     (0.0, ValueError, "temperature must lie in"), (-1.0, ValueError, "temperature must lie in"),
+    (1e-39, ValueError, "temperature must be ≥"),
     (float("nan"), ValueError, "temperature must be a finite"), (torch.tensor(1.0), TypeError, "temperature must be"),
 ])
 def test_bad_temperature(temperature, exc, match):

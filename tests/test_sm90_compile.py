@@ -22,12 +22,13 @@ def _check_gemm_tile(report):
     assert report["shared_bytes"] <= HOPPER_SHARED_BYTES
 
 
-@pytest.mark.parametrize("has_cost, subcenters, has_entropy",
-                         [(False, 1, False), (True, 1, False), (False, 2, False), (False, 3, False), (False, 4, False),
-                          (False, 1, True)])
-def test_engine_kernels_pipeline_on_wgmma_without_spills(has_cost, subcenters, has_entropy):
+@pytest.mark.parametrize("has_cost, subcenters, has_entropy, has_teacher",
+                         [(False, 1, False, False), (True, 1, False, False), (False, 2, False, False),
+                          (False, 3, False, False), (False, 4, False, False), (False, 1, True, False),
+                          (False, 1, False, True)])
+def test_engine_kernels_pipeline_on_wgmma_without_spills(has_cost, subcenters, has_entropy, has_teacher):
     for label, kernel, constexprs in sm90_compile.engine_kernels(GPU_CONFIG, has_cost=has_cost, subcenters=subcenters,
-                                                                 has_entropy=has_entropy):
+                                                                 has_entropy=has_entropy, has_teacher=has_teacher):
         report = sm90_compile.compile_sm90(kernel, constexprs, GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"])
         _check_gemm_tile(report)
 
@@ -45,6 +46,7 @@ def test_from_dots_epilogue_and_row_kernels_compile():
     rows = [(finish_grad_rows_kernel, dict(PROJECT=True, BLOCK_R=8, BLOCK_D=256)),
             (merge_splits_kernel, dict(NEED_SUM_LOGITS=True, HAS_COST=True, BLOCK=1024)),
             (merge_splits_kernel, dict(NEED_SUM_LOGITS=False, HAS_COST=False, HAS_ENTROPY=True, BLOCK=1024)),
+            (merge_splits_kernel, dict(NEED_SUM_LOGITS=False, HAS_COST=False, HAS_TEACHER=True, BLOCK=1024)),
             (pairwise_cosine_fwd_kernel, dict(BLOCK_R=16, BLOCK_D=128)),
             (pairwise_cosine_bwd_kernel, dict(BLOCK_R=16, BLOCK_D=128))]
     for kernel, constexprs in rows:

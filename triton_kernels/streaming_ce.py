@@ -4,11 +4,15 @@
                                      one program per (row block, class split), merged on the host); with
                                      HAS_COST also Σ_{j≠t} exp(z_j − max)·(1 − A_nj), so EMO's expected
                                      cost comes out of the same pass as the log-sum-exp; with
-                                     HAS_ENTROPY also Σ exp(z_j − max)·(max − z_j), the softmax's entropy
+                                     HAS_ENTROPY Σexp without one maximal term (S′) in its place and
+                                     T = Σ exp(z_j − max)·(max − z_j), from which the entropy follows
+                                     (engine.streaming_row_stats_with_entropy); with HAS_TEACHER the
+                                     teacher's log-sum-exp and the two cross sums of distillation
     streaming_ce_grad_logits_kernel  dL/da for one class chunk, written to a bounded N × chunk buffer
                                      that the engine feeds to the dX and dW GEMMs; with HAS_COST it also
                                      computes EMO's cost cosines A = q·k per tile (a second tl.dot loop);
-                                     with HAS_ENTROPY the entropy term −coef·p·log p
+                                     with HAS_ENTROPY the entropy term −coef·p·log p; with HAS_TEACHER
+                                     the teacher's terms −coef_q·q + coef_log_q·p·log q
 
 Both recompute logits tile by tile with tl.dot over D in fp32 accumulators; no N × C tensor exists. With
 SUBCENTERS = K (sub-center ArcFace, engine.py) a class tile runs K dot tiles over the classes' K rows of w
@@ -133,7 +137,7 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
 @triton.jit
 def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, others_ptr, N, num_splits,
                         NEED_SUM_LOGITS: tl.constexpr, HAS_COST: tl.constexpr, BLOCK: tl.constexpr,
-                        HAS_ENTROPY: tl.constexpr = False):
+                        HAS_ENTROPY: tl.constexpr = False, HAS_TEACHER: tl.constexpr = False):
     """The forward's per-split states (part: planes × splits × N, planes = max, Σexp[, Σz][, Σe·(1 − A)]) merged
     per row in one launch: lse = M + log Σ_s Σexp_s·e^{max_s − M}, Σz summed, the cost weighted like Σexp.
     A row whose splits are all −inf gets lse −inf (shift 0, as torch.logsumexp), NaN stays NaN.
@@ -141,7 +145,11 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
     With HAS_ENTROPY the planes are max, S′, T (engine.streaming_row_stats_with_entropy) and so are the outputs
     (M at lse_ptr, S′ at others_ptr, T at expected_cost_ptr): the first split holding
     M keeps its S′, the others join with (1 + S′_s)·e^{max_s − M}, and T_s moves to M as
-    e^{max_s − M}·(T_s + (M − max_s)·(1 + S′_s)); every term ≥ 0."""
+    e^{max_s − M}·(T_s + (M − max_s)·(1 + S′_s)); every term ≥ 0.
+
+    With HAS_TEACHER planes 2–5 are the teacher's (max, Σexp, cross sum) and the student's cross sum; the
+    outputs are lse, the teacher's lse (at sum_logits_ptr), E_q[z^T − z] (at expected_cost_ptr) and E_p[z − z^T]
+    (at others_ptr)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < N
     plane = tl.full([], 0, tl.int64) + num_splits * N  # int64 (splits or N may arrive as constants)
@@ -160,7 +168,8 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
         weight = tl.exp(split_max - shift)
         split_sum = tl.load(part_ptr + plane + at, mask=mask, other=0.0)
         if HAS_ENTROPY:
-            present = split_max > -float("inf")
+            # a split with a NaN logit has S′ NaN (its max may be −inf: tl.max skips NaN): it must reach the row
+            present = (split_max > -float("inf")) | (split_sum != split_sum)
             keeps = present & (split_max == top) & (taken == 0)
             total += tl.where(keeps, split_sum, tl.where(present, (1.0 + split_sum) * weight, 0.0))
             taken = taken | keeps
@@ -176,6 +185,28 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
         tl.store(lse_ptr + rows, top, mask=mask)
         tl.store(others_ptr + rows, total, mask=mask)
         tl.store(expected_cost_ptr + rows, gap, mask=mask)
+    elif HAS_TEACHER:
+        teacher_top = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)
+        for s in range(0, num_splits):
+            teacher_top = tl.maximum(teacher_top, tl.load(part_ptr + 2 * plane + s * N + rows, mask=mask,
+                                                          other=-float("inf")))
+        teacher_shift = tl.where(teacher_top == -float("inf"), 0.0, teacher_top)
+        teacher_total = tl.zeros((BLOCK,), dtype=tl.float32)
+        teacher_cross = tl.zeros((BLOCK,), dtype=tl.float32)
+        student_cross = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, num_splits):
+            at = s * N + rows
+            weight = tl.exp(tl.load(part_ptr + at, mask=mask, other=-float("inf")) - shift)
+            teacher_weight = tl.exp(tl.load(part_ptr + 2 * plane + at, mask=mask, other=-float("inf")) - teacher_shift)
+            teacher_total += tl.load(part_ptr + 3 * plane + at, mask=mask, other=0.0) * teacher_weight
+            teacher_cross += tl.load(part_ptr + 4 * plane + at, mask=mask, other=0.0) * teacher_weight
+            student_cross += tl.load(part_ptr + 5 * plane + at, mask=mask, other=0.0) * weight
+        total = tl.where(mask, total, 1.0)
+        teacher_total = tl.where(mask, teacher_total, 1.0)
+        tl.store(lse_ptr + rows, shift + tl.log(total), mask=mask)
+        tl.store(sum_logits_ptr + rows, teacher_shift + tl.log(teacher_total), mask=mask)
+        tl.store(expected_cost_ptr + rows, teacher_cross / teacher_total, mask=mask)
+        tl.store(others_ptr + rows, student_cross / total, mask=mask)
     else:
         total = tl.where(mask, total, 1.0)  # rows past N: no log(0)
         tl.store(lse_ptr + rows, shift + tl.log(total), mask=mask)
@@ -204,14 +235,19 @@ def streaming_ce_fwd_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr, target_logit_ptr,
     part_max_ptr, part_sumexp_ptr, part_sumlogit_ptr,
     query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, part_cost_ptr, part_gap_ptr,
-    N, C, D, E, stride_x, stride_w, stride_k, classes_per_split, num_splits, softcap,
+    teacher_x_ptr, teacher_w_ptr, part_teacher_ptr,
+    N, C, D, E, stride_x, stride_w, stride_k, stride_tx, stride_tw, classes_per_split, num_splits, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     NEED_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
     EVEN_D: tl.constexpr = False, FLATTEN: tl.constexpr = False, HAS_COST: tl.constexpr = False,
     COST_DOT_PRECISION: tl.constexpr = "tf32", EVEN_E: tl.constexpr = False, SUBCENTERS: tl.constexpr = 1,
-    HAS_ENTROPY: tl.constexpr = False,
+    HAS_ENTROPY: tl.constexpr = False, HAS_TEACHER: tl.constexpr = False,
 ):
+    """With HAS_TEACHER (distillation; E is then the teacher's width) the teacher's logit tile
+    row_scale·(teacher_x·teacher_wᵀ) runs beside the student's, and four more planes at part_teacher_ptr
+    (each splits × N apart) keep its max and Σexp and the two cross sums Σ e^{z^T−max^T}·(z^T − z) and
+    Σ e^{z−max}·(z − z^T) (engine.streaming_row_stats_with_teacher)."""
     # the splits of one row block are neighbours: they share its x block in L2 (module docstring)
     pid = tl.program_id(0)
     pid_n = pid // num_splits
@@ -230,6 +266,10 @@ def streaming_ce_fwd_kernel(
     run_cost = tl.zeros((BLOCK_N,), dtype=tl.float32)
     run_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
     run_others = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_teacher_max = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
+    run_teacher_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_teacher_cross = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_student_cross = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # FLATTEN: one software-pipelined loop over (class tile, k) instead of a K loop restarted per class
     # tile, whose pipeline drains at every tile (8 K steps per tile at D = 512); a tuning switch
     for c0 in tl.range(c_begin, c_end, BLOCK_C, flatten=FLATTEN):
@@ -275,6 +315,19 @@ def streaming_ce_fwd_kernel(
             cost = tl.maximum(1.0 - cosines, 0.0, propagate_nan=tl.PropagateNan.ALL)
             costs = tl.where(cols[None, :] == target[:, None], 0.0, weights * cost)
             run_cost = run_cost * rescale + tl.sum(costs, axis=1)
+        if HAS_TEACHER:  # the teacher's online log-sum-exp, and both cross sums rescaled with their own weights
+            z_teacher = _dot_tile(teacher_x_ptr, teacher_w_ptr, rows, cols, row_mask, col_mask, E, stride_tx, stride_tw,
+                                  COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E) * row_scale[:, None]
+            z_teacher = tl.where(col_mask[None, :], z_teacher, -float("inf"))
+            teacher_max = tl.maximum(run_teacher_max, tl.max(z_teacher, axis=1))
+            teacher_shift = tl.where(teacher_max == -float("inf"), 0.0, teacher_max)
+            teacher_rescale = tl.exp(run_teacher_max - teacher_shift)
+            teacher_weights = tl.exp(z_teacher - teacher_shift[:, None])
+            gap = tl.where(col_mask[None, :], z_teacher - z, 0.0)  # z^T − z; masked columns are −inf in both
+            run_teacher_sumexp = run_teacher_sumexp * teacher_rescale + tl.sum(teacher_weights, axis=1)
+            run_teacher_cross = run_teacher_cross * teacher_rescale + tl.sum(teacher_weights * gap, axis=1)
+            run_student_cross = run_student_cross * rescale - tl.sum(weights * gap, axis=1)
+            run_teacher_max = teacher_max
         run_max = new_max
         if NEED_SUM_LOGITS:
             run_sumlogit += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
@@ -288,6 +341,12 @@ def streaming_ce_fwd_kernel(
         tl.store(part_cost_ptr + out, run_cost, mask=row_mask)
     if HAS_ENTROPY:
         tl.store(part_gap_ptr + out, run_gap, mask=row_mask)
+    if HAS_TEACHER:
+        plane = num_splits.to(tl.int64) * N
+        tl.store(part_teacher_ptr + out, run_teacher_max, mask=row_mask)
+        tl.store(part_teacher_ptr + plane + out, run_teacher_sumexp, mask=row_mask)
+        tl.store(part_teacher_ptr + 2 * plane + out, run_teacher_cross, mask=row_mask)
+        tl.store(part_teacher_ptr + 3 * plane + out, run_student_cross, mask=row_mask)
 
 
 @triton.jit
@@ -295,14 +354,16 @@ def streaming_ce_grad_logits_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr,
     lse_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, grad_ptr,
     query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr, target_subcenter_ptr, coef_entropy_ptr,
-    N, D, E, stride_x, stride_w, stride_g, stride_k, c_begin, c_end, softcap,
+    teacher_x_ptr, teacher_w_ptr, teacher_lse_ptr, coef_q_ptr, coef_log_q_ptr,
+    N, D, E, stride_x, stride_w, stride_g, stride_k, stride_tx, stride_tw, c_begin, c_end, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
     EVEN_D: tl.constexpr = False, EVEN_E: tl.constexpr = False, GROUP_N: tl.constexpr = 8,
-    SUBCENTERS: tl.constexpr = 1, HAS_ENTROPY: tl.constexpr = False,
+    SUBCENTERS: tl.constexpr = 1, HAS_ENTROPY: tl.constexpr = False, HAS_TEACHER: tl.constexpr = False,
 ):
-    """With SUBCENTERS = K > 1, grad has (c_end − c_begin)·K columns, the rows of w of the chunk's classes,
+    """With HAS_TEACHER (distillation; E the teacher's width) the teacher's tile z^T is recomputed and
+    −coef_q·q + coef_log_q·p·log q added, q = exp(z^T − teacher_lse) (engine.py). With SUBCENTERS = K > 1, grad has (c_end − c_begin)·K columns, the rows of w of the chunk's classes,
     and must come zeroed: a class's dL/da is stored at its winning sub-centre only (the target's at
     target_subcenter). One scattered store instead of K masked ones: those spilled registers at K = 2, 3."""
     pid_n, pid_c = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(c_end - c_begin, BLOCK_C), GROUP_N)
@@ -332,6 +393,13 @@ def streaming_ce_grad_logits_kernel(
     if HAS_ENTROPY:  # −coef·p·log p, 0 where p = 0 (log p may be −inf there)
         coef_entropy = tl.load(coef_entropy_ptr + rows, mask=row_mask, other=0.0)
         g = g - coef_entropy[:, None] * tl.where(p > 0, p * log_p, 0.0)
+    if HAS_TEACHER:
+        z_teacher = _dot_tile(teacher_x_ptr, teacher_w_ptr, rows, cols, row_mask, col_mask, E, stride_tx, stride_tw,
+                              COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E) * row_scale[:, None]
+        log_q = z_teacher - tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        coef_q = tl.load(coef_q_ptr + rows, mask=row_mask, other=0.0)
+        coef_log_q = tl.load(coef_log_q_ptr + rows, mask=row_mask, other=0.0)
+        g = g - coef_q[:, None] * tl.exp(log_q) + coef_log_q[:, None] * tl.where(p > 0, p * log_q, 0.0)
     g = (g - coef_u[:, None]) * chain
     is_target = cols[None, :] == target[:, None]
     g = tl.where(is_target, target_grad[:, None], g)

@@ -102,6 +102,15 @@ def _cost_pointer_args(cost, spec, w, placeholder):
     return args, keys.shape[1], keys.stride(0)
 
 
+def _teacher_pointer_args(teacher, x, E):
+    """((teacher x, teacher w), E, their row strides) of the distillation's teacher plane for the kernels; without
+    one, x twice (unread: HAS_TEACHER=False) and the E and strides the caller had."""
+    if teacher is None:
+        return (x, x), E, 0, 0
+    tx, tw = teacher.x.contiguous(), teacher.w.contiguous()
+    return (tx, tw), tx.shape[1], tx.stride(0), tw.stride(0)
+
+
 def _without(blocks, key):
     """The block options minus the one a kernel does not take (GROUP_N: backward only; FLATTEN: forward only)."""
     return {k: v for k, v in blocks.items() if k != key}
@@ -174,6 +183,13 @@ class TritonTiles:
         return self._row_stats(x, w, spec, False, x.shape[0], w.shape[0], x.shape[1], x.stride(0), w.stride(0),
                                from_dots=False, entropy=True)
 
+    def row_stats_with_teacher(self, x, w, spec, teacher):
+        """(lse, lse^T, E_q[z^T − z], E_p[z − z^T]) in one pass (engine.streaming_row_stats_with_teacher): the
+        teacher's logit tile beside the student's in the forward kernel, merged by merge_splits_kernel."""
+        x, w = x.contiguous(), w.contiguous()
+        return self._row_stats(x, w, spec, False, x.shape[0], w.shape[0], x.shape[1], x.stride(0), w.stride(0),
+                               from_dots=False, teacher=teacher)
+
     @staticmethod
     def block_bytes_per_logit(x):
         """Live bytes per logit of a 3-GEMM row block: the fp32 dot products (read in place by the two
@@ -189,38 +205,44 @@ class TritonTiles:
         return lse, sum_logits
 
     def _row_stats(self, x, w, spec, need_sum_logits, N, C, D, stride_x, stride_w, from_dots, cost=None,
-                   entropy=False):
+                   entropy=False, teacher=None):
         """(lse, Σ_j z_nj or None, Σ_{j≠t} p_nj·(1 − A_nj) or None): the forward kernel over class splits, merged
-        here; with `entropy` (no Σz, no cost term) (M, S′, T) of engine.streaming_row_stats_with_entropy."""
-        if entropy and (need_sum_logits or cost is not None):
-            raise ValueError("the entropy statistics come without Σz and without a cost term")
+        here; with `entropy` (M, S′, T) of engine.streaming_row_stats_with_entropy, with `teacher` the four
+        statistics of engine.streaming_row_stats_with_teacher (each without Σz, a cost term or the other)."""
+        if (entropy or teacher is not None) and (need_sum_logits or cost is not None or (entropy and teacher)):
+            raise ValueError("the entropy and teacher statistics come alone: without Σz, a cost term or each other")
         blocks, launch = _subcenter_config(x, spec)
         row_blocks = cdiv(N, blocks["BLOCK_N"])
         splits, per_split = class_splits(N, C, D, x.element_size(), blocks, _sm_count(x.device), _l2_bytes(x.device))
-        planes = 2 + need_sum_logits + (cost is not None) + entropy  # max, Σexp [, Σz] [, Σ e·A] [, Σ e·(max − z)]
+        # max, Σexp [, Σz] [, Σ e·A] [, Σ e·(max − z)] [, the teacher's four]
+        planes = 2 + need_sum_logits + (cost is not None) + entropy + 4 * (teacher is not None)
         part = torch.empty(planes, splits, N, dtype=torch.float32, device=x.device)
         col_scale, bias, softcap = _pointer_args(x, spec)
         cost_args, E, stride_k = _cost_pointer_args(cost, spec, w, part[0])
+        teacher_args, E, stride_tx, stride_tw = _teacher_pointer_args(teacher, x, E)
         if N > 0:
             with on_device(x):
                 streaming_ce_fwd_kernel[(row_blocks * splits,)](
                     x, w, fp32(spec.row_scale), fp32(col_scale), bias, spec.target, fp32(spec.target_logit),
                     part[0], part[1], part[2 if need_sum_logits else 1], *cost_args, part[-1], part[-1],
-                    N, C, D, E, stride_x, stride_w, stride_k, per_split, splits, softcap,
+                    *teacher_args, part[2] if teacher is not None else part[-1],
+                    N, C, D, E, stride_x, stride_w, stride_k, stride_tx, stride_tw, per_split, splits, softcap,
                     NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     EVEN_D=D % blocks["BLOCK_D"] == 0, HAS_COST=cost is not None,
-                    COST_DOT_PRECISION=_dot_precision(cost_args[1]), EVEN_E=E % blocks["BLOCK_D"] == 0,
-                    SUBCENTERS=spec.subcenters, HAS_ENTROPY=entropy, **_flags(spec), **_without(blocks, "GROUP_N"),
-                    **launch)
-        lse, sum_logits, third = (torch.empty(N, dtype=torch.float32, device=x.device) for _ in range(3))
+                    COST_DOT_PRECISION=_dot_precision(cost_args[1] if teacher is None else teacher_args[0]),
+                    EVEN_E=E % blocks["BLOCK_D"] == 0, SUBCENTERS=spec.subcenters, HAS_ENTROPY=entropy,
+                    HAS_TEACHER=teacher is not None, **_flags(spec), **_without(blocks, "GROUP_N"), **launch)
+        lse, second, third, fourth = (torch.empty(N, dtype=torch.float32, device=x.device) for _ in range(4))
         if N > 0:
             with on_device(x):  # one launch instead of ~10 small ops
-                merge_splits_kernel[(cdiv(N, 1024),)](part, lse, sum_logits, third, sum_logits, N, splits,
+                merge_splits_kernel[(cdiv(N, 1024),)](part, lse, second, third, fourth, N, splits,
                                                       NEED_SUM_LOGITS=need_sum_logits, HAS_COST=cost is not None,
-                                                      BLOCK=1024, HAS_ENTROPY=entropy)
+                                                      BLOCK=1024, HAS_ENTROPY=entropy, HAS_TEACHER=teacher is not None)
         if entropy:  # (M, S′, T)
-            return lse, sum_logits, third
-        return lse, (sum_logits if need_sum_logits else None), (third if cost is not None else None)
+            return lse, fourth, third
+        if teacher is not None:  # (lse, lse^T, E_q[z^T − z], E_p[z − z^T])
+            return lse, second, third, fourth
+        return lse, (second if need_sum_logits else None), (third if cost is not None else None)
 
     def finish_grad_rows(self, grad, scale, out, weight=None, inv_norm=None):
         """engine.finish_grad_rows in one pass: unscale, project (when weight is given) and store in out's dtype."""
@@ -255,11 +277,12 @@ class TritonTiles:
         """out ← scale·P(gᵀ·x): a chunk's dW GEMM with the tangent projection fused, no fp32 chunk."""
         return _projected_weight_grad(g, x.contiguous(), weight, inv_norm, scale, out)
 
-    def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None, entropy_coef=None):
+    def grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None, entropy_coef=None,
+                    teacher=None):
         x, w = x.contiguous(), w.contiguous()
         return self._grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, x.shape[1],
                                  x.stride(0), w.stride(0), self.grad_dtype(x), from_dots=False,
-                                 entropy_coef=entropy_coef)
+                                 entropy_coef=entropy_coef, teacher=teacher)
 
     def block_grads_(self, z, spec, lse, coef_p, coef_u, target_grad, out_dtype=torch.float32):
         """engine.TorchTiles.block_grads_ in the dL/da kernel reading the dot products (FROM_DOTS): writes
@@ -275,7 +298,7 @@ class TritonTiles:
         return grad
 
     def _grad_logits(self, x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, D, stride_x, stride_w,
-                     grad_dtype, from_dots, grad=None, entropy_coef=None):
+                     grad_dtype, from_dots, grad=None, entropy_coef=None, teacher=None):
         """dL/da of the classes [c0, c1) into `grad` (N, c1 − c0), which may be a column slice of a wider buffer;
         (N, (c1 − c0)·K), the classes' rows of w, with K sub-centres per class."""
         N = x.shape[0]
@@ -287,17 +310,21 @@ class TritonTiles:
         grid = (cdiv(N, blocks["BLOCK_N"]) * cdiv(c1 - c0, blocks["BLOCK_C"]),)
         cost_args, E, stride_k = _cost_pointer_args(cost, spec, w, lse)
         coef_cost = fp32(cost.coef) if cost is not None else lse
+        teacher_args, E, stride_tx, stride_tw = _teacher_pointer_args(teacher, x, E)
+        teacher_rows = (lse, lse, lse) if teacher is None else (fp32(teacher.lse), fp32(teacher.coef_q),
+                                                                fp32(teacher.coef_log_q))
         if N > 0:
             with on_device(x):
                 streaming_ce_grad_logits_kernel[grid](
                     x, w, fp32(spec.row_scale), fp32(col_scale), bias, spec.target,
                     fp32(lse), fp32(coef_p), fp32(coef_u), fp32(target_grad), grad, *cost_args, coef_cost,
                     spec.target if spec.target_subcenter is None else spec.target_subcenter.contiguous(),
-                    lse if entropy_coef is None else fp32(entropy_coef),
-                    N, D, E, stride_x, stride_w, grad.stride(0), stride_k, c0, c1, softcap,
+                    lse if entropy_coef is None else fp32(entropy_coef), *teacher_args, *teacher_rows,
+                    N, D, E, stride_x, stride_w, grad.stride(0), stride_k, stride_tx, stride_tw, c0, c1, softcap,
                     HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     SATURATE_FP16=grad_dtype == torch.float16, EVEN_D=D % blocks["BLOCK_D"] == 0,
                     EVEN_E=E % blocks["BLOCK_D"] == 0,
-                    COST_DOT_PRECISION=_dot_precision(cost_args[1]), SUBCENTERS=spec.subcenters,
-                    HAS_ENTROPY=entropy_coef is not None, **_flags(spec), **_without(blocks, "FLATTEN"), **launch)
+                    COST_DOT_PRECISION=_dot_precision(cost_args[1] if teacher is None else teacher_args[0]),
+                    SUBCENTERS=spec.subcenters, HAS_ENTROPY=entropy_coef is not None, HAS_TEACHER=teacher is not None,
+                    **_flags(spec), **_without(blocks, "FLATTEN"), **launch)
         return grad

@@ -93,8 +93,10 @@ std::tuple<at::Tensor, at::Tensor> log_probs_entropy_rows_backward(
   // dL/dz_j = (−g_lp − g_h·H − g_h·log p_j)·p_j off the target; at the target g_lp·(1 − p_t) + g_h·p_t·(−log p_t − H),
   // chained by dz/da = 1/T (log_probs.py)
   const at::Tensor coef_p = -g_lp - g_h * h;
-  const at::Tensor target_grad =
-      (-g_lp * at::expm1(log_pt) - g_h * at::exp(log_pt) * (log_pt + h)) * rows.row_scale;
+  // p_t·(log p_t + H) is 0 where p_t = 0 (a −inf target logit: 0·(−inf) would be NaN)
+  const at::Tensor p_t = at::exp(log_pt);
+  const at::Tensor entropy_part = at::where(p_t.gt(0), p_t * (log_pt + h), at::zeros_like(p_t));
+  const at::Tensor target_grad = (-g_lp * at::expm1(log_pt) - g_h * entropy_part) * rows.row_scale;
   const int64_t chunk = loss::class_chunk(class_chunk, x.size(0), acc);
   const auto [grad_x, grad_w, unused_bias] = streaming_grads_finalized(
       x, w, rows.row_scale, std::nullopt, std::nullopt, std::nullopt, rows.column, lse.to(acc), coef_p, zero,

@@ -60,3 +60,16 @@ def test_nan_input_gives_nan():
     log_pt, entropy = mk.log_probs_and_entropy(x, w, t)
     assert torch.isnan(log_pt[2]) and torch.isnan(entropy[2])
     assert torch.isfinite(log_pt[[0, 1, 3]]).all() and torch.isfinite(entropy[[0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_nan_class_split_gives_nan(sm_count, monkeypatch):
+    """A whole class split of NaN logits (NaN rows of the head): tl.max skips NaN, so the split's max is −inf and
+    only its S′ carries the NaN; the merge must not drop it as an empty split (found by a review)."""
+    import marginkern.triton_kernels.tiles as tiles_module
+    monkeypatch.setattr(tiles_module, "_sm_count", lambda device: sm_count)
+    x, w, _ = make_case(3, 300, 8, device=DEVICE)
+    w = w.detach().clone()
+    w[32:64] = float("nan")
+    log_pt, entropy = mk.log_probs_and_entropy(x.detach(), w, torch.tensor([1, 5, 299], device=DEVICE))
+    assert torch.isnan(log_pt).all() and torch.isnan(entropy).all()
