@@ -11,7 +11,7 @@ csrc/cpu/streaming_ce.cpp, math in csrc/cpu/streaming_ce.h and marginkern/engine
     torch.ops.marginkern.grads_of_dots_          (lse, Σ_j z), then dL/da in place
 
 and the C++ losses' per-row halves (csrc/cpu/loss_ops.cpp: margin_ce_rows, linear_ce_rows, emo_rows,
-log_probs_entropy_rows and their backwards), which the loss ops of marginkern/ops.py run on the cpp backend.
+log_probs_entropy_rows, kl_divergence_rows and their backwards), which the loss ops of marginkern/ops.py run on the cpp backend.
 
 marginkern._C_cuda adds CUDA kernels for the first, second and last two (cuBLAS GEMMs per chunk, the
 epilogue in csrc/cuda/epilogue_kernels.cu); on the GPU the engine's own loop runs the backward GEMMs.
@@ -31,7 +31,7 @@ from .engine import accumulation_dtype, cost_query, gpu_grad_dtype
 EXTENSION_OPS = ("streaming_row_stats", "streaming_grad_logits", "streaming_grads", "row_stats_of_dots",
                  "grads_of_dots_", "margin_ce_rows", "margin_ce_rows_backward", "linear_ce_rows",
                  "linear_ce_rows_backward", "emo_rows", "emo_rows_backward", "log_probs_entropy_rows",
-                 "log_probs_entropy_rows_backward")
+                 "log_probs_entropy_rows_backward", "kl_divergence_rows", "kl_divergence_rows_backward")
 
 
 # Arguments an extension built from older sources lacks (a changed schema loads fine and fails at the call).
@@ -262,6 +262,16 @@ if LOAD_ERROR is None:
     @torch.library.register_fake("marginkern::log_probs_entropy_rows_backward")
     def _(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, temperature, ignore_index,
           need_weight_grad):
+        return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
+
+    @torch.library.register_fake("marginkern::kl_divergence_rows")
+    def _(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, reverse):
+        acc, n = accumulation_dtype(input.dtype), input.shape[0]
+        return tuple(input.new_empty((n,), dtype=acc) for _ in range(3))
+
+    @torch.library.register_fake("marginkern::kl_divergence_rows_backward")
+    def _(grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl, temperature,
+          ignore_index, reverse, need_weight_grad):
         return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
 
     @torch.library.register_fake("marginkern::streaming_grads")

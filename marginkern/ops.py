@@ -516,8 +516,8 @@ _register_autograd("emo_cross_entropy", _emo_backward, _emo_setup_context)
 
 
 def _teacher_tiles(input):
-    """select_tiles, except the C++ and CUDA tiles, which have no teacher plane (the PyTorch tiles serve the CPU)."""
-    return select_tiles_except(("cpp", "cuda"), "teacher logit plane (distillation)", input.device, input.dtype)
+    """select_tiles, except the CUDA tiles, which have no teacher plane (on CUDA Triton serves it)."""
+    return select_tiles_except(("cuda",), "teacher logit plane (distillation)", input.device, input.dtype)
 
 
 @_op("linear_kl_divergence")
@@ -529,8 +529,12 @@ def linear_kl_divergence(input: Tensor, weight: Tensor, teacher_input: Tensor, t
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
+    tiles = _teacher_tiles(input)
+    if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/distill_loss.cpp), the same math
+        return torch.ops.marginkern.kl_divergence_rows(input, weight, teacher_input, teacher_weight, target,
+                                                       temperature, ignore_index, bool(reverse))
     return kl_forward(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, bool(reverse),
-                      _teacher_tiles(input))
+                      tiles)
 
 
 @linear_kl_divergence.register_fake
@@ -555,9 +559,13 @@ def linear_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: Tensor
             raise ValueError(f"{name} must have shape ({n},) (one value per row of input), got {tuple(t.shape)}")
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
+    tiles = _teacher_tiles(input)
+    if tiles.name == "cpp":
+        return torch.ops.marginkern.kl_divergence_rows_backward(
+            grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl, float(temperature),
+            int(ignore_index), bool(reverse), need_weight_grad)
     grad_x, grad_w = kl_backward(grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl,
-                                 float(temperature), int(ignore_index), bool(reverse), _teacher_tiles(input),
-                                 need_weight_grad)
+                                 float(temperature), int(ignore_index), bool(reverse), tiles, need_weight_grad)
     return grad_x, _or_empty(grad_w, weight)
 
 

@@ -65,13 +65,16 @@ def test_oracle_matches_materialised_definition(direction, temperature):
         assert torch.allclose(g, e, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", ["default", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("shape", [(37, 301, 45, 20), (3, 1, 4, 5), (19, 65, 16, 16), (1, 2, 3, 2)])
 def test_op_matches_oracle(backend, dtype, direction, shape, monkeypatch):
-    if backend != "default":
-        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    """Both CPU backends: the C++ kernels (csrc/cpu/distill_loss.cpp, the default) and the PyTorch tiles."""
+    from marginkern import cpp_tiles
+    if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
     check_kl_against_oracle(dtype, shape, direction, "cpu")
 
 
@@ -197,12 +200,34 @@ def test_bad_arguments():
     assert torch.isfinite(mk.linear_kl_divergence(x, w, x_t, w_t, torch.tensor([0, 5, 1])))
 
 
-def test_forced_cpp_backend_refuses_with_a_reason(monkeypatch):
-    from marginkern import cpp_tiles
-    if cpp_tiles.LOAD_ERROR is not None:
-        pytest.skip(cpp_tiles.LOAD_ERROR)
-    monkeypatch.setenv("MARGINKERN_BACKEND", "cpp")
+def test_forced_cuda_backend_refuses_with_a_reason(monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", "cuda")
     x, w, t = make_case(3, 5, 4)
     x_t, w_t = teacher_case(3, 5, 2, torch.float32)
-    with pytest.raises(BackendUnavailable, match="teacher"):
+    with pytest.raises(BackendUnavailable, match="cuda"):
         mk.linear_kl_divergence(x, w, x_t, w_t, t)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_confident_teacher_on_both_cpu_backends(backend, monkeypatch):
+    from marginkern import cpp_tiles
+    if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    check_confident_teacher("cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_nan_gives_nan(backend, monkeypatch):
+    from marginkern import cpp_tiles
+    if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    x, w, t = make_case(4, 600, 8)
+    x_t, w_t = teacher_case(4, 600, 6, torch.float32)
+    x = x.detach().clone()
+    x[1, 2] = float("nan")
+    w_t = w_t.clone()
+    w_t[590] = float("nan")  # a NaN teacher class: every row's KL is NaN
+    kl = mk.linear_kl_divergence(x, w, x_t, w_t, t, reduction="none")
+    assert torch.isnan(kl).all()

@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "distill_loss.h"
 #include "emo_loss.h"
 #include "linear_ce_loss.h"
 #include "log_probs_loss.h"
@@ -116,6 +117,25 @@ std::tuple<at::Tensor, at::Tensor> log_probs_entropy_rows_backward_op(
                                          log_probs, entropy, temperature, ignore_index, need_weight_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_divergence_rows_op(const at::Tensor& input, const at::Tensor& weight,
+                                                                     const at::Tensor& teacher_input,
+                                                                     const at::Tensor& teacher_weight,
+                                                                     const at::Tensor& target, double temperature,
+                                                                     int64_t ignore_index, bool reverse) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, "marginkern::kl_divergence_rows: temperature must be a "
+              "finite number > 0, got ", temperature);
+  return kl_divergence_rows(input, weight, teacher_input, teacher_weight, target.to(at::kLong), temperature,
+                            ignore_index, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_divergence_rows_backward_op(
+    const at::Tensor& grad_kl, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& teacher_input,
+    const at::Tensor& teacher_weight, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& teacher_lse,
+    const at::Tensor& kl, double temperature, int64_t ignore_index, bool reverse, bool need_weight_grad) {
+  return kl_divergence_rows_backward(grad_kl, input, weight, teacher_input, teacher_weight, target.to(at::kLong), lse,
+                                     teacher_lse, kl, temperature, ignore_index, reverse, need_weight_grad);
+}
+
 }  // namespace
 }  // namespace marginkern
 
@@ -152,6 +172,13 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
       "log_probs_entropy_rows_backward(Tensor grad_log_probs, Tensor grad_entropy, Tensor input, Tensor weight, "
       "Tensor target, Tensor lse, Tensor log_probs, Tensor entropy, float temperature, int ignore_index, "
       "bool need_weight_grad) -> (Tensor grad_input, Tensor grad_weight)");
+  m.def(
+      "kl_divergence_rows(Tensor input, Tensor weight, Tensor teacher_input, Tensor teacher_weight, Tensor target, "
+      "float temperature, int ignore_index, bool reverse) -> (Tensor kl, Tensor lse, Tensor teacher_lse)");
+  m.def(
+      "kl_divergence_rows_backward(Tensor grad_kl, Tensor input, Tensor weight, Tensor teacher_input, "
+      "Tensor teacher_weight, Tensor target, Tensor lse, Tensor teacher_lse, Tensor kl, float temperature, "
+      "int ignore_index, bool reverse, bool need_weight_grad) -> (Tensor grad_input, Tensor grad_weight)");
 }
 
 TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
@@ -163,4 +190,6 @@ TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
   m.impl("emo_rows_backward", TORCH_FN(marginkern::emo_rows_backward_op));
   m.impl("log_probs_entropy_rows", TORCH_FN(marginkern::log_probs_entropy_rows_op));
   m.impl("log_probs_entropy_rows_backward", TORCH_FN(marginkern::log_probs_entropy_rows_backward_op));
+  m.impl("kl_divergence_rows", TORCH_FN(marginkern::kl_divergence_rows_op));
+  m.impl("kl_divergence_rows_backward", TORCH_FN(marginkern::kl_divergence_rows_backward_op));
 }

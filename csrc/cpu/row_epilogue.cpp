@@ -81,26 +81,54 @@ MARGINKERN_ALWAYS_INLINE void entropy_part_row_impl(const T* row, int cc, T max_
   gap = t;
 }
 
-template <typename T, bool kSoftcap, bool kCost, bool kEntropy>
+template <typename T>
+MARGINKERN_ALWAYS_INLINE void teacher_part_row_impl(const T* z, T* teacher, int cc, T row_scale, T max_z, T& max_t,
+                                                    T& sum_t, T& cross_t, T& cross_s) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int j = 0; j < cc; ++j) {
+    const T zt = teacher[j] * row_scale;
+    teacher[j] = zt;
+    m = zt > m ? zt : m;
+  }
+  T st = 0, ct = 0, cs = 0;
+#pragma omp simd reduction(+ : st, ct, cs)
+  for (int j = 0; j < cc; ++j) {
+    const T gap = teacher[j] - z[j];  // z^T − z
+    const T et = exp_simd(teacher[j] - m), es = exp_simd(z[j] - max_z);
+    st += et;
+    ct += et > T(0) ? et * gap : T(0);
+    cs -= es > T(0) ? es * gap : T(0);
+  }
+  max_t = m, sum_t = st, cross_t = ct, cross_s = cs;
+}
+
+template <typename T, bool kSoftcap, bool kCost, bool kEntropy, bool kTeacher>
 MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
-                                        const RowGradCoefs<T>& k, int target) {
+                                        const RowGradCoefs<T>& k, int target, const T* teacher_dots) {
   const int cc = cols.cc;
   const T* scale = cols.scale;
   const T* bias = cols.bias;
   const T* cost_scale = cols.cost_scale;
   const T cap = cols.softcap, inv_cap = T(1) / cols.softcap;
   const T r = k.row_scale, lse = k.lse, cp = k.coef_p, cu = k.coef_u, tg = k.target_grad, cq = k.cost_coef;
-  const T ce = k.entropy_coef;
+  const T ce = k.entropy_coef, lse_t = k.teacher_lse, c_q = k.coef_q, c_log_q = k.coef_log_q;
 #pragma omp simd
   for (int j = 0; j < cc; ++j) {
     const logit_math::LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
     T weight_p = cp;
     if constexpr (kCost) weight_p = cp - cq * cost_scale[j] * cost_dots[j];
     T g;
-    if constexpr (kEntropy) {  // (coef_p − coef_entropy·log p)·p − coef_u, p·log p = 0 where p = 0
+    if constexpr (kEntropy || kTeacher) {  // terms in p·log p and p·log q are 0 where p = 0
       const T log_p = zc.z - lse;
       const T p = exp_simd(log_p);
-      g = (weight_p * p - (p > T(0) ? ce * p * log_p : T(0)) - cu) * zc.chain;
+      T sum = weight_p * p - cu;
+      if constexpr (kEntropy) sum -= p > T(0) ? ce * p * log_p : T(0);
+      if constexpr (kTeacher) {  // −coef_q·q + coef_log_q·p·log q
+        const T log_q = teacher_dots[j] * r - lse_t;
+        sum += (p > T(0) ? c_log_q * p * log_q : T(0)) - c_q * exp_simd(log_q);
+      }
+      g = sum * zc.chain;
     } else {
       g = logit_math::grad_of_logit<SimdMath>(zc.z, zc.chain, weight_p, cu, lse);
     }
@@ -108,19 +136,23 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
   }
 }
 
+// The entropy and teacher terms come without a cost term and without a softcap (streaming_ce.cpp checks):
+// one loop instance per combination that a loss uses.
 template <typename T>
 MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
-                                            const RowGradCoefs<T>& coefs, int target) {
+                                            const RowGradCoefs<T>& coefs, int target, const T* teacher_dots) {
   const bool cost = cost_dots != nullptr;
-  if (coefs.has_entropy) {  // the entropy term comes without a cost term (streaming_ce.cpp checks)
-    cols.has_softcap ? grad_loop<T, true, false, true>(row, cost_dots, cols, coefs, target)
-                     : grad_loop<T, false, false, true>(row, cost_dots, cols, coefs, target);
+  if (teacher_dots != nullptr) {
+    coefs.has_entropy ? grad_loop<T, false, false, true, true>(row, cost_dots, cols, coefs, target, teacher_dots)
+                      : grad_loop<T, false, false, false, true>(row, cost_dots, cols, coefs, target, teacher_dots);
+  } else if (coefs.has_entropy) {
+    grad_loop<T, false, false, true, false>(row, cost_dots, cols, coefs, target, teacher_dots);
   } else if (cols.has_softcap) {
-    cost ? grad_loop<T, true, true, false>(row, cost_dots, cols, coefs, target)
-         : grad_loop<T, true, false, false>(row, cost_dots, cols, coefs, target);
+    cost ? grad_loop<T, true, true, false, false>(row, cost_dots, cols, coefs, target, teacher_dots)
+         : grad_loop<T, true, false, false, false>(row, cost_dots, cols, coefs, target, teacher_dots);
   } else {
-    cost ? grad_loop<T, false, true, false>(row, cost_dots, cols, coefs, target)
-         : grad_loop<T, false, false, false>(row, cost_dots, cols, coefs, target);
+    cost ? grad_loop<T, false, true, false, false>(row, cost_dots, cols, coefs, target, teacher_dots)
+         : grad_loop<T, false, false, false, false>(row, cost_dots, cols, coefs, target, teacher_dots);
   }
 }
 
@@ -206,13 +238,23 @@ void entropy_part_row(const double* row, int cc, double max_z, double& others, d
 }
 
 MARGINKERN_ISA_CLONES void grad_row(float* row, const float* cost_dots, const ChunkColumns<float>& cols,
-                                    const RowGradCoefs<float>& coefs, int target) {
-  grad_row_impl(row, cost_dots, cols, coefs, target);
+                                    const RowGradCoefs<float>& coefs, int target, const float* teacher_dots) {
+  grad_row_impl(row, cost_dots, cols, coefs, target, teacher_dots);
 }
 
 void grad_row(double* row, const double* cost_dots, const ChunkColumns<double>& cols,
-              const RowGradCoefs<double>& coefs, int target) {
-  grad_row_impl(row, cost_dots, cols, coefs, target);
+              const RowGradCoefs<double>& coefs, int target, const double* teacher_dots) {
+  grad_row_impl(row, cost_dots, cols, coefs, target, teacher_dots);
+}
+
+MARGINKERN_ISA_CLONES void teacher_part_row(const float* z, float* teacher, int cc, float row_scale, float max_z,
+                                            float& max_t, float& sum_t, float& cross_t, float& cross_s) {
+  teacher_part_row_impl(z, teacher, cc, row_scale, max_z, max_t, sum_t, cross_t, cross_s);
+}
+
+void teacher_part_row(const double* z, double* teacher, int cc, double row_scale, double max_z, double& max_t,
+                      double& sum_t, double& cross_t, double& cross_s) {
+  teacher_part_row_impl(z, teacher, cc, row_scale, max_z, max_t, sum_t, cross_t, cross_s);
 }
 
 }  // namespace marginkern::epilogue

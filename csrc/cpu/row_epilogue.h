@@ -80,6 +80,8 @@ struct RowGradCoefs {
   T cost_coef;          // coef_cost_n · query_scale_n (EMO), 0 without a cost term
   T entropy_coef = 0;   // the entropy term's coefficient (streaming_ce.h), read only when has_entropy
   bool has_entropy = false;
+  // distillation's teacher term (streaming_ce.h), read only with a teacher_dots row: its lse and coefficients
+  T teacher_lse = 0, coef_q = 0, coef_log_q = 0;
 };
 
 // Forward: z_j in place of a_j (the target column, if 0 ≤ target < cc, becomes target_logit);
@@ -99,11 +101,21 @@ double sum_exp_row(const double* row, int cc, double shift);
 void entropy_part_row(const float* row, int cc, float max_z, float& others, float& gap);
 void entropy_part_row(const double* row, int cc, double max_z, double& others, double& gap);
 
-// Backward: dL/da_j in place of a_j; `cost_dots` is the row of q_n · k_j (EMO) or nullptr.
+// Distillation's forward statistics of a row (streaming_ce.h): the student's logits z (in place, max max_z, finite)
+// and the teacher's raw dot products, which become its logits z^T = row_scale·dot in place; returns the
+// teacher's max, and with it Σ_j e^{z^T_j − max^T}, Σ_j e^{z^T_j − max^T}·(z^T_j − z_j) and
+// Σ_j e^{z_j − max_z}·(z_j − z^T_j).
+void teacher_part_row(const float* z, float* teacher, int cc, float row_scale, float max_z, float& max_t,
+                      float& sum_t, float& cross_t, float& cross_s);
+void teacher_part_row(const double* z, double* teacher, int cc, double row_scale, double max_z, double& max_t,
+                      double& sum_t, double& cross_t, double& cross_s);
+
+// Backward: dL/da_j in place of a_j; `cost_dots` is the row of q_n · k_j (EMO) or nullptr; `teacher_dots` the
+// row of the teacher's raw dot products (distillation) or nullptr.
 void grad_row(float* row, const float* cost_dots, const ChunkColumns<float>& cols,
-              const RowGradCoefs<float>& coefs, int target);
+              const RowGradCoefs<float>& coefs, int target, const float* teacher_dots = nullptr);
 void grad_row(double* row, const double* cost_dots, const ChunkColumns<double>& cols,
-              const RowGradCoefs<double>& coefs, int target);
+              const RowGradCoefs<double>& coefs, int target, const double* teacher_dots = nullptr);
 
 // Sub-centres (streaming_ce.h), one row of a chunk of cc classes with K rows of w each: `row` holds the
 // cc·K dot products and `scale` the rows' col_scale. Reduce: best_j = max_k scale_{jK+k}·row_{jK+k} and its k

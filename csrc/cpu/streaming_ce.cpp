@@ -130,6 +130,51 @@ void accumulate_entropy_stats(const Spec& s, const epilogue::ChunkColumns<T>& co
   });
 }
 
+// A softmax-weighted sum moved to a new max: (max, Σ e^{z−max}, Σ e^{z−max}·v) of two class sets merged
+// (engine.merge_weighted_sums); the running max starts at −inf (no classes yet).
+template <typename T>
+void merge_weighted_state(T& max_a, T& sum_a, T& values_a, T max_b, T sum_b, T values_b) {
+  if (max_a == -std::numeric_limits<T>::infinity()) {
+    max_a = max_b, sum_a = sum_b, values_a = values_b;
+    return;
+  }
+  const T top = std::max(max_a, max_b);
+  const T scale_a = std::exp(max_a - top), scale_b = std::exp(max_b - top);
+  sum_a = sum_a * scale_a + sum_b * scale_b;
+  values_a = values_a * scale_a + values_b * scale_b;
+  max_a = top;
+}
+
+// Distillation's forward epilogue: folds the chunk's student and teacher logits into each row's running
+// (max, Σexp, cross sum) of both (streaming_ce.h). `teacher` holds the chunk's teacher dot products.
+template <typename T>
+void accumulate_teacher_stats(const Spec& s, const epilogue::ChunkColumns<T>& cols, T* dots, T* teacher,
+                              const T* target_logit, T* student_state, T* teacher_state) {
+  constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+  const T* row_scale = s.row_scale.data_ptr<T>();
+  T *max_s = student_state, *sum_s = student_state + s.N, *cross_s = student_state + 2 * s.N;
+  T *max_t = teacher_state, *sum_t = teacher_state + s.N, *cross_t = teacher_state + 2 * s.N;
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      T* row = dots + n * cols.cc;
+      T max_z, sum_z;
+      bool has_nan;
+      epilogue::logits_row(row, cols, row_scale[n], -1, target_logit[n], max_z, sum_z, has_nan);
+      if (sum_s[n] != sum_s[n]) continue;  // already NaN
+      if (has_nan || !std::isfinite(max_z)) {  // NaN (an infinite logit makes the KL undefined too)
+        sum_s[n] = kNaN, sum_t[n] = kNaN;
+        continue;
+      }
+      T chunk_max_t, chunk_sum_t, chunk_cross_t, chunk_cross_s;
+      epilogue::teacher_part_row(row, teacher + n * cols.cc, cols.cc, row_scale[n], max_z, chunk_max_t, chunk_sum_t,
+                                 chunk_cross_t, chunk_cross_s);
+      merge_weighted_state(max_s[n], sum_s[n], cross_s[n], max_z, epilogue::sum_exp_row(row, cols.cc, max_z),
+                           chunk_cross_s);
+      merge_weighted_state(max_t[n], sum_t[n], cross_t[n], chunk_max_t, chunk_sum_t, chunk_cross_t);
+    }
+  });
+}
+
 // The forward epilogue of a whole row of logits that must survive (the 3-GEMM path turns the same dots
 // into dL/da afterwards): each row is copied to a per-thread scratch row first. lse as torch.logsumexp.
 template <typename T>
@@ -153,7 +198,7 @@ void row_stats_of_rows(const Spec& s, const epilogue::ChunkColumns<T>& cols, con
 
 // Backward epilogue: dots ← dL/da for the chunk [c0, c0 + cc); cost_dots holds q·kᵀ of the chunk.
 void grads_into(const Spec& s, const Cost& cost, const RowGrads& rg, int64_t c0, const at::Tensor& dots,
-                const at::Tensor& cost_dots) {
+                const at::Tensor& cost_dots, const Teacher& teacher = {}, const at::Tensor& teacher_dots = {}) {
   const ChunkColumnTensors columns(s, cost, c0, c0 + dots.size(1));
   AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_grads", [&] {
     using T = scalar_t;
@@ -165,15 +210,20 @@ void grads_into(const Spec& s, const Cost& cost, const RowGrads& rg, int64_t c0,
     const T* row_coef = cost.present() ? cost.row_coef.data_ptr<T>() : nullptr;
     const T* cost_base = cost.present() ? cost_dots.data_ptr<T>() : nullptr;
     const T* entropy_coef = rg.entropy_coef.defined() ? rg.entropy_coef.data_ptr<T>() : nullptr;
+    const T* teacher_base = teacher.present() ? teacher_dots.data_ptr<T>() : nullptr;
+    const T *teacher_lse = teacher.present() ? teacher.lse.data_ptr<T>() : nullptr,
+            *coef_q = teacher.present() ? teacher.coef_q.data_ptr<T>() : nullptr,
+            *coef_log_q = teacher.present() ? teacher.coef_log_q.data_ptr<T>() : nullptr;
     T* g = dots.data_ptr<T>();
     at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        const epilogue::RowGradCoefs<T> coefs{row_scale[n], lse[n], coef_p[n], coef_u[n], target_grad[n],
-                                              row_coef != nullptr ? row_coef[n] : T(0),
-                                              entropy_coef != nullptr ? entropy_coef[n] : T(0),
-                                              entropy_coef != nullptr};
+        epilogue::RowGradCoefs<T> coefs{row_scale[n], lse[n], coef_p[n], coef_u[n], target_grad[n],
+                                        row_coef != nullptr ? row_coef[n] : T(0),
+                                        entropy_coef != nullptr ? entropy_coef[n] : T(0), entropy_coef != nullptr};
+        if (teacher_base != nullptr) coefs.teacher_lse = teacher_lse[n], coefs.coef_q = coef_q[n], coefs.coef_log_q = coef_log_q[n];
         epilogue::grad_row(g + n * cols.cc, cost_base != nullptr ? cost_base + n * cols.cc : nullptr, cols,
-                           coefs, target_in_chunk(target[n], c0, cols.cc));
+                           coefs, target_in_chunk(target[n], c0, cols.cc),
+                           teacher_base != nullptr ? teacher_base + n * cols.cc : nullptr);
       }
     });
   });
@@ -237,12 +287,14 @@ at::Tensor epilogue_dots(const Spec& s, const SubcenterBuffers& sub, int64_t c0,
 // (dL/da as an (N, (c1 − c0)·K) view of `buffer`, the chunk's rows of w in the accumulation dtype).
 std::pair<at::Tensor, at::Tensor> chunk_grads(const Spec& s, const Cost& cost, const RowGrads& rg,
                                               const at::Tensor& buffer, const at::Tensor& cost_buffer,
-                                              const SubcenterBuffers& sub, int64_t c0, int64_t c1) {
+                                              const SubcenterBuffers& sub, int64_t c0, int64_t c1,
+                                              const Teacher& teacher = {}) {
   auto [dots, w_chunk] = chunk_dots(s.x, s.w, s.acc, buffer, c0 * s.K, c1 * s.K);
-  at::Tensor cost_dots;
+  at::Tensor cost_dots, teacher_dots;  // the second buffer holds either (a cost term and a teacher exclude each other)
   if (cost.present()) cost_dots = chunk_dots(cost.query, cost.keys, s.acc, cost_buffer, c0, c1).first;
+  if (teacher.present()) teacher_dots = chunk_dots(teacher.x, teacher.w, s.acc, cost_buffer, c0, c1).first;
   const at::Tensor g = epilogue_dots(s, sub, c0, dots);
-  grads_into(s, cost, rg, c0, g, cost_dots);
+  grads_into(s, cost, rg, c0, g, cost_dots, teacher, teacher_dots);
   if (s.K > 1) {
     AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_expand_subcenters", [&] {
       expand_subcenters<scalar_t>(s, c0, static_cast<int>(c1 - c0), g.data_ptr<scalar_t>(),
@@ -325,6 +377,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_entropy(
   return {run_max, log_sum, entropy};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_teacher(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const Teacher& teacher,
+    int64_t class_chunk) {
+  constexpr const char* op = "marginkern::streaming_row_stats_with_teacher";
+  const at::Tensor no_target = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
+  const Spec s = make_spec(op, x, w, row_scale, std::nullopt, std::nullopt, std::nullopt, no_target);
+  TORCH_CHECK(teacher.x.dim() == 2 && teacher.x.size(0) == s.N && teacher.w.dim() == 2 && teacher.w.size(0) == s.C &&
+                  teacher.w.size(1) == teacher.x.size(1),
+              op, ": the teacher must be (N, E) hidden states and a (C, E) head, got ", teacher.x.sizes(), " and ",
+              teacher.w.sizes());
+  check_class_chunk(op, class_chunk);
+  const auto opts = s.x.options().dtype(s.acc);
+  const at::Tensor teacher_x = teacher.x.to(s.acc).contiguous();
+  // rows: max, Σexp, cross sum; the student's (0..2) and the teacher's (3..5)
+  at::Tensor state = at::zeros({6, s.N}, opts);
+  state[0].fill_(-std::numeric_limits<double>::infinity());
+  state[3].fill_(-std::numeric_limits<double>::infinity());
+  const int64_t chunk = std::min(class_chunk, s.C);
+  const at::Tensor buffer = at::empty({s.N * chunk}, opts), teacher_buffer = at::empty({s.N * chunk}, opts);
+  const at::Tensor zero_logit = at::zeros({s.N}, opts);
+  const Cost no_cost;
+  for (int64_t c0 = 0; c0 < s.C; c0 += class_chunk) {
+    const int64_t c1 = std::min(s.C, c0 + class_chunk);
+    const at::Tensor dots = chunk_dots(s.x, s.w, s.acc, buffer, c0, c1).first;
+    const at::Tensor teacher_dots = chunk_dots(teacher_x, teacher.w, s.acc, teacher_buffer, c0, c1).first;
+    const ChunkColumnTensors columns(s, no_cost, c0, c1);
+    AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_row_stats_with_teacher", [&] {
+      accumulate_teacher_stats<scalar_t>(s, columns_view<scalar_t>(columns, s), dots.data_ptr<scalar_t>(),
+                                         teacher_dots.data_ptr<scalar_t>(), zero_logit.data_ptr<scalar_t>(),
+                                         state.data_ptr<scalar_t>(), state.data_ptr<scalar_t>() + 3 * s.N);
+    });
+  }
+  return {state[0] + at::log(state[1]), state[3] + at::log(state[4]), state[5] / state[4], state[2] / state[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
     const std::optional<at::Tensor>& col_scale, std::optional<double> softcap, const at::Tensor& target,
@@ -368,8 +455,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
     const std::optional<at::Tensor>& cost_query_scale, const std::optional<at::Tensor>& cost_keys,
     const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef,
     const WeightChunkFinalizer& finalize, bool weight_dtype, const Subcenters& subcenters,
-    const at::Tensor& entropy_coef) {
+    const at::Tensor& entropy_coef, const Teacher& teacher_in) {
   constexpr const char* op = "marginkern::streaming_grads";
+  TORCH_CHECK(!teacher_in.present() || (subcenters.K == 1 && !cost_query && !col_scale && !bias && !softcap), op,
+              ": the teacher term comes without sub-centres, a cost term, a col_scale, a bias or a softcap");
   TORCH_CHECK(subcenters.K == 1 || (subcenters.target_subcenter.defined() && !cost_query), op,
               ": sub-centres need target_subcenter, and have no cost term");
   TORCH_CHECK(!entropy_coef.defined() || (subcenters.K == 1 && !cost_query), op,
@@ -379,6 +468,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
   const Cost cost = make_cost(op, s, cost_query, cost_query_scale, cost_keys, cost_key_scale, cost_coef);
   RowGrads rg = make_row_grads(op, s, lse, coef_p, coef_u, target_grad);
   if (entropy_coef.defined()) rg.entropy_coef = float_vector(op, "entropy_coef", entropy_coef, s.N, s.acc, s.device);
+  Teacher teacher;
+  if (teacher_in.present()) {
+    TORCH_CHECK(teacher_in.x.dim() == 2 && teacher_in.x.size(0) == s.N && teacher_in.w.dim() == 2 &&
+                    teacher_in.w.size(0) == s.C && teacher_in.w.size(1) == teacher_in.x.size(1),
+                op, ": the teacher must be (N, E) hidden states and a (C, E) head, got ", teacher_in.x.sizes(), " and ",
+                teacher_in.w.sizes());
+    teacher = {teacher_in.x.to(s.acc).contiguous(), teacher_in.w,
+               float_vector(op, "teacher lse", teacher_in.lse, s.N, s.acc, s.device),
+               float_vector(op, "coef_q", teacher_in.coef_q, s.N, s.acc, s.device),
+               float_vector(op, "coef_log_q", teacher_in.coef_log_q, s.N, s.acc, s.device)};
+  }
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
   at::Tensor grad_x = at::zeros({s.N, x.size(1)}, opts);
@@ -394,12 +494,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
   }
   const int64_t buffer_size = s.N * std::min(class_chunk, s.C);
   const at::Tensor buffer = at::empty({buffer_size * s.K}, opts);
-  const at::Tensor cost_buffer = cost.present() ? at::empty({buffer_size}, opts) : at::Tensor();
+  const at::Tensor cost_buffer = cost.present() || teacher.present() ? at::empty({buffer_size}, opts) : at::Tensor();
   const SubcenterBuffers sub(s, std::min(class_chunk, s.C));
   for (int64_t c0 = 0; c0 < s.C; c0 += class_chunk) {
     const int64_t c1 = std::min(s.C, c0 + class_chunk);
     const int64_t r0 = c0 * s.K, r1 = c1 * s.K;  // the chunk's rows of w
-    const auto [g, w_chunk] = chunk_grads(s, cost, rg, buffer, cost_buffer, sub, c0, c1);
+    const auto [g, w_chunk] = chunk_grads(s, cost, rg, buffer, cost_buffer, sub, c0, c1, teacher);
     grad_x.addmm_(g, w_chunk);                                 // dX += G · W[r0:r1]
     if (need_weight_grad) {
       at::Tensor grad_w_chunk = grad_w.narrow(0, r0, r1 - r0);  // dW[r0:r1] = Gᵀ · X
@@ -428,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
   return streaming_grads_impl(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad,
                               need_bias_grad, need_weight_grad, class_chunk, cost_query, cost_query_scale, cost_keys,
                               cost_key_scale, cost_coef, WeightChunkFinalizer(), /*weight_dtype=*/false, Subcenters{},
-                              at::Tensor());
+                              at::Tensor(), Teacher{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
@@ -439,10 +539,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     bool need_bias_grad, bool need_weight_grad, int64_t class_chunk, const WeightChunkFinalizer& finalize,
     const std::optional<at::Tensor>& cost_query, const std::optional<at::Tensor>& cost_query_scale,
     const std::optional<at::Tensor>& cost_keys, const std::optional<at::Tensor>& cost_key_scale,
-    const std::optional<at::Tensor>& cost_coef, const Subcenters& subcenters, const at::Tensor& entropy_coef) {
+    const std::optional<at::Tensor>& cost_coef, const Subcenters& subcenters, const at::Tensor& entropy_coef,
+    const Teacher& teacher) {
   return streaming_grads_impl(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad,
                               need_bias_grad, need_weight_grad, class_chunk, cost_query, cost_query_scale, cost_keys,
-                              cost_key_scale, cost_coef, finalize, /*weight_dtype=*/true, subcenters, entropy_coef);
+                              cost_key_scale, cost_coef, finalize, /*weight_dtype=*/true, subcenters, entropy_coef,
+                              teacher);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_stats_of_dots(

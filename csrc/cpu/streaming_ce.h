@@ -83,6 +83,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_entropy(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const at::Tensor& target,
     const at::Tensor& target_logit, int64_t class_chunk);
 
+// Distillation's teacher plane (marginkern/distill.py): the teacher's logits z^T_nj = row_scale_n·(x^T_n · w^T_j),
+// its own hidden states (N, E) and head (C, E), no gradient. The forward pass keeps its log-sum-exp and the cross
+// sums below; the backward pass adds −coef_q_n·q_nj + coef_log_q_n·p_nj·log q_nj to dL/dz_nj, q = exp(z^T − lse^T).
+struct Teacher {
+  at::Tensor x, w;                   // (N, E), (C, E): any float dtype, computed in the accumulation dtype
+  at::Tensor lse, coef_q, coef_log_q;  // (N,) each: the backward pass's (undefined in the forward)
+  bool present() const { return x.defined(); }
+};
+
+// (lse, lse^T, E_q[z^T − z], E_p[z − z^T]), each (N,), of the student logits row_scale_n·(x_n·w_j) (no target
+// column, no col_scale, bias or softcap) and the teacher's, with p and q their softmaxes; in one pass, each
+// mean kept as two sums with the same weights (no rounding of a log-sum-exp in it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_teacher(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const Teacher& teacher,
+    int64_t class_chunk);
+
 // streaming_row_stats over sub-centres (no bias: sub-centres are cosine logits).
 std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
@@ -92,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
 // streaming_grads for callers that chain dW further (the C++ losses): each chunk of the raw dW, rows
 // [r0, r1) of w (the chunk's classes, K rows each), in the accumulation dtype, passes through
 // `finalize(r0, r1, chunk)` (in place; may be empty), then is stored in w's dtype: a 16-bit w gets no
-// (C, D) fp32 gradient beside its own. `entropy_coef` (N,), when defined, adds the entropy term (no cost
-// term and no sub-centres with it).
+// (C, D) fp32 gradient beside its own. `entropy_coef` (N,), when defined, adds the entropy term, and `teacher`
+// the teacher's (neither with a cost term, sub-centres, a col_scale, a bias or a softcap).
 using WeightChunkFinalizer = std::function<void(int64_t r0, int64_t r1, at::Tensor& grad_w_chunk)>;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
@@ -106,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     const std::optional<at::Tensor>& cost_keys = std::nullopt,
     const std::optional<at::Tensor>& cost_key_scale = std::nullopt,
     const std::optional<at::Tensor>& cost_coef = std::nullopt, const Subcenters& subcenters = {},
-    const at::Tensor& entropy_coef = at::Tensor());
+    const at::Tensor& entropy_coef = at::Tensor(), const Teacher& teacher = {});
 
 // The 3-GEMM path's epilogue over `dots` (N, C), the raw dot products x·wᵀ computed elsewhere, in the
 // accumulation dtype: (lse, Σ_j z or (0,)) without changing dots, then dots ← dL/da in place.
