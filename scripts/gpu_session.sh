@@ -130,6 +130,8 @@ case "$stage" in
       "marginkern sub-center,naive sub-center,3-GEMM floor" 35 face-subcenter 5
     # per-token log-probs + entropy (RL policy step; log_probs_and_entropy) at Llama-3-8B shapes
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench rl rl-llama3-8b "marginkern,3-GEMM floor" 25 rl 5
+    # knowledge distillation (linear_kl_divergence: both heads' tiles) at Llama-3-8B shapes
+    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench kd kd-llama3-8b "marginkern,3-GEMM floor" 25 kd 5
     # the issues' targets against this visit's results (CPU only, about a second)
     python bench/check_targets.py "$OUT/results" 2>&1 | tee "$OUT/targets.txt"
     pack
