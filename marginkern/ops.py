@@ -515,6 +515,14 @@ def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
 _register_autograd("emo_cross_entropy", _emo_backward, _emo_setup_context)
 
 
+def _check_row_vectors(input, **vectors):
+    """A backward op's per-row arguments (N,): a wrong one would be read out of bounds by the kernels."""
+    n = input.shape[0]
+    for name, t in vectors.items():
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},) (one value per row of input), got {tuple(t.shape)}")
+
+
 def _teacher_tiles(input):
     """select_tiles, except the CUDA tiles, which have no teacher plane (on CUDA Triton serves it)."""
     return select_tiles_except(("cuda",), "teacher logit plane (distillation)", input.device, input.dtype)
@@ -553,10 +561,7 @@ def linear_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: Tensor
                                   temperature: float, ignore_index: int, reverse: bool,
                                   need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
     """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, teacher lse and KL."""
-    n = input.shape[0]
-    for name, t in (("grad_kl", grad_kl), ("lse", lse), ("teacher_lse", teacher_lse), ("kl", kl)):
-        if t.shape != (n,):
-            raise ValueError(f"{name} must have shape ({n},) (one value per row of input), got {tuple(t.shape)}")
+    _check_row_vectors(input, grad_kl=grad_kl, lse=lse, teacher_lse=teacher_lse, kl=kl)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
     tiles = _teacher_tiles(input)
@@ -629,11 +634,8 @@ def log_probs_entropy_backward(grad_log_probs: Tensor, grad_entropy: Tensor, inp
                                target: Tensor, lse: Tensor, log_probs: Tensor, entropy: Tensor, temperature: float,
                                ignore_index: int, need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
     """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, log_probs, entropy."""
-    n = input.shape[0]
-    for name, t in (("grad_log_probs", grad_log_probs), ("grad_entropy", grad_entropy), ("lse", lse),
-                    ("log_probs", log_probs), ("entropy", entropy)):
-        if t.shape != (n,):
-            raise ValueError(f"{name} must have shape ({n},) (one value per row of input), got {tuple(t.shape)}")
+    _check_row_vectors(input, grad_log_probs=grad_log_probs, grad_entropy=grad_entropy, lse=lse, log_probs=log_probs,
+                       entropy=entropy)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = _entropy_tiles(input)
     if tiles.name == "cpp":
