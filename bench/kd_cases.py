@@ -4,7 +4,7 @@ the same vocabulary (the teacher's hidden states and head fixed, no gradient), m
 Providers:
   marginkern      marginkern.linear_kl_divergence (one forward pass over both heads' logit tiles; the backward
                   recomputes both)
-  naive           torchtune-style on materialised logits: fp32 student and teacher logits / T, log_softmax of
+  naive           on materialised logits: fp32 student and teacher logits / T, log_softmax of
                   each, F.kl_div(log_target=True)
   torch.compile   torch.compile of that naive function
   3-GEMM floor    the three GEMMs of the student's plain LM-head CE (the teacher's logits GEMM comes on top)

@@ -917,8 +917,10 @@ class TorchTiles:
             g = g - entropy_coef[:, None] * torch.where(p > 0, p * log_p, 0.0)
         if teacher is not None:
             log_q = teacher_logits(teacher, c0, c1, z.dtype) - teacher.lse[:, None]
+            # p·log q only where its coefficient is not 0 (forward KL: a −inf teacher logit would give 0·(−inf))
+            coef_log_q = teacher.coef_log_q[:, None]
             g = (g - teacher.coef_q[:, None] * torch.exp(log_q)
-                 + teacher.coef_log_q[:, None] * torch.where(p > 0, p * log_q, 0.0))
+                 + torch.where((p > 0) & (coef_log_q != 0), coef_log_q * p * log_q, 0.0))
         g = (g - coef_u[:, None]) * chain
         if winner is None:
             return torch.where(is_target, target_grad[:, None], g)

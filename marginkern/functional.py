@@ -192,8 +192,9 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     """Knowledge distillation: the KL divergence between the teacher's softmax(teacher_input·teacher_weightᵀ / T)
     and the student's softmax(input·weightᵀ / T), per token, without materialising either N × C logits.
 
-    direction="forward": KL(teacher‖student) (Hinton's distillation, torchtune's ForwardKLLoss);
-    "reverse": KL(student‖teacher) (MiniLLM). Gradients flow into input and weight only; the teacher's tensors
+    direction="forward": KL(teacher‖student) (Hinton's distillation; torchtune's ForwardKLLoss returns its
+    cross-entropy part −Σ q·log p, the same gradient without the teacher's entropy); "reverse": KL(student‖teacher)
+    (MiniLLM). Gradients flow into input and weight only; the teacher's tensors
     are constants. input (N, D) or (B, T, D), weight (C, D); teacher_input (N, E) or (B, T, E) with the same
     rows, teacher_weight (C, E), both in input's dtype (E may differ from D). target (N,) or (B, T), optional,
     only masks: positions equal to ignore_index count for nothing ("mean" is over the others, 0 when there are
@@ -203,8 +204,8 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     reverse = check_direction(direction)
     ignore_index = check_ignore_index(ignore_index)
     check_tensor("input", input)
-    if target is None:
-        target = torch.zeros(input.shape[:-1], dtype=torch.int64, device=input.device)
+    if target is None:  # every row counts: any value but ignore_index
+        target = torch.full(input.shape[:-1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
     target = _shift_targets(target, shift, ignore_index)
     rows_shape = input.shape[:-1]
     input, target, token_shape = _flatten_tokens(input, target)

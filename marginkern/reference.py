@@ -196,8 +196,8 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     acc = accumulation_dtype(input.dtype)
     x, w = input.to(acc) / temperature, weight.to(acc)
     x_t, w_t = teacher_input.detach().to(acc) / temperature, teacher_weight.detach().to(acc)
-    if target is None:
-        target = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    if target is None:  # every row counts
+        target = torch.full((x.shape[0],), int(ignore_index == 0), dtype=torch.int64, device=x.device)
     no_target = torch.full_like(target, -1)
     lse, _ = streamed_lse_and_sum(x, w, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
     lse_t, _ = streamed_lse_and_sum(x_t, w_t, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)

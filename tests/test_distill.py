@@ -1,5 +1,7 @@
 """Knowledge distillation (linear_kl_divergence): forward and reverse KL against the materialised float64
 definition and the streamed oracle, every CPU backend, autograd, edge cases, opcheck, compile, errors."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,3 +233,60 @@ def test_nan_gives_nan(backend, monkeypatch):
     w_t[590] = float("nan")  # a NaN teacher class: every row's KL is NaN
     kl = mk.linear_kl_divergence(x, w, x_t, w_t, t, reduction="none")
     assert torch.isnan(kl).all()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_minus_inf_logits(backend, direction, monkeypatch):
+    from marginkern import cpp_tiles
+    from marginkern.engine import TorchTiles
+    if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    monkeypatch.setattr(TorchTiles, "class_chunks", lambda self, N, C, x, bytes_per_class=0:
+                        [(c0, min(C, c0 + 32)) for c0 in range(0, C, 32)])
+    check_minus_inf_logits(direction, "cpu")
+
+
+def check_minus_inf_logits(direction, device):
+    """−inf logits (a masked vocabulary tail), also filling whole class chunks, never give 0·(−inf) = NaN where the
+    KL is finite (found by a review): the teacher's −inf where the student's are finite (forward KL finite, its
+    gradient too: the teacher gets none), and both heads −inf on a common tail (the value; −inf weights of the
+    student's own make dX = G·W NaN in any implementation, torch's included). float64 on the CPU, float32 in
+    the Triton kernels."""
+    dtype = torch.float64 if device == "cpu" and os.environ.get("MARGINKERN_BACKEND") != "triton" else torch.float32
+    torch.manual_seed(5)
+    N, C = 6, 100
+    x, x_t = torch.randn(N, 4, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64)
+    x[:, 0], x_t[:, 0] = x[:, 0].abs() + 0.5, x_t[:, 0].abs() + 0.5
+    w, w_t = torch.randn(C, 4, dtype=torch.float64), torch.randn(C, 3, dtype=torch.float64)
+    if direction == "forward":
+        w_t[40:, 0] = -float("inf")
+        upstream = torch.randn(N, dtype=torch.float64)
+        got = kl_and_grads(mk.linear_kl_divergence, *(v.to(dtype).to(device) for v in (x, w, x_t, w_t)), None,
+                           upstream.to(device))
+        want = kl_and_grads(materialised_masked, x, w, x_t, w_t, None, upstream)
+        for name, g, e in zip(("kl", "grad input", "grad weight"), got, want):
+            assert_close_rel(g, e, dtype, name, floor=1.0)
+    w[70:, 0], w_t[70:, 0] = -float("inf"), -float("inf")
+    got = mk.linear_kl_divergence(*(v.to(dtype).to(device) for v in (x, w, x_t, w_t)), direction=direction,
+                                  reduction="none")
+    assert_close_rel(got, materialised_masked(x, w, x_t, w_t, None, direction), dtype, "kl", floor=1.0)
+
+
+def materialised_masked(x, w, x_t, w_t, t, direction="forward", reduction="none"):
+    """The float64 definition with 0·log 0 = 0 (a −inf logit's class has probability 0 and adds nothing), written
+    so that autograd's unselected branch holds no inf either (its 0 gradient times inf would be NaN)."""
+    log_p = torch.log_softmax(x @ w.t(), dim=1)
+    log_q = torch.log_softmax(x_t @ w_t.t(), dim=1)
+    a, b = (log_q, log_p) if direction == "forward" else (log_p, log_q)
+    counts = a > -float("inf")
+    a, b = torch.where(counts, a, 0.0), torch.where(counts, b, 0.0)
+    return torch.where(counts, a.exp() * (a - b), 0.0).sum(1)
+
+
+def test_no_target_with_ignore_index_zero_counts_every_row():
+    x, w, _ = make_case(6, 30, 4)
+    x_t, w_t = teacher_case(6, 30, 3, torch.float32)
+    kl = mk.linear_kl_divergence(x, w, x_t, w_t, ignore_index=0, reduction="none")
+    assert (kl > 0).all()

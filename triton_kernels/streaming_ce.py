@@ -323,10 +323,11 @@ def streaming_ce_fwd_kernel(
             teacher_shift = tl.where(teacher_max == -float("inf"), 0.0, teacher_max)
             teacher_rescale = tl.exp(run_teacher_max - teacher_shift)
             teacher_weights = tl.exp(z_teacher - teacher_shift[:, None])
-            gap = tl.where(col_mask[None, :], z_teacher - z, 0.0)  # z^T − z; masked columns are −inf in both
+            gap = z_teacher - z  # ±inf or NaN where a head's logit is −inf: its weight there is 0, and adds 0
             run_teacher_sumexp = run_teacher_sumexp * teacher_rescale + tl.sum(teacher_weights, axis=1)
-            run_teacher_cross = run_teacher_cross * teacher_rescale + tl.sum(teacher_weights * gap, axis=1)
-            run_student_cross = run_student_cross * rescale - tl.sum(weights * gap, axis=1)
+            run_teacher_cross = run_teacher_cross * teacher_rescale + tl.sum(
+                tl.where(teacher_weights > 0, teacher_weights * gap, 0.0), axis=1)
+            run_student_cross = run_student_cross * rescale - tl.sum(tl.where(weights > 0, weights * gap, 0.0), axis=1)
             run_teacher_max = teacher_max
         run_max = new_max
         if NEED_SUM_LOGITS:
@@ -399,7 +400,9 @@ def streaming_ce_grad_logits_kernel(
         log_q = z_teacher - tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
         coef_q = tl.load(coef_q_ptr + rows, mask=row_mask, other=0.0)
         coef_log_q = tl.load(coef_log_q_ptr + rows, mask=row_mask, other=0.0)
-        g = g - coef_q[:, None] * tl.exp(log_q) + coef_log_q[:, None] * tl.where(p > 0, p * log_q, 0.0)
+        # p·log q only where its coefficient is not 0 (forward KL: a −inf teacher logit would give 0·(−inf))
+        g = g - coef_q[:, None] * tl.exp(log_q) + tl.where((p > 0) & (coef_log_q[:, None] != 0),
+                                                           coef_log_q[:, None] * p * log_q, 0.0)
     g = (g - coef_u[:, None]) * chain
     is_target = cols[None, :] == target[:, None]
     g = tl.where(is_target, target_grad[:, None], g)

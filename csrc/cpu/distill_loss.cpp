@@ -93,8 +93,10 @@ at::Tensor linear_kl_divergence(const at::Tensor& x, const at::Tensor& w, const 
                                 const at::Tensor& teacher_w, const at::Tensor& target_or_none,
                                 const KLDivergenceOptions& o) {
   constexpr const char* op = "marginkern::linear_kl_divergence";
-  const at::Tensor target = target_or_none.defined() ? target_or_none.to(at::kLong)
-                                                     : at::zeros({x.dim() == 2 ? x.size(0) : 0}, at::kLong);
+  // no target: every row counts (any value but ignore_index)
+  const at::Tensor target = target_or_none.defined()
+                                ? target_or_none.to(at::kLong)
+                                : at::full({x.dim() == 2 ? x.size(0) : 0}, o.ignore_index == 0 ? 1 : 0, at::kLong);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1) && w.size(0) >= 1, op,
               ": input must be (N, D) and weight (C, D) with the same D and C >= 1, got ", x.sizes(), " and ",
               w.sizes());

@@ -91,11 +91,14 @@ MARGINKERN_ALWAYS_INLINE void teacher_part_row_impl(const T* z, T* teacher, int 
     teacher[j] = zt;
     m = zt > m ? zt : m;
   }
+  // a head whose logits are all −inf in this chunk adds nothing (shift 0: its weights are exp(−inf) = 0)
+  const T shift_t = m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+  const T shift_s = max_z == -std::numeric_limits<T>::infinity() ? T(0) : max_z;
   T st = 0, ct = 0, cs = 0;
 #pragma omp simd reduction(+ : st, ct, cs)
   for (int j = 0; j < cc; ++j) {
-    const T gap = teacher[j] - z[j];  // z^T − z
-    const T et = exp_simd(teacher[j] - m), es = exp_simd(z[j] - max_z);
+    const T gap = teacher[j] - z[j];  // z^T − z: ±inf or NaN where a logit is −inf, whose weight is then 0
+    const T et = exp_simd(teacher[j] - shift_t), es = exp_simd(z[j] - shift_s);
     st += et;
     ct += et > T(0) ? et * gap : T(0);
     cs -= es > T(0) ? es * gap : T(0);
@@ -126,7 +129,8 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
       if constexpr (kEntropy) sum -= p > T(0) ? ce * p * log_p : T(0);
       if constexpr (kTeacher) {  // −coef_q·q + coef_log_q·p·log q
         const T log_q = teacher_dots[j] * r - lse_t;
-        sum += (p > T(0) ? c_log_q * p * log_q : T(0)) - c_q * exp_simd(log_q);
+        // p·log q only where its coefficient is not 0 (forward KL: a −inf teacher logit would give 0·(−inf))
+        sum += (p > T(0) && c_log_q != T(0) ? c_log_q * p * log_q : T(0)) - c_q * exp_simd(log_q);
       }
       g = sum * zc.chain;
     } else {

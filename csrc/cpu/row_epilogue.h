@@ -101,7 +101,7 @@ double sum_exp_row(const double* row, int cc, double shift);
 void entropy_part_row(const float* row, int cc, float max_z, float& others, float& gap);
 void entropy_part_row(const double* row, int cc, double max_z, double& others, double& gap);
 
-// Distillation's forward statistics of a row (streaming_ce.h): the student's logits z (in place, max max_z, finite)
+// Distillation's forward statistics of a row (streaming_ce.h): the student's logits z (in place, max max_z, not +inf)
 // and the teacher's raw dot products, which become its logits z^T = row_scale·dot in place; returns the
 // teacher's max, and with it Σ_j e^{z^T_j − max^T}, Σ_j e^{z^T_j − max^T}·(z^T_j − z_j) and
 // Σ_j e^{z_j − max_z}·(z_j − z^T_j).

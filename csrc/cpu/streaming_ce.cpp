@@ -161,15 +161,17 @@ void accumulate_teacher_stats(const Spec& s, const epilogue::ChunkColumns<T>& co
       bool has_nan;
       epilogue::logits_row(row, cols, row_scale[n], -1, target_logit[n], max_z, sum_z, has_nan);
       if (sum_s[n] != sum_s[n]) continue;  // already NaN
-      if (has_nan || !std::isfinite(max_z)) {  // NaN (an infinite logit makes the KL undefined too)
+      if (has_nan || max_z == std::numeric_limits<T>::infinity()) {  // NaN, or +inf: p·log p undefined
         sum_s[n] = kNaN, sum_t[n] = kNaN;
         continue;
       }
       T chunk_max_t, chunk_sum_t, chunk_cross_t, chunk_cross_s;
       epilogue::teacher_part_row(row, teacher + n * cols.cc, cols.cc, row_scale[n], max_z, chunk_max_t, chunk_sum_t,
                                  chunk_cross_t, chunk_cross_s);
-      merge_weighted_state(max_s[n], sum_s[n], cross_s[n], max_z, epilogue::sum_exp_row(row, cols.cc, max_z),
-                           chunk_cross_s);
+      // a chunk of −inf student logits adds (−inf, 0, 0): nothing
+      const T chunk_sum_s = max_z == -std::numeric_limits<T>::infinity() ? T(0)
+                                                                         : epilogue::sum_exp_row(row, cols.cc, max_z);
+      merge_weighted_state(max_s[n], sum_s[n], cross_s[n], max_z, chunk_sum_s, chunk_cross_s);
       merge_weighted_state(max_t[n], sum_t[n], cross_t[n], chunk_max_t, chunk_sum_t, chunk_cross_t);
     }
   });

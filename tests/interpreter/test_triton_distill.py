@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
-from tests.test_distill import check_confident_teacher, check_kl_against_oracle
+from tests.test_distill import check_confident_teacher, check_kl_against_oracle, check_minus_inf_logits
 
 
 @pytest.fixture(autouse=True)
@@ -31,3 +31,11 @@ def test_long_class_splits_and_many_splits(sm_count, direction, monkeypatch):
 
 def test_confident_teacher_stays_exact():
     check_confident_teacher(DEVICE)
+
+
+@pytest.mark.parametrize("sm_count", [1, 132])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_minus_inf_logits(sm_count, direction, monkeypatch):
+    import marginkern.triton_kernels.tiles as tiles_module
+    monkeypatch.setattr(tiles_module, "_sm_count", lambda device: sm_count)
+    check_minus_inf_logits(direction, DEVICE)
