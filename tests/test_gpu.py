@@ -399,14 +399,15 @@ def test_cosent_triton_scans_match_the_pytorch_scans(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_log_probs_entropy_triton_matches_oracle(dtype, monkeypatch):
-    """log_probs_and_entropy on the Triton kernels (the C++/CUDA tiles have no entropy epilogue)."""
+def test_log_probs_entropy_matches_oracle_on_gpu(dtype, monkeypatch):
+    """log_probs_and_entropy on the Triton kernels (the CUDA tiles have no entropy epilogue). Named without "triton":
+    the visit runs it in its last test step, after the issues' own tests and benchmarks (scripts/gpu_session.sh)."""
     from tests.test_log_probs import check_log_probs_against_oracle
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
     check_log_probs_against_oracle(dtype, (300, 5003, 131), 0.8, "cuda")
 
 
-def test_log_probs_entropy_confident_rows_triton(monkeypatch):
+def test_log_probs_entropy_confident_rows_on_gpu(monkeypatch):
     from tests.test_log_probs import check_confident_and_flat_rows
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
     check_confident_and_flat_rows("cuda")
@@ -414,14 +415,15 @@ def test_log_probs_entropy_confident_rows_triton(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_kl_divergence_triton_matches_oracle(dtype, direction, monkeypatch):
-    """linear_kl_divergence on the Triton kernels (the C++/CUDA tiles have no teacher plane)."""
+def test_kl_divergence_matches_oracle_on_gpu(dtype, direction, monkeypatch):
+    """linear_kl_divergence on the Triton kernels (the CUDA tiles have no teacher plane). Named without "triton": the
+    visit runs it in its last test step, after the issues' own tests and benchmarks (scripts/gpu_session.sh)."""
     from tests.test_distill import check_kl_against_oracle
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
     check_kl_against_oracle(dtype, (300, 5003, 131, 96), direction, "cuda")
 
 
-def test_kl_divergence_confident_teacher_triton(monkeypatch):
+def test_kl_divergence_confident_teacher_on_gpu(monkeypatch):
     from tests.test_distill import check_confident_teacher
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
     check_confident_teacher("cuda")
