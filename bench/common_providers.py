@@ -1,10 +1,25 @@
-"""Providers every (N, D, C) classification case shares: inputs, the 3-GEMM floor, torch.compile."""
+"""Providers every (N, D, C) classification case shares: inputs, the 3-GEMM floor, torch.compile; and the LM-head
+shapes of the families beside linear CE."""
 import os
 import shutil
 
 import torch
 
-from harness import Skip, Step
+from harness import Case, Skip, Step
+
+
+def lm_head_cases(family, device_type, quick, tiny_cpu_case=False):
+    """The LM-head cases of a family (EMO, RL, distillation): on CUDA (2048, 1024, 32000) and Llama-3-8B's
+    (8192, 4096, 128256) in bf16; on the CPU (512, 256, 16384) and the csrc issue's (512, 128, 200000) in fp32
+    (naive PyTorch grows RSS by ≈ 1.3 GB there), led by a tiny (64, 64, 4096) where `tiny_cpu_case`."""
+    if device_type == "cuda":
+        cases = [Case(f"{family}-small-32k", 2048, 1024, 32_000, "bfloat16"),
+                 Case(f"{family}-llama3-8b", 8192, 4096, 128_256, "bfloat16")]
+    else:
+        cases = ([Case(f"cpu-{family}-4k", 64, 64, 4_096, "float32")] if tiny_cpu_case else []) + [
+            Case(f"cpu-{family}-16k", 512, 256, 16_384, "float32"),
+            Case(f"cpu-{family}-200k", 512, 128, 200_000, "float32")]
+    return cases[:1] if quick else cases
 
 
 def make_inputs(case, device):

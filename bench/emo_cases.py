@@ -11,22 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import marginkern
-from common_providers import compiled, gemm_floor, loss_step, on_backend
-from harness import Case
+from common_providers import compiled, gemm_floor, lm_head_cases, loss_step, on_backend
 
 FLOOR = "3-GEMM floor"
 
 
 def cases(device_type, quick):
-    if device_type == "cuda":
-        all_cases = [Case("emo-small-32k", 2048, 1024, 32_000, "bfloat16"),
-                     Case("emo-llama3-8b", 8192, 4096, 128_256, "bfloat16")]
-    else:
-        all_cases = [Case("cpu-emo-4k", 64, 64, 4_096, "float32"),
-                     Case("cpu-emo-16k", 512, 256, 16_384, "float32"),
-                     # the csrc issue's CPU case: naive PyTorch grows RSS by ≈ 1.3 GB there
-                     Case("cpu-emo-200k", 512, 128, 200_000, "float32")]
-    return all_cases[:1] if quick else all_cases
+    return lm_head_cases("emo", device_type, quick, tiny_cpu_case=True)
 
 
 def naive_emo_ce(x, w, target):

@@ -14,21 +14,14 @@ import torch
 import torch.nn.functional as F
 
 import marginkern
-from common_providers import compiled, gemm_floor, loss_step
-from harness import Case
+from common_providers import compiled, gemm_floor, lm_head_cases, loss_step
 
 FLOOR = "3-GEMM floor"
 TEMPERATURE = 2.0
 
 
 def cases(device_type, quick):
-    if device_type == "cuda":
-        all_cases = [Case("kd-small-32k", 2048, 1024, 32_000, "bfloat16"),
-                     Case("kd-llama3-8b", 8192, 4096, 128_256, "bfloat16")]
-    else:
-        all_cases = [Case("cpu-kd-16k", 512, 256, 16_384, "float32"),
-                     Case("cpu-kd-200k", 512, 128, 200_000, "float32")]
-    return all_cases[:1] if quick else all_cases
+    return lm_head_cases("kd", device_type, quick)
 
 
 def _teacher(x, w):
