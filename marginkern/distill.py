@@ -15,16 +15,13 @@ is returned as 0 (KL ≥ 0). lse, lse^T and KL are saved for the backward pass.
 """
 import torch
 
-from .engine import LogitSpec, TeacherSpec, streaming_grads, streaming_row_stats_with_teacher
-
-DIRECTIONS = ("forward", "reverse")
+from .engine import LogitSpec, TeacherSpec, accumulation_dtype, streaming_grads, streaming_row_stats_with_teacher
 
 
 def _planes(x, w, x_t, w_t, temperature, lse_t=None, coef_q=None, coef_log_q=None):
     """The student's LogitSpec (no target column: the loss has none) and the teacher's plane."""
     N = x.shape[0]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_temperature = torch.full((N,), 1.0 / temperature, dtype=acc, device=x.device)
+    inv_temperature = torch.full((N,), 1.0 / temperature, dtype=accumulation_dtype(x.dtype), device=x.device)
     no_target = torch.full((N,), -1, dtype=torch.int64, device=x.device)
     spec = LogitSpec(inv_temperature, None, None, None, no_target, torch.zeros_like(inv_temperature))
     return spec, TeacherSpec(x_t, w_t, inv_temperature, lse_t, coef_q, coef_log_q)
