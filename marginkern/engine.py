@@ -450,8 +450,11 @@ def streaming_grads(
                 and getattr(tiles, "fuses_projected_weight_grad", lambda x: False)(x))
     # otherwise the chunk's fp32 dW (D per class) shares the tiles' buffer budget with its N × chunk G
     dw_bytes = D * acc.itemsize if need_weight_grad and not (plain_dw or fused_dw) else 0
+    # tiles that build the teacher's N × chunk logits beside G (the PyTorch tiles; the kernels keep them in tiles)
+    # count them against the chunk's budget too
+    teacher_bytes = N * acc.itemsize if teacher is not None and getattr(tiles, "materializes_teacher_plane", False) else 0
     # G of a chunk is N × (chunk·K), and so is its dW chunk in rows
-    chunks = tiles.class_chunks(N * K, C, x, bytes_per_class=dw_bytes * K)
+    chunks = tiles.class_chunks(N * K, C, x, bytes_per_class=dw_bytes * K + teacher_bytes)
     input_grad = SplitKAccumulator(grad_x, split_k_slices(grad_x, (chunks[0][1] - chunks[0][0]) * K))
     for c0, c1 in chunks:
         extra_terms = {k: v for k, v in (("entropy_coef", entropy_coef), ("teacher", teacher)) if v is not None}
@@ -786,6 +789,7 @@ class TorchTiles:
     """
 
     name = "reference"
+    materializes_teacher_plane = True  # grad_logits builds the teacher's N × chunk logits (engine.streaming_grads)
 
     # Size of ONE N × chunk tensor; a chunk's epilogue keeps about five of them alive (z, dz/da, the
     # target mask, p, G), so 16 MB here is ≈ 80 MB at peak (with sub-centres a few N × chunk·K ones more).
