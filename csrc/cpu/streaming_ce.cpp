@@ -463,8 +463,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
               ": the teacher term comes without sub-centres, a cost term, a col_scale, a bias or a softcap");
   TORCH_CHECK(subcenters.K == 1 || (subcenters.target_subcenter.defined() && !cost_query), op,
               ": sub-centres need target_subcenter, and have no cost term");
-  TORCH_CHECK(!entropy_coef.defined() || (subcenters.K == 1 && !cost_query), op,
-              ": the entropy term comes without sub-centres and without a cost term");
+  TORCH_CHECK(!entropy_coef.defined() || (subcenters.K == 1 && !cost_query && !softcap), op,
+              ": the entropy term comes without sub-centres, a cost term or a softcap");
   const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target, true, subcenters.K,
                            subcenters.target_subcenter);
   const Cost cost = make_cost(op, s, cost_query, cost_query_scale, cost_keys, cost_key_scale, cost_coef);
