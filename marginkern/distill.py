@@ -27,18 +27,22 @@ def _planes(x, w, x_t, w_t, temperature, lse_t=None, coef_q=None, coef_log_q=Non
     return spec, TeacherSpec(x_t, w_t, inv_temperature, lse_t, coef_q, coef_log_q)
 
 
-def kl_forward(x, w, x_t, w_t, target, temperature, ignore_index, reverse, tiles):
-    """(KL, lse, lse^T) per row in the accumulation dtype; KL is 0 on ignored rows."""
+def kl_forward(x, w, x_t, w_t, target, temperature, ignore_index, reverse, tiles, shard=None):
+    """(KL, lse, lse^T) per row in the accumulation dtype; KL is 0 on ignored rows. With a `shard` (a vocab-parallel
+    pair of heads: marginkern.distributed), w and w_t hold this rank's classes and `shard.merge_teacher_stats`
+    merges the ranks' statistics."""
     spec, teacher = _planes(x, w, x_t, w_t, temperature)
-    lse, lse_t, mean_q, mean_p = streaming_row_stats_with_teacher(x, w, spec, teacher, tiles)
+    stats = streaming_row_stats_with_teacher(x, w, spec, teacher, tiles)
+    lse, lse_t, mean_q, mean_p = stats if shard is None else shard.merge_teacher_stats(*stats)
     kl = (mean_p - lse + lse_t) if reverse else (mean_q - lse_t + lse)
     kl = kl.clamp_min(0.0)  # ≥ 0 as the sum it stands for; NaN stays NaN
     return torch.where(target != ignore_index, kl, 0.0), lse, lse_t
 
 
 def kl_backward(grad_kl, x, w, x_t, w_t, target, lse, lse_t, kl, temperature, ignore_index, reverse, tiles,
-                need_weight_grad=True):
-    """(dL/dx, dL/dw or None) for the per-row upstream gradient of KL."""
+                need_weight_grad=True, shard=None):
+    """(dL/dx, dL/dw or None) for the per-row upstream gradient of KL (with a shard: dL/dx summed over the ranks,
+    dL/dw of this rank's classes)."""
     g = torch.where(target != ignore_index, grad_kl.to(lse.dtype), 0.0)
     zero = torch.zeros_like(g)
     if reverse:  # p_j·(log p_j − log q_j − KL): the entropy term carries p·log p
@@ -49,4 +53,6 @@ def kl_backward(grad_kl, x, w, x_t, w_t, target, lse, lse_t, kl, temperature, ig
         coef_p, entropy_coef = g, None
     grad_x, grad_w, _ = streaming_grads(x, w, spec, lse, coef_p, zero, zero, tiles, need_weight_grad=need_weight_grad,
                                         entropy_coef=entropy_coef, teacher=teacher)
+    if shard is not None:
+        grad_x = shard.sum_input_grad(grad_x)
     return grad_x.to(x.dtype), grad_w

@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import (check_class_shard, check_classes_per_rank, check_classification_inputs, check_finite,
-                     check_bool, check_head_size, check_ignore_index, check_int, check_margin_options,
-                     check_module_embeddings, check_reduction, check_subcenters, check_target_tensor,
-                     check_temperature, margin_module_repr)
+from .checks import (check_bool, check_class_shard, check_classes_per_rank, check_classification_inputs,
+                     check_direction, check_finite, check_head_size, check_ignore_index, check_int,
+                     check_margin_options, check_module_embeddings, check_reduction, check_subcenters,
+                     check_target_tensor, check_teacher, check_temperature, margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
-from .engine import merge_max_sums
+from .distill import kl_backward, kl_forward
+from .engine import merge_max_sums, merge_weighted_sums
 from .log_probs import log_probs_backward, log_probs_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .modules import LambdaAnnealing
@@ -97,6 +98,23 @@ class ProcessGroupShard:
         for part in gathered[1:]:
             merged = merge_max_sums(merged, tuple(part[:3]))
         return merged, torch.stack([part[3] for part in gathered]).sum(0)
+
+    def merge_teacher_stats(self, lse, lse_t, mean_q, mean_p):
+        """distill.py's hook: the ranks' (lse, lse^T, E_q[z^T − z], E_p[z − z^T]) over all classes, in rank order
+        (the same bits on every rank), one all-gather of (4, N). Each rank's mean joins as a weighted sum with
+        weight 1 at its own log-sum-exp (engine.merge_weighted_sums): the merged mean divides by the same rounded
+        weights it multiplies with."""
+        _, world_size = _rank_and_world_size(self.group)
+        local = torch.stack([lse, lse_t, mean_q, mean_p]).contiguous()
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local, group=self.group)
+        ones = torch.ones_like(lse)
+        student, teacher = (gathered[0][0], ones, gathered[0][3]), (gathered[0][1], ones, gathered[0][2])
+        for part in gathered[1:]:
+            student = merge_weighted_sums(student, (part[0], ones, part[3]))
+            teacher = merge_weighted_sums(teacher, (part[1], ones, part[2]))
+        return (student[0] + torch.log(student[1]), teacher[0] + torch.log(teacher[1]), teacher[2] / teacher[1],
+                student[2] / student[1])
 
 
 def _all_gather_ints(code, group, world_size):
@@ -338,7 +356,7 @@ class _ShardedLogProbsEntropy(torch.autograd.Function):
         input, weight_shard = input.contiguous(), weight_shard.contiguous()
         with torch.autocast(input.device.type, enabled=False):
             log_probs, entropy, lse = log_probs_forward(input, weight_shard, target, temperature, ignore_index,
-                                                        _entropy_tiles(input), shard)
+                                                        _epilogue_tiles(input, "token-entropy epilogue"), shard)
         ctx.save_for_backward(input, weight_shard, target, lse, log_probs, entropy)
         ctx.shard, ctx.temperature, ctx.ignore_index = shard, temperature, ignore_index
         return log_probs.clone(), entropy.clone()  # saved above: a caller's in-place edit must not reach them
@@ -354,15 +372,14 @@ class _ShardedLogProbsEntropy(torch.autograd.Function):
             grad_input, grad_weight = log_probs_backward(
                 zero if grad_log_probs is None else grad_log_probs, zero if grad_entropy is None else grad_entropy,
                 input, weight_shard, target, lse, log_probs, entropy, ctx.temperature, ctx.ignore_index,
-                _entropy_tiles(input), ctx.needs_input_grad[1], ctx.shard)
+                _epilogue_tiles(input, "token-entropy epilogue"), ctx.needs_input_grad[1], ctx.shard)
         return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None, None
 
 
-def _entropy_tiles(input):
-    """The engine's tiles with an entropy epilogue: Triton on CUDA, the PyTorch tiles on the CPU (the C++
-    kernels run the whole, unsharded loss only)."""
-    return select_tiles_except(("cpp", "cuda"), "token-entropy epilogue for a vocab-parallel head", input.device,
-                               input.dtype)
+def _epilogue_tiles(input, what):
+    """The engine's tiles for the vocab-parallel LM losses (`what`: their epilogue): Triton on CUDA, the PyTorch
+    tiles on the CPU (the C++ kernels run the whole, unsharded losses only)."""
+    return select_tiles_except(("cpp", "cuda"), f"{what} for a vocab-parallel head", input.device, input.dtype)
 
 
 def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, num_classes, group=None,
@@ -394,6 +411,72 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
                  op="sharded_log_probs_and_entropy", options=(temperature,))
     return _ShardedLogProbsEntropy.apply(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group),
                                          float(temperature), ignore_index)
+
+
+class _ShardedKLDivergence(torch.autograd.Function):
+    """KL per row over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard local."""
+
+    @staticmethod
+    def forward(ctx, input, weight_shard, teacher_input, teacher_weight_shard, target, shard: ProcessGroupShard,
+                temperature, ignore_index, reverse):
+        input, weight_shard = input.contiguous(), weight_shard.contiguous()
+        teacher_input, teacher_weight_shard = teacher_input.contiguous(), teacher_weight_shard.contiguous()
+        with torch.autocast(input.device.type, enabled=False):
+            kl, lse, lse_t = kl_forward(input, weight_shard, teacher_input, teacher_weight_shard, target, temperature,
+                                        ignore_index, reverse, _epilogue_tiles(input, "teacher logit plane"), shard)
+        ctx.save_for_backward(input, weight_shard, teacher_input, teacher_weight_shard, target, lse, lse_t, kl)
+        ctx.shard, ctx.temperature, ctx.ignore_index, ctx.reverse = shard, temperature, ignore_index, reverse
+        return kl.clone()  # saved above: a caller's in-place edit must not reach it
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        if torch.is_grad_enabled():
+            raise RuntimeError("sharded_linear_kl_divergence cannot be differentiated twice (create_graph=True)")
+        input, weight_shard, teacher_input, teacher_weight_shard, target, lse, lse_t, kl = ctx.saved_tensors
+        with torch.autocast(input.device.type, enabled=False):  # every rank joins the same collective
+            grad_input, grad_weight = kl_backward(
+                grad_kl.contiguous(), input, weight_shard, teacher_input, teacher_weight_shard, target, lse, lse_t, kl,
+                ctx.temperature, ctx.ignore_index, ctx.reverse, _epilogue_tiles(input, "teacher logit plane"),
+                ctx.needs_input_grad[1], ctx.shard)
+        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None, None, None, None, None
+
+
+def sharded_linear_kl_divergence(input, weight_shard, teacher_input, teacher_weight_shard, target=None, *, class_start,
+                                 num_classes, group=None, temperature=1.0, direction="forward", ignore_index=-100,
+                                 reduction="mean"):
+    """marginkern.linear_kl_divergence with both heads' vocabularies sharded across the ranks of `group` alike (a
+    tensor-parallel student and teacher).
+
+    Every rank passes the SAME `input` (N, D), `teacher_input` (N, E) and `target` (N,) (a mask, or None);
+    `weight_shard` (C_local, D) and `teacher_weight_shard` (C_local, E) hold the vocabulary rows [class_start,
+    class_start + C_local), which must be `shard_range(num_classes, rank, world_size)`. The result is that of the
+    single-process function with the concatenated heads, identical on every rank: each rank streams over its own
+    rows, one all-gather of 4 × N per-row values merges them, and dL/dinput is all-reduced in the backward pass;
+    dL/dweight_shard is local and the teacher gets no gradient.
+    """
+    rank, world_size = _rank_and_world_size(group)
+    local_error, reverse = None, False
+    try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
+        reverse = check_direction(direction)
+        ignore_index = check_ignore_index(ignore_index)
+        if target is None and isinstance(input, torch.Tensor):  # every row counts: any value but ignore_index
+            target = torch.full(input.shape[:1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
+        check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
+        check_teacher(teacher_input, teacher_weight_shard, input, weight_shard)
+        temperature = check_temperature(temperature)
+        check_reduction(reduction)
+        class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
+        check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
+                          shard_range(num_classes, rank, world_size))
+        target = target.long()
+    except (TypeError, ValueError) as e:
+        local_error = e
+    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
+                 op="sharded_linear_kl_divergence", options=(temperature, reverse, reduction))
+    kl = _ShardedKLDivergence.apply(input, weight_shard, teacher_input.detach(), teacher_weight_shard.detach(), target,
+                                    ProcessGroupShard(class_start, num_classes, group), temperature, ignore_index,
+                                    reverse)
+    return reduce_rows(kl, target != ignore_index, reduction)
 
 
 def _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, subcenters=1,
