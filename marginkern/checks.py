@@ -62,6 +62,10 @@ def check_target_tensor(target, n):
     check_tensor("target", target)
     if target.dim() != 1 or target.shape[0] != n:
         raise ValueError(f"target must have shape (N={n},), got shape {tuple(target.shape)}")
+    check_integer_dtype(target)
+
+
+def check_integer_dtype(target):
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
 

@@ -18,6 +18,8 @@ y_n only; dL/dw of each slice is local. Communication per step: two all-reduces 
 never logits or weights. The per-row math is margin_ce.py's, through its `ClassShard` hooks.
 """
 import dataclasses
+import hashlib
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -211,14 +213,17 @@ _STEP_FIELDS = ("argument error", "input rows", "input width", "num_classes", "c
 
 
 def _options_checksum(options, device):
-    """_checksum of a call's options (numbers, bools, strings, None): equal on ranks that pass equal options."""
-    values = []
-    for value in options:
-        if isinstance(value, str):
-            values.extend([float(b) for b in value.encode()] + [-1.0])
-        else:
-            values.append(float("nan") if value is None else float(value))
-    return _checksum(torch.tensor(values, dtype=torch.float64, device=device))
+    """63 bits of a SHA-256 of a call's options (integers and floats by exact repr, −0.0 as 0.0; anything else by repr):
+    equal on ranks that pass equal options, and unequal on ranks that do not, unlike a positional sum of their bits
+    (doubling one option and halving another cancelled there). Host-side, and raises nothing before the gather."""
+    def exact(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return repr(value)
+        return repr(int(value)) if isinstance(value, numbers.Integral) else repr(float(value) + 0.0)
+
+    parts = [exact(v) for v in options]
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return torch.tensor(int.from_bytes(digest[:8], "little") >> 1, dtype=torch.int64, device=device)
 
 
 def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local_error,
@@ -592,7 +597,7 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
             local_error = e
         # before _sampled_shards' own collective: a rank in eval mode joins this one too, and all raise
         _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, local_error,
-                     options=tuple(o.values()) + (self.sample_rate,))
+                     options=tuple(sorted(o.items())) + (self.sample_rate,))
         weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
                                                    o["ignore_index"], self.group, self.subcenters)
         weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)

@@ -5,7 +5,7 @@ import torch
 from . import pairwise
 from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cosent_arguments,
                      check_cost_embedding, check_embedding_pair, check_finite, check_float_tensor, check_ignore_index,
-                     check_direction, check_labels, check_linear_ce_options, check_logits_buffer,
+                     check_direction, check_integer_dtype, check_labels, check_linear_ce_options, check_logits_buffer,
                      check_margin_options, check_reduction, check_shift, check_subcenters, check_teacher,
                      check_temperature, check_tensor, resolve_grad_filter_eps)
 from .ops import call as call_op
@@ -64,6 +64,7 @@ def _shift_targets(target, shift, ignore_index):
         return target
     if target.dim() == 0:
         raise ValueError("shift needs a target with a sequence dimension, got a 0-dimensional target")
+    check_integer_dtype(target)  # before .long(), which would truncate float targets silently
     target = target.long()  # ignore_index (e.g. −100) must fit
     length = target.shape[-1]
     tail = target.new_full(target.shape[:-1] + (min(shift, length),), ignore_index)

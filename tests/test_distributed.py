@@ -11,6 +11,7 @@ import os
 import queue
 import traceback
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -261,6 +262,13 @@ def _log_probs_argument_errors(rank, world_size):
         call(ignore_index=-100 - rank)
     with pytest.raises(ValueError, match="every rank must pass the same options"):
         mkd.sharded_margin_cross_entropy(x, w[start:stop], t, class_start=start, num_classes=C, scale=64.0 + rank)
+    # two options that differ so that a positional sum of their bits cancelled (scale × 4, m2 ÷ 2: a review)
+    with pytest.raises(ValueError, match="every rank must pass the same options"):
+        mkd.sharded_margin_cross_entropy(x, w[start:stop], t, class_start=start, num_classes=C,
+                                         scale=64.0 if rank == 0 else 16.0, m2=0.25 if rank == 0 else 0.5)
+    # equal options written differently: −0.0 and 0.0, a NumPy integer and an int
+    mkd.sharded_margin_cross_entropy(x, w[start:stop], t, class_start=start, num_classes=C, m3=-0.0 if rank else 0.0,
+                                     ignore_index=np.int64(-100) if rank else -100)
     return float(call()[0].sum())
 
 

@@ -245,6 +245,16 @@ def test_shift_is_the_loss_of_the_shifted_tokens(fn, uint8_labels):
     torch.testing.assert_close(fn(hidden, w, t.long(), reduction="none", shift=0), fn(hidden, w, t.long(), reduction="none"))
 
 
+def test_shift_keeps_the_target_dtype_check():
+    """A float or bool target is refused with shift as without it (.long() would truncate it silently: a review)."""
+    x, w, t = make_case(2 * 7, 37, 8)
+    hidden, labels = x.detach().reshape(2, 7, 8), t.reshape(2, 7)
+    for bad in (labels.float() + 0.7, labels > 5):
+        for fn in (mk.linear_cross_entropy, mk.emo_loss, mk.log_probs_and_entropy):
+            with pytest.raises(TypeError, match="target must hold integer class indices"):
+                fn(hidden, w, bad, shift=1)
+
+
 @pytest.mark.parametrize("shift, exc, match", [(-1, ValueError, "shift must be ≥ 0"), (1.0, TypeError, "shift must be an int")])
 def test_bad_shift(shift, exc, match):
     x, w, t = make_case(4, 9, 4)
