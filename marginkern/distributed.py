@@ -277,6 +277,14 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
                          f"ignore_index={ignore_index}")
 
 
+def _checked_shard(weight_shard, class_start, num_classes, rank, world_size, subcenters=1):
+    """(class_start, num_classes) as ints, weight_shard holding this rank's classes by shard_range's rule."""
+    class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
+    check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
+                      shard_range(num_classes, rank, world_size), subcenters)
+    return class_start, num_classes
+
+
 class _ShardedMarginCrossEntropy(torch.autograd.Function):
     """Per-row loss over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard local."""
 
@@ -338,10 +346,8 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
-        class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
         subcenters = check_subcenters(subcenters, check_bool("normalize", normalize))
-        check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
-                          shard_range(num_classes, rank, world_size), subcenters)
+        class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size, subcenters)
         opts = _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, subcenters,
                                lambda_)
         target = target.long()  # uint8 indices would index as a mask
@@ -406,9 +412,7 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
         check_temperature(temperature)
         ignore_index = check_ignore_index(ignore_index)
-        class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
-        check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
-                          shard_range(num_classes, rank, world_size))
+        class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
         target = target.long()
     except (TypeError, ValueError) as e:
         local_error = e
@@ -470,9 +474,7 @@ def sharded_linear_kl_divergence(input, weight_shard, teacher_input, teacher_wei
         check_teacher(teacher_input, teacher_weight_shard, input, weight_shard)
         temperature = check_temperature(temperature)
         check_reduction(reduction)
-        class_start, num_classes = check_int("class_start", class_start), check_int("num_classes", num_classes)
-        check_class_shard(weight_shard, class_start, num_classes, rank, world_size,
-                          shard_range(num_classes, rank, world_size))
+        class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
         target = target.long()
     except (TypeError, ValueError) as e:
         local_error = e
