@@ -456,8 +456,9 @@ def streaming_grads(
     # G of a chunk is N × (chunk·K), and so is its dW chunk in rows
     chunks = tiles.class_chunks(N * K, C, x, bytes_per_class=dw_bytes * K + teacher_bytes)
     input_grad = SplitKAccumulator(grad_x, split_k_slices(grad_x, (chunks[0][1] - chunks[0][0]) * K))
+    # the optional terms, passed only when present: tiles without them (C++, CUDA) keep their signature
+    extra_terms = {k: v for k, v in (("entropy_coef", entropy_coef), ("teacher", teacher)) if v is not None}
     for c0, c1 in chunks:
-        extra_terms = {k: v for k, v in (("entropy_coef", entropy_coef), ("teacher", teacher)) if v is not None}
         g = tiles.grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, **extra_terms)
         r0, r1 = c0 * K, c1 * K
         w_chunk, kept = w[r0:r1], None
@@ -586,7 +587,13 @@ def merge_weighted_sums(a, b):
             torch.where(scale_a > 0, values_a * scale_a, 0.0) + torch.where(scale_b > 0, values_b * scale_b, 0.0))
 
 
-EMPTY_ROW_STATE = (-float("inf"), 0.0, 0.0)  # (M, S′, T) of no classes
+EMPTY_ROW_STATE = (-float("inf"), 0.0, 0.0)  # (M, S′, T) of no classes; weighted_sums' too
+
+
+def _empty_row_state(x):
+    """EMPTY_ROW_STATE per row of x, in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
+    return tuple(torch.full((x.shape[0],), v, dtype=acc, device=x.device) for v in EMPTY_ROW_STATE)
 
 
 def chunk_max_sums(z):
@@ -884,8 +891,7 @@ class TorchTiles:
 
     def row_stats_with_entropy(self, x, w, spec: LogitSpec):
         """engine.streaming_row_stats_with_entropy: per chunk its (M, S′, T), merged into the running ones."""
-        acc = accumulation_dtype(x.dtype)
-        state = tuple(torch.full((x.shape[0],), v, dtype=acc, device=x.device) for v in EMPTY_ROW_STATE)
+        state = _empty_row_state(x)
         for c0, c1 in self.class_chunks(x.shape[0], w.shape[0], x):
             state = merge_max_sums(state, chunk_max_sums(self.logits(x, w, spec, c0, c1)[0]))
         return state
@@ -893,12 +899,10 @@ class TorchTiles:
     def row_stats_with_teacher(self, x, w, spec: LogitSpec, teacher: TeacherSpec):
         """engine.streaming_row_stats_with_teacher: per chunk the student's and the teacher's weighted sums of
         z^T − z (engine.weighted_sums), merged into the running ones."""
-        acc = accumulation_dtype(x.dtype)
-        empty = tuple(torch.full((x.shape[0],), v, dtype=acc, device=x.device) for v in EMPTY_ROW_STATE)
-        student, teacher_sums = empty, empty
+        student = teacher_sums = _empty_row_state(x)
         for c0, c1 in self.class_chunks(2 * x.shape[0], w.shape[0], x):  # two N × chunk planes
             z = self.logits(x, w, spec, c0, c1)[0]
-            z_t = teacher_logits(teacher, c0, c1, acc)
+            z_t = teacher_logits(teacher, c0, c1, z.dtype)
             teacher_sums = merge_weighted_sums(teacher_sums, weighted_sums(z_t, z_t - z))
             student = merge_weighted_sums(student, weighted_sums(z, z - z_t))
         (top, total, cross), (top_t, total_t, cross_t) = student, teacher_sums

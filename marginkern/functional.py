@@ -71,6 +71,14 @@ def _shift_targets(target, shift, ignore_index):
     return torch.cat([target[..., shift:], tail], dim=-1)
 
 
+def _lm_rows(input, target, ignore_index, shift):
+    """The LM losses' common preamble: ignore_index as an int, the targets shifted, (B, ..., D) inputs flattened;
+    (input, target, the shape "none" gives back, ignore_index)."""
+    ignore_index = check_ignore_index(ignore_index)
+    input, target, token_shape = _flatten_tokens(input, _shift_targets(target, shift, ignore_index))
+    return input, target, token_shape, ignore_index
+
+
 def _unflatten(loss, reduction, shape):
     return loss.reshape(shape) if reduction == "none" and shape is not None else loss
 
@@ -97,8 +105,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         (none for bf16 on CUDA: made in bf16, summed once per row block); needs reduction "mean" or "sum",
         and one backward pass per forward (the gradients are handed over, not copied).
     """
-    ignore_index = check_ignore_index(ignore_index)
-    input, target, token_shape = _flatten_tokens(input, _shift_targets(target, shift, ignore_index))
+    input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
     check_classification_inputs(input, weight, target)
     check_bias(bias, weight)
     check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
@@ -123,8 +130,7 @@ EMO_RATIO_EPS = 1e-10  # as the reference code: sg(ce / (emo + 1e-10))
 
 def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, shift):
     """(per-row CE, per-row EMO, the flattened target, the shape "none" gives back, ignore_index as an int)."""
-    ignore_index = check_ignore_index(ignore_index)
-    input, target, token_shape = _flatten_tokens(input, _shift_targets(target, shift, ignore_index))
+    input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
     check_classification_inputs(input, weight, target)
     if cost_embedding is not None:
         check_cost_embedding(cost_embedding, weight)
@@ -175,8 +181,7 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     gradients are 0. log_probs equals −F.cross_entropy(logits / temperature, target, reduction="none").
     shift as in linear_cross_entropy (the last `shift` positions then count as ignored).
     """
-    ignore_index = check_ignore_index(ignore_index)
-    input, target, token_shape = _flatten_tokens(input, _shift_targets(target, shift, ignore_index))
+    input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
     check_classification_inputs(input, weight, target)
     check_temperature(temperature)
     log_probs, entropy, _ = call_op("log_probs_entropy", input, weight, target.long(), float(temperature),
@@ -207,9 +212,8 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     check_tensor("input", input)
     if target is None:  # every row counts: any value but ignore_index
         target = torch.full(input.shape[:-1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
-    target = _shift_targets(target, shift, ignore_index)
     rows_shape = input.shape[:-1]
-    input, target, token_shape = _flatten_tokens(input, target)
+    input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
     if isinstance(teacher_input, torch.Tensor) and teacher_input.dim() > 2:
         if teacher_input.shape[:-1] != rows_shape:
             raise ValueError(f"teacher_input must have shape {tuple(rows_shape)} + (E,) (input's rows), got shape "

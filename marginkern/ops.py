@@ -177,11 +177,16 @@ def _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, lab
     return opts
 
 
+def _tiles_except_cuda(input, what):
+    """select_tiles, except the CUDA tiles, which lack `what` (an epilogue of the engine; on CUDA Triton serves it)."""
+    return select_tiles_except(("cuda",), what, input.device, input.dtype)
+
+
 def _margin_tiles(input, opts: MarginOptions):
     """select_tiles, except that the CUDA extension has no sub-centres (the C++ margin step has them)."""
     if opts.subcenters == 1:
         return select_tiles(input.device, input.dtype)
-    return select_tiles_except(("cuda",), "sub-centres", input.device, input.dtype)
+    return _tiles_except_cuda(input, "sub-centres")
 
 
 @_op("margin_cross_entropy")
@@ -523,11 +528,6 @@ def _check_row_vectors(input, **vectors):
             raise ValueError(f"{name} must have shape ({n},) (one value per row of input), got {tuple(t.shape)}")
 
 
-def _teacher_tiles(input):
-    """select_tiles, except the CUDA tiles, which have no teacher plane (on CUDA Triton serves it)."""
-    return select_tiles_except(("cuda",), "teacher logit plane (distillation)", input.device, input.dtype)
-
-
 @_op("linear_kl_divergence")
 def linear_kl_divergence(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor, target: Tensor,
                          temperature: float, ignore_index: int, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -537,7 +537,7 @@ def linear_kl_divergence(input: Tensor, weight: Tensor, teacher_input: Tensor, t
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
-    tiles = _teacher_tiles(input)
+    tiles = _tiles_except_cuda(input, "teacher logit plane (distillation)")
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/distill_loss.cpp), the same math
         return torch.ops.marginkern.kl_divergence_rows(input, weight, teacher_input, teacher_weight, target,
                                                        temperature, ignore_index, bool(reverse))
@@ -564,7 +564,7 @@ def linear_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: Tensor
     _check_row_vectors(input, grad_kl=grad_kl, lse=lse, teacher_lse=teacher_lse, kl=kl)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
-    tiles = _teacher_tiles(input)
+    tiles = _tiles_except_cuda(input, "teacher logit plane (distillation)")
     if tiles.name == "cpp":
         return torch.ops.marginkern.kl_divergence_rows_backward(
             grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl, float(temperature),
@@ -601,11 +601,6 @@ def _kl_backward(ctx, grad_kl, grad_lse, grad_teacher_lse):
 _register_autograd("linear_kl_divergence", _kl_backward, _kl_setup_context)
 
 
-def _entropy_tiles(input):
-    """select_tiles, except the CUDA tiles, which have no entropy epilogue (on CUDA Triton serves it)."""
-    return select_tiles_except(("cuda",), "token-entropy epilogue", input.device, input.dtype)
-
-
 @_op("log_probs_entropy")
 def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature: float,
                       ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -614,7 +609,7 @@ def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
     check_target_values(target, weight.shape[0], ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
-    tiles = _entropy_tiles(input)
+    tiles = _tiles_except_cuda(input, "token-entropy epilogue")
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/log_probs_loss.cpp), the same math
         return torch.ops.marginkern.log_probs_entropy_rows(input, weight, target, temperature, ignore_index)
     return log_probs_forward(input, weight, target, temperature, ignore_index, tiles)
@@ -637,7 +632,7 @@ def log_probs_entropy_backward(grad_log_probs: Tensor, grad_entropy: Tensor, inp
     _check_row_vectors(input, grad_log_probs=grad_log_probs, grad_entropy=grad_entropy, lse=lse, log_probs=log_probs,
                        entropy=entropy)
     input, weight = input.contiguous(), weight.contiguous()
-    tiles = _entropy_tiles(input)
+    tiles = _tiles_except_cuda(input, "token-entropy epilogue")
     if tiles.name == "cpp":
         return torch.ops.marginkern.log_probs_entropy_rows_backward(
             grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, float(temperature),

@@ -130,6 +130,22 @@ void accumulate_entropy_stats(const Spec& s, const epilogue::ChunkColumns<T>& co
   });
 }
 
+// The teacher of spec `s` (streaming_ce.h), checked against its rows and classes: x in the accumulation dtype, and
+// with `backward` its per-row vectors too.
+Teacher checked_teacher(const char* op, const Spec& s, const Teacher& teacher, bool backward = false) {
+  TORCH_CHECK(teacher.x.dim() == 2 && teacher.x.size(0) == s.N && teacher.w.dim() == 2 && teacher.w.size(0) == s.C &&
+                  teacher.w.size(1) == teacher.x.size(1),
+              op, ": the teacher must be (N, E) hidden states and a (C, E) head, got ", teacher.x.sizes(), " and ",
+              teacher.w.sizes());
+  Teacher checked{teacher.x.to(s.acc).contiguous(), teacher.w};
+  if (backward) {
+    checked.lse = float_vector(op, "teacher lse", teacher.lse, s.N, s.acc, s.device);
+    checked.coef_q = float_vector(op, "coef_q", teacher.coef_q, s.N, s.acc, s.device);
+    checked.coef_log_q = float_vector(op, "coef_log_q", teacher.coef_log_q, s.N, s.acc, s.device);
+  }
+  return checked;
+}
+
 // A softmax-weighted sum moved to a new max: (max, Σ e^{z−max}, Σ e^{z−max}·v) of two class sets merged
 // (engine.merge_weighted_sums); the running max starts at −inf (no classes yet).
 template <typename T>
@@ -385,13 +401,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_w
   constexpr const char* op = "marginkern::streaming_row_stats_with_teacher";
   const at::Tensor no_target = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
   const Spec s = make_spec(op, x, w, row_scale, std::nullopt, std::nullopt, std::nullopt, no_target);
-  TORCH_CHECK(teacher.x.dim() == 2 && teacher.x.size(0) == s.N && teacher.w.dim() == 2 && teacher.w.size(0) == s.C &&
-                  teacher.w.size(1) == teacher.x.size(1),
-              op, ": the teacher must be (N, E) hidden states and a (C, E) head, got ", teacher.x.sizes(), " and ",
-              teacher.w.sizes());
+  const at::Tensor teacher_x = checked_teacher(op, s, teacher).x;
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
-  const at::Tensor teacher_x = teacher.x.to(s.acc).contiguous();
   // rows: max, Σexp, cross sum; the student's (0..2) and the teacher's (3..5)
   at::Tensor state = at::zeros({6, s.N}, opts);
   state[0].fill_(-std::numeric_limits<double>::infinity());
@@ -470,17 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
   const Cost cost = make_cost(op, s, cost_query, cost_query_scale, cost_keys, cost_key_scale, cost_coef);
   RowGrads rg = make_row_grads(op, s, lse, coef_p, coef_u, target_grad);
   if (entropy_coef.defined()) rg.entropy_coef = float_vector(op, "entropy_coef", entropy_coef, s.N, s.acc, s.device);
-  Teacher teacher;
-  if (teacher_in.present()) {
-    TORCH_CHECK(teacher_in.x.dim() == 2 && teacher_in.x.size(0) == s.N && teacher_in.w.dim() == 2 &&
-                    teacher_in.w.size(0) == s.C && teacher_in.w.size(1) == teacher_in.x.size(1),
-                op, ": the teacher must be (N, E) hidden states and a (C, E) head, got ", teacher_in.x.sizes(), " and ",
-                teacher_in.w.sizes());
-    teacher = {teacher_in.x.to(s.acc).contiguous(), teacher_in.w,
-               float_vector(op, "teacher lse", teacher_in.lse, s.N, s.acc, s.device),
-               float_vector(op, "coef_q", teacher_in.coef_q, s.N, s.acc, s.device),
-               float_vector(op, "coef_log_q", teacher_in.coef_log_q, s.N, s.acc, s.device)};
-  }
+  const Teacher teacher = teacher_in.present() ? checked_teacher(op, s, teacher_in, /*backward=*/true) : Teacher{};
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
   at::Tensor grad_x = at::zeros({s.N, x.size(1)}, opts);
