@@ -232,16 +232,16 @@ def check_subcenters(subcenters, normalize, num_weight_rows=None, weight_name="w
     return subcenters
 
 
-def check_bias(bias, weight):
+def check_bias(bias, weight, name="bias"):
     if bias is None:
         return
-    check_tensor("bias", bias, "a torch.Tensor or None")
+    check_tensor(name, bias, "a torch.Tensor or None")
     if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias must have shape (C={weight.shape[0]},), got shape {tuple(bias.shape)}")
+        raise ValueError(f"{name} must have shape (C={weight.shape[0]},), got shape {tuple(bias.shape)}")
     if bias.dtype != weight.dtype:
-        raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
+        raise TypeError(f"{name} must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
     if bias.device != weight.device:
-        raise ValueError(f"bias must be on the device of weight ({weight.device}), got {bias.device}")
+        raise ValueError(f"{name} must be on the device of weight ({weight.device}), got {bias.device}")
 
 
 def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):

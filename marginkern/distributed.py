@@ -1,5 +1,6 @@
 """Class-sharded (model-parallel) margin-softmax cross-entropy, as insightface's PartialFC_V2 at sample_rate 1,
-and a vocab-parallel head's per-token log-probs and entropy (`sharded_log_probs_and_entropy`).
+and a vocab-parallel LM head's losses: linear cross-entropy (`sharded_linear_cross_entropy`), per-token log-probs
+and entropy (`sharded_log_probs_and_entropy`) and distillation (`sharded_linear_kl_divergence`).
 
 W processes of a torch.distributed group each hold one contiguous slice of the C class centres (insightface's
 rule, `shard_range`) and see the same N rows (the embeddings all-gathered by the caller). Each rank streams
@@ -25,13 +26,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import (check_bool, check_class_shard, check_classes_per_rank, check_classification_inputs,
+from .checks import (check_bias, check_bool, check_class_shard, check_classes_per_rank, check_classification_inputs,
                      check_direction, check_finite, check_head_size, check_ignore_index, check_int,
-                     check_margin_options, check_module_embeddings, check_reduction, check_subcenters,
-                     check_target_tensor, check_teacher, check_temperature, margin_module_repr)
+                     check_linear_ce_options, check_margin_options, check_module_embeddings, check_reduction,
+                     check_subcenters, check_target_tensor, check_teacher, check_temperature, margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
 from .distill import kl_backward, kl_forward
 from .engine import merge_max_sums, merge_weighted_sums
+from .functional import _lm_rows, _unflatten
+from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
 from .modules import LambdaAnnealing
@@ -87,6 +90,9 @@ class ProcessGroupShard:
 
     def sum_input_grad(self, grad_x):
         return self._all_reduce(grad_x.contiguous(), dist.ReduceOp.SUM)
+
+    def sum_rows(self, values):
+        return self._all_reduce(values.clone(), dist.ReduceOp.SUM)
 
     def merge_entropy_stats(self, state, target_logit):
         """log_probs.py's hook: the ranks' entropy statistics (M, S′, T) merged exactly, in rank order (so every
@@ -357,6 +363,72 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
                  options=() if local_error else dataclasses.astuple(opts) + (reduction,))
     return _sharded_loss(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
                          reduction)
+
+
+class _ShardedLinearCrossEntropy(torch.autograd.Function):
+    """Per-row loss over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard and
+    dL/dbias_shard local."""
+
+    @staticmethod
+    def forward(ctx, input, weight_shard, bias_shard, target, shard: ProcessGroupShard, opts: LinearCEOptions):
+        input, weight_shard = input.contiguous(), weight_shard.contiguous()
+        with torch.autocast(input.device.type, enabled=False):  # the engine picks its GEMM precision itself
+            loss_rows, lse = linear_ce_forward(input, weight_shard, target, bias_shard, opts,
+                                               select_tiles(input.device, input.dtype), shard)
+        ctx.save_for_backward(input, weight_shard, bias_shard, target, lse)
+        ctx.shard, ctx.opts = shard, opts
+        return loss_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise RuntimeError("sharded_linear_cross_entropy cannot be differentiated twice (create_graph=True)")
+        input, weight_shard, bias_shard, target, lse = ctx.saved_tensors
+        # every rank joins the same collectives, whatever its own requires_grad flags say
+        with torch.autocast(input.device.type, enabled=False):
+            grad_input, grad_weight, grad_bias = linear_ce_backward(
+                grad_loss.contiguous(), input, weight_shard, target, bias_shard, lse, ctx.opts,
+                select_tiles(input.device, input.dtype), ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+                shard=ctx.shard)
+        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, grad_bias, None, None, None
+
+
+def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, class_start, num_classes, group=None,
+                                 ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
+                                 gamma_ce=0.0, reduction="mean", shift=0):
+    """marginkern.linear_cross_entropy with the LM head's vocabulary sharded across the ranks of `group` (a
+    tensor-parallel head: Megatron's vocab-parallel cross-entropy, fused with its GEMM).
+
+    Every rank of `group` (None: the default group) calls this with the SAME `input` (N, D) or (B, T, D) and
+    `target` (N,) or (B, T) (global token ids in [0, num_classes) or ignore_index); `weight_shard` (C_local, D)
+    and `bias_shard` (C_local,) or None hold the vocabulary rows [class_start, class_start + C_local), which must
+    be `shard_range(num_classes, rank, world_size)` (pad the vocabulary so that it divides evenly, or give the
+    first C % W ranks one row more). Options, `shift` and the result are those of
+    `linear_cross_entropy(input, cat(all shards), target, cat(all bias shards), ...)`, identical on every rank.
+    Each rank streams over its own rows: only per-row statistics cross ranks (two all-reduces of O(N) in the
+    forward pass, one of O(N) and one of dL/dinput (N × D) in the backward pass); dL/dweight_shard and
+    dL/dbias_shard are local. Exact mode only (no grad_filter_eps or logits_buffer_mb).
+    """
+    rank, world_size = _rank_and_world_size(group)
+    local_error, opts, token_shape = None, None, None
+    try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
+        input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
+        check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
+        check_bias(bias_shard, weight_shard, name="bias_shard")
+        check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+        check_reduction(reduction)
+        class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
+        opts = LinearCEOptions(ignore_index, float(label_smoothing), float(z_loss),
+                               None if softcap is None else float(softcap), float(focal_gamma), float(gamma_ce))
+        target = target.long()  # uint8 indices would index as a mask
+    except (TypeError, ValueError) as e:
+        local_error = e
+    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
+                 op="sharded_linear_cross_entropy",
+                 options=() if local_error else dataclasses.astuple(opts) + (reduction, bias_shard is not None))
+    loss_rows = _ShardedLinearCrossEntropy.apply(input, weight_shard, bias_shard, target,
+                                                 ProcessGroupShard(class_start, num_classes, group), opts)
+    return _unflatten(reduce_rows(loss_rows, target != opts.ignore_index, reduction), reduction, token_shape)
 
 
 class _ShardedLogProbsEntropy(torch.autograd.Function):

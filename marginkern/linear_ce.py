@@ -23,6 +23,7 @@ import torch
 
 from .engine import (LogitSpec, buffered_loss_and_grads, streaming_grads, streaming_row_stats, target_columns,
                      target_dot)
+from .margin_ce import local_columns
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,19 @@ def target_term(log_pt, opts: LinearCEOptions):
 
 
 class _TargetLogits:
-    """z_t per row: the gathered dot product plus bias, soft-capped (and its softcap slope)."""
+    """z_t per row: the gathered dot product plus bias, soft-capped (and its softcap slope). With a `shard`, w
+    (and bias) hold classes [shard.start, shard.start + len(w)): a row whose target lies elsewhere (or is
+    ignored) has no target column here (−1) and target logit 0."""
 
-    def __init__(self, x, w, target, bias, opts: LinearCEOptions):
-        self.valid, self.column = target_columns(target, opts.ignore_index)
-        raw = target_dot(x, w, self.column)
+    def __init__(self, x, w, target, bias, opts: LinearCEOptions, shard=None):
+        self.valid, column = target_columns(target, opts.ignore_index)
+        if shard is not None:
+            column = local_columns(column, shard.start, w.shape[0])
+        self.column = column
+        raw = target_dot(x, w, column)
         if bias is not None:
-            raw = raw + bias[self.column.clamp_min(0)].to(raw.dtype)
+            raw = raw + bias[column.clamp_min(0)].to(raw.dtype)
+        raw = torch.where(column >= 0, raw, 0.0)
         self.slope = None  # dz_t/d(raw z_t): 1 without a softcap
         if opts.softcap is not None:
             t = torch.tanh(raw / opts.softcap)
@@ -110,22 +117,35 @@ def _row_coefficients(tgt, rows, grad_loss, lse, opts: LinearCEOptions, num_clas
     return coef_p, coef_u, (grad_target_logit if tgt.slope is None else grad_target_logit * _rows(tgt.slope, rows))
 
 
-def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles):
-    """Per-row loss (0 on ignored rows) and per-row log-sum-exp, in the accumulation dtype."""
-    tgt = _TargetLogits(x, w, target, bias, opts)
+def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles, shard=None):
+    """Per-row loss (0 on ignored rows) and per-row log-sum-exp, in the accumulation dtype. A vocab-parallel
+    head (marginkern.distributed.sharded_linear_cross_entropy) passes its `shard` (margin_ce.ClassShard): w and
+    bias hold its classes, and the ranks' (lse, Σ_j z, z_t) are merged before the per-row loss."""
+    tgt = _TargetLogits(x, w, target, bias, opts, shard)
     lse, sum_logits = streaming_row_stats(x, w, tgt.spec, opts.label_smoothing > 0, tiles)
-    return _row_loss(tgt, ALL_ROWS, lse, sum_logits, opts, w.shape[0]), lse
+    num_classes = w.shape[0]
+    if shard is not None:
+        lse, sum_logits, tgt.logit = shard.merge_row_stats(lse, sum_logits, tgt.logit)
+        num_classes = shard.num_classes
+    return _row_loss(tgt, ALL_ROWS, lse, sum_logits, opts, num_classes), lse
 
 
 def linear_ce_backward(grad_loss, x, w, target, bias, lse, opts: LinearCEOptions, tiles, need_weight_grad=True,
-                       need_bias_grad=True, grad_filter_eps=None):
-    """(dL/dx, dL/dw or None, dL/dbias or None): 4 GEMMs, the logits recomputed class chunk by chunk."""
-    tgt = _TargetLogits(x, w, target, bias, opts)
-    coef_p, coef_u, target_grad = _row_coefficients(tgt, ALL_ROWS, grad_loss, lse, opts, w.shape[0])
+                       need_bias_grad=True, grad_filter_eps=None, shard=None):
+    """(dL/dx, dL/dw or None, dL/dbias or None): 4 GEMMs, the logits recomputed class chunk by chunk. With a
+    `shard`: dL/dx summed over the ranks, dL/dw and dL/dbias of this rank's classes."""
+    tgt = _TargetLogits(x, w, target, bias, opts, shard)
+    num_classes = w.shape[0]
+    if shard is not None:  # z_t lives on one rank (0 on the others): the sum is the forward's z_t, bit for bit
+        tgt.logit = shard.sum_rows(tgt.logit)
+        num_classes = shard.num_classes
+    coef_p, coef_u, target_grad = _row_coefficients(tgt, ALL_ROWS, grad_loss, lse, opts, num_classes)
     grad_x, grad_w, grad_bias = streaming_grads(
         x, w, tgt.spec, lse, coef_p, coef_u, target_grad, tiles,
         need_bias_grad=bias is not None and need_bias_grad, need_weight_grad=need_weight_grad,
         grad_filter_eps=grad_filter_eps)
+    if shard is not None:
+        grad_x = shard.sum_input_grad(grad_x)
     return grad_x.to(x.dtype), grad_w, (grad_bias.to(bias.dtype) if grad_bias is not None else None)
 
 

@@ -61,6 +61,9 @@ class ClassShard(Protocol):
     def sum_input_grad(self, grad_x: Tensor) -> Tensor:
         """This slice's part of dL/dx (before the chain through x's normalisation) → the sum over slices."""
 
+    def sum_rows(self, values: Tensor) -> Tensor:
+        """A per-row value held by one slice (0 on the others, e.g. the target logit) → the sum over slices."""
+
 
 def local_columns(column: Tensor, start: int, num_local: int) -> Tensor:
     """Global target column → column within the slice [start, start + num_local), −1 when elsewhere."""

@@ -250,3 +250,74 @@ def check_subcenter_nan_stays_nan(device):
     x[2, 1] = 0.5
     w[3 * 3 + 1, 0] = float("nan")
     assert torch.isnan(mk.margin_cross_entropy(x, w, t, subcenters=3, reduction="none")).all()
+
+
+class InProcessShards:
+    """W vocab shards of one head in one process, standing in for marginkern.distributed's ProcessGroupShard
+    where no process group exists (the interpreter tier, one GPU): the engine's sharded linear CE runs once per
+    shard to record each shard's row statistics, then again with the others' statistics merged in rank order,
+    as the collectives would; dL/dx is left per shard (the caller sums it). Tests the tile backends' handling of
+    rows whose target another shard holds (no target column, target logit 0) and of a bias slice."""
+
+    class Shard:
+        def __init__(self, owner, rank, start):
+            self.owner, self.rank, self.start, self.num_classes = owner, rank, start, owner.num_classes
+
+        def merge_row_stats(self, lse, sum_logits, target_logit):
+            self.owner.recorded[self.rank] = (lse, sum_logits, target_logit)
+            parts = self.owner.recorded if all(r is not None for r in self.owner.recorded) else [
+                (lse, sum_logits, target_logit)]
+            lses = torch.stack([p[0] for p in parts])
+            merged_sum = None if sum_logits is None else sum(p[1] for p in parts)
+            return torch.logsumexp(lses, 0), merged_sum, sum(p[2] for p in parts)
+
+        def sum_rows(self, values):
+            others = [p[2] for r, p in enumerate(self.owner.recorded) if r != self.rank]
+            return values + sum(others)
+
+        def sum_input_grad(self, grad_x):
+            return grad_x
+
+    def __init__(self, num_classes, world_size):
+        from marginkern.distributed import shard_range
+        self.num_classes = num_classes
+        self.ranges = [shard_range(num_classes, r, world_size) for r in range(world_size)]
+        self.recorded = [None] * world_size
+
+    def linear_ce(self, x, w, t, bias, opts, tiles, grad_loss):
+        """(per-row loss, dL/dx summed over shards, dL/dw, dL/dbias or None) of the sharded engine path."""
+        from marginkern.linear_ce import linear_ce_backward, linear_ce_forward
+        shards = [self.Shard(self, r, start) for r, (start, _) in enumerate(self.ranges)]
+        cut = [(slice(a, b), None if bias is None else bias[a:b]) for a, b in self.ranges]
+        for s, (rows, b) in zip(shards, cut):  # records every shard's statistics
+            linear_ce_forward(x, w[rows], t, b, opts, tiles, s)
+        outs = [linear_ce_forward(x, w[rows], t, b, opts, tiles, s) for s, (rows, b) in zip(shards, cut)]
+        loss, lse = outs[0]
+        assert all(torch.equal(o[0], loss) for o in outs), "the shards' losses differ"
+        grads = [linear_ce_backward(grad_loss, x, w[rows], t, b, lse, opts, tiles, shard=s)
+                 for s, (rows, b) in zip(shards, cut)]
+        grad_b = None if bias is None else torch.cat([g[2] for g in grads])
+        return loss, sum(g[0].double() for g in grads), torch.cat([g[1] for g in grads]), grad_b
+
+
+def check_sharded_linear_ce_tiles(tiles, device, dtype, opts, world_size=3, with_bias=True):
+    """The engine's vocab-parallel linear CE on `tiles` (InProcessShards) against the float64 oracle with the
+    whole head: per-row loss, dL/dx summed over shards, the shards' dL/dw and dL/dbias concatenated."""
+    from marginkern import reference
+    from marginkern.linear_ce import LinearCEOptions
+    N, C, D = 23, 61, 12
+    x, w, t = make_case(N, C, D, dtype, device=device, ignore=(0, 7), requires_grad=False)
+    w = (w.float() * 0.3).to(dtype)
+    t[3] = 0  # a target on the first shard, one on the last
+    t[4] = C - 1
+    b = torch.randn(C, device=device).to(dtype) if with_bias else None
+    upstream = torch.randn(N, device=device)
+    o = LinearCEOptions(-100, opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0), opts.get("softcap"),
+                        opts.get("focal_gamma", 0.0), opts.get("gamma_ce", 0.0))
+    loss, gx, gw, gb = InProcessShards(C, world_size).linear_ce(x, w, t, b, o, tiles, upstream)
+    leaves = [v.double().requires_grad_() for v in (x, w) + (() if b is None else (b,))]
+    want = reference.linear_cross_entropy(leaves[0], leaves[1], t, *leaves[2:], reduction="none", **opts)
+    want_grads = torch.autograd.grad((want * upstream.double()).sum(), leaves)
+    assert_close_rel(loss, want, dtype, "loss", floor=1.0)
+    for name, g, e in zip(("grad input", "grad weight", "grad bias"), (gx, gw, gb), want_grads):
+        assert_close_rel(g, e, dtype, name)

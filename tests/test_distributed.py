@@ -776,3 +776,127 @@ def _kl_options_differ(rank, world_size):
 
 def test_sharded_kl_divergence_refuses_different_options(world):
     assert all(world.run(_kl_options_differ))
+
+
+# ---- vocab-parallel linear cross-entropy -------------------------------------------------------------------------
+
+def _sharded_lce_and_grads(rank, world_size, x, w, bias, t, kwargs, upstream, backend=None):
+    """(loss, dL/dinput, dL/dweight_shard, dL/dbias_shard or None) of this rank for the loss Σ upstream·loss."""
+    if backend is not None:
+        os.environ["MARGINKERN_BACKEND"] = backend
+    try:
+        start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+        x = x.clone().requires_grad_()
+        shard = w[start:stop].clone().requires_grad_()
+        bias_shard = None if bias is None else bias[start:stop].clone().requires_grad_()
+        loss = mkd.sharded_linear_cross_entropy(x, shard, t, bias_shard, class_start=start, num_classes=w.shape[0],
+                                                **kwargs)
+        grads = torch.autograd.grad((loss * upstream.to(loss.dtype).reshape(loss.shape)).sum(),
+                                    [v for v in (x, shard, bias_shard) if v is not None])
+        return (loss.detach(), *grads) + ((None,) if bias is None else ())
+    finally:
+        os.environ.pop("MARGINKERN_BACKEND", None)
+
+
+def check_sharded_lce(world, x, w, t, dtype=torch.float64, bias=None, backend=None, **kwargs):
+    """sharded_linear_cross_entropy equals the single-process linear_cross_entropy with the concatenated head:
+    loss and dL/dinput identical on every rank, the slices of dL/dweight and dL/dbias concatenated."""
+    reduction = kwargs.setdefault("reduction", "none")
+    upstream = torch.randn(t.shape if reduction == "none" else (), dtype=torch.float64)
+    results = world.run(_sharded_lce_and_grads, x, w, bias, t, kwargs, upstream, backend)
+    loss, gx, *_ = results[0]
+    for r, (loss_r, gx_r, gw_r, _) in enumerate(results):
+        assert torch.equal(loss_r, loss) and torch.equal(gx_r, gx), f"rank {r} differs from rank 0"
+        start, stop = mkd.shard_range(w.shape[0], r, world.size)
+        assert gw_r.shape == (stop - start, w.shape[1]) and gw_r.dtype == dtype
+    inputs = [v.clone().requires_grad_() for v in (x, w) + (() if bias is None else (bias,))]
+    want = mk.linear_cross_entropy(*inputs[:2], t, *inputs[2:], **kwargs)
+    want_grads = torch.autograd.grad((want * upstream.to(want.dtype)).sum(), inputs)
+    assert loss.shape == want.shape and loss.dtype == want.dtype
+    assert_close_rel(loss, want, dtype, "loss", floor=1.0)
+    assert_close_rel(gx, want_grads[0], dtype, "grad input")
+    assert_close_rel(torch.cat([r[2] for r in results]), want_grads[1], dtype, "grad weight")
+    if bias is not None:
+        assert_close_rel(torch.cat([r[3] for r in results]), want_grads[2], dtype, "grad bias")
+    return loss
+
+
+LCE_OPTIONS = {
+    "plain": {},
+    "smoothing": dict(label_smoothing=0.1),
+    "z_loss": dict(z_loss=1e-2),
+    "softcap": dict(softcap=3.0),
+    "focal": dict(focal_gamma=2.0),
+    "gamma_ce": dict(gamma_ce=0.5),
+    "all": dict(label_smoothing=0.2, z_loss=1e-3, softcap=5.0),
+}
+
+
+@pytest.mark.parametrize("name", list(LCE_OPTIONS))
+def test_sharded_linear_ce_matches_single_process_fp64(world, name):
+    x, w, t = make_case(13, 29, 7, torch.float64, ignore=(0, 5))
+    bias = torch.randn(29, dtype=torch.float64) if name in ("plain", "all") else None
+    check_sharded_lce(world, x, w, t, bias=bias, **LCE_OPTIONS[name])
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_sharded_linear_ce_matches_single_process_fp32(world, backend):
+    """fp32 on the default tiles (C++ when built) and on the PyTorch tiles."""
+    x, w, t = make_case(33, 101, 16, torch.float32, ignore=(3,))
+    check_sharded_lce(world, x, w, t, torch.float32, bias=torch.randn(101), backend=backend, label_smoothing=0.1,
+                      z_loss=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sharded_linear_ce_reductions_and_targets_on_one_rank(world, reduction):
+    x, w, t = make_case(9, 31, 5, torch.float64, ignore=(2,), ignore_index=-1, classes=(0, 5))  # targets on rank 0
+    check_sharded_lce(world, x, w, t, ignore_index=-1, reduction=reduction, label_smoothing=0.1)
+
+
+def test_sharded_linear_ce_all_rows_ignored_is_zero(world):
+    x, w, t = make_case(6, 10, 4, torch.float64, ignore=range(6))
+    loss = check_sharded_lce(world, x, w, t, reduction="mean")
+    assert loss.item() == 0.0
+
+
+def test_sharded_linear_ce_token_batches_and_shift(world):
+    """(B, T, D) hidden states with causal-LM labels as they come (shift=1), as the unsharded function."""
+    x, w, t = make_case(2 * 7, 23, 6, torch.float64, ignore=(4,))
+    check_sharded_lce(world, x.reshape(2, 7, 6), w, t.reshape(2, 7), shift=1, softcap=4.0)
+    check_sharded_lce(world, x.reshape(2, 7, 6), w, t.reshape(2, 7), shift=1, reduction="mean")
+
+
+def _lce_argument_errors(rank, world_size):
+    C, D = 10, 4
+    torch.manual_seed(0)
+    x, w, b, t = torch.randn(5, D), torch.randn(C, D), torch.randn(C), torch.randint(0, C, (5,))
+    start, stop = mkd.shard_range(C, rank, world_size)
+
+    def call(weight_shard=w[start:stop], target=t, bias_shard=None, **kw):
+        kw = dict(dict(class_start=start, num_classes=C), **kw)
+        return mkd.sharded_linear_cross_entropy(x, weight_shard, target, bias_shard, **kw)
+
+    with pytest.raises(ValueError, match=r"weight_shard must hold classes \[\d+, \d+\) on rank"):
+        call(weight_shard=w)
+    with pytest.raises(ValueError, match=r"bias_shard must have shape \(C=\d+,\)"):
+        call(bias_shard=b)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        call(label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"target holds class 10, outside \[0, 10\)"):
+        call(target=torch.full((5,), C))
+    # one rank alone with a bad argument: every rank raises, none waits in a collective
+    with pytest.raises(ValueError, match="z_loss|sharded_linear_cross_entropy: rank"):
+        call(z_loss=-1.0 if rank == 0 else 0.0)
+    # valid but different options on different ranks: a loss of no one's options
+    with pytest.raises(ValueError, match="every rank must pass the same options"):
+        call(softcap=None if rank == 0 else 30.0)
+    with pytest.raises(ValueError, match="every rank must pass the same options"):
+        call(bias_shard=b[start:stop] if rank == 0 else None)
+    with pytest.raises(ValueError, match="every rank must pass the same options"):
+        call(reduction="mean" if rank == 0 else "sum")
+    return float(call())
+
+
+def test_sharded_linear_ce_argument_errors(world):
+    values = world.run(_lce_argument_errors)
+    assert all(v == values[0] for v in values)

@@ -427,3 +427,20 @@ def test_kl_divergence_confident_teacher_on_gpu(monkeypatch):
     from tests.test_distill import check_confident_teacher
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
     check_confident_teacher("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_vocab_sharded_linear_ce_on_gpu(dtype, monkeypatch):
+    """The engine path of sharded_linear_cross_entropy (three shards in one process) on each GPU tile backend that
+    is built. Named without "triton": the visit runs it in its last test step (scripts/gpu_session.sh)."""
+    from marginkern.dispatch import select_tiles
+    from tests.helpers import check_sharded_linear_ce_tiles
+    served = 0
+    for name in ("triton", "cuda"):
+        if _why_not(name, torch.device("cuda"), dtype):
+            continue
+        monkeypatch.setenv("MARGINKERN_BACKEND", name)
+        for opts in (dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0), dict(focal_gamma=2.0)):
+            check_sharded_linear_ce_tiles(select_tiles(torch.device("cuda"), dtype), "cuda", dtype, opts)
+        served += 1
+    assert served, "no GPU tile backend is built"

@@ -352,3 +352,20 @@ def test_losses_return_fp32_for_16bit_inputs():
 def test_confident_rows_keep_their_gradient(dtype, opts):
     from tests.helpers import check_confident_rows_per_row_gradient
     check_confident_rows_per_row_gradient("cpu", dtype, opts)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0), dict(gamma_ce=0.5)])
+def test_vocab_sharded_engine_path_on_cpu_tiles(backend, dtype, opts, monkeypatch):
+    """marginkern.distributed.sharded_linear_cross_entropy's engine path (three shards in one process; the gloo
+    tests in test_distributed.py run the collectives) on the C++ and PyTorch tiles."""
+    from marginkern.dispatch import _why_not, select_tiles
+    from tests.helpers import check_sharded_linear_ce_tiles
+    reason = _why_not(backend, torch.device("cpu"), dtype)
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    tiles = select_tiles(torch.device("cpu"), dtype)
+    assert tiles.name == backend, tiles.name
+    check_sharded_linear_ce_tiles(tiles, "cpu", dtype, opts)

@@ -5,8 +5,9 @@ import torch
 import marginkern as mk
 import marginkern.engine as engine
 from marginkern import reference
+from marginkern.dispatch import select_tiles
 from tests.helpers import (REL_TOL, assert_close_rel, check_confident_rows_per_row_gradient,
-                           check_fp16_grad_saturates_and_keeps_nan, make_case)
+                           check_fp16_grad_saturates_and_keeps_nan, check_sharded_linear_ce_tiles, make_case)
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_linear_ce import OPTIONS, check_gamma_ce_near_one, grads
 
@@ -128,3 +129,11 @@ def test_confident_rows_keep_their_gradient(dtype, opts):
 
 def test_gamma_ce_near_one_stays_exact():
     check_gamma_ce_near_one(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0), dict(focal_gamma=2.0)])
+def test_vocab_sharded_linear_ce_through_the_triton_tiles(dtype, opts):
+    """marginkern.distributed.sharded_linear_cross_entropy's engine path on the Triton tiles: rows whose target
+    another shard holds, a bias slice, the merged statistics (three shards in one process)."""
+    check_sharded_linear_ce_tiles(select_tiles(torch.device(DEVICE), dtype), DEVICE, dtype, opts)
