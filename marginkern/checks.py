@@ -290,6 +290,12 @@ def check_teacher(teacher_input, teacher_weight, input, weight):
             raise ValueError(f"{name} must be on the device of input ({input.device}), got {t.device}")
 
 
+def check_jsd_beta(beta):
+    """β of the generalized JSD as a float in [0, 1] (0 and 1: forward and reverse KL)."""
+    check_finite("beta", beta, 0.0, 1.0)
+    return float(beta)
+
+
 def check_direction(direction):
     if direction not in ("forward", "reverse"):
         raise ValueError(f"direction must be \"forward\" (KL(teacher‖student)) or \"reverse\" "

@@ -12,10 +12,23 @@ the backward recomputes the student's and the teacher's logit tiles (the engine'
 coef_log_q·p·log q, with the entropy term for reverse KL's p·log p). The value is a difference of terms of the
 size of the logits: its rounding is ~ulp(lse) absolute (as a cross-entropy's), and a value that rounds below 0
 is returned as 0 (KL ≥ 0). lse, lse^T and KL are saved for the backward pass.
+
+The generalized Jensen-Shannon divergence (GKD, TRL's generalized_jsd_loss, Liger's fused linear JSD) mixes the two,
+m = (1−β)·p + β·q, β ∈ (0, 1):
+
+    JSD_β = β·KL(q‖m) + (1−β)·KL(p‖m)                       dJSD/dz_j = (1−β)·p_j·(log(p_j/m_j) − KL(p‖m))
+
+(the mixture's own dependence on z cancels: Σ_k (log m_k + 1)·∂m_k/∂z_j = (1−β)·p_j·(log m_j − E_p[log m])).
+log(p/m) = −log1p(β·expm1(log q − log p)) has no cancellation where p ≈ q. Both log-sum-exps must be known before
+the divergence's sums, so its forward makes two passes over the classes (the teacher statistics, then
+engine.streaming_jsd_row_sums); the backward one, with the teacher term coef·p·log(p/m) (TeacherSpec.jsd_beta).
 """
+import dataclasses
+
 import torch
 
-from .engine import LogitSpec, TeacherSpec, accumulation_dtype, streaming_grads, streaming_row_stats_with_teacher
+from .engine import (LogitSpec, TeacherSpec, accumulation_dtype, streaming_grads, streaming_jsd_row_sums,
+                     streaming_row_stats_with_teacher)
 
 
 def _planes(x, w, x_t, w_t, temperature, lse_t=None, coef_q=None, coef_log_q=None):
@@ -53,6 +66,38 @@ def kl_backward(grad_kl, x, w, x_t, w_t, target, lse, lse_t, kl, temperature, ig
         coef_p, entropy_coef = g, None
     grad_x, grad_w, _ = streaming_grads(x, w, spec, lse, coef_p, zero, zero, tiles, need_weight_grad=need_weight_grad,
                                         entropy_coef=entropy_coef, teacher=teacher)
+    if shard is not None:
+        grad_x = shard.sum_input_grad(grad_x)
+    return grad_x.to(x.dtype), grad_w
+
+
+def jsd_forward(x, w, x_t, w_t, target, temperature, ignore_index, beta, tiles, shard=None):
+    """(JSD_β, lse, lse^T, KL(p‖m)) per row in the accumulation dtype, 0 on ignored rows (the last for the backward
+    pass). With a `shard`, w and w_t hold this rank's classes; the ranks' statistics and sums are merged."""
+    spec, teacher = _planes(x, w, x_t, w_t, temperature)
+    stats = streaming_row_stats_with_teacher(x, w, spec, teacher, tiles)
+    lse, lse_t, _, _ = stats if shard is None else shard.merge_teacher_stats(*stats)
+    teacher = dataclasses.replace(teacher, lse=lse_t, jsd_beta=beta)
+    kl_pm, kl_qm = streaming_jsd_row_sums(x, w, spec, teacher, lse, tiles)
+    if shard is not None:
+        kl_pm, kl_qm = shard.sum_rows(torch.stack([kl_pm, kl_qm])).unbind(0)
+    # Each sum carries the rounding of both log-sum-exps to first order (−β·c and (1−β)·c for an offset c between
+    # log q and log p), which cancels in their β-combination only as they are: clamping one at 0 would keep it.
+    jsd = (beta * kl_qm + (1.0 - beta) * kl_pm).clamp_min(0.0)  # ≥ 0 as the divergence it is; NaN stays NaN
+    valid = target != ignore_index
+    return torch.where(valid, jsd, 0.0), lse, lse_t, torch.where(valid, kl_pm, 0.0)
+
+
+def jsd_backward(grad_jsd, x, w, x_t, w_t, target, lse, lse_t, kl_pm, temperature, ignore_index, beta, tiles,
+                 need_weight_grad=True, shard=None):
+    """(dL/dx, dL/dw or None) for the per-row upstream gradient of JSD_β (with a shard: dL/dx summed over the ranks,
+    dL/dw of this rank's classes)."""
+    g = torch.where(target != ignore_index, grad_jsd.to(lse.dtype), 0.0) * (1.0 - beta)
+    zero = torch.zeros_like(g)
+    spec, teacher = _planes(x, w, x_t, w_t, temperature, lse_t, zero, g)
+    teacher = dataclasses.replace(teacher, jsd_beta=beta)
+    grad_x, grad_w, _ = streaming_grads(x, w, spec, lse, -g * kl_pm, zero, zero, tiles,
+                                        need_weight_grad=need_weight_grad, teacher=teacher)
     if shard is not None:
         grad_x = shard.sum_input_grad(grad_x)
     return grad_x.to(x.dtype), grad_w

@@ -31,6 +31,9 @@ Distillation adds a teacher's logit plane (`TeacherSpec`: z^T_nj = row_scale_n·
 states and head, no gradient): the forward keeps the teacher's log-sum-exp and the two cross expectations
 E_q[z^T − z] and E_p[z − z^T] beside the student's (`streaming_row_stats_with_teacher`), and with
 q_nj = exp(z^T_nj − lse^T_n) the backward adds −coef_q_n·q_nj + coef_log_q_n·p_nj·log q_nj to dL/dz_nj.
+The generalized Jensen-Shannon divergence (TeacherSpec.jsd_beta = β) mixes the two, m = (1−β)·p + β·q: a second
+forward pass with both log-sum-exps known sums KL(p‖m) and KL(q‖m) per row (`streaming_jsd_row_sums`), and the
+backward's teacher term is coef_log_q_n·p_nj·log(p_nj/m_nj) instead (`log_ratio_to_mixture`).
 
 Tile backends compute the two class-streaming steps: `TorchTiles` (plain PyTorch, the CPU fallback and
 the kernels' oracle), `marginkern.triton_kernels.TritonTiles` and `marginkern.cpp_tiles.CppTiles`. They
@@ -101,7 +104,8 @@ class TeacherSpec:
     row_scale: Tensor                     # (N,) accumulation dtype (1/temperature)
     lse: Optional[Tensor] = None          # (N,) the teacher's log-sum-exp
     coef_q: Optional[Tensor] = None       # (N,)
-    coef_log_q: Optional[Tensor] = None   # (N,)
+    coef_log_q: Optional[Tensor] = None   # (N,) the coefficient of p·log q, or of p·log(p/m) with jsd_beta
+    jsd_beta: Optional[float] = None      # β of the generalized JSD's mixture m = (1−β)·p + β·q (coef_q unused)
 
 
 def teacher_logits(teacher: TeacherSpec, c0, c1, acc):
@@ -567,6 +571,37 @@ def streaming_row_stats_with_teacher(x, w, spec: LogitSpec, teacher: TeacherSpec
     return tiles.row_stats_with_teacher(x, w, spec, teacher)
 
 
+def streaming_jsd_row_sums(x, w, spec: LogitSpec, teacher: TeacherSpec, lse, tiles):
+    """(KL(p‖m), KL(q‖m)) per row in the accumulation dtype, m = (1−β)·p + β·q with β = teacher.jsd_beta: one pass
+    over the classes with the student's `lse` and the teacher's (teacher.lse) known, plain sums of
+    p·log(p/m) and q·log(q/m) (`log_ratio_to_mixture`). Tiles without a `jsd_row_sums` cannot serve it."""
+    return tiles.jsd_row_sums(x, w, spec, teacher, lse)
+
+
+MIXTURE_LOG_SWITCH = 80.0  # e^80 ≈ 5.5e34: β·expm1(d) stays finite in fp32 below it
+
+
+def log_ratio_to_mixture(log_p, log_q, beta):
+    """log(p/m) with m = (1−β)·p + β·q, as −log1p(β·expm1(d)), d = log q − log p: no cancellation where q ≈ p (the
+    summands of a small divergence). Where d ≥ 80 (q ≫ p: a confident teacher's class, where expm1 would
+    overflow) as −d − log(β + (1−β)·e^{−d}), which cannot cancel there. Swap the arguments and pass 1 − β for
+    log(q/m). Where p = 0 the caller takes p·log(p/m) as 0 (the value here may be NaN or ±inf)."""
+    d = log_q - log_p
+    near = d < MIXTURE_LOG_SWITCH
+    small_d = torch.where(near, d, 0.0)
+    large_d = torch.where(near, MIXTURE_LOG_SWITCH, d)
+    return torch.where(near, -torch.log1p(beta * torch.expm1(small_d)),
+                       -large_d - torch.log(beta + (1.0 - beta) * torch.exp(-large_d)))
+
+
+def jsd_chunk_sums(log_p, log_q, beta):
+    """Σ_j p_j·log(p_j/m_j) and Σ_j q_j·log(q_j/m_j) over a block of log-probabilities (N, c), 0·(…) = 0."""
+    p, q = torch.exp(log_p), torch.exp(log_q)
+    kl_pm = torch.where(p == 0, 0.0, p * log_ratio_to_mixture(log_p, log_q, beta)).sum(1)  # a NaN p stays NaN
+    kl_qm = torch.where(q == 0, 0.0, q * log_ratio_to_mixture(log_q, log_p, 1.0 - beta)).sum(1)
+    return kl_pm, kl_qm
+
+
 def weighted_sums(logits, values):
     """(M, Σ_j e^{z_j − M}, Σ_j e^{z_j − M}·v_j) of a block of logits (N, c) and values (N, c): a softmax-weighted
     mean as two sums with the same weights, X/S, so that it does not carry the rounding of a log-sum-exp
@@ -908,6 +943,16 @@ class TorchTiles:
         (top, total, cross), (top_t, total_t, cross_t) = student, teacher_sums
         return top + torch.log(total), top_t + torch.log(total_t), cross_t / total_t, cross / total
 
+    def jsd_row_sums(self, x, w, spec: LogitSpec, teacher: TeacherSpec, lse):
+        """engine.streaming_jsd_row_sums: per chunk both planes' log-probabilities and their sums."""
+        kl_pm = kl_qm = torch.zeros_like(lse)
+        for c0, c1 in self.class_chunks(2 * x.shape[0], w.shape[0], x):  # two N × chunk planes
+            log_p = self.logits(x, w, spec, c0, c1)[0] - lse[:, None]
+            log_q = teacher_logits(teacher, c0, c1, log_p.dtype) - teacher.lse[:, None]
+            chunk_pm, chunk_qm = jsd_chunk_sums(log_p, log_q, teacher.jsd_beta)
+            kl_pm, kl_qm = kl_pm + chunk_pm, kl_qm + chunk_qm
+        return kl_pm, kl_qm
+
     def grad_logits(self, x, w, spec: LogitSpec, lse, coef_p, coef_u, target_grad, c0, c1, cost=None,
                     entropy_coef=None, teacher=None):
         """dL/da of the classes [c0, c1): (N, c1 − c0), or (N, (c1 − c0)·K) over their rows of w with K
@@ -923,7 +968,11 @@ class TorchTiles:
         g = weight_p * p
         if entropy_coef is not None:
             g = g - entropy_coef[:, None] * torch.where(p > 0, p * log_p, 0.0)
-        if teacher is not None:
+        if teacher is not None and teacher.jsd_beta is not None:
+            log_q = teacher_logits(teacher, c0, c1, z.dtype) - teacher.lse[:, None]
+            ratio = log_ratio_to_mixture(log_p, log_q, teacher.jsd_beta)
+            g = g + torch.where(p == 0, 0.0, teacher.coef_log_q[:, None] * p * ratio)
+        elif teacher is not None:
             log_q = teacher_logits(teacher, c0, c1, z.dtype) - teacher.lse[:, None]
             # p·log q only where its coefficient is not 0 (forward KL: a −inf teacher logit would give 0·(−inf))
             coef_log_q = teacher.coef_log_q[:, None]

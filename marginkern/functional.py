@@ -5,7 +5,7 @@ import torch
 from . import pairwise
 from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cosent_arguments,
                      check_cost_embedding, check_embedding_pair, check_finite, check_float_tensor, check_ignore_index,
-                     check_direction, check_integer_dtype, check_labels, check_linear_ce_options, check_logits_buffer,
+                     check_direction, check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer,
                      check_margin_options, check_reduction, check_shift, check_subcenters, check_teacher,
                      check_temperature, check_tensor, resolve_grad_filter_eps)
 from .ops import call as call_op
@@ -193,6 +193,23 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     return log_probs, entropy
 
 
+def _distill_rows(input, teacher_input, target, ignore_index, shift):
+    """The distillation losses' preamble: _lm_rows with an optional target (None: every row counts) and the
+    teacher's rows flattened like the student's; (input, teacher_input, target, token shape, ignore_index)."""
+    ignore_index = check_ignore_index(ignore_index)
+    check_tensor("input", input)
+    if target is None:  # every row counts: any value but ignore_index
+        target = torch.full(input.shape[:-1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
+    rows_shape = input.shape[:-1]
+    input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
+    if isinstance(teacher_input, torch.Tensor) and teacher_input.dim() > 2:
+        if teacher_input.shape[:-1] != rows_shape:
+            raise ValueError(f"teacher_input must have shape {tuple(rows_shape)} + (E,) (input's rows), got shape "
+                             f"{tuple(teacher_input.shape)}")
+        teacher_input = teacher_input.reshape(-1, teacher_input.shape[-1])
+    return input, teacher_input, target, token_shape, ignore_index
+
+
 def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=None, *, temperature=1.0,
                          direction="forward", ignore_index=-100, reduction="mean", shift=0):
     """Knowledge distillation: the KL divergence between the teacher's softmax(teacher_input·teacher_weightᵀ / T)
@@ -208,17 +225,8 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     (multiply by T² for Hinton's scaling).
     """
     reverse = check_direction(direction)
-    ignore_index = check_ignore_index(ignore_index)
-    check_tensor("input", input)
-    if target is None:  # every row counts: any value but ignore_index
-        target = torch.full(input.shape[:-1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
-    rows_shape = input.shape[:-1]
-    input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
-    if isinstance(teacher_input, torch.Tensor) and teacher_input.dim() > 2:
-        if teacher_input.shape[:-1] != rows_shape:
-            raise ValueError(f"teacher_input must have shape {tuple(rows_shape)} + (E,) (input's rows), got shape "
-                             f"{tuple(teacher_input.shape)}")
-        teacher_input = teacher_input.reshape(-1, teacher_input.shape[-1])
+    input, teacher_input, target, token_shape, ignore_index = _distill_rows(input, teacher_input, target, ignore_index,
+                                                                           shift)
     check_classification_inputs(input, weight, target)
     check_teacher(teacher_input, teacher_weight, input, weight)
     check_temperature(temperature)
@@ -228,6 +236,35 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     if reduction == "none":  # the op saves it for its backward: a caller's in-place edit must not reach it
         kl = kl.clone()
     return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
+
+
+def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, beta=0.5, temperature=1.0,
+               ignore_index=-100, reduction="mean", shift=0):
+    """Knowledge distillation by the generalized Jensen-Shannon divergence (GKD; TRL's generalized_jsd_loss, Liger's
+    fused linear JSD): with the student's p = softmax(input·weightᵀ / T), the teacher's q = softmax(teacher_input ·
+    teacher_weightᵀ / T) and their mixture m = (1−β)·p + β·q, per token
+
+        β·KL(q‖m) + (1−β)·KL(p‖m)
+
+    without materialising either N × C logits. beta = 0 is forward KL(q‖p), beta = 1 reverse KL(p‖q) (the
+    endpoints TRL and Liger give; they run linear_kl_divergence). Arguments, shapes, masking, `shift` and the
+    result's dtype as linear_kl_divergence; gradients flow into input and weight only. Two passes over the classes
+    in the forward pass (the divergence needs both log-sum-exps first), one in the backward pass.
+    """
+    beta = check_jsd_beta(beta)
+    if beta in (0.0, 1.0):
+        return linear_kl_divergence(input, weight, teacher_input, teacher_weight, target, temperature=temperature,
+                                    direction="forward" if beta == 0.0 else "reverse", ignore_index=ignore_index,
+                                    reduction=reduction, shift=shift)
+    input, teacher_input, target, token_shape, ignore_index = _distill_rows(input, teacher_input, target, ignore_index,
+                                                                           shift)
+    check_classification_inputs(input, weight, target)
+    check_teacher(teacher_input, teacher_weight, input, weight)
+    check_temperature(temperature)
+    check_reduction(reduction)
+    jsd, _, _, _ = call_op("linear_jsd", input, weight, teacher_input.detach(), teacher_weight.detach(), target.long(),
+                           beta, float(temperature), ignore_index)
+    return _unflatten(reduce_rows(jsd, target != ignore_index, reduction), reduction, token_shape)
 
 
 def cosent_loss(scores, labels, *, scale=20.0):

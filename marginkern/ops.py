@@ -13,11 +13,11 @@ from torch import Tensor
 
 from .checks import (check_bias, check_classification_inputs, check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
-                     check_subcenters, check_target_values, check_teacher, check_temperature)
+                     check_jsd_beta, check_subcenters, check_target_values, check_teacher, check_temperature)
 from .dispatch import select_tiles, select_tiles_except
 from . import pairwise
 from .engine import NORM_EPS, accumulation_dtype, buffered_grads_in_input_dtype
-from .distill import kl_backward, kl_forward
+from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .emo import emo_backward, emo_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
@@ -599,6 +599,88 @@ def _kl_backward(ctx, grad_kl, grad_lse, grad_teacher_lse):
 
 
 _register_autograd("linear_kl_divergence", _kl_backward, _kl_setup_context)
+
+
+def _jsd_tiles(input):
+    """The engine's tiles for the JSD: Triton on CUDA, the PyTorch tiles on the CPU (the C++ kernels have no
+    mixture term)."""
+    return select_tiles_except(("cpp", "cuda"), "generalized JSD's mixture term", input.device, input.dtype)
+
+
+def _jsd_beta_inside(beta):
+    """β of the JSD ops, strictly inside (0, 1): the functions route the endpoints to the KL ops."""
+    beta = check_jsd_beta(beta)
+    if beta in (0.0, 1.0):
+        raise ValueError(f"beta must lie strictly inside (0, 1) for the JSD ops (0 and 1 are linear_kl_divergence's "
+                         f"forward and reverse KL), got {beta}")
+    return beta
+
+
+@_op("linear_jsd")
+def linear_jsd(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor, target: Tensor,
+               beta: float, temperature: float, ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-row JSD_β, student lse, teacher lse, KL(p‖m)) at `temperature`; the teacher gets no gradient."""
+    _check_forward_inputs(input, weight, target)
+    check_teacher(teacher_input, teacher_weight, input, weight)
+    beta = _jsd_beta_inside(beta)
+    temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
+    input, weight = input.contiguous(), weight.contiguous()
+    teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
+    return jsd_forward(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, beta,
+                       _jsd_tiles(input))
+
+
+@linear_jsd.register_fake
+def _(input, weight, teacher_input, teacher_weight, target, beta, temperature, ignore_index):
+    _check_forward_inputs(input, weight, target)
+    check_teacher(teacher_input, teacher_weight, input, weight)
+    _jsd_beta_inside(beta)
+    check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    acc = accumulation_dtype(input.dtype)
+    return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(4))
+
+
+@_op("linear_jsd_backward")
+def linear_jsd_backward(grad_jsd: Tensor, input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
+                        target: Tensor, lse: Tensor, teacher_lse: Tensor, kl_student_mixture: Tensor, beta: float,
+                        temperature: float, ignore_index: int, need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, teacher lse and KL(p‖m)."""
+    _check_row_vectors(input, grad_jsd=grad_jsd, lse=lse, teacher_lse=teacher_lse,
+                       kl_student_mixture=kl_student_mixture)
+    input, weight = input.contiguous(), weight.contiguous()
+    teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
+    grad_x, grad_w = jsd_backward(grad_jsd, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse,
+                                  kl_student_mixture, float(temperature), int(ignore_index), _jsd_beta_inside(beta),
+                                  _jsd_tiles(input), need_weight_grad)
+    return grad_x, _or_empty(grad_w, weight)
+
+
+@linear_jsd_backward.register_fake
+def _(grad_jsd, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl_student_mixture, beta,
+      temperature, ignore_index, need_weight_grad=True):
+    return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
+
+
+def _jsd_setup_context(ctx, inputs, output):
+    input, weight, teacher_input, teacher_weight, target, beta, temperature, ignore_index = inputs
+    # the teacher's tensors are saved detached: no gradient flows into them (their views of a graph stay out)
+    ctx.save_for_backward(input, weight, teacher_input.detach(), teacher_weight.detach(), target, output[1], output[2],
+                          output[3])
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    ctx.beta, ctx.temperature, ctx.ignore_index = beta, temperature, ignore_index
+
+
+def _jsd_backward(ctx, grad_jsd, grad_lse, grad_teacher_lse, grad_kl_student_mixture):
+    input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl_pm = ctx.saved_tensors
+    need_weight_grad = ctx.needs_input_grad[1]
+    grad_input, grad_weight = call("linear_jsd_backward", grad_jsd.contiguous(), input, weight, teacher_input,
+                                   teacher_weight, target, lse, teacher_lse, kl_pm, ctx.beta, ctx.temperature,
+                                   ctx.ignore_index, need_weight_grad)
+    return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * 6
+
+
+_register_autograd("linear_jsd", _jsd_backward, _jsd_setup_context)
 
 
 @_op("log_probs_entropy")

@@ -4,6 +4,8 @@ They are what the kernels are tested against, written for clarity rather than sp
 over class chunks (each chunk under activation checkpointing), so even the oracle never holds the
 N × C logits matrix: a CPU user can run them at full scale.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -206,3 +208,37 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
                         use_reentrant=False)[which] for c0 in range(0, w.shape[0], class_chunk))
     valid = target != ignore_index
     return reduce_rows(torch.where(valid, kl, torch.zeros_like(kl)), valid, reduction)
+
+
+def _chunk_jsd(x, w_chunk, x_t, w_t_chunk, lse, lse_t, beta):
+    """β·Σ_j q_j·(log q_j − log m_j) + (1−β)·Σ_j p_j·(log p_j − log m_j) over one class chunk, log m as TRL's
+    generalized_jsd_loss forms it (a log-sum-exp of the two weighted log-probabilities)."""
+    log_p = x @ w_chunk.t() - lse[:, None]
+    log_q = x_t @ w_t_chunk.t() - lse_t[:, None]
+    log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
+    kl_qm = torch.where(log_q > -math.inf, log_q.exp() * (log_q - log_m), 0.0).sum(1)
+    kl_pm = torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_m), 0.0).sum(1)
+    return beta * kl_qm + (1.0 - beta) * kl_pm
+
+
+def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, beta=0.5, temperature=1.0,
+               ignore_index=-100, reduction="mean", class_chunk=CLASS_CHUNK):
+    """The generalized Jensen-Shannon divergence β·KL(q‖m) + (1−β)·KL(p‖m), m = (1−β)·p + β·q, per row, p the
+    student's softmax(input·weightᵀ/T), q the teacher's (detached); β = 0 and 1 are forward and reverse KL (as TRL
+    and Liger define the endpoints); 0 where target == ignore_index."""
+    if beta in (0, 1):
+        return linear_kl_divergence(input, weight, teacher_input, teacher_weight, target, temperature=temperature,
+                                    direction="forward" if beta == 0 else "reverse", ignore_index=ignore_index,
+                                    reduction=reduction, class_chunk=class_chunk)
+    acc = accumulation_dtype(input.dtype)
+    x, w = input.to(acc) / temperature, weight.to(acc)
+    x_t, w_t = teacher_input.detach().to(acc) / temperature, teacher_weight.detach().to(acc)
+    if target is None:  # every row counts
+        target = torch.full((x.shape[0],), int(ignore_index == 0), dtype=torch.int64, device=x.device)
+    no_target = torch.full_like(target, -1)
+    lse, _ = streamed_lse_and_sum(x, w, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
+    lse_t, _ = streamed_lse_and_sum(x_t, w_t, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
+    jsd = sum(checkpoint(_chunk_jsd, x, w[c0:c0 + class_chunk], x_t, w_t[c0:c0 + class_chunk], lse, lse_t,
+                         float(beta), use_reentrant=False) for c0 in range(0, w.shape[0], class_chunk))
+    valid = target != ignore_index
+    return reduce_rows(torch.where(valid, jsd, torch.zeros_like(jsd)), valid, reduction)

@@ -444,3 +444,21 @@ def test_vocab_sharded_linear_ce_on_gpu(dtype, monkeypatch):
             check_sharded_linear_ce_tiles(select_tiles(torch.device("cuda"), dtype), "cuda", dtype, opts)
         served += 1
     assert served, "no GPU tile backend is built"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_jsd_matches_oracle_on_gpu(dtype, beta, monkeypatch):
+    """linear_jsd on the Triton kernels (the CUDA tiles have no mixture term). Named without "triton": the visit
+    runs it in its last test step (scripts/gpu_session.sh)."""
+    from tests.test_jsd import check_jsd_against_oracle
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_jsd_against_oracle(dtype, (300, 5003, 131, 96), beta, "cuda")
+
+
+def test_jsd_confident_teacher_and_converged_student_on_gpu(monkeypatch):
+    """The kernels' expm1/log1p series and the large-d branch with the GPU's exp and log."""
+    from tests.test_jsd import check_confident_teacher, check_converged_student
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_confident_teacher("cuda")
+    check_converged_student("cuda")

@@ -12,7 +12,11 @@
                                      that the engine feeds to the dX and dW GEMMs; with HAS_COST it also
                                      computes EMO's cost cosines A = q·k per tile (a second tl.dot loop);
                                      with HAS_ENTROPY the entropy term −coef·p·log p; with HAS_TEACHER
-                                     the teacher's terms −coef_q·q + coef_log_q·p·log q
+                                     the teacher's terms −coef_q·q + coef_log_q·p·log q (with JSD
+                                     coef_log_q·p·log(p/m), m = (1−β)·p + β·q, instead)
+    jsd_row_sums_kernel              the generalized JSD's second forward pass: with both log-sum-exps
+                                     known, Σ p·log(p/m) and Σ q·log(q/m) per row over one class split
+                                     (engine.streaming_jsd_row_sums)
 
 Both recompute logits tile by tile with tl.dot over D in fp32 accumulators; no N × C tensor exists. With
 SUBCENTERS = K (sub-center ArcFace, engine.py) a class tile runs K dot tiles over the classes' K rows of w
@@ -351,20 +355,100 @@ def streaming_ce_fwd_kernel(
 
 
 @triton.jit
+def _expm1(x):
+    """e^x − 1 without cancellation near 0: its Taylor series to x⁷ where |x| < 0.5 (the remainder, x⁸/8!, is below
+    fp32's resolution of the result there), the plain difference elsewhere (±inf and NaN as that gives them)."""
+    small = tl.abs(x) < 0.5
+    t = tl.where(small, x, 0.0)
+    series = t * (1.0 + t * (1.0 / 2 + t * (1.0 / 6 + t * (1.0 / 24 + t * (1.0 / 120 + t * (1.0 / 720
+                                                                                            + t * (1.0 / 5040)))))))
+    return tl.where(small, series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log1p(y):
+    """log(1 + y) without cancellation near 0: 2·atanh(s), s = y/(2 + y), by its series to s¹¹ where |y| < 0.25
+    (|s| < 1/7: the remainder is below fp32's resolution), log(1 + y) elsewhere."""
+    small = tl.abs(y) < 0.25
+    t = tl.where(small, y, 0.0)
+    s = t / (2.0 + t)
+    s2 = s * s
+    series = 2.0 * s * (1.0 + s2 * (1.0 / 3 + s2 * (1.0 / 5 + s2 * (1.0 / 7 + s2 * (1.0 / 9 + s2 * (1.0 / 11))))))
+    return tl.where(small, series, tl.log(1.0 + y))
+
+
+@triton.jit
+def _log_ratio_to_mixture(log_p, log_q, beta):
+    """log(p/m), m = (1−β)·p + β·q, as −log1p(β·expm1(d)), d = log q − log p, or −d − log(β + (1−β)·e^{−d})
+    where d ≥ 80 (engine.log_ratio_to_mixture says why)."""
+    d = log_q - log_p
+    near = d < 80.0
+    small_d = tl.where(near, d, 0.0)
+    large_d = tl.where(near, 80.0, d)
+    return tl.where(near, -_log1p(beta * _expm1(small_d)), -large_d - tl.log(beta + (1.0 - beta) * tl.exp(-large_d)))
+
+
+@triton.jit
+def jsd_row_sums_kernel(
+    x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, teacher_x_ptr, teacher_w_ptr, lse_ptr, teacher_lse_ptr,
+    part_ptr, N, C, D, E, stride_x, stride_w, stride_tx, stride_tw, classes_per_split, num_splits, softcap, beta,
+    HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TEACHER_DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_E: tl.constexpr,
+):
+    """Σ_j p_j·log(p_j/m_j) and Σ_j q_j·log(q_j/m_j) of one (row block, class split), into the planes part[0] and
+    part[1] (each splits × N); the host adds the splits. p and q from the known log-sum-exps, so these are plain
+    sums (no running max): the split layout and program order of streaming_ce_fwd_kernel."""
+    pid = tl.program_id(0)
+    pid_n = pid // num_splits
+    split = pid % num_splits
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    teacher_lse = tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)
+    c_begin = split * classes_per_split
+    c_end = tl.minimum(c_begin + classes_per_split, C)
+    run_pm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_qm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in tl.range(c_begin, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_mask = cols < c_end
+        z, _, _ = _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
+                              rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                              HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
+                              False, EVEN_D)
+        z_teacher = _dot_tile(teacher_x_ptr, teacher_w_ptr, rows, cols, row_mask, col_mask, E, stride_tx, stride_tw,
+                              TEACHER_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E) * row_scale[:, None]
+        log_p = z - lse[:, None]  # finite in the masked columns (their loads give 0), which p = q = 0 drops
+        log_q = z_teacher - teacher_lse[:, None]
+        p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
+        q = tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
+        # 0·log(0/m) = 0 where a probability is 0 (its ratio may be NaN there); a NaN probability stays NaN
+        run_pm += tl.sum(tl.where(p == 0.0, 0.0, p * _log_ratio_to_mixture(log_p, log_q, beta)), axis=1)
+        run_qm += tl.sum(tl.where(q == 0.0, 0.0, q * _log_ratio_to_mixture(log_q, log_p, 1.0 - beta)), axis=1)
+    out = split.to(tl.int64) * N + rows
+    tl.store(part_ptr + out, run_pm, mask=row_mask)
+    tl.store(part_ptr + num_splits.to(tl.int64) * N + out, run_qm, mask=row_mask)
+
+
+@triton.jit
 def streaming_ce_grad_logits_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr,
     lse_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, grad_ptr,
     query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr, target_subcenter_ptr, coef_entropy_ptr,
     teacher_x_ptr, teacher_w_ptr, teacher_lse_ptr, coef_q_ptr, coef_log_q_ptr,
-    N, D, E, stride_x, stride_w, stride_g, stride_k, stride_tx, stride_tw, c_begin, c_end, softcap,
+    N, D, E, stride_x, stride_w, stride_g, stride_k, stride_tx, stride_tw, c_begin, c_end, softcap, jsd_beta,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
     EVEN_D: tl.constexpr = False, EVEN_E: tl.constexpr = False, GROUP_N: tl.constexpr = 8,
     SUBCENTERS: tl.constexpr = 1, HAS_ENTROPY: tl.constexpr = False, HAS_TEACHER: tl.constexpr = False,
+    JSD: tl.constexpr = False,
 ):
     """With HAS_TEACHER (distillation; E the teacher's width) the teacher's tile z^T is recomputed and
-    −coef_q·q + coef_log_q·p·log q added, q = exp(z^T − teacher_lse) (engine.py). With SUBCENTERS = K > 1, grad has (c_end − c_begin)·K columns, the rows of w of the chunk's classes,
+    −coef_q·q + coef_log_q·p·log q added, q = exp(z^T − teacher_lse) (engine.py); with JSD as well,
+    coef_log_q·p·log(p/m) instead, m = (1 − jsd_beta)·p + jsd_beta·q. With SUBCENTERS = K > 1, grad has (c_end − c_begin)·K columns, the rows of w of the chunk's classes,
     and must come zeroed: a class's dL/da is stored at its winning sub-centre only (the target's at
     target_subcenter). One scattered store instead of K masked ones: those spilled registers at K = 2, 3."""
     pid_n, pid_c = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(c_end - c_begin, BLOCK_C), GROUP_N)
@@ -398,11 +482,14 @@ def streaming_ce_grad_logits_kernel(
         z_teacher = _dot_tile(teacher_x_ptr, teacher_w_ptr, rows, cols, row_mask, col_mask, E, stride_tx, stride_tw,
                               COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E) * row_scale[:, None]
         log_q = z_teacher - tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
-        coef_q = tl.load(coef_q_ptr + rows, mask=row_mask, other=0.0)
         coef_log_q = tl.load(coef_log_q_ptr + rows, mask=row_mask, other=0.0)
-        # p·log q only where its coefficient is not 0 (forward KL: a −inf teacher logit would give 0·(−inf))
-        g = g - coef_q[:, None] * tl.exp(log_q) + tl.where((p > 0) & (coef_log_q[:, None] != 0),
-                                                           coef_log_q[:, None] * p * log_q, 0.0)
+        if JSD:  # 0 where p = 0 (its ratio may be NaN there); a NaN p stays NaN
+            g = g + tl.where(p == 0.0, 0.0, coef_log_q[:, None] * p * _log_ratio_to_mixture(log_p, log_q, jsd_beta))
+        else:
+            coef_q = tl.load(coef_q_ptr + rows, mask=row_mask, other=0.0)
+            # p·log q only where its coefficient is not 0 (forward KL: a −inf teacher logit would give 0·(−inf))
+            g = g - coef_q[:, None] * tl.exp(log_q) + tl.where((p > 0) & (coef_log_q[:, None] != 0),
+                                                               coef_log_q[:, None] * p * log_q, 0.0)
     g = (g - coef_u[:, None]) * chain
     is_target = cols[None, :] == target[:, None]
     g = tl.where(is_target, target_grad[:, None], g)

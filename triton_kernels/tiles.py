@@ -14,7 +14,8 @@ from .margin_rows import margin_target_rows as _margin_target_rows
 from .row_projection import PROJECTED_DW_MAX_D
 from .row_projection import finish_grad_rows as _finish_grad_rows
 from .row_projection import projected_weight_grad as _projected_weight_grad
-from .streaming_ce import merge_splits_kernel, streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
+from .streaming_ce import (jsd_row_sums_kernel, merge_splits_kernel, streaming_ce_fwd_kernel,
+                           streaming_ce_grad_logits_kernel)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_CLASS_TILES_PER_LAUNCH = 65535  # bounds one launch of the dL/da kernel (its grid: row blocks × these)
@@ -190,6 +191,27 @@ class TritonTiles:
         return self._row_stats(x, w, spec, False, x.shape[0], w.shape[0], x.shape[1], x.stride(0), w.stride(0),
                                from_dots=False, teacher=teacher)
 
+    def jsd_row_sums(self, x, w, spec, teacher, lse):
+        """(KL(p‖m), KL(q‖m)) per row (engine.streaming_jsd_row_sums): jsd_row_sums_kernel over the forward
+        kernel's class splits, the splits added here."""
+        x, w = x.contiguous(), w.contiguous()
+        N, C, D = x.shape[0], w.shape[0], x.shape[1]
+        blocks, launch = _config(x)
+        splits, per_split = class_splits(N, C, D, x.element_size(), blocks, _sm_count(x.device), _l2_bytes(x.device))
+        part = torch.zeros(2, splits, N, dtype=torch.float32, device=x.device)
+        col_scale, bias, softcap = _pointer_args(x, spec)
+        (tx, tw), E, stride_tx, stride_tw = _teacher_pointer_args(teacher, x, 0)
+        if N > 0:
+            with on_device(x):
+                jsd_row_sums_kernel[(cdiv(N, blocks["BLOCK_N"]) * splits,)](
+                    x, w, fp32(spec.row_scale), fp32(col_scale), bias, tx, tw, fp32(lse), fp32(teacher.lse), part,
+                    N, C, D, E, x.stride(0), w.stride(0), stride_tx, stride_tw, per_split, splits, softcap,
+                    float(teacher.jsd_beta), DOT_PRECISION=_dot_precision(x), TEACHER_DOT_PRECISION=_dot_precision(tx),
+                    EVEN_D=D % blocks["BLOCK_D"] == 0, EVEN_E=E % blocks["BLOCK_D"] == 0, **_flags(spec),
+                    **_without(_without(blocks, "GROUP_N"), "FLATTEN"), **launch)
+        kl_pm, kl_qm = part.sum(1)
+        return kl_pm, kl_qm
+
     @staticmethod
     def block_bytes_per_logit(x):
         """Live bytes per logit of a 3-GEMM row block: the fp32 dot products (read in place by the two
@@ -321,10 +343,12 @@ class TritonTiles:
                     spec.target if spec.target_subcenter is None else spec.target_subcenter.contiguous(),
                     lse if entropy_coef is None else fp32(entropy_coef), *teacher_args, *teacher_rows,
                     N, D, E, stride_x, stride_w, grad.stride(0), stride_k, stride_tx, stride_tw, c0, c1, softcap,
+                    1.0 if teacher is None or teacher.jsd_beta is None else float(teacher.jsd_beta),
                     HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     SATURATE_FP16=grad_dtype == torch.float16, EVEN_D=D % blocks["BLOCK_D"] == 0,
                     EVEN_E=E % blocks["BLOCK_D"] == 0,
                     COST_DOT_PRECISION=_dot_precision(cost_args[1] if teacher is None else teacher_args[0]),
                     SUBCENTERS=spec.subcenters, HAS_ENTROPY=entropy_coef is not None, HAS_TEACHER=teacher is not None,
+                    JSD=teacher is not None and teacher.jsd_beta is not None,
                     **_flags(spec), **_without(blocks, "FLATTEN"), **launch)
         return grad

@@ -1,0 +1,288 @@
+"""Generalized Jensen-Shannon distillation (linear_jsd): against the materialised float64 definition (TRL's
+generalized_jsd_loss) and the streamed oracle, the engine's tiles on the CPU, autograd, endpoints, edge cases,
+opcheck, compile, errors. The Triton twin is tests/interpreter/test_triton_jsd.py."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import marginkern as mk
+from marginkern import reference
+from marginkern.dispatch import BackendUnavailable
+from tests.helpers import assert_close_rel, make_case
+from tests.test_distill import kl_and_grads, teacher_case
+
+
+def materialised(x, w, x_t, w_t, t, beta=0.5, temperature=1.0, ignore_index=-100):
+    """Per-row JSD_β on the full float64 logits, as TRL's generalized_jsd_loss writes it (torch's kl_div over a
+    log-sum-exp mixture)."""
+    log_p = torch.log_softmax((x.double() @ w.double().t()) / temperature, dim=1)
+    log_q = torch.log_softmax((x_t.double() @ w_t.double().t()) / temperature, dim=1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log1p(-beta), log_q + math.log(beta)]), dim=0)
+    jsd = (beta * F.kl_div(log_m, log_q, reduction="none", log_target=True)
+           + (1 - beta) * F.kl_div(log_m, log_p, reduction="none", log_target=True)).sum(1)
+    return torch.where(t != ignore_index, jsd, 0.0) if t is not None else jsd
+
+
+def jsd_and_grads(fn, x, w, x_t, w_t, t, upstream, **kw):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    jsd = fn(x, w, x_t, w_t, t, reduction="none", **kw) if fn is not materialised else fn(x, w, x_t, w_t, t, **kw)
+    gx, gw = torch.autograd.grad((jsd.double() * upstream).sum(), (x, w))
+    return jsd.detach(), gx, gw
+
+
+def check_jsd_against_oracle(dtype, shape, beta, device, temperature=0.8):
+    """The op (whatever backend serves `device`) against the float64 oracle on the same rounded inputs: JSD and
+    both gradients for a random per-row upstream gradient, an ignored row included."""
+    N, C, D, E = shape
+    x, w, t = make_case(N, C, D, dtype, device=device, ignore=(0,) if N > 2 else ())
+    x_t, w_t = teacher_case(N, C, E, dtype, device)
+    upstream = torch.randn(N, dtype=torch.float64)
+    got = jsd_and_grads(mk.linear_jsd, x, w, x_t, w_t, t, upstream.to(device), beta=beta, temperature=temperature)
+    want = jsd_and_grads(reference.linear_jsd, *(v.double().cpu() for v in (x, w, x_t, w_t)), t.cpu(), upstream,
+                         beta=beta, temperature=temperature)
+    for name, g, e in zip(("jsd", "grad input", "grad weight"), got, want):
+        assert_close_rel(g, e, dtype, f"{name} (beta={beta})", floor=1.0)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_oracle_matches_materialised_definition(beta, temperature):
+    x, w, t = make_case(23, 70, 12, torch.float64, ignore=(4,))
+    x_t, w_t = teacher_case(23, 70, 9, torch.float64)
+    upstream = torch.randn(23, dtype=torch.float64)
+    got = jsd_and_grads(reference.linear_jsd, x, w, x_t, w_t, t, upstream, beta=beta, temperature=temperature,
+                        class_chunk=16)
+    want = jsd_and_grads(materialised, x, w, x_t, w_t, t, upstream, beta=beta, temperature=temperature)
+    for g, e in zip(got, want):
+        assert torch.allclose(g, e, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(37, 301, 45, 20), (3, 1, 4, 5), (1, 2, 3, 2)])
+def test_op_matches_oracle(backend, dtype, beta, shape, monkeypatch):
+    """The engine's PyTorch tiles (what the CPU runs: the C++ kernels have no mixture term) against the oracle."""
+    if backend is not None:
+        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    check_jsd_against_oracle(dtype, shape, beta, "cpu")
+
+
+def test_small_class_chunks(monkeypatch):
+    """Many class chunks: both passes and the backward add their chunks' sums."""
+    from marginkern.engine import TorchTiles
+    monkeypatch.setattr(TorchTiles, "class_chunks", lambda self, N, C, x, bytes_per_class=0:
+                        [(c0, min(C, c0 + 7)) for c0 in range(0, C, 7)])
+    check_jsd_against_oracle(torch.float64, (9, 50, 6, 4), 0.3, "cpu")
+
+
+def test_endpoints_are_forward_and_reverse_kl():
+    """β = 0 and 1 are forward and reverse KL (TRL's and Liger's endpoints), and the divergence is continuous there:
+    JSD_β / β → KL(q‖p) as β → 0, JSD_β / (1 − β) → KL(p‖q) as β → 1."""
+    x, w, t = make_case(8, 40, 6, torch.float64)
+    x_t, w_t = teacher_case(8, 40, 5, torch.float64)
+    kl = dict((d, mk.linear_kl_divergence(x, w, x_t, w_t, t, direction=d, reduction="none"))
+              for d in ("forward", "reverse"))
+    torch.testing.assert_close(mk.linear_jsd(x, w, x_t, w_t, t, beta=0, reduction="none"), kl["forward"])
+    torch.testing.assert_close(mk.linear_jsd(x, w, x_t, w_t, t, beta=1.0, reduction="none"), kl["reverse"])
+    # JSD_β = β·KL(q‖m) + (1−β)·KL(p‖m) with m → p: the second term is O(β²·χ²(q‖p)), the first β·KL(q‖p) +
+    # O(β²·χ²), and χ² (Σ (q−p)²/p) reaches ~1e3 here; the float64 sums keep their digits (log1p/expm1)
+    eps = 1e-9
+    torch.testing.assert_close(mk.linear_jsd(x, w, x_t, w_t, t, beta=eps, reduction="none") / eps, kl["forward"],
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(mk.linear_jsd(x, w, x_t, w_t, t, beta=1 - eps, reduction="none") / (1 - (1 - eps)),
+                               kl["reverse"], rtol=1e-5, atol=0)
+
+
+def test_identical_teacher_gives_zero_and_no_gradient():
+    x, w, t = make_case(16, 300, 32)
+    jsd, gx, gw = jsd_and_grads(mk.linear_jsd, x, w, x.detach(), w.detach(), t, torch.ones(16))
+    assert (jsd >= 0).all() and jsd.max() < 1e-6
+    assert gx.abs().max() < 1e-6 and gw.abs().max() < 1e-6
+
+
+def trl_fp32(x, w, x_t, w_t, beta=0.5):
+    """TRL's generalized_jsd_loss per row on fp32 logits (a log-sum-exp mixture, torch's kl_div)."""
+    log_p, log_q = torch.log_softmax(x @ w.t(), dim=1), torch.log_softmax(x_t @ w_t.t(), dim=1)
+    b = torch.tensor(beta)
+    log_m = torch.logsumexp(torch.stack([log_p + torch.log1p(-b), log_q + torch.log(b)]), dim=0)
+    return (b * F.kl_div(log_m, log_q, reduction="none", log_target=True)
+            + (1 - b) * F.kl_div(log_m, log_p, reduction="none", log_target=True)).sum(1)
+
+
+def check_converged_student(device, max_rel_err=1e-2):
+    """A student close to its teacher (both heads and hidden states 1e-3 apart: JSD ≈ 4e-6, a sum of terms ~1e-3·p
+    that cancel), fp32. log(p/m) as −log1p(β·expm1(log q − log p)) keeps each term to the logits' own rounding, and
+    the two sums' first-order log-sum-exp rounding cancels in their combination: ~1e-3 relative per row, where
+    the log-sum-exp mixture (TRL's formulation, in fp32) is off by more than 100%."""
+    torch.manual_seed(1)
+    x, w, t = make_case(64, 2000, 64, requires_grad=False)
+    x_t = (x.double() + 1e-3 * torch.randn(64, 64, dtype=torch.float64)).float()
+    w_t = (w.double() + 1e-3 * torch.randn(2000, 64, dtype=torch.float64)).float()
+    want = materialised(x, w, x_t, w_t, t)
+    got = mk.linear_jsd(*(v.to(device) for v in (x, w, x_t, w_t, t)), reduction="none").double().cpu()
+    assert want.median() < 1e-5
+    assert ((got - want).abs() / want).max() < max_rel_err
+    return ((trl_fp32(x, w, x_t, w_t).double() - want).abs() / want).max()
+
+
+def test_converged_student_keeps_its_digits():
+    assert check_converged_student("cpu") > 1.0  # what the exact ratio buys over the mixture's log-sum-exp
+
+
+def test_teacher_gets_no_gradient_and_mean_masks_ignored_rows():
+    x, w, t = make_case(10, 50, 8, ignore=(1, 7))
+    x_t, w_t = (v.requires_grad_() for v in teacher_case(10, 50, 6, torch.float32))
+    jsd = mk.linear_jsd(x, w, x_t, w_t, t, beta=0.3)
+    jsd.backward()
+    assert x_t.grad is None and w_t.grad is None
+    rows = materialised(x, w, x_t, w_t, t, beta=0.3)
+    assert_close_rel(jsd, rows.sum() / 8, torch.float32)
+    assert_close_rel(mk.linear_jsd(x, w, x_t, w_t, t, beta=0.3, reduction="sum"), rows.sum(), torch.float32)
+    assert_close_rel(mk.linear_jsd(x, w, x_t, w_t, beta=0.3), materialised(x, w, x_t, w_t, None, beta=0.3).mean(),
+                     torch.float32)
+
+
+def test_token_shaped_inputs_and_shift():
+    x, w, t = make_case(12, 40, 8)
+    x_t, w_t = teacher_case(12, 40, 6, torch.float32)
+    got = mk.linear_jsd(x.view(3, 4, 8), w, x_t.view(3, 4, 6), w_t, t.view(3, 4), reduction="none", shift=1)
+    want = mk.linear_jsd(x, w, x_t, w_t, t, reduction="none").view(3, 4)
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got[:, :-1], want[:, :-1])
+    assert (got[:, -1] == 0).all()
+
+
+def test_empty_and_all_ignored():
+    x, w, t = make_case(0, 10, 4)
+    x_t, w_t = teacher_case(0, 10, 3, torch.float32)
+    assert mk.linear_jsd(x, w, x_t, w_t, t).item() == 0.0
+    x, w, t = make_case(5, 10, 4, ignore=range(5))
+    x_t, w_t = teacher_case(5, 10, 3, torch.float32)
+    jsd = mk.linear_jsd(x, w, x_t, w_t, t)
+    gx, gw = torch.autograd.grad(jsd, (x, w))
+    assert jsd.item() == 0.0 and (gx == 0).all() and (gw == 0).all()
+
+
+def check_confident_teacher(device):
+    """A near one-hot teacher (logits up to ±300) against a flat student: q underflows to 0 for most classes;
+    JSD and both gradients finite and at fp32's tolerance."""
+    x, w, t = make_case(16, 200, 16, device=device)
+    x_t, w_t = teacher_case(16, 200, 16, torch.float32, device, scale=20.0)
+    got = jsd_and_grads(mk.linear_jsd, x, w, x_t, w_t, t, torch.ones(16, device=device), beta=0.5)
+    assert all(torch.isfinite(v).all() for v in got)
+    want = jsd_and_grads(reference.linear_jsd, *(v.double().cpu() for v in (x, w, x_t, w_t)), t.cpu(),
+                         torch.ones(16, dtype=torch.float64), beta=0.5)
+    for g, e in zip(got, want):
+        assert_close_rel(g, e, torch.float32, floor=1.0)
+
+
+def test_confident_teacher():
+    check_confident_teacher("cpu")
+
+
+def check_minus_inf_logits(device):
+    """−inf logits: the teacher's on a tail where the student's are finite (q = 0 there: m = (1−β)·p, finite), then
+    both heads' on a common tail (both 0: nothing added); JSD and the gradient finite, as the float64 definition."""
+    dtype = torch.float32
+    torch.manual_seed(5)
+    N, C = 6, 100
+    x, x_t = torch.randn(N, 4, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64)
+    x[:, 0], x_t[:, 0] = x[:, 0].abs() + 0.5, x_t[:, 0].abs() + 0.5
+    w, w_t = torch.randn(C, 4, dtype=torch.float64), torch.randn(C, 3, dtype=torch.float64)
+    w_t[40:, 0] = -float("inf")
+    upstream = torch.randn(N, dtype=torch.float64)
+    got = jsd_and_grads(mk.linear_jsd, *(v.to(dtype).to(device) for v in (x, w, x_t, w_t)), None,
+                        upstream.to(device), beta=0.4)
+    want = jsd_and_grads(masked_definition, x, w, x_t, w_t, None, upstream, beta=0.4)
+    for name, g, e in zip(("jsd", "grad input", "grad weight"), got, want):
+        assert_close_rel(g, e, dtype, name, floor=1.0)
+    w[70:, 0], w_t[70:, 0] = -float("inf"), -float("inf")
+    got = mk.linear_jsd(*(v.to(dtype).to(device) for v in (x, w, x_t, w_t)), beta=0.4, reduction="none")
+    assert_close_rel(got, masked_definition(x, w, x_t, w_t, None, beta=0.4), dtype, "jsd", floor=1.0)
+
+
+def masked_definition(x, w, x_t, w_t, t, beta=0.5, reduction="none"):
+    """The float64 definition with 0·log 0 = 0, written so that autograd's unselected branches hold no inf."""
+    log_p = torch.log_softmax(x @ w.t(), dim=1)
+    log_q = torch.log_softmax(x_t @ w_t.t(), dim=1)
+    p_in, q_in = log_p > -math.inf, log_q > -math.inf
+    safe_p, safe_q = torch.where(p_in, log_p, 0.0), torch.where(q_in, log_q, 0.0)
+    m = (1 - beta) * torch.where(p_in, safe_p.exp(), 0.0) + beta * torch.where(q_in, safe_q.exp(), 0.0)
+    log_m = torch.where(p_in | q_in, torch.where(m > 0, m, 1.0).log(), 0.0)
+    return (beta * torch.where(q_in, safe_q.exp() * (safe_q - log_m), 0.0)
+            + (1 - beta) * torch.where(p_in, safe_p.exp() * (safe_p - log_m), 0.0)).sum(1)
+
+
+def test_minus_inf_logits():
+    check_minus_inf_logits("cpu")
+
+
+def test_nan_gives_nan():
+    x, w, t = make_case(4, 600, 8)
+    x_t, w_t = teacher_case(4, 600, 6, torch.float32)
+    x = x.detach().clone()
+    x[1, 2] = float("nan")
+    w_t = w_t.clone()
+    w_t[590] = float("nan")  # a NaN teacher class: every row's JSD is NaN
+    assert torch.isnan(mk.linear_jsd(x, w, x_t, w_t, t, reduction="none")).all()
+
+
+def test_gradcheck_float64():
+    x, w, t = make_case(5, 11, 4, torch.float64, ignore=(1,))
+    x_t, w_t = teacher_case(5, 11, 3, torch.float64)
+    for beta in (0.2, 0.7):
+        assert torch.autograd.gradcheck(
+            lambda x, w: mk.linear_jsd(x, w, x_t, w_t, t, beta=beta, temperature=0.9, reduction="none"), (x, w))
+
+
+def test_opcheck():
+    x, w, t = make_case(7, 33, 8, ignore=(3,))
+    x_t, w_t = teacher_case(7, 33, 5, torch.float32)
+    torch.library.opcheck(torch.ops.marginkern.linear_jsd, (x, w, x_t, w_t, t, 0.4, 0.7, -100))
+    _, lse, lse_t, kl_pm = (v.detach() for v in torch.ops.marginkern.linear_jsd(x, w, x_t, w_t, t, 0.4, 0.7, -100))
+    torch.library.opcheck(torch.ops.marginkern.linear_jsd_backward,
+                          (torch.randn(7), x.detach(), w.detach(), x_t, w_t, t, lse, lse_t, kl_pm, 0.4, 0.7, -100,
+                           True))
+
+
+def test_torch_compile_fullgraph():
+    x, w, t = make_case(9, 40, 16, ignore=(2,))
+    x_t, w_t = teacher_case(9, 40, 8, torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, w):
+        return mk.linear_jsd(x, w, x_t, w_t, t, beta=0.25, temperature=2.0) * 4.0
+
+    got = torch.autograd.grad(step(x, w), (x, w))
+    want = torch.autograd.grad(reference.linear_jsd(x, w, x_t, w_t, t, beta=0.25, temperature=2.0) * 4.0, (x, w))
+    for g, e in zip(got, want):
+        assert_close_rel(g, e, torch.float32)
+
+
+def test_bad_arguments():
+    x, w, t = make_case(3, 5, 4)
+    x_t, w_t = teacher_case(3, 5, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"beta must lie in \[0.0, 1.0\]"):
+        mk.linear_jsd(x, w, x_t, w_t, t, beta=1.5)
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        mk.linear_jsd(x, w, x_t, w_t, t, beta=torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"teacher_weight must have shape \(C=5, E=2\)"):
+        mk.linear_jsd(x, w, x_t, w_t[:4], t)
+    with pytest.raises(ValueError, match="temperature must lie in"):
+        mk.linear_jsd(x, w, x_t, w_t, t, temperature=-1.0)
+    with pytest.raises(ValueError, match="reduction"):
+        mk.linear_jsd(x, w, x_t, w_t, t, reduction="batchmean")
+    with pytest.raises(ValueError, match=r"beta must lie strictly inside \(0, 1\) for the JSD ops"):
+        torch.ops.marginkern.linear_jsd(x, w, x_t, w_t, t, 0.0, 1.0, -100)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "cuda"])
+def test_forced_backend_without_the_mixture_term_refuses_with_a_reason(backend, monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    x, w, t = make_case(3, 5, 4)
+    x_t, w_t = teacher_case(3, 5, 2, torch.float32)
+    with pytest.raises(BackendUnavailable, match=backend):
+        mk.linear_jsd(x, w, x_t, w_t, t)
