@@ -32,6 +32,12 @@ def make_inputs(case, device):
     return x, w, target
 
 
+def needs_cuda(device, peer):
+    """A peer that runs on CUDA only: Skip elsewhere."""
+    if device.type != "cuda":
+        raise Skip(f"{peer} runs on CUDA only")
+
+
 def loss_step(loss_fn, case, device):
     """Step that runs loss_fn(x, w, target) forward and backward into x.grad and w.grad."""
     x, w, target = make_inputs(case, device)

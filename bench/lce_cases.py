@@ -7,7 +7,7 @@ never required: a missing one is skipped with the reason recorded), plus the flo
 import torch.nn.functional as F
 
 import marginkern
-from common_providers import compiled, cuda_graphed, gemm_floor, loss_step, on_backend
+from common_providers import compiled, cuda_graphed, gemm_floor, loss_step, needs_cuda, on_backend
 from harness import Case, Skip
 
 FLOOR = "3-GEMM floor"
@@ -39,17 +39,12 @@ def _marginkern(cuda_only=False, **knobs):
     return build
 
 
-def _needs_cuda(device, peer):
-    if device.type != "cuda":
-        raise Skip(f"{peer} runs on CUDA only")
-
-
 def _liger(case, device):
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as exc:
         raise Skip(f"liger-kernel not importable ({exc})")
-    _needs_cuda(device, "liger-kernel")
+    needs_cuda(device, "liger-kernel")
     loss_module = LigerFusedLinearCrossEntropyLoss()
 
     def liger(x, w, target):
@@ -65,7 +60,7 @@ def _cce(filter_eps):
             from cut_cross_entropy import linear_cross_entropy
         except ImportError as exc:
             raise Skip(f"cut-cross-entropy not importable ({exc})")
-        _needs_cuda(device, "cut-cross-entropy")
+        needs_cuda(device, "cut-cross-entropy")
         kwargs = {} if filter_eps == "default" else {"filter_eps": filter_eps}
         return loss_step(lambda x, w, target: linear_cross_entropy(x, w, target, **kwargs), case, device)
     return build

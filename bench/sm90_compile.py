@@ -29,7 +29,7 @@ POINTER_TYPES = {
     "da_ptr": "*bf16", "db_ptr": "*bf16", "target_subcenter_ptr": "*i64", "teacher_x_ptr": "*bf16",
     "teacher_w_ptr": "*bf16",
 }
-FLOAT_ARGS = ("softcap", "eps", "scale")
+FLOAT_ARGS = ("softcap", "eps", "scale", "beta", "jsd_beta")
 DIVISIBLE_BY_16 = ("N", "C", "D", "E", "R", "B", "stride_x", "stride_w", "stride_g", "stride_k", "stride_a", "stride_b",
                    "stride_out", "stride_tx", "stride_tw")
 
@@ -64,18 +64,27 @@ def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
             "shared_bytes": compiled.metadata.shared, "registers": regs, "stack_bytes": stack, "local_bytes": local}
 
 
-def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1, has_entropy=False, has_teacher=False):
+def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1, has_entropy=False, has_teacher=False,
+                   jsd=False):
     """(label, kernel, constexprs) of the streaming engine's two kernels at `config`, bf16 operands, with
     the margin family's column scale (the epilogue every face case runs); `subcenters` K: sub-center ArcFace;
     `has_entropy`: the token-entropy epilogue (log_probs_and_entropy); `has_teacher`: distillation's teacher
-    plane (linear_kl_divergence; with the entropy term too, as reverse KL's backward runs)."""
-    from marginkern.triton_kernels.streaming_ce import streaming_ce_fwd_kernel, streaming_ce_grad_logits_kernel
+    plane (linear_kl_divergence; with the entropy term too, as reverse KL's backward runs); `jsd`: the generalized
+    JSD's sums kernel and dL/da kernel (linear_jsd)."""
+    from marginkern.triton_kernels.streaming_ce import (jsd_row_sums_kernel, streaming_ce_fwd_kernel,
+                                                        streaming_ce_grad_logits_kernel)
     from marginkern.triton_kernels.tiles import subcenter_blocks
     config = subcenter_blocks(config, config["num_warps"], subcenters)  # the tile the kernels run with then
     flags = dict(HAS_COL_SCALE=True, HAS_BIAS=False, HAS_SOFTCAP=False, DOT_PRECISION="tf32",
                  BLOCK_N=config["BLOCK_N"], BLOCK_C=config["BLOCK_C"], BLOCK_D=config["BLOCK_D"], FROM_DOTS=from_dots,
                  EVEN_D=True, SUBCENTERS=subcenters, HAS_TEACHER=has_teacher)
     cost = dict(HAS_COST=has_cost, COST_DOT_PRECISION="tf32", EVEN_E=True)
+    if jsd:
+        tile = {k: flags[k] for k in ("HAS_COL_SCALE", "HAS_BIAS", "HAS_SOFTCAP", "DOT_PRECISION", "BLOCK_N", "BLOCK_C",
+                                      "BLOCK_D", "EVEN_D")}
+        return [("JSD sums", jsd_row_sums_kernel, dict(tile, TEACHER_DOT_PRECISION="tf32", EVEN_E=True)),
+                ("dL/da", streaming_ce_grad_logits_kernel,
+                 dict(flags, **cost, HAS_TEACHER=True, JSD=True, SATURATE_FP16=False, GROUP_N=config["GROUP_N"]))]
     return [("forward", streaming_ce_fwd_kernel,
              dict(flags, **cost, NEED_SUM_LOGITS=False, FLATTEN=bool(config["FLATTEN"]), HAS_ENTROPY=has_entropy)),
             ("dL/da", streaming_ce_grad_logits_kernel,

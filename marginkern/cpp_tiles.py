@@ -11,7 +11,7 @@ csrc/cpu/streaming_ce.cpp, math in csrc/cpu/streaming_ce.h and marginkern/engine
     torch.ops.marginkern.grads_of_dots_          (lse, Σ_j z), then dL/da in place
 
 and the C++ losses' per-row halves (csrc/cpu/loss_ops.cpp: margin_ce_rows, linear_ce_rows, emo_rows,
-log_probs_entropy_rows, kl_divergence_rows and their backwards), which the loss ops of marginkern/ops.py run on the cpp backend.
+log_probs_entropy_rows, kl_divergence_rows, jsd_rows and their backwards), which the loss ops of marginkern/ops.py run on the cpp backend.
 
 marginkern._C_cuda adds CUDA kernels for the first, second and last two (cuBLAS GEMMs per chunk, the
 epilogue in csrc/cuda/epilogue_kernels.cu); on the GPU the engine's own loop runs the backward GEMMs.
@@ -31,7 +31,8 @@ from .engine import accumulation_dtype, cost_query, gpu_grad_dtype
 EXTENSION_OPS = ("streaming_row_stats", "streaming_grad_logits", "streaming_grads", "row_stats_of_dots",
                  "grads_of_dots_", "margin_ce_rows", "margin_ce_rows_backward", "linear_ce_rows",
                  "linear_ce_rows_backward", "emo_rows", "emo_rows_backward", "log_probs_entropy_rows",
-                 "log_probs_entropy_rows_backward", "kl_divergence_rows", "kl_divergence_rows_backward")
+                 "log_probs_entropy_rows_backward", "kl_divergence_rows", "kl_divergence_rows_backward", "jsd_rows",
+                 "jsd_rows_backward")
 
 
 # Arguments an extension built from older sources lacks (a changed schema loads fine and fails at the call).

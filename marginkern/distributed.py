@@ -27,11 +27,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import (check_bias, check_bool, check_class_shard, check_classes_per_rank, check_classification_inputs,
-                     check_direction, check_finite, check_head_size, check_ignore_index, check_int,
+                     check_direction, check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
                      check_linear_ce_options, check_margin_options, check_module_embeddings, check_reduction,
                      check_subcenters, check_target_tensor, check_teacher, check_temperature, margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
-from .distill import kl_backward, kl_forward
+from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import merge_max_sums, merge_weighted_sums
 from .functional import _lm_rows, _unflatten
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward
@@ -494,32 +494,70 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
                                          float(temperature), ignore_index)
 
 
-class _ShardedKLDivergence(torch.autograd.Function):
-    """KL per row over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard local."""
+class _ShardedDistillation(torch.autograd.Function):
+    """KL (beta None) or JSD_beta per row over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard
+    local."""
 
     @staticmethod
     def forward(ctx, input, weight_shard, teacher_input, teacher_weight_shard, target, shard: ProcessGroupShard,
-                temperature, ignore_index, reverse):
+                temperature, ignore_index, reverse, beta):
         input, weight_shard = input.contiguous(), weight_shard.contiguous()
         teacher_input, teacher_weight_shard = teacher_input.contiguous(), teacher_weight_shard.contiguous()
+        tiles = _epilogue_tiles(input, "teacher logit plane")
         with torch.autocast(input.device.type, enabled=False):
-            kl, lse, lse_t = kl_forward(input, weight_shard, teacher_input, teacher_weight_shard, target, temperature,
-                                        ignore_index, reverse, _epilogue_tiles(input, "teacher logit plane"), shard)
-        ctx.save_for_backward(input, weight_shard, teacher_input, teacher_weight_shard, target, lse, lse_t, kl)
-        ctx.shard, ctx.temperature, ctx.ignore_index, ctx.reverse = shard, temperature, ignore_index, reverse
-        return kl.clone()  # saved above: a caller's in-place edit must not reach it
+            if beta is None:
+                divergence, lse, lse_t = kl_forward(input, weight_shard, teacher_input, teacher_weight_shard, target,
+                                                    temperature, ignore_index, reverse, tiles, shard)
+                saved = divergence
+            else:
+                divergence, lse, lse_t, saved = jsd_forward(input, weight_shard, teacher_input, teacher_weight_shard,
+                                                            target, temperature, ignore_index, beta, tiles, shard)
+        ctx.save_for_backward(input, weight_shard, teacher_input, teacher_weight_shard, target, lse, lse_t, saved)
+        ctx.shard, ctx.temperature, ctx.ignore_index, ctx.reverse, ctx.beta = (shard, temperature, ignore_index,
+                                                                               reverse, beta)
+        return divergence.clone()  # (KL: saved above) a caller's in-place edit must not reach it
 
     @staticmethod
-    def backward(ctx, grad_kl):
+    def backward(ctx, grad_divergence):
         if torch.is_grad_enabled():
-            raise RuntimeError("sharded_linear_kl_divergence cannot be differentiated twice (create_graph=True)")
-        input, weight_shard, teacher_input, teacher_weight_shard, target, lse, lse_t, kl = ctx.saved_tensors
+            raise RuntimeError("a sharded distillation loss cannot be differentiated twice (create_graph=True)")
+        input, weight_shard, teacher_input, teacher_weight_shard, target, lse, lse_t, saved = ctx.saved_tensors
+        args = (grad_divergence.contiguous(), input, weight_shard, teacher_input, teacher_weight_shard, target, lse,
+                lse_t, saved, ctx.temperature, ctx.ignore_index)
+        tiles = _epilogue_tiles(input, "teacher logit plane")
         with torch.autocast(input.device.type, enabled=False):  # every rank joins the same collective
-            grad_input, grad_weight = kl_backward(
-                grad_kl.contiguous(), input, weight_shard, teacher_input, teacher_weight_shard, target, lse, lse_t, kl,
-                ctx.temperature, ctx.ignore_index, ctx.reverse, _epilogue_tiles(input, "teacher logit plane"),
-                ctx.needs_input_grad[1], ctx.shard)
-        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None, None, None, None, None
+            if ctx.beta is None:
+                grad_input, grad_weight = kl_backward(*args, ctx.reverse, tiles, ctx.needs_input_grad[1], ctx.shard)
+            else:
+                grad_input, grad_weight = jsd_backward(*args, ctx.beta, tiles, ctx.needs_input_grad[1], ctx.shard)
+        return ((grad_input if ctx.needs_input_grad[0] else None), grad_weight) + (None,) * 8
+
+
+def _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_shard, target, class_start, num_classes,
+                          group, temperature, ignore_index, reduction, checked_divergence, op):
+    """The sharded distillation losses' argument checks, agreement across ranks and reduction;
+    `checked_divergence()` checks the loss's own option and returns (reverse, beta) (beta None: KL)."""
+    rank, world_size = _rank_and_world_size(group)
+    local_error, reverse, beta = None, False, None
+    try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
+        reverse, beta = checked_divergence()
+        ignore_index = check_ignore_index(ignore_index)
+        if target is None and isinstance(input, torch.Tensor):  # every row counts: any value but ignore_index
+            target = torch.full(input.shape[:1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
+        check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
+        check_teacher(teacher_input, teacher_weight_shard, input, weight_shard)
+        temperature = check_temperature(temperature)
+        check_reduction(reduction)
+        class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
+        target = target.long()
+    except (TypeError, ValueError) as e:
+        local_error = e
+    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error, op=op,
+                 options=(temperature, reverse, beta, reduction))
+    divergence = _ShardedDistillation.apply(input, weight_shard, teacher_input.detach(), teacher_weight_shard.detach(),
+                                            target, ProcessGroupShard(class_start, num_classes, group), temperature,
+                                            ignore_index, reverse, beta)
+    return reduce_rows(divergence, target != ignore_index, reduction)
 
 
 def sharded_linear_kl_divergence(input, weight_shard, teacher_input, teacher_weight_shard, target=None, *, class_start,
@@ -535,27 +573,25 @@ def sharded_linear_kl_divergence(input, weight_shard, teacher_input, teacher_wei
     rows, one all-gather of 4 × N per-row values merges them, and dL/dinput is all-reduced in the backward pass;
     dL/dweight_shard is local and the teacher gets no gradient.
     """
-    rank, world_size = _rank_and_world_size(group)
-    local_error, reverse = None, False
-    try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
-        reverse = check_direction(direction)
-        ignore_index = check_ignore_index(ignore_index)
-        if target is None and isinstance(input, torch.Tensor):  # every row counts: any value but ignore_index
-            target = torch.full(input.shape[:1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
-        check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
-        check_teacher(teacher_input, teacher_weight_shard, input, weight_shard)
-        temperature = check_temperature(temperature)
-        check_reduction(reduction)
-        class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
-        target = target.long()
-    except (TypeError, ValueError) as e:
-        local_error = e
-    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                 op="sharded_linear_kl_divergence", options=(temperature, reverse, reduction))
-    kl = _ShardedKLDivergence.apply(input, weight_shard, teacher_input.detach(), teacher_weight_shard.detach(), target,
-                                    ProcessGroupShard(class_start, num_classes, group), temperature, ignore_index,
-                                    reverse)
-    return reduce_rows(kl, target != ignore_index, reduction)
+    return _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_shard, target, class_start,
+                                 num_classes, group, temperature, ignore_index, reduction,
+                                 lambda: (check_direction(direction), None), "sharded_linear_kl_divergence")
+
+
+def sharded_linear_jsd(input, weight_shard, teacher_input, teacher_weight_shard, target=None, *, class_start,
+                       num_classes, group=None, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean"):
+    """marginkern.linear_jsd with both heads' vocabularies sharded across the ranks of `group` alike: arguments and
+    result as sharded_linear_kl_divergence (beta = 0 and 1: its forward and reverse KL). Two forward passes per rank
+    over its own rows; the ranks' statistics merge by one all-gather and the two divergence sums by one
+    all-reduce of 2 × N; dL/dinput is all-reduced in the backward pass."""
+    if isinstance(beta, numbers.Real) and not isinstance(beta, bool) and beta in (0, 1):
+        return sharded_linear_kl_divergence(input, weight_shard, teacher_input, teacher_weight_shard, target,
+                                            class_start=class_start, num_classes=num_classes, group=group,
+                                            temperature=temperature, direction="forward" if beta == 0.0 else "reverse",
+                                            ignore_index=ignore_index, reduction=reduction)
+    return _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_shard, target, class_start,
+                                 num_classes, group, temperature, ignore_index, reduction,
+                                 lambda: (False, check_jsd_beta(beta)), "sharded_linear_jsd")
 
 
 def _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, ignore_index, subcenters=1,

@@ -601,12 +601,6 @@ def _kl_backward(ctx, grad_kl, grad_lse, grad_teacher_lse):
 _register_autograd("linear_kl_divergence", _kl_backward, _kl_setup_context)
 
 
-def _jsd_tiles(input):
-    """The engine's tiles for the JSD: Triton on CUDA, the PyTorch tiles on the CPU (the C++ kernels have no
-    mixture term)."""
-    return select_tiles_except(("cpp", "cuda"), "generalized JSD's mixture term", input.device, input.dtype)
-
-
 def _jsd_beta_inside(beta):
     """β of the JSD ops, strictly inside (0, 1): the functions route the endpoints to the KL ops."""
     beta = check_jsd_beta(beta)
@@ -626,8 +620,11 @@ def linear_jsd(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_wei
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
-    return jsd_forward(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, beta,
-                       _jsd_tiles(input))
+    tiles = _tiles_except_cuda(input, "teacher logit plane (distillation)")
+    if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/distill_loss.cpp), the same math
+        return torch.ops.marginkern.jsd_rows(input, weight, teacher_input, teacher_weight, target, beta, temperature,
+                                             ignore_index)
+    return jsd_forward(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, beta, tiles)
 
 
 @linear_jsd.register_fake
@@ -648,11 +645,17 @@ def linear_jsd_backward(grad_jsd: Tensor, input: Tensor, weight: Tensor, teacher
     """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, teacher lse and KL(p‖m)."""
     _check_row_vectors(input, grad_jsd=grad_jsd, lse=lse, teacher_lse=teacher_lse,
                        kl_student_mixture=kl_student_mixture)
+    beta = _jsd_beta_inside(beta)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
+    tiles = _tiles_except_cuda(input, "teacher logit plane (distillation)")
+    if tiles.name == "cpp":
+        return torch.ops.marginkern.jsd_rows_backward(grad_jsd, input, weight, teacher_input, teacher_weight, target,
+                                                      lse, teacher_lse, kl_student_mixture, beta, float(temperature),
+                                                      int(ignore_index), need_weight_grad)
     grad_x, grad_w = jsd_backward(grad_jsd, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse,
-                                  kl_student_mixture, float(temperature), int(ignore_index), _jsd_beta_inside(beta),
-                                  _jsd_tiles(input), need_weight_grad)
+                                  kl_student_mixture, float(temperature), int(ignore_index), beta, tiles,
+                                  need_weight_grad)
     return grad_x, _or_empty(grad_w, weight)
 
 

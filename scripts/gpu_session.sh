@@ -132,6 +132,8 @@ case "$stage" in
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench rl rl-llama3-8b "marginkern,3-GEMM floor" 25 rl 5
     # knowledge distillation (linear_kl_divergence: both heads' tiles) at Llama-3-8B shapes
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench kd kd-llama3-8b "marginkern,3-GEMM floor" 25 kd 5
+    # the generalized JSD (linear_jsd, β = 0.5) against Liger's fused linear JSD (when its wheel was carried)
+    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench kd kd-llama3-8b "marginkern jsd,liger-kernel jsd" 30 kd-jsd 5
     # the issues' targets against this visit's results (CPU only, about a second)
     python bench/check_targets.py "$OUT/results" 2>&1 | tee "$OUT/targets.txt"
     pack

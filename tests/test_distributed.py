@@ -733,13 +733,13 @@ def test_sharded_log_probs_argument_errors(world):
 
 # ---- vocab-parallel distillation ---------------------------------------------------------------------------------
 
-def _sharded_kl_and_grads(rank, world_size, x, w, x_t, w_t, t, kwargs, upstream):
-    """(KL per row, dL/dinput, dL/dweight_shard) of this rank for the loss Σ upstream·KL."""
+def _sharded_kl_and_grads(rank, world_size, x, w, x_t, w_t, t, kwargs, upstream, loss="sharded_linear_kl_divergence"):
+    """(KL (or JSD) per row, dL/dinput, dL/dweight_shard) of this rank for the loss Σ upstream·KL."""
     start, stop = mkd.shard_range(w.shape[0], rank, world_size)
     x = x.clone().requires_grad_()
     shard = w[start:stop].clone().requires_grad_()
-    kl = mkd.sharded_linear_kl_divergence(x, shard, x_t, w_t[start:stop], t, class_start=start,
-                                          num_classes=w.shape[0], reduction="none", **kwargs)
+    kl = getattr(mkd, loss)(x, shard, x_t, w_t[start:stop], t, class_start=start, num_classes=w.shape[0],
+                            reduction="none", **kwargs)
     gx, gw = torch.autograd.grad((kl * upstream.to(kl.dtype)).sum(), (x, shard))
     return kl.detach(), gx, gw
 
@@ -899,4 +899,45 @@ def _lce_argument_errors(rank, world_size):
 
 def test_sharded_linear_ce_argument_errors(world):
     values = world.run(_lce_argument_errors)
+    assert all(v == values[0] for v in values)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sharded_linear_jsd_matches_single_process(world, beta, dtype):
+    x, w, t = make_case(13, 29, 7, dtype, ignore=(0, 5))
+    x_t, w_t = torch.randn(13, 5, dtype=torch.float64).to(dtype), torch.randn(29, 5, dtype=torch.float64).to(dtype)
+    upstream = torch.randn(13, dtype=torch.float64)
+    kwargs = dict(temperature=1.5, beta=beta)
+    results = world.run(_sharded_kl_and_grads, x, w, x_t, w_t, t, kwargs, upstream, "sharded_linear_jsd")
+    jsd, gx, _ = results[0]
+    for r, (jsd_r, gx_r, _) in enumerate(results):
+        assert torch.equal(jsd_r, jsd) and torch.equal(gx_r, gx), f"rank {r} differs from rank 0"
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = mk.linear_jsd(xs, ws, x_t, w_t, t, reduction="none", **kwargs)
+    want_gx, want_gw = torch.autograd.grad((want * upstream.to(dtype)).sum(), (xs, ws))
+    factor = 4.0 if beta == 1.0 else 1.0  # reverse KL: tests/test_distill.py says why
+    assert_close_rel(jsd, want, dtype, "jsd", floor=1.0, factor=factor)
+    assert_close_rel(gx, want_gx, dtype, "grad input", factor=factor)
+    assert_close_rel(torch.cat([gw for *_, gw in results]), want_gw, dtype, "grad weight", factor=factor)
+
+
+def _jsd_options_differ(rank, world_size):
+    torch.manual_seed(0)
+    x, w, x_t, w_t = torch.randn(5, 4), torch.randn(10, 4), torch.randn(5, 3), torch.randn(10, 3)
+    start, stop = mkd.shard_range(10, rank, world_size)
+
+    def call(**kw):
+        return mkd.sharded_linear_jsd(x, w[start:stop], x_t, w_t[start:stop], class_start=start, num_classes=10, **kw)
+
+    with pytest.raises(ValueError, match="every rank must pass the same options"):
+        call(beta=0.5 if rank == 0 else 0.25)
+    # one rank alone with a bad beta: every rank raises, none waits in a collective
+    with pytest.raises(ValueError, match=r"beta must lie in|sharded_linear_jsd: rank"):
+        call(beta=1.5 if rank == 0 else 0.5)
+    return float(call(beta=0.5))
+
+
+def test_sharded_linear_jsd_argument_errors(world):
+    values = world.run(_jsd_options_differ)
     assert all(v == values[0] for v in values)

@@ -59,20 +59,31 @@ def test_oracle_matches_materialised_definition(beta, temperature):
         assert torch.allclose(g, e, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", [None, "reference"])
+CPU_BACKENDS = ["cpp", "reference"]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def cpu_backend(request, monkeypatch):
+    """Both CPU backends: the C++ kernels (csrc/cpu/distill_loss.cpp, the default) and the PyTorch tiles."""
+    from marginkern import cpp_tiles
+    if request.param == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 @pytest.mark.parametrize("shape", [(37, 301, 45, 20), (3, 1, 4, 5), (1, 2, 3, 2)])
-def test_op_matches_oracle(backend, dtype, beta, shape, monkeypatch):
-    """The engine's PyTorch tiles (what the CPU runs: the C++ kernels have no mixture term) against the oracle."""
-    if backend is not None:
-        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+def test_op_matches_oracle(cpu_backend, dtype, beta, shape):
     check_jsd_against_oracle(dtype, shape, beta, "cpu")
 
 
 def test_small_class_chunks(monkeypatch):
-    """Many class chunks: both passes and the backward add their chunks' sums."""
+    """Many class chunks on the PyTorch tiles: both passes and the backward add their chunks' sums (the C++ ones:
+    csrc/tests/test_jsd_loss.cpp)."""
     from marginkern.engine import TorchTiles
+    monkeypatch.setenv("MARGINKERN_BACKEND", "reference")
     monkeypatch.setattr(TorchTiles, "class_chunks", lambda self, N, C, x, bytes_per_class=0:
                         [(c0, min(C, c0 + 7)) for c0 in range(0, C, 7)])
     check_jsd_against_oracle(torch.float64, (9, 50, 6, 4), 0.3, "cpu")
@@ -96,7 +107,7 @@ def test_endpoints_are_forward_and_reverse_kl():
                                kl["reverse"], rtol=1e-5, atol=0)
 
 
-def test_identical_teacher_gives_zero_and_no_gradient():
+def test_identical_teacher_gives_zero_and_no_gradient(cpu_backend):
     x, w, t = make_case(16, 300, 32)
     jsd, gx, gw = jsd_and_grads(mk.linear_jsd, x, w, x.detach(), w.detach(), t, torch.ones(16))
     assert (jsd >= 0).all() and jsd.max() < 1e-6
@@ -128,7 +139,7 @@ def check_converged_student(device, max_rel_err=1e-2):
     return ((trl_fp32(x, w, x_t, w_t).double() - want).abs() / want).max()
 
 
-def test_converged_student_keeps_its_digits():
+def test_converged_student_keeps_its_digits(cpu_backend):
     assert check_converged_student("cpu") > 1.0  # what the exact ratio buys over the mixture's log-sum-exp
 
 
@@ -179,7 +190,7 @@ def check_confident_teacher(device):
         assert_close_rel(g, e, torch.float32, floor=1.0)
 
 
-def test_confident_teacher():
+def test_confident_teacher(cpu_backend):
     check_confident_teacher("cpu")
 
 
@@ -216,11 +227,11 @@ def masked_definition(x, w, x_t, w_t, t, beta=0.5, reduction="none"):
             + (1 - beta) * torch.where(p_in, safe_p.exp() * (safe_p - log_m), 0.0)).sum(1)
 
 
-def test_minus_inf_logits():
+def test_minus_inf_logits(cpu_backend):
     check_minus_inf_logits("cpu")
 
 
-def test_nan_gives_nan():
+def test_nan_gives_nan(cpu_backend):
     x, w, t = make_case(4, 600, 8)
     x_t, w_t = teacher_case(4, 600, 6, torch.float32)
     x = x.detach().clone()
@@ -279,10 +290,20 @@ def test_bad_arguments():
         torch.ops.marginkern.linear_jsd(x, w, x_t, w_t, t, 0.0, 1.0, -100)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "cuda"])
-def test_forced_backend_without_the_mixture_term_refuses_with_a_reason(backend, monkeypatch):
-    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+def test_forced_cuda_backend_refuses_with_a_reason(monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", "cuda")
     x, w, t = make_case(3, 5, 4)
     x_t, w_t = teacher_case(3, 5, 2, torch.float32)
-    with pytest.raises(BackendUnavailable, match=backend):
+    with pytest.raises(BackendUnavailable, match="cuda"):
         mk.linear_jsd(x, w, x_t, w_t, t)
+
+
+def test_cpp_ops_refuse_the_endpoints():
+    """The raw C++ ops take β strictly inside (0, 1), as the Python ops do (the functions route 0 and 1 to KL)."""
+    from marginkern import cpp_tiles
+    if cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    x, w, t = make_case(3, 5, 4, requires_grad=False)
+    x_t, w_t = teacher_case(3, 5, 2, torch.float32)
+    with pytest.raises(RuntimeError, match=r"beta must lie in \(0, 1\)"):
+        torch.ops.marginkern.jsd_rows(x, w, x_t, w_t, t, 1.0, 1.0, -100)

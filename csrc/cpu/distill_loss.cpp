@@ -89,14 +89,17 @@ std::tuple<at::Tensor, at::Tensor> kl_divergence_rows_backward(
   return {grad_x.to(x.scalar_type()), need_weight_grad ? grad_w.to(w.scalar_type()) : w.new_empty({0})};
 }
 
-at::Tensor linear_kl_divergence(const at::Tensor& x, const at::Tensor& w, const at::Tensor& teacher_x,
-                                const at::Tensor& teacher_w, const at::Tensor& target_or_none,
-                                const KLDivergenceOptions& o) {
-  constexpr const char* op = "marginkern::linear_kl_divergence";
-  // no target: every row counts (any value but ignore_index)
+namespace {
+
+// The distillation losses' argument checks; returns the target as int64 (no target: every row counts, any value but
+// ignore_index).
+at::Tensor checked_distillation_target(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                       const at::Tensor& teacher_x, const at::Tensor& teacher_w,
+                                       const at::Tensor& target_or_none, int64_t ignore_index, double temperature,
+                                       const std::string& reduction) {
   const at::Tensor target = target_or_none.defined()
                                 ? target_or_none.to(at::kLong)
-                                : at::full({x.dim() == 2 ? x.size(0) : 0}, o.ignore_index == 0 ? 1 : 0, at::kLong);
+                                : at::full({x.dim() == 2 ? x.size(0) : 0}, ignore_index == 0 ? 1 : 0, at::kLong);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1) && w.size(0) >= 1, op,
               ": input must be (N, D) and weight (C, D) with the same D and C >= 1, got ", x.sizes(), " and ",
               w.sizes());
@@ -110,11 +113,102 @@ at::Tensor linear_kl_divergence(const at::Tensor& x, const at::Tensor& w, const 
   TORCH_CHECK(at::isFloatingType(x.scalar_type()) && w.scalar_type() == x.scalar_type() &&
                   teacher_x.scalar_type() == x.scalar_type() && teacher_w.scalar_type() == x.scalar_type(),
               op, ": input, weight and the teacher's tensors must have one floating-point dtype");
-  TORCH_CHECK(std::isfinite(o.temperature) && o.temperature > 0 && std::isfinite(1.0 / o.temperature), op,
-              ": temperature must be a finite number > 0 with a finite inverse, got ", o.temperature);
-  TORCH_CHECK(o.reduction == "mean" || o.reduction == "sum" || o.reduction == "none", op,
-              ": reduction must be \"mean\", \"sum\" or \"none\", got \"", o.reduction, "\"");
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0 && std::isfinite(1.0 / temperature), op,
+              ": temperature must be a finite number > 0 with a finite inverse, got ", temperature);
+  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", op,
+              ": reduction must be \"mean\", \"sum\" or \"none\", got \"", reduction, "\"");
+  return target;
+}
+
+struct JSDRows : public torch::autograd::Function<JSDRows> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& teacher_x, const at::Tensor& teacher_w, const at::Tensor& target,
+                            const JSDOptions& o) {
+    const auto [jsd, lse, teacher_lse, kl_pm] =
+        jsd_rows(x, w, teacher_x, teacher_w, target, o.beta, o.temperature, o.ignore_index, o.class_chunk);
+    ctx->save_for_backward({x, w, teacher_x, teacher_w, target, lse, teacher_lse, kl_pm});
+    auto& d = ctx->saved_data;
+    d["beta"] = o.beta, d["temperature"] = o.temperature, d["ignore_index"] = o.ignore_index;
+    d["class_chunk"] = o.class_chunk, d["reduction"] = o.reduction;
+    return loss::reduce(jsd, target.ne(o.ignore_index), o.reduction);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    loss::check_once_differentiable("marginkern::linear_jsd");
+    const auto saved = ctx->get_saved_variables();
+    auto& d = ctx->saved_data;
+    const int64_t ignore_index = d["ignore_index"].toInt();
+    const at::Tensor& lse = saved[5];
+    const at::Tensor g = loss::row_grads(grad_outputs[0], saved[4].ne(ignore_index), d["reduction"].toStringRef(),
+                                         lse.scalar_type());
+    const bool need_w = ctx->needs_input_grad(1);
+    const auto [grad_x, grad_w] = jsd_rows_backward(g, saved[0], saved[1], saved[2], saved[3], saved[4], lse, saved[6],
+                                                    saved[7], d["beta"].toDouble(), d["temperature"].toDouble(),
+                                                    ignore_index, need_w, d["class_chunk"].toInt());
+    return {grad_x, need_w ? grad_w : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor linear_kl_divergence(const at::Tensor& x, const at::Tensor& w, const at::Tensor& teacher_x,
+                                const at::Tensor& teacher_w, const at::Tensor& target_or_none,
+                                const KLDivergenceOptions& o) {
+  const at::Tensor target = checked_distillation_target("marginkern::linear_kl_divergence", x, w, teacher_x, teacher_w,
+                                                        target_or_none, o.ignore_index, o.temperature, o.reduction);
   return KLDivergenceRows::apply(x, w, teacher_x.detach(), teacher_w.detach(), target, o);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jsd_rows(const at::Tensor& x, const at::Tensor& w,
+                                                                    const at::Tensor& teacher_x,
+                                                                    const at::Tensor& teacher_w,
+                                                                    const at::Tensor& target, double beta,
+                                                                    double temperature, int64_t ignore_index,
+                                                                    int64_t class_chunk) {
+  const at::Tensor row_scale = inverse_temperature(x, temperature);
+  const int64_t chunk = chunk_of(class_chunk, x.size(0), row_scale.scalar_type());
+  const auto stats = streaming_row_stats_with_teacher(x, w, row_scale, Teacher{teacher_x, teacher_w}, chunk);
+  const at::Tensor &lse = std::get<0>(stats), &teacher_lse = std::get<1>(stats);
+  Teacher teacher{teacher_x, teacher_w, teacher_lse};
+  teacher.jsd_beta = beta;
+  const auto [kl_pm, kl_qm] = streaming_jsd_row_sums(x, w, row_scale, teacher, lse, chunk);
+  // each sum carries both log-sum-exps' rounding to first order, which cancels in the combination (distill.py):
+  // only the divergence is clamped at 0; NaN stays NaN
+  const at::Tensor jsd = (beta * kl_qm + (1.0 - beta) * kl_pm).clamp_min(0.0);
+  const at::Tensor valid = target.ne(ignore_index);
+  return {at::where(valid, jsd, at::zeros_like(jsd)), lse, teacher_lse, at::where(valid, kl_pm, at::zeros_like(kl_pm))};
+}
+
+std::tuple<at::Tensor, at::Tensor> jsd_rows_backward(
+    const at::Tensor& grad_jsd, const at::Tensor& x, const at::Tensor& w, const at::Tensor& teacher_x,
+    const at::Tensor& teacher_w, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& teacher_lse,
+    const at::Tensor& kl_student_mixture, double beta, double temperature, int64_t ignore_index, bool need_weight_grad,
+    int64_t class_chunk) {
+  const at::Tensor row_scale = inverse_temperature(x, temperature);
+  const at::ScalarType acc = row_scale.scalar_type();
+  const at::Tensor zero = at::zeros_like(row_scale);
+  // dJSD/dz_j = (1−β)·p_j·(log(p_j/m_j) − KL(p‖m))
+  const at::Tensor g = at::where(target.ne(ignore_index), grad_jsd.to(acc), zero) * (1.0 - beta);
+  const at::Tensor no_target = at::full({x.size(0)}, -1, target.options().dtype(at::kLong));
+  Teacher teacher{teacher_x, teacher_w, teacher_lse.to(acc), zero, g};
+  teacher.jsd_beta = beta;
+  const auto [grad_x, grad_w, unused_bias] = streaming_grads_finalized(
+      x, w, row_scale, std::nullopt, std::nullopt, std::nullopt, no_target, lse.to(acc),
+      -g * kl_student_mixture.to(acc), zero, zero, /*need_bias_grad=*/false, need_weight_grad,
+      chunk_of(class_chunk, x.size(0), acc), WeightChunkFinalizer(), std::nullopt, std::nullopt, std::nullopt,
+      std::nullopt, std::nullopt, Subcenters{}, at::Tensor(), teacher);
+  return {grad_x.to(x.scalar_type()), need_weight_grad ? grad_w.to(w.scalar_type()) : w.new_empty({0})};
+}
+
+at::Tensor linear_jsd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& teacher_x, const at::Tensor& teacher_w,
+                      const at::Tensor& target_or_none, const JSDOptions& o) {
+  constexpr const char* op = "marginkern::linear_jsd";
+  TORCH_CHECK(o.beta > 0.0 && o.beta < 1.0, op, ": beta must lie in (0, 1) (0 and 1 are linear_kl_divergence's ",
+              "forward and reverse KL), got ", o.beta);
+  const at::Tensor target = checked_distillation_target(op, x, w, teacher_x, teacher_w, target_or_none,
+                                                        o.ignore_index, o.temperature, o.reduction);
+  return JSDRows::apply(x, w, teacher_x.detach(), teacher_w.detach(), target, o);
 }
 
 }  // namespace marginkern

@@ -42,4 +42,33 @@ std::tuple<at::Tensor, at::Tensor> kl_divergence_rows_backward(
     const at::Tensor& kl, double temperature, int64_t ignore_index, bool reverse, bool need_weight_grad,
     int64_t class_chunk = 0);
 
+// The generalized Jensen-Shannon divergence (GKD; TRL's generalized_jsd_loss), m = (1−β)·p + β·q:
+//     JSD_β = β·KL(q‖m) + (1−β)·KL(p‖m),     dJSD/dz_j = (1−β)·p_j·(log(p_j/m_j) − KL(p‖m)),
+// two streamed passes in the forward (both log-sum-exps, then the divergence's sums), one in the backward.
+struct JSDOptions {
+  double beta = 0.5;               // in (0, 1); for 0 and 1 (forward and reverse KL) call linear_kl_divergence
+  double temperature = 1.0;        // > 0
+  int64_t ignore_index = -100;
+  std::string reduction = "mean";  // "mean" (over non-ignored rows; 0 when there are none), "sum", "none"
+  int64_t class_chunk = 0;         // classes per streamed chunk; 0: a 16 MB chunk of fp32 logits per head
+};
+
+// target (N,) integer or undefined (every row counts).
+at::Tensor linear_jsd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& teacher_x, const at::Tensor& teacher_w,
+                      const at::Tensor& target, const JSDOptions& options = {});
+
+// Its two halves (the ops torch.ops.marginkern.jsd_rows{,_backward}): (JSD, lse, lse^T, KL(p‖m)) per row, then
+// (dL/dx, dL/dw or (0,)) for the per-row gradient of JSD.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jsd_rows(const at::Tensor& x, const at::Tensor& w,
+                                                                    const at::Tensor& teacher_x,
+                                                                    const at::Tensor& teacher_w,
+                                                                    const at::Tensor& target, double beta,
+                                                                    double temperature, int64_t ignore_index,
+                                                                    int64_t class_chunk = 0);
+std::tuple<at::Tensor, at::Tensor> jsd_rows_backward(
+    const at::Tensor& grad_jsd, const at::Tensor& x, const at::Tensor& w, const at::Tensor& teacher_x,
+    const at::Tensor& teacher_w, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& teacher_lse,
+    const at::Tensor& kl_student_mixture, double beta, double temperature, int64_t ignore_index, bool need_weight_grad,
+    int64_t class_chunk = 0);
+
 }  // namespace marginkern

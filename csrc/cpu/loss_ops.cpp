@@ -136,6 +136,25 @@ std::tuple<at::Tensor, at::Tensor> kl_divergence_rows_backward_op(
                                      teacher_lse, kl, temperature, ignore_index, reverse, need_weight_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jsd_rows_op(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& teacher_input, const at::Tensor& teacher_weight,
+    const at::Tensor& target, double beta, double temperature, int64_t ignore_index) {
+  TORCH_CHECK(beta > 0.0 && beta < 1.0, "marginkern::jsd_rows: beta must lie in (0, 1), got ", beta);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, "marginkern::jsd_rows: temperature must be a finite "
+              "number > 0, got ", temperature);
+  return jsd_rows(input, weight, teacher_input, teacher_weight, target.to(at::kLong), beta, temperature, ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor> jsd_rows_backward_op(
+    const at::Tensor& grad_jsd, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& teacher_input,
+    const at::Tensor& teacher_weight, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& teacher_lse,
+    const at::Tensor& kl_student_mixture, double beta, double temperature, int64_t ignore_index,
+    bool need_weight_grad) {
+  TORCH_CHECK(beta > 0.0 && beta < 1.0, "marginkern::jsd_rows_backward: beta must lie in (0, 1), got ", beta);
+  return jsd_rows_backward(grad_jsd, input, weight, teacher_input, teacher_weight, target.to(at::kLong), lse,
+                           teacher_lse, kl_student_mixture, beta, temperature, ignore_index, need_weight_grad);
+}
+
 }  // namespace
 }  // namespace marginkern
 
@@ -179,6 +198,13 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
       "kl_divergence_rows_backward(Tensor grad_kl, Tensor input, Tensor weight, Tensor teacher_input, "
       "Tensor teacher_weight, Tensor target, Tensor lse, Tensor teacher_lse, Tensor kl, float temperature, "
       "int ignore_index, bool reverse, bool need_weight_grad) -> (Tensor grad_input, Tensor grad_weight)");
+  m.def(
+      "jsd_rows(Tensor input, Tensor weight, Tensor teacher_input, Tensor teacher_weight, Tensor target, float beta, "
+      "float temperature, int ignore_index) -> (Tensor jsd, Tensor lse, Tensor teacher_lse, Tensor kl_student_mixture)");
+  m.def(
+      "jsd_rows_backward(Tensor grad_jsd, Tensor input, Tensor weight, Tensor teacher_input, Tensor teacher_weight, "
+      "Tensor target, Tensor lse, Tensor teacher_lse, Tensor kl_student_mixture, float beta, float temperature, "
+      "int ignore_index, bool need_weight_grad) -> (Tensor grad_input, Tensor grad_weight)");
 }
 
 TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
@@ -192,4 +218,6 @@ TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
   m.impl("log_probs_entropy_rows_backward", TORCH_FN(marginkern::log_probs_entropy_rows_backward_op));
   m.impl("kl_divergence_rows", TORCH_FN(marginkern::kl_divergence_rows_op));
   m.impl("kl_divergence_rows_backward", TORCH_FN(marginkern::kl_divergence_rows_backward_op));
+  m.impl("jsd_rows", TORCH_FN(marginkern::jsd_rows_op));
+  m.impl("jsd_rows_backward", TORCH_FN(marginkern::jsd_rows_backward_op));
 }

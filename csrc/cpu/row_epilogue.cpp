@@ -106,7 +106,34 @@ MARGINKERN_ALWAYS_INLINE void teacher_part_row_impl(const T* z, T* teacher, int 
   max_t = m, sum_t = st, cross_t = ct, cross_s = cs;
 }
 
-template <typename T, bool kSoftcap, bool kCost, bool kEntropy, bool kTeacher>
+// log(p/m), m = (1−β)·p + β·q (marginkern.engine.log_ratio_to_mixture): −log1p(β·expm1(d)), d = log q − log p,
+// exact where q ≈ p; −d − log(β + (1−β)·e^{−d}) where d ≥ 80 (expm1 would overflow float32). Both branches
+// computed and one selected, with the vectorizable float32 functions above, so that the loops vectorize.
+template <typename T>
+MARGINKERN_ALWAYS_INLINE T log_ratio_to_mixture(T log_p, T log_q, T beta) {
+  const T d = log_q - log_p;
+  const bool near = d < T(80);  // false for a NaN d, whose far branch stays NaN
+  const T near_d = near ? d : T(0), far_d = near ? T(80) : d;
+  const T near_ratio = -log1p_simd(beta * expm1_simd(near_d));
+  const T far_ratio = -far_d - log_simd(beta + (T(1) - beta) * exp_simd(-far_d));
+  return near ? near_ratio : far_ratio;
+}
+
+template <typename T>
+MARGINKERN_ALWAYS_INLINE void jsd_part_row_impl(const T* dots, const T* teacher_dots, int cc, T row_scale, T lse,
+                                                T lse_t, T beta, T& kl_pm, T& kl_qm) {
+  T pm = 0, qm = 0;
+#pragma omp simd reduction(+ : pm, qm)
+  for (int j = 0; j < cc; ++j) {
+    const T log_p = dots[j] * row_scale - lse, log_q = teacher_dots[j] * row_scale - lse_t;
+    const T p = exp_simd(log_p), q = exp_simd(log_q);
+    pm += p == T(0) ? T(0) : p * log_ratio_to_mixture(log_p, log_q, beta);
+    qm += q == T(0) ? T(0) : q * log_ratio_to_mixture(log_q, log_p, T(1) - beta);
+  }
+  kl_pm += pm, kl_qm += qm;
+}
+
+template <typename T, bool kSoftcap, bool kCost, bool kEntropy, bool kTeacher, bool kJsd = false>
 MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
                                         const RowGradCoefs<T>& k, int target, const T* teacher_dots) {
   const int cc = cols.cc;
@@ -115,7 +142,7 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
   const T* cost_scale = cols.cost_scale;
   const T cap = cols.softcap, inv_cap = T(1) / cols.softcap;
   const T r = k.row_scale, lse = k.lse, cp = k.coef_p, cu = k.coef_u, tg = k.target_grad, cq = k.cost_coef;
-  const T ce = k.entropy_coef, lse_t = k.teacher_lse, c_q = k.coef_q, c_log_q = k.coef_log_q;
+  const T ce = k.entropy_coef, lse_t = k.teacher_lse, c_q = k.coef_q, c_log_q = k.coef_log_q, beta = k.jsd_beta;
 #pragma omp simd
   for (int j = 0; j < cc; ++j) {
     const logit_math::LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
@@ -127,7 +154,10 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
       const T p = exp_simd(log_p);
       T sum = weight_p * p - cu;
       if constexpr (kEntropy) sum -= p > T(0) ? ce * p * log_p : T(0);
-      if constexpr (kTeacher) {  // −coef_q·q + coef_log_q·p·log q
+      if constexpr (kTeacher && kJsd) {  // coef_log_q·p·log(p/m); 0 where p = 0, NaN where p is
+        const T log_q = teacher_dots[j] * r - lse_t;
+        sum += p == T(0) ? T(0) : c_log_q * p * log_ratio_to_mixture(log_p, log_q, beta);
+      } else if constexpr (kTeacher) {  // −coef_q·q + coef_log_q·p·log q
         const T log_q = teacher_dots[j] * r - lse_t;
         // p·log q only where its coefficient is not 0 (forward KL: a −inf teacher logit would give 0·(−inf))
         sum += (p > T(0) && c_log_q != T(0) ? c_log_q * p * log_q : T(0)) - c_q * exp_simd(log_q);
@@ -146,7 +176,9 @@ template <typename T>
 MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
                                             const RowGradCoefs<T>& coefs, int target, const T* teacher_dots) {
   const bool cost = cost_dots != nullptr;
-  if (teacher_dots != nullptr) {
+  if (teacher_dots != nullptr && coefs.has_jsd) {
+    grad_loop<T, false, false, false, true, true>(row, cost_dots, cols, coefs, target, teacher_dots);
+  } else if (teacher_dots != nullptr) {
     coefs.has_entropy ? grad_loop<T, false, false, true, true>(row, cost_dots, cols, coefs, target, teacher_dots)
                       : grad_loop<T, false, false, false, true>(row, cost_dots, cols, coefs, target, teacher_dots);
   } else if (coefs.has_entropy) {
@@ -259,6 +291,16 @@ MARGINKERN_ISA_CLONES void teacher_part_row(const float* z, float* teacher, int 
 void teacher_part_row(const double* z, double* teacher, int cc, double row_scale, double max_z, double& max_t,
                       double& sum_t, double& cross_t, double& cross_s) {
   teacher_part_row_impl(z, teacher, cc, row_scale, max_z, max_t, sum_t, cross_t, cross_s);
+}
+
+MARGINKERN_ISA_CLONES void jsd_part_row(const float* dots, const float* teacher_dots, int cc, float row_scale,
+                                        float lse, float lse_t, float beta, float& kl_pm, float& kl_qm) {
+  jsd_part_row_impl(dots, teacher_dots, cc, row_scale, lse, lse_t, beta, kl_pm, kl_qm);
+}
+
+void jsd_part_row(const double* dots, const double* teacher_dots, int cc, double row_scale, double lse, double lse_t,
+                  double beta, double& kl_pm, double& kl_qm) {
+  jsd_part_row_impl(dots, teacher_dots, cc, row_scale, lse, lse_t, beta, kl_pm, kl_qm);
 }
 
 }  // namespace marginkern::epilogue

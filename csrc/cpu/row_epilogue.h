@@ -3,6 +3,7 @@
 // of classes c0 + j, j < cc, overwritten in place. See streaming_ce.h for the math.
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,7 +18,7 @@ namespace marginkern::epilogue {
 // only vectorizes under -ffast-math, which would also break the ±inf handling of the row statistics).
 // Results below e^-86.6 (≈ 2^-125) flush to 0: far below the fp32 resolution of a sum of exponentials
 // that contains its own maximum (≥ 1).
-inline float exp_simd(float x) {
+MARGINKERN_HD float exp_simd(float x) {
   constexpr float kMin = -86.6f;         // keeps 2^(n−1) a normal number
   constexpr float kMax = 88.72f;         // e^88.72 ≈ FLT_MAX
   constexpr float kRound = 12582912.0f;  // 1.5·2^23: adding then subtracting it rounds to an integer
@@ -45,11 +46,58 @@ inline float exp_simd(float x) {
 
 // tanh(x) = 1 − 2/(e^{2x} + 1): exact limits ±1, absolute error ~1e-7 near 0 (the softcapped logit
 // softcap·tanh(z/softcap) needs absolute, not relative, accuracy).
-inline float tanh_simd(float x) { return 1.0f - 2.0f / (exp_simd(2.0f * x) + 1.0f); }
+MARGINKERN_HD float tanh_simd(float x) { return 1.0f - 2.0f / (exp_simd(2.0f * x) + 1.0f); }
+
+// 2·atanh(s) = log((1 + s)/(1 − s)) by its series to s¹¹, for |s| ≤ 1/5.8 (the remainder, 2s·s¹²/13, is below
+// float32's resolution there): the core of log_simd and log1p_simd.
+MARGINKERN_HD float twice_atanh_series(float s) {
+  const float s2 = s * s;
+  return 2.0f * s * (1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9 + s2 * (1.0f / 11))))));
+}
+
+// log(x), about 1 ulp: x = m·2^e with m in [√½, √2) from the exponent bits, log m = 2·atanh((m − 1)/(m + 1)),
+// |s| ≤ 0.172. Plain arithmetic and bit operations, so that `omp simd` loops vectorize it, as exp_simd.
+// log(0) = −inf, log(x < 0) = NaN, log(+inf) = +inf, NaN stays NaN; subnormals are taken as 0 (−inf): far below
+// anything the losses' sums resolve.
+MARGINKERN_HD float log_simd(float x) {
+  const int32_t bits = std::bit_cast<int32_t>(x);
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;
+  e = high ? e + 1 : e;
+  float y = static_cast<float>(e) * 0.693147180559945f + twice_atanh_series((m - 1.0f) / (m + 1.0f));
+  y = x < std::numeric_limits<float>::min() ? -std::numeric_limits<float>::infinity() : y;  // 0 and subnormals
+  y = x < 0.0f ? std::numeric_limits<float>::quiet_NaN() : y;
+  y = x == std::numeric_limits<float>::infinity() ? x : y;
+  return x != x ? x : y;
+}
+
+// log(1 + y) without cancellation near 0: 2·atanh(y/(2 + y)) where |y| < 0.25 (|s| < 1/7), log_simd(1 + y)
+// elsewhere.
+MARGINKERN_HD float log1p_simd(float y) {
+  const bool small = std::fabs(y) < 0.25f;  // one comparison: GCC vectorizes no && of masks under another select
+  const float t = small ? y : 0.0f;
+  return small ? twice_atanh_series(t / (2.0f + t)) : log_simd(1.0f + y);
+}
+
+// e^x − 1 without cancellation near 0: its Taylor series to x⁸ where |x| < 0.5 (remainder x⁹/9! below float32's
+// resolution of the result), exp_simd(x) − 1 elsewhere (±inf and NaN as that gives them).
+MARGINKERN_HD float expm1_simd(float x) {
+  const bool small = std::fabs(x) < 0.5f;
+  const float t = small ? x : 0.0f;
+  const float series =
+      t * (1.0f + t * (1.0f / 2 + t * (1.0f / 6 + t * (1.0f / 24 + t * (1.0f / 120 + t * (1.0f / 720 + t * (1.0f / 5040
+      + t * (1.0f / 40320))))))));
+  return small ? series : exp_simd(x) - 1.0f;
+}
 
 // float64 stays on libm: exactness over speed.
 inline double exp_simd(double x) { return std::exp(x); }
 inline double tanh_simd(double x) { return std::tanh(x); }
+inline double log_simd(double x) { return std::log(x); }
+inline double log1p_simd(double x) { return std::log1p(x); }
+inline double expm1_simd(double x) { return std::expm1(x); }
 
 // The `Math` of logit_math.h on the CPU.
 struct SimdMath {
@@ -82,6 +130,9 @@ struct RowGradCoefs {
   bool has_entropy = false;
   // distillation's teacher term (streaming_ce.h), read only with a teacher_dots row: its lse and coefficients
   T teacher_lse = 0, coef_q = 0, coef_log_q = 0;
+  // the generalized JSD's term coef_log_q·p·log(p/m) instead of the KL one (streaming_ce.h), m = (1−β)p + βq
+  T jsd_beta = 0;
+  bool has_jsd = false;
 };
 
 // Forward: z_j in place of a_j (the target column, if 0 ≤ target < cc, becomes target_logit);
@@ -109,6 +160,14 @@ void teacher_part_row(const float* z, float* teacher, int cc, float row_scale, f
                       float& sum_t, float& cross_t, float& cross_s);
 void teacher_part_row(const double* z, double* teacher, int cc, double row_scale, double max_z, double& max_t,
                       double& sum_t, double& cross_t, double& cross_s);
+
+// The generalized JSD's second forward pass over a row (streaming_ce.h): the student's and the teacher's raw dot
+// products (logits row_scale·dot), both log-sum-exps known; adds Σ_j p_j·log(p_j/m_j) to kl_pm and
+// Σ_j q_j·log(q_j/m_j) to kl_qm, m = (1−β)·p + β·q (a zero probability adds 0, a NaN one NaN).
+void jsd_part_row(const float* dots, const float* teacher_dots, int cc, float row_scale, float lse, float lse_t,
+                  float beta, float& kl_pm, float& kl_qm);
+void jsd_part_row(const double* dots, const double* teacher_dots, int cc, double row_scale, double lse, double lse_t,
+                  double beta, double& kl_pm, double& kl_qm);
 
 // Backward: dL/da_j in place of a_j; `cost_dots` is the row of q_n · k_j (EMO) or nullptr; `teacher_dots` the
 // row of the teacher's raw dot products (distillation) or nullptr.

@@ -138,6 +138,7 @@ Teacher checked_teacher(const char* op, const Spec& s, const Teacher& teacher, b
               op, ": the teacher must be (N, E) hidden states and a (C, E) head, got ", teacher.x.sizes(), " and ",
               teacher.w.sizes());
   Teacher checked{teacher.x.to(s.acc).contiguous(), teacher.w};
+  checked.jsd_beta = teacher.jsd_beta;
   if (backward) {
     checked.lse = float_vector(op, "teacher lse", teacher.lse, s.N, s.acc, s.device);
     checked.coef_q = float_vector(op, "coef_q", teacher.coef_q, s.N, s.acc, s.device);
@@ -238,7 +239,10 @@ void grads_into(const Spec& s, const Cost& cost, const RowGrads& rg, int64_t c0,
         epilogue::RowGradCoefs<T> coefs{row_scale[n], lse[n], coef_p[n], coef_u[n], target_grad[n],
                                         row_coef != nullptr ? row_coef[n] : T(0),
                                         entropy_coef != nullptr ? entropy_coef[n] : T(0), entropy_coef != nullptr};
-        if (teacher_base != nullptr) coefs.teacher_lse = teacher_lse[n], coefs.coef_q = coef_q[n], coefs.coef_log_q = coef_log_q[n];
+        if (teacher_base != nullptr) {
+          coefs.teacher_lse = teacher_lse[n], coefs.coef_q = coef_q[n], coefs.coef_log_q = coef_log_q[n];
+          coefs.has_jsd = teacher.jsd_beta.has_value(), coefs.jsd_beta = static_cast<T>(teacher.jsd_beta.value_or(0.0));
+        }
         epilogue::grad_row(g + n * cols.cc, cost_base != nullptr ? cost_base + n * cols.cc : nullptr, cols,
                            coefs, target_in_chunk(target[n], c0, cols.cc),
                            teacher_base != nullptr ? teacher_base + n * cols.cc : nullptr);
@@ -424,6 +428,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_w
     });
   }
   return {state[0] + at::log(state[1]), state[3] + at::log(state[4]), state[5] / state[4], state[2] / state[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> streaming_jsd_row_sums(const at::Tensor& x, const at::Tensor& w,
+                                                          const at::Tensor& row_scale, const Teacher& teacher,
+                                                          const at::Tensor& lse, int64_t class_chunk) {
+  constexpr const char* op = "marginkern::streaming_jsd_row_sums";
+  const at::Tensor no_target = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
+  const Spec s = make_spec(op, x, w, row_scale, std::nullopt, std::nullopt, std::nullopt, no_target);
+  const at::Tensor teacher_x = checked_teacher(op, s, teacher).x;
+  TORCH_CHECK(teacher.jsd_beta.has_value() && *teacher.jsd_beta > 0.0 && *teacher.jsd_beta < 1.0, op,
+              ": teacher.jsd_beta must lie in (0, 1)");
+  const at::Tensor student_lse = float_vector(op, "lse", lse, s.N, s.acc, s.device);
+  const at::Tensor teacher_lse = float_vector(op, "teacher lse", teacher.lse, s.N, s.acc, s.device);
+  check_class_chunk(op, class_chunk);
+  const auto opts = s.x.options().dtype(s.acc);
+  at::Tensor sums = at::zeros({2, s.N}, opts);  // KL(p‖m), KL(q‖m)
+  const int64_t chunk = std::min(class_chunk, s.C);
+  const at::Tensor buffer = at::empty({s.N * chunk}, opts), teacher_buffer = at::empty({s.N * chunk}, opts);
+  for (int64_t c0 = 0; c0 < s.C; c0 += class_chunk) {
+    const int64_t c1 = std::min(s.C, c0 + class_chunk);
+    const at::Tensor dots = chunk_dots(s.x, s.w, s.acc, buffer, c0, c1).first;
+    const at::Tensor teacher_dots = chunk_dots(teacher_x, teacher.w, s.acc, teacher_buffer, c0, c1).first;
+    AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_jsd_row_sums", [&] {
+      using T = scalar_t;
+      const int cc = static_cast<int>(c1 - c0);
+      const T *a = dots.data_ptr<T>(), *b = teacher_dots.data_ptr<T>(), *r = s.row_scale.data_ptr<T>();
+      const T *l = student_lse.data_ptr<T>(), *lt = teacher_lse.data_ptr<T>();
+      T *pm = sums.data_ptr<T>(), *qm = pm + s.N;
+      const T beta = static_cast<T>(*teacher.jsd_beta);
+      at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          epilogue::jsd_part_row(a + n * cc, b + n * cc, cc, r[n], l[n], lt[n], beta, pm[n], qm[n]);
+        }
+      });
+    });
+  }
+  return {sums[0], sums[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(

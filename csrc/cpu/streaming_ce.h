@@ -86,11 +86,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_entropy(
 // Distillation's teacher plane (marginkern/distill.py): the teacher's logits z^T_nj = row_scale_n·(x^T_n · w^T_j),
 // its own hidden states (N, E) and head (C, E), no gradient. The forward pass keeps its log-sum-exp and the cross
 // sums below; the backward pass adds −coef_q_n·q_nj + coef_log_q_n·p_nj·log q_nj to dL/dz_nj, q = exp(z^T − lse^T).
+// With jsd_beta β (the generalized JSD, m = (1−β)·p + β·q) the backward's term is coef_log_q_n·p_nj·log(p_nj/m_nj)
+// instead (coef_q unused).
 struct Teacher {
   at::Tensor x, w;                   // (N, E), (C, E): any float dtype, computed in the accumulation dtype
   at::Tensor lse, coef_q, coef_log_q;  // (N,) each: the backward pass's (undefined in the forward)
+  std::optional<double> jsd_beta = std::nullopt;
   bool present() const { return x.defined(); }
 };
+
+// The generalized JSD's second forward pass: with the student's `lse` and the teacher's (teacher.lse) known,
+// (KL(p‖m), KL(q‖m)) per row, m = (1−β)·p + β·q with β = *teacher.jsd_beta, sums of p·log(p/m) and q·log(q/m)
+// over one more pass of both heads' GEMMs (logits as in streaming_row_stats_with_teacher).
+std::tuple<at::Tensor, at::Tensor> streaming_jsd_row_sums(const at::Tensor& x, const at::Tensor& w,
+                                                          const at::Tensor& row_scale, const Teacher& teacher,
+                                                          const at::Tensor& lse, int64_t class_chunk);
 
 // (lse, lse^T, E_q[z^T − z], E_p[z − z^T]), each (N,), of the student logits row_scale_n·(x_n·w_j) (no target
 // column, no col_scale, bias or softcap) and the teacher's, with p and q their softmaxes; in one pass, each
