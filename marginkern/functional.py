@@ -193,9 +193,10 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     return log_probs, entropy
 
 
-def _distill_rows(input, teacher_input, target, ignore_index, shift):
-    """The distillation losses' preamble: _lm_rows with an optional target (None: every row counts) and the
-    teacher's rows flattened like the student's; (input, teacher_input, target, token shape, ignore_index)."""
+def _distill_rows(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, reduction, shift):
+    """The distillation losses' preamble: _lm_rows with an optional target (None: every row counts), the teacher's
+    rows flattened like the student's, and the common checks; (input, teacher_input, target, token shape,
+    ignore_index)."""
     ignore_index = check_ignore_index(ignore_index)
     check_tensor("input", input)
     if target is None:  # every row counts: any value but ignore_index
@@ -207,6 +208,10 @@ def _distill_rows(input, teacher_input, target, ignore_index, shift):
             raise ValueError(f"teacher_input must have shape {tuple(rows_shape)} + (E,) (input's rows), got shape "
                              f"{tuple(teacher_input.shape)}")
         teacher_input = teacher_input.reshape(-1, teacher_input.shape[-1])
+    check_classification_inputs(input, weight, target)
+    check_teacher(teacher_input, teacher_weight, input, weight)
+    check_temperature(temperature)
+    check_reduction(reduction)
     return input, teacher_input, target, token_shape, ignore_index
 
 
@@ -225,12 +230,9 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     (multiply by T² for Hinton's scaling).
     """
     reverse = check_direction(direction)
-    input, teacher_input, target, token_shape, ignore_index = _distill_rows(input, teacher_input, target, ignore_index,
-                                                                           shift)
-    check_classification_inputs(input, weight, target)
-    check_teacher(teacher_input, teacher_weight, input, weight)
-    check_temperature(temperature)
-    check_reduction(reduction)
+    input, teacher_input, target, token_shape, ignore_index = _distill_rows(input, weight, teacher_input, teacher_weight,
+                                                                           target, temperature, ignore_index,
+                                                                           reduction, shift)
     kl, _, _ = call_op("linear_kl_divergence", input, weight, teacher_input.detach(), teacher_weight.detach(),
                        target.long(), float(temperature), ignore_index, reverse)
     if reduction == "none":  # the op saves it for its backward: a caller's in-place edit must not reach it
@@ -256,12 +258,9 @@ def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, bet
         return linear_kl_divergence(input, weight, teacher_input, teacher_weight, target, temperature=temperature,
                                     direction="forward" if beta == 0.0 else "reverse", ignore_index=ignore_index,
                                     reduction=reduction, shift=shift)
-    input, teacher_input, target, token_shape, ignore_index = _distill_rows(input, teacher_input, target, ignore_index,
-                                                                           shift)
-    check_classification_inputs(input, weight, target)
-    check_teacher(teacher_input, teacher_weight, input, weight)
-    check_temperature(temperature)
-    check_reduction(reduction)
+    input, teacher_input, target, token_shape, ignore_index = _distill_rows(input, weight, teacher_input, teacher_weight,
+                                                                           target, temperature, ignore_index,
+                                                                           reduction, shift)
     jsd, _, _, _ = call_op("linear_jsd", input, weight, teacher_input.detach(), teacher_weight.detach(), target.long(),
                            beta, float(temperature), ignore_index)
     return _unflatten(reduce_rows(jsd, target != ignore_index, reduction), reduction, token_shape)

@@ -191,10 +191,9 @@ def _chunk_divergences(x, w_chunk, x_t, w_t_chunk, lse, lse_t):
     return (log_q.exp() * (log_q - log_p)).sum(1), (log_p.exp() * (log_p - log_q)).sum(1)
 
 
-def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=None, *, temperature=1.0,
-                         direction="forward", ignore_index=-100, reduction="mean", class_chunk=CLASS_CHUNK):
-    """KL(q‖p) ("forward") or KL(p‖q) ("reverse") per row, p = softmax(input·weightᵀ/T), q the teacher's
-    (detached); 0 where target == ignore_index."""
+def _distillation_rows(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, class_chunk):
+    """Both heads' rows scaled by 1/T in the accumulation dtype (the teacher's detached), the target (None: every row
+    counts) and both log-sum-exps: (x, w, x_t, w_t, target, lse, lse^T)."""
     acc = accumulation_dtype(input.dtype)
     x, w = input.to(acc) / temperature, weight.to(acc)
     x_t, w_t = teacher_input.detach().to(acc) / temperature, teacher_weight.detach().to(acc)
@@ -203,6 +202,15 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     no_target = torch.full_like(target, -1)
     lse, _ = streamed_lse_and_sum(x, w, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
     lse_t, _ = streamed_lse_and_sum(x_t, w_t, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
+    return x, w, x_t, w_t, target, lse, lse_t
+
+
+def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=None, *, temperature=1.0,
+                         direction="forward", ignore_index=-100, reduction="mean", class_chunk=CLASS_CHUNK):
+    """KL(q‖p) ("forward") or KL(p‖q) ("reverse") per row, p = softmax(input·weightᵀ/T), q the teacher's
+    (detached); 0 where target == ignore_index."""
+    x, w, x_t, w_t, target, lse, lse_t = _distillation_rows(input, weight, teacher_input, teacher_weight, target,
+                                                            temperature, ignore_index, class_chunk)
     which = 0 if direction == "forward" else 1
     kl = sum(checkpoint(_chunk_divergences, x, w[c0:c0 + class_chunk], x_t, w_t[c0:c0 + class_chunk], lse, lse_t,
                         use_reentrant=False)[which] for c0 in range(0, w.shape[0], class_chunk))
@@ -230,14 +238,8 @@ def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, bet
         return linear_kl_divergence(input, weight, teacher_input, teacher_weight, target, temperature=temperature,
                                     direction="forward" if beta == 0 else "reverse", ignore_index=ignore_index,
                                     reduction=reduction, class_chunk=class_chunk)
-    acc = accumulation_dtype(input.dtype)
-    x, w = input.to(acc) / temperature, weight.to(acc)
-    x_t, w_t = teacher_input.detach().to(acc) / temperature, teacher_weight.detach().to(acc)
-    if target is None:  # every row counts
-        target = torch.full((x.shape[0],), int(ignore_index == 0), dtype=torch.int64, device=x.device)
-    no_target = torch.full_like(target, -1)
-    lse, _ = streamed_lse_and_sum(x, w, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
-    lse_t, _ = streamed_lse_and_sum(x_t, w_t, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
+    x, w, x_t, w_t, target, lse, lse_t = _distillation_rows(input, weight, teacher_input, teacher_weight, target,
+                                                            temperature, ignore_index, class_chunk)
     jsd = sum(checkpoint(_chunk_jsd, x, w[c0:c0 + class_chunk], x_t, w_t[c0:c0 + class_chunk], lse, lse_t,
                          float(beta), use_reentrant=False) for c0 in range(0, w.shape[0], class_chunk))
     valid = target != ignore_index

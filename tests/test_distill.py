@@ -12,8 +12,9 @@ from marginkern.dispatch import BackendUnavailable
 from tests.helpers import assert_close_rel, make_case
 
 
-def materialised(x, w, x_t, w_t, t, temperature=1.0, direction="forward", ignore_index=-100):
+def materialised(x, w, x_t, w_t, t, temperature=1.0, direction="forward", ignore_index=-100, reduction="none"):
     """Per-row KL on the full float64 logits, with torch's own kl_div for the forward direction."""
+    assert reduction == "none"
     log_p = torch.log_softmax((x.double() @ w.double().t()) / temperature, dim=1)
     log_q = torch.log_softmax((x_t.double() @ w_t.double().t()) / temperature, dim=1)
     if direction == "forward":
@@ -30,28 +31,33 @@ def teacher_case(N, C, E, dtype, device="cpu", scale=1.0):
 
 
 def kl_and_grads(fn, x, w, x_t, w_t, t, upstream, **kw):
+    """(per-row divergence, dL/dx, dL/dw) of fn (a distillation loss, or a materialised definition) for the loss
+    Σ upstream·divergence."""
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
-    kl = fn(x, w, x_t, w_t, t, reduction="none", **kw) if fn is not materialised else fn(x, w, x_t, w_t, t, **kw)
+    kl = fn(x, w, x_t, w_t, t, reduction="none", **kw)
     gx, gw = torch.autograd.grad((kl.double() * upstream).sum(), (x, w))
     return kl.detach(), gx, gw
 
 
-def check_kl_against_oracle(dtype, shape, direction, device, temperature=0.8):
-    """The op (whatever backend serves `device`) against the float64 oracle on the same rounded inputs: KL and
-    both gradients for a random per-row upstream gradient, an ignored row included."""
+def check_divergence_against_oracle(fn, oracle, dtype, shape, device, factor=1.0, **kw):
+    """A distillation loss fn (whatever backend serves `device`) against its float64 oracle on the same rounded
+    inputs: the divergence and both gradients for a random per-row upstream gradient, an ignored row included."""
     N, C, D, E = shape
     x, w, t = make_case(N, C, D, dtype, device=device, ignore=(0,) if N > 2 else ())
     x_t, w_t = teacher_case(N, C, E, dtype, device)
     upstream = torch.randn(N, dtype=torch.float64)
-    got = kl_and_grads(mk.linear_kl_divergence, x, w, x_t, w_t, t, upstream.to(device), temperature=temperature,
-                       direction=direction)
-    want = kl_and_grads(reference.linear_kl_divergence, *(v.double().cpu() for v in (x, w, x_t, w_t)), t.cpu(),
-                        upstream, temperature=temperature, direction=direction)
+    got = kl_and_grads(fn, x, w, x_t, w_t, t, upstream.to(device), **kw)
+    want = kl_and_grads(oracle, *(v.double().cpu() for v in (x, w, x_t, w_t)), t.cpu(), upstream, **kw)
+    for name, g, e in zip(("divergence", "grad input", "grad weight"), got, want):
+        assert_close_rel(g, e, dtype, f"{name} ({kw})", floor=1.0, factor=factor)
+
+
+def check_kl_against_oracle(dtype, shape, direction, device, temperature=0.8):
     # reverse KL's gradient p_j·(log p_j − log q_j − KL) subtracts terms as large as the logits' range (~30 here)
     # before p_j weights them: their fp32 rounding (ulp(30) ≈ 2e-6) survives the cancellation
-    factor = 4.0 if direction == "reverse" else 1.0
-    for name, g, e in zip(("kl", "grad input", "grad weight"), got, want):
-        assert_close_rel(g, e, dtype, f"{name} ({direction})", floor=1.0, factor=factor)
+    check_divergence_against_oracle(mk.linear_kl_divergence, reference.linear_kl_divergence, dtype, shape, device,
+                                    factor=4.0 if direction == "reverse" else 1.0, temperature=temperature,
+                                    direction=direction)
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])

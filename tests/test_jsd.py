@@ -11,12 +11,13 @@ import marginkern as mk
 from marginkern import reference
 from marginkern.dispatch import BackendUnavailable
 from tests.helpers import assert_close_rel, make_case
-from tests.test_distill import kl_and_grads, teacher_case
+from tests.test_distill import check_divergence_against_oracle, kl_and_grads, teacher_case
 
 
-def materialised(x, w, x_t, w_t, t, beta=0.5, temperature=1.0, ignore_index=-100):
+def materialised(x, w, x_t, w_t, t, beta=0.5, temperature=1.0, ignore_index=-100, reduction="none"):
     """Per-row JSD_β on the full float64 logits, as TRL's generalized_jsd_loss writes it (torch's kl_div over a
     log-sum-exp mixture)."""
+    assert reduction == "none"
     log_p = torch.log_softmax((x.double() @ w.double().t()) / temperature, dim=1)
     log_q = torch.log_softmax((x_t.double() @ w_t.double().t()) / temperature, dim=1)
     log_m = torch.logsumexp(torch.stack([log_p + math.log1p(-beta), log_q + math.log(beta)]), dim=0)
@@ -25,25 +26,12 @@ def materialised(x, w, x_t, w_t, t, beta=0.5, temperature=1.0, ignore_index=-100
     return torch.where(t != ignore_index, jsd, 0.0) if t is not None else jsd
 
 
-def jsd_and_grads(fn, x, w, x_t, w_t, t, upstream, **kw):
-    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
-    jsd = fn(x, w, x_t, w_t, t, reduction="none", **kw) if fn is not materialised else fn(x, w, x_t, w_t, t, **kw)
-    gx, gw = torch.autograd.grad((jsd.double() * upstream).sum(), (x, w))
-    return jsd.detach(), gx, gw
+jsd_and_grads = kl_and_grads  # any distillation loss, or a materialised definition
 
 
 def check_jsd_against_oracle(dtype, shape, beta, device, temperature=0.8):
-    """The op (whatever backend serves `device`) against the float64 oracle on the same rounded inputs: JSD and
-    both gradients for a random per-row upstream gradient, an ignored row included."""
-    N, C, D, E = shape
-    x, w, t = make_case(N, C, D, dtype, device=device, ignore=(0,) if N > 2 else ())
-    x_t, w_t = teacher_case(N, C, E, dtype, device)
-    upstream = torch.randn(N, dtype=torch.float64)
-    got = jsd_and_grads(mk.linear_jsd, x, w, x_t, w_t, t, upstream.to(device), beta=beta, temperature=temperature)
-    want = jsd_and_grads(reference.linear_jsd, *(v.double().cpu() for v in (x, w, x_t, w_t)), t.cpu(), upstream,
-                         beta=beta, temperature=temperature)
-    for name, g, e in zip(("jsd", "grad input", "grad weight"), got, want):
-        assert_close_rel(g, e, dtype, f"{name} (beta={beta})", floor=1.0)
+    check_divergence_against_oracle(mk.linear_jsd, reference.linear_jsd, dtype, shape, device, beta=beta,
+                                    temperature=temperature)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
