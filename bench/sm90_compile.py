@@ -29,7 +29,7 @@ POINTER_TYPES = {
     "da_ptr": "*bf16", "db_ptr": "*bf16", "target_subcenter_ptr": "*i64", "teacher_x_ptr": "*bf16",
     "teacher_w_ptr": "*bf16",
 }
-FLOAT_ARGS = ("softcap", "eps", "scale", "beta", "jsd_beta")
+FLOAT_ARGS = ("softcap", "eps", "scale", "beta", "one_minus_beta", "jsd_beta", "jsd_one_minus_beta")
 DIVISIBLE_BY_16 = ("N", "C", "D", "E", "R", "B", "stride_x", "stride_w", "stride_g", "stride_k", "stride_a", "stride_b",
                    "stride_out", "stride_tx", "stride_tw")
 

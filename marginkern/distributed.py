@@ -215,7 +215,7 @@ def _checksum(t):
 
 _STEP_FIELDS = ("argument error", "input rows", "input width", "num_classes", "class sampling (train mode)",
                 "target checksum", "input checksum", "targets out of range", "smallest target out of range",
-                "options checksum")
+                "options checksum", "needs a gradient")
 
 
 def _options_checksum(options, device):
@@ -232,16 +232,23 @@ def _options_checksum(options, device):
     return torch.tensor(int.from_bytes(digest[:8], "little") >> 1, dtype=torch.int64, device=device)
 
 
+def _needs_grad(tensors):
+    """Whether a loss of these inputs will carry a gradient (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local_error,
-                 op="sharded_margin_cross_entropy", options=()):
+                 op="sharded_margin_cross_entropy", options=(), differentiable=()):
     """Every rank's step must see the same input, targets, num_classes and mode, and the targets must be
     valid class ids. One all-gather of a few int64 per rank and one host sync (the single-process loss
     checks its targets with a sync too); every rank raises the same error, so none is left waiting in a
     collective: an argument error on one rank only, ranks in different train/eval modes (they would run
     different collectives), different num_classes (a class no rank holds: a silently wrong loss), or rows
     that differ across ranks (embeddings not all-gathered: rows of different samples mixed silently), or other
-    `options` (margins, scale, temperature, ...: a loss of no one's options, or per-rank losses that differ).
-    Skipped while a CUDA graph is captured (a sync would break the capture), as the local check is."""
+    `options` (margins, scale, temperature, ...: a loss of no one's options, or per-rank losses that differ),
+    or a loss that needs a gradient on some ranks only (`differentiable`: the call's tensors that may require
+    grad; under torch.no_grad or with frozen tensors on one rank, its backward pass's collectives would wait for
+    ranks that never run them). Skipped while a CUDA graph is captured (a sync would break the capture), as the local check is."""
     rank, world_size = _rank_and_world_size(group)
     device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -254,7 +261,7 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
         fields = [zero, zero + input.shape[0], zero + input.shape[1], zero + num_classes, zero + int(sampled),
                   _checksum(target), _checksum(input), bad.sum(),
                   torch.where(bad, target, torch.iinfo(torch.int64).max).min() if target.numel() else zero,
-                  _options_checksum((ignore_index,) + tuple(options), device)]
+                  _options_checksum((ignore_index,) + tuple(options), device), zero + int(_needs_grad(differentiable))]
     else:
         fields = [zero + 1] + [zero] * (len(_STEP_FIELDS) - 1)
     seen = _all_gather_ints(torch.stack(fields), group, world_size)
@@ -278,6 +285,11 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
     if len({c[9] for c in seen}) > 1:
         raise ValueError(f"{op}: every rank must pass the same options (ignore_index, and the loss's scale, margins, "
                          f"temperature, reduction, ...); they differ across ranks 0..{world_size - 1}")
+    if len({c[10] for c in seen}) > 1:
+        needing = [r for r, c in enumerate(seen) if c[10]]
+        raise ValueError(f"{op}: the loss needs a gradient on rank(s) {needing} of {world_size} only (requires_grad of "
+                         "the input and the shards, or torch.no_grad(), differ across ranks): its backward pass's "
+                         "collectives would wait for the other ranks forever; every rank must need one, or none")
     if seen[rank][7]:
         raise ValueError(f"target holds class {seen[rank][8]}, outside [0, {num_classes}) and not "
                          f"ignore_index={ignore_index}")
@@ -360,7 +372,8 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     except (TypeError, ValueError) as e:
         local_error = e
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                 options=() if local_error else dataclasses.astuple(opts) + (reduction,))
+                 options=() if local_error else dataclasses.astuple(opts) + (reduction,),
+                 differentiable=(input, weight_shard))
     return _sharded_loss(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
                          reduction)
 
@@ -407,7 +420,10 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
     `linear_cross_entropy(input, cat(all shards), target, cat(all bias shards), ...)`, identical on every rank.
     Each rank streams over its own rows: only per-row statistics cross ranks (two all-reduces of O(N) in the
     forward pass, one of O(N) and one of dL/dinput (N × D) in the backward pass); dL/dweight_shard and
-    dL/dbias_shard are local. Exact mode only (no grad_filter_eps or logits_buffer_mb).
+    dL/dbias_shard are local. Before them, one all-gather of a few integers and one host sync check that the ranks
+    agree (rows, targets, options, whether the loss needs a gradient), so that a mismatch raises on every rank
+    instead of hanging or mixing. Every rank must run the backward pass, with the same gradient of the loss.
+    Exact mode only (no grad_filter_eps or logits_buffer_mb).
     """
     rank, world_size = _rank_and_world_size(group)
     local_error, opts, token_shape = None, None, None
@@ -425,7 +441,8 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
         local_error = e
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
                  op="sharded_linear_cross_entropy",
-                 options=() if local_error else dataclasses.astuple(opts) + (reduction, bias_shard is not None))
+                 options=() if local_error else dataclasses.astuple(opts) + (reduction, bias_shard is not None),
+                 differentiable=(input, weight_shard, bias_shard))
     loss_rows = _ShardedLinearCrossEntropy.apply(input, weight_shard, bias_shard, target,
                                                  ProcessGroupShard(class_start, num_classes, group), opts)
     return _unflatten(reduce_rows(loss_rows, target != opts.ignore_index, reduction), reduction, token_shape)
@@ -489,7 +506,7 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
     except (TypeError, ValueError) as e:
         local_error = e
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                 op="sharded_log_probs_and_entropy", options=(temperature,))
+                 op="sharded_log_probs_and_entropy", options=(temperature,), differentiable=(input, weight_shard))
     return _ShardedLogProbsEntropy.apply(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group),
                                          float(temperature), ignore_index)
 
@@ -553,7 +570,7 @@ def _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_sha
     except (TypeError, ValueError) as e:
         local_error = e
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error, op=op,
-                 options=(temperature, reverse, beta, reduction))
+                 options=(temperature, reverse, beta, reduction), differentiable=(input, weight_shard))
     divergence = _ShardedDistillation.apply(input, weight_shard, teacher_input.detach(), teacher_weight_shard.detach(),
                                             target, ProcessGroupShard(class_start, num_classes, group), temperature,
                                             ignore_index, reverse, beta)
@@ -707,7 +724,7 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
             local_error = e
         # before _sampled_shards' own collective: a rank in eval mode joins this one too, and all raise
         _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, local_error,
-                     options=tuple(sorted(o.items())) + (self.sample_rate,))
+                     options=tuple(sorted(o.items())) + (self.sample_rate,), differentiable=(embeddings, weight))
         weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
                                                    o["ignore_index"], self.group, self.subcenters)
         weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)

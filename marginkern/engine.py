@@ -578,27 +578,40 @@ def streaming_jsd_row_sums(x, w, spec: LogitSpec, teacher: TeacherSpec, lse, til
     return tiles.jsd_row_sums(x, w, spec, teacher, lse)
 
 
-MIXTURE_LOG_SWITCH = 80.0  # e^80 ≈ 5.5e34: β·expm1(d) stays finite in fp32 below it
+MIXTURE_OVERFLOW = 80.0  # e^80 ≈ 5.5e34: β·expm1(d) stays finite in fp32 below it
 
 
-def log_ratio_to_mixture(log_p, log_q, beta):
-    """log(p/m) with m = (1−β)·p + β·q, as −log1p(β·expm1(d)), d = log q − log p: no cancellation where q ≈ p (the
-    summands of a small divergence). Where d ≥ 80 (q ≫ p: a confident teacher's class, where expm1 would
-    overflow) as −d − log(β + (1−β)·e^{−d}), which cannot cancel there. Swap the arguments and pass 1 − β for
-    log(q/m). Where p = 0 the caller takes p·log(p/m) as 0 (the value here may be NaN or ±inf)."""
+def log_ratio_to_mixture(log_p, log_q, beta, complement):
+    """log(p/m) with m = (1−β)·p + β·q, d = log q − log p, `complement` = 1 − β computed apart (in double precision,
+    then rounded: not 1 − fp32(β)):
+
+        −log1p(β·expm1(d))              in general: no cancellation where q ≈ p (a small divergence's summands), and
+                                        none for small β (1 − β + β·e^d stays within β of 1: log1p keeps it)
+        −log(1−β + β·e^d)               where d < −1 and β > ½: as e^d → 0, 1 + β·expm1(d) would be 1 − fp32(β),
+                                        0 at β = 1 − 1e-9 (an infinite JSD); both terms ≥ 0 and their sum ≤ 0.75
+        −d − log(β + (1−β)·e^{−d})      where d ≥ 80 (expm1 would overflow fp32; no cancellation for β ≫ e^{−80})
+
+    Swap the arguments and pass (1 − β, β) for log(q/m). Where p = 0 the caller takes p·log(p/m) as 0."""
     d = log_q - log_p
-    near = d < MIXTURE_LOG_SWITCH
-    small_d = torch.where(near, d, 0.0)
-    large_d = torch.where(near, MIXTURE_LOG_SWITCH, d)
-    return torch.where(near, -torch.log1p(beta * torch.expm1(small_d)),
-                       -large_d - torch.log(beta + (1.0 - beta) * torch.exp(-large_d)))
+    high = d >= MIXTURE_OVERFLOW  # False for NaN, which the general form keeps
+    low = (d < -1.0) & (beta > 0.5)
+    far = high | low
+    general = -torch.log1p(beta * torch.expm1(torch.where(far, 0.0, d)))
+    # the two other forms share one exp and one log: −(d or 0) − log(a + b·e^{∓d})
+    exponent = torch.where(high, -d, torch.where(low, d, 0.0))
+    # (with two Python numbers torch.where would make a default-dtype tensor: fp32 in a float64 call)
+    a = torch.where(high, torch.full_like(d, beta), complement)
+    b = torch.where(high, torch.full_like(d, complement), beta)
+    by_parts = -(torch.where(high, d, 0.0) + torch.log(a + b * torch.exp(exponent)))
+    return torch.where(far, by_parts, general)
 
 
 def jsd_chunk_sums(log_p, log_q, beta):
     """Σ_j p_j·log(p_j/m_j) and Σ_j q_j·log(q_j/m_j) over a block of log-probabilities (N, c), 0·(…) = 0."""
     p, q = torch.exp(log_p), torch.exp(log_q)
-    kl_pm = torch.where(p == 0, 0.0, p * log_ratio_to_mixture(log_p, log_q, beta)).sum(1)  # a NaN p stays NaN
-    kl_qm = torch.where(q == 0, 0.0, q * log_ratio_to_mixture(log_q, log_p, 1.0 - beta)).sum(1)
+    complement = 1.0 - beta  # in double precision (log_ratio_to_mixture)
+    kl_pm = torch.where(p == 0, 0.0, p * log_ratio_to_mixture(log_p, log_q, beta, complement)).sum(1)  # NaN stays
+    kl_qm = torch.where(q == 0, 0.0, q * log_ratio_to_mixture(log_q, log_p, complement, beta)).sum(1)
     return kl_pm, kl_qm
 
 
@@ -970,7 +983,7 @@ class TorchTiles:
             g = g - entropy_coef[:, None] * torch.where(p > 0, p * log_p, 0.0)
         if teacher is not None and teacher.jsd_beta is not None:
             log_q = teacher_logits(teacher, c0, c1, z.dtype) - teacher.lse[:, None]
-            ratio = log_ratio_to_mixture(log_p, log_q, teacher.jsd_beta)
+            ratio = log_ratio_to_mixture(log_p, log_q, teacher.jsd_beta, 1.0 - teacher.jsd_beta)
             g = g + torch.where(p == 0, 0.0, teacher.coef_log_q[:, None] * p * ratio)
         elif teacher is not None:
             log_q = teacher_logits(teacher, c0, c1, z.dtype) - teacher.lse[:, None]

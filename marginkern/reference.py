@@ -224,8 +224,11 @@ def _chunk_jsd(x, w_chunk, x_t, w_t_chunk, lse, lse_t, beta):
     log_p = x @ w_chunk.t() - lse[:, None]
     log_q = x_t @ w_t_chunk.t() - lse_t[:, None]
     log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
-    kl_qm = torch.where(log_q > -math.inf, log_q.exp() * (log_q - log_m), 0.0).sum(1)
-    kl_pm = torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_m), 0.0).sum(1)
+    # 0·log 0 = 0, with no inf left in the unselected branches (whose zero gradient times inf would be NaN)
+    p_in, q_in = log_p > -math.inf, log_q > -math.inf
+    safe_m = torch.where(p_in | q_in, log_m, 0.0)
+    kl_qm = torch.where(q_in, log_q.exp() * (torch.where(q_in, log_q, 0.0) - safe_m), 0.0).sum(1)
+    kl_pm = torch.where(p_in, log_p.exp() * (torch.where(p_in, log_p, 0.0) - safe_m), 0.0).sum(1)
     return beta * kl_qm + (1.0 - beta) * kl_pm
 
 

@@ -6,6 +6,7 @@ reductions, the modules, the gather helper and argument errors.
 One pool of worker processes per world size serves every test (spawning costs seconds, a task milliseconds):
 a test sends a module-level task function to every rank and gets one result per rank back.
 """
+import contextlib
 import datetime
 import os
 import queue
@@ -894,6 +895,23 @@ def _lce_argument_errors(rank, world_size):
         call(bias_shard=b[start:stop] if rank == 0 else None)
     with pytest.raises(ValueError, match="every rank must pass the same options"):
         call(reduction="mean" if rank == 0 else "sum")
+    # a loss that needs a gradient on one rank only (a frozen shard there, or no_grad): its backward collectives
+    # would wait for the others forever (found by a review)
+    needs = w[start:stop].clone().requires_grad_(rank == 0)
+    with pytest.raises(ValueError, match=r"needs a gradient on rank\(s\) \[0\]"):
+        call(weight_shard=needs)
+    with torch.no_grad() if rank == 1 else contextlib.nullcontext():
+        with pytest.raises(ValueError, match="needs a gradient on rank"):
+            call(weight_shard=w[start:stop].clone().requires_grad_())
+    with pytest.raises(ValueError, match="needs a gradient on rank"):
+        mkd.sharded_margin_cross_entropy(x, needs, t, class_start=start, num_classes=C)
+    with pytest.raises(ValueError, match="needs a gradient on rank"):
+        mkd.sharded_log_probs_and_entropy(x, needs, t, class_start=start, num_classes=C)
+    with pytest.raises(ValueError, match="needs a gradient on rank"):
+        mkd.sharded_linear_jsd(x, needs, x[:, :2], w[start:stop, :2], class_start=start, num_classes=C)
+    # frozen on every rank is fine, and so is a head trained on every rank with a frozen bias on some
+    call(weight_shard=w[start:stop].clone())
+    call(weight_shard=w[start:stop].clone().requires_grad_(), bias_shard=b[start:stop].clone().requires_grad_(rank == 0))
     return float(call())
 
 

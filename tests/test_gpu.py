@@ -458,7 +458,10 @@ def test_jsd_matches_oracle_on_gpu(dtype, beta, monkeypatch):
 
 def test_jsd_confident_teacher_and_converged_student_on_gpu(monkeypatch):
     """The kernels' expm1/log1p series and the large-d branch with the GPU's exp and log."""
-    from tests.test_jsd import check_confident_teacher, check_converged_student
+    from tests.test_jsd import (check_beta_near_endpoints, check_confident_teacher, check_converged_student,
+                                check_small_temperature)
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
     check_confident_teacher("cuda")
     check_converged_student("cuda")
+    check_beta_near_endpoints("cuda")
+    check_small_temperature("cuda")  # Triton may contract row_scale·dot − lse into one FMA (NOTES, eleventh session)

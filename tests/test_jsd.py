@@ -295,3 +295,51 @@ def test_cpp_ops_refuse_the_endpoints():
     x_t, w_t = teacher_case(3, 5, 2, torch.float32)
     with pytest.raises(RuntimeError, match=r"beta must lie in \(0, 1\)"):
         torch.ops.marginkern.jsd_rows(x, w, x_t, w_t, t, 1.0, 1.0, -100)
+
+
+def check_beta_near_endpoints(device):
+    """β within 1e-9 of 0 or 1 in fp32: 1 − β is rounded apart from β (1 + β·expm1(d) gave 1 − fp32(β): 0 at
+    β = 1 − 1e-9, an infinite JSD, and 20% off per term at 1 − 1e-7; found by a review), also with a −inf teacher
+    tail (e^d = 0 there). Against the float64 definition on the same rounded inputs, to fp32's tolerance."""
+    torch.manual_seed(7)
+    x, w, t = make_case(6, 30, 5, requires_grad=False)
+    x_t, w_t = teacher_case(6, 30, 4, torch.float32)
+    w_t[20:, 0] = -float("inf")
+    x_t[:, 0] = x_t[:, 0].abs() + 0.5
+    upstream = torch.randn(6, dtype=torch.float64)
+    for beta in (1e-9, 1e-7, 1 - 1e-7, 1 - 1e-9):
+        got = jsd_and_grads(mk.linear_jsd, *(v.to(device) for v in (x, w, x_t, w_t, t)), upstream.to(device),
+                            beta=beta)
+        want = jsd_and_grads(masked_definition, *(v.double() for v in (x, w, x_t, w_t)), t, upstream, beta=beta)
+        for name, g, e in zip(("jsd", "grad input", "grad weight"), got, want):
+            assert torch.isfinite(g).all(), (beta, name)
+            err = ((g.double().cpu() - e).abs().max() / e.abs().max()).item()
+            assert err < 1e-5, (beta, name, err)
+
+
+def test_beta_near_endpoints(cpu_backend):
+    check_beta_near_endpoints("cpu")
+
+
+def check_small_temperature(device):
+    """Logits ~1e4 (T = 1e-4): every backend computes log p from the logits rounded as its forward pass rounded them
+    before their log-sum-exp (the C++ loops fused row_scale·dot − lse into one FMA: 2e-3 off, at T = 1e-8 a JSD of
+    2e7 where it cannot exceed log 2; a review); KL's gradient too."""
+    torch.manual_seed(8)
+    x, w, t = make_case(6, 100, 8, requires_grad=False)
+    x_t, w_t = teacher_case(6, 100, 8, torch.float32)
+    upstream = torch.randn(6, dtype=torch.float64)
+    for fn, oracle, kw in ((mk.linear_jsd, reference.linear_jsd, dict(beta=0.5)),
+                           (mk.linear_kl_divergence, reference.linear_kl_divergence, dict(direction="forward"))):
+        got = jsd_and_grads(fn, *(v.to(device) for v in (x, w, x_t, w_t, t)), upstream.to(device), temperature=1e-4,
+                            **kw)
+        # the oracle on the logits the kernels see: fp32 dot products times 1/T, rounded to fp32
+        x64, x_t64 = x.double(), x_t.double()
+        want = jsd_and_grads(oracle, x64, w.double(), x_t64, w_t.double(), t, upstream, temperature=1e-4, **kw)
+        for name, g, e in zip(("divergence", "grad input", "grad weight"), got, want):
+            err = ((g.double().cpu() - e).abs().max() / e.abs().max().clamp_min(1.0)).item()
+            assert err < 1e-4, (fn.__name__, name, err)
+
+
+def test_small_temperature(cpu_backend):
+    check_small_temperature("cpu")

@@ -369,3 +369,27 @@ def test_vocab_sharded_engine_path_on_cpu_tiles(backend, dtype, opts, monkeypatc
     tiles = select_tiles(torch.device("cpu"), dtype)
     assert tiles.name == backend, tiles.name
     check_sharded_linear_ce_tiles(tiles, "cpu", dtype, opts)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("opts", [dict(focal_gamma=2.0), dict(gamma_ce=0.5), dict(z_loss=1e-2)])
+def test_masked_first_token_with_ignored_rows_stays_finite(backend, opts, monkeypatch):
+    """bias[0] = −inf (token 0 masked, never a target) with ignored rows: an ignored row's target logit is 0, not
+    row 0's −inf, whose focal/γ-CE coefficient 0·(−inf) made every gradient NaN on the C++ path (a review)."""
+    from marginkern.dispatch import _why_not
+    reason = _why_not(backend, torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    x, w, t = make_case(7, 5, 4, torch.float64, ignore=(2, 5))
+    t = torch.where(t == 0, 1, t).masked_fill(t == -100, -100)
+    b = torch.randn(5, dtype=torch.float64)
+    b[0] = -float("inf")
+    loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, t, b, **opts)
+    assert all(torch.isfinite(g).all() for g in (loss, gx, gw, gb))
+    # the definition: the counted rows over the classes 1..C−1 (class 0's probability is exactly 0)
+    valid = t != -100
+    want_loss, want_gx, want_gw, want_gb = grads(naive_linear_ce, x[valid], w[1:], t[valid] - 1, b[1:], **opts)
+    assert (gx[~valid] == 0).all() and (gw[0] == 0).all() and gb[0] == 0
+    for g, e in zip((loss, gx[valid], gw[1:], gb[1:]), (want_loss, want_gx, want_gw, want_gb)):
+        assert torch.allclose(g, e, atol=1e-10), (g, e)

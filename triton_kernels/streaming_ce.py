@@ -356,8 +356,8 @@ def streaming_ce_fwd_kernel(
 
 @triton.jit
 def _expm1(x):
-    """e^x − 1 without cancellation near 0: its Taylor series to x⁷ where |x| < 0.5 (the remainder, x⁸/8!, is below
-    fp32's resolution of the result there), the plain difference elsewhere (±inf and NaN as that gives them)."""
+    """e^x − 1 without cancellation near 0: the Taylor series to x⁷ where |x| < 0.5 (the remainder x⁸/8! reaches ~3
+    ulp at |x| = 0.5: harmless for the loss), the plain difference elsewhere (±inf and NaN as that gives them)."""
     small = tl.abs(x) < 0.5
     t = tl.where(small, x, 0.0)
     series = t * (1.0 + t * (1.0 / 2 + t * (1.0 / 6 + t * (1.0 / 24 + t * (1.0 / 120 + t * (1.0 / 720
@@ -378,20 +378,26 @@ def _log1p(y):
 
 
 @triton.jit
-def _log_ratio_to_mixture(log_p, log_q, beta):
-    """log(p/m), m = (1−β)·p + β·q, as −log1p(β·expm1(d)), d = log q − log p, or −d − log(β + (1−β)·e^{−d})
-    where d ≥ 80 (engine.log_ratio_to_mixture says why)."""
+def _log_ratio_to_mixture(log_p, log_q, beta, complement):
+    """log(p/m), m = (1−β)·p + β·q, complement = 1 − β rounded apart (engine.log_ratio_to_mixture: its three forms of
+    d = log q − log p and why)."""
     d = log_q - log_p
-    near = d < 80.0
-    small_d = tl.where(near, d, 0.0)
-    large_d = tl.where(near, 80.0, d)
-    return tl.where(near, -_log1p(beta * _expm1(small_d)), -large_d - tl.log(beta + (1.0 - beta) * tl.exp(-large_d)))
+    high = d >= 80.0  # False for NaN, which the general form keeps
+    low = (d < -1.0) & (beta > 0.5)
+    far = high | low
+    general = -_log1p(beta * _expm1(tl.where(far, 0.0, d)))
+    # the two other forms share one exp and one log: −(d or 0) − log(a + b·e^{∓d})
+    exponent = tl.where(high, -d, tl.where(low, d, 0.0))
+    by_parts = -(tl.where(high, d, 0.0) + tl.log(tl.where(high, beta, complement)
+                                                  + tl.where(high, complement, beta) * tl.exp(exponent)))
+    return tl.where(far, by_parts, general)
 
 
 @triton.jit
 def jsd_row_sums_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, teacher_x_ptr, teacher_w_ptr, lse_ptr, teacher_lse_ptr,
     part_ptr, N, C, D, E, stride_x, stride_w, stride_tx, stride_tw, classes_per_split, num_splits, softcap, beta,
+    one_minus_beta,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TEACHER_DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_E: tl.constexpr,
@@ -425,8 +431,8 @@ def jsd_row_sums_kernel(
         p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
         q = tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
         # 0·log(0/m) = 0 where a probability is 0 (its ratio may be NaN there); a NaN probability stays NaN
-        run_pm += tl.sum(tl.where(p == 0.0, 0.0, p * _log_ratio_to_mixture(log_p, log_q, beta)), axis=1)
-        run_qm += tl.sum(tl.where(q == 0.0, 0.0, q * _log_ratio_to_mixture(log_q, log_p, 1.0 - beta)), axis=1)
+        run_pm += tl.sum(tl.where(p == 0.0, 0.0, p * _log_ratio_to_mixture(log_p, log_q, beta, one_minus_beta)), axis=1)
+        run_qm += tl.sum(tl.where(q == 0.0, 0.0, q * _log_ratio_to_mixture(log_q, log_p, one_minus_beta, beta)), axis=1)
     out = split.to(tl.int64) * N + rows
     tl.store(part_ptr + out, run_pm, mask=row_mask)
     tl.store(part_ptr + num_splits.to(tl.int64) * N + out, run_qm, mask=row_mask)
@@ -439,6 +445,7 @@ def streaming_ce_grad_logits_kernel(
     query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr, target_subcenter_ptr, coef_entropy_ptr,
     teacher_x_ptr, teacher_w_ptr, teacher_lse_ptr, coef_q_ptr, coef_log_q_ptr,
     N, D, E, stride_x, stride_w, stride_g, stride_k, stride_tx, stride_tw, c_begin, c_end, softcap, jsd_beta,
+    jsd_one_minus_beta,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, COST_DOT_PRECISION: tl.constexpr, SATURATE_FP16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
@@ -484,7 +491,8 @@ def streaming_ce_grad_logits_kernel(
         log_q = z_teacher - tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
         coef_log_q = tl.load(coef_log_q_ptr + rows, mask=row_mask, other=0.0)
         if JSD:  # 0 where p = 0 (its ratio may be NaN there); a NaN p stays NaN
-            g = g + tl.where(p == 0.0, 0.0, coef_log_q[:, None] * p * _log_ratio_to_mixture(log_p, log_q, jsd_beta))
+            g = g + tl.where(p == 0.0, 0.0, coef_log_q[:, None] * p * _log_ratio_to_mixture(log_p, log_q, jsd_beta,
+                                                                                             jsd_one_minus_beta))
         else:
             coef_q = tl.load(coef_q_ptr + rows, mask=row_mask, other=0.0)
             # p·log q only where its coefficient is not 0 (forward KL: a −inf teacher logit would give 0·(−inf))

@@ -206,7 +206,8 @@ class TritonTiles:
                 jsd_row_sums_kernel[(cdiv(N, blocks["BLOCK_N"]) * splits,)](
                     x, w, fp32(spec.row_scale), fp32(col_scale), bias, tx, tw, fp32(lse), fp32(teacher.lse), part,
                     N, C, D, E, x.stride(0), w.stride(0), stride_tx, stride_tw, per_split, splits, softcap,
-                    float(teacher.jsd_beta), DOT_PRECISION=_dot_precision(x), TEACHER_DOT_PRECISION=_dot_precision(tx),
+                    float(teacher.jsd_beta), 1.0 - float(teacher.jsd_beta), DOT_PRECISION=_dot_precision(x),
+                    TEACHER_DOT_PRECISION=_dot_precision(tx),
                     EVEN_D=D % blocks["BLOCK_D"] == 0, EVEN_E=E % blocks["BLOCK_D"] == 0, **_flags(spec),
                     **_without(_without(blocks, "GROUP_N"), "FLATTEN"), **launch)
         kl_pm, kl_qm = part.sum(1)
@@ -343,7 +344,8 @@ class TritonTiles:
                     spec.target if spec.target_subcenter is None else spec.target_subcenter.contiguous(),
                     lse if entropy_coef is None else fp32(entropy_coef), *teacher_args, *teacher_rows,
                     N, D, E, stride_x, stride_w, grad.stride(0), stride_k, stride_tx, stride_tw, c0, c1, softcap,
-                    1.0 if teacher is None or teacher.jsd_beta is None else float(teacher.jsd_beta),
+                    *((1.0, 0.0) if teacher is None or teacher.jsd_beta is None
+                      else (float(teacher.jsd_beta), 1.0 - float(teacher.jsd_beta))),
                     HAS_COST=cost is not None, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     SATURATE_FP16=grad_dtype == torch.float16, EVEN_D=D % blocks["BLOCK_D"] == 0,
                     EVEN_E=E % blocks["BLOCK_D"] == 0,

@@ -47,6 +47,9 @@ struct TargetLogits {
     const at::Tensor safe = column.clamp_min(0);
     at::Tensor raw = (x.to(acc) * w.index_select(0, safe).to(acc)).sum(1);
     if (bias.defined()) raw = raw + bias.index_select(0, safe).to(acc);
+    // 0 on ignored rows, not row 0's logit: a −inf bias[0] (a masked token) would make the row's focal or γ-CE
+    // coefficient 0·(−inf) = NaN, which its zero upstream gradient does not cancel
+    raw = at::where(valid, raw, at::zeros_like(raw));
     slope = at::ones_like(raw);
     if (o.softcap) {
       const at::Tensor t = at::tanh(raw / *o.softcap);

@@ -106,29 +106,42 @@ MARGINKERN_ALWAYS_INLINE void teacher_part_row_impl(const T* z, T* teacher, int 
   max_t = m, sum_t = st, cross_t = ct, cross_s = cs;
 }
 
-// log(p/m), m = (1−β)·p + β·q (marginkern.engine.log_ratio_to_mixture): −log1p(β·expm1(d)), d = log q − log p,
-// exact where q ≈ p; −d − log(β + (1−β)·e^{−d}) where d ≥ 80 (expm1 would overflow float32). Both branches
-// computed and one selected, with the vectorizable float32 functions above, so that the loops vectorize.
+// log(p/m), m = (1−β)·p + β·q (marginkern.engine.log_ratio_to_mixture: its three forms of d = log q − log p and
+// why), `complement` = 1 − β rounded apart. All forms computed and one selected, with the vectorizable float32
+// functions of row_epilogue.h, so that the loops vectorize.
 template <typename T>
-MARGINKERN_ALWAYS_INLINE T log_ratio_to_mixture(T log_p, T log_q, T beta) {
+MARGINKERN_ALWAYS_INLINE T log_ratio_to_mixture(T log_p, T log_q, T beta, T complement) {
   const T d = log_q - log_p;
-  const bool near = d < T(80);  // false for a NaN d, whose far branch stays NaN
-  const T near_d = near ? d : T(0), far_d = near ? T(80) : d;
-  const T near_ratio = -log1p_simd(beta * expm1_simd(near_d));
-  const T far_ratio = -far_d - log_simd(beta + (T(1) - beta) * exp_simd(-far_d));
-  return near ? near_ratio : far_ratio;
+  const bool high = d >= T(80);  // false for NaN, which the general form keeps
+  // one comparison per element (GCC vectorizes no && of masks under another select): d < −1 where β > ½
+  const bool low = d < (beta > T(0.5) ? T(-1) : -std::numeric_limits<T>::infinity());
+  const bool far = high || low;
+  const T general = -log1p_simd(beta * expm1_simd(far ? T(0) : d));
+  // the two other forms share one exp and one log: −(d or 0) − log(a + b·e^{∓d})
+  const T exponent = high ? -d : (low ? d : T(0));
+  const T by_parts = -((high ? d : T(0)) + log_simd((high ? beta : complement) + (high ? complement : beta) *
+                                                    exp_simd(exponent)));
+  return far ? by_parts : general;
+}
+
+// A teacher (or student) logit row_scale·dot, rounded as the forward pass rounded it before its log-sum-exp: written
+// as a·s + 0, a contraction can only give fma(a, s, 0) = round(a·s), never fma(a, s, −lse), whose unrounded product
+// would not match that log-sum-exp (at logits ~1e6, a tiny temperature, log p reached +18).
+template <typename T>
+MARGINKERN_ALWAYS_INLINE T rounded_logit(T dot, T row_scale) {
+  return logit<T, false>(dot, row_scale, T(0), T(1), T(1)).z;
 }
 
 template <typename T>
 MARGINKERN_ALWAYS_INLINE void jsd_part_row_impl(const T* dots, const T* teacher_dots, int cc, T row_scale, T lse,
-                                                T lse_t, T beta, T& kl_pm, T& kl_qm) {
+                                                T lse_t, T beta, T complement, T& kl_pm, T& kl_qm) {
   T pm = 0, qm = 0;
 #pragma omp simd reduction(+ : pm, qm)
   for (int j = 0; j < cc; ++j) {
-    const T log_p = dots[j] * row_scale - lse, log_q = teacher_dots[j] * row_scale - lse_t;
+    const T log_p = rounded_logit(dots[j], row_scale) - lse, log_q = rounded_logit(teacher_dots[j], row_scale) - lse_t;
     const T p = exp_simd(log_p), q = exp_simd(log_q);
-    pm += p == T(0) ? T(0) : p * log_ratio_to_mixture(log_p, log_q, beta);
-    qm += q == T(0) ? T(0) : q * log_ratio_to_mixture(log_q, log_p, T(1) - beta);
+    pm += p == T(0) ? T(0) : p * log_ratio_to_mixture(log_p, log_q, beta, complement);
+    qm += q == T(0) ? T(0) : q * log_ratio_to_mixture(log_q, log_p, complement, beta);
   }
   kl_pm += pm, kl_qm += qm;
 }
@@ -142,7 +155,8 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
   const T* cost_scale = cols.cost_scale;
   const T cap = cols.softcap, inv_cap = T(1) / cols.softcap;
   const T r = k.row_scale, lse = k.lse, cp = k.coef_p, cu = k.coef_u, tg = k.target_grad, cq = k.cost_coef;
-  const T ce = k.entropy_coef, lse_t = k.teacher_lse, c_q = k.coef_q, c_log_q = k.coef_log_q, beta = k.jsd_beta;
+  const T ce = k.entropy_coef, lse_t = k.teacher_lse, c_q = k.coef_q, c_log_q = k.coef_log_q, beta = k.jsd_beta,
+          complement = k.jsd_complement;
 #pragma omp simd
   for (int j = 0; j < cc; ++j) {
     const logit_math::LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
@@ -155,10 +169,10 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
       T sum = weight_p * p - cu;
       if constexpr (kEntropy) sum -= p > T(0) ? ce * p * log_p : T(0);
       if constexpr (kTeacher && kJsd) {  // coef_log_q·p·log(p/m); 0 where p = 0, NaN where p is
-        const T log_q = teacher_dots[j] * r - lse_t;
-        sum += p == T(0) ? T(0) : c_log_q * p * log_ratio_to_mixture(log_p, log_q, beta);
+        const T log_q = rounded_logit(teacher_dots[j], r) - lse_t;
+        sum += p == T(0) ? T(0) : c_log_q * p * log_ratio_to_mixture(log_p, log_q, beta, complement);
       } else if constexpr (kTeacher) {  // −coef_q·q + coef_log_q·p·log q
-        const T log_q = teacher_dots[j] * r - lse_t;
+        const T log_q = rounded_logit(teacher_dots[j], r) - lse_t;
         // p·log q only where its coefficient is not 0 (forward KL: a −inf teacher logit would give 0·(−inf))
         sum += (p > T(0) && c_log_q != T(0) ? c_log_q * p * log_q : T(0)) - c_q * exp_simd(log_q);
       }
@@ -294,13 +308,14 @@ void teacher_part_row(const double* z, double* teacher, int cc, double row_scale
 }
 
 MARGINKERN_ISA_CLONES void jsd_part_row(const float* dots, const float* teacher_dots, int cc, float row_scale,
-                                        float lse, float lse_t, float beta, float& kl_pm, float& kl_qm) {
-  jsd_part_row_impl(dots, teacher_dots, cc, row_scale, lse, lse_t, beta, kl_pm, kl_qm);
+                                        float lse, float lse_t, float beta, float complement, float& kl_pm,
+                                        float& kl_qm) {
+  jsd_part_row_impl(dots, teacher_dots, cc, row_scale, lse, lse_t, beta, complement, kl_pm, kl_qm);
 }
 
 void jsd_part_row(const double* dots, const double* teacher_dots, int cc, double row_scale, double lse, double lse_t,
-                  double beta, double& kl_pm, double& kl_qm) {
-  jsd_part_row_impl(dots, teacher_dots, cc, row_scale, lse, lse_t, beta, kl_pm, kl_qm);
+                  double beta, double complement, double& kl_pm, double& kl_qm) {
+  jsd_part_row_impl(dots, teacher_dots, cc, row_scale, lse, lse_t, beta, complement, kl_pm, kl_qm);
 }
 
 }  // namespace marginkern::epilogue

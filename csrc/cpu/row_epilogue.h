@@ -130,8 +130,9 @@ struct RowGradCoefs {
   bool has_entropy = false;
   // distillation's teacher term (streaming_ce.h), read only with a teacher_dots row: its lse and coefficients
   T teacher_lse = 0, coef_q = 0, coef_log_q = 0;
-  // the generalized JSD's term coef_log_q·p·log(p/m) instead of the KL one (streaming_ce.h), m = (1−β)p + βq
-  T jsd_beta = 0;
+  // the generalized JSD's term coef_log_q·p·log(p/m) instead of the KL one (streaming_ce.h), m = (1−β)p + βq;
+  // jsd_complement = 1 − β, rounded apart from β
+  T jsd_beta = 0, jsd_complement = 1;
   bool has_jsd = false;
 };
 
@@ -163,11 +164,12 @@ void teacher_part_row(const double* z, double* teacher, int cc, double row_scale
 
 // The generalized JSD's second forward pass over a row (streaming_ce.h): the student's and the teacher's raw dot
 // products (logits row_scale·dot), both log-sum-exps known; adds Σ_j p_j·log(p_j/m_j) to kl_pm and
-// Σ_j q_j·log(q_j/m_j) to kl_qm, m = (1−β)·p + β·q (a zero probability adds 0, a NaN one NaN).
+// Σ_j q_j·log(q_j/m_j) to kl_qm, m = (1−β)·p + β·q (a zero probability adds 0, a NaN one NaN); `complement` is
+// 1 − β rounded apart from β (in float32, 1 − fp32(β) would lose it near β = 1).
 void jsd_part_row(const float* dots, const float* teacher_dots, int cc, float row_scale, float lse, float lse_t,
-                  float beta, float& kl_pm, float& kl_qm);
+                  float beta, float complement, float& kl_pm, float& kl_qm);
 void jsd_part_row(const double* dots, const double* teacher_dots, int cc, double row_scale, double lse, double lse_t,
-                  double beta, double& kl_pm, double& kl_qm);
+                  double beta, double complement, double& kl_pm, double& kl_qm);
 
 // Backward: dL/da_j in place of a_j; `cost_dots` is the row of q_n · k_j (EMO) or nullptr; `teacher_dots` the
 // row of the teacher's raw dot products (distillation) or nullptr.

@@ -242,6 +242,7 @@ void grads_into(const Spec& s, const Cost& cost, const RowGrads& rg, int64_t c0,
         if (teacher_base != nullptr) {
           coefs.teacher_lse = teacher_lse[n], coefs.coef_q = coef_q[n], coefs.coef_log_q = coef_log_q[n];
           coefs.has_jsd = teacher.jsd_beta.has_value(), coefs.jsd_beta = static_cast<T>(teacher.jsd_beta.value_or(0.0));
+          coefs.jsd_complement = static_cast<T>(1.0 - teacher.jsd_beta.value_or(0.0));  // 1 − β in double
         }
         epilogue::grad_row(g + n * cols.cc, cost_base != nullptr ? cost_base + n * cols.cc : nullptr, cols,
                            coefs, target_in_chunk(target[n], c0, cols.cc),
@@ -456,10 +457,10 @@ std::tuple<at::Tensor, at::Tensor> streaming_jsd_row_sums(const at::Tensor& x, c
       const T *a = dots.data_ptr<T>(), *b = teacher_dots.data_ptr<T>(), *r = s.row_scale.data_ptr<T>();
       const T *l = student_lse.data_ptr<T>(), *lt = teacher_lse.data_ptr<T>();
       T *pm = sums.data_ptr<T>(), *qm = pm + s.N;
-      const T beta = static_cast<T>(*teacher.jsd_beta);
+      const T beta = static_cast<T>(*teacher.jsd_beta), complement = static_cast<T>(1.0 - *teacher.jsd_beta);
       at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
-          epilogue::jsd_part_row(a + n * cc, b + n * cc, cc, r[n], l[n], lt[n], beta, pm[n], qm[n]);
+          epilogue::jsd_part_row(a + n * cc, b + n * cc, cc, r[n], l[n], lt[n], beta, complement, pm[n], qm[n]);
         }
       });
     });

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
-from tests.test_jsd import (check_confident_teacher, check_converged_student, check_jsd_against_oracle,
-                            check_minus_inf_logits)
+from tests.test_jsd import (check_beta_near_endpoints, check_confident_teacher, check_converged_student,
+                            check_jsd_against_oracle, check_minus_inf_logits, check_small_temperature)
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +39,11 @@ def test_converged_student_keeps_its_digits():
 
 def test_minus_inf_logits():
     check_minus_inf_logits(DEVICE)
+
+
+def test_beta_near_endpoints():
+    check_beta_near_endpoints(DEVICE)
+
+
+def test_small_temperature():
+    check_small_temperature(DEVICE)
