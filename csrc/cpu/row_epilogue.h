@@ -55,7 +55,7 @@ MARGINKERN_HD float twice_atanh_series(float s) {
   return 2.0f * s * (1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9 + s2 * (1.0f / 11))))));
 }
 
-// log(x), about 1 ulp: x = m·2^e with m in [√½, √2) from the exponent bits, log m = 2·atanh((m − 1)/(m + 1)),
+// log(x), within 2 ulp: x = m·2^e with m in [√½, √2) from the exponent bits, log m = 2·atanh((m − 1)/(m + 1)),
 // |s| ≤ 0.172. Plain arithmetic and bit operations, so that `omp simd` loops vectorize it, as exp_simd.
 // log(0) = −inf, log(x < 0) = NaN, log(+inf) = +inf, NaN stays NaN; subnormals are taken as 0 (−inf): far below
 // anything the losses' sums resolve.
