@@ -2,12 +2,12 @@
 import torch
 from torch import nn
 
-from .checks import (check_bool, check_finite, check_head_size, check_ignore_index, check_linear_ce_options,
-                     check_logits_buffer, check_margin_options, check_module_embeddings, check_reduction, check_shift,
-                     check_subcenters, check_tensor, checked_class_targets, margin_module_repr,
-                     resolve_grad_filter_eps)
+from .checks import (check_bool, check_finite, check_head_size, check_ignore_index, check_jsd_beta,
+                     check_linear_ce_options, check_logits_buffer, check_margin_options, check_module_embeddings,
+                     check_reduction, check_shift, check_subcenters, check_temperature, check_tensor,
+                     checked_class_targets, margin_module_repr, resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
-                         margin_cross_entropy)
+                         linear_jsd, linear_kl_divergence, margin_cross_entropy)
 from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
 
 
@@ -292,6 +292,42 @@ class EMOLoss(nn.Module):
         cost = "live weight" if self.cost_embedding is None else f"buffer {tuple(self.cost_embedding.shape)}"
         return (f"mode={self.mode!r}, cost={cost}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"shift={self.shift}")
+
+
+class LinearDistillationLoss(nn.Module):
+    """Fused distillation between two LM heads over one vocabulary:
+    forward(hidden (N, D), lm_head_weight (V, D), teacher_hidden (N, E), teacher_head_weight (V, E), target=None).
+
+    divergence="forward_kl" (Hinton's; `linear_kl_divergence(direction="forward")`), "reverse_kl" (MiniLLM's) or
+    "jsd" (GKD's generalized JSD with `beta`, `linear_jsd`; Liger's LigerFusedLinearJSD). It owns neither head;
+    target only masks (ignore_index), as the functions. Inside an autocast region a head in another dtype than its
+    hidden states is cast to theirs (the functions refuse it). Options and `shift` as the functions.
+    """
+
+    DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+    def __init__(self, divergence="forward_kl", *, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean",
+                 shift=0):
+        super().__init__()
+        if divergence not in self.DIVERGENCES:
+            raise ValueError(f"divergence must be one of {self.DIVERGENCES}, got {divergence!r}")
+        check_reduction(reduction)
+        self.divergence = divergence
+        self.options = dict(temperature=check_temperature(temperature), ignore_index=check_ignore_index(ignore_index),
+                            reduction=reduction, shift=check_shift(shift))
+        if divergence == "jsd":
+            self.options["beta"] = check_jsd_beta(beta)
+        else:
+            self.options["direction"] = divergence[:-len("_kl")]
+
+    def forward(self, input, weight, teacher_input, teacher_weight, target=None):
+        fn = linear_jsd if self.divergence == "jsd" else linear_kl_divergence
+        return fn(input, _autocast_like(weight, input), teacher_input, _autocast_like(teacher_weight, teacher_input),
+                  target, **self.options)
+
+    def extra_repr(self):
+        return f"divergence={self.divergence!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items()
+                                                              if k != "direction")
 
 
 class CoSENTLoss(nn.Module):

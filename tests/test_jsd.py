@@ -343,3 +343,40 @@ def check_small_temperature(device):
 
 def test_small_temperature(cpu_backend):
     check_small_temperature("cpu")
+
+
+@pytest.mark.parametrize("divergence, fn, kw", [("forward_kl", mk.linear_kl_divergence, dict(direction="forward")),
+                                                ("reverse_kl", mk.linear_kl_divergence, dict(direction="reverse")),
+                                                ("jsd", mk.linear_jsd, dict(beta=0.25))])
+def test_distillation_module_is_the_function(divergence, fn, kw):
+    x, w, t = make_case(6, 40, 8, ignore=(2,))
+    x_t, w_t = teacher_case(6, 40, 5, torch.float32)
+    module = mk.LinearDistillationLoss(divergence, beta=0.25, temperature=1.5, reduction="sum", shift=1)
+    assert divergence in repr(module)
+    got = module(x.view(2, 3, 8), w, x_t.view(2, 3, 5), w_t, t.view(2, 3))
+    want = fn(x.view(2, 3, 8), w, x_t.view(2, 3, 5), w_t, t.view(2, 3), temperature=1.5, reduction="sum", shift=1, **kw)
+    assert torch.equal(got, want)
+
+
+def test_distillation_module_casts_an_fp32_head_under_autocast():
+    """An fp32 head behind a bf16 autocast backbone: the module casts both heads to their hidden states' dtype (the
+    cast's backward returns fp32 gradients); the function refuses the mix with the fix named."""
+    x, w, t = make_case(6, 40, 8)
+    x_t, w_t = teacher_case(6, 40, 5, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mk.LinearDistillationLoss("jsd")(x.bfloat16(), w, x_t.bfloat16(), w_t, t)
+        with pytest.raises(TypeError):
+            mk.linear_jsd(x.bfloat16(), w, x_t.bfloat16(), w_t, t)
+    (gw,) = torch.autograd.grad(loss, (w,))
+    assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
+
+
+def test_distillation_module_bad_arguments():
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        mk.LinearDistillationLoss("js")
+    with pytest.raises(ValueError, match=r"beta must lie in \[0.0, 1.0\]"):
+        mk.LinearDistillationLoss("jsd", beta=2.0)
+    with pytest.raises(ValueError, match="temperature must lie in"):
+        mk.LinearDistillationLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        mk.LinearDistillationLoss(reduction="batchmean")
