@@ -84,7 +84,7 @@ def _liger_jsd(case, device):
 
     def liger(x, w, target):
         x_t, w_t = _teacher(x, w)
-        return loss_module(x, w, x_t, w_t)
+        return loss_module(x, w, x_t, w_t, None)  # shift_labels: positional, no default
     return loss_step(liger, case, device)
 
 
