@@ -1,6 +1,6 @@
 """Class-sharded (model-parallel) margin-softmax cross-entropy, as insightface's PartialFC_V2 at sample_rate 1,
 and a vocab-parallel LM head's losses: linear cross-entropy (`sharded_linear_cross_entropy`), per-token log-probs
-and entropy (`sharded_log_probs_and_entropy`) and distillation (`sharded_linear_kl_divergence`).
+and entropy (`sharded_log_probs_and_entropy`) and distillation (`sharded_linear_kl_divergence`, `sharded_linear_jsd`).
 
 W processes of a torch.distributed group each hold one contiguous slice of the C class centres (insightface's
 rule, `shard_range`) and see the same N rows (the embeddings all-gathered by the caller). Each rank streams
@@ -248,7 +248,8 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
     `options` (margins, scale, temperature, ...: a loss of no one's options, or per-rank losses that differ),
     or a loss that needs a gradient on some ranks only (`differentiable`: the call's tensors that may require
     grad; under torch.no_grad or with frozen tensors on one rank, its backward pass's collectives would wait for
-    ranks that never run them). Skipped while a CUDA graph is captured (a sync would break the capture), as the local check is."""
+    ranks that never run them). Skipped while a CUDA graph is captured (a sync would break the capture), as the
+    local check is."""
     rank, world_size = _rank_and_world_size(group)
     device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
