@@ -10,7 +10,8 @@ See DESIGN.md for the math; `marginkern.reference` holds the plain-PyTorch oracl
 from . import reference
 from .dispatch import BackendUnavailable
 from .functional import (circle_loss, cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss,
-                         linear_cross_entropy, linear_jsd, linear_kl_divergence, log_probs_and_entropy,
+                         linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk_kl_divergence,
+                         log_probs_and_entropy,
                          margin_cross_entropy, multilabel_categorical_crossentropy)
 from .modules import (ArcFaceLoss, CombinedMarginLoss, CoSENTLoss, CosFaceLoss, EMOLoss, LargeMarginSoftmaxLoss,
                       LinearCrossEntropyLoss, LinearDistillationLoss, SphereFaceLoss, SubCenterArcFaceLoss)
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "margin_cross_entropy", "linear_cross_entropy", "LinearCrossEntropyLoss", "emo_loss",
     "emo_cross_entropy", "EMOLoss", "log_probs_and_entropy", "linear_kl_divergence", "linear_jsd",
+    "linear_topk_kl_divergence",
     "LinearDistillationLoss", "cosent_loss",
     "cosent_embedding_loss", "CoSENTLoss",
     "multilabel_categorical_crossentropy", "circle_loss", "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss",

@@ -290,6 +290,35 @@ def check_teacher(teacher_input, teacher_weight, input, weight):
             raise ValueError(f"{name} must be on the device of input ({input.device}), got {t.device}")
 
 
+def check_topk_teacher(token_ids, teacher_logits, input):
+    """A top-k teacher: token ids (N, k) integer and logits (N, k) floating point, k ≥ 1, on input's device (the
+    values are checked apart: check_token_ids)."""
+    check_tensor("teacher_token_ids", token_ids)
+    check_tensor("teacher_logits", teacher_logits)
+    n = input.shape[0]
+    if token_ids.dim() != 2 or token_ids.shape[0] != n or token_ids.shape[1] < 1:
+        raise ValueError(f"teacher_token_ids must have shape (N={n}, k) with k ≥ 1, got shape {tuple(token_ids.shape)}")
+    if teacher_logits.shape != token_ids.shape:
+        raise ValueError(f"teacher_logits must have teacher_token_ids' shape {tuple(token_ids.shape)}, got shape "
+                         f"{tuple(teacher_logits.shape)}")
+    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+        raise TypeError(f"teacher_token_ids must be an integer tensor, got {token_ids.dtype}")
+    if not teacher_logits.is_floating_point():
+        raise TypeError(f"teacher_logits must be a floating-point tensor, got {teacher_logits.dtype}")
+    for name, t in (("teacher_token_ids", token_ids), ("teacher_logits", teacher_logits)):
+        if t.device != input.device:
+            raise ValueError(f"{name} must be on the device of input ({input.device}), got {t.device}")
+
+
+def check_token_ids(token_ids, num_classes):
+    """Token ids in [0, C): one host sync, skipped while a CUDA graph is captured (as check_target_values)."""
+    if (token_ids.is_cuda and torch.cuda.is_current_stream_capturing()) or token_ids.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(token_ids)).tolist()
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"teacher_token_ids holds token {low if low < 0 else high}, outside [0, {num_classes})")
+
+
 def check_jsd_beta(beta):
     """β of the generalized JSD as a float in [0, 1] (0 and 1: forward and reverse KL)."""
     check_finite("beta", beta, 0.0, 1.0)

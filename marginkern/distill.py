@@ -22,22 +22,35 @@ m = (1−β)·p + β·q, β ∈ (0, 1):
 log(p/m) = −log1p(β·expm1(log q − log p)) has no cancellation where p ≈ q. Both log-sum-exps must be known before
 the divergence's sums, so its forward makes two passes over the classes (the teacher statistics, then
 engine.streaming_jsd_row_sums); the backward one, with the teacher term coef·p·log(p/m) (TeacherSpec.jsd_beta).
+
+Top-k distillation (a teacher stored as its top-k token ids and logits per position, as distillation pipelines
+cache it): q = softmax(teacher_logits/T) over those k tokens, p the student's softmax over the whole vocabulary,
+
+    KL(q‖p) = Σ_j q_j·(log q_j − z_{i_j} + lse)              dKL/dz_c = p_c − Σ_{j: i_j = c} q_j
+
+one pass for lse, the k target logits gathered; the backward is the engine's dense p-term plus k sparse cells per
+row (streaming_grads' `sparse_grads`).
 """
 import dataclasses
 
 import torch
 
 from .engine import (LogitSpec, TeacherSpec, accumulation_dtype, streaming_grads, streaming_jsd_row_sums,
-                     streaming_row_stats_with_teacher)
+                     streaming_row_stats, streaming_row_stats_with_teacher)
 
 
-def _planes(x, w, x_t, w_t, temperature, lse_t=None, coef_q=None, coef_log_q=None):
-    """The student's LogitSpec (no target column: the loss has none) and the teacher's plane."""
+def _student_spec(x, temperature):
+    """The student's LogitSpec: z = (x·wᵀ)/T, no target column (the distillation losses have none)."""
     N = x.shape[0]
     inv_temperature = torch.full((N,), 1.0 / temperature, dtype=accumulation_dtype(x.dtype), device=x.device)
     no_target = torch.full((N,), -1, dtype=torch.int64, device=x.device)
-    spec = LogitSpec(inv_temperature, None, None, None, no_target, torch.zeros_like(inv_temperature))
-    return spec, TeacherSpec(x_t, w_t, inv_temperature, lse_t, coef_q, coef_log_q)
+    return LogitSpec(inv_temperature, None, None, None, no_target, torch.zeros_like(inv_temperature))
+
+
+def _planes(x, w, x_t, w_t, temperature, lse_t=None, coef_q=None, coef_log_q=None):
+    """The student's LogitSpec and the teacher's plane."""
+    spec = _student_spec(x, temperature)
+    return spec, TeacherSpec(x_t, w_t, spec.row_scale, lse_t, coef_q, coef_log_q)
 
 
 def kl_forward(x, w, x_t, w_t, target, temperature, ignore_index, reverse, tiles, shard=None):
@@ -100,4 +113,42 @@ def jsd_backward(grad_jsd, x, w, x_t, w_t, target, lse, lse_t, kl_pm, temperatur
                                         need_weight_grad=need_weight_grad, teacher=teacher)
     if shard is not None:
         grad_x = shard.sum_input_grad(grad_x)
+    return grad_x.to(x.dtype), grad_w
+
+
+def _gathered_logits(x, w, token_ids, inv_temperature, acc, block_bytes=16 << 20):
+    """(x_n·w_{token_ids_nj})/T for each row's k tokens, (N, k) in `acc`, by blocks of rows (a block's gathered
+    rows of w ≤ block_bytes)."""
+    N, k = token_ids.shape
+    out = torch.empty(N, k, dtype=acc, device=x.device)
+    block = max(1, block_bytes // max(1, k * x.shape[1] * acc.itemsize))
+    for r0 in range(0, N, block):
+        r1 = min(N, r0 + block)
+        out[r0:r1] = torch.einsum("rd,rkd->rk", x[r0:r1].to(acc), w[token_ids[r0:r1]].to(acc))
+    return out * inv_temperature
+
+
+def topk_kl_forward(x, w, token_ids, teacher_logits, target, temperature, ignore_index, tiles):
+    """(KL(q‖p) over the teacher's top-k, lse) per row in the accumulation dtype; 0 on ignored rows."""
+    spec = _student_spec(x, temperature)
+    lse, _ = streaming_row_stats(x, w, spec, False, tiles)
+    acc = lse.dtype
+    log_q = torch.log_softmax(teacher_logits.to(acc) * spec.row_scale[:, None], dim=1)
+    log_p = _gathered_logits(x, w, token_ids, spec.row_scale[:, None], acc) - lse[:, None]
+    q = torch.exp(log_q)
+    kl = torch.where(q == 0, 0.0, q * (log_q - log_p)).sum(1).clamp_min(0.0)  # ≥ 0 as the sum it is; NaN stays
+    return torch.where(target != ignore_index, kl, 0.0), lse
+
+
+def topk_kl_backward(grad_kl, x, w, token_ids, teacher_logits, target, lse, temperature, ignore_index, tiles,
+                     need_weight_grad=True):
+    """(dL/dx, dL/dw or None): the engine's g·p_c over all classes, −g·q_j at the k teacher tokens."""
+    g = torch.where(target != ignore_index, grad_kl.to(lse.dtype), 0.0)
+    spec = _student_spec(x, temperature)
+    q = torch.softmax(teacher_logits.to(lse.dtype) * spec.row_scale[:, None], dim=1)
+    zero = torch.zeros_like(g)
+    # dL/da = dL/dz · dz/da, dz/da = 1/T: the sparse cells are dL/da, as the engine's target column
+    cells = -(g * spec.row_scale)[:, None] * q
+    grad_x, grad_w, _ = streaming_grads(x, w, spec, lse, g, zero, zero, tiles, need_weight_grad=need_weight_grad,
+                                        sparse_grads=(token_ids, cells))
     return grad_x.to(x.dtype), grad_w

@@ -4,10 +4,10 @@ import torch
 
 from . import pairwise
 from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cosent_arguments,
-                     check_cost_embedding, check_embedding_pair, check_finite, check_float_tensor, check_ignore_index,
-                     check_direction, check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer,
-                     check_margin_options, check_reduction, check_shift, check_subcenters, check_teacher,
-                     check_temperature, check_tensor, resolve_grad_filter_eps)
+                     check_cost_embedding, check_direction, check_embedding_pair, check_finite, check_float_tensor,
+                     check_ignore_index, check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options,
+                     check_logits_buffer, check_margin_options, check_reduction, check_shift, check_subcenters,
+                     check_teacher, check_temperature, check_tensor, check_topk_teacher, resolve_grad_filter_eps)
 from .ops import call as call_op
 from .reference import reduce_rows
 
@@ -264,6 +264,44 @@ def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, bet
     jsd, _, _, _ = call_op("linear_jsd", input, weight, teacher_input.detach(), teacher_weight.detach(), target.long(),
                            beta, float(temperature), ignore_index)
     return _unflatten(reduce_rows(jsd, target != ignore_index, reduction), reduction, token_shape)
+
+
+def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, target=None, *, temperature=1.0,
+                              ignore_index=-100, reduction="mean", shift=0):
+    """Distillation from a teacher stored as its top-k tokens per position (ids and logits, as distillation pipelines
+    cache a large teacher's outputs): forward KL(q‖p) with q = softmax(teacher_logits / T) over those k tokens and
+    p = softmax(input·weightᵀ / T) over the whole vocabulary, without materialising the N × C logits.
+
+    input (N, D) or (B, T, D), weight (C, D); teacher_token_ids (N, k) or (B, T, k) integer in [0, C) and
+    teacher_logits of the same shape (any float dtype; no gradient), one row per input row. target as in
+    linear_kl_divergence (optional, only masks); `shift` shifts it alone (the teacher's rows are the student's
+    positions). Returns fp32 (fp64 for fp64 inputs); KL at temperature T (× T² for Hinton's scaling). One pass
+    over the classes for the student's log-sum-exp, the k logits gathered; the backward adds −q_j at the k tokens
+    to the engine's p (sparse cells in its dL/da).
+    """
+    ignore_index = check_ignore_index(ignore_index)
+    check_tensor("input", input)
+    if target is None:  # every row counts: any value but ignore_index
+        target = torch.full(input.shape[:-1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
+    rows_shape = input.shape[:-1]
+    input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
+    token_ids, logits = teacher_token_ids, teacher_logits
+    for name, t in (("teacher_token_ids", token_ids), ("teacher_logits", logits)):
+        if isinstance(t, torch.Tensor) and t.dim() > 2:
+            if t.shape[:-1] != rows_shape:
+                raise ValueError(f"{name} must have shape {tuple(rows_shape)} + (k,) (input's rows), got shape "
+                                 f"{tuple(t.shape)}")
+    if isinstance(token_ids, torch.Tensor) and token_ids.dim() > 2:
+        token_ids = token_ids.reshape(-1, token_ids.shape[-1])
+    if isinstance(logits, torch.Tensor) and logits.dim() > 2:
+        logits = logits.reshape(-1, logits.shape[-1])
+    check_classification_inputs(input, weight, target)
+    check_topk_teacher(token_ids, logits, input)
+    check_temperature(temperature)
+    check_reduction(reduction)
+    kl, _ = call_op("linear_topk_kl_divergence", input, weight, token_ids, logits.detach(), target.long(),
+                    float(temperature), ignore_index)
+    return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
 
 
 def cosent_loss(scores, labels, *, scale=20.0):

@@ -13,11 +13,12 @@ from torch import Tensor
 
 from .checks import (check_bias, check_classification_inputs, check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
-                     check_jsd_beta, check_subcenters, check_target_values, check_teacher, check_temperature)
+                     check_jsd_beta, check_subcenters, check_target_values, check_teacher, check_temperature,
+                     check_token_ids, check_topk_teacher)
 from .dispatch import select_tiles, select_tiles_except
 from . import pairwise
 from .engine import NORM_EPS, accumulation_dtype, buffered_grads_in_input_dtype
-from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
+from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward, topk_kl_backward, topk_kl_forward
 from .emo import emo_backward, emo_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
@@ -684,6 +685,67 @@ def _jsd_backward(ctx, grad_jsd, grad_lse, grad_teacher_lse, grad_kl_student_mix
 
 
 _register_autograd("linear_jsd", _jsd_backward, _jsd_setup_context)
+
+
+@_op("linear_topk_kl_divergence")
+def linear_topk_kl_divergence(input: Tensor, weight: Tensor, teacher_token_ids: Tensor, teacher_logits: Tensor,
+                              target: Tensor, temperature: float, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(per-row KL(q‖p) with q the teacher's softmax over its top-k tokens, student lse) at `temperature`."""
+    _check_forward_inputs(input, weight, target)
+    check_topk_teacher(teacher_token_ids, teacher_logits, input)
+    check_token_ids(teacher_token_ids, weight.shape[0])
+    temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
+    input, weight = input.contiguous(), weight.contiguous()
+    return topk_kl_forward(input, weight, teacher_token_ids.long(), teacher_logits, target, temperature, ignore_index,
+                           select_tiles(input.device, input.dtype))
+
+
+@linear_topk_kl_divergence.register_fake
+def _(input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index):
+    _check_forward_inputs(input, weight, target)
+    check_topk_teacher(teacher_token_ids, teacher_logits, input)
+    check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    acc = accumulation_dtype(input.dtype)
+    return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(2))
+
+
+@_op("linear_topk_kl_divergence_backward")
+def linear_topk_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: Tensor, teacher_token_ids: Tensor,
+                                       teacher_logits: Tensor, target: Tensor, lse: Tensor, temperature: float,
+                                       ignore_index: int, need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse."""
+    _check_row_vectors(input, grad_kl=grad_kl, lse=lse)
+    input, weight = input.contiguous(), weight.contiguous()
+    grad_x, grad_w = topk_kl_backward(grad_kl, input, weight, teacher_token_ids.long(), teacher_logits, target, lse,
+                                      float(temperature), int(ignore_index), select_tiles(input.device, input.dtype),
+                                      need_weight_grad)
+    return grad_x, _or_empty(grad_w, weight)
+
+
+@linear_topk_kl_divergence_backward.register_fake
+def _(grad_kl, input, weight, teacher_token_ids, teacher_logits, target, lse, temperature, ignore_index,
+      need_weight_grad=True):
+    return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
+
+
+def _topk_kl_setup_context(ctx, inputs, output):
+    input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index = inputs
+    ctx.save_for_backward(input, weight, teacher_token_ids, teacher_logits.detach(), target, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+
+
+def _topk_kl_backward(ctx, grad_kl, grad_lse):
+    input, weight, teacher_token_ids, teacher_logits, target, lse = ctx.saved_tensors
+    need_weight_grad = ctx.needs_input_grad[1]
+    grad_input, grad_weight = call("linear_topk_kl_divergence_backward", grad_kl.contiguous(), input, weight,
+                                   teacher_token_ids, teacher_logits, target, lse, ctx.temperature, ctx.ignore_index,
+                                   need_weight_grad)
+    return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * 5
+
+
+_register_autograd("linear_topk_kl_divergence", _topk_kl_backward, _topk_kl_setup_context)
 
 
 @_op("log_probs_entropy")

@@ -247,3 +247,20 @@ def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, bet
                          float(beta), use_reentrant=False) for c0 in range(0, w.shape[0], class_chunk))
     valid = target != ignore_index
     return reduce_rows(torch.where(valid, jsd, torch.zeros_like(jsd)), valid, reduction)
+
+
+def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, target=None, *, temperature=1.0,
+                              ignore_index=-100, reduction="mean", class_chunk=CLASS_CHUNK):
+    """KL(q‖p) per row with q = softmax(teacher_logits/T) over the teacher's top-k tokens and p the student's softmax
+    over every class (log p at the k tokens gathered from the student's logits); 0 where target == ignore_index."""
+    acc = accumulation_dtype(input.dtype)
+    x, w = input.to(acc) / temperature, weight.to(acc)
+    if target is None:  # every row counts
+        target = torch.full((x.shape[0],), int(ignore_index == 0), dtype=torch.int64, device=x.device)
+    no_target = torch.full_like(target, -1)
+    lse, _ = streamed_lse_and_sum(x, w, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
+    log_q = torch.log_softmax(teacher_logits.detach().to(acc) / temperature, dim=1)
+    log_p = (x[:, None, :] * w[teacher_token_ids.long()]).sum(-1) - lse[:, None]
+    kl = (log_q.exp() * (log_q - log_p)).sum(1)
+    valid = target != ignore_index
+    return reduce_rows(torch.where(valid, kl, torch.zeros_like(kl)), valid, reduction)
