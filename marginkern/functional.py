@@ -193,26 +193,31 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     return log_probs, entropy
 
 
-def _distill_rows(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, reduction, shift):
+def _teacher_rows(name, t, rows_shape, last="E"):
+    """A teacher tensor of input's leading shape + (`last`,) flattened to rows, as the student's input is."""
+    if isinstance(t, torch.Tensor) and t.dim() > 2:
+        if t.shape[:-1] != rows_shape:
+            raise ValueError(f"{name} must have shape {tuple(rows_shape)} + ({last},) (input's rows), got shape "
+                             f"{tuple(t.shape)}")
+        return t.reshape(-1, t.shape[-1])
+    return t
+
+
+def _distill_rows(input, weight, teachers, target, temperature, ignore_index, reduction, shift):
     """The distillation losses' preamble: _lm_rows with an optional target (None: every row counts), the teacher's
-    rows flattened like the student's, and the common checks; (input, teacher_input, target, token shape,
-    ignore_index)."""
+    per-row tensors (a dict name → (tensor, its last dimension's name)) flattened like the student's rows, and the
+    common checks; (input, the teacher's tensors in order, target, token shape, ignore_index)."""
     ignore_index = check_ignore_index(ignore_index)
     check_tensor("input", input)
     if target is None:  # every row counts: any value but ignore_index
         target = torch.full(input.shape[:-1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
     rows_shape = input.shape[:-1]
     input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
-    if isinstance(teacher_input, torch.Tensor) and teacher_input.dim() > 2:
-        if teacher_input.shape[:-1] != rows_shape:
-            raise ValueError(f"teacher_input must have shape {tuple(rows_shape)} + (E,) (input's rows), got shape "
-                             f"{tuple(teacher_input.shape)}")
-        teacher_input = teacher_input.reshape(-1, teacher_input.shape[-1])
+    teacher_rows = [_teacher_rows(name, t, rows_shape, last) for name, (t, last) in teachers.items()]
     check_classification_inputs(input, weight, target)
-    check_teacher(teacher_input, teacher_weight, input, weight)
     check_temperature(temperature)
     check_reduction(reduction)
-    return input, teacher_input, target, token_shape, ignore_index
+    return input, teacher_rows, target, token_shape, ignore_index
 
 
 def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=None, *, temperature=1.0,
@@ -230,9 +235,9 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     (multiply by T² for Hinton's scaling).
     """
     reverse = check_direction(direction)
-    input, teacher_input, target, token_shape, ignore_index = _distill_rows(input, weight, teacher_input, teacher_weight,
-                                                                           target, temperature, ignore_index,
-                                                                           reduction, shift)
+    input, (teacher_input,), target, token_shape, ignore_index = _distill_rows(
+        input, weight, {"teacher_input": (teacher_input, "E")}, target, temperature, ignore_index, reduction, shift)
+    check_teacher(teacher_input, teacher_weight, input, weight)
     kl, _, _ = call_op("linear_kl_divergence", input, weight, teacher_input.detach(), teacher_weight.detach(),
                        target.long(), float(temperature), ignore_index, reverse)
     if reduction == "none":  # the op saves it for its backward: a caller's in-place edit must not reach it
@@ -258,9 +263,9 @@ def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, bet
         return linear_kl_divergence(input, weight, teacher_input, teacher_weight, target, temperature=temperature,
                                     direction="forward" if beta == 0.0 else "reverse", ignore_index=ignore_index,
                                     reduction=reduction, shift=shift)
-    input, teacher_input, target, token_shape, ignore_index = _distill_rows(input, weight, teacher_input, teacher_weight,
-                                                                           target, temperature, ignore_index,
-                                                                           reduction, shift)
+    input, (teacher_input,), target, token_shape, ignore_index = _distill_rows(
+        input, weight, {"teacher_input": (teacher_input, "E")}, target, temperature, ignore_index, reduction, shift)
+    check_teacher(teacher_input, teacher_weight, input, weight)
     jsd, _, _, _ = call_op("linear_jsd", input, weight, teacher_input.detach(), teacher_weight.detach(), target.long(),
                            beta, float(temperature), ignore_index)
     return _unflatten(reduce_rows(jsd, target != ignore_index, reduction), reduction, token_shape)
@@ -279,26 +284,10 @@ def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, 
     over the classes for the student's log-sum-exp, the k logits gathered; the backward adds −q_j at the k tokens
     to the engine's p (sparse cells in its dL/da).
     """
-    ignore_index = check_ignore_index(ignore_index)
-    check_tensor("input", input)
-    if target is None:  # every row counts: any value but ignore_index
-        target = torch.full(input.shape[:-1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
-    rows_shape = input.shape[:-1]
-    input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
-    token_ids, logits = teacher_token_ids, teacher_logits
-    for name, t in (("teacher_token_ids", token_ids), ("teacher_logits", logits)):
-        if isinstance(t, torch.Tensor) and t.dim() > 2:
-            if t.shape[:-1] != rows_shape:
-                raise ValueError(f"{name} must have shape {tuple(rows_shape)} + (k,) (input's rows), got shape "
-                                 f"{tuple(t.shape)}")
-    if isinstance(token_ids, torch.Tensor) and token_ids.dim() > 2:
-        token_ids = token_ids.reshape(-1, token_ids.shape[-1])
-    if isinstance(logits, torch.Tensor) and logits.dim() > 2:
-        logits = logits.reshape(-1, logits.shape[-1])
-    check_classification_inputs(input, weight, target)
+    input, (token_ids, logits), target, token_shape, ignore_index = _distill_rows(
+        input, weight, {"teacher_token_ids": (teacher_token_ids, "k"), "teacher_logits": (teacher_logits, "k")},
+        target, temperature, ignore_index, reduction, shift)
     check_topk_teacher(token_ids, logits, input)
-    check_temperature(temperature)
-    check_reduction(reduction)
     kl, _ = call_op("linear_topk_kl_divergence", input, weight, token_ids, logits.detach(), target.long(),
                     float(temperature), ignore_index)
     return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
