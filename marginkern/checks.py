@@ -314,7 +314,7 @@ def check_token_ids(token_ids, num_classes):
     """Token ids in [0, C): one host sync, skipped while a CUDA graph is captured (as check_target_values)."""
     if (token_ids.is_cuda and torch.cuda.is_current_stream_capturing()) or token_ids.numel() == 0:
         return
-    low, high = torch.stack(torch.aminmax(token_ids)).tolist()
+    low, high = torch.stack(torch.aminmax(token_ids.long())).tolist()  # unsigned ids too (no aminmax for uint32)
     if low < 0 or high >= num_classes:
         raise ValueError(f"teacher_token_ids holds token {low if low < 0 else high}, outside [0, {num_classes})")
 

@@ -29,14 +29,14 @@ cache it): q = softmax(teacher_logits/T) over those k tokens, p the student's so
     KL(q‖p) = Σ_j q_j·(log q_j − z_{i_j} + lse)              dKL/dz_c = p_c − Σ_{j: i_j = c} q_j
 
 one pass for lse, the k target logits gathered; the backward is the engine's dense p-term plus k sparse cells per
-row (streaming_grads' `sparse_grads`).
+row (engine.SparseCells). A token listed twice in a row counts with its summed probability.
 """
 import dataclasses
 
 import torch
 
-from .engine import (LogitSpec, TeacherSpec, accumulation_dtype, streaming_grads, streaming_jsd_row_sums,
-                     streaming_row_stats, streaming_row_stats_with_teacher)
+from .engine import (LogitSpec, SparseCells, TeacherSpec, accumulation_dtype, streaming_grads,
+                     streaming_jsd_row_sums, streaming_row_stats, streaming_row_stats_with_teacher)
 
 
 def _student_spec(x, temperature):
@@ -128,27 +128,76 @@ def _gathered_logits(x, w, token_ids, inv_temperature, acc, block_bytes=16 << 20
     return out * inv_temperature
 
 
-def topk_kl_forward(x, w, token_ids, teacher_logits, target, temperature, ignore_index, tiles):
-    """(KL(q‖p) over the teacher's top-k, lse) per row in the accumulation dtype; 0 on ignored rows."""
+def _merged_teacher(token_ids, q):
+    """The teacher's top-k as a distribution over tokens: a token listed twice in a row counts with its summed
+    probability. Returns (ids sorted per row, the merged probability of each sorted entry's token, whether the
+    entry is its token's first, whether the row repeats a token, the sorting permutation)."""
+    ids, order = token_ids.sort(stable=True, dim=1)
+    q = q.gather(1, order)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    segment = first.cumsum(1) - 1
+    merged = torch.zeros_like(q).scatter_add_(1, segment, q).gather(1, segment)
+    return ids, merged, first, ~first.all(1), order
+
+
+def _entropy_terms(q):
+    return torch.where(q == 0, 0.0, q * torch.log(q))  # 0·log 0 = 0; a NaN q stays NaN
+
+
+def _topk_spec(x, w, token_ids, teacher_logits, temperature, acc):
+    """(the student's spec, its logits at the k tokens (N, k), q (N, k)). The spec's target column is each row's most
+    probable teacher token, with the gathered logit as its value: the log-sum-exp then sums the same rounding of it
+    that log p takes (the GEMM's and the gather's roundings differ by ~ulp(z), which is all of 1 − p where the
+    student is confident, as linear cross-entropy's target logit)."""
     spec = _student_spec(x, temperature)
+    q = torch.softmax(teacher_logits.to(acc) * spec.row_scale[:, None], dim=1)
+    logits = _gathered_logits(x, w, token_ids, spec.row_scale[:, None], acc)
+    top = q.argmax(1, keepdim=True) if token_ids.shape[0] else token_ids[:, :1]
+    spec = dataclasses.replace(spec, target=token_ids.gather(1, top).squeeze(1).long(),
+                               target_logit=logits.gather(1, top).squeeze(1))
+    return spec, logits, q
+
+
+def topk_kl_forward(x, w, token_ids, teacher_logits, target, temperature, ignore_index, tiles):
+    """(KL(q‖p) over the teacher's top-k, lse) per row in the accumulation dtype; 0 on ignored rows. A token listed
+    twice counts with its summed probability (_merged_teacher): KL = Σ_c Q_c·(log Q_c − log p_c) ≥ 0."""
+    acc = accumulation_dtype(x.dtype)
+    spec, logits, q = _topk_spec(x, w, token_ids, teacher_logits, temperature, acc)
     lse, _ = streaming_row_stats(x, w, spec, False, tiles)
-    acc = lse.dtype
     log_q = torch.log_softmax(teacher_logits.to(acc) * spec.row_scale[:, None], dim=1)
-    log_p = _gathered_logits(x, w, token_ids, spec.row_scale[:, None], acc) - lse[:, None]
-    q = torch.exp(log_q)
-    kl = torch.where(q == 0, 0.0, q * (log_q - log_p)).sum(1).clamp_min(0.0)  # ≥ 0 as the sum it is; NaN stays
+    log_p = logits - lse[:, None]
+    kl = torch.where(q == 0, 0.0, q * (log_q - log_p)).sum(1)
+    _, merged, first, repeats, _ = _merged_teacher(token_ids, q)
+    # rows that repeat a token: Σ_c Q_c·log Q_c in place of Σ_j q_j·log q_j (the cross term is the same)
+    duplicate_fix = (torch.where(first, _entropy_terms(merged), 0.0) - _entropy_terms(q)).sum(1)
+    kl = (kl + torch.where(repeats, duplicate_fix, 0.0)).clamp_min(0.0)  # ≥ 0 as the KL it is; NaN stays NaN
     return torch.where(target != ignore_index, kl, 0.0), lse
 
 
 def topk_kl_backward(grad_kl, x, w, token_ids, teacher_logits, target, lse, temperature, ignore_index, tiles,
                      need_weight_grad=True):
-    """(dL/dx, dL/dw or None): the engine's g·p_c over all classes, −g·q_j at the k teacher tokens."""
-    g = torch.where(target != ignore_index, grad_kl.to(lse.dtype), 0.0)
-    spec = _student_spec(x, temperature)
-    q = torch.softmax(teacher_logits.to(lse.dtype) * spec.row_scale[:, None], dim=1)
+    """(dL/dx, dL/dw or None): the engine's g·p_c over all classes with, at the teacher's tokens, totals
+    g·(p_c − Q_c): the most probable one as the spec's target column, the others as sparse cells
+    (engine.SparseCells); dz/da = 1/T on all."""
+    acc = lse.dtype
+    valid = target != ignore_index
+    g = torch.where(valid, grad_kl.to(acc), 0.0)
+    spec, logits, q = _topk_spec(x, w, token_ids, teacher_logits, temperature, acc)
+    scale = (g * spec.row_scale)[:, None]
+    # ignored rows count for nothing, also where their cached teacher logits are all −inf (a NaN softmax)
+    q = torch.where(valid[:, None], q, 0.0)
+    ids, merged, first, _, order = _merged_teacher(token_ids, q)
+    log_p = logits.gather(1, order) - lse[:, None]
+    # p − Q as Q·expm1(log p − log Q): no cancellation where the student matches the teacher (p ≈ Q ≈ 1: the
+    # cross-entropy's g·expm1(log p_t) at k = 1)
+    taken = merged > 0
+    log_ratio = log_p - torch.log(torch.where(taken, merged, 1.0))
+    totals = scale * torch.where(taken, merged * torch.expm1(log_ratio), torch.exp(log_p))
+    is_top = ids == spec.target[:, None]
+    target_grad = torch.where(is_top & first, totals, 0.0).sum(1)
+    cells = SparseCells(torch.where(first & ~is_top, ids, -1), totals, -scale * merged)
     zero = torch.zeros_like(g)
-    # dL/da = dL/dz · dz/da, dz/da = 1/T: the sparse cells are dL/da, as the engine's target column
-    cells = -(g * spec.row_scale)[:, None] * q
-    grad_x, grad_w, _ = streaming_grads(x, w, spec, lse, g, zero, zero, tiles, need_weight_grad=need_weight_grad,
-                                        sparse_grads=(token_ids, cells))
+    grad_x, grad_w, _ = streaming_grads(x, w, spec, lse, g, zero, target_grad, tiles,
+                                        need_weight_grad=need_weight_grad, sparse_cells=cells)
     return grad_x.to(x.dtype), grad_w

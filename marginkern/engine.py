@@ -108,6 +108,18 @@ class TeacherSpec:
     jsd_beta: Optional[float] = None      # β of the generalized JSD's mixture m = (1−β)·p + β·q (coef_q unused)
 
 
+@dataclass(frozen=True)
+class SparseCells:
+    """dL/da at k extra cells per row besides the target column (a sparse soft target: top-k distillation).
+    `columns` (N, k) int64 in [0, C), −1 for none (a column repeated in a row is listed once); `totals` (N, k): dL/da
+    at those cells, the engine's dense p-term included, which the engine's loop writes (rounded once to G's dtype:
+    adding −q onto a 16-bit p would cancel where p ≈ q); `additions` (N, k): the sparse part alone (totals minus
+    the p-term), for tiles that run the whole loop themselves (their G is fp32)."""
+    columns: Tensor
+    totals: Tensor
+    additions: Tensor
+
+
 def teacher_logits(teacher: TeacherSpec, c0, c1, acc):
     """z^T of classes [c0, c1), (N, c1 − c0) in `acc`."""
     return (teacher.x.to(acc) @ teacher.w[c0:c1].to(acc).t()) * teacher.row_scale[:, None]
@@ -367,15 +379,14 @@ def streaming_grads(
     need_bias_grad: bool = False, cost: Optional[CostSpec] = None, need_weight_grad: bool = True,
     grad_filter_eps: Optional[float] = None, tangent_projection: Optional[Tuple[Tensor, Tensor]] = None,
     entropy_coef: Optional[Tensor] = None, teacher: Optional[TeacherSpec] = None,
-    sparse_grads: Optional[Tuple[Tensor, Tensor]] = None,
+    sparse_cells: Optional[SparseCells] = None,
 ):
     """dL/dX (raw, accumulation dtype), dL/dW (weight dtype, or None when not `need_weight_grad`: a frozen
     head skips the dW GEMM) and dL/dbias (or None).
 
-    `sparse_grads` = (columns (N, k) int64 in [0, C), values (N, k)): dL/da_{n, columns_nj} += values_nj, k extra
-    cells per row besides the target column (a sparse soft target: top-k distillation). Added into each chunk's
-    G before its GEMMs (scatter_add over the cells in the chunk: no sync, no (C, D) buffer); tiles that run the
-    whole loop themselves get them through the dW chunk finalizer and a gathered dX term instead.
+    `sparse_cells` (SparseCells): k extra cells per row. Written into each chunk's G before its GEMMs (one scatter
+    over the cells in the chunk: no sync, no (C, D) buffer); tiles that run the whole loop themselves (C++) get their
+    additions through the dW chunk finalizer and a gathered dX term instead.
 
     `finalize_weight_chunk(r0, r1, dw_chunk)` lets the loss chain a chunk of dW, rows [r0, r1) of w (its
     classes' K sub-centres each; accumulation dtype), through what the engine does not know about before
@@ -404,13 +415,13 @@ def streaming_grads(
 
             def finalize_weight_chunk(c0, c1, grad_w_raw):
                 return project_out_rows(grad_w_raw, proj_w[c0:c1], inv_norm[c0:c1])
-    if sparse_grads is not None and (spec.subcenters > 1 or need_bias_grad or grad_filter_eps is not None
+    if sparse_cells is not None and (spec.subcenters > 1 or need_bias_grad or grad_filter_eps is not None
                                      or finalize_weight_chunk is not None or tangent_projection is not None):
-        raise ValueError("sparse_grads take no sub-centres, bias, gradient filtering, finalizer or projection")
+        raise ValueError("sparse_cells take no sub-centres, bias, gradient filtering, finalizer or projection")
     if hasattr(tiles, "streaming_grads") and grad_filter_eps is None:  # the backend runs the loop below
-        if sparse_grads is not None:
-            return _sparse_grads_around(tiles, x, w, spec, lse, coef_p, coef_u, target_grad, cost, need_weight_grad,
-                                        sparse_grads)
+        if sparse_cells is not None:
+            return _sparse_cells_around(tiles, x, w, spec, lse, coef_p, coef_u, target_grad, cost, need_weight_grad,
+                                        sparse_cells)
         return tiles.streaming_grads(x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk,
                                      need_bias_grad, cost, need_weight_grad)
     acc = accumulation_dtype(x.dtype)
@@ -441,8 +452,8 @@ def streaming_grads(
             coef_total = coef_total + entropy_coef.abs()
         if teacher is not None:  # q ≤ 1; p·|log q| is not bounded, but the loss's coefficients keep it moderate
             coef_total = coef_total + teacher.coef_q.abs() + teacher.coef_log_q.abs()
-        if sparse_grads is not None:  # values are dL/da already: in the row's units once divided by its scale
-            coef_total = coef_total + sparse_grads[1].abs().sum(1) / spec.row_scale.abs().clamp_min(1e-30)
+        if sparse_cells is not None:  # dL/da already: in the row's units once divided by its scale
+            coef_total = coef_total + sparse_cells.additions.abs().sum(1) / spec.row_scale.abs().clamp_min(1e-30)
         grad_scale = grad_scale_16bit(spec, coef_total, target_grad).to(acc)
         unscale = 1.0 / grad_scale
         coef_p, coef_u, target_grad = coef_p * grad_scale, coef_u * grad_scale, target_grad * grad_scale
@@ -453,8 +464,8 @@ def streaming_grads(
         if teacher is not None:
             teacher = dataclasses.replace(teacher, coef_q=teacher.coef_q * grad_scale,
                                           coef_log_q=teacher.coef_log_q * grad_scale)
-        if sparse_grads is not None:
-            sparse_grads = (sparse_grads[0], sparse_grads[1] * grad_scale)
+        if sparse_cells is not None:
+            sparse_cells = dataclasses.replace(sparse_cells, totals=sparse_cells.totals * grad_scale)
     if cost is not None and cost.query is None and not getattr(tiles, "indexes_cost_rows", False):
         cost = dataclasses.replace(cost, query=cost_query(cost))  # once, not per chunk
     finish = row_grad_finisher(tiles)
@@ -480,8 +491,8 @@ def streaming_grads(
     extra_terms = {k: v for k, v in (("entropy_coef", entropy_coef), ("teacher", teacher)) if v is not None}
     for c0, c1 in chunks:
         g = tiles.grad_logits(x, w, spec, lse, coef_p, coef_u, target_grad, c0, c1, cost, **extra_terms)
-        if sparse_grads is not None:
-            _add_sparse_cells_(g, sparse_grads, c0, c1)
+        if sparse_cells is not None:
+            _write_sparse_cells_(g, sparse_cells, c0, c1)
         r0, r1 = c0 * K, c1 * K
         w_chunk, kept = w[r0:r1], None
         if grad_filter_eps is not None:
@@ -511,37 +522,46 @@ def streaming_grads(
     return grad_x, grad_w, grad_bias
 
 
-def _add_sparse_cells_(g, sparse_grads, c0, c1):
-    """g (N, c1 − c0) += the sparse cells of streaming_grads whose column lies in [c0, c1), in place: one
-    scatter_add with the other cells' values zeroed (their columns clamped into the chunk), no host sync."""
-    columns, values = sparse_grads
-    inside = (columns >= c0) & (columns < c1)
-    local = torch.where(inside, columns - c0, 0)
-    g.scatter_add_(1, local, torch.where(inside, values, 0.0).to(g.dtype))
+def _write_sparse_cells_(g, cells: SparseCells, c0, c1):
+    """g (N, c1 − c0) at the sparse cells whose column lies in [c0, c1) ← their totals, in place, one scatter without a
+    host sync. A row's cells outside the chunk rewrite its first inside cell with that cell's own total (or, in a
+    row without one, column 0 with its current value): every write to a column then carries the same value."""
+    inside = (cells.columns >= c0) & (cells.columns < c1)
+    local = torch.where(inside, cells.columns - c0, 0)
+    totals = cells.totals.to(g.dtype)
+    first = inside.to(torch.int8).argmax(1, keepdim=True)  # the first inside cell of each row (0 when none)
+    any_inside = inside.any(1, keepdim=True)
+    redirect_column = torch.where(any_inside, local.gather(1, first), 0)
+    redirect_value = torch.where(any_inside, totals.gather(1, first), g[:, :1])
+    g.scatter_(1, torch.where(inside, local, redirect_column), torch.where(inside, totals, redirect_value))
 
 
-def _sparse_grads_around(tiles, x, w, spec, lse, coef_p, coef_u, target_grad, cost, need_weight_grad, sparse_grads):
-    """streaming_grads with sparse cells on tiles that run the whole loop (C++, CUDA): the dense part by their loop,
-    the cells' dW through its chunk finalizer (added to the chunk's raw dW before it is stored: one rounding) and
-    their dX as Σ_j values_nj·w_{columns_nj}, by blocks of rows (raw, accumulation dtype, as the loop's dX)."""
-    columns, values = sparse_grads
+def _sparse_cells_around(tiles, x, w, spec, lse, coef_p, coef_u, target_grad, cost, need_weight_grad,
+                         cells: SparseCells, block_bytes=16 << 20):
+    """streaming_grads with sparse cells on tiles that run the whole loop (C++): the dense part by their loop (fp32
+    G), the cells' additions to dW through its chunk finalizer (added to the chunk's raw dW before it is stored: one
+    rounding) and to dX as Σ_j additions_nj·w_{columns_nj}; both by blocks of ≤ block_bytes of gathered rows."""
     acc = accumulation_dtype(x.dtype)
+    present = cells.columns >= 0
+    additions = torch.where(present, cells.additions.to(acc), 0.0)
+    columns = cells.columns.clamp_min(0)
+    row_bytes = x.shape[1] * acc.itemsize
 
     def finalize(c0, c1, grad_w_chunk):
-        inside = (columns >= c0) & (columns < c1)
-        rows, cells = inside.nonzero(as_tuple=True)
-        grad_w_chunk.index_add_(0, columns[rows, cells] - c0, values[rows, cells, None].to(acc) * x[rows].to(acc))
+        rows, at = (present & (cells.columns >= c0) & (cells.columns < c1)).nonzero(as_tuple=True)
+        step = max(1, block_bytes // row_bytes)
+        for e0 in range(0, rows.numel(), step):
+            r, a = rows[e0:e0 + step], at[e0:e0 + step]
+            grad_w_chunk.index_add_(0, columns[r, a] - c0, additions[r, a, None] * x[r].to(acc))
         return grad_w_chunk
 
     grad_x, grad_w, grad_bias = tiles.streaming_grads(x, w, spec, lse, coef_p, coef_u, target_grad,
                                                       finalize if need_weight_grad else None, False, cost,
                                                       need_weight_grad)
-    k = max(1, columns.shape[1])
-    block = max(1, (16 << 20) // max(1, k * x.shape[1] * acc.itemsize))  # a block's gathered rows ≤ 16 MB
+    block = max(1, block_bytes // max(1, columns.shape[1] * row_bytes))
     for r0 in range(0, x.shape[0], block):
         r1 = min(x.shape[0], r0 + block)
-        gathered = w[columns[r0:r1]].to(acc)  # (rows, k, D)
-        grad_x[r0:r1] += torch.einsum("rk,rkd->rd", values[r0:r1].to(acc), gathered)
+        grad_x[r0:r1] += torch.einsum("rk,rkd->rd", additions[r0:r1], w[columns[r0:r1]].to(acc))
     return grad_x, grad_w, grad_bias
 
 

@@ -280,9 +280,10 @@ def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, 
     input (N, D) or (B, T, D), weight (C, D); teacher_token_ids (N, k) or (B, T, k) integer in [0, C) and
     teacher_logits of the same shape (any float dtype; no gradient), one row per input row. target as in
     linear_kl_divergence (optional, only masks); `shift` shifts it alone (the teacher's rows are the student's
-    positions). Returns fp32 (fp64 for fp64 inputs); KL at temperature T (× T² for Hinton's scaling). One pass
-    over the classes for the student's log-sum-exp, the k logits gathered; the backward adds −q_j at the k tokens
-    to the engine's p (sparse cells in its dL/da).
+    positions; ids are checked on ignored rows too). A token listed twice in a row counts with its summed
+    probability. Returns fp32 (fp64 for fp64 inputs); KL at temperature T (× T² for Hinton's scaling). One pass
+    over the classes for the student's log-sum-exp, the k logits gathered; the backward writes g·(p − q) at the k
+    tokens into the engine's dL/da (its target column and sparse cells: marginkern/distill.py).
     """
     input, (token_ids, logits), target, token_shape, ignore_index = _distill_rows(
         input, weight, {"teacher_token_ids": (teacher_token_ids, "k"), "teacher_logits": (teacher_logits, "k")},

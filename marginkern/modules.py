@@ -299,24 +299,27 @@ class LinearDistillationLoss(nn.Module):
     forward(hidden (N, D), lm_head_weight (V, D), teacher_hidden (N, E), teacher_head_weight (V, E), target=None).
 
     divergence="forward_kl" (Hinton's; `linear_kl_divergence(direction="forward")`), "reverse_kl" (MiniLLM's) or
-    "jsd" (GKD's generalized JSD with `beta`, `linear_jsd`; Liger's LigerFusedLinearJSD). It owns neither head;
+    "jsd" (GKD's generalized JSD with `beta`, default 0.5, `linear_jsd`; Liger's LigerFusedLinearJSD). It owns neither head;
     target only masks (ignore_index), as the functions. Inside an autocast region a head in another dtype than its
     hidden states is cast to theirs (the functions refuse it). Options and `shift` as the functions.
     """
 
     DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
-    def __init__(self, divergence="forward_kl", *, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean",
+    def __init__(self, divergence="forward_kl", *, beta=None, temperature=1.0, ignore_index=-100, reduction="mean",
                  shift=0):
         super().__init__()
         if divergence not in self.DIVERGENCES:
             raise ValueError(f"divergence must be one of {self.DIVERGENCES}, got {divergence!r}")
+        if beta is not None and divergence != "jsd":
+            raise ValueError(f"beta applies to divergence=\"jsd\" only (the KL directions have none), got beta={beta!r} "
+                             f"with divergence={divergence!r}")
         check_reduction(reduction)
         self.divergence = divergence
         self.options = dict(temperature=check_temperature(temperature), ignore_index=check_ignore_index(ignore_index),
                             reduction=reduction, shift=check_shift(shift))
         if divergence == "jsd":
-            self.options["beta"] = check_jsd_beta(beta)
+            self.options["beta"] = check_jsd_beta(0.5 if beta is None else beta)
         else:
             self.options["direction"] = divergence[:-len("_kl")]
 

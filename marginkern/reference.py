@@ -259,8 +259,16 @@ def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, 
         target = torch.full((x.shape[0],), int(ignore_index == 0), dtype=torch.int64, device=x.device)
     no_target = torch.full_like(target, -1)
     lse, _ = streamed_lse_and_sum(x, w, no_target, torch.zeros_like(x[:, 0]), class_chunk=class_chunk)
-    log_q = torch.log_softmax(teacher_logits.detach().to(acc) / temperature, dim=1)
-    log_p = (x[:, None, :] * w[teacher_token_ids.long()]).sum(-1) - lse[:, None]
-    kl = (log_q.exp() * (log_q - log_p)).sum(1)
+    # q as a distribution over tokens: a token listed twice in a row counts with its summed probability (a sparse
+    # (N, C) tensor's coalescing adds duplicates); 0·log 0 = 0
+    ids = teacher_token_ids.long()
+    q = torch.softmax(teacher_logits.detach().to(acc) / temperature, dim=1)
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+    merged = torch.sparse_coo_tensor(torch.stack([rows.flatten(), ids.flatten()]), q.flatten(),
+                                     (ids.shape[0], w.shape[0]), check_invariants=True).coalesce()
+    (n, c), big_q = merged.indices(), merged.values()
+    log_p = (x[n] * w[c]).sum(-1) - lse[n]
+    terms = torch.where(big_q == 0, 0.0, big_q * (torch.log(torch.where(big_q == 0, 1.0, big_q)) - log_p))
+    kl = torch.zeros_like(lse).index_add(0, n, terms)
     valid = target != ignore_index
     return reduce_rows(torch.where(valid, kl, torch.zeros_like(kl)), valid, reduction)

@@ -469,14 +469,15 @@ def test_jsd_confident_teacher_and_converged_student_on_gpu(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_topk_kl_divergence_matches_oracle_on_gpu(dtype, monkeypatch):
-    """linear_topk_kl_divergence on each GPU tile backend that is built (Triton: the sparse cells scattered into G;
-    CUDA: through its loop's dW finalizer). Named without "triton": the visit runs it in its last test step."""
-    from tests.test_topk_distill import check_against_oracle
+    """linear_topk_kl_divergence on each GPU tile backend that is built (both run the engine's loop: the sparse cells'
+    totals written into each chunk's 16-bit G). Named without "triton": the visit runs it in its last test step."""
+    from tests.test_topk_distill import check_against_oracle, check_converged_student_at_one_token
     served = 0
     for name in ("triton", "cuda"):
         if _why_not(name, torch.device("cuda"), dtype):
             continue
         monkeypatch.setenv("MARGINKERN_BACKEND", name)
         check_against_oracle(dtype, (300, 5003, 131, 64), "cuda")
+        check_converged_student_at_one_token("cuda", dtype)
         served += 1
     assert served, "no GPU tile backend is built"

@@ -351,7 +351,8 @@ def test_small_temperature(cpu_backend):
 def test_distillation_module_is_the_function(divergence, fn, kw):
     x, w, t = make_case(6, 40, 8, ignore=(2,))
     x_t, w_t = teacher_case(6, 40, 5, torch.float32)
-    module = mk.LinearDistillationLoss(divergence, beta=0.25, temperature=1.5, reduction="sum", shift=1)
+    module = mk.LinearDistillationLoss(divergence, beta=0.25 if divergence == "jsd" else None, temperature=1.5,
+                                       reduction="sum", shift=1)
     assert divergence in repr(module)
     got = module(x.view(2, 3, 8), w, x_t.view(2, 3, 5), w_t, t.view(2, 3))
     want = fn(x.view(2, 3, 8), w, x_t.view(2, 3, 5), w_t, t.view(2, 3), temperature=1.5, reduction="sum", shift=1, **kw)
@@ -380,3 +381,5 @@ def test_distillation_module_bad_arguments():
         mk.LinearDistillationLoss(temperature=0.0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         mk.LinearDistillationLoss(reduction="batchmean")
+    with pytest.raises(ValueError, match="beta applies to divergence=\"jsd\" only"):  # ignored silently before
+        mk.LinearDistillationLoss("forward_kl", beta=0.2)

@@ -177,3 +177,79 @@ def test_bad_arguments():
         mk.linear_topk_kl_divergence(x, w, ids, logits, t, temperature=0.0)
     with pytest.raises(ValueError, match=r"teacher_token_ids must have shape \(1, 3\) \+ \(k,\)"):
         mk.linear_topk_kl_divergence(x.view(1, 3, 4), w, ids.view(3, 1, 2), logits.view(3, 1, 2), t.view(1, 3))
+
+
+def merged_definition(x, w, ids, logits, t, temperature=1.0):
+    """The float64 definition with q as a distribution over tokens: a token listed twice counts with its summed
+    probability (a dense (N, C) Q by scatter_add), 0·log 0 = 0."""
+    log_p = torch.log_softmax((x.double() @ w.double().t()) / temperature, dim=1)
+    q = torch.softmax(logits.double() / temperature, dim=1)
+    big_q = torch.zeros_like(log_p).scatter_add(1, ids, q)
+    safe = torch.where(big_q > 0, big_q, 1.0)
+    kl = torch.where(big_q > 0, big_q * (torch.log(safe) - log_p), 0.0).sum(1)
+    return torch.where(t != -100, kl, 0.0)
+
+
+def test_repeated_tokens_count_with_their_summed_probability(cpu_backend):
+    """A token listed twice in a row (a padded cache, or a bad one): the loss is the KL of the merged distribution
+    (≥ 0; the per-entry sum was clamped to 0 while its gradient was not, found by a review), and so are both
+    gradients, on every backend."""
+    x, w, t, ids, logits = topk_case(8, 20, 6, 5, torch.float64)
+    ids[0] = torch.tensor([3, 3, 7, 3, 9])
+    ids[2] = torch.tensor([0, 19, 0, 19, 5])
+    logits[2, 2] = -float("inf")  # a padded entry: q = 0 on a repeated token
+    upstream = torch.randn(8, dtype=torch.float64)
+    got = kl_and_grads(mk.linear_topk_kl_divergence, x, w, ids, logits, t, upstream)
+    want = kl_and_grads(lambda x, w, ids, logits, t, reduction: merged_definition(x, w, ids, logits, t), x, w, ids,
+                        logits, t, upstream)
+    for name, g, e in zip(("kl", "grad input", "grad weight"), got, want):
+        assert torch.allclose(g, e, atol=1e-10), name
+    assert (got[0] >= 0).all()
+    oracle = reference.linear_topk_kl_divergence(x.double(), w.double(), ids, logits, t, reduction="none")
+    assert torch.allclose(oracle, want[0], atol=1e-12)
+
+
+def test_ignored_row_with_a_fully_masked_teacher_adds_nothing(cpu_backend):
+    """An ignored (padding) row whose cached teacher logits are all −inf (a NaN softmax): no NaN in the loss or either
+    gradient (under GradScaler it would skip every step; found by a review)."""
+    x, w, t, ids, logits = topk_case(6, 20, 5, 4)
+    t[3] = -100
+    logits[3] = -float("inf")
+    kl, gx, gw = kl_and_grads(mk.linear_topk_kl_divergence, x, w, ids, logits, t, torch.ones(6))
+    assert torch.isfinite(kl).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert (gx[3] == 0).all()
+
+
+def test_unsigned_token_ids():
+    x, w, t, ids, logits = topk_case(5, 20, 4, 3)
+    want = mk.linear_topk_kl_divergence(x, w, ids, logits, t)
+    for dtype in (torch.uint8, torch.int32, torch.uint32):
+        assert torch.equal(mk.linear_topk_kl_divergence(x, w, ids.to(dtype), logits, t), want)
+
+
+def check_converged_student_at_one_token(device, dtype):
+    """k = 1 with p_token → 1 (a converged student) in 16-bit: the cell's total g·(p − 1) is written whole into G,
+    not −q added onto an already rounded p (1 − p cancelled: 50% off in fp16, found by a review); as good as
+    linear_cross_entropy's own target column."""
+    torch.manual_seed(4)
+    N, C, D = 16, 300, 32
+    w = torch.randn(C, D)
+    tokens = torch.randint(0, C, (N,))
+    x = 0.6 * w[tokens] * torch.linspace(1.5, 2.5, N)[:, None] + 0.05 * torch.randn(N, D)
+    x, w = x.to(dtype).to(device), (w * 0.6).to(dtype).to(device)
+    ids, logits, t = tokens[:, None].to(device), torch.zeros(N, 1, device=device), torch.zeros(N, dtype=torch.int64)
+    upstream = torch.ones(N, dtype=torch.float64)
+    got = kl_and_grads(mk.linear_topk_kl_divergence, x, w, ids, logits, t.to(device), upstream.to(device))
+    ce = kl_and_grads(lambda x, w, *_, **kw: mk.linear_cross_entropy(x, w, tokens.to(device), **kw), x, w, ids, logits,
+                      t, upstream.to(device))
+    want = kl_and_grads(materialised, x.double().cpu(), w.double().cpu(), ids.cpu(), logits.double().cpu(), t, upstream)
+    p_token = torch.exp(-want[0])
+    assert p_token.min() > 0.99 and p_token.median() > 0.999, p_token  # the rows this is about
+    for name, g, c, e in zip(("grad input", "grad weight"), got[1:], ce[1:], want[1:]):
+        err = ((g.double().cpu() - e).abs().max() / e.abs().max()).item()
+        ce_err = ((c.double().cpu() - e).abs().max() / e.abs().max()).item()
+        assert err < 2 * ce_err + 1e-6, (name, err, ce_err)
+
+
+def test_converged_student_at_one_token(cpu_backend):
+    check_converged_student_at_one_token("cpu", torch.float32)

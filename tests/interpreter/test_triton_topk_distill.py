@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
-from tests.test_topk_distill import check_against_oracle
+from tests.test_topk_distill import check_against_oracle, check_converged_student_at_one_token
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +23,9 @@ def test_many_class_chunks(monkeypatch):
     import marginkern.triton_kernels.tiles as tiles_module
     monkeypatch.setattr(tiles_module.TritonTiles, "default_buffer_bytes", staticmethod(lambda N, D: 1))
     check_against_oracle(torch.float32, (9, 200, 16, 7), DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_converged_student_at_one_token(dtype):
+    """G in fp16 here (as on the GPU): the cells' totals are written whole, not −q added onto a rounded p."""
+    check_converged_student_at_one_token(DEVICE, dtype)
