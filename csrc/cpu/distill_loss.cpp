@@ -7,6 +7,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
 
 #include "loss_reduction.h"
 #include "streaming_ce.h"
@@ -23,32 +26,57 @@ at::Tensor inverse_temperature(const at::Tensor& x, double temperature) {
   return at::full({x.size(0)}, 1.0 / temperature, x.options().dtype(accumulation_dtype(x.scalar_type())));
 }
 
-struct KLDivergenceRows : public torch::autograd::Function<KLDivergenceRows> {
+// What one distillation call computes (KLDivergenceOptions or JSDOptions): forward or reverse KL, or JSD_β.
+struct Distillation {
+  double temperature;
+  int64_t ignore_index;
+  std::string reduction;
+  int64_t class_chunk;
+  bool reverse = false;                // KL's direction
+  std::optional<double> jsd_beta;      // set: the generalized JSD
+};
+
+// Both distillation losses' autograd: their per-row halves (kl_divergence_rows or jsd_rows and their backwards),
+// reduced. The fourth saved per-row vector is what the backward takes: KL itself, or JSD's KL(p‖m).
+struct DistillationRows : public torch::autograd::Function<DistillationRows> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& teacher_x, const at::Tensor& teacher_w, const at::Tensor& target,
-                            const KLDivergenceOptions& o) {
-    const auto [kl, lse, teacher_lse] =
-        kl_divergence_rows(x, w, teacher_x, teacher_w, target, o.temperature, o.ignore_index, o.reverse, o.class_chunk);
-    ctx->save_for_backward({x, w, teacher_x, teacher_w, target, lse, teacher_lse, kl});
+                            const Distillation& o) {
+    at::Tensor loss_rows, lse, teacher_lse, saved;
+    if (o.jsd_beta) {
+      std::tie(loss_rows, lse, teacher_lse, saved) = jsd_rows(x, w, teacher_x, teacher_w, target, *o.jsd_beta,
+                                                              o.temperature, o.ignore_index, o.class_chunk);
+    } else {
+      std::tie(loss_rows, lse, teacher_lse) = kl_divergence_rows(x, w, teacher_x, teacher_w, target, o.temperature,
+                                                                 o.ignore_index, o.reverse, o.class_chunk);
+      saved = loss_rows;
+    }
+    ctx->save_for_backward({x, w, teacher_x, teacher_w, target, lse, teacher_lse, saved});
     auto& d = ctx->saved_data;
     d["temperature"] = o.temperature, d["ignore_index"] = o.ignore_index, d["reverse"] = o.reverse;
-    d["class_chunk"] = o.class_chunk, d["reduction"] = o.reduction;
-    return loss::reduce(kl, target.ne(o.ignore_index), o.reduction);
+    d["class_chunk"] = o.class_chunk, d["reduction"] = o.reduction, d["jsd_beta"] = o.jsd_beta.value_or(-1.0);
+    return loss::reduce(loss_rows, target.ne(o.ignore_index), o.reduction);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    loss::check_once_differentiable("marginkern::linear_kl_divergence");
-    const auto saved = ctx->get_saved_variables();
     auto& d = ctx->saved_data;
+    const double jsd_beta = d["jsd_beta"].toDouble();  // < 0: KL
+    loss::check_once_differentiable(jsd_beta < 0 ? "marginkern::linear_kl_divergence" : "marginkern::linear_jsd");
+    const auto saved = ctx->get_saved_variables();
     const int64_t ignore_index = d["ignore_index"].toInt();
     const at::Tensor& lse = saved[5];
     const at::Tensor g = loss::row_grads(grad_outputs[0], saved[4].ne(ignore_index), d["reduction"].toStringRef(),
                                          lse.scalar_type());
     const bool need_w = ctx->needs_input_grad(1);
-    const auto [grad_x, grad_w] = kl_divergence_rows_backward(
-        g, saved[0], saved[1], saved[2], saved[3], saved[4], lse, saved[6], saved[7], d["temperature"].toDouble(),
-        ignore_index, d["reverse"].toBool(), need_w, d["class_chunk"].toInt());
+    const double temperature = d["temperature"].toDouble();
+    const int64_t class_chunk = d["class_chunk"].toInt();
+    const auto [grad_x, grad_w] =
+        jsd_beta < 0 ? kl_divergence_rows_backward(g, saved[0], saved[1], saved[2], saved[3], saved[4], lse, saved[6],
+                                                   saved[7], temperature, ignore_index, d["reverse"].toBool(), need_w,
+                                                   class_chunk)
+                     : jsd_rows_backward(g, saved[0], saved[1], saved[2], saved[3], saved[4], lse, saved[6], saved[7],
+                                         jsd_beta, temperature, ignore_index, need_w, class_chunk);
     return {grad_x, need_w ? grad_w : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -120,36 +148,6 @@ at::Tensor checked_distillation_target(const char* op, const at::Tensor& x, cons
   return target;
 }
 
-struct JSDRows : public torch::autograd::Function<JSDRows> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
-                            const at::Tensor& teacher_x, const at::Tensor& teacher_w, const at::Tensor& target,
-                            const JSDOptions& o) {
-    const auto [jsd, lse, teacher_lse, kl_pm] =
-        jsd_rows(x, w, teacher_x, teacher_w, target, o.beta, o.temperature, o.ignore_index, o.class_chunk);
-    ctx->save_for_backward({x, w, teacher_x, teacher_w, target, lse, teacher_lse, kl_pm});
-    auto& d = ctx->saved_data;
-    d["beta"] = o.beta, d["temperature"] = o.temperature, d["ignore_index"] = o.ignore_index;
-    d["class_chunk"] = o.class_chunk, d["reduction"] = o.reduction;
-    return loss::reduce(jsd, target.ne(o.ignore_index), o.reduction);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_outputs) {
-    loss::check_once_differentiable("marginkern::linear_jsd");
-    const auto saved = ctx->get_saved_variables();
-    auto& d = ctx->saved_data;
-    const int64_t ignore_index = d["ignore_index"].toInt();
-    const at::Tensor& lse = saved[5];
-    const at::Tensor g = loss::row_grads(grad_outputs[0], saved[4].ne(ignore_index), d["reduction"].toStringRef(),
-                                         lse.scalar_type());
-    const bool need_w = ctx->needs_input_grad(1);
-    const auto [grad_x, grad_w] = jsd_rows_backward(g, saved[0], saved[1], saved[2], saved[3], saved[4], lse, saved[6],
-                                                    saved[7], d["beta"].toDouble(), d["temperature"].toDouble(),
-                                                    ignore_index, need_w, d["class_chunk"].toInt());
-    return {grad_x, need_w ? grad_w : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
 }  // namespace
 
 at::Tensor linear_kl_divergence(const at::Tensor& x, const at::Tensor& w, const at::Tensor& teacher_x,
@@ -157,7 +155,8 @@ at::Tensor linear_kl_divergence(const at::Tensor& x, const at::Tensor& w, const 
                                 const KLDivergenceOptions& o) {
   const at::Tensor target = checked_distillation_target("marginkern::linear_kl_divergence", x, w, teacher_x, teacher_w,
                                                         target_or_none, o.ignore_index, o.temperature, o.reduction);
-  return KLDivergenceRows::apply(x, w, teacher_x.detach(), teacher_w.detach(), target, o);
+  return DistillationRows::apply(x, w, teacher_x.detach(), teacher_w.detach(), target,
+                                 Distillation{o.temperature, o.ignore_index, o.reduction, o.class_chunk, o.reverse});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jsd_rows(const at::Tensor& x, const at::Tensor& w,
@@ -208,7 +207,8 @@ at::Tensor linear_jsd(const at::Tensor& x, const at::Tensor& w, const at::Tensor
               "forward and reverse KL), got ", o.beta);
   const at::Tensor target = checked_distillation_target(op, x, w, teacher_x, teacher_w, target_or_none,
                                                         o.ignore_index, o.temperature, o.reduction);
-  return JSDRows::apply(x, w, teacher_x.detach(), teacher_w.detach(), target, o);
+  return DistillationRows::apply(x, w, teacher_x.detach(), teacher_w.detach(), target,
+                                 Distillation{o.temperature, o.ignore_index, o.reduction, o.class_chunk, false, o.beta});
 }
 
 }  // namespace marginkern

@@ -400,34 +400,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_entropy(
   return {run_max, log_sum, entropy};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_teacher(
-    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const Teacher& teacher,
-    int64_t class_chunk) {
-  constexpr const char* op = "marginkern::streaming_row_stats_with_teacher";
+namespace {
+
+// The distillation forward passes' chunk loop: the student spec (row_scale·(x·wᵀ), no target column) and, per class
+// chunk, both heads' dot products into two reused N × chunk buffers, handed to body(s, c0, c1, dots, teacher_dots).
+// Returns the spec (the body's state lives with the caller).
+template <typename Body>
+Spec over_teacher_chunks(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+                         const Teacher& teacher, int64_t class_chunk, const Body& body) {
   const at::Tensor no_target = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
   const Spec s = make_spec(op, x, w, row_scale, std::nullopt, std::nullopt, std::nullopt, no_target);
   const at::Tensor teacher_x = checked_teacher(op, s, teacher).x;
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
-  // rows: max, Σexp, cross sum; the student's (0..2) and the teacher's (3..5)
-  at::Tensor state = at::zeros({6, s.N}, opts);
-  state[0].fill_(-std::numeric_limits<double>::infinity());
-  state[3].fill_(-std::numeric_limits<double>::infinity());
   const int64_t chunk = std::min(class_chunk, s.C);
   const at::Tensor buffer = at::empty({s.N * chunk}, opts), teacher_buffer = at::empty({s.N * chunk}, opts);
-  const at::Tensor zero_logit = at::zeros({s.N}, opts);
-  const Cost no_cost;
   for (int64_t c0 = 0; c0 < s.C; c0 += class_chunk) {
     const int64_t c1 = std::min(s.C, c0 + class_chunk);
-    const at::Tensor dots = chunk_dots(s.x, s.w, s.acc, buffer, c0, c1).first;
-    const at::Tensor teacher_dots = chunk_dots(teacher_x, teacher.w, s.acc, teacher_buffer, c0, c1).first;
+    body(s, c0, c1, chunk_dots(s.x, s.w, s.acc, buffer, c0, c1).first,
+         chunk_dots(teacher_x, teacher.w, s.acc, teacher_buffer, c0, c1).first);
+  }
+  return s;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_teacher(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const Teacher& teacher,
+    int64_t class_chunk) {
+  const auto opts = x.options().dtype(accumulation_dtype(x.scalar_type()));
+  // rows: max, Σexp, cross sum; the student's (0..2) and the teacher's (3..5)
+  at::Tensor state = at::zeros({6, x.size(0)}, opts);
+  state[0].fill_(-std::numeric_limits<double>::infinity());
+  state[3].fill_(-std::numeric_limits<double>::infinity());
+  const at::Tensor zero_logit = at::zeros({x.size(0)}, opts);
+  const Cost no_cost;
+  over_teacher_chunks("marginkern::streaming_row_stats_with_teacher", x, w, row_scale, teacher, class_chunk,
+                      [&](const Spec& s, int64_t c0, int64_t c1, const at::Tensor& dots, const at::Tensor& teacher_dots) {
     const ChunkColumnTensors columns(s, no_cost, c0, c1);
     AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_row_stats_with_teacher", [&] {
       accumulate_teacher_stats<scalar_t>(s, columns_view<scalar_t>(columns, s), dots.data_ptr<scalar_t>(),
                                          teacher_dots.data_ptr<scalar_t>(), zero_logit.data_ptr<scalar_t>(),
                                          state.data_ptr<scalar_t>(), state.data_ptr<scalar_t>() + 3 * s.N);
     });
-  }
+  });
   return {state[0] + at::log(state[1]), state[3] + at::log(state[4]), state[5] / state[4], state[2] / state[1]};
 }
 
@@ -435,22 +451,14 @@ std::tuple<at::Tensor, at::Tensor> streaming_jsd_row_sums(const at::Tensor& x, c
                                                           const at::Tensor& row_scale, const Teacher& teacher,
                                                           const at::Tensor& lse, int64_t class_chunk) {
   constexpr const char* op = "marginkern::streaming_jsd_row_sums";
-  const at::Tensor no_target = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
-  const Spec s = make_spec(op, x, w, row_scale, std::nullopt, std::nullopt, std::nullopt, no_target);
-  const at::Tensor teacher_x = checked_teacher(op, s, teacher).x;
   TORCH_CHECK(teacher.jsd_beta.has_value() && *teacher.jsd_beta > 0.0 && *teacher.jsd_beta < 1.0, op,
               ": teacher.jsd_beta must lie in (0, 1)");
-  const at::Tensor student_lse = float_vector(op, "lse", lse, s.N, s.acc, s.device);
-  const at::Tensor teacher_lse = float_vector(op, "teacher lse", teacher.lse, s.N, s.acc, s.device);
-  check_class_chunk(op, class_chunk);
-  const auto opts = s.x.options().dtype(s.acc);
-  at::Tensor sums = at::zeros({2, s.N}, opts);  // KL(p‖m), KL(q‖m)
-  const int64_t chunk = std::min(class_chunk, s.C);
-  const at::Tensor buffer = at::empty({s.N * chunk}, opts), teacher_buffer = at::empty({s.N * chunk}, opts);
-  for (int64_t c0 = 0; c0 < s.C; c0 += class_chunk) {
-    const int64_t c1 = std::min(s.C, c0 + class_chunk);
-    const at::Tensor dots = chunk_dots(s.x, s.w, s.acc, buffer, c0, c1).first;
-    const at::Tensor teacher_dots = chunk_dots(teacher_x, teacher.w, s.acc, teacher_buffer, c0, c1).first;
+  const at::ScalarType acc = accumulation_dtype(x.scalar_type());
+  const at::Tensor student_lse = float_vector(op, "lse", lse, x.size(0), acc, x.device());
+  const at::Tensor teacher_lse = float_vector(op, "teacher lse", teacher.lse, x.size(0), acc, x.device());
+  at::Tensor sums = at::zeros({2, x.size(0)}, x.options().dtype(acc));  // KL(p‖m), KL(q‖m)
+  over_teacher_chunks(op, x, w, row_scale, teacher, class_chunk,
+                      [&](const Spec& s, int64_t c0, int64_t c1, const at::Tensor& dots, const at::Tensor& teacher_dots) {
     AT_DISPATCH_FLOATING_TYPES(s.acc, "marginkern_streaming_jsd_row_sums", [&] {
       using T = scalar_t;
       const int cc = static_cast<int>(c1 - c0);
@@ -464,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor> streaming_jsd_row_sums(const at::Tensor& x, c
         }
       });
     });
-  }
+  });
   return {sums[0], sums[1]};
 }
 
