@@ -146,26 +146,26 @@ def _entropy_terms(q):
 
 
 def _topk_spec(x, w, token_ids, teacher_logits, temperature, acc):
-    """(the student's spec, its logits at the k tokens (N, k), q (N, k)). The spec's target column is each row's most
+    """(the student's spec, its logits at the k tokens (N, k), log q (N, k)). The spec's target column is each row's most
     probable teacher token, with the gathered logit as its value: the log-sum-exp then sums the same rounding of it
     that log p takes (the GEMM's and the gather's roundings differ by ~ulp(z), which is all of 1 − p where the
     student is confident, as linear cross-entropy's target logit)."""
     spec = _student_spec(x, temperature)
-    q = torch.softmax(teacher_logits.to(acc) * spec.row_scale[:, None], dim=1)
+    log_q = torch.log_softmax(teacher_logits.to(acc) * spec.row_scale[:, None], dim=1)
     logits = _gathered_logits(x, w, token_ids, spec.row_scale[:, None], acc)
-    top = q.argmax(1, keepdim=True) if token_ids.shape[0] else token_ids[:, :1]
+    top = log_q.argmax(1, keepdim=True) if token_ids.shape[0] else token_ids[:, :1]
     spec = dataclasses.replace(spec, target=token_ids.gather(1, top).squeeze(1).long(),
                                target_logit=logits.gather(1, top).squeeze(1))
-    return spec, logits, q
+    return spec, logits, log_q
 
 
 def topk_kl_forward(x, w, token_ids, teacher_logits, target, temperature, ignore_index, tiles):
     """(KL(q‖p) over the teacher's top-k, lse) per row in the accumulation dtype; 0 on ignored rows. A token listed
     twice counts with its summed probability (_merged_teacher): KL = Σ_c Q_c·(log Q_c − log p_c) ≥ 0."""
     acc = accumulation_dtype(x.dtype)
-    spec, logits, q = _topk_spec(x, w, token_ids, teacher_logits, temperature, acc)
+    spec, logits, log_q = _topk_spec(x, w, token_ids, teacher_logits, temperature, acc)
     lse, _ = streaming_row_stats(x, w, spec, False, tiles)
-    log_q = torch.log_softmax(teacher_logits.to(acc) * spec.row_scale[:, None], dim=1)
+    q = torch.exp(log_q)
     log_p = logits - lse[:, None]
     kl = torch.where(q == 0, 0.0, q * (log_q - log_p)).sum(1)
     _, merged, first, repeats, _ = _merged_teacher(token_ids, q)
@@ -183,10 +183,10 @@ def topk_kl_backward(grad_kl, x, w, token_ids, teacher_logits, target, lse, temp
     acc = lse.dtype
     valid = target != ignore_index
     g = torch.where(valid, grad_kl.to(acc), 0.0)
-    spec, logits, q = _topk_spec(x, w, token_ids, teacher_logits, temperature, acc)
+    spec, logits, log_q = _topk_spec(x, w, token_ids, teacher_logits, temperature, acc)
     scale = (g * spec.row_scale)[:, None]
     # ignored rows count for nothing, also where their cached teacher logits are all −inf (a NaN softmax)
-    q = torch.where(valid[:, None], q, 0.0)
+    q = torch.where(valid[:, None], torch.exp(log_q), 0.0)
     ids, merged, first, _, order = _merged_teacher(token_ids, q)
     log_p = logits.gather(1, order) - lse[:, None]
     # p − Q as Q·expm1(log p − log Q): no cancellation where the student matches the teacher (p ≈ Q ≈ 1: the
