@@ -110,27 +110,38 @@ def test_teacher_gets_no_gradient_and_mean_masks_ignored_rows():
                      torch.float32)
 
 
-def test_token_shaped_inputs_and_shift():
+def check_token_shapes_and_shift(loss_fn):
+    """A distillation loss (x, w, x_t, w_t, t, **kw) on (B, T, D) inputs with shift=1 equals it on the rows, the last
+    position masked; a teacher of other leading dimensions is refused."""
     x, w, t = make_case(12, 40, 8)
     x_t, w_t = teacher_case(12, 40, 6, torch.float32)
-    got = mk.linear_kl_divergence(x.view(3, 4, 8), w, x_t.view(3, 4, 6), w_t, t.view(3, 4), reduction="none", shift=1)
-    want = mk.linear_kl_divergence(x, w, x_t, w_t, t, reduction="none").view(3, 4)
+    got = loss_fn(x.view(3, 4, 8), w, x_t.view(3, 4, 6), w_t, t.view(3, 4), reduction="none", shift=1)
+    want = loss_fn(x, w, x_t, w_t, t, reduction="none").view(3, 4)
     assert got.shape == (3, 4)
     torch.testing.assert_close(got[:, :-1], want[:, :-1])
     assert (got[:, -1] == 0).all()
     with pytest.raises(ValueError, match=r"teacher_input must have shape \(3, 4\) \+ \(E,\)"):
-        mk.linear_kl_divergence(x.view(3, 4, 8), w, x_t.view(4, 3, 6), w_t, t.view(3, 4))
+        loss_fn(x.view(3, 4, 8), w, x_t.view(4, 3, 6), w_t, t.view(3, 4))
+
+
+def test_token_shaped_inputs_and_shift():
+    check_token_shapes_and_shift(mk.linear_kl_divergence)
+
+
+def check_empty_and_all_ignored(loss_fn):
+    """A distillation loss of no rows, and of only ignored rows, is 0 with zero gradients."""
+    x, w, t = make_case(0, 10, 4)
+    x_t, w_t = teacher_case(0, 10, 3, torch.float32)
+    assert loss_fn(x, w, x_t, w_t, t).item() == 0.0
+    x, w, t = make_case(5, 10, 4, ignore=range(5))
+    x_t, w_t = teacher_case(5, 10, 3, torch.float32)
+    loss = loss_fn(x, w, x_t, w_t, t)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    assert loss.item() == 0.0 and (gx == 0).all() and (gw == 0).all()
 
 
 def test_empty_and_all_ignored():
-    x, w, t = make_case(0, 10, 4)
-    x_t, w_t = teacher_case(0, 10, 3, torch.float32)
-    assert mk.linear_kl_divergence(x, w, x_t, w_t, t).item() == 0.0
-    x, w, t = make_case(5, 10, 4, ignore=range(5))
-    x_t, w_t = teacher_case(5, 10, 3, torch.float32)
-    kl = mk.linear_kl_divergence(x, w, x_t, w_t, t)
-    gx, gw = torch.autograd.grad(kl, (x, w))
-    assert kl.item() == 0.0 and (gx == 0).all() and (gw == 0).all()
+    check_empty_and_all_ignored(mk.linear_kl_divergence)
 
 
 def check_confident_teacher(device):

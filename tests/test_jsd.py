@@ -11,7 +11,8 @@ import marginkern as mk
 from marginkern import reference
 from marginkern.dispatch import BackendUnavailable
 from tests.helpers import assert_close_rel, make_case
-from tests.test_distill import check_divergence_against_oracle, kl_and_grads, teacher_case
+from tests.test_distill import (check_divergence_against_oracle, check_empty_and_all_ignored,
+                                 check_token_shapes_and_shift, kl_and_grads, teacher_case)
 
 
 def materialised(x, w, x_t, w_t, t, beta=0.5, temperature=1.0, ignore_index=-100, reduction="none"):
@@ -145,24 +146,11 @@ def test_teacher_gets_no_gradient_and_mean_masks_ignored_rows():
 
 
 def test_token_shaped_inputs_and_shift():
-    x, w, t = make_case(12, 40, 8)
-    x_t, w_t = teacher_case(12, 40, 6, torch.float32)
-    got = mk.linear_jsd(x.view(3, 4, 8), w, x_t.view(3, 4, 6), w_t, t.view(3, 4), reduction="none", shift=1)
-    want = mk.linear_jsd(x, w, x_t, w_t, t, reduction="none").view(3, 4)
-    assert got.shape == (3, 4)
-    torch.testing.assert_close(got[:, :-1], want[:, :-1])
-    assert (got[:, -1] == 0).all()
+    check_token_shapes_and_shift(mk.linear_jsd)
 
 
 def test_empty_and_all_ignored():
-    x, w, t = make_case(0, 10, 4)
-    x_t, w_t = teacher_case(0, 10, 3, torch.float32)
-    assert mk.linear_jsd(x, w, x_t, w_t, t).item() == 0.0
-    x, w, t = make_case(5, 10, 4, ignore=range(5))
-    x_t, w_t = teacher_case(5, 10, 3, torch.float32)
-    jsd = mk.linear_jsd(x, w, x_t, w_t, t)
-    gx, gw = torch.autograd.grad(jsd, (x, w))
-    assert jsd.item() == 0.0 and (gx == 0).all() and (gw == 0).all()
+    check_empty_and_all_ignored(mk.linear_jsd)
 
 
 def check_confident_teacher(device):
