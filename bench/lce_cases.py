@@ -1,9 +1,11 @@
 """LLM linear cross-entropy cases: hidden states (N, D) times a vocabulary head (C, D), then CE.
 
 Providers: marginkern.linear_cross_entropy (default, the 3-GEMM knob, gradient filtering), naive PyTorch,
-torch.compile of it, and the peers liger-kernel and cut-cross-entropy when importable (optional extras,
-never required: a missing one is skipped with the reason recorded), plus the floor.
+torch.compile of it, PyTorch's own torch.nn.functional.linear_cross_entropy (torch >= 2.13) in its chunked mode,
+and the peers liger-kernel and cut-cross-entropy when importable (optional extras, never required: a missing one
+is skipped with the reason recorded), plus the floor.
 """
+import torch
 import torch.nn.functional as F
 
 import marginkern
@@ -54,6 +56,15 @@ def _liger(case, device):
     return loss_step(liger, case, device)
 
 
+def _torch_chunked(case, device):
+    """torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions() (its chunked path, automatic
+    chunking and precision policy: what a torch >= 2.13 user picks first); Skip on an older torch."""
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        raise Skip(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (2.13 and newer)")
+    options = torch.nn.LinearCrossEntropyOptions()
+    return loss_step(lambda x, w, target: F.linear_cross_entropy(x, w, target, options=options), case, device)
+
+
 def _cce(filter_eps):
     def build(case, device):
         try:
@@ -75,6 +86,7 @@ PROVIDERS = {
     "marginkern filtered": _marginkern(grad_filter_eps="auto"),           # CCE's default filter
     "naive": lambda case, device: loss_step(naive_lce, case, device),
     "torch.compile": lambda case, device: loss_step(compiled(naive_lce, device), case, device),
+    "torch linear_cross_entropy": _torch_chunked,  # torch >= 2.13's own fused op, chunked mode
     "liger-kernel": _liger,
     "cut-cross-entropy": _cce("default"),         # its defaults: gradient filtering on (not exact)
     "cut-cross-entropy exact": _cce(None),        # filter_eps=None: every gradient tile computed
