@@ -244,6 +244,39 @@ def check_bias(bias, weight, name="bias"):
         raise ValueError(f"{name} must be on the device of weight ({weight.device}), got {bias.device}")
 
 
+def check_class_weight(class_weight, weight, label_smoothing, softcap):
+    """torch's per-class `weight` of cross_entropy, as linear_cross_entropy's class_weight: (C,), floating, on the
+    head's device, no gradient (none is computed, as torch computes none). Metadata only (the fake kernels run
+    it); check_class_weight_values looks at the values."""
+    if class_weight is None:
+        return
+    check_tensor("class_weight", class_weight, "a torch.Tensor or None")
+    if class_weight.dim() != 1 or class_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"class_weight must have shape (C={weight.shape[0]},), got shape "
+                         f"{tuple(class_weight.shape)}")
+    if not class_weight.is_floating_point():
+        raise TypeError(f"class_weight must be a floating-point tensor, got {class_weight.dtype}")
+    if class_weight.device != weight.device:
+        raise ValueError(f"class_weight must be on the device of weight ({weight.device}), got {class_weight.device}")
+    if class_weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("class_weight receives no gradient (as torch's cross_entropy weight): pass a tensor that "
+                         "does not require one (class_weight.detach())")
+    if label_smoothing > 0 and softcap is not None:
+        raise ValueError("class_weight with label_smoothing > 0 needs softcap=None (the class-weighted smoothing "
+                         "term Σ_j c_j·z_j is computed as one product with the head, which a softcap would not be)")
+
+
+def check_class_weight_values(class_weight):
+    """Finite and non-negative (a negative weight would make the loss unbounded below). One host sync, so real
+    tensors only, skipped while a CUDA graph is being captured."""
+    if class_weight is None or (class_weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    low, high = torch.stack(torch.aminmax(class_weight.detach())).tolist() if class_weight.numel() else (0.0, 0.0)
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
+        bad = low if (low < 0 or not math.isfinite(low)) else high
+        raise ValueError(f"class_weight must hold finite, non-negative values, got {bad}")
+
+
 def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):
     check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
     check_finite("z_loss", z_loss, 0.0)

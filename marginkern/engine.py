@@ -154,6 +154,32 @@ def row_norms(t: Tensor) -> Tensor:
     return torch.cat([torch.linalg.vector_norm(t[r0:r0 + rows], dim=1, dtype=acc) for r0 in range(0, t.shape[0], rows)])
 
 
+def _upcast_row_blocks(a: Tensor, dtype, block_bytes: int):
+    """a's rows in `dtype`, as (r0, r1, block) by blocks of at most block_bytes: never a whole upcast copy of a
+    16-bit a (2 GB in fp32 for a Llama-3-8B head)."""
+    rows = a.shape[0] if a.dtype == dtype else max(1, block_bytes // max(1, a.shape[1] * dtype.itemsize))
+    for r0 in range(0, a.shape[0], rows):
+        yield r0, min(a.shape[0], r0 + rows), a[r0:r0 + rows].to(dtype)
+
+
+def row_block_matvec(a: Tensor, v: Tensor, block_bytes: int = 16 << 20) -> Tensor:
+    """a @ v for a (M, K) of any float dtype and v (K,) in the accumulation dtype: (M,) in v's dtype, a upcast
+    by blocks of rows."""
+    out = torch.empty(a.shape[0], dtype=v.dtype, device=v.device)
+    for r0, r1, block in _upcast_row_blocks(a, v.dtype, block_bytes):
+        torch.mv(block, v, out=out[r0:r1])
+    return out
+
+
+def row_block_vecmat(v: Tensor, a: Tensor, block_bytes: int = 16 << 20) -> Tensor:
+    """Σ_m v_m·a_m for a (M, K) of any float dtype and v (M,) in the accumulation dtype: (K,) in v's dtype, a
+    upcast by blocks of rows."""
+    out = torch.zeros(a.shape[1], dtype=v.dtype, device=v.device)
+    for r0, r1, block in _upcast_row_blocks(a, v.dtype, block_bytes):
+        out.addmv_(block.t(), v[r0:r1])
+    return out
+
+
 def project_out_rows(grad: Tensor, weight: Tensor, inv_norm: Tensor) -> Tensor:
     """In place: grad_j ← grad_j − weight_j·(weight_j·grad_j)·inv_norm_j² (the tangent projection that
     chains a row-normalised weight); tile backends fuse it into `finish_grad_rows`."""

@@ -3,7 +3,8 @@ eager mode through its autograd.Function twin) and reduce."""
 import torch
 
 from . import pairwise
-from .checks import (check_binary_targets, check_bias, check_bool, check_classification_inputs, check_cosent_arguments,
+from .checks import (check_binary_targets, check_bias, check_bool, check_class_weight, check_classification_inputs,
+                     check_cosent_arguments,
                      check_cost_embedding, check_direction, check_embedding_pair, check_finite, check_float_tensor,
                      check_ignore_index, check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options,
                      check_logits_buffer, check_margin_options, check_reduction, check_shift, check_subcenters,
@@ -85,7 +86,7 @@ def _unflatten(loss, reduction, shape):
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", grad_filter_eps=None,
-                         logits_buffer_mb=None, shift=0):
+                         logits_buffer_mb=None, shift=0, class_weight=None):
     """Cross-entropy of z = softcap(input·weightᵀ + bias) without materialising the N × C logits.
 
     label_smoothing as torch; z_loss adds z_loss·lse² (PaLM); softcap: z ← softcap·tanh(z/softcap)
@@ -94,6 +95,11 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     number of non-ignored rows and is 0 when there are none. input may also be (B, T, D) with target
     (B, T) (any leading dimensions); "none" then returns the target's shape. shift=1: position i predicts
     target[..., i + 1] (causal LM labels as they come; the last position is ignored), without copying input.
+
+    class_weight (C,) (torch's `weight` of cross_entropy and linear_cross_entropy; finite, ≥ 0, no gradient):
+    each row's loss is scaled by its target's weight c_t, z-loss and focal/γ-CE terms included (α-balanced focal),
+    except the label-smoothing term, which weights each class's −log p_j by c_j as torch does; "mean" divides by
+    Σ c_t over non-ignored rows (0 when that is 0). With label_smoothing > 0 it needs softcap=None.
 
     Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
     grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
@@ -112,17 +118,23 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     check_reduction(reduction)
     filter_eps = resolve_grad_filter_eps(grad_filter_eps, input.dtype)
     check_logits_buffer(logits_buffer_mb, reduction, filter_eps)
+    check_class_weight(class_weight, weight, label_smoothing, softcap)
     target = target.long()  # uint8 indices would index as a mask
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                float(focal_gamma), float(gamma_ce))
+    # the op's optional trailing argument, passed only when given (the calls without it stay as they were)
+    weighted = () if class_weight is None else (class_weight,)
     if logits_buffer_mb is not None:
         grad_on = torch.is_grad_enabled()
         loss, _, _, _ = call_op("linear_cross_entropy_buffered", input, weight, target, bias, *options, reduction,
                                 int(logits_buffer_mb * 2**20), grad_on and input.requires_grad,
-                                grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)
+                                grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad,
+                                *weighted)
         return loss
-    loss_rows, _ = call_op("linear_cross_entropy", input, weight, target, bias, *options, filter_eps)
-    return _unflatten(reduce_rows(loss_rows, target != ignore_index, reduction), reduction, token_shape)
+    loss_rows, _ = call_op("linear_cross_entropy", input, weight, target, bias, *options, filter_eps, *weighted)
+    valid = target != ignore_index
+    target_weight = None if class_weight is None else class_weight.detach()[target.where(valid, 0)].to(loss_rows.dtype)
+    return _unflatten(reduce_rows(loss_rows, valid, reduction, target_weight), reduction, token_shape)
 
 
 EMO_RATIO_EPS = 1e-10  # as the reference code: sg(ce / (emo + 1e-10))

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from .checks import (check_bool, check_finite, check_head_size, check_ignore_index, check_jsd_beta,
+from .checks import (check_bool, check_class_weight, check_class_weight_values, check_finite, check_head_size, check_ignore_index, check_jsd_beta,
                      check_linear_ce_options, check_logits_buffer, check_margin_options, check_module_embeddings,
                      check_reduction, check_shift, check_subcenters, check_temperature, check_tensor,
                      checked_class_targets, margin_module_repr, resolve_grad_filter_eps)
@@ -239,13 +239,20 @@ class LinearCrossEntropyLoss(nn.Module):
 
     It does not own the projection (LLMs tie or shard it); pass the model's weight. Options as
     `marginkern.linear_cross_entropy`. hidden may be (B, T, D) with target (B, T); shift=1 takes the causal LM's
-    labels as they come (position i predicts label i + 1, no copy of hidden).
+    labels as they come (position i predicts label i + 1, no copy of hidden). `class_weight` (V,), if given, is
+    kept as a buffer (it moves with .to()/.cuda() and is saved in the state dict), as torch's CrossEntropyLoss keeps
+    its `weight`.
     """
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
-                 gamma_ce=0.0, reduction="mean", grad_filter_eps=None, logits_buffer_mb=None, shift=0):
+                 gamma_ce=0.0, reduction="mean", grad_filter_eps=None, logits_buffer_mb=None, shift=0,
+                 class_weight=None):
         super().__init__()
         check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+        if class_weight is not None:
+            check_class_weight(class_weight.detach(), class_weight.detach(), label_smoothing, softcap)
+            check_class_weight_values(class_weight)
+        self.register_buffer("class_weight", None if class_weight is None else class_weight.detach().clone())
         check_reduction(reduction)
         check_logits_buffer(logits_buffer_mb, reduction, resolve_grad_filter_eps(grad_filter_eps, torch.float32))
         self.options = dict(ignore_index=check_ignore_index(ignore_index), label_smoothing=label_smoothing, z_loss=z_loss,
@@ -255,10 +262,11 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def forward(self, input, weight, target, bias=None):
         return linear_cross_entropy(input, _autocast_like(weight, input), target, _autocast_like(bias, input),
-                                    **self.options)
+                                    class_weight=self.class_weight, **self.options)
 
     def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        weights = [] if self.class_weight is None else [f"class_weight=buffer {tuple(self.class_weight.shape)}"]
+        return ", ".join([f"{k}={v!r}" for k, v in self.options.items()] + weights)
 
 
 class EMOLoss(nn.Module):

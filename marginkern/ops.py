@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import (check_bias, check_classification_inputs, check_cosent_arguments, check_cost_embedding,
+from .checks import (check_bias, check_class_weight, check_class_weight_values, check_classification_inputs,
+                     check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
                      check_jsd_beta, check_subcenters, check_target_values, check_teacher, check_temperature,
                      check_token_ids, check_topk_teacher)
@@ -300,23 +301,28 @@ def _linear_scalars(opts: LinearCEOptions):
 @_op("linear_cross_entropy")
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
                          label_smoothing: float, z_loss: float, softcap: Optional[float], focal_gamma: float,
-                         gamma_ce: float, grad_filter_eps: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                         gamma_ce: float, grad_filter_eps: Optional[float] = None,
+                         class_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp) of softcap(x·wᵀ + b); ignored rows have loss 0. grad_filter_eps
-    is the backward pass's (engine.streaming_grads)."""
+    is the backward pass's (engine.streaming_grads). class_weight (C,): torch's per-class weight (linear_ce.py)."""
     _check_forward_inputs(input, weight, target, bias)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    check_class_weight(class_weight, weight, opts.label_smoothing, opts.softcap)
     check_target_values(target, weight.shape[0], opts.ignore_index)
+    check_class_weight_values(class_weight)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = select_tiles(input.device, input.dtype)
-    if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/linear_ce_loss.cpp), the same math
+    if tiles.name == "cpp" and class_weight is None:  # the whole step in C++ (csrc/cpu/linear_ce_loss.cpp)
         return torch.ops.marginkern.linear_ce_rows(input, weight, target, bias, *_linear_scalars(opts))
-    return linear_ce_forward(input, weight, target, bias, opts, tiles)
+    return linear_ce_forward(input, weight, target, bias, opts, tiles, class_weight=class_weight)
 
 
 @linear_cross_entropy.register_fake
 def _(input, weight, target, bias, *options):
     _check_forward_inputs(input, weight, target, bias)
-    _linear_options(*options[:6])
+    opts = _linear_options(*options[:6])
+    if len(options) > 7:
+        check_class_weight(options[7], weight, opts.label_smoothing, opts.softcap)
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
     return input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc)
@@ -327,24 +333,25 @@ def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
                                   bias: Optional[Tensor], lse: Tensor, ignore_index: int, label_smoothing: float,
                                   z_loss: float, softcap: Optional[float], focal_gamma: float,
                                   gamma_ce: float, grad_filter_eps: Optional[float] = None,
-                                  need_weight_grad: bool = True,
-                                  need_bias_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                                  need_weight_grad: bool = True, need_bias_grad: bool = True,
+                                  class_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dinput, dL/dweight, dL/dbias); a gradient not needed (or of an absent bias) is empty (0,)."""
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = select_tiles(input.device, input.dtype)
-    if tiles.name == "cpp" and grad_filter_eps is None:  # filtering runs in the engine's Python loop
+    if tiles.name == "cpp" and grad_filter_eps is None and class_weight is None:  # else the engine's Python loop
         return torch.ops.marginkern.linear_ce_rows_backward(grad_loss, input, weight, target, bias, lse,
                                                             *_linear_scalars(opts), need_weight_grad,
                                                             need_bias_grad)
     grad_x, grad_w, grad_b = linear_ce_backward(grad_loss, input, weight, target, bias, lse, opts, tiles,
-                                                need_weight_grad, need_bias_grad, grad_filter_eps)
+                                                need_weight_grad, need_bias_grad, grad_filter_eps,
+                                                class_weight=class_weight)
     return grad_x, _or_empty(grad_w, weight), _or_empty(grad_b, weight)
 
 
 @linear_cross_entropy_backward.register_fake
 def _(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-      gamma_ce, grad_filter_eps=None, need_weight_grad=True, need_bias_grad=True):
+      gamma_ce, grad_filter_eps=None, need_weight_grad=True, need_bias_grad=True, class_weight=None):
     grad_b = _contiguous_like(bias) if bias is not None and need_bias_grad else weight.new_empty((0,))
     grad_w = _contiguous_like(weight) if need_weight_grad else weight.new_empty((0,))
     return _contiguous_like(input), grad_w, grad_b
@@ -352,18 +359,20 @@ def _(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing
 
 def _linear_setup_context(ctx, inputs, output):
     input, weight, target, bias, *options = inputs
-    ctx.save_for_backward(input, weight, target, bias, output[1])
+    class_weight = options[7] if len(options) > 7 else None
+    ctx.save_for_backward(input, weight, target, bias, output[1], class_weight)
     ctx.mark_non_differentiable(output[1])
-    ctx.options = options
+    ctx.options = options[:7]  # the scalars, grad_filter_eps last
 
 
 def _linear_backward(ctx, grad_loss, grad_lse):
-    input, weight, target, bias, lse = ctx.saved_tensors
+    input, weight, target, bias, lse, class_weight = ctx.saved_tensors
     need_weight_grad, need_bias_grad = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
     grad_input, grad_weight, grad_bias = call("linear_cross_entropy_backward", grad_loss.contiguous(), input, weight,
-                                              target, bias, lse, *ctx.options, need_weight_grad, need_bias_grad)
+                                              target, bias, lse, *ctx.options, need_weight_grad, need_bias_grad,
+                                              class_weight)
     return ((grad_input, grad_weight if need_weight_grad else None, None, grad_bias if need_bias_grad else None)
-            + (None,) * 7)
+            + (None,) * 8)
 
 
 _register_autograd("linear_cross_entropy", _linear_backward, _linear_setup_context)
@@ -373,8 +382,8 @@ _register_autograd("linear_cross_entropy", _linear_backward, _linear_setup_conte
 def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                   ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
                                   focal_gamma: float, gamma_ce: float, reduction: str, buffer_bytes: int,
-                                  need_input_grad: bool, need_weight_grad: bool,
-                                  need_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                  need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
+                                  class_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(reduced loss, dL/dinput, dL/dweight, dL/dbias) with 3 GEMMs: the gradients (for a loss gradient
     of 1) come out of the forward pass; the autograd backward only scales them. They stay in the
     accumulation dtype until then (a GradScaler scale of 65536 is inf in fp16, and unit-scale fp16
@@ -383,8 +392,9 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     of an absent bias) is empty (0,). Through autograd, the backward pass scales the gradient outputs in
     place and hands them over as the inputs' .grad (no copy): a caller of this op who keeps them sees that."""
     _check_buffered_call(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-                         gamma_ce, reduction, buffer_bytes)
+                         gamma_ce, reduction, buffer_bytes, class_weight)
     check_target_values(target, weight.shape[0], ignore_index)
+    check_class_weight_values(class_weight)
     # The 3-GEMM path runs ATen GEMMs on every backend, and the backend's fused block epilogue where it has
     # one (C++), else PyTorch's; select_tiles also enforces MARGINKERN_BACKEND (a forced backend that cannot
     # serve the call raises).
@@ -393,14 +403,15 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     input, weight = input.contiguous(), weight.contiguous()
     loss, grad_x, grad_w, grad_b = linear_ce_buffered(input, weight, target, bias, opts, reduction,
                                                       int(buffer_bytes), need_input_grad, need_weight_grad,
-                                                      need_bias_grad, tiles)
+                                                      need_bias_grad, tiles, class_weight)
     return loss, _or_empty(grad_x, loss), _or_empty(grad_w, loss), _or_empty(grad_b, loss)
 
 
 def _check_buffered_call(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-                         gamma_ce, reduction, buffer_bytes):
+                         gamma_ce, reduction, buffer_bytes, class_weight=None):
     _check_forward_inputs(input, weight, target, bias)
-    _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    check_class_weight(class_weight, weight, opts.label_smoothing, opts.softcap)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' on the buffered path, got {reduction!r}")
     check_finite("buffer_bytes", buffer_bytes, 0, low_open=True)
@@ -408,9 +419,9 @@ def _check_buffered_call(input, weight, target, bias, ignore_index, label_smooth
 
 @linear_cross_entropy_buffered.register_fake
 def _(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce, reduction,
-      buffer_bytes, need_input_grad, need_weight_grad, need_bias_grad):
+      buffer_bytes, need_input_grad, need_weight_grad, need_bias_grad, class_weight=None):
     _check_buffered_call(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-                         gamma_ce, reduction, buffer_bytes)
+                         gamma_ce, reduction, buffer_bytes, class_weight)
     acc = accumulation_dtype(input.dtype)
     in_dtype = buffered_grads_in_input_dtype(input, weight)
 
@@ -453,7 +464,7 @@ def _buffered_backward(ctx, grad_loss, *unused):
                torch.mul(g, grad_loss, out=torch.empty(g.shape, dtype=dtype, device=g.device))) if need else None
               for g, need, dtype in zip(grads, needed, ctx.dtypes)]
     del grads
-    return (scaled[0], scaled[1], None, scaled[2]) + (None,) * 11
+    return (scaled[0], scaled[1], None, scaled[2]) + (None,) * 12
 
 
 _register_autograd("linear_cross_entropy_buffered", _buffered_backward, _buffered_setup_context)

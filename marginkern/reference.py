@@ -16,19 +16,30 @@ from .margin import MarginPsi, blend_psi, margin_psi
 CLASS_CHUNK = 8192
 
 
-def reduce_rows(loss_rows, valid, reduction):
-    """Reduction with torch's ignore_index semantics; a mean over zero rows is 0, not NaN."""
+def mean_denominator(valid, target_weight=None):
+    """The divisor of reduction "mean" as torch's: the number of non-ignored rows, or with class weights the sum
+    of their targets' weights c_t (`target_weight`, per row); 1 where it is 0 (every row ignored, or weighted 0:
+    the mean is then 0, not NaN)."""
+    if target_weight is None:
+        return valid.sum().clamp_min(1)  # int64 count: true division gives the total's dtype
+    total = torch.where(valid, target_weight, 0.0).sum()
+    return torch.where(total > 0, total, torch.ones_like(total))
+
+
+def reduce_rows(loss_rows, valid, reduction, target_weight=None):
+    """Reduction with torch's ignore_index (and class `weight`) semantics; a mean over zero rows is 0, not NaN."""
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum()
     if reduction == "sum":
         return total
-    return total / valid.sum().clamp_min(1)  # int64 count: true division gives total's dtype
+    return total / mean_denominator(valid, target_weight)
 
 
-def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk, subcenters=1):
+def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk, subcenters=1, class_weight=None):
     """(logsumexp, sum) over one class chunk of logits whose target column is replaced; with K sub-centres
-    w_chunk holds K rows per class and a class's logit is the largest of its K (its gradient goes to that one)."""
+    w_chunk holds K rows per class and a class's logit is the largest of its K (its gradient goes to that one).
+    class_weight (the chunk's): the sum is Σ_j c_j·z_j."""
     z = x @ w_chunk.t()
     if subcenters > 1:
         z = z.unflatten(1, (-1, subcenters)).max(2).values
@@ -37,14 +48,14 @@ def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk,
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     z = torch.where(is_target_chunk, target_logit[:, None], z)
-    return torch.logsumexp(z, dim=1), z.sum(1)
+    return torch.logsumexp(z, dim=1), (z.sum(1) if class_weight is None else z @ class_weight)
 
 
 def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, class_chunk=CLASS_CHUNK,
-                         subcenters=1):
-    """Per-row logsumexp and Σ_j z_j of z = softcap(x·wᵀ + b) with the target column replaced by
-    target_logit (column −1: none), chunk by chunk; each chunk is recomputed in the backward pass.
-    subcenters K: w has K rows per class (_chunk_stats)."""
+                         subcenters=1, class_weight=None):
+    """Per-row logsumexp and Σ_j z_j (Σ_j c_j·z_j with class_weight c) of z = softcap(x·wᵀ + b) with the target
+    column replaced by target_logit (column −1: none), chunk by chunk; each chunk is recomputed in the backward
+    pass. subcenters K: w has K rows per class (_chunk_stats)."""
     lse_parts, sum_parts = [], []
     K = subcenters
     for c0 in range(0, w.shape[0] // K, class_chunk):
@@ -52,8 +63,9 @@ def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, cl
         bias_chunk = None if bias is None else bias[c0:c0 + class_chunk]
         classes = torch.arange(c0, c0 + w_chunk.shape[0] // K, device=x.device)
         is_target = column[:, None] == classes[None, :]
+        weight_chunk = None if class_weight is None else class_weight[c0:c0 + class_chunk]
         lse_c, sum_c = checkpoint(_chunk_stats, x, w_chunk, bias_chunk, softcap, target_logit, is_target, K,
-                                  use_reentrant=False)
+                                  weight_chunk, use_reentrant=False)
         lse_parts.append(lse_c)
         sum_parts.append(sum_c)
     return torch.logsumexp(torch.stack(lse_parts), dim=0), torch.stack(sum_parts).sum(0)
@@ -98,17 +110,21 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                         softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", class_chunk=CLASS_CHUNK):
+                         softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", class_weight=None,
+                         class_chunk=CLASS_CHUNK):
+    """class_weight c (C,): torch's per-class `weight` (row loss × c_t, the smoothing term Σ_j c_j·(−log p_j)/C, the
+    mean over Σ c_t); unlike the library, also with a softcap."""
     acc = accumulation_dtype(input.dtype)
     x, w = input.to(acc), weight.to(acc)
     b = None if bias is None else bias.to(acc)
+    c = None if class_weight is None else class_weight.detach().to(acc)
     valid = target != ignore_index
     column = torch.where(valid, target, torch.full_like(target, -1))
     safe = column.clamp_min(0)
     z_target = (x * w[safe]).sum(1) + (0.0 if b is None else b[safe])
     if softcap is not None:
         z_target = softcap * torch.tanh(z_target / softcap)
-    lse, sum_logits = streamed_lse_and_sum(x, w, column, z_target, b, softcap, class_chunk)
+    lse, sum_logits = streamed_lse_and_sum(x, w, column, z_target, b, softcap, class_chunk, class_weight=c)
     log_pt = z_target - lse
     if focal_gamma > 0:
         q = -torch.expm1(log_pt)  # 1 − p_t; at q = 0 the slope of q^γ (γ < 1) is infinite, times log p_t = 0
@@ -122,10 +138,13 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     # torch's label smoothing: (1−ε)·NLL + (ε/C)·Σ_j −log p_j, and Σ_j −log p_j = C·lse − Σ_j z_j
     # (only when ε > 0: a −inf logit, e.g. a masked vocabulary tail, makes Σ_j z_j −inf, and 0·inf is NaN)
     loss = (1.0 - label_smoothing) * nll + z_loss * lse ** 2
+    if c is not None:
+        loss = loss * c[safe]
     if label_smoothing > 0:
-        loss = loss + label_smoothing * (lse - sum_logits / w.shape[0])
+        mean_weight = 1.0 if c is None else c.mean()
+        loss = loss + label_smoothing * (mean_weight * lse - sum_logits / w.shape[0])
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return reduce_rows(loss, valid, reduction)
+    return reduce_rows(loss, valid, reduction, None if c is None else c[safe])
 
 
 def _chunk_expectation(x, w_chunk, cost_chunk, lse):

@@ -481,3 +481,22 @@ def test_topk_kl_divergence_matches_oracle_on_gpu(dtype, monkeypatch):
         check_converged_student_at_one_token("cuda", dtype)
         served += 1
     assert served, "no GPU tile backend is built"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_class_weight_matches_oracle_on_gpu(dtype, monkeypatch):
+    """linear_cross_entropy(class_weight=...) on each GPU tile backend that is built, streaming and 3-GEMM (bf16 dW
+    in bf16 there, the rank-1 smoothing term added to it). Named without "triton": the visit runs it in its last
+    test step."""
+    from tests.test_class_weight import WEIGHTED_OPTIONS, check_class_weight_matches_oracle
+    served = 0
+    for name in ("triton", "cuda"):
+        if _why_not(name, torch.device("cuda"), dtype):
+            continue
+        monkeypatch.setenv("MARGINKERN_BACKEND", name)
+        for opts in WEIGHTED_OPTIONS:
+            check_class_weight_matches_oracle("cuda", dtype, opts, shape=(300, 5003, 131))
+        check_class_weight_matches_oracle("cuda", dtype, dict(label_smoothing=0.1, z_loss=1e-3), shape=(300, 5003, 131),
+                                          reductions=("mean",), logits_buffer_mb=16)
+        served += 1
+    assert served, "no GPU tile backend is built"

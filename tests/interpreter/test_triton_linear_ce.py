@@ -137,3 +137,14 @@ def test_vocab_sharded_linear_ce_through_the_triton_tiles(dtype, opts):
     """marginkern.distributed.sharded_linear_cross_entropy's engine path on the Triton tiles: rows whose target
     another shard holds, a bias slice, the merged statistics (three shards in one process)."""
     check_sharded_linear_ce_tiles(select_tiles(torch.device(DEVICE), dtype), DEVICE, dtype, opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", [dict(label_smoothing=0.1, z_loss=1e-3), dict(focal_gamma=2.0), dict(softcap=5.0)])
+def test_class_weight_matches_oracle(dtype, opts):
+    """class_weight through the Triton tiles: c_t in the per-row coefficients, the smoothing's rank-1 dW term in the
+    engine loop's chunk finalizer (so dW goes the fp32-chunk way), and the 3-GEMM path."""
+    from tests.test_class_weight import check_class_weight_matches_oracle
+    check_class_weight_matches_oracle(DEVICE, dtype, opts, shape=(37, 301, 45), reductions=("mean", "none"))
+    check_class_weight_matches_oracle(DEVICE, dtype, opts, shape=(21, 77, 32), reductions=("sum",),
+                                      logits_buffer_mb=0.01)
