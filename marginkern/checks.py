@@ -277,6 +277,14 @@ def check_class_weight_values(class_weight):
         raise ValueError(f"class_weight must hold finite, non-negative values, got {bad}")
 
 
+def check_return_lse(return_lse, logits_buffer_mb):
+    """return_lse as a bool; the 3-GEMM path (logits_buffer_mb) returns the reduced loss only."""
+    return_lse = check_bool("return_lse", return_lse)
+    if return_lse and logits_buffer_mb is not None:
+        raise ValueError("return_lse=True needs logits_buffer_mb=None (the 3-GEMM path returns the reduced loss only)")
+    return return_lse
+
+
 def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):
     check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
     check_finite("z_loss", z_loss, 0.0)

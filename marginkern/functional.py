@@ -3,12 +3,12 @@ eager mode through its autograd.Function twin) and reduce."""
 import torch
 
 from . import pairwise
-from .checks import (check_binary_targets, check_bias, check_bool, check_class_weight, check_classification_inputs,
-                     check_cosent_arguments,
-                     check_cost_embedding, check_direction, check_embedding_pair, check_finite, check_float_tensor,
-                     check_ignore_index, check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options,
-                     check_logits_buffer, check_margin_options, check_reduction, check_shift, check_subcenters,
-                     check_teacher, check_temperature, check_tensor, check_topk_teacher, resolve_grad_filter_eps)
+from .checks import (check_bias, check_binary_targets, check_bool, check_class_weight, check_classification_inputs,
+                     check_cosent_arguments, check_cost_embedding, check_direction, check_embedding_pair, check_finite,
+                     check_float_tensor, check_ignore_index, check_integer_dtype, check_jsd_beta, check_labels,
+                     check_linear_ce_options, check_logits_buffer, check_margin_options, check_reduction,
+                     check_return_lse, check_shift, check_subcenters, check_teacher, check_temperature, check_tensor,
+                     check_topk_teacher, resolve_grad_filter_eps)
 from .ops import call as call_op
 from .reference import reduce_rows
 
@@ -86,7 +86,7 @@ def _unflatten(loss, reduction, shape):
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", grad_filter_eps=None,
-                         logits_buffer_mb=None, shift=0, class_weight=None):
+                         logits_buffer_mb=None, shift=0, class_weight=None, return_lse=False):
     """Cross-entropy of z = softcap(input·weightᵀ + bias) without materialising the N × C logits.
 
     label_smoothing as torch; z_loss adds z_loss·lse² (PaLM); softcap: z ← softcap·tanh(z/softcap)
@@ -100,6 +100,10 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     each row's loss is scaled by its target's weight c_t, z-loss and focal/γ-CE terms included (α-balanced focal),
     except the label-smoothing term, which weights each class's −log p_j by c_j as torch does; "mean" divides by
     Σ c_t over non-ignored rows (0 when that is 0). With label_smoothing > 0 it needs softcap=None.
+
+    return_lse=True returns (loss, lse): each token's log-sum-exp of its logits (the target's shape, fp32, ignored
+    tokens included), differentiable (its gradient joins the same backward pass: a custom z-loss, or log it as
+    z-loss for monitoring as Liger's return_z_loss and CCE's return_lse do). Not with logits_buffer_mb.
 
     Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
     grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
@@ -119,11 +123,12 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     filter_eps = resolve_grad_filter_eps(grad_filter_eps, input.dtype)
     check_logits_buffer(logits_buffer_mb, reduction, filter_eps)
     check_class_weight(class_weight, weight, label_smoothing, softcap)
+    return_lse = check_return_lse(return_lse, logits_buffer_mb)
     target = target.long()  # uint8 indices would index as a mask
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                float(focal_gamma), float(gamma_ce))
-    # the op's optional trailing argument, passed only when given (the calls without it stay as they were)
-    weighted = () if class_weight is None else (class_weight,)
+    # the op's optional trailing arguments, passed only when given (the calls without them stay as they were)
+    weighted = () if class_weight is None and not return_lse else (class_weight,)
     if logits_buffer_mb is not None:
         grad_on = torch.is_grad_enabled()
         loss, _, _, _ = call_op("linear_cross_entropy_buffered", input, weight, target, bias, *options, reduction,
@@ -131,10 +136,15 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
                                 grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad,
                                 *weighted)
         return loss
-    loss_rows, _ = call_op("linear_cross_entropy", input, weight, target, bias, *options, filter_eps, *weighted)
+    loss_rows, lse = call_op("linear_cross_entropy", input, weight, target, bias, *options, filter_eps, *weighted,
+                             *((True,) if return_lse else ()))
     valid = target != ignore_index
     target_weight = None if class_weight is None else class_weight.detach()[target.where(valid, 0)].to(loss_rows.dtype)
-    return _unflatten(reduce_rows(loss_rows, valid, reduction, target_weight), reduction, token_shape)
+    loss = _unflatten(reduce_rows(loss_rows, valid, reduction, target_weight), reduction, token_shape)
+    if not return_lse:
+        return loss
+    # a copy: the op saved its lse for the backward pass, which a caller's in-place edit (lse[pad] = 0) must not reach
+    return loss, _unflatten(lse.clone(), "none", token_shape)
 
 
 EMO_RATIO_EPS = 1e-10  # as the reference code: sg(ce / (emo + 1e-10))

@@ -163,9 +163,10 @@ def _row_loss(tgt, rows, lse, sum_logits, opts: LinearCEOptions, num_classes):
     return torch.where(_rows(tgt.valid, rows), loss, 0.0)
 
 
-def _row_coefficients(tgt, rows, grad_loss, lse, opts: LinearCEOptions, num_classes):
-    """(coef_p, coef_u, dL/da at the target column, r) of rows `rows` for the per-row loss gradient grad_loss;
-    r = g·ε/C is the coefficient of the class-weighted smoothing's rank-1 terms (ClassWeights), None without."""
+def _row_coefficients(tgt, rows, grad_loss, lse, opts: LinearCEOptions, num_classes, grad_lse=None):
+    """(coef_p, coef_u, dL/da at the target column, r) of rows `rows` for the per-row loss gradient grad_loss (and
+    grad_lse on the log-sum-exp, or None); r = g·ε/C is the coefficient of the class-weighted smoothing's rank-1
+    terms (ClassWeights), None without."""
     eps = opts.label_smoothing
     g = torch.where(_rows(tgt.valid, rows), grad_loss if grad_loss.dtype == lse.dtype else grad_loss.to(lse.dtype),
                     0.0)
@@ -186,6 +187,10 @@ def _row_coefficients(tgt, rows, grad_loss, lse, opts: LinearCEOptions, num_clas
         if eps > 0:
             coef_p = coef_p + g * (eps if tgt.weights is None else eps * tgt.weights.mean)
         grad_target_logit = coef_p * torch.exp(log_pt) - coef_u + g_target * ((1.0 - eps) * df)
+    if grad_lse is not None:  # d lse/dz_j = p_j: one more p-term (an ignored row has no target column to add to)
+        grad_lse = _rows(grad_lse, rows).to(lse.dtype)
+        coef_p = coef_p + grad_lse
+        grad_target_logit = grad_target_logit + torch.where(_rows(tgt.valid, rows), grad_lse * torch.exp(log_pt), 0.0)
     if tgt.slope is not None:
         grad_target_logit = grad_target_logit * _rows(tgt.slope, rows)
     return coef_p, coef_u, grad_target_logit, smoothing_coef
@@ -210,16 +215,18 @@ def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles, shard=No
 
 
 def linear_ce_backward(grad_loss, x, w, target, bias, lse, opts: LinearCEOptions, tiles, need_weight_grad=True,
-                       need_bias_grad=True, grad_filter_eps=None, shard=None, class_weight=None):
+                       need_bias_grad=True, grad_filter_eps=None, shard=None, class_weight=None, grad_lse=None):
     """(dL/dx, dL/dw or None, dL/dbias or None): 4 GEMMs, the logits recomputed class chunk by chunk. With a
-    `shard`: dL/dx summed over the ranks, dL/dw and dL/dbias of this rank's classes."""
+    `shard`: dL/dx summed over the ranks, dL/dw and dL/dbias of this rank's classes. grad_lse (N,) or None: a
+    gradient on the log-sum-exp too (d lse/dz_j = p_j), on every row, ignored ones included."""
     weights = ClassWeights.of(class_weight, w, bias, opts)
     tgt = _TargetLogits(x, w, target, bias, opts, shard, weights)
     num_classes = w.shape[0]
     if shard is not None:  # z_t lives on one rank (0 on the others): the sum is the forward's z_t, bit for bit
         tgt.logit = shard.sum_rows(tgt.logit)
         num_classes = shard.num_classes
-    coef_p, coef_u, target_grad, smoothing_coef = _row_coefficients(tgt, ALL_ROWS, grad_loss, lse, opts, num_classes)
+    coef_p, coef_u, target_grad, smoothing_coef = _row_coefficients(tgt, ALL_ROWS, grad_loss, lse, opts, num_classes,
+                                                                    grad_lse)
     finalize = None
     if smoothing_coef is not None and need_weight_grad:  # dW's rank-1 term, added to each chunk before it is stored
         finalize = weights.weight_grad_finalizer(smoothing_coef, x)

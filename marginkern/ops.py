@@ -302,9 +302,12 @@ def _linear_scalars(opts: LinearCEOptions):
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
                          label_smoothing: float, z_loss: float, softcap: Optional[float], focal_gamma: float,
                          gamma_ce: float, grad_filter_eps: Optional[float] = None,
-                         class_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                         class_weight: Optional[Tensor] = None,
+                         differentiable_lse: bool = False) -> tuple[Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp) of softcap(x·wᵀ + b); ignored rows have loss 0. grad_filter_eps
-    is the backward pass's (engine.streaming_grads). class_weight (C,): torch's per-class weight (linear_ce.py)."""
+    is the backward pass's (engine.streaming_grads). class_weight (C,): torch's per-class weight (linear_ce.py).
+    differentiable_lse: the log-sum-exp output takes a gradient too (d lse/dz = p, in the same backward pass);
+    otherwise it is a by-product without one."""
     _check_forward_inputs(input, weight, target, bias)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     check_class_weight(class_weight, weight, opts.label_smoothing, opts.softcap)
@@ -334,24 +337,27 @@ def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
                                   z_loss: float, softcap: Optional[float], focal_gamma: float,
                                   gamma_ce: float, grad_filter_eps: Optional[float] = None,
                                   need_weight_grad: bool = True, need_bias_grad: bool = True,
-                                  class_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(dL/dinput, dL/dweight, dL/dbias); a gradient not needed (or of an absent bias) is empty (0,)."""
+                                  class_weight: Optional[Tensor] = None,
+                                  grad_lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dinput, dL/dweight, dL/dbias); a gradient not needed (or of an absent bias) is empty (0,). grad_lse:
+    the gradient of the log-sum-exp output, when it has one."""
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = select_tiles(input.device, input.dtype)
-    if tiles.name == "cpp" and grad_filter_eps is None and class_weight is None:  # else the engine's Python loop
+    if tiles.name == "cpp" and grad_filter_eps is None and class_weight is None and grad_lse is None:
+        # the whole step in C++; the other cases run the engine's Python loop (on the C++ tiles)
         return torch.ops.marginkern.linear_ce_rows_backward(grad_loss, input, weight, target, bias, lse,
                                                             *_linear_scalars(opts), need_weight_grad,
                                                             need_bias_grad)
     grad_x, grad_w, grad_b = linear_ce_backward(grad_loss, input, weight, target, bias, lse, opts, tiles,
                                                 need_weight_grad, need_bias_grad, grad_filter_eps,
-                                                class_weight=class_weight)
+                                                class_weight=class_weight, grad_lse=grad_lse)
     return grad_x, _or_empty(grad_w, weight), _or_empty(grad_b, weight)
 
 
 @linear_cross_entropy_backward.register_fake
 def _(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-      gamma_ce, grad_filter_eps=None, need_weight_grad=True, need_bias_grad=True, class_weight=None):
+      gamma_ce, grad_filter_eps=None, need_weight_grad=True, need_bias_grad=True, class_weight=None, grad_lse=None):
     grad_b = _contiguous_like(bias) if bias is not None and need_bias_grad else weight.new_empty((0,))
     grad_w = _contiguous_like(weight) if need_weight_grad else weight.new_empty((0,))
     return _contiguous_like(input), grad_w, grad_b
@@ -361,18 +367,23 @@ def _linear_setup_context(ctx, inputs, output):
     input, weight, target, bias, *options = inputs
     class_weight = options[7] if len(options) > 7 else None
     ctx.save_for_backward(input, weight, target, bias, output[1], class_weight)
-    ctx.mark_non_differentiable(output[1])
+    ctx.differentiable_lse = len(options) > 8 and options[8]
+    if not ctx.differentiable_lse:
+        ctx.mark_non_differentiable(output[1])
     ctx.options = options[:7]  # the scalars, grad_filter_eps last
 
 
 def _linear_backward(ctx, grad_loss, grad_lse):
     input, weight, target, bias, lse, class_weight = ctx.saved_tensors
     need_weight_grad, need_bias_grad = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
+    if grad_loss is None:  # only the log-sum-exp is used (the eager twin does not make zeros)
+        grad_loss = torch.zeros_like(lse)
+    grad_lse = grad_lse.contiguous() if ctx.differentiable_lse and grad_lse is not None else None
     grad_input, grad_weight, grad_bias = call("linear_cross_entropy_backward", grad_loss.contiguous(), input, weight,
                                               target, bias, lse, *ctx.options, need_weight_grad, need_bias_grad,
-                                              class_weight)
+                                              class_weight, grad_lse)
     return ((grad_input, grad_weight if need_weight_grad else None, None, grad_bias if need_bias_grad else None)
-            + (None,) * 8)
+            + (None,) * 9)
 
 
 _register_autograd("linear_cross_entropy", _linear_backward, _linear_setup_context)

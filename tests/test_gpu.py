@@ -500,3 +500,19 @@ def test_class_weight_matches_oracle_on_gpu(dtype, monkeypatch):
                                           reductions=("mean",), logits_buffer_mb=16)
         served += 1
     assert served, "no GPU tile backend is built"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_returned_lse_and_its_gradient_on_gpu(dtype, monkeypatch):
+    """linear_cross_entropy(return_lse=True) on each GPU tile backend that is built. Named without "triton": the
+    visit runs it in its last test step."""
+    from tests.test_linear_ce_lse import OPTIONS, check_lse_and_its_gradient
+    served = 0
+    for name in ("triton", "cuda"):
+        if _why_not(name, torch.device("cuda"), dtype):
+            continue
+        monkeypatch.setenv("MARGINKERN_BACKEND", name)
+        for opts in OPTIONS:
+            check_lse_and_its_gradient("cuda", dtype, opts, shape=(300, 5003, 131))
+        served += 1
+    assert served, "no GPU tile backend is built"

@@ -148,3 +148,11 @@ def test_class_weight_matches_oracle(dtype, opts):
     check_class_weight_matches_oracle(DEVICE, dtype, opts, shape=(37, 301, 45), reductions=("mean", "none"))
     check_class_weight_matches_oracle(DEVICE, dtype, opts, shape=(21, 77, 32), reductions=("sum",),
                                       logits_buffer_mb=0.01)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)])
+def test_returned_lse_and_its_gradient(dtype, opts):
+    """return_lse=True through the Triton tiles: the lse gradient is one more p-term in coef_p."""
+    from tests.test_linear_ce_lse import check_lse_and_its_gradient
+    check_lse_and_its_gradient(DEVICE, dtype, opts)
