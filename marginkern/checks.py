@@ -266,12 +266,14 @@ def check_class_weight(class_weight, weight, label_smoothing, softcap):
                          "term Σ_j c_j·z_j is computed as one product with the head, which a softcap would not be)")
 
 
-def check_class_weight_values(class_weight):
-    """Finite and non-negative (a negative weight would make the loss unbounded below). One host sync, so real
-    tensors only, skipped while a CUDA graph is being captured."""
+def check_class_weight_values(class_weight, dtype=None):
+    """Finite and non-negative (a negative weight would make the loss unbounded below), also once cast to `dtype`,
+    the dtype the loss computes in (an fp64 1e39 is inf in fp32). One host sync, so real tensors only, skipped while
+    a CUDA graph is being captured."""
     if class_weight is None or (class_weight.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    low, high = torch.stack(torch.aminmax(class_weight.detach())).tolist() if class_weight.numel() else (0.0, 0.0)
+    values = class_weight.detach() if dtype is None else class_weight.detach().to(dtype)
+    low, high = torch.stack(torch.aminmax(values)).tolist() if class_weight.numel() else (0.0, 0.0)
     if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
         bad = low if (low < 0 or not math.isfinite(low)) else high
         raise ValueError(f"class_weight must hold finite, non-negative values, got {bad}")

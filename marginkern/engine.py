@@ -157,7 +157,7 @@ def row_norms(t: Tensor) -> Tensor:
 def _upcast_row_blocks(a: Tensor, dtype, block_bytes: int):
     """a's rows in `dtype`, as (r0, r1, block) by blocks of at most block_bytes: never a whole upcast copy of a
     16-bit a (2 GB in fp32 for a Llama-3-8B head)."""
-    rows = a.shape[0] if a.dtype == dtype else max(1, block_bytes // max(1, a.shape[1] * dtype.itemsize))
+    rows = max(1, a.shape[0] if a.dtype == dtype else block_bytes // max(1, a.shape[1] * dtype.itemsize))
     for r0 in range(0, a.shape[0], rows):
         yield r0, min(a.shape[0], r0 + rows), a[r0:r0 + rows].to(dtype)
 

@@ -99,7 +99,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     class_weight (C,) (torch's `weight` of cross_entropy and linear_cross_entropy; finite, ≥ 0, no gradient):
     each row's loss is scaled by its target's weight c_t, z-loss and focal/γ-CE terms included (α-balanced focal),
     except the label-smoothing term, which weights each class's −log p_j by c_j as torch does; "mean" divides by
-    Σ c_t over non-ignored rows (0 when that is 0). With label_smoothing > 0 it needs softcap=None.
+    Σ c_t over non-ignored rows (0 when that is 0; as in torch, a row weighted 0 keeps its smoothing term). With
+    label_smoothing > 0 it needs softcap=None.
 
     return_lse=True returns (loss, lse): each token's log-sum-exp of its logits (the target's shape, fp32, ignored
     tokens included), differentiable (its gradient joins the same backward pass: a custom z-loss, or log it as

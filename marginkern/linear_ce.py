@@ -37,7 +37,7 @@ from torch import Tensor
 from .engine import (LogitSpec, accumulation_dtype, buffered_loss_and_grads, row_block_matvec, row_block_vecmat,
                      streaming_grads, streaming_row_stats, target_columns, target_dot)
 from .margin_ce import local_columns
-from .reference import mean_denominator
+from .reference import weighted_mean_scale
 
 
 @dataclass(frozen=True)
@@ -252,8 +252,10 @@ def linear_ce_buffered(x, w, target, bias, opts: LinearCEOptions, reduction, buf
     tgt = _TargetLogits(x, w, target, bias, opts, weights=weights)
     C = w.shape[0]
     row_weight = torch.ones_like(tgt.logit)
-    if reduction == "mean":
-        row_weight = row_weight / mean_denominator(tgt.valid, tgt.class_weight)
+    if reduction == "mean" and weights is None:  # torch's ignore_index mean; 0 (not NaN) when every row is ignored
+        row_weight = row_weight / tgt.valid.sum().clamp_min(1).to(row_weight.dtype)
+    elif reduction == "mean":
+        row_weight = row_weight * weighted_mean_scale(tgt.valid, tgt.class_weight)
     weighted_sums = None
     if weights is not None and opts.label_smoothing > 0:
         weighted_sums = weights.weighted_logit_sums(x)

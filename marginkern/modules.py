@@ -242,7 +242,8 @@ class LinearCrossEntropyLoss(nn.Module):
     `marginkern.linear_cross_entropy`. hidden may be (B, T, D) with target (B, T); shift=1 takes the causal LM's
     labels as they come (position i predicts label i + 1, no copy of hidden). `class_weight` (V,), if given, is
     kept as a buffer (it moves with .to()/.cuda() and is saved in the state dict), as torch's CrossEntropyLoss keeps
-    its `weight`. return_lse=True: forward returns (loss, per-token log-sum-exp), as the function.
+    its `weight` (its length is checked against the head's at each call). return_lse=True: forward returns (loss,
+    per-token log-sum-exp), as the function.
     """
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,

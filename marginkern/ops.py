@@ -312,7 +312,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     check_class_weight(class_weight, weight, opts.label_smoothing, opts.softcap)
     check_target_values(target, weight.shape[0], opts.ignore_index)
-    check_class_weight_values(class_weight)
+    check_class_weight_values(class_weight, accumulation_dtype(weight.dtype))
     input, weight = input.contiguous(), weight.contiguous()
     tiles = select_tiles(input.device, input.dtype)
     if tiles.name == "cpp" and class_weight is None:  # the whole step in C++ (csrc/cpu/linear_ce_loss.cpp)
@@ -405,7 +405,7 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     _check_buffered_call(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
                          gamma_ce, reduction, buffer_bytes, class_weight)
     check_target_values(target, weight.shape[0], ignore_index)
-    check_class_weight_values(class_weight)
+    check_class_weight_values(class_weight, accumulation_dtype(weight.dtype))
     # The 3-GEMM path runs ATen GEMMs on every backend, and the backend's fused block epilogue where it has
     # one (C++), else PyTorch's; select_tiles also enforces MARGINKERN_BACKEND (a forced backend that cannot
     # serve the call raises).

@@ -16,14 +16,12 @@ from .margin import MarginPsi, blend_psi, margin_psi
 CLASS_CHUNK = 8192
 
 
-def mean_denominator(valid, target_weight=None):
-    """The divisor of reduction "mean" as torch's: the number of non-ignored rows, or with class weights the sum
-    of their targets' weights c_t (`target_weight`, per row); 1 where it is 0 (every row ignored, or weighted 0:
-    the mean is then 0, not NaN)."""
-    if target_weight is None:
-        return valid.sum().clamp_min(1)  # int64 count: true division gives the total's dtype
+def weighted_mean_scale(valid, target_weight):
+    """1 / Σ c_t over non-ignored rows, the factor of a class-weighted "mean" (torch's divisor), and 0 where that sum
+    is 0 (every row ignored or weighted 0): the mean is then 0 with zero gradients, not NaN (torch) nor the sum."""
     total = torch.where(valid, target_weight, 0.0).sum()
-    return torch.where(total > 0, total, torch.ones_like(total))
+    positive = total > 0
+    return positive / torch.where(positive, total, torch.ones_like(total))
 
 
 def reduce_rows(loss_rows, valid, reduction, target_weight=None):
@@ -33,7 +31,9 @@ def reduce_rows(loss_rows, valid, reduction, target_weight=None):
     total = loss_rows.sum()
     if reduction == "sum":
         return total
-    return total / mean_denominator(valid, target_weight)
+    if target_weight is not None:
+        return total * weighted_mean_scale(valid, target_weight)
+    return total / valid.sum().clamp_min(1)  # int64 count: true division gives total's dtype
 
 
 def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk, subcenters=1, class_weight=None):

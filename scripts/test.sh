@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs marginkern with its test dependencies and runs both test tiers:
-#   1. the default tier (reference/engine, ops, compile, errors; GPU tests skip without CUDA), and seven of
-#      its modules again through the torch.library ops (MARGINKERN_EAGER_TWINS=0)
+#   1. the default tier (reference/engine, ops, compile, errors; GPU tests skip without CUDA), and the loss
+#      modules again through the torch.library ops (MARGINKERN_EAGER_TWINS=0)
 #   2. the Triton kernels, in their own process: TRITON_INTERPRET=1 must be set before triton is imported
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,6 @@ python -m pytest tests --ignore=tests/interpreter -q "$@"
 # the ops' own autograd (what torch.compile uses) in eager mode too: by default the functions run their eager twins
 MARGINKERN_EAGER_TWINS=0 python -m pytest tests/test_margin_ce.py tests/test_linear_ce.py tests/test_emo.py \
   tests/test_pairwise.py tests/test_subcenters.py tests/test_log_probs.py tests/test_distill.py tests/test_jsd.py \
-  tests/test_topk_distill.py \
+  tests/test_topk_distill.py tests/test_class_weight.py tests/test_linear_ce_lse.py \
   -q "$@"
 TRITON_INTERPRET=1 python -m pytest tests/interpreter -q "$@"

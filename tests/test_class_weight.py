@@ -109,16 +109,31 @@ def test_parity_with_torch_linear_cross_entropy(label_smoothing, reduction):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
-def test_mean_over_zero_weight_is_zero():
+@pytest.mark.parametrize("knobs", [{}, dict(logits_buffer_mb=0.01)], ids=["streaming", "3-GEMM"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_mean_over_zero_weight_is_zero(knobs, label_smoothing):
     """"mean" divides by Σ c_t over non-ignored rows; where that is 0 (every row ignored, or every target weighing
-    0) the loss and its gradients are 0, as the unweighted mean of no rows is (torch gives NaN)."""
+    0) the loss and its gradients are 0, as the unweighted mean of no rows is (torch gives NaN). With smoothing the
+    rows' losses are not 0 there (torch's smoothing term is not scaled by c_t): the mean must not become their sum
+    (a review found it did)."""
     x, w, t = make_case(6, 40, 7, ignore=(0, 1))
     c = torch.ones(40)
     c[t[2:]] = 0.0
     for ignored in (False, True):
         tt = torch.full_like(t, -100) if ignored else t
-        loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, tt, torch.randn(40), class_weight=c, z_loss=1e-3)
+        loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, tt, torch.randn(40), class_weight=c, z_loss=1e-3,
+                                 label_smoothing=label_smoothing, **knobs)
         assert loss == 0 and not gx.any() and not gw.any() and not gb.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("knobs", [dict(reduction="none"), dict(reduction="sum"), dict(logits_buffer_mb=0.01)])
+def test_no_rows(dtype, knobs):
+    """N = 0 with weights and smoothing (the weighted logit sums' row blocks were range(0, 0, 0), a review found)."""
+    x, w, t = make_case(0, 40, 7, dtype)
+    loss, gx, gw, gb = grads(mk.linear_cross_entropy, x, w, t, torch.randn(40, dtype=dtype),
+                             class_weight=class_weights(40), label_smoothing=0.1, **knobs)
+    assert not loss.any() and gx.shape == (0, 7) and not gw.any() and not gb.any()
 
 
 def test_sequence_inputs_and_shift():
@@ -183,6 +198,8 @@ def test_gradcheck_float64():
     (lambda: torch.tensor([1.0] * 8 + [-0.5]), {}, ValueError, "finite, non-negative values, got -0.5"),
     (lambda: torch.tensor([1.0] * 8 + [float("nan")]), {}, ValueError, "finite, non-negative values, got nan"),
     (lambda: torch.tensor([1.0] * 8 + [float("inf")]), {}, ValueError, "finite, non-negative values, got inf"),
+    # finite in fp64, inf in the fp32 the loss computes in
+    (lambda: torch.tensor([1.0] * 8 + [1e39], dtype=torch.float64), {}, ValueError, "finite, non-negative values"),
 ])
 @pytest.mark.parametrize("buffered", [False, True])
 def test_bad_class_weight_raises(make_weight, kw, exc, match, buffered):
