@@ -37,6 +37,16 @@ def test_cuda_extension_is_built():
     assert cpp_tiles.CUDA_LOAD_ERROR is None, cpp_tiles.CUDA_LOAD_ERROR
 
 
+def each_built_gpu_backend(dtype, monkeypatch):
+    """The GPU tile backends built here that serve `dtype`, each set as MARGINKERN_BACKEND in turn (its name yielded);
+    fails when none is built."""
+    built = [name for name in ("triton", "cuda") if not _why_not(name, torch.device("cuda"), dtype)]
+    assert built, "no GPU tile backend is built"
+    for name in built:
+        monkeypatch.setenv("MARGINKERN_BACKEND", name)
+        yield name
+
+
 def to_cuda(spec):
     return LogitSpec(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in
                        (spec.row_scale, spec.col_scale, spec.bias, spec.softcap, spec.target, spec.target_logit)))
@@ -435,15 +445,9 @@ def test_vocab_sharded_linear_ce_on_gpu(dtype, monkeypatch):
     is built. Named without "triton": the visit runs it in its last test step (scripts/gpu_session.sh)."""
     from marginkern.dispatch import select_tiles
     from tests.helpers import check_sharded_linear_ce_tiles
-    served = 0
-    for name in ("triton", "cuda"):
-        if _why_not(name, torch.device("cuda"), dtype):
-            continue
-        monkeypatch.setenv("MARGINKERN_BACKEND", name)
+    for _ in each_built_gpu_backend(dtype, monkeypatch):
         for opts in (dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0), dict(focal_gamma=2.0)):
             check_sharded_linear_ce_tiles(select_tiles(torch.device("cuda"), dtype), "cuda", dtype, opts)
-        served += 1
-    assert served, "no GPU tile backend is built"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -472,15 +476,9 @@ def test_topk_kl_divergence_matches_oracle_on_gpu(dtype, monkeypatch):
     """linear_topk_kl_divergence on each GPU tile backend that is built (both run the engine's loop: the sparse cells'
     totals written into each chunk's 16-bit G). Named without "triton": the visit runs it in its last test step."""
     from tests.test_topk_distill import check_against_oracle, check_converged_student_at_one_token
-    served = 0
-    for name in ("triton", "cuda"):
-        if _why_not(name, torch.device("cuda"), dtype):
-            continue
-        monkeypatch.setenv("MARGINKERN_BACKEND", name)
+    for _ in each_built_gpu_backend(dtype, monkeypatch):
         check_against_oracle(dtype, (300, 5003, 131, 64), "cuda")
         check_converged_student_at_one_token("cuda", dtype)
-        served += 1
-    assert served, "no GPU tile backend is built"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -489,17 +487,11 @@ def test_class_weight_matches_oracle_on_gpu(dtype, monkeypatch):
     in bf16 there, the rank-1 smoothing term added to it). Named without "triton": the visit runs it in its last
     test step."""
     from tests.test_class_weight import WEIGHTED_OPTIONS, check_class_weight_matches_oracle
-    served = 0
-    for name in ("triton", "cuda"):
-        if _why_not(name, torch.device("cuda"), dtype):
-            continue
-        monkeypatch.setenv("MARGINKERN_BACKEND", name)
+    for _ in each_built_gpu_backend(dtype, monkeypatch):
         for opts in WEIGHTED_OPTIONS:
             check_class_weight_matches_oracle("cuda", dtype, opts, shape=(300, 5003, 131))
         check_class_weight_matches_oracle("cuda", dtype, dict(label_smoothing=0.1, z_loss=1e-3), shape=(300, 5003, 131),
                                           reductions=("mean",), logits_buffer_mb=16)
-        served += 1
-    assert served, "no GPU tile backend is built"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -507,12 +499,6 @@ def test_returned_lse_and_its_gradient_on_gpu(dtype, monkeypatch):
     """linear_cross_entropy(return_lse=True) on each GPU tile backend that is built. Named without "triton": the
     visit runs it in its last test step."""
     from tests.test_linear_ce_lse import OPTIONS, check_lse_and_its_gradient
-    served = 0
-    for name in ("triton", "cuda"):
-        if _why_not(name, torch.device("cuda"), dtype):
-            continue
-        monkeypatch.setenv("MARGINKERN_BACKEND", name)
+    for _ in each_built_gpu_backend(dtype, monkeypatch):
         for opts in OPTIONS:
             check_lse_and_its_gradient("cuda", dtype, opts, shape=(300, 5003, 131))
-        served += 1
-    assert served, "no GPU tile backend is built"
