@@ -103,8 +103,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     label_smoothing > 0 it needs softcap=None.
 
     return_lse=True returns (loss, lse): each token's log-sum-exp of its logits (the target's shape, fp32, ignored
-    tokens included), differentiable (its gradient joins the same backward pass: a custom z-loss, or log it as
-    z-loss for monitoring as Liger's return_z_loss and CCE's return_lse do). Not with logits_buffer_mb.
+    tokens included), differentiable (its gradient joins the same backward pass: a custom z-loss), as CCE's
+    return_lse; the z-loss that Liger's return_z_loss reports for logging is z_loss·mean(lse²) over the non-ignored
+    tokens. Not with logits_buffer_mb.
 
     Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
     grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
