@@ -324,7 +324,7 @@ def cosent_loss(scores, labels, *, scale=20.0):
     O(B log B) time and O(B) memory (sorted prefix log-sum-exp); ties add nothing. A NaN label makes the
     loss and its gradient NaN (it has no place in the label order)."""
     check_cosent_arguments(scores, labels, scale)
-    return call_op("cosent", scores, labels, float(scale))[0]
+    return call_op("cosent", scores, _sortable_labels(labels), float(scale))[0]
 
 
 def cosent_embedding_loss(embeddings_a, embeddings_b, labels, *, scale=20.0):
@@ -334,7 +334,18 @@ def cosent_embedding_loss(embeddings_a, embeddings_b, labels, *, scale=20.0):
     check_labels(labels, embeddings_a.shape[0], embeddings_a.device)
     check_finite("scale", scale, 0.0, low_open=True)
     cos, _, _ = call_op("pairwise_cosine", embeddings_a, embeddings_b)
-    return call_op("cosent", cos, labels, float(scale))[0]
+    return call_op("cosent", cos, _sortable_labels(labels), float(scale))[0]
+
+
+def _sortable_labels(labels):
+    """CoSENT sorts its labels: torch sorts no uint16/uint32/uint64 tensor, so those (exact in int64 up to 2⁶³) go
+    as int64; a uint64 label beyond that would wrap, and is refused."""
+    if labels.dtype not in (torch.uint16, torch.uint32, torch.uint64):
+        return labels
+    as_int64 = labels.long()
+    if labels.dtype == torch.uint64 and not torch.compiler.is_compiling() and bool((as_int64 < 0).any()):
+        raise ValueError("labels of dtype uint64 must be below 2**63 (they are compared as int64)")
+    return as_int64
 
 
 def multilabel_categorical_crossentropy(logits, targets, *, reduction="mean"):

@@ -24,7 +24,8 @@ def cosent_loss_and_grad(scores, labels, scale):
     after = torch.searchsorted(labels_sorted, labels_sorted, right=True)   # one past its last index
     prefix = torch.logcumsumexp(s_sorted, 0)
     terms = torch.where(first > 0, prefix[(first - 1).clamp_min(0)] - s_sorted, none)
-    loss = torch.logsumexp(torch.cat([terms.new_zeros(1), terms]), 0)
+    # log(1 + Σ e^T) as softplus(LSE T): a small loss keeps its digits (log of 1 + x rounds x away: 0 at x < 6e-8)
+    loss = torch.nn.functional.softplus(torch.logsumexp(terms, 0))
     suffix = torch.logcumsumexp(-s_sorted.flip(0), 0).flip(0)  # LSE of −s over j ≥ i
     larger = torch.where(after < B, suffix[after.clamp_max(max(B - 1, 0))], none)
     grad = torch.empty_like(s)
@@ -38,19 +39,26 @@ def multilabel_categorical_crossentropy(logits, targets, reduction):
     """ZLPR per row of the last dimension: log(1 + Σ_neg e^s) + log(1 + Σ_pos e^−s).
 
     Logits equal to −inf (GlobalPointer's masked spans) are left out of both sums, as bert4keras's
-    current form does, instead of turning into inf − inf.
+    current form does, instead of turning into inf − inf. Each log(1 + Σ e^v) is softplus(LSE v), which keeps a
+    small loss's digits (log of 1 + x rounds x away). A target that is not 0/1 gives a NaN row: eager calls
+    refuse it (checks.check_binary_targets), a compiled one cannot look at the values without a graph break.
     """
     s = logits.float() if logits.dtype != torch.float64 else logits
     y = targets.to(torch.bool)
     kept = s != -float("inf")
-    none = torch.full_like(s, -float("inf"))
-    neg = torch.where(kept & ~y, s, none)
-    pos = torch.where(kept & y, -s, none)
-    zero = s.new_zeros(s.shape[:-1] + (1,))
-    rows = torch.logsumexp(torch.cat([zero, neg], -1), -1) + torch.logsumexp(torch.cat([zero, pos], -1), -1)
+    rows = _log1p_sum_exp(s, kept & ~y) + _log1p_sum_exp(-s, kept & y)
+    rows = torch.where(((targets != 0) & (targets != 1)).any(-1), torch.nan, rows)
     rows = rows.reshape(-1) if rows.dim() else rows.reshape(1)
     out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
     return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+
+
+def _log1p_sum_exp(v, member):
+    """log(1 + Σ_{member} e^v) over the last dimension; 0 (with a zero, not NaN, gradient) where no entry is a
+    member (the LSE then runs over finite stand-ins, its result unused)."""
+    some = member.any(-1)
+    lse = torch.logsumexp(torch.where(member, v, torch.where(some[..., None], -float("inf"), 0.0)), -1)
+    return torch.where(some, torch.nn.functional.softplus(lse), 0.0)
 
 
 def _circle_block(anchors, embeddings, anchor_labels, labels, anchor_index, m, gamma):
@@ -86,6 +94,7 @@ def circle_loss(embeddings, labels, m, gamma, reduction, anchor_block):
                                      labels, idx, m, gamma, use_reentrant=False)
         losses.append(loss_b)
         valid.append(valid_b)
-    if not losses:
-        return reduce_rows(x.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=x.device), reduction)
+    if not losses:  # no anchors: 0 (an empty tensor for "none"), still part of the graph so that backward() works
+        empty = x.sum(1)
+        return reduce_rows(empty, torch.zeros(0, dtype=torch.bool, device=x.device), reduction)
     return reduce_rows(torch.cat(losses), torch.cat(valid), reduction)

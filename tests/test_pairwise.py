@@ -231,3 +231,74 @@ def test_cosent_infinite_score_of_the_top_label():
 
 def test_cosent_nan_label_gives_nan():
     check_cosent_nan_label_gives_nan("cpu")
+
+
+def check_cosent_small_loss_keeps_its_digits(device):
+    """A nearly solved batch: log(1 + x) computed as log of the rounded 1 + x gave 6% off at scale 40 and 0 at
+    scale 45 in fp32 (a review's finding); softplus of the LSE keeps fp32's relative precision. Also a batch of
+    many pairs whose terms all underflow the 1 + x."""
+    for scale in (20.0, 40.0, 45.0):
+        s = torch.tensor([0.0, 0.4], device=device, requires_grad=True)
+        y = torch.tensor([0, 1], device=device)
+        loss = mk.cosent_loss(s, y, scale=scale)
+        loss.backward()
+        ref = s.detach().double().requires_grad_()
+        want = naive_cosent(ref, y.cpu(), scale)
+        want.backward()
+        torch.testing.assert_close(loss.detach().double().cpu(), want.detach(), rtol=1e-5, atol=0.0)
+        torch.testing.assert_close(s.grad.double().cpu(), ref.grad, rtol=1e-5, atol=0.0)
+    y = torch.tensor([0, 1] * 50, device=device)
+    s = y * 0.5  # 2500 pairs, each term e^{−20}: 1 + x with x ≈ 5e-6 kept only 2% of x in fp32
+    want = naive_cosent(s.cpu().double(), y.cpu(), 40.0)
+    assert 0 < want < 1e-5
+    torch.testing.assert_close(mk.cosent_loss(s, y, scale=40.0).double().cpu(), want, rtol=1e-5, atol=0.0)
+
+
+def test_cosent_small_loss_keeps_its_digits():
+    check_cosent_small_loss_keeps_its_digits("cpu")
+
+
+def test_zlpr_small_loss_keeps_its_digits_and_empty_sides_stay_finite():
+    """log(1 + Σ e^s) as softplus(LSE): a confident row's 6e-9 was 0 in fp32; a row without negatives (or without
+    positives) adds exactly 0 and a gradient of 0 there, not NaN."""
+    s = torch.tensor([[-20.0, -20.0, 20.0, -25.0], [3.0, 1.0, -2.0, 0.5]], requires_grad=True)
+    y = torch.tensor([[0, 0, 1, 0], [1, 1, 1, 1]])
+    loss = mk.multilabel_categorical_crossentropy(s, y, reduction="none")
+    ref = s.detach().double().requires_grad_()
+    want = torch.stack([naive_zlpr(ref[i:i + 1], y[i:i + 1]).sum() for i in range(2)])
+    assert 0 < want[0] < 1e-8
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0.0)
+    grad, = torch.autograd.grad(loss.sum(), s)
+    want_grad, = torch.autograd.grad(want.sum(), ref)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-12)
+
+
+def test_zlpr_compiled_with_non_binary_targets_gives_nan():
+    """A compiled call cannot look at the targets' values (no graph break); a target that is not 0/1 makes its row
+    NaN there, instead of counting as a positive (the eager call raises)."""
+    s = torch.randn(3, 6)
+    y = torch.tensor([[0, 0.5, 1, 0, 0, 0], [0, 1, 0, 0, 1, 0], [2, 0, 0, 1, 0, 0]])
+    compiled = torch.compile(lambda a, b: mk.multilabel_categorical_crossentropy(a, b, reduction="none"),
+                             fullgraph=True, backend="aot_eager")
+    rows = compiled(s, y)
+    assert rows[0].isnan() and rows[2].isnan() and torch.isfinite(rows[1])
+    torch.testing.assert_close(rows[1], mk.multilabel_categorical_crossentropy(s[1:2], y[1:2]))
+
+
+def test_circle_loss_of_no_anchors_is_differentiable():
+    x = torch.randn(0, 8, requires_grad=True)
+    for reduction in ("mean", "sum", "none"):
+        loss = mk.circle_loss(x, torch.zeros(0, dtype=torch.long), reduction=reduction)
+        loss.sum().backward()
+        assert loss.numel() == (0 if reduction == "none" else 1) and x.grad.shape == (0, 8)
+
+
+def test_cosent_unsigned_labels():
+    """torch sorts no uint16/32/64 tensor: those labels go as int64 (a uint64 one past 2⁶³ is refused)."""
+    s = torch.randn(40)
+    y = torch.randint(0, 5, (40,))
+    want = mk.cosent_loss(s, y)
+    for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+        torch.testing.assert_close(mk.cosent_loss(s, y.to(dtype)), want)
+    with pytest.raises(ValueError, match="uint64 must be below 2"):
+        mk.cosent_loss(s, torch.full((40,), 2**63 + 5, dtype=torch.uint64))

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .device import cdiv, on_device
+from .streaming_ce import _log1p
 
 
 @triton.jit
@@ -39,6 +40,12 @@ def _logsumexp(v):
     top = tl.max(v, 0)
     shift = tl.where(tl.abs(top) == float("inf"), 0.0, top)
     return shift + tl.log(tl.sum(tl.exp(v - shift), 0))
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) without rounding 1 + e^x: x + log1p(e^−x) above 0, log1p(e^x) below (−inf → 0, +inf → +inf)."""
+    return tl.where(x > 0, x + _log1p(tl.exp(-x)), _log1p(tl.exp(x)))
 
 
 @triton.jit
@@ -143,7 +150,7 @@ def cosent_grad_kernel(s_ptr, order_ptr, terms_ptr, suffix_ptr, last_ptr, term_t
     block = tl.program_id(0)
     before, after = _block_totals_before_after(term_totals_ptr, block, G, CHUNK)
     own = tl.load(term_totals_ptr + block)
-    loss = _logaddexp(_logaddexp(_logaddexp(before, own), after), 0.0)
+    loss = _softplus(_logaddexp(_logaddexp(before, own), after))  # log(1 + Σ e^T): a small loss keeps its digits
     if block == 0:
         tl.store(loss_ptr, loss)
     i = block * BLOCK + tl.arange(0, BLOCK)

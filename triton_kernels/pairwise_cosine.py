@@ -1,5 +1,6 @@
 """Row-wise cosine of two embedding batches, cos_i = a_i·b_i / (‖a_i‖‖b_i‖), forward and backward in one
-read of each batch (CoSENT's fused-cosine path). fp32 accumulation, outputs in the input dtype."""
+read of each batch (CoSENT's fused-cosine path). fp32 accumulation; the cosines and inverse norms in fp32, the
+gradients in the input dtype."""
 import torch
 import triton
 import triton.language as tl

@@ -73,3 +73,8 @@ def test_cosent_infinite_score_of_the_top_label():
 
 def test_cosent_nan_label_gives_nan():
     check_cosent_nan_label_gives_nan(DEVICE)
+
+
+def test_cosent_small_loss_keeps_its_digits():
+    from tests.test_pairwise import check_cosent_small_loss_keeps_its_digits
+    check_cosent_small_loss_keeps_its_digits(DEVICE)
