@@ -279,12 +279,13 @@ def check_class_weight_values(class_weight, dtype=None):
         raise ValueError(f"class_weight must hold finite, non-negative values, got {bad}")
 
 
-def check_return_lse(return_lse, logits_buffer_mb):
-    """return_lse as a bool; the 3-GEMM path (logits_buffer_mb) returns the reduced loss only."""
-    return_lse = check_bool("return_lse", return_lse)
-    if return_lse and logits_buffer_mb is not None:
-        raise ValueError("return_lse=True needs logits_buffer_mb=None (the 3-GEMM path returns the reduced loss only)")
-    return return_lse
+def check_extra_outputs(logits_buffer_mb, **flags):
+    """linear_cross_entropy's return_* flags as bools (in the order given); the 3-GEMM path (logits_buffer_mb)
+    returns the reduced loss only."""
+    for name, value in flags.items():
+        if check_bool(name, value) and logits_buffer_mb is not None:
+            raise ValueError(f"{name}=True needs logits_buffer_mb=None (the 3-GEMM path returns the reduced loss only)")
+    return tuple(bool(v) for v in flags.values())
 
 
 def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):

@@ -173,6 +173,12 @@ class CppTiles(_ExtensionTiles):
     def load_error():
         return LOAD_ERROR
 
+    def row_stats_with_max(self, x, w, spec, need_sum_logits):
+        """engine.streaming_row_stats_with_max (a CPU op only: the CUDA tiles have none)."""
+        lse, sum_logits, row_max = torch.ops.marginkern.streaming_row_stats_with_max(
+            x, w, *_spec_args(spec), spec.target_logit, need_sum_logits, self.class_chunk(x.shape[0], x))
+        return lse, (sum_logits if need_sum_logits else None), row_max
+
     def streaming_grads(self, x, w, spec, lse, coef_p, coef_u, target_grad, finalize_weight_chunk=None,
                         need_bias_grad=False, cost=None, need_weight_grad=True):
         """engine.streaming_grads with the chunk loop in C++ (the engine delegates here).
@@ -205,6 +211,13 @@ if LOAD_ERROR is None:
         acc = accumulation_dtype(x.dtype)
         N = x.shape[0]
         return x.new_empty((N,), dtype=acc), x.new_empty((N if need_sum_logits else 0,), dtype=acc)
+
+    @torch.library.register_fake("marginkern::streaming_row_stats_with_max")
+    def _(x, w, row_scale, col_scale, bias, softcap, target, target_logit, need_sum_logits, class_chunk):
+        acc = accumulation_dtype(x.dtype)
+        N = x.shape[0]
+        return (x.new_empty((N,), dtype=acc), x.new_empty((N if need_sum_logits else 0,), dtype=acc),
+                x.new_empty((N,), dtype=acc))
 
     @torch.library.register_fake("marginkern::streaming_grad_logits")
     def _(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad, c0, c1,

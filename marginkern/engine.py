@@ -346,6 +346,13 @@ def streaming_row_stats(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
     return tiles.row_stats(x, w, spec, need_sum_logits)
 
 
+def streaming_row_stats_with_max(x, w, spec: LogitSpec, need_sum_logits: bool, tiles):
+    """(lse, Σ_j z_nj or None, max_j z_nj), the max over every column, the target's substituted logit included
+    (token accuracy: the target is the argmax where its logit equals it). Tiles with `row_stats_with_max` serve it
+    (the CUDA tiles do not)."""
+    return tiles.row_stats_with_max(x, w, spec, need_sum_logits)
+
+
 def _nonzero_median(values):
     """The median of the values > 0, NaN when there are none; without boolean indexing, which would sync
     with the GPU on every backward pass."""
@@ -1024,16 +1031,26 @@ class TorchTiles:
         return g
 
     def row_stats(self, x, w, spec: LogitSpec, need_sum_logits):
+        return self._row_stats(x, w, spec, need_sum_logits, False)[:2]
+
+    def row_stats_with_max(self, x, w, spec: LogitSpec, need_sum_logits):
+        """engine.streaming_row_stats_with_max."""
+        return self._row_stats(x, w, spec, need_sum_logits, True)
+
+    def _row_stats(self, x, w, spec: LogitSpec, need_sum_logits, need_max):
         acc = accumulation_dtype(x.dtype)
         N, K = x.shape[0], spec.subcenters
         lse = torch.full((N,), -float("inf"), dtype=acc, device=x.device)
         total = torch.zeros(N, dtype=acc, device=x.device) if need_sum_logits else None
+        top = torch.full((N,), -float("inf"), dtype=acc, device=x.device) if need_max else None
         for c0, c1 in self.class_chunks(N * K, w.shape[0] // K, x):  # a chunk's dot products: N × chunk·K
             z = self.logits(x, w, spec, c0, c1)[0]
             lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
             if total is not None:
                 total += z.sum(1)
-        return lse, total
+            if top is not None:
+                top = torch.maximum(top, z.amax(1))
+        return lse, total, top
 
     def row_stats_with_entropy(self, x, w, spec: LogitSpec):
         """engine.streaming_row_stats_with_entropy: per chunk its (M, S′, T), merged into the running ones."""

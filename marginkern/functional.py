@@ -4,10 +4,10 @@ import torch
 
 from . import pairwise
 from .checks import (check_bias, check_binary_targets, check_bool, check_class_weight, check_classification_inputs,
-                     check_cosent_arguments, check_cost_embedding, check_direction, check_embedding_pair, check_finite,
-                     check_float_tensor, check_ignore_index, check_integer_dtype, check_jsd_beta, check_labels,
-                     check_linear_ce_options, check_logits_buffer, check_margin_options, check_reduction,
-                     check_return_lse, check_shift, check_subcenters, check_teacher, check_temperature, check_tensor,
+                     check_cosent_arguments, check_cost_embedding, check_direction, check_embedding_pair,
+                     check_extra_outputs, check_finite, check_float_tensor, check_ignore_index, check_integer_dtype,
+                     check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer, check_margin_options,
+                     check_reduction, check_shift, check_subcenters, check_teacher, check_temperature, check_tensor,
                      check_topk_teacher, resolve_grad_filter_eps)
 from .ops import call as call_op
 from .reference import reduce_rows
@@ -86,7 +86,8 @@ def _unflatten(loss, reduction, shape):
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", grad_filter_eps=None,
-                         logits_buffer_mb=None, shift=0, class_weight=None, return_lse=False):
+                         logits_buffer_mb=None, shift=0, class_weight=None, return_lse=False,
+                         return_token_accuracy=False):
     """Cross-entropy of z = softcap(input·weightᵀ + bias) without materialising the N × C logits.
 
     label_smoothing as torch; z_loss adds z_loss·lse² (PaLM); softcap: z ← softcap·tanh(z/softcap)
@@ -107,6 +108,12 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     return_lse; the z-loss that Liger's return_z_loss reports for logging is z_loss·mean(lse²) over the non-ignored
     tokens. Not with logits_buffer_mb.
 
+    return_token_accuracy=True adds the token accuracy (Liger's return_token_accuracy, TRL's mean_token_accuracy):
+    whether each non-ignored token's target logit is its largest (ties count as correct), reduced as the loss ("none":
+    1.0/0.0 per token, 0 on ignored ones; "mean": the fraction of non-ignored tokens, 0 when there are none; "sum":
+    their count), unweighted by class_weight, without gradient, from the forward's own pass over the classes. Not
+    with logits_buffer_mb. With both flags the result is (loss, lse, accuracy), the order numpy.unique uses.
+
     Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
     grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
         (relative to the largest; for mean CE: p < eps in every row of a class chunk) in both GEMMs.
@@ -125,28 +132,36 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     filter_eps = resolve_grad_filter_eps(grad_filter_eps, input.dtype)
     check_logits_buffer(logits_buffer_mb, reduction, filter_eps)
     check_class_weight(class_weight, weight, label_smoothing, softcap)
-    return_lse = check_return_lse(return_lse, logits_buffer_mb)
+    return_lse, return_token_accuracy = check_extra_outputs(logits_buffer_mb, return_lse=return_lse,
+                                                            return_token_accuracy=return_token_accuracy)
     target = target.long()  # uint8 indices would index as a mask
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                float(focal_gamma), float(gamma_ce))
-    # the op's optional trailing arguments, passed only when given (the calls without them stay as they were)
-    weighted = () if class_weight is None and not return_lse else (class_weight,)
     if logits_buffer_mb is not None:
+        weighted = () if class_weight is None else (class_weight,)
         grad_on = torch.is_grad_enabled()
         loss, _, _, _ = call_op("linear_cross_entropy_buffered", input, weight, target, bias, *options, reduction,
                                 int(logits_buffer_mb * 2**20), grad_on and input.requires_grad,
                                 grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad,
                                 *weighted)
         return loss
-    loss_rows, lse = call_op("linear_cross_entropy", input, weight, target, bias, *options, filter_eps, *weighted,
-                             *((True,) if return_lse else ()))
+    # the op's optional trailing arguments, up to the last one that is not its default (the plain call stays as it was)
+    extras = (class_weight, return_lse, return_token_accuracy)
+    given = 3 if return_token_accuracy else 2 if return_lse else 1 if class_weight is not None else 0
+    loss_rows, lse, correct = call_op("linear_cross_entropy", input, weight, target, bias, *options, filter_eps,
+                                      *extras[:given])
     valid = target != ignore_index
     target_weight = None if class_weight is None else class_weight.detach()[target.where(valid, 0)].to(loss_rows.dtype)
     loss = _unflatten(reduce_rows(loss_rows, valid, reduction, target_weight), reduction, token_shape)
-    if not return_lse:
+    if not (return_lse or return_token_accuracy):
         return loss
-    # a copy: the op saved its lse for the backward pass, which a caller's in-place edit (lse[pad] = 0) must not reach
-    return loss, _unflatten(lse.clone(), "none", token_shape)
+    outputs = [loss]
+    if return_lse:  # a copy: the op saved its lse for the backward pass, where an in-place edit must not reach
+        outputs.append(_unflatten(lse.clone(), "none", token_shape))
+    if return_token_accuracy:
+        accuracy = reduce_rows(correct.to(loss_rows.dtype), valid, reduction)
+        outputs.append(_unflatten(accuracy, reduction, token_shape))
+    return tuple(outputs)
 
 
 EMO_RATIO_EPS = 1e-10  # as the reference code: sg(ce / (emo + 1e-10))

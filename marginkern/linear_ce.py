@@ -35,7 +35,7 @@ from typing import Optional
 from torch import Tensor
 
 from .engine import (LogitSpec, accumulation_dtype, buffered_loss_and_grads, row_block_matvec, row_block_vecmat,
-                     streaming_grads, streaming_row_stats, target_columns, target_dot)
+                     streaming_grads, streaming_row_stats, streaming_row_stats_with_max, target_columns, target_dot)
 from .margin_ce import local_columns
 from .reference import weighted_mean_scale
 
@@ -196,22 +196,31 @@ def _row_coefficients(tgt, rows, grad_loss, lse, opts: LinearCEOptions, num_clas
     return coef_p, coef_u, grad_target_logit, smoothing_coef
 
 
-def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles, shard=None, class_weight=None):
+def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles, shard=None, class_weight=None,
+                      token_accuracy=False):
     """Per-row loss (0 on ignored rows) and per-row log-sum-exp, in the accumulation dtype. A vocab-parallel
     head (marginkern.distributed.sharded_linear_cross_entropy) passes its `shard` (margin_ce.ClassShard): w and
     bias hold its classes, and the ranks' (lse, Σ_j z, z_t) are merged before the per-row loss. `class_weight`
-    (C,) or None: ClassWeights (not with a shard)."""
+    (C,) or None: ClassWeights (not with a shard). token_accuracy: a third result, per row whether the target's
+    logit is the largest (ties count; False on ignored rows), from the same pass (not with a shard)."""
     weights = ClassWeights.of(class_weight, w, bias, opts)
     tgt = _TargetLogits(x, w, target, bias, opts, shard, weights)
     weighted_sums = weights is not None and opts.label_smoothing > 0
-    lse, sum_logits = streaming_row_stats(x, w, tgt.spec, opts.label_smoothing > 0 and not weighted_sums, tiles)
+    need_sum_logits = opts.label_smoothing > 0 and not weighted_sums
+    if token_accuracy:
+        lse, sum_logits, row_max = streaming_row_stats_with_max(x, w, tgt.spec, need_sum_logits, tiles)
+    else:
+        lse, sum_logits = streaming_row_stats(x, w, tgt.spec, need_sum_logits, tiles)
     if weighted_sums:
         sum_logits = weights.weighted_logit_sums(x)
     num_classes = w.shape[0]
     if shard is not None:
         lse, sum_logits, tgt.logit = shard.merge_row_stats(lse, sum_logits, tgt.logit)
         num_classes = shard.num_classes
-    return _row_loss(tgt, ALL_ROWS, lse, sum_logits, opts, num_classes), lse
+    loss = _row_loss(tgt, ALL_ROWS, lse, sum_logits, opts, num_classes)
+    if token_accuracy:
+        return loss, lse, tgt.valid & (tgt.logit >= row_max)
+    return loss, lse
 
 
 def linear_ce_backward(grad_loss, x, w, target, bias, lse, opts: LinearCEOptions, tiles, need_weight_grad=True,

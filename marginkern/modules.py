@@ -2,10 +2,10 @@
 import torch
 from torch import nn
 
-from .checks import (check_bool, check_class_weight, check_class_weight_values, check_finite, check_head_size,
-                     check_ignore_index, check_jsd_beta, check_linear_ce_options, check_logits_buffer,
-                     check_margin_options, check_module_embeddings, check_reduction, check_return_lse, check_shift,
-                     check_subcenters, check_temperature, check_tensor, checked_class_targets, margin_module_repr,
+from .checks import (check_bool, check_class_weight, check_class_weight_values, check_extra_outputs, check_finite,
+                     check_head_size, check_ignore_index, check_jsd_beta, check_linear_ce_options, check_logits_buffer,
+                     check_margin_options, check_module_embeddings, check_reduction, check_shift, check_subcenters,
+                     check_temperature, check_tensor, checked_class_targets, margin_module_repr,
                      resolve_grad_filter_eps)
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          linear_jsd, linear_kl_divergence, margin_cross_entropy)
@@ -242,16 +242,17 @@ class LinearCrossEntropyLoss(nn.Module):
     `marginkern.linear_cross_entropy`. hidden may be (B, T, D) with target (B, T); shift=1 takes the causal LM's
     labels as they come (position i predicts label i + 1, no copy of hidden). `class_weight` (V,), if given, is
     kept as a buffer (it moves with .to()/.cuda() and is saved in the state dict), as torch's CrossEntropyLoss keeps
-    its `weight` (its length is checked against the head's at each call). return_lse=True: forward returns (loss,
-    per-token log-sum-exp), as the function.
+    its `weight` (its length is checked against the head's at each call). return_lse / return_token_accuracy: forward
+    returns (loss, lse) / (loss, accuracy) / (loss, lse, accuracy), as the function.
     """
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
                  gamma_ce=0.0, reduction="mean", grad_filter_eps=None, logits_buffer_mb=None, shift=0,
-                 class_weight=None, return_lse=False):
+                 class_weight=None, return_lse=False, return_token_accuracy=False):
         super().__init__()
         check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
-        return_lse = check_return_lse(return_lse, logits_buffer_mb)
+        return_lse, return_token_accuracy = check_extra_outputs(logits_buffer_mb, return_lse=return_lse,
+                                                                return_token_accuracy=return_token_accuracy)
         if class_weight is not None:
             check_class_weight(class_weight.detach(), class_weight.detach(), label_smoothing, softcap)
             check_class_weight_values(class_weight)
@@ -261,7 +262,8 @@ class LinearCrossEntropyLoss(nn.Module):
         self.options = dict(ignore_index=check_ignore_index(ignore_index), label_smoothing=label_smoothing, z_loss=z_loss,
                             softcap=softcap, focal_gamma=focal_gamma, gamma_ce=gamma_ce, reduction=reduction,
                             grad_filter_eps=grad_filter_eps, logits_buffer_mb=logits_buffer_mb,
-                            shift=check_shift(shift), return_lse=return_lse)
+                            shift=check_shift(shift), return_lse=return_lse,
+                            return_token_accuracy=return_token_accuracy)
 
     def forward(self, input, weight, target, bias=None):
         return linear_cross_entropy(input, _autocast_like(weight, input), target, _autocast_like(bias, input),

@@ -302,22 +302,33 @@ def _linear_scalars(opts: LinearCEOptions):
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
                          label_smoothing: float, z_loss: float, softcap: Optional[float], focal_gamma: float,
                          gamma_ce: float, grad_filter_eps: Optional[float] = None,
-                         class_weight: Optional[Tensor] = None,
-                         differentiable_lse: bool = False) -> tuple[Tensor, Tensor]:
-    """(per-row loss, per-row log-sum-exp) of softcap(x·wᵀ + b); ignored rows have loss 0. grad_filter_eps
-    is the backward pass's (engine.streaming_grads). class_weight (C,): torch's per-class weight (linear_ce.py).
-    differentiable_lse: the log-sum-exp output takes a gradient too (d lse/dz = p, in the same backward pass);
-    otherwise it is a by-product without one."""
+                         class_weight: Optional[Tensor] = None, differentiable_lse: bool = False,
+                         token_accuracy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-row loss, per-row log-sum-exp, per-row correct) of softcap(x·wᵀ + b); ignored rows have loss 0.
+    grad_filter_eps is the backward pass's (engine.streaming_grads). class_weight (C,): torch's per-class weight
+    (linear_ce.py). differentiable_lse: the log-sum-exp output takes a gradient too (d lse/dz = p, in the same
+    backward pass); otherwise it is a by-product without one. token_accuracy: `correct` (N,) bool says whether each
+    row's target logit is its largest (ties count, ignored rows False), from the forward's own pass; else empty."""
     _check_forward_inputs(input, weight, target, bias)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     check_class_weight(class_weight, weight, opts.label_smoothing, opts.softcap)
     check_target_values(target, weight.shape[0], opts.ignore_index)
     check_class_weight_values(class_weight, accumulation_dtype(weight.dtype))
     input, weight = input.contiguous(), weight.contiguous()
+    if token_accuracy:  # the row max comes from the tiles' row_stats_with_max, which the CUDA tiles lack
+        tiles = select_tiles_except(("cuda",), "token accuracy (row maxima)", input.device, input.dtype)
+        return linear_ce_forward(input, weight, target, bias, opts, tiles, class_weight=class_weight,
+                                 token_accuracy=True)
     tiles = select_tiles(input.device, input.dtype)
     if tiles.name == "cpp" and class_weight is None:  # the whole step in C++ (csrc/cpu/linear_ce_loss.cpp)
-        return torch.ops.marginkern.linear_ce_rows(input, weight, target, bias, *_linear_scalars(opts))
-    return linear_ce_forward(input, weight, target, bias, opts, tiles, class_weight=class_weight)
+        rows = torch.ops.marginkern.linear_ce_rows(input, weight, target, bias, *_linear_scalars(opts))
+    else:
+        rows = linear_ce_forward(input, weight, target, bias, opts, tiles, class_weight=class_weight)
+    return (*rows, _no_token_accuracy(input))
+
+
+def _no_token_accuracy(input):
+    return torch.empty((0,), dtype=torch.bool, device=input.device)
 
 
 @linear_cross_entropy.register_fake
@@ -328,7 +339,9 @@ def _(input, weight, target, bias, *options):
         check_class_weight(options[7], weight, opts.label_smoothing, opts.softcap)
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
-    return input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc)
+    token_accuracy = len(options) > 9 and options[9]
+    correct = input.new_empty((n,), dtype=torch.bool) if token_accuracy else _no_token_accuracy(input)
+    return input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc), correct
 
 
 @_op("linear_cross_entropy_backward")
@@ -368,12 +381,12 @@ def _linear_setup_context(ctx, inputs, output):
     class_weight = options[7] if len(options) > 7 else None
     ctx.save_for_backward(input, weight, target, bias, output[1], class_weight)
     ctx.differentiable_lse = len(options) > 8 and options[8]
-    if not ctx.differentiable_lse:
-        ctx.mark_non_differentiable(output[1])
+    # one call: a second mark_non_differentiable replaces the first one's outputs
+    ctx.mark_non_differentiable(*((output[2],) if ctx.differentiable_lse else (output[1], output[2])))
     ctx.options = options[:7]  # the scalars, grad_filter_eps last
 
 
-def _linear_backward(ctx, grad_loss, grad_lse):
+def _linear_backward(ctx, grad_loss, grad_lse, grad_correct=None):
     input, weight, target, bias, lse, class_weight = ctx.saved_tensors
     need_weight_grad, need_bias_grad = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
     if grad_loss is None:  # only the log-sum-exp is used (the eager twin does not make zeros)
@@ -383,7 +396,7 @@ def _linear_backward(ctx, grad_loss, grad_lse):
                                               target, bias, lse, *ctx.options, need_weight_grad, need_bias_grad,
                                               class_weight, grad_lse)
     return ((grad_input, grad_weight if need_weight_grad else None, None, grad_bias if need_bias_grad else None)
-            + (None,) * 9)
+            + (None,) * 10)
 
 
 _register_autograd("linear_cross_entropy", _linear_backward, _linear_setup_context)

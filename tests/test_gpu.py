@@ -502,3 +502,19 @@ def test_returned_lse_and_its_gradient_on_gpu(dtype, monkeypatch):
     for _ in each_built_gpu_backend(dtype, monkeypatch):
         for opts in OPTIONS:
             check_lse_and_its_gradient("cuda", dtype, opts, shape=(300, 5003, 131))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_token_accuracy_on_gpu(dtype, monkeypatch):
+    """linear_cross_entropy(return_token_accuracy=True) on the Triton tiles (the CUDA tiles have no row max: with
+    MARGINKERN_BACKEND=cuda the call raises BackendUnavailable). Named without "triton": the visit runs it in its
+    last test step."""
+    from tests.test_token_accuracy import check_token_accuracy
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    for opts in (dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=50.0)):
+        check_token_accuracy("cuda", dtype, opts, shape=(300, 50003, 131))
+    if not _why_not("cuda", torch.device("cuda"), dtype):
+        monkeypatch.setenv("MARGINKERN_BACKEND", "cuda")
+        x, w, t = make_case(8, 100, 16, dtype, device="cuda")
+        with pytest.raises(mk.BackendUnavailable, match="token accuracy"):
+            mk.linear_cross_entropy(x, w, t, return_token_accuracy=True)

@@ -148,7 +148,7 @@ def test_opcheck():
     for bias in (b, None):
         args = (x, w, t, bias, -100, 0.1, 1e-3, 4.0, 0.0, 0.2)
         torch.library.opcheck(torch.ops.marginkern.linear_cross_entropy.default, args)
-        _, lse = torch.ops.marginkern.linear_cross_entropy(*args)
+        _, lse, _ = torch.ops.marginkern.linear_cross_entropy(*args)
         bwd = (torch.rand(7), x.detach(), w.detach(), t, None if bias is None else bias.detach(), lse.detach()) + args[4:]
         torch.library.opcheck(torch.ops.marginkern.linear_cross_entropy_backward.default, bwd)
 

@@ -153,7 +153,7 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
 
     With HAS_TEACHER planes 2–5 are the teacher's (max, Σexp, cross sum) and the student's cross sum; the
     outputs are lse, the teacher's lse (at sum_logits_ptr), E_q[z^T − z] (at expected_cost_ptr) and E_p[z − z^T]
-    (at others_ptr)."""
+    (at others_ptr). Otherwise others_ptr gets the row max."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < N
     plane = tl.full([], 0, tl.int64) + num_splits * N  # int64 (splits or N may arrive as constants)
@@ -214,6 +214,7 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
     else:
         total = tl.where(mask, total, 1.0)  # rows past N: no log(0)
         tl.store(lse_ptr + rows, shift + tl.log(total), mask=mask)
+        tl.store(others_ptr + rows, top, mask=mask)  # the row max (token accuracy): N floats, always
         if NEED_SUM_LOGITS:
             tl.store(sum_logits_ptr + rows, sum_logits, mask=mask)
         if HAS_COST:

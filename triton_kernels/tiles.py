@@ -163,11 +163,14 @@ class TritonTiles:
         return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
 
     def row_stats(self, x, w, spec, need_sum_logits):
+        return self.row_stats_with_max(x, w, spec, need_sum_logits)[:2]
+
+    def row_stats_with_max(self, x, w, spec, need_sum_logits):
+        """engine.streaming_row_stats_with_max: the merge kernel writes the row max beside the lse anyway."""
         x, w = x.contiguous(), w.contiguous()
         num_classes = w.shape[0] // spec.subcenters
-        lse, sum_logits, _ = self._row_stats(x, w, spec, need_sum_logits, x.shape[0], num_classes, x.shape[1],
-                                             x.stride(0), w.stride(0), from_dots=False)
-        return lse, sum_logits
+        return self._row_stats(x, w, spec, need_sum_logits, x.shape[0], num_classes, x.shape[1], x.stride(0),
+                               w.stride(0), from_dots=False, row_max=True)
 
     def row_stats_with_cost(self, x, w, spec, cost):
         """(lse, Σ_{j≠t} p_nj·(1 − A_nj)) in one pass (engine.streaming_row_stats_with_cost): the costs of each
@@ -228,10 +231,11 @@ class TritonTiles:
         return lse, sum_logits
 
     def _row_stats(self, x, w, spec, need_sum_logits, N, C, D, stride_x, stride_w, from_dots, cost=None,
-                   entropy=False, teacher=None):
+                   entropy=False, teacher=None, row_max=False):
         """(lse, Σ_j z_nj or None, Σ_{j≠t} p_nj·(1 − A_nj) or None): the forward kernel over class splits, merged
-        here; with `entropy` (M, S′, T) of engine.streaming_row_stats_with_entropy, with `teacher` the four
-        statistics of engine.streaming_row_stats_with_teacher (each without Σz, a cost term or the other)."""
+        here; with `row_max` (lse, Σ_j z_nj or None, max_j z_nj) instead; with `entropy` (M, S′, T) of
+        engine.streaming_row_stats_with_entropy, with `teacher` the four statistics of
+        engine.streaming_row_stats_with_teacher (each without Σz, a cost term or the other)."""
         if (entropy or teacher is not None) and (need_sum_logits or cost is not None or (entropy and teacher)):
             raise ValueError("the entropy and teacher statistics come alone: without Σz, a cost term or each other")
         blocks, launch = _subcenter_config(x, spec)
@@ -265,6 +269,8 @@ class TritonTiles:
             return lse, fourth, third
         if teacher is not None:  # (lse, lse^T, E_q[z^T − z], E_p[z − z^T])
             return lse, second, third, fourth
+        if row_max:
+            return lse, (second if need_sum_logits else None), fourth
         return lse, (second if need_sum_logits else None), (third if cost is not None else None)
 
     def finish_grad_rows(self, grad, scale, out, weight=None, inv_norm=None):

@@ -334,8 +334,10 @@ std::pair<at::Tensor, at::Tensor> chunk_grads(const Spec& s, const Cost& cost, c
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> row_stats_impl(const char* op, const Spec& s, const at::Tensor& target_logit,
-                                                  bool need_sum_logits, int64_t class_chunk) {
+// (lse, Σ_j z_nj or empty, the row max: the largest logit, the target's substituted one included).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_impl(const char* op, const Spec& s,
+                                                              const at::Tensor& target_logit, bool need_sum_logits,
+                                                              int64_t class_chunk) {
   const at::Tensor target_logit_acc = float_vector(op, "target_logit", target_logit, s.N, s.acc, s.device);
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
@@ -358,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> row_stats_impl(const char* op, const Spec& s,
   }
   // max + log(sum); a row of −inf logits gives −inf + log 0 = −inf, as torch.logsumexp.
   at::Tensor lse = at::log(run_sum).add_(run_max);
-  return {lse, total};
+  return {lse, total, run_max};
 }
 
 }  // namespace
@@ -369,6 +371,17 @@ std::tuple<at::Tensor, at::Tensor> streaming_row_stats(
     std::optional<double> softcap, const at::Tensor& target, const at::Tensor& target_logit,
     bool need_sum_logits, int64_t class_chunk) {
   constexpr const char* op = "marginkern::streaming_row_stats";
+  const auto stats = row_stats_impl(op, make_spec(op, x, w, row_scale, col_scale, bias, softcap, target), target_logit,
+                                    need_sum_logits, class_chunk);
+  return {std::get<0>(stats), std::get<1>(stats)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_max(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& target_logit,
+    bool need_sum_logits, int64_t class_chunk) {
+  constexpr const char* op = "marginkern::streaming_row_stats_with_max";
   return row_stats_impl(op, make_spec(op, x, w, row_scale, col_scale, bias, softcap, target), target_logit,
                         need_sum_logits, class_chunk);
 }
@@ -481,8 +494,10 @@ std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
     const std::optional<at::Tensor>& col_scale, std::optional<double> softcap, const at::Tensor& target,
     const at::Tensor& target_logit, bool need_sum_logits, int64_t class_chunk, const Subcenters& subcenters) {
   constexpr const char* op = "marginkern::streaming_row_stats";
-  return row_stats_impl(op, make_spec(op, x, w, row_scale, col_scale, std::nullopt, softcap, target, true,
-                                      subcenters.K), target_logit, need_sum_logits, class_chunk);
+  const auto stats = row_stats_impl(
+      op, make_spec(op, x, w, row_scale, col_scale, std::nullopt, softcap, target, true, subcenters.K), target_logit,
+      need_sum_logits, class_chunk);
+  return {std::get<0>(stats), std::get<1>(stats)};
 }
 
 at::Tensor streaming_grad_logits(
@@ -642,6 +657,11 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
       "streaming_row_stats(Tensor x, Tensor w, Tensor row_scale, Tensor? col_scale, Tensor? bias, "
       "float? softcap, Tensor target, Tensor target_logit, bool need_sum_logits, int class_chunk) "
       "-> (Tensor lse, Tensor sum_logits)");
+  // the same, and each row's largest logit (token accuracy: is the target's the largest?)
+  m.def(
+      "streaming_row_stats_with_max(Tensor x, Tensor w, Tensor row_scale, Tensor? col_scale, Tensor? bias, "
+      "float? softcap, Tensor target, Tensor target_logit, bool need_sum_logits, int class_chunk) "
+      "-> (Tensor lse, Tensor sum_logits, Tensor row_max)");
   m.def(
       "streaming_grad_logits(Tensor x, Tensor w, Tensor row_scale, Tensor? col_scale, Tensor? bias, "
       "float? softcap, Tensor target, Tensor lse, Tensor coef_p, Tensor coef_u, Tensor target_grad, "
@@ -664,6 +684,7 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
 
 TORCH_LIBRARY_IMPL(marginkern, CPU, m) {
   m.impl("streaming_row_stats", TORCH_FN(marginkern::streaming_row_stats));
+  m.impl("streaming_row_stats_with_max", TORCH_FN(marginkern::streaming_row_stats_with_max));
   m.impl("streaming_grad_logits", TORCH_FN(marginkern::streaming_grad_logits));
   m.impl("streaming_grads", TORCH_FN(marginkern::streaming_grads));
   m.impl("row_stats_of_dots", TORCH_FN(marginkern::row_stats_of_dots));

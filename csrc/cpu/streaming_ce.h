@@ -36,6 +36,13 @@ std::tuple<at::Tensor, at::Tensor> streaming_row_stats(
     std::optional<double> softcap, const at::Tensor& target, const at::Tensor& target_logit,
     bool need_sum_logits, int64_t class_chunk);
 
+// (lse, Σ_j z_nj or empty, each row's largest logit, the substituted target logit included), each (N,).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_max(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
+    const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& target_logit,
+    bool need_sum_logits, int64_t class_chunk);
+
 // dL/da for the classes [c0, c1), shape (N, c1 − c0).
 at::Tensor streaming_grad_logits(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,

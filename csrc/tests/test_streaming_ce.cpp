@@ -118,6 +118,12 @@ void test_case(const Case& c) {
                                         in.target_logit, /*need_sum_logits=*/true, c.class_chunk);
     check_close(lse, at::logsumexp(want.z, {1}), tol, name + ": lse");
     check_close(sum_logits, want.z.sum(1), tol, name + ": sum of logits", static_cast<double>(c.C));
+    const auto [lse_too, no_sum, row_max] =
+        marginkern::streaming_row_stats_with_max(in.x, in.w, in.row_scale, in.col_scale, in.bias, c.softcap,
+                                                 in.target, in.target_logit, /*need_sum_logits=*/false, c.class_chunk);
+    check_close(lse_too, lse, 0.0, name + ": lse beside the row max");
+    check_close(row_max, std::get<0>(want.z.max(1)), tol, name + ": row max");
+    EXPECT(no_sum.numel() == 0, "%s: a sum of logits nobody asked for", name.c_str());
   }
 
   for (const auto& [c0, c1] : std::vector<std::pair<int64_t, int64_t>>{{0, c.C}, {c.C / 3, c.C}, {c.C / 2, c.C / 2}}) {

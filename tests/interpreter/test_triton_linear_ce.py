@@ -156,3 +156,12 @@ def test_returned_lse_and_its_gradient(dtype, opts):
     """return_lse=True through the Triton tiles: the lse gradient is one more p-term in coef_p."""
     from tests.test_linear_ce_lse import check_lse_and_its_gradient
     check_lse_and_its_gradient(DEVICE, dtype, opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, softcap=50.0)])
+def test_token_accuracy(dtype, opts):
+    """return_token_accuracy through the Triton tiles: the merge kernel's row max beside the lse."""
+    from tests.test_token_accuracy import check_token_accuracy
+    check_token_accuracy(DEVICE, dtype, opts)
+    check_token_accuracy(DEVICE, dtype, opts, shape=(21, 2000, 32))  # several class splits
