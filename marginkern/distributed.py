@@ -27,13 +27,13 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import (check_bias, check_bool, check_class_shard, check_classes_per_rank, check_classification_inputs,
-                     check_direction, check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
+                     check_direction, check_extra_outputs, check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
                      check_linear_ce_options, check_margin_options, check_module_embeddings, check_reduction,
                      check_subcenters, check_target_tensor, check_teacher, check_temperature, margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import merge_max_sums, merge_weighted_sums
-from .functional import _lm_rows, _unflatten
+from .functional import _lm_rows, linear_ce_outputs
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
@@ -93,6 +93,9 @@ class ProcessGroupShard:
 
     def sum_rows(self, values):
         return self._all_reduce(values.clone(), dist.ReduceOp.SUM)
+
+    def max_rows(self, values):
+        return self._all_reduce(values.clone(), dist.ReduceOp.MAX)
 
     def merge_entropy_stats(self, state, target_logit):
         """log_probs.py's hook: the ranks' entropy statistics (M, S′, T) merged exactly, in rank order (so every
@@ -380,36 +383,45 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
 
 
 class _ShardedLinearCrossEntropy(torch.autograd.Function):
-    """Per-row loss over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard and
-    dL/dbias_shard local."""
+    """(per-row loss, lse, correct) over all C classes (lse differentiable with `differentiable_lse`, correct empty
+    unless `token_accuracy`); gradients: dL/dinput summed over ranks, dL/dweight_shard and dL/dbias_shard local."""
 
     @staticmethod
-    def forward(ctx, input, weight_shard, bias_shard, target, shard: ProcessGroupShard, opts: LinearCEOptions):
+    def forward(ctx, input, weight_shard, bias_shard, target, shard: ProcessGroupShard, opts: LinearCEOptions,
+                differentiable_lse, token_accuracy):
+        ctx.set_materialize_grads(False)
         input, weight_shard = input.contiguous(), weight_shard.contiguous()
+        tiles = (select_tiles_except(("cuda",), "token accuracy (row maxima)", input.device, input.dtype)
+                 if token_accuracy else select_tiles(input.device, input.dtype))
         with torch.autocast(input.device.type, enabled=False):  # the engine picks its GEMM precision itself
-            loss_rows, lse = linear_ce_forward(input, weight_shard, target, bias_shard, opts,
-                                               select_tiles(input.device, input.dtype), shard)
+            loss_rows, lse, *correct = linear_ce_forward(input, weight_shard, target, bias_shard, opts, tiles, shard,
+                                                         token_accuracy=token_accuracy)
+        correct = correct[0] if token_accuracy else torch.empty(0, dtype=torch.bool, device=input.device)
         ctx.save_for_backward(input, weight_shard, bias_shard, target, lse)
-        ctx.shard, ctx.opts = shard, opts
-        return loss_rows
+        ctx.shard, ctx.opts, ctx.differentiable_lse = shard, opts, differentiable_lse
+        ctx.mark_non_differentiable(*((correct,) if differentiable_lse else (lse, correct)))
+        # lse is saved above: the caller gets a copy, which an in-place edit may change
+        return loss_rows, (lse.clone() if differentiable_lse else lse), correct
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_lse, grad_correct):
         if torch.is_grad_enabled():
             raise RuntimeError("sharded_linear_cross_entropy cannot be differentiated twice (create_graph=True)")
         input, weight_shard, bias_shard, target, lse = ctx.saved_tensors
+        grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.contiguous()
         # every rank joins the same collectives, whatever its own requires_grad flags say
         with torch.autocast(input.device.type, enabled=False):
             grad_input, grad_weight, grad_bias = linear_ce_backward(
-                grad_loss.contiguous(), input, weight_shard, target, bias_shard, lse, ctx.opts,
+                grad_loss, input, weight_shard, target, bias_shard, lse, ctx.opts,
                 select_tiles(input.device, input.dtype), ctx.needs_input_grad[1], ctx.needs_input_grad[2],
-                shard=ctx.shard)
-        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, grad_bias, None, None, None
+                shard=ctx.shard, grad_lse=grad_lse if ctx.differentiable_lse else None)
+        return ((grad_input if ctx.needs_input_grad[0] else None), grad_weight, grad_bias) + (None,) * 5
 
 
 def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, class_start, num_classes, group=None,
                                  ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
-                                 gamma_ce=0.0, reduction="mean", shift=0):
+                                 gamma_ce=0.0, reduction="mean", shift=0, return_lse=False,
+                                 return_token_accuracy=False):
     """marginkern.linear_cross_entropy with the LM head's vocabulary sharded across the ranks of `group` (a
     tensor-parallel head: Megatron's vocab-parallel cross-entropy, fused with its GEMM).
 
@@ -424,7 +436,8 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
     dL/dbias_shard are local. Before them, one all-gather of a few integers and one host sync check that the ranks
     agree (rows, targets, options, whether the loss needs a gradient), so that a mismatch raises on every rank
     instead of hanging or mixing. Every rank must run the backward pass, with the same gradient of the loss.
-    Exact mode only (no grad_filter_eps or logits_buffer_mb).
+    Exact mode only (no grad_filter_eps or logits_buffer_mb). return_lse and return_token_accuracy as in
+    linear_cross_entropy (the accuracy takes one more all-reduce of N row maxima); no class_weight yet.
     """
     rank, world_size = _rank_and_world_size(group)
     local_error, opts, token_shape = None, None, None
@@ -437,16 +450,22 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
         class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
         opts = LinearCEOptions(ignore_index, float(label_smoothing), float(z_loss),
                                None if softcap is None else float(softcap), float(focal_gamma), float(gamma_ce))
+        return_lse, return_token_accuracy = check_extra_outputs(None, return_lse=return_lse,
+                                                                return_token_accuracy=return_token_accuracy)
         target = target.long()  # uint8 indices would index as a mask
     except (TypeError, ValueError) as e:
         local_error = e
+    # the flags too: the accuracy adds a collective, which one rank alone would wait on forever
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
                  op="sharded_linear_cross_entropy",
-                 options=() if local_error else dataclasses.astuple(opts) + (reduction, bias_shard is not None),
+                 options=() if local_error else dataclasses.astuple(opts) + (reduction, bias_shard is not None,
+                                                                             return_lse, return_token_accuracy),
                  differentiable=(input, weight_shard, bias_shard))
-    loss_rows = _ShardedLinearCrossEntropy.apply(input, weight_shard, bias_shard, target,
-                                                 ProcessGroupShard(class_start, num_classes, group), opts)
-    return _unflatten(reduce_rows(loss_rows, target != opts.ignore_index, reduction), reduction, token_shape)
+    loss_rows, lse, correct = _ShardedLinearCrossEntropy.apply(
+        input, weight_shard, bias_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
+        return_lse, return_token_accuracy)
+    return linear_ce_outputs(loss_rows, lse, correct, target != opts.ignore_index, reduction, token_shape,
+                             return_lse=return_lse, return_token_accuracy=return_token_accuracy)
 
 
 class _ShardedLogProbsEntropy(torch.autograd.Function):

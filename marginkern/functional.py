@@ -152,12 +152,21 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
                                       *extras[:given])
     valid = target != ignore_index
     target_weight = None if class_weight is None else class_weight.detach()[target.where(valid, 0)].to(loss_rows.dtype)
+    # a copy of lse: the op saved its own for the backward pass, where a caller's in-place edit must not reach
+    return linear_ce_outputs(loss_rows, lse.clone() if return_lse else lse, correct, valid, reduction, token_shape,
+                             target_weight, return_lse=return_lse, return_token_accuracy=return_token_accuracy)
+
+
+def linear_ce_outputs(loss_rows, lse, correct, valid, reduction, token_shape, target_weight=None, *, return_lse,
+                      return_token_accuracy):
+    """The result of linear_cross_entropy (and its vocab-parallel form) from the op's per-row outputs: the reduced
+    loss, then the per-token lse and the reduced accuracy where asked for (numpy.unique's order)."""
     loss = _unflatten(reduce_rows(loss_rows, valid, reduction, target_weight), reduction, token_shape)
     if not (return_lse or return_token_accuracy):
         return loss
     outputs = [loss]
-    if return_lse:  # a copy: the op saved its lse for the backward pass, where an in-place edit must not reach
-        outputs.append(_unflatten(lse.clone(), "none", token_shape))
+    if return_lse:
+        outputs.append(_unflatten(lse, "none", token_shape))
     if return_token_accuracy:
         accuracy = reduce_rows(correct.to(loss_rows.dtype), valid, reduction)
         outputs.append(_unflatten(accuracy, reduction, token_shape))

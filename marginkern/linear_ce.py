@@ -202,7 +202,8 @@ def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles, shard=No
     head (marginkern.distributed.sharded_linear_cross_entropy) passes its `shard` (margin_ce.ClassShard): w and
     bias hold its classes, and the ranks' (lse, Σ_j z, z_t) are merged before the per-row loss. `class_weight`
     (C,) or None: ClassWeights (not with a shard). token_accuracy: a third result, per row whether the target's
-    logit is the largest (ties count; False on ignored rows), from the same pass (not with a shard)."""
+    logit is the largest (ties count; False on ignored rows), from the same pass (with a shard: one more
+    collective, shard.max_rows)."""
     weights = ClassWeights.of(class_weight, w, bias, opts)
     tgt = _TargetLogits(x, w, target, bias, opts, shard, weights)
     weighted_sums = weights is not None and opts.label_smoothing > 0
@@ -219,6 +220,8 @@ def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles, shard=No
         num_classes = shard.num_classes
     loss = _row_loss(tgt, ALL_ROWS, lse, sum_logits, opts, num_classes)
     if token_accuracy:
+        if shard is not None:  # the largest logit over every rank's classes (the target logit is merged above)
+            row_max = shard.max_rows(row_max)
         return loss, lse, tgt.valid & (tgt.logit >= row_max)
     return loss, lse
 

@@ -64,6 +64,9 @@ class ClassShard(Protocol):
     def sum_rows(self, values: Tensor) -> Tensor:
         """A per-row value held by one slice (0 on the others, e.g. the target logit) → the sum over slices."""
 
+    def max_rows(self, values: Tensor) -> Tensor:
+        """A per-row maximum over this slice (the largest logit: token accuracy) → the maximum over slices."""
+
 
 def local_columns(column: Tensor, start: int, num_local: int) -> Tensor:
     """Global target column → column within the slice [start, start + num_local), −1 when elsewhere."""

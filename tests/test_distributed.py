@@ -867,6 +867,39 @@ def test_sharded_linear_ce_token_batches_and_shift(world):
     check_sharded_lce(world, x.reshape(2, 7, 6), w, t.reshape(2, 7), shift=1, reduction="mean")
 
 
+def _sharded_lce_extras(rank, world_size, x, w, t, kwargs, upstream):
+    """(loss, lse, accuracy, dL/dinput, dL/dweight_shard) of this rank with return_lse and return_token_accuracy, for
+    the loss Σ upstream·loss + Σ lse² (the lse's own gradient through the backward's collectives)."""
+    start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+    x = x.clone().requires_grad_()
+    shard = w[start:stop].clone().requires_grad_()
+    loss, lse, accuracy = mkd.sharded_linear_cross_entropy(x, shard, t, class_start=start, num_classes=w.shape[0],
+                                                           return_lse=True, return_token_accuracy=True, **kwargs)
+    total = (loss * upstream.reshape(loss.shape)).sum() + (lse * lse).sum()
+    return (loss.detach(), lse.detach(), accuracy, *torch.autograd.grad(total, (x, shard)))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_sharded_linear_ce_returns_lse_and_token_accuracy(world, reduction):
+    """The returned lse (with its gradient) and the token accuracy equal the single-process ones: the accuracy needs
+    the ranks' row maxima (one all-reduce MAX), the targets of even rows are their argmax."""
+    x, w, t = make_case(21, 29, 7, torch.float64, ignore=(1,))
+    t[::2] = (x.detach() @ w.detach().t()).argmax(1)[::2]
+    kwargs = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    upstream = torch.randn(t.shape if reduction == "none" else (), dtype=torch.float64)
+    results = world.run(_sharded_lce_extras, x, w, t, kwargs, upstream)
+    inputs = [v.detach().clone().requires_grad_() for v in (x, w)]
+    loss, lse, accuracy = mk.linear_cross_entropy(*inputs, t, return_lse=True, return_token_accuracy=True, **kwargs)
+    want_gx, want_gw = torch.autograd.grad((loss * upstream).sum() + (lse * lse).sum(), inputs)
+    for r, (loss_r, lse_r, acc_r, gx_r, gw_r) in enumerate(results):
+        torch.testing.assert_close(loss_r, loss.detach())
+        torch.testing.assert_close(lse_r, lse.detach())
+        assert torch.equal(acc_r, accuracy), f"rank {r}: accuracy {acc_r} != {accuracy}"
+        torch.testing.assert_close(gx_r, want_gx)
+    torch.testing.assert_close(torch.cat([r[4] for r in results]), want_gw)
+    assert accuracy.sum() >= (10 if reduction == "none" else 0.5)  # the argmax rows count (10 of 20 valid)
+
+
 def _lce_argument_errors(rank, world_size):
     C, D = 10, 4
     torch.manual_seed(0)
@@ -895,6 +928,8 @@ def _lce_argument_errors(rank, world_size):
         call(bias_shard=b[start:stop] if rank == 0 else None)
     with pytest.raises(ValueError, match="every rank must pass the same options"):
         call(reduction="mean" if rank == 0 else "sum")
+    with pytest.raises(ValueError, match="every rank must pass the same options"):  # would hang in its all-reduce
+        call(return_token_accuracy=rank == 0)
     # a loss that needs a gradient on one rank only (a frozen shard there, or no_grad): its backward collectives
     # would wait for the others forever (found by a review)
     needs = w[start:stop].clone().requires_grad_(rank == 0)
