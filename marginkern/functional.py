@@ -109,7 +109,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     tokens. Not with logits_buffer_mb.
 
     return_token_accuracy=True adds the token accuracy (Liger's return_token_accuracy, TRL's mean_token_accuracy):
-    whether each non-ignored token's target logit is its largest (ties count as correct), reduced as the loss ("none":
+    whether each non-ignored token's target logit is its largest (bit-identical ties count as correct; a row with a
+    NaN logit is not correct), reduced as the loss ("none":
     1.0/0.0 per token, 0 on ignored ones; "mean": the fraction of non-ignored tokens, 0 when there are none; "sum":
     their count), unweighted by class_weight, without gradient, from the forward's own pass over the classes. Not
     with logits_buffer_mb. With both flags the result is (loss, lse, accuracy), the order numpy.unique uses.

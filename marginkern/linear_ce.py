@@ -222,7 +222,8 @@ def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles, shard=No
     if token_accuracy:
         if shard is not None:  # the largest logit over every rank's classes (the target logit is merged above)
             row_max = shard.max_rows(row_max)
-        return loss, lse, tgt.valid & (tgt.logit >= row_max)
+        # a row whose lse is not finite (a NaN logit, which the Triton max skips; every logit −inf) is not correct
+        return loss, lse, tgt.valid & (tgt.logit >= row_max) & torch.isfinite(lse)
     return loss, lse
 
 

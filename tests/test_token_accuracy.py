@@ -70,6 +70,8 @@ def test_matches_argmax_of_materialised_logits_and_gradients_are_unchanged():
 
 
 def test_ties_count_as_correct_and_class_weight_does_not_weigh():
+    """Exact ties (bit-identical logits) count as correct. (A duplicated class is not such a tie: its logit comes out
+    of the GEMM, the target's from a gathered dot product, and the two may differ in their last bit.)"""
     x = torch.zeros(4, 8)  # every logit 0: each target is among the largest
     w = torch.randn(10, 8)
     t = torch.tensor([0, 3, -100, 9])
@@ -77,6 +79,30 @@ def test_ties_count_as_correct_and_class_weight_does_not_weigh():
     assert accuracy == 1.0
     _, accuracy = mk.linear_cross_entropy(x, w, torch.full_like(t, -100), return_token_accuracy=True)
     assert accuracy == 0.0  # the mean over no tokens
+
+
+def check_non_finite_rows_are_not_correct(device, dtype=torch.float32):
+    """A NaN logit in another column (a NaN bias entry; the Triton kernels' max skips NaN, a review found the token
+    counted correct there), a NaN target logit and a row of −inf logits: the loss is not finite, the token not
+    correct; the other rows unchanged."""
+    x, w, t, expected = separated_case(12, 40, 16, dtype, device)
+    b = torch.zeros(40, dtype=dtype, device=device)
+    b[(t[0] + 1) % 40] = float("nan")  # every row sees it: all rows NaN
+    _, accuracy = mk.linear_cross_entropy(x, w, t, b, reduction="none", return_token_accuracy=True)
+    assert not accuracy.any()
+    x = x.clone()
+    x[2] = float("nan")
+    _, accuracy = mk.linear_cross_entropy(x, w, t, reduction="none", return_token_accuracy=True)
+    assert accuracy[2] == 0 and torch.equal(accuracy[3:], expected[3:].to(accuracy.dtype))
+    b = torch.full((40,), -float("inf"), dtype=dtype, device=device)
+    _, accuracy = mk.linear_cross_entropy(x[3:], w, t[3:], b, reduction="none", return_token_accuracy=True)
+    assert not accuracy.any()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_non_finite_rows_are_not_correct(backend, monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    check_non_finite_rows_are_not_correct("cpu")
 
 
 def test_sequence_shape_and_shift():

@@ -165,3 +165,9 @@ def test_token_accuracy(dtype, opts):
     from tests.test_token_accuracy import check_token_accuracy
     check_token_accuracy(DEVICE, dtype, opts)
     check_token_accuracy(DEVICE, dtype, opts, shape=(21, 2000, 32))  # several class splits
+
+
+def test_token_accuracy_of_non_finite_rows():
+    """The merge kernel's max skips NaN: the accuracy must not count a NaN row correct."""
+    from tests.test_token_accuracy import check_non_finite_rows_are_not_correct
+    check_non_finite_rows_are_not_correct(DEVICE)
