@@ -26,17 +26,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import (check_bias, check_bool, check_class_shard, check_classes_per_rank, check_classification_inputs,
-                     check_direction, check_extra_outputs, check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
+from .checks import (check_bias, check_bool, check_class_shard, check_class_weight, check_class_weight_values,
+                     check_classes_per_rank, check_classification_inputs, check_direction, check_extra_outputs,
+                     check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
                      check_linear_ce_options, check_margin_options, check_module_embeddings, check_reduction,
                      check_subcenters, check_target_tensor, check_teacher, check_temperature, margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
-from .engine import merge_max_sums, merge_weighted_sums
+from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
 from .functional import _lm_rows, linear_ce_outputs
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward
 from .log_probs import log_probs_backward, log_probs_forward
-from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
+from .margin_ce import MarginOptions, local_columns, margin_ce_backward, margin_ce_forward
 from .modules import LambdaAnnealing
 from .reference import reduce_rows
 from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
@@ -388,16 +389,16 @@ class _ShardedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight_shard, bias_shard, target, shard: ProcessGroupShard, opts: LinearCEOptions,
-                differentiable_lse, token_accuracy):
+                differentiable_lse, token_accuracy, class_weight_shard):
         ctx.set_materialize_grads(False)
         input, weight_shard = input.contiguous(), weight_shard.contiguous()
         tiles = (select_tiles_except(("cuda",), "token accuracy (row maxima)", input.device, input.dtype)
                  if token_accuracy else select_tiles(input.device, input.dtype))
         with torch.autocast(input.device.type, enabled=False):  # the engine picks its GEMM precision itself
             loss_rows, lse, *correct = linear_ce_forward(input, weight_shard, target, bias_shard, opts, tiles, shard,
-                                                         token_accuracy=token_accuracy)
+                                                         class_weight_shard, token_accuracy=token_accuracy)
         correct = correct[0] if token_accuracy else torch.empty(0, dtype=torch.bool, device=input.device)
-        ctx.save_for_backward(input, weight_shard, bias_shard, target, lse)
+        ctx.save_for_backward(input, weight_shard, bias_shard, target, lse, class_weight_shard)
         ctx.shard, ctx.opts, ctx.differentiable_lse = shard, opts, differentiable_lse
         ctx.mark_non_differentiable(*((correct,) if differentiable_lse else (lse, correct)))
         # lse is saved above: the caller gets a copy, which an in-place edit may change
@@ -407,20 +408,21 @@ class _ShardedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse, grad_correct):
         if torch.is_grad_enabled():
             raise RuntimeError("sharded_linear_cross_entropy cannot be differentiated twice (create_graph=True)")
-        input, weight_shard, bias_shard, target, lse = ctx.saved_tensors
+        input, weight_shard, bias_shard, target, lse, class_weight_shard = ctx.saved_tensors
         grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.contiguous()
         # every rank joins the same collectives, whatever its own requires_grad flags say
         with torch.autocast(input.device.type, enabled=False):
             grad_input, grad_weight, grad_bias = linear_ce_backward(
                 grad_loss, input, weight_shard, target, bias_shard, lse, ctx.opts,
                 select_tiles(input.device, input.dtype), ctx.needs_input_grad[1], ctx.needs_input_grad[2],
-                shard=ctx.shard, grad_lse=grad_lse if ctx.differentiable_lse else None)
-        return ((grad_input if ctx.needs_input_grad[0] else None), grad_weight, grad_bias) + (None,) * 5
+                shard=ctx.shard, class_weight=class_weight_shard,
+                grad_lse=grad_lse if ctx.differentiable_lse else None)
+        return ((grad_input if ctx.needs_input_grad[0] else None), grad_weight, grad_bias) + (None,) * 6
 
 
 def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, class_start, num_classes, group=None,
                                  ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
-                                 gamma_ce=0.0, reduction="mean", shift=0, return_lse=False,
+                                 gamma_ce=0.0, reduction="mean", shift=0, class_weight_shard=None, return_lse=False,
                                  return_token_accuracy=False):
     """marginkern.linear_cross_entropy with the LM head's vocabulary sharded across the ranks of `group` (a
     tensor-parallel head: Megatron's vocab-parallel cross-entropy, fused with its GEMM).
@@ -437,7 +439,9 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
     agree (rows, targets, options, whether the loss needs a gradient), so that a mismatch raises on every rank
     instead of hanging or mixing. Every rank must run the backward pass, with the same gradient of the loss.
     Exact mode only (no grad_filter_eps or logits_buffer_mb). return_lse and return_token_accuracy as in
-    linear_cross_entropy (the accuracy takes one more all-reduce of N row maxima); no class_weight yet.
+    linear_cross_entropy (the accuracy takes one more all-reduce of N row maxima). `class_weight_shard`
+    (C_local,): this rank's slice of linear_cross_entropy's class_weight (each row's c_t comes from the rank holding
+    its target: one more all-reduce of N per pass, and one of a scalar for Σ c).
     """
     rank, world_size = _rank_and_world_size(group)
     local_error, opts, token_shape = None, None, None
@@ -452,19 +456,28 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
                                None if softcap is None else float(softcap), float(focal_gamma), float(gamma_ce))
         return_lse, return_token_accuracy = check_extra_outputs(None, return_lse=return_lse,
                                                                 return_token_accuracy=return_token_accuracy)
+        check_class_weight(class_weight_shard, weight_shard, label_smoothing, softcap)
+        check_class_weight_values(class_weight_shard, accumulation_dtype(weight_shard.dtype))
         target = target.long()  # uint8 indices would index as a mask
     except (TypeError, ValueError) as e:
         local_error = e
-    # the flags too: the accuracy adds a collective, which one rank alone would wait on forever
+    # the flags and the weights' presence too: each adds collectives, which one rank alone would wait on forever
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
                  op="sharded_linear_cross_entropy",
-                 options=() if local_error else dataclasses.astuple(opts) + (reduction, bias_shard is not None,
-                                                                             return_lse, return_token_accuracy),
+                 options=() if local_error else dataclasses.astuple(opts) + (
+                     reduction, bias_shard is not None, return_lse, return_token_accuracy,
+                     class_weight_shard is not None),
                  differentiable=(input, weight_shard, bias_shard))
+    shard = ProcessGroupShard(class_start, num_classes, group)
     loss_rows, lse, correct = _ShardedLinearCrossEntropy.apply(
-        input, weight_shard, bias_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
-        return_lse, return_token_accuracy)
-    return linear_ce_outputs(loss_rows, lse, correct, target != opts.ignore_index, reduction, token_shape,
+        input, weight_shard, bias_shard, target, shard, opts, return_lse, return_token_accuracy, class_weight_shard)
+    valid = target != opts.ignore_index
+    target_weight = None
+    if class_weight_shard is not None and reduction == "mean":  # Σ c_t: each c_t from the rank holding the target
+        column = local_columns(torch.where(valid, target, -1), class_start, weight_shard.shape[0])
+        local = torch.where(column >= 0, class_weight_shard.detach()[column.clamp_min(0)].to(loss_rows.dtype), 0.0)
+        target_weight = shard.sum_rows(local)
+    return linear_ce_outputs(loss_rows, lse, correct, valid, reduction, token_shape, target_weight,
                              return_lse=return_lse, return_token_accuracy=return_token_accuracy)
 
 

@@ -59,18 +59,27 @@ class ClassWeights:
     bias_dot: Optional[Tensor] = None  # () b·c: with label smoothing and a bias only
 
     @staticmethod
-    def of(class_weight, w, bias, opts: LinearCEOptions):
-        """ClassWeights for the tensor `class_weight` (C,), or None for None."""
+    def of(class_weight, w, bias, opts: LinearCEOptions, shard=None):
+        """ClassWeights for the tensor `class_weight` (C,), or None for None. With a `shard` (a vocab-parallel
+        head), class_weight, w and bias are this rank's slices: c̄ sums over every rank's (one collective), while
+        v and b·c stay local (the weighted sums merge as Σz does, the rank-1 gradient terms are local)."""
         if class_weight is None:
             return None
         acc = accumulation_dtype(w.dtype)
         c = class_weight.detach().to(acc)
+        mean = c.mean() if shard is None else shard.sum_rows(c.sum().reshape(1))[0] / shard.num_classes
         if opts.label_smoothing == 0:
-            return ClassWeights(c, c.mean())
+            return ClassWeights(c, mean)
         if opts.softcap is not None:  # Σ_j c_j·softcap(z_j) is not linear in x: checks.check_class_weight refuses it
             raise ValueError("class_weight with label_smoothing > 0 needs softcap=None")
         bias_dot = None if bias is None else torch.dot(bias.detach().to(acc), c)
-        return ClassWeights(c, c.mean(), row_block_vecmat(c, w.detach()), bias_dot)
+        return ClassWeights(c, mean, row_block_vecmat(c, w.detach()), bias_dot)
+
+    def of_targets(self, column, shard=None):
+        """c_t per row for target columns within c (−1: none here, or ignored: 0); with a `shard` the sum over the
+        ranks, i.e. the weight of each row's target wherever it lives (one collective)."""
+        weight = torch.where(column >= 0, self.c[column.clamp_min(0)], 0.0)
+        return weight if shard is None else shard.sum_rows(weight)
 
     def weighted_logit_sums(self, x):
         """Σ_j c_j·z_nj = x_n·v + b·c per row (N,)."""
@@ -135,7 +144,7 @@ class _TargetLogits:
         self.logit = raw
         self.spec = LogitSpec(torch.ones_like(raw), None, bias, opts.softcap, self.column, self.logit)
         # c_t per row (None: unweighted), and the weighted sums Σ_j c_j·z_j that replace Σ_j z_j with smoothing
-        self.class_weight = None if weights is None else weights.c[column.clamp_min(0)]
+        self.class_weight = None if weights is None else weights.of_targets(column, shard)
         self.weights = weights
 
 
@@ -201,10 +210,10 @@ def linear_ce_forward(x, w, target, bias, opts: LinearCEOptions, tiles, shard=No
     """Per-row loss (0 on ignored rows) and per-row log-sum-exp, in the accumulation dtype. A vocab-parallel
     head (marginkern.distributed.sharded_linear_cross_entropy) passes its `shard` (margin_ce.ClassShard): w and
     bias hold its classes, and the ranks' (lse, Σ_j z, z_t) are merged before the per-row loss. `class_weight`
-    (C,) or None: ClassWeights (not with a shard). token_accuracy: a third result, per row whether the target's
+    (C,) or None: ClassWeights (with a shard, this rank's slice). token_accuracy: a third result, per row whether the target's
     logit is the largest (ties count; False on ignored rows), from the same pass (with a shard: one more
     collective, shard.max_rows)."""
-    weights = ClassWeights.of(class_weight, w, bias, opts)
+    weights = ClassWeights.of(class_weight, w, bias, opts, shard)
     tgt = _TargetLogits(x, w, target, bias, opts, shard, weights)
     weighted_sums = weights is not None and opts.label_smoothing > 0
     need_sum_logits = opts.label_smoothing > 0 and not weighted_sums
@@ -232,7 +241,7 @@ def linear_ce_backward(grad_loss, x, w, target, bias, lse, opts: LinearCEOptions
     """(dL/dx, dL/dw or None, dL/dbias or None): 4 GEMMs, the logits recomputed class chunk by chunk. With a
     `shard`: dL/dx summed over the ranks, dL/dw and dL/dbias of this rank's classes. grad_lse (N,) or None: a
     gradient on the log-sum-exp too (d lse/dz_j = p_j), on every row, ignored ones included."""
-    weights = ClassWeights.of(class_weight, w, bias, opts)
+    weights = ClassWeights.of(class_weight, w, bias, opts, shard)
     tgt = _TargetLogits(x, w, target, bias, opts, shard, weights)
     num_classes = w.shape[0]
     if shard is not None:  # z_t lives on one rank (0 on the others): the sum is the forward's z_t, bit for bit

@@ -781,7 +781,7 @@ def test_sharded_kl_divergence_refuses_different_options(world):
 
 # ---- vocab-parallel linear cross-entropy -------------------------------------------------------------------------
 
-def _sharded_lce_and_grads(rank, world_size, x, w, bias, t, kwargs, upstream, backend=None):
+def _sharded_lce_and_grads(rank, world_size, x, w, bias, t, kwargs, upstream, backend=None, class_weight=None):
     """(loss, dL/dinput, dL/dweight_shard, dL/dbias_shard or None) of this rank for the loss Σ upstream·loss."""
     if backend is not None:
         os.environ["MARGINKERN_BACKEND"] = backend
@@ -790,6 +790,8 @@ def _sharded_lce_and_grads(rank, world_size, x, w, bias, t, kwargs, upstream, ba
         x = x.clone().requires_grad_()
         shard = w[start:stop].clone().requires_grad_()
         bias_shard = None if bias is None else bias[start:stop].clone().requires_grad_()
+        if class_weight is not None:
+            kwargs = dict(kwargs, class_weight_shard=class_weight[start:stop])
         loss = mkd.sharded_linear_cross_entropy(x, shard, t, bias_shard, class_start=start, num_classes=w.shape[0],
                                                 **kwargs)
         grads = torch.autograd.grad((loss * upstream.to(loss.dtype).reshape(loss.shape)).sum(),
@@ -799,19 +801,19 @@ def _sharded_lce_and_grads(rank, world_size, x, w, bias, t, kwargs, upstream, ba
         os.environ.pop("MARGINKERN_BACKEND", None)
 
 
-def check_sharded_lce(world, x, w, t, dtype=torch.float64, bias=None, backend=None, **kwargs):
-    """sharded_linear_cross_entropy equals the single-process linear_cross_entropy with the concatenated head:
-    loss and dL/dinput identical on every rank, the slices of dL/dweight and dL/dbias concatenated."""
+def check_sharded_lce(world, x, w, t, dtype=torch.float64, bias=None, backend=None, class_weight=None, **kwargs):
+    """sharded_linear_cross_entropy equals the single-process linear_cross_entropy with the concatenated head (and
+    class weights): loss and dL/dinput identical on every rank, the slices of dL/dweight and dL/dbias concatenated."""
     reduction = kwargs.setdefault("reduction", "none")
     upstream = torch.randn(t.shape if reduction == "none" else (), dtype=torch.float64)
-    results = world.run(_sharded_lce_and_grads, x, w, bias, t, kwargs, upstream, backend)
+    results = world.run(_sharded_lce_and_grads, x, w, bias, t, kwargs, upstream, backend, class_weight)
     loss, gx, *_ = results[0]
     for r, (loss_r, gx_r, gw_r, _) in enumerate(results):
         assert torch.equal(loss_r, loss) and torch.equal(gx_r, gx), f"rank {r} differs from rank 0"
         start, stop = mkd.shard_range(w.shape[0], r, world.size)
         assert gw_r.shape == (stop - start, w.shape[1]) and gw_r.dtype == dtype
     inputs = [v.clone().requires_grad_() for v in (x, w) + (() if bias is None else (bias,))]
-    want = mk.linear_cross_entropy(*inputs[:2], t, *inputs[2:], **kwargs)
+    want = mk.linear_cross_entropy(*inputs[:2], t, *inputs[2:], class_weight=class_weight, **kwargs)
     want_grads = torch.autograd.grad((want * upstream.to(want.dtype)).sum(), inputs)
     assert loss.shape == want.shape and loss.dtype == want.dtype
     assert_close_rel(loss, want, dtype, "loss", floor=1.0)
@@ -865,6 +867,18 @@ def test_sharded_linear_ce_token_batches_and_shift(world):
     x, w, t = make_case(2 * 7, 23, 6, torch.float64, ignore=(4,))
     check_sharded_lce(world, x.reshape(2, 7, 6), w, t.reshape(2, 7), shift=1, softcap=4.0)
     check_sharded_lce(world, x.reshape(2, 7, 6), w, t.reshape(2, 7), shift=1, reduction="mean")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-3), dict(focal_gamma=2.0)])
+def test_sharded_linear_ce_class_weights(world, reduction, opts):
+    """class_weight_shard: each rank's slice of the class weights; c_t from the rank holding the target, c̄ over all
+    ranks, the weighted smoothing sums merged, the rank-1 gradient terms local (a bias shard included)."""
+    x, w, t = make_case(17, 31, 6, torch.float64, ignore=(2,))
+    c = torch.rand(31, dtype=torch.float64) + 0.2
+    c[t[5]] = 0.0
+    check_sharded_lce(world, x, w, t, bias=torch.randn(31, dtype=torch.float64), class_weight=c, reduction=reduction,
+                      **opts)
 
 
 def _sharded_lce_extras(rank, world_size, x, w, t, kwargs, upstream):
@@ -930,6 +944,10 @@ def _lce_argument_errors(rank, world_size):
         call(reduction="mean" if rank == 0 else "sum")
     with pytest.raises(ValueError, match="every rank must pass the same options"):  # would hang in its all-reduce
         call(return_token_accuracy=rank == 0)
+    with pytest.raises(ValueError, match="every rank must pass the same options"):
+        call(class_weight_shard=torch.ones(stop - start) if rank == 0 else None)
+    with pytest.raises(ValueError, match=r"class_weight must have shape \(C=\d+,\)|sharded_linear_cross_entropy: rank"):
+        call(class_weight_shard=torch.ones(C))
     # a loss that needs a gradient on one rank only (a frozen shard there, or no_grad): its backward collectives
     # would wait for the others forever (found by a review)
     needs = w[start:stop].clone().requires_grad_(rank == 0)
