@@ -30,7 +30,8 @@ from .checks import (check_bias, check_bool, check_class_shard, check_class_weig
                      check_classes_per_rank, check_classification_inputs, check_direction, check_extra_outputs,
                      check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
                      check_linear_ce_options, check_margin_options, check_module_embeddings, check_reduction,
-                     check_subcenters, check_target_tensor, check_teacher, check_temperature, margin_module_repr)
+                     check_subcenters, check_target_tensor, check_teacher, check_temperature, check_tensor,
+                     margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
@@ -142,6 +143,16 @@ _GATHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, t
                   torch.int8, torch.uint8, torch.bool)
 
 
+_NOT_ROWS = -2  # the shape check's code of a rank whose argument was no tensor of rows
+
+
+def _collective_device(group):
+    """Where a small collective's tensor lives for `group`: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _check_same_rows(local, group, world_size):
     """Every rank must pass the same shape and dtype: all_gather with unequal sizes hangs or fails deep
     inside the backend (PartialFC asserts a constant batch size). One tiny all-gather of (dims, dtype,
@@ -155,6 +166,9 @@ def _check_same_rows(local, group, world_size):
     code = torch.tensor([dims, dtype] + sizes + [0] * (_MAX_GATHER_DIMS - len(sizes)), dtype=torch.int64,
                         device=local.device)
     seen = _all_gather_ints(code, group, world_size)
+    if any(c[0] == _NOT_ROWS for c in seen):
+        raise ValueError(f"gather_embeddings: rank(s) {[r for r, c in enumerate(seen) if c[0] == _NOT_ROWS]} passed no "
+                         "tensor of rows (their own error says what); every rank stops here rather than wait for them")
     if any(c[0] < 0 for c in seen):
         raise ValueError(f"gather_embeddings takes at most {_MAX_GATHER_DIMS} dimensions, got "
                          f"{['> 7' if c[0] < 0 else c[0] for c in seen]} on ranks 0..{world_size - 1}")
@@ -197,7 +211,12 @@ def gather_embeddings(local, group=None):
     """
     if not isinstance(local, torch.Tensor) or local.dim() < 1:
         what = f"shape {tuple(local.shape)}" if isinstance(local, torch.Tensor) else type(local).__name__
-        raise ValueError(f"local must be a tensor of rows (b, ...), got {what}")
+        error = ValueError(f"local must be a tensor of rows (b, ...), got {what}")
+        _, world_size = _rank_and_world_size(group)
+        # join the other ranks' shape check before raising, so that it raises there too instead of waiting
+        code = torch.full((2 + _MAX_GATHER_DIMS,), _NOT_ROWS, dtype=torch.int64, device=_collective_device(group))
+        _all_gather_ints(code, group, world_size)
+        raise error
     if not local.dtype.is_floating_point:
         return _all_gather_cat(local, group)
     return _GatherRows.apply(local, group)
@@ -742,9 +761,14 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
 
     def forward(self, embeddings, target):
         """Every rank must be in the same mode (train/eval): the two modes run different collectives."""
-        check_module_embeddings(embeddings, self.embedding_dim)
         weight, o = self.weight, self._lambda_options(self.options)
-        if not (self.training and self.sample_rate < 1.0):
+        sampled = self.training and self.sample_rate < 1.0
+        try:
+            check_tensor("embeddings", embeddings)
+            check_module_embeddings(embeddings, self.embedding_dim)
+        except (TypeError, ValueError) as e:  # raised on this rank by the agreement check, which the others join
+            _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], sampled, e)
+        if not sampled:
             if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
                 weight = weight.to(embeddings.dtype)
             return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,

@@ -40,6 +40,22 @@ class _EMOGeometry:
         self.self_cosine = torch.where(target_norm >= NORM_EPS, 1.0, (target_norm / NORM_EPS) ** 2)
 
 
+def cost_in_dtype(cost, dtype, block_bytes=16 << 20):
+    """The cost embedding in the input's dtype: its cosines run as a second tensor-core dot beside the logits (an fp32
+    cost with bf16 inputs would run on FMA units; fp64 does not compile). A cast is made of the row-normalised rows,
+    normalised in fp64 by blocks of rows (no whole upcast copy): only directions matter, and a raw fp32 row of norm
+    1e5 would overflow fp16 (NaN on every row, a review found). In the input's dtype already: as it is."""
+    cost = cost.detach()
+    if cost.dtype == dtype:
+        return cost
+    out = torch.empty(cost.shape, dtype=dtype, device=cost.device)
+    rows = max(1, block_bytes // max(1, cost.shape[1] * 8))
+    for r0 in range(0, cost.shape[0], rows):
+        block = cost[r0:r0 + rows].to(torch.float64)
+        out[r0:r0 + rows] = block / torch.linalg.vector_norm(block, dim=1, keepdim=True).clamp_min(NORM_EPS)
+    return out
+
+
 def emo_forward(x, w, target, cost, ignore_index, tiles):
     """(ce, emo, lse) per row; ce and emo are 0 on ignored rows."""
     geo = _EMOGeometry(x, w, target, cost, ignore_index)
@@ -58,8 +74,11 @@ def emo_backward(grad_ce, grad_emo, x, w, target, cost, lse, emo, ignore_index, 
     g_emo = torch.where(geo.valid, grad_emo if grad_emo.dtype == lse.dtype else grad_emo.to(lse.dtype), 0.0)
     # dL/dz_j = g_ce·(p_j − δ_jt) + g_emo·p_j·(1 − L_emo − ê_j·ê_t)
     coef_p = g_ce + g_emo * (1.0 - emo)
-    p_target = torch.exp(geo.target_logit - lse)
-    target_grad = p_target * (coef_p - g_emo * geo.self_cosine) - g_ce
+    log_p_target = geo.target_logit - lse
+    # g_ce·(p_t − 1) + g_emo·p_t·((1 − ê_t·ê_t) − L_emo), written so that neither term is lost for a confident token:
+    # g_ce·expm1(log p_t), and L_emo not through coef_p's 1 − L_emo (1 in fp32 for L_emo < 6e-8: the target's
+    # −g·p_t·L_emo was 0 there, a review found)
+    target_grad = g_ce * torch.expm1(log_p_target) + g_emo * torch.exp(log_p_target) * ((1.0 - geo.self_cosine) - emo)
     cost_term = CostSpec(geo.query_rows, geo.query_scale, cost, geo.key_scale, g_emo)
     grad_x, grad_w, _ = streaming_grads(x, w, geo.spec, lse, coef_p, zero, target_grad, tiles, cost=cost_term,
                                         need_weight_grad=need_weight_grad)

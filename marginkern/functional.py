@@ -9,6 +9,7 @@ from .checks import (check_bias, check_binary_targets, check_bool, check_class_w
                      check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer, check_margin_options,
                      check_reduction, check_shift, check_subcenters, check_teacher, check_temperature, check_tensor,
                      check_topk_teacher, resolve_grad_filter_eps)
+from .emo import cost_in_dtype
 from .ops import call as call_op
 from .reference import reduce_rows
 
@@ -183,11 +184,10 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, sh
     check_classification_inputs(input, weight, target)
     if cost_embedding is not None:
         check_cost_embedding(cost_embedding, weight)
-    # The cost cosines run as a second tl.dot next to the logits: same dtype as the input, so they use
-    # the tensor cores (an fp32 cost with bf16 inputs would run on FMA units; fp64 does not compile).
-    cost = (weight if cost_embedding is None else cost_embedding).detach().to(input.dtype)
+    cost = cost_in_dtype(weight if cost_embedding is None else cost_embedding, input.dtype)
     check_reduction(reduction)
-    ce, emo, _ = call_op("emo_cross_entropy", input, weight, target.long(), cost, ignore_index)
+    target = target.long()  # a uint8 target would compare unequal to ignore_index −100 (which wraps to 156)
+    ce, emo, _ = call_op("emo_cross_entropy", input, weight, target, cost, ignore_index)
     return ce, emo, target, token_shape, ignore_index
 
 

@@ -611,6 +611,29 @@ def _unequal_batches(rank, world_size):
     return tuple(mkd.gather_embeddings(torch.ones(2, 4)).shape)  # the group still works
 
 
+def _bad_argument_on_one_rank(rank, world_size):
+    """An argument error on rank 1 alone, raised before any collective there, must raise on every rank (a review found
+    rank 0 waiting in the next collective until the group's timeout): the module's embeddings, and
+    gather_embeddings' argument."""
+    D, C = 4, 12
+    bad = rank == 1
+    for sample_rate in (1.0, 0.5):
+        module = mkd.ShardedArcFaceLoss(D, C, sample_rate=sample_rate)
+        t = torch.arange(6) % C
+        for embeddings, match in ((torch.randn(6, D + bad), "embeddings must have shape"),
+                                  (None if bad else torch.randn(6, D), "embeddings must be a torch.Tensor")):
+            with pytest.raises(ValueError if embeddings is not None or not bad else TypeError,
+                               match=f"{match}|rank\\(s\\) \\[1\\] of \\d got invalid arguments"):
+                module(embeddings, t)
+    with pytest.raises(ValueError, match=r"local must be a tensor of rows|rank\(s\) \[1\] passed no tensor of rows"):
+        mkd.gather_embeddings(None if bad else torch.ones(2, 4))
+    return tuple(mkd.gather_embeddings(torch.ones(2, 4)).shape)  # the group still works
+
+
+def test_bad_argument_on_one_rank_raises_on_every_rank(world):
+    assert world.run(_bad_argument_on_one_rank) == [(2 * world.size, 4)] * world.size
+
+
 def test_gather_embeddings_refuses_unequal_batches(world):
     # face_margin_anchors.md: PartialFC needs a constant batch size per rank; unequal ones must not hang
     assert world.run(_unequal_batches) == [(2 * world.size, 4)] * world.size

@@ -179,3 +179,23 @@ def test_confident_rows_keep_emo_accurate_and_non_negative(backend, monkeypatch)
     if backend != "default":
         monkeypatch.setenv("MARGINKERN_BACKEND", backend)
     check_emo_confident_rows("cpu")
+
+
+@pytest.mark.parametrize("fn", [mk.emo_loss, mk.emo_cross_entropy])
+def test_uint8_targets_keep_the_mean(fn):
+    """uint8 targets: the mean's mask compared them with ignore_index −100, which wraps to 156 in uint8 (rows of class
+    156 then left the denominator: twice the loss here, a review found)."""
+    x, w, _ = make_case(4, 200, 8)
+    t = torch.tensor([156, 3, 156, 7])
+    torch.testing.assert_close(fn(x, w, t.to(torch.uint8)), fn(x, w, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cost_embedding_of_another_dtype_is_normalised_before_the_cast(dtype):
+    """An fp32 cost embedding with 16-bit inputs is cast to the inputs' dtype for the kernels' second dot: cast raw,
+    rows of norm ~1e5 overflowed fp16 (NaN on every row, a review found); normalised first, only directions go."""
+    x, w, t = make_case(10, 30, 8, dtype)
+    cost = torch.randn(30, 12) * 1e5
+    got = mk.emo_loss(x, w, t, cost_embedding=cost, reduction="none")
+    want = naive_emo_rows(x.double(), w.double(), t, cost)[1]
+    assert_close_rel(got, want, dtype, "EMO", floor=1.0)

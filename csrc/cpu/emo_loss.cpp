@@ -135,8 +135,12 @@ std::tuple<at::Tensor, at::Tensor> emo_rows_backward(const at::Tensor& grad_ce, 
   const at::Tensor g_emo = at::where(geo.valid, grad_emo.to(acc), zero);
   // dL/dz_j = g_ce·(p_j − δ_jt) + g_emo·p_j·(1 − L_emo − ê_j·ê_t)
   const at::Tensor coef_p = g_ce + g_emo * (1.0 - emo.to(acc));
-  const at::Tensor p_target = at::exp(geo.target_logit - lse_acc);
-  const at::Tensor target_grad = p_target * (coef_p - g_emo * geo.self_cosine) - g_ce;
+  // g_ce·(p_t − 1) + g_emo·p_t·((1 − ê_t·ê_t) − L_emo), written so that neither term is lost for a confident token:
+  // g_ce·expm1(log p_t), and L_emo not through coef_p's 1 − L_emo (1 in fp32 for L_emo < 6e-8)
+  const at::Tensor log_p_target = geo.target_logit - lse_acc;
+  const at::Tensor p_target = at::exp(log_p_target);
+  const at::Tensor target_grad = g_ce * at::expm1(log_p_target) +
+                                 g_emo * p_target * ((1.0 - geo.self_cosine) - emo.to(acc));
   // the cost term needs a second N × chunk buffer (q·kᵀ): half the chunk keeps the same memory
   const int64_t chunk = class_chunk > 0 ? class_chunk : std::max<int64_t>(256, loss::class_chunk(0, x.size(0), acc) / 2);
   const auto [grad_x, grad_w, unused_bias] = streaming_grads_finalized(
