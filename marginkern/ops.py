@@ -616,25 +616,28 @@ def _(grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teache
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
-def _kl_setup_context(ctx, inputs, output):
-    input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, reverse = inputs
-    # the teacher's tensors are saved detached: no gradient flows into them (their views of a graph stay out)
-    ctx.save_for_backward(input, weight, teacher_input.detach(), teacher_weight.detach(), target, output[1], output[2],
-                          output[0])
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.temperature, ctx.ignore_index, ctx.reverse = temperature, ignore_index, reverse
+def _register_distillation_autograd(name, statistic):
+    """The autograd of the distillation ops `name` (KL, JSD): outputs (loss, lse, teacher lse[, ...]), the loss the
+    only differentiable one; the backward op `<name>_backward` takes the saved (…, lse, teacher lse,
+    output[statistic]) and then the forward's scalar arguments in their order, and gives the student's gradients."""
+    def setup_context(ctx, inputs, output):
+        input, weight, teacher_input, teacher_weight, target, *scalars = inputs
+        # the teacher's tensors are saved detached: no gradient flows into them (their views of a graph stay out)
+        ctx.save_for_backward(input, weight, teacher_input.detach(), teacher_weight.detach(), target, output[1],
+                              output[2], output[statistic])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.scalars = scalars
+
+    def backward(ctx, grad_loss, *unused):
+        need_weight_grad = ctx.needs_input_grad[1]
+        grad_input, grad_weight = call(f"{name}_backward", grad_loss.contiguous(), *ctx.saved_tensors, *ctx.scalars,
+                                       need_weight_grad)
+        return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * (3 + len(ctx.scalars))
+
+    _register_autograd(name, backward, setup_context)
 
 
-def _kl_backward(ctx, grad_kl, grad_lse, grad_teacher_lse):
-    input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl = ctx.saved_tensors
-    need_weight_grad = ctx.needs_input_grad[1]
-    grad_input, grad_weight = call("linear_kl_divergence_backward", grad_kl.contiguous(), input, weight, teacher_input,
-                                   teacher_weight, target, lse, teacher_lse, kl, ctx.temperature, ctx.ignore_index,
-                                   ctx.reverse, need_weight_grad)
-    return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * 6
-
-
-_register_autograd("linear_kl_divergence", _kl_backward, _kl_setup_context)
+_register_distillation_autograd("linear_kl_divergence", statistic=0)  # its backward takes the KL itself
 
 
 def _jsd_beta_inside(beta):
@@ -701,25 +704,7 @@ def _(grad_jsd, input, weight, teacher_input, teacher_weight, target, lse, teach
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
-def _jsd_setup_context(ctx, inputs, output):
-    input, weight, teacher_input, teacher_weight, target, beta, temperature, ignore_index = inputs
-    # the teacher's tensors are saved detached: no gradient flows into them (their views of a graph stay out)
-    ctx.save_for_backward(input, weight, teacher_input.detach(), teacher_weight.detach(), target, output[1], output[2],
-                          output[3])
-    ctx.mark_non_differentiable(output[1], output[2], output[3])
-    ctx.beta, ctx.temperature, ctx.ignore_index = beta, temperature, ignore_index
-
-
-def _jsd_backward(ctx, grad_jsd, grad_lse, grad_teacher_lse, grad_kl_student_mixture):
-    input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl_pm = ctx.saved_tensors
-    need_weight_grad = ctx.needs_input_grad[1]
-    grad_input, grad_weight = call("linear_jsd_backward", grad_jsd.contiguous(), input, weight, teacher_input,
-                                   teacher_weight, target, lse, teacher_lse, kl_pm, ctx.beta, ctx.temperature,
-                                   ctx.ignore_index, need_weight_grad)
-    return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * 6
-
-
-_register_autograd("linear_jsd", _jsd_backward, _jsd_setup_context)
+_register_distillation_autograd("linear_jsd", statistic=3)  # its backward takes KL(p‖m)
 
 
 @_op("linear_topk_kl_divergence")

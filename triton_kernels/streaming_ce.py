@@ -236,6 +236,15 @@ def _cost_cosine_tile(query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, 
 
 
 @triton.jit
+def _row_block_and_split(N, num_splits, BLOCK_N: tl.constexpr):
+    """This program's rows, their mask and its class split, in the forward kernels' 1-D grid: the splits of one row
+    block are neighbours, so that they share its x block in L2 (module docstring)."""
+    pid = tl.program_id(0)
+    rows = (pid // num_splits) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < N, pid % num_splits
+
+
+@triton.jit
 def streaming_ce_fwd_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr, target_logit_ptr,
     part_max_ptr, part_sumexp_ptr, part_sumlogit_ptr,
@@ -253,12 +262,7 @@ def streaming_ce_fwd_kernel(
     row_scale·(teacher_x·teacher_wᵀ) runs beside the student's, and four more planes at part_teacher_ptr
     (each splits × N apart) keep its max and Σexp and the two cross sums Σ e^{z^T−max^T}·(z^T − z) and
     Σ e^{z−max}·(z − z^T) (engine.streaming_row_stats_with_teacher)."""
-    # the splits of one row block are neighbours: they share its x block in L2 (module docstring)
-    pid = tl.program_id(0)
-    pid_n = pid // num_splits
-    split = pid % num_splits
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    rows, row_mask, split = _row_block_and_split(N, num_splits, BLOCK_N)
     row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     target_logit = tl.load(target_logit_ptr + rows, mask=row_mask, other=0.0)
@@ -406,11 +410,7 @@ def jsd_row_sums_kernel(
     """Σ_j p_j·log(p_j/m_j) and Σ_j q_j·log(q_j/m_j) of one (row block, class split), into the planes part[0] and
     part[1] (each splits × N); the host adds the splits. p and q from the known log-sum-exps, so these are plain
     sums (no running max): the split layout and program order of streaming_ce_fwd_kernel."""
-    pid = tl.program_id(0)
-    pid_n = pid // num_splits
-    split = pid % num_splits
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    rows, row_mask, split = _row_block_and_split(N, num_splits, BLOCK_N)
     row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     teacher_lse = tl.load(teacher_lse_ptr + rows, mask=row_mask, other=0.0)

@@ -31,12 +31,6 @@ std::pair<at::Tensor, at::Tensor> naive_rows(const at::Tensor& x, const at::Tens
   return {at::where(valid, ce, zero), at::where(valid, emo, zero)};
 }
 
-at::Tensor reduce(const at::Tensor& rows, const at::Tensor& valid, const std::string& reduction) {
-  if (reduction == "none") return rows;
-  if (reduction == "sum") return rows.sum();
-  return rows.sum() / valid.sum().clamp_min(1).to(rows.scalar_type());
-}
-
 void check_case(bool anchored, bool own_cost, const EMOOptions& o, at::ScalarType dtype, int N, int C, int D) {
   at::manual_seed(N * 31 + C);
   const at::Tensor x = at::randn({N, D}, at::kDouble).to(dtype).requires_grad_();
@@ -52,7 +46,7 @@ void check_case(bool anchored, bool own_cost, const EMOOptions& o, at::ScalarTyp
   const at::Tensor valid = target.ne(o.ignore_index);
   const auto [ce, emo] = naive_rows(xr, wr, target, own_cost ? cost.to(at::kDouble) : wr.detach(), valid);
   const at::Tensor rows = anchored ? 0.5 * (ce + (ce / (emo + 1e-10)).detach() * emo) : emo;
-  const at::Tensor want = reduce(rows, valid, o.reduction);
+  const at::Tensor want = reduce_rows(rows, valid, o.reduction);
   const auto want_grads = torch::autograd::grad({want}, {xr, wr}, {seed});
   const double tol = dtype == at::kDouble ? 1e-10 : 2e-4;
   const std::string what = std::string(anchored ? "emo_cross_entropy" : "emo_loss") +

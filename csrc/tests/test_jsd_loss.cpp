@@ -3,13 +3,12 @@
 // autograd: loss and the gradients of x and w for several β, ignored rows, every reduction, a temperature and
 // several class chunks; the teacher gets no gradient; β outside (0, 1) is refused.
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <string>
 
+#include "distill_checks.h"
 #include "distill_loss.h"
-#include "loss_checks.h"
 
 namespace {
 
@@ -25,38 +24,9 @@ at::Tensor naive_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return at::where(valid, jsd, at::zeros_like(jsd));
 }
 
-at::Tensor reduce(const at::Tensor& rows, const at::Tensor& valid, const std::string& reduction) {
-  if (reduction == "none") return rows;
-  if (reduction == "sum") return rows.sum();
-  return rows.sum() / valid.sum().clamp_min(1).to(rows.scalar_type());
-}
-
 void check_case(const JSDOptions& o, at::ScalarType dtype, int N, int C, int D, int E) {
-  at::manual_seed(N * 31 + C + static_cast<int>(o.beta * 10));
-  const at::Tensor x = at::randn({N, D}, at::kDouble).to(dtype).requires_grad_();
-  const at::Tensor w = (at::randn({C, D}, at::kDouble) * 0.4).to(dtype).requires_grad_();
-  const at::Tensor teacher_x = at::randn({N, E}, at::kDouble).to(dtype).requires_grad_();
-  const at::Tensor teacher_w = (at::randn({C, E}, at::kDouble) * 0.5).to(dtype);
-  at::Tensor target = at::randint(0, C, {N}, at::kLong);
-  target.index_put_({at::indexing::Slice(2, N, 6)}, o.ignore_index);
-  const at::Tensor loss = marginkern::linear_jsd(x, w, teacher_x, teacher_w, target, o);
-  const at::Tensor seed = at::rand(loss.sizes(), at::kDouble) + 0.5;
-  const auto grads = torch::autograd::grad({loss}, {x, w, teacher_x}, {seed.to(loss.scalar_type())}, false, false,
-                                           /*allow_unused=*/true);
-  EXPECT(!grads[2].defined() || grads[2].abs().max().item<double>() == 0, "the teacher got a gradient");
-  const at::Tensor xr = x.detach().to(at::kDouble).requires_grad_(), wr = w.detach().to(at::kDouble).requires_grad_();
-  const at::Tensor valid = target.ne(o.ignore_index);
-  const at::Tensor want = reduce(naive_rows(xr, wr, teacher_x.detach().to(at::kDouble), teacher_w.to(at::kDouble),
-                                            valid, o),
-                                 valid, o.reduction);
-  const auto want_grads = torch::autograd::grad({want}, {xr, wr}, {seed});
-  const double tol = dtype == at::kDouble ? 1e-10 : 2e-5;
-  const std::string what = "beta=" + std::to_string(o.beta) + ", T=" + std::to_string(o.temperature) + ", " +
-                           o.reduction + (o.class_chunk ? ", chunks" : "") +
-                           (dtype == at::kDouble ? " (float64)" : " (float32)");
-  expect_close(what + ": loss", loss.detach(), want.detach(), tol);
-  expect_close(what + ": grad input", grads[0], want_grads[0], tol);
-  expect_close(what + ": grad weight", grads[1], want_grads[1], tol);
+  check_distillation_case("beta=" + std::to_string(o.beta), marginkern::linear_jsd, naive_rows, o, dtype, N, C, D, E,
+                          N * 31 + C + static_cast<int>(o.beta * 10), 2e-5);
 }
 
 }  // namespace
