@@ -518,3 +518,18 @@ def test_token_accuracy_on_gpu(dtype, monkeypatch):
         x, w, t = make_case(8, 100, 16, dtype, device="cuda")
         with pytest.raises(mk.BackendUnavailable, match="token accuracy"):
             mk.linear_cross_entropy(x, w, t, return_token_accuracy=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_every_loss_bit_identical_again_and_in_deterministic_mode_on_gpu(dtype, monkeypatch):
+    """tests/test_reproducibility.py's steps on CUDA (duplicate targets in each batch): a second call and a call under
+    torch.use_deterministic_algorithms(True) (new tensors filled with NaN; cuBLAS asks for its workspace setting) give
+    the same bits. A loss the forced backend does not serve (BackendUnavailable) is left to the other one."""
+    from tests.test_reproducibility import STEPS, check_reproducible
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    for backend in each_built_gpu_backend(dtype, monkeypatch):
+        for name in sorted(STEPS):
+            try:
+                check_reproducible(name, "cuda", dtype)
+            except mk.BackendUnavailable:
+                assert backend == "cuda", name
