@@ -299,8 +299,9 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
         if len({c[k] for c in seen}) > 1:
             values = [c[k] for c in seen]
             if k == 4:
-                raise ValueError(f"every rank must be in the same mode (train or eval): the ranks differ in {what}, "
-                                 f"{values} on ranks 0..{world_size - 1} (they would run different collectives)")
+                raise ValueError(f"every rank must be in the same mode (train or eval) with the same sample_rate: the "
+                                 f"ranks differ in {what} (1: train mode with sample_rate < 1), {values} on ranks "
+                                 f"0..{world_size - 1} (they would run different collectives)")
             raise ValueError(f"every rank must pass the same {what}, got {values} on ranks 0..{world_size - 1}")
     if len({(c[5], c[6]) for c in seen}) > 1:
         raise ValueError("input and target must be the same on every rank (the all-gathered embeddings and labels: "

@@ -370,6 +370,8 @@ def _misuse(rank, world_size, what):
             module = mkd.ShardedArcFaceLoss(D, C, sample_rate=0.5)
             module.train(rank == 0)  # rank 0 samples classes, the others use every class
             module(x, t)
+        elif what == "sample rates":  # all in train mode, rank 1 built without sampling
+            mkd.ShardedArcFaceLoss(D, C, sample_rate=1.0 if rank == 1 else 0.5)(x, t)
         else:
             mkd.sharded_margin_cross_entropy(x, w[start:stop] if what != "num_classes" else torch.randn(stop - start, D),
                                              t, class_start=class_start, num_classes=num_classes)
@@ -685,6 +687,7 @@ def test_dtensor_arguments_get_a_clear_error(world):
     ("rows not gathered", "input and target must be the same on every rank"),
     ("num_classes", "every rank must pass the same num_classes"),
     ("modes", "every rank must be in the same mode"),
+    ("sample rates", r"same mode \(train or eval\) with the same sample_rate"),
 ])
 def test_misuse_raises_on_every_rank_instead_of_a_hang_or_a_wrong_loss(world, what, match):
     import re
