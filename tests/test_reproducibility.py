@@ -129,3 +129,21 @@ def test_bit_identical_again_and_in_deterministic_mode(name, dtype, backend, mon
         pytest.skip(_why_not("cpp", torch.device("cpu"), dtype))
     monkeypatch.setenv("MARGINKERN_BACKEND", backend)
     check_reproducible(name, "cpu", dtype)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("name", sorted(STEPS))
+def test_activation_checkpointing_gives_the_same_bits(name, use_reentrant, monkeypatch):
+    """torch.utils.checkpoint drops what the loss saved and reruns its forward pass in the backward (whole training
+    steps are often checkpointed with the head inside): loss and gradients equal the plain call's, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+    monkeypatch.setenv("MARGINKERN_BACKEND", "cpp" if not _why_not("cpp", torch.device("cpu"), torch.float32)
+                       else "reference")
+    plain = step_outputs(name, "cpu", torch.float32)
+    inputs, fn = STEPS[name]("cpu", torch.float32)
+    inputs = [i.detach().requires_grad_() for i in inputs]
+    loss = checkpoint(fn, *inputs, use_reentrant=use_reentrant)
+    loss.backward()  # the reentrant form takes no autograd.grad
+    assert torch.equal(loss.detach(), plain[0]), name
+    for i, (want, got) in enumerate(zip(plain[1:], inputs)):
+        assert torch.equal(got.grad, want), f"{name}: grad {i}"
