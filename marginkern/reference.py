@@ -87,8 +87,11 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     if K == 1:
         w_target = w[column.clamp_min(0)]
         plain_target = (x * w_target).sum(1)
-        norms = x.norm(dim=1).clamp_min(NORM_EPS) * w_target.norm(dim=1).clamp_min(NORM_EPS)
-        cosine = plain_target / norms
+        if normalize:  # x̂·ŵ_y is the cosine: dividing by their norms again would divide a zero vector's by 1e-12 twice
+            cosine, norms = plain_target, None
+        else:
+            norms = x.norm(dim=1).clamp_min(NORM_EPS) * w_target.norm(dim=1).clamp_min(NORM_EPS)
+            cosine = plain_target / norms
     else:  # sub-center ArcFace (normalize=True): the target's cosine is its best sub-centre's
         cosine = torch.linalg.vecdot(w.unflatten(0, (-1, K))[column.clamp_min(0)], x[:, None, :]).max(1).values
         norms = None

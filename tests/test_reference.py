@@ -16,7 +16,8 @@ def naive_margin_ce(x, w, t, scale, m1, m2, m3, normalize, label_smoothing, igno
     if normalize:
         x, w = F.normalize(x, dim=1), F.normalize(w, dim=1)
     dots = x @ w.t()
-    norms = x.norm(dim=1)[:, None] * w.norm(dim=1)[None, :]
+    # normalised: the dots are the cosines (F.normalize's convention for a zero vector: it stays 0)
+    norms = torch.ones_like(dots) if normalize else x.norm(dim=1)[:, None] * w.norm(dim=1)[None, :]
     cos = (dots / norms).clamp(-1, 1)
     phi = m1 * torch.acos(cos) + m2
     k = torch.floor(phi / math.pi)
@@ -50,6 +51,23 @@ def test_reference_matches_materialised_float64(opts, label_smoothing, reduction
     gx, gw = torch.autograd.grad(got.sum(), (x, w))
     ex, ew = torch.autograd.grad(want.sum(), (x, w))
     assert torch.allclose(gx, ex, rtol=1e-9, atol=1e-10) and torch.allclose(gw, ew, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("opts", [o for o in CASES if o["normalize"]])
+def test_zero_vectors_follow_f_normalize(opts):
+    """A zero embedding and a zero class centre (one of them a target): F.normalize leaves them 0 and divides their
+    gradient by its eps (1e-12); the oracle once, as the definition (it divided the target's twice: 1e24)."""
+    x, w, t = make_case(9, 13, 5, torch.float64)
+    with torch.no_grad():
+        x[4] = 0.0
+        w[t[0]] = 0.0
+    got = reference.margin_cross_entropy(x, w, t, **opts)
+    want = naive_margin_ce(x, w, t, label_smoothing=0.0, ignore_index=-100, reduction="mean", **opts)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    # the gradients are ~1e12 where a zero vector is: float64 rounding (sin(m1·π/2) of SphereFace's m1 = 4 at the
+    # zero centre's cos = 0) is then 1e-8 of the largest; the bug was a factor 1e12
+    for g, e in zip(torch.autograd.grad(got, (x, w)), torch.autograd.grad(want, (x, w))):
+        assert torch.allclose(g, e, rtol=1e-9, atol=1e-6 * e.abs().max())
 
 
 def test_no_margin_is_plain_cross_entropy():
