@@ -57,38 +57,39 @@ def check_classification_inputs(input, weight, target, weight_name="weight"):
                          f"{weight.device} and {target.device}")
 
 
-def check_target_tensor(target, n):
+def check_target_tensor(target, n, name="target"):
     """target is an (n,) tensor of integer class indices."""
-    check_tensor("target", target)
+    check_tensor(name, target)
     if target.dim() != 1 or target.shape[0] != n:
-        raise ValueError(f"target must have shape (N={n},), got shape {tuple(target.shape)}")
-    check_integer_dtype(target)
+        raise ValueError(f"{name} must have shape (N={n},), got shape {tuple(target.shape)}")
+    check_integer_dtype(target, name)
 
 
-def check_integer_dtype(target):
+def check_integer_dtype(target, name="target"):
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+        raise TypeError(f"{name} must hold integer class indices, got dtype {target.dtype}")
 
 
-def check_target_values(target, num_classes, ignore_index):
-    """Targets in [0, C) or == ignore_index. Data-dependent (one host sync), so real tensors only, and
-    skipped while a CUDA graph is being captured (a sync would break the capture)."""
+def check_target_values(target, num_classes, ignore_index, name="target"):
+    """Targets in [0, C) or == ignore_index (None: nothing is ignored). Data-dependent (one host sync), so real
+    tensors only, and skipped while a CUDA graph is being captured (a sync would break the capture)."""
     if (target.is_cuda and torch.cuda.is_current_stream_capturing()) or target.numel() == 0:
         return
     # the smallest and largest class with ignored rows as class 0: four small ops and one sync (seven
     # before; a small GPU step is host-bound)
-    low, high = torch.stack(torch.aminmax(torch.where(target == ignore_index, 0, target))).tolist()
+    kept = target if ignore_index is None else torch.where(target == ignore_index, 0, target)
+    low, high = torch.stack(torch.aminmax(kept)).tolist()
     if low < 0 or high >= num_classes:
-        raise ValueError(f"target holds class {low if low < 0 else high}, outside [0, {num_classes}) and not "
-                         f"ignore_index={ignore_index}")
+        ignored = "" if ignore_index is None else f" and not ignore_index={ignore_index}"
+        raise ValueError(f"{name} holds class {low if low < 0 else high}, outside [0, {num_classes}){ignored}")
 
 
-def checked_class_targets(target, n, num_classes, ignore_index):
+def checked_class_targets(target, n, num_classes, ignore_index, name="target"):
     """target as int64 after check_target_tensor and check_target_values: for code that indexes with the
     targets before an op checks them (class sampling)."""
-    check_target_tensor(target, n)
+    check_target_tensor(target, n, name)
     target = target.long()  # a uint8 index would act as a mask
-    check_target_values(target, num_classes, ignore_index)
+    check_target_values(target, num_classes, ignore_index, name)
     return target
 
 
@@ -131,13 +132,17 @@ def margin_module_repr(embedding_dim, num_classes, options, extra=""):
 
 
 def check_int(name, value):
-    """value as a Python int (from an int, a NumPy integer or a one-element integer tensor), else a TypeError."""
+    """value as a Python int (from an int, a NumPy integer or a one-element integer tensor) within int64 (the ops'
+    schemas), else a TypeError or ValueError."""
     try:
         if isinstance(value, bool):
             raise TypeError
-        return operator.index(value)
+        value = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
 
 
 def check_shift(shift):
@@ -182,7 +187,8 @@ def check_finite(name, value, low=-math.inf, high=math.inf, low_open=False):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")
     # comparisons, not math.isfinite: torch.compile(dynamic=True) traces floats as symbols, which
     # math.isfinite cannot take (and NaN fails both comparisons)
-    if not (-math.inf < value < math.inf):
+    if not (-math.inf < value < math.inf) or (isinstance(value, int) and abs(value) > sys.float_info.max):
+        # (a Python int compares exactly with inf, so 10**400 passed and overflowed at float())
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < low or value > high or (low_open and value == low):
         bound = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high == math.inf else "]")
@@ -431,6 +437,8 @@ def resolve_grad_filter_eps(grad_filter_eps, dtype):
             raise ValueError(f"grad_filter_eps must be None, 'auto' or a float in (0, 1), got {grad_filter_eps!r}")
         return torch.finfo(dtype).eps / 32
     check_finite("grad_filter_eps", grad_filter_eps, 0.0, 1.0, low_open=True)
+    if grad_filter_eps == 1.0:  # (1 would drop nearly every class's gradient: dX 93% off in a review's case)
+        raise ValueError(f"grad_filter_eps must be None, 'auto' or a float in (0, 1), got {grad_filter_eps!r}")
     return float(grad_filter_eps)
 
 

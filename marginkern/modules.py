@@ -1,4 +1,6 @@
 """nn.Module losses that own their class centres, shape (C, D) like insightface's PartialFC."""
+import collections
+
 import torch
 from torch import nn
 
@@ -32,27 +34,52 @@ class LambdaAnnealing(nn.Module):
             self.register_state_dict_post_hook(_save_lambda_step)
             self.register_load_state_dict_pre_hook(_load_lambda_step)
         self.lambda_step = 0  # a Python int: reading a device buffer every step would sync with the GPU
+        self._recent_lambdas = collections.OrderedDict()  # embeddings' (address, shape) → λ, for checkpointing's rerun
 
-    def current_lambda(self):
-        """λ of the next forward pass (0 without a schedule)."""
+    def current_lambda(self, step=None):
+        """λ of the next forward pass (of the given step; 0 without a schedule)."""
         if self.lambda_schedule is None:
             return 0.0
         lambda_min, base, gamma, power = self.lambda_schedule
-        return max(lambda_min, base * (1.0 + gamma * self.lambda_step) ** -power)
+        step = self.lambda_step if step is None else max(step, 0)
+        return max(lambda_min, base * (1.0 + gamma * step) ** -power)
 
     def _lambda_repr(self):
         if self.lambda_schedule is None:
             return ""
         return f", lambda (min, base, gamma, power)={self.lambda_schedule}, lambda_step={self.lambda_step}"
 
-    def _lambda_options(self, options):
-        """options with this step's λ, counting the step in training mode."""
+    def _lambda_options(self, options, embeddings):
+        """options with this forward pass's λ. Activation checkpointing reruns the forward pass inside the backward
+        pass: the rerun gets the λ its first run had (found by the embeddings, which the rerun gets again), else
+        the previous step's."""
         if self.lambda_schedule is None:
             return options
-        lambda_ = self.current_lambda()
-        if self.training:
-            self.lambda_step += 1
+        if _rerun_by_checkpointing():
+            lambda_ = self._recent_lambdas.get(_embeddings_key(embeddings), self.current_lambda(self.lambda_step - 1))
+        else:
+            lambda_ = self.current_lambda()
         return {**options, "lambda_": lambda_}
+
+    def _count_step(self, embeddings, options):
+        """After a forward pass that did not raise, in training mode and not a rerun: remember its λ, count the step."""
+        if self.lambda_schedule is None or not self.training or _rerun_by_checkpointing():
+            return
+        if not torch.compiler.is_compiling():  # (no addresses while tracing)
+            self._recent_lambdas[_embeddings_key(embeddings)] = options["lambda_"]
+            while len(self._recent_lambdas) > 64:  # a few steps of gradient accumulation are plenty
+                self._recent_lambdas.popitem(last=False)
+        self.lambda_step += 1
+
+
+def _rerun_by_checkpointing():
+    """Whether this forward pass runs inside a backward pass: torch.utils.checkpoint's recompute, either mode."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _embeddings_key(embeddings):
+    # the rerun gets the same tensor (non-reentrant) or a detached view of its storage (reentrant)
+    return embeddings.data_ptr(), tuple(embeddings.shape)
 
 
 def _save_lambda_step(module, state_dict, prefix, local_metadata):
@@ -108,7 +135,7 @@ class CombinedMarginLoss(LambdaAnnealing):
 
     def forward(self, embeddings, target):
         check_module_embeddings(embeddings, self.embedding_dim)
-        weight, options = self.weight, self._lambda_options(self.options)
+        weight, options = self.weight, self._lambda_options(self.options, embeddings)
         if self.training and self.sample_rate < 1.0:
             target = checked_class_targets(target, embeddings.shape[0], self.num_classes, options["ignore_index"])
             index, target = sample_classes(target, self.num_classes,
@@ -117,13 +144,15 @@ class CombinedMarginLoss(LambdaAnnealing):
             weight, options = sampled_class_rows(weight, index, self.subcenters), {**options, "ignore_index": IGNORED}
         if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
             weight = weight.to(embeddings.dtype)
-        return margin_cross_entropy(embeddings, weight, target, **options)
+        loss = margin_cross_entropy(embeddings, weight, target, **options)
+        self._count_step(embeddings, options)
+        return loss
 
     def _checked_labels(self, embeddings, labels):
-        """labels (N,) as int64 classes of this head, all of them (nothing is ignored here: ignore_index=0 is
-        a class anyway), after the embeddings' check."""
+        """labels (N,) as int64 classes of this head, all of them (nothing is ignored here), after the embeddings'
+        check."""
         check_module_embeddings(embeddings, self.embedding_dim)
-        return checked_class_targets(labels, embeddings.shape[0], self.num_classes, 0)
+        return checked_class_targets(labels, embeddings.shape[0], self.num_classes, None, "labels")
 
     @torch.no_grad()
     def subcenter_cosines(self, embeddings, labels, block_rows=4096):
@@ -146,9 +175,11 @@ class CombinedMarginLoss(LambdaAnnealing):
         then argmax(1); default: from these embeddings alone."""
         check_finite("threshold", threshold, 0.0, 180.0)
         labels = self._checked_labels(embeddings, labels)
-        if dominant is not None and not (isinstance(dominant, torch.Tensor) and dominant.shape == (self.num_classes,)):
-            raise ValueError(f"dominant must be a ({self.num_classes},) tensor of sub-centre indices, got "
-                             f"{tuple(dominant.shape) if isinstance(dominant, torch.Tensor) else type(dominant)}")
+        if dominant is not None:
+            if not (isinstance(dominant, torch.Tensor) and dominant.shape == (self.num_classes,)):
+                raise ValueError(f"dominant must be a ({self.num_classes},) tensor of sub-centre indices, got "
+                                 f"{tuple(dominant.shape) if isinstance(dominant, torch.Tensor) else type(dominant)}")
+            dominant = checked_class_targets(dominant, self.num_classes, self.subcenters, None, "dominant")
         cosines = self._subcenter_cosines(embeddings, labels)
         if dominant is None:
             dominant = self._subcenter_counts(labels, cosines).argmax(1)

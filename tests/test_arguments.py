@@ -25,6 +25,23 @@ def test_ignore_index_must_be_an_int(loss, ignore_index):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("ignore_index", [2**63, -2**63 - 1])
+def test_ignore_index_beyond_int64_is_named(loss, ignore_index):
+    """(it overflowed inside a cast, or in the op's schema on the C++ path, without the argument's name)"""
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        LOSSES[loss](x, w, t, ignore_index=ignore_index)
+
+
+def test_an_int_beyond_the_float_range_is_not_finite():
+    x, w, t = make_case(4, 6, 3, requires_grad=False)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        mk.log_probs_and_entropy(x, w, t, temperature=10**400)  # (it overflowed at float())
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        mk.margin_cross_entropy(x, w, t, scale=-10**400)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
 def test_integer_like_ignore_index_is_the_int(loss):
     x, w, t = make_case(6, 6, 3, requires_grad=False)
     t[:2] = 1

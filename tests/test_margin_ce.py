@@ -273,6 +273,41 @@ def test_lambda_annealing_follows_the_sphereface_schedule():
         mk.SphereFaceLoss(16, 50, lambda_min=-1.0)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_lambda_schedule_under_activation_checkpointing(use_reentrant):
+    """checkpoint reruns the head's forward pass inside the backward pass: the rerun must neither count a step nor
+    take the next step's λ (it counted twice, and the reentrant form differentiated λ_{t+1}). Also with two
+    micro-batches before one backward pass (gradient accumulation): each rerun takes its own first run's λ."""
+    from torch.utils.checkpoint import checkpoint
+    kw = dict(lambda_min=0.0, lambda_base=10.0, lambda_gamma=1.0)  # λ_t = 10/(1 + t)
+    head = mk.SphereFaceLoss(8, 20, **kw)
+    batches = [(torch.randn(6, 8), torch.randint(0, 20, (6,))) for _ in range(2)]
+    w = head.weight.detach()
+
+    def want_grad(x, t, lambda_):
+        x = x.clone().requires_grad_()
+        mk.margin_cross_entropy(x, w, t, scale=30.0, m1=4.0, m2=0.0, m3=0.0, lambda_=lambda_).backward()
+        return x.grad
+
+    xs = [x.clone().requires_grad_() for x, _ in batches]
+    checkpoint(head, xs[0], batches[0][1], use_reentrant=use_reentrant).backward()
+    assert head.lambda_step == 1
+    torch.testing.assert_close(xs[0].grad, want_grad(*batches[0], 10.0), rtol=0, atol=0)
+    xs = [x.clone().requires_grad_() for x, _ in batches]
+    losses = [checkpoint(head, x, t, use_reentrant=use_reentrant) for x, (_, t) in zip(xs, batches)]
+    sum(losses).backward()
+    assert head.lambda_step == 3
+    for x, (x0, t), lambda_ in zip(xs, batches, (10.0 / 2, 10.0 / 3)):
+        torch.testing.assert_close(x.grad, want_grad(x0, t, lambda_), rtol=0, atol=0)
+
+
+def test_a_rejected_call_counts_no_lambda_step():
+    head = mk.SphereFaceLoss(8, 20, lambda_min=5.0)
+    with pytest.raises(ValueError, match="target holds class 20"):
+        head(torch.randn(3, 8), torch.tensor([0, 20, 1]))
+    assert head.lambda_step == 0
+
+
 def test_lambda_is_checked_and_passes_opcheck():
     x, w, t = make_case(7, 40, 5, torch.float32, ignore=(1,))
     with pytest.raises(ValueError, match="lambda_ must lie"):

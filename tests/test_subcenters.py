@@ -211,8 +211,15 @@ def test_cleaning_helpers_match_brute_force():
                        torch.rad2deg(torch.acos(own[:, 0])) > 60.0)
     with pytest.raises(ValueError, match=r"dominant must be a \(6,\) tensor"):
         head.outliers(x, t, dominant=torch.zeros(5, dtype=torch.long))
-    with pytest.raises(ValueError, match="target holds class"):
+    with pytest.raises(ValueError, match=r"labels holds class 6, outside \[0, 6\)$"):  # nothing is ignored here
         head.subcenter_counts(x, torch.full((200,), 6))
+    with pytest.raises(TypeError, match="labels must hold integer class indices"):
+        head.outliers(x, t.float())
+    # the dominant sub-centres are indices in [0, K), named when they are not (torch's index error did not)
+    with pytest.raises(ValueError, match=r"dominant holds class 3, outside \[0, 3\)$"):
+        head.outliers(x, t, dominant=torch.full((6,), 3))
+    with pytest.raises(TypeError, match="dominant must hold integer"):
+        head.outliers(x, t, dominant=torch.zeros(6))
 
 
 def test_backward_ops_check_the_forward_by_products(backend):
