@@ -134,8 +134,11 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         q_safe = torch.where(q > 0, q, torch.ones_like(q))
         nll = torch.where(q > 0, -(q_safe ** focal_gamma) * log_pt, torch.zeros_like(q))
     elif gamma_ce > 0:
-        # = −log(γ + (1−γ)p_t)/(1−γ), written so that γ → 1 does not divide a rounding error by 1 − γ
-        nll = -torch.log1p((1.0 - gamma_ce) * torch.expm1(log_pt)) / (1.0 - gamma_ce)
+        # = −log(γ + (1−γ)p_t)/(1−γ): log1p(−(1−γ)(1−p_t)) where that is ≥ 1/2 (as γ → 1 a plain log's rounding
+        # would be divided by 1 − γ), the log of the two positive terms' sum below (γ → 0 with p_t → 0)
+        damped = (1.0 - gamma_ce) * -torch.expm1(log_pt)
+        nll = torch.where(damped <= 0.5, -torch.log1p(-damped),
+                          -torch.log(gamma_ce + (1.0 - gamma_ce) * torch.exp(log_pt))) / (1.0 - gamma_ce)
     else:
         nll = -log_pt
     # torch's label smoothing: (1−ε)·NLL + (ε/C)·Σ_j −log p_j, and Σ_j −log p_j = C·lse − Σ_j z_j

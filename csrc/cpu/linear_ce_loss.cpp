@@ -27,10 +27,13 @@ std::pair<at::Tensor, at::Tensor> target_term(const at::Tensor& u, const Options
     return {-q_gamma * u, -q_gamma + gamma * q_gamma * at::exp(u) * u_over_q};
   }
   if (o.gamma_ce > 0) {
-    // γ + (1−γ)·p_t = 1 − (1−γ)·(1 − p_t): log1p keeps f exact as γ → 1 (linear_ce.py target_term)
+    // m = γ + (1−γ)·p_t = 1 − (1−γ)·(1 − p_t): log1p(−(1−γ)(1 − p_t)) where m ≥ 1/2 (exact as γ → 1), the log of
+    // the two positive terms' sum below (exact as γ → 0 and p_t → 0) (linear_ce.py target_term)
     const double gamma = o.gamma_ce;
     const at::Tensor damped = (1.0 - gamma) * -at::expm1(u);
-    return {-at::log1p(-damped) / (1.0 - gamma), -at::exp(u) / (1.0 - damped)};
+    const at::Tensor near_one = damped.le(0.5);
+    const at::Tensor mass = at::where(near_one, 1.0 - damped, gamma + (1.0 - gamma) * at::exp(u));
+    return {at::where(near_one, -at::log1p(-damped), -at::log(mass)) / (1.0 - gamma), -at::exp(u) / mass};
   }
   return {-u, -at::ones_like(u)};
 }

@@ -9,7 +9,7 @@ from marginkern.dispatch import select_tiles
 from tests.helpers import (REL_TOL, assert_close_rel, check_confident_rows_per_row_gradient,
                            check_fp16_grad_saturates_and_keeps_nan, check_sharded_linear_ce_tiles, make_case)
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
-from tests.test_linear_ce import OPTIONS, check_gamma_ce_near_one, grads
+from tests.test_linear_ce import OPTIONS, check_gamma_ce_extremes, check_large_softcap, grads
 
 
 @pytest.fixture(autouse=True)
@@ -127,8 +127,12 @@ def test_confident_rows_keep_their_gradient(dtype, opts):
     check_confident_rows_per_row_gradient(DEVICE, dtype, opts)
 
 
-def test_gamma_ce_near_one_stays_exact():
-    check_gamma_ce_near_one(DEVICE)
+def test_gamma_ce_stays_exact_near_one_and_near_zero():
+    check_gamma_ce_extremes(DEVICE)
+
+
+def test_large_softcap_is_as_precise_as_none():
+    check_large_softcap(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
