@@ -22,15 +22,16 @@ def _check_gemm_tile(report):
     assert report["shared_bytes"] <= HOPPER_SHARED_BYTES
 
 
-@pytest.mark.parametrize("has_cost, subcenters, has_entropy, has_teacher, jsd",
-                         [(False, 1, False, False, False), (True, 1, False, False, False),
-                          (False, 2, False, False, False), (False, 3, False, False, False),
-                          (False, 4, False, False, False), (False, 1, True, False, False),
-                          (False, 1, False, True, False), (False, 1, False, False, True)])
-def test_engine_kernels_pipeline_on_wgmma_without_spills(has_cost, subcenters, has_entropy, has_teacher, jsd):
+@pytest.mark.parametrize("has_cost, subcenters, has_entropy, has_teacher, jsd, softcap",
+                         [(False, 1, False, False, False, False), (True, 1, False, False, False, False),
+                          (False, 2, False, False, False, False), (False, 3, False, False, False, False),
+                          (False, 4, False, False, False, False), (False, 1, True, False, False, False),
+                          (False, 1, False, True, False, False), (False, 1, False, False, True, False),
+                          (False, 1, False, False, False, True)])
+def test_engine_kernels_pipeline_on_wgmma_without_spills(has_cost, subcenters, has_entropy, has_teacher, jsd, softcap):
     for label, kernel, constexprs in sm90_compile.engine_kernels(GPU_CONFIG, has_cost=has_cost, subcenters=subcenters,
                                                                  has_entropy=has_entropy, has_teacher=has_teacher,
-                                                                 jsd=jsd):
+                                                                 jsd=jsd, softcap=softcap):
         report = sm90_compile.compile_sm90(kernel, constexprs, GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"])
         _check_gemm_tile(report)
 
