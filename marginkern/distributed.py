@@ -762,7 +762,7 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
 
     def forward(self, embeddings, target):
         """Every rank must be in the same mode (train/eval): the two modes run different collectives."""
-        weight, o = self.weight, self._lambda_options(self.options, embeddings)
+        weight, o = self.weight, self._lambda_options(self.options)
         sampled = self.training and self.sample_rate < 1.0
         try:
             check_tensor("embeddings", embeddings)
@@ -772,10 +772,9 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
         if not sampled:
             if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
                 weight = weight.to(embeddings.dtype)
-            loss = sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
-                                                num_classes=self.num_classes, group=self.group, **o)
-            self._count_step(embeddings, o)
-            return loss
+            return self._count_backward(sharded_margin_cross_entropy(
+                embeddings, weight, target, class_start=self.class_start, num_classes=self.num_classes,
+                group=self.group, **o))
         local_error = None
         try:
             check_target_tensor(target, embeddings.shape[0])
@@ -790,9 +789,7 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
         weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)
         check_classification_inputs(embeddings, weight, target, weight_name="weight")
         opts = _margin_options(**{**o, "ignore_index": IGNORED})
-        loss = _sharded_loss(embeddings, weight, target, shard, opts, o["reduction"])
-        self._count_step(embeddings, o)
-        return loss
+        return self._count_backward(_sharded_loss(embeddings, weight, target, shard, opts, o["reduction"]))
 
     def extra_repr(self):
         extra = f", classes=[{self.class_start}, {self.class_start + self.weight.shape[0] // self.subcenters})"

@@ -1,6 +1,4 @@
 """nn.Module losses that own their class centres, shape (C, D) like insightface's PartialFC."""
-import collections
-
 import torch
 from torch import nn
 
@@ -17,9 +15,17 @@ from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_clas
 class LambdaAnnealing(nn.Module):
     """A-Softmax's and L-Softmax's λ annealing (Liu et al.; their caffe MarginInnerProduct layer): the target's
     ψ eased toward the plain cosine, (λ·cos θ + ψ)/(1 + λ), with λ = max(lambda_min, lambda_base·(1 +
-    lambda_gamma·t)^(−lambda_power)) at training step t (the forward passes in training mode so far; saved in
-    the state dict). SphereFace's published schedule is the default: 1000, 0.12, 1, lambda_min 5.
-    lambda_min None: no annealing (λ = 0, the plain margin)."""
+    lambda_gamma·t)^(−lambda_power)) at training step t (saved in the state dict). SphereFace's published schedule
+    is the default: 1000, 0.12, 1, lambda_min 5. lambda_min None: no annealing (λ = 0, the plain margin).
+
+    A step is a backward pass through a training-mode loss of the module. It takes effect at the next forward pass
+    that does not run inside a backward pass, so that activation checkpointing's reruns of forward passes (inside
+    the backward pass) see the λ their first runs saw, however many micro-batches share the backward pass; k
+    micro-batches with a backward pass each count k. Under torch.compile every training-mode forward pass counts
+    instead (a hook on the loss is not traced)."""
+
+    _lambda_steps = 0  # class defaults: modules pickled before these attributes existed still load
+    _lambda_pending = False
 
     def _init_lambda(self, lambda_min, lambda_base, lambda_gamma, lambda_power):
         self.lambda_schedule = None
@@ -33,15 +39,29 @@ class LambdaAnnealing(nn.Module):
             # their keys (strict loading of older checkpoints still works)
             self.register_state_dict_post_hook(_save_lambda_step)
             self.register_load_state_dict_pre_hook(_load_lambda_step)
-        self.lambda_step = 0  # a Python int: reading a device buffer every step would sync with the GPU
-        self._recent_lambdas = collections.OrderedDict()  # embeddings' (address, shape) → λ, for checkpointing's rerun
+        self.lambda_step = 0  # Python ints: reading a device buffer every step would sync with the GPU
+
+    @property
+    def lambda_step(self):
+        """The steps counted so far (a finished backward pass included)."""
+        return self._lambda_steps + int(self._lambda_pending)
+
+    @lambda_step.setter
+    def lambda_step(self, step):
+        self._lambda_steps, self._lambda_pending = int(step), False
+
+    def __setstate__(self, state):
+        if "lambda_step" in state:  # a module pickled before the step became a property
+            state["_lambda_steps"] = state.pop("lambda_step")
+        state.pop("_recent_lambdas", None)
+        super().__setstate__(state)
 
     def current_lambda(self, step=None):
         """λ of the next forward pass (of the given step; 0 without a schedule)."""
         if self.lambda_schedule is None:
             return 0.0
         lambda_min, base, gamma, power = self.lambda_schedule
-        step = self.lambda_step if step is None else max(step, 0)
+        step = self.lambda_step if step is None else step
         return max(lambda_min, base * (1.0 + gamma * step) ** -power)
 
     def _lambda_repr(self):
@@ -49,37 +69,30 @@ class LambdaAnnealing(nn.Module):
             return ""
         return f", lambda (min, base, gamma, power)={self.lambda_schedule}, lambda_step={self.lambda_step}"
 
-    def _lambda_options(self, options, embeddings):
-        """options with this forward pass's λ. Activation checkpointing reruns the forward pass inside the backward
-        pass: the rerun gets the λ its first run had (found by the embeddings, which the rerun gets again), else
-        the previous step's."""
+    def _lambda_options(self, options):
+        """options with this forward pass's λ (see the class docstring)."""
         if self.lambda_schedule is None:
             return options
-        if _rerun_by_checkpointing():
-            lambda_ = self._recent_lambdas.get(_embeddings_key(embeddings), self.current_lambda(self.lambda_step - 1))
-        else:
-            lambda_ = self.current_lambda()
-        return {**options, "lambda_": lambda_}
+        if not _inside_backward_pass():
+            self._lambda_steps, self._lambda_pending = self.lambda_step, False
+        return {**options, "lambda_": self.current_lambda(self._lambda_steps)}
 
-    def _count_step(self, embeddings, options):
-        """After a forward pass that did not raise, in training mode and not a rerun: remember its λ, count the step."""
-        if self.lambda_schedule is None or not self.training or _rerun_by_checkpointing():
-            return
-        if not torch.compiler.is_compiling():  # (no addresses while tracing)
-            self._recent_lambdas[_embeddings_key(embeddings)] = options["lambda_"]
-            while len(self._recent_lambdas) > 64:  # a few steps of gradient accumulation are plenty
-                self._recent_lambdas.popitem(last=False)
-        self.lambda_step += 1
+    def _count_backward(self, loss):
+        """loss, whose backward pass (training mode) counts a step; under torch.compile the forward pass counts."""
+        if self.lambda_schedule is not None and self.training:
+            if torch.compiler.is_compiling():
+                self._lambda_steps += 1
+            elif loss.requires_grad:
+                loss.register_hook(self._backward_pass_seen)
+        return loss
+
+    def _backward_pass_seen(self, grad):
+        self._lambda_pending = True
 
 
-def _rerun_by_checkpointing():
-    """Whether this forward pass runs inside a backward pass: torch.utils.checkpoint's recompute, either mode."""
+def _inside_backward_pass():
+    """Whether autograd is running a backward pass here (e.g. torch.utils.checkpoint's rerun of a forward pass)."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-
-
-def _embeddings_key(embeddings):
-    # the rerun gets the same tensor (non-reentrant) or a detached view of its storage (reentrant)
-    return embeddings.data_ptr(), tuple(embeddings.shape)
 
 
 def _save_lambda_step(module, state_dict, prefix, local_metadata):
@@ -135,7 +148,7 @@ class CombinedMarginLoss(LambdaAnnealing):
 
     def forward(self, embeddings, target):
         check_module_embeddings(embeddings, self.embedding_dim)
-        weight, options = self.weight, self._lambda_options(self.options, embeddings)
+        weight, options = self.weight, self._lambda_options(self.options)
         if self.training and self.sample_rate < 1.0:
             target = checked_class_targets(target, embeddings.shape[0], self.num_classes, options["ignore_index"])
             index, target = sample_classes(target, self.num_classes,
@@ -144,9 +157,7 @@ class CombinedMarginLoss(LambdaAnnealing):
             weight, options = sampled_class_rows(weight, index, self.subcenters), {**options, "ignore_index": IGNORED}
         if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
             weight = weight.to(embeddings.dtype)
-        loss = margin_cross_entropy(embeddings, weight, target, **options)
-        self._count_step(embeddings, options)
-        return loss
+        return self._count_backward(margin_cross_entropy(embeddings, weight, target, **options))
 
     def _checked_labels(self, embeddings, labels):
         """labels (N,) as int64 classes of this head, all of them (nothing is ignored here), after the embeddings'

@@ -255,12 +255,19 @@ def test_lambda_annealing_follows_the_sphereface_schedule():
             assert head.current_lambda() == pytest.approx(want_lambda)
             want = mk.margin_cross_entropy(x, head.weight.detach(), t, scale=30.0, m1=4.0, m2=0.0, m3=0.0,
                                            lambda_=want_lambda)
-            torch.testing.assert_close(head(x, t).detach(), want)
+            loss = head(x, t)
+            torch.testing.assert_close(loss.detach(), want)
+            assert head.lambda_step == step  # a step is a backward pass
+            loss.backward()
+            assert head.lambda_step == step + 1
         else:
             head.lambda_step += 1
     assert head.current_lambda() == 5.0 and "lambda_step=10001" in repr(head)
-    head.eval()  # evaluation does not count steps
     head(x, t)
+    with torch.no_grad():
+        head(x, t)
+    head.eval()  # evaluation does not count steps, nor does a forward pass without a backward pass
+    head(x, t).backward()
     assert head.lambda_step == 10001
     # the step travels with the state dict, only with a schedule: older checkpoints load strictly
     fresh = mk.SphereFaceLoss(16, 50, lambda_min=5.0)
@@ -274,31 +281,65 @@ def test_lambda_annealing_follows_the_sphereface_schedule():
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_lambda_schedule_under_activation_checkpointing(use_reentrant):
-    """checkpoint reruns the head's forward pass inside the backward pass: the rerun must neither count a step nor
-    take the next step's λ (it counted twice, and the reentrant form differentiated λ_{t+1}). Also with two
-    micro-batches before one backward pass (gradient accumulation): each rerun takes its own first run's λ."""
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_lambda_schedule_under_activation_checkpointing(use_reentrant, mode):
+    """checkpoint reruns forward passes inside the backward pass: the reruns must neither count a step nor see another
+    step's λ (they counted twice, and the reentrant form differentiated λ_{t+1}). Here the head sits behind a
+    backbone inside the checkpointed region (its embeddings are recomputed: new tensors) and two micro-batches share
+    one backward pass; the gradients equal those of the same steps without checkpointing, bit for bit. In eval mode
+    nothing counts."""
     from torch.utils.checkpoint import checkpoint
     kw = dict(lambda_min=0.0, lambda_base=10.0, lambda_gamma=1.0)  # λ_t = 10/(1 + t)
-    head = mk.SphereFaceLoss(8, 20, **kw)
-    batches = [(torch.randn(6, 8), torch.randint(0, 20, (6,))) for _ in range(2)]
-    w = head.weight.detach()
 
-    def want_grad(x, t, lambda_):
-        x = x.clone().requires_grad_()
-        mk.margin_cross_entropy(x, w, t, scale=30.0, m1=4.0, m2=0.0, m3=0.0, lambda_=lambda_).backward()
-        return x.grad
+    def run(checkpointed):
+        torch.manual_seed(0)
+        backbone, head = torch.nn.Linear(5, 8), mk.SphereFaceLoss(8, 20, **kw)
+        head.train(mode == "train")
+        step = (lambda x, t: checkpoint(lambda a, b: head(backbone(a), b), x, t, use_reentrant=use_reentrant)) \
+            if checkpointed else (lambda x, t: head(backbone(x), t))
+        grads, counted = [], []
+        for micro_batches in (1, 2, 2, 1):
+            batches = [(torch.randn(6, 5, requires_grad=True), torch.randint(0, 20, (6,))) for _ in range(micro_batches)]
+            sum(step(x, t) for x, t in batches).backward()
+            grads += [x.grad for x, _ in batches] + [backbone.weight.grad.clone()]
+            counted.append(head.lambda_step)
+        return grads, counted
 
-    xs = [x.clone().requires_grad_() for x, _ in batches]
-    checkpoint(head, xs[0], batches[0][1], use_reentrant=use_reentrant).backward()
-    assert head.lambda_step == 1
-    torch.testing.assert_close(xs[0].grad, want_grad(*batches[0], 10.0), rtol=0, atol=0)
-    xs = [x.clone().requires_grad_() for x, _ in batches]
-    losses = [checkpoint(head, x, t, use_reentrant=use_reentrant) for x, (_, t) in zip(xs, batches)]
-    sum(losses).backward()
+    plain, counted = run(False)
+    assert counted == ([1, 2, 3, 4] if mode == "train" else [0, 0, 0, 0])
+    got, counted_again = run(True)
+    assert counted_again == counted
+    # (the reentrant form accumulates each micro-batch's backbone gradient apart: another order of fp32 sums; a
+    # rerun with another step's λ was ~0.1 off)
+    tol = dict(rtol=1e-6, atol=1e-6) if use_reentrant else dict(rtol=0, atol=0)
+    for g, e in zip(got, plain):
+        torch.testing.assert_close(g, e, **tol)
+
+
+def test_lambda_steps_are_backward_passes():
+    """k micro-batches with a backward pass each count k; a forward pass run inside a backward pass (a hook) sees the
+    current step and counts when its own loss is backpropagated; a module pickled before the step became a
+    property still loads (its state held lambda_step)."""
+    import pickle
+    head = mk.SphereFaceLoss(8, 20, lambda_min=5.0)
+    x, t = torch.randn(6, 8), torch.randint(0, 20, (6,))
+    for _ in range(3):
+        head(x, t).backward()
     assert head.lambda_step == 3
-    for x, (x0, t), lambda_ in zip(xs, batches, (10.0 / 2, 10.0 / 3)):
-        torch.testing.assert_close(x.grad, want_grad(x0, t, lambda_), rtol=0, atol=0)
+    seen = []
+    y = torch.randn(6, 8, requires_grad=True)
+    y.register_hook(lambda g: seen.append(head(x, t).detach()) or g)
+    (y.sum() + head(x, t)).backward()
+    want = mk.margin_cross_entropy(x, head.weight.detach(), t, scale=30.0, m1=4.0, m2=0.0, lambda_=head.current_lambda(3))
+    assert head.lambda_step == 4 and torch.equal(seen[0], want)
+    state = head.__getstate__()
+    state.pop("_lambda_steps"), state.pop("_lambda_pending", None)
+    state["lambda_step"] = 4  # as an older marginkern pickled it
+    old = mk.SphereFaceLoss.__new__(mk.SphereFaceLoss)
+    old.__setstate__(state)
+    assert old.lambda_step == 4 and pickle.loads(pickle.dumps(head)).lambda_step == 4
+    old(x, t).backward()
+    assert old.lambda_step == 5
 
 
 def test_a_rejected_call_counts_no_lambda_step():
