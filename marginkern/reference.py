@@ -136,9 +136,13 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     elif gamma_ce > 0:
         # = −log(γ + (1−γ)p_t)/(1−γ): log1p(−(1−γ)(1−p_t)) where that is ≥ 1/2 (as γ → 1 a plain log's rounding
         # would be divided by 1 − γ), the log of the two positive terms' sum below (γ → 0 with p_t → 0)
+        # (each branch takes a harmless argument where it is not used: torch.where's zero gradient times the unused
+        # branch's infinite slope, e.g. log1p's at damped = 1 when γ < 3e-8 rounds 1 − γ to 1, would be NaN)
         damped = (1.0 - gamma_ce) * -torch.expm1(log_pt)
-        nll = torch.where(damped <= 0.5, -torch.log1p(-damped),
-                          -torch.log(gamma_ce + (1.0 - gamma_ce) * torch.exp(log_pt))) / (1.0 - gamma_ce)
+        near_one = damped <= 0.5
+        mass = gamma_ce + (1.0 - gamma_ce) * torch.exp(log_pt)
+        nll = torch.where(near_one, -torch.log1p(-torch.where(near_one, damped, 0.0)),
+                          -torch.log(torch.where(near_one, 1.0, mass))) / (1.0 - gamma_ce)
     else:
         nll = -log_pt
     # torch's label smoothing: (1−ε)·NLL + (ε/C)·Σ_j −log p_j, and Σ_j −log p_j = C·lse − Σ_j z_j

@@ -421,3 +421,17 @@ def test_masked_first_token_with_ignored_rows_stays_finite(backend, opts, monkey
     assert (gx[~valid] == 0).all() and (gw[0] == 0).all() and gb[0] == 0
     for g, e in zip((loss, gx[valid], gw[1:], gb[1:]), (want_loss, want_gx, want_gw, want_gb)):
         assert torch.allclose(g, e, atol=1e-10), (g, e)
+
+
+def test_oracle_gamma_ce_gradient_where_one_minus_gamma_rounds_to_one():
+    """γ < 3e-8 rounds 1 − γ to 1 in fp32, so where p_t underflows (1−γ)(1 − p_t) is exactly 1: the oracle's unused
+    log1p branch has an infinite slope there, and torch.where's zero gradient times it was NaN. Its gradient equals
+    the library's."""
+    x = torch.tensor([[40.0, 0.0], [0.0, 3.0]])
+    w, t = torch.eye(2), torch.tensor([1, 1])  # row 0: p_t = e^-40 underflows to 0 in fp32
+    for gamma in (1e-8, 2e-8):
+        want = grads(reference.linear_cross_entropy, x, w, t, None, gamma_ce=gamma)
+        got = grads(mk.linear_cross_entropy, x, w, t, None, gamma_ce=gamma)
+        assert all(torch.isfinite(g).all() for g in want)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e)
