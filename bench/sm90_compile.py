@@ -34,6 +34,16 @@ DIVISIBLE_BY_16 = ("N", "C", "D", "E", "R", "B", "stride_x", "stride_w", "stride
                    "stride_out", "stride_tx", "stride_tw")
 
 
+def integers_as_ones(kernel, constexprs):
+    """constexprs with every other integer argument set to the constant 1, as Triton's launcher specialises an int
+    equal to 1 (N = 1, a single class split, a unit stride): code that treats one as a tensor (`.to(...)`) fails
+    only then, and only when compiled (the interpreter does not specialise)."""
+    declared = {p.name for p in kernel.params if p.is_constexpr}
+    ints = [n for n in kernel.arg_names
+            if n not in constexprs and n not in declared and not n.endswith("_ptr") and n not in FLOAT_ARGS]
+    return {**constexprs, **{n: 1 for n in ints}}
+
+
 def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
     """Compile `kernel` for sm_90; returns a dict of what the compiler produced (see the module docstring)."""
     types = {**POINTER_TYPES, **(types or {})}
@@ -48,7 +58,7 @@ def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
         else:
             signature[name] = types.get(name, "fp32" if name in FLOAT_ARGS else "i32")
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
-             if t.startswith("*") or n in DIVISIBLE_BY_16}
+             if t.startswith("*") or (n in DIVISIBLE_BY_16 and t != "constexpr")}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]

@@ -57,6 +57,22 @@ def test_from_dots_epilogue_and_row_kernels_compile():
         assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"
 
 
+def test_kernels_compile_with_integer_arguments_equal_to_one():
+    """Triton's launcher turns an int argument equal to 1 into a constant: the teacher's forward and JSD kernels
+    called .to() on num_splits, so linear_kl_divergence and linear_jsd failed to compile whenever the classes ran in
+    a single split (C ≤ 128, or N ≥ ~17k at D = 768), which the interpreter never showed."""
+    from marginkern.triton_kernels.streaming_ce import merge_splits_kernel
+    kernels = [k for kw in (dict(), dict(has_teacher=True), dict(jsd=True), dict(has_entropy=True),
+                            dict(has_cost=True), dict(subcenters=3), dict(softcap=True))
+               for k in sm90_compile.engine_kernels(GPU_CONFIG, **kw)]
+    kernels += [(f"merge {flags}", merge_splits_kernel, dict(flags, BLOCK=1024)) for flags in (
+        dict(NEED_SUM_LOGITS=True, HAS_COST=True), dict(NEED_SUM_LOGITS=False, HAS_COST=False, HAS_ENTROPY=True),
+        dict(NEED_SUM_LOGITS=False, HAS_COST=False, HAS_TEACHER=True))]
+    for label, kernel, constexprs in kernels:
+        sm90_compile.compile_sm90(kernel, sm90_compile.integers_as_ones(kernel, constexprs),
+                                  GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"])
+
+
 @pytest.mark.parametrize("D", [128, 256, 512])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_projected_weight_grad_kernel_compiles(D, dtype):

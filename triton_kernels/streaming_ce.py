@@ -166,10 +166,13 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
     (at others_ptr). Otherwise others_ptr gets the row max."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < N
-    plane = tl.full([], 0, tl.int64) + num_splits * N  # int64 (splits or N may arrive as constants)
+    # int64 offsets (splits · N may pass 2³¹); N or num_splits may arrive as the constant 1 (Triton specialises ints
+    # equal to 1), which has no .to: widen by adding to an int64 zero
+    n64 = tl.full([], 0, tl.int64) + N
+    plane = n64 * num_splits
     top = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)
     for s in range(0, num_splits):
-        top = tl.maximum(top, tl.load(part_ptr + s * N + rows, mask=mask, other=-float("inf")))
+        top = tl.maximum(top, tl.load(part_ptr + s * n64 + rows, mask=mask, other=-float("inf")))
     shift = tl.where(top == -float("inf"), 0.0, top)
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     sum_logits = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -177,7 +180,7 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
     gap = tl.zeros((BLOCK,), dtype=tl.float32)
     taken = tl.zeros((BLOCK,), dtype=tl.int1)
     for s in range(0, num_splits):
-        at = s * N + rows
+        at = s * n64 + rows
         split_max = tl.load(part_ptr + at, mask=mask, other=-float("inf"))
         weight = tl.exp(split_max - shift)
         split_sum = tl.load(part_ptr + plane + at, mask=mask, other=0.0)
@@ -202,14 +205,14 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
     elif HAS_TEACHER:
         teacher_top = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)
         for s in range(0, num_splits):
-            teacher_top = tl.maximum(teacher_top, tl.load(part_ptr + 2 * plane + s * N + rows, mask=mask,
+            teacher_top = tl.maximum(teacher_top, tl.load(part_ptr + 2 * plane + s * n64 + rows, mask=mask,
                                                           other=-float("inf")))
         teacher_shift = tl.where(teacher_top == -float("inf"), 0.0, teacher_top)
         teacher_total = tl.zeros((BLOCK,), dtype=tl.float32)
         teacher_cross = tl.zeros((BLOCK,), dtype=tl.float32)
         student_cross = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in range(0, num_splits):
-            at = s * N + rows
+            at = s * n64 + rows
             weight = tl.exp(tl.load(part_ptr + at, mask=mask, other=-float("inf")) - shift)
             teacher_weight = tl.exp(tl.load(part_ptr + 2 * plane + at, mask=mask, other=-float("inf")) - teacher_shift)
             teacher_total += tl.load(part_ptr + 3 * plane + at, mask=mask, other=0.0) * teacher_weight
@@ -362,7 +365,7 @@ def streaming_ce_fwd_kernel(
     if HAS_ENTROPY:
         tl.store(part_gap_ptr + out, run_gap, mask=row_mask)
     if HAS_TEACHER:
-        plane = num_splits.to(tl.int64) * N
+        plane = (tl.full([], 0, tl.int64) + num_splits) * N  # (num_splits may be the constant 1: no .to)
         tl.store(part_teacher_ptr + out, run_teacher_max, mask=row_mask)
         tl.store(part_teacher_ptr + plane + out, run_teacher_sumexp, mask=row_mask)
         tl.store(part_teacher_ptr + 2 * plane + out, run_teacher_cross, mask=row_mask)
@@ -446,7 +449,7 @@ def jsd_row_sums_kernel(
         run_qm += tl.sum(tl.where(q == 0.0, 0.0, q * _log_ratio_to_mixture(log_q, log_p, one_minus_beta, beta)), axis=1)
     out = split.to(tl.int64) * N + rows
     tl.store(part_ptr + out, run_pm, mask=row_mask)
-    tl.store(part_ptr + num_splits.to(tl.int64) * N + out, run_qm, mask=row_mask)
+    tl.store(part_ptr + (tl.full([], 0, tl.int64) + num_splits) * N + out, run_qm, mask=row_mask)
 
 
 @triton.jit
