@@ -817,7 +817,11 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
     mass = torch.zeros(N, dtype=acc, device=x.device)
     if N == 0 or C == 0:
         return out, mass
-    ones, zeros = torch.ones_like(lse), torch.zeros_like(lse)
+    # fp16 p (the GPU tiles keep 16-bit inputs' dtype) would flush the tail probabilities below 6e-8 and keep few
+    # digits below 6e-5: their sum is the whole cost of a confident row (53% off in a simulation). p·2^14 (≤ 16384)
+    # keeps full precision down to p ≈ 4e-9 and represents p down to 4e-12; the sums are divided back exactly.
+    p_scale = 2.0 ** 14 if grad_dtype(tiles, x) == torch.float16 else 1.0
+    ones, zeros = torch.full_like(lse, p_scale), torch.zeros_like(lse)
     # the chunk's scaled values (chunk × E, in p's dtype ≤ 4 bytes) share the budget with its N × chunk p
     chunks = tiles.class_chunks(N, C, x, bytes_per_class=4 * values.shape[1])
     expectation = SplitKAccumulator(out, split_k_slices(out, chunks[0][1] - chunks[0][0]))
@@ -828,7 +832,7 @@ def streaming_expectation(x, w, spec: LogitSpec, lse, values, value_scale, tiles
         expectation.add(p, scaled_values)  # in place: no (N, E) temporary per chunk
         mass += p.sum(1, dtype=acc)
         del p, scaled_values  # before the next chunk allocates its own
-    return expectation.result(), mass
+    return expectation.result().div_(p_scale), mass.div_(p_scale)
 
 
 def block_gemm_dtype(x):
