@@ -34,13 +34,14 @@ DIVISIBLE_BY_16 = ("N", "C", "D", "E", "R", "B", "stride_x", "stride_w", "stride
                    "stride_out", "stride_tx", "stride_tw")
 
 
-def integers_as_ones(kernel, constexprs):
+def integers_as_ones(kernel, constexprs, types=None):
     """constexprs with every other integer argument set to the constant 1, as Triton's launcher specialises an int
     equal to 1 (N = 1, a single class split, a unit stride): code that treats one as a tensor (`.to(...)`) fails
-    only then, and only when compiled (the interpreter does not specialise)."""
+    only then, and only when compiled (the interpreter does not specialise). `types`: as compile_sm90's."""
     declared = {p.name for p in kernel.params if p.is_constexpr}
+    floats = set(FLOAT_ARGS) | {n for n, t in (types or {}).items() if t.startswith("fp")}
     ints = [n for n in kernel.arg_names
-            if n not in constexprs and n not in declared and not n.endswith("_ptr") and n not in FLOAT_ARGS]
+            if n not in constexprs and n not in declared and not n.endswith("_ptr") and n not in floats]
     return {**constexprs, **{n: 1 for n in ints}}
 
 

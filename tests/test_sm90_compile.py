@@ -71,6 +71,32 @@ def test_kernels_compile_with_integer_arguments_equal_to_one():
     for label, kernel, constexprs in kernels:
         sm90_compile.compile_sm90(kernel, sm90_compile.integers_as_ones(kernel, constexprs),
                                   GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"])
+    # the row, scan and projection kernels too
+    from marginkern.triton_kernels import cosent_scan
+    from marginkern.triton_kernels.margin_rows import (BLOCK_ROWS, margin_target_grad_rows_kernel,
+                                                       margin_target_rows_kernel)
+    from marginkern.triton_kernels.pairwise_cosine import pairwise_cosine_bwd_kernel, pairwise_cosine_fwd_kernel
+    from marginkern.triton_kernels.row_projection import (finish_grad_rows_kernel, projected_weight_grad_blocks,
+                                                          projected_weight_grad_kernel)
+    blocks, launch = projected_weight_grad_blocks(512, on_gpu=True)
+    types = {"score_ptr": "*fp32", "order_ptr": "*i64", "labels_ptr": "*i64", "first_ptr": "*i32", "last_ptr": "*i32",
+             "edge_totals_ptr": "*i32", "scale": "fp32", "column_ptr": "*i64", "m1": "fp32", "m2": "fp32",
+             "m3": "fp32", "lam": "fp32", "smoothing": "fp32", "grad_loss_ptr": "*fp32"}
+    for kernel, constexprs in [
+            (cosent_scan.cosent_block_totals_kernel, dict(BLOCK=1024)),
+            (cosent_scan.cosent_block_scans_kernel, dict(BLOCK=2048, CHUNK=1024)),
+            (cosent_scan.cosent_terms_kernel, dict(BLOCK=1024)),
+            (cosent_scan.cosent_grad_kernel, dict(BLOCK=2048, CHUNK=1024)),
+            (margin_target_rows_kernel, dict(NORMALIZE=True, BLOCK_R=BLOCK_ROWS, BLOCK_D=256, SUBCENTERS=3)),
+            (margin_target_rows_kernel, dict(NORMALIZE=False, BLOCK_R=BLOCK_ROWS, BLOCK_D=256)),
+            (margin_target_grad_rows_kernel, dict(NORMALIZE=True, EXACT=True, BLOCK_R=BLOCK_ROWS)),
+            (finish_grad_rows_kernel, dict(PROJECT=True, BLOCK_R=8, BLOCK_D=256)),
+            (pairwise_cosine_fwd_kernel, dict(BLOCK_R=16, BLOCK_D=128)),
+            (pairwise_cosine_bwd_kernel, dict(BLOCK_R=16, BLOCK_D=128)),
+            (projected_weight_grad_kernel, dict(blocks, EVEN_N=True, DOT_PRECISION="tf32"))]:
+        own = {**types, "g_ptr": "*bf16"} if kernel is projected_weight_grad_kernel else types
+        sm90_compile.compile_sm90(kernel, sm90_compile.integers_as_ones(kernel, constexprs, own), num_warps=4,
+                                  num_stages=2, types=own)
 
 
 @pytest.mark.parametrize("D", [128, 256, 512])
