@@ -772,9 +772,8 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
         if not sampled:
             if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
                 weight = weight.to(embeddings.dtype)
-            return self._count_backward(sharded_margin_cross_entropy(
-                embeddings, weight, target, class_start=self.class_start, num_classes=self.num_classes,
-                group=self.group, **o))
+            return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
+                                                num_classes=self.num_classes, group=self.group, **o)
         local_error = None
         try:
             check_target_tensor(target, embeddings.shape[0])
@@ -789,7 +788,7 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
         weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)
         check_classification_inputs(embeddings, weight, target, weight_name="weight")
         opts = _margin_options(**{**o, "ignore_index": IGNORED})
-        return self._count_backward(_sharded_loss(embeddings, weight, target, shard, opts, o["reduction"]))
+        return _sharded_loss(embeddings, weight, target, shard, opts, o["reduction"])
 
     def extra_repr(self):
         extra = f", classes=[{self.class_start}, {self.class_start + self.weight.shape[0] // self.subcenters})"

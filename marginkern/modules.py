@@ -1,4 +1,7 @@
 """nn.Module losses that own their class centres, shape (C, D) like insightface's PartialFC."""
+import warnings
+import weakref
+
 import torch
 from torch import nn
 
@@ -18,14 +21,14 @@ class LambdaAnnealing(nn.Module):
     lambda_gamma·t)^(−lambda_power)) at training step t (saved in the state dict). SphereFace's published schedule
     is the default: 1000, 0.12, 1, lambda_min 5. lambda_min None: no annealing (λ = 0, the plain margin).
 
-    A step is a backward pass through a training-mode loss of the module. It takes effect at the next forward pass
-    that does not run inside a backward pass, so that activation checkpointing's reruns of forward passes (inside
-    the backward pass) see the λ their first runs saw, however many micro-batches share the backward pass; k
-    micro-batches with a backward pass each count k. Under torch.compile every training-mode forward pass counts
-    instead (a hook on the loss is not traced)."""
+    t counts optimizer steps, as caffe's solver iterations: every `step()` of a torch.optim optimizer that holds
+    the module's weight (any number of micro-batches, forward and backward passes in between). So λ is constant
+    between optimizer steps, and activation checkpointing's reruns, pipeline schedules and accumulation all see the
+    λ of their step. Weights an optimizer does not hold as they are (e.g. flattened by FSDP1 or DeepSpeed) are not
+    seen: then advance `lambda_step` yourself once per step (a warning says so after 1000 training-mode forward
+    passes without a counted step)."""
 
-    _lambda_steps = 0  # class defaults: modules pickled before these attributes existed still load
-    _lambda_pending = False
+    _forwards_without_step = 0  # class default: modules pickled before it existed still load
 
     def _init_lambda(self, lambda_min, lambda_base, lambda_gamma, lambda_power):
         self.lambda_schedule = None
@@ -39,22 +42,13 @@ class LambdaAnnealing(nn.Module):
             # their keys (strict loading of older checkpoints still works)
             self.register_state_dict_post_hook(_save_lambda_step)
             self.register_load_state_dict_pre_hook(_load_lambda_step)
-        self.lambda_step = 0  # Python ints: reading a device buffer every step would sync with the GPU
-
-    @property
-    def lambda_step(self):
-        """The steps counted so far (a finished backward pass included)."""
-        return self._lambda_steps + int(self._lambda_pending)
-
-    @lambda_step.setter
-    def lambda_step(self, step):
-        self._lambda_steps, self._lambda_pending = int(step), False
+            _watch_optimizer_steps(self)
+        self.lambda_step = 0  # a Python int: reading a device buffer every step would sync with the GPU
 
     def __setstate__(self, state):
-        if "lambda_step" in state:  # a module pickled before the step became a property
-            state["_lambda_steps"] = state.pop("lambda_step")
-        state.pop("_recent_lambdas", None)
         super().__setstate__(state)
+        if getattr(self, "lambda_schedule", None) is not None:  # a copy, or a module unpickled or loaded whole
+            _watch_optimizer_steps(self)
 
     def current_lambda(self, step=None):
         """λ of the next forward pass (of the given step; 0 without a schedule)."""
@@ -70,29 +64,41 @@ class LambdaAnnealing(nn.Module):
         return f", lambda (min, base, gamma, power)={self.lambda_schedule}, lambda_step={self.lambda_step}"
 
     def _lambda_options(self, options):
-        """options with this forward pass's λ (see the class docstring)."""
+        """options with this step's λ (see the class docstring)."""
         if self.lambda_schedule is None:
             return options
-        if not _inside_backward_pass():
-            self._lambda_steps, self._lambda_pending = self.lambda_step, False
-        return {**options, "lambda_": self.current_lambda(self._lambda_steps)}
-
-    def _count_backward(self, loss):
-        """loss, whose backward pass (training mode) counts a step; under torch.compile the forward pass counts."""
-        if self.lambda_schedule is not None and self.training:
-            if torch.compiler.is_compiling():
-                self._lambda_steps += 1
-            elif loss.requires_grad:
-                loss.register_hook(self._backward_pass_seen)
-        return loss
-
-    def _backward_pass_seen(self, grad):
-        self._lambda_pending = True
+        if self.training and not torch.compiler.is_compiling():
+            self._forwards_without_step += 1
+            if self._forwards_without_step == 1000:
+                warnings.warn(f"{type(self).__name__}: its λ schedule counts the steps of a torch.optim optimizer "
+                              f"that holds its weight, and none has stepped in 1000 training-mode forward passes "
+                              f"(λ stays {self.current_lambda():g}): give the optimizer this weight, or advance "
+                              f"lambda_step yourself once per step", stacklevel=3)
+        return {**options, "lambda_": self.current_lambda()}
 
 
-def _inside_backward_pass():
-    """Whether autograd is running a backward pass here (e.g. torch.utils.checkpoint's rerun of a forward pass)."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+_LAMBDA_MODULES = weakref.WeakSet()  # the modules with a λ schedule whose weight's optimizer steps are counted
+_OPTIMIZER_HOOK = None
+
+
+def _watch_optimizer_steps(module):
+    global _OPTIMIZER_HOOK
+    _LAMBDA_MODULES.add(module)
+    if _OPTIMIZER_HOOK is None:  # one global hook, registered when the first schedule exists
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    """After any torch.optim optimizer's step: one λ step for each module whose weight that optimizer holds."""
+    modules = list(_LAMBDA_MODULES)
+    if not modules:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for module in modules:
+        if id(module.weight) in held:
+            module.lambda_step += 1
+            module._forwards_without_step = 0
 
 
 def _save_lambda_step(module, state_dict, prefix, local_metadata):
@@ -157,7 +163,7 @@ class CombinedMarginLoss(LambdaAnnealing):
             weight, options = sampled_class_rows(weight, index, self.subcenters), {**options, "ignore_index": IGNORED}
         if weight.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 master weights
             weight = weight.to(embeddings.dtype)
-        return self._count_backward(margin_cross_entropy(embeddings, weight, target, **options))
+        return margin_cross_entropy(embeddings, weight, target, **options)
 
     def _checked_labels(self, embeddings, labels):
         """labels (N,) as int64 classes of this head, all of them (nothing is ignored here), after the embeddings'

@@ -119,15 +119,18 @@ def _module_shards(rank, world_size, D, C, x, t):
     cosface = mkd.ShardedCosFaceLoss(D, C, dtype=torch.float64)
     assert cosface.options["m3"] == 0.35 and cosface.weight.dtype == torch.float64
     assert f"classes=[{module.class_start}, " in repr(module)
-    # A-Softmax's λ schedule: a step per backward pass, as the single-process modules (test_margin_ce.py)
+    # A-Softmax's λ schedule: a step per step of an optimizer holding the shard, as the single-process modules
     sphere = mkd.ShardedCombinedMarginLoss(D, C, 4.0, 0.0, 0.0, scale=30.0, lambda_min=0.0, lambda_base=10.0,
                                            lambda_gamma=1.0)
+    optimizer = torch.optim.SGD(sphere.parameters(), lr=0.0)
     sphere(x, t).backward()
+    optimizer.step()
     second = sphere(x, t)
     want = mkd.sharded_margin_cross_entropy(x, sphere.weight, t, class_start=sphere.class_start, num_classes=C,
                                             scale=30.0, m1=4.0, m2=0.0, lambda_=5.0)
     assert sphere.lambda_step == 1 and torch.equal(second, want), (sphere.lambda_step, second, want)
     second.backward()
+    optimizer.step()
     assert sphere.lambda_step == 2
     return module.weight.detach().clone(), loss.detach(), module.weight.grad
 

@@ -245,8 +245,10 @@ def test_modules(cls, kw, expected):
 
 
 def test_lambda_annealing_follows_the_sphereface_schedule():
-    # A-Softmax's λ = max(λ_min, base·(1 + γ·t)^−power) at training step t (SphereFace's 1000, 0.12, 1, 5)
+    # A-Softmax's λ = max(λ_min, base·(1 + γ·t)^−power) at training step t (SphereFace's 1000, 0.12, 1, 5): t counts
+    # the steps of an optimizer that holds the class centres
     head = mk.SphereFaceLoss(16, 50, lambda_min=5.0)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.0)
     x, t = torch.randn(10, 16), torch.randint(0, 50, (10,))
     steps = [0, 1, 2, 10000]
     for step in range(steps[-1] + 1):
@@ -257,18 +259,13 @@ def test_lambda_annealing_follows_the_sphereface_schedule():
                                            lambda_=want_lambda)
             loss = head(x, t)
             torch.testing.assert_close(loss.detach(), want)
-            assert head.lambda_step == step  # a step is a backward pass
             loss.backward()
+            assert head.lambda_step == step  # forward and backward passes are not steps
+            optimizer.step()
             assert head.lambda_step == step + 1
         else:
             head.lambda_step += 1
     assert head.current_lambda() == 5.0 and "lambda_step=10001" in repr(head)
-    head(x, t)
-    with torch.no_grad():
-        head(x, t)
-    head.eval()  # evaluation does not count steps, nor does a forward pass without a backward pass
-    head(x, t).backward()
-    assert head.lambda_step == 10001
     # the step travels with the state dict, only with a schedule: older checkpoints load strictly
     fresh = mk.SphereFaceLoss(16, 50, lambda_min=5.0)
     fresh.load_state_dict(head.state_dict())
@@ -281,65 +278,82 @@ def test_lambda_annealing_follows_the_sphereface_schedule():
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_lambda_schedule_under_activation_checkpointing(use_reentrant, mode):
-    """checkpoint reruns forward passes inside the backward pass: the reruns must neither count a step nor see another
-    step's λ (they counted twice, and the reentrant form differentiated λ_{t+1}). Here the head sits behind a
-    backbone inside the checkpointed region (its embeddings are recomputed: new tensors) and two micro-batches share
-    one backward pass; the gradients equal those of the same steps without checkpointing, bit for bit. In eval mode
-    nothing counts."""
+@pytest.mark.parametrize("schedule", ["one", "summed", "accumulated", "1F1B"])
+def test_lambda_schedule_under_activation_checkpointing(use_reentrant, schedule):
+    """checkpoint reruns forward passes inside the backward pass: the reruns must see their first runs' λ (a version
+    that counted forward or backward passes gave some reruns another step's λ: 0.1–0.5 off). The head sits behind a
+    backbone inside the checkpointed region (its embeddings are recomputed: new tensors), with micro-batches in one
+    backward pass, in one backward pass each, and in a pipeline's 1F1B order; three optimizer steps of each, whose
+    gradients equal those of the same steps without checkpointing."""
     from torch.utils.checkpoint import checkpoint
     kw = dict(lambda_min=0.0, lambda_base=10.0, lambda_gamma=1.0)  # λ_t = 10/(1 + t)
 
     def run(checkpointed):
         torch.manual_seed(0)
         backbone, head = torch.nn.Linear(5, 8), mk.SphereFaceLoss(8, 20, **kw)
-        head.train(mode == "train")
+        optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.1)
         step = (lambda x, t: checkpoint(lambda a, b: head(backbone(a), b), x, t, use_reentrant=use_reentrant)) \
             if checkpointed else (lambda x, t: head(backbone(x), t))
-        grads, counted = [], []
-        for micro_batches in (1, 2, 2, 1):
-            batches = [(torch.randn(6, 5, requires_grad=True), torch.randint(0, 20, (6,))) for _ in range(micro_batches)]
-            sum(step(x, t) for x, t in batches).backward()
-            grads += [x.grad for x, _ in batches] + [backbone.weight.grad.clone()]
-            counted.append(head.lambda_step)
-        return grads, counted
+        grads = []
+        for _ in range(3):
+            batches = [(torch.randn(6, 5, requires_grad=True), torch.randint(0, 20, (6,))) for _ in range(3)]
+            if schedule == "one":
+                step(*batches[0]).backward()
+            elif schedule == "summed":
+                sum(step(x, t) for x, t in batches).backward()
+            elif schedule == "accumulated":
+                for x, t in batches:
+                    step(x, t).backward()
+            else:  # forward 0, forward 1, backward 0, forward 2, backward 1, backward 2
+                losses = [step(*batches[0]), step(*batches[1])]
+                losses[0].backward()
+                losses.append(step(*batches[2]))
+                losses[1].backward()
+                losses[2].backward()
+            grads += [x.grad for x, _ in batches if x.grad is not None] + [backbone.weight.grad.clone()]
+            optimizer.step()
+            optimizer.zero_grad()
+        return grads, head.lambda_step
 
-    plain, counted = run(False)
-    assert counted == ([1, 2, 3, 4] if mode == "train" else [0, 0, 0, 0])
-    got, counted_again = run(True)
-    assert counted_again == counted
-    # (the reentrant form accumulates each micro-batch's backbone gradient apart: another order of fp32 sums; a
-    # rerun with another step's λ was ~0.1 off)
+    plain, steps = run(False)
+    got, steps_again = run(True)
+    assert steps == steps_again == 3
+    # (the reentrant form accumulates each micro-batch's backbone gradient apart: another order of fp32 sums)
     tol = dict(rtol=1e-6, atol=1e-6) if use_reentrant else dict(rtol=0, atol=0)
     for g, e in zip(got, plain):
         torch.testing.assert_close(g, e, **tol)
 
 
-def test_lambda_steps_are_backward_passes():
-    """k micro-batches with a backward pass each count k; a forward pass run inside a backward pass (a hook) sees the
-    current step and counts when its own loss is backpropagated; a module pickled before the step became a
-    property still loads (its state held lambda_step)."""
+def test_lambda_steps_are_the_steps_of_an_optimizer_holding_the_weight(recwarn):
+    """Only an optimizer that holds the class centres counts (one per step, any param group); copies, pickles and
+    modules pickled by older versions (their state held lambda_step) count too; 1000 training-mode forward passes
+    without a counted step warn (weights flattened by FSDP1 or DeepSpeed are not seen)."""
+    import copy
     import pickle
+    import warnings
     head = mk.SphereFaceLoss(8, 20, lambda_min=5.0)
+    other = torch.nn.Linear(3, 3)
     x, t = torch.randn(6, 8), torch.randint(0, 20, (6,))
-    for _ in range(3):
-        head(x, t).backward()
-    assert head.lambda_step == 3
-    seen = []
-    y = torch.randn(6, 8, requires_grad=True)
-    y.register_hook(lambda g: seen.append(head(x, t).detach()) or g)
-    (y.sum() + head(x, t)).backward()
-    want = mk.margin_cross_entropy(x, head.weight.detach(), t, scale=30.0, m1=4.0, m2=0.0, lambda_=head.current_lambda(3))
-    assert head.lambda_step == 4 and torch.equal(seen[0], want)
+    torch.optim.SGD(other.parameters(), lr=0.1).step()
+    assert head.lambda_step == 0
+    both = torch.optim.Adam([{"params": other.parameters()}, {"params": [head.weight], "lr": 0.0}])
+    head(x, t).backward()
+    both.step()
+    assert head.lambda_step == 1
+    for twin in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
+        torch.optim.SGD(twin.parameters(), lr=0.0).step()
+        assert twin.lambda_step == 2 and head.lambda_step == 1
     state = head.__getstate__()
-    state.pop("_lambda_steps"), state.pop("_lambda_pending", None)
-    state["lambda_step"] = 4  # as an older marginkern pickled it
+    state.pop("_forwards_without_step", None)  # as an older marginkern pickled it
     old = mk.SphereFaceLoss.__new__(mk.SphereFaceLoss)
     old.__setstate__(state)
-    assert old.lambda_step == 4 and pickle.loads(pickle.dumps(head)).lambda_step == 4
-    old(x, t).backward()
-    assert old.lambda_step == 5
+    torch.optim.SGD(old.parameters(), lr=0.0).step()
+    assert old.lambda_step == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(1000):
+            head(x, t)
+    assert any("none has stepped in 1000 training-mode forward passes" in str(w.message) for w in caught)
 
 
 def test_a_rejected_call_counts_no_lambda_step():
