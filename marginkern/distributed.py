@@ -750,6 +750,7 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
             self.options["subcenters"] = self.subcenters
         self._ddp_params_and_buffers_to_ignore = ["weight"]  # DDP(this module): a rank's own shard
         self.reset_parameters()
+        self._watch_lambda_steps()
 
     def reset_parameters(self):
         if self.weight.is_meta:  # deferred initialisation

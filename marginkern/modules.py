@@ -1,4 +1,6 @@
 """nn.Module losses that own their class centres, shape (C, D) like insightface's PartialFC."""
+import os
+import sys
 import warnings
 import weakref
 
@@ -26,9 +28,10 @@ class LambdaAnnealing(nn.Module):
     between optimizer steps, and activation checkpointing's reruns, pipeline schedules and accumulation all see the
     λ of their step. Weights an optimizer does not hold as they are (e.g. flattened by FSDP1 or DeepSpeed) are not
     seen: then advance `lambda_step` yourself once per step (a warning says so after 1000 training-mode forward
-    passes without a counted step)."""
+    passes in which the step did not move). A step inside another optimizer's step counts with it, once."""
 
-    _forwards_without_step = 0  # class default: modules pickled before it existed still load
+    _forwards_without_step = 0  # class defaults: modules pickled before these existed still load
+    _step_seen = 0
 
     def _init_lambda(self, lambda_min, lambda_base, lambda_gamma, lambda_power):
         self.lambda_schedule = None
@@ -42,10 +45,16 @@ class LambdaAnnealing(nn.Module):
             # their keys (strict loading of older checkpoints still works)
             self.register_state_dict_post_hook(_save_lambda_step)
             self.register_load_state_dict_pre_hook(_load_lambda_step)
-            _watch_optimizer_steps(self)
         self.lambda_step = 0  # a Python int: reading a device buffer every step would sync with the GPU
 
+    def _watch_lambda_steps(self):
+        """Called by the constructors once the weight exists (a constructor that raises leaves nothing watched)."""
+        if self.lambda_schedule is not None:
+            _watch_optimizer_steps(self)
+
     def __setstate__(self, state):
+        if "_lambda_steps" in state:  # pickled by a development version that counted backward passes
+            state["lambda_step"] = state.pop("_lambda_steps") + int(state.pop("_lambda_pending", False))
         super().__setstate__(state)
         if getattr(self, "lambda_schedule", None) is not None:  # a copy, or a module unpickled or loaded whole
             _watch_optimizer_steps(self)
@@ -68,16 +77,30 @@ class LambdaAnnealing(nn.Module):
         if self.lambda_schedule is None:
             return options
         if self.training and not torch.compiler.is_compiling():
+            if self.lambda_step != self._step_seen:  # counted, set by hand or loaded: the step moves
+                self._step_seen, self._forwards_without_step = self.lambda_step, 0
             self._forwards_without_step += 1
             if self._forwards_without_step == 1000:
                 warnings.warn(f"{type(self).__name__}: its λ schedule counts the steps of a torch.optim optimizer "
-                              f"that holds its weight, and none has stepped in 1000 training-mode forward passes "
-                              f"(λ stays {self.current_lambda():g}): give the optimizer this weight, or advance "
-                              f"lambda_step yourself once per step", stacklevel=3)
+                              f"that holds its weight, and its step has not moved in 1000 training-mode forward "
+                              f"passes (λ = {self.current_lambda():g}): give the optimizer this weight, or advance "
+                              f"lambda_step yourself once per step", stacklevel=_caller_stacklevel())
         return {**options, "lambda_": self.current_lambda()}
 
 
+def _caller_stacklevel():
+    """warnings.warn's stacklevel of the first frame outside marginkern and torch.nn's module machinery."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                                 or frame.f_code.co_filename.endswith(os.path.join("torch", "nn", "modules",
+                                                                                    "module.py"))):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _LAMBDA_MODULES = weakref.WeakSet()  # the modules with a λ schedule whose weight's optimizer steps are counted
+_HELD_PARAMETERS = weakref.WeakKeyDictionary()  # optimizer → (its parameter count, the ids of its parameters)
 _OPTIMIZER_HOOK = None
 
 
@@ -90,15 +113,34 @@ def _watch_optimizer_steps(module):
 
 
 def _count_optimizer_step(optimizer, args, kwargs):
-    """After any torch.optim optimizer's step: one λ step for each module whose weight that optimizer holds."""
+    """After any torch.optim optimizer's step: one λ step for each module whose weight that optimizer holds. A step
+    run inside another optimizer's step (ZeroRedundancyOptimizer's local one, a subclass's super().step()) is part of
+    it: only the outermost counts."""
     modules = list(_LAMBDA_MODULES)
     if not modules:
         return
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for module in modules:
-        if id(module.weight) in held:
+    count = sum(len(group["params"]) for group in optimizer.param_groups)
+    cached = _HELD_PARAMETERS.get(optimizer)
+    if cached is None or cached[0] != count:  # (param groups only grow: add_param_group)
+        cached = count, {id(p) for group in optimizer.param_groups for p in group["params"]}
+        _HELD_PARAMETERS[optimizer] = cached
+    # (the weight itself, not through a parametrization: no computation here)
+    held = [m for m in modules if id(m._parameters.get("weight")) in cached[1]]
+    if held and not _inside_an_outer_optimizer_step():
+        for module in held:
             module.lambda_step += 1
-            module._forwards_without_step = 0
+
+
+def _inside_an_outer_optimizer_step():
+    """Whether the optimizer step whose post-hook runs now was called from inside another one: torch calls the hooks
+    from one wrapper of every Optimizer.step, so an outer step's wrapper is a frame further up the stack."""
+    hook_caller = sys._getframe(2)  # the step wrapper (this function is called by the hook, the hook by it)
+    frame = hook_caller.f_back
+    while frame is not None:
+        if frame.f_code is hook_caller.f_code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _save_lambda_step(module, state_dict, prefix, local_metadata):
@@ -148,6 +190,7 @@ class CombinedMarginLoss(LambdaAnnealing):
         if self.subcenters > 1:
             self.options["subcenters"] = self.subcenters
         self.reset_parameters()
+        self._watch_lambda_steps()
 
     def reset_parameters(self):
         nn.init.normal_(self.weight, std=0.01)

@@ -343,17 +343,49 @@ def test_lambda_steps_are_the_steps_of_an_optimizer_holding_the_weight(recwarn):
     for twin in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
         torch.optim.SGD(twin.parameters(), lr=0.0).step()
         assert twin.lambda_step == 2 and head.lambda_step == 1
-    state = head.__getstate__()
+    state = copy.deepcopy(head.__getstate__())  # (its own weight: head's would count for both)
     state.pop("_forwards_without_step", None)  # as an older marginkern pickled it
     old = mk.SphereFaceLoss.__new__(mk.SphereFaceLoss)
     old.__setstate__(state)
     torch.optim.SGD(old.parameters(), lr=0.0).step()
     assert old.lambda_step == 2
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(1000):
-            head(x, t)
-    assert any("none has stepped in 1000 training-mode forward passes" in str(w.message) for w in caught)
+    state = copy.deepcopy(head.__getstate__())
+    state["_lambda_steps"], state["_lambda_pending"] = state.pop("lambda_step"), True  # a development version's
+    dev = mk.SphereFaceLoss.__new__(mk.SphereFaceLoss)
+    dev.__setstate__(state)
+    assert dev.lambda_step == 2
+
+    # a step inside another optimizer's step (a subclass's super().step(), ZeroRedundancyOptimizer's local step) is
+    # part of it: one count
+    class Wrapped(torch.optim.SGD):
+        def step(self, closure=None):
+            return super().step(closure)
+    torch.optim.SGD(other.parameters(), lr=0.1)  # (torch wraps each class's step at its first instance)
+    Wrapped(head.parameters(), lr=0.0).step()
+    assert head.lambda_step == 2
+
+    def forwards(module, n):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(n):
+                module(x, t)
+                yield
+        messages = [w for w in caught if "has not moved in 1000 training-mode forward passes" in str(w.message)]
+        assert len(messages) <= 1 and all(w.filename == __file__ for w in messages)  # the caller's line
+        forwards.warned = bool(messages)
+
+    for _ in forwards(head, 1000):
+        pass
+    assert forwards.warned
+    fresh = mk.SphereFaceLoss(8, 20, lambda_min=5.0)
+    for _ in forwards(fresh, 1500):  # advanced by hand, as the warning says: no warning
+        fresh.lambda_step += 1
+    assert not forwards.warned
+    # a constructor that raises leaves nothing that other optimizers' steps would look at
+    with pytest.raises(ValueError) as raised:
+        mk.SphereFaceLoss(8, 20, lambda_min=5.0, sample_rate=2.0)
+    torch.optim.SGD(other.parameters(), lr=0.1).step()
+    assert raised.value is not None
 
 
 def test_a_rejected_call_counts_no_lambda_step():
