@@ -59,13 +59,12 @@ class LambdaAnnealing(nn.Module):
         if getattr(self, "lambda_schedule", None) is not None:  # a copy, or a module unpickled or loaded whole
             _watch_optimizer_steps(self)
 
-    def current_lambda(self, step=None):
-        """λ of the next forward pass (of the given step; 0 without a schedule)."""
+    def current_lambda(self):
+        """λ of the next forward pass (0 without a schedule)."""
         if self.lambda_schedule is None:
             return 0.0
         lambda_min, base, gamma, power = self.lambda_schedule
-        step = self.lambda_step if step is None else step
-        return max(lambda_min, base * (1.0 + gamma * step) ** -power)
+        return max(lambda_min, base * (1.0 + gamma * self.lambda_step) ** -power)
 
     def _lambda_repr(self):
         if self.lambda_schedule is None:
