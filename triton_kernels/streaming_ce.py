@@ -149,6 +149,13 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
 
 
 @triton.jit
+def _as_int64(n):
+    """An int argument as an int64 scalar, also where Triton's launcher made it the constant 1 (it specialises ints
+    equal to 1), which has no .to(): added to an int64 zero."""
+    return tl.full([], 0, tl.int64) + n
+
+
+@triton.jit
 def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, others_ptr, N, num_splits,
                         NEED_SUM_LOGITS: tl.constexpr, HAS_COST: tl.constexpr, BLOCK: tl.constexpr,
                         HAS_ENTROPY: tl.constexpr = False, HAS_TEACHER: tl.constexpr = False):
@@ -166,9 +173,7 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
     (at others_ptr). Otherwise others_ptr gets the row max."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < N
-    # int64 offsets (splits · N may pass 2³¹); N or num_splits may arrive as the constant 1 (Triton specialises ints
-    # equal to 1), which has no .to: widen by adding to an int64 zero
-    n64 = tl.full([], 0, tl.int64) + N
+    n64 = _as_int64(N)  # int64 offsets: splits · N may pass 2³¹
     plane = n64 * num_splits
     top = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)
     for s in range(0, num_splits):
@@ -365,7 +370,7 @@ def streaming_ce_fwd_kernel(
     if HAS_ENTROPY:
         tl.store(part_gap_ptr + out, run_gap, mask=row_mask)
     if HAS_TEACHER:
-        plane = (tl.full([], 0, tl.int64) + num_splits) * N  # (num_splits may be the constant 1: no .to)
+        plane = _as_int64(num_splits) * N
         tl.store(part_teacher_ptr + out, run_teacher_max, mask=row_mask)
         tl.store(part_teacher_ptr + plane + out, run_teacher_sumexp, mask=row_mask)
         tl.store(part_teacher_ptr + 2 * plane + out, run_teacher_cross, mask=row_mask)
@@ -449,7 +454,7 @@ def jsd_row_sums_kernel(
         run_qm += tl.sum(tl.where(q == 0.0, 0.0, q * _log_ratio_to_mixture(log_q, log_p, one_minus_beta, beta)), axis=1)
     out = split.to(tl.int64) * N + rows
     tl.store(part_ptr + out, run_pm, mask=row_mask)
-    tl.store(part_ptr + (tl.full([], 0, tl.int64) + num_splits) * N + out, run_qm, mask=row_mask)
+    tl.store(part_ptr + _as_int64(num_splits) * N + out, run_qm, mask=row_mask)
 
 
 @triton.jit
