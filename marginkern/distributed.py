@@ -36,7 +36,7 @@ from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
 from .functional import _lm_rows, linear_ce_outputs
-from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward
+from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward, target_class_weights
 from .log_probs import log_probs_backward, log_probs_forward
 from .margin_ce import MarginOptions, local_columns, margin_ce_backward, margin_ce_forward
 from .modules import LambdaAnnealing
@@ -495,8 +495,7 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
     target_weight = None
     if class_weight_shard is not None and reduction == "mean":  # Σ c_t: each c_t from the rank holding the target
         column = local_columns(torch.where(valid, target, -1), class_start, weight_shard.shape[0])
-        local = torch.where(column >= 0, class_weight_shard.detach()[column.clamp_min(0)].to(loss_rows.dtype), 0.0)
-        target_weight = shard.sum_rows(local)
+        target_weight = target_class_weights(class_weight_shard, column, loss_rows.dtype, shard)
     return linear_ce_outputs(loss_rows, lse, correct, valid, reduction, token_shape, target_weight,
                              return_lse=return_lse, return_token_accuracy=return_token_accuracy)
 

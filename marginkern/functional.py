@@ -10,6 +10,7 @@ from .checks import (check_bias, check_binary_targets, check_bool, check_class_w
                      check_reduction, check_shift, check_subcenters, check_teacher, check_temperature, check_tensor,
                      check_topk_teacher, resolve_grad_filter_eps)
 from .emo import cost_in_dtype
+from .linear_ce import target_class_weights
 from .ops import call as call_op
 from .reference import reduce_rows
 
@@ -153,7 +154,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     loss_rows, lse, correct = call_op("linear_cross_entropy", input, weight, target, bias, *options, filter_eps,
                                       *extras[:given])
     valid = target != ignore_index
-    target_weight = None if class_weight is None else class_weight.detach()[target.where(valid, 0)].to(loss_rows.dtype)
+    target_weight = None  # c_t, for the weighted mean's divisor Σ c_t
+    if class_weight is not None and reduction == "mean":
+        target_weight = target_class_weights(class_weight, torch.where(valid, target, -1), loss_rows.dtype)
     # a copy of lse: the op saved its own for the backward pass, where a caller's in-place edit must not reach
     return linear_ce_outputs(loss_rows, lse.clone() if return_lse else lse, correct, valid, reduction, token_shape,
                              target_weight, return_lse=return_lse, return_token_accuracy=return_token_accuracy)

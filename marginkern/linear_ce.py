@@ -27,11 +27,9 @@ the logits in the backward pass (4 GEMMs, O(N) saved state; `grad_filter_eps` ma
 the forward pass (3 GEMMs).
 """
 from dataclasses import dataclass
-
-import torch
-
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .engine import (LogitSpec, accumulation_dtype, buffered_loss_and_grads, row_block_matvec, row_block_vecmat,
@@ -48,6 +46,14 @@ class LinearCEOptions:
     softcap: float | None
     focal_gamma: float
     gamma_ce: float
+
+
+def target_class_weights(class_weight, column, dtype, shard=None):
+    """c_t per row in `dtype` for target columns within class_weight (−1: none here, or ignored: 0); with a `shard`
+    (class_weight this rank's slice) the sum over the ranks, i.e. the weight of each row's target wherever it lives
+    (one collective)."""
+    weight = torch.where(column >= 0, class_weight.detach()[column.clamp_min(0)].to(dtype), 0.0)
+    return weight if shard is None else shard.sum_rows(weight)
 
 
 @dataclass(frozen=True)
@@ -76,10 +82,8 @@ class ClassWeights:
         return ClassWeights(c, mean, row_block_vecmat(c, w.detach()), bias_dot)
 
     def of_targets(self, column, shard=None):
-        """c_t per row for target columns within c (−1: none here, or ignored: 0); with a `shard` the sum over the
-        ranks, i.e. the weight of each row's target wherever it lives (one collective)."""
-        weight = torch.where(column >= 0, self.c[column.clamp_min(0)], 0.0)
-        return weight if shard is None else shard.sum_rows(weight)
+        """target_class_weights of c."""
+        return target_class_weights(self.c, column, self.c.dtype, shard)
 
     def weighted_logit_sums(self, x):
         """Σ_j c_j·z_nj = x_n·v + b·c per row (N,)."""
@@ -305,4 +309,3 @@ def linear_ce_buffered(x, w, target, bias, opts: LinearCEOptions, reduction, buf
         if grad_w is not None:  # in the gradient's dtype (bf16 on CUDA: one more rounding, as each row block's)
             weights.weight_grad_finalizer(smoothing_coef, x)(0, C, grad_w)
     return (loss_rows * row_weight).sum(), grad_x, grad_w, grad_bias
-
