@@ -133,7 +133,8 @@ setup(
     install_requires=["torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "numpy", "triton>=3.2", "scikit-learn", "cmake", "ninja"],
+        # transformers: the version marginkern.huggingface's patch is tested against (tests/test_huggingface.py)
+        "test": ["pytest", "numpy", "triton>=3.2", "scikit-learn", "cmake", "ninja", "transformers==5.25.0"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "peers": ["liger-kernel", "cut-cross-entropy"],
     },

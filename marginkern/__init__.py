@@ -7,7 +7,7 @@
 See DESIGN.md for the math; `marginkern.reference` holds the plain-PyTorch oracles and
 `marginkern.dispatch.explain()` says which backend serves which device.
 """
-from . import reference
+from . import huggingface, reference
 from .dispatch import BackendUnavailable
 from .functional import (circle_loss, cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss,
                          linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk_kl_divergence,
@@ -26,5 +26,5 @@ __all__ = [
     "cosent_embedding_loss", "CoSENTLoss",
     "multilabel_categorical_crossentropy", "circle_loss", "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss",
     "SphereFaceLoss", "CombinedMarginLoss",
-    "LargeMarginSoftmaxLoss", "BackendUnavailable", "reference",
+    "LargeMarginSoftmaxLoss", "BackendUnavailable", "reference", "huggingface",
 ]

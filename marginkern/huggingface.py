@@ -1,0 +1,139 @@
+"""A Hugging Face transformers causal LM whose training loss never materialises the (B, T, V) logits.
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    marginkern.huggingface.patch_causal_lm(model)     # this instance only; z_loss=..., label_smoothing=... optional
+    loss = model(input_ids, labels=labels).loss         # HF's labels: shifted inside, -100 ignored
+
+With `labels`, the patched forward runs the model's own forward with `labels=None` and `logits_to_keep` set to no
+position (the decoder runs as HF wrote it; the LM head projects nothing), takes the decoder's last hidden state
+from a forward hook, and returns `marginkern.linear_cross_entropy` of it against the head's weight (and bias) with
+HF's loss semantics: labels shifted by one (or `shift_labels` as given, for context parallelism), mean over the
+non-ignored tokens, or their sum divided by `num_items_in_batch` when the Trainer passes it (gradient accumulation).
+The output's `loss` is that value and its `logits` is None. Without `labels` (inference, `generate`) the model's own
+forward runs unchanged.
+
+Logits are exact fp32 dot products here; HF's loss rounds them to the head's dtype first (bf16 models differ in
+the loss by about that rounding). Which models: the `ForCausalLM` classes of `SUPPORTED_MODEL_TYPES`, whose forward
+turns the head's output into logits as listed there (each one tested against the model's own loss); another model
+type raises, since its forward may transform the logits in a way this patch would silently drop. Tested with
+transformers 5.25.0 (the test extra's pin).
+"""
+import inspect
+import types
+
+import torch
+
+from .checks import check_linear_ce_options
+from .functional import linear_cross_entropy
+from .modules import _autocast_like
+
+# model_type → (the factor HF multiplies the head's output by, the Gemma-2 style softcap), from the config. The
+# forwards of transformers 5.x: plain `logits = self.lm_head(h)`, Gemma 2/3's final_logit_softcapping, Cohere's
+# `logits * logit_scale`, Granite's `logits / logits_scaling`.
+_PLAIN = lambda config: (1.0, None)  # noqa: E731
+SUPPORTED_MODEL_TYPES = {
+    **dict.fromkeys(("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3"),
+                    _PLAIN),
+    "gemma2": lambda config: (1.0, config.final_logit_softcapping),
+    "gemma3_text": lambda config: (1.0, config.final_logit_softcapping),
+    "cohere": lambda config: (float(config.logit_scale), None),
+    "granite": lambda config: (1.0 / float(config.logits_scaling), None),
+}
+
+# linear_cross_entropy's options a patched model may be given; the rest follow from the model and HF's semantics
+LOSS_OPTIONS = ("label_smoothing", "z_loss", "focal_gamma", "gamma_ce", "grad_filter_eps", "logits_buffer_mb")
+
+
+def patch_causal_lm(model, **loss_options):
+    """Make this model instance compute its training loss with `marginkern.linear_cross_entropy` (module
+    docstring); returns the model. `loss_options`: any of LOSS_OPTIONS (HF's own loss has none of them: the
+    defaults reproduce it). Patching a patched model replaces its options; `unpatch_causal_lm` undoes it."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not type(model).__name__.endswith("ForCausalLM") or model_type not in SUPPORTED_MODEL_TYPES:
+        raise TypeError(f"model must be a transformers ForCausalLM of a model_type in "
+                        f"{sorted(SUPPORTED_MODEL_TYPES)}, got {type(model).__name__} (model_type {model_type!r})")
+    if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
+        raise TypeError(f"model: {type(model).__name__}.forward takes no logits_to_keep, which the patch needs "
+                        f"to skip the LM head's projection (transformers ≥ 4.50 has it)")
+    unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(f"patch_causal_lm got unexpected loss options {unknown}; expected any of {list(LOSS_OPTIONS)}")
+    _, softcap = SUPPORTED_MODEL_TYPES[model_type](model.config)
+    check_linear_ce_options(loss_options.get("label_smoothing", 0.0), loss_options.get("z_loss", 0.0), softcap,
+                            loss_options.get("focal_gamma", 0.0), loss_options.get("gamma_ce", 0.0))
+    _plain_linear_head(model)
+    model._marginkern_loss_options = dict(loss_options)
+    model.forward = types.MethodType(_forward_with_fused_loss, model)
+    return model
+
+
+def unpatch_causal_lm(model):
+    """Undo `patch_causal_lm` (the class's forward serves again); returns the model."""
+    if "forward" in vars(model) and getattr(model.forward, "__func__", None) is _forward_with_fused_loss:
+        del model.forward
+        del model._marginkern_loss_options
+    return model
+
+
+def _keyword_arguments(forward, model, args, kwargs):
+    """forward's arguments as one keyword dict (labels may come positionally; **kwargs flattened in)."""
+    bound = inspect.signature(forward).bind(model, *args, **kwargs)
+    arguments = {}
+    for name, value in list(bound.arguments.items())[1:]:  # past `self`
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(value)
+        elif bound.signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"{type(model).__name__}.forward takes *{name}, which the patch cannot pass on")
+        else:
+            arguments[name] = value
+    return arguments
+
+
+def _plain_linear_head(model):
+    """The model's LM head, which must be a plain nn.Linear: its weight (and bias) are then all of its projection. A
+    LoRA-wrapped or quantised head computes something else, which the fused loss would silently replace."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise TypeError(f"model.get_output_embeddings() must be a torch.nn.Linear (the fused loss uses its weight and "
+                        f"bias as the whole projection), got {type(head).__name__}; patch before wrapping the head "
+                        f"(LoRA, quantisation), or leave the head out of such wrapping")
+    return head
+
+
+def _forward_with_fused_loss(self, *args, **kwargs):
+    """The patched forward (module docstring); `self` is the model."""
+    cls_forward = type(self).forward
+    arguments = _keyword_arguments(cls_forward, self, args, kwargs)
+    if arguments.get("labels") is None:
+        return cls_forward(self, *args, **kwargs)
+    labels, shift_labels = arguments.pop("labels"), arguments.pop("shift_labels", None)
+    num_items_in_batch, ignore_index = arguments.pop("num_items_in_batch", None), arguments.pop("ignore_index", -100)
+    keep = arguments.pop("logits_to_keep", 0)
+    if not (isinstance(keep, int) and keep == 0):
+        raise ValueError("logits_to_keep must be left at its default when labels are given to a patched model "
+                         "(the loss covers every position; no logits are computed)")
+    captured = []
+    hook = self.get_decoder().register_forward_hook(lambda module, inputs, output: captured.append(output))
+    try:
+        no_position = torch.empty(0, dtype=torch.long, device=self.get_output_embeddings().weight.device)
+        out = cls_forward(self, labels=None, logits_to_keep=no_position, **arguments)
+    finally:
+        hook.remove()
+    decoded = captured[-1]
+    hidden = decoded.last_hidden_state if hasattr(decoded, "last_hidden_state") else decoded[0]
+    head = _plain_linear_head(self)
+    scale, softcap = SUPPORTED_MODEL_TYPES[self.config.model_type](self.config)
+    if scale != 1.0:
+        hidden = hidden * scale
+    target, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
+    loss = linear_cross_entropy(hidden, _autocast_like(head.weight, hidden), target.to(hidden.device),
+                                _autocast_like(head.bias, hidden), ignore_index=ignore_index, softcap=softcap,
+                                shift=shift, reduction="mean" if num_items_in_batch is None else "sum",
+                                **self._marginkern_loss_options)
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                       else num_items_in_batch)
+    if isinstance(out, tuple):  # return_dict=False: HF's tuple leaves out the fields that are None
+        return (loss,) + out[1:]
+    fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+    return type(out)(loss=loss, logits=None, **fields)

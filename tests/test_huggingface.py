@@ -1,0 +1,160 @@
+"""marginkern.huggingface.patch_causal_lm against the models' own loss (transformers, tiny random models, fp32)."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import marginkern as mk  # noqa: E402
+from marginkern.huggingface import SUPPORTED_MODEL_TYPES, patch_causal_lm, unpatch_causal_lm  # noqa: E402
+
+V = 300
+TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, head_dim=8, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2, tie_word_embeddings=False)
+# the logit transforms set away from their identity values, so that a patch that dropped one would be far off
+TRANSFORMS = {"gemma2": dict(final_logit_softcapping=4.0), "gemma3_text": dict(final_logit_softcapping=4.0),
+              "cohere": dict(logit_scale=0.3), "granite": dict(logits_scaling=8.0)}
+
+
+def tiny_model(model_type, **config):
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(model_type, **{**TINY, **TRANSFORMS.get(model_type, {}), **config})
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():  # logits of a few units, as in a trained model: softcap and scale then matter
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    return model
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (3, 11), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    labels[2, 7:] = -100  # padding
+    return ids, labels
+
+
+def loss_and_grads(model, *args, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(*args, **kwargs)
+    loss = out["loss"] if not isinstance(out, tuple) else out[0]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(got, want):
+    # fp32: the patched loss takes the logits as exact dot products where HF rounds each to fp32 after the GEMM
+    # and then subtracts the max: a few ulp of the loss; gradients to 1e-5 of their largest element
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert set(got[1]) == set(want[1])
+    for name, g in want[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=0, atol=1e-5 * g.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
+def test_loss_and_grads_equal_the_models_own(model_type):
+    model = tiny_model(model_type)
+    ids, labels = batch()
+    want = loss_and_grads(model, ids, labels=labels)
+    patched = patch_causal_lm(copy.deepcopy(model))
+    out = patched(ids, labels=labels)
+    assert out.logits is None and out["loss"].shape == ()
+    assert_same_loss_and_grads(loss_and_grads(patched, ids, labels=labels), want)
+    if model_type in TRANSFORMS:  # the transform matters at these logits: the plain CE of the head is far off
+        hidden = patched.get_decoder()(ids).last_hidden_state
+        plain = mk.linear_cross_entropy(hidden, patched.get_output_embeddings().weight, labels, shift=1)
+        assert abs(plain.item() - want[0].item()) > 1e-2
+
+
+def test_trainer_arguments_and_tied_embeddings():
+    # what HF's Trainer and context parallelism pass: num_items_in_batch (a tensor) makes the loss a sum over that
+    # count; shift_labels replaces the shift; ignore_index; labels positionally; the tuple output
+    model = tiny_model("llama", tie_word_embeddings=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    patched = patch_causal_lm(copy.deepcopy(model))
+    assert patched.get_output_embeddings().weight is patched.get_input_embeddings().weight
+    ids, labels = batch()
+    count = torch.tensor(41)
+    for kwargs in (dict(num_items_in_batch=count), dict(num_items_in_batch=41),
+                   dict(shift_labels=torch.roll(labels, -1, 1)), dict(ignore_index=7, labels=ids.masked_fill(ids < 40, 7))):
+        kwargs = {"labels": labels, **kwargs}
+        assert_same_loss_and_grads(loss_and_grads(patched, ids, **kwargs), loss_and_grads(model, ids, **kwargs))
+    positional = (ids, None, None, None, None, labels)  # input_ids, attention_mask, position_ids, cache, embeds, labels
+    assert_same_loss_and_grads(loss_and_grads(patched, *positional), loss_and_grads(model, ids, labels=labels))
+    out = patched(ids, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == () and not any(
+        torch.is_tensor(t) and t.shape[-1:] == (V,) for t in out[1:])
+
+
+def test_attention_mask_gradient_checkpointing_and_loss_options():
+    model = tiny_model("qwen3")
+    ids, labels = batch()
+    mask = (labels != -100).long()
+    mask[0] = 1
+    want = loss_and_grads(model, ids, attention_mask=mask, labels=labels)
+    patched = patch_causal_lm(copy.deepcopy(model))
+    assert_same_loss_and_grads(loss_and_grads(patched, ids, attention_mask=mask, labels=labels), want)
+    patched.activation_checkpointing_enable()
+    patched.train()
+    assert_same_loss_and_grads(loss_and_grads(patched, ids, attention_mask=mask, labels=labels), want)
+    # options the model's own loss lacks: the patched loss is linear_cross_entropy of the decoder's output
+    patched = patch_causal_lm(copy.deepcopy(model), z_loss=1e-2, label_smoothing=0.1)
+    got = patched(ids, labels=labels).loss
+    hidden = patched.get_decoder()(ids).last_hidden_state
+    want = mk.linear_cross_entropy(hidden, patched.lm_head.weight, labels, shift=1, z_loss=1e-2, label_smoothing=0.1)
+    torch.testing.assert_close(got, want)
+    assert (got - loss_and_grads(model, ids, labels=labels)[0]).abs() > 1e-3
+
+
+def test_without_labels_the_model_is_unchanged_and_unpatch_restores_it():
+    model = tiny_model("gemma2")
+    patched = patch_causal_lm(copy.deepcopy(model))
+    ids, _ = batch()
+    torch.testing.assert_close(patched(ids).logits, model(ids).logits)
+    generated = patched.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(generated, model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False))
+    again = copy.deepcopy(patched)  # a copy keeps its patch (bound to the copy)
+    assert again.forward.__self__ is again and again(ids, labels=ids).logits is None
+    assert unpatch_causal_lm(patched) is patched and patched(ids, labels=ids).logits is not None
+    assert patched.state_dict().keys() == model.state_dict().keys()
+
+
+def test_bf16_model_matches_within_the_logits_rounding():
+    # HF's loss rounds each logit to bf16 before its fp32 cross-entropy; the fused loss does not: the two differ
+    # by about that rounding (2⁻⁸ relative per logit), not more
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids, labels = batch()
+    want = model(ids, labels=labels).loss
+    got = patch_causal_lm(copy.deepcopy(model))(ids, labels=labels).loss
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=0)
+
+
+def test_errors_name_what_is_wrong():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="model_type"):
+        patch_causal_lm(transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
+            vocab_size=V, n_embd=32, n_layer=1, n_head=2)))
+    with pytest.raises(TypeError, match="model_type"):
+        patch_causal_lm(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="unexpected loss options.*'softcap'"):
+        patch_causal_lm(copy.deepcopy(model), softcap=30.0)
+    with pytest.raises(ValueError, match="z_loss"):
+        patch_causal_lm(copy.deepcopy(model), z_loss=-1.0)
+
+    class LoRALinear(torch.nn.Linear):  # a wrapped head computes more than weight and bias
+        pass
+
+    wrapped = copy.deepcopy(model)
+    wrapped.lm_head.__class__ = LoRALinear
+    with pytest.raises(TypeError, match="nn.Linear.*LoRALinear"):
+        patch_causal_lm(wrapped)
+    patched = patch_causal_lm(copy.deepcopy(model))
+    ids, labels = batch()
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        patched(ids, labels=labels, logits_to_keep=1)
+    patched.lm_head.__class__ = LoRALinear  # wrapped after patching: refused at the call
+    with pytest.raises(TypeError, match="LoRALinear"):
+        patched(ids, labels=labels)
