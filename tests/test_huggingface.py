@@ -59,8 +59,10 @@ def test_loss_and_grads_equal_the_models_own(model_type):
     ids, labels = batch()
     want = loss_and_grads(model, ids, labels=labels)
     patched = patch_causal_lm(copy.deepcopy(model))
+    projected = []  # the positions the head projects: none
+    patched.get_output_embeddings().register_forward_hook(lambda m, args, out: projected.append(out.shape))
     out = patched(ids, labels=labels)
-    assert out.logits is None and out["loss"].shape == ()
+    assert out.logits is None and out["loss"].shape == () and projected == [(3, 0, V)]
     assert_same_loss_and_grads(loss_and_grads(patched, ids, labels=labels), want)
     if model_type in TRANSFORMS:  # the transform matters at these logits: the plain CE of the head is far off
         hidden = patched.get_decoder()(ids).last_hidden_state
