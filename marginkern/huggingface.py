@@ -3,11 +3,12 @@
     model = AutoModelForCausalLM.from_pretrained(...)
     marginkern.huggingface.patch_causal_lm(model)     # this instance only; z_loss=..., label_smoothing=... optional
     loss = model(input_ids, labels=labels).loss         # HF's labels: shifted inside, -100 ignored
+    marginkern.huggingface.patch_causal_lm(model, loss="emo_cross_entropy")   # EMO's official recipe, fused
 
 With `labels`, the patched forward runs the model's own forward with `labels=None` and `logits_to_keep` set to no
 position (the decoder runs as HF wrote it; the LM head projects nothing), takes the decoder's last hidden state
-from a forward hook, and returns `marginkern.linear_cross_entropy` of it against the head's weight (and bias) with
-HF's loss semantics: labels shifted by one (or `shift_labels` as given, for context parallelism), mean over the
+from a forward hook, and returns `marginkern.linear_cross_entropy` of it against the head's weight (and bias), or
+one of the EMO losses (LOSSES), with HF's loss semantics: labels shifted by one (or `shift_labels` as given, for context parallelism), mean over the
 non-ignored tokens, or their sum divided by `num_items_in_batch` when the Trainer passes it (gradient accumulation).
 The output's `loss` is that value and its `logits` is None. Without `labels` (inference, `generate`) the model's own
 forward runs unchanged.
@@ -24,7 +25,7 @@ import types
 import torch
 
 from .checks import check_linear_ce_options
-from .functional import linear_cross_entropy
+from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy
 from .modules import _autocast_like
 
 # model_type → (the factor HF multiplies the head's output by, the Gemma-2 style softcap), from the config. The
@@ -40,14 +41,24 @@ SUPPORTED_MODEL_TYPES = {
     "granite": lambda config: (1.0 / float(config.logits_scaling), None),
 }
 
-# linear_cross_entropy's options a patched model may be given; the rest follow from the model and HF's semantics
-LOSS_OPTIONS = ("label_smoothing", "z_loss", "focal_gamma", "gamma_ce", "grad_filter_eps", "logits_buffer_mb")
+# loss → (the function, the options a patched model may be given); the rest follow from the model and HF's semantics
+LOSSES = {
+    "cross_entropy": (linear_cross_entropy, ("label_smoothing", "z_loss", "focal_gamma", "gamma_ce", "grad_filter_eps",
+                                             "logits_buffer_mb")),
+    # EMO's official code patches HF's Llama forward with these: the MLE-anchored recipe, or EMO alone; the cost
+    # embedding defaults to the live head, detached ("adaptive"), or a fixed (V, E) one (kept as a buffer)
+    "emo_cross_entropy": (emo_cross_entropy, ("cost_embedding",)),
+    "emo": (emo_loss, ("cost_embedding",)),
+}
+_COST_BUFFER = "_marginkern_cost_embedding"
 
 
-def patch_causal_lm(model, **loss_options):
-    """Make this model instance compute its training loss with `marginkern.linear_cross_entropy` (module
-    docstring); returns the model. `loss_options`: any of LOSS_OPTIONS (HF's own loss has none of them: the
-    defaults reproduce it). Patching a patched model replaces its options; `unpatch_causal_lm` undoes it."""
+def patch_causal_lm(model, *, loss="cross_entropy", **loss_options):
+    """Make this model instance compute its training loss with marginkern's fused `loss`, a key of LOSSES
+    (module docstring); returns the model. `loss_options`: that loss's options in LOSSES (HF's own loss has none of
+    them: cross_entropy's defaults reproduce it). EMO's `cost_embedding` becomes a non-persistent buffer of the model
+    (it moves with .to(), it is not saved). Patching a patched model replaces its loss and options;
+    `unpatch_causal_lm` undoes it."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not type(model).__name__.endswith("ForCausalLM") or model_type not in SUPPORTED_MODEL_TYPES:
         raise TypeError(f"model must be a transformers ForCausalLM of a model_type in "
@@ -55,14 +66,29 @@ def patch_causal_lm(model, **loss_options):
     if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
         raise TypeError(f"model: {type(model).__name__}.forward takes no logits_to_keep, which the patch needs "
                         f"to skip the LM head's projection (transformers ≥ 4.50 has it)")
-    unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+    unknown = sorted(set(loss_options) - set(LOSSES[loss][1]))
     if unknown:
-        raise TypeError(f"patch_causal_lm got unexpected loss options {unknown}; expected any of {list(LOSS_OPTIONS)}")
+        raise TypeError(f"patch_causal_lm(loss={loss!r}) got unexpected loss options {unknown}; expected any of "
+                        f"{list(LOSSES[loss][1])}")
     _, softcap = SUPPORTED_MODEL_TYPES[model_type](model.config)
-    check_linear_ce_options(loss_options.get("label_smoothing", 0.0), loss_options.get("z_loss", 0.0), softcap,
-                            loss_options.get("focal_gamma", 0.0), loss_options.get("gamma_ce", 0.0))
-    _plain_linear_head(model)
-    model._marginkern_loss_options = dict(loss_options)
+    head = _plain_linear_head(model)
+    options = dict(loss_options)
+    if loss == "cross_entropy":
+        check_linear_ce_options(options.get("label_smoothing", 0.0), options.get("z_loss", 0.0), softcap,
+                                options.get("focal_gamma", 0.0), options.get("gamma_ce", 0.0))
+    elif softcap is not None or head.bias is not None:
+        raise ValueError(f"loss={loss!r} takes no {'softcap' if softcap is not None else 'bias'}, which this "
+                         f"{type(model).__name__}'s head has")
+    cost = options.pop("cost_embedding", None)
+    if cost is not None and (not torch.is_tensor(cost) or cost.dim() != 2 or cost.shape[0] != head.weight.shape[0]):
+        raise ValueError(f"cost_embedding must be a (V, E) tensor with V = {head.weight.shape[0]} (the head's rows), "
+                         f"got {tuple(cost.shape) if torch.is_tensor(cost) else type(cost).__name__}")
+    unpatch_causal_lm(model)
+    if cost is not None:
+        model.register_buffer(_COST_BUFFER, cost.detach().clone(), persistent=False)
+    model._marginkern_loss = (loss, options)
     model.forward = types.MethodType(_forward_with_fused_loss, model)
     return model
 
@@ -71,7 +97,9 @@ def unpatch_causal_lm(model):
     """Undo `patch_causal_lm` (the class's forward serves again); returns the model."""
     if "forward" in vars(model) and getattr(model.forward, "__func__", None) is _forward_with_fused_loss:
         del model.forward
-        del model._marginkern_loss_options
+        del model._marginkern_loss
+        if hasattr(model, _COST_BUFFER):
+            delattr(model, _COST_BUFFER)
     return model
 
 
@@ -126,10 +154,14 @@ def _forward_with_fused_loss(self, *args, **kwargs):
     if scale != 1.0:
         hidden = hidden * scale
     target, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
-    loss = linear_cross_entropy(hidden, _autocast_like(head.weight, hidden), target.to(hidden.device),
-                                _autocast_like(head.bias, hidden), ignore_index=ignore_index, softcap=softcap,
-                                shift=shift, reduction="mean" if num_items_in_batch is None else "sum",
-                                **self._marginkern_loss_options)
+    name, options = self._marginkern_loss
+    if name == "cross_entropy":
+        options = dict(options, bias=_autocast_like(head.bias, hidden), softcap=softcap)
+    else:
+        options = dict(options, cost_embedding=getattr(self, _COST_BUFFER, None))
+    loss = LOSSES[name][0](hidden, _autocast_like(head.weight, hidden), target.to(hidden.device),
+                           ignore_index=ignore_index, shift=shift,
+                           reduction="mean" if num_items_in_batch is None else "sum", **options)
     if num_items_in_batch is not None:
         loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
                        else num_items_in_batch)

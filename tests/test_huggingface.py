@@ -160,3 +160,50 @@ def test_errors_name_what_is_wrong():
     patched.lm_head.__class__ = LoRALinear  # wrapped after patching: refused at the call
     with pytest.raises(TypeError, match="LoRALinear"):
         patched(ids, labels=labels)
+
+
+def emo_recipe_from_logits(model, ids, labels, cost, mode):
+    """EMO's official HF patch (DRSY/EMO emo_patch.py, without its detach trick, as gpt2.py) on the model's own
+    materialised logits: shift inside, Ê the row-normalised cost, per token EMO = Σ_j p_j·(1 − ê_j·ê_t), the
+    MLE-anchored 0.5·(ce + sg(ce/emo)·emo) or EMO alone, averaged over the non-ignored tokens."""
+    logits = model(ids).logits[:, :-1].flatten(0, 1).double()
+    target = labels[:, 1:].flatten()
+    valid = target != -100
+    t = target.clamp_min(0)
+    e = torch.nn.functional.normalize(cost.detach().double(), dim=-1)
+    p = logits.softmax(-1)
+    emo = (p * (1 - e @ e[t].t()).t()).sum(-1)
+    ce = torch.nn.functional.cross_entropy(logits, t, reduction="none")
+    rows = 0.5 * (ce + (ce / (emo + 1e-10)).detach() * emo) if mode == "emo_cross_entropy" else emo
+    return (rows * valid).sum() / valid.sum()
+
+
+@pytest.mark.parametrize("loss", ["emo_cross_entropy", "emo"])
+@pytest.mark.parametrize("fixed_cost", [False, True], ids=["adaptive", "fixed"])
+def test_emo_losses_equal_the_official_recipe_on_the_models_logits(loss, fixed_cost):
+    model = tiny_model("cohere")  # a logit scale, applied to the hidden state
+    ids, labels = batch()
+    cost = torch.randn(V, 16, generator=torch.Generator().manual_seed(3)) if fixed_cost else None
+    model.zero_grad()
+    want = emo_recipe_from_logits(model, ids, labels, cost if fixed_cost else model.lm_head.weight, loss)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    options = {"cost_embedding": cost} if fixed_cost else {}
+    patched = patch_causal_lm(copy.deepcopy(model), loss=loss, **options)
+    got = loss_and_grads(patched, ids, labels=labels)
+    assert_same_loss_and_grads(got, (want.float(), {n: g.float() for n, g in want_grads.items()}))
+    assert ("_marginkern_cost_embedding" in dict(patched.named_buffers())) == fixed_cost
+    assert patched.state_dict().keys() == model.state_dict().keys()
+    unpatch_causal_lm(patched)
+    assert "_marginkern_cost_embedding" not in dict(patched.named_buffers())
+
+
+def test_emo_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="softcap"):
+        patch_causal_lm(tiny_model("gemma2"), loss="emo")
+    with pytest.raises(ValueError, match=r"cost_embedding must be a \(V, E\) tensor with V = 300"):
+        patch_causal_lm(tiny_model("llama"), loss="emo", cost_embedding=torch.randn(299, 8))
+    with pytest.raises(TypeError, match="unexpected loss options.*'z_loss'"):
+        patch_causal_lm(tiny_model("llama"), loss="emo_cross_entropy", z_loss=1e-4)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        patch_causal_lm(tiny_model("llama"), loss="focal")
