@@ -5,13 +5,14 @@
     loss = model(input_ids, labels=labels).loss         # HF's labels: shifted inside, -100 ignored
     marginkern.huggingface.patch_causal_lm(model, loss="emo_cross_entropy")   # EMO's official recipe, fused
 
-With `labels`, the patched forward runs the model's own forward with `labels=None` and `logits_to_keep` set to no
+With `labels`, in training mode, the patched forward runs the model's own forward with `labels=None` and `logits_to_keep` set to no
 position (the decoder runs as HF wrote it; the LM head projects nothing), takes the decoder's last hidden state
 from a forward hook, and returns `marginkern.linear_cross_entropy` of it against the head's weight (and bias), or
 one of the EMO losses (LOSSES), with HF's loss semantics: labels shifted by one (or `shift_labels` as given, for context parallelism), mean over the
 non-ignored tokens, or their sum divided by `num_items_in_batch` when the Trainer passes it (gradient accumulation).
-The output's `loss` is that value and its `logits` is None. Without `labels` (inference, `generate`) the model's own
-forward runs unchanged.
+The output's `loss` is that value and its `logits` is None. Without `labels` (inference, `generate`), or in eval
+mode (an evaluation loop's metrics want the logits; as Liger-Kernel's patches), the model's own forward runs
+unchanged.
 
 Logits are exact fp32 dot products here; HF's loss rounds them to the head's dtype first (bf16 models differ in
 the loss by about that rounding). Which models: the `ForCausalLM` classes of `SUPPORTED_MODEL_TYPES`, whose forward
@@ -20,13 +21,11 @@ type raises, since its forward may transform the logits in a way this patch woul
 transformers 5.25.0 (the test extra's pin).
 """
 import inspect
-import types
 
 import torch
 
 from .checks import check_linear_ce_options
 from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy
-from .modules import _autocast_like
 
 # model_type → (the factor HF multiplies the head's output by, the Gemma-2 style softcap), from the config. The
 # forwards of transformers 5.x: plain `logits = self.lm_head(h)`, Gemma 2/3's final_logit_softcapping, Cohere's
@@ -57,23 +56,19 @@ def patch_causal_lm(model, *, loss="cross_entropy", **loss_options):
     """Make this model instance compute its training loss with marginkern's fused `loss`, a key of LOSSES
     (module docstring); returns the model. `loss_options`: that loss's options in LOSSES (HF's own loss has none of
     them: cross_entropy's defaults reproduce it). EMO's `cost_embedding` becomes a non-persistent buffer of the model
-    (it moves with .to(), it is not saved). Patching a patched model replaces its loss and options;
+    (it moves with .to(), it is not saved). Patch before wrapping the model (PEFT, accelerate.prepare, FSDP, DDP):
+    a wrapper's own forward then calls this one. Patching a patched model replaces its loss and options;
     `unpatch_causal_lm` undoes it."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if not type(model).__name__.endswith("ForCausalLM") or model_type not in SUPPORTED_MODEL_TYPES:
-        raise TypeError(f"model must be a transformers ForCausalLM of a model_type in "
-                        f"{sorted(SUPPORTED_MODEL_TYPES)}, got {type(model).__name__} (model_type {model_type!r})")
-    if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
-        raise TypeError(f"model: {type(model).__name__}.forward takes no logits_to_keep, which the patch needs "
-                        f"to skip the LM head's projection (transformers ≥ 4.50 has it)")
+    head = _check_model(model)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
     unknown = sorted(set(loss_options) - set(LOSSES[loss][1]))
     if unknown:
         raise TypeError(f"patch_causal_lm(loss={loss!r}) got unexpected loss options {unknown}; expected any of "
                         f"{list(LOSSES[loss][1])}")
-    _, softcap = SUPPORTED_MODEL_TYPES[model_type](model.config)
-    head = _plain_linear_head(model)
+    scale, softcap = SUPPORTED_MODEL_TYPES[model.config.model_type](model.config)
+    if scale != 1.0 and head.bias is not None:  # the scale is applied to the hidden state, which a bias would escape
+        raise ValueError(f"model: a {type(model).__name__} head with a bias is not supported (its logit scale)")
     options = dict(loss_options)
     if loss == "cross_entropy":
         check_linear_ce_options(options.get("label_smoothing", 0.0), options.get("z_loss", 0.0), softcap,
@@ -89,18 +84,64 @@ def patch_causal_lm(model, *, loss="cross_entropy", **loss_options):
     if cost is not None:
         model.register_buffer(_COST_BUFFER, cost.detach().clone(), persistent=False)
     model._marginkern_loss = (loss, options)
-    model.forward = types.MethodType(_forward_with_fused_loss, model)
+    model.forward = _FusedLossForward(model)
     return model
 
 
 def unpatch_causal_lm(model):
     """Undo `patch_causal_lm` (the class's forward serves again); returns the model."""
-    if "forward" in vars(model) and getattr(model.forward, "__func__", None) is _forward_with_fused_loss:
-        del model.forward
-        del model._marginkern_loss
-        if hasattr(model, _COST_BUFFER):
-            delattr(model, _COST_BUFFER)
+    if not hasattr(model, "_marginkern_loss"):
+        return model
+    if not isinstance(vars(model).get("forward"), _FusedLossForward):
+        raise RuntimeError("model.forward was wrapped after patch_causal_lm (accelerate.prepare?): unpatch the model "
+                           "before wrapping it")
+    del model.forward
+    del model._marginkern_loss
+    if hasattr(model, _COST_BUFFER):
+        delattr(model, _COST_BUFFER)
     return model
+
+
+class _FusedLossForward:
+    """A patched model's forward (`_forward_with_fused_loss` on it). A callable object rather than a bound method so
+    that its signature is the class forward's (the Trainer keeps the dataset columns it names; generate reads it for
+    attention_mask and logits_to_keep) and the model pickles (torch.save) with its patch."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def __signature__(self):
+        return inspect.signature(type(self.model).forward.__get__(self.model))
+
+    def __call__(self, *args, **kwargs):
+        return _forward_with_fused_loss(self.model, *args, **kwargs)
+
+
+def _check_model(model):
+    """model's head if model is an instance of the very class transformers registers as its model type's causal LM
+    (not a subclass, nor remote code reusing a model_type: either may transform the logits in its own forward), of a
+    listed model type, its forward not wrapped by anyone else yet. Raises naming the problem otherwise."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        raise TypeError("model is a PEFT wrapper: patch the model before get_peft_model, or "
+                        "patch_causal_lm(model.get_base_model())")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    registered = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    cls = type(model)
+    if (model_type not in SUPPORTED_MODEL_TYPES or cls.__name__ != registered
+            or not cls.__module__.startswith("transformers.models.")):
+        raise TypeError(f"model must be an instance of transformers' own causal LM class of a model_type in "
+                        f"{sorted(SUPPORTED_MODEL_TYPES)} (a subclass or remote code may transform the logits), got "
+                        f"{cls.__module__}.{cls.__qualname__} (model_type {model_type!r})")
+    if "logits_to_keep" not in inspect.signature(cls.forward).parameters:
+        raise TypeError(f"model: {cls.__name__}.forward takes no logits_to_keep, which the patch needs to skip the LM "
+                        f"head's projection (transformers ≥ 4.50 has it)")
+    wrapped = vars(model).get("forward")
+    if wrapped is not None and not isinstance(wrapped, _FusedLossForward):
+        raise TypeError("model.forward is already wrapped (accelerate.prepare?): patch the model before wrapping it")
+    return _plain_linear_head(model)
 
 
 def _keyword_arguments(forward, model, args, kwargs):
@@ -122,9 +163,10 @@ def _plain_linear_head(model):
     LoRA-wrapped or quantised head computes something else, which the fused loss would silently replace."""
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
+        cls = type(head)
         raise TypeError(f"model.get_output_embeddings() must be a torch.nn.Linear (the fused loss uses its weight and "
-                        f"bias as the whole projection), got {type(head).__name__}; patch before wrapping the head "
-                        f"(LoRA, quantisation), or leave the head out of such wrapping")
+                        f"bias as the whole projection), got {cls.__module__}.{cls.__qualname__}; leave the head out "
+                        f"of LoRA (target_modules, modules_to_save) and quantisation")
     return head
 
 
@@ -132,7 +174,7 @@ def _forward_with_fused_loss(self, *args, **kwargs):
     """The patched forward (module docstring); `self` is the model."""
     cls_forward = type(self).forward
     arguments = _keyword_arguments(cls_forward, self, args, kwargs)
-    if arguments.get("labels") is None:
+    if arguments.get("labels") is None or not self.training:  # eval keeps HF's logits for metrics (as Liger)
         return cls_forward(self, *args, **kwargs)
     labels, shift_labels = arguments.pop("labels"), arguments.pop("shift_labels", None)
     num_items_in_batch, ignore_index = arguments.pop("num_items_in_batch", None), arguments.pop("ignore_index", -100)
@@ -153,14 +195,17 @@ def _forward_with_fused_loss(self, *args, **kwargs):
     scale, softcap = SUPPORTED_MODEL_TYPES[self.config.model_type](self.config)
     if scale != 1.0:
         hidden = hidden * scale
+    weight, bias = head.weight, head.bias
+    if torch.is_autocast_enabled(hidden.device.type):  # the head's operands in the autocast dtype, as its F.linear's
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight, bias = (None if t is None else t.to(dtype) for t in (hidden, weight, bias))
     target, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
     name, options = self._marginkern_loss
     if name == "cross_entropy":
-        options = dict(options, bias=_autocast_like(head.bias, hidden), softcap=softcap)
+        options = dict(options, bias=bias, softcap=softcap)
     else:
         options = dict(options, cost_embedding=getattr(self, _COST_BUFFER, None))
-    loss = LOSSES[name][0](hidden, _autocast_like(head.weight, hidden), target.to(hidden.device),
-                           ignore_index=ignore_index, shift=shift,
+    loss = LOSSES[name][0](hidden, weight, target.to(hidden.device), ignore_index=ignore_index, shift=shift,
                            reduction="mean" if num_items_in_batch is None else "sum", **options)
     if num_items_in_batch is not None:
         loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)

@@ -21,7 +21,7 @@ TRANSFORMS = {"gemma2": dict(final_logit_softcapping=4.0), "gemma3_text": dict(f
 def tiny_model(model_type, **config):
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(model_type, **{**TINY, **TRANSFORMS.get(model_type, {}), **config})
-    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().train()
     with torch.no_grad():  # logits of a few units, as in a trained model: softcap and scale then matter
         model.get_output_embeddings().weight.normal_(0, 1.0)
     return model
@@ -118,7 +118,11 @@ def test_without_labels_the_model_is_unchanged_and_unpatch_restores_it():
     generated = patched.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(generated, model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False))
     again = copy.deepcopy(patched)  # a copy keeps its patch (bound to the copy)
-    assert again.forward.__self__ is again and again(ids, labels=ids).logits is None
+    assert again.forward.model is again and again(ids, labels=ids).logits is None
+    evaluated = patched.eval()(ids, labels=ids)  # eval mode: HF's forward, logits for an evaluation's metrics
+    torch.testing.assert_close(evaluated.loss, model.eval()(ids, labels=ids).loss)
+    assert evaluated.logits.shape == (3, 11, V)
+    patched.train()
     assert unpatch_causal_lm(patched) is patched and patched(ids, labels=ids).logits is not None
     assert patched.state_dict().keys() == model.state_dict().keys()
 
@@ -141,6 +145,31 @@ def test_errors_name_what_is_wrong():
             vocab_size=V, n_embd=32, n_layer=1, n_head=2)))
     with pytest.raises(TypeError, match="model_type"):
         patch_causal_lm(torch.nn.Linear(2, 2))
+
+    class HalvedLogits(transformers.LlamaForCausalLM):  # a subclass may transform the logits in its own forward
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            return out
+
+    with pytest.raises(TypeError, match="own causal LM class.*HalvedLogits"):
+        patch_causal_lm(HalvedLogits(model.config))
+
+    class PeftLike(torch.nn.Module):  # what peft.PeftModel looks like to the patch
+        peft_config = {}
+
+        def get_base_model(self):
+            return model
+
+    with pytest.raises(TypeError, match=r"get_base_model\(\)"):
+        patch_causal_lm(PeftLike())
+    wrapped_forward = copy.deepcopy(model)
+    wrapped_forward.forward = lambda *a, **k: type(model).forward(wrapped_forward, *a, **k)  # accelerate.prepare's
+    with pytest.raises(TypeError, match="already wrapped"):
+        patch_causal_lm(wrapped_forward)
+    late = patch_causal_lm(copy.deepcopy(model))
+    late.forward = lambda *a, inner=late.forward, **k: inner(*a, **k)
+    with pytest.raises(RuntimeError, match="wrapped after patch_causal_lm"):
+        unpatch_causal_lm(late)
     with pytest.raises(TypeError, match="unexpected loss options.*'softcap'"):
         patch_causal_lm(copy.deepcopy(model), softcap=30.0)
     with pytest.raises(ValueError, match="z_loss"):
@@ -151,7 +180,7 @@ def test_errors_name_what_is_wrong():
 
     wrapped = copy.deepcopy(model)
     wrapped.lm_head.__class__ = LoRALinear
-    with pytest.raises(TypeError, match="nn.Linear.*LoRALinear"):
+    with pytest.raises(TypeError, match="nn.Linear.*test_huggingface.*LoRALinear"):
         patch_causal_lm(wrapped)
     patched = patch_causal_lm(copy.deepcopy(model))
     ids, labels = batch()
@@ -207,3 +236,50 @@ def test_emo_refuses_what_it_cannot_compute():
         patch_causal_lm(tiny_model("llama"), loss="emo_cross_entropy", z_loss=1e-4)
     with pytest.raises(ValueError, match="loss must be one of"):
         patch_causal_lm(tiny_model("llama"), loss="focal")
+
+
+def test_signature_generate_and_pickling_see_the_models_forward():
+    # the Trainer keeps the dataset columns the forward's signature names, and generate reads it for attention_mask
+    # (inferred from pad tokens) and logits_to_keep (the prefill projects the last position only)
+    model = tiny_model("llama")
+    patched = patch_causal_lm(copy.deepcopy(model))
+    import inspect
+    assert inspect.signature(patched.forward) == inspect.signature(model.forward)
+    ids, _ = batch()
+    left_padded = ids[:2, :6].clone()
+    left_padded[0, :2] = model.config.pad_token_id
+    projected = []
+    patched.lm_head.register_forward_hook(lambda m, args, out: projected.append(out.shape[1]))
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=model.config.pad_token_id)
+    torch.testing.assert_close(patched.generate(left_padded, **kwargs), model.generate(left_padded, **kwargs))
+    assert projected == [1, 1, 1]
+    # torch.save of the whole model keeps the patch (a bound method would not load)
+    import io
+    buffer = io.BytesIO()
+    torch.save(patch_causal_lm(copy.deepcopy(model)), buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    ids, labels = batch()
+    assert_same_loss_and_grads(loss_and_grads(loaded, ids, labels=labels), loss_and_grads(model, ids, labels=labels))
+    assert loaded(ids, labels=labels).logits is None
+
+
+def test_fp32_model_under_autocast_runs_the_head_in_the_autocast_dtype():
+    # as the head's F.linear under autocast: bf16 operands (HF's loss then rounds the logits to bf16; this one does not)
+    model = tiny_model("llama")
+    ids, labels = batch()
+    patched = patch_causal_lm(copy.deepcopy(model))
+    dtypes = []
+    import marginkern.functional as functional
+    real = functional.linear_cross_entropy
+    try:
+        functional_spy = lambda x, w, *a, **k: dtypes.append((x.dtype, w.dtype)) or real(x, w, *a, **k)  # noqa: E731
+        import marginkern.huggingface as hf
+        hf.LOSSES["cross_entropy"] = (functional_spy, hf.LOSSES["cross_entropy"][1])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = loss_and_grads(patched, ids, labels=labels)
+            want = loss_and_grads(model, ids, labels=labels)
+    finally:
+        hf.LOSSES["cross_entropy"] = (real, hf.LOSSES["cross_entropy"][1])
+    assert dtypes == [(torch.bfloat16, torch.bfloat16)]
+    assert got[1]["lm_head.weight"].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=0)
