@@ -134,7 +134,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         # transformers: the version marginkern.huggingface's patch is tested against (tests/test_huggingface.py)
-        "test": ["pytest", "numpy", "triton>=3.2", "scikit-learn", "cmake", "ninja", "transformers==5.25.0"],
+        "test": ["pytest", "numpy", "triton>=3.2", "scikit-learn", "cmake", "ninja", "transformers==5.25.0",
+                 "accelerate==1.16.0"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "peers": ["liger-kernel", "cut-cross-entropy"],
     },

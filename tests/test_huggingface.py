@@ -283,3 +283,46 @@ def test_fp32_model_under_autocast_runs_the_head_in_the_autocast_dtype():
     assert dtypes == [(torch.bfloat16, torch.bfloat16)]
     assert got[1]["lm_head.weight"].dtype == torch.float32
     torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=0)
+
+
+def test_trainer_with_gradient_accumulation_takes_the_same_step():
+    # HF's Trainer as it comes (its column filter reads the forward's signature; it passes num_items_in_batch, the
+    # labelled tokens of all the accumulated micro-batches): one SGD step over 3 uneven micro-batches moves every
+    # parameter as the unpatched model's step does
+    pytest.importorskip("accelerate")
+
+    def example(i):
+        g = torch.Generator().manual_seed(i)
+        length = int(torch.randint(3, 14, (1,), generator=g))
+        ids = torch.randint(3, V, (length,), generator=g)
+        prompt = int(torch.randint(0, length - 1, (1,), generator=g))
+        return dict(input_ids=ids, labels=torch.cat([torch.full((prompt,), -100), ids[prompt:]]))
+
+    def collate(items):
+        T = max(len(x["input_ids"]) for x in items)
+        pad = dict(input_ids=0, labels=-100)
+        out = {k: torch.stack([torch.nn.functional.pad(x[k], (0, T - len(x[k])), value=pad[k]) for x in items])
+               for k in pad}
+        out["attention_mask"] = (torch.arange(T)[None] < torch.tensor([len(x["input_ids"]) for x in items])[:, None])
+        return out
+
+    def step(model, folder):
+        args = transformers.TrainingArguments(
+            output_dir=str(folder), per_device_train_batch_size=2, gradient_accumulation_steps=3, max_steps=1,
+            learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+            use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0, data_seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=[example(i) for i in range(6)],
+                                       data_collator=collate)
+        trainer.train()
+        return dict(model.named_parameters())
+
+    import tempfile
+    model = tiny_model("gemma2")  # soft-capped
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with tempfile.TemporaryDirectory() as folder:
+        want = step(copy.deepcopy(model), folder)
+        got = step(patch_causal_lm(copy.deepcopy(model)), folder)
+    for name, start in before.items():
+        update = (want[name] - start).abs().max().item()
+        assert update > 0, name
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4 * update, msg=name)
