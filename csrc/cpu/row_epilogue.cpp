@@ -209,15 +209,18 @@ MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const Ch
 template <typename T>
 MARGINKERN_ALWAYS_INLINE void reduce_subcenters_row_impl(const T* row, const T* scale, int cc, int K, T* best,
                                                          int32_t* winner) {
+  // offsets in int64: a chunk's cc·K columns may pass 2^31 (the C++ API's class_chunk bounds cc alone)
 #pragma omp simd
   for (int j = 0; j < cc; ++j) {
-    best[j] = row[j * K] * scale[j * K];
+    const int64_t at = static_cast<int64_t>(j) * K;
+    best[j] = row[at] * scale[at];
     winner[j] = 0;
   }
   for (int k = 1; k < K; ++k) {
 #pragma omp simd
     for (int j = 0; j < cc; ++j) {
-      const T candidate = row[j * K + k] * scale[j * K + k];
+      const int64_t at = static_cast<int64_t>(j) * K + k;
+      const T candidate = row[at] * scale[at];
       const T top = best[j];
       // the first of equal ones stays; a NaN wins and stays
       const bool better = candidate > top || (candidate != candidate && top == top);
