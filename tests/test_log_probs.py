@@ -179,16 +179,47 @@ def test_nan_input_gives_nan():
     assert torch.isfinite(log_pt[[0, 1, 3]]).all() and torch.isfinite(entropy[[0, 1, 3]]).all()
 
 
-def test_minus_inf_target_logit_gives_torchs_gradient():
-    """A −inf target logit (p_t = 0): the target column's entropy part p_t·(log p_t + H) is 0, not 0·(−inf) = NaN;
-    dL/dw equals F.cross_entropy's (found by a review)."""
-    x = torch.tensor([[1.0, 0.5]])
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_minus_inf_logit_gives_torchs_gradient_and_entropy(backend, monkeypatch):
+    """A −inf logit (p = 0): as the target, its entropy part p_t·(log p_t + H) is 0, not 0·(−inf) = NaN, and dL/dw
+    equals F.cross_entropy's (found by a review); as another class, it adds 0·log 0 = 0 to the entropy (the PyTorch
+    tiles' chunk sums weigh only p > 0: a mutation test's finding), on both CPU backends."""
+    skip_without_cpp(backend)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    x = torch.tensor([[1.0, 0.5], [1.0, 0.5]])
     w = torch.tensor([[0.0, 0.0], [-float("inf"), 0.0], [1.0, 0.0]], requires_grad=True)
-    log_pt, _ = mk.log_probs_and_entropy(x, w, torch.tensor([1]))
+    target = torch.tensor([1, 0])
+    log_pt, entropy = mk.log_probs_and_entropy(x, w, target)
     grad, = torch.autograd.grad(log_pt.sum(), w)
     w_torch = w.detach().clone().requires_grad_()
-    want, = torch.autograd.grad(-F.cross_entropy(x @ w_torch.t(), torch.tensor([1]), reduction="sum"), w_torch)
+    want, = torch.autograd.grad(-F.cross_entropy(x[:1] @ w_torch.t(), target[:1], reduction="sum"), w_torch)
     assert torch.equal(grad[1], want[1]) and torch.isfinite(grad).all()
+    p = torch.softmax(x.double() @ w.detach().double().t(), 1)
+    want_entropy = -torch.where(p > 0, p * p.log(), 0.0).sum(1)
+    torch.testing.assert_close(entropy.double(), want_entropy, rtol=1e-6, atol=0)
+    torch.testing.assert_close(log_pt[1].double(), p[1, 0].log(), rtol=1e-6, atol=0)
+
+
+def skip_without_cpp(backend):
+    from marginkern import cpp_tiles
+    if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_many_class_chunks_match_the_oracle(backend, monkeypatch):
+    """N = 4096 rows make each CPU backend's budget a chunk of ≤ 1024 classes: C = 3000 runs 3 chunks whose log-sum-exp
+    and entropy sums are merged (a wrong merge was 0.36 nats off in a mutation test that every single-chunk case
+    passed); targets on the chunks' edges."""
+    skip_without_cpp(backend)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    x, w, t = make_case(4096, 3000, 8, ignore=(7,))
+    t[:6] = torch.tensor([0, 1023, 1024, 2047, 2048, 2999])
+    upstream = (torch.randn(4096, dtype=torch.float64), torch.randn(4096, dtype=torch.float64))
+    got = outputs_and_grads(mk.log_probs_and_entropy, x, w, t, upstream)
+    want = outputs_and_grads(reference.log_probs_and_entropy, x.double(), w.double(), t, upstream)
+    for g, e in zip(got, want):
+        assert_close_rel(g, e, torch.float32, floor=1.0)
 
 
 @pytest.mark.parametrize("temperature, match", [(1e-40, "temperature must be ≥"), (float("inf"), "finite"),

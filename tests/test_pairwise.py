@@ -143,6 +143,23 @@ def test_zlpr_masked_logits_are_left_out():
     torch.testing.assert_close(loss.double(), naive_zlpr(s.detach()[:, :3], y[:, :3]).sum(), rtol=1e-6, atol=1e-6)
 
 
+def test_zlpr_masked_positive_is_left_out_too():
+    # a label on a masked span (a padded position marked positive): left out of the positive sum as well, where
+    # e^{−s} = e^{+inf} would make the loss inf (mutation testing found no test with a masked positive)
+    s = torch.randn(3, 6, dtype=torch.float64)
+    y = torch.zeros(3, 6)
+    y[:, 0] = 1
+    y[0, 4] = 1
+    y[1, 5] = 1
+    masked = s.clone()
+    masked[:, 3:] = -float("inf")
+    masked.requires_grad_()
+    loss = mk.multilabel_categorical_crossentropy(masked, y, reduction="none")
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(masked.grad).all() and not masked.grad[:, 3:].any()
+    torch.testing.assert_close(loss, naive_zlpr(s[:, :3], y[:, :3]), rtol=1e-12, atol=1e-12)
+
+
 def test_zlpr_rejects_soft_labels_and_shape_mismatch():
     with pytest.raises(ValueError, match="targets"):
         mk.multilabel_categorical_crossentropy(torch.randn(3, 4), torch.full((3, 4), 0.5))
