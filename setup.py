@@ -136,7 +136,7 @@ setup(
         # transformers: the version marginkern.huggingface's patch is tested against (tests/test_huggingface.py)
         "test": ["pytest", "numpy", "triton>=3.2", "scikit-learn", "cmake", "ninja", "transformers==5.25.0",
                  "accelerate==1.16.0"],
-        "bench": ["matplotlib", "pytest-benchmark"],
+        "bench": ["matplotlib", "pytest-benchmark", "transformers==5.25.0"],  # transformers: bench/hf_cases.py
         "peers": ["liger-kernel", "cut-cross-entropy"],
     },
 )

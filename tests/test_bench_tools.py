@@ -117,3 +117,26 @@ def test_a_run_stopped_by_sigterm_keeps_its_measurements(tmp_path):
             break
         time.sleep(0.1)
     assert workers.stdout.strip() == "", "a worker outlived the run"
+
+
+def test_hf_case_steps_build_one_model_and_batch():
+    # the whole-model case (bench/hf_cases.py): both providers' steps, built under one seed as the worker builds
+    # them, run a tiny Llama to the same loss and fill every parameter's gradient
+    import pytest
+    import torch
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import hf_cases
+        from harness import Case
+    finally:
+        sys.path.remove(str(BENCH))
+    case = Case("tiny-hf", 256, 64, 4000, "float32", classifier=False)
+    losses = []
+    for build in (hf_cases.transformers_step, hf_cases.patched_step):
+        torch.manual_seed(0)
+        step = build(case, "cpu")
+        losses.append(step.fn())
+        assert all(p.grad is not None for p in step.grads_of)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+    assert hf_cases.cases("cpu", quick=True)[0].name in {c.name for c in hf_cases.cases("cpu", quick=False)}
