@@ -5,20 +5,20 @@
     loss = model(input_ids, labels=labels).loss         # HF's labels: shifted inside, -100 ignored
     marginkern.huggingface.patch_causal_lm(model, loss="emo_cross_entropy")   # EMO's official recipe, fused
 
-With `labels`, in training mode, the patched forward runs the model's own forward with `labels=None` and `logits_to_keep` set to no
-position (the decoder runs as HF wrote it; the LM head projects nothing), takes the decoder's last hidden state
-from a forward hook, and returns `marginkern.linear_cross_entropy` of it against the head's weight (and bias), or
-one of the EMO losses (LOSSES), with HF's loss semantics: labels shifted by one (or `shift_labels` as given, for context parallelism), mean over the
-non-ignored tokens, or their sum divided by `num_items_in_batch` when the Trainer passes it (gradient accumulation).
-The output's `loss` is that value and its `logits` is None. Without `labels` (inference, `generate`), or in eval
-mode (an evaluation loop's metrics want the logits; as Liger-Kernel's patches), the model's own forward runs
-unchanged.
+With `labels`, in training mode, the patched forward runs the model's own forward with `labels=None` and
+`logits_to_keep` set to no position (the decoder runs as HF wrote it; the LM head projects nothing), takes the
+decoder's last hidden state from a forward hook, and returns `marginkern.linear_cross_entropy` of it against the
+head's weight (and bias), or one of the EMO losses (LOSSES), with HF's loss semantics: labels shifted by one (or
+`shift_labels` as given, for context parallelism), mean over the non-ignored tokens, or their sum divided by
+`num_items_in_batch` when the Trainer passes it (gradient accumulation). The output's `loss` is that value and its
+`logits` is None. Without `labels` (inference, `generate`), or in eval mode (an evaluation loop's metrics want the
+logits; as Liger-Kernel's patches), the model's own forward runs unchanged.
 
 Logits are exact fp32 dot products here; HF's loss rounds them to the head's dtype first (bf16 models differ in
-the loss by about that rounding). Which models: the `ForCausalLM` classes of `SUPPORTED_MODEL_TYPES`, whose forward
-turns the head's output into logits as listed there (each one tested against the model's own loss); another model
-type raises, since its forward may transform the logits in a way this patch would silently drop. Tested with
-transformers 5.25.0 (the test extra's pin).
+the loss by about that rounding). Which models: transformers' own causal LM class of each of SUPPORTED_MODEL_TYPES,
+whose forward turns the head's output into logits as listed there (each one tested against the model's own loss);
+another model type, a subclass or remote code raises, since its forward may transform the logits in a way this patch
+would silently drop. Tested with transformers 5.25.0 (the test extra's pin).
 """
 import inspect
 

@@ -89,8 +89,8 @@ def test_op_matches_oracle(backend, dtype, direction, shape, monkeypatch):
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_many_class_chunks_match_the_oracle(backend, direction, monkeypatch):
-    """N = 4096 rows make each CPU backend's budget a chunk of ≤ 1024 classes: C = 3000 runs 3 chunks whose student and
-    teacher sums are merged (the C++ teacher cross-sum not rescaled in the merge was 208 off in a mutation test that
+    """N = 4096 rows make each CPU backend's budget a chunk of ≤ 1024 classes: C = 3000 runs 3 chunks whose student
+    and teacher sums are merged (the C++ teacher cross-sum not rescaled in the merge was 208 off in a mutation test that
     every single-chunk case passed)."""
     from marginkern import cpp_tiles
     if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:

@@ -80,7 +80,8 @@ def test_trainer_arguments_and_tied_embeddings():
     ids, labels = batch()
     count = torch.tensor(41)
     for kwargs in (dict(num_items_in_batch=count), dict(num_items_in_batch=41),
-                   dict(shift_labels=torch.roll(labels, -1, 1)), dict(ignore_index=7, labels=ids.masked_fill(ids < 40, 7))):
+                   dict(shift_labels=torch.roll(labels, -1, 1)),
+                   dict(ignore_index=7, labels=ids.masked_fill(ids < 40, 7))):
         kwargs = {"labels": labels, **kwargs}
         assert_same_loss_and_grads(loss_and_grads(patched, ids, **kwargs), loss_and_grads(model, ids, **kwargs))
     positional = (ids, None, None, None, None, labels)  # input_ids, attention_mask, position_ids, cache, embeds, labels

@@ -208,8 +208,8 @@ def skip_without_cpp(backend):
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_many_class_chunks_match_the_oracle(backend, monkeypatch):
-    """N = 4096 rows make each CPU backend's budget a chunk of ≤ 1024 classes: C = 3000 runs 3 chunks whose log-sum-exp
-    and entropy sums are merged (a wrong merge was 0.36 nats off in a mutation test that every single-chunk case
+    """N = 4096 rows make each CPU backend's budget a chunk of ≤ 1024 classes: C = 3000 runs 3 chunks whose
+    log-sum-exp and entropy sums are merged (a wrong merge was 0.36 nats off in a mutation test that every single-chunk case
     passed); targets on the chunks' edges."""
     skip_without_cpp(backend)
     monkeypatch.setenv("MARGINKERN_BACKEND", backend)
