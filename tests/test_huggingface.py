@@ -327,3 +327,13 @@ def test_trainer_with_gradient_accumulation_takes_the_same_step():
         update = (want[name] - start).abs().max().item()
         assert update > 0, name
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4 * update, msg=name)
+
+
+def test_compiled_patched_model_gives_the_same_step():
+    model = tiny_model("llama")
+    ids, labels = batch()
+    want = loss_and_grads(model, ids, labels=labels)
+    compiled = torch.compile(patch_causal_lm(copy.deepcopy(model)))
+    got = loss_and_grads(compiled, ids, labels=labels)
+    prefix = "_orig_mod."  # the compiled wrapper's parameter names
+    assert_same_loss_and_grads((got[0], {n.removeprefix(prefix): g for n, g in got[1].items()}), want)
