@@ -95,6 +95,7 @@ def unpatch_causal_lm(model):
     if not isinstance(vars(model).get("forward"), _FusedLossForward):
         raise RuntimeError("model.forward was wrapped after patch_causal_lm (accelerate.prepare?): unpatch the model "
                            "before wrapping it")
+    model.forward.hook.remove()
     del model.forward
     del model._marginkern_loss
     if hasattr(model, _COST_BUFFER):
@@ -105,17 +106,24 @@ def unpatch_causal_lm(model):
 class _FusedLossForward:
     """A patched model's forward (`_forward_with_fused_loss` on it). A callable object rather than a bound method so
     that its signature is the class forward's (the Trainer keeps the dataset columns it names; generate reads it for
-    attention_mask and logits_to_keep) and the model pickles (torch.save) with its patch."""
+    attention_mask and logits_to_keep) and the model pickles (torch.save) with its patch. It also holds the decoder's
+    forward hook, registered once here: registering one inside a step breaks a compiled step's graph."""
 
     def __init__(self, model):
         self.model = model
+        self.decoded = []  # one slot per fused step in flight, which the hook fills with the decoder's output
+        self.hook = model.get_decoder().register_forward_hook(self._keep_decoded)
+
+    def _keep_decoded(self, module, inputs, output):
+        if self.decoded:  # a fused step is waiting for it (not: eval, generate, the class's own forward)
+            self.decoded[-1] = output
 
     @property
     def __signature__(self):
         return inspect.signature(type(self.model).forward.__get__(self.model))
 
     def __call__(self, *args, **kwargs):
-        return _forward_with_fused_loss(self.model, *args, **kwargs)
+        return _forward_with_fused_loss(self.model, self, *args, **kwargs)
 
 
 def _check_model(model):
@@ -170,8 +178,8 @@ def _plain_linear_head(model):
     return head
 
 
-def _forward_with_fused_loss(self, *args, **kwargs):
-    """The patched forward (module docstring); `self` is the model."""
+def _forward_with_fused_loss(self, patch, *args, **kwargs):
+    """The patched forward (module docstring); `self` is the model, `patch` its _FusedLossForward."""
     cls_forward = type(self).forward
     arguments = _keyword_arguments(cls_forward, self, args, kwargs)
     if arguments.get("labels") is None or not self.training:  # eval keeps HF's logits for metrics (as Liger)
@@ -182,14 +190,12 @@ def _forward_with_fused_loss(self, *args, **kwargs):
     if not (isinstance(keep, int) and keep == 0):
         raise ValueError("logits_to_keep must be left at its default when labels are given to a patched model "
                          "(the loss covers every position; no logits are computed)")
-    captured = []
-    hook = self.get_decoder().register_forward_hook(lambda module, inputs, output: captured.append(output))
+    patch.decoded.append(None)
     try:
         no_position = torch.empty(0, dtype=torch.long, device=self.get_output_embeddings().weight.device)
         out = cls_forward(self, labels=None, logits_to_keep=no_position, **arguments)
     finally:
-        hook.remove()
-    decoded = captured[-1]
+        decoded = patch.decoded.pop()
     hidden = decoded.last_hidden_state if hasattr(decoded, "last_hidden_state") else decoded[0]
     head = _plain_linear_head(self)
     scale, softcap = SUPPORTED_MODEL_TYPES[self.config.model_type](self.config)

@@ -109,6 +109,11 @@ def test_attention_mask_gradient_checkpointing_and_loss_options():
     want = mk.linear_cross_entropy(hidden, patched.lm_head.weight, labels, shift=1, z_loss=1e-2, label_smoothing=0.1)
     torch.testing.assert_close(got, want)
     assert (got - loss_and_grads(model, ids, labels=labels)[0]).abs() > 1e-3
+    # patching again replaces the options (one decoder hook, not two)
+    again = patch_causal_lm(patched, z_loss=1e-2)
+    assert again is patched and len(patched.get_decoder()._forward_hooks) == 1
+    want = mk.linear_cross_entropy(hidden, patched.lm_head.weight, labels, shift=1, z_loss=1e-2)
+    torch.testing.assert_close(patched(ids, labels=labels).loss, want)
 
 
 def test_without_labels_the_model_is_unchanged_and_unpatch_restores_it():
@@ -124,7 +129,9 @@ def test_without_labels_the_model_is_unchanged_and_unpatch_restores_it():
     torch.testing.assert_close(evaluated.loss, model.eval()(ids, labels=ids).loss)
     assert evaluated.logits.shape == (3, 11, V)
     patched.train()
+    assert len(patched.get_decoder()._forward_hooks) == 1
     assert unpatch_causal_lm(patched) is patched and patched(ids, labels=ids).logits is not None
+    assert not patched.get_decoder()._forward_hooks  # the patch's hook goes with it
     assert patched.state_dict().keys() == model.state_dict().keys()
 
 
@@ -330,10 +337,11 @@ def test_trainer_with_gradient_accumulation_takes_the_same_step():
 
 
 def test_compiled_patched_model_gives_the_same_step():
+    # fullgraph: the decoder's hook is registered at patch time (registering one inside the step breaks the graph)
     model = tiny_model("llama")
     ids, labels = batch()
     want = loss_and_grads(model, ids, labels=labels)
-    compiled = torch.compile(patch_causal_lm(copy.deepcopy(model)))
+    compiled = torch.compile(patch_causal_lm(copy.deepcopy(model)), fullgraph=True)
     got = loss_and_grads(compiled, ids, labels=labels)
     prefix = "_orig_mod."  # the compiled wrapper's parameter names
     assert_same_loss_and_grads((got[0], {n.removeprefix(prefix): g for n, g in got[1].items()}), want)
