@@ -21,11 +21,13 @@ another model type, a subclass or remote code raises, since its forward may tran
 would silently drop. Tested with transformers 5.25.0 (the test extra's pin).
 """
 import inspect
+import warnings
 
 import torch
 
 from .checks import check_linear_ce_options
 from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy
+from .modules import _caller_stacklevel
 
 # model_type → (the factor HF multiplies the head's output by, the Gemma-2 style softcap), from the config. The
 # forwards of transformers 5.x: plain `logits = self.lm_head(h)`, Gemma 2/3's final_logit_softcapping, Cohere's
@@ -82,7 +84,7 @@ def patch_causal_lm(model, *, loss="cross_entropy", **loss_options):
                          f"got {tuple(cost.shape) if torch.is_tensor(cost) else type(cost).__name__}")
     unpatch_causal_lm(model)
     if cost is not None:
-        model.register_buffer(_COST_BUFFER, cost.detach().clone(), persistent=False)
+        model.register_buffer(_COST_BUFFER, cost.detach().to(head.weight.device, copy=True), persistent=False)
     model._marginkern_loss = (loss, options)
     model.forward = _FusedLossForward(model)
     return model
@@ -172,10 +174,27 @@ def _plain_linear_head(model):
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         cls = type(head)
+        if cls.__name__.startswith("FSDP") and isinstance(head, torch.nn.Linear):
+            raise TypeError("model: its head is sharded by FSDP2 in a group of its own (fully_shard(lm_head)), so its "
+                            "weight is resharded before the loss runs; leave the head in the root model's group")
         raise TypeError(f"model.get_output_embeddings() must be a torch.nn.Linear (the fused loss uses its weight and "
                         f"bias as the whole projection), got {cls.__module__}.{cls.__qualname__}; leave the head out "
                         f"of LoRA (target_modules, modules_to_save) and quantisation")
     return head
+
+
+_WARNED = []
+
+
+def _warn_unfused_training_step():
+    """Once: a training-mode step without labels computes the full logits (HF's Trainer removes labels before the
+    forward when label_smoothing_factor or compute_loss_func is set, and computes the loss itself)."""
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn("a model patched by marginkern.huggingface ran a training-mode forward without labels: HF's own "
+                      "forward computed the full (B, T, V) logits. HF's Trainer removes the labels when "
+                      "label_smoothing_factor or compute_loss_func is set: give the patch label_smoothing=... "
+                      "instead", stacklevel=_caller_stacklevel())
 
 
 def _forward_with_fused_loss(self, patch, *args, **kwargs):
@@ -183,7 +202,15 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
     cls_forward = type(self).forward
     arguments = _keyword_arguments(cls_forward, self, args, kwargs)
     if arguments.get("labels") is None or not self.training:  # eval keeps HF's logits for metrics (as Liger)
+        if self.training and torch.is_grad_enabled():
+            _warn_unfused_training_step()
         return cls_forward(self, *args, **kwargs)
+    inputs = arguments.get("input_ids") if arguments.get("input_ids") is not None else arguments.get("inputs_embeds")
+    head_device = self.get_output_embeddings().weight.device
+    if torch.is_tensor(inputs) and inputs.device != head_device:
+        raise RuntimeError(f"a patched model on {head_device} got inputs on {inputs.device}; nn.DataParallel's replicas "
+                           f"share the patched forward of the model they copy, so they are not supported: use "
+                           f"DistributedDataParallel (torchrun)")
     labels, shift_labels = arguments.pop("labels"), arguments.pop("shift_labels", None)
     num_items_in_batch, ignore_index = arguments.pop("num_items_in_batch", None), arguments.pop("ignore_index", -100)
     keep = arguments.pop("logits_to_keep", 0)

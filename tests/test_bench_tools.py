@@ -131,12 +131,19 @@ def test_hf_case_steps_build_one_model_and_batch():
         from harness import Case
     finally:
         sys.path.remove(str(BENCH))
+    import marginkern.huggingface
     case = Case("tiny-hf", 256, 64, 4000, "float32", classifier=False)
-    losses = []
-    for build in (hf_cases.transformers_step, hf_cases.patched_step):
-        torch.manual_seed(0)
-        step = build(case, "cpu")
-        losses.append(step.fn())
-        assert all(p.grad is not None for p in step.grads_of)
+    losses, patched = [], []
+    real_patch = marginkern.huggingface.patch_causal_lm
+    try:
+        marginkern.huggingface.patch_causal_lm = lambda model: patched.append(model) or real_patch(model)
+        for build in (hf_cases.transformers_step, hf_cases.patched_step):
+            torch.manual_seed(0)
+            step = build(case, "cpu")
+            losses.append(step.fn())
+            assert all(p.grad is not None for p in step.grads_of)
+    finally:
+        marginkern.huggingface.patch_causal_lm = real_patch
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
-    assert hf_cases.cases("cpu", quick=True)[0].name in {c.name for c in hf_cases.cases("cpu", quick=False)}
+    tokens = torch.ones(1, 4, dtype=torch.long)
+    assert len(patched) == 1 and patched[0](tokens, labels=tokens).logits is None  # the patched provider is patched

@@ -120,7 +120,11 @@ def test_without_labels_the_model_is_unchanged_and_unpatch_restores_it():
     model = tiny_model("gemma2")
     patched = patch_causal_lm(copy.deepcopy(model))
     ids, _ = batch()
-    torch.testing.assert_close(patched(ids).logits, model(ids).logits)
+    import marginkern.huggingface as hf
+    hf._WARNED.clear()
+    with pytest.warns(UserWarning, match="label_smoothing_factor") as caught:  # a training step that fuses nothing
+        torch.testing.assert_close(patched(ids).logits, model(ids).logits)
+    assert caught[0].filename == __file__
     generated = patched.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(generated, model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False))
     again = copy.deepcopy(patched)  # a copy keeps its patch (bound to the copy)
@@ -143,7 +147,7 @@ def test_bf16_model_matches_within_the_logits_rounding():
     want = model(ids, labels=labels).loss
     got = patch_causal_lm(copy.deepcopy(model))(ids, labels=labels).loss
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=0)
+    torch.testing.assert_close(got, want.float(), rtol=2e-3, atol=0)  # measured 3e-4 (a reviewer's run)
 
 
 def test_errors_name_what_is_wrong():
@@ -157,6 +161,7 @@ def test_errors_name_what_is_wrong():
     class HalvedLogits(transformers.LlamaForCausalLM):  # a subclass may transform the logits in its own forward
         def forward(self, *args, **kwargs):
             out = super().forward(*args, **kwargs)
+            out.logits = out.logits / 2
             return out
 
     with pytest.raises(TypeError, match="own causal LM class.*HalvedLogits"):
@@ -197,6 +202,22 @@ def test_errors_name_what_is_wrong():
     patched.lm_head.__class__ = LoRALinear  # wrapped after patching: refused at the call
     with pytest.raises(TypeError, match="LoRALinear"):
         patched(ids, labels=labels)
+
+    class FSDPLinear(torch.nn.Linear):  # what fully_shard(lm_head) makes of the head
+        pass
+
+    sharded = copy.deepcopy(model)
+    sharded.lm_head.__class__ = FSDPLinear
+    with pytest.raises(TypeError, match="sharded by FSDP2 in a group of its own"):
+        patch_causal_lm(sharded)
+    # nn.DataParallel's replicas on other devices would run the patched model they copy: refused by device
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        patch_causal_lm(copy.deepcopy(model))(ids.to("meta"), labels=labels.to("meta"))
+    for model_type, loss in (("cohere", "cross_entropy"), ("llama", "emo")):  # a head with a bias
+        biased = tiny_model(model_type)
+        biased.lm_head = torch.nn.Linear(TINY["hidden_size"], V, bias=True)
+        with pytest.raises(ValueError, match="bias"):
+            patch_causal_lm(biased, loss=loss)
 
 
 def emo_recipe_from_logits(model, ids, labels, cost, mode):
@@ -289,8 +310,9 @@ def test_fp32_model_under_autocast_runs_the_head_in_the_autocast_dtype():
     finally:
         hf.LOSSES["cross_entropy"] = (real, hf.LOSSES["cross_entropy"][1])
     assert dtypes == [(torch.bfloat16, torch.bfloat16)]
-    assert got[1]["lm_head.weight"].dtype == torch.float32
-    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=0)
+    torch.testing.assert_close(got[0], want[0], rtol=2e-3, atol=0)
+    for name, g in want[1].items():  # bf16 operands on both sides, HF's logits rounded to bf16 too: 1.5% measured
+        torch.testing.assert_close(got[1][name], g, rtol=0, atol=3e-2 * g.abs().max().item(), msg=name)
 
 
 def test_trainer_with_gradient_accumulation_takes_the_same_step():
@@ -345,3 +367,13 @@ def test_compiled_patched_model_gives_the_same_step():
     got = loss_and_grads(compiled, ids, labels=labels)
     prefix = "_orig_mod."  # the compiled wrapper's parameter names
     assert_same_loss_and_grads((got[0], {n.removeprefix(prefix): g for n, g in got[1].items()}), want)
+
+
+def test_a_batch_without_labelled_tokens_gives_zero_and_zero_gradients():
+    # HF's mean over no token is NaN; marginkern's mean is 0 with zero gradients (README)
+    model = patch_causal_lm(tiny_model("llama"))
+    ids, _ = batch()
+    labels = torch.full_like(ids, -100)
+    labels[:, 0] = ids[:, 0]  # the first label is no position's target after the shift
+    loss, grads = loss_and_grads(model, ids, labels=labels)
+    assert loss.item() == 0.0 and not any(g.any() for g in grads.values())

@@ -68,8 +68,9 @@ def test_many_class_chunks_match_the_oracle(backend, opts, monkeypatch):
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_target_angle_at_pi_keeps_the_bounded_slope(backend, normalize, monkeypatch):
     """Embeddings exactly opposite their class centre (cos θ_t = −1) and 1e-9 away: ArcFace's exact slope
-    m1·sin(m1θ + m2)/sin θ is taken with θ clamped away from π (margin.py margin_slope) on every CPU backend, as in
-    the oracle (the C++ slope without that clamp was 35–100% off in a mutation test)."""
+    m1·sin(m1θ + m2)/sin θ is taken with θ clamped away from π (margin.py margin_slope), as in the oracle (the C++
+    slope without that clamp was 35–100% off in a mutation test). The PyTorch tiles share margin_slope with the
+    oracle: their case checks that the rest of their path agrees there and stays finite."""
     if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
         pytest.skip(cpp_tiles.LOAD_ERROR)
     monkeypatch.setenv("MARGINKERN_BACKEND", backend)
