@@ -208,9 +208,9 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
     inputs = arguments.get("input_ids") if arguments.get("input_ids") is not None else arguments.get("inputs_embeds")
     head_device = self.get_output_embeddings().weight.device
     if torch.is_tensor(inputs) and inputs.device != head_device:
-        raise RuntimeError(f"a patched model on {head_device} got inputs on {inputs.device}; nn.DataParallel's replicas "
-                           f"share the patched forward of the model they copy, so they are not supported: use "
-                           f"DistributedDataParallel (torchrun)")
+        raise RuntimeError(f"a patched model on {head_device} got inputs on {inputs.device}: move them to the model's "
+                           f"device (nn.DataParallel's replicas share the patched forward of the model they copy, so "
+                           f"they are not supported: use DistributedDataParallel, torchrun)")
     labels, shift_labels = arguments.pop("labels"), arguments.pop("shift_labels", None)
     num_items_in_batch, ignore_index = arguments.pop("num_items_in_batch", None), arguments.pop("ignore_index", -100)
     keep = arguments.pop("logits_to_keep", 0)
