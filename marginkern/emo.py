@@ -40,13 +40,14 @@ class _EMOGeometry:
         self.self_cosine = torch.where(target_norm >= NORM_EPS, 1.0, (target_norm / NORM_EPS) ** 2)
 
 
-def cost_in_dtype(cost, dtype, block_bytes=16 << 20):
+def cost_in_dtype(cost, dtype, block_bytes=16 << 20, normalise=False):
     """The cost embedding in the input's dtype: its cosines run as a second tensor-core dot beside the logits (an fp32
     cost with bf16 inputs would run on FMA units; fp64 does not compile). A cast is made of the row-normalised rows,
     normalised in fp64 by blocks of rows (no whole upcast copy): only directions matter, and a raw fp32 row of norm
-    1e5 would overflow fp16 (NaN on every row, a review found). In the input's dtype already: as it is."""
+    1e5 would overflow fp16 (NaN on every row, a review found). In the input's dtype already: as it is, unless
+    `normalise` (then a normalised copy, which any later cast keeps finite)."""
     cost = cost.detach()
-    if cost.dtype == dtype:
+    if cost.dtype == dtype and not normalise:
         return cost
     out = torch.empty(cost.shape, dtype=dtype, device=cost.device)
     rows = max(1, block_bytes // max(1, cost.shape[1] * 8))

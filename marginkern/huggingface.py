@@ -26,6 +26,7 @@ import warnings
 import torch
 
 from .checks import check_linear_ce_options
+from .emo import cost_in_dtype
 from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy
 from .modules import _caller_stacklevel
 
@@ -84,7 +85,9 @@ def patch_causal_lm(model, *, loss="cross_entropy", **loss_options):
                          f"got {tuple(cost.shape) if torch.is_tensor(cost) else type(cost).__name__}")
     unpatch_causal_lm(model)
     if cost is not None:
-        model.register_buffer(_COST_BUFFER, cost.detach().to(head.weight.device, copy=True), persistent=False)
+        # rows normalised now (EMO uses only their directions): model.half() then cannot overflow them
+        model.register_buffer(_COST_BUFFER, cost_in_dtype(cost.to(head.weight.device), cost.dtype, normalise=True),
+                              persistent=False)
     model._marginkern_loss = (loss, options)
     model.forward = _FusedLossForward(model)
     return model

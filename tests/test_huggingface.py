@@ -256,6 +256,19 @@ def test_emo_losses_equal_the_official_recipe_on_the_models_logits(loss, fixed_c
     assert "_marginkern_cost_embedding" not in dict(patched.named_buffers())
 
 
+def test_emo_fixed_cost_of_large_norms_survives_half():
+    # the buffer holds normalised rows (EMO uses only their directions): a cost of row norms 1e6 cast by model.half()
+    # stays finite, and gives the fp32 model's loss
+    model = tiny_model("llama")
+    ids, labels = batch()
+    cost = torch.randn(V, 16, generator=torch.Generator().manual_seed(3)) * 1e6
+    want = patch_causal_lm(copy.deepcopy(model), loss="emo", cost_embedding=cost)(ids, labels=labels).loss
+    half = patch_causal_lm(copy.deepcopy(model), loss="emo", cost_embedding=cost).half()
+    assert half._marginkern_cost_embedding.dtype == torch.float16 and half._marginkern_cost_embedding.isfinite().all()
+    got = half(ids, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
+
+
 def test_emo_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="softcap"):
         patch_causal_lm(tiny_model("gemma2"), loss="emo")
