@@ -180,7 +180,7 @@ def check_reduction(reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_finite(name, value, low=-math.inf, high=math.inf, low_open=False):
+def check_finite(name, value, low=-math.inf, high=math.inf, low_open=False, high_open=False):
     """value is a real number (int, float, a NumPy scalar; not a bool or a tensor) in the given bounds."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
         hint = " (pass a Python number: value.item())" if isinstance(value, torch.Tensor) else ""
@@ -190,8 +190,8 @@ def check_finite(name, value, low=-math.inf, high=math.inf, low_open=False):
     if not (-math.inf < value < math.inf) or (isinstance(value, int) and abs(value) > sys.float_info.max):
         # (a Python int compares exactly with inf, so 10**400 passed and overflowed at float())
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        bound = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high == math.inf else "]")
+    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        bound = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high == math.inf or high_open else "]")
         raise ValueError(f"{name} must lie in {bound}, got {value!r}")
 
 
@@ -436,9 +436,8 @@ def resolve_grad_filter_eps(grad_filter_eps, dtype):
         if grad_filter_eps != "auto":
             raise ValueError(f"grad_filter_eps must be None, 'auto' or a float in (0, 1), got {grad_filter_eps!r}")
         return torch.finfo(dtype).eps / 32
-    check_finite("grad_filter_eps", grad_filter_eps, 0.0, 1.0, low_open=True)
-    if grad_filter_eps == 1.0:  # (1 would drop nearly every class's gradient: dX 93% off in a review's case)
-        raise ValueError(f"grad_filter_eps must be None, 'auto' or a float in (0, 1), got {grad_filter_eps!r}")
+    # (1 would drop nearly every class's gradient: dX 93% off in a review's case)
+    check_finite("grad_filter_eps", grad_filter_eps, 0.0, 1.0, low_open=True, high_open=True)
     return float(grad_filter_eps)
 
 

@@ -96,7 +96,7 @@ def test_buffered_module():
     (dict(logits_buffer_mb=0), "logits_buffer_mb"), (dict(logits_buffer_mb=float("nan")), "logits_buffer_mb"),
     (dict(logits_buffer_mb=1, grad_filter_eps=1e-3), "cannot be combined"),
     (dict(grad_filter_eps=0.0), "grad_filter_eps"), (dict(grad_filter_eps=1.5), "grad_filter_eps"),
-    (dict(grad_filter_eps=1.0), r"float in \(0, 1\)"),
+    (dict(grad_filter_eps=1.0), r"grad_filter_eps must lie in \(0.0, 1.0\), got 1.0"),
     (dict(grad_filter_eps="fast"), "grad_filter_eps"),
 ])
 def test_bad_knobs_raise_naming_the_argument(kw, match):
