@@ -20,6 +20,7 @@ whose forward turns the head's output into logits as listed there (each one test
 another model type, a subclass or remote code raises, since its forward may transform the logits in a way this patch
 would silently drop. Tested with transformers 5.25.0 (the test extra's pin).
 """
+import functools
 import inspect
 import warnings
 
@@ -186,18 +187,14 @@ def _plain_linear_head(model):
     return head
 
 
-_WARNED = []
-
-
+@functools.lru_cache(maxsize=None)  # once (as dispatch._warn_fallback)
 def _warn_unfused_training_step():
-    """Once: a training-mode step without labels computes the full logits (HF's Trainer removes labels before the
-    forward when label_smoothing_factor or compute_loss_func is set, and computes the loss itself)."""
-    if not _WARNED:
-        _WARNED.append(True)
-        warnings.warn("a model patched by marginkern.huggingface ran a training-mode forward without labels: HF's own "
-                      "forward computed the full (B, T, V) logits. HF's Trainer removes the labels when "
-                      "label_smoothing_factor or compute_loss_func is set: give the patch label_smoothing=... "
-                      "instead", stacklevel=_caller_stacklevel())
+    """A training-mode step without labels computes the full logits (HF's Trainer removes labels before the forward
+    when label_smoothing_factor or compute_loss_func is set, and computes the loss itself)."""
+    warnings.warn("a model patched by marginkern.huggingface ran a training-mode forward without labels: HF's own "
+                  "forward computed the full (B, T, V) logits. HF's Trainer removes the labels when "
+                  "label_smoothing_factor or compute_loss_func is set: give the patch label_smoothing=... "
+                  "instead", stacklevel=_caller_stacklevel())
 
 
 def _forward_with_fused_loss(self, patch, *args, **kwargs):
@@ -208,8 +205,9 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
         if self.training and torch.is_grad_enabled():
             _warn_unfused_training_step()
         return cls_forward(self, *args, **kwargs)
+    head = _plain_linear_head(self)
+    head_device = head.weight.device
     inputs = arguments.get("input_ids") if arguments.get("input_ids") is not None else arguments.get("inputs_embeds")
-    head_device = self.get_output_embeddings().weight.device
     if torch.is_tensor(inputs) and inputs.device != head_device:
         raise RuntimeError(f"a patched model on {head_device} got inputs on {inputs.device}: move them to the model's "
                            f"device (nn.DataParallel's replicas share the patched forward of the model they copy, so "
@@ -222,12 +220,11 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
                          "(the loss covers every position; no logits are computed)")
     patch.decoded.append(None)
     try:
-        no_position = torch.empty(0, dtype=torch.long, device=self.get_output_embeddings().weight.device)
+        no_position = torch.empty(0, dtype=torch.long, device=head_device)
         out = cls_forward(self, labels=None, logits_to_keep=no_position, **arguments)
     finally:
         decoded = patch.decoded.pop()
     hidden = decoded.last_hidden_state if hasattr(decoded, "last_hidden_state") else decoded[0]
-    head = _plain_linear_head(self)
     scale, softcap = SUPPORTED_MODEL_TYPES[self.config.model_type](self.config)
     if scale != 1.0:
         hidden = hidden * scale

@@ -121,7 +121,7 @@ def test_without_labels_the_model_is_unchanged_and_unpatch_restores_it():
     patched = patch_causal_lm(copy.deepcopy(model))
     ids, _ = batch()
     import marginkern.huggingface as hf
-    hf._WARNED.clear()
+    hf._warn_unfused_training_step.cache_clear()
     with pytest.warns(UserWarning, match="label_smoothing_factor") as caught:  # a training step that fuses nothing
         torch.testing.assert_close(patched(ids).logits, model(ids).logits)
     assert caught[0].filename == __file__
