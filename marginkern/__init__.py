@@ -8,6 +8,7 @@ See DESIGN.md for the math; `marginkern.reference` holds the plain-PyTorch oracl
 `marginkern.dispatch.explain()` says which backend serves which device.
 """
 from . import huggingface, reference
+from .adaptive_margins import AdaFaceLoss, ElasticArcFaceLoss, ElasticCosFaceLoss, MagFaceLoss
 from .dispatch import BackendUnavailable
 from .functional import (circle_loss, cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss,
                          linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk_kl_divergence,
@@ -26,5 +27,6 @@ __all__ = [
     "cosent_embedding_loss", "CoSENTLoss",
     "multilabel_categorical_crossentropy", "circle_loss", "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss",
     "SphereFaceLoss", "CombinedMarginLoss",
-    "LargeMarginSoftmaxLoss", "BackendUnavailable", "reference", "huggingface",
+    "LargeMarginSoftmaxLoss", "AdaFaceLoss", "MagFaceLoss", "ElasticArcFaceLoss", "ElasticCosFaceLoss",
+    "BackendUnavailable", "reference", "huggingface",
 ]

@@ -10,6 +10,7 @@ from .checks import (check_bias, check_binary_targets, check_bool, check_class_w
                      check_reduction, check_shift, check_subcenters, check_teacher, check_temperature, check_tensor,
                      check_topk_teacher, resolve_grad_filter_eps)
 from .emo import cost_in_dtype
+from .engine import accumulation_dtype
 from .linear_ce import target_class_weights
 from .ops import call as call_op
 from .reference import reduce_rows
@@ -29,12 +30,17 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     into that one); needs normalize=True.
     lambda_ λ ≥ 0 (SphereFace's A-Softmax and L-Softmax): the target logit's ψ becomes (λ·cos θ_y + ψ)/(1 + λ),
     easing the margin in; their modules can anneal it (CombinedMarginLoss's lambda_min).
+    m2 and m3 may be (N,) float tensors: a margin per row (AdaFace, MagFace, ElasticFace; m2 of any sign), which
+    receive their exact gradients when they require them (MagFace's margin is a function of ‖x‖).
 
     input (N, D) and weight (C, D) ((K·C, D) with sub-centres) of one float dtype, target (N,) integer.
     Returns fp32 (fp64 for fp64 inputs). "mean" divides by the number of non-ignored rows, and is 0 when
     there are none.
     """
     check_classification_inputs(input, weight, target)
+    row_margins = row_margin_offsets(input, m2, m3)
+    if row_margins is not None:  # the per-row ones are offsets of a 0 scalar
+        m2, m3 = (0.0 if isinstance(m, torch.Tensor) else m for m in (m2, m3))
     check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
     normalize, ignore_index = check_bool("normalize", normalize), check_ignore_index(ignore_index)
     subcenters = check_subcenters(subcenters, normalize, weight.shape[0])
@@ -43,8 +49,29 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     target = target.long()  # uint8 indices would index as a mask
     loss_rows = call_op("margin_cross_entropy", input, weight, target, float(scale), float(m1), float(m2),
                         float(m3), normalize, margin_grad == "exact", float(label_smoothing), ignore_index,
-                        subcenters, float(lambda_))[0]
+                        subcenters, float(lambda_), *(() if row_margins is None else (row_margins,)))[0]
     return reduce_rows(loss_rows, target != ignore_index, reduction)
+
+
+def row_margin_offsets(input, m2, m3):
+    """The ops' (N, 2) row_margins from m2 and m3 when either is an (N,) tensor (a float one stays the op's scalar,
+    its column 0), in the input's accumulation dtype, differentiable; None when both are numbers."""
+    if not (isinstance(m2, torch.Tensor) or isinstance(m3, torch.Tensor)):
+        return None
+    n, acc = input.shape[0], accumulation_dtype(input.dtype)
+    columns = []
+    for name, m in (("m2", m2), ("m3", m3)):
+        if not isinstance(m, torch.Tensor):
+            columns.append(input.new_zeros((n,), dtype=acc))
+            continue
+        check_tensor(name, m)
+        if m.dim() != 1 or m.shape[0] != n or not m.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a number or a float tensor of shape (N={n},) (a margin per row), "
+                             f"got a {m.dtype} tensor of shape {tuple(m.shape)}")
+        if m.device != input.device:
+            raise ValueError(f"{name} must be on input's device ({input.device}), got {m.device}")
+        columns.append(m.to(acc))
+    return torch.stack(columns, 1)
 
 
 def _flatten_tokens(input, target):

@@ -3,6 +3,8 @@
 ψ(c) = (−1)^k cos φ − 2k − m3 with θ = arccos c, φ = m1·θ + m2, k = ⌊φ/π⌋.
 This is continuous and strictly decreasing in θ for m1 ≥ 1, m2 ≥ 0 (L-Softmax's monotone extension);
 ArcFace (1, m, 0), CosFace (1, 0, m) and SphereFace/L-Softmax (m, 0, 0) are special cases.
+m2 and m3 may also be per-row tensors (AdaFace, MagFace, ElasticFace: a margin per sample, of any sign for
+m2: ψ stays continuous and decreasing in θ for every real φ), differentiable through margin_psi_dm2.
 
 Only the target column carries a margin, so every kernel receives ψ already evaluated per row and
 substitutes it for the target logit: the streaming kernels never need acos.
@@ -45,6 +47,13 @@ def margin_slope(cosine, m1, m2, exact):
     return (sign * m1 * torch.sin(phi) / torch.sin(theta)).clamp_min(0.0)
 
 
+def margin_psi_dm2(cosine, m1, m2):
+    """∂ψ/∂m2 = −(−1)^k sin φ, at the unclamped angle (bounded: a margin's own gradient needs no clamp;
+    continuous across the branches, where sin φ = 0). ∂ψ/∂m3 is −1."""
+    _, phi, _, sign = _angles(cosine, m1, m2)
+    return -sign * torch.sin(phi)
+
+
 def blend_psi(psi, cosine, lambda_):
     """A-Softmax's and L-Softmax's λ: the target's ψ eased toward the plain cosine, (λ·c + ψ(c))/(1 + λ)
     (λ = 0: ψ itself, to the last bit)."""
@@ -57,16 +66,23 @@ def blend_slope(slope, lambda_):
 
 
 class MarginPsi(torch.autograd.Function):
-    """ψ(c) with the bounded exact slope as its derivative (autograd through acos would give ±inf at |c| = 1)."""
+    """ψ(c) with the bounded exact slope as its derivative (autograd through acos would give ±inf at |c| = 1);
+    per-row tensor margins m2, m3 get their gradients too. straight_through=True: dψ/dc := 1 (the margins'
+    gradients stay exact)."""
 
     @staticmethod
-    def forward(ctx, cosine, m1, m2, m3):
-        ctx.save_for_backward(cosine)
-        ctx.margins = (m1, m2)
+    def forward(ctx, cosine, m1, m2, m3, straight_through=False):
+        ctx.save_for_backward(cosine, *(m for m in (m2,) if isinstance(m, torch.Tensor)))
+        ctx.margins = (m1, m2 if not isinstance(m2, torch.Tensor) else None)
+        ctx.straight_through = straight_through
         return margin_psi(cosine, m1, m2, m3)
 
     @staticmethod
     def backward(ctx, grad):
-        (cosine,) = ctx.saved_tensors
+        cosine, *row_m2 = ctx.saved_tensors
         m1, m2 = ctx.margins
-        return grad * margin_slope(cosine, m1, m2, exact=True), None, None, None
+        m2 = row_m2[0] if row_m2 else m2
+        grad_c = grad * margin_slope(cosine, m1, m2, exact=not ctx.straight_through)
+        grad_m2 = grad * margin_psi_dm2(cosine, m1, m2) if ctx.needs_input_grad[2] else None
+        grad_m3 = -grad if ctx.needs_input_grad[3] else None
+        return grad_c, None, grad_m2, grad_m3, None

@@ -10,6 +10,10 @@ classes, described by a `ClassShard`. Each row's target geometry (c_y, ψ, T, th
 computed only where its target class lives ("owned" rows; every non-ignored row without sharding); the
 shard merges the per-row statistics (lse, Σ_j z_j, T) across slices after the forward pass and sums the
 partial dL/dx before the chain through x's normalisation. Every other step is the same code.
+
+Per-row margins (AdaFace, MagFace, ElasticFace): `row_margins` (N, 2) in the accumulation dtype holds offsets
+(Δm2_n, Δm3_n) added to the options' m2 and m3 on row n; `row_margin_grads` gives the loss's gradient with respect
+to them.
 """
 from dataclasses import dataclass
 from typing import Optional, Protocol
@@ -20,7 +24,7 @@ from torch import Tensor
 from .checks import check_bool, check_finite, check_ignore_index, check_margin_scalars, check_subcenters
 from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, row_grad_finisher, row_norms, streaming_grads,
                      streaming_row_stats, target_columns)
-from .margin import blend_psi, blend_slope, margin_psi, margin_slope
+from .margin import blend_psi, blend_slope, margin_psi, margin_psi_dm2, margin_slope
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,15 @@ def _winning_subcenters(xf, w, column, K, block_bytes=4 << 20):
     return column.clamp_min(0) * K + subcenter, subcenter.to(xf.dtype)
 
 
-def target_rows(x, w, target, opts: MarginOptions, class_start: Optional[int] = None) -> TargetRows:
+def row_margin_values(opts: MarginOptions, row_margins: Optional[Tensor]):
+    """(m2, m3): the options' floats, or per-row tensors with the offsets of row_margins (N, 2) added."""
+    if row_margins is None:
+        return opts.m2, opts.m3
+    return opts.m2 + row_margins[:, 0], opts.m3 + row_margins[:, 1]
+
+
+def target_rows(x, w, target, opts: MarginOptions, class_start: Optional[int] = None,
+                row_margins: Optional[Tensor] = None) -> TargetRows:
     """The forward's target geometry in PyTorch (~20 small ops; TritonTiles.margin_target_rows is one launch).
     class_start: where w's slice of the classes starts when sharded (None: w holds all classes, and the op
     has checked every target to be in [0, C) or ignored)."""
@@ -151,7 +163,8 @@ def target_rows(x, w, target, opts: MarginOptions, class_start: Optional[int] = 
     x_norm = torch.linalg.vector_norm(xf, dim=1).clamp_min(NORM_EPS)
     w_target_norm = torch.linalg.vector_norm(w_target, dim=1).clamp_min(NORM_EPS)
     cosine = ((xf * w_target).sum(1) / (x_norm * w_target_norm)).clamp(-1.0, 1.0)
-    psi = margin_psi(cosine, opts.m1, opts.m2, opts.m3)
+    m2, m3 = row_margin_values(opts, row_margins)
+    psi = margin_psi(cosine, opts.m1, m2, m3)
     if opts.lambda_:
         psi = blend_psi(psi, cosine, opts.lambda_)
     row_scale, target_logit = _logit_terms(x_norm, w_target_norm, psi, column >= 0, opts)
@@ -159,20 +172,31 @@ def target_rows(x, w, target, opts: MarginOptions, class_start: Optional[int] = 
     return TargetRows(column, torch.stack(state, 1), row_scale, target_logit)
 
 
-def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num_classes: int, num_local: int,
-                     class_start: Optional[int] = None) -> TargetGradRows:
-    """The backward's per-row coefficients in PyTorch (TritonTiles.margin_target_grad_rows: one launch), from
-    the row state's four geometry columns (margin_ce_backward leaves out a sub-centre index)."""
+def _target_logit_grads(row_state, lse, grad_loss, target, opts: MarginOptions, num_classes: int, num_local: int,
+                        class_start: Optional[int]):
+    """(column, row scale, T, g = the loss gradient (0 on ignored rows), dL/dT) per row, from the row state's
+    four geometry columns."""
     valid, column = _columns(target, opts, class_start, num_local)
     owned = column >= 0
-    x_norm, w_target_norm, cosine, psi = row_state.unbind(1)
+    x_norm, w_target_norm, _, psi = row_state.unbind(1)
     row_scale, target_logit = _logit_terms(x_norm, w_target_norm, psi, owned, opts)
-    eps, s = opts.label_smoothing, opts.scale
+    eps = opts.label_smoothing
     g = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
     # The target column's terms belong to the slice that holds it (only there is T known).
     p_target = torch.exp(target_logit - lse)
     grad_target_logit = torch.where(owned, g * (p_target - (1.0 - eps) - eps / num_classes), torch.zeros_like(g))
-    slope = margin_slope(cosine, opts.m1, opts.m2, opts.exact_margin_grad)
+    return column, row_scale, target_logit, g, grad_target_logit
+
+
+def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num_classes: int, num_local: int,
+                     class_start: Optional[int] = None, row_margins: Optional[Tensor] = None) -> TargetGradRows:
+    """The backward's per-row coefficients in PyTorch (TritonTiles.margin_target_grad_rows: one launch), from
+    the row state's four geometry columns (margin_ce_backward leaves out a sub-centre index)."""
+    column, row_scale, target_logit, g, grad_target_logit = _target_logit_grads(
+        row_state, lse, grad_loss, target, opts, num_classes, num_local, class_start)
+    x_norm, w_target_norm, cosine, psi = row_state.unbind(1)
+    eps, s = opts.label_smoothing, opts.scale
+    slope = margin_slope(cosine, opts.m1, row_margin_values(opts, row_margins)[0], opts.exact_margin_grad)
     if opts.lambda_:
         slope = blend_slope(slope, opts.lambda_)
     if opts.normalize:  # dT/da_y with the norms held fixed; the tangent projections chain through x̂ and ŵ
@@ -184,19 +208,34 @@ def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num
     return TargetGradRows(column, row_scale, target_logit, g, g * (eps / num_classes), target_grad, radial)
 
 
+def row_margin_grads(row_state, lse, grad_loss, target, opts: MarginOptions, num_classes: int,
+                     row_margins: Tensor) -> Tensor:
+    """dL/d(row_margins) (N, 2) for the per-row loss gradient grad_loss: dL/dT·dT/dm with T = r·ψ_λ, r = s
+    (normalize) or s·‖x‖‖w_y‖, ∂ψ/∂m2 = −(−1)^k sin φ, ∂ψ/∂m3 = −1 and ψ_λ = (λc + ψ)/(1 + λ). The same with either
+    margin_grad: straight-through concerns dψ/dc alone. O(N), in PyTorch on every backend."""
+    # unsharded (class_start None): every target is a column of w
+    *_, grad_target_logit = _target_logit_grads(row_state[:, :4], lse, grad_loss, target, opts, num_classes,
+                                                num_classes, None)
+    x_norm, w_target_norm, cosine, _ = row_state[:, :4].unbind(1)
+    radius = opts.scale if opts.normalize else opts.scale * x_norm * w_target_norm
+    grad_psi = grad_target_logit * radius / (1.0 + opts.lambda_)
+    dpsi_dm2 = margin_psi_dm2(cosine, opts.m1, row_margin_values(opts, row_margins)[0])
+    return torch.stack([grad_psi * dpsi_dm2, -grad_psi], 1)
+
+
 def _class_layout(w, shard: Optional[ClassShard], subcenters=1):
     """(first class held in w, total number of classes C)."""
     return (0, w.shape[0] // subcenters) if shard is None else (shard.start, shard.num_classes)
 
 
 def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[ClassShard] = None,
-                      keep_geometry: bool = False):
+                      keep_geometry: bool = False, row_margins: Optional[Tensor] = None):
     """Per-row loss (0 on ignored rows) and per-row log-sum-exp over all C classes, both in the
     accumulation dtype; with keep_geometry also the (row state, class norms) pair that margin_ce_backward
     takes as `saved`."""
     class_start, num_classes = _class_layout(w, shard, opts.subcenters)
     rows = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts,
-                                                              None if shard is None else class_start)
+                                                              None if shard is None else class_start, row_margins)
     col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
     # torch.reciprocal, not 1.0 / t: one op instead of two (reciprocal, then mul) on a host-bound small step
     spec = LogitSpec(rows.row_scale, None if col_norm is None else torch.reciprocal(col_norm), None, None,
@@ -216,7 +255,7 @@ def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[
 
 
 def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles, need_weight_grad=True,
-                       shard: Optional[ClassShard] = None, saved=None):
+                       shard: Optional[ClassShard] = None, saved=None, row_margins: Optional[Tensor] = None):
     """(dL/dx, dL/dw) for the per-row loss gradient `grad_loss`; with a shard, `lse` is the merged one
     and dL/dw is the gradient of this slice. `saved`: the forward's (row state, class norms)
     (margin_ce_forward's keep_geometry), recomputed when None."""
@@ -224,12 +263,13 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
     class_start, C = _class_layout(w, shard, K)
     local_start = None if shard is None else class_start
     if saved is None:
-        row_state = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts, local_start).row_state
+        row_state = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts, local_start,
+                                                                      row_margins).row_state
         col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
     else:
         row_state, col_norm = saved
     rows = getattr(tiles, "margin_target_grad_rows", target_grad_rows)(
-        row_state[:, :4], lse, grad_loss, target, opts, C, w.shape[0] // K, local_start)
+        row_state[:, :4], lse, grad_loss, target, opts, C, w.shape[0] // K, local_start, row_margins)
     # 1/‖w_j‖: the logits' column scale and the dW projection's inverse norm, one (K·C,) vector for both
     col_scale = torch.reciprocal(col_norm) if opts.normalize else None
     spec = LogitSpec(rows.row_scale, col_scale, None, None, rows.column, rows.target_logit, K,

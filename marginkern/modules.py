@@ -196,7 +196,16 @@ class CombinedMarginLoss(LambdaAnnealing):
 
     def forward(self, embeddings, target):
         check_module_embeddings(embeddings, self.embedding_dim)
-        weight, options = self.weight, self._lambda_options(self.options)
+        return self._margin_loss(embeddings, target, self._row_margins(embeddings, target))
+
+    def _row_margins(self, embeddings, target):
+        """Per-row margins, {"m2": (N,), "m3": (N,)} or a part of it, in place of the options' floats (AdaFace,
+        MagFace, ElasticFace: marginkern.adaptive_margins); none here."""
+        return {}
+
+    def _margin_loss(self, embeddings, target, row_margins):
+        """The loss of checked embeddings with `row_margins` (see _row_margins)."""
+        weight, options = self.weight, {**self._lambda_options(self.options), **row_margins}
         if self.training and self.sample_rate < 1.0:
             target = checked_class_targets(target, embeddings.shape[0], self.num_classes, options["ignore_index"])
             index, target = sample_classes(target, self.num_classes,

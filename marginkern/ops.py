@@ -23,7 +23,7 @@ from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward, topk_kl
 from .emo import emo_backward, emo_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
-from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward
+from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward, row_margin_grads
 
 
 def _without_autocast(kernel):
@@ -184,40 +184,58 @@ def _tiles_except_cuda(input, what):
     return select_tiles_except(("cuda",), what, input.device, input.dtype)
 
 
-def _margin_tiles(input, opts: MarginOptions):
-    """select_tiles, except that the CUDA extension has no sub-centres (the C++ margin step has them)."""
+def _margin_tiles(input, opts: MarginOptions, row_margins=None):
+    """select_tiles, except that the CUDA extension has no sub-centres, nor have the C++ tiles that per-row margins
+    run on (the whole C++ margin step has sub-centres but no per-row margins)."""
     if opts.subcenters == 1:
         return select_tiles(input.device, input.dtype)
-    return _tiles_except_cuda(input, "sub-centres")
+    if row_margins is None:
+        return _tiles_except_cuda(input, "sub-centres")
+    return select_tiles_except(("cuda", "cpp"), "sub-centres with per-row margins", input.device, input.dtype)
+
+
+def _check_row_margins(row_margins, input):
+    """Per-row margin offsets (Δm2, Δm3), as the ops take them: (N, 2) in input's accumulation dtype, on its device.
+    Their values are not checked (that would sync with the GPU every step): a NaN margin gives a NaN loss row."""
+    if row_margins is None:
+        return
+    shape, dtype = (input.shape[0], 2), accumulation_dtype(input.dtype)
+    if tuple(row_margins.shape) != shape or row_margins.dtype != dtype or row_margins.device != input.device:
+        raise ValueError(f"row_margins must be a {shape} {dtype} tensor on {input.device} (per-row offsets of m2 and "
+                         f"m3), got a {tuple(row_margins.shape)} {row_margins.dtype} tensor on {row_margins.device}")
 
 
 @_op("margin_cross_entropy")
 def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: float, m1: float, m2: float,
                          m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
-                         ignore_index: int, subcenters: int = 1,
-                         lambda_: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         ignore_index: int, subcenters: int = 1, lambda_: float = 0.0,
+                         row_margins: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp, (N, 4) target geometry ((N, 5) with sub-centres), (K·C,) class-centre
     norms or (0,) without normalize); ignored rows have loss 0. The last three are by-products the backward
-    op takes. weight is (K·C, D) for K = subcenters sub-centres per class; lambda_: A-Softmax's λ."""
+    op takes. weight is (K·C, D) for K = subcenters sub-centres per class; lambda_: A-Softmax's λ; row_margins
+    (N, 2): per-row offsets (Δm2, Δm3) added to m2 and m3 (AdaFace, MagFace), differentiable."""
     _check_forward_inputs(input, weight, target)
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
                            subcenters, lambda_)
+    _check_row_margins(row_margins, input)
     check_target_values(target, weight.shape[0] // opts.subcenters, opts.ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
-    tiles = _margin_tiles(input, opts)
-    if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/margin_loss.cpp), the same math
+    tiles = _margin_tiles(input, opts, row_margins)
+    if tiles.name == "cpp" and row_margins is None:  # the whole step in C++ (csrc/cpu/margin_loss.cpp), same math
         return torch.ops.marginkern.margin_ce_rows(input, weight, target, *_margin_scalars(opts), opts.subcenters,
                                                    opts.lambda_)
-    return margin_ce_forward(input, weight, target, opts, tiles, keep_geometry=True)
+    # per-row margins on the CPU: the C++ tiles under the Python engine, the per-row math in PyTorch
+    return margin_ce_forward(input, weight, target, opts, tiles, keep_geometry=True, row_margins=row_margins)
 
 
 @margin_cross_entropy.register_fake
 def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-      subcenters=1, lambda_=0.0):
+      subcenters=1, lambda_=0.0, row_margins=None):
     # The fake kernel lets torch.compile trace through the op without running it.
     _check_forward_inputs(input, weight, target)
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
                            subcenters, lambda_)
+    _check_row_margins(row_margins, input)
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
     return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
@@ -241,47 +259,63 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
                                   row_state: Tensor, col_norm: Tensor, scale: float, m1: float, m2: float,
                                   m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
                                   ignore_index: int, need_weight_grad: bool = True, subcenters: int = 1,
-                                  lambda_: float = 0.0) -> tuple[Tensor, Tensor]:
+                                  lambda_: float = 0.0, row_margins: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(dL/dinput, dL/dweight) for the per-row loss gradient `grad_loss`; dL/dweight is empty (0,) when
-    not `need_weight_grad` (a frozen head skips the dW GEMM). row_state and col_norm are the forward op's."""
+    not `need_weight_grad` (a frozen head skips the dW GEMM). row_state and col_norm are the forward op's;
+    row_margins the forward's (the margins' own gradient is row_margin_grads', in the autograd formula)."""
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
                            subcenters, lambda_)
     _check_margin_by_products(input, weight, row_state, col_norm, opts)
+    _check_row_margins(row_margins, input)
     input, weight = input.contiguous(), weight.contiguous()
-    tiles = _margin_tiles(input, opts)
-    if tiles.name == "cpp":
+    tiles = _margin_tiles(input, opts, row_margins)
+    if tiles.name == "cpp" and row_margins is None:
         return torch.ops.marginkern.margin_ce_rows_backward(grad_loss, input, weight, target, lse, row_state, col_norm,
                                                             *_margin_scalars(opts), need_weight_grad, opts.subcenters,
                                                             opts.lambda_)
     grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts, tiles, need_weight_grad,
-                                        saved=(row_state, col_norm))
+                                        saved=(row_state, col_norm), row_margins=row_margins)
     return grad_x, _or_empty(grad_w, weight)
 
 
 @margin_cross_entropy_backward.register_fake
 def _(grad_loss, input, weight, target, lse, row_state, col_norm, scale, m1, m2, m3, normalize, exact_margin_grad,
-      label_smoothing, ignore_index, need_weight_grad=True, subcenters=1, lambda_=0.0):
+      label_smoothing, ignore_index, need_weight_grad=True, subcenters=1, lambda_=0.0, row_margins=None):
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
+
+
+_MARGIN_SCALAR_DEFAULTS = (1, 0.0)  # the forward op's subcenters and lambda_, after its eight required scalars
+_ROW_MARGINS_INPUT = 13             # row_margins' position among the forward op's inputs
 
 
 def _margin_setup_context(ctx, inputs, output):
     input, weight, target, *options = inputs
+    # the scalars with the defaults a caller of the raw op left out, and the per-row margins apart (a tensor)
+    options += _MARGIN_SCALAR_DEFAULTS[len(options) - 8:]
+    row_margins = options[10] if len(options) > 10 else None
     _, lse, row_state, col_norm = output
-    ctx.save_for_backward(input, weight, target, lse, row_state, col_norm)
+    ctx.save_for_backward(input, weight, target, lse, row_state, col_norm, row_margins)
     ctx.mark_non_differentiable(lse, row_state, col_norm)  # by-products for the backward pass
-    ctx.options = options
+    ctx.options, ctx.num_inputs = options[:10], len(inputs)
 
 
 def _margin_backward(ctx, grad_loss, *grad_by_products):
     # lse and the geometry are by-products for the backward pass, not differentiable outputs.
-    input, weight, target, lse, row_state, col_norm = ctx.saved_tensors
+    input, weight, target, lse, row_state, col_norm, row_margins = ctx.saved_tensors
     need_weight_grad = ctx.needs_input_grad[1]
-    # the forward's scalar options: the eight the backward op takes first, then those after need_weight_grad
-    # (subcenters, lambda_; fewer when a caller of the raw op left their defaults)
-    options = ctx.options
-    grad_input, grad_weight = call("margin_cross_entropy_backward", grad_loss.contiguous(), input, weight, target,
-                                   lse, row_state, col_norm, *options[:8], need_weight_grad, *options[8:])
-    return (grad_input, grad_weight if need_weight_grad else None) + (None,) * (1 + len(ctx.options))
+    # the forward's scalar options: the eight the backward op takes first, then subcenters and lambda_ after
+    # need_weight_grad
+    options, grad_loss = ctx.options, grad_loss.contiguous()
+    grad_input, grad_weight = call("margin_cross_entropy_backward", grad_loss, input, weight, target, lse, row_state,
+                                   col_norm, *options[:8], need_weight_grad, *options[8:],
+                                   *(() if row_margins is None else (row_margins,)))
+    grads = (grad_input, grad_weight if need_weight_grad else None) + (None,) * (ctx.num_inputs - 2)
+    if row_margins is not None and ctx.needs_input_grad[_ROW_MARGINS_INPUT]:
+        opts = _margin_options(weight, *options)
+        grad_margins = row_margin_grads(row_state, lse, grad_loss, target, opts, weight.shape[0] // opts.subcenters,
+                                        row_margins)
+        grads = grads[:_ROW_MARGINS_INPUT] + (grad_margins.to(row_margins.dtype),)
+    return grads
 
 
 _register_autograd("margin_cross_entropy", _margin_backward, _margin_setup_context)

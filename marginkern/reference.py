@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .engine import NORM_EPS, accumulation_dtype
-from .margin import MarginPsi, blend_psi, margin_psi
+from .margin import MarginPsi, blend_psi
 
 CLASS_CHUNK = 8192
 
@@ -96,10 +96,10 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
         cosine = torch.linalg.vecdot(w.unflatten(0, (-1, K))[column.clamp_min(0)], x[:, None, :]).max(1).values
         norms = None
     radius = 1.0 if normalize else norms  # L-Softmax keeps ‖x‖‖w_y‖ on the target logit
-    if margin_grad == "exact":
-        psi = MarginPsi.apply(cosine, m1, m2, m3)
-    else:  # straight-through: dψ/dc := 1, i.e. ψ(c) = c + a constant offset (the norms stay differentiable)
-        psi = cosine + (margin_psi(cosine.clamp(-1, 1), m1, m2, m3) - cosine).detach()
+    # m2, m3: floats, or (N,) per-row margins (AdaFace, MagFace), which get their exact gradients
+    m2, m3 = (m.to(acc) if isinstance(m, torch.Tensor) else m for m in (m2, m3))
+    # straight-through: dψ/dc := 1, i.e. ψ(c) = c + an offset (the norms stay differentiable)
+    psi = MarginPsi.apply(cosine, m1, m2, m3, margin_grad != "exact")
     # A-Softmax's λ eases the target toward the plain cosine (of the clamped one, as ψ sees it)
     target_logit = radius * (blend_psi(psi, cosine.clamp(-1, 1), lambda_) if lambda_ else psi)
     x, target_logit = scale * x, scale * target_logit

@@ -1,4 +1,6 @@
 """Shared test helpers: random cases, gradients, dtype-justified tolerances."""
+import math
+
 import torch
 
 
@@ -329,4 +331,55 @@ def check_sharded_linear_ce_tiles(tiles, device, dtype, opts, world_size=3, with
     want_grads = torch.autograd.grad((want * upstream.double()).sum(), leaves)
     assert_close_rel(loss, want, dtype, "loss", floor=1.0)
     for name, g, e in zip(("grad input", "grad weight", "grad bias"), (gx, gw, gb), want_grads):
+        assert_close_rel(g, e, dtype, name)
+
+
+def materialised_row_margin_ce(x, w, t, m2, m3, scale, m1=1.0, normalize=True, label_smoothing=0.0, lambda_=0.0,
+                               ignore_index=-100):
+    """Per-row margin CE written out on the full N × C float64 logits (DESIGN.md §4's ψ with row n's m2_n, m3_n),
+    differentiable by plain autograd (through acos: keep cos θ_y away from ±1): the oracle the row margins of
+    every backend are held to, independent of margin.py."""
+    x, w, m2, m3 = (v.double() for v in (x, w, m2, m3))
+    valid = t != ignore_index
+    y = torch.where(valid, t, 0)
+    xn, wn = x.norm(dim=1, keepdim=True), w.norm(dim=1, keepdim=True)
+    cos = (x / xn) @ (w / wn).T
+    c = cos.gather(1, y[:, None])[:, 0]
+    phi = m1 * torch.acos(c) + m2
+    k = torch.floor(phi / math.pi).detach()
+    psi = (-1.0) ** k * torch.cos(phi) - 2 * k - m3
+    psi = (lambda_ * c + psi) / (1 + lambda_)
+    radius = 1.0 if normalize else (xn * wn.T).gather(1, y[:, None])[:, 0]
+    logits = scale * (cos if normalize else cos * xn * wn.T)
+    logits = logits.scatter(1, y[:, None], (scale * radius * psi)[:, None])
+    rows = torch.nn.functional.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+    return torch.where(valid, rows, 0.0).sum() / valid.sum().clamp_min(1)
+
+
+def check_row_margins_match_oracle(device, dtype, N=37, C=53, D=24, subcenters=1, **options):
+    """mk.margin_cross_entropy with (N,) tensor margins m2 (of both signs) and m3 on `device` in `dtype`: loss and
+    the gradients of x, w, m2 and m3 against the materialised float64 definition, or the reference where that has
+    no form (sub-centres, the straight-through dψ/dc), at dtype's tolerance."""
+    import marginkern as mk
+    from marginkern import reference
+    normalize = options.get("normalize", True)
+    x, w, t = make_case(N, C * subcenters, D, dtype, device=device, ignore=(3,))
+    t = t % C
+    t[3] = -100
+    m2 = (torch.rand(N, dtype=torch.float64) - 0.5).to(device)
+    m3 = (0.3 * torch.rand(N, dtype=torch.float64)).to(device)
+    kw = dict(scale=8.0 if normalize else 1.0, m1=1.0 if normalize else 2.0, subcenters=subcenters, **options)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    inputs = [v.detach().requires_grad_() for v in (x, w, m2.to(acc), m3.to(acc))]
+    got = mk.margin_cross_entropy(inputs[0], inputs[1], t, m2=inputs[2], m3=inputs[3], **kw)
+    got_grads = torch.autograd.grad(got, inputs)
+    exact = [v.detach().double().requires_grad_() for v in inputs]
+    if subcenters == 1 and options.get("margin_grad", "exact") == "exact":
+        kw.pop("subcenters")
+        want = materialised_row_margin_ce(exact[0], exact[1], t, exact[2], exact[3], **kw)
+    else:
+        want = reference.margin_cross_entropy(exact[0], exact[1], t, m2=exact[2], m3=exact[3], **kw)
+    want_grads = torch.autograd.grad(want, exact)
+    assert_close_rel(got, want, dtype, "loss")
+    for name, g, e in zip(("grad input", "grad weight", "grad m2", "grad m3"), got_grads, want_grads):
         assert_close_rel(g, e, dtype, name)

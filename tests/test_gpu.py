@@ -12,7 +12,7 @@ from tests.helpers import (assert_close_rel, check_confident_rows_per_row_gradie
                            check_duplicate_subcenters_are_plain_margin_ce, check_emo_confident_rows,
                            check_fp16_grad_saturates_and_keeps_nan, check_loss_and_grads,
                            check_margin_fp16_under_grad_scaler, check_margin_per_row_upstream_gradient,
-                           check_subcenters_match_oracle, loss_and_grads, make_case)
+                           check_row_margins_match_oracle, check_subcenters_match_oracle, loss_and_grads, make_case)
 from tests.test_cpp import EPILOGUES, SHAPES, check_special_rows_lse, random_cost, random_spec
 from tests.test_linear_ce import grads
 
@@ -273,6 +273,21 @@ def test_subcenters_match_oracle_on_gpu(dtype, opts, shape, monkeypatch):
     # its last test step, after the issues' own tests and benchmarks (their kernels compile anew)
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
     check_subcenters_match_oracle("cuda", dtype, shape, opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(), dict(normalize=False), dict(lambda_=0.5, label_smoothing=0.1)],
+                         ids=["arcface-like", "l-softmax", "lambda-smoothing"])
+def test_row_margins_match_oracle_on_gpu(dtype, options, backend):
+    """Per-row m2/m3 (AdaFace, MagFace, ElasticFace) on each GPU backend (the CUDA tiles take them through the
+    PyTorch per-row math), loss and the gradients of x, w and both margins."""
+    check_row_margins_match_oracle("cuda", dtype, N=300, C=5003, D=131, **options)
+
+
+def test_row_margins_with_subcenters_on_gpu(monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    for dtype in (torch.float32, torch.bfloat16):
+        check_row_margins_match_oracle("cuda", dtype, subcenters=3)
 
 
 def test_duplicate_subcenters_on_gpu(monkeypatch):

@@ -7,6 +7,9 @@ into the engine's coefficients. In PyTorch that is ~35 small ops per pass (~20 f
 a launch and a dispatcher call): at face-small shapes (N = 256) the host side of a step, not the GPU,
 sets its time. Here each pass is one program per block of rows.
 
+With ROW_MARGINS, row n's margins are m2 + Δm2_n and m3 + Δm3_n, the offsets read from an (N, 2) fp32 tensor
+(AdaFace, MagFace, ElasticFace).
+
 acos is not a Triton primitive; `_acos` is Cephes' single-precision arcsine polynomial (≤ 1 ulp-ish, about
 2e-7 rad), with acos(|c|) = 2·asin(√((1−|c|)/2)) above 0.5, which keeps θ accurate near c = ±1 where
 acos is steep.
@@ -103,8 +106,9 @@ def _target_geometry(x_rows, w_ptr, w_row, row_mask, owned, D, stride_w, BLOCK_R
 @triton.jit
 def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_ptr, row_scale_ptr,
                               target_logit_ptr, N, D, num_local, class_start, ignore_index, stride_x, stride_w,
-                              scale, m1, m2, m3, lam, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
-                              BLOCK_D: tl.constexpr, SUBCENTERS: tl.constexpr = 1):
+                              scale, m1, m2, m3, lam, row_margins_ptr, NORMALIZE: tl.constexpr,
+                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SUBCENTERS: tl.constexpr = 1,
+                              ROW_MARGINS: tl.constexpr = False):
     """With SUBCENTERS = K > 1 the target is the class's sub-centre of largest cosine (the first of equal ones,
     a NaN wins and stays, as torch.max and the engine kernels), its index the row state's fifth column."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -123,6 +127,9 @@ def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_pt
         cosine = tl.where(better, cosine_k, cosine)
         w_norm = tl.where(better, w_norm_k, w_norm)
         subcenter = tl.where(better, k * 1.0, subcenter)
+    if ROW_MARGINS:
+        m2 = m2 + tl.load(row_margins_ptr + 2 * rows, mask=row_mask, other=0.0)
+        m3 = m3 + tl.load(row_margins_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
     psi = (lam * cosine + _margin_psi(cosine, m1, m2, m3)) / (1.0 + lam)  # λ = 0: ψ itself, to the last bit
     if NORMALIZE:
         row_scale = scale / x_norm
@@ -145,7 +152,8 @@ def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_pt
 def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target_ptr, column_ptr, row_scale_ptr,
                                    target_logit_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, radial_ptr, N,
                                    num_local, class_start, ignore_index, scale, m1, m2, lam, smoothing, num_classes,
-                                   NORMALIZE: tl.constexpr, EXACT: tl.constexpr, BLOCK_R: tl.constexpr):
+                                   row_margins_ptr, NORMALIZE: tl.constexpr, EXACT: tl.constexpr,
+                                   BLOCK_R: tl.constexpr, ROW_MARGINS: tl.constexpr = False):
     """Per row: row scale, target logit, coef_p = g, coef_u = g·ε/C, target_grad, radial term."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < N
@@ -167,6 +175,8 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
     # the target column's terms belong to the slice that holds it (only there is T known)
     grad_target_logit = tl.where(owned, g * (tl.exp(target_logit - lse) - (1.0 - smoothing) - smoothing / num_classes),
                                  0.0)
+    if ROW_MARGINS:
+        m2 = m2 + tl.load(row_margins_ptr + 2 * rows, mask=row_mask, other=0.0)
     slope = (lam + _margin_slope(cosine, m1, m2, EXACT)) / (1.0 + lam)  # of the λ-eased ψ the row state holds
     if NORMALIZE:  # dT/da_y with the norms held fixed; the tangent projections chain through x̂ and ŵ
         target_grad = grad_target_logit * scale * slope / (x_norm * w_norm)
@@ -185,36 +195,47 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
 BLOCK_ROWS = 32
 
 
+def _row_margins_arg(row_margins, like):
+    """(pointer argument, ROW_MARGINS) for the kernels: the (N, 2) offsets as contiguous fp32, or a dummy."""
+    if row_margins is None:
+        return like, False
+    return fp32(row_margins).contiguous(), True
+
+
 def margin_target_rows(x, w, target, scale, m1, m2, m3, normalize, ignore_index, class_start=0, subcenters=1,
-                       lambda_=0.0):
+                       lambda_=0.0, row_margins=None):
     """(column (N,) int64, row state (N, 4) fp32 = ‖x‖, ‖w_y‖, c_y, ψ, row scale (N,), target logit (N,)) for
     x (N, D) and the classes [class_start, class_start + len(w) / K) in w (C_local·K, D) with K = subcenters
     rows per class; targets elsewhere or ignored get column −1 and target logit 0. With K > 1 w_y is the target
-    class's sub-centre of largest cosine and the row state (N, 5) holds its index last."""
+    class's sub-centre of largest cosine and the row state (N, 5) holds its index last. row_margins (N, 2): per-row
+    offsets added to m2 and m3."""
     N, D = x.shape
     column = torch.empty(N, dtype=torch.int64, device=x.device)
     row_state = torch.empty(N, 4 + (subcenters > 1), dtype=torch.float32, device=x.device)
     row_scale, target_logit = torch.empty(2, N, dtype=torch.float32, device=x.device)
     if N > 0:
+        margins, has_margins = _row_margins_arg(row_margins, row_scale)
         with on_device(x):
             margin_target_rows_kernel[(cdiv(N, BLOCK_ROWS),)](
                 x, w, target, column, row_state, row_scale, target_logit, N, D, w.shape[0] // subcenters,
-                class_start, ignore_index, x.stride(0), w.stride(0), scale, m1, m2, m3, lambda_, NORMALIZE=normalize,
-                BLOCK_R=BLOCK_ROWS, BLOCK_D=min(256, next_power_of_2(max(D, 16))), SUBCENTERS=subcenters)
+                class_start, ignore_index, x.stride(0), w.stride(0), scale, m1, m2, m3, lambda_, margins,
+                NORMALIZE=normalize, BLOCK_R=BLOCK_ROWS, BLOCK_D=min(256, next_power_of_2(max(D, 16))),
+                SUBCENTERS=subcenters, ROW_MARGINS=has_margins)
     return column, row_state, row_scale, target_logit
 
 
 def margin_target_grad_rows(row_state, lse, grad_loss, target, scale, m1, m2, normalize, exact, smoothing,
-                            ignore_index, num_classes, num_local, class_start=0, lambda_=0.0):
+                            ignore_index, num_classes, num_local, class_start=0, lambda_=0.0, row_margins=None):
     """(column, (6, N) fp32 planes: row scale, target logit, coef_p, coef_u, target_grad, radial term) from the
     forward's row state (margin_target_rows), the lse and the per-row loss gradient."""
     N = row_state.shape[0]
     column = torch.empty(N, dtype=torch.int64, device=row_state.device)
     planes = torch.empty(6, N, dtype=torch.float32, device=row_state.device)
     if N > 0:
+        margins, has_margins = _row_margins_arg(row_margins, planes)
         with on_device(row_state):
             margin_target_grad_rows_kernel[(cdiv(N, BLOCK_ROWS),)](
                 fp32(row_state).contiguous(), fp32(lse).contiguous(), fp32(grad_loss).contiguous(), target,
                 column, *planes, N, num_local, class_start, ignore_index, scale, m1, m2, lambda_, smoothing,
-                num_classes, NORMALIZE=normalize, EXACT=exact, BLOCK_R=BLOCK_ROWS)
+                num_classes, margins, NORMALIZE=normalize, EXACT=exact, BLOCK_R=BLOCK_ROWS, ROW_MARGINS=has_margins)
     return column, planes

@@ -278,19 +278,20 @@ class TritonTiles:
         return _finish_grad_rows(grad, scale, out, None if weight is None else weight.contiguous(), inv_norm)
 
     @staticmethod
-    def margin_target_rows(x, w, target, opts, class_start=None):
+    def margin_target_rows(x, w, target, opts, class_start=None, row_margins=None):
         """margin_ce.target_rows in one launch (margin_rows.py)."""
         rows = _margin_target_rows(x, w, target.contiguous(), opts.scale, opts.m1, opts.m2, opts.m3, opts.normalize,
-                                   opts.ignore_index, class_start or 0, opts.subcenters, opts.lambda_)
+                                   opts.ignore_index, class_start or 0, opts.subcenters, opts.lambda_, row_margins)
         return TargetRows(*rows)
 
     @staticmethod
-    def margin_target_grad_rows(row_state, lse, grad_loss, target, opts, num_classes, num_local, class_start=None):
+    def margin_target_grad_rows(row_state, lse, grad_loss, target, opts, num_classes, num_local, class_start=None,
+                                row_margins=None):
         """margin_ce.target_grad_rows in one launch (margin_rows.py)."""
         column, planes = _margin_target_grad_rows(
             row_state, lse, grad_loss, target.contiguous(), opts.scale, opts.m1, opts.m2, opts.normalize,
             opts.exact_margin_grad, opts.label_smoothing, opts.ignore_index, num_classes, num_local, class_start or 0,
-            opts.lambda_)
+            opts.lambda_, row_margins)
         return TargetGradRows(column, *planes.unbind(0))
 
     indexes_cost_rows = True  # the dL/da kernel gathers the cost term's query rows itself

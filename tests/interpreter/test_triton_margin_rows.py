@@ -196,3 +196,33 @@ def test_non_finite_embedding_stays_non_finite(bad):
     assert torch.isnan(rows.row_state[7, 2]) and torch.isnan(rows.target_logit[7])
     others = torch.cat([rows.row_state[:7], rows.row_state[8:]])
     assert torch.isfinite(others).all()
+
+
+@pytest.mark.parametrize("options", [dict(), dict(normalize=False), dict(lambda_=0.5, label_smoothing=0.1),
+                                     dict(margin_grad="straight_through"), dict(subcenters=3)],
+                         ids=["arcface-like", "l-softmax", "lambda-smoothing", "straight-through", "subcenters"])
+def test_row_margins_match_the_materialised_definition(options, monkeypatch):
+    """Per-row m2 (both signs) and m3 through the Triton kernels (margin_rows.py's ROW_MARGINS) and the engine:
+    loss and the gradients of x, w and both margins (tests/test_adaptive_margins.py runs the CPU backends)."""
+    from tests.helpers import check_row_margins_match_oracle
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_row_margins_match_oracle(DEVICE, torch.float32, **options)
+
+
+def test_row_margin_kernels_match_their_twins():
+    """margin_target_rows / margin_target_grad_rows with row_margins against target_rows / target_grad_rows."""
+    N, C, D = 70, 30, 24
+    x, w, t = hard_case(N, C, D, torch.float32)
+    margins = (torch.rand(N, 2, dtype=torch.float32, device=DEVICE) - 0.5)
+    for margin in MARGINS:
+        opts = options(margin, smoothing=0.1, lambda_=0.25)
+        got = triton_tiles().margin_target_rows(x, w, t, opts, None, margins)
+        want = target_rows(x, w, t, opts, None, margins)
+        torch.testing.assert_close(got.row_state, want.row_state, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.target_logit, want.target_logit, rtol=1e-5, atol=1e-4)
+        lse = want.target_logit + torch.rand(N, device=DEVICE)
+        grad_loss = torch.rand(N, device=DEVICE)
+        got = triton_tiles().margin_target_grad_rows(want.row_state, lse, grad_loss, t, opts, C, C, None, margins)
+        ref = target_grad_rows(want.row_state, lse, grad_loss, t, opts, C, C, None, margins)
+        for name in ("target_logit", "coef_p", "coef_u", "target_grad", "radial"):
+            torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=1e-4, msg=name)

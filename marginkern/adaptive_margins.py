@@ -1,0 +1,164 @@
+"""Margin losses whose margin differs per sample: AdaFace, MagFace, ElasticFace.
+
+Each is CombinedMarginLoss (ArcFace's class centres, PartialFC sampling, sub-centres) with per-row m2/m3 tensors,
+which the fused op takes as they are (margin_ce.py's row_margins): the N × C logits never exist, as for ArcFace.
+
+The target logit is marginkern's monotone ψ (DESIGN.md §4) with the row's margins. The official implementations
+clip or switch branches at the ends of [0, π] (AdaFace clips θ + m2 to [ε, π − ε] and every cosine to
+±(1 − ε); MagFace's MagLinear defaults to the "easy margin", no margin where cos θ_y ≤ 0): ψ is continuous and
+decreasing there instead. Where those do not act they agree to rounding (tests/test_adaptive_margins.py holds each
+against its official formula).
+"""
+import torch
+
+from .checks import check_finite, check_module_embeddings, check_target_tensor
+from .modules import CombinedMarginLoss
+from .reference import reduce_rows
+
+
+def _refuse_options(kwargs, names, why):
+    for name in names:
+        if name in kwargs:
+            raise TypeError(f"{name} cannot be set here: {why}")
+
+
+class AdaFaceLoss(CombinedMarginLoss):
+    """AdaFace (Kim, Jain and Liu, CVPR 2022): the margin follows image quality, proxied by the embedding's norm.
+
+    With ‖x_n‖ clipped to [0.001, 100] and running statistics μ, σ of the norms, ẑ_n = clip(h·(‖x_n‖ − μ)/(σ + eps),
+    −1, 1) and the target logit is s·(cos(θ_y − m·ẑ_n) − m·(1 + ẑ_n)): high-norm (clear) samples get an angular
+    margin (ArcFace-like, up to m), low-norm ones an additive one (CosFace-like, up to 2m). ẑ carries no gradient.
+
+    μ and σ (buffers `batch_mean`, `batch_std`, starting at 20 and 100 as the official head) move by
+    t_alpha·(this batch's − theirs) in every training-mode forward, before the margins use them, over the
+    non-ignored rows; σ is the unbiased standard deviation and only moves with two rows or more (the official head
+    takes std() of a one-row batch: NaN, and NaN margins from then on). Eval mode leaves them as they are.
+    The defaults are the official training's (m = 0.4, h = 0.333, s = 64, t_alpha = 0.01). Other keyword arguments
+    are CombinedMarginLoss's (normalize is always True).
+    """
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.4, h=0.333, t_alpha=0.01, eps=1e-3,
+                 **kwargs):
+        check_finite("margin", margin, 0.0)
+        check_finite("h", h, 0.0, low_open=True)
+        check_finite("t_alpha", t_alpha, 0.0, 1.0)
+        check_finite("eps", eps, 0.0, low_open=True)
+        _refuse_options(kwargs, ("normalize",), "AdaFace's logits are cosines")
+        super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=scale, **kwargs)
+        self.margin, self.h, self.t_alpha, self.eps = float(margin), float(h), float(t_alpha), float(eps)
+        self.register_buffer("batch_mean", torch.full((1,), 20.0, device=self.weight.device))
+        self.register_buffer("batch_std", torch.full((1,), 100.0, device=self.weight.device))
+
+    def _row_margins(self, embeddings, target):
+        check_target_tensor(target, embeddings.shape[0])
+        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        norms = torch.linalg.vector_norm(embeddings.detach().to(acc), dim=1).clamp(0.001, 100.0)
+        if self.training:
+            self._update_norm_statistics(norms, target != self.options["ignore_index"])
+        quality = (self.h * (norms - self.batch_mean) / (self.batch_std + self.eps)).clamp(-1.0, 1.0)
+        return {"m2": -self.margin * quality, "m3": self.margin * (1.0 + quality)}
+
+    @torch.no_grad()
+    def _update_norm_statistics(self, norms, valid):
+        """The running μ, σ over the valid rows' norms, without a host sync (masks, not indexing)."""
+        weights = valid.to(norms.dtype)
+        count = weights.sum()
+        mean = (norms * weights).sum() / count.clamp_min(1.0)
+        std = (((norms - mean) ** 2 * weights).sum() / (count - 1.0).clamp_min(1.0)).sqrt()
+        a = self.t_alpha
+        self.batch_mean.copy_(torch.where(count >= 1, a * mean + (1.0 - a) * self.batch_mean, self.batch_mean))
+        self.batch_std.copy_(torch.where(count >= 2, a * std + (1.0 - a) * self.batch_std, self.batch_std))
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", margin={self.margin}, h={self.h}, t_alpha={self.t_alpha}, "
+                f"eps={self.eps}")
+
+
+class MagFaceLoss(CombinedMarginLoss):
+    """MagFace (Meng et al., CVPR 2021): ArcFace with a margin that grows with the embedding's norm, plus a
+    regulariser that pulls the norm up, so that the norm becomes a quality score.
+
+    a_n = clamp(‖x_n‖, lower_norm, upper_norm); m(a) = lower_margin + (upper_margin − lower_margin)·(a − lower_norm)
+    /(upper_norm − lower_norm); per row: CE with the target logit s·ψ(θ_y; m2 = m(a_n)) + lambda_g·(a_n/upper_norm² +
+    1/a_n), reduced as `reduction` says (mean: the official CE mean + lambda_g × the mean regulariser). The gradient
+    flows through m(a) and the regulariser into ‖x‖, as in the official MagLinear. The defaults are the official
+    training's (s = 64, margins 0.45 … 0.8 over norms 10 … 110, lambda_g = 35); ψ is marginkern's monotone one,
+    not MagLinear's easy-margin default (which drops the margin where cos θ_y ≤ 0). Other keyword arguments are
+    CombinedMarginLoss's (normalize is always True).
+    """
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, lower_margin=0.45, upper_margin=0.8, lower_norm=10.0,
+                 upper_norm=110.0, lambda_g=35.0, **kwargs):
+        check_finite("lower_margin", lower_margin, 0.0)
+        check_finite("upper_margin", upper_margin, lower_margin)
+        check_finite("lower_norm", lower_norm, 0.0, low_open=True)
+        check_finite("upper_norm", upper_norm, lower_norm, low_open=True)
+        check_finite("lambda_g", lambda_g, 0.0)
+        _refuse_options(kwargs, ("normalize",), "MagFace's logits are cosines")
+        super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=scale, **kwargs)
+        self.lower_margin, self.upper_margin = float(lower_margin), float(upper_margin)
+        self.lower_norm, self.upper_norm, self.lambda_g = float(lower_norm), float(upper_norm), float(lambda_g)
+
+    def margins(self, norms):
+        """m(a) for norms a already clamped to [lower_norm, upper_norm]."""
+        slope = (self.upper_margin - self.lower_margin) / (self.upper_norm - self.lower_norm)
+        return self.lower_margin + slope * (norms - self.lower_norm)
+
+    def forward(self, embeddings, target):
+        check_module_embeddings(embeddings, self.embedding_dim)
+        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        norms = torch.linalg.vector_norm(embeddings.to(acc), dim=1).clamp(self.lower_norm, self.upper_norm)
+        loss = self._margin_loss(embeddings, target, {"m2": self.margins(norms)})
+        regulariser = norms / self.upper_norm ** 2 + 1.0 / norms  # target checked by _margin_loss
+        valid = target != self.options["ignore_index"]
+        regulariser = torch.where(valid, regulariser, torch.zeros_like(regulariser))
+        return loss + self.lambda_g * reduce_rows(regulariser, valid, self.options["reduction"])
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", margins=({self.lower_margin}, {self.upper_margin}), "
+                f"norms=({self.lower_norm}, {self.upper_norm}), lambda_g={self.lambda_g}")
+
+
+class _ElasticMargin(CombinedMarginLoss):
+    """ElasticFace (Boutros et al., CVPRW 2022): in each training-mode forward every row's margin is drawn from
+    N(margin, std²); eval mode uses `margin` itself (a deterministic validation loss). std's default 0.05 is the
+    official training configs'. Other keyword arguments are CombinedMarginLoss's."""
+
+    _margin_name = None  # "m2" (ArcFace's) or "m3" (CosFace's)
+
+    def __init__(self, embedding_dim, num_classes, scale, margin, std, **kwargs):
+        check_finite("margin", margin)
+        check_finite("std", std, 0.0)
+        _refuse_options(kwargs, ("normalize",), "ElasticFace's logits are cosines")
+        m2, m3 = (margin, 0.0) if self._margin_name == "m2" else (0.0, margin)
+        check_finite("margin", m2, 0.0)  # ArcFace's must be ≥ 0 as a float (each drawn one may take any sign)
+        super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
+        self.margin, self.std = float(margin), float(std)
+
+    def _row_margins(self, embeddings, target):
+        if not self.training:
+            return {}
+        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        draws = torch.randn(embeddings.shape[0], dtype=acc, device=embeddings.device)
+        return {self._margin_name: self.margin + self.std * draws}
+
+    def extra_repr(self):
+        return super().extra_repr() + f", std={self.std}"
+
+
+class ElasticArcFaceLoss(_ElasticMargin):
+    """ElasticFace-Arc: ArcFace whose angular margin is drawn per row from N(margin, std²) (see _ElasticMargin)."""
+
+    _margin_name = "m2"
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, std=0.05, **kwargs):
+        super().__init__(embedding_dim, num_classes, scale, margin, std, **kwargs)
+
+
+class ElasticCosFaceLoss(_ElasticMargin):
+    """ElasticFace-Cos: CosFace whose additive margin is drawn per row from N(margin, std²) (see _ElasticMargin)."""
+
+    _margin_name = "m3"
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, std=0.05, **kwargs):
+        super().__init__(embedding_dim, num_classes, scale, margin, std, **kwargs)
