@@ -16,7 +16,12 @@ Providers, all measured in one run on the same inputs:
                   C counts the weight's rows (C/3 classes; the floor's GEMMs are over all rows): marginkern's
                   margin_cross_entropy(subcenters=3) and pytorch-metric-learning's formulation (cosines of
                   all rows, max over each class's 3, then the naive ArcFace); skipped on the other cases
+  marginkern adaface, naive adaface   AdaFace (per-row margins from the embedding norms, the module's initial
+                  statistics) on the "adaface" cases: marginkern.margin_cross_entropy with (N,) m2/m3, and the
+                  official head's formulation on the full logits (mk-minchul/AdaFace head.py); skipped elsewhere
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -33,13 +38,15 @@ def cases(device_type, quick):
         all_cases = [Case("face-small-100k", 256, 512, 100_000, "bfloat16"),
                      Case("face-b1024-100k", 1024, 512, 100_000, "bfloat16"),
                      Case("arcface-1M", 1024, 512, 1_000_000, "bfloat16"),
-                     Case("face-subcenter3-100k", 1024, 512, 300_000, "bfloat16")]
+                     Case("face-subcenter3-100k", 1024, 512, 300_000, "bfloat16"),
+                     Case("face-adaface-100k", 1024, 512, 100_000, "bfloat16")]
     else:  # small enough for a couple of minutes on 2 cores
         all_cases = [Case("cpu-face-5k", 64, 64, 5_000, "float32"),
                      Case("cpu-face-20k", 256, 128, 20_000, "float32"),
                      # the csrc issue's CPU case: naive PyTorch grows RSS by ≈ 1.3 GB there
                      Case("cpu-face-200k", 512, 128, 200_000, "float32"),
-                     Case("cpu-subcenter3-20k", 256, 128, 60_000, "float32")]
+                     Case("cpu-subcenter3-20k", 256, 128, 60_000, "float32"),
+                     Case("cpu-adaface-20k", 256, 128, 20_000, "float32")]
     return all_cases[:1] if quick else all_cases
 
 
@@ -83,6 +90,42 @@ def subcenter_only(build):
     return build_if_subcenter
 
 
+ADAFACE = dict(margin=0.4, h=0.333, scale=64.0, eps=1e-3, mean=20.0, std=100.0)  # the official defaults
+
+
+def adaface_quality(x):
+    """AdaFace's ẑ per row from the norms and fixed statistics (no gradient)."""
+    a = ADAFACE
+    norms = x.detach().float().norm(dim=1).clamp(0.001, 100)
+    return (a["h"] * (norms - a["mean"]) / (a["std"] + a["eps"])).clamp(-1, 1)
+
+
+def naive_adaface(x, w, target):
+    """The official AdaFace head on the full logits: every cosine clamped to ±(1 − ε), θ_y − m·ẑ clipped to
+    [ε, π − ε], minus m·(1 + ẑ), scaled, cross-entropy."""
+    a, z = ADAFACE, adaface_quality(x)
+    cosine = F.linear(F.normalize(x), F.normalize(w)).float().clamp(-1 + a["eps"], 1 - a["eps"])
+    rows = torch.arange(x.shape[0], device=x.device)
+    theta = (torch.arccos(cosine[rows, target]) - a["margin"] * z).clamp(a["eps"], math.pi - a["eps"])
+    cosine = cosine.index_put((rows, target), torch.cos(theta) - a["margin"] * (1 + z))
+    return F.cross_entropy(cosine * a["scale"], target)
+
+
+def _marginkern_adaface(x, w, target):
+    a, z = ADAFACE, adaface_quality(x)
+    return marginkern.margin_cross_entropy(x, w, target, scale=a["scale"], m2=-a["margin"] * z,
+                                           m3=a["margin"] * (1 + z))
+
+
+def adaface_only(build):
+    """The provider on the "adaface" cases only."""
+    def build_if_adaface(case, device):
+        if "adaface" not in case.name:
+            raise Skip("AdaFace providers run on the adaface cases")
+        return build(case, device)
+    return build_if_adaface
+
+
 PROVIDERS = {
     "marginkern": lambda case, device: loss_step(_marginkern, case, device),
     # the hand-written CUDA backend (csrc/cuda): cuBLAS GEMMs + CUDA epilogue, opt-in
@@ -102,4 +145,6 @@ PROVIDERS = {
     FLOOR: gemm_floor,
     "marginkern sub-center": subcenter_only(lambda case, device: loss_step(_marginkern_subcenter, case, device)),
     "naive sub-center": subcenter_only(lambda case, device: loss_step(naive_subcenter_arcface, case, device)),
+    "marginkern adaface": adaface_only(lambda case, device: loss_step(_marginkern_adaface, case, device)),
+    "naive adaface": adaface_only(lambda case, device: loss_step(naive_adaface, case, device)),
 }

@@ -35,6 +35,11 @@ class AdaFaceLoss(CombinedMarginLoss):
     takes std() of a one-row batch: NaN, and NaN margins from then on). Eval mode leaves them as they are.
     The defaults are the official training's (m = 0.4, h = 0.333, s = 64, t_alpha = 0.01). Other keyword arguments
     are CombinedMarginLoss's (normalize is always True).
+
+    Unlike the official head where θ_y < m·ẑ (a clear sample already within m·ẑ of its centre: cos θ_y > 0.92 at
+    ẑ = 1, common late in training): the official head clips θ_y − m·ẑ at ε, so its target logit saturates at
+    s·(1 − m(1 + ẑ)) with no gradient on θ_y; here ψ = 2 − cos(θ_y − m·ẑ) − m(1 + ẑ) keeps growing and keeps
+    pulling the sample in (module docstring of marginkern.adaptive_margins).
     """
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.4, h=0.333, t_alpha=0.01, eps=1e-3,
@@ -57,6 +62,16 @@ class AdaFaceLoss(CombinedMarginLoss):
             self._update_norm_statistics(norms, target != self.options["ignore_index"])
         quality = (self.h * (norms - self.batch_mean) / (self.batch_std + self.eps)).clamp(-1.0, 1.0)
         return {"m2": -self.margin * quality, "m3": self.margin * (1.0 + quality)}
+
+    def _apply(self, fn, *args, **kwargs):
+        """Module casts (.half(), .to(torch.bfloat16)) leave μ and σ in fp32 (fp64 stays): in bf16 an update of
+        t_alpha·(mean − μ) below half of μ's spacing (0.125 at 20) would be lost, and μ would never move."""
+        super()._apply(fn, *args, **kwargs)
+        for name in ("batch_mean", "batch_std"):
+            buffer = getattr(self, name)
+            if buffer.dtype not in (torch.float32, torch.float64):
+                setattr(self, name, buffer.float())
+        return self
 
     @torch.no_grad()
     def _update_norm_statistics(self, norms, valid):

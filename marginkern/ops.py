@@ -312,8 +312,11 @@ def _margin_backward(ctx, grad_loss, *grad_by_products):
     grads = (grad_input, grad_weight if need_weight_grad else None) + (None,) * (ctx.num_inputs - 2)
     if row_margins is not None and ctx.needs_input_grad[_ROW_MARGINS_INPUT]:
         opts = _margin_options(weight, *options)
-        grad_margins = row_margin_grads(row_state, lse, grad_loss, target, opts, weight.shape[0] // opts.subcenters,
-                                        row_margins)
+        # not differentiable again, as the rest of this backward: with create_graph=True a second derivative
+        # must fail loudly, not follow the sin φ term alone (the paths through lse and the geometry are not here)
+        with torch.no_grad():
+            grad_margins = row_margin_grads(row_state, lse, grad_loss, target, opts,
+                                            weight.shape[0] // opts.subcenters, row_margins)
         grads = grads[:_ROW_MARGINS_INPUT] + (grad_margins.to(row_margins.dtype),)
     return grads
 

@@ -8,20 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import marginkern as mk
-from marginkern import cpp_tiles, reference
+from marginkern import reference
 from tests.helpers import check_row_margins_match_oracle, make_case, materialised_row_margin_ce
+from tests.test_subcenters import backend  # noqa: F401 (the fixture: each CPU backend in turn)
 
 ROW_OPTIONS = [dict(), dict(normalize=False), dict(lambda_=0.5, label_smoothing=0.1),
                dict(margin_grad="straight_through"), dict(subcenters=3)]
 ROW_IDS = ["arcface-like", "l-softmax", "lambda-smoothing", "straight-through", "subcenters"]
-
-
-@pytest.fixture(params=["cpp", "reference"])
-def backend(request, monkeypatch):
-    if request.param == "cpp" and cpp_tiles.LOAD_ERROR is not None:
-        pytest.skip(cpp_tiles.LOAD_ERROR)
-    monkeypatch.setenv("MARGINKERN_BACKEND", request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
@@ -269,3 +262,26 @@ def test_module_arguments_are_checked():
     with pytest.raises(ValueError, match=r"std must lie in \[0.0, inf\)"):
         mk.ElasticArcFaceLoss(8, 10, std=-1.0)
     assert "t_alpha=0.01" in repr(mk.AdaFaceLoss(8, 10)) and "lambda_g=35.0" in repr(mk.MagFaceLoss(8, 10))
+
+
+def test_row_margin_gradient_is_not_differentiable_again():
+    """create_graph=True: the margins' gradient has no second derivative here (as the rest of the op's backward),
+    so asking for one raises instead of following its sin φ term alone (a reviewer's run got wrong numbers)."""
+    x, w, t = make_case(4, 6, 3, torch.float64)
+    m2 = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    loss = mk.margin_cross_entropy(x, w, t, scale=8.0, m2=m2, m3=0.0)
+    grad = torch.autograd.grad(loss, m2, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(grad.sum(), m2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_adaface_statistics_keep_their_precision_under_module_casts(dtype):
+    """.to(bf16) must not cast μ, σ: in bf16 μ = 20 has a spacing of 0.125, and t_alpha·(25 − 20) = 0.05 would be
+    lost every step (a reviewer's 300 steps left μ at exactly 20.0)."""
+    loss = mk.AdaFaceLoss(8, 10).to(dtype)
+    assert loss.weight.dtype == dtype
+    assert loss.batch_mean.dtype == loss.batch_std.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    x = (25 * F.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)).to(dtype)
+    loss(x, torch.randint(0, 10, (16,)))
+    assert 20.0 < loss.batch_mean.item() < 20.1
