@@ -35,10 +35,10 @@ from .checks import (check_bias, check_bool, check_class_shard, check_class_weig
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
-from .functional import _lm_rows, linear_ce_outputs
+from .functional import _lm_rows, linear_ce_outputs, row_margin_offsets
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward, target_class_weights
 from .log_probs import log_probs_backward, log_probs_forward
-from .margin_ce import MarginOptions, local_columns, margin_ce_backward, margin_ce_forward
+from .margin_ce import MarginOptions, local_columns, margin_ce_backward, margin_ce_forward, row_margin_grads
 from .modules import LambdaAnnealing
 from .reference import reduce_rows
 from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
@@ -236,6 +236,13 @@ def _checksum(t):
     return (rows * torch.arange(1, rows.numel() + 1, device=rows.device, dtype=torch.int64)).sum()
 
 
+def _rows_checksum(input, row_margins=None):
+    """_checksum of the input, with its per-row margins (the same on every rank too) when there are some."""
+    if row_margins is None:
+        return _checksum(input)
+    return _checksum(input) * 1_000_003 + _checksum(row_margins)  # int64 wraps around: still equal for equal bits
+
+
 _STEP_FIELDS = ("argument error", "input rows", "input width", "num_classes", "class sampling (train mode)",
                 "target checksum", "input checksum", "targets out of range", "smallest target out of range",
                 "options checksum", "needs a gradient")
@@ -261,7 +268,7 @@ def _needs_grad(tensors):
 
 
 def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local_error,
-                 op="sharded_margin_cross_entropy", options=(), differentiable=()):
+                 op="sharded_margin_cross_entropy", options=(), differentiable=(), row_margins=None):
     """Every rank's step must see the same input, targets, num_classes and mode, and the targets must be
     valid class ids. One all-gather of a few int64 per rank and one host sync (the single-process loss
     checks its targets with a sync too); every rank raises the same error, so none is left waiting in a
@@ -283,7 +290,7 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
     if local_error is None:
         bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
         fields = [zero, zero + input.shape[0], zero + input.shape[1], zero + num_classes, zero + int(sampled),
-                  _checksum(target), _checksum(input), bad.sum(),
+                  _checksum(target), _rows_checksum(input, row_margins), bad.sum(),
                   torch.where(bad, target, torch.iinfo(torch.int64).max).min() if target.numel() else zero,
                   _options_checksum((ignore_index,) + tuple(options), device), zero + int(_needs_grad(differentiable))]
     else:
@@ -304,7 +311,8 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
                                  f"0..{world_size - 1} (they would run different collectives)")
             raise ValueError(f"every rank must pass the same {what}, got {values} on ranks 0..{world_size - 1}")
     if len({(c[5], c[6]) for c in seen}) > 1:
-        raise ValueError("input and target must be the same on every rank (the all-gathered embeddings and labels: "
+        raise ValueError("input and target (and per-row margins) must be the same on every rank (the all-gathered "
+                         "embeddings and labels: "
                          "marginkern.distributed.gather_embeddings); they differ across ranks 0.."
                          f"{world_size - 1}, so rows of different samples would be mixed")
     if len({c[9] for c in seen}) > 1:
@@ -332,12 +340,13 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
     """Per-row loss over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard local."""
 
     @staticmethod
-    def forward(ctx, input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions):
+    def forward(ctx, input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions, row_margins=None):
         input, weight_shard = input.contiguous(), weight_shard.contiguous()
         tiles = _tiles(input, opts)
         with torch.autocast(input.device.type, enabled=False):  # the engine picks its GEMM precision itself
-            loss_rows, lse = margin_ce_forward(input, weight_shard, target, opts, tiles, shard)
-        ctx.save_for_backward(input, weight_shard, target, lse)
+            loss_rows, lse, row_state, col_norm = margin_ce_forward(input, weight_shard, target, opts, tiles, shard,
+                                                                    keep_geometry=True, row_margins=row_margins)
+        ctx.save_for_backward(input, weight_shard, target, lse, row_state, col_norm, row_margins)
         ctx.shard, ctx.opts = shard, opts
         return loss_rows
 
@@ -345,15 +354,22 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():  # create_graph=True: the engine's backward is not differentiable again
             raise RuntimeError("sharded_margin_cross_entropy cannot be differentiated twice (create_graph=True)")
-        input, weight_shard, target, lse = ctx.saved_tensors
-        need_weight_grad = ctx.needs_input_grad[1]
+        input, weight_shard, target, lse, row_state, col_norm, row_margins = ctx.saved_tensors
+        need_weight_grad, grad_loss, opts = ctx.needs_input_grad[1], grad_loss.contiguous(), ctx.opts
         # dL/dinput is computed (and all-reduced) even when only the weight needs it: every rank must join
         # the same collectives, whatever its own requires_grad flags say.
         with torch.autocast(input.device.type, enabled=False):
             grad_input, grad_weight = margin_ce_backward(
-                grad_loss.contiguous(), input, weight_shard, target, lse, ctx.opts, _tiles(input, ctx.opts),
-                need_weight_grad, ctx.shard)
-        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None
+                grad_loss, input, weight_shard, target, lse, opts, _tiles(input, opts), need_weight_grad, ctx.shard,
+                saved=(row_state, None if col_norm.numel() == 0 else col_norm), row_margins=row_margins)
+        grad_margins = None
+        if row_margins is not None:  # every rank joins this all-reduce: the margins are the same on every rank
+            num_local = weight_shard.shape[0] // opts.subcenters
+            grad_margins = ctx.shard.sum_rows(row_margin_grads(row_state, lse, grad_loss, target, opts,
+                                                               ctx.shard.num_classes, row_margins, num_local,
+                                                               ctx.shard.start))
+        return ((grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None,
+                grad_margins if ctx.needs_input_grad[5] else None)
 
 
 def _tiles(input, opts: MarginOptions):
@@ -375,7 +391,9 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     must be `shard_range(num_classes, rank, world_size)`; with `subcenters` K it is (C_local·K, D), the rows
     of those classes in margin_cross_entropy's layout (on the CPU the PyTorch tiles serve it then). Options
     and the result are those of `marginkern.margin_cross_entropy(input, cat(all shards), target, ...)`,
-    identical on every rank.
+    identical on every rank; per-row (N,) tensor margins m2/m3 (AdaFace, MagFace) too, the same on every rank
+    (checked with the input), their gradient summed from the ranks that hold each row's target (one more
+    all-reduce of (N, 2)).
 
     Gradients: dL/dinput is the full gradient (the sum over the shards), identical on every rank; gather the
     embeddings with `gather_embeddings`, whose backward pass takes this rank's rows without communicating
@@ -384,9 +402,12 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     keep `weight_shard` out of DDP. Every rank must run the backward pass with the same gradient of the loss.
     """
     rank, world_size = _rank_and_world_size(group)
-    local_error = None
+    local_error, row_margins = None, None
     try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
+        row_margins = row_margin_offsets(input, m2, m3)
+        if row_margins is not None:  # the per-row ones are offsets of a 0 scalar
+            m2, m3 = (0.0 if isinstance(m, torch.Tensor) else m for m in (m2, m3))
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
         subcenters = check_subcenters(subcenters, check_bool("normalize", normalize))
@@ -398,9 +419,9 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
         local_error = e
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
                  options=() if local_error else dataclasses.astuple(opts) + (reduction,),
-                 differentiable=(input, weight_shard))
+                 differentiable=(input, weight_shard, row_margins), row_margins=row_margins)
     return _sharded_loss(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
-                         reduction)
+                         reduction, row_margins)
 
 
 class _ShardedLinearCrossEntropy(torch.autograd.Function):
@@ -670,8 +691,9 @@ def _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, 
                             subcenters, lambda_)
 
 
-def _sharded_loss(input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions, reduction):
-    loss_rows = _ShardedMarginCrossEntropy.apply(input, weight_shard, target, shard, opts)
+def _sharded_loss(input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions, reduction,
+                  row_margins=None):
+    loss_rows = _ShardedMarginCrossEntropy.apply(input, weight_shard, target, shard, opts, row_margins)
     return reduce_rows(loss_rows, target != opts.ignore_index, reduction)
 
 

@@ -209,13 +209,13 @@ def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num
 
 
 def row_margin_grads(row_state, lse, grad_loss, target, opts: MarginOptions, num_classes: int,
-                     row_margins: Tensor) -> Tensor:
+                     row_margins: Tensor, num_local: Optional[int] = None, class_start: Optional[int] = None) -> Tensor:
     """dL/d(row_margins) (N, 2) for the per-row loss gradient grad_loss: dL/dT·dT/dm with T = r·ψ_λ, r = s
     (normalize) or s·‖x‖‖w_y‖, ∂ψ/∂m2 = −(−1)^k sin φ, ∂ψ/∂m3 = −1 and ψ_λ = (λc + ψ)/(1 + λ). The same with either
-    margin_grad: straight-through concerns dψ/dc alone. O(N), in PyTorch on every backend."""
-    # unsharded (class_start None): every target is a column of w
+    margin_grad: straight-through concerns dψ/dc alone. O(N), in PyTorch on every backend. Sharded (class_start
+    given, w holding num_local classes): 0 on the rows whose target lives elsewhere (ClassShard.sum_rows sums them)."""
     *_, grad_target_logit = _target_logit_grads(row_state[:, :4], lse, grad_loss, target, opts, num_classes,
-                                                num_classes, None)
+                                                num_classes if num_local is None else num_local, class_start)
     x_norm, w_target_norm, cosine, _ = row_state[:, :4].unbind(1)
     radius = opts.scale if opts.normalize else opts.scale * x_norm * w_target_norm
     grad_psi = grad_target_logit * radius / (1.0 + opts.lambda_)

@@ -236,6 +236,17 @@ def _argument_errors(rank, world_size):
     return float(call(target=torch.full((5,), C - 1)))
 
 
+def _sharded_row_margin_grads(rank, world_size, x, w, t, m2, m3, kwargs, differ=False):
+    """(loss, dL/dinput, dL/dweight_shard, dL/dm2, dL/dm3) of this rank with per-row margins (differ: rank 1 passes
+    other margins)."""
+    start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+    x, shard = x.clone().requires_grad_(), w[start:stop].clone().requires_grad_()
+    m2, m3 = (m.clone().requires_grad_() for m in (m2 + (0.01 if differ and rank == 1 else 0.0), m3))
+    loss = mkd.sharded_margin_cross_entropy(x, shard, t, class_start=start, num_classes=w.shape[0], m2=m2, m3=m3,
+                                            **kwargs)
+    return (loss.detach(),) + torch.autograd.grad(loss, (x, shard, m2, m3))
+
+
 def _sharded_log_probs_and_grads(rank, world_size, x, w, t, kwargs, upstream):
     """(log p_t, H, dL/dinput, dL/dweight_shard) of this rank for the loss Σ upstream[0]·log p_t + upstream[1]·H."""
     start, stop = mkd.shard_range(w.shape[0], rank, world_size)
@@ -697,7 +708,7 @@ def test_dtensor_arguments_get_a_clear_error(world):
 
 @pytest.mark.parametrize("what,match", [
     ("one rank's argument", r"class_start must be|rank\(s\) \[1\] of \d got invalid arguments"),
-    ("rows not gathered", "input and target must be the same on every rank"),
+    ("rows not gathered", r"input and target \(and per-row margins\) must be the same on every rank"),
     ("num_classes", "every rank must pass the same num_classes"),
     ("modes", "every rank must be in the same mode"),
     ("sample rates", r"same mode \(train or eval\) with the same sample_rate"),
@@ -1051,3 +1062,37 @@ def _jsd_options_differ(rank, world_size):
 def test_sharded_linear_jsd_argument_errors(world):
     values = world.run(_jsd_options_differ)
     assert all(v == values[0] for v in values)
+
+
+@pytest.mark.parametrize("options", [dict(scale=8.0), dict(scale=1.0, m1=2.0, normalize=False, label_smoothing=0.1,
+                                                          lambda_=0.5)], ids=["arcface-like", "l-softmax"])
+def test_row_margins_match_single_process(world, options):
+    """Per-row m2 (both signs) and m3 (AdaFace's, MagFace's) with the classes sharded: loss and the gradients of x,
+    the shards and both margins equal the single-process ones, identical on every rank (each row's margin gradient
+    comes from the rank that holds its target, summed over ranks)."""
+    x, w, t = make_case(13, 29, 7, torch.float64, ignore=(0, 5))
+    m2, m3 = torch.rand(13, dtype=torch.float64) - 0.5, 0.3 * torch.rand(13, dtype=torch.float64)
+    results = world.run(_sharded_row_margin_grads, x, w, t, m2, m3, options)
+    for r, result in enumerate(results):
+        for name, a, b in zip(("loss", "grad input", "grad m2", "grad m3"), result[:2] + result[3:],
+                              results[0][:2] + results[0][3:]):
+            assert torch.equal(a, b), f"{name}: rank {r} differs from rank 0"
+    a = [v.clone().requires_grad_() for v in (x, w, m2, m3)]
+    want_loss = mk.margin_cross_entropy(a[0], a[1], t, m2=a[2], m3=a[3], **options)
+    want = torch.autograd.grad(want_loss, a)
+    loss, gx, _, gm2, gm3 = results[0]
+    assert_close_rel(loss, want_loss, torch.float64, "loss")
+    for name, got, expected in (("grad input", gx, want[0]), ("grad m2", gm2, want[2]), ("grad m3", gm3, want[3]),
+                                ("grad weight", torch.cat([r[2] for r in results]), want[1])):
+        assert_close_rel(got, expected, torch.float64, name)
+
+
+def _differing_row_margins(rank, world_size, x, w, t, m):
+    with pytest.raises(ValueError, match=r"input and target \(and per-row margins\) must be the same"):
+        _sharded_row_margin_grads(rank, world_size, x, w, t, m, m, {}, differ=True)
+    return True
+
+
+def test_row_margins_that_differ_across_ranks_raise_on_every_rank(world):
+    x, w, t = make_case(13, 29, 7, torch.float64)
+    assert world.run(_differing_row_margins, x, w, t, torch.rand(13, dtype=torch.float64)) == [True] * world.size
