@@ -1,7 +1,8 @@
 """End to end: train a small embedding network with an ArcFace head on real data (scikit-learn's bundled
 8×8 handwritten digits, no download), then classify held-out digits by their nearest class centre.
 
-    pip install scikit-learn && python examples/arcface_digits.py [--loss arcface|cosface|sphereface|subcenter]
+    pip install scikit-learn && python examples/arcface_digits.py [--loss arcface|cosface|sphereface|subcenter|
+                                                                   adaface|magface|elastic]
                                                                   [--epochs 30] [--label-noise 0.2]
 
 The head's class centres are the only classifier: after training, argmax_j cos(x, w_j) is the prediction
@@ -34,6 +35,12 @@ HEADS = {
     "cosface": lambda d, c: mk.CosFaceLoss(d, c, scale=16.0, margin=0.2),
     "sphereface": lambda d, c: mk.SphereFaceLoss(d, c, scale=16.0, margin=2),
     "subcenter": lambda d, c: mk.SubCenterArcFaceLoss(d, c, scale=16.0, margin=0.3, subcenters=3),
+    # per-sample margins; their norm-based defaults are for face backbones (norms ~ 10–100): these suit the
+    # small network here, whose embedding norms start near 1
+    "adaface": lambda d, c: mk.AdaFaceLoss(d, c, scale=16.0, margin=0.3, t_alpha=0.1),
+    "magface": lambda d, c: mk.MagFaceLoss(d, c, scale=16.0, lower_margin=0.2, upper_margin=0.4, lower_norm=1.0,
+                                           upper_norm=10.0, lambda_g=1.0),
+    "elastic": lambda d, c: mk.ElasticArcFaceLoss(d, c, scale=16.0, margin=0.3, std=0.05),
 }
 
 
