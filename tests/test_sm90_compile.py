@@ -142,7 +142,11 @@ def test_margin_row_kernels_compile(exact):
     for kernel, constexprs in [
             (margin_target_rows_kernel, dict(NORMALIZE=exact, BLOCK_R=BLOCK_ROWS, BLOCK_D=256)),
             (margin_target_rows_kernel, dict(NORMALIZE=True, BLOCK_R=BLOCK_ROWS, BLOCK_D=256, SUBCENTERS=3)),
-            (margin_target_grad_rows_kernel, dict(NORMALIZE=not exact, EXACT=exact, BLOCK_R=BLOCK_ROWS))]:
+            (margin_target_grad_rows_kernel, dict(NORMALIZE=not exact, EXACT=exact, BLOCK_R=BLOCK_ROWS)),
+            # per-row margins (AdaFace, MagFace): m2, m3 become per-row vectors
+            (margin_target_rows_kernel, dict(NORMALIZE=exact, BLOCK_R=BLOCK_ROWS, BLOCK_D=256, ROW_MARGINS=True)),
+            (margin_target_grad_rows_kernel, dict(NORMALIZE=not exact, EXACT=exact, BLOCK_R=BLOCK_ROWS,
+                                                  ROW_MARGINS=True))]:
         report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
         # no spills; a small stack frame is libdevice's cos/sin (its slow argument reduction for |φ| ≫ π)
         assert report["local_bytes"] == 0 and report["stack_bytes"] <= 64, f"{kernel.fn.__name__}: {report}"
