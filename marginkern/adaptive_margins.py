@@ -11,7 +11,7 @@ against its official formula).
 """
 import torch
 
-from .checks import check_finite, check_module_embeddings, check_target_tensor
+from .checks import check_finite, check_target_tensor
 from .modules import CombinedMarginLoss
 from .reference import reduce_rows
 
@@ -22,34 +22,20 @@ def _refuse_options(kwargs, names, why):
             raise TypeError(f"{name} cannot be set here: {why}")
 
 
-class AdaFaceLoss(CombinedMarginLoss):
-    """AdaFace (Kim, Jain and Liu, CVPR 2022): the margin follows image quality, proxied by the embedding's norm.
+class AdaFaceMargins:
+    """AdaFace's per-row margins from the embeddings' norms (AdaFaceLoss; marginkern.distributed.ShardedAdaFaceLoss,
+    whose ranks see the same gathered embeddings and so keep the same statistics)."""
 
-    With ‖x_n‖ clipped to [0.001, 100] and running statistics μ, σ of the norms, ẑ_n = clip(h·(‖x_n‖ − μ)/(σ + eps),
-    −1, 1) and the target logit is s·(cos(θ_y − m·ẑ_n) − m·(1 + ẑ_n)): high-norm (clear) samples get an angular
-    margin (ArcFace-like, up to m), low-norm ones an additive one (CosFace-like, up to 2m). ẑ carries no gradient.
-
-    μ and σ (buffers `batch_mean`, `batch_std`, starting at 20 and 100 as the official head) move by
-    t_alpha·(this batch's − theirs) in every training-mode forward, before the margins use them, over the
-    non-ignored rows; σ is the unbiased standard deviation and only moves with two rows or more (the official head
-    takes std() of a one-row batch: NaN, and NaN margins from then on). Eval mode leaves them as they are.
-    The defaults are the official training's (m = 0.4, h = 0.333, s = 64, t_alpha = 0.01). Other keyword arguments
-    are CombinedMarginLoss's (normalize is always True).
-
-    Unlike the official head where θ_y < m·ẑ (a clear sample already within m·ẑ of its centre: cos θ_y > 0.92 at
-    ẑ = 1, common late in training): the official head clips θ_y − m·ẑ at ε, so its target logit saturates at
-    s·(1 − m(1 + ẑ)) with no gradient on θ_y; here ψ = 2 − cos(θ_y − m·ẑ) − m(1 + ẑ) keeps growing and keeps
-    pulling the sample in (module docstring of marginkern.adaptive_margins).
-    """
-
-    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.4, h=0.333, t_alpha=0.01, eps=1e-3,
-                 **kwargs):
+    @staticmethod
+    def _check_adaface(margin, h, t_alpha, eps, kwargs):
         check_finite("margin", margin, 0.0)
         check_finite("h", h, 0.0, low_open=True)
         check_finite("t_alpha", t_alpha, 0.0, 1.0)
         check_finite("eps", eps, 0.0, low_open=True)
         _refuse_options(kwargs, ("normalize",), "AdaFace's logits are cosines")
-        super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=scale, **kwargs)
+
+    def _init_adaface(self, margin, h, t_alpha, eps):
+        """After the base's __init__ (the buffers go to the weight's device)."""
         self.margin, self.h, self.t_alpha, self.eps = float(margin), float(h), float(t_alpha), float(eps)
         self.register_buffer("batch_mean", torch.full((1,), 20.0, device=self.weight.device))
         self.register_buffer("batch_std", torch.full((1,), 100.0, device=self.weight.device))
@@ -89,7 +75,72 @@ class AdaFaceLoss(CombinedMarginLoss):
                 f"eps={self.eps}")
 
 
-class MagFaceLoss(CombinedMarginLoss):
+class AdaFaceLoss(AdaFaceMargins, CombinedMarginLoss):
+    """AdaFace (Kim, Jain and Liu, CVPR 2022): the margin follows image quality, proxied by the embedding's norm.
+
+    With ‖x_n‖ clipped to [0.001, 100] and running statistics μ, σ of the norms, ẑ_n = clip(h·(‖x_n‖ − μ)/(σ + eps),
+    −1, 1) and the target logit is s·(cos(θ_y − m·ẑ_n) − m·(1 + ẑ_n)): high-norm (clear) samples get an angular
+    margin (ArcFace-like, up to m), low-norm ones an additive one (CosFace-like, up to 2m). ẑ carries no gradient.
+
+    μ and σ (buffers `batch_mean`, `batch_std`, starting at 20 and 100 as the official head) move by
+    t_alpha·(this batch's − theirs) in every training-mode forward, before the margins use them, over the
+    non-ignored rows; σ is the unbiased standard deviation and only moves with two rows or more (the official head
+    takes std() of a one-row batch: NaN, and NaN margins from then on). Eval mode leaves them as they are.
+    The defaults are the official training's (m = 0.4, h = 0.333, s = 64, t_alpha = 0.01). Other keyword arguments
+    are CombinedMarginLoss's (normalize is always True).
+
+    Unlike the official head where θ_y < m·ẑ (a clear sample already within m·ẑ of its centre: cos θ_y > 0.92 at
+    ẑ = 1, common late in training): the official head clips θ_y − m·ẑ at ε, so its target logit saturates at
+    s·(1 − m(1 + ẑ)) with no gradient on θ_y; here ψ = 2 − cos(θ_y − m·ẑ) − m(1 + ẑ) keeps growing and keeps
+    pulling the sample in (module docstring of marginkern.adaptive_margins).
+    """
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.4, h=0.333, t_alpha=0.01, eps=1e-3,
+                 **kwargs):
+        self._check_adaface(margin, h, t_alpha, eps, kwargs)
+        super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=scale, **kwargs)
+        self._init_adaface(margin, h, t_alpha, eps)
+
+
+class MagFaceMargins:
+    """MagFace's norm-dependent margin and regulariser (MagFaceLoss; marginkern.distributed.ShardedMagFaceLoss)."""
+
+    @staticmethod
+    def _check_magface(lower_margin, upper_margin, lower_norm, upper_norm, lambda_g, kwargs):
+        check_finite("lower_margin", lower_margin, 0.0)
+        check_finite("upper_margin", upper_margin, lower_margin)
+        check_finite("lower_norm", lower_norm, 0.0, low_open=True)
+        check_finite("upper_norm", upper_norm, lower_norm, low_open=True)
+        check_finite("lambda_g", lambda_g, 0.0)
+        _refuse_options(kwargs, ("normalize",), "MagFace's logits are cosines")
+
+    def _init_magface(self, lower_margin, upper_margin, lower_norm, upper_norm, lambda_g):
+        self.lower_margin, self.upper_margin = float(lower_margin), float(upper_margin)
+        self.lower_norm, self.upper_norm, self.lambda_g = float(lower_norm), float(upper_norm), float(lambda_g)
+
+    def margins(self, norms):
+        """m(a) for norms a already clamped to [lower_norm, upper_norm]."""
+        slope = (self.upper_margin - self.lower_margin) / (self.upper_norm - self.lower_norm)
+        return self.lower_margin + slope * (norms - self.lower_norm)
+
+    def forward(self, embeddings, target):
+        if not (isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
+                and embeddings.shape[1] == self.embedding_dim):
+            return super().forward(embeddings, target)  # the base names the error (on every rank, when sharded)
+        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        norms = torch.linalg.vector_norm(embeddings.to(acc), dim=1).clamp(self.lower_norm, self.upper_norm)
+        loss = self._margin_loss(embeddings, target, {"m2": self.margins(norms)})
+        regulariser = norms / self.upper_norm ** 2 + 1.0 / norms  # target checked by _margin_loss
+        valid = target != self.options["ignore_index"]
+        regulariser = torch.where(valid, regulariser, torch.zeros_like(regulariser))
+        return loss + self.lambda_g * reduce_rows(regulariser, valid, self.options["reduction"])
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", margins=({self.lower_margin}, {self.upper_margin}), "
+                f"norms=({self.lower_norm}, {self.upper_norm}), lambda_g={self.lambda_g}")
+
+
+class MagFaceLoss(MagFaceMargins, CombinedMarginLoss):
     """MagFace (Meng et al., CVPR 2021): ArcFace with a margin that grows with the embedding's norm, plus a
     regulariser that pulls the norm up, so that the norm becomes a quality score.
 
@@ -104,34 +155,9 @@ class MagFaceLoss(CombinedMarginLoss):
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, lower_margin=0.45, upper_margin=0.8, lower_norm=10.0,
                  upper_norm=110.0, lambda_g=35.0, **kwargs):
-        check_finite("lower_margin", lower_margin, 0.0)
-        check_finite("upper_margin", upper_margin, lower_margin)
-        check_finite("lower_norm", lower_norm, 0.0, low_open=True)
-        check_finite("upper_norm", upper_norm, lower_norm, low_open=True)
-        check_finite("lambda_g", lambda_g, 0.0)
-        _refuse_options(kwargs, ("normalize",), "MagFace's logits are cosines")
+        self._check_magface(lower_margin, upper_margin, lower_norm, upper_norm, lambda_g, kwargs)
         super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=scale, **kwargs)
-        self.lower_margin, self.upper_margin = float(lower_margin), float(upper_margin)
-        self.lower_norm, self.upper_norm, self.lambda_g = float(lower_norm), float(upper_norm), float(lambda_g)
-
-    def margins(self, norms):
-        """m(a) for norms a already clamped to [lower_norm, upper_norm]."""
-        slope = (self.upper_margin - self.lower_margin) / (self.upper_norm - self.lower_norm)
-        return self.lower_margin + slope * (norms - self.lower_norm)
-
-    def forward(self, embeddings, target):
-        check_module_embeddings(embeddings, self.embedding_dim)
-        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-        norms = torch.linalg.vector_norm(embeddings.to(acc), dim=1).clamp(self.lower_norm, self.upper_norm)
-        loss = self._margin_loss(embeddings, target, {"m2": self.margins(norms)})
-        regulariser = norms / self.upper_norm ** 2 + 1.0 / norms  # target checked by _margin_loss
-        valid = target != self.options["ignore_index"]
-        regulariser = torch.where(valid, regulariser, torch.zeros_like(regulariser))
-        return loss + self.lambda_g * reduce_rows(regulariser, valid, self.options["reduction"])
-
-    def extra_repr(self):
-        return (super().extra_repr() + f", margins=({self.lower_margin}, {self.upper_margin}), "
-                f"norms=({self.lower_norm}, {self.upper_norm}), lambda_g={self.lambda_g}")
+        self._init_magface(lower_margin, upper_margin, lower_norm, upper_norm, lambda_g)
 
 
 class _ElasticMargin(CombinedMarginLoss):

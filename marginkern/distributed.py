@@ -35,6 +35,7 @@ from .checks import (check_bias, check_bool, check_class_shard, check_class_weig
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
+from .adaptive_margins import AdaFaceMargins, MagFaceMargins
 from .functional import _lm_rows, linear_ce_outputs, row_margin_offsets
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward, target_class_weights
 from .log_probs import log_probs_backward, log_probs_forward
@@ -784,11 +785,25 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
 
     def forward(self, embeddings, target):
         """Every rank must be in the same mode (train/eval): the two modes run different collectives."""
+        return self._margin_loss(embeddings, target)
+
+    def _row_margins(self, embeddings, target):
+        """Per-row margins {"m2": (N,), "m3": (N,)} or a part of it (CombinedMarginLoss._row_margins; the same on every
+        rank: they are functions of the gathered embeddings); none here."""
+        return {}
+
+    def _margin_loss(self, embeddings, target, row_margins=None):
+        """The loss with `row_margins` (None: this module's _row_margins, taken once the arguments pass their
+        checks; an error there is raised on every rank)."""
         weight, o = self.weight, self._lambda_options(self.options)
         sampled = self.training and self.sample_rate < 1.0
         try:
             check_tensor("embeddings", embeddings)
             check_module_embeddings(embeddings, self.embedding_dim)
+            check_target_tensor(target, embeddings.shape[0])
+            target = target.long()  # uint8 indices would index as a mask
+            o = {**o, **(self._row_margins(embeddings, target) if row_margins is None else row_margins)}
+            margins = row_margin_offsets(embeddings, o["m2"], o["m3"])
         except (TypeError, ValueError) as e:  # raised on this rank by the agreement check, which the others join
             _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], sampled, e)
         if not sampled:
@@ -796,21 +811,18 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
                 weight = weight.to(embeddings.dtype)
             return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
                                                 num_classes=self.num_classes, group=self.group, **o)
-        local_error = None
-        try:
-            check_target_tensor(target, embeddings.shape[0])
-            target = target.long()  # uint8 indices would index as a mask
-        except (TypeError, ValueError) as e:
-            local_error = e
+        if margins is not None:  # the tensors travel as the offsets of 0.0 (sharded_margin_cross_entropy's rule)
+            o = {**o, **{k: 0.0 for k in ("m2", "m3") if isinstance(o[k], torch.Tensor)}}
         # before _sampled_shards' own collective: a rank in eval mode joins this one too, and all raise
-        _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, local_error,
-                     options=tuple(sorted(o.items())) + (self.sample_rate,), differentiable=(embeddings, weight))
+        _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, None,
+                     options=tuple(sorted(o.items())) + (self.sample_rate,),
+                     differentiable=(embeddings, weight, margins), row_margins=margins)
         weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
                                                    o["ignore_index"], self.group, self.subcenters)
         weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)
         check_classification_inputs(embeddings, weight, target, weight_name="weight")
         opts = _margin_options(**{**o, "ignore_index": IGNORED})
-        return _sharded_loss(embeddings, weight, target, shard, opts, o["reduction"])
+        return _sharded_loss(embeddings, weight, target, shard, opts, o["reduction"], margins)
 
     def extra_repr(self):
         extra = f", classes=[{self.class_start}, {self.class_start + self.weight.shape[0] // self.subcenters})"
@@ -845,3 +857,26 @@ class ShardedCosFaceLoss(ShardedCombinedMarginLoss):
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, **kwargs):
         check_finite("margin", margin)  # it becomes m3
         super().__init__(embedding_dim, num_classes, 1.0, 0.0, margin, scale=scale, **kwargs)
+
+
+class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
+    """AdaFace (marginkern.AdaFaceLoss: margins from the norms' running statistics) over class centres sharded across
+    `group`. The statistics are taken over the gathered batch, so they stay the same on every rank (the agreement
+    check would raise if they did not: a rank's margins are checked with its input)."""
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.4, h=0.333, t_alpha=0.01, eps=1e-3,
+                 **kwargs):
+        self._check_adaface(margin, h, t_alpha, eps, kwargs)
+        super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=scale, **kwargs)
+        self._init_adaface(margin, h, t_alpha, eps)
+
+
+class ShardedMagFaceLoss(MagFaceMargins, ShardedCombinedMarginLoss):
+    """MagFace (marginkern.MagFaceLoss: a margin that grows with ‖x‖, plus its norm regulariser) over class centres
+    sharded across `group`; the regulariser is computed, identically, on every rank."""
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, lower_margin=0.45, upper_margin=0.8, lower_norm=10.0,
+                 upper_norm=110.0, lambda_g=35.0, **kwargs):
+        self._check_magface(lower_margin, upper_margin, lower_norm, upper_norm, lambda_g, kwargs)
+        super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=scale, **kwargs)
+        self._init_magface(lower_margin, upper_margin, lower_norm, upper_norm, lambda_g)

@@ -247,6 +247,28 @@ def _sharded_row_margin_grads(rank, world_size, x, w, t, m2, m3, kwargs, differ=
     return (loss.detach(),) + torch.autograd.grad(loss, (x, shard, m2, m3))
 
 
+def _adaptive_module_steps(rank, world_size, kind, D, C, x, t, weight, sample_rate=1.0):
+    """Two training steps of the sharded AdaFace/MagFace module holding this rank's slice of `weight`: (losses,
+    dL/dx of each, dL/dweight_shard of each, the AdaFace statistics after them or None)."""
+    cls = mkd.ShardedAdaFaceLoss if kind == "adaface" else mkd.ShardedMagFaceLoss
+    kwargs = dict(t_alpha=0.3) if kind == "adaface" else dict(lower_norm=1.0, upper_norm=20.0, lambda_g=2.0)
+    module = cls(D, C, scale=16.0, dtype=torch.float64, sample_rate=sample_rate, **kwargs)
+    start, stop = mkd.shard_range(C, rank, world_size)
+    with torch.no_grad():
+        module.weight.copy_(weight[start:stop])
+    torch.manual_seed(10 + rank)  # sampled negatives differ per rank
+    losses, grads_x, grads_w = [], [], []
+    for step in range(2):
+        xs = (x * (1 + step)).clone().requires_grad_()
+        loss = module(xs, t)
+        grads = torch.autograd.grad(loss, (xs, module.weight))
+        losses.append(loss.detach())
+        grads_x.append(grads[0])
+        grads_w.append(grads[1])
+    stats = (module.batch_mean.clone(), module.batch_std.clone()) if kind == "adaface" else None
+    return losses, grads_x, grads_w, stats
+
+
 def _sharded_log_probs_and_grads(rank, world_size, x, w, t, kwargs, upstream):
     """(log p_t, H, dL/dinput, dL/dweight_shard) of this rank for the loss Σ upstream[0]·log p_t + upstream[1]·H."""
     start, stop = mkd.shard_range(w.shape[0], rank, world_size)
@@ -1096,3 +1118,42 @@ def _differing_row_margins(rank, world_size, x, w, t, m):
 def test_row_margins_that_differ_across_ranks_raise_on_every_rank(world):
     x, w, t = make_case(13, 29, 7, torch.float64)
     assert world.run(_differing_row_margins, x, w, t, torch.rand(13, dtype=torch.float64)) == [True] * world.size
+
+
+@pytest.mark.parametrize("kind", ["adaface", "magface"])
+def test_sharded_adaptive_margin_modules_match_the_single_process_ones(world, kind):
+    """Sharded AdaFace (its running statistics over two steps) and MagFace (its regulariser) against the
+    single-process modules with the same class centres: losses, dL/dx, the shards' gradients, identical ranks."""
+    D, C = 8, 29
+    x, w, t = make_case(13, C, D, torch.float64, ignore=(4,))
+    x = x * 3
+    results = world.run(_adaptive_module_steps, kind, D, C, x, t, w)
+    cls = mk.AdaFaceLoss if kind == "adaface" else mk.MagFaceLoss
+    kwargs = dict(t_alpha=0.3) if kind == "adaface" else dict(lower_norm=1.0, upper_norm=20.0, lambda_g=2.0)
+    single = cls(D, C, scale=16.0, dtype=torch.float64, **kwargs)
+    with torch.no_grad():
+        single.weight.copy_(w)
+    for step in range(2):
+        xs = (x * (1 + step)).clone().requires_grad_()
+        want = single(xs, t)
+        want_gx, want_gw = torch.autograd.grad(want, (xs, single.weight))
+        for losses, grads_x, _, _ in results:
+            assert torch.equal(losses[step], results[0][0][step]) and torch.equal(grads_x[step], results[0][1][step])
+        assert_close_rel(results[0][0][step], want, torch.float64, f"loss, step {step}")
+        assert_close_rel(results[0][1][step], want_gx, torch.float64, f"grad input, step {step}")
+        assert_close_rel(torch.cat([r[2][step] for r in results]), want_gw, torch.float64, f"grad weight, step {step}")
+    if kind == "adaface":
+        for mean, std in (r[3] for r in results):
+            torch.testing.assert_close(mean, single.batch_mean, rtol=1e-12, atol=0)
+            torch.testing.assert_close(std, single.batch_std, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["adaface", "magface"])
+def test_sharded_adaptive_margin_modules_sample_classes(world, kind):
+    """sample_rate < 1 (PartialFC) with per-row margins: the tensors travel beside the sampled classes."""
+    D, C = 8, 40
+    x, w, t = make_case(10, C, D, torch.float64)
+    results = world.run(_adaptive_module_steps, kind, D, C, x * 3, t, w, 0.5)
+    for losses, grads_x, _, _ in results:
+        assert all(torch.isfinite(v).all() for v in losses + grads_x)
+        assert torch.equal(losses[0], results[0][0][0]) and torch.equal(grads_x[1], results[0][1][1])
