@@ -39,14 +39,37 @@ class AdaFaceMargins:
         self.margin, self.h, self.t_alpha, self.eps = float(margin), float(h), float(t_alpha), float(eps)
         self.register_buffer("batch_mean", torch.full((1,), 20.0, device=self.weight.device))
         self.register_buffer("batch_std", torch.full((1,), 100.0, device=self.weight.device))
+        self._pending_statistics = None
+
+    def reset_parameters(self):
+        """The class centres, and μ, σ back to the official head's 20 and 100 (also after deferred, meta-device
+        initialisation: to_empty leaves the buffers uninitialised)."""
+        super().reset_parameters()
+        if getattr(self, "batch_mean", None) is not None and not self.batch_mean.is_meta:  # (called by __init__ first)
+            self.batch_mean.fill_(20.0)
+            self.batch_std.fill_(100.0)
+
+    def forward(self, embeddings, target):
+        # The statistics this step's margins used are stored only once the loss is computed: a step that raises (on
+        # one rank of a sharded loss, say) leaves them as they were, so that ranks do not drift apart.
+        self._pending_statistics = None
+        loss = super().forward(embeddings, target)
+        if self._pending_statistics is not None:
+            with torch.no_grad():
+                self.batch_mean.copy_(self._pending_statistics[0])
+                self.batch_std.copy_(self._pending_statistics[1])
+            self._pending_statistics = None
+        return loss
 
     def _row_margins(self, embeddings, target):
         check_target_tensor(target, embeddings.shape[0])
         acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
         norms = torch.linalg.vector_norm(embeddings.detach().to(acc), dim=1).clamp(0.001, 100.0)
-        if self.training:
-            self._update_norm_statistics(norms, target != self.options["ignore_index"])
-        quality = (self.h * (norms - self.batch_mean) / (self.batch_std + self.eps)).clamp(-1.0, 1.0)
+        mean, std = self.batch_mean, self.batch_std
+        if self.training:  # the official head moves them before its margins use them
+            mean, std = self._pending_statistics = self._updated_norm_statistics(norms,
+                                                                                 target != self.options["ignore_index"])
+        quality = (self.h * (norms - mean) / (std + self.eps)).clamp(-1.0, 1.0)
         return {"m2": -self.margin * quality, "m3": self.margin * (1.0 + quality)}
 
     def _apply(self, fn, *args, **kwargs):
@@ -60,15 +83,15 @@ class AdaFaceMargins:
         return self
 
     @torch.no_grad()
-    def _update_norm_statistics(self, norms, valid):
-        """The running μ, σ over the valid rows' norms, without a host sync (masks, not indexing)."""
+    def _updated_norm_statistics(self, norms, valid):
+        """The running (μ, σ) moved by the valid rows' norms, without a host sync (masks, not indexing)."""
         weights = valid.to(norms.dtype)
         count = weights.sum()
         mean = (norms * weights).sum() / count.clamp_min(1.0)
         std = (((norms - mean) ** 2 * weights).sum() / (count - 1.0).clamp_min(1.0)).sqrt()
         a = self.t_alpha
-        self.batch_mean.copy_(torch.where(count >= 1, a * mean + (1.0 - a) * self.batch_mean, self.batch_mean))
-        self.batch_std.copy_(torch.where(count >= 2, a * std + (1.0 - a) * self.batch_std, self.batch_std))
+        return (torch.where(count >= 1, a * mean + (1.0 - a) * self.batch_mean, self.batch_mean),
+                torch.where(count >= 2, a * std + (1.0 - a) * self.batch_std, self.batch_std))
 
     def extra_repr(self):
         return (super().extra_repr() + f", margin={self.margin}, h={self.h}, t_alpha={self.t_alpha}, "

@@ -315,7 +315,9 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
         raise ValueError("input and target (and per-row margins) must be the same on every rank (the all-gathered "
                          "embeddings and labels: "
                          "marginkern.distributed.gather_embeddings); they differ across ranks 0.."
-                         f"{world_size - 1}, so rows of different samples would be mixed")
+                         f"{world_size - 1}, so rows of different samples would be mixed"
+                         + ("" if row_margins is None else " (margins that depend on the module's mode, as AdaFace's "
+                            "statistics do, also differ when ranks are in different train/eval modes)"))
     if len({c[9] for c in seen}) > 1:
         raise ValueError(f"{op}: every rank must pass the same options (ignore_index, and the loss's scale, margins, "
                          f"temperature, reduction, ...); they differ across ranks 0..{world_size - 1}")
@@ -364,13 +366,12 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
                 grad_loss, input, weight_shard, target, lse, opts, _tiles(input, opts), need_weight_grad, ctx.shard,
                 saved=(row_state, None if col_norm.numel() == 0 else col_norm), row_margins=row_margins)
         grad_margins = None
-        if row_margins is not None:  # every rank joins this all-reduce: the margins are the same on every rank
+        if row_margins is not None and ctx.needs_input_grad[5]:  # on every rank (agreed in the forward), or none
             num_local = weight_shard.shape[0] // opts.subcenters
             grad_margins = ctx.shard.sum_rows(row_margin_grads(row_state, lse, grad_loss, target, opts,
                                                                ctx.shard.num_classes, row_margins, num_local,
                                                                ctx.shard.start))
-        return ((grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None,
-                grad_margins if ctx.needs_input_grad[5] else None)
+        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None, grad_margins
 
 
 def _tiles(input, opts: MarginOptions):
@@ -418,8 +419,9 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
         target = target.long()  # uint8 indices would index as a mask
     except (TypeError, ValueError) as e:
         local_error = e
+    # whether the margins need a gradient is agreed too: their backward all-reduce runs on every rank, or on none
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                 options=() if local_error else dataclasses.astuple(opts) + (reduction,),
+                 options=() if local_error else dataclasses.astuple(opts) + (reduction, _needs_grad((row_margins,))),
                  differentiable=(input, weight_shard, row_margins), row_margins=row_margins)
     return _sharded_loss(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
                          reduction, row_margins)
@@ -815,7 +817,7 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
             o = {**o, **{k: 0.0 for k in ("m2", "m3") if isinstance(o[k], torch.Tensor)}}
         # before _sampled_shards' own collective: a rank in eval mode joins this one too, and all raise
         _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, None,
-                     options=tuple(sorted(o.items())) + (self.sample_rate,),
+                     options=tuple(sorted(o.items())) + (self.sample_rate, _needs_grad((margins,))),
                      differentiable=(embeddings, weight, margins), row_margins=margins)
         weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
                                                    o["ignore_index"], self.group, self.subcenters)

@@ -285,3 +285,25 @@ def test_adaface_statistics_keep_their_precision_under_module_casts(dtype):
     x = (25 * F.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)).to(dtype)
     loss(x, torch.randint(0, 10, (16,)))
     assert 20.0 < loss.batch_mean.item() < 20.1
+
+
+@pytest.mark.parametrize("cls", [mk.AdaFaceLoss, mk.MagFaceLoss, mk.ElasticArcFaceLoss], ids=lambda c: c.__name__)
+def test_modules_compile_fullgraph(cls):
+    """torch.compile(fullgraph=True) of each module: the eager loss and gradients (AdaFace's statistics move the
+    same; ElasticFace's draws replayed from one seed, with Inductor's fallback_random: its own generator draws other
+    numbers, as for any torch.randn in a compiled graph)."""
+    import torch._inductor.config as inductor_config
+    x, t = 5 * torch.randn(12, 8), torch.randint(0, 10, (12,))
+    eager, compiled = cls(8, 10), cls(8, 10)
+    compiled.load_state_dict(eager.state_dict())
+    results = []
+    for module, wrap in ((eager, lambda m: m), (compiled, lambda m: torch.compile(m, fullgraph=True))):
+        torch.manual_seed(1)
+        xs = x.clone().requires_grad_()
+        with inductor_config.patch(fallback_random=True):
+            loss = wrap(module)(xs, t)
+        results.append((loss,) + torch.autograd.grad(loss, (xs, module.weight)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    if cls is mk.AdaFaceLoss:
+        torch.testing.assert_close(compiled.batch_mean, eager.batch_mean)

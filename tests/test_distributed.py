@@ -1157,3 +1157,32 @@ def test_sharded_adaptive_margin_modules_sample_classes(world, kind):
     for losses, grads_x, _, _ in results:
         assert all(torch.isfinite(v).all() for v in losses + grads_x)
         assert torch.equal(losses[0], results[0][0][0]) and torch.equal(grads_x[1], results[0][1][1])
+
+
+def _adaface_step_failing_on_one_rank(rank, world_size):
+    """A step that raises on rank 1 alone (its targets are short) must leave AdaFace's statistics untouched on every
+    rank (a review saw rank 0 store its update and the ranks' margins differ from then on); then a good step runs."""
+    torch.manual_seed(0)
+    module = mkd.ShardedAdaFaceLoss(4, 6, t_alpha=0.5, dtype=torch.float64)
+    x, t = 3 * torch.ones(5, 4, dtype=torch.float64), torch.arange(5) % 6
+    with pytest.raises(ValueError):
+        module(x, t[:4] if rank == 1 else t)
+    untouched = (module.batch_mean.item(), module.batch_std.item()) == (20.0, 100.0)
+    module(x, t)
+    return untouched, module.batch_mean.item()
+
+
+def test_a_failed_step_leaves_the_adaface_statistics_alone(world):
+    results = world.run(_adaface_step_failing_on_one_rank)
+    assert all(untouched for untouched, _ in results)
+    assert len({mean for _, mean in results}) == 1 and results[0][1] == 0.5 * 6.0 + 10.0
+
+
+def _meta_initialised_adaface(rank, world_size):
+    module = mkd.ShardedAdaFaceLoss(4, 6, device="meta").to_empty(device="cpu")
+    module.reset_parameters()
+    return module.batch_mean.item(), module.batch_std.item()
+
+
+def test_meta_initialised_adaface_gets_its_statistics(world):
+    assert world.run(_meta_initialised_adaface) == [(20.0, 100.0)] * world.size
