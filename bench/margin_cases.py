@@ -81,13 +81,14 @@ def _marginkern_subcenter(x, w, target):
     return marginkern.margin_cross_entropy(x, w, target // SUBCENTERS, subcenters=SUBCENTERS, **ARCFACE)
 
 
-def subcenter_only(build):
-    """The provider on the "subcenter3" cases only (their C is the weight's rows, a multiple of 3)."""
-    def build_if_subcenter(case, device):
-        if "subcenter3" not in case.name:
-            raise Skip("sub-center providers run on the subcenter3 cases")
+def only_on(word, build):
+    """The provider on the cases whose name holds `word` only (the "subcenter3" cases, whose C is the weight's rows,
+    a multiple of 3; the "adaface" cases)."""
+    def build_if_named(case, device):
+        if word not in case.name:
+            raise Skip(f"these providers run on the {word} cases")
         return build(case, device)
-    return build_if_subcenter
+    return build_if_named
 
 
 ADAFACE = dict(margin=0.4, h=0.333, scale=64.0, eps=1e-3, mean=20.0, std=100.0)  # the official defaults
@@ -117,15 +118,6 @@ def _marginkern_adaface(x, w, target):
                                            m3=a["margin"] * (1 + z))
 
 
-def adaface_only(build):
-    """The provider on the "adaface" cases only."""
-    def build_if_adaface(case, device):
-        if "adaface" not in case.name:
-            raise Skip("AdaFace providers run on the adaface cases")
-        return build(case, device)
-    return build_if_adaface
-
-
 PROVIDERS = {
     "marginkern": lambda case, device: loss_step(_marginkern, case, device),
     # the hand-written CUDA backend (csrc/cuda): cuBLAS GEMMs + CUDA epilogue, opt-in
@@ -143,8 +135,8 @@ PROVIDERS = {
     "naive": lambda case, device: loss_step(naive_arcface, case, device),
     "torch.compile": lambda case, device: loss_step(compiled(naive_arcface, device), case, device),
     FLOOR: gemm_floor,
-    "marginkern sub-center": subcenter_only(lambda case, device: loss_step(_marginkern_subcenter, case, device)),
-    "naive sub-center": subcenter_only(lambda case, device: loss_step(naive_subcenter_arcface, case, device)),
-    "marginkern adaface": adaface_only(lambda case, device: loss_step(_marginkern_adaface, case, device)),
-    "naive adaface": adaface_only(lambda case, device: loss_step(naive_adaface, case, device)),
+    "marginkern sub-center": only_on("subcenter3", lambda case, device: loss_step(_marginkern_subcenter, case, device)),
+    "naive sub-center": only_on("subcenter3", lambda case, device: loss_step(naive_subcenter_arcface, case, device)),
+    "marginkern adaface": only_on("adaface", lambda case, device: loss_step(_marginkern_adaface, case, device)),
+    "naive adaface": only_on("adaface", lambda case, device: loss_step(naive_adaface, case, device)),
 }
