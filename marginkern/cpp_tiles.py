@@ -36,7 +36,8 @@ EXTENSION_OPS = ("streaming_row_stats", "streaming_grad_logits", "streaming_grad
 
 
 # Arguments an extension built from older sources lacks (a changed schema loads fine and fails at the call).
-SCHEMA_ARGUMENTS = {"margin_ce_rows": ("subcenters", "lambda_"), "margin_ce_rows_backward": ("subcenters", "lambda_")}
+SCHEMA_ARGUMENTS = {"margin_ce_rows": ("subcenters", "lambda_", "row_margins"),
+                    "margin_ce_rows_backward": ("subcenters", "lambda_", "row_margins")}
 
 
 def _argument_names(op):
@@ -237,7 +238,7 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("marginkern::margin_ce_rows")
     def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-          subcenters=1, lambda_=0.0):
+          subcenters=1, lambda_=0.0, row_margins=None):
         acc, n = accumulation_dtype(input.dtype), input.shape[0]
         return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
                 input.new_empty((n, 4 if subcenters == 1 else 5), dtype=acc),
@@ -245,7 +246,7 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("marginkern::margin_ce_rows_backward")
     def _(grad_rows, input, weight, target, lse, row_state, col_norm, scale, m1, m2, m3, normalize, exact_margin_grad,
-          label_smoothing, ignore_index, need_weight_grad, subcenters=1, lambda_=0.0):
+          label_smoothing, ignore_index, need_weight_grad, subcenters=1, lambda_=0.0, row_margins=None):
         return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
 
     @torch.library.register_fake("marginkern::linear_ce_rows")

@@ -184,14 +184,11 @@ def _tiles_except_cuda(input, what):
     return select_tiles_except(("cuda",), what, input.device, input.dtype)
 
 
-def _margin_tiles(input, opts: MarginOptions, row_margins=None):
-    """select_tiles, except that the CUDA extension has no sub-centres, nor have the C++ tiles that per-row margins
-    run on (the whole C++ margin step has sub-centres but no per-row margins)."""
+def _margin_tiles(input, opts: MarginOptions):
+    """select_tiles, except that the CUDA extension has no sub-centres (the C++ margin step has them)."""
     if opts.subcenters == 1:
         return select_tiles(input.device, input.dtype)
-    if row_margins is None:
-        return _tiles_except_cuda(input, "sub-centres")
-    return select_tiles_except(("cuda", "cpp"), "sub-centres with per-row margins", input.device, input.dtype)
+    return _tiles_except_cuda(input, "sub-centres")
 
 
 def _check_row_margins(row_margins, input):
@@ -220,11 +217,10 @@ def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: f
     _check_row_margins(row_margins, input)
     check_target_values(target, weight.shape[0] // opts.subcenters, opts.ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
-    tiles = _margin_tiles(input, opts, row_margins)
-    if tiles.name == "cpp" and row_margins is None:  # the whole step in C++ (csrc/cpu/margin_loss.cpp), same math
+    tiles = _margin_tiles(input, opts)
+    if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/margin_loss.cpp), the same math
         return torch.ops.marginkern.margin_ce_rows(input, weight, target, *_margin_scalars(opts), opts.subcenters,
-                                                   opts.lambda_)
-    # per-row margins on the CPU: the C++ tiles under the Python engine, the per-row math in PyTorch
+                                                   opts.lambda_, row_margins)
     return margin_ce_forward(input, weight, target, opts, tiles, keep_geometry=True, row_margins=row_margins)
 
 
@@ -268,11 +264,11 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
     _check_margin_by_products(input, weight, row_state, col_norm, opts)
     _check_row_margins(row_margins, input)
     input, weight = input.contiguous(), weight.contiguous()
-    tiles = _margin_tiles(input, opts, row_margins)
-    if tiles.name == "cpp" and row_margins is None:
+    tiles = _margin_tiles(input, opts)
+    if tiles.name == "cpp":
         return torch.ops.marginkern.margin_ce_rows_backward(grad_loss, input, weight, target, lse, row_state, col_norm,
                                                             *_margin_scalars(opts), need_weight_grad, opts.subcenters,
-                                                            opts.lambda_)
+                                                            opts.lambda_, row_margins)
     grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts, tiles, need_weight_grad,
                                         saved=(row_state, col_norm), row_margins=row_margins)
     return grad_x, _or_empty(grad_w, weight)

@@ -473,6 +473,12 @@ def test_opcheck_of_the_cpp_loss_ops():
     torch.library.opcheck(ops.margin_ce_rows.default, (x, w, t, *margin))
     torch.library.opcheck(ops.margin_ce_rows_backward.default,
                           (torch.rand(9, dtype=torch.float64), x, w, t, lse, row_state, col_norm, *margin, True))
+    row_margins = 0.3 * torch.randn(9, 2, dtype=torch.float64)  # AdaFace's, MagFace's per-row offsets
+    torch.library.opcheck(ops.margin_ce_rows.default, (x, w, t, *margin, 1, 0.0, row_margins))
+    _, lse, row_state, col_norm = ops.margin_ce_rows(x, w, t, *margin, 1, 0.0, row_margins)
+    torch.library.opcheck(ops.margin_ce_rows_backward.default,
+                          (torch.rand(9, dtype=torch.float64), x, w, t, lse, row_state, col_norm, *margin, True, 1, 0.0,
+                           row_margins))
     linear = (-100, 0.1, 1e-3, 5.0, 0.0, 0.0)
     _, lse = ops.linear_ce_rows(x, w, t, bias, *linear)
     torch.library.opcheck(ops.linear_ce_rows.default, (x, w, t, bias, *linear))

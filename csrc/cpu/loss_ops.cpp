@@ -33,25 +33,25 @@ MarginLossOptions margin_options(const char* op, double scale, double m1, double
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows_op(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, double scale, double m1, double m2,
     double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
-    int64_t subcenters, double lambda) {
+    int64_t subcenters, double lambda, const std::optional<at::Tensor>& row_margins) {
   const MarginLossOptions o = margin_options("marginkern::margin_ce_rows", scale, m1, m2, m3, normalize,
                                              exact_margin_grad, label_smoothing, ignore_index, subcenters, lambda);
   TORCH_CHECK(weight.size(0) % subcenters == 0, "marginkern::margin_ce_rows: weight must have C·subcenters rows, got ",
               weight.size(0), " rows for subcenters=", subcenters);
   loss::check_targets("marginkern::margin_ce_rows", target, weight.size(0) / subcenters, ignore_index);
-  return margin_ce_rows(input, weight, target.to(at::kLong), o);
+  return margin_ce_rows(input, weight, target.to(at::kLong), o, row_margins.value_or(at::Tensor()));
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward_op(
     const at::Tensor& grad_rows, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
     const at::Tensor& lse, const at::Tensor& row_state, const at::Tensor& col_norm, double scale, double m1, double m2,
     double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
-    bool need_weight_grad, int64_t subcenters, double lambda) {
+    bool need_weight_grad, int64_t subcenters, double lambda, const std::optional<at::Tensor>& row_margins) {
   return margin_ce_rows_backward(
       grad_rows, input, weight, target.to(at::kLong), lse, row_state, col_norm,
       margin_options("marginkern::margin_ce_rows_backward", scale, m1, m2, m3, normalize, exact_margin_grad,
                      label_smoothing, ignore_index, subcenters, lambda),
-      need_weight_grad);
+      need_weight_grad, row_margins.value_or(at::Tensor()));
 }
 
 LinearCrossEntropyOptions linear_options(int64_t ignore_index, double label_smoothing, double z_loss,
@@ -162,12 +162,13 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
   m.def(
       "margin_ce_rows(Tensor input, Tensor weight, Tensor target, float scale, float m1, float m2, float m3, "
       "bool normalize, bool exact_margin_grad, float label_smoothing, int ignore_index, int subcenters=1, "
-      "float lambda_=0.0) -> (Tensor loss_rows, Tensor lse, Tensor row_state, Tensor col_norm)");
+      "float lambda_=0.0, Tensor? row_margins=None) -> (Tensor loss_rows, Tensor lse, Tensor row_state, "
+      "Tensor col_norm)");
   m.def(
       "margin_ce_rows_backward(Tensor grad_rows, Tensor input, Tensor weight, Tensor target, Tensor lse, "
       "Tensor row_state, Tensor col_norm, float scale, float m1, float m2, float m3, bool normalize, "
       "bool exact_margin_grad, float label_smoothing, int ignore_index, bool need_weight_grad, int subcenters=1, "
-      "float lambda_=0.0) -> (Tensor grad_input, Tensor grad_weight)");
+      "float lambda_=0.0, Tensor? row_margins=None) -> (Tensor grad_input, Tensor grad_weight)");
   m.def(
       "linear_ce_rows(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
       "float label_smoothing, float z_loss, float? softcap, float focal_gamma, float gamma_ce) "

@@ -23,19 +23,28 @@ std::pair<at::Tensor, at::Tensor> branch(const at::Tensor& phi) {
   return {1.0 - 2.0 * at::remainder(k, 2.0), k};
 }
 
+// t + m2 and t − m3 with each row's margins: the options' plus the per-row offsets row_margins (N, 2) when defined
+// (margin_ce.py row_margin_values).
+at::Tensor plus_m2(const at::Tensor& t, const MarginLossOptions& o, const at::Tensor& row_margins) {
+  return row_margins.defined() ? t + (o.m2 + row_margins.select(1, 0).to(t.scalar_type())) : t + o.m2;
+}
+at::Tensor minus_m3(const at::Tensor& t, const MarginLossOptions& o, const at::Tensor& row_margins) {
+  return row_margins.defined() ? t - (o.m3 + row_margins.select(1, 1).to(t.scalar_type())) : t - o.m3;
+}
+
 // ψ(c) (margin.py margin_psi), eased by λ (margin.py blend_psi).
-at::Tensor margin_psi(const at::Tensor& cosine, const MarginLossOptions& o) {
-  const at::Tensor phi = o.m1 * at::acos(cosine.clamp(-1.0, 1.0)) + o.m2;
+at::Tensor margin_psi(const at::Tensor& cosine, const MarginLossOptions& o, const at::Tensor& row_margins) {
+  const at::Tensor phi = plus_m2(o.m1 * at::acos(cosine.clamp(-1.0, 1.0)), o, row_margins);
   const auto [sign, k] = branch(phi);
-  const at::Tensor psi = sign * at::cos(phi) - 2.0 * k - o.m3;
+  const at::Tensor psi = minus_m3(sign * at::cos(phi) - 2.0 * k, o, row_margins);
   return o.lambda == 0.0 ? psi : (o.lambda * cosine + psi) / (1.0 + o.lambda);
 }
 
 // dψ/dc, exact with θ clamped away from 0 and π, or 1 (margin.py margin_slope), eased by λ (blend_slope).
-at::Tensor margin_slope(const at::Tensor& cosine, const MarginLossOptions& o) {
+at::Tensor margin_slope(const at::Tensor& cosine, const MarginLossOptions& o, const at::Tensor& row_margins) {
   if (!o.exact_margin_grad) return at::ones_like(cosine);  // (λ + 1)/(1 + λ) = 1 too
   const at::Tensor theta = at::acos(cosine.clamp(-1.0, 1.0)).clamp(kExactSlopeMinAngle, kPi - kExactSlopeMinAngle);
-  const at::Tensor phi = o.m1 * theta + o.m2;
+  const at::Tensor phi = plus_m2(o.m1 * theta, o, row_margins);
   const at::Tensor sign = branch(phi).first;
   const at::Tensor slope = (sign * o.m1 * at::sin(phi) / at::sin(theta)).clamp_min(0.0);
   return o.lambda == 0.0 ? slope : (o.lambda + slope) / (1.0 + o.lambda);
@@ -51,7 +60,8 @@ struct TargetGeometry {
   int64_t K = 1;
 
   TargetGeometry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o,
-                 const at::Tensor& row_state = at::Tensor(), const at::Tensor& saved_col_norm = at::Tensor()) {
+                 const at::Tensor& row_margins, const at::Tensor& row_state = at::Tensor(),
+                 const at::Tensor& saved_col_norm = at::Tensor()) {
     const at::ScalarType acc = accumulation_dtype(x.scalar_type());
     K = o.subcenters;
     valid = target.ne(o.ignore_index);
@@ -68,7 +78,7 @@ struct TargetGeometry {
       x_norm = at::linalg_vector_norm(xf, 2, {1}).clamp_min(loss::kNormEps);
       w_target_norm = at::linalg_vector_norm(w_target, 2, {1}).clamp_min(loss::kNormEps);
       cosine = ((xf * w_target).sum(1) / (x_norm * w_target_norm)).clamp(-1.0, 1.0);
-      psi = margin_psi(cosine, o);
+      psi = margin_psi(cosine, o, row_margins);
       if (o.normalize) col_norm = loss::row_norms(w, acc).clamp_min(loss::kNormEps);
     }
     at::Tensor logit;
@@ -117,6 +127,27 @@ struct TargetGeometry {
   Subcenters subcenters() const { return {K, subcenter}; }
 };
 
+// dL/dT per row for the per-row loss gradient g (0 on ignored rows; margin_ce.py _target_logit_grads).
+at::Tensor target_logit_grads(const TargetGeometry& geo, const at::Tensor& g, const at::Tensor& lse,
+                              const MarginLossOptions& o, double num_classes) {
+  const double eps = o.label_smoothing;
+  const at::Tensor p_target = at::exp(geo.target_logit - lse.to(g.scalar_type()));
+  // masked, not just multiplied by g = 0: an ignored row may hold garbage (an inf norm would make 0·inf = NaN
+  // and index_add it into class 0's gradient below)
+  return at::where(geo.valid, g * (p_target - (1.0 - eps) - eps / num_classes), at::zeros_like(g));
+}
+
+// dL/d(row_margins) (N, 2) from dL/dT (margin_ce.py row_margin_grads): T = r·ψ_λ with r = s or s·‖x‖‖w_y‖,
+// ∂ψ/∂m2 = −(−1)^k sin φ, ∂ψ/∂m3 = −1, ψ_λ = (λc + ψ)/(1 + λ).
+at::Tensor row_margin_grads(const TargetGeometry& geo, const at::Tensor& grad_target_logit, const MarginLossOptions& o,
+                            const at::Tensor& row_margins) {
+  const at::Tensor radius = o.normalize ? at::full_like(geo.x_norm, o.scale) : o.scale * geo.x_norm * geo.w_target_norm;
+  const at::Tensor grad_psi = grad_target_logit * radius / (1.0 + o.lambda);
+  const at::Tensor phi = plus_m2(o.m1 * at::acos(geo.cosine.clamp(-1.0, 1.0)), o, row_margins);
+  const at::Tensor dpsi_dm2 = -branch(phi).first * at::sin(phi);
+  return at::stack({grad_psi * dpsi_dm2, -grad_psi}, 1).to(row_margins.scalar_type());
+}
+
 // dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖ in place of the raw gradient (which holds (dL/dŵ)/‖w‖), over blocks of
 // rows: a (C, D) temporary would double the backward pass's memory (engine.project_out_rows).
 void project_out_rows_(const at::Tensor& grad_w, const at::Tensor& w, const at::Tensor& col_norm) {
@@ -139,6 +170,8 @@ void save_options(torch::autograd::AutogradContext* ctx, const MarginLossOptions
   d["subcenters"] = o.subcenters, d["lambda"] = o.lambda;
 }
 
+void check_row_margins(const char* op, const at::Tensor& x, const at::Tensor& row_margins);
+
 MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
   auto& d = ctx->saved_data;
   MarginLossOptions o;
@@ -151,10 +184,12 @@ MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
 }
 
 struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy> {
+  // row_margins: the (N, 2) offsets, or a (0,) placeholder for none (a Function's inputs must be defined tensors)
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
-                            const at::Tensor& target, const MarginLossOptions& o) {
-    const auto [rows, lse, row_state, col_norm] = margin_ce_rows(x, w, target, o);
-    ctx->save_for_backward({x, w, target, lse, row_state, col_norm});
+                            const at::Tensor& target, const at::Tensor& row_margins, const MarginLossOptions& o) {
+    const auto [rows, lse, row_state, col_norm] =
+        margin_ce_rows(x, w, target, o, row_margins.dim() == 2 ? row_margins : at::Tensor());
+    ctx->save_for_backward({x, w, target, lse, row_state, col_norm, row_margins});
     save_options(ctx, o);
     return loss::reduce(rows, target.ne(o.ignore_index), o.reduction);
   }
@@ -168,8 +203,16 @@ struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy>
     const at::ScalarType acc = saved[3].scalar_type();
     const at::Tensor g = loss::row_grads(grad_outputs[0], target.ne(o.ignore_index), o.reduction, acc);
     const bool need_w = ctx->needs_input_grad(1);
-    const auto [grad_x, grad_w] = margin_ce_rows_backward(g, x, w, target, saved[3], saved[4], saved[5], o, need_w);
-    return {grad_x, need_w ? grad_w : at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor row_margins = saved[6].dim() == 2 ? saved[6] : at::Tensor();
+    const auto [grad_x, grad_w] =
+        margin_ce_rows_backward(g, x, w, target, saved[3], saved[4], saved[5], o, need_w, row_margins);
+    at::Tensor grad_margins;
+    if (row_margins.defined() && ctx->needs_input_grad(3)) {
+      const TargetGeometry geo(x, w, target, o, row_margins, saved[4], saved[5]);
+      const double num_classes = static_cast<double>(w.size(0) / o.subcenters);
+      grad_margins = row_margin_grads(geo, target_logit_grads(geo, g, saved[3], o, num_classes), o, row_margins);
+    }
+    return {grad_x, need_w ? grad_w : at::Tensor(), at::Tensor(), grad_margins, at::Tensor()};
   }
 };
 
@@ -188,12 +231,25 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ta
               o.lambda);
 }
 
+// Per-row margin offsets: undefined, or (N, 2) floating point (their values are not checked: a NaN margin gives a
+// NaN loss row, as in Python).
+void check_row_margins(const char* op, const at::Tensor& x, const at::Tensor& row_margins) {
+  if (!row_margins.defined()) return;
+  TORCH_CHECK(row_margins.dim() == 2 && row_margins.size(0) == x.size(0) && row_margins.size(1) == 2 &&
+                  row_margins.is_floating_point() && row_margins.device() == x.device(),
+              op, ": row_margins must be a floating-point (", x.size(0), ", 2) tensor on the input's device (per-row ",
+              "offsets of m2 and m3), got ", row_margins.scalar_type(), " ", row_margins.sizes(), " on ",
+              row_margins.device());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows(const at::Tensor& x, const at::Tensor& w,
                                                                           const at::Tensor& target,
-                                                                          const MarginLossOptions& o) {
-  const TargetGeometry geo(x, w, target, o);
+                                                                          const MarginLossOptions& o,
+                                                                          const at::Tensor& row_margins) {
+  check_row_margins("marginkern::margin_ce_rows", x, row_margins);
+  const TargetGeometry geo(x, w, target, o, row_margins);
   const double eps = o.label_smoothing, C = static_cast<double>(w.size(0) / o.subcenters);
   const int64_t chunk = loss::class_chunk(o.class_chunk, x.size(0), geo.xf.scalar_type(), o.subcenters);
   const auto [lse, sum_logits] = streaming_row_stats_of_subcenters(
@@ -210,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
                                                            const at::Tensor& w, const at::Tensor& target,
                                                            const at::Tensor& lse, const at::Tensor& row_state,
                                                            const at::Tensor& col_norm, const MarginLossOptions& o,
-                                                           bool need_weight_grad) {
+                                                           bool need_weight_grad, const at::Tensor& row_margins) {
+  check_row_margins("marginkern::margin_ce_rows_backward", x, row_margins);
   const int64_t state_width = o.subcenters == 1 ? 4 : 5;
   TORCH_CHECK(row_state.dim() == 2 && row_state.size(0) == x.size(0) && row_state.size(1) == state_width,
               "marginkern::margin_ce_rows_backward: row_state must have shape (", x.size(0), ", ", state_width,
@@ -218,16 +275,13 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
   TORCH_CHECK(col_norm.dim() == 1 && col_norm.size(0) == (o.normalize ? w.size(0) : 0),
               "marginkern::margin_ce_rows_backward: col_norm must have shape (", (o.normalize ? w.size(0) : 0),
               ",) (the forward's), got shape ", col_norm.sizes());
-  const TargetGeometry geo(x, w, target, o, row_state, col_norm);
+  const TargetGeometry geo(x, w, target, o, row_margins, row_state, col_norm);
   const at::ScalarType acc = geo.xf.scalar_type();
   const double eps = o.label_smoothing, s = o.scale, C = static_cast<double>(w.size(0) / o.subcenters);
   const at::Tensor g = at::where(geo.valid, grad_rows.to(acc), at::zeros_like(geo.x_norm));
-  const at::Tensor p_target = at::exp(geo.target_logit - lse.to(acc));
-  // masked, not just multiplied by g = 0: an ignored row may hold garbage (an inf norm would make 0·inf = NaN
-  // and index_add it into class 0's gradient below)
   const at::Tensor zero = at::zeros_like(g);
-  const at::Tensor grad_target_logit = at::where(geo.valid, g * (p_target - (1.0 - eps) - eps / C), zero);
-  const at::Tensor slope = margin_slope(geo.cosine, o);
+  const at::Tensor grad_target_logit = target_logit_grads(geo, g, lse, o, C);
+  const at::Tensor slope = margin_slope(geo.cosine, o, row_margins);
   // dT/da_y with the norms held fixed (normalize: the projections below chain through x̂ and ŵ); without
   // normalize, T also depends on the norms: the radial terms s·(ψ − cψ')·(‖w_y‖/‖x‖)·x and ·w_y.
   const at::Tensor target_grad =
@@ -268,8 +322,15 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
 
 at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
                                 const MarginLossOptions& options) {
+  return margin_cross_entropy(x, w, target, at::Tensor(), options);
+}
+
+at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                                const at::Tensor& row_margins, const MarginLossOptions& options) {
   check_inputs(x, w, target, options);
-  return MarginCrossEntropy::apply(x, w, target.to(at::kLong), options);
+  check_row_margins("marginkern::margin_cross_entropy", x, row_margins);
+  return MarginCrossEntropy::apply(x, w, target.to(at::kLong),
+                                   row_margins.defined() ? row_margins : x.new_empty({0}), options);
 }
 
 }  // namespace marginkern

@@ -42,18 +42,26 @@ struct MarginLossOptions {
 at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
                                 const MarginLossOptions& options = {});
 
+// Per-sample margins (AdaFace, MagFace, ElasticFace): row_margins (N, 2), floating point, holds offsets (Δm2_n, Δm3_n)
+// added to options.m2 and options.m3 on row n (m2 + Δm2 may take any sign). The loss is differentiable with respect
+// to row_margins too.
+at::Tensor margin_cross_entropy(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                                const at::Tensor& row_margins, const MarginLossOptions& options);
+
 // The two halves, per row and without autograd (the ops torch.ops.marginkern.margin_ce_rows{,_backward}
 // that the Python package runs on the CPU; options.reduction and the argument checks are the caller's):
 // (per-row loss, lse, (N, 4) target geometry [‖x‖, ‖w_y‖, cos θ, ψ] (with sub-centres (N, 5): w_y is the
 // target class's best sub-centre, its index k_y the fifth column), (K·C,) class-centre norms or (0,)),
-// then (dL/dx, dL/dw or (0,)) for the per-row loss gradient grad_rows.
+// then (dL/dx, dL/dw or (0,)) for the per-row loss gradient grad_rows. row_margins: undefined, or the per-row
+// offsets above (the same in both halves).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows(const at::Tensor& x, const at::Tensor& w,
                                                                           const at::Tensor& target,
-                                                                          const MarginLossOptions& options);
+                                                                          const MarginLossOptions& options,
+                                                                          const at::Tensor& row_margins = {});
 std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& grad_rows, const at::Tensor& x,
                                                            const at::Tensor& w, const at::Tensor& target,
                                                            const at::Tensor& lse, const at::Tensor& row_state,
                                                            const at::Tensor& col_norm, const MarginLossOptions& options,
-                                                           bool need_weight_grad);
+                                                           bool need_weight_grad, const at::Tensor& row_margins = {});
 
 }  // namespace marginkern

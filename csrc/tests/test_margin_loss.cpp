@@ -2,7 +2,8 @@
 // (DESIGN.md §4) in float64 with the whole N × C logits and autograd: loss and both gradients, for
 // ArcFace, CosFace, SphereFace with label smoothing, the straight-through slope, unnormalized logits,
 // ignored rows, every reduction, several class chunks, sub-centres (sub-center ArcFace: the max over each
-// class's K cosines), A-Softmax's λ; plus the error for an out-of-range target.
+// class's K cosines), A-Softmax's λ, per-row margins (AdaFace, MagFace: their gradient too); plus the error for an
+// out-of-range target.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -20,16 +21,21 @@ namespace {
 using marginkern::MarginLossOptions;
 constexpr double kPi = 3.14159265358979323846;
 
-at::Tensor naive_psi(const at::Tensor& c, const MarginLossOptions& o) {
-  const at::Tensor phi = o.m1 * at::acos(c) + o.m2;
+// ψ with row n's margins m2 + Δm2_n, m3 + Δm3_n when row_margins (N, 2) is defined.
+at::Tensor naive_psi(const at::Tensor& c, const MarginLossOptions& o, const at::Tensor& row_margins) {
+  const at::Tensor c_in = o.exact_margin_grad ? c : c.detach();
+  at::Tensor phi = o.m1 * at::acos(c_in) + o.m2;
+  if (row_margins.defined()) phi = phi + row_margins.select(1, 0);
   const at::Tensor k = at::floor(phi / kPi).detach();
-  const at::Tensor psi = (1.0 - 2.0 * at::remainder(k, 2.0)) * at::cos(phi) - 2.0 * k - o.m3;
-  const at::Tensor margin = o.exact_margin_grad ? psi : c + (psi - c).detach();  // straight-through: dψ/dc := 1
+  at::Tensor psi = (1.0 - 2.0 * at::remainder(k, 2.0)) * at::cos(phi) - 2.0 * k - o.m3;
+  if (row_margins.defined()) psi = psi - row_margins.select(1, 1);
+  const at::Tensor margin = o.exact_margin_grad ? psi : psi + (c - c.detach());  // straight-through: dψ/dc := 1
   return (o.lambda * c + margin) / (1.0 + o.lambda);  // A-Softmax's λ (0: the margin itself)
 }
 
 // The definition with every logit materialised: float64, autograd for the gradients.
-at::Tensor naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o) {
+at::Tensor naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const MarginLossOptions& o,
+                      const at::Tensor& row_margins) {
   const at::Tensor valid = target.ne(o.ignore_index);
   const at::Tensor t = at::where(valid, target, 0).unsqueeze(1);
   const at::Tensor x_norm = x.norm(2, {1}, true), w_norm = w.norm(2, {1}, true);
@@ -40,10 +46,11 @@ at::Tensor naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   at::Tensor logits, target_logit;
   if (o.normalize) {
     logits = o.scale * cos_all;
-    target_logit = o.scale * naive_psi(cos_t, o);
+    target_logit = o.scale * naive_psi(cos_t, o, row_margins);
   } else {
     logits = o.scale * raw;
-    target_logit = o.scale * x_norm.squeeze(1) * w_norm.squeeze(1).index_select(0, t.squeeze(1)) * naive_psi(cos_t, o);
+    target_logit = o.scale * x_norm.squeeze(1) * w_norm.squeeze(1).index_select(0, t.squeeze(1)) *
+                   naive_psi(cos_t, o, row_margins);
   }
   logits = logits.scatter(1, t, target_logit.unsqueeze(1));
   const double eps = o.label_smoothing, C = static_cast<double>(w.size(0) / o.subcenters);
@@ -54,26 +61,37 @@ at::Tensor naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return rows.sum() / valid.sum().clamp_min(1).to(at::kDouble);
 }
 
-void check_case(const char* name, MarginLossOptions o, at::ScalarType dtype, int N, int C, int D) {
+void check_case(const char* name, MarginLossOptions o, at::ScalarType dtype, int N, int C, int D,
+                bool with_row_margins = false) {
   at::manual_seed(N * 1000 + C);
   const at::Tensor x0 = at::randn({N, D}, at::kDouble), w0 = at::randn({C * o.subcenters, D}, at::kDouble) * 0.3;
   at::Tensor target = at::randint(0, C, {N}, at::kLong);
   target.index_put_({at::indexing::Slice(0, N, 4)}, o.ignore_index);  // every 4th row ignored
+  // per-row offsets: Δm2 of both signs, Δm3 in [0, 0.3)
+  const at::Tensor margins0 = at::stack({at::rand({N}, at::kDouble) - 0.5, 0.3 * at::rand({N}, at::kDouble)}, 1);
   // marginkern on `dtype` inputs
   const at::Tensor x = x0.to(dtype).requires_grad_(), w = w0.to(dtype).requires_grad_();
-  const at::Tensor loss = marginkern::margin_cross_entropy(x, w, target, o);
+  const at::Tensor margins = with_row_margins ? margins0.to(dtype).requires_grad_() : at::Tensor();
+  const at::Tensor loss = marginkern::margin_cross_entropy(x, w, target, margins, o);
   const at::Tensor seed = at::rand(loss.sizes(), at::kDouble) + 0.5;  // a generic upstream gradient
-  const auto grads = torch::autograd::grad({loss}, {x, w}, {seed.to(loss.scalar_type())});
+  std::vector<at::Tensor> inputs{x, w};
+  if (with_row_margins) inputs.push_back(margins);
+  const auto grads = torch::autograd::grad({loss}, inputs, {seed.to(loss.scalar_type())});
   // naive in float64 on the same (rounded) values
   const at::Tensor xr = x.detach().to(at::kDouble).requires_grad_(), wr = w.detach().to(at::kDouble).requires_grad_();
-  const at::Tensor want = naive_loss(xr, wr, target, o);
-  const auto want_grads = torch::autograd::grad({want}, {xr, wr}, {seed});
+  const at::Tensor mr = with_row_margins ? margins.detach().to(at::kDouble).requires_grad_() : at::Tensor();
+  const at::Tensor want = naive_loss(xr, wr, target, o, mr);
+  std::vector<at::Tensor> exact{xr, wr};
+  if (with_row_margins) exact.push_back(mr);
+  const auto want_grads = torch::autograd::grad({want}, exact, {seed});
   const double tol = dtype == at::kDouble ? 1e-10 : 2e-4;
-  const std::string what = std::string(name) + (dtype == at::kDouble ? " (float64)" : " (float32)");
+  const std::string what = std::string(name) + (with_row_margins ? ", per-row margins" : "") +
+                           (dtype == at::kDouble ? " (float64)" : " (float32)");
   EXPECT(loss.scalar_type() == (dtype == at::kDouble ? at::kDouble : at::kFloat), "%s: loss dtype", what.c_str());
   expect_close(what + ": loss", loss.detach(), want.detach(), tol);
   expect_close(what + ": grad input", grads[0], want_grads[0], tol);
   expect_close(what + ": grad weight", grads[1], want_grads[1], tol);
+  if (with_row_margins) expect_close(what + ": grad row margins", grads[2], want_grads[2], tol);
 }
 
 void test_against_naive() {
@@ -113,8 +131,10 @@ void test_against_naive() {
     for (at::ScalarType dtype : {at::kDouble, at::kFloat}) {
       MarginLossOptions o = c.o;
       check_case(c.name, o, dtype, 37, 301, 45);
+      check_case(c.name, o, dtype, 37, 301, 45, /*with_row_margins=*/true);
       o.class_chunk = 7;  // many chunks, targets in different ones
       check_case(c.name, o, dtype, 13, 50, 9);
+      check_case(c.name, o, dtype, 13, 50, 9, /*with_row_margins=*/true);
     }
   }
 }
