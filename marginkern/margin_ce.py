@@ -204,7 +204,8 @@ def target_grad_rows(row_state, lse, grad_loss, target, opts: MarginOptions, num
         radial = torch.zeros_like(g)
     else:  # T = s·‖x‖‖w_y‖·ψ(c): the cross term through the target column, the radial terms by the caller
         target_grad = grad_target_logit * s * slope
-        radial = grad_target_logit * s * (psi - cosine * slope)
+        # masked, not just multiplied by dL/dT = 0: a row without its target here may hold a NaN ψ (a NaN margin)
+        radial = torch.where(column >= 0, grad_target_logit * s * (psi - cosine * slope), 0.0)
     return TargetGradRows(column, row_scale, target_logit, g, g * (eps / num_classes), target_grad, radial)
 
 
@@ -214,13 +215,14 @@ def row_margin_grads(row_state, lse, grad_loss, target, opts: MarginOptions, num
     (normalize) or s·‖x‖‖w_y‖, ∂ψ/∂m2 = −(−1)^k sin φ, ∂ψ/∂m3 = −1 and ψ_λ = (λc + ψ)/(1 + λ). The same with either
     margin_grad: straight-through concerns dψ/dc alone. O(N), in PyTorch on every backend. Sharded (class_start
     given, w holding num_local classes): 0 on the rows whose target lives elsewhere (ClassShard.sum_rows sums them)."""
-    *_, grad_target_logit = _target_logit_grads(row_state[:, :4], lse, grad_loss, target, opts, num_classes,
-                                                num_classes if num_local is None else num_local, class_start)
+    column, *_, grad_target_logit = _target_logit_grads(row_state[:, :4], lse, grad_loss, target, opts, num_classes,
+                                                        num_classes if num_local is None else num_local, class_start)
     x_norm, w_target_norm, cosine, _ = row_state[:, :4].unbind(1)
     radius = opts.scale if opts.normalize else opts.scale * x_norm * w_target_norm
     grad_psi = grad_target_logit * radius / (1.0 + opts.lambda_)
     dpsi_dm2 = margin_psi_dm2(cosine, opts.m1, row_margin_values(opts, row_margins)[0])
-    return torch.stack([grad_psi * dpsi_dm2, -grad_psi], 1)
+    # masked: an ignored row's own (unused) margin may be NaN, and 0·NaN would be NaN
+    return torch.where((column >= 0)[:, None], torch.stack([grad_psi * dpsi_dm2, -grad_psi], 1), 0.0)
 
 
 def _class_layout(w, shard: Optional[ClassShard], subcenters=1):

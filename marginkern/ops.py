@@ -302,9 +302,11 @@ def _margin_backward(ctx, grad_loss, *grad_by_products):
     # the forward's scalar options: the eight the backward op takes first, then subcenters and lambda_ after
     # need_weight_grad
     options, grad_loss = ctx.options, grad_loss.contiguous()
-    grad_input, grad_weight = call("margin_cross_entropy_backward", grad_loss, input, weight, target, lse, row_state,
-                                   col_norm, *options[:8], need_weight_grad, *options[8:],
-                                   *(() if row_margins is None else (row_margins,)))
+    grad_input = grad_weight = None
+    if ctx.needs_input_grad[0] or need_weight_grad:  # (only the margins': O(N), no pass over the classes)
+        grad_input, grad_weight = call("margin_cross_entropy_backward", grad_loss, input, weight, target, lse,
+                                       row_state, col_norm, *options[:8], need_weight_grad, *options[8:],
+                                       *(() if row_margins is None else (row_margins,)))
     grads = (grad_input, grad_weight if need_weight_grad else None) + (None,) * (ctx.num_inputs - 2)
     if row_margins is not None and ctx.needs_input_grad[_ROW_MARGINS_INPUT]:
         opts = _margin_options(weight, *options)

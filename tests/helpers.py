@@ -383,3 +383,18 @@ def check_row_margins_match_oracle(device, dtype, N=37, C=53, D=24, subcenters=1
     assert_close_rel(got, want, dtype, "loss")
     for name, g, e in zip(("grad input", "grad weight", "grad m2", "grad m3"), got_grads, want_grads):
         assert_close_rel(g, e, dtype, name)
+
+
+def check_nan_margin_on_an_ignored_row(device, dtype, normalize):
+    """An ignored row's margin is never used: NaN there (0·NaN in the unnormalised radial term and in the margins'
+    gradient, a reviewer's case) must not reach the loss or any gradient."""
+    import marginkern as mk
+    x, w, t = make_case(6, 9, 5, dtype, device=device, ignore=(2,))
+    m2 = torch.rand(6, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    m2[2] = float("nan")
+    m2.requires_grad_()
+    loss = mk.margin_cross_entropy(x, w, t, scale=4.0 if normalize else 1.0, m1=1.0 if normalize else 2.0, m2=m2,
+                                   m3=0.1, normalize=normalize)
+    grads = torch.autograd.grad(loss, (x, w, m2))
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert grads[2][2] == 0.0

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import marginkern as mk
 from marginkern import reference
-from tests.helpers import check_row_margins_match_oracle, make_case, materialised_row_margin_ce
+from tests.helpers import (check_nan_margin_on_an_ignored_row, check_row_margins_match_oracle, make_case,
+                           materialised_row_margin_ce)
 from tests.test_subcenters import backend  # noqa: F401 (the fixture: each CPU backend in turn)
 
 ROW_OPTIONS = [dict(), dict(normalize=False), dict(lambda_=0.5, label_smoothing=0.1),
@@ -305,3 +306,26 @@ def test_modules_compile_fullgraph(cls):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     if cls is mk.AdaFaceLoss:
         torch.testing.assert_close(compiled.batch_mean, eager.batch_mean)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_nan_margin_on_an_ignored_row_stays_there(backend, normalize):
+    """An ignored row's margin is never used: NaN there (a reviewer's case: 0·NaN in the unnormalised radial term and
+    the margins' gradient) must not reach any gradient."""
+    check_nan_margin_on_an_ignored_row("cpu", torch.float64, normalize)
+
+
+def test_margins_alone_skip_the_pass_over_the_classes(backend, monkeypatch):
+    """Only the margins need a gradient (a margin schedule learnt with a frozen model): their gradient equals the
+    full backward's, and the backward op (an O(N·C·D) pass) does not run."""
+    import marginkern.ops as ops
+    x, w, t = make_case(7, 11, 5, torch.float64, ignore=(1,), requires_grad=False)
+    m2 = (torch.rand(7, dtype=torch.float64) - 0.5).requires_grad_()
+    full = torch.autograd.grad(mk.margin_cross_entropy(x.clone().requires_grad_(), w, t, scale=8.0, m2=m2), m2)[0]
+    calls = []
+    backward = ops._IMPLEMENTATIONS["margin_cross_entropy_backward"]
+    monkeypatch.setitem(ops._IMPLEMENTATIONS, "margin_cross_entropy_backward",
+                        lambda *args: calls.append(1) or backward(*args))
+    alone = torch.autograd.grad(mk.margin_cross_entropy(x, w, t, scale=8.0, m2=m2), m2)[0]
+    assert not calls
+    torch.testing.assert_close(alone, full, rtol=1e-14, atol=0)

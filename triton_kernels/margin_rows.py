@@ -183,7 +183,8 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
         radial = tl.zeros((BLOCK_R,), dtype=tl.float32)
     else:  # T = s·‖x‖‖w_y‖·ψ(c): the cross term through the target column, the radial terms by the caller
         target_grad = grad_target_logit * scale * slope
-        radial = grad_target_logit * scale * (psi - cosine * slope)
+        # masked, not just multiplied by dL/dT = 0: a row without its target here may hold a NaN ψ (a NaN margin)
+        radial = tl.where(owned, grad_target_logit * scale * (psi - cosine * slope), 0.0)
     tl.store(row_scale_ptr + rows, row_scale, mask=row_mask)
     tl.store(target_logit_ptr + rows, target_logit, mask=row_mask)
     tl.store(coef_p_ptr + rows, g, mask=row_mask)

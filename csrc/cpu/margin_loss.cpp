@@ -145,7 +145,9 @@ at::Tensor row_margin_grads(const TargetGeometry& geo, const at::Tensor& grad_ta
   const at::Tensor grad_psi = grad_target_logit * radius / (1.0 + o.lambda);
   const at::Tensor phi = plus_m2(o.m1 * at::acos(geo.cosine.clamp(-1.0, 1.0)), o, row_margins);
   const at::Tensor dpsi_dm2 = -branch(phi).first * at::sin(phi);
-  return at::stack({grad_psi * dpsi_dm2, -grad_psi}, 1).to(row_margins.scalar_type());
+  // masked: an ignored row's own (unused) margin may be NaN, and 0·NaN would be NaN
+  const at::Tensor grads = at::stack({grad_psi * dpsi_dm2, -grad_psi}, 1);
+  return at::where(geo.valid.unsqueeze(1), grads, at::zeros_like(grads)).to(row_margins.scalar_type());
 }
 
 // dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖ in place of the raw gradient (which holds (dL/dŵ)/‖w‖), over blocks of
@@ -204,8 +206,11 @@ struct MarginCrossEntropy : public torch::autograd::Function<MarginCrossEntropy>
     const at::Tensor g = loss::row_grads(grad_outputs[0], target.ne(o.ignore_index), o.reduction, acc);
     const bool need_w = ctx->needs_input_grad(1);
     const at::Tensor row_margins = saved[6].dim() == 2 ? saved[6] : at::Tensor();
-    const auto [grad_x, grad_w] =
-        margin_ce_rows_backward(g, x, w, target, saved[3], saved[4], saved[5], o, need_w, row_margins);
+    at::Tensor grad_x, grad_w;
+    if (ctx->needs_input_grad(0) || need_w) {  // (only the margins': O(N), no pass over the classes)
+      std::tie(grad_x, grad_w) =
+          margin_ce_rows_backward(g, x, w, target, saved[3], saved[4], saved[5], o, need_w, row_margins);
+    }
     at::Tensor grad_margins;
     if (row_margins.defined() && ctx->needs_input_grad(3)) {
       const TargetGeometry geo(x, w, target, o, row_margins, saved[4], saved[5]);
@@ -294,7 +299,8 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
       project_out_rows_(chunk, w.narrow(0, r0, r1 - r0), geo.col_norm.narrow(0, r0, r1 - r0));
     };
   } else {
-    radial = grad_target_logit * s * (geo.psi - geo.cosine * slope);
+    // masked, not just multiplied by dL/dT = 0: an ignored row may hold a NaN ψ (a NaN margin)
+    radial = at::where(geo.valid, grad_target_logit * s * (geo.psi - geo.cosine * slope), zero);
     if (need_weight_grad) {
       const at::Tensor w_radial = at::where(geo.valid, radial * geo.x_norm / geo.w_target_norm, zero);
       const at::Tensor contribution = w_radial.unsqueeze(1) * geo.target_rows(w, acc);

@@ -139,6 +139,29 @@ void test_against_naive() {
   }
 }
 
+// Only the margins need a gradient (the backward then skips the pass over the classes): the same margin gradient as
+// with x and w; and a NaN margin on an ignored row stays out of every gradient (unnormalized: the radial term).
+void test_margins_alone_and_a_nan_margin_on_an_ignored_row() {
+  at::manual_seed(7);
+  MarginLossOptions o;
+  o.normalize = false, o.m1 = 2.0, o.m2 = 0.0, o.scale = 1.0;
+  const at::Tensor x = at::randn({6, 5}, at::kDouble), w = at::randn({9, 5}, at::kDouble);
+  at::Tensor target = at::randint(0, 9, {6}, at::kLong);
+  target[2] = o.ignore_index;
+  at::Tensor margins = at::rand({6, 2}, at::kDouble);
+  margins[2][0] = std::nan("");
+  margins.requires_grad_();
+  const at::Tensor xg = x.clone().requires_grad_(), wg = w.clone().requires_grad_();
+  const auto all = torch::autograd::grad({marginkern::margin_cross_entropy(xg, wg, target, margins, o)},
+                                         {xg, wg, margins});
+  const auto alone = torch::autograd::grad({marginkern::margin_cross_entropy(x, w, target, margins, o)}, {margins});
+  EXPECT(at::isfinite(all[0]).all().item<bool>() && at::isfinite(all[1]).all().item<bool>() &&
+             at::isfinite(all[2]).all().item<bool>(),
+         "a NaN margin on an ignored row reached a gradient");
+  EXPECT(all[2][2].abs().sum().item<double>() == 0.0, "the ignored row's margin got a gradient");
+  expect_close("margins alone: grad row margins", alone[0], all[2], 1e-15);
+}
+
 void test_all_rows_ignored_and_bad_target() {
   const at::Tensor x = at::randn({3, 4}, at::kDouble).requires_grad_(), w = at::randn({5, 4}, at::kDouble).requires_grad_();
   const at::Tensor loss = marginkern::margin_cross_entropy(x, w, at::full({3}, -100, at::kLong));
@@ -159,6 +182,7 @@ void test_all_rows_ignored_and_bad_target() {
 
 int main() {
   test_against_naive();
+  test_margins_alone_and_a_nan_margin_on_an_ignored_row();
   test_all_rows_ignored_and_bad_target();
   return expect_exit_status("margin_cross_entropy (C++) matches the naive float64 computation");
 }

@@ -226,3 +226,10 @@ def test_row_margin_kernels_match_their_twins():
         ref = target_grad_rows(want.row_state, lse, grad_loss, t, opts, C, C, None, margins)
         for name in ("target_logit", "coef_p", "coef_u", "target_grad", "radial"):
             torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_nan_margin_on_an_ignored_row_stays_there(normalize, monkeypatch):
+    from tests.helpers import check_nan_margin_on_an_ignored_row
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_nan_margin_on_an_ignored_row(DEVICE, torch.float32, normalize)
