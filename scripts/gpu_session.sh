@@ -142,6 +142,9 @@ case "$stage" in
     pack
     MARGINKERN_TRITON_CONFIG="$face_cfg" budgeted 30 5 python bench/profile_step.py face face-small-100k marginkern \
       "3-GEMM floor" 2>&1 | tee -a "$OUT/profile.log" | grep -A6 "=="
+    # last, only with time to spare: AdaFace's per-row margins against the official head's formulation
+    MARGINKERN_TRITON_CONFIG="$face_cfg" bench face face-adaface-100k "marginkern adaface,naive adaface,3-GEMM floor" \
+      30 face-adaface 5
     ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
