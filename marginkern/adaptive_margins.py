@@ -12,6 +12,7 @@ against its official formula).
 import torch
 
 from .checks import check_finite, check_target_tensor
+from .engine import accumulation_dtype
 from .modules import CombinedMarginLoss
 from .reference import reduce_rows
 
@@ -63,7 +64,7 @@ class AdaFaceMargins:
 
     def _row_margins(self, embeddings, target):
         check_target_tensor(target, embeddings.shape[0])
-        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(embeddings.dtype)
         norms = torch.linalg.vector_norm(embeddings.detach().to(acc), dim=1).clamp(0.001, 100.0)
         mean, std = self.batch_mean, self.batch_std
         if self.training:  # the official head moves them before its margins use them
@@ -150,7 +151,7 @@ class MagFaceMargins:
         if not (isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
                 and embeddings.shape[1] == self.embedding_dim):
             return super().forward(embeddings, target)  # the base names the error (on every rank, when sharded)
-        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(embeddings.dtype)
         norms = torch.linalg.vector_norm(embeddings.to(acc), dim=1).clamp(self.lower_norm, self.upper_norm)
         loss = self._margin_loss(embeddings, target, {"m2": self.margins(norms)})
         regulariser = norms / self.upper_norm ** 2 + 1.0 / norms  # target checked by _margin_loss
@@ -202,7 +203,7 @@ class _ElasticMargin(CombinedMarginLoss):
     def _row_margins(self, embeddings, target):
         if not self.training:
             return {}
-        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(embeddings.dtype)
         draws = torch.randn(embeddings.shape[0], dtype=acc, device=embeddings.device)
         return {self._margin_name: self.margin + self.std * draws}
 

@@ -407,9 +407,7 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     local_error, row_margins = None, None
     try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
-        row_margins = row_margin_offsets(input, m2, m3)
-        if row_margins is not None:  # the per-row ones are offsets of a 0 scalar
-            m2, m3 = (0.0 if isinstance(m, torch.Tensor) else m for m in (m2, m3))
+        row_margins, m2, m3 = row_margin_offsets(input, m2, m3)
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
         subcenters = check_subcenters(subcenters, check_bool("normalize", normalize))
@@ -805,7 +803,9 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
             check_target_tensor(target, embeddings.shape[0])
             target = target.long()  # uint8 indices would index as a mask
             o = {**o, **(self._row_margins(embeddings, target) if row_margins is None else row_margins)}
-            margins = row_margin_offsets(embeddings, o["m2"], o["m3"])
+            margins = None
+            if sampled:  # (unsampled, sharded_margin_cross_entropy makes them from o itself)
+                margins, o["m2"], o["m3"] = row_margin_offsets(embeddings, o["m2"], o["m3"])
         except (TypeError, ValueError) as e:  # raised on this rank by the agreement check, which the others join
             _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], sampled, e)
         if not sampled:
@@ -813,8 +813,6 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
                 weight = weight.to(embeddings.dtype)
             return sharded_margin_cross_entropy(embeddings, weight, target, class_start=self.class_start,
                                                 num_classes=self.num_classes, group=self.group, **o)
-        if margins is not None:  # the tensors travel as the offsets of 0.0 (sharded_margin_cross_entropy's rule)
-            o = {**o, **{k: 0.0 for k in ("m2", "m3") if isinstance(o[k], torch.Tensor)}}
         # before _sampled_shards' own collective: a rank in eval mode joins this one too, and all raise
         _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, None,
                      options=tuple(sorted(o.items())) + (self.sample_rate, _needs_grad((margins,))),

@@ -38,9 +38,7 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     there are none.
     """
     check_classification_inputs(input, weight, target)
-    row_margins = row_margin_offsets(input, m2, m3)
-    if row_margins is not None:  # the per-row ones are offsets of a 0 scalar
-        m2, m3 = (0.0 if isinstance(m, torch.Tensor) else m for m in (m2, m3))
+    row_margins, m2, m3 = row_margin_offsets(input, m2, m3)
     check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
     normalize, ignore_index = check_bool("normalize", normalize), check_ignore_index(ignore_index)
     subcenters = check_subcenters(subcenters, normalize, weight.shape[0])
@@ -54,10 +52,11 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
 
 
 def row_margin_offsets(input, m2, m3):
-    """The ops' (N, 2) row_margins from m2 and m3 when either is an (N,) tensor (a float one stays the op's scalar,
-    its column 0), in the input's accumulation dtype, differentiable; None when both are numbers."""
+    """(row_margins, m2, m3) as the ops take them: when either margin is an (N,) tensor, row_margins is (N, 2) in the
+    input's accumulation dtype, differentiable, and the tensor's scalar becomes 0.0 (its rows are offsets of it; a
+    float margin stays the scalar, its column 0); else (None, m2, m3)."""
     if not (isinstance(m2, torch.Tensor) or isinstance(m3, torch.Tensor)):
-        return None
+        return None, m2, m3
     n, acc = input.shape[0], accumulation_dtype(input.dtype)
     columns = []
     for name, m in (("m2", m2), ("m3", m3)):
@@ -71,7 +70,7 @@ def row_margin_offsets(input, m2, m3):
         if m.device != input.device:
             raise ValueError(f"{name} must be on input's device ({input.device}), got {m.device}")
         columns.append(m.to(acc))
-    return torch.stack(columns, 1)
+    return torch.stack(columns, 1), *(0.0 if isinstance(m, torch.Tensor) else m for m in (m2, m3))
 
 
 def _flatten_tokens(input, target):
