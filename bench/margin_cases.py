@@ -19,6 +19,10 @@ Providers, all measured in one run on the same inputs:
   marginkern adaface, naive adaface   AdaFace (per-row margins from the embedding norms, the module's initial
                   statistics) on the "adaface" cases: marginkern.margin_cross_entropy with (N,) m2/m3, and the
                   official head's formulation on the full logits (mk-minchul/AdaFace head.py); skipped elsewhere
+  marginkern curricularface, naive curricularface   CurricularFace (hard negatives re-weighted by c·(t + c), t fixed
+                  at 0.3) on the "curricular" cases: marginkern.margin_cross_entropy(hard_negatives=...) and the
+                  official head's formulation (HuangYG123/CurricularFace head/metrics.py: the N × C cosines, their
+                  clone, the mask); skipped elsewhere
 """
 import math
 
@@ -39,14 +43,16 @@ def cases(device_type, quick):
                      Case("face-b1024-100k", 1024, 512, 100_000, "bfloat16"),
                      Case("arcface-1M", 1024, 512, 1_000_000, "bfloat16"),
                      Case("face-subcenter3-100k", 1024, 512, 300_000, "bfloat16"),
-                     Case("face-adaface-100k", 1024, 512, 100_000, "bfloat16")]
+                     Case("face-adaface-100k", 1024, 512, 100_000, "bfloat16"),
+                     Case("face-curricular-100k", 1024, 512, 100_000, "bfloat16")]
     else:  # small enough for a couple of minutes on 2 cores
         all_cases = [Case("cpu-face-5k", 64, 64, 5_000, "float32"),
                      Case("cpu-face-20k", 256, 128, 20_000, "float32"),
                      # the csrc issue's CPU case: naive PyTorch grows RSS by ≈ 1.3 GB there
                      Case("cpu-face-200k", 512, 128, 200_000, "float32"),
                      Case("cpu-subcenter3-20k", 256, 128, 60_000, "float32"),
-                     Case("cpu-adaface-20k", 256, 128, 20_000, "float32")]
+                     Case("cpu-adaface-20k", 256, 128, 20_000, "float32"),
+                     Case("cpu-curricular-20k", 256, 128, 20_000, "float32")]
     return all_cases[:1] if quick else all_cases
 
 
@@ -118,6 +124,32 @@ def _marginkern_adaface(x, w, target):
                                            m3=a["margin"] * (1 + z))
 
 
+CURRICULAR_T = 0.3  # a mid-training value of CurricularFace's running mean target cosine
+
+
+def naive_curricularface(x, w, target, t=CURRICULAR_T):
+    """The official CurricularFace head on the full logits: cosines, their no_grad clone (the official head keeps
+    one), the hard-negative mask and re-weighting, the target's margin with its th/mm fallback, cross-entropy."""
+    m, s = ARCFACE["m2"], ARCFACE["scale"]
+    cos_theta = F.linear(F.normalize(x), F.normalize(w)).float().clamp(-1, 1)
+    with torch.no_grad():
+        origin_cos = cos_theta.clone()  # noqa: F841 (the official head's, kept for its memory)
+    rows = torch.arange(x.shape[0], device=x.device)
+    target_logit = cos_theta[rows, target].view(-1, 1)
+    sin_theta = torch.sqrt(1.0 - target_logit ** 2)
+    cos_theta_m = target_logit * math.cos(m) - sin_theta * math.sin(m)
+    mask = cos_theta > cos_theta_m
+    final_target_logit = torch.where(target_logit > math.cos(math.pi - m), cos_theta_m,
+                                     target_logit - math.sin(math.pi - m) * m)
+    cos_theta = torch.where(mask, cos_theta * (t + cos_theta), cos_theta)
+    cos_theta = cos_theta.scatter(1, target.view(-1, 1), final_target_logit)
+    return F.cross_entropy(cos_theta * s, target)
+
+
+def _marginkern_curricularface(x, w, target):
+    return marginkern.margin_cross_entropy(x, w, target, hard_negatives=(1.0, CURRICULAR_T, 0.0), **ARCFACE)
+
+
 PROVIDERS = {
     "marginkern": lambda case, device: loss_step(_marginkern, case, device),
     # the hand-written CUDA backend (csrc/cuda): cuBLAS GEMMs + CUDA epilogue, opt-in
@@ -139,4 +171,7 @@ PROVIDERS = {
     "naive sub-center": only_on("subcenter3", lambda case, device: loss_step(naive_subcenter_arcface, case, device)),
     "marginkern adaface": only_on("adaface", lambda case, device: loss_step(_marginkern_adaface, case, device)),
     "naive adaface": only_on("adaface", lambda case, device: loss_step(naive_adaface, case, device)),
+    "marginkern curricularface": only_on("curricular",
+                                         lambda case, device: loss_step(_marginkern_curricularface, case, device)),
+    "naive curricularface": only_on("curricular", lambda case, device: loss_step(naive_curricularface, case, device)),
 }

@@ -76,13 +76,13 @@ def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
 
 
 def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1, has_entropy=False, has_teacher=False,
-                   jsd=False, softcap=False):
+                   jsd=False, softcap=False, hard_negatives=False):
     """(label, kernel, constexprs) of the streaming engine's two kernels at `config`, bf16 operands, with
     the margin family's column scale (the epilogue every face case runs); `subcenters` K: sub-center ArcFace;
     `has_entropy`: the token-entropy epilogue (log_probs_and_entropy); `has_teacher`: distillation's teacher
     plane (linear_kl_divergence; with the entropy term too, as reverse KL's backward runs); `jsd`: the generalized
     JSD's sums kernel and dL/da kernel (linear_jsd); `softcap`: Gemma-2's soft-capped LM head instead (no column
-    scale, a bias, the softcap's tanh)."""
+    scale, a bias, the softcap's tanh); `hard_negatives`: CurricularFace's / MV-Softmax's re-weighting."""
     from marginkern.triton_kernels.streaming_ce import (jsd_row_sums_kernel, streaming_ce_fwd_kernel,
                                                         streaming_ce_grad_logits_kernel)
     from marginkern.triton_kernels.tiles import subcenter_blocks
@@ -90,6 +90,8 @@ def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1, has_en
     flags = dict(HAS_COL_SCALE=not softcap, HAS_BIAS=softcap, HAS_SOFTCAP=softcap, DOT_PRECISION="tf32",
                  BLOCK_N=config["BLOCK_N"], BLOCK_C=config["BLOCK_C"], BLOCK_D=config["BLOCK_D"], FROM_DOTS=from_dots,
                  EVEN_D=True, SUBCENTERS=subcenters, HAS_TEACHER=has_teacher)
+    if hard_negatives:
+        flags["HAS_HARD_NEGATIVES"] = True
     cost = dict(HAS_COST=has_cost, COST_DOT_PRECISION="tf32", EVEN_E=True)
     if jsd:
         tile = {k: flags[k] for k in ("HAS_COL_SCALE", "HAS_BIAS", "HAS_SOFTCAP", "DOT_PRECISION", "BLOCK_N", "BLOCK_C",

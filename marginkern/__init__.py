@@ -10,6 +10,7 @@ See DESIGN.md for the math; `marginkern.reference` holds the plain-PyTorch oracl
 from . import huggingface, reference
 from .adaptive_margins import AdaFaceLoss, ElasticArcFaceLoss, ElasticCosFaceLoss, MagFaceLoss
 from .dispatch import BackendUnavailable
+from .hard_negatives import CurricularFaceLoss, MVSoftmaxLoss
 from .functional import (circle_loss, cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss,
                          linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk_kl_divergence,
                          log_probs_and_entropy,
@@ -28,5 +29,6 @@ __all__ = [
     "multilabel_categorical_crossentropy", "circle_loss", "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss",
     "SphereFaceLoss", "CombinedMarginLoss",
     "LargeMarginSoftmaxLoss", "AdaFaceLoss", "MagFaceLoss", "ElasticArcFaceLoss", "ElasticCosFaceLoss",
+    "CurricularFaceLoss", "MVSoftmaxLoss",
     "BackendUnavailable", "reference", "huggingface",
 ]

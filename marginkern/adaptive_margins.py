@@ -13,7 +13,7 @@ import torch
 
 from .checks import check_finite, check_target_tensor
 from .engine import accumulation_dtype
-from .modules import CombinedMarginLoss
+from .modules import CombinedMarginLoss, Float32Buffers
 from .reference import reduce_rows
 
 
@@ -23,9 +23,13 @@ def _refuse_options(kwargs, names, why):
             raise TypeError(f"{name} cannot be set here: {why}")
 
 
-class AdaFaceMargins:
+class AdaFaceMargins(Float32Buffers):
     """AdaFace's per-row margins from the embeddings' norms (AdaFaceLoss; marginkern.distributed.ShardedAdaFaceLoss,
-    whose ranks see the same gathered embeddings and so keep the same statistics)."""
+    whose ranks see the same gathered embeddings and so keep the same statistics). Module casts leave μ and σ in
+    fp32: in bf16 an update of t_alpha·(mean − μ) below half of μ's spacing (0.125 at 20) would be lost, and μ would
+    never move."""
+
+    _float32_buffers = ("batch_mean", "batch_std")
 
     @staticmethod
     def _check_adaface(margin, h, t_alpha, eps, kwargs):
@@ -62,7 +66,7 @@ class AdaFaceMargins:
             self._pending_statistics = None
         return loss
 
-    def _row_margins(self, embeddings, target):
+    def _step_options(self, embeddings, target):
         check_target_tensor(target, embeddings.shape[0])
         acc = accumulation_dtype(embeddings.dtype)
         norms = torch.linalg.vector_norm(embeddings.detach().to(acc), dim=1).clamp(0.001, 100.0)
@@ -72,16 +76,6 @@ class AdaFaceMargins:
                                                                                  target != self.options["ignore_index"])
         quality = (self.h * (norms - mean) / (std + self.eps)).clamp(-1.0, 1.0)
         return {"m2": -self.margin * quality, "m3": self.margin * (1.0 + quality)}
-
-    def _apply(self, fn, *args, **kwargs):
-        """Module casts (.half(), .to(torch.bfloat16)) leave μ and σ in fp32 (fp64 stays): in bf16 an update of
-        t_alpha·(mean − μ) below half of μ's spacing (0.125 at 20) would be lost, and μ would never move."""
-        super()._apply(fn, *args, **kwargs)
-        for name in ("batch_mean", "batch_std"):
-            buffer = getattr(self, name)
-            if buffer.dtype not in (torch.float32, torch.float64):
-                setattr(self, name, buffer.float())
-        return self
 
     @torch.no_grad()
     def _updated_norm_statistics(self, norms, valid):
@@ -200,7 +194,7 @@ class _ElasticMargin(CombinedMarginLoss):
         super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
         self.margin, self.std = float(margin), float(std)
 
-    def _row_margins(self, embeddings, target):
+    def _step_options(self, embeddings, target):
         if not self.training:
             return {}
         acc = accumulation_dtype(embeddings.dtype)

@@ -23,7 +23,7 @@ import importlib.util
 
 import torch
 
-from .engine import accumulation_dtype, cost_query, gpu_grad_dtype
+from .engine import accumulation_dtype, cost_query, gpu_grad_dtype, no_hard_negatives
 
 
 # The ops marginkern._C must register (an extension built from older sources lacks some: a stale in-place
@@ -84,6 +84,7 @@ def _spec_args(spec):
     """The LogitSpec fields every op takes, in schema order (the target logit is forward-only)."""
     if spec.subcenters != 1:  # the ops' callers route sub-centres to other tiles (ops._margin_tiles)
         raise ValueError(f"the C++ and CUDA tiles have no sub-centres (subcenters={spec.subcenters})")
+    no_hard_negatives(spec, "the C++ and CUDA tiles")
     return (spec.row_scale, spec.col_scale, spec.bias,
             None if spec.softcap is None else float(spec.softcap), spec.target)
 

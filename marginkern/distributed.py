@@ -787,13 +787,13 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
         """Every rank must be in the same mode (train/eval): the two modes run different collectives."""
         return self._margin_loss(embeddings, target)
 
-    def _row_margins(self, embeddings, target):
-        """Per-row margins {"m2": (N,), "m3": (N,)} or a part of it (CombinedMarginLoss._row_margins; the same on every
+    def _step_options(self, embeddings, target):
+        """Per-row margins {"m2": (N,), "m3": (N,)} or a part of it (CombinedMarginLoss._step_options; the same on every
         rank: they are functions of the gathered embeddings); none here."""
         return {}
 
     def _margin_loss(self, embeddings, target, row_margins=None):
-        """The loss with `row_margins` (None: this module's _row_margins, taken once the arguments pass their
+        """The loss with `row_margins` (None: this module's _step_options, taken once the arguments pass their
         checks; an error there is raised on every rank)."""
         weight, o = self.weight, self._lambda_options(self.options)
         sampled = self.training and self.sample_rate < 1.0
@@ -802,7 +802,7 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
             check_module_embeddings(embeddings, self.embedding_dim)
             check_target_tensor(target, embeddings.shape[0])
             target = target.long()  # uint8 indices would index as a mask
-            o = {**o, **(self._row_margins(embeddings, target) if row_margins is None else row_margins)}
+            o = {**o, **(self._step_options(embeddings, target) if row_margins is None else row_margins)}
             margins = None
             if sampled:  # (unsampled, sharded_margin_cross_entropy makes them from o itself)
                 margins, o["m2"], o["m3"] = row_margin_offsets(embeddings, o["m2"], o["m3"])

@@ -27,6 +27,10 @@ epilogue: its forward keeps the row max, Σexp without one maximal term and Σ_j
 dH/dz_nj = −p_nj·(log p_nj + H_n) puts an entropy term into the backward:
 dL/dz_nj = (coef_p_n − coef_entropy_n·log p_nj)·p_nj − coef_u_n (p·log p taken as 0 where p = 0).
 
+Hard negatives (CurricularFace, MV-Softmax: `HardNegatives`) re-weight the non-target logits above a per-row
+threshold, the row's target logit: z_nj ← α·z_nj² + β·z_nj + γ where z_nj > threshold_n (j ≠ target_n), and dz/da
+takes the factor 2α·z_nj + β there. The mask is a step (no gradient through the threshold), as in the official heads.
+
 Distillation adds a teacher's logit plane (`TeacherSpec`: z^T_nj = row_scale_n·(x^T_n·w^T_j), its own hidden
 states and head, no gradient): the forward keeps the teacher's log-sum-exp and the two cross expectations
 E_q[z^T − z] and E_p[z − z^T] beside the student's (`streaming_row_stats_with_teacher`), and with
@@ -59,6 +63,25 @@ def accumulation_dtype(dtype):
 
 
 @dataclass(frozen=True)
+class HardNegatives:
+    """The hard-negative re-weighting of the module docstring, in logit units: coefs (3,) = (α, β, γ) and threshold
+    (N,) (+inf on rows with no target anywhere: nothing is hard there), both in the accumulation dtype; logit_bound
+    bounds |z| before the re-weighting (the scale of cosine logits), for the fp16 gradient scale."""
+    coefs: Tensor
+    threshold: Tensor
+    logit_bound: float
+
+
+def reweight_hard_negatives(z, chain, hard: HardNegatives):
+    """(z, dz/da) of a tile of logits (N, c) with the hard negatives re-weighted; the target cells too, which the
+    caller replaces (their logit and dL/da are the loss's)."""
+    alpha, beta, gamma = hard.coefs.unbind()
+    is_hard = z > hard.threshold[:, None]
+    return (torch.where(is_hard, (alpha * z + beta) * z + gamma, z),
+            torch.where(is_hard, chain * (2.0 * alpha * z + beta), chain))
+
+
+@dataclass(frozen=True)
 class LogitSpec:
     row_scale: Tensor               # (N,) accumulation dtype
     col_scale: Optional[Tensor]     # (C,) ((K·C,) with sub-centres) or None (= 1)
@@ -72,6 +95,14 @@ class LogitSpec:
     # one the loss chose for T, saved by its forward pass: a recomputed argmax could break a near-tie the
     # other way); only the backward pass reads it
     target_subcenter: Optional[Tensor] = None
+    # the hard-negative re-weighting (CurricularFace, MV-Softmax); only the margin losses set it (no bias, softcap)
+    hard_negatives: Optional[HardNegatives] = None
+
+
+def no_hard_negatives(spec: LogitSpec, what: str):
+    """ValueError when `spec` re-weights hard negatives, which `what` does not do."""
+    if spec.hard_negatives is not None:
+        raise ValueError(f"{what} has no hard-negative re-weighting (the margin losses' streaming tiles have it)")
 
 
 def target_weight_rows(spec: LogitSpec) -> Tensor:
@@ -397,6 +428,12 @@ def _robust_max(values, outlier_factor=64.0, median=None):
     return torch.fmin(values.max(), outlier_factor * median)  # fmin ignores a NaN median
 
 
+def hard_negative_slope_bound(spec: LogitSpec):
+    """max(1, |β| + 2|α|·logit_bound) ≥ |2α·z + β|, the hard-negative factor of dz/da, for |z| ≤ logit_bound."""
+    alpha, beta, _ = spec.hard_negatives.coefs.abs().unbind()
+    return torch.clamp_min(beta + 2.0 * alpha * spec.hard_negatives.logit_bound, 1.0)
+
+
 def grad_scale_16bit(spec: LogitSpec, coef_total, target_grad):
     """1 / gradient_bound: the factor that brings dL/da's largest regular entry to ~1 before it is stored in
     16 bits (fp16 would flush small probabilities, mean over 8k rows gives coef_p ≈ 1e-4, to 0); 1 when the
@@ -487,6 +524,8 @@ def streaming_grads(
             coef_total = coef_total + teacher.coef_q.abs() + teacher.coef_log_q.abs()
         if sparse_cells is not None:  # dL/da already: in the row's units once divided by its scale
             coef_total = coef_total + sparse_cells.additions.abs().sum(1) / spec.row_scale.abs().clamp_min(1e-30)
+        if spec.hard_negatives is not None:  # a hard cell's dz/da has the factor |2α·z + β| ≤ |β| + 2|α|·max|z|
+            coef_total = coef_total * hard_negative_slope_bound(spec)
         grad_scale = grad_scale_16bit(spec, coef_total, target_grad).to(acc)
         unscale = 1.0 / grad_scale
         coef_p, coef_u, target_grad = coef_p * grad_scale, coef_u * grad_scale, target_grad * grad_scale
@@ -998,6 +1037,8 @@ class TorchTiles:
             z = spec.softcap * t
             chain = chain * (1.0 - t * t)
         is_target = spec.target[:, None] == torch.arange(c0, c1, device=x.device)[None, :]
+        if spec.hard_negatives is not None:
+            z, chain = reweight_hard_negatives(z, chain, spec.hard_negatives)
         z = torch.where(is_target, spec.target_logit[:, None], z)
         return z, chain, is_target, winner
 
@@ -1008,6 +1049,7 @@ class TorchTiles:
     @staticmethod
     def block_row_stats(z, spec: LogitSpec, need_sum_logits):
         """(lse, Σ_j z_nj or None) of the block's rows; z becomes the logits."""
+        no_hard_negatives(spec, "the 3-GEMM path")
         z.mul_(spec.row_scale[:, None])
         if spec.col_scale is not None:
             z.mul_(spec.col_scale[None, :])

@@ -18,7 +18,7 @@ from .reference import reduce_rows
 
 def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
                          margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean", subcenters=1,
-                         lambda_=0.0):
+                         lambda_=0.0, hard_negatives=None):
     """Margin-softmax cross-entropy over C classes without materialising the N × C logits.
 
     Target logit s·ψ(cos θ_y) with ψ the monotone combined margin (m1·θ + m2, then − m3; DESIGN.md §4),
@@ -32,6 +32,11 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     easing the margin in; their modules can anneal it (CombinedMarginLoss's lambda_min).
     m2 and m3 may be (N,) float tensors: a margin per row (AdaFace, MagFace, ElasticFace; m2 of any sign), which
     receive their exact gradients when they require them (MagFace's margin is a function of ‖x‖).
+    hard_negatives (a, b, d), three floats or a (3,) float tensor (needs normalize=True): every non-target class
+    whose cosine c exceeds the row's target cosine with its margin, ψ(cos θ_y), gets the cosine a·c² + b·c + d
+    instead, with that function's slope as its gradient (the mask itself has none): CurricularFace is (1, t, 0)
+    with t its running mean target cosine, MV-Softmax (0, w, w − 1). A tensor (no gradient) is read on the device:
+    a value that changes every step (CurricularFace's t) is then no constant of a torch.compile graph.
 
     input (N, D) and weight (C, D) ((K·C, D) with sub-centres) of one float dtype, target (N,) integer.
     Returns fp32 (fp64 for fp64 inputs). "mean" divides by the number of non-ignored rows, and is 0 when
@@ -44,11 +49,38 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     subcenters = check_subcenters(subcenters, normalize, weight.shape[0])
     check_finite("lambda_", lambda_, 0.0)
     check_reduction(reduction)
+    hard_negatives = hard_negative_coefficients(input, hard_negatives, normalize)
     target = target.long()  # uint8 indices would index as a mask
+    optional = () if row_margins is None and hard_negatives is None else (row_margins,)
+    optional += () if hard_negatives is None else (hard_negatives,)
     loss_rows = call_op("margin_cross_entropy", input, weight, target, float(scale), float(m1), float(m2),
                         float(m3), normalize, margin_grad == "exact", float(label_smoothing), ignore_index,
-                        subcenters, float(lambda_), *(() if row_margins is None else (row_margins,)))[0]
+                        subcenters, float(lambda_), *optional)[0]
     return reduce_rows(loss_rows, target != ignore_index, reduction)
+
+
+def hard_negative_coefficients(input, hard_negatives, normalize):
+    """hard_negatives as the ops take them: a detached (3,) tensor in the input's accumulation dtype on its device, or
+    None."""
+    if hard_negatives is None:
+        return None
+    if not normalize:
+        raise ValueError("hard_negatives needs normalize=True: it re-weights cosines")
+    acc = accumulation_dtype(input.dtype)
+    if isinstance(hard_negatives, torch.Tensor):
+        check_tensor("hard_negatives", hard_negatives)
+        if tuple(hard_negatives.shape) != (3,) or not hard_negatives.dtype.is_floating_point:
+            raise ValueError(f"hard_negatives must be three floats (a, b, d) or a float tensor of shape (3,), got a "
+                             f"{hard_negatives.dtype} tensor of shape {tuple(hard_negatives.shape)}")
+        if hard_negatives.device != input.device:
+            raise ValueError(f"hard_negatives must be on input's device ({input.device}), got {hard_negatives.device}")
+        return hard_negatives.detach().to(acc)
+    if not (isinstance(hard_negatives, (tuple, list)) and len(hard_negatives) == 3):
+        raise ValueError(f"hard_negatives must be three floats (a, b, d) or a float tensor of shape (3,), got "
+                         f"{hard_negatives!r}")
+    for name, value in zip(("a", "b", "d"), hard_negatives):
+        check_finite(f"hard_negatives' {name}", value)
+    return torch.tensor([float(v) for v in hard_negatives], dtype=acc, device=input.device)
 
 
 def row_margin_offsets(input, m2, m3):

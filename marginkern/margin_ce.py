@@ -11,6 +11,9 @@ computed only where its target class lives ("owned" rows; every non-ignored row 
 shard merges the per-row statistics (lse, Σ_j z_j, T) across slices after the forward pass and sums the
 partial dL/dx before the chain through x's normalisation. Every other step is the same code.
 
+Hard negatives (CurricularFace, MV-Softmax): `hard_negatives` (3,) = (a, b, d) re-weights every non-target cosine c
+above the row's target cosine ψ into a·c² + b·c + d (engine.HardNegatives holds it in logit units, threshold T).
+
 Per-row margins (AdaFace, MagFace, ElasticFace): `row_margins` (N, 2) in the accumulation dtype holds offsets
 (Δm2_n, Δm3_n) added to the options' m2 and m3 on row n; `row_margin_grads` gives the loss's gradient with respect
 to them.
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_bool, check_finite, check_ignore_index, check_margin_scalars, check_subcenters
-from .engine import (NORM_EPS, LogitSpec, accumulation_dtype, row_grad_finisher, row_norms, streaming_grads,
+from .engine import (NORM_EPS, HardNegatives, LogitSpec, accumulation_dtype, row_grad_finisher, row_norms, streaming_grads,
                      streaming_row_stats, target_columns)
 from .margin import blend_psi, blend_slope, margin_psi, margin_psi_dm2, margin_slope
 
@@ -225,23 +228,44 @@ def row_margin_grads(row_state, lse, grad_loss, target, opts: MarginOptions, num
     return torch.where((column >= 0)[:, None], torch.stack([grad_psi * dpsi_dm2, -grad_psi], 1), 0.0)
 
 
+def hard_negative_spec(hard_negatives: Optional[Tensor], target_logit: Tensor, column: Tensor,
+                       opts: MarginOptions) -> Optional[HardNegatives]:
+    """The engine's HardNegatives for cosine coefficients (a, b, d): with z = s·c, s·(a·c² + b·c + d) = (a/s)·z² +
+    b·z + d·s; the threshold is T, +inf where the row has no target column (nothing is hard on an ignored row)."""
+    if hard_negatives is None:
+        return None
+    a, b, d = hard_negatives.unbind()
+    s = opts.scale
+    threshold = torch.where(column >= 0, target_logit, torch.full_like(target_logit, float("inf")))
+    return HardNegatives(torch.stack([a / s, b, d * s]), threshold, abs(s))
+
+
 def _class_layout(w, shard: Optional[ClassShard], subcenters=1):
     """(first class held in w, total number of classes C)."""
     return (0, w.shape[0] // subcenters) if shard is None else (shard.start, shard.num_classes)
 
 
+def _no_sharded_hard_negatives(shard, hard_negatives):
+    # a slice's rows whose target lives elsewhere would need the merged T before the pass over the classes
+    if shard is not None and hard_negatives is not None:
+        raise ValueError("hard_negatives (CurricularFace, MV-Softmax) are not available for class-sharded losses")
+
+
 def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[ClassShard] = None,
-                      keep_geometry: bool = False, row_margins: Optional[Tensor] = None):
+                      keep_geometry: bool = False, row_margins: Optional[Tensor] = None,
+                      hard_negatives: Optional[Tensor] = None):
     """Per-row loss (0 on ignored rows) and per-row log-sum-exp over all C classes, both in the
     accumulation dtype; with keep_geometry also the (row state, class norms) pair that margin_ce_backward
     takes as `saved`."""
+    _no_sharded_hard_negatives(shard, hard_negatives)
     class_start, num_classes = _class_layout(w, shard, opts.subcenters)
     rows = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts,
                                                               None if shard is None else class_start, row_margins)
     col_norm = row_norms(w).clamp_min(NORM_EPS) if opts.normalize else None
     # torch.reciprocal, not 1.0 / t: one op instead of two (reciprocal, then mul) on a host-bound small step
     spec = LogitSpec(rows.row_scale, None if col_norm is None else torch.reciprocal(col_norm), None, None,
-                     rows.column, rows.target_logit, opts.subcenters)
+                     rows.column, rows.target_logit, opts.subcenters,
+                     hard_negatives=hard_negative_spec(hard_negatives, rows.target_logit, rows.column, opts))
     eps = opts.label_smoothing
     lse, sum_logits = streaming_row_stats(x, w, spec, eps > 0, tiles)
     target_logit = rows.target_logit
@@ -257,10 +281,12 @@ def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[
 
 
 def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles, need_weight_grad=True,
-                       shard: Optional[ClassShard] = None, saved=None, row_margins: Optional[Tensor] = None):
+                       shard: Optional[ClassShard] = None, saved=None, row_margins: Optional[Tensor] = None,
+                       hard_negatives: Optional[Tensor] = None):
     """(dL/dx, dL/dw) for the per-row loss gradient `grad_loss`; with a shard, `lse` is the merged one
     and dL/dw is the gradient of this slice. `saved`: the forward's (row state, class norms)
     (margin_ce_forward's keep_geometry), recomputed when None."""
+    _no_sharded_hard_negatives(shard, hard_negatives)
     K = opts.subcenters
     class_start, C = _class_layout(w, shard, K)
     local_start = None if shard is None else class_start
@@ -275,7 +301,8 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
     # 1/‖w_j‖: the logits' column scale and the dW projection's inverse norm, one (K·C,) vector for both
     col_scale = torch.reciprocal(col_norm) if opts.normalize else None
     spec = LogitSpec(rows.row_scale, col_scale, None, None, rows.column, rows.target_logit, K,
-                     None if K == 1 else row_state[:, 4].long())
+                     None if K == 1 else row_state[:, 4].long(),
+                     hard_negative_spec(hard_negatives, rows.target_logit, rows.column, opts))
 
     if opts.normalize:
         # dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖, and the engine's raw dW already holds (dL/dŵ)/‖w‖.

@@ -153,6 +153,25 @@ def _load_lambda_step(module, state_dict, prefix, local_metadata, strict, missin
         module.lambda_step = int(step)
 
 
+class Float32Buffers:
+    """Keeps the buffers named in `_float32_buffers` in fp32 (fp64 stays) through module casts (.half(),
+    .to(torch.bfloat16)), at their values before the cast: running statistics whose small updates 16 bits would lose,
+    coefficients that must not round (MV-Softmax's 1.12 is 1.1171875 in bf16). Moves between devices still apply."""
+
+    _float32_buffers = ()
+
+    def _apply(self, fn, *args, **kwargs):
+        before = {name: getattr(self, name, None) for name in self._float32_buffers}
+        super()._apply(fn, *args, **kwargs)
+        for name, old in before.items():
+            new = getattr(self, name, None)
+            if old is None or new is None or new.dtype in (torch.float32, torch.float64):
+                continue
+            keep = old.is_floating_point() and old.dtype in (torch.float32, torch.float64) and not old.is_meta
+            setattr(self, name, old.to(new.device, torch.float32) if keep else new.float())
+        return self
+
+
 class CombinedMarginLoss(LambdaAnnealing):
     """Margin-softmax CE with target logit s·((−1)^k cos(m1·θ + m2) − 2k − m3) (DESIGN.md §4).
 
@@ -196,16 +215,17 @@ class CombinedMarginLoss(LambdaAnnealing):
 
     def forward(self, embeddings, target):
         check_module_embeddings(embeddings, self.embedding_dim)
-        return self._margin_loss(embeddings, target, self._row_margins(embeddings, target))
+        return self._margin_loss(embeddings, target, self._step_options(embeddings, target))
 
-    def _row_margins(self, embeddings, target):
-        """Per-row margins, {"m2": (N,), "m3": (N,)} or a part of it, in place of the options' floats (AdaFace,
-        MagFace, ElasticFace: marginkern.adaptive_margins); none here."""
+    def _step_options(self, embeddings, target):
+        """This step's options of margin_cross_entropy beside the fixed ones: per-row margins {"m2": (N,), "m3": (N,)}
+        or a part of it, in place of the options' floats (AdaFace, MagFace, ElasticFace: marginkern.adaptive_margins),
+        or {"hard_negatives": (3,)} (CurricularFace, MV-Softmax: marginkern.hard_negatives); none here."""
         return {}
 
-    def _margin_loss(self, embeddings, target, row_margins):
-        """The loss of checked embeddings with `row_margins` (see _row_margins)."""
-        weight, options = self.weight, {**self._lambda_options(self.options), **row_margins}
+    def _margin_loss(self, embeddings, target, step_options):
+        """The loss of checked embeddings with `step_options` (see _step_options)."""
+        weight, options = self.weight, {**self._lambda_options(self.options), **step_options}
         if self.training and self.sample_rate < 1.0:
             target = checked_class_targets(target, embeddings.shape[0], self.num_classes, options["ignore_index"])
             index, target = sample_classes(target, self.num_classes,

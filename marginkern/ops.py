@@ -184,8 +184,11 @@ def _tiles_except_cuda(input, what):
     return select_tiles_except(("cuda",), what, input.device, input.dtype)
 
 
-def _margin_tiles(input, opts: MarginOptions):
-    """select_tiles, except that the CUDA extension has no sub-centres (the C++ margin step has them)."""
+def _margin_tiles(input, opts: MarginOptions, hard_negatives=None):
+    """select_tiles, except that the CUDA extension has no sub-centres (the C++ margin step has them), and neither
+    extension has the hard-negative re-weighting (the PyTorch tiles serve it on the CPU, Triton on CUDA)."""
+    if hard_negatives is not None:
+        return select_tiles_except(("cuda", "cpp"), "hard-negative re-weighting", input.device, input.dtype)
     if opts.subcenters == 1:
         return select_tiles(input.device, input.dtype)
     return _tiles_except_cuda(input, "sub-centres")
@@ -202,36 +205,55 @@ def _check_row_margins(row_margins, input):
                          f"m3), got a {tuple(row_margins.shape)} {row_margins.dtype} tensor on {row_margins.device}")
 
 
+def _check_hard_negatives(hard_negatives, input, opts: MarginOptions):
+    """The hard-negative coefficients (a, b, d), as the ops take them: (3,) in input's accumulation dtype, on its
+    device, with normalize (they re-weight cosines)."""
+    if hard_negatives is None:
+        return
+    shape, dtype = (3,), accumulation_dtype(input.dtype)
+    if tuple(hard_negatives.shape) != shape or hard_negatives.dtype != dtype or hard_negatives.device != input.device:
+        raise ValueError(f"hard_negatives must be a {shape} {dtype} tensor on {input.device} (a, b, d), got a "
+                         f"{tuple(hard_negatives.shape)} {hard_negatives.dtype} tensor on {hard_negatives.device}")
+    if not opts.normalize:
+        raise ValueError("hard_negatives needs normalize=True: it re-weights cosines")
+
+
 @_op("margin_cross_entropy")
 def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: float, m1: float, m2: float,
                          m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
                          ignore_index: int, subcenters: int = 1, lambda_: float = 0.0,
-                         row_margins: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         row_margins: Optional[Tensor] = None,
+                         hard_negatives: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp, (N, 4) target geometry ((N, 5) with sub-centres), (K·C,) class-centre
     norms or (0,) without normalize); ignored rows have loss 0. The last three are by-products the backward
     op takes. weight is (K·C, D) for K = subcenters sub-centres per class; lambda_: A-Softmax's λ; row_margins
-    (N, 2): per-row offsets (Δm2, Δm3) added to m2 and m3 (AdaFace, MagFace), differentiable."""
+    (N, 2): per-row offsets (Δm2, Δm3) added to m2 and m3 (AdaFace, MagFace), differentiable; hard_negatives (3,):
+    (a, b, d) of the hard-negative re-weighting (CurricularFace, MV-Softmax; functional.margin_cross_entropy),
+    no gradient."""
     _check_forward_inputs(input, weight, target)
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
                            subcenters, lambda_)
     _check_row_margins(row_margins, input)
+    _check_hard_negatives(hard_negatives, input, opts)
     check_target_values(target, weight.shape[0] // opts.subcenters, opts.ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
-    tiles = _margin_tiles(input, opts)
+    tiles = _margin_tiles(input, opts, hard_negatives)
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/margin_loss.cpp), the same math
         return torch.ops.marginkern.margin_ce_rows(input, weight, target, *_margin_scalars(opts), opts.subcenters,
                                                    opts.lambda_, row_margins)
-    return margin_ce_forward(input, weight, target, opts, tiles, keep_geometry=True, row_margins=row_margins)
+    return margin_ce_forward(input, weight, target, opts, tiles, keep_geometry=True, row_margins=row_margins,
+                             hard_negatives=hard_negatives)
 
 
 @margin_cross_entropy.register_fake
 def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-      subcenters=1, lambda_=0.0, row_margins=None):
+      subcenters=1, lambda_=0.0, row_margins=None, hard_negatives=None):
     # The fake kernel lets torch.compile trace through the op without running it.
     _check_forward_inputs(input, weight, target)
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
                            subcenters, lambda_)
     _check_row_margins(row_margins, input)
+    _check_hard_negatives(hard_negatives, input, opts)
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
     return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
@@ -255,28 +277,33 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
                                   row_state: Tensor, col_norm: Tensor, scale: float, m1: float, m2: float,
                                   m3: float, normalize: bool, exact_margin_grad: bool, label_smoothing: float,
                                   ignore_index: int, need_weight_grad: bool = True, subcenters: int = 1,
-                                  lambda_: float = 0.0, row_margins: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                                  lambda_: float = 0.0, row_margins: Optional[Tensor] = None,
+                                  hard_negatives: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(dL/dinput, dL/dweight) for the per-row loss gradient `grad_loss`; dL/dweight is empty (0,) when
     not `need_weight_grad` (a frozen head skips the dW GEMM). row_state and col_norm are the forward op's;
-    row_margins the forward's (the margins' own gradient is row_margin_grads', in the autograd formula)."""
+    row_margins and hard_negatives the forward's (the margins' own gradient is row_margin_grads', in the autograd
+    formula)."""
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
                            subcenters, lambda_)
     _check_margin_by_products(input, weight, row_state, col_norm, opts)
     _check_row_margins(row_margins, input)
+    _check_hard_negatives(hard_negatives, input, opts)
     input, weight = input.contiguous(), weight.contiguous()
-    tiles = _margin_tiles(input, opts)
+    tiles = _margin_tiles(input, opts, hard_negatives)
     if tiles.name == "cpp":
         return torch.ops.marginkern.margin_ce_rows_backward(grad_loss, input, weight, target, lse, row_state, col_norm,
                                                             *_margin_scalars(opts), need_weight_grad, opts.subcenters,
                                                             opts.lambda_, row_margins)
     grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts, tiles, need_weight_grad,
-                                        saved=(row_state, col_norm), row_margins=row_margins)
+                                        saved=(row_state, col_norm), row_margins=row_margins,
+                                        hard_negatives=hard_negatives)
     return grad_x, _or_empty(grad_w, weight)
 
 
 @margin_cross_entropy_backward.register_fake
 def _(grad_loss, input, weight, target, lse, row_state, col_norm, scale, m1, m2, m3, normalize, exact_margin_grad,
-      label_smoothing, ignore_index, need_weight_grad=True, subcenters=1, lambda_=0.0, row_margins=None):
+      label_smoothing, ignore_index, need_weight_grad=True, subcenters=1, lambda_=0.0, row_margins=None,
+      hard_negatives=None):
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
@@ -289,15 +316,16 @@ def _margin_setup_context(ctx, inputs, output):
     # the scalars with the defaults a caller of the raw op left out, and the per-row margins apart (a tensor)
     options += _MARGIN_SCALAR_DEFAULTS[len(options) - 8:]
     row_margins = options[10] if len(options) > 10 else None
+    hard_negatives = options[11] if len(options) > 11 else None
     _, lse, row_state, col_norm = output
-    ctx.save_for_backward(input, weight, target, lse, row_state, col_norm, row_margins)
+    ctx.save_for_backward(input, weight, target, lse, row_state, col_norm, row_margins, hard_negatives)
     ctx.mark_non_differentiable(lse, row_state, col_norm)  # by-products for the backward pass
     ctx.options, ctx.num_inputs = options[:10], len(inputs)
 
 
 def _margin_backward(ctx, grad_loss, *grad_by_products):
     # lse and the geometry are by-products for the backward pass, not differentiable outputs.
-    input, weight, target, lse, row_state, col_norm, row_margins = ctx.saved_tensors
+    input, weight, target, lse, row_state, col_norm, row_margins, hard_negatives = ctx.saved_tensors
     need_weight_grad = ctx.needs_input_grad[1]
     # the forward's scalar options: the eight the backward op takes first, then subcenters and lambda_ after
     # need_weight_grad
@@ -306,7 +334,7 @@ def _margin_backward(ctx, grad_loss, *grad_by_products):
     if ctx.needs_input_grad[0] or need_weight_grad:  # (only the margins': O(N), no pass over the classes)
         grad_input, grad_weight = call("margin_cross_entropy_backward", grad_loss, input, weight, target, lse,
                                        row_state, col_norm, *options[:8], need_weight_grad, *options[8:],
-                                       *(() if row_margins is None else (row_margins,)))
+                                       row_margins, hard_negatives)
     grads = (grad_input, grad_weight if need_weight_grad else None) + (None,) * (ctx.num_inputs - 2)
     if row_margins is not None and ctx.needs_input_grad[_ROW_MARGINS_INPUT]:
         opts = _margin_options(weight, *options)

@@ -36,10 +36,12 @@ def reduce_rows(loss_rows, valid, reduction, target_weight=None):
     return total / valid.sum().clamp_min(1)  # int64 count: true division gives total's dtype
 
 
-def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk, subcenters=1, class_weight=None):
+def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk, subcenters=1, class_weight=None,
+                 hard_coefs=None, hard_threshold=None):
     """(logsumexp, sum) over one class chunk of logits whose target column is replaced; with K sub-centres
     w_chunk holds K rows per class and a class's logit is the largest of its K (its gradient goes to that one).
-    class_weight (the chunk's): the sum is Σ_j c_j·z_j."""
+    class_weight (the chunk's): the sum is Σ_j c_j·z_j. hard_coefs (α, β, γ) and hard_threshold (N,), constants:
+    a non-target logit z above its row's threshold becomes α·z² + β·z + γ."""
     z = x @ w_chunk.t()
     if subcenters > 1:
         z = z.unflatten(1, (-1, subcenters)).max(2).values
@@ -47,12 +49,16 @@ def _chunk_stats(x, w_chunk, bias_chunk, softcap, target_logit, is_target_chunk,
         z = z + bias_chunk
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    if hard_coefs is not None:
+        alpha, beta, gamma = hard_coefs
+        hard = (z > hard_threshold[:, None]) & ~is_target_chunk
+        z = torch.where(hard, alpha * z * z + beta * z + gamma, z)
     z = torch.where(is_target_chunk, target_logit[:, None], z)
     return torch.logsumexp(z, dim=1), (z.sum(1) if class_weight is None else z @ class_weight)
 
 
 def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, class_chunk=CLASS_CHUNK,
-                         subcenters=1, class_weight=None):
+                         subcenters=1, class_weight=None, hard_coefs=None, hard_threshold=None):
     """Per-row logsumexp and Σ_j z_j (Σ_j c_j·z_j with class_weight c) of z = softcap(x·wᵀ + b) with the target
     column replaced by target_logit (column −1: none), chunk by chunk; each chunk is recomputed in the backward
     pass. subcenters K: w has K rows per class (_chunk_stats)."""
@@ -65,7 +71,7 @@ def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, cl
         is_target = column[:, None] == classes[None, :]
         weight_chunk = None if class_weight is None else class_weight[c0:c0 + class_chunk]
         lse_c, sum_c = checkpoint(_chunk_stats, x, w_chunk, bias_chunk, softcap, target_logit, is_target, K,
-                                  weight_chunk, use_reentrant=False)
+                                  weight_chunk, hard_coefs, hard_threshold, use_reentrant=False)
         lse_parts.append(lse_c)
         sum_parts.append(sum_c)
     return torch.logsumexp(torch.stack(lse_parts), dim=0), torch.stack(sum_parts).sum(0)
@@ -73,7 +79,9 @@ def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, cl
 
 def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
                          margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                         subcenters=1, lambda_=0.0, class_chunk=CLASS_CHUNK):
+                         subcenters=1, lambda_=0.0, hard_negatives=None, class_chunk=CLASS_CHUNK):
+    """hard_negatives (a, b, d) (floats or a (3,) tensor, no gradient): a non-target cosine c above the row's ψ becomes
+    a·c² + b·c + d (functional.margin_cross_entropy)."""
     acc = accumulation_dtype(input.dtype)
     x, w = input.to(acc), weight.to(acc)
     K = subcenters
@@ -103,8 +111,16 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     # A-Softmax's λ eases the target toward the plain cosine (of the clamped one, as ψ sees it)
     target_logit = radius * (blend_psi(psi, cosine.clamp(-1, 1), lambda_) if lambda_ else psi)
     x, target_logit = scale * x, scale * target_logit
+    hard_coefs = hard_threshold = None
+    if hard_negatives is not None:  # in logit units, z = s·c: s·(a·c² + b·c + d) = (a/s)·z² + b·z + d·s
+        if not normalize:
+            raise ValueError("hard_negatives needs normalize=True: it re-weights cosines")
+        a, b, d = (torch.as_tensor(hard_negatives, dtype=acc, device=x.device).detach()).unbind()
+        hard_coefs = (a / scale, b, d * scale)
+        hard_threshold = torch.where(valid, target_logit.detach(), torch.full_like(target_logit, math.inf))
 
-    lse, sum_logits = streamed_lse_and_sum(x, w, column, target_logit, class_chunk=class_chunk, subcenters=K)
+    lse, sum_logits = streamed_lse_and_sum(x, w, column, target_logit, class_chunk=class_chunk, subcenters=K,
+                                           hard_coefs=hard_coefs, hard_threshold=hard_threshold)
     loss = lse - (1.0 - label_smoothing) * target_logit
     if label_smoothing > 0:
         loss = loss - label_smoothing / (w.shape[0] // K) * sum_logits

@@ -145,6 +145,9 @@ case "$stage" in
     # last, only with time to spare: AdaFace's per-row margins against the official head's formulation
     MARGINKERN_TRITON_CONFIG="$face_cfg" bench face face-adaface-100k "marginkern adaface,naive adaface,3-GEMM floor" \
       30 face-adaface 5
+    # and CurricularFace's hard-negative re-weighting against the official head's formulation
+    MARGINKERN_TRITON_CONFIG="$face_cfg" bench face face-curricular-100k \
+      "marginkern curricularface,naive curricularface,3-GEMM floor" 30 face-curricular 5
     ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"

@@ -398,3 +398,65 @@ def check_nan_margin_on_an_ignored_row(device, dtype, normalize):
     grads = torch.autograd.grad(loss, (x, w, m2))
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     assert grads[2][2] == 0.0
+
+
+def materialised_hard_negative_ce(x, w, t, coefficients, scale, m2=0.5, m3=0.0, label_smoothing=0.0,
+                                  ignore_index=-100, reduction="mean"):
+    """Margin CE with the hard negatives re-weighted, written out on the full N × C float64 cosines as the official
+    CurricularFace / MV-Softmax heads do it (a boolean mask of c_j > the target's margin cosine, then a, b, d on the
+    masked cells, then the target column), independent of the library: the oracle of `hard_negatives`."""
+    x, w = x.double(), w.double()
+    a, b, d = (float(v) for v in coefficients)
+    valid = t != ignore_index
+    y = torch.where(valid, t, 0)
+    cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w, dim=1).T
+    c = cos.gather(1, y[:, None])[:, 0]
+    psi = torch.cos(torch.acos(c) + m2) - m3  # keep θ_y + m2 < π: no branch of ψ needed
+    mask = cos > psi.detach()[:, None]
+    cos = torch.where(mask, a * cos * cos + b * cos + d, cos)
+    logits = scale * cos.scatter(1, y[:, None], psi[:, None])
+    rows = torch.nn.functional.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+    rows = torch.where(valid, rows, 0.0)
+    return rows if reduction == "none" else rows.sum() / valid.sum().clamp_min(1)
+
+
+def hard_negative_case(N, C, D, dtype, device="cpu", subcenters=1, ignore=(3,)):
+    """(x, w, t) where about half the rows sit near their class centre (few hard negatives) and half are random
+    (many): both branches of the re-weighting occur; targets in [0, C), w with `subcenters` rows per class."""
+    x, w, t = make_case(N, C * subcenters, D, torch.float64, ignore=ignore, requires_grad=False)
+    t = t % C
+    for i in ignore:
+        t[i] = -100
+    near = torch.arange(N) % 2 == 0
+    centre = w[t.clamp_min(0) * subcenters]
+    x = torch.where(near[:, None], centre * 3.0 + x, x)
+    return (x.to(dtype).to(device).requires_grad_(), w.to(dtype).to(device).requires_grad_(), t.to(device))
+
+
+def check_hard_negatives_match_oracle(device, dtype, N=37, C=53, D=24, subcenters=1, coefficients=(1.0, 0.2, 0.0),
+                                      as_tensor=True, **options):
+    """mk.margin_cross_entropy(hard_negatives=...) on `device` in `dtype`: loss and the gradients of x and w against
+    the materialised float64 definition (the reference where that has no form: sub-centres), at dtype's tolerance;
+    the case must have hard and plain negatives both."""
+    import marginkern as mk
+    from marginkern import reference
+    x, w, t = hard_negative_case(N, C, D, dtype, device, subcenters)
+    kw = dict(scale=16.0, m2=options.pop("m2", 0.5), m3=options.pop("m3", 0.0), **options)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    hard = torch.tensor(coefficients, dtype=acc, device=device) if as_tensor else coefficients
+    got = mk.margin_cross_entropy(x, w, t, hard_negatives=hard, subcenters=subcenters, **kw)
+    got_grads = torch.autograd.grad(got, (x, w))
+    exact = [v.detach().double().cpu().requires_grad_() for v in (x, w)]
+    if subcenters == 1:
+        want = materialised_hard_negative_ce(exact[0], exact[1], t.cpu(), coefficients, **kw)
+        cos = torch.nn.functional.normalize(exact[0], dim=1) @ torch.nn.functional.normalize(exact[1], dim=1).T
+        c = cos.gather(1, t.cpu().clamp_min(0)[:, None])
+        hard_fraction = (cos > torch.cos(torch.acos(c) + kw["m2"]) - kw["m3"]).double().mean().item()
+        assert 0.05 < hard_fraction < 0.95, hard_fraction
+    else:
+        want = reference.margin_cross_entropy(exact[0], exact[1], t.cpu(), hard_negatives=coefficients,
+                                              subcenters=subcenters, **kw)
+    want_grads = torch.autograd.grad(want, exact)
+    assert_close_rel(got.cpu(), want, dtype, "loss")
+    for name, g, e in zip(("grad input", "grad weight"), got_grads, want_grads):
+        assert_close_rel(g.cpu(), e, dtype, name)

@@ -181,7 +181,7 @@ def test_adaface_margins_follow_the_norm():
     loss.batch_mean.fill_(10.0)
     loss.batch_std.fill_(1.0)
     x = torch.tensor([[100.0, 0, 0, 0], [0.5, 0, 0, 0]])
-    margins = loss._row_margins(x, torch.tensor([0, 1]))
+    margins = loss._step_options(x, torch.tensor([0, 1]))
     torch.testing.assert_close(margins["m2"], torch.tensor([-0.4, 0.4]))
     torch.testing.assert_close(margins["m3"], torch.tensor([0.8, 0.0]))
 

@@ -10,9 +10,10 @@ from marginkern.dispatch import _why_not
 from marginkern.engine import CostSpec, LogitSpec, TorchTiles
 from tests.helpers import (assert_close_rel, check_confident_rows_per_row_gradient,
                            check_duplicate_subcenters_are_plain_margin_ce, check_emo_confident_rows,
-                           check_fp16_grad_saturates_and_keeps_nan, check_loss_and_grads,
-                           check_margin_fp16_under_grad_scaler, check_margin_per_row_upstream_gradient,
-                           check_row_margins_match_oracle, check_subcenters_match_oracle, loss_and_grads, make_case)
+                           check_fp16_grad_saturates_and_keeps_nan, check_hard_negatives_match_oracle,
+                           check_loss_and_grads, check_margin_fp16_under_grad_scaler,
+                           check_margin_per_row_upstream_gradient, check_row_margins_match_oracle,
+                           check_subcenters_match_oracle, loss_and_grads, make_case)
 from tests.test_cpp import EPILOGUES, SHAPES, check_special_rows_lse, random_cost, random_spec
 from tests.test_linear_ce import grads
 
@@ -284,6 +285,16 @@ def test_row_margins_match_oracle_on_gpu(dtype, options, monkeypatch):
     fixture): the visit runs these in its last test step, after the issues' own tests and benchmarks."""
     for _ in each_built_gpu_backend(dtype, monkeypatch):
         check_row_margins_match_oracle("cuda", dtype, N=300, C=5003, D=131, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [dict(), dict(coefficients=(0.0, 1.12, 0.12), m2=0.0, m3=0.35, label_smoothing=0.1),
+                                  dict(subcenters=3)], ids=["curricular", "mv-am-smoothing", "subcenters"])
+def test_hard_negatives_match_oracle_on_gpu(dtype, case, monkeypatch):
+    """CurricularFace's / MV-Softmax's re-weighting on Triton (the CUDA tiles decline it), loss and both gradients.
+    Named without "triton": the visit runs these in its last test step, after the issues' own tests and benchmarks."""
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_hard_negatives_match_oracle("cuda", dtype, N=300, C=5003, D=131, **dict(case))
 
 
 def test_row_margins_with_subcenters_on_gpu(monkeypatch):  # sub-centres: Triton only (the CUDA tiles decline them)

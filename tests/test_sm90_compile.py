@@ -36,6 +36,15 @@ def test_engine_kernels_pipeline_on_wgmma_without_spills(has_cost, subcenters, h
         _check_gemm_tile(report)
 
 
+@pytest.mark.parametrize("subcenters", [1, 3])
+def test_hard_negative_kernels_pipeline_on_wgmma_without_spills(subcenters):
+    """CurricularFace's / MV-Softmax's re-weighting in both streaming kernels (alone and with sub-centres)."""
+    for label, kernel, constexprs in sm90_compile.engine_kernels(GPU_CONFIG, subcenters=subcenters,
+                                                                 hard_negatives=True):
+        report = sm90_compile.compile_sm90(kernel, constexprs, GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"])
+        _check_gemm_tile(report)
+
+
 def test_from_dots_epilogue_and_row_kernels_compile():
     """The 3-GEMM path's epilogue (reads fp32 dot products: no tensor-core work), the dW/dX finisher and the
     CoSENT cosine kernels."""
@@ -63,7 +72,7 @@ def test_kernels_compile_with_integer_arguments_equal_to_one():
     a single split (C ≤ 128, or N ≥ ~17k at D = 768), which the interpreter never showed."""
     from marginkern.triton_kernels.streaming_ce import merge_splits_kernel
     kernels = [k for kw in (dict(), dict(has_teacher=True), dict(jsd=True), dict(has_entropy=True),
-                            dict(has_cost=True), dict(subcenters=3), dict(softcap=True))
+                            dict(has_cost=True), dict(subcenters=3), dict(softcap=True), dict(hard_negatives=True))
                for k in sm90_compile.engine_kernels(GPU_CONFIG, **kw)]
     kernels += [(f"merge {flags}", merge_splits_kernel, dict(flags, BLOCK=1024)) for flags in (
         dict(NEED_SUM_LOGITS=True, HAS_COST=True), dict(NEED_SUM_LOGITS=False, HAS_COST=False, HAS_ENTROPY=True),

@@ -149,6 +149,19 @@ def _logit_tile(x_ptr, w_ptr, row_scale, col_scale_ptr, bias_ptr, softcap,
 
 
 @triton.jit
+def _reweight_hard_negatives(z, chain, threshold_ptr, coef_ptr, rows, row_mask):
+    """(z, dz/da) with the hard negatives re-weighted (engine.HardNegatives): z ← (α·z + β)·z + γ and dz/da times
+    2α·z + β where z > the row's threshold (a NaN threshold or z makes nothing hard). The target column is re-weighted
+    too, and replaced after: both kernels substitute its logit and its dL/da."""
+    threshold = tl.load(threshold_ptr + rows, mask=row_mask, other=float("inf"))
+    alpha = tl.load(coef_ptr)
+    beta = tl.load(coef_ptr + 1)
+    gamma = tl.load(coef_ptr + 2)
+    hard = z > threshold[:, None]
+    return tl.where(hard, (alpha * z + beta) * z + gamma, z), tl.where(hard, chain * (2.0 * alpha * z + beta), chain)
+
+
+@triton.jit
 def _as_int64(n):
     """An int argument as an int64 scalar, also where Triton's launcher made it the constant 1 (it specialises ints
     equal to 1), which has no .to(): added to an int64 zero."""
@@ -267,16 +280,17 @@ def streaming_ce_fwd_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr, target_logit_ptr,
     part_max_ptr, part_sumexp_ptr, part_sumlogit_ptr,
     query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, part_cost_ptr, part_gap_ptr,
-    teacher_x_ptr, teacher_w_ptr, part_teacher_ptr,
+    teacher_x_ptr, teacher_w_ptr, part_teacher_ptr, hard_threshold_ptr, hard_coef_ptr,
     N, C, D, E, stride_x, stride_w, stride_k, stride_tx, stride_tw, classes_per_split, num_splits, softcap,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     NEED_SUM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
     EVEN_D: tl.constexpr = False, FLATTEN: tl.constexpr = False, HAS_COST: tl.constexpr = False,
     COST_DOT_PRECISION: tl.constexpr = "tf32", EVEN_E: tl.constexpr = False, SUBCENTERS: tl.constexpr = 1,
-    HAS_ENTROPY: tl.constexpr = False, HAS_TEACHER: tl.constexpr = False,
+    HAS_ENTROPY: tl.constexpr = False, HAS_TEACHER: tl.constexpr = False, HAS_HARD_NEGATIVES: tl.constexpr = False,
 ):
-    """With HAS_TEACHER (distillation; E is then the teacher's width) the teacher's logit tile
+    """With HAS_HARD_NEGATIVES the non-target logits above the row's threshold are re-weighted first
+    (_reweight_hard_negatives). With HAS_TEACHER (distillation; E is then the teacher's width) the teacher's logit tile
     row_scale·(teacher_x·teacher_wᵀ) runs beside the student's, and four more planes at part_teacher_ptr
     (each splits × N apart) keep its max and Σexp and the two cross sums Σ e^{z^T−max^T}·(z^T − z) and
     Σ e^{z−max}·(z − z^T) (engine.streaming_row_stats_with_teacher)."""
@@ -306,6 +320,8 @@ def streaming_ce_fwd_kernel(
                               rows, cols, row_mask, col_mask, D, stride_x, stride_w,
                               HAS_COL_SCALE, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
                               FROM_DOTS, EVEN_D, SUBCENTERS)
+        if HAS_HARD_NEGATIVES:  # (its dz/da is the dL/da kernel's: the compile drops it here)
+            z, _ = _reweight_hard_negatives(z, z, hard_threshold_ptr, hard_coef_ptr, rows, row_mask)
         z = tl.where(cols[None, :] == target[:, None], target_logit[:, None], z)
         z = tl.where(col_mask[None, :], z, -float("inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -462,7 +478,7 @@ def streaming_ce_grad_logits_kernel(
     x_ptr, w_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, target_ptr,
     lse_ptr, coef_p_ptr, coef_u_ptr, target_grad_ptr, grad_ptr,
     query_rows_ptr, keys_ptr, query_scale_ptr, key_scale_ptr, coef_cost_ptr, target_subcenter_ptr, coef_entropy_ptr,
-    teacher_x_ptr, teacher_w_ptr, teacher_lse_ptr, coef_q_ptr, coef_log_q_ptr,
+    teacher_x_ptr, teacher_w_ptr, teacher_lse_ptr, coef_q_ptr, coef_log_q_ptr, hard_threshold_ptr, hard_coef_ptr,
     N, D, E, stride_x, stride_w, stride_g, stride_k, stride_tx, stride_tw, c_begin, c_end, softcap, jsd_beta,
     jsd_one_minus_beta,
     HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COST: tl.constexpr,
@@ -470,9 +486,10 @@ def streaming_ce_grad_logits_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_DOTS: tl.constexpr = False,
     EVEN_D: tl.constexpr = False, EVEN_E: tl.constexpr = False, GROUP_N: tl.constexpr = 8,
     SUBCENTERS: tl.constexpr = 1, HAS_ENTROPY: tl.constexpr = False, HAS_TEACHER: tl.constexpr = False,
-    JSD: tl.constexpr = False,
+    JSD: tl.constexpr = False, HAS_HARD_NEGATIVES: tl.constexpr = False,
 ):
-    """With HAS_TEACHER (distillation; E the teacher's width) the teacher's tile z^T is recomputed and
+    """With HAS_HARD_NEGATIVES the hard negatives' z and dz/da are re-weighted (_reweight_hard_negatives). With
+    HAS_TEACHER (distillation; E the teacher's width) the teacher's tile z^T is recomputed and
     −coef_q·q + coef_log_q·p·log q added, q = exp(z^T − teacher_lse) (engine.py); with JSD as well,
     coef_log_q·p·log(p/m) instead, m = (1 − jsd_beta)·p + jsd_beta·q. With SUBCENTERS = K > 1, grad has (c_end − c_begin)·K columns, the rows of w of the chunk's classes,
     and must come zeroed: a class's dL/da is stored at its winning sub-centre only (the target's at
@@ -491,6 +508,8 @@ def streaming_ce_grad_logits_kernel(
     coef_p = tl.load(coef_p_ptr + rows, mask=row_mask, other=0.0)
     coef_u = tl.load(coef_u_ptr + rows, mask=row_mask, other=0.0)
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+    if HAS_HARD_NEGATIVES:
+        z, chain = _reweight_hard_negatives(z, chain, hard_threshold_ptr, hard_coef_ptr, rows, row_mask)
     target_grad = tl.load(target_grad_ptr + rows, mask=row_mask, other=0.0)
     log_p = z - lse[:, None]
     p = tl.exp(log_p)

@@ -127,6 +127,14 @@ def _flags(spec):
                 HAS_SOFTCAP=spec.softcap is not None)
 
 
+def _hard_negative_args(spec, placeholder):
+    """(threshold, coefs) pointers of the hard-negative re-weighting and its flag; unread placeholders without it."""
+    hard = spec.hard_negatives
+    if hard is None:
+        return (placeholder, placeholder), dict(HAS_HARD_NEGATIVES=False)
+    return (fp32(hard.threshold), fp32(hard.coefs)), dict(HAS_HARD_NEGATIVES=True)
+
+
 def _pointer_args(x, spec):
     # Unused optional pointers still need a tensor argument; the constexpr flags keep them unread.
     col_scale = spec.col_scale if spec.col_scale is not None else spec.row_scale
@@ -247,18 +255,20 @@ class TritonTiles:
         col_scale, bias, softcap = _pointer_args(x, spec)
         cost_args, E, stride_k = _cost_pointer_args(cost, spec, w, part[0])
         teacher_args, E, stride_tx, stride_tw = _teacher_pointer_args(teacher, x, E)
+        hard_args, hard_flag = _hard_negative_args(spec, part[-1])
         if N > 0:
             with on_device(x):
                 streaming_ce_fwd_kernel[(row_blocks * splits,)](
                     x, w, fp32(spec.row_scale), fp32(col_scale), bias, spec.target, fp32(spec.target_logit),
                     part[0], part[1], part[2 if need_sum_logits else 1], *cost_args, part[-1], part[-1],
-                    *teacher_args, part[2] if teacher is not None else part[-1],
+                    *teacher_args, part[2] if teacher is not None else part[-1], *hard_args,
                     N, C, D, E, stride_x, stride_w, stride_k, stride_tx, stride_tw, per_split, splits, softcap,
                     NEED_SUM_LOGITS=need_sum_logits, DOT_PRECISION=_dot_precision(x), FROM_DOTS=from_dots,
                     EVEN_D=D % blocks["BLOCK_D"] == 0, HAS_COST=cost is not None,
                     COST_DOT_PRECISION=_dot_precision(cost_args[1] if teacher is None else teacher_args[0]),
                     EVEN_E=E % blocks["BLOCK_D"] == 0, SUBCENTERS=spec.subcenters, HAS_ENTROPY=entropy,
-                    HAS_TEACHER=teacher is not None, **_flags(spec), **_without(blocks, "GROUP_N"), **launch)
+                    HAS_TEACHER=teacher is not None, **hard_flag, **_flags(spec), **_without(blocks, "GROUP_N"),
+                    **launch)
         lse, second, third, fourth = (torch.empty(N, dtype=torch.float32, device=x.device) for _ in range(4))
         if N > 0:
             with on_device(x):  # one launch instead of ~10 small ops
@@ -343,13 +353,14 @@ class TritonTiles:
         teacher_args, E, stride_tx, stride_tw = _teacher_pointer_args(teacher, x, E)
         teacher_rows = (lse, lse, lse) if teacher is None else (fp32(teacher.lse), fp32(teacher.coef_q),
                                                                 fp32(teacher.coef_log_q))
+        hard_args, hard_flag = _hard_negative_args(spec, lse)
         if N > 0:
             with on_device(x):
                 streaming_ce_grad_logits_kernel[grid](
                     x, w, fp32(spec.row_scale), fp32(col_scale), bias, spec.target,
                     fp32(lse), fp32(coef_p), fp32(coef_u), fp32(target_grad), grad, *cost_args, coef_cost,
                     spec.target if spec.target_subcenter is None else spec.target_subcenter.contiguous(),
-                    lse if entropy_coef is None else fp32(entropy_coef), *teacher_args, *teacher_rows,
+                    lse if entropy_coef is None else fp32(entropy_coef), *teacher_args, *teacher_rows, *hard_args,
                     N, D, E, stride_x, stride_w, grad.stride(0), stride_k, stride_tx, stride_tw, c0, c1, softcap,
                     *((1.0, 0.0) if teacher is None or teacher.jsd_beta is None
                       else (float(teacher.jsd_beta), 1.0 - float(teacher.jsd_beta))),
@@ -358,6 +369,6 @@ class TritonTiles:
                     EVEN_E=E % blocks["BLOCK_D"] == 0,
                     COST_DOT_PRECISION=_dot_precision(cost_args[1] if teacher is None else teacher_args[0]),
                     SUBCENTERS=spec.subcenters, HAS_ENTROPY=entropy_coef is not None, HAS_TEACHER=teacher is not None,
-                    JSD=teacher is not None and teacher.jsd_beta is not None,
+                    JSD=teacher is not None and teacher.jsd_beta is not None, **hard_flag,
                     **_flags(spec), **_without(blocks, "FLATTEN"), **launch)
         return grad

@@ -233,3 +233,18 @@ def test_a_nan_margin_on_an_ignored_row_stays_there(normalize, monkeypatch):
     from tests.helpers import check_nan_margin_on_an_ignored_row
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
     check_nan_margin_on_an_ignored_row(DEVICE, torch.float32, normalize)
+
+
+@pytest.mark.parametrize("case", [dict(), dict(coefficients=(0.0, 1.12, 0.12), m2=0.0, m3=0.35, label_smoothing=0.1),
+                                  dict(coefficients=(-0.5, 1.3, 0.25), m3=0.1), dict(subcenters=3),
+                                  dict(coefficients=(0.0, 2e5, 0.0))],
+                         ids=["curricular", "mv-am-smoothing", "any-quadratic", "subcenters", "steep"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_hard_negatives_match_the_materialised_definition(case, dtype, monkeypatch):
+    """The hard-negative re-weighting (HAS_HARD_NEGATIVES in both streaming kernels; CurricularFace, MV-Softmax):
+    loss and both gradients against the official-style float64 formula (tests/test_hard_negatives.py runs the CPU
+    backends); fp16 through the scaled 16-bit G, whose bound counts the re-weighted slope ("steep": without it, the
+    hard cells' dL/da would pass fp16's 65504 and saturate)."""
+    from tests.helpers import check_hard_negatives_match_oracle
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    check_hard_negatives_match_oracle(DEVICE, dtype, **case)

@@ -1,0 +1,127 @@
+"""Margin losses that re-weight hard negatives: CurricularFace and MV-Softmax.
+
+Both are CombinedMarginLoss (ArcFace's or CosFace's target logit, class centres, PartialFC sampling, sub-centres)
+whose non-target classes with a cosine above the row's target cosine with its margin, c_j > ψ(cos θ_y), get a
+larger cosine h(c_j): margin_cross_entropy's `hard_negatives` (a, b, d), h(c) = a·c² + b·c + d, an epilogue of the
+streaming kernels, so the N × C logits (and the official heads' N × C masks and clones) never exist.
+
+The target logit is marginkern's monotone ψ (DESIGN.md §4), where the official heads switch to cos θ − m·sin m
+(CurricularFace) or drop the margin (MV-Softmax's ArcFace variant, for cos θ_y ≤ 0) past θ_y + m = π; the mask uses
+ψ as theirs uses cos(θ_y + m) (the same where θ_y + m ≤ π). Elsewhere they agree to rounding
+(tests/test_hard_negatives.py holds each against its official formula).
+"""
+import torch
+
+from .adaptive_margins import _refuse_options
+from .checks import check_finite, check_target_tensor
+from .modules import CombinedMarginLoss, Float32Buffers
+
+
+def _buffer_dtype(weight):
+    """fp64 for an fp64 head, else fp32 (Float32Buffers keeps it so under casts)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+class CurricularFaceLoss(Float32Buffers, CombinedMarginLoss):
+    """CurricularFace (Huang et al., CVPR 2020): ArcFace whose hard negatives (cos θ_j > cos(θ_y + m)) get the cosine
+    c_j·(t + c_j), with t a running mean of the target cosine: early in training t ≈ 0 and hard negatives weigh
+    less than plain ones (easy samples first), later t grows and they weigh more.
+
+    t (buffer `t`, from 0 as the official head) moves by momentum·(this batch's mean cos θ_y − t) in every
+    training-mode forward, over the non-ignored rows, before this step's re-weighting uses it, and is stored only
+    once the step's loss is computed; eval mode leaves it as it is. It has no gradient (the official head's
+    no_grad), and stays in fp32 under module casts. The defaults are the official head's (s = 64, m = 0.5,
+    momentum 0.01). Other keyword arguments are CombinedMarginLoss's (normalize is always True); with sample_rate
+    < 1 the re-weighting acts on the sampled classes.
+    """
+
+    _float32_buffers = ("t",)
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, momentum=0.01, **kwargs):
+        check_finite("margin", margin, 0.0)
+        check_finite("momentum", momentum, 0.0, 1.0)
+        _refuse_options(kwargs, ("normalize",), "CurricularFace's logits are cosines")
+        super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
+        self.margin, self.momentum = float(margin), float(momentum)
+        self.register_buffer("t", torch.zeros(1, dtype=_buffer_dtype(self.weight), device=self.weight.device))
+        self._pending_t = None
+
+    def reset_parameters(self):
+        """The class centres, and t back to 0 (also after deferred, meta-device initialisation)."""
+        super().reset_parameters()
+        if getattr(self, "t", None) is not None and not self.t.is_meta:  # (called by __init__ first)
+            self.t.zero_()
+
+    def forward(self, embeddings, target):
+        # t moves only once the loss is computed: a step that raises leaves it as it was
+        self._pending_t = None
+        loss = super().forward(embeddings, target)
+        if self._pending_t is not None:
+            with torch.no_grad():
+                self.t.copy_(self._pending_t)
+            self._pending_t = None
+        return loss
+
+    def _step_options(self, embeddings, target):
+        check_target_tensor(target, embeddings.shape[0])
+        t = self.t
+        if self.training:  # the official head moves t before the re-weighting uses it
+            t = self._pending_t = self._updated_t(embeddings, target)
+        return {"hard_negatives": torch.cat([torch.ones_like(t), t, torch.zeros_like(t)])}
+
+    @torch.no_grad()
+    def _updated_t(self, embeddings, target):
+        """t moved toward the valid rows' mean target cosine, without a host sync (masks, not indexing)."""
+        valid = target != self.options["ignore_index"]
+        # out-of-range targets read a clamped class here; the loss raises on them before t is stored
+        labels = torch.where(valid, target, 0).long().clamp(0, self.num_classes - 1)
+        cosine = self._subcenter_cosines(embeddings, labels).amax(1).clamp(-1.0, 1.0).to(self.t.dtype)
+        weights = valid.to(cosine.dtype)
+        count = weights.sum()
+        mean = (cosine * weights).sum() / count.clamp_min(1.0)
+        moved = self.momentum * mean + (1.0 - self.momentum) * self.t
+        return torch.where(count >= 1, moved, self.t)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", momentum={self.momentum}"
+
+
+class MVSoftmaxLoss(Float32Buffers, CombinedMarginLoss):
+    """MV-Softmax (Wang et al., AAAI 2020, "Mis-classified Vector Guided Softmax Loss"; FaceX-Zoo's MV_Softmax):
+    CosFace's (margin_type="cos", the paper's MV-AM-Softmax) or ArcFace's ("arc", MV-Arc-Softmax) target logit,
+    and every mis-classified negative (cos θ_j above the target's margin cosine) gets the cosine
+    mv_weight·cos θ_j + mv_weight − 1 (the paper's (t + 1)·cos θ_j + t with t = mv_weight − 1). The defaults are
+    FaceX-Zoo's (s = 32, m = 0.35, mv_weight = 1.12). Other keyword arguments are CombinedMarginLoss's (normalize is
+    always True).
+    """
+
+    _float32_buffers = ("hard_negative_coefficients",)
+
+    def __init__(self, embedding_dim, num_classes, scale=32.0, margin=0.35, mv_weight=1.12, margin_type="cos",
+                 **kwargs):
+        check_finite("margin", margin, 0.0)
+        check_finite("mv_weight", mv_weight)
+        if margin_type not in ("cos", "arc"):
+            raise ValueError(f"margin_type must be 'cos' (CosFace's margin) or 'arc' (ArcFace's), got {margin_type!r}")
+        _refuse_options(kwargs, ("normalize",), "MV-Softmax's logits are cosines")
+        m2, m3 = (0.0, margin) if margin_type == "cos" else (margin, 0.0)
+        super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
+        self.margin, self.mv_weight, self.margin_type = float(margin), float(mv_weight), margin_type
+        # a buffer (not saved): read on the device each step without a host-to-device copy
+        self.register_buffer("hard_negative_coefficients", self._coefficients(self.weight.device), persistent=False)
+
+    def _coefficients(self, device):
+        return torch.tensor([0.0, self.mv_weight, self.mv_weight - 1.0], dtype=_buffer_dtype(self.weight),
+                            device=device)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        coefficients = getattr(self, "hard_negative_coefficients", None)
+        if coefficients is not None and not coefficients.is_meta:  # after meta-device initialisation and to_empty
+            coefficients.copy_(self._coefficients(coefficients.device))
+
+    def _step_options(self, embeddings, target):
+        return {"hard_negatives": self.hard_negative_coefficients}
+
+    def extra_repr(self):
+        return super().extra_repr() + f", mv_weight={self.mv_weight}, margin_type={self.margin_type!r}"
