@@ -36,10 +36,11 @@ from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
 from .adaptive_margins import AdaFaceMargins, MagFaceMargins
-from .functional import _lm_rows, linear_ce_outputs, row_margin_offsets
+from .functional import _lm_rows, hard_negative_coefficients, linear_ce_outputs, row_margin_offsets
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward, target_class_weights
 from .log_probs import log_probs_backward, log_probs_forward
 from .margin_ce import MarginOptions, local_columns, margin_ce_backward, margin_ce_forward, row_margin_grads
+from .hard_negatives import CurricularFaceT, MVSoftmaxCoefficients
 from .modules import LambdaAnnealing
 from .reference import reduce_rows
 from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
@@ -237,11 +238,14 @@ def _checksum(t):
     return (rows * torch.arange(1, rows.numel() + 1, device=rows.device, dtype=torch.int64)).sum()
 
 
-def _rows_checksum(input, row_margins=None):
-    """_checksum of the input, with its per-row margins (the same on every rank too) when there are some."""
-    if row_margins is None:
-        return _checksum(input)
-    return _checksum(input) * 1_000_003 + _checksum(row_margins)  # int64 wraps around: still equal for equal bits
+def _rows_checksum(input, *extras):
+    """_checksum of the input, with the step's tensors that must be the same on every rank too (per-row margins,
+    hard-negative coefficients) when there are some (None: none)."""
+    total = _checksum(input)
+    for extra in extras:
+        if extra is not None:
+            total = total * 1_000_003 + _checksum(extra)  # int64 wraps around: still equal for equal bits
+    return total
 
 
 _STEP_FIELDS = ("argument error", "input rows", "input width", "num_classes", "class sampling (train mode)",
@@ -269,7 +273,8 @@ def _needs_grad(tensors):
 
 
 def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local_error,
-                 op="sharded_margin_cross_entropy", options=(), differentiable=(), row_margins=None):
+                 op="sharded_margin_cross_entropy", options=(), differentiable=(), row_margins=None,
+                 hard_negatives=None):
     """Every rank's step must see the same input, targets, num_classes and mode, and the targets must be
     valid class ids. One all-gather of a few int64 per rank and one host sync (the single-process loss
     checks its targets with a sync too); every rank raises the same error, so none is left waiting in a
@@ -291,7 +296,7 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
     if local_error is None:
         bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
         fields = [zero, zero + input.shape[0], zero + input.shape[1], zero + num_classes, zero + int(sampled),
-                  _checksum(target), _rows_checksum(input, row_margins), bad.sum(),
+                  _checksum(target), _rows_checksum(input, row_margins, hard_negatives), bad.sum(),
                   torch.where(bad, target, torch.iinfo(torch.int64).max).min() if target.numel() else zero,
                   _options_checksum((ignore_index,) + tuple(options), device), zero + int(_needs_grad(differentiable))]
     else:
@@ -312,12 +317,14 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
                                  f"0..{world_size - 1} (they would run different collectives)")
             raise ValueError(f"every rank must pass the same {what}, got {values} on ranks 0..{world_size - 1}")
     if len({(c[5], c[6]) for c in seen}) > 1:
-        raise ValueError("input and target (and per-row margins) must be the same on every rank (the all-gathered "
+        raise ValueError("input and target (and per-row margins, hard-negative coefficients) must be the same on every "
+                         "rank (the all-gathered "
                          "embeddings and labels: "
                          "marginkern.distributed.gather_embeddings); they differ across ranks 0.."
                          f"{world_size - 1}, so rows of different samples would be mixed"
-                         + ("" if row_margins is None else " (margins that depend on the module's mode, as AdaFace's "
-                            "statistics do, also differ when ranks are in different train/eval modes)"))
+                         + ("" if row_margins is None and hard_negatives is None else
+                            " (margins or coefficients that depend on the module's mode, as AdaFace's and "
+                            "CurricularFace's statistics do, also differ when ranks are in different train/eval modes)"))
     if len({c[9] for c in seen}) > 1:
         raise ValueError(f"{op}: every rank must pass the same options (ignore_index, and the loss's scale, margins, "
                          f"temperature, reduction, ...); they differ across ranks 0..{world_size - 1}")
@@ -343,13 +350,15 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
     """Per-row loss over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard local."""
 
     @staticmethod
-    def forward(ctx, input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions, row_margins=None):
+    def forward(ctx, input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions, row_margins=None,
+                hard_negatives=None):
         input, weight_shard = input.contiguous(), weight_shard.contiguous()
-        tiles = _tiles(input, opts)
+        tiles = _tiles(input, opts, hard_negatives)
         with torch.autocast(input.device.type, enabled=False):  # the engine picks its GEMM precision itself
             loss_rows, lse, row_state, col_norm = margin_ce_forward(input, weight_shard, target, opts, tiles, shard,
-                                                                    keep_geometry=True, row_margins=row_margins)
-        ctx.save_for_backward(input, weight_shard, target, lse, row_state, col_norm, row_margins)
+                                                                    keep_geometry=True, row_margins=row_margins,
+                                                                    hard_negatives=hard_negatives)
+        ctx.save_for_backward(input, weight_shard, target, lse, row_state, col_norm, row_margins, hard_negatives)
         ctx.shard, ctx.opts = shard, opts
         return loss_rows
 
@@ -357,26 +366,29 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():  # create_graph=True: the engine's backward is not differentiable again
             raise RuntimeError("sharded_margin_cross_entropy cannot be differentiated twice (create_graph=True)")
-        input, weight_shard, target, lse, row_state, col_norm, row_margins = ctx.saved_tensors
+        input, weight_shard, target, lse, row_state, col_norm, row_margins, hard_negatives = ctx.saved_tensors
         need_weight_grad, grad_loss, opts = ctx.needs_input_grad[1], grad_loss.contiguous(), ctx.opts
         # dL/dinput is computed (and all-reduced) even when only the weight needs it: every rank must join
         # the same collectives, whatever its own requires_grad flags say.
         with torch.autocast(input.device.type, enabled=False):
             grad_input, grad_weight = margin_ce_backward(
-                grad_loss, input, weight_shard, target, lse, opts, _tiles(input, opts), need_weight_grad, ctx.shard,
-                saved=(row_state, None if col_norm.numel() == 0 else col_norm), row_margins=row_margins)
+                grad_loss, input, weight_shard, target, lse, opts, _tiles(input, opts, hard_negatives), need_weight_grad,
+                ctx.shard, saved=(row_state, None if col_norm.numel() == 0 else col_norm), row_margins=row_margins,
+                hard_negatives=hard_negatives)
         grad_margins = None
         if row_margins is not None and ctx.needs_input_grad[5]:  # on every rank (agreed in the forward), or none
             num_local = weight_shard.shape[0] // opts.subcenters
             grad_margins = ctx.shard.sum_rows(row_margin_grads(row_state, lse, grad_loss, target, opts,
                                                                ctx.shard.num_classes, row_margins, num_local,
                                                                ctx.shard.start))
-        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None, grad_margins
+        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None, grad_margins, None
 
 
-def _tiles(input, opts: MarginOptions):
+def _tiles(input, opts: MarginOptions, hard_negatives=None):
     """The tile backend of the sharded loss: the engine's loop over tiles, whose C++ and CUDA ones have no
-    sub-centres (the C++ margin step that has them is for a whole, unsharded loss)."""
+    sub-centres (the C++ margin step that has them is for a whole, unsharded loss) nor hard negatives."""
+    if hard_negatives is not None:
+        return select_tiles_except(("cpp", "cuda"), "hard-negative re-weighting", input.device, input.dtype)
     if opts.subcenters == 1:
         return select_tiles(input.device, input.dtype)
     return select_tiles_except(("cpp", "cuda"), "sub-centres for the class-sharded loss", input.device, input.dtype)
@@ -384,7 +396,7 @@ def _tiles(input, opts: MarginOptions):
 
 def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, num_classes, group=None, scale=64.0,
                                  m1=1.0, m2=0.5, m3=0.0, normalize=True, margin_grad="exact", label_smoothing=0.0,
-                                 ignore_index=-100, reduction="mean", subcenters=1, lambda_=0.0):
+                                 ignore_index=-100, reduction="mean", subcenters=1, lambda_=0.0, hard_negatives=None):
     """marginkern.margin_cross_entropy with the class centres sharded across the ranks of `group`.
 
     Every rank of `group` (None: the default group) calls this with the SAME `input` (N, D) and `target` (N,)
@@ -395,7 +407,8 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     and the result are those of `marginkern.margin_cross_entropy(input, cat(all shards), target, ...)`,
     identical on every rank; per-row (N,) tensor margins m2/m3 (AdaFace, MagFace) too, the same on every rank
     (checked with the input), their gradient summed from the ranks that hold each row's target (one more
-    all-reduce of (N, 2)).
+    all-reduce of (N, 2)); `hard_negatives` (CurricularFace, MV-Softmax) too, the same on every rank (checked), each
+    row's threshold T all-reduced from its target's rank (one more all-reduce of (N,) floats per pass).
 
     Gradients: dL/dinput is the full gradient (the sum over the shards), identical on every rank; gather the
     embeddings with `gather_embeddings`, whose backward pass takes this rank's rows without communicating
@@ -408,6 +421,7 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
         row_margins, m2, m3 = row_margin_offsets(input, m2, m3)
+        hard_negatives = hard_negative_coefficients(input, hard_negatives, check_bool("normalize", normalize))
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
         subcenters = check_subcenters(subcenters, check_bool("normalize", normalize))
@@ -420,9 +434,10 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     # whether the margins need a gradient is agreed too: their backward all-reduce runs on every rank, or on none
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
                  options=() if local_error else dataclasses.astuple(opts) + (reduction, _needs_grad((row_margins,))),
-                 differentiable=(input, weight_shard, row_margins), row_margins=row_margins)
+                 differentiable=(input, weight_shard, row_margins), row_margins=row_margins,
+                 hard_negatives=None if local_error else hard_negatives)
     return _sharded_loss(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group), opts,
-                         reduction, row_margins)
+                         reduction, row_margins, hard_negatives)
 
 
 class _ShardedLinearCrossEntropy(torch.autograd.Function):
@@ -693,8 +708,8 @@ def _margin_options(scale, m1, m2, m3, normalize, margin_grad, label_smoothing, 
 
 
 def _sharded_loss(input, weight_shard, target, shard: ProcessGroupShard, opts: MarginOptions, reduction,
-                  row_margins=None):
-    loss_rows = _ShardedMarginCrossEntropy.apply(input, weight_shard, target, shard, opts, row_margins)
+                  row_margins=None, hard_negatives=None):
+    loss_rows = _ShardedMarginCrossEntropy.apply(input, weight_shard, target, shard, opts, row_margins, hard_negatives)
     return reduce_rows(loss_rows, target != opts.ignore_index, reduction)
 
 
@@ -803,9 +818,10 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
             check_target_tensor(target, embeddings.shape[0])
             target = target.long()  # uint8 indices would index as a mask
             o = {**o, **(self._step_options(embeddings, target) if row_margins is None else row_margins)}
-            margins = None
+            margins = hard = None
             if sampled:  # (unsampled, sharded_margin_cross_entropy makes them from o itself)
                 margins, o["m2"], o["m3"] = row_margin_offsets(embeddings, o["m2"], o["m3"])
+                hard = hard_negative_coefficients(embeddings, o.pop("hard_negatives", None), o["normalize"])
         except (TypeError, ValueError) as e:  # raised on this rank by the agreement check, which the others join
             _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], sampled, e)
         if not sampled:
@@ -816,13 +832,13 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
         # before _sampled_shards' own collective: a rank in eval mode joins this one too, and all raise
         _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], True, None,
                      options=tuple(sorted(o.items())) + (self.sample_rate, _needs_grad((margins,))),
-                     differentiable=(embeddings, weight, margins), row_margins=margins)
+                     differentiable=(embeddings, weight, margins), row_margins=margins, hard_negatives=hard)
         weight, target, shard, _ = _sampled_shards(weight, target, self.class_start, self.sample_rate,
                                                    o["ignore_index"], self.group, self.subcenters)
         weight = weight.to(embeddings.dtype)  # the sampled rows only (a no-op when the dtypes agree)
         check_classification_inputs(embeddings, weight, target, weight_name="weight")
         opts = _margin_options(**{**o, "ignore_index": IGNORED})
-        return _sharded_loss(embeddings, weight, target, shard, opts, o["reduction"], margins)
+        return _sharded_loss(embeddings, weight, target, shard, opts, o["reduction"], margins, hard)
 
     def extra_repr(self):
         extra = f", classes=[{self.class_start}, {self.class_start + self.weight.shape[0] // self.subcenters})"
@@ -880,3 +896,52 @@ class ShardedMagFaceLoss(MagFaceMargins, ShardedCombinedMarginLoss):
         self._check_magface(lower_margin, upper_margin, lower_norm, upper_norm, lambda_g, kwargs)
         super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=scale, **kwargs)
         self._init_magface(lower_margin, upper_margin, lower_norm, upper_norm, lambda_g)
+
+
+class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
+    """CurricularFace (marginkern.CurricularFaceLoss: hard negatives re-weighted by c·(t + c)) over class centres
+    sharded across `group`. t's batch mean sums the target cosines from the ranks that hold them (one all-reduce of
+    two numbers, after an agreement check of the step's arguments: a rank with bad ones must not leave the others
+    waiting in it), so t stays the same on every rank."""
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, momentum=0.01, **kwargs):
+        self._check_curricular(margin, momentum, kwargs)
+        super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
+        self._init_curricular(margin, momentum)
+
+    def forward(self, embeddings, target):
+        if self.training:  # t's all-reduce runs only after every rank has seen valid, equal arguments
+            local_error = None
+            try:
+                check_tensor("embeddings", embeddings)
+                check_module_embeddings(embeddings, self.embedding_dim)
+                check_target_tensor(target, embeddings.shape[0])
+            except (TypeError, ValueError) as e:
+                local_error = e
+            _ranks_agree(self.group, embeddings, target, self.num_classes, self.options["ignore_index"],
+                         self.sample_rate < 1.0, local_error)
+        return super().forward(embeddings, target)
+
+    def _target_cosine_sum(self, embeddings, target, valid):
+        K, num_local = self.subcenters, self.weight.shape[0] // self.subcenters
+        local = target.long() - self.class_start
+        owned = valid & (local >= 0) & (local < num_local)
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        centres = self.weight.detach().unflatten(0, (num_local, K))[torch.where(owned, local, 0)]  # (N, K, D)
+        x = nn.functional.normalize(embeddings.detach().to(acc), dim=1)
+        cosine = torch.linalg.vecdot(nn.functional.normalize(centres.to(acc), dim=2), x[:, None, :]).amax(1)
+        owned = owned.to(self.t.dtype)
+        sums = torch.stack([(cosine.clamp(-1.0, 1.0).to(self.t.dtype) * owned).sum(), owned.sum()])
+        dist.all_reduce(sums, group=self.group)
+        return sums[0], sums[1]
+
+
+class ShardedMVSoftmaxLoss(MVSoftmaxCoefficients, ShardedCombinedMarginLoss):
+    """MV-Softmax (marginkern.MVSoftmaxLoss: mis-classified negatives re-weighted by w·c + w − 1) over class centres
+    sharded across `group`."""
+
+    def __init__(self, embedding_dim, num_classes, scale=32.0, margin=0.35, mv_weight=1.12, margin_type="cos",
+                 **kwargs):
+        m2, m3 = self._check_mv(margin, mv_weight, margin_type, kwargs)
+        super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
+        self._init_mv(margin, mv_weight, margin_type)

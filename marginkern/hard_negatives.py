@@ -3,7 +3,8 @@
 Both are CombinedMarginLoss (ArcFace's or CosFace's target logit, class centres, PartialFC sampling, sub-centres)
 whose non-target classes with a cosine above the row's target cosine with its margin, c_j > ψ(cos θ_y), get a
 larger cosine h(c_j): margin_cross_entropy's `hard_negatives` (a, b, d), h(c) = a·c² + b·c + d, an epilogue of the
-streaming kernels, so the N × C logits (and the official heads' N × C masks and clones) never exist.
+streaming kernels, so the N × C logits (and the official heads' N × C masks and clones) never exist. The mixins
+serve the class-sharded modules too (marginkern.distributed.ShardedCurricularFaceLoss, ShardedMVSoftmaxLoss).
 
 The target logit is marginkern's monotone ψ (DESIGN.md §4), where the official heads switch to cos θ − m·sin m
 (CurricularFace) or drop the margin (MV-Softmax's ArcFace variant, for cos θ_y ≤ 0) past θ_y + m = π; the mask uses
@@ -22,26 +23,20 @@ def _buffer_dtype(weight):
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-class CurricularFaceLoss(Float32Buffers, CombinedMarginLoss):
-    """CurricularFace (Huang et al., CVPR 2020): ArcFace whose hard negatives (cos θ_j > cos(θ_y + m)) get the cosine
-    c_j·(t + c_j), with t a running mean of the target cosine: early in training t ≈ 0 and hard negatives weigh
-    less than plain ones (easy samples first), later t grows and they weigh more.
-
-    t (buffer `t`, from 0 as the official head) moves by momentum·(this batch's mean cos θ_y − t) in every
-    training-mode forward, over the non-ignored rows, before this step's re-weighting uses it, and is stored only
-    once the step's loss is computed; eval mode leaves it as it is. It has no gradient (the official head's
-    no_grad), and stays in fp32 under module casts. The defaults are the official head's (s = 64, m = 0.5,
-    momentum 0.01). Other keyword arguments are CombinedMarginLoss's (normalize is always True); with sample_rate
-    < 1 the re-weighting acts on the sampled classes.
-    """
+class CurricularFaceT(Float32Buffers):
+    """CurricularFace's running mean target cosine t and the coefficients (1, t, 0) it gives (CurricularFaceLoss; the
+    sharded module sums the target cosines over the ranks that hold them)."""
 
     _float32_buffers = ("t",)
 
-    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, momentum=0.01, **kwargs):
+    @staticmethod
+    def _check_curricular(margin, momentum, kwargs):
         check_finite("margin", margin, 0.0)
         check_finite("momentum", momentum, 0.0, 1.0)
         _refuse_options(kwargs, ("normalize",), "CurricularFace's logits are cosines")
-        super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
+
+    def _init_curricular(self, margin, momentum):
+        """After the base's __init__ (the buffer goes to the weight's device)."""
         self.margin, self.momentum = float(margin), float(momentum)
         self.register_buffer("t", torch.zeros(1, dtype=_buffer_dtype(self.weight), device=self.weight.device))
         self._pending_t = None
@@ -72,40 +67,58 @@ class CurricularFaceLoss(Float32Buffers, CombinedMarginLoss):
     @torch.no_grad()
     def _updated_t(self, embeddings, target):
         """t moved toward the valid rows' mean target cosine, without a host sync (masks, not indexing)."""
-        valid = target != self.options["ignore_index"]
+        total, count = self._target_cosine_sum(embeddings, target, target != self.options["ignore_index"])
+        moved = self.momentum * total / count.clamp_min(1.0) + (1.0 - self.momentum) * self.t
+        return torch.where(count >= 1, moved, self.t)
+
+    def _target_cosine_sum(self, embeddings, target, valid):
+        """(Σ cos θ_y over the valid rows, their count), in t's dtype (clamped to [−1, 1]; with sub-centres the best
+        one's, as the loss's)."""
         # out-of-range targets read a clamped class here; the loss raises on them before t is stored
         labels = torch.where(valid, target, 0).long().clamp(0, self.num_classes - 1)
         cosine = self._subcenter_cosines(embeddings, labels).amax(1).clamp(-1.0, 1.0).to(self.t.dtype)
         weights = valid.to(cosine.dtype)
-        count = weights.sum()
-        mean = (cosine * weights).sum() / count.clamp_min(1.0)
-        moved = self.momentum * mean + (1.0 - self.momentum) * self.t
-        return torch.where(count >= 1, moved, self.t)
+        return (cosine * weights).sum(), weights.sum()
 
     def extra_repr(self):
         return super().extra_repr() + f", momentum={self.momentum}"
 
 
-class MVSoftmaxLoss(Float32Buffers, CombinedMarginLoss):
-    """MV-Softmax (Wang et al., AAAI 2020, "Mis-classified Vector Guided Softmax Loss"; FaceX-Zoo's MV_Softmax):
-    CosFace's (margin_type="cos", the paper's MV-AM-Softmax) or ArcFace's ("arc", MV-Arc-Softmax) target logit,
-    and every mis-classified negative (cos θ_j above the target's margin cosine) gets the cosine
-    mv_weight·cos θ_j + mv_weight − 1 (the paper's (t + 1)·cos θ_j + t with t = mv_weight − 1). The defaults are
-    FaceX-Zoo's (s = 32, m = 0.35, mv_weight = 1.12). Other keyword arguments are CombinedMarginLoss's (normalize is
-    always True).
+class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
+    """CurricularFace (Huang et al., CVPR 2020): ArcFace whose hard negatives (cos θ_j > cos(θ_y + m)) get the cosine
+    c_j·(t + c_j), with t a running mean of the target cosine: early in training t ≈ 0 and hard negatives weigh
+    less than plain ones (easy samples first), later t grows and they weigh more.
+
+    t (buffer `t`, from 0 as the official head) moves by momentum·(this batch's mean cos θ_y − t) in every
+    training-mode forward, over the non-ignored rows, before this step's re-weighting uses it, and is stored only
+    once the step's loss is computed; eval mode leaves it as it is. It has no gradient (the official head's
+    no_grad), and stays in fp32 under module casts. The defaults are the official head's (s = 64, m = 0.5,
+    momentum 0.01). Other keyword arguments are CombinedMarginLoss's (normalize is always True); with sample_rate
+    < 1 the re-weighting acts on the sampled classes.
     """
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, momentum=0.01, **kwargs):
+        self._check_curricular(margin, momentum, kwargs)
+        super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
+        self._init_curricular(margin, momentum)
+
+
+class MVSoftmaxCoefficients(Float32Buffers):
+    """MV-Softmax's fixed coefficients (0, w, w − 1) as a buffer (MVSoftmaxLoss; the sharded module)."""
 
     _float32_buffers = ("hard_negative_coefficients",)
 
-    def __init__(self, embedding_dim, num_classes, scale=32.0, margin=0.35, mv_weight=1.12, margin_type="cos",
-                 **kwargs):
+    @staticmethod
+    def _check_mv(margin, mv_weight, margin_type, kwargs):
+        """(m2, m3) of margin_type."""
         check_finite("margin", margin, 0.0)
         check_finite("mv_weight", mv_weight)
         if margin_type not in ("cos", "arc"):
             raise ValueError(f"margin_type must be 'cos' (CosFace's margin) or 'arc' (ArcFace's), got {margin_type!r}")
         _refuse_options(kwargs, ("normalize",), "MV-Softmax's logits are cosines")
-        m2, m3 = (0.0, margin) if margin_type == "cos" else (margin, 0.0)
-        super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
+        return (0.0, margin) if margin_type == "cos" else (margin, 0.0)
+
+    def _init_mv(self, margin, mv_weight, margin_type):
         self.margin, self.mv_weight, self.margin_type = float(margin), float(mv_weight), margin_type
         # a buffer (not saved): read on the device each step without a host-to-device copy
         self.register_buffer("hard_negative_coefficients", self._coefficients(self.weight.device), persistent=False)
@@ -125,3 +138,19 @@ class MVSoftmaxLoss(Float32Buffers, CombinedMarginLoss):
 
     def extra_repr(self):
         return super().extra_repr() + f", mv_weight={self.mv_weight}, margin_type={self.margin_type!r}"
+
+
+class MVSoftmaxLoss(MVSoftmaxCoefficients, CombinedMarginLoss):
+    """MV-Softmax (Wang et al., AAAI 2020, "Mis-classified Vector Guided Softmax Loss"; FaceX-Zoo's MV_Softmax):
+    CosFace's (margin_type="cos", the paper's MV-AM-Softmax) or ArcFace's ("arc", MV-Arc-Softmax) target logit,
+    and every mis-classified negative (cos θ_j above the target's margin cosine) gets the cosine
+    mv_weight·cos θ_j + mv_weight − 1 (the paper's (t + 1)·cos θ_j + t with t = mv_weight − 1). The defaults are
+    FaceX-Zoo's (s = 32, m = 0.35, mv_weight = 1.12). Other keyword arguments are CombinedMarginLoss's (normalize is
+    always True).
+    """
+
+    def __init__(self, embedding_dim, num_classes, scale=32.0, margin=0.35, mv_weight=1.12, margin_type="cos",
+                 **kwargs):
+        m2, m3 = self._check_mv(margin, mv_weight, margin_type, kwargs)
+        super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
+        self._init_mv(margin, mv_weight, margin_type)

@@ -228,15 +228,18 @@ def row_margin_grads(row_state, lse, grad_loss, target, opts: MarginOptions, num
     return torch.where((column >= 0)[:, None], torch.stack([grad_psi * dpsi_dm2, -grad_psi], 1), 0.0)
 
 
-def hard_negative_spec(hard_negatives: Optional[Tensor], target_logit: Tensor, column: Tensor,
-                       opts: MarginOptions) -> Optional[HardNegatives]:
+def hard_negative_spec(hard_negatives: Optional[Tensor], target_logit: Tensor, target: Tensor, opts: MarginOptions,
+                       shard: Optional[ClassShard] = None) -> Optional[HardNegatives]:
     """The engine's HardNegatives for cosine coefficients (a, b, d): with z = s·c, s·(a·c² + b·c + d) = (a/s)·z² +
-    b·z + d·s; the threshold is T, +inf where the row has no target column (nothing is hard on an ignored row)."""
+    b·z + d·s; the threshold is each row's T (sharded: summed from the slice that holds its target, one all-reduce of
+    (N,) floats: the other slices' T is 0), +inf on ignored rows (nothing is hard there)."""
     if hard_negatives is None:
         return None
+    if shard is not None:
+        target_logit = shard.sum_rows(target_logit)  # exact: one non-zero term per row, the same bits on every rank
     a, b, d = hard_negatives.unbind()
     s = opts.scale
-    threshold = torch.where(column >= 0, target_logit, torch.full_like(target_logit, float("inf")))
+    threshold = torch.where(target != opts.ignore_index, target_logit, torch.full_like(target_logit, float("inf")))
     return HardNegatives(torch.stack([a / s, b, d * s]), threshold, abs(s))
 
 
@@ -245,19 +248,12 @@ def _class_layout(w, shard: Optional[ClassShard], subcenters=1):
     return (0, w.shape[0] // subcenters) if shard is None else (shard.start, shard.num_classes)
 
 
-def _no_sharded_hard_negatives(shard, hard_negatives):
-    # a slice's rows whose target lives elsewhere would need the merged T before the pass over the classes
-    if shard is not None and hard_negatives is not None:
-        raise ValueError("hard_negatives (CurricularFace, MV-Softmax) are not available for class-sharded losses")
-
-
 def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[ClassShard] = None,
                       keep_geometry: bool = False, row_margins: Optional[Tensor] = None,
                       hard_negatives: Optional[Tensor] = None):
     """Per-row loss (0 on ignored rows) and per-row log-sum-exp over all C classes, both in the
     accumulation dtype; with keep_geometry also the (row state, class norms) pair that margin_ce_backward
     takes as `saved`."""
-    _no_sharded_hard_negatives(shard, hard_negatives)
     class_start, num_classes = _class_layout(w, shard, opts.subcenters)
     rows = getattr(tiles, "margin_target_rows", target_rows)(x, w, target, opts,
                                                               None if shard is None else class_start, row_margins)
@@ -265,7 +261,7 @@ def margin_ce_forward(x, w, target, opts: MarginOptions, tiles, shard: Optional[
     # torch.reciprocal, not 1.0 / t: one op instead of two (reciprocal, then mul) on a host-bound small step
     spec = LogitSpec(rows.row_scale, None if col_norm is None else torch.reciprocal(col_norm), None, None,
                      rows.column, rows.target_logit, opts.subcenters,
-                     hard_negatives=hard_negative_spec(hard_negatives, rows.target_logit, rows.column, opts))
+                     hard_negatives=hard_negative_spec(hard_negatives, rows.target_logit, target, opts, shard))
     eps = opts.label_smoothing
     lse, sum_logits = streaming_row_stats(x, w, spec, eps > 0, tiles)
     target_logit = rows.target_logit
@@ -286,7 +282,6 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
     """(dL/dx, dL/dw) for the per-row loss gradient `grad_loss`; with a shard, `lse` is the merged one
     and dL/dw is the gradient of this slice. `saved`: the forward's (row state, class norms)
     (margin_ce_forward's keep_geometry), recomputed when None."""
-    _no_sharded_hard_negatives(shard, hard_negatives)
     K = opts.subcenters
     class_start, C = _class_layout(w, shard, K)
     local_start = None if shard is None else class_start
@@ -302,7 +297,7 @@ def margin_ce_backward(grad_loss, x, w, target, lse, opts: MarginOptions, tiles,
     col_scale = torch.reciprocal(col_norm) if opts.normalize else None
     spec = LogitSpec(rows.row_scale, col_scale, None, None, rows.column, rows.target_logit, K,
                      None if K == 1 else row_state[:, 4].long(),
-                     hard_negative_spec(hard_negatives, rows.target_logit, rows.column, opts))
+                     hard_negative_spec(hard_negatives, rows.target_logit, target, opts, shard))
 
     if opts.normalize:
         # dL/dw = (I − ŵŵᵀ)·(dL/dŵ)/‖w‖, and the engine's raw dW already holds (dL/dŵ)/‖w‖.

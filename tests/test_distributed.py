@@ -247,12 +247,20 @@ def _sharded_row_margin_grads(rank, world_size, x, w, t, m2, m3, kwargs, differ=
     return (loss.detach(),) + torch.autograd.grad(loss, (x, shard, m2, m3))
 
 
+# kind: (sharded module, single-process module, their options, their statistics' buffers)
+STEP_MODULES = {
+    "adaface": ("ShardedAdaFaceLoss", "AdaFaceLoss", dict(t_alpha=0.3), ("batch_mean", "batch_std")),
+    "magface": ("ShardedMagFaceLoss", "MagFaceLoss", dict(lower_norm=1.0, upper_norm=20.0, lambda_g=2.0), ()),
+    "curricular": ("ShardedCurricularFaceLoss", "CurricularFaceLoss", dict(momentum=0.3), ("t",)),
+    "mv": ("ShardedMVSoftmaxLoss", "MVSoftmaxLoss", dict(margin_type="arc"), ()),
+}
+
+
 def _adaptive_module_steps(rank, world_size, kind, D, C, x, t, weight, sample_rate=1.0):
-    """Two training steps of the sharded AdaFace/MagFace module holding this rank's slice of `weight`: (losses,
-    dL/dx of each, dL/dweight_shard of each, the AdaFace statistics after them or None)."""
-    cls = mkd.ShardedAdaFaceLoss if kind == "adaface" else mkd.ShardedMagFaceLoss
-    kwargs = dict(t_alpha=0.3) if kind == "adaface" else dict(lower_norm=1.0, upper_norm=20.0, lambda_g=2.0)
-    module = cls(D, C, scale=16.0, dtype=torch.float64, sample_rate=sample_rate, **kwargs)
+    """Two training steps of the sharded module of `kind` (STEP_MODULES) holding this rank's slice of `weight`:
+    (losses, dL/dx of each, dL/dweight_shard of each, its statistics' buffers after them)."""
+    name, _, kwargs, buffers = STEP_MODULES[kind]
+    module = getattr(mkd, name)(D, C, scale=16.0, dtype=torch.float64, sample_rate=sample_rate, **kwargs)
     start, stop = mkd.shard_range(C, rank, world_size)
     with torch.no_grad():
         module.weight.copy_(weight[start:stop])
@@ -265,8 +273,7 @@ def _adaptive_module_steps(rank, world_size, kind, D, C, x, t, weight, sample_ra
         losses.append(loss.detach())
         grads_x.append(grads[0])
         grads_w.append(grads[1])
-    stats = (module.batch_mean.clone(), module.batch_std.clone()) if kind == "adaface" else None
-    return losses, grads_x, grads_w, stats
+    return losses, grads_x, grads_w, tuple(getattr(module, b).clone() for b in buffers)
 
 
 def _sharded_log_probs_and_grads(rank, world_size, x, w, t, kwargs, upstream):
@@ -730,7 +737,7 @@ def test_dtensor_arguments_get_a_clear_error(world):
 
 @pytest.mark.parametrize("what,match", [
     ("one rank's argument", r"class_start must be|rank\(s\) \[1\] of \d got invalid arguments"),
-    ("rows not gathered", r"input and target \(and per-row margins\) must be the same on every rank"),
+    ("rows not gathered", r"input and target \(and per-row margins, hard-negative coefficients\) must be the same"),
     ("num_classes", "every rank must pass the same num_classes"),
     ("modes", "every rank must be in the same mode"),
     ("sample rates", r"same mode \(train or eval\) with the same sample_rate"),
@@ -1110,7 +1117,7 @@ def test_row_margins_match_single_process(world, options):
 
 
 def _differing_row_margins(rank, world_size, x, w, t, m):
-    with pytest.raises(ValueError, match=r"input and target \(and per-row margins\) must be the same"):
+    with pytest.raises(ValueError, match=r"input and target \(and per-row margins, hard-negative coefficients\) must"):
         _sharded_row_margin_grads(rank, world_size, x, w, t, m, m, {}, differ=True)
     return True
 
@@ -1120,17 +1127,18 @@ def test_row_margins_that_differ_across_ranks_raise_on_every_rank(world):
     assert world.run(_differing_row_margins, x, w, t, torch.rand(13, dtype=torch.float64)) == [True] * world.size
 
 
-@pytest.mark.parametrize("kind", ["adaface", "magface"])
+@pytest.mark.parametrize("kind", list(STEP_MODULES))
 def test_sharded_adaptive_margin_modules_match_the_single_process_ones(world, kind):
-    """Sharded AdaFace (its running statistics over two steps) and MagFace (its regulariser) against the
-    single-process modules with the same class centres: losses, dL/dx, the shards' gradients, identical ranks."""
+    """Sharded AdaFace (its running statistics over two steps), MagFace (its regulariser), CurricularFace (its t,
+    each row's threshold from its target's rank) and MV-Softmax against the single-process modules with the same
+    class centres: losses, dL/dx, the shards' gradients, the statistics, identical ranks."""
     D, C = 8, 29
     x, w, t = make_case(13, C, D, torch.float64, ignore=(4,))
     x = x * 3
+    x[::2] = 3 * w[t[::2].clamp_min(0)]  # rows near their centre: few hard negatives there, many elsewhere
     results = world.run(_adaptive_module_steps, kind, D, C, x, t, w)
-    cls = mk.AdaFaceLoss if kind == "adaface" else mk.MagFaceLoss
-    kwargs = dict(t_alpha=0.3) if kind == "adaface" else dict(lower_norm=1.0, upper_norm=20.0, lambda_g=2.0)
-    single = cls(D, C, scale=16.0, dtype=torch.float64, **kwargs)
+    _, name, kwargs, buffers = STEP_MODULES[kind]
+    single = getattr(mk, name)(D, C, scale=16.0, dtype=torch.float64, **kwargs)
     with torch.no_grad():
         single.weight.copy_(w)
     for step in range(2):
@@ -1142,15 +1150,17 @@ def test_sharded_adaptive_margin_modules_match_the_single_process_ones(world, ki
         assert_close_rel(results[0][0][step], want, torch.float64, f"loss, step {step}")
         assert_close_rel(results[0][1][step], want_gx, torch.float64, f"grad input, step {step}")
         assert_close_rel(torch.cat([r[2][step] for r in results]), want_gw, torch.float64, f"grad weight, step {step}")
-    if kind == "adaface":
-        for mean, std in (r[3] for r in results):
-            torch.testing.assert_close(mean, single.batch_mean, rtol=1e-12, atol=0)
-            torch.testing.assert_close(std, single.batch_std, rtol=1e-12, atol=0)
+    for stats in (r[3] for r in results):
+        for got, buffer in zip(stats, buffers):
+            torch.testing.assert_close(got, getattr(single, buffer), rtol=1e-12, atol=0)
+    if kind == "curricular":
+        assert single.t.item() != 0.0
 
 
-@pytest.mark.parametrize("kind", ["adaface", "magface"])
+@pytest.mark.parametrize("kind", list(STEP_MODULES))
 def test_sharded_adaptive_margin_modules_sample_classes(world, kind):
-    """sample_rate < 1 (PartialFC) with per-row margins: the tensors travel beside the sampled classes."""
+    """sample_rate < 1 (PartialFC) with per-row margins or hard negatives: the tensors travel beside the sampled
+    classes."""
     D, C = 8, 40
     x, w, t = make_case(10, C, D, torch.float64)
     results = world.run(_adaptive_module_steps, kind, D, C, x * 3, t, w, 0.5)
@@ -1170,6 +1180,57 @@ def _adaface_step_failing_on_one_rank(rank, world_size):
     untouched = (module.batch_mean.item(), module.batch_std.item()) == (20.0, 100.0)
     module(x, t)
     return untouched, module.batch_mean.item()
+
+
+def _curricular_step_failing_on_one_rank(rank, world_size):
+    """A step that raises on rank 1 alone (its targets are short): no rank may be left waiting in t's all-reduce, and
+    t stays untouched on every rank; then a good step moves it alike everywhere."""
+    torch.manual_seed(0)
+    module = mkd.ShardedCurricularFaceLoss(4, 6, momentum=0.5, dtype=torch.float64)
+    x, t = 3 * torch.ones(5, 4, dtype=torch.float64), torch.arange(5) % 6
+    with pytest.raises(ValueError):
+        module(x, t[:4] if rank == 1 else t)
+    untouched = module.t.item() == 0.0
+    module(x, t)
+    return untouched, module.t.item()
+
+
+def test_a_failed_step_leaves_the_curricular_t_alone(world):
+    results = world.run(_curricular_step_failing_on_one_rank)
+    assert all(untouched for untouched, _ in results)
+    assert len({t for _, t in results}) == 1 and results[0][1] != 0.0
+
+
+def _sharded_hard_negatives(rank, world_size, x, w, t, hard, differ=False):
+    """(loss, dL/dinput, dL/dweight_shard) of this rank with hard negatives; differ: rank 1 passes other
+    coefficients, and every rank must raise (True)."""
+    start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+    x, shard = x.clone().requires_grad_(), w[start:stop].clone().requires_grad_()
+    kwargs = dict(class_start=start, num_classes=w.shape[0], scale=16.0, m3=0.1, label_smoothing=0.1)
+    if differ:
+        with pytest.raises(ValueError, match="must be the same on every rank"):
+            mkd.sharded_margin_cross_entropy(x, shard, t, hard_negatives=hard + 0.01 * rank, **kwargs)
+        return True
+    loss = mkd.sharded_margin_cross_entropy(x, shard, t, hard_negatives=hard, **kwargs)
+    return (loss.detach(),) + torch.autograd.grad(loss, (x, shard))
+
+
+def test_sharded_hard_negatives_match_the_single_process_loss(world):
+    """Each row's threshold T comes from the rank that holds its target (the others hold 0): loss and gradients
+    equal the single-process ones; coefficients that differ across ranks are refused on every rank."""
+    x, w, t = make_case(13, 29, 7, torch.float64, ignore=(0, 5))
+    x[1::2] = 3 * w[t[1::2].clamp_min(0)]
+    hard = torch.tensor([1.0, 0.3, 0.05], dtype=torch.float64)
+    results = world.run(_sharded_hard_negatives, x, w, t, hard)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = mk.margin_cross_entropy(xs, ws, t, scale=16.0, m3=0.1, label_smoothing=0.1, hard_negatives=hard)
+    want_gx, want_gw = torch.autograd.grad(want, (xs, ws))
+    for loss, gx, _ in results:
+        assert torch.equal(loss, results[0][0]) and torch.equal(gx, results[0][1])
+    assert_close_rel(results[0][0], want, torch.float64, "loss")
+    assert_close_rel(results[0][1], want_gx, torch.float64, "grad input")
+    assert_close_rel(torch.cat([r[2] for r in results]), want_gw, torch.float64, "grad weight")
+    assert world.run(_sharded_hard_negatives, x, w, t, hard, True) == [True] * world.size
 
 
 def test_a_failed_step_leaves_the_adaface_statistics_alone(world):
