@@ -2,7 +2,7 @@
 8×8 handwritten digits, no download), then classify held-out digits by their nearest class centre.
 
     pip install scikit-learn && python examples/arcface_digits.py [--loss arcface|cosface|sphereface|subcenter|
-                                                                   adaface|magface|elastic]
+                                                                   adaface|magface|elastic|curricularface|mv]
                                                                   [--epochs 30] [--label-noise 0.2]
 
 The head's class centres are the only classifier: after training, argmax_j cos(x, w_j) is the prediction
@@ -41,6 +41,9 @@ HEADS = {
     "magface": lambda d, c: mk.MagFaceLoss(d, c, scale=16.0, lower_margin=0.2, upper_margin=0.4, lower_norm=1.0,
                                            upper_norm=10.0, lambda_g=1.0),
     "elastic": lambda d, c: mk.ElasticArcFaceLoss(d, c, scale=16.0, margin=0.3, std=0.05),
+    # hard negatives re-weighted (CurricularFace's running t moves faster here: 10 classes, few steps)
+    "curricularface": lambda d, c: mk.CurricularFaceLoss(d, c, scale=16.0, margin=0.3, momentum=0.1),
+    "mv": lambda d, c: mk.MVSoftmaxLoss(d, c, scale=16.0, margin=0.2, mv_weight=1.12),
 }
 
 

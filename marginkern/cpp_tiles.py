@@ -36,8 +36,8 @@ EXTENSION_OPS = ("streaming_row_stats", "streaming_grad_logits", "streaming_grad
 
 
 # Arguments an extension built from older sources lacks (a changed schema loads fine and fails at the call).
-SCHEMA_ARGUMENTS = {"margin_ce_rows": ("subcenters", "lambda_", "row_margins"),
-                    "margin_ce_rows_backward": ("subcenters", "lambda_", "row_margins")}
+SCHEMA_ARGUMENTS = {"margin_ce_rows": ("subcenters", "lambda_", "row_margins", "hard_negatives"),
+                    "margin_ce_rows_backward": ("subcenters", "lambda_", "row_margins", "hard_negatives")}
 
 
 def _argument_names(op):

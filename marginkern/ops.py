@@ -185,13 +185,11 @@ def _tiles_except_cuda(input, what):
 
 
 def _margin_tiles(input, opts: MarginOptions, hard_negatives=None):
-    """select_tiles, except that the CUDA extension has no sub-centres (the C++ margin step has them), and neither
-    extension has the hard-negative re-weighting (the PyTorch tiles serve it on the CPU, Triton on CUDA)."""
-    if hard_negatives is not None:
-        return select_tiles_except(("cuda", "cpp"), "hard-negative re-weighting", input.device, input.dtype)
-    if opts.subcenters == 1:
+    """select_tiles, except that the CUDA extension has no sub-centres nor hard negatives (the C++ margin step has
+    both)."""
+    if opts.subcenters == 1 and hard_negatives is None:
         return select_tiles(input.device, input.dtype)
-    return _tiles_except_cuda(input, "sub-centres")
+    return _tiles_except_cuda(input, "sub-centres" if hard_negatives is None else "hard-negative re-weighting")
 
 
 def _check_row_margins(row_margins, input):
@@ -240,7 +238,7 @@ def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: f
     tiles = _margin_tiles(input, opts, hard_negatives)
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/margin_loss.cpp), the same math
         return torch.ops.marginkern.margin_ce_rows(input, weight, target, *_margin_scalars(opts), opts.subcenters,
-                                                   opts.lambda_, row_margins)
+                                                   opts.lambda_, row_margins, hard_negatives)
     return margin_ce_forward(input, weight, target, opts, tiles, keep_geometry=True, row_margins=row_margins,
                              hard_negatives=hard_negatives)
 
@@ -293,7 +291,7 @@ def margin_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
     if tiles.name == "cpp":
         return torch.ops.marginkern.margin_ce_rows_backward(grad_loss, input, weight, target, lse, row_state, col_norm,
                                                             *_margin_scalars(opts), need_weight_grad, opts.subcenters,
-                                                            opts.lambda_, row_margins)
+                                                            opts.lambda_, row_margins, hard_negatives)
     grad_x, grad_w = margin_ce_backward(grad_loss, input, weight, target, lse, opts, tiles, need_weight_grad,
                                         saved=(row_state, col_norm), row_margins=row_margins,
                                         hard_negatives=hard_negatives)

@@ -8,7 +8,8 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
-@pytest.mark.parametrize("loss", ["arcface", "cosface", "sphereface", "subcenter", "adaface", "magface", "elastic"])
+@pytest.mark.parametrize("loss", ["arcface", "cosface", "sphereface", "subcenter", "adaface", "magface", "elastic",
+                                  "curricularface", "mv"])
 def test_margin_heads_learn_digits(monkeypatch, loss):
     import arcface_digits
     monkeypatch.setattr(sys, "argv", ["arcface_digits.py", "--loss", loss, "--epochs", "15"])

@@ -1,5 +1,5 @@
 """Hard-negative re-weighting (margin_cross_entropy's hard_negatives) and the losses built on it: CurricularFace and
-MV-Softmax (marginkern/hard_negatives.py), on the CPU backends. The interpreter tier and the GPU tier run the same
+MV-Softmax (marginkern/hard_negatives.py), on the CPU backends (the C++ margin step and the PyTorch tiles). The interpreter tier and the GPU tier run the same
 helper (tests.helpers.check_hard_negatives_match_oracle) on the Triton kernels."""
 import math
 
@@ -12,6 +12,7 @@ from marginkern import reference
 from marginkern.dispatch import BackendUnavailable
 from tests.helpers import (assert_close_rel, check_hard_negatives_match_oracle, hard_negative_case, make_case,
                            materialised_hard_negative_ce)
+from tests.test_subcenters import backend  # noqa: F401 (the fixture: each CPU backend in turn)
 
 CASES = [dict(), dict(coefficients=(0.0, 1.12, 0.12), m2=0.0, m3=0.35, label_smoothing=0.1),
          dict(coefficients=(1.0, 0.6, 0.0), as_tensor=False), dict(coefficients=(-0.5, 1.3, 0.25), m3=0.1),
@@ -19,42 +20,37 @@ CASES = [dict(), dict(coefficients=(0.0, 1.12, 0.12), m2=0.0, m3=0.35, label_smo
 CASE_IDS = ["curricular", "mv-am-smoothing", "floats", "any-quadratic", "subcenters"]
 
 
-@pytest.fixture(autouse=True)
-def default_backend(monkeypatch):
-    """The automatic choice: on the CPU the PyTorch tiles serve hard negatives (the C++ kernels have no such
-    epilogue: test_the_cpp_backend_declines_them)."""
-    monkeypatch.delenv("MARGINKERN_BACKEND", raising=False)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_hard_negatives_match_the_materialised_definition(dtype, case):
+def test_hard_negatives_match_the_materialised_definition(backend, dtype, case):
     check_hard_negatives_match_oracle("cpu", dtype, **dict(case))
 
 
-def test_hard_negatives_over_many_class_chunks():
-    """N = 4096 rows: the PyTorch tiles stream C = 3000 classes in several chunks."""
+def test_hard_negatives_over_many_class_chunks(backend):
+    """N = 4096 rows: each CPU backend streams C = 3000 classes in several chunks."""
     check_hard_negatives_match_oracle("cpu", torch.float32, N=4096, C=3000, D=8)
 
 
-def test_identity_coefficients_change_nothing(monkeypatch):
-    """(a, b, d) = (0, 1, 0) re-weights nothing: the plain margin loss on the same tiles, bit for bit in float64."""
-    monkeypatch.setenv("MARGINKERN_BACKEND", "reference")
+def test_identity_coefficients_change_nothing(backend):
+    """(a, b, d) = (0, 1, 0) re-weights nothing: the plain margin loss on the same backend, bit for bit in float64."""
     x, w, t = make_case(30, 41, 12, torch.float64, ignore=(4,))
     plain = mk.margin_cross_entropy(x, w, t, scale=16.0, reduction="none")
     same = mk.margin_cross_entropy(x, w, t, scale=16.0, reduction="none", hard_negatives=(0.0, 1.0, 0.0))
     torch.testing.assert_close(same, plain, rtol=0, atol=0)
 
 
-def test_the_cpp_backend_declines_them(monkeypatch):
-    x, w, t = make_case(5, 7, 4)
-    monkeypatch.setenv("MARGINKERN_BACKEND", "cpp")
+def test_the_cpp_tiles_decline_them_in_the_sharded_loss(monkeypatch):
+    """The C++ whole-step margin op has hard negatives; the C++ tile ops (the class-sharded loss's loop) do not, and a
+    forced cpp backend says so there."""
     from marginkern import cpp_tiles
+    from marginkern.distributed import _tiles
+    from marginkern.margin_ce import MarginOptions
     if cpp_tiles.LOAD_ERROR is not None:
         pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", "cpp")
+    opts = MarginOptions.of(64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100)
     with pytest.raises(BackendUnavailable, match="MARGINKERN_BACKEND=cpp .* no hard-negative re-weighting"):
-        mk.margin_cross_entropy(x, w, t, hard_negatives=(1.0, 0.0, 0.0))
-    mk.margin_cross_entropy(x, w, t)  # the rest of the margin family is the C++ step's
+        _tiles(torch.zeros(2, 3), opts, torch.zeros(3))
 
 
 def test_the_extension_tiles_refuse_a_spec_with_them():
@@ -80,7 +76,7 @@ def test_nothing_is_hard_on_an_ignored_row():
     torch.testing.assert_close(chain, torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
 
 
-def test_op_gradcheck_with_hard_negatives():
+def test_op_gradcheck_with_hard_negatives(backend):
     """Away from the mask's steps (no logit within 1e-3 of its row's threshold), finite differences see the
     re-weighted slope."""
     x, w, t = hard_negative_case(8, 6, 5, torch.float64, ignore=(1,))

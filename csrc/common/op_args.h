@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 
@@ -30,6 +31,10 @@ struct Spec {
   int64_t N, C;          // C counts classes: with K sub-centres w has K·C rows and col_scale K·C entries
   int64_t K = 1;         // sub-centres per class (streaming_ce.h)
   at::Tensor target_subcenter;  // (N,) int64 in [0, K): the backward's target sub-centre; undefined unless K > 1
+  // the hard-negative re-weighting (streaming_ce.h HardNegatives): (α, β, γ) and the (N,) thresholds in the
+  // accumulation dtype; the thresholds undefined when absent (CPU only)
+  std::array<double, 3> hard_coefs{0.0, 1.0, 0.0};
+  at::Tensor hard_threshold;
 };
 
 // The EMO cost term of the backward ops; every tensor undefined when absent.

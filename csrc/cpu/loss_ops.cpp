@@ -4,6 +4,7 @@
 // ops check the targets again (free on the CPU): a stray −1 would silently mean "no target column".
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 
 #include "distill_loss.h"
@@ -18,7 +19,8 @@ namespace {
 
 MarginLossOptions margin_options(const char* op, double scale, double m1, double m2, double m3, bool normalize,
                                  bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
-                                 int64_t subcenters, double lambda) {
+                                 int64_t subcenters, double lambda,
+                                 const std::optional<at::Tensor>& hard_negatives = std::nullopt) {
   MarginLossOptions o;
   o.scale = scale, o.m1 = m1, o.m2 = m2, o.m3 = m3, o.normalize = normalize;
   o.exact_margin_grad = exact_margin_grad, o.label_smoothing = label_smoothing, o.ignore_index = ignore_index;
@@ -27,15 +29,22 @@ MarginLossOptions margin_options(const char* op, double scale, double m1, double
   o.subcenters = subcenters;
   TORCH_CHECK(std::isfinite(lambda) && lambda >= 0.0, op, ": lambda_ must be a finite number >= 0, got ", lambda);
   o.lambda = lambda;
+  if (hard_negatives) {  // (3,) on the CPU: read here, as the options' three doubles
+    const at::Tensor h = hard_negatives->to(at::kDouble).contiguous();
+    TORCH_CHECK(h.dim() == 1 && h.size(0) == 3, op, ": hard_negatives must have shape (3,), got ", h.sizes());
+    o.hard_negatives = std::array<double, 3>{h[0].item<double>(), h[1].item<double>(), h[2].item<double>()};
+  }
   return o;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows_op(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, double scale, double m1, double m2,
     double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
-    int64_t subcenters, double lambda, const std::optional<at::Tensor>& row_margins) {
+    int64_t subcenters, double lambda, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& hard_negatives) {
   const MarginLossOptions o = margin_options("marginkern::margin_ce_rows", scale, m1, m2, m3, normalize,
-                                             exact_margin_grad, label_smoothing, ignore_index, subcenters, lambda);
+                                             exact_margin_grad, label_smoothing, ignore_index, subcenters, lambda,
+                                             hard_negatives);
   TORCH_CHECK(weight.size(0) % subcenters == 0, "marginkern::margin_ce_rows: weight must have C·subcenters rows, got ",
               weight.size(0), " rows for subcenters=", subcenters);
   loss::check_targets("marginkern::margin_ce_rows", target, weight.size(0) / subcenters, ignore_index);
@@ -46,11 +55,12 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward_op(
     const at::Tensor& grad_rows, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
     const at::Tensor& lse, const at::Tensor& row_state, const at::Tensor& col_norm, double scale, double m1, double m2,
     double m3, bool normalize, bool exact_margin_grad, double label_smoothing, int64_t ignore_index,
-    bool need_weight_grad, int64_t subcenters, double lambda, const std::optional<at::Tensor>& row_margins) {
+    bool need_weight_grad, int64_t subcenters, double lambda, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& hard_negatives) {
   return margin_ce_rows_backward(
       grad_rows, input, weight, target.to(at::kLong), lse, row_state, col_norm,
       margin_options("marginkern::margin_ce_rows_backward", scale, m1, m2, m3, normalize, exact_margin_grad,
-                     label_smoothing, ignore_index, subcenters, lambda),
+                     label_smoothing, ignore_index, subcenters, lambda, hard_negatives),
       need_weight_grad, row_margins.value_or(at::Tensor()));
 }
 
@@ -162,13 +172,14 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
   m.def(
       "margin_ce_rows(Tensor input, Tensor weight, Tensor target, float scale, float m1, float m2, float m3, "
       "bool normalize, bool exact_margin_grad, float label_smoothing, int ignore_index, int subcenters=1, "
-      "float lambda_=0.0, Tensor? row_margins=None) -> (Tensor loss_rows, Tensor lse, Tensor row_state, "
-      "Tensor col_norm)");
+      "float lambda_=0.0, Tensor? row_margins=None, Tensor? hard_negatives=None) -> (Tensor loss_rows, Tensor lse, "
+      "Tensor row_state, Tensor col_norm)");
   m.def(
       "margin_ce_rows_backward(Tensor grad_rows, Tensor input, Tensor weight, Tensor target, Tensor lse, "
       "Tensor row_state, Tensor col_norm, float scale, float m1, float m2, float m3, bool normalize, "
       "bool exact_margin_grad, float label_smoothing, int ignore_index, bool need_weight_grad, int subcenters=1, "
-      "float lambda_=0.0, Tensor? row_margins=None) -> (Tensor grad_input, Tensor grad_weight)");
+      "float lambda_=0.0, Tensor? row_margins=None, Tensor? hard_negatives=None) -> (Tensor grad_input, "
+      "Tensor grad_weight)");
   m.def(
       "linear_ce_rows(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
       "float label_smoothing, float z_loss, float? softcap, float focal_gamma, float gamma_ce) "

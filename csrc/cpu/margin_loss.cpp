@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "loss_reduction.h"
 #include "streaming_ce.h"
@@ -127,6 +128,15 @@ struct TargetGeometry {
   Subcenters subcenters() const { return {K, subcenter}; }
 };
 
+// The engine's hard negatives of the options (margin_ce.py hard_negative_spec): with z = s·c, s·(a·c² + b·c + d) =
+// (a/s)·z² + b·z + d·s above the threshold T, +inf on ignored rows (nothing is hard there).
+HardNegatives hard_negatives_of(const MarginLossOptions& o, const TargetGeometry& geo) {
+  if (!o.hard_negatives) return {};
+  const auto [a, b, d] = *o.hard_negatives;
+  const at::Tensor none = at::full_like(geo.target_logit, std::numeric_limits<double>::infinity());
+  return {{a / o.scale, b, d * o.scale}, at::where(geo.valid, geo.target_logit, none)};
+}
+
 // dL/dT per row for the per-row loss gradient g (0 on ignored rows; margin_ce.py _target_logit_grads).
 at::Tensor target_logit_grads(const TargetGeometry& geo, const at::Tensor& g, const at::Tensor& lse,
                               const MarginLossOptions& o, double num_classes) {
@@ -170,9 +180,14 @@ void save_options(torch::autograd::AutogradContext* ctx, const MarginLossOptions
   d["exact_margin_grad"] = o.exact_margin_grad, d["label_smoothing"] = o.label_smoothing;
   d["ignore_index"] = o.ignore_index, d["reduction"] = o.reduction, d["class_chunk"] = o.class_chunk;
   d["subcenters"] = o.subcenters, d["lambda"] = o.lambda;
+  d["has_hard_negatives"] = o.hard_negatives.has_value();
+  if (o.hard_negatives) {
+    d["hard_a"] = (*o.hard_negatives)[0], d["hard_b"] = (*o.hard_negatives)[1], d["hard_d"] = (*o.hard_negatives)[2];
+  }
 }
 
 void check_row_margins(const char* op, const at::Tensor& x, const at::Tensor& row_margins);
+void check_hard_negatives(const char* op, const MarginLossOptions& o);
 
 MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
   auto& d = ctx->saved_data;
@@ -182,6 +197,9 @@ MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
   o.label_smoothing = d["label_smoothing"].toDouble(), o.ignore_index = d["ignore_index"].toInt();
   o.reduction = d["reduction"].toStringRef(), o.class_chunk = d["class_chunk"].toInt();
   o.subcenters = d["subcenters"].toInt(), o.lambda = d["lambda"].toDouble();
+  if (d["has_hard_negatives"].toBool()) {
+    o.hard_negatives = std::array<double, 3>{d["hard_a"].toDouble(), d["hard_b"].toDouble(), d["hard_d"].toDouble()};
+  }
   return o;
 }
 
@@ -234,6 +252,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ta
   loss::check_label_smoothing(op, o.label_smoothing);
   TORCH_CHECK(std::isfinite(o.lambda) && o.lambda >= 0.0, op, ": lambda must be a finite number >= 0, got ",
               o.lambda);
+  check_hard_negatives(op, o);
 }
 
 // Per-row margin offsets: undefined, or (N, 2) floating point (their values are not checked: a NaN margin gives a
@@ -247,6 +266,14 @@ void check_row_margins(const char* op, const at::Tensor& x, const at::Tensor& ro
               row_margins.device());
 }
 
+void check_hard_negatives(const char* op, const MarginLossOptions& o) {
+  if (!o.hard_negatives) return;
+  const auto [a, b, d] = *o.hard_negatives;
+  TORCH_CHECK(o.normalize, op, ": hard_negatives needs normalize (it re-weights cosines)");
+  TORCH_CHECK(std::isfinite(a) && std::isfinite(b) && std::isfinite(d), op,
+              ": hard_negatives (a, b, d) must be finite, got (", a, ", ", b, ", ", d, ")");
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows(const at::Tensor& x, const at::Tensor& w,
@@ -254,12 +281,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_rows(const 
                                                                           const MarginLossOptions& o,
                                                                           const at::Tensor& row_margins) {
   check_row_margins("marginkern::margin_ce_rows", x, row_margins);
+  check_hard_negatives("marginkern::margin_ce_rows", o);
   const TargetGeometry geo(x, w, target, o, row_margins);
   const double eps = o.label_smoothing, C = static_cast<double>(w.size(0) / o.subcenters);
   const int64_t chunk = loss::class_chunk(o.class_chunk, x.size(0), geo.xf.scalar_type(), o.subcenters);
   const auto [lse, sum_logits] = streaming_row_stats_of_subcenters(
       x, w, geo.row_scale, geo.col_scale(), std::nullopt, geo.column, geo.target_logit, eps > 0, chunk,
-      geo.subcenters());
+      geo.subcenters(), hard_negatives_of(o, geo));
   at::Tensor rows = lse - (1.0 - eps) * geo.target_logit;
   if (eps > 0) rows = rows - (eps / C) * sum_logits;
   rows = at::where(geo.valid, rows, at::zeros_like(rows));
@@ -273,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
                                                            const at::Tensor& col_norm, const MarginLossOptions& o,
                                                            bool need_weight_grad, const at::Tensor& row_margins) {
   check_row_margins("marginkern::margin_ce_rows_backward", x, row_margins);
+  check_hard_negatives("marginkern::margin_ce_rows_backward", o);
   const int64_t state_width = o.subcenters == 1 ? 4 : 5;
   TORCH_CHECK(row_state.dim() == 2 && row_state.size(0) == x.size(0) && row_state.size(1) == state_width,
               "marginkern::margin_ce_rows_backward: row_state must have shape (", x.size(0), ", ", state_width,
@@ -316,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_rows_backward(const at::Tensor& gra
   auto [grad_x, grad_w, unused_bias] = streaming_grads_finalized(
       x, w, geo.row_scale, geo.col_scale(), std::nullopt, std::nullopt, geo.column, lse, g, g * (eps / C), target_grad,
       /*need_bias_grad=*/false, need_weight_grad, chunk, finalize, std::nullopt, std::nullopt, std::nullopt,
-      std::nullopt, std::nullopt, geo.subcenters());
+      std::nullopt, std::nullopt, geo.subcenters(), at::Tensor(), Teacher{}, hard_negatives_of(o, geo));
   if (o.normalize) {
     const at::Tensor x_hat = geo.xf / geo.x_norm.unsqueeze(1);
     grad_x = grad_x - (x_hat * grad_x).sum(1, true) * x_hat;

@@ -12,7 +12,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -34,6 +36,10 @@ struct MarginLossOptions {
   int64_t subcenters = 1;
   // λ ≥ 0 of A-Softmax / L-Softmax: ψ eased toward the plain cosine, (λ·c + ψ(c))/(1 + λ); 0: ψ itself
   double lambda = 0.0;
+  // hard negatives (a, b, d) (CurricularFace (1, t, 0), MV-Softmax (0, w, w − 1); needs normalize): every non-target
+  // cosine c above the row's target cosine ψ becomes a·c² + b·c + d, its gradient that quadratic's slope (the mask
+  // has none); unset: none
+  std::optional<std::array<double, 3>> hard_negatives;
 };
 
 // x (N, D) and w (C, D) ((K·C, D) with K sub-centres) of one float dtype on the CPU, target (N,) integer.

@@ -25,18 +25,30 @@ MARGINKERN_ALWAYS_INLINE logit_math::LogitAndChain<T> logit(T a, T s, T b, T cap
   return logit_math::logit<SimdMath, T, kSoftcap>(a, s, b, cap, inv_cap);
 }
 
-template <typename T, bool kSoftcap>
+// The hard-negative re-weighting of a logit and its chain (streaming_ce.h): (α·z + β)·z + γ and chain·(2α·z + β)
+// where z > threshold (never for a NaN z or threshold).
+template <typename T>
+MARGINKERN_ALWAYS_INLINE logit_math::LogitAndChain<T> reweight_hard(logit_math::LogitAndChain<T> zc, T threshold,
+                                                                    T alpha, T beta, T gamma) {
+  const bool hard = zc.z > threshold;
+  const T z = zc.z;
+  return {hard ? (alpha * z + beta) * z + gamma : z, hard ? zc.chain * (T(2) * alpha * z + beta) : zc.chain};
+}
+
+template <typename T, bool kSoftcap, bool kHard>
 MARGINKERN_ALWAYS_INLINE void logits_loop(T* row, const ChunkColumns<T>& cols, T row_scale, int target,
-                                          T target_logit, T& max_z, T& sum_z, bool& has_nan) {
+                                          T target_logit, T& max_z, T& sum_z, bool& has_nan, T hard_threshold) {
   const int cc = cols.cc;
   const T* scale = cols.scale;
   const T* bias = cols.bias;
   const T cap = cols.softcap, inv_cap = T(1) / cols.softcap;
+  const T alpha = cols.hard_alpha, beta = cols.hard_beta, gamma = cols.hard_gamma;
   T m = -std::numeric_limits<T>::infinity();
   T s = 0, nans = 0;
 #pragma omp simd reduction(max : m) reduction(+ : s, nans)
   for (int j = 0; j < cc; ++j) {
     T z = logit<T, kSoftcap>(row[j], row_scale * scale[j], bias[j], cap, inv_cap).z;
+    if constexpr (kHard) z = reweight_hard<T>({z, T(1)}, hard_threshold, alpha, beta, gamma).z;
     z = j == target ? target_logit : z;
     row[j] = z;
     m = z > m ? z : m;
@@ -48,13 +60,16 @@ MARGINKERN_ALWAYS_INLINE void logits_loop(T* row, const ChunkColumns<T>& cols, T
   has_nan = nans > 0;
 }
 
+// (hard negatives come without a softcap: the margin losses; streaming_ce.cpp checks)
 template <typename T>
 MARGINKERN_ALWAYS_INLINE void logits_row_impl(T* row, const ChunkColumns<T>& cols, T row_scale, int target,
-                                              T target_logit, T& max_z, T& sum_z, bool& has_nan) {
+                                              T target_logit, T& max_z, T& sum_z, bool& has_nan, T hard_threshold) {
   if (cols.has_softcap) {
-    logits_loop<T, true>(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan);
+    logits_loop<T, true, false>(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan, hard_threshold);
+  } else if (cols.has_hard) {
+    logits_loop<T, false, true>(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan, hard_threshold);
   } else {
-    logits_loop<T, false>(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan);
+    logits_loop<T, false, false>(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan, hard_threshold);
   }
 }
 
@@ -146,7 +161,7 @@ MARGINKERN_ALWAYS_INLINE void jsd_part_row_impl(const T* dots, const T* teacher_
   kl_pm += pm, kl_qm += qm;
 }
 
-template <typename T, bool kSoftcap, bool kCost, bool kEntropy, bool kTeacher, bool kJsd = false>
+template <typename T, bool kSoftcap, bool kCost, bool kEntropy, bool kTeacher, bool kJsd = false, bool kHard = false>
 MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
                                         const RowGradCoefs<T>& k, int target, const T* teacher_dots) {
   const int cc = cols.cc;
@@ -157,9 +172,11 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
   const T r = k.row_scale, lse = k.lse, cp = k.coef_p, cu = k.coef_u, tg = k.target_grad, cq = k.cost_coef;
   const T ce = k.entropy_coef, lse_t = k.teacher_lse, c_q = k.coef_q, c_log_q = k.coef_log_q, beta = k.jsd_beta,
           complement = k.jsd_complement;
+  const T alpha = cols.hard_alpha, hard_beta = cols.hard_beta, gamma = cols.hard_gamma, threshold = k.hard_threshold;
 #pragma omp simd
   for (int j = 0; j < cc; ++j) {
-    const logit_math::LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
+    logit_math::LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
+    if constexpr (kHard) zc = reweight_hard<T>(zc, threshold, alpha, hard_beta, gamma);
     T weight_p = cp;
     if constexpr (kCost) weight_p = cp - cq * cost_scale[j] * cost_dots[j];
     T g;
@@ -184,8 +201,8 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
   }
 }
 
-// The entropy and teacher terms come without a cost term and without a softcap (streaming_ce.cpp checks):
-// one loop instance per combination that a loss uses.
+// The entropy and teacher terms come without a cost term and without a softcap, and hard negatives alone
+// (streaming_ce.cpp checks): one loop instance per combination that a loss uses.
 template <typename T>
 MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
                                             const RowGradCoefs<T>& coefs, int target, const T* teacher_dots) {
@@ -197,6 +214,8 @@ MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const Ch
                       : grad_loop<T, false, false, false, true>(row, cost_dots, cols, coefs, target, teacher_dots);
   } else if (coefs.has_entropy) {
     grad_loop<T, false, false, true, false>(row, cost_dots, cols, coefs, target, teacher_dots);
+  } else if (cols.has_hard) {  // the margin losses: no softcap, cost term or other term beside it
+    grad_loop<T, false, false, false, false, false, true>(row, cost_dots, cols, coefs, target, teacher_dots);
   } else if (cols.has_softcap) {
     cost ? grad_loop<T, true, true, false, false>(row, cost_dots, cols, coefs, target, teacher_dots)
          : grad_loop<T, true, false, false, false>(row, cost_dots, cols, coefs, target, teacher_dots);
@@ -267,13 +286,13 @@ void expand_subcenters_row(const double* g, const int32_t* winner, const double*
 
 MARGINKERN_ISA_CLONES void logits_row(float* row, const ChunkColumns<float>& cols, float row_scale,
                                       int target, float target_logit, float& max_z, float& sum_z,
-                                      bool& has_nan) {
-  logits_row_impl(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan);
+                                      bool& has_nan, float hard_threshold) {
+  logits_row_impl(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan, hard_threshold);
 }
 
 void logits_row(double* row, const ChunkColumns<double>& cols, double row_scale, int target,
-                double target_logit, double& max_z, double& sum_z, bool& has_nan) {
-  logits_row_impl(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan);
+                double target_logit, double& max_z, double& sum_z, bool& has_nan, double hard_threshold) {
+  logits_row_impl(row, cols, row_scale, target, target_logit, max_z, sum_z, has_nan, hard_threshold);
 }
 
 MARGINKERN_ISA_CLONES float sum_exp_row(const float* row, int cc, float shift) {

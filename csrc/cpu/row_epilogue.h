@@ -128,6 +128,9 @@ struct ChunkColumns {
   const T* cost_scale;     // key_scale[c0:c1] of the EMO cost term, or nullptr without it
   bool has_softcap;
   T softcap;
+  // the hard-negative re-weighting (streaming_ce.h): z ← (α·z + β)·z + γ where z exceeds the row's threshold
+  bool has_hard = false;
+  T hard_alpha = 0, hard_beta = 1, hard_gamma = 0;
 };
 
 // What the backward epilogue needs from row n.
@@ -143,14 +146,19 @@ struct RowGradCoefs {
   // jsd_complement = 1 − β, rounded apart from β
   T jsd_beta = 0, jsd_complement = 1;
   bool has_jsd = false;
+  // the row's hard-negative threshold, read only with cols.has_hard (the margin losses: no other term beside it)
+  T hard_threshold = std::numeric_limits<T>::infinity();
 };
 
-// Forward: z_j in place of a_j (the target column, if 0 ≤ target < cc, becomes target_logit);
-// returns max_j z_j over the non-NaN z in `max_z`, Σ_j z_j in `sum_z` and whether any z is NaN.
+// Forward: z_j in place of a_j (the target column, if 0 ≤ target < cc, becomes target_logit; with cols.has_hard
+// the others above hard_threshold are re-weighted first); returns max_j z_j over the non-NaN z in `max_z`, Σ_j z_j
+// in `sum_z` and whether any z is NaN.
 void logits_row(float* row, const ChunkColumns<float>& cols, float row_scale, int target,
-                float target_logit, float& max_z, float& sum_z, bool& has_nan);
+                float target_logit, float& max_z, float& sum_z, bool& has_nan,
+                float hard_threshold = std::numeric_limits<float>::infinity());
 void logits_row(double* row, const ChunkColumns<double>& cols, double row_scale, int target,
-                double target_logit, double& max_z, double& sum_z, bool& has_nan);
+                double target_logit, double& max_z, double& sum_z, bool& has_nan,
+                double hard_threshold = std::numeric_limits<double>::infinity());
 
 // Σ_j exp(z_j − shift).
 float sum_exp_row(const float* row, int cc, float shift);

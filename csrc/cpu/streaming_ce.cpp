@@ -41,7 +41,23 @@ template <typename T>
 epilogue::ChunkColumns<T> columns_view(const ChunkColumnTensors& c, const Spec& s) {
   return {static_cast<int>(c.scale.size(0)), c.scale.data_ptr<T>(), c.bias.data_ptr<T>(),
           c.cost_scale.defined() ? c.cost_scale.data_ptr<T>() : nullptr, s.softcap.has_value(),
-          static_cast<T>(s.softcap.value_or(1.0))};
+          static_cast<T>(s.softcap.value_or(1.0)), s.hard_threshold.defined(), static_cast<T>(s.hard_coefs[0]),
+          static_cast<T>(s.hard_coefs[1]), static_cast<T>(s.hard_coefs[2])};
+}
+
+// Row n's hard-negative threshold, +inf without hard negatives.
+template <typename T>
+inline T hard_threshold_of(const Spec& s, int64_t n) {
+  return s.hard_threshold.defined() ? s.hard_threshold.data_ptr<T>()[n] : std::numeric_limits<T>::infinity();
+}
+
+// The spec with `hard`'s re-weighting (streaming_ce.h), checked: cosine-like logits, no softcap or bias.
+Spec with_hard_negatives(const char* op, Spec s, const HardNegatives& hard) {
+  if (!hard.present()) return s;
+  TORCH_CHECK(!s.softcap && !s.bias.defined(), op, ": hard negatives come without a softcap or a bias");
+  s.hard_coefs = hard.coefs;
+  s.hard_threshold = float_vector(op, "hard threshold", hard.threshold, s.N, s.acc, s.device);
+  return s;
 }
 
 // The target column of row n relative to the chunk, or −1 when it lies in another chunk.
@@ -73,7 +89,7 @@ void accumulate_row_stats(const Spec& s, const epilogue::ChunkColumns<T>& cols, 
       T max_z, sum_z;
       bool has_nan;
       epilogue::logits_row(row, cols, row_scale[n], target_in_chunk(target[n], c0, cols.cc), target_logit[n],
-                           max_z, sum_z, has_nan);
+                           max_z, sum_z, has_nan, hard_threshold_of<T>(s, n));
       if (total != nullptr) total[n] += sum_z;
       const auto merged = logit_math::merge<epilogue::SimdMath>(logit_math::MaxSumExp<T>{run_max[n], run_sum[n]},
                                                                 row_part(row, cols.cc, max_z, has_nan));
@@ -239,6 +255,7 @@ void grads_into(const Spec& s, const Cost& cost, const RowGrads& rg, int64_t c0,
         epilogue::RowGradCoefs<T> coefs{row_scale[n], lse[n], coef_p[n], coef_u[n], target_grad[n],
                                         row_coef != nullptr ? row_coef[n] : T(0),
                                         entropy_coef != nullptr ? entropy_coef[n] : T(0), entropy_coef != nullptr};
+        coefs.hard_threshold = hard_threshold_of<T>(s, n);
         if (teacher_base != nullptr) {
           coefs.teacher_lse = teacher_lse[n], coefs.coef_q = coef_q[n], coefs.coef_log_q = coef_log_q[n];
           coefs.has_jsd = teacher.jsd_beta.has_value(), coefs.jsd_beta = static_cast<T>(teacher.jsd_beta.value_or(0.0));
@@ -492,11 +509,11 @@ std::tuple<at::Tensor, at::Tensor> streaming_jsd_row_sums(const at::Tensor& x, c
 std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
     const std::optional<at::Tensor>& col_scale, std::optional<double> softcap, const at::Tensor& target,
-    const at::Tensor& target_logit, bool need_sum_logits, int64_t class_chunk, const Subcenters& subcenters) {
+    const at::Tensor& target_logit, bool need_sum_logits, int64_t class_chunk, const Subcenters& subcenters,
+    const HardNegatives& hard) {
   constexpr const char* op = "marginkern::streaming_row_stats";
-  const auto stats = row_stats_impl(
-      op, make_spec(op, x, w, row_scale, col_scale, std::nullopt, softcap, target, true, subcenters.K), target_logit,
-      need_sum_logits, class_chunk);
+  const Spec s = make_spec(op, x, w, row_scale, col_scale, std::nullopt, softcap, target, true, subcenters.K);
+  const auto stats = row_stats_impl(op, with_hard_negatives(op, s, hard), target_logit, need_sum_logits, class_chunk);
   return {std::get<0>(stats), std::get<1>(stats)};
 }
 
@@ -534,16 +551,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
     const std::optional<at::Tensor>& cost_query_scale, const std::optional<at::Tensor>& cost_keys,
     const std::optional<at::Tensor>& cost_key_scale, const std::optional<at::Tensor>& cost_coef,
     const WeightChunkFinalizer& finalize, bool weight_dtype, const Subcenters& subcenters,
-    const at::Tensor& entropy_coef, const Teacher& teacher_in) {
+    const at::Tensor& entropy_coef, const Teacher& teacher_in, const HardNegatives& hard) {
   constexpr const char* op = "marginkern::streaming_grads";
+  TORCH_CHECK(!hard.present() || (!cost_query && !entropy_coef.defined() && !teacher_in.present()), op,
+              ": hard negatives come without a cost, entropy or teacher term");
   TORCH_CHECK(!teacher_in.present() || (subcenters.K == 1 && !cost_query && !col_scale && !bias && !softcap), op,
               ": the teacher term comes without sub-centres, a cost term, a col_scale, a bias or a softcap");
   TORCH_CHECK(subcenters.K == 1 || (subcenters.target_subcenter.defined() && !cost_query), op,
               ": sub-centres need target_subcenter, and have no cost term");
   TORCH_CHECK(!entropy_coef.defined() || (subcenters.K == 1 && !cost_query && !softcap), op,
               ": the entropy term comes without sub-centres, a cost term or a softcap");
-  const Spec s = make_spec(op, x, w, row_scale, col_scale, bias, softcap, target, true, subcenters.K,
-                           subcenters.target_subcenter);
+  const Spec s = with_hard_negatives(op, make_spec(op, x, w, row_scale, col_scale, bias, softcap, target, true,
+                                                    subcenters.K, subcenters.target_subcenter), hard);
   const Cost cost = make_cost(op, s, cost_query, cost_query_scale, cost_keys, cost_key_scale, cost_coef);
   RowGrads rg = make_row_grads(op, s, lse, coef_p, coef_u, target_grad);
   if (entropy_coef.defined()) rg.entropy_coef = float_vector(op, "entropy_coef", entropy_coef, s.N, s.acc, s.device);
@@ -597,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads(
   return streaming_grads_impl(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad,
                               need_bias_grad, need_weight_grad, class_chunk, cost_query, cost_query_scale, cost_keys,
                               cost_key_scale, cost_coef, WeightChunkFinalizer(), /*weight_dtype=*/false, Subcenters{},
-                              at::Tensor(), Teacher{});
+                              at::Tensor(), Teacher{}, HardNegatives{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
@@ -609,11 +628,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     const std::optional<at::Tensor>& cost_query, const std::optional<at::Tensor>& cost_query_scale,
     const std::optional<at::Tensor>& cost_keys, const std::optional<at::Tensor>& cost_key_scale,
     const std::optional<at::Tensor>& cost_coef, const Subcenters& subcenters, const at::Tensor& entropy_coef,
-    const Teacher& teacher) {
+    const Teacher& teacher, const HardNegatives& hard) {
   return streaming_grads_impl(x, w, row_scale, col_scale, bias, softcap, target, lse, coef_p, coef_u, target_grad,
                               need_bias_grad, need_weight_grad, class_chunk, cost_query, cost_query_scale, cost_keys,
                               cost_key_scale, cost_coef, finalize, /*weight_dtype=*/true, subcenters, entropy_coef,
-                              teacher);
+                              teacher, hard);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_stats_of_dots(

@@ -22,6 +22,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -84,6 +85,16 @@ struct Subcenters {
   at::Tensor target_subcenter;  // (N,) int64 in [0, K): needed by the backward pass
 };
 
+// Hard negatives (CurricularFace, MV-Softmax; marginkern/engine.py HardNegatives): every logit z_nj off the target
+// column with z_nj > threshold_n becomes (α·z_nj + β)·z_nj + γ, and dz/da takes the factor 2α·z_nj + β there (the
+// mask itself has no gradient). For cosine logits without a bias or softcap (the margin losses); absent when
+// `threshold` is undefined.
+struct HardNegatives {
+  std::array<double, 3> coefs{0.0, 1.0, 0.0};  // (α, β, γ), in logit units
+  at::Tensor threshold;                        // (N,): +inf where nothing is hard (an ignored row)
+  bool present() const { return threshold.defined(); }
+};
+
 // (row max M, log_sum = lse − M, entropy), each (N,), of the logits row_scale_n·(x_n·w_j) (target column
 // target_logit; no col_scale, bias or softcap), in one pass over the classes (the entropy term above).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_entropy(
@@ -116,17 +127,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_w
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const Teacher& teacher,
     int64_t class_chunk);
 
-// streaming_row_stats over sub-centres (no bias: sub-centres are cosine logits).
+// streaming_row_stats over sub-centres (no bias: sub-centres are cosine logits), and with `hard` its hard negatives
+// (no softcap then).
 std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
     const std::optional<at::Tensor>& col_scale, std::optional<double> softcap, const at::Tensor& target,
-    const at::Tensor& target_logit, bool need_sum_logits, int64_t class_chunk, const Subcenters& subcenters);
+    const at::Tensor& target_logit, bool need_sum_logits, int64_t class_chunk, const Subcenters& subcenters,
+    const HardNegatives& hard = {});
 
 // streaming_grads for callers that chain dW further (the C++ losses): each chunk of the raw dW, rows
 // [r0, r1) of w (the chunk's classes, K rows each), in the accumulation dtype, passes through
 // `finalize(r0, r1, chunk)` (in place; may be empty), then is stored in w's dtype: a 16-bit w gets no
 // (C, D) fp32 gradient beside its own. `entropy_coef` (N,), when defined, adds the entropy term, and `teacher`
-// the teacher's (neither with a cost term, sub-centres, a col_scale, a bias or a softcap).
+// the teacher's (neither with a cost term, sub-centres, a col_scale, a bias or a softcap); `hard` the hard
+// negatives (alone: no bias, softcap, cost, entropy or teacher term).
 using WeightChunkFinalizer = std::function<void(int64_t r0, int64_t r1, at::Tensor& grad_w_chunk)>;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,
@@ -139,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     const std::optional<at::Tensor>& cost_keys = std::nullopt,
     const std::optional<at::Tensor>& cost_key_scale = std::nullopt,
     const std::optional<at::Tensor>& cost_coef = std::nullopt, const Subcenters& subcenters = {},
-    const at::Tensor& entropy_coef = at::Tensor(), const Teacher& teacher = {});
+    const at::Tensor& entropy_coef = at::Tensor(), const Teacher& teacher = {}, const HardNegatives& hard = {});
 
 // The 3-GEMM path's epilogue over `dots` (N, C), the raw dot products x·wᵀ computed elsewhere, in the
 // accumulation dtype: (lse, Σ_j z or (0,)) without changing dots, then dots ← dL/da in place.

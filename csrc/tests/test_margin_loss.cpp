@@ -3,11 +3,12 @@
 // ArcFace, CosFace, SphereFace with label smoothing, the straight-through slope, unnormalized logits,
 // ignored rows, every reduction, several class chunks, sub-centres (sub-center ArcFace: the max over each
 // class's K cosines), A-Softmax's λ, per-row margins (AdaFace, MagFace: their gradient too); plus the error for an
-// out-of-range target.
+// out-of-range target; hard negatives (CurricularFace, MV-Softmax).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -45,8 +46,14 @@ at::Tensor naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const at::Tensor cos_t = cos_all.gather(1, t).squeeze(1).clamp(-1.0, 1.0);
   at::Tensor logits, target_logit;
   if (o.normalize) {
+    const at::Tensor psi = naive_psi(cos_t, o, row_margins);
+    if (o.hard_negatives) {  // the official heads' mask (no gradient) and re-weighting; the target cell is replaced
+      const auto [a, b, d] = *o.hard_negatives;
+      const at::Tensor hard = cos_all.gt(psi.detach().unsqueeze(1));
+      cos_all = at::where(hard, a * cos_all * cos_all + b * cos_all + d, cos_all);
+    }
     logits = o.scale * cos_all;
-    target_logit = o.scale * naive_psi(cos_t, o, row_margins);
+    target_logit = o.scale * psi;
   } else {
     logits = o.scale * raw;
     target_logit = o.scale * x_norm.squeeze(1) * w_norm.squeeze(1).index_select(0, t.squeeze(1)) *
@@ -162,6 +169,48 @@ void test_margins_alone_and_a_nan_margin_on_an_ignored_row() {
   expect_close("margins alone: grad row margins", alone[0], all[2], 1e-15);
 }
 
+// Hard negatives (CurricularFace (1, t, 0), MV-Softmax (0, w, w − 1), any quadratic) with label smoothing, per-row
+// margins, sub-centres; a case where every fourth row sits near its centre (few hard negatives there).
+void test_hard_negatives() {
+  struct Case {
+    const char* name;
+    std::array<double, 3> coefs;
+    double m2, m3, smoothing;
+    int64_t subcenters;
+  };
+  const std::vector<Case> cases{{"CurricularFace", {1.0, 0.3, 0.0}, 0.5, 0.0, 0.0, 1},
+                                {"MV-AM-Softmax", {0.0, 1.12, 0.12}, 0.0, 0.35, 0.1, 1},
+                                {"any quadratic, sub-centres", {-0.5, 1.3, 0.25}, 0.3, 0.1, 0.0, 3}};
+  for (const auto& c : cases) {
+    for (const at::ScalarType dtype : {at::kDouble, at::kFloat}) {
+      MarginLossOptions o;
+      o.scale = 16.0, o.m2 = c.m2, o.m3 = c.m3, o.label_smoothing = c.smoothing, o.subcenters = c.subcenters;
+      o.hard_negatives = c.coefs;
+      o.class_chunk = 17;  // several chunks
+      check_case(c.name, o, dtype, 37, 101, 12);
+      check_case(c.name, o, dtype, 13, 50, 9, /*with_row_margins=*/true);
+    }
+  }
+  // (0, 1, 0) is the plain loss
+  MarginLossOptions plain;
+  plain.scale = 16.0;
+  MarginLossOptions identity = plain;
+  identity.hard_negatives = std::array<double, 3>{0.0, 1.0, 0.0};
+  const at::Tensor x = at::randn({9, 5}, at::kDouble), w = at::randn({20, 5}, at::kDouble);
+  const at::Tensor target = at::randint(0, 20, {9}, at::kLong);
+  expect_close("hard negatives (0, 1, 0)", marginkern::margin_cross_entropy(x, w, target, identity),
+               marginkern::margin_cross_entropy(x, w, target, plain), 1e-15);
+  bool threw = false;
+  try {
+    MarginLossOptions unnormalised = identity;
+    unnormalised.normalize = false, unnormalised.m2 = 0.0;
+    marginkern::margin_cross_entropy(x, w, target, unnormalised);
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("hard_negatives needs normalize") != std::string::npos;
+  }
+  EXPECT(threw, "hard negatives without normalize must raise an error that names them");
+}
+
 void test_all_rows_ignored_and_bad_target() {
   const at::Tensor x = at::randn({3, 4}, at::kDouble).requires_grad_(), w = at::randn({5, 4}, at::kDouble).requires_grad_();
   const at::Tensor loss = marginkern::margin_cross_entropy(x, w, at::full({3}, -100, at::kLong));
@@ -183,6 +232,7 @@ void test_all_rows_ignored_and_bad_target() {
 int main() {
   test_against_naive();
   test_margins_alone_and_a_nan_margin_on_an_ignored_row();
+  test_hard_negatives();
   test_all_rows_ignored_and_bad_target();
   return expect_exit_status("margin_cross_entropy (C++) matches the naive float64 computation");
 }
