@@ -13,7 +13,7 @@ import torch
 
 from .checks import check_finite, check_target_tensor
 from .engine import accumulation_dtype
-from .modules import CombinedMarginLoss, Float32Buffers
+from .modules import CombinedMarginLoss, Float32Buffers, ReplayedStepOptions
 from .reference import reduce_rows
 
 
@@ -23,7 +23,7 @@ def _refuse_options(kwargs, names, why):
             raise TypeError(f"{name} cannot be set here: {why}")
 
 
-class AdaFaceMargins(Float32Buffers):
+class AdaFaceMargins(ReplayedStepOptions, Float32Buffers):
     """AdaFace's per-row margins from the embeddings' norms (AdaFaceLoss; marginkern.distributed.ShardedAdaFaceLoss,
     whose ranks see the same gathered embeddings and so keep the same statistics). Module casts leave μ and σ in
     fp32: in bf16 an update of t_alpha·(mean − μ) below half of μ's spacing (0.125 at 20) would be lost, and μ would
@@ -66,7 +66,7 @@ class AdaFaceMargins(Float32Buffers):
             self._pending_statistics = None
         return loss
 
-    def _step_options(self, embeddings, target):
+    def _fresh_step_options(self, embeddings, target):
         check_target_tensor(target, embeddings.shape[0])
         acc = accumulation_dtype(embeddings.dtype)
         norms = torch.linalg.vector_norm(embeddings.detach().to(acc), dim=1).clamp(0.001, 100.0)

@@ -78,6 +78,9 @@ def hard_negative_coefficients(input, hard_negatives, normalize):
     if not (isinstance(hard_negatives, (tuple, list)) and len(hard_negatives) == 3):
         raise ValueError(f"hard_negatives must be three floats (a, b, d) or a float tensor of shape (3,), got "
                          f"{hard_negatives!r}")
+    if any(isinstance(v, torch.Tensor) for v in hard_negatives):
+        raise TypeError("hard_negatives must be three Python numbers or one (3,) tensor, got a tuple holding tensors: "
+                        "pass torch.stack of them (read on the device: no host sync, and no recompile per value)")
     for name, value in zip(("a", "b", "d"), hard_negatives):
         check_finite(f"hard_negatives' {name}", value)
     return torch.tensor([float(v) for v in hard_negatives], dtype=acc, device=input.device)

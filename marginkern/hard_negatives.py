@@ -8,14 +8,17 @@ serve the class-sharded modules too (marginkern.distributed.ShardedCurricularFac
 
 The target logit is marginkern's monotone ψ (DESIGN.md §4), where the official heads switch to cos θ − m·sin m
 (CurricularFace) or drop the margin (MV-Softmax's ArcFace variant, for cos θ_y ≤ 0) past θ_y + m = π; the mask uses
-ψ as theirs uses cos(θ_y + m) (the same where θ_y + m ≤ π). Elsewhere they agree to rounding
-(tests/test_hard_negatives.py holds each against its official formula).
+ψ as theirs uses cos(θ_y + m) (the same where θ_y + m ≤ π); MV-Softmax's CosFace variant drops the margin where
+cos θ_y ≤ m, ψ = cos θ_y − m does not. Elsewhere they agree to rounding (tests/test_hard_negatives.py holds each
+against its official formula). Under DistributedDataParallel t is each rank's own running mean of its local rows,
+and DDP's default broadcast_buffers copies rank 0's over the others every step (the class-sharded module's is over
+the whole gathered batch).
 """
 import torch
 
 from .adaptive_margins import _refuse_options
 from .checks import check_finite, check_target_tensor
-from .modules import CombinedMarginLoss, Float32Buffers
+from .modules import CombinedMarginLoss, Float32Buffers, ReplayedStepOptions
 
 
 def _buffer_dtype(weight):
@@ -23,7 +26,7 @@ def _buffer_dtype(weight):
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-class CurricularFaceT(Float32Buffers):
+class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
     """CurricularFace's running mean target cosine t and the coefficients (1, t, 0) it gives (CurricularFaceLoss; the
     sharded module sums the target cosines over the ranks that hold them)."""
 
@@ -57,7 +60,7 @@ class CurricularFaceT(Float32Buffers):
             self._pending_t = None
         return loss
 
-    def _step_options(self, embeddings, target):
+    def _fresh_step_options(self, embeddings, target):
         check_target_tensor(target, embeddings.shape[0])
         t = self.t
         if self.training:  # the official head moves t before the re-weighting uses it
@@ -103,10 +106,8 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
         self._init_curricular(margin, momentum)
 
 
-class MVSoftmaxCoefficients(Float32Buffers):
+class MVSoftmaxCoefficients:
     """MV-Softmax's fixed coefficients (0, w, w − 1) as a buffer (MVSoftmaxLoss; the sharded module)."""
-
-    _float32_buffers = ("hard_negative_coefficients",)
 
     @staticmethod
     def _check_mv(margin, mv_weight, margin_type, kwargs):
@@ -119,19 +120,36 @@ class MVSoftmaxCoefficients(Float32Buffers):
         return (0.0, margin) if margin_type == "cos" else (margin, 0.0)
 
     def _init_mv(self, margin, mv_weight, margin_type):
-        self.margin, self.mv_weight, self.margin_type = float(margin), float(mv_weight), margin_type
-        # a buffer (not saved): read on the device each step without a host-to-device copy
-        self.register_buffer("hard_negative_coefficients", self._coefficients(self.weight.device), persistent=False)
+        self.margin, self.margin_type, self._mv_weight = float(margin), margin_type, float(mv_weight)
+        # a buffer, not saved but rebuilt from mv_weight (by every module cast and move, to_empty included): read on
+        # the device each step without a host-to-device copy
+        self.register_buffer("hard_negative_coefficients", torch.empty(3, device=self.weight.device), persistent=False)
+        self._refresh_coefficients()
 
-    def _coefficients(self, device):
-        return torch.tensor([0.0, self.mv_weight, self.mv_weight - 1.0], dtype=_buffer_dtype(self.weight),
-                            device=device)
+    @property
+    def mv_weight(self):
+        return self._mv_weight
 
-    def reset_parameters(self):
-        super().reset_parameters()
-        coefficients = getattr(self, "hard_negative_coefficients", None)
-        if coefficients is not None and not coefficients.is_meta:  # after meta-device initialisation and to_empty
-            coefficients.copy_(self._coefficients(coefficients.device))
+    @mv_weight.setter
+    def mv_weight(self, value):
+        check_finite("mv_weight", value)
+        self._mv_weight = float(value)
+        self._refresh_coefficients()
+
+    @torch.no_grad()
+    def _refresh_coefficients(self):
+        """hard_negative_coefficients ← (0, w, w − 1) in fp64 for an fp64 head, else fp32, on its device."""
+        old = getattr(self, "hard_negative_coefficients", None)
+        if old is None or old.is_meta:
+            return
+        w = self._mv_weight
+        self.hard_negative_coefficients = torch.tensor([0.0, w, w - 1.0], dtype=_buffer_dtype(self.weight)).to(
+            old.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._refresh_coefficients()
+        return self
 
     def _step_options(self, embeddings, target):
         return {"hard_negatives": self.hard_negative_coefficients}

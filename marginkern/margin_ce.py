@@ -12,7 +12,8 @@ shard merges the per-row statistics (lse, Σ_j z_j, T) across slices after the f
 partial dL/dx before the chain through x's normalisation. Every other step is the same code.
 
 Hard negatives (CurricularFace, MV-Softmax): `hard_negatives` (3,) = (a, b, d) re-weights every non-target cosine c
-above the row's target cosine ψ into a·c² + b·c + d (engine.HardNegatives holds it in logit units, threshold T).
+above the row's target cosine ψ (eased toward c by λ when lambda_ > 0, as T is) into a·c² + b·c + d
+(engine.HardNegatives holds it in logit units, threshold T).
 
 Per-row margins (AdaFace, MagFace, ElasticFace): `row_margins` (N, 2) in the accumulation dtype holds offsets
 (Δm2_n, Δm3_n) added to the options' m2 and m3 on row n; `row_margin_grads` gives the loss's gradient with respect
@@ -25,8 +26,8 @@ import torch
 from torch import Tensor
 
 from .checks import check_bool, check_finite, check_ignore_index, check_margin_scalars, check_subcenters
-from .engine import (NORM_EPS, HardNegatives, LogitSpec, accumulation_dtype, row_grad_finisher, row_norms, streaming_grads,
-                     streaming_row_stats, target_columns)
+from .engine import (NORM_EPS, HardNegatives, LogitSpec, accumulation_dtype, row_grad_finisher, row_norms,
+                     streaming_grads, streaming_row_stats, target_columns)
 from .margin import blend_psi, blend_slope, margin_psi, margin_psi_dm2, margin_slope
 
 

@@ -172,6 +172,31 @@ class Float32Buffers:
         return self
 
 
+def recomputing_in_backward():
+    """Whether this forward runs inside a backward pass: activation checkpointing's recompute (reentrant or not).
+    False while torch.compile traces (a compiled region's recompute is the compiler's own)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+class ReplayedStepOptions:
+    """Step options that read and move running statistics (AdaFace's μ and σ, CurricularFace's t), made safe under
+    activation checkpointing: the recompute of a checkpointed forward runs inside the backward pass and reuses the
+    options its forward computed, so that its gradients are those of the forward's loss and the statistics move once.
+    The forward is the most recent one: right when each micro-batch's backward follows its own forward (plain
+    training and gradient accumulation), not under pipeline schedules that run other forwards in between."""
+
+    _replayed_options = None
+
+    def _step_options(self, embeddings, target):
+        if recomputing_in_backward() and self._replayed_options is not None:
+            return self._replayed_options
+        self._replayed_options = self._fresh_step_options(embeddings, target)
+        return self._replayed_options
+
+    def _fresh_step_options(self, embeddings, target):
+        raise NotImplementedError
+
+
 class CombinedMarginLoss(LambdaAnnealing):
     """Margin-softmax CE with target logit s·((−1)^k cos(m1·θ + m2) − 2k − m3) (DESIGN.md §4).
 

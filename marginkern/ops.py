@@ -341,7 +341,7 @@ def _margin_backward(ctx, grad_loss, *grad_by_products):
         with torch.no_grad():
             grad_margins = row_margin_grads(row_state, lse, grad_loss, target, opts,
                                             weight.shape[0] // opts.subcenters, row_margins)
-        grads = grads[:_ROW_MARGINS_INPUT] + (grad_margins.to(row_margins.dtype),)
+        grads = grads[:_ROW_MARGINS_INPUT] + (grad_margins.to(row_margins.dtype),) + grads[_ROW_MARGINS_INPUT + 1:]
     return grads
 
 

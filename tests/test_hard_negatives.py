@@ -319,3 +319,66 @@ def test_reference_matches_the_materialised_definition():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         for g, e in zip(torch.autograd.grad(got, (x, w)), torch.autograd.grad(want, (x, w))):
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_with_per_row_margins_that_need_a_gradient(backend):
+    """Per-row margins (their own gradient) beside hard negatives: the loss and the gradients of x, w and m2 against
+    the reference (a review found the margins' gradient slot cut off the coefficients' one: the backward raised)."""
+    x, w, t = hard_negative_case(21, 17, 6, torch.float64)
+    m2 = (0.2 + 0.5 * torch.rand(21, dtype=torch.float64)).requires_grad_()
+    hard = torch.tensor([1.0, 0.3, 0.0], dtype=torch.float64)
+    got = mk.margin_cross_entropy(x, w, t, scale=16.0, m2=m2, hard_negatives=hard)
+    got_grads = torch.autograd.grad(got, (x, w, m2))
+    want = reference.margin_cross_entropy(x, w, t, scale=16.0, m2=m2, hard_negatives=hard)
+    want_grads = torch.autograd.grad(want, (x, w, m2))
+    assert_close_rel(got, want, torch.float64, "loss")
+    for name, g, e in zip(("x", "w", "m2"), got_grads, want_grads):
+        assert_close_rel(g, e, torch.float64, f"grad {name}")
+
+
+@pytest.mark.parametrize("cls", [mk.CurricularFaceLoss, mk.AdaFaceLoss], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_statistics_under_activation_checkpointing(cls, reentrant):
+    """A checkpointed head's recompute (inside the backward pass) reuses its forward's coefficients or margins: the
+    gradients equal the plain step's, and t (μ, σ) move once (a review saw dx 5% off and t moved twice)."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    x, t = 4 * torch.randn(12, 8, dtype=torch.float64), torch.randint(0, 10, (12,))
+    kwargs = dict(momentum=0.5) if cls is mk.CurricularFaceLoss else dict(t_alpha=0.5)
+    plain, checkpointed = cls(8, 10, dtype=torch.float64, **kwargs), cls(8, 10, dtype=torch.float64, **kwargs)
+    checkpointed.load_state_dict(plain.state_dict())
+    results = []
+    for module, run in ((plain, lambda m, a: m(a, t)),
+                        (checkpointed, lambda m, a: checkpoint(m, a, t, use_reentrant=reentrant))):
+        for step in range(2):
+            xs = (x * (1 + step)).requires_grad_()
+            module.weight.grad = None
+            loss = run(module, xs)
+            loss.backward()  # (reentrant checkpointing refuses torch.autograd.grad)
+            results.append((loss.detach(), xs.grad, module.weight.grad))
+    for a, b in zip(results[:2], results[2:]):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(checkpointed.state_dict(), plain.state_dict(), rtol=0, atol=0)
+
+
+def test_mv_coefficients_after_deferred_initialisation_and_casts():
+    """The coefficients are rebuilt from mv_weight by every cast or move: after meta-device initialisation, to_empty
+    and load_state_dict (a review saw uninitialised memory used as coefficients: loss 16.08 for 35.05), after .double()
+    (exact 1.12, not fp32's), and when mv_weight is set."""
+    real = mk.MVSoftmaxLoss(8, 10)
+    loaded = mk.MVSoftmaxLoss(8, 10, device="meta").to_empty(device="cpu")
+    loaded.load_state_dict(real.state_dict())
+    x, t = torch.randn(6, 8), torch.arange(6)
+    torch.testing.assert_close(loaded(x, t), real(x, t), rtol=0, atol=0)
+    assert loaded.double().hard_negative_coefficients.tolist() == [0.0, 1.12, 1.12 - 1.0]
+    real.mv_weight = 1.3
+    torch.testing.assert_close(real.hard_negative_coefficients, torch.tensor([0.0, 1.3, 0.3]))
+    with pytest.raises(ValueError, match="mv_weight must be a finite number"):
+        real.mv_weight = math.nan
+
+
+def test_a_tuple_of_tensors_is_refused_with_the_fix():
+    x, w, t = make_case(4, 6, 3)
+    with pytest.raises(TypeError, match=r"pass torch.stack of them"):
+        mk.margin_cross_entropy(x, w, t, hard_negatives=(torch.tensor(1.0), 0.3, 0.0))

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..engine import block_gemm_dtype, device_sm_count, gpu_grad_dtype
+from ..engine import block_gemm_dtype, device_sm_count, gpu_grad_dtype, no_hard_negatives
 from ..margin_ce import TargetGradRows, TargetRows
 from .device import cdiv, fp32, on_device
 from .margin_rows import margin_target_grad_rows as _margin_target_grad_rows
@@ -233,6 +233,7 @@ class TritonTiles:
     def block_row_stats(self, z, spec, need_sum_logits):
         """engine.TorchTiles.block_row_stats in the forward kernel reading the dot products (FROM_DOTS);
         z is left unchanged."""
+        no_hard_negatives(spec, "the 3-GEMM path")
         z = z.contiguous()
         lse, sum_logits, _ = self._row_stats(z, z, spec, need_sum_logits, z.shape[0], z.shape[1], 0, z.stride(0), 0,
                                              from_dots=True)
