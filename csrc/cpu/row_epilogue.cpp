@@ -25,14 +25,15 @@ MARGINKERN_ALWAYS_INLINE logit_math::LogitAndChain<T> logit(T a, T s, T b, T cap
   return logit_math::logit<SimdMath, T, kSoftcap>(a, s, b, cap, inv_cap);
 }
 
-// The hard-negative re-weighting of a logit and its chain (streaming_ce.h): (α·z + β)·z + γ and chain·(2α·z + β)
-// where z > threshold (never for a NaN z or threshold).
+// The hard-negative re-weighting of a logit and its chain (streaming_ce.h), in place: (α·z + β)·z + γ and
+// chain·(2α·z + β) where z > threshold (never for a NaN z or threshold). Both values are computed and selected, so
+// that the loop has no branch to keep it from vectorising.
 template <typename T>
-MARGINKERN_ALWAYS_INLINE logit_math::LogitAndChain<T> reweight_hard(logit_math::LogitAndChain<T> zc, T threshold,
-                                                                    T alpha, T beta, T gamma) {
-  const bool hard = zc.z > threshold;
-  const T z = zc.z;
-  return {hard ? (alpha * z + beta) * z + gamma : z, hard ? zc.chain * (T(2) * alpha * z + beta) : zc.chain};
+MARGINKERN_ALWAYS_INLINE void reweight_hard(T& z, T& chain, T threshold, T alpha, T beta, T gamma) {
+  const T quadratic = (alpha * z + beta) * z + gamma, slope = T(2) * alpha * z + beta;
+  const bool hard = z > threshold;
+  chain = hard ? chain * slope : chain;
+  z = hard ? quadratic : z;
 }
 
 template <typename T, bool kSoftcap, bool kHard>
@@ -48,7 +49,10 @@ MARGINKERN_ALWAYS_INLINE void logits_loop(T* row, const ChunkColumns<T>& cols, T
 #pragma omp simd reduction(max : m) reduction(+ : s, nans)
   for (int j = 0; j < cc; ++j) {
     T z = logit<T, kSoftcap>(row[j], row_scale * scale[j], bias[j], cap, inv_cap).z;
-    if constexpr (kHard) z = reweight_hard<T>({z, T(1)}, hard_threshold, alpha, beta, gamma).z;
+    if constexpr (kHard) {
+      T unused_chain = T(1);
+      reweight_hard(z, unused_chain, hard_threshold, alpha, beta, gamma);
+    }
     z = j == target ? target_logit : z;
     row[j] = z;
     m = z > m ? z : m;
@@ -175,13 +179,14 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
   const T alpha = cols.hard_alpha, hard_beta = cols.hard_beta, gamma = cols.hard_gamma, threshold = k.hard_threshold;
 #pragma omp simd
   for (int j = 0; j < cc; ++j) {
-    logit_math::LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
-    if constexpr (kHard) zc = reweight_hard<T>(zc, threshold, alpha, hard_beta, gamma);
+    const logit_math::LogitAndChain<T> zc = logit<T, kSoftcap>(row[j], r * scale[j], bias[j], cap, inv_cap);
+    T z = zc.z, chain = zc.chain;  // scalars: a struct modified in the loop keeps GCC from vectorizing it
+    if constexpr (kHard) reweight_hard(z, chain, threshold, alpha, hard_beta, gamma);
     T weight_p = cp;
     if constexpr (kCost) weight_p = cp - cq * cost_scale[j] * cost_dots[j];
     T g;
     if constexpr (kEntropy || kTeacher) {  // terms in p·log p and p·log q are 0 where p = 0
-      const T log_p = zc.z - lse;
+      const T log_p = z - lse;
       const T p = exp_simd(log_p);
       T sum = weight_p * p - cu;
       if constexpr (kEntropy) sum -= p > T(0) ? ce * p * log_p : T(0);
@@ -193,9 +198,9 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
         // p·log q only where its coefficient is not 0 (forward KL: a −inf teacher logit would give 0·(−inf))
         sum += (p > T(0) && c_log_q != T(0) ? c_log_q * p * log_q : T(0)) - c_q * exp_simd(log_q);
       }
-      g = sum * zc.chain;
+      g = sum * chain;
     } else {
-      g = logit_math::grad_of_logit<SimdMath>(zc.z, zc.chain, weight_p, cu, lse);
+      g = logit_math::grad_of_logit<SimdMath>(z, chain, weight_p, cu, lse);
     }
     row[j] = j == target ? tg : g;
   }
