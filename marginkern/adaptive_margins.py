@@ -85,8 +85,11 @@ class AdaFaceMargins(ReplayedStepOptions, Float32Buffers):
         mean = (norms * weights).sum() / count.clamp_min(1.0)
         std = (((norms - mean) ** 2 * weights).sum() / (count - 1.0).clamp_min(1.0)).sqrt()
         a = self.t_alpha
-        return (torch.where(count >= 1, a * mean + (1.0 - a) * self.batch_mean, self.batch_mean),
-                torch.where(count >= 2, a * std + (1.0 - a) * self.batch_std, self.batch_std))
+        # a NaN or inf embedding leaves them as they were (that step's loss is NaN; NaN statistics would make every
+        # later margin NaN)
+        finite = torch.isfinite(mean) & torch.isfinite(std)
+        return (torch.where((count >= 1) & finite, a * mean + (1.0 - a) * self.batch_mean, self.batch_mean),
+                torch.where((count >= 2) & finite, a * std + (1.0 - a) * self.batch_std, self.batch_std))
 
     def extra_repr(self):
         return (super().extra_repr() + f", margin={self.margin}, h={self.h}, t_alpha={self.t_alpha}, "

@@ -313,8 +313,8 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
             values = [c[k] for c in seen]
             if k == 4:
                 raise ValueError(f"every rank must be in the same mode (train or eval) with the same sample_rate: the "
-                                 f"ranks differ in {what} (1: train mode with sample_rate < 1), {values} on ranks "
-                                 f"0..{world_size - 1} (they would run different collectives)")
+                                 f"ranks differ in {what}, {values} on ranks 0..{world_size - 1} (they would run "
+                                 "different collectives)")
             raise ValueError(f"every rank must pass the same {what}, got {values} on ranks 0..{world_size - 1}")
     if len({(c[5], c[6]) for c in seen}) > 1:
         raise ValueError("input and target (and per-row margins, hard-negative coefficients) must be the same on every "
@@ -910,16 +910,16 @@ class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
         self._init_curricular(margin, momentum)
 
     def forward(self, embeddings, target):
-        if self.training:  # t's all-reduce runs only after every rank has seen valid, equal arguments
-            local_error = None
-            try:
-                check_tensor("embeddings", embeddings)
-                check_module_embeddings(embeddings, self.embedding_dim)
-                check_target_tensor(target, embeddings.shape[0])
-            except (TypeError, ValueError) as e:
-                local_error = e
-            _ranks_agree(self.group, embeddings, target, self.num_classes, self.options["ignore_index"],
-                         self.sample_rate < 1.0, local_error)
+        # t's all-reduce (training mode) runs only after every rank has seen valid, equal arguments in the same mode
+        local_error = None
+        try:
+            check_tensor("embeddings", embeddings)
+            check_module_embeddings(embeddings, self.embedding_dim)
+            check_target_tensor(target, embeddings.shape[0])
+        except (TypeError, ValueError) as e:
+            local_error = e
+        _ranks_agree(self.group, embeddings, target, self.num_classes, self.options["ignore_index"], self.training,
+                     local_error)
         return super().forward(embeddings, target)
 
     def _target_cosine_sum(self, embeddings, target, valid):

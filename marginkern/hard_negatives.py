@@ -69,10 +69,12 @@ class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
 
     @torch.no_grad()
     def _updated_t(self, embeddings, target):
-        """t moved toward the valid rows' mean target cosine, without a host sync (masks, not indexing)."""
+        """t moved toward the valid rows' mean target cosine, without a host sync (masks, not indexing); a batch with a
+        NaN or inf embedding leaves it as it was (that step's loss is NaN; the official head's t would stay NaN, and
+        every later loss with it)."""
         total, count = self._target_cosine_sum(embeddings, target, target != self.options["ignore_index"])
         moved = self.momentum * total / count.clamp_min(1.0) + (1.0 - self.momentum) * self.t
-        return torch.where(count >= 1, moved, self.t)
+        return torch.where((count >= 1) & torch.isfinite(moved), moved, self.t)
 
     def _target_cosine_sum(self, embeddings, target, valid):
         """(Σ cos θ_y over the valid rows, their count), in t's dtype (clamped to [−1, 1]; with sub-centres the best

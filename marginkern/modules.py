@@ -1,4 +1,5 @@
 """nn.Module losses that own their class centres, shape (C, D) like insightface's PartialFC."""
+import collections
 import os
 import sys
 import warnings
@@ -180,21 +181,64 @@ def recomputing_in_backward():
 
 class ReplayedStepOptions:
     """Step options that read and move running statistics (AdaFace's μ and σ, CurricularFace's t), made safe under
-    activation checkpointing: the recompute of a checkpointed forward runs inside the backward pass and reuses the
-    options its forward computed, so that its gradients are those of the forward's loss and the statistics move once.
-    The forward is the most recent one: right when each micro-batch's backward follows its own forward (plain
-    training and gradient accumulation), not under pipeline schedules that run other forwards in between."""
+    activation checkpointing: the recompute of a checkpointed forward runs inside the backward pass, where the
+    statistics have moved on, so it takes the options its own forward computed, found by a fingerprint of the
+    forward's inputs among the last `REPLAY_HISTORY` training forwards (two heads' calls summed into one loss, or
+    micro-batches whose backward passes come later, each find theirs). The gradients are then those of the forward's
+    loss and the statistics move once. The lookup syncs with the device once, in the recompute only; a recompute
+    whose forward is no longer in the history raises. Under torch.compile the head's own checkpointing is the
+    compiler's: checkpoint a region that calls the compiled head, not a compiled head (its recompute cannot be told
+    from a forward there)."""
 
-    _replayed_options = None
+    REPLAY_HISTORY = 16
+    _replays = None
 
     def _step_options(self, embeddings, target):
-        if recomputing_in_backward() and self._replayed_options is not None:
-            return self._replayed_options
-        self._replayed_options = self._fresh_step_options(embeddings, target)
-        return self._replayed_options
+        if not self.training or torch.compiler.is_compiling():  # (eval mode: the statistics stand still)
+            return self._fresh_step_options(embeddings, target)
+        if recomputing_in_backward():
+            return self._replayed_step_options(embeddings, target)
+        options = self._fresh_step_options(embeddings, target)
+        if self._replays is None:
+            self._replays = collections.deque(maxlen=self.REPLAY_HISTORY)
+        self._replays.append((_step_fingerprint(embeddings, target), options))
+        return options
+
+    def _replayed_step_options(self, embeddings, target):
+        fingerprint = _step_fingerprint(embeddings, target)
+        candidates = [(k, options) for k, (seen, options) in enumerate(self._replays or ())
+                      if seen.shape == fingerprint.shape and seen.device == fingerprint.device]
+        if candidates:
+            seen = torch.stack([self._replays[k][0] for k, _ in candidates])
+            match = (seen == fingerprint).all(1)
+            found, index = torch.stack([match.any().long(), match.long().argmax()]).tolist()
+            if found:
+                return candidates[index][1]
+        raise RuntimeError(
+            f"{type(self).__name__}: the recompute of a checkpointed call (activation checkpointing) found no "
+            f"forward with its inputs among the last {self.REPLAY_HISTORY} training forwards of this module: its "
+            "running statistics have moved since, so it cannot reproduce that forward's loss; run the backward "
+            "passes sooner, or raise REPLAY_HISTORY")
 
     def _fresh_step_options(self, embeddings, target):
         raise NotImplementedError
+
+    def __getstate__(self):  # the history holds tensors of past steps: not part of the module's state
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_replays", None)
+        return state
+
+
+def _step_fingerprint(embeddings, target):
+    """A few numbers that tell one call's inputs from another's, on their device without a sync: the row count, and
+    position-weighted sums of the embeddings and targets in float64 (a recompute reproduces its forward's inputs bit
+    for bit, so its fingerprint is equal)."""
+    x = embeddings.detach().to(torch.float64)
+    weights = torch.arange(1, x.shape[0] + 1, dtype=torch.float64, device=x.device)
+    rows = torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device)  # (a fill: no host-to-device copy)
+    return torch.stack([rows, (x.sum(1) * weights).sum(), (x.square().sum(1) * weights).sum(),
+                        (target.to(torch.float64) * weights).sum()])
 
 
 class CombinedMarginLoss(LambdaAnnealing):

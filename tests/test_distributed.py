@@ -1195,6 +1195,20 @@ def _curricular_step_failing_on_one_rank(rank, world_size):
     return untouched, module.t.item()
 
 
+def _curricular_in_mixed_modes(rank, world_size):
+    """Rank 0 in training mode, the others in eval mode: every rank raises the mode error (t's all-reduce would
+    otherwise meet another collective)."""
+    module = mkd.ShardedCurricularFaceLoss(4, 6, dtype=torch.float64)
+    module.train(rank == 0)
+    with pytest.raises(ValueError, match=r"every rank must be in the same mode \(train or eval\)"):
+        module(3 * torch.ones(5, 4, dtype=torch.float64), torch.arange(5) % 6)
+    return module.t.item() == 0.0
+
+
+def test_sharded_curricularface_in_mixed_modes_raises_everywhere(world):
+    assert world.run(_curricular_in_mixed_modes) == [True] * world.size
+
+
 def test_a_failed_step_leaves_the_curricular_t_alone(world):
     results = world.run(_curricular_step_failing_on_one_rank)
     assert all(untouched for untouched, _ in results)

@@ -366,3 +366,52 @@ def test_a_tuple_of_tensors_is_refused_with_the_fix():
     x, w, t = make_case(4, 6, 3)
     with pytest.raises(TypeError, match=r"pass torch.stack of them"):
         mk.margin_cross_entropy(x, w, t, hard_negatives=(torch.tensor(1.0), 0.3, 0.0))
+
+
+@pytest.mark.parametrize("cls", [mk.CurricularFaceLoss, mk.AdaFaceLoss], ids=lambda c: c.__name__)
+def test_two_checkpointed_calls_in_one_loss(cls):
+    """Two checkpointed calls of one head summed into one loss (two views, or micro-batches whose backward comes
+    later): each recompute finds its own forward's options (a review saw dL/dx of the first call 7% off when the
+    recompute took the most recent forward's); a recompute whose forward left the history raises."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    x1, x2 = 4 * torch.randn(12, 8, dtype=torch.float64), 6 * torch.randn(9, 8, dtype=torch.float64)
+    t1, t2 = torch.randint(0, 10, (12,)), torch.randint(0, 10, (9,))
+    kwargs = dict(momentum=0.5) if cls is mk.CurricularFaceLoss else dict(t_alpha=0.5)
+    plain, checkpointed = cls(8, 10, dtype=torch.float64, **kwargs), cls(8, 10, dtype=torch.float64, **kwargs)
+    checkpointed.load_state_dict(plain.state_dict())
+    grads = []
+    for module, run in ((plain, lambda m, a, t: m(a, t)),
+                        (checkpointed, lambda m, a, t: checkpoint(m, a, t, use_reentrant=False))):
+        a, b = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+        (run(module, a, t1) + run(module, b, t2)).backward()
+        grads.append((a.grad, b.grad, module.weight.grad))
+    for u, v in zip(*grads):
+        torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(checkpointed.state_dict(), plain.state_dict(), rtol=0, atol=0)
+    checkpointed.REPLAY_HISTORY = 1
+    checkpointed._replays = None
+    a = x1.clone().requires_grad_()
+    loss = checkpoint(checkpointed, a, t1, use_reentrant=False) + checkpoint(checkpointed, x2, t2, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="found no forward with its inputs among the last 1 training forwards"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "reference"])
+def test_nan_coefficients_give_nan_not_an_error(backend_name, monkeypatch):
+    """NaN in the coefficients (CurricularFace's t after a NaN batch, in the official head) gives NaN losses on every
+    backend, as a NaN embedding does (the C++ step raised instead); the module's t does not take the NaN."""
+    from marginkern import cpp_tiles
+    if backend_name == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend_name)
+    x, w, t = make_case(5, 7, 4)
+    assert torch.isnan(mk.margin_cross_entropy(x, w, t, hard_negatives=torch.tensor([1.0, math.nan, 0.0])))
+    loss = mk.CurricularFaceLoss(4, 7, momentum=0.5)
+    loss(x, t)
+    before = loss.t.clone()
+    bad = x.detach().clone()
+    bad[1, 2] = math.nan
+    assert torch.isnan(loss(bad, t))
+    torch.testing.assert_close(loss.t, before, rtol=0, atol=0)
+    assert torch.isfinite(loss(x, t))
