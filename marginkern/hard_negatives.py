@@ -40,7 +40,7 @@ class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
 
     def _init_curricular(self, margin, momentum):
         """After the base's __init__ (the buffer goes to the weight's device)."""
-        self.margin, self.momentum = float(margin), float(momentum)
+        self.momentum = float(momentum)  # (live; a hyperparameter, not saved in the state_dict, as the margin)
         self.register_buffer("t", torch.zeros(1, dtype=_buffer_dtype(self.weight), device=self.weight.device))
         self._pending_t = None
 
@@ -122,7 +122,8 @@ class MVSoftmaxCoefficients:
         return (0.0, margin) if margin_type == "cos" else (margin, 0.0)
 
     def _init_mv(self, margin, mv_weight, margin_type):
-        self.margin, self.margin_type, self._mv_weight = float(margin), margin_type, float(mv_weight)
+        # mv_weight is live (its setter rebuilds the buffer) and, as the margin, a hyperparameter: not in the state_dict
+        self.margin_type, self._mv_weight = margin_type, float(mv_weight)
         # a buffer, not saved but rebuilt from mv_weight (by every module cast and move, to_empty included): read on
         # the device each step without a host-to-device copy
         self.register_buffer("hard_negative_coefficients", torch.empty(3, device=self.weight.device), persistent=False)

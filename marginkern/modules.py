@@ -186,9 +186,9 @@ class ReplayedStepOptions:
     forward's inputs among the last `REPLAY_HISTORY` training forwards (two heads' calls summed into one loss, or
     micro-batches whose backward passes come later, each find theirs). The gradients are then those of the forward's
     loss and the statistics move once. The lookup syncs with the device once, in the recompute only; a recompute
-    whose forward is no longer in the history raises. Under torch.compile the head's own checkpointing is the
-    compiler's: checkpoint a region that calls the compiled head, not a compiled head (its recompute cannot be told
-    from a forward there)."""
+    whose forward is no longer in the history raises. A compiled head cannot tell its recompute from a forward (the
+    check is traced as a constant): under torch.compile, compile around the checkpoint
+    (torch.compile(lambda ...: checkpoint(head, ...))), or do not checkpoint the head."""
 
     REPLAY_HISTORY = 16
     _replays = None
@@ -199,8 +199,8 @@ class ReplayedStepOptions:
         if recomputing_in_backward():
             return self._replayed_step_options(embeddings, target)
         options = self._fresh_step_options(embeddings, target)
-        if self._replays is None:
-            self._replays = collections.deque(maxlen=self.REPLAY_HISTORY)
+        if self._replays is None or self._replays.maxlen != self.REPLAY_HISTORY:  # (REPLAY_HISTORY may change)
+            self._replays = collections.deque(self._replays or (), maxlen=self.REPLAY_HISTORY)
         self._replays.append((_step_fingerprint(embeddings, target), options))
         return options
 
@@ -211,14 +211,18 @@ class ReplayedStepOptions:
         if candidates:
             seen = torch.stack([self._replays[k][0] for k, _ in candidates])
             match = (seen == fingerprint).all(1)
-            found, index = torch.stack([match.any().long(), match.long().argmax()]).tolist()
+            # the newest match (the same inputs may come back: a fixed batch, frozen features)
+            order = torch.arange(1, len(candidates) + 1, device=match.device)
+            found, index = torch.stack([match.any().long(), (match.long() * order).argmax()]).tolist()
             if found:
                 return candidates[index][1]
         raise RuntimeError(
             f"{type(self).__name__}: the recompute of a checkpointed call (activation checkpointing) found no "
-            f"forward with its inputs among the last {self.REPLAY_HISTORY} training forwards of this module: its "
-            "running statistics have moved since, so it cannot reproduce that forward's loss; run the backward "
-            "passes sooner, or raise REPLAY_HISTORY")
+            f"forward with its inputs among the last {len(self._replays or ())} training forwards of this module: its "
+            "running statistics have moved since, so it cannot reproduce that forward's loss. Either its forward is "
+            "older than that (run the backward passes sooner, or raise REPLAY_HISTORY), or the recompute did not "
+            "reproduce its inputs bit for bit (checkpoint's preserve_rng_state=False around dropout, or "
+            "non-deterministic kernels in the checkpointed region)")
 
     def _fresh_step_options(self, embeddings, target):
         raise NotImplementedError
@@ -234,10 +238,11 @@ def _step_fingerprint(embeddings, target):
     """A few numbers that tell one call's inputs from another's, on their device without a sync: the row count, and
     position-weighted sums of the embeddings and targets in float64 (a recompute reproduces its forward's inputs bit
     for bit, so its fingerprint is equal)."""
-    x = embeddings.detach().to(torch.float64)
+    x = embeddings.detach()
     weights = torch.arange(1, x.shape[0] + 1, dtype=torch.float64, device=x.device)
     rows = torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device)  # (a fill: no host-to-device copy)
-    return torch.stack([rows, (x.sum(1) * weights).sum(), (x.square().sum(1) * weights).sum(),
+    return torch.stack([rows, (x.sum(1, dtype=torch.float64) * weights).sum(),
+                        (x.float().square().sum(1, dtype=torch.float64) * weights).sum(),
                         (target.to(torch.float64) * weights).sum()])
 
 

@@ -415,3 +415,36 @@ def test_nan_coefficients_give_nan_not_an_error(backend_name, monkeypatch):
     assert torch.isnan(loss(bad, t))
     torch.testing.assert_close(loss.t, before, rtol=0, atol=0)
     assert torch.isfinite(loss(x, t))
+
+
+def test_replay_takes_the_newest_forward_of_repeated_inputs():
+    """The same batch every step (frozen features, an overfit-one-batch check): each checkpointed recompute takes its
+    own, newest forward's t (a review saw the oldest matching one taken: dx 17.5% off by the eighth step)."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    feats, labels = torch.randn(64, 32, dtype=torch.float64), torch.randint(0, 10, (64,))
+    heads = [mk.CurricularFaceLoss(32, 10, scale=16.0, margin=0.3, momentum=0.1, dtype=torch.float64)
+             for _ in range(2)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    optimizers = [torch.optim.SGD(h.parameters(), lr=0.5) for h in heads]
+    for step in range(6):
+        grads = []
+        for head, opt, run in zip(heads, optimizers, (lambda h, e: h(e, labels),
+                                                      lambda h, e: checkpoint(h, e, labels, use_reentrant=False))):
+            e = feats.clone().requires_grad_()
+            run(head, e).backward()
+            opt.step()
+            opt.zero_grad()
+            grads.append(e.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14, msg=f"step {step}")
+    torch.testing.assert_close(heads[1].t, heads[0].t, rtol=0, atol=0)
+
+
+def test_a_larger_replay_history_takes_effect_at_once():
+    from torch.utils.checkpoint import checkpoint
+    head = mk.CurricularFaceLoss(8, 10)
+    head(torch.randn(4, 8), torch.arange(4))
+    head.REPLAY_HISTORY = 20
+    xs = [torch.randn(4, 8).requires_grad_() for _ in range(18)]
+    sum(checkpoint(head, x, torch.arange(4), use_reentrant=False) for x in xs).backward()
+    assert all(x.grad is not None for x in xs)
