@@ -44,7 +44,6 @@ class AdaFaceMargins(ReplayedStepOptions, Float32Buffers):
         self.margin, self.h, self.t_alpha, self.eps = float(margin), float(h), float(t_alpha), float(eps)
         self.register_buffer("batch_mean", torch.full((1,), 20.0, device=self.weight.device))
         self.register_buffer("batch_std", torch.full((1,), 100.0, device=self.weight.device))
-        self._pending_statistics = None
 
     def reset_parameters(self):
         """The class centres, and μ, σ back to the official head's 20 and 100 (also after deferred, meta-device
@@ -54,26 +53,14 @@ class AdaFaceMargins(ReplayedStepOptions, Float32Buffers):
             self.batch_mean.fill_(20.0)
             self.batch_std.fill_(100.0)
 
-    def forward(self, embeddings, target):
-        # The statistics this step's margins used are stored only once the loss is computed: a step that raises (on
-        # one rank of a sharded loss, say) leaves them as they were, so that ranks do not drift apart.
-        self._pending_statistics = None
-        loss = super().forward(embeddings, target)
-        if self._pending_statistics is not None:
-            with torch.no_grad():
-                self.batch_mean.copy_(self._pending_statistics[0])
-                self.batch_std.copy_(self._pending_statistics[1])
-            self._pending_statistics = None
-        return loss
-
     def _fresh_step_options(self, embeddings, target):
         check_target_tensor(target, embeddings.shape[0])
         acc = accumulation_dtype(embeddings.dtype)
         norms = torch.linalg.vector_norm(embeddings.detach().to(acc), dim=1).clamp(0.001, 100.0)
         mean, std = self.batch_mean, self.batch_std
-        if self.training:  # the official head moves them before its margins use them
-            mean, std = self._pending_statistics = self._updated_norm_statistics(norms,
-                                                                                 target != self.options["ignore_index"])
+        if self.training:  # the official head moves them before its margins use them (stored after the loss)
+            mean, std = self._updated_norm_statistics(norms, target != self.options["ignore_index"])
+            self._pending_buffers = {"batch_mean": mean, "batch_std": std}
         quality = (self.h * (norms - mean) / (std + self.eps)).clamp(-1.0, 1.0)
         return {"m2": -self.margin * quality, "m3": self.margin * (1.0 + quality)}
 

@@ -907,7 +907,7 @@ class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, momentum=0.01, **kwargs):
         self._check_curricular(margin, momentum, kwargs)
         super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
-        self._init_curricular(margin, momentum)
+        self._init_curricular(momentum)
 
     def forward(self, embeddings, target):
         # t's all-reduce (training mode) runs only after every rank has seen valid, equal arguments in the same mode
@@ -922,18 +922,15 @@ class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
                      local_error)
         return super().forward(embeddings, target)
 
-    def _target_cosine_sum(self, embeddings, target, valid):
-        K, num_local = self.subcenters, self.weight.shape[0] // self.subcenters
+    def _held_targets(self, target, valid):
+        num_local = self.weight.shape[0] // self.subcenters
         local = target.long() - self.class_start
-        owned = valid & (local >= 0) & (local < num_local)
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        centres = self.weight.detach().unflatten(0, (num_local, K))[torch.where(owned, local, 0)]  # (N, K, D)
-        x = nn.functional.normalize(embeddings.detach().to(acc), dim=1)
-        cosine = torch.linalg.vecdot(nn.functional.normalize(centres.to(acc), dim=2), x[:, None, :]).amax(1)
-        owned = owned.to(self.t.dtype)
-        sums = torch.stack([(cosine.clamp(-1.0, 1.0).to(self.t.dtype) * owned).sum(), owned.sum()])
+        held = valid & (local >= 0) & (local < num_local)
+        return torch.where(held, local, 0), held
+
+    def _summed_over_shards(self, sums):
         dist.all_reduce(sums, group=self.group)
-        return sums[0], sums[1]
+        return sums
 
 
 class ShardedMVSoftmaxLoss(MVSoftmaxCoefficients, ShardedCombinedMarginLoss):
@@ -944,4 +941,4 @@ class ShardedMVSoftmaxLoss(MVSoftmaxCoefficients, ShardedCombinedMarginLoss):
                  **kwargs):
         m2, m3 = self._check_mv(margin, mv_weight, margin_type, kwargs)
         super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
-        self._init_mv(margin, mv_weight, margin_type)
+        self._init_mv(mv_weight, margin_type)

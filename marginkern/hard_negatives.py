@@ -18,12 +18,8 @@ import torch
 
 from .adaptive_margins import _refuse_options
 from .checks import check_finite, check_target_tensor
-from .modules import CombinedMarginLoss, Float32Buffers, ReplayedStepOptions
-
-
-def _buffer_dtype(weight):
-    """fp64 for an fp64 head, else fp32 (Float32Buffers keeps it so under casts)."""
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+from .engine import accumulation_dtype
+from .modules import CombinedMarginLoss, Float32Buffers, ReplayedStepOptions, subcenter_cosines
 
 
 class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
@@ -38,11 +34,11 @@ class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
         check_finite("momentum", momentum, 0.0, 1.0)
         _refuse_options(kwargs, ("normalize",), "CurricularFace's logits are cosines")
 
-    def _init_curricular(self, margin, momentum):
+    def _init_curricular(self, momentum):
         """After the base's __init__ (the buffer goes to the weight's device)."""
         self.momentum = float(momentum)  # (live; a hyperparameter, not saved in the state_dict, as the margin)
-        self.register_buffer("t", torch.zeros(1, dtype=_buffer_dtype(self.weight), device=self.weight.device))
-        self._pending_t = None
+        acc = accumulation_dtype(self.weight.dtype)  # fp64 for an fp64 head, else fp32 (and so under casts)
+        self.register_buffer("t", torch.zeros(1, dtype=acc, device=self.weight.device))
 
     def reset_parameters(self):
         """The class centres, and t back to 0 (also after deferred, meta-device initialisation)."""
@@ -50,21 +46,12 @@ class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
         if getattr(self, "t", None) is not None and not self.t.is_meta:  # (called by __init__ first)
             self.t.zero_()
 
-    def forward(self, embeddings, target):
-        # t moves only once the loss is computed: a step that raises leaves it as it was
-        self._pending_t = None
-        loss = super().forward(embeddings, target)
-        if self._pending_t is not None:
-            with torch.no_grad():
-                self.t.copy_(self._pending_t)
-            self._pending_t = None
-        return loss
-
     def _fresh_step_options(self, embeddings, target):
         check_target_tensor(target, embeddings.shape[0])
         t = self.t
-        if self.training:  # the official head moves t before the re-weighting uses it
-            t = self._pending_t = self._updated_t(embeddings, target)
+        if self.training:  # the official head moves t before the re-weighting uses it (stored after the loss)
+            t = self._updated_t(embeddings, target)
+            self._pending_buffers = {"t": t}
         return {"hard_negatives": torch.cat([torch.ones_like(t), t, torch.zeros_like(t)])}
 
     @torch.no_grad()
@@ -79,11 +66,21 @@ class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
     def _target_cosine_sum(self, embeddings, target, valid):
         """(Σ cos θ_y over the valid rows, their count), in t's dtype (clamped to [−1, 1]; with sub-centres the best
         one's, as the loss's)."""
+        labels, held = self._held_targets(target, valid)
+        cosine = subcenter_cosines(embeddings, self.weight, self.subcenters, labels).amax(1)
+        held = held.to(self.t.dtype)
+        sums = torch.stack([(cosine.clamp(-1.0, 1.0).to(self.t.dtype) * held).sum(), held.sum()])
+        return self._summed_over_shards(sums).unbind()
+
+    def _held_targets(self, target, valid):
+        """(each row's target class among this module's weight rows, clamped into range; whether the row counts here:
+        valid)."""
         # out-of-range targets read a clamped class here; the loss raises on them before t is stored
-        labels = torch.where(valid, target, 0).long().clamp(0, self.num_classes - 1)
-        cosine = self._subcenter_cosines(embeddings, labels).amax(1).clamp(-1.0, 1.0).to(self.t.dtype)
-        weights = valid.to(cosine.dtype)
-        return (cosine * weights).sum(), weights.sum()
+        return torch.where(valid, target, 0).long().clamp(0, self.num_classes - 1), valid
+
+    def _summed_over_shards(self, sums):
+        """The (2,) sums over the modules that hold the classes (one here; the sharded module's ranks)."""
+        return sums
 
     def extra_repr(self):
         return super().extra_repr() + f", momentum={self.momentum}"
@@ -105,7 +102,7 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, momentum=0.01, **kwargs):
         self._check_curricular(margin, momentum, kwargs)
         super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
-        self._init_curricular(margin, momentum)
+        self._init_curricular(momentum)
 
 
 class MVSoftmaxCoefficients:
@@ -121,7 +118,7 @@ class MVSoftmaxCoefficients:
         _refuse_options(kwargs, ("normalize",), "MV-Softmax's logits are cosines")
         return (0.0, margin) if margin_type == "cos" else (margin, 0.0)
 
-    def _init_mv(self, margin, mv_weight, margin_type):
+    def _init_mv(self, mv_weight, margin_type):
         # mv_weight is live (its setter rebuilds the buffer) and, as the margin, a hyperparameter: not in the state_dict
         self.margin_type, self._mv_weight = margin_type, float(mv_weight)
         # a buffer, not saved but rebuilt from mv_weight (by every module cast and move, to_empty included): read on
@@ -146,8 +143,8 @@ class MVSoftmaxCoefficients:
         if old is None or old.is_meta:
             return
         w = self._mv_weight
-        self.hard_negative_coefficients = torch.tensor([0.0, w, w - 1.0], dtype=_buffer_dtype(self.weight)).to(
-            old.device)
+        acc = accumulation_dtype(self.weight.dtype)
+        self.hard_negative_coefficients = torch.tensor([0.0, w, w - 1.0], dtype=acc).to(old.device)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -174,4 +171,4 @@ class MVSoftmaxLoss(MVSoftmaxCoefficients, CombinedMarginLoss):
                  **kwargs):
         m2, m3 = self._check_mv(margin, mv_weight, margin_type, kwargs)
         super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
-        self._init_mv(margin, mv_weight, margin_type)
+        self._init_mv(mv_weight, margin_type)

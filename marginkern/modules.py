@@ -13,6 +13,7 @@ from .checks import (check_bool, check_class_weight, check_class_weight_values, 
                      check_margin_options, check_module_embeddings, check_reduction, check_shift, check_subcenters,
                      check_temperature, check_tensor, checked_class_targets, margin_module_repr,
                      resolve_grad_filter_eps)
+from .engine import accumulation_dtype
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          linear_jsd, linear_kl_divergence, margin_cross_entropy)
 from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
@@ -156,8 +157,8 @@ def _load_lambda_step(module, state_dict, prefix, local_metadata, strict, missin
 
 class Float32Buffers:
     """Keeps the buffers named in `_float32_buffers` in fp32 (fp64 stays) through module casts (.half(),
-    .to(torch.bfloat16)), at their values before the cast: running statistics whose small updates 16 bits would lose,
-    coefficients that must not round (MV-Softmax's 1.12 is 1.1171875 in bf16). Moves between devices still apply."""
+    .to(torch.bfloat16)), at their values before the cast: running statistics whose small updates 16 bits would lose
+    (AdaFace's μ and σ, CurricularFace's t). Moves between devices still apply."""
 
     _float32_buffers = ()
 
@@ -193,6 +194,18 @@ class ReplayedStepOptions:
     REPLAY_HISTORY = 16
     _replays = None
 
+    def forward(self, embeddings, target):
+        # The statistics a step's options used (`_pending_buffers`, set by _fresh_step_options: buffer name → value)
+        # are stored only once its loss is computed: a step that raises (on one rank of a sharded loss, say) leaves
+        # them as they were, so that ranks do not drift apart.
+        self._pending_buffers = {}
+        loss = super().forward(embeddings, target)
+        with torch.no_grad():
+            for name, value in self._pending_buffers.items():
+                getattr(self, name).copy_(value)
+        self._pending_buffers = {}
+        return loss
+
     def _step_options(self, embeddings, target):
         if not self.training or torch.compiler.is_compiling():  # (eval mode: the statistics stand still)
             return self._fresh_step_options(embeddings, target)
@@ -225,6 +238,7 @@ class ReplayedStepOptions:
             "non-deterministic kernels in the checkpointed region)")
 
     def _fresh_step_options(self, embeddings, target):
+        """This step's options from the inputs and the statistics; in training mode it also sets `_pending_buffers`."""
         raise NotImplementedError
 
     def __getstate__(self):  # the history holds tensors of past steps: not part of the module's state
@@ -244,6 +258,21 @@ def _step_fingerprint(embeddings, target):
     return torch.stack([rows, (x.sum(1, dtype=torch.float64) * weights).sum(),
                         (x.float().square().sum(1, dtype=torch.float64) * weights).sum(),
                         (target.to(torch.float64) * weights).sum()])
+
+
+@torch.no_grad()
+def subcenter_cosines(embeddings, weight, subcenters, labels, block_rows=4096):
+    """(N, K) cosines between each embedding and the K = `subcenters` centres of its class labels_n among weight's
+    classes (weight (C·K, D), class-major; labels in [0, C)), in the weight's accumulation dtype, by blocks of rows:
+    O(block_rows·K·D) memory, never N × C."""
+    acc = accumulation_dtype(weight.dtype)
+    centres = weight.detach().unflatten(0, (-1, subcenters))
+    out = torch.empty(embeddings.shape[0], subcenters, dtype=acc, device=weight.device)
+    for r0 in range(0, embeddings.shape[0], block_rows):
+        x = nn.functional.normalize(embeddings[r0:r0 + block_rows].detach().to(acc), dim=1)
+        w = nn.functional.normalize(centres[labels[r0:r0 + block_rows]].to(acc), dim=2)
+        out[r0:r0 + block_rows] = torch.linalg.vecdot(w, x[:, None, :])
+    return out
 
 
 class CombinedMarginLoss(LambdaAnnealing):
@@ -350,14 +379,7 @@ class CombinedMarginLoss(LambdaAnnealing):
 
     def _subcenter_cosines(self, embeddings, labels, block_rows=4096):
         """subcenter_cosines for labels already checked."""
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        centres = self.weight.detach().unflatten(0, (self.num_classes, self.subcenters))
-        out = torch.empty(embeddings.shape[0], self.subcenters, dtype=acc, device=self.weight.device)
-        for r0 in range(0, embeddings.shape[0], block_rows):
-            x = nn.functional.normalize(embeddings[r0:r0 + block_rows].detach().to(acc), dim=1)
-            w = nn.functional.normalize(centres[labels[r0:r0 + block_rows]].to(acc), dim=2)
-            out[r0:r0 + block_rows] = torch.linalg.vecdot(w, x[:, None, :])
-        return out
+        return subcenter_cosines(embeddings, self.weight, self.subcenters, labels, block_rows)
 
     def _subcenter_counts(self, labels, cosines):
         """subcenter_counts from the embeddings' cosines to their class's sub-centres."""
