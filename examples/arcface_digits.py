@@ -2,8 +2,10 @@
 8×8 handwritten digits, no download), then classify held-out digits by their nearest class centre.
 
     pip install scikit-learn && python examples/arcface_digits.py [--loss arcface|cosface|sphereface|subcenter|
-                                                                   adaface|magface|elastic|curricularface|mv]
+                                                                   adaface|magface|elastic|curricularface|mv|
+                                                                   arcface-filtered]
                                                                   [--epochs 30] [--label-noise 0.2]
+                                                                  [--split-classes 0.3]
 
 The head's class centres are the only classifier: after training, argmax_j cos(x, w_j) is the prediction
 (with sub-centres, the best of each class's), which is how face-recognition heads are used for
@@ -11,6 +13,9 @@ identification. --label-noise p gives a fraction p of the training digits a wron
 --loss subcenter the example then runs sub-center ArcFace's cleaning step: the training digits more than a
 threshold away from their class's dominant sub-centre are flagged (`outliers`), the flags are scored against
 the labels that were actually flipped, and an ArcFace head is retrained on the digits that were kept.
+--split-classes p moves a fraction p of each digit's training labels to a twin class (20 classes, two per digit;
+a prediction of either twin counts as its digit): the setting of --loss arcface-filtered, insightface's inter-class
+filtering.
 """
 import argparse
 
@@ -44,7 +49,12 @@ HEADS = {
     # hard negatives re-weighted (CurricularFace's running t moves faster here: 10 classes, few steps)
     "curricularface": lambda d, c: mk.CurricularFaceLoss(d, c, scale=16.0, margin=0.3, momentum=0.1),
     "mv": lambda d, c: mk.MVSoftmaxLoss(d, c, scale=16.0, margin=0.2, mv_weight=1.12),
+    # insightface's inter-class filtering: a non-target cosine above the threshold (a digit that looks like another
+    # class, e.g. under a flipped label) counts as 0, without gradient
+    "arcface-filtered": lambda d, c: mk.ArcFaceLoss(d, c, scale=16.0, margin=0.3,
+                                                    interclass_filtering_threshold=FILTERING_THRESHOLD),
 }
+FILTERING_THRESHOLD = 0.6
 
 
 def flip_labels(y, fraction, seed=1):
@@ -54,10 +64,17 @@ def flip_labels(y, fraction, seed=1):
     return torch.where(flipped, (y + torch.randint(1, 10, (len(y),), generator=g)) % 10, y), flipped
 
 
-def train(loss, x, y, epochs, embedding_dim):
+def split_classes(y, fraction, seed=2):
+    """y with a `fraction` of each digit's labels moved to a twin class (digit + 10): one identity under two labels,
+    the inter-class conflict of web-crawled face datasets that insightface's inter-class filtering is for."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(torch.rand(len(y), generator=g) < fraction, y + 10, y)
+
+
+def train(loss, x, y, epochs, embedding_dim, num_classes=10):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, embedding_dim))
-    head = HEADS[loss](embedding_dim, 10)
+    head = HEADS[loss](embedding_dim, num_classes)
     opt = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=3e-3)
     for epoch in range(epochs):
         perm = torch.randperm(len(x))
@@ -78,8 +95,8 @@ def train(loss, x, y, epochs, embedding_dim):
 def nearest_centre_accuracy(net, head, x, y):
     emb = nn.functional.normalize(net(x), dim=1)
     cosines = emb @ nn.functional.normalize(head.weight, dim=1).t()
-    cosines = cosines.unflatten(1, (10, -1)).amax(2)  # the best sub-centre of each class (one without)
-    return float((cosines.argmax(1) == y).float().mean())
+    cosines = cosines.unflatten(1, (head.num_classes, -1)).amax(2)  # each class's best sub-centre (one without)
+    return float((cosines.argmax(1) % 10 == y).float().mean())  # a twin class (--split-classes) is its digit
 
 
 def main():
@@ -88,17 +105,27 @@ def main():
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--embedding-dim", type=int, default=32)
     parser.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels flipped")
+    parser.add_argument("--split-classes", type=float, default=0.0,
+                        help="fraction of each digit's training labels moved to a twin class (digit + 10)")
     parser.add_argument("--outlier-threshold", type=float, default=30.0,
                         help="degrees from the dominant sub-centre beyond which a digit is dropped (subcenter)")
     args = parser.parse_args()
 
     x_tr, x_te, y_tr, y_te = load_digits_split()
     labels, flipped = flip_labels(y_tr, args.label_noise)
-    net, head = train(args.loss, x_tr, labels, args.epochs, args.embedding_dim)
+    if args.split_classes > 0:
+        labels = split_classes(labels, args.split_classes)
+    net, head = train(args.loss, x_tr, labels, args.epochs, args.embedding_dim, 20 if args.split_classes > 0 else 10)
     accuracy = nearest_centre_accuracy(net, head, x_te, y_te)
     noise = f", {flipped.float().mean():.0%} of the training labels flipped" if args.label_noise > 0 else ""
+    if args.split_classes > 0:
+        noise += f", {(labels >= 10).float().mean():.0%} under a twin class's label"
+        with torch.no_grad():  # how close the two centres of one digit ended
+            w = nn.functional.normalize(head.weight, dim=1)
+            twins = (w[:10] * w[10:]).sum(1).mean()
+        noise += f"; mean cosine between twin centres {twins:.3f}"
     print(f"{args.loss}: nearest-centre accuracy on {len(y_te)} held-out digits: {accuracy:.3f}{noise}")
-    if args.loss != "subcenter" or args.label_noise == 0:
+    if args.loss != "subcenter" or args.label_noise == 0 or args.split_classes > 0:
         return accuracy
 
     with torch.no_grad():

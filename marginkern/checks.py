@@ -124,6 +124,18 @@ def check_module_embeddings(embeddings, embedding_dim):
                          f"{tuple(embeddings.shape)}")
 
 
+def interclass_filtering_options(threshold, normalize):
+    """margin_cross_entropy's options for insightface's inter-class filtering at cosine `threshold` (the margin modules'
+    interclass_filtering_threshold; 0: off, as arcface_torch's): every non-target cosine above it counts as 0, without
+    gradient (hard negatives (0, 0, 0) above a fixed threshold)."""
+    check_finite("interclass_filtering_threshold", threshold, 0.0, 1.0)
+    if threshold == 0:
+        return {}
+    if not normalize:
+        raise ValueError("interclass_filtering_threshold needs normalize=True: it filters cosines")
+    return dict(hard_negatives=(0.0, 0.0, 0.0), hard_negative_threshold=float(threshold))
+
+
 def margin_module_repr(embedding_dim, num_classes, options, extra=""):
     """extra_repr of the margin modules (plain and sharded): every option, so a printed model says how
     its loss was configured."""

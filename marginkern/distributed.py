@@ -31,7 +31,7 @@ from .checks import (check_bias, check_bool, check_class_shard, check_class_weig
                      check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
                      check_linear_ce_options, check_margin_options, check_module_embeddings, check_reduction,
                      check_subcenters, check_target_tensor, check_teacher, check_temperature, check_tensor,
-                     margin_module_repr)
+                     interclass_filtering_options, margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
@@ -396,7 +396,8 @@ def _tiles(input, opts: MarginOptions, hard_negatives=None):
 
 def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, num_classes, group=None, scale=64.0,
                                  m1=1.0, m2=0.5, m3=0.0, normalize=True, margin_grad="exact", label_smoothing=0.0,
-                                 ignore_index=-100, reduction="mean", subcenters=1, lambda_=0.0, hard_negatives=None):
+                                 ignore_index=-100, reduction="mean", subcenters=1, lambda_=0.0, hard_negatives=None,
+                                 hard_negative_threshold=None):
     """marginkern.margin_cross_entropy with the class centres sharded across the ranks of `group`.
 
     Every rank of `group` (None: the default group) calls this with the SAME `input` (N, D) and `target` (N,)
@@ -408,7 +409,8 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     identical on every rank; per-row (N,) tensor margins m2/m3 (AdaFace, MagFace) too, the same on every rank
     (checked with the input), their gradient summed from the ranks that hold each row's target (one more
     all-reduce of (N, 2)); `hard_negatives` (CurricularFace, MV-Softmax) too, the same on every rank (checked), each
-    row's threshold T all-reduced from its target's rank (one more all-reduce of (N,) floats per pass).
+    row's threshold T all-reduced from its target's rank (one more all-reduce of (N,) floats per pass), and
+    `hard_negative_threshold` (insightface's inter-class filtering; a fixed threshold needs no all-reduce).
 
     Gradients: dL/dinput is the full gradient (the sum over the shards), identical on every rank; gather the
     embeddings with `gather_embeddings`, whose backward pass takes this rank's rows without communicating
@@ -421,7 +423,8 @@ def sharded_margin_cross_entropy(input, weight_shard, target, *, class_start, nu
     try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
         row_margins, m2, m3 = row_margin_offsets(input, m2, m3)
-        hard_negatives = hard_negative_coefficients(input, hard_negatives, check_bool("normalize", normalize))
+        hard_negatives = hard_negative_coefficients(input, hard_negatives, check_bool("normalize", normalize),
+                                                    hard_negative_threshold)
         check_margin_options(scale, m1, m2, m3, margin_grad, label_smoothing)
         check_reduction(reduction)
         subcenters = check_subcenters(subcenters, check_bool("normalize", normalize))
@@ -757,13 +760,14 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
     its target classes plus random others, int(sample_rate·C_local) in all, 0: the targets alone; one
     all-gather of the counts per step); the gradient of `weight` stays dense, zero on the rows a step did
     not sample. `subcenters` K > 1: sub-center ArcFace (CombinedMarginLoss), K rows per class in the shard.
-    `lambda_min` (None: off) anneals A-Softmax's λ as CombinedMarginLoss does (every rank counts the same steps).
+    `lambda_min` (None: off) anneals A-Softmax's λ as CombinedMarginLoss does (every rank counts the same steps), and
+    `interclass_filtering_threshold` filters as CombinedMarginLoss's (PartialFC_V2's CombinedMarginLoss option).
     """
 
     def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, group=None, scale=64.0,
                  normalize=True, margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
                  sample_rate=1.0, subcenters=1, lambda_min=None, lambda_base=1000.0, lambda_gamma=0.12,
-                 lambda_power=1.0, device=None, dtype=None):
+                 lambda_power=1.0, interclass_filtering_threshold=0.0, device=None, dtype=None):
         super().__init__()
         embedding_dim, num_classes = check_head_size(embedding_dim, num_classes)
         self._init_lambda(lambda_min, lambda_base, lambda_gamma, lambda_power)
@@ -782,7 +786,8 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
         # checked here, once: the sampled training path uses ignore_index before any loss function sees it
         self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=normalize,
                             margin_grad=margin_grad, label_smoothing=label_smoothing,
-                            ignore_index=check_ignore_index(ignore_index), reduction=reduction)
+                            ignore_index=check_ignore_index(ignore_index), reduction=reduction,
+                            **interclass_filtering_options(interclass_filtering_threshold, normalize))
         if self.subcenters > 1:
             self.options["subcenters"] = self.subcenters
         self._ddp_params_and_buffers_to_ignore = ["weight"]  # DDP(this module): a rank's own shard
@@ -821,7 +826,8 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
             margins = hard = None
             if sampled:  # (unsampled, sharded_margin_cross_entropy makes them from o itself)
                 margins, o["m2"], o["m3"] = row_margin_offsets(embeddings, o["m2"], o["m3"])
-                hard = hard_negative_coefficients(embeddings, o.pop("hard_negatives", None), o["normalize"])
+                hard = hard_negative_coefficients(embeddings, o.pop("hard_negatives", None), o["normalize"],
+                                                  o.pop("hard_negative_threshold", None))
         except (TypeError, ValueError) as e:  # raised on this rank by the agreement check, which the others join
             _ranks_agree(self.group, embeddings, target, self.num_classes, o["ignore_index"], sampled, e)
         if not sampled:

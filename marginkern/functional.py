@@ -18,7 +18,7 @@ from .reference import reduce_rows
 
 def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
                          margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean", subcenters=1,
-                         lambda_=0.0, hard_negatives=None):
+                         lambda_=0.0, hard_negatives=None, hard_negative_threshold=None):
     """Margin-softmax cross-entropy over C classes without materialising the N × C logits.
 
     Target logit s·ψ(cos θ_y) with ψ the monotone combined margin (m1·θ + m2, then − m3; DESIGN.md §4),
@@ -37,6 +37,10 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     instead, with that function's slope as its gradient (the mask itself has none): CurricularFace is (1, t, 0)
     with t its running mean target cosine, MV-Softmax (0, w, w − 1). A tensor (no gradient) is read on the device:
     a value that changes every step (CurricularFace's t) is then no constant of a torch.compile graph.
+    hard_negative_threshold τ (a float; needs hard_negatives): the re-weighting acts on the non-target cosines above
+    τ instead of above each row's ψ(cos θ_y). hard_negatives=(0, 0, 0) with τ is insightface's inter-class filtering
+    (arcface_torch's interclass_filtering_threshold): a non-target cosine above τ, likely a mislabelled identity,
+    counts as cosine 0, without gradient.
 
     input (N, D) and weight (C, D) ((K·C, D) with sub-centres) of one float dtype, target (N,) integer.
     Returns fp32 (fp64 for fp64 inputs). "mean" divides by the number of non-ignored rows, and is 0 when
@@ -49,7 +53,7 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     subcenters = check_subcenters(subcenters, normalize, weight.shape[0])
     check_finite("lambda_", lambda_, 0.0)
     check_reduction(reduction)
-    hard_negatives = hard_negative_coefficients(input, hard_negatives, normalize)
+    hard_negatives = hard_negative_coefficients(input, hard_negatives, normalize, hard_negative_threshold)
     target = target.long()  # uint8 indices would index as a mask
     optional = () if row_margins is None and hard_negatives is None else (row_margins,)
     optional += () if hard_negatives is None else (hard_negatives,)
@@ -59,13 +63,19 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
     return reduce_rows(loss_rows, target != ignore_index, reduction)
 
 
-def hard_negative_coefficients(input, hard_negatives, normalize):
-    """hard_negatives as the ops take them: a detached (3,) tensor in the input's accumulation dtype on its device, or
-    None."""
+def hard_negative_coefficients(input, hard_negatives, normalize, threshold=None):
+    """hard_negatives as the ops take them: a detached (3,) tensor (a, b, d) in the input's accumulation dtype on its
+    device, (4,) (a, b, d, τ) with a fixed cosine threshold τ, or None. Python numbers are written on the device by
+    fills: no host-to-device copy, which would sync with the GPU every step (and fail inside a CUDA graph capture)."""
     if hard_negatives is None:
+        if threshold is not None:
+            raise ValueError(f"hard_negative_threshold needs hard_negatives (the coefficients it selects for), got "
+                             f"hard_negative_threshold={threshold!r} and hard_negatives=None")
         return None
     if not normalize:
         raise ValueError("hard_negatives needs normalize=True: it re-weights cosines")
+    if threshold is not None:
+        check_finite("hard_negative_threshold", threshold)
     acc = accumulation_dtype(input.dtype)
     if isinstance(hard_negatives, torch.Tensor):
         check_tensor("hard_negatives", hard_negatives)
@@ -74,7 +84,10 @@ def hard_negative_coefficients(input, hard_negatives, normalize):
                              f"{hard_negatives.dtype} tensor of shape {tuple(hard_negatives.shape)}")
         if hard_negatives.device != input.device:
             raise ValueError(f"hard_negatives must be on input's device ({input.device}), got {hard_negatives.device}")
-        return hard_negatives.detach().to(acc)
+        coefficients = hard_negatives.detach().to(acc)
+        if threshold is None:
+            return coefficients
+        return torch.cat([coefficients, torch.full((1,), float(threshold), dtype=acc, device=input.device)])
     if not (isinstance(hard_negatives, (tuple, list)) and len(hard_negatives) == 3):
         raise ValueError(f"hard_negatives must be three floats (a, b, d) or a float tensor of shape (3,), got "
                          f"{hard_negatives!r}")
@@ -83,7 +96,11 @@ def hard_negative_coefficients(input, hard_negatives, normalize):
                         "pass torch.stack of them (read on the device: no host sync, and no recompile per value)")
     for name, value in zip(("a", "b", "d"), hard_negatives):
         check_finite(f"hard_negatives' {name}", value)
-    return torch.tensor([float(v) for v in hard_negatives], dtype=acc, device=input.device)
+    values = [float(v) for v in hard_negatives] + ([] if threshold is None else [float(threshold)])
+    coefficients = torch.empty(len(values), dtype=acc, device=input.device)
+    for i, value in enumerate(values):
+        coefficients[i].fill_(value)  # (`coefficients[i] = value` would copy a host scalar in)
+    return coefficients
 
 
 def row_margin_offsets(input, m2, m3):

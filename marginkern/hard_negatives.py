@@ -33,6 +33,8 @@ class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
         check_finite("margin", margin, 0.0)
         check_finite("momentum", momentum, 0.0, 1.0)
         _refuse_options(kwargs, ("normalize",), "CurricularFace's logits are cosines")
+        _refuse_options(kwargs, ("interclass_filtering_threshold",),
+                        "CurricularFace re-weights its hard negatives itself, above each row's target cosine")
 
     def _init_curricular(self, momentum):
         """After the base's __init__ (the buffer goes to the weight's device)."""
@@ -116,6 +118,8 @@ class MVSoftmaxCoefficients:
         if margin_type not in ("cos", "arc"):
             raise ValueError(f"margin_type must be 'cos' (CosFace's margin) or 'arc' (ArcFace's), got {margin_type!r}")
         _refuse_options(kwargs, ("normalize",), "MV-Softmax's logits are cosines")
+        _refuse_options(kwargs, ("interclass_filtering_threshold",),
+                        "MV-Softmax re-weights its hard negatives itself, above each row's target cosine")
         return (0.0, margin) if margin_type == "cos" else (margin, 0.0)
 
     def _init_mv(self, mv_weight, margin_type):

@@ -13,7 +13,8 @@ partial dL/dx before the chain through x's normalisation. Every other step is th
 
 Hard negatives (CurricularFace, MV-Softmax): `hard_negatives` (3,) = (a, b, d) re-weights every non-target cosine c
 above the row's target cosine ψ (eased toward c by λ when lambda_ > 0, as T is) into a·c² + b·c + d
-(engine.HardNegatives holds it in logit units, threshold T).
+(engine.HardNegatives holds it in logit units, threshold T); (4,) = (a, b, d, τ) does it above the fixed cosine τ
+instead (insightface's inter-class filtering is (0, 0, 0, τ)).
 
 Per-row margins (AdaFace, MagFace, ElasticFace): `row_margins` (N, 2) in the accumulation dtype holds offsets
 (Δm2_n, Δm3_n) added to the options' m2 and m3 on row n; `row_margin_grads` gives the loss's gradient with respect
@@ -231,16 +232,19 @@ def row_margin_grads(row_state, lse, grad_loss, target, opts: MarginOptions, num
 
 def hard_negative_spec(hard_negatives: Optional[Tensor], target_logit: Tensor, target: Tensor, opts: MarginOptions,
                        shard: Optional[ClassShard] = None) -> Optional[HardNegatives]:
-    """The engine's HardNegatives for cosine coefficients (a, b, d): with z = s·c, s·(a·c² + b·c + d) = (a/s)·z² +
-    b·z + d·s; the threshold is each row's T (sharded: summed from the slice that holds its target, one all-reduce of
-    (N,) floats: the other slices' T is 0), +inf on ignored rows (nothing is hard there)."""
+    """The engine's HardNegatives for cosine coefficients (a, b, d) (ops' (3,)), or (a, b, d, τ) (ops' (4,)): with
+    z = s·c, s·(a·c² + b·c + d) = (a/s)·z² + b·z + d·s; the threshold is each row's T (sharded: summed from the slice
+    that holds its target, one all-reduce of (N,) floats: the other slices' T is 0), or s·τ, and +inf on ignored rows
+    (nothing is hard there)."""
     if hard_negatives is None:
         return None
-    if shard is not None:
-        target_logit = shard.sum_rows(target_logit)  # exact: one non-zero term per row, the same bits on every rank
-    a, b, d = hard_negatives.unbind()
     s = opts.scale
-    threshold = torch.where(target != opts.ignore_index, target_logit, torch.full_like(target_logit, float("inf")))
+    a, b, d = hard_negatives[:3].unbind()
+    if hard_negatives.shape[0] == 4:  # a fixed cosine threshold: no row's T needed
+        threshold = (hard_negatives[3] * s).expand_as(target_logit)
+    else:
+        threshold = target_logit if shard is None else shard.sum_rows(target_logit)  # exact: one non-zero term a row
+    threshold = torch.where(target != opts.ignore_index, threshold, torch.full_like(target_logit, float("inf")))
     return HardNegatives(torch.stack([a / s, b, d * s]), threshold, abs(s))
 
 

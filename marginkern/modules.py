@@ -11,8 +11,8 @@ from torch import nn
 from .checks import (check_bool, check_class_weight, check_class_weight_values, check_extra_outputs, check_finite,
                      check_head_size, check_ignore_index, check_jsd_beta, check_linear_ce_options, check_logits_buffer,
                      check_margin_options, check_module_embeddings, check_reduction, check_shift, check_subcenters,
-                     check_temperature, check_tensor, checked_class_targets, margin_module_repr,
-                     resolve_grad_filter_eps)
+                     check_temperature, check_tensor, checked_class_targets, interclass_filtering_options,
+                     margin_module_repr, resolve_grad_filter_eps)
 from .engine import accumulation_dtype
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          linear_jsd, linear_kl_divergence, margin_cross_entropy)
@@ -287,12 +287,15 @@ class CombinedMarginLoss(LambdaAnnealing):
     class, weight (C·K, D) with class j's in rows jK … jK+K−1, a class's cosine its best sub-centre's.
     `subcenter_counts` and `outliers` do the paper's cleaning step (drop samples far from their class's
     dominant sub-centre). `lambda_min` (None: off) anneals A-Softmax's λ (LambdaAnnealing).
+    `interclass_filtering_threshold` τ in (0, 1] (0: off): insightface's inter-class filtering (arcface_torch's option
+    of the same name): every non-target cosine above τ, likely the sample's own identity under another label, counts
+    as cosine 0 and gets no gradient.
     """
 
     def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, scale=64.0, normalize=True,
                  margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
                  sample_rate=1.0, subcenters=1, lambda_min=None, lambda_base=1000.0, lambda_gamma=0.12,
-                 lambda_power=1.0, device=None, dtype=None):
+                 lambda_power=1.0, interclass_filtering_threshold=0.0, device=None, dtype=None):
         super().__init__()
         self.embedding_dim, self.num_classes = check_head_size(embedding_dim, num_classes)
         self._init_lambda(lambda_min, lambda_base, lambda_gamma, lambda_power)
@@ -307,7 +310,8 @@ class CombinedMarginLoss(LambdaAnnealing):
         # checked here, once: the sampled training path uses ignore_index before any loss function sees it
         self.options = dict(scale=scale, m1=m1, m2=m2, m3=m3, normalize=normalize,
                             margin_grad=margin_grad, label_smoothing=label_smoothing,
-                            ignore_index=check_ignore_index(ignore_index), reduction=reduction)
+                            ignore_index=check_ignore_index(ignore_index), reduction=reduction,
+                            **interclass_filtering_options(interclass_filtering_threshold, normalize))
         if self.subcenters > 1:
             self.options["subcenters"] = self.subcenters
         self.reset_parameters()

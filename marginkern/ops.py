@@ -204,14 +204,16 @@ def _check_row_margins(row_margins, input):
 
 
 def _check_hard_negatives(hard_negatives, input, opts: MarginOptions):
-    """The hard-negative coefficients (a, b, d), as the ops take them: (3,) in input's accumulation dtype, on its
-    device, with normalize (they re-weight cosines)."""
+    """The hard-negative coefficients, as the ops take them: (3,) (a, b, d) above each row's ψ, or (4,) (a, b, d, τ)
+    above the fixed cosine τ, in input's accumulation dtype, on its device, with normalize (they re-weight cosines)."""
     if hard_negatives is None:
         return
-    shape, dtype = (3,), accumulation_dtype(input.dtype)
-    if tuple(hard_negatives.shape) != shape or hard_negatives.dtype != dtype or hard_negatives.device != input.device:
-        raise ValueError(f"hard_negatives must be a {shape} {dtype} tensor on {input.device} (a, b, d), got a "
-                         f"{tuple(hard_negatives.shape)} {hard_negatives.dtype} tensor on {hard_negatives.device}")
+    dtype = accumulation_dtype(input.dtype)
+    if (hard_negatives.dim() != 1 or hard_negatives.shape[0] not in (3, 4) or hard_negatives.dtype != dtype
+            or hard_negatives.device != input.device):
+        raise ValueError(f"hard_negatives must be a (3,) (a, b, d) or (4,) (a, b, d, threshold) {dtype} tensor on "
+                         f"{input.device}, got a {tuple(hard_negatives.shape)} {hard_negatives.dtype} tensor on "
+                         f"{hard_negatives.device}")
     if not opts.normalize:
         raise ValueError("hard_negatives needs normalize=True: it re-weights cosines")
 
@@ -226,8 +228,8 @@ def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: f
     norms or (0,) without normalize); ignored rows have loss 0. The last three are by-products the backward
     op takes. weight is (K·C, D) for K = subcenters sub-centres per class; lambda_: A-Softmax's λ; row_margins
     (N, 2): per-row offsets (Δm2, Δm3) added to m2 and m3 (AdaFace, MagFace), differentiable; hard_negatives (3,):
-    (a, b, d) of the hard-negative re-weighting (CurricularFace, MV-Softmax; functional.margin_cross_entropy),
-    no gradient."""
+    (a, b, d) of the hard-negative re-weighting (CurricularFace, MV-Softmax; functional.margin_cross_entropy) above
+    each row's ψ, or (4,): (a, b, d, τ) above the fixed cosine τ (insightface's inter-class filtering), no gradient."""
     _check_forward_inputs(input, weight, target)
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
                            subcenters, lambda_)

@@ -79,9 +79,10 @@ def streamed_lse_and_sum(x, w, column, target_logit, bias=None, softcap=None, cl
 
 def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
                          margin_grad="exact", label_smoothing=0.0, ignore_index=-100, reduction="mean",
-                         subcenters=1, lambda_=0.0, hard_negatives=None, class_chunk=CLASS_CHUNK):
-    """hard_negatives (a, b, d) (floats or a (3,) tensor, no gradient): a non-target cosine c above the row's ψ becomes
-    a·c² + b·c + d (functional.margin_cross_entropy)."""
+                         subcenters=1, lambda_=0.0, hard_negatives=None, hard_negative_threshold=None,
+                         class_chunk=CLASS_CHUNK):
+    """hard_negatives (a, b, d) (floats or a (3,) tensor, no gradient): a non-target cosine c above the row's ψ, or above
+    hard_negative_threshold τ when given, becomes a·c² + b·c + d (functional.margin_cross_entropy)."""
     acc = accumulation_dtype(input.dtype)
     x, w = input.to(acc), weight.to(acc)
     K = subcenters
@@ -117,7 +118,11 @@ def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m
             raise ValueError("hard_negatives needs normalize=True: it re-weights cosines")
         a, b, d = (torch.as_tensor(hard_negatives, dtype=acc, device=x.device).detach()).unbind()
         hard_coefs = (a / scale, b, d * scale)
-        hard_threshold = torch.where(valid, target_logit.detach(), torch.full_like(target_logit, math.inf))
+        above = target_logit.detach() if hard_negative_threshold is None else torch.full_like(
+            target_logit, scale * float(hard_negative_threshold))
+        hard_threshold = torch.where(valid, above, torch.full_like(target_logit, math.inf))
+    elif hard_negative_threshold is not None:
+        raise ValueError("hard_negative_threshold needs hard_negatives")
 
     lse, sum_logits = streamed_lse_and_sum(x, w, column, target_logit, class_chunk=class_chunk, subcenters=K,
                                            hard_coefs=hard_coefs, hard_threshold=hard_threshold)

@@ -401,10 +401,11 @@ def check_nan_margin_on_an_ignored_row(device, dtype, normalize):
 
 
 def materialised_hard_negative_ce(x, w, t, coefficients, scale, m2=0.5, m3=0.0, label_smoothing=0.0,
-                                  ignore_index=-100, reduction="mean"):
+                                  ignore_index=-100, reduction="mean", threshold=None):
     """Margin CE with the hard negatives re-weighted, written out on the full N × C float64 cosines as the official
-    CurricularFace / MV-Softmax heads do it (a boolean mask of c_j > the target's margin cosine, then a, b, d on the
-    masked cells, then the target column), independent of the library: the oracle of `hard_negatives`."""
+    CurricularFace / MV-Softmax heads do it (a boolean mask of c_j > the target's margin cosine, or > `threshold`
+    when given, as insightface's inter-class filtering, then a, b, d on the masked cells, then the target column),
+    independent of the library: the oracle of `hard_negatives`."""
     x, w = x.double(), w.double()
     a, b, d = (float(v) for v in coefficients)
     valid = t != ignore_index
@@ -412,7 +413,7 @@ def materialised_hard_negative_ce(x, w, t, coefficients, scale, m2=0.5, m3=0.0, 
     cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w, dim=1).T
     c = cos.gather(1, y[:, None])[:, 0]
     psi = torch.cos(torch.acos(c) + m2) - m3  # keep θ_y + m2 < π: no branch of ψ needed
-    mask = cos > psi.detach()[:, None]
+    mask = cos > (psi.detach()[:, None] if threshold is None else threshold)
     cos = torch.where(mask, a * cos * cos + b * cos + d, cos)
     logits = scale * cos.scatter(1, y[:, None], psi[:, None])
     rows = torch.nn.functional.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
@@ -434,10 +435,10 @@ def hard_negative_case(N, C, D, dtype, device="cpu", subcenters=1, ignore=(3,)):
 
 
 def check_hard_negatives_match_oracle(device, dtype, N=37, C=53, D=24, subcenters=1, coefficients=(1.0, 0.2, 0.0),
-                                      as_tensor=True, **options):
-    """mk.margin_cross_entropy(hard_negatives=...) on `device` in `dtype`: loss and the gradients of x and w against
-    the materialised float64 definition (the reference where that has no form: sub-centres), at dtype's tolerance;
-    the case must have hard and plain negatives both."""
+                                      as_tensor=True, threshold=None, **options):
+    """mk.margin_cross_entropy(hard_negatives=..., hard_negative_threshold=threshold) on `device` in `dtype`: loss and
+    the gradients of x and w against the materialised float64 definition (the reference where that has no form:
+    sub-centres), at dtype's tolerance; the case must have hard and plain negatives both."""
     import marginkern as mk
     from marginkern import reference
     x, w, t = hard_negative_case(N, C, D, dtype, device, subcenters)
@@ -450,21 +451,24 @@ def check_hard_negatives_match_oracle(device, dtype, N=37, C=53, D=24, subcenter
     cos = cos.unflatten(1, (-1, subcenters)).amax(2)
     column = t.clamp_min(0)[:, None]
     psi = torch.cos(torch.acos(cos.gather(1, column).clamp(-1, 1)) + kw["m2"]) - kw["m3"]
+    if threshold is not None:
+        psi = torch.full_like(psi, threshold)
     ambiguous = ((cos - psi).abs() < 1e-4).scatter(1, column, False).any(1)
     t = torch.where(ambiguous, -100, t)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     hard = torch.tensor(coefficients, dtype=acc, device=device) if as_tensor else coefficients
-    got = mk.margin_cross_entropy(x, w, t, hard_negatives=hard, subcenters=subcenters, **kw)
+    got = mk.margin_cross_entropy(x, w, t, hard_negatives=hard, hard_negative_threshold=threshold,
+                                  subcenters=subcenters, **kw)
     got_grads = torch.autograd.grad(got, (x, w))
     exact = [v.detach().double().cpu().requires_grad_() for v in (x, w)]
     valid = (t != -100)[:, None]
     hard_fraction = ((cos > psi) & valid).double().sum().item() / max(1, valid.sum().item() * cos.shape[1])
     assert 0.05 < hard_fraction < 0.95, hard_fraction  # both sides of the mask occur
     if subcenters == 1:
-        want = materialised_hard_negative_ce(exact[0], exact[1], t.cpu(), coefficients, **kw)
+        want = materialised_hard_negative_ce(exact[0], exact[1], t.cpu(), coefficients, threshold=threshold, **kw)
     else:
         want = reference.margin_cross_entropy(exact[0], exact[1], t.cpu(), hard_negatives=coefficients,
-                                              subcenters=subcenters, **kw)
+                                              hard_negative_threshold=threshold, subcenters=subcenters, **kw)
     want_grads = torch.autograd.grad(want, exact)
     assert_close_rel(got.cpu(), want, dtype, "loss")
     for name, g, e in zip(("grad input", "grad weight"), got_grads, want_grads):

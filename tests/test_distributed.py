@@ -253,6 +253,7 @@ STEP_MODULES = {
     "magface": ("ShardedMagFaceLoss", "MagFaceLoss", dict(lower_norm=1.0, upper_norm=20.0, lambda_g=2.0), ()),
     "curricular": ("ShardedCurricularFaceLoss", "CurricularFaceLoss", dict(momentum=0.3), ("t",)),
     "mv": ("ShardedMVSoftmaxLoss", "MVSoftmaxLoss", dict(margin_type="arc"), ()),
+    "interclass-filtering": ("ShardedArcFaceLoss", "ArcFaceLoss", dict(interclass_filtering_threshold=0.2), ()),
 }
 
 
@@ -1215,36 +1216,45 @@ def test_a_failed_step_leaves_the_curricular_t_alone(world):
     assert len({t for _, t in results}) == 1 and results[0][1] != 0.0
 
 
-def _sharded_hard_negatives(rank, world_size, x, w, t, hard, differ=False):
-    """(loss, dL/dinput, dL/dweight_shard) of this rank with hard negatives; differ: rank 1 passes other
-    coefficients, and every rank must raise (True)."""
+def _sharded_hard_negatives(rank, world_size, x, w, t, hard, threshold=None, differ=False):
+    """(loss, dL/dinput, dL/dweight_shard) of this rank with hard negatives (above `threshold` if given); differ: rank 1
+    passes other coefficients (another threshold, if given), and every rank must raise (True)."""
     start, stop = mkd.shard_range(w.shape[0], rank, world_size)
     x, shard = x.clone().requires_grad_(), w[start:stop].clone().requires_grad_()
     kwargs = dict(class_start=start, num_classes=w.shape[0], scale=16.0, m3=0.1, label_smoothing=0.1)
     if differ:
+        if threshold is None:
+            hard = hard + 0.01 * rank
+        else:
+            threshold = threshold + 0.01 * rank
         with pytest.raises(ValueError, match="must be the same on every rank"):
-            mkd.sharded_margin_cross_entropy(x, shard, t, hard_negatives=hard + 0.01 * rank, **kwargs)
+            mkd.sharded_margin_cross_entropy(x, shard, t, hard_negatives=hard, hard_negative_threshold=threshold,
+                                             **kwargs)
         return True
-    loss = mkd.sharded_margin_cross_entropy(x, shard, t, hard_negatives=hard, **kwargs)
+    loss = mkd.sharded_margin_cross_entropy(x, shard, t, hard_negatives=hard, hard_negative_threshold=threshold,
+                                            **kwargs)
     return (loss.detach(),) + torch.autograd.grad(loss, (x, shard))
 
 
-def test_sharded_hard_negatives_match_the_single_process_loss(world):
-    """Each row's threshold T comes from the rank that holds its target (the others hold 0): loss and gradients
-    equal the single-process ones; coefficients that differ across ranks are refused on every rank."""
+@pytest.mark.parametrize("threshold", [None, 0.2], ids=["target-threshold", "fixed-threshold"])
+def test_sharded_hard_negatives_match_the_single_process_loss(world, threshold):
+    """Each row's threshold T comes from the rank that holds its target (the others hold 0), or is the fixed one (no
+    all-reduce): loss and gradients equal the single-process ones; coefficients or thresholds that differ across
+    ranks are refused on every rank."""
     x, w, t = make_case(13, 29, 7, torch.float64, ignore=(0, 5))
     x[1::2] = 3 * w[t[1::2].clamp_min(0)]
     hard = torch.tensor([1.0, 0.3, 0.05], dtype=torch.float64)
-    results = world.run(_sharded_hard_negatives, x, w, t, hard)
+    results = world.run(_sharded_hard_negatives, x, w, t, hard, threshold)
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-    want = mk.margin_cross_entropy(xs, ws, t, scale=16.0, m3=0.1, label_smoothing=0.1, hard_negatives=hard)
+    want = mk.margin_cross_entropy(xs, ws, t, scale=16.0, m3=0.1, label_smoothing=0.1, hard_negatives=hard,
+                                   hard_negative_threshold=threshold)
     want_gx, want_gw = torch.autograd.grad(want, (xs, ws))
     for loss, gx, _ in results:
         assert torch.equal(loss, results[0][0]) and torch.equal(gx, results[0][1])
     assert_close_rel(results[0][0], want, torch.float64, "loss")
     assert_close_rel(results[0][1], want_gx, torch.float64, "grad input")
     assert_close_rel(torch.cat([r[2] for r in results]), want_gw, torch.float64, "grad weight")
-    assert world.run(_sharded_hard_negatives, x, w, t, hard, True) == [True] * world.size
+    assert world.run(_sharded_hard_negatives, x, w, t, hard, threshold, True) == [True] * world.size
 
 
 def test_a_failed_step_leaves_the_adaface_statistics_alone(world):

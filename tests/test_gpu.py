@@ -289,7 +289,8 @@ def test_row_margins_match_oracle_on_gpu(dtype, options, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [dict(), dict(coefficients=(0.0, 1.12, 0.12), m2=0.0, m3=0.35, label_smoothing=0.1),
-                                  dict(subcenters=3)], ids=["curricular", "mv-am-smoothing", "subcenters"])
+                                  dict(subcenters=3), dict(coefficients=(0.0, 0.0, 0.0), threshold=0.1, m3=0.35)],
+                         ids=["curricular", "mv-am-smoothing", "subcenters", "interclass-filtering"])
 def test_hard_negatives_match_oracle_on_gpu(dtype, case, monkeypatch):
     """CurricularFace's / MV-Softmax's re-weighting on Triton (the CUDA tiles decline it), loss and both gradients.
     Named without "triton": the visit runs these in its last test step, after the issues' own tests and benchmarks."""

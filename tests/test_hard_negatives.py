@@ -16,8 +16,10 @@ from tests.test_subcenters import backend  # noqa: F401 (the fixture: each CPU b
 
 CASES = [dict(), dict(coefficients=(0.0, 1.12, 0.12), m2=0.0, m3=0.35, label_smoothing=0.1),
          dict(coefficients=(1.0, 0.6, 0.0), as_tensor=False), dict(coefficients=(-0.5, 1.3, 0.25), m3=0.1),
-         dict(subcenters=3)]
-CASE_IDS = ["curricular", "mv-am-smoothing", "floats", "any-quadratic", "subcenters"]
+         dict(subcenters=3), dict(coefficients=(0.0, 0.0, 0.0), threshold=0.1, m2=0.0, m3=0.35),
+         dict(coefficients=(0.5, 0.8, 0.1), threshold=0.1, as_tensor=False, subcenters=3)]
+CASE_IDS = ["curricular", "mv-am-smoothing", "floats", "any-quadratic", "subcenters", "interclass-filtering",
+            "fixed-threshold-subcenters"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -36,6 +38,10 @@ def test_identity_coefficients_change_nothing(backend):
     x, w, t = make_case(30, 41, 12, torch.float64, ignore=(4,))
     plain = mk.margin_cross_entropy(x, w, t, scale=16.0, reduction="none")
     same = mk.margin_cross_entropy(x, w, t, scale=16.0, reduction="none", hard_negatives=(0.0, 1.0, 0.0))
+    torch.testing.assert_close(same, plain, rtol=0, atol=0)
+    # no non-target cosine lies above 1.5 (the case has no embedding parallel to a centre)
+    same = mk.margin_cross_entropy(x, w, t, scale=16.0, reduction="none", hard_negatives=(0.0, 0.0, 0.0),
+                                   hard_negative_threshold=1.5)
     torch.testing.assert_close(same, plain, rtol=0, atol=0)
 
 
@@ -90,9 +96,10 @@ def test_op_gradcheck_with_hard_negatives(backend):
     assert torch.autograd.gradcheck(loss, (x, w))
 
 
-def test_opcheck_with_hard_negatives():
+@pytest.mark.parametrize("hard", [[1.0, 0.3, 0.0], [0.0, 0.0, 0.0, 0.2]], ids=["target-threshold", "fixed-threshold"])
+def test_opcheck_with_hard_negatives(hard):
     x, w, t = make_case(7, 13, 5, torch.float32, ignore=(1,))
-    hard = torch.tensor([1.0, 0.3, 0.0])
+    hard = torch.tensor(hard)
     args = (x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.1, -100, 1, 0.0, None, hard)
     torch.library.opcheck(torch.ops.marginkern.margin_cross_entropy.default, args)
     loss, lse, row_state, col_norm = torch.ops.marginkern.margin_cross_entropy(*args)
@@ -134,9 +141,17 @@ def test_bad_hard_negatives_are_named():
         mk.margin_cross_entropy(x, w, t, hard_negatives=torch.zeros(3, device="meta"))
     with pytest.raises(ValueError, match="hard_negatives needs normalize=True"):
         mk.margin_cross_entropy(x, w, t, normalize=False, m2=0.0, hard_negatives=(1.0, 0.0, 0.0))
-    with pytest.raises(ValueError, match=r"hard_negatives must be a \(3,\) torch.float32 tensor"):
-        torch.ops.marginkern.margin_cross_entropy(x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100, 1, 0.0, None,
-                                                  torch.zeros(3, dtype=torch.float64))
+    for bad in (torch.zeros(3, dtype=torch.float64), torch.zeros(5), torch.zeros(1, 3)):
+        with pytest.raises(ValueError, match=r"hard_negatives must be a \(3,\) \(a, b, d\) or \(4,\) \(a, b, d, "
+                                             r"threshold\) torch.float32 tensor"):
+            torch.ops.marginkern.margin_cross_entropy(x, w, t, 64.0, 1.0, 0.5, 0.0, True, True, 0.0, -100, 1, 0.0,
+                                                      None, bad)
+    with pytest.raises(ValueError, match="hard_negative_threshold needs hard_negatives"):
+        mk.margin_cross_entropy(x, w, t, hard_negative_threshold=0.3)
+    with pytest.raises(ValueError, match="hard_negative_threshold must be a finite number"):
+        mk.margin_cross_entropy(x, w, t, hard_negatives=(0.0, 0.0, 0.0), hard_negative_threshold=math.nan)
+    with pytest.raises(TypeError, match="hard_negative_threshold must be a real number"):
+        mk.margin_cross_entropy(x, w, t, hard_negatives=(0.0, 0.0, 0.0), hard_negative_threshold=torch.tensor(0.3))
 
 
 # ------------------------------------------------------------------------------------------------ CurricularFace
@@ -448,3 +463,83 @@ def test_a_larger_replay_history_takes_effect_at_once():
     xs = [torch.randn(4, 8).requires_grad_() for _ in range(18)]
     sum(checkpoint(head, x, torch.arange(4), use_reentrant=False) for x in xs).backward()
     assert all(x.grad is not None for x in xs)
+
+
+# ----------------------------------------------------------------------------------------- inter-class filtering
+
+def insightface_filtered_logits(x, weight, labels, s, m2, m3, threshold):
+    """arcface_torch's logits (PartialFC_V2: normalised embeddings and centres, clamped) through its
+    CombinedMarginLoss with interclass_filtering_threshold, rewritten in float64: the non-target cosines above the
+    threshold multiplied by 0 (the mask without gradient), then ArcFace's branch (m3 = 0) with the margin under
+    no_grad (the head's in-place arccos/cos: a straight-through gradient, here a detached offset) or CosFace's."""
+    logits = (F.normalize(x) @ F.normalize(weight).T).clamp(-1, 1)
+    target = F.one_hot(labels, weight.shape[0]).bool()
+    with torch.no_grad():
+        keep = 1.0 - ((logits > threshold) & ~target).double()
+    logits = keep * logits
+    if m3 == 0:
+        with torch.no_grad():
+            moved = torch.where(target, torch.cos(torch.acos(logits) + m2), logits) - logits
+        return s * (logits + moved)
+    return s * torch.where(target, logits - m3, logits)
+
+
+@pytest.mark.parametrize("margin", ["arcface", "cosface"])
+def test_interclass_filtering_matches_insightface(backend, margin):
+    """CombinedMarginLoss(interclass_filtering_threshold=0.2) against arcface_torch's head with the same option and
+    class centres, in float64: loss and both gradients; the filter acts on the case (the unfiltered loss differs)."""
+    torch.manual_seed(0)
+    m2, m3 = (0.5, 0.0) if margin == "arcface" else (0.0, 0.4)
+    loss = mk.CombinedMarginLoss(12, 30, 1.0, m2, m3, margin_grad="straight_through",
+                                 interclass_filtering_threshold=0.2, dtype=torch.float64)
+    labels = torch.randint(0, 30, (24,))
+    near = (torch.arange(24) % 2 == 0)[:, None]
+    x = (torch.randn(24, 12, dtype=torch.float64)
+         + near * 3.0 * F.normalize(loss.weight.detach()[labels], dim=1)).requires_grad_()
+    weight = loss.weight.detach().clone().requires_grad_()
+    got = loss(x, labels)
+    got_grads = torch.autograd.grad(got, (x, loss.weight))
+    want = F.cross_entropy(insightface_filtered_logits(x, weight, labels, 64.0, m2, m3, 0.2), labels)
+    want_grads = torch.autograd.grad(want, (x, weight))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, e in zip(got_grads, want_grads):
+        assert_close_rel(g, e, torch.float64)
+    unfiltered = mk.CombinedMarginLoss(12, 30, 1.0, m2, m3, margin_grad="straight_through", dtype=torch.float64)
+    with torch.no_grad():
+        unfiltered.weight.copy_(weight)
+        assert (unfiltered(x, labels) - got).abs() > 0.1
+
+
+def test_interclass_filtering_arguments_are_checked():
+    for value in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"interclass_filtering_threshold must lie in \[0.0, 1.0\]"):
+            mk.ArcFaceLoss(8, 10, interclass_filtering_threshold=value)
+    with pytest.raises(ValueError, match="interclass_filtering_threshold needs normalize=True"):
+        mk.LargeMarginSoftmaxLoss(8, 10, interclass_filtering_threshold=0.3)
+    for cls in (mk.CurricularFaceLoss, mk.MVSoftmaxLoss):
+        with pytest.raises(TypeError, match="interclass_filtering_threshold cannot be set here: .* re-weights its hard"):
+            cls(8, 10, interclass_filtering_threshold=0.3)
+    assert "hard_negative" not in repr(mk.ArcFaceLoss(8, 10, interclass_filtering_threshold=0.0))  # 0: off
+    assert "hard_negative_threshold=0.3" in repr(mk.ArcFaceLoss(8, 10, interclass_filtering_threshold=0.3))
+
+
+def test_float_coefficients_are_filled_on_the_device_not_copied():
+    """Python-number coefficients become the ops' tensor by fills: a host-to-device copy (torch.tensor on a CUDA
+    device) would synchronise with the GPU every step and fail inside a CUDA graph capture."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from marginkern.functional import hard_negative_coefficients
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+    x = torch.zeros(2, 3)
+    with Ops() as ops:
+        got = hard_negative_coefficients(x, (1.0, 0.25, -0.5), True, 0.3)
+    torch.testing.assert_close(got, torch.tensor([1.0, 0.25, -0.5, 0.3]))
+    assert not {"lift_fresh", "_to_copy", "copy_", "_local_scalar_dense"} & {n.split(".")[0] for n in ops.names}, \
+        ops.names

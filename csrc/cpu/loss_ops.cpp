@@ -29,10 +29,13 @@ MarginLossOptions margin_options(const char* op, double scale, double m1, double
   o.subcenters = subcenters;
   TORCH_CHECK(std::isfinite(lambda) && lambda >= 0.0, op, ": lambda_ must be a finite number >= 0, got ", lambda);
   o.lambda = lambda;
-  if (hard_negatives) {  // (3,) on the CPU: read here, as the options' three doubles
+  if (hard_negatives) {  // (3,), or (4,) with a fixed threshold, on the CPU: read here, as the options' doubles
     const at::Tensor h = hard_negatives->to(at::kDouble).contiguous();
-    TORCH_CHECK(h.dim() == 1 && h.size(0) == 3, op, ": hard_negatives must have shape (3,), got ", h.sizes());
-    o.hard_negatives = std::array<double, 3>{h[0].item<double>(), h[1].item<double>(), h[2].item<double>()};
+    TORCH_CHECK(h.dim() == 1 && (h.size(0) == 3 || h.size(0) == 4), op,
+                ": hard_negatives must have shape (3,) (a, b, d) or (4,) (a, b, d, threshold), got ", h.sizes());
+    const double* v = h.data_ptr<double>();
+    o.hard_negatives = std::array<double, 3>{v[0], v[1], v[2]};
+    if (h.size(0) == 4) o.hard_negative_threshold = v[3];
   }
   return o;
 }

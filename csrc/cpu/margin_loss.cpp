@@ -129,12 +129,16 @@ struct TargetGeometry {
 };
 
 // The engine's hard negatives of the options (margin_ce.py hard_negative_spec): with z = s·c, s·(a·c² + b·c + d) =
-// (a/s)·z² + b·z + d·s above the threshold T, +inf on ignored rows (nothing is hard there).
+// (a/s)·z² + b·z + d·s above the threshold T (or s·τ for a fixed cosine threshold τ), +inf on ignored rows (nothing is
+// hard there).
 HardNegatives hard_negatives_of(const MarginLossOptions& o, const TargetGeometry& geo) {
   if (!o.hard_negatives) return {};
   const auto [a, b, d] = *o.hard_negatives;
   const at::Tensor none = at::full_like(geo.target_logit, std::numeric_limits<double>::infinity());
-  return {{a / o.scale, b, d * o.scale}, at::where(geo.valid, geo.target_logit, none)};
+  const at::Tensor above = o.hard_negative_threshold
+                               ? at::full_like(geo.target_logit, o.scale * *o.hard_negative_threshold)
+                               : geo.target_logit;
+  return {{a / o.scale, b, d * o.scale}, at::where(geo.valid, above, none)};
 }
 
 // dL/dT per row for the per-row loss gradient g (0 on ignored rows; margin_ce.py _target_logit_grads).
@@ -184,6 +188,8 @@ void save_options(torch::autograd::AutogradContext* ctx, const MarginLossOptions
   if (o.hard_negatives) {
     d["hard_a"] = (*o.hard_negatives)[0], d["hard_b"] = (*o.hard_negatives)[1], d["hard_d"] = (*o.hard_negatives)[2];
   }
+  d["has_hard_threshold"] = o.hard_negative_threshold.has_value();
+  if (o.hard_negative_threshold) d["hard_threshold"] = *o.hard_negative_threshold;
 }
 
 void check_row_margins(const char* op, const at::Tensor& x, const at::Tensor& row_margins);
@@ -200,6 +206,7 @@ MarginLossOptions saved_options(torch::autograd::AutogradContext* ctx) {
   if (d["has_hard_negatives"].toBool()) {
     o.hard_negatives = std::array<double, 3>{d["hard_a"].toDouble(), d["hard_b"].toDouble(), d["hard_d"].toDouble()};
   }
+  if (d["has_hard_threshold"].toBool()) o.hard_negative_threshold = d["hard_threshold"].toDouble();
   return o;
 }
 
@@ -270,6 +277,10 @@ void check_row_margins(const char* op, const at::Tensor& x, const at::Tensor& ro
 // t after a NaN embedding.)
 void check_hard_negatives(const char* op, const MarginLossOptions& o) {
   TORCH_CHECK(!o.hard_negatives || o.normalize, op, ": hard_negatives needs normalize (it re-weights cosines)");
+  TORCH_CHECK(!o.hard_negative_threshold || o.hard_negatives, op,
+              ": hard_negative_threshold needs hard_negatives (the coefficients it selects for)");
+  TORCH_CHECK(!o.hard_negative_threshold || std::isfinite(*o.hard_negative_threshold), op,
+              ": hard_negative_threshold must be a finite cosine, got ", o.hard_negative_threshold.value_or(0.0));
 }
 
 }  // namespace

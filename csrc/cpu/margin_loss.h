@@ -40,6 +40,9 @@ struct MarginLossOptions {
   // cosine c above the row's target cosine ψ becomes a·c² + b·c + d, its gradient that quadratic's slope (the mask
   // has none); unset: none
   std::optional<std::array<double, 3>> hard_negatives;
+  // with hard_negatives: the re-weighting acts on the non-target cosines above this fixed cosine τ instead of above
+  // each row's ψ; hard_negatives (0, 0, 0) with τ is insightface's inter-class filtering (interclass_filtering_threshold)
+  std::optional<double> hard_negative_threshold;
 };
 
 // x (N, D) and w (C, D) ((K·C, D) with K sub-centres) of one float dtype on the CPU, target (N,) integer.

@@ -11,6 +11,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -48,8 +49,10 @@ at::Tensor naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   if (o.normalize) {
     const at::Tensor psi = naive_psi(cos_t, o, row_margins);
     if (o.hard_negatives) {  // the official heads' mask (no gradient) and re-weighting; the target cell is replaced
+      // (above ψ, or above a fixed threshold: insightface's inter-class filtering)
       const auto [a, b, d] = *o.hard_negatives;
-      const at::Tensor hard = cos_all.gt(psi.detach().unsqueeze(1));
+      const at::Tensor above = o.hard_negative_threshold ? at::full_like(psi, *o.hard_negative_threshold) : psi;
+      const at::Tensor hard = cos_all.gt(above.detach().unsqueeze(1));
       cos_all = at::where(hard, a * cos_all * cos_all + b * cos_all + d, cos_all);
     }
     logits = o.scale * cos_all;
@@ -169,23 +172,28 @@ void test_margins_alone_and_a_nan_margin_on_an_ignored_row() {
   expect_close("margins alone: grad row margins", alone[0], all[2], 1e-15);
 }
 
-// Hard negatives (CurricularFace (1, t, 0), MV-Softmax (0, w, w − 1), any quadratic) with label smoothing, per-row
-// margins, sub-centres; a case where every fourth row sits near its centre (few hard negatives there).
+// Hard negatives (CurricularFace (1, t, 0), MV-Softmax (0, w, w − 1), any quadratic; insightface's inter-class
+// filtering: (0, 0, 0) above a fixed threshold) with label smoothing, per-row margins, sub-centres; a case where every
+// fourth row sits near its centre (few hard negatives there).
 void test_hard_negatives() {
   struct Case {
     const char* name;
     std::array<double, 3> coefs;
     double m2, m3, smoothing;
     int64_t subcenters;
+    std::optional<double> threshold;
   };
-  const std::vector<Case> cases{{"CurricularFace", {1.0, 0.3, 0.0}, 0.5, 0.0, 0.0, 1},
-                                {"MV-AM-Softmax", {0.0, 1.12, 0.12}, 0.0, 0.35, 0.1, 1},
-                                {"any quadratic, sub-centres", {-0.5, 1.3, 0.25}, 0.3, 0.1, 0.0, 3}};
+  const std::vector<Case> cases{{"CurricularFace", {1.0, 0.3, 0.0}, 0.5, 0.0, 0.0, 1, std::nullopt},
+                                {"MV-AM-Softmax", {0.0, 1.12, 0.12}, 0.0, 0.35, 0.1, 1, std::nullopt},
+                                {"any quadratic, sub-centres", {-0.5, 1.3, 0.25}, 0.3, 0.1, 0.0, 3, std::nullopt},
+                                {"inter-class filtering", {0.0, 0.0, 0.0}, 0.5, 0.0, 0.1, 1, 0.1},
+                                {"fixed threshold, sub-centres", {0.5, 0.8, 0.1}, 0.0, 0.35, 0.0, 3, 0.2}};
   for (const auto& c : cases) {
     for (const at::ScalarType dtype : {at::kDouble, at::kFloat}) {
       MarginLossOptions o;
       o.scale = 16.0, o.m2 = c.m2, o.m3 = c.m3, o.label_smoothing = c.smoothing, o.subcenters = c.subcenters;
       o.hard_negatives = c.coefs;
+      o.hard_negative_threshold = c.threshold;
       o.class_chunk = 17;  // several chunks
       check_case(c.name, o, dtype, 37, 101, 12);
       check_case(c.name, o, dtype, 13, 50, 9, /*with_row_margins=*/true);
@@ -209,6 +217,15 @@ void test_hard_negatives() {
     threw = std::string(e.what()).find("hard_negatives needs normalize") != std::string::npos;
   }
   EXPECT(threw, "hard negatives without normalize must raise an error that names them");
+  threw = false;
+  try {
+    MarginLossOptions threshold_alone = plain;
+    threshold_alone.hard_negative_threshold = 0.3;
+    marginkern::margin_cross_entropy(x, w, target, threshold_alone);
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("hard_negative_threshold needs hard_negatives") != std::string::npos;
+  }
+  EXPECT(threw, "a hard-negative threshold without coefficients must raise an error that names both");
 }
 
 void test_all_rows_ignored_and_bad_target() {

@@ -237,8 +237,10 @@ def test_a_nan_margin_on_an_ignored_row_stays_there(normalize, monkeypatch):
 
 @pytest.mark.parametrize("case", [dict(), dict(coefficients=(0.0, 1.12, 0.12), m2=0.0, m3=0.35, label_smoothing=0.1),
                                   dict(coefficients=(-0.5, 1.3, 0.25), m3=0.1), dict(subcenters=3),
-                                  dict(coefficients=(0.0, 2e5, 0.0))],
-                         ids=["curricular", "mv-am-smoothing", "any-quadratic", "subcenters", "steep"])
+                                  dict(coefficients=(0.0, 2e5, 0.0)),
+                                  dict(coefficients=(0.0, 0.0, 0.0), threshold=0.1, m2=0.0, m3=0.35)],
+                         ids=["curricular", "mv-am-smoothing", "any-quadratic", "subcenters", "steep",
+                              "interclass-filtering"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_hard_negatives_match_the_materialised_definition(case, dtype, monkeypatch):
     """The hard-negative re-weighting (HAS_HARD_NEGATIVES in both streaming kernels; CurricularFace, MV-Softmax):
