@@ -168,20 +168,23 @@ class MagFaceLoss(MagFaceMargins, CombinedMarginLoss):
         self._init_magface(lower_margin, upper_margin, lower_norm, upper_norm, lambda_g)
 
 
-class _ElasticMargin(CombinedMarginLoss):
-    """ElasticFace (Boutros et al., CVPRW 2022): in each training-mode forward every row's margin is drawn from
-    N(margin, std²); eval mode uses `margin` itself (a deterministic validation loss). std's default 0.05 is the
-    official training configs'. Other keyword arguments are CombinedMarginLoss's."""
+class ElasticMargins:
+    """ElasticFace's per-row margins, drawn from N(margin, std²) in each training-mode forward (ElasticArcFaceLoss,
+    ElasticCosFaceLoss; the class-sharded ones, whose ranks must draw the same margins: `_shared_draws`)."""
 
     _margin_name = None  # "m2" (ArcFace's) or "m3" (CosFace's)
 
-    def __init__(self, embedding_dim, num_classes, scale, margin, std, **kwargs):
+    @classmethod
+    def _check_elastic(cls, margin, std, kwargs):
+        """(m2, m3) of the base's options: the mean margin in the one this loss draws."""
         check_finite("margin", margin)
         check_finite("std", std, 0.0)
         _refuse_options(kwargs, ("normalize",), "ElasticFace's logits are cosines")
-        m2, m3 = (margin, 0.0) if self._margin_name == "m2" else (0.0, margin)
+        m2, m3 = (margin, 0.0) if cls._margin_name == "m2" else (0.0, margin)
         check_finite("margin", m2, 0.0)  # ArcFace's must be ≥ 0 as a float (each drawn one may take any sign)
-        super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
+        return m2, m3
+
+    def _init_elastic(self, margin, std):
         self.margin, self.std = float(margin), float(std)
 
     def _step_options(self, embeddings, target):
@@ -189,10 +192,25 @@ class _ElasticMargin(CombinedMarginLoss):
             return {}
         acc = accumulation_dtype(embeddings.dtype)
         draws = torch.randn(embeddings.shape[0], dtype=acc, device=embeddings.device)
-        return {self._margin_name: self.margin + self.std * draws}
+        return {self._margin_name: self.margin + self.std * self._shared_draws(draws)}
+
+    def _shared_draws(self, draws):
+        """This step's N(0, 1) draws as every module computing the loss uses them (here: this one's)."""
+        return draws
 
     def extra_repr(self):
         return super().extra_repr() + f", std={self.std}"
+
+
+class _ElasticMargin(ElasticMargins, CombinedMarginLoss):
+    """ElasticFace (Boutros et al., CVPRW 2022): in each training-mode forward every row's margin is drawn from
+    N(margin, std²); eval mode uses `margin` itself (a deterministic validation loss). std's default 0.05 is the
+    official training configs'. Other keyword arguments are CombinedMarginLoss's."""
+
+    def __init__(self, embedding_dim, num_classes, scale, margin, std, **kwargs):
+        m2, m3 = self._check_elastic(margin, std, kwargs)
+        super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
+        self._init_elastic(margin, std)
 
 
 class ElasticArcFaceLoss(_ElasticMargin):

@@ -35,7 +35,7 @@ from .checks import (check_bias, check_bool, check_class_shard, check_class_weig
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
-from .adaptive_margins import AdaFaceMargins, MagFaceMargins
+from .adaptive_margins import AdaFaceMargins, ElasticMargins, MagFaceMargins
 from .functional import _lm_rows, hard_negative_coefficients, linear_ce_outputs, row_margin_offsets
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward, target_class_weights
 from .log_probs import log_probs_backward, log_probs_forward
@@ -807,6 +807,20 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
         """Every rank must be in the same mode (train/eval): the two modes run different collectives."""
         return self._margin_loss(embeddings, target)
 
+    def _agree_before_step_collectives(self, embeddings, target):
+        """Every rank's arguments and mode are checked alike (one all-gather) before a step's own collectives
+        (CurricularFace's t, ElasticFace's margins): a rank with bad arguments, or in the other mode, must not leave
+        the others waiting in them; all raise."""
+        local_error = None
+        try:
+            check_tensor("embeddings", embeddings)
+            check_module_embeddings(embeddings, self.embedding_dim)
+            check_target_tensor(target, embeddings.shape[0])
+        except (TypeError, ValueError) as e:
+            local_error = e
+        _ranks_agree(self.group, embeddings, target, self.num_classes, self.options["ignore_index"], self.training,
+                     local_error)
+
     def _step_options(self, embeddings, target):
         """Per-row margins {"m2": (N,), "m3": (N,)} or a part of it (CombinedMarginLoss._step_options; the same on every
         rank: they are functions of the gathered embeddings); none here."""
@@ -904,6 +918,48 @@ class ShardedMagFaceLoss(MagFaceMargins, ShardedCombinedMarginLoss):
         self._init_magface(lower_margin, upper_margin, lower_norm, upper_norm, lambda_g)
 
 
+class _ShardedElasticMargin(ElasticMargins, ShardedCombinedMarginLoss):
+    """ElasticFace (marginkern.ElasticArcFaceLoss / ElasticCosFaceLoss: a margin per row drawn from N(margin, std²) in
+    training mode) over class centres sharded across `group`. Every rank draws from its own RNG and takes the draws of
+    the group's first rank (one broadcast of N floats per training step, after an agreement check of the step's
+    arguments and mode), so the ranks compute one loss whatever their seeds; under activation checkpointing the
+    recompute draws the same margins (checkpoint restores the RNG state) and broadcasts them again."""
+
+    def __init__(self, embedding_dim, num_classes, scale, margin, std, **kwargs):
+        m2, m3 = self._check_elastic(margin, std, kwargs)
+        super().__init__(embedding_dim, num_classes, 1.0, m2, m3, scale=scale, **kwargs)
+        self._init_elastic(margin, std)
+
+    def forward(self, embeddings, target):
+        # the draws' broadcast (training mode) runs only after every rank has seen valid, equal arguments in one mode
+        self._agree_before_step_collectives(embeddings, target)
+        return super().forward(embeddings, target)
+
+    def _shared_draws(self, draws):
+        dist.broadcast(draws, group=self.group, group_src=0)
+        return draws
+
+
+class ShardedElasticArcFaceLoss(_ShardedElasticMargin):
+    """ElasticFace-Arc (ArcFace, its angular margin drawn per row from N(margin, std²)) over class centres sharded
+    across `group` (see _ShardedElasticMargin)."""
+
+    _margin_name = "m2"
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, std=0.05, **kwargs):
+        super().__init__(embedding_dim, num_classes, scale, margin, std, **kwargs)
+
+
+class ShardedElasticCosFaceLoss(_ShardedElasticMargin):
+    """ElasticFace-Cos (CosFace, its additive margin drawn per row from N(margin, std²)) over class centres sharded
+    across `group` (see _ShardedElasticMargin)."""
+
+    _margin_name = "m3"
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, std=0.05, **kwargs):
+        super().__init__(embedding_dim, num_classes, scale, margin, std, **kwargs)
+
+
 class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
     """CurricularFace (marginkern.CurricularFaceLoss: hard negatives re-weighted by c·(t + c)) over class centres
     sharded across `group`. t's batch mean sums the target cosines from the ranks that hold them (one all-reduce of
@@ -917,15 +973,7 @@ class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
 
     def forward(self, embeddings, target):
         # t's all-reduce (training mode) runs only after every rank has seen valid, equal arguments in the same mode
-        local_error = None
-        try:
-            check_tensor("embeddings", embeddings)
-            check_module_embeddings(embeddings, self.embedding_dim)
-            check_target_tensor(target, embeddings.shape[0])
-        except (TypeError, ValueError) as e:
-            local_error = e
-        _ranks_agree(self.group, embeddings, target, self.num_classes, self.options["ignore_index"], self.training,
-                     local_error)
+        self._agree_before_step_collectives(embeddings, target)
         return super().forward(embeddings, target)
 
     def _held_targets(self, target, valid):

@@ -254,6 +254,9 @@ STEP_MODULES = {
     "curricular": ("ShardedCurricularFaceLoss", "CurricularFaceLoss", dict(momentum=0.3), ("t",)),
     "mv": ("ShardedMVSoftmaxLoss", "MVSoftmaxLoss", dict(margin_type="arc"), ()),
     "interclass-filtering": ("ShardedArcFaceLoss", "ArcFaceLoss", dict(interclass_filtering_threshold=0.2), ()),
+    # each rank draws with its own seed (10 + rank) and takes rank 0's draws: the single-process module draws with 10
+    "elastic-arc": ("ShardedElasticArcFaceLoss", "ElasticArcFaceLoss", dict(std=0.1), ()),
+    "elastic-cos": ("ShardedElasticCosFaceLoss", "ElasticCosFaceLoss", dict(std=0.1), ()),
 }
 
 
@@ -1131,7 +1134,8 @@ def test_row_margins_that_differ_across_ranks_raise_on_every_rank(world):
 @pytest.mark.parametrize("kind", list(STEP_MODULES))
 def test_sharded_adaptive_margin_modules_match_the_single_process_ones(world, kind):
     """Sharded AdaFace (its running statistics over two steps), MagFace (its regulariser), CurricularFace (its t,
-    each row's threshold from its target's rank) and MV-Softmax against the single-process modules with the same
+    each row's threshold from its target's rank), MV-Softmax, inter-class filtering and ElasticFace (rank 0's draws
+    on every rank) against the single-process modules with the same
     class centres: losses, dL/dx, the shards' gradients, the statistics, identical ranks."""
     D, C = 8, 29
     x, w, t = make_case(13, C, D, torch.float64, ignore=(4,))
@@ -1142,6 +1146,7 @@ def test_sharded_adaptive_margin_modules_match_the_single_process_ones(world, ki
     single = getattr(mk, name)(D, C, scale=16.0, dtype=torch.float64, **kwargs)
     with torch.no_grad():
         single.weight.copy_(w)
+    torch.manual_seed(10)  # rank 0's seed (ElasticFace's draws)
     for step in range(2):
         xs = (x * (1 + step)).clone().requires_grad_()
         want = single(xs, t)
@@ -1196,18 +1201,45 @@ def _curricular_step_failing_on_one_rank(rank, world_size):
     return untouched, module.t.item()
 
 
-def _curricular_in_mixed_modes(rank, world_size):
-    """Rank 0 in training mode, the others in eval mode: every rank raises the mode error (t's all-reduce would
-    otherwise meet another collective)."""
-    module = mkd.ShardedCurricularFaceLoss(4, 6, dtype=torch.float64)
+def _step_collectives_in_mixed_modes(rank, world_size, name):
+    """Rank 0 in training mode, the others in eval mode: every rank raises the mode error (CurricularFace's t
+    all-reduce, ElasticFace's draws' broadcast would otherwise meet another collective)."""
+    module = getattr(mkd, name)(4, 6, dtype=torch.float64)
     module.train(rank == 0)
     with pytest.raises(ValueError, match=r"every rank must be in the same mode \(train or eval\)"):
         module(3 * torch.ones(5, 4, dtype=torch.float64), torch.arange(5) % 6)
-    return module.t.item() == 0.0
+    return getattr(module, "t", torch.zeros(1)).item() == 0.0
 
 
-def test_sharded_curricularface_in_mixed_modes_raises_everywhere(world):
-    assert world.run(_curricular_in_mixed_modes) == [True] * world.size
+@pytest.mark.parametrize("name", ["ShardedCurricularFaceLoss", "ShardedElasticArcFaceLoss"])
+def test_step_collectives_in_mixed_modes_raise_everywhere(world, name):
+    assert world.run(_step_collectives_in_mixed_modes, name) == [True] * world.size
+
+
+def _elastic_under_checkpointing(rank, world_size, x, t, weight):
+    """(loss, dL/dx, dL/dweight_shard) of one training step of ShardedElasticArcFaceLoss, plain and under activation
+    checkpointing, from the same RNG state (each rank its own seed)."""
+    from torch.utils.checkpoint import checkpoint
+    module = mkd.ShardedElasticArcFaceLoss(x.shape[1], weight.shape[0], scale=16.0, std=0.2, dtype=torch.float64)
+    start, stop = mkd.shard_range(weight.shape[0], rank, world_size)
+    with torch.no_grad():
+        module.weight.copy_(weight[start:stop])
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(100 + rank)
+        xs = x.clone().requires_grad_()
+        loss = checkpoint(module, xs, t, use_reentrant=False) if checkpointed else module(xs, t)
+        results.append((loss.detach(),) + torch.autograd.grad(loss, (xs, module.weight)))
+    return results
+
+
+def test_sharded_elasticface_under_activation_checkpointing(world):
+    """The recompute draws the margins again from the restored RNG state and broadcasts rank 0's again: the same
+    loss and gradients as the plain step, on every rank."""
+    x, w, t = make_case(11, 23, 6, torch.float64)
+    for plain, checkpointed in world.run(_elastic_under_checkpointing, 3 * x, t, w):
+        for a, b in zip(plain, checkpointed):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 def test_a_failed_step_leaves_the_curricular_t_alone(world):
