@@ -12,7 +12,7 @@ from .adaptive_margins import AdaFaceLoss, ElasticArcFaceLoss, ElasticCosFaceLos
 from .dispatch import BackendUnavailable
 from .hard_negatives import CurricularFaceLoss, MVSoftmaxLoss
 from .functional import (circle_loss, cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss,
-                         linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk_kl_divergence,
+                         linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk, linear_topk_kl_divergence,
                          log_probs_and_entropy,
                          margin_cross_entropy, multilabel_categorical_crossentropy)
 from .modules import (ArcFaceLoss, CombinedMarginLoss, CoSENTLoss, CosFaceLoss, EMOLoss, LargeMarginSoftmaxLoss,
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "margin_cross_entropy", "linear_cross_entropy", "LinearCrossEntropyLoss", "emo_loss",
     "emo_cross_entropy", "EMOLoss", "log_probs_and_entropy", "linear_kl_divergence", "linear_jsd",
-    "linear_topk_kl_divergence",
+    "linear_topk_kl_divergence", "linear_topk",
     "LinearDistillationLoss", "cosent_loss",
     "cosent_embedding_loss", "CoSENTLoss",
     "multilabel_categorical_crossentropy", "circle_loss", "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss",

@@ -239,7 +239,7 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("marginkern::margin_ce_rows")
     def _(input, weight, target, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
-          subcenters=1, lambda_=0.0, row_margins=None):
+          subcenters=1, lambda_=0.0, row_margins=None, hard_negatives=None):
         acc, n = accumulation_dtype(input.dtype), input.shape[0]
         return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
                 input.new_empty((n, 4 if subcenters == 1 else 5), dtype=acc),
@@ -247,7 +247,8 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("marginkern::margin_ce_rows_backward")
     def _(grad_rows, input, weight, target, lse, row_state, col_norm, scale, m1, m2, m3, normalize, exact_margin_grad,
-          label_smoothing, ignore_index, need_weight_grad, subcenters=1, lambda_=0.0, row_margins=None):
+          label_smoothing, ignore_index, need_weight_grad, subcenters=1, lambda_=0.0, row_margins=None,
+          hard_negatives=None):
         return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
 
     @torch.library.register_fake("marginkern::linear_ce_rows")

@@ -22,6 +22,15 @@ from .engine import accumulation_dtype
 from .modules import CombinedMarginLoss, Float32Buffers, ReplayedStepOptions, subcenter_cosines
 
 
+def _refuse_filtering(kwargs, loss):
+    """Inter-class filtering is another threshold of the same re-weighting: only its off value (0, which arcface_torch
+    configs carry) is taken, and dropped."""
+    if kwargs.get("interclass_filtering_threshold", 0) != 0:
+        raise TypeError(f"interclass_filtering_threshold cannot be set here: {loss} re-weights its hard negatives "
+                        "itself, above each row's target cosine (0, off, is accepted)")
+    kwargs.pop("interclass_filtering_threshold", None)
+
+
 class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
     """CurricularFace's running mean target cosine t and the coefficients (1, t, 0) it gives (CurricularFaceLoss; the
     sharded module sums the target cosines over the ranks that hold them)."""
@@ -33,8 +42,7 @@ class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
         check_finite("margin", margin, 0.0)
         check_finite("momentum", momentum, 0.0, 1.0)
         _refuse_options(kwargs, ("normalize",), "CurricularFace's logits are cosines")
-        _refuse_options(kwargs, ("interclass_filtering_threshold",),
-                        "CurricularFace re-weights its hard negatives itself, above each row's target cosine")
+        _refuse_filtering(kwargs, "CurricularFace")
 
     def _init_curricular(self, momentum):
         """After the base's __init__ (the buffer goes to the weight's device)."""
@@ -118,8 +126,7 @@ class MVSoftmaxCoefficients:
         if margin_type not in ("cos", "arc"):
             raise ValueError(f"margin_type must be 'cos' (CosFace's margin) or 'arc' (ArcFace's), got {margin_type!r}")
         _refuse_options(kwargs, ("normalize",), "MV-Softmax's logits are cosines")
-        _refuse_options(kwargs, ("interclass_filtering_threshold",),
-                        "MV-Softmax re-weights its hard negatives itself, above each row's target cosine")
+        _refuse_filtering(kwargs, "MV-Softmax")
         return (0.0, margin) if margin_type == "cos" else (margin, 0.0)
 
     def _init_mv(self, mv_weight, margin_type):

@@ -229,7 +229,9 @@ def margin_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, scale: f
     op takes. weight is (K·C, D) for K = subcenters sub-centres per class; lambda_: A-Softmax's λ; row_margins
     (N, 2): per-row offsets (Δm2, Δm3) added to m2 and m3 (AdaFace, MagFace), differentiable; hard_negatives (3,):
     (a, b, d) of the hard-negative re-weighting (CurricularFace, MV-Softmax; functional.margin_cross_entropy) above
-    each row's ψ, or (4,): (a, b, d, τ) above the fixed cosine τ (insightface's inter-class filtering), no gradient."""
+    each row's ψ, or (4,): (a, b, d, τ) above the fixed cosine τ (insightface's inter-class filtering), no gradient.
+    Their values are not checked here (a device sync): a NaN coefficient gives NaN losses, and a NaN τ makes nothing
+    hard except on the C++ step, which reads τ on the host and raises (the public functions refuse a non-finite τ)."""
     _check_forward_inputs(input, weight, target)
     opts = _margin_options(weight, scale, m1, m2, m3, normalize, exact_margin_grad, label_smoothing, ignore_index,
                            subcenters, lambda_)

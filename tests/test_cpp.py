@@ -479,6 +479,13 @@ def test_opcheck_of_the_cpp_loss_ops():
     torch.library.opcheck(ops.margin_ce_rows_backward.default,
                           (torch.rand(9, dtype=torch.float64), x, w, t, lse, row_state, col_norm, *margin, True, 1, 0.0,
                            row_margins))
+    for hard in ([1.0, 0.3, 0.0], [0.0, 0.0, 0.0, 0.2]):  # hard negatives above each row's ψ, above a fixed cosine
+        hard = torch.tensor(hard, dtype=torch.float64)
+        torch.library.opcheck(ops.margin_ce_rows.default, (x, w, t, *margin, 1, 0.0, None, hard))
+        _, lse, row_state, col_norm = ops.margin_ce_rows(x, w, t, *margin, 1, 0.0, None, hard)
+        torch.library.opcheck(ops.margin_ce_rows_backward.default,
+                              (torch.rand(9, dtype=torch.float64), x, w, t, lse, row_state, col_norm, *margin, True, 1,
+                               0.0, None, hard))
     linear = (-100, 0.1, 1e-3, 5.0, 0.0, 0.0)
     _, lse = ops.linear_ce_rows(x, w, t, bias, *linear)
     torch.library.opcheck(ops.linear_ce_rows.default, (x, w, t, bias, *linear))

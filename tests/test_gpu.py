@@ -576,3 +576,21 @@ def test_every_loss_bit_identical_again_and_in_deterministic_mode_on_gpu(dtype, 
                 check_reproducible(name, "cuda", dtype)
             except mk.BackendUnavailable:
                 assert backend == "cuda", name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_linear_topk_on_gpu(dtype, normalize):
+    """linear_topk on CUDA (16-bit GEMMs write fp32): the returned classes hold the returned values of the logits
+    computed apart, which are the top-k ones up to the GEMM's rounding; lse too."""
+    torch.manual_seed(0)
+    x, w = torch.randn(777, 256, device="cuda").to(dtype), torch.randn(50_003, 256, device="cuda").to(dtype)
+    values, indices, lse = mk.linear_topk(x, w, 16, normalize=normalize, return_lse=True)
+    xf, wf = x.double(), w.double()
+    if normalize:
+        xf, wf = torch.nn.functional.normalize(xf, dim=1), torch.nn.functional.normalize(wf, dim=1)
+    z = xf @ wf.T
+    tol = 2e-3 * z.abs().max().item() if dtype == torch.bfloat16 else 1e-3 * z.abs().max().item()  # TF32 at worst
+    torch.testing.assert_close(z.gather(1, indices), values.double(), rtol=0, atol=tol)
+    torch.testing.assert_close(values.double(), z.topk(16, dim=1).values, rtol=0, atol=tol)
+    torch.testing.assert_close(lse.double(), z.logsumexp(1), rtol=1e-4, atol=tol)

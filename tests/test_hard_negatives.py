@@ -519,6 +519,7 @@ def test_interclass_filtering_arguments_are_checked():
     for cls in (mk.CurricularFaceLoss, mk.MVSoftmaxLoss):
         with pytest.raises(TypeError, match="interclass_filtering_threshold cannot be set here: .* re-weights its hard"):
             cls(8, 10, interclass_filtering_threshold=0.3)
+        assert "hard_negative" not in repr(cls(8, 10, interclass_filtering_threshold=0.0))  # arcface_torch's "off"
     assert "hard_negative" not in repr(mk.ArcFaceLoss(8, 10, interclass_filtering_threshold=0.0))  # 0: off
     assert "hard_negative_threshold=0.3" in repr(mk.ArcFaceLoss(8, 10, interclass_filtering_threshold=0.3))
 

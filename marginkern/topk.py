@@ -1,0 +1,52 @@
+"""The k largest logits of each row over C classes, streamed over class chunks: the N × C logits never exist.
+
+Two uses: a distillation pipeline caching its teacher as top-k token ids and logits per position (what
+`linear_topk_kl_divergence` takes), the log-sum-exp beside them turning the logits into log-probabilities; and face
+identification by class centres (normalize=True: the k nearest centres by cosine). Inference only: no gradient.
+
+Each chunk is one GEMM with an fp32 (fp64 for fp64 inputs) result (16-bit inputs on CUDA keep their dtype, as the
+engine's GEMMs), then torch.topk of the chunk and of the running top-k beside it; the log-sum-exp is merged as the
+engine's row statistics are. Plain PyTorch on every device: the GEMM is the cost, and a chunk of fp32 logits written
+and read once beside it is small (64 MB of them at most).
+"""
+import torch
+from torch import Tensor
+
+from .engine import NORM_EPS, accumulation_dtype, mm_accumulate, row_norms
+
+# The fp32 logits of one chunk; at least MIN_CHUNK_CLASSES classes (a GEMM too narrow runs badly).
+CHUNK_BYTES = 64 << 20
+MIN_CHUNK_CLASSES = 256
+
+
+@torch.no_grad()
+def streaming_topk(x: Tensor, w: Tensor, k: int, bias=None, normalize=False, softcap=None, need_lse=False):
+    """(values (N, k) descending, indices (N, k) int64, lse (N,) or None) of z = softcap(x̂·ŵᵀ or x·wᵀ + bias), in the
+    accumulation dtype; arguments checked by the caller (k ≤ C)."""
+    acc = accumulation_dtype(x.dtype)
+    N, C = x.shape[0], w.shape[0]
+    row_scale = col_scale = None
+    if normalize:
+        row_scale = torch.reciprocal(row_norms(x).clamp_min(NORM_EPS))[:, None]
+        col_scale = torch.reciprocal(row_norms(w).clamp_min(NORM_EPS))
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+        x = x.to(acc)  # once, not per chunk (mm_accumulate upcasts what cuBLAS cannot take as it is)
+    values = x.new_empty((N, 0), dtype=acc)
+    indices = torch.empty((N, 0), dtype=torch.long, device=x.device)
+    lse = torch.full((N,), -float("inf"), dtype=acc, device=x.device) if need_lse else None
+    chunk = max(MIN_CHUNK_CLASSES, CHUNK_BYTES // max(1, N * torch.finfo(acc).bits // 8))
+    for c0 in range(0, C, chunk):
+        c1 = min(C, c0 + chunk)
+        z = mm_accumulate(x, w[c0:c1].t(), acc)
+        if normalize:
+            z.mul_(row_scale).mul_(col_scale[None, c0:c1])
+        if bias is not None:
+            z.add_(bias[None, c0:c1].to(acc))
+        if softcap is not None:
+            z.div_(softcap).tanh_().mul_(softcap)
+        if lse is not None:
+            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+        top, where = z.topk(min(k, c1 - c0), dim=1)
+        values, order = torch.cat([values, top], 1).topk(min(k, values.shape[1] + top.shape[1]), dim=1)
+        indices = torch.cat([indices, where + c0], 1).gather(1, order)
+    return values, indices, lse
