@@ -5,8 +5,8 @@ materialised logits (and their log-sum-exp), time and peak memory, each provider
     python bench/topk_inference.py --n 8192 --d 4096 --c 128256 --dtype bfloat16   # a GPU, Llama-3-8B's head
 
 Forward only, so not a family of bench/run.py (whose steps are training steps and whose floor is 3 GEMMs): here the
-floor is the one logits GEMM. Extra memory: CUDA max_memory_allocated above the inputs; CPU the growth of the
-resident set's high-water mark (ru_maxrss) over the inputs. Prints one line per provider.
+floor is the one logits GEMM. Extra memory: CUDA max_memory_allocated above the inputs; CPU the resident set's
+high-water mark (ru_maxrss) above the resident set with the inputs made. Prints one line per provider.
 """
 import argparse
 import json
@@ -45,13 +45,18 @@ def provider_fn(name, k):
     raise ValueError(name)
 
 
+def _current_rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
 def measure(args, name):
     """(median ms, extra MB) of one provider in this process."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     x, w = inputs(args, device)
     fn = provider_fn(name, args.k)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = _current_rss_mb()  # not the high-water mark so far: importing torch peaks above what stays
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
