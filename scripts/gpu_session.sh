@@ -148,6 +148,10 @@ case "$stage" in
     # and CurricularFace's hard-negative re-weighting against the official head's formulation
     MARGINKERN_TRITON_CONFIG="$face_cfg" bench face face-curricular-100k \
       "marginkern curricularface,naive curricularface,3-GEMM floor" 30 face-curricular 5
+    # and a teacher's top-k (linear_topk, inference) at Llama-3-8B's head against the materialised logits
+    budgeted 40 5 python bench/topk_inference.py --n 8192 --d 4096 --c 128256 --dtype bfloat16 2>&1 \
+      | tee "$OUT/topk-inference.txt"
+    pack
     ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
