@@ -463,3 +463,31 @@ def check_logits_buffer(logits_buffer_mb, reduction, grad_filter_eps):
     if grad_filter_eps is not None:
         raise ValueError("grad_filter_eps filters the recomputing backward pass (logits_buffer_mb=None); it "
                          f"cannot be combined with logits_buffer_mb={logits_buffer_mb}")
+
+
+def check_topk_arguments(input, weight, k, bias, normalize, softcap, return_lse, weight_name="weight", max_k=None):
+    """linear_topk's arguments checked: input (N, D) or (B, ..., D), weight (C, D), bias (C,) of one float dtype on one
+    device, 1 ≤ k ≤ C, or ≤ max_k, the smallest shard's classes; (k, normalize, softcap as a float or None,
+    return_lse)."""
+    check_tensor("input", input)
+    check_tensor(weight_name, weight)
+    if input.dim() < 2:
+        raise ValueError(f"input must have shape (N, D) or (B, ..., D), got shape {tuple(input.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != input.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"{weight_name} must have shape (C ≥ 1, D={input.shape[-1]}), got shape {tuple(weight.shape)}")
+    check_float_tensor("input", input)
+    if weight.dtype != input.dtype or weight.device != input.device:
+        raise TypeError(f"{weight_name} must have the dtype and device of input ({input.dtype} on {input.device}), "
+                        f"got {weight.dtype} on {weight.device}")
+    check_bias(bias, weight)
+    k = check_int("k", k)
+    if max_k is None and not 1 <= k <= weight.shape[0]:
+        raise ValueError(f"k must lie in [1, C={weight.shape[0]}], got {k}")
+    if max_k is not None and not 1 <= k <= max_k:
+        raise ValueError(f"k must lie in [1, {max_k}] (the smallest shard's classes), got {k}")
+    normalize = check_bool("normalize", normalize)
+    if softcap is not None:
+        check_finite("softcap", softcap, 0.0, low_open=True)
+    if normalize and (bias is not None or softcap is not None):
+        raise ValueError("normalize=True ranks cosines: bias and softcap must be None")
+    return k, normalize, None if softcap is None else float(softcap), check_bool("return_lse", return_lse)

@@ -31,7 +31,7 @@ from .checks import (check_bias, check_bool, check_class_shard, check_class_weig
                      check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
                      check_linear_ce_options, check_margin_options, check_module_embeddings, check_reduction,
                      check_subcenters, check_target_tensor, check_teacher, check_temperature, check_tensor,
-                     interclass_filtering_options, margin_module_repr)
+                     check_topk_arguments, interclass_filtering_options, margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
@@ -44,6 +44,7 @@ from .hard_negatives import CurricularFaceT, MVSoftmaxCoefficients
 from .modules import LambdaAnnealing
 from .reference import reduce_rows
 from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
+from .topk import streaming_topk
 
 
 def shard_range(num_classes: int, rank: int, world_size: int):
@@ -601,6 +602,49 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
                  op="sharded_log_probs_and_entropy", options=(temperature,), differentiable=(input, weight_shard))
     return _ShardedLogProbsEntropy.apply(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group),
                                          float(temperature), ignore_index)
+
+
+def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start, num_classes, group=None,
+                        normalize=False, softcap=None, return_lse=False):
+    """marginkern.linear_topk with the head's classes sharded across the ranks of `group` (a vocab-parallel teacher
+    caching its top-k, or a sharded face head identifying embeddings). No gradient.
+
+    Every rank calls this with the SAME `input` (N, D) or (B, ..., D); `weight_shard` (C_local, D) (and `bias_shard`
+    (C_local,)) hold classes [class_start, class_start + C_local), which must be `shard_range(num_classes, rank,
+    world_size)`; k at most the smallest shard's classes. Each rank streams over its own classes; their top-k (values,
+    global class ids) and log-sum-exps are all-gathered and merged in rank order, so the result, identical on every
+    rank, is linear_topk's over all classes (ties in any order).
+    """
+    rank, world_size = _rank_and_world_size(group)
+    local_error, rows = None, None
+    try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
+        k, normalize, softcap, return_lse = check_topk_arguments(
+            input, weight_shard, k, bias_shard, normalize, softcap, return_lse, "weight_shard",
+            max_k=check_int("num_classes", num_classes) // world_size)
+        class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
+        rows = input.reshape(-1, input.shape[-1])
+    except (TypeError, ValueError) as e:
+        local_error = e
+    # the rows must be the same on every rank (the agreement check's checksum; no target here: a placeholder)
+    no_target = torch.zeros(0 if rows is None else rows.shape[0], dtype=torch.int64,
+                            device=rows.device if rows is not None else "cpu")
+    _ranks_agree(group, rows, no_target, num_classes, -100, False, local_error, op="sharded_linear_topk",
+                 options=() if local_error else (k, normalize, softcap, return_lse))
+    values, indices, lse = streaming_topk(rows, weight_shard, k, bias_shard, normalize, softcap, True)
+    # (shapes agreed above: plain all-gathers) values and lse (W, N, k + 1), global class ids (W, N, k)
+    gathered_values = [values.new_empty((rows.shape[0], k + 1)) for _ in range(world_size)]
+    dist.all_gather(gathered_values, torch.cat([values, lse[:, None]], 1), group=group)
+    gathered_indices = [torch.empty_like(indices) for _ in range(world_size)]
+    dist.all_gather(gathered_indices, indices + class_start, group=group)
+    gathered_values, gathered_indices = torch.stack(gathered_values), torch.stack(gathered_indices)
+    candidates = gathered_values[..., :k].permute(1, 0, 2).reshape(rows.shape[0], -1)
+    values, order = candidates.topk(k, dim=1)
+    indices = gathered_indices.permute(1, 0, 2).reshape(rows.shape[0], -1).gather(1, order)
+    leading = input.shape[:-1]
+    values, indices = values.reshape(*leading, k), indices.reshape(*leading, k)
+    if not return_lse:
+        return values, indices
+    return values, indices, torch.logsumexp(gathered_values[..., k], dim=0).reshape(leading)
 
 
 class _ShardedDistillation(torch.autograd.Function):

@@ -5,10 +5,11 @@ import torch
 from . import pairwise
 from .checks import (check_bias, check_binary_targets, check_bool, check_class_weight, check_classification_inputs,
                      check_cosent_arguments, check_cost_embedding, check_direction, check_embedding_pair,
-                     check_extra_outputs, check_finite, check_float_tensor, check_ignore_index, check_int,
+                     check_extra_outputs, check_finite, check_float_tensor, check_ignore_index,
                      check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer,
                      check_margin_options, check_reduction, check_shift, check_subcenters, check_teacher,
-                     check_temperature, check_tensor, check_topk_teacher, resolve_grad_filter_eps)
+                     check_temperature, check_tensor, check_topk_arguments, check_topk_teacher,
+                     resolve_grad_filter_eps)
 from .emo import cost_in_dtype
 from .engine import accumulation_dtype
 from .linear_ce import target_class_weights
@@ -491,28 +492,9 @@ def linear_topk(input, weight, k, bias=None, *, normalize=False, softcap=None, r
     (values, indices[, lse]): values (..., k) fp32 (fp64 for fp64 inputs) in descending order, indices (..., k) int64,
     lse (...,) fp32; ties in any order; NaN logits rank first, as torch.topk ranks them.
     """
-    check_tensor("input", input)
-    check_tensor("weight", weight)
-    if input.dim() < 2:
-        raise ValueError(f"input must have shape (N, D) or (B, ..., D), got shape {tuple(input.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != input.shape[-1] or weight.shape[0] < 1:
-        raise ValueError(f"weight must have shape (C ≥ 1, D={input.shape[-1]}), got shape {tuple(weight.shape)}")
-    check_float_tensor("input", input)
-    if weight.dtype != input.dtype or weight.device != input.device:
-        raise TypeError(f"weight must have the dtype and device of input ({input.dtype} on {input.device}), got "
-                        f"{weight.dtype} on {weight.device}")
-    check_bias(bias, weight)
-    k = check_int("k", k)
-    if not 1 <= k <= weight.shape[0]:
-        raise ValueError(f"k must lie in [1, C={weight.shape[0]}], got {k}")
-    normalize = check_bool("normalize", normalize)
-    if softcap is not None:
-        check_finite("softcap", softcap, 0.0, low_open=True)
-    if normalize and (bias is not None or softcap is not None):
-        raise ValueError("normalize=True ranks cosines: bias and softcap must be None")
-    return_lse = check_bool("return_lse", return_lse)
+    k, normalize, softcap, return_lse = check_topk_arguments(input, weight, k, bias, normalize, softcap, return_lse)
     leading = input.shape[:-1]
-    values, indices, lse = streaming_topk(input.reshape(-1, input.shape[-1]), weight, k, bias, normalize,
-                                          None if softcap is None else float(softcap), return_lse)
+    values, indices, lse = streaming_topk(input.reshape(-1, input.shape[-1]), weight, k, bias, normalize, softcap,
+                                          return_lse)
     values, indices = values.reshape(*leading, k), indices.reshape(*leading, k)
     return (values, indices, lse.reshape(leading)) if return_lse else (values, indices)

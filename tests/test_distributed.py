@@ -8,6 +8,7 @@ a test sends a module-level task function to every rank and gets one result per 
 """
 import contextlib
 import datetime
+import functools
 import os
 import queue
 import traceback
@@ -1303,3 +1304,48 @@ def _meta_initialised_adaface(rank, world_size):
 
 def test_meta_initialised_adaface_gets_its_statistics(world):
     assert world.run(_meta_initialised_adaface) == [(20.0, 100.0)] * world.size
+
+
+def _sharded_topk(rank, world_size, x, w, bias, k, kwargs, bad_k=False):
+    """This rank's sharded_linear_topk; bad_k: rank 1 asks for another k, and every rank must raise (True)."""
+    start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+    call = functools.partial(mkd.sharded_linear_topk, x, w[start:stop], bias_shard=None if bias is None else
+                             bias[start:stop], class_start=start, num_classes=w.shape[0], **kwargs)
+    if bad_k:
+        with pytest.raises(ValueError, match="every rank must pass the same options"):
+            call(k + (rank == 1))
+        return True
+    return call(k)
+
+
+@pytest.mark.parametrize("kwargs", [dict(return_lse=True), dict(normalize=True), dict(softcap=3.0, return_lse=True)],
+                         ids=["lse", "normalize", "bias-softcap"])
+def test_sharded_linear_topk_matches_single_process(world, kwargs):
+    """Each rank's top-k over its classes, merged: linear_topk's over the whole head, identical on every rank."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 7, 12, dtype=torch.float64), torch.randn(61, 12, dtype=torch.float64)
+    bias = None if kwargs.get("normalize") else torch.randn(61, dtype=torch.float64)
+    results = world.run(_sharded_topk, x, w, bias, 9, kwargs)
+    want = mk.linear_topk(x, w, 9, bias, **kwargs)
+    for got in results:
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+        assert torch.equal(got[1], want[1])
+        if kwargs.get("return_lse"):
+            torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-12)
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+
+def test_sharded_linear_topk_checks_k_on_every_rank(world):
+    x, w = torch.randn(5, 4), torch.randn(20, 4)
+    assert world.run(_sharded_topk, x, w, None, 2, {}, True) == [True] * world.size
+    # k above the smallest shard's classes: every rank raises the same error
+    results = world.run(_sharded_topk_too_large, x, w)
+    assert results == [True] * world.size
+
+
+def _sharded_topk_too_large(rank, world_size, x, w):
+    start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+    with pytest.raises(ValueError, match=r"k must lie in \[1, \d+\] \(the smallest shard's classes\)"):
+        mkd.sharded_linear_topk(x, w[start:stop], w.shape[0] // world_size + 1, class_start=start,
+                                num_classes=w.shape[0])
+    return True
