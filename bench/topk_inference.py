@@ -21,10 +21,12 @@ import torch
 
 
 def inputs(args, device):
+    """(x, w) made in their dtype and scaled in place: no temporary raises the CPU's high-water mark before the
+    measurement's baseline."""
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    x = torch.randn(args.n, args.d, device=device).to(dtype)
-    w = (torch.randn(args.c, args.d, device=device) / args.d ** 0.5).to(dtype)
+    x = torch.randn(args.n, args.d, device=device, dtype=dtype)
+    w = torch.randn(args.c, args.d, device=device, dtype=dtype).div_(args.d ** 0.5)
     return x, w
 
 
@@ -56,7 +58,9 @@ def measure(args, name):
     x, w = inputs(args, device)
     fn = provider_fn(name, args.k)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rss_before = _current_rss_mb()  # not the high-water mark so far: importing torch peaks above what stays
+    # the resident set now, not the high-water mark so far (importing torch peaks above what stays); a peak before
+    # this point above now + the provider's own would hide part of it: the inputs are made without temporaries
+    rss_before = _current_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

@@ -625,11 +625,13 @@ def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start,
         rows = input.reshape(-1, input.shape[-1])
     except (TypeError, ValueError) as e:
         local_error = e
-    # the rows must be the same on every rank (the agreement check's checksum; no target here: a placeholder)
-    no_target = torch.zeros(0 if rows is None else rows.shape[0], dtype=torch.int64,
-                            device=rows.device if rows is not None else "cpu")
-    _ranks_agree(group, rows, no_target, num_classes, -100, False, local_error, op="sharded_linear_topk",
-                 options=() if local_error else (k, normalize, softcap, return_lse))
+    # the rows must be the same on every rank (the agreement check's checksum; no target here: a placeholder), on
+    # the input's device even where its checks failed (NCCL gathers CUDA tensors: a CPU one would leave the rest hung)
+    device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
+    no_target = torch.zeros(0 if rows is None else rows.shape[0], dtype=torch.int64, device=device)
+    _ranks_agree(group, rows if rows is not None else input, no_target, num_classes, -100, False, local_error,
+                 op="sharded_linear_topk",
+                 options=() if local_error else (k, normalize, softcap, return_lse, bias_shard is not None))
     values, indices, lse = streaming_topk(rows, weight_shard, k, bias_shard, normalize, softcap, True)
     # (shapes agreed above: plain all-gathers) values and lse (W, N, k + 1), global class ids (W, N, k)
     gathered_values = [values.new_empty((rows.shape[0], k + 1)) for _ in range(world_size)]

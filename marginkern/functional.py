@@ -15,7 +15,6 @@ from .engine import accumulation_dtype
 from .linear_ce import target_class_weights
 from .ops import call as call_op
 from .reference import reduce_rows
-from .topk import streaming_topk
 
 
 def margin_cross_entropy(input, weight, target, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, normalize=True,
@@ -494,7 +493,8 @@ def linear_topk(input, weight, k, bias=None, *, normalize=False, softcap=None, r
     """
     k, normalize, softcap, return_lse = check_topk_arguments(input, weight, k, bias, normalize, softcap, return_lse)
     leading = input.shape[:-1]
-    values, indices, lse = streaming_topk(input.reshape(-1, input.shape[-1]), weight, k, bias, normalize, softcap,
-                                          return_lse)
+    with torch.no_grad():
+        values, indices, lse = call_op("linear_topk", input.reshape(-1, input.shape[-1]), weight, k, bias, normalize,
+                                       softcap, return_lse)
     values, indices = values.reshape(*leading, k), indices.reshape(*leading, k)
     return (values, indices, lse.reshape(leading)) if return_lse else (values, indices)

@@ -24,6 +24,7 @@ from .emo import emo_backward, emo_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward, row_margin_grads
+from .topk import streaming_topk
 
 
 def _without_autocast(kernel):
@@ -1008,3 +1009,20 @@ def _cosent_autograd(ctx, grad_loss, _grad_of_grad):
 
 
 _register_autograd("cosent", _cosent_autograd, _cosent_setup_context)
+
+
+@_op("linear_topk")
+def linear_topk(input: Tensor, weight: Tensor, k: int, bias: Optional[Tensor] = None, normalize: bool = False,
+                softcap: Optional[float] = None, need_lse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(values (N, k) descending, indices (N, k) int64, lse (N,), or (0,) without need_lse) of functional.linear_topk
+    on (N, D) rows; arguments checked there. An op (without autograd: inference only) so that torch.compile takes it
+    whole: its chunk sizes depend on N, which traced would guard (and recompile) on every new length."""
+    values, indices, lse = streaming_topk(input, weight, k, bias, normalize, softcap, need_lse)
+    return values, indices, values.new_empty((0,)) if lse is None else lse
+
+
+@linear_topk.register_fake
+def _(input, weight, k, bias=None, normalize=False, softcap=None, need_lse=False):
+    acc, n = accumulation_dtype(input.dtype), input.shape[0]
+    return (input.new_empty((n, k), dtype=acc), input.new_empty((n, k), dtype=torch.long),
+            input.new_empty((n if need_lse else 0,), dtype=acc))

@@ -7,16 +7,29 @@ identification by class centres (normalize=True: the k nearest centres by cosine
 Each chunk is one GEMM with an fp32 (fp64 for fp64 inputs) result (16-bit inputs on CUDA keep their dtype, as the
 engine's GEMMs), then torch.topk of the chunk and of the running top-k beside it; the log-sum-exp is merged as the
 engine's row statistics are. Plain PyTorch on every device: the GEMM is the cost, and a chunk of fp32 logits written
-and read once beside it is small (64 MB of them at most).
+and read once beside it is small (64 MB of them at most, and as much of upcast weight rows on the CPU).
 """
 import torch
 from torch import Tensor
 
 from .engine import NORM_EPS, accumulation_dtype, mm_accumulate, row_norms
 
-# The fp32 logits of one chunk; at least MIN_CHUNK_CLASSES classes (a GEMM too narrow runs badly).
+# The fp32 logits of one chunk (rows × classes), and the fp32 copy of its weight rows where the GEMM needs one; at
+# least MIN_CHUNK_CLASSES classes (a GEMM too narrow runs badly), so very long inputs go by blocks of rows.
 CHUNK_BYTES = 64 << 20
 MIN_CHUNK_CLASSES = 256
+
+
+def chunk_shape(N, D, acc_bytes, upcast_weight):
+    """(rows per block, classes per chunk) within CHUNK_BYTES. The classes are a power of two: under torch.compile a
+    new N then recompiles only where it crosses a bucket, not at every length."""
+    rows = max(1, CHUNK_BYTES // (MIN_CHUNK_CLASSES * acc_bytes))
+    n = max(1, min(N, rows))
+    classes = MIN_CHUNK_CLASSES
+    while classes * 2 * n * acc_bytes <= CHUNK_BYTES and (not upcast_weight or classes * 2 * D * acc_bytes
+                                                          <= CHUNK_BYTES):
+        classes *= 2
+    return rows, classes
 
 
 @torch.no_grad()
@@ -24,21 +37,32 @@ def streaming_topk(x: Tensor, w: Tensor, k: int, bias=None, normalize=False, sof
     """(values (N, k) descending, indices (N, k) int64, lse (N,) or None) of z = softcap(x̂·ŵᵀ or x·wᵀ + bias), in the
     accumulation dtype; arguments checked by the caller (k ≤ C)."""
     acc = accumulation_dtype(x.dtype)
+    N = x.shape[0]
+    col_scale = torch.reciprocal(row_norms(w).clamp_min(NORM_EPS)) if normalize else None
+    keeps_dtype = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)  # cuBLAS writes fp32 from 16-bit inputs
+    rows, classes = chunk_shape(N, x.shape[1], torch.finfo(acc).bits // 8, not keeps_dtype and w.dtype != acc)
+    parts = [_block_topk(x[r0:r0 + rows], w, k, bias, col_scale, softcap, need_lse, classes, keeps_dtype, acc)
+             for r0 in range(0, N, rows)]
+    if not parts:  # no rows
+        return (x.new_empty((0, k), dtype=acc), torch.empty((0, k), dtype=torch.long, device=x.device),
+                x.new_empty((0,), dtype=acc) if need_lse else None)
+    values, indices, lse = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+    return values, indices, lse
+
+
+def _block_topk(x, w, k, bias, col_scale, softcap, need_lse, classes, keeps_dtype, acc):
+    """streaming_topk of a block of rows, over chunks of `classes` classes."""
     N, C = x.shape[0], w.shape[0]
-    row_scale = col_scale = None
-    if normalize:
-        row_scale = torch.reciprocal(row_norms(x).clamp_min(NORM_EPS))[:, None]
-        col_scale = torch.reciprocal(row_norms(w).clamp_min(NORM_EPS))
-    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+    row_scale = None if col_scale is None else torch.reciprocal(row_norms(x).clamp_min(NORM_EPS))[:, None]
+    if not keeps_dtype:
         x = x.to(acc)  # once, not per chunk (mm_accumulate upcasts what cuBLAS cannot take as it is)
     values = x.new_empty((N, 0), dtype=acc)
     indices = torch.empty((N, 0), dtype=torch.long, device=x.device)
     lse = torch.full((N,), -float("inf"), dtype=acc, device=x.device) if need_lse else None
-    chunk = max(MIN_CHUNK_CLASSES, CHUNK_BYTES // max(1, N * torch.finfo(acc).bits // 8))
-    for c0 in range(0, C, chunk):
-        c1 = min(C, c0 + chunk)
+    for c0 in range(0, C, classes):
+        c1 = min(C, c0 + classes)
         z = mm_accumulate(x, w[c0:c1].t(), acc)
-        if normalize:
+        if col_scale is not None:
             z.mul_(row_scale).mul_(col_scale[None, c0:c1])
         if bias is not None:
             z.add_(bias[None, c0:c1].to(acc))

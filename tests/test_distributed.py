@@ -1306,14 +1306,16 @@ def test_meta_initialised_adaface_gets_its_statistics(world):
     assert world.run(_meta_initialised_adaface) == [(20.0, 100.0)] * world.size
 
 
-def _sharded_topk(rank, world_size, x, w, bias, k, kwargs, bad_k=False):
-    """This rank's sharded_linear_topk; bad_k: rank 1 asks for another k, and every rank must raise (True)."""
+def _sharded_topk(rank, world_size, x, w, bias, k, kwargs, differ=None):
+    """This rank's sharded_linear_topk; differ "k" / "bias": rank 1 asks for another k / passes no bias, and every
+    rank must raise (True)."""
     start, stop = mkd.shard_range(w.shape[0], rank, world_size)
-    call = functools.partial(mkd.sharded_linear_topk, x, w[start:stop], bias_shard=None if bias is None else
-                             bias[start:stop], class_start=start, num_classes=w.shape[0], **kwargs)
-    if bad_k:
+    bias_shard = None if bias is None or (differ == "bias" and rank == 1) else bias[start:stop]
+    call = functools.partial(mkd.sharded_linear_topk, x, w[start:stop], bias_shard=bias_shard, class_start=start,
+                             num_classes=w.shape[0], **kwargs)
+    if differ is not None:
         with pytest.raises(ValueError, match="every rank must pass the same options"):
-            call(k + (rank == 1))
+            call(k + (differ == "k" and rank == 1))
         return True
     return call(k)
 
@@ -1335,9 +1337,11 @@ def test_sharded_linear_topk_matches_single_process(world, kwargs):
         assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
 
 
-def test_sharded_linear_topk_checks_k_on_every_rank(world):
+def test_sharded_linear_topk_checks_its_arguments_on_every_rank(world):
     x, w = torch.randn(5, 4), torch.randn(20, 4)
-    assert world.run(_sharded_topk, x, w, None, 2, {}, True) == [True] * world.size
+    assert world.run(_sharded_topk, x, w, None, 2, {}, "k") == [True] * world.size
+    # a bias on some ranks only: the merged logits would mix two heads
+    assert world.run(_sharded_topk, x, w, torch.randn(20), 2, {}, "bias") == [True] * world.size
     # k above the smallest shard's classes: every rank raises the same error
     results = world.run(_sharded_topk_too_large, x, w)
     assert results == [True] * world.size

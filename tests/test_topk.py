@@ -22,12 +22,13 @@ def materialised(x, w, bias=None, normalize=False, softcap=None):
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}  # fp32 GEMMs
 
 
-@pytest.fixture(params=[None, 4 * 300 * 8], ids=["one-chunk", "many-chunks"])
+@pytest.fixture(params=[None, (4 * 300 * 8, 1), (4 * 128 * 16, 16)], ids=["one-chunk", "many-chunks", "row-blocks"])
 def chunk_bytes(request, monkeypatch):
-    """One chunk, or chunks of 8 classes at N = 300 rows of fp32 (fewer classes than k in a chunk)."""
+    """One chunk; chunks of 8 classes at N = 300 rows of fp32 (fewer classes than k in a chunk); or blocks of 128 rows
+    (at least 16 classes a chunk: more than 300 rows' would not fit)."""
     if request.param is not None:
-        monkeypatch.setattr(topk, "CHUNK_BYTES", request.param)
-        monkeypatch.setattr(topk, "MIN_CHUNK_CLASSES", 1)
+        monkeypatch.setattr(topk, "CHUNK_BYTES", request.param[0])
+        monkeypatch.setattr(topk, "MIN_CHUNK_CLASSES", request.param[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -85,14 +86,38 @@ def test_teacher_topk_feeds_topk_distillation():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_no_gradient_and_compiles():
+def test_no_gradient_and_compiles_once_over_lengths():
+    """An op to torch.compile: new lengths (dynamic=True) reuse one graph (traced, the chunk sizes' dependence on N
+    would guard and recompile at each)."""
+    from torch._dynamo.testing import CompileCounter
     torch.manual_seed(4)
-    x, w = torch.randn(9, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
-    values, _ = mk.linear_topk(x, w, 3)
+    w = torch.randn(50, 8, requires_grad=True)
+    values, _ = mk.linear_topk(torch.randn(9, 8, requires_grad=True), w, 3)
     assert not values.requires_grad
-    compiled = torch.compile(lambda a, b: mk.linear_topk(a, b, 3, return_lse=True), fullgraph=True, backend="eager")
-    for got, want in zip(compiled(x, w), mk.linear_topk(x, w, 3, return_lse=True)):
-        torch.testing.assert_close(got, want)
+    counter = CompileCounter()
+    compiled = torch.compile(lambda a, b: mk.linear_topk(a, b, 3, return_lse=True), fullgraph=True, backend=counter,
+                             dynamic=True)
+    for n in (9, 17, 33, 65, 300):
+        x = torch.randn(n, 8)
+        for got, want in zip(compiled(x, w), mk.linear_topk(x, w, 3, return_lse=True)):
+            torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1
+
+
+def test_opcheck():
+    x, w, bias = torch.randn(7, 8), torch.randn(40, 8), torch.randn(40)
+    torch.library.opcheck(torch.ops.marginkern.linear_topk.default, (x, w, 5, bias, False, 2.0, True))
+    torch.library.opcheck(torch.ops.marginkern.linear_topk.default, (x, w, 5, None, True, None, False))
+
+
+def test_chunks_bound_the_upcast_weight_rows_too():
+    """16-bit weights on the CPU are upcast chunk by chunk: at small N the chunk's weight rows bound it, not only its
+    logits; very long inputs go by blocks of rows."""
+    rows, classes = topk.chunk_shape(4, 512, 4, upcast_weight=True)
+    assert classes * 512 * 4 <= topk.CHUNK_BYTES and 4 * classes * 4 <= topk.CHUNK_BYTES
+    assert topk.chunk_shape(4, 512, 4, upcast_weight=False)[1] > classes
+    rows, classes = topk.chunk_shape(1 << 20, 64, 4, upcast_weight=False)
+    assert classes == topk.MIN_CHUNK_CLASSES and rows * classes * 4 <= topk.CHUNK_BYTES
 
 
 def test_bad_arguments_are_named():
