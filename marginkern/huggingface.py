@@ -4,6 +4,7 @@
     marginkern.huggingface.patch_causal_lm(model)     # this instance only; z_loss=..., label_smoothing=... optional
     loss = model(input_ids, labels=labels).loss         # HF's labels: shifted inside, -100 ignored
     marginkern.huggingface.patch_causal_lm(model, loss="emo_cross_entropy")   # EMO's official recipe, fused
+    logits, token_ids = marginkern.huggingface.causal_lm_topk(teacher, 64, input_ids=ids)   # a teacher's top-k cache
 
 With `labels`, in training mode, the patched forward runs the model's own forward with `labels=None` and
 `logits_to_keep` set to no position (the decoder runs as HF wrote it; the LM head projects nothing), takes the
@@ -28,7 +29,7 @@ import torch
 
 from .checks import check_linear_ce_options
 from .emo import cost_in_dtype
-from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy
+from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy, linear_topk
 from .modules import _caller_stacklevel
 
 # model_type → (the factor HF multiplies the head's output by, the Gemma-2 style softcap), from the config. The
@@ -132,10 +133,11 @@ class _FusedLossForward:
         return _forward_with_fused_loss(self.model, self, *args, **kwargs)
 
 
-def _check_model(model):
+def _check_model(model, forward_may_be_wrapped=False):
     """model's head if model is an instance of the very class transformers registers as its model type's causal LM
     (not a subclass, nor remote code reusing a model_type: either may transform the logits in its own forward), of a
-    listed model type, its forward not wrapped by anyone else yet. Raises naming the problem otherwise."""
+    listed model type, its forward not wrapped by anyone else yet (unless `forward_may_be_wrapped`: a caller of the
+    class's forward). Raises naming the problem otherwise."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
@@ -153,7 +155,7 @@ def _check_model(model):
         raise TypeError(f"model: {cls.__name__}.forward takes no logits_to_keep, which the patch needs to skip the LM "
                         f"head's projection (transformers ≥ 4.50 has it)")
     wrapped = vars(model).get("forward")
-    if wrapped is not None and not isinstance(wrapped, _FusedLossForward):
+    if wrapped is not None and not isinstance(wrapped, _FusedLossForward) and not forward_may_be_wrapped:
         raise TypeError("model.forward is already wrapped (accelerate.prepare?): patch the model before wrapping it")
     return _plain_linear_head(model)
 
@@ -247,3 +249,36 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
         return (loss,) + out[1:]
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
     return type(out)(loss=loss, logits=None, **fields)
+
+
+@torch.no_grad()
+def causal_lm_topk(model, k, *, return_lse=False, **model_inputs):
+    """The k most probable next tokens of a causal LM at every position, as a distillation pipeline caches its teacher
+    (`marginkern.linear_topk_kl_divergence` takes them), without the (B, T, V) logits: the model's own forward runs with
+    the LM head projecting nothing (as a patched model's training step), and `marginkern.linear_topk` streams the head
+    over its last hidden state, with the model type's logit transform (SUPPORTED_MODEL_TYPES: Gemma 2/3's softcap,
+    Cohere's and Granite's scales). model_inputs: the forward's (input_ids, attention_mask, ...; no labels).
+
+    Returns (logits (B, T, k) fp32 in descending order, token_ids (B, T, k) int64[, lse (B, T) fp32]): the model's
+    logits at those tokens as exact fp32 dot products (HF's own are rounded to the head's dtype), and with return_lse
+    their log-sum-exp over the vocabulary (logits − lse are the top-k log-probabilities). No gradient. The model runs
+    in the mode it is in: a teacher wants model.eval() (dropout off).
+    """
+    head = _check_model(model, forward_may_be_wrapped=True)
+    if "labels" in model_inputs or "shift_labels" in model_inputs:
+        raise TypeError("causal_lm_topk takes no labels: it returns the model's top-k next tokens at every position")
+    if model_inputs.get("logits_to_keep", 0) != 0:
+        raise ValueError("logits_to_keep must be left at its default: the top-k covers every position")
+    model_inputs.pop("logits_to_keep", None)
+    decoded = []
+    hook = model.get_decoder().register_forward_hook(lambda module, inputs, output: decoded.append(output))
+    try:
+        no_position = torch.empty(0, dtype=torch.long, device=head.weight.device)
+        type(model).forward(model, logits_to_keep=no_position, **model_inputs)  # the class's: any patch set aside
+    finally:
+        hook.remove()
+    hidden = decoded[-1].last_hidden_state if hasattr(decoded[-1], "last_hidden_state") else decoded[-1][0]
+    scale, softcap = SUPPORTED_MODEL_TYPES[model.config.model_type](model.config)
+    if scale != 1.0:
+        hidden = hidden * scale
+    return linear_topk(hidden.to(head.weight.dtype), head.weight, k, head.bias, softcap=softcap, return_lse=return_lse)

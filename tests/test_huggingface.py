@@ -390,3 +390,36 @@ def test_a_batch_without_labelled_tokens_gives_zero_and_zero_gradients():
     labels[:, 0] = ids[:, 0]  # the first label is no position's target after the shift
     loss, grads = loss_and_grads(model, ids, labels=labels)
     assert loss.item() == 0.0 and not any(g.any() for g in grads.values())
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
+def test_causal_lm_topk_equals_the_models_own_logits(model_type):
+    """causal_lm_topk: the top-k of the model's own logits (its logit transform included) and their log-sum-exp, on a
+    plain model and on a patched one."""
+    from marginkern.huggingface import causal_lm_topk
+    model = tiny_model(model_type).eval()
+    ids, _ = batch()
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0  # padding: the model's own forward takes the mask as it is
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    want_values, want_ids = logits.topk(7, dim=-1)
+    for patched in (False, True):
+        if patched:
+            patch_causal_lm(model)
+        values, token_ids, lse = causal_lm_topk(model, 7, input_ids=ids, attention_mask=mask, return_lse=True)
+        assert values.shape == token_ids.shape == (3, 11, 7) and lse.shape == (3, 11)
+        torch.testing.assert_close(values.double(), want_values, rtol=1e-5, atol=1e-5)
+        assert torch.equal(token_ids, want_ids)
+        torch.testing.assert_close(lse.double(), logits.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    unpatch_causal_lm(model)
+
+
+def test_causal_lm_topk_refuses_labels():
+    from marginkern.huggingface import causal_lm_topk
+    model = tiny_model("llama").eval()
+    ids, labels = batch()
+    with pytest.raises(TypeError, match="causal_lm_topk takes no labels"):
+        causal_lm_topk(model, 3, input_ids=ids, labels=labels)
+    with pytest.raises(ValueError, match="logits_to_keep must be left at its default"):
+        causal_lm_topk(model, 3, input_ids=ids, logits_to_keep=1)
