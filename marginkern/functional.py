@@ -478,9 +478,10 @@ def circle_loss(embeddings, labels, *, m=0.25, gamma=256.0, reduction="mean", an
     return pairwise.circle_loss(embeddings, labels, float(m), float(gamma), reduction, int(anchor_block))
 
 
-def linear_topk(input, weight, k, bias=None, *, normalize=False, softcap=None, return_lse=False):
-    """The k largest logits z = softcap(input·weightᵀ + bias) of each row and their classes, streamed over class
-    chunks: the N × C logits never exist (marginkern.topk). No gradient.
+def linear_topk(input, weight, k, bias=None, *, normalize=False, softcap=None, logit_scale=1.0, return_lse=False):
+    """The k largest logits z = softcap(logit_scale·(input·weightᵀ + bias)) of each row and their classes, streamed
+    over class chunks: the N × C logits never exist (marginkern.topk). No gradient. logit_scale (Cohere's logit_scale,
+    Granite's 1/logits_scaling) is applied in fp32 after the GEMM.
 
     normalize=True ranks cosines x̂·ŵ_j instead (bias and softcap must then be None): the k nearest class centres of
     each embedding, face identification by a margin head's weight. A distillation pipeline caches its teacher's top-k
@@ -492,9 +493,12 @@ def linear_topk(input, weight, k, bias=None, *, normalize=False, softcap=None, r
     lse (...,) fp32; ties in any order; NaN logits rank first, as torch.topk ranks them.
     """
     k, normalize, softcap, return_lse = check_topk_arguments(input, weight, k, bias, normalize, softcap, return_lse)
+    check_finite("logit_scale", logit_scale, 0.0, low_open=True)
+    if normalize and logit_scale != 1.0:
+        raise ValueError("normalize=True ranks cosines: logit_scale must be 1")
     leading = input.shape[:-1]
     with torch.no_grad():
         values, indices, lse = call_op("linear_topk", input.reshape(-1, input.shape[-1]), weight, k, bias, normalize,
-                                       softcap, return_lse)
+                                       softcap, return_lse, float(logit_scale))
     values, indices = values.reshape(*leading, k), indices.reshape(*leading, k)
     return (values, indices, lse.reshape(leading)) if return_lse else (values, indices)

@@ -21,6 +21,7 @@ whose forward turns the head's output into logits as listed there (each one test
 another model type, a subclass or remote code raises, since its forward may transform the logits in a way this patch
 would silently drop. Tested with transformers 5.25.0 (the test extra's pin).
 """
+import contextlib
 import functools
 import inspect
 import warnings
@@ -253,32 +254,49 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
 
 @torch.no_grad()
 def causal_lm_topk(model, k, *, return_lse=False, **model_inputs):
-    """The k most probable next tokens of a causal LM at every position, as a distillation pipeline caches its teacher
-    (`marginkern.linear_topk_kl_divergence` takes them), without the (B, T, V) logits: the model's own forward runs with
-    the LM head projecting nothing (as a patched model's training step), and `marginkern.linear_topk` streams the head
-    over its last hidden state, with the model type's logit transform (SUPPORTED_MODEL_TYPES: Gemma 2/3's softcap,
-    Cohere's and Granite's scales). model_inputs: the forward's (input_ids, attention_mask, ...; no labels).
+    """The k most probable next tokens of a causal LM at every position, as a distillation pipeline caches its teacher,
+    without the (B, T, V) logits: the model's forward runs with the LM head projecting nothing (as a patched model's
+    training step) and no KV cache (unless use_cache=True is passed), and `marginkern.linear_topk` streams the head over
+    its last hidden state with the model type's logit transform (SUPPORTED_MODEL_TYPES: Gemma 2/3's softcap, Cohere's
+    and Granite's scales, applied in fp32). model_inputs: the forward's (input_ids, attention_mask, ...; no labels).
 
     Returns (logits (B, T, k) fp32 in descending order, token_ids (B, T, k) int64[, lse (B, T) fp32]): the model's
-    logits at those tokens as exact fp32 dot products (HF's own are rounded to the head's dtype), and with return_lse
-    their log-sum-exp over the vocabulary (logits − lse are the top-k log-probabilities). No gradient. The model runs
-    in the mode it is in: a teacher wants model.eval() (dropout off).
+    logits at those tokens as fp32 dot products of its hidden state and head (HF's own are rounded to the head's
+    dtype), and with return_lse their log-sum-exp over the vocabulary (logits − lse are the top-k log-probabilities).
+    No gradient. Row t is the distribution of the token after position t, as the student's row t: distill with
+    `linear_topk_kl_divergence(hidden, head.weight, token_ids, logits, labels, shift=1)`, labels the input ids with
+    -100 at padding (the last position and the padding then count nothing). The model runs through its own forward
+    (accelerate's hooks, autocast and offloading included) in the mode it is in: a teacher wants model.eval(). A
+    torch.compile'd model (OptimizedModule) runs its original module.
     """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: checked and run as the module it wraps
     head = _check_model(model, forward_may_be_wrapped=True)
     if "labels" in model_inputs or "shift_labels" in model_inputs:
         raise TypeError("causal_lm_topk takes no labels: it returns the model's top-k next tokens at every position")
-    if model_inputs.get("logits_to_keep", 0) != 0:
+    keep = model_inputs.pop("logits_to_keep", 0)
+    if not (isinstance(keep, int) and keep == 0):
         raise ValueError("logits_to_keep must be left at its default: the top-k covers every position")
-    model_inputs.pop("logits_to_keep", None)
+    model_inputs.setdefault("use_cache", False)  # a KV cache for every token can outweigh the logits avoided
     decoded = []
     hook = model.get_decoder().register_forward_hook(lambda module, inputs, output: decoded.append(output))
     try:
-        no_position = torch.empty(0, dtype=torch.long, device=head.weight.device)
-        type(model).forward(model, logits_to_keep=no_position, **model_inputs)  # the class's: any patch set aside
+        # an index on the CPU: the decoder's output may sit on another device than the head (device_map="auto")
+        model(logits_to_keep=torch.empty(0, dtype=torch.long), **model_inputs)
     finally:
         hook.remove()
     hidden = decoded[-1].last_hidden_state if hasattr(decoded[-1], "last_hidden_state") else decoded[-1][0]
+    decoded.clear()  # (and with it the decoder's other outputs, before the head streams)
     scale, softcap = SUPPORTED_MODEL_TYPES[model.config.model_type](model.config)
-    if scale != 1.0:
-        hidden = hidden * scale
-    return linear_topk(hidden.to(head.weight.dtype), head.weight, k, head.bias, softcap=softcap, return_lse=return_lse)
+    with _head_on(head, hidden.device):
+        weight, bias = head.weight, head.bias
+        return linear_topk(hidden.to(weight.device, weight.dtype), weight, k, bias, softcap=softcap,
+                           logit_scale=scale, return_lse=return_lse)
+
+
+def _head_on(head, device):
+    """A context in which head's weight is materialised: accelerate's offloading leaves it on the meta device between
+    its forwards (align_module_device loads it onto `device`); a plain head as it is."""
+    if getattr(head, "_hf_hook", None) is None:
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+    return align_module_device(head, device)

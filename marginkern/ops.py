@@ -1013,16 +1013,17 @@ _register_autograd("cosent", _cosent_autograd, _cosent_setup_context)
 
 @_op("linear_topk")
 def linear_topk(input: Tensor, weight: Tensor, k: int, bias: Optional[Tensor] = None, normalize: bool = False,
-                softcap: Optional[float] = None, need_lse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                softcap: Optional[float] = None, need_lse: bool = False,
+                logit_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """(values (N, k) descending, indices (N, k) int64, lse (N,), or (0,) without need_lse) of functional.linear_topk
     on (N, D) rows; arguments checked there. An op (without autograd: inference only) so that torch.compile takes it
     whole: its chunk sizes depend on N, which traced would guard (and recompile) on every new length."""
-    values, indices, lse = streaming_topk(input, weight, k, bias, normalize, softcap, need_lse)
+    values, indices, lse = streaming_topk(input, weight, k, bias, normalize, softcap, need_lse, logit_scale)
     return values, indices, values.new_empty((0,)) if lse is None else lse
 
 
 @linear_topk.register_fake
-def _(input, weight, k, bias=None, normalize=False, softcap=None, need_lse=False):
+def _(input, weight, k, bias=None, normalize=False, softcap=None, need_lse=False, logit_scale=1.0):
     acc, n = accumulation_dtype(input.dtype), input.shape[0]
     return (input.new_empty((n, k), dtype=acc), input.new_empty((n, k), dtype=torch.long),
             input.new_empty((n if need_lse else 0,), dtype=acc))

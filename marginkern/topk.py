@@ -33,16 +33,17 @@ def chunk_shape(N, D, acc_bytes, upcast_weight):
 
 
 @torch.no_grad()
-def streaming_topk(x: Tensor, w: Tensor, k: int, bias=None, normalize=False, softcap=None, need_lse=False):
-    """(values (N, k) descending, indices (N, k) int64, lse (N,) or None) of z = softcap(x̂·ŵᵀ or x·wᵀ + bias), in the
-    accumulation dtype; arguments checked by the caller (k ≤ C)."""
+def streaming_topk(x: Tensor, w: Tensor, k: int, bias=None, normalize=False, softcap=None, need_lse=False,
+                   logit_scale=1.0):
+    """(values (N, k) descending, indices (N, k) int64, lse (N,) or None) of z = softcap(x̂·ŵᵀ, or logit_scale·(x·wᵀ +
+    bias)), in the accumulation dtype; arguments checked by the caller (k ≤ C)."""
     acc = accumulation_dtype(x.dtype)
     N = x.shape[0]
     col_scale = torch.reciprocal(row_norms(w).clamp_min(NORM_EPS)) if normalize else None
     keeps_dtype = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)  # cuBLAS writes fp32 from 16-bit inputs
     rows, classes = chunk_shape(N, x.shape[1], torch.finfo(acc).bits // 8, not keeps_dtype and w.dtype != acc)
-    parts = [_block_topk(x[r0:r0 + rows], w, k, bias, col_scale, softcap, need_lse, classes, keeps_dtype, acc)
-             for r0 in range(0, N, rows)]
+    parts = [_block_topk(x[r0:r0 + rows], w, k, bias, col_scale, softcap, need_lse, classes, keeps_dtype, acc,
+                         logit_scale) for r0 in range(0, N, rows)]
     if not parts:  # no rows
         return (x.new_empty((0, k), dtype=acc), torch.empty((0, k), dtype=torch.long, device=x.device),
                 x.new_empty((0,), dtype=acc) if need_lse else None)
@@ -50,7 +51,7 @@ def streaming_topk(x: Tensor, w: Tensor, k: int, bias=None, normalize=False, sof
     return values, indices, lse
 
 
-def _block_topk(x, w, k, bias, col_scale, softcap, need_lse, classes, keeps_dtype, acc):
+def _block_topk(x, w, k, bias, col_scale, softcap, need_lse, classes, keeps_dtype, acc, logit_scale):
     """streaming_topk of a block of rows, over chunks of `classes` classes."""
     N, C = x.shape[0], w.shape[0]
     row_scale = None if col_scale is None else torch.reciprocal(row_norms(x).clamp_min(NORM_EPS))[:, None]
@@ -66,6 +67,8 @@ def _block_topk(x, w, k, bias, col_scale, softcap, need_lse, classes, keeps_dtyp
             z.mul_(row_scale).mul_(col_scale[None, c0:c1])
         if bias is not None:
             z.add_(bias[None, c0:c1].to(acc))
+        if logit_scale != 1.0:  # in fp32, after the GEMM (a 16-bit input scaled first would be rounded)
+            z.mul_(logit_scale)
         if softcap is not None:
             z.div_(softcap).tanh_().mul_(softcap)
         if lse is not None:

@@ -423,3 +423,70 @@ def test_causal_lm_topk_refuses_labels():
         causal_lm_topk(model, 3, input_ids=ids, labels=labels)
     with pytest.raises(ValueError, match="logits_to_keep must be left at its default"):
         causal_lm_topk(model, 3, input_ids=ids, logits_to_keep=1)
+
+
+def test_causal_lm_topk_runs_the_models_forward_without_a_cache():
+    """Through the model's own (possibly wrapped: accelerate's hooks, autocast) forward, with use_cache=False unless
+    asked: a KV cache for every token can outweigh the logits it avoids."""
+    from marginkern.huggingface import causal_lm_topk
+    model = tiny_model("llama").eval()
+    ids, _ = batch()
+    seen = []
+
+    def wrapped(*args, **kwargs):
+        seen.append(kwargs)
+        return type(model).forward(model, *args, **kwargs)
+    model.forward = wrapped
+    causal_lm_topk(model, 3, input_ids=ids)
+    causal_lm_topk(model, 3, input_ids=ids, use_cache=True)
+    assert [kw["use_cache"] for kw in seen] == [False, True]
+
+
+def test_causal_lm_topk_applies_the_logit_scale_in_fp32():
+    """Cohere's / Granite's scale on a bf16 model: applied to the fp32 logits, not to the bf16 hidden state (which
+    rounding would move by ~1e-2 at logits of a few units)."""
+    from marginkern.huggingface import causal_lm_topk
+    for model_type, factor in (("cohere", lambda c: c.logit_scale), ("granite", lambda c: 1.0 / c.logits_scaling)):
+        model = tiny_model(model_type).to(torch.bfloat16).eval()
+        ids, _ = batch()
+        values, token_ids = causal_lm_topk(model, 5, input_ids=ids)
+        with torch.no_grad():
+            hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+        exact = factor(model.config) * (hidden.double() @ model.get_output_embeddings().weight.double().T)
+        torch.testing.assert_close(values.double(), exact.gather(-1, token_ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values.double(), exact.topk(5, dim=-1).values, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_lm_topk_with_an_offloaded_model():
+    """accelerate's offloading keeps the head's weight on the meta device between forwards: the top-k loads it."""
+    accelerate = pytest.importorskip("accelerate")
+    from marginkern.huggingface import causal_lm_topk
+    model = tiny_model("gemma2").eval()
+    ids, _ = batch()
+    want = causal_lm_topk(model, 4, input_ids=ids, return_lse=True)
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    assert offloaded.get_output_embeddings().weight.device.type == "meta"
+    for got, expected in zip(causal_lm_topk(offloaded, 4, input_ids=ids, return_lse=True), want):
+        torch.testing.assert_close(got, expected)
+
+
+def test_linear_topk_logit_scale():
+    torch.manual_seed(5)
+    x, w, b = torch.randn(6, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64), torch.randn(30)
+    values, ids = mk.linear_topk(x, w, 4, b.double(), logit_scale=0.3, softcap=2.0)
+    z = 2.0 * torch.tanh(0.3 * (x @ w.T + b.double()) / 2.0)
+    torch.testing.assert_close(values, z.topk(4, dim=-1).values)
+    assert torch.equal(ids, z.topk(4, dim=-1).indices)
+    with pytest.raises(ValueError, match="logit_scale must lie in"):
+        mk.linear_topk(x, w, 4, logit_scale=0.0)
+
+
+def test_causal_lm_topk_of_a_compiled_model_runs_its_module():
+    from marginkern.huggingface import causal_lm_topk
+    model = tiny_model("qwen3").eval()
+    ids, _ = batch()
+    want = causal_lm_topk(model, 3, input_ids=ids)
+    for got, expected in zip(causal_lm_topk(torch.compile(model, backend="eager"), 3, input_ids=ids), want):
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="logits_to_keep must be left at its default"):
+        causal_lm_topk(model, 3, input_ids=ids, logits_to_keep=torch.tensor([1]))
