@@ -21,8 +21,7 @@ MIN_CHUNK_CLASSES = 256
 
 
 def chunk_shape(N, D, acc_bytes, upcast_weight):
-    """(rows per block, classes per chunk) within CHUNK_BYTES. The classes are a power of two: under torch.compile a
-    new N then recompiles only where it crosses a bucket, not at every length."""
+    """(rows per block, classes per chunk, a power of two) within CHUNK_BYTES."""
     rows = max(1, CHUNK_BYTES // (MIN_CHUNK_CLASSES * acc_bytes))
     n = max(1, min(N, rows))
     classes = MIN_CHUNK_CLASSES
