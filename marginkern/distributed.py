@@ -605,7 +605,7 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
 
 
 def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start, num_classes, group=None,
-                        normalize=False, softcap=None, return_lse=False):
+                        normalize=False, softcap=None, logit_scale=1.0, return_lse=False):
     """marginkern.linear_topk with the head's classes sharded across the ranks of `group` (a vocab-parallel teacher
     caching its top-k, or a sharded face head identifying embeddings). No gradient.
 
@@ -621,6 +621,9 @@ def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start,
         k, normalize, softcap, return_lse = check_topk_arguments(
             input, weight_shard, k, bias_shard, normalize, softcap, return_lse, "weight_shard",
             max_k=check_int("num_classes", num_classes) // world_size)
+        check_finite("logit_scale", logit_scale, 0.0, low_open=True)
+        if normalize and logit_scale != 1.0:
+            raise ValueError("normalize=True ranks cosines: logit_scale must be 1")
         class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
         rows = input.reshape(-1, input.shape[-1])
     except (TypeError, ValueError) as e:
@@ -631,8 +634,10 @@ def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start,
     no_target = torch.zeros(0 if rows is None else rows.shape[0], dtype=torch.int64, device=device)
     _ranks_agree(group, rows if rows is not None else input, no_target, num_classes, -100, False, local_error,
                  op="sharded_linear_topk",
-                 options=() if local_error else (k, normalize, softcap, return_lse, bias_shard is not None))
-    values, indices, lse = streaming_topk(rows, weight_shard, k, bias_shard, normalize, softcap, True)
+                 options=() if local_error else (k, normalize, softcap, float(logit_scale), return_lse,
+                                                 bias_shard is not None))
+    values, indices, lse = streaming_topk(rows, weight_shard, k, bias_shard, normalize, softcap, True,
+                                          float(logit_scale))
     # (shapes agreed above: plain all-gathers) values and lse (W, N, k + 1), global class ids (W, N, k)
     gathered_values = [values.new_empty((rows.shape[0], k + 1)) for _ in range(world_size)]
     dist.all_gather(gathered_values, torch.cat([values, lse[:, None]], 1), group=group)
@@ -807,7 +812,7 @@ class ShardedCombinedMarginLoss(LambdaAnnealing):
     all-gather of the counts per step); the gradient of `weight` stays dense, zero on the rows a step did
     not sample. `subcenters` K > 1: sub-center ArcFace (CombinedMarginLoss), K rows per class in the shard.
     `lambda_min` (None: off) anneals A-Softmax's λ as CombinedMarginLoss does (every rank counts the same steps), and
-    `interclass_filtering_threshold` filters as CombinedMarginLoss's (PartialFC_V2's CombinedMarginLoss option).
+    `interclass_filtering_threshold` filters as CombinedMarginLoss's (arcface_torch's CombinedMarginLoss option).
     """
 
     def __init__(self, embedding_dim, num_classes, m1=1.0, m2=0.5, m3=0.0, *, group=None, scale=64.0,

@@ -1320,8 +1320,9 @@ def _sharded_topk(rank, world_size, x, w, bias, k, kwargs, differ=None):
     return call(k)
 
 
-@pytest.mark.parametrize("kwargs", [dict(return_lse=True), dict(normalize=True), dict(softcap=3.0, return_lse=True)],
-                         ids=["lse", "normalize", "bias-softcap"])
+@pytest.mark.parametrize("kwargs", [dict(return_lse=True), dict(normalize=True),
+                                    dict(softcap=3.0, logit_scale=0.7, return_lse=True)],
+                         ids=["lse", "normalize", "bias-scale-softcap"])
 def test_sharded_linear_topk_matches_single_process(world, kwargs):
     """Each rank's top-k over its classes, merged: linear_topk's over the whole head, identical on every rank."""
     torch.manual_seed(0)
