@@ -465,10 +465,11 @@ def check_logits_buffer(logits_buffer_mb, reduction, grad_filter_eps):
                          f"cannot be combined with logits_buffer_mb={logits_buffer_mb}")
 
 
-def check_topk_arguments(input, weight, k, bias, normalize, softcap, return_lse, weight_name="weight", max_k=None):
+def check_topk_arguments(input, weight, k, bias, normalize, softcap, logit_scale, return_lse, weight_name="weight",
+                         max_k=None):
     """linear_topk's arguments checked: input (N, D) or (B, ..., D), weight (C, D), bias (C,) of one float dtype on one
     device, 1 ≤ k ≤ C, or ≤ max_k, the smallest shard's classes; (k, normalize, softcap as a float or None,
-    return_lse)."""
+    logit_scale as a float, return_lse)."""
     check_tensor("input", input)
     check_tensor(weight_name, weight)
     if input.dim() < 2:
@@ -490,4 +491,8 @@ def check_topk_arguments(input, weight, k, bias, normalize, softcap, return_lse,
         check_finite("softcap", softcap, 0.0, low_open=True)
     if normalize and (bias is not None or softcap is not None):
         raise ValueError("normalize=True ranks cosines: bias and softcap must be None")
-    return k, normalize, None if softcap is None else float(softcap), check_bool("return_lse", return_lse)
+    check_finite("logit_scale", logit_scale, 0.0, low_open=True)
+    if normalize and logit_scale != 1.0:
+        raise ValueError("normalize=True ranks cosines: logit_scale must be 1")
+    return (k, normalize, None if softcap is None else float(softcap), float(logit_scale),
+            check_bool("return_lse", return_lse))

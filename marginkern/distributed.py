@@ -319,9 +319,8 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
             raise ValueError(f"every rank must pass the same {what}, got {values} on ranks 0..{world_size - 1}")
     if len({(c[5], c[6]) for c in seen}) > 1:
         raise ValueError("input and target (and per-row margins, hard-negative coefficients) must be the same on every "
-                         "rank (the all-gathered "
-                         "embeddings and labels: "
-                         "marginkern.distributed.gather_embeddings); they differ across ranks 0.."
+                         "rank (the all-gathered embeddings and labels: marginkern.distributed.gather_embeddings); "
+                         "they differ across ranks 0.."
                          f"{world_size - 1}, so rows of different samples would be mixed"
                          + ("" if row_margins is None and hard_negatives is None else
                             " (margins or coefficients that depend on the module's mode, as AdaFace's and "
@@ -618,12 +617,9 @@ def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start,
     rank, world_size = _rank_and_world_size(group)
     local_error, rows = None, None
     try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
-        k, normalize, softcap, return_lse = check_topk_arguments(
-            input, weight_shard, k, bias_shard, normalize, softcap, return_lse, "weight_shard",
+        k, normalize, softcap, logit_scale, return_lse = check_topk_arguments(
+            input, weight_shard, k, bias_shard, normalize, softcap, logit_scale, return_lse, "weight_shard",
             max_k=check_int("num_classes", num_classes) // world_size)
-        check_finite("logit_scale", logit_scale, 0.0, low_open=True)
-        if normalize and logit_scale != 1.0:
-            raise ValueError("normalize=True ranks cosines: logit_scale must be 1")
         class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
         rows = input.reshape(-1, input.shape[-1])
     except (TypeError, ValueError) as e:
@@ -634,10 +630,9 @@ def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start,
     no_target = torch.zeros(0 if rows is None else rows.shape[0], dtype=torch.int64, device=device)
     _ranks_agree(group, rows if rows is not None else input, no_target, num_classes, -100, False, local_error,
                  op="sharded_linear_topk",
-                 options=() if local_error else (k, normalize, softcap, float(logit_scale), return_lse,
+                 options=() if local_error else (k, normalize, softcap, logit_scale, return_lse,
                                                  bias_shard is not None))
-    values, indices, lse = streaming_topk(rows, weight_shard, k, bias_shard, normalize, softcap, True,
-                                          float(logit_scale))
+    values, indices, lse = streaming_topk(rows, weight_shard, k, bias_shard, normalize, softcap, True, logit_scale)
     # (shapes agreed above: plain all-gathers) values and lse (W, N, k + 1), global class ids (W, N, k)
     gathered_values = [values.new_empty((rows.shape[0], k + 1)) for _ in range(world_size)]
     dist.all_gather(gathered_values, torch.cat([values, lse[:, None]], 1), group=group)

@@ -492,13 +492,11 @@ def linear_topk(input, weight, k, bias=None, *, normalize=False, softcap=None, l
     (values, indices[, lse]): values (..., k) fp32 (fp64 for fp64 inputs) in descending order, indices (..., k) int64,
     lse (...,) fp32; ties in any order; NaN logits rank first, as torch.topk ranks them.
     """
-    k, normalize, softcap, return_lse = check_topk_arguments(input, weight, k, bias, normalize, softcap, return_lse)
-    check_finite("logit_scale", logit_scale, 0.0, low_open=True)
-    if normalize and logit_scale != 1.0:
-        raise ValueError("normalize=True ranks cosines: logit_scale must be 1")
+    k, normalize, softcap, logit_scale, return_lse = check_topk_arguments(input, weight, k, bias, normalize, softcap,
+                                                                          logit_scale, return_lse)
     leading = input.shape[:-1]
     with torch.no_grad():
         values, indices, lse = call_op("linear_topk", input.reshape(-1, input.shape[-1]), weight, k, bias, normalize,
-                                       softcap, return_lse, float(logit_scale))
+                                       softcap, return_lse, logit_scale)
     values, indices = values.reshape(*leading, k), indices.reshape(*leading, k)
     return (values, indices, lse.reshape(leading)) if return_lse else (values, indices)

@@ -227,7 +227,7 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
         out = cls_forward(self, labels=None, logits_to_keep=no_position, **arguments)
     finally:
         decoded = patch.decoded.pop()
-    hidden = decoded.last_hidden_state if hasattr(decoded, "last_hidden_state") else decoded[0]
+    hidden = _last_hidden_state(decoded)
     scale, softcap = SUPPORTED_MODEL_TYPES[self.config.model_type](self.config)
     if scale != 1.0:
         hidden = hidden * scale
@@ -284,13 +284,18 @@ def causal_lm_topk(model, k, *, return_lse=False, **model_inputs):
         model(logits_to_keep=torch.empty(0, dtype=torch.long), **model_inputs)
     finally:
         hook.remove()
-    hidden = decoded[-1].last_hidden_state if hasattr(decoded[-1], "last_hidden_state") else decoded[-1][0]
+    hidden = _last_hidden_state(decoded[-1])
     decoded.clear()  # (and with it the decoder's other outputs, before the head streams)
     scale, softcap = SUPPORTED_MODEL_TYPES[model.config.model_type](model.config)
     with _head_on(head, hidden.device):
         weight, bias = head.weight, head.bias
         return linear_topk(hidden.to(weight.device, weight.dtype), weight, k, bias, softcap=softcap,
                            logit_scale=scale, return_lse=return_lse)
+
+
+def _last_hidden_state(decoded):
+    """The decoder's last hidden state from its output (a model output, or its tuple with return_dict=False)."""
+    return decoded.last_hidden_state if hasattr(decoded, "last_hidden_state") else decoded[0]
 
 
 def _head_on(head, device):
