@@ -3,7 +3,7 @@
 
     pip install scikit-learn && python examples/arcface_digits.py [--loss arcface|cosface|sphereface|subcenter|
                                                                    adaface|magface|elastic|curricularface|mv|
-                                                                   arcface-filtered]
+                                                                   arcface-filtered|proxy-anchor]
                                                                   [--epochs 30] [--label-noise 0.2]
                                                                   [--split-classes 0.3]
 
@@ -15,7 +15,8 @@ threshold away from their class's dominant sub-centre are flagged (`outliers`), 
 the labels that were actually flipped, and an ArcFace head is retrained on the digits that were kept.
 --split-classes p moves a fraction p of each digit's training labels to a twin class (20 classes, two per digit;
 a prediction of either twin counts as its digit): the setting of --loss arcface-filtered, insightface's inter-class
-filtering.
+filtering. --loss proxy-anchor trains with Proxy-Anchor (metric learning's proxy loss: no softmax over classes, each
+proxy pulls its class's digits and pushes the others) and classifies by the nearest proxy the same way.
 """
 import argparse
 
@@ -53,8 +54,15 @@ HEADS = {
     # class, e.g. under a flipped label) counts as 0, without gradient
     "arcface-filtered": lambda d, c: mk.ArcFaceLoss(d, c, scale=16.0, margin=0.3,
                                                     interclass_filtering_threshold=FILTERING_THRESHOLD),
+    # a proxy loss instead of a margin softmax, its paper's δ = 0.1, α = 32
+    "proxy-anchor": lambda d, c: mk.ProxyAnchorLoss(d, c),
 }
 FILTERING_THRESHOLD = 0.6
+
+
+def class_centres(head):
+    """The head's (C·K, D) class centres: a margin head's weight, Proxy-Anchor's proxies."""
+    return head.proxies if isinstance(head, mk.ProxyAnchorLoss) else head.weight
 
 
 def flip_labels(y, fraction, seed=1):
@@ -94,7 +102,7 @@ def train(loss, x, y, epochs, embedding_dim, num_classes=10):
 @torch.no_grad()
 def nearest_centre_accuracy(net, head, x, y):
     emb = nn.functional.normalize(net(x), dim=1)
-    cosines = emb @ nn.functional.normalize(head.weight, dim=1).t()
+    cosines = emb @ nn.functional.normalize(class_centres(head), dim=1).t()
     cosines = cosines.unflatten(1, (head.num_classes, -1)).amax(2)  # each class's best sub-centre (one without)
     return float((cosines.argmax(1) % 10 == y).float().mean())  # a twin class (--split-classes) is its digit
 
@@ -121,7 +129,7 @@ def main():
     if args.split_classes > 0:
         noise += f", {(labels >= 10).float().mean():.0%} under a twin class's label"
         with torch.no_grad():  # how close the two centres of one digit ended
-            w = nn.functional.normalize(head.weight, dim=1)
+            w = nn.functional.normalize(class_centres(head), dim=1)
             twins = (w[:10] * w[10:]).sum(1).mean()
         noise += f"; mean cosine between twin centres {twins:.3f}"
     print(f"{args.loss}: nearest-centre accuracy on {len(y_te)} held-out digits: {accuracy:.3f}{noise}")

@@ -14,9 +14,10 @@ from .hard_negatives import CurricularFaceLoss, MVSoftmaxLoss
 from .functional import (circle_loss, cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss,
                          linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk, linear_topk_kl_divergence,
                          log_probs_and_entropy,
-                         margin_cross_entropy, multilabel_categorical_crossentropy)
+                         margin_cross_entropy, multilabel_categorical_crossentropy, proxy_anchor_loss)
 from .modules import (ArcFaceLoss, CombinedMarginLoss, CoSENTLoss, CosFaceLoss, EMOLoss, LargeMarginSoftmaxLoss,
-                      LinearCrossEntropyLoss, LinearDistillationLoss, SphereFaceLoss, SubCenterArcFaceLoss)
+                      LinearCrossEntropyLoss, LinearDistillationLoss, NormalizedSoftmaxLoss, ProxyAnchorLoss,
+                      SphereFaceLoss, SubCenterArcFaceLoss)
 
 __version__ = "0.1.0"
 
@@ -26,7 +27,9 @@ __all__ = [
     "linear_topk_kl_divergence", "linear_topk",
     "LinearDistillationLoss", "cosent_loss",
     "cosent_embedding_loss", "CoSENTLoss",
-    "multilabel_categorical_crossentropy", "circle_loss", "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss",
+    "multilabel_categorical_crossentropy", "circle_loss", "proxy_anchor_loss", "ProxyAnchorLoss",
+    "NormalizedSoftmaxLoss",
+    "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss",
     "SphereFaceLoss", "CombinedMarginLoss",
     "LargeMarginSoftmaxLoss", "AdaFaceLoss", "MagFaceLoss", "ElasticArcFaceLoss", "ElasticCosFaceLoss",
     "CurricularFaceLoss", "MVSoftmaxLoss",

@@ -500,3 +500,22 @@ def linear_topk(input, weight, k, bias=None, *, normalize=False, softcap=None, l
                                        softcap, return_lse, logit_scale)
     values, indices = values.reshape(*leading, k), indices.reshape(*leading, k)
     return (values, indices, lse.reshape(leading)) if return_lse else (values, indices)
+
+
+def proxy_anchor_loss(input, proxies, target, *, margin=0.1, alpha=32.0, ignore_index=-100):
+    """Proxy-Anchor loss (Kim et al., CVPR 2020; pytorch-metric-learning's ProxyAnchorLoss) over C proxies without the
+    N × C cosines: with s_nj = cos(input_n, proxies_j) and P⁺ the proxies of the batch's (non-ignored) targets,
+
+        1/|P⁺| Σ_{j∈P⁺} log(1 + Σ_{n: y_n=j} e^{−α(s_nj − margin)}) + 1/C Σ_j log(1 + Σ_{n: y_n≠j} e^{α(s_nj + margin)}).
+
+    input (N, D), proxies (C, D) of one float dtype, target (N,) integer classes in [0, C) or ignore_index (such rows
+    are neither a positive nor a negative of any proxy). Returns a scalar, fp32 (fp64 for fp64 inputs); 0 with zero
+    gradients when every row is ignored. Streamed over chunks of proxies (marginkern.proxy_anchor): 4 GEMMs and O(N + C)
+    saved state per step.
+    """
+    check_classification_inputs(input, proxies, target, weight_name="proxies")
+    check_finite("margin", margin)
+    check_finite("alpha", alpha, 0.0, low_open=True)
+    loss, _, _, _ = call_op("proxy_anchor", input, proxies, target, float(margin), float(alpha),
+                            check_ignore_index(ignore_index))
+    return loss

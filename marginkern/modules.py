@@ -15,7 +15,7 @@ from .checks import (check_bool, check_class_weight, check_class_weight_values, 
                      margin_module_repr, resolve_grad_filter_eps)
 from .engine import accumulation_dtype
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
-                         linear_jsd, linear_kl_divergence, margin_cross_entropy)
+                         linear_jsd, linear_kl_divergence, margin_cross_entropy, proxy_anchor_loss)
 from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
 
 
@@ -420,6 +420,15 @@ class CosFaceLoss(CombinedMarginLoss):
         super().__init__(embedding_dim, num_classes, 1.0, 0.0, margin, scale=scale, **kwargs)
 
 
+class NormalizedSoftmaxLoss(CombinedMarginLoss):
+    """NormSoftmax (Zhai & Wu 2019; pytorch-metric-learning's NormalizedSoftmaxLoss): softmax cross-entropy of the
+    cosines divided by `temperature`, no margin: CombinedMarginLoss with (m1, m2, m3) = (1, 0, 0) and scale 1/T."""
+
+    def __init__(self, embedding_dim, num_classes, temperature=0.05, **kwargs):
+        check_finite("temperature", temperature, 0.0, low_open=True)
+        super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=1.0 / float(temperature), **kwargs)
+
+
 class SphereFaceLoss(CombinedMarginLoss):
     """SphereFace (A-Softmax) on normalised features: ψ(θ_y) with the angle multiplied by `margin`.
 
@@ -587,3 +596,36 @@ class CoSENTLoss(nn.Module):
 
     def extra_repr(self):
         return f"scale={self.scale}"
+
+
+class ProxyAnchorLoss(nn.Module):
+    """Proxy-Anchor loss (Kim et al., CVPR 2020) with its own proxies, shape (C, D), initialised as the official code
+    and pytorch-metric-learning's ProxyAnchorLoss do (kaiming_normal_, mode="fan_out"); defaults margin δ = 0.1,
+    α = 32 as theirs. forward(embeddings, labels) → functional.proxy_anchor_loss, streamed over chunks of proxies
+    (the N × C cosines never exist). The paper trains the proxies with a 100× larger learning rate than the backbone.
+    """
+
+    def __init__(self, embedding_dim, num_classes, margin=0.1, alpha=32.0, *, ignore_index=-100, device=None,
+                 dtype=None):
+        super().__init__()
+        self.embedding_dim, self.num_classes = check_head_size(embedding_dim, num_classes)
+        check_finite("margin", margin)
+        check_finite("alpha", alpha, 0.0, low_open=True)
+        self.margin, self.alpha, self.ignore_index = float(margin), float(alpha), check_ignore_index(ignore_index)
+        self.proxies = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+
+    def forward(self, embeddings, labels):
+        check_module_embeddings(embeddings, self.embedding_dim)
+        proxies = self.proxies
+        if proxies.dtype != embeddings.dtype:  # e.g. bf16 embeddings under autocast, fp32 proxies
+            proxies = proxies.to(embeddings.dtype)
+        return proxy_anchor_loss(embeddings, proxies, labels, margin=self.margin, alpha=self.alpha,
+                                 ignore_index=self.ignore_index)
+
+    def extra_repr(self):
+        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, margin={self.margin}, "
+                f"alpha={self.alpha}")

@@ -24,6 +24,7 @@ from .emo import emo_backward, emo_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward, row_margin_grads
+from .proxy_anchor import proxy_anchor_backward as proxy_anchor_backward_pass, proxy_anchor_forward
 from .topk import streaming_topk
 
 
@@ -1027,3 +1028,77 @@ def _(input, weight, k, bias=None, normalize=False, softcap=None, need_lse=False
     acc, n = accumulation_dtype(input.dtype), input.shape[0]
     return (input.new_empty((n, k), dtype=acc), input.new_empty((n, k), dtype=torch.long),
             input.new_empty((n if need_lse else 0,), dtype=acc))
+
+
+def _check_proxy_anchor(input, proxies, target, margin, alpha, ignore_index):
+    """Proxy-Anchor's arguments as the ops take them (metadata and scalars only: the fakes run it too)."""
+    check_classification_inputs(input, proxies, target, weight_name="proxies")
+    check_finite("margin", margin)
+    check_finite("alpha", alpha, 0.0, low_open=True)
+    check_ignore_index(ignore_index)
+
+
+@_op("proxy_anchor")
+def proxy_anchor(input: Tensor, proxies: Tensor, target: Tensor, margin: float, alpha: float,
+                 ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Proxy-Anchor loss (), each proxy's negative term L_j (C,), each row's positive weight e^{b_n − Lp_y} (N,),
+    the number of proxies with a positive ()), in the accumulation dtype (marginkern.proxy_anchor); the last three
+    are by-products the backward op takes."""
+    _check_proxy_anchor(input, proxies, target, margin, alpha, ignore_index)
+    check_target_values(target, proxies.shape[0], ignore_index)
+    return proxy_anchor_forward(input.contiguous(), proxies.contiguous(), target, margin, alpha, ignore_index)
+
+
+@proxy_anchor.register_fake
+def _(input, proxies, target, margin, alpha, ignore_index):
+    _check_proxy_anchor(input, proxies, target, margin, alpha, ignore_index)
+    acc = accumulation_dtype(input.dtype)
+    return (input.new_empty((), dtype=acc), input.new_empty((proxies.shape[0],), dtype=acc),
+            input.new_empty((input.shape[0],), dtype=acc), input.new_empty((), dtype=acc))
+
+
+@_op("proxy_anchor_backward")
+def proxy_anchor_backward(grad_loss: Tensor, input: Tensor, proxies: Tensor, target: Tensor, negative: Tensor,
+                          row_weight: Tensor, num_positive: Tensor, margin: float, alpha: float, ignore_index: int,
+                          need_input_grad: bool, need_proxies_grad: bool) -> tuple[Tensor, Tensor]:
+    """(dL/dinput, dL/dproxies) for the loss gradient `grad_loss` (); either is an empty (0,) tensor when not
+    asked for. negative, row_weight and num_positive are the forward op's by-products."""
+    _check_proxy_anchor(input, proxies, target, margin, alpha, ignore_index)
+    acc = accumulation_dtype(input.dtype)
+    for name, t, shape in (("negative", negative, (proxies.shape[0],)), ("row_weight", row_weight, (input.shape[0],)),
+                           ("num_positive", num_positive, ())):
+        if tuple(t.shape) != shape or t.dtype != acc:
+            raise ValueError(f"{name} must be the forward op's {shape} {acc} tensor, got a {tuple(t.shape)} "
+                             f"{t.dtype} tensor")
+    grad_x, grad_w = proxy_anchor_backward_pass(grad_loss, input.contiguous(), proxies.contiguous(), target, negative,
+                                                row_weight, num_positive, margin, alpha, ignore_index,
+                                                need_input_grad, need_proxies_grad)
+    return _or_empty(grad_x, input), _or_empty(grad_w, proxies)
+
+
+@proxy_anchor_backward.register_fake
+def _(grad_loss, input, proxies, target, negative, row_weight, num_positive, margin, alpha, ignore_index,
+      need_input_grad, need_proxies_grad):
+    return (_contiguous_like(input) if need_input_grad else input.new_empty((0,)),
+            _contiguous_like(proxies) if need_proxies_grad else proxies.new_empty((0,)))
+
+
+def _proxy_anchor_setup_context(ctx, inputs, output):
+    input, proxies, target, *options = inputs
+    _, negative, row_weight, num_positive = output
+    ctx.save_for_backward(input, proxies, target, negative, row_weight, num_positive)
+    ctx.mark_non_differentiable(negative, row_weight, num_positive)
+    ctx.options = options
+
+
+def _proxy_anchor_autograd(ctx, grad_loss, *grad_by_products):
+    input, proxies, target, negative, row_weight, num_positive = ctx.saved_tensors
+    need_input, need_proxies = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_input = grad_proxies = None
+    if need_input or need_proxies:
+        grad_input, grad_proxies = call("proxy_anchor_backward", grad_loss, input, proxies, target, negative,
+                                        row_weight, num_positive, *ctx.options, need_input, need_proxies)
+    return (grad_input if need_input else None, grad_proxies if need_proxies else None) + (None,) * 4
+
+
+_register_autograd("proxy_anchor", _proxy_anchor_autograd, _proxy_anchor_setup_context)

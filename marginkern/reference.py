@@ -322,3 +322,38 @@ def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, 
     kl = torch.zeros_like(lse).index_add(0, n, terms)
     valid = target != ignore_index
     return reduce_rows(torch.where(valid, kl, torch.zeros_like(kl)), valid, reduction)
+
+
+def _log1p_masked_sum_exp(v, keep):
+    """log(1 + Σ_{keep} e^v) down each column (pytorch-metric-learning's logsumexp(add_one=True)): a zero row
+    appended stands for the 1."""
+    v = torch.cat([v.masked_fill(~keep, -float("inf")), v.new_zeros((1, v.shape[1]))])
+    return torch.logsumexp(v, dim=0)
+
+
+def _proxy_anchor_chunk(x, w_chunk, is_positive, is_negative, margin, alpha):
+    """(Σ positive terms, Σ negative terms) of a chunk of proxies."""
+    cos = F.normalize(x, dim=1) @ F.normalize(w_chunk, dim=1).t()
+    positive = _log1p_masked_sum_exp(-alpha * (cos - margin), is_positive)
+    negative = _log1p_masked_sum_exp(alpha * (cos + margin), is_negative)
+    return positive.sum(), negative.sum()
+
+
+def proxy_anchor_loss(input, proxies, target, *, margin=0.1, alpha=32.0, ignore_index=-100, class_chunk=CLASS_CHUNK):
+    """Proxy-Anchor (Kim et al. 2020) as its definition: per proxy, log(1 + Σ e^{−α(s − δ)}) over its positive rows
+    (averaged over the proxies that have one) and log(1 + Σ e^{α(s + δ)}) over its negative rows (averaged over all C
+    proxies); ignored rows are neither. Streamed over chunks of proxies under activation checkpointing."""
+    acc = accumulation_dtype(input.dtype)
+    x, w = input.to(acc), proxies.to(acc)
+    valid = target != ignore_index
+    positive = negative = x.new_zeros(())
+    for c0 in range(0, w.shape[0], class_chunk):
+        w_chunk = w[c0:c0 + class_chunk]
+        classes = torch.arange(c0, c0 + w_chunk.shape[0], device=x.device)
+        is_positive = (target[:, None] == classes[None, :]) & valid[:, None]
+        is_negative = (target[:, None] != classes[None, :]) & valid[:, None]
+        pos_c, neg_c = checkpoint(_proxy_anchor_chunk, x, w_chunk, is_positive, is_negative, margin, alpha,
+                                  use_reentrant=False)
+        positive, negative = positive + pos_c, negative + neg_c
+    with_positives = torch.unique(target[valid]).numel()
+    return positive / max(with_positives, 1) + negative / w.shape[0]

@@ -152,6 +152,8 @@ case "$stage" in
     budgeted 40 5 python bench/topk_inference.py --n 8192 --d 4096 --c 128256 --dtype bfloat16 2>&1 \
       | tee "$OUT/topk-inference.txt"
     pack
+    # Proxy-Anchor over a million proxies: the Triton chunk epilogues against PyTorch's, and the floor
+    bench proxy proxy-anchor-1M "marginkern,marginkern pytorch epilogue,3-GEMM floor" 35 proxy 5
     ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"

@@ -12,7 +12,8 @@ from marginkern import ops
 
 OP_NAMES = ("margin_cross_entropy", "margin_cross_entropy_backward", "linear_cross_entropy",
             "linear_cross_entropy_backward", "linear_cross_entropy_buffered", "emo_cross_entropy",
-            "emo_cross_entropy_backward", "pairwise_cosine", "pairwise_cosine_backward", "cosent", "cosent_backward")
+            "emo_cross_entropy_backward", "pairwise_cosine", "pairwise_cosine_backward", "cosent", "cosent_backward",
+            "proxy_anchor", "proxy_anchor_backward")
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +52,7 @@ LOSSES = {
     "linear 3-GEMM": lambda x, w, b, t: mk.linear_cross_entropy(x, w, t, bias=b, logits_buffer_mb=0.001),
     "emo": lambda x, w, b, t: mk.emo_cross_entropy(x, w, t),
     "cosent": lambda x, w, b, t: mk.cosent_embedding_loss(x, w[:10], t.float()),
+    "proxy anchor": lambda x, w, b, t: mk.proxy_anchor_loss(x, w, t),
 }
 
 

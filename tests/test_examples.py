@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 @pytest.mark.parametrize("loss", ["arcface", "cosface", "sphereface", "subcenter", "adaface", "magface", "elastic",
-                                  "curricularface", "mv", "arcface-filtered"])
+                                  "curricularface", "mv", "arcface-filtered", "proxy-anchor"])
 def test_margin_heads_learn_digits(monkeypatch, loss):
     import arcface_digits
     monkeypatch.setattr(sys, "argv", ["arcface_digits.py", "--loss", loss, "--epochs", "15"])

@@ -597,3 +597,36 @@ def test_linear_topk_on_gpu(dtype, normalize):
     torch.testing.assert_close(z.gather(1, indices), values.double(), rtol=0, atol=tol)
     torch.testing.assert_close(values.double(), z.topk(16, dim=1).values, rtol=0, atol=tol)
     torch.testing.assert_close(lse.double(), z.logsumexp(1), rtol=1e-4, atol=tol)
+
+
+@pytest.mark.parametrize("epilogue", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_proxy_anchor_on_gpu_triton_and_pytorch_epilogues(dtype, epilogue, monkeypatch):
+    """Proxy-Anchor on CUDA with the Triton chunk epilogues and with PyTorch's (MARGINKERN_BACKEND=reference), several
+    chunks, against float64 of the same inputs; bf16's dL/d(x·w) goes into the GEMMs in bf16 (GRAD_TOLERANCE)."""
+    from marginkern import proxy_anchor
+    from tests.test_proxy_anchor import check_proxy_anchor_matches_float64
+    monkeypatch.setenv("MARGINKERN_BACKEND", epilogue)
+    monkeypatch.setattr(proxy_anchor, "CHUNK_BYTES", 1)  # chunks of MIN_CHUNK_CLASSES = 256 proxies
+    check_proxy_anchor_matches_float64("cuda", dtype, N=300, C=1000, D=64)
+
+
+def test_proxy_anchor_memory_is_bounded():
+    """A million bf16 proxies: the fwd+bwd's peak beyond inputs and gradients is one GPU chunk (two N × chunk fp32
+    tensors and its fp32 dW rows) plus a few (C,) fp32 vectors, not the 4 GB of fp32 cosines."""
+    from marginkern import proxy_anchor
+    torch.manual_seed(0)
+    N, D, C = 1024, 512, 1_000_000
+    x = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(C, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, C, (N,), device="cuda")
+    x.grad, w.grad = torch.zeros_like(x), torch.zeros_like(w)  # the gradients a user holds anyway
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    x.grad, w.grad = None, None  # freed here, made again by the backward pass
+    mk.proxy_anchor_loss(x, w, t).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    bound = proxy_anchor.CHUNK_BYTES * proxy_anchor.GPU_CHUNK_FACTOR + 8 * 4 * C + (16 << 20)
+    assert extra <= bound, f"{extra / 2**20:.0f} MB beyond inputs and gradients, bound {bound / 2**20:.0f} MB"

@@ -270,6 +270,7 @@ def test_exact_gradient_is_bounded_at_cos_one():
     (mk.SphereFaceLoss, dict(margin=3), dict(m1=3.0, m2=0.0, m3=0.0, scale=30.0)),
     (mk.CombinedMarginLoss, dict(m1=1.1, m2=0.2, m3=0.1), dict(m1=1.1, m2=0.2, m3=0.1, scale=64.0)),
     (mk.LargeMarginSoftmaxLoss, dict(), dict(m1=4.0, m2=0.0, m3=0.0, scale=1.0, normalize=False)),
+    (mk.NormalizedSoftmaxLoss, dict(temperature=0.1), dict(m1=1.0, m2=0.0, m3=0.0, scale=10.0)),
 ])
 def test_modules(cls, kw, expected):
     module = cls(16, 100, **kw)
@@ -282,6 +283,21 @@ def test_modules(cls, kw, expected):
     assert module.weight.grad is not None and x.grad is not None
     want = mk.margin_cross_entropy(x.detach(), module.weight.detach(), t, **expected)
     torch.testing.assert_close(loss.detach(), want)
+
+
+def test_normalized_softmax_is_cross_entropy_of_cosines_over_temperature():
+    """pytorch-metric-learning's NormalizedSoftmaxLoss: cross-entropy of cos(x, w_j)/T, in float64."""
+    head = mk.NormalizedSoftmaxLoss(16, 40, temperature=0.05).double()
+    x = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 40, (12,))
+    loss = head(x, t)
+    cosines = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(head.weight, dim=1).t()
+    want = torch.nn.functional.cross_entropy(cosines / 0.05, t)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(torch.autograd.grad(loss, (x, head.weight)), torch.autograd.grad(want, (x, head.weight))):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="temperature"):
+        mk.NormalizedSoftmaxLoss(16, 40, temperature=0.0)
 
 
 def test_lambda_annealing_follows_the_sphereface_schedule():

@@ -96,6 +96,7 @@ STEPS = {
     "cosent": lambda d, t: _pairwise(d, t, "cosent"),
     "zlpr": lambda d, t: _pairwise(d, t, "zlpr"),
     "circle": lambda d, t: _pairwise(d, t, "circle"),
+    "proxy anchor": lambda d, t: _emo(d, t, mk.proxy_anchor_loss),
 }
 
 
@@ -107,9 +108,10 @@ def step_outputs(name, device, dtype):
     return (loss.detach(),) + torch.autograd.grad(loss, inputs)
 
 
-# Steps whose backward adds into the same rows of a tensor with torch's index_add_/scatter_add_ (L-Softmax's radial dW
-# term; a top-k teacher's repeated tokens and classes): on CUDA those use atomics unless deterministic mode is on.
-USES_TORCH_ATOMICS = {"lsoftmax", "top-k kl"}
+# Steps that add into the same rows of a tensor with torch's index_add_/scatter_add_ (L-Softmax's radial dW term; a
+# top-k teacher's repeated tokens and classes; Proxy-Anchor's per-class sums of its rows' positive terms): on CUDA those
+# use atomics unless deterministic mode is on.
+USES_TORCH_ATOMICS = {"lsoftmax", "top-k kl", "proxy anchor"}
 
 
 def check_reproducible(name, device, dtype):

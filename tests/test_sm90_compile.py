@@ -159,3 +159,17 @@ def test_margin_row_kernels_compile(exact):
         report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
         # no spills; a small stack frame is libdevice's cos/sin (its slow argument reduction for |φ| ≫ π)
         assert report["local_bytes"] == 0 and report["stack_bytes"] <= 64, f"{kernel.fn.__name__}: {report}"
+
+
+@pytest.mark.parametrize("g", ["*bf16", "*fp32"])
+def test_proxy_anchor_epilogues_compile(g):
+    """Proxy-Anchor's two chunk epilogues (fp32 dot products in; dL/d(x·w) out in bf16 or fp32) compile without
+    spills, also with every integer argument equal to one (a single row or column)."""
+    from marginkern.triton_kernels import proxy_anchor as kernels
+    types = {"z_ptr": "*fp32", "g_ptr": g, "column_ptr": "*i64", "out_ptr": "*fp32", "alpha": "fp32",
+             "margin": "fp32"}
+    blocks = dict(BLOCK_N=kernels.BLOCK_N, BLOCK_C=kernels.BLOCK_C)
+    for kernel in (kernels.proxy_anchor_negative_terms_kernel, kernels.proxy_anchor_grad_kernel):
+        for constexprs in (blocks, sm90_compile.integers_as_ones(kernel, blocks, types)):
+            report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
+            assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"

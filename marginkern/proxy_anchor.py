@@ -1,0 +1,168 @@
+"""Proxy-Anchor loss (Kim, Kim, Cho, Kwak, CVPR 2020) over very many proxies, streamed over class chunks.
+
+With s_nj the cosine of embedding n and proxy j, P⁺ the proxies with a (non-ignored) positive in the batch:
+
+    L = 1/|P⁺| Σ_{j∈P⁺} log(1 + Σ_{n: y_n = j} e^{−α(s_nj − δ)}) + 1/C Σ_j log(1 + Σ_{n: y_n ≠ j} e^{α(s_nj + δ)})
+
+(the official code's and pytorch-metric-learning's ProxyAnchorLoss). Every proxy's negative term is a log-sum-exp
+down its column, over all N rows: a chunk of classes × all rows holds whole columns, so the forward pass needs one
+GEMM per chunk and keeps one number per proxy (its term L_j); the backward pass recomputes the chunk's cosines and
+feeds dL/ds_nj = α/C·e^{a_nj − L_j} into the dX and dW GEMMs (4 GEMMs in all, no N × C tensor). The positive terms
+need only each row's own cosine s_n,y_n: per-class log-sum-exps of N values in (C,) buffers, no sort, no host sync.
+
+Each chunk is one GEMM of raw dot products (fp32 out; 16-bit operands as they are on CUDA), then an epilogue over
+it: on the Triton backend one kernel per pass (triton_kernels/proxy_anchor.py: the chunk read once), else PyTorch's
+element-wise ops (a dozen passes over the chunk). The column reduction is not an epilogue of the row-softmax engine,
+whose kernels keep per-row statistics.
+"""
+import torch
+
+from .dispatch import select_tiles
+from .engine import NORM_EPS, accumulation_dtype, addmm_accumulate, finish_grad_rows, mm_accumulate, row_norms
+
+# A chunk's fp32 dot products (rows × classes) and the one temporary beside them (the column log-sum-exp's, then the
+# backward's dL/da), plus the chunk's fp32 dW rows in the backward pass, within this budget; at least
+# MIN_CHUNK_CLASSES classes (a narrower GEMM runs badly). On a GPU 4× larger: a few launches per chunk, and
+# at N = 1024 rows and D = 512 about 12k proxies a chunk (≈ 80 chunks for a million).
+CHUNK_BYTES = 32 << 20
+GPU_CHUNK_FACTOR = 4
+MIN_CHUNK_CLASSES = 256
+
+
+def proxy_chunks(N, C, D, acc_bytes, on_gpu=False):
+    """[(c0, c1)] covering C proxies: two N × chunk tensors and a chunk × D one per chunk in the budget."""
+    budget = CHUNK_BYTES * (GPU_CHUNK_FACTOR if on_gpu else 1)
+    chunk = max(MIN_CHUNK_CLASSES, budget // max(1, (2 * N + D) * acc_bytes))
+    return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
+
+
+def _uses_triton(x):
+    """The Triton epilogues where the engine would use Triton (CUDA, or the interpreter when forced), not for fp64."""
+    return x.dtype != torch.float64 and select_tiles(x.device, x.dtype).name == "triton"
+
+
+def _gemm_dtype(x):
+    """The dtype the backward GEMMs read dL/da in: bf16 for bf16 on CUDA (fp32's range, cuBLAS's bf16 rate); fp32
+    otherwise (fp16's range would flush e^{a−L}·α/C·(1/‖x‖‖w‖) to zero for C in the millions)."""
+    return x.dtype if x.is_cuda and x.dtype == torch.bfloat16 else accumulation_dtype(x.dtype)
+
+
+def _log1p_exp(v):
+    """log(1 + e^v), exactly also above 20 (where F.softplus returns v itself: 2e-9 off, visible in fp64)."""
+    return torch.logaddexp(v, torch.zeros_like(v))
+
+
+def _inverse_norms(t):
+    return torch.reciprocal(row_norms(t).clamp_min(NORM_EPS))
+
+
+def _negative_exponents(x, w, c0, c1, inv_x, inv_w, row_bias, column, margin, alpha, acc):
+    """a_nj = α(s_nj + δ) of the chunk's classes, −inf at each row's own class and on ignored rows (row_bias)."""
+    z = _chunk_dots(x, w, c0, c1, acc)
+    z.mul_(inv_x[:, None]).mul_(inv_w[None, c0:c1])  # cosines, scaled in fp32 after the GEMM
+    z.add_(margin).mul_(alpha).add_(row_bias[:, None])
+    own = (column - c0)[:, None]
+    inside = (own >= 0) & (own < c1 - c0)
+    own = own.clamp(0, c1 - c0 - 1)
+    # −inf at (n, y_n) without a host sync: rows whose class is outside the chunk write back their own value
+    z.scatter_(1, own, torch.where(inside, -float("inf"), z.gather(1, own)))
+    return z
+
+
+def _positive_terms(x, w, column, valid, inv_x, inv_w, margin, alpha, C, acc):
+    """(Σ_{j∈P⁺} log(1 + Σ_{y_n=j} e^{b_n}), per-row e^{b_n − Lp_{y_n}} (0 on ignored rows), |P⁺|) with
+    b_n = −α(s_n,y_n − δ): log-sum-exps per class through (C,) buffers (scatter amax, then a sum of exps)."""
+    safe = column.clamp_min(0)
+    dots = (x.to(acc) * w[safe].to(acc)).sum(1)
+    b = torch.where(valid, -alpha * (dots * inv_x * inv_w[safe] - margin), -float("inf"))
+    peak = torch.full((C,), -float("inf"), dtype=acc, device=x.device).scatter_reduce(0, safe, b, "amax")
+    peak_of_row = peak[safe]
+    # a class without rows keeps peak −inf (its sum 0): its term is log(1 + e^−inf) = 0
+    shifted = torch.where(valid, torch.exp(b - torch.where(valid, peak_of_row, 0.0)), 0.0)
+    sums = torch.zeros(C, dtype=acc, device=x.device).index_add_(0, safe, shifted)
+    class_terms = _log1p_exp(peak + torch.log(sums))
+    row_weight = torch.where(valid, torch.exp(b - class_terms[safe]), 0.0)
+    num_positive = (sums > 0).sum().to(acc)
+    return class_terms.sum(), row_weight, num_positive
+
+
+def _chunk_dots(x, w, c0, c1, acc):
+    """The chunk's raw dot products x·w_cᵀ, fp32 (fp64 for fp64)."""
+    return mm_accumulate(x, w[c0:c1].t(), acc)
+
+
+def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index):
+    """(loss (), L_j of every proxy's negative term (C,), per-row positive weights (N,), |P⁺| ()) in the
+    accumulation dtype; arguments checked by the caller."""
+    acc = accumulation_dtype(x.dtype)
+    (N, D), C = x.shape, w.shape[0]
+    valid = target != ignore_index
+    column = torch.where(valid, target, -1)
+    inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
+    triton_epilogue = _uses_triton(x)
+    if x.device.type == "cpu" and x.dtype != acc:
+        x = x.to(acc)  # once, not per chunk
+    row_bias = torch.where(valid, 0.0, -float("inf")).to(acc)
+    negative = torch.empty(C, dtype=acc, device=x.device)
+    if triton_epilogue:
+        from .triton_kernels.proxy_anchor import negative_terms
+    for c0, c1 in proxy_chunks(N, C, D, acc.itemsize, x.is_cuda):
+        if triton_epilogue:
+            negative[c0:c1] = negative_terms(_chunk_dots(x, w, c0, c1, acc), inv_x, inv_w[c0:c1], column, c0, alpha,
+                                             margin)
+            continue
+        a = _negative_exponents(x, w, c0, c1, inv_x, inv_w, row_bias, column, margin, alpha, acc)
+        # a column without a negative row (N = 0, or all rows of that class or ignored) is log(1 + 0) = 0
+        negative[c0:c1] = _log1p_exp(torch.logsumexp(a, dim=0))
+    positive_sum, row_weight, num_positive = _positive_terms(x, w, column, valid, inv_x, inv_w, margin, alpha, C, acc)
+    loss = positive_sum / num_positive.clamp_min(1) + negative.sum() / C
+    return loss, negative, row_weight, num_positive
+
+
+def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_positive, margin, alpha, ignore_index,
+                          need_input_grad=True, need_weight_grad=True):
+    """(dL/dx in x's dtype or None, dL/dw in w's dtype or None) from the forward pass's by-products: per chunk the
+    cosines again, G = dL/d(x·w) with the chunk's own-class cells set to the positive terms' gradient, dX += G·W_c
+    and dW_c = Gᵀ·X, both chained through the row normalisations (finish_grad_rows)."""
+    acc = accumulation_dtype(x.dtype)
+    (N, D), C = x.shape, w.shape[0]
+    valid = target != ignore_index
+    column = torch.where(valid, target, -1)
+    inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
+    gemm = _gemm_dtype(x)
+    x_acc = x.to(acc) if x.device.type == "cpu" else x
+    x_gemm = x_acc.to(gemm)
+    row_bias = torch.where(valid, 0.0, -float("inf")).to(acc)
+    grad_loss = grad_loss.to(acc)
+    negative_coef = grad_loss * (alpha / C)
+    # dL/ds of each row's own class, times 1/(‖x_n‖‖w_y‖): the cell the chunk holding y_n gets in G
+    own_cell = (-alpha * grad_loss / num_positive.clamp_min(1)) * row_weight * inv_x * inv_w[column.clamp_min(0)]
+    dx = torch.zeros((N, D), dtype=acc, device=x.device) if need_input_grad else None
+    dw = torch.empty_like(w) if need_weight_grad else None
+    triton_epilogue = _uses_triton(x)
+    if triton_epilogue:
+        from .triton_kernels.proxy_anchor import grad_chunk
+    for c0, c1 in proxy_chunks(N, C, D, acc.itemsize, x.is_cuda):
+        if triton_epilogue:
+            g = grad_chunk(_chunk_dots(x_acc, w, c0, c1, acc), inv_x, inv_w[c0:c1], column, negative[c0:c1], own_cell,
+                           negative_coef, c0, alpha, margin, gemm)
+        else:
+            a = _negative_exponents(x_acc, w, c0, c1, inv_x, inv_w, row_bias, column, margin, alpha, acc)
+            g = a.sub_(negative[None, c0:c1]).exp_().mul_(inv_x[:, None]).mul_(inv_w[None, c0:c1] * negative_coef)
+            own = (column - c0)[:, None]
+            inside = (own >= 0) & (own < c1 - c0)
+            own = own.clamp(0, c1 - c0 - 1)
+            g.scatter_(1, own, torch.where(inside, own_cell[:, None], g.gather(1, own)))
+            g = g.to(gemm)
+        w_chunk = w[c0:c1] if gemm == w.dtype else w[c0:c1].to(gemm)
+        if dx is not None:
+            addmm_accumulate(dx, g, w_chunk)
+        if dw is not None:
+            dw_chunk = mm_accumulate(g.t(), x_gemm, acc)
+            finish_grad_rows(dw_chunk, torch.ones((), dtype=acc, device=x.device), dw[c0:c1], w[c0:c1],
+                             inv_w[c0:c1])
+    grad_x = None
+    if dx is not None:
+        grad_x = torch.empty_like(x)
+        finish_grad_rows(dx, torch.ones((), dtype=acc, device=x.device), grad_x, x, inv_x)
+    return grad_x, dw

@@ -1,0 +1,240 @@
+"""Proxy-Anchor over many proxies, streamed over chunks of them (marginkern/proxy_anchor.py), against the official
+code's formula (Proxy-Anchor-CVPR2020's losses.py, written out here in float64) and marginkern.reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import marginkern as mk
+from marginkern import proxy_anchor, reference
+
+
+def official_proxy_anchor(x, proxies, labels, margin=0.1, alpha=32.0):
+    """The official implementation's arithmetic (tjddus9597/Proxy-Anchor-CVPR2020, code/losses.py): materialised
+    cosines, masked sums of exponentials, log(1 + sum)."""
+    cos = F.linear(F.normalize(x, dim=1), F.normalize(proxies, dim=1))
+    positive = F.one_hot(labels, proxies.shape[0]).to(cos.dtype)
+    pos_exp = torch.exp(-alpha * (cos - margin))
+    neg_exp = torch.exp(alpha * (cos + margin))
+    with_pos_proxies = torch.nonzero(positive.sum(dim=0) != 0).squeeze(dim=1)
+    p_sim_sum = torch.where(positive == 1, pos_exp, torch.zeros_like(pos_exp)).sum(dim=0)
+    n_sim_sum = torch.where(positive == 0, neg_exp, torch.zeros_like(neg_exp)).sum(dim=0)
+    pos_term = torch.log(1 + p_sim_sum).sum() / len(with_pos_proxies)
+    neg_term = torch.log(1 + n_sim_sum).sum() / proxies.shape[0]
+    return pos_term + neg_term
+
+
+@pytest.fixture(params=[None, 1], ids=["one-chunk", "many-chunks"])
+def chunk_bytes(request, monkeypatch):
+    """One chunk, or chunks of 4 proxies (the budget at its floor)."""
+    if request.param is not None:
+        monkeypatch.setattr(proxy_anchor, "CHUNK_BYTES", request.param)
+        monkeypatch.setattr(proxy_anchor, "MIN_CHUNK_CLASSES", 4)
+
+
+def case(N=37, C=53, D=24, dtype=torch.float64, seed=0, classes=None):
+    """Embeddings, proxies and labels drawn from `classes` (default: a third of C, so that proxies have several
+    positives, and most none), with one row whose label repeats another's."""
+    torch.manual_seed(seed)
+    x = torch.randn(N, D, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(C, D, dtype=torch.float64).to(dtype).requires_grad_()
+    t = torch.randint(0, classes or max(1, C // 3), (N,))
+    return x, w, t
+
+
+def grads(loss, x, w):
+    return torch.autograd.grad(loss, (x, w))
+
+
+@pytest.mark.parametrize("margin,alpha", [(0.1, 32.0), (0.0, 1.0), (-0.2, 64.0)], ids=["default", "plain", "wide"])
+def test_matches_the_official_code(chunk_bytes, margin, alpha):
+    x, w, t = case()
+    loss = mk.proxy_anchor_loss(x, w, t, margin=margin, alpha=alpha)
+    want = official_proxy_anchor(x, w, t, margin, alpha)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads(loss, x, w), grads(want, x, w)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_matches_the_official_code():
+    x, w, t = case(seed=1)
+    torch.testing.assert_close(reference.proxy_anchor_loss(x, w, t, class_chunk=7), official_proxy_anchor(x, w, t),
+                               rtol=1e-12, atol=1e-12)
+
+
+# The loss: fp32 arithmetic (a relative 1e-7 of a cosine is 3e-6 of an α = 32 exponent). The gradients: stored in the
+# inputs' dtype (a rounding of it on top), and on a GPU bf16 inputs' dL/d(x·w) goes into the backward GEMMs in bf16.
+GRAD_TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def check_proxy_anchor_matches_float64(device, dtype, N=70, C=300, D=40, seed=2):
+    """Loss and gradients of low-precision inputs against the float64 definition of the same (rounded) inputs, with
+    an ignored row, a third of the proxies with positives."""
+    x, w, t = case(N=N, C=C, D=D, dtype=dtype, seed=seed)
+    x, w, t = x.detach().to(device).requires_grad_(), w.detach().to(device).requires_grad_(), t.to(device)
+    t[5] = -100
+    loss = mk.proxy_anchor_loss(x, w, t)
+    assert loss.dtype == torch.float32
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = reference.proxy_anchor_loss(x64, w64, t)
+    torch.testing.assert_close(loss.double(), want, rtol=2e-5, atol=2e-5)
+    for got, expected in zip(grads(loss, x, w), grads(want, x64, w64)):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), expected, rtol=0,
+                                   atol=GRAD_TOLERANCE[dtype] * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_inputs_match_float64_of_the_same_inputs(chunk_bytes, dtype):
+    check_proxy_anchor_matches_float64("cpu", dtype)
+
+
+def test_ignored_rows_are_neither_positive_nor_negative(chunk_bytes):
+    x, w, t = case(seed=3)
+    t[[0, 4, 9]] = -1
+    loss = mk.proxy_anchor_loss(x, w, t, ignore_index=-1)
+    keep = t != -1
+    x_kept = x.detach()[keep].clone().requires_grad_()
+    want = official_proxy_anchor(x_kept, w, t[keep])
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    gx, gw = grads(loss, x, w)
+    gx_want, gw_want = grads(want, x_kept, w)
+    assert torch.all(gx[~keep] == 0)
+    torch.testing.assert_close(gx[keep], gx_want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, gw_want, rtol=1e-10, atol=1e-12)
+
+
+def test_edge_cases(chunk_bytes):
+    # every row ignored, and no rows: 0 with zero gradients, still part of the graph
+    for N in (5, 0):
+        x, w, t = case(N=N)
+        loss = mk.proxy_anchor_loss(x, w, torch.full((N,), -100))
+        assert loss.item() == 0.0
+        gx, gw = grads(loss, x, w)
+        assert torch.all(gx == 0) and torch.all(gw == 0)
+    # one proxy: every row is its positive, nothing is a negative
+    x, w, t = case(C=1)
+    loss = mk.proxy_anchor_loss(x, w, t)
+    torch.testing.assert_close(loss, official_proxy_anchor(x, w, t), rtol=1e-12, atol=1e-12)
+    # one label for the whole batch, and every proxy with a positive
+    for labels in (torch.full((37,), 7), torch.arange(37) % 53):
+        loss = mk.proxy_anchor_loss(x := case()[0], w := case()[1], labels)
+        torch.testing.assert_close(loss, official_proxy_anchor(x, w, labels), rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_on_its_proxy_and_extreme_alpha():
+    """Finite where the official code overflows: e^{α(s + δ)} at α = 1000 is inf in float64 (log-sum-exps here)."""
+    x, w, t = case(seed=4)
+    with torch.no_grad():
+        x[0] = w[t[0]] * 3.0  # cos = 1 with its own proxy (up to rounding)
+        x[1] = w[(t[1] + 1) % w.shape[0]]  # and with another one: e^{1000·1.1} overflows
+    loss = mk.proxy_anchor_loss(x, w, t, alpha=1000.0)
+    assert torch.isfinite(loss)
+    assert not torch.isfinite(official_proxy_anchor(x, w, t, alpha=1000.0))
+    assert all(torch.isfinite(g).all() for g in grads(loss, x, w))
+    torch.testing.assert_close(loss, reference.proxy_anchor_loss(x, w, t, alpha=1000.0), rtol=1e-12, atol=1e-9)
+
+
+def test_nan_embedding_stays_nan():
+    x, w, t = case(seed=5)
+    with torch.no_grad():
+        x[2, 0] = float("nan")
+    assert torch.isnan(mk.proxy_anchor_loss(x, w, t))
+
+
+def test_gradcheck():
+    x, w, t = case(N=9, C=13, D=5, seed=6)
+    t[1] = -100
+    assert torch.autograd.gradcheck(lambda a, b: mk.proxy_anchor_loss(a, b, t), (x, w))
+
+
+def test_frozen_proxies_or_embeddings():
+    x, w, t = case(seed=7)
+    loss = mk.proxy_anchor_loss(x.detach(), w, t)
+    (gw,) = torch.autograd.grad(loss, w)
+    torch.testing.assert_close(gw, grads(mk.proxy_anchor_loss(x, w, t), x, w)[1])
+    loss = mk.proxy_anchor_loss(x, w.detach(), t)
+    (gx,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(gx, grads(mk.proxy_anchor_loss(x, w, t), x, w)[0])
+
+
+def test_upstream_gradient_scales():
+    x, w, t = case(seed=8)
+    loss = mk.proxy_anchor_loss(x, w, t)
+    gx, gw = torch.autograd.grad(loss * 0.37, (x, w))
+    gx1, gw1 = grads(mk.proxy_anchor_loss(x, w, t), x, w)
+    torch.testing.assert_close(gx, 0.37 * gx1)
+    torch.testing.assert_close(gw, 0.37 * gw1)
+
+
+def test_module_trains_and_matches_the_function():
+    torch.manual_seed(9)
+    head = mk.ProxyAnchorLoss(16, 40)
+    # the official initialisation: kaiming_normal_(mode="fan_out") of a (C, D) tensor has std sqrt(2 / C)
+    assert abs(head.proxies.std().item() - math.sqrt(2 / 40)) < 0.03
+    x = torch.randn(32, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (32,))
+    loss = head(x, labels)
+    torch.testing.assert_close(loss, mk.proxy_anchor_loss(x, head.proxies, labels))
+    loss.backward()
+    assert head.proxies.grad is not None and x.grad is not None
+    assert "margin=0.1, alpha=32.0" in repr(head)
+    # a few steps separate the classes: the loss falls
+    embeddings = torch.nn.Parameter(torch.randn(32, 16))
+    optimizer = torch.optim.SGD([embeddings, head.proxies], lr=0.5)
+    first = None
+    for _ in range(30):
+        optimizer.zero_grad()
+        step_loss = head(embeddings, labels)
+        first = step_loss.item() if first is None else first
+        step_loss.backward()
+        optimizer.step()
+    assert step_loss.item() < 0.5 * first
+
+
+def test_module_casts_its_proxies_to_the_embeddings_dtype():
+    head = mk.ProxyAnchorLoss(8, 12)
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    loss = head(x, torch.randint(0, 12, (6,)))
+    assert loss.dtype == torch.float64
+    loss.backward()
+    assert head.proxies.grad.dtype == torch.float32
+
+
+def test_opcheck_and_compile():
+    x, w, t = case(N=11, C=17, D=6, dtype=torch.float32, seed=10)
+    t[2] = -100
+    torch.library.opcheck(torch.ops.marginkern.proxy_anchor, (x, w, t, 0.1, 32.0, -100))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b, c: mk.proxy_anchor_loss(a, b, c), fullgraph=True, backend="aot_eager")
+    loss = compiled(x, w, t)
+    torch.testing.assert_close(loss, mk.proxy_anchor_loss(x, w, t))
+    for got, want in zip(grads(loss, x, w), grads(mk.proxy_anchor_loss(x, w, t), x, w)):
+        torch.testing.assert_close(got, want)
+
+
+def test_bad_arguments_are_named():
+    x, w, t = case(N=4, C=5, D=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="target holds class 5"):
+        mk.proxy_anchor_loss(x, w, torch.tensor([0, 1, 2, 5]))
+    with pytest.raises(ValueError, match="proxies must have shape"):
+        mk.proxy_anchor_loss(x, w[:, :2], t)
+    with pytest.raises(TypeError, match="proxies must have the dtype"):
+        mk.proxy_anchor_loss(x, w.double(), t)
+    with pytest.raises(ValueError, match="alpha"):
+        mk.proxy_anchor_loss(x, w, t, alpha=0.0)
+    with pytest.raises(ValueError, match="margin"):
+        mk.proxy_anchor_loss(x, w, t, margin=float("nan"))
+    with pytest.raises(TypeError, match="target"):
+        mk.proxy_anchor_loss(x, w, t.float())
+    with pytest.raises(ValueError, match="embedding"):
+        mk.ProxyAnchorLoss(3, 5)(torch.randn(4, 2), t)
+
+
+def test_chunks_stay_in_the_budget():
+    N, D = 1024, 512
+    chunks = proxy_anchor.proxy_chunks(N, 1_000_000, D, 4)
+    width = chunks[0][1] - chunks[0][0]
+    assert (2 * N + D) * 4 * width <= proxy_anchor.CHUNK_BYTES
+    assert chunks[-1][1] == 1_000_000 and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
