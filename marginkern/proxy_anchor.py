@@ -18,7 +18,8 @@ whose kernels keep per-row statistics.
 import torch
 
 from .dispatch import select_tiles
-from .engine import NORM_EPS, accumulation_dtype, addmm_accumulate, finish_grad_rows, mm_accumulate, row_norms
+from .engine import (NORM_EPS, SplitKAccumulator, accumulation_dtype, mm_accumulate, row_grad_finisher, row_norms,
+                     split_k_slices)
 
 # A chunk's fp32 dot products (rows × classes) and the one temporary beside them (the column log-sum-exp's, then the
 # backward's dL/da), plus the chunk's fp32 dW rows in the backward pass, within this budget; at least
@@ -36,9 +37,11 @@ def proxy_chunks(N, C, D, acc_bytes, on_gpu=False):
     return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
 
 
-def _uses_triton(x):
-    """The Triton epilogues where the engine would use Triton (CUDA, or the interpreter when forced), not for fp64."""
-    return x.dtype != torch.float64 and select_tiles(x.device, x.dtype).name == "triton"
+def _tiles_and_epilogue(x):
+    """(the engine's tiles for x, whether the chunk epilogues run in Triton: where the engine would use Triton, CUDA
+    or the interpreter when forced, except fp64)."""
+    tiles = select_tiles(x.device, x.dtype)
+    return tiles, x.dtype != torch.float64 and tiles.name == "triton"
 
 
 def _gemm_dtype(x):
@@ -99,7 +102,7 @@ def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index):
     valid = target != ignore_index
     column = torch.where(valid, target, -1)
     inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
-    triton_epilogue = _uses_triton(x)
+    _, triton_epilogue = _tiles_and_epilogue(x)
     if x.device.type == "cpu" and x.dtype != acc:
         x = x.to(acc)  # once, not per chunk
     row_bias = torch.where(valid, 0.0, -float("inf")).to(acc)
@@ -122,13 +125,17 @@ def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index):
 def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_positive, margin, alpha, ignore_index,
                           need_input_grad=True, need_weight_grad=True):
     """(dL/dx in x's dtype or None, dL/dw in w's dtype or None) from the forward pass's by-products: per chunk the
-    cosines again, G = dL/d(x·w) with the chunk's own-class cells set to the positive terms' gradient, dX += G·W_c
-    and dW_c = Gᵀ·X, both chained through the row normalisations (finish_grad_rows)."""
+    dot products again, G = dL/d(x·w) with the chunk's own-class cells set to the positive terms' gradient, dX += G·W_c
+    and dW_c = Gᵀ·X, both chained through the row normalisations. The engine's pieces do the GEMMs as for the other
+    losses: dX split over the chunk's classes where its N × D output cannot fill a GPU (SplitKAccumulator), dW's GEMM
+    and tangent projection in one Triton kernel where the tiles have it, else an fp32 chunk and the tiles' finisher."""
     acc = accumulation_dtype(x.dtype)
     (N, D), C = x.shape, w.shape[0]
     valid = target != ignore_index
     column = torch.where(valid, target, -1)
     inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
+    tiles, triton_epilogue = _tiles_and_epilogue(x)
+    finish = row_grad_finisher(tiles)
     gemm = _gemm_dtype(x)
     x_acc = x.to(acc) if x.device.type == "cpu" else x
     x_gemm = x_acc.to(gemm)
@@ -137,12 +144,17 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
     negative_coef = grad_loss * (alpha / C)
     # dL/ds of each row's own class, times 1/(‖x_n‖‖w_y‖): the cell the chunk holding y_n gets in G
     own_cell = (-alpha * grad_loss / num_positive.clamp_min(1)) * row_weight * inv_x * inv_w[column.clamp_min(0)]
-    dx = torch.zeros((N, D), dtype=acc, device=x.device) if need_input_grad else None
+    one = torch.ones((), dtype=acc, device=x.device)
+    chunks = proxy_chunks(N, C, D, acc.itemsize, x.is_cuda)
+    dx = None
+    if need_input_grad:
+        out = torch.zeros((N, D), dtype=acc, device=x.device)
+        dx = SplitKAccumulator(out, split_k_slices(out, chunks[0][1] - chunks[0][0]))
     dw = torch.empty_like(w) if need_weight_grad else None
-    triton_epilogue = _uses_triton(x)
+    fused_dw = dw is not None and getattr(tiles, "fuses_projected_weight_grad", lambda x: False)(x_gemm)
     if triton_epilogue:
         from .triton_kernels.proxy_anchor import grad_chunk
-    for c0, c1 in proxy_chunks(N, C, D, acc.itemsize, x.is_cuda):
+    for c0, c1 in chunks:
         if triton_epilogue:
             g = grad_chunk(_chunk_dots(x_acc, w, c0, c1, acc), inv_x, inv_w[c0:c1], column, negative[c0:c1], own_cell,
                            negative_coef, c0, alpha, margin, gemm)
@@ -156,13 +168,13 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
             g = g.to(gemm)
         w_chunk = w[c0:c1] if gemm == w.dtype else w[c0:c1].to(gemm)
         if dx is not None:
-            addmm_accumulate(dx, g, w_chunk)
-        if dw is not None:
-            dw_chunk = mm_accumulate(g.t(), x_gemm, acc)
-            finish_grad_rows(dw_chunk, torch.ones((), dtype=acc, device=x.device), dw[c0:c1], w[c0:c1],
-                             inv_w[c0:c1])
+            dx.add(g, w_chunk)
+        if fused_dw:
+            tiles.projected_weight_grad(g, x_gemm, w[c0:c1], inv_w[c0:c1], one, dw[c0:c1])
+        elif dw is not None:
+            finish(mm_accumulate(g.t(), x_gemm, acc), one, dw[c0:c1], w[c0:c1], inv_w[c0:c1])
+        del g, w_chunk  # before the next chunk allocates its own
     grad_x = None
     if dx is not None:
-        grad_x = torch.empty_like(x)
-        finish_grad_rows(dx, torch.ones((), dtype=acc, device=x.device), grad_x, x, inv_x)
+        grad_x = finish(dx.result(), one, torch.empty_like(x), x, inv_x)
     return grad_x, dw
