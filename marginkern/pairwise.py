@@ -6,7 +6,7 @@ prefix up to the first index of b's label (ties excluded). O(B log B) time, O(B)
 """
 import torch
 
-from .engine import accumulation_dtype
+from .engine import accumulation_dtype, log1p_exp
 from .reference import reduce_rows
 
 
@@ -24,8 +24,8 @@ def cosent_loss_and_grad(scores, labels, scale):
     after = torch.searchsorted(labels_sorted, labels_sorted, right=True)   # one past its last index
     prefix = torch.logcumsumexp(s_sorted, 0)
     terms = torch.where(first > 0, prefix[(first - 1).clamp_min(0)] - s_sorted, none)
-    # log(1 + Σ e^T) as softplus(LSE T): a small loss keeps its digits (log of 1 + x rounds x away: 0 at x < 6e-8)
-    loss = torch.nn.functional.softplus(torch.logsumexp(terms, 0))
+    # log(1 + Σ e^T) as log1p_exp(LSE T): a small loss keeps its digits (log of 1 + x rounds x away: 0 at x < 6e-8)
+    loss = log1p_exp(torch.logsumexp(terms, 0))
     suffix = torch.logcumsumexp(-s_sorted.flip(0), 0).flip(0)  # LSE of −s over j ≥ i
     larger = torch.where(after < B, suffix[after.clamp_max(max(B - 1, 0))], none)
     grad = torch.empty_like(s)
@@ -39,7 +39,7 @@ def multilabel_categorical_crossentropy(logits, targets, reduction):
     """ZLPR per row of the last dimension: log(1 + Σ_neg e^s) + log(1 + Σ_pos e^−s).
 
     Logits equal to −inf (GlobalPointer's masked spans) are left out of both sums, as bert4keras's
-    current form does, instead of turning into inf − inf. Each log(1 + Σ e^v) is softplus(LSE v), which keeps a
+    current form does, instead of turning into inf − inf. Each log(1 + Σ e^v) is log1p_exp(LSE v), which keeps a
     small loss's digits (log of 1 + x rounds x away). A target that is not 0/1 gives a NaN row: eager calls
     refuse it (checks.check_binary_targets), a compiled one cannot look at the values without a graph break.
     """
@@ -58,7 +58,7 @@ def _log1p_sum_exp(v, member):
     member (the LSE then runs over finite stand-ins, its result unused)."""
     some = member.any(-1)
     lse = torch.logsumexp(torch.where(member, v, torch.where(some[..., None], -float("inf"), 0.0)), -1)
-    return torch.where(some, torch.nn.functional.softplus(lse), 0.0)
+    return torch.where(some, log1p_exp(lse), 0.0)
 
 
 def _circle_block(anchors, embeddings, anchor_labels, labels, anchor_index, m, gamma):
@@ -76,7 +76,7 @@ def _circle_block(anchors, embeddings, anchor_labels, labels, anchor_index, m, g
     positive, negative = positive | ~has_pairs[:, None], negative | ~has_pairs[:, None]
     logit_p = torch.where(positive, -gamma * alpha_p * (sim - (1.0 - m)), none)
     logit_n = torch.where(negative, gamma * alpha_n * (sim - m), none)
-    loss = torch.nn.functional.softplus(torch.logsumexp(logit_p, 1) + torch.logsumexp(logit_n, 1))
+    loss = log1p_exp(torch.logsumexp(logit_p, 1) + torch.logsumexp(logit_n, 1))
     return torch.where(has_pairs, loss, torch.zeros_like(loss)), has_pairs
 
 

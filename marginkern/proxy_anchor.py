@@ -18,8 +18,8 @@ whose kernels keep per-row statistics.
 import torch
 
 from .dispatch import select_tiles
-from .engine import (NORM_EPS, SplitKAccumulator, accumulation_dtype, mm_accumulate, row_grad_finisher, row_norms,
-                     split_k_slices)
+from .engine import (NORM_EPS, SplitKAccumulator, accumulation_dtype, log1p_exp, mm_accumulate, row_grad_finisher,
+                     row_norms, split_k_slices)
 
 # A chunk's fp32 dot products (rows × classes) and the one temporary beside them (the column log-sum-exp's, then the
 # backward's dL/da), plus the chunk's fp32 dW rows in the backward pass, within this budget; at least
@@ -50,11 +50,6 @@ def _gemm_dtype(x):
     return x.dtype if x.is_cuda and x.dtype == torch.bfloat16 else accumulation_dtype(x.dtype)
 
 
-def _log1p_exp(v):
-    """log(1 + e^v), exactly also above 20 (where F.softplus returns v itself: 2e-9 off, visible in fp64)."""
-    return torch.logaddexp(v, torch.zeros_like(v))
-
-
 def _inverse_norms(t):
     return torch.reciprocal(row_norms(t).clamp_min(NORM_EPS))
 
@@ -83,7 +78,7 @@ def _positive_terms(x, w, column, valid, inv_x, inv_w, margin, alpha, C, acc):
     # a class without rows keeps peak −inf (its sum 0): its term is log(1 + e^−inf) = 0
     shifted = torch.where(valid, torch.exp(b - torch.where(valid, peak_of_row, 0.0)), 0.0)
     sums = torch.zeros(C, dtype=acc, device=x.device).index_add_(0, safe, shifted)
-    class_terms = _log1p_exp(peak + torch.log(sums))
+    class_terms = log1p_exp(peak + torch.log(sums))
     row_weight = torch.where(valid, torch.exp(b - class_terms[safe]), 0.0)
     num_positive = (sums > 0).sum().to(acc)
     return class_terms.sum(), row_weight, num_positive
@@ -116,7 +111,7 @@ def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index):
             continue
         a = _negative_exponents(x, w, c0, c1, inv_x, inv_w, row_bias, column, margin, alpha, acc)
         # a column without a negative row (N = 0, or all rows of that class or ignored) is log(1 + 0) = 0
-        negative[c0:c1] = _log1p_exp(torch.logsumexp(a, dim=0))
+        negative[c0:c1] = log1p_exp(torch.logsumexp(a, dim=0))
     positive_sum, row_weight, num_positive = _positive_terms(x, w, column, valid, inv_x, inv_w, margin, alpha, C, acc)
     loss = positive_sum / num_positive.clamp_min(1) + negative.sum() / C
     return loss, negative, row_weight, num_positive

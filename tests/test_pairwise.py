@@ -180,7 +180,8 @@ def naive_circle(x, labels, m=0.25, gamma=256.0):
     lp = torch.where(pos, -gamma * ap * (sim - (1 - m)), torch.full_like(sim, -float("inf")))
     ln = torch.where(neg, gamma * an * (sim - m), torch.full_like(sim, -float("inf")))
     keep = pos.any(1) & neg.any(1)
-    per_anchor = F.softplus(torch.logsumexp(lp[keep], 1) + torch.logsumexp(ln[keep], 1))
+    v = torch.logsumexp(lp[keep], 1) + torch.logsumexp(ln[keep], 1)
+    per_anchor = torch.logaddexp(v, torch.zeros_like(v))  # log(1 + e^v), exactly (F.softplus is linear above 20)
     return per_anchor.mean() if keep.any() else sim.sum() * 0
 
 
@@ -319,3 +320,23 @@ def test_cosent_unsigned_labels():
         torch.testing.assert_close(mk.cosent_loss(s, y.to(dtype)), want)
     with pytest.raises(ValueError, match="uint64 must be below 2"):
         mk.cosent_loss(s, torch.full((40,), 2**63 + 5, dtype=torch.uint64))
+
+
+def test_large_losses_are_exact_in_float64():
+    """log(1 + Σ e^v) just above v = 20, where F.softplus would return v itself (e^-21 = 8e-10 off): CoSENT, ZLPR and
+    Circle match their definitions to float64 rounding."""
+    scores, labels = torch.tensor([0.525, -0.525], dtype=torch.float64), torch.tensor([0, 1])  # one pair, v = 21
+    loss = mk.cosent_loss(scores, labels, scale=20.0)
+    torch.testing.assert_close(loss, naive_cosent(scores, labels), rtol=1e-15, atol=0)
+    torch.testing.assert_close(loss, torch.log1p(torch.exp(torch.tensor(21.0, dtype=torch.float64))), rtol=1e-15,
+                               atol=0)
+    s = torch.full((3, 1), 21.0, dtype=torch.float64)  # one negative at 21: log(1 + e^21)
+    y = torch.zeros(3, 1, dtype=torch.bool)
+    torch.testing.assert_close(mk.multilabel_categorical_crossentropy(s, y, reduction="none"), naive_zlpr(s, y),
+                               rtol=1e-15, atol=0)
+    torch.manual_seed(0)
+    x = torch.randn(12, 6, dtype=torch.float64)
+    circle_labels = torch.arange(12) % 3
+    for gamma in (10.0, 12.0, 14.0):  # per-anchor values around 20
+        torch.testing.assert_close(mk.circle_loss(x, circle_labels, gamma=gamma),
+                                   naive_circle(x, circle_labels, gamma=gamma), rtol=1e-15, atol=0)
