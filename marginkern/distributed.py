@@ -40,6 +40,7 @@ from .functional import _lm_rows, hard_negative_coefficients, linear_ce_outputs,
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_forward, target_class_weights
 from .log_probs import log_probs_backward, log_probs_forward
 from .margin_ce import MarginOptions, local_columns, margin_ce_backward, margin_ce_forward, row_margin_grads
+from .proxy_anchor import proxy_anchor_backward, proxy_anchor_forward
 from .hard_negatives import CurricularFaceT, MVSoftmaxCoefficients
 from .modules import LambdaAnnealing
 from .reference import reduce_rows
@@ -647,6 +648,64 @@ def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start,
     if not return_lse:
         return values, indices
     return values, indices, torch.logsumexp(gathered_values[..., k], dim=0).reshape(leading)
+
+
+class _ShardedProxyAnchor(torch.autograd.Function):
+    """The whole Proxy-Anchor loss from this rank's proxies; gradients: dL/dinput summed over ranks, dL/dproxies_shard
+    local."""
+
+    @staticmethod
+    def forward(ctx, input, proxies_shard, target, shard: ProcessGroupShard, margin, alpha, ignore_index):
+        input, proxies_shard = input.contiguous(), proxies_shard.contiguous()
+        with torch.autocast(input.device.type, enabled=False):  # the chunks pick their GEMM precision themselves
+            loss, negative, row_weight, num_positive = proxy_anchor_forward(input, proxies_shard, target, margin,
+                                                                            alpha, ignore_index, shard)
+        ctx.save_for_backward(input, proxies_shard, target, negative, row_weight, num_positive)
+        ctx.shard, ctx.options = shard, (margin, alpha, ignore_index)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise RuntimeError("sharded_proxy_anchor_loss cannot be differentiated twice (create_graph=True)")
+        input, proxies_shard, target, negative, row_weight, num_positive = ctx.saved_tensors
+        # dL/dinput is computed (and all-reduced) even when only the proxies need it: every rank joins the same
+        # collectives, whatever its own requires_grad flags say
+        with torch.autocast(input.device.type, enabled=False):
+            grad_input, grad_proxies = proxy_anchor_backward(grad_loss, input, proxies_shard, target, negative,
+                                                             row_weight, num_positive, *ctx.options, True,
+                                                             ctx.needs_input_grad[1], ctx.shard)
+        return (grad_input if ctx.needs_input_grad[0] else None), grad_proxies, None, None, None, None, None
+
+
+def sharded_proxy_anchor_loss(input, proxies_shard, target, *, class_start, num_classes, group=None, margin=0.1,
+                              alpha=32.0, ignore_index=-100):
+    """marginkern.proxy_anchor_loss with the proxies sharded across the ranks of `group`.
+
+    Every rank calls this with the SAME `input` (N, D) and `target` (N,) (global class ids in [0, num_classes) or
+    ignore_index; all-gather them with `gather_embeddings`); `proxies_shard` (C_local, D) holds proxies
+    [class_start, class_start + C_local), which must be `shard_range(num_classes, rank, world_size)`. Each rank streams
+    over its own proxies: every row is a negative of each proxy there but its own class's, and the positive terms of
+    the classes here; the three sums of the loss (positive terms, negative terms, |P⁺|) are all-reduced, so the
+    result, identical on every rank, is proxy_anchor_loss's over all proxies. Gradients: dL/dinput the full gradient
+    (one all-reduce of N × D in the backward pass), identical on every rank; dL/dproxies_shard this rank's slice (keep
+    the shard out of DDP). Every rank must run the backward pass with the same gradient of the loss.
+    """
+    rank, world_size = _rank_and_world_size(group)
+    local_error = None
+    try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
+        check_classification_inputs(input, proxies_shard, target, weight_name="proxies_shard")
+        check_finite("margin", margin)
+        check_finite("alpha", alpha, 0.0, low_open=True)
+        ignore_index = check_ignore_index(ignore_index)
+        class_start, num_classes = _checked_shard(proxies_shard, class_start, num_classes, rank, world_size)
+        target = target.long()  # uint8 indices would index as a mask
+    except (TypeError, ValueError) as e:
+        local_error = e
+    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error, op="sharded_proxy_anchor_loss",
+                 options=() if local_error else (float(margin), float(alpha)), differentiable=(input, proxies_shard))
+    return _ShardedProxyAnchor.apply(input, proxies_shard, target, ProcessGroupShard(class_start, num_classes, group),
+                                     float(margin), float(alpha), ignore_index)
 
 
 class _ShardedDistillation(torch.autograd.Function):

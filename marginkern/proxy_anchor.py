@@ -54,6 +54,20 @@ def _inverse_norms(t):
     return torch.reciprocal(row_norms(t).clamp_min(NORM_EPS))
 
 
+# A row's column: its class's index among this rank's proxies, or IGNORED (target == ignore_index: neither a positive
+# nor a negative) or FOREIGN (its class is another rank's: a negative of every proxy here). Without a shard, no row is
+# foreign. The Triton epilogues read the same encoding.
+IGNORED, FOREIGN = -1, -2
+
+
+def _row_columns(target, ignore_index, num_local, shard):
+    """(valid (N,) bool: not ignored, own (N,) bool: its class is here, column (N,) int64)."""
+    valid = target != ignore_index
+    local = target - (0 if shard is None else shard.start)
+    own = valid & (local >= 0) & (local < num_local)
+    return valid, own, torch.where(own, local, torch.where(valid, FOREIGN, IGNORED))
+
+
 def _negative_exponents(x, w, c0, c1, inv_x, inv_w, row_bias, column, margin, alpha, acc):
     """a_nj = α(s_nj + δ) of the chunk's classes, −inf at each row's own class and on ignored rows (row_bias)."""
     z = _chunk_dots(x, w, c0, c1, acc)
@@ -68,8 +82,9 @@ def _negative_exponents(x, w, c0, c1, inv_x, inv_w, row_bias, column, margin, al
 
 
 def _positive_terms(x, w, column, valid, inv_x, inv_w, margin, alpha, C, acc):
-    """(Σ_{j∈P⁺} log(1 + Σ_{y_n=j} e^{b_n}), per-row e^{b_n − Lp_{y_n}} (0 on ignored rows), |P⁺|) with
-    b_n = −α(s_n,y_n − δ): log-sum-exps per class through (C,) buffers (scatter amax, then a sum of exps)."""
+    """(Σ_{j∈P⁺} log(1 + Σ_{y_n=j} e^{b_n}), per-row e^{b_n − Lp_{y_n}} (0 where not `valid`), |P⁺|) over the C
+    proxies here, `valid` the rows whose class is one of them, with b_n = −α(s_n,y_n − δ): log-sum-exps per class
+    through (C,) buffers (scatter amax, then a sum of exps)."""
     safe = column.clamp_min(0)
     dots = (x.to(acc) * w[safe].to(acc)).sum(1)
     b = torch.where(valid, -alpha * (dots * inv_x * inv_w[safe] - margin), -float("inf"))
@@ -89,13 +104,14 @@ def _chunk_dots(x, w, c0, c1, acc):
     return mm_accumulate(x, w[c0:c1].t(), acc)
 
 
-def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index):
+def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index, shard=None):
     """(loss (), L_j of every proxy's negative term (C,), per-row positive weights (N,), |P⁺| ()) in the
-    accumulation dtype; arguments checked by the caller."""
+    accumulation dtype; arguments checked by the caller. `shard` (distributed.ProcessGroupShard): w holds the proxies
+    [shard.start, shard.start + C) of shard.num_classes, every rank the same rows; the loss and |P⁺| are then the
+    whole loss's (one all-reduce of three numbers), L_j and the row weights this rank's."""
     acc = accumulation_dtype(x.dtype)
     (N, D), C = x.shape, w.shape[0]
-    valid = target != ignore_index
-    column = torch.where(valid, target, -1)
+    valid, own, column = _row_columns(target, ignore_index, C, shard)
     inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
     _, triton_epilogue = _tiles_and_epilogue(x)
     if x.device.type == "cpu" and x.dtype != acc:
@@ -112,22 +128,27 @@ def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index):
         a = _negative_exponents(x, w, c0, c1, inv_x, inv_w, row_bias, column, margin, alpha, acc)
         # a column without a negative row (N = 0, or all rows of that class or ignored) is log(1 + 0) = 0
         negative[c0:c1] = log1p_exp(torch.logsumexp(a, dim=0))
-    positive_sum, row_weight, num_positive = _positive_terms(x, w, column, valid, inv_x, inv_w, margin, alpha, C, acc)
-    loss = positive_sum / num_positive.clamp_min(1) + negative.sum() / C
+    positive_sum, row_weight, num_positive = _positive_terms(x, w, column, own, inv_x, inv_w, margin, alpha, C, acc)
+    negative_sum, num_classes = negative.sum(), C
+    if shard is not None:
+        positive_sum, negative_sum, num_positive = shard.sum_rows(torch.stack([positive_sum, negative_sum,
+                                                                               num_positive])).unbind()
+        num_classes = shard.num_classes
+    loss = positive_sum / num_positive.clamp_min(1) + negative_sum / num_classes
     return loss, negative, row_weight, num_positive
 
 
 def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_positive, margin, alpha, ignore_index,
-                          need_input_grad=True, need_weight_grad=True):
+                          need_input_grad=True, need_weight_grad=True, shard=None):
     """(dL/dx in x's dtype or None, dL/dw in w's dtype or None) from the forward pass's by-products: per chunk the
     dot products again, G = dL/d(x·w) with the chunk's own-class cells set to the positive terms' gradient, dX += G·W_c
     and dW_c = Gᵀ·X, both chained through the row normalisations. The engine's pieces do the GEMMs as for the other
     losses: dX split over the chunk's classes where its N × D output cannot fill a GPU (SplitKAccumulator), dW's GEMM
-    and tangent projection in one Triton kernel where the tiles have it, else an fp32 chunk and the tiles' finisher."""
+    and tangent projection in one Triton kernel where the tiles have it, else an fp32 chunk and the tiles' finisher.
+    With a `shard` (the forward's), dL/dx is the sum over the ranks (one all-reduce of N × D), the same on each."""
     acc = accumulation_dtype(x.dtype)
     (N, D), C = x.shape, w.shape[0]
-    valid = target != ignore_index
-    column = torch.where(valid, target, -1)
+    valid, _, column = _row_columns(target, ignore_index, C, shard)
     inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
     tiles, triton_epilogue = _tiles_and_epilogue(x)
     finish = row_grad_finisher(tiles)
@@ -136,7 +157,7 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
     x_gemm = x_acc.to(gemm)
     row_bias = torch.where(valid, 0.0, -float("inf")).to(acc)
     grad_loss = grad_loss.to(acc)
-    negative_coef = grad_loss * (alpha / C)
+    negative_coef = grad_loss * (alpha / (C if shard is None else shard.num_classes))
     # dL/ds of each row's own class, times 1/(‖x_n‖‖w_y‖): the cell the chunk holding y_n gets in G
     own_cell = (-alpha * grad_loss / num_positive.clamp_min(1)) * row_weight * inv_x * inv_w[column.clamp_min(0)]
     one = torch.ones((), dtype=acc, device=x.device)
@@ -171,5 +192,6 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
         del g, w_chunk  # before the next chunk allocates its own
     grad_x = None
     if dx is not None:
-        grad_x = finish(dx.result(), one, torch.empty_like(x), x, inv_x)
+        raw = dx.result() if shard is None else shard.sum_input_grad(dx.result())
+        grad_x = finish(raw, one, torch.empty_like(x), x, inv_x)
     return grad_x, dw

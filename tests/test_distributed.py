@@ -1354,3 +1354,65 @@ def _sharded_topk_too_large(rank, world_size, x, w):
         mkd.sharded_linear_topk(x, w[start:stop], w.shape[0] // world_size + 1, class_start=start,
                                 num_classes=w.shape[0])
     return True
+
+
+def _sharded_proxy_anchor(rank, world_size, x, w, t, kwargs, backend=None, differ=None):
+    """(loss, dL/dinput, dL/dproxies_shard) of this rank's sharded_proxy_anchor_loss; differ "alpha": rank 1 asks for
+    another α and every rank must raise (True)."""
+    if backend is not None:
+        os.environ["MARGINKERN_BACKEND"] = backend
+    try:
+        start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+        x = x.clone().requires_grad_()
+        shard = w[start:stop].clone().requires_grad_()
+        call = functools.partial(mkd.sharded_proxy_anchor_loss, x, shard, t, class_start=start, num_classes=w.shape[0])
+        if differ == "alpha":
+            with pytest.raises(ValueError, match="every rank must pass the same options"):
+                call(alpha=32.0 + (rank == 1), **kwargs)
+            return True
+        loss = call(**kwargs)
+        gx, gw = torch.autograd.grad(loss * 0.7, (x, shard))
+        return loss.detach(), gx, gw
+    finally:
+        os.environ.pop("MARGINKERN_BACKEND", None)
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float64, None), (torch.float32, None), (torch.float32, "reference")],
+                         ids=["fp64", "fp32", "fp32-reference"])
+@pytest.mark.parametrize("labels", ["spread", "one-rank", "ignored"])
+def test_sharded_proxy_anchor_matches_single_process(world, dtype, backend, labels):
+    """Each rank's proxies, the three sums all-reduced: proxy_anchor_loss over all proxies, identical on every rank;
+    rows whose class is another rank's are negatives of every proxy here. Labels spread over all shards, all on the
+    first rank's proxies, or with ignored rows."""
+    torch.manual_seed(1)
+    x, w = torch.randn(29, 10, dtype=torch.float64).to(dtype), torch.randn(41, 10, dtype=torch.float64).to(dtype)
+    t = torch.randint(0, 41 if labels != "one-rank" else 41 // world.size, (29,))
+    if labels == "ignored":
+        t[[0, 5, 6]] = -100
+    kwargs = dict(margin=0.2, alpha=16.0)
+    results = world.run(_sharded_proxy_anchor, x, w, t, kwargs, backend)
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = mk.proxy_anchor_loss(x1, w1, t, **kwargs)
+    want_gx, want_gw = torch.autograd.grad(want * 0.7, (x1, w1))
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    loss, gx, _ = results[0]
+    for r, (loss_r, gx_r, _) in enumerate(results):
+        assert torch.equal(loss_r, loss) and torch.equal(gx_r, gx), f"rank {r} differs from rank 0"
+    torch.testing.assert_close(loss, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(gx, want_gx, rtol=tol, atol=tol * want_gx.abs().max().item())
+    torch.testing.assert_close(torch.cat([gw for _, _, gw in results]), want_gw, rtol=tol,
+                               atol=tol * want_gw.abs().max().item())
+
+
+def test_sharded_proxy_anchor_checks_its_arguments_on_every_rank(world):
+    x, w, t = torch.randn(5, 4), torch.randn(20, 4), torch.randint(0, 20, (5,))
+    assert world.run(_sharded_proxy_anchor, x, w, t, {}, None, "alpha") == [True] * world.size
+    assert world.run(_sharded_proxy_anchor_bad_target) == [True] * world.size
+
+
+def _sharded_proxy_anchor_bad_target(rank, world_size):
+    start, stop = mkd.shard_range(20, rank, world_size)
+    with pytest.raises(ValueError, match="target"):
+        mkd.sharded_proxy_anchor_loss(torch.randn(5, 4), torch.randn(stop - start, 4), torch.tensor([0, 1, 2, 3, 20]),
+                                      class_start=start, num_classes=20)
+    return True

@@ -2,6 +2,7 @@
 products z = x·w_cᵀ (fp32, from one cuBLAS GEMM) once, instead of PyTorch's dozen element-wise passes over it.
 
   negative terms:  L_j = log(1 + Σ_{n: y_n ≠ j, not ignored} e^{a_nj}),  a_nj = α(z_nj/(‖x_n‖‖w_j‖) + δ),
+                   a row's column being its class's index here, −1 ignored or −2 another rank's class,
                    one program per BLOCK_C columns walking down all N rows with an online max and sum;
   gradient:        G_nj = coef·e^{a_nj − L_j}/(‖x_n‖‖w_j‖) off the own-class cells, the row's own positive-term
                    gradient on them (own_cell_n), 0 on ignored rows: dL/d(x·w), the backward GEMMs' operand.
@@ -28,11 +29,12 @@ def proxy_anchor_negative_terms_kernel(z_ptr, stride_z, inv_x_ptr, inv_w_ptr, co
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         inv_x = tl.load(inv_x_ptr + rows, mask=row_mask, other=0.0)
-        own = tl.load(column_ptr + rows, mask=row_mask, other=-1)  # −1: an ignored row
+        # a row's class here, or −1 (IGNORED: no negative) or −2 (FOREIGN: another rank's class, a negative here)
+        own = tl.load(column_ptr + rows, mask=row_mask, other=-1)
         z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :],
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         a = alpha * (z * inv_x[:, None] * inv_w[None, :] + margin)
-        negative = row_mask[:, None] & (own[:, None] >= 0) & (own[:, None] != (c0 + cols)[None, :])
+        negative = row_mask[:, None] & (own[:, None] != -1) & (own[:, None] != (c0 + cols)[None, :])
         a = tl.where(negative, a, -float("inf"))
         new_peak = tl.maximum(peak, tl.max(a, axis=0))
         shift = tl.where(new_peak == -float("inf"), 0.0, new_peak)  # no negative yet: 0, not −inf − (−inf)
@@ -61,7 +63,7 @@ def proxy_anchor_grad_kernel(z_ptr, stride_z, g_ptr, stride_g, inv_x_ptr, inv_w_
     a = alpha * (z * scale + margin)
     g = coef * tl.exp(a - negative_term[None, :]) * scale
     is_own = own[:, None] == (c0 + cols)[None, :]
-    g = tl.where(is_own, own_cell[:, None], tl.where(own[:, None] >= 0, g, 0.0))
+    g = tl.where(is_own, own_cell[:, None], tl.where(own[:, None] != -1, g, 0.0))
     tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
 
 

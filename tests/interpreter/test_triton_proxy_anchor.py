@@ -73,3 +73,36 @@ def test_edge_cases():
     with torch.no_grad():
         x[2, 0] = float("nan")
     assert torch.isnan(mk.proxy_anchor_loss(x, w, t))
+
+
+class _OneRankOfTwo:
+    """A class shard as distributed.ProcessGroupShard, without a process group: this 'rank' holds [start, start + C)
+    of num_classes and its sums are its own (what the Triton epilogues see on one rank of a sharded loss)."""
+
+    def __init__(self, start, num_classes):
+        self.start, self.num_classes = start, num_classes
+
+    def sum_rows(self, values):
+        return values.clone()
+
+    def sum_input_grad(self, grad_x):
+        return grad_x
+
+
+def test_foreign_rows_of_a_class_shard_match_the_pytorch_epilogue(launches, monkeypatch):
+    """Rows whose class is another rank's (column −2) are negatives of every proxy here and have no positive term: the
+    Triton epilogues agree with PyTorch's (tested against the single-process loss on gloo, tests/test_distributed.py)."""
+    x, w, t = case(N=50, C=90, D=24, dtype=torch.float32, seed=4, classes=90)
+    t[[1, 2]] = -100
+    shard, local = _OneRankOfTwo(40, 90), w.detach()[40:80]
+    results = []
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+        loss, negative, row_weight, num_positive = proxy_anchor.proxy_anchor_forward(x.detach(), local, t, 0.1, 32.0,
+                                                                                     -100, shard)
+        grads = proxy_anchor.proxy_anchor_backward(torch.tensor(0.7), x.detach(), local, t, negative, row_weight,
+                                                   num_positive, 0.1, 32.0, -100, shard=shard)
+        results.append((loss, negative, row_weight, *grads))
+    assert launches["negative_terms"] and launches["grad_chunk"]
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5 * want.abs().max().item())
