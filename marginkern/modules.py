@@ -425,8 +425,8 @@ class NormalizedSoftmaxLoss(CombinedMarginLoss):
     cosines divided by `temperature`, no margin: CombinedMarginLoss with (m1, m2, m3) = (1, 0, 0) and scale 1/T."""
 
     def __init__(self, embedding_dim, num_classes, temperature=0.05, **kwargs):
-        check_finite("temperature", temperature, 0.0, low_open=True)
-        super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=1.0 / float(temperature), **kwargs)
+        super().__init__(embedding_dim, num_classes, 1.0, 0.0, 0.0, scale=1.0 / check_temperature(temperature),
+                         **kwargs)
 
 
 class SphereFaceLoss(CombinedMarginLoss):

@@ -22,26 +22,28 @@ from .engine import (NORM_EPS, SplitKAccumulator, accumulation_dtype, log1p_exp,
                      row_norms, split_k_slices)
 
 # A chunk's fp32 dot products (rows × classes) and the one temporary beside them (the column log-sum-exp's, then the
-# backward's dL/da), plus the chunk's fp32 dW rows in the backward pass, within this budget; at least
-# MIN_CHUNK_CLASSES classes (a narrower GEMM runs badly). On a GPU 4× larger: a few launches per chunk, and
-# at N = 1024 rows and D = 512 about 12k proxies a chunk (≈ 80 chunks for a million).
+# backward's dL/da in the GEMMs' dtype), plus in the backward pass the chunk's fp32 dW rows and what finishing them
+# takes (PyTorch's projection: two more chunk × D products; an fp32 copy of 16-bit weight rows), within this budget;
+# at least MIN_CHUNK_CLASSES classes (a narrower GEMM runs badly). On a GPU 4× larger: a few launches per chunk, and
+# at N = 1024 rows and D = 512 about 10k proxies a chunk (≈ 100 chunks for a million).
 CHUNK_BYTES = 32 << 20
 GPU_CHUNK_FACTOR = 4
 MIN_CHUNK_CLASSES = 256
 
 
 def proxy_chunks(N, C, D, acc_bytes, on_gpu=False):
-    """[(c0, c1)] covering C proxies: two N × chunk tensors and a chunk × D one per chunk in the budget."""
+    """[(c0, c1)] covering C proxies: two N × chunk tensors and four chunk × D ones per chunk in the budget."""
     budget = CHUNK_BYTES * (GPU_CHUNK_FACTOR if on_gpu else 1)
-    chunk = max(MIN_CHUNK_CLASSES, budget // max(1, (2 * N + D) * acc_bytes))
+    chunk = max(MIN_CHUNK_CLASSES, budget // max(1, (2 * N + 4 * D) * acc_bytes))
     return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
 
 
 def _tiles_and_epilogue(x):
     """(the engine's tiles for x, whether the chunk epilogues run in Triton: where the engine would use Triton, CUDA
-    or the interpreter when forced, except fp64)."""
+    or the interpreter when forced). select_tiles enforces MARGINKERN_BACKEND: a forced backend that cannot serve x
+    (Triton and fp64) raises."""
     tiles = select_tiles(x.device, x.dtype)
-    return tiles, x.dtype != torch.float64 and tiles.name == "triton"
+    return tiles, tiles.name == "triton"
 
 
 def _gemm_dtype(x):
@@ -62,17 +64,19 @@ IGNORED, FOREIGN = -1, -2
 
 def _row_columns(target, ignore_index, num_local, shard):
     """(valid (N,) bool: not ignored, own (N,) bool: its class is here, column (N,) int64)."""
+    target = target.long()  # int8/int16/uint8 targets: int64 indices (a uint8 index would act as a mask)
     valid = target != ignore_index
     local = target - (0 if shard is None else shard.start)
     own = valid & (local >= 0) & (local < num_local)
     return valid, own, torch.where(own, local, torch.where(valid, FOREIGN, IGNORED))
 
 
-def _negative_exponents(x, w, c0, c1, inv_x, inv_w, row_bias, column, margin, alpha, acc):
-    """a_nj = α(s_nj + δ) of the chunk's classes, −inf at each row's own class and on ignored rows (row_bias)."""
+def _negative_exponents(x, w, c0, c1, inv_x, inv_w, ignored, column, margin, alpha, acc):
+    """a_nj = α(s_nj + δ) of the chunk's classes, −inf at each row's own class and on `ignored` rows ((N, 1) bool:
+    filled, so that a NaN in an ignored row stays out, as on the Triton epilogue)."""
     z = _chunk_dots(x, w, c0, c1, acc)
     z.mul_(inv_x[:, None]).mul_(inv_w[None, c0:c1])  # cosines, scaled in fp32 after the GEMM
-    z.add_(margin).mul_(alpha).add_(row_bias[:, None])
+    z.add_(margin).mul_(alpha).masked_fill_(ignored, -float("inf"))
     own = (column - c0)[:, None]
     inside = (own >= 0) & (own < c1 - c0)
     own = own.clamp(0, c1 - c0 - 1)
@@ -116,7 +120,7 @@ def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index, shard=None):
     _, triton_epilogue = _tiles_and_epilogue(x)
     if x.device.type == "cpu" and x.dtype != acc:
         x = x.to(acc)  # once, not per chunk
-    row_bias = torch.where(valid, 0.0, -float("inf")).to(acc)
+    ignored = ~valid[:, None]
     negative = torch.empty(C, dtype=acc, device=x.device)
     if triton_epilogue:
         from .triton_kernels.proxy_anchor import negative_terms
@@ -125,9 +129,10 @@ def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index, shard=None):
             negative[c0:c1] = negative_terms(_chunk_dots(x, w, c0, c1, acc), inv_x, inv_w[c0:c1], column, c0, alpha,
                                              margin)
             continue
-        a = _negative_exponents(x, w, c0, c1, inv_x, inv_w, row_bias, column, margin, alpha, acc)
+        a = _negative_exponents(x, w, c0, c1, inv_x, inv_w, ignored, column, margin, alpha, acc)
         # a column without a negative row (N = 0, or all rows of that class or ignored) is log(1 + 0) = 0
         negative[c0:c1] = log1p_exp(torch.logsumexp(a, dim=0))
+        del a  # before the next chunk's GEMM allocates its own
     positive_sum, row_weight, num_positive = _positive_terms(x, w, column, own, inv_x, inv_w, margin, alpha, C, acc)
     negative_sum, num_classes = negative.sum(), C
     if shard is not None:
@@ -155,7 +160,7 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
     gemm = _gemm_dtype(x)
     x_acc = x.to(acc) if x.device.type == "cpu" else x
     x_gemm = x_acc.to(gemm)
-    row_bias = torch.where(valid, 0.0, -float("inf")).to(acc)
+    ignored = ~valid[:, None]
     grad_loss = grad_loss.to(acc)
     negative_coef = grad_loss * (alpha / (C if shard is None else shard.num_classes))
     # dL/ds of each row's own class, times 1/(‖x_n‖‖w_y‖): the cell the chunk holding y_n gets in G
@@ -175,13 +180,14 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
             g = grad_chunk(_chunk_dots(x_acc, w, c0, c1, acc), inv_x, inv_w[c0:c1], column, negative[c0:c1], own_cell,
                            negative_coef, c0, alpha, margin, gemm)
         else:
-            a = _negative_exponents(x_acc, w, c0, c1, inv_x, inv_w, row_bias, column, margin, alpha, acc)
+            a = _negative_exponents(x_acc, w, c0, c1, inv_x, inv_w, ignored, column, margin, alpha, acc)
             g = a.sub_(negative[None, c0:c1]).exp_().mul_(inv_x[:, None]).mul_(inv_w[None, c0:c1] * negative_coef)
             own = (column - c0)[:, None]
             inside = (own >= 0) & (own < c1 - c0)
             own = own.clamp(0, c1 - c0 - 1)
             g.scatter_(1, own, torch.where(inside, own_cell[:, None], g.gather(1, own)))
             g = g.to(gemm)
+            del a
         w_chunk = w[c0:c1] if gemm == w.dtype else w[c0:c1].to(gemm)
         if dx is not None:
             dx.add(g, w_chunk)

@@ -620,6 +620,7 @@ def test_proxy_anchor_memory_is_bounded():
     x = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(C, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     t = torch.randint(0, C, (N,), device="cuda")
+    warm_up_workspaces(mk.proxy_anchor_loss)
     x.grad, w.grad = torch.zeros_like(x), torch.zeros_like(w)  # the gradients a user holds anyway
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

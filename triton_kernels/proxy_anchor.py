@@ -48,8 +48,9 @@ def proxy_anchor_negative_terms_kernel(z_ptr, stride_z, inv_x_ptr, inv_w_ptr, co
 def proxy_anchor_grad_kernel(z_ptr, stride_z, g_ptr, stride_g, inv_x_ptr, inv_w_ptr, column_ptr, negative_ptr,
                              own_cell_ptr, coef_ptr, N, CC, c0, alpha, margin,
                              BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # columns on grid axis 0 (2³¹ − 1 programs), rows on axis 1 (65535: N up to 4M rows)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < N, cols < CC
     mask = row_mask[:, None] & col_mask[None, :]
     inv_x = tl.load(inv_x_ptr + rows, mask=row_mask, other=0.0)
@@ -86,7 +87,7 @@ def grad_chunk(z, inv_x, inv_w, column, negative, own_cell, coef, c0, alpha, mar
     g = z if dtype == torch.float32 else torch.empty((N, CC), dtype=dtype, device=z.device)
     if N and CC:
         with on_device(z):
-            proxy_anchor_grad_kernel[(cdiv(N, BLOCK_N), cdiv(CC, BLOCK_C))](
+            proxy_anchor_grad_kernel[(cdiv(CC, BLOCK_C), cdiv(N, BLOCK_N))](
                 z, z.stride(0), g, g.stride(0), inv_x, inv_w, column, negative, own_cell, coef, N, CC, c0, alpha,
                 margin, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
     return g

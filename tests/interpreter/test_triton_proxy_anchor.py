@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import marginkern as mk
-from marginkern import proxy_anchor
+from marginkern import proxy_anchor, reference
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_proxy_anchor import case, check_proxy_anchor_matches_float64, grads, official_proxy_anchor
 
@@ -59,6 +59,28 @@ def test_matches_the_official_code_with_ignored_rows(chunks, launches):
     torch.testing.assert_close(gx[keep].double(), gx_want, rtol=0, atol=2e-5 * gx_want.abs().max().item())
     torch.testing.assert_close(gw.double(), gw_want, rtol=0, atol=2e-5 * gw_want.abs().max().item())
     assert launches["negative_terms"] and launches["grad_chunk"]
+
+
+def test_bf16_gradient_chunks(monkeypatch, launches):
+    """The GPU path's bf16 dL/d(x·w) (written by the gradient kernel in bf16 for the GEMMs), here in the interpreter
+    with bf16 inputs; the GEMMs themselves on the CPU (the fused dW kernel's bf16 tl.dot is wrong in the interpreter:
+    MARGINKERN_FUSED_DW=0)."""
+    monkeypatch.setattr(proxy_anchor, "_gemm_dtype", lambda x: x.dtype)
+    monkeypatch.setenv("MARGINKERN_FUSED_DW", "0")
+    x, w, t = case(N=70, C=300, D=40, dtype=torch.bfloat16, seed=5)
+    loss = mk.proxy_anchor_loss(x, w, t)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = reference.proxy_anchor_loss(x64, w64, t)
+    torch.testing.assert_close(loss.double(), want, rtol=2e-5, atol=2e-5)
+    for got, expected in zip(grads(loss, x, w), grads(want, x64, w64)):
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+    assert launches["grad_chunk"]
+
+
+def test_forced_triton_refuses_float64():
+    x, w, t = case(dtype=torch.float64)
+    with pytest.raises(mk.BackendUnavailable, match="triton"):
+        mk.proxy_anchor_loss(x, w, t)
 
 
 def test_edge_cases():
