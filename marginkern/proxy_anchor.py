@@ -25,7 +25,7 @@ from .engine import (NORM_EPS, SplitKAccumulator, accumulation_dtype, log1p_exp,
 # backward's dL/da in the GEMMs' dtype), plus in the backward pass the chunk's fp32 dW rows and what finishing them
 # takes (PyTorch's projection: two more chunk × D products; an fp32 copy of 16-bit weight rows), within this budget;
 # at least MIN_CHUNK_CLASSES classes (a narrower GEMM runs badly). On a GPU 4× larger: a few launches per chunk, and
-# at N = 1024 rows and D = 512 about 10k proxies a chunk (≈ 100 chunks for a million).
+# at N = 1024 rows and D = 512 8192 proxies a chunk (123 chunks for a million).
 CHUNK_BYTES = 32 << 20
 GPU_CHUNK_FACTOR = 4
 MIN_CHUNK_CLASSES = 256

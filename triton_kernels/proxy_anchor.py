@@ -14,7 +14,7 @@ import triton.language as tl
 from .cosent_scan import _softplus
 from .device import cdiv, on_device
 
-BLOCK_N, BLOCK_C = 64, 32  # 32 columns a program: ≥ 390 programs for a 12.5k-class chunk; 128-byte row segments
+BLOCK_N, BLOCK_C = 64, 32  # 32 columns a program: 256 programs for an 8192-proxy chunk; 128-byte row segments
 
 
 @triton.jit
