@@ -865,14 +865,28 @@ def test_sharded_kl_divergence_refuses_different_options(world):
 
 # ---- vocab-parallel linear cross-entropy -------------------------------------------------------------------------
 
-def _sharded_lce_and_grads(rank, world_size, x, w, bias, t, kwargs, upstream, backend=None, class_weight=None):
-    """(loss, dL/dinput, dL/dweight_shard, dL/dbias_shard or None) of this rank for the loss Σ upstream·loss."""
+@contextlib.contextmanager
+def _backend(backend):
+    """MARGINKERN_BACKEND=backend in this worker for the block (None: the default dispatch)."""
     if backend is not None:
         os.environ["MARGINKERN_BACKEND"] = backend
     try:
-        start, stop = mkd.shard_range(w.shape[0], rank, world_size)
-        x = x.clone().requires_grad_()
-        shard = w[start:stop].clone().requires_grad_()
+        yield
+    finally:
+        os.environ.pop("MARGINKERN_BACKEND", None)
+
+
+def _rank_rows(x, w, rank, world_size):
+    """(start, input, this rank's rows of w), both requiring grad: a task's inputs for a class-sharded loss."""
+    start, stop = mkd.shard_range(w.shape[0], rank, world_size)
+    return start, x.clone().requires_grad_(), w[start:stop].clone().requires_grad_()
+
+
+def _sharded_lce_and_grads(rank, world_size, x, w, bias, t, kwargs, upstream, backend=None, class_weight=None):
+    """(loss, dL/dinput, dL/dweight_shard, dL/dbias_shard or None) of this rank for the loss Σ upstream·loss."""
+    with _backend(backend):
+        start, x, shard = _rank_rows(x, w, rank, world_size)
+        stop = start + shard.shape[0]
         bias_shard = None if bias is None else bias[start:stop].clone().requires_grad_()
         if class_weight is not None:
             kwargs = dict(kwargs, class_weight_shard=class_weight[start:stop])
@@ -881,8 +895,6 @@ def _sharded_lce_and_grads(rank, world_size, x, w, bias, t, kwargs, upstream, ba
         grads = torch.autograd.grad((loss * upstream.to(loss.dtype).reshape(loss.shape)).sum(),
                                     [v for v in (x, shard, bias_shard) if v is not None])
         return (loss.detach(), *grads) + ((None,) if bias is None else ())
-    finally:
-        os.environ.pop("MARGINKERN_BACKEND", None)
 
 
 def check_sharded_lce(world, x, w, t, dtype=torch.float64, bias=None, backend=None, class_weight=None, **kwargs):
@@ -1359,12 +1371,8 @@ def _sharded_topk_too_large(rank, world_size, x, w):
 def _sharded_proxy_anchor(rank, world_size, x, w, t, kwargs, backend=None, differ=None):
     """(loss, dL/dinput, dL/dproxies_shard) of this rank's sharded_proxy_anchor_loss; differ "alpha": rank 1 asks for
     another α and every rank must raise (True)."""
-    if backend is not None:
-        os.environ["MARGINKERN_BACKEND"] = backend
-    try:
-        start, stop = mkd.shard_range(w.shape[0], rank, world_size)
-        x = x.clone().requires_grad_()
-        shard = w[start:stop].clone().requires_grad_()
+    with _backend(backend):
+        start, x, shard = _rank_rows(x, w, rank, world_size)
         call = functools.partial(mkd.sharded_proxy_anchor_loss, x, shard, t, class_start=start, num_classes=w.shape[0])
         if differ == "alpha":
             with pytest.raises(ValueError, match="every rank must pass the same options"):
@@ -1373,8 +1381,6 @@ def _sharded_proxy_anchor(rank, world_size, x, w, t, kwargs, backend=None, diffe
         loss = call(**kwargs)
         gx, gw = torch.autograd.grad(loss * 0.7, (x, shard))
         return loss.detach(), gx, gw
-    finally:
-        os.environ.pop("MARGINKERN_BACKEND", None)
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.float64, None), (torch.float32, None), (torch.float32, "reference")],
