@@ -22,19 +22,20 @@ from .engine import (NORM_EPS, SplitKAccumulator, accumulation_dtype, log1p_exp,
                      row_norms, split_k_slices)
 
 # A chunk's fp32 dot products (rows × classes) and the one temporary beside them (the column log-sum-exp's, then the
-# backward's dL/da in the GEMMs' dtype), plus in the backward pass the chunk's fp32 dW rows and what finishing them
-# takes (PyTorch's projection: two more chunk × D products; an fp32 copy of 16-bit weight rows), within this budget;
-# at least MIN_CHUNK_CLASSES classes (a narrower GEMM runs badly). On a GPU 4× larger: a few launches per chunk, and
-# at N = 1024 rows and D = 512 8192 proxies a chunk (123 chunks for a million).
+# backward's dL/da in the GEMMs' dtype), plus its chunk × D tensors: an fp32 copy of 16-bit weight rows for a GEMM that
+# cannot take them (the CPU's), and in the backward pass, unless the tiles fuse dW's GEMM with its projection, the
+# chunk's fp32 dW rows and what finishing them takes (PyTorch's projection: two more chunk × D products and that
+# copy), within this budget; at least MIN_CHUNK_CLASSES classes (a narrower GEMM runs badly). On a GPU 4× larger: a
+# few launches per chunk; at N = 1024 rows and D = 512, 16384 proxies a chunk (62 chunks for a million).
 CHUNK_BYTES = 32 << 20
 GPU_CHUNK_FACTOR = 4
 MIN_CHUNK_CLASSES = 256
 
 
-def proxy_chunks(N, C, D, acc_bytes, on_gpu=False):
-    """[(c0, c1)] covering C proxies: two N × chunk tensors and four chunk × D ones per chunk in the budget."""
+def proxy_chunks(N, C, D, acc_bytes, on_gpu=False, weight_rows=0):
+    """[(c0, c1)] covering C proxies: two N × chunk tensors and `weight_rows` chunk × D ones per chunk in the budget."""
     budget = CHUNK_BYTES * (GPU_CHUNK_FACTOR if on_gpu else 1)
-    chunk = max(MIN_CHUNK_CLASSES, budget // max(1, (2 * N + 4 * D) * acc_bytes))
+    chunk = max(MIN_CHUNK_CLASSES, budget // max(1, (2 * N + weight_rows * D) * acc_bytes))
     return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
 
 
@@ -124,7 +125,8 @@ def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index, shard=None):
     negative = torch.empty(C, dtype=acc, device=x.device)
     if triton_epilogue:
         from .triton_kernels.proxy_anchor import negative_terms
-    for c0, c1 in proxy_chunks(N, C, D, acc.itemsize, x.is_cuda):
+    upcast_rows = int(not w.is_cuda and w.dtype != acc)  # mm_accumulate's fp32 copy of a chunk of 16-bit rows
+    for c0, c1 in proxy_chunks(N, C, D, acc.itemsize, x.is_cuda, upcast_rows):
         if triton_epilogue:
             negative[c0:c1] = negative_terms(_chunk_dots(x, w, c0, c1, acc), inv_x, inv_w[c0:c1], column, c0, alpha,
                                              margin)
@@ -166,13 +168,15 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
     # dL/ds of each row's own class, times 1/(‖x_n‖‖w_y‖): the cell the chunk holding y_n gets in G
     own_cell = (-alpha * grad_loss / num_positive.clamp_min(1)) * row_weight * inv_x * inv_w[column.clamp_min(0)]
     one = torch.ones((), dtype=acc, device=x.device)
-    chunks = proxy_chunks(N, C, D, acc.itemsize, x.is_cuda)
+    dw = torch.empty_like(w) if need_weight_grad else None
+    fused_dw = dw is not None and getattr(tiles, "fuses_projected_weight_grad", lambda x: False)(x_gemm)
+    # an unfused dW chunk: itself, two products of the projection and a copy of 16-bit rows; else the copy at most
+    weight_rows = 4 if dw is not None and not fused_dw else int(w.dtype != gemm or (not w.is_cuda and w.dtype != acc))
+    chunks = proxy_chunks(N, C, D, acc.itemsize, x.is_cuda, weight_rows)
     dx = None
     if need_input_grad:
         out = torch.zeros((N, D), dtype=acc, device=x.device)
         dx = SplitKAccumulator(out, split_k_slices(out, chunks[0][1] - chunks[0][0]))
-    dw = torch.empty_like(w) if need_weight_grad else None
-    fused_dw = dw is not None and getattr(tiles, "fuses_projected_weight_grad", lambda x: False)(x_gemm)
     if triton_epilogue:
         from .triton_kernels.proxy_anchor import grad_chunk
     for c0, c1 in chunks:

@@ -599,21 +599,26 @@ def test_linear_topk_on_gpu(dtype, normalize):
     torch.testing.assert_close(lse.double(), z.logsumexp(1), rtol=1e-4, atol=tol)
 
 
-@pytest.mark.parametrize("epilogue", ["triton", "reference"])
+@pytest.mark.parametrize("epilogue", ["triton", "triton-split-k", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_proxy_anchor_on_gpu_triton_and_pytorch_epilogues(dtype, epilogue, monkeypatch):
-    """Proxy-Anchor on CUDA with the Triton chunk epilogues and with PyTorch's (MARGINKERN_BACKEND=reference), several
-    chunks, against float64 of the same inputs; bf16's dL/d(x·w) goes into the GEMMs in bf16 (GRAD_TOLERANCE)."""
+    """Proxy-Anchor on CUDA with the Triton chunk epilogues (also with dX's GEMM split in 4, which these shapes would
+    not choose) and with PyTorch's (MARGINKERN_BACKEND=reference), several chunks, against float64 of the same inputs;
+    bf16's dL/d(x·w) goes into the GEMMs in bf16 (grad_tolerance)."""
     from marginkern import proxy_anchor
     from tests.test_proxy_anchor import check_proxy_anchor_matches_float64
-    monkeypatch.setenv("MARGINKERN_BACKEND", epilogue)
+    monkeypatch.setenv("MARGINKERN_BACKEND", epilogue.split("-")[0])
+    if epilogue == "triton-split-k":
+        monkeypatch.setenv("MARGINKERN_SPLIT_K", "4")
     monkeypatch.setattr(proxy_anchor, "CHUNK_BYTES", 1)  # chunks of MIN_CHUNK_CLASSES = 256 proxies
     check_proxy_anchor_matches_float64("cuda", dtype, N=300, C=1000, D=64)
 
 
 def test_proxy_anchor_memory_is_bounded():
-    """A million bf16 proxies: the fwd+bwd's peak beyond inputs and gradients is one GPU chunk (two N × chunk fp32
-    tensors and its fp32 dW rows) plus a few (C,) fp32 vectors, not the 4 GB of fp32 cosines."""
+    """A million bf16 proxies: the fwd+bwd's peak beyond inputs and gradients is one GPU chunk's fp32 dot products
+    and its bf16 dL/d(x·w) (the fused dW kernel keeps no dW chunk), dX's fp32 sum and split-K partials, and a few (C,)
+    fp32 vectors: predicted ≈ 135 MB, not the 4 GB of fp32 cosines; a chunk kept alive too long, or dW unfused, passes
+    the bound."""
     from marginkern import proxy_anchor
     torch.manual_seed(0)
     N, D, C = 1024, 512, 1_000_000
@@ -629,5 +634,6 @@ def test_proxy_anchor_memory_is_bounded():
     mk.proxy_anchor_loss(x, w, t).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    bound = proxy_anchor.CHUNK_BYTES * proxy_anchor.GPU_CHUNK_FACTOR + 8 * 4 * C + (16 << 20)
+    chunk = proxy_anchor.proxy_chunks(N, C, D, 4, on_gpu=True)[0][1]
+    bound = int(1.5 * 4 * N * chunk) + 5 * 4 * N * D + 8 * 4 * C + (16 << 20)
     assert extra <= bound, f"{extra / 2**20:.0f} MB beyond inputs and gradients, bound {bound / 2**20:.0f} MB"

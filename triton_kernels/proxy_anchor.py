@@ -14,7 +14,7 @@ import triton.language as tl
 from .cosent_scan import _softplus
 from .device import cdiv, on_device
 
-BLOCK_N, BLOCK_C = 64, 32  # 32 columns a program: 256 programs for an 8192-proxy chunk; 128-byte row segments
+BLOCK_N, BLOCK_C = 64, 32  # 32 columns a program: 512 programs for a 16384-proxy chunk; 128-byte row segments
 
 
 @triton.jit
