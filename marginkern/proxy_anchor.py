@@ -80,12 +80,16 @@ def _negative_exponents(x, w, c0, c1, inv_x, inv_w, ignored, column, margin, alp
     z = _chunk_dots(x, w, c0, c1, acc)
     z.mul_(inv_x[:, None]).mul_(inv_w[None, c0:c1])  # cosines, scaled in fp32 after the GEMM
     z.add_(margin).mul_(alpha).masked_fill_(ignored, -float("inf"))
+    return _set_own_cells_(z, column, c0, c1, -float("inf"))
+
+
+def _set_own_cells_(z, column, c0, c1, value):
+    """z[n, y_n − c0] = value (a scalar or (N, 1)) for the rows whose own class lies in the chunk [c0, c1), without a
+    host sync: the other rows write back their own value."""
     own = (column - c0)[:, None]
     inside = (own >= 0) & (own < c1 - c0)
     own = own.clamp(0, c1 - c0 - 1)
-    # −inf at (n, y_n) without a host sync: rows whose class is outside the chunk write back their own value
-    z.scatter_(1, own, torch.where(inside, -float("inf"), z.gather(1, own)))
-    return z
+    return z.scatter_(1, own, torch.where(inside, value, z.gather(1, own)))
 
 
 def _positive_terms(x, w, column, valid, inv_x, inv_w, margin, alpha, C, acc):
@@ -188,11 +192,7 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
         else:
             a = _negative_exponents(x_acc, w, c0, c1, inv_x, inv_w, ignored, column, margin, alpha, acc)
             g = a.sub_(negative[None, c0:c1]).exp_().mul_(inv_x[:, None]).mul_(inv_w[None, c0:c1] * negative_coef)
-            own = (column - c0)[:, None]
-            inside = (own >= 0) & (own < c1 - c0)
-            own = own.clamp(0, c1 - c0 - 1)
-            g.scatter_(1, own, torch.where(inside, own_cell[:, None], g.gather(1, own)))
-            g = g.to(gemm)
+            g = _set_own_cells_(g, column, c0, c1, own_cell[:, None]).to(gemm)
             del a
         w_chunk = w[c0:c1] if gemm == w.dtype else w[c0:c1].to(gemm)
         if dx is not None:
