@@ -211,6 +211,13 @@ def check_finite(name, value, low=-math.inf, high=math.inf, low_open=False, high
 MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
 
 
+def check_proxy_anchor_options(margin, alpha):
+    """Proxy-Anchor's margin δ (finite, any sign) and α (finite, > 0) as floats."""
+    check_finite("margin", margin)
+    check_finite("alpha", alpha, 0.0, low_open=True)
+    return float(margin), float(alpha)
+
+
 def check_temperature(temperature):
     """A softmax temperature as a float: finite, > 0, and with a finite float32 inverse."""
     check_finite("temperature", temperature, 0.0, low_open=True)

@@ -29,7 +29,8 @@ from torch import nn
 from .checks import (check_bias, check_bool, check_class_shard, check_class_weight, check_class_weight_values,
                      check_classes_per_rank, check_classification_inputs, check_direction, check_extra_outputs,
                      check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
-                     check_linear_ce_options, check_margin_options, check_module_embeddings, check_reduction,
+                     check_linear_ce_options, check_margin_options, check_module_embeddings,
+                     check_proxy_anchor_options, check_reduction,
                      check_subcenters, check_target_tensor, check_teacher, check_temperature, check_tensor,
                      check_topk_arguments, interclass_filtering_options, margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
@@ -695,17 +696,16 @@ def sharded_proxy_anchor_loss(input, proxies_shard, target, *, class_start, num_
     local_error = None
     try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
         check_classification_inputs(input, proxies_shard, target, weight_name="proxies_shard")
-        check_finite("margin", margin)
-        check_finite("alpha", alpha, 0.0, low_open=True)
+        margin, alpha = check_proxy_anchor_options(margin, alpha)
         ignore_index = check_ignore_index(ignore_index)
         class_start, num_classes = _checked_shard(proxies_shard, class_start, num_classes, rank, world_size)
         target = target.long()  # uint8 indices would index as a mask
     except (TypeError, ValueError) as e:
         local_error = e
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error, op="sharded_proxy_anchor_loss",
-                 options=() if local_error else (float(margin), float(alpha)), differentiable=(input, proxies_shard))
+                 options=() if local_error else (margin, alpha), differentiable=(input, proxies_shard))
     return _ShardedProxyAnchor.apply(input, proxies_shard, target, ProcessGroupShard(class_start, num_classes, group),
-                                     float(margin), float(alpha), ignore_index)
+                                     margin, alpha, ignore_index)
 
 
 class _ShardedDistillation(torch.autograd.Function):

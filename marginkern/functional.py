@@ -7,7 +7,8 @@ from .checks import (check_bias, check_binary_targets, check_bool, check_class_w
                      check_cosent_arguments, check_cost_embedding, check_direction, check_embedding_pair,
                      check_extra_outputs, check_finite, check_float_tensor, check_ignore_index,
                      check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer,
-                     check_margin_options, check_reduction, check_shift, check_subcenters, check_teacher,
+                     check_margin_options, check_proxy_anchor_options, check_reduction, check_shift,
+                     check_subcenters, check_teacher,
                      check_temperature, check_tensor, check_topk_arguments, check_topk_teacher,
                      resolve_grad_filter_eps)
 from .emo import cost_in_dtype
@@ -514,8 +515,6 @@ def proxy_anchor_loss(input, proxies, target, *, margin=0.1, alpha=32.0, ignore_
     saved state per step.
     """
     check_classification_inputs(input, proxies, target, weight_name="proxies")
-    check_finite("margin", margin)
-    check_finite("alpha", alpha, 0.0, low_open=True)
-    loss, _, _, _ = call_op("proxy_anchor", input, proxies, target, float(margin), float(alpha),
-                            check_ignore_index(ignore_index))
+    margin, alpha = check_proxy_anchor_options(margin, alpha)
+    loss, _, _, _ = call_op("proxy_anchor", input, proxies, target, margin, alpha, check_ignore_index(ignore_index))
     return loss

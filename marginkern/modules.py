@@ -10,7 +10,8 @@ from torch import nn
 
 from .checks import (check_bool, check_class_weight, check_class_weight_values, check_extra_outputs, check_finite,
                      check_head_size, check_ignore_index, check_jsd_beta, check_linear_ce_options, check_logits_buffer,
-                     check_margin_options, check_module_embeddings, check_reduction, check_shift, check_subcenters,
+                     check_margin_options, check_module_embeddings, check_proxy_anchor_options, check_reduction,
+                     check_shift, check_subcenters,
                      check_temperature, check_tensor, checked_class_targets, interclass_filtering_options,
                      margin_module_repr, resolve_grad_filter_eps)
 from .engine import accumulation_dtype
@@ -609,9 +610,8 @@ class ProxyAnchorLoss(nn.Module):
                  dtype=None):
         super().__init__()
         self.embedding_dim, self.num_classes = check_head_size(embedding_dim, num_classes)
-        check_finite("margin", margin)
-        check_finite("alpha", alpha, 0.0, low_open=True)
-        self.margin, self.alpha, self.ignore_index = float(margin), float(alpha), check_ignore_index(ignore_index)
+        self.margin, self.alpha = check_proxy_anchor_options(margin, alpha)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.proxies = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim, device=device, dtype=dtype))
         self.reset_parameters()
 

@@ -14,7 +14,8 @@ from torch import Tensor
 from .checks import (check_bias, check_class_weight, check_class_weight_values, check_classification_inputs,
                      check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
-                     check_jsd_beta, check_subcenters, check_target_values, check_teacher, check_temperature,
+                     check_jsd_beta, check_proxy_anchor_options, check_subcenters, check_target_values, check_teacher,
+                     check_temperature,
                      check_token_ids, check_topk_teacher)
 from .dispatch import select_tiles, select_tiles_except
 from . import pairwise
@@ -1033,8 +1034,7 @@ def _(input, weight, k, bias=None, normalize=False, softcap=None, need_lse=False
 def _check_proxy_anchor(input, proxies, target, margin, alpha, ignore_index):
     """Proxy-Anchor's arguments as the ops take them (metadata and scalars only: the fakes run it too)."""
     check_classification_inputs(input, proxies, target, weight_name="proxies")
-    check_finite("margin", margin)
-    check_finite("alpha", alpha, 0.0, low_open=True)
+    check_proxy_anchor_options(margin, alpha)
     check_ignore_index(ignore_index)
 
 
