@@ -191,6 +191,12 @@ def row_norms(t: Tensor) -> Tensor:
     return torch.cat([torch.linalg.vector_norm(t[r0:r0 + rows], dim=1, dtype=acc) for r0 in range(0, t.shape[0], rows)])
 
 
+def inverse_row_norms(t: Tensor) -> Tensor:
+    """1/‖t_i‖ in the accumulation dtype, norms clamped at NORM_EPS as F.normalize does: the scales that turn dot
+    products into cosines."""
+    return torch.reciprocal(row_norms(t).clamp_min(NORM_EPS))
+
+
 def _upcast_row_blocks(a: Tensor, dtype, block_bytes: int):
     """a's rows in `dtype`, as (r0, r1, block) by blocks of at most block_bytes: never a whole upcast copy of a
     16-bit a (2 GB in fp32 for a Llama-3-8B head)."""

@@ -18,8 +18,8 @@ whose kernels keep per-row statistics.
 import torch
 
 from .dispatch import select_tiles
-from .engine import (NORM_EPS, SplitKAccumulator, accumulation_dtype, log1p_exp, mm_accumulate, row_grad_finisher,
-                     row_norms, split_k_slices)
+from .engine import (SplitKAccumulator, accumulation_dtype, inverse_row_norms, log1p_exp, mm_accumulate,
+                     row_grad_finisher, split_k_slices, target_dot)
 
 # A chunk's fp32 dot products (rows × classes) and the one temporary beside them (the column log-sum-exp's, then the
 # backward's dL/da in the GEMMs' dtype), plus its chunk × D tensors: an fp32 copy of 16-bit weight rows for a GEMM that
@@ -53,10 +53,6 @@ def _gemm_dtype(x):
     """The dtype the backward GEMMs read dL/da in: bf16 for bf16 on CUDA (fp32's range, cuBLAS's bf16 rate); fp32
     otherwise (fp16's range would flush e^{a−L}·α/C·(1/‖x‖‖w‖) to zero for C in the millions)."""
     return x.dtype if x.is_cuda and x.dtype == torch.bfloat16 else accumulation_dtype(x.dtype)
-
-
-def _inverse_norms(t):
-    return torch.reciprocal(row_norms(t).clamp_min(NORM_EPS))
 
 
 # A row's column: its class's index among this rank's proxies, or IGNORED (target == ignore_index: neither a positive
@@ -97,8 +93,7 @@ def _positive_terms(x, w, column, valid, inv_x, inv_w, margin, alpha, C, acc):
     proxies here, `valid` the rows whose class is one of them, with b_n = −α(s_n,y_n − δ): log-sum-exps per class
     through (C,) buffers (scatter amax, then a sum of exps)."""
     safe = column.clamp_min(0)
-    dots = (x.to(acc) * w[safe].to(acc)).sum(1)
-    b = torch.where(valid, -alpha * (dots * inv_x * inv_w[safe] - margin), -float("inf"))
+    b = torch.where(valid, -alpha * (target_dot(x, w, column) * inv_x * inv_w[safe] - margin), -float("inf"))
     peak = torch.full((C,), -float("inf"), dtype=acc, device=x.device).scatter_reduce(0, safe, b, "amax")
     peak_of_row = peak[safe]
     # a class without rows keeps peak −inf (its sum 0): its term is log(1 + e^−inf) = 0
@@ -123,7 +118,7 @@ def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index, shard=None):
     acc = accumulation_dtype(x.dtype)
     (N, D), C = x.shape, w.shape[0]
     valid, own, column = _row_columns(target, ignore_index, C, shard)
-    inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
+    inv_x, inv_w = inverse_row_norms(x), inverse_row_norms(w)
     _, triton_epilogue = _tiles_and_epilogue(x)
     if x.device.type == "cpu" and x.dtype != acc:
         x = x.to(acc)  # once, not per chunk
@@ -162,7 +157,7 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
     acc = accumulation_dtype(x.dtype)
     (N, D), C = x.shape, w.shape[0]
     valid, _, column = _row_columns(target, ignore_index, C, shard)
-    inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
+    inv_x, inv_w = inverse_row_norms(x), inverse_row_norms(w)
     tiles, triton_epilogue = _tiles_and_epilogue(x)
     finish = row_grad_finisher(tiles)
     gemm = _gemm_dtype(x)
@@ -176,8 +171,9 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
     one = torch.ones((), dtype=acc, device=x.device)
     dw = torch.empty_like(w) if need_weight_grad else None
     fused_dw = dw is not None and getattr(tiles, "fuses_projected_weight_grad", lambda x: False)(x_gemm)
-    # an unfused dW chunk: itself, two products of the projection and a copy of 16-bit rows; else the copy at most
-    weight_rows = 4 if dw is not None and not fused_dw else int(w.dtype != gemm or (not w.is_cuda and w.dtype != acc))
+    # an unfused dW chunk: itself, two products of the projection and a copy of 16-bit rows; else the copy at most (the
+    # GEMMs' operand dtype, and on the CPU also the recomputing GEMM's)
+    weight_rows = 4 if dw is not None and not fused_dw else int(w.dtype != gemm)
     chunks = proxy_chunks(N, C, D, acc.itemsize, x.is_cuda, weight_rows)
     dx = None
     if need_input_grad:
@@ -194,7 +190,7 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
             g = a.sub_(negative[None, c0:c1]).exp_().mul_(inv_x[:, None]).mul_(inv_w[None, c0:c1] * negative_coef)
             g = _set_own_cells_(g, column, c0, c1, own_cell[:, None]).to(gemm)
             del a
-        w_chunk = w[c0:c1] if gemm == w.dtype else w[c0:c1].to(gemm)
+        w_chunk = w[c0:c1].to(gemm)  # the rows themselves when they are in the GEMMs' dtype
         if dx is not None:
             dx.add(g, w_chunk)
         if fused_dw:

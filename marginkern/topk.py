@@ -12,7 +12,7 @@ and read once beside it is small (64 MB of them at most, and as much of upcast w
 import torch
 from torch import Tensor
 
-from .engine import NORM_EPS, accumulation_dtype, mm_accumulate, row_norms
+from .engine import accumulation_dtype, inverse_row_norms, mm_accumulate
 
 # The fp32 logits of one chunk (rows × classes), and the fp32 copy of its weight rows where the GEMM needs one; at
 # least MIN_CHUNK_CLASSES classes (a GEMM too narrow runs badly), so very long inputs go by blocks of rows.
@@ -38,7 +38,7 @@ def streaming_topk(x: Tensor, w: Tensor, k: int, bias=None, normalize=False, sof
     bias)), in the accumulation dtype; arguments checked by the caller (k ≤ C)."""
     acc = accumulation_dtype(x.dtype)
     N = x.shape[0]
-    col_scale = torch.reciprocal(row_norms(w).clamp_min(NORM_EPS)) if normalize else None
+    col_scale = inverse_row_norms(w) if normalize else None
     keeps_dtype = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)  # cuBLAS writes fp32 from 16-bit inputs
     rows, classes = chunk_shape(N, x.shape[1], torch.finfo(acc).bits // 8, not keeps_dtype and w.dtype != acc)
     parts = [_block_topk(x[r0:r0 + rows], w, k, bias, col_scale, softcap, need_lse, classes, keeps_dtype, acc,
@@ -53,7 +53,7 @@ def streaming_topk(x: Tensor, w: Tensor, k: int, bias=None, normalize=False, sof
 def _block_topk(x, w, k, bias, col_scale, softcap, need_lse, classes, keeps_dtype, acc, logit_scale):
     """streaming_topk of a block of rows, over chunks of `classes` classes."""
     N, C = x.shape[0], w.shape[0]
-    row_scale = None if col_scale is None else torch.reciprocal(row_norms(x).clamp_min(NORM_EPS))[:, None]
+    row_scale = None if col_scale is None else inverse_row_norms(x)[:, None]
     if not keeps_dtype:
         x = x.to(acc)  # once, not per chunk (mm_accumulate upcasts what cuBLAS cannot take as it is)
     values = x.new_empty((N, 0), dtype=acc)

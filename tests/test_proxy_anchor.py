@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import marginkern as mk
 from marginkern import proxy_anchor, reference
@@ -287,23 +288,18 @@ def _malloc_live_bytes():
     return info.uordblks + info.hblkhd
 
 
-class _PeakMalloc:
-    """A TorchDispatchMode factory measuring malloc's live bytes after every ATen op (not inside one: an op's own
-    temporaries are not seen), relative to entering it."""
+class _PeakMalloc(TorchDispatchMode):
+    """Malloc's live bytes after every ATen op (not inside one: an op's own temporaries are not seen), the peak
+    relative to entering the mode."""
 
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    def __enter__(self):
+        self.base, self.peak = _malloc_live_bytes(), 0
+        return super().__enter__()
 
-        class Peak(TorchDispatchMode):
-            def __enter__(self):
-                self.base, self.peak = _malloc_live_bytes(), 0
-                return super().__enter__()
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                self.peak = max(self.peak, _malloc_live_bytes() - self.base)
-                return out
-        return Peak()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _malloc_live_bytes() - self.base)
+        return out
 
 
 FREED_CASE = dict(N=2048, D=64, C=20_000)  # N ≫ D: a second N × chunk tensor stands out above the chunk × D ones
