@@ -48,6 +48,7 @@ csrc/cpu/margin_loss.cpp, has them internally). A backend may also run the whole
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -62,6 +63,16 @@ def log1p_exp(v: Tensor) -> Tensor:
     """log(1 + e^v), exact at every v: F.softplus returns v itself above its threshold 20 (2e-9 off: invisible in
     fp32, not in fp64), and log1p(exp(v)) overflows."""
     return torch.logaddexp(v, torch.zeros_like(v))
+
+
+def log1m_exp(v: Tensor) -> Tensor:
+    """log(1 − e^v) for v < 0, exact at every v (Mächler's log1mexp): log1p(−exp(v)) cancels as v → 0⁻ (−inf, and
+    a NaN gradient, once e^v rounds to 1: TRL #2564, #3237), log(−expm1(v)) loses nothing there; below −log 2
+    log1p(−e^v) is the exact one. Each branch gets only arguments it is finite at: torch.where's backward
+    multiplies the unused branch's gradient by 0, and 0·inf is NaN."""
+    near_zero = v > -math.log(2.0)
+    far = torch.clamp(v, max=-math.log(2.0))
+    return torch.where(near_zero, torch.log(-torch.expm1(v)), torch.log1p(-torch.exp(far)))
 
 
 def accumulation_dtype(dtype):

@@ -599,6 +599,16 @@ def test_linear_topk_on_gpu(dtype, normalize):
     torch.testing.assert_close(lse.double(), z.logsumexp(1), rtol=1e-4, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_preference_heads_on_gpu(dtype):
+    """DPO (with RPO's NLL), ORPO and SimPO on CUDA against TRL's arithmetic in float64 on the same rounded inputs,
+    and ORPO on near-certain completions (log p ≈ −1e-11 per token) exact to 1e-5."""
+    from tests.test_preference import check_orpo_near_certain_completions, check_paired_head_against_trl
+    for case in (("dpo", dict(loss_type="sigmoid", rpo_alpha=0.5)), ("orpo", dict()), ("simpo", dict())):
+        check_paired_head_against_trl(*case, device="cuda", dtype=dtype)
+    check_orpo_near_certain_completions("cuda")
+
+
 @pytest.mark.parametrize("epilogue", ["triton", "triton-split-k", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_proxy_anchor_on_gpu_triton_and_pytorch_epilogues(dtype, epilogue, monkeypatch):
