@@ -154,6 +154,8 @@ case "$stage" in
     pack
     # Proxy-Anchor over a million proxies: the Triton chunk epilogues against PyTorch's, and the floor
     bench proxy proxy-anchor-1M "marginkern,marginkern pytorch epilogue,3-GEMM floor" 35 proxy 5
+    # DPO (precomputed reference log-probabilities) at Llama-3-8B's head against Liger's chunked DPO
+    MARGINKERN_TRITON_CONFIG="$llm_cfg" bench dpo dpo-llama3-8b "marginkern,liger-kernel dpo,3-GEMM floor" 30 dpo 5
     ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
