@@ -1,5 +1,6 @@
 """Providers every (N, D, C) classification case shares: inputs, the 3-GEMM floor, torch.compile; and the LM-head
 shapes of the families beside linear CE."""
+import importlib
 import os
 import shutil
 
@@ -32,10 +33,16 @@ def make_inputs(case, device):
     return x, w, target
 
 
-def needs_cuda(device, peer):
-    """A peer that runs on CUDA only: Skip elsewhere."""
+def peer_attribute(peer, module_name, name, device):
+    """`name` from an optional peer's module (liger-kernel, cut-cross-entropy: CUDA only); Skip with the reason when
+    the peer is not importable or the device is not CUDA."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise Skip(f"{peer} not importable ({exc})")
     if device.type != "cuda":
         raise Skip(f"{peer} runs on CUDA only")
+    return getattr(module, name)
 
 
 def loss_step(loss_fn, case, device):

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import marginkern
-from common_providers import compiled, gemm_floor, lm_head_cases, loss_step, needs_cuda
-from harness import Skip
+from common_providers import compiled, gemm_floor, lm_head_cases, loss_step, peer_attribute
 
 FLOOR = "3-GEMM floor"
 TEMPERATURE = 2.0
@@ -75,12 +74,8 @@ def marginkern_jsd(x, w, target):
 
 
 def _liger_jsd(case, device):
-    try:
-        from liger_kernel.transformers import LigerFusedLinearJSD
-    except ImportError as exc:
-        raise Skip(f"liger-kernel not importable ({exc})")
-    needs_cuda(device, "liger-kernel")
-    loss_module = LigerFusedLinearJSD(jsd_beta=JSD_BETA, temperature=TEMPERATURE)
+    liger_jsd = peer_attribute("liger-kernel", "liger_kernel.transformers", "LigerFusedLinearJSD", device)
+    loss_module = liger_jsd(jsd_beta=JSD_BETA, temperature=TEMPERATURE)
 
     def liger(x, w, target):
         x_t, w_t = _teacher(x, w)

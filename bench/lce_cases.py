@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import marginkern
-from common_providers import compiled, cuda_graphed, gemm_floor, loss_step, needs_cuda, on_backend
+from common_providers import compiled, cuda_graphed, gemm_floor, loss_step, on_backend, peer_attribute
 from harness import Case, Skip
 
 FLOOR = "3-GEMM floor"
@@ -42,12 +42,8 @@ def _marginkern(cuda_only=False, **knobs):
 
 
 def _liger(case, device):
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError as exc:
-        raise Skip(f"liger-kernel not importable ({exc})")
-    needs_cuda(device, "liger-kernel")
-    loss_module = LigerFusedLinearCrossEntropyLoss()
+    loss_module = peer_attribute("liger-kernel", "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss",
+                                 device)()
 
     def liger(x, w, target):
         out = loss_module(w, x, target)  # liger's argument order: weight first
@@ -67,11 +63,7 @@ def _torch_chunked(case, device):
 
 def _cce(filter_eps):
     def build(case, device):
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-        except ImportError as exc:
-            raise Skip(f"cut-cross-entropy not importable ({exc})")
-        needs_cuda(device, "cut-cross-entropy")
+        linear_cross_entropy = peer_attribute("cut-cross-entropy", "cut_cross_entropy", "linear_cross_entropy", device)
         kwargs = {} if filter_eps == "default" else {"filter_eps": filter_eps}
         return loss_step(lambda x, w, target: linear_cross_entropy(x, w, target, **kwargs), case, device)
     return build

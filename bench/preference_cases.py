@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import marginkern
-from common_providers import compiled, gemm_floor, lm_head_cases, loss_step, needs_cuda
+from common_providers import compiled, gemm_floor, lm_head_cases, loss_step, peer_attribute
 from harness import Skip
 
 FLOOR = "3-GEMM floor"
@@ -64,12 +64,8 @@ def marginkern_dpo(x, w, target):
 
 
 def _liger_dpo(case, device):
-    try:
-        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-    except ImportError as exc:
-        raise Skip(f"liger-kernel not importable ({exc})")
-    needs_cuda(device, "liger-kernel")
-    loss_module = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False)
+    liger_dpo = peer_attribute("liger-kernel", "liger_kernel.chunked_loss", "LigerFusedLinearDPOLoss", device)
+    loss_module = liger_dpo(beta=BETA, use_ref_model=False)
 
     def liger(x, w, target):
         x3, labels, _ = _sequences(x, w, target)
