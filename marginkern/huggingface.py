@@ -5,6 +5,7 @@
     loss = model(input_ids, labels=labels).loss         # HF's labels: shifted inside, -100 ignored
     marginkern.huggingface.patch_causal_lm(model, loss="emo_cross_entropy")   # EMO's official recipe, fused
     logits, token_ids = marginkern.huggingface.causal_lm_topk(teacher, 64, input_ids=ids)   # a teacher's top-k cache
+    logps = marginkern.huggingface.causal_lm_sequence_log_probs(model, labels, input_ids=ids)   # DPO's log π(y|x)
 
 With `labels`, in training mode, the patched forward runs the model's own forward with `labels=None` and
 `logits_to_keep` set to no position (the decoder runs as HF wrote it; the LM head projects nothing), takes the
@@ -205,7 +206,9 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
     cls_forward = type(self).forward
     arguments = _keyword_arguments(cls_forward, self, args, kwargs)
     if arguments.get("labels") is None or not self.training:  # eval keeps HF's logits for metrics (as Liger)
-        if self.training and torch.is_grad_enabled():
+        keep = arguments.get("logits_to_keep", 0)
+        projects_nothing = torch.is_tensor(keep) and keep.numel() == 0  # (causal_lm_sequence_log_probs' forward)
+        if self.training and torch.is_grad_enabled() and not projects_nothing:
             _warn_unfused_training_step()
         return cls_forward(self, *args, **kwargs)
     head = _plain_linear_head(self)
@@ -269,13 +272,62 @@ def causal_lm_topk(model, k, *, return_lse=False, **model_inputs):
     (accelerate's hooks, autocast and offloading included) in the mode it is in: a teacher wants model.eval(). A
     torch.compile'd model (OptimizedModule) runs its original module.
     """
+    model, head, hidden = _hidden_states_without_logits(model, "causal_lm_topk", model_inputs)
+    scale, softcap = SUPPORTED_MODEL_TYPES[model.config.model_type](model.config)
+    with _head_on(head, hidden.device):
+        weight, bias = head.weight, head.bias
+        return linear_topk(hidden.to(weight.device, weight.dtype), weight, k, bias, softcap=softcap,
+                           logit_scale=scale, return_lse=return_lse)
+
+
+def causal_lm_sequence_log_probs(model, labels, *, average=False, ignore_index=-100, **model_inputs):
+    """log π(labels | inputs) per sequence of a causal LM, differentiable, without the (B, T, V) logits: TRL's
+    concatenated forward for the preference losses (marginkern.dpo_loss, orpo_loss, ...). labels (B, T) as HF's:
+    shifted inside (position t scores label t + 1), ignore_index (the prompt, the padding) not counted; average=True
+    gives the mean over the counted tokens (IPO, ORPO, SimPO), else their sum. model_inputs: the forward's (input_ids,
+    attention_mask, ...). Returns (B,) fp32 (fp64 for an fp64 model).
+
+    The model runs its own forward with the LM head projecting nothing (as a patched model's training step; no KV
+    cache unless use_cache=True), then `marginkern.sequence_log_probs` streams the head over the last hidden state
+    with the model type's logit scale (Cohere's, Granite's: as a temperature, in fp32). Gemma 2/3's softcap and a
+    head with a bias go through linear_cross_entropy(reduction="none") instead: exact to fp32's resolution of
+    lse, not to the last bits for near-certain tokens as the log_probs path. Under no_grad it serves a reference
+    model (accelerate's offloaded heads included).
+    """
+    from .preference import sequence_log_probs  # preference imports modules, which imports this module's peers
+
+    if "shift_labels" in model_inputs:
+        raise TypeError("causal_lm_sequence_log_probs takes labels as HF's (shifted inside), not shift_labels")
+    model, head, hidden = _hidden_states_without_logits(model, "causal_lm_sequence_log_probs", model_inputs)
+    scale, softcap = SUPPORTED_MODEL_TYPES[model.config.model_type](model.config)
+    with _head_on(head, hidden.device):
+        weight, bias = head.weight, head.bias
+        hidden = hidden.to(weight.device)
+        if torch.is_autocast_enabled(hidden.device.type):  # the head's operands in the autocast dtype, as F.linear's
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight, bias = (None if t is None else t.to(dtype) for t in (hidden, weight, bias))
+        labels = labels.to(hidden.device)
+        if softcap is None and bias is None:
+            return sequence_log_probs(hidden, weight, labels, temperature=1.0 / scale, ignore_index=ignore_index,
+                                      shift=1, average=average)
+        # (the model types with a softcap have no logit scale)
+        nll = linear_cross_entropy(hidden, weight, labels, bias, softcap=softcap, ignore_index=ignore_index, shift=1,
+                                   reduction="none")
+        counted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], 1) != ignore_index
+        total = -nll.sum(-1)
+        return total / counted.sum(-1).clamp_min(1) if average else total
+
+
+def _hidden_states_without_logits(model, caller, model_inputs):
+    """(the model as checked, its head, the decoder's last hidden state) of a forward with the LM head projecting
+    nothing: model_inputs as the model's forward takes them, without labels."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: checked and run as the module it wraps
     head = _check_model(model, forward_may_be_wrapped=True)
     if "labels" in model_inputs or "shift_labels" in model_inputs:
-        raise TypeError("causal_lm_topk takes no labels: it returns the model's top-k next tokens at every position")
+        raise TypeError(f"{caller} takes no labels among the model's inputs")
     keep = model_inputs.pop("logits_to_keep", 0)
     if not (isinstance(keep, int) and keep == 0):
-        raise ValueError("logits_to_keep must be left at its default: the top-k covers every position")
+        raise ValueError("logits_to_keep must be left at its default: the result covers every position")
     model_inputs.setdefault("use_cache", False)  # a KV cache for every token can outweigh the logits avoided
     decoded = []
     hook = model.get_decoder().register_forward_hook(lambda module, inputs, output: decoded.append(output))
@@ -286,11 +338,7 @@ def causal_lm_topk(model, k, *, return_lse=False, **model_inputs):
         hook.remove()
     hidden = _last_hidden_state(decoded[-1])
     decoded.clear()  # (and with it the decoder's other outputs, before the head streams)
-    scale, softcap = SUPPORTED_MODEL_TYPES[model.config.model_type](model.config)
-    with _head_on(head, hidden.device):
-        weight, bias = head.weight, head.bias
-        return linear_topk(hidden.to(weight.device, weight.dtype), weight, k, bias, softcap=softcap,
-                           logit_scale=scale, return_lse=return_lse)
+    return model, head, hidden
 
 
 def _last_hidden_state(decoded):

@@ -42,13 +42,13 @@ EXO_PAIR_DEFAULT_SMOOTHING = 1e-3
 MAX_LOG_PROB = -torch.finfo(torch.float32).tiny
 
 
-def _token_log_probs(input, weight, target, ignore_index, shift):
+def _token_log_probs(input, weight, target, ignore_index, shift, temperature=1.0):
     """(B, T) log p(target) (0 at ignored positions) and the (B, T) mask of the positions that count."""
     check_tensor("input", input)
     if input.dim() != 3:
         raise ValueError(f"input must have shape (B, T, D) (a batch of sequences), got shape {tuple(input.shape)}")
-    log_probs, _ = log_probs_and_entropy(input, _autocast_like(weight, input), target, ignore_index=ignore_index,
-                                         shift=shift)
+    log_probs, _ = log_probs_and_entropy(input, _autocast_like(weight, input), target, temperature=temperature,
+                                         ignore_index=ignore_index, shift=shift)
     valid = _shift_targets(target, shift, ignore_index) != ignore_index
     return log_probs, valid
 
@@ -59,13 +59,15 @@ def _sum_or_mean(log_probs, valid, average):
     return total / valid.sum(-1).clamp_min(1) if average else total
 
 
-def sequence_log_probs(input, weight, target, *, ignore_index=-100, shift=0, average=False):
+def sequence_log_probs(input, weight, target, *, ignore_index=-100, shift=0, average=False, temperature=1.0):
     """log π(y | x) per sequence: Σ_t log p(target_t) over the positions whose target is not ignore_index, or its
-    mean over them (average=True; 0 for a sequence without such positions). input (B, T, D), weight (V, D), target
-    (B, T) integer; returns (B,) fp32 (fp64 for fp64 input), differentiable in input and weight. One fused pass
-    over the vocabulary (`log_probs_and_entropy`); shift as in linear_cross_entropy."""
+    mean over them (average=True; 0 for a sequence without such positions), p = softmax(input·weightᵀ / temperature).
+    input (B, T, D), weight (V, D), target (B, T) integer; returns (B,) fp32 (fp64 for fp64 input), differentiable in
+    input and weight. One fused pass over the vocabulary (`log_probs_and_entropy`); shift as in
+    linear_cross_entropy."""
     ignore_index, shift = check_ignore_index(ignore_index), check_shift(shift)
-    return _sum_or_mean(*_token_log_probs(input, weight, target, ignore_index, shift), check_bool("average", average))
+    average = check_bool("average", average)
+    return _sum_or_mean(*_token_log_probs(input, weight, target, ignore_index, shift, temperature), average)
 
 
 def _as_vectors(**tensors):

@@ -1,5 +1,6 @@
 """marginkern.huggingface.patch_causal_lm against the models' own loss (transformers, tiny random models, fp32)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -419,7 +420,7 @@ def test_causal_lm_topk_refuses_labels():
     from marginkern.huggingface import causal_lm_topk
     model = tiny_model("llama").eval()
     ids, labels = batch()
-    with pytest.raises(TypeError, match="causal_lm_topk takes no labels"):
+    with pytest.raises(TypeError, match="causal_lm_topk takes no labels"):  # labels among the model's inputs
         causal_lm_topk(model, 3, input_ids=ids, labels=labels)
     with pytest.raises(ValueError, match="logits_to_keep must be left at its default"):
         causal_lm_topk(model, 3, input_ids=ids, logits_to_keep=1)
@@ -490,3 +491,106 @@ def test_causal_lm_topk_of_a_compiled_model_runs_its_module():
         torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match="logits_to_keep must be left at its default"):
         causal_lm_topk(model, 3, input_ids=ids, logits_to_keep=torch.tensor([1]))
+
+
+def own_sequence_log_probs(model, ids, labels, mask, average):
+    """TRL's concatenated forward on the model's own logits (fp32): labels shifted by one, -100 not counted."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    counted = target != -100
+    per_token = logits.log_softmax(-1).gather(-1, torch.where(counted, target, 0)[..., None])[..., 0]
+    total = (per_token * counted).sum(-1)
+    return total / counted.sum(-1) if average else total
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
+def test_causal_lm_sequence_log_probs_equal_the_models_own(model_type):
+    """Per-sequence log-probabilities (sums and token means) and their gradients for every parameter against TRL's
+    arithmetic on the model's own logits (its logit transform included: the log_probs path with Cohere's and Granite's
+    scale as a temperature, linear_cross_entropy for Gemma's softcap); a patched model gives the same without
+    warning that it computed logits."""
+    from marginkern.huggingface import causal_lm_sequence_log_probs
+    ids, labels = batch()
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    weights = torch.tensor([0.7, -1.3, 0.4])
+    for average in (False, True):
+        model = tiny_model(model_type)
+        want = loss_and_grads_of(lambda: own_sequence_log_probs(model, ids, labels, mask, average), model, weights)
+        for patched in (False, True):
+            if patched:
+                patch_causal_lm(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = loss_and_grads_of(lambda: causal_lm_sequence_log_probs(
+                    model, labels, average=average, input_ids=ids, attention_mask=mask), model, weights)
+            torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+            assert_same_loss_and_grads(got[:2], want[:2])
+
+
+def test_causal_lm_sequence_log_probs_of_a_head_with_a_bias():
+    """A head with a bias (a plain nn.Linear: its bias is part of the projection) goes through linear_cross_entropy."""
+    from marginkern.huggingface import causal_lm_sequence_log_probs
+    model = tiny_model("llama")
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.normal_(0, 2.0)
+    model.set_output_embeddings(biased)
+    ids, labels = batch()
+    mask = torch.ones_like(ids)
+    weights = torch.tensor([0.7, -1.3, 0.4])
+    for average in (False, True):
+        want = loss_and_grads_of(lambda: own_sequence_log_probs(model, ids, labels, mask, average), model, weights)
+        got = loss_and_grads_of(lambda: causal_lm_sequence_log_probs(model, labels, average=average, input_ids=ids,
+                                                                      attention_mask=mask), model, weights)
+        assert "lm_head.bias" in got[1]
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+        assert_same_loss_and_grads(got[:2], want[:2])
+
+
+def loss_and_grads_of(fn, model, weights):
+    """(Σ weights·fn(), the parameters' gradients, fn()) for a model."""
+    model.zero_grad(set_to_none=True)
+    values = fn()
+    loss = (values * weights).sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, values.detach()
+
+
+def test_dpo_on_a_causal_lm_with_a_reference_model():
+    """The documented recipe: the policy's log-probabilities with gradients, the reference model's under no_grad,
+    mk.dpo_loss on them; equal to TRL's DPO on both models' own logits."""
+    from marginkern.huggingface import causal_lm_sequence_log_probs
+    policy, reference = tiny_model("llama"), tiny_model("llama").eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ids, labels = batch()
+    ids, labels = torch.cat([ids, ids.flip(0)]), torch.cat([labels, labels.flip(0)])  # 3 chosen, then 3 rejected
+    mask = torch.ones_like(ids)
+
+    def dpo(logps, ref):
+        return mk.dpo_loss(logps[:3], logps[3:], ref[:3], ref[3:], beta=0.1)[0].mean()
+
+    with torch.no_grad():
+        ref = causal_lm_sequence_log_probs(reference, labels, input_ids=ids, attention_mask=mask)
+        want_ref = own_sequence_log_probs(reference, ids, labels, mask, False)
+    torch.testing.assert_close(ref, want_ref, rtol=1e-5, atol=1e-5)
+    got = loss_and_grads_of(lambda: dpo(causal_lm_sequence_log_probs(policy, labels, input_ids=ids,
+                                                                       attention_mask=mask), ref)[None],
+                            policy, torch.ones(1))
+    want = loss_and_grads_of(lambda: dpo(own_sequence_log_probs(policy, ids, labels, mask, False), want_ref)[None],
+                             policy, torch.ones(1))
+    assert_same_loss_and_grads(got[:2], want[:2])
+
+
+def test_causal_lm_sequence_log_probs_refuses_labels_among_the_inputs():
+    from marginkern.huggingface import causal_lm_sequence_log_probs
+    model = tiny_model("llama")
+    ids, labels = batch()
+    with pytest.raises(TypeError, match="not shift_labels"):
+        causal_lm_sequence_log_probs(model, labels, input_ids=ids, shift_labels=labels)
+    with pytest.raises(ValueError, match="logits_to_keep must be left at its default"):
+        causal_lm_sequence_log_probs(model, labels, input_ids=ids, logits_to_keep=1)
