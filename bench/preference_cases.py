@@ -4,8 +4,8 @@ precompute_ref_log_probs), the N rows taken as N / T sequences of T = 128 tokens
 Providers, measured in one run on the same inputs:
   marginkern          marginkern.LinearDPOLoss: per-sequence log-probabilities from the fused log_probs pass, no
                       logits
-  naive               TRL's DPOTrainer on the head's logits (model dtype): selective_log_softmax per sequence (the
-                      logit of the label minus the row's logsumexp in fp32), masked sums, the sigmoid loss
+  naive               TRL's DPOTrainer on the head's logits (model dtype): its selective_log_softmax (per sequence;
+                      fp32 logits: label logit − logsumexp, 16-bit: log_softmax in that dtype), masked sums, sigmoid
   torch.compile       torch.compile of that naive function
   liger-kernel dpo    Liger's LigerFusedLinearDPOLoss, reference-free (its forward takes a reference model's
                       hidden states, not precomputed log-probabilities; the loss arithmetic is the same size; CUDA)
@@ -41,13 +41,20 @@ def _sequences(x, w, target):
     return x.reshape(-1, T, x.shape[1]), labels, ref
 
 
+def selective_log_softmax(logits, index):
+    """TRL's selective_log_softmax: in fp32/fp64 the label's logit minus each sequence's logsumexp; in 16-bit
+    log_softmax per sequence, in the logits' dtype (its memory-saving loops)."""
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = logits.gather(-1, index[..., None])[..., 0]
+        return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+    return torch.stack([F.log_softmax(row, dim=-1).gather(-1, i[:, None])[:, 0] for row, i in zip(logits, index)])
+
+
 def naive_dpo(x, w, target):
     x3, labels, ref = _sequences(x, w, target)
     logits = F.linear(x3, w)
     mask = labels != -100
-    index = torch.where(mask, labels, 0)
-    per_token = torch.stack([row.gather(-1, i[:, None])[:, 0].float() - torch.logsumexp(row.float(), dim=-1)
-                             for row, i in zip(logits, index)])
+    per_token = selective_log_softmax(logits, torch.where(mask, labels, 0))
     logps = (per_token * mask).sum(-1)
     pairs = logps.shape[0] // 2
     h = (logps[:pairs] - logps[pairs:]) - (ref[:pairs] - ref[pairs:])

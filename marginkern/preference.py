@@ -7,11 +7,17 @@ them; Liger-Kernel's chunked preference losses one chunk of sequences). The rest
 as TRL defines it (DPOTrainer.dpo_loss, ORPOTrainer.odds_ratio_loss, CPOTrainer.cpo_loss, KTOTrainer.kto_loss),
 computed in float32 (float64 for float64 inputs).
 
-Two things are exact here that TRL's and Liger's are not:
-- a confident token's log p is −log1p(S′) (log_probs.py), not z_t − lse rounded to a multiple of ulp(lse), so a
-  near-certain completion's (mean) log-probability is −1e-9 rather than 0;
-- ORPO's log-odds take log(1 − p) as log(−expm1(log p)) (`engine.log1m_exp`), where log1p(−exp(log p)) is −inf
-  and its gradient NaN once p rounds to 1 (TRL #2564, #3237).
+Exactness: a confident token's log p is −log1p(S′) (log_probs.py), not z_t − lse rounded to a multiple of
+ulp(lse), so a near-certain completion's (mean) log-probability is, say, −4e-11 and not 0; ORPO's log(1 − p) is
+log(−expm1(log p)) (`engine.log1m_exp`, as TRL since #4763; its older log1p(−exp(log p)) was −inf, the loss NaN, once
+p rounded to 1: TRL #2564, #3237). With log p rounded to 0 first even log1mexp is −inf; here that needs p within
+1e-30 of 1 (MAX_LOG_PROB).
+
+Where these heads differ from TRL, by choice: ORPO's (and every head's) NLL counts the completion tokens, the
+tokens the log-probabilities count (Liger's convention; TRL's ORPOTrainer counts the prompt too); the logit-mean
+metrics average over the counted tokens for every head (TRL's DPO does; its ORPO and CPO average over all positions);
+reference-free DPO takes the reference log-probabilities as 0 everywhere (TRL zeroes them in the main margin and
+apo_* only); bco_pair (a running mean across steps) is not offered.
 
 The paired losses take one batch of 2B sequences, the B chosen ones first and then the B rejected ones in the same
 order (TRL's concatenated forward; Liger's layout): input (2B, T, D), target (2B, T) with the prompt's and the
@@ -31,15 +37,17 @@ from .functional import _shift_targets, log_probs_and_entropy
 from .modules import _autocast_like
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "hinge", "ipo", "nca_pair", "sppo_hard", "aot", "aot_pair",
-                  "apo_zero", "apo_down")
+                  "apo_zero", "apo_down", "discopop")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 # the loss types whose formula has a label-smoothing term (TRL ignores label_smoothing for the others; here it is
 # refused there rather than silently dropped)
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair", "simpo")
 # exo_pair's formula needs 0 < ε (it takes log ε); TRL substitutes this for ε = 0
 EXO_PAIR_DEFAULT_SMOOTHING = 1e-3
-# log p ≤ −(smallest normal float32): p ≤ 1 − 1.2e-38, so that log(1 − p) is finite where p rounds to exactly 1
-MAX_LOG_PROB = -torch.finfo(torch.float32).tiny
+# ORPO's log p in (−1e-30, 0] is taken as −1e-30 (its gradient passed through): log(1 − p) then stays finite, and
+# σ(−log odds) ≈ 1e-30·odds(rejected) a normal float32, where p rounds to exactly 1. Its loss term there is below
+# β·1e-30·odds; the gradient's limit as log p → 0⁻ is −β·odds(rejected), which the pass-through gives.
+MAX_LOG_PROB = -1e-30
 
 
 def _token_log_probs(input, weight, target, ignore_index, shift, temperature=1.0):
@@ -88,8 +96,7 @@ def _as_vectors(**tensors):
 def _check_smoothing(loss_type, label_smoothing, loss_types):
     if loss_type not in loss_types:
         raise ValueError(f"loss_type must be one of {loss_types}, got {loss_type!r}")
-    high = 0.5 if loss_type not in ("robust", "exo_pair") else math.nextafter(0.5, 0.0)
-    check_finite("label_smoothing", label_smoothing, 0.0, high)
+    check_finite("label_smoothing", label_smoothing, 0.0, 0.5, high_open=loss_type in ("robust", "exo_pair"))
     if label_smoothing != 0 and loss_type not in SMOOTHED_LOSS_TYPES:
         raise ValueError(f"label_smoothing applies to loss_type in {SMOOTHED_LOSS_TYPES} only, got "
                          f"label_smoothing={label_smoothing!r} with loss_type={loss_type!r}")
@@ -107,7 +114,7 @@ def _smoothed_sigmoid(u, eps):
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, beta=0.1,
-             loss_type="sigmoid", label_smoothing=0.0):
+             loss_type="sigmoid", label_smoothing=0.0, discopop_tau=0.05):
     """DPO (Rafailov et al. 2023) and its pairwise variants, per pair, as TRL's DPOTrainer.dpo_loss.
 
     All arguments (B,) log π(y | x); without the reference's (both None) the loss is reference-free (TRL's
@@ -116,7 +123,9 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
     reverse KL to the ε-smoothed labels; ε = 1e-3 when 0); hinge relu(1 − βh); ipo (h − 1/(2β))²; nca_pair
     −log σ(βc) − ½·log σ(−βc) − ½·log σ(−βr); sppo_hard (c − 1/(2β))² + (r + 1/(2β))²; aot / aot_pair the sigmoid loss
     on the difference of the batch-sorted log-ratios (of π_c − π_r against ref_c − ref_r / of c against r);
-    apo_zero 1 − σ(βc) + σ(βr); apo_down σ(βc) + 1 − σ(β(c − r)).
+    apo_zero 1 − σ(βc) + σ(βr); apo_down σ(βc) + 1 − σ(β(c − r)); discopop (1 − σ(βh/τ))·(−log σ(βh)) +
+    σ(βh/τ)·e^{−βh} with τ = discopop_tau, its second term as e^{−βh + log σ(βh/τ)} (TRL's e^{−βh}·σ(βh/τ) is inf·0 =
+    NaN below βh ≈ −88).
 
     Returns (losses (B,), chosen_rewards β·c, rejected_rewards β·r), the rewards detached, float32 (float64 for
     float64 inputs). TRL's IPO averages log-probabilities over tokens: pass such log-probabilities
@@ -124,6 +133,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
     """
     beta = _check_beta(beta)
     eps = _check_smoothing(loss_type, label_smoothing, DPO_LOSS_TYPES)
+    check_finite("discopop_tau", discopop_tau, 0.0, low_open=True)
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("ref_chosen_logps and ref_rejected_logps must be given together (or neither, for the "
                          "reference-free loss)")
@@ -158,26 +168,38 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
         losses = _smoothed_sigmoid(beta * (torch.sort(chosen_ratio).values - torch.sort(rejected_ratio).values), eps)
     elif loss_type == "apo_zero":
         losses = (1 - sigmoid(beta * chosen_ratio)) + sigmoid(beta * rejected_ratio)
-    else:  # apo_down
+    elif loss_type == "apo_down":
         losses = sigmoid(beta * chosen_ratio) + (1 - sigmoid(beta * (chosen_ratio - rejected_ratio)))
+    else:  # discopop
+        u = beta * h
+        modulation = sigmoid(u / discopop_tau)
+        losses = -logsigmoid(u) * (1 - modulation) + torch.exp(logsigmoid(u / discopop_tau) - u)
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
 def orpo_loss(chosen_logps, rejected_logps, *, beta=0.1):
     """ORPO's odds-ratio term (Hong et al. 2024), per pair: −β·log σ(log odds(c) − log odds(r)) with
     log odds(y) = log p − log(1 − p) of the token-averaged log-probabilities (TRL's ORPOTrainer.odds_ratio_loss,
-    whose returned `losses` are the negative of these). log(1 − p) = log(−expm1(log p)) is exact as p → 1, and a
-    log p that rounds to 0 is taken as −1.2e-38 (MAX_LOG_PROB) so that the odds stay finite.
+    whose returned `losses` are the negative of these). log(1 − p) = log(−expm1(log p)) is exact as p → 1; a log p
+    in (−1e-30, 0] (a completion that rounds to certain; one without counted tokens, whose mean is 0) is taken as
+    −1e-30 with its gradient passed through (MAX_LOG_PROB); a positive one, which no probability has, gives NaN.
 
     Returns (losses (B,), chosen_rewards β·π_c, rejected_rewards β·π_r, log_odds (B,)), all but losses detached.
     ORPO's full objective adds the chosen sequences' NLL (LinearORPOLoss does).
     """
     beta = _check_beta(beta)
     pc, pr = _as_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
-    pc, pr = pc.clamp(max=MAX_LOG_PROB), pr.clamp(max=MAX_LOG_PROB)
+    pc, pr = _below_certain(pc), _below_certain(pr)
     log_odds = (pc - pr) - (log1m_exp(pc) - log1m_exp(pr))
     losses = -beta * torch.nn.functional.logsigmoid(log_odds)
     return losses, (beta * pc).detach(), (beta * pr).detach(), log_odds.detach()
+
+
+def _below_certain(log_p):
+    """log_p with its values in (MAX_LOG_PROB, 0] replaced by MAX_LOG_PROB in the forward pass only (the gradient
+    passes through as the identity)."""
+    near_zero = (log_p > MAX_LOG_PROB) & (log_p <= 0)
+    return log_p + (torch.where(near_zero, MAX_LOG_PROB, log_p) - log_p).detach()
 
 
 def cpo_loss(chosen_logps, rejected_logps, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, simpo_gamma=0.5):
@@ -202,17 +224,25 @@ def cpo_loss(chosen_logps, rejected_logps, *, beta=0.1, loss_type="sigmoid", lab
     return losses, (beta * pc).detach(), (beta * pr).detach()
 
 
-def kto_kl_estimate(policy_kl_logps, ref_kl_logps):
-    """KTO's reference point z₀: the batch mean of π − ref over mismatched (prompt, completion) pairs, clamped at
-    0 and detached (TRL's KTOTrainer; in data-parallel training all-reduce its mean before passing it on)."""
+def kto_kl_estimate(policy_kl_logps, ref_kl_logps, *, process_group=None):
+    """KTO's reference point z₀: the mean of π − ref over mismatched (prompt, completion) pairs, clamped at 0 and
+    detached (TRL's KTOTrainer). With a torch.distributed `process_group` the mean is over every rank's pairs (one
+    all-reduce of their sum and count) before the clamp, as TRL gathers them: a mean of per-rank clamped means
+    would differ."""
     pk, rk = _as_vectors(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
-    return (pk - rk).mean().clamp(min=0).detach()
+    diff = (pk - rk).detach()
+    if process_group is None:
+        return diff.mean().clamp(min=0)
+    total = torch.stack([diff.sum(), diff.new_tensor(float(diff.numel()))])
+    torch.distributed.all_reduce(total, group=process_group)
+    return (total[0] / total[1]).clamp(min=0)
 
 
 def kto_loss(logps, ref_logps, desirable, *, kl=0.0, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
     """KTO (Ethayarajh et al. 2024), per sequence, as TRL's KTOTrainer.kto_loss: with r = π − ref and the reference
     point z₀ = kl (a float or a 0-d tensor, see kto_kl_estimate), λ_D·(1 − σ(β(r − z₀))) for a desirable completion
-    and λ_U·(1 − σ(β(z₀ − r))) for an undesirable one. logps, ref_logps (B,) float, desirable (B,) bool.
+    and λ_U·(1 − σ(β(z₀ − r))) for an undesirable one (TRL's apo_zero_unpaired is kl=0). logps, ref_logps (B,)
+    float, desirable (B,) bool.
     Returns (losses (B,), rewards β·r detached); TRL's loss is their mean.
     """
     beta = _check_beta(beta)
@@ -239,6 +269,7 @@ class PreferenceOutput(NamedTuple):
     """What a paired preference head returns: the loss and what TRL logs beside it (rewards/chosen is
     chosen_rewards.mean(), rewards/accuracies (chosen_rewards > rejected_rewards).float().mean(), ...)."""
     loss: Tensor                 # mean over pairs of the preference loss, + nll_weight · nll_loss
+    pair_losses: Tensor          # (B,) the preference loss of each pair (for a weighted mean of one's own)
     chosen_logps: Tensor         # (B,) log π of the chosen completions (summed or averaged over tokens)
     rejected_logps: Tensor       # (B,)
     chosen_rewards: Tensor       # (B,) detached
@@ -248,13 +279,26 @@ class PreferenceOutput(NamedTuple):
     rejected_logits_mean: Tensor
 
 
-def _mean_logit(input, weight, valid):
-    """The mean of x·w_j over the counted positions and all V classes, which is x·w̄ with w̄ the mean class row:
-    TRL's logits/chosen metric without the logits."""
-    acc = accumulation_dtype(input.dtype)
-    mean_row = weight.detach().to(acc).mean(0)
-    per_token = input.detach().to(acc) @ mean_row
+def _mean_class_row(weight, input):
+    """w̄, the mean of weight's rows, accumulated in fp32 (fp64) without an fp32 copy of the head."""
+    return weight.detach().mean(0, dtype=accumulation_dtype(input.dtype))
+
+
+def _mean_logit(input, mean_row, valid):
+    """The mean of x·w_j over the counted positions and all V classes, which is x·w̄ (w̄ = _mean_class_row): TRL's
+    logits/chosen metric without the logits."""
+    per_token = input.detach().to(mean_row.dtype) @ mean_row
     return (per_token * valid).sum() / valid.sum().clamp_min(1)
+
+
+def _reference_log_probs(ref_input, ref_weight, input, target, ignore_index, shift, average):
+    """The reference model's sequence log-probabilities from its hidden states (any width) and head, under no_grad."""
+    if ref_input.shape[:-1] != input.shape[:-1]:
+        raise ValueError(f"ref_input must have shape {tuple(input.shape[:-1])} + (D_ref,) like input, got "
+                         f"shape {tuple(ref_input.shape)}")
+    with torch.no_grad():
+        return sequence_log_probs(ref_input, ref_weight, target, ignore_index=ignore_index, shift=shift,
+                                  average=average)
 
 
 class _PairedPreferenceLoss(nn.Module):
@@ -264,9 +308,9 @@ class _PairedPreferenceLoss(nn.Module):
 
     uses_reference = False
 
-    def __init__(self, *, nll_weight, ignore_index, shift):
+    def __init__(self, *, nll_weight, nll_weight_name, ignore_index, shift):
         super().__init__()
-        check_finite("nll_weight", nll_weight)
+        check_finite(nll_weight_name, nll_weight, 0.0)
         self.nll_weight = float(nll_weight)
         self.ignore_index, self.shift = check_ignore_index(ignore_index), check_shift(shift)
 
@@ -275,22 +319,20 @@ class _PairedPreferenceLoss(nn.Module):
 
     def _reference_logps(self, input, target, ref_input, ref_weight, ref_chosen_logps, ref_rejected_logps):
         given = [t is not None for t in (ref_input, ref_weight, ref_chosen_logps, ref_rejected_logps)]
-        if not self.uses_reference:
+        for name, t in zip(("ref_input", "ref_weight", "ref_chosen_logps", "ref_rejected_logps"),
+                           (ref_input, ref_weight, ref_chosen_logps, ref_rejected_logps)):
+            if t is not None:
+                check_tensor(name, t)
+        if not self.uses_reference or getattr(self, "reference_free", False):
             if any(given):
-                raise ValueError(f"{type(self).__name__} uses no reference model, got reference arguments")
+                why = "uses no reference model" if not self.uses_reference else "was made with reference_free=True"
+                raise ValueError(f"{type(self).__name__} {why}, got reference arguments")
             return None, None
         if given == [True, True, False, False]:
-            if ref_input.shape[:-1] != input.shape[:-1]:
-                raise ValueError(f"ref_input must have shape {tuple(input.shape[:-1])} + (D_ref,) like input, got "
-                                 f"shape {tuple(ref_input.shape)}")
-            with torch.no_grad():
-                ref = sequence_log_probs(ref_input, ref_weight, target, ignore_index=self.ignore_index,
-                                         shift=self.shift, average=self.average)
-            return ref.chunk(2)
+            return _reference_log_probs(ref_input, ref_weight, input, target, self.ignore_index, self.shift,
+                                        self.average).chunk(2)
         if given == [False, False, True, True]:
             return ref_chosen_logps.detach(), ref_rejected_logps.detach()
-        if not any(given) and getattr(self, "reference_free", False):
-            return None, None
         raise ValueError("pass the reference model's ref_input and ref_weight, or its precomputed ref_chosen_logps "
                          "and ref_rejected_logps (one pair, not both)"
                          + ("" if any(given) else f"; or construct {type(self).__name__}(reference_free=True)"))
@@ -311,36 +353,40 @@ class _PairedPreferenceLoss(nn.Module):
         nll = -token_log_probs[:pairs].sum() / chosen_tokens.sum().clamp_min(1)
         loss = losses.mean() + self.nll_weight * nll if self.nll_weight else losses.mean()
         with torch.no_grad():
-            rows = input.reshape(2, pairs, *input.shape[1:])
-            logit_means = [_mean_logit(rows[i], weight, valid[i * pairs:(i + 1) * pairs]) for i in (0, 1)]
-        return PreferenceOutput(loss, chosen, rejected, chosen_rewards, rejected_rewards, nll, *logit_means)
+            mean_row = _mean_class_row(weight, input)
+            logit_means = [_mean_logit(input[half], mean_row, valid[half])
+                           for half in (slice(0, pairs), slice(pairs, 2 * pairs))]
+        return PreferenceOutput(loss, losses, chosen, rejected, chosen_rewards, rejected_rewards, nll, *logit_means)
 
 
 class LinearDPOLoss(_PairedPreferenceLoss):
     """DPO on an LM head (TRL's DPOTrainer loss; Liger's LigerFusedLinearDPOLoss), never the logits.
 
     forward(input (2B, T, D), weight (V, D), target (2B, T), *, ref_input, ref_weight | ref_chosen_logps,
-    ref_rejected_logps) → PreferenceOutput. loss_type and label_smoothing as `dpo_loss` (ipo on token-averaged
-    log-probabilities, as TRL); rpo_alpha adds that multiple of the chosen sequences' NLL (RPO, TRL's rpo_alpha);
-    reference_free=True drops the reference model.
+    ref_rejected_logps) → PreferenceOutput. loss_type, label_smoothing and discopop_tau as `dpo_loss` (ipo on
+    token-averaged log-probabilities, as TRL); rpo_alpha ≥ 0 adds that multiple of the chosen sequences' NLL (RPO,
+    TRL's rpo_alpha); reference_free=True drops the reference model (and refuses reference arguments).
     """
 
     uses_reference = True
 
     def __init__(self, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0, reference_free=False,
-                 ignore_index=-100, shift=0):
-        super().__init__(nll_weight=rpo_alpha, ignore_index=ignore_index, shift=shift)
+                 discopop_tau=0.05, ignore_index=-100, shift=0):
+        super().__init__(nll_weight=rpo_alpha, nll_weight_name="rpo_alpha", ignore_index=ignore_index, shift=shift)
         self.beta = _check_beta(beta)
         self.label_smoothing = _check_smoothing(loss_type, label_smoothing, DPO_LOSS_TYPES)
+        check_finite("discopop_tau", discopop_tau, 0.0, low_open=True)
         self.loss_type, self.reference_free = loss_type, check_bool("reference_free", reference_free)
+        self.discopop_tau = float(discopop_tau)
         self.average = loss_type == "ipo"
 
     def pair_losses(self, chosen, rejected, ref_chosen, ref_rejected):
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
-                        label_smoothing=self.label_smoothing)
+                        label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau)
 
     def extra_repr(self):
-        return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
+        tau = f", discopop_tau={self.discopop_tau}" if self.loss_type == "discopop" else ""
+        return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}{tau}, "
                 f"rpo_alpha={self.nll_weight}, reference_free={self.reference_free}, ignore_index={self.ignore_index}, "
                 f"shift={self.shift}")
 
@@ -353,7 +399,7 @@ class LinearORPOLoss(_PairedPreferenceLoss):
     average = True
 
     def __init__(self, *, beta=0.1, ignore_index=-100, shift=0):
-        super().__init__(nll_weight=1.0, ignore_index=ignore_index, shift=shift)
+        super().__init__(nll_weight=1.0, nll_weight_name="nll_weight", ignore_index=ignore_index, shift=shift)
         self.beta = _check_beta(beta)
 
     def pair_losses(self, chosen, rejected, ref_chosen, ref_rejected):
@@ -364,15 +410,17 @@ class LinearORPOLoss(_PairedPreferenceLoss):
 
 
 class LinearCPOLoss(_PairedPreferenceLoss):
-    """CPO on an LM head (TRL's CPOTrainer; Liger's LigerFusedLinearCPOLoss): `cpo_loss` plus alpha times the
+    """CPO on an LM head (TRL's CPOTrainer; Liger's LigerFusedLinearCPOLoss): `cpo_loss` plus alpha (≥ 0) times the
     chosen sequences' NLL; no reference model; ipo and simpo on token-averaged log-probabilities (as TRL)."""
+
+    GAMMA_NAME = "simpo_gamma"
 
     def __init__(self, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, simpo_gamma=0.5, alpha=1.0,
                  ignore_index=-100, shift=0):
-        super().__init__(nll_weight=alpha, ignore_index=ignore_index, shift=shift)
+        super().__init__(nll_weight=alpha, nll_weight_name="alpha", ignore_index=ignore_index, shift=shift)
         self.beta = _check_beta(beta)
         self.label_smoothing = _check_smoothing(loss_type, label_smoothing, CPO_LOSS_TYPES)
-        check_finite("simpo_gamma", simpo_gamma)
+        check_finite(self.GAMMA_NAME, simpo_gamma)
         self.loss_type, self.simpo_gamma = loss_type, float(simpo_gamma)
         self.average = loss_type in ("ipo", "simpo")
 
@@ -388,7 +436,10 @@ class LinearCPOLoss(_PairedPreferenceLoss):
 
 class LinearSimPOLoss(LinearCPOLoss):
     """SimPO (Meng et al. 2024) on an LM head: −log σ(β·(π̄_c − π̄_r) − γ) on token-averaged log-probabilities, no
-    reference model; the paper's β = 2 and γ = 0.5 by default, alpha > 0 adds the chosen NLL (CPO-SimPO)."""
+    reference model; the paper's β = 2 and γ = 0.5 and no NLL by default (TRL's CPOConfig and Liger's SimPO default
+    to β = 0.1 and an NLL weight of 1), alpha > 0 adds the chosen NLL (CPO-SimPO)."""
+
+    GAMMA_NAME = "gamma"
 
     def __init__(self, *, beta=2.0, gamma=0.5, label_smoothing=0.0, alpha=0.0, ignore_index=-100, shift=0):
         super().__init__(beta=beta, loss_type="simpo", label_smoothing=label_smoothing, simpo_gamma=gamma,
@@ -420,17 +471,19 @@ class LinearKTOLoss(nn.Module):
                 ref_logps: Optional[Tensor] = None, kl=0.0) -> KTOOutput:
         token_log_probs, valid = _token_log_probs(input, weight, target, self.ignore_index, self.shift)
         logps = token_log_probs.sum(-1)
+        for name, t in (("ref_input", ref_input), ("ref_weight", ref_weight), ("ref_logps", ref_logps)):
+            if t is not None:
+                check_tensor(name, t)
         if (ref_input is None) != (ref_weight is None) or (ref_input is None) == (ref_logps is None):
             raise ValueError("pass the reference model's ref_input and ref_weight, or its precomputed ref_logps "
                              "(one of the two)")
         if ref_logps is None:
-            with torch.no_grad():
-                ref_logps = sequence_log_probs(ref_input, ref_weight, target, ignore_index=self.ignore_index,
-                                               shift=self.shift)
+            ref_logps = _reference_log_probs(ref_input, ref_weight, input, target, self.ignore_index, self.shift,
+                                             average=False)
         losses, rewards = kto_loss(logps, ref_logps.detach(), desirable, kl=kl, beta=self.beta,
                                    desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
         with torch.no_grad():
-            logits_mean = _mean_logit(input, weight, valid)
+            logits_mean = _mean_logit(input, _mean_class_row(weight, input), valid)
         return KTOOutput(losses.mean(), logps, rewards, logits_mean)
 
     def extra_repr(self):

@@ -1423,3 +1423,22 @@ def _sharded_proxy_anchor_bad_target(rank, world_size):
         mkd.sharded_proxy_anchor_loss(torch.randn(5, 4), torch.randn(stop - start, 4), torch.tensor([0, 1, 2, 3, 20]),
                                       class_start=start, num_classes=20)
     return True
+
+
+# ---- KTO's reference point over data-parallel ranks ---------------------------------------------------------
+
+def _kto_kl_on_rank(rank, world_size, diffs):
+    """This rank's share of the mismatched pairs (ranks hold different counts), its reference point over the group."""
+    mine = diffs[rank]
+    return mk.kto_kl_estimate(mine, torch.zeros_like(mine), process_group=dist.group.WORLD)
+
+
+def test_kto_kl_estimate_is_the_mean_over_every_rank_before_the_clamp(world):
+    """TRL gathers every rank's mismatched pairs, then takes the mean and clamps it: one rank's clamped mean and
+    another's negative one must not average into something else. Here the ranks' own means have mixed signs."""
+    diffs = [torch.tensor([2.0, 1.0]), torch.tensor([-3.0, -2.5, -2.0]), torch.tensor([0.5])][:world.size]
+    overall = torch.cat(diffs).mean().clamp(min=0)
+    per_rank_clamped = torch.stack([d.mean().clamp(min=0) for d in diffs]).mean()
+    assert not torch.isclose(overall, per_rank_clamped)  # the case must tell the two apart
+    for kl in world.run(_kto_kl_on_rank, diffs):
+        assert torch.allclose(kl, overall, atol=1e-7)

@@ -26,7 +26,7 @@ def trl_logps(x, w, t, ignore_index=-100, average=False):
     return (total / mask.sum(-1) if average else total), per_token, mask, logits
 
 
-def trl_dpo_losses(pc, pr, rc, rr, beta, loss_type, ls):
+def trl_dpo_losses(pc, pr, rc, rr, beta, loss_type, ls, tau=0.05):
     """DPOTrainer.dpo_loss's branches."""
     logits = (pc - pr) - (rc - rr)
     cr, rr_ = pc - rc, pr - rr
@@ -52,8 +52,12 @@ def trl_dpo_losses(pc, pr, rc, rr, beta, loss_type, ls):
         return -F.logsigmoid(beta * delta) * (1 - ls) - F.logsigmoid(-beta * delta) * ls
     if loss_type == "apo_zero":
         return (1 - F.sigmoid(beta * cr)) + F.sigmoid(beta * rr_)
-    assert loss_type == "apo_down"
-    return F.sigmoid(beta * cr) + (1 - F.sigmoid(beta * (cr - rr_)))
+    if loss_type == "apo_down":
+        return F.sigmoid(beta * cr) + (1 - F.sigmoid(beta * (cr - rr_)))
+    assert loss_type == "discopop"
+    logits = logits * beta
+    modulation = torch.sigmoid(logits / tau)
+    return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
 
 
 def trl_cpo_losses(pc, pr, beta, loss_type, ls, simpo_gamma):
@@ -94,9 +98,11 @@ def head_and_oracle(kind, **options):
             lp, per_token, mask, _ = trl_logps(x, w, t, average=average)
             ref = trl_logps(xr, wr, t, average=average)[0]
             B = x.shape[0] // 2
-            losses = trl_dpo_losses(lp[:B], lp[B:], ref[:B], ref[B:], beta, loss_type, ls)
+            losses = trl_dpo_losses(lp[:B], lp[B:], ref[:B], ref[B:], beta, loss_type, ls,
+                                    options.get("discopop_tau", 0.05))
             nll = -(per_token[:B] * mask[:B]).sum() / mask[:B].sum()
-            return losses.mean() + rpo_alpha * nll, lp, nll, beta * (lp[:B] - ref[:B]), beta * (lp[B:] - ref[B:])
+            return (losses.mean() + rpo_alpha * nll, lp, nll, beta * (lp[:B] - ref[:B]), beta * (lp[B:] - ref[B:]),
+                    losses)
         return mk.LinearDPOLoss(**options), oracle
     if kind == "orpo":
         def oracle(x, w, t, xr, wr):
@@ -105,7 +111,8 @@ def head_and_oracle(kind, **options):
             pc, pr = lp[:B], lp[B:]
             log_odds = (pc - pr) - (torch.log1p(-torch.exp(pc)) - torch.log1p(-torch.exp(pr)))
             nll = -(per_token[:B] * mask[:B]).sum() / mask[:B].sum()
-            return nll - (beta * F.logsigmoid(log_odds)).mean(), lp, nll, beta * pc, beta * pr
+            losses = -beta * F.logsigmoid(log_odds)
+            return nll + losses.mean(), lp, nll, beta * pc, beta * pr, losses
         return mk.LinearORPOLoss(**options), oracle
     loss_type = "simpo" if kind == "simpo" else options.get("loss_type", "sigmoid")
     gamma = options.get("gamma" if kind == "simpo" else "simpo_gamma", 0.5)
@@ -118,7 +125,7 @@ def head_and_oracle(kind, **options):
         B = x.shape[0] // 2
         losses = trl_cpo_losses(lp[:B], lp[B:], beta, loss_type, ls, gamma)
         nll = -(per_token[:B] * mask[:B]).sum() / mask[:B].sum()
-        return losses.mean() + alpha * nll, lp, nll, beta * lp[:B], beta * lp[B:]
+        return losses.mean() + alpha * nll, lp, nll, beta * lp[:B], beta * lp[B:], losses
     return (mk.LinearSimPOLoss if kind == "simpo" else mk.LinearCPOLoss)(**options), oracle
 
 
@@ -126,10 +133,14 @@ PAIRED_CASES = ([("dpo", dict(loss_type=lt)) for lt in DPO_LOSS_TYPES]
                 + [("dpo", dict(loss_type="sigmoid", label_smoothing=0.2, rpo_alpha=0.7, beta=0.5)),
                    ("dpo", dict(loss_type="robust", label_smoothing=0.1)),
                    ("dpo", dict(loss_type="exo_pair", label_smoothing=0.05)),
+                   ("dpo", dict(loss_type="aot", label_smoothing=0.1)),
+                   ("dpo", dict(loss_type="aot_pair", label_smoothing=0.1)),
+                   ("dpo", dict(loss_type="discopop", discopop_tau=0.5, beta=0.3)),
                    ("orpo", dict()), ("orpo", dict(beta=0.25))]
                 + [("cpo", dict(loss_type=lt)) for lt in CPO_LOSS_TYPES]
                 + [("cpo", dict(loss_type="sigmoid", label_smoothing=0.1, alpha=0.0)),
-                   ("simpo", dict()), ("simpo", dict(beta=2.5, gamma=1.2, alpha=0.5))])
+                   ("cpo", dict(loss_type="simpo", label_smoothing=0.1, simpo_gamma=0.3)),
+                   ("simpo", dict()), ("simpo", dict(beta=2.5, gamma=1.2, alpha=0.5, label_smoothing=0.2))])
 
 
 def case_id(case):
@@ -137,15 +148,20 @@ def case_id(case):
     return kind + "".join(f"-{k}={v}" for k, v in options.items())
 
 
-def check_paired_head_against_trl(kind, options, device="cpu", dtype=torch.float64, uses_ref_input=True):
+def check_paired_head_against_trl(kind, options, device="cpu", dtype=torch.float64, uses_ref_input=True, shift=0):
     """Our head (ops on `device`) against TRL's arithmetic in float64 on the same rounded inputs: the loss, its
-    gradients for input and weight, the log-probabilities, the NLL, the rewards and the logit means."""
-    head, oracle = head_and_oracle(kind, **options)
+    gradients for input and weight, the per-pair losses, the log-probabilities, the NLL, the rewards and the logit
+    means. shift=1: the head gets the labels unshifted (a causal LM's), the oracle them shifted."""
+    head, oracle = head_and_oracle(kind, **dict(options, shift=shift) if shift else options)
     x, w, t, xr, wr = pair_case(dtype=dtype, device=device)
+    head_target = t
+    if shift:  # the head reads label i + 1 at position i: give it the labels one position later
+        head_target = torch.cat([torch.full_like(t[:, :1], 5), t[:, :-1]], 1)
+        t = torch.cat([t[:, :-1], torch.full_like(t[:, :1], -100)], 1)
     B = x.shape[0] // 2
     want_x, want_w = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
-    want_loss, want_lp, want_nll, want_cr, want_rr = oracle(want_x, want_w, t.cpu(), xr.double().cpu(),
-                                                            wr.double().cpu())
+    want_loss, want_lp, want_nll, want_cr, want_rr, want_losses = oracle(want_x, want_w, t.cpu(), xr.double().cpu(),
+                                                                         wr.double().cpu())
     want_gx, want_gw = torch.autograd.grad(want_loss, (want_x, want_w))
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
     ref = {}
@@ -155,10 +171,11 @@ def check_paired_head_against_trl(kind, options, device="cpu", dtype=torch.float
         else:
             ref_lp = trl_logps(xr.double().cpu(), wr.double().cpu(), t.cpu(), average=head.average)[0]
             ref = dict(ref_chosen_logps=ref_lp[:B].to(device), ref_rejected_logps=ref_lp[B:].to(device))
-    out = head(x, w, t, **ref)
+    out = head(x, w, head_target, **ref)
     gx, gw = torch.autograd.grad(out.loss, (x, w))
     # relative to the largest loss term: sppo_hard and ipo sum squares of 1/(2β) = 5 and their loss is ~100
     for name, got, want in (("loss", out.loss, want_loss), ("grad input", gx, want_gx), ("grad weight", gw, want_gw),
+                            ("pair losses", out.pair_losses, want_losses),
                             ("chosen_logps", out.chosen_logps, want_lp[:B]),
                             ("rejected_logps", out.rejected_logps, want_lp[B:]), ("nll", out.nll_loss, want_nll),
                             ("chosen_rewards", out.chosen_rewards, want_cr),
@@ -180,6 +197,14 @@ def test_paired_heads_match_trl_arithmetic(case):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_precomputed_reference_equals_reference_model(loss_type):
     check_paired_head_against_trl("dpo", dict(loss_type=loss_type), uses_ref_input=False)
+
+
+@pytest.mark.parametrize("case", [("dpo", dict(loss_type="ipo", rpo_alpha=0.5)), ("orpo", dict()),
+                                  ("simpo", dict(alpha=1.0))], ids=case_id)
+def test_paired_heads_with_shifted_labels(case):
+    """shift=1 (a causal LM's labels as they come): the policy's and the reference model's log-probabilities, the NLL
+    and the logit means all read label i + 1 at position i."""
+    check_paired_head_against_trl(*case, shift=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -212,7 +237,7 @@ def test_dpo_known_values_at_zero_margin():
     beta, eps, log2 = 0.25, 0.1, math.log(2.0)
     want = {"sigmoid": log2, "robust": log2, "exo_pair": -log2 - 0.5 * (math.log(1 - eps) + math.log(eps)),
             "hinge": 1.0, "ipo": 1 / (4 * beta ** 2), "nca_pair": 2 * log2, "sppo_hard": 2 * (0.5 / beta) ** 2,
-            "aot": log2, "aot_pair": log2, "apo_zero": 1.0, "apo_down": 1.0}
+            "aot": log2, "aot_pair": log2, "apo_zero": 1.0, "apo_down": 1.0, "discopop": 0.5 * (log2 + 1)}
     for loss_type, value in want.items():
         eps_here = eps if loss_type in ("sigmoid", "robust", "exo_pair", "aot", "aot_pair") else 0.0
         losses, cr, rr = mk.dpo_loss(zeros, zeros, zeros, zeros, beta=beta, loss_type=loss_type,
@@ -221,7 +246,7 @@ def test_dpo_known_values_at_zero_margin():
         assert (cr == 0).all() and (rr == 0).all()
     # the reward margin moves each loss in the right direction: better chosen log-ratio, lower loss
     up = torch.full((4,), 2.0, dtype=torch.float64)
-    for loss_type in ("sigmoid", "robust", "hinge", "nca_pair", "aot", "aot_pair", "apo_zero"):
+    for loss_type in ("sigmoid", "robust", "hinge", "nca_pair", "aot", "aot_pair", "apo_zero", "discopop"):
         at_zero = mk.dpo_loss(zeros, zeros, zeros, zeros, beta=beta, loss_type=loss_type)[0]
         better = mk.dpo_loss(up, zeros, zeros, zeros, beta=beta, loss_type=loss_type)[0]
         assert (better < at_zero).all(), loss_type
@@ -241,17 +266,42 @@ def test_cpo_simpo_orpo_kto_known_values():
     assert torch.allclose(mk.orpo_loss(half, half, beta=0.5)[0], z + 0.5 * log2)
     losses, _, _, log_odds = mk.orpo_loss(half, third, beta=1.0)
     assert torch.allclose(log_odds, z + log2) and torch.allclose(losses, z - math.log(2 / 3))
-    # a log p that rounds to exactly 0 (S′ below float32's range): the odds stay finite, equal ones give β·log 2
+    # a log p that rounds to exactly 0 (S′ below float32's range): the odds stay finite, equal ones give β·log 2,
+    # and the gradient is its limit as log p → 0⁻, −β·odds(rejected) (here p_r = 1/3: odds 1/2)
     zero = torch.zeros(3, requires_grad=True)
     losses, _, _, log_odds = mk.orpo_loss(zero, torch.zeros(3), beta=0.5)
-    losses.sum().backward()
     assert torch.allclose(losses, torch.full((3,), 0.5 * log2)) and (log_odds == 0).all()
-    assert torch.isfinite(zero.grad).all()
+    losses, _, _, _ = mk.orpo_loss(zero, third.float(), beta=0.5)
+    losses.sum().backward()
+    assert torch.allclose(zero.grad, torch.full((3,), -0.5 * 0.5), rtol=1e-5)
+    # a positive "log-probability" (a sign error upstream) is no probability: NaN, not a silent value
+    assert torch.isnan(mk.orpo_loss(z + 0.1, z - 1)[0]).all()
     # KTO at r = z₀: 1 − σ(0) = ½ for either kind, times its weight
     desirable = torch.tensor([True, False, True])
     losses, rewards = mk.kto_loss(z + 0.3, z, desirable, kl=0.3, desirable_weight=2.0, undesirable_weight=0.5)
     assert torch.allclose(losses, torch.tensor([1.0, 0.25, 1.0], dtype=torch.float64))
     assert torch.allclose(rewards, z + 0.03)
+    # discopop far on the wrong side (βh = −200): TRL's e^{−βh}·σ(βh/τ) is inf·0 = NaN there
+    zf = z.float()
+    losses = mk.dpo_loss(zf - 2000, zf, beta=0.1, loss_type="discopop")[0]
+    assert torch.isfinite(losses).all() and torch.allclose(losses, zf + 200, rtol=1e-6)
+
+
+def test_reference_and_kl_inputs_get_no_gradient():
+    """Precomputed reference log-probabilities and KTO's reference point are constants of the loss, whatever their
+    requires_grad (TRL detaches them)."""
+    x, w, t, xr, wr = pair_case()
+    x.requires_grad_()
+    ref_c, ref_r = torch.randn(3, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64,
+                                                                                         requires_grad=True)
+    mk.LinearDPOLoss()(x, w, t, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r).loss.backward()
+    assert ref_c.grad is None and ref_r.grad is None
+    policy_kl, ref_kl = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    kl = mk.kto_kl_estimate(policy_kl, ref_kl)
+    assert not kl.requires_grad
+    ref_logps = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    mk.LinearKTOLoss()(x, w, t, torch.ones(6, dtype=torch.bool), ref_logps=ref_logps, kl=policy_kl.mean()).loss.backward()
+    assert ref_logps.grad is None and policy_kl.grad is None
 
 
 def test_orpo_on_near_certain_completions_is_exact():
@@ -329,8 +379,18 @@ def test_kto_head_matches_trl_arithmetic():
     for got, exp in ((out.loss, want), (gx, want_gx), (gw, want_gw), (out.logps, lp.detach()),
                      (out.rewards, 0.3 * (lp - ref).detach())):
         assert torch.allclose(got, exp, atol=1e-11)
+    logits = trl_logps(x, w, t)[3]
+    assert torch.allclose(out.logits_mean, logits[t != -100].mean(), atol=1e-12)
     same = head(x, w, t, desirable, ref_logps=ref, kl=float(kl))
     assert torch.allclose(same.loss, out.loss, atol=1e-14)
+    # shift=1 with a causal LM's labels: the policy's and the reference's log-probabilities read label i + 1
+    unshifted = torch.cat([torch.full_like(t[:, :1], 5), t[:, :-1]], 1)
+    shifted = mk.LinearKTOLoss(beta=0.3, desirable_weight=1.5, undesirable_weight=0.8, shift=1)(
+        x, w, unshifted, desirable, ref_input=xr, ref_weight=wr, kl=kl)
+    plain = head(x, w, torch.cat([t[:, :-1], torch.full_like(t[:, :1], -100)], 1), desirable, ref_input=xr,
+                 ref_weight=wr, kl=kl)
+    for a, b in zip(shifted, plain):
+        assert torch.allclose(a, b, atol=1e-12)
 
 
 def test_reference_model_gets_no_gradient_and_reference_free_dpo():
@@ -362,12 +422,25 @@ def test_bad_arguments_name_what_was_expected():
         (lambda: mk.LinearORPOLoss()(x, w, t, ref_input=xr, ref_weight=wr), ValueError, "no reference model"),
         (lambda: mk.LinearDPOLoss(loss_type="kto"), ValueError, "loss_type must be one of"),
         (lambda: mk.LinearDPOLoss(loss_type="hinge", label_smoothing=0.1), ValueError, "label_smoothing applies"),
-        (lambda: mk.LinearDPOLoss(loss_type="robust", label_smoothing=0.5), ValueError, "label_smoothing must lie"),
+        (lambda: mk.LinearDPOLoss(loss_type="robust", label_smoothing=0.5), ValueError,
+         r"label_smoothing must lie in \[0.0, 0.5\)"),
         (lambda: mk.LinearDPOLoss(label_smoothing=0.6), ValueError, "label_smoothing must lie"),
         (lambda: mk.LinearDPOLoss(beta=0.0), ValueError, "beta must lie"),
         (lambda: mk.LinearCPOLoss(loss_type="robust"), ValueError, "loss_type must be one of"),
-        (lambda: mk.LinearSimPOLoss(gamma=float("nan")), ValueError, "simpo_gamma must be a finite"),
-        (lambda: mk.LinearDPOLoss(rpo_alpha=float("inf")), ValueError, "nll_weight must be a finite"),
+        (lambda: mk.LinearSimPOLoss(gamma=float("nan")), ValueError, "^gamma must be a finite"),
+        (lambda: mk.LinearCPOLoss(simpo_gamma=float("nan")), ValueError, "^simpo_gamma must be a finite"),
+        (lambda: mk.LinearDPOLoss(rpo_alpha=float("inf")), ValueError, "rpo_alpha must be a finite"),
+        (lambda: mk.LinearDPOLoss(rpo_alpha=-0.1), ValueError, "rpo_alpha must lie"),
+        (lambda: mk.LinearCPOLoss(alpha="1"), TypeError, "alpha must be a real number"),
+        (lambda: mk.LinearDPOLoss(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau must lie"),
+        (lambda: mk.LinearDPOLoss(reference_free=True)(x, w, t, ref_input=xr, ref_weight=wr), ValueError,
+         "reference_free=True, got reference arguments"),
+        (lambda: dpo(x, w, t, ref_chosen_logps=[0.0] * 3, ref_rejected_logps=[0.0] * 3), TypeError,
+         "ref_chosen_logps must be a torch.Tensor"),
+        (lambda: mk.LinearKTOLoss()(x, w, t, torch.ones(6, dtype=torch.bool), ref_logps=[0.0] * 6), TypeError,
+         "ref_logps must be a torch.Tensor"),
+        (lambda: mk.LinearKTOLoss()(x, w, t, torch.ones(6, dtype=torch.bool), ref_input=xr[:, 1:], ref_weight=wr),
+         ValueError, "ref_input must have shape"),
         (lambda: mk.dpo_loss(t[:3, 0], t[3:, 0]), TypeError, "chosen_logps must be float"),
         (lambda: mk.dpo_loss(x[:3, 0, 0], x[3:, 0, 0], x[:3, 0, 0]), ValueError, "given together"),
         (lambda: mk.kto_loss(x[:, 0, 0], x[:, 0, 0], torch.ones(6)), ValueError, "desirable must be a bool"),
