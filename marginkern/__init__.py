@@ -15,6 +15,7 @@ from .functional import (circle_loss, cosent_embedding_loss, cosent_loss, emo_cr
                          linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk, linear_topk_kl_divergence,
                          log_probs_and_entropy,
                          margin_cross_entropy, multilabel_categorical_crossentropy, proxy_anchor_loss)
+from .grpo import GRPOOutput, LinearGRPOLoss, grpo_loss
 from .preference import (LinearCPOLoss, LinearDPOLoss, LinearKTOLoss, LinearORPOLoss, LinearSimPOLoss, cpo_loss,
                          dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, sequence_log_probs)
 from .modules import (ArcFaceLoss, CombinedMarginLoss, CoSENTLoss, CosFaceLoss, EMOLoss, LargeMarginSoftmaxLoss,
@@ -32,7 +33,7 @@ __all__ = [
     "multilabel_categorical_crossentropy", "circle_loss", "proxy_anchor_loss", "ProxyAnchorLoss",
     "NormalizedSoftmaxLoss",
     "sequence_log_probs", "dpo_loss", "orpo_loss", "cpo_loss", "kto_loss", "kto_kl_estimate", "LinearDPOLoss",
-    "LinearORPOLoss", "LinearCPOLoss", "LinearSimPOLoss", "LinearKTOLoss",
+    "LinearORPOLoss", "LinearCPOLoss", "LinearSimPOLoss", "LinearKTOLoss", "grpo_loss", "LinearGRPOLoss", "GRPOOutput",
     "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss",
     "SphereFaceLoss", "CombinedMarginLoss",
     "LargeMarginSoftmaxLoss", "AdaFaceLoss", "MagFaceLoss", "ElasticArcFaceLoss", "ElasticCosFaceLoss",

@@ -609,6 +609,17 @@ def test_preference_heads_on_gpu(dtype):
     check_orpo_near_certain_completions("cuda")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_grpo_head_on_gpu(dtype):
+    """The GRPO head on CUDA (DAPO with a KL term at a sampling temperature, GSPO's sequence-level ratios, CISPO)
+    against TRL's arithmetic in float64 on the same rounded inputs."""
+    from tests.test_grpo import check_grpo_head_against_trl
+    for options in (dict(loss_type="dapo", beta=0.04, temperature=0.7),
+                    dict(loss_type="grpo", importance_sampling_level="sequence"),
+                    dict(loss_type="cispo", epsilon_high=5.0)):
+        check_grpo_head_against_trl(options, device="cuda", dtype=dtype)
+
+
 @pytest.mark.parametrize("epilogue", ["triton", "triton-split-k", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_proxy_anchor_on_gpu_triton_and_pytorch_epilogues(dtype, epilogue, monkeypatch):
