@@ -13,8 +13,12 @@ is then TRL's GRPOTrainer arithmetic on (B, T) tensors:
 aggregated by loss_type: grpo the mean over sequences of each sequence's token mean; bnpo the mean over the batch's
 tokens; dr_grpo the sum over (B · max_completion_length); dapo and cispo the sum over num_items_in_batch (TRL: the
 counted tokens of the whole accumulated batch over all processes, divided by the number of processes; default: this
-batch's counted tokens, which is bnpo). Not offered: sapo, luspo, vLLM's importance-sampling correction, entropy
-masking (TRL's top_entropy_quantile): build them on `log_probs_and_entropy` directly.
+batch's counted tokens, which is bnpo; Liger's dapo all-reduces that count over the processes itself, and divides
+a given num_items_in_batch by the world size: pass it divided here). TRL also divides the grpo, bnpo and dr_grpo
+losses by the gradient-accumulation steps: a training loop does that itself. Positions outside the mask contribute
+exactly 0 whatever log-probabilities sit there (−inf padding included: they are masked before exp). Not offered:
+sapo, luspo, vLLM's importance-sampling correction, entropy masking (TRL's top_entropy_quantile), an LM-head bias:
+build them on `log_probs_and_entropy` directly.
 """
 from typing import NamedTuple, Optional
 
@@ -56,6 +60,9 @@ def _check_options(loss_type, importance_sampling_level, beta, epsilon, epsilon_
     if epsilon_high is not None:
         check_finite("epsilon_high", epsilon_high, 0.0)
     if delta is not None:
+        if loss_type == "cispo":
+            raise ValueError("delta caps the ratio of the clipped losses; loss_type='cispo' caps its weights at "
+                             "epsilon_high instead: leave delta None")
         check_finite("delta", delta, 1.0, low_open=True)
     if loss_type == "dr_grpo":
         if max_completion_length is None:
@@ -96,16 +103,29 @@ def grpo_loss(log_probs, advantages, mask, *, old_log_probs=None, ref_log_probs=
                                  f"{tuple(t.shape)} on {t.device}")
     if beta and ref_log_probs is None:
         raise ValueError(f"beta={beta!r} needs ref_log_probs (the reference model's per-token log-probabilities)")
-    log_probs = log_probs.to(acc)
-    weight = mask.to(acc)
-    advantages = advantages.detach().to(acc).reshape(shape[0], -1)
+    if num_items_in_batch is not None:
+        if loss_type not in ("dapo", "cispo"):
+            raise ValueError(f"num_items_in_batch is the normaliser of loss_type 'dapo' and 'cispo', got it with "
+                             f"loss_type={loss_type!r}")
+        if isinstance(num_items_in_batch, Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                                 f"{tuple(num_items_in_batch.shape)}")
+            num_items_in_batch = num_items_in_batch.detach().to(accumulation_dtype(log_probs.dtype)).reshape(())
+        else:
+            check_finite("num_items_in_batch", num_items_in_batch, 0.0, low_open=True)
+    counts = mask != 0
+    log_probs = torch.where(counts, log_probs.to(acc), 0.0)
+    weight = counts.to(acc)
+    advantages = advantages.detach().to(acc)
+    advantages = advantages[:, None] if advantages.dim() == 1 else advantages
     old = log_probs.detach() if old_log_probs is None else old_log_probs.detach().to(acc)
     eps_high = epsilon if epsilon_high is None else float(epsilon_high)
 
     tokens_per_sequence = weight.sum(-1).clamp(min=1.0)
-    log_ratio = log_probs - old
+    log_ratio = torch.where(counts, log_probs - old, 0.0)  # before exp: −inf padding must not make 0·inf
     if importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * weight).sum(-1) / tokens_per_sequence)[:, None]
+        log_ratio = (log_ratio.sum(-1) / tokens_per_sequence)[:, None]  # (0 where nothing counts)
     ratio = torch.exp(log_ratio)
     if loss_type == "cispo":
         per_token = -torch.clamp(ratio, max=eps_high).detach() * advantages * log_probs
@@ -115,12 +135,12 @@ def grpo_loss(log_probs, advantages, mask, *, old_log_probs=None, ref_log_probs=
         clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
         capped = ratio if delta is None else torch.clamp(ratio, max=float(delta))
         per_token = -torch.minimum(capped * advantages, clipped * advantages)
-        low = (ratio < 1 - epsilon) & (advantages < 0)
-        high = (ratio > 1 + eps_high) & (advantages > 0)
+        low = (capped < 1 - epsilon) & (advantages < 0)  # the capped ratio, as TRL's flags
+        high = (capped > 1 + eps_high) & (advantages > 0)
     per_token = per_token.expand(shape)
     counted = weight.sum()
     if ref_log_probs is not None:
-        ref_minus = ref_log_probs.detach().to(acc) - log_probs
+        ref_minus = torch.where(counts, ref_log_probs.detach().to(acc) - log_probs, 0.0)
         kl_per_token = torch.exp(ref_minus) - ref_minus - 1
         if beta:
             per_token = per_token + beta * kl_per_token

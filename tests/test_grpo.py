@@ -50,15 +50,16 @@ def trl_grpo(per_token_logps, advantages, completion_mask, old_per_token_logps, 
         return (x * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
 
     if loss_type == "cispo":
-        high = masked_batch_mean(((coef_1 > epsilon_high) & (advantages > 0)).float())
-        low = torch.zeros(())
+        is_high = (coef_1 > epsilon_high) & (advantages > 0)
+        is_low = torch.zeros_like(is_high)
     else:
-        low = masked_batch_mean(((coef_1 < 1 - epsilon_low) & (advantages < 0)).float())
-        high = masked_batch_mean(((coef_1 > 1 + epsilon_high) & (advantages > 0)).float())
+        is_low = (coef_1 < 1 - epsilon_low) & (advantages < 0)
+        is_high = (coef_1 > 1 + epsilon_high) & (advantages > 0)
+    low, high, region = (masked_batch_mean(f.float()) for f in (is_low, is_high, is_low | is_high))
     # TRL logs the KL when β ≠ 0 (it loads no reference otherwise); marginkern whenever a reference is given
     diff = ref_per_token_logps - per_token_logps
     kl = ((torch.exp(diff) - diff - 1) * completion_mask).sum() / completion_mask.sum()
-    return loss, kl, low, high
+    return loss, kl, low, high, region, per_token_loss * completion_mask
 
 
 def materialised_log_probs(x, w, t, temperature=1.0):
@@ -81,12 +82,18 @@ def grpo_case(B=5, T=7, D=12, V=40, dtype=torch.float64, device="cpu", seed=0, t
     # the sampling policy and the reference: the same head a little off, so that ratios leave [1 − ε, 1 + ε]
     old = materialised_log_probs(x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64), w, t)[0]
     ref = materialised_log_probs(x, w + 0.2 * torch.randn(w.shape, generator=g, dtype=torch.float64), t)[0]
+    # what sits at positions nothing counts is arbitrary (a trainer's padding): it must not matter
+    junk = t == -100
+    old = torch.where(junk, -5 * torch.rand(old.shape, generator=g, dtype=torch.float64), old)
+    ref = torch.where(junk, -5 * torch.rand(ref.shape, generator=g, dtype=torch.float64), ref)
     return [a.to(device) for a in (x.to(dtype), w.to(dtype), t, A, old, ref)]
 
 
 CASES = ([dict(loss_type=lt, importance_sampling_level=lvl, beta=0.04, epsilon_high=5.0 if lt == "cispo" else 0.28,
                max_completion_length=9) for lt in GRPO_LOSS_TYPES for lvl in IMPORTANCE_SAMPLING_LEVELS]
          + [dict(loss_type="grpo", delta=1.5, epsilon=0.1), dict(loss_type="dapo", num_items_in_batch=40),
+            dict(loss_type="bnpo", epsilon=0.1, epsilon_high=0.3, both_clips=True),
+            dict(loss_type="grpo", delta=1.1, epsilon_high=0.28),
             dict(loss_type="bnpo", token_advantages=True), dict(loss_type="dapo", on_policy=True),
             dict(loss_type="dapo", temperature=0.7, beta=0.1)])
 
@@ -98,6 +105,7 @@ def case_id(options):
 def check_grpo_head_against_trl(options, device="cpu", dtype=torch.float64):
     options = dict(options)
     token_advantages, on_policy = options.pop("token_advantages", False), options.pop("on_policy", False)
+    both_clips = options.pop("both_clips", False)
     num_items = options.pop("num_items_in_batch", None)
     temperature = options.get("temperature", 1.0)
     x, w, t, A, old, ref = grpo_case(dtype=dtype, device=device, token_advantages=token_advantages)
@@ -116,22 +124,29 @@ def check_grpo_head_against_trl(options, device="cpu", dtype=torch.float64):
                loss_type=options.get("loss_type", "dapo"),
                importance_sampling_level=options.get("importance_sampling_level", "token"),
                max_completion_length=options.get("max_completion_length"), num_items_in_batch=num_items)
-    loss, kl, low, high = trl_grpo(lp, A.double().cpu(), mask.double(), None if old is None else old.double().cpu(),
-                                   ref.double().cpu(), **trl)
+    loss, kl, low, high, region, per_token = trl_grpo(lp, A.double().cpu(), mask.double(),
+                                                      None if old is None else old.double().cpu(), ref.double().cpu(),
+                                                      **trl)
     want_gx, want_gw = torch.autograd.grad(loss, (want_x, want_w))
     for name, got, want in (("loss", out.loss, loss), ("grad input", gx, want_gx), ("grad weight", gw, want_gw),
+                            ("per-token loss", out.per_token_loss, per_token),
                             ("kl", out.kl, kl), ("entropy", out.entropy, (entropy * mask).sum() / mask.sum())):
         assert_close_rel(got.cpu(), want.detach(), dtype, f"{options} {name}", floor=1.0)
     # shares of whole tokens: exact up to the float32 of TRL's .float() flags
     assert torch.allclose(out.clip_ratio_low.cpu().double(), low.double(), atol=1e-6)
     assert torch.allclose(out.clip_ratio_high.cpu().double(), high.double(), atol=1e-6)
+    assert torch.allclose(out.clip_ratio_region.cpu().double(), region.double(), atol=1e-6)
+    if both_clips:  # the case must clip on both sides, with ε ≠ ε_high
+        assert out.clip_ratio_low > 0 and out.clip_ratio_high > 0
+    assert not (out.kl.requires_grad or out.entropy.requires_grad or out.clip_ratio_region.requires_grad)
     return out
 
 
 @pytest.mark.parametrize("options", CASES, ids=case_id)
 def test_grpo_head_matches_trl_arithmetic(options):
     out = check_grpo_head_against_trl(options)
-    if options.get("loss_type") != "cispo" and not options.get("on_policy"):
+    # (δ ≤ 1 + ε_high caps every ratio below the high clip: TRL's flags, taken of the capped ratio, then show none)
+    if options.get("loss_type") != "cispo" and not options.get("on_policy") and options.get("delta", 2.0) > 1.3:
         assert out.clip_ratio_region > 0, "the case must clip some tokens"
 
 
@@ -168,6 +183,39 @@ def test_nothing_counted_gives_zero_loss_and_gradients():
         assert out.loss == 0 and (gx == 0).all() and (gw == 0).all() and out.kl == 0
 
 
+def test_padding_with_inf_or_nan_changes_nothing():
+    """−inf (vLLM-style padding), NaN or huge values at positions the mask leaves out: the loss, the per-token loss,
+    the gradients and the metrics equal those with zeros there, at both importance-sampling levels."""
+    x, w, t, A, old, ref = grpo_case()
+    junk = t == -100
+    lp = mk.log_probs_and_entropy(x, w, t)[0]
+    for level in IMPORTANCE_SAMPLING_LEVELS:
+        for loss_type in ("dapo", "cispo"):
+            options = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.1,
+                           epsilon_high=5.0 if loss_type == "cispo" else None)
+            clean = mk.grpo_loss(lp, A, ~junk, old_log_probs=old.masked_fill(junk, 0), ref_log_probs=ref.masked_fill(
+                junk, 0), **options)
+            for fill in (-float("inf"), float("nan"), 1e4):
+                lps = lp.masked_fill(junk, fill).detach().requires_grad_()
+                got = mk.grpo_loss(lps, A, ~junk, old_log_probs=old.masked_fill(junk, fill),
+                                   ref_log_probs=ref.masked_fill(junk, -fill), **options)
+                (grad,) = torch.autograd.grad(got.loss, lps)
+                assert torch.isfinite(grad).all() and (grad[junk] == 0).all()
+                for a, b in zip(got[:-1], clean[:-1]):
+                    assert torch.equal(a.detach(), b.detach()), (level, loss_type, fill)
+
+
+def test_empty_batch_and_num_items_in_batch():
+    lp = torch.zeros(0, 5, dtype=torch.float64)
+    out = mk.grpo_loss(lp, torch.zeros(0, dtype=torch.float64), torch.zeros(0, 5, dtype=torch.bool))
+    assert out.loss == 0 and out.per_token_loss.shape == (0, 5)
+    x, w, t, A, old, _ = grpo_case()
+    lp, mask = mk.log_probs_and_entropy(x, w, t)[0], t != -100
+    a = mk.grpo_loss(lp, A, mask, old_log_probs=old, num_items_in_batch=torch.tensor(40))
+    b = mk.grpo_loss(lp, A, mask, old_log_probs=old, num_items_in_batch=40)
+    assert torch.equal(a.loss, b.loss) and a.loss.dtype == torch.float64
+
+
 def test_reference_model_head_and_shift():
     """The reference model given as hidden states + head equals its precomputed log-probabilities (and gets no
     gradient); shift=1 reads token t + 1 at position t, the reference's too."""
@@ -180,8 +228,9 @@ def test_reference_model_head_and_shift():
     given = head(x, w, t, A, old_log_probs=old, ref_log_probs=ref)
     for a, b in zip(by_head[:-1], given[:-1]):
         assert torch.allclose(a, b, atol=1e-12)
-    assert not by_head.loss.requires_grad or by_head.loss.grad_fn is not None
-    assert xr.grad is None
+    xs = x.clone().requires_grad_()
+    head(xs, w, t, A, old_log_probs=old, ref_input=xr, ref_weight=wr).loss.backward()
+    assert xs.grad is not None and xr.grad is None and wr.grad is None
     unshifted = torch.cat([torch.full_like(t[:, :1], 3), t[:, :-1]], 1)
     shifted_t = torch.cat([t[:, :-1], torch.full_like(t[:, :1], -100)], 1)
     old_s = torch.cat([old[:, :-1], torch.zeros_like(old[:, :1])], 1)
@@ -205,6 +254,12 @@ def test_bad_arguments_name_what_was_expected():
         (lambda: mk.LinearGRPOLoss(epsilon=1.0), ValueError, "epsilon must lie"),
         (lambda: mk.LinearGRPOLoss(beta=-0.1), ValueError, "beta must lie"),
         (lambda: mk.LinearGRPOLoss(delta=1.0), ValueError, "delta must lie"),
+        (lambda: mk.LinearGRPOLoss(loss_type="cispo", epsilon_high=5.0, delta=2.0), ValueError, "leave delta None"),
+        (lambda: mk.grpo_loss(lp, A, mask, num_items_in_batch=0), ValueError, "num_items_in_batch must lie"),
+        (lambda: mk.grpo_loss(lp, A, mask, num_items_in_batch="40"), TypeError, "num_items_in_batch must be a real"),
+        (lambda: mk.grpo_loss(lp, A, mask, num_items_in_batch=torch.ones(2)), ValueError, "one-element tensor"),
+        (lambda: mk.grpo_loss(lp, A, mask, loss_type="grpo", num_items_in_batch=40), ValueError,
+         "normaliser of loss_type 'dapo' and 'cispo'"),
         (lambda: mk.LinearGRPOLoss(temperature=0.0), ValueError, "temperature must lie"),
         (lambda: mk.grpo_loss(lp, A, mask, beta=0.1), ValueError, "needs ref_log_probs"),
         (lambda: mk.grpo_loss(lp, A[:3], mask), ValueError, "advantages must have shape"),
