@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from .checks import check_linear_ce_options
+from .checks import check_bool, check_ignore_index, check_integer_dtype, check_linear_ce_options, check_tensor
 from .emo import cost_in_dtype
 from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy, linear_topk
 from .modules import _caller_stacklevel
@@ -292,12 +292,21 @@ def causal_lm_sequence_log_probs(model, labels, *, average=False, ignore_index=-
     with the model type's logit scale (Cohere's, Granite's: as a temperature, in fp32). Gemma 2/3's softcap and a
     head with a bias go through linear_cross_entropy(reduction="none") instead: exact to fp32's resolution of
     lse, not to the last bits for near-certain tokens as the log_probs path. Under no_grad it serves a reference
-    model (accelerate's offloaded heads included).
+    model (accelerate's offloaded heads included). The model is called as it is given: under
+    DistributedDataParallel, gradient synchronisation relies on the wrapper's own forward, so run this inside it
+    (TRL's _forward_redirection) or use patch_causal_lm's loss instead.
     """
     from .preference import sequence_log_probs  # preference imports modules, which imports this module's peers
 
     if "shift_labels" in model_inputs:
         raise TypeError("causal_lm_sequence_log_probs takes labels as HF's (shifted inside), not shift_labels")
+    check_tensor("labels", labels)
+    ids = model_inputs.get("input_ids")
+    if labels.dim() != 2 or (torch.is_tensor(ids) and labels.shape != ids.shape):
+        want = f"input_ids's shape {tuple(ids.shape)}" if torch.is_tensor(ids) else "shape (B, T)"
+        raise ValueError(f"labels must have {want}, got shape {tuple(labels.shape)}")
+    check_integer_dtype(labels, "labels")
+    average, ignore_index = check_bool("average", average), check_ignore_index(ignore_index)
     model, head, hidden = _hidden_states_without_logits(model, "causal_lm_sequence_log_probs", model_inputs)
     scale, softcap = SUPPORTED_MODEL_TYPES[model.config.model_type](model.config)
     with _head_on(head, hidden.device):
@@ -310,7 +319,8 @@ def causal_lm_sequence_log_probs(model, labels, *, average=False, ignore_index=-
         if softcap is None and bias is None:
             return sequence_log_probs(hidden, weight, labels, temperature=1.0 / scale, ignore_index=ignore_index,
                                       shift=1, average=average)
-        # (the model types with a softcap have no logit scale)
+        if scale != 1.0:  # (h·wᵀ + b)·s = (s·h)·wᵀ + s·b
+            hidden, bias = hidden * scale, None if bias is None else bias * scale
         nll = linear_cross_entropy(hidden, weight, labels, bias, softcap=softcap, ignore_index=ignore_index, shift=1,
                                    reduction="none")
         counted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], 1) != ignore_index

@@ -181,8 +181,8 @@ def orpo_loss(chosen_logps, rejected_logps, *, beta=0.1):
     """ORPO's odds-ratio term (Hong et al. 2024), per pair: −β·log σ(log odds(c) − log odds(r)) with
     log odds(y) = log p − log(1 − p) of the token-averaged log-probabilities (TRL's ORPOTrainer.odds_ratio_loss,
     whose returned `losses` are the negative of these). log(1 − p) = log(−expm1(log p)) is exact as p → 1; a log p
-    in (−1e-30, 0] (a completion that rounds to certain; one without counted tokens, whose mean is 0) is taken as
-    −1e-30 with its gradient passed through (MAX_LOG_PROB); a positive one, which no probability has, gives NaN.
+    above −1e-30 (a completion that rounds to certain; one without counted tokens, whose mean is 0; a slightly
+    positive one, as z_t − lse can round to) is taken as −1e-30 with its gradient passed through (MAX_LOG_PROB).
 
     Returns (losses (B,), chosen_rewards β·π_c, rejected_rewards β·π_r, log_odds (B,)), all but losses detached.
     ORPO's full objective adds the chosen sequences' NLL (LinearORPOLoss does).
@@ -196,10 +196,9 @@ def orpo_loss(chosen_logps, rejected_logps, *, beta=0.1):
 
 
 def _below_certain(log_p):
-    """log_p with its values in (MAX_LOG_PROB, 0] replaced by MAX_LOG_PROB in the forward pass only (the gradient
-    passes through as the identity)."""
-    near_zero = (log_p > MAX_LOG_PROB) & (log_p <= 0)
-    return log_p + (torch.where(near_zero, MAX_LOG_PROB, log_p) - log_p).detach()
+    """log_p with its values above MAX_LOG_PROB replaced by MAX_LOG_PROB in the forward pass only (the gradient
+    passes through as the identity; elsewhere, −inf included, log_p as it is)."""
+    return torch.where(log_p > MAX_LOG_PROB, log_p - log_p.detach() + MAX_LOG_PROB, log_p)
 
 
 def cpo_loss(chosen_logps, rejected_logps, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, simpo_gamma=0.5):
@@ -226,16 +225,16 @@ def cpo_loss(chosen_logps, rejected_logps, *, beta=0.1, loss_type="sigmoid", lab
 
 def kto_kl_estimate(policy_kl_logps, ref_kl_logps, *, process_group=None):
     """KTO's reference point z₀: the mean of π − ref over mismatched (prompt, completion) pairs, clamped at 0 and
-    detached (TRL's KTOTrainer). With a torch.distributed `process_group` the mean is over every rank's pairs (one
-    all-reduce of their sum and count) before the clamp, as TRL gathers them: a mean of per-rank clamped means
-    would differ."""
+    detached (TRL's KTOTrainer). With a torch.distributed `process_group`, TRL's: each rank's mean, averaged over
+    the ranks (unweighted, as its gather of the per-rank values), then clamped — not a mean of per-rank clamped
+    values."""
     pk, rk = _as_vectors(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
-    diff = (pk - rk).detach()
+    mean = (pk - rk).detach().mean()
     if process_group is None:
-        return diff.mean().clamp(min=0)
-    total = torch.stack([diff.sum(), diff.new_tensor(float(diff.numel()))])
-    torch.distributed.all_reduce(total, group=process_group)
-    return (total[0] / total[1]).clamp(min=0)
+        return mean.clamp(min=0)
+    mean = mean.clone()
+    torch.distributed.all_reduce(mean, group=process_group)
+    return (mean / torch.distributed.get_world_size(process_group)).clamp(min=0)
 
 
 def kto_loss(logps, ref_logps, desirable, *, kl=0.0, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):

@@ -1434,11 +1434,13 @@ def _kto_kl_on_rank(rank, world_size, diffs):
 
 
 def test_kto_kl_estimate_is_the_mean_over_every_rank_before_the_clamp(world):
-    """TRL gathers every rank's mismatched pairs, then takes the mean and clamps it: one rank's clamped mean and
-    another's negative one must not average into something else. Here the ranks' own means have mixed signs."""
-    diffs = [torch.tensor([2.0, 1.0]), torch.tensor([-3.0, -2.5, -2.0]), torch.tensor([0.5])][:world.size]
-    overall = torch.cat(diffs).mean().clamp(min=0)
+    """TRL gathers every rank's mean, averages them (unweighted) and clamps: not a count-weighted mean, and not a
+    mean of per-rank clamped means. The ranks here hold different counts and means of mixed signs, so that the
+    three differ after the clamp."""
+    diffs = [torch.tensor([3.0]), torch.tensor([-1.0, -1.0, -1.0, -1.0]), torch.tensor([0.5, 0.5])][:world.size]
+    trl = torch.stack([d.mean() for d in diffs]).mean().clamp(min=0)
+    weighted = torch.cat(diffs).mean().clamp(min=0)
     per_rank_clamped = torch.stack([d.mean().clamp(min=0) for d in diffs]).mean()
-    assert not torch.isclose(overall, per_rank_clamped)  # the case must tell the two apart
+    assert not (torch.isclose(trl, weighted) or torch.isclose(trl, per_rank_clamped))  # the case tells them apart
     for kl in world.run(_kto_kl_on_rank, diffs):
-        assert torch.allclose(kl, overall, atol=1e-7)
+        assert torch.allclose(kl, trl, atol=1e-7)

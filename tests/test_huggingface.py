@@ -520,6 +520,8 @@ def test_causal_lm_sequence_log_probs_equal_the_models_own(model_type):
         for patched in (False, True):
             if patched:
                 patch_causal_lm(model)
+            import marginkern.huggingface as hf
+            hf._warn_unfused_training_step.cache_clear()  # (warns once per process: an earlier test may have)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 got = loss_and_grads_of(lambda: causal_lm_sequence_log_probs(
@@ -528,10 +530,12 @@ def test_causal_lm_sequence_log_probs_equal_the_models_own(model_type):
             assert_same_loss_and_grads(got[:2], want[:2])
 
 
-def test_causal_lm_sequence_log_probs_of_a_head_with_a_bias():
-    """A head with a bias (a plain nn.Linear: its bias is part of the projection) goes through linear_cross_entropy."""
+@pytest.mark.parametrize("model_type", ["llama", "granite", "gemma2"])
+def test_causal_lm_sequence_log_probs_of_a_head_with_a_bias(model_type):
+    """A head with a bias (a plain nn.Linear: its bias is part of the projection) goes through linear_cross_entropy,
+    with the model type's logit scale (Granite's) on the bias too, or its softcap (Gemma 2's)."""
     from marginkern.huggingface import causal_lm_sequence_log_probs
-    model = tiny_model("llama")
+    model = tiny_model(model_type)
     head = model.get_output_embeddings()
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
     with torch.no_grad():
@@ -586,10 +590,49 @@ def test_dpo_on_a_causal_lm_with_a_reference_model():
     assert_same_loss_and_grads(got[:2], want[:2])
 
 
+def test_causal_lm_sequence_log_probs_under_autocast_and_offloaded():
+    """An fp32 model under a bf16 autocast: the head's operands in bf16 as its F.linear's (within the logits' bf16
+    rounding of the model's own); an accelerate-offloaded reference model (its head on the meta device between
+    forwards) under no_grad: the same values as before offloading."""
+    from marginkern.huggingface import causal_lm_sequence_log_probs
+    import marginkern.functional as functional
+    model = tiny_model("llama")
+    ids, labels = batch()
+    mask = torch.ones_like(ids)
+    seen = []
+    real = functional.log_probs_and_entropy
+    try:
+        import marginkern.preference as preference
+        preference.log_probs_and_entropy = lambda x, w, *a, **k: seen.append((x.dtype, w.dtype)) or real(x, w, *a, **k)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = causal_lm_sequence_log_probs(model, labels, input_ids=ids, attention_mask=mask)
+            want = own_sequence_log_probs(model, ids, labels, mask, False)
+    finally:
+        preference.log_probs_and_entropy = real
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
+    accelerate = pytest.importorskip("accelerate")
+    reference = tiny_model("cohere").eval()
+    with torch.no_grad():
+        want = causal_lm_sequence_log_probs(reference, labels, input_ids=ids, attention_mask=mask)
+        offloaded = accelerate.cpu_offload(copy.deepcopy(reference), execution_device="cpu")
+        assert offloaded.get_output_embeddings().weight.device.type == "meta"
+        torch.testing.assert_close(causal_lm_sequence_log_probs(offloaded, labels, input_ids=ids, attention_mask=mask),
+                                   want)
+
+
 def test_causal_lm_sequence_log_probs_refuses_labels_among_the_inputs():
     from marginkern.huggingface import causal_lm_sequence_log_probs
     model = tiny_model("llama")
     ids, labels = batch()
+    with pytest.raises(ValueError, match=r"labels must have input_ids's shape \(3, 11\)"):
+        causal_lm_sequence_log_probs(model, labels[:, 1:], input_ids=ids)
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        causal_lm_sequence_log_probs(model, labels.tolist(), input_ids=ids)
+    with pytest.raises(TypeError, match="labels must hold integer class indices"):
+        causal_lm_sequence_log_probs(model, labels.float(), input_ids=ids)
+    with pytest.raises(TypeError, match="average must be a bool"):
+        causal_lm_sequence_log_probs(model, labels, average="yes", input_ids=ids)
     with pytest.raises(TypeError, match="not shift_labels"):
         causal_lm_sequence_log_probs(model, labels, input_ids=ids, shift_labels=labels)
     with pytest.raises(ValueError, match="logits_to_keep must be left at its default"):

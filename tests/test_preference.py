@@ -274,8 +274,16 @@ def test_cpo_simpo_orpo_kto_known_values():
     losses, _, _, _ = mk.orpo_loss(zero, third.float(), beta=0.5)
     losses.sum().backward()
     assert torch.allclose(zero.grad, torch.full((3,), -0.5 * 0.5), rtol=1e-5)
-    # a positive "log-probability" (a sign error upstream) is no probability: NaN, not a silent value
-    assert torch.isnan(mk.orpo_loss(z + 0.1, z - 1)[0]).all()
+    # a slightly positive log p (z_t − lse can round to +ulp) counts as certain, as 0 does
+    assert torch.equal(mk.orpo_loss(z + 1e-7, z - 1)[0], mk.orpo_loss(z, z - 1)[0])
+    # −inf (a token of probability 0): the odds are 0, the loss finite or +inf as the formula says, never NaN
+    inf = torch.full((3,), -float("inf"), dtype=torch.float64)
+    assert torch.equal(mk.orpo_loss(z - 1, inf)[0], z) and torch.isinf(mk.orpo_loss(inf, z - 1)[0]).all()
+    # with log p = 0 and a rejected p of 1e-6, the gradient's limit −β·odds(p_r) ≈ −β·1e-6 needs σ(−log odds) ≈
+    # 1e-30·1e-6 to be a normal float32 (MAX_LOG_PROB = −1e-30; at −1.2e-38 it would be a denormal of a few bits)
+    zero32 = torch.zeros(2, requires_grad=True)
+    mk.orpo_loss(zero32, torch.full((2,), math.log(1e-6)), beta=1.0)[0].sum().backward()
+    assert torch.allclose(zero32.grad, torch.full((2,), -1e-6 / (1 - 1e-6)), rtol=1e-4)
     # KTO at r = z₀: 1 − σ(0) = ½ for either kind, times its weight
     desirable = torch.tensor([True, False, True])
     losses, rewards = mk.kto_loss(z + 0.3, z, desirable, kl=0.3, desirable_weight=2.0, undesirable_weight=0.5)
@@ -443,6 +451,8 @@ def test_bad_arguments_name_what_was_expected():
          ValueError, "ref_input must have shape"),
         (lambda: mk.dpo_loss(t[:3, 0], t[3:, 0]), TypeError, "chosen_logps must be float"),
         (lambda: mk.dpo_loss(x[:3, 0, 0], x[3:, 0, 0], x[:3, 0, 0]), ValueError, "given together"),
+        (lambda: mk.dpo_loss(x[:3, 0, 0], x[3:, 0, 0], loss_type="discopop", discopop_tau=-1.0), ValueError,
+         "discopop_tau must lie"),
         (lambda: mk.kto_loss(x[:, 0, 0], x[:, 0, 0], torch.ones(6)), ValueError, "desirable must be a bool"),
         (lambda: mk.kto_loss(x[:, 0, 0], x[:, 0, 0], torch.ones(6, dtype=torch.bool), kl=torch.ones(2)), ValueError,
          "kl must be a number"),
