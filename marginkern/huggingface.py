@@ -6,6 +6,7 @@
     marginkern.huggingface.patch_causal_lm(model, loss="emo_cross_entropy")   # EMO's official recipe, fused
     logits, token_ids = marginkern.huggingface.causal_lm_topk(teacher, 64, input_ids=ids)   # a teacher's top-k cache
     logps = marginkern.huggingface.causal_lm_sequence_log_probs(model, labels, input_ids=ids)   # DPO's log π(y|x)
+    log_probs, entropy = marginkern.huggingface.causal_lm_log_probs_and_entropy(model, labels, input_ids=ids)  # GRPO's
 
 With `labels`, in training mode, the patched forward runs the model's own forward with `labels=None` and
 `logits_to_keep` set to no position (the decoder runs as HF wrote it; the LM head projects nothing), takes the
@@ -29,7 +30,8 @@ import warnings
 
 import torch
 
-from .checks import check_bool, check_ignore_index, check_integer_dtype, check_linear_ce_options, check_tensor
+from .checks import (check_bool, check_ignore_index, check_integer_dtype, check_linear_ce_options, check_temperature,
+                     check_tensor)
 from .emo import cost_in_dtype
 from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy, linear_topk
 from .modules import _caller_stacklevel
@@ -298,24 +300,9 @@ def causal_lm_sequence_log_probs(model, labels, *, average=False, ignore_index=-
     """
     from .preference import sequence_log_probs  # preference imports modules, which imports this module's peers
 
-    if "shift_labels" in model_inputs:
-        raise TypeError("causal_lm_sequence_log_probs takes labels as HF's (shifted inside), not shift_labels")
-    check_tensor("labels", labels)
-    ids = model_inputs.get("input_ids")
-    if labels.dim() != 2 or (torch.is_tensor(ids) and labels.shape != ids.shape):
-        want = f"input_ids's shape {tuple(ids.shape)}" if torch.is_tensor(ids) else "shape (B, T)"
-        raise ValueError(f"labels must have {want}, got shape {tuple(labels.shape)}")
-    check_integer_dtype(labels, "labels")
-    average, ignore_index = check_bool("average", average), check_ignore_index(ignore_index)
-    model, head, hidden = _hidden_states_without_logits(model, "causal_lm_sequence_log_probs", model_inputs)
-    scale, softcap = SUPPORTED_MODEL_TYPES[model.config.model_type](model.config)
-    with _head_on(head, hidden.device):
-        weight, bias = head.weight, head.bias
-        hidden = hidden.to(weight.device)
-        if torch.is_autocast_enabled(hidden.device.type):  # the head's operands in the autocast dtype, as F.linear's
-            dtype = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight, bias = (None if t is None else t.to(dtype) for t in (hidden, weight, bias))
-        labels = labels.to(hidden.device)
+    average = check_bool("average", average)
+    with _lm_head_operands(model, labels, ignore_index, model_inputs, "causal_lm_sequence_log_probs") as operands:
+        hidden, weight, bias, labels, ignore_index, scale, softcap = operands
         if softcap is None and bias is None:
             return sequence_log_probs(hidden, weight, labels, temperature=1.0 / scale, ignore_index=ignore_index,
                                       shift=1, average=average)
@@ -326,6 +313,51 @@ def causal_lm_sequence_log_probs(model, labels, *, average=False, ignore_index=-
         counted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], 1) != ignore_index
         total = -nll.sum(-1)
         return total / counted.sum(-1).clamp_min(1) if average else total
+
+
+def causal_lm_log_probs_and_entropy(model, labels, *, temperature=1.0, ignore_index=-100, **model_inputs):
+    """Per-token log p(label) and the entropy of softmax(logits / temperature) of a causal LM, differentiable, without
+    the (B, T, V) logits: TRL's GRPOTrainer._get_per_token_logps_and_entropies (then marginkern.grpo_loss). labels
+    (B, T) as HF's, shifted inside (position t scores label t + 1; the last position and ignore_index count nothing:
+    0 there). Returns ((B, T), (B, T)) fp32 (fp64 for an fp64 model). The model's logit scale (Cohere, Granite) joins
+    the temperature; a model with a final-logit softcap (Gemma 2/3) or a biased head is refused (the fused entropy
+    has neither). Running the model: as causal_lm_sequence_log_probs.
+    """
+    from .functional import log_probs_and_entropy
+
+    with _lm_head_operands(model, labels, ignore_index, model_inputs, "causal_lm_log_probs_and_entropy") as operands:
+        hidden, weight, bias, labels, ignore_index, scale, softcap = operands
+        if softcap is not None or bias is not None:
+            what = f"a final-logit softcap ({softcap})" if softcap is not None else "a biased head"
+            raise NotImplementedError(f"model has {what}, which the fused per-token entropy does not compute; "
+                                      "causal_lm_sequence_log_probs handles it for sequence log-probabilities")
+        check_temperature(temperature)
+        return log_probs_and_entropy(hidden, weight, labels, temperature=temperature / scale,
+                                     ignore_index=ignore_index, shift=1)
+
+
+@contextlib.contextmanager
+def _lm_head_operands(model, labels, ignore_index, model_inputs, caller):
+    """The checked labels, the model's last hidden state and its head's operands, in a context in which an offloaded
+    head is materialised: (hidden, weight, bias, labels, ignore_index, logit scale, softcap)."""
+    if "shift_labels" in model_inputs:
+        raise TypeError(f"{caller} takes labels as HF's (shifted inside), not shift_labels")
+    check_tensor("labels", labels)
+    ids = model_inputs.get("input_ids")
+    if labels.dim() != 2 or (torch.is_tensor(ids) and labels.shape != ids.shape):
+        want = f"input_ids's shape {tuple(ids.shape)}" if torch.is_tensor(ids) else "shape (B, T)"
+        raise ValueError(f"labels must have {want}, got shape {tuple(labels.shape)}")
+    check_integer_dtype(labels, "labels")
+    ignore_index = check_ignore_index(ignore_index)
+    model, head, hidden = _hidden_states_without_logits(model, caller, model_inputs)
+    scale, softcap = SUPPORTED_MODEL_TYPES[model.config.model_type](model.config)
+    with _head_on(head, hidden.device):
+        weight, bias = head.weight, head.bias
+        hidden = hidden.to(weight.device)
+        if torch.is_autocast_enabled(hidden.device.type):  # the head's operands in the autocast dtype, as F.linear's
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight, bias = (None if t is None else t.to(dtype) for t in (hidden, weight, bias))
+        yield hidden, weight, bias, labels.to(hidden.device), ignore_index, scale, softcap
 
 
 def _hidden_states_without_logits(model, caller, model_inputs):

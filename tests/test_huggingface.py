@@ -637,3 +637,55 @@ def test_causal_lm_sequence_log_probs_refuses_labels_among_the_inputs():
         causal_lm_sequence_log_probs(model, labels, input_ids=ids, shift_labels=labels)
     with pytest.raises(ValueError, match="logits_to_keep must be left at its default"):
         causal_lm_sequence_log_probs(model, labels, input_ids=ids, logits_to_keep=1)
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t in SUPPORTED_MODEL_TYPES if t not in ("gemma2", "gemma3_text")))
+def test_causal_lm_log_probs_and_entropy_equal_the_models_own(model_type):
+    """Per-token log-probabilities and entropies at a sampling temperature (TRL's GRPO) against the model's own
+    logits / temperature (its logit scale included): values, and every parameter's gradient of a weighted sum of
+    both; positions after a -100 label and the last position are 0."""
+    from marginkern.huggingface import causal_lm_log_probs_and_entropy
+    model = tiny_model(model_type)
+    ids, labels = batch()
+    mask = torch.ones_like(ids)
+    g = torch.Generator().manual_seed(3)
+    w_lp, w_h = torch.randn(3, 11, generator=g), torch.randn(3, 11, generator=g)
+
+    def own():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float() / 0.8
+        log_p = logits.log_softmax(-1)
+        target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+        counted = target != -100
+        lp = log_p.gather(-1, torch.where(counted, target, 0)[..., None])[..., 0] * counted
+        entropy = -(log_p.exp() * log_p).sum(-1) * counted
+        return lp, entropy
+
+    def fused():
+        return causal_lm_log_probs_and_entropy(model, labels, temperature=0.8, input_ids=ids, attention_mask=mask)
+
+    results = []
+    for fn in (own, fused):
+        model.zero_grad(set_to_none=True)
+        lp, entropy = fn()
+        ((lp * w_lp).sum() + (entropy * w_h).sum()).backward()
+        results.append((lp.detach(), entropy.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want_lp, want_h, want_g), (got_lp, got_h, got_g) = results
+    torch.testing.assert_close(got_lp, want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-5)
+    assert (got_lp[:, -1] == 0).all() and (got_lp[0, :3] == 0).all()
+    assert_same_loss_and_grads((torch.zeros(()), got_g), (torch.zeros(()), want_g))
+
+
+def test_causal_lm_log_probs_and_entropy_refuses_softcap_and_bias():
+    from marginkern.huggingface import causal_lm_log_probs_and_entropy
+    ids, labels = batch()
+    with pytest.raises(NotImplementedError, match="final-logit softcap"):
+        causal_lm_log_probs_and_entropy(tiny_model("gemma2"), labels, input_ids=ids)
+    model = tiny_model("llama")
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(torch.nn.Linear(head.in_features, head.out_features, bias=True))
+    with pytest.raises(NotImplementedError, match="biased head"):
+        causal_lm_log_probs_and_entropy(model, labels, input_ids=ids)
+    with pytest.raises(ValueError, match="temperature must lie"):
+        causal_lm_log_probs_and_entropy(tiny_model("llama"), labels, temperature=0.0, input_ids=ids)
