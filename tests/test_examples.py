@@ -47,3 +47,13 @@ def test_word_lm_learns_and_measures_filtering():
     assert fused < 8.32 - 2.0  # well below the uniform log(4096): it learned from the text
     kept = [k for _, k, _, _ in rows]
     assert kept == sorted(kept, reverse=True) and kept[-1] < 1.0  # larger eps drops more classes
+
+
+def test_dpo_teaches_the_word_lm_single_quotes():
+    """DPO (LinearDPOLoss, precomputed reference log-probabilities) on real text: after a short SFT, 40 DPO steps
+    make the LM prefer ' over " where the held-out source has a quote mark next (0.32 → 0.99 on a 2-core VM), and
+    the implicit reward ranks nearly every held-out pair right (ties, 0.5, before: the policy is the reference)."""
+    import dpo_quotes_stdlib
+    before, after = dpo_quotes_stdlib.main(["--sft-steps", "100", "--dpo-steps", "40", "--max-chars", "1000000"])
+    assert before[0] == 0.5 and before[2] > 500
+    assert after[0] > 0.95 and after[1] > 0.9 and after[1] > before[1] + 0.3
