@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from .checks import check_finite, check_float_tensor, check_ignore_index, check_int, check_shift, check_tensor
 from .engine import accumulation_dtype
-from .functional import _shift_targets, log_probs_and_entropy
-from .modules import _autocast_like
+from .preference import token_log_probs
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -191,17 +190,11 @@ class LinearGRPOLoss(nn.Module):
         self.ignore_index, self.shift = check_ignore_index(ignore_index), check_shift(shift)
 
     def _log_probs(self, input, weight, target):
-        check_tensor("input", input)
-        if input.dim() != 3:
-            raise ValueError(f"input must have shape (B, T, D) (a batch of completions), got shape "
-                             f"{tuple(input.shape)}")
-        return log_probs_and_entropy(input, _autocast_like(weight, input), target, temperature=self.temperature,
-                                     ignore_index=self.ignore_index, shift=self.shift)
+        return token_log_probs(input, weight, target, self.ignore_index, self.shift, self.temperature, "completions")
 
     def forward(self, input, weight, target, advantages, *, old_log_probs=None, ref_log_probs=None, ref_input=None,
                 ref_weight=None, num_items_in_batch=None) -> GRPOOutput:
-        log_probs, entropy = self._log_probs(input, weight, target)
-        mask = _shift_targets(target, self.shift, self.ignore_index) != self.ignore_index
+        log_probs, entropy, mask = self._log_probs(input, weight, target)
         if (ref_input is None) != (ref_weight is None) or (ref_input is not None and ref_log_probs is not None):
             raise ValueError("pass the reference model's ref_input and ref_weight, or its precomputed ref_log_probs "
                              "(one of the two, or neither)")

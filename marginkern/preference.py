@@ -44,21 +44,24 @@ CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair", "simpo")
 # exo_pair's formula needs 0 < ε (it takes log ε); TRL substitutes this for ε = 0
 EXO_PAIR_DEFAULT_SMOOTHING = 1e-3
-# ORPO's log p in (−1e-30, 0] is taken as −1e-30 (its gradient passed through): log(1 − p) then stays finite, and
-# σ(−log odds) ≈ 1e-30·odds(rejected) a normal float32, where p rounds to exactly 1. Its loss term there is below
-# β·1e-30·odds; the gradient's limit as log p → 0⁻ is −β·odds(rejected), which the pass-through gives.
+# ORPO's log p above −1e-30 (p rounds to exactly 1; or z_t − lse rounded to +ulp) is taken as −1e-30 (its gradient
+# passed through): log(1 − p) then stays finite, and σ(−log odds) ≈ 1e-30·odds(rejected) a normal float32. Its loss
+# term there is below β·1e-30·odds; the gradient's limit as log p → 0⁻ is −β·odds(rejected), which the pass-through
+# gives.
 MAX_LOG_PROB = -1e-30
 
 
-def _token_log_probs(input, weight, target, ignore_index, shift, temperature=1.0):
-    """(B, T) log p(target) (0 at ignored positions) and the (B, T) mask of the positions that count."""
+def token_log_probs(input, weight, target, ignore_index, shift, temperature=1.0, what="sequences"):
+    """For a batch of sequences input (B, T, D) (a head in another dtype cast to input's under autocast): the (B, T)
+    log p(target) and entropy (0 at ignored positions) and the (B, T) mask of the positions that count. Shared by the
+    preference heads and the GRPO head."""
     check_tensor("input", input)
     if input.dim() != 3:
-        raise ValueError(f"input must have shape (B, T, D) (a batch of sequences), got shape {tuple(input.shape)}")
-    log_probs, _ = log_probs_and_entropy(input, _autocast_like(weight, input), target, temperature=temperature,
-                                         ignore_index=ignore_index, shift=shift)
+        raise ValueError(f"input must have shape (B, T, D) (a batch of {what}), got shape {tuple(input.shape)}")
+    log_probs, entropy = log_probs_and_entropy(input, _autocast_like(weight, input), target, temperature=temperature,
+                                               ignore_index=ignore_index, shift=shift)
     valid = _shift_targets(target, shift, ignore_index) != ignore_index
-    return log_probs, valid
+    return log_probs, entropy, valid
 
 
 def _sum_or_mean(log_probs, valid, average):
@@ -75,7 +78,8 @@ def sequence_log_probs(input, weight, target, *, ignore_index=-100, shift=0, ave
     linear_cross_entropy."""
     ignore_index, shift = check_ignore_index(ignore_index), check_shift(shift)
     average = check_bool("average", average)
-    return _sum_or_mean(*_token_log_probs(input, weight, target, ignore_index, shift, temperature), average)
+    log_probs, _, valid = token_log_probs(input, weight, target, ignore_index, shift, temperature)
+    return _sum_or_mean(log_probs, valid, average)
 
 
 def _as_vectors(**tensors):
@@ -342,14 +346,14 @@ class _PairedPreferenceLoss(nn.Module):
         if input.dim() != 3 or input.shape[0] % 2 or input.shape[0] == 0:
             raise ValueError("input must have shape (2B, T, D): B ≥ 1 chosen sequences, then the B rejected ones; "
                              f"got shape {tuple(input.shape)}")
-        token_log_probs, valid = _token_log_probs(input, weight, target, self.ignore_index, self.shift)
-        chosen, rejected = _sum_or_mean(token_log_probs, valid, self.average).chunk(2)
+        per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift)
+        chosen, rejected = _sum_or_mean(per_token, valid, self.average).chunk(2)
         ref_chosen, ref_rejected = self._reference_logps(input, target, ref_input, ref_weight, ref_chosen_logps,
                                                          ref_rejected_logps)
         losses, chosen_rewards, rejected_rewards = self.pair_losses(chosen, rejected, ref_chosen, ref_rejected)
         pairs = input.shape[0] // 2
         chosen_tokens = valid[:pairs]
-        nll = -token_log_probs[:pairs].sum() / chosen_tokens.sum().clamp_min(1)
+        nll = -per_token[:pairs].sum() / chosen_tokens.sum().clamp_min(1)
         loss = losses.mean() + self.nll_weight * nll if self.nll_weight else losses.mean()
         with torch.no_grad():
             mean_row = _mean_class_row(weight, input)
@@ -468,8 +472,8 @@ class LinearKTOLoss(nn.Module):
 
     def forward(self, input, weight, target, desirable, *, ref_input=None, ref_weight=None,
                 ref_logps: Optional[Tensor] = None, kl=0.0) -> KTOOutput:
-        token_log_probs, valid = _token_log_probs(input, weight, target, self.ignore_index, self.shift)
-        logps = token_log_probs.sum(-1)
+        per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift)
+        logps = per_token.sum(-1)
         for name, t in (("ref_input", ref_input), ("ref_weight", ref_weight), ("ref_logps", ref_logps)):
             if t is not None:
                 check_tensor(name, t)
