@@ -325,13 +325,13 @@ def causal_lm_log_probs_and_entropy(model, labels, *, temperature=1.0, ignore_in
     """
     from .functional import log_probs_and_entropy
 
+    check_temperature(temperature)  # (before the model's forward runs)
     with _lm_head_operands(model, labels, ignore_index, model_inputs, "causal_lm_log_probs_and_entropy") as operands:
         hidden, weight, bias, labels, ignore_index, scale, softcap = operands
         if softcap is not None or bias is not None:
             what = f"a final-logit softcap ({softcap})" if softcap is not None else "a biased head"
             raise NotImplementedError(f"model has {what}, which the fused per-token entropy does not compute; "
                                       "causal_lm_sequence_log_probs handles it for sequence log-probabilities")
-        check_temperature(temperature)
         return log_probs_and_entropy(hidden, weight, labels, temperature=temperature / scale,
                                      ignore_index=ignore_index, shift=1)
 
