@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .checks import check_finite, check_float_tensor, check_ignore_index, check_int, check_shift, check_tensor
 from .engine import accumulation_dtype
-from .preference import token_log_probs
+from .preference import reference_token_log_probs, token_log_probs
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -110,7 +110,7 @@ def grpo_loss(log_probs, advantages, mask, *, old_log_probs=None, ref_log_probs=
             if num_items_in_batch.numel() != 1:
                 raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
                                  f"{tuple(num_items_in_batch.shape)}")
-            num_items_in_batch = num_items_in_batch.detach().to(accumulation_dtype(log_probs.dtype)).reshape(())
+            num_items_in_batch = num_items_in_batch.detach().to(acc).reshape(())
         else:
             check_finite("num_items_in_batch", num_items_in_batch, 0.0, low_open=True)
     counts = mask != 0
@@ -194,17 +194,13 @@ class LinearGRPOLoss(nn.Module):
 
     def forward(self, input, weight, target, advantages, *, old_log_probs=None, ref_log_probs=None, ref_input=None,
                 ref_weight=None, num_items_in_batch=None) -> GRPOOutput:
-        log_probs, entropy, mask = self._log_probs(input, weight, target)
         if (ref_input is None) != (ref_weight is None) or (ref_input is not None and ref_log_probs is not None):
             raise ValueError("pass the reference model's ref_input and ref_weight, or its precomputed ref_log_probs "
                              "(one of the two, or neither)")
-        if ref_input is not None:
-            check_tensor("ref_input", ref_input)
-            if ref_input.shape[:-1] != input.shape[:-1]:
-                raise ValueError(f"ref_input must have shape {tuple(input.shape[:-1])} + (D_ref,) like input, got "
-                                 f"shape {tuple(ref_input.shape)}")
-            with torch.no_grad():
-                ref_log_probs = self._log_probs(ref_input, ref_weight, target)[0]
+        if ref_input is not None:  # (before the policy's pass: its arguments are checked there)
+            ref_log_probs, _ = reference_token_log_probs(ref_input, ref_weight, input, target, self.ignore_index,
+                                                         self.shift, self.temperature)
+        log_probs, entropy, mask = self._log_probs(input, weight, target)
         out = grpo_loss(log_probs, advantages, mask, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs,
                         num_items_in_batch=num_items_in_batch, **self.options)
         with torch.no_grad():

@@ -33,7 +33,7 @@ import torch
 from .checks import (check_bool, check_ignore_index, check_integer_dtype, check_linear_ce_options, check_temperature,
                      check_tensor)
 from .emo import cost_in_dtype
-from .functional import emo_cross_entropy, emo_loss, linear_cross_entropy, linear_topk
+from .functional import _shift_targets, emo_cross_entropy, emo_loss, linear_cross_entropy, linear_topk
 from .modules import _caller_stacklevel
 
 # model_type → (the factor HF multiplies the head's output by, the Gemma-2 style softcap), from the config. The
@@ -310,7 +310,7 @@ def causal_lm_sequence_log_probs(model, labels, *, average=False, ignore_index=-
             hidden, bias = hidden * scale, None if bias is None else bias * scale
         nll = linear_cross_entropy(hidden, weight, labels, bias, softcap=softcap, ignore_index=ignore_index, shift=1,
                                    reduction="none")
-        counted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], 1) != ignore_index
+        counted = _shift_targets(labels, 1, ignore_index) != ignore_index
         total = -nll.sum(-1)
         return total / counted.sum(-1).clamp_min(1) if average else total
 

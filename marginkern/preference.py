@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_bool, check_finite, check_float_tensor, check_ignore_index, check_shift, check_tensor
-from .engine import accumulation_dtype, log1m_exp
+from .engine import accumulation_dtype, log1m_exp, row_block_matvec
 from .functional import _shift_targets, log_probs_and_entropy
 from .modules import _autocast_like
 
@@ -289,19 +289,22 @@ def _mean_class_row(weight, input):
 
 def _mean_logit(input, mean_row, valid):
     """The mean of x·w_j over the counted positions and all V classes, which is x·w̄ (w̄ = _mean_class_row): TRL's
-    logits/chosen metric without the logits."""
-    per_token = input.detach().to(mean_row.dtype) @ mean_row
+    logits/chosen metric without the logits (16-bit rows upcast by blocks, not as a whole (N, D) copy)."""
+    per_token = row_block_matvec(input.detach().reshape(-1, input.shape[-1]), mean_row).reshape(valid.shape)
     return (per_token * valid).sum() / valid.sum().clamp_min(1)
 
 
-def _reference_log_probs(ref_input, ref_weight, input, target, ignore_index, shift, average):
-    """The reference model's sequence log-probabilities from its hidden states (any width) and head, under no_grad."""
+def reference_token_log_probs(ref_input, ref_weight, input, target, ignore_index, shift, temperature=1.0):
+    """The reference model's (B, T) per-token log-probabilities and the counted mask, from its hidden states (any
+    width, input's other dimensions) and head, under no_grad. Shared by the preference heads and the GRPO head."""
+    check_tensor("input", input)
+    check_tensor("ref_input", ref_input)
     if ref_input.shape[:-1] != input.shape[:-1]:
         raise ValueError(f"ref_input must have shape {tuple(input.shape[:-1])} + (D_ref,) like input, got "
                          f"shape {tuple(ref_input.shape)}")
     with torch.no_grad():
-        return sequence_log_probs(ref_input, ref_weight, target, ignore_index=ignore_index, shift=shift,
-                                  average=average)
+        log_probs, _, valid = token_log_probs(ref_input, ref_weight, target, ignore_index, shift, temperature)
+    return log_probs, valid
 
 
 class _PairedPreferenceLoss(nn.Module):
@@ -332,8 +335,9 @@ class _PairedPreferenceLoss(nn.Module):
                 raise ValueError(f"{type(self).__name__} {why}, got reference arguments")
             return None, None
         if given == [True, True, False, False]:
-            return _reference_log_probs(ref_input, ref_weight, input, target, self.ignore_index, self.shift,
-                                        self.average).chunk(2)
+            log_probs, valid = reference_token_log_probs(ref_input, ref_weight, input, target, self.ignore_index,
+                                                         self.shift)
+            return _sum_or_mean(log_probs, valid, self.average).chunk(2)
         if given == [False, False, True, True]:
             return ref_chosen_logps.detach(), ref_rejected_logps.detach()
         raise ValueError("pass the reference model's ref_input and ref_weight, or its precomputed ref_chosen_logps "
@@ -346,10 +350,11 @@ class _PairedPreferenceLoss(nn.Module):
         if input.dim() != 3 or input.shape[0] % 2 or input.shape[0] == 0:
             raise ValueError("input must have shape (2B, T, D): B ≥ 1 chosen sequences, then the B rejected ones; "
                              f"got shape {tuple(input.shape)}")
-        per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift)
-        chosen, rejected = _sum_or_mean(per_token, valid, self.average).chunk(2)
+        # the reference first: its arguments are checked before the policy's pass runs
         ref_chosen, ref_rejected = self._reference_logps(input, target, ref_input, ref_weight, ref_chosen_logps,
                                                          ref_rejected_logps)
+        per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift)
+        chosen, rejected = _sum_or_mean(per_token, valid, self.average).chunk(2)
         losses, chosen_rewards, rejected_rewards = self.pair_losses(chosen, rejected, ref_chosen, ref_rejected)
         pairs = input.shape[0] // 2
         chosen_tokens = valid[:pairs]
@@ -472,17 +477,18 @@ class LinearKTOLoss(nn.Module):
 
     def forward(self, input, weight, target, desirable, *, ref_input=None, ref_weight=None,
                 ref_logps: Optional[Tensor] = None, kl=0.0) -> KTOOutput:
-        per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift)
-        logps = per_token.sum(-1)
         for name, t in (("ref_input", ref_input), ("ref_weight", ref_weight), ("ref_logps", ref_logps)):
             if t is not None:
                 check_tensor(name, t)
         if (ref_input is None) != (ref_weight is None) or (ref_input is None) == (ref_logps is None):
             raise ValueError("pass the reference model's ref_input and ref_weight, or its precomputed ref_logps "
                              "(one of the two)")
-        if ref_logps is None:
-            ref_logps = _reference_log_probs(ref_input, ref_weight, input, target, self.ignore_index, self.shift,
-                                             average=False)
+        if ref_logps is None:  # (before the policy's pass: its arguments are checked there)
+            ref_token_log_probs, _ = reference_token_log_probs(ref_input, ref_weight, input, target, self.ignore_index,
+                                                               self.shift)
+            ref_logps = ref_token_log_probs.sum(-1)
+        per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift)
+        logps = per_token.sum(-1)
         losses, rewards = kto_loss(logps, ref_logps.detach(), desirable, kl=kl, beta=self.beta,
                                    desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
         with torch.no_grad():
