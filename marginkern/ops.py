@@ -15,7 +15,7 @@ from .checks import (check_bias, check_class_weight, check_class_weight_values, 
                      check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
                      check_jsd_beta, check_proxy_anchor_options, check_subcenters, check_target_values, check_teacher,
-                     check_temperature,
+                     check_temperature, check_tensor,
                      check_token_ids, check_topk_teacher)
 from .dispatch import select_tiles, select_tiles_except
 from . import pairwise
@@ -26,6 +26,7 @@ from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward, row_margin_grads
 from .proxy_anchor import proxy_anchor_backward as proxy_anchor_backward_pass, proxy_anchor_forward
+from .siglip import siglip_backward as siglip_backward_pass, siglip_forward
 from .topk import streaming_topk
 
 
@@ -1102,3 +1103,69 @@ def _proxy_anchor_autograd(ctx, grad_loss, *grad_by_products):
 
 
 _register_autograd("proxy_anchor", _proxy_anchor_autograd, _proxy_anchor_setup_context)
+
+
+def _check_siglip(input, keys, target, bias):
+    """SigLIP's arguments as the ops take them (metadata only: the fakes run it too); target: each row's positive
+    key, or −1 for none."""
+    check_classification_inputs(input, keys, target, weight_name="keys")
+    check_tensor("bias", bias)
+    if bias.dim() != 0 or not bias.dtype.is_floating_point or bias.device != input.device:
+        raise ValueError(f"bias must be a 0-dim floating-point tensor on {input.device}, got a "
+                         f"{tuple(bias.shape)} {bias.dtype} tensor on {bias.device}")
+
+
+@_op("siglip")
+def siglip(input: Tensor, keys: Tensor, target: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(each row's loss Σ_j −log σ(±(input_i·keys_j + bias)) (N,), each row's Σ_j dL_i/dz_ij (N,)), in the
+    accumulation dtype (marginkern.siglip); the second is a by-product for the bias's gradient."""
+    _check_siglip(input, keys, target, bias)
+    check_target_values(target, keys.shape[0], -1)
+    return siglip_forward(input.contiguous(), keys.contiguous(), target.long(), bias)
+
+
+@siglip.register_fake
+def _(input, keys, target, bias):
+    _check_siglip(input, keys, target, bias)
+    acc = accumulation_dtype(input.dtype)
+    return input.new_empty((input.shape[0],), dtype=acc), input.new_empty((input.shape[0],), dtype=acc)
+
+
+@_op("siglip_backward")
+def siglip_backward(grad_rows: Tensor, input: Tensor, keys: Tensor, target: Tensor, bias: Tensor,
+                    need_input_grad: bool, need_keys_grad: bool) -> tuple[Tensor, Tensor]:
+    """(dL/dinput, dL/dkeys) for the per-row loss gradient `grad_rows` (N,); either is an empty (0,) tensor when
+    not asked for."""
+    _check_siglip(input, keys, target, bias)
+    if tuple(grad_rows.shape) != (input.shape[0],):
+        raise ValueError(f"grad_rows must have shape (N={input.shape[0]},), got shape {tuple(grad_rows.shape)}")
+    grad_x, grad_k = siglip_backward_pass(grad_rows, input.contiguous(), keys.contiguous(), target.long(), bias,
+                                          need_input_grad, need_keys_grad)
+    return _or_empty(grad_x, input), _or_empty(grad_k, keys)
+
+
+@siglip_backward.register_fake
+def _(grad_rows, input, keys, target, bias, need_input_grad, need_keys_grad):
+    return (_contiguous_like(input) if need_input_grad else input.new_empty((0,)),
+            _contiguous_like(keys) if need_keys_grad else keys.new_empty((0,)))
+
+
+def _siglip_setup_context(ctx, inputs, output):
+    input, keys, target, bias = inputs
+    _, bias_grad = output
+    ctx.save_for_backward(input, keys, target, bias, bias_grad)
+    ctx.mark_non_differentiable(bias_grad)
+
+
+def _siglip_autograd(ctx, grad_rows, *grad_by_products):
+    input, keys, target, bias, bias_grad = ctx.saved_tensors
+    need_input, need_keys, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    grad_input = grad_keys = grad_bias = None
+    if grad_rows is not None and (need_input or need_keys):
+        grad_input, grad_keys = call("siglip_backward", grad_rows, input, keys, target, bias, need_input, need_keys)
+    if grad_rows is not None and need_bias:
+        grad_bias = (grad_rows.to(bias_grad.dtype) * bias_grad).sum().to(bias.dtype)
+    return (grad_input if need_input else None, grad_keys if need_keys else None, None, grad_bias)
+
+
+_register_autograd("siglip", _siglip_autograd, _siglip_setup_context)

@@ -17,7 +17,8 @@ whose kernels keep per-row statistics.
 """
 import torch
 
-from .dispatch import select_tiles
+from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, plan_chunks,
+                               set_own_cells_)
 from .engine import (SplitKAccumulator, accumulation_dtype, inverse_row_norms, log1p_exp, mm_accumulate,
                      row_grad_finisher, split_k_slices, target_dot)
 
@@ -36,23 +37,8 @@ MIN_CHUNK_CLASSES = 256
 
 def proxy_chunks(N, C, D, acc_bytes, on_gpu=False, weight_rows=0):
     """[(c0, c1)] covering C proxies: two N × chunk tensors and `weight_rows` chunk × D ones per chunk in the budget."""
-    budget = CHUNK_BYTES * (GPU_CHUNK_FACTOR if on_gpu else 1)
-    chunk = max(MIN_CHUNK_CLASSES, budget // max(1, (2 * N + weight_rows * D) * acc_bytes))
-    return [(c0, min(C, c0 + chunk)) for c0 in range(0, C, chunk)]
-
-
-def _tiles_and_epilogue(x):
-    """(the engine's tiles for x, whether the chunk epilogues run in Triton: where the engine would use Triton, CUDA
-    or the interpreter when forced). select_tiles enforces MARGINKERN_BACKEND: a forced backend that cannot serve x
-    (Triton and fp64) raises."""
-    tiles = select_tiles(x.device, x.dtype)
-    return tiles, tiles.name == "triton"
-
-
-def _gemm_dtype(x):
-    """The dtype the backward GEMMs read dL/da in: bf16 for bf16 on CUDA (fp32's range, cuBLAS's bf16 rate); fp32
-    otherwise (fp16's range would flush e^{a−L}·α/C·(1/‖x‖‖w‖) to zero for C in the millions)."""
-    return x.dtype if x.is_cuda and x.dtype == torch.bfloat16 else accumulation_dtype(x.dtype)
+    return plan_chunks(N, C, D, acc_bytes, CHUNK_BYTES * (GPU_CHUNK_FACTOR if on_gpu else 1), MIN_CHUNK_CLASSES,
+                       weight_rows)
 
 
 # A row's column: its class's index among this rank's proxies, or IGNORED (target == ignore_index: neither a positive
@@ -73,19 +59,10 @@ def _row_columns(target, ignore_index, num_local, shard):
 def _negative_exponents(x, w, c0, c1, inv_x, inv_w, ignored, column, margin, alpha, acc):
     """a_nj = α(s_nj + δ) of the chunk's classes, −inf at each row's own class and on `ignored` rows ((N, 1) bool:
     filled, so that a NaN in an ignored row stays out, as on the Triton epilogue)."""
-    z = _chunk_dots(x, w, c0, c1, acc)
+    z = chunk_dots(x, w, c0, c1, acc)
     z.mul_(inv_x[:, None]).mul_(inv_w[None, c0:c1])  # cosines, scaled in fp32 after the GEMM
     z.add_(margin).mul_(alpha).masked_fill_(ignored, -float("inf"))
-    return _set_own_cells_(z, column, c0, c1, -float("inf"))
-
-
-def _set_own_cells_(z, column, c0, c1, value):
-    """z[n, y_n − c0] = value (a scalar or (N, 1)) for the rows whose own class lies in the chunk [c0, c1), without a
-    host sync: the other rows write back their own value."""
-    own = (column - c0)[:, None]
-    inside = (own >= 0) & (own < c1 - c0)
-    own = own.clamp(0, c1 - c0 - 1)
-    return z.scatter_(1, own, torch.where(inside, value, z.gather(1, own)))
+    return set_own_cells_(z, column, c0, c1, -float("inf"))
 
 
 def _positive_terms(x, w, column, valid, inv_x, inv_w, margin, alpha, C, acc):
@@ -105,11 +82,6 @@ def _positive_terms(x, w, column, valid, inv_x, inv_w, margin, alpha, C, acc):
     return class_terms.sum(), row_weight, num_positive
 
 
-def _chunk_dots(x, w, c0, c1, acc):
-    """The chunk's raw dot products x·w_cᵀ, fp32 (fp64 for fp64)."""
-    return mm_accumulate(x, w[c0:c1].t(), acc)
-
-
 def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index, shard=None):
     """(loss (), L_j of every proxy's negative term (C,), per-row positive weights (N,), |P⁺| ()) in the
     accumulation dtype; arguments checked by the caller. `shard` (distributed.ProcessGroupShard): w holds the proxies
@@ -119,7 +91,7 @@ def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index, shard=None):
     (N, D), C = x.shape, w.shape[0]
     valid, own, column = _row_columns(target, ignore_index, C, shard)
     inv_x, inv_w = inverse_row_norms(x), inverse_row_norms(w)
-    _, triton_epilogue = _tiles_and_epilogue(x)
+    _, triton_epilogue = epilogue_tiles(x)
     if x.device.type == "cpu" and x.dtype != acc:
         x = x.to(acc)  # once, not per chunk
     ignored = ~valid[:, None]
@@ -129,7 +101,7 @@ def proxy_anchor_forward(x, w, target, margin, alpha, ignore_index, shard=None):
     upcast_rows = int(not w.is_cuda and w.dtype != acc)  # mm_accumulate's fp32 copy of a chunk of 16-bit rows
     for c0, c1 in proxy_chunks(N, C, D, acc.itemsize, x.is_cuda, upcast_rows):
         if triton_epilogue:
-            negative[c0:c1] = negative_terms(_chunk_dots(x, w, c0, c1, acc), inv_x, inv_w[c0:c1], column, c0, alpha,
+            negative[c0:c1] = negative_terms(chunk_dots(x, w, c0, c1, acc), inv_x, inv_w[c0:c1], column, c0, alpha,
                                              margin)
             continue
         a = _negative_exponents(x, w, c0, c1, inv_x, inv_w, ignored, column, margin, alpha, acc)
@@ -158,9 +130,9 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
     (N, D), C = x.shape, w.shape[0]
     valid, _, column = _row_columns(target, ignore_index, C, shard)
     inv_x, inv_w = inverse_row_norms(x), inverse_row_norms(w)
-    tiles, triton_epilogue = _tiles_and_epilogue(x)
+    tiles, triton_epilogue = epilogue_tiles(x)
     finish = row_grad_finisher(tiles)
-    gemm = _gemm_dtype(x)
+    gemm = backward_gemm_dtype(x)
     x_acc = x.to(acc) if x.device.type == "cpu" else x
     x_gemm = x_acc.to(gemm)
     ignored = ~valid[:, None]
@@ -183,12 +155,12 @@ def proxy_anchor_backward(grad_loss, x, w, target, negative, row_weight, num_pos
         from .triton_kernels.proxy_anchor import grad_chunk
     for c0, c1 in chunks:
         if triton_epilogue:
-            g = grad_chunk(_chunk_dots(x_acc, w, c0, c1, acc), inv_x, inv_w[c0:c1], column, negative[c0:c1], own_cell,
+            g = grad_chunk(chunk_dots(x_acc, w, c0, c1, acc), inv_x, inv_w[c0:c1], column, negative[c0:c1], own_cell,
                            negative_coef, c0, alpha, margin, gemm)
         else:
             a = _negative_exponents(x_acc, w, c0, c1, inv_x, inv_w, ignored, column, margin, alpha, acc)
             g = a.sub_(negative[None, c0:c1]).exp_().mul_(inv_x[:, None]).mul_(inv_w[None, c0:c1] * negative_coef)
-            g = _set_own_cells_(g, column, c0, c1, own_cell[:, None]).to(gemm)
+            g = set_own_cells_(g, column, c0, c1, own_cell[:, None]).to(gemm)
             del a
         w_chunk = w[c0:c1].to(gemm)  # the rows themselves when they are in the GEMMs' dtype
         if dx is not None:

@@ -1444,3 +1444,89 @@ def test_kto_kl_estimate_is_the_mean_over_every_rank_before_the_clamp(world):
     assert not (torch.isclose(trl, weighted) or torch.isclose(trl, per_rank_clamped))  # the case tells them apart
     for kl in world.run(_kto_kl_on_rank, diffs):
         assert torch.allclose(kl, trl, atol=1e-7)
+
+
+# ---- in-batch contrastive losses over data-parallel ranks (open_clip's local loss with gathered features) ----------
+
+def _contrastive_on_rank(rank, world_size, q_all, k_all, loss_name, kwargs, backend=None):
+    """(this rank's loss, dL/d(its queries), dL/d(its keys), dL/d(its learned scalars)) with the features of every
+    rank gathered inside the loss; the learned scale (and SigLIP's bias) are this rank's own copies."""
+    if backend is not None:
+        os.environ["MARGINKERN_BACKEND"] = backend
+    try:
+        B, M = q_all.shape[0] // world_size, k_all.shape[0] // world_size
+        q = q_all[rank * B:(rank + 1) * B].clone().requires_grad_()
+        k = k_all[rank * M:(rank + 1) * M].clone().requires_grad_()
+        learned = {name: torch.tensor(value, dtype=q.dtype, requires_grad=True) for name, value in kwargs.items()
+                   if name in ("scale", "bias")}
+        other = {name: value for name, value in kwargs.items() if name not in learned}
+        loss = getattr(mk, loss_name)(q, k, **learned, **other, group=dist.group.WORLD)
+        grads = torch.autograd.grad(loss, [q, k, *learned.values()])
+        return loss.detach(), grads
+    finally:
+        os.environ.pop("MARGINKERN_BACKEND", None)
+
+
+def _contrastive_single_process(q_all, k_all, W, loss_name, kwargs):
+    """Every rank's (loss, grads) from the materialised float64 definitions of tests/test_contrastive.py: rank r's
+    query i is global row r·B + i, its positive global key r·M + i; the gradients of the queries and keys are those of
+    the sum of the ranks' losses (what the gather's backward sums), the scalars' those of the rank's own loss."""
+    from tests.test_contrastive import info_nce_oracle, siglip_oracle
+    B, M = q_all.shape[0] // W, k_all.shape[0] // W
+    q, k = q_all.clone().requires_grad_(), k_all.clone().requires_grad_()
+    out, losses, scalars = [], [], []
+    for r in range(W):
+        learned = {name: torch.tensor(kwargs[name], dtype=torch.float64, requires_grad=True)
+                   for name in ("scale", "bias") if name in kwargs}
+        rows = q[r * B:(r + 1) * B]
+        positive = torch.arange(r * M, r * M + B)
+        if loss_name == "siglip_loss":
+            loss = siglip_oracle(rows, k, learned["scale"], learned["bias"], positive=positive).mean()
+        else:
+            scale = learned.get("scale", 20.0)
+            loss = info_nce_oracle(rows, k, scale, positive=positive, margin=kwargs.get("margin", 0.0))
+            if kwargs.get("symmetric"):
+                back = info_nce_oracle(k[r * M:r * M + B], q, scale, positive=torch.arange(r * B, (r + 1) * B),
+                                       margin=kwargs.get("margin", 0.0))
+                loss = (loss + back) / 2
+            loss = loss.mean()
+        losses.append(loss)
+        scalars.append(torch.autograd.grad(loss, list(learned.values()), retain_graph=True) if learned else ())
+    gq, gk = torch.autograd.grad(torch.stack(losses).sum(), (q, k))
+    for r in range(W):
+        out.append((losses[r].detach(), (gq[r * B:(r + 1) * B], gk[r * M:(r + 1) * M], *scalars[r])))
+    return out
+
+
+@pytest.mark.parametrize("loss_name,kwargs", [
+    ("info_nce_loss", dict(symmetric=True)),
+    ("info_nce_loss", dict(scale=14.0, symmetric=True)),
+    ("info_nce_loss", dict(margin=0.2)),
+    ("siglip_loss", dict(scale=10.0, bias=-10.0)),
+], ids=["clip", "clip-learned-scale", "am-softmax", "siglip"])
+@pytest.mark.parametrize("hard_negatives", [0, 3], ids=["square", "hard-negatives"])
+def test_contrastive_losses_gather_every_ranks_features(world, loss_name, kwargs, hard_negatives):
+    """Each rank's loss and gradients match the single-process definition over the gathered batch: its queries
+    against every rank's keys (the others' all negatives), the gradient of its keys summed over every rank's loss."""
+    W, B, D = world.size, 5, 8
+    M = B + hard_negatives
+    torch.manual_seed(W + hard_negatives)
+    q_all, k_all = torch.randn(W * B, D, dtype=torch.float64), torch.randn(W * M, D, dtype=torch.float64)
+    got = world.run(_contrastive_on_rank, q_all, k_all, loss_name, kwargs)
+    want = _contrastive_single_process(q_all, k_all, W, loss_name, kwargs)
+    for (loss, grads), (want_loss, want_grads) in zip(got, want):
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+        assert len(grads) == len(want_grads)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def _contrastive_with_unequal_batches(rank, world_size):
+    q, k = torch.randn(3 + rank, 4), torch.randn(3 + rank, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        mk.siglip_loss(q, k, group=dist.group.WORLD)
+    return True
+
+
+def test_contrastive_losses_refuse_unequal_batches_on_every_rank(world):
+    assert all(world.run(_contrastive_with_unequal_batches))

@@ -1,0 +1,361 @@
+"""In-batch contrastive losses (marginkern/contrastive.py, marginkern/siglip.py) against the peers' materialised
+formulas, written out here in float64: open_clip's ClipLoss and SigLipLoss, sentence-transformers'
+MultipleNegativesRankingLoss (and its symmetric variant), AM-softmax's additive margin."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import marginkern as mk
+from marginkern import siglip
+
+
+def info_nce_oracle(query, key, scale, positive=None, margin=0.0, label_smoothing=0.0, normalize=True):
+    """Per-row CE of scale·cos(query_i, key_j) (the positive's logit scale·(cos − margin)), materialised in float64;
+    positive[i] is row i's key (default i)."""
+    q, k = query.double(), key.double()
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    positive = torch.arange(q.shape[0]) if positive is None else positive
+    scale = scale.double() if isinstance(scale, torch.Tensor) else scale
+    logits = scale * q @ k.T
+    logits = logits - scale * margin * F.one_hot(positive, k.shape[0]).double()
+    return F.cross_entropy(logits, positive, label_smoothing=label_smoothing, reduction="none")
+
+
+def clip_oracle(query, key, scale, **kw):
+    """open_clip's ClipLoss (one process), mean; sentence-transformers' MultipleNegativesSymmetricRankingLoss with
+    hard negatives (the key→query direction over the B positive keys only)."""
+    B = query.shape[0]
+    return (info_nce_oracle(query, key, scale, **kw) + info_nce_oracle(key[:B], query, scale, **kw)).mean() / 2
+
+
+def siglip_oracle(query, key, scale, bias, positive=None, normalize=True):
+    """open_clip's SigLipLoss: −Σ log σ(labels·logits) / B, labels 2·eye − 1 (here: +1 at each row's positive)."""
+    q, k = query.double(), key.double()
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    positive = torch.arange(q.shape[0]) if positive is None else positive
+    scale = scale.double() if isinstance(scale, torch.Tensor) else scale
+    bias = bias.double() if isinstance(bias, torch.Tensor) else bias
+    logits = scale * q @ k.T + bias
+    labels = 2 * F.one_hot(positive, k.shape[0]).double() - 1
+    return -F.logsigmoid(labels * logits).sum(1)
+
+
+@pytest.fixture(params=[None, 1], ids=["one-chunk", "many-chunks"])
+def chunk_bytes(request, monkeypatch):
+    """SigLIP's keys in one chunk, or in chunks of 8 (the budget at its floor)."""
+    if request.param is not None:
+        monkeypatch.setattr(siglip, "CHUNK_BYTES", request.param)
+        monkeypatch.setattr(siglip, "MIN_CHUNK_CLASSES", 8)
+
+
+def case(B=13, M=29, D=12, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    q = torch.randn(B, D, dtype=torch.float64).to(dtype).requires_grad_()
+    k = torch.randn(M, D, dtype=torch.float64).to(dtype).requires_grad_()
+    return q, k
+
+
+def learned(value, dtype=torch.float64):
+    return torch.tensor(value, dtype=dtype, requires_grad=True)
+
+
+def grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def assert_loss_and_grads(got, want, inputs, rtol=1e-10, atol=1e-12):
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=rtol, atol=atol)
+    for g, w in zip(grads(got, *inputs), grads(want, *inputs)):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=rtol, atol=atol)
+
+
+# ---- InfoNCE -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("M", [13, 29], ids=["square", "hard-negatives"])
+@pytest.mark.parametrize("options", [dict(), dict(margin=0.25), dict(label_smoothing=0.1), dict(normalize=False)],
+                         ids=["plain", "margin", "smoothing", "dot-product"])
+def test_info_nce_matches_the_materialised_loss(symmetric, M, options):
+    q, k = case(M=M)
+    scale = 0.3 if options.get("normalize") is False else 20.0
+    got = mk.info_nce_loss(q, k, scale=scale, symmetric=symmetric, **options)
+    kw = dict(options)
+    want = clip_oracle(q, k, scale, **kw) if symmetric else info_nce_oracle(q, k, scale, **kw).mean()
+    assert_loss_and_grads(got, want, (q, k))
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_info_nce_learned_scale_gets_its_gradient(symmetric, normalize):
+    q, k = case(M=21)
+    scale = learned(14.3 if normalize else 0.5)
+    got = mk.info_nce_loss(q, k, scale=scale, symmetric=symmetric, normalize=normalize)
+    want = (clip_oracle(q, k, scale, normalize=normalize) if symmetric
+            else info_nce_oracle(q, k, scale, normalize=normalize).mean())
+    assert_loss_and_grads(got, want, (q, k, scale))
+
+
+def test_info_nce_is_sentence_transformers_mnrl():
+    """MultipleNegativesRankingLoss: cos_sim(anchors, cat(positives, negatives))·20, CE against arange."""
+    torch.manual_seed(1)
+    anchors, positives, negatives = (torch.randn(8, 16, dtype=torch.float64) for _ in range(3))
+    candidates = torch.cat([positives, negatives])
+    scores = F.normalize(anchors, dim=1) @ F.normalize(candidates, dim=1).T * 20.0
+    want = F.cross_entropy(scores, torch.arange(8))
+    torch.testing.assert_close(mk.info_nce_loss(anchors, candidates), want, rtol=1e-12, atol=1e-12)
+    # MultipleNegativesSymmetricRankingLoss: (forward + CE(scores[:, :B]ᵀ)) / 2
+    symmetric = (want + F.cross_entropy(scores[:, :8].T, torch.arange(8))) / 2
+    torch.testing.assert_close(mk.info_nce_loss(anchors, candidates, symmetric=True), symmetric, rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_info_nce_reductions(reduction, symmetric):
+    q, k = case(M=17)
+    rows = info_nce_oracle(q, k, 20.0)
+    if symmetric:
+        rows = (rows + info_nce_oracle(k[:13], q, 20.0)) / 2
+    want = {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
+    got = mk.info_nce_loss(q, k, symmetric=symmetric, reduction=reduction)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("learned_scale", [False, True], ids=["float-scale", "learned-scale"])
+def test_info_nce_low_precision(dtype, learned_scale):
+    """Against float64 of the same inputs: the tolerance is the inputs' own rounding carried through the unit rows
+    (the learned-scale path normalises and scales in the input dtype, as CLIP's own code does)."""
+    q, k = case(B=40, M=70, D=32, dtype=dtype, seed=2)
+    scale = learned(20.0, torch.float32) if learned_scale else 20.0
+    got = mk.info_nce_loss(q, k, scale=scale, symmetric=True)
+    assert got.dtype == torch.float32
+    want = clip_oracle(q, k, scale)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(got, want.float(), rtol=tol, atol=tol)
+    for g, w in zip(grads(got, q, k), grads(want, q, k)):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
+
+
+def test_info_nce_single_pair_and_empty_batch():
+    q, k = case(B=1, M=1)
+    assert_loss_and_grads(mk.info_nce_loss(q, k, symmetric=True), clip_oracle(q, k, 20.0), (q, k))
+    assert mk.info_nce_loss(q, k).item() == 0.0  # one class: log 1
+    q, k = case(B=0, M=5)
+    loss = mk.info_nce_loss(q, k)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert k.grad.abs().sum() == 0
+
+
+def test_info_nce_errors_name_the_argument():
+    q, k = case(B=4, M=6, D=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="at least one row per query"):
+        mk.info_nce_loss(q, k[:3])
+    with pytest.raises(ValueError, match="key must be"):
+        mk.info_nce_loss(q, k.double())
+    with pytest.raises(ValueError, match="key must be"):
+        mk.info_nce_loss(q, k[:, :2])
+    with pytest.raises(ValueError, match="scale"):
+        mk.info_nce_loss(q, k, scale=0.0)
+    with pytest.raises(ValueError, match="scale must be a number or a 0-dim"):
+        mk.info_nce_loss(q, k, scale=torch.ones(1))
+    with pytest.raises(ValueError, match="margin needs a float scale"):
+        mk.info_nce_loss(q, k, scale=learned(5.0, torch.float32), margin=0.1)
+    with pytest.raises(ValueError, match="margin needs a float scale"):
+        mk.info_nce_loss(q, k, normalize=False, margin=0.1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        mk.info_nce_loss(q, k, label_smoothing=1.5)
+    with pytest.raises(TypeError, match="symmetric must be a bool"):
+        mk.info_nce_loss(q, k, symmetric=1)
+    with pytest.raises(ValueError, match="reduction"):
+        mk.info_nce_loss(q, k, reduction="avg")
+    with pytest.raises(ValueError, match="query must be 2-D"):
+        mk.info_nce_loss(q[0], k)
+
+
+def test_info_nce_module_learns_its_scale():
+    q, k = case(M=20)
+    module = mk.InfoNCELoss(1 / 0.07, learnable_scale=True, symmetric=True).double()
+    loss = module(q, k)
+    want = clip_oracle(q, k, module.log_scale.exp())
+    assert_loss_and_grads(loss, want, (q, k, module.log_scale))
+    assert "learnable" in repr(module)
+    fixed = mk.InfoNCELoss(margin=0.2)
+    torch.testing.assert_close(fixed(q, k), info_nce_oracle(q, k, 20.0, margin=0.2).mean(), rtol=1e-12, atol=1e-12)
+    assert list(fixed.parameters()) == []
+
+
+# ---- SigLIP ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("M", [13, 29], ids=["square", "extra-negatives"])
+@pytest.mark.parametrize("learn", [False, True], ids=["fixed", "learned"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_siglip_matches_open_clip(chunk_bytes, M, learn, normalize):
+    q, k = case(M=M)
+    scale, bias = (learned(10.0), learned(-10.0)) if learn else (10.0, -10.0)
+    if not normalize:
+        scale = learned(0.4) if learn else 0.4
+    got = mk.siglip_loss(q, k, scale=scale, bias=bias, normalize=normalize)
+    want = siglip_oracle(q, k, scale, bias, normalize=normalize).mean()
+    assert_loss_and_grads(got, want, (q, k) + ((scale, bias) if learn else ()))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_siglip_reductions(chunk_bytes, reduction):
+    q, k = case(M=40)
+    rows = siglip_oracle(q, k, 7.0, -3.0)
+    want = {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
+    got = mk.siglip_loss(q, k, scale=7.0, bias=-3.0, reduction=reduction)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # a per-row upstream gradient reaches each row's own terms
+    if reduction == "none":
+        weight = torch.linspace(0.0, 2.0, 13, dtype=torch.float64)
+        for g, w in zip(grads((got * weight).sum(), q, k), grads((want * weight).sum(), q, k)):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_siglip_low_precision_matches_float64_of_its_operands(chunk_bytes, dtype):
+    """The unit rows and the scaled queries are made in the input dtype (as in open_clip's autocast); the engine's
+    sums and gradients are then float64-exact up to fp32 accumulation."""
+    q, k = case(B=40, M=90, D=32, dtype=dtype, seed=3)
+    scale, bias = learned(10.0, torch.float32), learned(-10.0, torch.float32)
+    got = mk.siglip_loss(q, k, scale=scale, bias=bias)
+    assert got.dtype == torch.float32
+
+    def operands_oracle(q, k, scale, bias):
+        rows = (F.normalize(q, dim=1) * scale).to(dtype).double()
+        return siglip_oracle(rows, F.normalize(k, dim=1).to(dtype), 1.0, bias.double(), normalize=False).mean()
+    want = operands_oracle(q, k, scale, bias)
+    torch.testing.assert_close(got, want.float(), rtol=2e-6, atol=1e-6)
+    got_grads, want_grads = grads(got, q, k, scale, bias), grads(want, q, k, scale, bias)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == w.dtype
+        tol = 1e-5 if g.dtype == torch.float32 else {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+        torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
+
+
+def test_siglip_confident_pairs_keep_their_tiny_terms():
+    """A positive at z = 20 and negatives at z = −40: each row's loss is log1p(e^−20) + (M−1)·log1p(e^−40) ≈ 2.1e-9.
+    softplus(z) − z, the per-row shortcut, rounds it to 0 in fp32 (the ulp of 20 is 1.9e-6); fp32 must match
+    float64 to its own precision, and the bias's gradient −σ(−20) + Σ σ(−40) too."""
+    eye = torch.eye(4, dtype=torch.float32)
+    q, k = eye.clone().requires_grad_(), eye.clone().requires_grad_()
+    bias = learned(-40.0, torch.float32)
+    got = mk.siglip_loss(q, k, scale=60.0, bias=bias, reduction="none")
+    want = siglip_oracle(eye, eye, 60.0, -40.0)
+    assert (want > 2e-9).all() and (want < 3e-9).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0.0)
+    (bias_grad,) = grads(got.sum(), bias)
+    want_bias = 4 * (-torch.sigmoid(torch.tensor(-20.0, dtype=torch.float64))
+                     + 3 * torch.sigmoid(torch.tensor(-40.0, dtype=torch.float64)))
+    torch.testing.assert_close(bias_grad.double(), want_bias, rtol=1e-6, atol=0.0)
+
+
+def test_siglip_single_pair_and_empty_batch():
+    q, k = case(B=1, M=1)
+    assert_loss_and_grads(mk.siglip_loss(q, k), siglip_oracle(q, k, 10.0, -10.0).mean(), (q, k))
+    q, k = case(B=0, M=5)
+    bias = learned(-10.0)
+    loss = mk.siglip_loss(q, k, bias=bias)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert k.grad.abs().sum() == 0 and bias.grad == 0
+
+
+def test_siglip_gradcheck():
+    q, k = case(B=4, M=6, D=3)
+    scale, bias = learned(2.0), learned(-1.0)
+    assert torch.autograd.gradcheck(lambda a, b, s, c: mk.siglip_loss(a, b, scale=s, bias=c), (q, k, scale, bias))
+    assert torch.autograd.gradcheck(lambda a, b, s: mk.info_nce_loss(a, b, scale=s, symmetric=True), (q, k, scale))
+
+
+def test_opcheck_and_compile():
+    q, k = case(B=7, M=11, D=5, dtype=torch.float32)
+    positive = torch.tensor([0, 1, 2, 3, -1, 5, 10])
+    torch.library.opcheck(torch.ops.marginkern.siglip, (q, k, positive, learned(-2.0, torch.float32)))
+    scale, bias = learned(4.0, torch.float32), learned(-2.0, torch.float32)
+    torch._dynamo.reset()
+    for fn in (lambda a, b, s, c: mk.siglip_loss(a, b, scale=s, bias=c),
+               lambda a, b, s, c: mk.info_nce_loss(a, b, scale=s, symmetric=True)):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        loss, want = compiled(q, k, scale, bias), fn(q, k, scale, bias)
+        torch.testing.assert_close(loss, want)
+        inputs = (q, k, scale, bias) if "siglip" in fn.__code__.co_names else (q, k, scale)
+        for got, expected in zip(grads(loss, *inputs), grads(want, *inputs)):
+            torch.testing.assert_close(got, expected)
+
+
+def test_raw_op_positive_minus_one_has_no_positive():
+    """torch.ops.marginkern.siglip's target −1: every key a negative of that row."""
+    q, k = case(B=3, M=4, D=5)
+    rows, _ = torch.ops.marginkern.siglip(q, k, torch.tensor([1, -1, 3]), torch.tensor(0.5, dtype=torch.float64))
+    logits = q.double() @ k.double().T + 0.5
+    labels = -torch.ones_like(logits)
+    labels[0, 1] = labels[2, 3] = 1
+    torch.testing.assert_close(rows, -F.logsigmoid(labels * logits).sum(1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="target holds class 4"):
+        torch.ops.marginkern.siglip(q, k, torch.tensor([1, -1, 4]), torch.tensor(0.5, dtype=torch.float64))
+
+
+def test_siglip_errors_name_the_argument():
+    q, k = case(B=4, M=6, D=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="bias must be a number or a 0-dim"):
+        mk.siglip_loss(q, k, bias=torch.zeros(2))
+    with pytest.raises(ValueError, match="bias must be a finite"):
+        mk.siglip_loss(q, k, bias=math.inf)
+    with pytest.raises(ValueError, match="scale"):
+        mk.siglip_loss(q, k, scale=-1.0)
+    with pytest.raises(ValueError, match="at least one row per query"):
+        mk.siglip_loss(q, k[:2])
+    with pytest.raises(TypeError, match="key must be float16"):
+        mk.siglip_loss(q, k.long())
+
+
+def test_siglip_module_learns_scale_and_bias():
+    q, k = case(M=20)
+    module = mk.SigLIPLoss().double()
+    assert torch.allclose(module.log_scale.exp(), torch.tensor(10.0, dtype=torch.float64))
+    loss = module(q, k)
+    want = siglip_oracle(q, k, module.log_scale.exp(), module.bias).mean()
+    assert_loss_and_grads(loss, want, (q, k, module.log_scale, module.bias))
+    fixed = mk.SigLIPLoss(5.0, -2.0, learnable=False)
+    assert list(fixed.parameters()) == []
+    torch.testing.assert_close(fixed(q, k), siglip_oracle(q, k, 5.0, -2.0).mean(), rtol=1e-12, atol=1e-12)
+
+
+class _LargestOutput(TorchDispatchMode):
+    def __enter__(self):
+        self.largest = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_batch_by_keys_tensor_exists(monkeypatch):
+    """Forward and backward of both losses make no tensor near B × M: SigLIP's chunks of keys, the engine's for
+    InfoNCE."""
+    monkeypatch.setattr(siglip, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(siglip, "MIN_CHUNK_CLASSES", 64)
+    q, k = case(B=256, M=2048, D=16, dtype=torch.float32)
+    scale, bias = learned(10.0, torch.float32), learned(-10.0, torch.float32)
+    with _LargestOutput() as probe:
+        mk.siglip_loss(q, k, scale=scale, bias=bias).backward()
+    assert probe.largest <= max(256 * 64, 2048 * 16), probe.largest  # a chunk, or the keys' own (M, D)
+    with _LargestOutput() as probe:
+        mk.info_nce_loss(q, k, scale=scale, symmetric=True).backward()
+    assert probe.largest < 256 * 2048 // 4, probe.largest
