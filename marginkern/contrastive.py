@@ -107,6 +107,10 @@ def info_nce_loss(query, key, *, scale=20.0, symmetric=False, margin=0.0, label_
                          f"margin engine); got margin={margin} with "
                          + ("a tensor scale" if isinstance(scale, torch.Tensor) else "normalize=False"))
     B = query.shape[0]
+    if symmetric and group is None:  # both directions from one pass over the keys (marginkern.symmetric_info_nce)
+        loss = call_op("symmetric_info_nce", _scaled_queries(query, scale, normalize), _unit_rows(key, normalize),
+                       float(scale * margin) if margin else 0.0, float(label_smoothing))[0]
+        return reduce_rows(loss, torch.ones_like(loss, dtype=torch.bool), reduction)
     keys, key_offset = _gathered(key, group)
     loss = _info_nce_rows(query, keys, _positives(B, key_offset, query.device), scale, float(margin),
                           float(label_smoothing), normalize)

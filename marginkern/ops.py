@@ -27,6 +27,7 @@ from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, 
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward, row_margin_grads
 from .proxy_anchor import proxy_anchor_backward as proxy_anchor_backward_pass, proxy_anchor_forward
 from .siglip import siglip_backward as siglip_backward_pass, siglip_forward
+from .symmetric_info_nce import symmetric_info_nce_backward as symmetric_info_nce_backward_pass, symmetric_info_nce_forward
 from .topk import streaming_topk
 
 
@@ -1169,3 +1170,82 @@ def _siglip_autograd(ctx, grad_rows, *grad_by_products):
 
 
 _register_autograd("siglip", _siglip_autograd, _siglip_setup_context)
+
+
+def _check_symmetric_info_nce(input, keys, margin_logit, label_smoothing):
+    """The symmetric InfoNCE's arguments as the ops take them (metadata and scalars only: the fakes run it too)."""
+    for name, t in (("input", input), ("keys", keys)):
+        check_tensor(name, t)
+        if t.dim() != 2 or t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"{name} must be a 2-D float16/bfloat16/float32/float64 tensor, got a "
+                             f"{tuple(t.shape)} {t.dtype} tensor")
+    if keys.shape[1] != input.shape[1] or keys.dtype != input.dtype or keys.device != input.device:
+        raise ValueError(f"keys must be (M, D={input.shape[1]}) of input's dtype and device, got {tuple(keys.shape)} "
+                         f"{keys.dtype} {keys.device}")
+    if keys.shape[0] < max(1, input.shape[0]):
+        raise ValueError(f"keys must hold at least one row, and one per input row (key i is row i's positive): got "
+                         f"{keys.shape[0]} keys for {input.shape[0]} rows")
+    check_finite("margin_logit", margin_logit)
+    check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
+
+
+@_op("symmetric_info_nce")
+def symmetric_info_nce(input: Tensor, keys: Tensor, margin_logit: float,
+                       label_smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(each pair's loss, the mean of its two directions (B,), the positives' logits t (B,), each direction's
+    log Σ e^{z − t} (B,), (B,)), in the accumulation dtype (marginkern.symmetric_info_nce); the last three are
+    by-products the backward op takes."""
+    _check_symmetric_info_nce(input, keys, margin_logit, label_smoothing)
+    return symmetric_info_nce_forward(input.contiguous(), keys.contiguous(), margin_logit, label_smoothing)
+
+
+@symmetric_info_nce.register_fake
+def _(input, keys, margin_logit, label_smoothing):
+    _check_symmetric_info_nce(input, keys, margin_logit, label_smoothing)
+    acc = accumulation_dtype(input.dtype)
+    return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(4))
+
+
+@_op("symmetric_info_nce_backward")
+def symmetric_info_nce_backward(grad_pairs: Tensor, input: Tensor, keys: Tensor, target: Tensor, row: Tensor,
+                                col: Tensor, margin_logit: float, label_smoothing: float, need_input_grad: bool,
+                                need_keys_grad: bool) -> tuple[Tensor, Tensor]:
+    """(dL/dinput, dL/dkeys) for the per-pair loss gradient `grad_pairs` (B,); either is an empty (0,) tensor when not
+    asked for. target, row and col are the forward op's by-products."""
+    _check_symmetric_info_nce(input, keys, margin_logit, label_smoothing)
+    acc = accumulation_dtype(input.dtype)
+    for name, t in (("grad_pairs", grad_pairs), ("target", target), ("row", row), ("col", col)):
+        if tuple(t.shape) != (input.shape[0],) or (name != "grad_pairs" and t.dtype != acc):
+            raise ValueError(f"{name} must be a ({input.shape[0]},) tensor" + ("" if name == "grad_pairs" else
+                             f" of {acc}, the forward op's") + f", got a {tuple(t.shape)} {t.dtype} tensor")
+    grad_x, grad_k = symmetric_info_nce_backward_pass(grad_pairs, input.contiguous(), keys.contiguous(), target, row,
+                                                      col, margin_logit, label_smoothing, need_input_grad,
+                                                      need_keys_grad)
+    return _or_empty(grad_x, input), _or_empty(grad_k, keys)
+
+
+@symmetric_info_nce_backward.register_fake
+def _(grad_pairs, input, keys, target, row, col, margin_logit, label_smoothing, need_input_grad, need_keys_grad):
+    return (_contiguous_like(input) if need_input_grad else input.new_empty((0,)),
+            _contiguous_like(keys) if need_keys_grad else keys.new_empty((0,)))
+
+
+def _symmetric_info_nce_setup_context(ctx, inputs, output):
+    input, keys, margin_logit, label_smoothing = inputs
+    _, target, row, col = output
+    ctx.save_for_backward(input, keys, target, row, col)
+    ctx.mark_non_differentiable(target, row, col)
+    ctx.options = (margin_logit, label_smoothing)
+
+
+def _symmetric_info_nce_autograd(ctx, grad_pairs, *grad_by_products):
+    input, keys, target, row, col = ctx.saved_tensors
+    need_input, need_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_input = grad_keys = None
+    if grad_pairs is not None and (need_input or need_keys):
+        grad_input, grad_keys = call("symmetric_info_nce_backward", grad_pairs, input, keys, target, row, col,
+                                     *ctx.options, need_input, need_keys)
+    return (grad_input if need_input else None, grad_keys if need_keys else None, None, None)
+
+
+_register_autograd("symmetric_info_nce", _symmetric_info_nce_autograd, _symmetric_info_nce_setup_context)

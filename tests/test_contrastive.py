@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import marginkern as mk
-from marginkern import siglip
+from marginkern import siglip, symmetric_info_nce
 
 
 def info_nce_oracle(query, key, scale, positive=None, margin=0.0, label_smoothing=0.0, normalize=True):
@@ -47,10 +47,12 @@ def siglip_oracle(query, key, scale, bias, positive=None, normalize=True):
 
 @pytest.fixture(params=[None, 1], ids=["one-chunk", "many-chunks"])
 def chunk_bytes(request, monkeypatch):
-    """SigLIP's keys in one chunk, or in chunks of 8 (the budget at its floor)."""
+    """The keys of SigLIP and of the one-pass symmetric InfoNCE in one chunk, or in chunks of 8 (the budget at its
+    floor: B = 13 queries then have their positives in two chunks)."""
     if request.param is not None:
-        monkeypatch.setattr(siglip, "CHUNK_BYTES", request.param)
-        monkeypatch.setattr(siglip, "MIN_CHUNK_CLASSES", 8)
+        for module in (siglip, symmetric_info_nce):
+            monkeypatch.setattr(module, "CHUNK_BYTES", request.param)
+            monkeypatch.setattr(module, "MIN_CHUNK_CLASSES", 8)
 
 
 def case(B=13, M=29, D=12, dtype=torch.float64, seed=0):
@@ -78,9 +80,10 @@ def assert_loss_and_grads(got, want, inputs, rtol=1e-10, atol=1e-12):
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
 @pytest.mark.parametrize("M", [13, 29], ids=["square", "hard-negatives"])
-@pytest.mark.parametrize("options", [dict(), dict(margin=0.25), dict(label_smoothing=0.1), dict(normalize=False)],
-                         ids=["plain", "margin", "smoothing", "dot-product"])
-def test_info_nce_matches_the_materialised_loss(symmetric, M, options):
+@pytest.mark.parametrize("options", [dict(), dict(margin=0.25), dict(label_smoothing=0.1), dict(normalize=False),
+                                     dict(margin=0.25, label_smoothing=0.2)],
+                         ids=["plain", "margin", "smoothing", "dot-product", "margin-smoothing"])
+def test_info_nce_matches_the_materialised_loss(chunk_bytes, symmetric, M, options):
     q, k = case(M=M)
     scale = 0.3 if options.get("normalize") is False else 20.0
     got = mk.info_nce_loss(q, k, scale=scale, symmetric=symmetric, **options)
@@ -91,7 +94,7 @@ def test_info_nce_matches_the_materialised_loss(symmetric, M, options):
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_info_nce_learned_scale_gets_its_gradient(symmetric, normalize):
+def test_info_nce_learned_scale_gets_its_gradient(chunk_bytes, symmetric, normalize):
     q, k = case(M=21)
     scale = learned(14.3 if normalize else 0.5)
     got = mk.info_nce_loss(q, k, scale=scale, symmetric=symmetric, normalize=normalize)
@@ -142,6 +145,24 @@ def test_info_nce_low_precision(dtype, learned_scale):
     for g, w in zip(grads(got, q, k), grads(want, q, k)):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
+
+
+def test_symmetric_info_nce_confident_pairs_keep_their_tiny_terms(chunk_bytes):
+    """Unit queries on their keys at scale 30: each direction's loss is log1p((B − 1)·e^−30) ≈ 1.1e-12, far below the
+    ulp of the logit 30 (1.9e-6 in fp32), which lse − t rounds to 0; its gradient (p − 1 on the positive) is as small.
+    fp32 must match float64 to its own precision, and the gradients too."""
+    B = 13
+    base = torch.eye(B, 16, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        q, k = base.to(dtype).clone().requires_grad_(), base.to(dtype).clone().requires_grad_()
+        got = mk.info_nce_loss(q, k, scale=30.0, symmetric=True, reduction="sum")
+        # exact: float64's own lse − t is 1e-4 off here (its ulp of 30 is 3.6e-15)
+        want = torch.tensor(B * math.log1p((B - 1) * math.exp(-30.0)), dtype=torch.float64)
+        assert 1e-11 < want < 2e-11
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0.0)
+        q64, k64 = base.clone().requires_grad_(), base.clone().requires_grad_()
+        for g, w in zip(grads(got, q, k), grads(clip_oracle(q64, k64, 30.0) * B, q64, k64)):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
 
 
 def test_info_nce_single_pair_and_empty_batch():
@@ -223,25 +244,36 @@ def test_siglip_reductions(chunk_bytes, reduction):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_siglip_low_precision_matches_float64_of_its_operands(chunk_bytes, dtype):
-    """The unit rows and the scaled queries are made in the input dtype (as in open_clip's autocast); the engine's
-    sums and gradients are then float64-exact up to fp32 accumulation."""
-    q, k = case(B=40, M=90, D=32, dtype=dtype, seed=3)
-    scale, bias = learned(10.0, torch.float32), learned(-10.0, torch.float32)
-    got = mk.siglip_loss(q, k, scale=scale, bias=bias)
+def check_siglip_matches_float64_of_its_operands(device, dtype, B=40, M=90, D=32, seed=3, grad_tolerance=None):
+    """SigLIP with a learned scale and bias and a per-row upstream gradient, against float64 of the operands the
+    engine gets: the unit rows and the scaled queries are made in the input dtype (as in open_clip's autocast); its
+    sums and gradients are then float64-exact up to fp32 accumulation (and, where dL/dz goes into the GEMMs in bf16,
+    bf16's rounding of it: grad_tolerance)."""
+    torch.manual_seed(seed)
+    q = torch.randn(B, D, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+    k = torch.randn(M, D, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    got = mk.siglip_loss(q, k, scale=scale, bias=bias, reduction="none")
     assert got.dtype == torch.float32
-
-    def operands_oracle(q, k, scale, bias):
-        rows = (F.normalize(q, dim=1) * scale).to(dtype).double()
-        return siglip_oracle(rows, F.normalize(k, dim=1).to(dtype), 1.0, bias.double(), normalize=False).mean()
-    want = operands_oracle(q, k, scale, bias)
-    torch.testing.assert_close(got, want.float(), rtol=2e-6, atol=1e-6)
-    got_grads, want_grads = grads(got, q, k, scale, bias), grads(want, q, k, scale, bias)
+    rows = (F.normalize(q, dim=1) * scale).to(dtype).double()
+    want = siglip_oracle(rows, F.normalize(k, dim=1).to(dtype), 1.0, bias.double(), normalize=False)
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
+    weight = torch.linspace(0.5, 1.5, B, device=device)
+    inputs = (q, k, scale, bias)
+    got_grads = torch.autograd.grad((got * weight).sum(), inputs)
+    want_grads = torch.autograd.grad((want * weight.double()).sum(), inputs)
     for g, w in zip(got_grads, want_grads):
         assert g.dtype == w.dtype
         tol = 1e-5 if g.dtype == torch.float32 else {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+        if grad_tolerance is not None and g.dtype != torch.float32:
+            tol = max(tol, grad_tolerance)
         torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_siglip_low_precision_matches_float64_of_its_operands(chunk_bytes, dtype):
+    check_siglip_matches_float64_of_its_operands("cpu", dtype)
 
 
 def test_siglip_confident_pairs_keep_their_tiny_terms():
@@ -283,6 +315,7 @@ def test_opcheck_and_compile():
     q, k = case(B=7, M=11, D=5, dtype=torch.float32)
     positive = torch.tensor([0, 1, 2, 3, -1, 5, 10])
     torch.library.opcheck(torch.ops.marginkern.siglip, (q, k, positive, learned(-2.0, torch.float32)))
+    torch.library.opcheck(torch.ops.marginkern.symmetric_info_nce, (q, k, 0.5, 0.1))
     scale, bias = learned(4.0, torch.float32), learned(-2.0, torch.float32)
     torch._dynamo.reset()
     for fn in (lambda a, b, s, c: mk.siglip_loss(a, b, scale=s, bias=c),
@@ -349,8 +382,9 @@ class _LargestOutput(TorchDispatchMode):
 def test_no_batch_by_keys_tensor_exists(monkeypatch):
     """Forward and backward of both losses make no tensor near B × M: SigLIP's chunks of keys, the engine's for
     InfoNCE."""
-    monkeypatch.setattr(siglip, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(siglip, "MIN_CHUNK_CLASSES", 64)
+    for module in (siglip, symmetric_info_nce):
+        monkeypatch.setattr(module, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(module, "MIN_CHUNK_CLASSES", 64)
     q, k = case(B=256, M=2048, D=16, dtype=torch.float32)
     scale, bias = learned(10.0, torch.float32), learned(-10.0, torch.float32)
     with _LargestOutput() as probe:
@@ -358,4 +392,7 @@ def test_no_batch_by_keys_tensor_exists(monkeypatch):
     assert probe.largest <= max(256 * 64, 2048 * 16), probe.largest  # a chunk, or the keys' own (M, D)
     with _LargestOutput() as probe:
         mk.info_nce_loss(q, k, scale=scale, symmetric=True).backward()
+    assert probe.largest <= max(256 * 64, 2048 * 16), probe.largest
+    with _LargestOutput() as probe:
+        mk.info_nce_loss(q, k, scale=scale).backward()  # the linear-CE engine's own chunks
     assert probe.largest < 256 * 2048 // 4, probe.largest

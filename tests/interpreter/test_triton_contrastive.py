@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import marginkern as mk
-from marginkern import siglip
+from marginkern import siglip, symmetric_info_nce
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
-from tests.test_contrastive import clip_oracle, siglip_oracle
+from tests.test_contrastive import check_siglip_matches_float64_of_its_operands, info_nce_oracle, siglip_oracle
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +33,24 @@ def launches(monkeypatch):
 @pytest.fixture(params=["one-chunk", "many-chunks"])
 def chunks(request, monkeypatch):
     if request.param == "many-chunks":  # chunks of 64 keys, the last one short
-        monkeypatch.setattr(siglip, "CHUNK_BYTES", 1)
-        monkeypatch.setattr(siglip, "MIN_CHUNK_CLASSES", 64)
+        for module in (siglip, symmetric_info_nce):
+            monkeypatch.setattr(module, "CHUNK_BYTES", 1)
+            monkeypatch.setattr(module, "MIN_CHUNK_CLASSES", 64)
     return request.param
+
+
+@pytest.fixture
+def symmetric_launches(monkeypatch):
+    from marginkern.triton_kernels import symmetric_info_nce as kernels
+    counts = {"chunk_statistics": 0, "grad_chunk": 0}
+    for name in counts:
+        launcher = getattr(kernels, name)
+
+        def counted(*args, _launcher=launcher, _name=name):
+            counts[_name] += 1
+            return _launcher(*args)
+        monkeypatch.setattr(kernels, name, counted)
+    return counts
 
 
 def _case(B, M, D, dtype, seed):
@@ -48,20 +63,7 @@ def _case(B, M, D, dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_siglip_matches_float64_of_its_operands(chunks, dtype, launches):
     """B = 37 and M = 200 cut the kernels' 32-row and 128-column blocks unevenly; a positive sits in every chunk."""
-    q, k = _case(37, 200, 24, dtype, 0)
-    scale = torch.tensor(10.0, device=DEVICE, requires_grad=True)
-    bias = torch.tensor(-10.0, device=DEVICE, requires_grad=True)
-    got = mk.siglip_loss(q, k, scale=scale, bias=bias, reduction="none")
-    weight = torch.linspace(0.5, 1.5, 37, device=DEVICE)
-    rows = (F.normalize(q, dim=1) * scale).to(dtype).double()
-    want = siglip_oracle(rows, F.normalize(k, dim=1).to(dtype), 1.0, bias.double(), normalize=False)
-    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
-    inputs = (q, k, scale, bias)
-    got_grads = torch.autograd.grad((got * weight).sum(), inputs)
-    want_grads = torch.autograd.grad((want * weight.double()).sum(), inputs)
-    for g, w in zip(got_grads, want_grads):
-        tol = 1e-5 if g.dtype == torch.float32 else 1e-2
-        torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
+    check_siglip_matches_float64_of_its_operands(DEVICE, dtype, B=37, M=200, D=24, seed=0)
     expected = 1 if chunks == "one-chunk" else 4  # 200 keys
     assert launches == {"row_sums": expected, "grad_chunk": expected}
 
@@ -86,12 +88,58 @@ def test_siglip_raw_op_without_a_positive(launches):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(margin=0.2, label_smoothing=0.1)], ids=["plain", "margin-smoothing"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_symmetric_info_nce_epilogues(chunks, options, dtype, symmetric_launches):
+    """B = 100 queries against M = 150 keys: 64-row and 64-column blocks cut unevenly, positives in two chunks of 64
+    and keys past B in a third; against float64 of the same scaled unit rows."""
+    q, k = _case(100, 150, 24, dtype, 5)
+    got = mk.info_nce_loss(q, k, scale=14.0, symmetric=True, reduction="none", **options)
+    rows = (F.normalize(q, dim=1) * 14.0).to(dtype).double()
+    keys = F.normalize(k, dim=1).to(dtype).double()
+    margin, smoothing = options.get("margin", 0.0), options.get("label_smoothing", 0.0)
+    want = (info_nce_oracle(rows, keys, 1.0, margin=14.0 * margin, label_smoothing=smoothing, normalize=False)
+            + info_nce_oracle(keys[:100], rows, 1.0, margin=14.0 * margin, label_smoothing=smoothing,
+                              normalize=False)) / 2
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    weight = torch.linspace(0.5, 1.5, 100, device=DEVICE)
+    for g, w in zip(torch.autograd.grad((got * weight).sum(), (q, k)),
+                    torch.autograd.grad((want * weight.double()).sum(), (q, k))):
+        tol = 1e-5 if dtype == torch.float32 else 5e-3
+        torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
+    expected = 1 if chunks == "one-chunk" else 3
+    assert symmetric_launches == {"chunk_statistics": expected, "grad_chunk": expected}
+
+
+def test_symmetric_info_nce_confident_pairs(symmetric_launches):
+    import math
+    base = torch.eye(13, 16, device=DEVICE)
+    got = mk.info_nce_loss(base, base, scale=30.0, symmetric=True, reduction="sum")
+    torch.testing.assert_close(got.double().cpu(), torch.tensor(13 * math.log1p(12 * math.exp(-30.0)),
+                                                                dtype=torch.float64), rtol=1e-5, atol=0.0)
+    assert symmetric_launches["chunk_statistics"] == 1
+
+
 @pytest.mark.parametrize("learned", [False, True], ids=["float-scale", "learned-scale"])
 def test_info_nce_on_the_triton_engine(learned):
     q, k = _case(37, 60, 24, torch.float32, 2)
     scale = torch.tensor(14.0, device=DEVICE, requires_grad=True) if learned else 14.0
-    got = mk.info_nce_loss(q, k, scale=scale, symmetric=True)
-    want = clip_oracle(q, k, scale)
+    got = mk.info_nce_loss(q, k, scale=scale)
+    want = info_nce_oracle(q, k, scale).mean()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     for g, w in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k))):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
+def test_siglip_bf16_gradient_chunks(monkeypatch, launches):
+    """The GPU path's bf16 dL/dz (written by the gradient kernel in bf16 for the GEMMs), here in the interpreter with
+    bf16 inputs and the GEMMs on the CPU."""
+    monkeypatch.setattr(siglip, "backward_gemm_dtype", lambda x: x.dtype)
+    q, k = _case(37, 150, 24, torch.bfloat16, 4)
+    got = mk.siglip_loss(q, k, scale=10.0, bias=-5.0)
+    rows = (F.normalize(q, dim=1) * 10.0).to(torch.bfloat16).double()
+    want = siglip_oracle(rows, F.normalize(k, dim=1).to(torch.bfloat16), 1.0, -5.0, normalize=False).mean()
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
+    for g, w in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k))):
+        torch.testing.assert_close(g.double(), w.double(), rtol=0, atol=2e-2 * w.double().abs().max().item())
+    assert launches["grad_chunk"] == 1

@@ -65,7 +65,7 @@ def test_bf16_gradient_chunks(monkeypatch, launches):
     """The GPU path's bf16 dL/d(x·w) (written by the gradient kernel in bf16 for the GEMMs), here in the interpreter
     with bf16 inputs; the GEMMs themselves on the CPU (the fused dW kernel's bf16 tl.dot is wrong in the interpreter:
     MARGINKERN_FUSED_DW=0)."""
-    monkeypatch.setattr(proxy_anchor, "_gemm_dtype", lambda x: x.dtype)
+    monkeypatch.setattr(proxy_anchor, "backward_gemm_dtype", lambda x: x.dtype)
     monkeypatch.setenv("MARGINKERN_FUSED_DW", "0")
     x, w, t = case(N=70, C=300, D=40, dtype=torch.bfloat16, seed=5)
     loss = mk.proxy_anchor_loss(x, w, t)
