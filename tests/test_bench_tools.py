@@ -147,3 +147,25 @@ def test_hf_case_steps_build_one_model_and_batch():
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
     tokens = torch.ones(1, 4, dtype=torch.long)
     assert len(patched) == 1 and patched[0](tokens, labels=tokens).logits is None  # the patched provider is patched
+
+
+def test_the_visits_benchmark_steps_name_existing_cases_and_providers():
+    """Every `bench <family> <cases> "<providers>"` step of scripts/gpu_session.sh's visit names a family of run.py,
+    CUDA cases of that family and providers it has: a typo there costs a GPU visit's step, found only on the GPU."""
+    import importlib
+    import re
+    import shlex
+    sys.path.insert(0, str(BENCH))
+    try:
+        run_module = importlib.import_module("run")
+        script = (BENCH.parent / "scripts" / "gpu_session.sh").read_text().replace("\\\n", " ")
+        steps = [shlex.split(line.split("bench ", 1)[1]) for line in script.splitlines()
+                 if re.match(r'^\s*(MARGINKERN_\w+="[^"]*"\s+)?bench \w', line)]
+        assert len(steps) >= 15
+        for family, names, providers, *_ in steps:
+            module = importlib.import_module(run_module.CASE_MODULES[family])
+            cuda_cases = {case.name for case in module.cases("cuda", quick=False)}
+            assert set(names.split(",")) <= cuda_cases, (family, names, cuda_cases)
+            assert set(providers.split(",")) <= set(module.PROVIDERS), (family, providers, set(module.PROVIDERS))
+    finally:
+        sys.path.remove(str(BENCH))

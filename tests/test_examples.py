@@ -57,3 +57,12 @@ def test_dpo_teaches_the_word_lm_single_quotes():
     before, after = dpo_quotes_stdlib.main(["--sft-steps", "100", "--dpo-steps", "40", "--max-chars", "1000000"])
     assert before[0] == 0.5 and before[2] > 500
     assert after[0] > 0.95 and after[1] > 0.9 and after[1] > before[1] + 0.3
+
+
+@pytest.mark.parametrize("loss,steps", [("clip", 100), ("mnrl", 100), ("siglip", 300)])
+def test_contrastive_halves_find_each_other(monkeypatch, loss, steps):
+    # held-out top halves find their own bottom half among 450 (chance 0.002) and mostly one of the same digit
+    import contrastive_digits
+    monkeypatch.setattr(sys, "argv", ["contrastive_digits.py", "--loss", loss, "--steps", str(steps)])
+    exact, same_digit = contrastive_digits.main()
+    assert exact > 0.1 and same_digit > 0.6
