@@ -25,9 +25,12 @@ def _check_pair(query, key):
     check_float_tensor("query", query, dim=2)
     check_float_tensor("key", key, dim=2)
     if key.shape[1] != query.shape[1] or key.dtype != query.dtype or key.device != query.device:
+        hint = "" if key.dtype == query.dtype else (
+            "; cast one to the other's dtype (InfoNCELoss and SigLIPLoss cast both to the wider one, e.g. an fp32 and a "
+            "bf16 encoder output under autocast)")
         raise ValueError(f"key must be (M, D={query.shape[1]}) of query's dtype and device, got "
                          f"{tuple(key.shape)} {key.dtype} {key.device} vs query {tuple(query.shape)} {query.dtype} "
-                         f"{query.device}")
+                         f"{query.device}{hint}")
     if key.shape[0] < query.shape[0]:
         raise ValueError(f"key must hold at least one row per query (key i is query i's positive): got "
                          f"{key.shape[0]} keys for {query.shape[0]} queries")
@@ -152,6 +155,16 @@ def siglip_loss(query, key, *, scale=10.0, bias=-10.0, normalize=True, reduction
     return reduce_rows(loss, torch.ones_like(loss, dtype=torch.bool), reduction)
 
 
+def _in_wider_dtype(query, key):
+    """query and key in the wider of their float dtypes (two encoders' outputs under autocast may differ: a final
+    LayerNorm runs in fp32); the functions refuse the mix."""
+    if (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dtype != key.dtype
+            and query.is_floating_point() and key.is_floating_point()):
+        wider = torch.promote_types(query.dtype, key.dtype)
+        return query.to(wider), key.to(wider)
+    return query, key
+
+
 class InfoNCELoss(nn.Module):
     """`info_nce_loss` as a module: forward(query, key). learnable_scale=True learns log(scale) (CLIP's logit_scale,
     initialised at log(scale): CLIP's scale is 1/0.07); clamp it as CLIP does after each optimiser step, e.g.
@@ -171,6 +184,7 @@ class InfoNCELoss(nn.Module):
 
     def forward(self, query, key):
         scale = self.log_scale.exp() if self.learnable_scale else self.scale
+        query, key = _in_wider_dtype(query, key)
         return info_nce_loss(query, key, scale=scale, symmetric=self.symmetric, margin=self.margin,
                              label_smoothing=self.label_smoothing, normalize=self.normalize, group=self.group)
 
@@ -198,6 +212,7 @@ class SigLIPLoss(nn.Module):
 
     def forward(self, query, key):
         scale = self.log_scale.exp() if self.learnable else self.scale
+        query, key = _in_wider_dtype(query, key)
         return siglip_loss(query, key, scale=scale, bias=self.bias, normalize=self.normalize, group=self.group)
 
     def extra_repr(self):

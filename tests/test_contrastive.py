@@ -396,3 +396,18 @@ def test_no_batch_by_keys_tensor_exists(monkeypatch):
     with _LargestOutput() as probe:
         mk.info_nce_loss(q, k, scale=scale).backward()  # the linear-CE engine's own chunks
     assert probe.largest < 256 * 2048 // 4, probe.largest
+
+
+def test_modules_take_two_encoders_in_different_dtypes():
+    """Under autocast one encoder may end in fp32 (a final LayerNorm), the other in bf16: the modules compute in the
+    wider dtype (no precision lowered), the functions refuse the mix and name the fix."""
+    torch.manual_seed(4)
+    q, k = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8).to(torch.bfloat16).requires_grad_()
+    for module, function in ((mk.InfoNCELoss(symmetric=True), lambda a, b: mk.info_nce_loss(a, b, symmetric=True)),
+                             (mk.SigLIPLoss(learnable=False), mk.siglip_loss)):
+        loss = module(q, k)
+        torch.testing.assert_close(loss, function(q, k.float()))
+        gq, gk = grads(loss, q, k)
+        assert gq.dtype == torch.float32 and gk.dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="cast one to the other's dtype"):
+            function(q, k)

@@ -24,3 +24,13 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length() if n > 0 else 0  # as triton.next_power_of_2
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (axis 0 takes 2³¹ − 1)
+
+
+def check_row_blocks(rows: int, block_n: int):
+    """A launch with row blocks on grid axis 1 fits it, or a ValueError that says what to do."""
+    if cdiv(rows, block_n) > MAX_GRID_Y:
+        raise ValueError(f"the Triton epilogue takes at most {MAX_GRID_Y * block_n} rows per call, got {rows}; split "
+                         "the batch, or run MARGINKERN_BACKEND=reference (PyTorch's epilogue)")

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .cosent_scan import _softplus
-from .device import cdiv, on_device
+from .device import cdiv, check_row_blocks, on_device
 
 BLOCK_N, BLOCK_C = 64, 32  # 32 columns a program: 512 programs for a 16384-proxy chunk; 128-byte row segments
 
@@ -85,6 +85,7 @@ def grad_chunk(z, inv_x, inv_w, column, negative, own_cell, coef, c0, alpha, mar
     upstream gradient, read on the device)."""
     N, CC = z.shape
     g = z if dtype == torch.float32 else torch.empty((N, CC), dtype=dtype, device=z.device)
+    check_row_blocks(N, BLOCK_N)
     if N and CC:
         with on_device(z):
             proxy_anchor_grad_kernel[(cdiv(CC, BLOCK_C), cdiv(N, BLOCK_N))](

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .cosent_scan import _softplus
-from .device import cdiv, on_device
+from .device import cdiv, check_row_blocks, on_device
 
 BLOCK_N, BLOCK_C = 32, 128
 
@@ -72,6 +72,7 @@ def row_sums(z, bias, positive, c0):
     blocks = cdiv(CC, BLOCK_C)
     loss = torch.zeros((N, blocks), dtype=torch.float32, device=z.device)
     grad = torch.zeros((N, blocks), dtype=torch.float32, device=z.device)
+    check_row_blocks(N, BLOCK_N)
     if N and CC:
         with on_device(z):
             siglip_row_sums_kernel[(blocks, cdiv(N, BLOCK_N))](
@@ -83,6 +84,7 @@ def grad_chunk(z, bias, positive, coef, c0, dtype):
     """G (N, CC) in `dtype` (written over z when that is fp32); coef (N, 1) fp32: each row's upstream gradient."""
     N, CC = z.shape
     g = z if dtype == torch.float32 else torch.empty((N, CC), dtype=dtype, device=z.device)
+    check_row_blocks(N, BLOCK_N)
     if N and CC:
         with on_device(z):
             siglip_grad_kernel[(cdiv(CC, BLOCK_C), cdiv(N, BLOCK_N))](

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import cdiv, on_device
+from .device import cdiv, check_row_blocks, on_device
 
 BLOCK_N, BLOCK_C = 64, 64
 
@@ -80,6 +80,7 @@ def chunk_statistics(z, c0):
     row_sum, row_z = torch.zeros_like(row_max), torch.zeros_like(row_max)
     col_max = torch.full((row_blocks, CC), -float("inf"), dtype=torch.float32, device=z.device)
     col_sum, col_z = torch.zeros_like(col_max), torch.zeros_like(col_max)
+    check_row_blocks(B, BLOCK_N)
     if B and CC:
         with on_device(z):
             symmetric_info_nce_stats_kernel[(col_blocks, row_blocks)](
@@ -93,6 +94,7 @@ def grad_chunk(z, c0, row_lse, col_lse, half, positive_cell, eps_over_m, eps_ove
     fp32: each positive key's column log-sum-exp."""
     B, CC = z.shape
     g = z if dtype == torch.float32 else torch.empty((B, CC), dtype=dtype, device=z.device)
+    check_row_blocks(B, BLOCK_N)
     if B and CC:
         with on_device(z):
             symmetric_info_nce_grad_kernel[(cdiv(CC, BLOCK_C), cdiv(B, BLOCK_N))](

@@ -143,3 +143,20 @@ def test_siglip_bf16_gradient_chunks(monkeypatch, launches):
     for g, w in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k))):
         torch.testing.assert_close(g.double(), w.double(), rtol=0, atol=2e-2 * w.double().abs().max().item())
     assert launches["grad_chunk"] == 1
+
+
+def test_epilogues_refuse_more_rows_than_their_grid_holds(monkeypatch):
+    from marginkern.triton_kernels import device, proxy_anchor as proxy_kernels, siglip as siglip_kernels
+    from marginkern.triton_kernels import symmetric_info_nce as symmetric_kernels
+    monkeypatch.setattr(device, "MAX_GRID_Y", 1)  # one row block per launch
+    z = torch.zeros(65, 8, device=DEVICE)
+    column = torch.zeros(65, dtype=torch.long, device=DEVICE)
+    one = torch.zeros((), device=DEVICE)
+    rows = torch.zeros(65, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 32 rows per call, got 65"):
+        siglip_kernels.row_sums(z, one, column, 0)
+    with pytest.raises(ValueError, match="at most 64 rows per call, got 65"):
+        symmetric_kernels.chunk_statistics(z, 0)
+    with pytest.raises(ValueError, match="at most 64 rows per call, got 65"):
+        proxy_kernels.grad_chunk(z, rows, rows[:8], column, rows[:8], rows, one, 0, 1.0, 0.0, torch.float32)
+    siglip_kernels.row_sums(z[:32], one, column[:32], 0)  # within the grid: runs
