@@ -3,9 +3,9 @@ positive; the scale (and SigLIP's bias) learned, as in CLIP and SigLIP training.
 
 Cases named siglip-* run SigLIP's sigmoid loss, clip-* CLIP's symmetric InfoNCE. Providers, in one run on the same
 inputs:
-  marginkern          marginkern.siglip_loss (per chunk of keys one GEMM and its epilogue, Triton on CUDA, recomputed
-                      in the backward pass: 4 GEMMs, no B × B tensor) or marginkern.info_nce_loss(symmetric=True) (the
-                      linear-CE engine, both directions)
+  marginkern          marginkern.siglip_loss or marginkern.info_nce_loss(symmetric=True): per chunk of keys one GEMM
+                      and its epilogue (Triton on CUDA; for CLIP both directions' statistics from the one GEMM),
+                      recomputed in the backward pass: 4 GEMMs, no B × B tensor
   naive               open_clip's SigLipLoss or ClipLoss on one process: the B × B logits, for SigLIP its dense ±1
                       labels matrix and logsigmoid, for CLIP two cross-entropies over the logits and their transpose
   torch.compile       torch.compile of that naive function

@@ -1,22 +1,24 @@
 """In-batch contrastive losses over very large batches, without the B × M similarity matrix.
 
 - `info_nce_loss`: softmax cross-entropy of each query against every key, its own key the class (InfoNCE; CLIP's
-  loss, sentence-transformers' MultipleNegativesRankingLoss and its symmetric variant). It is a margin (CosFace)
-  cross-entropy with the keys as class centres, so it runs on the margin engine (a float scale: the normalisations
-  fused in) or on linear CE of the scaled unit queries (a learned scale, a tensor: its gradient comes through them).
-- `siglip_loss`: SigLIP's sigmoid loss over every (query, key) pair, on its own chunked epilogue (marginkern.siglip).
+  loss, sentence-transformers' MultipleNegativesRankingLoss and its symmetric variant), on marginkern.info_nce: one
+  pass over chunks of keys, both directions of the symmetric loss from each chunk's one GEMM.
+- `siglip_loss`: SigLIP's sigmoid loss over every (query, key) pair, on marginkern.siglip.
+
+Both take the rows as they are (16-bit stays 16-bit for the GEMMs) with fp32 logit scales per row and per key: the
+temperature over each query's norm, one over each key's (`_logit_scales`, differentiable, so autograd carries the
+scales' gradients to the norms and a learned temperature). Unit rows rounded back to 16-bit would be up to 0.4 logit
+units off at scale 100 in bf16.
 
 With a process group, each rank scores its own queries against the keys of every rank (gathered with their
 gradient, distributed.gather_rows_summing_grads): open_clip's local_loss=True, gather_with_grad=True. The loss is
 this rank's; DDP's averaging of the gradients then makes them those of the mean over the ranks' losses.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_bool, check_finite, check_float_tensor, check_reduction
-from .engine import accumulation_dtype
-from .functional import linear_cross_entropy, margin_cross_entropy
+from .engine import NORM_EPS, accumulation_dtype
 from .ops import call as call_op
 from .reference import reduce_rows
 
@@ -31,8 +33,8 @@ def _check_pair(query, key):
         raise ValueError(f"key must be (M, D={query.shape[1]}) of query's dtype and device, got "
                          f"{tuple(key.shape)} {key.dtype} {key.device} vs query {tuple(query.shape)} {query.dtype} "
                          f"{query.device}{hint}")
-    if key.shape[0] < query.shape[0]:
-        raise ValueError(f"key must hold at least one row per query (key i is query i's positive): got "
+    if key.shape[0] < max(1, query.shape[0]):
+        raise ValueError(f"key must hold at least one row, and one per query (key i is query i's positive): got "
                          f"{key.shape[0]} keys for {query.shape[0]} queries")
 
 
@@ -63,21 +65,23 @@ def _positives(rows, offset, device):
     return torch.arange(offset, offset + rows, device=device)
 
 
-def _unit_rows(t, normalize):
-    return F.normalize(t, dim=1) if normalize else t
+def _logit_scales(t, scale, normalize):
+    """(rows,) fp32 (fp64 for fp64) factor of each row's logits: scale/max(‖t_i‖, ε) (F.normalize's), or scale
+    without normalize; differentiable in t and in a tensor scale."""
+    acc = accumulation_dtype(t.dtype)
+    if normalize:
+        factor = torch.linalg.vector_norm(t, dim=1, dtype=acc).clamp_min(NORM_EPS).reciprocal()
+    else:
+        factor = torch.ones(t.shape[0], dtype=acc, device=t.device)
+    if isinstance(scale, torch.Tensor):
+        return factor * scale.to(acc)
+    return factor * scale if scale != 1.0 else factor
 
 
-def _scaled_queries(query, scale, normalize):
-    """scale·query (its unit rows with normalize) in query's dtype: a learned scale's gradient comes through it."""
-    return (_unit_rows(query, normalize) * scale).to(query.dtype)
-
-
-def _info_nce_rows(rows, classes, positive, scale, margin, label_smoothing, normalize):
-    if isinstance(scale, float) and normalize:  # the margin engine: norms and scale fused, no scaled copy
-        return margin_cross_entropy(rows, classes, positive, scale=scale, m1=1.0, m2=0.0, m3=margin,
-                                    label_smoothing=label_smoothing, reduction="none")
-    return linear_cross_entropy(_scaled_queries(rows, scale, normalize), _unit_rows(classes, normalize), positive,
-                                label_smoothing=label_smoothing, reduction="none")
+def _info_nce_rows(rows, keys, offset, scale, margin, label_smoothing, normalize, symmetric=False):
+    """Each row's loss from the info_nce op (symmetric: the pair's two directions' mean)."""
+    return call_op("info_nce", rows, keys, _logit_scales(rows, scale, normalize), _logit_scales(keys, 1.0, normalize),
+                   offset, symmetric, float(scale * margin) if margin else 0.0, float(label_smoothing))[0]
 
 
 def info_nce_loss(query, key, *, scale=20.0, symmetric=False, margin=0.0, label_smoothing=0.0, normalize=True,
@@ -87,7 +91,8 @@ def info_nce_loss(query, key, *, scale=20.0, symmetric=False, margin=0.0, label_
     query (B, D), key (M, D) with M ≥ B, one float dtype: key i is query i's positive and every other key a negative
     (rows B.. are extra hard negatives: sentence-transformers' MultipleNegativesRankingLoss takes cat(positives,
     negatives) so). Logits scale·cos(query_i, key_j) (normalize=False: scale·query_i·key_j); margin m (AM-softmax,
-    LaBSE's additive margin) lowers the positive's to scale·(cos − m). label_smoothing as torch's, over the M keys.
+    LaBSE's additive margin) lowers the positive's to scale·(cos − m) (scale·(dot − m)). label_smoothing as torch's,
+    over the M keys. Each direction's loss is exact for confident pairs (kept as log(1 + Σ e^{z − t}), not lse − t).
 
     scale: a float (MNRL's 20), or a 0-dim tensor that gets its gradient (CLIP's `logit_scale.exp()`; a margin then
     is not offered). symmetric=True: the mean of the query→key loss and the loss of the B positive keys against the
@@ -105,23 +110,19 @@ def info_nce_loss(query, key, *, scale=20.0, symmetric=False, margin=0.0, label_
     check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
     symmetric, normalize = check_bool("symmetric", symmetric), check_bool("normalize", normalize)
     check_reduction(reduction)
-    if margin != 0.0 and not (isinstance(scale, float) and normalize):
-        raise ValueError("margin needs a float scale and normalize=True (the margin is in cosine units, applied by the "
-                         f"margin engine); got margin={margin} with "
-                         + ("a tensor scale" if isinstance(scale, torch.Tensor) else "normalize=False"))
-    B = query.shape[0]
-    if symmetric and group is None:  # both directions from one pass over the keys (marginkern.symmetric_info_nce)
-        loss = call_op("symmetric_info_nce", _scaled_queries(query, scale, normalize), _unit_rows(key, normalize),
-                       float(scale * margin) if margin else 0.0, float(label_smoothing))[0]
-        return reduce_rows(loss, torch.ones_like(loss, dtype=torch.bool), reduction)
-    keys, key_offset = _gathered(key, group)
-    loss = _info_nce_rows(query, keys, _positives(B, key_offset, query.device), scale, float(margin),
-                          float(label_smoothing), normalize)
-    if symmetric:
-        queries, query_offset = _gathered(query, group)
-        backward = _info_nce_rows(key[:B], queries, _positives(B, query_offset, query.device), scale, float(margin),
-                                  float(label_smoothing), normalize)
-        loss = (loss + backward) / 2
+    if margin != 0.0 and isinstance(scale, torch.Tensor):
+        raise ValueError(f"margin needs a float scale (it enters the op as scale·margin, a number), got margin={margin} "
+                         "with a tensor scale")
+    B, margin, label_smoothing = query.shape[0], float(margin), float(label_smoothing)
+    if symmetric and group is None:  # both directions from one pass over the keys
+        loss = _info_nce_rows(query, key, 0, scale, margin, label_smoothing, normalize, symmetric=True)
+    else:
+        keys, key_offset = _gathered(key, group)
+        loss = _info_nce_rows(query, keys, key_offset, scale, margin, label_smoothing, normalize)
+        if symmetric:  # this rank's positive keys against every rank's queries: not the transpose of the above
+            queries, query_offset = _gathered(query, group)
+            loss = (loss + _info_nce_rows(key[:B], queries, query_offset, scale, margin, label_smoothing,
+                                          normalize)) / 2
     return reduce_rows(loss, torch.ones_like(loss, dtype=torch.bool), reduction)
 
 
@@ -139,7 +140,8 @@ def siglip_loss(query, key, *, scale=10.0, bias=-10.0, normalize=True, reduction
     once. The result is this rank's loss; every rank must run backward.
 
     Returns fp32 (fp64 for fp64 inputs): the mean over the B queries of their sums, the sum, or "none": (B,).
-    Streamed over chunks of keys (marginkern.siglip): 4 GEMMs and O(B) saved state besides the unit rows.
+    Streamed over chunks of keys (marginkern.siglip): 4 GEMMs and O(B + M) saved state, the inputs' rows as they are
+    (fp32 logit scales: 16-bit rows are not rounded again as scaled unit rows).
     """
     _check_pair(query, key)
     scale = _check_scalar_or_tensor("scale", scale, query.device, low=0.0)
@@ -150,8 +152,8 @@ def siglip_loss(query, key, *, scale=10.0, bias=-10.0, normalize=True, reduction
     keys, key_offset = _gathered(key, group)
     if not isinstance(bias, torch.Tensor):
         bias = torch.tensor(bias, dtype=accumulation_dtype(query.dtype), device=query.device)
-    loss, _ = call_op("siglip", _scaled_queries(query, scale, normalize), _unit_rows(keys, normalize),
-                      _positives(B, key_offset, query.device), bias)
+    loss, _ = call_op("siglip", query, keys, _positives(B, key_offset, query.device), bias,
+                      _logit_scales(query, scale, normalize), _logit_scales(keys, 1.0, normalize))
     return reduce_rows(loss, torch.ones_like(loss, dtype=torch.bool), reduction)
 
 
@@ -174,7 +176,13 @@ class InfoNCELoss(nn.Module):
                  normalize=True, group=None):
         super().__init__()
         check_finite("scale", scale, 0.0, low_open=True)
+        check_finite("margin", margin)
+        check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
+        symmetric, normalize = check_bool("symmetric", symmetric), check_bool("normalize", normalize)
         self.learnable_scale = check_bool("learnable_scale", learnable_scale)
+        if self.learnable_scale and margin:
+            raise ValueError("learnable_scale=True cannot take a margin (the margin enters as scale·margin, a number); "
+                             f"got margin={margin}")
         if self.learnable_scale:
             self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())
         else:
@@ -202,6 +210,7 @@ class SigLIPLoss(nn.Module):
         super().__init__()
         check_finite("scale", scale, 0.0, low_open=True)
         check_finite("bias", bias)
+        normalize = check_bool("normalize", normalize)
         self.learnable = check_bool("learnable", learnable)
         if self.learnable:
             self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())

@@ -234,6 +234,15 @@ def row_block_vecmat(v: Tensor, a: Tensor, block_bytes: int = 16 << 20) -> Tenso
     return out
 
 
+def paired_row_dots(a: Tensor, b: Tensor, block_bytes: int = 16 << 20) -> Tensor:
+    """Σ_k a_mk·b_mk for a (M, K) of any float dtype and b (M, K) in the accumulation dtype: (M,) in b's dtype, a
+    upcast by blocks of rows."""
+    out = torch.empty(a.shape[0], dtype=b.dtype, device=b.device)
+    for r0, r1, block in _upcast_row_blocks(a, b.dtype, block_bytes):
+        torch.sum(block * b[r0:r1], dim=1, out=out[r0:r1])
+    return out
+
+
 def project_out_rows(grad: Tensor, weight: Tensor, inv_norm: Tensor) -> Tensor:
     """In place: grad_j ← grad_j − weight_j·(weight_j·grad_j)·inv_norm_j² (the tangent projection that
     chains a row-normalised weight); tile backends fuse it into `finish_grad_rows`."""

@@ -11,11 +11,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import (check_bias, check_class_weight, check_class_weight_values, check_classification_inputs,
-                     check_cosent_arguments, check_cost_embedding,
+from .checks import (check_bias, check_bool, check_class_weight, check_class_weight_values,
+                     check_classification_inputs, check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
                      check_jsd_beta, check_proxy_anchor_options, check_subcenters, check_target_values, check_teacher,
-                     check_temperature, check_tensor,
+                     check_int, check_temperature, check_tensor,
                      check_token_ids, check_topk_teacher)
 from .dispatch import select_tiles, select_tiles_except
 from . import pairwise
@@ -27,7 +27,7 @@ from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, 
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward, row_margin_grads
 from .proxy_anchor import proxy_anchor_backward as proxy_anchor_backward_pass, proxy_anchor_forward
 from .siglip import siglip_backward as siglip_backward_pass, siglip_forward
-from .symmetric_info_nce import symmetric_info_nce_backward as symmetric_info_nce_backward_pass, symmetric_info_nce_forward
+from .info_nce import info_nce_backward as info_nce_backward_pass, info_nce_forward
 from .topk import streaming_topk
 
 
@@ -1106,7 +1106,17 @@ def _proxy_anchor_autograd(ctx, grad_loss, *grad_by_products):
 _register_autograd("proxy_anchor", _proxy_anchor_autograd, _proxy_anchor_setup_context)
 
 
-def _check_siglip(input, keys, target, bias):
+def _check_scales(input, keys, row_scale, col_scale):
+    """The rows' and keys' fp32 (fp64 for fp64) logit scales of the contrastive ops: (N,) and (M,) on input's device."""
+    acc = accumulation_dtype(input.dtype)
+    for name, t, n in (("row_scale", row_scale, input.shape[0]), ("col_scale", col_scale, keys.shape[0])):
+        check_tensor(name, t)
+        if tuple(t.shape) != (n,) or t.dtype != acc or t.device != input.device:
+            raise ValueError(f"{name} must be a ({n},) {acc} tensor on {input.device}, got a {tuple(t.shape)} "
+                             f"{t.dtype} tensor on {t.device}")
+
+
+def _check_siglip(input, keys, target, bias, row_scale, col_scale):
     """SigLIP's arguments as the ops take them (metadata only: the fakes run it too); target: each row's positive
     key, or −1 for none."""
     check_classification_inputs(input, keys, target, weight_name="keys")
@@ -1114,66 +1124,81 @@ def _check_siglip(input, keys, target, bias):
     if bias.dim() != 0 or not bias.dtype.is_floating_point or bias.device != input.device:
         raise ValueError(f"bias must be a 0-dim floating-point tensor on {input.device}, got a "
                          f"{tuple(bias.shape)} {bias.dtype} tensor on {bias.device}")
+    _check_scales(input, keys, row_scale, col_scale)
 
 
 @_op("siglip")
-def siglip(input: Tensor, keys: Tensor, target: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """(each row's loss Σ_j −log σ(±(input_i·keys_j + bias)) (N,), each row's Σ_j dL_i/dz_ij (N,)), in the
-    accumulation dtype (marginkern.siglip); the second is a by-product for the bias's gradient."""
-    _check_siglip(input, keys, target, bias)
+def siglip(input: Tensor, keys: Tensor, target: Tensor, bias: Tensor, row_scale: Tensor,
+           col_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """(each row's loss Σ_j −log σ(±(row_scale_i·col_scale_j·input_i·keys_j + bias)) (N,), each row's Σ_j dL_i/dz_ij
+    (N,)), in the accumulation dtype (marginkern.siglip); the second is a by-product for the bias's gradient."""
+    _check_siglip(input, keys, target, bias, row_scale, col_scale)
     check_target_values(target, keys.shape[0], -1)
-    return siglip_forward(input.contiguous(), keys.contiguous(), target.long(), bias)
+    return siglip_forward(input.contiguous(), keys.contiguous(), target.long().contiguous(), bias, row_scale,
+                          col_scale)
 
 
 @siglip.register_fake
-def _(input, keys, target, bias):
-    _check_siglip(input, keys, target, bias)
+def _(input, keys, target, bias, row_scale, col_scale):
+    _check_siglip(input, keys, target, bias, row_scale, col_scale)
     acc = accumulation_dtype(input.dtype)
     return input.new_empty((input.shape[0],), dtype=acc), input.new_empty((input.shape[0],), dtype=acc)
 
 
 @_op("siglip_backward")
-def siglip_backward(grad_rows: Tensor, input: Tensor, keys: Tensor, target: Tensor, bias: Tensor,
-                    need_input_grad: bool, need_keys_grad: bool) -> tuple[Tensor, Tensor]:
-    """(dL/dinput, dL/dkeys) for the per-row loss gradient `grad_rows` (N,); either is an empty (0,) tensor when
-    not asked for."""
-    _check_siglip(input, keys, target, bias)
+def siglip_backward(grad_rows: Tensor, input: Tensor, keys: Tensor, target: Tensor, bias: Tensor, row_scale: Tensor,
+                    col_scale: Tensor, need_input_grad: bool, need_keys_grad: bool,
+                    need_scale_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dL/dinput, dL/dkeys (the scales held fixed), dL/drow_scale, dL/dcol_scale) for the per-row loss gradient
+    `grad_rows` (N,); any not asked for is an empty (0,) tensor."""
+    _check_siglip(input, keys, target, bias, row_scale, col_scale)
     if tuple(grad_rows.shape) != (input.shape[0],):
         raise ValueError(f"grad_rows must have shape (N={input.shape[0]},), got shape {tuple(grad_rows.shape)}")
-    grad_x, grad_k = siglip_backward_pass(grad_rows, input.contiguous(), keys.contiguous(), target.long(), bias,
-                                          need_input_grad, need_keys_grad)
-    return _or_empty(grad_x, input), _or_empty(grad_k, keys)
+    grads = siglip_backward_pass(grad_rows, input.contiguous(), keys.contiguous(), target.long().contiguous(), bias,
+                                 row_scale, col_scale, need_input_grad, need_keys_grad, need_scale_grads)
+    return tuple(_or_empty(g, like) for g, like in zip(grads, (input, keys, row_scale, col_scale)))
 
 
 @siglip_backward.register_fake
-def _(grad_rows, input, keys, target, bias, need_input_grad, need_keys_grad):
+def _(grad_rows, input, keys, target, bias, row_scale, col_scale, need_input_grad, need_keys_grad, need_scale_grads):
+    return _contrastive_grads_fake(input, keys, row_scale, col_scale, need_input_grad, need_keys_grad,
+                                   need_scale_grads)
+
+
+def _contrastive_grads_fake(input, keys, row_scale, col_scale, need_input_grad, need_keys_grad, need_scale_grads):
     return (_contiguous_like(input) if need_input_grad else input.new_empty((0,)),
-            _contiguous_like(keys) if need_keys_grad else keys.new_empty((0,)))
+            _contiguous_like(keys) if need_keys_grad else keys.new_empty((0,)),
+            row_scale.new_empty(row_scale.shape) if need_scale_grads else row_scale.new_empty((0,)),
+            col_scale.new_empty(col_scale.shape) if need_scale_grads else col_scale.new_empty((0,)))
 
 
 def _siglip_setup_context(ctx, inputs, output):
-    input, keys, target, bias = inputs
+    input, keys, target, bias, row_scale, col_scale = inputs
     _, bias_grad = output
-    ctx.save_for_backward(input, keys, target, bias, bias_grad)
+    ctx.save_for_backward(input, keys, target, bias, row_scale, col_scale, bias_grad)
     ctx.mark_non_differentiable(bias_grad)
 
 
 def _siglip_autograd(ctx, grad_rows, *grad_by_products):
-    input, keys, target, bias, bias_grad = ctx.saved_tensors
+    input, keys, target, bias, row_scale, col_scale, bias_grad = ctx.saved_tensors
     need_input, need_keys, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-    grad_input = grad_keys = grad_bias = None
-    if grad_rows is not None and (need_input or need_keys):
-        grad_input, grad_keys = call("siglip_backward", grad_rows, input, keys, target, bias, need_input, need_keys)
+    need_scales = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+    grads = [None] * 4
+    if grad_rows is not None and (need_input or need_keys or need_scales):
+        grads = list(call("siglip_backward", grad_rows, input, keys, target, bias, row_scale, col_scale, need_input,
+                          need_keys, need_scales))
+    grad_bias = None
     if grad_rows is not None and need_bias:
         grad_bias = (grad_rows.to(bias_grad.dtype) * bias_grad).sum().to(bias.dtype)
-    return (grad_input if need_input else None, grad_keys if need_keys else None, None, grad_bias)
+    return (grads[0] if need_input else None, grads[1] if need_keys else None, None, grad_bias,
+            grads[2] if need_scales else None, grads[3] if need_scales else None)
 
 
 _register_autograd("siglip", _siglip_autograd, _siglip_setup_context)
 
 
-def _check_symmetric_info_nce(input, keys, margin_logit, label_smoothing):
-    """The symmetric InfoNCE's arguments as the ops take them (metadata and scalars only: the fakes run it too)."""
+def _check_info_nce(input, keys, row_scale, col_scale, offset, symmetric, margin_logit, label_smoothing):
+    """InfoNCE's arguments as the ops take them (metadata and scalars only: the fakes run it too)."""
     for name, t in (("input", input), ("keys", keys)):
         check_tensor(name, t)
         if t.dim() != 2 or t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -1182,70 +1207,84 @@ def _check_symmetric_info_nce(input, keys, margin_logit, label_smoothing):
     if keys.shape[1] != input.shape[1] or keys.dtype != input.dtype or keys.device != input.device:
         raise ValueError(f"keys must be (M, D={input.shape[1]}) of input's dtype and device, got {tuple(keys.shape)} "
                          f"{keys.dtype} {keys.device}")
-    if keys.shape[0] < max(1, input.shape[0]):
-        raise ValueError(f"keys must hold at least one row, and one per input row (key i is row i's positive): got "
-                         f"{keys.shape[0]} keys for {input.shape[0]} rows")
+    check_int("offset", offset)
+    symmetric = check_bool("symmetric", symmetric)
+    if offset < 0 or (symmetric and offset):
+        raise ValueError(f"offset must be ≥ 0, and 0 when symmetric (the key→query direction reads keys 0..B−1), got "
+                         f"{offset}")
+    if keys.shape[0] < max(1, offset + input.shape[0]):
+        raise ValueError(f"keys must hold at least one row, and row offset + i for each input row i (its positive): "
+                         f"got {keys.shape[0]} keys for {input.shape[0]} rows at offset {offset}")
+    _check_scales(input, keys, row_scale, col_scale)
     check_finite("margin_logit", margin_logit)
     check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
 
 
-@_op("symmetric_info_nce")
-def symmetric_info_nce(input: Tensor, keys: Tensor, margin_logit: float,
-                       label_smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(each pair's loss, the mean of its two directions (B,), the positives' logits t (B,), each direction's
-    log Σ e^{z − t} (B,), (B,)), in the accumulation dtype (marginkern.symmetric_info_nce); the last three are
-    by-products the backward op takes."""
-    _check_symmetric_info_nce(input, keys, margin_logit, label_smoothing)
-    return symmetric_info_nce_forward(input.contiguous(), keys.contiguous(), margin_logit, label_smoothing)
+@_op("info_nce")
+def info_nce(input: Tensor, keys: Tensor, row_scale: Tensor, col_scale: Tensor, offset: int, symmetric: bool,
+             margin_logit: float, label_smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(each row's loss (B,) (symmetric: the mean of the pair's two directions), the positives' logits t (B,), each
+    direction's log Σ e^{z − t} (B,), (B,) (zeros unless symmetric)), in the accumulation dtype (marginkern.info_nce),
+    with the logits z_ij = row_scale_i·col_scale_j·input_i·keys_j and row i's positive key offset + i; the last three
+    are by-products the backward op takes."""
+    _check_info_nce(input, keys, row_scale, col_scale, offset, symmetric, margin_logit, label_smoothing)
+    return info_nce_forward(input.contiguous(), keys.contiguous(), row_scale, col_scale, offset, symmetric,
+                            margin_logit, label_smoothing)
 
 
-@symmetric_info_nce.register_fake
-def _(input, keys, margin_logit, label_smoothing):
-    _check_symmetric_info_nce(input, keys, margin_logit, label_smoothing)
+@info_nce.register_fake
+def _(input, keys, row_scale, col_scale, offset, symmetric, margin_logit, label_smoothing):
+    _check_info_nce(input, keys, row_scale, col_scale, offset, symmetric, margin_logit, label_smoothing)
     acc = accumulation_dtype(input.dtype)
     return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(4))
 
 
-@_op("symmetric_info_nce_backward")
-def symmetric_info_nce_backward(grad_pairs: Tensor, input: Tensor, keys: Tensor, target: Tensor, row: Tensor,
-                                col: Tensor, margin_logit: float, label_smoothing: float, need_input_grad: bool,
-                                need_keys_grad: bool) -> tuple[Tensor, Tensor]:
-    """(dL/dinput, dL/dkeys) for the per-pair loss gradient `grad_pairs` (B,); either is an empty (0,) tensor when not
-    asked for. target, row and col are the forward op's by-products."""
-    _check_symmetric_info_nce(input, keys, margin_logit, label_smoothing)
+@_op("info_nce_backward")
+def info_nce_backward(grad_rows: Tensor, input: Tensor, keys: Tensor, row_scale: Tensor, col_scale: Tensor,
+                      offset: int, symmetric: bool, target: Tensor, row: Tensor, col: Tensor, margin_logit: float,
+                      label_smoothing: float, need_input_grad: bool, need_keys_grad: bool,
+                      need_scale_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dL/dinput, dL/dkeys (the scales held fixed), dL/drow_scale, dL/dcol_scale) for the per-row loss gradient
+    `grad_rows` (B,); any not asked for is an empty (0,) tensor. target, row and col are the forward op's
+    by-products."""
+    _check_info_nce(input, keys, row_scale, col_scale, offset, symmetric, margin_logit, label_smoothing)
     acc = accumulation_dtype(input.dtype)
-    for name, t in (("grad_pairs", grad_pairs), ("target", target), ("row", row), ("col", col)):
-        if tuple(t.shape) != (input.shape[0],) or (name != "grad_pairs" and t.dtype != acc):
-            raise ValueError(f"{name} must be a ({input.shape[0]},) tensor" + ("" if name == "grad_pairs" else
+    for name, t in (("grad_rows", grad_rows), ("target", target), ("row", row), ("col", col)):
+        if tuple(t.shape) != (input.shape[0],) or (name != "grad_rows" and t.dtype != acc):
+            raise ValueError(f"{name} must be a ({input.shape[0]},) tensor" + ("" if name == "grad_rows" else
                              f" of {acc}, the forward op's") + f", got a {tuple(t.shape)} {t.dtype} tensor")
-    grad_x, grad_k = symmetric_info_nce_backward_pass(grad_pairs, input.contiguous(), keys.contiguous(), target, row,
-                                                      col, margin_logit, label_smoothing, need_input_grad,
-                                                      need_keys_grad)
-    return _or_empty(grad_x, input), _or_empty(grad_k, keys)
+    grads = info_nce_backward_pass(grad_rows, input.contiguous(), keys.contiguous(), row_scale, col_scale, offset,
+                                   symmetric, target, row, col, margin_logit, label_smoothing, need_input_grad,
+                                   need_keys_grad, need_scale_grads)
+    return tuple(_or_empty(g, like) for g, like in zip(grads, (input, keys, row_scale, col_scale)))
 
 
-@symmetric_info_nce_backward.register_fake
-def _(grad_pairs, input, keys, target, row, col, margin_logit, label_smoothing, need_input_grad, need_keys_grad):
-    return (_contiguous_like(input) if need_input_grad else input.new_empty((0,)),
-            _contiguous_like(keys) if need_keys_grad else keys.new_empty((0,)))
+@info_nce_backward.register_fake
+def _(grad_rows, input, keys, row_scale, col_scale, offset, symmetric, target, row, col, margin_logit,
+      label_smoothing, need_input_grad, need_keys_grad, need_scale_grads):
+    return _contrastive_grads_fake(input, keys, row_scale, col_scale, need_input_grad, need_keys_grad,
+                                   need_scale_grads)
 
 
-def _symmetric_info_nce_setup_context(ctx, inputs, output):
-    input, keys, margin_logit, label_smoothing = inputs
+def _info_nce_setup_context(ctx, inputs, output):
+    input, keys, row_scale, col_scale, *options = inputs
     _, target, row, col = output
-    ctx.save_for_backward(input, keys, target, row, col)
+    ctx.save_for_backward(input, keys, row_scale, col_scale, target, row, col)
     ctx.mark_non_differentiable(target, row, col)
-    ctx.options = (margin_logit, label_smoothing)
+    ctx.options = options  # offset, symmetric, margin_logit, label_smoothing
 
 
-def _symmetric_info_nce_autograd(ctx, grad_pairs, *grad_by_products):
-    input, keys, target, row, col = ctx.saved_tensors
+def _info_nce_autograd(ctx, grad_rows, *grad_by_products):
+    input, keys, row_scale, col_scale, target, row, col = ctx.saved_tensors
+    offset, symmetric, margin_logit, label_smoothing = ctx.options
     need_input, need_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_input = grad_keys = None
-    if grad_pairs is not None and (need_input or need_keys):
-        grad_input, grad_keys = call("symmetric_info_nce_backward", grad_pairs, input, keys, target, row, col,
-                                     *ctx.options, need_input, need_keys)
-    return (grad_input if need_input else None, grad_keys if need_keys else None, None, None)
+    need_scales = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    grads = [None] * 4
+    if grad_rows is not None and (need_input or need_keys or need_scales):
+        grads = list(call("info_nce_backward", grad_rows, input, keys, row_scale, col_scale, offset, symmetric,
+                          target, row, col, margin_logit, label_smoothing, need_input, need_keys, need_scales))
+    return (grads[0] if need_input else None, grads[1] if need_keys else None, grads[2] if need_scales else None,
+            grads[3] if need_scales else None) + (None,) * 4
 
 
-_register_autograd("symmetric_info_nce", _symmetric_info_nce_autograd, _symmetric_info_nce_setup_context)
+_register_autograd("info_nce", _info_nce_autograd, _info_nce_setup_context)

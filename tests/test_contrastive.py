@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import marginkern as mk
-from marginkern import siglip, symmetric_info_nce
+from marginkern import info_nce, siglip
 
 
 def info_nce_oracle(query, key, scale, positive=None, margin=0.0, label_smoothing=0.0, normalize=True):
@@ -18,7 +18,7 @@ def info_nce_oracle(query, key, scale, positive=None, margin=0.0, label_smoothin
     q, k = query.double(), key.double()
     if normalize:
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    positive = torch.arange(q.shape[0]) if positive is None else positive
+    positive = torch.arange(q.shape[0], device=q.device) if positive is None else positive.to(q.device)
     scale = scale.double() if isinstance(scale, torch.Tensor) else scale
     logits = scale * q @ k.T
     logits = logits - scale * margin * F.one_hot(positive, k.shape[0]).double()
@@ -37,7 +37,7 @@ def siglip_oracle(query, key, scale, bias, positive=None, normalize=True):
     q, k = query.double(), key.double()
     if normalize:
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    positive = torch.arange(q.shape[0]) if positive is None else positive
+    positive = torch.arange(q.shape[0], device=q.device) if positive is None else positive.to(q.device)
     scale = scale.double() if isinstance(scale, torch.Tensor) else scale
     bias = bias.double() if isinstance(bias, torch.Tensor) else bias
     logits = scale * q @ k.T + bias
@@ -50,7 +50,7 @@ def chunk_bytes(request, monkeypatch):
     """The keys of SigLIP and of the one-pass symmetric InfoNCE in one chunk, or in chunks of 8 (the budget at its
     floor: B = 13 queries then have their positives in two chunks)."""
     if request.param is not None:
-        for module in (siglip, symmetric_info_nce):
+        for module in (siglip, info_nce):
             monkeypatch.setattr(module, "CHUNK_BYTES", request.param)
             monkeypatch.setattr(module, "MIN_CHUNK_CLASSES", 8)
 
@@ -133,18 +133,20 @@ def test_info_nce_reductions(reduction, symmetric):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("learned_scale", [False, True], ids=["float-scale", "learned-scale"])
 def test_info_nce_low_precision(dtype, learned_scale):
-    """Against float64 of the same inputs: the tolerance is the inputs' own rounding carried through the unit rows
-    (the learned-scale path normalises and scales in the input dtype, as CLIP's own code does)."""
+    """Against float64 of the same inputs: the norms and the (learned) scale stay in fp32 beside the GEMMs, so the
+    loss is float64-exact up to fp32 accumulation (a reviewer found 7.7e-2 relative error in bf16 at scale 100 when
+    the scaled unit rows were rounded back to bf16); the gradients come back in the inputs' dtype."""
     q, k = case(B=40, M=70, D=32, dtype=dtype, seed=2)
-    scale = learned(20.0, torch.float32) if learned_scale else 20.0
-    got = mk.info_nce_loss(q, k, scale=scale, symmetric=True)
-    assert got.dtype == torch.float32
-    want = clip_oracle(q, k, scale)
-    tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}[dtype]
-    torch.testing.assert_close(got, want.float(), rtol=tol, atol=tol)
-    for g, w in zip(grads(got, q, k), grads(want, q, k)):
-        assert g.dtype == dtype
-        torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
+    scale = learned(100.0, torch.float32) if learned_scale else 100.0
+    for symmetric in (False, True):
+        got = mk.info_nce_loss(q, k, scale=scale, symmetric=symmetric)
+        assert got.dtype == torch.float32
+        want = clip_oracle(q, k, scale) if symmetric else info_nce_oracle(q, k, scale).mean()
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        for g, w in zip(grads(got, q, k), grads(want, q, k)):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
 
 
 def test_symmetric_info_nce_confident_pairs_keep_their_tiny_terms(chunk_bytes):
@@ -178,8 +180,10 @@ def test_info_nce_single_pair_and_empty_batch():
 
 def test_info_nce_errors_name_the_argument():
     q, k = case(B=4, M=6, D=3, dtype=torch.float32)
-    with pytest.raises(ValueError, match="at least one row per query"):
+    with pytest.raises(ValueError, match="key must hold at least one row, and one per query"):
         mk.info_nce_loss(q, k[:3])
+    with pytest.raises(ValueError, match="key must hold at least one row"):
+        mk.info_nce_loss(q[:0], k[:0])
     with pytest.raises(ValueError, match="key must be"):
         mk.info_nce_loss(q, k.double())
     with pytest.raises(ValueError, match="key must be"):
@@ -190,8 +194,6 @@ def test_info_nce_errors_name_the_argument():
         mk.info_nce_loss(q, k, scale=torch.ones(1))
     with pytest.raises(ValueError, match="margin needs a float scale"):
         mk.info_nce_loss(q, k, scale=learned(5.0, torch.float32), margin=0.1)
-    with pytest.raises(ValueError, match="margin needs a float scale"):
-        mk.info_nce_loss(q, k, normalize=False, margin=0.1)
     with pytest.raises(ValueError, match="label_smoothing"):
         mk.info_nce_loss(q, k, label_smoothing=1.5)
     with pytest.raises(TypeError, match="symmetric must be a bool"):
@@ -244,11 +246,11 @@ def test_siglip_reductions(chunk_bytes, reduction):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-def check_siglip_matches_float64_of_its_operands(device, dtype, B=40, M=90, D=32, seed=3, grad_tolerance=None):
-    """SigLIP with a learned scale and bias and a per-row upstream gradient, against float64 of the operands the
-    engine gets: the unit rows and the scaled queries are made in the input dtype (as in open_clip's autocast); its
-    sums and gradients are then float64-exact up to fp32 accumulation (and, where dL/dz goes into the GEMMs in bf16,
-    bf16's rounding of it: grad_tolerance)."""
+def check_siglip_matches_float64_of_its_inputs(device, dtype, B=40, M=90, D=32, seed=3, grad_tolerance=None):
+    """SigLIP with a learned scale and bias and a per-row upstream gradient, against float64 of the same 16-bit
+    inputs: the norms and the scale stay in fp32 beside the GEMMs (no unit rows rounded back to 16-bit), so the loss
+    is float64-exact up to fp32 accumulation; the gradients come back in the inputs' dtype (their rounding), and where
+    dL/dz goes into the GEMMs in bf16, with bf16's rounding of it (grad_tolerance)."""
     torch.manual_seed(seed)
     q = torch.randn(B, D, dtype=torch.float64).to(dtype).to(device).requires_grad_()
     k = torch.randn(M, D, dtype=torch.float64).to(dtype).to(device).requires_grad_()
@@ -256,8 +258,7 @@ def check_siglip_matches_float64_of_its_operands(device, dtype, B=40, M=90, D=32
     bias = torch.tensor(-10.0, device=device, requires_grad=True)
     got = mk.siglip_loss(q, k, scale=scale, bias=bias, reduction="none")
     assert got.dtype == torch.float32
-    rows = (F.normalize(q, dim=1) * scale).to(dtype).double()
-    want = siglip_oracle(rows, F.normalize(k, dim=1).to(dtype), 1.0, bias.double(), normalize=False)
+    want = siglip_oracle(q, k, scale, bias)
     torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
     weight = torch.linspace(0.5, 1.5, B, device=device)
     inputs = (q, k, scale, bias)
@@ -265,15 +266,15 @@ def check_siglip_matches_float64_of_its_operands(device, dtype, B=40, M=90, D=32
     want_grads = torch.autograd.grad((want * weight.double()).sum(), inputs)
     for g, w in zip(got_grads, want_grads):
         assert g.dtype == w.dtype
-        tol = 1e-5 if g.dtype == torch.float32 else {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+        tol = 1e-5 if g.dtype == torch.float32 else {torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
         if grad_tolerance is not None and g.dtype != torch.float32:
             tol = max(tol, grad_tolerance)
         torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_siglip_low_precision_matches_float64_of_its_operands(chunk_bytes, dtype):
-    check_siglip_matches_float64_of_its_operands("cpu", dtype)
+def test_siglip_low_precision_matches_float64_of_its_inputs(chunk_bytes, dtype):
+    check_siglip_matches_float64_of_its_inputs("cpu", dtype)
 
 
 def test_siglip_confident_pairs_keep_their_tiny_terms():
@@ -314,8 +315,10 @@ def test_siglip_gradcheck():
 def test_opcheck_and_compile():
     q, k = case(B=7, M=11, D=5, dtype=torch.float32)
     positive = torch.tensor([0, 1, 2, 3, -1, 5, 10])
-    torch.library.opcheck(torch.ops.marginkern.siglip, (q, k, positive, learned(-2.0, torch.float32)))
-    torch.library.opcheck(torch.ops.marginkern.symmetric_info_nce, (q, k, 0.5, 0.1))
+    torch.library.opcheck(torch.ops.marginkern.siglip, (q, k, positive, learned(-2.0, torch.float32),
+                                                        torch.rand(7) + 0.5, torch.rand(11) + 0.5))
+    torch.library.opcheck(torch.ops.marginkern.info_nce, (q, k, torch.rand(7) + 0.5, torch.rand(11) + 0.5, 0, True, 0.5, 0.1))
+    torch.library.opcheck(torch.ops.marginkern.info_nce, (q, k, torch.rand(7) + 0.5, torch.rand(11) + 0.5, 3, False, 0.5, 0.1))
     scale, bias = learned(4.0, torch.float32), learned(-2.0, torch.float32)
     torch._dynamo.reset()
     for fn in (lambda a, b, s, c: mk.siglip_loss(a, b, scale=s, bias=c),
@@ -331,13 +334,14 @@ def test_opcheck_and_compile():
 def test_raw_op_positive_minus_one_has_no_positive():
     """torch.ops.marginkern.siglip's target −1: every key a negative of that row."""
     q, k = case(B=3, M=4, D=5)
-    rows, _ = torch.ops.marginkern.siglip(q, k, torch.tensor([1, -1, 3]), torch.tensor(0.5, dtype=torch.float64))
+    ones = (torch.ones(3, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+    rows, _ = torch.ops.marginkern.siglip(q, k, torch.tensor([1, -1, 3]), torch.tensor(0.5, dtype=torch.float64), *ones)
     logits = q.double() @ k.double().T + 0.5
     labels = -torch.ones_like(logits)
     labels[0, 1] = labels[2, 3] = 1
     torch.testing.assert_close(rows, -F.logsigmoid(labels * logits).sum(1), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="target holds class 4"):
-        torch.ops.marginkern.siglip(q, k, torch.tensor([1, -1, 4]), torch.tensor(0.5, dtype=torch.float64))
+        torch.ops.marginkern.siglip(q, k, torch.tensor([1, -1, 4]), torch.tensor(0.5, dtype=torch.float64), *ones)
 
 
 def test_siglip_errors_name_the_argument():
@@ -348,7 +352,7 @@ def test_siglip_errors_name_the_argument():
         mk.siglip_loss(q, k, bias=math.inf)
     with pytest.raises(ValueError, match="scale"):
         mk.siglip_loss(q, k, scale=-1.0)
-    with pytest.raises(ValueError, match="at least one row per query"):
+    with pytest.raises(ValueError, match="key must hold at least one row, and one per query"):
         mk.siglip_loss(q, k[:2])
     with pytest.raises(TypeError, match="key must be float16"):
         mk.siglip_loss(q, k.long())
@@ -382,7 +386,7 @@ class _LargestOutput(TorchDispatchMode):
 def test_no_batch_by_keys_tensor_exists(monkeypatch):
     """Forward and backward of both losses make no tensor near B × M: SigLIP's chunks of keys, the engine's for
     InfoNCE."""
-    for module in (siglip, symmetric_info_nce):
+    for module in (siglip, info_nce):
         monkeypatch.setattr(module, "CHUNK_BYTES", 1)
         monkeypatch.setattr(module, "MIN_CHUNK_CLASSES", 64)
     q, k = case(B=256, M=2048, D=16, dtype=torch.float32)
@@ -411,3 +415,54 @@ def test_modules_take_two_encoders_in_different_dtypes():
         assert gq.dtype == torch.float32 and gk.dtype == torch.bfloat16
         with pytest.raises(ValueError, match="cast one to the other's dtype"):
             function(q, k)
+
+
+def test_modules_check_their_options_when_built():
+    with pytest.raises(TypeError, match="symmetric must be a bool"):
+        mk.InfoNCELoss(symmetric=1)
+    with pytest.raises(ValueError, match="margin must be a finite number"):
+        mk.InfoNCELoss(margin=float("nan"))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        mk.InfoNCELoss(label_smoothing=2.0)
+    with pytest.raises(ValueError, match="learnable_scale=True cannot take a margin"):
+        mk.InfoNCELoss(learnable_scale=True, margin=0.2)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        mk.SigLIPLoss(normalize=2)
+    with pytest.raises(ValueError, match="scale"):
+        mk.SigLIPLoss(scale=0.0)
+
+
+def test_dot_product_logits_with_a_margin():
+    q, k = case(M=20)
+    got = mk.info_nce_loss(q, k, scale=0.3, margin=0.5, normalize=False, symmetric=True)
+    want = clip_oracle(q, k, 0.3, margin=0.5, normalize=False)
+    assert_loss_and_grads(got, want, (q, k))
+
+
+def test_fp16_dot_products_beyond_fp16s_range_stay_finite():
+    """Raw fp16 rows whose scaled copy would overflow fp16 (100·randn queries at scale 1000: ±2e5 > 65504) while the
+    logits fit in fp32: the scale is applied in fp32 after the GEMM, never to a 16-bit copy (a reviewer found NaN)."""
+    torch.manual_seed(5)
+    q = (100 * torch.randn(8, 16)).half().requires_grad_()
+    k = (0.01 * torch.randn(8, 16)).half().requires_grad_()
+    for got, want in ((mk.info_nce_loss(q, k, scale=1000.0, normalize=False, symmetric=True),
+                       clip_oracle(q, k, 1000.0, normalize=False)),
+                      (mk.siglip_loss(q, k, scale=1000.0, bias=0.0, normalize=False),
+                       siglip_oracle(q, k, 1000.0, 0.0, normalize=False).mean())):
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["scale", "query", "key"])
+def test_gradient_of_one_input_alone(chunk_bytes, which):
+    """Frozen encoders with a learned temperature (only the scales' gradients: the dX/dK GEMMs still run for them), or
+    one tower frozen."""
+    q, k = case(M=20)
+    q.requires_grad_(which == "query")
+    k.requires_grad_(which == "key")
+    scale = learned(7.0).requires_grad_(which == "scale")
+    target = {"scale": scale, "query": q, "key": k}[which]
+    for got, want in ((mk.info_nce_loss(q, k, scale=scale, symmetric=True), clip_oracle(q, k, scale)),
+                      (mk.info_nce_loss(q, k, scale=scale), info_nce_oracle(q, k, scale).mean()),
+                      (mk.siglip_loss(q, k, scale=scale), siglip_oracle(q, k, scale, -10.0).mean())):
+        torch.testing.assert_close(grads(got, target)[0], grads(want, target)[0], rtol=1e-10, atol=1e-12)

@@ -55,6 +55,15 @@ def _distill(device, dtype, fn, **opts):
     return (x, w), lambda x, w: fn(x, w, xt, wt.flip(0), t, **opts)
 
 
+def _contrastive(device, dtype, fn, **opts):
+    """Queries against more keys (hard negatives), a learned scale."""
+    x, w, _ = _case(device, dtype)
+    scale = torch.tensor(7.0, device=device)
+    if "margin" in opts:
+        return (x, w), lambda x, w: fn(x, w, scale=7.0, **opts)
+    return (x, w, scale), lambda x, w, s: fn(x, w, scale=s, **opts)
+
+
 def _topk(device, dtype):
     x, w, t = _case(device, dtype)
     a = t.clamp_min(0)  # listed three times in each row, and the rows share classes (duplicate targets)
@@ -97,6 +106,9 @@ STEPS = {
     "zlpr": lambda d, t: _pairwise(d, t, "zlpr"),
     "circle": lambda d, t: _pairwise(d, t, "circle"),
     "proxy anchor": lambda d, t: _emo(d, t, mk.proxy_anchor_loss),
+    "siglip": lambda d, t: _contrastive(d, t, mk.siglip_loss, bias=-3.0),
+    "clip": lambda d, t: _contrastive(d, t, mk.info_nce_loss, symmetric=True, label_smoothing=0.1),
+    "mnrl": lambda d, t: _contrastive(d, t, mk.info_nce_loss, margin=0.2),
 }
 
 
