@@ -8,7 +8,7 @@ See DESIGN.md for the math; `marginkern.reference` holds the plain-PyTorch oracl
 `marginkern.dispatch.explain()` says which backend serves which device.
 """
 from . import huggingface, reference
-from .contrastive import InfoNCELoss, SigLIPLoss, info_nce_loss, siglip_loss
+from .contrastive import InfoNCELoss, SigLIPLoss, SupConLoss, info_nce_loss, siglip_loss, supcon_loss
 from .adaptive_margins import AdaFaceLoss, ElasticArcFaceLoss, ElasticCosFaceLoss, MagFaceLoss
 from .dispatch import BackendUnavailable
 from .hard_negatives import CurricularFaceLoss, MVSoftmaxLoss
@@ -33,6 +33,7 @@ __all__ = [
     "cosent_embedding_loss", "CoSENTLoss",
     "multilabel_categorical_crossentropy", "circle_loss", "proxy_anchor_loss", "ProxyAnchorLoss",
     "NormalizedSoftmaxLoss", "info_nce_loss", "InfoNCELoss", "siglip_loss", "SigLIPLoss",
+    "supcon_loss", "SupConLoss",
     "sequence_log_probs", "dpo_loss", "orpo_loss", "cpo_loss", "kto_loss", "kto_kl_estimate", "LinearDPOLoss",
     "LinearORPOLoss", "LinearCPOLoss", "LinearSimPOLoss", "LinearKTOLoss", "grpo_loss", "LinearGRPOLoss", "GRPOOutput",
     "ArcFaceLoss", "SubCenterArcFaceLoss", "CosFaceLoss",

@@ -4,6 +4,9 @@
   loss, sentence-transformers' MultipleNegativesRankingLoss and its symmetric variant), on marginkern.info_nce: one
   pass over chunks of keys, both directions of the symmetric loss from each chunk's one GEMM.
 - `siglip_loss`: SigLIP's sigmoid loss over every (query, key) pair, on marginkern.siglip.
+- `supcon_loss`: supervised contrastive learning's loss (SupCon; with no labels SimCLR's NT-Xent) over every view of
+  the batch: each row's log-sum-exp over all rows but itself streamed by the lse_except_own op, its positives' mean
+  logit through per-class sums of the unit rows (O(N·D)).
 
 Both take the rows as they are (16-bit stays 16-bit for the GEMMs) with fp32 logit scales per row and per key: the
 temperature over each query's norm, one over each key's (`_logit_scales`, differentiable, so autograd carries the
@@ -17,7 +20,7 @@ this rank's; DDP's averaging of the gradients then makes them those of the mean 
 import torch
 from torch import nn
 
-from .checks import check_bool, check_finite, check_float_tensor, check_reduction
+from .checks import check_bool, check_finite, check_float_tensor, check_reduction, check_tensor
 from .engine import NORM_EPS, accumulation_dtype
 from .ops import call as call_op
 from .reference import reduce_rows
@@ -157,6 +160,86 @@ def siglip_loss(query, key, *, scale=10.0, bias=-10.0, normalize=True, reduction
     return reduce_rows(loss, torch.ones_like(loss, dtype=torch.bool), reduction)
 
 
+def _dense_class_ids(labels):
+    """Each label's index among the distinct labels, in sorted order, without a host sync (torch.unique would sync on
+    CUDA): (N,) int64 in [0, N)."""
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    starts = torch.ones_like(sorted_labels, dtype=torch.long)
+    starts[1:] = (sorted_labels[1:] != sorted_labels[:-1]).long()
+    ids = torch.empty_like(order)
+    ids[order] = torch.cumsum(starts, 0) - 1
+    return ids
+
+
+def supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.07, normalize=True, reduction="mean",
+                group=None):
+    """Supervised contrastive loss (Khosla et al., NeurIPS 2020; the official SupConLoss with contrast_mode="all"),
+    with labels=None SimCLR's NT-Xent, without the N × N similarity matrix:
+
+        L_i = (τ/τ_base)·(log Σ_{a≠i} e^{z_ia} − 1/|P(i)| Σ_{p∈P(i)} z_ip),   z_ia = cos(x_i, x_a)/τ
+
+    over the N rows (every view of every sample), P(i) the other rows of row i's label (0 where it has none, as the
+    official code). features (bsz, n_views, D) as the official code takes them (rows in its order: view-major), labels
+    (bsz,) integer or None (each sample its own class: the views of one sample are each other's positives); or
+    features (N, D) with labels (N,). normalize=False: z = x_i·x_a/τ (the official code expects normalised features).
+    group: a process group; each rank passes its own batch (the same shape on every rank), its rows are scored against
+    every rank's (gathered with gradient). The result is this rank's loss; every rank must run backward.
+
+    Returns fp32 (fp64 for fp64 inputs): the mean over the N rows, the sum, or "none": (N,).
+    """
+    check_float_tensor("features", features)
+    if features.dim() == 3:
+        bsz, n_views, D = features.shape
+        if labels is None:  # each sample its own class, distinct across the ranks of a group
+            first = 0
+            if group is not None:
+                from .distributed import _rank_and_world_size
+                first = _rank_and_world_size(group)[0] * bsz
+            labels = torch.arange(first, first + bsz, device=features.device)
+        rows = features.transpose(0, 1).reshape(bsz * n_views, D)  # torch.cat(torch.unbind(features, 1))
+        expected = (bsz,)
+    elif features.dim() == 2:
+        if labels is None:
+            raise ValueError("labels must be given for (N, D) features; SimCLR's pairing of views needs features "
+                             "shaped (bsz, n_views, D)")
+        rows, n_views, expected = features, 1, (features.shape[0],)
+    else:
+        raise ValueError(f"features must be (bsz, n_views, D) or (N, D), got shape {tuple(features.shape)}")
+    check_tensor("labels", labels)
+    if tuple(labels.shape) != expected or labels.dtype.is_floating_point or labels.dtype == torch.bool \
+            or labels.device != features.device:
+        raise ValueError(f"labels must be an integer {expected} tensor on {features.device}, got a "
+                         f"{tuple(labels.shape)} {labels.dtype} tensor on {labels.device}")
+    check_finite("temperature", temperature, 0.0, low_open=True)
+    check_finite("base_temperature", base_temperature, 0.0, low_open=True)
+    normalize = check_bool("normalize", normalize)
+    check_reduction(reduction)
+    labels = labels.long().repeat(n_views)
+    N = rows.shape[0]
+    keys, offset = _gathered(rows, group)
+    all_labels = labels
+    if group is not None:
+        from .distributed import _all_gather_cat
+        all_labels = _all_gather_cat(labels, group)
+    row_scale = _logit_scales(rows, 1.0 / temperature, normalize)
+    col_scale = _logit_scales(keys, 1.0, normalize)
+    lse = call_op("lse_except_own", rows, keys, row_scale, col_scale, offset)
+    # Σ_{p∈P(i)} z_ip = r_i·x_i·(S_{y_i} − c_i·x_i), S_y the sum of the label's scaled keys c_p·k_p
+    acc = lse.dtype
+    ids = _dense_class_ids(all_labels)
+    unit_keys = keys.to(acc) * col_scale[:, None]
+    class_sums = torch.zeros_like(unit_keys).index_add(0, ids, unit_keys)
+    counts = torch.zeros(keys.shape[0], dtype=acc, device=keys.device).index_add_(
+        0, ids, torch.ones(keys.shape[0], dtype=acc, device=keys.device))
+    own = ids[offset:offset + N]
+    others = class_sums[own] - unit_keys[offset:offset + N]
+    positives = counts[own] - 1
+    mean_positive = (rows.to(acc) * others).sum(1) * row_scale / positives.clamp_min(1)
+    loss = (temperature / base_temperature) * torch.where(positives > 0, lse - mean_positive, 0.0)
+    return reduce_rows(loss, torch.ones_like(loss, dtype=torch.bool), reduction)
+
+
 def _in_wider_dtype(query, key):
     """query and key in the wider of their float dtypes (two encoders' outputs under autocast may differ: a final
     LayerNorm runs in fp32); the functions refuse the mix."""
@@ -227,3 +310,22 @@ class SigLIPLoss(nn.Module):
     def extra_repr(self):
         return ("learnable" if self.learnable else f"scale={self.scale}, bias={self.bias}") + \
             f", normalize={self.normalize}"
+
+
+class SupConLoss(nn.Module):
+    """`supcon_loss` as a module (the official SupConLoss's defaults, contrast_mode="all"): forward(features,
+    labels=None)."""
+
+    def __init__(self, temperature=0.07, base_temperature=0.07, *, normalize=True, group=None):
+        super().__init__()
+        check_finite("temperature", temperature, 0.0, low_open=True)
+        check_finite("base_temperature", base_temperature, 0.0, low_open=True)
+        self.temperature, self.base_temperature = float(temperature), float(base_temperature)
+        self.normalize, self.group = check_bool("normalize", normalize), group
+
+    def forward(self, features, labels=None):
+        return supcon_loss(features, labels, temperature=self.temperature, base_temperature=self.base_temperature,
+                           normalize=self.normalize, group=self.group)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, base_temperature={self.base_temperature}, normalize={self.normalize}"

@@ -70,15 +70,17 @@ def _positive_columns(B, c0, c1, symmetric):
     return max(0, min(c1, B) - c0) if symmetric else 0
 
 
-def info_nce_forward(x, k, row_scale, col_scale, offset, symmetric, margin_logit, label_smoothing):
-    """(loss_i (B,), t_i (B,), row_i (B,), col_i (B,): zeros unless symmetric) in the accumulation dtype (the module
-    docstring's names)."""
+def _streamed_statistics(x, k, row_scale, col_scale, offset, symmetric, label_smoothing):
+    """Per row the (max, Σ e^{z − max}) of its cells other than its positive (key offset + i), and with `symmetric`
+    the same down each positive key's column, with label smoothing the raw sums Σ z of both: (target t_i (margin not
+    taken off), row_top, row_total, col_top, col_total, row_sum, col_sum), (B,) each in the accumulation dtype (sums
+    None without smoothing)."""
     acc = accumulation_dtype(x.dtype)
     (B, D), M = x.shape, k.shape[0]
     if x.device.type == "cpu" and x.dtype != acc:
         x = x.to(acc)  # once, not per chunk
     positive = torch.arange(offset, offset + B, device=x.device)
-    target = target_dot(x, k, positive).to(acc) * row_scale * col_scale[offset:offset + B] - margin_logit
+    target = target_dot(x, k, positive).to(acc) * row_scale * col_scale[offset:offset + B]
     row_top = torch.full((B,), -float("inf"), dtype=acc, device=x.device)
     row_total = torch.zeros(B, dtype=acc, device=x.device)
     col_top, col_total = torch.full_like(row_top, -float("inf")), torch.zeros_like(row_total)
@@ -108,6 +110,16 @@ def info_nce_forward(x, k, row_scale, col_scale, offset, symmetric, margin_logit
         if columns:
             col_top[c0:c0 + columns], col_total[c0:c0 + columns] = _max_and_sum(z[:, :columns], 0)
         del z  # before the next chunk's GEMM allocates its own
+    return target, row_top, row_total, col_top, col_total, row_sum, col_sum
+
+
+def info_nce_forward(x, k, row_scale, col_scale, offset, symmetric, margin_logit, label_smoothing):
+    """(loss_i (B,), t_i (B,), row_i (B,), col_i (B,): zeros unless symmetric) in the accumulation dtype (the module
+    docstring's names)."""
+    B, M = x.shape[0], k.shape[0]
+    target, row_top, row_total, col_top, col_total, row_sum, col_sum = _streamed_statistics(
+        x, k, row_scale, col_scale, offset, symmetric, label_smoothing)
+    target = target - margin_logit
     row = _excess_over_target(target, row_top, row_total)
     loss = row.clone()  # an op's outputs must not alias each other
     if label_smoothing:  # the sums hold the positive's own z: its margin is taken off here
@@ -119,6 +131,13 @@ def info_nce_forward(x, k, row_scale, col_scale, offset, symmetric, margin_logit
     if label_smoothing:
         loss = loss + label_smoothing * (target - (col_sum - margin_logit) / B)
     return loss / 2, target, row, col
+
+
+def lse_except_own_forward(x, k, row_scale, col_scale, offset):
+    """(B,) log Σ_{j ≠ offset+i} e^{z_ij} (SupCon's denominator: every key but the row's own), −inf where there is no
+    other key; accumulation dtype."""
+    _, top, total, *_ = _streamed_statistics(x, k, row_scale, col_scale, offset, False, 0.0)
+    return torch.where(total > 0, top + torch.log(total), -float("inf"))
 
 
 def _grad_chunk(z, c0, c1, B, M, row_lse, col_lse, coef, positive_cell, eps, positive, symmetric):
@@ -135,25 +154,14 @@ def _grad_chunk(z, c0, c1, B, M, row_lse, col_lse, coef, positive_cell, eps, pos
     return set_own_cells_(g, positive, c0, c1, positive_cell[:, None])
 
 
-def info_nce_backward(grad_pairs, x, k, row_scale, col_scale, offset, symmetric, target, row, col, margin_logit,
-                      label_smoothing, need_input_grad=True, need_key_grad=True, need_scale_grads=True):
-    """(dL/dx, dL/dk (each in its input's dtype, the scales held fixed), dL/drow_scale (B,), dL/dcol_scale (M,); each
-    None when not asked for) for the per-pair upstream gradient grad_pairs (B,): per chunk the logits again,
-    G_ij = dL/dz_ij = a·g_i(p_ij − ε/M) + a·g_j(q_ij − ε/B) (a = ½ symmetric, else 1 and no column term; q: the column
-    softmax, j < B) with the positive cell exact, and scaled_rows_backward's GEMMs with H = r_i·c_j·G_ij."""
+def _streamed_backward(x, k, row_scale, col_scale, offset, symmetric, row_lse, col_lse, coef, positive_cell, eps,
+                       need_input_grad, need_key_grad, need_scale_grads):
+    """scaled_rows_backward with G_ij = coef_i(e^{z − row_lse_i} − ε/M) [+ coef_j(e^{z − col_lse_j} − ε/B) for keys
+    j < B when symmetric], positive_cell_i on row i's own cell (key offset + i)."""
     acc = accumulation_dtype(x.dtype)
     (B, D), M = x.shape, k.shape[0]
     gemm = backward_gemm_dtype(x)
     x_acc = x.to(acc) if x.device.type == "cpu" else x
-    coef = grad_pairs.to(acc) / (2 if symmetric else 1)
-    eps = label_smoothing
-    # the positive cell's dL/dz: a·g·((p − 1) + ε(1 − 1/M) [+ (q − 1) + ε(1 − 1/B)]), with p − 1 = expm1(−row)
-    positive_cell = torch.expm1(-row) + eps * (1.0 - 1.0 / M)
-    if symmetric:
-        positive_cell = positive_cell + torch.expm1(-col) + eps * (1.0 - 1.0 / max(B, 1))
-    positive_cell = coef * positive_cell
-    row_lse = target + row
-    col_lse = target + col if symmetric else torch.full_like(row, float("inf"))  # no column term
     positive = torch.arange(offset, offset + B, device=x.device)
     _, triton_epilogue = epilogue_tiles(x)
     if triton_epilogue:
@@ -172,3 +180,34 @@ def info_nce_backward(grad_pairs, x, k, row_scale, col_scale, offset, symmetric,
     chunks = key_chunks(B, M, D, acc.itemsize, x.is_cuda, weight_rows)
     return scaled_rows_backward(x, x_acc, k, chunks, grad_chunk, row_scale, col_scale, need_input_grad,
                                 need_key_grad, need_scale_grads)
+
+
+def info_nce_backward(grad_pairs, x, k, row_scale, col_scale, offset, symmetric, target, row, col, margin_logit,
+                      label_smoothing, need_input_grad=True, need_key_grad=True, need_scale_grads=True):
+    """(dL/dx, dL/dk (each in its input's dtype, the scales held fixed), dL/drow_scale (B,), dL/dcol_scale (M,); each
+    None when not asked for) for the per-pair upstream gradient grad_pairs (B,): per chunk the logits again,
+    G_ij = dL/dz_ij = a·g_i(p_ij − ε/M) + a·g_j(q_ij − ε/B) (a = ½ symmetric, else 1 and no column term; q: the column
+    softmax, j < B) with the positive cell exact, and scaled_rows_backward's GEMMs with H = r_i·c_j·G_ij."""
+    B, M = x.shape[0], k.shape[0]
+    coef = grad_pairs.to(row.dtype) / (2 if symmetric else 1)
+    eps = label_smoothing
+    # the positive cell's dL/dz: a·g·((p − 1) + ε(1 − 1/M) [+ (q − 1) + ε(1 − 1/B)]), with p − 1 = expm1(−row)
+    positive_cell = torch.expm1(-row) + eps * (1.0 - 1.0 / M)
+    if symmetric:
+        positive_cell = positive_cell + torch.expm1(-col) + eps * (1.0 - 1.0 / max(B, 1))
+    positive_cell = coef * positive_cell
+    row_lse = target + row
+    col_lse = target + col if symmetric else torch.full_like(row, float("inf"))  # no column term
+    return _streamed_backward(x, k, row_scale, col_scale, offset, symmetric, row_lse, col_lse, coef, positive_cell,
+                              eps, need_input_grad, need_key_grad, need_scale_grads)
+
+
+def lse_except_own_backward(grad_rows, x, k, row_scale, col_scale, offset, lse, need_input_grad=True,
+                             need_key_grad=True, need_scale_grads=True):
+    """The gradients of lse_except_own_forward's (B,) for the upstream grad_rows: G_ij = g_i·e^{z_ij − lse_i} off the
+    row's own cell, 0 on it."""
+    coef = grad_rows.to(lse.dtype)
+    finite_lse = torch.where(lse == -float("inf"), 0.0, lse)  # no other key: no cell but the own one, which gets 0
+    return _streamed_backward(x, k, row_scale, col_scale, offset, False, finite_lse,
+                              torch.full_like(lse, float("inf")), coef, torch.zeros_like(lse), 0.0, need_input_grad,
+                              need_key_grad, need_scale_grads)

@@ -466,3 +466,122 @@ def test_gradient_of_one_input_alone(chunk_bytes, which):
                       (mk.info_nce_loss(q, k, scale=scale), info_nce_oracle(q, k, scale).mean()),
                       (mk.siglip_loss(q, k, scale=scale), siglip_oracle(q, k, scale, -10.0).mean())):
         torch.testing.assert_close(grads(got, target)[0], grads(want, target)[0], rtol=1e-10, atol=1e-12)
+
+
+# ---- SupCon / NT-Xent -------------------------------------------------------------------------------------------
+
+def official_supcon(features, labels=None, temperature=0.07, base_temperature=0.07):
+    """HobbitLong/SupContrast's losses.py SupConLoss.forward (contrast_mode="all", its current handling of anchors
+    without positives), in float64; features (bsz, n_views, D) as given (the official code does not normalise)."""
+    features = features.double()
+    batch_size = features.shape[0]
+    if labels is None:
+        mask = torch.eye(batch_size, dtype=torch.float64)
+    else:
+        labels = labels.contiguous().view(-1, 1)
+        mask = torch.eq(labels, labels.T).double()
+    contrast_count = features.shape[1]
+    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
+    anchor_feature, anchor_count = contrast_feature, contrast_count
+    anchor_dot_contrast = torch.div(torch.matmul(anchor_feature, contrast_feature.T), temperature)
+    logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
+    logits = anchor_dot_contrast - logits_max.detach()
+    mask = mask.repeat(anchor_count, contrast_count)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(batch_size * anchor_count).view(-1, 1), 0)
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    mask_pos_pairs = mask.sum(1)
+    mask_pos_pairs = torch.where(mask_pos_pairs < 1e-6, 1, mask_pos_pairs)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask_pos_pairs
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    return loss.view(anchor_count, batch_size)
+
+
+def supcon_case(bsz=12, n_views=2, D=8, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(bsz, n_views, D, dtype=torch.float64).to(dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["supcon", "simclr"])
+@pytest.mark.parametrize("n_views", [1, 2, 3])
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_supcon_matches_the_official_code(chunk_bytes, labelled, n_views, temperature):
+    """Labels with repeats and a label of its own (an anchor without positives when n_views = 1: loss 0, as the
+    official code's current version), on unit features (the official code expects them), loss and gradient."""
+    f = supcon_case(n_views=n_views)
+    labels = torch.tensor([0, 1, 2, 0, 1, 3, 0, 2, 2, 1, 4, 0]) if labelled else None
+    unit = F.normalize(f, dim=2)
+    want = official_supcon(unit, labels, temperature, base_temperature=0.1).mean()
+    got = mk.supcon_loss(f, labels, temperature=temperature, base_temperature=0.1)
+    assert_loss_and_grads(got, want, (f,))
+    rows = mk.supcon_loss(f, labels, temperature=temperature, base_temperature=0.1, reduction="none")
+    torch.testing.assert_close(rows, official_supcon(unit, labels, temperature, 0.1).reshape(-1), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_supcon_flat_rows_and_dot_products():
+    f = supcon_case(n_views=2)
+    labels = torch.tensor([0, 1, 2, 0, 1, 3, 0, 2, 2, 1, 4, 0])
+    flat = f.transpose(0, 1).reshape(24, 8)
+    got = mk.supcon_loss(flat, labels.repeat(2), temperature=2.0, normalize=False)
+    want = official_supcon(f, labels, 2.0).mean()  # raw features: normalize=False is the official code itself
+    assert_loss_and_grads(got, want, (f,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_supcon_low_precision(chunk_bytes, dtype):
+    f = supcon_case(bsz=40, n_views=2, D=32, dtype=dtype, seed=2)
+    labels = torch.arange(40) % 7
+    got = mk.supcon_loss(f, labels, temperature=0.1)
+    want = official_supcon(F.normalize(f.double(), dim=2), labels, 0.1).mean()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    (g,), (w,) = grads(got, f), grads(want, f)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
+
+
+def test_supcon_module_errors_and_edge_cases():
+    f = supcon_case(bsz=3, n_views=2, D=4)
+    module = mk.SupConLoss(temperature=0.2)
+    torch.testing.assert_close(module(f), official_supcon(F.normalize(f, dim=2), None, 0.2, 0.07).mean(),
+                               rtol=1e-10, atol=1e-12)
+    assert "temperature=0.2" in repr(module)
+    one = supcon_case(bsz=1, n_views=1, D=4)
+    loss = mk.supcon_loss(one)  # a single row: no other row, no positive
+    assert loss.item() == 0.0
+    loss.backward()
+    assert one.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="labels must be given"):
+        mk.supcon_loss(f[:, 0])
+    with pytest.raises(ValueError, match=r"labels must be an integer \(3,\)"):
+        mk.supcon_loss(f, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must be an integer"):
+        mk.supcon_loss(f, torch.zeros(3))
+    with pytest.raises(ValueError, match="temperature"):
+        mk.supcon_loss(f, temperature=0.0)
+    with pytest.raises(ValueError, match="features must be"):
+        mk.supcon_loss(f[None])
+    with pytest.raises(ValueError, match="temperature"):
+        mk.SupConLoss(temperature=-1.0)
+
+
+def test_supcon_opcheck_compile_and_no_n_by_n_tensor(monkeypatch):
+    x = torch.randn(9, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.marginkern.lse_except_own, (x, x.detach().clone().requires_grad_(),
+                                                                torch.rand(9) + 0.5, torch.rand(9) + 0.5, 0))
+    torch.library.opcheck(torch.ops.marginkern.lse_except_own, (x[:4], x.detach(), torch.rand(4) + 0.5,
+                                                                torch.rand(9) + 0.5, 5))
+    f = supcon_case(bsz=6, n_views=2, D=5, dtype=torch.float32)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: mk.supcon_loss(a, b), fullgraph=True, backend="aot_eager")
+    got, want = compiled(f, labels), mk.supcon_loss(f, labels)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grads(got, f)[0], grads(want, f)[0])
+    monkeypatch.setattr(info_nce, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(info_nce, "MIN_CHUNK_CLASSES", 64)
+    big = torch.randn(512, 2, 16, requires_grad=True)
+    with _LargestOutput() as probe:
+        mk.supcon_loss(big, torch.arange(512) % 50).backward()
+    assert probe.largest <= max(1024 * 64, 1024 * 16), probe.largest

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 
 import marginkern as mk
@@ -1530,3 +1531,30 @@ def _contrastive_with_unequal_batches(rank, world_size):
 
 def test_contrastive_losses_refuse_unequal_batches_on_every_rank(world):
     assert all(world.run(_contrastive_with_unequal_batches))
+
+
+def _supcon_on_rank(rank, world_size, f_all, labels_all, kwargs):
+    bsz = f_all.shape[0] // world_size
+    f = f_all[rank * bsz:(rank + 1) * bsz].clone().requires_grad_()
+    labels = None if labels_all is None else labels_all[rank * bsz:(rank + 1) * bsz]
+    loss = mk.supcon_loss(f, labels, **kwargs, group=dist.group.WORLD)
+    return loss.detach(), torch.autograd.grad(loss, f)[0]
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["supcon", "simclr"])
+def test_supcon_gathers_every_ranks_views(world, labelled):
+    """Each rank's anchors against every rank's rows: the rank's loss is the mean of the single-process rows of its
+    samples, and the gradient of its features that of the sum of the ranks' losses (materialised in float64)."""
+    from tests.test_contrastive import official_supcon
+    W, bsz = world.size, 4
+    torch.manual_seed(W)
+    f_all = torch.randn(W * bsz, 2, 6, dtype=torch.float64)
+    labels_all = torch.arange(W * bsz) % 3 if labelled else None
+    got = world.run(_supcon_on_rank, f_all, labels_all, dict(temperature=0.3))
+    ref = f_all.clone().requires_grad_()
+    rows = official_supcon(F.normalize(ref, dim=2), labels_all if labelled else None, 0.3)  # (n_views, W·bsz)
+    per_rank = [rows[:, r * bsz:(r + 1) * bsz].mean() for r in range(W)]
+    want_grad = torch.autograd.grad(torch.stack(per_rank).sum(), ref)[0]
+    for r, (loss, grad) in enumerate(got):
+        torch.testing.assert_close(loss, per_rank[r].detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, want_grad[r * bsz:(r + 1) * bsz], rtol=1e-9, atol=1e-12)

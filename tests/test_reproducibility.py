@@ -64,6 +64,12 @@ def _contrastive(device, dtype, fn, **opts):
     return (x, w, scale), lambda x, w, s: fn(x, w, scale=s, **opts)
 
 
+def _supcon(device, dtype):
+    x, _, _ = _case(device, dtype)
+    labels = torch.arange(x.shape[0], device=device) % 5  # repeated labels: index_add_ over the same class
+    return (x,), lambda x: mk.supcon_loss(x, labels, temperature=0.2)
+
+
 def _topk(device, dtype):
     x, w, t = _case(device, dtype)
     a = t.clamp_min(0)  # listed three times in each row, and the rows share classes (duplicate targets)
@@ -109,6 +115,7 @@ STEPS = {
     "siglip": lambda d, t: _contrastive(d, t, mk.siglip_loss, bias=-3.0),
     "clip": lambda d, t: _contrastive(d, t, mk.info_nce_loss, symmetric=True, label_smoothing=0.1),
     "mnrl": lambda d, t: _contrastive(d, t, mk.info_nce_loss, margin=0.2),
+    "supcon": lambda d, t: _supcon(d, t),
 }
 
 
@@ -121,9 +128,10 @@ def step_outputs(name, device, dtype):
 
 
 # Steps that add into the same rows of a tensor with torch's index_add_/scatter_add_ (L-Softmax's radial dW term; a
-# top-k teacher's repeated tokens and classes; Proxy-Anchor's per-class sums of its rows' positive terms): on CUDA those
+# top-k teacher's repeated tokens and classes; Proxy-Anchor's per-class sums of its rows' positive terms; SupCon's
+# per-class sums of its unit rows): on CUDA those
 # use atomics unless deterministic mode is on.
-USES_TORCH_ATOMICS = {"lsoftmax", "top-k kl", "proxy anchor"}
+USES_TORCH_ATOMICS = {"lsoftmax", "top-k kl", "proxy anchor", "supcon"}
 
 
 def check_reproducible(name, device, dtype):

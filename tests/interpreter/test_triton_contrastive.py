@@ -168,3 +168,21 @@ def test_epilogues_refuse_more_rows_than_their_grid_holds(monkeypatch):
     with pytest.raises(ValueError, match="at most 64 rows per call, got 65"):
         proxy_kernels.grad_chunk(z, rows, rows[:8], column, rows[:8], rows, one, 0, 1.0, 0.0, torch.float32)
     siglip_kernels.row_sums(z[:32], one, column[:32], rows[:32], rows[:8], 0)  # within the grid: runs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_supcon_on_the_triton_epilogues(chunks, dtype, info_nce_launches):
+    """SupCon's denominator (every row but the anchor itself) through the InfoNCE kernels: 100 samples × 2 views,
+    labels with repeats, several chunks; against the official code in float64 of the same inputs."""
+    from tests.test_contrastive import official_supcon
+    torch.manual_seed(7)
+    f = torch.randn(100, 2, 24, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
+    labels = torch.arange(100, device=DEVICE) % 13
+    got = mk.supcon_loss(f, labels, temperature=0.1)
+    want = official_supcon(F.normalize(f.double(), dim=2).cpu(), labels.cpu(), 0.1).mean()
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-6, atol=2e-6)
+    (g,), (w,) = torch.autograd.grad(got, f), torch.autograd.grad(want, f)
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
+    expected = 1 if chunks == "one-chunk" else 4  # 200 rows as keys
+    assert info_nce_launches == {"chunk_statistics": expected, "grad_chunk": expected}
