@@ -54,18 +54,28 @@ def negate_own_cells_(z, column, c0, c1):
     return z.scatter_(1, own, torch.where(inside, -mine, mine))
 
 
+def _scaled_rows(t, scale, dtype, block_bytes=16 << 20):
+    """scale_i·t_i in `dtype` (the GEMMs'), multiplied in the scale's dtype by blocks of rows."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    rows = max(1, block_bytes // max(1, t.shape[1] * scale.element_size()))
+    for r0 in range(0, t.shape[0], rows):
+        out[r0:r0 + rows] = t[r0:r0 + rows].to(scale.dtype) * scale[r0:r0 + rows, None]
+    return out
+
+
 def scaled_rows_backward(x, x_acc, k, chunks, grad_chunk, row_scale, col_scale, need_input_grad, need_key_grad,
                          need_scale_grads):
-    """The backward GEMMs of logits r_i·c_j·(x_i·k_j) (SigLIP's and InfoNCE's): per chunk of keys [c0, c1),
-    H = grad_chunk(c0, c1) (r_i·c_j·dL/dz_ij in the GEMMs' dtype), dX += H·K_c, dK_c = Hᵀ·X; then the scales'
-    gradients x_i·dX_i / r_i and k_j·dK_j / c_j from the fp32 results. Returns (dL/dx, dL/dk in their inputs'
+    """The backward GEMMs of logits r_i·c_j·(x_i·k_j) (SigLIP's and InfoNCE's), with G = grad_chunk(c0, c1) the
+    chunk's dL/dz in the GEMMs' dtype: dX' += G·(c∘K_c) and dK'_c = Gᵀ·(r∘X), so that dL/dx = r∘dX', dL/dk = c∘dK',
+    dL/dr_i = x_i·dX'_i and dL/dc_j = k_j·dK'_j, all from fp32 GEMM results and without dividing by a scale (which
+    may be 0: a learned temperature at 0, a norm past the dtype's range). Returns (dL/dx, dL/dk in their inputs'
     dtypes, dL/drow_scale, dL/dcol_scale), each None when not asked for; x_acc: x as the chunks' GEMMs read it (an
     fp32 copy of 16-bit rows on the CPU)."""
     acc = accumulation_dtype(x.dtype)
     N, D = x.shape
     gemm = backward_gemm_dtype(x)
-    x_gemm = x_acc.to(gemm)
     need_dx, need_dk = need_input_grad or need_scale_grads, need_key_grad or need_scale_grads
+    x_scaled = _scaled_rows(x_acc, row_scale, gemm) if need_dk else None
     dk = torch.empty_like(k) if need_key_grad else None
     col_scale_grad = torch.zeros(k.shape[0], dtype=acc, device=x.device) if need_scale_grads else None
     dx = None
@@ -73,23 +83,20 @@ def scaled_rows_backward(x, x_acc, k, chunks, grad_chunk, row_scale, col_scale, 
         out = torch.zeros((N, D), dtype=acc, device=x.device)
         dx = SplitKAccumulator(out, split_k_slices(out, chunks[0][1] - chunks[0][0]) if chunks else 1)
     for c0, c1 in chunks:
-        h = grad_chunk(c0, c1).to(gemm)
-        k_chunk = k[c0:c1].to(gemm)  # the rows themselves when they are in the GEMMs' dtype
+        g = grad_chunk(c0, c1).to(gemm)
         if dx is not None:
-            dx.add(h, k_chunk)
+            dx.add(g, _scaled_rows(k[c0:c1], col_scale[c0:c1], gemm))
         if need_dk:
-            if dk is not None and h.dtype == dk.dtype and not need_scale_grads:
-                torch.mm(h.t(), x_gemm, out=dk[c0:c1])  # 16-bit CUDA GEMMs accumulate in fp32 inside
-            else:
-                dk_chunk = mm_accumulate(h.t(), x_gemm, acc)
-                if need_scale_grads:
-                    col_scale_grad[c0:c1] = paired_row_dots(k[c0:c1], dk_chunk) / col_scale[c0:c1]
-                if dk is not None:
-                    dk[c0:c1] = dk_chunk
-        del h, k_chunk  # before the next chunk allocates its own
+            dk_chunk = mm_accumulate(g.t(), x_scaled, acc)  # dK'_c, fp32
+            if need_scale_grads:
+                col_scale_grad[c0:c1] = paired_row_dots(k[c0:c1], dk_chunk)
+            if dk is not None:
+                dk[c0:c1] = dk_chunk.mul_(col_scale[c0:c1, None])
+            del dk_chunk
+        del g  # before the next chunk allocates its own
     grad_x = row_scale_grad = None
     if dx is not None:
-        raw = dx.result()
-        row_scale_grad = paired_row_dots(x, raw) / row_scale if need_scale_grads else None
-        grad_x = raw.to(x.dtype) if need_input_grad else None
+        raw = dx.result()  # dX'
+        row_scale_grad = paired_row_dots(x, raw) if need_scale_grads else None
+        grad_x = raw.mul_(row_scale[:, None]).to(x.dtype) if need_input_grad else None
     return grad_x, dk, row_scale_grad, col_scale_grad

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checks import check_bool, check_finite, check_float_tensor, check_reduction, check_tensor
-from .engine import NORM_EPS, accumulation_dtype
+from .engine import NORM_EPS, accumulation_dtype, row_norms
 from .ops import call as call_op
 from .reference import reduce_rows
 
@@ -73,7 +73,7 @@ def _logit_scales(t, scale, normalize):
     without normalize; differentiable in t and in a tensor scale."""
     acc = accumulation_dtype(t.dtype)
     if normalize:
-        factor = torch.linalg.vector_norm(t, dim=1, dtype=acc).clamp_min(NORM_EPS).reciprocal()
+        factor = row_norms(t).clamp_min(NORM_EPS).reciprocal()  # by blocks of rows on the CPU: no fp32 copy
     else:
         factor = torch.ones(t.shape[0], dtype=acc, device=t.device)
     if isinstance(scale, torch.Tensor):

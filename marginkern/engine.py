@@ -234,12 +234,14 @@ def row_block_vecmat(v: Tensor, a: Tensor, block_bytes: int = 16 << 20) -> Tenso
     return out
 
 
-def paired_row_dots(a: Tensor, b: Tensor, block_bytes: int = 16 << 20) -> Tensor:
-    """Σ_k a_mk·b_mk for a (M, K) of any float dtype and b (M, K) in the accumulation dtype: (M,) in b's dtype, a
-    upcast by blocks of rows."""
-    out = torch.empty(a.shape[0], dtype=b.dtype, device=b.device)
-    for r0, r1, block in _upcast_row_blocks(a, b.dtype, block_bytes):
-        torch.sum(block * b[r0:r1], dim=1, out=out[r0:r1])
+def paired_row_dots(a: Tensor, b: Tensor, dtype=None, block_bytes: int = 16 << 20) -> Tensor:
+    """Σ_k a_mk·b_mk for a and b (M, K) of any float dtypes: (M,) in `dtype` (default b's), both upcast by blocks of
+    rows (never a whole fp32 copy of a 16-bit operand)."""
+    dtype = dtype or b.dtype
+    out = torch.empty(a.shape[0], dtype=dtype, device=b.device)
+    rows = max(1, block_bytes // max(1, a.shape[1] * dtype.itemsize))
+    for r0 in range(0, a.shape[0], rows):
+        torch.sum(a[r0:r0 + rows].to(dtype) * b[r0:r0 + rows].to(dtype), dim=1, out=out[r0:r0 + rows])
     return out
 
 

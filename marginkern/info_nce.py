@@ -15,15 +15,15 @@ Per pair i, with t_i = z_i,p_i − δ (δ: the additive margin in logit units) a
 
 Each of row_i and col_i is kept as log(1 + Σ_{others} e^{z − t}) with the others' running max: a confident pair's
 value (≈ Σ e^{z−t}, far below the ulp of t) is not the difference lse − t, which rounds it away; the positive cell's
-gradient p − 1 is expm1(−row_i) for the same reason. The backward GEMMs read H = r_i·c_j·dL/dz_ij; the scales'
-gradients are x_i·dX_i / r_i and k_j·dK_j / c_j of their fp32 results (chunked_epilogue.scaled_rows_backward), and
-autograd carries them to the norms and the temperature.
+gradient p − 1 is expm1(−row_i) for the same reason. The backward GEMMs read G = dL/dz against the scaled operands c∘K
+and r∘X; the scales' gradients are x_i·dX'_i and k_j·dK'_j of their fp32 results (chunked_epilogue.scaled_rows_backward),
+and autograd carries them to the norms and the temperature.
 """
 import torch
 
 from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, plan_chunks, scaled_rows_backward,
                                set_own_cells_)
-from .engine import accumulation_dtype, target_dot
+from .engine import accumulation_dtype, paired_row_dots
 
 # A chunk's fp32 logits and one temporary beside them (the exponentials, then the backward's dL/dz), plus a chunk × D
 # fp32 copy of 16-bit key rows on the CPU: as Proxy-Anchor's and SigLIP's budget.
@@ -80,7 +80,7 @@ def _streamed_statistics(x, k, row_scale, col_scale, offset, symmetric, label_sm
     if x.device.type == "cpu" and x.dtype != acc:
         x = x.to(acc)  # once, not per chunk
     positive = torch.arange(offset, offset + B, device=x.device)
-    target = target_dot(x, k, positive).to(acc) * row_scale * col_scale[offset:offset + B]
+    target = paired_row_dots(x, k[offset:offset + B], acc) * row_scale * col_scale[offset:offset + B]
     row_top = torch.full((B,), -float("inf"), dtype=acc, device=x.device)
     row_total = torch.zeros(B, dtype=acc, device=x.device)
     col_top, col_total = torch.full_like(row_top, -float("inf")), torch.zeros_like(row_total)
@@ -173,8 +173,7 @@ def _streamed_backward(x, k, row_scale, col_scale, offset, symmetric, row_lse, c
                                      col_scale[c0:c1], row_lse, col_lse, coef, positive_cell, eps / M,
                                      eps / max(B, 1), gemm)
         z = _scaled_dots(x_acc, k, c0, c1, row_scale, col_scale, acc)
-        g = _grad_chunk(z, c0, c1, B, M, row_lse, col_lse, coef, positive_cell, eps, positive, symmetric)
-        return g.mul_(row_scale[:, None]).mul_(col_scale[None, c0:c1])
+        return _grad_chunk(z, c0, c1, B, M, row_lse, col_lse, coef, positive_cell, eps, positive, symmetric)
 
     weight_rows = int(k.dtype != gemm) + int(need_key_grad or need_scale_grads)
     chunks = key_chunks(B, M, D, acc.itemsize, x.is_cuda, weight_rows)
@@ -187,7 +186,7 @@ def info_nce_backward(grad_pairs, x, k, row_scale, col_scale, offset, symmetric,
     """(dL/dx, dL/dk (each in its input's dtype, the scales held fixed), dL/drow_scale (B,), dL/dcol_scale (M,); each
     None when not asked for) for the per-pair upstream gradient grad_pairs (B,): per chunk the logits again,
     G_ij = dL/dz_ij = a·g_i(p_ij − ε/M) + a·g_j(q_ij − ε/B) (a = ½ symmetric, else 1 and no column term; q: the column
-    softmax, j < B) with the positive cell exact, and scaled_rows_backward's GEMMs with H = r_i·c_j·G_ij."""
+    softmax, j < B) with the positive cell exact, and scaled_rows_backward's GEMMs."""
     B, M = x.shape[0], k.shape[0]
     coef = grad_pairs.to(row.dtype) / (2 if symmetric else 1)
     eps = label_smoothing

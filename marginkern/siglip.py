@@ -12,9 +12,10 @@ log1p(e^{−z}) itself, not softplus(z) − z, which rounds it away (softplus(15
 and its gradient −σ(−z) is not σ(z) − 1.
 
 The forward pass keeps two numbers per row, L_i and Σ_j G_ij (the bias's gradient). The backward pass recomputes each
-chunk's dot products and feeds H = r_i·c_j·G_ij to the dX and dK GEMMs (4 GEMMs in all, no N × M tensor). The scales'
-gradients need no pass of their own: dL/dr_i = Σ_j G_ij·c_j·(x_i·k_j) = x_i·dX_i / r_i with dX the GEMM's fp32 result
-(and so dL/dc_j = k_j·dK_j / c_j); autograd carries them to the norms and the temperature. chunked_epilogue has the shared steps; triton_kernels/siglip.py the Triton epilogues (the
+chunk's dot products and feeds G to the dX and dK GEMMs against the scaled operands c∘K and r∘X (4 GEMMs in all, no
+N × M tensor; chunked_epilogue.scaled_rows_backward). The scales' gradients need no pass of their own: dL/dr_i =
+Σ_j G_ij·c_j·(x_i·k_j) = x_i·dX'_i with dX' = G·(c∘K) the GEMM's fp32 result (and dL/dc_j = k_j·dK'_j); autograd
+carries them to the norms and the temperature. chunked_epilogue has the shared steps; triton_kernels/siglip.py the Triton epilogues (the
 chunk read once per pass), else PyTorch's element-wise ops.
 """
 import torch
@@ -79,7 +80,7 @@ def siglip_backward(grad_rows, x, k, positive, bias, row_scale, col_scale, need_
                     need_scale_grads=True):
     """(dL/dx, dL/dk (each in its input's dtype, the scales held fixed), dL/drow_scale (N,), dL/dcol_scale (M,); each
     None when not asked for) for the per-row upstream gradient grad_rows (N,): per chunk the dot products again,
-    G_ij = grad_rows_i·dL_i/dz_ij, and scaled_rows_backward's GEMMs with H = r_i·c_j·G_ij."""
+    G_ij = grad_rows_i·dL_i/dz_ij, and scaled_rows_backward's GEMMs."""
     acc = accumulation_dtype(x.dtype)
     (N, D), M = x.shape, k.shape[0]
     bias = bias.to(acc)
@@ -95,8 +96,7 @@ def siglip_backward(grad_rows, x, k, positive, bias, row_scale, col_scale, need_
             return triton_grad_chunk(chunk_dots(x_acc, k, c0, c1, acc), bias, positive, coef, row_scale,
                                      col_scale[c0:c1], c0, gemm)
         z = _signed_logits(x_acc, k, c0, c1, bias, positive, row_scale, col_scale, acc)
-        return _signed_sigmoid_(z, positive, c0, c1).mul_(coef[:, None]).mul_(row_scale[:, None]).mul_(
-            col_scale[None, c0:c1])
+        return _signed_sigmoid_(z, positive, c0, c1).mul_(coef[:, None])
 
     weight_rows = int(k.dtype != gemm) + int(need_key_grad or need_scale_grads)
     chunks = key_chunks(N, M, D, acc.itemsize, x.is_cuda, weight_rows)

@@ -156,8 +156,9 @@ case "$stage" in
     bench proxy proxy-anchor-1M "marginkern,marginkern pytorch epilogue,3-GEMM floor" 35 proxy 5
     # DPO (precomputed reference log-probabilities) at Llama-3-8B's head against Liger's chunked DPO
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench dpo dpo-llama3-8b "marginkern,liger-kernel dpo,3-GEMM floor" 30 dpo 5
-    # SigLIP and CLIP at B = 32768 pairs (D = 768): the chunk epilogues against open_clip's formulation and the floor
-    bench contrastive siglip-32k,clip-32k "marginkern,naive,3-GEMM floor" 40 contrastive 5
+    # SigLIP and CLIP at B = 32768 pairs (D = 768), SupCon over 32768 views (D = 128): the chunk epilogues against
+    # open_clip's formulations, the official SupConLoss and the floor
+    bench contrastive siglip-32k,clip-32k,supcon-32k "marginkern,naive,3-GEMM floor" 45 contrastive 5
     ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"

@@ -20,12 +20,12 @@ BLOCK_N, BLOCK_C = 64, 64
 
 @triton.jit
 def _scaled_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask):
-    """(z = r·c·d, r, c) of a tile."""
+    """z = r·c·d of a tile."""
     mask = row_mask[:, None] & col_mask[None, :]
     d = tl.load(d_ptr + rows.to(tl.int64)[:, None] * stride_d + cols[None, :], mask=mask, other=0.0)
     r = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
     c = tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)
-    return r[:, None] * c[None, :] * d, r, c
+    return r[:, None] * c[None, :] * d
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def info_nce_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_max
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < B, cols < CC
     mask = row_mask[:, None] & col_mask[None, :]
-    z, _, _ = _scaled_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
+    z = _scaled_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
     row_out = rows.to(tl.int64) * col_blocks + col_block
     col_out = row_block.to(tl.int64) * CC + cols
     tl.store(row_z_ptr + row_out, tl.sum(z, axis=1), mask=row_mask)
@@ -62,7 +62,7 @@ def info_nce_grad_kernel(d_ptr, stride_d, h_ptr, stride_h, row_scale_ptr, col_sc
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < B, cols < CC
     mask = row_mask[:, None] & col_mask[None, :]
-    z, r, c = _scaled_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
+    z = _scaled_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
     key = c0 + cols
     row_lse = tl.load(row_lse_ptr + rows, mask=row_mask, other=0.0)
     row_coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
@@ -74,8 +74,7 @@ def info_nce_grad_kernel(d_ptr, stride_d, h_ptr, stride_h, row_scale_ptr, col_sc
         g += tl.where(is_positive_key[None, :], col_coef[None, :] * (tl.exp(z - col_lse[None, :]) - eps_over_b), 0.0)
     positive_cell = tl.load(positive_cell_ptr + rows, mask=row_mask, other=0.0)
     g = tl.where((offset + rows)[:, None] == key[None, :], positive_cell[:, None], g)
-    h = g * r[:, None] * c[None, :]
-    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :], g.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def _merged(top, total, dim):
@@ -106,7 +105,7 @@ def chunk_statistics(d, row_scale, col_scale, c0, offset):
 
 def grad_chunk(d, c0, offset, symmetric, row_scale, col_scale, row_lse, col_lse, coef, positive_cell, eps_over_m,
                eps_over_b, dtype):
-    """H = r_i·c_j·G_ij (B, CC) in `dtype` (written over d when that is fp32: each program reads its own tile first);
+    """G = dL/dz (B, CC) in `dtype` (written over d when that is fp32: each program reads its own tile first);
     row_lse, coef, positive_cell (B,), col_lse (B,) fp32: each positive key's column log-sum-exp (read when
     symmetric)."""
     B, CC = d.shape

@@ -4,8 +4,7 @@ d = x·k_cᵀ (fp32, from one cuBLAS GEMM) once, instead of PyTorch's handful of
   row sums:   per row and block of BLOCK_C columns, Σ log(1 + e^{s}) and Σ ±σ(s) of the signed logits s (z = r·c·d + b,
               the row's positive cell negated), written to (N, blocks) partials that torch sums (a fixed order: the
               same bits every call, where atomics would not be);
-  gradient:   G_ij = coef_i·σ(s_ij), negated on the positive cell (dL/dz), written as H = r_i·c_j·G_ij, the backward
-              GEMMs' operand.
+  gradient:   G_ij = coef_i·σ(s_ij), negated on the positive cell (dL/dz), the backward GEMMs' operand.
 """
 import torch
 import triton
@@ -65,11 +64,11 @@ def siglip_grad_kernel(d_ptr, stride_d, h_ptr, stride_h, bias_ptr, positive_ptr,
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < N, cols < CC
     mask = row_mask[:, None] & col_mask[None, :]
-    _, s, is_positive, r, c = _signed(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr, rows,
+    _, s, is_positive, _, _ = _signed(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr, rows,
                                       row_mask, cols, col_mask, c0)
     coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
     sig = _sigmoid(s)
-    h = (coef * r)[:, None] * c[None, :] * tl.where(is_positive, -sig, sig)
+    h = coef[:, None] * tl.where(is_positive, -sig, sig)
     tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -91,8 +90,8 @@ def row_sums(d, bias, positive, row_scale, col_scale, c0):
 
 
 def grad_chunk(d, bias, positive, coef, row_scale, col_scale, c0, dtype):
-    """H = r_i·c_j·G_ij (N, CC) in `dtype` (written over d when that is fp32: each program reads its own tile first);
-    coef (N,) fp32: each row's upstream gradient."""
+    """G = dL/dz (N, CC) in `dtype` (written over d when that is fp32: each program reads its own tile first); coef
+    (N,) fp32: each row's upstream gradient."""
     N, CC = d.shape
     h = d if dtype == torch.float32 else torch.empty((N, CC), dtype=dtype, device=d.device)
     check_row_blocks(N, BLOCK_N)
