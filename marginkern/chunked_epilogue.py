@@ -8,6 +8,20 @@ from .dispatch import select_tiles
 from .engine import SplitKAccumulator, accumulation_dtype, mm_accumulate, paired_row_dots, split_k_slices
 
 
+# The in-batch contrastive losses' (SigLIP's, InfoNCE's, SupCon's) chunk of keys: its fp32 dot products and one
+# temporary beside them, plus a chunk × D fp32 copy of 16-bit key rows on the CPU (its GEMM cannot take them), within
+# this budget, 8× larger on a GPU; as Proxy-Anchor's (marginkern.proxy_anchor), for the same reasons.
+CHUNK_BYTES = 16 << 20
+GPU_CHUNK_FACTOR = 8
+MIN_CHUNK_CLASSES = 256
+
+
+def key_chunks(N, M, D, acc_bytes, on_gpu=False, weight_rows=0):
+    """[(c0, c1)] covering M keys within the contrastive losses' chunk budget."""
+    return plan_chunks(N, M, D, acc_bytes, CHUNK_BYTES * (GPU_CHUNK_FACTOR if on_gpu else 1), MIN_CHUNK_CLASSES,
+                       weight_rows)
+
+
 def plan_chunks(N, C, D, acc_bytes, budget, min_classes, weight_rows=0):
     """[(c0, c1)] covering C classes: two N × chunk tensors of `acc_bytes` elements and `weight_rows` chunk × D ones
     per chunk within `budget` bytes, at least `min_classes` classes (a narrower GEMM runs badly)."""

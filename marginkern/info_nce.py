@@ -21,20 +21,9 @@ and autograd carries them to the norms and the temperature.
 """
 import torch
 
-from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, plan_chunks, scaled_rows_backward,
+from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, scaled_rows_backward,
                                set_own_cells_)
 from .engine import accumulation_dtype, paired_row_dots
-
-# A chunk's fp32 logits and one temporary beside them (the exponentials, then the backward's dL/dz), plus a chunk × D
-# fp32 copy of 16-bit key rows on the CPU: as Proxy-Anchor's and SigLIP's budget.
-CHUNK_BYTES = 16 << 20
-GPU_CHUNK_FACTOR = 8
-MIN_CHUNK_CLASSES = 256
-
-
-def key_chunks(B, M, D, acc_bytes, on_gpu=False, weight_rows=0):
-    return plan_chunks(B, M, D, acc_bytes, CHUNK_BYTES * (GPU_CHUNK_FACTOR if on_gpu else 1), MIN_CHUNK_CLASSES,
-                       weight_rows)
 
 
 def _merge(top, total, chunk_top, chunk_total):

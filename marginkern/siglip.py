@@ -20,21 +20,9 @@ chunk read once per pass), else PyTorch's element-wise ops.
 """
 import torch
 
-from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, negate_own_cells_, plan_chunks,
+from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, negate_own_cells_,
                                scaled_rows_backward)
 from .engine import accumulation_dtype, log1p_exp
-
-# A chunk's fp32 dot products and one temporary beside them, plus a chunk × D fp32 copy of 16-bit key rows on the
-# CPU (its GEMM cannot take them): as Proxy-Anchor's (marginkern.proxy_anchor), for the same reasons.
-CHUNK_BYTES = 16 << 20
-GPU_CHUNK_FACTOR = 8
-MIN_CHUNK_CLASSES = 256
-
-
-def key_chunks(N, M, D, acc_bytes, on_gpu=False, weight_rows=0):
-    """[(c0, c1)] covering M keys within the chunk budget."""
-    return plan_chunks(N, M, D, acc_bytes, CHUNK_BYTES * (GPU_CHUNK_FACTOR if on_gpu else 1), MIN_CHUNK_CLASSES,
-                       weight_rows)
 
 
 def _signed_logits(x, k, c0, c1, bias, positive, row_scale, col_scale, acc):

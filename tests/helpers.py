@@ -473,3 +473,17 @@ def check_hard_negatives_match_oracle(device, dtype, N=37, C=53, D=24, subcenter
     assert_close_rel(got.cpu(), want, dtype, "loss")
     for name, g, e in zip(("grad input", "grad weight"), got_grads, want_grads):
         assert_close_rel(g.cpu(), e, dtype, name)
+
+
+def counted_launchers(monkeypatch, kernels, names):
+    """{name: 0, ...} counting the calls of each launcher `name` of the module `kernels` (replaced by monkeypatch), so
+    that a test fails when a path silently falls back from its Triton kernels."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        launcher = getattr(kernels, name)
+
+        def counted(*args, _launcher=launcher, _name=name):
+            counts[_name] += 1
+            return _launcher(*args)
+        monkeypatch.setattr(kernels, name, counted)
+    return counts

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import marginkern as mk
-from marginkern import info_nce, siglip
+from marginkern import chunked_epilogue
 
 
 def info_nce_oracle(query, key, scale, positive=None, margin=0.0, label_smoothing=0.0, normalize=True):
@@ -50,9 +50,8 @@ def chunk_bytes(request, monkeypatch):
     """The keys of SigLIP and of the one-pass symmetric InfoNCE in one chunk, or in chunks of 8 (the budget at its
     floor: B = 13 queries then have their positives in two chunks)."""
     if request.param is not None:
-        for module in (siglip, info_nce):
-            monkeypatch.setattr(module, "CHUNK_BYTES", request.param)
-            monkeypatch.setattr(module, "MIN_CHUNK_CLASSES", 8)
+        monkeypatch.setattr(chunked_epilogue, "CHUNK_BYTES", request.param)
+        monkeypatch.setattr(chunked_epilogue, "MIN_CHUNK_CLASSES", 8)
 
 
 def case(B=13, M=29, D=12, dtype=torch.float64, seed=0):
@@ -386,9 +385,8 @@ class _LargestOutput(TorchDispatchMode):
 def test_no_batch_by_keys_tensor_exists(monkeypatch):
     """Forward and backward of both losses make no tensor near B × M: SigLIP's chunks of keys, the engine's for
     InfoNCE."""
-    for module in (siglip, info_nce):
-        monkeypatch.setattr(module, "CHUNK_BYTES", 1)
-        monkeypatch.setattr(module, "MIN_CHUNK_CLASSES", 64)
+    monkeypatch.setattr(chunked_epilogue, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(chunked_epilogue, "MIN_CHUNK_CLASSES", 64)
     q, k = case(B=256, M=2048, D=16, dtype=torch.float32)
     scale, bias = learned(10.0, torch.float32), learned(-10.0, torch.float32)
     with _LargestOutput() as probe:
@@ -579,8 +577,8 @@ def test_supcon_opcheck_compile_and_no_n_by_n_tensor(monkeypatch):
     got, want = compiled(f, labels), mk.supcon_loss(f, labels)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(grads(got, f)[0], grads(want, f)[0])
-    monkeypatch.setattr(info_nce, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(info_nce, "MIN_CHUNK_CLASSES", 64)
+    monkeypatch.setattr(chunked_epilogue, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(chunked_epilogue, "MIN_CHUNK_CLASSES", 64)
     big = torch.randn(512, 2, 16, requires_grad=True)
     with _LargestOutput() as probe:
         mk.supcon_loss(big, torch.arange(512) % 50).backward()

@@ -665,10 +665,10 @@ def test_proxy_anchor_memory_is_bounded():
 def test_siglip_on_gpu_triton_and_pytorch_epilogues(dtype, epilogue, monkeypatch):
     """SigLIP on CUDA with the Triton chunk epilogues and with PyTorch's, several chunks of keys, against float64 of
     its inputs; bf16's H goes into the GEMMs in bf16."""
-    from marginkern import siglip
+    from marginkern import chunked_epilogue
     from tests.test_contrastive import check_siglip_matches_float64_of_its_inputs
     monkeypatch.setenv("MARGINKERN_BACKEND", epilogue)
-    monkeypatch.setattr(siglip, "CHUNK_BYTES", 1)  # chunks of MIN_CHUNK_CLASSES = 256 keys
+    monkeypatch.setattr(chunked_epilogue, "CHUNK_BYTES", 1)  # chunks of MIN_CHUNK_CLASSES = 256 keys
     check_siglip_matches_float64_of_its_inputs("cuda", dtype, B=300, M=1000, D=64, grad_tolerance=2e-2)
 
 
@@ -678,10 +678,10 @@ def test_info_nce_on_gpu(dtype, epilogue, monkeypatch):
     """One-way and symmetric InfoNCE on CUDA (Triton and PyTorch chunk epilogues, several chunks), a float and a
     learned scale, against float64 of the same inputs: the loss to fp32 accumulation (the scales stay in fp32), the
     gradients to the inputs' dtype and, for bf16, H's rounding into the bf16 GEMMs."""
-    from marginkern import info_nce
+    from marginkern import chunked_epilogue
     from tests.test_contrastive import clip_oracle, info_nce_oracle
     monkeypatch.setenv("MARGINKERN_BACKEND", epilogue)
-    monkeypatch.setattr(info_nce, "CHUNK_BYTES", 1)  # chunks of MIN_CHUNK_CLASSES = 256 keys
+    monkeypatch.setattr(chunked_epilogue, "CHUNK_BYTES", 1)  # chunks of MIN_CHUNK_CLASSES = 256 keys
     torch.manual_seed(0)
     q = torch.randn(300, 64, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(700, 64, device="cuda", dtype=dtype, requires_grad=True)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import marginkern as mk
-from marginkern import info_nce, siglip
+from marginkern import chunked_epilogue, siglip
+from tests.helpers import counted_launchers
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_contrastive import (check_siglip_matches_float64_of_its_inputs, clip_oracle, info_nce_oracle,
                                     siglip_oracle)
@@ -19,36 +20,23 @@ def _force_triton(monkeypatch):
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
 
 
-def _counted(monkeypatch, kernels, names):
-    counts = dict.fromkeys(names, 0)
-    for name in names:
-        launcher = getattr(kernels, name)
-
-        def counted(*args, _launcher=launcher, _name=name):
-            counts[_name] += 1
-            return _launcher(*args)
-        monkeypatch.setattr(kernels, name, counted)
-    return counts
-
-
 @pytest.fixture
 def launches(monkeypatch):
     from marginkern.triton_kernels import siglip as kernels
-    return _counted(monkeypatch, kernels, ("row_sums", "grad_chunk"))
+    return counted_launchers(monkeypatch, kernels, ("row_sums", "grad_chunk"))
 
 
 @pytest.fixture
 def info_nce_launches(monkeypatch):
     from marginkern.triton_kernels import info_nce as kernels
-    return _counted(monkeypatch, kernels, ("chunk_statistics", "grad_chunk"))
+    return counted_launchers(monkeypatch, kernels, ("chunk_statistics", "grad_chunk"))
 
 
 @pytest.fixture(params=["one-chunk", "many-chunks"])
 def chunks(request, monkeypatch):
     if request.param == "many-chunks":  # chunks of 64 keys, the last one short
-        for module in (siglip, info_nce):
-            monkeypatch.setattr(module, "CHUNK_BYTES", 1)
-            monkeypatch.setattr(module, "MIN_CHUNK_CLASSES", 64)
+        monkeypatch.setattr(chunked_epilogue, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(chunked_epilogue, "MIN_CHUNK_CLASSES", 64)
     return request.param
 
 
@@ -93,7 +81,8 @@ def test_siglip_raw_op_without_a_positive_and_a_strided_target(launches):
 def test_siglip_bf16_gradient_chunks(monkeypatch, launches):
     """The GPU path's bf16 H (written by the gradient kernel in bf16 for the GEMMs), here in the interpreter with
     bf16 inputs and the GEMMs on the CPU."""
-    monkeypatch.setattr(siglip, "backward_gemm_dtype", lambda x: x.dtype)
+    for module in (siglip, chunked_epilogue):  # the epilogue writes G in bf16, the GEMMs read bf16 operands
+        monkeypatch.setattr(module, "backward_gemm_dtype", lambda x: x.dtype)
     q, k = _case(37, 150, 24, torch.bfloat16, 4)
     got = mk.siglip_loss(q, k, scale=10.0, bias=-5.0)
     want = siglip_oracle(q, k, 10.0, -5.0).mean()

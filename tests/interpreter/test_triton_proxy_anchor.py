@@ -5,6 +5,7 @@ import torch
 
 import marginkern as mk
 from marginkern import proxy_anchor, reference
+from tests.helpers import counted_launchers
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_proxy_anchor import case, check_proxy_anchor_matches_float64, grads, official_proxy_anchor
 
@@ -18,15 +19,7 @@ def _force_triton(monkeypatch):
 def launches(monkeypatch):
     """Counts the two Triton launchers' calls."""
     from marginkern.triton_kernels import proxy_anchor as kernels
-    counts = {"negative_terms": 0, "grad_chunk": 0}
-    for name in counts:
-        launcher = getattr(kernels, name)
-
-        def counted(*args, _launcher=launcher, _name=name):
-            counts[_name] += 1
-            return _launcher(*args)
-        monkeypatch.setattr(kernels, name, counted)
-    return counts
+    return counted_launchers(monkeypatch, kernels, ("negative_terms", "grad_chunk"))
 
 
 @pytest.fixture(params=["one-chunk", "many-chunks"])
