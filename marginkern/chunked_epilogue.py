@@ -1,7 +1,8 @@
-"""What the losses that are not a row softmax share (Proxy-Anchor, SigLIP): each chunk of classes is one GEMM of raw
-dot products (fp32 out; 16-bit operands as they are on CUDA), then an element-wise epilogue over it, on the Triton
-backend one kernel per pass, else PyTorch's element-wise ops; the backward pass recomputes the chunk and feeds its
-dL/d(x·w) to the dX and dW GEMMs (4 GEMMs in all, no N × C tensor)."""
+"""What the chunked losses beside the streaming engine share (Proxy-Anchor's column sums; SigLIP, InfoNCE and SupCon
+over in-batch keys): each chunk of classes (keys) is one GEMM of raw dot products (fp32 out; 16-bit operands as they
+are on CUDA), then an element-wise epilogue over it, on the Triton backend one kernel per pass, else PyTorch's
+element-wise ops; the backward pass recomputes the chunk and feeds its dL/d(x·w) to the dX and dW GEMMs (4 GEMMs in
+all, no N × C tensor)."""
 import torch
 
 from .dispatch import select_tiles

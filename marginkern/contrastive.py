@@ -8,8 +8,8 @@
   the batch: each row's log-sum-exp over all rows but itself streamed by the lse_except_own op, its positives' mean
   logit through per-class sums of the unit rows (O(N·D)).
 
-Both take the rows as they are (16-bit stays 16-bit for the GEMMs) with fp32 logit scales per row and per key: the
-temperature over each query's norm, one over each key's (`_logit_scales`, differentiable, so autograd carries the
+All three take the rows as they are (16-bit stays 16-bit for the GEMMs) with fp32 logit scales per row and per key:
+the temperature over each query's norm, one over each key's (`_logit_scales`, differentiable, so autograd carries the
 scales' gradients to the norms and a learned temperature). Unit rows rounded back to 16-bit would be up to 0.4 logit
 units off at scale 100 in bf16.
 

@@ -126,7 +126,7 @@ def lse_except_own_forward(x, k, row_scale, col_scale, offset):
     """(B,) log Σ_{j ≠ offset+i} e^{z_ij} (SupCon's denominator: every key but the row's own), −inf where there is no
     other key; accumulation dtype."""
     _, top, total, *_ = _streamed_statistics(x, k, row_scale, col_scale, offset, False, 0.0)
-    return torch.where(total > 0, top + torch.log(total), -float("inf"))
+    return top + torch.log(total)  # no other key: −inf + log 0 = −inf; a NaN stays NaN
 
 
 def _grad_chunk(z, c0, c1, B, M, row_lse, col_lse, coef, positive_cell, eps, positive, symmetric):

@@ -604,3 +604,16 @@ def test_gradients_stay_finite_at_a_zero_scale_and_huge_norms():
                 for g, w in zip(grads(got, qq, kk, scale), grads(want, qq, kk, scale)):
                     assert torch.isfinite(g).all()
                     torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_nan_features_stay_nan():
+    """A NaN embedding makes the loss NaN (it is not silently dropped), in every contrastive loss."""
+    q, k = case(M=20)
+    q = q.detach().clone()
+    q[3, 0] = float("nan")
+    f = supcon_case()
+    f = f.detach().clone()
+    f[2, 1, 0] = float("nan")
+    for loss in (mk.info_nce_loss(q, k, symmetric=True), mk.info_nce_loss(q, k), mk.siglip_loss(q, k),
+                 mk.supcon_loss(f, torch.arange(12) % 4)):
+        assert torch.isnan(loss)
