@@ -5,8 +5,8 @@
   pass over chunks of keys, both directions of the symmetric loss from each chunk's one GEMM.
 - `siglip_loss`: SigLIP's sigmoid loss over every (query, key) pair, on marginkern.siglip.
 - `supcon_loss`: supervised contrastive learning's loss (SupCon; with no labels SimCLR's NT-Xent) over every view of
-  the batch: each row's log-sum-exp over all rows but itself streamed by the lse_except_own op, its positives' mean
-  logit through per-class sums of the unit rows (O(N·D)).
+  the batch, on marginkern.supcon: each row's log-sum-exp over all rows but itself and its positives' mean logit from
+  the same pass.
 
 All three take the rows as they are (16-bit stays 16-bit for the GEMMs) with fp32 logit scales per row and per key:
 the temperature over each query's norm, one over each key's (`_logit_scales`, differentiable, so autograd carries the
@@ -180,15 +180,22 @@ def supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.0
         L_i = (τ/τ_base)·(log Σ_{a≠i} e^{z_ia} − 1/|P(i)| Σ_{p∈P(i)} z_ip),   z_ia = cos(x_i, x_a)/τ
 
     over the N rows (every view of every sample), P(i) the other rows of row i's label (0 where it has none, as the
-    official code). features (bsz, n_views, D) as the official code takes them (rows in its order: view-major), labels
-    (bsz,) integer or None (each sample its own class: the views of one sample are each other's positives); or
-    features (N, D) with labels (N,). normalize=False: z = x_i·x_a/τ (the official code expects normalised features).
+    official code). features (bsz, n_views, ...) as the official code takes them (trailing dimensions flattened; rows
+    in its order: view-major), labels (bsz,) or (bsz, 1) integer or None (each sample its own class: the views of one
+    sample are each other's positives); or features (N, D) with labels (N,). normalize=True (the default) normalises
+    the rows; the official code expects normalised features and does not: normalize=False is its arithmetic on raw
+    ones, z = x_i·x_a/τ. Both terms come from one pass over the same logits (marginkern.supcon), so a confident
+    pair's loss (NT-Xent: log1p of the negatives' share) is not the difference of two numbers of size 1/τ.
     group: a process group; each rank passes its own batch (the same shape on every rank), its rows are scored against
     every rank's (gathered with gradient). The result is this rank's loss; every rank must run backward.
 
     Returns fp32 (fp64 for fp64 inputs): the mean over the N rows, the sum, or "none": (N,).
     """
     check_float_tensor("features", features)
+    if features.dim() > 3:  # the official code's features.view(bsz, n_views, -1)
+        features = features.reshape(features.shape[0], features.shape[1], -1)
+    if labels is not None and labels.dim() == 2 and labels.shape[1] == 1:  # the official code's (bsz, 1) labels
+        labels = labels.reshape(-1)
     if features.dim() == 3:
         bsz, n_views, D = features.shape
         if labels is None:  # each sample its own class, distinct across the ranks of a group
@@ -205,7 +212,7 @@ def supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.0
                              "shaped (bsz, n_views, D)")
         rows, n_views, expected = features, 1, (features.shape[0],)
     else:
-        raise ValueError(f"features must be (bsz, n_views, D) or (N, D), got shape {tuple(features.shape)}")
+        raise ValueError(f"features must be (bsz, n_views, ...) or (N, D), got shape {tuple(features.shape)}")
     check_tensor("labels", labels)
     if tuple(labels.shape) != expected or labels.dtype.is_floating_point or labels.dtype == torch.bool \
             or labels.device != features.device:
@@ -216,27 +223,16 @@ def supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.0
     normalize = check_bool("normalize", normalize)
     check_reduction(reduction)
     labels = labels.long().repeat(n_views)
-    N = rows.shape[0]
     keys, offset = _gathered(rows, group)
     all_labels = labels
     if group is not None:
         from .distributed import _all_gather_cat
         all_labels = _all_gather_cat(labels, group)
-    row_scale = _logit_scales(rows, 1.0 / temperature, normalize)
-    col_scale = _logit_scales(keys, 1.0, normalize)
-    lse = call_op("lse_except_own", rows, keys, row_scale, col_scale, offset)
-    # Σ_{p∈P(i)} z_ip = r_i·x_i·(S_{y_i} − c_i·x_i), S_y the sum of the label's scaled keys c_p·k_p
-    acc = lse.dtype
-    ids = _dense_class_ids(all_labels)
-    unit_keys = keys.to(acc) * col_scale[:, None]
-    class_sums = torch.zeros_like(unit_keys).index_add(0, ids, unit_keys)
-    counts = torch.zeros(keys.shape[0], dtype=acc, device=keys.device).index_add_(
-        0, ids, torch.ones(keys.shape[0], dtype=acc, device=keys.device))
-    own = ids[offset:offset + N]
-    others = class_sums[own] - unit_keys[offset:offset + N]
-    positives = counts[own] - 1
-    mean_positive = (rows.to(acc) * others).sum(1) * row_scale / positives.clamp_min(1)
-    loss = (temperature / base_temperature) * torch.where(positives > 0, lse - mean_positive, 0.0)
+    key_class = _dense_class_ids(all_labels)
+    loss = call_op("supcon", rows, keys, _logit_scales(rows, 1.0 / temperature, normalize),
+                   _logit_scales(keys, 1.0, normalize), key_class[offset:offset + rows.shape[0]].contiguous(),
+                   key_class, offset)[0]
+    loss = loss * (temperature / base_temperature)
     return reduce_rows(loss, torch.ones_like(loss, dtype=torch.bool), reduction)
 
 

@@ -122,13 +122,6 @@ def info_nce_forward(x, k, row_scale, col_scale, offset, symmetric, margin_logit
     return loss / 2, target, row, col
 
 
-def lse_except_own_forward(x, k, row_scale, col_scale, offset):
-    """(B,) log Σ_{j ≠ offset+i} e^{z_ij} (SupCon's denominator: every key but the row's own), −inf where there is no
-    other key; accumulation dtype."""
-    _, top, total, *_ = _streamed_statistics(x, k, row_scale, col_scale, offset, False, 0.0)
-    return top + torch.log(total)  # no other key: −inf + log 0 = −inf; a NaN stays NaN
-
-
 def _grad_chunk(z, c0, c1, B, M, row_lse, col_lse, coef, positive_cell, eps, positive, symmetric):
     """dL/dz of the chunk (fp32) by PyTorch's element-wise ops; z is overwritten."""
     columns = _positive_columns(B, c0, c1, symmetric)
@@ -188,14 +181,3 @@ def info_nce_backward(grad_pairs, x, k, row_scale, col_scale, offset, symmetric,
     col_lse = target + col if symmetric else torch.full_like(row, float("inf"))  # no column term
     return _streamed_backward(x, k, row_scale, col_scale, offset, symmetric, row_lse, col_lse, coef, positive_cell,
                               eps, need_input_grad, need_key_grad, need_scale_grads)
-
-
-def lse_except_own_backward(grad_rows, x, k, row_scale, col_scale, offset, lse, need_input_grad=True,
-                             need_key_grad=True, need_scale_grads=True):
-    """The gradients of lse_except_own_forward's (B,) for the upstream grad_rows: G_ij = g_i·e^{z_ij − lse_i} off the
-    row's own cell, 0 on it."""
-    coef = grad_rows.to(lse.dtype)
-    finite_lse = torch.where(lse == -float("inf"), 0.0, lse)  # no other key: no cell but the own one, which gets 0
-    return _streamed_backward(x, k, row_scale, col_scale, offset, False, finite_lse,
-                              torch.full_like(lse, float("inf")), coef, torch.zeros_like(lse), 0.0, need_input_grad,
-                              need_key_grad, need_scale_grads)

@@ -27,8 +27,8 @@ from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, 
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward, row_margin_grads
 from .proxy_anchor import proxy_anchor_backward as proxy_anchor_backward_pass, proxy_anchor_forward
 from .siglip import siglip_backward as siglip_backward_pass, siglip_forward
-from .info_nce import (info_nce_backward as info_nce_backward_pass, info_nce_forward,
-                       lse_except_own_backward as lse_except_own_backward_pass, lse_except_own_forward)
+from .supcon import supcon_backward as supcon_backward_pass, supcon_forward
+from .info_nce import info_nce_backward as info_nce_backward_pass, info_nce_forward
 from .topk import streaming_topk
 
 
@@ -1291,59 +1291,79 @@ def _info_nce_autograd(ctx, grad_rows, *grad_by_products):
 _register_autograd("info_nce", _info_nce_autograd, _info_nce_setup_context)
 
 
-@_op("lse_except_own")
-def lse_except_own(input: Tensor, keys: Tensor, row_scale: Tensor, col_scale: Tensor, offset: int) -> Tensor:
-    """(B,) log Σ_{j ≠ offset+i} e^{z_ij} with z_ij = row_scale_i·col_scale_j·input_i·keys_j: every key but the row's
-    own (SupCon's and NT-Xent's denominator), −inf where there is none; accumulation dtype (marginkern.info_nce)."""
+def _check_supcon(input, keys, row_scale, col_scale, row_class, key_class, offset):
+    """SupCon's arguments as the ops take them (metadata only: the fakes run it too)."""
     _check_info_nce(input, keys, row_scale, col_scale, offset, False, 0.0, 0.0)
-    return lse_except_own_forward(input.contiguous(), keys.contiguous(), row_scale, col_scale, offset)
+    for name, t, n in (("row_class", row_class, input.shape[0]), ("key_class", key_class, keys.shape[0])):
+        check_tensor(name, t)
+        if tuple(t.shape) != (n,) or t.dtype != torch.int64 or t.device != input.device:
+            raise ValueError(f"{name} must be a ({n},) int64 tensor on {input.device}, got a {tuple(t.shape)} "
+                             f"{t.dtype} tensor on {t.device}")
 
 
-@lse_except_own.register_fake
-def _(input, keys, row_scale, col_scale, offset):
-    _check_info_nce(input, keys, row_scale, col_scale, offset, False, 0.0, 0.0)
-    return input.new_empty((input.shape[0],), dtype=accumulation_dtype(input.dtype))
+@_op("supcon")
+def supcon(input: Tensor, keys: Tensor, row_scale: Tensor, col_scale: Tensor, row_class: Tensor, key_class: Tensor,
+           offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(each row's SupCon loss log Σ_{a≠own} e^{z_ia} − mean_{p∈P(i)} z_ip (B,) (0 without positives), its
+    log-sum-exp (B,), its positives' count (B,)), in the accumulation dtype (marginkern.supcon), with the logits
+    z_ia = row_scale_i·col_scale_a·input_i·keys_a, row i's own key offset + i and its positives the other keys of its
+    class; the last two are by-products the backward op takes."""
+    _check_supcon(input, keys, row_scale, col_scale, row_class, key_class, offset)
+    return supcon_forward(input.contiguous(), keys.contiguous(), row_scale, col_scale, row_class.contiguous(),
+                          key_class.contiguous(), offset)
 
 
-@_op("lse_except_own_backward")
-def lse_except_own_backward(grad_rows: Tensor, input: Tensor, keys: Tensor, row_scale: Tensor, col_scale: Tensor,
-                            offset: int, lse: Tensor, need_input_grad: bool, need_keys_grad: bool,
-                            need_scale_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dL/dinput, dL/dkeys (the scales held fixed), dL/drow_scale, dL/dcol_scale) for the upstream `grad_rows` (B,);
-    any not asked for is an empty (0,) tensor. lse: the forward op's result."""
-    _check_info_nce(input, keys, row_scale, col_scale, offset, False, 0.0, 0.0)
+@supcon.register_fake
+def _(input, keys, row_scale, col_scale, row_class, key_class, offset):
+    _check_supcon(input, keys, row_scale, col_scale, row_class, key_class, offset)
     acc = accumulation_dtype(input.dtype)
-    for name, t in (("grad_rows", grad_rows), ("lse", lse)):
-        if tuple(t.shape) != (input.shape[0],) or (name == "lse" and t.dtype != acc):
-            raise ValueError(f"{name} must be a ({input.shape[0]},) tensor" + (f" of {acc}, the forward op's" if
-                             name == "lse" else "") + f", got a {tuple(t.shape)} {t.dtype} tensor")
-    grads = lse_except_own_backward_pass(grad_rows, input.contiguous(), keys.contiguous(), row_scale, col_scale,
-                                         offset, lse, need_input_grad, need_keys_grad, need_scale_grads)
+    return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(3))
+
+
+@_op("supcon_backward")
+def supcon_backward(grad_rows: Tensor, input: Tensor, keys: Tensor, row_scale: Tensor, col_scale: Tensor,
+                    row_class: Tensor, key_class: Tensor, offset: int, lse: Tensor, count: Tensor,
+                    need_input_grad: bool, need_keys_grad: bool,
+                    need_scale_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dL/dinput, dL/dkeys (the scales held fixed), dL/drow_scale, dL/dcol_scale) for the upstream `grad_rows` (B,);
+    any not asked for is an empty (0,) tensor. lse and count: the forward op's by-products."""
+    _check_supcon(input, keys, row_scale, col_scale, row_class, key_class, offset)
+    acc = accumulation_dtype(input.dtype)
+    for name, t in (("grad_rows", grad_rows), ("lse", lse), ("count", count)):
+        if tuple(t.shape) != (input.shape[0],) or (name != "grad_rows" and t.dtype != acc):
+            raise ValueError(f"{name} must be a ({input.shape[0]},) tensor" + ("" if name == "grad_rows" else
+                             f" of {acc}, the forward op's") + f", got a {tuple(t.shape)} {t.dtype} tensor")
+    grads = supcon_backward_pass(grad_rows, input.contiguous(), keys.contiguous(), row_scale, col_scale,
+                                 row_class.contiguous(), key_class.contiguous(), offset, lse, count, need_input_grad,
+                                 need_keys_grad, need_scale_grads)
     return tuple(_or_empty(g, like) for g, like in zip(grads, (input, keys, row_scale, col_scale)))
 
 
-@lse_except_own_backward.register_fake
-def _(grad_rows, input, keys, row_scale, col_scale, offset, lse, need_input_grad, need_keys_grad, need_scale_grads):
+@supcon_backward.register_fake
+def _(grad_rows, input, keys, row_scale, col_scale, row_class, key_class, offset, lse, count, need_input_grad,
+      need_keys_grad, need_scale_grads):
     return _contrastive_grads_fake(input, keys, row_scale, col_scale, need_input_grad, need_keys_grad,
                                    need_scale_grads)
 
 
-def _lse_except_own_setup_context(ctx, inputs, output):
-    input, keys, row_scale, col_scale, offset = inputs
-    ctx.save_for_backward(input, keys, row_scale, col_scale, output)
+def _supcon_setup_context(ctx, inputs, output):
+    input, keys, row_scale, col_scale, row_class, key_class, offset = inputs
+    _, lse, count = output
+    ctx.save_for_backward(input, keys, row_scale, col_scale, row_class, key_class, lse, count)
+    ctx.mark_non_differentiable(lse, count)
     ctx.offset = offset
 
 
-def _lse_except_own_autograd(ctx, grad_rows):
-    input, keys, row_scale, col_scale, lse = ctx.saved_tensors
+def _supcon_autograd(ctx, grad_rows, *grad_by_products):
+    input, keys, row_scale, col_scale, row_class, key_class, lse, count = ctx.saved_tensors
     need_input, need_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_scales = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     grads = [None] * 4
     if grad_rows is not None and (need_input or need_keys or need_scales):
-        grads = list(call("lse_except_own_backward", grad_rows, input, keys, row_scale, col_scale, ctx.offset, lse,
-                          need_input, need_keys, need_scales))
+        grads = list(call("supcon_backward", grad_rows, input, keys, row_scale, col_scale, row_class, key_class,
+                          ctx.offset, lse, count, need_input, need_keys, need_scales))
     return (grads[0] if need_input else None, grads[1] if need_keys else None, grads[2] if need_scales else None,
-            grads[3] if need_scales else None, None)
+            grads[3] if need_scales else None, None, None, None)
 
 
-_register_autograd("lse_except_own", _lse_except_own_autograd, _lse_except_own_setup_context)
+_register_autograd("supcon", _supcon_autograd, _supcon_setup_context)

@@ -159,19 +159,39 @@ def test_epilogues_refuse_more_rows_than_their_grid_holds(monkeypatch):
     siglip_kernels.row_sums(z[:32], one, column[:32], rows[:32], rows[:8], 0)  # within the grid: runs
 
 
+@pytest.fixture
+def supcon_launches(monkeypatch):
+    from marginkern.triton_kernels import supcon as kernels
+    return counted_launchers(monkeypatch, kernels, ("chunk_statistics", "grad_chunk"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_supcon_on_the_triton_epilogues(chunks, dtype, info_nce_launches):
-    """SupCon's denominator (every row but the anchor itself) through the InfoNCE kernels: 100 samples × 2 views,
-    labels with repeats, several chunks; against the official code in float64 of the same inputs."""
+def test_supcon_on_the_triton_epilogues(chunks, dtype, supcon_launches):
+    """SupCon's positives, negatives and own cells in the Triton kernels: 100 samples × 2 views, labels with repeats,
+    several chunks; against the official code in float64 of the same inputs."""
     from tests.test_contrastive import official_supcon
     torch.manual_seed(7)
     f = torch.randn(100, 2, 24, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
     labels = torch.arange(100, device=DEVICE) % 13
-    got = mk.supcon_loss(f, labels, temperature=0.1)
-    want = official_supcon(F.normalize(f.double(), dim=2).cpu(), labels.cpu(), 0.1).mean()
+    labels[5] = 99  # a class of its own: two views, one positive each
+    got = mk.supcon_loss(f, labels, temperature=0.1, reduction="none")
+    want = official_supcon(F.normalize(f.double(), dim=2).cpu(), labels.cpu(), 0.1).reshape(-1)
     torch.testing.assert_close(got.double().cpu(), want, rtol=2e-6, atol=2e-6)
-    (g,), (w,) = torch.autograd.grad(got, f), torch.autograd.grad(want, f)
+    weight = torch.linspace(0.5, 1.5, 200, dtype=torch.float64)
+    (g,), (w,) = torch.autograd.grad((got * weight.float()).sum(), f), torch.autograd.grad((want * weight).sum(), f)
     tol = 1e-5 if dtype == torch.float32 else 1e-3
     torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * w.double().abs().max().item())
     expected = 1 if chunks == "one-chunk" else 4  # 200 rows as keys
-    assert info_nce_launches == {"chunk_statistics": expected, "grad_chunk": expected}
+    assert supcon_launches == {"chunk_statistics": expected, "grad_chunk": expected}
+
+
+def test_supcon_confident_pairs_on_the_triton_epilogues(supcon_launches):
+    """NT-Xent with identical views: the loss is log1p of the negatives' share, exact (the positive's term is e^0),
+    and the positive cell's gradient is the kernel's expm1."""
+    base = torch.eye(12, 16, device=DEVICE)
+    f = torch.stack([base, base], 1).requires_grad_()
+    rows = mk.supcon_loss(f, temperature=0.05, base_temperature=0.05, reduction="none")
+    want = math.log1p(22 * math.exp(-20.0))
+    torch.testing.assert_close(rows.double().cpu(), torch.full((24,), want, dtype=torch.float64), rtol=1e-5, atol=0.0)
+    rows.sum().backward()
+    assert torch.isfinite(f.grad).all() and supcon_launches == {"chunk_statistics": 1, "grad_chunk": 1}

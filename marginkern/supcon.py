@@ -1,0 +1,113 @@
+"""SupCon's per-row loss (Khosla et al., NeurIPS 2020; with one positive per row, SimCLR's NT-Xent) streamed over chunks
+of keys: logits z_ia = r_i·c_a·(x_i·k_a) (fp32 factors per row and per key, as marginkern.info_nce), row i's own key
+offset + i left out, its positives P(i) the other keys of its class:
+
+    L_i = log Σ_{a≠i} e^{z_ia} − m_i,   m_i = 1/|P(i)| Σ_{p∈P(i)} z_ip
+
+Both terms come from the same pass over the same logits, so L_i is never the difference of two rounded numbers of
+size 1/τ: per row the positives' and the negatives' (max, Σ e^{z − max}) and the positives' Σ z stream apart, then
+L_i = logaddexp(log Σ_P e^{z − m_i}, log Σ_N e^{z − m_i}). With one positive, m_i is that cell's own z, its term is
+exactly e^0 = 1, and a confident pair's L_i = log1p(Σ_N e^{z − m_i}) keeps all its digits; its gradient on the
+positive is expm1(z − lse) (p − 1 without cancellation). A row without positives has L_i = 0 and no gradient (the
+official code's current convention). The backward pass feeds G = dL/dz, formed per cell (positives
+e^{z−lse} − 1/|P|, negatives e^{z−lse}), to scaled_rows_backward's GEMMs: the positives' pull and the softmax's push
+cancel within each cell, not between two GEMM results.
+"""
+import torch
+
+from .chunked_epilogue import backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, scaled_rows_backward
+from .engine import accumulation_dtype
+
+
+def _merge(top, total, chunk_top, chunk_total):
+    new_top = torch.maximum(top, chunk_top)
+    shift = torch.where(new_top == -float("inf"), 0.0, new_top)
+    return new_top, total * torch.exp(top - shift) + chunk_total * torch.exp(chunk_top - shift)
+
+
+def _max_and_sum(z):
+    top = z.amax(1)
+    shift = torch.where(top == -float("inf"), 0.0, top)
+    return top, torch.exp(z - shift[:, None]).sum(1)
+
+
+def _cell_kinds(row_class, key_class, offset, c0, c1):
+    """(positive (B, CC) bool, own (B, CC) bool) of the chunk's cells."""
+    B = row_class.shape[0]
+    own = (torch.arange(c0, c1, device=row_class.device)[None, :]
+           == torch.arange(offset, offset + B, device=row_class.device)[:, None])
+    return (row_class[:, None] == key_class[None, c0:c1]) & ~own, own
+
+
+def _scaled_dots(x, k, c0, c1, row_scale, col_scale, acc):
+    return chunk_dots(x, k, c0, c1, acc).mul_(row_scale[:, None]).mul_(col_scale[None, c0:c1])
+
+
+def supcon_forward(x, k, row_scale, col_scale, row_class, key_class, offset):
+    """(L_i (B,), lse_i (B,), |P(i)| (B,)) in the accumulation dtype; L_i = 0 and lse_i = m_i where a row has no
+    positive."""
+    acc = accumulation_dtype(x.dtype)
+    (B, D), M = x.shape, k.shape[0]
+    if x.device.type == "cpu" and x.dtype != acc:
+        x = x.to(acc)  # once, not per chunk
+    full = dict(dtype=acc, device=x.device)
+    pos_top, neg_top = torch.full((B,), -float("inf"), **full), torch.full((B,), -float("inf"), **full)
+    pos_total, neg_total, pos_z, count = (torch.zeros(B, **full) for _ in range(4))
+    _, triton_epilogue = epilogue_tiles(x)
+    if triton_epilogue:
+        from .triton_kernels.supcon import chunk_statistics
+    upcast_rows = int(not k.is_cuda and k.dtype != acc)
+    for c0, c1 in key_chunks(B, M, D, acc.itemsize, x.is_cuda, upcast_rows):
+        if triton_epilogue:
+            (p_top, p_total, p_z, p_count), (n_top, n_total) = chunk_statistics(
+                chunk_dots(x, k, c0, c1, acc), row_scale, col_scale[c0:c1], row_class, key_class[c0:c1], c0, offset)
+        else:
+            z = _scaled_dots(x, k, c0, c1, row_scale, col_scale, acc)
+            positive, own = _cell_kinds(row_class, key_class, offset, c0, c1)
+            p_z = torch.where(positive, z, 0.0).sum(1)
+            p_count = positive.sum(1).to(acc)
+            p_top, p_total = _max_and_sum(torch.where(positive, z, -float("inf")))
+            n_top, n_total = _max_and_sum(z.masked_fill_(positive | own, -float("inf")))
+            del z, positive, own
+        pos_top, pos_total = _merge(pos_top, pos_total, p_top, p_total)
+        neg_top, neg_total = _merge(neg_top, neg_total, n_top, n_total)
+        pos_z += p_z
+        count += p_count
+    has_positive = count > 0
+    mean = torch.where(has_positive, pos_z / count.clamp_min(1), 0.0)  # m_i
+    # log Σ_P e^{z − m} and log Σ_N e^{z − m}: with one positive, its z is m itself and the first is log 1 = 0 exactly
+    log_positive = pos_top - mean + torch.log(pos_total)
+    log_negative = neg_top - mean + torch.log(neg_total)
+    loss = torch.where(has_positive, torch.logaddexp(log_positive, log_negative), 0.0)
+    return loss, mean + loss, count
+
+
+def supcon_backward(grad_rows, x, k, row_scale, col_scale, row_class, key_class, offset, lse, count,
+                    need_input_grad=True, need_key_grad=True, need_scale_grads=True):
+    """The gradients of supcon_forward's L (B,) for the upstream grad_rows: G_ij = g_i·(e^{z − lse_i} − [j∈P(i)]/|P(i)|)
+    (0 on the own cell and on rows without positives), the positive cells as expm1(z − lse) + (1 − 1/|P|)."""
+    acc = accumulation_dtype(x.dtype)
+    (B, D), M = x.shape, k.shape[0]
+    gemm = backward_gemm_dtype(x)
+    x_acc = x.to(acc) if x.device.type == "cpu" else x
+    coef = torch.where(count > 0, grad_rows.to(acc), 0.0)
+    # the positives' constant: 1 − 1/|P| (0 for one positive: p − 1 = expm1(z − lse) exactly)
+    positive_shift = torch.where(count > 0, 1.0 - 1.0 / count.clamp_min(1), 0.0)
+    finite_lse = torch.where(count > 0, lse, 0.0)
+    _, triton_epilogue = epilogue_tiles(x)
+    if triton_epilogue:
+        from .triton_kernels.supcon import grad_chunk as triton_grad_chunk
+
+    def grad_chunk(c0, c1):
+        if triton_epilogue:
+            return triton_grad_chunk(chunk_dots(x_acc, k, c0, c1, acc), row_scale, col_scale[c0:c1], row_class,
+                                     key_class[c0:c1], c0, offset, finite_lse, coef, positive_shift, gemm)
+        z = _scaled_dots(x_acc, k, c0, c1, row_scale, col_scale, acc).sub_(finite_lse[:, None])
+        positive, own = _cell_kinds(row_class, key_class, offset, c0, c1)
+        g = torch.where(positive, torch.expm1(z) + positive_shift[:, None], torch.exp(z))
+        return g.mul_(coef[:, None]).masked_fill_(own, 0.0)
+
+    weight_rows = int(k.dtype != gemm) + int(need_key_grad or need_scale_grads)
+    chunks = key_chunks(B, M, D, acc.itemsize, x.is_cuda, weight_rows)
+    return scaled_rows_backward(x, x_acc, k, chunks, grad_chunk, row_scale, col_scale, need_input_grad,
+                                need_key_grad, need_scale_grads)

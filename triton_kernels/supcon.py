@@ -1,0 +1,125 @@
+"""SupCon's per-chunk epilogues (marginkern/supcon.py has the math): each reads a chunk of raw dot products
+d = x·k_cᵀ (fp32, from one cuBLAS GEMM) once; the logits are z = r_i·c_j·d_ij, a cell is row i's own (key offset + i,
+left out), a positive (the same class) or a negative.
+
+  statistics: per (BLOCK_N × BLOCK_C) tile and row, the positives' max, Σ e^{z − max}, Σ z and count, and the
+              negatives' max and Σ e^{z − max}: (B, column blocks) partials that torch merges (a fixed order: the
+              same bits every call);
+  gradient:   G = coef_i·(e^{z − lse_i}) on negatives, coef_i·(expm1(z − lse_i) + shift_i) on positives, 0 on the
+              own cell, in the backward GEMMs' dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .device import cdiv, check_row_blocks, on_device
+
+BLOCK_N, BLOCK_C = 64, 64
+
+
+@triton.jit
+def _cells(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr, rows, cols, row_mask,
+           col_mask, c0, offset):
+    """(z, positive, own) of a tile: the logits, and which cells share the row's class (but for its own) or are
+    its own key."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    d = tl.load(d_ptr + rows.to(tl.int64)[:, None] * stride_d + cols[None, :], mask=mask, other=0.0)
+    r = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+    c = tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)
+    row_class = tl.load(row_class_ptr + rows, mask=row_mask, other=0)
+    key_class = tl.load(key_class_ptr + cols, mask=col_mask, other=0)
+    own = (offset + rows)[:, None] == (c0 + cols)[None, :]
+    positive = mask & (row_class[:, None] == key_class[None, :]) & (own == 0)
+    return r[:, None] * c[None, :] * d, positive, own
+
+
+@triton.jit
+def _tile_max_and_sum(values):
+    top = tl.max(values, axis=1)
+    shift = tl.where(top == -float("inf"), 0.0, top)
+    return top, tl.sum(tl.exp(values - shift[:, None]), axis=1)
+
+
+@triton.jit
+def supcon_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr, out_ptr, B, CC,
+                        c0, offset, col_blocks, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    # column blocks on grid axis 0 (2³¹ − 1 programs), row blocks on axis 1 (65535: B up to 4M)
+    col_block = tl.program_id(0)
+    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < B, cols < CC
+    mask = row_mask[:, None] & col_mask[None, :]
+    z, positive, own = _cells(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr, rows, cols,
+                              row_mask, col_mask, c0, offset)
+    p_top, p_total = _tile_max_and_sum(tl.where(positive, z, -float("inf")))
+    n_top, n_total = _tile_max_and_sum(tl.where(mask & (positive == 0) & (own == 0), z, -float("inf")))
+    # six (B, col_blocks) planes, one after the other
+    plane = B.to(tl.int64) * col_blocks
+    at = out_ptr + rows.to(tl.int64) * col_blocks + col_block
+    tl.store(at, p_top, mask=row_mask)
+    tl.store(at + plane, p_total, mask=row_mask)
+    tl.store(at + 2 * plane, tl.sum(tl.where(positive, z, 0.0), axis=1), mask=row_mask)
+    tl.store(at + 3 * plane, tl.sum(positive.to(tl.float32), axis=1), mask=row_mask)
+    tl.store(at + 4 * plane, n_top, mask=row_mask)
+    tl.store(at + 5 * plane, n_total, mask=row_mask)
+
+
+@triton.jit
+def supcon_grad_kernel(d_ptr, stride_d, g_ptr, stride_g, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr,
+                       lse_ptr, coef_ptr, shift_ptr, B, CC, c0, offset, BLOCK_N: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < B, cols < CC
+    mask = row_mask[:, None] & col_mask[None, :]
+    z, positive, own = _cells(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr, rows, cols,
+                              row_mask, col_mask, c0, offset)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+    shift = tl.load(shift_ptr + rows, mask=row_mask, other=0.0)
+    a = z - lse[:, None]
+    # expm1 without cancellation: e^a − 1 = 2·e^{a/2}·sinh(a/2), sinh(h) by its series below |h| = 0.1 (relative
+    # error h⁶/5040 < 2e-10), above it e^h − e^{−h} loses at most ulp(1)/0.2 (3e-7)
+    half = 0.5 * a
+    h2 = half * half
+    sinh = tl.where(tl.abs(half) < 0.1, half * (1.0 + h2 / 6.0 * (1.0 + h2 / 20.0)), 0.5 * (tl.exp(half) - tl.exp(-half)))
+    g = tl.where(positive, 2.0 * tl.exp(half) * sinh + shift[:, None], tl.exp(a))
+    g = tl.where(own, 0.0, coef[:, None] * g)
+    tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _merged(top, total):
+    merged = top.amax(1)
+    shift = torch.where(merged == -float("inf"), 0.0, merged)
+    return merged, (total * torch.exp(top - shift[:, None])).sum(1)
+
+
+def chunk_statistics(d, row_scale, col_scale, row_class, key_class, c0, offset):
+    """((positives' max, Σ e^{z − max}, Σ z, count), (negatives' max, Σ e^{z − max})), (B,) fp32 each, of the chunk
+    whose raw fp32 dot products are d (B, CC); col_scale and key_class: the chunk's."""
+    B, CC = d.shape
+    col_blocks = cdiv(CC, BLOCK_C)
+    out = torch.zeros((6, B, col_blocks), dtype=torch.float32, device=d.device)
+    out[0].fill_(-float("inf"))
+    out[4].fill_(-float("inf"))
+    check_row_blocks(B, BLOCK_N)
+    if B and CC:
+        with on_device(d):
+            supcon_stats_kernel[(col_blocks, cdiv(B, BLOCK_N))](
+                d, d.stride(0), row_scale.contiguous(), col_scale.contiguous(), row_class.contiguous(),
+                key_class.contiguous(), out, B, CC, c0, offset, col_blocks, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    return (*_merged(out[0], out[1]), out[2].sum(1), out[3].sum(1)), _merged(out[4], out[5])
+
+
+def grad_chunk(d, row_scale, col_scale, row_class, key_class, c0, offset, lse, coef, positive_shift, dtype):
+    """G (B, CC) in `dtype` (written over d when that is fp32: each program reads its own tile first)."""
+    B, CC = d.shape
+    g = d if dtype == torch.float32 else torch.empty((B, CC), dtype=dtype, device=d.device)
+    check_row_blocks(B, BLOCK_N)
+    if B and CC:
+        with on_device(d):
+            supcon_grad_kernel[(cdiv(CC, BLOCK_C), cdiv(B, BLOCK_N))](
+                d, d.stride(0), g, g.stride(0), row_scale.contiguous(), col_scale.contiguous(),
+                row_class.contiguous(), key_class.contiguous(), lse, coef, positive_shift, B, CC, c0, offset,
+                BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    return g
