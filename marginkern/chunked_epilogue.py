@@ -49,6 +49,13 @@ def chunk_dots(x, w, c0, c1, acc):
     return mm_accumulate(x, w[c0:c1].t(), acc)
 
 
+def merge_top_total(top, total, chunk_top, chunk_total):
+    """The (max, Σ e^{z − max}) of two sets of cells from each one's; an empty set has max −inf and sum 0."""
+    new_top = torch.maximum(top, chunk_top)
+    shift = torch.where(new_top == -float("inf"), 0.0, new_top)
+    return new_top, total * torch.exp(top - shift) + chunk_total * torch.exp(chunk_top - shift)
+
+
 def own_cells(column, c0, c1):
     """(each row's own column within the chunk [c0, c1), clamped into it (N, 1), whether it lies there (N, 1))."""
     own = (column - c0)[:, None]

@@ -21,16 +21,9 @@ and autograd carries them to the norms and the temperature.
 """
 import torch
 
-from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, scaled_rows_backward,
-                               set_own_cells_)
+from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, merge_top_total,
+                               scaled_rows_backward, set_own_cells_)
 from .engine import accumulation_dtype, paired_row_dots
-
-
-def _merge(top, total, chunk_top, chunk_total):
-    """The (max, Σ e^{z − max}) of two sets of cells from each one's; an empty set has max −inf and sum 0."""
-    new_top = torch.maximum(top, chunk_top)
-    shift = torch.where(new_top == -float("inf"), 0.0, new_top)
-    return new_top, total * torch.exp(top - shift) + chunk_total * torch.exp(chunk_top - shift)
 
 
 def _max_and_sum(z, dim):
@@ -84,7 +77,7 @@ def _streamed_statistics(x, k, row_scale, col_scale, offset, symmetric, label_sm
         if triton_epilogue:
             (top, total, sums), (c_top, c_total, c_sums) = chunk_statistics(chunk_dots(x, k, c0, c1, acc), row_scale,
                                                                              col_scale[c0:c1], c0, offset)
-            row_top, row_total = _merge(row_top, row_total, top, total)
+            row_top, row_total = merge_top_total(row_top, row_total, top, total)
             col_top[c0:c0 + columns], col_total[c0:c0 + columns] = c_top[:columns], c_total[:columns]
             if label_smoothing:
                 row_sum += sums
@@ -95,7 +88,7 @@ def _streamed_statistics(x, k, row_scale, col_scale, offset, symmetric, label_sm
             row_sum += z.sum(1)
             col_sum[c0:c0 + columns] = z[:, :columns].sum(0)
         set_own_cells_(z, positive, c0, c1, -float("inf"))  # the positives enter as t, apart
-        row_top, row_total = _merge(row_top, row_total, *_max_and_sum(z, 1))
+        row_top, row_total = merge_top_total(row_top, row_total, *_max_and_sum(z, 1))
         if columns:
             col_top[c0:c0 + columns], col_total[c0:c0 + columns] = _max_and_sum(z[:, :columns], 0)
         del z  # before the next chunk's GEMM allocates its own

@@ -15,14 +15,9 @@ cancel within each cell, not between two GEMM results.
 """
 import torch
 
-from .chunked_epilogue import backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, scaled_rows_backward
+from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, merge_top_total,
+                               scaled_rows_backward)
 from .engine import accumulation_dtype
-
-
-def _merge(top, total, chunk_top, chunk_total):
-    new_top = torch.maximum(top, chunk_top)
-    shift = torch.where(new_top == -float("inf"), 0.0, new_top)
-    return new_top, total * torch.exp(top - shift) + chunk_total * torch.exp(chunk_top - shift)
 
 
 def _max_and_sum(z):
@@ -69,8 +64,8 @@ def supcon_forward(x, k, row_scale, col_scale, row_class, key_class, offset):
             p_top, p_total = _max_and_sum(torch.where(positive, z, -float("inf")))
             n_top, n_total = _max_and_sum(z.masked_fill_(positive | own, -float("inf")))
             del z, positive, own
-        pos_top, pos_total = _merge(pos_top, pos_total, p_top, p_total)
-        neg_top, neg_total = _merge(neg_top, neg_total, n_top, n_total)
+        pos_top, pos_total = merge_top_total(pos_top, pos_total, p_top, p_total)
+        neg_top, neg_total = merge_top_total(neg_top, neg_total, n_top, n_total)
         pos_z += p_z
         count += p_count
     has_positive = count > 0
