@@ -49,6 +49,19 @@ def chunk_dots(x, w, c0, c1, acc):
     return mm_accumulate(x, w[c0:c1].t(), acc)
 
 
+def scaled_dots(x, k, c0, c1, row_scale, col_scale, acc):
+    """The chunk's logits r_i·c_j·(x_i·k_j), fp32 (fp64 for fp64): the contrastive losses' fp32 factors applied after
+    the GEMM."""
+    return chunk_dots(x, k, c0, c1, acc).mul_(row_scale[:, None]).mul_(col_scale[None, c0:c1])
+
+
+def max_and_sum(z, dim):
+    """(max, Σ e^{z − max}) along `dim`; a line of −inf gives (−inf, 0)."""
+    top = z.amax(dim)
+    shift = torch.where(top == -float("inf"), 0.0, top)
+    return top, torch.exp(z - shift.unsqueeze(dim)).sum(dim)
+
+
 def merge_top_total(top, total, chunk_top, chunk_total):
     """The (max, Σ e^{z − max}) of two sets of cells from each one's; an empty set has max −inf and sum 0."""
     new_top = torch.maximum(top, chunk_top)
@@ -87,7 +100,7 @@ def _scaled_rows(t, scale, dtype, block_bytes=16 << 20):
 
 def scaled_rows_backward(x, x_acc, k, chunks, grad_chunk, row_scale, col_scale, need_input_grad, need_key_grad,
                          need_scale_grads):
-    """The backward GEMMs of logits r_i·c_j·(x_i·k_j) (SigLIP's and InfoNCE's), with G = grad_chunk(c0, c1) the
+    """The backward GEMMs of logits r_i·c_j·(x_i·k_j) (SigLIP's, InfoNCE's and SupCon's), with G = grad_chunk(c0, c1) the
     chunk's dL/dz in the GEMMs' dtype: dX' += G·(c∘K_c) and dK'_c = Gᵀ·(r∘X), so that dL/dx = r∘dX', dL/dk = c∘dK',
     dL/dr_i = x_i·dX'_i and dL/dc_j = k_j·dK'_j, all from fp32 GEMM results and without dividing by a scale (which
     may be 0: a learned temperature at 0, a norm past the dtype's range). Returns (dL/dx, dL/dk in their inputs'

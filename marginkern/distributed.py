@@ -231,7 +231,7 @@ class _GatherRowsSummingGrads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local, group):
         ctx.rows, ctx.group = local.shape[0], group
-        ctx.rank, ctx.world_size = _rank_and_world_size(group)
+        ctx.rank, _ = _rank_and_world_size(group)
         return _all_gather_cat(local, group)
 
     @staticmethod

@@ -188,8 +188,7 @@ def target_columns(target: Tensor, ignore_index: int):
 
 def target_dot(x: Tensor, w: Tensor, column: Tensor) -> Tensor:
     """x_n · w_{column_n} in the accumulation dtype (row 0 of w for ignored rows): the raw target logit."""
-    acc = accumulation_dtype(x.dtype)
-    return (x.to(acc) * w[column.clamp_min(0)].to(acc)).sum(1)
+    return paired_row_dots(x, w[column.clamp_min(0)], accumulation_dtype(x.dtype))
 
 
 def row_norms(t: Tensor) -> Tensor:

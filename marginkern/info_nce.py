@@ -21,15 +21,9 @@ and autograd carries them to the norms and the temperature.
 """
 import torch
 
-from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, merge_top_total,
-                               scaled_rows_backward, set_own_cells_)
+from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, max_and_sum,
+                               merge_top_total, scaled_dots, scaled_rows_backward, set_own_cells_)
 from .engine import accumulation_dtype, paired_row_dots
-
-
-def _max_and_sum(z, dim):
-    top = z.amax(dim)
-    shift = torch.where(top == -float("inf"), 0.0, top)
-    return top, torch.exp(z - shift.unsqueeze(dim)).sum(dim)
 
 
 def _excess_over_target(target, top, total):
@@ -40,11 +34,6 @@ def _excess_over_target(target, top, total):
     near = torch.log1p(total * torch.exp(torch.where(dominated, gap, 0.0)))
     far = gap + torch.log(torch.exp(-torch.where(dominated, 1.0, gap)) + total)
     return torch.where(dominated, near, far)
-
-
-def _scaled_dots(x, k, c0, c1, row_scale, col_scale, acc):
-    """The chunk's logits r_i·c_j·(x_i·k_j), fp32."""
-    return chunk_dots(x, k, c0, c1, acc).mul_(row_scale[:, None]).mul_(col_scale[None, c0:c1])
 
 
 def _positive_columns(B, c0, c1, symmetric):
@@ -83,14 +72,14 @@ def _streamed_statistics(x, k, row_scale, col_scale, offset, symmetric, label_sm
                 row_sum += sums
                 col_sum[c0:c0 + columns] = c_sums[:columns]
             continue
-        z = _scaled_dots(x, k, c0, c1, row_scale, col_scale, acc)
+        z = scaled_dots(x, k, c0, c1, row_scale, col_scale, acc)
         if label_smoothing:
             row_sum += z.sum(1)
             col_sum[c0:c0 + columns] = z[:, :columns].sum(0)
         set_own_cells_(z, positive, c0, c1, -float("inf"))  # the positives enter as t, apart
-        row_top, row_total = merge_top_total(row_top, row_total, *_max_and_sum(z, 1))
+        row_top, row_total = merge_top_total(row_top, row_total, *max_and_sum(z, 1))
         if columns:
-            col_top[c0:c0 + columns], col_total[c0:c0 + columns] = _max_and_sum(z[:, :columns], 0)
+            col_top[c0:c0 + columns], col_total[c0:c0 + columns] = max_and_sum(z[:, :columns], 0)
         del z  # before the next chunk's GEMM allocates its own
     return target, row_top, row_total, col_top, col_total, row_sum, col_sum
 
@@ -147,7 +136,7 @@ def _streamed_backward(x, k, row_scale, col_scale, offset, symmetric, row_lse, c
             return triton_grad_chunk(chunk_dots(x_acc, k, c0, c1, acc), c0, offset, symmetric, row_scale,
                                      col_scale[c0:c1], row_lse, col_lse, coef, positive_cell, eps / M,
                                      eps / max(B, 1), gemm)
-        z = _scaled_dots(x_acc, k, c0, c1, row_scale, col_scale, acc)
+        z = scaled_dots(x_acc, k, c0, c1, row_scale, col_scale, acc)
         return _grad_chunk(z, c0, c1, B, M, row_lse, col_lse, coef, positive_cell, eps, positive, symmetric)
 
     weight_rows = int(k.dtype != gemm) + int(need_key_grad or need_scale_grads)

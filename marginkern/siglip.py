@@ -21,14 +21,13 @@ chunk read once per pass), else PyTorch's element-wise ops.
 import torch
 
 from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, negate_own_cells_,
-                               scaled_rows_backward)
+                               scaled_dots, scaled_rows_backward)
 from .engine import accumulation_dtype, log1p_exp
 
 
 def _signed_logits(x, k, c0, c1, bias, positive, row_scale, col_scale, acc):
     """The chunk's z_ij = r_i·c_j·(x_i·k_j) + b, each row's positive cell negated."""
-    z = chunk_dots(x, k, c0, c1, acc).mul_(row_scale[:, None]).mul_(col_scale[None, c0:c1]).add_(bias)
-    return negate_own_cells_(z, positive, c0, c1)
+    return negate_own_cells_(scaled_dots(x, k, c0, c1, row_scale, col_scale, acc).add_(bias), positive, c0, c1)
 
 
 def _signed_sigmoid_(z, positive, c0, c1):

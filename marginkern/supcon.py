@@ -15,15 +15,9 @@ cancel within each cell, not between two GEMM results.
 """
 import torch
 
-from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, merge_top_total,
-                               scaled_rows_backward)
+from .chunked_epilogue import (backward_gemm_dtype, chunk_dots, epilogue_tiles, key_chunks, max_and_sum,
+                               merge_top_total, scaled_dots, scaled_rows_backward)
 from .engine import accumulation_dtype
-
-
-def _max_and_sum(z):
-    top = z.amax(1)
-    shift = torch.where(top == -float("inf"), 0.0, top)
-    return top, torch.exp(z - shift[:, None]).sum(1)
 
 
 def _cell_kinds(row_class, key_class, offset, c0, c1):
@@ -32,10 +26,6 @@ def _cell_kinds(row_class, key_class, offset, c0, c1):
     own = (torch.arange(c0, c1, device=row_class.device)[None, :]
            == torch.arange(offset, offset + B, device=row_class.device)[:, None])
     return (row_class[:, None] == key_class[None, c0:c1]) & ~own, own
-
-
-def _scaled_dots(x, k, c0, c1, row_scale, col_scale, acc):
-    return chunk_dots(x, k, c0, c1, acc).mul_(row_scale[:, None]).mul_(col_scale[None, c0:c1])
 
 
 def supcon_forward(x, k, row_scale, col_scale, row_class, key_class, offset):
@@ -57,12 +47,12 @@ def supcon_forward(x, k, row_scale, col_scale, row_class, key_class, offset):
             (p_top, p_total, p_z, p_count), (n_top, n_total) = chunk_statistics(
                 chunk_dots(x, k, c0, c1, acc), row_scale, col_scale[c0:c1], row_class, key_class[c0:c1], c0, offset)
         else:
-            z = _scaled_dots(x, k, c0, c1, row_scale, col_scale, acc)
+            z = scaled_dots(x, k, c0, c1, row_scale, col_scale, acc)
             positive, own = _cell_kinds(row_class, key_class, offset, c0, c1)
             p_z = torch.where(positive, z, 0.0).sum(1)
             p_count = positive.sum(1).to(acc)
-            p_top, p_total = _max_and_sum(torch.where(positive, z, -float("inf")))
-            n_top, n_total = _max_and_sum(z.masked_fill_(positive | own, -float("inf")))
+            p_top, p_total = max_and_sum(torch.where(positive, z, -float("inf")), 1)
+            n_top, n_total = max_and_sum(z.masked_fill_(positive | own, -float("inf")), 1)
             del z, positive, own
         pos_top, pos_total = merge_top_total(pos_top, pos_total, p_top, p_total)
         neg_top, neg_total = merge_top_total(neg_top, neg_total, n_top, n_total)
@@ -97,7 +87,7 @@ def supcon_backward(grad_rows, x, k, row_scale, col_scale, row_class, key_class,
         if triton_epilogue:
             return triton_grad_chunk(chunk_dots(x_acc, k, c0, c1, acc), row_scale, col_scale[c0:c1], row_class,
                                      key_class[c0:c1], c0, offset, finite_lse, coef, positive_shift, gemm)
-        z = _scaled_dots(x_acc, k, c0, c1, row_scale, col_scale, acc).sub_(finite_lse[:, None])
+        z = scaled_dots(x_acc, k, c0, c1, row_scale, col_scale, acc).sub_(finite_lse[:, None])
         positive, own = _cell_kinds(row_class, key_class, offset, c0, c1)
         g = torch.where(positive, torch.expm1(z) + positive_shift[:, None], torch.exp(z))
         return g.mul_(coef[:, None]).masked_fill_(own, 0.0)

@@ -13,19 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_tiles import max_and_exp_sum, merged_partials, scaled_logit_tile
 from .device import cdiv, check_row_blocks, on_device
 
 BLOCK_N, BLOCK_C = 64, 64
-
-
-@triton.jit
-def _scaled_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask):
-    """z = r·c·d of a tile."""
-    mask = row_mask[:, None] & col_mask[None, :]
-    d = tl.load(d_ptr + rows.to(tl.int64)[:, None] * stride_d + cols[None, :], mask=mask, other=0.0)
-    r = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
-    c = tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)
-    return r[:, None] * c[None, :] * d
 
 
 @triton.jit
@@ -38,20 +29,18 @@ def info_nce_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_max
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < B, cols < CC
     mask = row_mask[:, None] & col_mask[None, :]
-    z = _scaled_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
+    z = scaled_logit_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
     row_out = rows.to(tl.int64) * col_blocks + col_block
     col_out = row_block.to(tl.int64) * CC + cols
     tl.store(row_z_ptr + row_out, tl.sum(z, axis=1), mask=row_mask)
     tl.store(col_z_ptr + col_out, tl.sum(z, axis=0), mask=col_mask)
     others = tl.where(mask & ((offset + rows)[:, None] != (c0 + cols)[None, :]), z, -float("inf"))
-    row_max = tl.max(others, axis=1)
-    row_shift = tl.where(row_max == -float("inf"), 0.0, row_max)
+    row_max, row_sum = max_and_exp_sum(others, 1)
     tl.store(row_max_ptr + row_out, row_max, mask=row_mask)
-    tl.store(row_sum_ptr + row_out, tl.sum(tl.exp(others - row_shift[:, None]), axis=1), mask=row_mask)
-    col_max = tl.max(others, axis=0)
-    col_shift = tl.where(col_max == -float("inf"), 0.0, col_max)
+    tl.store(row_sum_ptr + row_out, row_sum, mask=row_mask)
+    col_max, col_sum = max_and_exp_sum(others, 0)
     tl.store(col_max_ptr + col_out, col_max, mask=col_mask)
-    tl.store(col_sum_ptr + col_out, tl.sum(tl.exp(others - col_shift[None, :]), axis=0), mask=col_mask)
+    tl.store(col_sum_ptr + col_out, col_sum, mask=col_mask)
 
 
 @triton.jit
@@ -62,7 +51,7 @@ def info_nce_grad_kernel(d_ptr, stride_d, h_ptr, stride_h, row_scale_ptr, col_sc
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < B, cols < CC
     mask = row_mask[:, None] & col_mask[None, :]
-    z = _scaled_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
+    z = scaled_logit_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
     key = c0 + cols
     row_lse = tl.load(row_lse_ptr + rows, mask=row_mask, other=0.0)
     row_coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
@@ -75,13 +64,6 @@ def info_nce_grad_kernel(d_ptr, stride_d, h_ptr, stride_h, row_scale_ptr, col_sc
     positive_cell = tl.load(positive_cell_ptr + rows, mask=row_mask, other=0.0)
     g = tl.where((offset + rows)[:, None] == key[None, :], positive_cell[:, None], g)
     tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :], g.to(h_ptr.dtype.element_ty), mask=mask)
-
-
-def _merged(top, total, dim):
-    """(max, Σ e^{z − max}) over `dim` of per-block partials (max −inf, sum 0: an empty block)."""
-    merged = top.amax(dim)
-    shift = torch.where(merged == -float("inf"), 0.0, merged)
-    return merged, (total * torch.exp(top - shift.unsqueeze(dim))).sum(dim)
 
 
 def chunk_statistics(d, row_scale, col_scale, c0, offset):
@@ -100,7 +82,7 @@ def chunk_statistics(d, row_scale, col_scale, c0, offset):
             info_nce_stats_kernel[(col_blocks, row_blocks)](
                 d, d.stride(0), row_scale.contiguous(), col_scale.contiguous(), row_max, row_sum, row_z, col_max,
                 col_sum, col_z, B, CC, c0, offset, col_blocks, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
-    return (*_merged(row_max, row_sum, 1), row_z.sum(1)), (*_merged(col_max, col_sum, 0), col_z.sum(0))
+    return (*merged_partials(row_max, row_sum, 1), row_z.sum(1)), (*merged_partials(col_max, col_sum, 0), col_z.sum(0))
 
 
 def grad_chunk(d, c0, offset, symmetric, row_scale, col_scale, row_lse, col_lse, coef, positive_cell, eps_over_m,

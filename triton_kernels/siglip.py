@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .cosent_scan import _softplus
+from .chunk_tiles import scaled_logit_tile
 from .device import cdiv, check_row_blocks, on_device
 
 BLOCK_N, BLOCK_C = 32, 128
@@ -18,17 +19,12 @@ BLOCK_N, BLOCK_C = 32, 128
 
 @triton.jit
 def _signed(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr, rows, row_mask, cols, col_mask, c0):
-    """(the tile's raw dot products d, its signed logits ±(r·c·d + b), whether each cell is its row's positive,
-    r, c)."""
-    mask = row_mask[:, None] & col_mask[None, :]
+    """(the tile's signed logits ±(r·c·d + b), whether each cell is its row's positive)."""
     bias = tl.load(bias_ptr)
     positive = tl.load(positive_ptr + rows, mask=row_mask, other=-1)
-    r = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
-    c = tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)
-    d = tl.load(d_ptr + rows.to(tl.int64)[:, None] * stride_d + cols[None, :], mask=mask, other=0.0)
-    z = r[:, None] * c[None, :] * d + bias
+    z = scaled_logit_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask) + bias
     is_positive = positive[:, None] == (c0 + cols)[None, :]
-    return d, tl.where(is_positive, -z, z), is_positive, r, c
+    return tl.where(is_positive, -z, z), is_positive
 
 
 @triton.jit
@@ -47,8 +43,8 @@ def siglip_row_sums_kernel(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_pt
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < N, cols < CC
     mask = row_mask[:, None] & col_mask[None, :]
-    _, s, is_positive, _, _ = _signed(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr, rows,
-                                      row_mask, cols, col_mask, c0)
+    s, is_positive = _signed(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr, rows, row_mask,
+                             cols, col_mask, c0)
     loss = tl.sum(tl.where(mask, _softplus(s), 0.0), axis=1)
     sig = _sigmoid(s)
     grad = tl.sum(tl.where(mask, tl.where(is_positive, -sig, sig), 0.0), axis=1)
@@ -64,8 +60,8 @@ def siglip_grad_kernel(d_ptr, stride_d, h_ptr, stride_h, bias_ptr, positive_ptr,
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < N, cols < CC
     mask = row_mask[:, None] & col_mask[None, :]
-    _, s, is_positive, _, _ = _signed(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr, rows,
-                                      row_mask, cols, col_mask, c0)
+    s, is_positive = _signed(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr, rows, row_mask,
+                             cols, col_mask, c0)
     coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
     sig = _sigmoid(s)
     h = coef[:, None] * tl.where(is_positive, -sig, sig)

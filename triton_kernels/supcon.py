@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_tiles import max_and_exp_sum, merged_partials, scaled_logit_tile
 from .device import cdiv, check_row_blocks, on_device
 
 BLOCK_N, BLOCK_C = 64, 64
@@ -23,21 +24,12 @@ def _cells(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_cla
     """(z, positive, own) of a tile: the logits, and which cells share the row's class (but for its own) or are
     its own key."""
     mask = row_mask[:, None] & col_mask[None, :]
-    d = tl.load(d_ptr + rows.to(tl.int64)[:, None] * stride_d + cols[None, :], mask=mask, other=0.0)
-    r = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
-    c = tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)
+    z = scaled_logit_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
     row_class = tl.load(row_class_ptr + rows, mask=row_mask, other=0)
     key_class = tl.load(key_class_ptr + cols, mask=col_mask, other=0)
     own = (offset + rows)[:, None] == (c0 + cols)[None, :]
     positive = mask & (row_class[:, None] == key_class[None, :]) & (own == 0)
-    return r[:, None] * c[None, :] * d, positive, own
-
-
-@triton.jit
-def _tile_max_and_sum(values):
-    top = tl.max(values, axis=1)
-    shift = tl.where(top == -float("inf"), 0.0, top)
-    return top, tl.sum(tl.exp(values - shift[:, None]), axis=1)
+    return z, positive, own
 
 
 @triton.jit
@@ -51,8 +43,8 @@ def supcon_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class
     mask = row_mask[:, None] & col_mask[None, :]
     z, positive, own = _cells(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr, rows, cols,
                               row_mask, col_mask, c0, offset)
-    p_top, p_total = _tile_max_and_sum(tl.where(positive, z, -float("inf")))
-    n_top, n_total = _tile_max_and_sum(tl.where(mask & (positive == 0) & (own == 0), z, -float("inf")))
+    p_top, p_total = max_and_exp_sum(tl.where(positive, z, -float("inf")), 1)
+    n_top, n_total = max_and_exp_sum(tl.where(mask & (positive == 0) & (own == 0), z, -float("inf")), 1)
     # six (B, col_blocks) planes, one after the other
     plane = B.to(tl.int64) * col_blocks
     at = out_ptr + rows.to(tl.int64) * col_blocks + col_block
@@ -88,12 +80,6 @@ def supcon_grad_kernel(d_ptr, stride_d, g_ptr, stride_g, row_scale_ptr, col_scal
     tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def _merged(top, total):
-    merged = top.amax(1)
-    shift = torch.where(merged == -float("inf"), 0.0, merged)
-    return merged, (total * torch.exp(top - shift[:, None])).sum(1)
-
-
 def chunk_statistics(d, row_scale, col_scale, row_class, key_class, c0, offset):
     """((positives' max, Σ e^{z − max}, Σ z, count), (negatives' max, Σ e^{z − max})), (B,) fp32 each, of the chunk
     whose raw fp32 dot products are d (B, CC); col_scale and key_class: the chunk's."""
@@ -108,7 +94,7 @@ def chunk_statistics(d, row_scale, col_scale, row_class, key_class, c0, offset):
             supcon_stats_kernel[(col_blocks, cdiv(B, BLOCK_N))](
                 d, d.stride(0), row_scale.contiguous(), col_scale.contiguous(), row_class.contiguous(),
                 key_class.contiguous(), out, B, CC, c0, offset, col_blocks, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
-    return (*_merged(out[0], out[1]), out[2].sum(1), out[3].sum(1)), _merged(out[4], out[5])
+    return (*merged_partials(out[0], out[1], 1), out[2].sum(1), out[3].sum(1)), merged_partials(out[4], out[5], 1)
 
 
 def grad_chunk(d, row_scale, col_scale, row_class, key_class, c0, offset, lse, coef, positive_shift, dtype):
