@@ -98,17 +98,20 @@ def _scaled_rows(t, scale, dtype, block_bytes=16 << 20):
     return out
 
 
-def scaled_rows_backward(x, x_acc, k, chunks, grad_chunk, row_scale, col_scale, need_input_grad, need_key_grad,
+def scaled_rows_backward(x, x_acc, k, grad_chunk, row_scale, col_scale, need_input_grad, need_key_grad,
                          need_scale_grads):
     """The backward GEMMs of logits r_i·c_j·(x_i·k_j) (SigLIP's, InfoNCE's and SupCon's), with G = grad_chunk(c0, c1) the
     chunk's dL/dz in the GEMMs' dtype: dX' += G·(c∘K_c) and dK'_c = Gᵀ·(r∘X), so that dL/dx = r∘dX', dL/dk = c∘dK',
     dL/dr_i = x_i·dX'_i and dL/dc_j = k_j·dK'_j, all from fp32 GEMM results and without dividing by a scale (which
     may be 0: a learned temperature at 0, a norm past the dtype's range). Returns (dL/dx, dL/dk in their inputs'
     dtypes, dL/drow_scale, dL/dcol_scale), each None when not asked for; x_acc: x as the chunks' GEMMs read it (an
-    fp32 copy of 16-bit rows on the CPU)."""
+    fp32 copy of 16-bit rows on the CPU). The chunks are key_chunks' with room for a chunk × D copy of the key rows in
+    the GEMMs' dtype and for the chunk's fp32 dK'."""
     acc = accumulation_dtype(x.dtype)
     N, D = x.shape
     gemm = backward_gemm_dtype(x)
+    chunks = key_chunks(N, k.shape[0], D, acc.itemsize, x.is_cuda,
+                        int(k.dtype != gemm) + int(need_key_grad or need_scale_grads))
     need_dx, need_dk = need_input_grad or need_scale_grads, need_key_grad or need_scale_grads
     x_scaled = _scaled_rows(x_acc, row_scale, gemm) if need_dk else None
     dk = torch.empty_like(k) if need_key_grad else None

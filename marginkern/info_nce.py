@@ -123,7 +123,7 @@ def _streamed_backward(x, k, row_scale, col_scale, offset, symmetric, row_lse, c
     """scaled_rows_backward with G_ij = coef_i(e^{z − row_lse_i} − ε/M) [+ coef_j(e^{z − col_lse_j} − ε/B) for keys
     j < B when symmetric], positive_cell_i on row i's own cell (key offset + i)."""
     acc = accumulation_dtype(x.dtype)
-    (B, D), M = x.shape, k.shape[0]
+    B, M = x.shape[0], k.shape[0]
     gemm = backward_gemm_dtype(x)
     x_acc = x.to(acc) if x.device.type == "cpu" else x
     positive = torch.arange(offset, offset + B, device=x.device)
@@ -139,9 +139,7 @@ def _streamed_backward(x, k, row_scale, col_scale, offset, symmetric, row_lse, c
         z = scaled_dots(x_acc, k, c0, c1, row_scale, col_scale, acc)
         return _grad_chunk(z, c0, c1, B, M, row_lse, col_lse, coef, positive_cell, eps, positive, symmetric)
 
-    weight_rows = int(k.dtype != gemm) + int(need_key_grad or need_scale_grads)
-    chunks = key_chunks(B, M, D, acc.itemsize, x.is_cuda, weight_rows)
-    return scaled_rows_backward(x, x_acc, k, chunks, grad_chunk, row_scale, col_scale, need_input_grad,
+    return scaled_rows_backward(x, x_acc, k, grad_chunk, row_scale, col_scale, need_input_grad,
                                 need_key_grad, need_scale_grads)
 
 

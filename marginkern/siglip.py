@@ -69,7 +69,6 @@ def siglip_backward(grad_rows, x, k, positive, bias, row_scale, col_scale, need_
     None when not asked for) for the per-row upstream gradient grad_rows (N,): per chunk the dot products again,
     G_ij = grad_rows_i·dL_i/dz_ij, and scaled_rows_backward's GEMMs."""
     acc = accumulation_dtype(x.dtype)
-    (N, D), M = x.shape, k.shape[0]
     bias = bias.to(acc)
     _, triton_epilogue = epilogue_tiles(x)
     gemm = backward_gemm_dtype(x)
@@ -85,7 +84,5 @@ def siglip_backward(grad_rows, x, k, positive, bias, row_scale, col_scale, need_
         z = _signed_logits(x_acc, k, c0, c1, bias, positive, row_scale, col_scale, acc)
         return _signed_sigmoid_(z, positive, c0, c1).mul_(coef[:, None])
 
-    weight_rows = int(k.dtype != gemm) + int(need_key_grad or need_scale_grads)
-    chunks = key_chunks(N, M, D, acc.itemsize, x.is_cuda, weight_rows)
-    return scaled_rows_backward(x, x_acc, k, chunks, grad_chunk, row_scale, col_scale, need_input_grad,
+    return scaled_rows_backward(x, x_acc, k, grad_chunk, row_scale, col_scale, need_input_grad,
                                 need_key_grad, need_scale_grads)

@@ -72,7 +72,6 @@ def supcon_backward(grad_rows, x, k, row_scale, col_scale, row_class, key_class,
     """The gradients of supcon_forward's L (B,) for the upstream grad_rows: G_ij = g_i·(e^{z − lse_i} − [j∈P(i)]/|P(i)|)
     (0 on the own cell and on rows without positives), the positive cells as expm1(z − lse) + (1 − 1/|P|)."""
     acc = accumulation_dtype(x.dtype)
-    (B, D), M = x.shape, k.shape[0]
     gemm = backward_gemm_dtype(x)
     x_acc = x.to(acc) if x.device.type == "cpu" else x
     coef = torch.where(count > 0, grad_rows.to(acc), 0.0)
@@ -92,7 +91,5 @@ def supcon_backward(grad_rows, x, k, row_scale, col_scale, row_class, key_class,
         g = torch.where(positive, torch.expm1(z) + positive_shift[:, None], torch.exp(z))
         return g.mul_(coef[:, None]).masked_fill_(own, 0.0)
 
-    weight_rows = int(k.dtype != gemm) + int(need_key_grad or need_scale_grads)
-    chunks = key_chunks(B, M, D, acc.itemsize, x.is_cuda, weight_rows)
-    return scaled_rows_backward(x, x_acc, k, chunks, grad_chunk, row_scale, col_scale, need_input_grad,
+    return scaled_rows_backward(x, x_acc, k, grad_chunk, row_scale, col_scale, need_input_grad,
                                 need_key_grad, need_scale_grads)
