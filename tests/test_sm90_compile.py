@@ -173,3 +173,23 @@ def test_proxy_anchor_epilogues_compile(g):
         for constexprs in (blocks, sm90_compile.integers_as_ones(kernel, blocks, types)):
             report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
             assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"
+
+
+@pytest.mark.parametrize("h", ["*bf16", "*fp32"])
+def test_contrastive_epilogues_compile(h):
+    """InfoNCE's, SigLIP's and SupCon's chunk epilogues (fp32 dot products in; G in the backward GEMMs' dtype out)
+    compile without spills, also with every integer argument equal to one: SupCon's statistics kernel called B.to()
+    and so failed to compile for a batch of one row, which the interpreter never showed."""
+    from marginkern.triton_kernels import info_nce, siglip, supcon
+    types = {"d_ptr": "*fp32", "h_ptr": h, "g_ptr": h, "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32",
+             "positive_ptr": "*i64", "bias_ptr": "*fp32", "row_class_ptr": "*i64", "key_class_ptr": "*i64",
+             "eps_over_m": "fp32", "eps_over_b": "fp32", "positive_cell_ptr": "*fp32"}
+    for module, kernel, flags in [(info_nce, info_nce.info_nce_stats_kernel, {}),
+                                  (info_nce, info_nce.info_nce_grad_kernel, dict(SYMMETRIC=True)),
+                                  (info_nce, info_nce.info_nce_grad_kernel, dict(SYMMETRIC=False)),
+                                  (siglip, siglip.siglip_row_sums_kernel, {}), (siglip, siglip.siglip_grad_kernel, {}),
+                                  (supcon, supcon.supcon_stats_kernel, {}), (supcon, supcon.supcon_grad_kernel, {})]:
+        blocks = dict(flags, BLOCK_N=module.BLOCK_N, BLOCK_C=module.BLOCK_C)
+        for constexprs in (blocks, sm90_compile.integers_as_ones(kernel, blocks, types)):
+            report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
+            assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"

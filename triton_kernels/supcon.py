@@ -34,7 +34,7 @@ def _cells(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_cla
 
 @triton.jit
 def supcon_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr, out_ptr, B, CC,
-                        c0, offset, col_blocks, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                        c0, offset, col_blocks, plane, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     # column blocks on grid axis 0 (2³¹ − 1 programs), row blocks on axis 1 (65535: B up to 4M)
     col_block = tl.program_id(0)
     cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -45,15 +45,20 @@ def supcon_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class
                               row_mask, col_mask, c0, offset)
     p_top, p_total = max_and_exp_sum(tl.where(positive, z, -float("inf")), 1)
     n_top, n_total = max_and_exp_sum(tl.where(mask & (positive == 0) & (own == 0), z, -float("inf")), 1)
-    # six (B, col_blocks) planes, one after the other
-    plane = B.to(tl.int64) * col_blocks
+    # six (B, col_blocks) planes, `plane` = B·col_blocks apart (from the host: B.to() would not compile when the
+    # launcher makes B = 1 a constant); the pointer steps one plane at a time, so no k·plane can overflow int32
     at = out_ptr + rows.to(tl.int64) * col_blocks + col_block
     tl.store(at, p_top, mask=row_mask)
-    tl.store(at + plane, p_total, mask=row_mask)
-    tl.store(at + 2 * plane, tl.sum(tl.where(positive, z, 0.0), axis=1), mask=row_mask)
-    tl.store(at + 3 * plane, tl.sum(positive.to(tl.float32), axis=1), mask=row_mask)
-    tl.store(at + 4 * plane, n_top, mask=row_mask)
-    tl.store(at + 5 * plane, n_total, mask=row_mask)
+    at += plane
+    tl.store(at, p_total, mask=row_mask)
+    at += plane
+    tl.store(at, tl.sum(tl.where(positive, z, 0.0), axis=1), mask=row_mask)
+    at += plane
+    tl.store(at, tl.sum(positive.to(tl.float32), axis=1), mask=row_mask)
+    at += plane
+    tl.store(at, n_top, mask=row_mask)
+    at += plane
+    tl.store(at, n_total, mask=row_mask)
 
 
 @triton.jit
@@ -93,7 +98,7 @@ def chunk_statistics(d, row_scale, col_scale, row_class, key_class, c0, offset):
         with on_device(d):
             supcon_stats_kernel[(col_blocks, cdiv(B, BLOCK_N))](
                 d, d.stride(0), row_scale.contiguous(), col_scale.contiguous(), row_class.contiguous(),
-                key_class.contiguous(), out, B, CC, c0, offset, col_blocks, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+                key_class.contiguous(), out, B, CC, c0, offset, col_blocks, B * col_blocks, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
     return (*merged_partials(out[0], out[1], 1), out[2].sum(1), out[3].sum(1)), merged_partials(out[4], out[5], 1)
 
 
