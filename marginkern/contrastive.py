@@ -172,14 +172,15 @@ def _dense_class_ids(labels):
     return ids
 
 
-def supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.07, normalize=True, reduction="mean",
-                group=None):
-    """Supervised contrastive loss (Khosla et al., NeurIPS 2020; the official SupConLoss with contrast_mode="all"),
-    with labels=None SimCLR's NT-Xent, without the N × N similarity matrix:
+def supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.07, contrast_mode="all", normalize=True,
+                reduction="mean", group=None):
+    """Supervised contrastive loss (Khosla et al., NeurIPS 2020; the official SupConLoss), with labels=None SimCLR's
+    NT-Xent, without the N × N similarity matrix:
 
         L_i = (τ/τ_base)·(log Σ_{a≠i} e^{z_ia} − 1/|P(i)| Σ_{p∈P(i)} z_ip),   z_ia = cos(x_i, x_a)/τ
 
-    over the N rows (every view of every sample), P(i) the other rows of row i's label (0 where it has none, as the
+    over the N rows (every view of every sample; contrast_mode="one": over the first view's bsz rows, each scored
+    against all N, as the official code's), P(i) the other rows of row i's label (0 where it has none, as the
     official code). features (bsz, n_views, ...) as the official code takes them (trailing dimensions flattened; rows
     in its order: view-major), labels (bsz,) or (bsz, 1) integer or None (each sample its own class: the views of one
     sample are each other's positives); or features (N, D) with labels (N,). normalize=True (the default) normalises
@@ -189,9 +190,12 @@ def supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.0
     group: a process group; each rank passes its own batch (the same shape on every rank), its rows are scored against
     every rank's (gathered with gradient). The result is this rank's loss; every rank must run backward.
 
-    Returns fp32 (fp64 for fp64 inputs): the mean over the N rows, the sum, or "none": (N,).
+    Returns fp32 (fp64 for fp64 inputs): the mean over the N rows (bsz for contrast_mode="one"), the sum, or "none":
+    (N,) ((bsz,)).
     """
     check_float_tensor("features", features)
+    if contrast_mode not in ("all", "one"):
+        raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
     if features.dim() > 3:  # the official code's features.view(bsz, n_views, -1)
         features = features.reshape(features.shape[0], features.shape[1], -1)
     if labels is not None and labels.dim() == 2 and labels.shape[1] == 1:  # the official code's (bsz, 1) labels
@@ -210,6 +214,9 @@ def supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.0
         if labels is None:
             raise ValueError("labels must be given for (N, D) features; SimCLR's pairing of views needs features "
                              "shaped (bsz, n_views, D)")
+        if contrast_mode == "one":
+            raise ValueError("contrast_mode='one' takes its anchors from the first view: features must be shaped "
+                             f"(bsz, n_views, ...), got shape {tuple(features.shape)}")
         rows, n_views, expected = features, 1, (features.shape[0],)
     else:
         raise ValueError(f"features must be (bsz, n_views, ...) or (N, D), got shape {tuple(features.shape)}")
@@ -229,8 +236,10 @@ def supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.0
         from .distributed import _all_gather_cat
         all_labels = _all_gather_cat(labels, group)
     key_class = _dense_class_ids(all_labels)
-    loss = call_op("supcon", rows, keys, _logit_scales(rows, 1.0 / temperature, normalize),
-                   _logit_scales(keys, 1.0, normalize), key_class[offset:offset + rows.shape[0]].contiguous(),
+    # "one": the first view's rows are the first bsz of the view-major rows, anchor i's own key still offset + i
+    anchors = rows if contrast_mode == "all" else rows[:features.shape[0]]
+    loss = call_op("supcon", anchors, keys, _logit_scales(anchors, 1.0 / temperature, normalize),
+                   _logit_scales(keys, 1.0, normalize), key_class[offset:offset + anchors.shape[0]].contiguous(),
                    key_class, offset)[0]
     loss = loss * (temperature / base_temperature)
     return reduce_rows(loss, torch.ones_like(loss, dtype=torch.bool), reduction)
@@ -309,19 +318,22 @@ class SigLIPLoss(nn.Module):
 
 
 class SupConLoss(nn.Module):
-    """`supcon_loss` as a module (the official SupConLoss's defaults, contrast_mode="all"): forward(features,
-    labels=None)."""
+    """`supcon_loss` as a module (the official SupConLoss's arguments and defaults): forward(features, labels=None)."""
 
-    def __init__(self, temperature=0.07, base_temperature=0.07, *, normalize=True, group=None):
+    def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *, normalize=True, group=None):
         super().__init__()
         check_finite("temperature", temperature, 0.0, low_open=True)
         check_finite("base_temperature", base_temperature, 0.0, low_open=True)
+        if contrast_mode not in ("all", "one"):
+            raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
         self.temperature, self.base_temperature = float(temperature), float(base_temperature)
+        self.contrast_mode = contrast_mode
         self.normalize, self.group = check_bool("normalize", normalize), group
 
     def forward(self, features, labels=None):
         return supcon_loss(features, labels, temperature=self.temperature, base_temperature=self.base_temperature,
-                           normalize=self.normalize, group=self.group)
+                           contrast_mode=self.contrast_mode, normalize=self.normalize, group=self.group)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, base_temperature={self.base_temperature}, normalize={self.normalize}"
+        return (f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
+                f"base_temperature={self.base_temperature}, normalize={self.normalize}")

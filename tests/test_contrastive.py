@@ -468,9 +468,9 @@ def test_gradient_of_one_input_alone(chunk_bytes, which):
 
 # ---- SupCon / NT-Xent -------------------------------------------------------------------------------------------
 
-def official_supcon(features, labels=None, temperature=0.07, base_temperature=0.07):
-    """HobbitLong/SupContrast's losses.py SupConLoss.forward (contrast_mode="all", its current handling of anchors
-    without positives), in float64; features (bsz, n_views, D) as given (the official code does not normalise)."""
+def official_supcon(features, labels=None, temperature=0.07, base_temperature=0.07, contrast_mode="all"):
+    """HobbitLong/SupContrast's losses.py SupConLoss.forward (its current handling of anchors without positives), in
+    float64; features (bsz, n_views, D) as given (the official code does not normalise)."""
     features = features.double()
     batch_size = features.shape[0]
     if labels is None:
@@ -480,7 +480,10 @@ def official_supcon(features, labels=None, temperature=0.07, base_temperature=0.
         mask = torch.eq(labels, labels.T).double()
     contrast_count = features.shape[1]
     contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
-    anchor_feature, anchor_count = contrast_feature, contrast_count
+    if contrast_mode == "one":
+        anchor_feature, anchor_count = features[:, 0], 1
+    else:
+        anchor_feature, anchor_count = contrast_feature, contrast_count
     anchor_dot_contrast = torch.div(torch.matmul(anchor_feature, contrast_feature.T), temperature)
     logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
     logits = anchor_dot_contrast - logits_max.detach()
@@ -516,6 +519,25 @@ def test_supcon_matches_the_official_code(chunk_bytes, labelled, n_views, temper
     rows = mk.supcon_loss(f, labels, temperature=temperature, base_temperature=0.1, reduction="none")
     torch.testing.assert_close(rows, official_supcon(unit, labels, temperature, 0.1).reshape(-1), rtol=1e-10,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["supcon", "simclr"])
+@pytest.mark.parametrize("n_views", [1, 2, 3])
+def test_supcon_contrast_mode_one_matches_the_official_code(chunk_bytes, labelled, n_views):
+    """contrast_mode="one": the first view's rows are the anchors, scored against every view; the gradient reaches the
+    other views through the keys only. Loss per anchor and its gradient, module and function."""
+    f = supcon_case(n_views=n_views)
+    labels = torch.tensor([0, 1, 2, 0, 1, 3, 0, 2, 2, 1, 4, 0]) if labelled else None
+    unit = F.normalize(f, dim=2)
+    want = official_supcon(unit, labels, 0.2, 0.1, contrast_mode="one")
+    assert want.shape == (1, 12)
+    got = mk.supcon_loss(f, labels, temperature=0.2, base_temperature=0.1, contrast_mode="one")
+    assert_loss_and_grads(got, want.mean(), (f,))
+    rows = mk.supcon_loss(f, labels, temperature=0.2, base_temperature=0.1, contrast_mode="one", reduction="none")
+    torch.testing.assert_close(rows, want.reshape(-1), rtol=1e-10, atol=1e-12)
+    module = mk.SupConLoss(0.2, "one", 0.1)  # the official constructor's positional order
+    torch.testing.assert_close(module(f, labels), want.mean(), rtol=1e-10, atol=1e-12)
+    assert "contrast_mode='one'" in repr(module)
 
 
 def test_supcon_flat_rows_and_dot_products():
@@ -562,6 +584,12 @@ def test_supcon_module_errors_and_edge_cases():
         mk.supcon_loss(f[0, 0])
     with pytest.raises(ValueError, match="temperature"):
         mk.SupConLoss(temperature=-1.0)
+    with pytest.raises(ValueError, match="contrast_mode must be 'all' or 'one'"):
+        mk.SupConLoss(contrast_mode="both")
+    with pytest.raises(ValueError, match="contrast_mode must be 'all' or 'one'"):
+        mk.supcon_loss(f, contrast_mode="One")
+    with pytest.raises(ValueError, match="contrast_mode='one' takes its anchors from the first view"):
+        mk.supcon_loss(f[:, 0], torch.arange(3), contrast_mode="one")
 
 
 def test_supcon_opcheck_compile_and_no_n_by_n_tensor(monkeypatch):

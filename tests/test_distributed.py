@@ -1541,8 +1541,9 @@ def _supcon_on_rank(rank, world_size, f_all, labels_all, kwargs):
     return loss.detach(), torch.autograd.grad(loss, f)[0]
 
 
+@pytest.mark.parametrize("contrast_mode", ["all", "one"])
 @pytest.mark.parametrize("labelled", [True, False], ids=["supcon", "simclr"])
-def test_supcon_gathers_every_ranks_views(world, labelled):
+def test_supcon_gathers_every_ranks_views(world, labelled, contrast_mode):
     """Each rank's anchors against every rank's rows: the rank's loss is the mean of the single-process rows of its
     samples, and the gradient of its features that of the sum of the ranks' losses (materialised in float64)."""
     from tests.test_contrastive import official_supcon
@@ -1550,9 +1551,10 @@ def test_supcon_gathers_every_ranks_views(world, labelled):
     torch.manual_seed(W)
     f_all = torch.randn(W * bsz, 2, 6, dtype=torch.float64)
     labels_all = torch.arange(W * bsz) % 3 if labelled else None
-    got = world.run(_supcon_on_rank, f_all, labels_all, dict(temperature=0.3))
+    got = world.run(_supcon_on_rank, f_all, labels_all, dict(temperature=0.3, contrast_mode=contrast_mode))
     ref = f_all.clone().requires_grad_()
-    rows = official_supcon(F.normalize(ref, dim=2), labels_all if labelled else None, 0.3)  # (n_views, W·bsz)
+    rows = official_supcon(F.normalize(ref, dim=2), labels_all if labelled else None, 0.3,
+                           contrast_mode=contrast_mode)  # (anchor views, W·bsz)
     per_rank = [rows[:, r * bsz:(r + 1) * bsz].mean() for r in range(W)]
     want_grad = torch.autograd.grad(torch.stack(per_rank).sum(), ref)[0]
     for r, (loss, grad) in enumerate(got):

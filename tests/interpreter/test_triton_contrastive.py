@@ -185,6 +185,21 @@ def test_supcon_on_the_triton_epilogues(chunks, dtype, supcon_launches):
     assert supcon_launches == {"chunk_statistics": expected, "grad_chunk": expected}
 
 
+def test_supcon_contrast_mode_one_on_the_triton_epilogues(supcon_launches):
+    """contrast_mode="one": 30 anchors (the first view) against 90 keys, one chunk."""
+    from tests.test_contrastive import official_supcon
+    torch.manual_seed(8)
+    f = torch.randn(30, 3, 16, dtype=torch.float64).float().to(DEVICE).requires_grad_()
+    labels = torch.arange(30, device=DEVICE) % 7
+    got = mk.supcon_loss(f, labels, temperature=0.1, contrast_mode="one", reduction="none")
+    ref = f.detach().double().cpu().requires_grad_()
+    want = official_supcon(F.normalize(ref, dim=2), labels.cpu(), 0.1, contrast_mode="one").reshape(-1)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-6, atol=2e-6)
+    (g,), (w,) = torch.autograd.grad(got.sum(), f), torch.autograd.grad(want.sum(), ref)
+    torch.testing.assert_close(g.double().cpu(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+    assert supcon_launches == {"chunk_statistics": 1, "grad_chunk": 1}
+
+
 def test_supcon_confident_pairs_on_the_triton_epilogues(supcon_launches):
     """NT-Xent with identical views: the loss is log1p of the negatives' share, exact (the positive's term is e^0),
     and the positive cell's gradient is the kernel's expm1."""
