@@ -1303,11 +1303,11 @@ def _check_supcon(input, keys, row_scale, col_scale, row_class, key_class, offse
 
 @_op("supcon")
 def supcon(input: Tensor, keys: Tensor, row_scale: Tensor, col_scale: Tensor, row_class: Tensor, key_class: Tensor,
-           offset: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(each row's SupCon loss log Σ_{a≠own} e^{z_ia} − mean_{p∈P(i)} z_ip (B,) (0 without positives), its
-    log-sum-exp (B,), its positives' count (B,)), in the accumulation dtype (marginkern.supcon), with the logits
-    z_ia = row_scale_i·col_scale_a·input_i·keys_a, row i's own key offset + i and its positives the other keys of its
-    class; the last two are by-products the backward op takes."""
+           offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(each row's SupCon loss log Σ_{a≠own} e^{z_ia} − mean_{p∈P(i)} z_ip (B,) (0 without positives), its largest
+    logit M_i but its own (B,), log Σ_{a≠own} e^{z_ia − M_i} (B,), its positives' count (B,)), in the accumulation
+    dtype (marginkern.supcon), with the logits z_ia = row_scale_i·col_scale_a·input_i·keys_a, row i's own key offset + i
+    and its positives the other keys of its class; the last three are by-products the backward op takes."""
     _check_supcon(input, keys, row_scale, col_scale, row_class, key_class, offset)
     return supcon_forward(input.contiguous(), keys.contiguous(), row_scale, col_scale, row_class.contiguous(),
                           key_class.contiguous(), offset)
@@ -1317,30 +1317,31 @@ def supcon(input: Tensor, keys: Tensor, row_scale: Tensor, col_scale: Tensor, ro
 def _(input, keys, row_scale, col_scale, row_class, key_class, offset):
     _check_supcon(input, keys, row_scale, col_scale, row_class, key_class, offset)
     acc = accumulation_dtype(input.dtype)
-    return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(3))
+    return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(4))
 
 
 @_op("supcon_backward")
 def supcon_backward(grad_rows: Tensor, input: Tensor, keys: Tensor, row_scale: Tensor, col_scale: Tensor,
-                    row_class: Tensor, key_class: Tensor, offset: int, lse: Tensor, count: Tensor,
+                    row_class: Tensor, key_class: Tensor, offset: int, top: Tensor, log_sum: Tensor, count: Tensor,
                     need_input_grad: bool, need_keys_grad: bool,
                     need_scale_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dL/dinput, dL/dkeys (the scales held fixed), dL/drow_scale, dL/dcol_scale) for the upstream `grad_rows` (B,);
-    any not asked for is an empty (0,) tensor. lse and count: the forward op's by-products."""
+    any not asked for is an empty (0,) tensor. top, log_sum and count: the forward op's by-products."""
     _check_supcon(input, keys, row_scale, col_scale, row_class, key_class, offset)
     acc = accumulation_dtype(input.dtype)
-    for name, t in (("grad_rows", grad_rows), ("lse", lse), ("count", count)):
+    for name, t in (("grad_rows", grad_rows), ("top", top), ("log_sum", log_sum), ("count", count)):
         if tuple(t.shape) != (input.shape[0],) or (name != "grad_rows" and t.dtype != acc):
             raise ValueError(f"{name} must be a ({input.shape[0]},) tensor" + ("" if name == "grad_rows" else
                              f" of {acc}, the forward op's") + f", got a {tuple(t.shape)} {t.dtype} tensor")
     grads = supcon_backward_pass(grad_rows, input.contiguous(), keys.contiguous(), row_scale, col_scale,
-                                 row_class.contiguous(), key_class.contiguous(), offset, lse, count, need_input_grad,
+                                 row_class.contiguous(), key_class.contiguous(), offset, top, log_sum, count,
+                                 need_input_grad,
                                  need_keys_grad, need_scale_grads)
     return tuple(_or_empty(g, like) for g, like in zip(grads, (input, keys, row_scale, col_scale)))
 
 
 @supcon_backward.register_fake
-def _(grad_rows, input, keys, row_scale, col_scale, row_class, key_class, offset, lse, count, need_input_grad,
+def _(grad_rows, input, keys, row_scale, col_scale, row_class, key_class, offset, top, log_sum, count, need_input_grad,
       need_keys_grad, need_scale_grads):
     return _contrastive_grads_fake(input, keys, row_scale, col_scale, need_input_grad, need_keys_grad,
                                    need_scale_grads)
@@ -1348,20 +1349,20 @@ def _(grad_rows, input, keys, row_scale, col_scale, row_class, key_class, offset
 
 def _supcon_setup_context(ctx, inputs, output):
     input, keys, row_scale, col_scale, row_class, key_class, offset = inputs
-    _, lse, count = output
-    ctx.save_for_backward(input, keys, row_scale, col_scale, row_class, key_class, lse, count)
-    ctx.mark_non_differentiable(lse, count)
+    _, top, log_sum, count = output
+    ctx.save_for_backward(input, keys, row_scale, col_scale, row_class, key_class, top, log_sum, count)
+    ctx.mark_non_differentiable(top, log_sum, count)
     ctx.offset = offset
 
 
 def _supcon_autograd(ctx, grad_rows, *grad_by_products):
-    input, keys, row_scale, col_scale, row_class, key_class, lse, count = ctx.saved_tensors
+    input, keys, row_scale, col_scale, row_class, key_class, top, log_sum, count = ctx.saved_tensors
     need_input, need_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_scales = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     grads = [None] * 4
     if grad_rows is not None and (need_input or need_keys or need_scales):
         grads = list(call("supcon_backward", grad_rows, input, keys, row_scale, col_scale, row_class, key_class,
-                          ctx.offset, lse, count, need_input, need_keys, need_scales))
+                          ctx.offset, top, log_sum, count, need_input, need_keys, need_scales))
     return (grads[0] if need_input else None, grads[1] if need_keys else None, grads[2] if need_scales else None,
             grads[3] if need_scales else None, None, None, None)
 

@@ -11,7 +11,15 @@ exactly e^0 = 1, and a confident pair's L_i = log1p(Σ_N e^{z − m_i}) keeps al
 positive is expm1(z − lse) (p − 1 without cancellation). A row without positives has L_i = 0 and no gradient (the
 official code's current convention). The backward pass feeds G = dL/dz, formed per cell (positives
 e^{z−lse} − 1/|P|, negatives e^{z−lse}), to scaled_rows_backward's GEMMs: the positives' pull and the softmax's push
-cancel within each cell, not between two GEMM results.
+cancel within each cell, not between two GEMM results. Two more things keep that gradient as exact as the official
+code's fp32 arithmetic on clustered features (where a row's cells nearly cancel, it was 3× less exact before):
+- the backward pass takes each row's log-sum-exp as (max M_i, log Σ e^{z − M_i}) and forms z − lse as (z − M_i) − log
+  Σ: one fp32 number lse ≈ 1/τ + log N carries ulp(20) ≈ 2e-6 of error into every cell's e^{z − lse} (the official
+  code's logits are shifted by their row max too); and a confident NT-Xent pair's positive gets expm1(−L_i) = −L_i,
+  not expm1(0);
+- with several positives, e^{z − lse} − 1/|P| is taken as it stands (each term ≤ 1/2 and near the other where they
+  cancel: an exact subtraction), not as expm1(z − lse) + (1 − 1/|P|), which carries ulp(1)-sized errors into a
+  difference of size ~1/|P|.
 """
 import torch
 
@@ -29,7 +37,8 @@ def _cell_kinds(row_class, key_class, offset, c0, c1):
 
 
 def supcon_forward(x, k, row_scale, col_scale, row_class, key_class, offset):
-    """(L_i (B,), lse_i (B,), |P(i)| (B,)) in the accumulation dtype; L_i = 0 and lse_i = m_i where a row has no
+    """(L_i (B,), M_i (B,), log Σ_{a≠i} e^{z_ia − M_i} (B,), |P(i)| (B,)) in the accumulation dtype, M_i the row's
+    largest logit but its own (lse_i = M_i + log Σ, kept apart for the backward pass); L_i = 0 where a row has no
     positive."""
     acc = accumulation_dtype(x.dtype)
     (B, D), M = x.shape, k.shape[0]
@@ -64,20 +73,23 @@ def supcon_forward(x, k, row_scale, col_scale, row_class, key_class, offset):
     log_positive = pos_top - mean + torch.log(pos_total)
     log_negative = neg_top - mean + torch.log(neg_total)
     loss = torch.where(has_positive, torch.logaddexp(log_positive, log_negative), 0.0)
-    return loss, mean + loss, count
+    # the backward pass's (M_i, log Σ e^{z − M_i}); a row without positives (no gradient) gets (0, 0)
+    top = torch.where(has_positive, torch.maximum(pos_top, neg_top), 0.0)
+    log_sum = torch.logaddexp(pos_top - top + torch.log(pos_total), neg_top - top + torch.log(neg_total))
+    return loss, top, torch.where(has_positive, log_sum, 0.0), count
 
 
-def supcon_backward(grad_rows, x, k, row_scale, col_scale, row_class, key_class, offset, lse, count,
+def supcon_backward(grad_rows, x, k, row_scale, col_scale, row_class, key_class, offset, top, log_sum, count,
                     need_input_grad=True, need_key_grad=True, need_scale_grads=True):
     """The gradients of supcon_forward's L (B,) for the upstream grad_rows: G_ij = g_i·(e^{z − lse_i} − [j∈P(i)]/|P(i)|)
-    (0 on the own cell and on rows without positives), the positive cells as expm1(z − lse) + (1 − 1/|P|)."""
+    (0 on the own cell and on rows without positives), z − lse as (z − M_i) − log Σ (supcon_forward's by-products), a
+    single positive's cell as expm1(z − lse)."""
     acc = accumulation_dtype(x.dtype)
     gemm = backward_gemm_dtype(x)
     x_acc = x.to(acc) if x.device.type == "cpu" else x
     coef = torch.where(count > 0, grad_rows.to(acc), 0.0)
-    # the positives' constant: 1 − 1/|P| (0 for one positive: p − 1 = expm1(z − lse) exactly)
-    positive_shift = torch.where(count > 0, 1.0 - 1.0 / count.clamp_min(1), 0.0)
-    finite_lse = torch.where(count > 0, lse, 0.0)
+    # each positive's share 1/|P| (exactly 1 for one positive: then p − 1 = expm1(z − lse))
+    positive_share = torch.where(count > 0, 1.0 / count.clamp_min(1), 0.0)
     _, triton_epilogue = epilogue_tiles(x)
     if triton_epilogue:
         from .triton_kernels.supcon import grad_chunk as triton_grad_chunk
@@ -85,10 +97,11 @@ def supcon_backward(grad_rows, x, k, row_scale, col_scale, row_class, key_class,
     def grad_chunk(c0, c1):
         if triton_epilogue:
             return triton_grad_chunk(chunk_dots(x_acc, k, c0, c1, acc), row_scale, col_scale[c0:c1], row_class,
-                                     key_class[c0:c1], c0, offset, finite_lse, coef, positive_shift, gemm)
-        z = scaled_dots(x_acc, k, c0, c1, row_scale, col_scale, acc).sub_(finite_lse[:, None])
+                                     key_class[c0:c1], c0, offset, top, log_sum, coef, positive_share, gemm)
+        a = scaled_dots(x_acc, k, c0, c1, row_scale, col_scale, acc).sub_(top[:, None]).sub_(log_sum[:, None])
         positive, own = _cell_kinds(row_class, key_class, offset, c0, c1)
-        g = torch.where(positive, torch.expm1(z) + positive_shift[:, None], torch.exp(z))
+        share = positive_share[:, None]
+        g = torch.where(positive, torch.where(share == 1.0, torch.expm1(a), torch.exp(a) - share), torch.exp(a))
         return g.mul_(coef[:, None]).masked_fill_(own, 0.0)
 
     return scaled_rows_backward(x, x_acc, k, grad_chunk, row_scale, col_scale, need_input_grad,

@@ -5,8 +5,9 @@ left out), a positive (the same class) or a negative.
   statistics: per (BLOCK_N × BLOCK_C) tile and row, the positives' max, Σ e^{z − max}, Σ z and count, and the
               negatives' max and Σ e^{z − max}: (B, column blocks) partials that torch merges (a fixed order: the
               same bits every call);
-  gradient:   G = coef_i·(e^{z − lse_i}) on negatives, coef_i·(expm1(z − lse_i) + shift_i) on positives, 0 on the
-              own cell, in the backward GEMMs' dtype.
+  gradient:   G = coef_i·e^{a} on negatives, coef_i·(e^{a} − share_i) on positives (expm1(a) where share_i = 1: a
+              single positive), 0 on the own cell, in the backward GEMMs' dtype; a = (z − M_i) − log Σ_i, the row's
+              log-sum-exp kept as its max and the log of its sum (marginkern/supcon.py says why).
 """
 import torch
 import triton
@@ -63,7 +64,7 @@ def supcon_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class
 
 @triton.jit
 def supcon_grad_kernel(d_ptr, stride_d, g_ptr, stride_g, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr,
-                       lse_ptr, coef_ptr, shift_ptr, B, CC, c0, offset, BLOCK_N: tl.constexpr,
+                       top_ptr, log_sum_ptr, coef_ptr, share_ptr, B, CC, c0, offset, BLOCK_N: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,16 +72,18 @@ def supcon_grad_kernel(d_ptr, stride_d, g_ptr, stride_g, row_scale_ptr, col_scal
     mask = row_mask[:, None] & col_mask[None, :]
     z, positive, own = _cells(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr, rows, cols,
                               row_mask, col_mask, c0, offset)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    top = tl.load(top_ptr + rows, mask=row_mask, other=0.0)
+    log_sum = tl.load(log_sum_ptr + rows, mask=row_mask, other=0.0)
     coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
-    shift = tl.load(shift_ptr + rows, mask=row_mask, other=0.0)
-    a = z - lse[:, None]
+    share = tl.load(share_ptr + rows, mask=row_mask, other=0.0)
+    a = (z - top[:, None]) - log_sum[:, None]
     # expm1 without cancellation: e^a − 1 = 2·e^{a/2}·sinh(a/2), sinh(h) by its series below |h| = 0.1 (relative
     # error h⁶/5040 < 2e-10), above it e^h − e^{−h} loses at most ulp(1)/0.2 (3e-7)
     half = 0.5 * a
     h2 = half * half
     sinh = tl.where(tl.abs(half) < 0.1, half * (1.0 + h2 / 6.0 * (1.0 + h2 / 20.0)), 0.5 * (tl.exp(half) - tl.exp(-half)))
-    g = tl.where(positive, 2.0 * tl.exp(half) * sinh + shift[:, None], tl.exp(a))
+    e = tl.exp(a)
+    g = tl.where(positive, tl.where(share[:, None] == 1.0, 2.0 * tl.exp(half) * sinh, e - share[:, None]), e)
     g = tl.where(own, 0.0, coef[:, None] * g)
     tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
 
@@ -102,8 +105,9 @@ def chunk_statistics(d, row_scale, col_scale, row_class, key_class, c0, offset):
     return (*merged_partials(out[0], out[1], 1), out[2].sum(1), out[3].sum(1)), merged_partials(out[4], out[5], 1)
 
 
-def grad_chunk(d, row_scale, col_scale, row_class, key_class, c0, offset, lse, coef, positive_shift, dtype):
-    """G (B, CC) in `dtype` (written over d when that is fp32: each program reads its own tile first)."""
+def grad_chunk(d, row_scale, col_scale, row_class, key_class, c0, offset, top, log_sum, coef, positive_share, dtype):
+    """G (B, CC) in `dtype` (written over d when that is fp32: each program reads its own tile first); top, log_sum,
+    coef, positive_share (B,) fp32."""
     B, CC = d.shape
     g = d if dtype == torch.float32 else torch.empty((B, CC), dtype=dtype, device=d.device)
     check_row_blocks(B, BLOCK_N)
@@ -111,6 +115,6 @@ def grad_chunk(d, row_scale, col_scale, row_class, key_class, c0, offset, lse, c
         with on_device(d):
             supcon_grad_kernel[(cdiv(CC, BLOCK_C), cdiv(B, BLOCK_N))](
                 d, d.stride(0), g, g.stride(0), row_scale.contiguous(), col_scale.contiguous(),
-                row_class.contiguous(), key_class.contiguous(), lse, coef, positive_shift, B, CC, c0, offset,
+                row_class.contiguous(), key_class.contiguous(), top, log_sum, coef, positive_share, B, CC, c0, offset,
                 BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
     return g

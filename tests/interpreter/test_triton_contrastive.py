@@ -210,3 +210,10 @@ def test_supcon_confident_pairs_on_the_triton_epilogues(supcon_launches):
     torch.testing.assert_close(rows.double().cpu(), torch.full((24,), want, dtype=torch.float64), rtol=1e-5, atol=0.0)
     rows.sum().backward()
     assert torch.isfinite(f.grad).all() and supcon_launches == {"chunk_statistics": 1, "grad_chunk": 1}
+    # the positive's cell is expm1((z − M) − log Σ) = −L in the kernel: along each row's own axis −2L/τ (the two
+    # views' cells; normalize=False: no projection), not 0 (lse as one fp32 number: 20 + 4.5e-8 = 20)
+    raw = torch.stack([base, base], 1).requires_grad_()
+    mk.supcon_loss(raw, temperature=0.05, base_temperature=0.05, normalize=False, reduction="sum").backward()
+    along_own_axis = raw.grad[torch.arange(12), :, torch.arange(12)]
+    torch.testing.assert_close(along_own_axis.double().cpu(), torch.full((12, 2), -2 * want / 0.05, dtype=torch.float64),
+                               rtol=1e-5, atol=0.0)
