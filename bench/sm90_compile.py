@@ -4,6 +4,9 @@ registers and spills (cuobjdump of the cubin; Triton's wheel ships ptxas and cuo
 
     python bench/sm90_compile.py                  # GPU_CONFIG and the sweep's quick grid
     python bench/sm90_compile.py 128,128,64,8,0,8,3  # BLOCK_N,BLOCK_C,BLOCK_D,GROUP_N,FLATTEN,num_warps,num_stages
+    python bench/sm90_compile.py --launches FILE [--gpu-tiles]  # every launch the interpreter tier recorded
+                                                                # (scripts/test.sh); --gpu-tiles: the engine's at
+                                                                # GPU_CONFIG too
 
 It screens tile configurations before a GPU visit (one that spills or does not pipeline is not worth GPU
 time) and tests/test_sm90_compile.py keeps the default compiling to wgmma + cp.async without spills. The
@@ -60,6 +63,10 @@ def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
             signature[name] = types.get(name, "fp32" if name in FLOAT_ARGS else "i32")
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
              if t.startswith("*") or (n in DIVISIBLE_BY_16 and t != "constexpr")}
+    return _compile(kernel, signature, constexprs, attrs, num_warps, num_stages)
+
+
+def _compile(kernel, signature, constexprs, attrs, num_warps, num_stages):
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
@@ -73,6 +80,78 @@ def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
     regs, stack, _, local = (int(v) for v in resources.groups())
     return {"wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async"),
             "shared_bytes": compiled.metadata.shared, "registers": regs, "stack_bytes": stack, "local_bytes": local}
+
+
+def recorded_launches(path, gpu_tiles=False):
+    """[(label, kernel, signature, constexprs, attrs, num_warps, num_stages)] of the launches that
+    tests/interpreter/conftest.py recorded (MARGINKERN_RECORD_LAUNCHES), each as the interpreter ran it and, with
+    gpu_tiles, the streaming engine's (the interpreter's small blocks) once more at the GPU's (GPU_CONFIG, re-blocked
+    for sub-centres as the launcher does): the flag combinations the tests reach, at the tiles a GPU runs (~400 more
+    compiles of the large tiles: 4 more minutes on 2 cores)."""
+    import importlib
+    import json
+    from marginkern.triton_kernels.tiles import GPU_CONFIG, INTERPRETER_BLOCKS, subcenter_blocks
+    with open(path) as f:
+        entries = json.load(f)
+    out, seen = [], set()
+    for entry in entries:
+        kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
+        arguments = entry["arguments"]
+        if list(arguments) != kernel.arg_names:
+            raise ValueError(f"{path}: {entry['kernel']} was recorded with the arguments {list(arguments)}, the code "
+                             f"takes {kernel.arg_names}: record the launches again")
+        constexprs = {n: v for n, (kind, v) in arguments.items() if kind == "constexpr"}
+        signature = {n: kind for n, (kind, _) in arguments.items()}
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, (kind, key) in arguments.items()
+                 if kind != "constexpr" and key == "D"}
+        variants = [(constexprs, entry["launch"].get("num_warps", 4), entry["launch"].get("num_stages", 3), "")]
+        tiled = [k for k in INTERPRETER_BLOCKS if k in constexprs]
+        if gpu_tiles and {"BLOCK_N", "BLOCK_C", "BLOCK_D"} <= set(tiled) and all(constexprs[k] == INTERPRETER_BLOCKS[k] for k in tiled):
+            blocks = subcenter_blocks({k: GPU_CONFIG[k] for k in INTERPRETER_BLOCKS}, GPU_CONFIG["num_warps"],
+                                      constexprs.get("SUBCENTERS", 1))
+            variants.append(({**constexprs, **{k: blocks[k] for k in tiled}}, GPU_CONFIG["num_warps"],
+                             GPU_CONFIG["num_stages"], " at GPU_CONFIG"))
+        for consts, warps, stages, where in variants:
+            key = json.dumps([entry["module"], entry["kernel"], signature, consts, attrs and sorted(attrs), warps,
+                              stages], sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            declared = {p.name for p in kernel.params if p.is_constexpr}
+            flags = ", ".join(f"{n}={v}" for n, v in consts.items() if n in declared and not n.startswith("BLOCK"))
+            # the integers the launcher made constants (equal to 1) or None
+            specialised = ", ".join(f"{n}={v}" for n, v in consts.items() if n not in declared)
+            label = f"{entry['kernel']}({flags}){where}" + (f" [{specialised}]" if specialised else "")
+            out.append((label, kernel, signature, consts, attrs, warps, stages))
+    return out
+
+
+_LAUNCHES = {}
+HOPPER_SHARED_BYTES = 227 * 1024  # per block, the opt-in maximum: a kernel that needs more fails at its launch
+
+
+def _compile_recorded_one(path, gpu_tiles, index):
+    """(label, report, error or None) of recorded_launches(path)[index] (a worker process's task: each reads the file
+    once); more shared memory than an sm_90 block has is an error (the launch would fail)."""
+    if (path, gpu_tiles) not in _LAUNCHES:
+        _LAUNCHES[path, gpu_tiles] = recorded_launches(path, gpu_tiles)
+    label, kernel, signature, constexprs, attrs, warps, stages = _LAUNCHES[path, gpu_tiles][index]
+    try:
+        report = _compile(kernel, signature, constexprs, attrs, warps, stages)
+    except Exception as e:  # noqa: BLE001 — every failure is reported, not just the first
+        return label, None, f"{type(e).__name__}: {e}"
+    if report["shared_bytes"] > HOPPER_SHARED_BYTES:
+        return label, report, f"needs {report['shared_bytes']} bytes of shared memory, sm_90 has {HOPPER_SHARED_BYTES}"
+    return label, report, None
+
+
+def compile_recorded(path, gpu_tiles=False, jobs=None):
+    """Compile every launch of recorded_launches(path, gpu_tiles) for sm_90 in `jobs` processes (default: one per
+    core); returns [(label, report or None, error or None)]."""
+    from concurrent.futures import ProcessPoolExecutor
+    count = len(recorded_launches(path, gpu_tiles))
+    with ProcessPoolExecutor(jobs or os.cpu_count()) as pool:
+        return list(pool.map(_compile_recorded_one, [path] * count, [gpu_tiles] * count, range(count), chunksize=4))
 
 
 def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1, has_entropy=False, has_teacher=False,
@@ -108,6 +187,17 @@ def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1, has_en
 
 def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if sys.argv[1:2] == ["--launches"]:
+        results = compile_recorded(sys.argv[2], gpu_tiles="--gpu-tiles" in sys.argv[3:])
+        failures = [(label, error) for label, _, error in results if error]
+        spills = [(label, r) for label, r, error in results if not error and (r["local_bytes"] or r["stack_bytes"])]
+        for label, r in spills:  # not an error: a slower kernel, which the benchmarks would show
+            print(f"spills {label}: {r['stack_bytes']} B stack, {r['local_bytes']} B local, {r['registers']} regs")
+        for label, error in failures:
+            print(f"FAILED {label}: {error[:2000]}\n")
+        print(f"{len(results) - len(failures)} of {len(results)} recorded kernel launches compile for sm_90 "
+              f"({len(spills)} with register spills)")
+        sys.exit(1 if failures else 0)
     from marginkern.triton_kernels.tiles import GPU_CONFIG
     from sweep_triton_configs import KEYS, grid
     if len(sys.argv) > 1:

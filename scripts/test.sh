@@ -14,4 +14,8 @@ MARGINKERN_EAGER_TWINS=0 python -m pytest tests/test_margin_ce.py tests/test_lin
   tests/test_topk_distill.py tests/test_class_weight.py tests/test_linear_ce_lse.py tests/test_token_accuracy.py \
   tests/test_adaptive_margins.py tests/test_hard_negatives.py tests/test_proxy_anchor.py tests/test_preference.py tests/test_grpo.py tests/test_contrastive.py \
   -q "$@"
-TRITON_INTERPRET=1 python -m pytest tests/interpreter -q "$@"
+# every kernel launch of the interpreter tier is recorded as a GPU's launcher would specialise it, then compiled for
+# sm_90 (no GPU needed): the interpreter runs the kernels' Python, not Triton's compiler
+launches="$(mktemp -d)/launches.json"
+TRITON_INTERPRET=1 MARGINKERN_RECORD_LAUNCHES="$launches" python -m pytest tests/interpreter -q "$@"
+python bench/sm90_compile.py --launches "$launches"

@@ -193,3 +193,32 @@ def test_contrastive_epilogues_compile(h):
         for constexprs in (blocks, sm90_compile.integers_as_ones(kernel, blocks, types)):
             report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
             assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"
+
+
+def test_recorded_interpreter_launches_compile(tmp_path):
+    """scripts/test.sh records every launch of the interpreter tier and compiles each for sm_90; here on one test
+    file: the recorder sees each kernel as the GPU launcher would specialise it (types, an integer 1 a constant), and
+    SupCon's statistics kernel at a batch of one row (B.to() failed there) is among what compiles."""
+    import json
+    import os
+    import subprocess
+    import sys
+    launches = tmp_path / "launches.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", MARGINKERN_RECORD_LAUNCHES=str(launches))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/interpreter/test_triton_contrastive.py", "-k", "mode_one or confident_pairs"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entries = json.loads(launches.read_text())
+    kernels = {e["kernel"] for e in entries}
+    assert {"supcon_stats_kernel", "supcon_grad_kernel", "info_nce_stats_kernel"} <= kernels, kernels
+    grad = next(e for e in entries if e["kernel"] == "supcon_grad_kernel")
+    assert grad["arguments"]["d_ptr"] == ["*fp32", "D"] and grad["arguments"]["BLOCK_N"][0] == "constexpr"
+    # a batch of one row: B is the constant 1, as Triton's launcher makes it
+    one_row = dict(next(e for e in entries if e["kernel"] == "supcon_stats_kernel"))
+    one_row["arguments"] = {**one_row["arguments"], "B": ["constexpr", 1]}
+    launches.write_text(json.dumps(entries + [one_row]))
+    results = sm90_compile.compile_recorded(str(launches), jobs=1)
+    assert results and not [(label, error) for label, _, error in results if error]
+    assert any(label.startswith("supcon_stats_kernel") and "B=1" in label for label, _, _ in results)
