@@ -84,8 +84,8 @@ def _compile(kernel, signature, constexprs, attrs, num_warps, num_stages):
 
 def recorded_launches(path, gpu_tiles=False):
     """[(label, kernel, signature, constexprs, attrs, num_warps, num_stages)] of the launches that
-    tests/interpreter/conftest.py recorded (MARGINKERN_RECORD_LAUNCHES), each as the interpreter ran it and, with
-    gpu_tiles, the streaming engine's (the interpreter's small blocks) once more at the GPU's (GPU_CONFIG, re-blocked
+    tests/interpreter/conftest.py recorded (MARGINKERN_RECORD_LAUNCHES), each as the interpreter ran it, each with
+    fp16 operands once more in bf16 (the interpreter has no bf16) and, with gpu_tiles, the streaming engine's (the interpreter's small blocks) once more at the GPU's (GPU_CONFIG, re-blocked
     for sub-centres as the launcher does): the flag combinations the tests reach, at the tiles a GPU runs (~400 more
     compiles of the large tiles: 4 more minutes on 2 cores)."""
     import importlib
@@ -104,25 +104,33 @@ def recorded_launches(path, gpu_tiles=False):
         signature = {n: kind for n, (kind, _) in arguments.items()}
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, (kind, key) in arguments.items()
                  if kind != "constexpr" and key == "D"}
-        variants = [(constexprs, entry["launch"].get("num_warps", 4), entry["launch"].get("num_stages", 3), "")]
+        warps, stages = entry["launch"].get("num_warps", 4), entry["launch"].get("num_stages", 3)
+        variants = [(signature, constexprs, warps, stages, "")]
+        if any(kind == "*fp16" for kind in signature.values()):
+            # the interpreter tier runs no bf16 (numpy has none), the GPU's main dtype: its 16-bit launches once more
+            # with bf16 in place of fp16 (without fp16's gradient saturation, which the host sets for fp16 only)
+            variants.append(({n: "*bf16" if kind == "*fp16" else kind for n, kind in signature.items()},
+                             {**constexprs, **({"SATURATE_FP16": False} if "SATURATE_FP16" in constexprs else {})},
+                             warps, stages, " as bf16"))
         tiled = [k for k in INTERPRETER_BLOCKS if k in constexprs]
-        if gpu_tiles and {"BLOCK_N", "BLOCK_C", "BLOCK_D"} <= set(tiled) and all(constexprs[k] == INTERPRETER_BLOCKS[k] for k in tiled):
+        if gpu_tiles and {"BLOCK_N", "BLOCK_C", "BLOCK_D"} <= set(tiled) and all(constexprs[k] == INTERPRETER_BLOCKS[k]
+                                                                                  for k in tiled):
             blocks = subcenter_blocks({k: GPU_CONFIG[k] for k in INTERPRETER_BLOCKS}, GPU_CONFIG["num_warps"],
                                       constexprs.get("SUBCENTERS", 1))
-            variants.append(({**constexprs, **{k: blocks[k] for k in tiled}}, GPU_CONFIG["num_warps"],
-                             GPU_CONFIG["num_stages"], " at GPU_CONFIG"))
-        for consts, warps, stages, where in variants:
-            key = json.dumps([entry["module"], entry["kernel"], signature, consts, attrs and sorted(attrs), warps,
-                              stages], sort_keys=True, default=str)
+            variants += [(sig, {**consts, **{k: blocks[k] for k in tiled}}, GPU_CONFIG["num_warps"],
+                          GPU_CONFIG["num_stages"], where + " at GPU_CONFIG") for sig, consts, _, _, where in variants]
+        declared = {p.name for p in kernel.params if p.is_constexpr}
+        for sig, consts, warps, stages, where in variants:
+            key = json.dumps([entry["module"], entry["kernel"], sig, consts, sorted(attrs), warps, stages],
+                             sort_keys=True, default=str)
             if key in seen:
                 continue
             seen.add(key)
-            declared = {p.name for p in kernel.params if p.is_constexpr}
             flags = ", ".join(f"{n}={v}" for n, v in consts.items() if n in declared and not n.startswith("BLOCK"))
             # the integers the launcher made constants (equal to 1) or None
             specialised = ", ".join(f"{n}={v}" for n, v in consts.items() if n not in declared)
             label = f"{entry['kernel']}({flags}){where}" + (f" [{specialised}]" if specialised else "")
-            out.append((label, kernel, signature, consts, attrs, warps, stages))
+            out.append((label, kernel, sig, consts, attrs, warps, stages))
     return out
 
 

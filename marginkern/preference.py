@@ -271,8 +271,9 @@ def kto_loss(logps, ref_logps, desirable, *, kl=0.0, beta=0.1, desirable_weight=
 class PreferenceOutput(NamedTuple):
     """What a paired preference head returns: the loss and what TRL logs beside it (rewards/chosen is
     chosen_rewards.mean(), rewards/accuracies (chosen_rewards > rejected_rewards).float().mean(), ...)."""
-    loss: Tensor                 # mean over pairs of the preference loss, + nll_weight · nll_loss
-    pair_losses: Tensor          # (B,) the preference loss of each pair (for a weighted mean of one's own)
+    loss: Tensor                 # mean over pairs of the preference loss, + nll_weight · nll_loss (both weighted by
+                                 # policy_weights, as TRL's WPO)
+    pair_losses: Tensor          # (B,) the preference loss of each pair (times its policy weight, if any)
     chosen_logps: Tensor         # (B,) log π of the chosen completions (summed or averaged over tokens)
     rejected_logps: Tensor       # (B,)
     chosen_rewards: Tensor       # (B,) detached
@@ -280,6 +281,7 @@ class PreferenceOutput(NamedTuple):
     nll_loss: Tensor             # the chosen completions' token-mean negative log-likelihood
     chosen_logits_mean: Tensor   # mean logit over the chosen completions' counted tokens and the vocabulary, detached
     rejected_logits_mean: Tensor
+    policy_weights: Optional[Tensor] = None  # (B,) WPO's pair weights (LinearDPOLoss(use_weighting=True)), detached
 
 
 def _mean_class_row(weight, input):
@@ -354,17 +356,30 @@ class _PairedPreferenceLoss(nn.Module):
         ref_chosen, ref_rejected = self._reference_logps(input, target, ref_input, ref_weight, ref_chosen_logps,
                                                          ref_rejected_logps)
         per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift)
-        chosen, rejected = _sum_or_mean(per_token, valid, self.average).chunk(2)
+        chosen, rejected = self.sequence_logps(per_token, valid).chunk(2)
         losses, chosen_rewards, rejected_rewards = self.pair_losses(chosen, rejected, ref_chosen, ref_rejected)
         pairs = input.shape[0] // 2
         chosen_tokens = valid[:pairs]
         nll = -per_token[:pairs].sum() / chosen_tokens.sum().clamp_min(1)
-        loss = losses.mean() + self.nll_weight * nll if self.nll_weight else losses.mean()
+        weights = self.pair_weights(input, weight, target, per_token, valid)
+        # TRL: ((pair loss + nll_weight·nll)·weight).mean()
+        nll_share = 1.0 if weights is None else weights.mean()
+        losses = losses if weights is None else losses * weights
+        loss = losses.mean() + self.nll_weight * nll * nll_share if self.nll_weight else losses.mean()
         with torch.no_grad():
             mean_row = _mean_class_row(weight, input)
             logit_means = [_mean_logit(input[half], mean_row, valid[half])
                            for half in (slice(0, pairs), slice(pairs, 2 * pairs))]
-        return PreferenceOutput(loss, losses, chosen, rejected, chosen_rewards, rejected_rewards, nll, *logit_means)
+        return PreferenceOutput(loss, losses, chosen, rejected, chosen_rewards, rejected_rewards, nll, *logit_means,
+                                weights)
+
+    def sequence_logps(self, per_token, valid):
+        """(2B,) log π of each sequence from its per-token log-probabilities (0 where not counted)."""
+        return _sum_or_mean(per_token, valid, self.average)
+
+    def pair_weights(self, input, weight, target, per_token, valid):
+        """(B,) weights of the pairs' losses, or None (unweighted)."""
+        return None
 
 
 class LinearDPOLoss(_PairedPreferenceLoss):
@@ -374,12 +389,19 @@ class LinearDPOLoss(_PairedPreferenceLoss):
     ref_rejected_logps) → PreferenceOutput. loss_type, label_smoothing and discopop_tau as `dpo_loss` (ipo on
     token-averaged log-probabilities, as TRL); rpo_alpha ≥ 0 adds that multiple of the chosen sequences' NLL (RPO,
     TRL's rpo_alpha); reference_free=True drops the reference model (and refuses reference arguments).
+
+    ld_alpha (LD-DPO, Liu et al. 2024; TRL's ld_alpha): the policy's log π of each sequence is the sum over its first
+    l_p counted tokens plus ld_alpha times the sum over the rest, l_p the shorter completion's token count in its pair
+    (the reference's stays the plain sum, as TRL's). use_weighting=True (WPO, Zhou et al. 2024; TRL's use_weighting):
+    each pair's loss (with its share of the RPO term) is weighted by min(1, exp(w_chosen + w_rejected)), w the token
+    mean of log p(y_t) − log Σ_v p_v² under the policy, without gradient: log p at temperature ½ minus log p, one more
+    fused forward pass over the vocabulary at temperature ½ (no logits).
     """
 
     uses_reference = True
 
     def __init__(self, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0, reference_free=False,
-                 discopop_tau=0.05, ignore_index=-100, shift=0):
+                 discopop_tau=0.05, ld_alpha=None, use_weighting=False, ignore_index=-100, shift=0):
         super().__init__(nll_weight=rpo_alpha, nll_weight_name="rpo_alpha", ignore_index=ignore_index, shift=shift)
         self.beta = _check_beta(beta)
         self.label_smoothing = _check_smoothing(loss_type, label_smoothing, DPO_LOSS_TYPES)
@@ -387,6 +409,33 @@ class LinearDPOLoss(_PairedPreferenceLoss):
         self.loss_type, self.reference_free = loss_type, check_bool("reference_free", reference_free)
         self.discopop_tau = float(discopop_tau)
         self.average = loss_type == "ipo"
+        if ld_alpha is not None:
+            check_finite("ld_alpha", ld_alpha, 0.0, 1.0)
+            if self.average:
+                raise ValueError("ld_alpha weights the tokens of summed log-probabilities; loss_type='ipo' averages "
+                                 "them (TRL's LD-DPO then drops the averaging): use one or the other")
+            ld_alpha = float(ld_alpha)
+        self.ld_alpha, self.use_weighting = ld_alpha, check_bool("use_weighting", use_weighting)
+
+    def sequence_logps(self, per_token, valid):
+        if self.ld_alpha is None:
+            return super().sequence_logps(per_token, valid)
+        counted = valid.sum(-1)
+        pairs = counted.shape[0] // 2
+        public = torch.minimum(counted[:pairs], counted[pairs:]).repeat(2)  # l_p, each pair's shorter completion
+        front = valid & (valid.cumsum(-1) <= public[:, None])  # the first l_p counted tokens
+        return torch.where(front, per_token, self.ld_alpha * per_token).sum(-1)
+
+    def pair_weights(self, input, weight, target, per_token, valid):
+        if not self.use_weighting:
+            return None
+        with torch.no_grad():
+            # log p_t − log Σ_v p_v² = (2z_t − lse(2z)) − (z_t − lse(z)): log p at temperature ½ minus log p
+            sharp, _, _ = token_log_probs(input.detach(), weight.detach(), target, self.ignore_index, self.shift,
+                                          temperature=0.5)
+            adjusted = ((sharp - per_token.detach()) * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+            pairs = adjusted.shape[0] // 2
+            return torch.exp(adjusted[:pairs] + adjusted[pairs:]).clamp(max=1.0)
 
     def pair_losses(self, chosen, rejected, ref_chosen, ref_rejected):
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
@@ -394,9 +443,11 @@ class LinearDPOLoss(_PairedPreferenceLoss):
 
     def extra_repr(self):
         tau = f", discopop_tau={self.discopop_tau}" if self.loss_type == "discopop" else ""
+        options = (f", ld_alpha={self.ld_alpha}" if self.ld_alpha is not None else "") + (
+            ", use_weighting=True" if self.use_weighting else "")
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}{tau}, "
-                f"rpo_alpha={self.nll_weight}, reference_free={self.reference_free}, ignore_index={self.ignore_index}, "
-                f"shift={self.shift}")
+                f"rpo_alpha={self.nll_weight}, reference_free={self.reference_free}{options}, "
+                f"ignore_index={self.ignore_index}, shift={self.shift}")
 
 
 class LinearORPOLoss(_PairedPreferenceLoss):

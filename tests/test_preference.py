@@ -72,6 +72,34 @@ def trl_cpo_losses(pc, pr, beta, loss_type, ls, simpo_gamma):
     return (logits - 1 / (2 * beta)) ** 2
 
 
+def trl_ld_logps(per_token, mask, ld_alpha):
+    """DPOTrainer.concatenated_forward's LD-DPO branch, on its layout: each sequence's counted tokens first (TRL's
+    completions, flushed left), so that position < length picks the first tokens of the completion."""
+    flushed = torch.zeros_like(per_token)
+    for row in range(per_token.shape[0]):
+        kept = per_token[row][mask[row]]
+        flushed[row, :kept.shape[0]] = kept
+    completion_lengths = mask.sum(dim=1)
+    num_examples = per_token.shape[0] // 2
+    public_lengths = torch.min(completion_lengths[:num_examples], completion_lengths[num_examples:])
+    public_lengths = torch.cat([public_lengths, public_lengths], dim=0)
+    position_ids = torch.arange(per_token.shape[1]).expand_as(per_token)
+    ld_mask = position_ids < public_lengths.unsqueeze(1)
+    in_completion = position_ids < completion_lengths.unsqueeze(1)
+    front = (flushed * (ld_mask & in_completion)).sum(dim=1)
+    rear = (flushed * (~ld_mask & in_completion)).sum(dim=1)
+    return front + ld_alpha * rear
+
+
+def trl_wpo_weights(logits, per_token, mask):
+    """DPOTrainer.concatenated_forward's use_weighting branch (WPO)."""
+    logprobs = F.log_softmax(logits, dim=-1)
+    adjusted = per_token - torch.logsumexp(2 * logprobs, dim=-1)
+    all_weights = (adjusted * mask).sum(-1) / mask.sum(-1)
+    num_examples = per_token.shape[0] // 2
+    return torch.clamp(torch.exp(all_weights[:num_examples] + all_weights[num_examples:]), max=1)
+
+
 def pair_case(B=3, T=9, D=12, V=40, dtype=torch.float64, seed=0, device="cpu"):
     """2B sequences (chosen then rejected) whose first 2 positions are the prompt (ignored), a padded tail on one
     sequence, and a reference model of another width."""
@@ -93,14 +121,21 @@ def head_and_oracle(kind, **options):
         loss_type, ls = options.get("loss_type", "sigmoid"), options.get("label_smoothing", 0.0)
         rpo_alpha = options.get("rpo_alpha", 0.0)
         average = loss_type == "ipo"
+        ld_alpha, use_weighting = options.get("ld_alpha"), options.get("use_weighting", False)
 
         def oracle(x, w, t, xr, wr):
-            lp, per_token, mask, _ = trl_logps(x, w, t, average=average)
+            lp, per_token, mask, logits = trl_logps(x, w, t, average=average)
             ref = trl_logps(xr, wr, t, average=average)[0]
             B = x.shape[0] // 2
+            if ld_alpha is not None:
+                lp = trl_ld_logps(per_token, mask, ld_alpha)
             losses = trl_dpo_losses(lp[:B], lp[B:], ref[:B], ref[B:], beta, loss_type, ls,
                                     options.get("discopop_tau", 0.05))
             nll = -(per_token[:B] * mask[:B]).sum() / mask[:B].sum()
+            if use_weighting:  # TRL: ((losses + rpo_alpha·nll)·policy_weights).mean()
+                weights = trl_wpo_weights(logits.detach(), per_token.detach(), mask)
+                return (((losses + rpo_alpha * nll) * weights).mean(), lp, nll, beta * (lp[:B] - ref[:B]),
+                        beta * (lp[B:] - ref[B:]), losses * weights)
             return (losses.mean() + rpo_alpha * nll, lp, nll, beta * (lp[:B] - ref[:B]), beta * (lp[B:] - ref[B:]),
                     losses)
         return mk.LinearDPOLoss(**options), oracle
@@ -136,6 +171,8 @@ PAIRED_CASES = ([("dpo", dict(loss_type=lt)) for lt in DPO_LOSS_TYPES]
                    ("dpo", dict(loss_type="aot", label_smoothing=0.1)),
                    ("dpo", dict(loss_type="aot_pair", label_smoothing=0.1)),
                    ("dpo", dict(loss_type="discopop", discopop_tau=0.5, beta=0.3)),
+                   ("dpo", dict(ld_alpha=0.4)), ("dpo", dict(use_weighting=True, rpo_alpha=0.6)),
+                   ("dpo", dict(loss_type="hinge", ld_alpha=0.0, use_weighting=True)),
                    ("orpo", dict()), ("orpo", dict(beta=0.25))]
                 + [("cpo", dict(loss_type=lt)) for lt in CPO_LOSS_TYPES]
                 + [("cpo", dict(loss_type="sigmoid", label_smoothing=0.1, alpha=0.0)),
@@ -228,6 +265,27 @@ def test_sequence_log_probs_sum_mean_shift_and_empty_sequences():
         shifted = torch.cat([t[:, 1:], torch.full_like(t[:, :1], -100)], 1)
         got = mk.sequence_log_probs(x, w, t, average=average, shift=1)
         assert torch.allclose(got, mk.sequence_log_probs(x, w, shifted, average=average), atol=1e-12)
+
+
+def test_ld_dpo_and_wpo_options():
+    """LD-DPO's public length is per pair (the shorter completion's token count): a pair of equal lengths is
+    unchanged, ld_alpha = 1 is plain DPO; WPO's weights are detached, in (0, 1], and None without use_weighting."""
+    x, w, t, xr, wr = pair_case()
+    ref = dict(ref_input=xr, ref_weight=wr)
+    plain = mk.LinearDPOLoss()(x, w, t, **ref)
+    ld = mk.LinearDPOLoss(ld_alpha=0.4)(x, w, t, **ref)
+    assert plain.policy_weights is None
+    # sequence 1 (a chosen one) has 3 fewer counted tokens: only its pair's rejected sequence is cut
+    torch.testing.assert_close(ld.chosen_logps, plain.chosen_logps)
+    torch.testing.assert_close(ld.rejected_logps[[0, 2]], plain.rejected_logps[[0, 2]])
+    assert (ld.rejected_logps[1] - plain.rejected_logps[1]).abs() > 1.0
+    one = mk.LinearDPOLoss(ld_alpha=1.0)(x, w, t, **ref)
+    torch.testing.assert_close(one.loss, plain.loss)
+    head = mk.LinearDPOLoss(use_weighting=True, ld_alpha=0.25)
+    weighted = head(x.requires_grad_(), w, t, **ref)
+    assert not weighted.policy_weights.requires_grad and weighted.loss.requires_grad
+    assert ((weighted.policy_weights > 0) & (weighted.policy_weights <= 1)).all()
+    assert "ld_alpha=0.25, use_weighting=True" in repr(head)
 
 
 def test_dpo_known_values_at_zero_margin():
@@ -434,6 +492,9 @@ def test_bad_arguments_name_what_was_expected():
          r"label_smoothing must lie in \[0.0, 0.5\)"),
         (lambda: mk.LinearDPOLoss(label_smoothing=0.6), ValueError, "label_smoothing must lie"),
         (lambda: mk.LinearDPOLoss(beta=0.0), ValueError, "beta must lie"),
+        (lambda: mk.LinearDPOLoss(ld_alpha=1.5), ValueError, "ld_alpha must lie"),
+        (lambda: mk.LinearDPOLoss(loss_type="ipo", ld_alpha=0.5), ValueError, "ld_alpha weights the tokens"),
+        (lambda: mk.LinearDPOLoss(use_weighting="yes"), (TypeError, ValueError), "use_weighting"),
         (lambda: mk.LinearCPOLoss(loss_type="robust"), ValueError, "loss_type must be one of"),
         (lambda: mk.LinearSimPOLoss(gamma=float("nan")), ValueError, "^gamma must be a finite"),
         (lambda: mk.LinearCPOLoss(simpo_gamma=float("nan")), ValueError, "^simpo_gamma must be a finite"),

@@ -7,7 +7,7 @@ from tests.interpreter.test_triton_kernels import DEVICE, pytestmark  # noqa: F4
 from tests.test_preference import check_orpo_near_certain_completions, check_paired_head_against_trl
 
 CASES = [("dpo", dict(loss_type="sigmoid", rpo_alpha=0.5)), ("dpo", dict(loss_type="ipo")), ("orpo", dict()),
-         ("simpo", dict())]
+         ("simpo", dict()), ("dpo", dict(loss_type="sigmoid", ld_alpha=0.4, use_weighting=True, rpo_alpha=0.5))]
 
 
 @pytest.fixture(autouse=True)
@@ -16,7 +16,7 @@ def _force_triton(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0] + "-" + c[1].get("loss_type", ""))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0] + "".join(f"-{k}={v}" for k, v in c[1].items()))
 def test_paired_heads_match_trl_arithmetic(case, dtype):
     check_paired_head_against_trl(*case, device=DEVICE, dtype=dtype)
 
