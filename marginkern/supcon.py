@@ -73,10 +73,14 @@ def supcon_forward(x, k, row_scale, col_scale, row_class, key_class, offset):
     log_positive = pos_top - mean + torch.log(pos_total)
     log_negative = neg_top - mean + torch.log(neg_total)
     loss = torch.where(has_positive, torch.logaddexp(log_positive, log_negative), 0.0)
-    # the backward pass's (M_i, log Σ e^{z − M_i}); a row without positives (no gradient) gets (0, 0)
-    top = torch.where(has_positive, torch.maximum(pos_top, neg_top), 0.0)
+    # the backward pass's (M_i, log Σ e^{z − M_i}), for every row with a cell (a row without positives gets no
+    # gradient, but its e^{z − lse} ≤ 1 must stay finite: 0·e^z at z > 88 was NaN, and the GEMMs spread it); (0, 0)
+    # for a row with none (a single key, its own)
+    top = torch.maximum(pos_top, neg_top)
+    has_cells = top > -float("inf")
+    top = torch.where(has_cells, top, 0.0)
     log_sum = torch.logaddexp(pos_top - top + torch.log(pos_total), neg_top - top + torch.log(neg_total))
-    return loss, top, torch.where(has_positive, log_sum, 0.0), count
+    return loss, top, torch.where(has_cells, log_sum, 0.0), count
 
 
 def supcon_backward(grad_rows, x, k, row_scale, col_scale, row_class, key_class, offset, top, log_sum, count,
@@ -101,7 +105,8 @@ def supcon_backward(grad_rows, x, k, row_scale, col_scale, row_class, key_class,
         a = scaled_dots(x_acc, k, c0, c1, row_scale, col_scale, acc).sub_(top[:, None]).sub_(log_sum[:, None])
         positive, own = _cell_kinds(row_class, key_class, offset, c0, c1)
         share = positive_share[:, None]
-        g = torch.where(positive, torch.where(share == 1.0, torch.expm1(a), torch.exp(a) - share), torch.exp(a))
+        e = torch.exp(a)  # ≤ 1 but on the own cell (left out of M_i), which is masked
+        g = torch.where(positive, torch.where(share == 1.0, torch.expm1(a), e - share), e)
         return g.mul_(coef[:, None]).masked_fill_(own, 0.0)
 
     return scaled_rows_backward(x, x_acc, k, grad_chunk, row_scale, col_scale, need_input_grad,

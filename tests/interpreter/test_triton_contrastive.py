@@ -200,6 +200,23 @@ def test_supcon_contrast_mode_one_on_the_triton_epilogues(supcon_launches):
     assert supcon_launches == {"chunk_statistics": 1, "grad_chunk": 1}
 
 
+@pytest.mark.parametrize("case", range(3))
+def test_supcon_gradients_stay_finite_where_exponentials_overflow_on_the_triton_epilogues(case, supcon_launches):
+    """tests/test_contrastive.py's overflow cases through the Triton kernels (their expm1 had an e^{−a/2})."""
+    from tests.test_contrastive import logsumexp_supcon, supcon_extreme_cases
+    features, labels, temperature, normalize = supcon_extreme_cases()[case]
+    f32 = features.float().to(DEVICE).requires_grad_()
+    loss = mk.supcon_loss(f32, None if labels is None else labels.to(DEVICE), temperature=temperature,
+                          base_temperature=temperature, normalize=normalize)
+    (g,) = torch.autograd.grad(loss, f32)
+    exact = features.clone().requires_grad_()
+    want_loss = logsumexp_supcon(F.normalize(exact, dim=2) if normalize else exact, labels, temperature)
+    (want,) = torch.autograd.grad(want_loss, exact)
+    assert torch.isfinite(g).all() and supcon_launches == {"chunk_statistics": 1, "grad_chunk": 1}
+    torch.testing.assert_close(loss.double().cpu(), want_loss.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g.double().cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_supcon_confident_pairs_on_the_triton_epilogues(supcon_launches):
     """NT-Xent with identical views: the loss is log1p of the negatives' share, exact (the positive's term is e^0),
     and the positive cell's gradient is the kernel's expm1."""
