@@ -5,8 +5,8 @@ registers and spills (cuobjdump of the cubin; Triton's wheel ships ptxas and cuo
     python bench/sm90_compile.py                  # GPU_CONFIG and the sweep's quick grid
     python bench/sm90_compile.py 128,128,64,8,0,8,3  # BLOCK_N,BLOCK_C,BLOCK_D,GROUP_N,FLATTEN,num_warps,num_stages
     python bench/sm90_compile.py --launches FILE [--gpu-tiles]  # every launch the interpreter tier recorded
-                                                                # (scripts/test.sh); --gpu-tiles: the engine's at
-                                                                # GPU_CONFIG too
+                                                                # (scripts/test.sh); --gpu-tiles: the engine's
+                                                                # at GPU_CONFIG too
 
 It screens tile configurations before a GPU visit (one that spills or does not pipeline is not worth GPU
 time) and tests/test_sm90_compile.py keeps the default compiling to wgmma + cp.async without spills. The
@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-HOPPER = GPUTarget("cuda", 90, 64)
+HOPPER = GPUTarget("cuda", 90, 32)  # sm_90, 32 threads a warp
 # Argument types of the engine's kernels by name (anything else: i32).
 POINTER_TYPES = {
     "x_ptr": "*bf16", "w_ptr": "*bf16", "grad_ptr": "*bf16", "keys_ptr": "*bf16", "target_ptr": "*i64",
@@ -85,9 +85,10 @@ def _compile(kernel, signature, constexprs, attrs, num_warps, num_stages):
 def recorded_launches(path, gpu_tiles=False):
     """[(label, kernel, signature, constexprs, attrs, num_warps, num_stages)] of the launches that
     tests/interpreter/conftest.py recorded (MARGINKERN_RECORD_LAUNCHES), each as the interpreter ran it, each with
-    fp16 operands once more in bf16 (the interpreter has no bf16) and, with gpu_tiles, the streaming engine's (the interpreter's small blocks) once more at the GPU's (GPU_CONFIG, re-blocked
-    for sub-centres as the launcher does): the flag combinations the tests reach, at the tiles a GPU runs (~400 more
-    compiles of the large tiles: 4 more minutes on 2 cores)."""
+    fp16 operands once more in bf16 (the interpreter has no bf16) and, with gpu_tiles, the streaming engine's (the
+    interpreter's small blocks) once more at the GPU's (GPU_CONFIG, re-blocked for sub-centres as the launcher does):
+    the flag combinations the tests reach, at the tiles a GPU runs (~400 more compiles of the large tiles: 4 more
+    minutes on 2 cores)."""
     import importlib
     import json
     from marginkern.triton_kernels.tiles import GPU_CONFIG, INTERPRETER_BLOCKS, subcenter_blocks
@@ -158,7 +159,10 @@ def compile_recorded(path, gpu_tiles=False, jobs=None):
     core); returns [(label, report or None, error or None)]."""
     from concurrent.futures import ProcessPoolExecutor
     count = len(recorded_launches(path, gpu_tiles))
-    with ProcessPoolExecutor(jobs or os.cpu_count()) as pool:
+    if count == 0:
+        raise ValueError(f"{path} records no kernel launch: was the interpreter tier run with "
+                         "MARGINKERN_RECORD_LAUNCHES set, and did it run any test?")
+    with ProcessPoolExecutor(jobs or len(os.sched_getaffinity(0))) as pool:
         return list(pool.map(_compile_recorded_one, [path] * count, [gpu_tiles] * count, range(count), chunksize=4))
 
 

@@ -11,31 +11,36 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _launches = {}
 
 
-def _specialised(value, is_constexpr):
-    """[type, key] as Triton's launcher specialises the argument: ("constexpr", value) for a constexpr (and for
-    an integer equal to 1 or None), else its type (*bf16, i32, fp32, ...) and "D" when divisible by 16."""
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-    if is_constexpr:
-        if not isinstance(value, (bool, int, float, str, type(None))):
-            value = str(value)  # e.g. a tl.dtype: named, not compiled from the record
-        return ["constexpr", value]
-    kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
-    return [kind, key if kind == "constexpr" else (key or "")]
+_binders = {}
+
+
+def _binder(kernel):
+    """Triton's own launcher binder for an interpreted kernel: (bound arguments, their specialisation, the launch
+    options) as a GPU launch would make them (do_not_specialize and typed parameters included)."""
+    if kernel.fn not in _binders:
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+        jitted = JITFunction(kernel.fn, **kernel.kwargs)
+        _binders[kernel.fn] = create_function_from_signature(jitted.signature, jitted.params, BaseBackend)
+    return _binders[kernel.fn]
 
 
 def _record(kernel, args, kwargs):
-    import inspect
-
-    import triton.language as tl
-    params = inspect.signature(kernel.fn).parameters
-    bound = dict(zip(params, args))
-    bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
+    bound, specialization, options = _binder(kernel)(*args, **kwargs)
+    unknown = set(options) - set(LAUNCH_OPTIONS)
+    if unknown:
+        raise ValueError(f"{kernel.fn.__name__} was launched with {sorted(unknown)}: the launch recorder "
+                         f"(tests/interpreter/conftest.py) knows {LAUNCH_OPTIONS}")
     arguments = {}
-    for name, param in params.items():
-        value = bound[name] if name in bound else param.default
-        arguments[name] = _specialised(value, param.annotation is tl.constexpr or param.annotation == "tl.constexpr")
-    launch = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+    for name, (kind, key) in zip(bound, specialization):
+        if kind == "constexpr":
+            if not isinstance(key, (bool, int, float, str, type(None))):
+                raise ValueError(f"{kernel.fn.__name__}'s constexpr {name} = {key!r}: the launch recorder stores "
+                                 "numbers, strings and None only")
+            arguments[name] = [kind, key]
+        else:
+            arguments[name] = [kind, key or ""]
+    launch = {k: options[k] for k in LAUNCH_OPTIONS if k in options}
     entry = {"module": kernel.fn.__module__, "kernel": kernel.fn.__name__, "arguments": arguments, "launch": launch}
     _launches.setdefault(json.dumps(entry, sort_keys=True), entry)
 
