@@ -390,9 +390,10 @@ class LinearDPOLoss(_PairedPreferenceLoss):
     token-averaged log-probabilities, as TRL); rpo_alpha ≥ 0 adds that multiple of the chosen sequences' NLL (RPO,
     TRL's rpo_alpha); reference_free=True drops the reference model (and refuses reference arguments).
 
-    ld_alpha (LD-DPO, Liu et al. 2024; TRL's ld_alpha): the policy's log π of each sequence is the sum over its first
-    l_p counted tokens plus ld_alpha times the sum over the rest, l_p the shorter completion's token count in its pair
-    (the reference's stays the plain sum, as TRL's). use_weighting=True (WPO, Zhou et al. 2024; TRL's use_weighting):
+    ld_alpha (LD-DPO, Liu et al. 2024; TRL's option, the paper's definition): the policy's log π of each sequence is
+    the sum over its first l_p counted tokens plus ld_alpha times the sum over the rest, l_p the shorter completion's
+    token count in its pair (the reference's stays the plain sum, as TRL's). use_weighting=True (WPO, Zhou et al.
+    2024; TRL's option):
     each pair's loss (with its share of the RPO term) is weighted by min(1, exp(w_chosen + w_rejected)), w the token
     mean of log p(y_t) − log Σ_v p_v² under the policy, without gradient: log p at temperature ½ minus log p, one more
     fused forward pass over the vocabulary at temperature ½ (no logits).

@@ -73,8 +73,9 @@ def trl_cpo_losses(pc, pr, beta, loss_type, ls, simpo_gamma):
 
 
 def trl_ld_logps(per_token, mask, ld_alpha):
-    """DPOTrainer.concatenated_forward's LD-DPO branch, on its layout: each sequence's counted tokens first (TRL's
-    completions, flushed left), so that position < length picks the first tokens of the completion."""
+    """DPOTrainer.concatenated_forward's LD-DPO branch as the paper defines it (l_p counted from the completion's
+    first token): applied to each sequence's counted tokens moved to the front. TRL applies it to the positions of
+    prompt + completion, which this does not reproduce when a prompt precedes the completion."""
     flushed = torch.zeros_like(per_token)
     for row in range(per_token.shape[0]):
         kept = per_token[row][mask[row]]
