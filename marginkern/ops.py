@@ -1335,8 +1335,7 @@ def supcon_backward(grad_rows: Tensor, input: Tensor, keys: Tensor, row_scale: T
                              f" of {acc}, the forward op's") + f", got a {tuple(t.shape)} {t.dtype} tensor")
     grads = supcon_backward_pass(grad_rows, input.contiguous(), keys.contiguous(), row_scale, col_scale,
                                  row_class.contiguous(), key_class.contiguous(), offset, top, log_sum, count,
-                                 need_input_grad,
-                                 need_keys_grad, need_scale_grads)
+                                 need_input_grad, need_keys_grad, need_scale_grads)
     return tuple(_or_empty(g, like) for g, like in zip(grads, (input, keys, row_scale, col_scale)))
 
 

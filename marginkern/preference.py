@@ -393,10 +393,9 @@ class LinearDPOLoss(_PairedPreferenceLoss):
     ld_alpha (LD-DPO, Liu et al. 2024; TRL's option, the paper's definition): the policy's log π of each sequence is
     the sum over its first l_p counted tokens plus ld_alpha times the sum over the rest, l_p the shorter completion's
     token count in its pair (the reference's stays the plain sum, as TRL's). use_weighting=True (WPO, Zhou et al.
-    2024; TRL's option):
-    each pair's loss (with its share of the RPO term) is weighted by min(1, exp(w_chosen + w_rejected)), w the token
-    mean of log p(y_t) − log Σ_v p_v² under the policy, without gradient: log p at temperature ½ minus log p, one more
-    fused forward pass over the vocabulary at temperature ½ (no logits).
+    2024; TRL's option): each pair's loss (with its share of the RPO term) is weighted by min(1, exp(w_chosen +
+    w_rejected)), w the token mean of log p(y_t) − log Σ_v p_v² under the policy, without gradient: log p at
+    temperature ½ minus log p, one more fused forward pass over the vocabulary at temperature ½ (no logits).
     """
 
     uses_reference = True
