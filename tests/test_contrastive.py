@@ -468,16 +468,18 @@ def test_gradient_of_one_input_alone(chunk_bytes, which):
 
 # ---- SupCon / NT-Xent -------------------------------------------------------------------------------------------
 
-def official_supcon(features, labels=None, temperature=0.07, base_temperature=0.07, contrast_mode="all"):
+def official_supcon(features, labels=None, temperature=0.07, base_temperature=0.07, contrast_mode="all",
+                    dtype=torch.float64):
     """HobbitLong/SupContrast's losses.py SupConLoss.forward (its current handling of anchors without positives), in
-    float64; features (bsz, n_views, D) as given (the official code does not normalise)."""
-    features = features.double()
+    `dtype` (float64 by default; float32: the peer's own precision); features (bsz, n_views, D) as given (the official
+    code does not normalise)."""
+    features = features.to(dtype)
     batch_size = features.shape[0]
     if labels is None:
-        mask = torch.eye(batch_size, dtype=torch.float64)
+        mask = torch.eye(batch_size, dtype=dtype)
     else:
         labels = labels.contiguous().view(-1, 1)
-        mask = torch.eq(labels, labels.T).double()
+        mask = torch.eq(labels, labels.T).to(dtype)
     contrast_count = features.shape[1]
     contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
     if contrast_mode == "one":
@@ -689,7 +691,7 @@ def test_supcon_gradients_of_clustered_features_are_as_exact_as_the_official_cod
     (want,) = grads(official_supcon(exact, labels, 0.07).mean(), exact)
     (ours,) = grads(mk.supcon_loss(f32, labels, temperature=0.07, normalize=False), f32)
     official32 = f32.detach().clone().requires_grad_()
-    (theirs,) = grads(official_supcon_fp32(official32, labels, 0.07).mean(), official32)
+    (theirs,) = grads(official_supcon(official32, labels, 0.07, dtype=torch.float32).mean(), official32)
     error = lambda g: ((g.double() - want).norm() / want.norm()).item()  # noqa: E731
     assert error(ours) < 2 * error(theirs), (error(ours), error(theirs))
 
@@ -735,20 +737,6 @@ def test_supcon_gradients_stay_finite_where_exponentials_overflow(case):
     assert torch.isfinite(g).all()
     torch.testing.assert_close(loss.double(), want_loss.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-
-
-def official_supcon_fp32(features, labels, temperature):
-    """official_supcon's arithmetic kept in the features' dtype (fp32): the peer's own precision."""
-    batch_size = features.shape[0]
-    mask = torch.eq(labels.view(-1, 1), labels.view(1, -1)).to(features.dtype)
-    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
-    logits = contrast @ contrast.T / temperature
-    logits = logits - logits.max(1, keepdim=True)[0].detach()
-    mask = mask.repeat(2, 2)
-    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(batch_size * 2).view(-1, 1), 0)
-    mask = mask * logits_mask
-    log_prob = logits - torch.log((torch.exp(logits) * logits_mask).sum(1, keepdim=True))
-    return -(mask * log_prob).sum(1) / mask.sum(1)
 
 
 def test_supcon_takes_the_official_codes_shapes():
