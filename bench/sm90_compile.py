@@ -48,8 +48,10 @@ def integers_as_ones(kernel, constexprs, types=None):
     return {**constexprs, **{n: 1 for n in ints}}
 
 
-def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
-    """Compile `kernel` for sm_90; returns a dict of what the compiler produced (see the module docstring)."""
+def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None, divisible_sizes=True):
+    """Compile `kernel` for sm_90; returns a dict of what the compiler produced (see the module docstring).
+    divisible_sizes=False: no size or stride is known to be a multiple of 16 (a chunk of odd width), only the
+    pointers' alignment."""
     types = {**POINTER_TYPES, **(types or {})}
     # constexpr parameters left out take their defaults, as at a launch
     constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **constexprs}
@@ -62,7 +64,7 @@ def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None):
         else:
             signature[name] = types.get(name, "fp32" if name in FLOAT_ARGS else "i32")
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
-             if t.startswith("*") or (n in DIVISIBLE_BY_16 and t != "constexpr")}
+             if t.startswith("*") or (divisible_sizes and n in DIVISIBLE_BY_16 and t != "constexpr")}
     return _compile(kernel, signature, constexprs, attrs, num_warps, num_stages)
 
 
@@ -198,6 +200,9 @@ def engine_kernels(config, has_cost=False, from_dots=False, subcenters=1, has_en
 
 
 def main():
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if sys.argv[1:2] == ["--launches"]:
         results = compile_recorded(sys.argv[2], gpu_tiles="--gpu-tiles" in sys.argv[3:])

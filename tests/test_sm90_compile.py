@@ -177,21 +177,28 @@ def test_proxy_anchor_epilogues_compile(g):
 
 @pytest.mark.parametrize("h", ["*bf16", "*fp32"])
 def test_contrastive_epilogues_compile(h):
-    """InfoNCE's, SigLIP's and SupCon's chunk epilogues (fp32 dot products in; G in the backward GEMMs' dtype out)
-    compile without spills, also with every integer argument equal to one: SupCon's statistics kernel called B.to()
-    and so failed to compile for a batch of one row, which the interpreter never showed."""
-    from marginkern.triton_kernels import info_nce, siglip, supcon
+    """InfoNCE's, SigLIP's, SupCon's and Proxy-Anchor's chunk epilogues (fp32 dot products in; G in the backward GEMMs'
+    dtype out) compile without spills at the warps their launcher uses, also for a chunk whose sizes and strides are
+    no multiple of 16 (SupCon's gradient spilled there at 4 warps) and with every integer argument equal to one:
+    SupCon's statistics kernel called B.to() and so failed to compile for a batch of one row, which the interpreter
+    never showed."""
+    from marginkern.triton_kernels import info_nce, proxy_anchor, siglip, supcon
+    from marginkern.triton_kernels.chunk_tiles import TILE_WARPS
     types = {"d_ptr": "*fp32", "h_ptr": h, "g_ptr": h, "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32",
              "positive_ptr": "*i64", "bias_ptr": "*fp32", "row_class_ptr": "*i64", "key_class_ptr": "*i64",
-             "eps_over_m": "fp32", "eps_over_b": "fp32", "positive_cell_ptr": "*fp32"}
+             "eps_over_m": "fp32", "eps_over_b": "fp32", "positive_cell_ptr": "*fp32", "column_ptr": "*i64",
+             "alpha": "fp32", "margin": "fp32"}
     for module, kernel, flags in [(info_nce, info_nce.info_nce_stats_kernel, {}),
                                   (info_nce, info_nce.info_nce_grad_kernel, dict(SYMMETRIC=True)),
                                   (info_nce, info_nce.info_nce_grad_kernel, dict(SYMMETRIC=False)),
                                   (siglip, siglip.siglip_row_sums_kernel, {}), (siglip, siglip.siglip_grad_kernel, {}),
-                                  (supcon, supcon.supcon_stats_kernel, {}), (supcon, supcon.supcon_grad_kernel, {})]:
+                                  (supcon, supcon.supcon_stats_kernel, {}), (supcon, supcon.supcon_grad_kernel, {}),
+                                  (proxy_anchor, proxy_anchor.proxy_anchor_grad_kernel, {})]:
         blocks = dict(flags, BLOCK_N=module.BLOCK_N, BLOCK_C=module.BLOCK_C)
-        for constexprs in (blocks, sm90_compile.integers_as_ones(kernel, blocks, types)):
-            report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
+        for constexprs, divisible in ((blocks, True), (blocks, False),
+                                      (sm90_compile.integers_as_ones(kernel, blocks, types), True)):
+            report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=TILE_WARPS, num_stages=2, types=types,
+                                               divisible_sizes=divisible)
             assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"
 
 

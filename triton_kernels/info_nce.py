@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_tiles import max_and_exp_sum, merged_partials, scaled_logit_tile
-from .device import cdiv, check_row_blocks, on_device
+from .chunk_tiles import (gradient_buffer, launch_over_tiles, max_and_exp_sum, merged_partials, scaled_logit_tile,
+                          store_tile, tile_indices)
+from .device import cdiv
 
 BLOCK_N, BLOCK_C = 64, 64
 
@@ -23,15 +24,10 @@ BLOCK_N, BLOCK_C = 64, 64
 def info_nce_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_max_ptr, row_sum_ptr,
                                     row_z_ptr, col_max_ptr, col_sum_ptr, col_z_ptr, B, CC, c0, offset, col_blocks,
                                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    # column blocks on grid axis 0 (2³¹ − 1 programs), row blocks on axis 1 (65535: B up to 4M)
-    col_block, row_block = tl.program_id(0), tl.program_id(1)
-    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < B, cols < CC
-    mask = row_mask[:, None] & col_mask[None, :]
+    rows, cols, row_mask, col_mask, mask = tile_indices(B, CC, BLOCK_N, BLOCK_C)
     z = scaled_logit_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
-    row_out = rows.to(tl.int64) * col_blocks + col_block
-    col_out = row_block.to(tl.int64) * CC + cols
+    row_out = rows.to(tl.int64) * col_blocks + tl.program_id(0)  # (B, column blocks) and (row blocks, CC) partials
+    col_out = tl.program_id(1).to(tl.int64) * CC + cols
     tl.store(row_z_ptr + row_out, tl.sum(z, axis=1), mask=row_mask)
     tl.store(col_z_ptr + col_out, tl.sum(z, axis=0), mask=col_mask)
     others = tl.where(mask & ((offset + rows)[:, None] != (c0 + cols)[None, :]), z, -float("inf"))
@@ -47,10 +43,7 @@ def info_nce_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_max
 def info_nce_grad_kernel(d_ptr, stride_d, h_ptr, stride_h, row_scale_ptr, col_scale_ptr, row_lse_ptr, col_lse_ptr,
                          coef_ptr, positive_cell_ptr, B, CC, c0, offset, eps_over_m, eps_over_b,
                          SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < B, cols < CC
-    mask = row_mask[:, None] & col_mask[None, :]
+    rows, cols, row_mask, col_mask, mask = tile_indices(B, CC, BLOCK_N, BLOCK_C)
     z = scaled_logit_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols, row_mask, col_mask)
     key = c0 + cols
     row_lse = tl.load(row_lse_ptr + rows, mask=row_mask, other=0.0)
@@ -63,7 +56,7 @@ def info_nce_grad_kernel(d_ptr, stride_d, h_ptr, stride_h, row_scale_ptr, col_sc
         g += tl.where(is_positive_key[None, :], col_coef[None, :] * (tl.exp(z - col_lse[None, :]) - eps_over_b), 0.0)
     positive_cell = tl.load(positive_cell_ptr + rows, mask=row_mask, other=0.0)
     g = tl.where((offset + rows)[:, None] == key[None, :], positive_cell[:, None], g)
-    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :], g.to(h_ptr.dtype.element_ty), mask=mask)
+    store_tile(h_ptr, stride_h, rows, cols, g, mask)
 
 
 def chunk_statistics(d, row_scale, col_scale, c0, offset):
@@ -76,12 +69,9 @@ def chunk_statistics(d, row_scale, col_scale, c0, offset):
     row_sum, row_z = torch.zeros_like(row_max), torch.zeros_like(row_max)
     col_max = torch.full((row_blocks, CC), -float("inf"), dtype=torch.float32, device=d.device)
     col_sum, col_z = torch.zeros_like(col_max), torch.zeros_like(col_max)
-    check_row_blocks(B, BLOCK_N)
-    if B and CC:
-        with on_device(d):
-            info_nce_stats_kernel[(col_blocks, row_blocks)](
-                d, d.stride(0), row_scale.contiguous(), col_scale.contiguous(), row_max, row_sum, row_z, col_max,
-                col_sum, col_z, B, CC, c0, offset, col_blocks, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    launch_over_tiles(info_nce_stats_kernel, d, BLOCK_N, BLOCK_C, d, d.stride(0), row_scale.contiguous(),
+                      col_scale.contiguous(), row_max, row_sum, row_z, col_max, col_sum, col_z, B, CC, c0, offset,
+                      col_blocks)
     return (*merged_partials(row_max, row_sum, 1), row_z.sum(1)), (*merged_partials(col_max, col_sum, 0), col_z.sum(0))
 
 
@@ -91,12 +81,8 @@ def grad_chunk(d, c0, offset, symmetric, row_scale, col_scale, row_lse, col_lse,
     row_lse, coef, positive_cell (B,), col_lse (B,) fp32: each positive key's column log-sum-exp (read when
     symmetric)."""
     B, CC = d.shape
-    h = d if dtype == torch.float32 else torch.empty((B, CC), dtype=dtype, device=d.device)
-    check_row_blocks(B, BLOCK_N)
-    if B and CC:
-        with on_device(d):
-            info_nce_grad_kernel[(cdiv(CC, BLOCK_C), cdiv(B, BLOCK_N))](
-                d, d.stride(0), h, h.stride(0), row_scale.contiguous(), col_scale.contiguous(), row_lse, col_lse,
-                coef, positive_cell, B, CC, c0, offset, eps_over_m, eps_over_b, SYMMETRIC=symmetric,
-                BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    h = gradient_buffer(d, dtype)
+    launch_over_tiles(info_nce_grad_kernel, d, BLOCK_N, BLOCK_C, d, d.stride(0), h, h.stride(0), row_scale.contiguous(),
+                      col_scale.contiguous(), row_lse, col_lse, coef, positive_cell, B, CC, c0, offset, eps_over_m,
+                      eps_over_b, SYMMETRIC=symmetric)
     return h

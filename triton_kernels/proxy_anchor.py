@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .cosent_scan import _softplus
-from .device import cdiv, check_row_blocks, on_device
+from .chunk_tiles import gradient_buffer, launch_over_tiles, store_tile, tile_indices
+from .device import cdiv, on_device
 
 BLOCK_N, BLOCK_C = 64, 32  # 32 columns a program: 512 programs for a 16384-proxy chunk; 128-byte row segments
 
@@ -48,11 +49,7 @@ def proxy_anchor_negative_terms_kernel(z_ptr, stride_z, inv_x_ptr, inv_w_ptr, co
 def proxy_anchor_grad_kernel(z_ptr, stride_z, g_ptr, stride_g, inv_x_ptr, inv_w_ptr, column_ptr, negative_ptr,
                              own_cell_ptr, coef_ptr, N, CC, c0, alpha, margin,
                              BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    # columns on grid axis 0 (2³¹ − 1 programs), rows on axis 1 (65535: N up to 4M rows)
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < N, cols < CC
-    mask = row_mask[:, None] & col_mask[None, :]
+    rows, cols, row_mask, col_mask, mask = tile_indices(N, CC, BLOCK_N, BLOCK_C)
     inv_x = tl.load(inv_x_ptr + rows, mask=row_mask, other=0.0)
     inv_w = tl.load(inv_w_ptr + cols, mask=col_mask, other=0.0)
     own = tl.load(column_ptr + rows, mask=row_mask, other=-1)
@@ -65,7 +62,7 @@ def proxy_anchor_grad_kernel(z_ptr, stride_z, g_ptr, stride_g, inv_x_ptr, inv_w_
     g = coef * tl.exp(a - negative_term[None, :]) * scale
     is_own = own[:, None] == (c0 + cols)[None, :]
     g = tl.where(is_own, own_cell[:, None], tl.where(own[:, None] != -1, g, 0.0))
-    tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+    store_tile(g_ptr, stride_g, rows, cols, g, mask)
 
 
 def negative_terms(z, inv_x, inv_w, column, c0, alpha, margin):
@@ -84,11 +81,7 @@ def grad_chunk(z, inv_x, inv_w, column, negative, own_cell, coef, c0, alpha, mar
     """G (N, C_chunk) in `dtype` (written over z when that is fp32); coef: a 0-dim fp32 tensor (α/C times the
     upstream gradient, read on the device)."""
     N, CC = z.shape
-    g = z if dtype == torch.float32 else torch.empty((N, CC), dtype=dtype, device=z.device)
-    check_row_blocks(N, BLOCK_N)
-    if N and CC:
-        with on_device(z):
-            proxy_anchor_grad_kernel[(cdiv(CC, BLOCK_C), cdiv(N, BLOCK_N))](
-                z, z.stride(0), g, g.stride(0), inv_x, inv_w, column, negative, own_cell, coef, N, CC, c0, alpha,
-                margin, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    g = gradient_buffer(z, dtype)
+    launch_over_tiles(proxy_anchor_grad_kernel, z, BLOCK_N, BLOCK_C, z, z.stride(0), g, g.stride(0), inv_x, inv_w,
+                      column, negative, own_cell, coef, N, CC, c0, alpha, margin)
     return g

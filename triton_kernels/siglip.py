@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .cosent_scan import _softplus
-from .chunk_tiles import scaled_logit_tile
-from .device import cdiv, check_row_blocks, on_device
+from .chunk_tiles import gradient_buffer, launch_over_tiles, scaled_logit_tile, store_tile, tile_indices
+from .device import cdiv
 
 BLOCK_N, BLOCK_C = 32, 128
 
@@ -37,18 +37,13 @@ def _sigmoid(s):
 @triton.jit
 def siglip_row_sums_kernel(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr, loss_ptr, grad_ptr,
                            N, CC, c0, blocks, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    # column blocks on grid axis 0 (2³¹ − 1 programs), rows on axis 1 (65535: N up to 2M rows)
-    block = tl.program_id(0)
-    cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < N, cols < CC
-    mask = row_mask[:, None] & col_mask[None, :]
+    rows, cols, row_mask, col_mask, mask = tile_indices(N, CC, BLOCK_N, BLOCK_C)
     s, is_positive = _signed(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr, rows, row_mask,
                              cols, col_mask, c0)
     loss = tl.sum(tl.where(mask, _softplus(s), 0.0), axis=1)
     sig = _sigmoid(s)
     grad = tl.sum(tl.where(mask, tl.where(is_positive, -sig, sig), 0.0), axis=1)
-    out = rows.to(tl.int64) * blocks + block
+    out = rows.to(tl.int64) * blocks + tl.program_id(0)
     tl.store(loss_ptr + out, loss, mask=row_mask)
     tl.store(grad_ptr + out, grad, mask=row_mask)
 
@@ -56,16 +51,13 @@ def siglip_row_sums_kernel(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_pt
 @triton.jit
 def siglip_grad_kernel(d_ptr, stride_d, h_ptr, stride_h, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr,
                        coef_ptr, N, CC, c0, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < N, cols < CC
-    mask = row_mask[:, None] & col_mask[None, :]
+    rows, cols, row_mask, col_mask, mask = tile_indices(N, CC, BLOCK_N, BLOCK_C)
     s, is_positive = _signed(d_ptr, stride_d, bias_ptr, positive_ptr, row_scale_ptr, col_scale_ptr, rows, row_mask,
                              cols, col_mask, c0)
     coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
     sig = _sigmoid(s)
     h = coef[:, None] * tl.where(is_positive, -sig, sig)
-    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    store_tile(h_ptr, stride_h, rows, cols, h, mask)
 
 
 def row_sums(d, bias, positive, row_scale, col_scale, c0):
@@ -76,12 +68,8 @@ def row_sums(d, bias, positive, row_scale, col_scale, c0):
     blocks = cdiv(CC, BLOCK_C)
     loss = torch.zeros((N, blocks), dtype=torch.float32, device=d.device)
     grad = torch.zeros((N, blocks), dtype=torch.float32, device=d.device)
-    check_row_blocks(N, BLOCK_N)
-    if N and CC:
-        with on_device(d):
-            siglip_row_sums_kernel[(blocks, cdiv(N, BLOCK_N))](
-                d, d.stride(0), bias, positive.contiguous(), row_scale.contiguous(), col_scale.contiguous(), loss,
-                grad, N, CC, c0, blocks, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    launch_over_tiles(siglip_row_sums_kernel, d, BLOCK_N, BLOCK_C, d, d.stride(0), bias, positive.contiguous(),
+                      row_scale.contiguous(), col_scale.contiguous(), loss, grad, N, CC, c0, blocks)
     return loss.sum(1), grad.sum(1)
 
 
@@ -89,11 +77,8 @@ def grad_chunk(d, bias, positive, coef, row_scale, col_scale, c0, dtype):
     """G = dL/dz (N, CC) in `dtype` (written over d when that is fp32: each program reads its own tile first); coef
     (N,) fp32: each row's upstream gradient."""
     N, CC = d.shape
-    h = d if dtype == torch.float32 else torch.empty((N, CC), dtype=dtype, device=d.device)
-    check_row_blocks(N, BLOCK_N)
-    if N and CC:
-        with on_device(d):
-            siglip_grad_kernel[(cdiv(CC, BLOCK_C), cdiv(N, BLOCK_N))](
-                d, d.stride(0), h, h.stride(0), bias, positive.contiguous(), row_scale.contiguous(),
-                col_scale.contiguous(), coef.contiguous(), N, CC, c0, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    h = gradient_buffer(d, dtype)
+    launch_over_tiles(siglip_grad_kernel, d, BLOCK_N, BLOCK_C, d, d.stride(0), h, h.stride(0), bias,
+                      positive.contiguous(), row_scale.contiguous(), col_scale.contiguous(), coef.contiguous(), N, CC,
+                      c0)
     return h

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_tiles import max_and_exp_sum, merged_partials, scaled_logit_tile
-from .device import cdiv, check_row_blocks, on_device
+from .chunk_tiles import (gradient_buffer, launch_over_tiles, max_and_exp_sum, merged_partials, scaled_logit_tile,
+                          store_tile, tile_indices)
+from .device import cdiv
 
 BLOCK_N, BLOCK_C = 64, 64
 
@@ -36,19 +37,14 @@ def _cells(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_cla
 @triton.jit
 def supcon_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr, out_ptr, B, CC,
                         c0, offset, col_blocks, plane, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    # column blocks on grid axis 0 (2³¹ − 1 programs), row blocks on axis 1 (65535: B up to 4M)
-    col_block = tl.program_id(0)
-    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < B, cols < CC
-    mask = row_mask[:, None] & col_mask[None, :]
+    rows, cols, row_mask, col_mask, mask = tile_indices(B, CC, BLOCK_N, BLOCK_C)
     z, positive, own = _cells(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr, rows, cols,
                               row_mask, col_mask, c0, offset)
     p_top, p_total = max_and_exp_sum(tl.where(positive, z, -float("inf")), 1)
     n_top, n_total = max_and_exp_sum(tl.where(mask & (positive == 0) & (own == 0), z, -float("inf")), 1)
     # six (B, col_blocks) planes, `plane` = B·col_blocks apart (from the host: B.to() would not compile when the
     # launcher makes B = 1 a constant); the pointer steps one plane at a time, so no k·plane can overflow int32
-    at = out_ptr + rows.to(tl.int64) * col_blocks + col_block
+    at = out_ptr + rows.to(tl.int64) * col_blocks + tl.program_id(0)
     tl.store(at, p_top, mask=row_mask)
     at += plane
     tl.store(at, p_total, mask=row_mask)
@@ -66,10 +62,7 @@ def supcon_stats_kernel(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class
 def supcon_grad_kernel(d_ptr, stride_d, g_ptr, stride_g, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr,
                        top_ptr, log_sum_ptr, coef_ptr, share_ptr, B, CC, c0, offset, BLOCK_N: tl.constexpr,
                        BLOCK_C: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < B, cols < CC
-    mask = row_mask[:, None] & col_mask[None, :]
+    rows, cols, row_mask, col_mask, mask = tile_indices(B, CC, BLOCK_N, BLOCK_C)
     z, positive, own = _cells(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, row_class_ptr, key_class_ptr, rows, cols,
                               row_mask, col_mask, c0, offset)
     top = tl.load(top_ptr + rows, mask=row_mask, other=0.0)
@@ -84,7 +77,7 @@ def supcon_grad_kernel(d_ptr, stride_d, g_ptr, stride_g, row_scale_ptr, col_scal
     expm1 = tl.where(tl.abs(a) < 0.35, series, e - 1.0)
     g = tl.where(positive, tl.where(share[:, None] == 1.0, expm1, e - share[:, None]), e)
     g = tl.where(own, 0.0, coef[:, None] * g)
-    tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+    store_tile(g_ptr, stride_g, rows, cols, g, mask)
 
 
 def chunk_statistics(d, row_scale, col_scale, row_class, key_class, c0, offset):
@@ -95,12 +88,9 @@ def chunk_statistics(d, row_scale, col_scale, row_class, key_class, c0, offset):
     out = torch.zeros((6, B, col_blocks), dtype=torch.float32, device=d.device)
     out[0].fill_(-float("inf"))
     out[4].fill_(-float("inf"))
-    check_row_blocks(B, BLOCK_N)
-    if B and CC:
-        with on_device(d):
-            supcon_stats_kernel[(col_blocks, cdiv(B, BLOCK_N))](
-                d, d.stride(0), row_scale.contiguous(), col_scale.contiguous(), row_class.contiguous(),
-                key_class.contiguous(), out, B, CC, c0, offset, col_blocks, B * col_blocks, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    launch_over_tiles(supcon_stats_kernel, d, BLOCK_N, BLOCK_C, d, d.stride(0), row_scale.contiguous(),
+                      col_scale.contiguous(), row_class.contiguous(), key_class.contiguous(), out, B, CC, c0, offset,
+                      col_blocks, B * col_blocks)
     return (*merged_partials(out[0], out[1], 1), out[2].sum(1), out[3].sum(1)), merged_partials(out[4], out[5], 1)
 
 
@@ -108,12 +98,8 @@ def grad_chunk(d, row_scale, col_scale, row_class, key_class, c0, offset, top, l
     """G (B, CC) in `dtype` (written over d when that is fp32: each program reads its own tile first); top, log_sum,
     coef, positive_share (B,) fp32."""
     B, CC = d.shape
-    g = d if dtype == torch.float32 else torch.empty((B, CC), dtype=dtype, device=d.device)
-    check_row_blocks(B, BLOCK_N)
-    if B and CC:
-        with on_device(d):
-            supcon_grad_kernel[(cdiv(CC, BLOCK_C), cdiv(B, BLOCK_N))](
-                d, d.stride(0), g, g.stride(0), row_scale.contiguous(), col_scale.contiguous(),
-                row_class.contiguous(), key_class.contiguous(), top, log_sum, coef, positive_share, B, CC, c0, offset,
-                BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    g = gradient_buffer(d, dtype)
+    launch_over_tiles(supcon_grad_kernel, d, BLOCK_N, BLOCK_C, d, d.stride(0), g, g.stride(0), row_scale.contiguous(),
+                      col_scale.contiguous(), row_class.contiguous(), key_class.contiguous(), top, log_sum, coef,
+                      positive_share, B, CC, c0, offset)
     return g
