@@ -227,10 +227,20 @@ def check_temperature(temperature):
     return float(temperature)
 
 
+def check_angular_margin(name, value):
+    """An additive angular margin (ArcFace's m2) in radians, in [0, π]: pytorch-metric-learning's ArcFaceLoss takes
+    degrees (28.6), which would silently train with a margin of 28.6 radians."""
+    check_finite(name, value, 0.0)  # the monotone extension ψ of DESIGN.md §4 needs m2 ≥ 0
+    if value > math.pi:
+        raise ValueError(f"{name} is an angle in radians (ArcFace's 0.5) and must lie in [0, π], got {value!r}; "
+                         f"in degrees (pytorch-metric-learning's ArcFaceLoss), pass math.radians({value!r}) = "
+                         f"{math.radians(value):.4g}")
+
+
 def check_margin_scalars(scale, m1, m2, m3, label_smoothing):
     check_finite("scale", scale, 0.0, low_open=True)
     check_finite("m1", m1, 1.0)  # the monotone extension ψ of DESIGN.md §4 needs m1 ≥ 1, m2 ≥ 0
-    check_finite("m2", m2, 0.0)
+    check_angular_margin("m2", m2)
     check_finite("m3", m3)
     check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
 

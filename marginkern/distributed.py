@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import (check_bias, check_bool, check_class_shard, check_class_weight, check_class_weight_values,
-                     check_classes_per_rank, check_classification_inputs, check_direction, check_extra_outputs,
+from .checks import (check_angular_margin, check_bias, check_bool, check_class_shard, check_class_weight,
+                     check_class_weight_values, check_classes_per_rank, check_classification_inputs, check_direction, check_extra_outputs,
                      check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
                      check_linear_ce_options, check_margin_options, check_module_embeddings,
                      check_proxy_anchor_options, check_reduction,
@@ -1016,7 +1016,7 @@ class ShardedArcFaceLoss(ShardedCombinedMarginLoss):
     """ArcFace (cos(θ_y + margin), monotone past θ = π − margin) over class centres sharded across `group`."""
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, **kwargs):
-        check_finite("margin", margin, 0.0)  # named as the caller knows it (it becomes m2)
+        check_angular_margin("margin", margin)  # named as the caller knows it (it becomes m2)
         super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
 
 

@@ -17,7 +17,7 @@ the whole gathered batch).
 import torch
 
 from .adaptive_margins import _refuse_options
-from .checks import check_finite, check_target_tensor
+from .checks import check_angular_margin, check_finite, check_target_tensor
 from .engine import accumulation_dtype
 from .modules import CombinedMarginLoss, Float32Buffers, ReplayedStepOptions, subcenter_cosines
 
@@ -39,7 +39,7 @@ class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
 
     @staticmethod
     def _check_curricular(margin, momentum, kwargs):
-        check_finite("margin", margin, 0.0)
+        check_angular_margin("margin", margin)
         check_finite("momentum", momentum, 0.0, 1.0)
         _refuse_options(kwargs, ("normalize",), "CurricularFace's logits are cosines")
         _refuse_filtering(kwargs, "CurricularFace")

@@ -8,8 +8,8 @@ import weakref
 import torch
 from torch import nn
 
-from .checks import (check_bool, check_class_weight, check_class_weight_values, check_extra_outputs, check_finite,
-                     check_head_size, check_ignore_index, check_jsd_beta, check_linear_ce_options, check_logits_buffer,
+from .checks import (check_angular_margin, check_bool, check_class_weight, check_class_weight_values,
+                     check_extra_outputs, check_finite, check_head_size, check_ignore_index, check_jsd_beta, check_linear_ce_options, check_logits_buffer,
                      check_margin_options, check_module_embeddings, check_proxy_anchor_options, check_reduction,
                      check_shift, check_subcenters,
                      check_temperature, check_tensor, checked_class_targets, interclass_filtering_options,
@@ -401,7 +401,7 @@ class ArcFaceLoss(CombinedMarginLoss):
     """ArcFace: cos(θ_y + margin), made monotone past θ = π − margin."""
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, **kwargs):
-        check_finite("margin", margin, 0.0)  # named as the caller knows it (it becomes m2)
+        check_angular_margin("margin", margin)  # named as the caller knows it (it becomes m2)
         super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
 
 

@@ -489,6 +489,8 @@ def test_a_margin_schedule_takes_effect_per_step():
     (lambda x, w, t: (x.int(), w.int(), t), TypeError, "input"),
     (lambda x, w, t: (x, w.to("meta"), t), ValueError, "device"),
     (lambda x, w, t: (x, w[:0], t[:0] * 0), ValueError, "weight"),
+    # FSDP1's flat 1-D parameter shard (Liger #332): refused, not read as a (C, D) matrix
+    (lambda x, w, t: (x, w.reshape(-1), t), ValueError, r"weight must have shape \(C, D\)"),
 ])
 def test_bad_tensors_raise_naming_the_argument(mutate, exc, match):
     x, w, t = make_case(4, 6, 3, requires_grad=False)
@@ -498,7 +500,8 @@ def test_bad_tensors_raise_naming_the_argument(mutate, exc, match):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(m1=0.5), "m1"), (dict(m2=-0.1), "m2"), (dict(scale=0.0), "scale"), (dict(scale=math.inf), "scale"),
+    (dict(m1=0.5), "m1"), (dict(m2=-0.1), "m2"), (dict(m2=28.6), "m2 is an angle in radians"), (dict(scale=0.0), "scale"),
+    (dict(scale=math.inf), "scale"),
     (dict(m3=math.nan), "m3"), (dict(label_smoothing=1.5), "label_smoothing"),
     (dict(margin_grad="approx"), "margin_grad"), (dict(reduction="avg"), "reduction"),
 ])
