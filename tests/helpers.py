@@ -487,3 +487,23 @@ def counted_launchers(monkeypatch, kernels, names):
             return _launcher(*args)
         monkeypatch.setattr(kernels, name, counted)
     return counts
+
+
+def check_offset_targets_and_shift(device, fn, dtype):
+    """fn(hidden, w, labels, reduction="none", shift=1) with labels a view one int64 into its allocation (8-byte, not
+    16-byte aligned: flash-attn's bedf8774, a vectorised load of a misaligned int64 pointer) equals the call on an
+    aligned copy, loss and gradient."""
+    B, T, D, C = 3, 11, 32, 301
+    torch.manual_seed(5)
+    hidden = torch.randn(B, T, D, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(C, D, device=device) * 0.3).to(dtype)
+    big = torch.randint(0, C, (B * T + 1,), device=device)
+    labels = big[1:].view(B, T)
+    assert labels.data_ptr() % 16 == 8 and labels.clone().data_ptr() % 16 == 0
+    got = fn(hidden, w, labels, reduction="none", shift=1)
+    want = fn(hidden, w, labels.clone(), reduction="none", shift=1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    g, = torch.autograd.grad(got.sum(), hidden)
+    e, = torch.autograd.grad(want.sum(), hidden)
+    torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert (got[:, -1] == 0).all() and torch.isfinite(got).all()

@@ -14,10 +14,10 @@ from tests.helpers import (assert_close_rel, check_confident_rows_per_row_gradie
                            check_duplicate_subcenters_are_plain_margin_ce, check_emo_confident_rows,
                            check_fp16_grad_saturates_and_keeps_nan, check_hard_negatives_match_oracle,
                            check_loss_and_grads, check_margin_fp16_under_grad_scaler,
-                           check_margin_per_row_upstream_gradient, check_row_margins_match_oracle,
-                           check_subcenters_match_oracle, loss_and_grads, make_case)
+                           check_margin_per_row_upstream_gradient, check_offset_targets_and_shift,
+                           check_row_margins_match_oracle, check_subcenters_match_oracle, loss_and_grads, make_case)
 from tests.test_cpp import EPILOGUES, SHAPES, check_special_rows_lse, random_cost, random_spec
-from tests.test_linear_ce import grads
+from tests.test_linear_ce import _log_probs_then_entropy, grads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -261,8 +261,13 @@ def test_linear_ce_cuda_matches_oracle(dtype, opts, knobs, backend):
         assert_close_rel(g, e, dtype, name)
 
 
+@pytest.mark.parametrize("fn", [mk.linear_cross_entropy, mk.emo_cross_entropy, _log_probs_then_entropy])
+def test_offset_int64_targets_with_shift_cuda(fn, backend):
+    check_offset_targets_and_shift("cuda", fn, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0)], ids=["ce", "focal"])
+@pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0), dict(focal_gamma=0.5)], ids=["ce", "focal", "focal<1"])
 def test_linear_ce_confident_rows_keep_their_gradient_cuda(dtype, opts, backend):
     check_confident_rows_per_row_gradient("cuda", dtype, opts)
 

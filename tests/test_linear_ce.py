@@ -376,8 +376,9 @@ def test_losses_return_fp32_for_16bit_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0), dict(gamma_ce=0.5)])
+@pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0), dict(focal_gamma=0.5), dict(gamma_ce=0.5)])
 def test_confident_rows_keep_their_gradient(dtype, opts):
+    # focal γ < 1: the slope's (1 − p_t)^{γ−1} grows without bound as p_t → 1 (seed_losses.md)
     from tests.helpers import check_confident_rows_per_row_gradient
     check_confident_rows_per_row_gradient("cpu", dtype, opts)
 

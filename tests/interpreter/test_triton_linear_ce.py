@@ -7,9 +7,11 @@ import marginkern.engine as engine
 from marginkern import reference
 from marginkern.dispatch import select_tiles
 from tests.helpers import (REL_TOL, assert_close_rel, check_confident_rows_per_row_gradient,
-                           check_fp16_grad_saturates_and_keeps_nan, check_sharded_linear_ce_tiles, make_case)
+                           check_fp16_grad_saturates_and_keeps_nan, check_offset_targets_and_shift,
+                           check_sharded_linear_ce_tiles, make_case)
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
-from tests.test_linear_ce import OPTIONS, check_gamma_ce_extremes, check_large_softcap, grads
+from tests.test_linear_ce import (OPTIONS, _log_probs_then_entropy, check_gamma_ce_extremes, check_large_softcap,
+                                  grads)
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +124,7 @@ def test_fp16_grad_saturates_and_keeps_nan():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0), dict(gamma_ce=0.5)])
+@pytest.mark.parametrize("opts", [dict(), dict(focal_gamma=2.0), dict(focal_gamma=0.5), dict(gamma_ce=0.5)])
 def test_confident_rows_keep_their_gradient(dtype, opts):
     check_confident_rows_per_row_gradient(DEVICE, dtype, opts)
 
@@ -175,3 +177,8 @@ def test_token_accuracy_of_non_finite_rows():
     """The merge kernel's max skips NaN: the accuracy must not count a NaN row correct."""
     from tests.test_token_accuracy import check_non_finite_rows_are_not_correct
     check_non_finite_rows_are_not_correct(DEVICE)
+
+
+@pytest.mark.parametrize("fn", [mk.linear_cross_entropy, mk.emo_cross_entropy, _log_probs_then_entropy])
+def test_offset_int64_targets_with_shift(fn):
+    check_offset_targets_and_shift(DEVICE, fn, torch.float32)
