@@ -1481,14 +1481,17 @@ def _contrastive_single_process(q_all, k_all, W, loss_name, kwargs):
                    for name in ("scale", "bias") if name in kwargs}
         rows = q[r * B:(r + 1) * B]
         positive = torch.arange(r * M, r * M + B)
+        normalize = kwargs.get("normalize", True)
         if loss_name == "siglip_loss":
-            loss = siglip_oracle(rows, k, learned["scale"], learned["bias"], positive=positive).mean()
+            loss = siglip_oracle(rows, k, learned["scale"], learned["bias"], positive=positive,
+                                 normalize=normalize).mean()
         else:
             scale = learned.get("scale", 20.0)
-            loss = info_nce_oracle(rows, k, scale, positive=positive, margin=kwargs.get("margin", 0.0))
+            loss = info_nce_oracle(rows, k, scale, positive=positive, margin=kwargs.get("margin", 0.0),
+                                   normalize=normalize)
             if kwargs.get("symmetric"):
                 back = info_nce_oracle(k[r * M:r * M + B], q, scale, positive=torch.arange(r * B, (r + 1) * B),
-                                       margin=kwargs.get("margin", 0.0))
+                                       margin=kwargs.get("margin", 0.0), normalize=normalize)
                 loss = (loss + back) / 2
             loss = loss.mean()
         losses.append(loss)
@@ -1514,6 +1517,44 @@ def test_contrastive_losses_gather_every_ranks_features(world, loss_name, kwargs
     torch.manual_seed(W + hard_negatives)
     q_all, k_all = torch.randn(W * B, D, dtype=torch.float64), torch.randn(W * M, D, dtype=torch.float64)
     got = world.run(_contrastive_on_rank, q_all, k_all, loss_name, kwargs)
+    want = _contrastive_single_process(q_all, k_all, W, loss_name, kwargs)
+    for (loss, grads), (want_loss, want_grads) in zip(got, want):
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+        assert len(grads) == len(want_grads)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def _open_clip_on_rank(rank, world_size, q_all, k_all, loss_name, kwargs):
+    """_contrastive_on_rank's outputs from marginkern.open_clip's drop-in for loss_name (features are unit rows)."""
+    from marginkern.open_clip import ClipLoss, SigLipLoss
+    B = q_all.shape[0] // world_size
+    q = q_all[rank * B:(rank + 1) * B].clone().requires_grad_()
+    k = k_all[rank * B:(rank + 1) * B].clone().requires_grad_()
+    learned = [torch.tensor(kwargs[name], dtype=q.dtype, requires_grad=True) for name in ("scale", "bias")
+               if name in kwargs]
+    if loss_name == "siglip_loss":
+        loss = SigLipLoss(rank=rank, world_size=world_size)(q, k, *learned)
+    else:
+        loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)(q, k, *learned)
+    with pytest.raises(NotImplementedError, match="local_loss=True, gather_with_grad=True"):
+        ClipLoss(rank=rank, world_size=world_size)  # open_clip's default: the global loss on every rank
+    with pytest.raises(ValueError, match="does not match"):
+        SigLipLoss(rank=(rank + 1) % world_size, world_size=world_size)
+    return loss.detach(), torch.autograd.grad(loss, [q, k, *learned])
+
+
+@pytest.mark.parametrize("loss_name,kwargs", [("info_nce_loss", dict(scale=14.0, symmetric=True, normalize=False)),
+                                              ("siglip_loss", dict(scale=10.0, bias=-10.0, normalize=False))],
+                         ids=["clip", "siglip"])
+def test_open_clip_drop_ins_gather_every_ranks_features(world, loss_name, kwargs):
+    """marginkern.open_clip's ClipLoss(local_loss=True, gather_with_grad=True) and SigLipLoss over the default group:
+    each rank's loss and gradients as the single-process definition over the gathered batch."""
+    W, B, D = world.size, 5, 8
+    torch.manual_seed(W)
+    q_all = torch.nn.functional.normalize(torch.randn(W * B, D, dtype=torch.float64), dim=1)
+    k_all = torch.nn.functional.normalize(torch.randn(W * B, D, dtype=torch.float64), dim=1)
+    got = world.run(_open_clip_on_rank, q_all, k_all, loss_name, kwargs)
     want = _contrastive_single_process(q_all, k_all, W, loss_name, kwargs)
     for (loss, grads), (want_loss, want_grads) in zip(got, want):
         torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
