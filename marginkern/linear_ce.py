@@ -112,7 +112,10 @@ def target_term(log_pt, opts: LinearCEOptions):
     """f(u) and f'(u) of the module docstring, elementwise (f'(u) a number for plain CE)."""
     if opts.focal_gamma > 0:
         gamma = opts.focal_gamma
-        q = -torch.expm1(log_pt)                                     # 1 − p_t without cancellation
+        # 1 − p_t without cancellation, ≥ 0: u = z_t − lse is > 0 on an ignored row whose lse is < 0 (its target
+        # logit is a placeholder 0) and can round above 0 on a confident one, and q^γ of a q < 0 is NaN for a
+        # fractional γ, which a zero upstream gradient does not cancel (0·NaN)
+        q = (-torch.expm1(log_pt)).clamp_min(0.0)
         u_over_q = torch.where(q > 0, log_pt / q.clamp_min(1e-30), -torch.ones_like(q))  # → −1 as q → 0
         f = -(q ** gamma) * log_pt
         df = -(q ** gamma) + gamma * (q ** gamma) * torch.exp(log_pt) * u_over_q

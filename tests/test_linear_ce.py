@@ -131,6 +131,30 @@ def test_single_class_is_finite(opts):
         assert torch.isfinite(gb).all()
 
 
+def check_fractional_focal_with_an_ignored_row_below_zero(device="cpu"):
+    """A fractional focal γ with an ignored row whose logits are all negative (lse < 0): its placeholder target logit
+    0 made 1 − p_t < 0 and (1 − p_t)^γ NaN, which the row's zero upstream gradient did not cancel (0·NaN) and the
+    backward GEMM spread into every dW row (a fuzzing review). The gradients equal the valid row's alone."""
+    x = torch.ones(2, 1, device=device)
+    w = torch.tensor([[-1.0], [-2.0]], device=device)
+    t = torch.tensor([0, -100], device=device)
+    for gamma in (0.5, 3.7):
+        for opts in (dict(), dict(logits_buffer_mb=1), dict(label_smoothing=0.1, z_loss=1e-3)):
+            got = grads(mk.linear_cross_entropy, x, w, t, None, reduction="sum", focal_gamma=gamma, **opts)
+            want = grads(mk.linear_cross_entropy, x[:1], w, t[:1], None, reduction="sum", focal_gamma=gamma,
+                         **opts)
+            torch.testing.assert_close(got[0], want[0])
+            assert torch.equal(got[1][1], torch.zeros_like(got[1][1])), (gamma, opts, got[1])
+            torch.testing.assert_close(got[1][:1], want[1])
+            torch.testing.assert_close(got[2], want[2])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_fractional_focal_with_an_ignored_row_below_zero(backend, monkeypatch):
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    check_fractional_focal_with_an_ignored_row_below_zero()
+
+
 def test_empty_and_all_ignored():
     for (N, C, D), ignore in [((0, 5, 3), ()), ((6, 40, 7), range(6))]:
         x, w, t = make_case(N, C, D, ignore=ignore)

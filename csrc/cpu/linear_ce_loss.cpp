@@ -21,7 +21,9 @@ using Options = LinearCrossEntropyOptions;
 std::pair<at::Tensor, at::Tensor> target_term(const at::Tensor& u, const Options& o) {
   if (o.focal_gamma > 0) {
     const double gamma = o.focal_gamma;
-    const at::Tensor q = -at::expm1(u);  // 1 − p_t without cancellation
+    // 1 − p_t without cancellation, ≥ 0: u > 0 on an ignored row with lse < 0 (placeholder target logit 0) or by
+    // rounding on a confident one, and q^γ of q < 0 is NaN for a fractional γ (linear_ce.py target_term)
+    const at::Tensor q = (-at::expm1(u)).clamp_min(0.0);
     const at::Tensor u_over_q = at::where(q > 0, u / q.clamp_min(1e-30), -at::ones_like(q));  // → −1 as q → 0
     const at::Tensor q_gamma = q.pow(gamma);
     return {-q_gamma * u, -q_gamma + gamma * q_gamma * at::exp(u) * u_over_q};

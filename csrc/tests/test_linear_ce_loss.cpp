@@ -90,6 +90,25 @@ void test_against_naive() {
   }
 }
 
+// A fractional focal γ with an ignored row whose logits are all negative (lse < 0): its placeholder target logit 0
+// made 1 − p_t negative and q^γ NaN, which reached dW through the row's zero upstream gradient (0·NaN).
+void test_fractional_focal_with_an_ignored_row_below_zero() {
+  const at::Tensor x = at::ones({2, 1}, at::kDouble).requires_grad_();
+  const at::Tensor w = at::tensor(std::vector<double>{-1.0, -2.0}).reshape({2, 1}).requires_grad_();
+  const at::Tensor target = at::tensor(std::vector<int64_t>{0, -100});
+  for (double gamma : {0.5, 3.7}) {
+    Options o;
+    o.focal_gamma = gamma, o.reduction = "sum";
+    const at::Tensor loss = marginkern::linear_cross_entropy(x, w, target, at::Tensor(), o);
+    const auto grads = torch::autograd::grad({loss}, {x, w});
+    const at::Tensor xr = x.detach().requires_grad_(), wr = w.detach().requires_grad_();
+    const auto want = torch::autograd::grad({naive_loss(xr, wr, target, at::Tensor(), o)}, {xr, wr});
+    const std::string what = "focal gamma=" + std::to_string(gamma) + " with an ignored row of lse < 0";
+    expect_close(what + ": grad input", grads[0], want[0], 1e-12);
+    expect_close(what + ": grad weight", grads[1], want[1], 1e-12);
+  }
+}
+
 bool throws_with(const std::string& needle, const std::function<void()>& call) {
   try {
     call();
@@ -115,6 +134,7 @@ void test_errors() {
 
 int main() {
   test_against_naive();
+  test_fractional_focal_with_an_ignored_row_below_zero();
   test_errors();
   return expect_exit_status("linear_cross_entropy (C++) matches the naive float64 computation");
 }

@@ -10,8 +10,9 @@ from tests.helpers import (REL_TOL, assert_close_rel, check_confident_rows_per_r
                            check_fp16_grad_saturates_and_keeps_nan, check_offset_targets_and_shift,
                            check_sharded_linear_ce_tiles, make_case)
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
-from tests.test_linear_ce import (OPTIONS, _log_probs_then_entropy, check_gamma_ce_extremes, check_large_softcap,
-                                  grads)
+from tests.test_linear_ce import (OPTIONS, _log_probs_then_entropy,
+                                  check_fractional_focal_with_an_ignored_row_below_zero, check_gamma_ce_extremes,
+                                  check_large_softcap, grads)
 
 
 @pytest.fixture(autouse=True)
@@ -182,3 +183,7 @@ def test_token_accuracy_of_non_finite_rows():
 @pytest.mark.parametrize("fn", [mk.linear_cross_entropy, mk.emo_cross_entropy, _log_probs_then_entropy])
 def test_offset_int64_targets_with_shift(fn):
     check_offset_targets_and_shift(DEVICE, fn, torch.float32)
+
+
+def test_fractional_focal_with_an_ignored_row_below_zero():
+    check_fractional_focal_with_an_ignored_row_below_zero(DEVICE)
