@@ -669,9 +669,10 @@ def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start,
     gathered_indices = [torch.empty_like(indices) for _ in range(world_size)]
     dist.all_gather(gathered_indices, indices + class_start, group=group)
     gathered_values, gathered_indices = torch.stack(gathered_values), torch.stack(gathered_indices)
-    candidates = gathered_values[..., :k].permute(1, 0, 2).reshape(rows.shape[0], -1)
+    # (N, W·k): an explicit width, which reshape cannot infer for N = 0
+    candidates = gathered_values[..., :k].permute(1, 0, 2).reshape(rows.shape[0], world_size * k)
     values, order = candidates.topk(k, dim=1)
-    indices = gathered_indices.permute(1, 0, 2).reshape(rows.shape[0], -1).gather(1, order)
+    indices = gathered_indices.permute(1, 0, 2).reshape(rows.shape[0], world_size * k).gather(1, order)
     leading = input.shape[:-1]
     values, indices = values.reshape(*leading, k), indices.reshape(*leading, k)
     if not return_lse:

@@ -1351,6 +1351,16 @@ def test_sharded_linear_topk_matches_single_process(world, kwargs):
         assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
 
 
+@pytest.mark.parametrize("shape", [(0, 12), (2, 0, 12)], ids=["no-rows", "empty-sequences"])
+def test_sharded_linear_topk_of_no_rows(world, shape):
+    """An empty batch gives empty results as linear_topk's (reshape(N, -1) of 0 rows raised on every rank: a fuzzing
+    review)."""
+    x, w = torch.randn(*shape), torch.randn(20, 12)
+    want = mk.linear_topk(x, w, 3, return_lse=True)
+    for got in world.run(_sharded_topk, x, w, None, 3, dict(return_lse=True)):
+        assert [t.shape for t in got] == [t.shape for t in want], (got, want)
+
+
 def test_sharded_linear_topk_checks_its_arguments_on_every_rank(world):
     x, w = torch.randn(5, 4), torch.randn(20, 4)
     assert world.run(_sharded_topk, x, w, None, 2, {}, "k") == [True] * world.size
