@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import (check_angular_margin, check_bias, check_bool, check_class_shard, check_class_weight,
-                     check_class_weight_values, check_classes_per_rank, check_classification_inputs, check_direction, check_extra_outputs,
-                     check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
+                     check_class_weight_values, check_classes_per_rank, check_classification_inputs, check_direction,
+                     check_extra_outputs, check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
                      check_linear_ce_options, check_margin_options, check_module_embeddings,
                      check_proxy_anchor_options, check_reduction,
                      check_subcenters, check_target_tensor, check_teacher, check_temperature, check_tensor,

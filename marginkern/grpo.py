@@ -157,9 +157,12 @@ def grpo_loss(log_probs, advantages, mask, *, old_log_probs=None, ref_log_probs=
         normaliser = counted.clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
         loss = per_token.sum() / normaliser
 
-    def share(flags):  # TRL's masked_batch_mean: over counted tokens, or over sequences at sequence level
+    def share(flags):  # TRL's masked_batch_mean: over counted tokens, or over sequences where the flags are one per
+        # sequence (sequence level; TRL tells by a width of 1 alone, which one-token completions have at token level)
         flags = flags.to(acc)
-        return flags.mean() if flags.shape[1] == 1 else (flags * weight).sum() / counted.clamp(min=1.0)
+        if importance_sampling_level == "sequence" and flags.shape[1] == 1:
+            return flags.mean()
+        return (flags * weight).sum() / counted.clamp(min=1.0)
 
     return GRPOOutput(loss, per_token, kl, share(low).detach(), share(high).detach(), share(low | high).detach(),
                       None)

@@ -156,6 +156,21 @@ def test_grpo_head_in_low_precision(dtype):
         check_grpo_head_against_trl(options, dtype=dtype)
 
 
+def test_clip_shares_of_one_token_completions_count_tokens():
+    """Token level with T = 1: the clip shares are over counted tokens, as for any T (the flags' width of 1 alone made
+    them a mean over every row, masked ones too: 0.5 here instead of 1; a fuzzing review). The same data padded to
+    T = 2 gives the same shares; at sequence level they stay a mean over sequences (TRL's)."""
+    lp = torch.tensor([[-1.0], [-1.0]], requires_grad=True)
+    old, mask, A = torch.tensor([[-2.0], [-1.0]]), torch.tensor([[True], [False]]), torch.tensor([1.0, 1.0])
+    out = mk.grpo_loss(lp, A, mask, old_log_probs=old)
+    pad = torch.zeros(2, 1)
+    padded = mk.grpo_loss(torch.cat([lp, pad], 1), A, torch.cat([mask, pad.bool()], 1),
+                          old_log_probs=torch.cat([old, pad], 1))
+    assert out.clip_ratio_high == 1.0 and padded.clip_ratio_high == 1.0 and out.clip_ratio_low == 0.0
+    sequence = mk.grpo_loss(lp, A, mask, old_log_probs=old, importance_sampling_level="sequence")
+    assert sequence.clip_ratio_high == 0.5  # one of the two sequences (TRL's mean over sequences)
+
+
 def test_on_policy_step_is_the_policy_gradient():
     """old_log_probs omitted (GRPO's first iteration): the ratio is 1 with gradient ∇log π, so the dapo loss is
     −Σ A·mask / tokens and its gradient that of −Σ A·log π·mask / tokens."""
