@@ -7,7 +7,7 @@
 See DESIGN.md for the math; `marginkern.reference` holds the plain-PyTorch oracles and
 `marginkern.dispatch.explain()` says which backend serves which device.
 """
-from . import huggingface, open_clip, reference
+from . import huggingface, open_clip, reference  # noqa: F401  (open_clip: mk.open_clip.ClipLoss, not in __all__)
 from .contrastive import InfoNCELoss, SigLIPLoss, SupConLoss, info_nce_loss, siglip_loss, supcon_loss
 from .adaptive_margins import AdaFaceLoss, ElasticArcFaceLoss, ElasticCosFaceLoss, MagFaceLoss
 from .dispatch import BackendUnavailable
@@ -40,5 +40,5 @@ __all__ = [
     "SphereFaceLoss", "CombinedMarginLoss",
     "LargeMarginSoftmaxLoss", "AdaFaceLoss", "MagFaceLoss", "ElasticArcFaceLoss", "ElasticCosFaceLoss",
     "CurricularFaceLoss", "MVSoftmaxLoss",
-    "BackendUnavailable", "reference", "huggingface", "open_clip",
+    "BackendUnavailable", "reference", "huggingface",
 ]

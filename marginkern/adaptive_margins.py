@@ -11,7 +11,7 @@ against its official formula).
 """
 import torch
 
-from .checks import check_finite, check_target_tensor
+from .checks import check_angular_margin, check_finite, check_target_tensor
 from .engine import accumulation_dtype
 from .modules import CombinedMarginLoss, Float32Buffers, ReplayedStepOptions
 from .reference import reduce_rows
@@ -33,7 +33,7 @@ class AdaFaceMargins(ReplayedStepOptions, Float32Buffers):
 
     @staticmethod
     def _check_adaface(margin, h, t_alpha, eps, kwargs):
-        check_finite("margin", margin, 0.0)
+        check_angular_margin("margin", margin)  # AdaFace's m (0.4): an angle, and the additive margin's scale
         check_finite("h", h, 0.0, low_open=True)
         check_finite("t_alpha", t_alpha, 0.0, 1.0)
         check_finite("eps", eps, 0.0, low_open=True)
@@ -115,7 +115,8 @@ class MagFaceMargins:
 
     @staticmethod
     def _check_magface(lower_margin, upper_margin, lower_norm, upper_norm, lambda_g, kwargs):
-        check_finite("lower_margin", lower_margin, 0.0)
+        check_angular_margin("lower_margin", lower_margin)  # ArcFace margins (radians) at the two norms
+        check_angular_margin("upper_margin", upper_margin)
         check_finite("upper_margin", upper_margin, lower_margin)
         check_finite("lower_norm", lower_norm, 0.0, low_open=True)
         check_finite("upper_norm", upper_norm, lower_norm, low_open=True)
@@ -181,7 +182,8 @@ class ElasticMargins:
         check_finite("std", std, 0.0)
         _refuse_options(kwargs, ("normalize",), "ElasticFace's logits are cosines")
         m2, m3 = (margin, 0.0) if cls._margin_name == "m2" else (0.0, margin)
-        check_finite("margin", m2, 0.0)  # ArcFace's must be ≥ 0 as a float (each drawn one may take any sign)
+        if cls._margin_name == "m2":  # ArcFace's: in [0, π] as a float (each drawn one may take any sign)
+            check_angular_margin("margin", m2)
         return m2, m3
 
     def _init_elastic(self, margin, std):

@@ -125,6 +125,8 @@ class MVSoftmaxCoefficients:
         check_finite("mv_weight", mv_weight)
         if margin_type not in ("cos", "arc"):
             raise ValueError(f"margin_type must be 'cos' (CosFace's margin) or 'arc' (ArcFace's), got {margin_type!r}")
+        if margin_type == "arc":
+            check_angular_margin("margin", margin)
         _refuse_options(kwargs, ("normalize",), "MV-Softmax's logits are cosines")
         _refuse_filtering(kwargs, "MV-Softmax")
         return (0.0, margin) if margin_type == "cos" else (margin, 0.0)

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from .checks import (check_angular_margin, check_bool, check_class_weight, check_class_weight_values,
-                     check_extra_outputs, check_finite, check_head_size, check_ignore_index, check_jsd_beta, check_linear_ce_options, check_logits_buffer,
-                     check_margin_options, check_module_embeddings, check_proxy_anchor_options, check_reduction,
-                     check_shift, check_subcenters,
-                     check_temperature, check_tensor, checked_class_targets, interclass_filtering_options,
-                     margin_module_repr, resolve_grad_filter_eps)
+                     check_extra_outputs, check_finite, check_head_size, check_ignore_index, check_jsd_beta,
+                     check_linear_ce_options, check_logits_buffer, check_margin_options, check_module_embeddings,
+                     check_proxy_anchor_options, check_reduction, check_shift, check_subcenters, check_temperature,
+                     check_tensor, checked_class_targets, interclass_filtering_options, margin_module_repr,
+                     resolve_grad_filter_eps)
 from .engine import accumulation_dtype
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          linear_jsd, linear_kl_divergence, margin_cross_entropy, proxy_anchor_loss)

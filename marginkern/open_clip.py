@@ -1,28 +1,32 @@
 """open_clip's ClipLoss and SigLipLoss as drop-ins: the same constructor arguments and forward(image_features,
-text_features, logit_scale[, logit_bias], output_dict=False), the same loss and gradients, never the B × B logits
+text_features, logit_scale, logit_bias=None, output_dict=False), the same loss and gradients, never the B × B logits
 (marginkern.info_nce_loss and siglip_loss underneath).
 
     from marginkern.open_clip import ClipLoss, SigLipLoss
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
     loss = loss_fn(image_features, text_features, model.logit_scale.exp())
 
-The features are taken as given: open_clip's models normalise them (normalize=False underneath). logit_scale (and
-SigLIP's logit_bias) are numbers or 0-dim tensors, which get their gradients. cache_labels is accepted and does
-nothing (no label tensor is made).
+The features are taken as given: open_clip's models normalise them (normalize=False underneath). logit_scale and
+SigLIP's logit_bias are numbers or 0-dim tensors, which get their gradients (ClipLoss takes a logit_bias as open_clip
+does and it changes nothing: a softmax does not see a constant shift; a tensor one gets its zero gradient).
+cache_labels is accepted and does nothing (no label tensor is made).
 
 With world_size > 1 the features of every rank are gathered over torch.distributed's default process group, which
-must have world_size ranks with this process at `rank` (one batch size on every rank):
-- ClipLoss(local_loss=True, gather_with_grad=True), open_clip's setting for large batches: each rank's images against
-  every rank's texts and its texts against every rank's images, the gathered features' gradients summed back to their
-  ranks. Other combinations are refused: local_loss=False computes the whole global loss on every rank, whose
-  gradient (through the rank's own features, or W times that with gather_with_grad=True) is not the one this loss
-  gives, and local_loss=True without gather_with_grad drops the other ranks' share of each feature's gradient.
-  Switching to local_loss=True, gather_with_grad=True keeps the loss's minimiser; with local_loss=False,
-  gather_with_grad=False before, the features' gradients become W times larger (tune the learning rate).
-- SigLipLoss: each rank's images against every rank's texts (the others' all negatives), their gradients summed back:
-  the pairs and gradients of open_clip's neighbour exchange, whichever dist_impl and bidir, with every rank's texts in
-  memory at once.
-Horovod (use_horovod=True) is not supported.
+must have world_size ranks with this process at `rank` (one batch size on every rank). marginkern scores each rank's
+images against every rank's texts and its texts against every rank's images, the gathered features' gradients summed
+back to their ranks (O(B_local · B) memory), and gives what open_clip's flags give:
+- local_loss=True, gather_with_grad=True (open_clip's setting for large batches): that, the rank's own loss;
+- local_loss=False, gather_with_grad=True: the same gradients of the features; the value is the global batch's loss
+  (all-reduced: one more collective), as open_clip computes it on every rank;
+- local_loss=False, gather_with_grad=False (open_clip's default): the global loss's value, and the features' gradients
+  1/world_size of the above (open_clip's gradient then flows only through each rank's own copy of the global loss);
+- local_loss=True, gather_with_grad=False is refused: open_clip's gradient there leaves out every share that flows
+  through a gathered feature, this rank's own keys' included, which no streaming of the global loss reproduces.
+With local_loss=False the learned logit_scale's gradient is this rank's share, not the global loss's: equal after
+DDP averages the ranks' gradients, as it does for a parameter.
+SigLipLoss: each rank's images against every rank's texts (the others' all negatives), their gradients summed back:
+the pairs and gradients of open_clip's neighbour exchange, whichever dist_impl and bidir, with every rank's texts in
+memory at once. Horovod (use_horovod=True) is not supported.
 """
 import torch
 import torch.distributed as dist
@@ -63,6 +67,26 @@ def _checked_features(image_features, text_features):
     return _in_wider_dtype(image_features, text_features)
 
 
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward; the gradient times `factor` in the backward."""
+
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _global_value(loss, group):
+    """loss with the mean of every rank's loss as its value (its gradient unchanged)."""
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=group)
+    return loss + (total / dist.get_world_size(group) - loss.detach())
+
+
 def _output(loss, output_dict):
     return {"contrastive_loss": loss} if check_bool("output_dict", output_dict) else loss
 
@@ -78,17 +102,25 @@ class ClipLoss(nn.Module):
             "gather_with_grad", gather_with_grad)
         self.cache_labels = check_bool("cache_labels", cache_labels)
         self.group, self.rank, self.world_size = _default_group(rank, world_size, "ClipLoss")
-        if self.group is not None and not (self.local_loss and self.gather_with_grad):
+        if self.group is not None and self.local_loss and not self.gather_with_grad:
             raise NotImplementedError(
-                f"ClipLoss(world_size={world_size}) computes each rank's rows against the gathered features with "
-                "their gradients summed back: open_clip's local_loss=True, gather_with_grad=True; got "
-                f"local_loss={local_loss}, gather_with_grad={gather_with_grad}, whose gradients differ (see "
-                "marginkern.open_clip's docstring)")
+                f"ClipLoss(world_size={world_size}, local_loss=True, gather_with_grad=False): open_clip's gradient "
+                "there flows only through this rank's own features where they are used directly, which the "
+                "streamed loss does not reproduce; gather_with_grad=True gives the full gradient of the same loss "
+                "(see marginkern.open_clip's docstring)")
 
-    def forward(self, image_features, text_features, logit_scale, output_dict=False):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         image_features, text_features = _checked_features(image_features, text_features)
+        if self.group is not None and not self.gather_with_grad:  # (local_loss=False) open_clip's 1/W gradient
+            factor = 1.0 / self.world_size
+            image_features = _ScaledGradient.apply(image_features, factor)
+            text_features = _ScaledGradient.apply(text_features, factor)
         loss = info_nce_loss(image_features, text_features, scale=logit_scale, symmetric=True, normalize=False,
                              group=self.group)
+        if self.group is not None and not self.local_loss:
+            loss = _global_value(loss, self.group)
+        if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
+            loss = loss + 0.0 * logit_bias.sum()  # its gradient 0, as open_clip's: DDP expects one for a parameter
         return _output(loss, output_dict)
 
     def extra_repr(self):

@@ -144,6 +144,10 @@ def test_fake_kernels_check_too(call, match):
     # pytorch-metric-learning's ArcFaceLoss takes its margin in degrees (28.6): here it would train with 28.6 radians
     (lambda: mk.ArcFaceLoss(8, 5, margin=28.6), ValueError, r"radians.*math.radians\(28.6\) = 0.4992"),
     (lambda: mk.CurricularFaceLoss(8, 5, margin=28.6), ValueError, "margin is an angle in radians"),
+    (lambda: mk.AdaFaceLoss(8, 5, margin=22.9), ValueError, "margin is an angle in radians"),
+    (lambda: mk.MagFaceLoss(8, 5, lower_margin=25.8, upper_margin=45.8), ValueError, "lower_margin is an angle"),
+    (lambda: mk.ElasticArcFaceLoss(8, 5, margin=28.6), ValueError, "margin is an angle in radians"),
+    (lambda: mk.MVSoftmaxLoss(8, 5, margin=28.6, margin_type="arc"), ValueError, "margin is an angle in radians"),
     (lambda: mk.CosFaceLoss(8, 5, margin=float("nan")), ValueError, "margin must be a finite"),
     (lambda: mk.SphereFaceLoss(8, 5, margin=0.5), ValueError, "margin must lie"),
     (lambda: mk.LargeMarginSoftmaxLoss(8, 5, margin=0), ValueError, "margin must lie"),

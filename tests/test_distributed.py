@@ -1547,11 +1547,74 @@ def _open_clip_on_rank(rank, world_size, q_all, k_all, loss_name, kwargs):
         loss = SigLipLoss(rank=rank, world_size=world_size)(q, k, *learned)
     else:
         loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)(q, k, *learned)
-    with pytest.raises(NotImplementedError, match="local_loss=True, gather_with_grad=True"):
-        ClipLoss(rank=rank, world_size=world_size)  # open_clip's default: the global loss on every rank
+    with pytest.raises(NotImplementedError, match="local_loss=True, gather_with_grad=False"):
+        ClipLoss(local_loss=True, rank=rank, world_size=world_size)
     with pytest.raises(ValueError, match="does not match"):
         SigLipLoss(rank=(rank + 1) % world_size, world_size=world_size)
     return loss.detach(), torch.autograd.grad(loss, [q, k, *learned])
+
+
+def _open_clip_gathered(image, text, local_loss, gather_with_grad, rank, world_size):
+    """open_clip.loss.gather_features (torch.distributed, no Horovod), as open_clip 3.x writes it."""
+    import torch.distributed.nn  # noqa: F401  (open_clip imports it: the all_gather with a backward)
+    if gather_with_grad:
+        return (torch.cat(torch.distributed.nn.all_gather(image), dim=0),
+                torch.cat(torch.distributed.nn.all_gather(text), dim=0))
+    images = [torch.zeros_like(image) for _ in range(world_size)]
+    texts = [torch.zeros_like(text) for _ in range(world_size)]
+    dist.all_gather(images, image)
+    dist.all_gather(texts, text)
+    if not local_loss:  # the rank's own slice with its gradient
+        images[rank], texts[rank] = image, text
+    return torch.cat(images, dim=0), torch.cat(texts, dim=0)
+
+
+def _open_clip_loss(image, text, logit_scale, local_loss, gather_with_grad, rank, world_size):
+    """open_clip.loss.ClipLoss.forward with world_size > 1."""
+    all_image, all_text = _open_clip_gathered(image, text, local_loss, gather_with_grad, rank, world_size)
+    if local_loss:
+        logits_per_image, logits_per_text = logit_scale * image @ all_text.T, logit_scale * text @ all_image.T
+        labels = torch.arange(image.shape[0]) + image.shape[0] * rank
+    else:
+        logits_per_image = logit_scale * all_image @ all_text.T
+        logits_per_text, labels = logits_per_image.T, torch.arange(all_image.shape[0])
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def _clip_loss_against_open_clip(rank, world_size, q_all, k_all, local_loss, gather_with_grad):
+    """(loss, grads of the features, grad of logit_scale) of marginkern's ClipLoss and of open_clip's arithmetic."""
+    from marginkern.open_clip import ClipLoss
+    B = q_all.shape[0] // world_size
+    out = []
+    for fn in (ClipLoss(local_loss, gather_with_grad, rank=rank, world_size=world_size),
+               functools.partial(_open_clip_loss, local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
+                                 world_size=world_size)):
+        q = q_all[rank * B:(rank + 1) * B].clone().requires_grad_()
+        k = k_all[rank * B:(rank + 1) * B].clone().requires_grad_()
+        scale = torch.tensor(14.0, dtype=q.dtype, requires_grad=True)
+        loss = fn(q, k, scale)
+        out.append((loss.detach(), torch.autograd.grad(loss, [q, k, scale])))
+    return out
+
+
+@pytest.mark.parametrize("local_loss,gather_with_grad", [(True, True), (False, True), (False, False)],
+                         ids=["local-gathered-with-grad", "global-gathered-with-grad", "global (open_clip's default)"])
+def test_clip_loss_gives_open_clips_losses_and_gradients(world, local_loss, gather_with_grad):
+    """marginkern.open_clip.ClipLoss against open_clip's own arithmetic (its gather_features and ClipLoss.forward) on
+    every rank: the loss value and the features' gradients as open_clip's, the learned scale's gradient equal after
+    DDP's averaging over the ranks (with local_loss=False open_clip's is the global loss's on every rank)."""
+    W, B, D = world.size, 4, 8
+    torch.manual_seed(W)
+    q_all = torch.nn.functional.normalize(torch.randn(W * B, D, dtype=torch.float64), dim=1)
+    k_all = torch.nn.functional.normalize(torch.randn(W * B, D, dtype=torch.float64), dim=1)
+    results = world.run(_clip_loss_against_open_clip, q_all, k_all, local_loss, gather_with_grad)
+    for (loss, grads), (want_loss, want_grads) in results:
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+        for g, w in zip(grads[:2], want_grads[:2]):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+    mean_scale_grad = torch.stack([grads[2] for (_, grads), _ in results]).mean()
+    want_scale_grad = torch.stack([grads[2] for _, (_, grads) in results]).mean()
+    torch.testing.assert_close(mean_scale_grad, want_scale_grad, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("loss_name,kwargs", [("info_nce_loss", dict(scale=14.0, symmetric=True, normalize=False)),

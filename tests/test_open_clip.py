@@ -50,6 +50,19 @@ def test_clip_loss_is_open_clips(output_dict):
     assert set(out) == {"contrastive_loss"} if output_dict else out.dim() == 0
 
 
+def test_clip_loss_takes_open_clips_logit_bias():
+    """open_clip's train loop calls loss(**model_out, output_dict=True), logit_bias included when the model has one: the
+    value does not change (a constant shift of every logit), the bias gets a zero gradient, as from open_clip."""
+    image, text = unit_features()
+    scale, bias = torch.tensor(14.3, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    model_out = dict(image_features=image, text_features=text, logit_scale=scale, logit_bias=bias)
+    out = ClipLoss()(**model_out, output_dict=True)
+    torch.testing.assert_close(out["contrastive_loss"], open_clip_loss(image, text, scale), rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(out["contrastive_loss"], bias)
+    assert grad == 0
+    torch.testing.assert_close(ClipLoss()(image, text, scale, None), ClipLoss()(image, text, scale))
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("output_dict", [False, True])
 def test_siglip_loss_is_open_clips(with_bias, output_dict):

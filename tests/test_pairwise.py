@@ -198,11 +198,12 @@ def test_circle_matches_quadratic_definition(B, classes, block):
     torch.testing.assert_close(g1, g2)
 
 
-@pytest.mark.parametrize("dtype,grad_rtol", [(torch.float32, 2e-5), (torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype,grad_rtol", [(torch.float32, 2e-5), (torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
 def test_circle_low_precision_at_gamma_256(dtype, grad_rtol):
     """γ = 256 (the paper's) scales the cosines' margins to exponents of ±256: in fp16/bf16 embeddings the loss still
-    equals the float64 definition of the same (rounded) inputs to fp32 accuracy, the gradient to a few of the dtype's
-    ulps (it is rounded to `dtype`: eps 9.8e-4 fp16, 7.8e-3 bf16), finite, anchors without a positive included."""
+    equals the float64 definition of the same (rounded) inputs to fp32 accuracy, the gradient to about one of the
+    dtype's ulps (it is rounded to `dtype`: eps 9.8e-4 fp16, 7.8e-3 bf16; measured 2.1e-4 and 1.7e-3, the rounding of
+    the float64 gradient itself), finite, anchors without a positive included."""
     torch.manual_seed(0)
     x = torch.randn(48, 32).to(dtype)
     y = torch.randint(0, 6, (48,))
@@ -210,7 +211,7 @@ def test_circle_low_precision_at_gamma_256(dtype, grad_rtol):
     x1, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
     got, want = mk.circle_loss(x1, y, gamma=256.0), naive_circle(x64, y, gamma=256.0)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
     g, g64 = torch.autograd.grad(got, x1)[0], torch.autograd.grad(want, x64)[0]
     assert g.dtype == dtype and torch.isfinite(g).all()
     assert (g.double() - g64).norm() / g64.norm() < grad_rtol

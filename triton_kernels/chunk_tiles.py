@@ -58,7 +58,7 @@ def merged_partials(top, total, dim):
 
 def launch_over_tiles(kernel, d, block_n, block_c, *args, **constexprs):
     """kernel(*args) over the (block_n × block_c) tiles of the chunk d (N, CC) as tile_indices lays them out; no launch
-    for an empty chunk."""
+    for an empty chunk. d gives the grid and the device; the kernel takes it among args, as it names it."""
     N, CC = d.shape
     check_row_blocks(N, block_n)
     if N and CC:

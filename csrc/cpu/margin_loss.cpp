@@ -256,6 +256,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ta
                   o.m1 >= 1.0 && o.m2 >= 0.0 && o.scale > 0, op,
               ": the margins need m1 >= 1, m2 >= 0, finite m3 and a positive finite scale, got m1=", o.m1,
               " m2=", o.m2, " m3=", o.m3, " scale=", o.scale);
+  // an angle in radians: pytorch-metric-learning's ArcFaceLoss takes degrees (28.6), 28.6 radians here (checks.py)
+  TORCH_CHECK(o.m2 <= kPi, op, ": m2 is an angle in radians (ArcFace's 0.5) and must lie in [0, pi], got ", o.m2,
+              "; in degrees, pass m2 * pi / 180 = ", o.m2 * kPi / 180.0);
   loss::check_label_smoothing(op, o.label_smoothing);
   TORCH_CHECK(std::isfinite(o.lambda) && o.lambda >= 0.0, op, ": lambda must be a finite number >= 0, got ",
               o.lambda);

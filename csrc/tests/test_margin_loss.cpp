@@ -242,6 +242,15 @@ void test_all_rows_ignored_and_bad_target() {
     threw = std::string(e.what()).find("target must hold class indices in [0, C=5)") != std::string::npos;
   }
   EXPECT(threw, "a target of 5 with C = 5 must raise an error that names target and the range");
+  threw = false;
+  try {
+    MarginLossOptions degrees;
+    degrees.m2 = 28.6;  // pytorch-metric-learning's ArcFace margin, in degrees
+    marginkern::margin_cross_entropy(x, w, at::tensor(std::vector<int64_t>{0, 4, 1}), degrees);
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("m2 is an angle in radians") != std::string::npos;
+  }
+  EXPECT(threw, "m2 = 28.6 (degrees) must raise an error that says radians");
 }
 
 }  // namespace
