@@ -1512,6 +1512,15 @@ def _contrastive_single_process(q_all, k_all, W, loss_name, kwargs):
     return out
 
 
+def assert_each_rank_matches(got, want):
+    """Each rank's (loss, gradients) as the single-process definition's, in float64."""
+    for (loss, grads), (want_loss, want_grads) in zip(got, want):
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+        assert len(grads) == len(want_grads)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("loss_name,kwargs", [
     ("info_nce_loss", dict(symmetric=True)),
     ("info_nce_loss", dict(scale=14.0, symmetric=True)),
@@ -1528,11 +1537,7 @@ def test_contrastive_losses_gather_every_ranks_features(world, loss_name, kwargs
     q_all, k_all = torch.randn(W * B, D, dtype=torch.float64), torch.randn(W * M, D, dtype=torch.float64)
     got = world.run(_contrastive_on_rank, q_all, k_all, loss_name, kwargs)
     want = _contrastive_single_process(q_all, k_all, W, loss_name, kwargs)
-    for (loss, grads), (want_loss, want_grads) in zip(got, want):
-        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
-        assert len(grads) == len(want_grads)
-        for g, w in zip(grads, want_grads):
-            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert_each_rank_matches(got, want)
 
 
 def _open_clip_on_rank(rank, world_size, q_all, k_all, loss_name, kwargs):
@@ -1629,11 +1634,7 @@ def test_open_clip_drop_ins_gather_every_ranks_features(world, loss_name, kwargs
     k_all = torch.nn.functional.normalize(torch.randn(W * B, D, dtype=torch.float64), dim=1)
     got = world.run(_open_clip_on_rank, q_all, k_all, loss_name, kwargs)
     want = _contrastive_single_process(q_all, k_all, W, loss_name, kwargs)
-    for (loss, grads), (want_loss, want_grads) in zip(got, want):
-        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
-        assert len(grads) == len(want_grads)
-        for g, w in zip(grads, want_grads):
-            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert_each_rank_matches(got, want)
 
 
 def _contrastive_with_unequal_batches(rank, world_size):
