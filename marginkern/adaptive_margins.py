@@ -182,8 +182,7 @@ class ElasticMargins:
         check_finite("std", std, 0.0)
         _refuse_options(kwargs, ("normalize",), "ElasticFace's logits are cosines")
         m2, m3 = (margin, 0.0) if cls._margin_name == "m2" else (0.0, margin)
-        if cls._margin_name == "m2":  # ArcFace's: in [0, π] as a float (each drawn one may take any sign)
-            check_angular_margin("margin", m2)
+        check_angular_margin("margin", m2)  # ArcFace's in [0, π] as a float (each drawn one may take any sign)
         return m2, m3
 
     def _init_elastic(self, margin, std):

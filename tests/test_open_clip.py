@@ -5,23 +5,18 @@ import torch
 import torch.nn.functional as F
 
 from marginkern.open_clip import ClipLoss, SigLipLoss
+from tests.test_contrastive import clip_oracle, siglip_oracle
 
 
 def open_clip_loss(image_features, text_features, logit_scale):
-    """open_clip.loss.ClipLoss.forward with world_size = 1."""
-    logits_per_image = logit_scale * image_features @ text_features.T
-    logits_per_text = logit_scale * text_features @ image_features.T
-    labels = torch.arange(logits_per_image.shape[0])
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    """open_clip.loss.ClipLoss.forward with world_size = 1 (test_contrastive's oracle on the features as given)."""
+    return clip_oracle(image_features, text_features, logit_scale, normalize=False)
 
 
 def open_siglip_loss(image_features, text_features, logit_scale, logit_bias=None):
-    """open_clip.loss.SigLipLoss._loss with world_size = 1."""
-    logits = logit_scale * image_features @ text_features.T
-    if logit_bias is not None:
-        logits = logits + logit_bias
-    labels = 2 * torch.eye(image_features.shape[0], dtype=logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
+    """open_clip.loss.SigLipLoss with world_size = 1 (test_contrastive's oracle; no bias: 0)."""
+    bias = 0.0 if logit_bias is None else logit_bias
+    return siglip_oracle(image_features, text_features, logit_scale, bias, normalize=False).mean()
 
 
 def unit_features(B=12, D=16, dtype=torch.float64, seed=0):
