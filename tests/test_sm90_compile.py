@@ -141,24 +141,29 @@ def test_cosent_scan_kernels_compile(labels):
         assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, f"{kernel.fn.__name__}: {report}"
 
 
+@pytest.mark.parametrize("rows", ["*bf16", "*fp32"])
 @pytest.mark.parametrize("exact", [True, False])
-def test_margin_row_kernels_compile(exact):
-    """The margin losses' per-row kernels: acos (a polynomial), cos, sin and floor lower for sm_90."""
-    from marginkern.triton_kernels.margin_rows import (BLOCK_ROWS, margin_target_grad_rows_kernel,
-                                                       margin_target_rows_kernel)
+def test_margin_row_kernels_compile(exact, rows):
+    """The margin losses' per-row kernels: acos (a polynomial), cos, sin and floor lower for sm_90, without spills at
+    the launcher's blocks and warps for fp32 and bf16 embeddings, D a multiple of 16 or not, with 3 sub-centres and
+    per-row margins (AdaFace, MagFace: m2, m3 become per-row vectors). 256 features at 4 warps spilled 216 bytes for
+    fp32 rows at D = 512 and 1.3 KB at an odd D with sub-centres."""
+    from marginkern.triton_kernels.margin_rows import (BLOCK_FEATURES, BLOCK_ROWS, TARGET_ROWS_WARPS,
+                                                       margin_target_grad_rows_kernel, margin_target_rows_kernel)
     types = {"column_ptr": "*i64", "m1": "fp32", "m2": "fp32", "m3": "fp32", "lam": "fp32", "smoothing": "fp32",
-             "grad_loss_ptr": "*fp32"}
-    for kernel, constexprs in [
-            (margin_target_rows_kernel, dict(NORMALIZE=exact, BLOCK_R=BLOCK_ROWS, BLOCK_D=256)),
-            (margin_target_rows_kernel, dict(NORMALIZE=True, BLOCK_R=BLOCK_ROWS, BLOCK_D=256, SUBCENTERS=3)),
-            (margin_target_grad_rows_kernel, dict(NORMALIZE=not exact, EXACT=exact, BLOCK_R=BLOCK_ROWS)),
-            # per-row margins (AdaFace, MagFace): m2, m3 become per-row vectors
-            (margin_target_rows_kernel, dict(NORMALIZE=exact, BLOCK_R=BLOCK_ROWS, BLOCK_D=256, ROW_MARGINS=True)),
-            (margin_target_grad_rows_kernel, dict(NORMALIZE=not exact, EXACT=exact, BLOCK_R=BLOCK_ROWS,
-                                                  ROW_MARGINS=True))]:
-        report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=4, num_stages=2, types=types)
+             "grad_loss_ptr": "*fp32", "x_ptr": rows, "w_ptr": rows}
+    launches = [(margin_target_rows_kernel, TARGET_ROWS_WARPS, divisible,
+                 dict(NORMALIZE=exact, BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_FEATURES, SUBCENTERS=subcenters,
+                      ROW_MARGINS=row_margins))
+                for divisible in (True, False) for subcenters, row_margins in ((1, False), (3, True))]
+    launches += [(margin_target_grad_rows_kernel, 4, True, dict(NORMALIZE=not exact, EXACT=exact, BLOCK_R=BLOCK_ROWS,
+                                                                ROW_MARGINS=row_margins)) for row_margins in (False, True)]
+    for kernel, warps, divisible, constexprs in launches:
+        report = sm90_compile.compile_sm90(kernel, constexprs, num_warps=warps, num_stages=3, types=types,
+                                           divisible_sizes=divisible)
         # no spills; a small stack frame is libdevice's cos/sin (its slow argument reduction for |φ| ≫ π)
-        assert report["local_bytes"] == 0 and report["stack_bytes"] <= 64, f"{kernel.fn.__name__}: {report}"
+        assert report["local_bytes"] == 0 and report["stack_bytes"] <= 64, \
+            f"{kernel.fn.__name__} {constexprs} divisible={divisible}: {report}"
 
 
 @pytest.mark.parametrize("g", ["*bf16", "*fp32"])

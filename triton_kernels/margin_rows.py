@@ -10,6 +10,9 @@ sets its time. Here each pass is one program per block of rows.
 With ROW_MARGINS, row n's margins are m2 + Δm2_n and m3 + Δm3_n, the offsets read from an (N, 2) fp32 tensor
 (AdaFace, MagFace, ElasticFace).
 
+Norms, cosines and quotients are IEEE-rounded (sqrt_rn, div_rn: a GPU's default sqrt and division are approximate,
+up to 2 ulp), as the C++ kernels and the PyTorch twin; per row, they cost nothing.
+
 acos is not a Triton primitive; `_acos` is Cephes' single-precision arcsine polynomial (≤ 1 ulp-ish, about
 2e-7 rad), with acos(|c|) = 2·asin(√((1−|c|)/2)) above 0.5, which keeps θ accurate near c = ±1 where
 acos is steep.
@@ -48,7 +51,7 @@ def _asin_small(x):
 def _acos(c):
     a = tl.abs(c)
     # acos(|c|) for |c| > 0.5; NaN stays NaN (every clamp here propagates it, as torch's do)
-    half_angle = 2.0 * _asin_small(tl.sqrt(tl.maximum((1.0 - a) * 0.5, 0.0, propagate_nan=NAN)))
+    half_angle = 2.0 * _asin_small(tl.sqrt_rn(tl.maximum((1.0 - a) * 0.5, 0.0, propagate_nan=NAN)))
     far = tl.where(c < 0, PI - half_angle, half_angle)
     return tl.where(a <= 0.5, 0.5 * PI - _asin_small(c), far)
 
@@ -97,9 +100,10 @@ def _target_geometry(x_rows, w_ptr, w_row, row_mask, owned, D, stride_w, BLOCK_R
     NaN or inf embedding must give a NaN row, not ‖x‖ = ε."""
     w_rows = w_ptr + w_row.to(tl.int64)[:, None] * stride_w
     xx, ww, xw = row_dots(x_rows, w_rows, row_mask, row_mask & owned, D, BLOCK_R, BLOCK_D)
-    x_norm = tl.maximum(tl.sqrt(xx), NORM_EPS, propagate_nan=NAN)
-    w_norm = tl.maximum(tl.sqrt(ww), NORM_EPS, propagate_nan=NAN)
-    cosine = tl.minimum(tl.maximum(xw / (x_norm * w_norm), -1.0, propagate_nan=NAN), 1.0, propagate_nan=NAN)
+    x_norm = tl.maximum(tl.sqrt_rn(xx), NORM_EPS, propagate_nan=NAN)
+    w_norm = tl.maximum(tl.sqrt_rn(ww), NORM_EPS, propagate_nan=NAN)
+    cosine = tl.minimum(tl.maximum(tl.div_rn(xw, x_norm * w_norm), -1.0, propagate_nan=NAN), 1.0,
+                        propagate_nan=NAN)
     return x_norm, w_norm, cosine
 
 
@@ -130,9 +134,9 @@ def margin_target_rows_kernel(x_ptr, w_ptr, target_ptr, column_ptr, row_state_pt
     if ROW_MARGINS:
         m2 = m2 + tl.load(row_margins_ptr + 2 * rows, mask=row_mask, other=0.0)
         m3 = m3 + tl.load(row_margins_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
-    psi = (lam * cosine + _margin_psi(cosine, m1, m2, m3)) / (1.0 + lam)  # λ = 0: ψ itself, to the last bit
+    psi = tl.div_rn(lam * cosine + _margin_psi(cosine, m1, m2, m3), 1.0 + lam)  # λ = 0: ψ itself, to the last bit
     if NORMALIZE:
-        row_scale = scale / x_norm
+        row_scale = tl.div_rn(scale + tl.zeros_like(x_norm), x_norm)
         target_logit = scale * psi
     else:
         row_scale = tl.full((BLOCK_R,), 1.0, tl.float32) * scale
@@ -167,7 +171,7 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     g = tl.where(valid, tl.load(grad_loss_ptr + rows, mask=row_mask, other=0.0), 0.0)
     if NORMALIZE:
-        row_scale = scale / x_norm
+        row_scale = tl.div_rn(scale + tl.zeros_like(x_norm), x_norm)
         target_logit = tl.where(owned, scale * psi, 0.0)
     else:
         row_scale = tl.full((BLOCK_R,), 1.0, tl.float32) * scale
@@ -177,9 +181,9 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
                                  0.0)
     if ROW_MARGINS:
         m2 = m2 + tl.load(row_margins_ptr + 2 * rows, mask=row_mask, other=0.0)
-    slope = (lam + _margin_slope(cosine, m1, m2, EXACT)) / (1.0 + lam)  # of the λ-eased ψ the row state holds
+    slope = tl.div_rn(lam + _margin_slope(cosine, m1, m2, EXACT), 1.0 + lam)  # of the λ-eased ψ the row state holds
     if NORMALIZE:  # dT/da_y with the norms held fixed; the tangent projections chain through x̂ and ŵ
-        target_grad = grad_target_logit * scale * slope / (x_norm * w_norm)
+        target_grad = tl.div_rn(grad_target_logit * scale * slope, x_norm * w_norm)
         radial = tl.zeros((BLOCK_R,), dtype=tl.float32)
     else:  # T = s·‖x‖‖w_y‖·ψ(c): the cross term through the target column, the radial terms by the caller
         target_grad = grad_target_logit * scale * slope
@@ -194,6 +198,11 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
 
 
 BLOCK_ROWS = 32
+# the target-geometry kernel's launch: 32 rows × 64 features per step at 8 warps compiles for sm_90 without spills
+# for fp32 and bf16 rows, D a multiple of 16 or not, with sub-centres and per-row margins (≤ 168 registers; the
+# 32-byte frame of libdevice's cos/sin aside); 256 features at 4 warps spilled up to 1.3 KB (fp32 rows, or odd D)
+BLOCK_FEATURES = 64
+TARGET_ROWS_WARPS = 8
 
 
 def _row_margins_arg(row_margins, like):
@@ -220,8 +229,8 @@ def margin_target_rows(x, w, target, scale, m1, m2, m3, normalize, ignore_index,
             margin_target_rows_kernel[(cdiv(N, BLOCK_ROWS),)](
                 x, w, target, column, row_state, row_scale, target_logit, N, D, w.shape[0] // subcenters,
                 class_start, ignore_index, x.stride(0), w.stride(0), scale, m1, m2, m3, lambda_, margins,
-                NORMALIZE=normalize, BLOCK_R=BLOCK_ROWS, BLOCK_D=min(256, next_power_of_2(max(D, 16))),
-                SUBCENTERS=subcenters, ROW_MARGINS=has_margins)
+                NORMALIZE=normalize, BLOCK_R=BLOCK_ROWS, BLOCK_D=min(BLOCK_FEATURES, next_power_of_2(max(D, 16))),
+                SUBCENTERS=subcenters, ROW_MARGINS=has_margins, num_warps=TARGET_ROWS_WARPS)
     return column, row_state, row_scale, target_logit
 
 

@@ -18,8 +18,10 @@ def pairwise_cosine_fwd_kernel(a_ptr, b_ptr, cos_ptr, inv_a_ptr, inv_b_ptr, B, D
     a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_a
     b_rows = b_ptr + rows.to(tl.int64)[:, None] * stride_b
     aa, bb, dot = row_dots(a_rows, b_rows, row_mask, row_mask, D, BLOCK_R, BLOCK_D)
-    inv_a = 1.0 / tl.maximum(tl.sqrt(aa), eps)
-    inv_b = 1.0 / tl.maximum(tl.sqrt(bb), eps)
+    # IEEE-rounded (a GPU's default sqrt and division are approximate); a NaN row keeps NaN, as in torch
+    one = tl.full((BLOCK_R,), 1.0, tl.float32)
+    inv_a = tl.div_rn(one, tl.maximum(tl.sqrt_rn(aa), eps, propagate_nan=tl.PropagateNan.ALL))
+    inv_b = tl.div_rn(one, tl.maximum(tl.sqrt_rn(bb), eps, propagate_nan=tl.PropagateNan.ALL))
     tl.store(cos_ptr + rows, dot * inv_a * inv_b, mask=row_mask)
     tl.store(inv_a_ptr + rows, inv_a, mask=row_mask)
     tl.store(inv_b_ptr + rows, inv_b, mask=row_mask)

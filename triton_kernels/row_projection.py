@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .device import cdiv, fp32, next_power_of_2, on_device
+from .streaming_ce import _as_int64
 
 
 @triton.jit
@@ -101,8 +102,8 @@ def projected_weight_grad_kernel(g_ptr, x_ptr, w_ptr, inv_norm_ptr, scale_ptr, o
             g_tile = tl.load(g_tiles, mask=n_mask[:, None], other=0.0)
             x_tile = tl.load(x_tiles, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         acc = tl.dot(tl.trans(g_tile), x_tile, acc, input_precision=DOT_PRECISION)
-        g_tiles += BLOCK_K * stride_g
-        x_tiles += BLOCK_K * stride_x
+        g_tiles += BLOCK_K * _as_int64(stride_g)  # int64: 32 · stride passes 2³¹ at a stride of 2²⁶
+        x_tiles += BLOCK_K * _as_int64(stride_x)
     rows_mask = class_mask[:, None] & d_mask[None, :]
     w = tl.load(w_ptr + classes.to(tl.int64)[:, None] * stride_w + d[None, :], mask=rows_mask,
                 other=0.0).to(tl.float32)
