@@ -6,7 +6,8 @@ all, no N × C tensor)."""
 import torch
 
 from .dispatch import select_tiles
-from .engine import SplitKAccumulator, accumulation_dtype, mm_accumulate, paired_row_dots, split_k_slices
+from .engine import (SplitKAccumulator, accumulation_dtype, exp_shift, mm_accumulate, paired_row_dots,
+                     split_k_slices)
 
 
 # The in-batch contrastive losses' (SigLIP's, InfoNCE's, SupCon's) chunk of keys: its fp32 dot products and one
@@ -58,14 +59,14 @@ def scaled_dots(x, k, c0, c1, row_scale, col_scale, acc):
 def max_and_sum(z, dim):
     """(max, Σ e^{z − max}) along `dim`; a line of −inf gives (−inf, 0)."""
     top = z.amax(dim)
-    shift = torch.where(top == -float("inf"), 0.0, top)
+    shift = exp_shift(top)
     return top, torch.exp(z - shift.unsqueeze(dim)).sum(dim)
 
 
 def merge_top_total(top, total, chunk_top, chunk_total):
     """The (max, Σ e^{z − max}) of two sets of cells from each one's; an empty set has max −inf and sum 0."""
     new_top = torch.maximum(top, chunk_top)
-    shift = torch.where(new_top == -float("inf"), 0.0, new_top)
+    shift = exp_shift(new_top)
     return new_top, total * torch.exp(top - shift) + chunk_total * torch.exp(chunk_top - shift)
 
 

@@ -792,13 +792,20 @@ def jsd_chunk_sums(log_p, log_q, beta):
     return kl_pm, kl_qm
 
 
+def exp_shift(top):
+    """The shift of a log-sum-exp's e^{z − shift}: the max, or 0 where it is infinite, as torch.logsumexp (a line of
+    −inf stays −inf, a +inf logit gives +inf, not ±inf − ±inf = NaN); triton_kernels/streaming_ce.py has the
+    kernels' twin."""
+    return torch.where(top.isinf(), 0.0, top)
+
+
 def weighted_sums(logits, values):
     """(M, Σ_j e^{z_j − M}, Σ_j e^{z_j − M}·v_j) of a block of logits (N, c) and values (N, c): a softmax-weighted
     mean as two sums with the same weights, X/S, so that it does not carry the rounding of a log-sum-exp
     (exp(z − lse) sums to 1 ± ulp(lse)·|z|, which times a mean of the logits' size is 1e-3 at |z| ≈ 300); a row of
     −inf logits gives (−inf, 0, 0)."""
     top = logits.max(1).values
-    weight = torch.exp(logits - torch.where(top == -float("inf"), 0.0, top)[:, None])
+    weight = torch.exp(logits - exp_shift(top)[:, None])
     return top, weight.sum(1), torch.where(weight > 0, weight * values, 0.0).sum(1)
 
 
@@ -806,7 +813,7 @@ def merge_weighted_sums(a, b):
     """weighted_sums of the union of two class sets from each one's: both sums move to the larger max."""
     (max_a, sum_a, values_a), (max_b, sum_b, values_b) = a, b
     top = torch.maximum(max_a, max_b)
-    shift = torch.where(top == -float("inf"), 0.0, top)
+    shift = exp_shift(top)
     scale_a, scale_b = torch.exp(max_a - shift), torch.exp(max_b - shift)
     return (top, sum_a * scale_a + sum_b * scale_b,
             torch.where(scale_a > 0, values_a * scale_a, 0.0) + torch.where(scale_b > 0, values_b * scale_b, 0.0))
@@ -825,7 +832,7 @@ def chunk_max_sums(z):
     """(M, S′, T) of streaming_row_stats_with_entropy for a block of logits z (N, c): the maximal cell left out
     of S′ is the first one; a row of −inf gives (−inf, 0, 0)."""
     top, where_top = z.max(1)
-    shift = torch.where(top == -float("inf"), 0.0, top)
+    shift = exp_shift(top)
     weight = torch.exp(z - shift[:, None])
     gap = torch.where(weight > 0, weight * (shift[:, None] - z), 0.0)  # e^{z−M}·(M − z), 0 where e^{z−M} = 0
     others = weight.scatter(1, where_top[:, None], 0.0)
@@ -839,7 +846,7 @@ def merge_max_sums(a, b):
     e^{m − M}·(T + (M − m)·(1 + S′)). Every term stays ≥ 0; an empty side (max −inf) adds nothing."""
     (max_a, sums_a, gaps_a), (max_b, sums_b, gaps_b) = a, b
     top = torch.maximum(max_a, max_b)
-    shift = torch.where(top == -float("inf"), 0.0, top)
+    shift = exp_shift(top)
 
     def moved(row_max, sums, gaps):
         """(1 + S′)·e^{m − M} and T moved to M, 0 for an empty side (a NaN S′ is not empty: it must reach the row)."""

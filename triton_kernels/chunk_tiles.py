@@ -7,7 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import engine
 from .device import cdiv, check_row_blocks, on_device
+from .streaming_ce import exp_shift
 
 # Warps per tile program: 8 keeps a 4096-cell fp32 tile at ≤ 153 registers a thread on sm_90, where 4 warps need up
 # to 255 and SupCon's gradient spilled (chunks whose width is not a multiple of 16: no vector loads), and never lowers
@@ -45,14 +47,14 @@ def scaled_logit_tile(d_ptr, stride_d, row_scale_ptr, col_scale_ptr, rows, cols,
 def max_and_exp_sum(values, AXIS: tl.constexpr):
     """(max, Σ e^{v − max}) along AXIS; a line of −inf gives (−inf, 0)."""
     top = tl.max(values, axis=AXIS)
-    shift = tl.where(top == -float("inf"), 0.0, top)
+    shift = exp_shift(top)
     return top, tl.sum(tl.exp(values - tl.expand_dims(shift, AXIS)), axis=AXIS)
 
 
 def merged_partials(top, total, dim):
     """(max, Σ e^{z − max}) over `dim` of per-block partials (max −inf, sum 0: an empty block)."""
     merged = top.amax(dim)
-    shift = torch.where(merged == -float("inf"), 0.0, merged)
+    shift = engine.exp_shift(merged)
     return merged, (total * torch.exp(top - shift.unsqueeze(dim))).sum(dim)
 
 

@@ -24,21 +24,20 @@ import triton
 import triton.language as tl
 
 from .device import cdiv, on_device
-from .streaming_ce import _log1p
+from .streaming_ce import _log1p, exp_shift
 
 
 @triton.jit
 def _logaddexp(a, b):
     top = tl.maximum(a, b)
-    # shift by 0 when the top is infinite: both −inf stays −inf, a +inf gives +inf (not inf − inf = NaN)
-    shift = tl.where(tl.abs(top) == float("inf"), 0.0, top)
+    shift = exp_shift(top)
     return shift + tl.log(tl.exp(a - shift) + tl.exp(b - shift))
 
 
 @triton.jit
 def _logsumexp(v):
     top = tl.max(v, 0)
-    shift = tl.where(tl.abs(top) == float("inf"), 0.0, top)
+    shift = exp_shift(top)
     return shift + tl.log(tl.sum(tl.exp(v - shift), 0))
 
 

@@ -14,6 +14,7 @@ import triton.language as tl
 from .cosent_scan import _softplus
 from .chunk_tiles import gradient_buffer, launch_over_tiles, store_tile, tile_indices
 from .device import cdiv, on_device
+from .streaming_ce import exp_shift
 
 BLOCK_N, BLOCK_C = 64, 32  # 32 columns a program: 512 programs for a 16384-proxy chunk; 128-byte row segments
 
@@ -38,10 +39,10 @@ def proxy_anchor_negative_terms_kernel(z_ptr, stride_z, inv_x_ptr, inv_w_ptr, co
         negative = row_mask[:, None] & (own[:, None] != -1) & (own[:, None] != (c0 + cols)[None, :])
         a = tl.where(negative, a, -float("inf"))
         new_peak = tl.maximum(peak, tl.max(a, axis=0))
-        shift = tl.where(new_peak == -float("inf"), 0.0, new_peak)  # no negative yet: 0, not −inf − (−inf)
+        shift = exp_shift(new_peak)  # no negative yet: 0, not −inf − (−inf)
         total = total * tl.exp(peak - shift) + tl.sum(tl.exp(a - shift[None, :]), axis=0)
         peak = new_peak
-    shift = tl.where(peak == -float("inf"), 0.0, peak)
+    shift = exp_shift(peak)
     tl.store(out_ptr + cols, _softplus(shift + tl.log(total)), mask=col_mask)
 
 

@@ -31,9 +31,21 @@ programs share blocks: the forward's programs of one row block over its class sp
 go in groups of GROUP_N row blocks × all class tiles of the chunk (Triton's grouped matmul ordering).
 With FROM_DOTS they read the raw dot products from an (N, C) fp32 buffer instead (x_ptr, stride_x): the
 3-GEMM path's block epilogue over logits that cuBLAS computed (engine.buffered_loss_and_grads).
+
+The error bounds quoted below hold in IEEE-rounded arithmetic (the interpreter, the C++ twins). Compiled for a GPU,
+tl.exp is ex2.approx and an fp32 division div.full (each within 2 ulp), and z − lse after a dot is one FMA of the
+unrounded product: a few ulp more on the GPU (read from the sm_90 PTX, not measured).
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def exp_shift(top):
+    """The shift of a log-sum-exp's e^{z − shift}: the max, or 0 where it is infinite, as torch.logsumexp: a line
+    of −inf stays −inf (not e^{−inf − (−inf)} = NaN, e.g. a −inf bias masking a padded vocabulary tail), a +inf
+    logit gives +inf (not e^{inf − inf} = NaN), as the C++ and CUDA kernels."""
+    return tl.where(tl.abs(top) == float("inf"), 0.0, top)
 
 
 @triton.jit
@@ -196,7 +208,7 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
     top = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)
     for s in range(0, num_splits):
         top = tl.maximum(top, tl.load(part_ptr + s * n64 + rows, mask=mask, other=-float("inf")))
-    shift = tl.where(top == -float("inf"), 0.0, top)
+    shift = exp_shift(top)
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     sum_logits = tl.zeros((BLOCK,), dtype=tl.float32)
     cost = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -230,7 +242,7 @@ def merge_splits_kernel(part_ptr, lse_ptr, sum_logits_ptr, expected_cost_ptr, ot
         for s in range(0, num_splits):
             teacher_top = tl.maximum(teacher_top, tl.load(part_ptr + 2 * plane + s * n64 + rows, mask=mask,
                                                           other=-float("inf")))
-        teacher_shift = tl.where(teacher_top == -float("inf"), 0.0, teacher_top)
+        teacher_shift = exp_shift(teacher_top)
         teacher_total = tl.zeros((BLOCK,), dtype=tl.float32)
         teacher_cross = tl.zeros((BLOCK,), dtype=tl.float32)
         student_cross = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -330,9 +342,7 @@ def streaming_ce_fwd_kernel(
         z = tl.where(cols[None, :] == target[:, None], target_logit[:, None], z)
         z = tl.where(col_mask[None, :], z, -float("inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        # A tile (or a whole split) can be all −inf (a −inf bias masking a padded vocabulary tail): shift by 0
-        # then, as torch.logsumexp does, instead of computing exp(−inf − (−inf)) = NaN.
-        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        shift = exp_shift(new_max)  # a tile (or a whole split) can be all −inf
         rescale = tl.exp(run_max - shift)
         weights = tl.exp(z - shift[:, None])
         tile_sumexp = tl.sum(weights, axis=1)
@@ -368,7 +378,7 @@ def streaming_ce_fwd_kernel(
                                   COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E) * row_scale[:, None]
             z_teacher = tl.where(col_mask[None, :], z_teacher, -float("inf"))
             teacher_max = tl.maximum(run_teacher_max, tl.max(z_teacher, axis=1))
-            teacher_shift = tl.where(teacher_max == -float("inf"), 0.0, teacher_max)
+            teacher_shift = exp_shift(teacher_max)
             teacher_rescale = tl.exp(run_teacher_max - teacher_shift)
             teacher_weights = tl.exp(z_teacher - teacher_shift[:, None])
             gap = z_teacher - z  # ±inf or NaN where a head's logit is −inf: its weight there is 0, and adds 0

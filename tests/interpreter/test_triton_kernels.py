@@ -87,6 +87,32 @@ def test_row_stats_over_long_class_splits(epilogue, monkeypatch):
         assert_close_rel(total, total_ref, torch.float32, "sum of logits", floor=float(C))
 
 
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_special_rows_lse_is_torch_logsumexp(sm_count, monkeypatch):
+    """Rows with ±inf and NaN logits (test_cpp's SPECIAL_ROWS, spread over 300 classes of −inf: whole −inf tiles
+    and splits, the specials in different ones) give torch.logsumexp's lse in the forward kernel and in its FROM_DOTS
+    form, as the C++ and CUDA kernels: a +inf logit gave NaN (e^{inf − inf}) where they give +inf (review finding)."""
+    import marginkern.triton_kernels.tiles as tiles_module
+    from tests.test_cpp import SPECIAL_ROWS
+    monkeypatch.setattr(tiles_module, "_sm_count", lambda device: sm_count)
+    rows = torch.full((len(SPECIAL_ROWS), 300), -float("inf"), device=DEVICE)
+    rows[:, ::34] = torch.tensor(list(SPECIAL_ROWS.values()), device=DEVICE)
+    want = torch.logsumexp(rows.double(), 1).float()
+
+    def no_targets(n):
+        return LogitSpec(torch.ones(n, device=DEVICE), None, None, None, torch.full((n,), -1, device=DEVICE),
+                         torch.zeros(n, device=DEVICE))
+
+    tiles = triton_tiles()
+    # row n's logits as x · w_j with x = 1 and w = the row (one row per call: an inf times another row's 0 is NaN)
+    streamed = torch.cat([tiles.row_stats(torch.ones(1, 1, device=DEVICE), row[:, None], no_targets(1), False)[0]
+                          for row in rows])
+    from_dots, _ = tiles.block_row_stats(rows.clone(), no_targets(len(rows)), False)
+    for got, how in ((streamed, "row_stats"), (from_dots, "block_row_stats")):
+        for n, name in enumerate(SPECIAL_ROWS):
+            torch.testing.assert_close(got[n], want[n], equal_nan=True, msg=f"{how}, {name} row")
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("shape", [(37, 301), (1, 1), (17, 33)])
