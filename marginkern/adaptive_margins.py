@@ -186,7 +186,20 @@ class ElasticMargins:
         return m2, m3
 
     def _init_elastic(self, margin, std):
-        self.margin, self.std = float(margin), float(std)
+        self.std = float(std)
+
+    @property
+    def margin(self):
+        """The mean margin: training mode draws around it, eval mode uses it. A new value (a margin schedule)
+        changes both, and the repr."""
+        return self.options[self._margin_name]
+
+    @margin.setter
+    def margin(self, value):
+        check_finite("margin", value)
+        if self._margin_name == "m2":
+            check_angular_margin("margin", value)
+        self.options[self._margin_name] = float(value)
 
     def _step_options(self, embeddings, target):
         if not self.training:
