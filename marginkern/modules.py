@@ -483,6 +483,7 @@ class LinearCrossEntropyLoss(nn.Module):
         return_lse, return_token_accuracy = check_extra_outputs(logits_buffer_mb, return_lse=return_lse,
                                                                 return_token_accuracy=return_token_accuracy)
         if class_weight is not None:
+            check_tensor("class_weight", class_weight, "a torch.Tensor (C,) or None")
             check_class_weight(class_weight.detach(), class_weight.detach(), label_smoothing, softcap)
             check_class_weight_values(class_weight)
         self.register_buffer("class_weight", None if class_weight is None else class_weight.detach().clone())
@@ -521,6 +522,11 @@ class EMOLoss(nn.Module):
         check_reduction(reduction)
         if cost_embedding is not None:
             check_tensor("cost_embedding", cost_embedding, "a torch.Tensor or None")
+            if cost_embedding.dim() != 2:  # its C is checked against the weight's at each call
+                raise ValueError(f"cost_embedding must have shape (C, E) (one row per class), got shape "
+                                 f"{tuple(cost_embedding.shape)}")
+            if not cost_embedding.is_floating_point():
+                raise TypeError(f"cost_embedding must be a float tensor, got {cost_embedding.dtype}")
         self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
         self.mode, self.ignore_index, self.reduction = mode, check_ignore_index(ignore_index), reduction
         self.shift = check_shift(shift)

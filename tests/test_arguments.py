@@ -155,6 +155,10 @@ def test_fake_kernels_check_too(call, match):
     (lambda: mk.ArcFaceLoss(8, "5"), TypeError, "num_classes must be an int"),
     (lambda: mk.ArcFaceLoss(0, 5), ValueError, "embedding_dim must be ≥ 1"),
     (lambda: mk.EMOLoss(cost_embedding=[[1.0]]), TypeError, "cost_embedding must be a torch.Tensor"),
+    # at construction, not at the first forward (a user audit)
+    (lambda: mk.EMOLoss(cost_embedding=torch.ones(5)), ValueError, r"cost_embedding must have shape \(C, E\)"),
+    (lambda: mk.EMOLoss(cost_embedding=torch.ones(5, 3, dtype=torch.long)), TypeError, "must be a float tensor"),
+    (lambda: mk.LinearCrossEntropyLoss(class_weight=[1.0, 2.0]), TypeError, "class_weight must be a torch.Tensor"),
 ])
 def test_module_errors_use_the_modules_own_argument_names(make, exc, match):
     with pytest.raises(exc, match=match):
