@@ -13,7 +13,7 @@ import torch
 
 from .checks import check_angular_margin, check_finite, check_target_tensor
 from .engine import accumulation_dtype
-from .modules import CombinedMarginLoss, Float32Buffers, ReplayedStepOptions
+from .modules import AdditiveMargin, AngularMargin, CombinedMarginLoss, Float32Buffers, ReplayedStepOptions
 from .reference import reduce_rows
 
 
@@ -173,40 +173,24 @@ class ElasticMargins:
     """ElasticFace's per-row margins, drawn from N(margin, std²) in each training-mode forward (ElasticArcFaceLoss,
     ElasticCosFaceLoss; the class-sharded ones, whose ranks must draw the same margins: `_shared_draws`)."""
 
-    _margin_name = None  # "m2" (ArcFace's) or "m3" (CosFace's)
-
     @classmethod
     def _check_elastic(cls, margin, std, kwargs):
-        """(m2, m3) of the base's options: the mean margin in the one this loss draws."""
-        check_finite("margin", margin)
+        """(m2, m3) of the base's options: the mean margin (ArcFace's in [0, π] as a float; each drawn one may take
+        any sign) in the one this loss draws (its MarginOption's, which `margin` reads and assigns)."""
+        margin = cls._checked_margin(margin)
         check_finite("std", std, 0.0)
         _refuse_options(kwargs, ("normalize",), "ElasticFace's logits are cosines")
-        m2, m3 = (margin, 0.0) if cls._margin_name == "m2" else (0.0, margin)
-        check_angular_margin("margin", m2)  # ArcFace's in [0, π] as a float (each drawn one may take any sign)
-        return m2, m3
+        return (margin, 0.0) if cls._margin_option == "m2" else (0.0, margin)
 
     def _init_elastic(self, margin, std):
         self.std = float(std)
-
-    @property
-    def margin(self):
-        """The mean margin: training mode draws around it, eval mode uses it. A new value (a margin schedule)
-        changes both, and the repr."""
-        return self.options[self._margin_name]
-
-    @margin.setter
-    def margin(self, value):
-        check_finite("margin", value)
-        if self._margin_name == "m2":
-            check_angular_margin("margin", value)
-        self.options[self._margin_name] = float(value)
 
     def _step_options(self, embeddings, target):
         if not self.training:
             return {}
         acc = accumulation_dtype(embeddings.dtype)
         draws = torch.randn(embeddings.shape[0], dtype=acc, device=embeddings.device)
-        return {self._margin_name: self.margin + self.std * self._shared_draws(draws)}
+        return {self._margin_option: self.margin + self.std * self._shared_draws(draws)}
 
     def _shared_draws(self, draws):
         """This step's N(0, 1) draws as every module computing the loss uses them (here: this one's)."""
@@ -227,19 +211,15 @@ class _ElasticMargin(ElasticMargins, CombinedMarginLoss):
         self._init_elastic(margin, std)
 
 
-class ElasticArcFaceLoss(_ElasticMargin):
+class ElasticArcFaceLoss(AngularMargin, _ElasticMargin):
     """ElasticFace-Arc: ArcFace whose angular margin is drawn per row from N(margin, std²) (see _ElasticMargin)."""
-
-    _margin_name = "m2"
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, std=0.05, **kwargs):
         super().__init__(embedding_dim, num_classes, scale, margin, std, **kwargs)
 
 
-class ElasticCosFaceLoss(_ElasticMargin):
+class ElasticCosFaceLoss(AdditiveMargin, _ElasticMargin):
     """ElasticFace-Cos: CosFace whose additive margin is drawn per row from N(margin, std²) (see _ElasticMargin)."""
-
-    _margin_name = "m3"
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, std=0.05, **kwargs):
         super().__init__(embedding_dim, num_classes, scale, margin, std, **kwargs)

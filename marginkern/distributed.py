@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import (check_angular_margin, check_bias, check_bool, check_class_shard, check_class_weight,
+from .checks import (check_bias, check_bool, check_class_shard, check_class_weight,
                      check_class_weight_values, check_classes_per_rank, check_classification_inputs, check_direction,
                      check_extra_outputs, check_finite, check_head_size, check_ignore_index, check_int, check_jsd_beta,
                      check_linear_ce_options, check_margin_options, check_module_embeddings,
@@ -43,7 +43,7 @@ from .log_probs import log_probs_backward, log_probs_forward
 from .margin_ce import MarginOptions, local_columns, margin_ce_backward, margin_ce_forward, row_margin_grads
 from .proxy_anchor import proxy_anchor_backward, proxy_anchor_forward
 from .hard_negatives import CurricularFaceT, MVSoftmaxCoefficients
-from .modules import LambdaAnnealing
+from .modules import AdditiveMargin, AngularMargin, LambdaAnnealing, ScaleOption
 from .reference import reduce_rows
 from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
 from .topk import streaming_topk
@@ -880,7 +880,7 @@ def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index
             index)
 
 
-class ShardedCombinedMarginLoss(LambdaAnnealing):
+class ShardedCombinedMarginLoss(ScaleOption, LambdaAnnealing):
     """CombinedMarginLoss whose (C, D) class centres are sharded over `group`: this rank owns the rows
     `shard_range(num_classes, rank, world_size)` as `weight`, initialised N(0, 0.01) like PartialFC_V2.
 
@@ -1013,19 +1013,19 @@ def keep_shards_out_of_ddp(model):
     return names
 
 
-class ShardedArcFaceLoss(ShardedCombinedMarginLoss):
+class ShardedArcFaceLoss(AngularMargin, ShardedCombinedMarginLoss):
     """ArcFace (cos(θ_y + margin), monotone past θ = π − margin) over class centres sharded across `group`."""
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, **kwargs):
-        check_angular_margin("margin", margin)  # named as the caller knows it (it becomes m2)
+        margin = self._checked_margin(margin)  # named as the caller knows it (it becomes m2)
         super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
 
 
-class ShardedCosFaceLoss(ShardedCombinedMarginLoss):
+class ShardedCosFaceLoss(AdditiveMargin, ShardedCombinedMarginLoss):
     """CosFace (cos θ_y − margin) over class centres sharded across `group`."""
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, **kwargs):
-        check_finite("margin", margin)  # it becomes m3
+        margin = self._checked_margin(margin)  # it becomes m3
         super().__init__(embedding_dim, num_classes, 1.0, 0.0, margin, scale=scale, **kwargs)
 
 
@@ -1074,27 +1074,23 @@ class _ShardedElasticMargin(ElasticMargins, ShardedCombinedMarginLoss):
         return draws
 
 
-class ShardedElasticArcFaceLoss(_ShardedElasticMargin):
+class ShardedElasticArcFaceLoss(AngularMargin, _ShardedElasticMargin):
     """ElasticFace-Arc (ArcFace, its angular margin drawn per row from N(margin, std²)) over class centres sharded
     across `group` (see _ShardedElasticMargin)."""
-
-    _margin_name = "m2"
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, std=0.05, **kwargs):
         super().__init__(embedding_dim, num_classes, scale, margin, std, **kwargs)
 
 
-class ShardedElasticCosFaceLoss(_ShardedElasticMargin):
+class ShardedElasticCosFaceLoss(AdditiveMargin, _ShardedElasticMargin):
     """ElasticFace-Cos (CosFace, its additive margin drawn per row from N(margin, std²)) over class centres sharded
     across `group` (see _ShardedElasticMargin)."""
-
-    _margin_name = "m3"
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, std=0.05, **kwargs):
         super().__init__(embedding_dim, num_classes, scale, margin, std, **kwargs)
 
 
-class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
+class ShardedCurricularFaceLoss(AngularMargin, CurricularFaceT, ShardedCombinedMarginLoss):
     """CurricularFace (marginkern.CurricularFaceLoss: hard negatives re-weighted by c·(t + c)) over class centres
     sharded across `group`. t's batch mean sums the target cosines from the ranks that hold them (one all-reduce of
     two numbers, after an agreement check of the step's arguments: a rank with bad ones must not leave the others

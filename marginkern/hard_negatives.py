@@ -19,7 +19,8 @@ import torch
 from .adaptive_margins import _refuse_options
 from .checks import check_angular_margin, check_finite, check_target_tensor
 from .engine import accumulation_dtype
-from .modules import CombinedMarginLoss, Float32Buffers, ReplayedStepOptions, subcenter_cosines
+from .modules import (AngularMargin, CombinedMarginLoss, Float32Buffers, MarginOption, ReplayedStepOptions,
+                      subcenter_cosines)
 
 
 def _refuse_filtering(kwargs, loss):
@@ -96,7 +97,7 @@ class CurricularFaceT(ReplayedStepOptions, Float32Buffers):
         return super().extra_repr() + f", momentum={self.momentum}"
 
 
-class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
+class CurricularFaceLoss(AngularMargin, CurricularFaceT, CombinedMarginLoss):
     """CurricularFace (Huang et al., CVPR 2020): ArcFace whose hard negatives (cos θ_j > cos(θ_y + m)) get the cosine
     c_j·(t + c_j), with t a running mean of the target cosine: early in training t ≈ 0 and hard negatives weigh
     less than plain ones (easy samples first), later t grows and they weigh more.
@@ -115,8 +116,17 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
         self._init_curricular(momentum)
 
 
-class MVSoftmaxCoefficients:
-    """MV-Softmax's fixed coefficients (0, w, w − 1) as a buffer (MVSoftmaxLoss; the sharded module)."""
+class MVSoftmaxCoefficients(MarginOption):
+    """MV-Softmax's fixed coefficients (0, w, w − 1) as a buffer (MVSoftmaxLoss; the sharded module); `margin` is
+    margin_type's option (m3 for "cos", m2 for "arc")."""
+
+    @property
+    def _margin_option(self):
+        return "m2" if self.margin_type == "arc" else "m3"
+
+    def _checked_margin(self, value):
+        m2, m3 = self._check_mv(value, self.mv_weight, self.margin_type, {})
+        return float(m2 if self.margin_type == "arc" else m3)
 
     @staticmethod
     def _check_mv(margin, mv_weight, margin_type, kwargs):

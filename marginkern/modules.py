@@ -276,7 +276,73 @@ def subcenter_cosines(embeddings, weight, subcenters, labels, block_rows=4096):
     return out
 
 
-class CombinedMarginLoss(LambdaAnnealing):
+class ScaleOption:
+    """`scale` reads and assigns options["scale"] (pytorch-metric-learning's heads keep it as an attribute, and
+    schedules assign it): an assignment is checked as the constructor checks it and takes effect at the next call."""
+
+    @property
+    def scale(self):
+        return self.options["scale"]
+
+    @scale.setter
+    def scale(self, value):
+        check_finite("scale", value, 0.0, low_open=True)
+        self.options["scale"] = float(value)
+
+
+class MarginOption:
+    """`margin` reads and assigns the option that the loss calls its margin (_margin_option), as ScaleOption does
+    `scale`: a margin warm-up that assigns `loss.margin` changes the loss from the next call on, in both modes."""
+
+    _margin_option = None
+
+    @classmethod
+    def _checked_margin(cls, value):
+        raise NotImplementedError
+
+    @property
+    def margin(self):
+        return self.options[self._margin_option]
+
+    @margin.setter
+    def margin(self, value):
+        self.options[self._margin_option] = self._checked_margin(value)
+
+
+class AngularMargin(MarginOption):
+    """ArcFace's margin: m2, an angle in radians in [0, π]."""
+
+    _margin_option = "m2"
+
+    @classmethod
+    def _checked_margin(cls, value):
+        check_angular_margin("margin", value)
+        return float(value)
+
+
+class AdditiveMargin(MarginOption):
+    """CosFace's margin: m3, subtracted from the target cosine."""
+
+    _margin_option = "m3"
+
+    @classmethod
+    def _checked_margin(cls, value):
+        check_finite("margin", value)
+        return float(value)
+
+
+class MultiplicativeMargin(MarginOption):
+    """SphereFace's and L-Softmax's margin: m1 ≥ 1, the target angle's multiplier."""
+
+    _margin_option = "m1"
+
+    @classmethod
+    def _checked_margin(cls, value):
+        check_finite("margin", value, 1.0)
+        return float(value)
+
+
+class CombinedMarginLoss(ScaleOption, LambdaAnnealing):
     """Margin-softmax CE with target logit s·((−1)^k cos(m1·θ + m2) − 2k − m3) (DESIGN.md §4).
 
     The class centres are initialised N(0, 0.01) as in insightface's arcface_torch (partial_fc_v2.py).
@@ -397,11 +463,11 @@ class CombinedMarginLoss(LambdaAnnealing):
         return margin_module_repr(self.embedding_dim, self.num_classes, self.options, extra + self._lambda_repr())
 
 
-class ArcFaceLoss(CombinedMarginLoss):
+class ArcFaceLoss(AngularMargin, CombinedMarginLoss):
     """ArcFace: cos(θ_y + margin), made monotone past θ = π − margin."""
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.5, **kwargs):
-        check_angular_margin("margin", margin)  # named as the caller knows it (it becomes m2)
+        margin = self._checked_margin(margin)  # named as the caller knows it (it becomes m2)
         super().__init__(embedding_dim, num_classes, 1.0, margin, 0.0, scale=scale, **kwargs)
 
 
@@ -413,11 +479,11 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         super().__init__(embedding_dim, num_classes, scale=scale, margin=margin, subcenters=subcenters, **kwargs)
 
 
-class CosFaceLoss(CombinedMarginLoss):
+class CosFaceLoss(AdditiveMargin, CombinedMarginLoss):
     """CosFace / AM-Softmax: cos θ_y − margin."""
 
     def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35, **kwargs):
-        check_finite("margin", margin)  # it becomes m3
+        margin = self._checked_margin(margin)  # it becomes m3
         super().__init__(embedding_dim, num_classes, 1.0, 0.0, margin, scale=scale, **kwargs)
 
 
@@ -430,26 +496,26 @@ class NormalizedSoftmaxLoss(CombinedMarginLoss):
                          **kwargs)
 
 
-class SphereFaceLoss(CombinedMarginLoss):
+class SphereFaceLoss(MultiplicativeMargin, CombinedMarginLoss):
     """SphereFace (A-Softmax) on normalised features: ψ(θ_y) with the angle multiplied by `margin`.
 
     The default scale 30 is opensphere's. The original A-Softmax's λ annealing (target logit
     (λ·cos θ + ψ(θ))/(1 + λ), λ decaying; face_margin_anchors.md: m = 4 rarely converges without it) is
     `lambda_min=5` (SphereFace's schedule, LambdaAnnealing); off by default. m1 also takes any real ≥ 1, so a
-    schedule that raises it from 1 (set `loss.options["m1"]` per step) is another way in.
+    schedule that raises it from 1 (assign `loss.margin` per step) is another way in.
     """
 
     def __init__(self, embedding_dim, num_classes, scale=30.0, margin=4, **kwargs):
-        check_finite("margin", margin, 1.0)  # the angle multiplier m1
-        super().__init__(embedding_dim, num_classes, float(margin), 0.0, 0.0, scale=scale, **kwargs)
+        margin = self._checked_margin(margin)  # the angle multiplier m1
+        super().__init__(embedding_dim, num_classes, margin, 0.0, 0.0, scale=scale, **kwargs)
 
 
-class LargeMarginSoftmaxLoss(CombinedMarginLoss):
+class LargeMarginSoftmaxLoss(MultiplicativeMargin, CombinedMarginLoss):
     """L-Softmax: unnormalised logits ‖x‖‖w_j‖·cos θ_j, target ‖x‖‖w_y‖·ψ(θ_y) with ψ of multiplier `margin`."""
 
     def __init__(self, embedding_dim, num_classes, scale=1.0, margin=4, **kwargs):
-        check_finite("margin", margin, 1.0)  # the angle multiplier m1
-        super().__init__(embedding_dim, num_classes, float(margin), 0.0, 0.0, scale=scale, normalize=False,
+        margin = self._checked_margin(margin)  # the angle multiplier m1
+        super().__init__(embedding_dim, num_classes, margin, 0.0, 0.0, scale=scale, normalize=False,
                          **kwargs)
 
 

@@ -251,26 +251,6 @@ def test_elastic_margins_are_drawn_per_row_in_training(kind):
     torch.testing.assert_close(loss(x, t), plain(x, t))
 
 
-@pytest.mark.parametrize("kind", ["arc", "cos"])
-def test_elastic_margin_schedule_reaches_eval_mode_and_repr(kind):
-    """A new `.margin` (a margin warm-up) is the one both modes use: eval mode kept the constructor's (a user audit:
-    training at 0.3, validating at 0.5) and the repr showed it."""
-    cls, plain_cls = (mk.ElasticArcFaceLoss, mk.ArcFaceLoss) if kind == "arc" else (mk.ElasticCosFaceLoss, mk.CosFaceLoss)
-    loss = cls(8, 20, std=0.0)
-    loss.margin = 0.3
-    plain = plain_cls(8, 20, margin=0.3)
-    plain.load_state_dict(loss.state_dict())
-    x, t = torch.randn(16, 8), torch.randint(0, 20, (16,))
-    torch.testing.assert_close(loss(x, t), plain(x, t))  # training mode, std 0
-    torch.testing.assert_close(loss.eval()(x, t), plain(x, t))
-    assert f"{'m2' if kind == 'arc' else 'm3'}=0.3" in repr(loss) and loss.margin == 0.3
-    with pytest.raises(ValueError, match="margin"):
-        loss.margin = float("nan")
-    if kind == "arc":
-        with pytest.raises(ValueError, match="degrees"):
-            loss.margin = 28.6
-
-
 def test_module_arguments_are_checked():
     with pytest.raises(TypeError, match="normalize cannot be set here"):
         mk.AdaFaceLoss(8, 10, normalize=False)

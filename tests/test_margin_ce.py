@@ -285,6 +285,32 @@ def test_modules(cls, kw, expected):
     torch.testing.assert_close(loss.detach(), want)
 
 
+@pytest.mark.parametrize("cls,margin,bad,kw", [
+    (mk.ArcFaceLoss, 0.3, 28.6, {}), (mk.SubCenterArcFaceLoss, 0.3, -0.1, {}), (mk.CosFaceLoss, 0.2, float("nan"), {}),
+    (mk.SphereFaceLoss, 2.0, 0.5, {}), (mk.LargeMarginSoftmaxLoss, 2.0, 0.5, {}),
+    (mk.ElasticArcFaceLoss, 0.3, 28.6, dict(std=0.0)), (mk.ElasticCosFaceLoss, 0.2, float("inf"), dict(std=0.0)),
+    (mk.CurricularFaceLoss, 0.3, 28.6, {}), (mk.MVSoftmaxLoss, 0.2, -0.1, {}),
+    (mk.MVSoftmaxLoss, 0.3, 28.6, dict(margin_type="arc"))], ids=lambda v: getattr(v, "__name__", None))
+def test_scale_and_margin_are_live_attributes(cls, margin, bad, kw):
+    """`loss.scale = ...` and `loss.margin = ...` (pytorch-metric-learning's heads have them; margin warm-ups assign
+    them) act from the next call in both modes, as a module built with them, and are checked as the constructor checks
+    them (a user audit: assigning ArcFace's .scale did nothing, and ElasticFace's .margin reached training only)."""
+    loss = cls(8, 20, **kw)
+    loss.scale, loss.margin = 16.0, margin
+    fresh = cls(8, 20, scale=16.0, margin=margin, **kw)
+    fresh.load_state_dict(loss.state_dict())
+    x, t = torch.randn(12, 8), torch.randint(0, 20, (12,))
+    for mode in (True, False):
+        loss.train(mode), fresh.train(mode)
+        torch.testing.assert_close(loss(x, t), fresh(x, t))
+    assert repr(loss) == repr(fresh) and (loss.scale, loss.margin) == (16.0, margin)
+    with pytest.raises(ValueError, match="margin"):
+        loss.margin = bad
+    with pytest.raises(ValueError, match="scale"):
+        loss.scale = 0.0
+    assert (loss.scale, loss.margin) == (16.0, margin)
+
+
 def test_normalized_softmax_is_cross_entropy_of_cosines_over_temperature():
     """pytorch-metric-learning's NormalizedSoftmaxLoss: cross-entropy of cos(x, w_j)/T, in float64."""
     head = mk.NormalizedSoftmaxLoss(16, 40, temperature=0.05).double()
