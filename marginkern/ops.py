@@ -56,8 +56,19 @@ def _op(name, without_autocast=True):
         implementation = _without_autocast(kernel) if without_autocast else kernel
         _IMPLEMENTATIONS[name] = implementation
         _OPS[name] = torch.library.custom_op(f"marginkern::{name}", implementation, mutates_args=())
+        if name.endswith("_backward"):
+            _OPS[name].register_autograd(_no_second_derivative(name[:-len("_backward")]))
         return _OPS[name]
     return register
+
+
+def _no_second_derivative(loss):
+    """A backward op's autograd: differentiating it (a second derivative, after create_graph=True) raises, naming
+    the loss, instead of torch.library's advice to register a formula."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"marginkern's {loss} cannot be differentiated twice: its backward pass has no derivative "
+                           f"of its own (a create_graph=True gradient can be used, not differentiated again)")
+    return backward
 
 
 def _register_autograd(name, backward, setup_context):
@@ -122,7 +133,7 @@ def call(name, *args):
     host time less per margin fwd+bwd on a CPU, bench/results/cpu-amd-epyc/2026-12-05-host-time-breakdown.txt;
     small steps on a GPU are host-bound): a
     differentiable op through its eager twin, a backward op directly when no graph is being recorded (with
-    create_graph=True it goes through the op, which has no autograd: a double backward raises as before).
+    create_graph=True it goes through the op, whose autograd raises: a double backward is refused, not zero).
     Everywhere else (torch.compile, FakeTensor, functorch, dispatch modes) through the op."""
     _refuse_forward_mode(args)
     if _plain_eager(args):
