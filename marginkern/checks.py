@@ -18,6 +18,8 @@ def check_tensor(name, t, expected="a torch.Tensor"):
     points the wrong way, and peers crashed on it (Cut Cross-Entropy #31: an illegal memory access)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be {expected}, got {type(t).__name__}")
+    if t.layout != torch.strided:  # sparse COO/CSR: the kernels read dense rows
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout} (call .to_dense())")
     dtensor_module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
     if dtensor_module is not None and isinstance(t, dtensor_module.DTensor):
         raise TypeError(

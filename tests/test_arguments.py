@@ -209,3 +209,20 @@ def test_llm_modules_take_an_fp32_head_under_autocast(module):
     torch.testing.assert_close(loss.detach(), want)
     with pytest.raises(TypeError, match="modules do this for you"), torch.autocast("cpu", dtype=torch.bfloat16):
         (mk.linear_cross_entropy if module == "linear" else mk.emo_loss)(hidden, head, t)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, w, t: mk.linear_cross_entropy(x.to_sparse(), w, t),
+    lambda x, w, t: mk.linear_cross_entropy(x, w.to_sparse_csr(), t),
+    lambda x, w, t: mk.margin_cross_entropy(x.to_sparse(), w, t),
+    lambda x, w, t: mk.emo_cross_entropy(x, w, t, cost_embedding=w.to_sparse()),
+    lambda x, w, t: mk.proxy_anchor_loss(x, w.to_sparse(), t),
+    lambda x, w, t: mk.info_nce_loss(x.to_sparse(), w[:6]),
+    lambda x, w, t: mk.cosent_loss(x[:, 0].to_sparse(), t.float()),
+])
+def test_sparse_tensors_are_refused_by_name(call):
+    """A sparse argument is refused like a wrong dtype (a layout fuzzer found internal errors: "unsupported memory
+    format option", NotImplementedError on SparseCPU)."""
+    x, w, t = torch.randn(6, 8), torch.randn(13, 8), torch.randint(0, 13, (6,))
+    with pytest.raises(TypeError, match=r"must be a dense tensor, got layout torch.sparse_(coo|csr) \(call .to_dense"):
+        call(x, w, t)
