@@ -1,5 +1,6 @@
 """nn.Module losses that own their class centres, shape (C, D) like insightface's PartialFC."""
 import collections
+import math
 import os
 import sys
 import warnings
@@ -292,13 +293,16 @@ class ScaleOption:
 
 class MarginOption:
     """`margin` reads and assigns the option that the loss calls its margin (_margin_option), as ScaleOption does
-    `scale`: a margin warm-up that assigns `loss.margin` changes the loss from the next call on, in both modes."""
+    `scale`: a margin warm-up that assigns `loss.margin` changes the loss from the next call on, in both modes. The
+    value is checked to be a finite number ≥ _margin_at_least, or as _checked_margin says."""
 
     _margin_option = None
+    _margin_at_least = -math.inf
 
     @classmethod
     def _checked_margin(cls, value):
-        raise NotImplementedError
+        check_finite("margin", value, cls._margin_at_least)
+        return float(value)
 
     @property
     def margin(self):
@@ -325,21 +329,12 @@ class AdditiveMargin(MarginOption):
 
     _margin_option = "m3"
 
-    @classmethod
-    def _checked_margin(cls, value):
-        check_finite("margin", value)
-        return float(value)
-
 
 class MultiplicativeMargin(MarginOption):
     """SphereFace's and L-Softmax's margin: m1 ≥ 1, the target angle's multiplier."""
 
     _margin_option = "m1"
-
-    @classmethod
-    def _checked_margin(cls, value):
-        check_finite("margin", value, 1.0)
-        return float(value)
+    _margin_at_least = 1.0
 
 
 class CombinedMarginLoss(ScaleOption, LambdaAnnealing):
