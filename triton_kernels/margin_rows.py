@@ -199,8 +199,8 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
 
 BLOCK_ROWS = 32
 # the target-geometry kernel's launch: 32 rows × 64 features per step at 8 warps compiles for sm_90 without spills
-# for fp32 and bf16 rows, D a multiple of 16 or not, with sub-centres and per-row margins (≤ 168 registers; the
-# 32-byte frame of libdevice's cos/sin aside); 256 features at 4 warps spilled up to 1.3 KB (fp32 rows, or odd D)
+# for fp32 and bf16 rows, D a multiple of 16 or not, with sub-centres and per-row margins (≤ 172 registers; the
+# ≤ 40-byte frame of libdevice's cos/sin aside); 256 features at 4 warps spilled up to 1.7 KB (fp32 rows, or odd D)
 BLOCK_FEATURES = 64
 TARGET_ROWS_WARPS = 8
 
