@@ -1,6 +1,8 @@
 """Compile the engine's Triton kernels for Hopper (sm_90) on any machine, no GPU needed, and report what the
 compiler made of them: wgmma (Hopper tensor cores) or not, cp.async software pipelining, shared memory,
-registers and spills (cuobjdump of the cubin; Triton's wheel ships ptxas and cuobjdump).
+registers, stack frame and spills (cuobjdump of the cubin; where it shows a stack frame, ptxas -v again on the PTX
+with Triton's flags says whether the frame holds spilled registers or only a call's, e.g. libdevice's cos/sin or an
+IEEE division's slow path; Triton's wheel ships ptxas and cuobjdump).
 
     python bench/sm90_compile.py                  # GPU_CONFIG and the sweep's quick grid
     python bench/sm90_compile.py 128,128,64,8,0,8,3  # BLOCK_N,BLOCK_C,BLOCK_D,GROUP_N,FLATTEN,num_warps,num_stages
@@ -81,7 +83,22 @@ def _compile(kernel, signature, constexprs, attrs, num_warps, num_stages):
     resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     regs, stack, _, local = (int(v) for v in resources.groups())
     return {"wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async"),
-            "shared_bytes": compiled.metadata.shared, "registers": regs, "stack_bytes": stack, "local_bytes": local}
+            "shared_bytes": compiled.metadata.shared, "registers": regs, "stack_bytes": stack, "local_bytes": local,
+            "spill_bytes": _spill_bytes(ptx) if stack or local else 0}
+
+
+def _spill_bytes(ptx):
+    """Bytes of spill stores + loads that ptxas reports for the PTX, assembled as Triton's make_cubin does (-v,
+    -lineinfo, --regAllocOptLevel=2, FP fusion on: Triton 3.9's default)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(90).path, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a",
+                              source, "-o", os.path.join(tmp, "kernel.o")], capture_output=True, text=True,
+                             check=True).stderr
+    return sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
 
 
 def recorded_launches(path, gpu_tiles=False):
@@ -207,13 +224,16 @@ def main():
     if sys.argv[1:2] == ["--launches"]:
         results = compile_recorded(sys.argv[2], gpu_tiles="--gpu-tiles" in sys.argv[3:])
         failures = [(label, error) for label, _, error in results if error]
-        spills = [(label, r) for label, r, error in results if not error and (r["local_bytes"] or r["stack_bytes"])]
+        compiled = [r for _, r, error in results if not error]
+        spills = [(label, r) for label, r, error in results if not error and r["spill_bytes"]]
         for label, r in spills:  # not an error: a slower kernel, which the benchmarks would show
-            print(f"spills {label}: {r['stack_bytes']} B stack, {r['local_bytes']} B local, {r['registers']} regs")
+            print(f"spills {label}: {r['spill_bytes']} B spill stores + loads, {r['stack_bytes']} B stack, "
+                  f"{r['local_bytes']} B local, {r['registers']} regs")
         for label, error in failures:
             print(f"FAILED {label}: {error[:2000]}\n")
+        frames = sum(1 for r in compiled if r["stack_bytes"] and not r["spill_bytes"])
         print(f"{len(results) - len(failures)} of {len(results)} recorded kernel launches compile for sm_90 "
-              f"({len(spills)} with register spills)")
+              f"({len(spills)} with register spills; {frames} more with a stack frame that holds no spill: calls)")
         sys.exit(1 if failures else 0)
     from marginkern.triton_kernels.tiles import GPU_CONFIG
     from sweep_triton_configs import KEYS, grid
@@ -222,7 +242,7 @@ def main():
     else:
         configs = [GPU_CONFIG] + [c for c in grid(quick=True) if c != GPU_CONFIG]
     print("config (" + ",".join(KEYS) + ") | kernel | wgmma | cp.async | smem KB | regs | "
-          "stack B | spills")
+          "stack B | spill B")
     for config in configs:
         name = ",".join(str(int(config[k])) for k in KEYS)
         for label, kernel, constexprs in engine_kernels(config):
@@ -232,7 +252,7 @@ def main():
                 print(f"{name} | {label} | failed: {type(e).__name__}: {str(e)[:150]}")
                 continue
             print(f"{name} | {label} | {r['wgmma']} | {r['cp_async']} | {r['shared_bytes'] / 1024:.0f} | "
-                  f"{r['registers']} | {r['stack_bytes']} | {'yes' if r['local_bytes'] or r['stack_bytes'] else 'no'}")
+                  f"{r['registers']} | {r['stack_bytes']} | {r['spill_bytes'] or 'no'}")
 
 
 if __name__ == "__main__":

@@ -198,11 +198,12 @@ def margin_target_grad_rows_kernel(row_state_ptr, lse_ptr, grad_loss_ptr, target
 
 
 BLOCK_ROWS = 32
-# the target-geometry kernel's launch: 32 rows × 64 features per step at 8 warps compiles for sm_90 without spills
-# for fp32 and bf16 rows, D a multiple of 16 or not, with sub-centres and per-row margins (≤ 172 registers; the
-# ≤ 40-byte frame of libdevice's cos/sin aside); 256 features at 4 warps spilled up to 1.7 KB (fp32 rows, or odd D)
-BLOCK_FEATURES = 64
-TARGET_ROWS_WARPS = 8
+# the target-geometry kernel's launch: 32 rows × 32 features per step at 4 warps compiles for sm_90 without spills
+# (ptxas's count) for fp32 and bf16 rows, D a multiple of 16 or not, with sub-centres and per-row margins (≤ 158
+# registers, a ≤ 32-byte stack frame for the calls of libdevice's cos/sin and the IEEE division); 256 features
+# spilled up to 2.6 KB (fp32 rows), and 64 features at 8 warps 8 B at odd D
+BLOCK_FEATURES = 32
+TARGET_ROWS_WARPS = 4
 
 
 def _row_margins_arg(row_margins, like):
