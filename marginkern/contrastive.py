@@ -261,8 +261,10 @@ class InfoNCELoss(nn.Module):
     `loss_fn.log_scale.data.clamp_(max=math.log(100))`."""
 
     def __init__(self, scale=20.0, *, learnable_scale=False, symmetric=False, margin=0.0, label_smoothing=0.0,
-                 normalize=True, group=None):
+                 normalize=True, reduction="mean", group=None):
         super().__init__()
+        check_reduction(reduction)
+        self.reduction = reduction
         check_finite("scale", scale, 0.0, low_open=True)
         check_finite("margin", margin)
         check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
@@ -282,20 +284,23 @@ class InfoNCELoss(nn.Module):
         scale = self.log_scale.exp() if self.learnable_scale else self.scale
         query, key = _in_wider_dtype(query, key)
         return info_nce_loss(query, key, scale=scale, symmetric=self.symmetric, margin=self.margin,
-                             label_smoothing=self.label_smoothing, normalize=self.normalize, group=self.group)
+                             label_smoothing=self.label_smoothing, normalize=self.normalize, reduction=self.reduction,
+                             group=self.group)
 
     def extra_repr(self):
         scale = "learnable" if self.learnable_scale else f"scale={self.scale}"
         return (f"{scale}, symmetric={self.symmetric}, margin={self.margin}, label_smoothing={self.label_smoothing}, "
-                f"normalize={self.normalize}")
+                f"normalize={self.normalize}, reduction={self.reduction!r}")
 
 
 class SigLIPLoss(nn.Module):
     """`siglip_loss` as a module: forward(query, key). learnable=True (SigLIP's) learns log(scale) and the bias from
     their initial values (log 10 and −10)."""
 
-    def __init__(self, scale=10.0, bias=-10.0, *, learnable=True, normalize=True, group=None):
+    def __init__(self, scale=10.0, bias=-10.0, *, learnable=True, normalize=True, reduction="mean", group=None):
         super().__init__()
+        check_reduction(reduction)
+        self.reduction = reduction
         check_finite("scale", scale, 0.0, low_open=True)
         check_finite("bias", bias)
         normalize = check_bool("normalize", normalize)
@@ -310,18 +315,22 @@ class SigLIPLoss(nn.Module):
     def forward(self, query, key):
         scale = self.log_scale.exp() if self.learnable else self.scale
         query, key = _in_wider_dtype(query, key)
-        return siglip_loss(query, key, scale=scale, bias=self.bias, normalize=self.normalize, group=self.group)
+        return siglip_loss(query, key, scale=scale, bias=self.bias, normalize=self.normalize, reduction=self.reduction,
+                           group=self.group)
 
     def extra_repr(self):
         return ("learnable" if self.learnable else f"scale={self.scale}, bias={self.bias}") + \
-            f", normalize={self.normalize}"
+            f", normalize={self.normalize}, reduction={self.reduction!r}"
 
 
 class SupConLoss(nn.Module):
     """`supcon_loss` as a module (the official SupConLoss's arguments and defaults): forward(features, labels=None)."""
 
-    def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *, normalize=True, group=None):
+    def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *, normalize=True,
+                 reduction="mean", group=None):
         super().__init__()
+        check_reduction(reduction)
+        self.reduction = reduction
         check_finite("temperature", temperature, 0.0, low_open=True)
         check_finite("base_temperature", base_temperature, 0.0, low_open=True)
         if contrast_mode not in ("all", "one"):
@@ -332,8 +341,9 @@ class SupConLoss(nn.Module):
 
     def forward(self, features, labels=None):
         return supcon_loss(features, labels, temperature=self.temperature, base_temperature=self.base_temperature,
-                           contrast_mode=self.contrast_mode, normalize=self.normalize, group=self.group)
+                           contrast_mode=self.contrast_mode, normalize=self.normalize, reduction=self.reduction,
+                           group=self.group)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
-                f"base_temperature={self.base_temperature}, normalize={self.normalize}")
+                f"base_temperature={self.base_temperature}, normalize={self.normalize}, reduction={self.reduction!r}")

@@ -430,6 +430,24 @@ def test_modules_check_their_options_when_built():
         mk.SigLIPLoss(scale=0.0)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_modules_take_the_functions_reduction(reduction):
+    """The contrastive modules pass `reduction` through (a user audit: only the functions took it)."""
+    torch.manual_seed(5)
+    q, k = torch.randn(6, 8), torch.randn(6, 8)
+    views, labels = torch.randn(6, 2, 8), torch.tensor([0, 1, 0, 2, 1, 0])
+    for module, function, args in (
+            (mk.InfoNCELoss(symmetric=True, reduction=reduction), lambda *a, **o: mk.info_nce_loss(*a, symmetric=True, **o),
+             (q, k)),
+            (mk.SigLIPLoss(learnable=False, reduction=reduction), mk.siglip_loss, (q, k)),
+            (mk.SupConLoss(reduction=reduction), mk.supcon_loss, (views, labels))):
+        torch.testing.assert_close(module(*args), function(*args, reduction=reduction))
+        assert f"reduction={reduction!r}" in repr(module)
+    for cls in (mk.InfoNCELoss, mk.SigLIPLoss, mk.SupConLoss):
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            cls(reduction="avg")
+
+
 def test_dot_product_logits_with_a_margin():
     q, k = case(M=20)
     got = mk.info_nce_loss(q, k, scale=0.3, margin=0.5, normalize=False, symmetric=True)
