@@ -57,6 +57,8 @@ def log_probs_forward(x, w, target, temperature, ignore_index, tiles, shard=None
     row_max, log_sum, entropy = entropy_of_max_sums(state)
     lse = row_max + log_sum
     log_pt = (target_logit - row_max) - log_sum
+    # a +inf logit (∞ − ∞): NaN, as torch's log_softmax and the C++ kernels (H's sums would give −inf)
+    log_pt = torch.where(row_max == float("inf"), float("nan"), log_pt)
     entropy = torch.where(torch.isnan(log_pt), log_pt, entropy)  # a NaN input makes H NaN too, not a finite sum
     return torch.where(rows.valid, log_pt, 0.0), torch.where(rows.valid, entropy, 0.0), lse
 

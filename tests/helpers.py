@@ -45,6 +45,39 @@ def assert_close_rel(actual, expected, dtype, what="", floor=1e-3, factor=1.0):
     assert err <= tol, f"{what}: max error {err:.3e} relative to max |expected|, tolerance {tol:.0e}"
 
 
+SPECIAL_ROWS = {  # logits of one row each (C = 9), as torch.logsumexp must see them
+    "normal": [0.5, -1.0, 3.0, 2.0, -4.0, 0.0, 1.0, 7.0, -2.0],
+    "all -inf": [-math.inf] * 9,
+    "-inf tail": [1.0, 2.0, 0.5, -math.inf, -math.inf, -math.inf, -math.inf, -math.inf, -math.inf],
+    "one +inf": [1.0, 2.0, 0.5, 3.0, math.inf, 0.0, 1.0, 2.0, 3.0],
+    "+inf and -inf": [-math.inf, 2.0, math.inf, 3.0, -math.inf, 0.0, 1.0, math.inf, 3.0],
+    "NaN": [1.0, 2.0, 0.5, 3.0, math.nan, 0.0, 1.0, 2.0, 3.0],
+    "NaN and +inf": [1.0, math.inf, math.nan, 2.0, 0.0, 1.0, -1.0, 2.0, 3.0],
+    "NaN, then +inf": [math.nan, 1.0, 2.0, 0.5, 0.0, 1.0, -1.0, 2.0, math.inf],
+    "NaN among -inf": [-math.inf, -math.inf, -math.inf, -math.inf, -math.inf, math.nan, -math.inf, -math.inf,
+                       -math.inf],
+}
+
+
+def check_special_rows_log_probs(device):
+    """log_probs_and_entropy of SPECIAL_ROWS (target class 1, finite in all but the all −inf row) against float64
+    softmax arithmetic: −inf logits are p = 0 (they add nothing to H); a +inf or NaN logit, or no finite one, gives
+    NaN for both, as torch's log_softmax (the entropy's sums gave −inf for a +inf row once its shift was 0)."""
+    import marginkern as mk
+    for name, logits in SPECIAL_ROWS.items():
+        z = torch.tensor(logits, dtype=torch.float64)
+        log_p = torch.log_softmax(z, 0)
+        want_lp = log_p[1]
+        want_h = -torch.where(log_p > -math.inf, log_p.exp() * log_p, 0.0).sum()
+        if torch.isnan(want_lp):
+            want_h = want_lp
+        w = torch.tensor(logits, device=device)[:, None]  # logits x·w_j with x = 1 (one row: inf·0 would be NaN)
+        got_lp, got_h = mk.log_probs_and_entropy(torch.ones(1, 1, device=device), w, torch.tensor([1], device=device))
+        for got, want, what in ((got_lp, want_lp, "log p_t"), (got_h, want_h, "entropy")):
+            torch.testing.assert_close(got.cpu().double(), want.reshape(1), equal_nan=True, rtol=1e-6, atol=1e-6,
+                                       msg=f"{what} of the {name} row")
+
+
 def check_fp16_grad_saturates_and_keeps_nan(tiles, device):
     """A tile backend's float16 dL/da: entries beyond fp16's range saturate at ±65504 instead of becoming
     inf (the engine's scale keeps regular entries far below), and a NaN row stays NaN (GradScaler must see

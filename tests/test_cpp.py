@@ -15,7 +15,7 @@ import marginkern as mk
 from marginkern import cpp_tiles, reference
 from marginkern.dispatch import _why_not, select_tiles
 from marginkern.engine import CostSpec, LogitSpec, TorchTiles, cost_query, streaming_grads
-from tests.helpers import assert_close_rel, loss_and_grads, make_case
+from tests.helpers import SPECIAL_ROWS, assert_close_rel, loss_and_grads, make_case
 
 requires_cpp = pytest.mark.skipif(cpp_tiles.LOAD_ERROR is not None,
                                   reason=f"marginkern._C is not built: {cpp_tiles.LOAD_ERROR}")
@@ -215,18 +215,6 @@ def test_cpp_loss_ops_equal_the_python_engine(monkeypatch, case, reduction):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
 
 
-SPECIAL_ROWS = {  # logits of one row each (C = 9), as torch.logsumexp must see them
-    "normal": [0.5, -1.0, 3.0, 2.0, -4.0, 0.0, 1.0, 7.0, -2.0],
-    "all -inf": [-math.inf] * 9,
-    "-inf tail": [1.0, 2.0, 0.5, -math.inf, -math.inf, -math.inf, -math.inf, -math.inf, -math.inf],
-    "one +inf": [1.0, 2.0, 0.5, 3.0, math.inf, 0.0, 1.0, 2.0, 3.0],
-    "+inf and -inf": [-math.inf, 2.0, math.inf, 3.0, -math.inf, 0.0, 1.0, math.inf, 3.0],
-    "NaN": [1.0, 2.0, 0.5, 3.0, math.nan, 0.0, 1.0, 2.0, 3.0],
-    "NaN and +inf": [1.0, math.inf, math.nan, 2.0, 0.0, 1.0, -1.0, 2.0, 3.0],
-    "NaN, then +inf": [math.nan, 1.0, 2.0, 0.5, 0.0, 1.0, -1.0, 2.0, math.inf],
-    "NaN among -inf": [-math.inf, -math.inf, -math.inf, -math.inf, -math.inf, math.nan, -math.inf, -math.inf,
-                       -math.inf],
-}
 
 
 def check_special_rows_lse(device):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import marginkern as mk
 from marginkern import reference
 from marginkern.dispatch import BackendUnavailable
-from tests.helpers import assert_close_rel, make_case
+from tests.helpers import assert_close_rel, check_special_rows_log_probs, make_case
 
 
 def materialised(x, w, t, temperature=1.0, ignore_index=-100):
@@ -168,6 +168,15 @@ def test_nan_class_chunk_gives_nan(backend, monkeypatch):
     w[32:64] = float("nan")
     log_pt, entropy = mk.log_probs_and_entropy(x.detach(), w, torch.tensor([1, 5, 299]))
     assert torch.isnan(log_pt).all() and torch.isnan(entropy).all()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_special_rows_give_torchs_log_probs_and_entropy(backend, monkeypatch):
+    from marginkern import cpp_tiles
+    if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    check_special_rows_log_probs("cpu")
 
 
 def test_nan_input_gives_nan():

@@ -89,11 +89,11 @@ def test_row_stats_over_long_class_splits(epilogue, monkeypatch):
 
 @pytest.mark.parametrize("sm_count", [1, 132])
 def test_special_rows_lse_is_torch_logsumexp(sm_count, monkeypatch):
-    """Rows with ±inf and NaN logits (test_cpp's SPECIAL_ROWS, spread over 300 classes of −inf: whole −inf tiles
+    """Rows with ±inf and NaN logits (tests.helpers' SPECIAL_ROWS, spread over 300 classes of −inf: whole −inf tiles
     and splits, the specials in different ones) give torch.logsumexp's lse in the forward kernel and in its FROM_DOTS
     form, as the C++ and CUDA kernels: a +inf logit gave NaN (e^{inf − inf}) where they give +inf (review finding)."""
     import marginkern.triton_kernels.tiles as tiles_module
-    from tests.test_cpp import SPECIAL_ROWS
+    from tests.helpers import SPECIAL_ROWS
     monkeypatch.setattr(tiles_module, "_sm_count", lambda device: sm_count)
     rows = torch.full((len(SPECIAL_ROWS), 300), -float("inf"), device=DEVICE)
     rows[:, ::34] = torch.tensor(list(SPECIAL_ROWS.values()), device=DEVICE)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import marginkern as mk
-from tests.helpers import make_case
+from tests.helpers import check_special_rows_log_probs, make_case
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_log_probs import check_confident_and_flat_rows, check_log_probs_against_oracle
 
@@ -51,6 +51,10 @@ def test_tied_maxima_leave_one_out(sm_count, monkeypatch):
         log_pt, entropy = mk.log_probs_and_entropy(x, w, torch.tensor([a], device=DEVICE))
         assert abs(log_pt.item() + log2) < 1e-6, (a, b, log_pt.item())
         assert abs(entropy.item() - log2) < 1e-6, (a, b, entropy.item())
+
+
+def test_special_rows_give_torchs_log_probs_and_entropy():
+    check_special_rows_log_probs(DEVICE)
 
 
 def test_nan_input_gives_nan():
