@@ -41,9 +41,19 @@ class AdaFaceMargins(ReplayedStepOptions, Float32Buffers):
 
     def _init_adaface(self, margin, h, t_alpha, eps):
         """After the base's __init__ (the buffers go to the weight's device)."""
-        self.margin, self.h, self.t_alpha, self.eps = float(margin), float(h), float(t_alpha), float(eps)
+        self.margin, self.h, self.t_alpha, self.eps = margin, float(h), float(t_alpha), float(eps)
         self.register_buffer("batch_mean", torch.full((1,), 20.0, device=self.weight.device))
         self.register_buffer("batch_std", torch.full((1,), 100.0, device=self.weight.device))
+
+    @property
+    def margin(self):
+        """AdaFace's m, live: an assignment is checked as the constructor checks it (an angle in [0, π])."""
+        return self._margin
+
+    @margin.setter
+    def margin(self, value):
+        check_angular_margin("margin", value)
+        self._margin = float(value)
 
     def reset_parameters(self):
         """The class centres, and μ, σ back to the official head's 20 and 100 (also after deferred, meta-device

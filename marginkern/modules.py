@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from .checks import (check_angular_margin, check_bool, check_class_weight, check_class_weight_values,
+from .checks import (FLOAT_DTYPES, check_angular_margin, check_bool, check_class_weight, check_class_weight_values,
                      check_extra_outputs, check_finite, check_head_size, check_ignore_index, check_jsd_beta,
                      check_linear_ce_options, check_logits_buffer, check_margin_options, check_module_embeddings,
                      check_proxy_anchor_options, check_reduction, check_shift, check_subcenters, check_temperature,
@@ -586,7 +586,7 @@ class EMOLoss(nn.Module):
             if cost_embedding.dim() != 2:  # its C is checked against the weight's at each call
                 raise ValueError(f"cost_embedding must have shape (C, E) (one row per class), got shape "
                                  f"{tuple(cost_embedding.shape)}")
-            if not cost_embedding.is_floating_point():
+            if cost_embedding.dtype not in FLOAT_DTYPES:  # as each call checks it
                 raise TypeError(f"cost_embedding must be a float tensor, got {cost_embedding.dtype}")
         self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
         self.mode, self.ignore_index, self.reduction = mode, check_ignore_index(ignore_index), reduction

@@ -158,6 +158,7 @@ def test_fake_kernels_check_too(call, match):
     # at construction, not at the first forward (a user audit)
     (lambda: mk.EMOLoss(cost_embedding=torch.ones(5)), ValueError, r"cost_embedding must have shape \(C, E\)"),
     (lambda: mk.EMOLoss(cost_embedding=torch.ones(5, 3, dtype=torch.long)), TypeError, "must be a float tensor"),
+    (lambda: mk.EMOLoss(cost_embedding=torch.ones(5, 3).to(torch.float8_e4m3fn)), TypeError, "must be a float tensor"),
     (lambda: mk.LinearCrossEntropyLoss(class_weight=[1.0, 2.0]), TypeError, "class_weight must be a torch.Tensor"),
 ])
 def test_module_errors_use_the_modules_own_argument_names(make, exc, match):

@@ -290,7 +290,8 @@ def test_modules(cls, kw, expected):
     (mk.SphereFaceLoss, 2.0, 0.5, {}), (mk.LargeMarginSoftmaxLoss, 2.0, 0.5, {}),
     (mk.ElasticArcFaceLoss, 0.3, 28.6, dict(std=0.0)), (mk.ElasticCosFaceLoss, 0.2, float("inf"), dict(std=0.0)),
     (mk.CurricularFaceLoss, 0.3, 28.6, {}), (mk.MVSoftmaxLoss, 0.2, -0.1, {}),
-    (mk.MVSoftmaxLoss, 0.3, 28.6, dict(margin_type="arc"))], ids=lambda v: getattr(v, "__name__", None))
+    (mk.MVSoftmaxLoss, 0.3, 28.6, dict(margin_type="arc")), (mk.AdaFaceLoss, 0.3, 4.0, {})],
+    ids=lambda v: getattr(v, "__name__", None))
 def test_scale_and_margin_are_live_attributes(cls, margin, bad, kw):
     """`loss.scale = ...` and `loss.margin = ...` (pytorch-metric-learning's heads have them; margin warm-ups assign
     them) act from the next call in both modes, as a module built with them, and are checked as the constructor checks
