@@ -16,3 +16,14 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["cpp", "reference"])
+def cpu_backend(request, monkeypatch):
+    """Both CPU backends for the test: the C++ kernels (the default; their own backward loops) and the PyTorch tiles
+    (the engine's loop), skipping the C++ one where marginkern._C is not built."""
+    from marginkern import cpp_tiles
+    if request.param == "cpp" and cpp_tiles.LOAD_ERROR is not None:
+        pytest.skip(cpp_tiles.LOAD_ERROR)
+    monkeypatch.setenv("MARGINKERN_BACKEND", request.param)
+    return request.param

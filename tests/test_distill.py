@@ -247,12 +247,7 @@ def test_forced_cuda_backend_refuses_with_a_reason(monkeypatch):
         mk.linear_kl_divergence(x, w, x_t, w_t, t)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_confident_teacher_on_both_cpu_backends(backend, monkeypatch):
-    from marginkern import cpp_tiles
-    if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
-        pytest.skip(cpp_tiles.LOAD_ERROR)
-    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+def test_confident_teacher_on_both_cpu_backends(cpu_backend):
     check_confident_teacher("cpu")
 
 

@@ -49,19 +49,6 @@ def test_oracle_matches_materialised_definition(beta, temperature):
         assert torch.allclose(g, e, atol=1e-10)
 
 
-CPU_BACKENDS = ["cpp", "reference"]
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def cpu_backend(request, monkeypatch):
-    """Both CPU backends: the C++ kernels (csrc/cpu/distill_loss.cpp, the default) and the PyTorch tiles."""
-    from marginkern import cpp_tiles
-    if request.param == "cpp" and cpp_tiles.LOAD_ERROR is not None:
-        pytest.skip(cpp_tiles.LOAD_ERROR)
-    monkeypatch.setenv("MARGINKERN_BACKEND", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 @pytest.mark.parametrize("shape", [(37, 301, 45, 20), (3, 1, 4, 5), (1, 2, 3, 2)])

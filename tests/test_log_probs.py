@@ -170,12 +170,7 @@ def test_nan_class_chunk_gives_nan(backend, monkeypatch):
     assert torch.isnan(log_pt).all() and torch.isnan(entropy).all()
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_special_rows_give_torchs_log_probs_and_entropy(backend, monkeypatch):
-    from marginkern import cpp_tiles
-    if backend == "cpp" and cpp_tiles.LOAD_ERROR is not None:
-        pytest.skip(cpp_tiles.LOAD_ERROR)
-    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+def test_special_rows_give_torchs_log_probs_and_entropy(cpu_backend):
     check_special_rows_log_probs("cpu")
 
 

@@ -45,17 +45,6 @@ def check_against_oracle(dtype, shape, device, temperature=0.8):
         assert_close_rel(g, e, dtype, name, floor=1.0)
 
 
-@pytest.fixture(params=["cpp", "reference"])
-def cpu_backend(request, monkeypatch):
-    """Both CPU backends: the C++ tiles (their own backward loop: the sparse cells through its dW finalizer) and
-    the PyTorch tiles (the engine's loop: the cells scattered into each chunk's G)."""
-    from marginkern import cpp_tiles
-    if request.param == "cpp" and cpp_tiles.LOAD_ERROR is not None:
-        pytest.skip(cpp_tiles.LOAD_ERROR)
-    monkeypatch.setenv("MARGINKERN_BACKEND", request.param)
-    return request.param
-
-
 def test_oracle_matches_materialised_definition():
     x, w, t, ids, logits = topk_case(13, 50, 7, 6, torch.float64)
     upstream = torch.randn(13, dtype=torch.float64)
