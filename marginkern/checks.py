@@ -339,14 +339,17 @@ def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma
                          "the target term; set one of them to 0")
 
 
-def check_cost_embedding(cost_embedding, weight):
+def check_cost_embedding(cost_embedding, weight=None):
+    """EMO's cost embedding (C, E), float; with the head's weight also its C and device (without: EMOLoss's buffer,
+    checked when built, before any weight is seen)."""
     check_tensor("cost_embedding", cost_embedding, "a torch.Tensor or None")
-    if cost_embedding.dim() != 2 or cost_embedding.shape[0] != weight.shape[0]:
-        raise ValueError(f"cost_embedding must have shape (C={weight.shape[0]}, E) (one row per class; E may "
+    if cost_embedding.dim() != 2 or (weight is not None and cost_embedding.shape[0] != weight.shape[0]):
+        classes = "C" if weight is None else f"C={weight.shape[0]}"
+        raise ValueError(f"cost_embedding must have shape ({classes}, E) (one row per class; E may "
                          f"differ from the hidden size), got shape {tuple(cost_embedding.shape)}")
     if cost_embedding.dtype not in FLOAT_DTYPES:
         raise TypeError(f"cost_embedding must be a float tensor, got {cost_embedding.dtype}")
-    if cost_embedding.device != weight.device:
+    if weight is not None and cost_embedding.device != weight.device:
         raise ValueError(f"cost_embedding must be on the device of weight ({weight.device}), "
                          f"got {cost_embedding.device}")
 

@@ -9,12 +9,12 @@ import weakref
 import torch
 from torch import nn
 
-from .checks import (FLOAT_DTYPES, check_angular_margin, check_bool, check_class_weight, check_class_weight_values,
-                     check_extra_outputs, check_finite, check_head_size, check_ignore_index, check_jsd_beta,
-                     check_linear_ce_options, check_logits_buffer, check_margin_options, check_module_embeddings,
-                     check_proxy_anchor_options, check_reduction, check_shift, check_subcenters, check_temperature,
-                     check_tensor, checked_class_targets, interclass_filtering_options, margin_module_repr,
-                     resolve_grad_filter_eps)
+from .checks import (check_angular_margin, check_bool, check_class_weight, check_class_weight_values,
+                     check_cost_embedding, check_extra_outputs, check_finite, check_head_size, check_ignore_index,
+                     check_jsd_beta, check_linear_ce_options, check_logits_buffer, check_margin_options,
+                     check_module_embeddings, check_proxy_anchor_options, check_reduction, check_shift,
+                     check_subcenters, check_temperature, check_tensor, checked_class_targets,
+                     interclass_filtering_options, margin_module_repr, resolve_grad_filter_eps)
 from .engine import accumulation_dtype
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          linear_jsd, linear_kl_divergence, margin_cross_entropy, proxy_anchor_loss)
@@ -582,12 +582,7 @@ class EMOLoss(nn.Module):
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         check_reduction(reduction)
         if cost_embedding is not None:
-            check_tensor("cost_embedding", cost_embedding, "a torch.Tensor or None")
-            if cost_embedding.dim() != 2:  # its C is checked against the weight's at each call
-                raise ValueError(f"cost_embedding must have shape (C, E) (one row per class), got shape "
-                                 f"{tuple(cost_embedding.shape)}")
-            if cost_embedding.dtype not in FLOAT_DTYPES:  # as each call checks it
-                raise TypeError(f"cost_embedding must be a float tensor, got {cost_embedding.dtype}")
+            check_cost_embedding(cost_embedding)  # its C and device against the weight's at each call
         self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
         self.mode, self.ignore_index, self.reduction = mode, check_ignore_index(ignore_index), reduction
         self.shift = check_shift(shift)
