@@ -196,9 +196,9 @@ def row_norms(t: Tensor) -> Tensor:
     whole fp32 copy of a 16-bit (C, D) weight first, so it runs there by blocks of rows."""
     acc = accumulation_dtype(t.dtype)
     rows = max(1, (4 << 20) // max(1, t.shape[1] * 4))
-    if t.is_cuda or t.dtype == acc or t.shape[0] <= rows:
+    if t.is_cuda or t.dtype == acc or torch.compiler.is_compiling() or t.shape[0] <= rows:
         return torch.linalg.vector_norm(t, dim=1, dtype=acc)
-    return torch.cat([torch.linalg.vector_norm(t[r0:r0 + rows], dim=1, dtype=acc) for r0 in range(0, t.shape[0], rows)])
+    return torch.cat([torch.linalg.vector_norm(t[r0:r1], dim=1, dtype=acc) for r0, r1 in row_blocks(t.shape[0], rows)])
 
 
 def inverse_row_norms(t: Tensor) -> Tensor:
@@ -207,12 +207,23 @@ def inverse_row_norms(t: Tensor) -> Tensor:
     return torch.reciprocal(row_norms(t).clamp_min(NORM_EPS))
 
 
+def row_blocks(total, rows: int):
+    """(r0, r1) of a loop over `total` rows by blocks of `rows`; one block of all of them while torch.compile traces:
+    dynamo would fix a symbolic `total` in the graph to unroll the loop (a recompile for every batch size), and the
+    compiled graph's buffers are the compiler's to plan."""
+    if torch.compiler.is_compiling():
+        yield 0, total
+        return
+    for r0 in range(0, total, rows):
+        yield r0, min(total, r0 + rows)
+
+
 def _upcast_row_blocks(a: Tensor, dtype, block_bytes: int):
     """a's rows in `dtype`, as (r0, r1, block) by blocks of at most block_bytes: never a whole upcast copy of a
     16-bit a (2 GB in fp32 for a Llama-3-8B head)."""
     rows = max(1, a.shape[0] if a.dtype == dtype else block_bytes // max(1, a.shape[1] * dtype.itemsize))
-    for r0 in range(0, a.shape[0], rows):
-        yield r0, min(a.shape[0], r0 + rows), a[r0:r0 + rows].to(dtype)
+    for r0, r1 in row_blocks(a.shape[0], rows):
+        yield r0, r1, a[r0:r1].to(dtype)
 
 
 def row_block_matvec(a: Tensor, v: Tensor, block_bytes: int = 16 << 20) -> Tensor:
@@ -239,8 +250,8 @@ def paired_row_dots(a: Tensor, b: Tensor, dtype=None, block_bytes: int = 16 << 2
     dtype = dtype or b.dtype
     out = torch.empty(a.shape[0], dtype=dtype, device=b.device)
     rows = max(1, block_bytes // max(1, a.shape[1] * dtype.itemsize))
-    for r0 in range(0, a.shape[0], rows):
-        torch.sum(a[r0:r0 + rows].to(dtype) * b[r0:r0 + rows].to(dtype), dim=1, out=out[r0:r0 + rows])
+    for r0, r1 in row_blocks(a.shape[0], rows):
+        torch.sum(a[r0:r1].to(dtype) * b[r0:r1].to(dtype), dim=1, out=out[r0:r1])
     return out
 
 

@@ -15,7 +15,7 @@ from .checks import (check_angular_margin, check_bool, check_class_weight, check
                      check_module_embeddings, check_proxy_anchor_options, check_reduction, check_shift,
                      check_subcenters, check_temperature, check_tensor, checked_class_targets,
                      interclass_filtering_options, margin_module_repr, resolve_grad_filter_eps)
-from .engine import accumulation_dtype
+from .engine import accumulation_dtype, row_blocks
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
                          linear_jsd, linear_kl_divergence, margin_cross_entropy, proxy_anchor_loss)
 from .sampling import IGNORED, num_sampled_classes, sample_classes, sampled_class_rows
@@ -189,9 +189,10 @@ class ReplayedStepOptions:
     forward's inputs among the last `REPLAY_HISTORY` training forwards (two heads' calls summed into one loss, or
     micro-batches whose backward passes come later, each find theirs). The gradients are then those of the forward's
     loss and the statistics move once. The lookup syncs with the device once, in the recompute only; a recompute
-    whose forward is no longer in the history raises. A compiled head cannot tell its recompute from a forward (the
-    check is traced as a constant): under torch.compile, compile around the checkpoint
-    (torch.compile(lambda ...: checkpoint(head, ...))), or do not checkpoint the head."""
+    whose forward is no longer in the history raises. Under torch.compile, do not checkpoint the head: a compiled
+    head cannot tell its recompute from a forward (the check is traced as a constant, so the statistics move twice),
+    and dynamo cannot trace the statistics' update inside a checkpoint (torch.compile around checkpoint(head, ...)
+    runs the head eagerly, or raises with fullgraph=True)."""
 
     REPLAY_HISTORY = 16
     _replays = None
@@ -270,10 +271,10 @@ def subcenter_cosines(embeddings, weight, subcenters, labels, block_rows=4096):
     acc = accumulation_dtype(weight.dtype)
     centres = weight.detach().unflatten(0, (-1, subcenters))
     out = torch.empty(embeddings.shape[0], subcenters, dtype=acc, device=weight.device)
-    for r0 in range(0, embeddings.shape[0], block_rows):
-        x = nn.functional.normalize(embeddings[r0:r0 + block_rows].detach().to(acc), dim=1)
-        w = nn.functional.normalize(centres[labels[r0:r0 + block_rows]].to(acc), dim=2)
-        out[r0:r0 + block_rows] = torch.linalg.vecdot(w, x[:, None, :])
+    for r0, r1 in row_blocks(embeddings.shape[0], block_rows):
+        x = nn.functional.normalize(embeddings[r0:r1].detach().to(acc), dim=1)
+        w = nn.functional.normalize(centres[labels[r0:r1]].to(acc), dim=2)
+        out[r0:r1] = torch.linalg.vecdot(w, x[:, None, :])
     return out
 
 

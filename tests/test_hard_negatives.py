@@ -127,6 +127,19 @@ def test_compile_fullgraph_reads_the_coefficients_as_a_tensor():
     assert counter.frame_count == 1
 
 
+def test_curricular_face_compiles_once_over_batch_sizes():
+    """The target cosines' row blocks are one block under torch.compile: a Python loop over N fixed it in the graph (a
+    recompile per batch size)."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    torch.manual_seed(0)
+    head = mk.CurricularFaceLoss(16, 50, scale=16.0)
+    compiled = torch.compile(head, fullgraph=True, dynamic=True, backend=counter)
+    for n in (7, 13, 29, 61):
+        compiled(torch.randn(n, 16), torch.randint(0, 50, (n,)))
+    assert counter.frame_count == 1
+
+
 def test_bad_hard_negatives_are_named():
     x, w, t = make_case(4, 6, 3)
     with pytest.raises(ValueError, match=r"hard_negatives must be three floats \(a, b, d\) or a float tensor"):

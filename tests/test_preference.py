@@ -539,3 +539,20 @@ def test_bf16_head_under_autocast_and_compile():
     eager = head(x, w, t, ref_input=xr, ref_weight=wr)
     compiled = torch.compile(head, fullgraph=True)(x, w, t, ref_input=xr, ref_weight=wr)
     assert torch.allclose(compiled.loss, eager.loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: mk.LinearDPOLoss(reference_free=True), lambda: mk.LinearORPOLoss(),
+                                  lambda: mk.LinearSimPOLoss()], ids=["dpo", "orpo", "simpo"])
+def test_one_dynamic_graph_over_batch_and_sequence_lengths(make):
+    """The logit-mean metric's row blocks are one block under torch.compile: a Python loop over B·T fixed it in the
+    graph (a recompile for every batch and sequence length: dynamic padding recompiled each step, fullgraph=True
+    failed at the recompile limit)."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    head = make()
+    compiled = torch.compile(lambda x, w, t: head(x, w, t).loss, fullgraph=True, dynamic=True, backend=counter)
+    w = torch.randn(50, 16)
+    for B, T in ((4, 5), (6, 5), (10, 5), (4, 3), (4, 9)):
+        x, t = torch.randn(B, T, 16), torch.randint(0, 50, (B, T))
+        torch.testing.assert_close(compiled(x, w, t), head(x, w, t).loss)
+    assert counter.frame_count == 1
