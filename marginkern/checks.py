@@ -441,6 +441,21 @@ def check_cosent_arguments(scores, labels, scale):
     check_finite("scale", scale, 0.0, low_open=True)
 
 
+def check_circle_arguments(embeddings, labels, m, gamma, anchor_block):
+    """Circle loss's embeddings (B, D), labels (B,), m, gamma and anchor_block (None: the default): the function's
+    and the op's one check; returns anchor_block as the op takes it, a Python int, 0 for the default."""
+    check_float_tensor("embeddings", embeddings, dim=2)
+    check_labels(labels, embeddings.shape[0], embeddings.device)
+    check_finite("m", m, 0.0, 1.0)
+    check_finite("gamma", gamma, 0.0, low_open=True)
+    if anchor_block is None:
+        return 0
+    anchor_block = check_int("anchor_block", anchor_block)
+    if anchor_block < 1:
+        raise ValueError(f"anchor_block must be ≥ 1 (or None for the default), got {anchor_block}")
+    return anchor_block
+
+
 def check_embedding_pair(a, b):
     check_float_tensor("embeddings_a", a, dim=2)
     check_float_tensor("embeddings_b", b, dim=2)
@@ -457,8 +472,12 @@ def check_binary_targets(targets, logits):
         raise ValueError(f"targets must be on {logits.device}, got {targets.device}")
     if logits.dim() < 1:
         raise ValueError("logits must have at least one dimension (the labels)")
-    if not torch.compiler.is_compiling() and bool(((targets != 0) & (targets != 1)).any()):
-        raise ValueError("targets must hold 0/1 labels (soft labels are not supported)")
+    if not torch.compiler.is_compiling():
+        # by slices of 2²⁴ labels (two bool temporaries of the whole targets were 2 × N·C bytes), one host sync
+        flat = targets.reshape(-1)
+        non_binary = [((part != 0) & (part != 1)).any() for part in flat.split(1 << 24)]
+        if non_binary and bool(torch.stack(non_binary).any()):
+            raise ValueError("targets must hold 0/1 labels (soft labels are not supported)")
 
 
 def resolve_grad_filter_eps(grad_filter_eps, dtype):

@@ -2,9 +2,9 @@
 eager mode through its autograd.Function twin) and reduce."""
 import torch
 
-from . import pairwise
 from .checks import (check_bias, check_binary_targets, check_bool, check_class_weight, check_classification_inputs,
-                     check_cosent_arguments, check_cost_embedding, check_direction, check_embedding_pair,
+                     check_circle_arguments, check_cosent_arguments, check_cost_embedding, check_direction,
+                     check_embedding_pair,
                      check_extra_outputs, check_finite, check_float_tensor, check_ignore_index,
                      check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer,
                      check_margin_options, check_proxy_anchor_options, check_reduction, check_shift,
@@ -458,25 +458,25 @@ def _sortable_labels(labels):
 
 def multilabel_categorical_crossentropy(logits, targets, *, reduction="mean"):
     """ZLPR / GlobalPointer: log(1 + Σ_neg e^s) + log(1 + Σ_pos e^−s) over the last dimension, targets in
-    {0, 1} of the same shape; −inf logits (masked spans) are left out. "none" keeps the leading shape."""
+    {0, 1} of the same shape; −inf logits (masked spans) are left out. "none" keeps the leading shape. Memory beside
+    the logits' gradient: a few 8 MB blocks of rows (pairwise.multilabel_ce_rows), not copies of the logits."""
     check_float_tensor("logits", logits)
     check_binary_targets(targets, logits)
     check_reduction(reduction)
-    return pairwise.multilabel_categorical_crossentropy(logits, targets, reduction)
+    rows, _, _ = call_op("multilabel_ce", logits, targets)
+    out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
+    return out.reshape(logits.shape[:-1]) if reduction == "none" else out
 
 
-def circle_loss(embeddings, labels, *, m=0.25, gamma=256.0, reduction="mean", anchor_block=1024):
+def circle_loss(embeddings, labels, *, m=0.25, gamma=256.0, reduction="mean", anchor_block=None):
     """In-batch Circle loss (Sun et al. 2020; PML's weighting, α detached) on cosine similarities, per
     anchor softplus(LSE_n γα_n(s_n − m) + LSE_p −γα_p(s_p − 1 + m)); anchors without a positive or a
-    negative contribute 0 and are left out of the mean. Memory: anchor_block × B similarities at a time."""
-    check_float_tensor("embeddings", embeddings, dim=2)
-    check_labels(labels, embeddings.shape[0], embeddings.device)
-    check_finite("m", m, 0.0, 1.0)
-    check_finite("gamma", gamma, 0.0, low_open=True)
+    negative contribute 0 and are left out of the mean. Memory: anchor_block × B similarities at a time (default:
+    8 MB of them, 64 MB on a GPU; the backward pass recomputes each block)."""
+    anchor_block = check_circle_arguments(embeddings, labels, m, gamma, anchor_block)
     check_reduction(reduction)
-    if int(anchor_block) < 1:
-        raise ValueError(f"anchor_block must be ≥ 1, got {anchor_block}")
-    return pairwise.circle_loss(embeddings, labels, float(m), float(gamma), reduction, int(anchor_block))
+    loss_rows, valid = call_op("circle", embeddings, labels, float(m), float(gamma), anchor_block)
+    return reduce_rows(loss_rows, valid, reduction)
 
 
 def linear_topk(input, weight, k, bias=None, *, normalize=False, softcap=None, logit_scale=1.0, return_lse=False):

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import (check_bias, check_bool, check_class_weight, check_class_weight_values,
+from .checks import (check_bias, check_bool, check_circle_arguments, check_class_weight, check_class_weight_values,
                      check_classification_inputs, check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
                      check_jsd_beta, check_proxy_anchor_options, check_subcenters, check_target_values, check_teacher,
@@ -1025,6 +1025,91 @@ def _cosent_autograd(ctx, grad_loss, _grad_of_grad):
 
 
 _register_autograd("cosent", _cosent_autograd, _cosent_setup_context)
+
+
+@_op("multilabel_ce")
+def multilabel_ce(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """ZLPR per row of logits' last dimension: (loss, L_neg, L_pos), each (numel / C,) in the accumulation dtype, by
+    blocks of rows (pairwise.multilabel_ce_rows); the two sides' log(1 + Σ e^{±s}) are the backward's."""
+    return pairwise.multilabel_ce_rows(logits, targets)
+
+
+@multilabel_ce.register_fake
+def _(logits, targets):
+    rows = (logits.new_empty(logits.shape[:-1], dtype=accumulation_dtype(logits.dtype)).reshape(-1)
+            for _ in range(3))
+    return tuple(rows)
+
+
+@_op("multilabel_ce_backward")
+def multilabel_ce_backward(grad_rows: Tensor, logits: Tensor, targets: Tensor, L_neg: Tensor, L_pos: Tensor) -> Tensor:
+    return pairwise.multilabel_ce_rows_backward(grad_rows, logits, targets, L_neg, L_pos)
+
+
+@multilabel_ce_backward.register_fake
+def _(grad_rows, logits, targets, L_neg, L_pos):
+    return _contiguous_like(logits)
+
+
+def _multilabel_ce_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _multilabel_ce_autograd(ctx, grad_rows, _grad_neg, _grad_pos):
+    if grad_rows is None or not ctx.needs_input_grad[0]:
+        return None, None
+    logits, targets, L_neg, L_pos = ctx.saved_tensors
+    return call("multilabel_ce_backward", grad_rows, logits, targets, L_neg, L_pos), None
+
+
+_register_autograd("multilabel_ce", _multilabel_ce_autograd, _multilabel_ce_setup_context)
+
+
+@_op("circle")
+def circle(embeddings: Tensor, labels: Tensor, m: float, gamma: float, anchor_block: int) -> tuple[Tensor, Tensor]:
+    """(per-anchor Circle loss in the accumulation dtype, whether the anchor has a positive and a negative), by blocks
+    of anchor_block anchors (0: pairwise.circle_anchor_block's, picked here, at run time, so that a compiled graph
+    does not depend on the batch size through it). An op, so that torch.compile and torch.export see one call, not
+    a Python loop over the batch (which would fix the batch size in the graph)."""
+    check_circle_arguments(embeddings, labels, m, gamma, anchor_block or None)
+    return pairwise.circle_rows(embeddings, labels, m, gamma, anchor_block)
+
+
+@circle.register_fake
+def _(embeddings, labels, m, gamma, anchor_block):
+    check_circle_arguments(embeddings, labels, m, gamma, anchor_block or None)
+    B = embeddings.shape[0]
+    return (embeddings.new_empty((B,), dtype=accumulation_dtype(embeddings.dtype)),
+            embeddings.new_empty((B,), dtype=torch.bool))
+
+
+@_op("circle_backward")
+def circle_backward(grad_rows: Tensor, embeddings: Tensor, labels: Tensor, m: float, gamma: float,
+                    anchor_block: int) -> Tensor:
+    return pairwise.circle_rows_backward(grad_rows, embeddings, labels, m, gamma, anchor_block)
+
+
+@circle_backward.register_fake
+def _(grad_rows, embeddings, labels, m, gamma, anchor_block):
+    return _contiguous_like(embeddings)
+
+
+def _circle_setup_context(ctx, inputs, output):
+    embeddings, labels, ctx.m, ctx.gamma, ctx.anchor_block = inputs
+    ctx.save_for_backward(embeddings, labels)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _circle_autograd(ctx, grad_rows, _grad_valid):
+    if grad_rows is None or not ctx.needs_input_grad[0]:
+        return (None,) * 5
+    embeddings, labels = ctx.saved_tensors
+    return call("circle_backward", grad_rows, embeddings, labels, ctx.m, ctx.gamma, ctx.anchor_block), None, None, \
+        None, None
+
+
+_register_autograd("circle", _circle_autograd, _circle_setup_context)
 
 
 @_op("linear_topk")

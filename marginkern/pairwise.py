@@ -7,7 +7,8 @@ prefix up to the first index of b's label (ties excluded). O(B log B) time, O(B)
 import torch
 
 from .engine import accumulation_dtype, log1p_exp
-from .reference import reduce_rows
+
+NORMALIZE_EPS = 1e-12  # F.normalize's default ε
 
 
 def cosent_loss_and_grad(scores, labels, scale):
@@ -35,66 +36,155 @@ def cosent_loss_and_grad(scores, labels, scale):
     return loss, grad
 
 
-def multilabel_categorical_crossentropy(logits, targets, reduction):
-    """ZLPR per row of the last dimension: log(1 + Σ_neg e^s) + log(1 + Σ_pos e^−s).
+# ZLPR's row blocks: this many bytes of one fp32 (rows × C) block at a time, so that only a few such temporaries
+# exist beside the (N, C) gradient that the caller's logits need anyway.
+ZLPR_BLOCK_BYTES = 8 << 20
 
-    Logits equal to −inf (GlobalPointer's masked spans) are left out of both sums, as bert4keras's
-    current form does, instead of turning into inf − inf. Each log(1 + Σ e^v) is log1p_exp(LSE v), which keeps a
-    small loss's digits (log of 1 + x rounds x away). A target that is not 0/1 gives a NaN row: eager calls
-    refuse it (checks.check_binary_targets), a compiled one cannot look at the values without a graph break.
-    """
-    s = logits.float() if logits.dtype != torch.float64 else logits
+
+def _zlpr_row_blocks(rows, C, acc):
+    """(r0, r1) over `rows` rows of C labels, ZLPR_BLOCK_BYTES of them at a time."""
+    block = max(1, ZLPR_BLOCK_BYTES // max(1, C * acc.itemsize))
+    return [(r0, min(rows, r0 + block)) for r0 in range(0, rows, block)]
+
+
+def _zlpr_block_terms(logits, targets):
+    """A block of rows: (the logits in the accumulation dtype, negatives, positives, whether the row's targets are not
+    all 0/1). Logits equal to −inf (masked spans) are neither a negative nor a positive."""
+    s = logits.to(accumulation_dtype(logits.dtype))  # (the caller's own tensor where it is fp32: never written)
     y = targets.to(torch.bool)
     kept = s != -float("inf")
-    rows = _log1p_sum_exp(s, kept & ~y) + _log1p_sum_exp(-s, kept & y)
-    rows = torch.where(((targets != 0) & (targets != 1)).any(-1), torch.nan, rows)
-    rows = rows.reshape(-1) if rows.dim() else rows.reshape(1)
-    out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
-    return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+    non_binary = ((targets != 0) & (targets != 1)).any(-1)
+    return s, kept & ~y, kept & y, non_binary
 
 
-def _log1p_sum_exp(v, member):
-    """log(1 + Σ_{member} e^v) over the last dimension; 0 (with a zero, not NaN, gradient) where no entry is a
-    member (the LSE then runs over finite stand-ins, its result unused)."""
-    some = member.any(-1)
-    lse = torch.logsumexp(torch.where(member, v, torch.where(some[..., None], -float("inf"), 0.0)), -1)
-    return torch.where(some, log1p_exp(lse), 0.0)
+def multilabel_ce_rows(logits, targets):
+    """ZLPR per row of the last dimension, by blocks of rows: (loss, L_neg, L_pos), each (R,) in the accumulation
+    dtype for the R = numel / C rows, L_neg = log(1 + Σ_neg e^s), L_pos = log(1 + Σ_pos e^−s), loss = L_neg + L_pos.
+
+    Each log(1 + Σ e^v) is log1p_exp(LSE v), which keeps a small loss's digits (log of 1 + x rounds x away); a side
+    without members adds exactly 0. Logits equal to −inf (GlobalPointer's masked spans) are left out of both sums, as
+    bert4keras's current form does, instead of turning into inf − inf. A target that is not 0/1 gives a NaN row: eager
+    calls refuse it (checks.check_binary_targets), a compiled one cannot look at the values without a graph break.
+    """
+    C = logits.shape[-1]
+    s2, y2 = logits.reshape(-1, C), targets.reshape(-1, C)
+    acc = accumulation_dtype(logits.dtype)
+    L_neg, L_pos = (s2.new_empty(s2.shape[0], dtype=acc) for _ in range(2))
+    loss = s2.new_empty(s2.shape[0], dtype=acc)
+    for r0, r1 in _zlpr_row_blocks(s2.shape[0], C, acc):
+        s, neg, pos, non_binary = _zlpr_block_terms(s2[r0:r1], y2[r0:r1])
+        L_neg[r0:r1] = log1p_exp(torch.logsumexp(s.masked_fill(~neg, -float("inf")), -1))
+        L_pos[r0:r1] = log1p_exp(torch.logsumexp(torch.neg(s).masked_fill_(~pos, -float("inf")), -1))
+        loss[r0:r1] = (L_neg[r0:r1] + L_pos[r0:r1]).masked_fill_(non_binary, float("nan"))
+    return loss, L_neg, L_pos
+
+
+def multilabel_ce_rows_backward(grad_rows, logits, targets, L_neg, L_pos):
+    """dL/dlogits for the upstream gradient grad_rows (R,) of multilabel_ce_rows' losses, in the logits' dtype and
+    shape: g·e^{s − L_neg} on the negatives, −g·e^{−s − L_pos} on the positives, 0 elsewhere (masked logits, and rows
+    whose targets are not 0/1, whose loss is the constant NaN)."""
+    C = logits.shape[-1]
+    s2, y2 = logits.reshape(-1, C), targets.reshape(-1, C)
+    acc = accumulation_dtype(logits.dtype)
+    grad = torch.empty(s2.shape, dtype=logits.dtype, device=logits.device)
+    for r0, r1 in _zlpr_row_blocks(s2.shape[0], C, acc):
+        s, neg, pos, non_binary = _zlpr_block_terms(s2[r0:r1], y2[r0:r1])
+        g = grad_rows[r0:r1].to(acc).masked_fill(non_binary, 0.0)[:, None]
+        as_negative = torch.sub(s, L_neg[r0:r1, None]).exp_().mul_(g).masked_fill_(~neg, 0.0)
+        as_positive = torch.neg(s).sub_(L_pos[r0:r1, None]).exp_().mul_(g).masked_fill_(~pos, 0.0)
+        grad[r0:r1] = as_negative.sub_(as_positive)
+    return grad.reshape(logits.shape)
+
+
+def _circle_block_terms(anchors, embeddings, anchor_labels, labels, anchor_index, m, gamma):
+    """A block of anchors against the whole batch (the anchor itself excluded): the slopes dlogit/ds of its positive
+    and negative logits (0 off their sets), the logits (−inf off their sets), their log-sum-exps, and whether each
+    anchor has pairs. In place where it can: five block × B float tensors, not a dozen."""
+    sim = anchors @ embeddings.t()
+    positive = anchor_labels[:, None] == labels[None, :]
+    negative = ~positive
+    positive[torch.arange(len(anchor_index), device=sim.device), anchor_index] = False  # the anchor itself
+    has_pairs = positive.any(1) & negative.any(1)
+    # anchors without a positive or a negative rank nothing (loss 0); give them finite logits so that their
+    # log-sum-exps are finite (their loss and gradient are then set to 0)
+    positive |= ~has_pairs[:, None]
+    negative |= ~has_pairs[:, None]
+    # PML's weights α are constants of the gradient (detached): the logits' slopes are −γα_p and γα_n
+    slope_p = torch.neg(sim).add_(1.0 + m).relu_().mul_(-gamma).masked_fill_(~positive, 0.0)
+    slope_n = torch.add(sim, m).relu_().mul_(gamma).masked_fill_(~negative, 0.0)
+    logit_p = torch.sub(sim, 1.0 - m).mul_(slope_p).masked_fill_(~positive, -float("inf"))
+    logit_n = sim.sub_(m).mul_(slope_n).masked_fill_(~negative, -float("inf"))  # sim's last use
+    return slope_p, slope_n, logit_p, logit_n, torch.logsumexp(logit_p, 1), torch.logsumexp(logit_n, 1), has_pairs
 
 
 def _circle_block(anchors, embeddings, anchor_labels, labels, anchor_index, m, gamma):
-    """Circle loss of a block of anchors against the whole batch (the anchor itself excluded)."""
-    sim = anchors @ embeddings.t()
-    same = anchor_labels[:, None] == labels[None, :]
-    self_pair = anchor_index[:, None] == torch.arange(embeddings.shape[0], device=sim.device)[None, :]
-    none = torch.full_like(sim, -float("inf"))
-    alpha_p = torch.relu(1.0 + m - sim.detach())
-    alpha_n = torch.relu(sim.detach() + m)
-    positive, negative = same & ~self_pair, ~same
-    has_pairs = positive.any(1) & negative.any(1)
-    # anchors without a positive or a negative rank nothing (loss 0); give them finite logits so that the
-    # logsumexp backward of an all −inf row cannot produce NaN
-    positive, negative = positive | ~has_pairs[:, None], negative | ~has_pairs[:, None]
-    logit_p = torch.where(positive, -gamma * alpha_p * (sim - (1.0 - m)), none)
-    logit_n = torch.where(negative, gamma * alpha_n * (sim - m), none)
-    loss = log1p_exp(torch.logsumexp(logit_p, 1) + torch.logsumexp(logit_n, 1))
+    """(Circle loss, has pairs) of a block of anchors: softplus(LSE_p + LSE_n), 0 without pairs."""
+    *_, lse_p, lse_n, has_pairs = _circle_block_terms(anchors, embeddings, anchor_labels, labels, anchor_index, m,
+                                                      gamma)
+    loss = log1p_exp(lse_p + lse_n)
     return torch.where(has_pairs, loss, torch.zeros_like(loss)), has_pairs
 
 
-def circle_loss(embeddings, labels, m, gamma, reduction, anchor_block):
-    """In-batch Circle loss (Sun et al. 2020) on cosine similarities, streamed over blocks of anchors so
-    that only anchor_block × B similarities exist at a time (recomputed in the backward pass)."""
-    from torch.utils.checkpoint import checkpoint
-    x = embeddings.float() if embeddings.dtype != torch.float64 else embeddings
-    x = torch.nn.functional.normalize(x, dim=1)
+def _circle_block_grad(grad_rows, anchors, embeddings, anchor_labels, labels, anchor_index, m, gamma):
+    """dL/dsim of a block of anchors for the upstream gradient grad_rows of their losses: per anchor
+    g·σ(LSE_p + LSE_n)·(softmax_p·slope_p + softmax_n·slope_n), 0 without pairs."""
+    slope_p, slope_n, logit_p, logit_n, lse_p, lse_n, has_pairs = _circle_block_terms(
+        anchors, embeddings, anchor_labels, labels, anchor_index, m, gamma)
+    coef = torch.where(has_pairs, grad_rows * torch.sigmoid(lse_p + lse_n), 0.0)[:, None]
+    softmax_n_slope = logit_n.sub_(lse_n[:, None]).exp_().mul_(slope_n)
+    return logit_p.sub_(lse_p[:, None]).exp_().mul_(slope_p).add_(softmax_n_slope).mul_(coef)
+
+
+# Circle loss's block of anchors: one anchor_block × B fp32 similarity matrix within this budget (8× larger on a GPU);
+# a block's forward and backward hold about six float tensors of that size at once (and four bool ones).
+CIRCLE_BLOCK_BYTES = 8 << 20
+GPU_CIRCLE_BLOCK_FACTOR = 8
+MIN_CIRCLE_BLOCK = 16
+
+
+def circle_anchor_block(embeddings):
+    """The default anchor rows per block: the budget's worth of similarity rows, at least MIN_CIRCLE_BLOCK (a block of
+    a few rows runs the block's dozen element-wise ops for little work each)."""
+    B = embeddings.shape[0]
+    budget = CIRCLE_BLOCK_BYTES * (GPU_CIRCLE_BLOCK_FACTOR if embeddings.is_cuda else 1)
+    return max(1, min(B, max(MIN_CIRCLE_BLOCK, budget // max(1, B * accumulation_dtype(embeddings.dtype).itemsize))))
+
+
+def _circle_blocks(x, labels, m, gamma, anchor_block, block_fn, *args):
+    """(i0, i1, block_fn(*args[i0:i1], anchors, x, their labels, labels, their indexes, m, gamma)) for each block of
+    anchors [i0, i1) of the normalised x (anchor_block 0: circle_anchor_block's); args are per-anchor tensors sliced
+    to the block."""
     B = x.shape[0]
-    losses, valid = [], []
+    anchor_block = anchor_block or circle_anchor_block(x)
     for i0 in range(0, B, anchor_block):
-        idx = torch.arange(i0, min(B, i0 + anchor_block), device=x.device)
-        loss_b, valid_b = checkpoint(_circle_block, x[i0:i0 + anchor_block], x, labels[i0:i0 + anchor_block],
-                                     labels, idx, m, gamma, use_reentrant=False)
-        losses.append(loss_b)
-        valid.append(valid_b)
-    if not losses:  # no anchors: 0 (an empty tensor for "none"), still part of the graph so that backward() works
-        empty = x.sum(1)
-        return reduce_rows(empty, torch.zeros(0, dtype=torch.bool, device=x.device), reduction)
-    return reduce_rows(torch.cat(losses), torch.cat(valid), reduction)
+        i1 = min(B, i0 + anchor_block)
+        idx = torch.arange(i0, i1, device=x.device)
+        yield i0, i1, block_fn(*(a[i0:i1] for a in args), x[i0:i1], x, labels[i0:i1], labels, idx, m, gamma)
+
+
+def circle_rows(embeddings, labels, m, gamma, anchor_block):
+    """(per-anchor Circle loss, whether the anchor has a positive and a negative) (B,) each, the loss in the
+    accumulation dtype, by blocks of `anchor_block` anchors: anchor_block × B similarities at a time."""
+    x = torch.nn.functional.normalize(embeddings.to(accumulation_dtype(embeddings.dtype)), dim=1)
+    loss = x.new_zeros(x.shape[0])
+    valid = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for i0, i1, (loss_b, valid_b) in _circle_blocks(x, labels, m, gamma, anchor_block, _circle_block):
+        loss[i0:i1], valid[i0:i1] = loss_b, valid_b
+    return loss, valid
+
+
+def circle_rows_backward(grad_rows, embeddings, labels, m, gamma, anchor_block):
+    """dL/dembeddings for the upstream gradient grad_rows (B,) of circle_rows' losses, in the embeddings' dtype:
+    each block's dL/dsim recomputed into the normalised embeddings' gradient (as anchors and as the batch), then
+    chained through F.normalize's x/max(‖x‖, ε) once."""
+    raw = embeddings.to(accumulation_dtype(embeddings.dtype))
+    norm = torch.linalg.vector_norm(raw, dim=1, keepdim=True)
+    x = raw / norm.clamp_min(NORMALIZE_EPS)
+    grad_x = torch.zeros_like(x)
+    grad_rows = grad_rows.to(x.dtype)
+    for i0, i1, g in _circle_blocks(x, labels, m, gamma, anchor_block, _circle_block_grad, grad_rows):
+        grad_x[i0:i1] += g @ x
+        grad_x.addmm_(g.t(), x[i0:i1])
+    # d(x/‖x‖) projects out the radial part; below ε the denominator is the constant ε
+    radial = torch.where(norm > NORMALIZE_EPS, x * (x * grad_x).sum(1, keepdim=True), 0.0)
+    return ((grad_x - radial) / norm.clamp_min(NORMALIZE_EPS)).to(embeddings.dtype)
