@@ -12,7 +12,7 @@ and read once beside it is small (64 MB of them at most, and as much of upcast w
 import torch
 from torch import Tensor
 
-from .engine import accumulation_dtype, inverse_row_norms, mm_accumulate
+from .engine import accumulation_dtype, exp_shift, inverse_row_norms, mm_accumulate
 
 # The fp32 logits of one chunk (rows × classes), and the fp32 copy of its weight rows where the GEMM needs one; at
 # least MIN_CHUNK_CLASSES classes (a GEMM too narrow runs badly), so very long inputs go by blocks of rows.
@@ -70,9 +70,11 @@ def _block_topk(x, w, k, bias, col_scale, softcap, need_lse, classes, keeps_dtyp
             z.mul_(logit_scale)
         if softcap is not None:
             z.div_(softcap).tanh_().mul_(softcap)
-        if lse is not None:
-            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
         top, where = z.topk(min(k, c1 - c0), dim=1)
         values, order = torch.cat([values, top], 1).topk(min(k, values.shape[1] + top.shape[1]), dim=1)
         indices = torch.cat([indices, where + c0], 1).gather(1, order)
+        if lse is not None:  # in place, once the top-k are out: torch.logsumexp's e^{z − max} was a second chunk
+            shift = exp_shift(z.amax(1, keepdim=True))
+            lse = torch.logaddexp(lse, z.sub_(shift).exp_().sum(1).log_().add_(shift[:, 0]))
+        del z  # before the next chunk's GEMM allocates its own: one chunk of logits at a time, not two
     return values, indices, lse
