@@ -67,7 +67,8 @@ def multilabel_ce_rows(logits, targets):
     calls refuse it (checks.check_binary_targets), a compiled one cannot look at the values without a graph break.
     """
     C = logits.shape[-1]
-    s2, y2 = logits.reshape(-1, C), targets.reshape(-1, C)
+    R = logits.shape[:-1].numel()  # (not reshape(-1, C): C = 0 has no -1)
+    s2, y2 = logits.reshape(R, C), targets.reshape(R, C)
     acc = accumulation_dtype(logits.dtype)
     L_neg, L_pos = (s2.new_empty(s2.shape[0], dtype=acc) for _ in range(2))
     loss = s2.new_empty(s2.shape[0], dtype=acc)
@@ -84,7 +85,8 @@ def multilabel_ce_rows_backward(grad_rows, logits, targets, L_neg, L_pos):
     shape: g·e^{s − L_neg} on the negatives, −g·e^{−s − L_pos} on the positives, 0 elsewhere (masked logits, and rows
     whose targets are not 0/1, whose loss is the constant NaN)."""
     C = logits.shape[-1]
-    s2, y2 = logits.reshape(-1, C), targets.reshape(-1, C)
+    R = logits.shape[:-1].numel()  # (not reshape(-1, C): C = 0 has no -1)
+    s2, y2 = logits.reshape(R, C), targets.reshape(R, C)
     acc = accumulation_dtype(logits.dtype)
     grad = torch.empty(s2.shape, dtype=logits.dtype, device=logits.device)
     for r0, r1 in _zlpr_row_blocks(s2.shape[0], C, acc):
@@ -177,7 +179,7 @@ def circle_rows_backward(grad_rows, embeddings, labels, m, gamma, anchor_block):
     """dL/dembeddings for the upstream gradient grad_rows (B,) of circle_rows' losses, in the embeddings' dtype:
     each block's dL/dsim recomputed into the normalised embeddings' gradient (as anchors and as the batch), then
     chained through F.normalize's x/max(‖x‖, ε) once."""
-    raw = embeddings.to(accumulation_dtype(embeddings.dtype))
+    raw = embeddings.to(accumulation_dtype(embeddings.dtype)).contiguous()  # the gradient is contiguous (the fake's)
     norm = torch.linalg.vector_norm(raw, dim=1, keepdim=True)
     x = raw / norm.clamp_min(NORMALIZE_EPS)
     grad_x = torch.zeros_like(x)

@@ -222,6 +222,15 @@ def test_zlpr_memory_is_the_gradient_and_a_few_row_blocks():
     assert result["extra"] < 2.5 * result["logits_bytes"], result
 
 
+def test_zlpr_without_labels_is_zero():
+    """C = 0: log(1 + 0) + log(1 + 0) per row (reshape(-1, 0) cannot infer the rows)."""
+    for shape in ((4, 0), (0,), (2, 3, 0)):
+        s = torch.randn(*shape, requires_grad=True)
+        rows = mk.multilabel_categorical_crossentropy(s, torch.zeros(*shape), reduction="none")
+        assert rows.shape == shape[:-1] and (rows == 0).all()
+        assert torch.autograd.grad(mk.multilabel_categorical_crossentropy(s, torch.zeros(*shape)), s)[0].shape == shape
+
+
 def test_zlpr_rejects_soft_labels_and_shape_mismatch():
     with pytest.raises(ValueError, match="targets"):
         mk.multilabel_categorical_crossentropy(torch.randn(3, 4), torch.full((3, 4), 0.5))
@@ -322,6 +331,12 @@ def test_circle_compiles_once_over_batch_sizes_and_exports():
     class Circle(torch.nn.Module):
         def forward(self, a, b):
             return mk.circle_loss(a, b, gamma=32.0, anchor_block=8)
+    # column-major embeddings: the backward's gradient is contiguous, as its fake says (Inductor asserts the strides)
+    x, y = torch.randn(5, 10).t().requires_grad_(), torch.arange(10) % 3
+    inductor = torch.compile(lambda a, b: mk.circle_loss(a, b, gamma=32.0), fullgraph=True)
+    torch.testing.assert_close(torch.autograd.grad(inductor(x, y), x)[0],
+                               torch.autograd.grad(mk.circle_loss(x, y, gamma=32.0), x)[0])
+
     batch = torch.export.Dim("batch", min=2)
     program = torch.export.export(Circle(), (torch.randn(13, 8), torch.randint(0, 4, (13,))),
                                   dynamic_shapes=({0: batch}, {0: batch}))
