@@ -1,7 +1,50 @@
-"""Shared test helpers: random cases, gradients, dtype-justified tolerances."""
+"""Shared test helpers: random cases, gradients, dtype-justified tolerances, memory probes in a fresh process."""
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A memory probe's measuring functions (prepended to its code by run_python(..., peak_memory=True)): resident memory
+# now, the high-water mark and its reset (/proc/self/clear_refs), or ru_maxrss where those are missing (an
+# overestimate: the process's whole-life peak).
+PEAK_MEMORY = """
+import resource
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+def peak():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+
+
+def run_python(code, timeout=600, peak_memory=False):
+    """Runs `code` (after PEAK_MEMORY's functions with peak_memory=True) in a fresh interpreter at the repository root,
+    without MARGINKERN_BACKEND and TRITON_INTERPRET; returns its last stdout line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MARGINKERN_BACKEND", "TRITON_INTERPRET")}
+    code = (PEAK_MEMORY if peak_memory else "") + textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
 
 
 def make_case(N, C, D, dtype=torch.float32, device="cpu", ignore=(), ignore_index=-100, requires_grad=True):

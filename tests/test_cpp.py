@@ -2,10 +2,6 @@
 through MARGINKERN_BACKEND=cpp against the float64 oracles, opcheck, errors, dispatch, the fallback when
 the extension is missing, and the memory bound of DESIGN.md §5 (no N × C logits on the CPU either)."""
 import json
-import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,11 +11,10 @@ import marginkern as mk
 from marginkern import cpp_tiles, reference
 from marginkern.dispatch import _why_not, select_tiles
 from marginkern.engine import CostSpec, LogitSpec, TorchTiles, cost_query, streaming_grads
-from tests.helpers import SPECIAL_ROWS, assert_close_rel, loss_and_grads, make_case
+from tests.helpers import SPECIAL_ROWS, assert_close_rel, loss_and_grads, make_case, run_python
 
 requires_cpp = pytest.mark.skipif(cpp_tiles.LOAD_ERROR is not None,
                                   reason=f"marginkern._C is not built: {cpp_tiles.LOAD_ERROR}")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -317,15 +312,6 @@ def test_dispatch_prefers_cpp_on_the_cpu(monkeypatch):
         assert "marginkern._C_cuda" in cuda_reason and cuda_reason == _why_not("cuda", torch.device("cpu"))
 
 
-def run_python(code, timeout=600):
-    """Runs `code` in a fresh interpreter at the repository root; returns its last stdout line."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MARGINKERN_BACKEND", "TRITON_INTERPRET")}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
-
-
 def test_missing_extension_falls_back_and_says_so_once():
     """Runs whether or not the extension is built: it hides marginkern._C from a fresh interpreter."""
     out = run_python("""
@@ -356,28 +342,9 @@ def test_missing_extension_falls_back_and_says_so_once():
 # exists before the call (inputs, warmed-up libraries), read from the kernel's high-water mark after
 # resetting it (/proc/self/clear_refs), or ru_maxrss where that is unavailable (an overestimate).
 MEMORY_PROBE = """
-    import json, resource, time
+    import json, time
     import torch, torch.nn.functional as F
     import marginkern as mk
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-
-    def reset_peak():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    def peak():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def naive_arcface(x, w, t, s=64.0, m=0.5):  # insightface-style: the N x C logits exist
         cos = F.normalize(x) @ F.normalize(w).t()
@@ -416,7 +383,7 @@ def test_peak_memory_stays_below_a_quarter_of_the_logits():
     results = {}
     for mode in ("cpp", "naive"):
         code = f"MODE = {mode!r}\nimport os\nos.environ['MARGINKERN_BACKEND'] = 'cpp'\n" + textwrap.dedent(MEMORY_PROBE)
-        results[mode] = json.loads(run_python(code))
+        results[mode] = json.loads(run_python(code, peak_memory=True))
     report = ", ".join(f"{mode}: +{r['extra'] / 2**20:.0f} MiB in {r['seconds']:.2f} s" for mode, r in results.items())
     print(f"fwd+bwd N={N} C={C} D={D} fp32 on {torch.get_num_threads()} threads: {report}")
     # The measurement sees what it should: naive PyTorch holds at least the logits.
@@ -431,7 +398,7 @@ def test_other_losses_peak_memory_stays_below_a_quarter_of_the_logits(mode):
     N, C, D = 512, 200_000, 128
     logits_bytes = N * C * 4
     gradients_bytes = (N * D + C * D) * 4
-    result = json.loads(run_python(f"MODE = {mode!r}\n" + textwrap.dedent(MEMORY_PROBE)))
+    result = json.loads(run_python(f"MODE = {mode!r}\n" + textwrap.dedent(MEMORY_PROBE), peak_memory=True))
     report = f"{mode}: +{result['extra'] / 2**20:.0f} MiB in {result['seconds']:.2f} s"
     print(f"fwd+bwd N={N} C={C} D={D} fp32: {report}")
     assert result["extra"] < logits_bytes / 4 + gradients_bytes, report

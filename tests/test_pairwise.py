@@ -1,9 +1,12 @@
 """CoSENT, multilabel categorical CE and Circle loss against their O(B²) / dense definitions."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import marginkern as mk
+from tests.helpers import run_python
 
 
 def naive_cosent(scores, labels, scale=20.0):
@@ -194,11 +197,6 @@ def test_zlpr_by_row_blocks_matches_one_block(monkeypatch):
 
 ZLPR_MEMORY_PROBE = """
 import json, torch, marginkern as mk
-def peak():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
 torch.manual_seed(0)
 N, C = 512, 50_000
 s = torch.randn(N, C, requires_grad=True)
@@ -213,12 +211,7 @@ print(json.dumps(dict(extra=peak() - before, logits_bytes=N * C * 4)))
 def test_zlpr_memory_is_the_gradient_and_a_few_row_blocks():
     """fwd+bwd over (512, 50000) fp32 logits: the gradient (1× the logits) and a few 8 MB row blocks (measured 2.0×
     with the allocator's slack), not the composition's masks, where-copies and saved tensors (6.7× measured)."""
-    import json
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, "-c", ZLPR_MEMORY_PROBE], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(run_python(ZLPR_MEMORY_PROBE, peak_memory=True))
     assert result["extra"] < 2.5 * result["logits_bytes"], result
 
 
@@ -345,13 +338,7 @@ def test_circle_compiles_once_over_batch_sizes_and_exports():
 
 
 CIRCLE_MEMORY_PROBE = """
-import json, resource, torch, marginkern as mk
-def peak():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+import json, torch, marginkern as mk
 import marginkern.pairwise
 marginkern.pairwise.CIRCLE_BLOCK_BYTES = 1 << 20  # the default's 8 MB blocks, scaled down with the batch
 torch.manual_seed(0)
@@ -369,12 +356,7 @@ def test_circle_memory_stays_far_below_the_pair_matrix():
     """A fwd+bwd holds a few blocks of anchors, not the B × B similarities (151 MB in fp32 at B = 6144, with 1 MB
     blocks of them; the fixed 1024-anchor blocks of before held ~12 temporaries of 25 MB at once here, and 487 MB at
     B = 10240 with the 8 MB default)."""
-    import json
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, "-c", CIRCLE_MEMORY_PROBE], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(run_python(CIRCLE_MEMORY_PROBE, peak_memory=True))
     assert result["extra"] < result["pairs_bytes"] / 8, result
 
 
