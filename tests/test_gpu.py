@@ -723,3 +723,29 @@ def test_contrastive_memory_is_bounded():
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
         assert extra <= 512 << 20, f"{extra / 2**20:.0f} MB beyond inputs and gradients"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_circle_and_zlpr_on_gpu(dtype):
+    """The Circle and ZLPR ops on CUDA tensors (their 64 MB GPU anchor blocks; row blocks) against the float64 CPU
+    definitions, loss and gradient, in every input dtype."""
+    from tests.test_pairwise import naive_circle, naive_zlpr
+    torch.manual_seed(0)
+    x = torch.randn(3000, 64, device="cuda").to(dtype).requires_grad_()
+    y = torch.randint(0, 40, (3000,), device="cuda")
+    loss = mk.circle_loss(x, y, gamma=64.0)
+    (grad,) = torch.autograd.grad(loss, x)
+    x64 = x.detach().cpu().double().requires_grad_()
+    want = naive_circle(x64, y.cpu(), gamma=64.0)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    assert_close_rel(loss.cpu(), want, torch.float32, "circle loss", floor=1.0)
+    assert (grad.double().cpu() - want_grad).norm() / want_grad.norm() < (1e-4 if dtype == torch.float32 else 1e-2)
+    s = (torch.randn(64, 5000, device="cuda") * 4).to(dtype).requires_grad_()
+    t = torch.rand(64, 5000, device="cuda") < 0.01
+    rows = mk.multilabel_categorical_crossentropy(s, t, reduction="none")
+    (grad,) = torch.autograd.grad(rows.sum(), s)
+    s64 = s.detach().cpu().double().requires_grad_()
+    want = naive_zlpr(s64, t.cpu())
+    (want_grad,) = torch.autograd.grad(want.sum(), s64)
+    assert_close_rel(rows.cpu(), want, torch.float32, "zlpr rows", floor=1.0)
+    assert (grad.double().cpu() - want_grad).norm() / want_grad.norm() < (1e-5 if dtype == torch.float32 else 1e-2)
