@@ -6,9 +6,7 @@ prefix up to the first index of b's label (ties excluded). O(B log B) time, O(B)
 """
 import torch
 
-from .engine import accumulation_dtype, log1p_exp
-
-NORMALIZE_EPS = 1e-12  # F.normalize's default ε
+from .engine import NORM_EPS, accumulation_dtype, log1p_exp, row_blocks
 
 
 def cosent_loss_and_grad(scores, labels, scale):
@@ -41,10 +39,13 @@ def cosent_loss_and_grad(scores, labels, scale):
 ZLPR_BLOCK_BYTES = 8 << 20
 
 
-def _zlpr_row_blocks(rows, C, acc):
-    """(r0, r1) over `rows` rows of C labels, ZLPR_BLOCK_BYTES of them at a time."""
-    block = max(1, ZLPR_BLOCK_BYTES // max(1, C * acc.itemsize))
-    return [(r0, min(rows, r0 + block)) for r0 in range(0, rows, block)]
+def _zlpr_rows(logits, targets):
+    """(logits and targets as (R, C) rows, the accumulation dtype, the row blocks (r0, r1) of ZLPR_BLOCK_BYTES each)."""
+    C = logits.shape[-1]
+    R = logits.shape[:-1].numel()  # (not reshape(-1, C): C = 0 has no -1)
+    acc = accumulation_dtype(logits.dtype)
+    blocks = row_blocks(R, max(1, ZLPR_BLOCK_BYTES // max(1, C * acc.itemsize)))
+    return logits.reshape(R, C), targets.reshape(R, C), acc, blocks
 
 
 def _zlpr_block_terms(logits, targets):
@@ -66,13 +67,10 @@ def multilabel_ce_rows(logits, targets):
     bert4keras's current form does, instead of turning into inf − inf. A target that is not 0/1 gives a NaN row: eager
     calls refuse it (checks.check_binary_targets), a compiled one cannot look at the values without a graph break.
     """
-    C = logits.shape[-1]
-    R = logits.shape[:-1].numel()  # (not reshape(-1, C): C = 0 has no -1)
-    s2, y2 = logits.reshape(R, C), targets.reshape(R, C)
-    acc = accumulation_dtype(logits.dtype)
+    s2, y2, acc, blocks = _zlpr_rows(logits, targets)
     L_neg, L_pos = (s2.new_empty(s2.shape[0], dtype=acc) for _ in range(2))
     loss = s2.new_empty(s2.shape[0], dtype=acc)
-    for r0, r1 in _zlpr_row_blocks(s2.shape[0], C, acc):
+    for r0, r1 in blocks:
         s, neg, pos, non_binary = _zlpr_block_terms(s2[r0:r1], y2[r0:r1])
         L_neg[r0:r1] = log1p_exp(torch.logsumexp(s.masked_fill(~neg, -float("inf")), -1))
         L_pos[r0:r1] = log1p_exp(torch.logsumexp(torch.neg(s).masked_fill_(~pos, -float("inf")), -1))
@@ -84,12 +82,9 @@ def multilabel_ce_rows_backward(grad_rows, logits, targets, L_neg, L_pos):
     """dL/dlogits for the upstream gradient grad_rows (R,) of multilabel_ce_rows' losses, in the logits' dtype and
     shape: g·e^{s − L_neg} on the negatives, −g·e^{−s − L_pos} on the positives, 0 elsewhere (masked logits, and rows
     whose targets are not 0/1, whose loss is the constant NaN)."""
-    C = logits.shape[-1]
-    R = logits.shape[:-1].numel()  # (not reshape(-1, C): C = 0 has no -1)
-    s2, y2 = logits.reshape(R, C), targets.reshape(R, C)
-    acc = accumulation_dtype(logits.dtype)
+    s2, y2, acc, blocks = _zlpr_rows(logits, targets)
     grad = torch.empty(s2.shape, dtype=logits.dtype, device=logits.device)
-    for r0, r1 in _zlpr_row_blocks(s2.shape[0], C, acc):
+    for r0, r1 in blocks:
         s, neg, pos, non_binary = _zlpr_block_terms(s2[r0:r1], y2[r0:r1])
         g = grad_rows[r0:r1].to(acc).masked_fill(non_binary, 0.0)[:, None]
         as_negative = torch.sub(s, L_neg[r0:r1, None]).exp_().mul_(g).masked_fill_(~neg, 0.0)
@@ -156,10 +151,7 @@ def _circle_blocks(x, labels, m, gamma, anchor_block, block_fn, *args):
     """(i0, i1, block_fn(*args[i0:i1], anchors, x, their labels, labels, their indexes, m, gamma)) for each block of
     anchors [i0, i1) of the normalised x (anchor_block 0: circle_anchor_block's); args are per-anchor tensors sliced
     to the block."""
-    B = x.shape[0]
-    anchor_block = anchor_block or circle_anchor_block(x)
-    for i0 in range(0, B, anchor_block):
-        i1 = min(B, i0 + anchor_block)
+    for i0, i1 in row_blocks(x.shape[0], anchor_block or circle_anchor_block(x)):
         idx = torch.arange(i0, i1, device=x.device)
         yield i0, i1, block_fn(*(a[i0:i1] for a in args), x[i0:i1], x, labels[i0:i1], labels, idx, m, gamma)
 
@@ -181,12 +173,12 @@ def circle_rows_backward(grad_rows, embeddings, labels, m, gamma, anchor_block):
     chained through F.normalize's x/max(‖x‖, ε) once."""
     raw = embeddings.to(accumulation_dtype(embeddings.dtype)).contiguous()  # the gradient is contiguous (the fake's)
     norm = torch.linalg.vector_norm(raw, dim=1, keepdim=True)
-    x = raw / norm.clamp_min(NORMALIZE_EPS)
+    x = raw / norm.clamp_min(NORM_EPS)
     grad_x = torch.zeros_like(x)
     grad_rows = grad_rows.to(x.dtype)
     for i0, i1, g in _circle_blocks(x, labels, m, gamma, anchor_block, _circle_block_grad, grad_rows):
         grad_x[i0:i1] += g @ x
         grad_x.addmm_(g.t(), x[i0:i1])
     # d(x/‖x‖) projects out the radial part; below ε the denominator is the constant ε
-    radial = torch.where(norm > NORMALIZE_EPS, x * (x * grad_x).sum(1, keepdim=True), 0.0)
-    return ((grad_x - radial) / norm.clamp_min(NORMALIZE_EPS)).to(embeddings.dtype)
+    radial = torch.where(norm > NORM_EPS, x * (x * grad_x).sum(1, keepdim=True), 0.0)
+    return ((grad_x - radial) / norm.clamp_min(NORM_EPS)).to(embeddings.dtype)
