@@ -26,6 +26,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from marginkern.triton_kernels.device import FP_FUSION
+
 HOPPER = GPUTarget("cuda", 90, 32)  # sm_90, 32 threads a warp
 # Argument types of the engine's kernels by name (anything else: i32).
 POINTER_TYPES = {
@@ -72,7 +74,7 @@ def compile_sm90(kernel, constexprs, num_warps, num_stages, types=None, divisibl
 
 def _compile(kernel, signature, constexprs, attrs, num_warps, num_stages):
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+                              target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages, **FP_FUSION})
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
@@ -89,7 +91,7 @@ def _compile(kernel, signature, constexprs, attrs, num_warps, num_stages):
 
 def _spill_bytes(ptx):
     """Bytes of spill stores + loads that ptxas reports for the PTX, assembled as Triton's make_cubin does (-v,
-    -lineinfo, --regAllocOptLevel=2, FP fusion on: Triton 3.9's default)."""
+    -lineinfo, --regAllocOptLevel=2, FP fusion on: every launch asks for it, device.FP_FUSION)."""
     from triton.backends.nvidia.compiler import get_ptxas
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "kernel.ptx")

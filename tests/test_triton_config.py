@@ -65,3 +65,22 @@ def test_subcenter_tiles_stay_within_16_elements_per_thread():
     assert subcenter_blocks({**GPU_CONFIG, "BLOCK_N": 128}, 8, 2)["BLOCK_C"] == 32
     assert subcenter_blocks({**GPU_CONFIG, "BLOCK_N": 128}, 4, 2)["BLOCK_C"] == 16
     assert subcenter_blocks(INTERPRETER_BLOCKS, 4, 4) == INTERPRETER_BLOCKS
+
+
+def test_every_launch_asks_for_fp_fusion():
+    # Triton 3.9 warns at the first compile of a launch that leaves FMA contraction to the default, and 3.10 turns
+    # that default off (other rounding, more instructions): every `kernel[grid](...)` passes device.FP_FUSION. (The
+    # interpreter tier's launch recorder refuses a launch without it too, but only where the tier records launches.)
+    import ast
+    import pathlib
+    from marginkern.triton_kernels.device import FP_FUSION
+    assert FP_FUSION == {"enable_fp_fusion": True}
+    launches, missing = 0, []
+    for path in sorted((pathlib.Path(__file__).parents[1] / "triton_kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):  # kernel[grid](...)
+                launches += 1
+                if not any(k.arg is None and isinstance(k.value, ast.Name) and k.value.id == "FP_FUSION"
+                           for k in node.keywords):
+                    missing.append(f"{path.name}:{node.lineno}")
+    assert launches >= 16 and not missing, missing

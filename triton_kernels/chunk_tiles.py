@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .. import engine
-from .device import cdiv, check_row_blocks, on_device
+from .device import FP_FUSION, cdiv, check_row_blocks, on_device
 from .streaming_ce import exp_shift
 
 # Warps per tile program: 8 keeps a 4096-cell fp32 tile at ≤ 153 registers a thread on sm_90, where 4 warps need up
@@ -66,7 +66,7 @@ def launch_over_tiles(kernel, d, block_n, block_c, *args, **constexprs):
     if N and CC:
         with on_device(d):
             kernel[(cdiv(CC, block_c), cdiv(N, block_n))](*args, BLOCK_N=block_n, BLOCK_C=block_c,
-                                                          num_warps=TILE_WARPS, **constexprs)
+                                                          num_warps=TILE_WARPS, **constexprs, **FP_FUSION)
 
 
 def gradient_buffer(d, dtype):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import cdiv, on_device
+from .device import FP_FUSION, cdiv, on_device
 from .streaming_ce import _log1p, exp_shift
 
 
@@ -186,10 +186,10 @@ def cosent_loss_and_grad(scores, labels, scale):
     launch = dict(num_warps=block // 256) if scores.is_cuda else {}
     with on_device(scores):
         cosent_block_totals_kernel[(G,)](scores.contiguous(), order, labels_sorted, s, lse_totals, edge_totals, B, G,
-                                         float(scale), BLOCK=block, **launch)
+                                         float(scale), BLOCK=block, **launch, **FP_FUSION)
         cosent_block_scans_kernel[(G,)](s, labels_sorted, lse_totals, edge_totals, prefix, suffix, edges[0], edges[1],
-                                        B, G, BLOCK=block, CHUNK=chunk, **launch)
-        cosent_terms_kernel[(G,)](s, prefix, edges[0], terms, lse_totals[2], B, BLOCK=block, **launch)
+                                        B, G, BLOCK=block, CHUNK=chunk, **launch, **FP_FUSION)
+        cosent_terms_kernel[(G,)](s, prefix, edges[0], terms, lse_totals[2], B, BLOCK=block, **launch, **FP_FUSION)
         cosent_grad_kernel[(G,)](s, order, terms, suffix, edges[1], lse_totals[2], loss, grad, B, G, float(scale),
-                                 BLOCK=block, CHUNK=chunk, **launch)
+                                 BLOCK=block, CHUNK=chunk, **launch, **FP_FUSION)
     return loss, grad

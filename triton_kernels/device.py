@@ -26,6 +26,13 @@ def next_power_of_2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length() if n > 0 else 0  # as triton.next_power_of_2
 
 
+# Every launch asks for FMA contraction itself instead of leaving it to Triton's default: Triton 3.9 warns at the first
+# compile where a launch does not say (a UserWarning in the user's training log), and 3.10 turns the default off, which
+# would change the kernels' rounding and instruction count with the installed Triton. On is what the kernels were
+# measured with (Triton 3.6) and what their docstrings' GPU rounding notes describe (z − lse after a dot is one FMA);
+# TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off. The interpreter ignores it (numpy does not fuse).
+FP_FUSION = dict(enable_fp_fusion=True)
+
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (axis 0 takes 2³¹ − 1)
 
 

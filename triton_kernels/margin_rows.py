@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import cdiv, fp32, next_power_of_2, on_device
+from .device import FP_FUSION, cdiv, fp32, next_power_of_2, on_device
 from .row_dots import row_dots
 
 from ..engine import NORM_EPS as _NORM_EPS
@@ -231,7 +231,7 @@ def margin_target_rows(x, w, target, scale, m1, m2, m3, normalize, ignore_index,
                 x, w, target, column, row_state, row_scale, target_logit, N, D, w.shape[0] // subcenters,
                 class_start, ignore_index, x.stride(0), w.stride(0), scale, m1, m2, m3, lambda_, margins,
                 NORMALIZE=normalize, BLOCK_R=BLOCK_ROWS, BLOCK_D=min(BLOCK_FEATURES, next_power_of_2(max(D, 16))),
-                SUBCENTERS=subcenters, ROW_MARGINS=has_margins, num_warps=TARGET_ROWS_WARPS)
+                SUBCENTERS=subcenters, ROW_MARGINS=has_margins, num_warps=TARGET_ROWS_WARPS, **FP_FUSION)
     return column, row_state, row_scale, target_logit
 
 
@@ -248,5 +248,6 @@ def margin_target_grad_rows(row_state, lse, grad_loss, target, scale, m1, m2, no
             margin_target_grad_rows_kernel[(cdiv(N, BLOCK_ROWS),)](
                 fp32(row_state).contiguous(), fp32(lse).contiguous(), fp32(grad_loss).contiguous(), target,
                 column, *planes, N, num_local, class_start, ignore_index, scale, m1, m2, lambda_, smoothing,
-                num_classes, margins, NORMALIZE=normalize, EXACT=exact, BLOCK_R=BLOCK_ROWS, ROW_MARGINS=has_margins)
+                num_classes, margins, NORMALIZE=normalize, EXACT=exact, BLOCK_R=BLOCK_ROWS, ROW_MARGINS=has_margins,
+                **FP_FUSION)
     return column, planes

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from ..engine import NORM_EPS
-from .device import cdiv, fp32, next_power_of_2, on_device
+from .device import FP_FUSION, cdiv, fp32, next_power_of_2, on_device
 from .row_dots import row_dots
 
 
@@ -65,7 +65,7 @@ def pairwise_cosine_forward(a, b):
         blocks = _blocks(D)
         with on_device(a):
             pairwise_cosine_fwd_kernel[(cdiv(B, blocks["BLOCK_R"]),)](
-                a, b, cos, inv_a, inv_b, B, D, a.stride(0), b.stride(0), NORM_EPS, **blocks)
+                a, b, cos, inv_a, inv_b, B, D, a.stride(0), b.stride(0), NORM_EPS, **blocks, **FP_FUSION)
     return cos, inv_a, inv_b
 
 
@@ -78,5 +78,5 @@ def pairwise_cosine_backward(grad, a, b, cos, inv_a, inv_b):
         with on_device(a):
             pairwise_cosine_bwd_kernel[(cdiv(B, blocks["BLOCK_R"]),)](
                 fp32(grad).contiguous(), a, b, cos, inv_a, inv_b, da, db, B, D, a.stride(0), b.stride(0),
-                **blocks)
+                **blocks, **FP_FUSION)
     return da, db

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .cosent_scan import _softplus
 from .chunk_tiles import gradient_buffer, launch_over_tiles, store_tile, tile_indices
-from .device import cdiv, on_device
+from .device import FP_FUSION, cdiv, on_device
 from .streaming_ce import exp_shift
 
 BLOCK_N, BLOCK_C = 64, 32  # 32 columns a program: 512 programs for a 16384-proxy chunk; 128-byte row segments
@@ -74,7 +74,7 @@ def negative_terms(z, inv_x, inv_w, column, c0, alpha, margin):
         with on_device(z):
             proxy_anchor_negative_terms_kernel[(cdiv(CC, BLOCK_C),)](
                 z, z.stride(0), inv_x, inv_w, column, out, N, CC, c0, alpha, margin, BLOCK_N=BLOCK_N,
-                BLOCK_C=BLOCK_C)
+                BLOCK_C=BLOCK_C, **FP_FUSION)
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import cdiv, fp32, next_power_of_2, on_device
+from .device import FP_FUSION, cdiv, fp32, next_power_of_2, on_device
 from .streaming_ce import _as_int64
 
 
@@ -68,7 +68,7 @@ def finish_grad_rows(grad, scale, out, weight=None, inv_norm=None):
         finish_grad_rows_kernel[(cdiv(R, 8),)](
             grad, weight if project else grad, fp32(inv_norm).contiguous() if project else grad,
             fp32(scale), out, R, D, grad.stride(0), weight.stride(0) if project else 0, out.stride(0),
-            PROJECT=project, BLOCK_R=8, BLOCK_D=block_d)
+            PROJECT=project, BLOCK_R=8, BLOCK_D=block_d, **FP_FUSION)
     return out
 
 
@@ -137,5 +137,5 @@ def projected_weight_grad(g, x, weight, inv_norm, scale, out):
         projected_weight_grad_kernel[(cdiv(R, blocks["BLOCK_R"]),)](
             g, x, weight, fp32(inv_norm).contiguous(), fp32(scale), out, N, R, D, g.stride(0),
             x.stride(0), weight.stride(0), out.stride(0), EVEN_N=N % blocks["BLOCK_K"] == 0,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **blocks, **launch)
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **blocks, **launch, **FP_FUSION)
     return out

@@ -8,7 +8,7 @@ import torch
 
 from ..engine import block_gemm_dtype, device_sm_count, gpu_grad_dtype, no_hard_negatives
 from ..margin_ce import TargetGradRows, TargetRows
-from .device import cdiv, fp32, on_device
+from .device import FP_FUSION, cdiv, fp32, on_device
 from .margin_rows import margin_target_grad_rows as _margin_target_grad_rows
 from .margin_rows import margin_target_rows as _margin_target_rows
 from .row_projection import PROJECTED_DW_MAX_D
@@ -220,7 +220,7 @@ class TritonTiles:
                     float(teacher.jsd_beta), 1.0 - float(teacher.jsd_beta), DOT_PRECISION=_dot_precision(x),
                     TEACHER_DOT_PRECISION=_dot_precision(tx),
                     EVEN_D=D % blocks["BLOCK_D"] == 0, EVEN_E=E % blocks["BLOCK_D"] == 0, **_flags(spec),
-                    **_without(_without(blocks, "GROUP_N"), "FLATTEN"), **launch)
+                    **_without(_without(blocks, "GROUP_N"), "FLATTEN"), **launch, **FP_FUSION)
         kl_pm, kl_qm = part.sum(1)
         return kl_pm, kl_qm
 
@@ -269,13 +269,14 @@ class TritonTiles:
                     COST_DOT_PRECISION=_dot_precision(cost_args[1] if teacher is None else teacher_args[0]),
                     EVEN_E=E % blocks["BLOCK_D"] == 0, SUBCENTERS=spec.subcenters, HAS_ENTROPY=entropy,
                     HAS_TEACHER=teacher is not None, **hard_flag, **_flags(spec), **_without(blocks, "GROUP_N"),
-                    **launch)
+                    **launch, **FP_FUSION)
         lse, second, third, fourth = (torch.empty(N, dtype=torch.float32, device=x.device) for _ in range(4))
         if N > 0:
             with on_device(x):  # one launch instead of ~10 small ops
                 merge_splits_kernel[(cdiv(N, 1024),)](part, lse, second, third, fourth, N, splits,
                                                       NEED_SUM_LOGITS=need_sum_logits, HAS_COST=cost is not None,
-                                                      BLOCK=1024, HAS_ENTROPY=entropy, HAS_TEACHER=teacher is not None)
+                                                      BLOCK=1024, HAS_ENTROPY=entropy, HAS_TEACHER=teacher is not None,
+                                                      **FP_FUSION)
         if entropy:  # (M, S′, T)
             return lse, fourth, third
         if teacher is not None:  # (lse, lse^T, E_q[z^T − z], E_p[z − z^T])
@@ -371,5 +372,5 @@ class TritonTiles:
                     COST_DOT_PRECISION=_dot_precision(cost_args[1] if teacher is None else teacher_args[0]),
                     SUBCENTERS=spec.subcenters, HAS_ENTROPY=entropy_coef is not None, HAS_TEACHER=teacher is not None,
                     JSD=teacher is not None and teacher.jsd_beta is not None, **hard_flag,
-                    **_flags(spec), **_without(blocks, "FLATTEN"), **launch)
+                    **_flags(spec), **_without(blocks, "FLATTEN"), **launch, **FP_FUSION)
         return grad

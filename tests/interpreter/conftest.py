@@ -7,7 +7,7 @@ import json
 import os
 
 RECORD_PATH = os.environ.get("MARGINKERN_RECORD_LAUNCHES")
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 _launches = {}
 
 
@@ -40,6 +40,9 @@ def _record(kernel, args, kwargs):
             arguments[name] = [kind, key]
         else:
             arguments[name] = [kind, key or ""]
+    if "enable_fp_fusion" not in options:
+        raise ValueError(f"{kernel.fn.__name__} was launched without enable_fp_fusion: every launch passes "
+                         "triton_kernels.device.FP_FUSION (Triton 3.10 changed the default)")
     launch = {k: options[k] for k in LAUNCH_OPTIONS if k in options}
     entry = {"module": kernel.fn.__module__, "kernel": kernel.fn.__name__, "arguments": arguments, "launch": launch}
     _launches.setdefault(json.dumps(entry, sort_keys=True), entry)
