@@ -8,6 +8,8 @@ import textwrap
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What torch >= 2.14's headers say when compiled as C++17 (tests/test_cpp_standard.py, tests/test_cuda_sources.py)
+TORCH_REFUSES_CPP17 = "C++20 or later compatible compiler is required"
 
 # A memory probe's measuring functions (prepended to its code by run_python(..., peak_memory=True)): resident memory
 # now, the high-water mark and its reset (/proc/self/clear_refs), or ru_maxrss where those are missing (an

@@ -3,7 +3,6 @@
 // of classes c0 + j, j < cc, overwritten in place. See streaming_ce.h for the math.
 #pragma once
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -12,6 +11,20 @@
 #include "../common/logit_math.h"
 
 namespace marginkern::epilogue {
+
+// The bits of a float and back. Not std::bit_cast: it is C++20, and torch's cpp_extension compiles with
+// -std=c++17 before torch 2.13 (setup.py supports torch >= 2.6). GCC turns the 4-byte memcpy into a register
+// move, so `omp simd` loops over these still vectorize.
+MARGINKERN_HD int32_t float_bits(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+MARGINKERN_HD float float_from_bits(int32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
 
 // exp(x) = 2^n · e^r, n = round(x·log2 e), |r| ≤ ln2/2 (Cody–Waite), e^r by Cephes' expf polynomial:
 // about 1 ulp. Plain arithmetic and bit operations, so that `omp simd` loops vectorize it (libm's expf
@@ -35,9 +48,7 @@ MARGINKERN_HD float exp_simd(float x) {
   p = p * r + 5.0000001201e-1f;
   const float er = p * r * r + r + 1.0f;
   // 2^(n−1) from its exponent bits, times 2 afterwards: near kMax n is 128, and 2^128 is not a float.
-  const int32_t bits = (static_cast<int32_t>(n) + 126) << 23;
-  float half_scale;
-  std::memcpy(&half_scale, &bits, sizeof half_scale);
+  const float half_scale = float_from_bits((static_cast<int32_t>(n) + 126) << 23);
   float y = er * half_scale * 2.0f;
   y = x < kMin ? 0.0f : y;
   y = x > kMax ? std::numeric_limits<float>::infinity() : y;
@@ -69,9 +80,9 @@ MARGINKERN_HD float twice_atanh_series(float s) {
 // log(0) = −inf, log(x < 0) = NaN, log(+inf) = +inf, NaN stays NaN; subnormals are taken as 0 (−inf): far below
 // anything the losses' sums resolve.
 MARGINKERN_HD float log_simd(float x) {
-  const int32_t bits = std::bit_cast<int32_t>(x);
+  const int32_t bits = float_bits(x);
   int32_t e = ((bits >> 23) & 0xff) - 127;
-  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
+  float m = float_from_bits((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
   const bool high = m > 1.41421356f;
   m = high ? 0.5f * m : m;
   e = high ? e + 1 : e;
