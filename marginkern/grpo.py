@@ -209,7 +209,9 @@ class LinearGRPOLoss(nn.Module):
         with torch.no_grad():
             weight_mask = mask.to(entropy.dtype)
             mean_entropy = (entropy * weight_mask).sum() / weight_mask.sum().clamp(min=1.0)
-        return out._replace(entropy=mean_entropy)
+        # field by field: torch 2.6's dynamo traces neither out._replace(...) nor GRPOOutput(*out[:-1], ...)
+        return GRPOOutput(out.loss, out.per_token_loss, out.kl, out.clip_ratio_low, out.clip_ratio_high,
+                          out.clip_ratio_region, mean_entropy)
 
     def extra_repr(self):
         return ", ".join([f"{k}={v!r}" for k, v in self.options.items()]

@@ -145,14 +145,22 @@ def call(name, *args):
     return _OPS[name](*args)
 
 
+# torch.compile reads functorch's interpreter stack in traced code from torch 2.7 on (dynamo's trace_rules list it as
+# an in-graph function); torch 2.6's dynamo cannot (an unsupported builtin: every loss failed under fullgraph=True).
+_COMPILE_READS_FUNCTORCH_STACK = torch.__version__ >= "2.7"
+
+
 def _refuse_forward_mode(args):
     """The losses have no forward-mode derivative: through the op, torch.func.jvp would get a zero tangent
-    and forward_ad's dual tensors none, silently."""
-    try:
-        interpreter = torch._C._functorch.peek_interpreter_stack()
-        in_jvp = interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Jvp
-    except AttributeError:  # a torch without these internals
-        in_jvp = False
+    and forward_ad's dual tensors none, silently. (Inside a compiled function on torch 2.6 the jvp check is
+    skipped: see _COMPILE_READS_FUNCTORCH_STACK.)"""
+    in_jvp = False
+    if _COMPILE_READS_FUNCTORCH_STACK or not torch.compiler.is_compiling():
+        try:
+            interpreter = torch._C._functorch.peek_interpreter_stack()
+            in_jvp = interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Jvp
+        except AttributeError:  # a torch without these internals
+            pass
     if not in_jvp and getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         in_jvp = any(isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None
                      for a in args)
