@@ -97,7 +97,12 @@ def _spill_bytes(ptx):
         source = os.path.join(tmp, "kernel.ptx")
         with open(source, "w") as f:
             f.write(ptx)
-        log = subprocess.run([get_ptxas(90).path, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a",
+        try:
+            ptxas = get_ptxas(90)
+        except TypeError:  # Triton <= 3.4: get_ptxas() takes no architecture (3.3: returns (path, version))
+            ptxas = get_ptxas()
+        ptxas_path = getattr(ptxas, "path", None) or ptxas[0]
+        log = subprocess.run([ptxas_path, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a",
                               source, "-o", os.path.join(tmp, "kernel.o")], capture_output=True, text=True,
                              check=True).stderr
     return sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
@@ -223,6 +228,11 @@ def main():
         print(__doc__)
         return
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from marginkern.dispatch import triton_version_reason
+    too_old = triton_version_reason(triton.__version__)
+    if too_old:  # as the tests skip (scripts/test.sh runs this after the interpreter tier): said, not failed
+        print(f"nothing compiled: {too_old}")
+        return
     if sys.argv[1:2] == ["--launches"]:
         results = compile_recorded(sys.argv[2], gpu_tiles="--gpu-tiles" in sys.argv[3:])
         failures = [(label, error) for label, _, error in results if error]

@@ -28,6 +28,37 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+# The oldest Triton whose compiler was checked to take every kernel launch the interpreter tier records (for sm_90,
+# without a GPU: bench/sm90_compile.py --launches; 3.3, 3.4, 3.6, 3.8 and 3.9 on 2026-12-06); Triton 3.2 (torch 2.6's)
+# cannot be checked that way (another compiler API) and its interpreter fails the kernels. The GPU runs so far used
+# Triton 3.6. Not a pip requirement: a CUDA torch pins its Triton, and a floor above that pin would make pip replace
+# the user's torch.
+MIN_TRITON = (3, 3)
+# The oldest Triton whose interpreter (TRITON_INTERPRET=1, CPU tensors) was seen to run the interpreter tier (3.8 and
+# 3.9): 3.6's and 3.2's fail on a loop bound that is a tensor (`tl.range(c_begin, c_end, ...)`: int() of a one-element
+# array, which NumPy 2.4 refuses); 3.7 was not tried.
+MIN_TRITON_INTERPRETER = (3, 8)
+
+
+def triton_version_reason(version: str, minimum=MIN_TRITON,
+                          what="checked to compile every kernel (torch 2.7 brings 3.3)"):
+    """None when Triton `version` (e.g. "3.6.0", "3.7.0+git1234") is at least `minimum`, else why it cannot serve."""
+    parts = version.split("+")[0].split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None  # a development build with an unreadable version: let it try
+    if (major, minor) >= minimum:
+        return None
+    return f"triton {version} is older than {minimum[0]}.{minimum[1]}, the oldest {what}"
+
+
+def interpreter_version_reason(version: str):
+    """triton_version_reason for Triton's interpreter (MIN_TRITON_INTERPRETER)."""
+    return triton_version_reason(version, MIN_TRITON_INTERPRETER,
+                                 "whose interpreter runs the kernels (TRITON_INTERPRET=1)")
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_tiles():
     """TritonTiles, or the reason it cannot be loaded (str)."""
@@ -37,6 +68,14 @@ def _triton_tiles():
         return f"triton is not installed ({e}); pip install triton"
     from .triton_kernels import TritonTiles
     return TritonTiles()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version_reasons():
+    """(why the installed Triton cannot run the kernels on a GPU, why not in its interpreter): None each when it can;
+    once per process (dispatch runs on every call)."""
+    import triton
+    return triton_version_reason(triton.__version__), interpreter_version_reason(triton.__version__)
 
 
 def _why_not(backend, device, dtype=torch.float32):
@@ -50,9 +89,9 @@ def _why_not(backend, device, dtype=torch.float32):
         if dtype == torch.float64:
             return "the Triton kernels compute in fp32 and take fp32/fp16/bf16 inputs, got float64"
         if device.type == "cuda":
-            return None
+            return _triton_version_reasons()[0]
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
+            return _triton_version_reasons()[1]
         return (f"the Triton kernels need CUDA tensors, got {device.type} tensors; set TRITON_INTERPRET=1 "
                 "before triton is first imported to run them on the CPU through Triton's interpreter")
     if backend == "cpp":

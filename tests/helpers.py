@@ -5,11 +5,30 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What torch >= 2.14's headers say when compiled as C++17 (tests/test_cpp_standard.py, tests/test_cuda_sources.py)
 TORCH_REFUSES_CPP17 = "C++20 or later compatible compiler is required"
+
+
+def _triton_unsupported(interpreter):
+    """Why the Triton kernels cannot be tested here (not installed, or older than dispatch.MIN_TRITON for the compiler,
+    MIN_TRITON_INTERPRETER for its interpreter), or None; read from the package's metadata, without importing triton
+    (the interpreter's switch is read at its import)."""
+    from importlib.metadata import PackageNotFoundError, version
+    from marginkern.dispatch import interpreter_version_reason, triton_version_reason
+    try:
+        return (interpreter_version_reason if interpreter else triton_version_reason)(version("triton"))
+    except PackageNotFoundError:
+        return "triton is not installed"
+
+
+TRITON_COMPILER_UNSUPPORTED = _triton_unsupported(interpreter=False)
+TRITON_INTERPRETER_UNSUPPORTED = _triton_unsupported(interpreter=True)
+needs_triton_interpreter = pytest.mark.skipif(TRITON_INTERPRETER_UNSUPPORTED is not None,
+                                              reason=str(TRITON_INTERPRETER_UNSUPPORTED))
 
 # A memory probe's measuring functions (prepended to its code by run_python(..., peak_memory=True)): resident memory
 # now, the high-water mark and its reset (/proc/self/clear_refs), or ru_maxrss where those are missing (an

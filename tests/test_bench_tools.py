@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import needs_triton_interpreter
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -42,6 +44,7 @@ def test_sweep_names_each_cases_fastest_config_for_the_benchmarks(tmp_path):
     assert case == "arcface-1M" and parse_config(config) == parse_config(",".join(f"{k}={v}" for k, v in fast.items()))
 
 
+@needs_triton_interpreter
 def test_count_host_ops_counts_a_step_without_a_gpu():
     import os
     env = {**os.environ, "TRITON_INTERPRET": "1", "MARGINKERN_BACKEND": "triton"}
@@ -52,6 +55,7 @@ def test_count_host_ops_counts_a_step_without_a_gpu():
     assert "streaming_ce_grad_logits_kernel" in done.stdout
 
 
+@needs_triton_interpreter
 def test_margin_step_host_ops_stay_few():
     # face-small (N = 256) is host-bound: one ArcFace fwd+bwd was 229 outermost ATen ops, 66 after the
     # per-row Triton kernels (bench/NOTES.md, "Sixth session"), 56 after the eighth session's trims. A
@@ -67,6 +71,7 @@ def test_margin_step_host_ops_stay_few():
     assert ops <= 62 and launches <= 8, done.stdout
 
 
+@needs_triton_interpreter
 def test_count_host_ops_times_the_host_side():
     import os
     import re

@@ -2,8 +2,9 @@
 
 setup.py supports torch >= 2.6, and torch.utils.cpp_extension compiles with -std=c++17 before torch 2.13 (C++20
 since): a C++20-only construct in csrc (std::bit_cast was one) fails the extension's build there, and the install
-falls back to plain PyTorch (a warning in pip's log, which -q hides), losing the C++ path's speed and memory bound. CI's torch (2.13) compiles these with C++20, so this checks C++17 by hand, with
--fsyntax-only against this torch's headers; torch >= 2.14's headers refuse C++17 themselves, and then it skips.
+falls back to plain PyTorch (a warning in pip's log, which -q hides), losing the C++ path's speed and memory bound.
+CI's torch (2.13) compiles these with C++20, so this checks C++17 by hand, with -fsyntax-only against this torch's
+headers; torch >= 2.14's headers refuse C++17 themselves, and then it skips.
 """
 import glob
 import os
@@ -49,7 +50,8 @@ def test_extension_sources_compile_as_cpp17():
 def test_a_cpp20_construct_is_caught(tmp_path):
     """The check itself: std::bit_cast (C++20) in a source the extension compiles fails it."""
     source = tmp_path / "uses_bit_cast.cpp"
-    source.write_text('#include "row_epilogue.h"\n#include <bit>\nint bits(float x) { return std::bit_cast<int>(x); }\n')
+    source.write_text('#include "row_epilogue.h"\n#include <bit>\n'
+                      'int bits(float x) { return std::bit_cast<int>(x); }\n')
     rc, log = compile_as("c++17", str(source))
     assert rc != 0 and "bit_cast" in log, log
     assert compile_as("c++20", str(source))[0] == 0

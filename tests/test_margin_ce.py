@@ -553,6 +553,29 @@ def test_forced_backend_that_cannot_serve_says_why(monkeypatch, backend, match):
         mk.margin_cross_entropy(x, w, t)
 
 
+def test_a_triton_older_than_tested_is_refused_with_the_reason(monkeypatch):
+    """A Triton older than the kernels are checked with (bench/NOTES.md, twenty-sixth session): the backend says so
+    instead of failing inside a launch; a forced one raises with that reason. The interpreter has its own floor."""
+    from marginkern import dispatch
+    assert dispatch.triton_version_reason("3.2.0").startswith("triton 3.2.0 is older than 3.3")
+    assert dispatch.interpreter_version_reason("3.6.0").startswith("triton 3.6.0 is older than 3.8")
+    assert all(dispatch.triton_version_reason(v) is None for v in ("3.3.0", "3.9.0", "3.10.0+gitabc", "4.0"))
+    assert all(dispatch.interpreter_version_reason(v) is None for v in ("3.8.0", "3.9.0", "3.10.0+gitabc", "4.0"))
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dispatch._triton_version_reasons.cache_clear()
+    try:
+        assert "older than 3.3" in dispatch.explain("cuda").splitlines()[0]
+        x, w, t = make_case(4, 6, 3, requires_grad=False)
+        with pytest.raises(mk.BackendUnavailable, match="triton 3.2.0 is older than 3.8"):
+            mk.margin_cross_entropy(x, w, t)  # CPU tensors: the interpreter's floor
+    finally:
+        monkeypatch.undo()
+        dispatch._triton_version_reasons.cache_clear()
+
+
 def test_forced_reference_backend_runs(monkeypatch):
     monkeypatch.setenv("MARGINKERN_BACKEND", "reference")
     x, w, t = make_case(4, 6, 3)

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+from tests.helpers import TRITON_COMPILER_UNSUPPORTED
+
+if TRITON_COMPILER_UNSUPPORTED:
+    pytest.skip(TRITON_COMPILER_UNSUPPORTED, allow_module_level=True)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import sm90_compile  # noqa: E402
 from marginkern.triton_kernels.tiles import GPU_CONFIG  # noqa: E402

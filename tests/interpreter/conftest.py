@@ -6,6 +6,14 @@ only fails to compile (B.to() on a B the launcher made the constant 1) would oth
 import json
 import os
 
+import pytest
+
+from tests.helpers import TRITON_COMPILER_UNSUPPORTED, TRITON_INTERPRETER_UNSUPPORTED
+
+# this tier runs in Triton's interpreter (TRITON_INTERPRET=1, CI) or compiled on a GPU (scripts/gpu_session.sh
+# triton-tier): each has its own oldest Triton (marginkern.dispatch)
+TRITON_UNSUPPORTED = (TRITON_INTERPRETER_UNSUPPORTED if os.environ.get("TRITON_INTERPRET") == "1"
+                      else TRITON_COMPILER_UNSUPPORTED)
 RECORD_PATH = os.environ.get("MARGINKERN_RECORD_LAUNCHES")
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 _launches = {}
@@ -48,7 +56,7 @@ def _record(kernel, args, kwargs):
     _launches.setdefault(json.dumps(entry, sort_keys=True), entry)
 
 
-if RECORD_PATH:
+if RECORD_PATH and not TRITON_UNSUPPORTED:  # (an older Triton's interpreter has no InterpretedFunction.run)
     from triton.runtime.interpreter import InterpretedFunction
 
     _interpreted_run = InterpretedFunction.run
@@ -62,3 +70,9 @@ if RECORD_PATH:
     def pytest_sessionfinish(session, exitstatus):
         with open(RECORD_PATH, "w") as f:
             json.dump(sorted(_launches.values(), key=lambda e: (e["module"], e["kernel"])), f, indent=0)
+
+
+def pytest_collection_modifyitems(items):
+    if TRITON_UNSUPPORTED:  # one reason for the whole tier, not a failure per test
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason=TRITON_UNSUPPORTED))
