@@ -19,10 +19,12 @@ def _triton_unsupported(interpreter):
     (the interpreter's switch is read at its import)."""
     from importlib.metadata import PackageNotFoundError, version
     from marginkern.dispatch import interpreter_version_reason, triton_version_reason
-    try:
-        return (interpreter_version_reason if interpreter else triton_version_reason)(version("triton"))
-    except PackageNotFoundError:
-        return "triton is not installed"
+    for distribution in ("triton", "pytorch-triton"):  # (the latter: torch nightlies' build of Triton)
+        try:
+            return (interpreter_version_reason if interpreter else triton_version_reason)(version(distribution))
+        except PackageNotFoundError:
+            pass
+    return "triton is not installed"
 
 
 TRITON_COMPILER_UNSUPPORTED = _triton_unsupported(interpreter=False)
