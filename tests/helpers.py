@@ -1,6 +1,7 @@
 """Shared test helpers: random cases, gradients, dtype-justified tolerances, memory probes in a fresh process."""
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# What torch >= 2.14's headers say when compiled as C++17 (tests/test_cpp_standard.py, tests/test_cuda_sources.py)
+# The host C++ compiler and what torch >= 2.14's headers say when compiled as C++17 (tests/test_cpp_standard.py,
+# tests/test_cuda_sources.py)
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 TORCH_REFUSES_CPP17 = "C++20 or later compatible compiler is required"
 
 

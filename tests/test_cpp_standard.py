@@ -8,7 +8,6 @@ headers; torch >= 2.14's headers refuse C++17 themselves, and then it skips.
 """
 import glob
 import os
-import shutil
 import subprocess
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch.utils.cpp_extension as cpp_extension
 
-from tests.helpers import REPO, TORCH_REFUSES_CPP17
+from tests.helpers import CXX, REPO, TORCH_REFUSES_CPP17
 
-CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 
 
