@@ -15,7 +15,8 @@ from .hard_negatives import CurricularFaceLoss, MVSoftmaxLoss
 from .functional import (circle_loss, cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss,
                          linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk, linear_topk_kl_divergence,
                          log_probs_and_entropy,
-                         margin_cross_entropy, multilabel_categorical_crossentropy, proxy_anchor_loss)
+                         margin_cross_entropy, multilabel_categorical_crossentropy, proxy_anchor_loss,
+                         sparse_multilabel_categorical_crossentropy)
 from .grpo import GRPOOutput, LinearGRPOLoss, grpo_loss
 from .preference import (LinearCPOLoss, LinearDPOLoss, LinearKTOLoss, LinearORPOLoss, LinearSimPOLoss, cpo_loss,
                          dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, sequence_log_probs)
@@ -31,7 +32,7 @@ __all__ = [
     "linear_topk_kl_divergence", "linear_topk",
     "LinearDistillationLoss", "cosent_loss",
     "cosent_embedding_loss", "CoSENTLoss",
-    "multilabel_categorical_crossentropy", "circle_loss", "proxy_anchor_loss", "ProxyAnchorLoss",
+    "multilabel_categorical_crossentropy", "sparse_multilabel_categorical_crossentropy", "circle_loss", "proxy_anchor_loss", "ProxyAnchorLoss",
     "NormalizedSoftmaxLoss", "info_nce_loss", "InfoNCELoss", "siglip_loss", "SigLIPLoss",
     "supcon_loss", "SupConLoss",
     "sequence_log_probs", "dpo_loss", "orpo_loss", "cpo_loss", "kto_loss", "kto_kl_estimate", "LinearDPOLoss",

@@ -480,6 +480,27 @@ def check_binary_targets(targets, logits):
             raise ValueError("targets must hold 0/1 labels (soft labels are not supported)")
 
 
+def check_positive_indices(positives, logits, ignore_index):
+    """The sparse multilabel CE's positives: integer class indices (..., P) beside logits (..., C), each in [0, C) or
+    ignore_index (padding). The values are checked in eager calls only (a compiled call makes such a row NaN)."""
+    check_tensor("positives", positives)
+    check_integer_dtype(positives, "positives")
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension (the labels)")
+    if positives.dim() != logits.dim() or positives.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(f"positives must have shape (*{tuple(logits.shape[:-1])}, P): the logits' leading "
+                         f"dimensions and P class indices per row, got {tuple(positives.shape)}")
+    if positives.device != logits.device:
+        raise ValueError(f"positives must be on {logits.device}, got {positives.device}")
+    if torch.compiler.is_compiling():
+        return
+    if logits.shape[-1] == 0:  # (check_target_values reads padding as class 0)
+        if bool((positives != ignore_index).any()):
+            raise ValueError(f"positives name a class, but logits have none (only ignore_index={ignore_index})")
+        return
+    check_target_values(positives, logits.shape[-1], ignore_index, "positives")
+
+
 def resolve_grad_filter_eps(grad_filter_eps, dtype):
     """None (exact), "auto" (Cut Cross-Entropy's default: the dtype's machine epsilon / 32) or a float in
     (0, 1) → None or float."""

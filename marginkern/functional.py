@@ -7,7 +7,8 @@ from .checks import (check_bias, check_binary_targets, check_bool, check_class_w
                      check_embedding_pair,
                      check_extra_outputs, check_finite, check_float_tensor, check_ignore_index,
                      check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer,
-                     check_margin_options, check_proxy_anchor_options, check_reduction, check_shift,
+                     check_margin_options, check_positive_indices, check_proxy_anchor_options, check_reduction,
+                     check_shift,
                      check_subcenters, check_teacher,
                      check_temperature, check_tensor, check_topk_arguments, check_topk_teacher,
                      resolve_grad_filter_eps)
@@ -464,6 +465,24 @@ def multilabel_categorical_crossentropy(logits, targets, *, reduction="mean"):
     check_binary_targets(targets, logits)
     check_reduction(reduction)
     rows, _, _ = call_op("multilabel_ce", logits, targets)
+    out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
+    return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+
+
+def sparse_multilabel_categorical_crossentropy(logits, positives, *, mask_zero=False, ignore_index=-100,
+                                                reduction="mean"):
+    """ZLPR with each row's positive classes given as indices (bert4keras's sparse form, GPLinker's loss): positives
+    (..., P) integer, padded with ignore_index; with mask_zero=True index 0 is padding and class 0 is left out of
+    the loss entirely (bert4keras's mask_zero). Equals multilabel_categorical_crossentropy with the dense 0/1
+    targets that mark those classes (a class named twice is one positive), computed so, by blocks of rows: no (..., C)
+    targets are made, and the negatives' sum is not Σ_all − Σ_pos (bert4keras's form, which cancels when the
+    positives hold the mass; its 1e-7 clip is its error floor)."""
+    check_float_tensor("logits", logits)
+    ignore_index = check_ignore_index(ignore_index)
+    mask_zero = check_bool("mask_zero", mask_zero)
+    check_positive_indices(positives, logits, ignore_index)
+    check_reduction(reduction)
+    rows, _, _ = call_op("sparse_multilabel_ce", logits, positives, mask_zero, ignore_index)
     out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
     return out.reshape(logits.shape[:-1]) if reduction == "none" else out
 

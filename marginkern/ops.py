@@ -1074,6 +1074,49 @@ def _multilabel_ce_autograd(ctx, grad_rows, _grad_neg, _grad_pos):
 _register_autograd("multilabel_ce", _multilabel_ce_autograd, _multilabel_ce_setup_context)
 
 
+@_op("sparse_multilabel_ce")
+def sparse_multilabel_ce(logits: Tensor, positives: Tensor, mask_zero: bool,
+                         ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """multilabel_ce with the positives as class indices (..., P) (pairwise.sparse_multilabel_ce_rows)."""
+    return pairwise.sparse_multilabel_ce_rows(logits, positives, mask_zero, ignore_index)
+
+
+@sparse_multilabel_ce.register_fake
+def _(logits, positives, mask_zero, ignore_index):
+    rows = (logits.new_empty(logits.shape[:-1], dtype=accumulation_dtype(logits.dtype)).reshape(-1)
+            for _ in range(3))
+    return tuple(rows)
+
+
+@_op("sparse_multilabel_ce_backward")
+def sparse_multilabel_ce_backward(grad_rows: Tensor, logits: Tensor, positives: Tensor, L_neg: Tensor, L_pos: Tensor,
+                                  mask_zero: bool, ignore_index: int) -> Tensor:
+    return pairwise.sparse_multilabel_ce_rows_backward(grad_rows, logits, positives, L_neg, L_pos, mask_zero,
+                                                       ignore_index)
+
+
+@sparse_multilabel_ce_backward.register_fake
+def _(grad_rows, logits, positives, L_neg, L_pos, mask_zero, ignore_index):
+    return _contiguous_like(logits)
+
+
+def _sparse_multilabel_ce_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mask_zero, ctx.ignore_index = inputs[2], inputs[3]
+
+
+def _sparse_multilabel_ce_autograd(ctx, grad_rows, _grad_neg, _grad_pos):
+    if grad_rows is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    logits, positives, L_neg, L_pos = ctx.saved_tensors
+    return (call("sparse_multilabel_ce_backward", grad_rows, logits, positives, L_neg, L_pos, ctx.mask_zero,
+                 ctx.ignore_index), None, None, None)
+
+
+_register_autograd("sparse_multilabel_ce", _sparse_multilabel_ce_autograd, _sparse_multilabel_ce_setup_context)
+
+
 @_op("circle")
 def circle(embeddings: Tensor, labels: Tensor, m: float, gamma: float, anchor_block: int) -> tuple[Tensor, Tensor]:
     """(per-anchor Circle loss in the accumulation dtype, whether the anchor has a positive and a negative), by blocks

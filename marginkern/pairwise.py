@@ -39,23 +39,76 @@ def cosent_loss_and_grad(scores, labels, scale):
 ZLPR_BLOCK_BYTES = 8 << 20
 
 
-def _zlpr_rows(logits, targets):
-    """(logits and targets as (R, C) rows, the accumulation dtype, the row blocks (r0, r1) of ZLPR_BLOCK_BYTES each)."""
+def _zlpr_rows(logits):
+    """(logits as (R, C) rows, the accumulation dtype, the row blocks (r0, r1) of ZLPR_BLOCK_BYTES each)."""
     C = logits.shape[-1]
     R = logits.shape[:-1].numel()  # (not reshape(-1, C): C = 0 has no -1)
     acc = accumulation_dtype(logits.dtype)
     blocks = row_blocks(R, max(1, ZLPR_BLOCK_BYTES // max(1, C * acc.itemsize)))
-    return logits.reshape(R, C), targets.reshape(R, C), acc, blocks
+    return logits.reshape(R, C), acc, blocks
 
 
-def _zlpr_block_terms(logits, targets):
-    """A block of rows: (the logits in the accumulation dtype, negatives, positives, whether the row's targets are not
-    all 0/1). Logits equal to −inf (masked spans) are neither a negative nor a positive."""
+def _dense_labels(targets):
+    """Dense 0/1 targets (..., C) → a function of a row block: (positive mask, rows whose targets are not all 0/1)."""
+    y2 = targets.reshape(targets.shape[:-1].numel(), targets.shape[-1])  # (not reshape(-1, C): C = 0 has no -1)
+
+    def block(r0, r1):
+        y = y2[r0:r1]
+        return y.to(torch.bool), ((y != 0) & (y != 1)).any(-1)
+    return block
+
+
+def _sparse_labels(positives, C, mask_zero, ignore_index):
+    """Positive class indices (..., P) → a function of a row block: (its (rows, C) positive mask, rows naming a class
+    outside [0, C)). Padding (ignore_index; index 0 too with mask_zero) names nothing, a class named twice is one
+    positive. Only a block's mask exists at a time, never the (R, C) targets."""
+    p2 = positives.reshape(positives.shape[:-1].numel(), positives.shape[-1]).long()
+
+    def block(r0, r1):
+        p = p2[r0:r1]
+        named = p != ignore_index
+        if mask_zero:
+            named &= p != 0
+        inside = (p >= 0) & (p < C)
+        # padding and bad indices scatter into a spare column C, dropped after
+        index = torch.where(named & inside, p, C)
+        y = torch.zeros(p.shape[0], C + 1, dtype=torch.bool, device=p.device).scatter_(1, index, True)
+        return y[:, :C], (named & ~inside).any(-1)
+    return block
+
+
+def _zlpr_block_terms(logits, y, bad, mask_zero):
+    """A block of rows: (the logits in the accumulation dtype, negatives, positives, rows whose labels are bad).
+    Logits equal to −inf (masked spans), and class 0 with mask_zero, are neither a negative nor a positive."""
     s = logits.to(accumulation_dtype(logits.dtype))  # (the caller's own tensor where it is fp32: never written)
-    y = targets.to(torch.bool)
     kept = s != -float("inf")
-    non_binary = ((targets != 0) & (targets != 1)).any(-1)
-    return s, kept & ~y, kept & y, non_binary
+    if mask_zero and kept.shape[-1]:
+        kept[:, 0] = False
+    return s, kept & ~y, kept & y, bad
+
+
+def _zlpr_forward(logits, labels_of_block, mask_zero):
+    s2, acc, blocks = _zlpr_rows(logits)
+    L_neg, L_pos = (s2.new_empty(s2.shape[0], dtype=acc) for _ in range(2))
+    loss = s2.new_empty(s2.shape[0], dtype=acc)
+    for r0, r1 in blocks:
+        s, neg, pos, bad = _zlpr_block_terms(s2[r0:r1], *labels_of_block(r0, r1), mask_zero)
+        L_neg[r0:r1] = log1p_exp(torch.logsumexp(s.masked_fill(~neg, -float("inf")), -1))
+        L_pos[r0:r1] = log1p_exp(torch.logsumexp(torch.neg(s).masked_fill_(~pos, -float("inf")), -1))
+        loss[r0:r1] = (L_neg[r0:r1] + L_pos[r0:r1]).masked_fill_(bad, float("nan"))
+    return loss, L_neg, L_pos
+
+
+def _zlpr_backward(grad_rows, logits, labels_of_block, mask_zero, L_neg, L_pos):
+    s2, acc, blocks = _zlpr_rows(logits)
+    grad = torch.empty(s2.shape, dtype=logits.dtype, device=logits.device)
+    for r0, r1 in blocks:
+        s, neg, pos, bad = _zlpr_block_terms(s2[r0:r1], *labels_of_block(r0, r1), mask_zero)
+        g = grad_rows[r0:r1].to(acc).masked_fill(bad, 0.0)[:, None]
+        as_negative = torch.sub(s, L_neg[r0:r1, None]).exp_().mul_(g).masked_fill_(~neg, 0.0)
+        as_positive = torch.neg(s).sub_(L_pos[r0:r1, None]).exp_().mul_(g).masked_fill_(~pos, 0.0)
+        grad[r0:r1] = as_negative.sub_(as_positive)
+    return grad.reshape(logits.shape)
 
 
 def multilabel_ce_rows(logits, targets):
@@ -67,30 +120,28 @@ def multilabel_ce_rows(logits, targets):
     bert4keras's current form does, instead of turning into inf − inf. A target that is not 0/1 gives a NaN row: eager
     calls refuse it (checks.check_binary_targets), a compiled one cannot look at the values without a graph break.
     """
-    s2, y2, acc, blocks = _zlpr_rows(logits, targets)
-    L_neg, L_pos = (s2.new_empty(s2.shape[0], dtype=acc) for _ in range(2))
-    loss = s2.new_empty(s2.shape[0], dtype=acc)
-    for r0, r1 in blocks:
-        s, neg, pos, non_binary = _zlpr_block_terms(s2[r0:r1], y2[r0:r1])
-        L_neg[r0:r1] = log1p_exp(torch.logsumexp(s.masked_fill(~neg, -float("inf")), -1))
-        L_pos[r0:r1] = log1p_exp(torch.logsumexp(torch.neg(s).masked_fill_(~pos, -float("inf")), -1))
-        loss[r0:r1] = (L_neg[r0:r1] + L_pos[r0:r1]).masked_fill_(non_binary, float("nan"))
-    return loss, L_neg, L_pos
+    return _zlpr_forward(logits, _dense_labels(targets), False)
 
 
 def multilabel_ce_rows_backward(grad_rows, logits, targets, L_neg, L_pos):
     """dL/dlogits for the upstream gradient grad_rows (R,) of multilabel_ce_rows' losses, in the logits' dtype and
     shape: g·e^{s − L_neg} on the negatives, −g·e^{−s − L_pos} on the positives, 0 elsewhere (masked logits, and rows
     whose targets are not 0/1, whose loss is the constant NaN)."""
-    s2, y2, acc, blocks = _zlpr_rows(logits, targets)
-    grad = torch.empty(s2.shape, dtype=logits.dtype, device=logits.device)
-    for r0, r1 in blocks:
-        s, neg, pos, non_binary = _zlpr_block_terms(s2[r0:r1], y2[r0:r1])
-        g = grad_rows[r0:r1].to(acc).masked_fill(non_binary, 0.0)[:, None]
-        as_negative = torch.sub(s, L_neg[r0:r1, None]).exp_().mul_(g).masked_fill_(~neg, 0.0)
-        as_positive = torch.neg(s).sub_(L_pos[r0:r1, None]).exp_().mul_(g).masked_fill_(~pos, 0.0)
-        grad[r0:r1] = as_negative.sub_(as_positive)
-    return grad.reshape(logits.shape)
+    return _zlpr_backward(grad_rows, logits, _dense_labels(targets), False, L_neg, L_pos)
+
+
+def sparse_multilabel_ce_rows(logits, positives, mask_zero, ignore_index):
+    """multilabel_ce_rows with the positives given as class indices (R, P) (bert4keras's sparse form): the same
+    loss as the dense targets that mark those classes, computed as that (each side's sum over its own members),
+    not as bert4keras's log(1 − e^{LSE_pos − LSE_all}), which cancels when the positives hold the mass. A row naming
+    a class outside [0, C) is NaN (eager calls refuse it: checks.check_positive_indices)."""
+    return _zlpr_forward(logits, _sparse_labels(positives, logits.shape[-1], mask_zero, ignore_index), mask_zero)
+
+
+def sparse_multilabel_ce_rows_backward(grad_rows, logits, positives, L_neg, L_pos, mask_zero, ignore_index):
+    """dL/dlogits of sparse_multilabel_ce_rows, as multilabel_ce_rows_backward (class 0 gets 0 with mask_zero)."""
+    labels = _sparse_labels(positives, logits.shape[-1], mask_zero, ignore_index)
+    return _zlpr_backward(grad_rows, logits, labels, mask_zero, L_neg, L_pos)
 
 
 def _circle_block_terms(anchors, embeddings, anchor_labels, labels, anchor_index, m, gamma):

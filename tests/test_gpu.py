@@ -749,3 +749,23 @@ def test_circle_and_zlpr_on_gpu(dtype):
     (want_grad,) = torch.autograd.grad(want.sum(), s64)
     assert_close_rel(rows.cpu(), want, torch.float32, "zlpr rows", floor=1.0)
     assert (grad.double().cpu() - want_grad).norm() / want_grad.norm() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparse_zlpr_on_gpu(dtype):
+    """The sparse ZLPR op on CUDA tensors (its positives scattered per row block on the GPU), with mask_zero, against
+    the float64 dense definition of the same positives on the CPU."""
+    from tests.test_pairwise import naive_zlpr
+    from tests.test_sparse_zlpr import dense_targets, random_positives
+    g = torch.Generator().manual_seed(0)
+    positives = random_positives((64,), 5000, 40, g, padding=0, low=1)
+    s = (torch.randn(64, 5000, generator=g) * 4).to(dtype).cuda().requires_grad_()
+    rows = mk.sparse_multilabel_categorical_crossentropy(s, positives.cuda(), mask_zero=True, reduction="none")
+    (grad,) = torch.autograd.grad(rows.sum(), s)
+    s64 = s.detach().cpu().double()[:, 1:].requires_grad_()
+    want = naive_zlpr(s64, dense_targets(positives, 5000, mask_zero=True)[:, 1:])
+    (want_grad,) = torch.autograd.grad(want.sum(), s64)
+    assert_close_rel(rows.cpu(), want, torch.float32, "sparse zlpr rows", floor=1.0)
+    assert not grad[:, 0].any()
+    assert (grad[:, 1:].double().cpu() - want_grad).norm() / want_grad.norm() < (1e-5 if dtype == torch.float32
+                                                                                  else 1e-2)

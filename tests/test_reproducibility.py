@@ -88,6 +88,9 @@ def _pairwise(device, dtype, which):
     if which == "zlpr":
         targets = (torch.rand(40, 16, generator=g) < 0.2).to(device)
         return (a,), lambda a: mk.multilabel_categorical_crossentropy(a, targets)
+    if which == "sparse zlpr":
+        positives = torch.randint(0, 16, (40, 3), generator=g).to(device)
+        return (a,), lambda a: mk.sparse_multilabel_categorical_crossentropy(a, positives)
     return (a,), lambda a: mk.circle_loss(a, labels, anchor_block=16)
 
 
@@ -110,6 +113,7 @@ STEPS = {
     "top-k kl": _topk,
     "cosent": lambda d, t: _pairwise(d, t, "cosent"),
     "zlpr": lambda d, t: _pairwise(d, t, "zlpr"),
+    "sparse zlpr": lambda d, t: _pairwise(d, t, "sparse zlpr"),
     "circle": lambda d, t: _pairwise(d, t, "circle"),
     "proxy anchor": lambda d, t: _emo(d, t, mk.proxy_anchor_loss),
     "siglip": lambda d, t: _contrastive(d, t, mk.siglip_loss, bias=-3.0),
