@@ -110,6 +110,11 @@ def cuda_extension(common_sources):
     if CUDA_HOME is None:
         _warn("torch has CUDA but nvcc was not found (set CUDA_HOME): building without the CUDA kernels")
         return None
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        # torch picks the architectures from the visible GPUs; with none it fails with an IndexError
+        _warn("torch has CUDA but no GPU is visible to pick the CUDA architectures from: building without the CUDA "
+              "kernels (set TORCH_CUDA_ARCH_LIST, e.g. 9.0, to build them on a machine without a GPU)")
+        return None
     return CUDAExtension(
         "marginkern._C_cuda",
         sources=sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")) + common_sources
