@@ -13,7 +13,7 @@ from .adaptive_margins import AdaFaceLoss, ElasticArcFaceLoss, ElasticCosFaceLos
 from .dispatch import BackendUnavailable
 from .hard_negatives import CurricularFaceLoss, MVSoftmaxLoss
 from .functional import (circle_loss, cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss,
-                         linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk, linear_topk_kl_divergence,
+                         global_pointer_loss, linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk, linear_topk_kl_divergence,
                          log_probs_and_entropy,
                          margin_cross_entropy, multilabel_categorical_crossentropy, proxy_anchor_loss,
                          sparse_multilabel_categorical_crossentropy)
@@ -32,7 +32,8 @@ __all__ = [
     "linear_topk_kl_divergence", "linear_topk",
     "LinearDistillationLoss", "cosent_loss",
     "cosent_embedding_loss", "CoSENTLoss",
-    "multilabel_categorical_crossentropy", "sparse_multilabel_categorical_crossentropy", "circle_loss", "proxy_anchor_loss", "ProxyAnchorLoss",
+    "multilabel_categorical_crossentropy", "sparse_multilabel_categorical_crossentropy",
+    "global_pointer_loss", "circle_loss", "proxy_anchor_loss", "ProxyAnchorLoss",
     "NormalizedSoftmaxLoss", "info_nce_loss", "InfoNCELoss", "siglip_loss", "SigLIPLoss",
     "supcon_loss", "SupConLoss",
     "sequence_log_probs", "dpo_loss", "orpo_loss", "cpo_loss", "kto_loss", "kto_kl_estimate", "LinearDPOLoss",

@@ -501,6 +501,38 @@ def check_positive_indices(positives, logits, ignore_index):
     check_target_values(positives, logits.shape[-1], ignore_index, "positives")
 
 
+def check_global_pointer_arguments(q, k, positives, mask, scale, ignore_index):
+    """GlobalPointer's q, k (B, L, H, d), positives (B, H, P) of flattened spans m·L + n, mask (B, L) or None and
+    scale (None: 1/√d): the function's one check; returns scale as a float. Positive values are checked in eager
+    calls only (a compiled call makes such a row NaN)."""
+    check_float_tensor("q", q, dim=4)
+    check_float_tensor("k", k, dim=4)
+    if k.shape != q.shape or k.dtype != q.dtype or k.device != q.device:
+        raise ValueError(f"k must match q (shape {tuple(q.shape)}, {q.dtype}, on {q.device}), got shape "
+                         f"{tuple(k.shape)}, {k.dtype}, on {k.device}")
+    B, L, H, d = q.shape
+    check_tensor("positives", positives)
+    check_integer_dtype(positives, "positives")
+    if positives.dim() != 3 or positives.shape[:2] != (B, H):
+        raise ValueError(f"positives must have shape (B={B}, H={H}, P): each (batch, head)'s spans m·L + n, got "
+                         f"{tuple(positives.shape)}")
+    if positives.device != q.device:
+        raise ValueError(f"positives must be on {q.device}, got {positives.device}")
+    if mask is not None:
+        check_tensor("mask", mask)
+        if mask.shape != (B, L) or mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise ValueError(f"mask must be a bool or integer (B={B}, L={L}) tensor (1: a token, 0: padding), got "
+                             f"shape {tuple(mask.shape)}, {mask.dtype}")
+        if mask.device != q.device:
+            raise ValueError(f"mask must be on {q.device}, got {mask.device}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)  # GlobalPointer's q·k/√d
+    check_finite("scale", scale, 0.0, low_open=True)
+    if not torch.compiler.is_compiling():
+        check_target_values(positives, L * L, ignore_index, "positives")
+    return float(scale)
+
+
 def resolve_grad_filter_eps(grad_filter_eps, dtype):
     """None (exact), "auto" (Cut Cross-Entropy's default: the dtype's machine epsilon / 32) or a float in
     (0, 1) → None or float."""

@@ -4,7 +4,7 @@ import torch
 
 from .checks import (check_bias, check_binary_targets, check_bool, check_class_weight, check_classification_inputs,
                      check_circle_arguments, check_cosent_arguments, check_cost_embedding, check_direction,
-                     check_embedding_pair,
+                     check_embedding_pair, check_global_pointer_arguments,
                      check_extra_outputs, check_finite, check_float_tensor, check_ignore_index,
                      check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer,
                      check_margin_options, check_positive_indices, check_proxy_anchor_options, check_reduction,
@@ -485,6 +485,23 @@ def sparse_multilabel_categorical_crossentropy(logits, positives, *, mask_zero=F
     rows, _, _ = call_op("sparse_multilabel_ce", logits, positives, mask_zero, ignore_index)
     out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
     return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+
+
+def global_pointer_loss(q, k, positives, *, mask=None, scale=None, tril=True, mask_zero=False, ignore_index=-100,
+                        reduction="mean"):
+    """GlobalPointer's span loss (Su; GPLinker's heads) with the span logits fused in: per (batch, head) the ZLPR
+    over its L × L spans s_mn = scale·q_m·k_n (scale None: 1/√d), q and k (B, L, H, d) as GlobalPointer's heads
+    give them (after RoPE), positives (B, H, P) the spans m·L + n, padded with ignore_index (0 with mask_zero, which
+    also leaves span (0, 0) out). Spans with padding (mask (B, L) = 0) at either end, and with tril=True those ending
+    before they start (n < m), are in neither sum, as GlobalPointer's −inf logits. "mean" over the B·H rows, "none"
+    gives (B, H). Memory: blocks of the logits (8 MB, 64 MB on a GPU), never the (B, H, L, L) logits nor their
+    gradient (marginkern/global_pointer.py)."""
+    scale = check_global_pointer_arguments(q, k, positives, mask, scale, check_ignore_index(ignore_index))
+    tril, mask_zero = check_bool("tril", tril), check_bool("mask_zero", mask_zero)
+    check_reduction(reduction)
+    rows, _, _ = call_op("global_pointer", q, k, positives, mask, scale, tril, mask_zero, ignore_index)
+    out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
+    return out.reshape(q.shape[0], q.shape[2]) if reduction == "none" else out
 
 
 def circle_loss(embeddings, labels, *, m=0.25, gamma=256.0, reduction="mean", anchor_block=None):

@@ -18,7 +18,7 @@ from .checks import (check_bias, check_bool, check_circle_arguments, check_class
                      check_int, check_temperature, check_tensor,
                      check_token_ids, check_topk_teacher)
 from .dispatch import select_tiles, select_tiles_except
-from . import pairwise
+from . import global_pointer, pairwise
 from .engine import NORM_EPS, accumulation_dtype, buffered_grads_in_input_dtype
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward, topk_kl_backward, topk_kl_forward
 from .emo import emo_backward, emo_forward
@@ -1115,6 +1115,54 @@ def _sparse_multilabel_ce_autograd(ctx, grad_rows, _grad_neg, _grad_pos):
 
 
 _register_autograd("sparse_multilabel_ce", _sparse_multilabel_ce_autograd, _sparse_multilabel_ce_setup_context)
+
+
+@_op("global_pointer")
+def global_pointer_op(q: Tensor, k: Tensor, positives: Tensor, mask: Optional[Tensor], scale: float, tril: bool,
+                      mask_zero: bool, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """GlobalPointer's span ZLPR per (batch, head) row: (loss, L_neg, L_pos), each (B·H,) in the accumulation dtype,
+    the (B, H, L, L) logits never made (global_pointer.global_pointer_rows)."""
+    return global_pointer.global_pointer_rows(q, k, positives, mask, scale, tril, mask_zero, ignore_index)
+
+
+@global_pointer_op.register_fake
+def _(q, k, positives, mask, scale, tril, mask_zero, ignore_index):
+    rows = q.shape[0] * q.shape[2]
+    return tuple(q.new_empty(rows, dtype=accumulation_dtype(q.dtype)) for _ in range(3))
+
+
+@_op("global_pointer_backward")
+def global_pointer_backward(grad_rows: Tensor, q: Tensor, k: Tensor, positives: Tensor, mask: Optional[Tensor],
+                            L_neg: Tensor, L_pos: Tensor, scale: float, tril: bool, mask_zero: bool,
+                            ignore_index: int) -> tuple[Tensor, Tensor]:
+    return global_pointer.global_pointer_rows_backward(grad_rows, q, k, positives, mask, L_neg, L_pos, scale, tril,
+                                                       mask_zero, ignore_index)
+
+
+@global_pointer_backward.register_fake
+def _(grad_rows, q, k, positives, mask, L_neg, L_pos, scale, tril, mask_zero, ignore_index):
+    return _contiguous_like(q), _contiguous_like(k)
+
+
+def _global_pointer_setup_context(ctx, inputs, output):
+    q, k, positives, mask, *options = inputs
+    ctx.save_for_backward(q, k, positives, mask, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.options = options
+
+
+def _global_pointer_autograd(ctx, grad_rows, _grad_neg, _grad_pos):
+    nothing = (None,) * 6
+    if grad_rows is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return (None, None) + nothing
+    q, k, positives, mask, L_neg, L_pos = ctx.saved_tensors
+    scale, tril, mask_zero, ignore_index = ctx.options
+    dq, dk = call("global_pointer_backward", grad_rows, q, k, positives, mask, L_neg, L_pos, scale, tril, mask_zero,
+                  ignore_index)
+    return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None) + nothing
+
+
+_register_autograd("global_pointer", _global_pointer_autograd, _global_pointer_setup_context)
 
 
 @_op("circle")

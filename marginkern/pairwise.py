@@ -66,15 +66,24 @@ def _sparse_labels(positives, C, mask_zero, ignore_index):
 
     def block(r0, r1):
         p = p2[r0:r1]
-        named = p != ignore_index
-        if mask_zero:
-            named &= p != 0
-        inside = (p >= 0) & (p < C)
-        # padding and bad indices scatter into a spare column C, dropped after
-        index = torch.where(named & inside, p, C)
-        y = torch.zeros(p.shape[0], C + 1, dtype=torch.bool, device=p.device).scatter_(1, index, True)
-        return y[:, :C], (named & ~inside).any(-1)
+        named = named_positives(p, mask_zero, ignore_index)
+        return positive_mask(p, named, 0, C), (named & ((p < 0) | (p >= C))).any(-1)
     return block
+
+
+def named_positives(p, mask_zero, ignore_index):
+    """Which entries of positive indices p name a class: not padding (ignore_index; 0 too with mask_zero)."""
+    named = p != ignore_index
+    return named & (p != 0) if mask_zero else named
+
+
+def positive_mask(p, named, c0, c1):
+    """The (rows, c1 − c0) bool mask of the named positives p (rows, P) that fall in columns [c0, c1): one block's
+    targets, made from the indices alone (padding and the indices outside scatter into a spare column, dropped)."""
+    inside = named & (p >= c0) & (p < c1)
+    index = torch.where(inside, p - c0, c1 - c0)
+    y = torch.zeros(p.shape[0], c1 - c0 + 1, dtype=torch.bool, device=p.device).scatter_(1, index, True)
+    return y[:, :c1 - c0]
 
 
 def _zlpr_block_terms(logits, y, bad, mask_zero):

@@ -752,6 +752,29 @@ def test_circle_and_zlpr_on_gpu(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_global_pointer_on_gpu(dtype, monkeypatch):
+    """GlobalPointer's fused span loss on CUDA tensors (blocks of rows, and with an 8 MB GPU budget one row's query
+    blocks at L = 2100) against bert4keras's composition in float64 on the CPU, loss and both gradients."""
+    from tests.test_global_pointer import inputs, naive_global_pointer
+    import marginkern.global_pointer as gp
+    for B, L, H, d in ((3, 100, 5, 32), (1, 2100, 2, 16)):
+        q, k, positives, mask = inputs(B, L, H, d, P=12, dtype=dtype, seed=L)
+        if L > 2000:
+            monkeypatch.setattr(gp, "GP_BLOCK_BYTES", 1 << 20)
+            assert len(gp._blocks(B * H, L, 4, True)) > B * H  # query blocks within a row
+        q1, k1 = q.cuda().requires_grad_(), k.cuda().requires_grad_()
+        rows = mk.global_pointer_loss(q1, k1, positives.cuda(), mask=mask.cuda(), reduction="none")
+        grads = torch.autograd.grad(rows.sum(), (q1, k1))
+        q2, k2 = q.double().requires_grad_(), k.double().requires_grad_()
+        want = naive_global_pointer(q2, k2, positives, mask)
+        want_grads = torch.autograd.grad(want.sum(), (q2, k2))
+        assert_close_rel(rows.cpu(), want, torch.float32, "global pointer rows", floor=1.0)
+        for got, expected in zip(grads, want_grads):
+            assert (got.double().cpu() - expected).norm() / expected.norm() < (1e-5 if dtype == torch.float32
+                                                                                else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_sparse_zlpr_on_gpu(dtype):
     """The sparse ZLPR op on CUDA tensors (its positives scattered per row block on the GPU), with mask_zero, against
     the float64 dense definition of the same positives on the CPU."""

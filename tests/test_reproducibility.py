@@ -94,6 +94,15 @@ def _pairwise(device, dtype, which):
     return (a,), lambda a: mk.circle_loss(a, labels, anchor_block=16)
 
 
+def _global_pointer(device, dtype):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 20, 4, 8, generator=g, dtype=torch.float64).to(dtype).to(device)
+    k = torch.randn(3, 20, 4, 8, generator=g, dtype=torch.float64).to(dtype).to(device)
+    mask = (torch.arange(20) < torch.tensor([[20], [13], [7]])).to(device)
+    positives = torch.randint(0, 400, (3, 4, 5), generator=g).to(device)
+    return (q, k), lambda q, k: mk.global_pointer_loss(q, k, positives, mask=mask)
+
+
 STEPS = {
     "arcface": lambda d, t: _margin(d, t),
     "cosface+smoothing": lambda d, t: _margin(d, t, m2=0.0, m3=0.35, label_smoothing=0.1),
@@ -114,6 +123,7 @@ STEPS = {
     "cosent": lambda d, t: _pairwise(d, t, "cosent"),
     "zlpr": lambda d, t: _pairwise(d, t, "zlpr"),
     "sparse zlpr": lambda d, t: _pairwise(d, t, "sparse zlpr"),
+    "global pointer": lambda d, t: _global_pointer(d, t),
     "circle": lambda d, t: _pairwise(d, t, "circle"),
     "proxy anchor": lambda d, t: _emo(d, t, mk.proxy_anchor_loss),
     "siglip": lambda d, t: _contrastive(d, t, mk.siglip_loss, bias=-3.0),

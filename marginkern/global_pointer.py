@@ -1,0 +1,147 @@
+"""GlobalPointer's span loss with its logits fused in (Su's GlobalPointer, GPLinker): for each (batch, head) row the
+ZLPR (multilabel categorical CE) over its L × L span logits s_mn = scale·q_m·k_n, by blocks of rows × query positions,
+never the (B, H, L, L) logits, their masks or their gradient.
+
+Spans are cells (m, n) of the flattened index m·L + n (bert4keras's and GPLinker's labels). A cell is left out of the
+loss (neither a negative nor a positive, as GlobalPointer's −inf logits) where m or n is padding (mask), below the
+diagonal (n < m, tril=True: bert4keras's `tril_mask`), or cell 0 with mask_zero. Each row's loss is
+L = log(1 + Σ_neg e^s) + log(1 + Σ_pos e^−s).
+
+The positives are a few cells per row: their logits are P dot products per row, gathered, and their side of the loss
+and its gradient (−g·e^{−s − L_pos}, added into dq and dk by index) cost O(P·d). The negatives are every other kept
+cell: each block's logits get −inf at the left-out cells and at the positives (broadcast masks in place, the
+positives scattered: no logits-sized mask), then one log-sum-exp; the backward pass recomputes the block as
+s − L_neg in its GEMM, exponentiates it in place into G = e^{s − L_neg} and gives dq = scale·g·G·k and dk = g·Gᵀ·(scale·q)
+(4 batched GEMMs per fwd+bwd in all)."""
+import torch
+
+from .engine import accumulation_dtype, log1p_exp
+from .pairwise import named_positives
+
+# One block's fp32 logits (rows × query positions × L) within this many bytes (a few such temporaries exist at once),
+# 8× more on a GPU.
+GP_BLOCK_BYTES = 8 << 20
+GP_GPU_BLOCK_FACTOR = 8
+
+
+def _rows(t):
+    """(B, L, H, d) → (B·H, L, d): one row per (batch, head)."""
+    B, L, H, d = t.shape
+    return t.permute(0, 2, 1, 3).reshape(B * H, L, d)
+
+
+def _blocks(R, L, acc_bytes, on_gpu):
+    """(r0, r1, m0, m1) covering R rows × L query positions, each block's logits within the budget."""
+    budget = GP_BLOCK_BYTES * (GP_GPU_BLOCK_FACTOR if on_gpu else 1)
+    row_bytes = max(1, L * L * acc_bytes)
+    if row_bytes <= budget:
+        rows = budget // row_bytes
+        return [(r0, min(R, r0 + rows), 0, L) for r0 in range(0, R, rows)]
+    queries = max(1, budget // max(1, L * acc_bytes))
+    return [(r, r + 1, m0, min(L, m0 + queries)) for r in range(R) for m0 in range(0, L, queries)]
+
+
+class _Spans:
+    """What every block needs: q and k as rows, the padding mask per row, the positives (sorted per row) with their
+    query and key positions, which of them count (named, inside [0, L²), on a kept cell, not a repeat), and the rows
+    that name a cell outside [0, L²) (their loss is NaN, their gradient 0)."""
+
+    def __init__(self, q, k, positives, mask, scale, tril, mask_zero, ignore_index):
+        B, L, H, _ = q.shape
+        self.L, self.scale, self.tril, self.mask_zero = L, scale, tril, mask_zero
+        self.acc = accumulation_dtype(q.dtype)
+        self.q, self.k = _rows(q), _rows(k)
+        self.mask = None if mask is None else (mask != 0).repeat_interleave(H, 0)  # (B·H, L)
+        self.blocks = _blocks(B * H, L, self.acc.itemsize, q.is_cuda)
+        p, _ = positives.reshape(B * H, positives.shape[-1]).long().sort(-1)
+        named = named_positives(p, mask_zero, ignore_index)
+        inside = (p >= 0) & (p < L * L)
+        self.bad = (named & ~inside).any(-1)
+        cell = torch.where(inside, p, 0)
+        self.m, self.n = cell // L, cell % L
+        counts = named & inside
+        counts[:, 1:] &= p[:, 1:] != p[:, :-1]  # a span listed twice is one positive
+        if self.mask is not None:
+            counts &= self.mask.gather(1, self.m) & self.mask.gather(1, self.n)
+        if tril:
+            counts &= self.n >= self.m
+        self.cell, self.counts = cell, counts
+        self._below = {}
+
+    def positive_logits(self):
+        """(the positives' query rows, key rows (both (R, P, d), accumulation dtype), their logits (R, P))."""
+        d = self.q.shape[-1]
+        qp = self.q.gather(1, self.m[..., None].expand(-1, -1, d)).to(self.acc)
+        kp = self.k.gather(1, self.n[..., None].expand(-1, -1, d)).to(self.acc)
+        return qp, kp, torch.linalg.vecdot(qp, kp).mul_(self.scale)
+
+    def below_diagonal(self, m0, m1, device):
+        """The (m1 − m0, L) mask of cells n < m, made once per block shape."""
+        if (m0, m1) not in self._below:
+            L = self.L
+            self._below[m0, m1] = torch.arange(L, device=device) < torch.arange(m0, m1, device=device)[:, None]
+        return self._below[m0, m1]
+
+    def negatives_only(self, s, r0, r1, m0, m1):
+        """s (rows, m1 − m0, L) with −inf at every cell that is not a negative, in place (masks broadcast, the
+        positives scattered by scatter_reduce's amin: +inf leaves a cell outside this block as it is)."""
+        inf = float("inf")
+        if self.mask is not None:
+            s.masked_fill_(~self.mask[r0:r1, m0:m1, None], -inf)
+            s.masked_fill_(~self.mask[r0:r1, None, :], -inf)
+        if self.tril:
+            s.masked_fill_(self.below_diagonal(m0, m1, s.device), -inf)
+        if self.mask_zero and m0 == 0:
+            s[:, 0, 0] = -inf
+        cell, counts = self.cell[r0:r1], self.counts[r0:r1]
+        here = counts & (cell >= m0 * self.L) & (cell < m1 * self.L)
+        index = torch.where(here, cell - m0 * self.L, 0)
+        value = torch.where(here, -inf, inf).to(s.dtype)
+        s.view(s.shape[0], -1).scatter_reduce_(1, index, value, "amin")
+        return s
+
+
+def global_pointer_rows(q, k, positives, mask, scale, tril, mask_zero, ignore_index):
+    """(loss, L_neg, L_pos), each (B·H,) in the accumulation dtype (module docstring)."""
+    spans = _Spans(q, k, positives, mask, scale, tril, mask_zero, ignore_index)
+    lse_neg = torch.full((spans.q.shape[0],), -float("inf"), dtype=spans.acc, device=q.device)
+    for r0, r1, m0, m1 in spans.blocks:
+        qs = spans.q[r0:r1, m0:m1].to(spans.acc) * scale
+        s = torch.bmm(qs, spans.k[r0:r1].to(spans.acc).transpose(1, 2))
+        s = spans.negatives_only(s, r0, r1, m0, m1)
+        lse_neg[r0:r1] = torch.logaddexp(lse_neg[r0:r1], torch.logsumexp(s.view(s.shape[0], -1), -1))
+    _, _, s_pos = spans.positive_logits()
+    lse_pos = torch.logsumexp(torch.neg(s_pos).masked_fill_(~spans.counts, -float("inf")), -1)
+    # log(1 + Σ e^v) as log1p_exp(LSE v): a small loss keeps its digits; a side without members adds exactly 0
+    L_neg, L_pos = log1p_exp(lse_neg), log1p_exp(lse_pos)
+    return (L_neg + L_pos).masked_fill_(spans.bad, float("nan")), L_neg, L_pos
+
+
+def global_pointer_rows_backward(grad_rows, q, k, positives, mask, L_neg, L_pos, scale, tril, mask_zero,
+                                 ignore_index):
+    """(dL/dq, dL/dk) for the upstream gradient grad_rows (B·H,) of global_pointer_rows' losses, in q's dtype and
+    layout (B, L, H, d)."""
+    spans = _Spans(q, k, positives, mask, scale, tril, mask_zero, ignore_index)
+    g = grad_rows.to(spans.acc).masked_fill(spans.bad, 0.0)
+    dq = torch.zeros(spans.q.shape, dtype=spans.acc, device=q.device)
+    dk = torch.zeros(spans.k.shape, dtype=spans.acc, device=q.device)
+    for r0, r1, m0, m1 in spans.blocks:
+        qs = spans.q[r0:r1, m0:m1].to(spans.acc) * scale
+        kb = spans.k[r0:r1].to(spans.acc)
+        # G = e^{s − L_neg} on the negatives: the subtraction in the GEMM, the rest in place
+        G = torch.baddbmm(torch.neg(L_neg[r0:r1, None, None]), qs, kb.transpose(1, 2))
+        G = spans.negatives_only(G, r0, r1, m0, m1).exp_()
+        gb = g[r0:r1, None, None]
+        dq[r0:r1, m0:m1] += torch.bmm(G, kb).mul_(gb * scale)
+        dk[r0:r1] += torch.bmm(G.transpose(1, 2), qs).mul_(gb)
+    # the positives: dL/ds = −g·e^{−s − L_pos} at each counted span, into its query and key rows
+    qp, kp, s_pos = spans.positive_logits()
+    coef = torch.neg(s_pos).sub_(L_pos[:, None]).exp_().mul_(-g[:, None] * scale).masked_fill_(~spans.counts, 0.0)
+    d = q.shape[-1]
+    dq.scatter_add_(1, spans.m[..., None].expand(-1, -1, d), coef[..., None] * kp)
+    dk.scatter_add_(1, spans.n[..., None].expand(-1, -1, d), coef[..., None] * qp)
+    B, L, H, _ = q.shape
+
+    def layout(t):
+        return t.reshape(B, H, L, d).permute(0, 2, 1, 3).to(q.dtype).contiguous()
+    return layout(dq), layout(dk)

@@ -1,0 +1,251 @@
+"""GlobalPointer's span loss with fused logits against bert4keras's GlobalPointer + multilabel CE on the materialised
+(B, H, L, L) logits, in float64."""
+import json
+import math
+
+import pytest
+import torch
+
+import marginkern as mk
+from tests.helpers import run_python
+
+
+def naive_global_pointer(q, k, positives, mask=None, scale=None, tril=True, mask_zero=False, ignore_index=-100):
+    """bert4keras's GlobalPointer logits (einsum, −inf on padding at either end and below the diagonal, / √d) and
+    its multilabel CE in the current form (−inf logits in neither sum, a 0 appended to each side), per (b, h)."""
+    B, L, H, d = q.shape
+    s = torch.einsum("bmhd,bnhd->bhmn", q, k) * (1.0 / math.sqrt(d) if scale is None else scale)
+    kept = torch.ones(B, 1, L, L, dtype=torch.bool)
+    if mask is not None:
+        m = mask.bool()
+        kept = kept & m[:, None, :, None] & m[:, None, None, :]
+    if tril:
+        kept = kept & torch.ones(L, L, dtype=torch.bool).triu()
+    s = s.masked_fill(~kept, -float("inf")).reshape(B, H, L * L)
+    named = positives != ignore_index
+    if mask_zero:
+        named &= positives != 0
+        s = torch.cat([torch.full_like(s[..., :1], -float("inf")), s[..., 1:]], -1)
+    y = torch.zeros(B, H, L * L + 1, dtype=torch.bool).scatter_(-1, torch.where(named, positives, L * L), True)
+    y = y[..., :L * L]
+    finite = s != -float("inf")
+    zero = torch.zeros_like(s[..., :1])
+    neg = torch.cat([s.masked_fill(~(finite & ~y), -float("inf")), zero], -1)
+    pos = torch.cat([(-s).masked_fill(~(finite & y), -float("inf")), zero], -1)
+    return torch.logsumexp(neg, -1) + torch.logsumexp(pos, -1)
+
+
+def inputs(B, L, H, d, P, dtype=torch.float64, seed=0, padded=True, mask_zero=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, L, H, d, generator=g, dtype=torch.float64).mul_(1.5).to(dtype)
+    k = torch.randn(B, L, H, d, generator=g, dtype=torch.float64).mul_(1.5).to(dtype)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    if padded:
+        for b in range(B):
+            mask[b, torch.randint(1, L + 1, (1,), generator=g).item():] = False
+    # upper-triangle spans (start ≤ end), a random number of them padding
+    starts = torch.randint(0, L, (B, H, P), generator=g)
+    ends = torch.minimum(starts + torch.randint(0, 4, (B, H, P), generator=g), torch.tensor(L - 1))
+    spans = starts * L + ends
+    count = torch.randint(0, P + 1, (B, H, 1), generator=g)
+    positives = torch.where(torch.arange(P) < count, spans, 0 if mask_zero else -100)
+    return q, k, positives, mask
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3, 4), (1, 1, 1, 1), (3, 13, 2, 5)])
+@pytest.mark.parametrize("tril", [True, False])
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_global_pointer_matches_bert4keras_logits_and_loss(shape, tril, masked, reduction):
+    q, k, positives, mask = inputs(*shape, P=4, padded=masked)
+    mask = mask if masked else None
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    got = mk.global_pointer_loss(q1, k1, positives, mask=mask, tril=tril, reduction=reduction)
+    rows = naive_global_pointer(q2, k2, positives, mask, tril=tril)
+    want = rows if reduction == "none" else rows.mean()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q1, k1)), torch.autograd.grad(want.sum(), (q2, k2))):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_global_pointer_equals_the_sparse_loss_of_its_logits():
+    """The fused loss is the sparse ZLPR of the masked logits it never makes (one definition, two code paths)."""
+    B, L, H, d = 2, 9, 3, 4
+    q, k, positives, mask = inputs(B, L, H, d, P=5, dtype=torch.float32, seed=1, mask_zero=True)
+    s = torch.einsum("bmhd,bnhd->bhmn", q, k) / 2.0
+    kept = mask[:, None, :, None] & mask[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).triu()
+    logits = s.masked_fill(~kept, -float("inf")).reshape(B * H, L * L)
+    want = mk.sparse_multilabel_categorical_crossentropy(logits, positives.reshape(B * H, -1), mask_zero=True,
+                                                         reduction="none").reshape(B, H)
+    got = mk.global_pointer_loss(q, k, positives, mask=mask, mask_zero=True, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_global_pointer_mask_zero_scale_and_integer_mask():
+    q, k, positives, mask = inputs(2, 6, 2, 3, P=3, seed=2, mask_zero=True)
+    got = mk.global_pointer_loss(q, k, positives, mask=mask.long(), scale=0.7, mask_zero=True, reduction="sum")
+    want = naive_global_pointer(q, k, positives, mask, scale=0.7, mask_zero=True).sum()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tril", [True, False])
+def test_global_pointer_repeated_and_left_out_positives(tril):
+    """Positives listed twice (one positive), below the diagonal, on padding, and span 0 (a positive without
+    mask_zero): as the dense definition says, loss and gradients."""
+    q, k, _, mask = inputs(2, 6, 2, 3, P=1, seed=8)
+    mask[1, 4:] = False
+    positives = torch.tensor([[[7, 7, 0, 13, -100], [12, 6, 6, 6, 35]],      # 13 = (2, 1): below the diagonal
+                              [[5, 28, 5, 0, 0], [33, 4, -100, -100, 4]]])    # 28 = (4, 4), 33 = (5, 3): padding
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    got = mk.global_pointer_loss(q1, k1, positives, mask=mask, tril=tril, reduction="none")
+    want = naive_global_pointer(q2, k2, positives, mask, tril=tril)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q1, k1)), torch.autograd.grad(want.sum(), (q2, k2))):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_global_pointer_padding_only_rows_are_zero_and_get_no_gradient():
+    q, k, positives, mask = inputs(2, 5, 2, 3, P=2, seed=3)
+    mask[1] = False  # a batch element of padding only: no spans at all
+    q.requires_grad_()
+    rows = mk.global_pointer_loss(q, k, positives, mask=mask, reduction="none")
+    (dq,) = torch.autograd.grad(rows.sum(), q)
+    assert (rows[1] == 0).all() and not dq[1].any() and torch.isfinite(rows).all()
+
+
+@pytest.mark.parametrize("block_bytes", [3 * 7 * 7 * 8, 7 * 8, 8])
+def test_global_pointer_by_blocks_matches_one_block(monkeypatch, block_bytes):
+    """Blocks of rows, of one row, and of one query position: the one-block loss and gradients (float64 rounding)."""
+    import marginkern.global_pointer as gp
+    q, k, positives, mask = inputs(2, 7, 3, 4, P=4, seed=4)
+    results = []
+    for bytes_ in (1 << 20, block_bytes):
+        monkeypatch.setattr(gp, "GP_BLOCK_BYTES", bytes_)
+        q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+        rows = mk.global_pointer_loss(q1, k1, positives, mask=mask, reduction="none")
+        results.append((rows, *torch.autograd.grad(rows.sum(), (q1, k1))))
+    assert len(gp._blocks(6, 7, 8, False)) > 1
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_global_pointer_lower_precision_inputs(dtype):
+    """16-bit q and k go into fp32 GEMMs: the loss within fp32 rounding of float64 on the same (rounded) inputs, the
+    gradients within the 16-bit outputs' rounding."""
+    q, k, positives, mask = inputs(2, 24, 3, 16, P=6, dtype=dtype, seed=5)
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    rows = mk.global_pointer_loss(q1, k1, positives, mask=mask, reduction="none")
+    grads = torch.autograd.grad(rows.sum(), (q1, k1))
+    q2, k2 = q.double().requires_grad_(), k.double().requires_grad_()
+    want = naive_global_pointer(q2, k2, positives, mask)
+    want_grads = torch.autograd.grad(want.sum(), (q2, k2))
+    assert rows.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+    torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, want_grads):
+        assert ((got.double() - expected).norm() / expected.norm()) < max(1e-5, torch.finfo(dtype).eps)
+
+
+def test_global_pointer_ops_opcheck_and_gradcheck():
+    q, k, positives, mask = inputs(2, 5, 2, 3, P=3, seed=6)
+    for m in (mask, None):
+        args = (q.clone().requires_grad_(), k.clone().requires_grad_(), positives, m, 0.5, True, False, -100)
+        torch.library.opcheck(torch.ops.marginkern.global_pointer.default, args)
+        _, L_neg, L_pos = torch.ops.marginkern.global_pointer(q, k, positives, m, 0.5, True, False, -100)
+        torch.library.opcheck(torch.ops.marginkern.global_pointer_backward.default,
+                              (torch.rand(4, dtype=torch.float64), q, k, positives, m, L_neg, L_pos, 0.5, True, False,
+                               -100))
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: mk.global_pointer_loss(a, b, positives, mask=mask, reduction="none"),
+                                    (q1, k1))
+    # k alone needs a gradient
+    (dk,) = torch.autograd.grad(mk.global_pointer_loss(q, k1, positives, mask=mask), k1)
+    assert dk.shape == k.shape
+    g = torch.autograd.grad(mk.global_pointer_loss(q1, k1, positives), q1, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="global_pointer cannot be differentiated twice"):
+        g.sum().backward()
+
+
+def test_global_pointer_compiles_once_over_shapes_and_marks_bad_rows_nan():
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    compiled = torch.compile(lambda a, b, p, m: mk.global_pointer_loss(a, b, p, mask=m), fullgraph=True, dynamic=True,
+                             backend=counter)
+    for B, L in ((2, 5), (3, 5), (3, 9)):  # (every size distinct at the first call: no duck-sized guards)
+        q, k, positives, mask = inputs(B, L, 7, 4, P=3, dtype=torch.float32, seed=B + L)
+        q.requires_grad_()
+        got, want = compiled(q, k, positives, mask), mk.global_pointer_loss(q, k, positives, mask=mask)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, q)[0], torch.autograd.grad(want, q)[0])
+    assert counter.frame_count == 1
+    # a compiled call cannot look at the values: a row naming a span outside [0, L²) is NaN (eager calls raise)
+    q, k, positives, mask = inputs(1, 4, 2, 3, P=2, dtype=torch.float32, seed=7)
+    positives[0, 0, 0] = 16
+    rows = torch.compile(lambda a, b, p: mk.global_pointer_loss(a, b, p, reduction="none"), fullgraph=True,
+                         backend="aot_eager")(q, k, positives)
+    assert rows[0, 0].isnan() and torch.isfinite(rows[0, 1])
+
+
+def test_global_pointer_errors_name_the_argument():
+    q, k, positives, mask = inputs(2, 5, 3, 4, P=2, dtype=torch.float32)
+    f = mk.global_pointer_loss
+    with pytest.raises(ValueError, match="q must have 4 dimensions|q must be"):
+        f(q[0], k[0], positives)
+    with pytest.raises(ValueError, match="k must match q"):
+        f(q, k[:, :4], positives)
+    with pytest.raises(ValueError, match="k must match q"):
+        f(q, k.double(), positives)
+    with pytest.raises(TypeError, match="positives must hold integer class indices"):
+        f(q, k, positives.float())
+    with pytest.raises(ValueError, match=r"positives must have shape \(B=2, H=3, P\)"):
+        f(q, k, positives[:, :2])
+    with pytest.raises(ValueError, match=r"positives holds class 25, outside \[0, 25\)"):
+        f(q, k, torch.full((2, 3, 1), 25))
+    with pytest.raises(ValueError, match=r"mask must be a bool or integer \(B=2, L=5\)"):
+        f(q, k, positives, mask=mask[:, :4])
+    with pytest.raises(ValueError, match="mask must be a bool or integer"):
+        f(q, k, positives, mask=mask.float())
+    with pytest.raises(ValueError, match="scale must lie in"):
+        f(q, k, positives, scale=0.0)
+    with pytest.raises(TypeError, match="tril must be a bool"):
+        f(q, k, positives, tril=1)
+    with pytest.raises(TypeError, match="mask_zero must be a bool"):
+        f(q, k, positives, mask_zero=None)
+    with pytest.raises(ValueError, match="reduction"):
+        f(q, k, positives, reduction="batchmean")
+
+
+GLOBAL_POINTER_MEMORY_PROBE = """
+import json, torch, marginkern as mk
+from tests.test_global_pointer import naive_global_pointer
+torch.manual_seed(0)
+B, H, d = 2, 8, 32
+result = {}
+for name, L, loss_fn in (("naive", 768, lambda *a, mask: naive_global_pointer(*a, mask=mask).mean()),
+                         ("768", 768, mk.global_pointer_loss), ("1536", 1536, mk.global_pointer_loss)):
+    q = torch.randn(B, L, H, d, requires_grad=True)
+    k = torch.randn(B, L, H, d, requires_grad=True)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    positives = torch.randint(0, L * L, (B, H, 20))
+    loss_fn(q[:, :8], k[:, :8], positives % 64, mask=mask[:, :8]).backward()  # warm-up
+    before, exact = rss(), reset_peak()
+    loss_fn(q, k, positives, mask=mask).backward()
+    result[name] = dict(extra=peak() - before, exact=exact, logits_bytes=B * H * L * L * 4, input_bytes=q.numel() * 4)
+print(json.dumps(result))
+"""
+
+
+def test_global_pointer_memory_is_blocks_not_logits():
+    """fwd+bwd at B = 2, H = 8, L = 768 and 1536 (fp32 logits of 38 and 151 MB): the extra memory is the fp32
+    gradients of q and k, their layout copies and a few 8 MB blocks, so 4× the logits adds only input-sized memory;
+    bert4keras's composition holds several logit-sized tensors (the probe's check that it sees them). Measured on a
+    2-core x86 VM: 51 and 48 MB; the composition 223 MB at L = 768."""
+    result = json.loads(run_python(GLOBAL_POINTER_MEMORY_PROBE, peak_memory=True))
+    naive, small, large = result["naive"], result["768"], result["1536"]
+    assert naive["extra"] > 2 * naive["logits_bytes"], result
+    assert small["extra"] < naive["logits_bytes"] + 16 * small["input_bytes"], result
+    if large["exact"]:  # (the peak could be reset: the second measurement is its own)
+        assert large["extra"] < small["extra"] + 16 * (large["input_bytes"] - small["input_bytes"]), result
+        assert large["extra"] < 0.5 * large["logits_bytes"], result
