@@ -77,12 +77,17 @@ def check_target_values(target, num_classes, ignore_index, name="target"):
     tensors only, and skipped while a CUDA graph is being captured (a sync would break the capture)."""
     if (target.is_cuda and torch.cuda.is_current_stream_capturing()) or target.numel() == 0:
         return
+    ignored = "" if ignore_index is None else f" and not ignore_index={ignore_index}"
+    if num_classes == 0:  # (no class to stand in for the ignored entries below)
+        named = target if ignore_index is None else target[target != ignore_index]
+        if named.numel():
+            raise ValueError(f"{name} holds class {named.reshape(-1)[0].item()}, outside [0, 0){ignored}")
+        return
     # the smallest and largest class with ignored rows as class 0: four small ops and one sync (seven
     # before; a small GPU step is host-bound)
     kept = target if ignore_index is None else torch.where(target == ignore_index, 0, target)
     low, high = torch.stack(torch.aminmax(kept)).tolist()
     if low < 0 or high >= num_classes:
-        ignored = "" if ignore_index is None else f" and not ignore_index={ignore_index}"
         raise ValueError(f"{name} holds class {low if low < 0 else high}, outside [0, {num_classes}){ignored}")
 
 
@@ -492,13 +497,8 @@ def check_positive_indices(positives, logits, ignore_index):
                          f"dimensions and P class indices per row, got {tuple(positives.shape)}")
     if positives.device != logits.device:
         raise ValueError(f"positives must be on {logits.device}, got {positives.device}")
-    if torch.compiler.is_compiling():
-        return
-    if logits.shape[-1] == 0:  # (check_target_values reads padding as class 0)
-        if bool((positives != ignore_index).any()):
-            raise ValueError(f"positives name a class, but logits have none (only ignore_index={ignore_index})")
-        return
-    check_target_values(positives, logits.shape[-1], ignore_index, "positives")
+    if not torch.compiler.is_compiling():
+        check_target_values(positives, logits.shape[-1], ignore_index, "positives")
 
 
 def check_global_pointer_arguments(q, k, positives, mask, scale, ignore_index):
@@ -526,7 +526,7 @@ def check_global_pointer_arguments(q, k, positives, mask, scale, ignore_index):
         if mask.device != q.device:
             raise ValueError(f"mask must be on {q.device}, got {mask.device}")
     if scale is None:
-        scale = 1.0 / math.sqrt(d)  # GlobalPointer's q·k/√d
+        scale = 1.0 / math.sqrt(d) if d else 1.0  # GlobalPointer's q·k/√d
     check_finite("scale", scale, 0.0, low_open=True)
     if not torch.compiler.is_compiling():
         check_target_values(positives, L * L, ignore_index, "positives")

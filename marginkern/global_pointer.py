@@ -57,8 +57,10 @@ class _Spans:
         named = named_positives(p, mask_zero, ignore_index)
         inside = (p >= 0) & (p < L * L)
         self.bad = (named & ~inside).any(-1)
+        if L == 0:  # no spans to gather from: no positive counts
+            p, named, inside = p[:, :0], named[:, :0], inside[:, :0]
         cell = torch.where(inside, p, 0)
-        self.m, self.n = cell // L, cell % L
+        self.m, self.n = cell // max(L, 1), cell % max(L, 1)
         counts = named & inside
         counts[:, 1:] &= p[:, 1:] != p[:, :-1]  # a span listed twice is one positive
         if self.mask is not None:

@@ -29,7 +29,7 @@ def naive_global_pointer(q, k, positives, mask=None, scale=None, tril=True, mask
     y = torch.zeros(B, H, L * L + 1, dtype=torch.bool).scatter_(-1, torch.where(named, positives, L * L), True)
     y = y[..., :L * L]
     finite = s != -float("inf")
-    zero = torch.zeros_like(s[..., :1])
+    zero = s.new_zeros(B, H, 1)
     neg = torch.cat([s.masked_fill(~(finite & ~y), -float("inf")), zero], -1)
     pos = torch.cat([(-s).masked_fill(~(finite & y), -float("inf")), zero], -1)
     return torch.logsumexp(neg, -1) + torch.logsumexp(pos, -1)
@@ -106,6 +106,25 @@ def test_global_pointer_repeated_and_left_out_positives(tril):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
+def test_global_pointer_takes_the_heads_as_globalpointer_slices_them():
+    """GlobalPointer's dense layer gives (B, L, H·2d), viewed (B, L, H, 2d) and sliced into q and k (non-contiguous
+    views of one tensor); int32 positives; under no_grad and inference_mode the loss alone."""
+    g = torch.Generator().manual_seed(9)
+    dense = torch.randn(2, 9, 3 * 2 * 4, generator=g, dtype=torch.float64, requires_grad=True)
+    heads = dense.view(2, 9, 3, 8)
+    q, k = heads[..., :4], heads[..., 4:]
+    positives = torch.randint(0, 81, (2, 3, 4), generator=g, dtype=torch.int32)
+    got = mk.global_pointer_loss(q, k, positives)
+    want = naive_global_pointer(q, k, positives.long())
+    torch.testing.assert_close(got, want.mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, dense)[0], torch.autograd.grad(want.mean(), dense)[0],
+                               rtol=1e-11, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(mk.global_pointer_loss(q, k, positives), got.detach())
+    with torch.inference_mode():
+        torch.testing.assert_close(mk.global_pointer_loss(q, k, positives), got.detach())
+
+
 def test_global_pointer_padding_only_rows_are_zero_and_get_no_gradient():
     q, k, positives, mask = inputs(2, 5, 2, 3, P=2, seed=3)
     mask[1] = False  # a batch element of padding only: no spans at all
@@ -113,6 +132,23 @@ def test_global_pointer_padding_only_rows_are_zero_and_get_no_gradient():
     rows = mk.global_pointer_loss(q, k, positives, mask=mask, reduction="none")
     (dq,) = torch.autograd.grad(rows.sum(), q)
     assert (rows[1] == 0).all() and not dq[1].any() and torch.isfinite(rows).all()
+
+
+@pytest.mark.parametrize("B, L, H, d, P", [(0, 5, 2, 3, 2), (2, 0, 2, 3, 2), (2, 5, 0, 3, 2), (2, 5, 2, 0, 2),
+                                           (2, 5, 2, 3, 0), (1, 1, 1, 1, 1)])
+def test_global_pointer_empty_sizes(B, L, H, d, P):
+    """No batch, no tokens, no heads, zero-width heads, no positives, one span: the definition's values, finite."""
+    q = torch.randn(B, L, H, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, L, H, d, dtype=torch.float64, requires_grad=True)
+    positives = torch.full((B, H, P), -100)
+    if L and P:
+        positives[..., 0] = 0
+    for reduction in ("mean", "sum", "none"):
+        got = mk.global_pointer_loss(q, k, positives, reduction=reduction)
+        dq, dk = torch.autograd.grad(got.sum(), (q, k))
+        assert dq.shape == q.shape and dk.shape == k.shape and torch.isfinite(dq).all()
+    want = naive_global_pointer(q, k, positives, scale=1.0 if d == 0 else None)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("block_bytes", [3 * 7 * 7 * 8, 7 * 8, 8])
