@@ -125,6 +125,33 @@ def test_global_pointer_takes_the_heads_as_globalpointer_slices_them():
         torch.testing.assert_close(mk.global_pointer_loss(q, k, positives), got.detach())
 
 
+def test_efficient_global_pointer_by_two_extra_columns():
+    """bert4keras's EfficientGlobalPointer: one shared q·k/√d and per-head biases, logits[b, h, m, n] = q_m·k_n/√d +
+    bias[b, 2h, n] + bias[b, 2h+1, m]. The README's recipe, two columns more per head: q' = [q, √d, √d·bias[2h+1](m)],
+    k' = [k, bias[2h](n), 1] and scale 1/√d give scale·q'·k' = q·k/√d + bias[2h](n) + bias[2h+1](m)."""
+    g = torch.Generator().manual_seed(10)
+    B, L, H, d = 2, 7, 3, 4
+    qw = torch.randn(B, L, d, generator=g, dtype=torch.float64, requires_grad=True)
+    kw = torch.randn(B, L, d, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(B, 2 * H, L, generator=g, dtype=torch.float64, requires_grad=True) / 2
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2], dtype=torch.bool)
+    positives = torch.tensor([[[3, 10, -100], [0, 48, 17]] + [[8, 9, 10]], [[1, 2, 3], [-100, -100, -100], [6, 12, 18]]])
+    # bert4keras's logits, then its loss on them (the reference's masks applied to materialised logits)
+    logits = (torch.einsum("bmd,bnd->bmn", qw, kw) / d ** 0.5)[:, None] + bias[:, ::2, None] + bias[:, 1::2, :, None]
+    kept = mask[:, None, :, None] & mask[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).triu()
+    s = logits.masked_fill(~kept, -float("inf")).reshape(B * H, L * L)
+    want = mk.sparse_multilabel_categorical_crossentropy(s, positives.reshape(B * H, -1), reduction="none")
+    # the recipe: (B, L, H, d + 2) heads
+    ones = torch.ones(B, L, H, 1, dtype=torch.float64)
+    root = d ** 0.5
+    q = torch.cat([qw[:, :, None].expand(B, L, H, d), ones * root, bias[:, 1::2].transpose(1, 2)[..., None] * root], -1)
+    k = torch.cat([kw[:, :, None].expand(B, L, H, d), bias[:, ::2].transpose(1, 2)[..., None], ones], -1)
+    got = mk.global_pointer_loss(q, k, positives, mask=mask, scale=1 / root, reduction="none")
+    torch.testing.assert_close(got.reshape(-1), want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got.sum(), (qw, kw, bias)), torch.autograd.grad(want.sum(), (qw, kw, bias))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_global_pointer_padding_only_rows_are_zero_and_get_no_gradient():
     q, k, positives, mask = inputs(2, 5, 2, 3, P=2, seed=3)
     mask[1] = False  # a batch element of padding only: no spans at all
