@@ -12,9 +12,11 @@ and its gradient (−g·e^{−s − L_pos}, added into dq and dk by index) cost 
 cell: each block's logits get −inf at the left-out cells and at the positives (broadcast masks in place, the
 positives scattered: no logits-sized mask), then one log-sum-exp; the backward pass recomputes the block as
 s − L_neg in its GEMM, exponentiates it in place into G = e^{s − L_neg} and gives dq = scale·g·G·k and dk = g·Gᵀ·(scale·q)
-(4 batched GEMMs per fwd+bwd in all)."""
+(4 batched GEMMs per fwd+bwd in all). Where the engine runs Triton (CUDA), one epilogue kernel per block and pass
+reads the block once instead (triton_kernels/global_pointer.py)."""
 import torch
 
+from .chunked_epilogue import epilogue_tiles
 from .engine import accumulation_dtype, log1p_exp
 from .pairwise import named_positives
 
@@ -85,8 +87,8 @@ class _Spans:
         return self._below[m0, m1]
 
     def negatives_only(self, s, r0, r1, m0, m1):
-        """s (rows, m1 − m0, L) with −inf at every cell that is not a negative, in place (masks broadcast, the
-        positives scattered by scatter_reduce's amin: +inf leaves a cell outside this block as it is)."""
+        """s (rows, m1 − m0, L) with −inf at every cell that is not a negative, in place: the left-out cells by masks
+        broadcast over the block (the Triton epilogues apply them as they read it), then the positives."""
         inf = float("inf")
         if self.mask is not None:
             s.masked_fill_(~self.mask[r0:r1, m0:m1, None], -inf)
@@ -95,6 +97,12 @@ class _Spans:
             s.masked_fill_(self.below_diagonal(m0, m1, s.device), -inf)
         if self.mask_zero and m0 == 0:
             s[:, 0, 0] = -inf
+        return self.positives_out_(s, r0, r1, m0, m1)
+
+    def positives_out_(self, s, r0, r1, m0, m1):
+        """s with −inf at the block's positives, in place (scatter_reduce's amin: +inf leaves a cell as it is, where
+        a row's positive lies outside this block)."""
+        inf = float("inf")
         cell, counts = self.cell[r0:r1], self.counts[r0:r1]
         here = counts & (cell >= m0 * self.L) & (cell < m1 * self.L)
         index = torch.where(here, cell - m0 * self.L, 0)
@@ -106,12 +114,18 @@ class _Spans:
 def global_pointer_rows(q, k, positives, mask, scale, tril, mask_zero, ignore_index):
     """(loss, L_neg, L_pos), each (B·H,) in the accumulation dtype (module docstring)."""
     spans = _Spans(q, k, positives, mask, scale, tril, mask_zero, ignore_index)
+    _, triton_epilogue = epilogue_tiles(q)
+    if triton_epilogue:
+        from .triton_kernels.global_pointer import block_log_sum_exp
     lse_neg = torch.full((spans.q.shape[0],), -float("inf"), dtype=spans.acc, device=q.device)
     for r0, r1, m0, m1 in spans.blocks:
         qs = spans.q[r0:r1, m0:m1].to(spans.acc) * scale
         s = torch.bmm(qs, spans.k[r0:r1].to(spans.acc).transpose(1, 2))
-        s = spans.negatives_only(s, r0, r1, m0, m1)
-        lse_neg[r0:r1] = torch.logaddexp(lse_neg[r0:r1], torch.logsumexp(s.view(s.shape[0], -1), -1))
+        if triton_epilogue:
+            block = block_log_sum_exp(spans.positives_out_(s, r0, r1, m0, m1), spans.mask, r0, m0, tril, mask_zero)
+        else:
+            block = torch.logsumexp(spans.negatives_only(s, r0, r1, m0, m1).view(s.shape[0], -1), -1)
+        lse_neg[r0:r1] = torch.logaddexp(lse_neg[r0:r1], block)
     _, _, s_pos = spans.positive_logits()
     lse_pos = torch.logsumexp(torch.neg(s_pos).masked_fill_(~spans.counts, -float("inf")), -1)
     # log(1 + Σ e^v) as log1p_exp(LSE v): a small loss keeps its digits; a side without members adds exactly 0
@@ -124,6 +138,9 @@ def global_pointer_rows_backward(grad_rows, q, k, positives, mask, L_neg, L_pos,
     """(dL/dq, dL/dk) for the upstream gradient grad_rows (B·H,) of global_pointer_rows' losses, in q's dtype and
     layout (B, L, H, d)."""
     spans = _Spans(q, k, positives, mask, scale, tril, mask_zero, ignore_index)
+    _, triton_epilogue = epilogue_tiles(q)
+    if triton_epilogue:
+        from .triton_kernels.global_pointer import block_gradient_
     g = grad_rows.to(spans.acc).masked_fill(spans.bad, 0.0)
     dq = torch.zeros(spans.q.shape, dtype=spans.acc, device=q.device)
     dk = torch.zeros(spans.k.shape, dtype=spans.acc, device=q.device)
@@ -132,7 +149,10 @@ def global_pointer_rows_backward(grad_rows, q, k, positives, mask, L_neg, L_pos,
         kb = spans.k[r0:r1].to(spans.acc)
         # G = e^{s − L_neg} on the negatives: the subtraction in the GEMM, the rest in place
         G = torch.baddbmm(torch.neg(L_neg[r0:r1, None, None]), qs, kb.transpose(1, 2))
-        G = spans.negatives_only(G, r0, r1, m0, m1).exp_()
+        if triton_epilogue:
+            G = block_gradient_(spans.positives_out_(G, r0, r1, m0, m1), spans.mask, r0, m0, tril, mask_zero)
+        else:
+            G = spans.negatives_only(G, r0, r1, m0, m1).exp_()
         gb = g[r0:r1, None, None]
         dq[r0:r1, m0:m1] += torch.bmm(G, kb).mul_(gb * scale)
         dk[r0:r1] += torch.bmm(G.transpose(1, 2), qs).mul_(gb)
