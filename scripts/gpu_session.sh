@@ -159,6 +159,8 @@ case "$stage" in
     # SigLIP and CLIP at B = 32768 pairs (D = 768), SupCon over 32768 views (D = 128): the chunk epilogues against
     # open_clip's formulations, the official SupConLoss and the floor
     bench contrastive siglip-32k,clip-32k,supcon-32k "marginkern,naive,3-GEMM floor" 45 contrastive 5
+    # GlobalPointer (GPLinker-like: 48 heads, L = 512) against bert4keras's composition, torch.compile of it, the floor
+    bench gp gp-duie-512 "marginkern,bert4keras,torch.compile,3-bmm floor" 30 gp 5
     ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
