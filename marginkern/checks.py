@@ -77,6 +77,9 @@ def check_target_values(target, num_classes, ignore_index, name="target"):
     tensors only, and skipped while a CUDA graph is being captured (a sync would break the capture)."""
     if (target.is_cuda and torch.cuda.is_current_stream_capturing()) or target.numel() == 0:
         return
+    if target.dtype != torch.int64:
+        # as the ops index: int64 (aminmax has no uint16/32/64 kernel, and in a narrow dtype ignore_index would wrap)
+        target = target.long()
     ignored = "" if ignore_index is None else f" and not ignore_index={ignore_index}"
     if num_classes == 0:  # (no class to stand in for the ignored entries below)
         named = target if ignore_index is None else target[target != ignore_index]
@@ -485,9 +488,16 @@ def check_binary_targets(targets, logits):
             raise ValueError("targets must hold 0/1 labels (soft labels are not supported)")
 
 
-def check_positive_indices(positives, logits, ignore_index):
+def _padding_as_ignored(positives, ignore_index, mask_zero):
+    """positives as int64 with mask_zero's padding (index 0) as ignore_index, for check_target_values."""
+    positives = positives.long()
+    return positives.masked_fill(positives == 0, ignore_index) if mask_zero else positives
+
+
+def check_positive_indices(positives, logits, ignore_index, mask_zero=False):
     """The sparse multilabel CE's positives: integer class indices (..., P) beside logits (..., C), each in [0, C) or
-    ignore_index (padding). The values are checked in eager calls only (a compiled call makes such a row NaN)."""
+    padding (ignore_index; 0 too with mask_zero). The values are checked in eager calls only (a compiled call makes
+    such a row NaN)."""
     check_tensor("positives", positives)
     check_integer_dtype(positives, "positives")
     if logits.dim() < 1:
@@ -498,18 +508,22 @@ def check_positive_indices(positives, logits, ignore_index):
     if positives.device != logits.device:
         raise ValueError(f"positives must be on {logits.device}, got {positives.device}")
     if not torch.compiler.is_compiling():
-        check_target_values(positives, logits.shape[-1], ignore_index, "positives")
+        check_target_values(_padding_as_ignored(positives, ignore_index, mask_zero), logits.shape[-1], ignore_index,
+                            "positives")
 
 
-def check_global_pointer_arguments(q, k, positives, mask, scale, ignore_index):
+def check_global_pointer_arguments(q, k, positives, mask, scale, ignore_index, mask_zero):
     """GlobalPointer's q, k (B, L, H, d), positives (B, H, P) of flattened spans m·L + n, mask (B, L) or None and
     scale (None: 1/√d): the function's one check; returns scale as a float. Positive values are checked in eager
     calls only (a compiled call makes such a row NaN)."""
     check_float_tensor("q", q, dim=4)
     check_float_tensor("k", k, dim=4)
-    if k.shape != q.shape or k.dtype != q.dtype or k.device != q.device:
-        raise ValueError(f"k must match q (shape {tuple(q.shape)}, {q.dtype}, on {q.device}), got shape "
-                         f"{tuple(k.shape)}, {k.dtype}, on {k.device}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)} (B, L, H, d), got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k must be on {q.device} (q's device), got {k.device}")
     B, L, H, d = q.shape
     check_tensor("positives", positives)
     check_integer_dtype(positives, "positives")
@@ -520,16 +534,18 @@ def check_global_pointer_arguments(q, k, positives, mask, scale, ignore_index):
         raise ValueError(f"positives must be on {q.device}, got {positives.device}")
     if mask is not None:
         check_tensor("mask", mask)
-        if mask.shape != (B, L) or mask.dtype.is_floating_point or mask.dtype.is_complex:
-            raise ValueError(f"mask must be a bool or integer (B={B}, L={L}) tensor (1: a token, 0: padding), got "
-                             f"shape {tuple(mask.shape)}, {mask.dtype}")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise TypeError(f"mask must be a bool or integer tensor (1: a token, 0: padding), got {mask.dtype}")
+        if mask.shape != (B, L):
+            raise ValueError(f"mask must have shape (B={B}, L={L}), got {tuple(mask.shape)}")
         if mask.device != q.device:
             raise ValueError(f"mask must be on {q.device}, got {mask.device}")
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d else 1.0  # GlobalPointer's q·k/√d
     check_finite("scale", scale, 0.0, low_open=True)
     if not torch.compiler.is_compiling():
-        check_target_values(positives, L * L, ignore_index, "positives")
+        check_target_values(_padding_as_ignored(positives, ignore_index, mask_zero), L * L, ignore_index,
+                            "positives (spans m·L + n)")
     return float(scale)
 
 

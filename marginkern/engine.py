@@ -314,6 +314,15 @@ def mm_accumulate(a: Tensor, b: Tensor, acc) -> Tensor:
     return a.to(acc) @ b.to(acc)
 
 
+def bmm_accumulate(a: Tensor, b: Tensor, acc) -> Tensor:
+    """torch.bmm(a, b) with an fp32 (or fp64) result, as mm_accumulate: 16-bit CUDA operands stay 16-bit."""
+    if _is_16bit_cuda_pair(a, b):
+        result = _try_out_dtype("bmm", a.dtype, lambda: torch.bmm(a, b, out_dtype=acc))
+        if result is not None:
+            return result
+    return torch.bmm(a.to(acc), b.to(acc))
+
+
 def addmm_accumulate(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
     """out += alpha·(a @ b) in place (out fp32/fp64). 16-bit CUDA operands write into fp32 without an
     out-sized temporary (a (C, D) fp32 temporary per row block is the memory spike of Liger #1323)."""

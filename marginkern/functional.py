@@ -480,7 +480,7 @@ def sparse_multilabel_categorical_crossentropy(logits, positives, *, mask_zero=F
     check_float_tensor("logits", logits)
     ignore_index = check_ignore_index(ignore_index)
     mask_zero = check_bool("mask_zero", mask_zero)
-    check_positive_indices(positives, logits, ignore_index)
+    check_positive_indices(positives, logits, ignore_index, mask_zero)
     check_reduction(reduction)
     rows, _, _ = call_op("sparse_multilabel_ce", logits, positives, mask_zero, ignore_index)
     out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
@@ -496,8 +496,9 @@ def global_pointer_loss(q, k, positives, *, mask=None, scale=None, tril=True, ma
     before they start (n < m), are in neither sum, as GlobalPointer's −inf logits. "mean" over the B·H rows, "none"
     gives (B, H). Memory: blocks of the logits (8 MB, 64 MB on a GPU), never the (B, H, L, L) logits nor their
     gradient (marginkern/global_pointer.py)."""
-    scale = check_global_pointer_arguments(q, k, positives, mask, scale, check_ignore_index(ignore_index))
+    ignore_index = check_ignore_index(ignore_index)
     tril, mask_zero = check_bool("tril", tril), check_bool("mask_zero", mask_zero)
+    scale = check_global_pointer_arguments(q, k, positives, mask, scale, ignore_index, mask_zero)
     check_reduction(reduction)
     rows, _, _ = call_op("global_pointer", q, k, positives, mask, scale, tril, mask_zero, ignore_index)
     out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)

@@ -12,12 +12,13 @@ and its gradient (−g·e^{−s − L_pos}, added into dq and dk by index) cost 
 cell: each block's logits get −inf at the left-out cells and at the positives (broadcast masks in place, the
 positives scattered: no logits-sized mask), then one log-sum-exp; the backward pass recomputes the block as
 s − L_neg in its GEMM, exponentiates it in place into G = e^{s − L_neg} and gives dq = scale·g·G·k and dk = g·Gᵀ·(scale·q)
-(4 batched GEMMs per fwd+bwd in all). Where the engine runs Triton (CUDA), one epilogue kernel per block and pass
-reads the block once instead (triton_kernels/global_pointer.py)."""
+(4 batched GEMMs per fwd+bwd in all). Where the engine runs Triton (CUDA), the GEMMs give raw dot products (16-bit
+operands as they are, fp32 out) and one epilogue kernel per block and pass reads the block once instead, writing G in
+the backward GEMMs' dtype (triton_kernels/global_pointer.py)."""
 import torch
 
-from .chunked_epilogue import epilogue_tiles
-from .engine import accumulation_dtype, log1p_exp
+from .chunked_epilogue import backward_gemm_dtype, epilogue_tiles
+from .engine import accumulation_dtype, bmm_accumulate, log1p_exp
 from .pairwise import named_positives
 
 # One block's fp32 logits (rows × query positions × L) within this many bytes (a few such temporaries exist at once),
@@ -79,12 +80,20 @@ class _Spans:
         kp = self.k.gather(1, self.n[..., None].expand(-1, -1, d)).to(self.acc)
         return qp, kp, torch.linalg.vecdot(qp, kp).mul_(self.scale)
 
+    def dots(self, r0, r1, m0, m1):
+        """The block's raw dot products q_m·k_n (rows, m1 − m0, L) in the accumulation dtype (16-bit CUDA operands
+        as they are)."""
+        return bmm_accumulate(self.q[r0:r1, m0:m1], self.k[r0:r1].transpose(1, 2), self.acc)
+
     def below_diagonal(self, m0, m1, device):
-        """The (m1 − m0, L) mask of cells n < m, made once per block shape."""
-        if (m0, m1) not in self._below:
-            L = self.L
-            self._below[m0, m1] = torch.arange(L, device=device) < torch.arange(m0, m1, device=device)[:, None]
-        return self._below[m0, m1]
+        """The (m1 − m0, L) mask of cells n < m: kept for blocks of whole rows (the same for each), made per block of
+        query positions (kept, those would add up to an L × L mask)."""
+        if (m0, m1) in self._below:
+            return self._below[m0, m1]
+        below = torch.arange(self.L, device=device) < torch.arange(m0, m1, device=device)[:, None]
+        if m0 == 0 and m1 == self.L:
+            self._below[m0, m1] = below
+        return below
 
     def negatives_only(self, s, r0, r1, m0, m1):
         """s (rows, m1 − m0, L) with −inf at every cell that is not a negative, in place: the left-out cells by masks
@@ -95,7 +104,7 @@ class _Spans:
             s.masked_fill_(~self.mask[r0:r1, None, :], -inf)
         if self.tril:
             s.masked_fill_(self.below_diagonal(m0, m1, s.device), -inf)
-        if self.mask_zero and m0 == 0:
+        if self.mask_zero and m0 == 0 and m1 > 0:
             s[:, 0, 0] = -inf
         return self.positives_out_(s, r0, r1, m0, m1)
 
@@ -119,11 +128,11 @@ def global_pointer_rows(q, k, positives, mask, scale, tril, mask_zero, ignore_in
         from .triton_kernels.global_pointer import block_log_sum_exp
     lse_neg = torch.full((spans.q.shape[0],), -float("inf"), dtype=spans.acc, device=q.device)
     for r0, r1, m0, m1 in spans.blocks:
-        qs = spans.q[r0:r1, m0:m1].to(spans.acc) * scale
-        s = torch.bmm(qs, spans.k[r0:r1].to(spans.acc).transpose(1, 2))
-        if triton_epilogue:
-            block = block_log_sum_exp(spans.positives_out_(s, r0, r1, m0, m1), spans.mask, r0, m0, tril, mask_zero)
+        if triton_epilogue:  # raw dot products (the kernel scales them as it reads them)
+            s = spans.positives_out_(spans.dots(r0, r1, m0, m1), r0, r1, m0, m1)
+            block = block_log_sum_exp(s, spans.mask, r0, m0, scale, tril, mask_zero)
         else:
+            s = torch.bmm(spans.q[r0:r1, m0:m1].to(spans.acc) * scale, spans.k[r0:r1].to(spans.acc).transpose(1, 2))
             block = torch.logsumexp(spans.negatives_only(s, r0, r1, m0, m1).view(s.shape[0], -1), -1)
         lse_neg[r0:r1] = torch.logaddexp(lse_neg[r0:r1], block)
     _, _, s_pos = spans.positive_logits()
@@ -140,22 +149,26 @@ def global_pointer_rows_backward(grad_rows, q, k, positives, mask, L_neg, L_pos,
     spans = _Spans(q, k, positives, mask, scale, tril, mask_zero, ignore_index)
     _, triton_epilogue = epilogue_tiles(q)
     if triton_epilogue:
-        from .triton_kernels.global_pointer import block_gradient_
+        from .triton_kernels.global_pointer import block_gradient
+        gemm = backward_gemm_dtype(q)
     g = grad_rows.to(spans.acc).masked_fill(spans.bad, 0.0)
     dq = torch.zeros(spans.q.shape, dtype=spans.acc, device=q.device)
     dk = torch.zeros(spans.k.shape, dtype=spans.acc, device=q.device)
     for r0, r1, m0, m1 in spans.blocks:
+        gb = g[r0:r1, None, None] * scale
+        if triton_epilogue:
+            s = spans.positives_out_(spans.dots(r0, r1, m0, m1), r0, r1, m0, m1)
+            G = block_gradient(s, spans.mask, r0, m0, scale, L_neg, tril, mask_zero, gemm)
+            dq[r0:r1, m0:m1] += bmm_accumulate(G, spans.k[r0:r1], spans.acc).mul_(gb)
+            dk[r0:r1] += bmm_accumulate(G.transpose(1, 2), spans.q[r0:r1, m0:m1], spans.acc).mul_(gb)
+            continue
         qs = spans.q[r0:r1, m0:m1].to(spans.acc) * scale
         kb = spans.k[r0:r1].to(spans.acc)
         # G = e^{s − L_neg} on the negatives: the subtraction in the GEMM, the rest in place
         G = torch.baddbmm(torch.neg(L_neg[r0:r1, None, None]), qs, kb.transpose(1, 2))
-        if triton_epilogue:
-            G = block_gradient_(spans.positives_out_(G, r0, r1, m0, m1), spans.mask, r0, m0, tril, mask_zero)
-        else:
-            G = spans.negatives_only(G, r0, r1, m0, m1).exp_()
-        gb = g[r0:r1, None, None]
-        dq[r0:r1, m0:m1] += torch.bmm(G, kb).mul_(gb * scale)
-        dk[r0:r1] += torch.bmm(G.transpose(1, 2), qs).mul_(gb)
+        G = spans.negatives_only(G, r0, r1, m0, m1).exp_()
+        dq[r0:r1, m0:m1] += torch.bmm(G, kb).mul_(gb)
+        dk[r0:r1] += torch.bmm(G.transpose(1, 2), qs).mul_(g[r0:r1, None, None])
     # the positives: dL/ds = −g·e^{−s − L_pos} at each counted span, into its query and key rows
     qp, kp, s_pos = spans.positive_logits()
     coef = torch.neg(s_pos).sub_(L_pos[:, None]).exp_().mul_(-g[:, None] * scale).masked_fill_(~spans.counts, 0.0)

@@ -251,24 +251,44 @@ def test_global_pointer_compiles_once_over_shapes_and_marks_bad_rows_nan():
     assert rows[0, 0].isnan() and torch.isfinite(rows[0, 1])
 
 
+def test_global_pointer_options_as_numpy_and_unsigned_positives():
+    """ignore_index as a NumPy integer reaches the op as an int (compiled too: dynamo makes it a tensor, which the
+    op's schema cannot take; fullgraph cannot read it back, as for every function's ignore_index); uint16 positives
+    are indices."""
+    import numpy as np
+    q, k, positives, mask = inputs(2, 6, 3, 4, P=3, dtype=torch.float32, seed=12)
+    want = mk.global_pointer_loss(q, k, positives, mask=mask)
+    compiled = torch.compile(lambda a, b: mk.global_pointer_loss(a, b, positives, mask=mask,
+                                                                 ignore_index=np.int64(-100)), backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k), want)
+    padded = torch.where(positives == -100, 65535, positives).to(torch.uint16)
+    torch.testing.assert_close(mk.global_pointer_loss(q, k, padded, mask=mask, ignore_index=65535), want)
+    empty = torch.randn(2, 0, 3, 4)
+    rows = mk.global_pointer_loss(empty, empty, torch.zeros(2, 3, 2, dtype=torch.long), mask_zero=True,
+                                  reduction="none")
+    assert (rows == 0).all()
+
+
 def test_global_pointer_errors_name_the_argument():
     q, k, positives, mask = inputs(2, 5, 3, 4, P=2, dtype=torch.float32)
     f = mk.global_pointer_loss
     with pytest.raises(ValueError, match="q must have 4 dimensions|q must be"):
         f(q[0], k[0], positives)
-    with pytest.raises(ValueError, match="k must match q"):
+    with pytest.raises(ValueError, match=r"k must have q's shape \(2, 5, 3, 4\)"):
         f(q, k[:, :4], positives)
-    with pytest.raises(ValueError, match="k must match q"):
+    with pytest.raises(TypeError, match="k must have q's dtype torch.float32"):
         f(q, k.double(), positives)
     with pytest.raises(TypeError, match="positives must hold integer class indices"):
         f(q, k, positives.float())
     with pytest.raises(ValueError, match=r"positives must have shape \(B=2, H=3, P\)"):
         f(q, k, positives[:, :2])
-    with pytest.raises(ValueError, match=r"positives holds class 25, outside \[0, 25\)"):
+    with pytest.raises(ValueError, match=r"positives \(spans m·L \+ n\) holds class 25, outside \[0, 25\)"):
         f(q, k, torch.full((2, 3, 1), 25))
-    with pytest.raises(ValueError, match=r"mask must be a bool or integer \(B=2, L=5\)"):
+    with pytest.raises(ValueError, match=r"positives \(spans m·L \+ n\) holds class 156"):
+        f(q, k, torch.full((2, 3, 1), 156, dtype=torch.uint8), ignore_index=-100)  # (-100 wraps to 156 in uint8)
+    with pytest.raises(ValueError, match=r"mask must have shape \(B=2, L=5\)"):
         f(q, k, positives, mask=mask[:, :4])
-    with pytest.raises(ValueError, match="mask must be a bool or integer"):
+    with pytest.raises(TypeError, match="mask must be a bool or integer tensor"):
         f(q, k, positives, mask=mask.float())
     with pytest.raises(ValueError, match="scale must lie in"):
         f(q, k, positives, scale=0.0)

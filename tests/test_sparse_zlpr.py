@@ -240,6 +240,25 @@ def test_sparse_zlpr_errors_name_the_argument():
                                f(s, torch.tensor([[1, -100], [2, -100], [-100, -100]])))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.uint16, torch.uint32, torch.uint64])
+def test_sparse_zlpr_integer_dtypes_of_positives(dtype):
+    """Any integer dtype of index (aminmax has no uint16/32/64 kernel: the check reads them as int64); in a narrow
+    dtype a class that equals ignore_index only after wrapping (156 = −100 in uint8) is a class, and refused."""
+    s = torch.randn(2, 300, dtype=torch.float64)
+    ids = torch.tensor([[1, 2, 250], [3, 3, 7]])
+    got = mk.sparse_multilabel_categorical_crossentropy(s, ids.to(dtype), reduction="none")
+    torch.testing.assert_close(got, mk.sparse_multilabel_categorical_crossentropy(s, ids, reduction="none"))
+    with pytest.raises(ValueError, match="positives holds class 156"):
+        mk.sparse_multilabel_categorical_crossentropy(torch.randn(2, 10), torch.tensor([[1, 156], [2, 3]],
+                                                                                        dtype=torch.uint8))
+
+
+def test_sparse_zlpr_mask_zero_padding_without_classes():
+    rows = mk.sparse_multilabel_categorical_crossentropy(torch.randn(2, 0), torch.zeros(2, 2, dtype=torch.long),
+                                                         mask_zero=True, reduction="none")
+    assert (rows == 0).all()
+
+
 SPARSE_ZLPR_MEMORY_PROBE = """
 import json, torch, marginkern as mk
 torch.manual_seed(0)

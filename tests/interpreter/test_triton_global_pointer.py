@@ -19,7 +19,7 @@ def _force_triton(monkeypatch):
 def launches(monkeypatch):
     """How many blocks each epilogue read (the Triton path really ran)."""
     counts = {"sums": 0, "grad": 0}
-    for name, key in (("block_log_sum_exp", "sums"), ("block_gradient_", "grad")):
+    for name, key in (("block_log_sum_exp", "sums"), ("block_gradient", "grad")):
         real = getattr(triton_gp, name)
 
         def counted(*args, real=real, key=key):
