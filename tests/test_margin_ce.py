@@ -558,9 +558,9 @@ def test_a_triton_older_than_tested_is_refused_with_the_reason(monkeypatch):
     instead of failing inside a launch; a forced one raises with that reason. The interpreter has its own floor."""
     from marginkern import dispatch
     assert dispatch.triton_version_reason("3.2.0").startswith("triton 3.2.0 is older than 3.3")
-    assert dispatch.interpreter_version_reason("3.6.0").startswith("triton 3.6.0 is older than 3.8")
+    assert dispatch.interpreter_version_reason("3.6.0").startswith("triton 3.6.0 is older than 3.7")
     assert all(dispatch.triton_version_reason(v) is None for v in ("3.3.0", "3.9.0", "3.10.0+gitabc", "4.0"))
-    assert all(dispatch.interpreter_version_reason(v) is None for v in ("3.8.0", "3.9.0", "3.10.0+gitabc", "4.0"))
+    assert all(dispatch.interpreter_version_reason(v) is None for v in ("3.7.1", "3.9.0", "3.10.0+gitabc", "4.0"))
     triton = pytest.importorskip("triton")
     monkeypatch.setattr(triton, "__version__", "3.2.0")
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
@@ -569,7 +569,7 @@ def test_a_triton_older_than_tested_is_refused_with_the_reason(monkeypatch):
     try:
         assert "older than 3.3" in dispatch.explain("cuda").splitlines()[0]
         x, w, t = make_case(4, 6, 3, requires_grad=False)
-        with pytest.raises(mk.BackendUnavailable, match="triton 3.2.0 is older than 3.8"):
+        with pytest.raises(mk.BackendUnavailable, match="triton 3.2.0 is older than 3.7"):
             mk.margin_cross_entropy(x, w, t)  # CPU tensors: the interpreter's floor
     finally:
         monkeypatch.undo()
