@@ -180,19 +180,24 @@ def test_zlpr_op_opcheck_and_fp32_logits_are_not_written():
         g.sum().backward()
 
 
-def test_zlpr_by_row_blocks_matches_one_block(monkeypatch):
-    """Rows split over many blocks (ZLPR_BLOCK_BYTES of one row) give the one-block loss and gradient bit for bit."""
+def check_zlpr_row_blocks_match_one_block(monkeypatch, s, loss_fn):
+    """loss_fn(logits) (per row) over rows split into blocks of one row (ZLPR_BLOCK_BYTES) gives the one-block loss and
+    gradient bit for bit."""
     import marginkern.pairwise
-    s = torch.randn(7, 5, 33) * 4
-    y = torch.rand(7, 5, 33) < 0.2
     results = []
-    for block_bytes in (1 << 20, 33 * 4):
+    for block_bytes in (1 << 20, s.shape[-1] * 4):
         monkeypatch.setattr(marginkern.pairwise, "ZLPR_BLOCK_BYTES", block_bytes)
         x = s.clone().requires_grad_()
-        loss = mk.multilabel_categorical_crossentropy(x, y, reduction="none")
+        loss = loss_fn(x)
         results.append((loss, torch.autograd.grad(loss.sum(), x)[0]))
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+def test_zlpr_by_row_blocks_matches_one_block(monkeypatch):
+    y = torch.rand(7, 5, 33) < 0.2
+    check_zlpr_row_blocks_match_one_block(
+        monkeypatch, torch.randn(7, 5, 33) * 4, lambda x: mk.multilabel_categorical_crossentropy(x, y, reduction="none"))
 
 
 ZLPR_MEMORY_PROBE = """

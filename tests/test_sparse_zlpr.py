@@ -7,7 +7,7 @@ import torch
 
 import marginkern as mk
 from tests.helpers import run_python
-from tests.test_pairwise import naive_zlpr
+from tests.test_pairwise import check_zlpr_row_blocks_match_one_block, naive_zlpr
 
 
 def bert4keras_sparse_zlpr(s, positives, mask_zero=False):
@@ -156,18 +156,11 @@ def test_sparse_zlpr_half_logits(dtype):
 
 
 def test_sparse_zlpr_by_row_blocks_matches_one_block(monkeypatch):
-    import marginkern.pairwise
     g = torch.Generator().manual_seed(4)
     s = torch.randn(7, 5, 33, generator=g) * 4
     positives = random_positives((7, 5), 33, 4, g)
-    results = []
-    for block_bytes in (1 << 20, 33 * 4):
-        monkeypatch.setattr(marginkern.pairwise, "ZLPR_BLOCK_BYTES", block_bytes)
-        x = s.clone().requires_grad_()
-        loss = mk.sparse_multilabel_categorical_crossentropy(x, positives, reduction="none")
-        results.append((loss, torch.autograd.grad(loss.sum(), x)[0]))
-    for got, want in zip(*results):
-        assert torch.equal(got, want)
+    check_zlpr_row_blocks_match_one_block(
+        monkeypatch, s, lambda x: mk.sparse_multilabel_categorical_crossentropy(x, positives, reduction="none"))
 
 
 def test_sparse_zlpr_ops_opcheck():

@@ -5,7 +5,7 @@ import torch
 import marginkern as mk
 import marginkern.global_pointer as gp
 import marginkern.triton_kernels.global_pointer as triton_gp
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel, counted_launchers
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
 from tests.test_global_pointer import inputs, naive_global_pointer
 
@@ -18,15 +18,7 @@ def _force_triton(monkeypatch):
 @pytest.fixture
 def launches(monkeypatch):
     """How many blocks each epilogue read (the Triton path really ran)."""
-    counts = {"sums": 0, "grad": 0}
-    for name, key in (("block_log_sum_exp", "sums"), ("block_gradient", "grad")):
-        real = getattr(triton_gp, name)
-
-        def counted(*args, real=real, key=key):
-            counts[key] += 1
-            return real(*args)
-        monkeypatch.setattr(triton_gp, name, counted)
-    return counts
+    return counted_launchers(monkeypatch, triton_gp, ("block_log_sum_exp", "block_gradient"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -45,7 +37,7 @@ def test_global_pointer_epilogues(dtype, shape, masked, tril, mask_zero, launche
     q2, k2 = q.double().requires_grad_(), k.double().requires_grad_()
     want = naive_global_pointer(q2, k2, positives, mask, tril=tril, mask_zero=mask_zero)
     want_grads = torch.autograd.grad(want.sum(), (q2, k2))
-    assert launches["sums"] >= 1 and launches["grad"] >= 1
+    assert launches["block_log_sum_exp"] >= 1 and launches["block_gradient"] >= 1
     assert_close_rel(rows, want, torch.float32, "rows", floor=1.0)  # fp32 math on the (rounded) inputs
     for got, expected, name in zip(grads, want_grads, ("dq", "dk")):
         assert_close_rel(got, expected, dtype, name)
@@ -62,7 +54,8 @@ def test_global_pointer_epilogues_by_query_blocks(monkeypatch, launches):
     q2, k2 = q.double().requires_grad_(), k.double().requires_grad_()
     want = naive_global_pointer(q2, k2, positives, mask, mask_zero=True)
     want_grads = torch.autograd.grad(want.sum(), (q2, k2))
-    assert launches["sums"] == launches["grad"] == 4 * 14  # 4 rows, 14 blocks of 3 query positions each
+    # 4 rows, 14 blocks of 3 query positions each
+    assert launches["block_log_sum_exp"] == launches["block_gradient"] == 4 * 14
     assert_close_rel(rows, want, torch.float32, "rows", floor=1.0)
     for got, expected, name in zip(grads, want_grads, ("dq", "dk")):
         assert_close_rel(got, expected, torch.float32, name)
