@@ -13,7 +13,8 @@ from .adaptive_margins import AdaFaceLoss, ElasticArcFaceLoss, ElasticCosFaceLos
 from .dispatch import BackendUnavailable
 from .hard_negatives import CurricularFaceLoss, MVSoftmaxLoss
 from .functional import (circle_loss, cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss,
-                         global_pointer_loss, linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk, linear_topk_kl_divergence,
+                         global_pointer_loss, linear_cross_entropy, linear_jsd, linear_kl_divergence, linear_topk,
+                         linear_topk_kl_divergence,
                          log_probs_and_entropy,
                          margin_cross_entropy, multilabel_categorical_crossentropy, proxy_anchor_loss,
                          sparse_multilabel_categorical_crossentropy)
