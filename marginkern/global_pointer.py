@@ -11,8 +11,8 @@ The positives are a few cells per row: their logits are P dot products per row, 
 and its gradient (−g·e^{−s − L_pos}, added into dq and dk by index) cost O(P·d). The negatives are every other kept
 cell: each block's logits get −inf at the left-out cells and at the positives (broadcast masks in place, the
 positives scattered: no logits-sized mask), then one log-sum-exp; the backward pass recomputes the block as
-s − L_neg in its GEMM, exponentiates it in place into G = e^{s − L_neg} and gives dq = scale·g·G·k and dk = g·Gᵀ·(scale·q)
-(4 batched GEMMs per fwd+bwd in all). Where the engine runs Triton (CUDA), the GEMMs give raw dot products (16-bit
+s − L_neg in its GEMM, exponentiates it in place into G = e^{s − L_neg} and gives dq = scale·g·G·k and
+dk = g·Gᵀ·(scale·q) (4 batched GEMMs per fwd+bwd in all). Where the engine runs Triton (CUDA), the GEMMs give raw dot products (16-bit
 operands as they are, fp32 out) and one epilogue kernel per block and pass reads the block once instead, writing G in
 the backward GEMMs' dtype (triton_kernels/global_pointer.py)."""
 import torch

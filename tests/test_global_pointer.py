@@ -135,7 +135,8 @@ def test_efficient_global_pointer_by_two_extra_columns():
     kw = torch.randn(B, L, d, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(B, 2 * H, L, generator=g, dtype=torch.float64, requires_grad=True) / 2
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2], dtype=torch.bool)
-    positives = torch.tensor([[[3, 10, -100], [0, 48, 17]] + [[8, 9, 10]], [[1, 2, 3], [-100, -100, -100], [6, 12, 18]]])
+    positives = torch.tensor([[[3, 10, -100], [0, 48, 17], [8, 9, 10]],
+                              [[1, 2, 3], [-100, -100, -100], [6, 12, 18]]])
     # bert4keras's logits, then its loss on them (the reference's masks applied to materialised logits)
     logits = (torch.einsum("bmd,bnd->bmn", qw, kw) / d ** 0.5)[:, None] + bias[:, ::2, None] + bias[:, 1::2, :, None]
     kept = mask[:, None, :, None] & mask[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).triu()
@@ -305,7 +306,8 @@ import json, torch, marginkern as mk
 from tests.test_global_pointer import naive_global_pointer
 torch.manual_seed(0)
 B, H, d = 2, 8, 32
-loss_fn = mk.global_pointer_loss if MODE == "marginkern" else lambda *a, mask: naive_global_pointer(*a, mask=mask).mean()
+naive = lambda *a, mask: naive_global_pointer(*a, mask=mask).mean()  # noqa: E731
+loss_fn = mk.global_pointer_loss if MODE == "marginkern" else naive
 q = torch.randn(B, L, H, d, requires_grad=True)
 k = torch.randn(B, L, H, d, requires_grad=True)
 mask = torch.ones(B, L, dtype=torch.bool)

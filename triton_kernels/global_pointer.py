@@ -1,11 +1,11 @@
 """GlobalPointer's block epilogues (marginkern/global_pointer.py has the math): each reads a block of span logits
 (rows × query positions × L: raw fp32 dot products q·k from one batched cuBLAS GEMM, 16-bit operands as they are;
-the positives already −inf) once, instead of PyTorch's scaling, masked fills, log-sum-exp and exponential over it. The block is seen as (rows·mb, L): line i is row
-r0 + i // mb's query position m0 + i % mb.
+the positives already −inf) once, instead of PyTorch's scaling, masked fills, log-sum-exp and exponential over it.
+The block is seen as (rows·mb, L): line i is row r0 + i // mb's query position m0 + i % mb.
 
-  line sums:  per line and block of BLOCK_C keys, (max, Σ e^{z − max}) of z = scale·s over the negatives (left-out cells: padding at
-              either end, n < m with TRIL, cell 0 with MASK_ZERO), written to (lines, blocks) partials that torch
-              merges (a fixed order: the same bits every call);
+  line sums:  per line and block of BLOCK_C keys, (max, Σ e^{z − max}) of z = scale·s over the negatives (left-out
+              cells: padding at either end, n < m with TRIL, cell 0 with MASK_ZERO), written to (lines, blocks)
+              partials that torch merges (a fixed order: the same bits every call);
   gradient:   G = e^{scale·s − L_neg} on the negatives, 0 elsewhere, in the backward GEMMs' dtype (over the block
               when that is fp32).
 """
