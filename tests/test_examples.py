@@ -66,3 +66,12 @@ def test_contrastive_halves_find_each_other(monkeypatch, loss, steps):
     monkeypatch.setattr(sys, "argv", ["contrastive_digits.py", "--loss", loss, "--steps", str(steps)])
     exact, same_digit = contrastive_digits.main()
     assert exact > 0.1 and same_digit > 0.6
+
+
+def test_global_pointer_learns_stdlib_spans():
+    """GlobalPointer heads trained with global_pointer_loss find the rule's spans on held-out stdlib lines (F1 about
+    0.6-0.9 per type after 200 steps on a 2-core VM; about 0.01 before)."""
+    import spans_stdlib
+    before, after = spans_stdlib.main(["--steps", "200", "--lines", "12000"])
+    assert all(before[t][2] < 0.1 for t in spans_stdlib.TYPES), before
+    assert all(after[t][2] > 0.5 for t in spans_stdlib.TYPES), after
