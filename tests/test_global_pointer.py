@@ -179,20 +179,24 @@ def test_global_pointer_empty_sizes(B, L, H, d, P):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("block_bytes", [3 * 7 * 7 * 8, 7 * 8, 8])
-def test_global_pointer_by_blocks_matches_one_block(monkeypatch, block_bytes):
-    """Blocks of rows, of one row, and of one query position: the one-block loss and gradients (float64 rounding)."""
+@pytest.mark.parametrize("block_bytes", [3 * 7 * 7 * 8, 7 * 8, 8, 3 * 7 * 8])
+@pytest.mark.parametrize("tril", [True, False])
+def test_global_pointer_by_blocks_matches_one_block(monkeypatch, block_bytes, tril):
+    """Blocks of rows, of one row, and of one or three query positions (with tril, their keys from the block's first
+    query on): the one-block loss and gradients (float64 rounding), mask_zero's span 0 included."""
     import marginkern.global_pointer as gp
-    q, k, positives, mask = inputs(2, 7, 3, 4, P=4, seed=4)
+    q, k, positives, mask = inputs(2, 7, 3, 4, P=4, seed=4, mask_zero=True)
     results = []
     for bytes_ in (1 << 20, block_bytes):
         monkeypatch.setattr(gp, "GP_BLOCK_BYTES", bytes_)
         q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
-        rows = mk.global_pointer_loss(q1, k1, positives, mask=mask, reduction="none")
+        rows = mk.global_pointer_loss(q1, k1, positives, mask=mask, tril=tril, mask_zero=True, reduction="none")
         results.append((rows, *torch.autograd.grad(rows.sum(), (q1, k1))))
     assert len(gp._blocks(6, 7, 8, False)) > 1
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(results[1][0], naive_global_pointer(q, k, positives, mask, tril=tril, mask_zero=True),
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

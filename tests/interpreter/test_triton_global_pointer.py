@@ -43,16 +43,18 @@ def test_global_pointer_epilogues(dtype, shape, masked, tril, mask_zero, launche
         assert_close_rel(got, expected, dtype, name)
 
 
-def test_global_pointer_epilogues_by_query_blocks(monkeypatch, launches):
-    """A row's logits in blocks of a few query positions (m0 > 0 in the kernels' line → (row, m) map)."""
+@pytest.mark.parametrize("tril", [True, False])
+def test_global_pointer_epilogues_by_query_blocks(monkeypatch, launches, tril):
+    """A row's logits in blocks of a few query positions (m0 > 0 in the kernels' line → (row, m) map; with tril the
+    keys from n0 = m0 on)."""
     monkeypatch.setattr(gp, "GP_BLOCK_BYTES", 40 * 4 * 3)
     q, k, positives, mask = inputs(2, 40, 2, 4, P=8, dtype=torch.float32, seed=11, mask_zero=True)
     q1, k1 = q.to(DEVICE).requires_grad_(), k.to(DEVICE).requires_grad_()
-    rows = mk.global_pointer_loss(q1, k1, positives.to(DEVICE), mask=mask.to(DEVICE), mask_zero=True,
+    rows = mk.global_pointer_loss(q1, k1, positives.to(DEVICE), mask=mask.to(DEVICE), tril=tril, mask_zero=True,
                                   reduction="none")
     grads = torch.autograd.grad(rows.sum(), (q1, k1))
     q2, k2 = q.double().requires_grad_(), k.double().requires_grad_()
-    want = naive_global_pointer(q2, k2, positives, mask, mask_zero=True)
+    want = naive_global_pointer(q2, k2, positives, mask, tril=tril, mask_zero=True)
     want_grads = torch.autograd.grad(want.sum(), (q2, k2))
     # 4 rows, 14 blocks of 3 query positions each
     assert launches["block_log_sum_exp"] == launches["block_gradient"] == 4 * 14
