@@ -488,10 +488,15 @@ def check_binary_targets(targets, logits):
             raise ValueError("targets must hold 0/1 labels (soft labels are not supported)")
 
 
-def _padding_as_ignored(positives, ignore_index, mask_zero):
-    """positives as int64 with mask_zero's padding (index 0) as ignore_index, for check_target_values."""
+def _check_positive_values(positives, num_classes, ignore_index, mask_zero, name):
+    """Each positive index in [0, num_classes) or padding (ignore_index; 0 too with mask_zero), in eager calls only
+    (a compiled call cannot look at the values: the ops make such a row NaN)."""
+    if torch.compiler.is_compiling():
+        return
     positives = positives.long()
-    return positives.masked_fill(positives == 0, ignore_index) if mask_zero else positives
+    if mask_zero:
+        positives = positives.masked_fill(positives == 0, ignore_index)
+    check_target_values(positives, num_classes, ignore_index, name)
 
 
 def check_positive_indices(positives, logits, ignore_index, mask_zero=False):
@@ -507,9 +512,7 @@ def check_positive_indices(positives, logits, ignore_index, mask_zero=False):
                          f"dimensions and P class indices per row, got {tuple(positives.shape)}")
     if positives.device != logits.device:
         raise ValueError(f"positives must be on {logits.device}, got {positives.device}")
-    if not torch.compiler.is_compiling():
-        check_target_values(_padding_as_ignored(positives, ignore_index, mask_zero), logits.shape[-1], ignore_index,
-                            "positives")
+    _check_positive_values(positives, logits.shape[-1], ignore_index, mask_zero, "positives")
 
 
 def check_global_pointer_arguments(q, k, positives, mask, scale, ignore_index, mask_zero):
@@ -543,9 +546,7 @@ def check_global_pointer_arguments(q, k, positives, mask, scale, ignore_index, m
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d else 1.0  # GlobalPointer's q·k/√d
     check_finite("scale", scale, 0.0, low_open=True)
-    if not torch.compiler.is_compiling():
-        check_target_values(_padding_as_ignored(positives, ignore_index, mask_zero), L * L, ignore_index,
-                            "positives (spans m·L + n)")
+    _check_positive_values(positives, L * L, ignore_index, mask_zero, "positives (spans m·L + n)")
     return float(scale)
 
 

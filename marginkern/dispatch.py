@@ -29,11 +29,10 @@ class BackendUnavailable(RuntimeError):
 
 
 # The oldest Triton whose compiler was checked to take every kernel launch the interpreter tier records (for sm_90,
-# without a GPU: bench/sm90_compile.py --launches; 3.3, 3.4, 3.6, 3.8 and 3.9 on 2026-12-06, 3.7 on 2026-12-07); Triton
-# 3.2 (torch 2.6's)
-# cannot be checked that way (another compiler API) and its interpreter fails the kernels. The GPU runs so far used
-# Triton 3.6. Not a pip requirement: a CUDA torch pins its Triton, and a floor above that pin would make pip replace
-# the user's torch.
+# without a GPU: bench/sm90_compile.py --launches; 3.3, 3.4, 3.6, 3.8 and 3.9 on 2026-12-06, 3.7 on 2026-12-07);
+# Triton 3.2 (torch 2.6's) cannot be checked that way (another compiler API) and its interpreter fails the kernels.
+# The GPU runs so far used Triton 3.6. Not a pip requirement: a CUDA torch pins its Triton, and a floor above that
+# pin would make pip replace the user's torch.
 MIN_TRITON = (3, 3)
 # The oldest Triton whose interpreter (TRITON_INTERPRET=1, CPU tensors) was seen to run the interpreter tier (3.7, 3.8
 # and 3.9): 3.6's and 3.2's fail on a loop bound that is a tensor (`tl.range(c_begin, c_end, ...)`: int() of a

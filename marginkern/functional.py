@@ -457,6 +457,12 @@ def _sortable_labels(labels):
     return as_int64
 
 
+def _reduce_every_row(rows, reduction, shape):
+    """Per-row losses with every row counted (the ZLPR losses'), reduced; "none" gives them in `shape`."""
+    out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
+    return out.reshape(shape) if reduction == "none" else out
+
+
 def multilabel_categorical_crossentropy(logits, targets, *, reduction="mean"):
     """ZLPR / GlobalPointer: log(1 + Σ_neg e^s) + log(1 + Σ_pos e^−s) over the last dimension, targets in
     {0, 1} of the same shape; −inf logits (masked spans) are left out. "none" keeps the leading shape. Memory beside
@@ -465,8 +471,7 @@ def multilabel_categorical_crossentropy(logits, targets, *, reduction="mean"):
     check_binary_targets(targets, logits)
     check_reduction(reduction)
     rows, _, _ = call_op("multilabel_ce", logits, targets)
-    out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
-    return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+    return _reduce_every_row(rows, reduction, logits.shape[:-1])
 
 
 def sparse_multilabel_categorical_crossentropy(logits, positives, *, mask_zero=False, ignore_index=-100,
@@ -483,8 +488,7 @@ def sparse_multilabel_categorical_crossentropy(logits, positives, *, mask_zero=F
     check_positive_indices(positives, logits, ignore_index, mask_zero)
     check_reduction(reduction)
     rows, _, _ = call_op("sparse_multilabel_ce", logits, positives, mask_zero, ignore_index)
-    out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
-    return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+    return _reduce_every_row(rows, reduction, logits.shape[:-1])
 
 
 def global_pointer_loss(q, k, positives, *, mask=None, scale=None, tril=True, mask_zero=False, ignore_index=-100,
@@ -501,8 +505,7 @@ def global_pointer_loss(q, k, positives, *, mask=None, scale=None, tril=True, ma
     scale = check_global_pointer_arguments(q, k, positives, mask, scale, ignore_index, mask_zero)
     check_reduction(reduction)
     rows, _, _ = call_op("global_pointer", q, k, positives, mask, scale, tril, mask_zero, ignore_index)
-    out = reduce_rows(rows, torch.ones_like(rows, dtype=torch.bool), reduction)
-    return out.reshape(q.shape[0], q.shape[2]) if reduction == "none" else out
+    return _reduce_every_row(rows, reduction, (q.shape[0], q.shape[2]))
 
 
 def circle_loss(embeddings, labels, *, m=0.25, gamma=256.0, reduction="mean", anchor_block=None):

@@ -1042,11 +1042,36 @@ def multilabel_ce(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tens
     return pairwise.multilabel_ce_rows(logits, targets)
 
 
-@multilabel_ce.register_fake
-def _(logits, targets):
-    rows = (logits.new_empty(logits.shape[:-1], dtype=accumulation_dtype(logits.dtype)).reshape(-1)
-            for _ in range(3))
-    return tuple(rows)
+def _zlpr_rows_fake(logits, *_):
+    """The ZLPR ops' (loss, L_neg, L_pos), dense and sparse: each (numel / C,) in the accumulation dtype."""
+    return tuple(logits.new_empty(logits.shape[:-1], dtype=accumulation_dtype(logits.dtype)).reshape(-1)
+                 for _ in range(3))
+
+
+def _zlpr_grad_fake(grad_rows, logits, *_):
+    return _contiguous_like(logits)
+
+
+def _zlpr_setup_context(ctx, inputs, output):
+    """The ZLPR ops' (dense and sparse): the logits, their labels and both sides saved, the options after them kept."""
+    ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.options = inputs[2:]
+
+
+def _zlpr_autograd(name):
+    """The backward of ZLPR op `name`: its `<name>_backward` op, which takes (grad_rows, logits, labels, L_neg, L_pos,
+    *the op's options)."""
+    def backward(ctx, grad_rows, _grad_neg, _grad_pos):
+        nothing = (None,) * (1 + len(ctx.options))
+        if grad_rows is None or not ctx.needs_input_grad[0]:
+            return (None,) + nothing
+        logits, labels, L_neg, L_pos = ctx.saved_tensors
+        return (call(f"{name}_backward", grad_rows, logits, labels, L_neg, L_pos, *ctx.options),) + nothing
+    return backward
+
+
+multilabel_ce.register_fake(_zlpr_rows_fake)
 
 
 @_op("multilabel_ce_backward")
@@ -1054,24 +1079,8 @@ def multilabel_ce_backward(grad_rows: Tensor, logits: Tensor, targets: Tensor, L
     return pairwise.multilabel_ce_rows_backward(grad_rows, logits, targets, L_neg, L_pos)
 
 
-@multilabel_ce_backward.register_fake
-def _(grad_rows, logits, targets, L_neg, L_pos):
-    return _contiguous_like(logits)
-
-
-def _multilabel_ce_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _multilabel_ce_autograd(ctx, grad_rows, _grad_neg, _grad_pos):
-    if grad_rows is None or not ctx.needs_input_grad[0]:
-        return None, None
-    logits, targets, L_neg, L_pos = ctx.saved_tensors
-    return call("multilabel_ce_backward", grad_rows, logits, targets, L_neg, L_pos), None
-
-
-_register_autograd("multilabel_ce", _multilabel_ce_autograd, _multilabel_ce_setup_context)
+multilabel_ce_backward.register_fake(_zlpr_grad_fake)
+_register_autograd("multilabel_ce", _zlpr_autograd("multilabel_ce"), _zlpr_setup_context)
 
 
 @_op("sparse_multilabel_ce")
@@ -1081,11 +1090,7 @@ def sparse_multilabel_ce(logits: Tensor, positives: Tensor, mask_zero: bool,
     return pairwise.sparse_multilabel_ce_rows(logits, positives, mask_zero, ignore_index)
 
 
-@sparse_multilabel_ce.register_fake
-def _(logits, positives, mask_zero, ignore_index):
-    rows = (logits.new_empty(logits.shape[:-1], dtype=accumulation_dtype(logits.dtype)).reshape(-1)
-            for _ in range(3))
-    return tuple(rows)
+sparse_multilabel_ce.register_fake(_zlpr_rows_fake)
 
 
 @_op("sparse_multilabel_ce_backward")
@@ -1095,26 +1100,8 @@ def sparse_multilabel_ce_backward(grad_rows: Tensor, logits: Tensor, positives: 
                                                        ignore_index)
 
 
-@sparse_multilabel_ce_backward.register_fake
-def _(grad_rows, logits, positives, L_neg, L_pos, mask_zero, ignore_index):
-    return _contiguous_like(logits)
-
-
-def _sparse_multilabel_ce_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.mask_zero, ctx.ignore_index = inputs[2], inputs[3]
-
-
-def _sparse_multilabel_ce_autograd(ctx, grad_rows, _grad_neg, _grad_pos):
-    if grad_rows is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    logits, positives, L_neg, L_pos = ctx.saved_tensors
-    return (call("sparse_multilabel_ce_backward", grad_rows, logits, positives, L_neg, L_pos, ctx.mask_zero,
-                 ctx.ignore_index), None, None, None)
-
-
-_register_autograd("sparse_multilabel_ce", _sparse_multilabel_ce_autograd, _sparse_multilabel_ce_setup_context)
+sparse_multilabel_ce_backward.register_fake(_zlpr_grad_fake)
+_register_autograd("sparse_multilabel_ce", _zlpr_autograd("sparse_multilabel_ce"), _zlpr_setup_context)
 
 
 @_op("global_pointer")
