@@ -333,6 +333,15 @@ def check_extra_outputs(logits_buffer_mb, **flags):
     return tuple(bool(v) for v in flags.values())
 
 
+def check_token_scaling(token_scaling, logits_buffer_mb):
+    """linear_cross_entropy's token_scaling (DFT) as a bool; the 3-GEMM path computes its gradients in the forward
+    pass, before any per-token weight could scale them."""
+    if check_bool("token_scaling", token_scaling) and logits_buffer_mb is not None:
+        raise ValueError("token_scaling=True needs logits_buffer_mb=None (the 3-GEMM path computes the gradients "
+                         "in the forward pass, unscaled)")
+    return bool(token_scaling)
+
+
 def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):
     check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
     check_finite("z_loss", z_loss, 0.0)

@@ -8,13 +8,13 @@ from .checks import (check_bias, check_binary_targets, check_bool, check_class_w
                      check_extra_outputs, check_finite, check_float_tensor, check_ignore_index,
                      check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer,
                      check_margin_options, check_positive_indices, check_proxy_anchor_options, check_reduction,
-                     check_shift,
+                     check_shift, check_token_scaling,
                      check_subcenters, check_teacher,
                      check_temperature, check_tensor, check_topk_arguments, check_topk_teacher,
                      resolve_grad_filter_eps)
 from .emo import cost_in_dtype
 from .engine import accumulation_dtype
-from .linear_ce import target_class_weights
+from .linear_ce import LinearCEOptions, target_class_weights, token_scaling_weights
 from .ops import call as call_op
 from .reference import reduce_rows
 
@@ -170,7 +170,7 @@ def _unflatten(loss, reduction, shape):
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", grad_filter_eps=None,
                          logits_buffer_mb=None, shift=0, class_weight=None, return_lse=False,
-                         return_token_accuracy=False):
+                         return_token_accuracy=False, token_scaling=False):
     """Cross-entropy of z = softcap(input·weightᵀ + bias) without materialising the N × C logits.
 
     label_smoothing as torch; z_loss adds z_loss·lse² (PaLM); softcap: z ← softcap·tanh(z/softcap)
@@ -198,6 +198,13 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     their count), unweighted by class_weight, without gradient, from the forward's own pass over the classes. Not
     with logits_buffer_mb. With both flags the result is (loss, lse, accuracy), the order numpy.unique uses.
 
+    token_scaling=True is Dynamic Fine-Tuning (DFT, Wu et al. 2025; TRL's loss_type="dft", Liger-Kernel's
+    use_token_scaling): each token's loss, every term above included, is multiplied by sg(p_t), its target's
+    probability detached, so plain CE becomes −sg(p_t)·log p_t. The reductions are unchanged ("mean" divides by the
+    number of non-ignored tokens, or Σ c_t, not by Σ p_t). p_t comes from the forward's lse and one gathered dot
+    product per token (O(N·D)); the backward pass is the plain one with each row's gradient scaled. Not with
+    logits_buffer_mb.
+
     Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
     grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
         (relative to the largest; for mean CE: p < eps in every row of a class chunk) in both GEMMs.
@@ -218,6 +225,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     check_class_weight(class_weight, weight, label_smoothing, softcap)
     return_lse, return_token_accuracy = check_extra_outputs(logits_buffer_mb, return_lse=return_lse,
                                                             return_token_accuracy=return_token_accuracy)
+    token_scaling = check_token_scaling(token_scaling, logits_buffer_mb)
     target = target.long()  # uint8 indices would index as a mask
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                float(focal_gamma), float(gamma_ce))
@@ -234,6 +242,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     given = 3 if return_token_accuracy else 2 if return_lse else 1 if class_weight is not None else 0
     loss_rows, lse, correct = call_op("linear_cross_entropy", input, weight, target, bias, *options, filter_eps,
                                       *extras[:given])
+    if token_scaling:
+        loss_rows = loss_rows * token_scaling_weights(input, weight, target, bias, lse, LinearCEOptions(*options))
     valid = target != ignore_index
     target_weight = None  # c_t, for the weighted mean's divisor Σ c_t
     if class_weight is not None and reduction == "mean":

@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from .checks import (check_bool, check_ignore_index, check_integer_dtype, check_linear_ce_options, check_temperature,
-                     check_tensor)
+                     check_tensor, check_token_scaling)
 from .emo import cost_in_dtype
 from .functional import _shift_targets, emo_cross_entropy, emo_loss, linear_cross_entropy, linear_topk
 from .modules import _caller_stacklevel
@@ -51,8 +51,9 @@ SUPPORTED_MODEL_TYPES = {
 
 # loss → (the function, the options a patched model may be given); the rest follow from the model and HF's semantics
 LOSSES = {
+    # token_scaling=True: DFT, TRL's SFT loss_type="dft" (keep TRL's loss_type "nll": its "dft" reads the logits)
     "cross_entropy": (linear_cross_entropy, ("label_smoothing", "z_loss", "focal_gamma", "gamma_ce", "grad_filter_eps",
-                                             "logits_buffer_mb")),
+                                             "logits_buffer_mb", "token_scaling")),
     # EMO's official code patches HF's Llama forward with these: the MLE-anchored recipe, or EMO alone; the cost
     # embedding defaults to the live head, detached ("adaptive"), or a fixed (V, E) one (kept as a buffer)
     "emo_cross_entropy": (emo_cross_entropy, ("cost_embedding",)),
@@ -82,6 +83,7 @@ def patch_causal_lm(model, *, loss="cross_entropy", **loss_options):
     if loss == "cross_entropy":
         check_linear_ce_options(options.get("label_smoothing", 0.0), options.get("z_loss", 0.0), softcap,
                                 options.get("focal_gamma", 0.0), options.get("gamma_ce", 0.0))
+        check_token_scaling(options.get("token_scaling", False), options.get("logits_buffer_mb"))
     elif softcap is not None or head.bias is not None:
         raise ValueError(f"loss={loss!r} takes no {'softcap' if softcap is not None else 'bias'}, which this "
                          f"{type(model).__name__}'s head has")

@@ -160,6 +160,17 @@ class _TargetLogits:
         self.weights = weights
 
 
+def token_scaling_weights(x, w, target, bias, lse, opts: LinearCEOptions, shard=None):
+    """DFT's token weights (Liger-Kernel's use_token_scaling): each row's target probability p_t = exp(z_t − lse),
+    detached, 0 on ignored rows. z_t is the gathered dot product of _TargetLogits (O(N·D), no logits), lse the
+    forward's own; their roundings may put p_t a hair above 1, clamped. With a `shard`, z_t comes from the rank
+    holding the target (one all-reduce of N)."""
+    with torch.no_grad():
+        tgt = _TargetLogits(x.detach(), w.detach(), target, None if bias is None else bias.detach(), opts, shard)
+        logit = tgt.logit if shard is None else shard.sum_rows(tgt.logit)
+        return torch.where(tgt.valid, torch.exp(logit.to(lse.dtype) - lse.detach()).clamp_max(1.0), 0.0)
+
+
 ALL_ROWS = slice(None)
 
 

@@ -13,7 +13,7 @@ from .checks import (check_angular_margin, check_bool, check_class_weight, check
                      check_cost_embedding, check_extra_outputs, check_finite, check_head_size, check_ignore_index,
                      check_jsd_beta, check_linear_ce_options, check_logits_buffer, check_margin_options,
                      check_module_embeddings, check_proxy_anchor_options, check_reduction, check_shift,
-                     check_subcenters, check_temperature, check_tensor, checked_class_targets,
+                     check_subcenters, check_temperature, check_tensor, check_token_scaling, checked_class_targets,
                      interclass_filtering_options, margin_module_repr, resolve_grad_filter_eps)
 from .engine import accumulation_dtype, row_blocks
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
@@ -539,11 +539,12 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
                  gamma_ce=0.0, reduction="mean", grad_filter_eps=None, logits_buffer_mb=None, shift=0,
-                 class_weight=None, return_lse=False, return_token_accuracy=False):
+                 class_weight=None, return_lse=False, return_token_accuracy=False, token_scaling=False):
         super().__init__()
         check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
         return_lse, return_token_accuracy = check_extra_outputs(logits_buffer_mb, return_lse=return_lse,
                                                                 return_token_accuracy=return_token_accuracy)
+        token_scaling = check_token_scaling(token_scaling, logits_buffer_mb)
         if class_weight is not None:
             check_tensor("class_weight", class_weight, "a torch.Tensor (C,) or None")
             check_class_weight(class_weight.detach(), class_weight.detach(), label_smoothing, softcap)
@@ -555,7 +556,7 @@ class LinearCrossEntropyLoss(nn.Module):
                             softcap=softcap, focal_gamma=focal_gamma, gamma_ce=gamma_ce, reduction=reduction,
                             grad_filter_eps=grad_filter_eps, logits_buffer_mb=logits_buffer_mb,
                             shift=check_shift(shift), return_lse=return_lse,
-                            return_token_accuracy=return_token_accuracy)
+                            return_token_accuracy=return_token_accuracy, token_scaling=token_scaling)
 
     def forward(self, input, weight, target, bias=None):
         return linear_cross_entropy(input, _autocast_like(weight, input), target, _autocast_like(bias, input),

@@ -980,6 +980,19 @@ def test_sharded_linear_ce_class_weights(world, reduction, opts):
                       **opts)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("opts", [dict(softcap=3.0), dict(label_smoothing=0.1, z_loss=1e-3)])
+def test_sharded_linear_ce_token_scaling(world, reduction, opts):
+    """token_scaling (DFT): p_t from the rank holding the target (a bias shard and class weights included); the
+    scaled loss is far from the plain one here."""
+    x, w, t = make_case(17, 31, 6, torch.float64, ignore=(2,))
+    bias, c = torch.randn(31, dtype=torch.float64), torch.rand(31, dtype=torch.float64) + 0.2
+    loss = check_sharded_lce(world, x, w, t, bias=bias, class_weight=c, reduction=reduction, token_scaling=True,
+                             **opts)
+    plain = mk.linear_cross_entropy(x, w, t, bias, class_weight=c, reduction=reduction, **opts)
+    assert (loss - plain.detach()).abs().max() > 0.1
+
+
 def _sharded_lce_extras(rank, world_size, x, w, t, kwargs, upstream):
     """(loss, lse, accuracy, dL/dinput, dL/dweight_shard) of this rank with return_lse and return_token_accuracy, for
     the loss Σ upstream·loss + Σ lse² (the lse's own gradient through the backward's collectives)."""

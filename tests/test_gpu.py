@@ -568,6 +568,18 @@ def test_token_accuracy_on_gpu(dtype, monkeypatch):
             mk.linear_cross_entropy(x, w, t, return_token_accuracy=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_token_scaling_on_gpu(dtype, monkeypatch):
+    """linear_cross_entropy(token_scaling=True) (DFT) on each built GPU backend against the float64 oracle."""
+    from tests.test_token_scaling import check_token_scaling
+    for backend in ("triton", "cuda"):
+        if _why_not(backend, torch.device("cuda"), dtype):
+            continue
+        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+        for opts, reduction in ((dict(), "mean"), (dict(softcap=30.0, z_loss=1e-4, class_weight=True), "none")):
+            check_token_scaling("cuda", dtype, opts, reduction, shape=(300, 50003, 131))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_every_loss_bit_identical_again_and_in_deterministic_mode_on_gpu(dtype, monkeypatch):
     """tests/test_reproducibility.py's steps on CUDA (duplicate targets in each batch): a second call and a call under

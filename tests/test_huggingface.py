@@ -117,6 +117,28 @@ def test_attention_mask_gradient_checkpointing_and_loss_options():
     torch.testing.assert_close(patched(ids, labels=labels).loss, want)
 
 
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_token_scaling_is_trls_dft_loss(num_items):
+    """patch_causal_lm(token_scaling=True) against TRL's SFT dft_loss on the model's own (soft-capped) logits:
+    −sg(p_t)·log p_t over the shifted labels, divided by num_items_in_batch when the Trainer passes it."""
+    from tests.test_token_scaling import trl_dft_loss
+    model = tiny_model("gemma2")
+    ids, labels = batch()
+    model.zero_grad(set_to_none=True)
+    logits = model(ids).logits
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    dft = trl_dft_loss(logits.flatten(0, 1), shifted.flatten())
+    if num_items is not None:
+        dft = dft * (shifted != -100).sum() / num_items
+    dft.backward()
+    want = dft.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    patched = patch_causal_lm(copy.deepcopy(model), token_scaling=True)
+    extra = {} if num_items is None else dict(num_items_in_batch=torch.tensor(num_items))
+    assert_same_loss_and_grads(loss_and_grads(patched, ids, labels=labels, **extra), want)
+    with pytest.raises(ValueError, match="token_scaling=True needs logits_buffer_mb=None"):
+        patch_causal_lm(copy.deepcopy(model), token_scaling=True, logits_buffer_mb=8)
+
+
 def test_without_labels_the_model_is_unchanged_and_unpatch_restores_it():
     model = tiny_model("gemma2")
     patched = patch_causal_lm(copy.deepcopy(model))

@@ -187,3 +187,11 @@ def test_offset_int64_targets_with_shift(fn):
 
 def test_fractional_focal_with_an_ignored_row_below_zero():
     check_fractional_focal_with_an_ignored_row_below_zero(DEVICE)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(softcap=3.0, z_loss=1e-2), dict(class_weight=True)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_token_scaling_matches_oracle(opts, reduction):
+    """DFT: the Triton forward's lse gives p_t (the gathered target dot beside it is PyTorch's)."""
+    from tests.test_token_scaling import check_token_scaling
+    check_token_scaling(DEVICE, torch.float32, opts, reduction, shape=(21, 77, 32))
