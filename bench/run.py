@@ -26,7 +26,8 @@ import harness
 # Adding a family of cases = one module with cases(), PROVIDERS and FLOOR, plus one line here.
 CASE_MODULES = {"face": "margin_cases", "llm": "lce_cases", "emo": "emo_cases", "cosent": "cosent_cases",
                 "rl": "rl_cases", "kd": "kd_cases", "hf": "hf_cases", "proxy": "proxy_anchor_cases",
-                "dpo": "preference_cases", "contrastive": "contrastive_cases", "gp": "global_pointer_cases"}
+                "dpo": "preference_cases", "contrastive": "contrastive_cases", "gp": "global_pointer_cases",
+                "sft": "sft_cases"}
 
 
 def parse_args():

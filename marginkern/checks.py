@@ -342,6 +342,13 @@ def check_token_scaling(token_scaling, logits_buffer_mb):
     return bool(token_scaling)
 
 
+def check_skip_ignored_rows(skip_ignored_rows, return_lse=False):
+    """skip_ignored_rows: None (automatic), True or False; True cannot leave out rows whose lse return_lse reports."""
+    if skip_ignored_rows is not None and check_bool("skip_ignored_rows", skip_ignored_rows) and return_lse:
+        raise ValueError("skip_ignored_rows=True cannot be combined with return_lse=True (the lse of every row, "
+                         "ignored ones included, is returned)")
+
+
 def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):
     check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
     check_finite("z_loss", z_loss, 0.0)

@@ -32,12 +32,14 @@ from .checks import (check_bias, check_bool, check_class_shard, check_class_weig
                      check_linear_ce_options, check_margin_options, check_module_embeddings,
                      check_proxy_anchor_options, check_reduction,
                      check_subcenters, check_target_tensor, check_teacher, check_temperature, check_tensor,
-                     check_token_scaling, check_topk_arguments, interclass_filtering_options, margin_module_repr)
+                     check_skip_ignored_rows, check_token_scaling, check_topk_arguments, interclass_filtering_options,
+                     margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
 from .adaptive_margins import AdaFaceMargins, ElasticMargins, MagFaceMargins
-from .functional import _lm_rows, hard_negative_coefficients, linear_ce_outputs, row_margin_offsets
+from .functional import (_labelled_rows, _lm_rows, _put_rows, _take_rows, hard_negative_coefficients,
+                         linear_ce_outputs, row_margin_offsets)
 from .linear_ce import (LinearCEOptions, linear_ce_backward, linear_ce_forward, target_class_weights,
                         token_scaling_weights)
 from .log_probs import log_probs_backward, log_probs_forward
@@ -514,7 +516,7 @@ class _ShardedLinearCrossEntropy(torch.autograd.Function):
 def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, class_start, num_classes, group=None,
                                  ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
                                  gamma_ce=0.0, reduction="mean", shift=0, class_weight_shard=None, return_lse=False,
-                                 return_token_accuracy=False, token_scaling=False):
+                                 return_token_accuracy=False, token_scaling=False, skip_ignored_rows=None):
     """marginkern.linear_cross_entropy with the LM head's vocabulary sharded across the ranks of `group` (a
     tensor-parallel head: Megatron's vocab-parallel cross-entropy, fused with its GEMM).
 
@@ -533,7 +535,8 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
     linear_cross_entropy (the accuracy takes one more all-reduce of N row maxima). `class_weight_shard`
     (C_local,): this rank's slice of linear_cross_entropy's class_weight (each row's c_t comes from the rank holding
     its target: one more all-reduce of N per pass, and one of a scalar for Σ c). token_scaling (DFT) as in
-    linear_cross_entropy: each p_t from the rank holding the target (one more all-reduce of N).
+    linear_cross_entropy: each p_t from the rank holding the target (one more all-reduce of N). skip_ignored_rows as
+    in linear_cross_entropy (every rank leaves out the same rows: the ranks' targets agree).
     """
     rank, world_size = _rank_and_world_size(group)
     local_error, opts, token_shape = None, None, None
@@ -549,6 +552,7 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
         return_lse, return_token_accuracy = check_extra_outputs(None, return_lse=return_lse,
                                                                 return_token_accuracy=return_token_accuracy)
         token_scaling = check_token_scaling(token_scaling, None)
+        check_skip_ignored_rows(skip_ignored_rows, return_lse)
         check_class_weight(class_weight_shard, weight_shard, label_smoothing, softcap)
         check_class_weight_values(class_weight_shard, accumulation_dtype(weight_shard.dtype))
         target = target.long()  # uint8 indices would index as a mask
@@ -559,13 +563,20 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
                  op="sharded_linear_cross_entropy",
                  options=() if local_error else dataclasses.astuple(opts) + (
                      reduction, bias_shard is not None, return_lse, return_token_accuracy,
-                     class_weight_shard is not None, token_scaling),
+                     class_weight_shard is not None, token_scaling, skip_ignored_rows),
                  differentiable=(input, weight_shard, bias_shard))
     shard = ProcessGroupShard(class_start, num_classes, group)
+    rows = None if return_lse else _labelled_rows(input, target, opts.ignore_index, skip_ignored_rows)
+    run_input, run_target = _take_rows(rows, input, target)
     loss_rows, lse, correct = _ShardedLinearCrossEntropy.apply(
-        input, weight_shard, bias_shard, target, shard, opts, return_lse, return_token_accuracy, class_weight_shard)
+        run_input, weight_shard, bias_shard, run_target, shard, opts, return_lse, return_token_accuracy,
+        class_weight_shard)
     if token_scaling:
-        loss_rows = loss_rows * token_scaling_weights(input, weight_shard, target, bias_shard, lse, opts, shard)
+        loss_rows = loss_rows * token_scaling_weights(run_input, weight_shard, run_target, bias_shard, lse, opts,
+                                                      shard)
+    loss_rows, = _put_rows(rows, target.shape[0], loss_rows)
+    if return_token_accuracy:
+        correct, = _put_rows(rows, target.shape[0], correct)
     valid = target != opts.ignore_index
     target_weight = None
     if class_weight_shard is not None and reduction == "mean":  # Σ c_t: each c_t from the rank holding the target

@@ -8,14 +8,14 @@ from .checks import (check_bias, check_binary_targets, check_bool, check_class_w
                      check_extra_outputs, check_finite, check_float_tensor, check_ignore_index,
                      check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer,
                      check_margin_options, check_positive_indices, check_proxy_anchor_options, check_reduction,
-                     check_shift, check_token_scaling,
+                     check_shift, check_skip_ignored_rows, check_token_scaling,
                      check_subcenters, check_teacher,
-                     check_temperature, check_tensor, check_topk_arguments, check_topk_teacher,
+                     check_temperature, check_tensor, check_token_ids, check_topk_arguments, check_topk_teacher,
                      resolve_grad_filter_eps)
 from .emo import cost_in_dtype
 from .engine import accumulation_dtype
 from .linear_ce import LinearCEOptions, target_class_weights, token_scaling_weights
-from .ops import call as call_op
+from .ops import call as call_op, eager_on_real_tensors
 from .reference import reduce_rows
 
 
@@ -163,6 +163,37 @@ def _lm_rows(input, target, ignore_index, shift):
     return input, target, token_shape, ignore_index
 
 
+# An eager call runs the op on the labelled rows alone when at least this share of its rows is ignored (prompt and
+# padding tokens): every GEMM shrinks with them, for one host sync and an (n, D) copy of those rows and their gradient
+SKIP_IGNORED_SHARE = 1 / 8
+
+
+def _labelled_rows(input, target, ignore_index, skip_ignored_rows):
+    """The indices of the rows whose target is not ignore_index, to run an op on those alone; None to run every row:
+    skip_ignored_rows False, (None:) fewer than SKIP_IGNORED_SHARE of the rows ignored, or not eager on real tensors
+    (torch.compile, FakeTensor, a CUDA graph being captured: a host sync and a data-dependent shape)."""
+    if skip_ignored_rows is False or target.numel() == 0 or not eager_on_real_tensors((input, target)):
+        return None
+    if target.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    rows = (target != ignore_index).nonzero().squeeze(1)
+    ignored = target.numel() - rows.numel()
+    if ignored == 0 or (skip_ignored_rows is None and ignored < SKIP_IGNORED_SHARE * target.numel()):
+        return None
+    return rows
+
+
+def _take_rows(rows, *tensors):
+    """The rows `rows` (_labelled_rows) of each per-row tensor (None: the tensors as they are); differentiable."""
+    return tensors if rows is None else tuple(t.index_select(0, rows) for t in tensors)
+
+
+def _put_rows(rows, n, *values):
+    """Per-row outputs of the rows `rows` (_labelled_rows) in their places of (n,) tensors, 0 (False) elsewhere
+    (None: as they are); differentiable."""
+    return values if rows is None else tuple(v.new_zeros((n,)).index_copy(0, rows, v) for v in values)
+
+
 def _unflatten(loss, reduction, shape):
     return loss.reshape(shape) if reduction == "none" and shape is not None else loss
 
@@ -170,7 +201,7 @@ def _unflatten(loss, reduction, shape):
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          softcap=None, focal_gamma=0.0, gamma_ce=0.0, reduction="mean", grad_filter_eps=None,
                          logits_buffer_mb=None, shift=0, class_weight=None, return_lse=False,
-                         return_token_accuracy=False, token_scaling=False):
+                         return_token_accuracy=False, token_scaling=False, skip_ignored_rows=None):
     """Cross-entropy of z = softcap(input·weightᵀ + bias) without materialising the N × C logits.
 
     label_smoothing as torch; z_loss adds z_loss·lse² (PaLM); softcap: z ← softcap·tanh(z/softcap)
@@ -205,6 +236,12 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     product per token (O(N·D)); the backward pass is the plain one with each row's gradient scaled. Not with
     logits_buffer_mb.
 
+    skip_ignored_rows (None | bool): an eager call runs the op on the non-ignored rows alone (prompt and padding
+    tokens cost no GEMM work), for one host sync and a copy of those rows of input (and of their gradient). None
+    does so when at least SKIP_IGNORED_SHARE (1/8) of the rows are ignored, True whenever any is, False never;
+    torch.compile and CUDA graph capture run every row (no data-dependent shapes there). Per-row results are those
+    of the full call up to the order of fp32 sums. Not with return_lse (which reports every row's lse).
+
     Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
     grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
         (relative to the largest; for mean CE: p < eps in every row of a class chunk) in both GEMMs.
@@ -226,13 +263,17 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     return_lse, return_token_accuracy = check_extra_outputs(logits_buffer_mb, return_lse=return_lse,
                                                             return_token_accuracy=return_token_accuracy)
     token_scaling = check_token_scaling(token_scaling, logits_buffer_mb)
+    check_skip_ignored_rows(skip_ignored_rows, return_lse)
     target = target.long()  # uint8 indices would index as a mask
+    rows = None if return_lse else _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    run_input, run_target = _take_rows(rows, input, target)
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                float(focal_gamma), float(gamma_ce))
     if logits_buffer_mb is not None:
         weighted = () if class_weight is None else (class_weight,)
         grad_on = torch.is_grad_enabled()
-        loss, _, _, _ = call_op("linear_cross_entropy_buffered", input, weight, target, bias, *options, reduction,
+        loss, _, _, _ = call_op("linear_cross_entropy_buffered", run_input, weight, run_target, bias, *options,
+                                reduction,
                                 int(logits_buffer_mb * 2**20), grad_on and input.requires_grad,
                                 grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad,
                                 *weighted)
@@ -240,10 +281,14 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     # the op's optional trailing arguments, up to the last one that is not its default (the plain call stays as it was)
     extras = (class_weight, return_lse, return_token_accuracy)
     given = 3 if return_token_accuracy else 2 if return_lse else 1 if class_weight is not None else 0
-    loss_rows, lse, correct = call_op("linear_cross_entropy", input, weight, target, bias, *options, filter_eps,
-                                      *extras[:given])
+    loss_rows, lse, correct = call_op("linear_cross_entropy", run_input, weight, run_target, bias, *options,
+                                      filter_eps, *extras[:given])
     if token_scaling:
-        loss_rows = loss_rows * token_scaling_weights(input, weight, target, bias, lse, LinearCEOptions(*options))
+        loss_rows = loss_rows * token_scaling_weights(run_input, weight, run_target, bias, lse,
+                                                      LinearCEOptions(*options))
+    loss_rows, = _put_rows(rows, target.shape[0], loss_rows)
+    if return_token_accuracy:
+        correct, = _put_rows(rows, target.shape[0], correct)
     valid = target != ignore_index
     target_weight = None  # c_t, for the weighted mean's divisor Σ c_t
     if class_weight is not None and reduction == "mean":
@@ -272,7 +317,7 @@ def linear_ce_outputs(loss_rows, lse, correct, valid, reduction, token_shape, ta
 EMO_RATIO_EPS = 1e-10  # as the reference code: sg(ce / (emo + 1e-10))
 
 
-def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, shift):
+def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, shift, skip_ignored_rows):
     """(per-row CE, per-row EMO, the flattened target, the shape "none" gives back, ignore_index as an int)."""
     input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
     check_classification_inputs(input, weight, target)
@@ -280,41 +325,47 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, sh
         check_cost_embedding(cost_embedding, weight)
     cost = cost_in_dtype(weight if cost_embedding is None else cost_embedding, input.dtype)
     check_reduction(reduction)
+    check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()  # a uint8 target would compare unequal to ignore_index −100 (which wraps to 156)
-    ce, emo, _ = call_op("emo_cross_entropy", input, weight, target, cost, ignore_index)
-    return ce, emo, target, token_shape, ignore_index
+    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    ce, emo, _ = call_op("emo_cross_entropy", *_take_rows(rows, input), weight, *_take_rows(rows, target), cost,
+                         ignore_index)
+    return (*_put_rows(rows, target.shape[0], ce, emo), target, token_shape, ignore_index)
 
 
-def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean", shift=0):
+def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean", shift=0,
+             skip_ignored_rows=None):
     """EMO: Σ_j p_j·(1 − ê_j·ê_t) with p = softmax(input·weightᵀ), never materialising the N × C logits.
 
     Ê is the row-normalised `cost_embedding` (C, E), default `weight` detached (E may differ from D); it
     never receives a gradient. Returns fp32; "mean" is over non-ignored rows (0 when there are none). (B, T, D)
-    inputs and `shift` as in linear_cross_entropy.
+    inputs, `shift` and `skip_ignored_rows` as in linear_cross_entropy.
     """
     ce, emo, target, token_shape, ignore_index = _emo_rows(input, weight, target, cost_embedding, ignore_index,
-                                                           reduction, shift)
+                                                           reduction, shift, skip_ignored_rows)
     if reduction == "none":  # the op saves emo for its backward: a caller's in-place edit (loss[pad] = 0) must
         emo = emo.clone()    # not reach it, as it cannot reach torch's own cross_entropy(reduction="none")
     return _unflatten(reduce_rows(emo, target != ignore_index, reduction), reduction, token_shape)
 
 
-def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean", shift=0):
+def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean", shift=0,
+                      skip_ignored_rows=None):
     """The MLE-anchored EMO recipe of the official code (emo1/`gpt2.py`), per token, in one fused pass:
 
         0.5 · (ce + sg(ce / (emo + 1e-10)) · emo)
 
     Its value equals the cross-entropy; its gradient is 0.5·(∇ce + (ce/emo)·∇emo). `emo` here is the
     true EMO value (the repository's `emo_patch.py` adds p_t to it through a detach trick, which changes
-    the weight but not ∇emo). No clamp of the ratio (the PyPI package clamps it at 3).
+    the weight but not ∇emo). No clamp of the ratio (the PyPI package clamps it at 3). Arguments as emo_loss.
     """
     ce, emo, target, token_shape, ignore_index = _emo_rows(input, weight, target, cost_embedding, ignore_index,
-                                                           reduction, shift)
+                                                           reduction, shift, skip_ignored_rows)
     rows = 0.5 * (ce + (ce / (emo + EMO_RATIO_EPS)).detach() * emo)
     return _unflatten(reduce_rows(rows, target != ignore_index, reduction), reduction, token_shape)
 
 
-def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_index=-100, shift=0):
+def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_index=-100, shift=0,
+                          skip_ignored_rows=None):
     """Per-token log p(target) and entropy of softmax(input·weightᵀ / temperature), both differentiable, in one
     pass over the classes without materialising the N × C logits (what an RL step computes for its policy
     ratio and entropy bonus; verl's and Transformer Engine's fused "linear cross-entropy with entropy").
@@ -322,15 +373,20 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     input (N, D) or (B, T, D), weight (C, D), target (N,) or (B, T) integer. Returns (log_probs, entropy), fp32
     (fp64 for fp64 inputs), shaped like target, both 0 at ignored positions (target == ignore_index), whose
     gradients are 0. log_probs equals −F.cross_entropy(logits / temperature, target, reduction="none").
-    shift as in linear_cross_entropy (the last `shift` positions then count as ignored).
+    shift as in linear_cross_entropy (the last `shift` positions then count as ignored); skip_ignored_rows too (the
+    prompt of an RL rollout costs no GEMM work).
     """
     input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
     check_classification_inputs(input, weight, target)
     check_temperature(temperature)
-    log_probs, entropy, _ = call_op("log_probs_entropy", input, weight, target.long(), float(temperature),
-                                    ignore_index)
+    check_skip_ignored_rows(skip_ignored_rows)
+    target = target.long()
+    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    log_probs, entropy, _ = call_op("log_probs_entropy", *_take_rows(rows, input), weight,
+                                    *_take_rows(rows, target), float(temperature), ignore_index)
     # the op saves both for its backward: a caller's in-place edit (masking padding) must not reach them
-    log_probs, entropy = log_probs.clone(), entropy.clone()
+    log_probs, entropy = (log_probs.clone(), entropy.clone()) if rows is None else _put_rows(
+        rows, target.shape[0], log_probs, entropy)
     if token_shape is not None:
         return log_probs.reshape(token_shape), entropy.reshape(token_shape)
     return log_probs, entropy
@@ -346,12 +402,16 @@ def _teacher_rows(name, t, rows_shape, last="E"):
     return t
 
 
-def _distill_rows(input, weight, teachers, target, temperature, ignore_index, reduction, shift):
+def _distill_rows(input, weight, teachers, target, temperature, ignore_index, reduction, shift, skip_ignored_rows):
     """The distillation losses' preamble: _lm_rows with an optional target (None: every row counts), the teacher's
     per-row tensors (a dict name → (tensor, its last dimension's name)) flattened like the student's rows, and the
-    common checks; (input, the teacher's tensors in order, target, token shape, ignore_index)."""
+    common checks; (input, the teacher's tensors in order, target, token shape, ignore_index, the rows to run:
+    _labelled_rows)."""
     ignore_index = check_ignore_index(ignore_index)
     check_tensor("input", input)
+    check_skip_ignored_rows(skip_ignored_rows)
+    if target is None and not shift:  # every row counts (no host sync to find that out)
+        skip_ignored_rows = False
     if target is None:  # every row counts: any value but ignore_index
         target = torch.full(input.shape[:-1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
     rows_shape = input.shape[:-1]
@@ -360,11 +420,13 @@ def _distill_rows(input, weight, teachers, target, temperature, ignore_index, re
     check_classification_inputs(input, weight, target)
     check_temperature(temperature)
     check_reduction(reduction)
-    return input, teacher_rows, target, token_shape, ignore_index
+    target = target.long()
+    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    return input, teacher_rows, target, token_shape, ignore_index, rows
 
 
 def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=None, *, temperature=1.0,
-                         direction="forward", ignore_index=-100, reduction="mean", shift=0):
+                         direction="forward", ignore_index=-100, reduction="mean", shift=0, skip_ignored_rows=None):
     """Knowledge distillation: the KL divergence between the teacher's softmax(teacher_input·teacher_weightᵀ / T)
     and the student's softmax(input·weightᵀ / T), per token, without materialising either N × C logits.
 
@@ -374,22 +436,25 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     are constants. input (N, D) or (B, T, D), weight (C, D); teacher_input (N, E) or (B, T, E) with the same
     rows, teacher_weight (C, E), both in input's dtype (E may differ from D). target (N,) or (B, T), optional,
     only masks: positions equal to ignore_index count for nothing ("mean" is over the others, 0 when there are
-    none); `shift` as in linear_cross_entropy. Returns fp32 (fp64 for fp64 inputs); the KL at temperature T
-    (multiply by T² for Hinton's scaling).
+    none); `shift` and `skip_ignored_rows` as in linear_cross_entropy. Returns fp32 (fp64 for fp64 inputs); the KL at
+    temperature T (multiply by T² for Hinton's scaling).
     """
     reverse = check_direction(direction)
-    input, (teacher_input,), target, token_shape, ignore_index = _distill_rows(
-        input, weight, {"teacher_input": (teacher_input, "E")}, target, temperature, ignore_index, reduction, shift)
+    input, (teacher_input,), target, token_shape, ignore_index, rows = _distill_rows(
+        input, weight, {"teacher_input": (teacher_input, "E")}, target, temperature, ignore_index, reduction, shift,
+        skip_ignored_rows)
     check_teacher(teacher_input, teacher_weight, input, weight)
-    kl, _, _ = call_op("linear_kl_divergence", input, weight, teacher_input.detach(), teacher_weight.detach(),
-                       target.long(), float(temperature), ignore_index, reverse)
-    if reduction == "none":  # the op saves it for its backward: a caller's in-place edit must not reach it
-        kl = kl.clone()
+    x, teacher_x, t = _take_rows(rows, input, teacher_input.detach(), target)
+    kl, _, _ = call_op("linear_kl_divergence", x, weight, teacher_x, teacher_weight.detach(), t, float(temperature),
+                       ignore_index, reverse)
+    if reduction == "none" and rows is None:  # the op saves it for its backward: a caller's in-place edit must not
+        kl = kl.clone()                       # reach it
+    kl, = _put_rows(rows, target.shape[0], kl)
     return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
 
 
 def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, beta=0.5, temperature=1.0,
-               ignore_index=-100, reduction="mean", shift=0):
+               ignore_index=-100, reduction="mean", shift=0, skip_ignored_rows=None):
     """Knowledge distillation by the generalized Jensen-Shannon divergence (GKD; TRL's generalized_jsd_loss, Liger's
     fused linear JSD): with the student's p = softmax(input·weightᵀ / T), the teacher's q = softmax(teacher_input ·
     teacher_weightᵀ / T) and their mixture m = (1−β)·p + β·q, per token
@@ -405,17 +470,20 @@ def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, bet
     if beta in (0.0, 1.0):
         return linear_kl_divergence(input, weight, teacher_input, teacher_weight, target, temperature=temperature,
                                     direction="forward" if beta == 0.0 else "reverse", ignore_index=ignore_index,
-                                    reduction=reduction, shift=shift)
-    input, (teacher_input,), target, token_shape, ignore_index = _distill_rows(
-        input, weight, {"teacher_input": (teacher_input, "E")}, target, temperature, ignore_index, reduction, shift)
+                                    reduction=reduction, shift=shift, skip_ignored_rows=skip_ignored_rows)
+    input, (teacher_input,), target, token_shape, ignore_index, rows = _distill_rows(
+        input, weight, {"teacher_input": (teacher_input, "E")}, target, temperature, ignore_index, reduction, shift,
+        skip_ignored_rows)
     check_teacher(teacher_input, teacher_weight, input, weight)
-    jsd, _, _, _ = call_op("linear_jsd", input, weight, teacher_input.detach(), teacher_weight.detach(), target.long(),
-                           beta, float(temperature), ignore_index)
+    x, teacher_x, t = _take_rows(rows, input, teacher_input.detach(), target)
+    jsd, _, _, _ = call_op("linear_jsd", x, weight, teacher_x, teacher_weight.detach(), t, beta, float(temperature),
+                           ignore_index)
+    jsd, = _put_rows(rows, target.shape[0], jsd)
     return _unflatten(reduce_rows(jsd, target != ignore_index, reduction), reduction, token_shape)
 
 
 def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, target=None, *, temperature=1.0,
-                              ignore_index=-100, reduction="mean", shift=0):
+                              ignore_index=-100, reduction="mean", shift=0, skip_ignored_rows=None):
     """Distillation from a teacher stored as its top-k tokens per position (ids and logits, as distillation pipelines
     cache a large teacher's outputs): forward KL(q‖p) with q = softmax(teacher_logits / T) over those k tokens and
     p = softmax(input·weightᵀ / T) over the whole vocabulary, without materialising the N × C logits.
@@ -428,12 +496,15 @@ def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, 
     over the classes for the student's log-sum-exp, the k logits gathered; the backward writes g·(p − q) at the k
     tokens into the engine's dL/da (its target column and sparse cells: marginkern/distill.py).
     """
-    input, (token_ids, logits), target, token_shape, ignore_index = _distill_rows(
+    input, (token_ids, logits), target, token_shape, ignore_index, rows = _distill_rows(
         input, weight, {"teacher_token_ids": (teacher_token_ids, "k"), "teacher_logits": (teacher_logits, "k")},
-        target, temperature, ignore_index, reduction, shift)
+        target, temperature, ignore_index, reduction, shift, skip_ignored_rows)
     check_topk_teacher(token_ids, logits, input)
-    kl, _ = call_op("linear_topk_kl_divergence", input, weight, token_ids, logits.detach(), target.long(),
-                    float(temperature), ignore_index)
+    if rows is not None:  # the op checks the ids it gets; those of ignored rows are checked too (docstring)
+        check_token_ids(token_ids, weight.shape[0])
+    x, ids, teacher_z, t = _take_rows(rows, input, token_ids, logits.detach(), target)
+    kl, _ = call_op("linear_topk_kl_divergence", x, weight, ids, teacher_z, t, float(temperature), ignore_index)
+    kl, = _put_rows(rows, target.shape[0], kl)
     return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
 
 

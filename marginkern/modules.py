@@ -13,7 +13,8 @@ from .checks import (check_angular_margin, check_bool, check_class_weight, check
                      check_cost_embedding, check_extra_outputs, check_finite, check_head_size, check_ignore_index,
                      check_jsd_beta, check_linear_ce_options, check_logits_buffer, check_margin_options,
                      check_module_embeddings, check_proxy_anchor_options, check_reduction, check_shift,
-                     check_subcenters, check_temperature, check_tensor, check_token_scaling, checked_class_targets,
+                     check_skip_ignored_rows, check_subcenters, check_temperature, check_tensor, check_token_scaling,
+                     checked_class_targets,
                      interclass_filtering_options, margin_module_repr, resolve_grad_filter_eps)
 from .engine import accumulation_dtype, row_blocks
 from .functional import (cosent_embedding_loss, cosent_loss, emo_cross_entropy, emo_loss, linear_cross_entropy,
@@ -539,12 +540,14 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
                  gamma_ce=0.0, reduction="mean", grad_filter_eps=None, logits_buffer_mb=None, shift=0,
-                 class_weight=None, return_lse=False, return_token_accuracy=False, token_scaling=False):
+                 class_weight=None, return_lse=False, return_token_accuracy=False, token_scaling=False,
+                 skip_ignored_rows=None):
         super().__init__()
         check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
         return_lse, return_token_accuracy = check_extra_outputs(logits_buffer_mb, return_lse=return_lse,
                                                                 return_token_accuracy=return_token_accuracy)
         token_scaling = check_token_scaling(token_scaling, logits_buffer_mb)
+        check_skip_ignored_rows(skip_ignored_rows, return_lse)
         if class_weight is not None:
             check_tensor("class_weight", class_weight, "a torch.Tensor (C,) or None")
             check_class_weight(class_weight.detach(), class_weight.detach(), label_smoothing, softcap)
@@ -556,7 +559,8 @@ class LinearCrossEntropyLoss(nn.Module):
                             softcap=softcap, focal_gamma=focal_gamma, gamma_ce=gamma_ce, reduction=reduction,
                             grad_filter_eps=grad_filter_eps, logits_buffer_mb=logits_buffer_mb,
                             shift=check_shift(shift), return_lse=return_lse,
-                            return_token_accuracy=return_token_accuracy, token_scaling=token_scaling)
+                            return_token_accuracy=return_token_accuracy, token_scaling=token_scaling,
+                            skip_ignored_rows=skip_ignored_rows)
 
     def forward(self, input, weight, target, bias=None):
         return linear_cross_entropy(input, _autocast_like(weight, input), target, _autocast_like(bias, input),
@@ -573,12 +577,13 @@ class EMOLoss(nn.Module):
     `cost_embedding` (V, E), if given, is stored as a fixed buffer (the paper takes it from a pre-trained
     LM head); otherwise the live `lm_head_weight`, detached, is the cost ("adaptive" variant).
     mode="mle_anchored" (default, the official recipe): 0.5·(ce + sg(ce/emo)·emo); mode="emo": EMO alone.
-    shift as in LinearCrossEntropyLoss.
+    shift and skip_ignored_rows as in LinearCrossEntropyLoss.
     """
 
     MODES = ("mle_anchored", "emo")
 
-    def __init__(self, cost_embedding=None, *, mode="mle_anchored", ignore_index=-100, reduction="mean", shift=0):
+    def __init__(self, cost_embedding=None, *, mode="mle_anchored", ignore_index=-100, reduction="mean", shift=0,
+                 skip_ignored_rows=None):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
@@ -588,16 +593,19 @@ class EMOLoss(nn.Module):
         self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
         self.mode, self.ignore_index, self.reduction = mode, check_ignore_index(ignore_index), reduction
         self.shift = check_shift(shift)
+        check_skip_ignored_rows(skip_ignored_rows)
+        self.skip_ignored_rows = skip_ignored_rows
 
     def forward(self, input, weight, target):
         fn = emo_cross_entropy if self.mode == "mle_anchored" else emo_loss
         return fn(input, _autocast_like(weight, input), target, cost_embedding=self.cost_embedding,
-                  ignore_index=self.ignore_index, reduction=self.reduction, shift=self.shift)
+                  ignore_index=self.ignore_index, reduction=self.reduction, shift=self.shift,
+                  skip_ignored_rows=self.skip_ignored_rows)
 
     def extra_repr(self):
         cost = "live weight" if self.cost_embedding is None else f"buffer {tuple(self.cost_embedding.shape)}"
         return (f"mode={self.mode!r}, cost={cost}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"shift={self.shift}")
+                f"shift={self.shift}, skip_ignored_rows={self.skip_ignored_rows}")
 
 
 class LinearDistillationLoss(nn.Module):
@@ -613,7 +621,7 @@ class LinearDistillationLoss(nn.Module):
     DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
     def __init__(self, divergence="forward_kl", *, beta=None, temperature=1.0, ignore_index=-100, reduction="mean",
-                 shift=0):
+                 shift=0, skip_ignored_rows=None):
         super().__init__()
         if divergence not in self.DIVERGENCES:
             raise ValueError(f"divergence must be one of {self.DIVERGENCES}, got {divergence!r}")
@@ -623,7 +631,8 @@ class LinearDistillationLoss(nn.Module):
         check_reduction(reduction)
         self.divergence = divergence
         self.options = dict(temperature=check_temperature(temperature), ignore_index=check_ignore_index(ignore_index),
-                            reduction=reduction, shift=check_shift(shift))
+                            reduction=reduction, shift=check_shift(shift), skip_ignored_rows=skip_ignored_rows)
+        check_skip_ignored_rows(skip_ignored_rows)
         if divergence == "jsd":
             self.options["beta"] = check_jsd_beta(0.5 if beta is None else beta)
         else:

@@ -98,24 +98,28 @@ def _register_autograd(name, backward, setup_context):
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(args) -> bool:
-    """Whether a call can skip torch.library's dispatch: eager mode (not traced or compiled, no torch function
-    or dispatch mode such as FakeTensorMode or FlopCounterMode, no functorch transform) on plain CPU/CUDA
-    tensors (no subclass: fake, functional or distributed tensors go through the op).
-    MARGINKERN_EAGER_TWINS=0 sends every call through the ops (to compare, or to rule the twins out)."""
-    if os.environ.get("MARGINKERN_EAGER_TWINS") == "0":
-        return False
+def eager_on_real_tensors(args) -> bool:
+    """Whether this call runs eagerly on plain CPU/CUDA tensors: not traced or compiled, no torch function or
+    dispatch mode (FakeTensorMode, FlopCounterMode), no functorch transform, no tensor subclass (fake, functional
+    or distributed tensors). Data-dependent steps (a host sync, a shape read from values) may run then, unless a
+    CUDA graph is being captured (the caller's check)."""
     try:
-        # inference mode: the op skips autograd there, a Function would try to save inference tensors (which
-        # raises under enable_grad)
-        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_inference_mode_enabled()
-                or torch._C._len_torch_function_stack()
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_function_stack()
                 or torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None):
             return False
     except AttributeError:  # a torch without these internals: always the op
         return False
     return all(type(a) in _PLAIN_TENSOR_TYPES and a.device.type in ("cpu", "cuda")
                for a in args if isinstance(a, torch.Tensor))
+
+
+def _plain_eager(args) -> bool:
+    """Whether a call can skip torch.library's dispatch: eager_on_real_tensors, outside inference mode (there the
+    op skips autograd, where a Function would try to save inference tensors, which raises under enable_grad).
+    MARGINKERN_EAGER_TWINS=0 sends every call through the ops (to compare, or to rule the twins out)."""
+    if os.environ.get("MARGINKERN_EAGER_TWINS") == "0":
+        return False
+    return eager_on_real_tensors(args) and not torch.is_inference_mode_enabled()  # (dynamo refuses the latter)
 
 
 def _run_implementation(name, args):

@@ -993,6 +993,16 @@ def test_sharded_linear_ce_token_scaling(world, reduction, opts):
     assert (loss - plain.detach()).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_sharded_linear_ce_skips_ignored_rows(world, skip):
+    """skip_ignored_rows: every rank leaves out the same (prompt) rows; loss and gradients as the single-process
+    function's, with DFT and a bias shard (the collectives see the labelled rows only)."""
+    x, w, t = make_case(24, 31, 6, torch.float64, ignore=range(12))
+    check_sharded_lce(world, x, w, t, bias=torch.randn(31, dtype=torch.float64), reduction="none",
+                      token_scaling=True, skip_ignored_rows=skip)
+    check_sharded_lce(world, x, w, t, reduction="mean", z_loss=1e-3, skip_ignored_rows=skip)
+
+
 def _sharded_lce_extras(rank, world_size, x, w, t, kwargs, upstream):
     """(loss, lse, accuracy, dL/dinput, dL/dweight_shard) of this rank with return_lse and return_token_accuracy, for
     the loss Σ upstream·loss + Σ lse² (the lse's own gradient through the backward's collectives)."""

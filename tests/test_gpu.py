@@ -580,6 +580,23 @@ def test_token_scaling_on_gpu(dtype, monkeypatch):
             check_token_scaling("cuda", dtype, opts, reduction, shape=(300, 50003, 131))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_skipping_ignored_rows_on_gpu(dtype, monkeypatch):
+    """skip_ignored_rows on each built GPU backend: the op runs the labelled rows alone (one host sync, index_select
+    and index_copy on the device), the outputs and gradients are those of every row."""
+    import marginkern.functional as functional
+    from tests.test_skip_ignored_rows import check_linear_ce_equals_every_row
+    call = functional.call_op
+    for backend in ("triton", "cuda"):
+        if _why_not(backend, torch.device("cuda"), dtype):
+            continue
+        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+        for opts in (dict(), dict(token_scaling=True, label_smoothing=0.1, z_loss=1e-4)):
+            seen = []
+            monkeypatch.setattr(functional, "call_op", lambda name, *a: seen.append(a[0].shape[0]) or call(name, *a))
+            check_linear_ce_equals_every_row("cuda", dtype, opts, "none", seen)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_every_loss_bit_identical_again_and_in_deterministic_mode_on_gpu(dtype, monkeypatch):
     """tests/test_reproducibility.py's steps on CUDA (duplicate targets in each batch): a second call and a call under

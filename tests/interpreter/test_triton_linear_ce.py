@@ -195,3 +195,13 @@ def test_token_scaling_matches_oracle(opts, reduction):
     """DFT: the Triton forward's lse gives p_t (the gathered target dot beside it is PyTorch's)."""
     from tests.test_token_scaling import check_token_scaling
     check_token_scaling(DEVICE, torch.float32, opts, reduction, shape=(21, 77, 32))
+
+
+@pytest.mark.parametrize("opts", [dict(token_scaling=True, softcap=3.0), dict(return_token_accuracy=True)])
+def test_skipping_ignored_rows_equals_every_row(opts, monkeypatch):
+    """skip_ignored_rows on the Triton tiles: the op runs the labelled rows alone, the result is the full call's."""
+    import marginkern.functional as functional
+    from tests.test_skip_ignored_rows import check_linear_ce_equals_every_row
+    seen, call = [], functional.call_op
+    monkeypatch.setattr(functional, "call_op", lambda name, *args: seen.append(args[0].shape[0]) or call(name, *args))
+    check_linear_ce_equals_every_row(DEVICE, torch.float32, opts, "none", seen)
