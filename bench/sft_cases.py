@@ -9,7 +9,6 @@ Providers, measured in one run on the same inputs:
   liger-kernel, cut-cross-entropy (CUDA, when installed): CCE leaves ignored rows out itself
   3-GEMM floor          the three GEMMs of the labelled rows (the work an exact loss cannot avoid)
 """
-import torch
 
 import marginkern
 from common_providers import compiled, gemm_floor, make_inputs, peer_attribute
