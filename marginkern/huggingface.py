@@ -13,7 +13,8 @@ With `labels`, in training mode, the patched forward runs the model's own forwar
 decoder's last hidden state from a forward hook, and returns `marginkern.linear_cross_entropy` of it against the
 head's weight (and bias), or one of the EMO losses (LOSSES), with HF's loss semantics: labels shifted by one (or
 `shift_labels` as given, for context parallelism), mean over the non-ignored tokens, or their sum divided by
-`num_items_in_batch` when the Trainer passes it (gradient accumulation). The output's `loss` is that value and its
+`num_items_in_batch` when the Trainer passes it (gradient accumulation); the ignored (prompt, padding) positions
+cost no GEMM work in eager mode (skip_ignored_rows). The output's `loss` is that value and its
 `logits` is None. Without `labels` (inference, `generate`), or in eval mode (an evaluation loop's metrics want the
 logits; as Liger-Kernel's patches), the model's own forward runs unchanged.
 
