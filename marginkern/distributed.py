@@ -621,7 +621,7 @@ def _epilogue_tiles(input, what):
 
 
 def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, num_classes, group=None,
-                                  temperature=1.0, ignore_index=-100):
+                                  temperature=1.0, ignore_index=-100, skip_ignored_rows=None):
     """marginkern.log_probs_and_entropy with the LM head's vocabulary sharded across the ranks of `group` (a
     tensor-parallel head, as RL trainers run with Megatron-style models).
 
@@ -631,7 +631,8 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
     (log_probs, entropy), each (N,), those of `log_probs_and_entropy(input, cat(all shards), target)` and
     identical on every rank. Each rank streams over its own rows; only the per-row statistics (M, S′, T) and
     target logits cross ranks (one all-gather of 4 × N values, merged exactly in rank order), and dL/dinput is
-    all-reduced (N × D) in the backward pass; dL/dweight_shard is local.
+    all-reduced (N × D) in the backward pass; dL/dweight_shard is local. skip_ignored_rows as in
+    log_probs_and_entropy (every rank leaves out the same rows).
     """
     rank, world_size = _rank_and_world_size(group)
     local_error = None
@@ -639,14 +640,19 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
         check_temperature(temperature)
         ignore_index = check_ignore_index(ignore_index)
+        check_skip_ignored_rows(skip_ignored_rows)
         class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
         target = target.long()
     except (TypeError, ValueError) as e:
         local_error = e
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                 op="sharded_log_probs_and_entropy", options=(temperature,), differentiable=(input, weight_shard))
-    return _ShardedLogProbsEntropy.apply(input, weight_shard, target, ProcessGroupShard(class_start, num_classes, group),
-                                         float(temperature), ignore_index)
+                 op="sharded_log_probs_and_entropy", options=(temperature, skip_ignored_rows),
+                 differentiable=(input, weight_shard))
+    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    x, t = _take_rows(rows, input, target)
+    outputs = _ShardedLogProbsEntropy.apply(x, weight_shard, t, ProcessGroupShard(class_start, num_classes, group),
+                                            float(temperature), ignore_index)
+    return _put_rows(rows, target.shape[0], *outputs)
 
 
 def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start, num_classes, group=None,
@@ -793,14 +799,17 @@ class _ShardedDistillation(torch.autograd.Function):
 
 
 def _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_shard, target, class_start, num_classes,
-                          group, temperature, ignore_index, reduction, checked_divergence, op):
-    """The sharded distillation losses' argument checks, agreement across ranks and reduction;
+                          group, temperature, ignore_index, reduction, skip_ignored_rows, checked_divergence, op):
+    """The sharded distillation losses' argument checks, agreement across ranks, skipped rows and reduction;
     `checked_divergence()` checks the loss's own option and returns (reverse, beta) (beta None: KL)."""
     rank, world_size = _rank_and_world_size(group)
     local_error, reverse, beta = None, False, None
     try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
         reverse, beta = checked_divergence()
         ignore_index = check_ignore_index(ignore_index)
+        check_skip_ignored_rows(skip_ignored_rows)
+        if target is None:  # every row counts (no host sync to find that out)
+            skip_ignored_rows = False
         if target is None and isinstance(input, torch.Tensor):  # every row counts: any value but ignore_index
             target = torch.full(input.shape[:1], int(ignore_index == 0), dtype=torch.int64, device=input.device)
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
@@ -812,16 +821,20 @@ def _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_sha
     except (TypeError, ValueError) as e:
         local_error = e
     _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error, op=op,
-                 options=(temperature, reverse, beta, reduction), differentiable=(input, weight_shard))
-    divergence = _ShardedDistillation.apply(input, weight_shard, teacher_input.detach(), teacher_weight_shard.detach(),
-                                            target, ProcessGroupShard(class_start, num_classes, group), temperature,
+                 options=(temperature, reverse, beta, reduction, skip_ignored_rows),
+                 differentiable=(input, weight_shard))
+    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    x, teacher_x, t = _take_rows(rows, input, teacher_input.detach(), target)
+    divergence = _ShardedDistillation.apply(x, weight_shard, teacher_x, teacher_weight_shard.detach(), t,
+                                            ProcessGroupShard(class_start, num_classes, group), temperature,
                                             ignore_index, reverse, beta)
+    divergence, = _put_rows(rows, target.shape[0], divergence)
     return reduce_rows(divergence, target != ignore_index, reduction)
 
 
 def sharded_linear_kl_divergence(input, weight_shard, teacher_input, teacher_weight_shard, target=None, *, class_start,
                                  num_classes, group=None, temperature=1.0, direction="forward", ignore_index=-100,
-                                 reduction="mean"):
+                                 reduction="mean", skip_ignored_rows=None):
     """marginkern.linear_kl_divergence with both heads' vocabularies sharded across the ranks of `group` alike (a
     tensor-parallel student and teacher).
 
@@ -830,15 +843,16 @@ def sharded_linear_kl_divergence(input, weight_shard, teacher_input, teacher_wei
     class_start + C_local), which must be `shard_range(num_classes, rank, world_size)`. The result is that of the
     single-process function with the concatenated heads, identical on every rank: each rank streams over its own
     rows, one all-gather of 4 × N per-row values merges them, and dL/dinput is all-reduced in the backward pass;
-    dL/dweight_shard is local and the teacher gets no gradient.
+    dL/dweight_shard is local and the teacher gets no gradient. skip_ignored_rows as in linear_kl_divergence.
     """
     return _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_shard, target, class_start,
-                                 num_classes, group, temperature, ignore_index, reduction,
+                                 num_classes, group, temperature, ignore_index, reduction, skip_ignored_rows,
                                  lambda: (check_direction(direction), None), "sharded_linear_kl_divergence")
 
 
 def sharded_linear_jsd(input, weight_shard, teacher_input, teacher_weight_shard, target=None, *, class_start,
-                       num_classes, group=None, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean"):
+                       num_classes, group=None, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean",
+                       skip_ignored_rows=None):
     """marginkern.linear_jsd with both heads' vocabularies sharded across the ranks of `group` alike: arguments and
     result as sharded_linear_kl_divergence (beta = 0 and 1: its forward and reverse KL). Two forward passes per rank
     over its own rows; the ranks' statistics merge by one all-gather and the two divergence sums by one
@@ -847,9 +861,10 @@ def sharded_linear_jsd(input, weight_shard, teacher_input, teacher_weight_shard,
         return sharded_linear_kl_divergence(input, weight_shard, teacher_input, teacher_weight_shard, target,
                                             class_start=class_start, num_classes=num_classes, group=group,
                                             temperature=temperature, direction="forward" if beta == 0.0 else "reverse",
-                                            ignore_index=ignore_index, reduction=reduction)
+                                            ignore_index=ignore_index, reduction=reduction,
+                                            skip_ignored_rows=skip_ignored_rows)
     return _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_shard, target, class_start,
-                                 num_classes, group, temperature, ignore_index, reduction,
+                                 num_classes, group, temperature, ignore_index, reduction, skip_ignored_rows,
                                  lambda: (False, check_jsd_beta(beta)), "sharded_linear_jsd")
 
 

@@ -852,6 +852,29 @@ def test_sharded_kl_divergence_matches_single_process(world, direction, dtype):
     assert_close_rel(torch.cat([gw for *_, gw in results]), want_gw, dtype, "grad weight", factor=factor)
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_sharded_log_probs_and_kl_skip_ignored_rows(world, skip):
+    """skip_ignored_rows in the vocab-parallel log-probs and distillation: every rank leaves out the same (prompt)
+    rows; outputs and gradients as the single-process functions' (0 on the ignored rows)."""
+    x, w, t = make_case(16, 29, 7, torch.float64, ignore=range(8))
+    log_pt, _ = check_sharded_log_probs(world, x, w, t, skip_ignored_rows=skip)
+    assert not log_pt[:8].any()
+    x_t, w_t = torch.randn(16, 5, dtype=torch.float64), torch.randn(29, 5, dtype=torch.float64)
+    upstream = torch.randn(16, dtype=torch.float64)
+    for kwargs in (dict(direction="reverse"), dict(beta=0.3)):
+        kwargs = dict(kwargs, skip_ignored_rows=skip)
+        loss = "sharded_linear_jsd" if "beta" in kwargs else "sharded_linear_kl_divergence"
+        results = world.run(_sharded_kl_and_grads, x, w, x_t, w_t, t, kwargs, upstream, loss)
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        fn = mk.linear_jsd if "beta" in kwargs else mk.linear_kl_divergence
+        want = fn(xs, ws, x_t, w_t, t, reduction="none", **kwargs)
+        want_gx, want_gw = torch.autograd.grad((want * upstream).sum(), (xs, ws))
+        kl, gx, _ = results[0]
+        assert_close_rel(kl, want, torch.float64, "divergence", floor=1.0)
+        assert_close_rel(gx, want_gx, torch.float64, "grad input")
+        assert_close_rel(torch.cat([gw for *_, gw in results]), want_gw, torch.float64, "grad weight")
+
+
 def _kl_options_differ(rank, world_size):
     torch.manual_seed(0)
     x, w, x_t, w_t = torch.randn(5, 4), torch.randn(10, 4), torch.randn(5, 3), torch.randn(10, 3)
