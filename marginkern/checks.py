@@ -103,11 +103,15 @@ def checked_class_targets(target, n, num_classes, ignore_index, name="target"):
     return target
 
 
+def _is_bool(value):
+    """A bool or a NumPy bool."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
 def check_bool(name, value):
     """value as a Python bool (a bool or a NumPy bool); anything else (None, a string, an int) is a TypeError
     rather than a truthiness guess."""
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-    if not (isinstance(value, bool) or numpy_bool):
+    if not _is_bool(value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
 
@@ -343,10 +347,16 @@ def check_token_scaling(token_scaling, logits_buffer_mb):
 
 
 def check_skip_ignored_rows(skip_ignored_rows, return_lse=False):
-    """skip_ignored_rows: None (automatic), True or False; True cannot leave out rows whose lse return_lse reports."""
-    if skip_ignored_rows is not None and check_bool("skip_ignored_rows", skip_ignored_rows) and return_lse:
+    """skip_ignored_rows as None (automatic), True or False (a NumPy bool read as a bool); True cannot leave out
+    rows whose lse return_lse reports."""
+    if skip_ignored_rows is None:
+        return None
+    if not _is_bool(skip_ignored_rows):
+        raise TypeError(f"skip_ignored_rows must be None or a bool, got {type(skip_ignored_rows).__name__}")
+    if skip_ignored_rows and return_lse:
         raise ValueError("skip_ignored_rows=True cannot be combined with return_lse=True (the lse of every row, "
                          "ignored ones included, is returned)")
+    return bool(skip_ignored_rows)
 
 
 def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):

@@ -38,7 +38,7 @@ from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
 from .adaptive_margins import AdaFaceMargins, ElasticMargins, MagFaceMargins
-from .functional import (_labelled_rows, _lm_rows, _put_rows, _take_rows, hard_negative_coefficients,
+from .functional import (_labelled_rows, _lm_rows, _may_skip_rows, _put_rows, _take_rows, hard_negative_coefficients,
                          linear_ce_outputs, row_margin_offsets)
 from .linear_ce import (LinearCEOptions, linear_ce_backward, linear_ce_forward, target_class_weights,
                         token_scaling_weights)
@@ -284,7 +284,7 @@ def _rows_checksum(input, *extras):
 
 _STEP_FIELDS = ("argument error", "input rows", "input width", "num_classes", "class sampling (train mode)",
                 "target checksum", "input checksum", "targets out of range", "smallest target out of range",
-                "options checksum", "needs a gradient")
+                "options checksum", "needs a gradient", "may skip ignored rows")
 
 
 def _options_checksum(options, device):
@@ -308,7 +308,7 @@ def _needs_grad(tensors):
 
 def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local_error,
                  op="sharded_margin_cross_entropy", options=(), differentiable=(), row_margins=None,
-                 hard_negatives=None):
+                 hard_negatives=None, may_skip_rows=False):
     """Every rank's step must see the same input, targets, num_classes and mode, and the targets must be
     valid class ids. One all-gather of a few int64 per rank and one host sync (the single-process loss
     checks its targets with a sync too); every rank raises the same error, so none is left waiting in a
@@ -319,20 +319,22 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
     or a loss that needs a gradient on some ranks only (`differentiable`: the call's tensors that may require
     grad; under torch.no_grad or with frozen tensors on one rank, its backward pass's collectives would wait for
     ranks that never run them). Skipped while a CUDA graph is captured (a sync would break the capture), as the
-    local check is."""
+    local check is. Returns whether every rank may skip ignored rows (`may_skip_rows`, functional._may_skip_rows, a
+    per-process answer: a rank under a dispatch mode runs every row, so the others must too)."""
     rank, world_size = _rank_and_world_size(group)
     device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         if local_error is not None:
             raise local_error
-        return
+        return False
     zero = torch.zeros((), dtype=torch.int64, device=device)
     if local_error is None:
         bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
         fields = [zero, zero + input.shape[0], zero + input.shape[1], zero + num_classes, zero + int(sampled),
                   _checksum(target), _rows_checksum(input, row_margins, hard_negatives), bad.sum(),
                   torch.where(bad, target, torch.iinfo(torch.int64).max).min() if target.numel() else zero,
-                  _options_checksum((ignore_index,) + tuple(options), device), zero + int(_needs_grad(differentiable))]
+                  _options_checksum((ignore_index,) + tuple(options), device), zero + int(_needs_grad(differentiable)),
+                  zero + int(may_skip_rows)]
     else:
         fields = [zero + 1] + [zero] * (len(_STEP_FIELDS) - 1)
     seen = _all_gather_ints(torch.stack(fields), group, world_size)
@@ -369,6 +371,7 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
     if seen[rank][7]:
         raise ValueError(f"target holds class {seen[rank][8]}, outside [0, {num_classes}) and not "
                          f"ignore_index={ignore_index}")
+    return all(c[11] for c in seen)
 
 
 def _checked_shard(weight_shard, class_start, num_classes, rank, world_size, subcenters=1):
@@ -552,21 +555,23 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
         return_lse, return_token_accuracy = check_extra_outputs(None, return_lse=return_lse,
                                                                 return_token_accuracy=return_token_accuracy)
         token_scaling = check_token_scaling(token_scaling, None)
-        check_skip_ignored_rows(skip_ignored_rows, return_lse)
+        skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows, return_lse)
         check_class_weight(class_weight_shard, weight_shard, label_smoothing, softcap)
         check_class_weight_values(class_weight_shard, accumulation_dtype(weight_shard.dtype))
         target = target.long()  # uint8 indices would index as a mask
     except (TypeError, ValueError) as e:
         local_error = e
     # the flags and the weights' presence too: each adds collectives, which one rank alone would wait on forever
-    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                 op="sharded_linear_cross_entropy",
-                 options=() if local_error else dataclasses.astuple(opts) + (
-                     reduction, bias_shard is not None, return_lse, return_token_accuracy,
-                     class_weight_shard is not None, token_scaling, skip_ignored_rows),
-                 differentiable=(input, weight_shard, bias_shard))
+    may_skip = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
+                            op="sharded_linear_cross_entropy",
+                            options=() if local_error else dataclasses.astuple(opts) + (
+                                reduction, bias_shard is not None, return_lse, return_token_accuracy,
+                                class_weight_shard is not None, token_scaling, skip_ignored_rows),
+                            differentiable=(input, weight_shard, bias_shard),
+                            may_skip_rows=local_error is None and not return_lse
+                            and _may_skip_rows(input, target, skip_ignored_rows))
     shard = ProcessGroupShard(class_start, num_classes, group)
-    rows = None if return_lse else _labelled_rows(input, target, opts.ignore_index, skip_ignored_rows)
+    rows = _labelled_rows(input, target, opts.ignore_index, skip_ignored_rows, may_skip)
     run_input, run_target = _take_rows(rows, input, target)
     loss_rows, lse, correct = _ShardedLinearCrossEntropy.apply(
         run_input, weight_shard, bias_shard, run_target, shard, opts, return_lse, return_token_accuracy,
@@ -640,15 +645,16 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
         check_temperature(temperature)
         ignore_index = check_ignore_index(ignore_index)
-        check_skip_ignored_rows(skip_ignored_rows)
+        skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
         class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
         target = target.long()
     except (TypeError, ValueError) as e:
         local_error = e
-    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                 op="sharded_log_probs_and_entropy", options=(temperature, skip_ignored_rows),
-                 differentiable=(input, weight_shard))
-    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    may_skip = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
+                            op="sharded_log_probs_and_entropy", options=(temperature, skip_ignored_rows),
+                            differentiable=(input, weight_shard),
+                            may_skip_rows=local_error is None and _may_skip_rows(input, target, skip_ignored_rows))
+    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows, may_skip)
     x, t = _take_rows(rows, input, target)
     outputs = _ShardedLogProbsEntropy.apply(x, weight_shard, t, ProcessGroupShard(class_start, num_classes, group),
                                             float(temperature), ignore_index)
@@ -807,7 +813,7 @@ def _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_sha
     try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
         reverse, beta = checked_divergence()
         ignore_index = check_ignore_index(ignore_index)
-        check_skip_ignored_rows(skip_ignored_rows)
+        skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
         if target is None:  # every row counts (no host sync to find that out)
             skip_ignored_rows = False
         if target is None and isinstance(input, torch.Tensor):  # every row counts: any value but ignore_index
@@ -820,10 +826,11 @@ def _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_sha
         target = target.long()
     except (TypeError, ValueError) as e:
         local_error = e
-    _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error, op=op,
-                 options=(temperature, reverse, beta, reduction, skip_ignored_rows),
-                 differentiable=(input, weight_shard))
-    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    may_skip = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error, op=op,
+                            options=(temperature, reverse, beta, reduction, skip_ignored_rows),
+                            differentiable=(input, weight_shard),
+                            may_skip_rows=local_error is None and _may_skip_rows(input, target, skip_ignored_rows))
+    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows, may_skip)
     x, teacher_x, t = _take_rows(rows, input, teacher_input.detach(), target)
     divergence = _ShardedDistillation.apply(x, weight_shard, teacher_x, teacher_weight_shard.detach(), t,
                                             ProcessGroupShard(class_start, num_classes, group), temperature,

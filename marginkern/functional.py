@@ -168,13 +168,21 @@ def _lm_rows(input, target, ignore_index, shift):
 SKIP_IGNORED_SHARE = 1 / 8
 
 
-def _labelled_rows(input, target, ignore_index, skip_ignored_rows):
+def _may_skip_rows(input, target, skip_ignored_rows):
+    """Whether this call may leave ignored rows out: skip_ignored_rows is not False, and the call runs eagerly on real
+    tensors (not under torch.compile, FakeTensor, functorch, a dispatch mode, or while a CUDA graph is captured: a
+    host sync and a data-dependent shape). A per-process answer: the vocab-parallel losses agree on it across ranks."""
+    if skip_ignored_rows is False or target.numel() == 0 or not eager_on_real_tensors((input, target), True):
+        return False
+    return not (target.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _labelled_rows(input, target, ignore_index, skip_ignored_rows, may_skip=None):
     """The indices of the rows whose target is not ignore_index, to run an op on those alone; None to run every row:
-    skip_ignored_rows False, (None:) fewer than SKIP_IGNORED_SHARE of the rows ignored, or not eager on real tensors
-    (torch.compile, FakeTensor, a CUDA graph being captured: a host sync and a data-dependent shape)."""
-    if skip_ignored_rows is False or target.numel() == 0 or not eager_on_real_tensors((input, target)):
-        return None
-    if target.is_cuda and torch.cuda.is_current_stream_capturing():
+    not `may_skip` (default: _may_skip_rows), or (skip_ignored_rows None) fewer than SKIP_IGNORED_SHARE of the rows
+    ignored. Results equal every row's up to the order of fp32 sums, for finite inputs: a NaN or inf in a skipped
+    row's input no longer reaches dW (through every row, it did as 0·inf)."""
+    if not (_may_skip_rows(input, target, skip_ignored_rows) if may_skip is None else may_skip):
         return None
     rows = (target != ignore_index).nonzero().squeeze(1)
     ignored = target.numel() - rows.numel()
@@ -239,8 +247,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     skip_ignored_rows (None | bool): an eager call runs the op on the non-ignored rows alone (prompt and padding
     tokens cost no GEMM work), for one host sync and a copy of those rows of input (and of their gradient). None
     does so when at least SKIP_IGNORED_SHARE (1/8) of the rows are ignored, True whenever any is, False never;
-    torch.compile and CUDA graph capture run every row (no data-dependent shapes there). Per-row results are those
-    of the full call up to the order of fp32 sums. Not with return_lse (which reports every row's lse).
+    torch.compile and CUDA graph capture run every row (no data-dependent shapes there). Results are those of the
+    full call up to the order of fp32 sums, for finite inputs (a NaN or inf in a skipped row's input no longer
+    reaches dW or the other rows' gradients). Not with return_lse (which reports every row's lse).
 
     Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
     grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
@@ -263,7 +272,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     return_lse, return_token_accuracy = check_extra_outputs(logits_buffer_mb, return_lse=return_lse,
                                                             return_token_accuracy=return_token_accuracy)
     token_scaling = check_token_scaling(token_scaling, logits_buffer_mb)
-    check_skip_ignored_rows(skip_ignored_rows, return_lse)
+    skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows, return_lse)
     target = target.long()  # uint8 indices would index as a mask
     rows = None if return_lse else _labelled_rows(input, target, ignore_index, skip_ignored_rows)
     run_input, run_target = _take_rows(rows, input, target)
@@ -325,7 +334,7 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, sh
         check_cost_embedding(cost_embedding, weight)
     cost = cost_in_dtype(weight if cost_embedding is None else cost_embedding, input.dtype)
     check_reduction(reduction)
-    check_skip_ignored_rows(skip_ignored_rows)
+    skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()  # a uint8 target would compare unequal to ignore_index −100 (which wraps to 156)
     rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
     ce, emo, _ = call_op("emo_cross_entropy", *_take_rows(rows, input), weight, *_take_rows(rows, target), cost,
@@ -379,7 +388,7 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
     check_classification_inputs(input, weight, target)
     check_temperature(temperature)
-    check_skip_ignored_rows(skip_ignored_rows)
+    skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()
     rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
     log_probs, entropy, _ = call_op("log_probs_entropy", *_take_rows(rows, input), weight,
@@ -409,7 +418,7 @@ def _distill_rows(input, weight, teachers, target, temperature, ignore_index, re
     _labelled_rows)."""
     ignore_index = check_ignore_index(ignore_index)
     check_tensor("input", input)
-    check_skip_ignored_rows(skip_ignored_rows)
+    skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     if target is None and not shift:  # every row counts (no host sync to find that out)
         skip_ignored_rows = False
     if target is None:  # every row counts: any value but ignore_index

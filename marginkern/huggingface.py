@@ -14,7 +14,8 @@ decoder's last hidden state from a forward hook, and returns `marginkern.linear_
 head's weight (and bias), or one of the EMO losses (LOSSES), with HF's loss semantics: labels shifted by one (or
 `shift_labels` as given, for context parallelism), mean over the non-ignored tokens, or their sum divided by
 `num_items_in_batch` when the Trainer passes it (gradient accumulation); the ignored (prompt, padding) positions
-cost no GEMM work in eager mode (skip_ignored_rows). The output's `loss` is that value and its
+cost no GEMM work in eager mode when they are at least 1/8 of them (skip_ignored_rows). The output's `loss` is that
+value and its
 `logits` is None. Without `labels` (inference, `generate`), or in eval mode (an evaluation loop's metrics want the
 logits; as Liger-Kernel's patches), the model's own forward runs unchanged.
 
@@ -32,7 +33,7 @@ import warnings
 import torch
 
 from .checks import (check_bool, check_ignore_index, check_integer_dtype, check_linear_ce_options, check_temperature,
-                     check_tensor, check_token_scaling)
+                     check_skip_ignored_rows, check_tensor, check_token_scaling)
 from .emo import cost_in_dtype
 from .functional import _shift_targets, emo_cross_entropy, emo_loss, linear_cross_entropy, linear_topk
 from .modules import _caller_stacklevel
@@ -54,11 +55,11 @@ SUPPORTED_MODEL_TYPES = {
 LOSSES = {
     # token_scaling=True: DFT, TRL's SFT loss_type="dft" (keep TRL's loss_type "nll": its "dft" reads the logits)
     "cross_entropy": (linear_cross_entropy, ("label_smoothing", "z_loss", "focal_gamma", "gamma_ce", "grad_filter_eps",
-                                             "logits_buffer_mb", "token_scaling")),
+                                             "logits_buffer_mb", "token_scaling", "skip_ignored_rows")),
     # EMO's official code patches HF's Llama forward with these: the MLE-anchored recipe, or EMO alone; the cost
     # embedding defaults to the live head, detached ("adaptive"), or a fixed (V, E) one (kept as a buffer)
-    "emo_cross_entropy": (emo_cross_entropy, ("cost_embedding",)),
-    "emo": (emo_loss, ("cost_embedding",)),
+    "emo_cross_entropy": (emo_cross_entropy, ("cost_embedding", "skip_ignored_rows")),
+    "emo": (emo_loss, ("cost_embedding", "skip_ignored_rows")),
 }
 _COST_BUFFER = "_marginkern_cost_embedding"
 
@@ -88,6 +89,8 @@ def patch_causal_lm(model, *, loss="cross_entropy", **loss_options):
     elif softcap is not None or head.bias is not None:
         raise ValueError(f"loss={loss!r} takes no {'softcap' if softcap is not None else 'bias'}, which this "
                          f"{type(model).__name__}'s head has")
+    if "skip_ignored_rows" in options:
+        options["skip_ignored_rows"] = check_skip_ignored_rows(options["skip_ignored_rows"])
     cost = options.pop("cost_embedding", None)
     if cost is not None and (not torch.is_tensor(cost) or cost.dim() != 2 or cost.shape[0] != head.weight.shape[0]):
         raise ValueError(f"cost_embedding must be a (V, E) tensor with V = {head.weight.shape[0]} (the head's rows), "

@@ -547,7 +547,7 @@ class LinearCrossEntropyLoss(nn.Module):
         return_lse, return_token_accuracy = check_extra_outputs(logits_buffer_mb, return_lse=return_lse,
                                                                 return_token_accuracy=return_token_accuracy)
         token_scaling = check_token_scaling(token_scaling, logits_buffer_mb)
-        check_skip_ignored_rows(skip_ignored_rows, return_lse)
+        skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows, return_lse)
         if class_weight is not None:
             check_tensor("class_weight", class_weight, "a torch.Tensor (C,) or None")
             check_class_weight(class_weight.detach(), class_weight.detach(), label_smoothing, softcap)
@@ -593,7 +593,7 @@ class EMOLoss(nn.Module):
         self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
         self.mode, self.ignore_index, self.reduction = mode, check_ignore_index(ignore_index), reduction
         self.shift = check_shift(shift)
-        check_skip_ignored_rows(skip_ignored_rows)
+        skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
         self.skip_ignored_rows = skip_ignored_rows
 
     def forward(self, input, weight, target):
@@ -631,8 +631,8 @@ class LinearDistillationLoss(nn.Module):
         check_reduction(reduction)
         self.divergence = divergence
         self.options = dict(temperature=check_temperature(temperature), ignore_index=check_ignore_index(ignore_index),
-                            reduction=reduction, shift=check_shift(shift), skip_ignored_rows=skip_ignored_rows)
-        check_skip_ignored_rows(skip_ignored_rows)
+                            reduction=reduction, shift=check_shift(shift),
+                            skip_ignored_rows=check_skip_ignored_rows(skip_ignored_rows))
         if divergence == "jsd":
             self.options["beta"] = check_jsd_beta(0.5 if beta is None else beta)
         else:

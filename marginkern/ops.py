@@ -98,13 +98,16 @@ def _register_autograd(name, backward, setup_context):
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def eager_on_real_tensors(args) -> bool:
-    """Whether this call runs eagerly on plain CPU/CUDA tensors: not traced or compiled, no torch function or
-    dispatch mode (FakeTensorMode, FlopCounterMode), no functorch transform, no tensor subclass (fake, functional
-    or distributed tensors). Data-dependent steps (a host sync, a shape read from values) may run then, unless a
-    CUDA graph is being captured (the caller's check)."""
+def eager_on_real_tensors(args, function_modes_allowed=False) -> bool:
+    """Whether this call runs eagerly on plain CPU/CUDA tensors: not traced or compiled, no dispatch mode
+    (FakeTensorMode, FlopCounterMode, make_fx's), no functorch transform, no tensor subclass (fake, functional or
+    distributed tensors), and no torch function mode unless `function_modes_allowed` (torch.set_default_device's
+    is one: data-dependent steps work under it, but a call that skips the op's dispatch would hide the op from a
+    user's mode). Data-dependent steps (a host sync, a shape read from values) may run then, unless a CUDA graph is
+    being captured (the caller's check)."""
     try:
-        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_function_stack()
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or (not function_modes_allowed and torch._C._len_torch_function_stack())
                 or torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None):
             return False
     except AttributeError:  # a torch without these internals: always the op

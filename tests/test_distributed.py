@@ -1026,6 +1026,40 @@ def test_sharded_linear_ce_skips_ignored_rows(world, skip):
     check_sharded_lce(world, x, w, t, reduction="mean", z_loss=1e-3, skip_ignored_rows=skip)
 
 
+def _sharded_rows_seen(rank, world_size, x, w, t, loss, function, flop_counter_on_rank_0):
+    """(the row counts this rank's `function` (an autograd Function of marginkern.distributed) was applied to, the
+    loss) for sharded `loss` on every rank, rank 0 inside a FlopCounterMode if asked (a dispatch mode: no skipping)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    seen, cls = [], getattr(mkd, function)
+    apply = cls.apply
+
+    def spy(*args):
+        seen.append(args[0].shape[0])
+        return apply(*args)
+    cls.apply = spy
+    try:
+        start, shard = _rank_rows(x, w, rank, world_size)[0], w[slice(*mkd.shard_range(w.shape[0], rank, world_size))]
+        mode = FlopCounterMode(display=False) if flop_counter_on_rank_0 and rank == 0 else contextlib.nullcontext()
+        with mode:
+            out = getattr(mkd, loss)(x, shard, t, class_start=start, num_classes=w.shape[0])
+        return seen, (out[0] if isinstance(out, tuple) else out).detach()
+    finally:
+        cls.apply = apply
+
+
+@pytest.mark.parametrize("loss, function", [("sharded_linear_cross_entropy", "_ShardedLinearCrossEntropy"),
+                                            ("sharded_log_probs_and_entropy", "_ShardedLogProbsEntropy")])
+def test_sharded_losses_skip_rows_only_when_every_rank_can(world, loss, function):
+    """Every rank runs the labelled rows alone, or, when one rank cannot skip (a dispatch mode there), every row: a
+    per-rank decision would give the collectives different sizes (a crash or a hang)."""
+    x, w, t = make_case(16, 29, 7, torch.float64, ignore=range(8))
+    skipped = world.run(_sharded_rows_seen, x, w, t, loss, function, False)
+    assert all(seen == [8] for seen, _ in skipped)
+    every_row = world.run(_sharded_rows_seen, x, w, t, loss, function, True)
+    assert all(seen == [16] for seen, _ in every_row)
+    torch.testing.assert_close(every_row[0][1], skipped[0][1])
+
+
 def _sharded_lce_extras(rank, world_size, x, w, t, kwargs, upstream):
     """(loss, lse, accuracy, dL/dinput, dL/dweight_shard) of this rank with return_lse and return_token_accuracy, for
     the loss Σ upstream·loss + Σ lse² (the lse's own gradient through the backward's collectives)."""

@@ -139,6 +139,22 @@ def test_token_scaling_is_trls_dft_loss(num_items):
         patch_causal_lm(copy.deepcopy(model), token_scaling=True, logits_buffer_mb=8)
 
 
+def test_prompt_positions_are_skipped_unless_turned_off(monkeypatch):
+    """The batch's 10 ignored of 33 positions (prompt, padding, the last ones) leave the head's op; with
+    skip_ignored_rows=False they run; the loss is the same."""
+    import marginkern.functional as functional
+    seen, call = [], functional.call_op
+    monkeypatch.setattr(functional, "call_op", lambda name, *a: seen.append(a[0].shape[0]) or call(name, *a))
+    model = tiny_model("llama")
+    ids, labels = batch()
+    skipped = patch_causal_lm(copy.deepcopy(model))(ids, labels=labels).loss
+    every_row = patch_causal_lm(copy.deepcopy(model), skip_ignored_rows=False)(ids, labels=labels).loss
+    assert seen == [23, 33]
+    torch.testing.assert_close(skipped, every_row)
+    with pytest.raises(TypeError, match="skip_ignored_rows must be None or a bool"):
+        patch_causal_lm(copy.deepcopy(model), loss="emo", skip_ignored_rows="no")
+
+
 def test_without_labels_the_model_is_unchanged_and_unpatch_restores_it():
     model = tiny_model("gemma2")
     patched = patch_causal_lm(copy.deepcopy(model))

@@ -90,6 +90,35 @@ def test_when_rows_are_skipped(op_rows):
     assert op_rows == [64, 57, 56, 64, 64, 56, 64]
 
 
+def test_numpy_bools_and_modes(op_rows):
+    """A NumPy False is False; under torch.set_default_device's function mode rows are skipped, under a dispatch mode
+    (FlopCounterMode: it would count the skipped rows' FLOPs otherwise) every row runs."""
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+    x, w, t = prompt_masked(16, 30, 8, torch.float32, ignored=8)
+    mk.linear_cross_entropy(x, w, t, skip_ignored_rows=np.False_)
+    mk.linear_cross_entropy(x, w, t, skip_ignored_rows=np.True_)
+    mk.EMOLoss(skip_ignored_rows=np.False_)(x, w, t)
+    with torch.device("cpu"):
+        mk.linear_cross_entropy(x, w, t)
+    with FlopCounterMode(display=False):
+        mk.linear_cross_entropy(x, w, t)
+    assert op_rows == [16, 8, 16, 8, 16]
+
+
+def test_non_finite_values_of_skipped_rows_do_not_reach_the_gradients():
+    """The one difference from every row (README): an inf in an ignored row's hidden state reaches dW through the
+    dW GEMM (0·inf) when every row runs, and nothing when the row is skipped."""
+    x, w, t = prompt_masked(16, 30, 8, torch.float32, ignored=8)
+    x = x.detach().clone()
+    x[0, 0] = float("inf")
+    for skip, finite in ((None, True), (False, False)):
+        xx, ww = x.clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = mk.linear_cross_entropy(xx, ww, t, skip_ignored_rows=skip)
+        gx, gw = torch.autograd.grad(loss, (xx, ww))
+        assert torch.isfinite(loss) and bool(torch.isfinite(gw).all()) == finite, skip
+
+
 def test_all_rows_ignored_runs_no_row(op_rows):
     x, w, t = prompt_masked(10, 50, 8, torch.float32, ignored=10)
     loss = mk.linear_cross_entropy(x, w, t, z_loss=1e-3)
@@ -140,7 +169,7 @@ def test_module_and_refusals():
     assert "skip_ignored_rows=False" in repr(module)
     torch.testing.assert_close(module(x, w, t), mk.linear_cross_entropy(x, w, t))
     for make in (lambda **k: mk.linear_cross_entropy(x, w, t, **k), lambda **k: mk.LinearCrossEntropyLoss(**k)):
-        with pytest.raises(TypeError, match="skip_ignored_rows must be a bool"):
+        with pytest.raises(TypeError, match="skip_ignored_rows must be None or a bool"):
             make(skip_ignored_rows="auto")
         with pytest.raises(ValueError, match="skip_ignored_rows=True cannot be combined with return_lse=True"):
             make(skip_ignored_rows=True, return_lse=True)
@@ -231,5 +260,5 @@ def test_modules_pass_it_on(op_rows):
     assert op_rows == [16, 8]
     for make in (lambda: mk.EMOLoss(skip_ignored_rows=1), lambda: mk.LinearDistillationLoss(skip_ignored_rows="no"),
                  lambda: mk.log_probs_and_entropy(x, w, t, skip_ignored_rows=0)):
-        with pytest.raises(TypeError, match="skip_ignored_rows must be a bool"):
+        with pytest.raises(TypeError, match="skip_ignored_rows must be None or a bool"):
             make()
