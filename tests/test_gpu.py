@@ -572,10 +572,7 @@ def test_token_accuracy_on_gpu(dtype, monkeypatch):
 def test_token_scaling_on_gpu(dtype, monkeypatch):
     """linear_cross_entropy(token_scaling=True) (DFT) on each built GPU backend against the float64 oracle."""
     from tests.test_token_scaling import check_token_scaling
-    for backend in ("triton", "cuda"):
-        if _why_not(backend, torch.device("cuda"), dtype):
-            continue
-        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    for _ in each_built_gpu_backend(dtype, monkeypatch):
         for opts, reduction in ((dict(), "mean"), (dict(softcap=30.0, z_loss=1e-4, class_weight=True), "none")):
             check_token_scaling("cuda", dtype, opts, reduction, shape=(300, 50003, 131))
 
@@ -587,10 +584,7 @@ def test_skipping_ignored_rows_on_gpu(dtype, monkeypatch):
     import marginkern.functional as functional
     from tests.test_skip_ignored_rows import check_linear_ce_equals_every_row
     call = functional.call_op
-    for backend in ("triton", "cuda"):
-        if _why_not(backend, torch.device("cuda"), dtype):
-            continue
-        monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    for _ in each_built_gpu_backend(dtype, monkeypatch):
         for opts in (dict(), dict(token_scaling=True, label_smoothing=0.1, z_loss=1e-4)):
             seen = []
             monkeypatch.setattr(functional, "call_op", lambda name, *a: seen.append(a[0].shape[0]) or call(name, *a))
