@@ -7,6 +7,9 @@ Case shapes (N, D, C) are (tokens = batch × sequence, hidden size, vocabulary).
 head and its loss. No GEMM-throughput column (the decoder's GEMMs are not counted); the ratio column is relative to
 transformers' own step.
 
+The "sft" cases mask the first half of every sequence's labels (-100: a prompt), as SFT trainers do: the patch then
+runs its head on the labelled positions alone (skip_ignored_rows), while transformers' loss still projects all.
+
 Providers:
   transformers       the model's own forward: (B, T, V) logits in the model's dtype, ForCausalLMLoss upcasts them
   marginkern patch   the same model, patched: the head projects no position, linear_cross_entropy of the hidden
@@ -19,13 +22,16 @@ from harness import Case, Skip, Step
 FLOOR = "transformers"
 LAYERS = 2
 BATCH = {"cuda": 4, "cpu": 2}  # sequences per step; the sequence length is N / BATCH
+PROMPT_SHARE = 0.5  # of each sequence, in the "sft" cases
 
 
 def cases(device_type, quick):
     if device_type == "cuda":  # Llama-3's vocabulary, a 2048-wide model, 8192 tokens, bf16
-        all_cases = [Case("hf-llama-128k", 8192, 2048, 128_256, "bfloat16", classifier=False)]
+        all_cases = [Case("hf-llama-128k", 8192, 2048, 128_256, "bfloat16", classifier=False),
+                     Case("hf-sft-llama-128k", 8192, 2048, 128_256, "bfloat16", classifier=False)]
     else:
-        all_cases = [Case("cpu-hf-llama-32k", 1024, 256, 32_000, "float32", classifier=False)]
+        all_cases = [Case("cpu-hf-llama-32k", 1024, 256, 32_000, "float32", classifier=False),
+                     Case("cpu-hf-sft-llama-32k", 1024, 256, 32_000, "float32", classifier=False)]
     return all_cases[:1] if quick else all_cases
 
 
@@ -42,12 +48,15 @@ def _model_and_batch(case, device):
     model = transformers.LlamaForCausalLM(config).to(device=device, dtype=case.torch_dtype).train()
     batch = BATCH[torch.device(device).type]
     ids = torch.randint(3, case.C, (batch, case.N // batch), device=device)
-    return model, ids
+    labels = ids.clone()
+    if "-sft-" in case.name:
+        labels[:, : int(PROMPT_SHARE * labels.shape[1])] = -100
+    return model, ids, labels
 
 
-def _step(model, ids):
+def _step(model, ids, labels):
     def fn():
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         return loss.detach()
 
@@ -61,8 +70,8 @@ def transformers_step(case, device):
 def patched_step(case, device):
     import marginkern.huggingface
 
-    model, ids = _model_and_batch(case, device)
-    return _step(marginkern.huggingface.patch_causal_lm(model), ids)
+    model, ids, labels = _model_and_batch(case, device)
+    return _step(marginkern.huggingface.patch_causal_lm(model), ids, labels)
 
 
 PROVIDERS = {"transformers": transformers_step, "marginkern patch": patched_step}
