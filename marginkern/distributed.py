@@ -308,7 +308,7 @@ def _needs_grad(tensors):
 
 def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local_error,
                  op="sharded_margin_cross_entropy", options=(), differentiable=(), row_margins=None,
-                 hard_negatives=None, may_skip_rows=False):
+                 hard_negatives=None, skip_ignored_rows=False):
     """Every rank's step must see the same input, targets, num_classes and mode, and the targets must be
     valid class ids. One all-gather of a few int64 per rank and one host sync (the single-process loss
     checks its targets with a sync too); every rank raises the same error, so none is left waiting in a
@@ -319,8 +319,8 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
     or a loss that needs a gradient on some ranks only (`differentiable`: the call's tensors that may require
     grad; under torch.no_grad or with frozen tensors on one rank, its backward pass's collectives would wait for
     ranks that never run them). Skipped while a CUDA graph is captured (a sync would break the capture), as the
-    local check is. Returns whether every rank may skip ignored rows (`may_skip_rows`, functional._may_skip_rows, a
-    per-process answer: a rank under a dispatch mode runs every row, so the others must too)."""
+    local check is. Returns whether every rank may skip ignored rows (functional._may_skip_rows with
+    `skip_ignored_rows`, a per-process answer: a rank under a dispatch mode runs every row, so the others must too)."""
     rank, world_size = _rank_and_world_size(group)
     device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -334,7 +334,7 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
                   _checksum(target), _rows_checksum(input, row_margins, hard_negatives), bad.sum(),
                   torch.where(bad, target, torch.iinfo(torch.int64).max).min() if target.numel() else zero,
                   _options_checksum((ignore_index,) + tuple(options), device), zero + int(_needs_grad(differentiable)),
-                  zero + int(may_skip_rows)]
+                  zero + int(_may_skip_rows(input, target, skip_ignored_rows))]
     else:
         fields = [zero + 1] + [zero] * (len(_STEP_FIELDS) - 1)
     seen = _all_gather_ints(torch.stack(fields), group, world_size)
@@ -568,8 +568,7 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
                                 reduction, bias_shard is not None, return_lse, return_token_accuracy,
                                 class_weight_shard is not None, token_scaling, skip_ignored_rows),
                             differentiable=(input, weight_shard, bias_shard),
-                            may_skip_rows=local_error is None and not return_lse
-                            and _may_skip_rows(input, target, skip_ignored_rows))
+                            skip_ignored_rows=False if return_lse else skip_ignored_rows)
     shard = ProcessGroupShard(class_start, num_classes, group)
     rows = _labelled_rows(input, target, opts.ignore_index, skip_ignored_rows, may_skip)
     run_input, run_target = _take_rows(rows, input, target)
@@ -653,7 +652,7 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
     may_skip = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
                             op="sharded_log_probs_and_entropy", options=(temperature, skip_ignored_rows),
                             differentiable=(input, weight_shard),
-                            may_skip_rows=local_error is None and _may_skip_rows(input, target, skip_ignored_rows))
+                            skip_ignored_rows=skip_ignored_rows)
     rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows, may_skip)
     x, t = _take_rows(rows, input, target)
     outputs = _ShardedLogProbsEntropy.apply(x, weight_shard, t, ProcessGroupShard(class_start, num_classes, group),
@@ -829,7 +828,7 @@ def _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_sha
     may_skip = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error, op=op,
                             options=(temperature, reverse, beta, reduction, skip_ignored_rows),
                             differentiable=(input, weight_shard),
-                            may_skip_rows=local_error is None and _may_skip_rows(input, target, skip_ignored_rows))
+                            skip_ignored_rows=skip_ignored_rows)
     rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows, may_skip)
     x, teacher_x, t = _take_rows(rows, input, teacher_input.detach(), target)
     divergence = _ShardedDistillation.apply(x, weight_shard, teacher_x, teacher_weight_shard.detach(), t,

@@ -196,10 +196,13 @@ def _take_rows(rows, *tensors):
     return tensors if rows is None else tuple(t.index_select(0, rows) for t in tensors)
 
 
-def _put_rows(rows, n, *values):
+def _put_rows(rows, n, *values, copy=False):
     """Per-row outputs of the rows `rows` (_labelled_rows) in their places of (n,) tensors, 0 (False) elsewhere
-    (None: as they are); differentiable."""
-    return values if rows is None else tuple(v.new_zeros((n,)).index_copy(0, rows, v) for v in values)
+    (new tensors); rows None: the values as they are, or copies with `copy` (outputs an op saves for its backward,
+    which a caller's in-place edit, as masking padding, must not reach). Differentiable."""
+    if rows is None:
+        return tuple(v.clone() for v in values) if copy else values
+    return tuple(v.new_zeros((n,)).index_copy(0, rows, v) for v in values)
 
 
 def _unflatten(loss, reduction, shape):
@@ -282,8 +285,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         weighted = () if class_weight is None else (class_weight,)
         grad_on = torch.is_grad_enabled()
         loss, _, _, _ = call_op("linear_cross_entropy_buffered", run_input, weight, run_target, bias, *options,
-                                reduction,
-                                int(logits_buffer_mb * 2**20), grad_on and input.requires_grad,
+                                reduction, int(logits_buffer_mb * 2**20), grad_on and input.requires_grad,
                                 grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad,
                                 *weighted)
         return loss
@@ -337,8 +339,8 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, sh
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()  # a uint8 target would compare unequal to ignore_index −100 (which wraps to 156)
     rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
-    ce, emo, _ = call_op("emo_cross_entropy", *_take_rows(rows, input), weight, *_take_rows(rows, target), cost,
-                         ignore_index)
+    x, t = _take_rows(rows, input, target)
+    ce, emo, _ = call_op("emo_cross_entropy", x, weight, t, cost, ignore_index)
     return (*_put_rows(rows, target.shape[0], ce, emo), target, token_shape, ignore_index)
 
 
@@ -391,11 +393,9 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()
     rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
-    log_probs, entropy, _ = call_op("log_probs_entropy", *_take_rows(rows, input), weight,
-                                    *_take_rows(rows, target), float(temperature), ignore_index)
-    # the op saves both for its backward: a caller's in-place edit (masking padding) must not reach them
-    log_probs, entropy = (log_probs.clone(), entropy.clone()) if rows is None else _put_rows(
-        rows, target.shape[0], log_probs, entropy)
+    x, t = _take_rows(rows, input, target)
+    log_probs, entropy, _ = call_op("log_probs_entropy", x, weight, t, float(temperature), ignore_index)
+    log_probs, entropy = _put_rows(rows, target.shape[0], log_probs, entropy, copy=True)  # the op saved both
     if token_shape is not None:
         return log_probs.reshape(token_shape), entropy.reshape(token_shape)
     return log_probs, entropy
@@ -456,9 +456,7 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     x, teacher_x, t = _take_rows(rows, input, teacher_input.detach(), target)
     kl, _, _ = call_op("linear_kl_divergence", x, weight, teacher_x, teacher_weight.detach(), t, float(temperature),
                        ignore_index, reverse)
-    if reduction == "none" and rows is None:  # the op saves it for its backward: a caller's in-place edit must not
-        kl = kl.clone()                       # reach it
-    kl, = _put_rows(rows, target.shape[0], kl)
+    kl, = _put_rows(rows, target.shape[0], kl, copy=reduction == "none")  # the op saved it
     return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
 
 

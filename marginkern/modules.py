@@ -593,8 +593,7 @@ class EMOLoss(nn.Module):
         self.register_buffer("cost_embedding", None if cost_embedding is None else cost_embedding.detach().clone())
         self.mode, self.ignore_index, self.reduction = mode, check_ignore_index(ignore_index), reduction
         self.shift = check_shift(shift)
-        skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
-        self.skip_ignored_rows = skip_ignored_rows
+        self.skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
 
     def forward(self, input, weight, target):
         fn = emo_cross_entropy if self.mode == "mle_anchored" else emo_loss
