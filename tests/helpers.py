@@ -83,6 +83,19 @@ def make_case(N, C, D, dtype=torch.float32, device="cpu", ignore=(), ignore_inde
     return x.requires_grad_(requires_grad), w.requires_grad_(requires_grad), t
 
 
+def record_op_rows(monkeypatch):
+    """A list that receives the row count (first dimension of the first argument) of every op call the public
+    functions make from here on: what skip_ignored_rows left the op."""
+    import marginkern.functional as functional
+    seen, call = [], functional.call_op
+
+    def spy(name, *args):
+        seen.append(args[0].shape[0])
+        return call(name, *args)
+    monkeypatch.setattr(functional, "call_op", spy)
+    return seen
+
+
 def loss_and_grads(fn, x, w, t, **kw):
     x = x.detach().requires_grad_()
     w = w.detach().requires_grad_()

@@ -142,9 +142,8 @@ def test_token_scaling_is_trls_dft_loss(num_items):
 def test_prompt_positions_are_skipped_unless_turned_off(monkeypatch):
     """The batch's 10 ignored of 33 positions (prompt, padding, the last ones) leave the head's op; with
     skip_ignored_rows=False they run; the loss is the same."""
-    import marginkern.functional as functional
-    seen, call = [], functional.call_op
-    monkeypatch.setattr(functional, "call_op", lambda name, *a: seen.append(a[0].shape[0]) or call(name, *a))
+    from tests.helpers import record_op_rows
+    seen = record_op_rows(monkeypatch)
     model = tiny_model("llama")
     ids, labels = batch()
     skipped = patch_causal_lm(copy.deepcopy(model))(ids, labels=labels).loss

@@ -6,21 +6,13 @@ import pytest
 import torch
 
 import marginkern as mk
-import marginkern.functional as functional
-from tests.helpers import assert_close_rel, make_case
+from tests.helpers import assert_close_rel, make_case, record_op_rows
 
 
 @pytest.fixture
 def op_rows(monkeypatch):
     """The row count of every op call the public functions make (their input's first dimension)."""
-    seen = []
-    call = functional.call_op
-
-    def spy(name, *args):
-        seen.append(args[0].shape[0])
-        return call(name, *args)
-    monkeypatch.setattr(functional, "call_op", spy)
-    return seen
+    return record_op_rows(monkeypatch)
 
 
 def prompt_masked(N, C, D, dtype, ignored, seed=0):

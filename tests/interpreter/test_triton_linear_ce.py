@@ -200,8 +200,6 @@ def test_token_scaling_matches_oracle(opts, reduction):
 @pytest.mark.parametrize("opts", [dict(token_scaling=True, softcap=3.0), dict(return_token_accuracy=True)])
 def test_skipping_ignored_rows_equals_every_row(opts, monkeypatch):
     """skip_ignored_rows on the Triton tiles: the op runs the labelled rows alone, the result is the full call's."""
-    import marginkern.functional as functional
+    from tests.helpers import record_op_rows
     from tests.test_skip_ignored_rows import check_linear_ce_equals_every_row
-    seen, call = [], functional.call_op
-    monkeypatch.setattr(functional, "call_op", lambda name, *args: seen.append(args[0].shape[0]) or call(name, *args))
-    check_linear_ce_equals_every_row(DEVICE, torch.float32, opts, "none", seen)
+    check_linear_ce_equals_every_row(DEVICE, torch.float32, opts, "none", record_op_rows(monkeypatch))
