@@ -5,6 +5,7 @@ GEMMs on the labelled rows alone.
 Providers, measured in one run on the same inputs:
   marginkern            linear_cross_entropy as it comes (skip_ignored_rows=None: the labelled rows only)
   marginkern every row  skip_ignored_rows=False (the ignored rows' logits computed and dropped)
+  marginkern compiled   torch.compile of `marginkern` (the forward runs every row, the backward the labelled ones)
   naive, torch.compile  F.cross_entropy(ignore_index=-100) of the full logits, eager and compiled
   liger-kernel, cut-cross-entropy (CUDA, when installed): CCE leaves ignored rows out itself
   3-GEMM floor          the three GEMMs of the labelled rows (the work an exact loss cannot avoid)
@@ -42,9 +43,9 @@ def sft_step(loss_fn, case, device):
     return Step(fn, [x, w])
 
 
-def _marginkern(**options):
+def _marginkern(wrap=lambda loss, device: loss, **options):
     return lambda case, device: sft_step(
-        lambda x, w, target: marginkern.linear_cross_entropy(x, w, target, **options), case, device)
+        wrap(lambda x, w, target: marginkern.linear_cross_entropy(x, w, target, **options), device), case, device)
 
 
 def _peer(peer, module, name, wrap):
@@ -71,6 +72,7 @@ def _labelled_floor(case, device):
 PROVIDERS = {
     "marginkern": _marginkern(),
     "marginkern every row": _marginkern(skip_ignored_rows=False),
+    "marginkern compiled": _marginkern(compiled),
     "naive": lambda case, device: sft_step(naive_lce, case, device),
     "torch.compile": lambda case, device: sft_step(compiled(naive_lce, device), case, device),
     "liger-kernel": _peer("liger-kernel", "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss",

@@ -38,8 +38,8 @@ from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
 from .adaptive_margins import AdaFaceMargins, ElasticMargins, MagFaceMargins
-from .functional import (_labelled_rows, _lm_rows, _may_skip_rows, _put_rows, _take_rows, hard_negative_coefficients,
-                         linear_ce_outputs, row_margin_offsets)
+from .functional import _lm_rows, _may_skip_rows, hard_negative_coefficients, linear_ce_outputs, row_margin_offsets
+from .row_skipping import labelled_rows, put_rows, skip_share, take_rows
 from .linear_ce import (LinearCEOptions, linear_ce_backward, linear_ce_forward, target_class_weights,
                         token_scaling_weights)
 from .log_probs import log_probs_backward, log_probs_forward
@@ -570,17 +570,17 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
                             differentiable=(input, weight_shard, bias_shard),
                             skip_ignored_rows=False if return_lse else skip_ignored_rows)
     shard = ProcessGroupShard(class_start, num_classes, group)
-    rows = _labelled_rows(input, target, opts.ignore_index, skip_ignored_rows, may_skip)
-    run_input, run_target = _take_rows(rows, input, target)
+    rows = labelled_rows(target, opts.ignore_index, skip_share(skip_ignored_rows) if may_skip else None)
+    run_input, run_target = take_rows(rows, input, target)
     loss_rows, lse, correct = _ShardedLinearCrossEntropy.apply(
         run_input, weight_shard, bias_shard, run_target, shard, opts, return_lse, return_token_accuracy,
         class_weight_shard)
     if token_scaling:
         loss_rows = loss_rows * token_scaling_weights(run_input, weight_shard, run_target, bias_shard, lse, opts,
                                                       shard)
-    loss_rows, = _put_rows(rows, target.shape[0], loss_rows)
+    loss_rows, = put_rows(rows, target.shape[0], loss_rows)
     if return_token_accuracy:
-        correct, = _put_rows(rows, target.shape[0], correct)
+        correct, = put_rows(rows, target.shape[0], correct)
     valid = target != opts.ignore_index
     target_weight = None
     if class_weight_shard is not None and reduction == "mean":  # Σ c_t: each c_t from the rank holding the target
@@ -653,11 +653,11 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
                             op="sharded_log_probs_and_entropy", options=(temperature, skip_ignored_rows),
                             differentiable=(input, weight_shard),
                             skip_ignored_rows=skip_ignored_rows)
-    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows, may_skip)
-    x, t = _take_rows(rows, input, target)
+    rows = labelled_rows(target, ignore_index, skip_share(skip_ignored_rows) if may_skip else None)
+    x, t = take_rows(rows, input, target)
     outputs = _ShardedLogProbsEntropy.apply(x, weight_shard, t, ProcessGroupShard(class_start, num_classes, group),
                                             float(temperature), ignore_index)
-    return _put_rows(rows, target.shape[0], *outputs)
+    return put_rows(rows, target.shape[0], *outputs)
 
 
 def sharded_linear_topk(input, weight_shard, k, bias_shard=None, *, class_start, num_classes, group=None,
@@ -829,12 +829,12 @@ def _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_sha
                             options=(temperature, reverse, beta, reduction, skip_ignored_rows),
                             differentiable=(input, weight_shard),
                             skip_ignored_rows=skip_ignored_rows)
-    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows, may_skip)
-    x, teacher_x, t = _take_rows(rows, input, teacher_input.detach(), target)
+    rows = labelled_rows(target, ignore_index, skip_share(skip_ignored_rows) if may_skip else None)
+    x, teacher_x, t = take_rows(rows, input, teacher_input.detach(), target)
     divergence = _ShardedDistillation.apply(x, weight_shard, teacher_x, teacher_weight_shard.detach(), t,
                                             ProcessGroupShard(class_start, num_classes, group), temperature,
                                             ignore_index, reverse, beta)
-    divergence, = _put_rows(rows, target.shape[0], divergence)
+    divergence, = put_rows(rows, target.shape[0], divergence)
     return reduce_rows(divergence, target != ignore_index, reduction)
 
 

@@ -16,6 +16,7 @@ from .emo import cost_in_dtype
 from .engine import accumulation_dtype
 from .linear_ce import LinearCEOptions, target_class_weights, token_scaling_weights
 from .ops import call as call_op, eager_on_real_tensors
+from .row_skipping import labelled_rows, put_rows, skip_share, take_rows
 from .reference import reduce_rows
 
 
@@ -163,46 +164,31 @@ def _lm_rows(input, target, ignore_index, shift):
     return input, target, token_shape, ignore_index
 
 
-# An eager call runs the op on the labelled rows alone when at least this share of its rows is ignored (prompt and
-# padding tokens): every GEMM shrinks with them, for one host sync and an (n, D) copy of those rows and their gradient
-SKIP_IGNORED_SHARE = 1 / 8
-
-
 def _may_skip_rows(input, target, skip_ignored_rows):
-    """Whether this call may leave ignored rows out: skip_ignored_rows is not False, and the call runs eagerly on real
-    tensors (not under torch.compile, FakeTensor, functorch, a dispatch mode, or while a CUDA graph is captured: a
-    host sync and a data-dependent shape). A per-process answer: the vocab-parallel losses agree on it across ranks."""
-    if skip_ignored_rows is False or target.numel() == 0 or not eager_on_real_tensors((input, target), True):
-        return False
-    return not (target.is_cuda and torch.cuda.is_current_stream_capturing())
+    """Whether this call may leave ignored rows out of the forward op: skip_ignored_rows is not False, and the call
+    runs eagerly on real tensors (not under torch.compile, FakeTensor, functorch or a dispatch mode: a host sync and
+    a data-dependent shape). A per-process answer: the vocab-parallel losses agree on it across ranks."""
+    return skip_ignored_rows is not False and target.numel() > 0 and eager_on_real_tensors((input, target), True)
 
 
-def _labelled_rows(input, target, ignore_index, skip_ignored_rows, may_skip=None):
-    """The indices of the rows whose target is not ignore_index, to run an op on those alone; None to run every row:
-    not `may_skip` (default: _may_skip_rows), or (skip_ignored_rows None) fewer than SKIP_IGNORED_SHARE of the rows
-    ignored. Results equal every row's up to the order of fp32 sums, for finite inputs: a NaN or inf in a skipped
-    row's input no longer reaches dW (through every row, it did as 0·inf)."""
-    if not (_may_skip_rows(input, target, skip_ignored_rows) if may_skip is None else may_skip):
-        return None
-    rows = (target != ignore_index).nonzero().squeeze(1)
-    ignored = target.numel() - rows.numel()
-    if ignored == 0 or (skip_ignored_rows is None and ignored < SKIP_IGNORED_SHARE * target.numel()):
-        return None
-    return rows
+def _labelled_rows(input, target, ignore_index, skip_ignored_rows):
+    """(rows, backward_share) for a call whose targets are `target` (row_skipping.py): an eager call runs its op on
+    the rows `rows` alone (labelled_rows; None: every row); inside torch.compile (or torch.export), where shapes
+    cannot follow the data, the op gets `backward_share` (its skip_ignored_share: the compiled graph's backward op
+    skips the rows; None: it does not). Results equal every row's up to the order of fp32 sums, for finite inputs: a
+    NaN or inf in a skipped row's input no longer reaches dW (through every row, it did as 0·inf)."""
+    if _may_skip_rows(input, target, skip_ignored_rows):
+        return labelled_rows(target, ignore_index, skip_share(skip_ignored_rows)), None
+    return None, (skip_share(skip_ignored_rows) if torch.compiler.is_compiling() else None)
 
 
-def _take_rows(rows, *tensors):
-    """The rows `rows` (_labelled_rows) of each per-row tensor (None: the tensors as they are); differentiable."""
-    return tensors if rows is None else tuple(t.index_select(0, rows) for t in tensors)
-
-
-def _put_rows(rows, n, *values, copy=False):
-    """Per-row outputs of the rows `rows` (_labelled_rows) in their places of (n,) tensors, 0 (False) elsewhere
-    (new tensors); rows None: the values as they are, or copies with `copy` (outputs an op saves for its backward,
-    which a caller's in-place edit, as masking padding, must not reach). Differentiable."""
-    if rows is None:
-        return tuple(v.clone() for v in values) if copy else values
-    return tuple(v.new_zeros((n,)).index_copy(0, rows, v) for v in values)
+def _given_args(*pairs):
+    """An op's optional trailing arguments, given as (value, default) pairs: the values up to the last one that is
+    not its default (a plain call stays as it was)."""
+    given = len(pairs)
+    while given and pairs[given - 1][0] is pairs[given - 1][1]:
+        given -= 1
+    return tuple(value for value, _ in pairs[:given])
 
 
 def _unflatten(loss, reduction, shape):
@@ -249,10 +235,12 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
 
     skip_ignored_rows (None | bool): an eager call runs the op on the non-ignored rows alone (prompt and padding
     tokens cost no GEMM work), for one host sync and a copy of those rows of input (and of their gradient). None
-    does so when at least SKIP_IGNORED_SHARE (1/8) of the rows are ignored, True whenever any is, False never;
-    torch.compile and CUDA graph capture run every row (no data-dependent shapes there). Results are those of the
-    full call up to the order of fp32 sums, for finite inputs (a NaN or inf in a skipped row's input no longer
-    reaches dW or the other rows' gradients). Not with return_lse (which reports every row's lse).
+    does so when at least row_skipping.SKIP_IGNORED_SHARE (1/8) of the rows are ignored, True whenever any is,
+    False never. Inside torch.compile (or torch.export) the forward op runs every row and the backward op, 3 of the
+    4 GEMM-equivalents, the labelled rows alone (its own host sync); while a CUDA graph is captured every row runs.
+    Results are those of the full call up to the order of fp32 sums, for finite inputs (a NaN or inf in a skipped
+    row's input no longer reaches dW or the other rows' gradients). Not with return_lse (which reports every row's
+    lse).
 
     Exact by default. Two switches trade it, or memory, for speed (README "Speed and memory knobs"):
     grad_filter_eps (None | "auto" | float): the backward pass skips classes whose gradient is below eps
@@ -277,29 +265,27 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     token_scaling = check_token_scaling(token_scaling, logits_buffer_mb)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows, return_lse)
     target = target.long()  # uint8 indices would index as a mask
-    rows = None if return_lse else _labelled_rows(input, target, ignore_index, skip_ignored_rows)
-    run_input, run_target = _take_rows(rows, input, target)
+    rows, backward_share = (None, None) if return_lse else _labelled_rows(input, target, ignore_index,
+                                                                           skip_ignored_rows)
+    run_input, run_target = take_rows(rows, input, target)
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                float(focal_gamma), float(gamma_ce))
     if logits_buffer_mb is not None:
-        weighted = () if class_weight is None else (class_weight,)
         grad_on = torch.is_grad_enabled()
         loss, _, _, _ = call_op("linear_cross_entropy_buffered", run_input, weight, run_target, bias, *options,
                                 reduction, int(logits_buffer_mb * 2**20), grad_on and input.requires_grad,
                                 grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad,
-                                *weighted)
+                                *_given_args((class_weight, None), (backward_share, None)))
         return loss
-    # the op's optional trailing arguments, up to the last one that is not its default (the plain call stays as it was)
-    extras = (class_weight, return_lse, return_token_accuracy)
-    given = 3 if return_token_accuracy else 2 if return_lse else 1 if class_weight is not None else 0
     loss_rows, lse, correct = call_op("linear_cross_entropy", run_input, weight, run_target, bias, *options,
-                                      filter_eps, *extras[:given])
+                                      filter_eps, *_given_args((class_weight, None), (return_lse, False),
+                                                               (return_token_accuracy, False), (backward_share, None)))
     if token_scaling:
         loss_rows = loss_rows * token_scaling_weights(run_input, weight, run_target, bias, lse,
                                                       LinearCEOptions(*options))
-    loss_rows, = _put_rows(rows, target.shape[0], loss_rows)
+    loss_rows, = put_rows(rows, target.shape[0], loss_rows)
     if return_token_accuracy:
-        correct, = _put_rows(rows, target.shape[0], correct)
+        correct, = put_rows(rows, target.shape[0], correct)
     valid = target != ignore_index
     target_weight = None  # c_t, for the weighted mean's divisor Σ c_t
     if class_weight is not None and reduction == "mean":
@@ -338,10 +324,10 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, sh
     check_reduction(reduction)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()  # a uint8 target would compare unequal to ignore_index −100 (which wraps to 156)
-    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
-    x, t = _take_rows(rows, input, target)
-    ce, emo, _ = call_op("emo_cross_entropy", x, weight, t, cost, ignore_index)
-    return (*_put_rows(rows, target.shape[0], ce, emo), target, token_shape, ignore_index)
+    rows, backward_share = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    x, t = take_rows(rows, input, target)
+    ce, emo, _ = call_op("emo_cross_entropy", x, weight, t, cost, ignore_index, *_given_args((backward_share, None)))
+    return (*put_rows(rows, target.shape[0], ce, emo), target, token_shape, ignore_index)
 
 
 def emo_loss(input, weight, target, *, cost_embedding=None, ignore_index=-100, reduction="mean", shift=0,
@@ -392,10 +378,11 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     check_temperature(temperature)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()
-    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
-    x, t = _take_rows(rows, input, target)
-    log_probs, entropy, _ = call_op("log_probs_entropy", x, weight, t, float(temperature), ignore_index)
-    log_probs, entropy = _put_rows(rows, target.shape[0], log_probs, entropy, copy=True)  # the op saved both
+    rows, backward_share = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    x, t = take_rows(rows, input, target)
+    log_probs, entropy, _ = call_op("log_probs_entropy", x, weight, t, float(temperature), ignore_index,
+                                    *_given_args((backward_share, None)))
+    log_probs, entropy = put_rows(rows, target.shape[0], log_probs, entropy, copy=True)  # the op saved both
     if token_shape is not None:
         return log_probs.reshape(token_shape), entropy.reshape(token_shape)
     return log_probs, entropy
@@ -414,8 +401,8 @@ def _teacher_rows(name, t, rows_shape, last="E"):
 def _distill_rows(input, weight, teachers, target, temperature, ignore_index, reduction, shift, skip_ignored_rows):
     """The distillation losses' preamble: _lm_rows with an optional target (None: every row counts), the teacher's
     per-row tensors (a dict name → (tensor, its last dimension's name)) flattened like the student's rows, and the
-    common checks; (input, the teacher's tensors in order, target, token shape, ignore_index, the rows to run:
-    _labelled_rows)."""
+    common checks; (input, the teacher's tensors in order, target, token shape, ignore_index, the rows to run and the
+    backward op's share: _labelled_rows)."""
     ignore_index = check_ignore_index(ignore_index)
     check_tensor("input", input)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
@@ -430,8 +417,8 @@ def _distill_rows(input, weight, teachers, target, temperature, ignore_index, re
     check_temperature(temperature)
     check_reduction(reduction)
     target = target.long()
-    rows = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
-    return input, teacher_rows, target, token_shape, ignore_index, rows
+    return (input, teacher_rows, target, token_shape, ignore_index,
+            *_labelled_rows(input, target, ignore_index, skip_ignored_rows))
 
 
 def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=None, *, temperature=1.0,
@@ -449,14 +436,14 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     temperature T (multiply by T² for Hinton's scaling).
     """
     reverse = check_direction(direction)
-    input, (teacher_input,), target, token_shape, ignore_index, rows = _distill_rows(
+    input, (teacher_input,), target, token_shape, ignore_index, rows, backward_share = _distill_rows(
         input, weight, {"teacher_input": (teacher_input, "E")}, target, temperature, ignore_index, reduction, shift,
         skip_ignored_rows)
     check_teacher(teacher_input, teacher_weight, input, weight)
-    x, teacher_x, t = _take_rows(rows, input, teacher_input.detach(), target)
+    x, teacher_x, t = take_rows(rows, input, teacher_input.detach(), target)
     kl, _, _ = call_op("linear_kl_divergence", x, weight, teacher_x, teacher_weight.detach(), t, float(temperature),
-                       ignore_index, reverse)
-    kl, = _put_rows(rows, target.shape[0], kl, copy=reduction == "none")  # the op saved it
+                       ignore_index, reverse, *_given_args((backward_share, None)))
+    kl, = put_rows(rows, target.shape[0], kl, copy=reduction == "none")  # the op saved it
     return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
 
 
@@ -478,14 +465,14 @@ def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, bet
         return linear_kl_divergence(input, weight, teacher_input, teacher_weight, target, temperature=temperature,
                                     direction="forward" if beta == 0.0 else "reverse", ignore_index=ignore_index,
                                     reduction=reduction, shift=shift, skip_ignored_rows=skip_ignored_rows)
-    input, (teacher_input,), target, token_shape, ignore_index, rows = _distill_rows(
+    input, (teacher_input,), target, token_shape, ignore_index, rows, backward_share = _distill_rows(
         input, weight, {"teacher_input": (teacher_input, "E")}, target, temperature, ignore_index, reduction, shift,
         skip_ignored_rows)
     check_teacher(teacher_input, teacher_weight, input, weight)
-    x, teacher_x, t = _take_rows(rows, input, teacher_input.detach(), target)
+    x, teacher_x, t = take_rows(rows, input, teacher_input.detach(), target)
     jsd, _, _, _ = call_op("linear_jsd", x, weight, teacher_x, teacher_weight.detach(), t, beta, float(temperature),
-                           ignore_index)
-    jsd, = _put_rows(rows, target.shape[0], jsd)
+                           ignore_index, *_given_args((backward_share, None)))
+    jsd, = put_rows(rows, target.shape[0], jsd)
     return _unflatten(reduce_rows(jsd, target != ignore_index, reduction), reduction, token_shape)
 
 
@@ -503,15 +490,16 @@ def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, 
     over the classes for the student's log-sum-exp, the k logits gathered; the backward writes g·(p − q) at the k
     tokens into the engine's dL/da (its target column and sparse cells: marginkern/distill.py).
     """
-    input, (token_ids, logits), target, token_shape, ignore_index, rows = _distill_rows(
+    input, (token_ids, logits), target, token_shape, ignore_index, rows, backward_share = _distill_rows(
         input, weight, {"teacher_token_ids": (teacher_token_ids, "k"), "teacher_logits": (teacher_logits, "k")},
         target, temperature, ignore_index, reduction, shift, skip_ignored_rows)
     check_topk_teacher(token_ids, logits, input)
     if rows is not None:  # the op checks the ids it gets; those of ignored rows are checked too (docstring)
         check_token_ids(token_ids, weight.shape[0])
-    x, ids, teacher_z, t = _take_rows(rows, input, token_ids, logits.detach(), target)
-    kl, _ = call_op("linear_topk_kl_divergence", x, weight, ids, teacher_z, t, float(temperature), ignore_index)
-    kl, = _put_rows(rows, target.shape[0], kl)
+    x, ids, teacher_z, t = take_rows(rows, input, token_ids, logits.detach(), target)
+    kl, _ = call_op("linear_topk_kl_divergence", x, weight, ids, teacher_z, t, float(temperature), ignore_index,
+                    *_given_args((backward_share, None)))
+    kl, = put_rows(rows, target.shape[0], kl)
     return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
 
 

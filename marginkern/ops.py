@@ -3,6 +3,14 @@
 The ops return per-row losses; the public functions in functional.py apply the reduction with plain
 torch ops, so one backward op serves "mean", "sum" and "none". Each op picks its backend at run time
 (dispatch.select_tiles), which is why the real kernels are registered for every device.
+
+The LM losses' backward ops take `skip_ignored_share` (None: off): when at least that share of the rows, and at
+least one, have target == ignore_index (row_skipping.labelled_rows: one host sync, none while a CUDA graph is
+captured), they run on the other rows alone, whose gradients are all there is (an ignored row's is 0). It is how a
+compiled graph skips prompt and padding tokens, whose shapes cannot follow the data (eager calls skip them in the
+forward pass already, functional.py). The forward ops take it only to hand it to their backward op and run every
+row themselves: a forward that left rows out would give the backward placeholders for their statistics, and a
+backward captured in a CUDA graph (which cannot sync to leave them out in turn) would compute with them.
 """
 import functools
 import os
@@ -15,7 +23,7 @@ from .checks import (check_bias, check_bool, check_circle_arguments, check_class
                      check_classification_inputs, check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
                      check_jsd_beta, check_proxy_anchor_options, check_subcenters, check_target_values, check_teacher,
-                     check_int, check_temperature, check_tensor,
+                     check_int, check_skip_ignored_share, check_temperature, check_tensor,
                      check_token_ids, check_topk_teacher)
 from .dispatch import select_tiles, select_tiles_except
 from . import global_pointer, pairwise
@@ -25,6 +33,7 @@ from .emo import emo_backward, emo_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward, row_margin_grads
+from .row_skipping import labelled_rows, put_rows, take_rows
 from .proxy_anchor import proxy_anchor_backward as proxy_anchor_backward_pass, proxy_anchor_forward
 from .siglip import siglip_backward as siglip_backward_pass, siglip_forward
 from .supcon import supcon_backward as supcon_backward_pass, supcon_forward
@@ -400,15 +409,18 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
                          label_smoothing: float, z_loss: float, softcap: Optional[float], focal_gamma: float,
                          gamma_ce: float, grad_filter_eps: Optional[float] = None,
                          class_weight: Optional[Tensor] = None, differentiable_lse: bool = False,
-                         token_accuracy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                         token_accuracy: bool = False,
+                         skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp, per-row correct) of softcap(x·wᵀ + b); ignored rows have loss 0.
     grad_filter_eps is the backward pass's (engine.streaming_grads). class_weight (C,): torch's per-class weight
     (linear_ce.py). differentiable_lse: the log-sum-exp output takes a gradient too (d lse/dz = p, in the same
     backward pass); otherwise it is a by-product without one. token_accuracy: `correct` (N,) bool says whether each
-    row's target logit is its largest (ties count, ignored rows False), from the forward's own pass; else empty."""
+    row's target logit is its largest (ties count, ignored rows False), from the forward's own pass; else empty.
+    skip_ignored_share: the backward op's."""
     _check_forward_inputs(input, weight, target, bias)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     check_class_weight(class_weight, weight, opts.label_smoothing, opts.softcap)
+    check_skip_ignored_share(skip_ignored_share, differentiable_lse)
     check_target_values(target, weight.shape[0], opts.ignore_index)
     check_class_weight_values(class_weight, accumulation_dtype(weight.dtype))
     input, weight = input.contiguous(), weight.contiguous()
@@ -434,6 +446,8 @@ def _(input, weight, target, bias, *options):
     opts = _linear_options(*options[:6])
     if len(options) > 7:
         check_class_weight(options[7], weight, opts.label_smoothing, opts.softcap)
+    if len(options) > 10:
+        check_skip_ignored_share(options[10], options[8])
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
     token_accuracy = len(options) > 9 and options[9]
@@ -448,26 +462,32 @@ def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
                                   gamma_ce: float, grad_filter_eps: Optional[float] = None,
                                   need_weight_grad: bool = True, need_bias_grad: bool = True,
                                   class_weight: Optional[Tensor] = None,
-                                  grad_lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                                  grad_lse: Optional[Tensor] = None,
+                                  skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dinput, dL/dweight, dL/dbias); a gradient not needed (or of an absent bias) is empty (0,). grad_lse:
-    the gradient of the log-sum-exp output, when it has one."""
+    the gradient of the log-sum-exp output, when it has one. skip_ignored_share: see the module docstring."""
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
+    rows = labelled_rows(target, opts.ignore_index, check_skip_ignored_share(skip_ignored_share, grad_lse is not None))
+    n = input.shape[0]
+    grad_loss, input, target, lse = take_rows(rows, grad_loss, input, target, lse)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = select_tiles(input.device, input.dtype)
     if tiles.name == "cpp" and grad_filter_eps is None and class_weight is None and grad_lse is None:
         # the whole step in C++; the other cases run the engine's Python loop (on the C++ tiles)
-        return torch.ops.marginkern.linear_ce_rows_backward(grad_loss, input, weight, target, bias, lse,
-                                                            *_linear_scalars(opts), need_weight_grad,
-                                                            need_bias_grad)
+        grad_x, grad_w, grad_b = torch.ops.marginkern.linear_ce_rows_backward(
+            grad_loss, input, weight, target, bias, lse, *_linear_scalars(opts), need_weight_grad, need_bias_grad)
+        return (*put_rows(rows, n, grad_x), grad_w, grad_b)
     grad_x, grad_w, grad_b = linear_ce_backward(grad_loss, input, weight, target, bias, lse, opts, tiles,
                                                 need_weight_grad, need_bias_grad, grad_filter_eps,
                                                 class_weight=class_weight, grad_lse=grad_lse)
-    return grad_x, _or_empty(grad_w, weight), _or_empty(grad_b, weight)
+    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight), _or_empty(grad_b, weight))
 
 
 @linear_cross_entropy_backward.register_fake
 def _(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-      gamma_ce, grad_filter_eps=None, need_weight_grad=True, need_bias_grad=True, class_weight=None, grad_lse=None):
+      gamma_ce, grad_filter_eps=None, need_weight_grad=True, need_bias_grad=True, class_weight=None, grad_lse=None,
+      skip_ignored_share=None):
+    check_skip_ignored_share(skip_ignored_share, grad_lse is not None)
     grad_b = _contiguous_like(bias) if bias is not None and need_bias_grad else weight.new_empty((0,))
     grad_w = _contiguous_like(weight) if need_weight_grad else weight.new_empty((0,))
     return _contiguous_like(input), grad_w, grad_b
@@ -481,6 +501,7 @@ def _linear_setup_context(ctx, inputs, output):
     # one call: a second mark_non_differentiable replaces the first one's outputs
     ctx.mark_non_differentiable(*((output[2],) if ctx.differentiable_lse else (output[1], output[2])))
     ctx.options = options[:7]  # the scalars, grad_filter_eps last
+    ctx.skip_ignored_share = options[10] if len(options) > 10 else None
 
 
 def _linear_backward(ctx, grad_loss, grad_lse, grad_correct=None):
@@ -491,9 +512,9 @@ def _linear_backward(ctx, grad_loss, grad_lse, grad_correct=None):
     grad_lse = grad_lse.contiguous() if ctx.differentiable_lse and grad_lse is not None else None
     grad_input, grad_weight, grad_bias = call("linear_cross_entropy_backward", grad_loss.contiguous(), input, weight,
                                               target, bias, lse, *ctx.options, need_weight_grad, need_bias_grad,
-                                              class_weight, grad_lse)
+                                              class_weight, grad_lse, ctx.skip_ignored_share)
     return ((grad_input, grad_weight if need_weight_grad else None, None, grad_bias if need_bias_grad else None)
-            + (None,) * 10)
+            + (None,) * 11)
 
 
 _register_autograd("linear_cross_entropy", _linear_backward, _linear_setup_context)
@@ -504,18 +525,23 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
                                   ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
                                   focal_gamma: float, gamma_ce: float, reduction: str, buffer_bytes: int,
                                   need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
-                                  class_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                  class_weight: Optional[Tensor] = None,
+                                  skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(reduced loss, dL/dinput, dL/dweight, dL/dbias) with 3 GEMMs: the gradients (for a loss gradient
     of 1) come out of the forward pass; the autograd backward only scales them. They stay in the
     accumulation dtype until then (a GradScaler scale of 65536 is inf in fp16, and unit-scale fp16
     gradients would underflow), except dL/dinput and dL/dweight of bf16 inputs on CUDA, which are made in
     bf16 (engine.buffered_grads_in_input_dtype: no (C, D) fp32 accumulator). A gradient not asked for (or
     of an absent bias) is empty (0,). Through autograd, the backward pass scales the gradient outputs in
-    place and hands them over as the inputs' .grad (no copy): a caller of this op who keeps them sees that."""
+    place and hands them over as the inputs' .grad (no copy): a caller of this op who keeps them sees that.
+    skip_ignored_share: as the backward ops', here in the forward pass, which is the whole step."""
     _check_buffered_call(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-                         gamma_ce, reduction, buffer_bytes, class_weight)
+                         gamma_ce, reduction, buffer_bytes, class_weight, skip_ignored_share)
     check_target_values(target, weight.shape[0], ignore_index)
     check_class_weight_values(class_weight, accumulation_dtype(weight.dtype))
+    rows = labelled_rows(target, ignore_index, skip_ignored_share)
+    n = input.shape[0]
+    input, target = take_rows(rows, input, target)
     # The 3-GEMM path runs ATen GEMMs on every backend, and the backend's fused block epilogue where it has
     # one (C++), else PyTorch's; select_tiles also enforces MARGINKERN_BACKEND (a forced backend that cannot
     # serve the call raises).
@@ -525,14 +551,17 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     loss, grad_x, grad_w, grad_b = linear_ce_buffered(input, weight, target, bias, opts, reduction,
                                                       int(buffer_bytes), need_input_grad, need_weight_grad,
                                                       need_bias_grad, tiles, class_weight)
+    if grad_x is not None:
+        grad_x, = put_rows(rows, n, grad_x)
     return loss, _or_empty(grad_x, loss), _or_empty(grad_w, loss), _or_empty(grad_b, loss)
 
 
 def _check_buffered_call(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-                         gamma_ce, reduction, buffer_bytes, class_weight=None):
+                         gamma_ce, reduction, buffer_bytes, class_weight=None, skip_ignored_share=None):
     _check_forward_inputs(input, weight, target, bias)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     check_class_weight(class_weight, weight, opts.label_smoothing, opts.softcap)
+    check_skip_ignored_share(skip_ignored_share)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' on the buffered path, got {reduction!r}")
     check_finite("buffer_bytes", buffer_bytes, 0, low_open=True)
@@ -540,9 +569,9 @@ def _check_buffered_call(input, weight, target, bias, ignore_index, label_smooth
 
 @linear_cross_entropy_buffered.register_fake
 def _(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce, reduction,
-      buffer_bytes, need_input_grad, need_weight_grad, need_bias_grad, class_weight=None):
+      buffer_bytes, need_input_grad, need_weight_grad, need_bias_grad, class_weight=None, skip_ignored_share=None):
     _check_buffered_call(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-                         gamma_ce, reduction, buffer_bytes, class_weight)
+                         gamma_ce, reduction, buffer_bytes, class_weight, skip_ignored_share)
     acc = accumulation_dtype(input.dtype)
     in_dtype = buffered_grads_in_input_dtype(input, weight)
 
@@ -585,18 +614,20 @@ def _buffered_backward(ctx, grad_loss, *unused):
                torch.mul(g, grad_loss, out=torch.empty(g.shape, dtype=dtype, device=g.device))) if need else None
               for g, need, dtype in zip(grads, needed, ctx.dtypes)]
     del grads
-    return (scaled[0], scaled[1], None, scaled[2]) + (None,) * 12
+    return (scaled[0], scaled[1], None, scaled[2]) + (None,) * 13
 
 
 _register_autograd("linear_cross_entropy_buffered", _buffered_backward, _buffered_setup_context)
 
 
 @_op("emo_cross_entropy")
-def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedding: Tensor,
-                      ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(per-row CE, per-row EMO, per-row log-sum-exp) of z = x·wᵀ; cost_embedding gets no gradient."""
+def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedding: Tensor, ignore_index: int,
+                      skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-row CE, per-row EMO, per-row log-sum-exp) of z = x·wᵀ; cost_embedding gets no gradient.
+    skip_ignored_share: the backward op's."""
     _check_forward_inputs(input, weight, target, cost_embedding=cost_embedding)
     ignore_index = check_ignore_index(ignore_index)
+    check_skip_ignored_share(skip_ignored_share)
     check_target_values(target, weight.shape[0], ignore_index)
     input, weight, cost_embedding = input.contiguous(), weight.contiguous(), cost_embedding.contiguous()
     tiles = select_tiles(input.device, input.dtype)
@@ -606,9 +637,10 @@ def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedd
 
 
 @emo_cross_entropy.register_fake
-def _(input, weight, target, cost_embedding, ignore_index):
+def _(input, weight, target, cost_embedding, ignore_index, skip_ignored_share=None):
     _check_forward_inputs(input, weight, target, cost_embedding=cost_embedding)
     check_ignore_index(ignore_index)
+    check_skip_ignored_share(skip_ignored_share)
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
     return tuple(input.new_empty((n,), dtype=acc) for _ in range(3))
@@ -617,27 +649,36 @@ def _(input, weight, target, cost_embedding, ignore_index):
 @_op("emo_cross_entropy_backward")
 def emo_cross_entropy_backward(grad_ce: Tensor, grad_emo: Tensor, input: Tensor, weight: Tensor, target: Tensor,
                                cost_embedding: Tensor, lse: Tensor, emo: Tensor, ignore_index: int,
-                               need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
+                               need_weight_grad: bool = True,
+                               skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """dL/dinput and dL/dweight (empty unless need_weight_grad). skip_ignored_share: see the module docstring."""
+    rows = labelled_rows(target, ignore_index, check_skip_ignored_share(skip_ignored_share))
+    n = input.shape[0]
+    grad_ce, grad_emo, input, target, lse, emo = take_rows(rows, grad_ce, grad_emo, input, target, lse, emo)
     input, weight, cost_embedding = input.contiguous(), weight.contiguous(), cost_embedding.contiguous()
     tiles = select_tiles(input.device, input.dtype)
     if tiles.name == "cpp":
-        return torch.ops.marginkern.emo_rows_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse,
-                                                      emo, int(ignore_index), need_weight_grad)
-    grad_x, grad_w = emo_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo,
-                                  int(ignore_index), tiles, need_weight_grad)
-    return grad_x, _or_empty(grad_w, weight)
+        grad_x, grad_w = torch.ops.marginkern.emo_rows_backward(grad_ce, grad_emo, input, weight, target,
+                                                                cost_embedding, lse, emo, int(ignore_index),
+                                                                need_weight_grad)
+    else:
+        grad_x, grad_w = emo_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo,
+                                      int(ignore_index), tiles, need_weight_grad)
+    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight))
 
 
 @emo_cross_entropy_backward.register_fake
-def _(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ignore_index, need_weight_grad=True):
+def _(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ignore_index, need_weight_grad=True,
+      skip_ignored_share=None):
+    check_skip_ignored_share(skip_ignored_share)
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
 def _emo_setup_context(ctx, inputs, output):
-    input, weight, target, cost_embedding, ignore_index = inputs
+    input, weight, target, cost_embedding, ignore_index, *skip = inputs
     ctx.save_for_backward(input, weight, target, cost_embedding, output[2], output[1])
     ctx.mark_non_differentiable(output[2])
-    ctx.ignore_index = ignore_index
+    ctx.ignore_index, ctx.skip_ignored_share = ignore_index, (skip or [None])[0]
 
 
 def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
@@ -646,8 +687,9 @@ def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
     grad_emo = torch.zeros_like(lse) if grad_emo is None else grad_emo.contiguous()
     need_weight_grad = ctx.needs_input_grad[1]
     grad_input, grad_weight = call("emo_cross_entropy_backward", grad_ce, grad_emo, input, weight, target,
-                                   cost_embedding, lse, emo, ctx.ignore_index, need_weight_grad)
-    return grad_input, (grad_weight if need_weight_grad else None), None, None, None
+                                   cost_embedding, lse, emo, ctx.ignore_index, need_weight_grad,
+                                   ctx.skip_ignored_share)
+    return grad_input, (grad_weight if need_weight_grad else None), None, None, None, None
 
 
 _register_autograd("emo_cross_entropy", _emo_backward, _emo_setup_context)
@@ -663,11 +705,14 @@ def _check_row_vectors(input, **vectors):
 
 @_op("linear_kl_divergence")
 def linear_kl_divergence(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor, target: Tensor,
-                         temperature: float, ignore_index: int, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(per-row KL, student lse, teacher lse) at `temperature`; the teacher gets no gradient."""
+                         temperature: float, ignore_index: int, reverse: bool,
+                         skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-row KL, student lse, teacher lse) at `temperature`; the teacher gets no gradient.
+    skip_ignored_share: the backward op's."""
     _check_forward_inputs(input, weight, target)
     check_teacher(teacher_input, teacher_weight, input, weight)
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
+    check_skip_ignored_share(skip_ignored_share)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
     tiles = _tiles_except_cuda(input, "teacher logit plane (distillation)")
@@ -679,11 +724,13 @@ def linear_kl_divergence(input: Tensor, weight: Tensor, teacher_input: Tensor, t
 
 
 @linear_kl_divergence.register_fake
-def _(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, reverse):
+def _(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, reverse,
+      skip_ignored_share=None):
     _check_forward_inputs(input, weight, target)
     check_teacher(teacher_input, teacher_weight, input, weight)
     check_temperature(temperature)
     check_ignore_index(ignore_index)
+    check_skip_ignored_share(skip_ignored_share)
     acc = accumulation_dtype(input.dtype)
     return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(3))
 
@@ -692,44 +739,55 @@ def _(input, weight, teacher_input, teacher_weight, target, temperature, ignore_
 def linear_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: Tensor, teacher_input: Tensor,
                                   teacher_weight: Tensor, target: Tensor, lse: Tensor, teacher_lse: Tensor, kl: Tensor,
                                   temperature: float, ignore_index: int, reverse: bool,
-                                  need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
-    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, teacher lse and KL."""
+                                  need_weight_grad: bool = True,
+                                  skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, teacher lse and KL.
+    skip_ignored_share: see the module docstring."""
     _check_row_vectors(input, grad_kl=grad_kl, lse=lse, teacher_lse=teacher_lse, kl=kl)
+    rows = labelled_rows(target, ignore_index, check_skip_ignored_share(skip_ignored_share))
+    n = input.shape[0]
+    grad_kl, input, teacher_input, target, lse, teacher_lse, kl = take_rows(
+        rows, grad_kl, input, teacher_input, target, lse, teacher_lse, kl)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
     tiles = _tiles_except_cuda(input, "teacher logit plane (distillation)")
     if tiles.name == "cpp":
-        return torch.ops.marginkern.kl_divergence_rows_backward(
+        grad_x, grad_w = torch.ops.marginkern.kl_divergence_rows_backward(
             grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl, float(temperature),
             int(ignore_index), bool(reverse), need_weight_grad)
-    grad_x, grad_w = kl_backward(grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl,
-                                 float(temperature), int(ignore_index), bool(reverse), tiles, need_weight_grad)
-    return grad_x, _or_empty(grad_w, weight)
+    else:
+        grad_x, grad_w = kl_backward(grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse,
+                                     kl, float(temperature), int(ignore_index), bool(reverse), tiles,
+                                     need_weight_grad)
+    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight))
 
 
 @linear_kl_divergence_backward.register_fake
 def _(grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl, temperature, ignore_index,
-      reverse, need_weight_grad=True):
+      reverse, need_weight_grad=True, skip_ignored_share=None):
+    check_skip_ignored_share(skip_ignored_share)
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
 def _register_distillation_autograd(name, statistic):
     """The autograd of the distillation ops `name` (KL, JSD): outputs (loss, lse, teacher lse[, ...]), the loss the
     only differentiable one; the backward op `<name>_backward` takes the saved (…, lse, teacher lse,
-    output[statistic]) and then the forward's scalar arguments in their order, and gives the student's gradients."""
+    output[statistic]), the forward's three scalar arguments in their order, need_weight_grad and the forward's
+    skip_ignored_share, and gives the student's gradients."""
     def setup_context(ctx, inputs, output):
         input, weight, teacher_input, teacher_weight, target, *scalars = inputs
         # the teacher's tensors are saved detached: no gradient flows into them (their views of a graph stay out)
         ctx.save_for_backward(input, weight, teacher_input.detach(), teacher_weight.detach(), target, output[1],
                               output[2], output[statistic])
         ctx.mark_non_differentiable(*output[1:])
-        ctx.scalars = scalars
+        ctx.scalars, ctx.skip_ignored_share = scalars[:3], (scalars[3:] or [None])[0]
+        ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad_loss, *unused):
         need_weight_grad = ctx.needs_input_grad[1]
         grad_input, grad_weight = call(f"{name}_backward", grad_loss.contiguous(), *ctx.saved_tensors, *ctx.scalars,
-                                       need_weight_grad)
-        return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * (3 + len(ctx.scalars))
+                                       need_weight_grad, ctx.skip_ignored_share)
+        return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * (ctx.num_inputs - 2)
 
     _register_autograd(name, backward, setup_context)
 
@@ -748,12 +806,15 @@ def _jsd_beta_inside(beta):
 
 @_op("linear_jsd")
 def linear_jsd(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor, target: Tensor,
-               beta: float, temperature: float, ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(per-row JSD_β, student lse, teacher lse, KL(p‖m)) at `temperature`; the teacher gets no gradient."""
+               beta: float, temperature: float, ignore_index: int,
+               skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-row JSD_β, student lse, teacher lse, KL(p‖m)) at `temperature`; the teacher gets no gradient.
+    skip_ignored_share: the backward op's."""
     _check_forward_inputs(input, weight, target)
     check_teacher(teacher_input, teacher_weight, input, weight)
     beta = _jsd_beta_inside(beta)
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
+    check_skip_ignored_share(skip_ignored_share)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
     tiles = _tiles_except_cuda(input, "teacher logit plane (distillation)")
@@ -764,12 +825,13 @@ def linear_jsd(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_wei
 
 
 @linear_jsd.register_fake
-def _(input, weight, teacher_input, teacher_weight, target, beta, temperature, ignore_index):
+def _(input, weight, teacher_input, teacher_weight, target, beta, temperature, ignore_index, skip_ignored_share=None):
     _check_forward_inputs(input, weight, target)
     check_teacher(teacher_input, teacher_weight, input, weight)
     _jsd_beta_inside(beta)
     check_temperature(temperature)
     check_ignore_index(ignore_index)
+    check_skip_ignored_share(skip_ignored_share)
     acc = accumulation_dtype(input.dtype)
     return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(4))
 
@@ -777,27 +839,35 @@ def _(input, weight, teacher_input, teacher_weight, target, beta, temperature, i
 @_op("linear_jsd_backward")
 def linear_jsd_backward(grad_jsd: Tensor, input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
                         target: Tensor, lse: Tensor, teacher_lse: Tensor, kl_student_mixture: Tensor, beta: float,
-                        temperature: float, ignore_index: int, need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
-    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, teacher lse and KL(p‖m)."""
+                        temperature: float, ignore_index: int, need_weight_grad: bool = True,
+                        skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, teacher lse and KL(p‖m).
+    skip_ignored_share: see the module docstring."""
     _check_row_vectors(input, grad_jsd=grad_jsd, lse=lse, teacher_lse=teacher_lse,
                        kl_student_mixture=kl_student_mixture)
     beta = _jsd_beta_inside(beta)
+    rows = labelled_rows(target, ignore_index, check_skip_ignored_share(skip_ignored_share))
+    n = input.shape[0]
+    grad_jsd, input, teacher_input, target, lse, teacher_lse, kl_student_mixture = take_rows(
+        rows, grad_jsd, input, teacher_input, target, lse, teacher_lse, kl_student_mixture)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
     tiles = _tiles_except_cuda(input, "teacher logit plane (distillation)")
     if tiles.name == "cpp":
-        return torch.ops.marginkern.jsd_rows_backward(grad_jsd, input, weight, teacher_input, teacher_weight, target,
-                                                      lse, teacher_lse, kl_student_mixture, beta, float(temperature),
-                                                      int(ignore_index), need_weight_grad)
-    grad_x, grad_w = jsd_backward(grad_jsd, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse,
-                                  kl_student_mixture, float(temperature), int(ignore_index), beta, tiles,
-                                  need_weight_grad)
-    return grad_x, _or_empty(grad_w, weight)
+        grad_x, grad_w = torch.ops.marginkern.jsd_rows_backward(
+            grad_jsd, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl_student_mixture,
+            beta, float(temperature), int(ignore_index), need_weight_grad)
+    else:
+        grad_x, grad_w = jsd_backward(grad_jsd, input, weight, teacher_input, teacher_weight, target, lse,
+                                      teacher_lse, kl_student_mixture, float(temperature), int(ignore_index), beta,
+                                      tiles, need_weight_grad)
+    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight))
 
 
 @linear_jsd_backward.register_fake
 def _(grad_jsd, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl_student_mixture, beta,
-      temperature, ignore_index, need_weight_grad=True):
+      temperature, ignore_index, need_weight_grad=True, skip_ignored_share=None):
+    check_skip_ignored_share(skip_ignored_share)
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
@@ -806,23 +876,27 @@ _register_distillation_autograd("linear_jsd", statistic=3)  # its backward takes
 
 @_op("linear_topk_kl_divergence")
 def linear_topk_kl_divergence(input: Tensor, weight: Tensor, teacher_token_ids: Tensor, teacher_logits: Tensor,
-                              target: Tensor, temperature: float, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(per-row KL(q‖p) with q the teacher's softmax over its top-k tokens, student lse) at `temperature`."""
+                              target: Tensor, temperature: float, ignore_index: int,
+                              skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """(per-row KL(q‖p) with q the teacher's softmax over its top-k tokens, student lse) at `temperature`.
+    skip_ignored_share: the backward op's."""
     _check_forward_inputs(input, weight, target)
     check_topk_teacher(teacher_token_ids, teacher_logits, input)
     check_token_ids(teacher_token_ids, weight.shape[0])
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
+    check_skip_ignored_share(skip_ignored_share)
     input, weight = input.contiguous(), weight.contiguous()
     return topk_kl_forward(input, weight, teacher_token_ids.long(), teacher_logits, target, temperature, ignore_index,
                            select_tiles(input.device, input.dtype))
 
 
 @linear_topk_kl_divergence.register_fake
-def _(input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index):
+def _(input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index, skip_ignored_share=None):
     _check_forward_inputs(input, weight, target)
     check_topk_teacher(teacher_token_ids, teacher_logits, input)
     check_temperature(temperature)
     check_ignore_index(ignore_index)
+    check_skip_ignored_share(skip_ignored_share)
     acc = accumulation_dtype(input.dtype)
     return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(2))
 
@@ -830,27 +904,34 @@ def _(input, weight, teacher_token_ids, teacher_logits, target, temperature, ign
 @_op("linear_topk_kl_divergence_backward")
 def linear_topk_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: Tensor, teacher_token_ids: Tensor,
                                        teacher_logits: Tensor, target: Tensor, lse: Tensor, temperature: float,
-                                       ignore_index: int, need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
-    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse."""
+                                       ignore_index: int, need_weight_grad: bool = True,
+                                       skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse.
+    skip_ignored_share: see the module docstring."""
     _check_row_vectors(input, grad_kl=grad_kl, lse=lse)
+    rows = labelled_rows(target, ignore_index, check_skip_ignored_share(skip_ignored_share))
+    n = input.shape[0]
+    grad_kl, input, teacher_token_ids, teacher_logits, target, lse = take_rows(
+        rows, grad_kl, input, teacher_token_ids, teacher_logits, target, lse)
     input, weight = input.contiguous(), weight.contiguous()
     grad_x, grad_w = topk_kl_backward(grad_kl, input, weight, teacher_token_ids.long(), teacher_logits, target, lse,
                                       float(temperature), int(ignore_index), select_tiles(input.device, input.dtype),
                                       need_weight_grad)
-    return grad_x, _or_empty(grad_w, weight)
+    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight))
 
 
 @linear_topk_kl_divergence_backward.register_fake
 def _(grad_kl, input, weight, teacher_token_ids, teacher_logits, target, lse, temperature, ignore_index,
-      need_weight_grad=True):
+      need_weight_grad=True, skip_ignored_share=None):
+    check_skip_ignored_share(skip_ignored_share)
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
 def _topk_kl_setup_context(ctx, inputs, output):
-    input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index = inputs
+    input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index, *skip = inputs
     ctx.save_for_backward(input, weight, teacher_token_ids, teacher_logits.detach(), target, output[1])
     ctx.mark_non_differentiable(output[1])
-    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, (skip or [None])[0]
 
 
 def _topk_kl_backward(ctx, grad_kl, grad_lse):
@@ -858,19 +939,21 @@ def _topk_kl_backward(ctx, grad_kl, grad_lse):
     need_weight_grad = ctx.needs_input_grad[1]
     grad_input, grad_weight = call("linear_topk_kl_divergence_backward", grad_kl.contiguous(), input, weight,
                                    teacher_token_ids, teacher_logits, target, lse, ctx.temperature, ctx.ignore_index,
-                                   need_weight_grad)
-    return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * 5
+                                   need_weight_grad, ctx.skip_ignored_share)
+    return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * 6
 
 
 _register_autograd("linear_topk_kl_divergence", _topk_kl_backward, _topk_kl_setup_context)
 
 
 @_op("log_probs_entropy")
-def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature: float,
-                      ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(per-row log p_t, per-row entropy, per-row log-sum-exp) of z = x·wᵀ/temperature."""
+def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature: float, ignore_index: int,
+                      skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-row log p_t, per-row entropy, per-row log-sum-exp) of z = x·wᵀ/temperature; log p_t and the entropy
+    are 0 on ignored rows. skip_ignored_share: the backward op's."""
     _check_forward_inputs(input, weight, target)
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
+    check_skip_ignored_share(skip_ignored_share)
     check_target_values(target, weight.shape[0], ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = _tiles_except_cuda(input, "token-entropy epilogue")
@@ -880,10 +963,11 @@ def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature
 
 
 @log_probs_entropy.register_fake
-def _(input, weight, target, temperature, ignore_index):
+def _(input, weight, target, temperature, ignore_index, skip_ignored_share=None):
     _check_forward_inputs(input, weight, target)
     check_temperature(temperature)
     check_ignore_index(ignore_index)
+    check_skip_ignored_share(skip_ignored_share)
     acc = accumulation_dtype(input.dtype)
     return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(3))
 
@@ -891,32 +975,40 @@ def _(input, weight, target, temperature, ignore_index):
 @_op("log_probs_entropy_backward")
 def log_probs_entropy_backward(grad_log_probs: Tensor, grad_entropy: Tensor, input: Tensor, weight: Tensor,
                                target: Tensor, lse: Tensor, log_probs: Tensor, entropy: Tensor, temperature: float,
-                               ignore_index: int, need_weight_grad: bool = True) -> tuple[Tensor, Tensor]:
-    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, log_probs, entropy."""
+                               ignore_index: int, need_weight_grad: bool = True,
+                               skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, log_probs, entropy.
+    skip_ignored_share: see the module docstring."""
     _check_row_vectors(input, grad_log_probs=grad_log_probs, grad_entropy=grad_entropy, lse=lse, log_probs=log_probs,
                        entropy=entropy)
+    rows = labelled_rows(target, ignore_index, check_skip_ignored_share(skip_ignored_share))
+    n = input.shape[0]
+    grad_log_probs, grad_entropy, input, target, lse, log_probs, entropy = take_rows(
+        rows, grad_log_probs, grad_entropy, input, target, lse, log_probs, entropy)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = _tiles_except_cuda(input, "token-entropy epilogue")
     if tiles.name == "cpp":
-        return torch.ops.marginkern.log_probs_entropy_rows_backward(
+        grad_x, grad_w = torch.ops.marginkern.log_probs_entropy_rows_backward(
             grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, float(temperature),
             int(ignore_index), need_weight_grad)
-    grad_x, grad_w = log_probs_backward(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy,
-                                        float(temperature), int(ignore_index), tiles, need_weight_grad)
-    return grad_x, _or_empty(grad_w, weight)
+    else:
+        grad_x, grad_w = log_probs_backward(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs,
+                                            entropy, float(temperature), int(ignore_index), tiles, need_weight_grad)
+    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight))
 
 
 @log_probs_entropy_backward.register_fake
 def _(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, temperature, ignore_index,
-      need_weight_grad=True):
+      need_weight_grad=True, skip_ignored_share=None):
+    check_skip_ignored_share(skip_ignored_share)
     return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
 
 
 def _log_probs_setup_context(ctx, inputs, output):
-    input, weight, target, temperature, ignore_index = inputs
+    input, weight, target, temperature, ignore_index, *skip = inputs
     ctx.save_for_backward(input, weight, target, output[2], output[0], output[1])
     ctx.mark_non_differentiable(output[2])
-    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, (skip or [None])[0]
 
 
 def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
@@ -925,8 +1017,9 @@ def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
     grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.contiguous()
     need_weight_grad = ctx.needs_input_grad[1]
     grad_input, grad_weight = call("log_probs_entropy_backward", grad_log_probs, grad_entropy, input, weight, target,
-                                   lse, log_probs, entropy, ctx.temperature, ctx.ignore_index, need_weight_grad)
-    return grad_input, (grad_weight if need_weight_grad else None), None, None, None
+                                   lse, log_probs, entropy, ctx.temperature, ctx.ignore_index, need_weight_grad,
+                                   ctx.skip_ignored_share)
+    return grad_input, (grad_weight if need_weight_grad else None), None, None, None, None
 
 
 _register_autograd("log_probs_entropy", _log_probs_backward, _log_probs_setup_context)

@@ -207,6 +207,8 @@ GRAPHED_LOSSES = {
     "margin-hard-negatives": functools.partial(mk.margin_cross_entropy, hard_negatives=(1.0, 0.2, 0.0)),
     "margin-interclass-filtering": functools.partial(mk.margin_cross_entropy, hard_negatives=(0.0, 0.0, 0.0),
                                                      hard_negative_threshold=0.1),
+    # the warm-up skips the ignored rows (a host sync), the capture runs every row (labelled_rows declines)
+    "linear-skip-ignored-rows": functools.partial(mk.linear_cross_entropy, skip_ignored_rows=True),
 }
 
 
@@ -239,6 +241,31 @@ def test_step_replays_from_a_cuda_graph(loss, backend):
     torch.testing.assert_close(static_loss, want)
     torch.testing.assert_close(x.grad, wx)
     torch.testing.assert_close(w.grad, ww)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_skipping_on_gpu(dtype, backend, monkeypatch):
+    """torch.compile (Inductor) of linear CE with half the rows ignored: the compiled backward op runs the labelled
+    rows alone (tests/test_skip_ignored_rows_compiled.py on CUDA); results are those of every row."""
+    from marginkern import ops
+    seen, take = [], ops.take_rows
+
+    def spy(rows, *tensors):
+        taken = take(rows, *tensors)
+        seen.append(taken[0].shape[0])
+        return taken
+    monkeypatch.setattr(ops, "take_rows", spy)
+    x, w, t = make_case(600, 32003, 256, dtype, device="cuda", ignore=range(300))
+    w = (w.detach() * 0.1).to(dtype)
+    torch._dynamo.reset()
+    step = torch.compile(lambda a, b, c: mk.linear_cross_entropy(a, b, c, z_loss=1e-4), fullgraph=True)
+    got = loss_and_grads(step, x, w, t)
+    assert seen == [300]
+    want = loss_and_grads(lambda a, b, c: mk.linear_cross_entropy(a, b, c, z_loss=1e-4, skip_ignored_rows=False),
+                          x, w, t)
+    for name, g, e in zip(("loss", "grad input", "grad weight"), got, want):
+        assert_close_rel(g.float(), e.float(), dtype, name, floor=1.0 if name == "loss" else 1e-3)
+    assert not got[1][:300].any()
 
 
 LINEAR_OPTIONS = [dict(), dict(label_smoothing=0.1, z_loss=1e-4), dict(softcap=30.0), dict(focal_gamma=2.0),

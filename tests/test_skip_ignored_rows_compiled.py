@@ -1,0 +1,122 @@
+"""skip_ignored_rows inside torch.compile: the forward op runs every row (no data-dependent shapes in a graph) and
+the backward op runs on the labelled rows alone (its skip_ignored_share argument; the 3-GEMM path, whose forward is
+the whole step, skips there). Results equal those of every row; which rows each pass saw is read from the rows the
+ops selected (ops.take_rows)."""
+import pytest
+import torch
+
+import marginkern as mk
+import marginkern.ops as ops
+from tests.helpers import assert_close_rel
+from tests.test_skip_ignored_rows import OTHER_LOSSES, _teacher, outputs_and_grads, prompt_masked
+
+
+def record_selected_rows(monkeypatch):
+    """A list that receives the row count each op that may skip rows ran on (the first per-row tensor after its
+    selection, ops.take_rows)."""
+    seen, take = [], ops.take_rows
+
+    def spy(rows, *tensors):
+        taken = take(rows, *tensors)
+        seen.append(taken[0].shape[0])
+        return taken
+    monkeypatch.setattr(ops, "take_rows", spy)
+    return seen
+
+
+@pytest.fixture
+def selected_rows(monkeypatch):
+    return record_selected_rows(monkeypatch)
+
+
+LOSSES = dict(OTHER_LOSSES,
+              linear_ce=lambda x, w, t, **k: mk.linear_cross_entropy(x, w, t, **k),
+              linear_ce_options=lambda x, w, t, **k: mk.linear_cross_entropy(
+                  x, w, t, label_smoothing=0.1, z_loss=1e-2, softcap=3.0, focal_gamma=1.5, grad_filter_eps=1e-30,
+                  return_token_accuracy=True, token_scaling=True, **k),
+              linear_ce_class_weight=lambda x, w, t, **k: mk.linear_cross_entropy(
+                  x, w, t, label_smoothing=0.1, gamma_ce=0.3,
+                  class_weight=torch.linspace(0.5, 1.5, w.shape[0], dtype=w.dtype), **k),
+              linear_ce_3_gemm=lambda x, w, t, reduction, **k: mk.linear_cross_entropy(
+                  x, w, t, logits_buffer_mb=0.02, reduction="sum" if reduction == "none" else reduction, **k))
+
+
+def compiled(fn, **opts):
+    return torch.compile(lambda x, w, t, reduction: fn(x, w, t, reduction=reduction, **opts), fullgraph=True,
+                         backend="aot_eager")
+
+
+def check_compiled_backward_runs_the_labelled_rows(name, reduction, selected_rows, device="cpu"):
+    torch._dynamo.reset()
+    x, w, t = (v.to(device) for v in prompt_masked(40, 301, 24, torch.float32, ignored=15))
+    _teacher(40, 301, torch.float32)  # made outside the compiled function (a generator cannot be traced)
+    got = outputs_and_grads(compiled(LOSSES[name]), x, w, t, reduction)
+    # the forward ops ran every row (they select none), the backward op (the 3-GEMM forward) the 25 labelled ones
+    assert selected_rows == [25]
+    want = outputs_and_grads(compiled(LOSSES[name], skip_ignored_rows=False), x, w, t, reduction)
+    assert selected_rows == [25, 40]
+    assert len(got) == len(want)
+    for i, (g, e) in enumerate(zip(got, want)):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        assert_close_rel(g, e, torch.float32, f"{name} output {i}", floor=1.0 if i < len(got) - 2 else 1e-3)
+    assert not got[-2][:15].any()  # the ignored rows' input gradient
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_backward_runs_the_labelled_rows(backend, name, reduction, monkeypatch, selected_rows):
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    if name == "log_probs_and_entropy" and reduction == "mean":
+        pytest.skip("log_probs_and_entropy has no reduction")
+    check_compiled_backward_runs_the_labelled_rows(name, reduction, selected_rows)
+
+
+def test_compiled_share_follows_the_option(selected_rows):
+    """None skips from 1/8 of the rows ignored, True from one, False never; eager calls skip in the forward op."""
+    x, w, t = prompt_masked(64, 50, 8, torch.float32, ignored=7)  # 7 < 64 / 8
+    for skip in (None, True, False):
+        torch._dynamo.reset()
+        outputs_and_grads(compiled(mk.linear_cross_entropy, skip_ignored_rows=skip), x, w, t, "mean")
+    assert selected_rows == [64, 57, 64]
+    selected_rows.clear()
+    outputs_and_grads(mk.linear_cross_entropy, x, w, t, "mean", skip_ignored_rows=True)
+    assert selected_rows == [57]  # the function selected the rows: its backward op got those 57 and no share
+
+
+def test_compiled_step_returns_the_lse_of_every_row(selected_rows):
+    """return_lse reports every row's lse (and gives it a gradient): nothing is skipped."""
+    x, w, t = prompt_masked(40, 60, 16, torch.float32, ignored=20)
+    loss, lse = compiled(mk.linear_cross_entropy, return_lse=True)(x, w, t, "none")
+    torch.autograd.grad((loss.sum() + lse.sum()), (x, w))
+    assert selected_rows == [40]
+
+
+def _backward_args(N=12, C=40, D=8, ignored=5):
+    x, w, t = prompt_masked(N, C, D, torch.float64, ignored=ignored)
+    loss, lse, _ = torch.ops.marginkern.linear_cross_entropy(x, w, t, None, -100, 0.0, 1e-3, None, 0.0, 0.0)
+    return (torch.rand(N, dtype=torch.float64), x.detach(), w.detach(), t, None, lse, -100, 0.0, 1e-3, None, 0.0, 0.0,
+            None, True, False, None, None)
+
+
+def test_backward_op_argument():
+    args = _backward_args()
+    full = torch.ops.marginkern.linear_cross_entropy_backward(*args)
+    skipped = torch.ops.marginkern.linear_cross_entropy_backward(*args, 0.0)
+    torch.testing.assert_close(skipped, full, rtol=1e-12, atol=1e-15)
+    assert not skipped[0][:5].any()
+    torch.library.opcheck(torch.ops.marginkern.linear_cross_entropy_backward.default, args + (0.0,))
+    x, w, t = args[1:4]
+    torch.library.opcheck(torch.ops.marginkern.log_probs_entropy.default,
+                          (x.clone().requires_grad_(), w.clone().requires_grad_(), t, 1.0, -100, 0.0))
+
+
+def test_backward_op_argument_errors():
+    args = _backward_args()
+    for share in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="skip_ignored_share"):
+            torch.ops.marginkern.linear_cross_entropy_backward(*args, share)
+    x, w, t = args[1:4]
+    with pytest.raises(ValueError, match="skip_ignored_share cannot be combined with differentiable_lse=True"):
+        torch.ops.marginkern.linear_cross_entropy(x, w, t, None, -100, 0.0, 0.0, None, 0.0, 0.0, None, None, True,
+                                                  False, 0.125)
