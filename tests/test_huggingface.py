@@ -428,6 +428,21 @@ def test_compiled_patched_model_gives_the_same_step():
     assert_same_loss_and_grads((got[0], {n.removeprefix(prefix): g for n, g in got[1].items()}), want)
 
 
+def test_compiled_patched_model_runs_the_labelled_tokens_in_its_backward(monkeypatch):
+    """Under torch.compile the prompt and padding positions cost no GEMM work in the backward pass
+    (skip_ignored_rows inside a compiled graph: the forward runs every position)."""
+    from tests.test_skip_ignored_rows_compiled import record_selected_rows
+    seen = record_selected_rows(monkeypatch)
+    model = tiny_model("llama")
+    ids, labels = batch()
+    want = loss_and_grads(model, ids, labels=labels)
+    compiled = torch.compile(patch_causal_lm(copy.deepcopy(model)), fullgraph=True, backend="aot_eager")
+    got = loss_and_grads(compiled, ids, labels=labels)
+    assert seen == [int((labels[:, 1:] != -100).sum())]  # the shifted labels: 23 of 33 positions
+    prefix = "_orig_mod."
+    assert_same_loss_and_grads((got[0], {n.removeprefix(prefix): g for n, g in got[1].items()}), want)
+
+
 def test_a_batch_without_labelled_tokens_gives_zero_and_zero_gradients():
     # HF's mean over no token is NaN; marginkern's mean is 0 with zero gradients (README)
     model = patch_causal_lm(tiny_model("llama"))
