@@ -361,13 +361,14 @@ def check_skip_ignored_rows(skip_ignored_rows, return_lse=False):
 
 def check_skip_ignored_share(share, differentiable_lse=False):
     """An op's skip_ignored_share (row_skipping.skip_share): None, or a share in [0, 1]; not with a differentiable
-    lse (an ignored row's lse takes a gradient, so that row cannot be left out)."""
+    lse (the forward op's differentiable_lse, the backward op's grad_lse: an ignored row's lse takes a gradient, so
+    that row cannot be left out)."""
     if share is None:
         return None
     check_finite("skip_ignored_share", share, 0.0, 1.0)
     if differentiable_lse:
-        raise ValueError("skip_ignored_share cannot be combined with differentiable_lse=True (the lse of every row, "
-                         "ignored ones included, takes a gradient)")
+        raise ValueError("skip_ignored_share cannot be combined with a differentiable lse (differentiable_lse=True, "
+                         "or a grad_lse): the lse of every row, ignored ones included, takes a gradient")
     return float(share)
 
 

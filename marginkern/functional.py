@@ -171,7 +171,7 @@ def _may_skip_rows(input, target, skip_ignored_rows):
     return skip_ignored_rows is not False and target.numel() > 0 and eager_on_real_tensors((input, target), True)
 
 
-def _labelled_rows(input, target, ignore_index, skip_ignored_rows):
+def _rows_and_backward_share(input, target, ignore_index, skip_ignored_rows):
     """(rows, backward_share) for a call whose targets are `target` (row_skipping.py): an eager call runs its op on
     the rows `rows` alone (labelled_rows; None: every row); inside torch.compile (or torch.export), where shapes
     cannot follow the data, the op gets `backward_share` (its skip_ignored_share: the compiled graph's backward op
@@ -265,8 +265,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     token_scaling = check_token_scaling(token_scaling, logits_buffer_mb)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows, return_lse)
     target = target.long()  # uint8 indices would index as a mask
-    rows, backward_share = (None, None) if return_lse else _labelled_rows(input, target, ignore_index,
-                                                                           skip_ignored_rows)
+    rows, backward_share = None, None  # return_lse: every row's lse is returned
+    if not return_lse:
+        rows, backward_share = _rows_and_backward_share(input, target, ignore_index, skip_ignored_rows)
     run_input, run_target = take_rows(rows, input, target)
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                float(focal_gamma), float(gamma_ce))
@@ -324,7 +325,7 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, sh
     check_reduction(reduction)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()  # a uint8 target would compare unequal to ignore_index −100 (which wraps to 156)
-    rows, backward_share = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    rows, backward_share = _rows_and_backward_share(input, target, ignore_index, skip_ignored_rows)
     x, t = take_rows(rows, input, target)
     ce, emo, _ = call_op("emo_cross_entropy", x, weight, t, cost, ignore_index, *_given_args((backward_share, None)))
     return (*put_rows(rows, target.shape[0], ce, emo), target, token_shape, ignore_index)
@@ -378,7 +379,7 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     check_temperature(temperature)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()
-    rows, backward_share = _labelled_rows(input, target, ignore_index, skip_ignored_rows)
+    rows, backward_share = _rows_and_backward_share(input, target, ignore_index, skip_ignored_rows)
     x, t = take_rows(rows, input, target)
     log_probs, entropy, _ = call_op("log_probs_entropy", x, weight, t, float(temperature), ignore_index,
                                     *_given_args((backward_share, None)))
@@ -402,7 +403,7 @@ def _distill_rows(input, weight, teachers, target, temperature, ignore_index, re
     """The distillation losses' preamble: _lm_rows with an optional target (None: every row counts), the teacher's
     per-row tensors (a dict name → (tensor, its last dimension's name)) flattened like the student's rows, and the
     common checks; (input, the teacher's tensors in order, target, token shape, ignore_index, the rows to run and the
-    backward op's share: _labelled_rows)."""
+    backward op's share: _rows_and_backward_share)."""
     ignore_index = check_ignore_index(ignore_index)
     check_tensor("input", input)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
@@ -418,7 +419,7 @@ def _distill_rows(input, weight, teachers, target, temperature, ignore_index, re
     check_reduction(reduction)
     target = target.long()
     return (input, teacher_rows, target, token_shape, ignore_index,
-            *_labelled_rows(input, target, ignore_index, skip_ignored_rows))
+            *_rows_and_backward_share(input, target, ignore_index, skip_ignored_rows))
 
 
 def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=None, *, temperature=1.0,

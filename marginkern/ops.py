@@ -6,13 +6,15 @@ torch ops, so one backward op serves "mean", "sum" and "none". Each op picks its
 
 The LM losses' backward ops take `skip_ignored_share` (None: off): when at least that share of the rows, and at
 least one, have target == ignore_index (row_skipping.labelled_rows: one host sync, none while a CUDA graph is
-captured), they run on the other rows alone, whose gradients are all there is (an ignored row's is 0). It is how a
-compiled graph skips prompt and padding tokens, whose shapes cannot follow the data (eager calls skip them in the
-forward pass already, functional.py). The forward ops take it only to hand it to their backward op and run every
-row themselves: a forward that left rows out would give the backward placeholders for their statistics, and a
-backward captured in a CUDA graph (which cannot sync to leave them out in turn) would compute with them.
+captured), they run on the other rows alone, whose gradients are all there is (an ignored row's is 0;
+_on_labelled_rows). It is how a compiled graph skips prompt and padding tokens, whose shapes cannot follow the data
+(eager calls skip them in the forward pass already, functional.py). The forward ops take it only to hand it to their
+backward op and run every row themselves: a forward that left rows out would give the backward placeholders for
+their statistics, and a backward captured in a CUDA graph (which cannot sync to leave them out in turn) would compute
+with them. The 3-GEMM op (linear_cross_entropy_buffered) skips in its forward pass, which is its whole step.
 """
 import functools
+import inspect
 import os
 from typing import Optional
 
@@ -33,7 +35,7 @@ from .emo import emo_backward, emo_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward, row_margin_grads
-from .row_skipping import labelled_rows, put_rows, take_rows
+from .row_skipping import labelled_rows, put_rows
 from .proxy_anchor import proxy_anchor_backward as proxy_anchor_backward_pass, proxy_anchor_forward
 from .siglip import siglip_backward as siglip_backward_pass, siglip_forward
 from .supcon import supcon_backward as supcon_backward_pass, supcon_forward
@@ -69,6 +71,38 @@ def _op(name, without_autocast=True):
             _OPS[name].register_autograd(_no_second_derivative(name[:-len("_backward")]))
         return _OPS[name]
     return register
+
+
+def _on_labelled_rows(*per_row, input_grad=0):
+    """Decorates an op implementation whose last argument is skip_ignored_share (module docstring): where
+    row_skipping.labelled_rows selects rows, the implementation runs on those rows of its (N, ...) arguments named
+    `per_row` (target and input among them), and its output `input_grad`, dL/dinput of those rows, comes back as the
+    (N, D) gradient with zeros elsewhere (an empty one, not asked for, stays empty). Arguments of the wrong length
+    go through as they are, for the implementation's own error."""
+    def decorate(implementation):
+        signature = inspect.signature(implementation)
+
+        @functools.wraps(implementation)
+        def run(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+            share = check_skip_ignored_share(arguments["skip_ignored_share"], arguments.get("grad_lse") is not None)
+            n = arguments["input"].shape[0]
+            if share is None or any(arguments[name].shape[:1] != (n,) for name in per_row):
+                return implementation(*bound.args, **bound.kwargs)
+            rows = labelled_rows(arguments["target"], arguments["ignore_index"], share)
+            if rows is None:
+                return implementation(*bound.args, **bound.kwargs)
+            for name in per_row:
+                arguments[name] = arguments[name].index_select(0, rows)
+            outputs = list(implementation(*bound.args, **bound.kwargs))
+            del bound, arguments  # the rows' copies, before the (N, D) gradient is made
+            if outputs[input_grad].numel():
+                outputs[input_grad], = put_rows(rows, n, outputs[input_grad])
+            return tuple(outputs)
+        return run
+    return decorate
 
 
 def _no_second_derivative(loss):
@@ -456,6 +490,7 @@ def _(input, weight, target, bias, *options):
 
 
 @_op("linear_cross_entropy_backward")
+@_on_labelled_rows("grad_loss", "input", "target", "lse")
 def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor,
                                   bias: Optional[Tensor], lse: Tensor, ignore_index: int, label_smoothing: float,
                                   z_loss: float, softcap: Optional[float], focal_gamma: float,
@@ -467,20 +502,17 @@ def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tens
     """(dL/dinput, dL/dweight, dL/dbias); a gradient not needed (or of an absent bias) is empty (0,). grad_lse:
     the gradient of the log-sum-exp output, when it has one. skip_ignored_share: see the module docstring."""
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
-    rows = labelled_rows(target, opts.ignore_index, check_skip_ignored_share(skip_ignored_share, grad_lse is not None))
-    n = input.shape[0]
-    grad_loss, input, target, lse = take_rows(rows, grad_loss, input, target, lse)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = select_tiles(input.device, input.dtype)
     if tiles.name == "cpp" and grad_filter_eps is None and class_weight is None and grad_lse is None:
         # the whole step in C++; the other cases run the engine's Python loop (on the C++ tiles)
-        grad_x, grad_w, grad_b = torch.ops.marginkern.linear_ce_rows_backward(
-            grad_loss, input, weight, target, bias, lse, *_linear_scalars(opts), need_weight_grad, need_bias_grad)
-        return (*put_rows(rows, n, grad_x), grad_w, grad_b)
+        return torch.ops.marginkern.linear_ce_rows_backward(grad_loss, input, weight, target, bias, lse,
+                                                            *_linear_scalars(opts), need_weight_grad,
+                                                            need_bias_grad)
     grad_x, grad_w, grad_b = linear_ce_backward(grad_loss, input, weight, target, bias, lse, opts, tiles,
                                                 need_weight_grad, need_bias_grad, grad_filter_eps,
                                                 class_weight=class_weight, grad_lse=grad_lse)
-    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight), _or_empty(grad_b, weight))
+    return grad_x, _or_empty(grad_w, weight), _or_empty(grad_b, weight)
 
 
 @linear_cross_entropy_backward.register_fake
@@ -521,6 +553,7 @@ _register_autograd("linear_cross_entropy", _linear_backward, _linear_setup_conte
 
 
 @_op("linear_cross_entropy_buffered")
+@_on_labelled_rows("input", "target", input_grad=1)
 def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                   ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
                                   focal_gamma: float, gamma_ce: float, reduction: str, buffer_bytes: int,
@@ -539,9 +572,6 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
                          gamma_ce, reduction, buffer_bytes, class_weight, skip_ignored_share)
     check_target_values(target, weight.shape[0], ignore_index)
     check_class_weight_values(class_weight, accumulation_dtype(weight.dtype))
-    rows = labelled_rows(target, ignore_index, skip_ignored_share)
-    n = input.shape[0]
-    input, target = take_rows(rows, input, target)
     # The 3-GEMM path runs ATen GEMMs on every backend, and the backend's fused block epilogue where it has
     # one (C++), else PyTorch's; select_tiles also enforces MARGINKERN_BACKEND (a forced backend that cannot
     # serve the call raises).
@@ -551,8 +581,6 @@ def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor,
     loss, grad_x, grad_w, grad_b = linear_ce_buffered(input, weight, target, bias, opts, reduction,
                                                       int(buffer_bytes), need_input_grad, need_weight_grad,
                                                       need_bias_grad, tiles, class_weight)
-    if grad_x is not None:
-        grad_x, = put_rows(rows, n, grad_x)
     return loss, _or_empty(grad_x, loss), _or_empty(grad_w, loss), _or_empty(grad_b, loss)
 
 
@@ -647,24 +675,20 @@ def _(input, weight, target, cost_embedding, ignore_index, skip_ignored_share=No
 
 
 @_op("emo_cross_entropy_backward")
+@_on_labelled_rows("grad_ce", "grad_emo", "input", "target", "lse", "emo")
 def emo_cross_entropy_backward(grad_ce: Tensor, grad_emo: Tensor, input: Tensor, weight: Tensor, target: Tensor,
                                cost_embedding: Tensor, lse: Tensor, emo: Tensor, ignore_index: int,
                                need_weight_grad: bool = True,
                                skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """dL/dinput and dL/dweight (empty unless need_weight_grad). skip_ignored_share: see the module docstring."""
-    rows = labelled_rows(target, ignore_index, check_skip_ignored_share(skip_ignored_share))
-    n = input.shape[0]
-    grad_ce, grad_emo, input, target, lse, emo = take_rows(rows, grad_ce, grad_emo, input, target, lse, emo)
     input, weight, cost_embedding = input.contiguous(), weight.contiguous(), cost_embedding.contiguous()
     tiles = select_tiles(input.device, input.dtype)
     if tiles.name == "cpp":
-        grad_x, grad_w = torch.ops.marginkern.emo_rows_backward(grad_ce, grad_emo, input, weight, target,
-                                                                cost_embedding, lse, emo, int(ignore_index),
-                                                                need_weight_grad)
-    else:
-        grad_x, grad_w = emo_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo,
-                                      int(ignore_index), tiles, need_weight_grad)
-    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight))
+        return torch.ops.marginkern.emo_rows_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse,
+                                                      emo, int(ignore_index), need_weight_grad)
+    grad_x, grad_w = emo_backward(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo,
+                                  int(ignore_index), tiles, need_weight_grad)
+    return grad_x, _or_empty(grad_w, weight)
 
 
 @emo_cross_entropy_backward.register_fake
@@ -736,6 +760,7 @@ def _(input, weight, teacher_input, teacher_weight, target, temperature, ignore_
 
 
 @_op("linear_kl_divergence_backward")
+@_on_labelled_rows("grad_kl", "input", "teacher_input", "target", "lse", "teacher_lse", "kl")
 def linear_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: Tensor, teacher_input: Tensor,
                                   teacher_weight: Tensor, target: Tensor, lse: Tensor, teacher_lse: Tensor, kl: Tensor,
                                   temperature: float, ignore_index: int, reverse: bool,
@@ -744,22 +769,16 @@ def linear_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: Tensor
     """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, teacher lse and KL.
     skip_ignored_share: see the module docstring."""
     _check_row_vectors(input, grad_kl=grad_kl, lse=lse, teacher_lse=teacher_lse, kl=kl)
-    rows = labelled_rows(target, ignore_index, check_skip_ignored_share(skip_ignored_share))
-    n = input.shape[0]
-    grad_kl, input, teacher_input, target, lse, teacher_lse, kl = take_rows(
-        rows, grad_kl, input, teacher_input, target, lse, teacher_lse, kl)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
     tiles = _tiles_except_cuda(input, "teacher logit plane (distillation)")
     if tiles.name == "cpp":
-        grad_x, grad_w = torch.ops.marginkern.kl_divergence_rows_backward(
+        return torch.ops.marginkern.kl_divergence_rows_backward(
             grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl, float(temperature),
             int(ignore_index), bool(reverse), need_weight_grad)
-    else:
-        grad_x, grad_w = kl_backward(grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse,
-                                     kl, float(temperature), int(ignore_index), bool(reverse), tiles,
-                                     need_weight_grad)
-    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight))
+    grad_x, grad_w = kl_backward(grad_kl, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl,
+                                 float(temperature), int(ignore_index), bool(reverse), tiles, need_weight_grad)
+    return grad_x, _or_empty(grad_w, weight)
 
 
 @linear_kl_divergence_backward.register_fake
@@ -837,6 +856,7 @@ def _(input, weight, teacher_input, teacher_weight, target, beta, temperature, i
 
 
 @_op("linear_jsd_backward")
+@_on_labelled_rows("grad_jsd", "input", "teacher_input", "target", "lse", "teacher_lse", "kl_student_mixture")
 def linear_jsd_backward(grad_jsd: Tensor, input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
                         target: Tensor, lse: Tensor, teacher_lse: Tensor, kl_student_mixture: Tensor, beta: float,
                         temperature: float, ignore_index: int, need_weight_grad: bool = True,
@@ -846,22 +866,17 @@ def linear_jsd_backward(grad_jsd: Tensor, input: Tensor, weight: Tensor, teacher
     _check_row_vectors(input, grad_jsd=grad_jsd, lse=lse, teacher_lse=teacher_lse,
                        kl_student_mixture=kl_student_mixture)
     beta = _jsd_beta_inside(beta)
-    rows = labelled_rows(target, ignore_index, check_skip_ignored_share(skip_ignored_share))
-    n = input.shape[0]
-    grad_jsd, input, teacher_input, target, lse, teacher_lse, kl_student_mixture = take_rows(
-        rows, grad_jsd, input, teacher_input, target, lse, teacher_lse, kl_student_mixture)
     input, weight = input.contiguous(), weight.contiguous()
     teacher_input, teacher_weight = teacher_input.contiguous(), teacher_weight.contiguous()
     tiles = _tiles_except_cuda(input, "teacher logit plane (distillation)")
     if tiles.name == "cpp":
-        grad_x, grad_w = torch.ops.marginkern.jsd_rows_backward(
-            grad_jsd, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse, kl_student_mixture,
-            beta, float(temperature), int(ignore_index), need_weight_grad)
-    else:
-        grad_x, grad_w = jsd_backward(grad_jsd, input, weight, teacher_input, teacher_weight, target, lse,
-                                      teacher_lse, kl_student_mixture, float(temperature), int(ignore_index), beta,
-                                      tiles, need_weight_grad)
-    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight))
+        return torch.ops.marginkern.jsd_rows_backward(grad_jsd, input, weight, teacher_input, teacher_weight, target,
+                                                      lse, teacher_lse, kl_student_mixture, beta, float(temperature),
+                                                      int(ignore_index), need_weight_grad)
+    grad_x, grad_w = jsd_backward(grad_jsd, input, weight, teacher_input, teacher_weight, target, lse, teacher_lse,
+                                  kl_student_mixture, float(temperature), int(ignore_index), beta, tiles,
+                                  need_weight_grad)
+    return grad_x, _or_empty(grad_w, weight)
 
 
 @linear_jsd_backward.register_fake
@@ -902,6 +917,7 @@ def _(input, weight, teacher_token_ids, teacher_logits, target, temperature, ign
 
 
 @_op("linear_topk_kl_divergence_backward")
+@_on_labelled_rows("grad_kl", "input", "teacher_token_ids", "teacher_logits", "target", "lse")
 def linear_topk_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: Tensor, teacher_token_ids: Tensor,
                                        teacher_logits: Tensor, target: Tensor, lse: Tensor, temperature: float,
                                        ignore_index: int, need_weight_grad: bool = True,
@@ -909,15 +925,11 @@ def linear_topk_kl_divergence_backward(grad_kl: Tensor, input: Tensor, weight: T
     """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse.
     skip_ignored_share: see the module docstring."""
     _check_row_vectors(input, grad_kl=grad_kl, lse=lse)
-    rows = labelled_rows(target, ignore_index, check_skip_ignored_share(skip_ignored_share))
-    n = input.shape[0]
-    grad_kl, input, teacher_token_ids, teacher_logits, target, lse = take_rows(
-        rows, grad_kl, input, teacher_token_ids, teacher_logits, target, lse)
     input, weight = input.contiguous(), weight.contiguous()
     grad_x, grad_w = topk_kl_backward(grad_kl, input, weight, teacher_token_ids.long(), teacher_logits, target, lse,
                                       float(temperature), int(ignore_index), select_tiles(input.device, input.dtype),
                                       need_weight_grad)
-    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight))
+    return grad_x, _or_empty(grad_w, weight)
 
 
 @linear_topk_kl_divergence_backward.register_fake
@@ -973,6 +985,7 @@ def _(input, weight, target, temperature, ignore_index, skip_ignored_share=None)
 
 
 @_op("log_probs_entropy_backward")
+@_on_labelled_rows("grad_log_probs", "grad_entropy", "input", "target", "lse", "log_probs", "entropy")
 def log_probs_entropy_backward(grad_log_probs: Tensor, grad_entropy: Tensor, input: Tensor, weight: Tensor,
                                target: Tensor, lse: Tensor, log_probs: Tensor, entropy: Tensor, temperature: float,
                                ignore_index: int, need_weight_grad: bool = True,
@@ -981,20 +994,15 @@ def log_probs_entropy_backward(grad_log_probs: Tensor, grad_entropy: Tensor, inp
     skip_ignored_share: see the module docstring."""
     _check_row_vectors(input, grad_log_probs=grad_log_probs, grad_entropy=grad_entropy, lse=lse, log_probs=log_probs,
                        entropy=entropy)
-    rows = labelled_rows(target, ignore_index, check_skip_ignored_share(skip_ignored_share))
-    n = input.shape[0]
-    grad_log_probs, grad_entropy, input, target, lse, log_probs, entropy = take_rows(
-        rows, grad_log_probs, grad_entropy, input, target, lse, log_probs, entropy)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = _tiles_except_cuda(input, "token-entropy epilogue")
     if tiles.name == "cpp":
-        grad_x, grad_w = torch.ops.marginkern.log_probs_entropy_rows_backward(
+        return torch.ops.marginkern.log_probs_entropy_rows_backward(
             grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, float(temperature),
             int(ignore_index), need_weight_grad)
-    else:
-        grad_x, grad_w = log_probs_backward(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs,
-                                            entropy, float(temperature), int(ignore_index), tiles, need_weight_grad)
-    return (*put_rows(rows, n, grad_x), _or_empty(grad_w, weight))
+    grad_x, grad_w = log_probs_backward(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy,
+                                        float(temperature), int(ignore_index), tiles, need_weight_grad)
+    return grad_x, _or_empty(grad_w, weight)
 
 
 @log_probs_entropy_backward.register_fake

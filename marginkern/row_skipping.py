@@ -44,4 +44,5 @@ def put_rows(rows, n, *values, copy=False):
     which a caller's in-place edit, as masking padding, must not reach). Differentiable."""
     if rows is None:
         return tuple(v.clone() for v in values) if copy else values
-    return tuple(v.new_zeros((n,) + v.shape[1:]).index_copy(0, rows, v) for v in values)
+    # in place into the zeros: index_copy would make a second (n, ...) tensor
+    return tuple(v.new_zeros((n,) + v.shape[1:]).index_copy_(0, rows, v) for v in values)

@@ -96,6 +96,20 @@ def record_op_rows(monkeypatch):
     return seen
 
 
+def record_selected_rows(monkeypatch):
+    """A list that receives, for every op that got a skip_ignored_share (the compiled path), the number of rows it
+    ran on after ops.labelled_rows chose them (every row where it chose none)."""
+    import marginkern.ops as ops
+    seen, select = [], ops.labelled_rows
+
+    def spy(target, ignore_index, share):
+        rows = select(target, ignore_index, share)
+        seen.append(target.shape[0] if rows is None else rows.shape[0])
+        return rows
+    monkeypatch.setattr(ops, "labelled_rows", spy)
+    return seen
+
+
 def loss_and_grads(fn, x, w, t, **kw):
     x = x.detach().requires_grad_()
     w = w.detach().requires_grad_()

@@ -247,14 +247,8 @@ def test_step_replays_from_a_cuda_graph(loss, backend):
 def test_compiled_skipping_on_gpu(dtype, backend, monkeypatch):
     """torch.compile (Inductor) of linear CE with half the rows ignored: the compiled backward op runs the labelled
     rows alone (tests/test_skip_ignored_rows_compiled.py on CUDA); results are those of every row."""
-    from marginkern import ops
-    seen, take = [], ops.take_rows
-
-    def spy(rows, *tensors):
-        taken = take(rows, *tensors)
-        seen.append(taken[0].shape[0])
-        return taken
-    monkeypatch.setattr(ops, "take_rows", spy)
+    from tests.helpers import record_selected_rows
+    seen = record_selected_rows(monkeypatch)
     x, w, t = make_case(600, 32003, 256, dtype, device="cuda", ignore=range(300))
     w = (w.detach() * 0.1).to(dtype)
     torch._dynamo.reset()

@@ -431,7 +431,7 @@ def test_compiled_patched_model_gives_the_same_step():
 def test_compiled_patched_model_runs_the_labelled_tokens_in_its_backward(monkeypatch):
     """Under torch.compile the prompt and padding positions cost no GEMM work in the backward pass
     (skip_ignored_rows inside a compiled graph: the forward runs every position)."""
-    from tests.test_skip_ignored_rows_compiled import record_selected_rows
+    from tests.helpers import record_selected_rows
     seen = record_selected_rows(monkeypatch)
     model = tiny_model("llama")
     ids, labels = batch()

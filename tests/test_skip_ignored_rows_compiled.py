@@ -6,22 +6,8 @@ import pytest
 import torch
 
 import marginkern as mk
-import marginkern.ops as ops
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel, record_selected_rows
 from tests.test_skip_ignored_rows import OTHER_LOSSES, _teacher, outputs_and_grads, prompt_masked
-
-
-def record_selected_rows(monkeypatch):
-    """A list that receives the row count each op that may skip rows ran on (the first per-row tensor after its
-    selection, ops.take_rows)."""
-    seen, take = [], ops.take_rows
-
-    def spy(rows, *tensors):
-        taken = take(rows, *tensors)
-        seen.append(taken[0].shape[0])
-        return taken
-    monkeypatch.setattr(ops, "take_rows", spy)
-    return seen
 
 
 @pytest.fixture
@@ -54,7 +40,7 @@ def check_compiled_backward_runs_the_labelled_rows(name, reduction, selected_row
     # the forward ops ran every row (they select none), the backward op (the 3-GEMM forward) the 25 labelled ones
     assert selected_rows == [25]
     want = outputs_and_grads(compiled(LOSSES[name], skip_ignored_rows=False), x, w, t, reduction)
-    assert selected_rows == [25, 40]
+    assert selected_rows == [25]  # no share: nothing selected
     assert len(got) == len(want)
     for i, (g, e) in enumerate(zip(got, want)):
         assert g.shape == e.shape and g.dtype == e.dtype
@@ -78,10 +64,9 @@ def test_compiled_share_follows_the_option(selected_rows):
     for skip in (None, True, False):
         torch._dynamo.reset()
         outputs_and_grads(compiled(mk.linear_cross_entropy, skip_ignored_rows=skip), x, w, t, "mean")
-    assert selected_rows == [64, 57, 64]
-    selected_rows.clear()
+    assert selected_rows == [64, 57]  # False: no share, no selection
     outputs_and_grads(mk.linear_cross_entropy, x, w, t, "mean", skip_ignored_rows=True)
-    assert selected_rows == [57]  # the function selected the rows: its backward op got those 57 and no share
+    assert selected_rows == [64, 57]  # eager: the function selected the rows, its backward op got no share
 
 
 def test_compiled_step_returns_the_lse_of_every_row(selected_rows):
@@ -89,7 +74,7 @@ def test_compiled_step_returns_the_lse_of_every_row(selected_rows):
     x, w, t = prompt_masked(40, 60, 16, torch.float32, ignored=20)
     loss, lse = compiled(mk.linear_cross_entropy, return_lse=True)(x, w, t, "none")
     torch.autograd.grad((loss.sum() + lse.sum()), (x, w))
-    assert selected_rows == [40]
+    assert selected_rows == []
 
 
 def _backward_args(N=12, C=40, D=8, ignored=5):
@@ -99,10 +84,17 @@ def _backward_args(N=12, C=40, D=8, ignored=5):
             None, True, False, None, None)
 
 
-def test_backward_op_argument():
+def test_backward_op_argument(monkeypatch):
+    """The backward op's implementation runs on the labelled rows (7 of 12) and its dX comes back in place."""
+    import marginkern.ops as ops
+    monkeypatch.setenv("MARGINKERN_BACKEND", "reference")
+    rows_run, backward = [], ops.linear_ce_backward
+    monkeypatch.setattr(ops, "linear_ce_backward", lambda g, x, *a, **k: rows_run.append(x.shape[0]) or
+                        backward(g, x, *a, **k))
     args = _backward_args()
     full = torch.ops.marginkern.linear_cross_entropy_backward(*args)
     skipped = torch.ops.marginkern.linear_cross_entropy_backward(*args, 0.0)
+    assert rows_run == [12, 7]
     torch.testing.assert_close(skipped, full, rtol=1e-12, atol=1e-15)
     assert not skipped[0][:5].any()
     torch.library.opcheck(torch.ops.marginkern.linear_cross_entropy_backward.default, args + (0.0,))
@@ -116,7 +108,9 @@ def test_backward_op_argument_errors():
     for share in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="skip_ignored_share"):
             torch.ops.marginkern.linear_cross_entropy_backward(*args, share)
+    with pytest.raises(ValueError, match="skip_ignored_share cannot be combined with a differentiable lse"):
+        torch.ops.marginkern.linear_cross_entropy_backward(*args[:-1], torch.ones(12, dtype=torch.float64), 0.5)
     x, w, t = args[1:4]
-    with pytest.raises(ValueError, match="skip_ignored_share cannot be combined with differentiable_lse=True"):
+    with pytest.raises(ValueError, match="skip_ignored_share cannot be combined with a differentiable lse"):
         torch.ops.marginkern.linear_cross_entropy(x, w, t, None, -100, 0.0, 0.0, None, 0.0, 0.0, None, None, True,
                                                   False, 0.125)

@@ -208,5 +208,6 @@ def test_skipping_ignored_rows_equals_every_row(opts, monkeypatch):
 @pytest.mark.parametrize("name", ["linear_ce", "linear_ce_options", "linear_ce_3_gemm"])
 def test_compiled_skipping_equals_every_row(name, monkeypatch):
     """Inside torch.compile the backward op (the 3-GEMM path's forward) runs the labelled rows on the Triton tiles."""
-    from tests.test_skip_ignored_rows_compiled import check_compiled_backward_runs_the_labelled_rows, record_selected_rows
+    from tests.helpers import record_selected_rows
+    from tests.test_skip_ignored_rows_compiled import check_compiled_backward_runs_the_labelled_rows
     check_compiled_backward_runs_the_labelled_rows(name, "none", record_selected_rows(monkeypatch), DEVICE)
