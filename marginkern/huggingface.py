@@ -15,8 +15,9 @@ head's weight (and bias), or one of the EMO losses (LOSSES), with HF's loss sema
 `shift_labels` as given, for context parallelism), mean over the non-ignored tokens, or their sum divided by
 `num_items_in_batch` when the Trainer passes it (gradient accumulation); the ignored (prompt, padding) positions
 cost no GEMM work in eager mode (under torch.compile, none in the backward pass) when they are at least 1/8 of them
-(skip_ignored_rows). The output's `loss` is that value and its `logits` is None. Without `labels` (inference, `generate`), or in eval mode (an evaluation loop's metrics want the
-logits; as Liger-Kernel's patches), the model's own forward runs unchanged.
+(skip_ignored_rows). The output's `loss` is that value and its `logits` is None. Without `labels` (inference,
+`generate`), or in eval mode (an evaluation loop's metrics want the logits; as Liger-Kernel's patches), the model's
+own forward runs unchanged.
 
 Logits are exact fp32 dot products here; HF's loss rounds them to the head's dtype first (bf16 models differ in
 the loss by about that rounding). Which models: transformers' own causal LM class of each of SUPPORTED_MODEL_TYPES,
