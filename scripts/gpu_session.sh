@@ -162,9 +162,9 @@ case "$stage" in
     # GlobalPointer (GPLinker-like: 48 heads, L = 512) against bert4keras's composition, torch.compile of it, the floor
     bench gp gp-duie-512 "marginkern,bert4keras,torch.compile,3-bmm floor" 30 gp 5
     # SFT (half the tokens ignored) at Llama-3-8B's head: skip_ignored_rows against every row, CCE (which leaves
-    # ignored rows out too) and the floor of the labelled rows
+    # ignored rows out too), the floor of the labelled rows, and compiled (the backward alone skips; runs last)
     MARGINKERN_TRITON_CONFIG="$llm_cfg" bench sft sft-llama3-8b \
-      "marginkern,marginkern every row,cut-cross-entropy,3-GEMM floor" 40 sft 5
+      "marginkern,marginkern every row,cut-cross-entropy,3-GEMM floor,marginkern compiled" 75 sft 5
     ;;
   tests)
     python -c "import marginkern.dispatch as d; print(d.explain('cuda'))" 2>&1 | tee "$OUT/backends.txt"
