@@ -23,6 +23,7 @@ from torch import nn
 from .checks import check_bool, check_finite, check_float_tensor, check_reduction, check_tensor
 from .engine import NORM_EPS, accumulation_dtype, row_norms
 from .ops import call as call_op
+from .process_groups import SharesProcessGroup
 from .reference import reduce_rows
 
 
@@ -255,7 +256,7 @@ def _in_wider_dtype(query, key):
     return query, key
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(SharesProcessGroup, nn.Module):
     """`info_nce_loss` as a module: forward(query, key). learnable_scale=True learns log(scale) (CLIP's logit_scale,
     initialised at log(scale): CLIP's scale is 1/0.07); clamp it as CLIP does after each optimiser step, e.g.
     `loss_fn.log_scale.data.clamp_(max=math.log(100))`."""
@@ -293,7 +294,7 @@ class InfoNCELoss(nn.Module):
                 f"normalize={self.normalize}, reduction={self.reduction!r}")
 
 
-class SigLIPLoss(nn.Module):
+class SigLIPLoss(SharesProcessGroup, nn.Module):
     """`siglip_loss` as a module: forward(query, key). learnable=True (SigLIP's) learns log(scale) and the bias from
     their initial values (log 10 and −10)."""
 
@@ -323,7 +324,7 @@ class SigLIPLoss(nn.Module):
             f", normalize={self.normalize}, reduction={self.reduction!r}"
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(SharesProcessGroup, nn.Module):
     """`supcon_loss` as a module (the official SupConLoss's arguments and defaults): forward(features, labels=None)."""
 
     def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *, normalize=True,

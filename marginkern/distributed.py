@@ -37,6 +37,7 @@ from .checks import (check_bias, check_bool, check_class_shard, check_class_weig
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
 from .engine import accumulation_dtype, merge_max_sums, merge_weighted_sums
+from .process_groups import SharesProcessGroup
 from .adaptive_margins import AdaFaceMargins, ElasticMargins, MagFaceMargins
 from .functional import _lm_rows, _may_skip_rows, hard_negative_coefficients, linear_ce_outputs, row_margin_offsets
 from .row_skipping import labelled_rows, put_rows, skip_share, take_rows
@@ -917,7 +918,7 @@ def _sampled_shards(weight_shard, target, class_start, sample_rate, ignore_index
             index)
 
 
-class ShardedCombinedMarginLoss(ScaleOption, LambdaAnnealing):
+class ShardedCombinedMarginLoss(SharesProcessGroup, ScaleOption, LambdaAnnealing):
     """CombinedMarginLoss whose (C, D) class centres are sharded over `group`: this rank owns the rows
     `shard_range(num_classes, rank, world_size)` as `weight`, initialised N(0, 0.01) like PartialFC_V2.
 

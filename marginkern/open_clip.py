@@ -34,6 +34,7 @@ from torch import nn
 
 from .checks import check_bool, check_int
 from .contrastive import _in_wider_dtype, info_nce_loss, siglip_loss
+from .process_groups import SharesProcessGroup
 
 
 def _default_group(rank, world_size, what):
@@ -91,7 +92,7 @@ def _output(loss, output_dict):
     return {"contrastive_loss": loss} if check_bool("output_dict", output_dict) else loss
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(SharesProcessGroup, nn.Module):
     """open_clip.loss.ClipLoss: (CE(logit_scale·I·Tᵀ, i) + CE(logit_scale·T·Iᵀ, i)) / 2 over the batch's pairs."""
 
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
@@ -128,7 +129,7 @@ class ClipLoss(nn.Module):
                 f"world_size={self.world_size}")
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(SharesProcessGroup, nn.Module):
     """open_clip.loss.SigLipLoss: −Σ_ij log σ(y_ij·(logit_scale·I_i·T_j + logit_bias)) / B, y_ii = 1, else −1."""
 
     def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None, bidir=True, use_horovod=False):

@@ -7,6 +7,7 @@ One pool of worker processes per world size serves every test (spawning costs se
 a test sends a module-level task function to every rank and gets one result per rank back.
 """
 import contextlib
+import copy
 import datetime
 import functools
 import os
@@ -195,6 +196,16 @@ def _single_member_group(rank, world_size, x, w, t):
     x = x.clone().requires_grad_()
     loss = mkd.sharded_margin_cross_entropy(x, w, t, class_start=0, num_classes=w.shape[0], group=group)
     loss.backward()
+    # modules over the group deep-copy (a model's EMA or reference copy), sharing the group, not the parameters
+    head = mkd.ShardedArcFaceLoss(x.shape[1], w.shape[0], group=group)
+    twin = copy.deepcopy(head)
+    assert twin.group is group and twin.weight is not head.weight and torch.equal(twin.weight, head.weight)
+    torch.testing.assert_close(twin(x.detach(), t), head(x.detach(), t))
+    for module in (mk.InfoNCELoss(learnable_scale=True, group=group), mk.SigLIPLoss(group=group),
+                   mk.SupConLoss(group=group)):
+        twin = copy.deepcopy(module)
+        assert twin.group is group and all(a is not b and torch.equal(a, b)
+                                           for a, b in zip(twin.parameters(), module.parameters()))
     return loss.detach(), x.grad
 
 
@@ -1631,9 +1642,12 @@ def _open_clip_on_rank(rank, world_size, q_all, k_all, loss_name, kwargs):
     learned = [torch.tensor(kwargs[name], dtype=q.dtype, requires_grad=True) for name in ("scale", "bias")
                if name in kwargs]
     if loss_name == "siglip_loss":
-        loss = SigLipLoss(rank=rank, world_size=world_size)(q, k, *learned)
+        module = SigLipLoss(rank=rank, world_size=world_size)
     else:
-        loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)(q, k, *learned)
+        module = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+    module = copy.deepcopy(module)  # a copy shares the default group (deepcopy of a ProcessGroup raised)
+    assert module.group is dist.group.WORLD
+    loss = module(q, k, *learned)
     with pytest.raises(NotImplementedError, match="local_loss=True, gather_with_grad=False"):
         ClipLoss(local_loss=True, rank=rank, world_size=world_size)
     with pytest.raises(ValueError, match="does not match"):
