@@ -81,9 +81,12 @@ def _on_labelled_rows(*per_row, input_grad=0):
     go through as they are, for the implementation's own error."""
     def decorate(implementation):
         signature = inspect.signature(implementation)
+        share_at = list(signature.parameters).index("skip_ignored_share")
 
         @functools.wraps(implementation)
         def run(*args, **kwargs):
+            if kwargs.get("skip_ignored_share", args[share_at] if len(args) > share_at else None) is None:
+                return implementation(*args, **kwargs)  # without binding the arguments: ~30 µs of host time a call
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = bound.arguments
