@@ -35,7 +35,7 @@ from .emo import emo_backward, emo_forward
 from .log_probs import log_probs_backward, log_probs_forward
 from .linear_ce import LinearCEOptions, linear_ce_backward, linear_ce_buffered, linear_ce_forward
 from .margin_ce import MarginOptions, margin_ce_backward, margin_ce_forward, row_margin_grads
-from .row_skipping import labelled_rows, put_rows
+from .row_skipping import labelled_rows, put_rows, take_rows
 from .proxy_anchor import proxy_anchor_backward as proxy_anchor_backward_pass, proxy_anchor_forward
 from .siglip import siglip_backward as siglip_backward_pass, siglip_forward
 from .supcon import supcon_backward as supcon_backward_pass, supcon_forward
@@ -73,6 +73,12 @@ def _op(name, without_autocast=True):
     return register
 
 
+def _optional_arg(values, index):
+    """values[index], an op's optional trailing argument, or None where the call left it out (the eager twin gets the
+    arguments as given, the op's own autograd the defaults too)."""
+    return values[index] if len(values) > index else None
+
+
 def _on_labelled_rows(*per_row, input_grad=0):
     """Decorates an op implementation whose last argument is skip_ignored_share (module docstring): where
     row_skipping.labelled_rows selects rows, the implementation runs on those rows of its (N, ...) arguments named
@@ -92,13 +98,12 @@ def _on_labelled_rows(*per_row, input_grad=0):
             arguments = bound.arguments
             share = check_skip_ignored_share(arguments["skip_ignored_share"], arguments.get("grad_lse") is not None)
             n = arguments["input"].shape[0]
-            if share is None or any(arguments[name].shape[:1] != (n,) for name in per_row):
+            if any(arguments[name].shape[:1] != (n,) for name in per_row):
                 return implementation(*bound.args, **bound.kwargs)
             rows = labelled_rows(arguments["target"], arguments["ignore_index"], share)
             if rows is None:
                 return implementation(*bound.args, **bound.kwargs)
-            for name in per_row:
-                arguments[name] = arguments[name].index_select(0, rows)
+            arguments.update(zip(per_row, take_rows(rows, *(arguments[name] for name in per_row))))
             outputs = list(implementation(*bound.args, **bound.kwargs))
             del bound, arguments  # the rows' copies, before the (N, D) gradient is made
             if outputs[input_grad].numel():
@@ -395,8 +400,7 @@ def _margin_setup_context(ctx, inputs, output):
     input, weight, target, *options = inputs
     # the scalars with the defaults a caller of the raw op left out, and the per-row margins apart (a tensor)
     options += _MARGIN_SCALAR_DEFAULTS[len(options) - 8:]
-    row_margins = options[10] if len(options) > 10 else None
-    hard_negatives = options[11] if len(options) > 11 else None
+    row_margins, hard_negatives = _optional_arg(options, 10), _optional_arg(options, 11)
     _, lse, row_state, col_norm = output
     ctx.save_for_backward(input, weight, target, lse, row_state, col_norm, row_margins, hard_negatives)
     ctx.mark_non_differentiable(lse, row_state, col_norm)  # by-products for the backward pass
@@ -483,11 +487,10 @@ def _(input, weight, target, bias, *options):
     opts = _linear_options(*options[:6])
     if len(options) > 7:
         check_class_weight(options[7], weight, opts.label_smoothing, opts.softcap)
-    if len(options) > 10:
-        check_skip_ignored_share(options[10], options[8])
+    check_skip_ignored_share(_optional_arg(options, 10), _optional_arg(options, 8))
     acc = accumulation_dtype(input.dtype)
     n = input.shape[0]
-    token_accuracy = len(options) > 9 and options[9]
+    token_accuracy = _optional_arg(options, 9)
     correct = input.new_empty((n,), dtype=torch.bool) if token_accuracy else _no_token_accuracy(input)
     return input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc), correct
 
@@ -530,13 +533,13 @@ def _(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing
 
 def _linear_setup_context(ctx, inputs, output):
     input, weight, target, bias, *options = inputs
-    class_weight = options[7] if len(options) > 7 else None
+    class_weight = _optional_arg(options, 7)
     ctx.save_for_backward(input, weight, target, bias, output[1], class_weight)
-    ctx.differentiable_lse = len(options) > 8 and options[8]
+    ctx.differentiable_lse = bool(_optional_arg(options, 8))
     # one call: a second mark_non_differentiable replaces the first one's outputs
     ctx.mark_non_differentiable(*((output[2],) if ctx.differentiable_lse else (output[1], output[2])))
     ctx.options = options[:7]  # the scalars, grad_filter_eps last
-    ctx.skip_ignored_share = options[10] if len(options) > 10 else None
+    ctx.skip_ignored_share = _optional_arg(options, 10)
 
 
 def _linear_backward(ctx, grad_loss, grad_lse, grad_correct=None):
@@ -702,10 +705,10 @@ def _(grad_ce, grad_emo, input, weight, target, cost_embedding, lse, emo, ignore
 
 
 def _emo_setup_context(ctx, inputs, output):
-    input, weight, target, cost_embedding, ignore_index, *skip = inputs
+    input, weight, target, cost_embedding, ignore_index = inputs[:5]
     ctx.save_for_backward(input, weight, target, cost_embedding, output[2], output[1])
     ctx.mark_non_differentiable(output[2])
-    ctx.ignore_index, ctx.skip_ignored_share = ignore_index, (skip or [None])[0]
+    ctx.ignore_index, ctx.skip_ignored_share = ignore_index, _optional_arg(inputs, 5)
 
 
 def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
@@ -797,12 +800,12 @@ def _register_distillation_autograd(name, statistic):
     output[statistic]), the forward's three scalar arguments in their order, need_weight_grad and the forward's
     skip_ignored_share, and gives the student's gradients."""
     def setup_context(ctx, inputs, output):
-        input, weight, teacher_input, teacher_weight, target, *scalars = inputs
+        input, weight, teacher_input, teacher_weight, target = inputs[:5]
         # the teacher's tensors are saved detached: no gradient flows into them (their views of a graph stay out)
         ctx.save_for_backward(input, weight, teacher_input.detach(), teacher_weight.detach(), target, output[1],
                               output[2], output[statistic])
         ctx.mark_non_differentiable(*output[1:])
-        ctx.scalars, ctx.skip_ignored_share = scalars[:3], (scalars[3:] or [None])[0]
+        ctx.scalars, ctx.skip_ignored_share = inputs[5:8], _optional_arg(inputs, 8)
         ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad_loss, *unused):
@@ -943,10 +946,10 @@ def _(grad_kl, input, weight, teacher_token_ids, teacher_logits, target, lse, te
 
 
 def _topk_kl_setup_context(ctx, inputs, output):
-    input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index, *skip = inputs
+    input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index = inputs[:7]
     ctx.save_for_backward(input, weight, teacher_token_ids, teacher_logits.detach(), target, output[1])
     ctx.mark_non_differentiable(output[1])
-    ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, (skip or [None])[0]
+    ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, _optional_arg(inputs, 7)
 
 
 def _topk_kl_backward(ctx, grad_kl, grad_lse):
@@ -1016,10 +1019,10 @@ def _(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entro
 
 
 def _log_probs_setup_context(ctx, inputs, output):
-    input, weight, target, temperature, ignore_index, *skip = inputs
+    input, weight, target, temperature, ignore_index = inputs[:5]
     ctx.save_for_backward(input, weight, target, output[2], output[0], output[1])
     ctx.mark_non_differentiable(output[2])
-    ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, (skip or [None])[0]
+    ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, _optional_arg(inputs, 5)
 
 
 def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
