@@ -171,15 +171,20 @@ def _may_skip_rows(input, target, skip_ignored_rows):
     return skip_ignored_rows is not False and target.numel() > 0 and eager_on_real_tensors((input, target), True)
 
 
-def _rows_and_backward_share(input, target, ignore_index, skip_ignored_rows):
-    """(rows, backward_share) for a call whose targets are `target` (row_skipping.py): an eager call runs its op on
-    the rows `rows` alone (labelled_rows; None: every row); inside torch.compile (or torch.export), where shapes
-    cannot follow the data, the op gets `backward_share` (its skip_ignored_share: the compiled graph's backward op
-    skips the rows; None: it does not). Results equal every row's up to the order of fp32 sums, for finite inputs: a
-    NaN or inf in a skipped row's input no longer reaches dW (through every row, it did as 0·inf)."""
+def _row_skipping(target, ignore_index, skip_ignored_rows, input, *differentiable):
+    """(rows, share, in_forward) for a call whose targets are `target` (row_skipping.py): an eager call runs its op
+    on the rows `rows` alone (labelled_rows; None: every row); inside torch.compile (or torch.export), where shapes
+    cannot follow the data, the op gets `share` (its skip_ignored_share; None: it skips nothing), which its backward
+    op uses, and its own forward pass too with `in_forward` (its skip_in_forward), when neither `input` nor a tensor
+    of `differentiable` needs a gradient (under torch.no_grad, or frozen: there is no backward pass to skip in).
+    Results equal every row's up to the order of fp32 sums, for finite inputs: a NaN or inf in a skipped row's input
+    no longer reaches dW (through every row, it did as 0·inf)."""
     if _may_skip_rows(input, target, skip_ignored_rows):
-        return labelled_rows(target, ignore_index, skip_share(skip_ignored_rows)), None
-    return None, (skip_share(skip_ignored_rows) if torch.compiler.is_compiling() else None)
+        return labelled_rows(target, ignore_index, skip_share(skip_ignored_rows)), None, False
+    if not torch.compiler.is_compiling() or skip_ignored_rows is False:
+        return None, None, False
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *differentiable))
+    return None, skip_share(skip_ignored_rows), not needs_grad
 
 
 def _given_args(*pairs):
@@ -237,7 +242,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     tokens cost no GEMM work), for one host sync and a copy of those rows of input (and of their gradient). None
     does so when at least row_skipping.SKIP_IGNORED_SHARE (1/8) of the rows are ignored, True whenever any is,
     False never. Inside torch.compile (or torch.export) the forward op runs every row and the backward op, 3 of the
-    4 GEMM-equivalents, the labelled rows alone (its own host sync); while a CUDA graph is captured every row runs.
+    4 GEMM-equivalents, the labelled rows alone (its own host sync), and a call that needs no gradient (under
+    torch.no_grad, or with inputs that need none) skips in its forward op; while a CUDA graph is captured every row
+    runs.
     Results are those of the full call up to the order of fp32 sums, for finite inputs (a NaN or inf in a skipped
     row's input no longer reaches dW or the other rows' gradients). Not with return_lse (which reports every row's
     lse).
@@ -265,9 +272,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     token_scaling = check_token_scaling(token_scaling, logits_buffer_mb)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows, return_lse)
     target = target.long()  # uint8 indices would index as a mask
-    rows, backward_share = None, None  # return_lse: every row's lse is returned
+    rows, share, in_forward = None, None, False  # return_lse: every row's lse is returned
     if not return_lse:
-        rows, backward_share = _rows_and_backward_share(input, target, ignore_index, skip_ignored_rows)
+        rows, share, in_forward = _row_skipping(target, ignore_index, skip_ignored_rows, input, weight, bias)
     run_input, run_target = take_rows(rows, input, target)
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                float(focal_gamma), float(gamma_ce))
@@ -276,11 +283,12 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         loss, _, _, _ = call_op("linear_cross_entropy_buffered", run_input, weight, run_target, bias, *options,
                                 reduction, int(logits_buffer_mb * 2**20), grad_on and input.requires_grad,
                                 grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad,
-                                *_given_args((class_weight, None), (backward_share, None)))
+                                *_given_args((class_weight, None), (share, None)))
         return loss
     loss_rows, lse, correct = call_op("linear_cross_entropy", run_input, weight, run_target, bias, *options,
                                       filter_eps, *_given_args((class_weight, None), (return_lse, False),
-                                                               (return_token_accuracy, False), (backward_share, None)))
+                                                               (return_token_accuracy, False), (share, None),
+                                                               (in_forward, False)))
     if token_scaling:
         loss_rows = loss_rows * token_scaling_weights(run_input, weight, run_target, bias, lse,
                                                       LinearCEOptions(*options))
@@ -325,9 +333,10 @@ def _emo_rows(input, weight, target, cost_embedding, ignore_index, reduction, sh
     check_reduction(reduction)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()  # a uint8 target would compare unequal to ignore_index −100 (which wraps to 156)
-    rows, backward_share = _rows_and_backward_share(input, target, ignore_index, skip_ignored_rows)
+    rows, share, in_forward = _row_skipping(target, ignore_index, skip_ignored_rows, input, weight)
     x, t = take_rows(rows, input, target)
-    ce, emo, _ = call_op("emo_cross_entropy", x, weight, t, cost, ignore_index, *_given_args((backward_share, None)))
+    ce, emo, _ = call_op("emo_cross_entropy", x, weight, t, cost, ignore_index,
+                         *_given_args((share, None), (in_forward, False)))
     return (*put_rows(rows, target.shape[0], ce, emo), target, token_shape, ignore_index)
 
 
@@ -379,10 +388,10 @@ def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_inde
     check_temperature(temperature)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()
-    rows, backward_share = _rows_and_backward_share(input, target, ignore_index, skip_ignored_rows)
+    rows, share, in_forward = _row_skipping(target, ignore_index, skip_ignored_rows, input, weight)
     x, t = take_rows(rows, input, target)
     log_probs, entropy, _ = call_op("log_probs_entropy", x, weight, t, float(temperature), ignore_index,
-                                    *_given_args((backward_share, None)))
+                                    *_given_args((share, None), (in_forward, False)))
     log_probs, entropy = put_rows(rows, target.shape[0], log_probs, entropy, copy=True)  # the op saved both
     if token_shape is not None:
         return log_probs.reshape(token_shape), entropy.reshape(token_shape)
@@ -403,7 +412,7 @@ def _distill_rows(input, weight, teachers, target, temperature, ignore_index, re
     """The distillation losses' preamble: _lm_rows with an optional target (None: every row counts), the teacher's
     per-row tensors (a dict name → (tensor, its last dimension's name)) flattened like the student's rows, and the
     common checks; (input, the teacher's tensors in order, target, token shape, ignore_index, the rows to run and the
-    backward op's share: _rows_and_backward_share)."""
+    ops' skipping arguments: _row_skipping)."""
     ignore_index = check_ignore_index(ignore_index)
     check_tensor("input", input)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
@@ -419,7 +428,7 @@ def _distill_rows(input, weight, teachers, target, temperature, ignore_index, re
     check_reduction(reduction)
     target = target.long()
     return (input, teacher_rows, target, token_shape, ignore_index,
-            *_rows_and_backward_share(input, target, ignore_index, skip_ignored_rows))
+            *_row_skipping(target, ignore_index, skip_ignored_rows, input, weight))
 
 
 def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=None, *, temperature=1.0,
@@ -437,13 +446,13 @@ def linear_kl_divergence(input, weight, teacher_input, teacher_weight, target=No
     temperature T (multiply by T² for Hinton's scaling).
     """
     reverse = check_direction(direction)
-    input, (teacher_input,), target, token_shape, ignore_index, rows, backward_share = _distill_rows(
+    input, (teacher_input,), target, token_shape, ignore_index, rows, share, in_forward = _distill_rows(
         input, weight, {"teacher_input": (teacher_input, "E")}, target, temperature, ignore_index, reduction, shift,
         skip_ignored_rows)
     check_teacher(teacher_input, teacher_weight, input, weight)
     x, teacher_x, t = take_rows(rows, input, teacher_input.detach(), target)
     kl, _, _ = call_op("linear_kl_divergence", x, weight, teacher_x, teacher_weight.detach(), t, float(temperature),
-                       ignore_index, reverse, *_given_args((backward_share, None)))
+                       ignore_index, reverse, *_given_args((share, None), (in_forward, False)))
     kl, = put_rows(rows, target.shape[0], kl, copy=reduction == "none")  # the op saved it
     return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
 
@@ -466,13 +475,13 @@ def linear_jsd(input, weight, teacher_input, teacher_weight, target=None, *, bet
         return linear_kl_divergence(input, weight, teacher_input, teacher_weight, target, temperature=temperature,
                                     direction="forward" if beta == 0.0 else "reverse", ignore_index=ignore_index,
                                     reduction=reduction, shift=shift, skip_ignored_rows=skip_ignored_rows)
-    input, (teacher_input,), target, token_shape, ignore_index, rows, backward_share = _distill_rows(
+    input, (teacher_input,), target, token_shape, ignore_index, rows, share, in_forward = _distill_rows(
         input, weight, {"teacher_input": (teacher_input, "E")}, target, temperature, ignore_index, reduction, shift,
         skip_ignored_rows)
     check_teacher(teacher_input, teacher_weight, input, weight)
     x, teacher_x, t = take_rows(rows, input, teacher_input.detach(), target)
     jsd, _, _, _ = call_op("linear_jsd", x, weight, teacher_x, teacher_weight.detach(), t, beta, float(temperature),
-                           ignore_index, *_given_args((backward_share, None)))
+                           ignore_index, *_given_args((share, None), (in_forward, False)))
     jsd, = put_rows(rows, target.shape[0], jsd)
     return _unflatten(reduce_rows(jsd, target != ignore_index, reduction), reduction, token_shape)
 
@@ -491,7 +500,7 @@ def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, 
     over the classes for the student's log-sum-exp, the k logits gathered; the backward writes g·(p − q) at the k
     tokens into the engine's dL/da (its target column and sparse cells: marginkern/distill.py).
     """
-    input, (token_ids, logits), target, token_shape, ignore_index, rows, backward_share = _distill_rows(
+    input, (token_ids, logits), target, token_shape, ignore_index, rows, share, in_forward = _distill_rows(
         input, weight, {"teacher_token_ids": (teacher_token_ids, "k"), "teacher_logits": (teacher_logits, "k")},
         target, temperature, ignore_index, reduction, shift, skip_ignored_rows)
     check_topk_teacher(token_ids, logits, input)
@@ -499,7 +508,7 @@ def linear_topk_kl_divergence(input, weight, teacher_token_ids, teacher_logits, 
         check_token_ids(token_ids, weight.shape[0])
     x, ids, teacher_z, t = take_rows(rows, input, token_ids, logits.detach(), target)
     kl, _ = call_op("linear_topk_kl_divergence", x, weight, ids, teacher_z, t, float(temperature), ignore_index,
-                    *_given_args((backward_share, None)))
+                    *_given_args((share, None), (in_forward, False)))
     kl, = put_rows(rows, target.shape[0], kl)
     return _unflatten(reduce_rows(kl, target != ignore_index, reduction), reduction, token_shape)
 

@@ -11,7 +11,10 @@ _on_labelled_rows). It is how a compiled graph skips prompt and padding tokens, 
 (eager calls skip them in the forward pass already, functional.py). The forward ops take it only to hand it to their
 backward op and run every row themselves: a forward that left rows out would give the backward placeholders for
 their statistics, and a backward captured in a CUDA graph (which cannot sync to leave them out in turn) would compute
-with them. The 3-GEMM op (linear_cross_entropy_buffered) skips in its forward pass, which is its whole step.
+with them. The 3-GEMM op (linear_cross_entropy_buffered) skips in its forward pass, which is its whole step. A
+compiled call that needs no gradient (evaluation, a reference model's log-probs under torch.no_grad) has no backward
+pass to skip in: the forward ops' `skip_in_forward=True` makes them skip in theirs, with zeros in the ignored rows'
+outputs (the public functions pass it only where no input needs a gradient; a backward pass through it raises).
 """
 import functools
 import inspect
@@ -79,35 +82,45 @@ def _optional_arg(values, index):
     return values[index] if len(values) > index else None
 
 
-def _on_labelled_rows(*per_row, input_grad=0):
-    """Decorates an op implementation whose last argument is skip_ignored_share (module docstring): where
+def _on_labelled_rows(*per_row, row_outputs=((0, None),), only_with=None):
+    """Decorates an op implementation that takes skip_ignored_share (module docstring): where
     row_skipping.labelled_rows selects rows, the implementation runs on those rows of its (N, ...) arguments named
-    `per_row` (target and input among them), and its output `input_grad`, dL/dinput of those rows, comes back as the
-    (N, D) gradient with zeros elsewhere (an empty one, not asked for, stays empty). Arguments of the wrong length
+    `per_row` (target and input among them), and each of its per-row outputs comes back as an (N, ...) tensor with
+    zeros (False) in the other rows. `row_outputs`: (index of the output, the bool argument that asks for it or None
+    where it is always made): an output not asked for stays the empty tensor it is. `only_with`: the bool argument
+    without which the implementation runs every row (the forward ops' skip_in_forward). Arguments of the wrong length
     go through as they are, for the implementation's own error."""
     def decorate(implementation):
         signature = inspect.signature(implementation)
-        share_at = list(signature.parameters).index("skip_ignored_share")
+        names = list(signature.parameters)
+        share_at, only_at = names.index("skip_ignored_share"), None if only_with is None else names.index(only_with)
+
+        def given(args, kwargs, name, at):
+            return kwargs.get(name, args[at] if len(args) > at else None)
 
         @functools.wraps(implementation)
         def run(*args, **kwargs):
-            if kwargs.get("skip_ignored_share", args[share_at] if len(args) > share_at else None) is None:
+            if (given(args, kwargs, "skip_ignored_share", share_at) is None
+                    or (only_with is not None and not given(args, kwargs, only_with, only_at))):
                 return implementation(*args, **kwargs)  # without binding the arguments: ~30 µs of host time a call
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = bound.arguments
-            share = check_skip_ignored_share(arguments["skip_ignored_share"], arguments.get("grad_lse") is not None)
+            share = check_skip_ignored_share(arguments["skip_ignored_share"],
+                                             arguments.get("grad_lse") is not None
+                                             or bool(arguments.get("differentiable_lse")))
             n = arguments["input"].shape[0]
             if any(arguments[name].shape[:1] != (n,) for name in per_row):
                 return implementation(*bound.args, **bound.kwargs)
             rows = labelled_rows(arguments["target"], arguments["ignore_index"], share)
             if rows is None:
                 return implementation(*bound.args, **bound.kwargs)
+            asked = [i for i, asked_by in row_outputs if asked_by is None or arguments[asked_by]]
             arguments.update(zip(per_row, take_rows(rows, *(arguments[name] for name in per_row))))
             outputs = list(implementation(*bound.args, **bound.kwargs))
-            del bound, arguments  # the rows' copies, before the (N, D) gradient is made
-            if outputs[input_grad].numel():
-                outputs[input_grad], = put_rows(rows, n, outputs[input_grad])
+            del bound, arguments  # the rows' copies, before the (N, ...) outputs are made
+            for i in asked:
+                outputs[i], = put_rows(rows, n, outputs[i])
             return tuple(outputs)
         return run
     return decorate
@@ -120,6 +133,15 @@ def _no_second_derivative(loss):
         raise RuntimeError(f"marginkern's {loss} cannot be differentiated twice: its backward pass has no derivative "
                            f"of its own (a create_graph=True gradient can be used, not differentiated again)")
     return backward
+
+
+def _refuse_after_forward_skip(ctx, op):
+    """A forward op called with skip_in_forward=True left the ignored rows out and put placeholders (0) in their
+    statistics: it serves calls that need no gradient (the public functions pass it only then), and refuses one."""
+    if ctx.skipped_in_forward:
+        raise RuntimeError(f"marginkern::{op} ran with skip_in_forward=True, which leaves the ignored rows out of the "
+                           f"forward pass and has no backward pass: call it with skip_in_forward=False where a "
+                           f"gradient is needed")
 
 
 def _register_autograd(name, backward, setup_context):
@@ -446,18 +468,20 @@ def _linear_scalars(opts: LinearCEOptions):
 
 
 @_op("linear_cross_entropy")
+@_on_labelled_rows("input", "target", row_outputs=((0, None), (1, None), (2, "token_accuracy")),
+                   only_with="skip_in_forward")
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
                          label_smoothing: float, z_loss: float, softcap: Optional[float], focal_gamma: float,
                          gamma_ce: float, grad_filter_eps: Optional[float] = None,
                          class_weight: Optional[Tensor] = None, differentiable_lse: bool = False,
-                         token_accuracy: bool = False,
-                         skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+                         token_accuracy: bool = False, skip_ignored_share: Optional[float] = None,
+                         skip_in_forward: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp, per-row correct) of softcap(x·wᵀ + b); ignored rows have loss 0.
     grad_filter_eps is the backward pass's (engine.streaming_grads). class_weight (C,): torch's per-class weight
     (linear_ce.py). differentiable_lse: the log-sum-exp output takes a gradient too (d lse/dz = p, in the same
     backward pass); otherwise it is a by-product without one. token_accuracy: `correct` (N,) bool says whether each
     row's target logit is its largest (ties count, ignored rows False), from the forward's own pass; else empty.
-    skip_ignored_share: the backward op's."""
+    skip_ignored_share: the backward op's; with skip_in_forward, this op's too (module docstring)."""
     _check_forward_inputs(input, weight, target, bias)
     opts = _linear_options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma, gamma_ce)
     check_class_weight(class_weight, weight, opts.label_smoothing, opts.softcap)
@@ -540,9 +564,11 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*((output[2],) if ctx.differentiable_lse else (output[1], output[2])))
     ctx.options = options[:7]  # the scalars, grad_filter_eps last
     ctx.skip_ignored_share = _optional_arg(options, 10)
+    ctx.skipped_in_forward = bool(_optional_arg(options, 11))
 
 
 def _linear_backward(ctx, grad_loss, grad_lse, grad_correct=None):
+    _refuse_after_forward_skip(ctx, "linear_cross_entropy")
     input, weight, target, bias, lse, class_weight = ctx.saved_tensors
     need_weight_grad, need_bias_grad = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
     if grad_loss is None:  # only the log-sum-exp is used (the eager twin does not make zeros)
@@ -552,14 +578,14 @@ def _linear_backward(ctx, grad_loss, grad_lse, grad_correct=None):
                                               target, bias, lse, *ctx.options, need_weight_grad, need_bias_grad,
                                               class_weight, grad_lse, ctx.skip_ignored_share)
     return ((grad_input, grad_weight if need_weight_grad else None, None, grad_bias if need_bias_grad else None)
-            + (None,) * 11)
+            + (None,) * 12)
 
 
 _register_autograd("linear_cross_entropy", _linear_backward, _linear_setup_context)
 
 
 @_op("linear_cross_entropy_buffered")
-@_on_labelled_rows("input", "target", input_grad=1)
+@_on_labelled_rows("input", "target", row_outputs=((1, "need_input_grad"),))
 def linear_cross_entropy_buffered(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                   ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
                                   focal_gamma: float, gamma_ce: float, reduction: str, buffer_bytes: int,
@@ -655,10 +681,12 @@ _register_autograd("linear_cross_entropy_buffered", _buffered_backward, _buffere
 
 
 @_op("emo_cross_entropy")
+@_on_labelled_rows("input", "target", row_outputs=((0, None), (1, None), (2, None)), only_with="skip_in_forward")
 def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedding: Tensor, ignore_index: int,
-                      skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+                      skip_ignored_share: Optional[float] = None,
+                      skip_in_forward: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(per-row CE, per-row EMO, per-row log-sum-exp) of z = x·wᵀ; cost_embedding gets no gradient.
-    skip_ignored_share: the backward op's."""
+    skip_ignored_share: the backward op's; with skip_in_forward, this op's too (module docstring)."""
     _check_forward_inputs(input, weight, target, cost_embedding=cost_embedding)
     ignore_index = check_ignore_index(ignore_index)
     check_skip_ignored_share(skip_ignored_share)
@@ -671,7 +699,7 @@ def emo_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, cost_embedd
 
 
 @emo_cross_entropy.register_fake
-def _(input, weight, target, cost_embedding, ignore_index, skip_ignored_share=None):
+def _(input, weight, target, cost_embedding, ignore_index, skip_ignored_share=None, skip_in_forward=False):
     _check_forward_inputs(input, weight, target, cost_embedding=cost_embedding)
     check_ignore_index(ignore_index)
     check_skip_ignored_share(skip_ignored_share)
@@ -709,9 +737,11 @@ def _emo_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, target, cost_embedding, output[2], output[1])
     ctx.mark_non_differentiable(output[2])
     ctx.ignore_index, ctx.skip_ignored_share = ignore_index, _optional_arg(inputs, 5)
+    ctx.skipped_in_forward = bool(_optional_arg(inputs, 6))
 
 
 def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
+    _refuse_after_forward_skip(ctx, "emo_cross_entropy")
     input, weight, target, cost_embedding, lse, emo = ctx.saved_tensors
     grad_ce = torch.zeros_like(lse) if grad_ce is None else grad_ce.contiguous()
     grad_emo = torch.zeros_like(lse) if grad_emo is None else grad_emo.contiguous()
@@ -719,7 +749,7 @@ def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
     grad_input, grad_weight = call("emo_cross_entropy_backward", grad_ce, grad_emo, input, weight, target,
                                    cost_embedding, lse, emo, ctx.ignore_index, need_weight_grad,
                                    ctx.skip_ignored_share)
-    return grad_input, (grad_weight if need_weight_grad else None), None, None, None, None
+    return grad_input, (grad_weight if need_weight_grad else None), None, None, None, None, None
 
 
 _register_autograd("emo_cross_entropy", _emo_backward, _emo_setup_context)
@@ -734,11 +764,14 @@ def _check_row_vectors(input, **vectors):
 
 
 @_op("linear_kl_divergence")
+@_on_labelled_rows("input", "teacher_input", "target", row_outputs=((0, None), (1, None), (2, None)),
+                   only_with="skip_in_forward")
 def linear_kl_divergence(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor, target: Tensor,
                          temperature: float, ignore_index: int, reverse: bool,
-                         skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+                         skip_ignored_share: Optional[float] = None,
+                         skip_in_forward: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(per-row KL, student lse, teacher lse) at `temperature`; the teacher gets no gradient.
-    skip_ignored_share: the backward op's."""
+    skip_ignored_share: the backward op's; with skip_in_forward, this op's too (module docstring)."""
     _check_forward_inputs(input, weight, target)
     check_teacher(teacher_input, teacher_weight, input, weight)
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
@@ -755,7 +788,7 @@ def linear_kl_divergence(input: Tensor, weight: Tensor, teacher_input: Tensor, t
 
 @linear_kl_divergence.register_fake
 def _(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, reverse,
-      skip_ignored_share=None):
+      skip_ignored_share=None, skip_in_forward=False):
     _check_forward_inputs(input, weight, target)
     check_teacher(teacher_input, teacher_weight, input, weight)
     check_temperature(temperature)
@@ -806,9 +839,11 @@ def _register_distillation_autograd(name, statistic):
                               output[2], output[statistic])
         ctx.mark_non_differentiable(*output[1:])
         ctx.scalars, ctx.skip_ignored_share = inputs[5:8], _optional_arg(inputs, 8)
+        ctx.skipped_in_forward = bool(_optional_arg(inputs, 9))
         ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad_loss, *unused):
+        _refuse_after_forward_skip(ctx, name)
         need_weight_grad = ctx.needs_input_grad[1]
         grad_input, grad_weight = call(f"{name}_backward", grad_loss.contiguous(), *ctx.saved_tensors, *ctx.scalars,
                                        need_weight_grad, ctx.skip_ignored_share)
@@ -830,11 +865,13 @@ def _jsd_beta_inside(beta):
 
 
 @_op("linear_jsd")
+@_on_labelled_rows("input", "teacher_input", "target", row_outputs=((0, None), (1, None), (2, None), (3, None)),
+                   only_with="skip_in_forward")
 def linear_jsd(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor, target: Tensor,
-               beta: float, temperature: float, ignore_index: int,
-               skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               beta: float, temperature: float, ignore_index: int, skip_ignored_share: Optional[float] = None,
+               skip_in_forward: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(per-row JSD_β, student lse, teacher lse, KL(p‖m)) at `temperature`; the teacher gets no gradient.
-    skip_ignored_share: the backward op's."""
+    skip_ignored_share: the backward op's; with skip_in_forward, this op's too (module docstring)."""
     _check_forward_inputs(input, weight, target)
     check_teacher(teacher_input, teacher_weight, input, weight)
     beta = _jsd_beta_inside(beta)
@@ -850,7 +887,8 @@ def linear_jsd(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_wei
 
 
 @linear_jsd.register_fake
-def _(input, weight, teacher_input, teacher_weight, target, beta, temperature, ignore_index, skip_ignored_share=None):
+def _(input, weight, teacher_input, teacher_weight, target, beta, temperature, ignore_index, skip_ignored_share=None,
+      skip_in_forward=False):
     _check_forward_inputs(input, weight, target)
     check_teacher(teacher_input, teacher_weight, input, weight)
     _jsd_beta_inside(beta)
@@ -896,11 +934,14 @@ _register_distillation_autograd("linear_jsd", statistic=3)  # its backward takes
 
 
 @_op("linear_topk_kl_divergence")
+@_on_labelled_rows("input", "teacher_token_ids", "teacher_logits", "target", row_outputs=((0, None), (1, None)),
+                   only_with="skip_in_forward")
 def linear_topk_kl_divergence(input: Tensor, weight: Tensor, teacher_token_ids: Tensor, teacher_logits: Tensor,
                               target: Tensor, temperature: float, ignore_index: int,
-                              skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                              skip_ignored_share: Optional[float] = None,
+                              skip_in_forward: bool = False) -> tuple[Tensor, Tensor]:
     """(per-row KL(q‖p) with q the teacher's softmax over its top-k tokens, student lse) at `temperature`.
-    skip_ignored_share: the backward op's."""
+    skip_ignored_share: the backward op's; with skip_in_forward, this op's too (module docstring)."""
     _check_forward_inputs(input, weight, target)
     check_topk_teacher(teacher_token_ids, teacher_logits, input)
     check_token_ids(teacher_token_ids, weight.shape[0])
@@ -912,7 +953,8 @@ def linear_topk_kl_divergence(input: Tensor, weight: Tensor, teacher_token_ids: 
 
 
 @linear_topk_kl_divergence.register_fake
-def _(input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index, skip_ignored_share=None):
+def _(input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index, skip_ignored_share=None,
+      skip_in_forward=False):
     _check_forward_inputs(input, weight, target)
     check_topk_teacher(teacher_token_ids, teacher_logits, input)
     check_temperature(temperature)
@@ -950,25 +992,30 @@ def _topk_kl_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, teacher_token_ids, teacher_logits.detach(), target, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, _optional_arg(inputs, 7)
+    ctx.skipped_in_forward = bool(_optional_arg(inputs, 8))
 
 
 def _topk_kl_backward(ctx, grad_kl, grad_lse):
+    _refuse_after_forward_skip(ctx, "linear_topk_kl_divergence")
     input, weight, teacher_token_ids, teacher_logits, target, lse = ctx.saved_tensors
     need_weight_grad = ctx.needs_input_grad[1]
     grad_input, grad_weight = call("linear_topk_kl_divergence_backward", grad_kl.contiguous(), input, weight,
                                    teacher_token_ids, teacher_logits, target, lse, ctx.temperature, ctx.ignore_index,
                                    need_weight_grad, ctx.skip_ignored_share)
-    return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * 6
+    return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * 7
 
 
 _register_autograd("linear_topk_kl_divergence", _topk_kl_backward, _topk_kl_setup_context)
 
 
 @_op("log_probs_entropy")
+@_on_labelled_rows("input", "target", row_outputs=((0, None), (1, None), (2, None)), only_with="skip_in_forward")
 def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature: float, ignore_index: int,
-                      skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+                      skip_ignored_share: Optional[float] = None,
+                      skip_in_forward: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(per-row log p_t, per-row entropy, per-row log-sum-exp) of z = x·wᵀ/temperature; log p_t and the entropy
-    are 0 on ignored rows. skip_ignored_share: the backward op's."""
+    are 0 on ignored rows. skip_ignored_share: the backward op's; with skip_in_forward, this op's too (module
+    docstring)."""
     _check_forward_inputs(input, weight, target)
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
     check_skip_ignored_share(skip_ignored_share)
@@ -981,7 +1028,7 @@ def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature
 
 
 @log_probs_entropy.register_fake
-def _(input, weight, target, temperature, ignore_index, skip_ignored_share=None):
+def _(input, weight, target, temperature, ignore_index, skip_ignored_share=None, skip_in_forward=False):
     _check_forward_inputs(input, weight, target)
     check_temperature(temperature)
     check_ignore_index(ignore_index)
@@ -1023,9 +1070,11 @@ def _log_probs_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, target, output[2], output[0], output[1])
     ctx.mark_non_differentiable(output[2])
     ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, _optional_arg(inputs, 5)
+    ctx.skipped_in_forward = bool(_optional_arg(inputs, 6))
 
 
 def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
+    _refuse_after_forward_skip(ctx, "log_probs_entropy")
     input, weight, target, lse, log_probs, entropy = ctx.saved_tensors
     grad_log_probs = torch.zeros_like(lse) if grad_log_probs is None else grad_log_probs.contiguous()
     grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.contiguous()
@@ -1033,7 +1082,7 @@ def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
     grad_input, grad_weight = call("log_probs_entropy_backward", grad_log_probs, grad_entropy, input, weight, target,
                                    lse, log_probs, entropy, ctx.temperature, ctx.ignore_index, need_weight_grad,
                                    ctx.skip_ignored_share)
-    return grad_input, (grad_weight if need_weight_grad else None), None, None, None, None
+    return grad_input, (grad_weight if need_weight_grad else None), None, None, None, None, None
 
 
 _register_autograd("log_probs_entropy", _log_probs_backward, _log_probs_setup_context)

@@ -21,6 +21,13 @@ def test_profile_step_lists_where_a_step_spends_its_time():
     assert "marginkern cuda: Skip" in done.stdout
 
 
+def test_no_grad_skipping_times_each_loss_eager_and_compiled():
+    done = run(str(BENCH / "no_grad_skipping.py"), "--shape", "64", "32", "512")
+    assert done.returncode == 0, done.stderr
+    timed = [line for line in done.stdout.splitlines()[1:] if line.split()[-1].replace(".", "").isdigit()]
+    assert len(timed) == 9 and sum("compiled skipping" in line for line in timed) == 2, done.stdout
+
+
 def test_run_only_names_an_unknown_case():
     done = run(str(BENCH / "run.py"), "--cases", "face", "--device", "cpu", "--only", "cpu-face-5k,nope")
     assert done.returncode != 0 and "no case named nope among" in done.stderr

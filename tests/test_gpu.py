@@ -262,6 +262,9 @@ def test_compiled_skipping_on_gpu(dtype, backend, monkeypatch):
     for name, g, e in zip(("loss", "grad input", "grad weight"), got, want):
         assert_close_rel(g.float(), e.float(), dtype, name, floor=1.0 if name == "loss" else 1e-3)
     assert not got[1][:300].any()
+    with torch.no_grad():  # no backward pass: the forward op skips
+        assert_close_rel(step(x, w, t), want[0], dtype, "loss under no_grad", floor=1.0)
+    assert seen == [300, 300]
 
 
 LINEAR_OPTIONS = [dict(), dict(label_smoothing=0.1, z_loss=1e-4), dict(softcap=30.0), dict(focal_gamma=2.0),

@@ -443,6 +443,26 @@ def test_compiled_patched_model_runs_the_labelled_tokens_in_its_backward(monkeyp
     assert_same_loss_and_grads((got[0], {n.removeprefix(prefix): g for n, g in got[1].items()}), want)
 
 
+def test_compiled_patched_model_evaluates_the_labelled_tokens_and_steps_on_a_batch_without_any(monkeypatch):
+    """Under torch.compile and no_grad (evaluation) the prompt and padding positions cost no GEMM work in the forward
+    pass (there is no backward pass to skip them in); a compiled step on a batch without a labelled token (a response
+    truncated away) gives 0 and zero gradients (its backward op once handed back a 0-row input gradient)."""
+    from tests.helpers import record_selected_rows
+    seen = record_selected_rows(monkeypatch)
+    model = tiny_model("llama")
+    ids, labels = batch()
+    compiled = torch.compile(patch_causal_lm(copy.deepcopy(model)), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got, want = compiled(ids, labels=labels)["loss"], model(ids, labels=labels)["loss"]
+    assert seen == [int((labels[:, 1:] != -100).sum())]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    labels = torch.full_like(ids, -100)
+    labels[:, 0] = ids[:, 0]  # the first label is no position's target after the shift
+    loss, grads = loss_and_grads(compiled, ids, labels=labels)
+    assert seen[1:] == [0]
+    assert loss.item() == 0.0 and grads and not any(g.any() for g in grads.values())
+
+
 def test_a_batch_without_labelled_tokens_gives_zero_and_zero_gradients():
     # HF's mean over no token is NaN; marginkern's mean is 0 with zero gradients (README)
     model = patch_causal_lm(tiny_model("llama"))

@@ -1,6 +1,6 @@
 """skip_ignored_rows inside torch.compile: the forward op runs every row (no data-dependent shapes in a graph) and
 the backward op runs on the labelled rows alone (its skip_ignored_share argument; the 3-GEMM path, whose forward is
-the whole step, skips there). Results equal those of every row; which rows each pass saw is read from the rows the
+the whole step, skips there); a call that needs no gradient skips in its forward op (skip_in_forward). Results equal those of every row; which rows each pass saw is read from the rows the
 ops selected (ops.labelled_rows, tests/helpers.record_selected_rows)."""
 import pytest
 import torch
@@ -114,3 +114,92 @@ def test_backward_op_argument_errors():
     with pytest.raises(ValueError, match="skip_ignored_share cannot be combined with a differentiable lse"):
         torch.ops.marginkern.linear_cross_entropy(x, w, t, None, -100, 0.0, 0.0, None, 0.0, 0.0, None, None, True,
                                                   False, 0.125)
+
+
+def _outputs(fn, x, w, t, reduction, **opts):
+    out = fn(x, w, t, reduction=reduction, **opts)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def check_compiled_call_without_gradient_skips_in_its_forward(name, frozen, selected_rows, device="cpu"):
+    """A compiled call that needs no gradient (under no_grad, or `frozen`: inputs that need none; evaluation, a
+    reference model's log-probs) has no backward pass to skip in: its forward op skips (skip_in_forward), with
+    results equal to every row's."""
+    torch._dynamo.reset()
+    reduction = "sum" if name == "linear_ce_3_gemm" else "none"
+    x, w, t = (v.detach().to(device) for v in prompt_masked(40, 301, 24, torch.float32, ignored=15))
+    _teacher(40, 301, torch.float32)
+    with torch.set_grad_enabled(frozen):
+        got = _outputs(compiled(LOSSES[name]), x, w, t, reduction)
+        assert selected_rows == [25]
+        want = _outputs(compiled(LOSSES[name], skip_ignored_rows=False), x, w, t, reduction)
+    assert selected_rows == [25]
+    for i, (g, e) in enumerate(zip(got, want)):
+        assert g.shape == e.shape and g.dtype == e.dtype and not g.requires_grad
+        assert_close_rel(g, e, torch.float32, f"{name} output {i}", floor=1.0)
+    if reduction == "none":
+        assert not got[0][:15].any()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("frozen", [False, True], ids=["no_grad", "frozen"])
+def test_compiled_call_without_gradient_skips_in_its_forward(backend, name, frozen, monkeypatch, selected_rows):
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    check_compiled_call_without_gradient_skips_in_its_forward(name, frozen, selected_rows)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_compiled_call_with_every_row_ignored(backend, name, monkeypatch, selected_rows):
+    """Every row ignored: the ops run on no row at all, and their per-row outputs and dX still have every row
+    (zeros), under compile with and without gradients (a 0-row dX once came back as the input's gradient)."""
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    torch._dynamo.reset()
+    reduction = "sum" if name == "linear_ce_3_gemm" else "none"
+    x, w, t = prompt_masked(12, 40, 8, torch.float32, ignored=12)
+    _teacher(12, 40, torch.float32)
+    got = outputs_and_grads(compiled(LOSSES[name], skip_ignored_rows=True), x, w, t, reduction)
+    want = outputs_and_grads(compiled(LOSSES[name], skip_ignored_rows=False), x, w, t, reduction)
+    with torch.no_grad():
+        got_no_grad = _outputs(compiled(LOSSES[name], skip_ignored_rows=True), x, w, t, reduction)
+    assert selected_rows == [0, 0]
+    for i, (g, e) in enumerate(zip(got + got_no_grad, want + want[:len(got_no_grad)])):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        assert not g.any(), f"{name} output {i}"
+        assert not e.any(), f"{name} output {i}"
+
+
+def _forward_args(N=12, C=40, D=8, ignored=5):
+    x, w, t = prompt_masked(N, C, D, torch.float64, ignored=ignored)
+    return x.detach(), w.detach(), t
+
+
+def test_forward_op_argument(monkeypatch):
+    """skip_in_forward: the forward op runs on the labelled rows (7 of 12) and puts zeros in the others' outputs; a
+    backward pass through it raises; without a share it does nothing."""
+    import marginkern.ops as ops
+    monkeypatch.setenv("MARGINKERN_BACKEND", "reference")
+    rows_run, forward = [], ops.linear_ce_forward
+    monkeypatch.setattr(ops, "linear_ce_forward", lambda x, *a, **k: rows_run.append(x.shape[0]) or
+                        forward(x, *a, **k))
+    x, w, t = _forward_args()
+    op = torch.ops.marginkern.linear_cross_entropy
+    args = (x, w, t, None, -100, 0.0, 1e-3, None, 0.0, 0.0, None, None, False, True)
+    full = op(*args)
+    skipped = op(*args, 0.0, True)
+    not_skipped = op(*args, None, True)  # no share: every row
+    assert rows_run == [12, 7, 12]
+    for got, want in zip(skipped, full):
+        torch.testing.assert_close(got[5:], want[5:], rtol=1e-12, atol=1e-15)
+        assert not got[:5].any()
+    for got, want in zip(not_skipped, full):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.library.opcheck(op.default, args + (0.0, True))
+    loss, _, _ = op(x.clone().requires_grad_(), w, t, *args[3:], 0.0, True)
+    with pytest.raises(RuntimeError, match="skip_in_forward=True"):
+        loss.sum().backward()
+    log_probs = torch.ops.marginkern.log_probs_entropy(x.clone().requires_grad_(), w, t, 1.0, -100, 0.0, True)[0]
+    with pytest.raises(RuntimeError, match="skip_in_forward=True"):
+        log_probs.sum().backward()
+    torch.library.opcheck(torch.ops.marginkern.log_probs_entropy.default, (x, w, t, 1.0, -100, 0.0, True))

@@ -211,3 +211,11 @@ def test_compiled_skipping_equals_every_row(name, monkeypatch):
     from tests.helpers import record_selected_rows
     from tests.test_skip_ignored_rows_compiled import check_compiled_backward_runs_the_labelled_rows
     check_compiled_backward_runs_the_labelled_rows(name, "none", record_selected_rows(monkeypatch), DEVICE)
+
+
+@pytest.mark.parametrize("name", ["linear_ce_options", "log_probs_and_entropy"])
+def test_compiled_call_without_gradient_skips_in_its_forward(name, monkeypatch):
+    """A compiled call under no_grad: the forward op runs the labelled rows on the Triton tiles."""
+    from tests.helpers import record_selected_rows
+    from tests.test_skip_ignored_rows_compiled import check_compiled_call_without_gradient_skips_in_its_forward
+    check_compiled_call_without_gradient_skips_in_its_forward(name, False, record_selected_rows(monkeypatch), DEVICE)
