@@ -556,3 +556,25 @@ def test_one_dynamic_graph_over_batch_and_sequence_lengths(make):
         x, t = torch.randn(B, T, 16), torch.randint(0, 50, (B, T))
         torch.testing.assert_close(compiled(x, w, t), head(x, w, t).loss)
     assert counter.frame_count == 1
+
+
+def test_compiled_dpo_head_skips_the_prompt_in_the_reference_forward_and_the_policy_backward(monkeypatch):
+    """Inside torch.compile the reference model's log-probs (no_grad) skip the prompt and padding positions in their
+    forward op, the policy's in its backward op; the step equals the eager one."""
+    from tests.helpers import record_selected_rows
+    seen = record_selected_rows(monkeypatch)
+    x, w, t, xr, wr = pair_case(dtype=torch.float32)
+    head = mk.LinearDPOLoss()
+
+    def step(fn):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(xg, wg, t, ref_input=xr, ref_weight=wr).loss
+        return (loss, *torch.autograd.grad(loss, (xg, wg)))
+
+    want = step(head)
+    assert seen == []  # eager calls select their rows in the functions, not in the ops
+    got = step(torch.compile(head, fullgraph=True, backend="aot_eager"))
+    labelled = int((t != -100).sum())
+    assert seen == [labelled, labelled]  # the reference's forward op, then the policy's backward op
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
