@@ -176,7 +176,8 @@ def _row_skipping(target, ignore_index, skip_ignored_rows, input, *differentiabl
     on the rows `rows` alone (labelled_rows; None: every row); inside torch.compile (or torch.export), where shapes
     cannot follow the data, the op gets `share` (its skip_ignored_share; None: it skips nothing), which its backward
     op uses, and its own forward pass too with `in_forward` (its skip_in_forward), when neither `input` nor a tensor
-    of `differentiable` needs a gradient (under torch.no_grad, or frozen: there is no backward pass to skip in).
+    of `differentiable` needs a gradient (under torch.no_grad, or frozen: there is no backward pass to skip in; dynamo
+    guards on both), except in torch.export (its program has no such guard, and may be trained later).
     Results equal every row's up to the order of fp32 sums, for finite inputs: a NaN or inf in a skipped row's input
     no longer reaches dW (through every row, it did as 0·inf)."""
     if _may_skip_rows(input, target, skip_ignored_rows):
@@ -184,7 +185,8 @@ def _row_skipping(target, ignore_index, skip_ignored_rows, input, *differentiabl
     if not torch.compiler.is_compiling() or skip_ignored_rows is False:
         return None, None, False
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *differentiable))
-    return None, skip_share(skip_ignored_rows), not needs_grad
+    # not while exporting: an exported program keeps no guard on grad mode or requires_grad, and may be trained
+    return None, skip_share(skip_ignored_rows), not needs_grad and not torch.compiler.is_exporting()
 
 
 def _given_args(*pairs):
@@ -242,9 +244,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     tokens cost no GEMM work), for one host sync and a copy of those rows of input (and of their gradient). None
     does so when at least row_skipping.SKIP_IGNORED_SHARE (1/8) of the rows are ignored, True whenever any is,
     False never. Inside torch.compile (or torch.export) the forward op runs every row and the backward op, 3 of the
-    4 GEMM-equivalents, the labelled rows alone (its own host sync), and a call that needs no gradient (under
-    torch.no_grad, or with inputs that need none) skips in its forward op; while a CUDA graph is captured every row
-    runs.
+    4 GEMM-equivalents, the labelled rows alone (its own host sync), and a compiled call that needs no gradient
+    (under torch.no_grad, or with inputs that need none; not torch.export) skips in its forward op; while a CUDA graph
+    is captured every row runs.
     Results are those of the full call up to the order of fp32 sums, for finite inputs (a NaN or inf in a skipped
     row's input no longer reaches dW or the other rows' gradients). Not with return_lse (which reports every row's
     lse).

@@ -93,32 +93,44 @@ def _on_labelled_rows(*per_row, row_outputs=((0, None),), only_with=None):
     def decorate(implementation):
         signature = inspect.signature(implementation)
         names = list(signature.parameters)
+        defaults = [p.default for p in signature.parameters.values()]
+        required = sum(d is inspect.Parameter.empty for d in defaults)
         share_at, only_at = names.index("skip_ignored_share"), None if only_with is None else names.index(only_with)
 
         def given(args, kwargs, name, at):
             return kwargs.get(name, args[at] if len(args) > at else None)
 
+        def in_order(args, kwargs):
+            """Every argument, in order, defaults filled in: positional calls (the dispatcher's and call()'s) without
+            Signature.bind (~30 µs of host time a call)."""
+            if kwargs or len(args) < required:
+                bound = signature.bind(*args, **kwargs)  # (and its TypeError for a bad call)
+                bound.apply_defaults()
+                return list(bound.arguments.values())
+            return list(args) + defaults[len(args):]
+
         @functools.wraps(implementation)
         def run(*args, **kwargs):
             if (given(args, kwargs, "skip_ignored_share", share_at) is None
                     or (only_with is not None and not given(args, kwargs, only_with, only_at))):
-                return implementation(*args, **kwargs)  # without binding the arguments: ~30 µs of host time a call
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = bound.arguments
+                return implementation(*args, **kwargs)
+            values = in_order(args, kwargs)
+            arguments = dict(zip(names, values))
             share = check_skip_ignored_share(arguments["skip_ignored_share"],
                                              arguments.get("grad_lse") is not None
                                              or bool(arguments.get("differentiable_lse")))
             n = arguments["input"].shape[0]
             if any(arguments[name].shape[:1] != (n,) for name in per_row):
-                return implementation(*bound.args, **bound.kwargs)
+                return implementation(*values)
             rows = labelled_rows(arguments["target"], arguments["ignore_index"], share)
             if rows is None:
-                return implementation(*bound.args, **bound.kwargs)
+                return implementation(*values)
             asked = [i for i, asked_by in row_outputs if asked_by is None or arguments[asked_by]]
-            arguments.update(zip(per_row, take_rows(rows, *(arguments[name] for name in per_row))))
-            outputs = list(implementation(*bound.args, **bound.kwargs))
-            del bound, arguments  # the rows' copies, before the (N, ...) outputs are made
+            for name, taken in zip(per_row, take_rows(rows, *(arguments[name] for name in per_row))):
+                values[names.index(name)] = taken
+            del arguments
+            outputs = list(implementation(*values))
+            del values  # the rows' copies, before the (N, ...) outputs are made
             for i in asked:
                 outputs[i], = put_rows(rows, n, outputs[i])
             return tuple(outputs)
@@ -133,6 +145,12 @@ def _no_second_derivative(loss):
         raise RuntimeError(f"marginkern's {loss} cannot be differentiated twice: its backward pass has no derivative "
                            f"of its own (a create_graph=True gradient can be used, not differentiated again)")
     return backward
+
+
+def _skipped_in_forward(values, share_at):
+    """Whether a forward op's arguments `values` (its share at share_at, skip_in_forward after it) let it leave rows
+    out: skip_in_forward with a share (without one it runs every row)."""
+    return _optional_arg(values, share_at) is not None and bool(_optional_arg(values, share_at + 1))
 
 
 def _refuse_after_forward_skip(ctx, op):
@@ -564,7 +582,7 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*((output[2],) if ctx.differentiable_lse else (output[1], output[2])))
     ctx.options = options[:7]  # the scalars, grad_filter_eps last
     ctx.skip_ignored_share = _optional_arg(options, 10)
-    ctx.skipped_in_forward = bool(_optional_arg(options, 11))
+    ctx.skipped_in_forward = _skipped_in_forward(options, 10)
 
 
 def _linear_backward(ctx, grad_loss, grad_lse, grad_correct=None):
@@ -737,7 +755,7 @@ def _emo_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, target, cost_embedding, output[2], output[1])
     ctx.mark_non_differentiable(output[2])
     ctx.ignore_index, ctx.skip_ignored_share = ignore_index, _optional_arg(inputs, 5)
-    ctx.skipped_in_forward = bool(_optional_arg(inputs, 6))
+    ctx.skipped_in_forward = _skipped_in_forward(inputs, 5)
 
 
 def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
@@ -839,7 +857,7 @@ def _register_distillation_autograd(name, statistic):
                               output[2], output[statistic])
         ctx.mark_non_differentiable(*output[1:])
         ctx.scalars, ctx.skip_ignored_share = inputs[5:8], _optional_arg(inputs, 8)
-        ctx.skipped_in_forward = bool(_optional_arg(inputs, 9))
+        ctx.skipped_in_forward = _skipped_in_forward(inputs, 8)
         ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad_loss, *unused):
@@ -934,8 +952,6 @@ _register_distillation_autograd("linear_jsd", statistic=3)  # its backward takes
 
 
 @_op("linear_topk_kl_divergence")
-@_on_labelled_rows("input", "teacher_token_ids", "teacher_logits", "target", row_outputs=((0, None), (1, None)),
-                   only_with="skip_in_forward")
 def linear_topk_kl_divergence(input: Tensor, weight: Tensor, teacher_token_ids: Tensor, teacher_logits: Tensor,
                               target: Tensor, temperature: float, ignore_index: int,
                               skip_ignored_share: Optional[float] = None,
@@ -944,11 +960,19 @@ def linear_topk_kl_divergence(input: Tensor, weight: Tensor, teacher_token_ids: 
     skip_ignored_share: the backward op's; with skip_in_forward, this op's too (module docstring)."""
     _check_forward_inputs(input, weight, target)
     check_topk_teacher(teacher_token_ids, teacher_logits, input)
-    check_token_ids(teacher_token_ids, weight.shape[0])
+    check_token_ids(teacher_token_ids, weight.shape[0])  # every row's, ignored ones too: before rows are left out
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
     check_skip_ignored_share(skip_ignored_share)
+    return _topk_kl_forward_rows(input, weight, teacher_token_ids.long(), teacher_logits, target, temperature,
+                                 ignore_index, skip_ignored_share, skip_in_forward)
+
+
+@_on_labelled_rows("input", "teacher_token_ids", "teacher_logits", "target", row_outputs=((0, None), (1, None)),
+                   only_with="skip_in_forward")
+def _topk_kl_forward_rows(input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index,
+                          skip_ignored_share, skip_in_forward):
     input, weight = input.contiguous(), weight.contiguous()
-    return topk_kl_forward(input, weight, teacher_token_ids.long(), teacher_logits, target, temperature, ignore_index,
+    return topk_kl_forward(input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index,
                            select_tiles(input.device, input.dtype))
 
 
@@ -992,7 +1016,7 @@ def _topk_kl_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, teacher_token_ids, teacher_logits.detach(), target, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, _optional_arg(inputs, 7)
-    ctx.skipped_in_forward = bool(_optional_arg(inputs, 8))
+    ctx.skipped_in_forward = _skipped_in_forward(inputs, 7)
 
 
 def _topk_kl_backward(ctx, grad_kl, grad_lse):
@@ -1070,7 +1094,7 @@ def _log_probs_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, target, output[2], output[0], output[1])
     ctx.mark_non_differentiable(output[2])
     ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, _optional_arg(inputs, 5)
-    ctx.skipped_in_forward = bool(_optional_arg(inputs, 6))
+    ctx.skipped_in_forward = _skipped_in_forward(inputs, 5)
 
 
 def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):

@@ -188,7 +188,7 @@ def test_forward_op_argument(monkeypatch):
     args = (x, w, t, None, -100, 0.0, 1e-3, None, 0.0, 0.0, None, None, False, True)
     full = op(*args)
     skipped = op(*args, 0.0, True)
-    not_skipped = op(*args, None, True)  # no share: every row
+    not_skipped = op(*args, None, True)  # no share: every row (and a backward pass, below)
     assert rows_run == [12, 7, 12]
     for got, want in zip(skipped, full):
         torch.testing.assert_close(got[5:], want[5:], rtol=1e-12, atol=1e-15)
@@ -202,4 +202,46 @@ def test_forward_op_argument(monkeypatch):
     log_probs = torch.ops.marginkern.log_probs_entropy(x.clone().requires_grad_(), w, t, 1.0, -100, 0.0, True)[0]
     with pytest.raises(RuntimeError, match="skip_in_forward=True"):
         log_probs.sum().backward()
+    x_grad = x.clone().requires_grad_()
+    torch.ops.marginkern.log_probs_entropy(x_grad, w, t, 1.0, -100, None, True)[0].sum().backward()
+    assert x_grad.grad[5:].any()
     torch.library.opcheck(torch.ops.marginkern.log_probs_entropy.default, (x, w, t, 1.0, -100, 0.0, True))
+
+
+def test_compiled_call_without_gradient_checks_the_ignored_rows_teacher_ids():
+    """linear_topk_kl_divergence checks the ids of ignored rows too (its docstring): also when its forward op skips
+    them (the op checks every row before it leaves rows out)."""
+    x, w, t = prompt_masked(16, 50, 8, torch.float32, ignored=6)
+    ids, logits = torch.randint(0, 50, (16, 4)), torch.randn(16, 4)
+    ids[0, 0] = 55  # row 0 is ignored
+    step = torch.compile(lambda *a: mk.linear_topk_kl_divergence(*a), fullgraph=True, backend="aot_eager")
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(Exception, match=r"holds token 55, outside \[0, 50\)"):
+            step(x.detach().requires_grad_(grad), w.detach(), ids, logits, t)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("frozen", [False, True], ids=["no_grad", "frozen"])
+def test_program_exported_without_gradients_can_be_trained(strict, frozen, selected_rows):
+    """torch.export has no guard on grad mode or requires_grad: a program exported under no_grad (or from a frozen
+    model) keeps its forward op running every row, so that training it later works."""
+    x, w, t = prompt_masked(16, 50, 8, torch.float32, ignored=6)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(w.detach().clone(), requires_grad=not frozen)
+
+        def forward(self, x, t):
+            return mk.linear_cross_entropy(x, self.weight, t)
+
+    with torch.set_grad_enabled(frozen):
+        program = torch.export.export(Head(), (x.detach(), t), strict=strict)
+    module = program.module().requires_grad_()  # unfrozen, to be trained
+    loss = module(x.detach(), t)
+    loss.backward()
+    weight = w.detach().requires_grad_()
+    want = mk.linear_cross_entropy(x.detach(), weight, t)
+    torch.testing.assert_close(loss, want)
+    (exported_weight,) = module.parameters()
+    torch.testing.assert_close(exported_weight.grad, torch.autograd.grad(want, weight)[0])
