@@ -320,14 +320,15 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
     or a loss that needs a gradient on some ranks only (`differentiable`: the call's tensors that may require
     grad; under torch.no_grad or with frozen tensors on one rank, its backward pass's collectives would wait for
     ranks that never run them). Skipped while a CUDA graph is captured (a sync would break the capture), as the
-    local check is. Returns whether every rank may skip ignored rows (functional._may_skip_rows with
-    `skip_ignored_rows`, a per-process answer: a rank under a dispatch mode runs every row, so the others must too)."""
+    local check is. Returns the share (row_skipping.skip_share of `skip_ignored_rows`) the ranks' labelled_rows
+    skips ignored rows with, or None where some rank may not skip them (functional._may_skip_rows, a per-process
+    answer: a rank under a dispatch mode runs every row, so the others must too)."""
     rank, world_size = _rank_and_world_size(group)
     device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         if local_error is not None:
             raise local_error
-        return False
+        return None
     zero = torch.zeros((), dtype=torch.int64, device=device)
     if local_error is None:
         bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
@@ -372,7 +373,7 @@ def _ranks_agree(group, input, target, num_classes, ignore_index, sampled, local
     if seen[rank][7]:
         raise ValueError(f"target holds class {seen[rank][8]}, outside [0, {num_classes}) and not "
                          f"ignore_index={ignore_index}")
-    return all(c[11] for c in seen)
+    return skip_share(skip_ignored_rows) if all(c[11] for c in seen) else None
 
 
 def _checked_shard(weight_shard, class_start, num_classes, rank, world_size, subcenters=1):
@@ -563,15 +564,15 @@ def sharded_linear_cross_entropy(input, weight_shard, target, bias_shard=None, *
     except (TypeError, ValueError) as e:
         local_error = e
     # the flags and the weights' presence too: each adds collectives, which one rank alone would wait on forever
-    may_skip = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                            op="sharded_linear_cross_entropy",
-                            options=() if local_error else dataclasses.astuple(opts) + (
-                                reduction, bias_shard is not None, return_lse, return_token_accuracy,
-                                class_weight_shard is not None, token_scaling, skip_ignored_rows),
-                            differentiable=(input, weight_shard, bias_shard),
-                            skip_ignored_rows=False if return_lse else skip_ignored_rows)
+    share = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
+                         op="sharded_linear_cross_entropy",
+                         options=() if local_error else dataclasses.astuple(opts) + (
+                             reduction, bias_shard is not None, return_lse, return_token_accuracy,
+                             class_weight_shard is not None, token_scaling, skip_ignored_rows),
+                         differentiable=(input, weight_shard, bias_shard),
+                         skip_ignored_rows=False if return_lse else skip_ignored_rows)
     shard = ProcessGroupShard(class_start, num_classes, group)
-    rows = labelled_rows(target, opts.ignore_index, skip_share(skip_ignored_rows) if may_skip else None)
+    rows = labelled_rows(target, opts.ignore_index, share)
     run_input, run_target = take_rows(rows, input, target)
     loss_rows, lse, correct = _ShardedLinearCrossEntropy.apply(
         run_input, weight_shard, bias_shard, run_target, shard, opts, return_lse, return_token_accuracy,
@@ -650,11 +651,10 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
         target = target.long()
     except (TypeError, ValueError) as e:
         local_error = e
-    may_skip = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                            op="sharded_log_probs_and_entropy", options=(temperature, skip_ignored_rows),
-                            differentiable=(input, weight_shard),
-                            skip_ignored_rows=skip_ignored_rows)
-    rows = labelled_rows(target, ignore_index, skip_share(skip_ignored_rows) if may_skip else None)
+    share = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
+                         op="sharded_log_probs_and_entropy", options=(temperature, skip_ignored_rows),
+                         differentiable=(input, weight_shard), skip_ignored_rows=skip_ignored_rows)
+    rows = labelled_rows(target, ignore_index, share)
     x, t = take_rows(rows, input, target)
     outputs = _ShardedLogProbsEntropy.apply(x, weight_shard, t, ProcessGroupShard(class_start, num_classes, group),
                                             float(temperature), ignore_index)
@@ -826,11 +826,10 @@ def _sharded_distillation(input, weight_shard, teacher_input, teacher_weight_sha
         target = target.long()
     except (TypeError, ValueError) as e:
         local_error = e
-    may_skip = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error, op=op,
-                            options=(temperature, reverse, beta, reduction, skip_ignored_rows),
-                            differentiable=(input, weight_shard),
-                            skip_ignored_rows=skip_ignored_rows)
-    rows = labelled_rows(target, ignore_index, skip_share(skip_ignored_rows) if may_skip else None)
+    share = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error, op=op,
+                         options=(temperature, reverse, beta, reduction, skip_ignored_rows),
+                         differentiable=(input, weight_shard), skip_ignored_rows=skip_ignored_rows)
+    rows = labelled_rows(target, ignore_index, share)
     x, teacher_x, t = take_rows(rows, input, teacher_input.detach(), target)
     divergence = _ShardedDistillation.apply(x, weight_shard, teacher_x, teacher_weight_shard.detach(), t,
                                             ProcessGroupShard(class_start, num_classes, group), temperature,
