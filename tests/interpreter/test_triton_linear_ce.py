@@ -213,7 +213,8 @@ def test_compiled_skipping_equals_every_row(name, monkeypatch):
     check_compiled_backward_runs_the_labelled_rows(name, "none", record_selected_rows(monkeypatch), DEVICE)
 
 
-@pytest.mark.parametrize("name", ["linear_ce_options", "log_probs_and_entropy"])
+@pytest.mark.parametrize("name", ["linear_ce_options", "log_probs_and_entropy", "emo_cross_entropy", "kl_reverse",
+                                  "jsd", "topk_kl"])
 def test_compiled_call_without_gradient_skips_in_its_forward(name, monkeypatch):
     """A compiled call under no_grad: the forward op runs the labelled rows on the Triton tiles."""
     from tests.helpers import record_selected_rows
