@@ -1,7 +1,8 @@
 """skip_ignored_rows inside torch.compile: the forward op runs every row (no data-dependent shapes in a graph) and
 the backward op runs on the labelled rows alone (its skip_ignored_share argument; the 3-GEMM path, whose forward is
-the whole step, skips there); a call that needs no gradient skips in its forward op (skip_in_forward). Results equal those of every row; which rows each pass saw is read from the rows the
-ops selected (ops.labelled_rows, tests/helpers.record_selected_rows)."""
+the whole step, skips there); a call that needs no gradient skips in its forward op (skip_in_forward). Results equal
+those of every row; which rows each pass saw is read from the rows the ops selected (ops.labelled_rows,
+tests/helpers.record_selected_rows)."""
 import pytest
 import torch
 
