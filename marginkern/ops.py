@@ -96,6 +96,7 @@ def _on_labelled_rows(*per_row, row_outputs=((0, None),), only_with=None):
         defaults = [p.default for p in signature.parameters.values()]
         required = sum(d is inspect.Parameter.empty for d in defaults)
         share_at, only_at = names.index("skip_ignored_share"), None if only_with is None else names.index(only_with)
+        per_row_at = [names.index(name) for name in per_row]
 
         def given(args, kwargs, name, at):
             return kwargs.get(name, args[at] if len(args) > at else None)
@@ -126,8 +127,8 @@ def _on_labelled_rows(*per_row, row_outputs=((0, None),), only_with=None):
             if rows is None:
                 return implementation(*values)
             asked = [i for i, asked_by in row_outputs if asked_by is None or arguments[asked_by]]
-            for name, taken in zip(per_row, take_rows(rows, *(arguments[name] for name in per_row))):
-                values[names.index(name)] = taken
+            for at, taken in zip(per_row_at, take_rows(rows, *(values[at] for at in per_row_at))):
+                values[at] = taken
             del arguments
             outputs = list(implementation(*values))
             del values  # the rows' copies, before the (N, ...) outputs are made
@@ -147,25 +148,33 @@ def _no_second_derivative(loss):
     return backward
 
 
-def _skipped_in_forward(values, share_at):
-    """Whether a forward op's arguments `values` (its share at share_at, skip_in_forward after it) let it leave rows
-    out: skip_in_forward with a share (without one it runs every row)."""
-    return _optional_arg(values, share_at) is not None and bool(_optional_arg(values, share_at + 1))
+def _with_row_skipping(op, backward, setup_context, share_at):
+    """An LM forward op's backward and setup_context, with its skipping arguments handled in one place: its
+    skip_ignored_share (inputs[share_at]) kept as ctx.skip_ignored_share for its backward op, and a backward pass
+    refused after a forward that left the ignored rows out (skip_in_forward, inputs[share_at + 1], with a share): that
+    forward put placeholders (0) in their statistics, for calls that need no gradient (the public functions pass it
+    only then)."""
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.skip_ignored_share = _optional_arg(inputs, share_at)
+        ctx.skipped_in_forward = ctx.skip_ignored_share is not None and bool(_optional_arg(inputs, share_at + 1))
+
+    def checked_backward(ctx, *grads):
+        if ctx.skipped_in_forward:
+            raise RuntimeError(f"marginkern::{op} ran with skip_in_forward=True, which leaves the ignored rows out of "
+                               f"the forward pass and has no backward pass: call it with skip_in_forward=False where "
+                               f"a gradient is needed")
+        return backward(ctx, *grads)
+    return checked_backward, setup
 
 
-def _refuse_after_forward_skip(ctx, op):
-    """A forward op called with skip_in_forward=True left the ignored rows out and put placeholders (0) in their
-    statistics: it serves calls that need no gradient (the public functions pass it only then), and refuses one."""
-    if ctx.skipped_in_forward:
-        raise RuntimeError(f"marginkern::{op} ran with skip_in_forward=True, which leaves the ignored rows out of the "
-                           f"forward pass and has no backward pass: call it with skip_in_forward=False where a "
-                           f"gradient is needed")
-
-
-def _register_autograd(name, backward, setup_context):
+def _register_autograd(name, backward, setup_context, skip_share_at=None):
     """The op's autograd, and its eager twin for call(): a torch.autograd.Function with the same forward,
     setup_context and backward. (A ctx-style one: a setup_context-style Function, tried first, saved nothing
-    over the op's own dispatch.)"""
+    over the op's own dispatch.) skip_share_at: where an LM forward op's skip_ignored_share sits among its inputs
+    (_with_row_skipping)."""
+    if skip_share_at is not None:
+        backward, setup_context = _with_row_skipping(name, backward, setup_context, skip_share_at)
     _OPS[name].register_autograd(backward, setup_context=setup_context)
 
     def forward(ctx, *args):
@@ -581,12 +590,9 @@ def _linear_setup_context(ctx, inputs, output):
     # one call: a second mark_non_differentiable replaces the first one's outputs
     ctx.mark_non_differentiable(*((output[2],) if ctx.differentiable_lse else (output[1], output[2])))
     ctx.options = options[:7]  # the scalars, grad_filter_eps last
-    ctx.skip_ignored_share = _optional_arg(options, 10)
-    ctx.skipped_in_forward = _skipped_in_forward(options, 10)
 
 
 def _linear_backward(ctx, grad_loss, grad_lse, grad_correct=None):
-    _refuse_after_forward_skip(ctx, "linear_cross_entropy")
     input, weight, target, bias, lse, class_weight = ctx.saved_tensors
     need_weight_grad, need_bias_grad = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
     if grad_loss is None:  # only the log-sum-exp is used (the eager twin does not make zeros)
@@ -599,7 +605,7 @@ def _linear_backward(ctx, grad_loss, grad_lse, grad_correct=None):
             + (None,) * 12)
 
 
-_register_autograd("linear_cross_entropy", _linear_backward, _linear_setup_context)
+_register_autograd("linear_cross_entropy", _linear_backward, _linear_setup_context, skip_share_at=14)
 
 
 @_op("linear_cross_entropy_buffered")
@@ -754,12 +760,10 @@ def _emo_setup_context(ctx, inputs, output):
     input, weight, target, cost_embedding, ignore_index = inputs[:5]
     ctx.save_for_backward(input, weight, target, cost_embedding, output[2], output[1])
     ctx.mark_non_differentiable(output[2])
-    ctx.ignore_index, ctx.skip_ignored_share = ignore_index, _optional_arg(inputs, 5)
-    ctx.skipped_in_forward = _skipped_in_forward(inputs, 5)
+    ctx.ignore_index = ignore_index
 
 
 def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
-    _refuse_after_forward_skip(ctx, "emo_cross_entropy")
     input, weight, target, cost_embedding, lse, emo = ctx.saved_tensors
     grad_ce = torch.zeros_like(lse) if grad_ce is None else grad_ce.contiguous()
     grad_emo = torch.zeros_like(lse) if grad_emo is None else grad_emo.contiguous()
@@ -770,7 +774,7 @@ def _emo_backward(ctx, grad_ce, grad_emo, grad_lse):
     return grad_input, (grad_weight if need_weight_grad else None), None, None, None, None, None
 
 
-_register_autograd("emo_cross_entropy", _emo_backward, _emo_setup_context)
+_register_autograd("emo_cross_entropy", _emo_backward, _emo_setup_context, skip_share_at=5)
 
 
 def _check_row_vectors(input, **vectors):
@@ -856,18 +860,16 @@ def _register_distillation_autograd(name, statistic):
         ctx.save_for_backward(input, weight, teacher_input.detach(), teacher_weight.detach(), target, output[1],
                               output[2], output[statistic])
         ctx.mark_non_differentiable(*output[1:])
-        ctx.scalars, ctx.skip_ignored_share = inputs[5:8], _optional_arg(inputs, 8)
-        ctx.skipped_in_forward = _skipped_in_forward(inputs, 8)
+        ctx.scalars = inputs[5:8]
         ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad_loss, *unused):
-        _refuse_after_forward_skip(ctx, name)
         need_weight_grad = ctx.needs_input_grad[1]
         grad_input, grad_weight = call(f"{name}_backward", grad_loss.contiguous(), *ctx.saved_tensors, *ctx.scalars,
                                        need_weight_grad, ctx.skip_ignored_share)
         return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * (ctx.num_inputs - 2)
 
-    _register_autograd(name, backward, setup_context)
+    _register_autograd(name, backward, setup_context, skip_share_at=8)
 
 
 _register_distillation_autograd("linear_kl_divergence", statistic=0)  # its backward takes the KL itself
@@ -1015,12 +1017,10 @@ def _topk_kl_setup_context(ctx, inputs, output):
     input, weight, teacher_token_ids, teacher_logits, target, temperature, ignore_index = inputs[:7]
     ctx.save_for_backward(input, weight, teacher_token_ids, teacher_logits.detach(), target, output[1])
     ctx.mark_non_differentiable(output[1])
-    ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, _optional_arg(inputs, 7)
-    ctx.skipped_in_forward = _skipped_in_forward(inputs, 7)
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
 
 
 def _topk_kl_backward(ctx, grad_kl, grad_lse):
-    _refuse_after_forward_skip(ctx, "linear_topk_kl_divergence")
     input, weight, teacher_token_ids, teacher_logits, target, lse = ctx.saved_tensors
     need_weight_grad = ctx.needs_input_grad[1]
     grad_input, grad_weight = call("linear_topk_kl_divergence_backward", grad_kl.contiguous(), input, weight,
@@ -1029,7 +1029,7 @@ def _topk_kl_backward(ctx, grad_kl, grad_lse):
     return (grad_input, (grad_weight if need_weight_grad else None)) + (None,) * 7
 
 
-_register_autograd("linear_topk_kl_divergence", _topk_kl_backward, _topk_kl_setup_context)
+_register_autograd("linear_topk_kl_divergence", _topk_kl_backward, _topk_kl_setup_context, skip_share_at=7)
 
 
 @_op("log_probs_entropy")
@@ -1093,12 +1093,10 @@ def _log_probs_setup_context(ctx, inputs, output):
     input, weight, target, temperature, ignore_index = inputs[:5]
     ctx.save_for_backward(input, weight, target, output[2], output[0], output[1])
     ctx.mark_non_differentiable(output[2])
-    ctx.temperature, ctx.ignore_index, ctx.skip_ignored_share = temperature, ignore_index, _optional_arg(inputs, 5)
-    ctx.skipped_in_forward = _skipped_in_forward(inputs, 5)
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
 
 
 def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
-    _refuse_after_forward_skip(ctx, "log_probs_entropy")
     input, weight, target, lse, log_probs, entropy = ctx.saved_tensors
     grad_log_probs = torch.zeros_like(lse) if grad_log_probs is None else grad_log_probs.contiguous()
     grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.contiguous()
@@ -1109,7 +1107,7 @@ def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
     return grad_input, (grad_weight if need_weight_grad else None), None, None, None, None, None
 
 
-_register_autograd("log_probs_entropy", _log_probs_backward, _log_probs_setup_context)
+_register_autograd("log_probs_entropy", _log_probs_backward, _log_probs_setup_context, skip_share_at=5)
 
 
 def _pairwise_cosine_uses_triton(a):
