@@ -23,7 +23,8 @@ Logits are exact fp32 dot products here; HF's loss rounds them to the head's dty
 the loss by about that rounding). Which models: transformers' own causal LM class of each of SUPPORTED_MODEL_TYPES,
 whose forward turns the head's output into logits as listed there (each one tested against the model's own loss);
 another model type, a subclass or remote code raises, since its forward may transform the logits in a way this patch
-would silently drop. Tested with transformers 5.25.0 (the test extra's pin).
+would silently drop. A mixture of experts' load-balancing loss (ROUTER_AUX_LOSS_COEF) is added as its forward adds it.
+Tested with transformers 5.25.0 (the test extra's pin).
 """
 import contextlib
 import functools
@@ -40,15 +41,30 @@ from .modules import _caller_stacklevel
 
 # model_type → (the factor HF multiplies the head's output by, the Gemma-2 style softcap), from the config. The
 # forwards of transformers 5.x: plain `logits = self.lm_head(h)`, Gemma 2/3's final_logit_softcapping, Cohere's
-# `logits * logit_scale`, Granite's `logits / logits_scaling`.
+# `logits * logit_scale`, Granite's `logits / logits_scaling`; each read in transformers 5.25's source, and a
+# whole forward's loss and gradients tested against the model's own (tests/test_huggingface.py)
 _PLAIN = lambda config: (1.0, None)  # noqa: E731
+_SOFTCAP = lambda config: (1.0, config.final_logit_softcapping)  # noqa: E731
+_LOGIT_SCALE = lambda config: (float(config.logit_scale), None)  # noqa: E731
+_LOGITS_SCALING = lambda config: (1.0 / float(config.logits_scaling), None)  # noqa: E731
+# the mixtures of experts among them: model_type → the model's attribute by which its forward multiplies the
+# routers' load-balancing loss (out.aux_loss, computed when output_router_logits) before adding it to the loss
+ROUTER_AUX_LOSS_COEF = {
+    **dict.fromkeys(("dbrx", "ernie4_5_moe", "flex_olmo", "gpt_oss", "granitemoe", "granitemoeshared", "minimax",
+                     "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next"),
+                    "router_aux_loss_coef"),
+    "jetmoe": "aux_loss_coef",
+}
 SUPPORTED_MODEL_TYPES = {
-    **dict.fromkeys(("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3"),
-                    _PLAIN),
-    "gemma2": lambda config: (1.0, config.final_logit_softcapping),
-    "gemma3_text": lambda config: (1.0, config.final_logit_softcapping),
-    "cohere": lambda config: (float(config.logit_scale), None),
-    "granite": lambda config: (1.0 / float(config.logits_scaling), None),
+    **dict.fromkeys(("apertus", "arcee", "dbrx", "deepseek_v2", "deepseek_v3", "ernie4_5_moe", "exaone4", "flex_olmo",
+                     "gemma", "glm", "glm4", "glm4_moe", "gpt_neox", "gpt_oss", "helium", "hunyuan_v1_dense",
+                     "hunyuan_v1_moe", "jetmoe", "llama", "minimax", "ministral", "ministral3", "mistral",
+                     "mixtral", "nemotron", "olmo", "olmo2", "olmo3", "olmoe", "phi", "phi3", "phimoe", "qwen2",
+                     "qwen2_moe", "qwen3", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next", "seed_oss",
+                     "smollm3", "stablelm", "starcoder2"), _PLAIN),
+    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "vaultgemma"), _SOFTCAP),
+    **dict.fromkeys(("cohere", "cohere2"), _LOGIT_SCALE),
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared"), _LOGITS_SCALING),
 }
 
 # loss → (the function, the options a patched model may be given); the rest follow from the model and HF's semantics
@@ -232,10 +248,12 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
     if not (isinstance(keep, int) and keep == 0):
         raise ValueError("logits_to_keep must be left at its default when labels are given to a patched model "
                          "(the loss covers every position; no logits are computed)")
+    return_dict = arguments.pop("return_dict", None)  # as transformers' can_return_tuple: else the config's
+    return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
     patch.decoded.append(None)
     try:
         no_position = torch.empty(0, dtype=torch.long, device=head_device)
-        out = cls_forward(self, labels=None, logits_to_keep=no_position, **arguments)
+        out = cls_forward(self, labels=None, logits_to_keep=no_position, return_dict=True, **arguments)
     finally:
         decoded = patch.decoded.pop()
     hidden = _last_hidden_state(decoded)
@@ -257,10 +275,15 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
     if num_items_in_batch is not None:
         loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
                        else num_items_in_batch)
-    if isinstance(out, tuple):  # return_dict=False: HF's tuple leaves out the fields that are None
-        return (loss,) + out[1:]
+    aux_loss = out.get("aux_loss")  # a mixture of experts' load-balancing loss, added as the model's forward adds it
+    if aux_loss is not None:
+        if self.config.model_type not in ROUTER_AUX_LOSS_COEF:  # (a transformers version this patch was not read for)
+            raise RuntimeError(f"model: {type(self).__name__}'s forward returned an aux_loss, whose coefficient this "
+                               f"patch does not know; unpatch_causal_lm(model) or output_router_logits=False")
+        loss = loss + getattr(self, ROUTER_AUX_LOSS_COEF[self.config.model_type]) * aux_loss.to(loss.device)
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
-    return type(out)(loss=loss, logits=None, **fields)
+    out = type(out)(loss=loss, logits=None, **fields)
+    return out if return_dict else out.to_tuple()  # HF's tuple leaves out the fields that are None
 
 
 @torch.no_grad()

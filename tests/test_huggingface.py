@@ -8,20 +8,48 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import marginkern as mk  # noqa: E402
-from marginkern.huggingface import SUPPORTED_MODEL_TYPES, patch_causal_lm, unpatch_causal_lm  # noqa: E402
+from marginkern.huggingface import (ROUTER_AUX_LOSS_COEF, SUPPORTED_MODEL_TYPES, patch_causal_lm,  # noqa: E402
+                                    unpatch_causal_lm)
 
 V = 300
 TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, head_dim=8, pad_token_id=0, bos_token_id=1,
             eos_token_id=2, tie_word_embeddings=False)
 # the logit transforms set away from their identity values, so that a patch that dropped one would be far off
-TRANSFORMS = {"gemma2": dict(final_logit_softcapping=4.0), "gemma3_text": dict(final_logit_softcapping=4.0),
-              "cohere": dict(logit_scale=0.3), "granite": dict(logits_scaling=8.0)}
+SOFTCAP = dict(final_logit_softcapping=4.0)
+TRANSFORMS = {"gemma2": SOFTCAP, "gemma3_text": SOFTCAP, "gemma3n_text": SOFTCAP, "vaultgemma": SOFTCAP,
+              "cohere": dict(logit_scale=0.3), "cohere2": dict(logit_scale=0.3),
+              "granite": dict(logits_scaling=8.0), "granitemoe": dict(logits_scaling=8.0),
+              "granitemoeshared": dict(logits_scaling=8.0)}
+# mixtures of experts: a few small experts, the routers' load-balancing loss on and weighted (≈ 1 of the loss)
+EXPERTS = dict(num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+               shared_expert_intermediate_size=32, output_router_logits=True, router_aux_loss_coef=0.5,
+               aux_loss_coef=0.5)
+MIXTURES = set(ROUTER_AUX_LOSS_COEF) | {"deepseek_v2", "deepseek_v3", "glm4_moe", "hunyuan_v1_moe"}
+# what a model type needs beyond TINY to be small: multi-head latent attention (DeepSeek), a full-attention layer
+# beside the linear one (Qwen3-Next, Qwen3.5), DBRX's own config layout, Gemma 3n's per-layer inputs; no
+# randomness in training mode (Seed-OSS's dropout, PhiMoE's router jitter)
+LATENT = dict(num_key_value_heads=4, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, kv_lora_rank=16,
+              q_lora_rank=16, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)
+HYBRID = dict(layer_types=["linear_attention", "full_attention"])
+SHAPES = {"phimoe": dict(router_jitter_noise=0.0), "seed_oss": dict(attention_dropout=0.0, residual_dropout=0.0),
+          "deepseek_v2": LATENT, "deepseek_v3": LATENT, "qwen3_next": HYBRID, "qwen3_5_text": HYBRID,
+          "qwen3_5_moe_text": HYBRID,
+          "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+                       attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                       ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=64, moe_loss_weight=0.5)),
+          "gemma3n_text": dict(num_hidden_layers=4, num_kv_shared_layers=0, laurel_rank=4,
+                               layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
+                               vocab_size_per_layer_input=V, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4,
+                               intermediate_size=[64] * 4)}
+SOFTCAPPED = sorted(t for t in SUPPORTED_MODEL_TYPES if "final_logit_softcapping" in TRANSFORMS.get(t, {}))
 
 
 def tiny_model(model_type, **config):
     torch.manual_seed(0)
-    cfg = transformers.AutoConfig.for_model(model_type, **{**TINY, **TRANSFORMS.get(model_type, {}), **config})
+    experts = EXPERTS if model_type in MIXTURES else {}
+    options = {**TINY, **experts, **SHAPES.get(model_type, {}), **TRANSFORMS.get(model_type, {}), **config}
+    cfg = transformers.AutoConfig.for_model(model_type, **options)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().train()
     with torch.no_grad():  # logits of a few units, as in a trained model: softcap and scale then matter
         model.get_output_embeddings().weight.normal_(0, 1.0)
@@ -152,6 +180,47 @@ def test_prompt_positions_are_skipped_unless_turned_off(monkeypatch):
     torch.testing.assert_close(skipped, every_row)
     with pytest.raises(TypeError, match="skip_ignored_rows must be None or a bool"):
         patch_causal_lm(copy.deepcopy(model), loss="emo", skip_ignored_rows="no")
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "jetmoe", "dbrx"])  # the three spellings of the coefficient
+def test_mixture_of_experts_adds_the_routers_load_balancing_loss(model_type):
+    """A mixture of experts' forward adds coef · aux_loss (the routers' load-balancing loss) to the loss when
+    output_router_logits: the patched loss does too, after the division by num_items_in_batch, as HF's; the output
+    keeps aux_loss and router_logits, and its tuple (return_dict=False) is HF's without the logits."""
+    model = tiny_model(model_type)
+    assert getattr(model, ROUTER_AUX_LOSS_COEF[model_type]) == 0.5
+    patched = patch_causal_lm(copy.deepcopy(model))
+    ids, labels = batch()
+    for kwargs in (dict(), dict(num_items_in_batch=torch.tensor(13)), dict(output_router_logits=False)):
+        want = loss_and_grads(model, ids, labels=labels, **kwargs)
+        assert_same_loss_and_grads(loss_and_grads(patched, ids, labels=labels, **kwargs), want)
+        got, own = patched(ids, labels=labels, **kwargs), model(ids, labels=labels, **kwargs)
+        if kwargs.get("output_router_logits") is False:
+            assert got.aux_loss is None and own.aux_loss is None
+            continue
+        assert got.aux_loss is not None and got.aux_loss > 1  # (≈ 2 at even routing, weighted 0.5: material)
+        torch.testing.assert_close(got.aux_loss, own.aux_loss)
+        assert len(got.router_logits) == len(own.router_logits)
+    got, own = patched(ids, labels=labels, return_dict=False), model(ids, labels=labels, return_dict=False)
+    assert len(got) == len(own) - 1  # (loss, aux_loss, router_logits...): HF's less its logits
+    torch.testing.assert_close(got[0], own[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], own[1])
+    assert own[2].shape[-1] == V and not any(torch.is_tensor(t) and t.shape[-1:] == (V,) for t in got[1:])
+
+
+def test_the_mixtures_of_experts_are_the_forwards_that_add_an_aux_loss():
+    """ROUTER_AUX_LOSS_COEF lists exactly the supported model types whose causal LM forward adds an aux_loss, each
+    with the attribute that forward multiplies it by (read from transformers' source, so that a type whose forward
+    gains one fails here rather than losing it silently)."""
+    import inspect
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    for model_type in SUPPORTED_MODEL_TYPES:
+        forward = inspect.getsource(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]).forward)
+        if model_type in ROUTER_AUX_LOSS_COEF:
+            assert f"loss += self.{ROUTER_AUX_LOSS_COEF[model_type]} * aux_loss" in forward, model_type
+        else:
+            assert "aux_loss" not in forward, model_type
 
 
 def test_without_labels_the_model_is_unchanged_and_unpatch_restores_it():
@@ -727,7 +796,7 @@ def test_causal_lm_sequence_log_probs_refuses_labels_among_the_inputs():
         causal_lm_sequence_log_probs(model, labels, input_ids=ids, logits_to_keep=1)
 
 
-@pytest.mark.parametrize("model_type", sorted(t for t in SUPPORTED_MODEL_TYPES if t not in ("gemma2", "gemma3_text")))
+@pytest.mark.parametrize("model_type", sorted(set(SUPPORTED_MODEL_TYPES) - set(SOFTCAPPED)))
 def test_causal_lm_log_probs_and_entropy_equal_the_models_own(model_type):
     """Per-token log-probabilities and entropies at a sampling temperature (TRL's GRPO) against the model's own
     logits / temperature (its logit scale included): values, and every parameter's gradient of a weighted sum of
@@ -750,6 +819,11 @@ def test_causal_lm_log_probs_and_entropy_equal_the_models_own(model_type):
 
     def fused():
         return causal_lm_log_probs_and_entropy(model, labels, temperature=0.8, input_ids=ids, attention_mask=mask)
+
+    if model.get_output_embeddings().bias is not None:  # Phi's: refused (the fused entropy has no bias)
+        with pytest.raises(NotImplementedError, match="biased head"):
+            fused()
+        return
 
     results = []
     for fn in (own, fused):
