@@ -40,31 +40,39 @@ from .functional import _shift_targets, emo_cross_entropy, emo_loss, linear_cros
 from .modules import _caller_stacklevel
 
 # model_type → (the factor HF multiplies the head's output by, the Gemma-2 style softcap), from the config. The
-# forwards of transformers 5.x: plain `logits = self.lm_head(h)`, Gemma 2/3's final_logit_softcapping, Cohere's
-# `logits * logit_scale`, Granite's `logits / logits_scaling`; each read in transformers 5.25's source, and a
-# whole forward's loss and gradients tested against the model's own (tests/test_huggingface.py)
+# forwards of transformers 5.x: plain `logits = self.lm_head(h)`, a final_logit_softcapping (Gemma 2/3), a factor
+# (Cohere's `logits * logit_scale`, Granite's `logits / logits_scaling`, MiniCPM3's on the head's input, Falcon-H1's
+# lm_head_multiplier, HyperCLOVA X's logits_scaling); each read in transformers 5.25's source, and each type's
+# whole forward (loss and every gradient) tested against the model's own (tests/test_huggingface.py)
 _PLAIN = lambda config: (1.0, None)  # noqa: E731
 _SOFTCAP = lambda config: (1.0, config.final_logit_softcapping)  # noqa: E731
 _LOGIT_SCALE = lambda config: (float(config.logit_scale), None)  # noqa: E731
 _LOGITS_SCALING = lambda config: (1.0 / float(config.logits_scaling), None)  # noqa: E731
-# the mixtures of experts among them: model_type → the model's attribute by which its forward multiplies the
-# routers' load-balancing loss (out.aux_loss, computed when output_router_logits) before adding it to the loss
+# the mixtures of experts among them whose forward adds the routers' load-balancing loss (out.aux_loss, computed
+# when output_router_logits) to the loss: model_type → the model's attribute it is multiplied by
 ROUTER_AUX_LOSS_COEF = {
-    **dict.fromkeys(("dbrx", "ernie4_5_moe", "flex_olmo", "gpt_oss", "granitemoe", "granitemoeshared", "minimax",
-                     "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next"),
+    **dict.fromkeys(("dbrx", "ernie4_5_moe", "flex_olmo", "gpt_oss", "granitemoe", "granitemoe_swa",
+                     "granitemoeshared", "laguna", "mellum", "minimax", "minimax_m2", "mixtral", "olmoe", "phimoe",
+                     "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next"),
                     "router_aux_loss_coef"),
     "jetmoe": "aux_loss_coef",
 }
 SUPPORTED_MODEL_TYPES = {
-    **dict.fromkeys(("apertus", "arcee", "dbrx", "deepseek_v2", "deepseek_v3", "ernie4_5_moe", "exaone4", "flex_olmo",
-                     "gemma", "glm", "glm4", "glm4_moe", "gpt_neox", "gpt_oss", "helium", "hunyuan_v1_dense",
-                     "hunyuan_v1_moe", "jetmoe", "llama", "minimax", "ministral", "ministral3", "mistral",
-                     "mixtral", "nemotron", "olmo", "olmo2", "olmo3", "olmoe", "phi", "phi3", "phimoe", "qwen2",
-                     "qwen2_moe", "qwen3", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next", "seed_oss",
-                     "smollm3", "stablelm", "starcoder2"), _PLAIN),
-    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "vaultgemma"), _SOFTCAP),
-    **dict.fromkeys(("cohere", "cohere2"), _LOGIT_SCALE),
-    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared"), _LOGITS_SCALING),
+    **dict.fromkeys(("afmoe", "apertus", "arcee", "bitnet", "cwm", "dbrx", "deepseek_v2", "deepseek_v3",
+                     "deepseek_v32", "dots1", "ernie4_5", "ernie4_5_moe", "exaone4", "exaone_moe", "flex_olmo",
+                     "gemma", "glm", "glm4", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_neox", "gpt_oss",
+                     "helium", "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3", "jais2", "jetmoe", "laguna", "lfm2",
+                     "llama", "longcat_flash", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "ministral",
+                     "ministral3", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmo3", "olmo_hybrid", "olmoe",
+                     "phi", "phi3", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_5_moe_text", "qwen3_5_text",
+                     "qwen3_moe", "qwen3_next", "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2"),
+                    _PLAIN),
+    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "nanochat", "vaultgemma"), _SOFTCAP),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), _LOGIT_SCALE),
+    **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared", "minicpm3"),
+                    _LOGITS_SCALING),
+    "falcon_h1": lambda config: (float(config.lm_head_multiplier), None),
+    "hyperclovax": lambda config: (float(config.logits_scaling), None),
 }
 
 # loss → (the function, the options a patched model may be given); the rest follow from the model and HF's semantics

@@ -17,15 +17,19 @@ TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layer
             eos_token_id=2, tie_word_embeddings=False)
 # the logit transforms set away from their identity values, so that a patch that dropped one would be far off
 SOFTCAP = dict(final_logit_softcapping=4.0)
-TRANSFORMS = {"gemma2": SOFTCAP, "gemma3_text": SOFTCAP, "gemma3n_text": SOFTCAP, "vaultgemma": SOFTCAP,
-              "cohere": dict(logit_scale=0.3), "cohere2": dict(logit_scale=0.3),
-              "granite": dict(logits_scaling=8.0), "granitemoe": dict(logits_scaling=8.0),
-              "granitemoeshared": dict(logits_scaling=8.0)}
+TRANSFORMS = {**dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "nanochat", "vaultgemma"), SOFTCAP),
+              **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), dict(logit_scale=0.3)),
+              **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid",
+                               "granitemoeshared"), dict(logits_scaling=8.0)),
+              "minicpm3": dict(dim_model_base=4),  # its logits_scaling is hidden_size / dim_model_base
+              "hyperclovax": dict(logits_scaling=0.3), "falcon_h1": dict(lm_head_multiplier=0.3)}
 # mixtures of experts: a few small experts, the routers' load-balancing loss on and weighted (≈ 1 of the loss)
 EXPERTS = dict(num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                shared_expert_intermediate_size=32, output_router_logits=True, router_aux_loss_coef=0.5,
                aux_loss_coef=0.5)
-MIXTURES = set(ROUTER_AUX_LOSS_COEF) | {"deepseek_v2", "deepseek_v3", "glm4_moe", "hunyuan_v1_moe"}
+MIXTURES = set(ROUTER_AUX_LOSS_COEF) | {t for t in SUPPORTED_MODEL_TYPES if "moe" in t} | {
+    "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "glm_moe_dsa", "hy_v3", "longcat_flash", "mimo_v2_flash",
+    "solar_open"}
 # what a model type needs beyond TINY to be small: multi-head latent attention (DeepSeek), a full-attention layer
 # beside the linear one (Qwen3-Next, Qwen3.5), DBRX's own config layout, Gemma 3n's per-layer inputs; no
 # randomness in training mode (Seed-OSS's dropout, PhiMoE's router jitter)
@@ -33,7 +37,8 @@ LATENT = dict(num_key_value_heads=4, qk_nope_head_dim=8, qk_rope_head_dim=8, v_h
               q_lora_rank=16, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)
 HYBRID = dict(layer_types=["linear_attention", "full_attention"])
 SHAPES = {"phimoe": dict(router_jitter_noise=0.0), "seed_oss": dict(attention_dropout=0.0, residual_dropout=0.0),
-          "deepseek_v2": LATENT, "deepseek_v3": LATENT, "qwen3_next": HYBRID, "qwen3_5_text": HYBRID,
+          **dict.fromkeys(("deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "glm4_moe_lite", "glm_moe_dsa",
+                           "longcat_flash", "minicpm3"), LATENT), "qwen3_next": HYBRID, "qwen3_5_text": HYBRID,
           "qwen3_5_moe_text": HYBRID,
           "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
                        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
@@ -42,7 +47,8 @@ SHAPES = {"phimoe": dict(router_jitter_noise=0.0), "seed_oss": dict(attention_dr
                                layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
                                vocab_size_per_layer_input=V, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4,
                                intermediate_size=[64] * 4)}
-SOFTCAPPED = sorted(t for t in SUPPORTED_MODEL_TYPES if "final_logit_softcapping" in TRANSFORMS.get(t, {}))
+SOFTCAPPED = sorted(t for t in SUPPORTED_MODEL_TYPES
+                    if SUPPORTED_MODEL_TYPES[t](transformers.AutoConfig.for_model(t, **TRANSFORMS.get(t, {})))[1])
 
 
 def tiny_model(model_type, **config):
@@ -213,14 +219,15 @@ def test_the_mixtures_of_experts_are_the_forwards_that_add_an_aux_loss():
     with the attribute that forward multiplies it by (read from transformers' source, so that a type whose forward
     gains one fails here rather than losing it silently)."""
     import inspect
+    import re
 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     for model_type in SUPPORTED_MODEL_TYPES:
         forward = inspect.getsource(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]).forward)
         if model_type in ROUTER_AUX_LOSS_COEF:
             assert f"loss += self.{ROUTER_AUX_LOSS_COEF[model_type]} * aux_loss" in forward, model_type
-        else:
-            assert "aux_loss" not in forward, model_type
+        else:  # (HY-V3's output has an aux_loss=None field, "not used in this model")
+            assert not re.search(r"loss \+?= .*aux_loss", forward), model_type
 
 
 def test_without_labels_the_model_is_unchanged_and_unpatch_restores_it():
