@@ -77,7 +77,7 @@ SUPPORTED_MODEL_TYPES = {
 
 # loss → (the function, the options a patched model may be given); the rest follow from the model and HF's semantics
 LOSSES = {
-    # token_scaling=True: DFT, TRL's SFT loss_type="dft" (keep TRL's loss_type "nll": its "dft" reads the logits)
+    # token_scaling=True: DFT, TRL's SFT loss_type="dft" (TRL's trainers do not run a patched forward: README)
     "cross_entropy": (linear_cross_entropy, ("label_smoothing", "z_loss", "focal_gamma", "gamma_ce", "grad_filter_eps",
                                              "logits_buffer_mb", "token_scaling", "skip_ignored_rows")),
     # EMO's official code patches HF's Llama forward with these: the MLE-anchored recipe, or EMO alone; the cost
