@@ -20,15 +20,17 @@ cost no GEMM work in eager mode (under torch.compile, none in the backward pass)
 own forward runs unchanged.
 
 Logits are exact fp32 dot products here; HF's loss rounds them to the head's dtype first (bf16 models differ in
-the loss by about that rounding). Which models: transformers' own causal LM class of each of SUPPORTED_MODEL_TYPES,
-whose forward turns the head's output into logits as listed there (each one tested against the model's own loss);
-another model type, a subclass or remote code raises, since its forward may transform the logits in a way this patch
-would silently drop. A mixture of experts' load-balancing loss (ROUTER_AUX_LOSS_COEF) is added as its forward adds it.
-Tested with transformers 5.25.0 (the test extra's pin).
+the loss by about that rounding). Which models: transformers' own causal LM class (or image-text-to-text class, for
+a vision-language model) of each of SUPPORTED_MODEL_TYPES, whose forward turns the head's output into logits as
+listed there (each one tested against the model's own loss); another model type, a subclass or remote code raises,
+since its forward may transform the logits in a way this patch would silently drop. A mixture of experts'
+load-balancing loss (ROUTER_AUX_LOSS_COEF) is added as its forward adds it. Tested with transformers 5.25.0 (the test
+extra's pin).
 """
 import contextlib
 import functools
 import inspect
+import operator
 import warnings
 
 import torch
@@ -49,13 +51,14 @@ _SOFTCAP = lambda config: (1.0, config.final_logit_softcapping)  # noqa: E731
 _LOGIT_SCALE = lambda config: (float(config.logit_scale), None)  # noqa: E731
 _LOGITS_SCALING = lambda config: (1.0 / float(config.logits_scaling), None)  # noqa: E731
 # the mixtures of experts among them whose forward adds the routers' load-balancing loss (out.aux_loss, computed
-# when output_router_logits) to the loss: model_type → the model's attribute it is multiplied by
+# when output_router_logits) to the loss: model_type → the model's attribute it is multiplied by (a dotted path)
 ROUTER_AUX_LOSS_COEF = {
     **dict.fromkeys(("dbrx", "ernie4_5_moe", "flex_olmo", "gpt_oss", "granitemoe", "granitemoe_swa",
                      "granitemoeshared", "laguna", "mellum", "minimax", "minimax_m2", "mixtral", "olmoe", "phimoe",
                      "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next"),
                     "router_aux_loss_coef"),
     "jetmoe": "aux_loss_coef",
+    **dict.fromkeys(("qwen3_5_moe", "qwen3_vl_moe"), "config.text_config.router_aux_loss_coef"),
 }
 SUPPORTED_MODEL_TYPES = {
     **dict.fromkeys(("afmoe", "apertus", "arcee", "bitnet", "cwm", "dbrx", "deepseek_v2", "deepseek_v3",
@@ -73,6 +76,11 @@ SUPPORTED_MODEL_TYPES = {
                     _LOGITS_SCALING),
     "falcon_h1": lambda config: (float(config.lm_head_multiplier), None),
     "hyperclovax": lambda config: (float(config.logits_scaling), None),
+    # vision-language models (transformers' image-text-to-text class of the type): the language model's head as
+    # above; Gemma 3's applies no softcap, PaliGemma's its text config's
+    **dict.fromkeys(("gemma3", "glm4v", "idefics3", "internvl", "llava", "llava_onevision", "mistral3", "qwen2_5_vl",
+                     "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "smolvlm"), _PLAIN),
+    "paligemma": lambda config: (1.0, getattr(config.get_text_config(), "final_logit_softcapping", None)),
 }
 
 # loss → (the function, the options a patched model may be given); the rest follow from the model and HF's semantics
@@ -172,18 +180,21 @@ def _check_model(model, forward_may_be_wrapped=False):
     (not a subclass, nor remote code reusing a model_type: either may transform the logits in its own forward), of a
     listed model type, its forward not wrapped by anyone else yet (unless `forward_may_be_wrapped`: a caller of the
     class's forward). Raises naming the problem otherwise."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         raise TypeError("model is a PEFT wrapper: patch the model before get_peft_model, or "
                         "patch_causal_lm(model.get_base_model())")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    registered = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    registered = (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type),
+                  MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type))  # (a vision-language model's)
     cls = type(model)
-    if (model_type not in SUPPORTED_MODEL_TYPES or cls.__name__ != registered
+    if (model_type not in SUPPORTED_MODEL_TYPES or cls.__name__ not in registered
             or not cls.__module__.startswith("transformers.models.")):
-        raise TypeError(f"model must be an instance of transformers' own causal LM class of a model_type in "
-                        f"{sorted(SUPPORTED_MODEL_TYPES)} (a subclass or remote code may transform the logits), got "
+        raise TypeError(f"model must be an instance of transformers' own causal LM (or image-text-to-text) class of a "
+                        f"model_type in {sorted(SUPPORTED_MODEL_TYPES)} (a subclass or remote code may transform the "
+                        f"logits), got "
                         f"{cls.__module__}.{cls.__qualname__} (model_type {model_type!r})")
     if "logits_to_keep" not in inspect.signature(cls.forward).parameters:
         raise TypeError(f"model: {cls.__name__}.forward takes no logits_to_keep, which the patch needs to skip the LM "
@@ -288,7 +299,8 @@ def _forward_with_fused_loss(self, patch, *args, **kwargs):
         if self.config.model_type not in ROUTER_AUX_LOSS_COEF:  # (a transformers version this patch was not read for)
             raise RuntimeError(f"model: {type(self).__name__}'s forward returned an aux_loss, whose coefficient this "
                                f"patch does not know; unpatch_causal_lm(model) or output_router_logits=False")
-        loss = loss + getattr(self, ROUTER_AUX_LOSS_COEF[self.config.model_type]) * aux_loss.to(loss.device)
+        coef = operator.attrgetter(ROUTER_AUX_LOSS_COEF[self.config.model_type])(self)
+        loss = loss + coef * aux_loss.to(loss.device)
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
     out = type(out)(loss=loss, logits=None, **fields)
     return out if return_dict else out.to_tuple()  # HF's tuple leaves out the fields that are None
