@@ -177,7 +177,8 @@ class _FusedLossForward:
 
 def _check_model(model, forward_may_be_wrapped=False):
     """model's head if model is an instance of the very class transformers registers as its model type's causal LM
-    (not a subclass, nor remote code reusing a model_type: either may transform the logits in its own forward), of a
+    (or image-text-to-text model; not a subclass, nor remote code reusing a model_type: either may transform the
+    logits in its own forward), of a
     listed model type, its forward not wrapped by anyone else yet (unless `forward_may_be_wrapped`: a caller of the
     class's forward). Raises naming the problem otherwise."""
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -194,8 +195,7 @@ def _check_model(model, forward_may_be_wrapped=False):
             or not cls.__module__.startswith("transformers.models.")):
         raise TypeError(f"model must be an instance of transformers' own causal LM (or image-text-to-text) class of a "
                         f"model_type in {sorted(SUPPORTED_MODEL_TYPES)} (a subclass or remote code may transform the "
-                        f"logits), got "
-                        f"{cls.__module__}.{cls.__qualname__} (model_type {model_type!r})")
+                        f"logits), got {cls.__module__}.{cls.__qualname__} (model_type {model_type!r})")
     if "logits_to_keep" not in inspect.signature(cls.forward).parameters:
         raise TypeError(f"model: {cls.__name__}.forward takes no logits_to_keep, which the patch needs to skip the LM "
                         f"head's projection (transformers ≥ 4.50 has it)")
