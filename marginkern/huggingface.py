@@ -65,12 +65,13 @@ SUPPORTED_MODEL_TYPES = {
                      "deepseek_v32", "dots1", "ernie4_5", "ernie4_5_moe", "exaone4", "exaone_moe", "flex_olmo",
                      "gemma", "glm", "glm4", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_neox", "gpt_oss",
                      "helium", "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3", "jais2", "jetmoe", "laguna", "lfm2",
-                     "llama", "longcat_flash", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "ministral",
-                     "ministral3", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmo3", "olmo_hybrid", "olmoe",
-                     "phi", "phi3", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_5_moe_text", "qwen3_5_text",
-                     "qwen3_moe", "qwen3_next", "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2"),
+                     "llama", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash", "minimax", "minimax_m2",
+                     "ministral", "ministral3", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmo3",
+                     "olmo_hybrid", "olmoe", "phi", "phi3", "phimoe", "qwen2", "qwen2_moe", "qwen3",
+                     "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next", "seed_oss", "smollm3",
+                     "solar_open", "stablelm", "starcoder2"),
                     _PLAIN),
-    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "nanochat", "vaultgemma"), _SOFTCAP),
+    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "nanochat", "vaultgemma"), _SOFTCAP),
     **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), _LOGIT_SCALE),
     **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared", "minicpm3"),
                     _LOGITS_SCALING),
@@ -161,7 +162,7 @@ class _FusedLossForward:
     def __init__(self, model):
         self.model = model
         self.decoded = []  # one slot per fused step in flight, which the hook fills with the decoder's output
-        self.hook = model.get_decoder().register_forward_hook(self._keep_decoded)
+        self.hook = _decoder(model).register_forward_hook(self._keep_decoded)
 
     def _keep_decoded(self, module, inputs, output):
         if self.decoded:  # a fused step is waiting for it (not: eval, generate, the class's own forward)
@@ -421,7 +422,7 @@ def _hidden_states_without_logits(model, caller, model_inputs):
         raise ValueError("logits_to_keep must be left at its default: the result covers every position")
     model_inputs.setdefault("use_cache", False)  # a KV cache for every token can outweigh the logits avoided
     decoded = []
-    hook = model.get_decoder().register_forward_hook(lambda module, inputs, output: decoded.append(output))
+    hook = _decoder(model).register_forward_hook(lambda module, inputs, output: decoded.append(output))
     try:
         # an index on the CPU: the decoder's output may sit on another device than the head (device_map="auto")
         model(logits_to_keep=torch.empty(0, dtype=torch.long), **model_inputs)
@@ -430,6 +431,13 @@ def _hidden_states_without_logits(model, caller, model_inputs):
     hidden = _last_hidden_state(decoded[-1])
     decoded.clear()  # (and with it the decoder's other outputs, before the head streams)
     return model, head, hidden
+
+
+def _decoder(model):
+    """The module whose output is the hidden state the head takes: get_decoder(), or the model's `model` where that
+    returns the model itself (Llama 4's text model)."""
+    decoder = model.get_decoder()
+    return model.model if decoder is model else decoder
 
 
 def _last_hidden_state(decoded):

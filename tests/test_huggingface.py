@@ -18,7 +18,8 @@ TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layer
             eos_token_id=2, tie_word_embeddings=False)
 # the logit transforms set away from their identity values, so that a patch that dropped one would be far off
 SOFTCAP = dict(final_logit_softcapping=4.0)
-TRANSFORMS = {**dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "nanochat", "paligemma", "vaultgemma"), SOFTCAP),
+TRANSFORMS = {**dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "nanochat", "paligemma",
+                               "vaultgemma"), SOFTCAP),
               **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), dict(logit_scale=0.3)),
               **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid",
                                "granitemoeshared"), dict(logits_scaling=8.0)),
@@ -29,8 +30,8 @@ EXPERTS = dict(num_local_experts=4, num_experts=4, n_routed_experts=4, num_exper
                shared_expert_intermediate_size=32, output_router_logits=True, router_aux_loss_coef=0.5,
                aux_loss_coef=0.5)
 MIXTURES = set(ROUTER_AUX_LOSS_COEF) | {t for t in SUPPORTED_MODEL_TYPES if "moe" in t} | {
-    "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "glm_moe_dsa", "hy_v3", "longcat_flash", "mimo_v2_flash",
-    "solar_open"}
+    "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "glm_moe_dsa", "hy_v3", "llama4_text", "longcat_flash",
+    "mimo_v2_flash", "solar_open"}
 # what a model type needs beyond TINY to be small: multi-head latent attention (DeepSeek), a full-attention layer
 # beside the linear one (Qwen3-Next, Qwen3.5), DBRX's own config layout, Gemma 3n's per-layer inputs; no
 # randomness in training mode (Seed-OSS's dropout, PhiMoE's router jitter)
@@ -38,7 +39,9 @@ LATENT = dict(num_key_value_heads=4, qk_nope_head_dim=8, qk_rope_head_dim=8, v_h
               q_lora_rank=16, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)
 HYBRID = dict(layer_types=["linear_attention", "full_attention"])
 MROPE = dict(rope_parameters=dict(rope_type="default", mrope_section=[1, 1, 2], rope_theta=10000.0))  # head_dim 8
-SHAPES = {"qwen2_vl": MROPE, "qwen2_5_vl": MROPE, "glm4v": MROPE, "qwen3_5": HYBRID, "qwen3_5_moe": HYBRID,
+SHAPES = {"gemma4_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                             num_kv_shared_layers=2),  # KV-shared layers (its decoder slices an int logits_to_keep)
+          "qwen2_vl": MROPE, "qwen2_5_vl": MROPE, "glm4v": MROPE, "qwen3_5": HYBRID, "qwen3_5_moe": HYBRID,
           "phimoe": dict(router_jitter_noise=0.0), "seed_oss": dict(attention_dropout=0.0, residual_dropout=0.0),
           **dict.fromkeys(("deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "glm4_moe_lite", "glm_moe_dsa",
                            "longcat_flash", "minicpm3"), LATENT), "qwen3_next": HYBRID, "qwen3_5_text": HYBRID,
@@ -283,6 +286,7 @@ def test_the_mixtures_of_experts_are_the_forwards_that_add_an_aux_loss():
 STRUCTURAL_LINES = {
     "hidden_states = outputs.last_hidden_state", "hidden_states = outputs[0]",
     "hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)", "logits = self.lm_head(hidden_states)",
+    "if hidden_states.shape[1] == (input_ids if input_ids is not None else inputs_embeds).shape[1]:",  # (Gemma 4)
     "loss = None", "if labels is not None:", "loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)",
     "loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)",
     "loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)",
