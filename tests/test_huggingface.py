@@ -21,8 +21,8 @@ SOFTCAP = dict(final_logit_softcapping=4.0)
 TRANSFORMS = {**dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "nanochat", "paligemma",
                                "vaultgemma"), SOFTCAP),
               **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), dict(logit_scale=0.3)),
-              **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid",
-                               "granitemoeshared"), dict(logits_scaling=8.0)),
+              **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared"),
+                              dict(logits_scaling=8.0)),
               "minicpm3": dict(dim_model_base=4),  # its logits_scaling is hidden_size / dim_model_base
               "hyperclovax": dict(logits_scaling=0.3), "falcon_h1": dict(lm_head_multiplier=0.3)}
 # mixtures of experts: a few small experts, the routers' load-balancing loss on and weighted (≈ 1 of the loss)
