@@ -1,6 +1,8 @@
 """marginkern.huggingface.patch_causal_lm against the models' own loss (transformers, tiny random models, fp32)."""
 import copy
+import inspect
 import operator
+import re
 import warnings
 
 import pytest
@@ -262,19 +264,22 @@ def test_a_vision_language_model_with_images(model_type):
     assert_same_loss_and_grads(loss_and_grads(patched, input_ids=ids, labels=labels, **images), want)
 
 
+def forward_source(model_type):
+    """The source of the forward of transformers' class for a supported model type (its causal LM class, or its
+    image-text-to-text class for a vision-language model), which the patch was read against."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    names = (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if model_type in VISION_LANGUAGE
+             else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return inspect.getsource(getattr(transformers, names[model_type]).forward)
+
+
 def test_the_mixtures_of_experts_are_the_forwards_that_add_an_aux_loss():
     """ROUTER_AUX_LOSS_COEF lists exactly the supported model types whose causal LM forward adds an aux_loss, each
     with the attribute that forward multiplies it by (read from transformers' source, so that a type whose forward
     gains one fails here rather than losing it silently)."""
-    import inspect
-    import re
-
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
     for model_type in SUPPORTED_MODEL_TYPES:
-        cls = (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if model_type in VISION_LANGUAGE
-               else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)[model_type]
-        forward = inspect.getsource(getattr(transformers, cls).forward)
+        forward = forward_source(model_type)
         if model_type in ROUTER_AUX_LOSS_COEF:
             assert f"loss += self.{ROUTER_AUX_LOSS_COEF[model_type]} * aux_loss" in forward, model_type
         else:  # (HY-V3's output has an aux_loss=None field, "not used in this model")
@@ -306,15 +311,8 @@ def test_supported_forwards_read_as_the_patch_assumes():
     transform has no other line there, one with a transform only lines that touch the logits (or the head's input).
     A transformers version that adds a step to a listed forward fails here, to be read again (the equality tests
     cannot see a transform that is the identity at the tiny configs' values)."""
-    import inspect
-    import re
-
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
     for model_type in SUPPORTED_MODEL_TYPES:
-        cls = (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if model_type in VISION_LANGUAGE
-               else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)[model_type]
-        lines = [line.strip() for line in inspect.getsource(getattr(transformers, cls).forward).splitlines()]
+        lines = [line.strip() for line in forward_source(model_type).splitlines()]
         start = next(i for i, line in enumerate(lines) if re.search(r"= self\.(model|transformer|gpt_neox)\(", line))
         start = lines.index(")", start) + 1  # the end of the decoder call
         end = next(i for i in range(start, len(lines)) if lines[i].startswith("return "))
@@ -493,7 +491,6 @@ def test_signature_generate_and_pickling_see_the_models_forward():
     # (inferred from pad tokens) and logits_to_keep (the prefill projects the last position only)
     model = tiny_model("llama")
     patched = patch_causal_lm(copy.deepcopy(model))
-    import inspect
     assert inspect.signature(patched.forward) == inspect.signature(model.forward)
     ids, _ = batch()
     left_padded = ids[:2, :6].clone()
