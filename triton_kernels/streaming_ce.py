@@ -351,10 +351,9 @@ def streaming_ce_fwd_kernel(
             # the entropy are far below fp32's resolution of 1 and of max)
             present = run_max > -float("inf")
             old_total = tl.where(present, run_others + 1.0, 0.0)  # Σexp of the classes so far
-            # T moves to the new max as T + (new − old)·Σexp; cells with e^{z−max} = 0 add 0, not 0·inf (the
-            # differences are zeroed before the products, which then stay finite: no NaN to discard)
-            carried = tl.where(present, run_gap + tl.where(present, shift - run_max, 0.0) * old_total, 0.0)
-            gaps = weights * tl.where(weights > 0, shift[:, None] - z, 0.0)
+            # T moves to the new max as T + (new − old)·Σexp; cells with e^{z−max} = 0 add 0, not 0·inf
+            carried = tl.where(present, run_gap + (shift - run_max) * old_total, 0.0)
+            gaps = tl.where(weights > 0, weights * (shift[:, None] - z), 0.0)
             run_gap = carried * rescale + tl.sum(gaps, axis=1)
             # a tile that raises the max: the classes so far join with their 1 + S′, and of the tile's cells
             # at the new max (each e^0 = 1 exactly) one is left out, counted apart from the others (below + count
@@ -385,8 +384,8 @@ def streaming_ce_fwd_kernel(
             gap = z_teacher - z  # ±inf or NaN where a head's logit is −inf: its weight there is 0, and adds 0
             run_teacher_sumexp = run_teacher_sumexp * teacher_rescale + tl.sum(teacher_weights, axis=1)
             run_teacher_cross = run_teacher_cross * teacher_rescale + tl.sum(
-                teacher_weights * tl.where(teacher_weights > 0, gap, 0.0), axis=1)
-            run_student_cross = run_student_cross * rescale - tl.sum(weights * tl.where(weights > 0, gap, 0.0), axis=1)
+                tl.where(teacher_weights > 0, teacher_weights * gap, 0.0), axis=1)
+            run_student_cross = run_student_cross * rescale - tl.sum(tl.where(weights > 0, weights * gap, 0.0), axis=1)
             run_teacher_max = teacher_max
         run_max = new_max
         if NEED_SUM_LOGITS:
@@ -538,7 +537,7 @@ def streaming_ce_grad_logits_kernel(
     g = weight_p * p
     if HAS_ENTROPY:  # −coef·p·log p, 0 where p = 0 (log p may be −inf there)
         coef_entropy = tl.load(coef_entropy_ptr + rows, mask=row_mask, other=0.0)
-        g = g - coef_entropy[:, None] * (p * tl.where(p > 0, log_p, 0.0))
+        g = g - coef_entropy[:, None] * tl.where(p > 0, p * log_p, 0.0)
     if HAS_TEACHER:
         z_teacher = _dot_tile(teacher_x_ptr, teacher_w_ptr, rows, cols, row_mask, col_mask, E, stride_tx, stride_tw,
                               COST_DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D, EVEN_E) * row_scale[:, None]

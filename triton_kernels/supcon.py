@@ -69,8 +69,7 @@ def supcon_grad_kernel(d_ptr, stride_d, g_ptr, stride_g, row_scale_ptr, col_scal
     log_sum = tl.load(log_sum_ptr + rows, mask=row_mask, other=0.0)
     coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
     share = tl.load(share_ptr + rows, mask=row_mask, other=0.0)
-    # ≤ 0 but on the own cell (left out of M_i), whose gradient is 0: set to 0 there, so that e^a stays finite
-    a = tl.where(own, 0.0, (z - top[:, None]) - log_sum[:, None])
+    a = (z - top[:, None]) - log_sum[:, None]  # ≤ 0 but on the own cell (left out of M_i), which is masked
     e = tl.exp(a)
     # expm1 without cancellation: its series below |a| = 0.35 (truncation a⁷/8! < 2e-8 relative), e^a − 1 above (ulp(1)
     # over |a| ≥ 0.35: < 4e-7); no e^{−a/2}, which overflows for a < −176
