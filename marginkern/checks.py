@@ -372,11 +372,18 @@ def check_skip_ignored_share(share, differentiable_lse=False):
     return float(share)
 
 
+def check_softcap(softcap):
+    """A logit softcap cap·tanh(z/cap): None, or a finite number > 0, as a float."""
+    if softcap is None:
+        return None
+    check_finite("softcap", softcap, 0.0, low_open=True)
+    return float(softcap)
+
+
 def check_linear_ce_options(label_smoothing, z_loss, softcap, focal_gamma, gamma_ce):
     check_finite("label_smoothing", label_smoothing, 0.0, 1.0)
     check_finite("z_loss", z_loss, 0.0)
-    if softcap is not None:
-        check_finite("softcap", softcap, 0.0, low_open=True)
+    check_softcap(softcap)
     check_finite("focal_gamma", focal_gamma, 0.0)
     check_finite("gamma_ce", gamma_ce, 0.0)
     if gamma_ce >= 1.0:
@@ -637,12 +644,11 @@ def check_topk_arguments(input, weight, k, bias, normalize, softcap, logit_scale
     if max_k is not None and not 1 <= k <= max_k:
         raise ValueError(f"k must lie in [1, {max_k}] (the smallest shard's classes), got {k}")
     normalize = check_bool("normalize", normalize)
-    if softcap is not None:
-        check_finite("softcap", softcap, 0.0, low_open=True)
+    softcap = check_softcap(softcap)
     if normalize and (bias is not None or softcap is not None):
         raise ValueError("normalize=True ranks cosines: bias and softcap must be None")
     check_finite("logit_scale", logit_scale, 0.0, low_open=True)
     if normalize and logit_scale != 1.0:
         raise ValueError("normalize=True ranks cosines: logit_scale must be 1")
-    return (k, normalize, None if softcap is None else float(softcap), float(logit_scale),
+    return (k, normalize, softcap, float(logit_scale),
             check_bool("return_lse", return_lse))

@@ -272,14 +272,15 @@ if LOAD_ERROR is None:
         return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
 
     @torch.library.register_fake("marginkern::log_probs_entropy_rows")
-    def _(input, weight, target, temperature, ignore_index):
+    def _(input, weight, target, temperature, ignore_index, bias=None, softcap=None):
         acc, n = accumulation_dtype(input.dtype), input.shape[0]
         return tuple(input.new_empty((n,), dtype=acc) for _ in range(3))
 
     @torch.library.register_fake("marginkern::log_probs_entropy_rows_backward")
     def _(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, temperature, ignore_index,
-          need_weight_grad):
-        return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
+          need_weight_grad, bias=None, softcap=None, need_bias_grad=False):
+        grad_bias = bias.new_empty(bias.shape) if bias is not None and need_bias_grad else weight.new_empty((0,))
+        return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,)), grad_bias
 
     @torch.library.register_fake("marginkern::kl_divergence_rows")
     def _(input, weight, teacher_input, teacher_weight, target, temperature, ignore_index, reverse):

@@ -613,7 +613,7 @@ class _ShardedLogProbsEntropy(torch.autograd.Function):
         zero = torch.zeros_like(lse)
         # every rank joins the same collective, whatever its own requires_grad flags say
         with torch.autocast(input.device.type, enabled=False):
-            grad_input, grad_weight = log_probs_backward(
+            grad_input, grad_weight, _ = log_probs_backward(
                 zero if grad_log_probs is None else grad_log_probs, zero if grad_entropy is None else grad_entropy,
                 input, weight_shard, target, lse, log_probs, entropy, ctx.temperature, ctx.ignore_index,
                 _epilogue_tiles(input, "token-entropy epilogue"), ctx.needs_input_grad[1], ctx.shard)

@@ -8,7 +8,7 @@ from .checks import (check_bias, check_binary_targets, check_bool, check_class_w
                      check_extra_outputs, check_finite, check_float_tensor, check_ignore_index,
                      check_integer_dtype, check_jsd_beta, check_labels, check_linear_ce_options, check_logits_buffer,
                      check_margin_options, check_positive_indices, check_proxy_anchor_options, check_reduction,
-                     check_shift, check_skip_ignored_rows, check_token_scaling,
+                     check_shift, check_skip_ignored_rows, check_softcap, check_token_scaling,
                      check_subcenters, check_teacher,
                      check_temperature, check_tensor, check_token_ids, check_topk_arguments, check_topk_teacher,
                      resolve_grad_filter_eps)
@@ -373,27 +373,32 @@ def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_inde
     return _unflatten(reduce_rows(rows, target != ignore_index, reduction), reduction, token_shape)
 
 
-def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_index=-100, shift=0,
-                          skip_ignored_rows=None):
-    """Per-token log p(target) and entropy of softmax(input·weightᵀ / temperature), both differentiable, in one
-    pass over the classes without materialising the N × C logits (what an RL step computes for its policy
-    ratio and entropy bonus; verl's and Transformer Engine's fused "linear cross-entropy with entropy").
+def log_probs_and_entropy(input, weight, target, bias=None, *, temperature=1.0, softcap=None, ignore_index=-100,
+                          shift=0, skip_ignored_rows=None):
+    """Per-token log p(target) and entropy of softmax(softcap(input·weightᵀ + bias) / temperature), both
+    differentiable, in one pass over the classes without materialising the N × C logits (what an RL step computes
+    for its policy ratio and entropy bonus; verl's and Transformer Engine's fused "linear cross-entropy with
+    entropy").
 
-    input (N, D) or (B, T, D), weight (C, D), target (N,) or (B, T) integer. Returns (log_probs, entropy), fp32
-    (fp64 for fp64 inputs), shaped like target, both 0 at ignored positions (target == ignore_index), whose
-    gradients are 0. log_probs equals −F.cross_entropy(logits / temperature, target, reduction="none").
+    input (N, D) or (B, T, D), weight (C, D), target (N,) or (B, T) integer, bias (C,) or None; softcap (Gemma 2/3's
+    final-logit soft-capping, softcap·tanh(z/softcap)) None or > 0: the model's logits, which the sampling
+    temperature then divides. Returns (log_probs, entropy), fp32 (fp64 for fp64 inputs), shaped like target, both 0
+    at ignored positions (target == ignore_index), whose gradients are 0; gradients for input, weight and bias.
+    log_probs equals −F.cross_entropy(logits / temperature, target, reduction="none").
     shift as in linear_cross_entropy (the last `shift` positions then count as ignored); skip_ignored_rows too (the
     prompt of an RL rollout costs no GEMM work).
     """
     input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
     check_classification_inputs(input, weight, target)
+    check_bias(bias, weight)
     check_temperature(temperature)
+    softcap = check_softcap(softcap)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
     target = target.long()
-    rows, share, in_forward = _row_skipping(target, ignore_index, skip_ignored_rows, input, weight)
+    rows, share, in_forward = _row_skipping(target, ignore_index, skip_ignored_rows, input, weight, bias)
     x, t = take_rows(rows, input, target)
     log_probs, entropy, _ = call_op("log_probs_entropy", x, weight, t, float(temperature), ignore_index,
-                                    *_given_args((share, None), (in_forward, False)))
+                                    *_given_args((share, None), (in_forward, False), (bias, None), (softcap, None)))
     log_probs, entropy = put_rows(rows, target.shape[0], log_probs, entropy, copy=True)  # the op saved both
     if token_shape is not None:
         return log_probs.reshape(token_shape), entropy.reshape(token_shape)

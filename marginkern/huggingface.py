@@ -38,7 +38,8 @@ import torch
 from .checks import (check_bool, check_ignore_index, check_integer_dtype, check_linear_ce_options, check_temperature,
                      check_skip_ignored_rows, check_tensor, check_token_scaling)
 from .emo import cost_in_dtype
-from .functional import _shift_targets, emo_cross_entropy, emo_loss, linear_cross_entropy, linear_topk
+from .functional import (_shift_targets, emo_cross_entropy, emo_loss, linear_cross_entropy, linear_topk,
+                         log_probs_and_entropy)
 from .modules import _caller_stacklevel
 
 # model_type → (the factor HF multiplies the head's output by, the Gemma-2 style softcap), from the config. The
@@ -340,28 +341,20 @@ def causal_lm_sequence_log_probs(model, labels, *, average=False, ignore_index=-
     attention_mask, ...). Returns (B,) fp32 (fp64 for an fp64 model).
 
     The model runs its own forward with the LM head projecting nothing (as a patched model's training step; no KV
-    cache unless use_cache=True), then `marginkern.sequence_log_probs` streams the head over the last hidden state
-    with the model type's logit scale (Cohere's, Granite's: as a temperature, in fp32). Gemma 2/3's softcap and a
-    head with a bias go through linear_cross_entropy(reduction="none") instead: exact to fp32's resolution of
-    lse, not to the last bits for near-certain tokens as the log_probs path. Under no_grad it serves a reference
-    model (accelerate's offloaded heads included). The model is called as it is given: under
+    cache unless use_cache=True), then `marginkern.log_probs_and_entropy` streams the head over the last hidden
+    state with the model type's logit transform (Cohere's and Granite's scales as a temperature, in fp32; Gemma 2/3's
+    softcap; a head's bias). Under no_grad it serves a reference model (accelerate's offloaded heads included). The model is called as it is given: under
     DistributedDataParallel, gradient synchronisation relies on the wrapper's own forward, so run this inside it
     (TRL's _forward_redirection) or use patch_causal_lm's loss instead.
     """
-    from .preference import sequence_log_probs  # preference imports modules, which imports this module's peers
-
     average = check_bool("average", average)
     with _lm_head_operands(model, labels, ignore_index, model_inputs, "causal_lm_sequence_log_probs") as operands:
         hidden, weight, bias, labels, ignore_index, scale, softcap = operands
-        if softcap is None and bias is None:
-            return sequence_log_probs(hidden, weight, labels, temperature=1.0 / scale, ignore_index=ignore_index,
-                                      shift=1, average=average)
-        if scale != 1.0:  # (h·wᵀ + b)·s = (s·h)·wᵀ + s·b
-            hidden, bias = hidden * scale, None if bias is None else bias * scale
-        nll = linear_cross_entropy(hidden, weight, labels, bias, softcap=softcap, ignore_index=ignore_index, shift=1,
-                                   reduction="none")
+        hidden, bias, temperature = _scaled_head(hidden, bias, scale, softcap, 1.0)
+        log_probs, _ = log_probs_and_entropy(hidden, weight, labels, bias, temperature=temperature, softcap=softcap,
+                                             ignore_index=ignore_index, shift=1)
         counted = _shift_targets(labels, 1, ignore_index) != ignore_index
-        total = -nll.sum(-1)
+        total = log_probs.sum(-1)
         return total / counted.sum(-1).clamp_min(1) if average else total
 
 
@@ -369,21 +362,27 @@ def causal_lm_log_probs_and_entropy(model, labels, *, temperature=1.0, ignore_in
     """Per-token log p(label) and the entropy of softmax(logits / temperature) of a causal LM, differentiable, without
     the (B, T, V) logits: TRL's GRPOTrainer._get_per_token_logps_and_entropies (then marginkern.grpo_loss). labels
     (B, T) as HF's, shifted inside (position t scores label t + 1; the last position and ignore_index count nothing:
-    0 there). Returns ((B, T), (B, T)) fp32 (fp64 for an fp64 model). The model's logit scale (Cohere, Granite) joins
-    the temperature; a model with a final-logit softcap (Gemma 2/3) or a biased head is refused (the fused entropy
-    has neither). Running the model: as causal_lm_sequence_log_probs.
+    0 there). Returns ((B, T), (B, T)) fp32 (fp64 for an fp64 model). The model's logits as its forward makes them
+    (Cohere's and Granite's logit scale, Gemma 2/3's final-logit softcap, a head's bias), then divided by the
+    temperature, as a sampler does. Running the model: as causal_lm_sequence_log_probs.
     """
-    from .functional import log_probs_and_entropy
-
     check_temperature(temperature)  # (before the model's forward runs)
     with _lm_head_operands(model, labels, ignore_index, model_inputs, "causal_lm_log_probs_and_entropy") as operands:
         hidden, weight, bias, labels, ignore_index, scale, softcap = operands
-        if softcap is not None or bias is not None:
-            what = f"a final-logit softcap ({softcap})" if softcap is not None else "a biased head"
-            raise NotImplementedError(f"model has {what}, which the fused per-token entropy does not compute; "
-                                      "causal_lm_sequence_log_probs handles it for sequence log-probabilities")
-        return log_probs_and_entropy(hidden, weight, labels, temperature=temperature / scale,
+        hidden, bias, temperature = _scaled_head(hidden, bias, scale, softcap, temperature)
+        return log_probs_and_entropy(hidden, weight, labels, bias, temperature=temperature, softcap=softcap,
                                      ignore_index=ignore_index, shift=1)
+
+
+def _scaled_head(hidden, bias, scale, softcap, temperature):
+    """(hidden, bias, temperature) for log_probs_and_entropy of a model whose logits are softcap(s·(h·wᵀ + b)): the
+    scale s joins the temperature where nothing caps the logits, else the head's operands ((h·wᵀ + b)·s =
+    (s·h)·wᵀ + s·b: one scaled copy of the hidden states)."""
+    if scale == 1.0:
+        return hidden, bias, temperature
+    if softcap is None:
+        return hidden, bias, temperature / scale
+    return hidden * scale, None if bias is None else bias * scale, temperature
 
 
 @contextlib.contextmanager

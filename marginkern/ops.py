@@ -28,7 +28,7 @@ from .checks import (check_bias, check_bool, check_circle_arguments, check_class
                      check_classification_inputs, check_cosent_arguments, check_cost_embedding,
                      check_embedding_pair, check_finite, check_ignore_index, check_linear_ce_options,
                      check_jsd_beta, check_proxy_anchor_options, check_subcenters, check_target_values, check_teacher,
-                     check_int, check_skip_ignored_share, check_temperature, check_tensor,
+                     check_int, check_skip_ignored_share, check_softcap, check_temperature, check_tensor,
                      check_token_ids, check_topk_teacher)
 from .dispatch import select_tiles, select_tiles_except
 from . import global_pointer, pairwise
@@ -1035,27 +1035,31 @@ _register_autograd("linear_topk_kl_divergence", _topk_kl_backward, _topk_kl_setu
 @_op("log_probs_entropy")
 @_on_labelled_rows("input", "target", row_outputs=((0, None), (1, None), (2, None)), only_with="skip_in_forward")
 def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature: float, ignore_index: int,
-                      skip_ignored_share: Optional[float] = None,
-                      skip_in_forward: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(per-row log p_t, per-row entropy, per-row log-sum-exp) of z = x·wᵀ/temperature; log p_t and the entropy
-    are 0 on ignored rows. skip_ignored_share: the backward op's; with skip_in_forward, this op's too (module
+                      skip_ignored_share: Optional[float] = None, skip_in_forward: bool = False,
+                      bias: Optional[Tensor] = None, softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-row log p_t, per-row entropy, per-row log-sum-exp) of z = softcap(x·wᵀ + b)/temperature; log p_t and the
+    entropy are 0 on ignored rows. skip_ignored_share: the backward op's; with skip_in_forward, this op's too (module
     docstring)."""
-    _check_forward_inputs(input, weight, target)
+    _check_forward_inputs(input, weight, target, bias)
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
+    softcap = check_softcap(softcap)
     check_skip_ignored_share(skip_ignored_share)
     check_target_values(target, weight.shape[0], ignore_index)
     input, weight = input.contiguous(), weight.contiguous()
     tiles = _tiles_except_cuda(input, "token-entropy epilogue")
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/log_probs_loss.cpp), the same math
-        return torch.ops.marginkern.log_probs_entropy_rows(input, weight, target, temperature, ignore_index)
-    return log_probs_forward(input, weight, target, temperature, ignore_index, tiles)
+        return torch.ops.marginkern.log_probs_entropy_rows(input, weight, target, temperature, ignore_index, bias,
+                                                           softcap)
+    return log_probs_forward(input, weight, target, temperature, ignore_index, tiles, bias=bias, softcap=softcap)
 
 
 @log_probs_entropy.register_fake
-def _(input, weight, target, temperature, ignore_index, skip_ignored_share=None, skip_in_forward=False):
-    _check_forward_inputs(input, weight, target)
+def _(input, weight, target, temperature, ignore_index, skip_ignored_share=None, skip_in_forward=False, bias=None,
+      softcap=None):
+    _check_forward_inputs(input, weight, target, bias)
     check_temperature(temperature)
     check_ignore_index(ignore_index)
+    check_softcap(softcap)
     check_skip_ignored_share(skip_ignored_share)
     acc = accumulation_dtype(input.dtype)
     return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(3))
@@ -1066,45 +1070,56 @@ def _(input, weight, target, temperature, ignore_index, skip_ignored_share=None,
 def log_probs_entropy_backward(grad_log_probs: Tensor, grad_entropy: Tensor, input: Tensor, weight: Tensor,
                                target: Tensor, lse: Tensor, log_probs: Tensor, entropy: Tensor, temperature: float,
                                ignore_index: int, need_weight_grad: bool = True,
-                               skip_ignored_share: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    """dL/dinput and dL/dweight (empty unless need_weight_grad) from the forward op's lse, log_probs, entropy.
-    skip_ignored_share: see the module docstring."""
+                               skip_ignored_share: Optional[float] = None, bias: Optional[Tensor] = None,
+                               softcap: Optional[float] = None,
+                               need_bias_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dinput, dL/dweight, dL/dbias) from the forward op's lse, log_probs, entropy; a gradient not needed (or of an
+    absent bias) is empty (0,). skip_ignored_share: see the module docstring."""
     _check_row_vectors(input, grad_log_probs=grad_log_probs, grad_entropy=grad_entropy, lse=lse, log_probs=log_probs,
                        entropy=entropy)
     input, weight = input.contiguous(), weight.contiguous()
+    need_bias_grad = bias is not None and need_bias_grad
     tiles = _tiles_except_cuda(input, "token-entropy epilogue")
     if tiles.name == "cpp":
         return torch.ops.marginkern.log_probs_entropy_rows_backward(
             grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, float(temperature),
-            int(ignore_index), need_weight_grad)
-    grad_x, grad_w = log_probs_backward(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy,
-                                        float(temperature), int(ignore_index), tiles, need_weight_grad)
-    return grad_x, _or_empty(grad_w, weight)
+            int(ignore_index), need_weight_grad, bias, softcap, need_bias_grad)
+    grad_x, grad_w, grad_b = log_probs_backward(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs,
+                                                entropy, float(temperature), int(ignore_index), tiles,
+                                                need_weight_grad, bias=bias, softcap=softcap,
+                                                need_bias_grad=need_bias_grad)
+    return grad_x, _or_empty(grad_w, weight), _or_empty(grad_b, weight)
 
 
 @log_probs_entropy_backward.register_fake
 def _(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, temperature, ignore_index,
-      need_weight_grad=True, skip_ignored_share=None):
+      need_weight_grad=True, skip_ignored_share=None, bias=None, softcap=None, need_bias_grad=False):
     check_skip_ignored_share(skip_ignored_share)
-    return _contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,)))
+    grad_b = _contiguous_like(bias) if bias is not None and need_bias_grad else weight.new_empty((0,))
+    return (_contiguous_like(input), (_contiguous_like(weight) if need_weight_grad else weight.new_empty((0,))),
+            grad_b)
 
 
 def _log_probs_setup_context(ctx, inputs, output):
     input, weight, target, temperature, ignore_index = inputs[:5]
-    ctx.save_for_backward(input, weight, target, output[2], output[0], output[1])
+    bias, ctx.softcap = _optional_arg(inputs, 7), _optional_arg(inputs, 8)
+    ctx.save_for_backward(input, weight, target, output[2], output[0], output[1], bias)
     ctx.mark_non_differentiable(output[2])
     ctx.temperature, ctx.ignore_index = temperature, ignore_index
 
 
 def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
-    input, weight, target, lse, log_probs, entropy = ctx.saved_tensors
+    input, weight, target, lse, log_probs, entropy, bias = ctx.saved_tensors
     grad_log_probs = torch.zeros_like(lse) if grad_log_probs is None else grad_log_probs.contiguous()
     grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.contiguous()
     need_weight_grad = ctx.needs_input_grad[1]
-    grad_input, grad_weight = call("log_probs_entropy_backward", grad_log_probs, grad_entropy, input, weight, target,
-                                   lse, log_probs, entropy, ctx.temperature, ctx.ignore_index, need_weight_grad,
-                                   ctx.skip_ignored_share)
-    return grad_input, (grad_weight if need_weight_grad else None), None, None, None, None, None
+    need_bias_grad = bias is not None and len(ctx.needs_input_grad) > 7 and ctx.needs_input_grad[7]
+    grad_input, grad_weight, grad_bias = call("log_probs_entropy_backward", grad_log_probs, grad_entropy, input,
+                                              weight, target, lse, log_probs, entropy, ctx.temperature,
+                                              ctx.ignore_index, need_weight_grad, ctx.skip_ignored_share, bias,
+                                              ctx.softcap, need_bias_grad)
+    return (grad_input, (grad_weight if need_weight_grad else None), None, None, None, None, None,
+            (grad_bias if need_bias_grad else None), None)
 
 
 _register_autograd("log_probs_entropy", _log_probs_backward, _log_probs_setup_context, skip_share_at=5)

@@ -215,21 +215,39 @@ def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_inde
     return reduce_rows(0.5 * (ce + (ce / (emo + 1e-10)).detach() * emo), target != ignore_index, reduction)
 
 
-def _chunk_entropy(z_scaled_x, w_chunk, lse):
+def _tempered_logits(x, w, bias, softcap, temperature):
+    """softcap(x·wᵀ + b)/T (the model's logits, then the sampler's temperature)."""
+    z = x @ w.t() if bias is None else x @ w.t() + bias
+    return (z if softcap is None else softcap * torch.tanh(z / softcap)) / temperature
+
+
+def _chunk_lse(x, w_chunk, bias_chunk, softcap, temperature):
+    return torch.logsumexp(_tempered_logits(x, w_chunk, bias_chunk, softcap, temperature), dim=1)
+
+
+def _chunk_entropy(x, w_chunk, bias_chunk, softcap, temperature, lse):
     """Σ_j −p_j·log p_j over one class chunk (a p that underflows to 0 adds 0)."""
-    log_p = z_scaled_x @ w_chunk.t() - lse[:, None]
+    log_p = _tempered_logits(x, w_chunk, bias_chunk, softcap, temperature) - lse[:, None]
     return -(log_p.exp() * log_p).sum(1)
 
 
-def log_probs_and_entropy(input, weight, target, *, temperature=1.0, ignore_index=-100, class_chunk=CLASS_CHUNK):
-    """Per-row (log p_t, entropy) of p = softmax(input·weightᵀ / temperature), both 0 on ignored rows."""
+def log_probs_and_entropy(input, weight, target, bias=None, *, temperature=1.0, softcap=None, ignore_index=-100,
+                          class_chunk=CLASS_CHUNK):
+    """Per-row (log p_t, entropy) of p = softmax(softcap(input·weightᵀ + bias) / temperature), both 0 on ignored
+    rows."""
     acc = accumulation_dtype(input.dtype)
-    x, w = input.to(acc) / temperature, weight.to(acc)
+    x, w = input.to(acc), weight.to(acc)
+    b = None if bias is None else bias.to(acc)
     valid = target != ignore_index
-    z_target = (x * w[torch.where(valid, target, torch.zeros_like(target))]).sum(1)
-    lse, _ = streamed_lse_and_sum(x, w, torch.full_like(target, -1), z_target, class_chunk=class_chunk)
-    entropy = sum(checkpoint(_chunk_entropy, x, w[c0:c0 + class_chunk], lse, use_reentrant=False)
-                  for c0 in range(0, w.shape[0], class_chunk))
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    z_target = (x * w[safe]).sum(1) + (0.0 if b is None else b[safe])
+    z_target = (z_target if softcap is None else softcap * torch.tanh(z_target / softcap)) / temperature
+    chunks = [(w[c0:c0 + class_chunk], None if b is None else b[c0:c0 + class_chunk])
+              for c0 in range(0, w.shape[0], class_chunk)]
+    lse = torch.logsumexp(torch.stack([checkpoint(_chunk_lse, x, w_c, b_c, softcap, temperature, use_reentrant=False)
+                                       for w_c, b_c in chunks]), dim=0)
+    entropy = sum(checkpoint(_chunk_entropy, x, w_c, b_c, softcap, temperature, lse, use_reentrant=False)
+                  for w_c, b_c in chunks)
     zero = torch.zeros_like(lse)
     return torch.where(valid, z_target - lse, zero), torch.where(valid, entropy, zero)
 

@@ -483,12 +483,13 @@ def test_cosent_triton_scans_match_the_pytorch_scans(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_log_probs_entropy_matches_oracle_on_gpu(dtype, monkeypatch):
+@pytest.mark.parametrize("head", ["plain", "bias+softcap"])
+def test_log_probs_entropy_matches_oracle_on_gpu(dtype, head, monkeypatch):
     """log_probs_and_entropy on the Triton kernels (the CUDA tiles have no entropy epilogue). Named without "triton":
     the visit runs it in its last test step, after the issues' own tests and benchmarks (scripts/gpu_session.sh)."""
     from tests.test_log_probs import check_log_probs_against_oracle
     monkeypatch.setenv("MARGINKERN_BACKEND", "triton")
-    check_log_probs_against_oracle(dtype, (300, 5003, 131), 0.8, "cuda")
+    check_log_probs_against_oracle(dtype, (300, 5003, 131), 0.8, "cuda", head=head)
 
 
 def test_log_probs_entropy_confident_rows_on_gpu(monkeypatch):

@@ -55,7 +55,6 @@ SHAPES = {"gemma4_text": dict(num_hidden_layers=4, layer_types=["sliding_attenti
                                layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
                                vocab_size_per_layer_input=V, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4,
                                intermediate_size=[64] * 4)}
-SOFTCAPPED = sorted(t for t in SUPPORTED_MODEL_TYPES if "final_logit_softcapping" in TRANSFORMS.get(t, {}))
 
 
 # the vision-language models: their image-text-to-text class, a tiny vision tower (28 × 28 images of 14 × 14
@@ -753,9 +752,8 @@ def own_sequence_log_probs(model, ids, labels, mask, average):
 @pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
 def test_causal_lm_sequence_log_probs_equal_the_models_own(model_type):
     """Per-sequence log-probabilities (sums and token means) and their gradients for every parameter against TRL's
-    arithmetic on the model's own logits (its logit transform included: the log_probs path with Cohere's and Granite's
-    scale as a temperature, linear_cross_entropy for Gemma's softcap); a patched model gives the same without
-    warning that it computed logits."""
+    arithmetic on the model's own logits (its logit transform included: Cohere's and Granite's scale as a temperature,
+    Gemma's softcap); a patched model gives the same without warning that it computed logits."""
     from marginkern.huggingface import causal_lm_sequence_log_probs
     ids, labels = batch()
     mask = torch.ones_like(ids)
@@ -779,16 +777,10 @@ def test_causal_lm_sequence_log_probs_equal_the_models_own(model_type):
 
 @pytest.mark.parametrize("model_type", ["llama", "granite", "gemma2"])
 def test_causal_lm_sequence_log_probs_of_a_head_with_a_bias(model_type):
-    """A head with a bias (a plain nn.Linear: its bias is part of the projection) goes through linear_cross_entropy,
-    with the model type's logit scale (Granite's) on the bias too, or its softcap (Gemma 2's)."""
+    """A head with a bias (a plain nn.Linear: its bias is part of the projection), with the model type's logit scale
+    (Granite's) on the bias too, or its softcap (Gemma 2's)."""
     from marginkern.huggingface import causal_lm_sequence_log_probs
-    model = tiny_model(model_type)
-    head = model.get_output_embeddings()
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.copy_(head.weight)
-        biased.bias.normal_(0, 2.0)
-    model.set_output_embeddings(biased)
+    model = with_biased_head(tiny_model(model_type))
     ids, labels = batch()
     mask = torch.ones_like(ids)
     weights = torch.tensor([0.7, -1.3, 0.4])
@@ -850,20 +842,19 @@ def test_causal_lm_sequence_log_probs_under_autocast_and_offloaded():
     rounding of the model's own); an accelerate-offloaded reference model (its head on the meta device between
     forwards) under no_grad: the same values as before offloading."""
     from marginkern.huggingface import causal_lm_sequence_log_probs
-    import marginkern.functional as functional
+    import marginkern.huggingface as hf
     model = tiny_model("llama")
     ids, labels = batch()
     mask = torch.ones_like(ids)
     seen = []
-    real = functional.log_probs_and_entropy
+    real = hf.log_probs_and_entropy
     try:
-        import marginkern.preference as preference
-        preference.log_probs_and_entropy = lambda x, w, *a, **k: seen.append((x.dtype, w.dtype)) or real(x, w, *a, **k)
+        hf.log_probs_and_entropy = lambda x, w, *a, **k: seen.append((x.dtype, w.dtype)) or real(x, w, *a, **k)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = causal_lm_sequence_log_probs(model, labels, input_ids=ids, attention_mask=mask)
             want = own_sequence_log_probs(model, ids, labels, mask, False)
     finally:
-        preference.log_probs_and_entropy = real
+        hf.log_probs_and_entropy = real
     assert seen == [(torch.bfloat16, torch.bfloat16)]
     torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
     accelerate = pytest.importorskip("accelerate")
@@ -894,13 +885,27 @@ def test_causal_lm_sequence_log_probs_refuses_labels_among_the_inputs():
         causal_lm_sequence_log_probs(model, labels, input_ids=ids, logits_to_keep=1)
 
 
-@pytest.mark.parametrize("model_type", sorted(set(SUPPORTED_MODEL_TYPES) - set(SOFTCAPPED)))
+def with_biased_head(model):
+    """model with its head replaced by an nn.Linear with the same weight and a bias of a few units."""
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.normal_(0, 2.0)
+    model.set_output_embeddings(biased)
+    return model
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES) + ["llama+bias", "granite+bias", "gemma2+bias"])
 def test_causal_lm_log_probs_and_entropy_equal_the_models_own(model_type):
     """Per-token log-probabilities and entropies at a sampling temperature (TRL's GRPO) against the model's own
-    logits / temperature (its logit scale included): values, and every parameter's gradient of a weighted sum of
-    both; positions after a -100 label and the last position are 0."""
+    logits / temperature (its logit scale, softcap and head bias included): values, and every parameter's gradient
+    of a weighted sum of both; positions after a -100 label and the last position are 0."""
     from marginkern.huggingface import causal_lm_log_probs_and_entropy
+    model_type, _, bias = model_type.partition("+")
     model = tiny_model(model_type)
+    if bias:
+        model = with_biased_head(model)
     ids, labels = batch()
     mask = torch.ones_like(ids)
     g = torch.Generator().manual_seed(3)
@@ -918,11 +923,6 @@ def test_causal_lm_log_probs_and_entropy_equal_the_models_own(model_type):
     def fused():
         return causal_lm_log_probs_and_entropy(model, labels, temperature=0.8, input_ids=ids, attention_mask=mask)
 
-    if model.get_output_embeddings().bias is not None:  # Phi's: refused (the fused entropy has no bias)
-        with pytest.raises(NotImplementedError, match="biased head"):
-            fused()
-        return
-
     results = []
     for fn in (own, fused):
         model.zero_grad(set_to_none=True)
@@ -937,15 +937,8 @@ def test_causal_lm_log_probs_and_entropy_equal_the_models_own(model_type):
     assert_same_loss_and_grads((torch.zeros(()), got_g), (torch.zeros(()), want_g))
 
 
-def test_causal_lm_log_probs_and_entropy_refuses_softcap_and_bias():
+def test_causal_lm_log_probs_and_entropy_refuses_a_bad_temperature():
     from marginkern.huggingface import causal_lm_log_probs_and_entropy
     ids, labels = batch()
-    with pytest.raises(NotImplementedError, match="final-logit softcap"):
-        causal_lm_log_probs_and_entropy(tiny_model("gemma2"), labels, input_ids=ids)
-    model = tiny_model("llama")
-    head = model.get_output_embeddings()
-    model.set_output_embeddings(torch.nn.Linear(head.in_features, head.out_features, bias=True))
-    with pytest.raises(NotImplementedError, match="biased head"):
-        causal_lm_log_probs_and_entropy(model, labels, input_ids=ids)
     with pytest.raises(ValueError, match="temperature must lie"):
         causal_lm_log_probs_and_entropy(tiny_model("llama"), labels, temperature=0.0, input_ids=ids)

@@ -9,48 +9,64 @@ from marginkern.dispatch import BackendUnavailable
 from tests.helpers import assert_close_rel, check_special_rows_log_probs, make_case
 
 
-def materialised(x, w, t, temperature=1.0, ignore_index=-100):
-    """The definition on the full float64 logits."""
-    log_p = torch.log_softmax((x.double() @ w.double().t()) / temperature, dim=1)
+def materialised(x, w, t, bias=None, temperature=1.0, softcap=None, ignore_index=-100):
+    """The definition on the full float64 logits: softcap(x·wᵀ + b), then the temperature."""
+    z = x.double() @ w.double().t() + (0.0 if bias is None else bias.double())
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    log_p = torch.log_softmax(z / temperature, dim=1)
     valid = t != ignore_index
     log_pt = log_p.gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
     entropy = -(log_p.exp() * log_p).sum(1)
     return torch.where(valid, log_pt, 0.0), torch.where(valid, entropy, 0.0)
 
 
-def outputs_and_grads(fn, x, w, t, upstream, **kw):
-    """(log p_t, H, dx, dw) of fn for the loss Σ upstream[0]·log p_t + upstream[1]·H (a None upstream leaves
-    that output out of the loss: its gradient then never reaches the backward)."""
+def outputs_and_grads(fn, x, w, t, upstream, bias=None, **kw):
+    """(log p_t, H, dx, dw[, dbias]) of fn for the loss Σ upstream[0]·log p_t + upstream[1]·H (a None upstream
+    leaves that output out of the loss: its gradient then never reaches the backward)."""
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    leaves = (x, w)
+    if bias is not None:
+        bias = bias.detach().requires_grad_()
+        leaves, kw = leaves + (bias,), dict(kw, bias=bias)
     log_pt, entropy = fn(x, w, t, **kw)
     loss = sum((out.double() * g).sum() for out, g in zip((log_pt, entropy), upstream) if g is not None)
-    gx, gw = torch.autograd.grad(loss, (x, w))
-    return log_pt.detach(), entropy.detach(), gx, gw
+    return (log_pt.detach(), entropy.detach(), *torch.autograd.grad(loss, leaves))
 
 
-def check_log_probs_against_oracle(dtype, shape, temperature, device, upstream_kind="both"):
+# the LM heads the log-probabilities take: plain, biased (Phi-2), soft-capped (Gemma 2/3; a cap of 2 bites on these
+# logits), both
+HEADS = {"plain": (False, None), "bias": (True, None), "softcap": (False, 2.0), "bias+softcap": (True, 2.0)}
+
+
+def check_log_probs_against_oracle(dtype, shape, temperature, device, upstream_kind="both", head="plain"):
     """The op (whatever backend serves `device`) against the float64 oracle on the same rounded inputs: both
-    outputs and both gradients for random per-row upstream gradients, an ignored row included."""
+    outputs and every gradient for random per-row upstream gradients, an ignored row included."""
     N, C, D = shape
     x, w, t = make_case(N, C, D, dtype, device=device, ignore=(0,) if N > 2 else ())
+    with_bias, softcap = HEADS[head]
+    bias = torch.randn(C, dtype=torch.float64).to(dtype).to(device) if with_bias else None
     g_lp, g_h = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
     upstream = {"both": (g_lp, g_h), "log_probs": (g_lp, None), "entropy": (None, g_h)}[upstream_kind]
     got = outputs_and_grads(mk.log_probs_and_entropy, x, w, t, [None if g is None else g.to(device) for g in upstream],
-                            temperature=temperature)
+                            bias, temperature=temperature, softcap=softcap)
     want = outputs_and_grads(reference.log_probs_and_entropy, x.double().cpu(), w.double().cpu(), t.cpu(), upstream,
-                             temperature=temperature)
-    for name, g, e in zip(("log_probs", "entropy", "grad input", "grad weight"), got, want):
-        assert_close_rel(g, e, dtype, f"{name} {upstream_kind}", floor=1.0)
+                             None if bias is None else bias.double().cpu(), temperature=temperature, softcap=softcap)
+    for name, g, e in zip(("log_probs", "entropy", "grad input", "grad weight", "grad bias"), got, want):
+        assert_close_rel(g, e, dtype, f"{name} {upstream_kind} {head}", floor=1.0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_oracle_matches_materialised_definition(temperature):
+@pytest.mark.parametrize("head", list(HEADS))
+def test_oracle_matches_materialised_definition(temperature, head):
     """The streamed oracle (class chunks of 16) against the full float64 logits: outputs and gradients."""
     x, w, t = make_case(23, 70, 12, torch.float64, ignore=(4,))
+    with_bias, softcap = HEADS[head]
+    bias = torch.randn(70, dtype=torch.float64) if with_bias else None
     upstream = (torch.randn(23, dtype=torch.float64), torch.randn(23, dtype=torch.float64))
-    got = outputs_and_grads(reference.log_probs_and_entropy, x, w, t, upstream, temperature=temperature,
-                            class_chunk=16)
-    want = outputs_and_grads(materialised, x, w, t, upstream, temperature=temperature)
+    got = outputs_and_grads(reference.log_probs_and_entropy, x, w, t, upstream, bias, temperature=temperature,
+                            softcap=softcap, class_chunk=16)
+    want = outputs_and_grads(materialised, x, w, t, upstream, bias, temperature=temperature, softcap=softcap)
     for g, e in zip(got, want):
         assert torch.allclose(g, e, atol=1e-10)
 
@@ -67,6 +83,30 @@ def test_log_probs_equal_torch_cross_entropy():
 @pytest.mark.parametrize("upstream_kind", ["both", "log_probs", "entropy"])
 def test_op_matches_oracle(dtype, shape, upstream_kind):
     check_log_probs_against_oracle(dtype, shape, 0.7, "cpu", upstream_kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(37, 301, 45), (3, 1, 4), (1, 2, 3)])
+@pytest.mark.parametrize("upstream_kind", ["both", "log_probs", "entropy"])
+@pytest.mark.parametrize("head", ["bias", "softcap", "bias+softcap"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_biased_and_soft_capped_heads_match_oracle(dtype, shape, upstream_kind, head, temperature):
+    """A head's bias (and its gradient) and Gemma's final-logit softcap, which the temperature divides after."""
+    check_log_probs_against_oracle(dtype, shape, temperature, "cpu", upstream_kind, head)
+
+
+def test_soft_capped_log_probs_equal_torch_on_gemma_like_logits():
+    """softcap = 30 (Gemma 2's) on logits up to ~±90: log p of the capped logits, as HF's Gemma computes them."""
+    x, w, t = make_case(29, 150, 32, ignore=(5,))
+    x = (x * 4.0).detach()
+    bias = torch.randn(150)
+    log_pt, entropy = mk.log_probs_and_entropy(x, w, t, bias, softcap=30.0, temperature=0.9)
+    z = 30.0 * torch.tanh((x.double() @ w.double().t() + bias.double()) / 30.0) / 0.9
+    want = -F.cross_entropy(z, t, reduction="none")
+    assert_close_rel(log_pt, want, torch.float32, floor=1.0)
+    log_p = torch.log_softmax(z, 1)
+    want_entropy = torch.where(t != -100, -(log_p.exp() * log_p).sum(1), 0.0)
+    assert_close_rel(entropy, want_entropy, torch.float32, floor=1.0)
 
 
 def test_token_shaped_inputs_and_ignored_positions():
@@ -252,6 +292,16 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (x, w))
 
 
+def test_gradcheck_float64_with_bias_and_softcap():
+    x, w, t = make_case(5, 11, 4, torch.float64, ignore=(1,))
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, bias):
+        return mk.log_probs_and_entropy(x, w, t, bias, temperature=0.9, softcap=1.5)
+
+    assert torch.autograd.gradcheck(fn, (x, w, bias))
+
+
 def test_opcheck():
     x, w, t = make_case(7, 33, 8, ignore=(3,))
     torch.library.opcheck(torch.ops.marginkern.log_probs_entropy, (x, w, t, 0.7, -100))
@@ -261,17 +311,32 @@ def test_opcheck():
                           (g, g, x.detach(), w.detach(), t, lse, -lse.abs(), lse.abs(), 0.7, -100, True))
 
 
-def test_torch_compile_fullgraph():
+def test_opcheck_with_bias_and_softcap():
+    x, w, t = make_case(7, 33, 8, ignore=(3,))
+    bias = torch.randn(33, requires_grad=True)
+    torch.library.opcheck(torch.ops.marginkern.log_probs_entropy, (x, w, t, 0.7, -100, None, False, bias, 2.5))
+    lse = torch.ops.marginkern.log_probs_entropy(x, w, t, 0.7, -100, None, False, bias, 2.5)[2]
+    g = torch.randn(7)
+    torch.library.opcheck(torch.ops.marginkern.log_probs_entropy_backward,
+                          (g, g, x.detach(), w.detach(), t, lse, -lse.abs(), lse.abs(), 0.7, -100, True, None,
+                           bias.detach(), 2.5, True))
+
+
+@pytest.mark.parametrize("head", ["plain", "bias+softcap"])
+def test_torch_compile_fullgraph(head):
     x, w, t = make_case(9, 40, 16, ignore=(2,))
+    with_bias, softcap = HEADS[head]
+    bias = torch.randn(40, requires_grad=True) if with_bias else None
+    leaves = (x, w) if bias is None else (x, w, bias)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
-    def step(x, w):
-        log_pt, entropy = mk.log_probs_and_entropy(x, w, t, temperature=0.5)
+    def step(x, w, bias):
+        log_pt, entropy = mk.log_probs_and_entropy(x, w, t, bias, temperature=0.5, softcap=softcap)
         return (log_pt - 0.01 * entropy).mean()
 
-    got = torch.autograd.grad(step(x, w), (x, w))
-    want = torch.autograd.grad(reference.log_probs_and_entropy(x, w, t, temperature=0.5)[0].mean()
-                               - 0.01 * reference.log_probs_and_entropy(x, w, t, temperature=0.5)[1].mean(), (x, w))
+    got = torch.autograd.grad(step(x, w, bias), leaves)
+    want_lp, want_h = reference.log_probs_and_entropy(x, w, t, bias, temperature=0.5, softcap=softcap)
+    want = torch.autograd.grad(want_lp.mean() - 0.01 * want_h.mean(), leaves)
     for g, e in zip(got, want):
         assert_close_rel(g, e, torch.float32)
 
@@ -288,6 +353,24 @@ def test_bad_temperature(temperature, exc, match):
     if not isinstance(temperature, torch.Tensor):  # the op's schema itself turns a tensor into a float
         with pytest.raises(exc, match=match):
             torch.ops.marginkern.log_probs_entropy(x, w, t, temperature, -100)
+
+
+@pytest.mark.parametrize("softcap, exc, match", [
+    (0.0, ValueError, "softcap must lie in"), (-2.0, ValueError, "softcap must lie in"),
+    (float("inf"), ValueError, "softcap must be a finite"), (torch.tensor(2.0), TypeError, "softcap must be"),
+])
+def test_bad_softcap(softcap, exc, match):
+    x, w, t = make_case(3, 5, 4)
+    with pytest.raises(exc, match=match):
+        mk.log_probs_and_entropy(x, w, t, softcap=softcap)
+
+
+def test_bad_bias():
+    x, w, t = make_case(3, 5, 4)
+    with pytest.raises(ValueError, match="bias"):
+        mk.log_probs_and_entropy(x, w, t, torch.zeros(4))
+    with pytest.raises(ValueError, match="bias"):
+        torch.ops.marginkern.log_probs_entropy(x, w, t, 1.0, -100, None, False, torch.zeros(4))
 
 
 def test_bad_targets_and_shapes():
@@ -309,7 +392,8 @@ def test_both_cpu_backends_match_the_oracle(backend, monkeypatch):
             pytest.skip(cpp_tiles.LOAD_ERROR)
     monkeypatch.setenv("MARGINKERN_BACKEND", backend)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        check_log_probs_against_oracle(dtype, (37, 301, 45), 0.7, "cpu")
+        for head in HEADS:
+            check_log_probs_against_oracle(dtype, (37, 301, 45), 0.7, "cpu", head=head)
     check_confident_and_flat_rows("cpu")
 
 

@@ -159,12 +159,10 @@ at::Tensor linear_cross_entropy(const at::Tensor& x, const at::Tensor& w, const 
                                 const at::Tensor& bias, const LinearCrossEntropyOptions& o) {
   constexpr const char* op = "marginkern::linear_cross_entropy";
   loss::check_classification_inputs(op, x, w, target, o.ignore_index, o.reduction);
-  TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == w.size(0) && bias.device().is_cpu()), op,
-              ": bias must be a (C=", w.size(0), ",) CPU tensor or undefined, got ", bias.sizes());
+  loss::check_bias(op, bias, w);
   loss::check_label_smoothing(op, o.label_smoothing);
   TORCH_CHECK(std::isfinite(o.z_loss) && o.z_loss >= 0, op, ": z_loss must be a finite number >= 0, got ", o.z_loss);
-  TORCH_CHECK(!o.softcap || (std::isfinite(*o.softcap) && *o.softcap > 0), op,
-              ": softcap must be unset or a positive finite number, got ", o.softcap.value_or(0.0));
+  loss::check_softcap(op, o.softcap);
   TORCH_CHECK(std::isfinite(o.focal_gamma) && o.focal_gamma >= 0, op, ": focal_gamma must be >= 0, got ",
               o.focal_gamma);
   TORCH_CHECK(std::isfinite(o.gamma_ce) && o.gamma_ce >= 0 && o.gamma_ce < 1, op, ": gamma_ce must be in [0, 1), got ",

@@ -111,23 +111,26 @@ std::tuple<at::Tensor, at::Tensor> emo_rows_backward_op(const at::Tensor& grad_c
                            ignore_index, need_weight_grad);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows_op(const at::Tensor& input,
-                                                                         const at::Tensor& weight,
-                                                                         const at::Tensor& target, double temperature,
-                                                                         int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows_op(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, double temperature,
+    int64_t ignore_index, const std::optional<at::Tensor>& bias, std::optional<double> softcap) {
   constexpr const char* op = "marginkern::log_probs_entropy_rows";
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op, ": temperature must be a finite number > 0, got ",
               temperature);
+  loss::check_softcap(op, softcap);
   loss::check_targets(op, target, weight.size(0), ignore_index);
-  return log_probs_entropy_rows(input, weight, target.to(at::kLong), temperature, ignore_index);
+  return log_probs_entropy_rows(input, weight, target.to(at::kLong), temperature, ignore_index,
+                                bias.value_or(at::Tensor()), softcap);
 }
 
-std::tuple<at::Tensor, at::Tensor> log_probs_entropy_rows_backward_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows_backward_op(
     const at::Tensor& grad_log_probs, const at::Tensor& grad_entropy, const at::Tensor& input,
     const at::Tensor& weight, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& log_probs,
-    const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_weight_grad) {
+    const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_weight_grad,
+    const std::optional<at::Tensor>& bias, std::optional<double> softcap, bool need_bias_grad) {
   return log_probs_entropy_rows_backward(grad_log_probs, grad_entropy, input, weight, target.to(at::kLong), lse,
-                                         log_probs, entropy, temperature, ignore_index, need_weight_grad);
+                                         log_probs, entropy, temperature, ignore_index, need_weight_grad,
+                                         bias.value_or(at::Tensor()), softcap, need_bias_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_divergence_rows_op(const at::Tensor& input, const at::Tensor& weight,
@@ -200,12 +203,13 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
       "Tensor cost_embedding, Tensor lse, Tensor emo, int ignore_index, bool need_weight_grad) "
       "-> (Tensor grad_input, Tensor grad_weight)");
   m.def(
-      "log_probs_entropy_rows(Tensor input, Tensor weight, Tensor target, float temperature, int ignore_index) "
-      "-> (Tensor log_probs, Tensor entropy, Tensor lse)");
+      "log_probs_entropy_rows(Tensor input, Tensor weight, Tensor target, float temperature, int ignore_index, "
+      "Tensor? bias=None, float? softcap=None) -> (Tensor log_probs, Tensor entropy, Tensor lse)");
   m.def(
       "log_probs_entropy_rows_backward(Tensor grad_log_probs, Tensor grad_entropy, Tensor input, Tensor weight, "
       "Tensor target, Tensor lse, Tensor log_probs, Tensor entropy, float temperature, int ignore_index, "
-      "bool need_weight_grad) -> (Tensor grad_input, Tensor grad_weight)");
+      "bool need_weight_grad, Tensor? bias=None, float? softcap=None, bool need_bias_grad=False) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "kl_divergence_rows(Tensor input, Tensor weight, Tensor teacher_input, Tensor teacher_weight, Tensor target, "
       "float temperature, int ignore_index, bool reverse) -> (Tensor kl, Tensor lse, Tensor teacher_lse)");

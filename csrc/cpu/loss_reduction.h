@@ -7,7 +7,9 @@
 #include <ATen/core/grad_mode.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "../common/op_args.h"
@@ -63,6 +65,18 @@ inline void check_targets(const char* op, const at::Tensor& target, int64_t num_
   const at::Tensor bad = t.ne(ignore_index) & (t.lt(0) | t.ge(num_classes));
   TORCH_CHECK(!bad.any().item<bool>(), op, ": target must hold class indices in [0, C=", num_classes,
               ") or ignore_index=", ignore_index, ", got ", t.masked_select(bad)[0].item<int64_t>());
+}
+
+// A head's bias: (C,) on the CPU, or undefined.
+inline void check_bias(const char* op, const at::Tensor& bias, const at::Tensor& w) {
+  TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == w.size(0) && bias.device().is_cpu()), op,
+              ": bias must be a (C=", w.size(0), ",) CPU tensor or undefined, got ", bias.sizes());
+}
+
+// A logit softcap cap·tanh(z/cap): unset, or a finite number > 0.
+inline void check_softcap(const char* op, std::optional<double> softcap) {
+  TORCH_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0), op,
+              ": softcap must be unset or a positive finite number, got ", softcap.value_or(0.0));
 }
 
 inline void check_label_smoothing(const char* op, double label_smoothing) {

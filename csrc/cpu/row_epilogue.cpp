@@ -206,8 +206,8 @@ MARGINKERN_ALWAYS_INLINE void grad_loop(T* row, const T* cost_dots, const ChunkC
   }
 }
 
-// The entropy and teacher terms come without a cost term and without a softcap, and hard negatives alone
-// (streaming_ce.cpp checks): one loop instance per combination that a loss uses.
+// The entropy term comes without a cost term, the teacher's without a cost term or a softcap, and hard negatives
+// alone (streaming_ce.cpp checks): one loop instance per combination that a loss uses.
 template <typename T>
 MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const ChunkColumns<T>& cols,
                                             const RowGradCoefs<T>& coefs, int target, const T* teacher_dots) {
@@ -218,7 +218,8 @@ MARGINKERN_ALWAYS_INLINE void grad_row_impl(T* row, const T* cost_dots, const Ch
     coefs.has_entropy ? grad_loop<T, false, false, true, true>(row, cost_dots, cols, coefs, target, teacher_dots)
                       : grad_loop<T, false, false, false, true>(row, cost_dots, cols, coefs, target, teacher_dots);
   } else if (coefs.has_entropy) {
-    grad_loop<T, false, false, true, false>(row, cost_dots, cols, coefs, target, teacher_dots);
+    cols.has_softcap ? grad_loop<T, true, false, true, false>(row, cost_dots, cols, coefs, target, teacher_dots)
+                     : grad_loop<T, false, false, true, false>(row, cost_dots, cols, coefs, target, teacher_dots);
   } else if (cols.has_hard) {  // the margin losses: no softcap, cost term or other term beside it
     grad_loop<T, false, false, false, false, false, true>(row, cost_dots, cols, coefs, target, teacher_dots);
   } else if (cols.has_softcap) {

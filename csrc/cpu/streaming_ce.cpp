@@ -404,10 +404,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_max(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_entropy(
-    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const at::Tensor& target,
-    const at::Tensor& target_logit, int64_t class_chunk) {
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& target_logit, int64_t class_chunk) {
   constexpr const char* op = "marginkern::streaming_row_stats_with_entropy";
-  const Spec s = make_spec(op, x, w, row_scale, std::nullopt, std::nullopt, std::nullopt, target);
+  const Spec s = make_spec(op, x, w, row_scale, std::nullopt, bias, softcap, target);
   const at::Tensor target_logit_acc = float_vector(op, "target_logit", target_logit, s.N, s.acc, s.device);
   check_class_chunk(op, class_chunk);
   const auto opts = s.x.options().dtype(s.acc);
@@ -559,8 +559,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_impl(
               ": the teacher term comes without sub-centres, a cost term, a col_scale, a bias or a softcap");
   TORCH_CHECK(subcenters.K == 1 || (subcenters.target_subcenter.defined() && !cost_query), op,
               ": sub-centres need target_subcenter, and have no cost term");
-  TORCH_CHECK(!entropy_coef.defined() || (subcenters.K == 1 && !cost_query && !softcap), op,
-              ": the entropy term comes without sub-centres, a cost term or a softcap");
+  TORCH_CHECK(!entropy_coef.defined() || (subcenters.K == 1 && !cost_query), op,
+              ": the entropy term comes without sub-centres or a cost term");
   const Spec s = with_hard_negatives(op, make_spec(op, x, w, row_scale, col_scale, bias, softcap, target, true,
                                                     subcenters.K, subcenters.target_subcenter), hard);
   const Cost cost = make_cost(op, s, cost_query, cost_query_scale, cost_keys, cost_key_scale, cost_coef);

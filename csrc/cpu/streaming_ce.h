@@ -11,7 +11,8 @@
 //     coef_p_n − cost_coef_n · cost_query_scale_n · cost_key_scale_j · (cost_query_n · cost_keys_j),
 // a second, narrow GEMM per chunk (cost_query (N, E), cost_keys (C, E)).
 // The entropy term (per-token entropy, marginkern/log_probs.py) adds −entropy_coef_n · p_nj · log p_nj to every
-// dL/dz_nj off the target (p·log p taken as 0 where p = 0), and its forward keeps, per row, the max M,
+// dL/dz_nj off the target (p·log p taken as 0 where p = 0; chained through the softcap as the rest), and its
+// forward keeps, per row, the max M,
 // S′ = Σ_j e^{z_nj − M} without one maximal cell and T = Σ_j e^{z_nj − M}·(M − z_nj), all terms ≥ 0:
 // lse = M + log1p(S′) and the entropy log1p(S′) + T/(1 + S′) are exact where p_t ≈ 1 (no 1 − p_t cancels).
 // Every function streams over chunks of `class_chunk` classes with one GEMM per chunk into a reused
@@ -95,11 +96,11 @@ struct HardNegatives {
   bool present() const { return threshold.defined(); }
 };
 
-// (row max M, log_sum = lse − M, entropy), each (N,), of the logits row_scale_n·(x_n·w_j) (target column
-// target_logit; no col_scale, bias or softcap), in one pass over the classes (the entropy term above).
+// (row max M, log_sum = lse − M, entropy), each (N,), of the logits softcap(row_scale_n·(x_n·w_j) + bias_j)
+// (target column target_logit; no col_scale), in one pass over the classes (the entropy term above).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_row_stats_with_entropy(
-    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const at::Tensor& target,
-    const at::Tensor& target_logit, int64_t class_chunk);
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
+    std::optional<double> softcap, const at::Tensor& target, const at::Tensor& target_logit, int64_t class_chunk);
 
 // Distillation's teacher plane (marginkern/distill.py): the teacher's logits z^T_nj = row_scale_n·(x^T_n · w^T_j),
 // its own hidden states (N, E) and head (C, E), no gradient. The forward pass keeps its log-sum-exp and the cross
@@ -138,9 +139,9 @@ std::tuple<at::Tensor, at::Tensor> streaming_row_stats_of_subcenters(
 // streaming_grads for callers that chain dW further (the C++ losses): each chunk of the raw dW, rows
 // [r0, r1) of w (the chunk's classes, K rows each), in the accumulation dtype, passes through
 // `finalize(r0, r1, chunk)` (in place; may be empty), then is stored in w's dtype: a 16-bit w gets no
-// (C, D) fp32 gradient beside its own. `entropy_coef` (N,), when defined, adds the entropy term, and `teacher`
-// the teacher's (neither with a cost term, sub-centres, a col_scale, a bias or a softcap); `hard` the hard
-// negatives (alone: no bias, softcap, cost, entropy or teacher term).
+// (C, D) fp32 gradient beside its own. `entropy_coef` (N,), when defined, adds the entropy term (without a
+// cost term or sub-centres), and `teacher` the teacher's (without a cost term, sub-centres, a col_scale, a bias or
+// a softcap); `hard` the hard negatives (alone: no bias, softcap, cost, entropy or teacher term).
 using WeightChunkFinalizer = std::function<void(int64_t r0, int64_t r1, at::Tensor& grad_w_chunk)>;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streaming_grads_finalized(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_scale,

@@ -21,6 +21,15 @@ def test_log_probs_match_oracle(dtype, shape, upstream_kind):
     check_log_probs_against_oracle(dtype, shape, 0.7, DEVICE, upstream_kind)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 301, 45), (3, 1, 4)])
+@pytest.mark.parametrize("head", ["bias", "softcap", "bias+softcap"])
+def test_biased_and_soft_capped_heads_match_oracle(dtype, shape, head):
+    """The bias and softcap of the kernels' logit tile under the entropy epilogue (forward statistics, the entropy
+    term of dL/da, the bias gradient), the temperature dividing after the cap."""
+    check_log_probs_against_oracle(dtype, shape, 0.7, DEVICE, "both", head)
+
+
 @pytest.mark.parametrize("sm_count", [1, 132])
 def test_long_class_splits_and_many_splits(sm_count, monkeypatch):
     """One SM: few splits of many class tiles each (the online update of S′ and T across tiles, a later tile
