@@ -272,9 +272,10 @@ if LOAD_ERROR is None:
         return input.new_empty(input.shape), weight.new_empty(weight.shape if need_weight_grad else (0,))
 
     @torch.library.register_fake("marginkern::log_probs_entropy_rows")
-    def _(input, weight, target, temperature, ignore_index, bias=None, softcap=None):
+    def _(input, weight, target, temperature, ignore_index, bias=None, softcap=None, top1=False):
         acc, n = accumulation_dtype(input.dtype), input.shape[0]
-        return tuple(input.new_empty((n,), dtype=acc) for _ in range(3))
+        top1 = input.new_empty((n if top1 else 0,), dtype=torch.bool)
+        return (*(input.new_empty((n,), dtype=acc) for _ in range(3)), top1)
 
     @torch.library.register_fake("marginkern::log_probs_entropy_rows_backward")
     def _(grad_log_probs, grad_entropy, input, weight, target, lse, log_probs, entropy, temperature, ignore_index,

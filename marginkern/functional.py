@@ -374,7 +374,7 @@ def emo_cross_entropy(input, weight, target, *, cost_embedding=None, ignore_inde
 
 
 def log_probs_and_entropy(input, weight, target, bias=None, *, temperature=1.0, softcap=None, ignore_index=-100,
-                          shift=0, skip_ignored_rows=None):
+                          shift=0, skip_ignored_rows=None, return_top1=False):
     """Per-token log p(target) and entropy of softmax(softcap(input·weightᵀ + bias) / temperature), both
     differentiable, in one pass over the classes without materialising the N × C logits (what an RL step computes
     for its policy ratio and entropy bonus; verl's and Transformer Engine's fused "linear cross-entropy with
@@ -386,7 +386,9 @@ def log_probs_and_entropy(input, weight, target, bias=None, *, temperature=1.0, 
     at ignored positions (target == ignore_index), whose gradients are 0; gradients for input, weight and bias.
     log_probs equals −F.cross_entropy(logits / temperature, target, reduction="none").
     shift as in linear_cross_entropy (the last `shift` positions then count as ignored); skip_ignored_rows too (the
-    prompt of an RL rollout costs no GEMM work).
+    prompt of an RL rollout costs no GEMM work). return_top1=True adds a third result, bool, shaped like target:
+    whether the target token is the most likely one (its logit the largest; ties count; False at ignored positions),
+    from the same pass (TRL's is_top1 and mean token accuracy; TRL's argmax counts only the first of tied maxima).
     """
     input, target, token_shape, ignore_index = _lm_rows(input, target, ignore_index, shift)
     check_classification_inputs(input, weight, target)
@@ -394,15 +396,17 @@ def log_probs_and_entropy(input, weight, target, bias=None, *, temperature=1.0, 
     check_temperature(temperature)
     softcap = check_softcap(softcap)
     skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
+    return_top1 = check_bool("return_top1", return_top1)
     target = target.long()
     rows, share, in_forward = _row_skipping(target, ignore_index, skip_ignored_rows, input, weight, bias)
     x, t = take_rows(rows, input, target)
-    log_probs, entropy, _ = call_op("log_probs_entropy", x, weight, t, float(temperature), ignore_index,
-                                    *_given_args((share, None), (in_forward, False), (bias, None), (softcap, None)))
-    log_probs, entropy = put_rows(rows, target.shape[0], log_probs, entropy, copy=True)  # the op saved both
-    if token_shape is not None:
-        return log_probs.reshape(token_shape), entropy.reshape(token_shape)
-    return log_probs, entropy
+    log_probs, entropy, _, top1 = call_op("log_probs_entropy", x, weight, t, float(temperature), ignore_index,
+                                          *_given_args((share, None), (in_forward, False), (bias, None),
+                                                       (softcap, None), (return_top1, False)))
+    outputs = put_rows(rows, target.shape[0], log_probs, entropy, copy=True)  # the op saved both
+    if return_top1:
+        outputs += put_rows(rows, target.shape[0], top1)
+    return tuple(o if token_shape is None else o.reshape(token_shape) for o in outputs)
 
 
 def _teacher_rows(name, t, rows_shape, last="E"):

@@ -60,8 +60,11 @@ def _class_start(shard):
     return 0 if shard is None else shard.start
 
 
-def log_probs_forward(x, w, target, temperature, ignore_index, tiles, shard=None, bias=None, softcap=None):
-    """(log p_t, H, lse) per row in the accumulation dtype; log p_t and H are 0 on ignored rows."""
+def log_probs_forward(x, w, target, temperature, ignore_index, tiles, shard=None, bias=None, softcap=None,
+                      top1=False):
+    """(log p_t, H, lse) per row in the accumulation dtype; log p_t and H are 0 on ignored rows. With top1 a fourth
+    result: per row whether the target's logit is the largest (ties count; False on ignored rows and where lse is not
+    finite), from the same pass (the row max of the entropy statistics)."""
     rows = _TemperatureLogits(x, w, target, temperature, ignore_index, _class_start(shard), bias, softcap)
     state = streaming_row_stats_with_entropy(x, w, rows.spec, tiles)
     target_logit = rows.logit
@@ -73,7 +76,10 @@ def log_probs_forward(x, w, target, temperature, ignore_index, tiles, shard=None
     # a +inf logit (∞ − ∞): NaN, as torch's log_softmax and the C++ kernels (H's sums would give −inf)
     log_pt = torch.where(row_max == float("inf"), float("nan"), log_pt)
     entropy = torch.where(torch.isnan(log_pt), log_pt, entropy)  # a NaN input makes H NaN too, not a finite sum
-    return torch.where(rows.valid, log_pt, 0.0), torch.where(rows.valid, entropy, 0.0), lse
+    outputs = torch.where(rows.valid, log_pt, 0.0), torch.where(rows.valid, entropy, 0.0), lse
+    if top1:  # the target column holds target_logit in the statistics too: the max is that very value where it wins
+        outputs += (rows.valid & (target_logit >= row_max) & torch.isfinite(lse),)
+    return outputs
 
 
 def log_probs_backward(grad_log_probs, grad_entropy, x, w, target, lse, log_pt, entropy, temperature, ignore_index,

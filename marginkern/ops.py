@@ -1033,13 +1033,16 @@ _register_autograd("linear_topk_kl_divergence", _topk_kl_backward, _topk_kl_setu
 
 
 @_op("log_probs_entropy")
-@_on_labelled_rows("input", "target", row_outputs=((0, None), (1, None), (2, None)), only_with="skip_in_forward")
+@_on_labelled_rows("input", "target", row_outputs=((0, None), (1, None), (2, None), (3, "top1")),
+                   only_with="skip_in_forward")
 def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature: float, ignore_index: int,
                       skip_ignored_share: Optional[float] = None, skip_in_forward: bool = False,
-                      bias: Optional[Tensor] = None, softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(per-row log p_t, per-row entropy, per-row log-sum-exp) of z = softcap(x·wᵀ + b)/temperature; log p_t and the
-    entropy are 0 on ignored rows. skip_ignored_share: the backward op's; with skip_in_forward, this op's too (module
-    docstring)."""
+                      bias: Optional[Tensor] = None, softcap: Optional[float] = None,
+                      top1: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-row log p_t, per-row entropy, per-row log-sum-exp, per-row top1) of z = softcap(x·wᵀ + b)/temperature;
+    log p_t and the entropy are 0 on ignored rows. top1: `top1` (N,) bool says whether each row's target logit is its
+    largest (ties count, ignored rows False), from the forward's own pass; else empty. skip_ignored_share: the backward
+    op's; with skip_in_forward, this op's too (module docstring)."""
     _check_forward_inputs(input, weight, target, bias)
     temperature, ignore_index = check_temperature(temperature), check_ignore_index(ignore_index)
     softcap = check_softcap(softcap)
@@ -1049,20 +1052,23 @@ def log_probs_entropy(input: Tensor, weight: Tensor, target: Tensor, temperature
     tiles = _tiles_except_cuda(input, "token-entropy epilogue")
     if tiles.name == "cpp":  # the whole step in C++ (csrc/cpu/log_probs_loss.cpp), the same math
         return torch.ops.marginkern.log_probs_entropy_rows(input, weight, target, temperature, ignore_index, bias,
-                                                           softcap)
-    return log_probs_forward(input, weight, target, temperature, ignore_index, tiles, bias=bias, softcap=softcap)
+                                                           softcap, bool(top1))
+    rows = log_probs_forward(input, weight, target, temperature, ignore_index, tiles, bias=bias, softcap=softcap,
+                             top1=top1)
+    return rows if top1 else (*rows, _no_token_accuracy(input))
 
 
 @log_probs_entropy.register_fake
 def _(input, weight, target, temperature, ignore_index, skip_ignored_share=None, skip_in_forward=False, bias=None,
-      softcap=None):
+      softcap=None, top1=False):
     _check_forward_inputs(input, weight, target, bias)
     check_temperature(temperature)
     check_ignore_index(ignore_index)
     check_softcap(softcap)
     check_skip_ignored_share(skip_ignored_share)
-    acc = accumulation_dtype(input.dtype)
-    return tuple(input.new_empty((input.shape[0],), dtype=acc) for _ in range(3))
+    acc, n = accumulation_dtype(input.dtype), input.shape[0]
+    top1 = input.new_empty((n,), dtype=torch.bool) if top1 else _no_token_accuracy(input)
+    return (*(input.new_empty((n,), dtype=acc) for _ in range(3)), top1)
 
 
 @_op("log_probs_entropy_backward")
@@ -1104,11 +1110,11 @@ def _log_probs_setup_context(ctx, inputs, output):
     input, weight, target, temperature, ignore_index = inputs[:5]
     bias, ctx.softcap = _optional_arg(inputs, 7), _optional_arg(inputs, 8)
     ctx.save_for_backward(input, weight, target, output[2], output[0], output[1], bias)
-    ctx.mark_non_differentiable(output[2])
+    ctx.mark_non_differentiable(output[2], output[3])
     ctx.temperature, ctx.ignore_index = temperature, ignore_index
 
 
-def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
+def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse, grad_top1=None):
     input, weight, target, lse, log_probs, entropy, bias = ctx.saved_tensors
     grad_log_probs = torch.zeros_like(lse) if grad_log_probs is None else grad_log_probs.contiguous()
     grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.contiguous()
@@ -1119,7 +1125,7 @@ def _log_probs_backward(ctx, grad_log_probs, grad_entropy, grad_lse):
                                               ctx.ignore_index, need_weight_grad, ctx.skip_ignored_share, bias,
                                               ctx.softcap, need_bias_grad)
     return (grad_input, (grad_weight if need_weight_grad else None), None, None, None, None, None,
-            (grad_bias if need_bias_grad else None), None)
+            (grad_bias if need_bias_grad else None), None, None)
 
 
 _register_autograd("log_probs_entropy", _log_probs_backward, _log_probs_setup_context, skip_share_at=5)

@@ -95,6 +95,41 @@ def test_biased_and_soft_capped_heads_match_oracle(dtype, shape, upstream_kind, 
     check_log_probs_against_oracle(dtype, shape, temperature, "cpu", upstream_kind, head)
 
 
+def check_top1(device):
+    """return_top1 against the argmax of the materialised float64 logits (bias and softcap included; random logits
+    have no ties), ignored rows False, the other results unchanged; a tie of two maximal classes counts for both."""
+    for head in HEADS:
+        x, w, t = make_case(41, 300, 24, device=device, ignore=(0, 7))
+        with_bias, softcap = HEADS[head]
+        bias = torch.randn(300, device=device) if with_bias else None
+        logits = x.double() @ w.double().t() + (0.0 if bias is None else bias.double())
+        t[1:7] = logits[1:7].argmax(1)  # rows whose target is the most likely token (row 7 stays ignored)
+        log_pt, entropy, top1 = mk.log_probs_and_entropy(x, w, t, bias, softcap=softcap, temperature=0.7,
+                                                         return_top1=True)
+        want = (logits.argmax(1) == t) & (t != -100)  # the softcap and the temperature keep the order
+        assert top1.dtype == torch.bool and top1.shape == t.shape
+        assert torch.equal(top1.cpu(), want.cpu()) and want[1:7].all(), head
+        torch.testing.assert_close((log_pt, entropy), mk.log_probs_and_entropy(x, w, t, bias, softcap=softcap,
+                                                                               temperature=0.7))
+    x = torch.zeros(2, 4, device=device)
+    x[:, 0] = 1.0
+    w = torch.zeros(50, 4, device=device)
+    w[10, 0] = w[20, 0] = 3.0
+    _, _, top1 = mk.log_probs_and_entropy(x, w, torch.tensor([10, 20], device=device), return_top1=True)
+    assert top1.tolist() == [True, True]
+
+
+def test_return_top1():
+    check_top1("cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_return_top1_on_both_cpu_backends(backend, monkeypatch):
+    skip_without_cpp(backend)
+    monkeypatch.setenv("MARGINKERN_BACKEND", backend)
+    check_top1("cpu")
+
+
 def test_soft_capped_log_probs_equal_torch_on_gemma_like_logits():
     """softcap = 30 (Gemma 2's) on logits up to ~±90: log p of the capped logits, as HF's Gemma computes them."""
     x, w, t = make_case(29, 150, 32, ignore=(5,))
@@ -315,6 +350,7 @@ def test_opcheck_with_bias_and_softcap():
     x, w, t = make_case(7, 33, 8, ignore=(3,))
     bias = torch.randn(33, requires_grad=True)
     torch.library.opcheck(torch.ops.marginkern.log_probs_entropy, (x, w, t, 0.7, -100, None, False, bias, 2.5))
+    torch.library.opcheck(torch.ops.marginkern.log_probs_entropy, (x, w, t, 0.7, -100, None, False, bias, 2.5, True))
     lse = torch.ops.marginkern.log_probs_entropy(x, w, t, 0.7, -100, None, False, bias, 2.5)[2]
     g = torch.randn(7)
     torch.library.opcheck(torch.ops.marginkern.log_probs_entropy_backward,
@@ -339,6 +375,26 @@ def test_torch_compile_fullgraph(head):
     want = torch.autograd.grad(want_lp.mean() - 0.01 * want_h.mean(), leaves)
     for g, e in zip(got, want):
         assert_close_rel(g, e, torch.float32)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_return_top1_compiled(grad):
+    """return_top1 inside torch.compile(fullgraph=True), with a gradient and under no_grad (where the forward op skips
+    the ignored rows itself: its top1 output comes back in place too)."""
+    x, w, t = make_case(12, 40, 16, ignore=(2, 3, 4, 5))
+    t[0] = (x[0] @ w.t()).argmax()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, w):
+        return mk.log_probs_and_entropy(x, w, t, temperature=0.5, return_top1=True)
+
+    with torch.set_grad_enabled(grad):
+        log_pt, entropy, top1 = step(x, w)
+    want = mk.log_probs_and_entropy(x.detach(), w.detach(), t, temperature=0.5, return_top1=True)
+    torch.testing.assert_close((log_pt, entropy), want[:2])
+    assert torch.equal(top1, want[2]) and top1[0] and not top1[2:6].any()
+    if grad:
+        torch.autograd.grad(log_pt.sum() + entropy.sum(), (x, w))
 
 
 @pytest.mark.parametrize("temperature, exc, match", [

@@ -59,8 +59,8 @@ struct LogProbsRows : public torch::autograd::Function<LogProbsRows> {
                                                 std::optional<double> softcap, int64_t ignore_index,
                                                 int64_t class_chunk) {
     const at::Tensor bias = has_bias ? bias_or_empty : at::Tensor();
-    const auto [log_probs, entropy, lse] =
-        log_probs_entropy_rows(x, w, target, temperature, ignore_index, bias, softcap, class_chunk);
+    const auto [log_probs, entropy, lse, top1] =
+        log_probs_entropy_rows(x, w, target, temperature, ignore_index, bias, softcap, false, class_chunk);
     ctx->save_for_backward({x, w, target, lse, log_probs, entropy, bias_or_empty});
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["temperature"] = temperature;
@@ -91,11 +91,9 @@ struct LogProbsRows : public torch::autograd::Function<LogProbsRows> {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows(const at::Tensor& x, const at::Tensor& w,
-                                                                      const at::Tensor& target, double temperature,
-                                                                      int64_t ignore_index, const at::Tensor& bias,
-                                                                      std::optional<double> softcap,
-                                                                      int64_t class_chunk) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, double temperature, int64_t ignore_index,
+    const at::Tensor& bias, std::optional<double> softcap, bool top1, int64_t class_chunk) {
   const TemperatureLogits rows(x, w, target, temperature, ignore_index, bias, softcap);
   const int64_t chunk = loss::class_chunk(class_chunk, x.size(0), rows.logit.scalar_type());
   const auto [row_max, log_sum, entropy] = streaming_row_stats_with_entropy(
@@ -105,7 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows(const at::
   const at::Tensor zero = at::zeros_like(log_probs);
   // a NaN input makes the entropy NaN too (the statistics carry it; this keeps the two outputs consistent)
   const at::Tensor h = at::where(log_probs.isnan(), log_probs, entropy);
-  return {at::where(rows.valid, log_probs, zero), at::where(rows.valid, h, zero), row_max + log_sum};
+  const at::Tensor lse = row_max + log_sum;
+  // the target column holds the target logit in the statistics too: the max is that very value where it wins
+  const at::Tensor is_top1 = top1 ? rows.valid & rows.logit.ge(row_max) & lse.isfinite()
+                                  : at::empty({0}, x.options().dtype(at::kBool));
+  return {at::where(rows.valid, log_probs, zero), at::where(rows.valid, h, zero), lse, is_top1};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows_backward(

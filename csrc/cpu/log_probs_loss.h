@@ -32,11 +32,13 @@ std::tuple<at::Tensor, at::Tensor> log_probs_and_entropy(const at::Tensor& x, co
 
 // The two halves, per row and without autograd (the ops torch.ops.marginkern.log_probs_entropy_rows{,_backward}
 // that the Python package runs on the CPU; argument checks are the caller's; class_chunk 0: automatic):
-// (log_probs, entropy, lse) per row, then (dL/dx, dL/dw or (0,), dL/dbias or (0,)) for per-row gradients of
+// (log_probs, entropy, lse, top1) per row, top1 (with `top1`; else (0,)) whether the target's logit is the row's
+// largest (ties count, ignored rows false), then (dL/dx, dL/dw or (0,), dL/dbias or (0,)) for per-row gradients of
 // log_probs and entropy.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, double temperature, int64_t ignore_index,
-    const at::Tensor& bias = at::Tensor(), std::optional<double> softcap = std::nullopt, int64_t class_chunk = 0);
+    const at::Tensor& bias = at::Tensor(), std::optional<double> softcap = std::nullopt, bool top1 = false,
+    int64_t class_chunk = 0);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows_backward(
     const at::Tensor& grad_log_probs, const at::Tensor& grad_entropy, const at::Tensor& x, const at::Tensor& w,
     const at::Tensor& target, const at::Tensor& lse, const at::Tensor& log_probs, const at::Tensor& entropy,

@@ -111,16 +111,16 @@ std::tuple<at::Tensor, at::Tensor> emo_rows_backward_op(const at::Tensor& grad_c
                            ignore_index, need_weight_grad);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows_op(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, double temperature,
-    int64_t ignore_index, const std::optional<at::Tensor>& bias, std::optional<double> softcap) {
+    int64_t ignore_index, const std::optional<at::Tensor>& bias, std::optional<double> softcap, bool top1) {
   constexpr const char* op = "marginkern::log_probs_entropy_rows";
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op, ": temperature must be a finite number > 0, got ",
               temperature);
   loss::check_softcap(op, softcap);
   loss::check_targets(op, target, weight.size(0), ignore_index);
   return log_probs_entropy_rows(input, weight, target.to(at::kLong), temperature, ignore_index,
-                                bias.value_or(at::Tensor()), softcap);
+                                bias.value_or(at::Tensor()), softcap, top1);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> log_probs_entropy_rows_backward_op(
@@ -204,7 +204,8 @@ TORCH_LIBRARY_FRAGMENT(marginkern, m) {
       "-> (Tensor grad_input, Tensor grad_weight)");
   m.def(
       "log_probs_entropy_rows(Tensor input, Tensor weight, Tensor target, float temperature, int ignore_index, "
-      "Tensor? bias=None, float? softcap=None) -> (Tensor log_probs, Tensor entropy, Tensor lse)");
+      "Tensor? bias=None, float? softcap=None, bool top1=False) "
+      "-> (Tensor log_probs, Tensor entropy, Tensor lse, Tensor top1)");
   m.def(
       "log_probs_entropy_rows_backward(Tensor grad_log_probs, Tensor grad_entropy, Tensor input, Tensor weight, "
       "Tensor target, Tensor lse, Tensor log_probs, Tensor entropy, float temperature, int ignore_index, "

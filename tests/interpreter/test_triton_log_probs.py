@@ -6,7 +6,7 @@ import torch
 import marginkern as mk
 from tests.helpers import check_special_rows_log_probs, make_case
 from tests.interpreter.test_triton_kernels import DEVICE, DTYPES, pytestmark  # noqa: F401  (same skip rule)
-from tests.test_log_probs import check_confident_and_flat_rows, check_log_probs_against_oracle
+from tests.test_log_probs import check_confident_and_flat_rows, check_log_probs_against_oracle, check_top1
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +41,11 @@ def test_long_class_splits_and_many_splits(sm_count, monkeypatch):
 
 def test_confident_and_flat_rows():
     check_confident_and_flat_rows(DEVICE)
+
+
+def test_return_top1():
+    """The row max of the forward kernel's entropy statistics (its class splits merged) against the argmax."""
+    check_top1(DEVICE)
 
 
 @pytest.mark.parametrize("sm_count", [1, 132])
