@@ -140,9 +140,10 @@ setup(
         # no version floor here: a CUDA torch pins its Triton, and a floor above that pin would make pip replace the
         # user's torch; the Triton backend itself refuses a Triton older than it is tested with (dispatch.MIN_TRITON)
         "triton": ["triton"],
-        # transformers: the version marginkern.huggingface's patch is tested against (tests/test_huggingface.py)
+        # transformers, trl: the versions marginkern.huggingface's and marginkern.trl's patches are tested against
+        # (tests/test_huggingface.py, tests/test_trl.py)
         "test": ["pytest", "numpy", "triton", "scikit-learn", "cmake", "ninja", "transformers==5.25.0",
-                 "accelerate==1.16.0"],
+                 "accelerate==1.16.0", "trl==1.16.0"],
         "bench": ["matplotlib", "pytest-benchmark", "transformers==5.25.0"],  # transformers: bench/hf_cases.py
         "peers": ["liger-kernel", "cut-cross-entropy"],
     },

@@ -9,6 +9,10 @@ Providers:
                   backward's dL/da kernel)
   naive           what RL trainers do on materialised logits: fp32 logits / T, log_softmax, gather, −Σ p·log p
   torch.compile   torch.compile of that naive function
+  trl             TRL's fused LM head function (trl.kernels.chunked_logprob.ChunkedLogProbFunction, what its SFT,
+                  GRPO, RLOO, DPO and KTO trainers run; 32768-class chunks, TRL's default; Triton on CUDA, PyTorch
+                  tiles elsewhere), asked for the entropy as GRPO asks; marginkern.trl.patch_trl() puts the
+                  marginkern provider's pass in its place
   3-GEMM floor    the three GEMMs of the plain LM-head CE of the same shapes
 """
 import torch
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 
 import marginkern
 from common_providers import compiled, gemm_floor, lm_head_cases, loss_step
+from harness import Skip
 
 FLOOR = "3-GEMM floor"
 TEMPERATURE = 0.9
@@ -47,8 +52,25 @@ def marginkern_log_probs_entropy(x, w, target):
     return _policy_loss(*marginkern.log_probs_and_entropy(x, w, target, temperature=TEMPERATURE), target)
 
 
+TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+
+
+def trl_step(case, device):
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    except ImportError as exc:
+        raise Skip(f"trl not importable ({exc})")
+
+    def trl_log_probs_entropy(x, w, target):
+        log_pt, entropy = ChunkedLogProbFunction.apply(x, w, None, target, TEMPERATURE, TRL_CHUNK, None, 1.0,
+                                                       ("entropy",))[:2]
+        return _policy_loss(log_pt, entropy, target)
+    return loss_step(trl_log_probs_entropy, case, device)
+
+
 PROVIDERS = {
     "marginkern": lambda case, device: loss_step(marginkern_log_probs_entropy, case, device),
+    "trl": trl_step,
     "naive": lambda case, device: loss_step(naive_log_probs_entropy, case, device),
     "torch.compile": lambda case, device: loss_step(compiled(naive_log_probs_entropy, device), case, device),
     FLOOR: gemm_floor,

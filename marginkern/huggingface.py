@@ -375,12 +375,12 @@ def causal_lm_log_probs_and_entropy(model, labels, *, temperature=1.0, ignore_in
 
 
 def _scaled_head(hidden, bias, scale, softcap, temperature):
-    """(hidden, bias, temperature) for log_probs_and_entropy of a model whose logits are softcap(s·(h·wᵀ + b)): the
-    scale s joins the temperature where nothing caps the logits, else the head's operands ((h·wᵀ + b)·s =
+    """(hidden, bias, temperature) for log_probs_and_entropy of a model whose logits are softcap(s·(h·wᵀ + b)): a scale
+    s > 0 joins the temperature where nothing caps the logits, else the head's operands ((h·wᵀ + b)·s =
     (s·h)·wᵀ + s·b: one scaled copy of the hidden states)."""
     if scale == 1.0:
         return hidden, bias, temperature
-    if softcap is None:
+    if softcap is None and scale > 0:
         return hidden, bias, temperature / scale
     return hidden * scale, None if bias is None else bias * scale, temperature
 
