@@ -343,9 +343,9 @@ def causal_lm_sequence_log_probs(model, labels, *, average=False, ignore_index=-
     The model runs its own forward with the LM head projecting nothing (as a patched model's training step; no KV
     cache unless use_cache=True), then `marginkern.log_probs_and_entropy` streams the head over the last hidden
     state with the model type's logit transform (Cohere's and Granite's scales as a temperature, in fp32; Gemma 2/3's
-    softcap; a head's bias). Under no_grad it serves a reference model (accelerate's offloaded heads included). The model is called as it is given: under
-    DistributedDataParallel, gradient synchronisation relies on the wrapper's own forward, so run this inside it
-    (TRL's _forward_redirection) or use patch_causal_lm's loss instead.
+    softcap; a head's bias). Under no_grad it serves a reference model (accelerate's offloaded heads included). The
+    model is called as it is given: under DistributedDataParallel, gradient synchronisation relies on the wrapper's
+    own forward, so run this inside it (TRL's _forward_redirection) or use patch_causal_lm's loss instead.
     """
     average = check_bool("average", average)
     with _lm_head_operands(model, labels, ignore_index, model_inputs, "causal_lm_sequence_log_probs") as operands:

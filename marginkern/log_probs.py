@@ -14,10 +14,10 @@ coef_p = −g_lp − g_H·H: the engine's entropy term (engine.py). The target c
 g_lp·(1 − p_t) + g_H·p_t·(−log p_t − H), with 1 − p_t = −expm1(log p_t) (no cancellation for a confident
 token). The engine's spec has the temperature inside the softcap: z = softcap_{cap/T}(a/T + b/T), the same
 function (cap/T)·tanh((a + b)/cap), so its row scale is 1/T, its bias b/T and its cap cap/T; a and b enter
-alike, so dL/db_j = Σ_n dL/da_nj, the engine's bias gradient. One forward pass gives the row max M, S′ and T (engine.streaming_row_stats_with_entropy), hence
-log_sum = lse − M = log1p(S′) and H, each exact for confident rows, and log p_t = (z_t − M) − log_sum: where
-z_t is the max, log p_t = −log1p(S′) to the last bits, where z_t − lse would round to a multiple of ulp(lse)
-(2e-6 at lse ≈ 30). lse, log p_t and H are saved for the backward pass.
+alike, so dL/db_j = Σ_n dL/da_nj, the engine's bias gradient. One forward pass gives the row max M, S′ and T
+(engine.streaming_row_stats_with_entropy), hence log_sum = lse − M = log1p(S′) and H, each exact for confident
+rows, and log p_t = (z_t − M) − log_sum: where z_t is the max, log p_t = −log1p(S′) to the last bits, where
+z_t − lse would round to a multiple of ulp(lse) (2e-6 at lse ≈ 30). lse, log p_t and H are saved for the backward pass.
 
 A vocab-parallel head (marginkern.distributed.sharded_log_probs_and_entropy) passes a `shard`: this process
 holds classes [shard.start, shard.start + C_local); `shard.merge_entropy_stats` merges the ranks' (M, S′, T)

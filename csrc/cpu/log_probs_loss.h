@@ -27,7 +27,8 @@ struct LogProbsOptions {
 // (log_probs, entropy), each (N,) in the accumulation dtype (float64 for float64 inputs, else float32); gradients
 // flow to x, w and bias.
 std::tuple<at::Tensor, at::Tensor> log_probs_and_entropy(const at::Tensor& x, const at::Tensor& w,
-                                                         const at::Tensor& target, const at::Tensor& bias = at::Tensor(),
+                                                         const at::Tensor& target,
+                                                         const at::Tensor& bias = at::Tensor(),
                                                          const LogProbsOptions& options = {});
 
 // The two halves, per row and without autograd (the ops torch.ops.marginkern.log_probs_entropy_rows{,_backward}
