@@ -115,6 +115,17 @@ def test_only_the_asked_fields_and_their_gradients():
         FusedLogProbs.apply(hidden, partitioned, bias, targets, 1.0, 64, None, 1.0, ())
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_a_batch_without_labelled_tokens(softcap):
+    """TRL compacts the labelled positions on a GPU: a microbatch without any gives 0 rows, and zero gradients."""
+    hidden, weight, bias, _ = case(with_bias=True)
+    out = FusedLogProbs.apply(hidden[:0], weight, bias, torch.zeros(0, dtype=torch.long), 0.7, 64, softcap, 0.5,
+                              EXTRA)
+    assert [tuple(o.shape) for o in out] == [(0,)] * 5
+    grads = torch.autograd.grad(out[0].sum() + out[1].sum(), (hidden, weight, bias))
+    assert all(not g.any() for g in grads)
+
+
 def tiny_model(model_type):
     from tests.test_huggingface import tiny_model as make
     return make(model_type)
