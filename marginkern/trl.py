@@ -15,7 +15,10 @@ not, as TRL's. `is_top1` counts a label tied with another maximal token (TRL's a
 `log_sum_sq_probs` is log p at half the temperature taken from log p (2·log p_t − log p_t(T/2) = lse(2z) − 2·lse(z)):
 one more forward pass, without gradient, as TRL's; `mean_logits` is x·w̄ + b̄ (one matrix-vector product) without a
 softcap, and needs one more forward pass with one. Logits are fp32 dot products of the operands in TRL's compute
-dtype (the autocast dtype, else the hidden states'), where TRL rounds them to that dtype first.
+dtype (the autocast dtype, else the hidden states'), where TRL rounds them to that dtype first. A head in another
+dtype than that (an fp32 head under bf16 autocast; GRPO's cast_lm_head_to_fp32 with a bf16 head) is cast whole, where
+TRL casts it chunk by chunk: V·D elements of that dtype more while the step runs (its gradient comes back through the
+cast in the head's dtype).
 """
 import torch
 
