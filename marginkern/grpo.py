@@ -25,9 +25,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from .checks import check_finite, check_float_tensor, check_ignore_index, check_int, check_shift, check_tensor
+from .checks import (check_finite, check_float_tensor, check_ignore_index, check_int, check_shift, check_softcap,
+                     check_tensor)
 from .engine import accumulation_dtype
-from .preference import reference_token_log_probs, token_log_probs
+from .preference import reference_token_log_probs, softcap_repr, token_log_probs
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -175,14 +176,15 @@ class LinearGRPOLoss(nn.Module):
 
     target holds the sampled completion tokens, ignore_index where nothing counts (the prompt, the padding); shift=1
     takes them as a causal LM's labels (position t scores token t + 1). The policy's log-probabilities of
-    softmax(input·weightᵀ / temperature) (TRL's sampling temperature) and its entropy come from one fused pass; the
-    reference model's either precomputed (ref_log_probs) or from its hidden states and head (under no_grad). Options
+    softmax(input·weightᵀ / temperature) (TRL's sampling temperature; softcap(input·weightᵀ) with the model's
+    final-logit `softcap`, Gemma 2/3's) and its entropy come from one fused pass; the reference model's either
+    precomputed (ref_log_probs) or from its hidden states and head (under no_grad, with the same softcap). Options
     as `grpo_loss`.
     """
 
     def __init__(self, *, beta=0.0, epsilon=0.2, epsilon_high=None, delta=None, loss_type="dapo",
                  importance_sampling_level="token", max_completion_length=None, temperature=1.0, ignore_index=-100,
-                 shift=0):
+                 shift=0, softcap=None):
         super().__init__()
         _check_options(loss_type, importance_sampling_level, beta, epsilon, epsilon_high, delta, max_completion_length)
         self.options = dict(beta=float(beta), epsilon=float(epsilon), epsilon_high=epsilon_high, delta=delta,
@@ -191,9 +193,11 @@ class LinearGRPOLoss(nn.Module):
         check_finite("temperature", temperature, 0.0, low_open=True)
         self.temperature = float(temperature)
         self.ignore_index, self.shift = check_ignore_index(ignore_index), check_shift(shift)
+        self.softcap = check_softcap(softcap)
 
     def _log_probs(self, input, weight, target):
-        return token_log_probs(input, weight, target, self.ignore_index, self.shift, self.temperature, "completions")
+        return token_log_probs(input, weight, target, self.ignore_index, self.shift, self.temperature, "completions",
+                               self.softcap)
 
     def forward(self, input, weight, target, advantages, *, old_log_probs=None, ref_log_probs=None, ref_input=None,
                 ref_weight=None, num_items_in_batch=None) -> GRPOOutput:
@@ -202,7 +206,7 @@ class LinearGRPOLoss(nn.Module):
                              "(one of the two, or neither)")
         if ref_input is not None:  # (before the policy's pass: its arguments are checked there)
             ref_log_probs, _ = reference_token_log_probs(ref_input, ref_weight, input, target, self.ignore_index,
-                                                         self.shift, self.temperature)
+                                                         self.shift, self.temperature, self.softcap)
         log_probs, entropy, mask = self._log_probs(input, weight, target)
         out = grpo_loss(log_probs, advantages, mask, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs,
                         num_items_in_batch=num_items_in_batch, **self.options)
@@ -216,4 +220,4 @@ class LinearGRPOLoss(nn.Module):
     def extra_repr(self):
         return ", ".join([f"{k}={v!r}" for k, v in self.options.items()]
                          + [f"temperature={self.temperature}", f"ignore_index={self.ignore_index}",
-                            f"shift={self.shift}"])
+                            f"shift={self.shift}{softcap_repr(self.softcap)}"])

@@ -31,9 +31,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from .checks import check_bool, check_finite, check_float_tensor, check_ignore_index, check_shift, check_tensor
+from .checks import (check_bool, check_finite, check_float_tensor, check_ignore_index, check_shift, check_softcap,
+                     check_tensor)
 from .engine import accumulation_dtype, log1m_exp, row_block_matvec
-from .functional import _shift_targets, log_probs_and_entropy
+from .functional import _shift_targets, linear_cross_entropy, log_probs_and_entropy
 from .modules import _autocast_like
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "hinge", "ipo", "nca_pair", "sppo_hard", "aot", "aot_pair",
@@ -51,17 +52,22 @@ EXO_PAIR_DEFAULT_SMOOTHING = 1e-3
 MAX_LOG_PROB = -1e-30
 
 
-def token_log_probs(input, weight, target, ignore_index, shift, temperature=1.0, what="sequences"):
+def token_log_probs(input, weight, target, ignore_index, shift, temperature=1.0, what="sequences", softcap=None):
     """For a batch of sequences input (B, T, D) (a head in another dtype cast to input's under autocast): the (B, T)
-    log p(target) and entropy (0 at ignored positions) and the (B, T) mask of the positions that count. Shared by the
-    preference heads and the GRPO head."""
+    log p(target) and entropy (0 at ignored positions) and the (B, T) mask of the positions that count, of
+    softcap(input·weightᵀ)/temperature. Shared by the preference heads and the GRPO head."""
     check_tensor("input", input)
     if input.dim() != 3:
         raise ValueError(f"input must have shape (B, T, D) (a batch of {what}), got shape {tuple(input.shape)}")
     log_probs, entropy = log_probs_and_entropy(input, _autocast_like(weight, input), target, temperature=temperature,
-                                               ignore_index=ignore_index, shift=shift)
+                                               softcap=softcap, ignore_index=ignore_index, shift=shift)
     valid = _shift_targets(target, shift, ignore_index) != ignore_index
     return log_probs, entropy, valid
+
+
+def softcap_repr(softcap):
+    """A head's softcap for its extra_repr: nothing where it has none."""
+    return "" if softcap is None else f", softcap={softcap}"
 
 
 def _sum_or_mean(log_probs, valid, average):
@@ -70,15 +76,16 @@ def _sum_or_mean(log_probs, valid, average):
     return total / valid.sum(-1).clamp_min(1) if average else total
 
 
-def sequence_log_probs(input, weight, target, *, ignore_index=-100, shift=0, average=False, temperature=1.0):
+def sequence_log_probs(input, weight, target, *, ignore_index=-100, shift=0, average=False, temperature=1.0,
+                       softcap=None):
     """log π(y | x) per sequence: Σ_t log p(target_t) over the positions whose target is not ignore_index, or its
-    mean over them (average=True; 0 for a sequence without such positions), p = softmax(input·weightᵀ / temperature).
-    input (B, T, D), weight (V, D), target (B, T) integer; returns (B,) fp32 (fp64 for fp64 input), differentiable in
-    input and weight. One fused pass over the vocabulary (`log_probs_and_entropy`); shift as in
-    linear_cross_entropy."""
+    mean over them (average=True; 0 for a sequence without such positions), p = softmax(softcap(input·weightᵀ) /
+    temperature) (softcap: Gemma 2/3's final-logit softcap, or None). input (B, T, D), weight (V, D), target (B, T)
+    integer; returns (B,) fp32 (fp64 for fp64 input), differentiable in input and weight. One fused pass over the
+    vocabulary (`log_probs_and_entropy`); shift as in linear_cross_entropy."""
     ignore_index, shift = check_ignore_index(ignore_index), check_shift(shift)
     average = check_bool("average", average)
-    log_probs, _, valid = token_log_probs(input, weight, target, ignore_index, shift, temperature)
+    log_probs, _, valid = token_log_probs(input, weight, target, ignore_index, shift, temperature, softcap=softcap)
     return _sum_or_mean(log_probs, valid, average)
 
 
@@ -284,19 +291,31 @@ class PreferenceOutput(NamedTuple):
     policy_weights: Optional[Tensor] = None  # (B,) WPO's pair weights (LinearDPOLoss(use_weighting=True)), detached
 
 
-def _mean_class_row(weight, input):
-    """w̄, the mean of weight's rows, accumulated in fp32 (fp64) without an fp32 copy of the head."""
-    return weight.detach().mean(0, dtype=accumulation_dtype(input.dtype))
+def mean_logits(x, w, bias=None, temperature=1.0, softcap=None):
+    """Per row of x (N, D) the mean over the V classes of softcap(x·wᵀ + b)/temperature, without gradient and without
+    the logits: TRL's logit-mean metrics. Without a softcap it is linear in the head, x·w̄ + b̄ (w̄ accumulated in fp32
+    without an fp32 copy of the head; 16-bit rows upcast by blocks, not as a whole (N, D) copy); with one it takes a
+    forward pass, as lse − (label-smoothed CE with ε = 1) = Σ_j z_j / V (to the resolution of lse)."""
+    x, w, bias = x.detach(), w.detach(), None if bias is None else bias.detach()
+    acc = accumulation_dtype(x.dtype)
+    if softcap is None:
+        mean = row_block_matvec(x, w.mean(0, dtype=acc))
+        return (mean if bias is None else mean + bias.mean(dtype=acc)) / temperature
+    any_class = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    smoothed, lse = linear_cross_entropy(x, w, any_class, bias, softcap=softcap, label_smoothing=1.0,
+                                         reduction="none", return_lse=True, skip_ignored_rows=False)
+    return (lse - smoothed) / temperature
 
 
-def _mean_logit(input, mean_row, valid):
-    """The mean of x·w_j over the counted positions and all V classes, which is x·w̄ (w̄ = _mean_class_row): TRL's
-    logits/chosen metric without the logits (16-bit rows upcast by blocks, not as a whole (N, D) copy)."""
-    per_token = row_block_matvec(input.detach().reshape(-1, input.shape[-1]), mean_row).reshape(valid.shape)
+def _mean_logit(input, weight, valid, softcap):
+    """The mean logit over the counted positions of input (..., D) (valid: their mask) and all V classes: TRL's
+    logits/chosen metric without the logits."""
+    per_token = mean_logits(input.reshape(-1, input.shape[-1]), weight, softcap=softcap).reshape(valid.shape)
     return (per_token * valid).sum() / valid.sum().clamp_min(1)
 
 
-def reference_token_log_probs(ref_input, ref_weight, input, target, ignore_index, shift, temperature=1.0):
+def reference_token_log_probs(ref_input, ref_weight, input, target, ignore_index, shift, temperature=1.0,
+                              softcap=None):
     """The reference model's (B, T) per-token log-probabilities and the counted mask, from its hidden states (any
     width, input's other dimensions) and head, under no_grad. Shared by the preference heads and the GRPO head."""
     check_tensor("input", input)
@@ -305,7 +324,8 @@ def reference_token_log_probs(ref_input, ref_weight, input, target, ignore_index
         raise ValueError(f"ref_input must have shape {tuple(input.shape[:-1])} + (D_ref,) like input, got "
                          f"shape {tuple(ref_input.shape)}")
     with torch.no_grad():
-        log_probs, _, valid = token_log_probs(ref_input, ref_weight, target, ignore_index, shift, temperature)
+        log_probs, _, valid = token_log_probs(ref_input, ref_weight, target, ignore_index, shift, temperature,
+                                              softcap=softcap)
     return log_probs, valid
 
 
@@ -316,11 +336,12 @@ class _PairedPreferenceLoss(nn.Module):
 
     uses_reference = False
 
-    def __init__(self, *, nll_weight, nll_weight_name, ignore_index, shift):
+    def __init__(self, *, nll_weight, nll_weight_name, ignore_index, shift, softcap):
         super().__init__()
         check_finite(nll_weight_name, nll_weight, 0.0)
         self.nll_weight = float(nll_weight)
         self.ignore_index, self.shift = check_ignore_index(ignore_index), check_shift(shift)
+        self.softcap = check_softcap(softcap)
 
     def pair_losses(self, chosen, rejected, ref_chosen, ref_rejected):
         raise NotImplementedError
@@ -338,7 +359,7 @@ class _PairedPreferenceLoss(nn.Module):
             return None, None
         if given == [True, True, False, False]:
             log_probs, valid = reference_token_log_probs(ref_input, ref_weight, input, target, self.ignore_index,
-                                                         self.shift)
+                                                         self.shift, softcap=self.softcap)
             return _sum_or_mean(log_probs, valid, self.average).chunk(2)
         if given == [False, False, True, True]:
             return ref_chosen_logps.detach(), ref_rejected_logps.detach()
@@ -355,7 +376,8 @@ class _PairedPreferenceLoss(nn.Module):
         # the reference first: its arguments are checked before the policy's pass runs
         ref_chosen, ref_rejected = self._reference_logps(input, target, ref_input, ref_weight, ref_chosen_logps,
                                                          ref_rejected_logps)
-        per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift)
+        per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift,
+                                              softcap=self.softcap)
         chosen, rejected = self.sequence_logps(per_token, valid).chunk(2)
         losses, chosen_rewards, rejected_rewards = self.pair_losses(chosen, rejected, ref_chosen, ref_rejected)
         pairs = input.shape[0] // 2
@@ -367,8 +389,7 @@ class _PairedPreferenceLoss(nn.Module):
         losses = losses if weights is None else losses * weights
         loss = losses.mean() + self.nll_weight * nll * nll_share if self.nll_weight else losses.mean()
         with torch.no_grad():
-            mean_row = _mean_class_row(weight, input)
-            logit_means = [_mean_logit(input[half], mean_row, valid[half])
+            logit_means = [_mean_logit(input[half], weight, valid[half], self.softcap)
                            for half in (slice(0, pairs), slice(pairs, 2 * pairs))]
         return PreferenceOutput(loss, losses, chosen, rejected, chosen_rewards, rejected_rewards, nll, *logit_means,
                                 weights)
@@ -401,8 +422,9 @@ class LinearDPOLoss(_PairedPreferenceLoss):
     uses_reference = True
 
     def __init__(self, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0, reference_free=False,
-                 discopop_tau=0.05, ld_alpha=None, use_weighting=False, ignore_index=-100, shift=0):
-        super().__init__(nll_weight=rpo_alpha, nll_weight_name="rpo_alpha", ignore_index=ignore_index, shift=shift)
+                 discopop_tau=0.05, ld_alpha=None, use_weighting=False, ignore_index=-100, shift=0, softcap=None):
+        super().__init__(nll_weight=rpo_alpha, nll_weight_name="rpo_alpha", ignore_index=ignore_index, shift=shift,
+                         softcap=softcap)
         self.beta = _check_beta(beta)
         self.label_smoothing = _check_smoothing(loss_type, label_smoothing, DPO_LOSS_TYPES)
         check_finite("discopop_tau", discopop_tau, 0.0, low_open=True)
@@ -432,7 +454,7 @@ class LinearDPOLoss(_PairedPreferenceLoss):
         with torch.no_grad():
             # log p_t − log Σ_v p_v² = (2z_t − lse(2z)) − (z_t − lse(z)): log p at temperature ½ minus log p
             sharp, _, _ = token_log_probs(input.detach(), weight.detach(), target, self.ignore_index, self.shift,
-                                          temperature=0.5)
+                                          temperature=0.5, softcap=self.softcap)
             adjusted = ((sharp - per_token.detach()) * valid).sum(-1) / valid.sum(-1).clamp_min(1)
             pairs = adjusted.shape[0] // 2
             return torch.exp(adjusted[:pairs] + adjusted[pairs:]).clamp(max=1.0)
@@ -447,7 +469,7 @@ class LinearDPOLoss(_PairedPreferenceLoss):
             ", use_weighting=True" if self.use_weighting else "")
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}{tau}, "
                 f"rpo_alpha={self.nll_weight}, reference_free={self.reference_free}{options}, "
-                f"ignore_index={self.ignore_index}, shift={self.shift}")
+                f"ignore_index={self.ignore_index}, shift={self.shift}{softcap_repr(self.softcap)}")
 
 
 class LinearORPOLoss(_PairedPreferenceLoss):
@@ -457,15 +479,16 @@ class LinearORPOLoss(_PairedPreferenceLoss):
 
     average = True
 
-    def __init__(self, *, beta=0.1, ignore_index=-100, shift=0):
-        super().__init__(nll_weight=1.0, nll_weight_name="nll_weight", ignore_index=ignore_index, shift=shift)
+    def __init__(self, *, beta=0.1, ignore_index=-100, shift=0, softcap=None):
+        super().__init__(nll_weight=1.0, nll_weight_name="nll_weight", ignore_index=ignore_index, shift=shift,
+                         softcap=softcap)
         self.beta = _check_beta(beta)
 
     def pair_losses(self, chosen, rejected, ref_chosen, ref_rejected):
         return orpo_loss(chosen, rejected, beta=self.beta)[:3]
 
     def extra_repr(self):
-        return f"beta={self.beta}, ignore_index={self.ignore_index}, shift={self.shift}"
+        return f"beta={self.beta}, ignore_index={self.ignore_index}, shift={self.shift}{softcap_repr(self.softcap)}"
 
 
 class LinearCPOLoss(_PairedPreferenceLoss):
@@ -475,8 +498,9 @@ class LinearCPOLoss(_PairedPreferenceLoss):
     GAMMA_NAME = "simpo_gamma"
 
     def __init__(self, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, simpo_gamma=0.5, alpha=1.0,
-                 ignore_index=-100, shift=0):
-        super().__init__(nll_weight=alpha, nll_weight_name="alpha", ignore_index=ignore_index, shift=shift)
+                 ignore_index=-100, shift=0, softcap=None):
+        super().__init__(nll_weight=alpha, nll_weight_name="alpha", ignore_index=ignore_index, shift=shift,
+                         softcap=softcap)
         self.beta = _check_beta(beta)
         self.label_smoothing = _check_smoothing(loss_type, label_smoothing, CPO_LOSS_TYPES)
         check_finite(self.GAMMA_NAME, simpo_gamma)
@@ -490,7 +514,7 @@ class LinearCPOLoss(_PairedPreferenceLoss):
     def extra_repr(self):
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
                 f"simpo_gamma={self.simpo_gamma}, alpha={self.nll_weight}, ignore_index={self.ignore_index}, "
-                f"shift={self.shift}")
+                f"shift={self.shift}{softcap_repr(self.softcap)}")
 
 
 class LinearSimPOLoss(LinearCPOLoss):
@@ -500,9 +524,10 @@ class LinearSimPOLoss(LinearCPOLoss):
 
     GAMMA_NAME = "gamma"
 
-    def __init__(self, *, beta=2.0, gamma=0.5, label_smoothing=0.0, alpha=0.0, ignore_index=-100, shift=0):
+    def __init__(self, *, beta=2.0, gamma=0.5, label_smoothing=0.0, alpha=0.0, ignore_index=-100, shift=0,
+                 softcap=None):
         super().__init__(beta=beta, loss_type="simpo", label_smoothing=label_smoothing, simpo_gamma=gamma,
-                         alpha=alpha, ignore_index=ignore_index, shift=shift)
+                         alpha=alpha, ignore_index=ignore_index, shift=shift, softcap=softcap)
 
 
 class KTOOutput(NamedTuple):
@@ -518,13 +543,15 @@ class LinearKTOLoss(nn.Module):
     kl is the reference point z₀ (`kto_kl_estimate` of the mismatched pairs' log-probabilities, which
     `sequence_log_probs` gives under no_grad)."""
 
-    def __init__(self, *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, ignore_index=-100, shift=0):
+    def __init__(self, *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, ignore_index=-100, shift=0,
+                 softcap=None):
         super().__init__()
         self.beta = _check_beta(beta)
         check_finite("desirable_weight", desirable_weight, 0.0)
         check_finite("undesirable_weight", undesirable_weight, 0.0)
         self.desirable_weight, self.undesirable_weight = float(desirable_weight), float(undesirable_weight)
         self.ignore_index, self.shift = check_ignore_index(ignore_index), check_shift(shift)
+        self.softcap = check_softcap(softcap)
 
     def forward(self, input, weight, target, desirable, *, ref_input=None, ref_weight=None,
                 ref_logps: Optional[Tensor] = None, kl=0.0) -> KTOOutput:
@@ -536,16 +563,18 @@ class LinearKTOLoss(nn.Module):
                              "(one of the two)")
         if ref_logps is None:  # (before the policy's pass: its arguments are checked there)
             ref_token_log_probs, _ = reference_token_log_probs(ref_input, ref_weight, input, target, self.ignore_index,
-                                                               self.shift)
+                                                               self.shift, softcap=self.softcap)
             ref_logps = ref_token_log_probs.sum(-1)
-        per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift)
+        per_token, _, valid = token_log_probs(input, weight, target, self.ignore_index, self.shift,
+                                              softcap=self.softcap)
         logps = per_token.sum(-1)
         losses, rewards = kto_loss(logps, ref_logps.detach(), desirable, kl=kl, beta=self.beta,
                                    desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
         with torch.no_grad():
-            logits_mean = _mean_logit(input, _mean_class_row(weight, input), valid)
+            logits_mean = _mean_logit(input, weight, valid, self.softcap)
         return KTOOutput(losses.mean(), logps, rewards, logits_mean)
 
     def extra_repr(self):
         return (f"beta={self.beta}, desirable_weight={self.desirable_weight}, "
-                f"undesirable_weight={self.undesirable_weight}, ignore_index={self.ignore_index}, shift={self.shift}")
+                f"undesirable_weight={self.undesirable_weight}, ignore_index={self.ignore_index}, shift={self.shift}"
+                f"{softcap_repr(self.softcap)}")

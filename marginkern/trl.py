@@ -22,9 +22,9 @@ cast in the head's dtype).
 """
 import torch
 
-from .engine import accumulation_dtype, row_block_matvec
-from .functional import linear_cross_entropy, log_probs_and_entropy
+from .functional import log_probs_and_entropy
 from .huggingface import _scaled_head
+from .preference import mean_logits
 
 # the per-token fields TRL's head can ask for (trl.kernels.chunked_logprob.OPTIONAL_OUTPUTS, and log_probs)
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -59,31 +59,19 @@ class FusedLogProbs:
                                         return_top1="is_top1" in outputs)
         log_probs, entropy = results[:2]
         with torch.no_grad():
-            log_sum_sq_probs = mean_logits = None
+            log_sum_sq_probs = mean_logit = None
             if "log_sum_sq_probs" in outputs:
                 half, _ = log_probs_and_entropy(x.detach(), weight.detach(), targets, _detached(b), temperature=t / 2,
                                                 softcap=softcap, skip_ignored_rows=False)
                 log_sum_sq_probs = 2.0 * log_probs.detach() - half
             if "mean_logits" in outputs:
-                mean_logits = _mean_logits(x.detach(), weight.detach(), targets, _detached(b), t, softcap)
-        return (log_probs, entropy if "entropy" in outputs else None, log_sum_sq_probs, mean_logits,
+                mean_logit = mean_logits(x, weight, b, t, softcap)
+        return (log_probs, entropy if "entropy" in outputs else None, log_sum_sq_probs, mean_logit,
                 results[2] if "is_top1" in outputs else None)
 
 
 def _detached(t):
     return None if t is None else t.detach()
-
-
-def _mean_logits(x, w, targets, b, temperature, softcap):
-    """Per row the mean over the classes of softcap(x·wᵀ + b)/temperature (no gradient)."""
-    acc = accumulation_dtype(x.dtype)
-    if softcap is None:  # linear in the head: x·w̄ + b̄
-        mean = row_block_matvec(x, w.mean(0, dtype=acc))
-        return (mean if b is None else mean + b.mean(dtype=acc)) / temperature
-    # label smoothing ε = 1 leaves lse − Σ_j z_j/C per row
-    smoothed, lse = linear_cross_entropy(x, w, targets, b, softcap=softcap, label_smoothing=1.0, reduction="none",
-                                         return_lse=True, skip_ignored_rows=False)
-    return (lse - smoothed) / temperature
 
 
 def _trl_utils():

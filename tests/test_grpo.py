@@ -62,9 +62,13 @@ def trl_grpo(per_token_logps, advantages, completion_mask, old_per_token_logps, 
     return loss, kl, low, high, region, per_token_loss * completion_mask
 
 
-def materialised_log_probs(x, w, t, temperature=1.0):
-    """(log p of the sampled tokens, entropy) per position on the full float64 logits; 0 where t is ignored."""
-    log_p = ((x.double() @ w.double().t()) / temperature).log_softmax(-1)
+def materialised_log_probs(x, w, t, temperature=1.0, softcap=None):
+    """(log p of the sampled tokens, entropy) per position on the full float64 logits (Gemma's softcap where given,
+    then the temperature); 0 where t is ignored."""
+    z = x.double() @ w.double().t()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    log_p = (z / temperature).log_softmax(-1)
     mask = t != -100
     lp = log_p.gather(-1, torch.where(mask, t, 0)[..., None])[..., 0]
     entropy = -(log_p.exp() * log_p).sum(-1)
@@ -95,7 +99,8 @@ CASES = ([dict(loss_type=lt, importance_sampling_level=lvl, beta=0.04, epsilon_h
             dict(loss_type="bnpo", epsilon=0.1, epsilon_high=0.3, both_clips=True),
             dict(loss_type="grpo", delta=1.1, epsilon_high=0.28),
             dict(loss_type="bnpo", token_advantages=True), dict(loss_type="dapo", on_policy=True),
-            dict(loss_type="dapo", temperature=0.7, beta=0.1)])
+            dict(loss_type="dapo", temperature=0.7, beta=0.1),
+            dict(loss_type="grpo", temperature=0.7, softcap=2.0, beta=0.1)])
 
 
 def case_id(options):
@@ -118,7 +123,7 @@ def check_grpo_head_against_trl(options, device="cpu", dtype=torch.float64):
     gx, gw = torch.autograd.grad(out.loss, (xs, ws))
 
     want_x, want_w = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
-    lp, entropy, mask = materialised_log_probs(want_x, want_w, t.cpu(), temperature)
+    lp, entropy, mask = materialised_log_probs(want_x, want_w, t.cpu(), temperature, options.get("softcap"))
     trl = dict(beta=options.get("beta", 0.0), epsilon_low=options.get("epsilon", 0.2),
                epsilon_high=options.get("epsilon_high") or options.get("epsilon", 0.2), delta=options.get("delta"),
                loss_type=options.get("loss_type", "dapo"),
@@ -231,14 +236,17 @@ def test_empty_batch_and_num_items_in_batch():
     assert torch.equal(a.loss, b.loss) and a.loss.dtype == torch.float64
 
 
-def test_reference_model_head_and_shift():
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_reference_model_head_and_shift(softcap):
     """The reference model given as hidden states + head equals its precomputed log-probabilities (and gets no
-    gradient); shift=1 reads token t + 1 at position t, the reference's too."""
+    gradient; with the head's softcap, the reference's logits are capped too); shift=1 reads token t + 1 at position
+    t, the reference's too."""
     x, w, t, A, old, _ = grpo_case()
     xr = torch.randn(5, 7, 9, dtype=torch.float64, requires_grad=True)
     wr = torch.randn(40, 9, dtype=torch.float64, requires_grad=True)
-    head = mk.LinearGRPOLoss(beta=0.2, temperature=0.7)  # the reference at the sampling temperature too (TRL)
-    ref = materialised_log_probs(xr.detach(), wr.detach(), t, temperature=0.7)[0]
+    # the reference at the sampling temperature too (TRL)
+    head = mk.LinearGRPOLoss(beta=0.2, temperature=0.7, softcap=softcap)
+    ref = materialised_log_probs(xr.detach(), wr.detach(), t, temperature=0.7, softcap=softcap)[0]
     by_head = head(x, w, t, A, old_log_probs=old, ref_input=xr, ref_weight=wr)
     given = head(x, w, t, A, old_log_probs=old, ref_log_probs=ref)
     for a, b in zip(by_head[:-1], given[:-1]):
@@ -249,8 +257,8 @@ def test_reference_model_head_and_shift():
     unshifted = torch.cat([torch.full_like(t[:, :1], 3), t[:, :-1]], 1)
     shifted_t = torch.cat([t[:, :-1], torch.full_like(t[:, :1], -100)], 1)
     old_s = torch.cat([old[:, :-1], torch.zeros_like(old[:, :1])], 1)
-    a = mk.LinearGRPOLoss(beta=0.2, temperature=0.7, shift=1)(x, w, unshifted, A, old_log_probs=old_s, ref_input=xr,
-                                                               ref_weight=wr)
+    a = mk.LinearGRPOLoss(beta=0.2, temperature=0.7, shift=1, softcap=softcap)(
+        x, w, unshifted, A, old_log_probs=old_s, ref_input=xr, ref_weight=wr)
     b = head(x, w, shifted_t, A, old_log_probs=old_s, ref_input=xr, ref_weight=wr)
     for u, v in zip(a, b):
         assert torch.allclose(u, v, atol=1e-12)
@@ -276,6 +284,7 @@ def test_bad_arguments_name_what_was_expected():
         (lambda: mk.grpo_loss(lp, A, mask, loss_type="grpo", num_items_in_batch=40), ValueError,
          "normaliser of loss_type 'dapo' and 'cispo'"),
         (lambda: mk.LinearGRPOLoss(temperature=0.0), ValueError, "temperature must lie"),
+        (lambda: mk.LinearGRPOLoss(softcap=0.0), ValueError, "softcap must lie"),
         (lambda: mk.grpo_loss(lp, A, mask, beta=0.1), ValueError, "needs ref_log_probs"),
         (lambda: mk.grpo_loss(lp, A[:3], mask), ValueError, "advantages must have shape"),
         (lambda: mk.grpo_loss(lp, A, mask[:, 1:]), ValueError, "mask must be"),

@@ -16,10 +16,12 @@ from marginkern.preference import CPO_LOSS_TYPES, DPO_LOSS_TYPES
 from tests.helpers import assert_close_rel
 
 
-def trl_logps(x, w, t, ignore_index=-100, average=False):
-    """TRL's get_batch_logps on materialised float64 logits: (B,) sums (or means) of the counted tokens' log p,
-    the (B, T) per-token log p, the mask and the logits."""
+def trl_logps(x, w, t, ignore_index=-100, average=False, softcap=None):
+    """TRL's get_batch_logps on materialised float64 logits (Gemma's softcap·tanh(z/softcap) where given): (B,) sums
+    (or means) of the counted tokens' log p, the (B, T) per-token log p, the mask and the logits."""
     logits = x.double() @ w.double().t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     mask = t != ignore_index
     per_token = torch.gather(logits.log_softmax(-1), 2, torch.where(mask, t, 0)[..., None])[..., 0]
     total = (per_token * mask).sum(-1)
@@ -117,7 +119,7 @@ def pair_case(B=3, T=9, D=12, V=40, dtype=torch.float64, seed=0, device="cpu"):
 
 def head_and_oracle(kind, **options):
     """(our module, TRL's loss on (x, w, t, xr, wr) with its NLL and averaging rules)."""
-    beta = options.get("beta", 0.1)
+    beta, softcap = options.get("beta", 0.1), options.get("softcap")
     if kind == "dpo":
         loss_type, ls = options.get("loss_type", "sigmoid"), options.get("label_smoothing", 0.0)
         rpo_alpha = options.get("rpo_alpha", 0.0)
@@ -125,8 +127,8 @@ def head_and_oracle(kind, **options):
         ld_alpha, use_weighting = options.get("ld_alpha"), options.get("use_weighting", False)
 
         def oracle(x, w, t, xr, wr):
-            lp, per_token, mask, logits = trl_logps(x, w, t, average=average)
-            ref = trl_logps(xr, wr, t, average=average)[0]
+            lp, per_token, mask, logits = trl_logps(x, w, t, average=average, softcap=softcap)
+            ref = trl_logps(xr, wr, t, average=average, softcap=softcap)[0]
             B = x.shape[0] // 2
             if ld_alpha is not None:
                 lp = trl_ld_logps(per_token, mask, ld_alpha)
@@ -142,7 +144,7 @@ def head_and_oracle(kind, **options):
         return mk.LinearDPOLoss(**options), oracle
     if kind == "orpo":
         def oracle(x, w, t, xr, wr):
-            lp, per_token, mask, _ = trl_logps(x, w, t, average=True)
+            lp, per_token, mask, _ = trl_logps(x, w, t, average=True, softcap=softcap)
             B = x.shape[0] // 2
             pc, pr = lp[:B], lp[B:]
             log_odds = (pc - pr) - (torch.log1p(-torch.exp(pc)) - torch.log1p(-torch.exp(pr)))
@@ -157,7 +159,7 @@ def head_and_oracle(kind, **options):
     ls = options.get("label_smoothing", 0.0)
 
     def oracle(x, w, t, xr, wr):
-        lp, per_token, mask, _ = trl_logps(x, w, t, average=loss_type in ("ipo", "simpo"))
+        lp, per_token, mask, _ = trl_logps(x, w, t, average=loss_type in ("ipo", "simpo"), softcap=softcap)
         B = x.shape[0] // 2
         losses = trl_cpo_losses(lp[:B], lp[B:], beta, loss_type, ls, gamma)
         nll = -(per_token[:B] * mask[:B]).sum() / mask[:B].sum()
@@ -178,7 +180,11 @@ PAIRED_CASES = ([("dpo", dict(loss_type=lt)) for lt in DPO_LOSS_TYPES]
                 + [("cpo", dict(loss_type=lt)) for lt in CPO_LOSS_TYPES]
                 + [("cpo", dict(loss_type="sigmoid", label_smoothing=0.1, alpha=0.0)),
                    ("cpo", dict(loss_type="simpo", label_smoothing=0.1, simpo_gamma=0.3)),
-                   ("simpo", dict()), ("simpo", dict(beta=2.5, gamma=1.2, alpha=0.5, label_smoothing=0.2))])
+                   ("simpo", dict()), ("simpo", dict(beta=2.5, gamma=1.2, alpha=0.5, label_smoothing=0.2))]
+                # Gemma's final-logit softcap (2: it bites on these logits), through WPO's pass and the logit means
+                + [("dpo", dict(softcap=2.0)), ("dpo", dict(use_weighting=True, rpo_alpha=0.3, softcap=2.0)),
+                   ("orpo", dict(softcap=2.0)), ("cpo", dict(loss_type="ipo", softcap=2.0)),
+                   ("simpo", dict(softcap=2.0))])
 
 
 def case_id(case):
@@ -207,7 +213,8 @@ def check_paired_head_against_trl(kind, options, device="cpu", dtype=torch.float
         if uses_ref_input:
             ref = dict(ref_input=xr, ref_weight=wr)
         else:
-            ref_lp = trl_logps(xr.double().cpu(), wr.double().cpu(), t.cpu(), average=head.average)[0]
+            ref_lp = trl_logps(xr.double().cpu(), wr.double().cpu(), t.cpu(), average=head.average,
+                               softcap=options.get("softcap"))[0]
             ref = dict(ref_chosen_logps=ref_lp[:B].to(device), ref_rejected_logps=ref_lp[B:].to(device))
     out = head(x, w, head_target, **ref)
     gx, gw = torch.autograd.grad(out.loss, (x, w))
@@ -219,7 +226,8 @@ def check_paired_head_against_trl(kind, options, device="cpu", dtype=torch.float
                             ("chosen_rewards", out.chosen_rewards, want_cr),
                             ("rejected_rewards", out.rejected_rewards, want_rr)):
         assert_close_rel(got.cpu(), want.detach(), dtype, f"{kind} {options} {name}", floor=1.0)
-    logits = trl_logps(x.detach().double().cpu(), w.detach().double().cpu(), t.cpu())[3]
+    logits = trl_logps(x.detach().double().cpu(), w.detach().double().cpu(), t.cpu(),
+                       softcap=options.get("softcap"))[3]
     mask = (t != -100).cpu()
     for got, half in ((out.chosen_logits_mean, slice(0, B)), (out.rejected_logits_mean, slice(B, 2 * B))):
         want = logits[half][mask[half]].mean()
@@ -426,18 +434,21 @@ def test_log1m_exp_is_exact_and_its_gradient_finite():
     assert torch.allclose(vf.grad.double(), -1 / torch.expm1(-v), rtol=1e-5)
 
 
-def test_kto_head_matches_trl_arithmetic():
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_kto_head_matches_trl_arithmetic(softcap):
     x, w, t, xr, wr = pair_case(B=3)
     desirable = torch.tensor([True, False, True, True, False, False])
-    head = mk.LinearKTOLoss(beta=0.3, desirable_weight=1.5, undesirable_weight=0.8)
-    kl = mk.kto_kl_estimate(mk.sequence_log_probs(x.flip(0), w, t), mk.sequence_log_probs(xr.flip(0), wr, t))
+    head = mk.LinearKTOLoss(beta=0.3, desirable_weight=1.5, undesirable_weight=0.8, softcap=softcap)
+    kl = mk.kto_kl_estimate(mk.sequence_log_probs(x.flip(0), w, t, softcap=softcap),
+                            mk.sequence_log_probs(xr.flip(0), wr, t, softcap=softcap))
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
     out = head(xs, ws, t, desirable, ref_input=xr, ref_weight=wr, kl=kl)
     gx, gw = torch.autograd.grad(out.loss, (xs, ws))
     want_x, want_w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    lp = trl_logps(want_x, want_w, t)[0]
-    ref = trl_logps(xr, wr, t)[0]
-    kl_want = (trl_logps(x.flip(0), w, t)[0] - trl_logps(xr.flip(0), wr, t)[0]).mean().clamp(min=0)
+    lp = trl_logps(want_x, want_w, t, softcap=softcap)[0]
+    ref = trl_logps(xr, wr, t, softcap=softcap)[0]
+    kl_want = (trl_logps(x.flip(0), w, t, softcap=softcap)[0]
+               - trl_logps(xr.flip(0), wr, t, softcap=softcap)[0]).mean().clamp(min=0)
     assert torch.allclose(kl, kl_want, atol=1e-12)
     chosen = 1 - F.sigmoid(0.3 * ((lp - ref)[desirable] - kl_want))
     rejected = 1 - F.sigmoid(0.3 * (kl_want - (lp - ref)[~desirable]))
@@ -446,13 +457,14 @@ def test_kto_head_matches_trl_arithmetic():
     for got, exp in ((out.loss, want), (gx, want_gx), (gw, want_gw), (out.logps, lp.detach()),
                      (out.rewards, 0.3 * (lp - ref).detach())):
         assert torch.allclose(got, exp, atol=1e-11)
-    logits = trl_logps(x, w, t)[3]
-    assert torch.allclose(out.logits_mean, logits[t != -100].mean(), atol=1e-12)
+    logits = trl_logps(x, w, t, softcap=softcap)[3]
+    # (with a softcap the mean is lse − label-smoothed CE: to the resolution of lse)
+    assert torch.allclose(out.logits_mean, logits[t != -100].mean(), atol=1e-12 if softcap is None else 1e-10)
     same = head(x, w, t, desirable, ref_logps=ref, kl=float(kl))
     assert torch.allclose(same.loss, out.loss, atol=1e-14)
     # shift=1 with a causal LM's labels: the policy's and the reference's log-probabilities read label i + 1
     unshifted = torch.cat([torch.full_like(t[:, :1], 5), t[:, :-1]], 1)
-    shifted = mk.LinearKTOLoss(beta=0.3, desirable_weight=1.5, undesirable_weight=0.8, shift=1)(
+    shifted = mk.LinearKTOLoss(beta=0.3, desirable_weight=1.5, undesirable_weight=0.8, shift=1, softcap=softcap)(
         x, w, unshifted, desirable, ref_input=xr, ref_weight=wr, kl=kl)
     plain = head(x, w, torch.cat([t[:, :-1], torch.full_like(t[:, :1], -100)], 1), desirable, ref_input=xr,
                  ref_weight=wr, kl=kl)
@@ -493,6 +505,8 @@ def test_bad_arguments_name_what_was_expected():
          r"label_smoothing must lie in \[0.0, 0.5\)"),
         (lambda: mk.LinearDPOLoss(label_smoothing=0.6), ValueError, "label_smoothing must lie"),
         (lambda: mk.LinearDPOLoss(beta=0.0), ValueError, "beta must lie"),
+        (lambda: mk.LinearDPOLoss(softcap=-1.0), ValueError, "softcap must lie"),
+        (lambda: mk.LinearKTOLoss(softcap=float("nan")), ValueError, "softcap must be a finite"),
         (lambda: mk.LinearDPOLoss(ld_alpha=1.5), ValueError, "ld_alpha must lie"),
         (lambda: mk.LinearDPOLoss(loss_type="ipo", ld_alpha=0.5), ValueError, "ld_alpha weights the tokens"),
         (lambda: mk.LinearDPOLoss(use_weighting="yes"), (TypeError, ValueError), "use_weighting"),

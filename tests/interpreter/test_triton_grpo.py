@@ -8,7 +8,7 @@ from tests.test_grpo import check_grpo_head_against_trl
 
 CASES = [dict(loss_type="dapo", beta=0.04, temperature=0.7),
          dict(loss_type="grpo", importance_sampling_level="sequence", epsilon_high=0.28),
-         dict(loss_type="cispo", epsilon_high=5.0)]
+         dict(loss_type="cispo", epsilon_high=5.0), dict(loss_type="bnpo", temperature=0.7, softcap=2.0)]
 
 
 @pytest.fixture(autouse=True)
@@ -17,6 +17,6 @@ def _force_triton(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("options", CASES, ids=lambda o: o["loss_type"])
+@pytest.mark.parametrize("options", CASES, ids=lambda o: o["loss_type"] + ("-softcap" if "softcap" in o else ""))
 def test_grpo_head_matches_trl_arithmetic(options, dtype):
     check_grpo_head_against_trl(options, device=DEVICE, dtype=dtype)

@@ -7,7 +7,8 @@ from tests.interpreter.test_triton_kernels import DEVICE, pytestmark  # noqa: F4
 from tests.test_preference import check_orpo_near_certain_completions, check_paired_head_against_trl
 
 CASES = [("dpo", dict(loss_type="sigmoid", rpo_alpha=0.5)), ("dpo", dict(loss_type="ipo")), ("orpo", dict()),
-         ("simpo", dict()), ("dpo", dict(loss_type="sigmoid", ld_alpha=0.4, use_weighting=True, rpo_alpha=0.5))]
+         ("simpo", dict()), ("dpo", dict(loss_type="sigmoid", ld_alpha=0.4, use_weighting=True, rpo_alpha=0.5)),
+         ("dpo", dict(use_weighting=True, softcap=2.0))]
 
 
 @pytest.fixture(autouse=True)
