@@ -58,20 +58,16 @@ class FusedLogProbs:
         results = log_probs_and_entropy(x, weight, targets, b, temperature=t, softcap=softcap, skip_ignored_rows=False,
                                         return_top1="is_top1" in outputs)
         log_probs, entropy = results[:2]
-        with torch.no_grad():
-            log_sum_sq_probs = mean_logit = None
+        log_sum_sq_probs = mean_logit = None
+        with torch.no_grad():  # (TRL's are not differentiable either)
             if "log_sum_sq_probs" in outputs:
-                half, _ = log_probs_and_entropy(x.detach(), weight.detach(), targets, _detached(b), temperature=t / 2,
-                                                softcap=softcap, skip_ignored_rows=False)
-                log_sum_sq_probs = 2.0 * log_probs.detach() - half
+                half, _ = log_probs_and_entropy(x, weight, targets, b, temperature=t / 2, softcap=softcap,
+                                                skip_ignored_rows=False)
+                log_sum_sq_probs = 2.0 * log_probs - half
             if "mean_logits" in outputs:
                 mean_logit = mean_logits(x, weight, b, t, softcap)
         return (log_probs, entropy if "entropy" in outputs else None, log_sum_sq_probs, mean_logit,
                 results[2] if "is_top1" in outputs else None)
-
-
-def _detached(t):
-    return None if t is None else t.detach()
 
 
 def _trl_utils():
