@@ -32,7 +32,7 @@ from .checks import (check_bias, check_bool, check_class_shard, check_class_weig
                      check_linear_ce_options, check_margin_options, check_module_embeddings,
                      check_proxy_anchor_options, check_reduction,
                      check_subcenters, check_target_tensor, check_teacher, check_temperature, check_tensor,
-                     check_skip_ignored_rows, check_token_scaling, check_topk_arguments, interclass_filtering_options,
+                     check_skip_ignored_rows, check_softcap, check_token_scaling, check_topk_arguments, interclass_filtering_options,
                      margin_module_repr)
 from .dispatch import select_tiles, select_tiles_except
 from .distill import jsd_backward, jsd_forward, kl_backward, kl_forward
@@ -596,13 +596,14 @@ class _ShardedLogProbsEntropy(torch.autograd.Function):
     """(log p_t, H) per row over all C classes; gradients: dL/dinput summed over ranks, dL/dweight_shard local."""
 
     @staticmethod
-    def forward(ctx, input, weight_shard, target, shard: ProcessGroupShard, temperature, ignore_index):
+    def forward(ctx, input, weight_shard, target, shard: ProcessGroupShard, temperature, ignore_index, softcap):
         input, weight_shard = input.contiguous(), weight_shard.contiguous()
         with torch.autocast(input.device.type, enabled=False):
             log_probs, entropy, lse = log_probs_forward(input, weight_shard, target, temperature, ignore_index,
-                                                        _epilogue_tiles(input, "token-entropy epilogue"), shard)
+                                                        _epilogue_tiles(input, "token-entropy epilogue"), shard,
+                                                        softcap=softcap)
         ctx.save_for_backward(input, weight_shard, target, lse, log_probs, entropy)
-        ctx.shard, ctx.temperature, ctx.ignore_index = shard, temperature, ignore_index
+        ctx.shard, ctx.temperature, ctx.ignore_index, ctx.softcap = shard, temperature, ignore_index, softcap
         return log_probs.clone(), entropy.clone()  # saved above: a caller's in-place edit must not reach them
 
     @staticmethod
@@ -616,8 +617,9 @@ class _ShardedLogProbsEntropy(torch.autograd.Function):
             grad_input, grad_weight, _ = log_probs_backward(
                 zero if grad_log_probs is None else grad_log_probs, zero if grad_entropy is None else grad_entropy,
                 input, weight_shard, target, lse, log_probs, entropy, ctx.temperature, ctx.ignore_index,
-                _epilogue_tiles(input, "token-entropy epilogue"), ctx.needs_input_grad[1], ctx.shard)
-        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None, None
+                _epilogue_tiles(input, "token-entropy epilogue"), ctx.needs_input_grad[1], ctx.shard,
+                softcap=ctx.softcap)
+        return (grad_input if ctx.needs_input_grad[0] else None), grad_weight, None, None, None, None, None
 
 
 def _epilogue_tiles(input, what):
@@ -627,7 +629,7 @@ def _epilogue_tiles(input, what):
 
 
 def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, num_classes, group=None,
-                                  temperature=1.0, ignore_index=-100, skip_ignored_rows=None):
+                                  temperature=1.0, softcap=None, ignore_index=-100, skip_ignored_rows=None):
     """marginkern.log_probs_and_entropy with the LM head's vocabulary sharded across the ranks of `group` (a
     tensor-parallel head, as RL trainers run with Megatron-style models).
 
@@ -637,14 +639,15 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
     (log_probs, entropy), each (N,), those of `log_probs_and_entropy(input, cat(all shards), target)` and
     identical on every rank. Each rank streams over its own rows; only the per-row statistics (M, S′, T) and
     target logits cross ranks (one all-gather of 4 × N values, merged exactly in rank order), and dL/dinput is
-    all-reduced (N × D) in the backward pass; dL/dweight_shard is local. skip_ignored_rows as in
-    log_probs_and_entropy (every rank leaves out the same rows).
+    all-reduced (N × D) in the backward pass; dL/dweight_shard is local. softcap (Gemma 2/3's final-logit softcap,
+    before the temperature) and skip_ignored_rows as in log_probs_and_entropy (every rank leaves out the same rows).
     """
     rank, world_size = _rank_and_world_size(group)
     local_error = None
     try:  # an argument error of one rank alone is raised on every rank by _ranks_agree (no hang)
         check_classification_inputs(input, weight_shard, target, weight_name="weight_shard")
         check_temperature(temperature)
+        softcap = check_softcap(softcap)
         ignore_index = check_ignore_index(ignore_index)
         skip_ignored_rows = check_skip_ignored_rows(skip_ignored_rows)
         class_start, num_classes = _checked_shard(weight_shard, class_start, num_classes, rank, world_size)
@@ -652,12 +655,12 @@ def sharded_log_probs_and_entropy(input, weight_shard, target, *, class_start, n
     except (TypeError, ValueError) as e:
         local_error = e
     share = _ranks_agree(group, input, target, num_classes, ignore_index, False, local_error,
-                         op="sharded_log_probs_and_entropy", options=(temperature, skip_ignored_rows),
+                         op="sharded_log_probs_and_entropy", options=(temperature, softcap, skip_ignored_rows),
                          differentiable=(input, weight_shard), skip_ignored_rows=skip_ignored_rows)
     rows = labelled_rows(target, ignore_index, share)
     x, t = take_rows(rows, input, target)
     outputs = _ShardedLogProbsEntropy.apply(x, weight_shard, t, ProcessGroupShard(class_start, num_classes, group),
-                                            float(temperature), ignore_index)
+                                            float(temperature), ignore_index, softcap)
     return put_rows(rows, target.shape[0], *outputs)
 
 

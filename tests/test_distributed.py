@@ -332,6 +332,10 @@ def _log_probs_argument_errors(rank, world_size):
     with pytest.raises(ValueError, match="every rank must pass the same options"):
         call(ignore_index=-100 - rank)
     with pytest.raises(ValueError, match="every rank must pass the same options"):
+        call(softcap=None if rank == 0 else 30.0)
+    with pytest.raises(ValueError, match="softcap must lie in|sharded_log_probs_and_entropy: rank"):
+        call(softcap=0.0)
+    with pytest.raises(ValueError, match="every rank must pass the same options"):
         mkd.sharded_margin_cross_entropy(x, w[start:stop], t, class_start=start, num_classes=C, scale=64.0 + rank)
     # two options that differ so that a positional sum of their bits cancelled (scale × 4, m2 ÷ 2: a review)
     with pytest.raises(ValueError, match="every rank must pass the same options"):
@@ -799,9 +803,11 @@ def check_sharded_log_probs(world, x, w, t, dtype=torch.float64, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sharded_log_probs_match_single_process(world, dtype):
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_sharded_log_probs_match_single_process(world, dtype, softcap):
+    """(softcap: Gemma's, before the temperature; 2 bites on these logits)"""
     x, w, t = make_case(13, 29, 7, dtype, ignore=(0, 5))
-    check_sharded_log_probs(world, x, w, t, dtype, temperature=0.7)
+    check_sharded_log_probs(world, x, w, t, dtype, temperature=0.7, softcap=softcap)
 
 
 def test_sharded_log_probs_with_targets_on_one_rank_and_ignored_rows(world):
