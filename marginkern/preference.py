@@ -307,11 +307,12 @@ def mean_logits(x, w, bias=None, temperature=1.0, softcap=None):
     return (lse - smoothed) / temperature
 
 
-def _mean_logit(input, weight, valid, softcap):
-    """The mean logit over the counted positions of input (..., D) (valid: their mask) and all V classes: TRL's
-    logits/chosen metric without the logits."""
+def _mean_logits_of_parts(input, weight, valid, softcap, parts=(slice(None),)):
+    """The mean logit over the counted positions (valid: their mask) of each part of input (B, ..., D) (slices of its
+    first dimension: DPO's chosen and rejected halves) and all V classes: TRL's logits/chosen metrics without the
+    logits, from one mean_logits over the whole input (one w̄, or one pass with a softcap)."""
     per_token = mean_logits(input.reshape(-1, input.shape[-1]), weight, softcap=softcap).reshape(valid.shape)
-    return (per_token * valid).sum() / valid.sum().clamp_min(1)
+    return [(per_token[part] * valid[part]).sum() / valid[part].sum().clamp_min(1) for part in parts]
 
 
 def reference_token_log_probs(ref_input, ref_weight, input, target, ignore_index, shift, temperature=1.0,
@@ -389,8 +390,8 @@ class _PairedPreferenceLoss(nn.Module):
         losses = losses if weights is None else losses * weights
         loss = losses.mean() + self.nll_weight * nll * nll_share if self.nll_weight else losses.mean()
         with torch.no_grad():
-            logit_means = [_mean_logit(input[half], weight, valid[half], self.softcap)
-                           for half in (slice(0, pairs), slice(pairs, 2 * pairs))]
+            logit_means = _mean_logits_of_parts(input, weight, valid, self.softcap,
+                                                (slice(0, pairs), slice(pairs, 2 * pairs)))
         return PreferenceOutput(loss, losses, chosen, rejected, chosen_rewards, rejected_rewards, nll, *logit_means,
                                 weights)
 
@@ -571,7 +572,7 @@ class LinearKTOLoss(nn.Module):
         losses, rewards = kto_loss(logps, ref_logps.detach(), desirable, kl=kl, beta=self.beta,
                                    desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
         with torch.no_grad():
-            logits_mean = _mean_logit(input, weight, valid, self.softcap)
+            logits_mean, = _mean_logits_of_parts(input, weight, valid, self.softcap)
         return KTOOutput(losses.mean(), logps, rewards, logits_mean)
 
     def extra_repr(self):
